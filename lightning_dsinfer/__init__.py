@@ -1,0 +1,13 @@
+"""lightning-dsinfer: DeepSpeed-Inference-class inference for PyTorch Lightning, without DeepSpeed."""
+from lightning_dsinfer.config import InferenceConfig
+from lightning_dsinfer.engine import InferenceEngine, init_inference, is_optimised
+from lightning_dsinfer.policies import UnsupportedModelError, supported_model_types
+from lightning_dsinfer.precision import DSInferPrecision
+from lightning_dsinfer.strategies import DSInferStrategy, register as _register_strategies
+
+_register_strategies()
+
+__version__ = "0.1.0"
+
+__all__ = ["DSInferPrecision", "DSInferStrategy", "InferenceConfig", "InferenceEngine", "init_inference",
+           "is_optimised", "UnsupportedModelError", "supported_model_types", "__version__"]

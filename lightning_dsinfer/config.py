@@ -1,0 +1,51 @@
+"""Inference configuration: one dataclass shared by ``init_inference`` and ``DSInferStrategy``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
+
+DEFAULT_MAX_SEQ_LEN = 2048
+DEFAULT_MAX_BATCH_SIZE = 8
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {sorted(_DTYPES)} (or a torch.dtype).")
+    return _DTYPES[dtype]
+
+
+@dataclass
+class InferenceConfig:
+    """What the engine builds.
+
+    dtype: weights and activations (None = the model's own dtype).
+    max_seq_len: prompt + generated tokens one sequence may hold (None = min(model context, 2048)).
+    max_batch_size: rows of the pre-allocated KV cache (grown with a warning if a batch is larger).
+    release_hf_weights: replace the Hugging Face module weights the engine copied with meta tensors, so the
+      model is not held twice in memory.
+    """
+    dtype: torch.dtype | None = None
+    max_seq_len: int | None = None
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    release_hf_weights: bool = True
+
+    def __post_init__(self):
+        self.dtype = resolve_dtype(self.dtype)
+        if self.max_seq_len is not None and self.max_seq_len < 1:
+            raise ValueError(f"max_seq_len={self.max_seq_len} must be >= 1.")
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size={self.max_batch_size} must be >= 1.")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "InferenceConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"init_inference got unknown option(s) {unknown}; known options: {sorted(known)}.")
+        return cls(**kwargs)

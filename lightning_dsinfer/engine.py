@@ -1,0 +1,203 @@
+"""Orchestration: policy -> fused modules -> KV cache -> patched ``forward`` / ``generate``.
+
+``init_inference(hf_model, **options)`` is the whole public surface without Lightning (as
+``deepspeed.init_inference``): it returns the same model object, whose ``forward`` and ``generate``
+now run on the engine. The user's class is not touched; only the instance is patched.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_dsinfer.config import DEFAULT_MAX_SEQ_LEN, InferenceConfig
+from lightning_dsinfer.modules.kv_cache import StaticKVCache
+from lightning_dsinfer.modules.linear import Linear
+from lightning_dsinfer.modules.masks import build_step
+from lightning_dsinfer.modules.rotary import RotaryTable
+from lightning_dsinfer.modules.transformer import Attention, DecoderLayer, DecoderModel, GatedMLP, LayerSpec
+from lightning_dsinfer.policies import ModelWeights, find_policy
+
+
+def _cat(tensors, dtype):
+    return torch.cat([t.to(dtype) for t in tensors], dim=0)
+
+
+def _cat_bias(biases, weights, dtype):
+    if all(b is None for b in biases):
+        return None
+    return torch.cat([(torch.zeros(w.shape[0], dtype=dtype, device=w.device) if b is None else b.to(dtype))
+                      for b, w in zip(biases, weights)])
+
+
+def build_decoder(w: ModelWeights, dtype: torch.dtype) -> DecoderModel:
+    """Fused modules from a policy's weights (fused QKV and gate/up; norms and biases in ``dtype``)."""
+    layers = []
+    for i, lw in enumerate(w.layers):
+        spec = LayerSpec(hidden_size=w.hidden_size, num_heads=w.num_heads, num_kv_heads=w.num_kv_heads,
+                         head_dim=w.head_dim, intermediate_size=w.intermediate_size, rms_norm_eps=w.rms_norm_eps,
+                         scaling=w.scaling, sliding_window=lw.sliding_window)
+        qkv = Linear(_cat((lw.q, lw.k, lw.v), dtype), _cat_bias((lw.q_bias, lw.k_bias, lw.v_bias), (lw.q, lw.k, lw.v), dtype))
+        o = Linear(lw.o.to(dtype), None if lw.o_bias is None else lw.o_bias.to(dtype))
+        gate_up = Linear(_cat((lw.gate, lw.up), dtype), _cat_bias((lw.gate_bias, lw.up_bias), (lw.gate, lw.up), dtype))
+        down = Linear(lw.down.to(dtype), None if lw.down_bias is None else lw.down_bias.to(dtype))
+        norm = (lambda t: None if t is None else t.to(dtype).contiguous())
+        attn = Attention(spec, i, qkv, o, q_norm=norm(lw.q_norm), k_norm=norm(lw.k_norm))
+        layers.append(DecoderLayer(attn, GatedMLP(gate_up, down), norm(lw.input_norm), norm(lw.post_norm), w.rms_norm_eps))
+    lm_head = Linear(w.lm_head.to(dtype), None if w.lm_head_bias is None else w.lm_head_bias.to(dtype))
+    return DecoderModel(w.embed.to(dtype), layers, w.final_norm.to(dtype), w.rms_norm_eps, lm_head)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+class InferenceEngine:
+    """Holds the fused decoder, rotary table and KV cache for one Hugging Face causal LM."""
+
+    def __init__(self, hf_model: nn.Module, config: InferenceConfig):
+        policy = find_policy(hf_model)
+        hf_config = hf_model.config
+        self.config = config
+        self.hf_config = hf_config
+        self.device = _model_device(hf_model)
+        self.dtype = config.dtype or _model_dtype(hf_model)
+        context = getattr(hf_config, "max_position_embeddings", None) or DEFAULT_MAX_SEQ_LEN
+        self.max_seq_len = config.max_seq_len or min(context, DEFAULT_MAX_SEQ_LEN)
+        weights = policy(hf_model, self.max_seq_len)
+        with torch.no_grad():
+            self.decoder = build_decoder(weights, self.dtype)
+        self.decoder.eval()
+        self.windows = sorted({lw.sliding_window for lw in weights.layers if lw.sliding_window is not None})
+        if len(self.windows) > 1:
+            raise ValueError(f"layers use different sliding windows {self.windows}; one window per model is supported.")
+        self.sliding_window = self.windows[0] if self.windows else None
+        self.rotary = RotaryTable(weights.inv_freq, weights.attention_scaling, self.max_seq_len, self.dtype, self.device)
+        self.cache = StaticKVCache(len(weights.layers), weights.num_kv_heads, weights.head_dim, config.max_batch_size,
+                                   self.max_seq_len, self.dtype, self.device)
+        self.vocab_size = weights.vocab_size
+        if config.release_hf_weights:
+            _release_hf_weights(hf_model, self.decoder.embed)
+
+    def check_length(self, total: int, prompt: int | None = None, new: int | None = None) -> None:
+        if total <= self.max_seq_len:
+            return
+        detail = f"prompt {prompt} + max_new_tokens {new} = {total}" if prompt is not None else f"sequence length {total}"
+        raise ValueError(
+            f"dsinfer: {detail} exceeds max_seq_len={self.max_seq_len}, the size of the pre-allocated KV cache and "
+            f"rotary table. Pass max_seq_len={total} (or more) to init_inference / DSInferStrategy.")
+
+    # ------------------------------------------------------------------ HF-compatible forward
+    @torch.inference_mode()
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, hf_cache=None,
+                logits_to_keep=0):
+        """Logits [B, T', V] for ``input_ids`` [B, T]; K/V go to ``hf_cache`` if given."""
+        h = self.decoder.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.to(self.dtype)
+        b, t = h.shape[:2]
+        past = hf_cache.get_seq_length() if hf_cache is not None else 0
+        total = past + t
+        self.check_length(total)
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(f"dsinfer: attention_mask must be 2D [batch, length] (got {attention_mask.dim()}D).")
+        key_valid = None
+        if attention_mask is not None:
+            if attention_mask.shape[-1] != total:
+                raise ValueError(f"dsinfer: attention_mask covers {attention_mask.shape[-1]} tokens but past + "
+                                 f"input is {total}.")
+            key_valid = attention_mask.to(device=h.device, dtype=torch.bool)
+            if bool(key_valid.all()):
+                key_valid = None
+        if position_ids is None:
+            position_ids = torch.arange(past, total, device=h.device).expand(b, t)
+        step = build_step(self.rotary, position_ids, key_valid, q_start=past, t=t, window=self.sliding_window)
+        step.hf_cache = hf_cache
+        h = self.decoder.hidden(h, step)
+        if isinstance(logits_to_keep, int):
+            if logits_to_keep > 0:
+                h = h[:, -logits_to_keep:]
+        else:
+            h = h[:, logits_to_keep]
+        return self.decoder.logits(h)
+
+
+def _release_hf_weights(model: nn.Module, embed: torch.Tensor) -> None:
+    """Point the HF embedding at the engine's copy and turn every other weight the engine copied into meta."""
+    base = model.model
+    emb = base.embed_tokens
+    keep_tied = model.lm_head.weight is emb.weight
+    emb.weight = nn.Parameter(embed, requires_grad=False)
+    if keep_tied:
+        model.lm_head.weight = emb.weight
+    for module in [*base.layers, base.norm] + ([] if keep_tied else [model.lm_head]):
+        for sub in module.modules():
+            for name, p in list(sub.named_parameters(recurse=False)):
+                setattr(sub, name, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
+
+
+# ---------------------------------------------------------------------- patching
+def _output_cache_field() -> str:
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _dsinfer_forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
+                     inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, cache_position=None,
+                     return_dict=None, **kwargs):
+    """Replacement ``forward`` of a model optimised by dsinfer (same signature and output as HF's)."""
+    from transformers.cache_utils import DynamicCache
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    for flag in ("output_attentions", "output_hidden_states"):
+        if kwargs.get(flag):
+            raise NotImplementedError(f"dsinfer: {flag}=True is not supported by the fused engine; run the "
+                                      f"unoptimised model for attention maps / hidden states.")
+    engine: InferenceEngine = self._dsinfer_engine
+    hf_cache = cache if cache is not None else past_key_values
+    use_cache = self.config.use_cache if use_cache is None else use_cache
+    if hf_cache is None and use_cache:
+        hf_cache = DynamicCache()
+    logits = engine.forward(input_ids, attention_mask, position_ids, inputs_embeds, hf_cache, logits_to_keep)
+    loss = None
+    if labels is not None:
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
+                               ignore_index=-100)
+    out = {"loss": loss, "logits": logits, _output_cache_field(): hf_cache if use_cache else None}
+    return CausalLMOutputWithPast(**out)
+
+
+def init_inference(model: nn.Module, config: InferenceConfig | None = None, **options) -> nn.Module:
+    """Optimise a Hugging Face causal LM in place and return it.
+
+    ``model(...)`` and ``model.generate(...)`` then run on the fused engine. Options are the fields of
+    :class:`InferenceConfig` (dtype, max_seq_len, max_batch_size, ...).
+    """
+    from lightning_dsinfer.generation import dsinfer_generate
+
+    if config is None:
+        config = InferenceConfig.from_kwargs(**options)
+    elif options:
+        raise TypeError("pass either config= or keyword options, not both")
+    if getattr(model, "_dsinfer_engine", None) is not None:
+        return model
+    engine = InferenceEngine(model, config)
+    model.eval()
+    model.__dict__["_dsinfer_engine"] = engine
+    model.forward = types.MethodType(_dsinfer_forward, model)
+    model.generate = types.MethodType(dsinfer_generate, model)
+    return model
+
+
+def is_optimised(model: nn.Module) -> bool:
+    return getattr(model, "_dsinfer_engine", None) is not None

@@ -1,0 +1,91 @@
+"""``model.generate`` for an optimised model: the engine's own loop when it covers the request,
+else Hugging Face's loop running over the engine's forward (beam search, custom logits processors,
+stop strings, scores output, ...), which is slower but exactly as featureful as HF."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+
+from lightning_dsinfer.generation.decode import decode_loop
+
+# GenerationConfig fields the engine's own loop implements. A config that differs from the default
+# anywhere else goes to Hugging Face's loop.
+_OWN_LOOP_FIELDS = frozenset({
+    "max_length", "max_new_tokens", "min_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
+    "eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id", "use_cache", "num_beams",
+    "num_return_sequences", "transformers_version", "_from_model_config", "cache_implementation",
+})
+# generate() keyword arguments the own loop accepts besides GenerationConfig fields.
+_OWN_LOOP_KWARGS = frozenset({"input_ids", "attention_mask", "streamer"})
+
+
+def _as_list(x) -> list[int]:
+    if x is None:
+        return []
+    if isinstance(x, torch.Tensor):
+        return [int(v) for v in x.flatten().tolist()]
+    return [int(v) for v in x] if isinstance(x, (list, tuple)) else [int(x)]
+
+
+def _resolve(model, generation_config, kwargs):
+    gc = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
+    unused = gc.update(**kwargs)
+    return gc, unused
+
+
+def _own_loop_handles(gc, unused: dict) -> bool:
+    if set(unused) - _OWN_LOOP_KWARGS:
+        return False
+    if (gc.num_beams or 1) != 1 or (gc.num_return_sequences or 1) != 1:
+        return False
+    return not (set(gc.to_diff_dict()) - _OWN_LOOP_FIELDS)
+
+
+def _hf_generate(model, inputs, generation_config, kwargs):
+    """Hugging Face's generate over the engine's forward, with a plain dynamic cache the engine fills."""
+    from transformers.cache_utils import DynamicCache
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    name = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+    if not any(k in kwargs for k in ("cache", "past_key_values")):
+        kwargs = {**kwargs, name: DynamicCache()}
+    return type(model).generate(model, inputs, generation_config=generation_config, **kwargs)
+
+
+def dsinfer_generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
+    """Replacement ``generate`` of an optimised model (same arguments and results as HF's)."""
+    engine = self._dsinfer_engine
+    input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+    if input_ids is None or input_ids.dim() != 2:
+        # inputs_embeds-only and other exotic inputs: HF's loop (it calls our forward).
+        return _hf_generate(self, inputs, generation_config, kwargs)
+    gc, unused = _resolve(self, generation_config, {k: v for k, v in kwargs.items() if k != "input_ids"})
+    t0 = input_ids.shape[1]
+    if gc.max_new_tokens is not None:
+        max_new = gc.max_new_tokens
+    else:
+        max_new = max((gc.max_length or 20) - t0, 0)
+    engine.check_length(t0 + max_new, prompt=t0, new=max_new)
+    if max_new == 0 or not _own_loop_handles(gc, unused):
+        return _hf_generate(self, inputs, generation_config, kwargs)
+
+    eos_ids = _as_list(gc.eos_token_id)
+    pad_id = gc.pad_token_id
+    if pad_id is None and eos_ids:
+        pad_id = eos_ids[0]
+    attention_mask = unused.get("attention_mask")
+    if attention_mask is None and gc.pad_token_id is not None and gc.pad_token_id not in eos_ids \
+            and bool((input_ids == gc.pad_token_id).any()):
+        attention_mask = input_ids.ne(gc.pad_token_id).long()   # HF infers the mask the same way
+    if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
+        warnings.warn("dsinfer: a right-padded batch was detected; decoder-only models need left padding "
+                      "(tokenizer.padding_side='left') for correct generation.", stacklevel=2)
+    min_new = max(gc.min_new_tokens or 0, (gc.min_length or 0) - t0, 0)
+    top_k = gc.top_k if gc.do_sample else None
+    return decode_loop(engine, input_ids, attention_mask, max_new, min_new, bool(gc.do_sample),
+                       gc.temperature, top_k, gc.top_p, eos_ids, pad_id, streamer=unused.get("streamer"))
+
+
+__all__ = ["dsinfer_generate"]

@@ -1,0 +1,72 @@
+"""The engine's own generation loop over the static KV cache.
+
+One prefill of the (left-padded) prompt batch, then one step per token: write K/V at the next cache
+column, attend over the prefix view, pick the next token. No per-token allocation besides the
+step's activations; no Hugging Face code on the hot path.
+"""
+from __future__ import annotations
+
+import torch
+
+from lightning_dsinfer.generation.sampling import next_tokens
+from lightning_dsinfer.modules.masks import build_step
+
+
+@torch.inference_mode()
+def decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
+                min_new_tokens: int, do_sample: bool, temperature, top_k, top_p, eos_ids: list[int],
+                pad_id: int | None, streamer=None) -> torch.Tensor:
+    """Returns [B, T0 + n] token ids (prompt included), n <= max_new_tokens (stops when every row hit EOS)."""
+    device = engine.device
+    input_ids = input_ids.to(device)
+    b, t0 = input_ids.shape
+    total = t0 + max_new_tokens
+    cache = engine.cache
+    cache.ensure_batch(b)
+    window = engine.sliding_window
+
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    key_valid = None
+    if padded:
+        key_valid = torch.ones(b, total, dtype=torch.bool, device=device)
+        key_valid[:, :t0] = attention_mask.to(device=device, dtype=torch.bool)
+        positions = (attention_mask.to(device).long().cumsum(-1) - 1).masked_fill_(key_valid[:, :t0].logical_not(), 0)
+    else:
+        positions = torch.arange(t0, device=device).expand(b, t0)
+
+    step = build_step(engine.rotary, positions, key_valid, q_start=0, t=t0, window=window)
+    step.cache, step.start = cache, 0
+    h = engine.decoder.hidden(engine.decoder.embed_tokens(input_ids), step)
+    logits = engine.decoder.logits(h[:, -1])
+
+    eos = torch.tensor(eos_ids, device=device) if eos_ids else None
+    unfinished = torch.ones(b, dtype=torch.bool, device=device)
+    out = torch.empty(b, total, dtype=input_ids.dtype, device=device)
+    out[:, :t0] = input_ids
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    pos = positions[:, -1:].clone()
+    n = 0
+    for i in range(max_new_tokens):
+        if eos is not None and i < min_new_tokens:
+            logits[:, eos] = float("-inf")
+        tok = next_tokens(logits, do_sample, temperature, top_k, top_p)
+        if eos is not None:
+            if pad_id is not None:
+                tok = torch.where(unfinished, tok, pad_id)
+            unfinished &= ~torch.isin(tok, eos)
+        out[:, t0 + i] = tok
+        n = i + 1
+        if streamer is not None:
+            streamer.put(tok.cpu())
+        if i == max_new_tokens - 1 or (eos is not None and not bool(unfinished.any())):
+            break
+        col = t0 + i
+        pos += 1
+        step = build_step(engine.rotary, pos, key_valid, q_start=col, t=1, window=window)
+        step.cache, step.start = cache, col
+        h = engine.decoder.hidden(engine.decoder.embed_tokens(tok[:, None]), step)
+        logits = engine.decoder.logits(h[:, -1])
+    if streamer is not None:
+        streamer.end()
+    return out[:, :t0 + n]

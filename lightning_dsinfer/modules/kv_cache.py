@@ -1,0 +1,54 @@
+"""Pre-allocated, static-shape KV cache: one K and one V tensor per layer, written in place.
+
+Layout per layer: [max_batch, kv_heads, max_seq, head_dim]. Row ``b`` of a batch uses slot ``b``; all
+rows share one write index (prompts are left-padded), so a decode step writes one column for the
+whole batch with a single copy and attention reads the prefix ``[:, :, :end]`` as a view.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+
+class StaticKVCache:
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, max_batch_size: int, max_seq_len: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+        self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
+        self.max_seq_len = max_seq_len
+        self.dtype, self.device = dtype, torch.device(device)
+        self.max_batch_size = 0
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self._allocate(max_batch_size)
+
+    def _allocate(self, max_batch_size: int) -> None:
+        shape = (max_batch_size, self.kv_heads, self.max_seq_len, self.head_dim)
+        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        self.max_batch_size = max_batch_size
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * sum(t.numel() * t.element_size() for t in self.k)
+
+    def ensure_batch(self, batch_size: int) -> None:
+        """Grow the cache (once, with a warning) when a batch exceeds the allocated rows."""
+        if batch_size <= self.max_batch_size:
+            return
+        old = self.max_batch_size
+        self.k, self.v = [], []
+        self._allocate(batch_size)
+        warnings.warn(
+            f"dsinfer: batch size {batch_size} exceeds max_batch_size={old}; the KV cache was re-allocated "
+            f"for {batch_size} rows ({self.nbytes / 2**20:.0f} MiB). Pass max_batch_size={batch_size} or more to "
+            f"init_inference / DSInferStrategy to allocate it once up front.", stacklevel=3)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, T, Hkv, D] at columns [start, start+T); return the K, V views [B, Hkv, start+T, D]."""
+        b, t = k.shape[0], k.shape[1]
+        end = start + t
+        kc, vc = self.k[layer], self.v[layer]
+        kc[:b, :, start:end].copy_(k.transpose(1, 2))
+        vc[:b, :, start:end].copy_(v.transpose(1, 2))
+        return kc[:b, :, :end], vc[:b, :, :end]

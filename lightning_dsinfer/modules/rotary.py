@@ -1,0 +1,27 @@
+"""Rotary-embedding tables: cos / signed-sin rows for every position up to ``max_seq_len``.
+
+The inverse frequencies and the attention scaling come from the policy (which reads them off the
+Hugging Face model, so every rope variant HF implements statically — default, linear, llama3, yarn,
+longrope below its switch point — is reproduced exactly). Positions are gathered once per forward
+and shared by all layers.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class RotaryTable:
+    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float, max_seq_len: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        inv_freq = inv_freq.detach().to(device="cpu", dtype=torch.float32)
+        pos = torch.arange(max_seq_len, dtype=torch.float32)
+        freqs = pos[:, None] * inv_freq[None, :]                          # [S, D/2], as HF: fp32
+        cos = freqs.cos() * attention_scaling
+        sin = freqs.sin() * attention_scaling
+        self.cos = torch.cat((cos, cos), dim=-1).to(device=device, dtype=dtype)      # [S, D]
+        self.sin = torch.cat((-sin, sin), dim=-1).to(device=device, dtype=dtype)     # [S, D], sign of rotate_half
+        self.max_seq_len = max_seq_len
+
+    def gather(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] (long) -> cos, sin [B, T, 1, D] (broadcast over heads)."""
+        return self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)

@@ -1,0 +1,33 @@
+"""Policies: which fused engine a Hugging Face model gets, chosen by ``config.model_type``."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, UnsupportedModelError
+from lightning_dsinfer.policies.llama import FAMILY as _LLAMA_FAMILY
+from lightning_dsinfer.policies.llama import read_llama_family
+
+POLICIES: dict[str, Callable[[nn.Module, int], ModelWeights]] = {name: read_llama_family for name in _LLAMA_FAMILY}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(POLICIES)
+
+
+def find_policy(model: nn.Module) -> Callable[[nn.Module, int], ModelWeights]:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in POLICIES:
+        raise UnsupportedModelError(
+            f"dsinfer has no policy for model_type={model_type!r} ({type(model).__name__}). "
+            f"Supported: {', '.join(supported_model_types())}.")
+    if not hasattr(model, "lm_head") or not hasattr(getattr(model, "model", None), "layers"):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} (model_type={model_type!r}) is not a causal-LM head model; dsinfer optimises "
+            f"*ForCausalLM models (e.g. AutoModelForCausalLM).")
+    return POLICIES[model_type]
+
+
+__all__ = ["LayerWeights", "ModelWeights", "UnsupportedModelError", "find_policy", "supported_model_types", "POLICIES"]

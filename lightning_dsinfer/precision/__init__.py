@@ -1,0 +1,3 @@
+from lightning_dsinfer.precision.dsinfer import DSInferPrecision
+
+__all__ = ["DSInferPrecision"]
