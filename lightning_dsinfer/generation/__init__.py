@@ -17,6 +17,14 @@ _OWN_LOOP_FIELDS = frozenset({
     "eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id", "use_cache", "num_beams",
     "num_return_sequences", "transformers_version", "_from_model_config", "cache_implementation",
 })
+# Fields whose value here means "off" (a processor HF would not add). None and False are "off" for every field.
+_INACTIVE = {
+    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_p": 0.0,
+    "diversity_penalty": 0.0, "num_beam_groups": 1, "guidance_scale": 1.0,
+}
+# Fields that only matter to beam search (the own loop never runs for num_beams > 1).
+_BEAM_ONLY = frozenset({"length_penalty", "early_stopping"})
 # generate() keyword arguments the own loop accepts besides GenerationConfig fields.
 _OWN_LOOP_KWARGS = frozenset({"input_ids", "attention_mask", "streamer"})
 
@@ -40,7 +48,13 @@ def _own_loop_handles(gc, unused: dict) -> bool:
         return False
     if (gc.num_beams or 1) != 1 or (gc.num_return_sequences or 1) != 1:
         return False
-    return not (set(gc.to_diff_dict()) - _OWN_LOOP_FIELDS)
+    for key, value in gc.to_diff_dict().items():
+        if key in _OWN_LOOP_FIELDS or key in _BEAM_ONLY or value is None or value is False:
+            continue
+        if key in _INACTIVE and value == _INACTIVE[key]:
+            continue
+        return False
+    return True
 
 
 def _hf_generate(model, inputs, generation_config, kwargs):

@@ -1,0 +1,55 @@
+"""Shared test helpers: tiny random models of each family, padded batches."""
+import copy
+
+import torch
+
+
+def tiny_config(family: str, **overrides):
+    """A 2-layer random config of each supported family, with the family's distinctive features on."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=97, max_position_embeddings=256, initializer_range=0.1,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "llama":
+        cfg = LlamaConfig(**{**common, "attention_bias": True, "mlp_bias": True, "head_dim": 24})
+    elif family == "mistral":
+        cfg = MistralConfig(**{**common, "sliding_window": 7})
+    elif family == "qwen2":
+        cfg = Qwen2Config(**{**common, "num_hidden_layers": 3, "use_sliding_window": True, "sliding_window": 7,
+                             "max_window_layers": 1})
+    elif family == "qwen3":
+        cfg = Qwen3Config(**{**common, "head_dim": 32})
+    else:
+        raise ValueError(family)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def tiny_model(family: str, seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).eval()
+
+
+def optimised_copy(hf, **options):
+    import lightning_dsinfer as dsi
+
+    return dsi.init_inference(copy.deepcopy(hf), **options)
+
+
+def padded_batch(lengths, vocab=97, seed=0):
+    """Left-padded prompts of the given lengths (pad id 0, tokens in [3, vocab))."""
+    g = torch.Generator().manual_seed(seed)
+    t = max(lengths)
+    ids = torch.zeros(len(lengths), t, dtype=torch.long)
+    mask = torch.zeros(len(lengths), t, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, t - n:] = torch.randint(3, vocab, (n,), generator=g)
+        mask[i, t - n:] = 1
+    return ids, mask
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]

@@ -1,0 +1,204 @@
+"""The fused engine against the unmodified Hugging Face model (fp32, tiny random configs).
+
+Tolerance: fp32 logits within atol 2e-4 / rtol 1e-4 (the engine fuses QKV / gate-up and reorders
+the rotary arithmetic, so results differ from HF by float rounding only).
+"""
+import pytest
+import torch
+
+from helpers import FAMILIES, optimised_copy, padded_batch, tiny_model
+
+ATOL, RTOL = 2e-4, 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_hf_with_left_padding(family):
+    hf = tiny_model(family)
+    opt = optimised_copy(hf, max_seq_len=64)
+    ids, mask = padded_batch([12, 5, 9])
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+    got = opt(input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], ref[valid], atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_tokens_identical_padded_batch(family):
+    hf = tiny_model(family)
+    opt = optimised_copy(hf, max_seq_len=64)
+    ids, mask = padded_batch([3, 11, 6, 8], seed=1)
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=14, do_sample=False)
+    got = opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=14, do_sample=False)
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_batch_size_changes_between_calls(family):
+    hf = tiny_model(family)
+    opt = optimised_copy(hf, max_seq_len=64, max_batch_size=4)
+    for lengths in ([7, 4], [5], [9, 9, 3, 6, 2, 8]):      # the last one is larger than max_batch_size
+        ids, mask = padded_batch(lengths, seed=len(lengths))
+        with torch.no_grad():
+            ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        if len(lengths) > 4:
+            with pytest.warns(UserWarning, match="max_batch_size=4"):
+                got = opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        else:
+            got = opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_beam_search_equals_hf(family):
+    hf = tiny_model(family)
+    opt = optimised_copy(hf, max_seq_len=64)
+    ids, mask = padded_batch([6, 9], seed=2)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=7, num_beams=3, do_sample=False)
+    with torch.no_grad():
+        ref = hf.generate(**kw)
+    assert torch.equal(opt.generate(**kw), ref)
+
+
+def test_custom_processor_falls_back_to_hf_loop_and_matches():
+    hf = tiny_model("llama")
+    opt = optimised_copy(hf, max_seq_len=64)
+    ids, mask = padded_batch([6, 9], seed=3)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=9, do_sample=False, repetition_penalty=1.5,
+              no_repeat_ngram_size=2)
+    with torch.no_grad():
+        ref = hf.generate(**kw)
+    assert torch.equal(opt.generate(**kw), ref)
+
+
+def test_eos_stops_and_pads_like_hf():
+    hf = tiny_model("mistral")
+    opt = optimised_copy(hf, max_seq_len=64)
+    ids, mask = padded_batch([5, 8, 4], seed=4)
+    with torch.no_grad():
+        free = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    eos = int(free[0, ids.shape[1] + 2])           # a token row 0 emits at its third step
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    with torch.no_grad():
+        ref = hf.generate(**kw)
+    got = opt.generate(**kw)
+    assert (ref[0, ids.shape[1]:] == eos).any()
+    assert torch.equal(got, ref)
+
+
+def test_min_new_tokens_and_max_length_like_hf():
+    hf = tiny_model("qwen2")
+    opt = optimised_copy(hf, max_seq_len=64)
+    ids, mask = padded_batch([5, 8], seed=5)
+    with torch.no_grad():
+        free = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    eos = int(free[0, ids.shape[1]])
+    for kw in (dict(max_length=15), dict(max_new_tokens=10, min_new_tokens=4, eos_token_id=eos, pad_token_id=0)):
+        with torch.no_grad():
+            ref = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, **kw)
+        assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, do_sample=False, **kw), ref)
+
+
+def test_sampling_reproducible_with_seed():
+    hf = tiny_model("llama")
+    opt = optimised_copy(hf, max_seq_len=64)
+    ids, mask = padded_batch([6, 9, 4], seed=6)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=True, temperature=1.3, top_k=20, top_p=0.9)
+    runs = []
+    for seed in (11, 11, 12):
+        torch.manual_seed(seed)
+        runs.append(opt.generate(**kw))
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+    # top_k=1 sampling is greedy, whatever the seed
+    greedy = opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    torch.manual_seed(3)
+    assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=1), greedy)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, None, None), (1.0, 5, None), (1.0, None, 0.8), (1.5, 10, 0.6)])
+def test_warpers_equal_hf_processors(temperature, top_k, top_p):
+    from transformers import GenerationConfig
+
+    from lightning_dsinfer.generation.sampling import warp
+
+    hf = tiny_model("llama")
+    gc = GenerationConfig(do_sample=True, temperature=temperature, top_k=top_k or 0, top_p=top_p or 1.0)
+    processors = hf._get_logits_processor(generation_config=gc, input_ids_seq_length=4, encoder_input_ids=None,
+                                          prefix_allowed_tokens_fn=None, logits_processor=None)
+    scores = torch.randn(5, 97, generator=torch.Generator().manual_seed(0)) * 3
+    ref = processors(torch.zeros(5, 4, dtype=torch.long), scores.clone())
+    got = warp(scores.clone(), temperature, top_k, top_p)
+    assert torch.equal(torch.isinf(got), torch.isinf(ref))
+    torch.testing.assert_close(got[~torch.isinf(got)], ref[~torch.isinf(ref)])
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "factor": 2.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+])
+def test_rope_scaling_variants(rope):
+    from transformers import AutoModelForCausalLM
+
+    from helpers import tiny_config
+
+    cfg = tiny_config("llama")
+    cfg.rope_parameters = {**rope, "rope_theta": 10000.0}
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(cfg).eval()
+    opt = optimised_copy(hf, max_seq_len=96)
+    ids, mask = padded_batch([40, 70], seed=7)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+        ref_gen = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    got = opt(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], ref[mask.bool()], atol=ATOL, rtol=RTOL)
+    assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False), ref_gen)
+
+
+def test_forward_with_labels_inputs_embeds_and_logits_to_keep():
+    hf = tiny_model("qwen3")
+    ids, mask = padded_batch([10, 10], seed=8)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, labels=ids)
+        emb = hf.get_input_embeddings()(ids)
+        ref_emb = hf(inputs_embeds=emb).logits
+    opt = optimised_copy(hf, max_seq_len=32)
+    out = opt(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out.logits, ref.logits, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(opt(inputs_embeds=emb).logits, ref_emb, atol=ATOL, rtol=RTOL)
+    last = opt(input_ids=ids, logits_to_keep=1).logits
+    assert last.shape == (2, 1, 97)
+    torch.testing.assert_close(last[:, 0], ref.logits[:, -1], atol=ATOL, rtol=RTOL)
+
+
+def test_incremental_forward_with_hf_cache_matches_full_forward():
+    """model(..., use_cache=True) returns a cache the next call continues from (HF's contract)."""
+    hf = tiny_model("mistral")
+    opt = optimised_copy(hf, max_seq_len=32)
+    ids, _ = padded_batch([12, 12], seed=9)
+    full = opt(input_ids=ids).logits
+    first = opt(input_ids=ids[:, :8], use_cache=True)
+    cache = first.cache if hasattr(first, "cache") and first.cache is not None else first.past_key_values
+    second = opt(input_ids=ids[:, 8:], **{("cache" if hasattr(first, "cache") else "past_key_values"): cache})
+    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), full, atol=ATOL, rtol=RTOL)
+
+
+def test_own_loop_serves_greedy_and_sampling(monkeypatch):
+    """Greedy / sampling / eos requests must not fall back to HF's loop (that is the slow path)."""
+    import lightning_dsinfer.generation as gen
+
+    def no_fallback(*a, **k):
+        raise AssertionError("fell back to Hugging Face's generate loop")
+
+    hf = tiny_model("qwen2")
+    opt = optimised_copy(hf, max_seq_len=64)
+    monkeypatch.setattr(gen, "_hf_generate", no_fallback)
+    ids, mask = padded_batch([4, 7], seed=10)
+    opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5)
+    opt.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=True, top_p=0.9, temperature=0.8)
+    opt.generate(input_ids=ids, attention_mask=mask, max_length=12, min_new_tokens=2, eos_token_id=[2, 5])
