@@ -4,10 +4,11 @@ from lightning_dsinfer.engine import InferenceEngine, init_inference, is_optimis
 from lightning_dsinfer.policies import UnsupportedModelError, supported_model_types
 from lightning_dsinfer.precision import DSInferPrecision
 from lightning_dsinfer.strategies import DSInferStrategy, register as _register_strategies
+from lightning_dsinfer.strategies.progress import TokensPerSecondProgressBar
 
 _register_strategies()
 
 __version__ = "0.1.0"
 
 __all__ = ["DSInferPrecision", "DSInferStrategy", "InferenceConfig", "InferenceEngine", "init_inference",
-           "is_optimised", "UnsupportedModelError", "supported_model_types", "__version__"]
+           "is_optimised", "UnsupportedModelError", "supported_model_types", "TokensPerSecondProgressBar", "__version__"]

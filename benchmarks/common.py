@@ -1,0 +1,55 @@
+"""Shared pieces of the benchmark scripts: timing, streaming bandwidth, machine line, RESULTS.md recording."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shlex
+import sys
+import time
+
+import torch
+
+
+def stream_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes/s of a streaming read (sum over a large fp32 tensor) with the current thread count."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    del x
+    return nbytes / best
+
+
+def machine_line() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, "
+            f"threads {torch.get_num_threads()}")
+
+
+def record(path: str, title: str, table: str) -> None:
+    """Append a result section (title, date, machine, command, table) to RESULTS.md."""
+    cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    with open(path, "a") as f:
+        f.write(f"\n## {title}\n\n- date: {date}\n- machine: {machine_line()}\n- command: `{cmd}`\n\n{table}\n")
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    def fmt(v):
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
