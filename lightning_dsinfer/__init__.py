@@ -8,7 +8,14 @@ from lightning_dsinfer.strategies.progress import TokensPerSecondProgressBar
 
 _register_strategies()
 
+
+def parallel_rank() -> int:
+    """This process's global rank (0 without torch.distributed)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
 __version__ = "0.1.0"
 
 __all__ = ["DSInferPrecision", "DSInferStrategy", "InferenceConfig", "InferenceEngine", "init_inference",
-           "is_optimised", "UnsupportedModelError", "supported_model_types", "TokensPerSecondProgressBar", "__version__"]
+           "is_optimised", "UnsupportedModelError", "supported_model_types", "TokensPerSecondProgressBar", "parallel_rank", "__version__"]

@@ -29,16 +29,29 @@ class InferenceConfig:
     max_batch_size: rows of the pre-allocated KV cache (grown with a warning if a batch is larger).
     release_hf_weights: replace the Hugging Face module weights the engine copied with meta tensors, so the
       model is not held twice in memory.
+    tensor_parallel_size: ranks each layer is split over (Megatron layout); the world must be a multiple.
+    checkpoint: folder of safetensors to read weights from (needed for a model built on ``meta``); each
+      rank reads only its shards.
+    collective_timeout_s: how long a collective may wait for a peer before this rank fails (a dead peer
+      then ends the run instead of hanging it).
+    device: where the engine lives (None: the model's device; cuda:LOCAL_RANK for a meta model on a GPU
+      machine; else cpu).
     """
     dtype: torch.dtype | None = None
     max_seq_len: int | None = None
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     release_hf_weights: bool = True
+    tensor_parallel_size: int = 1
+    checkpoint: str | None = None
+    collective_timeout_s: float = 300.0
+    device: str | None = None
 
     def __post_init__(self):
         self.dtype = resolve_dtype(self.dtype)
         if self.max_seq_len is not None and self.max_seq_len < 1:
             raise ValueError(f"max_seq_len={self.max_seq_len} must be >= 1.")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} must be >= 1.")
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size={self.max_batch_size} must be >= 1.")
 

@@ -6,6 +6,7 @@ now run on the engine. The user's class is not touched; only the instance is pat
 """
 from __future__ import annotations
 
+import os
 import types
 
 import torch
@@ -18,36 +19,75 @@ from lightning_dsinfer.modules.linear import Linear
 from lightning_dsinfer.modules.masks import build_step
 from lightning_dsinfer.modules.rotary import RotaryTable
 from lightning_dsinfer.modules.transformer import Attention, DecoderLayer, DecoderModel, GatedMLP, LayerSpec
+from lightning_dsinfer.parallel import TensorParallelComm, TensorShardPlan
+from lightning_dsinfer.parallel.process_groups import tensor_parallel_comm
 from lightning_dsinfer.policies import ModelWeights, find_policy
+from lightning_dsinfer.policies.weights import ModuleSource, SafetensorsSource
 
 
-def _cat(tensors, dtype):
-    return torch.cat([t.to(dtype) for t in tensors], dim=0)
+def _bias_or_zeros(ref, rows, dtype, n):
+    if ref is None:
+        return torch.zeros(n, dtype=dtype)
+    return ref.load(0, *rows).to(dtype)
 
 
-def _cat_bias(biases, weights, dtype):
-    if all(b is None for b in biases):
+def _fused_bias(parts, dtype):
+    """cat of the (ref, rows) biases of a fused projection; None when none of the parts has a bias."""
+    if all(ref is None for ref, _ in parts):
         return None
-    return torch.cat([(torch.zeros(w.shape[0], dtype=dtype, device=w.device) if b is None else b.to(dtype))
-                      for b, w in zip(biases, weights)])
+    return torch.cat([_bias_or_zeros(ref, rows, dtype, rows[1]) for ref, rows in parts])
 
 
-def build_decoder(w: ModelWeights, dtype: torch.dtype) -> DecoderModel:
-    """Fused modules from a policy's weights (fused QKV and gate/up; norms and biases in ``dtype``)."""
+def build_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.device | str = "cpu",
+                  comm: TensorParallelComm | None = None) -> DecoderModel:
+    """Fused modules from a policy's weight refs, reading only this rank's shards.
+
+    QKV and gate/up are fused into one GEMM each; o and down are row-parallel with the residual add
+    fused in (tp rank 0 adds residual and bias; the all-reduce sums the partial products).
+    """
+    comm = comm or TensorParallelComm()
+    plan = TensorShardPlan(comm.rank, comm.size, w.num_heads, w.num_kv_heads, w.head_dim, w.intermediate_size,
+                           w.vocab_size)
+    first = plan.adds_bias_once
+    reduce = comm.all_reduce if comm.size > 1 else None
+
+    def dev(t):
+        return t.to(device=device, dtype=dtype).contiguous()
+
+    def linear(weight, bias=None, **kw):
+        return Linear(dev(weight), None if bias is None else dev(bias), **kw)
+
     layers = []
+    q_rows, kv_rows, mlp_rows = plan.q_rows, plan.kv_rows, plan.mlp_rows
     for i, lw in enumerate(w.layers):
-        spec = LayerSpec(hidden_size=w.hidden_size, num_heads=w.num_heads, num_kv_heads=w.num_kv_heads,
-                         head_dim=w.head_dim, intermediate_size=w.intermediate_size, rms_norm_eps=w.rms_norm_eps,
+        spec = LayerSpec(hidden_size=w.hidden_size, num_heads=plan.local_heads, num_kv_heads=plan.local_kv_heads,
+                         head_dim=w.head_dim, intermediate_size=mlp_rows[1], rms_norm_eps=w.rms_norm_eps,
                          scaling=w.scaling, sliding_window=lw.sliding_window)
-        qkv = Linear(_cat((lw.q, lw.k, lw.v), dtype), _cat_bias((lw.q_bias, lw.k_bias, lw.v_bias), (lw.q, lw.k, lw.v), dtype))
-        o = Linear(lw.o.to(dtype), None if lw.o_bias is None else lw.o_bias.to(dtype))
-        gate_up = Linear(_cat((lw.gate, lw.up), dtype), _cat_bias((lw.gate_bias, lw.up_bias), (lw.gate, lw.up), dtype))
-        down = Linear(lw.down.to(dtype), None if lw.down_bias is None else lw.down_bias.to(dtype))
-        norm = (lambda t: None if t is None else t.to(dtype).contiguous())
-        attn = Attention(spec, i, qkv, o, q_norm=norm(lw.q_norm), k_norm=norm(lw.k_norm))
-        layers.append(DecoderLayer(attn, GatedMLP(gate_up, down), norm(lw.input_norm), norm(lw.post_norm), w.rms_norm_eps))
-    lm_head = Linear(w.lm_head.to(dtype), None if w.lm_head_bias is None else w.lm_head_bias.to(dtype))
-    return DecoderModel(w.embed.to(dtype), layers, w.final_norm.to(dtype), w.rms_norm_eps, lm_head)
+        qkv = linear(torch.cat([lw.q.load(0, *q_rows).to(dtype), lw.k.load(0, *kv_rows).to(dtype),
+                                lw.v.load(0, *kv_rows).to(dtype)]),
+                     _fused_bias([(lw.q_bias, q_rows), (lw.k_bias, kv_rows), (lw.v_bias, kv_rows)], dtype))
+        o = linear(lw.o.load(1, *q_rows), lw.o_bias.load() if (lw.o_bias is not None and first) else None,
+                   reduce=reduce, owns_residual=first)
+        gate_up = linear(torch.cat([lw.gate.load(0, *mlp_rows).to(dtype), lw.up.load(0, *mlp_rows).to(dtype)]),
+                         _fused_bias([(lw.gate_bias, mlp_rows), (lw.up_bias, mlp_rows)], dtype))
+        down = linear(lw.down.load(1, *mlp_rows), lw.down_bias.load() if (lw.down_bias is not None and first) else None,
+                      reduce=reduce, owns_residual=first)
+        q_norm = None if lw.q_norm is None else dev(lw.q_norm.load())
+        k_norm = None if lw.k_norm is None else dev(lw.k_norm.load())
+        attn = Attention(spec, i, qkv, o, q_norm=q_norm, k_norm=k_norm)
+        layers.append(DecoderLayer(attn, GatedMLP(gate_up, down), dev(lw.input_norm.load()), dev(lw.post_norm.load()),
+                                   w.rms_norm_eps))
+    start, rows = plan.vocab_rows if comm.size > 1 else (0, w.vocab_size)
+    embed = dev(w.embed.load(0, start, rows))
+    head = w.lm_head.load(0, start, rows).to(dtype)
+    head_bias = None if w.lm_head_bias is None else w.lm_head_bias.load(0, start, rows).to(dtype)
+    if comm.size > 1 and rows < plan.vocab_shard:           # equal shards for the all-gather: pad with zero rows
+        pad = plan.vocab_shard - rows
+        head = torch.cat([head, head.new_zeros(pad, head.shape[1])])
+        head_bias = None if head_bias is None else torch.cat([head_bias, head_bias.new_zeros(pad)])
+    lm_head = linear(head, head_bias)
+    return DecoderModel(embed, layers, dev(w.final_norm.load()), w.rms_norm_eps, lm_head, vocab_size=w.vocab_size,
+                        vocab_start=start, comm=comm)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -64,32 +104,47 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def _engine_device(model: nn.Module, config: InferenceConfig) -> torch.device:
+    if config.device is not None:
+        return torch.device(config.device)
+    device = _model_device(model)
+    if device.type == "cpu" and all(p.device.type == "meta" for p in model.parameters()) and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+
 class InferenceEngine:
     """Holds the fused decoder, rotary table and KV cache for one Hugging Face causal LM."""
 
-    def __init__(self, hf_model: nn.Module, config: InferenceConfig):
+    def __init__(self, hf_model: nn.Module, config: InferenceConfig, comm: TensorParallelComm | None = None):
         policy = find_policy(hf_model)
         hf_config = hf_model.config
         self.config = config
         self.hf_config = hf_config
-        self.device = _model_device(hf_model)
+        self.device = _engine_device(hf_model, config)
         self.dtype = config.dtype or _model_dtype(hf_model)
         context = getattr(hf_config, "max_position_embeddings", None) or DEFAULT_MAX_SEQ_LEN
         self.max_seq_len = config.max_seq_len or min(context, DEFAULT_MAX_SEQ_LEN)
-        weights = policy(hf_model, self.max_seq_len)
+        self.comm = comm if comm is not None else tensor_parallel_comm(config.tensor_parallel_size, self.device,
+                                                                      config.collective_timeout_s)
+        source = ModuleSource(hf_model)
+        if config.checkpoint is not None:
+            source = SafetensorsSource(config.checkpoint, fallback=source)
+        weights = policy(hf_model, self.max_seq_len, source)
         with torch.no_grad():
-            self.decoder = build_decoder(weights, self.dtype)
+            self.decoder = build_decoder(weights, self.dtype, self.device, self.comm)
         self.decoder.eval()
         self.windows = sorted({lw.sliding_window for lw in weights.layers if lw.sliding_window is not None})
         if len(self.windows) > 1:
             raise ValueError(f"layers use different sliding windows {self.windows}; one window per model is supported.")
         self.sliding_window = self.windows[0] if self.windows else None
         self.rotary = RotaryTable(weights.inv_freq, weights.attention_scaling, self.max_seq_len, self.dtype, self.device)
-        self.cache = StaticKVCache(len(weights.layers), weights.num_kv_heads, weights.head_dim, config.max_batch_size,
+        local_kv_heads = self.decoder.layers[0].attn.hkv
+        self.cache = StaticKVCache(len(weights.layers), local_kv_heads, weights.head_dim, config.max_batch_size,
                                    self.max_seq_len, self.dtype, self.device)
         self.vocab_size = weights.vocab_size
         if config.release_hf_weights:
-            _release_hf_weights(hf_model, self.decoder.embed)
+            _release_hf_weights(hf_model, self.decoder.embed if self.comm.size == 1 else None)
 
     def check_length(self, total: int, prompt: int | None = None, new: int | None = None) -> None:
         if total <= self.max_seq_len:
@@ -132,15 +187,20 @@ class InferenceEngine:
         return self.decoder.logits(h)
 
 
-def _release_hf_weights(model: nn.Module, embed: torch.Tensor) -> None:
-    """Point the HF embedding at the engine's copy and turn every other weight the engine copied into meta."""
+def _release_hf_weights(model: nn.Module, embed: torch.Tensor | None) -> None:
+    """Point the HF embedding at the engine's copy (when it is whole) and turn every other weight the
+    engine copied into meta."""
     base = model.model
     emb = base.embed_tokens
     keep_tied = model.lm_head.weight is emb.weight
-    emb.weight = nn.Parameter(embed, requires_grad=False)
-    if keep_tied:
-        model.lm_head.weight = emb.weight
-    for module in [*base.layers, base.norm] + ([] if keep_tied else [model.lm_head]):
+    if embed is not None:
+        emb.weight = nn.Parameter(embed, requires_grad=False)
+        if keep_tied:
+            model.lm_head.weight = emb.weight
+    modules = [*base.layers, base.norm] + ([] if keep_tied and embed is not None else [model.lm_head])
+    if embed is None:
+        modules.append(emb)
+    for module in modules:
         for sub in module.modules():
             for name, p in list(sub.named_parameters(recurse=False)):
                 setattr(sub, name, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))

@@ -71,6 +71,7 @@ def _hf_generate(model, inputs, generation_config, kwargs):
 def dsinfer_generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
     """Replacement ``generate`` of an optimised model (same arguments and results as HF's)."""
     engine = self._dsinfer_engine
+    engine.comm.sync_rng()           # tensor-parallel ranks must sample the same tokens
     input_ids = inputs if inputs is not None else kwargs.get("input_ids")
     if input_ids is None or input_ids.dim() != 2:
         # inputs_embeds-only and other exotic inputs: HF's loop (it calls our forward).

@@ -22,10 +22,17 @@ def _can_pack(weight: torch.Tensor) -> bool:
 
 
 class Linear(nn.Module):
-    """``y = x @ W^T + b (+ residual)``. ``weight`` is [out, in] and owned by this module."""
+    """``y = x @ W^T + b (+ residual)``. ``weight`` is [out, in] and owned by this module.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool = True):
+    Row-parallel use: ``reduce`` (an all-reduce) sums the partial products of the tensor-parallel group;
+    only the rank with ``owns_residual`` adds the residual (and only it holds the bias), so both are
+    added once.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool = True,
+                 reduce=None, owns_residual: bool = True):
         super().__init__()
+        self.reduce, self.owns_residual = reduce, owns_residual
         self.out_features, self.in_features = weight.shape
         self.packed = pack and _can_pack(weight)
         if self.packed:
@@ -40,6 +47,12 @@ class Linear(nn.Module):
         return n + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        y = self._matmul(x, residual if self.owns_residual else None)
+        if self.reduce is not None:
+            y = self.reduce(y)
+        return y
+
+    def _matmul(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         if self.packed:
             shape = x.shape
             x2 = x.reshape(-1, shape[-1])

@@ -99,20 +99,32 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    """Embedding -> blocks -> final norm -> lm_head. Weights are plain attributes, not parameters."""
+    """Embedding -> blocks -> final norm -> lm_head. Weights are plain attributes, not parameters.
+
+    With tensor parallelism the embedding and lm_head hold vocab rows [vocab_start, vocab_start + rows):
+    lookups outside the shard give zeros and are summed over the group (``comm.all_reduce``); logits are
+    gathered over the group (``comm.all_gather_last``) and cut to ``vocab_size``.
+    """
 
     def __init__(self, embed: torch.Tensor, layers: list[DecoderLayer], final_norm: torch.Tensor, eps: float,
-                 lm_head: Linear, embed_scale: float | None = None):
+                 lm_head: Linear, vocab_size: int, vocab_start: int = 0, comm=None):
         super().__init__()
         self.embed = embed
         self.layers = nn.ModuleList(layers)
         self.final_norm, self.eps = final_norm, eps
         self.lm_head = lm_head
-        self.embed_scale = embed_scale
+        self.vocab_size, self.vocab_start = vocab_size, vocab_start
+        self.comm = comm
+        self.sharded_vocab = comm is not None and comm.size > 1
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        h = nn.functional.embedding(input_ids, self.embed)
-        return h if self.embed_scale is None else h * self.embed_scale
+        if not self.sharded_vocab:
+            return nn.functional.embedding(input_ids, self.embed)
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.embed.shape[0])
+        h = nn.functional.embedding(local.masked_fill(outside, 0), self.embed)
+        h.masked_fill_(outside.unsqueeze(-1), 0)
+        return self.comm.all_reduce(h)
 
     def hidden(self, h: torch.Tensor, step: Step) -> torch.Tensor:
         """Run all blocks and the final norm on embeddings h [B, T, H]."""
@@ -121,7 +133,9 @@ class DecoderModel(nn.Module):
         return ops.rms_norm(h, self.final_norm, self.eps)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(h)
+        if not self.sharded_vocab:
+            return self.lm_head(h)
+        return self.comm.all_gather_last(self.lm_head(h))[..., :self.vocab_size]
 
     @property
     def weight_bytes_per_token(self) -> int:

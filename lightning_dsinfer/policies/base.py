@@ -1,14 +1,16 @@
 """What a policy hands the engine: the model's numbers and, per layer, each weight by role.
 
 Policies are the only code that knows transformers' module names and weight layouts. The engine
-asks a policy for a :class:`ModelWeights`, built lazily so each weight is read (and later sliced
-or streamed) once.
+asks a policy for a :class:`ModelWeights` of lazy :class:`WeightRef`s, so each rank reads only the
+slices it owns.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+
+from lightning_dsinfer.policies.weights import WeightRef
 
 
 class UnsupportedModelError(ValueError):
@@ -17,24 +19,24 @@ class UnsupportedModelError(ValueError):
 
 @dataclass
 class LayerWeights:
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    o: torch.Tensor
-    gate: torch.Tensor
-    up: torch.Tensor
-    down: torch.Tensor
-    input_norm: torch.Tensor
-    post_norm: torch.Tensor
-    q_bias: torch.Tensor | None = None
-    k_bias: torch.Tensor | None = None
-    v_bias: torch.Tensor | None = None
-    o_bias: torch.Tensor | None = None
-    gate_bias: torch.Tensor | None = None
-    up_bias: torch.Tensor | None = None
-    down_bias: torch.Tensor | None = None
-    q_norm: torch.Tensor | None = None
-    k_norm: torch.Tensor | None = None
+    q: WeightRef
+    k: WeightRef
+    v: WeightRef
+    o: WeightRef
+    gate: WeightRef
+    up: WeightRef
+    down: WeightRef
+    input_norm: WeightRef
+    post_norm: WeightRef
+    q_bias: WeightRef | None = None
+    k_bias: WeightRef | None = None
+    v_bias: WeightRef | None = None
+    o_bias: WeightRef | None = None
+    gate_bias: WeightRef | None = None
+    up_bias: WeightRef | None = None
+    down_bias: WeightRef | None = None
+    q_norm: WeightRef | None = None
+    k_norm: WeightRef | None = None
     sliding_window: int | None = None
 
 
@@ -49,12 +51,12 @@ class ModelWeights:
     vocab_size: int
     rms_norm_eps: float
     scaling: float
-    inv_freq: torch.Tensor
+    inv_freq: torch.Tensor                 # computed from the config, not loaded
     attention_scaling: float
     rope_type: str
-    embed: torch.Tensor
-    final_norm: torch.Tensor
-    lm_head: torch.Tensor
-    lm_head_bias: torch.Tensor | None
+    embed: WeightRef
+    final_norm: WeightRef
+    lm_head: WeightRef
+    lm_head_bias: WeightRef | None
     tied_embeddings: bool
     layers: list[LayerWeights] = field(default_factory=list)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, UnsupportedModelError
+from lightning_dsinfer.policies.weights import ModuleSource, WeightSource
 
 
 @dataclass(frozen=True)
@@ -30,10 +32,6 @@ FAMILY: dict[str, FamilyTraits] = {
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 
 
-def _bias(linear: nn.Linear):
-    return None if linear.bias is None else linear.bias.detach()
-
-
 def _sliding_window(config, traits: FamilyTraits, layer_idx: int) -> int | None:
     window = getattr(config, "sliding_window", None)
     if traits.sliding_from == "config":
@@ -45,15 +43,18 @@ def _sliding_window(config, traits: FamilyTraits, layer_idx: int) -> int | None:
     return None
 
 
-def read_llama_family(model: nn.Module, max_seq_len: int) -> ModelWeights:
+def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource | None = None) -> ModelWeights:
+    """Name every weight by role (as lazy refs into ``source``; default: the model's own tensors)."""
     config = model.config
     traits = FAMILY[config.model_type]
     act = getattr(config, "hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise UnsupportedModelError(
             f"{config.model_type} with hidden_act={act!r} is not supported (the fused MLP is SwiGLU: 'silu').")
+    source = source or ModuleSource(model)
     base = model.model
-    rotary = base.rotary_emb
+    with torch.device("cpu"):     # frequencies are computed, not loaded: rebuild them even for a meta model
+        rotary = type(base.rotary_emb)(config=config)
     rope_type = getattr(rotary, "rope_type", "default")
     if rope_type in _LENGTH_DEPENDENT_ROPE:
         original = getattr(rotary, "original_max_seq_len", config.max_position_embeddings)
@@ -63,29 +64,38 @@ def read_llama_family(model: nn.Module, max_seq_len: int) -> ModelWeights:
                 f"static rotary table does not model (max_seq_len={max_seq_len}, original context {original}). "
                 f"Supported rope types: default, linear, llama3, yarn, and longrope up to the original context.")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    names = set(dict(model.named_parameters(remove_duplicate=False)))
+
+    def ref(name):
+        return source.ref(name)
+
+    def opt(name):
+        return source.ref(name) if name in names else None
+
     layers = []
-    for i, layer in enumerate(base.layers):
-        attn, mlp = layer.self_attn, layer.mlp
+    for i in range(config.num_hidden_layers):
+        a, m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
         layers.append(LayerWeights(
-            q=attn.q_proj.weight.detach(), k=attn.k_proj.weight.detach(), v=attn.v_proj.weight.detach(),
-            o=attn.o_proj.weight.detach(),
-            q_bias=_bias(attn.q_proj), k_bias=_bias(attn.k_proj), v_bias=_bias(attn.v_proj), o_bias=_bias(attn.o_proj),
-            gate=mlp.gate_proj.weight.detach(), up=mlp.up_proj.weight.detach(), down=mlp.down_proj.weight.detach(),
-            gate_bias=_bias(mlp.gate_proj), up_bias=_bias(mlp.up_proj), down_bias=_bias(mlp.down_proj),
-            input_norm=layer.input_layernorm.weight.detach(), post_norm=layer.post_attention_layernorm.weight.detach(),
-            q_norm=attn.q_norm.weight.detach() if traits.qk_norm else None,
-            k_norm=attn.k_norm.weight.detach() if traits.qk_norm else None,
+            q=ref(f"{a}.q_proj.weight"), k=ref(f"{a}.k_proj.weight"), v=ref(f"{a}.v_proj.weight"),
+            o=ref(f"{a}.o_proj.weight"),
+            q_bias=opt(f"{a}.q_proj.bias"), k_bias=opt(f"{a}.k_proj.bias"), v_bias=opt(f"{a}.v_proj.bias"),
+            o_bias=opt(f"{a}.o_proj.bias"),
+            gate=ref(f"{m}.gate_proj.weight"), up=ref(f"{m}.up_proj.weight"), down=ref(f"{m}.down_proj.weight"),
+            gate_bias=opt(f"{m}.gate_proj.bias"), up_bias=opt(f"{m}.up_proj.bias"), down_bias=opt(f"{m}.down_proj.bias"),
+            input_norm=ref(f"model.layers.{i}.input_layernorm.weight"),
+            post_norm=ref(f"model.layers.{i}.post_attention_layernorm.weight"),
+            q_norm=ref(f"{a}.q_norm.weight") if traits.qk_norm else None,
+            k_norm=ref(f"{a}.k_norm.weight") if traits.qk_norm else None,
             sliding_window=_sliding_window(config, traits, i),
         ))
-    lm_head = model.lm_head
+    tied = model.lm_head.weight is base.embed_tokens.weight or bool(getattr(config, "tie_word_embeddings", False))
     return ModelWeights(
         model_type=config.model_type, hidden_size=config.hidden_size, num_heads=config.num_attention_heads,
         num_kv_heads=config.num_key_value_heads, head_dim=head_dim, intermediate_size=config.intermediate_size,
         vocab_size=config.vocab_size, rms_norm_eps=config.rms_norm_eps,
         scaling=getattr(base.layers[0].self_attn, "scaling", head_dim ** -0.5),
         inv_freq=rotary.inv_freq.detach(), attention_scaling=float(rotary.attention_scaling), rope_type=rope_type,
-        embed=base.embed_tokens.weight.detach(), final_norm=base.norm.weight.detach(),
-        lm_head=lm_head.weight.detach(), lm_head_bias=_bias(lm_head),
-        tied_embeddings=lm_head.weight is base.embed_tokens.weight,
-        layers=layers,
+        embed=ref("model.embed_tokens.weight"), final_norm=ref("model.norm.weight"),
+        lm_head=ref("model.embed_tokens.weight" if tied else "lm_head.weight"), lm_head_bias=opt("lm_head.bias"),
+        tied_embeddings=tied, layers=layers,
     )
