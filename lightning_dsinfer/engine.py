@@ -237,7 +237,8 @@ def _dsinfer_forward(self, input_ids=None, attention_mask=None, position_ids=Non
     return CausalLMOutputWithPast(**out)
 
 
-def init_inference(model: nn.Module, config: InferenceConfig | None = None, **options) -> nn.Module:
+def init_inference(model: nn.Module, config: InferenceConfig | None = None, comm: TensorParallelComm | None = None,
+                   **options) -> nn.Module:
     """Optimise a Hugging Face causal LM in place and return it.
 
     ``model(...)`` and ``model.generate(...)`` then run on the fused engine. Options are the fields of
@@ -251,7 +252,7 @@ def init_inference(model: nn.Module, config: InferenceConfig | None = None, **op
         raise TypeError("pass either config= or keyword options, not both")
     if getattr(model, "_dsinfer_engine", None) is not None:
         return model
-    engine = InferenceEngine(model, config)
+    engine = InferenceEngine(model, config, comm=comm)
     model.eval()
     model.__dict__["_dsinfer_engine"] = engine
     model.forward = types.MethodType(_dsinfer_forward, model)

@@ -1,17 +1,38 @@
 """Collectives of one tensor-parallel group, as named methods (no-ops for a group of one)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
+
+
+class PeerFailureError(RuntimeError):
+    """A collective failed: a peer rank died, or did not answer within the collective timeout."""
+
+
+def _peer_failure(fn):
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except RuntimeError as err:   # gloo / NCCL: connection closed, timeout, aborted communicator
+            raise PeerFailureError(
+                f"dsinfer: a peer rank of tensor-parallel group {self.ranks} failed or did not answer in time "
+                f"during {fn.__name__} (collective_timeout_s sets the bound); this rank stops too. Cause: {err}"
+            ) from err
+    return wrapper
 
 
 class TensorParallelComm:
     def __init__(self, group=None, size: int = 1, rank: int = 0, src: int = 0):
         self.group, self.size, self.rank = group, size, rank
+        self.ranks = list(range(src, src + size))
         self.src = src                    # global rank of this group's tp rank 0
         self.all_reduce_calls = 0
         self.all_reduce_bytes = 0
 
+    @_peer_failure
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum ``x`` over the group, in place."""
         if self.size > 1:
@@ -20,6 +41,7 @@ class TensorParallelComm:
             dist.all_reduce(x, group=self.group)
         return x
 
+    @_peer_failure
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate each rank's ``x`` along the last dim (rank order)."""
         if self.size == 1:
@@ -28,6 +50,7 @@ class TensorParallelComm:
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
 
+    @_peer_failure
     def broadcast_(self, x: torch.Tensor) -> torch.Tensor:
         """Overwrite ``x`` with tp rank 0's copy."""
         if self.size > 1:

@@ -3,16 +3,23 @@ the LightningModule with the engine, then lets Lightning's predict / validate / 
 user's unchanged steps on it."""
 from __future__ import annotations
 
+import datetime
+from dataclasses import replace
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from torch import nn
+from torch.utils.data import DataLoader, Sampler
 from typing_extensions import override
 
 from lightning_dsinfer.config import InferenceConfig, resolve_dtype
 from lightning_dsinfer.engine import init_inference, is_optimised
+from lightning_dsinfer.parallel import TensorParallelComm, Topology
+from lightning_dsinfer.parallel.process_groups import new_tensor_parallel_groups
 from lightning_dsinfer.policies import UnsupportedModelError, find_policy
 
 
@@ -27,31 +34,107 @@ def find_hf_models(module: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
+def _skip_write(*args: Any, **kwargs: Any) -> None:
+    """Prediction writers on ranks that do not speak for their replica write nothing."""
+
+
+def _to_cpu(x):
+    from lightning_utilities.core.apply_func import apply_to_collection
+
+    return apply_to_collection(x, torch.Tensor, torch.Tensor.cpu)
+
+
+class ContiguousShardSampler(Sampler):
+    """Rank ``r`` of ``n`` takes the r-th contiguous chunk of ``indices`` (sizes differ by at most one), so
+    concatenating the ranks' predictions in rank order restores dataset order."""
+
+    def __init__(self, indices: list[int], num_replicas: int, rank: int):
+        base, extra = divmod(len(indices), num_replicas)
+        start = rank * base + min(rank, extra)
+        self.indices = indices[start:start + base + (rank < extra)]
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def _sampler_order(sampler) -> list[int]:
+    """Dataset indices in the order the user's sampler yields them (unwrapping Lightning's wrapper)."""
+    inner = getattr(sampler, "dataset", None)
+    if inner is not None and hasattr(inner, "reset") and hasattr(inner, "__getitem__"):
+        inner.reset()
+        return [inner[i] for i in range(len(inner))]
+    return list(sampler)
+
+
 class DSInferStrategy(DDPStrategy):
-    """Inference strategy. Single process today; the process topology (tensor / pipeline / expert
-    parallel groups) is built in ``setup_environment`` when the world has more than one rank."""
+    """Inference strategy: world = data-parallel x tensor-parallel.
+
+    Every rank of a tensor-parallel group sees the same batches; data-parallel groups take contiguous
+    chunks of the dataset; ``trainer.predict`` returns every sample's prediction exactly once, in dataset
+    order, on every rank. Default: tensor parallel over the devices of a node, data parallel across nodes.
+    """
 
     strategy_name = "dsinfer"
 
-    def __init__(self, max_seq_len: int | None = None, max_batch_size: int = 8, dtype: torch.dtype | str | None = None,
-                 **kwargs: Any):
+    def __init__(self, tensor_parallel_size: int | None = None, max_seq_len: int | None = None,
+                 max_batch_size: int = 8, dtype: torch.dtype | str | None = None, checkpoint: str | None = None,
+                 collective_timeout_s: float = 300.0, **kwargs: Any):
+        kwargs.setdefault("timeout", datetime.timedelta(seconds=collective_timeout_s))
         super().__init__(**kwargs)
+        self.tensor_parallel_size = tensor_parallel_size
         self.inference_config = InferenceConfig(dtype=resolve_dtype(dtype), max_seq_len=max_seq_len,
-                                                max_batch_size=max_batch_size)
+                                                max_batch_size=max_batch_size, checkpoint=checkpoint,
+                                                collective_timeout_s=collective_timeout_s)
+        self._topology: Topology | None = None
+        self._comm: TensorParallelComm | None = None
 
     @property
-    def world_size(self) -> int:  # type: ignore[override]
-        return self.num_nodes * self.num_processes if self.parallel_devices is not None else 1
+    def topology(self) -> Topology:
+        if self._topology is None:
+            raise RuntimeError("DSInferStrategy.topology is only known after the trainer set up the processes.")
+        return self._topology
 
     @override
     def setup_environment(self) -> None:
-        if self.num_nodes * self.num_processes > 1:
-            raise NotImplementedError(
-                f"DSInferStrategy got {self.num_nodes * self.num_processes} processes "
-                f"(num_nodes={self.num_nodes} x devices={self.num_processes}); multi-process inference is not "
-                f"implemented yet. Use devices=1.")
-        self.set_world_ranks()
-        self.accelerator.setup_device(self.root_device)
+        world = self.num_nodes * self.num_processes
+        tp = self.tensor_parallel_size or self.num_processes
+        if world % tp:
+            raise ValueError(f"tensor_parallel_size={tp} does not divide the world size {world} "
+                             f"(num_nodes={self.num_nodes} x devices={self.num_processes}).")
+        if world == 1:
+            self.set_world_ranks()
+            self.accelerator.setup_device(self.root_device)
+            self._topology, self._comm = Topology(1, 0), TensorParallelComm()
+            return
+        super().setup_environment()          # launcher env -> default process group (with the collective timeout)
+        self._topology = Topology(world_size=world, rank=self.global_rank, tp=tp)
+        self._comm = new_tensor_parallel_groups(self._topology)
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": self.topology.dp, "rank": self.topology.dp_rank}
+
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        """Data-parallel groups take contiguous chunks (so gathered predictions are in dataset order).
+
+        Lightning has already put its strided sampler inside the (index-recording) batch sampler; that
+        sampler is swapped in place, so batch indices seen by prediction writers stay right.
+        """
+        if self._topology is None or self._topology.dp == 1 or not isinstance(dataloader, DataLoader):
+            return dataloader
+        batch_sampler = dataloader.batch_sampler
+        inner = getattr(batch_sampler, "_batch_sampler", batch_sampler)
+        if inner is None or not hasattr(inner, "sampler"):
+            raise ValueError(f"strategy='dsinfer' with {self._topology.dp} data-parallel groups needs a DataLoader with "
+                             f"a batch_size (got batch_sampler={type(batch_sampler).__name__}).")
+        order = _sampler_order(inner.sampler)
+        inner.sampler = ContiguousShardSampler(order, self.topology.dp, self.topology.dp_rank)
+        return dataloader
 
     @override
     def setup(self, trainer) -> None:
@@ -62,13 +145,18 @@ class DSInferStrategy(DDPStrategy):
         super().model_to_device()
         self._optimise_hf_models()
         self.setup_precision_plugin()
+        if not self.topology.is_output_rank:      # one rank per data-parallel replica writes predictions
+            for cb in trainer.callbacks:
+                if isinstance(cb, BasePredictionWriter):
+                    cb.write_on_batch_end = _skip_write
+                    cb.write_on_epoch_end = _skip_write
 
     def _engine_config(self) -> InferenceConfig:
         cfg = self.inference_config
         if cfg.dtype is None:
             dtype = getattr(self.precision_plugin, "dtype", None)
             if isinstance(dtype, torch.dtype):
-                return InferenceConfig(dtype=dtype, max_seq_len=cfg.max_seq_len, max_batch_size=cfg.max_batch_size)
+                return replace(cfg, dtype=dtype)
         return cfg
 
     def _optimise_hf_models(self) -> None:
@@ -79,10 +167,25 @@ class DSInferStrategy(DDPStrategy):
                 f"keep the transformers model as an attribute of the LightningModule (e.g. self.model = model).")
         for _, model in models:
             find_policy(model)   # raise for an unsupported model before any work starts
-        config = self._engine_config()
+        config = replace(self._engine_config(), tensor_parallel_size=self.topology.tp)
         for _, model in models:
             if not is_optimised(model):
-                init_inference(model, config=config)
+                init_inference(model, config=config, comm=self._comm)
+
+    @override
+    def on_predict_end(self) -> None:
+        """Gather the data-parallel replicas' predictions so every rank returns all of them, in order."""
+        topo = self._topology
+        loop = self.lightning_module.trainer.predict_loop
+        if topo is None or topo.dp == 1 or not loop.return_predictions:
+            return
+        local = [[_to_cpu(p) for p in preds] for preds in loop._predictions]
+        everyone: list = [None] * topo.world_size
+        dist.all_gather_object(everyone, local)
+        block = topo.tp * topo.pp
+        speakers = [everyone[d * block + (topo.pp - 1) * topo.tp] for d in range(topo.dp)]
+        for i, preds in enumerate(loop._predictions):
+            preds[:] = [p for replica in speakers for p in replica[i]]
 
     @override
     def model_to_device(self) -> None:
