@@ -12,6 +12,18 @@ import sys
 import time
 
 
+# Set by Lightning's launcher / cluster environment in the pytest process when an earlier test ran a
+# Trainer; a child must not inherit them (it would join a stale world).
+_LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR",
+                  "MASTER_PORT", "PL_GLOBAL_SEED", "PL_TRAINER_GPUS")
+
+
+def clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+    env.update(extra)
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -26,7 +38,7 @@ def run_ranks(script: str, world_size: int, args: list[str], timeout: float = 24
     here = os.path.dirname(os.path.abspath(__file__))
     root = os.path.dirname(here)
     for rank in range(world_size):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+        env = {**clean_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
                "PYTHONPATH": os.pathsep.join([root, here, os.environ.get("PYTHONPATH", "")]), **(extra_env or {})}
         procs.append(subprocess.Popen([sys.executable, os.path.join(here, script), *args], env=env,

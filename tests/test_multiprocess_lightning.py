@@ -6,13 +6,13 @@ import sys
 
 import pytest
 
-from multiproc import free_port, run_ranks
+from multiproc import clean_env, free_port, run_ranks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _run_script(args, env_extra=None, timeout=240):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), HERE]),
+    env = {**clean_env(), "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), HERE]),
            **(env_extra or {})}
     return subprocess.Popen([sys.executable, os.path.join(HERE, "lightning_worker.py"), *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -60,3 +60,270 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
         return out.reshape(b, hq, 1, d)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=group > 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# References of the Triton kernel library (kernels/*.py). Written for clarity: they are the oracle the
+# kernel tests compare against, and the CPU path for the ops above does not change.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _residual_in(x: torch.Tensor, residual: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x (+ bias) (+ residual)`` rounded to x's dtype once, as an unfused model would store it."""
+    h = x.float()
+    if bias is not None:
+        h = h + bias.float()
+    if residual is not None:
+        h = h + residual.float()
+    return h.to(x.dtype)
+
+
+def add_bias_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                      bias: torch.Tensor | None = None, unit_offset: bool = False):
+    """Fused-kernel twin of ``kernels/rms_norm.py``.
+
+    h = x (+ bias) (+ residual); out = h / sqrt(mean(h^2) + eps) * w, w = weight or (1 + weight) with
+    ``unit_offset`` (Gemma). The scale is applied in fp32, one rounding at the end. Returns ``out`` when
+    neither residual nor bias is given, else ``(out, h)`` (h is the new residual). Nothing is modified.
+    """
+    h = _residual_in(x, residual, bias)
+    hf = h.float()
+    w = weight.float() + 1.0 if unit_offset else weight.float()
+    out = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps) * w).to(x.dtype)
+    return out if residual is None and bias is None else (out, h)
+
+
+def add_bias_layer_norm(x: torch.Tensor, weight: torch.Tensor, norm_bias: torch.Tensor | None, eps: float,
+                        residual: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                        unit_offset: bool = False):
+    """Fused-kernel twin of ``kernels/layer_norm.py``: LayerNorm of ``h = x (+ bias) (+ residual)``.
+
+    ``norm_bias`` is the LayerNorm's own beta (None = no beta). Returns like :func:`add_bias_rms_norm`.
+    """
+    h = _residual_in(x, residual, bias)
+    hf = h.float()
+    w = weight.float() + 1.0 if unit_offset else weight.float()
+    out = F.layer_norm(hf, hf.shape[-1:], w, None if norm_bias is None else norm_bias.float(), eps).to(x.dtype)
+    return out if residual is None and bias is None else (out, h)
+
+
+def rotary_tables(rotary_dim: int, max_positions: int, base: float = 10000.0, device=None):
+    """cos, sin tables [max_positions, rotary_dim // 2] in fp32 (the kernels' table layout)."""
+    inv = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64, device=device) / rotary_dim))
+    ang = torch.arange(max_positions, dtype=torch.float64, device=device)[:, None] * inv[None, :]
+    return ang.cos().float(), ang.sin().float()
+
+
+def rotary_embedding(x: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, positions: torch.Tensor,
+                     interleaved: bool = False, rotary_dim: int | None = None,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotary embedding of x [B, T, H, D] at positions [B, T]; tables [P, rotary_dim // 2].
+
+    NeoX layout pairs (i, i + r/2), GPT-J (``interleaved``) pairs (2i, 2i + 1); only the first
+    ``rotary_dim`` dims rotate (partial rotary), the rest pass through. ``bias`` [H * D] is added first.
+    Computed in fp32, rounded once.
+    """
+    d = x.shape[-1]
+    r = d if rotary_dim is None else rotary_dim
+    xf = x.float()
+    if bias is not None:
+        xf = xf + bias.float().view(x.shape[-2], d)
+    c = cos_table[positions.long()].unsqueeze(2)   # [B, T, 1, r/2]
+    s = sin_table[positions.long()].unsqueeze(2)
+    rot, rest = xf[..., :r], xf[..., r:]
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        o1, o2 = x1 * c - x2 * s, x2 * c + x1 * s
+        rot = torch.stack((o1, o2), dim=-1).flatten(-2)
+    else:
+        rot = rotary_half(rot, torch.cat((c, c), -1), torch.cat((-s, s), -1))
+    return torch.cat((rot, rest), dim=-1).to(x.dtype)
+
+
+def rotary_qkv_cache_write(q, k, v, cos_table, sin_table, positions, k_cache=None, v_cache=None,
+                           cache_start=None, interleaved=False, rotary_dim=None,
+                           q_bias=None, k_bias=None, v_bias=None):
+    """Twin of ``kernels/rotary.py``: rotate q [B,T,Hq,D], k [B,T,Hkv,D]; add v's bias; write K/V.
+
+    Caches are [B_max, Hkv, S, D] (``modules/kv_cache.py`` layout); row b's tokens go to columns
+    ``cache_start[b] + t``. The caches are written in place. Returns (q_rot, k_rot, v_out).
+    """
+    qo = rotary_embedding(q, cos_table, sin_table, positions, interleaved, rotary_dim, q_bias)
+    ko = rotary_embedding(k, cos_table, sin_table, positions, interleaved, rotary_dim, k_bias)
+    vo = v if v_bias is None else (v.float() + v_bias.float().view(v.shape[-2], v.shape[-1])).to(v.dtype)
+    if k_cache is not None:
+        b, t = k.shape[:2]
+        for i in range(b):
+            s0 = int(cache_start[i])
+            k_cache[i, :, s0:s0 + t] = ko[i].transpose(0, 1).to(k_cache.dtype)
+            v_cache[i, :, s0:s0 + t] = vo[i].transpose(0, 1).to(v_cache.dtype)
+    return qo, ko, vo
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+_ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": _gelu_tanh, "relu": F.relu}
+
+
+def bias_act(x: torch.Tensor, bias: torch.Tensor | None = None, act: str = "gelu_tanh") -> torch.Tensor:
+    """``act(x + bias)`` in fp32, rounded once. act: silu | gelu (erf) | gelu_tanh | relu."""
+    h = x.float() if bias is None else x.float() + bias.float()
+    return _ACTS[act](h).to(x.dtype)
+
+
+def gated_act(gate_up: torch.Tensor, bias: torch.Tensor | None = None, act: str = "silu") -> torch.Tensor:
+    """Gated activation: gate_up [..., 2I] = cat(gate, up) (+ bias [2I]) -> act(gate) * up [..., I].
+
+    act = silu is SwiGLU (equal to :func:`silu_and_mul` up to rounding), gelu / gelu_tanh is GeGLU.
+    """
+    h = gate_up.float() if bias is None else gate_up.float() + bias.float()
+    inter = h.shape[-1] // 2
+    return (_ACTS[act](h[..., :inter]) * h[..., inter:]).to(gate_up.dtype)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
+                     scale: float, kv_start: torch.Tensor | None = None, alibi_slopes: torch.Tensor | None = None,
+                     window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """One query token per sequence over the KV cache (twin of ``kernels/decode_attention.py``).
+
+    q [B, Hq, D]; caches [B_max, Hkv, S, D]; row b's keys are columns [kv_start[b], seq_lens[b]) and the
+    query sits at column seq_lens[b] - 1. Scores: q.k * scale, then ``softcap * tanh(s / softcap)``, then
+    ``+ slope_h * (j - (seq_len - 1))`` (ALiBi), then keys older than ``window`` columns are dropped.
+    Returns [B, Hq, D] in q's dtype; a row with no visible key gives zeros.
+    """
+    b, hq, d = q.shape
+    hkv, s = k_cache.shape[1], k_cache.shape[2]
+    k = k_cache[:b].float().repeat_interleave(hq // hkv, dim=1)       # [B, Hq, S, D]
+    v = v_cache[:b].float().repeat_interleave(hq // hkv, dim=1)
+    sc = torch.einsum("bhd,bhsd->bhs", q.float(), k) * scale
+    if softcap is not None:
+        sc = softcap * torch.tanh(sc / softcap)
+    j = torch.arange(s, device=q.device)
+    last = (seq_lens.long() - 1)[:, None]                              # [B, 1]
+    if alibi_slopes is not None:
+        sc = sc + alibi_slopes.float()[None, :, None] * (j[None, :] - last)[:, None, :]
+    start = torch.zeros_like(last) if kv_start is None else kv_start.long()[:, None]
+    keep = (j[None, :] >= start) & (j[None, :] <= last)
+    if window is not None:
+        keep &= j[None, :] > last - window
+    sc = sc.masked_fill(~keep[:, None, :], float("-inf"))
+    p = torch.softmax(sc, dim=-1).nan_to_num(0.0)
+    return torch.einsum("bhs,bhsd->bhd", p, v).to(q.dtype)
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      kv_start: torch.Tensor | None = None, seq_lens: torch.Tensor | None = None,
+                      window: int | None = None) -> torch.Tensor:
+    """Causal attention over a prompt (twin of ``kernels/prefill_attention.py``).
+
+    q [B, T, Hq, D], k, v [B, T, Hkv, D]. Row b's valid tokens are [kv_start[b], seq_lens[b]) (left and/or
+    right padding); query i sees valid keys j <= i (and j > i - window). Query rows with no visible key
+    (padding) give zeros. Returns [B, T, Hq, D].
+    """
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    i = torch.arange(t, device=q.device)
+    keep = (i[None, :] <= i[:, None])[None].expand(b, t, t).clone()    # [B, Tq, Tk]
+    if window is not None:
+        keep &= i[None, None, :] > i[None, :, None] - window
+    if kv_start is not None:
+        keep &= i[None, None, :] >= kv_start.long()[:, None, None]
+    if seq_lens is not None:
+        keep &= i[None, None, :] < seq_lens.long()[:, None, None]
+    qf = q.float().transpose(1, 2)
+    kf = k.float().transpose(1, 2).repeat_interleave(hq // hkv, dim=1)
+    vf = v.float().transpose(1, 2).repeat_interleave(hq // hkv, dim=1)
+    sc = (qf @ kf.transpose(-1, -2)) * scale
+    sc = sc.masked_fill(~keep[:, None], float("-inf"))
+    p = torch.softmax(sc, dim=-1).nan_to_num(0.0)
+    return (p @ vf).transpose(1, 2).to(q.dtype)
+
+
+def quantize_int8_per_channel(w: torch.Tensor):
+    """Symmetric int8 per output channel: w [N, K] -> (q int8 [N, K], scale fp32 [N]); w ~= q * scale."""
+    scale = w.float().abs().amax(dim=1).clamp_min(1e-8) / 127.0
+    q = torch.round(w.float() / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_int4_groupwise(w: torch.Tensor, group_size: int = 128):
+    """Symmetric int4 per (channel, group of ``group_size`` input dims).
+
+    w [N, K] -> (packed uint8 [N, K // 2], scale fp32 [N, K // group_size]). Value q in [-8, 7] is stored
+    as the nibble q + 8; input dim 2i is the low nibble of byte i, 2i + 1 the high nibble.
+    """
+    n, kdim = w.shape
+    if kdim % group_size or group_size % 2:
+        raise ValueError(f"K={kdim} must be a multiple of group_size={group_size}, which must be even")
+    g = w.float().view(n, kdim // group_size, group_size)
+    scale = g.abs().amax(dim=2).clamp_min(1e-8) / 7.0
+    q = torch.round(g / scale[..., None]).clamp_(-8, 7).view(n, kdim).to(torch.int16) + 8
+    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+    return packed, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] + scale [N] -> fp32 [N, K]."""
+    return q.float() * scale.float()[:, None]
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Packed uint8 [N, K // 2] + scale [N, K // group_size] -> fp32 [N, K]."""
+    p = packed.to(torch.int16)
+    q = torch.stack((p & 0xF, p >> 4), dim=-1).flatten(1).float() - 8.0
+    return q * scale.float().repeat_interleave(group_size, dim=1)
+
+
+def small_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T (+ bias) (+ residual)`` with fp32 accumulation; x [M, K], weight [N, K] (already
+    dequantised to float for the int8 / int4 variants). Returns [M, N] in x's dtype."""
+    y = x.float() @ weight.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    if residual is not None:
+        y = y + residual.float()
+    return y.to(x.dtype)
+
+
+def moe_route(logits: torch.Tensor, top_k: int, scoring: str = "softmax", renormalize: bool = True):
+    """Top-k routing with mapping tables (twin of ``kernels/moe_routing.py``).
+
+    logits [T, E] -> (weights fp32 [T, k], ids int32 [T, k], counts int32 [E], offsets int32 [E + 1],
+    sorted_ids int32 [T * k], inverse int32 [T * k]). scoring: softmax | sigmoid. Assignment a = t * k + j;
+    ``sorted_ids`` lists assignments grouped by expert (in assignment order within an expert);
+    ``inverse[a]`` is a's place in that list. ``renormalize`` divides the k weights by their sum.
+    """
+    t, e = logits.shape
+    scores = torch.softmax(logits.float(), -1) if scoring == "softmax" else torch.sigmoid(logits.float())
+    w, ids = torch.topk(scores, top_k, dim=-1)
+    if renormalize:
+        w = w / w.sum(-1, keepdim=True)
+    flat = ids.flatten()
+    counts = torch.bincount(flat, minlength=e).to(torch.int32)
+    offsets = torch.zeros(e + 1, dtype=torch.int32, device=logits.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    sorted_ids = torch.argsort(flat, stable=True).to(torch.int32)
+    inverse = torch.empty_like(sorted_ids)
+    inverse[sorted_ids.long()] = torch.arange(flat.numel(), dtype=torch.int32, device=logits.device)
+    return w, ids.to(torch.int32), counts, offsets, sorted_ids, inverse
+
+
+def moe_gemm(x: torch.Tensor, weight: torch.Tensor, sorted_ids: torch.Tensor, offsets: torch.Tensor,
+             rows_per_input: int, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Grouped expert GEMM (twin of ``kernels/moe_gemm.py``).
+
+    weight [E, N, K]; assignment a (from ``sorted_ids``, grouped by ``offsets``) reads input row
+    ``a // rows_per_input`` of x [R, K] and writes out[a] = x[row] @ weight[e].T (* row_scale[a]).
+    Returns [A, N] in assignment order, A = sorted_ids.numel().
+    """
+    out = torch.zeros(sorted_ids.numel(), weight.shape[1], dtype=torch.float32, device=x.device)
+    for e in range(weight.shape[0]):
+        a = sorted_ids[int(offsets[e]):int(offsets[e + 1])].long()
+        if a.numel():
+            out[a] = x[a // rows_per_input].float() @ weight[e].float().t()
+    if row_scale is not None:
+        out = out * row_scale.float().reshape(-1, 1)
+    return out.to(x.dtype)

@@ -28,6 +28,7 @@ class TensorParallelComm:
     def __init__(self, group=None, size: int = 1, rank: int = 0, src: int = 0):
         self.group, self.size, self.rank = group, size, rank
         self.ranks = list(range(src, src + size))
+        self.shm = None                   # ShmAllReduce when every rank of the group is a CPU process on one host
         self.src = src                    # global rank of this group's tp rank 0
         self.all_reduce_calls = 0
         self.all_reduce_bytes = 0
@@ -38,7 +39,10 @@ class TensorParallelComm:
         if self.size > 1:
             self.all_reduce_calls += 1
             self.all_reduce_bytes += x.numel() * x.element_size()
-            dist.all_reduce(x, group=self.group)
+            if self.shm is not None and self.shm.fits(x):
+                self.shm(x)
+            else:
+                dist.all_reduce(x, group=self.group)
         return x
 
     @_peer_failure

@@ -111,7 +111,7 @@ class DSInferStrategy(DDPStrategy):
             return
         super().setup_environment()          # launcher env -> default process group (with the collective timeout)
         self._topology = Topology(world_size=world, rank=self.global_rank, tp=tp)
-        self._comm = new_tensor_parallel_groups(self._topology)
+        self._comm = new_tensor_parallel_groups(self._topology, self.inference_config.collective_timeout_s)
 
     @property
     @override

@@ -1,0 +1,219 @@
+"""One-command GPU check of the Triton kernel library (fits a 10-minute GPU run).
+
+    python benchmarks/gpu_check.py [--out DIR] [--skip-tests]
+
+1. Runs ``pytest tests/kernels`` on CUDA (a subprocess, interpreter off).
+2. Measures device-to-device copy bandwidth, then times every kernel with ``triton.testing.do_bench``
+   at realistic sizes (Llama-3-8B-like: hidden 4096, 32 / 8 heads of 128, intermediate 14336) next to
+   the torch op it replaces, and prints: kernel, shape, time (us), GB/s (bytes the op must move /
+   time), fraction of the copy bandwidth, torch time (us), speed-up over torch.
+With ``--out DIR`` the table is also written to DIR/gpu_check.md. Without a GPU it prints a line saying
+so and exits 0, so it is safe to run anywhere.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_tests(timeout_s: int) -> int:
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    t0 = time.time()
+    print(f"== pytest tests/kernels on CUDA (timeout {timeout_s}s)", flush=True)
+    try:
+        rc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/kernels"],
+                            cwd=REPO, env=env, timeout=timeout_s).returncode
+    except subprocess.TimeoutExpired:
+        print(f"pytest timed out after {timeout_s}s")
+        rc = 124
+    print(f"== pytest exit code {rc} in {time.time() - t0:.0f}s", flush=True)
+    return rc
+
+
+def _bench(fn) -> float:
+    if not torch.cuda.is_available():   # --cpu-smoke: one call, wall time
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e6
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=10, rep=50) * 1e3   # us
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a large device-to-device copy (read + write), the roof the memory-bound kernels aim at."""
+    src = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    us = _bench(lambda: dst.copy_(src))
+    return 2 * src.numel() / (us * 1e-6) / 1e9
+
+
+def cases(dev: str = "cuda", tiny: bool = False):
+    """(kernel, shape, triton fn, torch fn or None, bytes the op must move). ``tiny``: CPU smoke sizes."""
+    from lightning_dsinfer.kernels import reference as ref
+    from lightning_dsinfer.kernels.activations import gated_act
+    from lightning_dsinfer.kernels.decode_attention import decode_attention
+    from lightning_dsinfer.kernels.layer_norm import layer_norm
+    from lightning_dsinfer.kernels.moe_gemm import moe_gemm
+    from lightning_dsinfer.kernels.moe_routing import moe_route
+    from lightning_dsinfer.kernels.prefill_attention import prefill_attention
+    from lightning_dsinfer.kernels.rms_norm import rms_norm
+    from lightning_dsinfer.kernels.rotary import rotary_qkv
+    from lightning_dsinfer.kernels.small_gemm import small_gemm, small_gemm_int4, small_gemm_int8
+
+    bf = torch.bfloat16
+    F = torch.nn.functional
+    hid, inter, hq, hkv, d = (64, 96, 4, 2, 16) if tiny else (4096, 14336, 32, 8, 128)
+    big, ctx, cache_len = (8, 32, 64) if tiny else (4096, 2048, 4096)   # prefill tokens, decode context
+    gemm_shapes = ((64, 128), (96, 128)) if tiny else ((4096, 4096), (14336, 4096))
+    n_exp = 8 if tiny else 64
+    out = []
+
+    for m in (16, big):
+        x, r = torch.randn(m, hid, device=dev, dtype=bf), torch.randn(m, hid, device=dev, dtype=bf)
+        w, bb = torch.randn(hid, device=dev, dtype=bf), torch.randn(hid, device=dev, dtype=bf)
+        out.append(("rms_norm+residual", f"[{m}, {hid}] bf16", lambda x=x, r=r, w=w: rms_norm(x, w, 1e-6, residual=r),
+                    lambda x=x, r=r, w=w: F.rms_norm(x + r, (hid,), w, 1e-6), 4 * m * hid * 2))
+        out.append(("layer_norm+residual", f"[{m}, {hid}] bf16",
+                    lambda x=x, r=r, w=w, bb=bb: layer_norm(x, w, bb, 1e-5, residual=r),
+                    lambda x=x, r=r, w=w, bb=bb: F.layer_norm(x + r, (hid,), w, bb, 1e-5), 4 * m * hid * 2))
+
+    for b, t in ((16, 1), (1, ctx)):
+        qkv = torch.randn(b, t, hq + 2 * hkv, d, device=dev, dtype=bf)
+        q, k, v = qkv[:, :, :hq], qkv[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:]
+        cos, sin = ref.rotary_tables(d, cache_len, device=dev)
+        pos = torch.arange(t, device=dev)[None].expand(b, t).contiguous()
+        kc = torch.zeros(b, hkv, cache_len, d, device=dev, dtype=bf)
+        vc = torch.zeros_like(kc)
+        st = torch.zeros(b, dtype=torch.int32, device=dev)
+        nbytes = b * t * (2 * (hq + hkv) * d + 3 * hkv * d) * 2
+        out.append(("rotary+kv_write", f"B={b} T={t} {hq}/{hkv}x{d}",
+                    lambda q=q, k=k, v=v, cos=cos, sin=sin, pos=pos, kc=kc, vc=vc, st=st:
+                    rotary_qkv(q, k, cos, sin, pos, v, k_cache=kc, v_cache=vc, cache_start=st),
+                    lambda q=q, k=k, v=v, cos=cos, sin=sin, pos=pos, kc=kc, vc=vc, st=st:
+                    ref.rotary_qkv_cache_write(q, k, v, cos, sin, pos, kc, vc, st) if b == 1 else None, nbytes))
+
+    for m in (16, big):
+        gu = torch.randn(m, 2 * inter, device=dev, dtype=bf)
+        out.append(("silu_gate (SwiGLU)", f"[{m}, 2x{inter}] bf16", lambda gu=gu: gated_act(gu, None, "silu"),
+                    lambda gu=gu: ref.silu_and_mul(gu), 3 * m * inter * 2))
+
+    for b in (1, 16):
+        kc = torch.randn(b, hkv, ctx, d, device=dev, dtype=bf)
+        vc = torch.randn_like(kc)
+        q = torch.randn(b, hq, d, device=dev, dtype=bf)
+        lens = torch.full((b,), ctx, dtype=torch.int32, device=dev)
+        out.append(("decode_attention", f"B={b} ctx={ctx} {hq}/{hkv}x{d}",
+                    lambda q=q, kc=kc, vc=vc, lens=lens: decode_attention(q, kc, vc, lens),
+                    lambda q=q, kc=kc, vc=vc: ref.attention(q[:, :, None], kc, vc, None, d ** -0.5),
+                    2 * kc.numel() * 2 + 2 * q.numel() * 2))
+
+    t = ctx
+    qkv = torch.randn(1, t, hq + 2 * hkv, d, device=dev, dtype=bf)
+    q, k, v = qkv[:, :, :hq], qkv[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:]
+    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    out.append(("prefill_attention (compute-bound)", f"B=1 T={t} {hq}/{hkv}x{d}",
+                lambda: prefill_attention(q, k, v),
+                lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True),
+                (2 * hq + 2 * hkv) * t * d * 2))
+
+    for n, kdim in gemm_shapes:
+        w = torch.randn(n, kdim, device=dev, dtype=bf) * 0.02
+        q8, s8 = ref.quantize_int8_per_channel(w)
+        p4, s4 = ref.quantize_int4_groupwise(w, 32 if tiny else 128)
+        for m in (1, 16):
+            x = torch.randn(m, kdim, device=dev, dtype=bf)
+            io = (m * kdim + m * n) * 2
+            out.append(("gemm bf16", f"M={m} {n}x{kdim}", lambda x=x, w=w: small_gemm(x, w),
+                        lambda x=x, w=w: F.linear(x, w), w.numel() * 2 + io))
+            out.append(("gemm int8 w-only", f"M={m} {n}x{kdim}", lambda x=x, q8=q8, s8=s8: small_gemm_int8(x, q8, s8),
+                        lambda x=x, w=w: F.linear(x, w), q8.numel() + s8.numel() * 4 + io))
+            out.append(("gemm int4 g128", f"M={m} {n}x{kdim}",
+                        lambda x=x, p4=p4, s4=s4: small_gemm_int4(x, p4, s4, 32 if tiny else 128),
+                        lambda x=x, w=w: F.linear(x, w), p4.numel() + s4.numel() * 4 + io))
+
+    for tok in (16, big):
+        logits = torch.randn(tok, n_exp, device=dev, dtype=bf)
+        out.append(("moe_route softmax top8", f"T={tok} E={n_exp}", lambda lg=logits: moe_route(lg, 8),
+                    lambda lg=logits: torch.topk(torch.softmax(lg.float(), -1), 8), logits.numel() * 2 + tok * 8 * 16))
+
+    e, k_top, tok, n, kdim = 8, 2, 16 if tiny else 64, 2 * inter // 4, hid   # Mixtral-like, 4-way sliced
+    _, _, _, offsets, sorted_ids, _ = ref.moe_route(torch.randn(tok, e, device=dev), k_top)
+    x = torch.randn(tok, kdim, device=dev, dtype=bf)
+    w = torch.randn(e, n, kdim, device=dev, dtype=bf) * 0.02
+    out.append(("moe_gemm (grouped)", f"T={tok} E={e} k={k_top} {n}x{kdim}",
+                lambda: moe_gemm(x, w, sorted_ids, offsets, k_top), None,
+                w.numel() * 2 + (tok * kdim + tok * k_top * n) * 2))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=None, help="folder for gpu_check.md")
+    ap.add_argument("--skip-tests", action="store_true", help="only time the kernels")
+    ap.add_argument("--test-timeout", type=int, default=360)
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="no GPU: run every benchmark case once at tiny sizes in the Triton interpreter "
+                         "(checks this script, not speed)")
+    args = ap.parse_args()
+    if args.cpu_smoke and not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"   # before the kernel modules import triton
+        sys.path.insert(0, str(REPO))
+        failed = 0
+        for kernel, shape, fn, torch_fn, _ in cases("cpu", tiny=True):
+            try:
+                fn()
+                if torch_fn is not None:
+                    torch_fn()
+                print(f"ok    {kernel} {shape}")
+            except Exception as exc:
+                failed += 1
+                print(f"FAIL  {kernel} {shape}: {type(exc).__name__}: {exc}")
+        return 1 if failed else 0
+    if not torch.cuda.is_available():
+        print("gpu_check: no GPU (torch.cuda.is_available() is False); nothing to check, exiting 0.")
+        return 0
+    os.environ.pop("TRITON_INTERPRET", None)
+    sys.path.insert(0, str(REPO))
+    rc = 0 if args.skip_tests else run_tests(args.test_timeout)
+    name = torch.cuda.get_device_name()
+    copy_gbs = copy_bandwidth()
+    print(f"== {name}: device-to-device copy {copy_gbs:.0f} GB/s", flush=True)
+    header = ["kernel", "shape", "time (us)", "GB/s", "of copy BW", "torch (us)", "speed-up"]
+    rows = []
+    for kernel, shape, fn, torch_fn, nbytes in cases():
+        try:
+            us = _bench(fn)
+            gbs = nbytes / (us * 1e-6) / 1e9
+            t_us = _bench(torch_fn) if torch_fn is not None and torch_fn() is not None else float("nan")
+            rows.append([kernel, shape, f"{us:.1f}", f"{gbs:.0f}", f"{gbs / copy_gbs:.2f}",
+                         f"{t_us:.1f}", f"{t_us / us:.2f}x" if t_us == t_us else "-"])
+        except Exception as exc:  # keep timing the others; the failure is in the table
+            rows.append([kernel, shape, "error", type(exc).__name__, str(exc)[:60], "", ""])
+            rc = rc or 1
+        print(" | ".join(rows[-1]), flush=True)
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |" for r in [header] + rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    table = "\n".join(lines)
+    print(f"\n{name}, copy bandwidth {copy_gbs:.0f} GB/s, tests rc={rc}\n{table}")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "gpu_check.md").write_text(
+            f"# gpu_check\n\nDevice: {name}; device-to-device copy: {copy_gbs:.0f} GB/s; kernel tests rc={rc}.\n"
+            f"GB/s counts the bytes each op must move (weights, KV cache, inputs, outputs) over its time.\n\n"
+            f"{table}\n")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

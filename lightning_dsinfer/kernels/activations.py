@@ -1,0 +1,117 @@
+"""Activations fused with the bias add and the gate (Deep-Fusion).
+
+``bias_act``: act(x + bias) for GeLU (erf or tanh), SiLU, ReLU. ``gated_act``: act(gate + b_g) * (up + b_u)
+from one [..., 2I] input: SwiGLU (silu) and GeGLU (gelu / gelu_tanh). fp32 math, one rounding.
+References: :func:`~lightning_dsinfer.kernels.reference.bias_act`, :func:`~...reference.gated_act`.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+ACTS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
+
+
+@triton.jit
+def _act(x, ACT: tl.constexpr):
+    if ACT == 0:        # silu
+        y = x * tl.sigmoid(x)
+    elif ACT == 1:      # gelu, erf form
+        y = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+    elif ACT == 2:      # gelu, tanh form; tanh(u) = 2 * sigmoid(2u) - 1
+        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        y = x * tl.sigmoid(2.0 * u)   # = 0.5 * x * (1 + tanh(u))
+    else:               # relu
+        y = tl.maximum(x, 0.0)
+    return y
+
+
+@triton.jit
+def _bias_act_kernel(
+    x_ptr, x_row_stride,            # input [M, N] (last dim contiguous)
+    b_ptr,                          # bias [N] (read only if HAS_BIAS)
+    out_ptr,                        # output [M, N] contiguous
+    n_cols,                         # N
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,          # columns per program
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        x += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * n_cols + cols, _act(x, ACT).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gated_act_kernel(
+    x_ptr, x_row_stride,            # input [M, 2I] = cat(gate, up) (last dim contiguous)
+    b_ptr,                          # bias [2I] (read only if HAS_BIAS)
+    out_ptr,                        # output [M, I] contiguous
+    inter,                          # I
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,          # output columns per program
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = cols < inter
+    base = x_ptr + row * x_row_stride
+    g = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(base + inter + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        g += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        u += tl.load(b_ptr + inter + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * inter + cols, (_act(g, ACT) * u).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _check(x: torch.Tensor, act: str, bias: torch.Tensor | None, n: int) -> int:
+    if act not in ACTS:
+        raise ValueError(f"activation {act!r} not one of {sorted(ACTS)}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias shape {tuple(bias.shape)} does not match last dim {n}")
+    return ACTS[act]
+
+
+def _launch_shape(n: int):
+    block = min(triton.next_power_of_2(max(n, 1)), 1024)
+    return block, max(1, min(block // 256, 4))
+
+
+def bias_act(x: torch.Tensor, bias: torch.Tensor | None = None, act: str = "gelu_tanh") -> torch.Tensor:
+    """act(x + bias) over x [..., N], bias [N]; returns a new tensor of x's shape and dtype."""
+    n = x.shape[-1]
+    code = _check(x, act, bias, n)
+    x2 = x.reshape(-1, n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    block, warps = _launch_shape(n)
+    if x2.shape[0] and n:
+        _bias_act_kernel[(x2.shape[0], triton.cdiv(n, block))](
+            x2, x2.stride(0), bias if bias is not None else x2, out, n,
+            ACT=code, HAS_BIAS=bias is not None, BLOCK_N=block, num_warps=warps)
+    return out
+
+
+def gated_act(gate_up: torch.Tensor, bias: torch.Tensor | None = None, act: str = "silu") -> torch.Tensor:
+    """act(gate) * up for gate_up [..., 2I] = cat(gate, up) (+ bias [2I]); returns [..., I].
+
+    act="silu" is SwiGLU, "gelu" / "gelu_tanh" is GeGLU.
+    """
+    n = gate_up.shape[-1]
+    if n % 2:
+        raise ValueError(f"gate_up last dim {n} must be even (cat of gate and up)")
+    code = _check(gate_up, act, bias, n)
+    inter = n // 2
+    x2 = gate_up.reshape(-1, n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty((*gate_up.shape[:-1], inter), dtype=gate_up.dtype, device=gate_up.device)
+    block, warps = _launch_shape(inter)
+    if x2.shape[0] and inter:
+        _gated_act_kernel[(x2.shape[0], triton.cdiv(inter, block))](
+            x2, x2.stride(0), bias if bias is not None else x2, out, inter,
+            ACT=code, HAS_BIAS=bias is not None, BLOCK_N=block, num_warps=warps)
+    return out

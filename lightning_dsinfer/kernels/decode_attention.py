@@ -1,0 +1,200 @@
+"""Decode attention over the KV cache, split-K ("flash-decoding"), for one new token per sequence.
+
+Stage 1: grid (B, Hkv, splits); each program takes the G = Hq / Hkv query heads sharing one KV head
+(GQA / MQA: each K/V row is read once per group) and one slice of the key range, runs an online
+softmax over it, and writes a normalised partial output and its log-sum-exp. Stage 2: grid (B, Hq)
+merges the splits. Per-sequence lengths (padded batches: keys [kv_start[b], seq_lens[b])), ALiBi,
+sliding window and logit soft-capping are per-launch switches. The split count depends only on
+``max_seq_len`` (a host int), never on device values, so a launch can be captured in a CUDA graph.
+Reference: :func:`lightning_dsinfer.kernels.reference.decode_attention`.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _decode_attn_split_kernel(
+    q_ptr, q_sb, q_sh,              # q [B, Hq, D]: batch / head strides (D contiguous)
+    k_ptr, v_ptr,                   # caches [B_max, Hkv, S, D] (same strides, D contiguous)
+    c_sb, c_sh, c_ss,               # cache batch / head / seq strides
+    lens_ptr, start_ptr,            # seq_lens [B] int (query at column len-1); kv_start [B] (if HAS_START)
+    slopes_ptr,                     # ALiBi slopes [Hq] fp32 (if HAS_ALIBI)
+    part_ptr, lse_ptr,              # partial out [B, Hq, SPLITS, D] fp32, lse [B, Hq, SPLITS] fp32
+    scale, softcap, window,         # score scale; cap (if HAS_SOFTCAP); window (if HAS_WINDOW)
+    chunk,                          # keys per split (multiple of BLOCK_N)
+    G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_START: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    IEEE_DOT: tl.constexpr,         # dot in fp32 (fp32 inputs; bf16 under the interpreter) instead of TF32 / bf16
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    g = tl.arange(0, BLOCK_G)
+    mg = g < G
+    d = tl.arange(0, BLOCK_D)
+    md = d < D
+    heads = kvh * G + g                                            # query heads of this group
+    q = tl.load(q_ptr + b.to(tl.int64) * q_sb + heads[:, None] * q_sh + d[None, :],
+                mask=mg[:, None] & md[None, :], other=0.0)
+    end = tl.load(lens_ptr + b).to(tl.int32)                       # keys [lo, end); query at end - 1
+    lo_valid = 0
+    if HAS_START:
+        lo_valid = tl.load(start_ptr + b).to(tl.int32)
+    if HAS_WINDOW:
+        lo_valid = tl.maximum(lo_valid, end - window)
+    lo = tl.maximum(split * chunk, lo_valid)
+    hi = tl.minimum(split * chunk + chunk, end)
+    if HAS_ALIBI:
+        slope = tl.load(slopes_ptr + heads, mask=mg, other=0.0)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    base = b.to(tl.int64) * c_sb + kvh.to(tl.int64) * c_sh
+    for n0 in range(lo, hi, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        mn = n < hi
+        off = base + n[:, None].to(tl.int64) * c_ss + d[None, :]
+        k = tl.load(k_ptr + off, mask=mn[:, None] & md[None, :], other=0.0)
+        if IEEE_DOT:
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * scale
+        if HAS_SOFTCAP:   # cap * tanh(s / cap), tanh(u) = 2 * sigmoid(2u) - 1
+            s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
+        if HAS_ALIBI:
+            s += slope[:, None] * (n - (end - 1)).to(tl.float32)[None, :]
+        s = tl.where(mn[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + off, mask=mn[:, None] & md[None, :], other=0.0)
+        if IEEE_DOT:
+            pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    has = l_i > 0.0                                                # False for an empty split
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+    row = (b.to(tl.int64) * (G * tl.num_programs(1)) + heads) * SPLITS + split
+    tl.store(part_ptr + row[:, None] * D + d[None, :], out, mask=mg[:, None] & md[None, :])
+    tl.store(lse_ptr + row, lse, mask=mg)
+
+
+@triton.jit
+def _decode_attn_reduce_kernel(
+    part_ptr, lse_ptr,              # partial out [B, Hq, SPLITS, D] fp32, lse [B, Hq, SPLITS] fp32
+    out_ptr, o_sb, o_sh,            # output [B, Hq, D]: batch / head strides
+    HQ,                             # query heads
+    D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    sp = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    row = (b.to(tl.int64) * HQ + h) * SPLITS
+    lse = tl.load(lse_ptr + row + sp, mask=sp < SPLITS, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)                 # no visible key at all -> zeros
+    w = tl.exp(lse - m_safe)
+    part = tl.load(part_ptr + (row + sp[:, None]) * D + d[None, :],
+                   mask=(sp[:, None] < SPLITS) & (d[None, :] < D), other=0.0)
+    den = tl.sum(w, axis=0)
+    out = tl.sum(w[:, None] * part, axis=0) / tl.where(den > 0.0, den, 1.0)
+    tl.store(out_ptr + b.to(tl.int64) * o_sb + h * o_sh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+def _ieee_dot(dtype: torch.dtype, interp: bool) -> bool:
+    # fp32: exact dot, not TF32. bf16 under the interpreter: its tl.dot reads bf16 operands as raw
+    # integers (triton 3.9), so the operands are upcast to fp32 there; on a GPU bf16 uses the tensor cores.
+    return dtype == torch.float32 or (interp and dtype == torch.bfloat16)
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # interpreter: few programs, it runs them one after another
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
+                     scale: float | None = None, *, kv_start: torch.Tensor | None = None,
+                     alibi_slopes: torch.Tensor | None = None, window: int | None = None,
+                     softcap: float | None = None, max_seq_len: int | None = None,
+                     num_splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one query token per sequence over the KV cache.
+
+    q [B, Hq, D] (B <= 64 is the target; any B works); k_cache, v_cache [B_max >= B, Hkv, S, D], Hq a
+    multiple of Hkv. seq_lens [B] int: row b's query sits at column seq_lens[b] - 1 and sees keys
+    [kv_start[b] (default 0), seq_lens[b]); ``window`` keeps only the last ``window`` of them.
+    ``max_seq_len`` (host int, default S) bounds seq_lens and sizes the split; lengths are not checked
+    on the device. Returns [B, Hq, D] in q's dtype (a row with no visible key gives zeros).
+    """
+    if q.dim() != 3 or k_cache.dim() != 4:
+        raise ValueError(f"q must be [B, Hq, D] and caches [B_max, Hkv, S, D], got {tuple(q.shape)}, "
+                         f"{tuple(k_cache.shape)}")
+    b, hq, d = q.shape
+    bmax, hkv, s, dk = k_cache.shape
+    if v_cache.shape != k_cache.shape or v_cache.stride() != k_cache.stride():
+        raise ValueError(f"v_cache {tuple(v_cache.shape)} must match k_cache {tuple(k_cache.shape)} "
+                         "in shape and strides")
+    if dk != d or bmax < b:
+        raise ValueError(f"cache [B_max={bmax}, D={dk}] does not fit q [B={b}, D={d}]")
+    if hq % hkv:
+        raise ValueError(f"query heads {hq} must be a multiple of kv heads {hkv}")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1:
+        raise ValueError("q and the caches must have a contiguous head dim")
+    if q.dtype != k_cache.dtype:
+        raise ValueError(f"q dtype {q.dtype} must match the cache dtype {k_cache.dtype}")
+    if seq_lens.shape != (b,) or (kv_start is not None and kv_start.shape != (b,)):
+        raise ValueError(f"seq_lens / kv_start must be [{b}]")
+    if alibi_slopes is not None and alibi_slopes.shape != (hq,):
+        raise ValueError(f"alibi_slopes shape {tuple(alibi_slopes.shape)} must be ({hq},)")
+    if window is not None and window < 1:
+        raise ValueError(f"window {window} must be >= 1")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap {softcap} must be > 0")
+    max_len = s if max_seq_len is None else max_seq_len
+    if not 0 < max_len <= s:
+        raise ValueError(f"max_seq_len {max_len} must be in [1, cache length {s}]")
+    group = hq // hkv
+    if group > 128 or d > 256:
+        raise ValueError(f"query heads per kv head {group} (max 128) or head dim {d} (max 256) too large")
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    block_n = 16 if interp else 64
+    n_blocks = triton.cdiv(max_len, block_n)
+    if num_splits is None:
+        num_splits = max(1, min(triton.cdiv(_target_programs(q.device), b * hkv), n_blocks, 64))
+    num_splits = max(1, min(num_splits, n_blocks))
+    chunk = triton.cdiv(n_blocks, num_splits) * block_n
+    num_splits = triton.cdiv(max_len, chunk)
+    out = torch.empty((b, hq, d), dtype=q.dtype, device=q.device) if out is None else out
+    if b == 0:
+        return out
+    part = torch.empty((b, hq, num_splits, d), dtype=torch.float32, device=q.device)
+    lse = torch.empty((b, hq, num_splits), dtype=torch.float32, device=q.device)
+    block_g = max(16, triton.next_power_of_2(group))
+    block_d = max(16, triton.next_power_of_2(d))
+    dummy = lse
+    _decode_attn_split_kernel[(b, hkv, num_splits)](
+        q, q.stride(0), q.stride(1), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        seq_lens, kv_start if kv_start is not None else seq_lens,
+        alibi_slopes.float().contiguous() if alibi_slopes is not None else dummy,
+        part, lse, scale, softcap or 1.0, window or 1, chunk,
+        G=group, D=d, SPLITS=num_splits, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n,
+        HAS_START=kv_start is not None, HAS_ALIBI=alibi_slopes is not None, HAS_WINDOW=window is not None,
+        HAS_SOFTCAP=softcap is not None, IEEE_DOT=_ieee_dot(q.dtype, interp), num_warps=4)
+    _decode_attn_reduce_kernel[(b, hq)](
+        part, lse, out, out.stride(0), out.stride(1), hq,
+        D=d, SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=1)
+    return out

@@ -1,0 +1,100 @@
+"""Grouped expert GEMM over the routing tables of ``moe_routing``: no padding, no one-hot.
+
+Grid (E, row tiles, N tiles): program (e, i, j) takes rows i * BLOCK_M.. of expert e's slice
+``sorted_ids[offsets[e]:offsets[e + 1]]`` (tiles past the expert's count exit at once), gathers their
+input rows (assignment a reads x[a // rows_per_input], so the first GEMM reads tokens directly and the
+second reads its [A, I] input in assignment order), multiplies by weight[e].T and writes out[a]
+(optionally scaled by the routing weight of a). The combine is then ``out.view(T, k, N).sum(1)``.
+Reference: :func:`lightning_dsinfer.kernels.reference.moe_gemm`.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _moe_gemm_kernel(
+    x_ptr, x_sm,                    # inputs [R, K]: row stride (K contiguous)
+    w_ptr, w_se, w_sn,              # expert weights [E, N, K]: expert / row strides (K contiguous)
+    sorted_ptr, offsets_ptr,        # sorted_ids [A] int32, offsets [E + 1] int32
+    scale_ptr,                      # row scale [A] fp32 by assignment (HAS_SCALE)
+    out_ptr,                        # out [A, N] contiguous, rows by assignment
+    N, K,
+    ROWS_PER_INPUT: tl.constexpr,   # assignment a reads input row a // ROWS_PER_INPUT
+    HAS_SCALE: tl.constexpr,
+    IEEE_DOT: tl.constexpr,         # dot in fp32 (fp32 inputs; bf16 under the interpreter)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    ex = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    start = tl.load(offsets_ptr + ex)
+    count = tl.load(offsets_ptr + ex + 1) - start
+    if pid_m * BLOCK_M < count:
+        r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mr = r < count
+        a = tl.load(sorted_ptr + start + r, mask=mr, other=0)
+        rows = (a // ROWS_PER_INPUT).to(tl.int64)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mn = rn < N
+        w_rows = w_ptr + ex.to(tl.int64) * w_se + rn[:, None].to(tl.int64) * w_sn
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            mk = kk < K
+            xt = tl.load(x_ptr + rows[:, None] * x_sm + kk[None, :], mask=mr[:, None] & mk[None, :], other=0.0)
+            wt = tl.load(w_rows + kk[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
+            if IEEE_DOT:
+                acc += tl.dot(xt.to(tl.float32), tl.trans(wt.to(tl.float32)), input_precision="ieee")
+            else:
+                acc += tl.dot(xt, tl.trans(wt.to(xt.dtype)))
+        if HAS_SCALE:
+            acc *= tl.load(scale_ptr + a, mask=mr, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + a[:, None].to(tl.int64) * N + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=mr[:, None] & mn[None, :])
+
+
+def moe_gemm(x: torch.Tensor, weight: torch.Tensor, sorted_ids: torch.Tensor, offsets: torch.Tensor,
+             rows_per_input: int, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """out[a] = x[a // rows_per_input] @ weight[e(a)].T (* row_scale[a]) for every assignment a.
+
+    x [R, K]; weight [E, N, K] (fp32 / fp16 / bf16); sorted_ids [A] and offsets [E + 1] from
+    ``moe_routing.moe_route``; row_scale [A] (e.g. the routing weights flattened). Use
+    rows_per_input = top_k when x holds tokens, 1 when x is already per assignment. Returns [A, N].
+    Every assignment must belong to some expert (as moe_route guarantees), else its row is unwritten.
+    """
+    if x.dim() != 2 or weight.dim() != 3:
+        raise ValueError(f"x must be [R, K] and weight [E, N, K], got {tuple(x.shape)}, {tuple(weight.shape)}")
+    e, n, k = weight.shape
+    if x.shape[1] != k:
+        raise ValueError(f"x last dim {x.shape[1]} does not match the experts' K = {k}")
+    if offsets.shape != (e + 1,):
+        raise ValueError(f"offsets shape {tuple(offsets.shape)} must be ({e + 1},)")
+    a = sorted_ids.numel()
+    if rows_per_input < 1 or x.shape[0] * rows_per_input != a:
+        raise ValueError(f"x rows {x.shape[0]} * rows_per_input {rows_per_input} must equal assignments {a}")
+    if row_scale is not None and row_scale.numel() != a:
+        raise ValueError(f"row_scale has {row_scale.numel()} elements, expected {a}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    out = torch.empty((a, n), dtype=x.dtype, device=x.device)
+    if a == 0 or n == 0:
+        return out
+    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    block_m = 16 if interp else (16 if a <= 64 else 64)
+    block_n = 16 if interp else 64
+    block_k = 32 if interp else 64
+    ieee = x.dtype == torch.float32 or (interp and x.dtype == torch.bfloat16)  # see decode_attention._ieee_dot
+    scale = row_scale.reshape(-1).float().contiguous() if row_scale is not None else out
+    grid = (e, triton.cdiv(a, block_m), triton.cdiv(n, block_n))
+    _moe_gemm_kernel[grid](
+        x, x.stride(0), weight, weight.stride(0), weight.stride(1), sorted_ids.contiguous(), offsets.contiguous(),
+        scale, out, n, k, ROWS_PER_INPUT=rows_per_input, HAS_SCALE=row_scale is not None, IEEE_DOT=ieee,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    return out

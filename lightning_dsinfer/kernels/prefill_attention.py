@@ -1,0 +1,126 @@
+"""Prompt (prefill) attention: causal flash attention with padding masks, GQA and an optional window.
+
+Grid (query blocks, B * Hq); each program streams the keys its block can see (causal, inside the row's
+valid range [kv_start[b], seq_lens[b]), inside the window) with an online softmax in fp32; K/V are
+never repeated for GQA (query head h reads KV head h // (Hq / Hkv)). Query rows that see no key
+(padding) are written as zeros. Reference: :func:`lightning_dsinfer.kernels.reference.prefill_attention`.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _prefill_attn_kernel(
+    q_ptr, q_sb, q_st, q_sh,        # q [B, T, Hq, D]: batch / token / head strides (D contiguous)
+    k_ptr, k_sb, k_st, k_sh,        # k [B, T, Hkv, D]
+    v_ptr, v_sb, v_st, v_sh,        # v [B, T, Hkv, D]
+    o_ptr,                          # out [B, T, Hq, D] contiguous
+    start_ptr, lens_ptr,            # kv_start [B] (HAS_START), seq_lens [B] (HAS_LENS): valid tokens
+    T, HQ, scale, window,           # tokens, query heads, score scale, window (HAS_WINDOW)
+    G: tl.constexpr, D: tl.constexpr,   # query heads per KV head, head dim
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_START: tl.constexpr, HAS_LENS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    IEEE_DOT: tl.constexpr,         # dot in fp32 (fp32 inputs; bf16 under the interpreter)
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HQ
+    h = bh % HQ
+    kvh = h // G
+    i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    md = d < D
+    q = tl.load(q_ptr + b.to(tl.int64) * q_sb + i[:, None].to(tl.int64) * q_st + h * q_sh + d[None, :],
+                mask=(i[:, None] < T) & md[None, :], other=0.0)
+    lo = 0
+    hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, T)
+    if HAS_START:
+        lo = tl.load(start_ptr + b).to(tl.int32)
+    if HAS_LENS:
+        hi = tl.minimum(hi, tl.load(lens_ptr + b).to(tl.int32))
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, pid_m * BLOCK_M - window + 1)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    kb = k_ptr + b.to(tl.int64) * k_sb + kvh * k_sh
+    vb = v_ptr + b.to(tl.int64) * v_sb + kvh * v_sh
+    for n0 in range(lo, hi, BLOCK_N):
+        j = n0 + tl.arange(0, BLOCK_N)
+        mj = j < hi
+        k = tl.load(kb + j[:, None].to(tl.int64) * k_st + d[None, :], mask=mj[:, None] & md[None, :], other=0.0)
+        if IEEE_DOT:
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale
+        keep = mj[None, :] & (j[None, :] <= i[:, None])          # j >= lo is implied by the loop
+        if HAS_WINDOW:
+            keep = keep & (j[None, :] > i[:, None] - window)
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)    # rows that have seen no key yet
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(vb + j[:, None].to(tl.int64) * v_st + d[None, :], mask=mj[:, None] & md[None, :], other=0.0)
+        if IEEE_DOT:
+            pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    o_off = ((b.to(tl.int64) * T + i[:, None]) * HQ + h) * D + d[None, :]
+    tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=(i[:, None] < T) & md[None, :])
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *,
+                      kv_start: torch.Tensor | None = None, seq_lens: torch.Tensor | None = None,
+                      window: int | None = None) -> torch.Tensor:
+    """Causal attention over a prompt: q [B, T, Hq, D], k, v [B, T, Hkv, D] (strided views allowed, D
+    contiguous). Row b's valid tokens are [kv_start[b], seq_lens[b]) (left / right padding; defaults
+    0 and T). Returns a new [B, T, Hq, D] tensor in q's dtype; padding query rows are zeros.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"q must be [B, T, Hq, D] and k, v [B, T, Hkv, D], got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    if k.shape[0] != b or k.shape[1] != t or k.shape[3] != d:
+        raise ValueError(f"k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)}")
+    if hq % hkv:
+        raise ValueError(f"query heads {hq} must be a multiple of kv heads {hkv}")
+    if d > 256:
+        raise ValueError(f"head dim {d} exceeds 256")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if min(q.stride(-1), k.stride(-1), v.stride(-1)) != 1 or max(q.stride(-1), k.stride(-1), v.stride(-1)) != 1:
+        raise ValueError("q, k, v must have a contiguous head dim")
+    for name, x in (("kv_start", kv_start), ("seq_lens", seq_lens)):
+        if x is not None and x.shape != (b,):
+            raise ValueError(f"{name} shape {tuple(x.shape)} must be ({b},)")
+    if window is not None and window < 1:
+        raise ValueError(f"window {window} must be >= 1")
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    out = torch.empty((b, t, hq, d), dtype=q.dtype, device=q.device)
+    if b * t == 0:
+        return out
+    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    block_m = block_n = 16 if interp else (64 if d <= 128 else 32)
+    ieee = q.dtype == torch.float32 or (interp and q.dtype == torch.bfloat16)  # see decode_attention._ieee_dot
+    dummy = out
+    _prefill_attn_kernel[(triton.cdiv(t, block_m), b * hq)](
+        q, q.stride(0), q.stride(1), q.stride(2), k, k.stride(0), k.stride(1), k.stride(2),
+        v, v.stride(0), v.stride(1), v.stride(2), out,
+        kv_start if kv_start is not None else dummy, seq_lens if seq_lens is not None else dummy,
+        t, hq, scale, window or 1, G=hq // hkv, D=d,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        HAS_START=kv_start is not None, HAS_LENS=seq_lens is not None, HAS_WINDOW=window is not None,
+        IEEE_DOT=ieee, num_warps=4)
+    return out

@@ -1,0 +1,88 @@
+"""RMSNorm fused with the bias + residual add (Deep-Fusion): one read of x and residual, two writes.
+
+h = x (+ bias) (+ residual); out = h * rsqrt(mean(h^2) + eps) * w with w = weight, or (1 + weight) for
+Gemma (``unit_offset``). Reference: :func:`lightning_dsinfer.kernels.reference.add_bias_rms_norm`.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_FEATURES = 65536  # one row must fit one program's block
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    x_ptr, x_row_stride,            # input rows [M, N]; row stride in elements (last dim contiguous)
+    res_ptr, res_row_stride,        # residual rows [M, N] (read only if HAS_RESIDUAL)
+    bias_ptr,                       # bias [N] added to x (read only if HAS_BIAS)
+    w_ptr,                          # norm weight [N]
+    out_ptr, out_row_stride,        # normalised output [M, N]
+    h_ptr, h_row_stride,            # new residual h [M, N] (written only if STORE_H)
+    n_cols,                         # N: features per row
+    eps,                            # added to the mean square
+    HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_H: tl.constexpr,
+    UNIT_OFFSET: tl.constexpr,      # True: scale by (1 + w) (Gemma)
+    BLOCK_N: tl.constexpr,          # power of two >= N
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < n_cols
+    h = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        h += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        h += tl.load(res_ptr + row * res_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    if STORE_H:
+        h_lp = h.to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + row * h_row_stride + cols, h_lp, mask=mask)
+        h = h_lp.to(tl.float32)     # normalise what an unfused model would have stored
+    rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / n_cols + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if UNIT_OFFSET:
+        w += 1.0
+    tl.store(out_ptr + row * out_row_stride + cols, (h * rstd * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    t2 = t.reshape(-1, n)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             bias: torch.Tensor | None = None, unit_offset: bool = False, out: torch.Tensor | None = None):
+    """RMSNorm of ``h = x (+ bias) (+ residual)`` over the last dim.
+
+    x, residual: [..., N] (same shape and dtype); weight, bias: [N]. Returns ``out`` if neither residual
+    nor bias is given, else ``(out, h)`` with h the new residual (a new tensor; inputs are not modified).
+    """
+    n = x.shape[-1]
+    if weight.shape != (n,):
+        raise ValueError(f"weight shape {tuple(weight.shape)} does not match feature dim {n}")
+    if n > MAX_FEATURES:
+        raise ValueError(f"feature dim {n} exceeds {MAX_FEATURES}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} {x.dtype}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias shape {tuple(bias.shape)} does not match feature dim {n}")
+    if out is not None and (out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous()):
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype} must be contiguous and match x "
+                         f"{tuple(x.shape)} {x.dtype}")
+    x2 = _rows(x, n)
+    m = x2.shape[0]
+    out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
+    out2 = out.view(-1, n)
+    store_h = residual is not None or bias is not None
+    h = torch.empty_like(x, memory_format=torch.contiguous_format) if store_h else out
+    h2 = h.view(-1, n)
+    r2 = _rows(residual, n) if residual is not None else x2
+    block = triton.next_power_of_2(n)
+    num_warps = min(max(block // 256, 1), 16)
+    if m:
+        _rms_norm_fwd_kernel[(m,)](
+            x2, x2.stride(0), r2, r2.stride(0), bias if bias is not None else weight, weight,
+            out2, out2.stride(0), h2, h2.stride(0), n, eps,
+            HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, STORE_H=store_h,
+            UNIT_OFFSET=unit_offset, BLOCK_N=block, num_warps=num_warps)
+    return (out, h) if store_h else out

@@ -1,0 +1,82 @@
+"""Shared-memory all-reduce for the CPU ranks of one host (what gloo's TCP loopback is too slow for).
+
+Decode all-reduces are small (batch x hidden) and there are two per layer, so latency is what counts:
+gloo over loopback costs about a millisecond per call on a 2-core machine, more than a layer's GEMMs.
+Here the ranks of a tensor-parallel group share one mapped file in /dev/shm:
+
+    [parity 0 | parity 1] x [tp slots of `capacity` fp32]      data, double-buffered by call parity
+    [tp int64]                                                 flags: last call each rank published
+
+Call ``s``: write my partial into slot (s % 2, rank) as fp32, publish flag = s, wait until every flag is
+>= s, sum the tp slots in fp32 into the output. A rank can only reach call s + 2 (same parity) after
+every rank published s + 1, which each does after it finished reading call s: no second barrier.
+x86 keeps stores in order, and each step is a separate torch op, so the flag is seen after the data.
+Waiting gives up after the collective timeout with a :class:`PeerFailureError`.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+
+import torch
+import torch.distributed as dist
+
+# Largest all-reduce (elements) that goes through shared memory; larger ones (prefill) use the backend.
+DEFAULT_CAPACITY = 1 << 18
+
+
+class ShmAllReduce:
+    def __init__(self, group, size: int, rank: int, timeout_s: float, capacity: int = DEFAULT_CAPACITY):
+        self.size, self.rank, self.capacity, self.timeout_s = size, rank, capacity, timeout_s
+        names = [None]
+        if rank == 0:
+            names[0] = f"/dev/shm/dsinfer-{uuid.uuid4().hex}"
+        dist.broadcast_object_list(names, src=dist.get_global_rank(group, 0), group=group)
+        path = names[0]
+        data_bytes = 2 * size * capacity * 4
+        total = data_bytes + size * 8
+        if rank == 0:
+            with open(path, "wb") as f:
+                f.truncate(total)
+        dist.barrier(group=group)
+        buf = torch.from_file(path, shared=True, size=total, dtype=torch.uint8)
+        dist.barrier(group=group)
+        if rank == 0:
+            os.unlink(path)                       # the mappings stay valid; nothing is left behind
+        self.data = buf[:data_bytes].view(torch.float32).view(2, size, capacity)
+        self.flags = buf[data_bytes:].view(torch.int64)
+        self.step = 0
+
+    def fits(self, x: torch.Tensor) -> bool:
+        return x.numel() <= self.capacity and x.device.type == "cpu"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from lightning_dsinfer.parallel.comm import PeerFailureError
+
+        self.step += 1
+        n = x.numel()
+        slots = self.data[self.step % 2]
+        slots[self.rank, :n].copy_(x.reshape(-1))
+        self.flags[self.rank] = self.step
+        deadline = None
+        spins = 0
+        while bool((self.flags < self.step).any()):
+            spins += 1
+            if spins % 64 == 0:
+                os.sched_yield()
+                now = time.monotonic()
+                deadline = deadline or now + self.timeout_s
+                if now > deadline:
+                    raise PeerFailureError(
+                        f"dsinfer: a peer rank of the tensor-parallel group did not reach all-reduce #{self.step} "
+                        f"within {self.timeout_s:.0f}s (collective_timeout_s); it probably died.")
+        x.copy_(slots[:, :n].sum(dim=0).view(x.shape))
+        return x
+
+
+def same_host(group) -> bool:
+    hosts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(hosts, socket.gethostname(), group=group)
+    return len(set(hosts)) == 1

@@ -1,0 +1,54 @@
+import pytest
+import torch
+from kernel_utils import assert_close, bf16_ok, device_params
+
+from lightning_dsinfer.kernels import reference as ref
+from lightning_dsinfer.kernels.activations import bias_act, gated_act
+
+# fp32 math inside, one rounding; |x| up to ~4 (gated outputs up to ~16).
+TOLS = [(torch.float32, 1e-5, 1e-5), (torch.float16, 4e-3, 2e-3), (torch.bfloat16, 6.3e-2, 1.6e-2)]
+ACTS = ["silu", "gelu", "gelu_tanh", "relu"]
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype,atol,rtol", TOLS)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("shape", [(3, 73), (2, 2, 123), (1, 1500)])   # 1500 > one 1024 block
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bias_act(device, dtype, atol, rtol, act, shape, with_bias):
+    if not bf16_ok(device) and dtype == torch.bfloat16:
+        pytest.skip("bf16 unsupported on this GPU")
+    x = (2 * torch.randn(shape, device=device)).to(dtype)
+    bias = torch.randn(shape[-1], device=device).to(dtype) if with_bias else None
+    assert_close(bias_act(x, bias, act), ref.bias_act(x, bias, act), atol, rtol)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype,atol,rtol", TOLS)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("shape", [(3, 2 * 73), (2, 2, 2 * 123)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gated_act(device, dtype, atol, rtol, act, shape, with_bias):
+    if not bf16_ok(device) and dtype == torch.bfloat16:
+        pytest.skip("bf16 unsupported on this GPU")
+    x = (2 * torch.randn(shape, device=device)).to(dtype)
+    bias = torch.randn(shape[-1], device=device).to(dtype) if with_bias else None
+    assert_close(gated_act(x, bias, act), ref.gated_act(x, bias, act), atol, rtol)
+
+
+def test_swiglu_reference_equals_cpu_path_op():
+    x = torch.randn(3, 2 * 37)
+    torch.testing.assert_close(ref.gated_act(x, None, "silu"), ref.silu_and_mul(x))
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_gated_act_strided_input(device):
+    x = torch.randn(4, 3 * 64, device=device)[:, :128]   # row stride 192
+    assert_close(gated_act(x, None, "silu"), ref.silu_and_mul(x), 1e-5, 1e-5)
+
+
+def test_activation_rejects_bad_args():
+    with pytest.raises(ValueError, match="not one of"):
+        bias_act(torch.randn(2, 4), act="swish")
+    with pytest.raises(ValueError, match="last dim 7 must be even"):
+        gated_act(torch.randn(2, 7))

@@ -1,0 +1,83 @@
+import pytest
+import torch
+from kernel_utils import assert_close, bf16_ok, device_params
+
+from lightning_dsinfer.kernels import reference as ref
+from lightning_dsinfer.kernels.decode_attention import decode_attention
+
+# p is rounded to the value dtype before the PV product (as flash attention does); |out| < 3.
+TOLS = [(torch.float32, 2e-5, 1e-5), (torch.float16, 4e-3, 4e-3), (torch.bfloat16, 2.5e-2, 2e-2)]
+
+
+def _cache(bmax, hkv, s, d, dtype, device):
+    k = torch.randn(bmax, hkv, s, d, device=device).to(dtype)
+    v = torch.randn(bmax, hkv, s, d, device=device).to(dtype)
+    return k, v
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype,atol,rtol", TOLS)
+@pytest.mark.parametrize("b,hq,hkv,d,s", [(1, 4, 4, 16, 37), (3, 8, 2, 24, 45), (2, 6, 1, 40, 19)])
+@pytest.mark.parametrize("splits", [1, None])
+def test_decode_attention_gqa_padded(device, dtype, atol, rtol, b, hq, hkv, d, s, splits):
+    if not bf16_ok(device) and dtype == torch.bfloat16:
+        pytest.skip("bf16 unsupported on this GPU")
+    k, v = _cache(b + 1, hkv, s, d, dtype, device)          # B_max > B: spare cache rows are ignored
+    q = torch.randn(b, hq, d, device=device).to(dtype)
+    lens = torch.tensor([s, 1, s - 7][:b], device=device, dtype=torch.int32)   # padded batch: ragged lengths
+    got = decode_attention(q, k, v, lens, 0.3, num_splits=splits)
+    assert_close(got, ref.decode_attention(q, k, v, lens, 0.3), atol, rtol)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype,atol,rtol", TOLS)
+@pytest.mark.parametrize("feature", ["alibi", "window", "softcap", "left_pad", "all"])
+def test_decode_attention_features(device, dtype, atol, rtol, feature):
+    if not bf16_ok(device) and dtype == torch.bfloat16:
+        pytest.skip("bf16 unsupported on this GPU")
+    b, hq, hkv, d, s = 3, 6, 2, 32, 41
+    k, v = _cache(b, hkv, s, d, dtype, device)
+    q = torch.randn(b, hq, d, device=device).to(dtype)
+    lens = torch.tensor([41, 23, 9], device=device, dtype=torch.int32)
+    kw = {}
+    if feature in ("alibi", "all"):
+        kw["alibi_slopes"] = 2.0 ** (-8.0 * torch.arange(1, hq + 1, device=device) / hq)
+    if feature in ("window", "all"):
+        kw["window"] = 13
+    if feature in ("softcap", "all"):
+        kw["softcap"] = 2.0
+    if feature in ("left_pad", "all"):
+        kw["kv_start"] = torch.tensor([3, 0, 5], device=device, dtype=torch.int32)
+    got = decode_attention(q, k, v, lens, 0.5, num_splits=3, **kw)
+    assert_close(got, ref.decode_attention(q, k, v, lens, 0.5, **kw), atol, rtol)
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_decode_attention_matches_cpu_path_attention(device):
+    # Against the engine's existing reference.attention (SDPA), with a key-padding mask.
+    b, hq, hkv, d, s = 2, 8, 2, 16, 21
+    k, v = _cache(b, hkv, s, d, torch.float32, device)
+    q = torch.randn(b, hq, d, device=device)
+    lens = torch.tensor([21, 12], device=device, dtype=torch.int32)
+    mask = (torch.arange(s, device=device)[None, :] < lens[:, None])[:, None, None, :]
+    want = ref.attention(q[:, :, None], k, v, mask, 0.25)[:, :, 0]
+    assert_close(decode_attention(q, k, v, lens, 0.25), want, 2e-5, 1e-5)
+
+
+def test_decode_attention_rejects_bad_args():
+    k = torch.zeros(2, 3, 8, 16)
+    with pytest.raises(ValueError, match="query heads 4 must be a multiple of kv heads 3"):
+        decode_attention(torch.zeros(2, 4, 16), k, k, torch.ones(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="max_seq_len 9"):
+        decode_attention(torch.zeros(2, 6, 16), k, k, torch.ones(2, dtype=torch.int32), max_seq_len=9)
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_decode_attention_empty_row_gives_zeros(device):
+    # A padded batch slot with no keys yet (seq_len 0) must come back as zeros, not NaN / garbage.
+    k, v = _cache(3, 2, 20, 16, torch.float16, device)
+    q = torch.randn(3, 4, 16, device=device).to(torch.float16)
+    lens = torch.tensor([20, 0, 7], device=device, dtype=torch.int32)
+    got = decode_attention(q, k, v, lens, 0.25, num_splits=2)
+    assert_close(got, ref.decode_attention(q, k, v, lens, 0.25), 4e-3, 4e-3)
+    assert torch.equal(got[1], torch.zeros_like(got[1]))

@@ -1,0 +1,82 @@
+import pytest
+import torch
+from kernel_utils import assert_close, bf16_ok, device_params
+
+from lightning_dsinfer.kernels import reference as ref
+from lightning_dsinfer.kernels.small_gemm import small_gemm, small_gemm_int4, small_gemm_int8
+
+# fp32 accumulation in both; the rows allow output rounding plus (bf16/fp16) low-precision products
+# of |y| ~ sqrt(K) ~ 10.
+TOLS = [(torch.float32, 1e-4, 1e-5), (torch.float16, 1e-2, 2e-3), (torch.bfloat16, 8e-2, 1.6e-2)]
+SHAPES = [(1, 73, 40), (5, 96, 33), (17, 64, 130)]   # (M, K, N): GEMV, odd K and N, M > 16 (second M tile)
+
+
+def _skip(device, dtype):
+    if not bf16_ok(device) and dtype == torch.bfloat16:
+        pytest.skip("bf16 unsupported on this GPU")
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype,atol,rtol", TOLS)
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("split_k", [1, 2])
+@pytest.mark.parametrize("epilogue", ["none", "bias_residual"])
+def test_small_gemm(device, dtype, atol, rtol, m, k, n, split_k, epilogue):
+    _skip(device, dtype)
+    x = torch.randn(m, k, device=device).to(dtype)
+    w = torch.randn(n, k, device=device).to(dtype)
+    bias = torch.randn(n, device=device).to(dtype) if epilogue != "none" else None
+    res = torch.randn(m, n, device=device).to(dtype) if epilogue != "none" else None
+    got = small_gemm(x, w, bias, res, split_k=split_k)
+    assert_close(got, ref.small_gemm(x, w, bias, res), atol, rtol)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype,atol,rtol", TOLS)
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_small_gemm_int8(device, dtype, atol, rtol, m, k, n, split_k):
+    _skip(device, dtype)
+    x = torch.randn(m, k, device=device).to(dtype)
+    q, s = ref.quantize_int8_per_channel(torch.randn(n, k, device=device))
+    bias = torch.randn(n, device=device).to(dtype)
+    got = small_gemm_int8(x, q, s, bias, split_k=split_k)
+    assert_close(got, ref.small_gemm(x, ref.dequantize_int8(q, s), bias), atol, rtol)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype,atol,rtol", TOLS)
+@pytest.mark.parametrize("m,k,n,group", [(1, 128, 40, 32), (7, 192, 33, 64), (18, 128, 20, 128)])
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_small_gemm_int4(device, dtype, atol, rtol, m, k, n, group, split_k):
+    _skip(device, dtype)
+    x = torch.randn(m, k, device=device).to(dtype)
+    packed, s = ref.quantize_int4_groupwise(torch.randn(n, k, device=device), group)
+    res = torch.randn(m, n, device=device).to(dtype)
+    got = small_gemm_int4(x, packed, s, group, residual=res, split_k=split_k)
+    assert_close(got, ref.small_gemm(x, ref.dequantize_int4(packed, s, group), None, res), atol, rtol)
+
+
+def test_quantizers_round_trip():
+    w = torch.randn(16, 64)
+    q, s = ref.quantize_int8_per_channel(w)
+    assert (ref.dequantize_int8(q, s) - w).abs().max() <= s.max() / 2 + 1e-6
+    p, s4 = ref.quantize_int4_groupwise(w, 32)
+    assert p.shape == (16, 32) and s4.shape == (16, 2)
+    assert (ref.dequantize_int4(p, s4, 32) - w).abs().max() <= s4.max() / 2 + 1e-6
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_small_gemm_leading_dims(device):
+    x = torch.randn(2, 3, 40, device=device)
+    w = torch.randn(24, 40, device=device)
+    assert_close(small_gemm(x, w), ref.small_gemm(x.reshape(6, 40), w).reshape(2, 3, 24), 1e-4, 1e-5)
+
+
+def test_small_gemm_rejects_bad_args():
+    with pytest.raises(ValueError, match="x last dim 5 does not match"):
+        small_gemm(torch.randn(1, 5), torch.randn(3, 4))
+    with pytest.raises(ValueError, match="group_size 48"):
+        small_gemm_int4(torch.randn(1, 96), torch.zeros(3, 48, dtype=torch.uint8), torch.ones(3, 2), 48)
+    with pytest.raises(ValueError, match="scale shape"):
+        small_gemm_int8(torch.randn(1, 4), torch.zeros(3, 4, dtype=torch.int8), torch.ones(4))
