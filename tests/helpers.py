@@ -53,3 +53,35 @@ def padded_batch(lengths, vocab=97, seed=0):
 
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+def collate_left_padded(rows):
+    """Left-pad a list of 1-D prompts into a batch (what a tokenizer with padding_side='left' does)."""
+    t = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), t, dtype=torch.long)
+    mask = torch.zeros(len(rows), t, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, t - len(r):] = r
+        mask[i, t - len(r):] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def random_prompts(n, vocab=97, seed=0):
+    """n prompts of 3..11 random tokens (ids >= 3, so never pad/bos/eos)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g) for _ in range(n)]
+
+
+def generating_module(model, new_tokens=8):
+    """The user's LightningModule of the docs: predict_step = greedy generate (unchanged by dsinfer)."""
+    import lightning as L
+
+    class Gen(L.LightningModule):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def predict_step(self, batch, batch_idx):
+            return self.model.generate(**batch, max_new_tokens=new_tokens, do_sample=False)
+
+    return Gen(model)

@@ -7,32 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import lightning_dsinfer as dsi
-from helpers import padded_batch, tiny_model
-
-
-class Gen(L.LightningModule):                 # the user's module, unchanged
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def predict_step(self, batch, batch_idx):
-        return self.model.generate(**batch, max_new_tokens=8, do_sample=False)
-
-
-def _collate(rows):
-    """Left-pad a list of 1-D prompts into a batch (what a tokenizer with padding_side='left' does)."""
-    n = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), n, dtype=torch.long)
-    mask = torch.zeros(len(rows), n, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, n - len(r):] = r
-        mask[i, n - len(r):] = 1
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-def _prompts(n=7):
-    g = torch.Generator().manual_seed(0)
-    return [torch.randint(3, 97, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g) for _ in range(n)]
+from helpers import collate_left_padded, generating_module, padded_batch, random_prompts, tiny_model
 
 
 def _trainer(**kw):
@@ -42,9 +17,9 @@ def _trainer(**kw):
 
 def test_predict_matches_hf_one_prediction_per_sample_in_order():
     hf = tiny_model("llama")
-    prompts = _prompts()
-    loader = DataLoader(prompts, batch_size=2, collate_fn=_collate)
-    preds = _trainer(strategy="dsinfer").predict(Gen(copy.deepcopy(hf)), loader)
+    prompts = random_prompts(7)
+    loader = DataLoader(prompts, batch_size=2, collate_fn=collate_left_padded)
+    preds = _trainer(strategy="dsinfer").predict(generating_module(copy.deepcopy(hf)), loader)
     assert len(preds) == 4
     rows = [r for p in preds for r in p]
     assert len(rows) == len(prompts)
@@ -58,10 +33,10 @@ def test_predict_matches_hf_one_prediction_per_sample_in_order():
 
 def test_strategy_instance_and_precision_plugin():
     hf = tiny_model("qwen3")
-    module = Gen(copy.deepcopy(hf))
+    module = generating_module(copy.deepcopy(hf))
     strategy = dsi.DSInferStrategy(max_seq_len=40, max_batch_size=2)
     preds = _trainer(strategy=strategy, plugins=[dsi.DSInferPrecision("bf16")]).predict(
-        module, DataLoader(_prompts(3), batch_size=3, collate_fn=_collate))
+        module, DataLoader(random_prompts(3), batch_size=3, collate_fn=collate_left_padded))
     engine = module.model._dsinfer_engine
     assert engine.dtype == torch.bfloat16 and engine.max_seq_len == 40
     assert preds[0].shape[0] == 3
@@ -76,7 +51,7 @@ def test_strategy_instance_and_precision_plugin():
 
 
 def test_fit_is_refused():
-    class Train(Gen):
+    class Train(type(generating_module(None))):
         def training_step(self, batch, batch_idx):
             return None
 
@@ -85,7 +60,7 @@ def test_fit_is_refused():
 
     with pytest.raises(RuntimeError, match="for inference"):
         _trainer(strategy="dsinfer", max_steps=1).fit(Train(tiny_model("llama")),
-                                                       DataLoader(_prompts(2), batch_size=1, collate_fn=_collate))
+                                                       DataLoader(random_prompts(2), batch_size=1, collate_fn=collate_left_padded))
 
 
 def test_module_without_hf_model_is_refused():
