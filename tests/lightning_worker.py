@@ -14,16 +14,8 @@ from torch.utils.data import DataLoader
 
 import lightning_dsinfer as dsi
 from lightning_dsinfer.strategies.dsinfer import ContiguousShardSampler
-from helpers import tiny_model
-
-
-class Gen(L.LightningModule):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def predict_step(self, batch, batch_idx):
-        return self.model.generate(**batch, max_new_tokens=8, do_sample=False)
+from helpers import collate_left_padded as collate
+from helpers import generating_module, random_prompts, tiny_model
 
 
 class RowWriter(BasePredictionWriter):
@@ -37,21 +29,6 @@ class RowWriter(BasePredictionWriter):
                 f.write(f"{i}\n")
 
 
-def collate(rows):
-    n = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), n, dtype=torch.long)
-    mask = torch.zeros(len(rows), n, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, n - len(r):] = r
-        mask[i, n - len(r):] = 1
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-def prompts(n):
-    g = torch.Generator().manual_seed(0)
-    return [torch.randint(3, 97, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g) for _ in range(n)]
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--devices", type=int, required=True)
@@ -63,12 +40,12 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(1)
     hf = tiny_model(args.family)
-    data = prompts(args.samples)
+    data = random_prompts(args.samples)
     strategy = dsi.DSInferStrategy(tensor_parallel_size=args.tp, max_seq_len=32, collective_timeout_s=60)
     trainer = L.Trainer(accelerator="cpu", devices=args.devices, num_nodes=args.num_nodes, strategy=strategy,
                         logger=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[RowWriter(args.out)])
-    preds = trainer.predict(Gen(copy.deepcopy(hf)), DataLoader(data, batch_size=2, collate_fn=collate))
+    preds = trainer.predict(generating_module(copy.deepcopy(hf)), DataLoader(data, batch_size=2, collate_fn=collate))
     rows = [r for batch in preds for r in batch]
     # Reference: the unmodified HF model on the same batches (each data-parallel replica batches its own
     # contiguous chunk of the dataset), in dataset order.
@@ -86,6 +63,8 @@ def main():
     result = {"rank": trainer.global_rank, "world": trainer.world_size, "rows": len(rows), "batches": len(preds),
               "match": bool(ok), "tp": strategy.topology.tp, "dp": strategy.topology.dp}
     print(json.dumps(result), flush=True)
+    with open(f"{args.out}.result{trainer.global_rank}", "w") as f:   # own file: ranks share one stdout pipe
+        json.dump(result, f)
     if trainer.global_rank == 0:
         with open(args.out, "w") as f:
             json.dump(result, f)

@@ -30,8 +30,9 @@ def _finish(procs, timeout):
     return [p.returncode for p in procs], outs
 
 
-def _results(outs):
-    return [json.loads(line) for out in outs for line in out.splitlines() if line.startswith("{")]
+def _results(out_path):
+    """Each rank's result file (the launcher's children share the parent's stdout, so lines interleave)."""
+    return [json.loads(f.read_text()) for f in sorted(out_path.parent.glob(out_path.name + ".result*"))]
 
 
 def test_tp2_via_lightning_launcher(tmp_path):
@@ -46,7 +47,7 @@ def test_dp2_x_tp2_seven_prompts_in_order_and_writers_write_once(tmp_path):
     out = tmp_path / "r.json"
     codes, outs = _finish([_run_script(["--devices", "4", "--tp", "2", "--out", str(out)])], 300)
     assert codes == [0], outs[0][-3000:]
-    results = _results(outs)
+    results = _results(out)
     assert len(results) == 4 and all(r["rows"] == 7 and r["match"] and r["dp"] == 2 for r in results)
     written = []
     for f in tmp_path.glob("r.json.rank*"):
@@ -61,7 +62,7 @@ def test_two_simulated_nodes(tmp_path):
              for n in (0, 1)]
     codes, outs = _finish(procs, 300)
     assert codes == [0, 0], "\n".join(o[-2000:] for o in outs)
-    results = _results(outs)
+    results = _results(out)
     assert {r["rank"] for r in results} == {0, 1, 2, 3}
     assert all(r["tp"] == 2 and r["dp"] == 2 and r["rows"] == 7 and r["match"] for r in results)
 
