@@ -13,81 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_dsinfer.builder import build_decoder
 from lightning_dsinfer.config import DEFAULT_MAX_SEQ_LEN, InferenceConfig
 from lightning_dsinfer.modules.kv_cache import StaticKVCache
-from lightning_dsinfer.modules.linear import Linear
 from lightning_dsinfer.modules.masks import build_step
 from lightning_dsinfer.modules.rotary import RotaryTable
-from lightning_dsinfer.modules.transformer import Attention, DecoderLayer, DecoderModel, GatedMLP, LayerSpec
-from lightning_dsinfer.parallel import TensorParallelComm, TensorShardPlan
+from lightning_dsinfer.parallel import TensorParallelComm
 from lightning_dsinfer.parallel.process_groups import tensor_parallel_comm
-from lightning_dsinfer.policies import ModelWeights, find_policy
+from lightning_dsinfer.policies import find_policy
 from lightning_dsinfer.policies.weights import ModuleSource, SafetensorsSource
-
-
-def _bias_or_zeros(ref, rows, dtype, n):
-    if ref is None:
-        return torch.zeros(n, dtype=dtype)
-    return ref.load(0, *rows).to(dtype)
-
-
-def _fused_bias(parts, dtype):
-    """cat of the (ref, rows) biases of a fused projection; None when none of the parts has a bias."""
-    if all(ref is None for ref, _ in parts):
-        return None
-    return torch.cat([_bias_or_zeros(ref, rows, dtype, rows[1]) for ref, rows in parts])
-
-
-def build_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.device | str = "cpu",
-                  comm: TensorParallelComm | None = None) -> DecoderModel:
-    """Fused modules from a policy's weight refs, reading only this rank's shards.
-
-    QKV and gate/up are fused into one GEMM each; o and down are row-parallel with the residual add
-    fused in (tp rank 0 adds residual and bias; the all-reduce sums the partial products).
-    """
-    comm = comm or TensorParallelComm()
-    plan = TensorShardPlan(comm.rank, comm.size, w.num_heads, w.num_kv_heads, w.head_dim, w.intermediate_size,
-                           w.vocab_size)
-    first = plan.adds_bias_once
-    reduce = comm.all_reduce if comm.size > 1 else None
-
-    def dev(t):
-        return t.to(device=device, dtype=dtype).contiguous()
-
-    def linear(weight, bias=None, **kw):
-        return Linear(dev(weight), None if bias is None else dev(bias), **kw)
-
-    layers = []
-    q_rows, kv_rows, mlp_rows = plan.q_rows, plan.kv_rows, plan.mlp_rows
-    for i, lw in enumerate(w.layers):
-        spec = LayerSpec(hidden_size=w.hidden_size, num_heads=plan.local_heads, num_kv_heads=plan.local_kv_heads,
-                         head_dim=w.head_dim, intermediate_size=mlp_rows[1], rms_norm_eps=w.rms_norm_eps,
-                         scaling=w.scaling, sliding_window=lw.sliding_window)
-        qkv = linear(torch.cat([lw.q.load(0, *q_rows).to(dtype), lw.k.load(0, *kv_rows).to(dtype),
-                                lw.v.load(0, *kv_rows).to(dtype)]),
-                     _fused_bias([(lw.q_bias, q_rows), (lw.k_bias, kv_rows), (lw.v_bias, kv_rows)], dtype))
-        o = linear(lw.o.load(1, *q_rows), lw.o_bias.load() if (lw.o_bias is not None and first) else None,
-                   reduce=reduce, owns_residual=first)
-        gate_up = linear(torch.cat([lw.gate.load(0, *mlp_rows).to(dtype), lw.up.load(0, *mlp_rows).to(dtype)]),
-                         _fused_bias([(lw.gate_bias, mlp_rows), (lw.up_bias, mlp_rows)], dtype))
-        down = linear(lw.down.load(1, *mlp_rows), lw.down_bias.load() if (lw.down_bias is not None and first) else None,
-                      reduce=reduce, owns_residual=first)
-        q_norm = None if lw.q_norm is None else dev(lw.q_norm.load())
-        k_norm = None if lw.k_norm is None else dev(lw.k_norm.load())
-        attn = Attention(spec, i, qkv, o, q_norm=q_norm, k_norm=k_norm)
-        layers.append(DecoderLayer(attn, GatedMLP(gate_up, down), dev(lw.input_norm.load()), dev(lw.post_norm.load()),
-                                   w.rms_norm_eps))
-    start, rows = plan.vocab_rows if comm.size > 1 else (0, w.vocab_size)
-    embed = dev(w.embed.load(0, start, rows))
-    head = w.lm_head.load(0, start, rows).to(dtype)
-    head_bias = None if w.lm_head_bias is None else w.lm_head_bias.load(0, start, rows).to(dtype)
-    if comm.size > 1 and rows < plan.vocab_shard:           # equal shards for the all-gather: pad with zero rows
-        pad = plan.vocab_shard - rows
-        head = torch.cat([head, head.new_zeros(pad, head.shape[1])])
-        head_bias = None if head_bias is None else torch.cat([head_bias, head_bias.new_zeros(pad)])
-    lm_head = linear(head, head_bias)
-    return DecoderModel(embed, layers, dev(w.final_norm.load()), w.rms_norm_eps, lm_head, vocab_size=w.vocab_size,
-                        vocab_start=start, comm=comm)
 
 
 def _model_device(model: nn.Module) -> torch.device:
