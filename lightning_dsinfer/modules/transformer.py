@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_dsinfer.kernels import reference as ops
+from lightning_dsinfer.kernels import ops
 from lightning_dsinfer.modules.kv_cache import StaticKVCache
 from lightning_dsinfer.modules.linear import Linear
 

@@ -1,0 +1,303 @@
+"""The ops the engine's modules call, dispatched to the Triton kernels or to ``reference.py``.
+
+Same names and signatures as :mod:`lightning_dsinfer.kernels.reference` (``rms_norm``, ``rotary_half``,
+``silu_and_mul``, ``attention``). A call goes to the Triton kernel when its tensors are on CUDA and Triton
+imports, or when the Triton path is forced (:func:`force_triton`, or ``DSINFER_FORCE_TRITON=1`` read at
+import), which with ``TRITON_INTERPRET=1`` runs the whole engine through the kernels on CPU tensors.
+Everything else (the CPU path) calls the reference directly; Triton is imported only on the first Triton
+dispatch.
+
+How the engine's calls map onto the kernels, and what stays on the reference:
+
+- ``rms_norm(x, w, eps)`` -> ``kernels/rms_norm.py`` (any shape, strided x allowed). In bf16/fp16 the
+  kernel scales by the weight in fp32 and rounds once; the reference (HF's order) rounds before the scale.
+- ``silu_and_mul(gate_up)`` -> ``kernels/activations.gated_act(act="silu")``.
+- ``rotary_half(x, cos, sin_signed)`` with x [B, T, H, D] and cos / sin [B, T, 1, D] (the engine's Step) ->
+  ``kernels/rotary.rotary_qkv``: each token's cos row becomes one row of a [B*T, D/2] table, read at
+  position ``b * T + t``. This relies on the reference's documented layout cos = cat(c, c),
+  sin_signed = cat(-s, s) (``modules/rotary.py`` builds it so); the values are not checked. Other shapes
+  (cos not per token, odd D, x not 4-D) -> reference.
+- ``attention(q, k, v, mask, scale)`` (q [B, Hq, T, D], k / v [B, Hkv, L, D], mask bool [B|1, 1, T, L]
+  in KV-column space or None). The kernels take per-row key ranges instead of a mask, so the mask is
+  converted (once per mask object: the layers of one forward share it; one or two host syncs):
+
+  * decode (T == 1) -> ``kernels/decode_attention``: the visible keys of each row must be one run
+    [kv_start[b], L) ending at the query (left padding and the sliding window give exactly that);
+    ``seq_lens`` = L. ``mask=None`` -> every key. Ranges registered with :func:`kv_ranges` (the CUDA-graph
+    decode step) are used as given, with no sync.
+  * prefill (T == L > 1) -> ``kernels/prefill_attention``: the mask must be the engine's left-padding
+    mask ``((j >= p_b) & (j <= i) & (j > i - w)) | (j == i)`` (``modules/masks.py``); p_b and w are read
+    off the mask and the rebuilt mask is compared with it. Query rows before p_b (padding) see only
+    themselves there, so their output is their own V row: written after the kernel (which gives zeros).
+  * reference fallback: T > 1 with past keys (L > T: HF-cache incremental calls, chunked prefill),
+    T > 1 with ``mask=None`` (non-causal), masks with holes (an attention_mask with zeros inside the
+    prompt), head dim > 256 or more than 128 query heads per KV head.
+
+On a GPU the first decode steps compile one decode kernel per split count (it grows with L until it
+reaches the GPU's program target); the CUDA-graph step passes the cache length instead, one compile.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import weakref
+from collections import Counter
+
+import torch
+
+from lightning_dsinfer.kernels import reference, triton_available
+
+_FORCE = os.environ.get("DSINFER_FORCE_TRITON", "0") not in ("", "0", "false", "False")
+_CPU_TRITON_OK: bool | None = None   # triton_available("cpu"), asked once when forcing
+
+# (op, path) -> calls that took that path since the last clear(); path is "triton" or the fallback reason.
+# Counted on the Triton-capable path only (CUDA tensors or forced): the plain CPU path is not touched.
+dispatch_counts: Counter = Counter()
+
+
+@contextlib.contextmanager
+def force_triton(enabled: bool = True):
+    """Within the block, CPU tensors also go through the Triton kernels (needs ``TRITON_INTERPRET=1`` set
+    before Triton was first imported). ``force_triton(False)`` turns a forced env setting off."""
+    global _FORCE
+    if enabled and not _cpu_triton_ok():
+        raise RuntimeError("force_triton: Triton cannot run on CPU tensors here; it needs triton installed and "
+                           "TRITON_INTERPRET=1 set before triton is first imported.")
+    old, _FORCE = _FORCE, enabled
+    try:
+        yield dispatch_counts
+    finally:
+        _FORCE = old
+
+
+def _cpu_triton_ok() -> bool:
+    global _CPU_TRITON_OK
+    if _CPU_TRITON_OK is None:
+        _CPU_TRITON_OK = triton_available("cpu")
+    return _CPU_TRITON_OK
+
+
+def _triton(x: torch.Tensor) -> bool:
+    """Whether tensors like ``x`` go to the Triton kernels (False on the plain CPU path)."""
+    if x.is_cuda:
+        return _cuda_triton_ok()
+    if _FORCE:
+        if not _cpu_triton_ok():
+            raise RuntimeError("DSINFER_FORCE_TRITON is set but Triton cannot run on CPU tensors (set "
+                               "TRITON_INTERPRET=1 before triton is imported).")
+        return True
+    return False
+
+
+_CUDA_TRITON_OK: bool | None = None
+
+
+def _cuda_triton_ok() -> bool:
+    global _CUDA_TRITON_OK
+    if _CUDA_TRITON_OK is None:
+        _CUDA_TRITON_OK = triton_available("cuda")
+    return _CUDA_TRITON_OK
+
+
+def _count(op: str, path: str) -> None:
+    dispatch_counts[(op, path)] += 1
+
+
+# ----------------------------------------------------------------------- per-object memo (one forward)
+class _Memo:
+    """Results computed from a tensor, kept while that tensor object lives (weakly referenced), at most
+    ``size`` of them. For tensors built once per forward and shared by every layer (masks, rotary rows);
+    a tensor changed in place after its first use would be served a stale entry."""
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self.entries: dict[int, tuple[weakref.ref, object]] = {}
+
+    def get(self, t: torch.Tensor):
+        hit = self.entries.get(id(t))
+        return hit[1] if hit is not None and hit[0]() is t else None
+
+    def put(self, t: torch.Tensor, value) -> None:
+        self.entries = {k: e for k, e in self.entries.items() if e[0]() is not None}
+        if len(self.entries) >= self.size:
+            self.entries.pop(next(iter(self.entries)))
+        self.entries[id(t)] = (weakref.ref(t), value)
+
+
+_rotary_memo = _Memo()
+_mask_memo = _Memo()
+_RANGES: dict[int, tuple] = {}   # id(mask) -> (mask, kv_start, seq_lens, window): see kv_ranges
+
+
+@contextlib.contextmanager
+def kv_ranges(*entries):
+    """Declare decode masks by their key ranges: each entry is ``(mask, kv_start, seq_lens, window)``
+    meaning mask[b, 0, 0, j] == (kv_start[b] <= j < seq_lens[b] and j >= seq_lens[b] - window). Within the
+    block :func:`attention` uses these device tensors for those masks instead of reading the mask (no host
+    sync, fixed shapes: what a captured CUDA graph needs). The caller keeps the mask consistent."""
+    added = []
+    for mask, kv_start, seq_lens, window in entries:
+        if mask is not None:
+            _RANGES[id(mask)] = (mask, kv_start, seq_lens, window)
+            added.append(id(mask))
+    try:
+        yield
+    finally:
+        for key in added:
+            _RANGES.pop(key, None)
+
+
+# ----------------------------------------------------------------------- the ops
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """See :func:`reference.rms_norm`."""
+    if not _triton(x):
+        return reference.rms_norm(x, weight, eps)
+    from lightning_dsinfer.kernels.rms_norm import rms_norm as kernel
+    _count("rms_norm", "triton")
+    return kernel(x, weight, eps)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """See :func:`reference.silu_and_mul`."""
+    if not _triton(gate_up):
+        return reference.silu_and_mul(gate_up)
+    from lightning_dsinfer.kernels.activations import gated_act
+    _count("silu_and_mul", "triton")
+    return gated_act(gate_up, None, "silu")
+
+
+def _rotary_tables(cos: torch.Tensor, sin: torch.Tensor):
+    """Per-token rows [B, T, 1, D] -> tables [B*T, D/2] (fp32) and positions [B, T] = b * T + t."""
+    hit = _rotary_memo.get(cos)
+    if hit is not None and hit[0] is sin:
+        return hit[1]
+    b, t, _, d = cos.shape
+    half = d // 2
+    tables = (cos.reshape(b * t, d)[:, :half].float().contiguous(),
+              sin.reshape(b * t, d)[:, half:].float().contiguous(),
+              torch.arange(b * t, device=cos.device).view(b, t))
+    _rotary_memo.put(cos, (sin, tables))
+    return tables
+
+
+def rotary_half(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """See :func:`reference.rotary_half`."""
+    if not _triton(x):
+        return reference.rotary_half(x, cos, sin_signed)
+    if x.dim() != 4 or x.shape[-1] % 2 or x.stride(-1) != 1 \
+            or cos.shape != (x.shape[0], x.shape[1], 1, x.shape[3]) or sin_signed.shape != cos.shape:
+        _count("rotary_half", "reference:layout")
+        return reference.rotary_half(x, cos, sin_signed)
+    from lightning_dsinfer.kernels.rotary import rotary_qkv
+    _count("rotary_half", "triton")
+    cos_t, sin_t, pos = _rotary_tables(cos, sin_signed)
+    out, _, _ = rotary_qkv(x, x[:, :, :0], cos_t, sin_t, pos)   # every head as a "q" head
+    return out
+
+
+def _decode_ranges(mask: torch.Tensor, b: int, length: int):
+    """kv_start [B] int32 when every row of mask [B|1, 1, 1, L] is one run [kv_start, L), else None."""
+    hit = _mask_memo.get(mask)
+    if hit is not None:
+        return hit
+    m = mask.reshape(mask.shape[0], length)
+    start = m.int().argmax(-1)                                                 # first visible column
+    cols = torch.arange(length, device=m.device)
+    ok = torch.equal(cols[None, :] >= start[:, None], m)                       # host sync
+    res = ("ok", start.to(torch.int32).expand(b).contiguous()) if ok else ("holes", None)
+    _mask_memo.put(mask, res)
+    return res
+
+
+def _prefill_ranges(mask: torch.Tensor, b: int, t: int):
+    """(kv_start [B] int32, window, pad rows [B, T] bool or None) when mask [B|1, 1, T, T] is the engine's
+    left-padding mask; else None. See the module docstring for the rule."""
+    hit = _mask_memo.get(mask)
+    if hit is not None:
+        return hit
+    m = mask.reshape(mask.shape[0], t, t)
+    i = torch.arange(t, device=m.device)
+    eye = i[:, None] == i[None, :]
+    seen = (m & ~eye).any(dim=1)                                               # key j seen by another query
+    first = seen.int().argmax(-1)
+    p = torch.where(seen.any(-1), first, t - 1)                                # [B|1]
+    last_row = m[:, t - 1].sum(-1)                                             # keys the last query sees
+    p_list, cnt = torch.stack((p, last_row)).tolist()                          # host sync
+    cut = [c for pb, c in zip(p_list, cnt) if c < t - pb]
+    window = min(cut) if cut else None
+    keep = (i[None, None, :] >= p[:, None, None]) & (i[None, None, :] <= i[None, :, None])
+    if window is not None:
+        keep &= i[None, None, :] > i[None, :, None] - window
+    if not torch.equal(keep | eye, m):                                         # host sync
+        res = ("holes", None)
+    else:
+        start = p.to(torch.int32).expand(b).contiguous()
+        pad = (i[None, :] < start[:, None]) if max(p_list) > 0 else None
+        res = ("ok", (start, window, pad))
+    _mask_memo.put(mask, res)
+    return res
+
+
+def _same_layout(k: torch.Tensor, v: torch.Tensor):
+    if k.stride() == v.stride() and k.stride(-1) == 1:
+        return k, v
+    return k.contiguous(), v.contiguous()
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              scale: float) -> torch.Tensor:
+    """See :func:`reference.attention`; which masks the kernels take is in the module docstring."""
+    if not _triton(q):
+        return reference.attention(q, k, v, mask, scale)
+    b, hq, t, d = q.shape
+    hkv, length = k.shape[1], k.shape[2]
+    if d > 256 or hq % hkv or hq // hkv > 128 or q.dtype != k.dtype or q.dtype != v.dtype:
+        _count("attention", "reference:shape")
+        return reference.attention(q, k, v, mask, scale)
+    if t == 1:
+        return _decode(q, k, v, mask, scale, b, length)
+    if length != t:
+        _count("attention", "reference:past_keys")
+        return reference.attention(q, k, v, mask, scale)
+    if mask is None or mask.dtype != torch.bool:
+        _count("attention", "reference:mask")
+        return reference.attention(q, k, v, mask, scale)
+    kind, ranges = _prefill_ranges(mask, b, t)
+    if kind != "ok":
+        _count("attention", "reference:mask")
+        return reference.attention(q, k, v, mask, scale)
+    from lightning_dsinfer.kernels.prefill_attention import prefill_attention
+    _count("attention", "triton")
+    start, window, pad = ranges
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)     # [B, T, H, D] views
+    out = prefill_attention(qt, kt, vt, scale, kv_start=start, window=window)
+    if pad is not None:   # padding queries see only themselves: their output is their own V row
+        own_v = vt.repeat_interleave(hq // hkv, dim=2)
+        out = torch.where(pad[:, :, None, None], own_v, out)
+    return out.transpose(1, 2)
+
+
+def _decode(q, k, v, mask, scale, b, length):
+    from lightning_dsinfer.kernels.decode_attention import decode_attention
+
+    window = None
+    if mask is None:
+        kv_start, seq_lens = None, torch.full((b,), length, dtype=torch.int32, device=q.device)
+    elif mask.dtype != torch.bool:
+        _count("attention", "reference:mask")
+        return reference.attention(q, k, v, mask, scale)
+    elif id(mask) in _RANGES and _RANGES[id(mask)][0] is mask:
+        _, kv_start, seq_lens, window = _RANGES[id(mask)]
+    else:
+        kind, kv_start = _decode_ranges(mask, b, length)
+        if kind != "ok":
+            _count("attention", "reference:mask")
+            return reference.attention(q, k, v, mask, scale)
+        seq_lens = torch.full((b,), length, dtype=torch.int32, device=q.device)
+    _count("attention", "triton")
+    k, v = _same_layout(k, v)
+    out = decode_attention(q[:, :, 0], k, v, seq_lens, scale, kv_start=kv_start, window=window)
+    return out.unsqueeze(2)
+
+
+__all__ = ["rms_norm", "rotary_half", "silu_and_mul", "attention", "force_triton", "kv_ranges", "dispatch_counts"]

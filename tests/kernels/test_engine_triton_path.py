@@ -1,0 +1,134 @@
+"""The whole engine through the Triton kernels (``kernels/ops.py`` dispatch), against unmodified HF.
+
+On CPU the kernels run in the Triton interpreter (conftest sets TRITON_INTERPRET=1) with the dispatch
+forced (``ops.force_triton``); on a GPU the same tests run on CUDA without forcing. Tolerance: fp32 logits
+within atol 2e-4 / rtol 1e-4, as ``tests/test_parity.py`` (the kernels compute in fp32 and round once, so
+results differ from HF by float rounding only); greedy tokens identical.
+"""
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from kernel_utils import DEVICES, INTERPRET
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/helpers.py
+from helpers import optimised_copy, padded_batch, tiny_model  # noqa: E402
+
+from lightning_dsinfer.kernels import ops, reference  # noqa: E402
+from lightning_dsinfer.modules.masks import build_masks  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not DEVICES, reason="no CUDA and TRITON_INTERPRET unset")
+REPO = Path(__file__).resolve().parents[2]
+DEVICE = DEVICES[0] if DEVICES else "cpu"
+ATOL, RTOL = 2e-4, 1e-4
+
+
+def _triton_path():
+    return ops.force_triton() if INTERPRET else contextlib.nullcontext()
+
+
+def _fallbacks():
+    return {k: n for k, n in ops.dispatch_counts.items() if k[1] != "triton"}
+
+
+# llama: biases, head_dim 24 (odd block sizes); qwen3: q/k norms; mistral: sliding window 7, which the
+# 12-token prompt and the decode steps exceed.
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
+def test_engine_through_triton_matches_hf(family):
+    hf = tiny_model(family).to(DEVICE)
+    opt = optimised_copy(hf, max_seq_len=32)
+    ids, mask = (x.to(DEVICE) for x in padded_batch([12, 5, 9]))
+    with torch.no_grad():
+        ref_logits = hf(input_ids=ids, attention_mask=mask).logits
+        ref_tokens = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    ops.dispatch_counts.clear()
+    with _triton_path():
+        logits = opt(input_ids=ids, attention_mask=mask).logits
+        tokens = opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    valid = mask.bool()
+    torch.testing.assert_close(logits[valid], ref_logits[valid], atol=ATOL, rtol=RTOL)
+    assert torch.equal(tokens, ref_tokens)
+    # Every op went through its kernel, none fell back: 2 layers x (1 forward + 1 prefill + 4 decode steps).
+    for op in ("rms_norm", "rotary_half", "silu_and_mul", "attention"):
+        assert ops.dispatch_counts[(op, "triton")] >= 12, (op, dict(ops.dispatch_counts))
+    assert not _fallbacks(), _fallbacks()
+
+
+def _qkv(b, hq, hkv, t, length, d=16):
+    q = torch.randn(b, hq, t, d, device=DEVICE)
+    k, v = torch.randn(b, hkv, length, d, device=DEVICE), torch.randn(b, hkv, length, d, device=DEVICE)
+    return q, k, v
+
+
+def _key_valid(kind, b, total):
+    if kind == "none":
+        return None
+    kv = torch.ones(b, total, dtype=torch.bool, device=DEVICE)
+    kv[0, :3] = False                  # left padding
+    kv[1, :total - 1] = kind != "left"  # "left": a row with only its last token
+    if kind == "holes":
+        kv[2, 4] = False               # a zero inside the prompt: not a range
+    return kv
+
+
+@pytest.mark.parametrize("kind", ["none", "left", "holes"])
+@pytest.mark.parametrize("window", [None, 1, 4])
+@pytest.mark.parametrize("t,past", [(9, 0), (1, 8), (3, 6)])
+def test_attention_dispatch_equals_reference(kind, window, t, past):
+    # Masks as the engine builds them (modules/masks.py); GQA 6 query heads over 2 KV heads.
+    b, total = 3, past + t
+    q, k, v = _qkv(b, 6, 2, t, total)
+    mask, window_mask = build_masks(_key_valid(kind, b, total), past, t, window, DEVICE)
+    for m in (mask, window_mask if window_mask is not None else mask):
+        want = reference.attention(q, k, v, m, 0.3)
+        ops.dispatch_counts.clear()
+        with _triton_path():
+            got = ops.attention(q, k, v, m, 0.3)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+        if past and t > 1:
+            expect = {"reference:past_keys"}
+        elif kind == "holes":   # a window may cut the hole off (then the rows are runs again)
+            expect = {"reference:mask"} if m is mask else {"reference:mask", "triton"}
+        else:
+            expect = {"triton"}
+        (path,) = [p for (op, p) in ops.dispatch_counts]
+        assert path in expect and sum(ops.dispatch_counts.values()) == 1
+
+
+def test_registered_ranges_decode_over_full_cache():
+    # The CUDA-graph step's form: keys are the whole cache, the visible run is given as device tensors.
+    b, s = 3, 20
+    q, k, v = _qkv(b, 4, 1, 1, s)
+    kv_start = torch.tensor([0, 5, 9], dtype=torch.int32, device=DEVICE)
+    seq_lens = torch.tensor([12, 12, 12], dtype=torch.int32, device=DEVICE)
+    cols = torch.arange(s, device=DEVICE)
+    for window in (None, 4):
+        lo = kv_start.long() if window is None else torch.maximum(kv_start.long(), seq_lens.long() - window)
+        mask = ((cols >= lo[:, None]) & (cols < seq_lens.long()[:, None]))[:, None, None]
+        want = reference.attention(q, k, v, mask, 0.25)
+        ops.dispatch_counts.clear()
+        with _triton_path(), ops.kv_ranges((mask, kv_start, seq_lens, window)):
+            got = ops.attention(q, k, v, mask, 0.25)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+        assert dict(ops.dispatch_counts) == {("attention", "triton"): 1}
+
+
+def test_cpu_path_untouched_without_force():
+    x = torch.randn(2, 3, 8)
+    ops.dispatch_counts.clear()
+    torch.testing.assert_close(ops.rms_norm(x, torch.ones(8), 1e-6), reference.rms_norm(x, torch.ones(8), 1e-6))
+    assert not ops.dispatch_counts
+
+
+def test_force_without_interpreter_is_a_clear_error():
+    code = ("import torch\nfrom lightning_dsinfer.kernels import ops\n"
+            "try:\n    ops.force_triton().__enter__()\nexcept RuntimeError as e:\n    print('refused:', e)\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("TRITON_INTERPRET", None)
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    assert "refused:" in res.stdout and "TRITON_INTERPRET=1" in res.stdout, res.stdout + res.stderr[-2000:]
