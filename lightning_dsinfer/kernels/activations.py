@@ -66,33 +66,28 @@ def _gated_act_kernel(
     tl.store(out_ptr + row * inter + cols, (_act(g, ACT) * u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _check(x: torch.Tensor, act: str, bias: torch.Tensor | None, n: int) -> int:
+def _launch(kernel, x: torch.Tensor, bias: torch.Tensor | None, act: str, n_out: int) -> torch.Tensor:
+    """Run ``kernel`` (either of the two above: same arguments) over the rows of x [..., N] -> [..., n_out]."""
+    n = x.shape[-1]
     if act not in ACTS:
         raise ValueError(f"activation {act!r} not one of {sorted(ACTS)}")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias shape {tuple(bias.shape)} does not match last dim {n}")
-    return ACTS[act]
-
-
-def _launch_shape(n: int):
-    block = min(triton.next_power_of_2(max(n, 1)), 1024)
-    return block, max(1, min(block // 256, 4))
+    x2 = x.reshape(-1, n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype, device=x.device)
+    block = min(triton.next_power_of_2(max(n_out, 1)), 1024)
+    if x2.shape[0] and n_out:
+        kernel[(x2.shape[0], triton.cdiv(n_out, block))](
+            x2, x2.stride(0), bias if bias is not None else x2, out, n_out,
+            ACT=ACTS[act], HAS_BIAS=bias is not None, BLOCK_N=block, num_warps=max(1, min(block // 256, 4)))
+    return out
 
 
 def bias_act(x: torch.Tensor, bias: torch.Tensor | None = None, act: str = "gelu_tanh") -> torch.Tensor:
     """act(x + bias) over x [..., N], bias [N]; returns a new tensor of x's shape and dtype."""
-    n = x.shape[-1]
-    code = _check(x, act, bias, n)
-    x2 = x.reshape(-1, n)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    block, warps = _launch_shape(n)
-    if x2.shape[0] and n:
-        _bias_act_kernel[(x2.shape[0], triton.cdiv(n, block))](
-            x2, x2.stride(0), bias if bias is not None else x2, out, n,
-            ACT=code, HAS_BIAS=bias is not None, BLOCK_N=block, num_warps=warps)
-    return out
+    return _launch(_bias_act_kernel, x, bias, act, x.shape[-1])
 
 
 def gated_act(gate_up: torch.Tensor, bias: torch.Tensor | None = None, act: str = "silu") -> torch.Tensor:
@@ -103,15 +98,4 @@ def gated_act(gate_up: torch.Tensor, bias: torch.Tensor | None = None, act: str 
     n = gate_up.shape[-1]
     if n % 2:
         raise ValueError(f"gate_up last dim {n} must be even (cat of gate and up)")
-    code = _check(gate_up, act, bias, n)
-    inter = n // 2
-    x2 = gate_up.reshape(-1, n)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    out = torch.empty((*gate_up.shape[:-1], inter), dtype=gate_up.dtype, device=gate_up.device)
-    block, warps = _launch_shape(inter)
-    if x2.shape[0] and inter:
-        _gated_act_kernel[(x2.shape[0], triton.cdiv(inter, block))](
-            x2, x2.stride(0), bias if bias is not None else x2, out, inter,
-            ACT=code, HAS_BIAS=bias is not None, BLOCK_N=block, num_warps=warps)
-    return out
+    return _launch(_gated_act_kernel, gate_up, bias, act, n // 2)

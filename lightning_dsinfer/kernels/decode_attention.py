@@ -11,11 +11,12 @@ Reference: :func:`lightning_dsinfer.kernels.reference.decode_attention`.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from lightning_dsinfer.kernels._common import dot, ieee_dot, interpreting, online_softmax_step
 
 
 @triton.jit
@@ -62,27 +63,14 @@ def _decode_attn_split_kernel(
         mn = n < hi
         off = base + n[:, None].to(tl.int64) * c_ss + d[None, :]
         k = tl.load(k_ptr + off, mask=mn[:, None] & md[None, :], other=0.0)
-        if IEEE_DOT:
-            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * scale
+        s = dot(q, tl.trans(k), IEEE_DOT) * scale
         if HAS_SOFTCAP:   # cap * tanh(s / cap), tanh(u) = 2 * sigmoid(2u) - 1
             s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
         if HAS_ALIBI:
             s += slope[:, None] * (n - (end - 1)).to(tl.float32)[None, :]
         s = tl.where(mn[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + off, mask=mn[:, None] & md[None, :], other=0.0)
-        if IEEE_DOT:
-            pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, IEEE_DOT)
     has = l_i > 0.0                                                # False for an empty split
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
@@ -112,12 +100,6 @@ def _decode_attn_reduce_kernel(
     den = tl.sum(w, axis=0)
     out = tl.sum(w[:, None] * part, axis=0) / tl.where(den > 0.0, den, 1.0)
     tl.store(out_ptr + b.to(tl.int64) * o_sb + h * o_sh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
-
-
-def _ieee_dot(dtype: torch.dtype, interp: bool) -> bool:
-    # fp32: exact dot, not TF32. bf16 under the interpreter: its tl.dot reads bf16 operands as raw
-    # integers (triton 3.9), so the operands are upcast to fp32 there; on a GPU bf16 uses the tensor cores.
-    return dtype == torch.float32 or (interp and dtype == torch.bfloat16)
 
 
 def _target_programs(device: torch.device) -> int:
@@ -170,8 +152,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if group > 128 or d > 256:
         raise ValueError(f"query heads per kv head {group} (max 128) or head dim {d} (max 256) too large")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    block_n = 16 if interp else 64
+    block_n = 16 if interpreting() else 64
     n_blocks = triton.cdiv(max_len, block_n)
     if num_splits is None:
         num_splits = max(1, min(triton.cdiv(_target_programs(q.device), b * hkv), n_blocks, 64))
@@ -193,7 +174,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part, lse, scale, softcap or 1.0, window or 1, chunk,
         G=group, D=d, SPLITS=num_splits, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n,
         HAS_START=kv_start is not None, HAS_ALIBI=alibi_slopes is not None, HAS_WINDOW=window is not None,
-        HAS_SOFTCAP=softcap is not None, IEEE_DOT=_ieee_dot(q.dtype, interp), num_warps=4)
+        HAS_SOFTCAP=softcap is not None, IEEE_DOT=ieee_dot(q.dtype), num_warps=4)
     _decode_attn_reduce_kernel[(b, hq)](
         part, lse, out, out.stride(0), out.stride(1), hq,
         D=d, SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=1)

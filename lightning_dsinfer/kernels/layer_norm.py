@@ -9,7 +9,9 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_FEATURES = 65536  # one row must fit one program's block
+from lightning_dsinfer.kernels._common import MAX_FEATURES, norm_launch, residual_in
+
+__all__ = ["layer_norm", "MAX_FEATURES"]
 
 
 @triton.jit
@@ -29,15 +31,8 @@ def _layer_norm_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < n_cols
-    h = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        h += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:
-        h += tl.load(res_ptr + row * res_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    if STORE_H:
-        h_lp = h.to(h_ptr.dtype.element_ty)
-        tl.store(h_ptr + row * h_row_stride + cols, h_lp, mask=mask)
-        h = h_lp.to(tl.float32)
+    h = residual_in(x_ptr, x_row_stride, res_ptr, res_row_stride, bias_ptr, h_ptr, h_row_stride, row, cols, mask,
+                    HAS_RESIDUAL, HAS_BIAS, STORE_H)
     mean = tl.sum(h, axis=0) / n_cols
     diff = tl.where(mask, h - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / n_cols + eps)
@@ -48,11 +43,6 @@ def _layer_norm_fwd_kernel(
     if HAS_BETA:
         y += tl.load(beta_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * out_row_stride + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    t2 = t.reshape(-1, n)
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, norm_bias: torch.Tensor | None, eps: float,
@@ -67,25 +57,9 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, norm_bias: torch.Tensor | 
     for name, t in (("weight", weight), ("norm_bias", norm_bias), ("bias", bias)):
         if t is not None and t.shape != (n,):
             raise ValueError(f"{name} shape {tuple(t.shape)} does not match feature dim {n}")
-    if n > MAX_FEATURES:
-        raise ValueError(f"feature dim {n} exceeds {MAX_FEATURES}")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} {x.dtype}")
-    if out is not None and (out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous()):
-        raise ValueError(f"out {tuple(out.shape)} {out.dtype} must be contiguous and match x "
-                         f"{tuple(x.shape)} {x.dtype}")
-    x2 = _rows(x, n)
-    m = x2.shape[0]
-    out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
-    out2 = out.view(-1, n)
-    store_h = residual is not None or bias is not None
-    h = torch.empty_like(x, memory_format=torch.contiguous_format) if store_h else out
-    h2 = h.view(-1, n)
-    r2 = _rows(residual, n) if residual is not None else x2
-    block = triton.next_power_of_2(n)
-    num_warps = min(max(block // 256, 1), 16)
-    if m:
-        _layer_norm_fwd_kernel[(m,)](
+    x2, r2, out, out2, h, h2, store_h, block, num_warps = norm_launch(x, residual, bias, out)
+    if x2.shape[0]:
+        _layer_norm_fwd_kernel[(x2.shape[0],)](
             x2, x2.stride(0), r2, r2.stride(0), bias if bias is not None else weight, weight,
             norm_bias if norm_bias is not None else weight, out2, out2.stride(0), h2, h2.stride(0), n, eps,
             HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, HAS_BETA=norm_bias is not None,

@@ -9,11 +9,11 @@ Reference: :func:`lightning_dsinfer.kernels.reference.moe_gemm`.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from lightning_dsinfer.kernels._common import dot, ieee_dot, interpreting
 
 
 @triton.jit
@@ -48,10 +48,7 @@ def _moe_gemm_kernel(
             mk = kk < K
             xt = tl.load(x_ptr + rows[:, None] * x_sm + kk[None, :], mask=mr[:, None] & mk[None, :], other=0.0)
             wt = tl.load(w_rows + kk[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
-            if IEEE_DOT:
-                acc += tl.dot(xt.to(tl.float32), tl.trans(wt.to(tl.float32)), input_precision="ieee")
-            else:
-                acc += tl.dot(xt, tl.trans(wt.to(xt.dtype)))
+            acc += dot(xt, tl.trans(wt), IEEE_DOT)
         if HAS_SCALE:
             acc *= tl.load(scale_ptr + a, mask=mr, other=0.0).to(tl.float32)[:, None]
         tl.store(out_ptr + a[:, None].to(tl.int64) * N + rn[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -86,15 +83,14 @@ def moe_gemm(x: torch.Tensor, weight: torch.Tensor, sorted_ids: torch.Tensor, of
     out = torch.empty((a, n), dtype=x.dtype, device=x.device)
     if a == 0 or n == 0:
         return out
-    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    interp = interpreting()
     block_m = 16 if interp else (16 if a <= 64 else 64)
     block_n = 16 if interp else 64
     block_k = 32 if interp else 64
-    ieee = x.dtype == torch.float32 or (interp and x.dtype == torch.bfloat16)  # see decode_attention._ieee_dot
     scale = row_scale.reshape(-1).float().contiguous() if row_scale is not None else out
     grid = (e, triton.cdiv(a, block_m), triton.cdiv(n, block_n))
     _moe_gemm_kernel[grid](
         x, x.stride(0), weight, weight.stride(0), weight.stride(1), sorted_ids.contiguous(), offsets.contiguous(),
-        scale, out, n, k, ROWS_PER_INPUT=rows_per_input, HAS_SCALE=row_scale is not None, IEEE_DOT=ieee,
+        scale, out, n, k, ROWS_PER_INPUT=rows_per_input, HAS_SCALE=row_scale is not None, IEEE_DOT=ieee_dot(x.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
     return out

@@ -8,11 +8,12 @@ never repeated for GQA (query head h reads KV head h // (Hq / Hkv)). Query rows 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from lightning_dsinfer.kernels._common import dot, ieee_dot, interpreting, online_softmax_step
 
 
 @triton.jit
@@ -55,26 +56,13 @@ def _prefill_attn_kernel(
         j = n0 + tl.arange(0, BLOCK_N)
         mj = j < hi
         k = tl.load(kb + j[:, None].to(tl.int64) * k_st + d[None, :], mask=mj[:, None] & md[None, :], other=0.0)
-        if IEEE_DOT:
-            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
-        else:
-            s = tl.dot(q, tl.trans(k)) * scale
+        s = dot(q, tl.trans(k), IEEE_DOT) * scale
         keep = mj[None, :] & (j[None, :] <= i[:, None])          # j >= lo is implied by the loop
         if HAS_WINDOW:
             keep = keep & (j[None, :] > i[:, None] - window)
         s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)    # rows that have seen no key yet
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(vb + j[:, None].to(tl.int64) * v_st + d[None, :], mask=mj[:, None] & md[None, :], other=0.0)
-        if IEEE_DOT:
-            pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, IEEE_DOT)
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     o_off = ((b.to(tl.int64) * T + i[:, None]) * HQ + h) * D + d[None, :]
     tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=(i[:, None] < T) & md[None, :])
@@ -111,9 +99,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     out = torch.empty((b, t, hq, d), dtype=q.dtype, device=q.device)
     if b * t == 0:
         return out
-    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    block_m = block_n = 16 if interp else (64 if d <= 128 else 32)
-    ieee = q.dtype == torch.float32 or (interp and q.dtype == torch.bfloat16)  # see decode_attention._ieee_dot
+    block_m = block_n = 16 if interpreting() else (64 if d <= 128 else 32)
     dummy = out
     _prefill_attn_kernel[(triton.cdiv(t, block_m), b * hq)](
         q, q.stride(0), q.stride(1), q.stride(2), k, k.stride(0), k.stride(1), k.stride(2),
@@ -122,5 +108,5 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
         t, hq, scale, window or 1, G=hq // hkv, D=d,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
         HAS_START=kv_start is not None, HAS_LENS=seq_lens is not None, HAS_WINDOW=window is not None,
-        IEEE_DOT=ieee, num_warps=4)
+        IEEE_DOT=ieee_dot(q.dtype), num_warps=4)
     return out

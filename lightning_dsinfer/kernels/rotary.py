@@ -14,6 +14,26 @@ import triton.language as tl
 
 
 @triton.jit
+def _rotate_head(src, dst, bias, i1, i2, mi, dd, tail, c, s, HAS_BIAS: tl.constexpr):
+    """Rotate one head row: pairs (i1, i2) by (c, s), the tail (partial rotary) passes through; the bias row
+    is added first. Stores to dst and returns the stored (rounded) pair halves and tail."""
+    x1 = tl.load(src + i1, mask=mi, other=0.0).to(tl.float32)
+    x2 = tl.load(src + i2, mask=mi, other=0.0).to(tl.float32)
+    xt = tl.load(src + dd, mask=tail, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        x1 += tl.load(bias + i1, mask=mi, other=0.0).to(tl.float32)
+        x2 += tl.load(bias + i2, mask=mi, other=0.0).to(tl.float32)
+        xt += tl.load(bias + dd, mask=tail, other=0.0).to(tl.float32)
+    o1 = (x1 * c - x2 * s).to(dst.dtype.element_ty)
+    o2 = (x2 * c + x1 * s).to(dst.dtype.element_ty)
+    ot = xt.to(dst.dtype.element_ty)
+    tl.store(dst + i1, o1, mask=mi)
+    tl.store(dst + i2, o2, mask=mi)
+    tl.store(dst + dd, ot, mask=tail)
+    return o1, o2, ot
+
+
+@triton.jit
 def _rotary_qkv_kernel(
     q_ptr, q_sb, q_st, q_sh,        # q [B, T, Hq, D]: batch / token / head strides (D contiguous)
     k_ptr, k_sb, k_st, k_sh,        # k [B, T, Hkv, D]
@@ -51,35 +71,14 @@ def _rotary_qkv_kernel(
     c = tl.load(cos_ptr + pos * tab_stride + i, mask=mi, other=0.0)
     s = tl.load(sin_ptr + pos * tab_stride + i, mask=mi, other=0.0)
     if head < HQ:
-        src = q_ptr + b.to(tl.int64) * q_sb + t.to(tl.int64) * q_st + head * q_sh
-        dst = qo_ptr + (tok.to(tl.int64) * HQ + head) * D
-        x1 = tl.load(src + i1, mask=mi, other=0.0).to(tl.float32)
-        x2 = tl.load(src + i2, mask=mi, other=0.0).to(tl.float32)
-        xt = tl.load(src + dd, mask=tail, other=0.0).to(tl.float32)
-        if HAS_Q_BIAS:
-            x1 += tl.load(qb_ptr + head * D + i1, mask=mi, other=0.0).to(tl.float32)
-            x2 += tl.load(qb_ptr + head * D + i2, mask=mi, other=0.0).to(tl.float32)
-            xt += tl.load(qb_ptr + head * D + dd, mask=tail, other=0.0).to(tl.float32)
-        tl.store(dst + i1, (x1 * c - x2 * s).to(qo_ptr.dtype.element_ty), mask=mi)
-        tl.store(dst + i2, (x2 * c + x1 * s).to(qo_ptr.dtype.element_ty), mask=mi)
-        tl.store(dst + dd, xt.to(qo_ptr.dtype.element_ty), mask=tail)
+        _rotate_head(q_ptr + b.to(tl.int64) * q_sb + t.to(tl.int64) * q_st + head * q_sh,
+                     qo_ptr + (tok.to(tl.int64) * HQ + head) * D, qb_ptr + head * D,
+                     i1, i2, mi, dd, tail, c, s, HAS_Q_BIAS)
     else:
         h = head - HQ
-        src = k_ptr + b.to(tl.int64) * k_sb + t.to(tl.int64) * k_st + h * k_sh
-        dst = ko_ptr + (tok.to(tl.int64) * HKV + h) * D
-        x1 = tl.load(src + i1, mask=mi, other=0.0).to(tl.float32)
-        x2 = tl.load(src + i2, mask=mi, other=0.0).to(tl.float32)
-        xt = tl.load(src + dd, mask=tail, other=0.0).to(tl.float32)
-        if HAS_K_BIAS:
-            x1 += tl.load(kb_ptr + h * D + i1, mask=mi, other=0.0).to(tl.float32)
-            x2 += tl.load(kb_ptr + h * D + i2, mask=mi, other=0.0).to(tl.float32)
-            xt += tl.load(kb_ptr + h * D + dd, mask=tail, other=0.0).to(tl.float32)
-        o1 = (x1 * c - x2 * s).to(ko_ptr.dtype.element_ty)
-        o2 = (x2 * c + x1 * s).to(ko_ptr.dtype.element_ty)
-        ot = xt.to(ko_ptr.dtype.element_ty)
-        tl.store(dst + i1, o1, mask=mi)
-        tl.store(dst + i2, o2, mask=mi)
-        tl.store(dst + dd, ot, mask=tail)
+        o1, o2, ot = _rotate_head(k_ptr + b.to(tl.int64) * k_sb + t.to(tl.int64) * k_st + h * k_sh,
+                                  ko_ptr + (tok.to(tl.int64) * HKV + h) * D, kb_ptr + h * D,
+                                  i1, i2, mi, dd, tail, c, s, HAS_K_BIAS)
         md = dd < D
         if HAS_V_BIAS or WRITE_CACHE:
             vsrc = v_ptr + b.to(tl.int64) * v_sb + t.to(tl.int64) * v_st + h * v_sh

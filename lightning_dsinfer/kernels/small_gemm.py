@@ -11,11 +11,11 @@ and residual. References: :func:`~lightning_dsinfer.kernels.reference.small_gemm
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from lightning_dsinfer.kernels._common import dot, ieee_dot, interpreting
 
 _FLOAT, _INT8, _INT4 = 0, 1, 2
 
@@ -59,11 +59,8 @@ def _small_gemm_kernel(
             pk = tl.load(w_rows + (kk // 2)[None, :], mask=mn[:, None] & mk[None, :], other=0).to(tl.int32)
             lo = (pk & 0xF) - 8
             hi = (pk >> 4) - 8
-            if IEEE_DOT:   # integers go straight to fp32 (exact)
-                part = tl.dot(xe.to(tl.float32), tl.trans(lo.to(tl.float32)), input_precision="ieee")
-                part += tl.dot(xo.to(tl.float32), tl.trans(hi.to(tl.float32)), input_precision="ieee")
-            else:          # |q| <= 8: exact in fp16 / bf16
-                part = tl.dot(xe, tl.trans(lo.to(xe.dtype))) + tl.dot(xo, tl.trans(hi.to(xo.dtype)))
+            # |q| <= 8: exact in fp16 / bf16 (and in fp32 with IEEE_DOT)
+            part = dot(xe, tl.trans(lo), IEEE_DOT) + dot(xo, tl.trans(hi), IEEE_DOT)
             sc = tl.load(s_ptr + rn.to(tl.int64) * s_sn + k0 // GROUP, mask=mn, other=0.0).to(tl.float32)
             acc += part * sc[None, :]
         else:
@@ -71,10 +68,7 @@ def _small_gemm_kernel(
             mk = kk < k_hi
             xt = tl.load(x_rows + kk[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
             wt = tl.load(w_rows + kk[None, :], mask=mn[:, None] & mk[None, :], other=0)
-            if IEEE_DOT:
-                acc += tl.dot(xt.to(tl.float32), tl.trans(wt.to(tl.float32)), input_precision="ieee")
-            else:          # int8 (|q| <= 127) is exact in fp16 / bf16
-                acc += tl.dot(xt, tl.trans(wt.to(xt.dtype)))
+            acc += dot(xt, tl.trans(wt), IEEE_DOT)   # int8 (|q| <= 127) is exact in fp16 / bf16
     if WMODE == 1:
         acc *= tl.load(s_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
     om = mm[:, None] & mn[None, :]
@@ -110,10 +104,6 @@ def _split_k_reduce_kernel(
     tl.store(out_ptr + m * N + rn, acc.to(out_ptr.dtype.element_ty), mask=mn)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _launch(x, w, scale, wmode, group, n, k, bias, residual, split_k, block_n, block_k):
     if x.shape[-1] != k:
         raise ValueError(f"x last dim {x.shape[-1]} does not match the weight's K = {k}")
@@ -139,7 +129,7 @@ def _launch(x, w, scale, wmode, group, n, k, bias, residual, split_k, block_n, b
     if k == 0:
         return out.zero_() if residual is None and bias is None else out.copy_(
             (torch.zeros_like(out) if residual is None else residual) + (0 if bias is None else bias))
-    interp = _interpreting()
+    interp = interpreting()
     block_m = 16 if m <= 16 else 32
     block_n = block_n or (16 if interp else 64)
     block_k = block_k or (32 if interp else 128)
@@ -156,7 +146,6 @@ def _launch(x, w, scale, wmode, group, n, k, bias, residual, split_k, block_n, b
     split_k = max(1, min(split_k, k_tiles))
     k_per_split = triton.cdiv(k_tiles, split_k) * block_k
     split_k = triton.cdiv(k, k_per_split)
-    ieee = x.dtype == torch.float32 or (interp and x.dtype == torch.bfloat16)  # see decode_attention._ieee_dot
     dst = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
     dummy = x2
     grid = (n_tiles, split_k, triton.cdiv(m, block_m))
@@ -165,7 +154,7 @@ def _launch(x, w, scale, wmode, group, n, k, bias, residual, split_k, block_n, b
         scale.stride(0) if scale is not None else 0, bias if bias is not None else dummy,
         r2 if r2 is not None else dummy, r2.stride(0) if r2 is not None else 0, dst,
         m, n, k, k_per_split, WMODE=wmode, GROUP=group, SPLIT_K=split_k,
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=r2 is not None, IEEE_DOT=ieee,
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=r2 is not None, IEEE_DOT=ieee_dot(x.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
     if split_k > 1:
         rb = min(triton.next_power_of_2(n), 1024)
