@@ -19,6 +19,7 @@ from lightning_dsinfer.modules.transformer import Attention, DecoderLayer, Decod
 from lightning_dsinfer.parallel import TensorParallelComm, TensorShardPlan
 from lightning_dsinfer.policies import ModelWeights
 from lightning_dsinfer.policies.base import LayerWeights
+from lightning_dsinfer.policies.weights import load_fused
 
 
 def shard_plan(w: ModelWeights, comm: TensorParallelComm) -> TensorShardPlan:
@@ -27,7 +28,7 @@ def shard_plan(w: ModelWeights, comm: TensorParallelComm) -> TensorShardPlan:
 
 
 def _fused(parts, dtype) -> torch.Tensor:
-    return torch.cat([ref.load(0, *rows).to(dtype) for ref, rows in parts])
+    return load_fused(parts, dtype)        # slices read straight into one buffer where the source allows
 
 
 def _fused_bias(parts, dtype) -> torch.Tensor | None:
