@@ -3,7 +3,11 @@
     python benchmarks/gpu_check.py [--out DIR] [--skip-tests]
 
 1. Runs ``pytest tests/kernels`` on CUDA (a subprocess, interpreter off).
-2. Measures device-to-device copy bandwidth, then times every kernel with ``triton.testing.do_bench``
+2. Engine on CUDA (Triton kernels through ``kernels/ops.py``): greedy tokens of the CUDA-graph decode step
+   (``generation/cuda_graphs.py``) must equal the eager step's, fp32, left-padded batches in several batch
+   buckets, a Llama and a Mistral with a sliding window; HF's tokens and decode ms/token (eager vs
+   graphs) are printed alongside.
+3. Measures device-to-device copy bandwidth, then times every kernel with ``triton.testing.do_bench``
    at realistic sizes (Llama-3-8B-like: hidden 4096, 32 / 8 heads of 128, intermediate 14336) next to
    the torch op it replaces, and prints: kernel, shape, time (us), GB/s (bytes the op must move /
    time), fraction of the copy bandwidth, torch time (us), speed-up over torch.
@@ -13,6 +17,7 @@ so and exits 0, so it is safe to run anywhere.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import subprocess
 import sys
@@ -156,6 +161,72 @@ def cases(dev: str = "cuda", tiny: bool = False):
     return out
 
 
+def check_decode_graphs(dev: str = "cuda", tiny: bool = False) -> int:
+    """Graph-replayed decode tokens == eager decode tokens (fp32). Returns 1 on a mismatch.
+
+    ``tiny`` (CPU smoke, with ``cuda_graphs.emulate()`` and ``ops.force_triton()`` around the call): small
+    sizes, no timing.
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
+
+    import lightning_dsinfer as dsi
+
+    common = dict(hidden_size=64 if tiny else 512, intermediate_size=96 if tiny else 1024,
+                  num_hidden_layers=2 if tiny else 4, num_attention_heads=4 if tiny else 8, num_key_value_heads=2,
+                  vocab_size=97 if tiny else 1000, max_position_embeddings=512, initializer_range=0.05,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    configs = [("llama", LlamaConfig(**common)), ("mistral window 16", MistralConfig(**common, sliding_window=16))]
+    batches = [[9], [9, 4, 6]] if tiny else [[20], [20, 7, 13], [5, 9, 17, 3, 11, 20, 8, 14]]
+    new = 4 if tiny else 24
+    g = torch.Generator().manual_seed(0)
+    rc = 0
+    old_env = os.environ.get("DSINFER_CUDA_GRAPHS")
+    for name, cfg in configs:
+        torch.manual_seed(0)
+        hf = AutoModelForCausalLM.from_config(cfg).eval().to(dev)
+        opt = dsi.init_inference(copy.deepcopy(hf), max_seq_len=64 if tiny else 128, max_batch_size=8)
+        for lengths in batches:
+            t = max(lengths)
+            ids = torch.zeros(len(lengths), t, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, n in enumerate(lengths):
+                ids[i, t - n:] = torch.randint(3, cfg.vocab_size, (n,), generator=g)
+                mask[i, t - n:] = 1
+            kw = dict(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new, do_sample=False)
+            os.environ["DSINFER_CUDA_GRAPHS"] = "0"
+            eager = opt.generate(**kw)
+            os.environ["DSINFER_CUDA_GRAPHS"] = "1"
+            graph = opt.generate(**kw)
+            with torch.no_grad():
+                ref = hf.generate(**kw)
+            runner = getattr(opt._dsinfer_engine, "_decode_graphs", None)
+            used = runner is not None and runner.current is not None and (tiny or runner.current.graph is not None)
+            same = torch.equal(graph, eager)
+            rc = rc or int(not (same and used))
+            print(f"{'ok  ' if same and used else 'FAIL'}  graphs {name} B={len(lengths)}: graph == eager {same}, "
+                  f"graph captured {used}, == HF {torch.equal(graph, ref)}", flush=True)
+        if not tiny:
+            for b in (1, 8):
+                kw = dict(input_ids=torch.randint(3, cfg.vocab_size, (b, 32), device=dev), max_new_tokens=64,
+                          min_new_tokens=64, do_sample=False)
+                ms = {}
+                for mode in ("0", "1"):
+                    os.environ["DSINFER_CUDA_GRAPHS"] = mode
+                    opt.generate(**kw)
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    opt.generate(**kw)
+                    torch.cuda.synchronize()
+                    ms[mode] = (time.perf_counter() - t0) * 1e3 / 64
+                print(f"      {name} B={b} decode+prefill ms/token: eager {ms['0']:.2f}, graphs {ms['1']:.2f} "
+                      f"({ms['0'] / ms['1']:.2f}x)", flush=True)
+    if old_env is None:
+        os.environ.pop("DSINFER_CUDA_GRAPHS", None)
+    else:
+        os.environ["DSINFER_CUDA_GRAPHS"] = old_env
+    return rc
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=None, help="folder for gpu_check.md")
@@ -178,6 +249,10 @@ def main() -> int:
             except Exception as exc:
                 failed += 1
                 print(f"FAIL  {kernel} {shape}: {type(exc).__name__}: {exc}")
+        from lightning_dsinfer.generation import cuda_graphs
+        from lightning_dsinfer.kernels import ops
+        with ops.force_triton(), cuda_graphs.emulate():
+            failed += check_decode_graphs("cpu", tiny=True)
         return 1 if failed else 0
     if not torch.cuda.is_available():
         print("gpu_check: no GPU (torch.cuda.is_available() is False); nothing to check, exiting 0.")
@@ -185,6 +260,12 @@ def main() -> int:
     os.environ.pop("TRITON_INTERPRET", None)
     sys.path.insert(0, str(REPO))
     rc = 0 if args.skip_tests else run_tests(args.test_timeout)
+    print("== engine decode: CUDA graphs vs eager", flush=True)
+    try:
+        rc = check_decode_graphs() or rc
+    except Exception as exc:   # report and go on to the kernel timings
+        print(f"FAIL  graphs: {type(exc).__name__}: {exc}", flush=True)
+        rc = rc or 1
     name = torch.cuda.get_device_name()
     copy_gbs = copy_bandwidth()
     print(f"== {name}: device-to-device copy {copy_gbs:.0f} GB/s", flush=True)

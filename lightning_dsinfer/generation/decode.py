@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from lightning_dsinfer.generation.cuda_graphs import decode_graphs
 from lightning_dsinfer.generation.sampling import next_tokens
 from lightning_dsinfer.modules.masks import build_step
 
@@ -46,6 +47,7 @@ def decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     if streamer is not None:
         streamer.put(input_ids.cpu())
     pos = positions[:, -1:].clone()
+    graphs = decode_graphs(engine, b, key_valid, t0)    # None on the CPU: the eager step below
     n = 0
     for i in range(max_new_tokens):
         if eos is not None and i < min_new_tokens:
@@ -63,6 +65,9 @@ def decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
             break
         col = t0 + i
         pos += 1
+        if graphs is not None:
+            logits = graphs.step(tok, pos, col)
+            continue
         step = build_step(engine.rotary, pos, key_valid, q_start=col, t=1, window=window)
         step.cache, step.start = cache, col
         h = engine.decoder.hidden(engine.decoder.embed_tokens(tok[:, None]), step)

@@ -38,7 +38,8 @@ def _fallbacks():
 # llama: biases, head_dim 24 (odd block sizes); qwen3: q/k norms; mistral: sliding window 7, which the
 # 12-token prompt and the decode steps exceed.
 @pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
-def test_engine_through_triton_matches_hf(family):
+def test_engine_through_triton_matches_hf(family, monkeypatch):
+    monkeypatch.setenv("DSINFER_CUDA_GRAPHS", "0")   # on a GPU: the eager decode step (graphs: test below)
     hf = tiny_model(family).to(DEVICE)
     opt = optimised_copy(hf, max_seq_len=32)
     ids, mask = (x.to(DEVICE) for x in padded_batch([12, 5, 9]))
@@ -132,3 +133,24 @@ def test_force_without_interpreter_is_a_clear_error():
     env["CUDA_VISIBLE_DEVICES"] = ""
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
     assert "refused:" in res.stdout and "TRITON_INTERPRET=1" in res.stdout, res.stdout + res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_graph_decode_step_through_triton(family):
+    # The CUDA-graph step's fixed shapes (full-cache K/V, ranges registered with ops.kv_ranges) through the
+    # kernels; on CPU it runs eagerly (cuda_graphs.emulate), on a GPU it is captured and replayed.
+    from lightning_dsinfer.generation import cuda_graphs
+
+    hf = tiny_model(family).to(DEVICE)
+    opt = optimised_copy(hf, max_seq_len=24, max_batch_size=4)
+    ids, mask = (x.to(DEVICE) for x in padded_batch([10, 4, 7], seed=4))   # 3 rows: bucket 4, one dummy
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    with torch.no_grad():
+        want = hf.generate(**kw)
+    ops.dispatch_counts.clear()
+    with _triton_path(), cuda_graphs.emulate():
+        got = opt.generate(**kw)
+    assert torch.equal(got, want)
+    assert sorted(opt._dsinfer_engine._decode_graphs.buckets) == [4]
+    # 2 layers x (prefill + first step); on CPU also every later step, on a GPU the warm-up and the capture.
+    assert ops.dispatch_counts[("attention", "triton")] >= 6 and not _fallbacks(), dict(ops.dispatch_counts)
