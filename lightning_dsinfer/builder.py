@@ -12,6 +12,8 @@ Two steps, kept apart so offload can sit between them:
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from lightning_dsinfer.modules.linear import Linear
@@ -133,3 +135,91 @@ def build_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.device | st
     head = {k: dev(v) for k, v in head_rows(w, plan, dtype, 0, padded).items()}
     return DecoderModel(embed, layers, dev(w.final_norm.load()), w.rms_norm_eps, Linear(head["weight"], head.get("bias")),
                         vocab_size=w.vocab_size, vocab_start=start, comm=comm)
+
+
+# ---------------------------------------------------------------------- offload (ZeRO-Inference)
+def _per_token_bytes(w: ModelWeights, plan: TensorShardPlan, dtype: torch.dtype, max_seq_len: int) -> int:
+    """Temporaries of one block for one prefill token: norms, QKV, rotary, attention out, MLP, scores (fp32)."""
+    e = dtype.itemsize
+    qkv = (plan.local_heads + 2 * plan.local_kv_heads) * w.head_dim
+    inter = plan.mlp_rows[1]
+    return e * (4 * w.hidden_size + 2 * qkv + plan.local_heads * w.head_dim + 4 * inter) \
+        + 4 * plan.local_heads * max_seq_len
+
+
+def _per_sequence_bytes(w: ModelWeights, plan: TensorShardPlan, dtype: torch.dtype, max_seq_len: int,
+                        vocab_shard: int) -> int:
+    """One sequence's KV cache (max_seq_len), hidden state of a full-length prompt (x2) and fp32 logits (x2)."""
+    e = dtype.itemsize
+    kv = 2 * len(w.layers) * plan.local_kv_heads * w.head_dim * max_seq_len * e
+    return kv + 2 * max_seq_len * w.hidden_size * e + 2 * vocab_shard * plan.tp * 4
+
+
+def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.device, comm: TensorParallelComm,
+                           tier: str, folder: str | None, max_memory: int, max_seq_len: int,
+                           batch_size: int | None, fingerprint: dict | None, source):
+    """A :class:`StreamedDecoderModel` whose blocks and lm_head live in the offload tier.
+
+    The tier is written one unit at a time straight from the weight refs (a safetensors checkpoint or an
+    in-memory model, whose parameters are released to ``meta`` as they are written), so the model is
+    never whole in memory. Returns (decoder, working set).
+    """
+    from lightning_dsinfer.offload import (DiskStore, FileRows, HostStore, ResidentRows, StreamedDecoderModel,
+                                           UnitLayout, UnitStreamer, plan_working_set)
+    from lightning_dsinfer.offload.budget import release_freed_memory_promptly
+    from lightning_dsinfer.policies.weights import MetaSource, with_source
+
+    release_freed_memory_promptly()
+    plan = shard_plan(w, comm)
+    meta = MetaSource(source)
+    specs = [layer_spec(w, plan, lw) for lw in w.layers]
+    layouts = [UnitLayout.of(shard_layer(with_source(lw, meta), plan, dtype)) for lw in w.layers]
+    start, real, padded = vocab_rows(w, plan)
+    slot = max(l.nbytes for l in layouts)
+    rows_per_unit = max(1, slot // (w.hidden_size * dtype.itemsize))
+    head_slices = [(a, min(rows_per_unit, padded - a)) for a in range(0, padded, rows_per_unit)]
+    meta_w = with_source(w, meta)
+    layouts += [UnitLayout.of(head_rows(meta_w, plan, dtype, a, n)) for a, n in head_slices]
+    ws = plan_working_set(max_memory, slot, _per_sequence_bytes(w, plan, dtype, max_seq_len, padded),
+                          _per_token_bytes(w, plan, dtype, max_seq_len), batch_size)
+
+    def units():
+        for lw in w.layers:
+            yield shard_layer(lw, plan, dtype), [r.name for r in vars(lw).values() if hasattr(r, "load")]
+        for a, n in head_slices:
+            yield head_rows(w, plan, dtype, a, n), []
+
+    if tier == "cpu":
+        store = HostStore(layouts, pin=device.type == "cuda")
+        written = True
+    else:
+        store = DiskStore(folder, layouts, fingerprint)
+        written = not store.reused
+    if written:
+        for u, (tensors, names) in enumerate(units()):
+            store.write(u, tensors)
+            del tensors
+            source.release(names)
+    layer_units = list(range(len(w.layers)))
+    head_units = list(range(len(w.layers), len(layouts)))
+    if tier == "cpu":
+        table = w.embed.load(0, start, real).to(dtype).contiguous()
+        rows = ResidentRows(table.pin_memory() if device.type == "cuda" else table)
+    else:
+        path = os.path.join(folder, "embed.bin")
+        if written or not os.path.exists(path):
+            step = max(1, (8 << 20) // (w.hidden_size * dtype.itemsize))
+            FileRows.write(path, (w.embed.load(0, start + a, min(step, real - a)).to(dtype)
+                                  for a in range(0, real, step)))
+        rows = FileRows(path, real, w.hidden_size, dtype)
+    store.finish()
+    source.release([w.embed.name, w.lm_head.name])
+    streamer = UnitStreamer(store, layouts, layer_units + head_units, device, ws.n_slots)
+
+    def make(i, tensors):
+        return make_layer(i, tensors, specs[i], comm, pack=False)
+
+    final_norm = w.final_norm.load().to(device=device, dtype=dtype)
+    decoder = StreamedDecoderModel(streamer, layer_units, head_units, make, rows, final_norm, w.rms_norm_eps,
+                                   w.vocab_size, start, ws.prefill_tokens, comm=comm)
+    return decoder, ws

@@ -36,23 +36,40 @@ class InferenceConfig:
       then ends the run instead of hanging it).
     device: where the engine lives (None: the model's device; cuda:LOCAL_RANK for a meta model on a GPU
       machine; else cpu).
+    offload: None (weights resident), "cpu" (weights in host memory, streamed to the GPU layer by layer) or
+      "nvme" (weights in per-layer files under ``offload_path``, streamed with O_DIRECT reads and prefetch).
+    offload_path: folder for the "nvme" tier (on a fast local disk; created if missing).
+    max_memory: working-set budget of an offloaded engine on the compute device (bytes or "512MiB"): prefetch
+      ring + KV cache + activations. None = half of what is free.
+    max_batch_size: None = 8, or with offload the largest batch that fits in ``max_memory``.
     """
     dtype: torch.dtype | None = None
     max_seq_len: int | None = None
-    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    max_batch_size: int | None = None
     release_hf_weights: bool = True
     tensor_parallel_size: int = 1
     checkpoint: str | None = None
     collective_timeout_s: float = 300.0
     device: str | None = None
+    offload: str | None = None
+    offload_path: str | None = None
+    max_memory: int | str | None = None
 
     def __post_init__(self):
         self.dtype = resolve_dtype(self.dtype)
+        if self.offload not in (None, "cpu", "nvme"):
+            raise ValueError(f"offload={self.offload!r} is not one of None, 'cpu', 'nvme'.")
+        if self.offload == "nvme" and not self.offload_path:
+            raise ValueError("offload='nvme' needs offload_path=<folder on a fast local disk> for the weight files "
+                             "(or the DSINFER_OFFLOAD_PATH environment variable with strategy='dsinfer_offload_nvme').")
+        if self.max_memory is not None:
+            from lightning_dsinfer.offload.budget import parse_bytes
+            self.max_memory = parse_bytes(self.max_memory)
         if self.max_seq_len is not None and self.max_seq_len < 1:
             raise ValueError(f"max_seq_len={self.max_seq_len} must be >= 1.")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} must be >= 1.")
-        if self.max_batch_size < 1:
+        if self.max_batch_size is not None and self.max_batch_size < 1:
             raise ValueError(f"max_batch_size={self.max_batch_size} must be >= 1.")
 
     @classmethod

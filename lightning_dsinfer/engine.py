@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_dsinfer.builder import build_decoder
-from lightning_dsinfer.config import DEFAULT_MAX_SEQ_LEN, InferenceConfig
+from lightning_dsinfer.builder import build_decoder, build_streamed_decoder, shard_plan
+from lightning_dsinfer.config import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, InferenceConfig
 from lightning_dsinfer.modules.kv_cache import StaticKVCache
 from lightning_dsinfer.modules.masks import build_step
 from lightning_dsinfer.modules.rotary import RotaryTable
+from lightning_dsinfer.offload import available_memory
 from lightning_dsinfer.parallel import TensorParallelComm
 from lightning_dsinfer.parallel.process_groups import tensor_parallel_comm
 from lightning_dsinfer.policies import find_policy
@@ -65,20 +66,38 @@ class InferenceEngine:
         if config.checkpoint is not None:
             source = SafetensorsSource(config.checkpoint, fallback=source)
         weights = policy(hf_model, self.max_seq_len, source)
-        with torch.no_grad():
-            self.decoder = build_decoder(weights, self.dtype, self.device, self.comm)
-        self.decoder.eval()
         self.windows = sorted({lw.sliding_window for lw in weights.layers if lw.sliding_window is not None})
         if len(self.windows) > 1:
             raise ValueError(f"layers use different sliding windows {self.windows}; one window per model is supported.")
         self.sliding_window = self.windows[0] if self.windows else None
+        self.working_set = None             # offload: what is resident, and the batch size it leaves room for
+        with torch.no_grad():
+            if config.offload is None:
+                self.decoder = build_decoder(weights, self.dtype, self.device, self.comm)
+                batch = config.max_batch_size or DEFAULT_MAX_BATCH_SIZE
+            else:
+                self.decoder, self.working_set = self._build_offloaded(hf_model, weights, source)
+                batch = self.working_set.batch_size
+        self.decoder.eval()
         self.rotary = RotaryTable(weights.inv_freq, weights.attention_scaling, self.max_seq_len, self.dtype, self.device)
-        local_kv_heads = self.decoder.layers[0].attn.hkv
-        self.cache = StaticKVCache(len(weights.layers), local_kv_heads, weights.head_dim, config.max_batch_size,
+        local_kv_heads = shard_plan(weights, self.comm).local_kv_heads
+        self.cache = StaticKVCache(len(weights.layers), local_kv_heads, weights.head_dim, batch,
                                    self.max_seq_len, self.dtype, self.device)
         self.vocab_size = weights.vocab_size
-        if config.release_hf_weights:
-            _release_hf_weights(hf_model, self.decoder.embed if self.comm.size == 1 else None)
+        if config.release_hf_weights or config.offload is not None:
+            resident_embed = config.offload is None and self.comm.size == 1
+            _release_hf_weights(hf_model, self.decoder.embed if resident_embed else None)
+
+    def _build_offloaded(self, hf_model, weights, source):
+        config = self.config
+        budget = config.max_memory if config.max_memory is not None else available_memory(self.device) // 2
+        folder = fingerprint = None
+        if config.offload == "nvme":
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            folder = os.path.join(config.offload_path, f"rank{rank}-tp{self.comm.rank}of{self.comm.size}")
+            fingerprint = _checkpoint_fingerprint(hf_model, config, self.dtype, self.comm)
+        return build_streamed_decoder(weights, self.dtype, self.device, self.comm, config.offload, folder, budget,
+                                      self.max_seq_len, config.max_batch_size, fingerprint, source)
 
     def check_length(self, total: int, prompt: int | None = None, new: int | None = None) -> None:
         if total <= self.max_seq_len:
@@ -119,6 +138,18 @@ class InferenceEngine:
         else:
             h = h[:, logits_to_keep]
         return self.decoder.logits(h)
+
+
+def _checkpoint_fingerprint(hf_model, config: InferenceConfig, dtype, comm) -> dict | None:
+    """What an offload folder was written from: the same checkpoint files (name, size, mtime), config, dtype
+    and shard let a later run reuse the folder. None (always rewrite) for weights that live in memory."""
+    if config.checkpoint is None:
+        return None
+    files = sorted(f for f in os.listdir(config.checkpoint) if f.endswith(".safetensors"))
+    stats = [[f, os.stat(os.path.join(config.checkpoint, f)).st_size,
+              os.stat(os.path.join(config.checkpoint, f)).st_mtime_ns] for f in files]
+    return {"checkpoint": os.path.abspath(config.checkpoint), "files": stats, "dtype": str(dtype),
+            "tp": [comm.rank, comm.size], "config": hf_model.config.to_json_string(use_diff=False)}
 
 
 def _release_hf_weights(model: nn.Module, embed: torch.Tensor | None) -> None:

@@ -14,12 +14,18 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tp", type=int, required=True)
     p.add_argument("--families", nargs="+", required=True)
+    p.add_argument("--offload", choices=["cpu", "nvme"], default=None)
+    p.add_argument("--offload-path", default=None)
     args = p.parse_args()
     torch.set_num_threads(1)
+    offload = {} if args.offload is None else dict(offload=args.offload, max_memory="8MiB",
+                                                   offload_path=args.offload_path)
     for family in args.families:
         hf = tiny_model(family)
         opt = dsi.init_inference(copy.deepcopy(hf), tensor_parallel_size=args.tp, max_seq_len=64,
-                                 collective_timeout_s=60)
+                                 collective_timeout_s=60, **offload)
+        if args.offload is not None:
+            assert opt._dsinfer_engine.working_set is not None
         ids, mask = padded_batch([12, 5, 9], seed=1)
         with torch.no_grad():
             ref = hf(input_ids=ids, attention_mask=mask).logits

@@ -34,4 +34,4 @@ def build_step(rotary: RotaryTable, positions: torch.Tensor, key_valid: torch.Te
                window: int | None) -> Step:
     cos, sin = rotary.gather(positions)
     mask, window_mask = build_masks(key_valid, q_start, t, window, positions.device)
-    return Step(cos=cos, sin=sin, mask=mask, window_mask=window_mask)
+    return Step(cos=cos, sin=sin, mask=mask, window_mask=window_mask, q_start=q_start)

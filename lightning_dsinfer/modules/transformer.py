@@ -27,6 +27,18 @@ class Step:
     cache: StaticKVCache | None = None     # engine-owned cache ...
     start: int = 0                         # ... and the column this step writes at
     hf_cache: Any = None                   # or a transformers Cache (``update(k, v, layer_idx)``)
+    q_start: int = 0                       # KV column of the first query (columns of mask / window_mask)
+
+    def rows(self, a: int, b: int) -> "Step":
+        """The step for queries [a, b) of this one (chunked prefill): they write K/V at ``start + a`` and see
+        the columns up to their own, so running the chunks in order equals running the whole step."""
+        end = self.q_start + b
+
+        def cut(m):
+            return None if m is None else m[:, :, a:b, :end]
+
+        return Step(cos=self.cos[:, a:b], sin=self.sin[:, a:b], mask=cut(self.mask), window_mask=cut(self.window_mask),
+                    cache=self.cache, start=self.start + a, hf_cache=self.hf_cache, q_start=self.q_start + a)
 
 
 @dataclass
@@ -117,12 +129,20 @@ class DecoderModel(nn.Module):
         self.comm = comm
         self.sharded_vocab = comm is not None and comm.size > 1
 
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` of this rank's embedding shard."""
+        return nn.functional.embedding(ids, self.embed)
+
+    @property
+    def embed_rows(self) -> int:
+        return self.embed.shape[0]
+
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         if not self.sharded_vocab:
-            return nn.functional.embedding(input_ids, self.embed)
+            return self.lookup(input_ids)
         local = input_ids - self.vocab_start
-        outside = (local < 0) | (local >= self.embed.shape[0])
-        h = nn.functional.embedding(local.masked_fill(outside, 0), self.embed)
+        outside = (local < 0) | (local >= self.embed_rows)
+        h = self.lookup(local.masked_fill(outside, 0))
         h.masked_fill_(outside.unsqueeze(-1), 0)
         return self.comm.all_reduce(h)
 

@@ -28,6 +28,9 @@ class WeightSource:
     def read(self, name: str, dim: int | None, start: int, length: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def release(self, names=()) -> None:
+        """The named weights were copied elsewhere; memory held for them may be given back."""
+
     def reads_rows_into(self, name: str, dtype: torch.dtype) -> bool:
         """Whether :meth:`read_rows_into` can fill a ``dtype`` buffer with rows of ``name`` directly."""
         return False
@@ -72,10 +75,39 @@ def load_fused(parts, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+class MetaSource(WeightSource):
+    """Shapes only: every read is an empty ``meta`` tensor of the slice's shape (for planning layouts)."""
+
+    def __init__(self, inner: WeightSource):
+        self.inner = inner
+
+    def shape(self, name):
+        return self.inner.shape(name)
+
+    def read(self, name, dim, start, length):
+        shape = list(self.inner.shape(name))
+        if dim is not None:
+            shape[dim] = length
+        return torch.empty(shape, device="meta")
+
+
+def with_source(obj, source: WeightSource):
+    """A copy of a dataclass of WeightRefs (LayerWeights, ModelWeights) whose refs read from ``source``."""
+    import dataclasses
+
+    changes = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, WeightRef):
+            changes[f.name] = WeightRef(source, v.name, v.shape)
+    return dataclasses.replace(obj, **changes)
+
+
 class ModuleSource(WeightSource):
     """Weights of an in-memory module (parameters and buffers)."""
 
     def __init__(self, module: nn.Module):
+        self.module = module
         self.tensors = dict(module.named_parameters(remove_duplicate=False))
         self.tensors.update(dict(module.named_buffers(remove_duplicate=False)))
 
@@ -88,6 +120,16 @@ class ModuleSource(WeightSource):
             raise ValueError(f"weight {name} is on the meta device; pass checkpoint=<folder of safetensors> so "
                              f"dsinfer can load it.")
         return t if dim is None else t.narrow(dim, start, length)
+
+    def release(self, names=()) -> None:
+        """Turn the named parameters of the module into meta tensors (their memory is freed)."""
+        for name in names:
+            module_name, _, attr = name.rpartition(".")
+            sub = self.module.get_submodule(module_name)
+            p = sub._parameters.get(attr)
+            if p is not None and p.device.type != "meta":
+                sub._parameters[attr] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+            self.tensors.pop(name, None)
 
 
 # safetensors dtype names -> torch dtypes (https://github.com/huggingface/safetensors, format section)
@@ -224,3 +266,22 @@ class SafetensorsSource(WeightSource):
                 out[first:first + n] = block[:, start * inner:(start + length) * inner]
         shape[dim] = length
         return out.view(e.dtype).view(shape)
+
+
+def alias_checkpoint_names(source: SafetensorsSource, model: nn.Module) -> None:
+    """Make a checkpoint's tensors reachable under the model's parameter names where transformers renames
+    keys on load (GPT-NeoX saves ``lm_head.weight`` as ``embed_out.weight``; legacy ``gamma`` / ``beta``).
+
+    Only renamings: keys that transformers would merge or split on load (``WeightConverter``, e.g. per-expert
+    MoE tensors) keep their names, and a model parameter they feed is reported missing by the caller.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+    except ImportError:                     # older / newer transformers without these: names are used as they are
+        return
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    for key in list(source.entries):
+        name = apply_renamings(key, renamings)
+        if name != key and name not in source.entries:
+            source.entries[name] = source.entries[key]

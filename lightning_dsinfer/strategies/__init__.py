@@ -4,7 +4,7 @@ from lightning_dsinfer.strategies.dsinfer import DSInferStrategy
 
 
 def register() -> None:
-    if "dsinfer" not in StrategyRegistry:
+    if "dsinfer_offload_nvme" not in StrategyRegistry:
         DSInferStrategy.register_strategies(StrategyRegistry)
 
 

@@ -4,6 +4,7 @@ user's unchanged steps on it."""
 from __future__ import annotations
 
 import datetime
+import os
 from dataclasses import replace
 from typing import Any
 
@@ -80,14 +81,18 @@ class DSInferStrategy(DDPStrategy):
     strategy_name = "dsinfer"
 
     def __init__(self, tensor_parallel_size: int | None = None, max_seq_len: int | None = None,
-                 max_batch_size: int = 8, dtype: torch.dtype | str | None = None, checkpoint: str | None = None,
-                 collective_timeout_s: float = 300.0, **kwargs: Any):
+                 max_batch_size: int | None = None, dtype: torch.dtype | str | None = None,
+                 checkpoint: str | None = None, collective_timeout_s: float = 300.0, offload: str | None = None,
+                 offload_path: str | None = None, max_memory: int | str | None = None, **kwargs: Any):
         kwargs.setdefault("timeout", datetime.timedelta(seconds=collective_timeout_s))
         super().__init__(**kwargs)
         self.tensor_parallel_size = tensor_parallel_size
+        if offload == "nvme" and offload_path is None:
+            offload_path = os.environ.get("DSINFER_OFFLOAD_PATH")
         self.inference_config = InferenceConfig(dtype=resolve_dtype(dtype), max_seq_len=max_seq_len,
                                                 max_batch_size=max_batch_size, checkpoint=checkpoint,
-                                                collective_timeout_s=collective_timeout_s)
+                                                collective_timeout_s=collective_timeout_s, offload=offload,
+                                                offload_path=offload_path, max_memory=max_memory)
         self._topology: Topology | None = None
         self._comm: TensorParallelComm | None = None
 
@@ -165,9 +170,10 @@ class DSInferStrategy(DDPStrategy):
             raise UnsupportedModelError(
                 f"strategy='dsinfer' found no Hugging Face PreTrainedModel inside {type(self.lightning_module).__name__}; "
                 f"keep the transformers model as an attribute of the LightningModule (e.g. self.model = model).")
-        for _, model in models:
-            find_policy(model)   # raise for an unsupported model before any work starts
         config = replace(self._engine_config(), tensor_parallel_size=self.topology.tp)
+        if config.tensor_parallel_size == 1:      # with TP > 1 a model without a policy takes the generic TP path
+            for _, model in models:
+                find_policy(model)   # raise for an unsupported model before any work starts
         for _, model in models:
             if not is_optimised(model):
                 init_inference(model, config=config, comm=self._comm)
@@ -210,3 +216,8 @@ class DSInferStrategy(DDPStrategy):
     @override
     def register_strategies(cls, strategy_registry) -> None:
         strategy_registry.register("dsinfer", cls, description="lightning-dsinfer fused inference engine")
+        strategy_registry.register("dsinfer_offload", cls, offload="cpu",
+                                   description="lightning-dsinfer with weights in host memory, streamed per layer")
+        strategy_registry.register("dsinfer_offload_nvme", cls, offload="nvme",
+                                   description="lightning-dsinfer with weights on disk under $DSINFER_OFFLOAD_PATH, "
+                                               "streamed per layer")

@@ -1,0 +1,108 @@
+"""How many ring slots, which batch size and how long a prefill chunk fit in ``max_memory``.
+
+Working set on the compute device (RAM on a CPU, device memory on a GPU):
+
+    n_slots x largest unit                       the prefetch ring (current unit + n_slots - 1 in flight)
+  + batch x per-sequence bytes                   KV cache for max_seq_len, hidden states, logits
+  + prefill_tokens x per-token activation bytes  one block's temporaries on one prefill chunk
+
+Three slots (two units in flight) when they fit, else two, else one (no overlap). The batch size is
+the user's ``max_batch_size`` when given (checked), else the largest that fits (throughput: the weights
+are read once per step whatever the batch).
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+MAX_AUTO_BATCH = 256
+DEFAULT_PREFILL_TOKENS = 256
+MIN_PREFILL_TOKENS = 16
+
+
+def parse_bytes(value: int | float | str) -> int:
+    """``200 * 2**20``, ``"200MiB"``, ``"1.5GB"`` -> bytes."""
+    if isinstance(value, (int, float)):
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"max_memory={value!r} is not a size; use bytes or a string like '512MiB' or '2GB'.")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def available_memory(device) -> int:
+    """Free memory of the compute device: free device memory on a GPU, available RAM on a CPU."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return free
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True)
+class WorkingSet:
+    max_memory: int
+    n_slots: int
+    slot_bytes: int
+    batch_size: int
+    per_sequence_bytes: int
+    prefill_tokens: int
+    per_token_bytes: int
+
+    @property
+    def total(self) -> int:
+        return (self.n_slots * self.slot_bytes + self.batch_size * self.per_sequence_bytes
+                + self.prefill_tokens * self.per_token_bytes)
+
+
+def plan_working_set(max_memory: int, slot_bytes: int, per_sequence_bytes: int, per_token_bytes: int,
+                     batch_size: int | None, max_slots: int = 3) -> WorkingSet:
+    def fits(n, b, t):
+        return n * slot_bytes + b * per_sequence_bytes + t * per_token_bytes <= max_memory
+
+    need_b = batch_size or 1
+    for n in range(max_slots, 0, -1):
+        t = DEFAULT_PREFILL_TOKENS
+        while t > MIN_PREFILL_TOKENS and not fits(n, need_b, t):
+            t //= 2
+        if fits(n, need_b, t):
+            break
+    else:
+        mib = 2**20
+        least = slot_bytes + need_b * per_sequence_bytes + MIN_PREFILL_TOKENS * per_token_bytes
+        raise ValueError(
+            f"dsinfer: max_memory={max_memory / mib:.0f} MiB is smaller than one layer's working set: "
+            f"{slot_bytes / mib:.1f} MiB for the largest layer + {need_b} x {per_sequence_bytes / mib:.1f} MiB per "
+            f"sequence (KV cache for max_seq_len, hidden states, logits) + {MIN_PREFILL_TOKENS} x "
+            f"{per_token_bytes / 1024:.0f} KiB of prefill activations = {least / mib:.0f} MiB. Raise max_memory to "
+            f"at least that, or lower max_seq_len / max_batch_size.")
+    if batch_size is None:
+        left = max_memory - n * slot_bytes - t * per_token_bytes
+        batch_size = max(1, min(left // per_sequence_bytes, MAX_AUTO_BATCH))
+    return WorkingSet(max_memory, n, slot_bytes, batch_size, per_sequence_bytes, t, per_token_bytes)
+
+
+def release_freed_memory_promptly() -> None:
+    """Make glibc serve every allocation of 1 MiB or more with its own mapping, returned to the system on
+    free. By default glibc raises that threshold (up to 32 MiB) each time such a block is freed, after
+    which per-layer tensors come from the heap and freed ones stay resident: the process's memory would
+    creep above the working set while an offloaded model is written and streamed."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return                                    # not glibc: nothing to tune
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 1 << 20)
+    mallopt(m_trim_threshold, 4 << 20)

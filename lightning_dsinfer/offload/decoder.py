@@ -1,0 +1,141 @@
+"""The decoder over streamed weights: same interface as :class:`DecoderModel`, blocks pulled from the ring.
+
+Per forward pass each block is acquired from the :class:`UnitStreamer`, wrapped in a
+:class:`DecoderLayer` (views, no copy), run, and released; the lm_head is streamed in row slices the
+size of a block. Prompts are run through each resident block in chunks of ``prefill_tokens`` tokens
+(the K/V of earlier chunks are already in the cache), so prefill activations stay bounded however
+long the prompt batch; a block is still read once per pass.
+
+Embedding rows come from a :class:`RowTable`: resident (host tier) or read row by row from a file
+(disk tier), so the embedding matrix is never resident either.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+from torch import nn
+
+from lightning_dsinfer.kernels import reference as ops
+from lightning_dsinfer.modules.linear import Linear
+from lightning_dsinfer.modules.transformer import DecoderLayer, DecoderModel, Step
+from lightning_dsinfer.offload.streamer import UnitStreamer
+
+
+class ResidentRows:
+    def __init__(self, table: torch.Tensor):
+        self.table = table
+        self.rows = table.shape[0]
+
+    def lookup(self, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return nn.functional.embedding(ids.to(self.table.device), self.table).to(device)
+
+
+class FileRows:
+    """A [rows, hidden] matrix in a file; ``lookup`` reads only the rows asked for (``os.pread``)."""
+
+    def __init__(self, path: str, rows: int, hidden: int, dtype: torch.dtype):
+        self.path, self.rows, self.hidden, self.dtype = path, rows, hidden, dtype
+        self.row_bytes = hidden * dtype.itemsize
+        self.fd = os.open(path, os.O_RDONLY)
+
+    @staticmethod
+    def write(path: str, chunks) -> None:
+        """Write the matrix from an iterable of [n, hidden] CPU tensors (never whole in memory)."""
+        with open(path, "wb") as f:
+            for chunk in chunks:
+                f.write(memoryview(chunk.contiguous().view(torch.uint8).numpy()))
+            f.flush()
+            os.fsync(f.fileno())
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+    def lookup(self, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+        flat = ids.reshape(-1).cpu()
+        unique, inverse = torch.unique(flat, return_inverse=True)
+        rows = torch.empty(len(unique), self.row_bytes, dtype=torch.uint8)
+        for i, r in enumerate(unique.tolist()):
+            rows[i] = torch.frombuffer(bytearray(os.pread(self.fd, self.row_bytes, r * self.row_bytes)),
+                                       dtype=torch.uint8)
+        out = rows.view(self.dtype)[inverse]
+        return out.view(*ids.shape, self.hidden).to(device)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class StreamedDecoderModel(DecoderModel):
+    def __init__(self, streamer: UnitStreamer, layer_units: list[int], head_units: list[int],
+                 make_layer: Callable[[int, dict], DecoderLayer], rows, final_norm: torch.Tensor, eps: float,
+                 vocab_size: int, vocab_start: int, prefill_tokens: int, comm=None):
+        nn.Module.__init__(self)
+        self.streamer = streamer
+        self.layer_units, self.head_units = layer_units, head_units
+        self.make_layer = make_layer
+        self.rows = rows
+        self.final_norm, self.eps = final_norm, eps
+        self.vocab_size, self.vocab_start = vocab_size, vocab_start
+        self.prefill_tokens = prefill_tokens
+        self.comm = comm
+        self.sharded_vocab = comm is not None and comm.size > 1
+        self.device = final_norm.device
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_units)
+
+    @property
+    def embed_rows(self) -> int:
+        return self.rows.rows
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.rows.lookup(ids, self.device)
+
+    def _chunks(self, b: int, t: int, step: Step) -> list[tuple[int, int]]:
+        """Query chunks for one block: whole when short, or when K/V go nowhere (a plain forward without a
+        cache has no earlier chunks to attend to)."""
+        n = max(self.prefill_tokens // b, 1)
+        if t <= n or (step.cache is None and step.hf_cache is None):
+            return [(0, t)]
+        return [(a, min(a + n, t)) for a in range(0, t, n)]
+
+    def hidden(self, h: torch.Tensor, step: Step) -> torch.Tensor:
+        chunks = self._chunks(h.shape[0], h.shape[1], step)
+        steps = [step if len(chunks) == 1 else step.rows(a, b) for a, b in chunks]
+        for i, unit in enumerate(self.layer_units):
+            layer = self.make_layer(i, self.streamer.acquire(unit))
+            try:
+                if len(chunks) == 1:
+                    h = layer(h, step)
+                else:
+                    out = torch.empty_like(h)
+                    for (a, b), sub in zip(chunks, steps):
+                        out[:, a:b] = layer(h[:, a:b], sub)
+                    h = out
+            finally:
+                del layer
+                self.streamer.release()
+        return ops.rms_norm(h, self.final_norm, self.eps)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        parts = []
+        for unit in self.head_units:
+            t = self.streamer.acquire(unit)
+            try:
+                parts.append(Linear(t["weight"], t.get("bias"), pack=False)(h))
+            finally:
+                self.streamer.release()
+        logits = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+        if not self.sharded_vocab:
+            return logits[..., :self.vocab_size]
+        return self.comm.all_gather_last(logits)[..., :self.vocab_size]
+
+    @property
+    def weight_bytes_per_token(self) -> int:
+        """Bytes of weights one decode step reads (every streamed unit)."""
+        return sum(self.streamer.layouts[u].nbytes for u in self.layer_units + self.head_units)
+
+    def close(self) -> None:
+        self.streamer.close()
+        if hasattr(self.rows, "close"):
+            self.rows.close()

@@ -1,0 +1,143 @@
+"""The prefetch ring: units stream through ``n_slots`` buffers while the current one computes.
+
+A forward pass consumes the units in a fixed cyclic order (blocks 0..L-1, then the lm_head slices, then
+block 0 of the next pass...). Position ``p`` of that cycle lives in slot ``p % n_slots``; when the
+consumer releases position ``p``, the read of position ``p + n_slots`` into the freed slot is queued.
+So ``n_slots - 1`` units are always in flight, across the boundary between two forward passes too
+(the first blocks of the next token load while the lm_head of this one computes).
+
+- CPU compute, disk tier: reads go straight into the slot buffers (host RAM); the working set is
+  the slots.
+- CPU compute, host tier: nothing to move; units are used in place.
+- GPU compute: slots are device buffers; host tier units (pinned) are copied on a side stream; disk
+  tier units are read into pinned staging slots first, then copied.
+
+A consumer that asks for another unit than the next one in the cycle (a pass that failed half way)
+restarts the cycle there after draining the reads in flight.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from lightning_dsinfer.offload.layout import UnitLayout, aligned_empty
+
+
+class UnitStreamer:
+    def __init__(self, store, layouts: list[UnitLayout], order: list[int], device: torch.device, n_slots: int,
+                 io_threads: int = 4):
+        self.store, self.layouts, self.order = store, layouts, order
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.zero_copy = store.zero_copy_on_cpu and not self.cuda
+        self.n_slots = min(n_slots, len(order))
+        self.slot_bytes = max(layouts[u].nbytes for u in order)
+        self.pos = 0
+        self.pending: dict[int, list[Future]] = {}
+        self.wait_s = 0.0                 # time the consumer waited for data (not hidden by compute)
+        self.bytes_read = 0
+        if self.zero_copy:
+            return
+        self.io = ThreadPoolExecutor(io_threads, thread_name_prefix="dsinfer-io")
+        host_staging = not (self.cuda and store.zero_copy_on_cpu)     # GPU + host tier copies from the store
+        self.host_slots = [aligned_empty(self.slot_bytes, pin=self.cuda) for _ in range(self.n_slots)] \
+            if host_staging else []
+        if self.cuda:
+            self.dev_slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device)
+                              for _ in range(self.n_slots)]
+            self.copy_stream = torch.cuda.Stream(self.device)
+            self.copier = ThreadPoolExecutor(1, thread_name_prefix="dsinfer-h2d")
+            self.free_events: list[torch.cuda.Event | None] = [None] * self.n_slots
+        for p in range(self.n_slots):
+            self._submit(p)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of the ring itself (host and device slots)."""
+        if self.zero_copy:
+            return 0
+        return self.slot_bytes * (len(self.host_slots) + (len(self.dev_slots) if self.cuda else 0))
+
+    # ---------------------------------------------------------------- producer side
+    def _submit(self, p: int) -> None:
+        unit = self.order[p % len(self.order)]
+        slot = p % self.n_slots
+        self.bytes_read += self.layouts[unit].nbytes
+        if not self.cuda:
+            self.pending[p] = self.store.read(unit, self.host_slots[slot], self.io)
+            return
+        if self.host_slots:
+            reads, src = self.store.read(unit, self.host_slots[slot], self.io), self.host_slots[slot]
+        else:
+            reads, src = [], self.store.host_buffer(unit)
+        n = self.layouts[unit].nbytes
+        self.pending[p] = [self.copier.submit(self._to_device, reads, src, self.dev_slots[slot], n,
+                                              self.free_events[slot])]
+
+    def _to_device(self, reads, src, dst, n, free_event) -> None:
+        for f in reads:
+            f.result()
+        with torch.cuda.device(self.device), torch.cuda.stream(self.copy_stream):
+            if free_event is not None:          # the slot's previous unit must be done computing
+                self.copy_stream.wait_event(free_event)
+            dst[:n].copy_(src[:n], non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.copy_stream)
+        done.synchronize()                      # staging buffer reusable; unit visible to the compute stream
+
+    # ---------------------------------------------------------------- consumer side
+    def acquire(self, unit: int) -> dict[str, torch.Tensor]:
+        """The tensors of ``unit`` (views), valid until :meth:`release`."""
+        if self.zero_copy:
+            return self.layouts[unit].views(self.store.host_buffer(unit))
+        if self.order[self.pos % len(self.order)] != unit:
+            self._restart(unit)
+        futures = self.pending.pop(self.pos)
+        t0 = time.perf_counter()
+        try:
+            for f in futures:
+                f.result()
+        except BaseException:
+            self._restart(unit)
+            raise
+        self.wait_s += time.perf_counter() - t0
+        slot = self.pos % self.n_slots
+        buffer = self.dev_slots[slot] if self.cuda else self.host_slots[slot]
+        return self.layouts[unit].views(buffer)
+
+    def release(self) -> None:
+        """The unit from the last :meth:`acquire` is no longer used: its slot takes the next read."""
+        if self.zero_copy:
+            return
+        slot = self.pos % self.n_slots
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            self.free_events[slot] = event
+        self._submit(self.pos + self.n_slots)
+        self.pos += 1
+
+    def _drain(self) -> None:
+        for futures in self.pending.values():
+            for f in futures:
+                try:
+                    f.result()
+                except BaseException:     # the pass that queued it failed already; its error was raised there
+                    pass
+        self.pending.clear()
+
+    def _restart(self, unit: int) -> None:
+        self._drain()
+        self.pos = self.order.index(unit)
+        for p in range(self.pos, self.pos + self.n_slots):
+            self._submit(p)
+
+    def close(self) -> None:
+        if self.zero_copy:
+            return
+        self._drain()
+        self.io.shutdown(wait=True)
+        if self.cuda:
+            self.copier.shutdown(wait=True)

@@ -1,0 +1,186 @@
+"""CPU / NVMe weight offload (ZeRO-Inference) against the unmodified HF model, fp32."""
+import copy
+import os
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import lightning_dsinfer as dsi
+from helpers import FAMILIES, collate_left_padded, generating_module, padded_batch, random_prompts, tiny_model
+from lightning_dsinfer.offload import UnitLayout, parse_bytes, plan_working_set
+from multiproc import clean_env, run_ranks
+
+TIERS = ["cpu", "nvme"]
+
+
+def _offloaded(hf, tier, tmp_path, **kw):
+    kw.setdefault("max_memory", "8MiB")
+    return dsi.init_inference(copy.deepcopy(hf), max_seq_len=64, offload=tier, offload_path=str(tmp_path / "off"), **kw)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_offload_matches_hf(family, tier, tmp_path):
+    hf = tiny_model(family)
+    opt = _offloaded(hf, tier, tmp_path)
+    engine = opt._dsinfer_engine
+    assert engine.working_set is not None and type(engine.decoder).__name__ == "StreamedDecoderModel"
+    ids, mask = padded_batch([12, 5, 9], seed=1)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+        ref_tokens = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    got = opt(input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()
+    assert (got[valid] - ref[valid]).abs().max() < 2e-4
+    assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False), ref_tokens)
+    # the HF module holds no weights any more: they live in the tier
+    assert all(p.device.type == "meta" for p in opt.parameters())
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_chunked_prefill_and_hf_loop_match_hf(tier, tmp_path):
+    """Prompts longer than the prefill chunk run through each streamed block in pieces (own loop and
+    HF's loop with a DynamicCache: beam search); the lm_head is streamed in several slices."""
+    hf = tiny_model("qwen3")
+    opt = _offloaded(hf, tier, tmp_path)
+    decoder = opt._dsinfer_engine.decoder
+    decoder.prefill_tokens = 6                       # 3 prompts of 12 columns -> chunks of 2 columns
+    assert len(decoder.head_units) >= 1
+    ids, mask = padded_batch([12, 5, 9], seed=2)
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+        ref_beam = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, num_beams=2, do_sample=False)
+    assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False), ref)
+    assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, num_beams=2,
+                                    do_sample=False), ref_beam)
+
+
+def test_lm_head_streamed_in_slices(tmp_path):
+    hf = tiny_model("llama", vocab_size=1000)        # lm_head (1000 x 64 fp32) is larger than a block
+    opt = _offloaded(hf, "nvme", tmp_path)
+    decoder = opt._dsinfer_engine.decoder
+    assert len(decoder.head_units) > 1
+    ids, mask = padded_batch([7, 4], vocab=1000, seed=3)
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False), ref)
+
+
+def test_streamer_recovers_from_an_aborted_pass(tmp_path):
+    hf = tiny_model("llama")
+    opt = _offloaded(hf, "nvme", tmp_path)
+    decoder = opt._dsinfer_engine.decoder
+    decoder.streamer.acquire(decoder.layer_units[0])     # a pass that stops after its first block
+    decoder.streamer.release()
+    ids, mask = padded_batch([6, 3], seed=4)
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False), ref)
+
+
+def test_meta_model_from_checkpoint_to_nvme_and_folder_reuse(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    hf = tiny_model("mistral")
+    hf.save_pretrained(tmp_path / "ckpt")
+    ids, mask = padded_batch([9, 4], seed=5)
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    reused = []
+    for _ in range(2):
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(hf.config)
+        opt = dsi.init_inference(meta, checkpoint=str(tmp_path / "ckpt"), offload="nvme", max_seq_len=32,
+                                 offload_path=str(tmp_path / "off"), max_memory="4MiB", dtype=torch.float32)
+        reused.append(opt._dsinfer_engine.decoder.streamer.store.reused)
+        assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False), ref)
+    assert reused == [False, True]                  # the second run found the folder written by the first
+
+
+def test_working_set_budget():
+    ws = plan_working_set(max_memory=100, slot_bytes=20, per_sequence_bytes=10, per_token_bytes=0, batch_size=None)
+    assert ws.n_slots == 3 and ws.batch_size == 4 and ws.total <= 100
+    ws = plan_working_set(max_memory=100, slot_bytes=45, per_sequence_bytes=5, per_token_bytes=0, batch_size=2)
+    assert ws.n_slots == 2 and ws.batch_size == 2
+    with pytest.raises(ValueError, match=r"smaller than one layer's working set"):
+        plan_working_set(max_memory=10 << 20, slot_bytes=11 << 20, per_sequence_bytes=1, per_token_bytes=1,
+                         batch_size=None)
+    assert parse_bytes("200MiB") == 200 << 20 and parse_bytes("1.5GB") == 1_500_000_000 and parse_bytes(7) == 7
+    with pytest.raises(ValueError, match="not a size"):
+        parse_bytes("lots")
+
+
+def test_layout_views_are_aligned_and_roundtrip():
+    tensors = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.bfloat16), "c": torch.ones(2, dtype=torch.int8)}
+    layout = UnitLayout.of(tensors)
+    assert layout.nbytes % 4096 == 0 and all(e.offset % 256 == 0 for e in layout.entries)
+    buf = torch.full((layout.nbytes,), 255, dtype=torch.uint8)
+    layout.pack(tensors, buf)
+    views = UnitLayout.from_json(layout.to_json()).views(buf)
+    assert all(torch.equal(views[k], v) for k, v in tensors.items())
+
+
+def test_offload_errors_before_work(tmp_path, monkeypatch):
+    hf = tiny_model("llama")
+    with pytest.raises(ValueError, match="offload='nvme' needs offload_path"):
+        dsi.init_inference(copy.deepcopy(hf), offload="nvme")
+    with pytest.raises(ValueError, match="is not one of None, 'cpu', 'nvme'"):
+        dsi.init_inference(copy.deepcopy(hf), offload="gpu")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="cannot be created"):
+        dsi.init_inference(copy.deepcopy(hf), offload="nvme", offload_path=str(blocker / "sub"), max_memory="8MiB")
+    with pytest.raises(ValueError, match=r"max_memory=1 MiB is smaller than one layer's working set.*Raise max_memory"):
+        dsi.init_inference(copy.deepcopy(hf), offload="cpu", max_memory="1MiB", max_seq_len=4096)
+    import shutil
+    from collections import namedtuple
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(ValueError, match=r"has 0 MiB free but the offloaded weights need"):
+        dsi.init_inference(copy.deepcopy(hf), offload="nvme", offload_path=str(tmp_path / "full"), max_memory="8MiB")
+
+
+def _trainer(**kw):
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, **kw)
+
+
+@pytest.mark.parametrize("strategy", ["dsinfer_offload", "dsinfer_offload_nvme", "instance"])
+def test_lightning_predict_with_offload(strategy, tmp_path, monkeypatch):
+    monkeypatch.setenv("DSINFER_OFFLOAD_PATH", str(tmp_path / "off"))
+    if strategy == "instance":
+        strategy = dsi.DSInferStrategy(offload="nvme", offload_path=str(tmp_path / "inst"), max_memory="8MiB",
+                                       max_seq_len=48)
+    hf = tiny_model("llama")
+    module = generating_module(copy.deepcopy(hf))
+    loader = DataLoader(random_prompts(5), batch_size=2, collate_fn=collate_left_padded)
+    preds = _trainer(strategy=strategy).predict(module, loader)
+    assert module.model._dsinfer_engine.working_set is not None
+    for batch, pred in zip(loader, preds):
+        with torch.no_grad():
+            assert torch.equal(pred, hf.generate(**batch, max_new_tokens=8, do_sample=False))
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_offload_with_tensor_parallel(tier, tmp_path):
+    codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", "llama", "qwen3", "--offload", tier,
+                                                   "--offload-path", str(tmp_path / "off")], timeout=300)
+    assert codes == [0, 0], "\n".join(outs)
+    assert outs[0].count(" OK") == 2, outs[0]
+    if tier == "nvme":                               # each rank streams its own shard from its own folder
+        assert sorted(os.listdir(tmp_path / "off")) == ["rank0-tp0of2", "rank1-tp1of2"]
+
+
+def test_peak_memory_bounded_by_max_memory(tmp_path):
+    """A model whose weights are >= 4x max_memory, loaded from a checkpoint on meta and run from the disk
+    tier: peak RSS growth over the process's baseline stays within max_memory + a fixed overhead."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = clean_env(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([os.path.dirname(here), here]))
+    proc = subprocess.run([sys.executable, os.path.join(here, "offload_memory_worker.py"), str(tmp_path)], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout
+    print(proc.stdout.splitlines()[-1])
