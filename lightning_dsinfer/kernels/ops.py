@@ -25,13 +25,13 @@ How the engine's calls map onto the kernels, and what stays on the reference:
     [kv_start[b], L) ending at the query (left padding and the sliding window give exactly that);
     ``seq_lens`` = L. ``mask=None`` -> every key. Ranges registered with :func:`kv_ranges` (the CUDA-graph
     decode step) are used as given, with no sync.
-  * prefill (T == L > 1) -> ``kernels/prefill_attention``: the mask must be the engine's left-padding
-    mask ``((j >= p_b) & (j <= i) & (j > i - w)) | (j == i)`` (``modules/masks.py``); p_b and w are read
-    off the mask and the rebuilt mask is compared with it. Query rows before p_b (padding) see only
+  * prefill (T > 1, L >= T; L > T for a later chunk or an HF-cache continuation, query i at column
+    c = L - T + i) -> ``kernels/prefill_attention``: the mask must be the engine's left-padding mask
+    ``((j >= p_b) & (j <= c) & (j > c - w)) | (j == c)`` (``modules/masks.py``); p_b and w are read off
+    the mask and the rebuilt mask is compared with it. Query rows before p_b (padding) see only
     themselves there, so their output is their own V row: written after the kernel (which gives zeros).
-  * reference fallback: T > 1 with past keys (L > T: HF-cache incremental calls, chunked prefill),
-    T > 1 with ``mask=None`` (non-causal), masks with holes (an attention_mask with zeros inside the
-    prompt), head dim > 256 or more than 128 query heads per KV head.
+  * reference fallback: T > 1 with ``mask=None`` (non-causal), non-bool masks, masks with holes (an
+    attention_mask with zeros inside the prompt), head dim > 256 or more than 128 query heads per KV head.
 
 On a GPU the first decode steps compile one decode kernel per split count (it grows with L until it
 reaches the GPU's program target); the CUDA-graph step passes the cache length instead, one compile.
@@ -209,30 +209,30 @@ def _decode_ranges(mask: torch.Tensor, b: int, length: int):
     return res
 
 
-def _prefill_ranges(mask: torch.Tensor, b: int, t: int):
-    """(kv_start [B] int32, window, pad rows [B, T] bool or None) when mask [B|1, 1, T, T] is the engine's
-    left-padding mask; else None. See the module docstring for the rule."""
+def _prefill_ranges(mask: torch.Tensor, b: int, t: int, length: int):
+    """(kv_start [B] int32, window, pad rows [B, T] bool or None) when mask [B|1, 1, T, L] is the engine's
+    left-padding mask with query i at column c = L - T + i; else None. See the module docstring."""
     hit = _mask_memo.get(mask)
     if hit is not None:
         return hit
-    m = mask.reshape(mask.shape[0], t, t)
-    i = torch.arange(t, device=m.device)
-    eye = i[:, None] == i[None, :]
-    seen = (m & ~eye).any(dim=1)                                               # key j seen by another query
-    first = seen.int().argmax(-1)
-    p = torch.where(seen.any(-1), first, t - 1)                                # [B|1]
+    m = mask.reshape(mask.shape[0], t, length)
+    c = torch.arange(length - t, length, device=m.device)[:, None]             # [T, 1] query columns
+    j = torch.arange(length, device=m.device)[None, :]                         # [1, L]
+    own = c == j                                                               # [T, L]
+    seen = (m & ~own).any(dim=1)                                               # key j seen by another query
+    p = torch.where(seen.any(-1), seen.int().argmax(-1), length - 1)           # [B|1]
     last_row = m[:, t - 1].sum(-1)                                             # keys the last query sees
     p_list, cnt = torch.stack((p, last_row)).tolist()                          # host sync
-    cut = [c for pb, c in zip(p_list, cnt) if c < t - pb]
+    cut = [n for pb, n in zip(p_list, cnt) if n < length - pb]
     window = min(cut) if cut else None
-    keep = (i[None, None, :] >= p[:, None, None]) & (i[None, None, :] <= i[None, :, None])
+    keep = (j[None] >= p[:, None, None]) & (j <= c)[None]
     if window is not None:
-        keep &= i[None, None, :] > i[None, :, None] - window
-    if not torch.equal(keep | eye, m):                                         # host sync
+        keep &= (j > c - window)[None]
+    if not torch.equal(keep | own, m):                                         # host sync
         res = ("holes", None)
     else:
         start = p.to(torch.int32).expand(b).contiguous()
-        pad = (i[None, :] < start[:, None]) if max(p_list) > 0 else None
+        pad = (c[:, 0][None, :] < start[:, None]) if max(p_list) > length - t else None
         res = ("ok", (start, window, pad))
     _mask_memo.put(mask, res)
     return res
@@ -256,13 +256,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         return reference.attention(q, k, v, mask, scale)
     if t == 1:
         return _decode(q, k, v, mask, scale, b, length)
-    if length != t:
-        _count("attention", "reference:past_keys")
-        return reference.attention(q, k, v, mask, scale)
-    if mask is None or mask.dtype != torch.bool:
+    if mask is None or mask.dtype != torch.bool or length < t:
         _count("attention", "reference:mask")
         return reference.attention(q, k, v, mask, scale)
-    kind, ranges = _prefill_ranges(mask, b, t)
+    kind, ranges = _prefill_ranges(mask, b, t, length)
     if kind != "ok":
         _count("attention", "reference:mask")
         return reference.attention(q, k, v, mask, scale)
@@ -272,7 +269,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)     # [B, T, H, D] views
     out = prefill_attention(qt, kt, vt, scale, kv_start=start, window=window)
     if pad is not None:   # padding queries see only themselves: their output is their own V row
-        own_v = vt.repeat_interleave(hq // hkv, dim=2)
+        own_v = vt[:, length - t:].repeat_interleave(hq // hkv, dim=2)
         out = torch.where(pad[:, :, None, None], own_v, out)
     return out.transpose(1, 2)
 

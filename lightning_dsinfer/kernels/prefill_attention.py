@@ -1,7 +1,8 @@
 """Prompt (prefill) attention: causal flash attention with padding masks, GQA and an optional window.
 
-Grid (query blocks, B * Hq); each program streams the keys its block can see (causal, inside the row's
-valid range [kv_start[b], seq_lens[b]), inside the window) with an online softmax in fp32; K/V are
+The T queries are the last T of L >= T key columns (L > T: a later chunk of a prompt whose earlier keys
+are already cached). Grid (query blocks, B * Hq); each program streams the keys its block can see (causal,
+inside the row's valid range [kv_start[b], seq_lens[b]), inside the window) with an online softmax in fp32; K/V are
 never repeated for GQA (query head h reads KV head h // (Hq / Hkv)). Query rows that see no key
 (padding) are written as zeros. Reference: :func:`lightning_dsinfer.kernels.reference.prefill_attention`.
 """
@@ -19,11 +20,11 @@ from lightning_dsinfer.kernels._common import dot, ieee_dot, interpreting, onlin
 @triton.jit
 def _prefill_attn_kernel(
     q_ptr, q_sb, q_st, q_sh,        # q [B, T, Hq, D]: batch / token / head strides (D contiguous)
-    k_ptr, k_sb, k_st, k_sh,        # k [B, T, Hkv, D]
-    v_ptr, v_sb, v_st, v_sh,        # v [B, T, Hkv, D]
+    k_ptr, k_sb, k_st, k_sh,        # k [B, L, Hkv, D]
+    v_ptr, v_sb, v_st, v_sh,        # v [B, L, Hkv, D]
     o_ptr,                          # out [B, T, Hq, D] contiguous
-    start_ptr, lens_ptr,            # kv_start [B] (HAS_START), seq_lens [B] (HAS_LENS): valid tokens
-    T, HQ, scale, window,           # tokens, query heads, score scale, window (HAS_WINDOW)
+    start_ptr, lens_ptr,            # kv_start [B] (HAS_START), seq_lens [B] (HAS_LENS): valid key columns
+    T, L, HQ, scale, window,        # queries, keys, query heads, score scale, window (HAS_WINDOW)
     G: tl.constexpr, D: tl.constexpr,   # query heads per KV head, head dim
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_START: tl.constexpr, HAS_LENS: tl.constexpr, HAS_WINDOW: tl.constexpr,
@@ -39,14 +40,15 @@ def _prefill_attn_kernel(
     md = d < D
     q = tl.load(q_ptr + b.to(tl.int64) * q_sb + i[:, None].to(tl.int64) * q_st + h * q_sh + d[None, :],
                 mask=(i[:, None] < T) & md[None, :], other=0.0)
+    ci = i + (L - T)                                              # the queries' key columns
     lo = 0
-    hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, T)
+    hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M + (L - T), L)
     if HAS_START:
         lo = tl.load(start_ptr + b).to(tl.int32)
     if HAS_LENS:
         hi = tl.minimum(hi, tl.load(lens_ptr + b).to(tl.int32))
     if HAS_WINDOW:
-        lo = tl.maximum(lo, pid_m * BLOCK_M - window + 1)
+        lo = tl.maximum(lo, pid_m * BLOCK_M + (L - T) - window + 1)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -57,9 +59,9 @@ def _prefill_attn_kernel(
         mj = j < hi
         k = tl.load(kb + j[:, None].to(tl.int64) * k_st + d[None, :], mask=mj[:, None] & md[None, :], other=0.0)
         s = dot(q, tl.trans(k), IEEE_DOT) * scale
-        keep = mj[None, :] & (j[None, :] <= i[:, None])          # j >= lo is implied by the loop
+        keep = mj[None, :] & (j[None, :] <= ci[:, None])         # j >= lo is implied by the loop
         if HAS_WINDOW:
-            keep = keep & (j[None, :] > i[:, None] - window)
+            keep = keep & (j[None, :] > ci[:, None] - window)
         s = tl.where(keep, s, float("-inf"))
         v = tl.load(vb + j[:, None].to(tl.int64) * v_st + d[None, :], mask=mj[:, None] & md[None, :], other=0.0)
         m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, IEEE_DOT)
@@ -71,17 +73,18 @@ def _prefill_attn_kernel(
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *,
                       kv_start: torch.Tensor | None = None, seq_lens: torch.Tensor | None = None,
                       window: int | None = None) -> torch.Tensor:
-    """Causal attention over a prompt: q [B, T, Hq, D], k, v [B, T, Hkv, D] (strided views allowed, D
-    contiguous). Row b's valid tokens are [kv_start[b], seq_lens[b]) (left / right padding; defaults
-    0 and T). Returns a new [B, T, Hq, D] tensor in q's dtype; padding query rows are zeros.
+    """Causal attention over a prompt: q [B, T, Hq, D], k, v [B, L, Hkv, D] with L >= T (strided views
+    allowed, D contiguous); query i sits at key column L - T + i. Row b's valid key columns are
+    [kv_start[b], seq_lens[b]) (left / right padding; defaults 0 and L). Returns a new [B, T, Hq, D]
+    tensor in q's dtype; query rows that see no key (padding) are zeros.
     """
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
-        raise ValueError(f"q must be [B, T, Hq, D] and k, v [B, T, Hkv, D], got {tuple(q.shape)}, "
+        raise ValueError(f"q must be [B, T, Hq, D] and k, v [B, L, Hkv, D], got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     b, t, hq, d = q.shape
     hkv = k.shape[2]
-    if k.shape[0] != b or k.shape[1] != t or k.shape[3] != d:
-        raise ValueError(f"k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)}")
+    if k.shape[0] != b or k.shape[1] < t or k.shape[3] != d:
+        raise ValueError(f"k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} (B, D equal, L >= T)")
     if hq % hkv:
         raise ValueError(f"query heads {hq} must be a multiple of kv heads {hkv}")
     if d > 256:
@@ -105,7 +108,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
         q, q.stride(0), q.stride(1), q.stride(2), k, k.stride(0), k.stride(1), k.stride(2),
         v, v.stride(0), v.stride(1), v.stride(2), out,
         kv_start if kv_start is not None else dummy, seq_lens if seq_lens is not None else dummy,
-        t, hq, scale, window or 1, G=hq // hkv, D=d,
+        t, k.shape[1], hq, scale, window or 1, G=hq // hkv, D=d,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
         HAS_START=kv_start is not None, HAS_LENS=seq_lens is not None, HAS_WINDOW=window is not None,
         IEEE_DOT=ieee_dot(q.dtype), num_warps=4)

@@ -218,20 +218,21 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
                       window: int | None = None) -> torch.Tensor:
     """Causal attention over a prompt (twin of ``kernels/prefill_attention.py``).
 
-    q [B, T, Hq, D], k, v [B, T, Hkv, D]. Row b's valid tokens are [kv_start[b], seq_lens[b]) (left and/or
-    right padding); query i sees valid keys j <= i (and j > i - window). Query rows with no visible key
-    (padding) give zeros. Returns [B, T, Hq, D].
+    q [B, T, Hq, D], k, v [B, L, Hkv, D], L >= T: query i sits at key column c = L - T + i. Row b's valid
+    keys are [kv_start[b], seq_lens[b]) (left and/or right padding); query i sees valid keys j <= c (and
+    j > c - window). Query rows with no visible key (padding) give zeros. Returns [B, T, Hq, D].
     """
     b, t, hq, d = q.shape
-    hkv = k.shape[2]
-    i = torch.arange(t, device=q.device)
-    keep = (i[None, :] <= i[:, None])[None].expand(b, t, t).clone()    # [B, Tq, Tk]
+    length, hkv = k.shape[1], k.shape[2]
+    c = torch.arange(length - t, length, device=q.device)[:, None]      # [Tq, 1] query columns
+    j = torch.arange(length, device=q.device)[None, :]                  # [1, L]
+    keep = (j <= c)[None].expand(b, t, length).clone()                  # [B, Tq, L]
     if window is not None:
-        keep &= i[None, None, :] > i[None, :, None] - window
+        keep &= (j > c - window)[None]
     if kv_start is not None:
-        keep &= i[None, None, :] >= kv_start.long()[:, None, None]
+        keep &= j[None] >= kv_start.long()[:, None, None]
     if seq_lens is not None:
-        keep &= i[None, None, :] < seq_lens.long()[:, None, None]
+        keep &= j[None] < seq_lens.long()[:, None, None]
     qf = q.float().transpose(1, 2)
     kf = k.float().transpose(1, 2).repeat_interleave(hq // hkv, dim=1)
     vf = v.float().transpose(1, 2).repeat_interleave(hq // hkv, dim=1)

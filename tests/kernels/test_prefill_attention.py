@@ -43,6 +43,21 @@ def test_prefill_attention_window_and_both_paddings(device, dtype, atol, rtol):
 
 
 @pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype,atol,rtol", TOLS)
+@pytest.mark.parametrize("window", [None, 5])
+def test_prefill_attention_after_cached_keys(device, dtype, atol, rtol, window):
+    # A later prompt chunk: 9 queries over 30 keys (21 of them from earlier chunks), left padding.
+    if not bf16_ok(device) and dtype == torch.bfloat16:
+        pytest.skip("bf16 unsupported on this GPU")
+    b, t, length, hq, hkv, d = 3, 9, 30, 4, 2, 24
+    q = torch.randn(b, t, hq, d, device=device).to(dtype)
+    kv = torch.randn(b, length, 2 * hkv, d, device=device).to(dtype)
+    k, v = kv[:, :, :hkv], kv[:, :, hkv:]
+    kw = dict(kv_start=torch.tensor([0, 7, 25], device=device, dtype=torch.int32), window=window)
+    assert_close(prefill_attention(q, k, v, 0.3, **kw), ref.prefill_attention(q, k, v, 0.3, **kw), atol, rtol)
+
+
+@pytest.mark.parametrize("device", device_params())
 def test_prefill_matches_cpu_path_attention(device):
     # Against the engine's existing reference.attention (SDPA with GQA) on a causal, left-padded mask.
     b, t, hq, hkv, d = 2, 21, 4, 2, 16
