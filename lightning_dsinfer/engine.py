@@ -217,6 +217,8 @@ def init_inference(model: nn.Module, config: InferenceConfig | None = None, comm
         raise TypeError("pass either config= or keyword options, not both")
     if getattr(model, "_dsinfer_engine", None) is not None:
         return model
+    if config.tensor_parallel_size > 1 and not _has_policy(model):      # generic TP (parallel/generic.py)
+        return _init_generic_tensor_parallel(model, config, comm)
     engine = InferenceEngine(model, config, comm=comm)
     model.eval()
     model.__dict__["_dsinfer_engine"] = engine
@@ -227,3 +229,41 @@ def init_inference(model: nn.Module, config: InferenceConfig | None = None, comm
 
 def is_optimised(model: nn.Module) -> bool:
     return getattr(model, "_dsinfer_engine", None) is not None
+
+
+# ---------------------------------------------------------------------- generic tensor parallelism
+# A model without a policy and tensor_parallel_size > 1: its own nn.Linear layers are split in place
+# (lightning_dsinfer/parallel/generic.py) and it keeps Hugging Face's unfused forward and generate.
+def _has_policy(model: nn.Module) -> bool:
+    from lightning_dsinfer.policies import UnsupportedModelError
+
+    try:
+        find_policy(model)
+    except UnsupportedModelError:
+        return False
+    return True
+
+
+def _init_generic_tensor_parallel(model: nn.Module, config: InferenceConfig, comm: TensorParallelComm | None):
+    from lightning_dsinfer.parallel.generic import (GenericTensorParallel, apply_generic_tensor_parallel,
+                                                    generic_generate, plan_generic_tensor_parallel)
+
+    if getattr(config, "offload", None) is not None:
+        raise NotImplementedError(f"offload={config.offload!r} needs a fused policy; model_type="
+                                  f"{getattr(model.config, 'model_type', None)!r} has none (the generic "
+                                  f"tensor-parallel path keeps every weight resident).")
+    device = _engine_device(model, config)
+    comm = comm if comm is not None else tensor_parallel_comm(config.tensor_parallel_size, device,
+                                                              config.collective_timeout_s)
+    plan = plan_generic_tensor_parallel(model, comm.size, comm.rank)
+    source = None
+    if config.checkpoint is not None:
+        from lightning_dsinfer.policies.weights import alias_checkpoint_names
+
+        source = SafetensorsSource(config.checkpoint, fallback=ModuleSource(model))
+        alias_checkpoint_names(source, model)
+    apply_generic_tensor_parallel(model, plan, comm, source, dtype=config.dtype, device=device)
+    model.eval()
+    model.__dict__["_dsinfer_engine"] = GenericTensorParallel(plan, comm)
+    model.generate = types.MethodType(generic_generate, model)
+    return model

@@ -20,6 +20,10 @@ def tiny_config(family: str, **overrides):
                              "max_window_layers": 1})
     elif family == "qwen3":
         cfg = Qwen3Config(**{**common, "head_dim": 32})
+    elif family in GENERIC_FAMILIES:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.for_model(family, **_GENERIC_COMMON, **GENERIC_FAMILIES[family])
     else:
         raise ValueError(family)
     for k, v in overrides.items():
@@ -53,6 +57,22 @@ def padded_batch(lengths, vocab=97, seed=0):
 
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+
+# Families without a fused policy (tensor parallel only, through the generic path). Split by their own tp
+# plan: gpt_neox (QKV fused per head), phi3 (packed q|k|v and gate|up split part by part; one KV head, so it
+# is replicated on both ranks of TP=2), olmo2 (q/k/v gathered because its q/k norms span all heads). By the
+# generic rule: opt, stablelm, and bloom, whose fused QKV stays whole (its layout cannot be told from shapes)
+# while its MLP is split.
+_GENERIC_COMMON = dict(hidden_size=64, num_hidden_layers=2, vocab_size=97, initializer_range=0.1, pad_token_id=0,
+                       bos_token_id=1, eos_token_id=2)
+GENERIC_FAMILIES = {
+    "gpt_neox": dict(num_attention_heads=4, intermediate_size=96, attention_bias=True, max_position_embeddings=256),
+    "phi3": dict(num_attention_heads=4, num_key_value_heads=1, intermediate_size=96, max_position_embeddings=256),
+    "olmo2": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256),
+    "opt": dict(num_attention_heads=4, ffn_dim=96, word_embed_proj_dim=64, max_position_embeddings=256),
+    "stablelm": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256),
+    "bloom": dict(n_head=4),
+}
 
 
 def collate_left_padded(rows):

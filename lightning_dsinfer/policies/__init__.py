@@ -22,7 +22,8 @@ def find_policy(model: nn.Module) -> Callable[[nn.Module, int], ModelWeights]:
     if model_type not in POLICIES:
         raise UnsupportedModelError(
             f"dsinfer has no policy for model_type={model_type!r} ({type(model).__name__}). "
-            f"Supported: {', '.join(supported_model_types())}.")
+            f"Supported: {', '.join(supported_model_types())}. With tensor_parallel_size > 1, other transformers "
+            f"causal LMs run unfused through the generic tensor-parallel path (their own nn.Linear layers split).")
     if not hasattr(model, "lm_head") or not hasattr(getattr(model, "model", None), "layers"):
         raise UnsupportedModelError(
             f"{type(model).__name__} (model_type={model_type!r}) is not a causal-LM head model; dsinfer optimises "
