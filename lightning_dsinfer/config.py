@@ -42,6 +42,7 @@ class InferenceConfig:
     max_memory: working-set budget of an offloaded engine on the compute device (bytes or "512MiB"): prefetch
       ring + KV cache + activations. None = half of what is free.
     max_batch_size: None = 8, or with offload the largest batch that fits in ``max_memory``.
+    cuda_graphs: on CUDA, capture one decode step per batch-size bucket and replay it (TP=1, no offload).
     """
     dtype: torch.dtype | None = None
     max_seq_len: int | None = None
@@ -54,6 +55,7 @@ class InferenceConfig:
     offload: str | None = None
     offload_path: str | None = None
     max_memory: int | str | None = None
+    cuda_graphs: bool = True
 
     def __post_init__(self):
         self.dtype = resolve_dtype(self.dtype)

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lightning_dsinfer.kernels import reference as ops
+from lightning_dsinfer.kernels import ops
 from lightning_dsinfer.modules.linear import Linear
 from lightning_dsinfer.modules.transformer import DecoderLayer, DecoderModel, Step
 from lightning_dsinfer.offload.streamer import UnitStreamer

@@ -83,7 +83,8 @@ class DSInferStrategy(DDPStrategy):
     def __init__(self, tensor_parallel_size: int | None = None, max_seq_len: int | None = None,
                  max_batch_size: int | None = None, dtype: torch.dtype | str | None = None,
                  checkpoint: str | None = None, collective_timeout_s: float = 300.0, offload: str | None = None,
-                 offload_path: str | None = None, max_memory: int | str | None = None, **kwargs: Any):
+                 offload_path: str | None = None, max_memory: int | str | None = None, cuda_graphs: bool = True,
+                 **kwargs: Any):
         kwargs.setdefault("timeout", datetime.timedelta(seconds=collective_timeout_s))
         super().__init__(**kwargs)
         self.tensor_parallel_size = tensor_parallel_size
@@ -92,7 +93,8 @@ class DSInferStrategy(DDPStrategy):
         self.inference_config = InferenceConfig(dtype=resolve_dtype(dtype), max_seq_len=max_seq_len,
                                                 max_batch_size=max_batch_size, checkpoint=checkpoint,
                                                 collective_timeout_s=collective_timeout_s, offload=offload,
-                                                offload_path=offload_path, max_memory=max_memory)
+                                                offload_path=offload_path, max_memory=max_memory,
+                                                cuda_graphs=cuda_graphs)
         self._topology: Topology | None = None
         self._comm: TensorParallelComm | None = None
 
