@@ -166,7 +166,7 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
     """
     from lightning_dsinfer.offload import (DiskStore, FileRows, HostStore, ResidentRows, StreamedDecoderModel,
                                            UnitLayout, UnitStreamer, plan_working_set)
-    from lightning_dsinfer.offload.budget import release_freed_memory_promptly
+    from lightning_dsinfer.offload.budget import MAX_AUTO_BATCH, MAX_AUTO_BATCH_CPU, release_freed_memory_promptly
     from lightning_dsinfer.policies.weights import MetaSource, with_source
 
     release_freed_memory_promptly()
@@ -181,7 +181,14 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
     meta_w = with_source(w, meta)
     layouts += [UnitLayout.of(head_rows(meta_w, plan, dtype, a, n)) for a, n in head_slices]
     ws = plan_working_set(max_memory, slot, _per_sequence_bytes(w, plan, dtype, max_seq_len, padded),
-                          _per_token_bytes(w, plan, dtype, max_seq_len), batch_size)
+                          _per_token_bytes(w, plan, dtype, max_seq_len), batch_size,
+                          max_auto_batch=MAX_AUTO_BATCH if device.type == "cuda" else MAX_AUTO_BATCH_CPU)
+    resident, spare = [], ws.spare          # units the leftover budget keeps for good (never streamed)
+    for u, layout in enumerate(layouts):
+        if tier == "nvme" or device.type == "cuda":
+            if layout.nbytes <= spare:
+                resident.append(u)
+                spare -= layout.nbytes
 
     def units():
         for lw in w.layers:
@@ -214,7 +221,7 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
         rows = FileRows(path, real, w.hidden_size, dtype)
     store.finish()
     source.release([w.embed.name, w.lm_head.name])
-    streamer = UnitStreamer(store, layouts, layer_units + head_units, device, ws.n_slots)
+    streamer = UnitStreamer(store, layouts, layer_units + head_units, device, ws.n_slots, resident=tuple(resident))
 
     def make(i, tensors):
         return make_layer(i, tensors, specs[i], comm, pack=False)

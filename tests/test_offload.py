@@ -18,8 +18,10 @@ TIERS = ["cpu", "nvme"]
 
 
 def _offloaded(hf, tier, tmp_path, **kw):
-    kw.setdefault("max_memory", "8MiB")
-    return dsi.init_inference(copy.deepcopy(hf), max_seq_len=64, offload=tier, offload_path=str(tmp_path / "off"), **kw)
+    kw.setdefault("max_memory", "640KiB")           # tight: the ring streams most units (asserted below)
+    kw.setdefault("max_batch_size", 3)
+    kw.setdefault("max_seq_len", 64)
+    return dsi.init_inference(copy.deepcopy(hf), offload=tier, offload_path=str(tmp_path / "off"), **kw)
 
 
 @pytest.mark.parametrize("tier", TIERS)
@@ -33,6 +35,9 @@ def test_offload_matches_hf(family, tier, tmp_path):
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask).logits
         ref_tokens = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    streamer = engine.decoder.streamer
+    if tier == "nvme":
+        assert len(streamer.order) >= 2 and streamer.n_slots >= 1      # units really stream through the ring
     got = opt(input_ids=ids, attention_mask=mask).logits
     valid = mask.bool()
     assert (got[valid] - ref[valid]).abs().max() < 2e-4
@@ -70,12 +75,30 @@ def test_lm_head_streamed_in_slices(tmp_path):
     assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False), ref)
 
 
+@pytest.mark.parametrize("budget", ["1MiB", "64MiB"])
+def test_spare_budget_keeps_units_resident(budget, tmp_path):
+    """A small batch leaves budget over: some units (1 MiB) or all of them (64 MiB) are read once and never
+    streamed; the output is unchanged."""
+    hf = tiny_model("llama")
+    opt = _offloaded(hf, "nvme", tmp_path, max_memory=budget, max_batch_size=2, max_seq_len=16)
+    streamer = opt._dsinfer_engine.decoder.streamer
+    n_units = len(streamer.layouts)
+    assert 0 < len(streamer.resident) < n_units if budget == "1MiB" else len(streamer.resident) == n_units
+    ids, mask = padded_batch([7, 4], seed=6)
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    for _ in range(2):
+        assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False), ref)
+
+
 def test_streamer_recovers_from_an_aborted_pass(tmp_path):
     hf = tiny_model("llama")
     opt = _offloaded(hf, "nvme", tmp_path)
     decoder = opt._dsinfer_engine.decoder
-    decoder.streamer.acquire(decoder.layer_units[0])     # a pass that stops after its first block
-    decoder.streamer.release()
+    streamer = decoder.streamer
+    assert len(streamer.order) >= 2
+    streamer.acquire(streamer.order[1])                # a pass that starts out of order and stops half way
+    streamer.release()
     ids, mask = padded_batch([6, 3], seed=4)
     with torch.no_grad():
         ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
@@ -103,9 +126,14 @@ def test_meta_model_from_checkpoint_to_nvme_and_folder_reuse(tmp_path):
 
 def test_working_set_budget():
     ws = plan_working_set(max_memory=100, slot_bytes=20, per_sequence_bytes=10, per_token_bytes=0, batch_size=None)
-    assert ws.n_slots == 3 and ws.batch_size == 4 and ws.total <= 100
+    assert ws.n_slots == 2 and ws.batch_size == 6 and ws.total == 100 and ws.spare == 0
+    ws = plan_working_set(max_memory=100, slot_bytes=20, per_sequence_bytes=10, per_token_bytes=0, batch_size=None,
+                          max_auto_batch=3)
+    assert ws.batch_size == 3 and ws.spare == 30
     ws = plan_working_set(max_memory=100, slot_bytes=45, per_sequence_bytes=5, per_token_bytes=0, batch_size=2)
     assert ws.n_slots == 2 and ws.batch_size == 2
+    ws = plan_working_set(max_memory=100, slot_bytes=60, per_sequence_bytes=5, per_token_bytes=0, batch_size=2)
+    assert ws.n_slots == 1                          # no room for a unit in flight: no overlap, still runs
     with pytest.raises(ValueError, match=r"smaller than one layer's working set"):
         plan_working_set(max_memory=10 << 20, slot_bytes=11 << 20, per_sequence_bytes=1, per_token_bytes=1,
                          batch_size=None)

@@ -18,14 +18,15 @@ def main():
     p.add_argument("--offload-path", default=None)
     args = p.parse_args()
     torch.set_num_threads(1)
-    offload = {} if args.offload is None else dict(offload=args.offload, max_memory="8MiB",
+    offload = {} if args.offload is None else dict(offload=args.offload, max_memory="400KiB", max_batch_size=3,
                                                    offload_path=args.offload_path)
     for family in args.families:
         hf = tiny_model(family)
         opt = dsi.init_inference(copy.deepcopy(hf), tensor_parallel_size=args.tp, max_seq_len=64,
                                  collective_timeout_s=60, **offload)
         if args.offload is not None:
-            assert opt._dsinfer_engine.working_set is not None
+            streamer = opt._dsinfer_engine.decoder.streamer
+            assert args.offload == "cpu" or len(streamer.order) >= 2, "nothing is streamed"
         ids, mask = padded_batch([12, 5, 9], seed=1)
         with torch.no_grad():
             ref = hf(input_ids=ids, attention_mask=mask).logits

@@ -6,9 +6,12 @@ Working set on the compute device (RAM on a CPU, device memory on a GPU):
   + batch x per-sequence bytes                   KV cache for max_seq_len, hidden states, logits
   + prefill_tokens x per-token activation bytes  one block's temporaries on one prefill chunk
 
-Three slots (two units in flight) when they fit, else two, else one (no overlap). The batch size is
-the user's ``max_batch_size`` when given (checked), else the largest that fits (throughput: the weights
-are read once per step whatever the batch).
+Two slots (one unit in flight while one computes: enough to keep the disk busy when it is the
+bottleneck) when they fit, else one (no overlap). The batch size is the user's ``max_batch_size`` when
+given (checked), else the largest that fits up to ``max_auto_batch`` (throughput: the weights are read
+once per step whatever the batch). Whatever the budget leaves after that holds units that are then
+never streamed (``spare``): at a small batch, memory the KV cache does not need cuts the bytes read per
+token.
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ from dataclasses import dataclass
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
-MAX_AUTO_BATCH = 256
+MAX_AUTO_BATCH = 256              # a GPU; a CPU's compute saturates far earlier (see MAX_AUTO_BATCH_CPU)
+MAX_AUTO_BATCH_CPU = 32
 DEFAULT_PREFILL_TOKENS = 256
 MIN_PREFILL_TOKENS = 16
 
@@ -59,9 +63,13 @@ class WorkingSet:
         return (self.n_slots * self.slot_bytes + self.batch_size * self.per_sequence_bytes
                 + self.prefill_tokens * self.per_token_bytes)
 
+    @property
+    def spare(self) -> int:
+        return self.max_memory - self.total
+
 
 def plan_working_set(max_memory: int, slot_bytes: int, per_sequence_bytes: int, per_token_bytes: int,
-                     batch_size: int | None, max_slots: int = 3) -> WorkingSet:
+                     batch_size: int | None, max_slots: int = 2, max_auto_batch: int = MAX_AUTO_BATCH) -> WorkingSet:
     def fits(n, b, t):
         return n * slot_bytes + b * per_sequence_bytes + t * per_token_bytes <= max_memory
 
@@ -83,7 +91,7 @@ def plan_working_set(max_memory: int, slot_bytes: int, per_sequence_bytes: int, 
             f"at least that, or lower max_seq_len / max_batch_size.")
     if batch_size is None:
         left = max_memory - n * slot_bytes - t * per_token_bytes
-        batch_size = max(1, min(left // per_sequence_bytes, MAX_AUTO_BATCH))
+        batch_size = max(1, min(left // per_sequence_bytes, max_auto_batch))
     return WorkingSet(max_memory, n, slot_bytes, batch_size, per_sequence_bytes, t, per_token_bytes)
 
 

@@ -12,8 +12,9 @@ So ``n_slots - 1`` units are always in flight, across the boundary between two f
 - GPU compute: slots are device buffers; host tier units (pinned) are copied on a side stream; disk
   tier units are read into pinned staging slots first, then copied.
 
-A consumer that asks for another unit than the next one in the cycle (a pass that failed half way)
-restarts the cycle there after draining the reads in flight.
+Units named ``resident`` (memory the budget leaves after the ring and the batch) are read once and
+never streamed; the cycle skips them. A consumer that asks for another unit than the next one in the
+cycle (a pass that failed half way) restarts the cycle there after draining the reads in flight.
 """
 from __future__ import annotations
 
@@ -27,20 +28,32 @@ from lightning_dsinfer.offload.layout import UnitLayout, aligned_empty
 
 class UnitStreamer:
     def __init__(self, store, layouts: list[UnitLayout], order: list[int], device: torch.device, n_slots: int,
-                 io_threads: int = 4):
-        self.store, self.layouts, self.order = store, layouts, order
+                 io_threads: int = 4, resident: tuple[int, ...] = ()):
+        self.store, self.layouts = store, layouts
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.zero_copy = store.zero_copy_on_cpu and not self.cuda
-        self.n_slots = min(n_slots, len(order))
-        self.slot_bytes = max(layouts[u].nbytes for u in order)
+        if self.zero_copy:
+            resident = ()
+        self.order = [u for u in order if u not in resident]
+        self.n_slots = min(n_slots, len(self.order))
+        self.slot_bytes = max((layouts[u].nbytes for u in self.order), default=0)
         self.pos = 0
         self.pending: dict[int, list[Future]] = {}
         self.wait_s = 0.0                 # time the consumer waited for data (not hidden by compute)
         self.bytes_read = 0
+        self.resident: dict[int, torch.Tensor] = {}
+        self._holding_resident = False
         if self.zero_copy:
             return
         self.io = ThreadPoolExecutor(io_threads, thread_name_prefix="dsinfer-io")
+        for u in resident:                # read once, kept for good: budget left over after the ring and the batch
+            host = aligned_empty(layouts[u].nbytes, pin=self.cuda) if not store.zero_copy_on_cpu else None
+            if host is not None:
+                for f in store.read(u, host, self.io):
+                    f.result()
+            src = host if host is not None else store.host_buffer(u)
+            self.resident[u] = src.to(self.device) if self.cuda else src
         host_staging = not (self.cuda and store.zero_copy_on_cpu)     # GPU + host tier copies from the store
         self.host_slots = [aligned_empty(self.slot_bytes, pin=self.cuda) for _ in range(self.n_slots)] \
             if host_staging else []
@@ -55,10 +68,11 @@ class UnitStreamer:
 
     @property
     def resident_bytes(self) -> int:
-        """Bytes of the ring itself (host and device slots)."""
+        """Bytes of the ring (host and device slots) and of the units kept resident."""
         if self.zero_copy:
             return 0
-        return self.slot_bytes * (len(self.host_slots) + (len(self.dev_slots) if self.cuda else 0))
+        kept = sum(self.layouts[u].nbytes for u in self.resident)
+        return kept + self.slot_bytes * (len(self.host_slots) + (len(self.dev_slots) if self.cuda else 0))
 
     # ---------------------------------------------------------------- producer side
     def _submit(self, p: int) -> None:
@@ -92,6 +106,9 @@ class UnitStreamer:
         """The tensors of ``unit`` (views), valid until :meth:`release`."""
         if self.zero_copy:
             return self.layouts[unit].views(self.store.host_buffer(unit))
+        if unit in self.resident:
+            self._holding_resident = True
+            return self.layouts[unit].views(self.resident[unit])
         if self.order[self.pos % len(self.order)] != unit:
             self._restart(unit)
         futures = self.pending.pop(self.pos)
@@ -110,6 +127,9 @@ class UnitStreamer:
     def release(self) -> None:
         """The unit from the last :meth:`acquire` is no longer used: its slot takes the next read."""
         if self.zero_copy:
+            return
+        if self._holding_resident:
+            self._holding_resident = False
             return
         slot = self.pos % self.n_slots
         if self.cuda:
@@ -130,6 +150,7 @@ class UnitStreamer:
 
     def _restart(self, unit: int) -> None:
         self._drain()
+        self._holding_resident = False
         self.pos = self.order.index(unit)
         for p in range(self.pos, self.pos + self.n_slots):
             self._submit(p)
