@@ -212,3 +212,15 @@ def test_peak_memory_bounded_by_max_memory(tmp_path):
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout
     print(proc.stdout.splitlines()[-1])
+
+
+def test_folder_of_another_in_memory_model_is_rewritten(tmp_path):
+    """Weights from memory carry no fingerprint: a folder they wrote is never taken for another model's."""
+    ids, mask = padded_batch([6, 4], seed=7)
+    for seed in (0, 1):
+        hf = tiny_model("llama", seed=seed)
+        with torch.no_grad():
+            ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+        opt = _offloaded(hf, "nvme", tmp_path)
+        assert not opt._dsinfer_engine.decoder.streamer.store.reused
+        assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False), ref)

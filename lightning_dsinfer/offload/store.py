@@ -108,6 +108,8 @@ class DiskStore:
         return os.path.join(self.folder, f"unit_{unit:05d}.bin")
 
     def _manifest_matches(self) -> bool:
+        if self.fingerprint is None:                # weights from memory: nothing tells they are the same
+            return False
         try:
             with open(os.path.join(self.folder, _MANIFEST)) as f:
                 m = json.load(f)

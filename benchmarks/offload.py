@@ -1,0 +1,255 @@
+"""NVMe offload: lightning-dsinfer's disk tier vs accelerate's disk offload, side by side in one process.
+
+A from_config Llama (~1 GB in bf16) is saved once as a safetensors checkpoint. Both systems get the same
+memory budget (``--budget``, a quarter of the model or less), the same prompts and batch sizes:
+
+- ours: ``init_inference(model_on_meta, checkpoint=..., offload="nvme", offload_path=..., max_memory=budget)``
+- accelerate: ``from_pretrained(..., device_map="auto", max_memory={"cpu": budget}, offload_folder=...)``
+
+Cold cache: the page cache is dropped for the checkpoint and both offload folders before every
+measurement (``posix_fadvise(DONTNEED)``), and for accelerate again before every generated token (it
+reads through the page cache, which would otherwise hold the whole model after the first token on a
+machine with enough RAM; ours reads with O_DIRECT and never uses it).
+
+Printed per run: new tokens/s (prompt included: N tokens = 1 prefill + N-1 decode passes), peak RSS growth
+over the process's resident memory before the run (VmHWM, reset per run), achieved weight-read bandwidth
+against the disk's O_DIRECT sequential read bandwidth measured in the same run, and the overlap
+(time per pass over max(transfer time, compute time); compute time is the same passes with the weights
+in RAM).
+
+    python benchmarks/offload.py                       # ~1 GB model, budget 1/4
+    python benchmarks/offload.py --record benchmarks/RESULTS.md
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from common import markdown_table, record  # noqa: E402
+
+MiB = 2**20
+
+
+def config(args):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                       num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
+                       max_position_embeddings=4096, tie_word_embeddings=False, eos_token_id=None, pad_token_id=0)
+
+
+def ensure_checkpoint(args) -> str:
+    from transformers import AutoModelForCausalLM
+
+    ckpt = os.path.join(args.dir, "ckpt")
+    if not os.path.exists(os.path.join(ckpt, "config.json")):
+        pid = os.fork()                     # the writer's memory must not count as this process's peak
+        if pid == 0:
+            torch.manual_seed(0)
+            AutoModelForCausalLM.from_config(config(args), dtype=torch.bfloat16).save_pretrained(ckpt)
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        if status:
+            raise SystemExit("writing the checkpoint failed")
+    return ckpt
+
+
+def files_under(*folders):
+    for folder in folders:
+        for root, _, names in os.walk(folder):
+            for n in names:
+                yield os.path.join(root, n)
+
+
+def drop_cache(*folders) -> None:
+    for path in files_under(*folders):
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+
+def direct_read_bandwidth(path: str) -> float:
+    """Best of two O_DIRECT sequential read patterns over ``path`` (1 x 16 MiB and 4 x 4 MiB in flight)."""
+    from lightning_dsinfer.offload import aligned_empty
+
+    size = os.path.getsize(path) // 4096 * 4096
+    best = 0.0
+    for chunk, threads in ((16 * MiB, 1), (4 * MiB, 4)):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        bufs = [memoryview(aligned_empty(chunk).numpy()) for _ in range(threads)]
+
+        def work(k):
+            for off in range(k * chunk, size - chunk + 1, threads * chunk):
+                os.preadv(fd, [bufs[k]], off)
+
+        t = time.perf_counter()
+        with ThreadPoolExecutor(threads) as ex:
+            list(ex.map(work, range(threads)))
+        best = max(best, (size // chunk * chunk) / (time.perf_counter() - t))
+        os.close(fd)
+    return best
+
+
+def rss(field="VmRSS") -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def prompts(batch, length, vocab):
+    g = torch.Generator().manual_seed(batch)
+    ids = torch.randint(3, vocab, (batch, length), generator=g)
+    return ids, torch.ones_like(ids)
+
+
+def run(model, batch, args, folders, new, per_token_drop=False):
+    """(seconds, peak VmHWM) of one cold-cache generate of ``new`` tokens."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class DropCache(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            drop_cache(*folders)
+            return scores
+
+    ids, mask = prompts(batch, args.prompt, args.vocab)
+    extra = {"logits_processor": LogitsProcessorList([DropCache()])} if per_token_drop else {}
+    gc.collect()
+    drop_cache(*folders)
+    reset_peak()
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                             min_new_tokens=new, **extra)
+    dt = time.perf_counter() - t
+    assert out.shape == (batch, args.prompt + new), out.shape
+    return dt, rss("VmHWM")
+
+
+def measure(model, batch, args, folders, per_token_drop=False):
+    """Prompt pass seconds (1 new token), decode seconds per pass ((t_N - t_1) / (N - 1)), new tokens/s over
+    the whole N-token generate, and the peak resident memory of these runs."""
+    run(model, batch, args, folders, 2, per_token_drop)                  # warm-up of the shapes
+    t1, p1 = run(model, batch, args, folders, 1, per_token_drop)
+    tn, pn = run(model, batch, args, folders, args.new, per_token_drop)
+    return {"prompt_s": t1, "decode_s": (tn - t1) / (args.new - 1), "tok_s": batch * args.new / tn,
+            "decode_tok_s": batch * (args.new - 1) / (tn - t1), "peak": max(p1, pn)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dir", default=os.path.expanduser("~/.cache/dsinfer-bench/offload"))
+    p.add_argument("--hidden", type=int, default=1536)
+    p.add_argument("--intermediate", type=int, default=4096)
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--budget-fraction", type=float, default=0.25, help="max_memory as a fraction of the weights")
+    p.add_argument("--prompt", type=int, default=64)
+    p.add_argument("--new", type=int, default=16)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--skip-accelerate", action="store_true")
+    p.add_argument("--record", default=None, help="append the table to this RESULTS.md")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM
+
+    import lightning_dsinfer as dsi
+
+    os.makedirs(args.dir, exist_ok=True)
+    ckpt = ensure_checkpoint(args)
+    ours_dir, acc_dir = os.path.join(args.dir, "ours"), os.path.join(args.dir, "accelerate")
+    weight_bytes = sum(os.path.getsize(f) for f in files_under(ckpt) if f.endswith(".safetensors"))
+    budget = int(weight_bytes * args.budget_fraction)
+    disk = max(direct_read_bandwidth(f) for f in files_under(ckpt) if f.endswith(".safetensors"))
+    print(f"model {weight_bytes / MiB:.0f} MiB bf16, budget {budget / MiB:.0f} MiB, disk O_DIRECT read "
+          f"{disk / 1e9:.2f} GB/s", flush=True)
+
+    def ours(tier, batch):
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(config(args), dtype=torch.bfloat16)
+        return dsi.init_inference(meta, checkpoint=ckpt, offload=tier, offload_path=ours_dir, dtype=torch.bfloat16,
+                                  max_memory=budget if tier == "nvme" else 8 * weight_bytes, max_batch_size=batch,
+                                  max_seq_len=args.prompt + args.new)
+
+    rows, results, notes = [], {}, []
+    base = rss()
+    runs = [(b, b) for b in args.batch] + [("auto", None)]
+    for label, batch in runs:
+        reset_peak()
+        model = ours("nvme", batch)
+        load_peak = rss("VmHWM") - base
+        engine = model._dsinfer_engine
+        ws, streamer = engine.working_set, engine.decoder.streamer
+        b = ws.batch_size if batch is None else batch
+        streamed = sum(streamer.layouts[u].nbytes for u in streamer.order)
+        r = measure(model, b, args, [ckpt, ours_dir])
+        r.update(load_peak=load_peak, streamed=streamed, batch=b, slots=ws.n_slots, resident=len(streamer.resident))
+        results[label] = r
+        note = (f"ours batch {b}{' (its throughput batch)' if batch is None else ''}: {ws.n_slots} slots x "
+                f"{ws.slot_bytes / MiB:.0f} MiB, {len(streamer.resident)} units resident, {streamed / MiB:.0f} MiB "
+                f"streamed per pass")
+        notes.append(note)
+        print(note, f"-> {r['tok_s']:.2f} tok/s, decode {r['decode_tok_s']:.2f} tok/s", flush=True)
+        del model, engine, streamer
+        gc.collect()
+    resident = ours("cpu", max(r["batch"] for r in results.values()))    # the same passes, weights in RAM
+    for label, r in results.items():
+        c = measure(resident, r["batch"], args, [])
+        transfer = r["streamed"] / disk
+        rows.append([f"ours (nvme){' auto batch' if label == 'auto' else ''}", r["batch"], r["tok_s"],
+                     r["decode_tok_s"], (r["peak"] - base) / MiB, r["load_peak"] / MiB,
+                     r["streamed"] / r["decode_s"] / 1e9, r["streamed"] / r["decode_s"] / disk,
+                     r["decode_s"] / max(transfer, c["decode_s"]), c["decode_s"] * 1e3, transfer * 1e3])
+    del resident
+    gc.collect()
+    acc = {}
+    if not args.skip_accelerate:
+        base = rss()
+        reset_peak()
+        model = AutoModelForCausalLM.from_pretrained(ckpt, device_map="auto", max_memory={"cpu": budget},
+                                                     offload_folder=acc_dir, dtype=torch.bfloat16).eval()
+        load_peak = rss("VmHWM") - base
+        model.generation_config.eos_token_id = None
+        for b in args.batch:
+            acc[b] = measure(model, b, args, [ckpt, acc_dir], per_token_drop=True)
+            print(f"accelerate batch {b}: {acc[b]['tok_s']:.2f} tok/s", flush=True)
+            rows.append(["accelerate disk offload", b, acc[b]["tok_s"], acc[b]["decode_tok_s"],
+                         (acc[b]["peak"] - base) / MiB, load_peak / MiB, "", "", "", "", ""])
+        del model
+    for b in args.batch:
+        if b in acc:
+            rows.append(["ratio ours / accelerate", b, results[b]["tok_s"] / acc[b]["tok_s"],
+                         results[b]["decode_tok_s"] / acc[b]["decode_tok_s"], "", "", "", "", "", "", ""])
+    table = markdown_table(["system", "batch", "new tok/s", "decode tok/s", "peak RSS growth MiB (run)",
+                            "peak RSS growth MiB (load)", "decode read GB/s", "of disk", "overlap (step / max)",
+                            "compute ms/step", "transfer ms/step"], rows)
+    header = (f"model {weight_bytes / MiB:.0f} MiB bf16 ({args.layers} layers, hidden {args.hidden}), max_memory "
+              f"{budget / MiB:.0f} MiB, prompt {args.prompt}, {args.new} new tokens, {args.threads} threads, disk "
+              f"O_DIRECT {disk / 1e9:.2f} GB/s; cold page cache for every run (and every token for accelerate); "
+              f"RSS growth over the process before loading\n\n" + "\n".join(f"- {n}" for n in notes))
+    print(header)
+    print(table)
+    if args.record:
+        record(args.record, "offload.py: NVMe tier vs accelerate disk offload", header + "\n\n" + table)
+
+
+if __name__ == "__main__":
+    main()
