@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import lightning_dsinfer as dsi
-from helpers import padded_batch, tiny_config, tiny_model
+from helpers import padded_batch, sampling_agrees_across_ranks, tiny_config, tiny_model
 
 
 def main():
@@ -34,11 +34,7 @@ def main():
         valid = mask.bool()
         err = (got[valid] - ref[valid]).abs().max().item()
         tokens = opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
-        torch.manual_seed(1234 + dsi.parallel_rank())          # different seeds per rank: generate must sync
-        sampled = opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=10)
-        gathered = [torch.empty_like(sampled) for _ in range(torch.distributed.get_world_size())]
-        torch.distributed.all_gather(gathered, sampled)
-        agrees = all(torch.equal(g, gathered[0]) for g in gathered)
+        agrees = sampling_agrees_across_ranks(opt, ids, mask, 8)
         meta_err = 0.0
         if args.checkpoints:
             with torch.device("meta"):

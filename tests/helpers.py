@@ -105,3 +105,17 @@ def generating_module(model, new_tokens=8):
             return self.model.generate(**batch, max_new_tokens=new_tokens, do_sample=False)
 
     return Gen(model)
+
+
+def sampling_agrees_across_ranks(model, ids, mask, new_tokens) -> bool:
+    """Sample with a different seed on every rank: tensor-parallel generate must still give every rank the
+    same tokens (it syncs the RNG)."""
+    import torch.distributed as dist
+
+    import lightning_dsinfer as dsi
+
+    torch.manual_seed(1234 + dsi.parallel_rank())
+    sampled = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=True, top_k=10)
+    gathered = [torch.empty_like(sampled) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, sampled)
+    return all(torch.equal(g, gathered[0]) for g in gathered)

@@ -20,6 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from lightning_dsinfer.fileio import pread_exactly
 from lightning_dsinfer.offload.layout import PAGE, UnitLayout, aligned_empty, round_up
 
 _MANIFEST = "manifest.json"
@@ -149,20 +150,8 @@ class DiskStore:
             os.replace(tmp, os.path.join(self.folder, _MANIFEST))
         self._fds = [_open_direct(self.path(i)) for i in range(len(self.layouts))]
 
-    def drop_cache(self) -> None:
-        """Evict this store's files from the page cache (benchmarks: make the next read hit the disk)."""
-        for i in range(len(self.layouts)):
-            fd = os.open(self.path(i), os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
-
     def _read_chunk(self, fd: int, direct: bool, view: memoryview, offset: int) -> None:
-        done = 0
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise OSError(f"dsinfer: short read of {self.folder} at {offset + done} (file truncated?)")
-            done += n
+        pread_exactly(fd, view, offset)
         if not direct:
             os.posix_fadvise(fd, offset, len(view), os.POSIX_FADV_DONTNEED)
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lightning_dsinfer.fileio import pread_exactly
+
 
 class WeightSource:
     """Where weights come from, by their ``state_dict`` name."""
@@ -170,13 +172,7 @@ def _read_header(path: str) -> dict[str, _Entry]:
 
 def _read_into(fd: int, buf: torch.Tensor, offset: int) -> None:
     """Fill the uint8 tensor ``buf`` with the file's bytes at ``offset`` (plain reads, no mmap)."""
-    view = memoryview(buf.numpy()).cast("B")
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            raise OSError(f"unexpected end of file at byte {offset + done}")
-        done += n
+    pread_exactly(fd, memoryview(buf.numpy()).cast("B"), offset)
 
 
 class SafetensorsSource(WeightSource):
