@@ -53,3 +53,22 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+LLAMA_200M = dict(hidden=1024, layers=12, heads=16, kv_heads=4, intermediate=2816, vocab=32000)
+
+
+def add_llama_args(parser, **defaults) -> None:
+    """--hidden/--layers/--heads/--kv-heads/--intermediate/--vocab of a from_config Llama (default: ~200M)."""
+    d = {**LLAMA_200M, **defaults}
+    for name in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=d[name])
+
+
+def llama_config(args):
+    """The benchmark Llama: untied embeddings, no eos (every run generates exactly N tokens), pad id 0."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                       num_key_value_heads=args.kv_heads, intermediate_size=args.intermediate, vocab_size=args.vocab,
+                       max_position_embeddings=4096, tie_word_embeddings=False, eos_token_id=None, pad_token_id=0)

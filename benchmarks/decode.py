@@ -21,17 +21,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from common import markdown_table, record, stream_read_bandwidth  # noqa: E402
+from common import add_llama_args, llama_config, markdown_table, record, stream_read_bandwidth  # noqa: E402
 
 
 def build_model(args):
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
-    cfg = LlamaConfig(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                      num_key_value_heads=args.kv_heads, intermediate_size=args.intermediate, vocab_size=args.vocab,
-                      max_position_embeddings=4096, tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_config(llama_config(args), dtype=torch.bfloat16).eval()
     model.generation_config.eos_token_id = None     # always generate exactly N tokens
     model.generation_config.pad_token_id = 0
     return model
@@ -62,12 +59,7 @@ def main():
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=128)
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--intermediate", type=int, default=2816)
-    p.add_argument("--vocab", type=int, default=32000)
+    add_llama_args(p)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--record", metavar="RESULTS_MD", help="append the table to this file")
     args = p.parse_args()

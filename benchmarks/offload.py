@@ -34,17 +34,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from common import markdown_table, record  # noqa: E402
+from common import add_llama_args, llama_config, markdown_table, record  # noqa: E402
 
 MiB = 2**20
-
-
-def config(args):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-                       num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
-                       max_position_embeddings=4096, tie_word_embeddings=False, eos_token_id=None, pad_token_id=0)
 
 
 def ensure_checkpoint(args) -> str:
@@ -55,7 +47,7 @@ def ensure_checkpoint(args) -> str:
         pid = os.fork()                     # the writer's memory must not count as this process's peak
         if pid == 0:
             torch.manual_seed(0)
-            AutoModelForCausalLM.from_config(config(args), dtype=torch.bfloat16).save_pretrained(ckpt)
+            AutoModelForCausalLM.from_config(llama_config(args), dtype=torch.bfloat16).save_pretrained(ckpt)
             os._exit(0)
         _, status = os.waitpid(pid, 0)
         if status:
@@ -154,12 +146,7 @@ def measure(model, batch, args, folders, per_token_drop=False):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", default=os.path.expanduser("~/.cache/dsinfer-bench/offload"))
-    p.add_argument("--hidden", type=int, default=1536)
-    p.add_argument("--intermediate", type=int, default=4096)
-    p.add_argument("--layers", type=int, default=16)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=32000)
+    add_llama_args(p, hidden=1536, intermediate=4096, layers=16, heads=12, kv_heads=4)
     p.add_argument("--budget-fraction", type=float, default=0.25, help="max_memory as a fraction of the weights")
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--new", type=int, default=16)
@@ -184,7 +171,7 @@ def main():
 
     def ours(tier, batch):
         with torch.device("meta"):
-            meta = AutoModelForCausalLM.from_config(config(args), dtype=torch.bfloat16)
+            meta = AutoModelForCausalLM.from_config(llama_config(args), dtype=torch.bfloat16)
         return dsi.init_inference(meta, checkpoint=ckpt, offload=tier, offload_path=ours_dir, dtype=torch.bfloat16,
                                   max_memory=budget if tier == "nvme" else 8 * weight_bytes, max_batch_size=batch,
                                   max_seq_len=args.prompt + args.new)
