@@ -10,7 +10,10 @@
 3. Measures device-to-device copy bandwidth, then times every kernel with ``triton.testing.do_bench``
    at realistic sizes (Llama-3-8B-like: hidden 4096, 32 / 8 heads of 128, intermediate 14336) next to
    the torch op it replaces, and prints: kernel, shape, time (us), GB/s (bytes the op must move /
-   time), fraction of the copy bandwidth, torch time (us), speed-up over torch.
+   time), fraction of the copy bandwidth, torch time (us), speed-up over torch. The rows named ``ops.*``
+   time the entry points the engine calls on CUDA (``kernels/ops.py``, dispatch included): the fused
+   residual + RMSNorm and rotary + KV-cache write against the op-by-op reference they replace, and the
+   small-batch GEMM dispatch (``ops.linear``, M = 1..32) on each Llama-3-8B linear against ``F.linear``.
 With ``--out DIR`` the table is also written to DIR/gpu_check.md. Without a GPU it prints a line saying
 so and exits 0, so it is safe to run anywhere.
 """
@@ -107,6 +110,8 @@ def cases(dev: str = "cuda", tiny: bool = False):
                     lambda q=q, k=k, v=v, cos=cos, sin=sin, pos=pos, kc=kc, vc=vc, st=st:
                     ref.rotary_qkv_cache_write(q, k, v, cos, sin, pos, kc, vc, st) if b == 1 else None, nbytes))
 
+    out += engine_op_cases(dev, tiny)
+
     for m in (16, big):
         gu = torch.randn(m, 2 * inter, device=dev, dtype=bf)
         out.append(("silu_gate (SwiGLU)", f"[{m}, 2x{inter}] bf16", lambda gu=gu: gated_act(gu, None, "silu"),
@@ -158,6 +163,50 @@ def cases(dev: str = "cuda", tiny: bool = False):
     out.append(("moe_gemm (grouped)", f"T={tok} E={e} k={k_top} {n}x{kdim}",
                 lambda: moe_gemm(x, w, sorted_ids, offsets, k_top), None,
                 w.numel() * 2 + (tok * kdim + tok * k_top * n) * 2))
+    return out
+
+
+def engine_op_cases(dev: str = "cuda", tiny: bool = False):
+    """The fused forms the engine calls through ``kernels/ops.py`` (rows of :func:`cases`), each against the
+    op-by-op reference composition it replaces (what the engine ran on CUDA before the fused forms)."""
+    from lightning_dsinfer.kernels import ops
+    from lightning_dsinfer.kernels import reference as ref
+
+    bf = torch.bfloat16
+    F = torch.nn.functional
+    hid, inter, hq, hkv, d = (64, 96, 4, 2, 16) if tiny else (4096, 14336, 32, 8, 128)
+    ctx, cache_len = (32, 64) if tiny else (2048, 4096)
+    out = []
+
+    for m in (1, 16):   # decode rows: o_proj / down_proj output + residual -> the next RMSNorm
+        x, r = torch.randn(m, hid, device=dev, dtype=bf), torch.randn(m, hid, device=dev, dtype=bf)
+        w = torch.randn(hid, device=dev, dtype=bf)
+        out.append(("ops.add_rms_norm", f"[{m}, {hid}] bf16", lambda x=x, r=r, w=w: ops.add_rms_norm(x, r, w, 1e-6),
+                    lambda x=x, r=r, w=w: ref.add_rms_norm(x, r, w, 1e-6), 4 * m * hid * 2))
+
+    for b, t in ((1, 1), (16, 1), (1, ctx)):   # qkv as the QKV GEMM writes it, rows of the engine's Step
+        qkv = torch.randn(b, t, hq + 2 * hkv, d, device=dev, dtype=bf)
+        ang = torch.rand(b, t, 1, d // 2, device=dev) * 6
+        cos = torch.cat((ang.cos(), ang.cos()), -1).to(bf)
+        sin = torch.cat((-ang.sin(), ang.sin()), -1).to(bf)
+        kc = torch.zeros(b, hkv, cache_len, d, device=dev, dtype=bf)
+        vc = torch.zeros_like(kc)
+        col = cache_len // 2
+        nbytes = b * t * (2 * (hq + hkv) * d + 3 * hkv * d) * 2
+        out.append(("ops.rotary_write_kv", f"B={b} T={t} {hq}/{hkv}x{d}",
+                    lambda qkv=qkv, cos=cos, sin=sin, kc=kc, vc=vc, col=col:
+                    ops.rotary_write_kv(qkv, hq, cos, sin, kc, vc, col),
+                    lambda qkv=qkv, cos=cos, sin=sin, kc=kc, vc=vc, col=col:
+                    ref.rotary_write_kv(qkv, hq, cos, sin, kc, vc, col), nbytes))
+
+    linears = ((("qkv", (hq + 2 * hkv) * d, hid), ("o", hid, hq * d), ("gate_up", 2 * inter, hid),
+                ("down", hid, inter)) if not tiny else (("qkv", (hq + 2 * hkv) * d, hid), ("down", hid, inter)))
+    for name, n, kdim in linears:
+        w = torch.randn(n, kdim, device=dev, dtype=bf) * 0.02
+        for m in (1, 8, 32):
+            x = torch.randn(m, kdim, device=dev, dtype=bf)
+            out.append((f"ops.linear {name}", f"M={m} {n}x{kdim} bf16", lambda x=x, w=w: ops.linear(x, w),
+                        lambda x=x, w=w: F.linear(x, w), (n * kdim + m * kdim + m * n) * 2))
     return out
 
 
@@ -240,17 +289,22 @@ def main() -> int:
         os.environ["TRITON_INTERPRET"] = "1"   # before the kernel modules import triton
         sys.path.insert(0, str(REPO))
         failed = 0
-        for kernel, shape, fn, torch_fn, _ in cases("cpu", tiny=True):
-            try:
-                fn()
-                if torch_fn is not None:
-                    torch_fn()
-                print(f"ok    {kernel} {shape}")
-            except Exception as exc:
-                failed += 1
-                print(f"FAIL  {kernel} {shape}: {type(exc).__name__}: {exc}")
         from lightning_dsinfer.generation import cuda_graphs
         from lightning_dsinfer.kernels import ops
+        with ops.force_triton():   # the ops.* rows through the kernels, as on CUDA
+            for kernel, shape, fn, torch_fn, _ in cases("cpu", tiny=True):
+                try:
+                    fn()
+                    if torch_fn is not None:
+                        torch_fn()
+                    print(f"ok    {kernel} {shape}")
+                except Exception as exc:
+                    failed += 1
+                    print(f"FAIL  {kernel} {shape}: {type(exc).__name__}: {exc}")
+            fused = {op for op, path in ops.dispatch_counts if path == "triton"}
+            if not {"add_rms_norm", "rotary_write_kv", "linear"} <= fused:
+                failed += 1
+                print(f"FAIL  ops.* rows did not reach the kernels: {dict(ops.dispatch_counts)}")
         with ops.force_triton(), cuda_graphs.emulate():
             failed += check_decode_graphs("cpu", tiny=True)
         return 1 if failed else 0

@@ -3,8 +3,8 @@
 The eager decode step (``decode.py``) cannot be replayed: its mask and K/V views grow by one column per
 token and it writes the cache at a host-int column. The graph step runs the same modules on fixed shapes:
 
-- K/V are written at a device-tensor column (``index_copy_``) into cache rows [:B]; attention reads all S
-  cache columns;
+- K/V are written at a device-tensor column (the rotary kernel's ``cache_start``; ``index_copy_`` on the
+  reference ops) into cache rows [:B]; attention reads all S cache columns;
 - visibility is per-row key ranges [kv_start, col] held in device tensors: a bool mask [B, 1, 1, S] for the
   reference ops, and the same ranges registered with ``kernels.ops.kv_ranges`` for the Triton decode kernel
   (no host sync; its split count then depends only on S);
@@ -79,17 +79,18 @@ def decode_graphs(engine, batch: int, key_valid: torch.Tensor | None, prompt_len
 
 
 class _ColumnWriter:
-    """Stands in for the StaticKVCache in a graph step's ``Step``: writes K/V at the device column and
-    returns the full cache rows [:B] (all S columns)."""
+    """Stands in for the StaticKVCache in a graph step's ``Step`` (its ``slots`` / ``read``): K/V
+    go to the device column (``kernels.ops.rotary_write_kv`` takes it as a LongTensor [1]) and attention reads
+    the full cache rows [:B] (all S columns)."""
 
     def __init__(self, cache, col: torch.Tensor, rows: int):
         self.cache, self.col, self.rows = cache, col, rows
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
-        kc, vc = self.cache.k[layer][:self.rows], self.cache.v[layer][:self.rows]
-        kc.index_copy_(2, self.col, k.transpose(1, 2))
-        vc.index_copy_(2, self.col, v.transpose(1, 2))
-        return kc, vc
+    def slots(self, layer: int, b: int, start: int):
+        return self.cache.k[layer][:self.rows], self.cache.v[layer][:self.rows], self.col
+
+    def read(self, layer: int, b: int, end: int):
+        return self.cache.k[layer][:self.rows], self.cache.v[layer][:self.rows]
 
 
 class _Bucket:

@@ -1,9 +1,10 @@
 """The ops the engine's modules call, dispatched to the Triton kernels or to ``reference.py``.
 
-Same names and signatures as :mod:`lightning_dsinfer.kernels.reference` (``rms_norm``, ``rotary_half``,
-``silu_and_mul``, ``attention``). A call goes to the Triton kernel when its tensors are on CUDA and Triton
-imports, or when the Triton path is forced (:func:`force_triton`, or ``DSINFER_FORCE_TRITON=1`` read at
-import), which with ``TRITON_INTERPRET=1`` runs the whole engine through the kernels on CPU tensors.
+Same names and signatures as :mod:`lightning_dsinfer.kernels.reference` (``rms_norm``, ``add_rms_norm``,
+``rotary_half``, ``rotary_write_kv``, ``silu_and_mul``, ``attention``, ``linear``). A call goes to the Triton
+kernel when its tensors are on CUDA and Triton imports, or when the Triton path is forced (:func:`force_triton`,
+or ``DSINFER_FORCE_TRITON=1`` read at import), which with ``TRITON_INTERPRET=1`` runs the whole engine through
+the kernels on CPU tensors.
 Everything else (the CPU path) calls the reference directly; Triton is imported only on the first Triton
 dispatch.
 
@@ -11,12 +12,26 @@ How the engine's calls map onto the kernels, and what stays on the reference:
 
 - ``rms_norm(x, w, eps)`` -> ``kernels/rms_norm.py`` (any shape, strided x allowed). In bf16/fp16 the
   kernel scales by the weight in fp32 and rounds once; the reference (HF's order) rounds before the scale.
+- ``add_rms_norm(x, residual, w, eps)`` -> ``kernels/rms_norm.py`` with ``residual=``: h = x + residual and
+  its norm in one pass, h stored once (Deep-Fusion residual + norm). The engine's blocks use it on the Triton
+  path (:func:`fuses_residual`): the output projections run without the residual, and the add happens in the
+  next norm (post-attention norm, the next block's input norm, the final norm). On the CPU path the add stays
+  inside the GEMM (oneDNN's binary-add epilogue) and the norms are plain ``rms_norm``, as before.
+- ``rotary_write_kv(qkv, Hq, cos, sin_signed, k_cache, v_cache, col, q_norm, k_norm, eps)`` ->
+  ``kernels/rotary.rotary_qkv`` with the caches: q and k heads rotated and K/V appended to the cache rows in one
+  kernel, reading q / k / v straight from the fused QKV output (strided views). The per-head q / k norms
+  (Qwen3) run first through ``kernels/rms_norm.py``. ``col``: an int (``torch.full`` of it is the kernel's
+  ``cache_start``) or a LongTensor [1] on the device (the CUDA-graph step, no host sync). Tables and
+  positions as for ``rotary_half`` (below); other layouts and caches -> reference.
+- ``linear(x, w, bias, residual)`` -> ``kernels/small_gemm.py`` when the rows M = x.numel() / K are
+  1..:data:`SMALL_GEMM_MAX_M` (decode) and x, w are both bf16 or both fp16; else ``F.linear`` (counted as
+  ``"torch:..."``, the intended path for prefill and fp32, not a fallback).
 - ``silu_and_mul(gate_up)`` -> ``kernels/activations.gated_act(act="silu")``.
 - ``rotary_half(x, cos, sin_signed)`` with x [B, T, H, D] and cos / sin [B, T, 1, D] (the engine's Step) ->
   ``kernels/rotary.rotary_qkv``: each token's cos row becomes one row of a [B*T, D/2] table, read at
   position ``b * T + t``. This relies on the reference's documented layout cos = cat(c, c),
   sin_signed = cat(-s, s) (``modules/rotary.py`` builds it so); the values are not checked. Other shapes
-  (cos not per token, odd D, x not 4-D) -> reference.
+  (cos not per token, odd D, x not 4-D) -> reference. The engine calls ``rotary_write_kv`` (same tables).
 - ``attention(q, k, v, mask, scale)`` (q [B, Hq, T, D], k / v [B, Hkv, L, D], mask bool [B|1, 1, T, L]
   in KV-column space or None). The kernels take per-row key ranges instead of a mask, so the mask is
   converted (once per mask object: the layers of one forward share it; one or two host syncs):
@@ -50,9 +65,13 @@ from lightning_dsinfer.kernels import reference, triton_available
 _FORCE = os.environ.get("DSINFER_FORCE_TRITON", "0") not in ("", "0", "false", "False")
 _CPU_TRITON_OK: bool | None = None   # triton_available("cpu"), asked once when forcing
 
-# (op, path) -> calls that took that path since the last clear(); path is "triton" or the fallback reason.
-# Counted on the Triton-capable path only (CUDA tensors or forced): the plain CPU path is not touched.
+# (op, path) -> calls that took that path since the last clear(); path is "triton", "reference:<why>" (a
+# fallback) or "torch:<why>" (``linear`` on F.linear by design). Counted on the Triton-capable path only (CUDA
+# tensors or forced): the plain CPU path is not touched.
 dispatch_counts: Counter = Counter()
+
+SMALL_GEMM_MAX_M = 32   # rows up to which ``linear`` uses kernels/small_gemm.py (its one M tile)
+_NORM_MAX_FEATURES = 65536   # = kernels/_common.MAX_FEATURES (not imported: that module imports Triton)
 
 
 @contextlib.contextmanager
@@ -157,6 +176,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return kernel(x, weight, eps)
 
 
+def fuses_residual(x: torch.Tensor) -> bool:
+    """Whether residual adds for tensors like ``x`` belong in the norm that follows (:func:`add_rms_norm`, one
+    kernel: the Triton path) rather than in the output projection's GEMM (the CPU path, where oneDNN fuses the
+    add into the GEMM). The engine's blocks ask this once per call and place the add accordingly."""
+    return _triton(x)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """See :func:`reference.add_rms_norm`: returns (rms_norm(x + residual), x + residual); inputs untouched."""
+    if not _triton(x):
+        return reference.add_rms_norm(x, residual, weight, eps)
+    n = x.shape[-1]
+    if residual.shape != x.shape or residual.dtype != x.dtype or weight.shape != (n,) or n > _NORM_MAX_FEATURES:
+        _count("add_rms_norm", "reference:layout")
+        return reference.add_rms_norm(x, residual, weight, eps)
+    from lightning_dsinfer.kernels.rms_norm import rms_norm as kernel
+    _count("add_rms_norm", "triton")
+    return kernel(x, weight, eps, residual=residual)
+
+
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """See :func:`reference.silu_and_mul`."""
     if not _triton(gate_up):
@@ -193,6 +232,69 @@ def rotary_half(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) ->
     cos_t, sin_t, pos = _rotary_tables(cos, sin_signed)
     out, _, _ = rotary_qkv(x, x[:, :, :0], cos_t, sin_t, pos)   # every head as a "q" head
     return out
+
+
+def rotary_write_kv(qkv: torch.Tensor, num_heads: int, cos: torch.Tensor, sin_signed: torch.Tensor,
+                    k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None, col=0,
+                    q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 0.0):
+    """See :func:`reference.rotary_write_kv`. On the Triton path q and k are new contiguous tensors and v is
+    the view of qkv, as in the reference."""
+    if not _triton(qkv):
+        return reference.rotary_write_kv(qkv, num_heads, cos, sin_signed, k_cache, v_cache, col, q_norm, k_norm, eps)
+    args = (qkv, num_heads, cos, sin_signed, k_cache, v_cache, col, q_norm, k_norm, eps)
+    if qkv.dim() != 4 or qkv.shape[-1] % 2 or qkv.stride(-1) != 1 or (qkv.shape[2] - num_heads) % 2 \
+            or cos.shape != (qkv.shape[0], qkv.shape[1], 1, qkv.shape[3]) or sin_signed.shape != cos.shape:
+        _count("rotary_write_kv", "reference:layout")
+        return reference.rotary_write_kv(*args)
+    b, t, heads, d = qkv.shape
+    hq, hkv = num_heads, (heads - num_heads) // 2
+    if k_cache is not None and (k_cache.dtype != v_cache.dtype or k_cache.stride() != v_cache.stride()
+                                or k_cache.stride(-1) != 1 or k_cache.shape != v_cache.shape
+                                or k_cache.shape[:2] != (b, hkv) or k_cache.shape[3] != d
+                                or (isinstance(col, torch.Tensor) and (t != 1 or col.numel() != 1))):
+        _count("rotary_write_kv", "reference:cache")
+        return reference.rotary_write_kv(*args)
+    if k_cache is not None and not isinstance(col, torch.Tensor) and not 0 <= col <= k_cache.shape[2] - t:
+        raise ValueError(f"rotary_write_kv: columns [{col}, {col + t}) outside the cache's {k_cache.shape[2]}")
+    from lightning_dsinfer.kernels.rotary import rotary_qkv
+    q, k, v = qkv[:, :, :hq], qkv[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:]
+    if q_norm is not None:   # Qwen3: per-head RMSNorm of q and k first
+        from lightning_dsinfer.kernels.rms_norm import rms_norm as norm_kernel
+        q, k = norm_kernel(q, q_norm, eps), norm_kernel(k, k_norm, eps)
+    _count("rotary_write_kv", "triton")
+    cos_t, sin_t, pos = _rotary_tables(cos, sin_signed)
+    if k_cache is None:
+        q, k, _ = rotary_qkv(q, k, cos_t, sin_t, pos, v)
+        return q, k, v
+    start = (col.to(torch.int32).expand(b) if isinstance(col, torch.Tensor)
+             else torch.full((b,), col, dtype=torch.int32, device=qkv.device))
+    q, k, _ = rotary_qkv(q, k, cos_t, sin_t, pos, v, k_cache=k_cache, v_cache=v_cache, cache_start=start)
+    return q, k, v
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """See :func:`reference.linear`: ``x @ weight.T (+ bias) (+ residual)``, weight [N, K] (torch layout).
+
+    Small-batch (SBI) GEMM for decode; which calls take the kernel is in the module docstring.
+    """
+    if not _triton(x):
+        return reference.linear(x, weight, bias, residual)
+    k = x.shape[-1]
+    m = x.numel() // k if k else 0
+    if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype:
+        why = "torch:dtype"
+    elif not 0 < m <= SMALL_GEMM_MAX_M:
+        why = "torch:large_m"
+    elif weight.dim() != 2 or weight.stride(-1) != 1 or (bias is not None and bias.dtype != x.dtype) \
+            or (residual is not None and residual.dtype != x.dtype):
+        why = "torch:layout"
+    else:
+        from lightning_dsinfer.kernels.small_gemm import small_gemm
+        _count("linear", "triton")
+        return small_gemm(x, weight, bias, residual)
+    _count("linear", why)
+    return reference.linear(x, weight, bias, residual)
 
 
 def _decode_ranges(mask: torch.Tensor, b: int, length: int):
@@ -297,4 +399,5 @@ def _decode(q, k, v, mask, scale, b, length):
     return out.unsqueeze(2)
 
 
-__all__ = ["rms_norm", "rotary_half", "silu_and_mul", "attention", "force_triton", "kv_ranges", "dispatch_counts"]
+__all__ = ["rms_norm", "add_rms_norm", "fuses_residual", "rotary_half", "rotary_write_kv", "silu_and_mul", "attention",
+           "linear", "SMALL_GEMM_MAX_M", "force_triton", "kv_ranges", "dispatch_counts"]

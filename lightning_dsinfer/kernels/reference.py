@@ -19,9 +19,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
-    """``residual += x`` in place, then ``rms_norm(residual)``; returns (normed, residual)."""
-    residual.add_(x)
-    return rms_norm(residual, weight, eps), residual
+    """``h = x + residual`` (a new tensor, one rounding: what a linear with the residual add fused in stores),
+    then ``rms_norm(h)``; returns (normed, h). The inputs are not modified."""
+    h = x + residual
+    return rms_norm(h, weight, eps), h
 
 
 def rotary_half(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
@@ -33,6 +34,54 @@ def rotary_half(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) ->
     half = x.shape[-1] // 2
     swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
     return torch.addcmul(x * cos, swapped, sin_signed)
+
+
+def write_columns(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, col) -> None:
+    """Write k, v [B, T, Hkv, D] into the cache rows k_cache, v_cache [B, Hkv, S, D] at columns [col, col + T).
+
+    ``col`` is an int, or a LongTensor [1] on the cache's device (the CUDA-graph decode step, T == 1).
+    """
+    if isinstance(col, torch.Tensor):
+        k_cache.index_copy_(2, col, k.transpose(1, 2))
+        v_cache.index_copy_(2, col, v.transpose(1, 2))
+    else:
+        t = k.shape[1]
+        k_cache[:, :, col:col + t].copy_(k.transpose(1, 2))
+        v_cache[:, :, col:col + t].copy_(v.transpose(1, 2))
+
+
+def rotary_write_kv(qkv: torch.Tensor, num_heads: int, cos: torch.Tensor, sin_signed: torch.Tensor,
+                    k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None, col=0,
+                    q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 0.0):
+    """Split the fused QKV projection, rotate Q and K, and write K/V to a cache.
+
+    qkv: [B, T, Hq + 2 Hkv, D] (q heads, then k heads, then v heads), ``num_heads`` = Hq; cos / sin_signed
+    as :func:`rotary_half` (the engine passes [B, T, 1, D]). With ``q_norm`` / ``k_norm`` [D], q and k are
+    RMS-normed over the head dim first (Qwen3). With caches (the batch's rows [B, Hkv, S, D]) the rotated k
+    and v are written at columns [col, col + T) (:func:`write_columns`). Returns (q [B, T, Hq, D],
+    k [B, T, Hkv, D], v [B, T, Hkv, D]); v is a view of qkv.
+    """
+    hq = num_heads
+    hkv = (qkv.shape[2] - hq) // 2
+    v = qkv[:, :, hq + hkv:]
+    if q_norm is None:
+        qk = rotary_half(qkv[:, :, :hq + hkv], cos, sin_signed)
+        q, k = qk[:, :, :hq], qk[:, :, hq:]
+    else:
+        q = rotary_half(rms_norm(qkv[:, :, :hq], q_norm, eps), cos, sin_signed)
+        k = rotary_half(rms_norm(qkv[:, :, hq:hq + hkv], k_norm, eps), cos, sin_signed)
+    if k_cache is not None:
+        write_columns(k_cache, v_cache, k, v, col)
+    return q, k, v
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T (+ bias) (+ residual)``: ``F.linear``, then the residual added in place."""
+    y = F.linear(x, weight, bias)
+    if residual is not None:
+        y += residual
+    return y
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -44,11 +44,20 @@ class StaticKVCache:
             f"for {batch_size} rows ({self.nbytes / 2**20:.0f} MiB). Pass max_batch_size={batch_size} or more to "
             f"init_inference / DSInferStrategy to allocate it once up front.", stacklevel=3)
 
+    # A step's K/V go through two calls, so the write can be fused into the rotary kernel
+    # (``kernels.ops.rotary_write_kv``): ``slots`` says where to write, ``read`` gives what attention reads.
+    def slots(self, layer: int, b: int, start: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(K rows, V rows [b, Hkv, S, D], first column) that a step of b rows writes to."""
+        return self.k[layer][:b], self.v[layer][:b], start
+
+    def read(self, layer: int, b: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V views [b, Hkv, end, D]: columns [0, end) of rows [:b]."""
+        return self.k[layer][:b, :, :end], self.v[layer][:b, :, :end]
+
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, T, Hkv, D] at columns [start, start+T); return the K, V views [B, Hkv, start+T, D]."""
         b, t = k.shape[0], k.shape[1]
-        end = start + t
-        kc, vc = self.k[layer], self.v[layer]
-        kc[:b, :, start:end].copy_(k.transpose(1, 2))
-        vc[:b, :, start:end].copy_(v.transpose(1, 2))
-        return kc[:b, :, :end], vc[:b, :, :end]
+        kc, vc, _ = self.slots(layer, b, start)
+        kc[:, :, start:start + t].copy_(k.transpose(1, 2))
+        vc[:, :, start:start + t].copy_(v.transpose(1, 2))
+        return self.read(layer, b, start + t)

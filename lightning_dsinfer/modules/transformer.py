@@ -4,6 +4,15 @@ A forward pass is described by a :class:`Step` (positions, rotary rows, mask, wh
 once per call by the caller (engine or generation loop) and shared by every layer. K/V go either to
 the engine's :class:`StaticKVCache` (own decode loop), to a Hugging Face ``Cache`` object (HF's
 ``generate`` loop: beam search, custom processors), or nowhere (a plain forward).
+
+Where the residual adds happen depends on the path (``ops.fuses_residual``), with one module code:
+
+- CPU path: each output projection adds the residual inside its GEMM (``o(out, h)``, ``down(act, h)``:
+  oneDNN's binary-add epilogue) and the norms are plain ``rms_norm``.
+- Triton path (CUDA, or forced): the projections run without the residual and the add is done by the next
+  norm in the same kernel (``ops.add_rms_norm``): attention's output with the post-attention norm, the MLP's
+  output with the next block's input norm (carried as a pending ``delta``, :meth:`DecoderLayer.run`) or with
+  the final norm. Rotary and the KV-cache append are one kernel there too (``ops.rotary_write_kv``).
 """
 from __future__ import annotations
 
@@ -65,19 +74,18 @@ class Attention(nn.Module):
         self.qkv, self.o = qkv, o
         self.q_norm, self.k_norm = q_norm, k_norm
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor, step: Step) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, step: Step) -> torch.Tensor:
+        """Attention of the normed input x [B, T, H]; ``residual`` is added by o_proj (None: not added)."""
         b, t, _ = x.shape
         hq, hkv, d = self.hq, self.hkv, self.d
         qkv = self.qkv(x).view(b, t, hq + 2 * hkv, d)
-        v = qkv[:, :, hq + hkv:]
-        if self.q_norm is None:
-            qk = ops.rotary_half(qkv[:, :, :hq + hkv], step.cos, step.sin)
-            q, k = qk[:, :, :hq], qk[:, :, hq:]
-        else:  # Qwen3: RMSNorm over head_dim of q and k before rotary
-            q = ops.rotary_half(ops.rms_norm(qkv[:, :, :hq], self.q_norm, self.eps), step.cos, step.sin)
-            k = ops.rotary_half(ops.rms_norm(qkv[:, :, hq:hq + hkv], self.k_norm, self.eps), step.cos, step.sin)
-        if step.cache is not None:
-            keys, values = step.cache.write(self.layer_idx, k, v, step.start)
+        cache = step.cache
+        # q / k norms (Qwen3), rotary, and the K/V append to the engine's cache: one op (one kernel on Triton).
+        slots = cache.slots(self.layer_idx, b, step.start) if cache is not None else (None, None, 0)
+        q, k, v = ops.rotary_write_kv(qkv, hq, step.cos, step.sin, *slots, q_norm=self.q_norm, k_norm=self.k_norm,
+                                      eps=self.eps)
+        if cache is not None:
+            keys, values = cache.read(self.layer_idx, b, step.start + t)
         elif step.hf_cache is not None:
             keys, values = step.hf_cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
         else:
@@ -85,7 +93,7 @@ class Attention(nn.Module):
         mask = step.window_mask if (self.sliding and step.window_mask is not None) else step.mask
         out = ops.attention(q.transpose(1, 2), keys, values, mask, self.scaling)   # [B, Hq, T, D]
         out = out.transpose(1, 2).reshape(b, t, hq * d)
-        return self.o(out, residual)  # o_proj with the residual add fused in
+        return self.o(out, residual)  # o_proj, with the residual add fused in when given
 
 
 class GatedMLP(nn.Module):
@@ -93,8 +101,15 @@ class GatedMLP(nn.Module):
         super().__init__()
         self.gate_up, self.down = gate_up, down
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         return self.down(ops.silu_and_mul(self.gate_up(x)), residual)
+
+
+def _norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """(rms_norm(h + delta), h + delta); delta None: nothing pending, h as it is."""
+    if delta is None:
+        return ops.rms_norm(h, weight, eps), h
+    return ops.add_rms_norm(delta, h, weight, eps)
 
 
 class DecoderLayer(nn.Module):
@@ -106,8 +121,23 @@ class DecoderLayer(nn.Module):
         self.input_norm, self.post_norm, self.eps = input_norm, post_norm, eps
 
     def forward(self, h: torch.Tensor, step: Step) -> torch.Tensor:
-        h = self.attn(ops.rms_norm(h, self.input_norm, self.eps), h, step)
-        return self.mlp(ops.rms_norm(h, self.post_norm, self.eps), h)
+        """One block on its own: the new residual stream (nothing left pending)."""
+        return self.run(h, None, step, defer=False)[0]
+
+    def run(self, h: torch.Tensor, delta: torch.Tensor | None, step: Step, defer: bool = True):
+        """The block on the residual stream ``h + delta`` (delta: the previous block's MLP output not added yet,
+        or None). Returns (h, delta) for the next block: on the Triton path with ``defer`` the MLP's output is
+        returned as the pending delta (the next norm adds it), else it is added here and delta is None."""
+        fuse = ops.fuses_residual(h)
+        x, h = _norm(h, delta, self.input_norm, self.eps)
+        if fuse:   # the residual add in the post-attention norm's kernel
+            x, h = ops.add_rms_norm(self.attn(x, None, step), h, self.post_norm, self.eps)
+        else:      # the residual add in o_proj's GEMM
+            h = self.attn(x, h, step)
+            x = ops.rms_norm(h, self.post_norm, self.eps)
+        if fuse and defer:
+            return h, self.mlp(x)
+        return self.mlp(x, h), None
 
 
 class DecoderModel(nn.Module):
@@ -148,9 +178,10 @@ class DecoderModel(nn.Module):
 
     def hidden(self, h: torch.Tensor, step: Step) -> torch.Tensor:
         """Run all blocks and the final norm on embeddings h [B, T, H]."""
+        delta = None
         for layer in self.layers:
-            h = layer(h, step)
-        return ops.rms_norm(h, self.final_norm, self.eps)
+            h, delta = layer.run(h, delta, step)
+        return _norm(h, delta, self.final_norm, self.eps)[0]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         if not self.sharded_vocab:

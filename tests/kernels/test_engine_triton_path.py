@@ -3,7 +3,8 @@
 On CPU the kernels run in the Triton interpreter (conftest sets TRITON_INTERPRET=1) with the dispatch
 forced (``ops.force_triton``); on a GPU the same tests run on CUDA without forcing. Tolerance: fp32 logits
 within atol 2e-4 / rtol 1e-4, as ``tests/test_parity.py`` (the kernels compute in fp32 and round once, so
-results differ from HF by float rounding only); greedy tokens identical.
+results differ from HF by float rounding only); greedy tokens identical. The engine uses the fused forms
+there: residual add + RMSNorm (``add_rms_norm``) and rotary + KV-cache append (``rotary_write_kv``).
 """
 import contextlib
 import os
@@ -19,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/helpers.p
 from helpers import optimised_copy, padded_batch, tiny_model  # noqa: E402
 
 from lightning_dsinfer.kernels import ops, reference  # noqa: E402
+from lightning_dsinfer.modules.linear import Linear  # noqa: E402
 from lightning_dsinfer.modules.masks import build_masks  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not DEVICES, reason="no CUDA and TRITON_INTERPRET unset")
@@ -32,7 +34,20 @@ def _triton_path():
 
 
 def _fallbacks():
-    return {k: n for k, n in ops.dispatch_counts.items() if k[1] != "triton"}
+    """Calls that fell back to the reference ("torch:..." is ``linear`` on F.linear by design: M > 32, fp32)."""
+    return {k: n for k, n in ops.dispatch_counts.items() if k[1] not in ("triton",) and not k[1].startswith("torch:")}
+
+
+# Per forward of the 2-layer models: the first block's input norm is a plain rms_norm; every later norm (post-
+# attention, the next block's input, the final norm) takes the residual add: 4 add_rms_norm.
+FUSED_PER_FORWARD = {"rms_norm": 1, "add_rms_norm": 4, "rotary_write_kv": 2, "silu_and_mul": 2, "attention": 2}
+
+
+def _assert_fused(forwards):
+    for op, n in FUSED_PER_FORWARD.items():
+        assert ops.dispatch_counts[(op, "triton")] >= n * forwards, (op, dict(ops.dispatch_counts))
+    assert not any(op == "rotary_half" for op, _ in ops.dispatch_counts), dict(ops.dispatch_counts)
+    assert not _fallbacks(), _fallbacks()
 
 
 # llama: biases, head_dim 24 (odd block sizes); qwen3: q/k norms; mistral: sliding window 7, which the
@@ -53,10 +68,49 @@ def test_engine_through_triton_matches_hf(family, monkeypatch):
     valid = mask.bool()
     torch.testing.assert_close(logits[valid], ref_logits[valid], atol=ATOL, rtol=RTOL)
     assert torch.equal(tokens, ref_tokens)
-    # Every op went through its kernel, none fell back: 2 layers x (1 forward + 1 prefill + 4 decode steps).
-    for op in ("rms_norm", "rotary_half", "silu_and_mul", "attention"):
-        assert ops.dispatch_counts[(op, "triton")] >= 12, (op, dict(ops.dispatch_counts))
-    assert not _fallbacks(), _fallbacks()
+    # Every op went through its (fused) kernel, none fell back: 1 forward + 1 prefill + 4 decode steps.
+    _assert_fused(6)
+
+
+def _matmul_with_ops_linear(self, x, residual):
+    """``Linear._matmul`` with the change proposed for modules/linear.py: the non-packed path through
+    ``ops.linear`` (small-batch GEMM for M <= 32 on the Triton path, F.linear + add otherwise)."""
+    if self.packed:
+        return _ORIG_MATMUL(self, x, residual)
+    return ops.linear(x, self.weight, self.bias, residual)
+
+
+_ORIG_MATMUL = Linear._matmul
+
+
+@pytest.mark.parametrize("family", ["qwen3"])
+def test_engine_small_gemm_linears_fp16(family, monkeypatch):
+    # fp16 (bf16 weights are oneDNN-packed on a CPU, so they never reach F.linear there). The plain forward has
+    # 3 x 6 = 18 rows: every linear, lm_head included, on the small GEMM; the 3 x 12 prefill stays on F.linear.
+    # Tolerance: fp16 logits reach ~3, where one fp16 ulp is 2e-3; HF's own fp16 CPU path differs from ours by
+    # a few ulps (accumulation order), so atol 1e-2 / rtol 1e-2. Greedy tokens identical.
+    monkeypatch.setenv("DSINFER_CUDA_GRAPHS", "0")
+    monkeypatch.setattr(Linear, "_matmul", _matmul_with_ops_linear)
+    hf = tiny_model(family).half().to(DEVICE)
+    opt = optimised_copy(hf, max_seq_len=32, dtype=torch.float16)
+    ids, mask = (x.to(DEVICE) for x in padded_batch([12, 5, 9]))
+    short_ids, short_mask = (x.to(DEVICE) for x in padded_batch([6, 3, 5], seed=3))
+    with torch.no_grad():
+        ref_logits = hf(input_ids=short_ids, attention_mask=short_mask).logits
+        ref_tokens = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    ops.dispatch_counts.clear()
+    with _triton_path():
+        logits = opt(input_ids=short_ids, attention_mask=short_mask).logits
+        tokens = opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    valid = short_mask.bool()
+    torch.testing.assert_close(logits[valid], ref_logits[valid], atol=1e-2, rtol=1e-2)
+    assert torch.equal(tokens, ref_tokens)
+    _assert_fused(6)
+    # 9 linears per forward (qkv, o, gate_up, down in 2 blocks, and lm_head) on the small GEMM in the short
+    # forward and the 4 decode steps; the 3 x 12 prefill's 8 block linears have M = 36 (F.linear), its lm_head
+    # reads the last position only (M = 3: small GEMM).
+    assert ops.dispatch_counts[("linear", "triton")] == 9 * 5 + 1, dict(ops.dispatch_counts)
+    assert ops.dispatch_counts[("linear", "torch:large_m")] == 8, dict(ops.dispatch_counts)
 
 
 def test_chunked_forward_with_hf_cache_through_triton():
@@ -75,6 +129,7 @@ def test_chunked_forward_with_hf_cache_through_triton():
     got = torch.cat([first.logits, second.logits], 1)
     torch.testing.assert_close(got[valid], full[valid], atol=ATOL, rtol=RTOL)
     assert ops.dispatch_counts[("attention", "triton")] == 4 and not _fallbacks(), dict(ops.dispatch_counts)
+    assert ops.dispatch_counts[("rotary_write_kv", "triton")] == 4     # no cache write: the HF cache updates
 
 
 def _qkv(b, hq, hkv, t, length, d=16):
@@ -168,5 +223,6 @@ def test_graph_decode_step_through_triton(family):
         got = opt.generate(**kw)
     assert torch.equal(got, want)
     assert sorted(opt._dsinfer_engine._decode_graphs.buckets) == [4]
-    # 2 layers x (prefill + first step); on CPU also every later step, on a GPU the warm-up and the capture.
-    assert ops.dispatch_counts[("attention", "triton")] >= 6 and not _fallbacks(), dict(ops.dispatch_counts)
+    # prefill + first step; on CPU also every later step, on a GPU the warm-up and the capture. The graph step
+    # writes K/V at its device column inside the rotary kernel.
+    _assert_fused(3)
