@@ -1,9 +1,19 @@
 """Inference linear layer: one weight, optional bias, optional residual add fused into the GEMM.
 
-On the CPU with bf16 weights the weight is pre-packed once for oneDNN (``_reorder_linear_weight``)
-and every call goes through ``_linear_pointwise``, which reads bf16 weights at close to streaming
-bandwidth for the small M of decode (plain ``F.linear`` reaches about half of that on the same
-machine; see benchmarks/RESULTS.md). Everything else uses ``F.linear``.
+bf16 weights on the CPU take the first of these that the machine has (``Linear.layout`` says which):
+
+- ``"amx"``: the weight is re-laid out once into AMX tiles (``kernels/cpu_gemv.pack``) and every call, any
+  number of rows, runs the AMX kernel of ``kernels/cpu_gemv.cpp``, which streams the tiles front to back. Unlike a
+  oneDNN primitive per weight shape, it costs nothing to alternate shapes (a decoder layer has four), so decode
+  reads weights at close to streaming bandwidth; prompts run at about oneDNN's speed.
+- ``"plain"`` with the C++ kernel (no AMX, but AVX512-BF16 / AVX512 / AVX2): row-major weight; up to
+  ``cpu_gemv.row_kernel_max_m()`` rows (16 with AVX512-BF16, any number without bf16 instructions, where
+  oneDNN has no fast bf16 path) go through the row-major kernel, more rows through ``F.linear``.
+- ``"onednn"`` (the kernel could not be built, or ``DSINFER_CPU_GEMV=0``): pre-packed once for oneDNN
+  (``_reorder_linear_weight``), every call through ``_linear_pointwise``.
+
+``pack=False`` keeps the tensor as given (offload passes views into a streamed buffer): ``"plain"``, with the
+row-major kernel for few rows where it is available. Everything else (fp32 / fp16, CUDA) uses ``F.linear``.
 """
 from __future__ import annotations
 
@@ -11,14 +21,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_dsinfer.kernels import cpu_gemv
+
 # The M the oneDNN weight layout is tuned for. Measured on a 2-core AVX512-BF16/AMX machine: 16 is
 # within 5% of the best layout for M=1 decode and within 2% of the best for M=2048 prefill.
 _PACK_BATCH_HINT = 16
 
 
-def _can_pack(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16
-            and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+def _bf16_cpu(weight: torch.Tensor) -> bool:
+    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+
+
+def _can_pack_onednn(weight: torch.Tensor) -> bool:
+    return (_bf16_cpu(weight) and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class Linear(nn.Module):
@@ -34,11 +50,26 @@ class Linear(nn.Module):
         super().__init__()
         self.reduce, self.owns_residual = reduce, owns_residual
         self.out_features, self.in_features = weight.shape
-        self.packed = pack and _can_pack(weight)
-        if self.packed:
+        kernel = _bf16_cpu(weight) and cpu_gemv.available()
+        if pack and kernel and cpu_gemv.has_amx():
+            self.layout = "amx"
+            weight = cpu_gemv.pack(weight)
+        elif pack and not kernel and _can_pack_onednn(weight):
+            self.layout = "onednn"
             weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PACK_BATCH_HINT)
-        self.weight = weight if self.packed else weight.contiguous()
+        else:
+            self.layout = "plain"
+            weight = weight.contiguous()  # pack=False: a view with unit inner stride stays that view
+        # The row-major kernel: any plain bf16 weight with unit inner stride (row stride free).
+        self.row_kernel = self.layout == "plain" and kernel and weight.stride(1) == 1
+        self.row_kernel_rows = cpu_gemv.row_kernel_max_m() if self.row_kernel else 0
+        self.weight = weight
         self.bias = None if bias is None else bias.to(dtype=weight.dtype).contiguous()
+
+    @property
+    def packed(self) -> bool:
+        """True when the weight is not a plain [out, in] tensor (AMX tiles or a oneDNN layout)."""
+        return self.layout != "plain"
 
     @property
     def nbytes(self) -> int:
@@ -53,7 +84,9 @@ class Linear(nn.Module):
         return y
 
     def _matmul(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        if self.packed:
+        if self.layout == "amx":
+            return cpu_gemv.linear_packed(x, self.weight, self.out_features, self.in_features, self.bias, residual)
+        if self.layout == "onednn":
             shape = x.shape
             x2 = x.reshape(-1, shape[-1])
             if residual is None:
@@ -62,10 +95,12 @@ class Linear(nn.Module):
                 y = torch.ops.mkldnn._linear_pointwise.binary(
                     x2, residual.reshape(-1, self.out_features), self.weight, self.bias, "add")
             return y.view(*shape[:-1], self.out_features)
+        if self.row_kernel and x.dtype == torch.bfloat16 and x.numel() <= self.row_kernel_rows * self.in_features:
+            return cpu_gemv.linear(x, self.weight, self.bias, residual)
         y = F.linear(x, self.weight, self.bias)
         if residual is not None:
             y += residual
         return y
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, packed={self.packed}"
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, layout={self.layout}"

@@ -1,0 +1,473 @@
+// bf16 linears for the CPU: y[M, N] = x[M, K] @ W[N, K]^T (+ bias[N]) (+ residual[M, N]), fp32 accumulation,
+// bias and residual added in fp32, one rounding to bf16 (nearest even). Two kernels:
+//
+// dsi_gemm_amx (AMX-BF16, W re-laid out once by dsi_pack_amx): W as tiles in the order they are read, so each
+// thread streams one contiguous run of memory; x is the A operand straight from memory. Any M.
+//
+// dsi_gemv_bf16 (W row-major, any row stride: offloaded weights are views into a streamed buffer): each
+// thread owns a contiguous range of output rows, walks R = 4 rows of W side by side along K while prefetching
+// the next 4 rows, and multiplies every loaded W chunk with up to 4 rows of x (x is tiny and stays in L1;
+// further blocks of 4 rows of x reuse the 4 rows of W from L1/L2). Paths, chosen by the caller:
+//   3  AVX512-BF16: _mm512_dpbf16_ps multiplies 32 bf16 pairs into 16 fp32 lanes.
+//   2  AVX512F/BW:  bf16 widened to fp32 by a 16-bit shift, _mm512_fmadd_ps.
+//   1  AVX2/FMA:    the same with 8 lanes.
+//
+// Every path carries a function-level target attribute, so the file builds with plain -O3 (no -march) and
+// runs anywhere; dsi_gemv_best_isa says which paths this CPU has. Threads: OpenMP, which resolves to the
+// libgomp torch has already loaded (same SONAME), so the kernel shares torch's thread pool instead of adding a
+// second one. Plain C ABI (called through ctypes), no torch headers: the build takes about 1.5 s.
+
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <vector>
+
+extern "C" int dsi_gemv_best_isa(void);
+
+namespace {
+
+inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = static_cast<uint32_t>(h) << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN stays NaN
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return static_cast<uint16_t>(u >> 16);
+}
+
+// While rows [n0, n0 + R) are read, the same positions of rows [n0 + R, n0 + 2R) are prefetched into L2: the
+// next group's lines arrive in the order they will be used, so the loads of every group hit L2 (the hardware
+// prefetcher alone restarts at each group and leaves this loop latency-bound: ~0.5 of streaming bandwidth).
+template <int R>
+inline void prefetch_next_group(const uint16_t* wr, int64_t ldw, int64_t k) {
+    for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(wr + (R + r) * ldw + k), _MM_HINT_T1);
+}
+
+struct Args {
+    const uint16_t* x; int64_t ldx;        // activations [M, K], row stride ldx (elements)
+    const uint16_t* w; int64_t ldw;        // weight [N, K], row stride ldw
+    const uint16_t* bias;                  // [N] or null
+    const uint16_t* res; int64_t ldr;      // residual [M, N], row stride ldr, or null
+    uint16_t* y; int64_t ldy;              // output [M, N], row stride ldy
+    int64_t N, K;
+    Args shift(int64_t m0) const {  // the same problem from row m0 of x / residual / y on
+        return Args{x + m0 * ldx, ldx, w, ldw, bias, res ? res + m0 * ldr : nullptr, ldr, y + m0 * ldy, ldy, N, K};
+    }
+};
+
+// Epilogue shared by the paths: sums[m * R + r] is the dot product of x row m with W row n0 + r.
+template <int M, int R>
+inline void store_rows(const Args& a, int64_t n0, const float* sums) {
+    for (int r = 0; r < R; ++r) {
+        const int64_t n = n0 + r;
+        const float b = a.bias ? bf16_to_f32(a.bias[n]) : 0.f;
+        for (int m = 0; m < M; ++m) {
+            float v = sums[m * R + r] + b;
+            if (a.res) v += bf16_to_f32(a.res[m * a.ldr + n]);
+            a.y[m * a.ldy + n] = f32_to_bf16(v);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- AVX512-BF16
+template <int M, int R>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+void rows_bf16(const Args& a, int64_t n0) {
+    __m512 acc[M][R];
+    for (int m = 0; m < M; ++m)
+        for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+    const uint16_t* wr = a.w + n0 * a.ldw;
+    int64_t k = 0;
+    for (; k + 32 <= a.K; k += 32) {
+        __m512i w[R];
+        for (int r = 0; r < R; ++r) w[r] = _mm512_loadu_si512(wr + r * a.ldw + k);
+        prefetch_next_group<R>(wr, a.ldw, k);
+        for (int m = 0; m < M; ++m) {
+            const __m512bh xv = (__m512bh)_mm512_loadu_si512(a.x + m * a.ldx + k);
+            for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, (__m512bh)w[r]);
+        }
+    }
+    if (k < a.K) {  // tail: masked loads give zeros past K
+        const __mmask32 mask = static_cast<__mmask32>((1ull << (a.K - k)) - 1);
+        __m512i w[R];
+        for (int r = 0; r < R; ++r) w[r] = _mm512_maskz_loadu_epi16(mask, wr + r * a.ldw + k);
+        for (int m = 0; m < M; ++m) {
+            const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, a.x + m * a.ldx + k);
+            for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, (__m512bh)w[r]);
+        }
+    }
+    float sums[M * R];
+    for (int m = 0; m < M; ++m)
+        for (int r = 0; r < R; ++r) sums[m * R + r] = _mm512_reduce_add_ps(acc[m][r]);
+    store_rows<M, R>(a, n0, sums);
+}
+
+// ---------------------------------------------------------------- AVX512F (bf16 widened to fp32)
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline __m512 widen16(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline __m512 widen16_mask(const uint16_t* p, __mmask16 mask) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+
+template <int M, int R>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void rows_avx512(const Args& a, int64_t n0) {
+    __m512 acc[M][R];
+    for (int m = 0; m < M; ++m)
+        for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+    const uint16_t* wr = a.w + n0 * a.ldw;
+    int64_t k = 0;
+    for (; k + 16 <= a.K; k += 16) {
+        __m512 w[R];
+        for (int r = 0; r < R; ++r) w[r] = widen16(wr + r * a.ldw + k);
+        if ((k & 31) == 0) prefetch_next_group<R>(wr, a.ldw, k);
+        for (int m = 0; m < M; ++m) {
+            const __m512 xv = widen16(a.x + m * a.ldx + k);
+            for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(xv, w[r], acc[m][r]);
+        }
+    }
+    if (k < a.K) {
+        const __mmask16 mask = static_cast<__mmask16>((1u << (a.K - k)) - 1);
+        __m512 w[R];
+        for (int r = 0; r < R; ++r) w[r] = widen16_mask(wr + r * a.ldw + k, mask);
+        for (int m = 0; m < M; ++m) {
+            const __m512 xv = widen16_mask(a.x + m * a.ldx + k, mask);
+            for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(xv, w[r], acc[m][r]);
+        }
+    }
+    float sums[M * R];
+    for (int m = 0; m < M; ++m)
+        for (int r = 0; r < R; ++r) sums[m * R + r] = _mm512_reduce_add_ps(acc[m][r]);
+    store_rows<M, R>(a, n0, sums);
+}
+
+// ---------------------------------------------------------------- AVX2 + FMA
+__attribute__((target("avx2,fma")))
+inline __m256 widen8(const uint16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+__attribute__((target("avx2,fma")))
+inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+template <int M, int R>
+__attribute__((target("avx2,fma")))
+void rows_avx2(const Args& a, int64_t n0) {
+    __m256 acc[M][R];
+    for (int m = 0; m < M; ++m)
+        for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+    const uint16_t* wr = a.w + n0 * a.ldw;
+    int64_t k = 0;
+    for (; k + 8 <= a.K; k += 8) {
+        __m256 w[R];
+        for (int r = 0; r < R; ++r) w[r] = widen8(wr + r * a.ldw + k);
+        if ((k & 31) == 0) prefetch_next_group<R>(wr, a.ldw, k);
+        for (int m = 0; m < M; ++m) {
+            const __m256 xv = widen8(a.x + m * a.ldx + k);
+            for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(xv, w[r], acc[m][r]);
+        }
+    }
+    float sums[M * R];
+    for (int m = 0; m < M; ++m)
+        for (int r = 0; r < R; ++r) sums[m * R + r] = hsum8(acc[m][r]);
+    for (; k < a.K; ++k)  // scalar tail (K % 8)
+        for (int m = 0; m < M; ++m)
+            for (int r = 0; r < R; ++r)
+                sums[m * R + r] += bf16_to_f32(a.x[m * a.ldx + k]) * bf16_to_f32(wr[r * a.ldw + k]);
+    store_rows<M, R>(a, n0, sums);
+}
+
+// ---------------------------------------------------------------- AMX-BF16 on the packed layout, any M
+// Packed weight ("AMX layout"): W [N, K] zero-padded to Np = ceil32(N) rows and Kp = ceil32(K) columns, cut into
+// tiles of 16 rows x 32 columns stored as 16 rows of k-pairs, each row holding the 16 outputs' pairs:
+//     tile(nb, kc)[p][j][q] = W[16 nb + j, 32 kc + 2 p + q]      (1 KiB, the VNNI order of an AMX B operand)
+// with the Kp / 32 tiles of a block of 16 rows one after another, blocks in row order. A thread's rows are
+// one contiguous run of memory, read front to back: the stream the hardware prefetcher does best.
+//
+// C[m, n] = sum_k x[m, k] W[n, k]: x is the A operand, loaded as tiles of up to 16 rows x 32 columns straight
+// from x (row stride ldx), W tiles are B operands. Two blocks of 16 outputs (32 rows of W) x up to two blocks of
+// 16 rows of x make four C tiles; M > 32 walks further blocks of x over the same 32 rows of W (now in L1/L2).
+// When M > 16 is not a multiple of 16 the last block of x starts at M - 16 and overlaps the one before it (its
+// rows are computed twice, identically), so x is never padded; only K % 32 != 0 copies x into zero-padded rows.
+struct alignas(64) TileConfig {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+};
+
+#define DSI_AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
+
+// Tiles 0-3: C (x block i, W block j) at 2 i + j; 4, 5: A (x blocks); 6, 7: B (W blocks).
+DSI_AMX_TARGET void amx_config(int rows_x) {
+    TileConfig c;
+    for (int t = 0; t < 6; ++t) {
+        c.rows[t] = static_cast<uint8_t>(rows_x);   // C: rows of x x 16 outputs (fp32); A: rows of x x 32 bf16
+        c.colsb[t] = 64;
+    }
+    c.rows[6] = c.rows[7] = 16;                     // B: 16 k-pairs x 16 outputs x 2
+    c.colsb[6] = c.colsb[7] = 64;
+    // Own asm with the whole struct as the operand: GCC 12's _tile_loadconfig declares an 8-byte operand, so
+    // the stores to the rest of the config can be dropped as dead.
+    __asm__ volatile("ldtilecfg %0" : : "m"(c));
+}
+
+// y rows [m0, m0 + rows) x outputs [n0, n0 + 16) from a stored C tile (fp32, 16 floats per row), + bias + residual.
+DSI_AMX_TARGET void amx_epilogue(const Args& a, const float* c, int rows, int64_t m0, int64_t n0) {
+    if (n0 >= a.N) return;
+    const __mmask16 mask = static_cast<__mmask16>(a.N - n0 >= 16 ? 0xffff : (1u << (a.N - n0)) - 1);
+    const __m512 b = a.bias ? widen16_mask(a.bias + n0, mask) : _mm512_setzero_ps();
+    for (int r = 0; r < rows; ++r) {
+        __m512 v = _mm512_add_ps(_mm512_loadu_ps(c + 16 * r), b);
+        if (a.res) v = _mm512_add_ps(v, widen16_mask(a.res + (m0 + r) * a.ldr + n0, mask));
+        _mm256_mask_storeu_epi16(a.y + (m0 + r) * a.ldy + n0, mask, (__m256i)_mm512_cvtneps_pbh(v));
+    }
+}
+
+// C tiles of one step stored to memory, waiting for their epilogue.
+struct AmxPending {
+    alignas(64) float c[4][256];
+    int64_t m0 = 0, m1 = 0, n0 = 0;
+    int rows0 = 0, count = 0;        // count: 0 (nothing pending), 2 or 4 tiles
+};
+
+DSI_AMX_TARGET inline void amx_flush(const Args& a, const AmxPending& p) {
+    if (p.count == 0) return;
+    amx_epilogue(a, p.c[0], p.rows0, p.m0, p.n0);
+    amx_epilogue(a, p.c[1], p.rows0, p.m0, p.n0 + 16);
+    if (p.count == 4) {
+        amx_epilogue(a, p.c[2], 16, p.m1, p.n0);
+        amx_epilogue(a, p.c[3], 16, p.m1, p.n0 + 16);
+    }
+}
+
+// Outputs [32 q_begin, 32 q_end) for rows [m_begin, m_begin + M) of x (a.x has row stride a.ldx and >= Kp
+// readable columns). Tile config loaded by the caller for min(M, 16) rows. The epilogue of each step runs after
+// the next step's tile instructions are issued, so it overlaps them (two buffers of stored C tiles).
+DSI_AMX_TARGET void amx_block(const Args& a, int64_t m_begin, int64_t M, int64_t Kp, int64_t q_begin, int64_t q_end) {
+    const int rows_x = M < 16 ? static_cast<int>(M) : 16;
+    const int64_t kc_n = Kp / 32, lda = a.ldx * 2;
+    const int64_t blocks = M <= 16 ? 1 : (M + 15) / 16;   // blocks of x rows; the last one starts at M - 16
+    AmxPending pend[2];
+    int cur = 0;
+    for (int64_t q = q_begin; q < q_end; ++q) {
+        const uint16_t* b0 = a.w + 2 * q * kc_n * 512;     // W rows 32 q .. 32 q + 15
+        const uint16_t* b1 = b0 + kc_n * 512;              // W rows 32 q + 16 .. 32 q + 31
+        for (int64_t i = 0; i < blocks; i += 2) {
+            const bool two = i + 1 < blocks;
+            const int64_t m0 = m_begin + (i * 16 + rows_x <= M ? i * 16 : M - rows_x);
+            const int64_t m1 = m_begin + ((i + 1) * 16 + 16 <= M ? (i + 1) * 16 : M - 16);
+            const uint16_t* x0 = a.x + m0 * a.ldx;
+            const uint16_t* x1 = a.x + m1 * a.ldx;
+            _tile_zero(0);
+            _tile_zero(1);
+            if (two) {
+                _tile_zero(2);
+                _tile_zero(3);
+            }
+            for (int64_t kc = 0; kc < kc_n; ++kc) {
+                _tile_loadd(6, b0 + kc * 512, 64);
+                _tile_loadd(7, b1 + kc * 512, 64);
+                _tile_loadd(4, x0 + kc * 32, lda);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 4, 7);
+                if (two) {
+                    _tile_loadd(5, x1 + kc * 32, lda);
+                    _tile_dpbf16ps(2, 5, 6);
+                    _tile_dpbf16ps(3, 5, 7);
+                }
+            }
+            amx_flush(a, pend[cur ^ 1]);                   // the previous step, while these tiles compute
+            AmxPending& p = pend[cur];
+            _tile_stored(0, p.c[0], 64);
+            _tile_stored(1, p.c[1], 64);
+            if (two) {
+                _tile_stored(2, p.c[2], 64);
+                _tile_stored(3, p.c[3], 64);
+            }
+            p.m0 = m0, p.m1 = m1, p.n0 = 32 * q, p.rows0 = rows_x, p.count = two ? 4 : 2;
+            pend[cur ^ 1].count = 0;
+            cur ^= 1;
+        }
+    }
+    amx_flush(a, pend[cur ^ 1]);
+}
+
+// All M rows of x, outputs [32 q_begin, 32 q_end). Large M goes in chunks of rows whose x slice fits in L2
+// (about 1 MiB): every 32 rows of W then meet the chunk from L2, and W is read once per chunk.
+DSI_AMX_TARGET void amx_range(const Args& a, int64_t M, int64_t Kp, int64_t q_begin, int64_t q_end) {
+    const int64_t chunk = M <= 32 ? M : std::max<int64_t>(32, (int64_t{1} << 20) / (Kp * 2) / 32 * 32);
+    amx_config(M < 16 ? static_cast<int>(M) : 16);
+    for (int64_t m = 0; m < M; m += chunk) {
+        int64_t rows = std::min(chunk, M - m);
+        if (rows < 16 && M >= 16) {  // a short last chunk: start it earlier (overlap) to keep 16-row tiles
+            m = M - 16;
+            rows = 16;
+        }
+        amx_block(a, m, rows, Kp, q_begin, q_end);
+    }
+    _tile_release();
+}
+
+// ---------------------------------------------------------------- dispatch
+// 4 rows of W x up to 4 rows of x: 16 accumulators + 4 weight registers fit the 32 AVX512 registers (the AVX2
+// path spills some of its 16 + 4 to L1, which costs little next to the memory stream it waits on).
+
+template <int M, int R>
+inline void call_rows(int isa, const Args& a, int64_t n) {
+    if (isa == 3) rows_bf16<M, R>(a, n);
+    else if (isa == 2) rows_avx512<M, R>(a, n);
+    else rows_avx2<M, R>(a, n);
+}
+
+template <int R>
+inline void call_mgroup(int isa, int mb, const Args& a, int64_t n) {
+    switch (mb) {
+        case 1: call_rows<1, R>(isa, a, n); break;
+        case 2: call_rows<2, R>(isa, a, n); break;
+        case 3: call_rows<3, R>(isa, a, n); break;
+        default: call_rows<4, R>(isa, a, n); break;
+    }
+}
+
+// Rows [n_begin, n_end) of the output for all M rows of x: R = 4 rows of W at a time, and for each group of
+// rows every block of 4 rows of x (the group was just read from memory: the next x blocks find it in L1/L2).
+void run_range(int isa, int64_t M, const Args& a, int64_t n_begin, int64_t n_end) {
+    constexpr int R = 4;
+    int64_t n = n_begin;
+    for (; n + R <= n_end; n += R) {
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const Args s = a.shift(m0);
+            call_mgroup<R>(isa, static_cast<int>(M - m0 < 4 ? M - m0 : 4), s, n);
+        }
+    }
+    for (; n < n_end; ++n)
+        for (int64_t m0 = 0; m0 < M; m0 += 4)
+            call_mgroup<1>(isa, static_cast<int>(M - m0 < 4 ? M - m0 : 4), a.shift(m0), n);
+}
+
+}  // namespace
+
+extern "C" {
+
+// Largest path this CPU runs: 4 AMX-BF16, 3 AVX512-BF16, 2 AVX512F/BW/VL, 1 AVX2+FMA, 0 none. AMX also needs
+// the kernel's permission for the tile state (arch_prctl ARCH_REQ_XCOMP_PERM, Linux 5.16+), asked for here.
+int dsi_gemv_best_isa(void) {
+    static const int best = [] {
+        __builtin_cpu_init();
+        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+            __builtin_cpu_supports("avx512vl")) {
+            if (!__builtin_cpu_supports("avx512bf16")) return 2;
+            const long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+            if (__builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
+                syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0)
+                return 4;
+            return 3;
+        }
+        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+        return 0;
+    }();
+    return best;
+}
+
+// y = x @ w^T (+ bias) (+ res), all bf16 (uint16 bit patterns), any M (W is read from memory once; each
+// further block of 4 rows of x re-reads the current 4 rows of W from L1/L2, so time grows with M past 4).
+// Rows of W are split over `threads` OpenMP threads in contiguous ranges.
+// Returns 0, or -1 for an unsupported isa / shape.
+int dsi_gemv_bf16(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* bias, const void* res,
+                  int64_t ldr, void* y, int64_t ldy, int64_t M, int64_t N, int64_t K, int threads, int isa) {
+    if (isa == 4) isa = 3;  // row-major weights: the AMX path needs the packed layout
+    if (isa < 1 || isa > 3 || isa > dsi_gemv_best_isa() || M < 1 || N < 1 || K < 1) return -1;
+    const Args a{static_cast<const uint16_t*>(x), ldx, static_cast<const uint16_t*>(w), ldw,
+                 static_cast<const uint16_t*>(bias), static_cast<const uint16_t*>(res), ldr, static_cast<uint16_t*>(y),
+                 ldy, N, K};
+    if (threads <= 1) {
+        run_range(isa, M, a, 0, N);
+        return 0;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        // Contiguous row ranges, boundaries on multiples of 8 rows (whole R-groups, whole cache lines of y).
+        const int64_t groups = (N + 7) / 8;
+        const int64_t g0 = groups * t / nt, g1 = groups * (t + 1) / nt;
+        const int64_t n_begin = g0 * 8, n_end = g1 * 8 < N ? g1 * 8 : N;
+        if (n_begin < n_end) run_range(isa, M, a, n_begin, n_end);
+    }
+    return 0;
+}
+
+// Packed size in elements for dsi_pack_amx: ceil32(N) * ceil32(K).
+int64_t dsi_packed_numel(int64_t N, int64_t K) { return (N + 31) / 32 * 32 * ((K + 31) / 32 * 32); }
+
+// Writes the AMX layout of w [N, K] (row stride ldw) to out (dsi_packed_numel(N, K) elements).
+void dsi_pack_amx(const void* w, int64_t ldw, int64_t N, int64_t K, void* out, int threads) {
+    const uint16_t* src = static_cast<const uint16_t*>(w);
+    uint16_t* dst = static_cast<uint16_t*>(out);
+    const int64_t nb_n = (N + 31) / 32 * 2, kc_n = (K + 31) / 32;
+#pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static)
+    for (int64_t nb = 0; nb < nb_n; ++nb) {
+        for (int64_t kc = 0; kc < kc_n; ++kc) {
+            uint16_t* t = dst + (nb * kc_n + kc) * 512;
+            for (int j = 0; j < 16; ++j) {
+                const int64_t n = nb * 16 + j;
+                for (int kk = 0; kk < 32; ++kk) {
+                    const int64_t k = kc * 32 + kk;
+                    t[(kk / 2) * 32 + j * 2 + (kk % 2)] = (n < N && k < K) ? src[n * ldw + k] : 0;
+                }
+            }
+        }
+    }
+}
+
+// y = x @ W^T (+ bias) (+ res) with W in the AMX layout (wp, from dsi_pack_amx of an [N, K] weight). Any M.
+// Returns 0, or -1 when the CPU has no AMX path.
+int dsi_gemm_amx(const void* x, int64_t ldx, const void* wp, const void* bias, const void* res, int64_t ldr, void* y,
+                 int64_t ldy, int64_t M, int64_t N, int64_t K, int threads) {
+    if (dsi_gemv_best_isa() < 4 || M < 1 || N < 1 || K < 1) return -1;
+    const int64_t Kp = (K + 31) / 32 * 32;
+    const uint16_t* xs = static_cast<const uint16_t*>(x);
+    int64_t lds = ldx;
+    static thread_local std::vector<uint16_t> scratch;
+    if (Kp != K) {  // tiles read 32 columns at a time: copy x into zero-padded rows
+        scratch.assign(static_cast<size_t>(M * Kp), 0);
+        for (int64_t m = 0; m < M; ++m) memcpy(scratch.data() + m * Kp, xs + m * ldx, K * 2);
+        xs = scratch.data();
+        lds = Kp;
+    }
+    const Args a{xs, lds, static_cast<const uint16_t*>(wp), 0, static_cast<const uint16_t*>(bias),
+                 static_cast<const uint16_t*>(res), ldr, static_cast<uint16_t*>(y), ldy, N, K};
+    const int64_t pairs = (N + 31) / 32;
+    if (threads <= 1 || pairs < 2) {
+        amx_range(a, M, Kp, 0, pairs);
+        return 0;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const int64_t q0 = pairs * t / nt, q1 = pairs * (t + 1) / nt;
+        if (q0 < q1) amx_range(a, M, Kp, q0, q1);
+    }
+    return 0;
+}
+
+}  // extern "C"

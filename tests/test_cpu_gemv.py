@@ -1,0 +1,223 @@
+"""The CPU bf16 linear kernels (``kernels/cpu_gemv``) against an fp32 reference, and the engine using them.
+
+Every path this machine runs is checked (AMX on packed weights; AVX512-BF16 / AVX512F / AVX2 on row-major
+weights): a CPU runs the paths below its best one too. ``test_report_path`` names the path this machine's
+engine takes in the warnings summary, so a CI log says which one was exercised.
+
+Tolerance against ``x.float() @ w.float().T (+ bias + residual)`` in fp32: the kernel accumulates in fp32 in
+its own order (|error| up to ~1e-3 for K = 2816, hence atol 1e-3) and rounds once to bf16 (half a bf16 ulp,
+at most 2^-8 relative, hence rtol 2^-8). On integer-valued data every sum is exact, so there the result is
+compared bit for bit (entries in {-1, 0, 1}, K <= 200: every sum is an integer below 256, exact in bf16).
+"""
+import logging
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from helpers import optimised_copy, padded_batch, tiny_model
+from lightning_dsinfer.kernels import cpu_gemv
+from lightning_dsinfer.modules.linear import Linear
+
+ATOL, RTOL = 1e-3, 2.0 ** -8
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+ROW_PATHS = [p for p in cpu_gemv.supported_isas() if p != "amx_bf16"]
+needs_kernel = pytest.mark.skipif(not cpu_gemv.available(), reason="CPU GEMV kernel unavailable (see log)")
+needs_amx = pytest.mark.skipif(not cpu_gemv.has_amx(), reason="CPU has no AMX-BF16 (or no tile permission)")
+SHAPES = [(1, 1), (37, 70), (64, 64), (130, 96), (33, 1000), (1030, 2816)]   # (N, K): odd N, K % 32 != 0
+
+
+def _case(m, n, k, bias, residual, seed=0, integer=False):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        t = torch.randint(-1, 2, shape, generator=g).float() if integer else torch.randn(*shape, generator=g)
+        return t.to(torch.bfloat16)
+
+    x, w = rnd(m, k), rnd(n, k)
+    b = rnd(n) if bias else None
+    r = rnd(m, n) if residual else None
+    ref = x.float() @ w.float().t()
+    if b is not None:
+        ref = ref + b.float()
+    if r is not None:
+        ref = ref + r.float()
+    return x, w, b, r, ref
+
+
+def test_kernel_builds_where_it_can():
+    # CI has g++ and an x86-64 CPU with AVX2 at least: there the kernel must build, not silently fall back.
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler on this machine")
+    if not {"avx2", "fma"} <= _cpu_flags() and "avx512f" not in _cpu_flags():
+        pytest.skip("CPU without AVX2+FMA / AVX512: the kernel has no path here")
+    assert cpu_gemv.available(), "CPU GEMV kernel failed to build or load (see the logged warning)"
+    assert cpu_gemv._build()[1] == 0.0        # a second build finds the cached library
+
+
+@needs_kernel
+def test_report_path():
+    amx = cpu_gemv.has_amx()
+    warnings.warn(f"cpu_gemv: this machine runs {cpu_gemv.isa()} (checked: {', '.join(cpu_gemv.supported_isas())}); "
+                  f"engine bf16 linears: {'AMX on packed weights' if amx else 'row-major kernel'}; "
+                  f"built in {cpu_gemv.build_seconds():.1f} s (0.0: cached)", UserWarning)
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ROW_PATHS)
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("bias,residual", [(False, False), (True, False), (True, True), (False, True)])
+def test_row_kernel_matches_fp32(isa, n, k, bias, residual):
+    for m in range(1, 9):
+        x, w, b, r, ref = _case(m, n, k, bias, residual, seed=m)
+        got = cpu_gemv.linear(x, w, b, r, isa=isa)
+        assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+        torch.testing.assert_close(got.float(), ref, atol=ATOL, rtol=RTOL, msg=lambda s: f"M={m}: {s}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ROW_PATHS)
+@pytest.mark.parametrize("m", [1, 3, 8, 13, 33])
+def test_row_kernel_exact_on_integers(isa, m):
+    x, w, b, r, ref = _case(m, 37, 200, True, True, integer=True)
+    assert torch.equal(cpu_gemv.linear(x, w, b, r, isa=isa).float(), ref)
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ROW_PATHS)
+def test_row_kernel_strided_views(isa):
+    # pack=False weights are views into a streamed buffer (row stride > K); x / residual rows may be strided.
+    x, w, b, r, ref = _case(5, 37, 70, True, True)
+    wbuf = torch.zeros(37, 100, dtype=torch.bfloat16)
+    wbuf[:, 10:80] = w
+    xbuf = torch.zeros(5, 90, dtype=torch.bfloat16)
+    xbuf[:, 3:73] = x
+    rbuf = torch.zeros(5, 50, dtype=torch.bfloat16)
+    rbuf[:, :37] = r
+    got = cpu_gemv.linear(xbuf[:, 3:73], wbuf[:, 10:80], b, rbuf[:, :37], isa=isa)
+    torch.testing.assert_close(got.float(), ref, atol=ATOL, rtol=RTOL)
+    # 3-D activations (batch, tokens, features), as the engine calls it
+    got3 = cpu_gemv.linear(x.view(5, 1, 70), w, b, r.view(5, 1, 37), isa=isa)
+    assert got3.shape == (5, 1, 37) and torch.equal(got3.view(5, 37), cpu_gemv.linear(x, w, b, r, isa=isa))
+
+
+@needs_amx
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("bias,residual", [(False, False), (True, True)])
+def test_amx_packed_matches_fp32(n, k, bias, residual):
+    # M: 1..8 (decode), 16, 17 / 33 / 100 (the last block of 16 rows overlaps the one before), 300 (chunks of rows)
+    for m in [*range(1, 9), 16, 17, 33, 100, 300]:
+        x, w, b, r, ref = _case(m, n, k, bias, residual, seed=m)
+        got = cpu_gemv.linear_packed(x, cpu_gemv.pack(w), n, k, b, r)
+        torch.testing.assert_close(got.float(), ref, atol=ATOL, rtol=RTOL, msg=lambda s: f"M={m}: {s}")
+
+
+@needs_amx
+@pytest.mark.parametrize("m", [1, 8, 40])
+def test_amx_packed_exact_on_integers_and_strided_x(m):
+    x, w, b, r, ref = _case(m, 70, 96, True, True, integer=True)
+    xbuf = torch.zeros(m, 200, dtype=torch.bfloat16)
+    xbuf[:, 7:103] = x
+    assert torch.equal(cpu_gemv.linear_packed(xbuf[:, 7:103], cpu_gemv.pack(w), 70, 96, b, r).float(), ref)
+
+
+@needs_amx
+def test_amx_packed_checks_its_weight():
+    w = torch.randn(40, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="packs to"):
+        cpu_gemv.linear_packed(torch.randn(1, 128, dtype=torch.bfloat16), cpu_gemv.pack(w), 40, 128)
+
+
+# ----------------------------------------------------------------------------------- modules.linear.Linear
+ALL_PATHS = cpu_gemv.supported_isas()
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ALL_PATHS)
+@pytest.mark.parametrize("pack", [True, False])
+def test_linear_module(isa, pack):
+    with cpu_gemv.use_path(isa):
+        _check_linear_module(isa, pack)
+
+
+def _check_linear_module(isa, pack):
+    n, k = 130, 96
+    _, w, b, _, _ = _case(1, n, k, True, False)
+    lin = Linear(w, b, pack=pack)
+    assert lin.layout == ("amx" if pack and isa == "amx_bf16" else "plain")
+    if not pack:
+        assert lin.weight is w                # offload's views are used in place
+    for m in (1, 4, 8, 40):                   # 40: above the row kernel's limit on the AMX/AVX512-BF16 paths
+        x, _, _, r, _ = _case(m, n, k, False, True, seed=m)
+        got = lin(x.view(m, 1, k), r.view(m, 1, n)).view(m, n)
+        if lin.layout == "amx" or m <= lin.row_kernel_rows:   # the kernel: one rounding of the fp32 result
+            ref = x.float() @ w.float().t() + b.float() + r.float()
+            torch.testing.assert_close(got.float(), ref, atol=ATOL, rtol=RTOL)
+        else:                                                 # F.linear, then += residual (as before)
+            assert torch.equal(got, torch.nn.functional.linear(x, w, b) + r)
+
+
+@needs_kernel
+def test_linear_module_fallback_when_disabled():
+    w = torch.randn(48, 64, dtype=torch.bfloat16)
+    with cpu_gemv.disabled():
+        lin = Linear(w)
+    onednn = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert lin.layout == ("onednn" if onednn else "plain") and not lin.row_kernel
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    torch.testing.assert_close(lin(x).float(), x.float() @ w.float().t(), atol=ATOL, rtol=2 * RTOL)
+
+
+def test_build_failure_falls_back_and_logs_once(monkeypatch, caplog):
+    # No compiler: available() is False with one warning, and Linear takes its oneDNN / F.linear path.
+    monkeypatch.setattr(cpu_gemv, "_kernel", None)
+    monkeypatch.setattr(cpu_gemv, "_tried", False)
+    monkeypatch.setattr(cpu_gemv, "_compiler", lambda: None)
+    with caplog.at_level(logging.WARNING, logger=cpu_gemv.__name__):
+        assert not cpu_gemv.available() and not cpu_gemv.available() and cpu_gemv.isa() is None
+        lin = Linear(torch.randn(16, 32, dtype=torch.bfloat16))
+    logged = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len(logged) == 1 and "no C++ compiler" in logged[0]
+    assert lin.layout in ("onednn", "plain") and not lin.row_kernel
+    assert lin(torch.randn(2, 32, dtype=torch.bfloat16)).shape == (2, 16)
+
+
+# ----------------------------------------------------------------------------------- the whole engine, bf16
+@needs_kernel
+@pytest.mark.parametrize("isa", ALL_PATHS)
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_engine_bf16_matches_hf(family, isa):
+    # bf16 logits reach ~3, where a bf16 ulp is 1.6e-2. HF rounds after every linear and residual add, the
+    # kernel once per linear (residual included), so they differ by a few ulps: atol 6e-2 / rtol 1.6e-2, as
+    # for the oneDNN path this replaces. Greedy tokens identical (llama: attention and MLP biases).
+    hf = tiny_model(family).to(torch.bfloat16)
+    with cpu_gemv.use_path(isa):
+        opt = optimised_copy(hf, max_seq_len=48, dtype=torch.bfloat16)
+        _check_engine(hf, opt, isa)
+
+
+def _check_engine(hf, opt, isa):
+    lin = opt._dsinfer_engine.decoder.layers[0].attn.qkv
+    assert lin.layout == ("amx" if isa == "amx_bf16" else "plain") and (lin.packed or lin.row_kernel)
+    ids, mask = padded_batch([12, 5, 9])
+    with torch.no_grad():
+        ref_logits = hf(input_ids=ids, attention_mask=mask).logits
+        ref_tokens = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    logits = opt(input_ids=ids, attention_mask=mask).logits
+    tokens = opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    valid = mask.bool()
+    torch.testing.assert_close(logits[valid].float(), ref_logits[valid].float(), atol=6e-2, rtol=1.6e-2)
+    assert torch.equal(tokens, ref_tokens)
