@@ -13,15 +13,15 @@ bf16 weights on the CPU take the first of these that the machine has (``Linear.l
   (``_reorder_linear_weight``), every call through ``_linear_pointwise``.
 
 ``pack=False`` keeps the tensor as given (offload passes views into a streamed buffer): ``"plain"``, with the
-row-major kernel for few rows where it is available. Everything else (fp32 / fp16, CUDA) uses ``F.linear``.
+row-major kernel for few rows where it is available. Everything else goes through ``ops.linear``: the small-batch
+Triton GEMM on CUDA for M <= 32 (bf16 / fp16), ``F.linear`` otherwise.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lightning_dsinfer.kernels import cpu_gemv
+from lightning_dsinfer.kernels import cpu_gemv, ops
 
 # The M the oneDNN weight layout is tuned for. Measured on a 2-core AVX512-BF16/AMX machine: 16 is
 # within 5% of the best layout for M=1 decode and within 2% of the best for M=2048 prefill.
@@ -97,10 +97,7 @@ class Linear(nn.Module):
             return y.view(*shape[:-1], self.out_features)
         if self.row_kernel and x.dtype == torch.bfloat16 and x.numel() <= self.row_kernel_rows * self.in_features:
             return cpu_gemv.linear(x, self.weight, self.bias, residual)
-        y = F.linear(x, self.weight, self.bias)
-        if residual is not None:
-            y += residual
-        return y
+        return ops.linear(x, self.weight, self.bias, residual)   # small-batch Triton GEMM on CUDA, else F.linear
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, layout={self.layout}"

@@ -20,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/helpers.p
 from helpers import optimised_copy, padded_batch, tiny_model  # noqa: E402
 
 from lightning_dsinfer.kernels import ops, reference  # noqa: E402
-from lightning_dsinfer.modules.linear import Linear  # noqa: E402
 from lightning_dsinfer.modules.masks import build_masks  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not DEVICES, reason="no CUDA and TRITON_INTERPRET unset")
@@ -72,17 +71,6 @@ def test_engine_through_triton_matches_hf(family, monkeypatch):
     _assert_fused(6)
 
 
-def _matmul_with_ops_linear(self, x, residual):
-    """``Linear._matmul`` with the change proposed for modules/linear.py: the non-packed path through
-    ``ops.linear`` (small-batch GEMM for M <= 32 on the Triton path, F.linear + add otherwise)."""
-    if self.packed:
-        return _ORIG_MATMUL(self, x, residual)
-    return ops.linear(x, self.weight, self.bias, residual)
-
-
-_ORIG_MATMUL = Linear._matmul
-
-
 @pytest.mark.parametrize("family", ["qwen3"])
 def test_engine_small_gemm_linears_fp16(family, monkeypatch):
     # fp16 (bf16 weights are oneDNN-packed on a CPU, so they never reach F.linear there). The plain forward has
@@ -90,7 +78,6 @@ def test_engine_small_gemm_linears_fp16(family, monkeypatch):
     # Tolerance: fp16 logits reach ~3, where one fp16 ulp is 2e-3; HF's own fp16 CPU path differs from ours by
     # a few ulps (accumulation order), so atol 1e-2 / rtol 1e-2. Greedy tokens identical.
     monkeypatch.setenv("DSINFER_CUDA_GRAPHS", "0")
-    monkeypatch.setattr(Linear, "_matmul", _matmul_with_ops_linear)
     hf = tiny_model(family).half().to(DEVICE)
     opt = optimised_copy(hf, max_seq_len=32, dtype=torch.float16)
     ids, mask = (x.to(DEVICE) for x in padded_batch([12, 5, 9]))
