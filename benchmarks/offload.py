@@ -14,8 +14,10 @@ machine with enough RAM; ours reads with O_DIRECT and never uses it).
 Printed per run: new tokens/s (prompt included: N tokens = 1 prefill + N-1 decode passes), peak RSS growth
 over the process's resident memory before the run (VmHWM, reset per run), achieved weight-read bandwidth
 against the disk's O_DIRECT sequential read bandwidth measured in the same run, and the overlap
-(time per pass over max(transfer time, compute time); compute time is the same passes with the weights
-in RAM).
+(time per decode pass over max(transfer time, compute time); transfer time is the bytes streamed per pass
+at the disk's measured bandwidth, compute time is the same passes with the weights in RAM), and the
+fraction of each decode pass during which the disk had a read outstanding (1.0: the disk never waited
+for compute, whatever its speed that minute; a virtual disk's bandwidth varies from run to run).
 
     python benchmarks/offload.py                       # ~1 GB model, budget 1/4
     python benchmarks/offload.py --record benchmarks/RESULTS.md
@@ -69,26 +71,30 @@ def drop_cache(*folders) -> None:
         os.close(fd)
 
 
-def direct_read_bandwidth(path: str) -> float:
-    """Best of two O_DIRECT sequential read patterns over ``path`` (1 x 16 MiB and 4 x 4 MiB in flight)."""
+def direct_read_bandwidth(path: str, repeats: int = 3) -> float:
+    """O_DIRECT sequential read bandwidth of ``path``: the better of two patterns (1 x 16 MiB and 4 x 4 MiB in
+    flight), each the median of ``repeats`` reads (a virtual disk has outliers)."""
+    size = os.path.getsize(path) // 4096 * 4096
+    return max(sorted(_direct_read(path, size, chunk, threads) for _ in range(repeats))[repeats // 2]
+               for chunk, threads in ((16 * MiB, 1), (4 * MiB, 4)))
+
+
+def _direct_read(path: str, size: int, chunk: int, threads: int) -> float:
     from lightning_dsinfer.offload import aligned_empty
 
-    size = os.path.getsize(path) // 4096 * 4096
-    best = 0.0
-    for chunk, threads in ((16 * MiB, 1), (4 * MiB, 4)):
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-        bufs = [memoryview(aligned_empty(chunk).numpy()) for _ in range(threads)]
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    bufs = [memoryview(aligned_empty(chunk).numpy()) for _ in range(threads)]
 
-        def work(k):
-            for off in range(k * chunk, size - chunk + 1, threads * chunk):
-                os.preadv(fd, [bufs[k]], off)
+    def work(k):
+        for off in range(k * chunk, size - chunk + 1, threads * chunk):
+            os.preadv(fd, [bufs[k]], off)
 
-        t = time.perf_counter()
-        with ThreadPoolExecutor(threads) as ex:
-            list(ex.map(work, range(threads)))
-        best = max(best, (size // chunk * chunk) / (time.perf_counter() - t))
-        os.close(fd)
-    return best
+    t = time.perf_counter()
+    with ThreadPoolExecutor(threads) as ex:
+        list(ex.map(work, range(threads)))
+    bandwidth = (size // chunk * chunk) / (time.perf_counter() - t)
+    os.close(fd)
+    return bandwidth
 
 
 def rss(field="VmRSS") -> int:
@@ -110,8 +116,8 @@ def prompts(batch, length, vocab):
     return ids, torch.ones_like(ids)
 
 
-def run(model, batch, args, folders, new, per_token_drop=False):
-    """(seconds, peak VmHWM) of one cold-cache generate of ``new`` tokens."""
+def run(model, batch, args, folders, new, per_token_drop=False, store=None):
+    """(seconds, peak VmHWM, disk busy seconds) of one cold-cache generate of ``new`` tokens."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
     class DropCache(LogitsProcessor):
@@ -124,23 +130,27 @@ def run(model, batch, args, folders, new, per_token_drop=False):
     gc.collect()
     drop_cache(*folders)
     reset_peak()
+    busy = store.busy_time() if store is not None else 0.0
     t = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
                              min_new_tokens=new, **extra)
     dt = time.perf_counter() - t
+    busy = store.busy_time() - busy if store is not None else 0.0
     assert out.shape == (batch, args.prompt + new), out.shape
-    return dt, rss("VmHWM")
+    return dt, rss("VmHWM"), busy
 
 
-def measure(model, batch, args, folders, per_token_drop=False):
+def measure(model, batch, args, folders, per_token_drop=False, store=None):
     """Prompt pass seconds (1 new token), decode seconds per pass ((t_N - t_1) / (N - 1)), new tokens/s over
-    the whole N-token generate, and the peak resident memory of these runs."""
+    the whole N-token generate, the peak resident memory of these runs and (ours) the time per decode pass
+    during which the disk had a read outstanding."""
     run(model, batch, args, folders, 2, per_token_drop)                  # warm-up of the shapes
-    t1, p1 = run(model, batch, args, folders, 1, per_token_drop)
-    tn, pn = run(model, batch, args, folders, args.new, per_token_drop)
+    t1, p1, b1 = run(model, batch, args, folders, 1, per_token_drop, store)
+    tn, pn, bn = run(model, batch, args, folders, args.new, per_token_drop, store)
     return {"prompt_s": t1, "decode_s": (tn - t1) / (args.new - 1), "tok_s": batch * args.new / tn,
-            "decode_tok_s": batch * (args.new - 1) / (tn - t1), "peak": max(p1, pn)}
+            "decode_tok_s": batch * (args.new - 1) / (tn - t1), "peak": max(p1, pn),
+            "busy_s": (bn - b1) / (args.new - 1)}
 
 
 def main():
@@ -187,7 +197,7 @@ def main():
         ws, streamer = engine.working_set, engine.decoder.streamer
         b = ws.batch_size if batch is None else batch
         streamed = sum(streamer.layouts[u].nbytes for u in streamer.order)
-        r = measure(model, b, args, [ckpt, ours_dir])
+        r = measure(model, b, args, [ckpt, ours_dir], store=streamer.store)
         r.update(load_peak=load_peak, streamed=streamed, batch=b, slots=ws.n_slots, resident=len(streamer.resident))
         results[label] = r
         note = (f"ours batch {b}{' (its throughput batch)' if batch is None else ''}: {ws.n_slots} slots x "
@@ -204,7 +214,8 @@ def main():
         rows.append([f"ours (nvme){' auto batch' if label == 'auto' else ''}", r["batch"], r["tok_s"],
                      r["decode_tok_s"], (r["peak"] - base) / MiB, r["load_peak"] / MiB,
                      r["streamed"] / r["decode_s"] / 1e9, r["streamed"] / r["decode_s"] / disk,
-                     r["decode_s"] / max(transfer, c["decode_s"]), c["decode_s"] * 1e3, transfer * 1e3])
+                     r["decode_s"] / max(transfer, c["decode_s"]), r["busy_s"] / r["decode_s"],
+                     c["decode_s"] * 1e3, transfer * 1e3, r["busy_s"] * 1e3])
     del resident
     gc.collect()
     acc = {}
@@ -219,15 +230,15 @@ def main():
             acc[b] = measure(model, b, args, [ckpt, acc_dir], per_token_drop=True)
             print(f"accelerate batch {b}: {acc[b]['tok_s']:.2f} tok/s", flush=True)
             rows.append(["accelerate disk offload", b, acc[b]["tok_s"], acc[b]["decode_tok_s"],
-                         (acc[b]["peak"] - base) / MiB, load_peak / MiB, "", "", "", "", ""])
+                         (acc[b]["peak"] - base) / MiB, load_peak / MiB, "", "", "", "", "", "", ""])
         del model
     for b in args.batch:
         if b in acc:
             rows.append(["ratio ours / accelerate", b, results[b]["tok_s"] / acc[b]["tok_s"],
-                         results[b]["decode_tok_s"] / acc[b]["decode_tok_s"], "", "", "", "", "", "", ""])
+                         results[b]["decode_tok_s"] / acc[b]["decode_tok_s"], "", "", "", "", "", "", "", "", ""])
     table = markdown_table(["system", "batch", "new tok/s", "decode tok/s", "peak RSS growth MiB (run)",
                             "peak RSS growth MiB (load)", "decode read GB/s", "of disk", "overlap (step / max)",
-                            "compute ms/step", "transfer ms/step"], rows)
+                            "disk busy (of step)", "compute ms/step", "transfer ms/step", "disk busy ms/step"], rows)
     header = (f"model {weight_bytes / MiB:.0f} MiB bf16 ({args.layers} layers, hidden {args.hidden}), max_memory "
               f"{budget / MiB:.0f} MiB, prompt {args.prompt}, {args.new} new tokens, {args.threads} threads, disk "
               f"O_DIRECT {disk / 1e9:.2f} GB/s; cold page cache for every run (and every token for accelerate); "

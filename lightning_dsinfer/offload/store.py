@@ -16,6 +16,8 @@ import errno
 import json
 import os
 import shutil
+import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -100,6 +102,8 @@ class DiskStore:
                 if name.startswith("unit_") and name.endswith(".bin") or name == _MANIFEST:
                     os.remove(os.path.join(folder, name))
         self._scratch: torch.Tensor | None = None
+        self._in_flight, self._busy_since, self.busy_s = 0, 0.0, 0.0     # time with a read outstanding
+        self._lock = threading.Lock()
 
     @property
     def nbytes(self) -> int:
@@ -150,10 +154,26 @@ class DiskStore:
             os.replace(tmp, os.path.join(self.folder, _MANIFEST))
         self._fds = [_open_direct(self.path(i)) for i in range(len(self.layouts))]
 
+    def busy_time(self) -> float:
+        """Seconds so far during which at least one read was outstanding (the difference of two calls is the
+        disk's busy time in between: the overlap a benchmark reports)."""
+        with self._lock:
+            return self.busy_s + (time.perf_counter() - self._busy_since if self._in_flight else 0.0)
+
     def _read_chunk(self, fd: int, direct: bool, view: memoryview, offset: int) -> None:
-        pread_exactly(fd, view, offset)
-        if not direct:
-            os.posix_fadvise(fd, offset, len(view), os.POSIX_FADV_DONTNEED)
+        with self._lock:
+            if self._in_flight == 0:
+                self._busy_since = time.perf_counter()
+            self._in_flight += 1
+        try:
+            pread_exactly(fd, view, offset)
+            if not direct:
+                os.posix_fadvise(fd, offset, len(view), os.POSIX_FADV_DONTNEED)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self.busy_s += time.perf_counter() - self._busy_since
 
     def read(self, unit: int, buffer: torch.Tensor, pool: ThreadPoolExecutor) -> list[Future]:
         """Queue the reads of ``unit`` into the page-aligned uint8 ``buffer``; returns their futures."""
