@@ -33,6 +33,27 @@ def worker(args):
                                max_seq_len=args.prompt + args.new, max_batch_size=1)
     comm = model._dsinfer_engine.comm
     ids = torch.randint(3, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(0))
+    in_reduce = [0.0]                                 # seconds inside the shared-memory all-reduce (incl. waiting)
+    if comm.shm is not None:
+        shm_call = comm.shm.__call__
+
+        class Timed:
+            def __init__(self, inner):
+                self.inner = inner
+
+            def fits(self, x):
+                return self.inner.fits(x)
+
+            def all_gather_last(self, x):
+                return self.inner.all_gather_last(x)
+
+            def __call__(self, x):
+                t = time.perf_counter()
+                out = shm_call(x)
+                in_reduce[0] += time.perf_counter() - t
+                return out
+
+        comm.shm = Timed(comm.shm)
 
     def run(n):
         t = time.perf_counter()
@@ -40,16 +61,17 @@ def worker(args):
         return time.perf_counter() - t
 
     def counted(n):
-        calls, nbytes = comm.all_reduce_calls, comm.all_reduce_bytes
+        calls, nbytes, waited = comm.all_reduce_calls, comm.all_reduce_bytes, in_reduce[0]
         t = run(n)
-        return t, comm.all_reduce_calls - calls, comm.all_reduce_bytes - nbytes
+        return t, comm.all_reduce_calls - calls, comm.all_reduce_bytes - nbytes, in_reduce[0] - waited
 
     run(2)
-    t1, calls1, bytes1 = min(counted(1) for _ in range(args.repeats))
-    tn, calls_n, bytes_n = min(counted(args.new) for _ in range(args.repeats))
+    t1, calls1, bytes1, red1 = min(counted(1) for _ in range(args.repeats))
+    tn, calls_n, bytes_n, red_n = min(counted(args.new) for _ in range(args.repeats))
     steps = args.new - 1                              # decode steps, the prompt's all-reduces subtracted
     result = dict(tp=args.tp, rank=dsi.parallel_rank(), decode_tok_s=steps / (tn - t1),
-                  all_reduce_per_token=(calls_n - calls1) / steps, all_reduce_bytes_per_token=(bytes_n - bytes1) / steps)
+                  all_reduce_per_token=(calls_n - calls1) / steps, all_reduce_bytes_per_token=(bytes_n - bytes1) / steps,
+                  all_reduce_ms_per_token=1e3 * (red_n - red1) / steps, step_ms=1e3 * (tn - t1) / steps)
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -83,14 +105,15 @@ def main():
 
     base = launch(args, 1)[0]
     tp = [r for r in launch(args, args.tp) if r["rank"] == 0][0]
-    rows = [[1, 1, base["decode_tok_s"], 1.0, 0.0, 0],
-            [args.tp, 1, tp["decode_tok_s"], tp["decode_tok_s"] / base["decode_tok_s"], tp["all_reduce_per_token"],
-             int(tp["all_reduce_bytes_per_token"])]]
-    table = markdown_table(["TP", "threads/rank", "decode tok/s (batch 1)", "ratio vs TP=1", "all-reduces/token",
-                            "all-reduce bytes/token"], rows)
+    rows = [[1, 1, base["decode_tok_s"], 1.0, base["step_ms"], 0.0, 0, 0.0],
+            [args.tp, 1, tp["decode_tok_s"], tp["decode_tok_s"] / base["decode_tok_s"], tp["step_ms"],
+             tp["all_reduce_per_token"], int(tp["all_reduce_bytes_per_token"]), tp["all_reduce_ms_per_token"]]]
+    table = markdown_table(["TP", "threads/rank", "decode tok/s (batch 1)", "ratio vs TP=1", "ms/token",
+                            "all-reduces/token", "all-reduce bytes/token", "ms/token in all-reduce (rank 0, incl. "
+                            "waiting for the peer)"], rows)
     print(table)
     if args.record:
-        record(args.record, f"tensor_parallel.py: ~200M Llama bf16, batch 1, TP={args.tp} vs TP=1, gloo", table)
+        record(args.record, f"tensor_parallel.py: ~200M Llama bf16, batch 1, TP={args.tp} vs TP=1 (shared-memory all-reduce)", table)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ def warp(scores: torch.Tensor, temperature: float | None, top_k: int | None, top
 def next_tokens(logits: torch.Tensor, do_sample: bool, temperature=None, top_k=None, top_p=None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """logits [B, V] (any float dtype) -> token ids [B]."""
-    if not do_sample:
-        return logits.argmax(dim=-1)
+    if not do_sample:   # fp32 as HF does (same ties); also 2x faster than a bf16 argmax on the CPU
+        return logits.float().argmax(dim=-1)
     scores = warp(logits.float(), temperature, top_k, top_p)
     probs = scores.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)

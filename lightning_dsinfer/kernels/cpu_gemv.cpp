@@ -18,6 +18,7 @@
 // second one. Plain C ABI (called through ctypes), no torch headers: the build takes about 1.5 s.
 
 #include <immintrin.h>
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
@@ -414,6 +415,27 @@ int dsi_gemv_bf16(const void* x, int64_t ldx, const void* w, int64_t ldw, const 
         if (n_begin < n_end) run_range(isa, M, a, n_begin, n_end);
     }
     return 0;
+}
+
+// RMSNorm of `rows` bf16 rows of n, in HF's order for bf16: normalise in fp32, round to bf16, scale by w, round.
+// Decode-sized calls (a few rows): one thread, no fork/join; what this saves is the ~6 torch ops of the composite.
+void dsi_rms_norm_bf16(const void* x, int64_t ldx, const void* w, void* y, int64_t ldy, int64_t rows, int64_t n,
+                       float eps) {
+    const uint16_t* xs = static_cast<const uint16_t*>(x);
+    const uint16_t* ws = static_cast<const uint16_t*>(w);
+    uint16_t* ys = static_cast<uint16_t*>(y);
+    for (int64_t r = 0; r < rows; ++r) {
+        const uint16_t* xr = xs + r * ldx;
+        uint16_t* yr = ys + r * ldy;
+        float ss = 0.f;
+        for (int64_t i = 0; i < n; ++i) {
+            const float v = bf16_to_f32(xr[i]);
+            ss += v * v;
+        }
+        const float inv = 1.f / sqrtf(ss / static_cast<float>(n) + eps);
+        for (int64_t i = 0; i < n; ++i)
+            yr[i] = f32_to_bf16(bf16_to_f32(f32_to_bf16(bf16_to_f32(xr[i]) * inv)) * bf16_to_f32(ws[i]));
+    }
 }
 
 // Packed size in elements for dsi_pack_amx: ceil32(N) * ceil32(K).

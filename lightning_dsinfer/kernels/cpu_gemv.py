@@ -71,6 +71,9 @@ class _Kernel:
         self.packed_numel = lib.dsi_packed_numel
         self.packed_numel.restype = i64
         self.packed_numel.argtypes = [i64, i64]
+        self.rms_norm = lib.dsi_rms_norm_bf16
+        self.rms_norm.restype = None
+        self.rms_norm.argtypes = [p, i64, p, p, i64, i64, i64, ctypes.c_float]
         lib.dsi_gemv_best_isa.restype = ctypes.c_int
         self.cpu_isa = lib.dsi_gemv_best_isa()   # best path of this CPU
         self.best_isa = self.cpu_isa              # the path calls take (lower inside use_path)
@@ -312,4 +315,21 @@ def linear_packed(x: torch.Tensor, packed: torch.Tensor, out_features: int, in_f
                0 if r2 is None else r2.stride(0), y.data_ptr(), n, x2.shape[0], n, kdim, _threads(n, kdim))
     if rc != 0:
         raise RuntimeError(f"cpu_gemv: AMX call failed for M={x2.shape[0]} N={n} K={kdim}")
+    return y
+
+
+RMS_NORM_MAX_ROWS = 16        # decode-sized calls; prompts keep torch's multi-threaded composite
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """:func:`reference.rms_norm` for a few contiguous bf16 rows in one C call (the composite is ~6 torch ops,
+    ~45 us at decode sizes); None where it does not apply (the caller runs the reference)."""
+    k = _kernel if _kernel is not None else _load()
+    n = x.shape[-1]
+    if (k is None or _off or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or not x.is_contiguous()
+            or not weight.is_contiguous() or weight.numel() != n or x.device.type != "cpu"
+            or x.numel() > RMS_NORM_MAX_ROWS * n):
+        return None
+    y = torch.empty_like(x)
+    k.rms_norm(x.data_ptr(), n, weight.data_ptr(), y.data_ptr(), n, x.numel() // n, n, eps)
     return y

@@ -60,7 +60,7 @@ from collections import Counter
 
 import torch
 
-from lightning_dsinfer.kernels import reference, triton_available
+from lightning_dsinfer.kernels import cpu_gemv, reference, triton_available
 
 _FORCE = os.environ.get("DSINFER_FORCE_TRITON", "0") not in ("", "0", "false", "False")
 _CPU_TRITON_OK: bool | None = None   # triton_available("cpu"), asked once when forcing
@@ -170,6 +170,10 @@ def kv_ranges(*entries):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """See :func:`reference.rms_norm`."""
     if not _triton(x):
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            y = cpu_gemv.rms_norm(x, weight, eps)    # decode-sized bf16 rows: one C call
+            if y is not None:
+                return y
         return reference.rms_norm(x, weight, eps)
     from lightning_dsinfer.kernels.rms_norm import rms_norm as kernel
     _count("rms_norm", "triton")

@@ -50,6 +50,8 @@ class TensorParallelComm:
         """Concatenate each rank's ``x`` along the last dim (rank order)."""
         if self.size == 1:
             return x
+        if self.shm is not None and self.shm.fits(x):
+            return self.shm.all_gather_last(x.contiguous())
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)

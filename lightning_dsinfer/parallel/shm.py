@@ -8,7 +8,8 @@ Here the ranks of a tensor-parallel group share one mapped file in /dev/shm:
     [tp int64]                                                 flags: last call each rank published
 
 Call ``s``: write my partial into slot (s % 2, rank) as fp32, publish flag = s, wait until every flag is
->= s, sum the tp slots in fp32 into the output. A rank can only reach call s + 2 (same parity) after
+>= s, then sum the tp slots in fp32 into the output (all-reduce) or concatenate them (all-gather of the
+vocab-parallel logits). A rank can only reach call s + 2 (same parity) after
 every rank published s + 1, which each does after it finished reading call s: no second barrier.
 x86 keeps stores in order, and each step is a separate torch op, so the flag is seen after the data.
 Waiting gives up after the collective timeout with a :class:`PeerFailureError`.
@@ -47,22 +48,36 @@ class ShmAllReduce:
             os.unlink(path)                       # the mappings stay valid; nothing is left behind
         self.data = buf[:data_bytes].view(torch.float32).view(2, size, capacity)
         self.flags = buf[data_bytes:].view(torch.int64)
+        self._flags = self.flags.numpy()          # numpy view: a flag store / check costs ~1 us, a torch op ~5 us
         self.step = 0
 
     def fits(self, x: torch.Tensor) -> bool:
         return x.numel() <= self.capacity and x.device.type == "cpu"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """All-reduce (sum) ``x`` in place."""
+        slots = self._exchange(x)
+        x.copy_(slots.sum(dim=0).view(x.shape))
+        return x
+
+    def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``x`` concatenated along the last dim, in rank order (vocab-parallel logits)."""
+        slots = self._exchange(x)
+        return torch.cat([slots[r].view(x.shape) for r in range(self.size)], dim=-1).to(x.dtype)
+
+    def _exchange(self, x: torch.Tensor) -> torch.Tensor:
+        """Publish ``x`` and wait for every rank's: the [size, numel] fp32 slots of this call (valid until the
+        call after next)."""
         from lightning_dsinfer.parallel.comm import PeerFailureError
 
         self.step += 1
         n = x.numel()
         slots = self.data[self.step % 2]
         slots[self.rank, :n].copy_(x.reshape(-1))
-        self.flags[self.rank] = self.step
+        self._flags[self.rank] = self.step
         deadline = None
         spins = 0
-        while bool((self.flags < self.step).any()):
+        while self._flags.min() < self.step:
             spins += 1
             if spins % 64 == 0:
                 os.sched_yield()
@@ -72,8 +87,7 @@ class ShmAllReduce:
                     raise PeerFailureError(
                         f"dsinfer: a peer rank of the tensor-parallel group did not reach all-reduce #{self.step} "
                         f"within {self.timeout_s:.0f}s (collective_timeout_s); it probably died.")
-        x.copy_(slots[:, :n].sum(dim=0).view(x.shape))
-        return x
+        return slots[:, :n]
 
 
 def same_host(group) -> bool:
