@@ -22,7 +22,9 @@
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
+#include <sched.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -436,6 +438,47 @@ void dsi_rms_norm_bf16(const void* x, int64_t ldx, const void* w, void* y, int64
         for (int64_t i = 0; i < n; ++i)
             yr[i] = f32_to_bf16(bf16_to_f32(f32_to_bf16(bf16_to_f32(xr[i]) * inv)) * bf16_to_f32(ws[i]));
     }
+}
+
+// One call of parallel/shm.py's shared-memory all-reduce (or all-gather), the whole protocol in C: copy x into
+// my fp32 slot, publish `step` in my flag (release), spin until every flag reaches `step` (acquire; yield every
+// 64 spins, give up after timeout_s), then, for sum != 0, x = round(sum of the slots in rank order). x is bf16
+// (is_bf16) or fp32. Returns 0, or 1 on timeout (a peer died). The same arithmetic as the torch path (fp32 sum
+// in rank order, one rounding), at ~2 us instead of ~18 us of torch ops per call.
+int dsi_shm_exchange(void* x, int is_bf16, int64_t n, float* slots, int64_t capacity, int64_t* flags, int size,
+                     int rank, int64_t step, double timeout_s, int sum) {
+    float* mine = slots + rank * capacity;
+    if (is_bf16) {
+        const uint16_t* xs = static_cast<const uint16_t*>(x);
+        for (int64_t i = 0; i < n; ++i) mine[i] = bf16_to_f32(xs[i]);
+    } else {
+        memcpy(mine, x, n * sizeof(float));
+    }
+    __atomic_store_n(&flags[rank], step, __ATOMIC_RELEASE);
+    timespec start{};
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    for (int r = 0; r < size; ++r) {
+        int64_t spins = 0;
+        while (__atomic_load_n(&flags[r], __ATOMIC_ACQUIRE) < step) {
+            _mm_pause();
+            if (++spins % 64 == 0) {
+                sched_yield();
+                timespec now{};
+                clock_gettime(CLOCK_MONOTONIC, &now);
+                if ((now.tv_sec - start.tv_sec) + 1e-9 * (now.tv_nsec - start.tv_nsec) > timeout_s) return 1;
+            }
+        }
+    }
+    if (!sum) return 0;
+    for (int64_t i = 0; i < n; ++i) {
+        float acc = slots[i];
+        for (int r = 1; r < size; ++r) acc += slots[r * capacity + i];
+        if (is_bf16)
+            static_cast<uint16_t*>(x)[i] = f32_to_bf16(acc);
+        else
+            static_cast<float*>(x)[i] = acc;
+    }
+    return 0;
 }
 
 // Packed size in elements for dsi_pack_amx: ceil32(N) * ceil32(K).

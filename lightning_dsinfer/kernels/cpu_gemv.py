@@ -74,6 +74,10 @@ class _Kernel:
         self.rms_norm = lib.dsi_rms_norm_bf16
         self.rms_norm.restype = None
         self.rms_norm.argtypes = [p, i64, p, p, i64, i64, i64, ctypes.c_float]
+        self.shm_exchange = lib.dsi_shm_exchange
+        self.shm_exchange.restype = ctypes.c_int
+        self.shm_exchange.argtypes = [p, ctypes.c_int, i64, p, i64, p, ctypes.c_int, ctypes.c_int, i64, ctypes.c_double,
+                                      ctypes.c_int]
         lib.dsi_gemv_best_isa.restype = ctypes.c_int
         self.cpu_isa = lib.dsi_gemv_best_isa()   # best path of this CPU
         self.best_isa = self.cpu_isa              # the path calls take (lower inside use_path)
@@ -333,3 +337,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     y = torch.empty_like(x)
     k.rms_norm(x.data_ptr(), n, weight.data_ptr(), y.data_ptr(), n, x.numel() // n, n, eps)
     return y
+
+
+def shm_exchange():
+    """The C shared-memory exchange (see ``dsi_shm_exchange``), or None (no kernel: parallel/shm.py's torch path)."""
+    k = _kernel if _kernel is not None else _load()
+    return None if k is None or _off else k.shm_exchange
