@@ -49,6 +49,19 @@ def _assert_fused(forwards):
     assert not _fallbacks(), _fallbacks()
 
 
+def _hf_and_triton_path(hf, opt, forward_batch, generate_batch):
+    """(HF logits, HF greedy tokens, ours through the Triton path: logits, tokens); dispatch counts reset first."""
+    (fids, fmask), (gids, gmask) = forward_batch, generate_batch
+    with torch.no_grad():
+        ref_logits = hf(input_ids=fids, attention_mask=fmask).logits
+        ref_tokens = hf.generate(input_ids=gids, attention_mask=gmask, max_new_tokens=5, do_sample=False)
+    ops.dispatch_counts.clear()
+    with _triton_path():
+        logits = opt(input_ids=fids, attention_mask=fmask).logits
+        tokens = opt.generate(input_ids=gids, attention_mask=gmask, max_new_tokens=5, do_sample=False)
+    return ref_logits, ref_tokens, logits, tokens
+
+
 # llama: biases, head_dim 24 (odd block sizes); qwen3: q/k norms; mistral: sliding window 7, which the
 # 12-token prompt and the decode steps exceed.
 @pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
@@ -57,13 +70,7 @@ def test_engine_through_triton_matches_hf(family, monkeypatch):
     hf = tiny_model(family).to(DEVICE)
     opt = optimised_copy(hf, max_seq_len=32)
     ids, mask = (x.to(DEVICE) for x in padded_batch([12, 5, 9]))
-    with torch.no_grad():
-        ref_logits = hf(input_ids=ids, attention_mask=mask).logits
-        ref_tokens = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
-    ops.dispatch_counts.clear()
-    with _triton_path():
-        logits = opt(input_ids=ids, attention_mask=mask).logits
-        tokens = opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    ref_logits, ref_tokens, logits, tokens = _hf_and_triton_path(hf, opt, (ids, mask), (ids, mask))
     valid = mask.bool()
     torch.testing.assert_close(logits[valid], ref_logits[valid], atol=ATOL, rtol=RTOL)
     assert torch.equal(tokens, ref_tokens)
@@ -82,13 +89,7 @@ def test_engine_small_gemm_linears_fp16(family, monkeypatch):
     opt = optimised_copy(hf, max_seq_len=32, dtype=torch.float16)
     ids, mask = (x.to(DEVICE) for x in padded_batch([12, 5, 9]))
     short_ids, short_mask = (x.to(DEVICE) for x in padded_batch([6, 3, 5], seed=3))
-    with torch.no_grad():
-        ref_logits = hf(input_ids=short_ids, attention_mask=short_mask).logits
-        ref_tokens = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
-    ops.dispatch_counts.clear()
-    with _triton_path():
-        logits = opt(input_ids=short_ids, attention_mask=short_mask).logits
-        tokens = opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    ref_logits, ref_tokens, logits, tokens = _hf_and_triton_path(hf, opt, (short_ids, short_mask), (ids, mask))
     valid = short_mask.bool()
     torch.testing.assert_close(logits[valid], ref_logits[valid], atol=1e-2, rtol=1e-2)
     assert torch.equal(tokens, ref_tokens)
