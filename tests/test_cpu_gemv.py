@@ -242,3 +242,30 @@ def test_rms_norm_kernel_matches_reference(shape):
     assert torch.equal(ops.rms_norm(x, w, 1e-6), got)                  # the CPU dispatch takes it
     assert cpu_gemv.rms_norm(x[..., ::2], w[::2], 1e-6) is None        # not contiguous: the reference runs
     assert cpu_gemv.rms_norm(torch.randn(17, shape[-1]).bfloat16(), w, 1e-6) is None   # prompt-sized
+
+
+@needs_kernel
+@pytest.mark.parametrize("b,t,col", [(1, 1, 0), (2, 1, 7), (3, 2, 30)])
+def test_rotary_write_kv_kernel_matches_reference(b, t, col):
+    """The one-call bf16 rotary + K/V append (decode-sized steps) against kernels/reference.py: the same two
+    roundings, so bit-identical; cache columns outside [col, col + t) untouched."""
+    from lightning_dsinfer.kernels import ops, reference
+
+    g = torch.Generator().manual_seed(b * 10 + t)
+    hq, hkv, d, s = 8, 2, 24, 32
+    qkv = torch.randn(b, t, hq + 2 * hkv, d, generator=g).bfloat16()
+    ang = torch.rand(b, t, 1, d // 2, generator=g) * 6
+    cos = torch.cat([ang.cos(), ang.cos()], -1).bfloat16()
+    sin = torch.cat([-ang.sin(), ang.sin()], -1).bfloat16()
+    caches = [torch.full((b, hkv, s, d), 7.0).bfloat16() for _ in range(4)]
+    want = reference.rotary_write_kv(qkv, hq, cos, sin, caches[0], caches[1], col)
+    got = cpu_gemv.rotary_write_kv(qkv, hq, cos, sin, caches[2], caches[3], col)
+    assert got is not None
+    assert all(torch.equal(x, y) for x, y in zip(got, want))
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    assert all(torch.equal(x, y) for x, y in zip(ops.rotary_write_kv(qkv, hq, cos, sin), reference.rotary_write_kv(
+        qkv, hq, cos, sin)))                                                 # no cache: q, k only
+    assert cpu_gemv.rotary_write_kv(qkv.float(), hq, cos, sin) is None       # fp32: the reference runs
+    big = torch.randn(4, 5, hq + 2 * hkv, d).bfloat16()                     # prompt-sized
+    big_cos, big_sin = (x[:1, :1].expand(4, 5, 1, d).contiguous() for x in (cos, sin))
+    assert cpu_gemv.rotary_write_kv(big, hq, big_cos, big_sin) is None

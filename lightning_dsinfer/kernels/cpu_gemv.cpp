@@ -481,6 +481,43 @@ int dsi_shm_exchange(void* x, int is_bf16, int64_t n, float* slots, int64_t capa
     return 0;
 }
 
+// NeoX rotary of q and k and the K/V append, for a few bf16 tokens (decode): qkv [B, T, hq + 2 hkv, D]
+// contiguous, cos / sin [B, T, D] (sin signed: cat(-s, s)), q_out [B, T, hq, D], k_out [B, T, hkv, D]; caches
+// (or null) [B, hkv, S, D] with strides (cb, ch, D, 1), written at columns [col, col + T). Same roundings as
+// the torch reference: t = round(x * cos), out = round(t + swapped * sin).
+void dsi_rotary_write_kv_bf16(const void* qkv, const void* cos, const void* sin, int64_t B, int64_t T, int64_t hq,
+                              int64_t hkv, int64_t D, void* q_out, void* k_out, void* k_cache, void* v_cache,
+                              int64_t cb, int64_t ch, int64_t col) {
+    const uint16_t* in = static_cast<const uint16_t*>(qkv);
+    const uint16_t* cs = static_cast<const uint16_t*>(cos);
+    const uint16_t* sn = static_cast<const uint16_t*>(sin);
+    uint16_t* qo = static_cast<uint16_t*>(q_out);
+    uint16_t* ko = static_cast<uint16_t*>(k_out);
+    uint16_t* kc = static_cast<uint16_t*>(k_cache);
+    uint16_t* vc = static_cast<uint16_t*>(v_cache);
+    const int64_t heads = hq + 2 * hkv, half = D / 2;
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t t = 0; t < T; ++t) {
+            const uint16_t* row = in + ((b * T + t) * heads) * D;
+            const uint16_t* c = cs + (b * T + t) * D;
+            const uint16_t* s = sn + (b * T + t) * D;
+            for (int64_t h = 0; h < hq + hkv; ++h) {
+                const uint16_t* x = row + h * D;
+                uint16_t* out = h < hq ? qo + ((b * T + t) * hq + h) * D : ko + ((b * T + t) * hkv + (h - hq)) * D;
+                for (int64_t i = 0; i < D; ++i) {
+                    const float swapped = bf16_to_f32(x[i < half ? i + half : i - half]);
+                    const float xc = bf16_to_f32(f32_to_bf16(bf16_to_f32(x[i]) * bf16_to_f32(c[i])));
+                    const float prod = swapped * bf16_to_f32(s[i]);
+                    out[i] = f32_to_bf16(xc + prod);
+                }
+                if (h >= hq && kc) memcpy(kc + b * cb + (h - hq) * ch + (col + t) * D, out, D * sizeof(uint16_t));
+            }
+            if (vc)
+                for (int64_t h = 0; h < hkv; ++h)
+                    memcpy(vc + b * cb + h * ch + (col + t) * D, row + (hq + hkv + h) * D, D * sizeof(uint16_t));
+        }
+}
+
 // Packed size in elements for dsi_pack_amx: ceil32(N) * ceil32(K).
 int64_t dsi_packed_numel(int64_t N, int64_t K) { return (N + 31) / 32 * 32 * ((K + 31) / 32 * 32); }
 

@@ -74,6 +74,9 @@ class _Kernel:
         self.rms_norm = lib.dsi_rms_norm_bf16
         self.rms_norm.restype = None
         self.rms_norm.argtypes = [p, i64, p, p, i64, i64, i64, ctypes.c_float]
+        self.rotary = lib.dsi_rotary_write_kv_bf16
+        self.rotary.restype = None
+        self.rotary.argtypes = [p, p, p, i64, i64, i64, i64, i64, p, p, p, p, i64, i64, i64]
         self.shm_exchange = lib.dsi_shm_exchange
         self.shm_exchange.restype = ctypes.c_int
         self.shm_exchange.argtypes = [p, ctypes.c_int, i64, p, i64, p, ctypes.c_int, ctypes.c_int, i64, ctypes.c_double,
@@ -343,3 +346,31 @@ def shm_exchange():
     """The C shared-memory exchange (see ``dsi_shm_exchange``), or None (no kernel: parallel/shm.py's torch path)."""
     k = _kernel if _kernel is not None else _load()
     return None if k is None or _off else k.shm_exchange
+
+
+ROTARY_MAX_TOKENS = 16        # B x T of a decode step; prompts keep torch's vectorised composite
+
+
+def rotary_write_kv(qkv, num_heads, cos, sin_signed, k_cache=None, v_cache=None, col=0):
+    """:func:`reference.rotary_write_kv` without q/k norms for a few contiguous bf16 tokens in one C call, or None
+    where it does not apply (the caller runs the reference)."""
+    k = _kernel if _kernel is not None else _load()
+    if k is None or _off or qkv.dtype != torch.bfloat16 or qkv.dim() != 4 or not qkv.is_contiguous():
+        return None
+    b, t, heads, d = qkv.shape
+    hq, hkv = num_heads, (heads - num_heads) // 2
+    if (b * t > ROTARY_MAX_TOKENS or d % 2 or cos.shape != (b, t, 1, d) or sin_signed.shape != cos.shape
+            or not cos.is_contiguous() or not sin_signed.is_contiguous() or cos.dtype != torch.bfloat16
+            or sin_signed.dtype != torch.bfloat16 or isinstance(col, torch.Tensor)):
+        return None
+    if k_cache is not None:
+        if (k_cache.dtype != torch.bfloat16 or k_cache.stride() != v_cache.stride() or k_cache.shape != v_cache.shape
+                or k_cache.shape[:2] != (b, hkv) or k_cache.shape[3] != d or k_cache.stride(3) != 1
+                or k_cache.stride(2) != d or not 0 <= col <= k_cache.shape[2] - t):
+            return None
+    q = torch.empty(b, t, hq, d, dtype=torch.bfloat16)
+    kk = torch.empty(b, t, hkv, d, dtype=torch.bfloat16)
+    k.rotary(qkv.data_ptr(), cos.data_ptr(), sin_signed.data_ptr(), b, t, hq, hkv, d, q.data_ptr(), kk.data_ptr(),
+             None if k_cache is None else k_cache.data_ptr(), None if v_cache is None else v_cache.data_ptr(),
+             0 if k_cache is None else k_cache.stride(0), 0 if k_cache is None else k_cache.stride(1), col)
+    return q, kk, qkv[:, :, hq + hkv:]

@@ -244,6 +244,10 @@ def rotary_write_kv(qkv: torch.Tensor, num_heads: int, cos: torch.Tensor, sin_si
     """See :func:`reference.rotary_write_kv`. On the Triton path q and k are new contiguous tensors and v is
     the view of qkv, as in the reference."""
     if not _triton(qkv):
+        if q_norm is None and qkv.dtype == torch.bfloat16 and qkv.device.type == "cpu":
+            out = cpu_gemv.rotary_write_kv(qkv, num_heads, cos, sin_signed, k_cache, v_cache, col)  # decode: one C call
+            if out is not None:
+                return out
         return reference.rotary_write_kv(qkv, num_heads, cos, sin_signed, k_cache, v_cache, col, q_norm, k_norm, eps)
     args = (qkv, num_heads, cos, sin_signed, k_cache, v_cache, col, q_norm, k_norm, eps)
     if qkv.dim() != 4 or qkv.shape[-1] % 2 or qkv.stride(-1) != 1 or (qkv.shape[2] - num_heads) % 2 \
