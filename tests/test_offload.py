@@ -224,3 +224,20 @@ def test_folder_of_another_in_memory_model_is_rewritten(tmp_path):
         opt = _offloaded(hf, "nvme", tmp_path)
         assert not opt._dsinfer_engine.decoder.streamer.store.reused
         assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False), ref)
+
+
+def test_dropped_engine_closes_its_files_and_threads(tmp_path):
+    import gc
+    import threading
+
+    hf = tiny_model("llama")
+    fds_before = len(os.listdir("/proc/self/fd"))
+    threads_before = threading.active_count()
+    opt = _offloaded(hf, "nvme", tmp_path)
+    ids, mask = padded_batch([5, 3], seed=8)
+    opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    assert len(os.listdir("/proc/self/fd")) > fds_before
+    del opt
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) <= fds_before
+    assert threading.active_count() <= threads_before

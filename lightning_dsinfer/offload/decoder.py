@@ -12,6 +12,7 @@ Embedding rows come from a :class:`RowTable`: resident (host tier) or read row b
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Callable
 
 import torch
@@ -79,6 +80,7 @@ class StreamedDecoderModel(DecoderModel):
         self.comm = comm
         self.sharded_vocab = comm is not None and comm.size > 1
         self.device = final_norm.device
+        self._finalizer = weakref.finalize(self, _close, streamer, rows)   # threads and file handles go with us
 
     @property
     def num_layers(self) -> int:
@@ -136,6 +138,11 @@ class StreamedDecoderModel(DecoderModel):
         return sum(self.streamer.layouts[u].nbytes for u in self.layer_units + self.head_units)
 
     def close(self) -> None:
-        self.streamer.close()
-        if hasattr(self.rows, "close"):
-            self.rows.close()
+        """Stop the reader threads and close the files (also done when the decoder is garbage-collected)."""
+        self._finalizer()
+
+
+def _close(streamer: UnitStreamer, rows) -> None:
+    streamer.close()
+    if hasattr(rows, "close"):
+        rows.close()

@@ -162,3 +162,5 @@ class UnitStreamer:
         self.io.shutdown(wait=True)
         if self.cuda:
             self.copier.shutdown(wait=True)
+        if hasattr(self.store, "close"):
+            self.store.close()
