@@ -69,14 +69,18 @@ def residual_in(x_ptr, x_row_stride, res_ptr, res_row_stride, bias_ptr, h_ptr, h
 
 
 def norm_launch(x: torch.Tensor, residual: torch.Tensor | None, bias: torch.Tensor | None,
-                out: torch.Tensor | None):
-    """Checks and buffers of a fused norm's launcher (weight shapes are checked by the caller).
+                out: torch.Tensor | None, vectors: dict):
+    """Checks and buffers of a fused norm's launcher. ``vectors``: the per-feature tensors by name (weight,
+    norm bias, ...; None = absent), each checked to be [N].
 
     Returns (x2, r2, out, out2, h, h2, store_h, block, num_warps): [M, N] views of x and the residual
     (x2 stands in when there is none), the output and the new residual h (``out`` itself when h is not
     stored) with their [M, N] views, and the launch shape.
     """
     n = x.shape[-1]
+    for name, t in {**vectors, "bias": bias}.items():
+        if t is not None and t.shape != (n,):
+            raise ValueError(f"{name} shape {tuple(t.shape)} does not match feature dim {n}")
     if n > MAX_FEATURES:
         raise ValueError(f"feature dim {n} exceeds {MAX_FEATURES}")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):

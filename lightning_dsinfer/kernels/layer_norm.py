@@ -54,10 +54,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, norm_bias: torch.Tensor | 
     residual nor bias is given, else ``(out, h)`` with h the new residual (inputs are not modified).
     """
     n = x.shape[-1]
-    for name, t in (("weight", weight), ("norm_bias", norm_bias), ("bias", bias)):
-        if t is not None and t.shape != (n,):
-            raise ValueError(f"{name} shape {tuple(t.shape)} does not match feature dim {n}")
-    x2, r2, out, out2, h, h2, store_h, block, num_warps = norm_launch(x, residual, bias, out)
+    x2, r2, out, out2, h, h2, store_h, block, num_warps = norm_launch(x, residual, bias, out,
+                                                                      {"weight": weight, "norm_bias": norm_bias})
     if x2.shape[0]:
         _layer_norm_fwd_kernel[(x2.shape[0],)](
             x2, x2.stride(0), r2, r2.stride(0), bias if bias is not None else weight, weight,

@@ -48,11 +48,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     nor bias is given, else ``(out, h)`` with h the new residual (a new tensor; inputs are not modified).
     """
     n = x.shape[-1]
-    if weight.shape != (n,):
-        raise ValueError(f"weight shape {tuple(weight.shape)} does not match feature dim {n}")
-    if bias is not None and bias.shape != (n,):
-        raise ValueError(f"bias shape {tuple(bias.shape)} does not match feature dim {n}")
-    x2, r2, out, out2, h, h2, store_h, block, num_warps = norm_launch(x, residual, bias, out)
+    x2, r2, out, out2, h, h2, store_h, block, num_warps = norm_launch(x, residual, bias, out, {"weight": weight})
     if x2.shape[0]:
         _rms_norm_fwd_kernel[(x2.shape[0],)](
             x2, x2.stride(0), r2, r2.stride(0), bias if bias is not None else weight, weight,
