@@ -11,18 +11,15 @@ import sys
 
 import torch
 
+from memory_worker import rss_parts
+
 MAX_MEMORY = 40 << 20
 OVERHEAD = 32 << 20
 
 
 def rss(field: str = "VmRSS") -> int:
-    """VmRSS (now) or VmHWM (peak) of this process image. Not ru_maxrss: that survives exec, so a child of
-    a big process (pytest) would report its parent's size."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    """VmRSS (now) or VmHWM (peak) of this process image, bytes (see memory_worker: not ru_maxrss)."""
+    return int(rss_parts()[field] * 2**20)
 
 
 def main():

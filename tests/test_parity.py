@@ -50,26 +50,24 @@ def test_batch_size_changes_between_calls(family):
         assert torch.equal(got, ref)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_beam_search_equals_hf(family):
+def _generate_equals_hf(family, seed, **options):
+    """Same left-padded prompts, same generate options: the optimised model returns HF's tokens exactly."""
     hf = tiny_model(family)
     opt = optimised_copy(hf, max_seq_len=64)
-    ids, mask = padded_batch([6, 9], seed=2)
-    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=7, num_beams=3, do_sample=False)
+    ids, mask = padded_batch([6, 9], seed=seed)
+    kw = dict(input_ids=ids, attention_mask=mask, do_sample=False, **options)
     with torch.no_grad():
         ref = hf.generate(**kw)
     assert torch.equal(opt.generate(**kw), ref)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_beam_search_equals_hf(family):
+    _generate_equals_hf(family, 2, max_new_tokens=7, num_beams=3)
 
 
 def test_custom_processor_falls_back_to_hf_loop_and_matches():
-    hf = tiny_model("llama")
-    opt = optimised_copy(hf, max_seq_len=64)
-    ids, mask = padded_batch([6, 9], seed=3)
-    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=9, do_sample=False, repetition_penalty=1.5,
-              no_repeat_ngram_size=2)
-    with torch.no_grad():
-        ref = hf.generate(**kw)
-    assert torch.equal(opt.generate(**kw), ref)
+    _generate_equals_hf("llama", 3, max_new_tokens=9, repetition_penalty=1.5, no_repeat_ngram_size=2)
 
 
 def test_eos_stops_and_pads_like_hf():

@@ -10,30 +10,24 @@ TOLS = [(torch.float32, 1e-5, 1e-5), (torch.float16, 4e-3, 2e-3), (torch.bfloat1
 ACTS = ["silu", "gelu", "gelu_tanh", "relu"]
 
 
-@pytest.mark.parametrize("device", device_params())
-@pytest.mark.parametrize("dtype,atol,rtol", TOLS)
-@pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("shape", [(3, 73), (2, 2, 123), (1, 1500)])   # 1500 > one 1024 block
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_bias_act(device, dtype, atol, rtol, act, shape, with_bias):
-    if not bf16_ok(device) and dtype == torch.bfloat16:
-        pytest.skip("bf16 unsupported on this GPU")
-    x = (2 * torch.randn(shape, device=device)).to(dtype)
-    bias = torch.randn(shape[-1], device=device).to(dtype) if with_bias else None
-    assert_close(bias_act(x, bias, act), ref.bias_act(x, bias, act), atol, rtol)
+# bias + activation on [..., N]; gated (act(gate) * up) on [..., 2N]. 1500 > one 1024 block.
+KERNELS = {"bias_act": (bias_act, ref.bias_act), "gated_act": (gated_act, ref.gated_act)}
+CASES = [("bias_act", (3, 73)), ("bias_act", (2, 2, 123)), ("bias_act", (1, 1500)),
+         ("gated_act", (3, 2 * 73)), ("gated_act", (2, 2, 2 * 123))]
 
 
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("dtype,atol,rtol", TOLS)
 @pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("shape", [(3, 2 * 73), (2, 2, 2 * 123)])
+@pytest.mark.parametrize("kernel,shape", CASES)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_gated_act(device, dtype, atol, rtol, act, shape, with_bias):
+def test_activation_matches_reference(device, dtype, atol, rtol, act, kernel, shape, with_bias):
     if not bf16_ok(device) and dtype == torch.bfloat16:
         pytest.skip("bf16 unsupported on this GPU")
+    fn, reference_fn = KERNELS[kernel]
     x = (2 * torch.randn(shape, device=device)).to(dtype)
     bias = torch.randn(shape[-1], device=device).to(dtype) if with_bias else None
-    assert_close(gated_act(x, bias, act), ref.gated_act(x, bias, act), atol, rtol)
+    assert_close(fn(x, bias, act), reference_fn(x, bias, act), atol, rtol)
 
 
 def test_swiglu_reference_equals_cpu_path_op():
