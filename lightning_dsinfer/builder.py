@@ -183,12 +183,11 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
     ws = plan_working_set(max_memory, slot, _per_sequence_bytes(w, plan, dtype, max_seq_len, padded),
                           _per_token_bytes(w, plan, dtype, max_seq_len), batch_size,
                           max_auto_batch=MAX_AUTO_BATCH if device.type == "cuda" else MAX_AUTO_BATCH_CPU)
-    resident, spare = [], ws.spare          # units the leftover budget keeps for good (never streamed)
-    for u, layout in enumerate(layouts):
-        if tier == "nvme" or device.type == "cuda":
-            if layout.nbytes <= spare:
-                resident.append(u)
-                spare -= layout.nbytes
+    resident, spare = [], ws.spare          # units the leftover budget keeps for good (never streamed; the
+    for u, layout in enumerate(layouts):    # streamer ignores this where it uses the host tier in place)
+        if layout.nbytes <= spare:
+            resident.append(u)
+            spare -= layout.nbytes
 
     def units():
         for lw in w.layers:

@@ -146,8 +146,7 @@ def _checkpoint_fingerprint(hf_model, config: InferenceConfig, dtype, comm) -> d
     if config.checkpoint is None:
         return None
     files = sorted(f for f in os.listdir(config.checkpoint) if f.endswith(".safetensors"))
-    stats = [[f, os.stat(os.path.join(config.checkpoint, f)).st_size,
-              os.stat(os.path.join(config.checkpoint, f)).st_mtime_ns] for f in files]
+    stats = [[f, st.st_size, st.st_mtime_ns] for f in files for st in [os.stat(os.path.join(config.checkpoint, f))]]
     return {"checkpoint": os.path.abspath(config.checkpoint), "files": stats, "dtype": str(dtype),
             "tp": [comm.rank, comm.size], "config": hf_model.config.to_json_string(use_diff=False)}
 

@@ -6,7 +6,5 @@ from lightning_dsinfer.offload.layout import UnitLayout, aligned_empty
 from lightning_dsinfer.offload.store import DiskStore, HostStore
 from lightning_dsinfer.offload.streamer import UnitStreamer
 
-TIERS = ("cpu", "nvme")
-
-__all__ = ["TIERS", "DiskStore", "FileRows", "HostStore", "ResidentRows", "StreamedDecoderModel", "UnitLayout",
+__all__ = ["DiskStore", "FileRows", "HostStore", "ResidentRows", "StreamedDecoderModel", "UnitLayout",
            "UnitStreamer", "WorkingSet", "aligned_empty", "available_memory", "parse_bytes", "plan_working_set"]

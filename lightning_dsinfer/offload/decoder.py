@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from lightning_dsinfer.fileio import pread_exactly
 from lightning_dsinfer.kernels import ops
 from lightning_dsinfer.modules.linear import Linear
 from lightning_dsinfer.modules.transformer import DecoderLayer, DecoderModel, Step
@@ -34,7 +35,7 @@ class ResidentRows:
 
 
 class FileRows:
-    """A [rows, hidden] matrix in a file; ``lookup`` reads only the rows asked for (``os.pread``)."""
+    """A [rows, hidden] matrix in a file; ``lookup`` reads only the rows asked for (positioned reads)."""
 
     def __init__(self, path: str, rows: int, hidden: int, dtype: torch.dtype):
         self.path, self.rows, self.hidden, self.dtype = path, rows, hidden, dtype
@@ -56,8 +57,7 @@ class FileRows:
         unique, inverse = torch.unique(flat, return_inverse=True)
         rows = torch.empty(len(unique), self.row_bytes, dtype=torch.uint8)
         for i, r in enumerate(unique.tolist()):
-            rows[i] = torch.frombuffer(bytearray(os.pread(self.fd, self.row_bytes, r * self.row_bytes)),
-                                       dtype=torch.uint8)
+            pread_exactly(self.fd, memoryview(rows[i].numpy()), r * self.row_bytes)
         out = rows.view(self.dtype)[inverse]
         return out.view(*ids.shape, self.hidden).to(device)
 
@@ -81,10 +81,6 @@ class StreamedDecoderModel(DecoderModel):
         self.sharded_vocab = comm is not None and comm.size > 1
         self.device = final_norm.device
         self._finalizer = weakref.finalize(self, _close, streamer, rows)   # threads and file handles go with us
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layer_units)
 
     @property
     def embed_rows(self) -> int:

@@ -39,10 +39,6 @@ class HostStore:
         self.pin = pin
         self.buffers: list[torch.Tensor | None] = [None] * len(layouts)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(l.nbytes for l in self.layouts)
-
     def write(self, unit: int, tensors: dict[str, torch.Tensor]) -> None:
         buf = aligned_empty(self.layouts[unit].nbytes, pin=self.pin)
         self.layouts[unit].pack(tensors, buf)

@@ -18,7 +18,6 @@ cycle (a pass that failed half way) restarts the cycle there after draining the 
 """
 from __future__ import annotations
 
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -40,8 +39,6 @@ class UnitStreamer:
         self.slot_bytes = max((layouts[u].nbytes for u in self.order), default=0)
         self.pos = 0
         self.pending: dict[int, list[Future]] = {}
-        self.wait_s = 0.0                 # time the consumer waited for data (not hidden by compute)
-        self.bytes_read = 0
         self.resident: dict[int, torch.Tensor] = {}
         self._holding_resident = False
         if self.zero_copy:
@@ -66,19 +63,10 @@ class UnitStreamer:
         for p in range(self.n_slots):
             self._submit(p)
 
-    @property
-    def resident_bytes(self) -> int:
-        """Bytes of the ring (host and device slots) and of the units kept resident."""
-        if self.zero_copy:
-            return 0
-        kept = sum(self.layouts[u].nbytes for u in self.resident)
-        return kept + self.slot_bytes * (len(self.host_slots) + (len(self.dev_slots) if self.cuda else 0))
-
     # ---------------------------------------------------------------- producer side
     def _submit(self, p: int) -> None:
         unit = self.order[p % len(self.order)]
         slot = p % self.n_slots
-        self.bytes_read += self.layouts[unit].nbytes
         if not self.cuda:
             self.pending[p] = self.store.read(unit, self.host_slots[slot], self.io)
             return
@@ -112,14 +100,12 @@ class UnitStreamer:
         if self.order[self.pos % len(self.order)] != unit:
             self._restart(unit)
         futures = self.pending.pop(self.pos)
-        t0 = time.perf_counter()
         try:
             for f in futures:
                 f.result()
         except BaseException:
             self._restart(unit)
             raise
-        self.wait_s += time.perf_counter() - t0
         slot = self.pos % self.n_slots
         buffer = self.dev_slots[slot] if self.cuda else self.host_slots[slot]
         return self.layouts[unit].views(buffer)
