@@ -15,7 +15,10 @@
 // Every path carries a function-level target attribute, so the file builds with plain -O3 (no -march) and
 // runs anywhere; dsi_gemv_best_isa says which paths this CPU has. Threads: OpenMP, which resolves to the
 // libgomp torch has already loaded (same SONAME), so the kernel shares torch's thread pool instead of adding a
-// second one. Plain C ABI (called through ctypes), no torch headers: the build takes about 1.5 s.
+// second one. Plain C ABI (called through ctypes), no torch headers: the build takes about 2 s.
+//
+// Also here: one-call bf16 forms of a decode step's small ops (RMSNorm, SwiGLU, rotary + KV append, decode
+// attention) and the shared-memory all-reduce exchange of parallel/shm.py.
 
 #include <immintrin.h>
 #include <math.h>
@@ -368,6 +371,237 @@ void run_range(int isa, int64_t M, const Args& a, int64_t n_begin, int64_t n_end
             call_mgroup<1>(isa, static_cast<int>(M - m0 < 4 ? M - m0 : 4), a.shift(m0), n);
 }
 
+// ---------------------------------------------------------------- SwiGLU and decode attention (decode rows)
+// exp of 16 fp32 lanes: Cephes' expf (range reduction by ln 2 in two parts, degree-6 polynomial, scalef for
+// 2^n, which gives inf above ~88.7 and 0 / denormals below ~-87.3 as libm does); relative error ~1e-7, so a bf16
+// rounding of a result differs from libm's in rare ties only. x is clamped to [-104, 89] only to keep r small.
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(89.f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline void store_bf16x16(uint16_t* p, __m512 v, __mmask16 m) {  // round to nearest even (no NaN inputs here)
+    __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void silu_mul_avx512(const uint16_t* g, const uint16_t* u, uint16_t* y, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - i)) - 1);
+        const __m512 gv = widen16_mask(g + i, m);
+        const __m512 s = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+        uint16_t sb[16];
+        store_bf16x16(sb, s, 0xffff);                                  // silu rounded to bf16, as F.silu stores it
+        store_bf16x16(y + i, _mm512_mul_ps(widen16(sb), widen16_mask(u + i, m)), m);
+    }
+}
+
+void silu_mul_scalar(const uint16_t* g, const uint16_t* u, uint16_t* y, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+        const float gv = bf16_to_f32(g[i]);
+        const float s = bf16_to_f32(f32_to_bf16(gv / (1.f + expf(-gv))));
+        y[i] = f32_to_bf16(s * bf16_to_f32(u[i]));
+    }
+}
+
+struct AttnArgs {
+    const uint16_t* q; int64_t qb, qh;          // [B, Hq, D], unit stride along D
+    const uint16_t* k; const uint16_t* v;       // [B, Hkv, L, D] with strides (kb, kh, kl, 1), same for v
+    int64_t kb, kh, kl;
+    const uint8_t* mask; int64_t mb, ml;        // bool [B, L] (True = attend) or null
+    uint16_t* out;                              // [B, Hq, D] contiguous
+    int64_t B, hq, hkv, L, D;
+    float scale;
+};
+
+// Lane i of the result = the sum of the 16 lanes of v[i] (16 horizontal sums in 45 shuffles / adds instead of
+// 16 separate reductions): pairs within 128-bit chunks, then quads, then across chunks.
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline __m512 hsum16x16(const __m512* v) {
+    __m512 t[8], u[4];
+    for (int i = 0; i < 8; ++i)   // chunk k of t[i]: [a0+a2, b0+b2, a1+a3, b1+b3] for a = v[2i], b = v[2i+1]
+        t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; ++i)   // chunk k of u[i]: chunk k's sums of v[4i .. 4i + 3]
+        u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44), _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0xee));
+    const __m512 x01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xdd));
+    const __m512 x23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xdd));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(x01, x23, 0x88), _mm512_shuffle_f32x4(x01, x23, 0xdd));
+}
+
+// Visible-key bits of columns [j, j + 16) of a mask row (bytes, column stride ml).
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline __mmask16 mask_bits16(const uint8_t* mrow, int64_t ml, int64_t j) {
+    if (ml == 1) {
+        const __m128i m = _mm_loadu_si128(reinterpret_cast<const __m128i*>(mrow + j));
+        return _mm_test_epi8_mask(m, m);
+    }
+    __mmask16 bits = 0;
+    for (int i = 0; i < 16; ++i) bits |= static_cast<__mmask16>(mrow[(j + i) * ml] != 0) << i;
+    return bits;
+}
+
+// One (batch row, KV head) with up to NV vectors of 16 per head row (vector c loads min(16, D - 16c) lanes, none
+// past D: a head of 96 runs in the NV = 8 instance with two empty vectors): its G = Hq / Hkv query heads read each
+// K and V row from L1 (the unit's K / V rows are read from memory once). fp32 throughout: scores (16 keys at a
+// time, one transposed horizontal sum), softmax (max-subtracted, masked keys exactly 0), the weighted sum of V
+// in registers, one division and one rounding to bf16 at the end.
+template <int NV>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void attn_unit_avx512(const AttnArgs& a, int64_t b, int64_t kh, std::vector<float>& scratch) {
+    const int64_t G = a.hq / a.hkv, D = a.D, L = a.L;
+    const __mmask16 full = 0xffff;
+    __mmask16 lanes[NV];                             // lanes of vector c that lie inside the head
+    for (int c = 0; c < NV; ++c) {
+        const int64_t n = D - 16 * c;
+        lanes[c] = n >= 16 ? full : n <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << n) - 1);
+    }
+    scratch.resize(static_cast<size_t>(G * L + G * NV * 16));
+    float* s = scratch.data();                       // [G, L] scores, then unnormalised probabilities
+    float* qf = s + G * L;                           // [G, NV * 16] q * scale, zero past D
+    for (int64_t g = 0; g < G; ++g) {
+        const uint16_t* qr = a.q + b * a.qb + (kh * G + g) * a.qh;
+        for (int c = 0; c < NV; ++c)
+            _mm512_storeu_ps(qf + (g * NV + c) * 16,
+                             _mm512_mul_ps(widen16_mask(qr + c * 16, lanes[c]), _mm512_set1_ps(a.scale)));
+    }
+    const uint16_t* kbase = a.k + b * a.kb + kh * a.kh;
+    const uint16_t* vbase = a.v + b * a.kb + kh * a.kh;
+    const uint8_t* mrow = a.mask ? a.mask + b * a.mb : nullptr;
+    const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+    int64_t j0 = 0;
+    for (; j0 + 16 <= L; j0 += 16) {
+        const __mmask16 keep = mrow ? mask_bits16(mrow, a.ml, j0) : full;
+        for (int64_t g = 0; g < G; ++g) {
+            const float* qg = qf + g * NV * 16;
+            __m512 dots[16];
+            for (int i = 0; i < 16; ++i) {
+                const uint16_t* kr = kbase + (j0 + i) * a.kl;
+                __m512 d = _mm512_mul_ps(_mm512_loadu_ps(qg), widen16_mask(kr, lanes[0]));
+                for (int c = 1; c < NV; ++c)
+                    d = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c * 16), widen16_mask(kr + c * 16, lanes[c]), d);
+                dots[i] = d;
+            }
+            _mm512_storeu_ps(s + g * L + j0, _mm512_mask_blend_ps(keep, neg_inf, hsum16x16(dots)));
+        }
+    }
+    for (int64_t j = j0; j < L; ++j) {               // the last L % 16 keys one at a time
+        const bool visible = !mrow || mrow[j * a.ml];
+        const uint16_t* kr = kbase + j * a.kl;
+        for (int64_t g = 0; g < G; ++g) {
+            const float* qg = qf + g * NV * 16;
+            __m512 d = _mm512_setzero_ps();
+            for (int c = 0; c < NV; ++c)
+                d = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c * 16), widen16_mask(kr + c * 16, lanes[c]), d);
+            s[g * L + j] = visible ? _mm512_reduce_add_ps(d) : -INFINITY;
+        }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+        float* sr = s + g * L;
+        __m512 mx = neg_inf;
+        for (int64_t j = 0; j < L; j += 16) {
+            const __mmask16 m = L - j >= 16 ? full : static_cast<__mmask16>((1u << (L - j)) - 1);
+            mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(neg_inf, m, sr + j));
+        }
+        const float mxs = _mm512_reduce_max_ps(mx);
+        uint16_t* o = a.out + (b * a.hq + kh * G + g) * D;
+        if (mxs == -INFINITY) {                       // no visible key: zeros (the engine never asks for this)
+            for (int c = 0; c < NV; ++c) store_bf16x16(o + c * 16, _mm512_setzero_ps(), lanes[c]);
+            continue;
+        }
+        __m512 tot = _mm512_setzero_ps();
+        for (int64_t j = 0; j < L; j += 16) {
+            const __mmask16 m = L - j >= 16 ? full : static_cast<__mmask16>((1u << (L - j)) - 1);
+            const __m512 x = _mm512_mask_loadu_ps(neg_inf, m, sr + j);
+            const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, neg_inf, _CMP_NEQ_OQ),
+                                                 exp16(_mm512_sub_ps(x, _mm512_set1_ps(mxs))));
+            _mm512_mask_storeu_ps(sr + j, m, e);
+            tot = _mm512_add_ps(tot, e);
+        }
+        __m512 acc[NV];
+        for (int c = 0; c < NV; ++c) acc[c] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < L; ++j) {
+            if (sr[j] == 0.f) continue;               // masked (or underflowed) keys: skip the V row
+            const __m512 p = _mm512_set1_ps(sr[j]);
+            const uint16_t* vr = vbase + j * a.kl;
+            for (int c = 0; c < NV; ++c)
+                acc[c] = _mm512_fmadd_ps(p, widen16_mask(vr + c * 16, lanes[c]), acc[c]);
+        }
+        const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(tot));
+        for (int c = 0; c < NV; ++c) store_bf16x16(o + c * 16, _mm512_mul_ps(acc[c], inv), lanes[c]);
+    }
+}
+
+using AttnUnit = void (*)(const AttnArgs&, int64_t, int64_t, std::vector<float>&);
+
+// The same without AVX512 (the scalar path): one key at a time, fp32, the same roundings.
+void attn_unit_scalar(const AttnArgs& a, int64_t b, int64_t kh, std::vector<float>& scratch) {
+    const int64_t G = a.hq / a.hkv, D = a.D, L = a.L;
+    scratch.resize(static_cast<size_t>(G * (L + 2 * D)));
+    float* s = scratch.data();
+    float* qf = s + G * L;
+    float* acc = qf + G * D;
+    for (int64_t g = 0; g < G; ++g) {
+        const uint16_t* qr = a.q + b * a.qb + (kh * G + g) * a.qh;
+        for (int64_t d = 0; d < D; ++d) {
+            qf[g * D + d] = bf16_to_f32(qr[d]) * a.scale;
+            acc[g * D + d] = 0.f;
+        }
+    }
+    const uint16_t* kbase = a.k + b * a.kb + kh * a.kh;
+    const uint16_t* vbase = a.v + b * a.kb + kh * a.kh;
+    const uint8_t* mrow = a.mask ? a.mask + b * a.mb : nullptr;
+    for (int64_t g = 0; g < G; ++g) {
+        float* sr = s + g * L;
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < L; ++j) {
+            float dot = -INFINITY;
+            if (!mrow || mrow[j * a.ml]) {
+                dot = 0.f;
+                for (int64_t d = 0; d < D; ++d) dot += qf[g * D + d] * bf16_to_f32(kbase[j * a.kl + d]);
+            }
+            sr[j] = dot;
+            mx = dot > mx ? dot : mx;
+        }
+        float sum = 0.f;
+        for (int64_t j = 0; j < L; ++j) {
+            sr[j] = (mx == -INFINITY || sr[j] == -INFINITY) ? 0.f : expf(sr[j] - mx);
+            sum += sr[j];
+        }
+        const float inv = sum > 0.f ? 1.f / sum : 0.f;
+        for (int64_t j = 0; j < L; ++j) {
+            if (sr[j] == 0.f) continue;
+            for (int64_t d = 0; d < D; ++d) acc[g * D + d] += sr[j] * bf16_to_f32(vbase[j * a.kl + d]);
+        }
+        uint16_t* o = a.out + (b * a.hq + kh * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = f32_to_bf16(acc[g * D + d] * inv);
+    }
+}
+
+// The instance for a head of D: NV = 2, 4, 8 or 16 (D <= 256), or null.
+AttnUnit attn_unit_for(int64_t D) {
+    if (D <= 32) return attn_unit_avx512<2>;
+    if (D <= 64) return attn_unit_avx512<4>;
+    if (D <= 128) return attn_unit_avx512<8>;
+    if (D <= 256) return attn_unit_avx512<16>;
+    return nullptr;
+}
+
 }  // namespace
 
 extern "C" {
@@ -570,6 +804,45 @@ int dsi_gemm_amx(const void* x, int64_t ldx, const void* wp, const void* bias, c
         if (q0 < q1) amx_range(a, M, Kp, q0, q1);
     }
     return 0;
+}
+
+// y[r, :] = round(round(silu(g)) * u) for gate_up rows [g | u] of 2I bf16 (row stride ld), y rows of I (stride
+// ldy): F.silu then mul_, as the torch reference computes them (fp32 inside each op, bf16 between).
+// wide: the AVX512 path (the caller asks for it only where dsi_gemv_best_isa() >= 2), else scalar.
+void dsi_silu_mul_bf16(const void* gate_up, int64_t ld, int64_t rows, int64_t I, void* y, int64_t ldy, int wide) {
+    const uint16_t* gu = static_cast<const uint16_t*>(gate_up);
+    uint16_t* ys = static_cast<uint16_t*>(y);
+    wide = wide && dsi_gemv_best_isa() >= 2;
+    for (int64_t r = 0; r < rows; ++r) {
+        if (wide) silu_mul_avx512(gu + r * ld, gu + r * ld + I, ys + r * ldy, I);
+        else silu_mul_scalar(gu + r * ld, gu + r * ld + I, ys + r * ldy, I);
+    }
+}
+
+// Decode attention (one query per row) over a KV cache: out [B, Hq, D] = softmax(scale * q K^T, masked) V for
+// grouped KV heads (Hq a multiple of Hkv). Units (row, KV head) are split over `threads` OpenMP threads. wide: as
+// for dsi_silu_mul_bf16.
+void dsi_decode_attention_bf16(const void* q, int64_t qb, int64_t qh, const void* k, const void* v, int64_t kb,
+                               int64_t kh, int64_t kl, const void* mask, int64_t mb, int64_t ml, void* out, int64_t B,
+                               int64_t hq, int64_t hkv, int64_t L, int64_t D, float scale, int threads, int wide) {
+    const AttnArgs a{static_cast<const uint16_t*>(q), qb, qh, static_cast<const uint16_t*>(k),
+                     static_cast<const uint16_t*>(v), kb, kh, kl, static_cast<const uint8_t*>(mask), mb, ml,
+                     static_cast<uint16_t*>(out), B, hq, hkv, L, D, scale};
+    AttnUnit unit = attn_unit_scalar;
+    if (wide && dsi_gemv_best_isa() >= 2) unit = attn_unit_for(D);
+    if (unit == nullptr) unit = attn_unit_scalar;    // D > 256 (the caller does not send it)
+    const int64_t units = B * hkv;
+    if (threads <= 1 || units < 2) {
+        static thread_local std::vector<float> scratch;
+        for (int64_t u = 0; u < units; ++u) unit(a, u / hkv, u % hkv, scratch);
+        return;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        std::vector<float> scratch;
+#pragma omp for schedule(static)
+        for (int64_t u = 0; u < units; ++u) unit(a, u / hkv, u % hkv, scratch);
+    }
 }
 
 }  // extern "C"

@@ -11,11 +11,16 @@ own, but alternating a layer's four shapes costs ~0.1 ms per switch. ``cpu_gemv.
   fp32 by a shift). For few rows (:func:`row_kernel_max_m`), or any number without bf16 instructions.
 
 The library is compiled on first use with the system C++ compiler (one translation unit, plain C ABI called
-through ``ctypes``, no torch headers: about 1.5 s), cached under ``DSINFER_CACHE_DIR`` (default
+through ``ctypes``, no torch headers: about 2 s), cached under ``DSINFER_CACHE_DIR`` (default
 ``$XDG_CACHE_HOME/lightning_dsinfer`` or ``~/.cache/lightning_dsinfer``, else the temp dir) keyed by source and
 compiler, and picks at run time the best path the CPU has (``__builtin_cpu_supports``; AMX also needs the
 tile-state permission from the kernel, asked for with ``arch_prctl``). Threads: OpenMP, which resolves to the
 ``libgomp`` torch has loaded, so kernel and torch share one pool of ``torch.get_num_threads()`` threads.
+
+The same library has one-call forms of a decode step's small ops (bf16, a few rows; the torch composites cost
+~20-50 us of dispatch each): :func:`rms_norm`, :func:`silu_and_mul`, :func:`rotary_write_kv`,
+:func:`decode_attention` (fp32 scores / softmax / sum over the KV cache, GQA, masks), and the shared-memory
+all-reduce exchange (:func:`shm_exchange`).
 
 :func:`available` is False, after one logged warning, when there is no compiler, the build or load fails,
 the CPU has none of the paths, or ``DSINFER_CPU_GEMV=0``; callers then use oneDNN / ``F.linear``.
@@ -77,6 +82,13 @@ class _Kernel:
         self.rotary = lib.dsi_rotary_write_kv_bf16
         self.rotary.restype = None
         self.rotary.argtypes = [p, p, p, i64, i64, i64, i64, i64, p, p, p, p, i64, i64, i64]
+        self.silu_mul = lib.dsi_silu_mul_bf16
+        self.silu_mul.restype = None
+        self.silu_mul.argtypes = [p, i64, i64, i64, p, i64, ctypes.c_int]
+        self.attention = lib.dsi_decode_attention_bf16
+        self.attention.restype = None
+        self.attention.argtypes = [p, i64, i64, p, p, i64, i64, i64, p, i64, i64, p, i64, i64, i64, i64, i64,
+                                   ctypes.c_float, ctypes.c_int, ctypes.c_int]
         self.shm_exchange = lib.dsi_shm_exchange
         self.shm_exchange.restype = ctypes.c_int
         self.shm_exchange.argtypes = [p, ctypes.c_int, i64, p, i64, p, ctypes.c_int, ctypes.c_int, i64, ctypes.c_double,
@@ -374,3 +386,54 @@ def rotary_write_kv(qkv, num_heads, cos, sin_signed, k_cache=None, v_cache=None,
              None if k_cache is None else k_cache.data_ptr(), None if v_cache is None else v_cache.data_ptr(),
              0 if k_cache is None else k_cache.stride(0), 0 if k_cache is None else k_cache.stride(1), col)
     return q, kk, qkv[:, :, hq + hkv:]
+
+
+SILU_MUL_MAX_ROWS = 16        # decode-sized calls; prompts keep torch's multi-threaded composite
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """:func:`reference.silu_and_mul` (SwiGLU) for a few bf16 rows in one C call (the composite is 3 torch ops,
+    ~50 us at decode sizes); None where it does not apply (the caller runs the reference)."""
+    k = _kernel if _kernel is not None else _load()
+    n2 = gate_up.shape[-1]
+    if (k is None or _off or gate_up.dtype != torch.bfloat16 or not gate_up.is_contiguous() or n2 % 2
+            or gate_up.device.type != "cpu" or gate_up.numel() > SILU_MUL_MAX_ROWS * n2):
+        return None
+    inter = n2 // 2
+    y = torch.empty(*gate_up.shape[:-1], inter, dtype=torch.bfloat16)
+    k.silu_mul(gate_up.data_ptr(), n2, gate_up.numel() // n2, inter, y.data_ptr(), inter, k.best_isa >= 2)
+    return y
+
+
+DECODE_ATTENTION_MAX_HEAD_DIM = 256
+_ATTENTION_SERIAL_WORK = 1 << 20   # B * Hq * L * D below which one thread does the whole call
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float) -> torch.Tensor | None:
+    """:func:`reference.attention` for one query per row (decode) in one C call: q [B, Hq, 1, D], k / v
+    [B, Hkv, L, D] bf16 views (the cache; unit stride along D, same strides for both), mask bool broadcastable to
+    [B, 1, 1, L] or None. fp32 scores, softmax and sum, one rounding. Returns [B, Hq, 1, D], or None where it
+    does not apply (the caller runs the reference)."""
+    kern = _kernel if _kernel is not None else _load()
+    if kern is None or _off or q.dim() != 4 or k_cache.dim() != 4:
+        return None
+    b, hq, t, d = q.shape
+    hkv, length = k_cache.shape[1], k_cache.shape[2]
+    if (t != 1 or q.dtype != torch.bfloat16 or k_cache.dtype != torch.bfloat16 or v_cache.dtype != torch.bfloat16
+            or q.device.type != "cpu" or k_cache.device.type != "cpu" or q.stride(3) != 1 or k_cache.stride(3) != 1
+            or k_cache.stride() != v_cache.stride() or k_cache.shape != v_cache.shape or k_cache.shape[0] != b
+            or k_cache.shape[3] != d or hq % hkv or d > DECODE_ATTENTION_MAX_HEAD_DIM or length < 1):
+        return None
+    mask_ptr, mb, ml = None, 0, 0
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:3] != (1, 1) or mask.shape[3] != length \
+                or mask.shape[0] not in (1, b):
+            return None
+        mask_ptr, mb, ml = mask.data_ptr(), (mask.stride(0) if mask.shape[0] == b else 0), mask.stride(3)
+    out = torch.empty(b, hq, 1, d, dtype=torch.bfloat16)
+    threads = 1 if b * hq * length * d < _ATTENTION_SERIAL_WORK else torch.get_num_threads()
+    kern.attention(q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0),
+                   k_cache.stride(1), k_cache.stride(2), mask_ptr, mb, ml, out.data_ptr(), b, hq, hkv, length, d,
+                   scale, threads, kern.best_isa >= 2)
+    return out

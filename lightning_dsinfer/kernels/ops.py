@@ -5,8 +5,10 @@ Same names and signatures as :mod:`lightning_dsinfer.kernels.reference` (``rms_n
 kernel when its tensors are on CUDA and Triton imports, or when the Triton path is forced (:func:`force_triton`,
 or ``DSINFER_FORCE_TRITON=1`` read at import), which with ``TRITON_INTERPRET=1`` runs the whole engine through
 the kernels on CPU tensors.
-Everything else (the CPU path) calls the reference directly; Triton is imported only on the first Triton
-dispatch.
+Everything else (the CPU path) calls the reference, except bf16 decode-sized calls of ``rms_norm``,
+``silu_and_mul``, ``rotary_write_kv`` and ``attention`` (one query per row), which take the one-call C kernels
+of :mod:`~lightning_dsinfer.kernels.cpu_gemv` (each tested against the reference there); Triton is imported
+only on the first Triton dispatch.
 
 How the engine's calls map onto the kernels, and what stays on the reference:
 
@@ -203,6 +205,10 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """See :func:`reference.silu_and_mul`."""
     if not _triton(gate_up):
+        if gate_up.dtype == torch.bfloat16 and gate_up.device.type == "cpu":
+            y = cpu_gemv.silu_and_mul(gate_up)     # decode-sized bf16 rows: one C call
+            if y is not None:
+                return y
         return reference.silu_and_mul(gate_up)
     from lightning_dsinfer.kernels.activations import gated_act
     _count("silu_and_mul", "triton")
@@ -358,6 +364,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
               scale: float) -> torch.Tensor:
     """See :func:`reference.attention`; which masks the kernels take is in the module docstring."""
     if not _triton(q):
+        if q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.shape[2] == 1:
+            out = cpu_gemv.decode_attention(q, k, v, mask, scale)   # bf16 decode: one C call
+            if out is not None:
+                return out
         return reference.attention(q, k, v, mask, scale)
     b, hq, t, d = q.shape
     hkv, length = k.shape[1], k.shape[2]

@@ -200,7 +200,9 @@ def test_cpu_path_of_new_ops_is_the_old_op_sequence():
 
 
 def _old_attention(attn, x, residual, step):
-    """Frozen copy of ``Attention.forward`` before the fused forms (reference ops, StaticKVCache.write)."""
+    """Frozen copy of ``Attention.forward`` before the fused forms (reference ops, StaticKVCache.write). Attention
+    and SwiGLU go through ``ops`` as the engine's do: on the CPU bf16 decode rows take one-call C kernels there
+    (tests/test_cpu_gemv.py checks them against the reference); what is frozen here is the block's structure."""
     b, t, _ = x.shape
     hq, hkv, d = attn.hq, attn.hkv, attn.d
     qkv = attn.qkv(x).view(b, t, hq + 2 * hkv, d)
@@ -219,7 +221,7 @@ def _old_attention(attn, x, residual, step):
     else:
         keys, values = k.transpose(1, 2), v.transpose(1, 2)
     mask = step.window_mask if (attn.sliding and step.window_mask is not None) else step.mask
-    out = reference.attention(q.transpose(1, 2), keys, values, mask, attn.scaling)
+    out = ops.attention(q.transpose(1, 2), keys, values, mask, attn.scaling)
     return attn.o(out.transpose(1, 2).reshape(b, t, hq * d), residual)
 
 
@@ -228,7 +230,7 @@ def _old_hidden(self, h, step):
     for layer in self.layers:
         h = _old_attention(layer.attn, reference.rms_norm(h, layer.input_norm, layer.eps), h, step)
         x = reference.rms_norm(h, layer.post_norm, layer.eps)
-        h = layer.mlp.down(reference.silu_and_mul(layer.mlp.gate_up(x)), h)
+        h = layer.mlp.down(ops.silu_and_mul(layer.mlp.gate_up(x)), h)
     return reference.rms_norm(h, self.final_norm, self.eps)
 
 
