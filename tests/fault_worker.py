@@ -11,8 +11,9 @@ from helpers import padded_batch, tiny_model
 
 def main():
     torch.set_num_threads(1)
-    opt = dsi.init_inference(copy.deepcopy(tiny_model("llama")), tensor_parallel_size=2, max_seq_len=64,
-                             collective_timeout_s=float(sys.argv[1]))
+    dtype = getattr(torch, sys.argv[2])
+    opt = dsi.init_inference(copy.deepcopy(tiny_model("llama")).to(dtype), tensor_parallel_size=2, max_seq_len=64,
+                             dtype=dtype, collective_timeout_s=float(sys.argv[1]))
     ids, mask = padded_batch([5, 7])
     print("READY", flush=True)
     deadline = time.monotonic() + 120

@@ -355,3 +355,29 @@ def test_decode_attention_kernel_declines_what_it_does_not_take():
     assert cpu_gemv.decode_attention(q, k, v.contiguous(), None, 0.1) is None                        # strides differ
     big = _decode_attention_case(1, 2, 1, 4, 264, seed=1)
     assert cpu_gemv.decode_attention(*big, None, 0.1) is None
+
+
+@needs_kernel
+def test_rotary_write_kv_kernel_with_head_norms():
+    """Qwen3's per-head q / k RMSNorm before rotary, in C: within one bf16 ulp of the reference's norm (the fp32 sum
+    of squares in another order), through rotary; the cache gets the same k; qkv itself is not modified."""
+    from lightning_dsinfer.kernels import ops, reference
+
+    g = torch.Generator().manual_seed(5)
+    b, t, hq, hkv, d, s, col = 2, 1, 4, 2, 32, 16, 3
+    qkv = (torch.randn(b, t, hq + 2 * hkv, d, generator=g) * 3).bfloat16()
+    before = qkv.clone()
+    qn, kn = torch.randn(d, generator=g).bfloat16(), torch.randn(d, generator=g).bfloat16()
+    ang = torch.rand(b, t, 1, d // 2, generator=g) * 6
+    cos = torch.cat([ang.cos(), ang.cos()], -1).bfloat16()
+    sin = torch.cat([-ang.sin(), ang.sin()], -1).bfloat16()
+    caches = [torch.zeros(b, hkv, s, d).bfloat16() for _ in range(4)]
+    want = reference.rotary_write_kv(qkv, hq, cos, sin, caches[0], caches[1], col, qn, kn, 1e-6)
+    got = cpu_gemv.rotary_write_kv(qkv, hq, cos, sin, caches[2], caches[3], col, qn, kn, 1e-6)
+    assert got is not None and torch.equal(qkv, before)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x.float(), y.float(), atol=3e-2, rtol=2 ** -6)
+    assert torch.equal(got[1].transpose(1, 2), caches[2][:, :, col:col + t]) and torch.equal(caches[1], caches[3])
+    assert all(torch.equal(x, y) for x, y in zip(ops.rotary_write_kv(qkv, hq, cos, sin, q_norm=qn, k_norm=kn, eps=1e-6),
+                                                 cpu_gemv.rotary_write_kv(qkv, hq, cos, sin, q_norm=qn, k_norm=kn,
+                                                                          eps=1e-6)))

@@ -67,9 +67,10 @@ def test_two_simulated_nodes(tmp_path):
     assert all(r["tp"] == 2 and r["dp"] == 2 and r["rows"] == 7 and r["match"] for r in results)
 
 
-def test_dead_rank_makes_peer_fail_fast():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])   # bf16: the decode step's all-reduces are called from C
+def test_dead_rank_makes_peer_fail_fast(dtype):
     timeout_s, kill_after = 10, 15
-    codes, outs, elapsed = run_ranks("fault_worker.py", 2, [str(timeout_s)], timeout=120,
+    codes, outs, elapsed = run_ranks("fault_worker.py", 2, [str(timeout_s), dtype], timeout=120,
                                      kill_rank_after=(1, kill_after))
     assert "READY" in outs[0], outs[0][-3000:]
     assert codes[0] not in (0, None) and codes[1] != 0

@@ -602,6 +602,25 @@ AttnUnit attn_unit_for(int64_t D) {
     return nullptr;
 }
 
+// Decode attention for every (row, KV head) unit, on `threads` OpenMP threads (1: this thread).
+void run_attention(const AttnArgs& a, int threads, int wide) {
+    AttnUnit unit = attn_unit_scalar;
+    if (wide && dsi_gemv_best_isa() >= 2) unit = attn_unit_for(a.D);
+    if (unit == nullptr) unit = attn_unit_scalar;    // D > 256 (the callers do not send it)
+    const int64_t units = a.B * a.hkv;
+    if (threads <= 1 || units < 2) {
+        static thread_local std::vector<float> scratch;
+        for (int64_t u = 0; u < units; ++u) unit(a, u / a.hkv, u % a.hkv, scratch);
+        return;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        std::vector<float> scratch;
+#pragma omp for schedule(static)
+        for (int64_t u = 0; u < units; ++u) unit(a, u / a.hkv, u % a.hkv, scratch);
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -671,6 +690,18 @@ void dsi_rms_norm_bf16(const void* x, int64_t ldx, const void* w, void* y, int64
         const float inv = 1.f / sqrtf(ss / static_cast<float>(n) + eps);
         for (int64_t i = 0; i < n; ++i)
             yr[i] = f32_to_bf16(bf16_to_f32(f32_to_bf16(bf16_to_f32(xr[i]) * inv)) * bf16_to_f32(ws[i]));
+    }
+}
+
+// Qwen3's per-head RMSNorm of q and k, in place on `tokens` rows of a fused QKV output (each row: hq q heads,
+// hkv k heads, hkv v heads of D; rows contiguous), before rotary: dsi_rms_norm_bf16 on every q and k head.
+void dsi_head_norms_bf16(void* qkv, int64_t tokens, int64_t hq, int64_t hkv, int64_t D, const void* q_norm,
+                         const void* k_norm, float eps) {
+    uint16_t* base = static_cast<uint16_t*>(qkv);
+    for (int64_t t = 0; t < tokens; ++t) {
+        uint16_t* row = base + t * (hq + 2 * hkv) * D;
+        dsi_rms_norm_bf16(row, D, q_norm, row, D, hq, D, eps);
+        dsi_rms_norm_bf16(row + hq * D, D, k_norm, row + hq * D, D, hkv, D, eps);
     }
 }
 
@@ -825,24 +856,110 @@ void dsi_silu_mul_bf16(const void* gate_up, int64_t ld, int64_t rows, int64_t I,
 void dsi_decode_attention_bf16(const void* q, int64_t qb, int64_t qh, const void* k, const void* v, int64_t kb,
                                int64_t kh, int64_t kl, const void* mask, int64_t mb, int64_t ml, void* out, int64_t B,
                                int64_t hq, int64_t hkv, int64_t L, int64_t D, float scale, int threads, int wide) {
-    const AttnArgs a{static_cast<const uint16_t*>(q), qb, qh, static_cast<const uint16_t*>(k),
-                     static_cast<const uint16_t*>(v), kb, kh, kl, static_cast<const uint8_t*>(mask), mb, ml,
-                     static_cast<uint16_t*>(out), B, hq, hkv, L, D, scale};
-    AttnUnit unit = attn_unit_scalar;
-    if (wide && dsi_gemv_best_isa() >= 2) unit = attn_unit_for(D);
-    if (unit == nullptr) unit = attn_unit_scalar;    // D > 256 (the caller does not send it)
-    const int64_t units = B * hkv;
-    if (threads <= 1 || units < 2) {
-        static thread_local std::vector<float> scratch;
-        for (int64_t u = 0; u < units; ++u) unit(a, u / hkv, u % hkv, scratch);
-        return;
+    run_attention(AttnArgs{static_cast<const uint16_t*>(q), qb, qh, static_cast<const uint16_t*>(k),
+                           static_cast<const uint16_t*>(v), kb, kh, kl, static_cast<const uint8_t*>(mask), mb, ml,
+                           static_cast<uint16_t*>(out), B, hq, hkv, L, D, scale}, threads, wide);
+}
+
+// ---------------------------------------------------------------- a decode step through every block in one call
+// The engine's CPU path for one bf16 decode step (T = 1, B rows, the engine's static KV cache), block by block:
+//   x = rms_norm(h); qkv = x Wqkv^T (+b); [q/k head norms]; rotary + K/V append; a = attention over the cache;
+//   h = a Wo^T (+b) (+h on the rank that adds the residual) [+ all-reduce]; x = rms_norm(h);
+//   h = silu_mul(x Wgu^T (+b)) Wd^T (+b) (+h) [+ all-reduce]
+// with the same kernels and the same roundings as the Python calls it replaces (modules/transformer.py), so
+// the result is bit-identical; what it saves is ~100 us of Python and torch dispatch per block.
+struct DsiLinear {
+    const void* w; const void* bias;   // weight (AMX layout, or row-major with row stride ldw); bias or null
+    int64_t ldw, N, K;
+    int64_t packed;                    // 1: AMX layout (dsi_gemm_amx), 0: row-major (dsi_gemv_bf16)
+    int64_t add_residual;              // add the residual stream (tp rank 0, or no tensor parallelism)
+    int64_t reduce;                    // sum over the tensor-parallel group afterwards (row-parallel o / down)
+};
+
+struct DsiLayer {
+    DsiLinear qkv, o, gate_up, down;
+    const void* input_norm; const void* post_norm;
+    const void* q_norm; const void* k_norm;   // per-head RMSNorm weights [D] (Qwen3) or null
+    void* k_cache; void* v_cache;             // [B_max, Hkv, S, D] with strides (cb, ch, D, 1)
+    int64_t cb, ch;
+    int64_t sliding;                          // attends through the window mask when one is given
+};
+
+struct DsiStack {
+    int64_t num_layers, hidden, hq, hkv, head_dim, inter;   // this rank's heads and intermediate columns
+    double eps, scale;
+    int64_t threads, isa;                                  // OpenMP threads; the row-major kernel's path
+    float* slots; int64_t capacity; int64_t* flags;        // parallel/shm.py's exchange (slots null: no TP)
+    int64_t tp_size, tp_rank;
+    double timeout_s;
+};
+
+static int stack_linear(const DsiStack* st, const DsiLinear& lin, const uint16_t* x, int64_t M, const uint16_t* h,
+                        uint16_t* y) {
+    const int threads = lin.N * lin.K < (1 << 16) ? 1 : static_cast<int>(st->threads);
+    const uint16_t* res = lin.add_residual ? h : nullptr;
+    if (lin.packed) return dsi_gemm_amx(x, lin.K, lin.w, lin.bias, res, lin.N, y, lin.N, M, lin.N, lin.K, threads);
+    return dsi_gemv_bf16(x, lin.K, lin.w, lin.ldw, lin.bias, res, lin.N, y, lin.N, M, lin.N, lin.K, threads,
+                         static_cast<int>(st->isa));
+}
+
+// h [B, hidden] bf16: the residual stream in, the last block's output out (the final norm is the caller's).
+// cos / sin [B, D]; the step writes cache column col and attends over columns [0, col]; mask / wmask: bool
+// [B, col + 1] rows (strides mb / wmb, column strides ml / wml) or null. shm_step: the exchange's call counter
+// (in / out); shm_seconds: time spent in exchanges, waiting included, is added to it.
+// Returns 0; 1 when a peer did not reach an all-reduce within the timeout; 2 when a linear call failed.
+int dsi_decode_stack(const DsiStack* st, const DsiLayer* layers, void* h_, int64_t B, const void* cos, const void* sin,
+                     int64_t col, const void* mask, int64_t mb, int64_t ml, const void* wmask, int64_t wmb, int64_t wml,
+                     int64_t* shm_step, double* shm_seconds) {
+    const int64_t H = st->hidden, hq = st->hq, hkv = st->hkv, D = st->head_dim, I = st->inter;
+    const int64_t heads = hq + 2 * hkv, L = col + 1;
+    uint16_t* h = static_cast<uint16_t*>(h_);
+    static thread_local std::vector<uint16_t> buf;
+    buf.resize(static_cast<size_t>(B * (2 * H + heads * D + (hq + hkv) * D + hq * D + 3 * I)));
+    uint16_t* x = buf.data();
+    uint16_t* y = x + B * H;
+    uint16_t* qkv = y + B * H;
+    uint16_t* q = qkv + B * heads * D;
+    uint16_t* k = q + B * hq * D;
+    uint16_t* att = k + B * hkv * D;
+    uint16_t* gu = att + B * hq * D;
+    uint16_t* act = gu + B * 2 * I;
+    const int attn_threads = B * hq * L * D < (1 << 20) ? 1 : static_cast<int>(st->threads);
+    const int wide = dsi_gemv_best_isa() >= 2 && st->isa >= 2;
+    auto all_reduce = [&](uint16_t* v) -> int {
+        timespec t0{}, t1{};
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        const int64_t s = ++*shm_step;
+        const int rc = dsi_shm_exchange(v, 1, B * H, st->slots + (s % 2) * st->tp_size * st->capacity, st->capacity,
+                                        st->flags, static_cast<int>(st->tp_size), static_cast<int>(st->tp_rank), s,
+                                        st->timeout_s, 1);
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        *shm_seconds += (t1.tv_sec - t0.tv_sec) + 1e-9 * (t1.tv_nsec - t0.tv_nsec);
+        return rc;
+    };
+    const float eps = static_cast<float>(st->eps);
+    for (int64_t l = 0; l < st->num_layers; ++l) {
+        const DsiLayer& ly = layers[l];
+        dsi_rms_norm_bf16(h, H, ly.input_norm, x, H, B, H, eps);
+        if (stack_linear(st, ly.qkv, x, B, h, qkv)) return 2;
+        if (ly.q_norm) dsi_head_norms_bf16(qkv, B, hq, hkv, D, ly.q_norm, ly.k_norm, eps);
+        dsi_rotary_write_kv_bf16(qkv, cos, sin, B, 1, hq, hkv, D, q, k, ly.k_cache, ly.v_cache, ly.cb, ly.ch, col);
+        const bool win = ly.sliding && wmask;
+        run_attention(AttnArgs{q, hq * D, D, static_cast<const uint16_t*>(ly.k_cache),
+                               static_cast<const uint16_t*>(ly.v_cache), ly.cb, ly.ch, D,
+                               static_cast<const uint8_t*>(win ? wmask : mask), win ? wmb : mb, win ? wml : ml, att,
+                               B, hq, hkv, L, D, static_cast<float>(st->scale)}, attn_threads, wide);
+        if (stack_linear(st, ly.o, att, B, h, y)) return 2;
+        if (ly.o.reduce && all_reduce(y)) return 1;
+        memcpy(h, y, B * H * sizeof(uint16_t));
+        dsi_rms_norm_bf16(h, H, ly.post_norm, x, H, B, H, eps);
+        if (stack_linear(st, ly.gate_up, x, B, h, gu)) return 2;
+        dsi_silu_mul_bf16(gu, 2 * I, B, I, act, I, wide);
+        if (stack_linear(st, ly.down, act, B, h, y)) return 2;
+        if (ly.down.reduce && all_reduce(y)) return 1;
+        memcpy(h, y, B * H * sizeof(uint16_t));
     }
-#pragma omp parallel num_threads(threads)
-    {
-        std::vector<float> scratch;
-#pragma omp for schedule(static)
-        for (int64_t u = 0; u < units; ++u) unit(a, u / hkv, u % hkv, scratch);
-    }
+    return 0;
 }
 
 }  // extern "C"

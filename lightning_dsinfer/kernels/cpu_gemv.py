@@ -82,6 +82,9 @@ class _Kernel:
         self.rotary = lib.dsi_rotary_write_kv_bf16
         self.rotary.restype = None
         self.rotary.argtypes = [p, p, p, i64, i64, i64, i64, i64, p, p, p, p, i64, i64, i64]
+        self.head_norms = lib.dsi_head_norms_bf16
+        self.head_norms.restype = None
+        self.head_norms.argtypes = [p, i64, i64, i64, i64, p, p, ctypes.c_float]
         self.silu_mul = lib.dsi_silu_mul_bf16
         self.silu_mul.restype = None
         self.silu_mul.argtypes = [p, i64, i64, i64, p, i64, ctypes.c_int]
@@ -89,6 +92,9 @@ class _Kernel:
         self.attention.restype = None
         self.attention.argtypes = [p, i64, i64, p, p, i64, i64, i64, p, i64, i64, p, i64, i64, i64, i64, i64,
                                    ctypes.c_float, ctypes.c_int, ctypes.c_int]
+        self.decode_stack = lib.dsi_decode_stack
+        self.decode_stack.restype = ctypes.c_int
+        self.decode_stack.argtypes = [p, p, p, i64, p, p, i64, p, i64, i64, p, i64, i64, p, p]
         self.shm_exchange = lib.dsi_shm_exchange
         self.shm_exchange.restype = ctypes.c_int
         self.shm_exchange.argtypes = [p, ctypes.c_int, i64, p, i64, p, ctypes.c_int, ctypes.c_int, i64, ctypes.c_double,
@@ -363,14 +369,18 @@ def shm_exchange():
 ROTARY_MAX_TOKENS = 16        # B x T of a decode step; prompts keep torch's vectorised composite
 
 
-def rotary_write_kv(qkv, num_heads, cos, sin_signed, k_cache=None, v_cache=None, col=0):
-    """:func:`reference.rotary_write_kv` without q/k norms for a few contiguous bf16 tokens in one C call, or None
-    where it does not apply (the caller runs the reference)."""
+def rotary_write_kv(qkv, num_heads, cos, sin_signed, k_cache=None, v_cache=None, col=0, q_norm=None, k_norm=None,
+                    eps=0.0):
+    """:func:`reference.rotary_write_kv` for a few contiguous bf16 tokens in C (the q / k head norms, where given, in
+    one more call, on a copy of qkv), or None where it does not apply (the caller runs the reference)."""
     k = _kernel if _kernel is not None else _load()
     if k is None or _off or qkv.dtype != torch.bfloat16 or qkv.dim() != 4 or not qkv.is_contiguous():
         return None
     b, t, heads, d = qkv.shape
     hq, hkv = num_heads, (heads - num_heads) // 2
+    if q_norm is not None and not all(n is not None and n.dtype == torch.bfloat16 and n.is_contiguous()
+                                      and n.numel() == d for n in (q_norm, k_norm)):
+        return None
     if (b * t > ROTARY_MAX_TOKENS or d % 2 or cos.shape != (b, t, 1, d) or sin_signed.shape != cos.shape
             or not cos.is_contiguous() or not sin_signed.is_contiguous() or cos.dtype != torch.bfloat16
             or sin_signed.dtype != torch.bfloat16 or isinstance(col, torch.Tensor)):
@@ -380,6 +390,9 @@ def rotary_write_kv(qkv, num_heads, cos, sin_signed, k_cache=None, v_cache=None,
                 or k_cache.shape[:2] != (b, hkv) or k_cache.shape[3] != d or k_cache.stride(3) != 1
                 or k_cache.stride(2) != d or not 0 <= col <= k_cache.shape[2] - t):
             return None
+    if q_norm is not None:
+        qkv = qkv.clone()
+        k.head_norms(qkv.data_ptr(), b * t, hq, hkv, d, q_norm.data_ptr(), k_norm.data_ptr(), eps)
     q = torch.empty(b, t, hq, d, dtype=torch.bfloat16)
     kk = torch.empty(b, t, hkv, d, dtype=torch.bfloat16)
     k.rotary(qkv.data_ptr(), cos.data_ptr(), sin_signed.data_ptr(), b, t, hq, hkv, d, q.data_ptr(), kk.data_ptr(),
@@ -437,3 +450,42 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                    k_cache.stride(1), k_cache.stride(2), mask_ptr, mb, ml, out.data_ptr(), b, hq, hkv, length, d,
                    scale, threads, kern.best_isa >= 2)
     return out
+
+
+# ------------------------------------------------------------------- a decode step through every block in one call
+class StackLinear(ctypes.Structure):
+    """``DsiLinear`` of cpu_gemv.cpp: one linear of a block (weight in the AMX layout or row-major)."""
+    _fields_ = [("w", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("ldw", ctypes.c_int64), ("N", ctypes.c_int64),
+                ("K", ctypes.c_int64), ("packed", ctypes.c_int64), ("add_residual", ctypes.c_int64),
+                ("reduce", ctypes.c_int64)]
+
+
+class StackLayer(ctypes.Structure):
+    """``DsiLayer`` of cpu_gemv.cpp: one block's linears, norms and KV-cache tensors."""
+    _fields_ = [("qkv", StackLinear), ("o", StackLinear), ("gate_up", StackLinear), ("down", StackLinear),
+                ("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("q_norm", ctypes.c_void_p),
+                ("k_norm", ctypes.c_void_p), ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p),
+                ("cb", ctypes.c_int64), ("ch", ctypes.c_int64), ("sliding", ctypes.c_int64)]
+
+
+class StackShape(ctypes.Structure):
+    """``DsiStack`` of cpu_gemv.cpp: sizes, threads, and the shared-memory all-reduce (slots null: none)."""
+    _fields_ = [("num_layers", ctypes.c_int64), ("hidden", ctypes.c_int64), ("hq", ctypes.c_int64),
+                ("hkv", ctypes.c_int64), ("head_dim", ctypes.c_int64), ("inter", ctypes.c_int64),
+                ("eps", ctypes.c_double), ("scale", ctypes.c_double), ("threads", ctypes.c_int64),
+                ("isa", ctypes.c_int64), ("slots", ctypes.c_void_p), ("capacity", ctypes.c_int64),
+                ("flags", ctypes.c_void_p), ("tp_size", ctypes.c_int64), ("tp_rank", ctypes.c_int64),
+                ("timeout_s", ctypes.c_double)]
+
+
+def decode_stack_fn():
+    """The C entry ``dsi_decode_stack`` (see cpu_gemv.cpp), or None when the kernel is unavailable; the model
+    side (which blocks it takes, the tables) is :mod:`lightning_dsinfer.modules.cpu_stack`."""
+    k = _kernel if _kernel is not None else _load()
+    return None if k is None or _off else k.decode_stack
+
+
+def best_isa_code() -> int:
+    """The path code calls take now (4 AMX, 3 AVX512-BF16, 2 AVX512, 1 AVX2; lowered inside :func:`use_path`)."""
+    k = _kernel if _kernel is not None else _load()
+    return 0 if k is None else k.best_isa

@@ -250,8 +250,8 @@ def rotary_write_kv(qkv: torch.Tensor, num_heads: int, cos: torch.Tensor, sin_si
     """See :func:`reference.rotary_write_kv`. On the Triton path q and k are new contiguous tensors and v is
     the view of qkv, as in the reference."""
     if not _triton(qkv):
-        if q_norm is None and qkv.dtype == torch.bfloat16 and qkv.device.type == "cpu":
-            out = cpu_gemv.rotary_write_kv(qkv, num_heads, cos, sin_signed, k_cache, v_cache, col)  # decode: one C call
+        if qkv.dtype == torch.bfloat16 and qkv.device.type == "cpu":   # decode-sized: C (norms, rotary, K/V write)
+            out = cpu_gemv.rotary_write_kv(qkv, num_heads, cos, sin_signed, k_cache, v_cache, col, q_norm, k_norm, eps)
             if out is not None:
                 return out
         return reference.rotary_write_kv(qkv, num_heads, cos, sin_signed, k_cache, v_cache, col, q_norm, k_norm, eps)

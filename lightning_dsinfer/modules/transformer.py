@@ -158,6 +158,7 @@ class DecoderModel(nn.Module):
         self.vocab_size, self.vocab_start = vocab_size, vocab_start
         self.comm = comm
         self.sharded_vocab = comm is not None and comm.size > 1
+        self._stack = False      # CpuDecodeStack, built on the first bf16 CPU call (None: the blocks need the ops)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` of this rank's embedding shard."""
@@ -178,10 +179,22 @@ class DecoderModel(nn.Module):
 
     def hidden(self, h: torch.Tensor, step: Step) -> torch.Tensor:
         """Run all blocks and the final norm on embeddings h [B, T, H]."""
+        stack = self._cpu_stack(h)
+        if stack is not None and stack.applies(h, step):      # a bf16 CPU decode step: every block in one C call
+            return ops.rms_norm(stack(h, step), self.final_norm, self.eps)
         delta = None
         for layer in self.layers:
             h, delta = layer.run(h, delta, step)
         return _norm(h, delta, self.final_norm, self.eps)[0]
+
+    def _cpu_stack(self, h: torch.Tensor):
+        if self._stack is False:
+            if h.device.type != "cpu" or h.dtype != torch.bfloat16:
+                return None
+            from lightning_dsinfer.modules.cpu_stack import CpuDecodeStack
+
+            self._stack = CpuDecodeStack.build(self)
+        return self._stack
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         if not self.sharded_vocab:

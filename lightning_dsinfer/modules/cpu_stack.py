@@ -1,0 +1,173 @@
+"""A whole bf16 decode step through every block in one C call (``dsi_decode_stack`` in kernels/cpu_gemv.cpp).
+
+On the CPU path a decode step of a block is nine ops (two norms, four linears, rotary + K/V append, attention,
+SwiGLU), each a C kernel behind some Python: ~100 us of dispatch per block, 5-10% of a 200M model's step
+and twice that share of a tensor-parallel rank's step, whose GEMMs are half as long while the dispatch is not.
+For a decode step (one token per row, the engine's static KV cache, bf16, up to :data:`MAX_ROWS` rows, AMX or
+row-major kernel linears) :class:`DecoderModel` hands the block loop to C: the same kernels in the same order
+with the same roundings, so the hidden states are bit-identical to the per-op path (tests/test_cpu_stack.py),
+and the tensor-parallel all-reduces go through the same shared-memory exchange (parallel/shm.py) from C.
+
+Anything else (prompts, fp32, the Triton path, HF caches, the oneDNN fallback, gloo all-reduces) keeps the
+per-op path: :meth:`CpuDecodeStack.applies` says which.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from lightning_dsinfer.kernels import cpu_gemv, ops
+
+MAX_ROWS = 16     # = the one-call norm / SwiGLU / rotary limits of kernels/cpu_gemv.py (decode-sized rows)
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _bf16_vector(t: torch.Tensor | None, n: int) -> bool:
+    return t is None or (t.dtype == torch.bfloat16 and t.is_contiguous() and t.numel() == n and t.device.type == "cpu")
+
+
+class CpuDecodeStack:
+    """The C tables of one :class:`~lightning_dsinfer.modules.transformer.DecoderModel`'s blocks; built by
+    :meth:`build` (None when a block cannot go through C), refreshed when the KV cache is re-allocated."""
+
+    def __init__(self, decoder, layers, row_limit: float, shm, keep: list[torch.Tensor]):
+        first = layers[0]
+        self.decoder, self.layers, self.row_limit, self.shm = decoder, layers, row_limit, shm
+        self._keep = keep                     # every tensor the tables point into stays alive with them
+        self.hidden = first.attn.o.out_features
+        self.n_reduce = sum((ly.attn.o.reduce is not None) + (ly.mlp.down.reduce is not None) for ly in layers)
+        self.shape = cpu_gemv.StackShape(
+            num_layers=len(layers), hidden=self.hidden, hq=first.attn.hq, hkv=first.attn.hkv, head_dim=first.attn.d,
+            inter=first.mlp.down.in_features, eps=first.eps, scale=first.attn.scaling,
+            slots=None if shm is None else shm.data.data_ptr(), capacity=0 if shm is None else shm.capacity,
+            flags=None if shm is None else shm.flags.data_ptr(), tp_size=1 if shm is None else shm.size,
+            tp_rank=0 if shm is None else shm.rank, timeout_s=0.0 if shm is None else shm.timeout_s)
+        self.table = (cpu_gemv.StackLayer * len(layers))()
+        for i, ly in enumerate(layers):
+            t = self.table[i]
+            # (name, linear, whether the block passes it the residual stream: o and down, as in transformer.py)
+            for name, lin, residual in (("qkv", ly.attn.qkv, False), ("o", ly.attn.o, True),
+                                        ("gate_up", ly.mlp.gate_up, False), ("down", ly.mlp.down, True)):
+                setattr(t, name, cpu_gemv.StackLinear(
+                    w=lin.weight.data_ptr(), bias=_ptr(lin.bias), ldw=lin.weight.stride(0) if not lin.packed else 0,
+                    N=lin.out_features, K=lin.in_features, packed=int(lin.layout == "amx"),
+                    add_residual=int(residual and lin.owns_residual), reduce=int(lin.reduce is not None)))
+            t.input_norm, t.post_norm = ly.input_norm.data_ptr(), ly.post_norm.data_ptr()
+            t.q_norm, t.k_norm = _ptr(ly.attn.q_norm), _ptr(ly.attn.k_norm)
+            t.sliding = int(ly.attn.sliding)
+        self._cache_key = None
+        self._fn = cpu_gemv.decode_stack_fn()
+
+    @classmethod
+    def build(cls, decoder) -> "CpuDecodeStack | None":
+        """The stack for ``decoder``'s blocks, or None when one of them has something the C loop does not run."""
+        from lightning_dsinfer.modules.transformer import Attention, DecoderLayer, GatedMLP
+
+        if cpu_gemv.decode_stack_fn() is None or len(decoder.layers) == 0:
+            return None
+        layers = list(decoder.layers)
+        first = layers[0]
+        comm = decoder.comm
+        shm = None
+        keep: list[torch.Tensor] = []
+        row_limit = float("inf")
+        for ly in layers:
+            if type(ly) is not DecoderLayer or type(ly.attn) is not Attention or type(ly.mlp) is not GatedMLP:
+                return None
+            a, m = ly.attn, ly.mlp
+            if (a.hq, a.hkv, a.d, a.scaling, ly.eps, m.down.in_features, a.o.out_features) != (
+                    first.attn.hq, first.attn.hkv, first.attn.d, first.attn.scaling, first.eps,
+                    first.mlp.down.in_features, first.attn.o.out_features):
+                return None
+            h, d = a.o.out_features, a.d
+            if (a.qkv.out_features != (a.hq + 2 * a.hkv) * d or a.qkv.in_features != h or a.o.in_features != a.hq * d
+                    or m.gate_up.out_features != 2 * m.down.in_features or m.gate_up.in_features != h
+                    or m.down.out_features != h or d % 2 or d > cpu_gemv.DECODE_ATTENTION_MAX_HEAD_DIM):
+                return None
+            if (a.q_norm is None) != (a.k_norm is None) or not all(
+                    _bf16_vector(v, n) for v, n in ((ly.input_norm, h), (ly.post_norm, h), (a.q_norm, d), (a.k_norm, d))):
+                return None
+            for lin in (a.qkv, a.o, m.gate_up, m.down):
+                if lin.weight.dtype != torch.bfloat16 or lin.weight.device.type != "cpu":
+                    return None
+                if lin.layout == "plain" and lin.row_kernel:
+                    row_limit = min(row_limit, lin.row_kernel_rows)
+                elif lin.layout != "amx":
+                    return None
+                if not _bf16_vector(lin.bias, lin.out_features):
+                    return None
+                if lin.reduce is not None:
+                    if comm is None or lin.reduce != comm.all_reduce or comm.shm is None or comm.shm._c is None:
+                        return None
+                    shm = comm.shm
+                keep += [lin.weight] + ([lin.bias] if lin.bias is not None else [])
+            keep += [v for v in (ly.input_norm, ly.post_norm, a.q_norm, a.k_norm) if v is not None]
+        return cls(decoder, layers, row_limit, shm, keep)
+
+    def applies(self, h: torch.Tensor, step) -> bool:
+        """Whether this forward is a decode step the C loop runs (else the per-op path runs it)."""
+        if h.dtype != torch.bfloat16 or h.device.type != "cpu" or h.dim() != 3 or h.shape[1] != 1:
+            return False
+        b = h.shape[0]
+        cache = step.cache
+        if (b > MAX_ROWS or b > self.row_limit or cache is None or step.hf_cache is not None or ops.fuses_residual(h)
+                or not h.is_contiguous() or h.shape[2] != self.hidden):
+            return False
+        if self.shm is not None and b * self.hidden > self.shm.capacity:
+            return False
+        d = self.shape.head_dim
+        if (step.cos.shape != (b, 1, 1, d) or step.sin.shape != (b, 1, 1, d) or step.cos.dtype != torch.bfloat16
+                or step.sin.dtype != torch.bfloat16 or not step.cos.is_contiguous() or not step.sin.is_contiguous()):
+            return False
+        if cache.dtype != torch.bfloat16 or b > cache.max_batch_size or step.start >= cache.max_seq_len:
+            return False
+        length = step.start + 1
+        return all(m is None or (m.dtype == torch.bool and m.dim() == 4 and m.shape[1:] == (1, 1, length)
+                                 and m.shape[0] in (1, b)) for m in (step.mask, step.window_mask))
+
+    def _bind_cache(self, cache) -> None:
+        key = (id(cache), cache.k[0].data_ptr(), cache.max_batch_size)
+        if key == self._cache_key:
+            return
+        for i, ly in enumerate(self.layers):
+            k, v = cache.k[ly.attn.layer_idx], cache.v[ly.attn.layer_idx]
+            if k.stride() != v.stride() or k.stride(2) != self.shape.head_dim or k.stride(3) != 1:
+                raise RuntimeError("dsinfer: KV cache layout is not [B, Hkv, S, D] contiguous")
+            t = self.table[i]
+            t.k_cache, t.v_cache, t.cb, t.ch = k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1)
+        self._cache_key = key
+
+    def __call__(self, h: torch.Tensor, step) -> torch.Tensor:
+        """The residual stream after every block (the final norm is the caller's), for a step :meth:`applies`
+        accepted. ``h`` is not modified."""
+        self._bind_cache(step.cache)
+        b = h.shape[0]
+        out = h.clone()
+
+        def mask_args(m):
+            if m is None:
+                return None, 0, 0
+            return m.data_ptr(), (m.stride(0) if m.shape[0] == b else 0), m.stride(3)
+
+        self.shape.threads = torch.get_num_threads()
+        self.shape.isa = cpu_gemv.best_isa_code()
+        shm_step = ctypes.c_int64(0 if self.shm is None else self.shm.step)
+        seconds = ctypes.c_double(0.0)
+        rc = self._fn(ctypes.byref(self.shape), ctypes.byref(self.table), out.data_ptr(), b, step.cos.data_ptr(), step.sin.data_ptr(),
+                      step.start, *mask_args(step.mask), *mask_args(step.window_mask), ctypes.byref(shm_step),
+                      ctypes.byref(seconds))
+        if self.shm is not None:
+            self.shm.step = shm_step.value
+            self.shm.seconds += seconds.value
+            comm = self.decoder.comm
+            comm.all_reduce_calls += self.n_reduce
+            comm.all_reduce_bytes += self.n_reduce * b * self.hidden * 2
+        if rc == 1:
+            self.shm._timed_out()
+        if rc:
+            raise RuntimeError(f"dsinfer: the C decode step failed (code {rc}) for {b} rows")
+        return out

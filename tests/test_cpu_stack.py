@@ -1,0 +1,76 @@
+"""The one-call C decode step (modules/cpu_stack.py, ``dsi_decode_stack``) against the engine's per-op path.
+
+Both run the same kernels in the same order with the same roundings, so every decode step's hidden states must be
+bit-identical, single process (every CPU kernel path of this machine, every family: biases, sliding windows,
+Qwen3's q/k norms, left-padded batches) and at TP=2 (the all-reduces from C through the shared-memory exchange).
+That the per-op path itself matches Hugging Face is tests/test_cpu_gemv.py's ``test_engine_bf16_matches_hf``
+(which now runs its decode steps through the stack too).
+"""
+import pytest
+import torch
+
+from helpers import FAMILIES, optimised_copy, padded_batch, tiny_model
+from lightning_dsinfer.kernels import cpu_gemv
+from lightning_dsinfer.modules.cpu_stack import CpuDecodeStack
+from multiproc import run_ranks
+from stack_checks import run_both_paths
+
+needs_kernel = pytest.mark.skipif(not cpu_gemv.available(), reason="CPU GEMV kernel unavailable (see log)")
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", cpu_gemv.supported_isas())
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stack_bit_identical_to_per_op_path(family, isa):
+    hf = tiny_model(family).to(torch.bfloat16)
+    with cpu_gemv.use_path(isa):
+        opt = optimised_copy(hf, max_seq_len=48, dtype=torch.bfloat16)
+        ids, mask = padded_batch([12, 5, 9])
+        runs = run_both_paths(opt, ids, mask, new_tokens=8)
+    (tok_s, hid_s, _, n_s), (tok_o, hid_o, _, n_o) = runs["stack"], runs["ops"]
+    assert n_s == 7 and n_o == 0                      # every decode step (not the prompt) went through C, or none
+    assert torch.equal(tok_s, tok_o)
+    assert len(hid_s) == len(hid_o) == 8
+    for a, b in zip(hid_s, hid_o):
+        assert torch.equal(a, b)
+    if family in ("mistral", "qwen2"):                # window 7 < 12 + 8 columns: window masks were in play
+        assert any(ly.attn.sliding for ly in opt._dsinfer_engine.decoder.layers)
+
+
+@needs_kernel
+def test_stack_takes_only_what_it_runs():
+    """Per-op path for: prompts, more than 16 rows, HF caches (beam search), fp32 models; never a wrong answer."""
+    hf = tiny_model("llama").to(torch.bfloat16)
+    opt = optimised_copy(hf, max_seq_len=48, dtype=torch.bfloat16, max_batch_size=20)
+    dec = opt._dsinfer_engine.decoder
+    ids, mask = padded_batch([12, 5, 9])
+    opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+    assert isinstance(dec._stack, CpuDecodeStack)
+    big_ids, big_mask = padded_batch([6 + i % 5 for i in range(17)])
+    runs = run_both_paths(opt, big_ids, big_mask, new_tokens=3)
+    assert runs["stack"][3] == 0 and torch.equal(runs["stack"][0], runs["ops"][0])      # 17 rows: per-op
+    calls = []
+    real = CpuDecodeStack.__call__
+    CpuDecodeStack.__call__ = lambda self, h, step: calls.append(1) or real(self, h, step)
+    try:
+        beam = opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, num_beams=2, do_sample=False)
+    finally:
+        CpuDecodeStack.__call__ = real
+    assert not calls and beam.shape[1] == ids.shape[1] + 3                                # HF cache: per-op
+    fp32 = optimised_copy(tiny_model("llama"), max_seq_len=48)
+    fp32.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+    assert fp32._dsinfer_engine.decoder._stack is False                                   # never built for fp32
+
+
+@needs_kernel
+def test_stack_declines_the_onednn_fallback():
+    with cpu_gemv.disabled():
+        opt = optimised_copy(tiny_model("llama").to(torch.bfloat16), max_seq_len=48, dtype=torch.bfloat16)
+    assert CpuDecodeStack.build(opt._dsinfer_engine.decoder) is None
+
+
+@needs_kernel
+def test_stack_under_tensor_parallelism():
+    codes, outs, _ = run_ranks("stack_tp_worker.py", 2, ["--families", "llama", "qwen3"], timeout=240)
+    assert codes == [0, 0], "\n".join(outs)
+    assert outs[0].count(" OK") == 2, outs[0]
