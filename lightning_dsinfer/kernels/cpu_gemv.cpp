@@ -861,6 +861,47 @@ void dsi_decode_attention_bf16(const void* q, int64_t qb, int64_t qh, const void
                            static_cast<uint16_t*>(out), B, hq, hkv, L, D, scale}, threads, wide);
 }
 
+// ---------------------------------------------------------------- streaming-read probe (benchmarks)
+// XOR of `bytes` (a multiple of 64) read front to back on `threads` OpenMP threads, each a contiguous range, with
+// a software prefetch 4 KiB ahead: the read bandwidth the benchmarks' utilisation is measured against (torch's
+// x.sum() reads ~15% slower than this on the 2-core machine, so it would flatter every kernel measured by it).
+__attribute__((target("avx512f")))
+static uint64_t stream_xor_avx512(const uint8_t* p, int64_t a, int64_t b) {
+    __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
+    for (int64_t i = a; i + 256 <= b; i += 256) {
+        _mm_prefetch(reinterpret_cast<const char*>(p + i + 4096), _MM_HINT_T0);
+        s0 = _mm512_xor_si512(s0, _mm512_loadu_si512(p + i));
+        s1 = _mm512_xor_si512(s1, _mm512_loadu_si512(p + i + 64));
+        s2 = _mm512_xor_si512(s2, _mm512_loadu_si512(p + i + 128));
+        s3 = _mm512_xor_si512(s3, _mm512_loadu_si512(p + i + 192));
+    }
+    return _mm512_reduce_or_epi64(_mm512_xor_si512(_mm512_xor_si512(s0, s1), _mm512_xor_si512(s2, s3)));
+}
+
+static uint64_t stream_xor_plain(const uint8_t* p, int64_t a, int64_t b) {
+    uint64_t s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t i = a; i + 64 <= b; i += 64)
+        for (int j = 0; j < 8; ++j) {
+            uint64_t v;
+            memcpy(&v, p + i + 8 * j, 8);
+            s[j] ^= v;
+        }
+    return s[0] ^ s[1] ^ s[2] ^ s[3] ^ s[4] ^ s[5] ^ s[6] ^ s[7];
+}
+
+uint64_t dsi_stream_read(const void* data, int64_t bytes, int threads) {
+    const uint8_t* p = static_cast<const uint8_t*>(data);
+    const bool wide = dsi_gemv_best_isa() >= 2;
+    uint64_t total = 0;
+#pragma omp parallel num_threads(threads > 0 ? threads : 1) reduction(^ : total)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const int64_t blocks = bytes / 256, a = blocks * t / nt * 256, b = blocks * (t + 1) / nt * 256;
+        total ^= wide ? stream_xor_avx512(p, a, b) : stream_xor_plain(p, a, b);
+    }
+    return total;
+}
+
 // ---------------------------------------------------------------- a decode step through every block in one call
 // The engine's CPU path for one bf16 decode step (T = 1, B rows, the engine's static KV cache), block by block:
 //   x = rms_norm(h); qkv = x Wqkv^T (+b); [q/k head norms]; rotary + K/V append; a = attention over the cache;

@@ -82,6 +82,9 @@ class _Kernel:
         self.rotary = lib.dsi_rotary_write_kv_bf16
         self.rotary.restype = None
         self.rotary.argtypes = [p, p, p, i64, i64, i64, i64, i64, p, p, p, p, i64, i64, i64]
+        self.stream_read = lib.dsi_stream_read
+        self.stream_read.restype = ctypes.c_uint64
+        self.stream_read.argtypes = [p, i64, ctypes.c_int]
         self.head_norms = lib.dsi_head_norms_bf16
         self.head_norms.restype = None
         self.head_norms.argtypes = [p, i64, i64, i64, i64, p, p, ctypes.c_float]
@@ -489,3 +492,15 @@ def best_isa_code() -> int:
     """The path code calls take now (4 AMX, 3 AVX512-BF16, 2 AVX512, 1 AVX2; lowered inside :func:`use_path`)."""
     k = _kernel if _kernel is not None else _load()
     return 0 if k is None else k.best_isa
+
+
+def stream_read_seconds(x: torch.Tensor, threads: int | None = None) -> float | None:
+    """Seconds to read the bytes of contiguous CPU tensor ``x`` front to back once with the kernel's streaming
+    loop on ``threads`` threads (default torch's): the read-bandwidth probe of the benchmarks. None when the
+    kernel is unavailable."""
+    k = _kernel if _kernel is not None else _load()
+    if k is None or not x.is_contiguous() or x.device.type != "cpu":
+        return None
+    t = time.perf_counter()
+    k.stream_read(x.data_ptr(), x.numel() * x.element_size(), threads or torch.get_num_threads())
+    return time.perf_counter() - t
