@@ -13,7 +13,8 @@ machine with enough RAM; ours reads with O_DIRECT and never uses it).
 
 Printed per run: new tokens/s (prompt included: N tokens = 1 prefill + N-1 decode passes), peak RSS growth
 over the process's resident memory before the run (VmHWM, reset per run), achieved weight-read bandwidth
-against the disk's O_DIRECT sequential read bandwidth measured in the same run, and the overlap
+against the disk's O_DIRECT sequential read bandwidth over the same files right before and after the run (a
+virtual disk's bandwidth moves from minute to minute), and the overlap
 (time per decode pass over max(transfer time, compute time); transfer time is the bytes streamed per pass
 at the disk's measured bandwidth, compute time is the same passes with the weights in RAM), and the
 fraction of each decode pass during which the disk had a read outstanding (1.0: the disk never waited
@@ -71,30 +72,34 @@ def drop_cache(*folders) -> None:
         os.close(fd)
 
 
-def direct_read_bandwidth(path: str, repeats: int = 3) -> float:
-    """O_DIRECT sequential read bandwidth of ``path``: the better of two patterns (1 x 16 MiB and 4 x 4 MiB in
-    flight), each the median of ``repeats`` reads (a virtual disk has outliers)."""
-    size = os.path.getsize(path) // 4096 * 4096
-    return max(sorted(_direct_read(path, size, chunk, threads) for _ in range(repeats))[repeats // 2]
+def direct_read_bandwidth(paths, repeats: int = 1) -> float:
+    """O_DIRECT sequential read bandwidth over the files ``paths`` (each front to back): the better of two
+    patterns (1 x 16 MiB and 4 x 4 MiB in flight), each the median of ``repeats`` passes."""
+    return max(sorted(_direct_read(paths, chunk, threads) for _ in range(repeats))[repeats // 2]
                for chunk, threads in ((16 * MiB, 1), (4 * MiB, 4)))
 
 
-def _direct_read(path: str, size: int, chunk: int, threads: int) -> float:
+def _direct_read(paths, chunk: int, threads: int) -> float:
     from lightning_dsinfer.offload import aligned_empty
 
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     bufs = [memoryview(aligned_empty(chunk).numpy()) for _ in range(threads)]
-
-    def work(k):
-        for off in range(k * chunk, size - chunk + 1, threads * chunk):
-            os.preadv(fd, [bufs[k]], off)
-
+    total = 0
     t = time.perf_counter()
     with ThreadPoolExecutor(threads) as ex:
-        list(ex.map(work, range(threads)))
-    bandwidth = (size // chunk * chunk) / (time.perf_counter() - t)
-    os.close(fd)
-    return bandwidth
+        for path in paths:
+            size = os.path.getsize(path) // 4096 * 4096
+            if size < chunk:
+                continue
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+
+            def work(k):
+                for off in range(k * chunk, size - chunk + 1, threads * chunk):
+                    os.preadv(fd, [bufs[k]], off)
+
+            list(ex.map(work, range(threads)))
+            os.close(fd)
+            total += size // chunk * chunk
+    return total / (time.perf_counter() - t)
 
 
 def rss(field="VmRSS") -> int:
@@ -175,9 +180,9 @@ def main():
     ours_dir, acc_dir = os.path.join(args.dir, "ours"), os.path.join(args.dir, "accelerate")
     weight_bytes = sum(os.path.getsize(f) for f in files_under(ckpt) if f.endswith(".safetensors"))
     budget = int(weight_bytes * args.budget_fraction)
-    disk = max(direct_read_bandwidth(f) for f in files_under(ckpt) if f.endswith(".safetensors"))
+    disk = direct_read_bandwidth([f for f in files_under(ckpt) if f.endswith(".safetensors")], repeats=3)
     print(f"model {weight_bytes / MiB:.0f} MiB bf16, budget {budget / MiB:.0f} MiB, disk O_DIRECT read "
-          f"{disk / 1e9:.2f} GB/s", flush=True)
+          f"{disk / 1e9:.2f} GB/s (checkpoint, before the runs)", flush=True)
 
     def ours(tier, batch):
         with torch.device("meta"):
@@ -197,8 +202,14 @@ def main():
         ws, streamer = engine.working_set, engine.decoder.streamer
         b = ws.batch_size if batch is None else batch
         streamed = sum(streamer.layouts[u].nbytes for u in streamer.order)
+        # The virtual disk's bandwidth moves from minute to minute (burst credit): the reference for this run is
+        # the same unit files read with O_DIRECT right before and right after it.
+        unit_files = [streamer.store.path(u) for u in streamer.order]
+        before = direct_read_bandwidth(unit_files)
         r = measure(model, b, args, [ckpt, ours_dir], store=streamer.store)
-        r.update(load_peak=load_peak, streamed=streamed, batch=b, slots=ws.n_slots, resident=len(streamer.resident))
+        after = direct_read_bandwidth(unit_files)
+        r.update(load_peak=load_peak, streamed=streamed, batch=b, slots=ws.n_slots, resident=len(streamer.resident),
+                 disk=(before + after) / 2)
         results[label] = r
         note = (f"ours batch {b}{' (its throughput batch)' if batch is None else ''}: {ws.n_slots} slots x "
                 f"{ws.slot_bytes / MiB:.0f} MiB, {len(streamer.resident)} units resident, {streamed / MiB:.0f} MiB "
@@ -210,10 +221,10 @@ def main():
     resident = ours("cpu", max(r["batch"] for r in results.values()))    # the same passes, weights in RAM
     for label, r in results.items():
         c = measure(resident, r["batch"], args, [])
-        transfer = r["streamed"] / disk
+        transfer = r["streamed"] / r["disk"]
         rows.append([f"ours (nvme){' auto batch' if label == 'auto' else ''}", r["batch"], r["tok_s"],
                      r["decode_tok_s"], (r["peak"] - base) / MiB, r["load_peak"] / MiB,
-                     r["streamed"] / r["decode_s"] / 1e9, r["streamed"] / r["decode_s"] / disk,
+                     r["disk"] / 1e9, r["streamed"] / r["decode_s"] / 1e9, r["streamed"] / r["decode_s"] / r["disk"],
                      r["decode_s"] / max(transfer, c["decode_s"]), r["busy_s"] / r["decode_s"],
                      c["decode_s"] * 1e3, transfer * 1e3, r["busy_s"] * 1e3])
     del resident
@@ -230,18 +241,20 @@ def main():
             acc[b] = measure(model, b, args, [ckpt, acc_dir], per_token_drop=True)
             print(f"accelerate batch {b}: {acc[b]['tok_s']:.2f} tok/s", flush=True)
             rows.append(["accelerate disk offload", b, acc[b]["tok_s"], acc[b]["decode_tok_s"],
-                         (acc[b]["peak"] - base) / MiB, load_peak / MiB, "", "", "", "", "", "", ""])
+                         (acc[b]["peak"] - base) / MiB, load_peak / MiB, "", "", "", "", "", "", "", ""])
         del model
     for b in args.batch:
         if b in acc:
             rows.append(["ratio ours / accelerate", b, results[b]["tok_s"] / acc[b]["tok_s"],
-                         results[b]["decode_tok_s"] / acc[b]["decode_tok_s"], "", "", "", "", "", "", "", "", ""])
+                         results[b]["decode_tok_s"] / acc[b]["decode_tok_s"], "", "", "", "", "", "", "", "", "", ""])
     table = markdown_table(["system", "batch", "new tok/s", "decode tok/s", "peak RSS growth MiB (run)",
-                            "peak RSS growth MiB (load)", "decode read GB/s", "of disk", "overlap (step / max)",
+                            "peak RSS growth MiB (load)", "disk GB/s (around the run)", "decode read GB/s", "of disk",
+                            "overlap (step / max)",
                             "disk busy (of step)", "compute ms/step", "transfer ms/step", "disk busy ms/step"], rows)
     header = (f"model {weight_bytes / MiB:.0f} MiB bf16 ({args.layers} layers, hidden {args.hidden}), max_memory "
               f"{budget / MiB:.0f} MiB, prompt {args.prompt}, {args.new} new tokens, {args.threads} threads, disk "
-              f"O_DIRECT {disk / 1e9:.2f} GB/s; cold page cache for every run (and every token for accelerate); "
+              f"O_DIRECT {disk / 1e9:.2f} GB/s before the runs (each of ours is compared with the disk read right "
+              f"before and after it); cold page cache for every run (and every token for accelerate); "
               f"RSS growth over the process before loading\n\n" + "\n".join(f"- {n}" for n in notes))
     print(header)
     print(table)
