@@ -47,6 +47,37 @@ def test_offload_matches_hf(family, tier, tmp_path):
 
 
 @pytest.mark.parametrize("tier", TIERS)
+def test_chunked_plain_forward_matches_hf(tier, tmp_path):
+    """A plain forward without a cache (``use_cache=False``) longer than the prefill chunk runs through each
+    streamed block in pieces too, its K/V in a one-block scratch buffer: logits as HF's (fp32, left padding, a
+    sliding-window family)."""
+    import lightning_dsinfer.offload.decoder as offload_decoder
+
+    hf = tiny_model("mistral")
+    opt = _offloaded(hf, tier, tmp_path)
+    decoder = opt._dsinfer_engine.decoder
+    decoder.prefill_tokens = 6                       # 3 prompts of 14 columns -> chunks of 2 columns
+    made = []
+    real = offload_decoder.ScratchKV.__init__
+
+    def counted(self, *args):
+        made.append(args)
+        real(self, *args)
+
+    offload_decoder.ScratchKV.__init__ = counted
+    try:
+        ids, mask = padded_batch([14, 5, 9], seed=3)
+        with torch.no_grad():
+            ref = hf(input_ids=ids, attention_mask=mask).logits
+        got = opt(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    finally:
+        offload_decoder.ScratchKV.__init__ = real
+    assert len(made) == 1 and made[0][2] == 14        # one scratch buffer for the pass, all 14 columns
+    valid = mask.bool()
+    assert (got[valid] - ref[valid]).abs().max() < 2e-4
+
+
+@pytest.mark.parametrize("tier", TIERS)
 def test_chunked_prefill_and_hf_loop_match_hf(tier, tmp_path):
     """Prompts longer than the prefill chunk run through each streamed block in pieces (own loop and
     HF's loop with a DynamicCache: beam search); the lm_head is streamed in several slices."""

@@ -4,7 +4,8 @@ Per forward pass each block is acquired from the :class:`UnitStreamer`, wrapped 
 :class:`DecoderLayer` (views, no copy), run, and released; the lm_head is streamed in row slices the
 size of a block. Prompts are run through each resident block in chunks of ``prefill_tokens`` tokens
 (the K/V of earlier chunks are already in the cache), so prefill activations stay bounded however
-long the prompt batch; a block is still read once per pass.
+long the prompt batch; a block is still read once per pass. A plain forward without a cache is chunked
+the same way, its K/V kept in a one-block scratch buffer (:class:`ScratchKV`) reused by every block.
 
 Embedding rows come from a :class:`RowTable`: resident (host tier) or read row by row from a file
 (disk tier), so the embedding matrix is never resident either.
@@ -65,6 +66,22 @@ class FileRows:
         os.close(self.fd)
 
 
+class ScratchKV:
+    """The cache of a plain forward's chunks: K/V [B, Hkv, T, D] of the block being run, shared by all blocks
+    (the blocks run one after the other, and a block's chunks only attend to its own K/V). Same interface as
+    :class:`~lightning_dsinfer.modules.kv_cache.StaticKVCache`'s ``slots`` / ``read``."""
+
+    def __init__(self, b: int, kv_heads: int, t: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.k = torch.empty(b, kv_heads, t, head_dim, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
+
+    def slots(self, layer: int, b: int, start: int):
+        return self.k[:b], self.v[:b], start
+
+    def read(self, layer: int, b: int, end: int):
+        return self.k[:b, :, :end], self.v[:b, :, :end]
+
+
 class StreamedDecoderModel(DecoderModel):
     def __init__(self, streamer: UnitStreamer, layer_units: list[int], head_units: list[int],
                  make_layer: Callable[[int, dict], DecoderLayer], rows, final_norm: torch.Tensor, eps: float,
@@ -89,19 +106,27 @@ class StreamedDecoderModel(DecoderModel):
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         return self.rows.lookup(ids, self.device)
 
-    def _chunks(self, b: int, t: int, step: Step) -> list[tuple[int, int]]:
-        """Query chunks for one block: whole when short, or when K/V go nowhere (a plain forward without a
-        cache has no earlier chunks to attend to)."""
+    def _chunks(self, b: int, t: int) -> list[tuple[int, int]]:
+        """Query chunks for one block: whole when short."""
         n = max(self.prefill_tokens // b, 1)
-        if t <= n or (step.cache is None and step.hf_cache is None):
+        if t <= n:
             return [(0, t)]
         return [(a, min(a + n, t)) for a in range(0, t, n)]
 
     def hidden(self, h: torch.Tensor, step: Step) -> torch.Tensor:
-        chunks = self._chunks(h.shape[0], h.shape[1], step)
-        steps = [step if len(chunks) == 1 else step.rows(a, b) for a, b in chunks]
+        chunks = self._chunks(h.shape[0], h.shape[1])
+        scratch = len(chunks) > 1 and step.cache is None and step.hf_cache is None   # a plain forward, chunked
+        if scratch and step.q_start != 0:     # (a plain forward has no earlier columns; never chunk what it cannot)
+            chunks, scratch = [(0, h.shape[1])], False
+        steps = None
         for i, unit in enumerate(self.layer_units):
             layer = self.make_layer(i, self.streamer.acquire(unit))
+            if steps is None:
+                if scratch:   # its chunks' K/V go to a one-block buffer (the layers know the local KV heads)
+                    kv = ScratchKV(h.shape[0], layer.attn.hkv, h.shape[1], layer.attn.d, h.dtype, h.device)
+                    step = Step(cos=step.cos, sin=step.sin, mask=step.mask, window_mask=step.window_mask, cache=kv,
+                                start=step.q_start, q_start=step.q_start)
+                steps = [step if len(chunks) == 1 else step.rows(a, b) for a, b in chunks]
             try:
                 if len(chunks) == 1:
                     h = layer(h, step)
