@@ -14,7 +14,10 @@
    time the entry points the engine calls on CUDA (``kernels/ops.py``, dispatch included): the fused
    residual + RMSNorm and rotary + KV-cache write against the op-by-op reference they replace, and the
    small-batch GEMM dispatch (``ops.linear``, M = 1..32) on each Llama-3-8B linear against ``F.linear``.
-With ``--out DIR`` the table is also written to DIR/gpu_check.md. Without a GPU it prints a line saying
+4. Decode of a ~1B Llama (bf16, prompt 128, 128 new tokens, batch 1 and 16): HF eager, HF static cache +
+   ``torch.compile``, ours: ms/token, tokens/s, bandwidth utilisation (weight bytes per step x steps/s over the
+   copy bandwidth, read + write) and the ratio to HF eager.
+With ``--out DIR`` the tables are also written to DIR/gpu_check.md. Without a GPU it prints a line saying
 so and exits 0, so it is safe to run anywhere.
 """
 from __future__ import annotations
@@ -276,11 +279,83 @@ def check_decode_graphs(dev: str = "cuda", tiny: bool = False) -> int:
     return rc
 
 
+def decode_comparison(dev: str = "cuda", tiny: bool = False, compile_hf: bool = True, copy_gbs: float = 0.0):
+    """End-to-end decode of a ~1B Llama (TinyLlama-1.1B's shape: hidden 2048, 22 layers, 32 / 4 heads,
+    intermediate 5632, vocab 32000; from_config, bf16), prompt 128, 128 new tokens, batch 1 and 16: HF eager, HF
+    with a static cache (``generate`` compiles its forward with ``torch.compile`` for a static cache on CUDA;
+    ``compile_hf=False`` turns that off) and ours. Decode ms/token = (t(128 new) - t(1 new)) / 127. Returns
+    (markdown rows, rc); rc 1 when a row failed. ``tiny``: CPU smoke sizes (batch 1 and 2), no compile."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import lightning_dsinfer as dsi
+
+    shape = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=97) if tiny else dict(
+        hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+        vocab_size=32000)
+    prompt, new = (8, 4) if tiny else (128, 128)
+    cfg = LlamaConfig(**shape, max_position_embeddings=2048, tie_word_embeddings=False, eos_token_id=None,
+                      pad_token_id=0)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval().to(dev)
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    ours = dsi.init_inference(copy.deepcopy(hf), dtype=torch.bfloat16, max_seq_len=prompt + new, max_batch_size=16)
+    emb = hf.get_input_embeddings().weight
+    hf_bytes = sum(p.numel() * p.element_size() for p in hf.parameters()) - (emb.shape[0] - 1) * emb.shape[1] * 2
+    our_bytes = ours._dsinfer_engine.decoder.weight_bytes_per_token
+
+    def sync():
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    impls = [("HF eager", hf, {}, hf_bytes),
+             ("HF static cache" + (" + torch.compile" if compile_hf and not tiny else ""), hf,
+              dict(cache_implementation="static", disable_compile=not compile_hf), hf_bytes),
+             ("dsinfer", ours, {}, our_bytes)]
+    rows, rc, base = [], 0, {}
+    for b in ((1, 2) if tiny else (1, 16)):
+        ids = torch.randint(3, cfg.vocab_size, (b, prompt), generator=torch.Generator().manual_seed(b)).to(dev)
+        tokens = {}
+        for name, model, extra, nbytes in impls:
+            def gen(n, model=model, extra=extra):
+                with torch.inference_mode():
+                    return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                          min_new_tokens=n, do_sample=False, **extra)
+            try:
+                for n in (new, 1):          # warm-up (and compile) both shapes first
+                    gen(n)
+                times = {}
+                for n in (1, new):
+                    best = float("inf")
+                    for _ in range(1 if tiny else 2):
+                        sync()
+                        t0 = time.perf_counter()
+                        out = gen(n)
+                        sync()
+                        best = min(best, time.perf_counter() - t0)
+                    times[n] = best
+                tokens[name] = out
+                ms = (times[new] - times[1]) / (new - 1) * 1e3
+                base.setdefault(b, ms)
+                util = nbytes / (ms * 1e-3) / (copy_gbs * 1e9) if copy_gbs else float("nan")
+                rows.append([name, str(b), f"{ms:.2f}", f"{b * 1e3 / ms:.0f}", f"{util:.2f}", f"{base[b] / ms:.2f}x"])
+            except Exception as exc:   # report and go on
+                rows.append([name, str(b), "error", type(exc).__name__, str(exc)[:60], ""])
+                rc = 1
+            print(" | ".join(rows[-1]), flush=True)
+        if b == 1 and "HF eager" in tokens and "dsinfer" in tokens and not torch.equal(tokens["HF eager"], tokens["dsinfer"]):
+            print("note: batch-1 greedy tokens of dsinfer differ from HF eager (bf16 roundings)", flush=True)
+    del ours, hf
+    return rows, rc
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=None, help="folder for gpu_check.md")
     ap.add_argument("--skip-tests", action="store_true", help="only time the kernels")
     ap.add_argument("--test-timeout", type=int, default=360)
+    ap.add_argument("--no-compile", action="store_true", help="HF static-cache row without torch.compile")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="no GPU: run every benchmark case once at tiny sizes in the Triton interpreter "
                          "(checks this script, not speed)")
@@ -307,6 +382,9 @@ def main() -> int:
                 print(f"FAIL  ops.* rows did not reach the kernels: {dict(ops.dispatch_counts)}")
         with ops.force_triton(), cuda_graphs.emulate():
             failed += check_decode_graphs("cpu", tiny=True)
+            rows, rc = decode_comparison("cpu", tiny=True)
+            failed += rc
+            print(f"{'ok  ' if not rc else 'FAIL'}  decode comparison: {len(rows)} rows")
         return 1 if failed else 0
     if not torch.cuda.is_available():
         print("gpu_check: no GPU (torch.cuda.is_available() is False); nothing to check, exiting 0.")
@@ -323,6 +401,9 @@ def main() -> int:
     name = torch.cuda.get_device_name()
     copy_gbs = copy_bandwidth()
     print(f"== {name}: device-to-device copy {copy_gbs:.0f} GB/s", flush=True)
+    print("== decode, ~1B Llama bf16, prompt 128, 128 new tokens", flush=True)
+    decode_rows, decode_rc = decode_comparison(compile_hf=not args.no_compile, copy_gbs=copy_gbs)
+    rc = rc or decode_rc
     header = ["kernel", "shape", "time (us)", "GB/s", "of copy BW", "torch (us)", "speed-up"]
     rows = []
     for kernel, shape, fn, torch_fn, nbytes in cases():
@@ -340,6 +421,10 @@ def main() -> int:
     lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |" for r in [header] + rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     table = "\n".join(lines)
+    decode_header = ["impl", "batch", "decode ms/token", "tokens/s", "bw util (of copy BW)", "vs HF eager"]
+    decode_table = "\n".join(["| " + " | ".join(decode_header) + " |", "|" + "---|" * len(decode_header)]
+                             + ["| " + " | ".join(r) + " |" for r in decode_rows])
+    table = decode_table + "\n\n" + table
     print(f"\n{name}, copy bandwidth {copy_gbs:.0f} GB/s, tests rc={rc}\n{table}")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
