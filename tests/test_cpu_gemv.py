@@ -241,7 +241,8 @@ def test_rms_norm_kernel_matches_reference(shape):
     assert (got == want).float().mean() > 0.99
     assert torch.equal(ops.rms_norm(x, w, 1e-6), got)                  # the CPU dispatch takes it
     assert cpu_gemv.rms_norm(x[..., ::2], w[::2], 1e-6) is None        # not contiguous: the reference runs
-    assert cpu_gemv.rms_norm(torch.randn(17, shape[-1]).bfloat16(), w, 1e-6) is None   # prompt-sized
+    rows = cpu_gemv.RMS_NORM_MAX_ROWS + 1
+    assert cpu_gemv.rms_norm(torch.randn(rows, shape[-1]).bfloat16(), w, 1e-6) is None   # prompt-sized
 
 
 @needs_kernel
@@ -266,8 +267,9 @@ def test_rotary_write_kv_kernel_matches_reference(b, t, col):
     assert all(torch.equal(x, y) for x, y in zip(ops.rotary_write_kv(qkv, hq, cos, sin), reference.rotary_write_kv(
         qkv, hq, cos, sin)))                                                 # no cache: q, k only
     assert cpu_gemv.rotary_write_kv(qkv.float(), hq, cos, sin) is None       # fp32: the reference runs
-    big = torch.randn(4, 5, hq + 2 * hkv, d).bfloat16()                     # prompt-sized
-    big_cos, big_sin = (x[:1, :1].expand(4, 5, 1, d).contiguous() for x in (cos, sin))
+    n = cpu_gemv.ROTARY_MAX_TOKENS // 4 + 1                                   # 4 x n tokens: prompt-sized
+    big = torch.randn(4, n, hq + 2 * hkv, d).bfloat16()
+    big_cos, big_sin = (x[:1, :1].expand(4, n, 1, d).contiguous() for x in (cos, sin))
     assert cpu_gemv.rotary_write_kv(big, hq, big_cos, big_sin) is None
 
 
@@ -297,7 +299,8 @@ def test_silu_and_mul_kernel_matches_reference(shape, isa):
     assert (got == want).float().mean() >= 0.999
     assert torch.equal(ops.silu_and_mul(gate_up), cpu_gemv.silu_and_mul(gate_up))   # the CPU dispatch takes it
     assert cpu_gemv.silu_and_mul(gate_up[..., :-2].contiguous()[..., ::2]) is None   # not contiguous
-    assert cpu_gemv.silu_and_mul(torch.randn(17, shape[-1]).bfloat16()) is None      # prompt-sized
+    rows = cpu_gemv.SILU_MUL_MAX_ROWS + 1
+    assert cpu_gemv.silu_and_mul(torch.randn(rows, shape[-1]).bfloat16()) is None    # prompt-sized
 
 
 def _decode_attention_case(b, hq, hkv, length, d, seed):

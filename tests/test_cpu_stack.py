@@ -11,7 +11,7 @@ import torch
 
 from helpers import FAMILIES, optimised_copy, padded_batch, tiny_model
 from lightning_dsinfer.kernels import cpu_gemv
-from lightning_dsinfer.modules.cpu_stack import CpuDecodeStack
+from lightning_dsinfer.modules.cpu_stack import MAX_ROWS, CpuDecodeStack
 from multiproc import run_ranks
 from stack_checks import run_both_paths
 
@@ -38,17 +38,32 @@ def test_stack_bit_identical_to_per_op_path(family, isa):
 
 
 @needs_kernel
+def test_stack_bit_identical_with_many_rows():
+    """A decode batch of 40 rows (above the row-major kernel's limit on AVX512-BF16 machines: there the per-op path
+    runs too) is bit-identical as well."""
+    hf = tiny_model("qwen2").to(torch.bfloat16)
+    opt = optimised_copy(hf, max_seq_len=48, dtype=torch.bfloat16, max_batch_size=40)
+    ids, mask = padded_batch([4 + i % 9 for i in range(40)], seed=4)
+    runs = run_both_paths(opt, ids, mask, new_tokens=4)
+    assert torch.equal(runs["stack"][0], runs["ops"][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs["stack"][1], runs["ops"][1]))
+    stack = CpuDecodeStack.build(opt._dsinfer_engine.decoder)
+    assert runs["stack"][3] == (3 if stack.row_limit >= 40 else 0)      # AMX / no bf16 row limit: through C
+
+
+@needs_kernel
 def test_stack_takes_only_what_it_runs():
-    """Per-op path for: prompts, more than 16 rows, HF caches (beam search), fp32 models; never a wrong answer."""
+    """Per-op path for: prompts, more than MAX_ROWS rows, HF caches (beam search), fp32 models; never a wrong
+    answer."""
     hf = tiny_model("llama").to(torch.bfloat16)
-    opt = optimised_copy(hf, max_seq_len=48, dtype=torch.bfloat16, max_batch_size=20)
+    opt = optimised_copy(hf, max_seq_len=48, dtype=torch.bfloat16, max_batch_size=MAX_ROWS + 1)
     dec = opt._dsinfer_engine.decoder
     ids, mask = padded_batch([12, 5, 9])
     opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
     assert isinstance(dec._stack, CpuDecodeStack)
-    big_ids, big_mask = padded_batch([6 + i % 5 for i in range(17)])
+    big_ids, big_mask = padded_batch([6 + i % 5 for i in range(MAX_ROWS + 1)])
     runs = run_both_paths(opt, big_ids, big_mask, new_tokens=3)
-    assert runs["stack"][3] == 0 and torch.equal(runs["stack"][0], runs["ops"][0])      # 17 rows: per-op
+    assert runs["stack"][3] == 0 and torch.equal(runs["stack"][0], runs["ops"][0])      # too many rows: per-op
     calls = []
     real = CpuDecodeStack.__call__
     CpuDecodeStack.__call__ = lambda self, h, step: calls.append(1) or real(self, h, step)

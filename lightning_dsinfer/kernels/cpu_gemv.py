@@ -346,7 +346,7 @@ def linear_packed(x: torch.Tensor, packed: torch.Tensor, out_features: int, in_f
     return y
 
 
-RMS_NORM_MAX_ROWS = 16        # decode-sized calls; prompts keep torch's multi-threaded composite
+RMS_NORM_MAX_ROWS = 64        # decode-sized calls; prompts keep torch's multi-threaded composite
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
@@ -369,7 +369,7 @@ def shm_exchange():
     return None if k is None or _off else k.shm_exchange
 
 
-ROTARY_MAX_TOKENS = 16        # B x T of a decode step; prompts keep torch's vectorised composite
+ROTARY_MAX_TOKENS = 64        # B x T of a decode step; prompts keep torch's vectorised composite
 
 
 def rotary_write_kv(qkv, num_heads, cos, sin_signed, k_cache=None, v_cache=None, col=0, q_norm=None, k_norm=None,
@@ -404,7 +404,7 @@ def rotary_write_kv(qkv, num_heads, cos, sin_signed, k_cache=None, v_cache=None,
     return q, kk, qkv[:, :, hq + hkv:]
 
 
-SILU_MUL_MAX_ROWS = 16        # decode-sized calls; prompts keep torch's multi-threaded composite
+SILU_MUL_MAX_ROWS = 64        # decode-sized calls; prompts keep torch's multi-threaded composite
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor | None:

@@ -19,7 +19,7 @@ import torch
 
 from lightning_dsinfer.kernels import cpu_gemv, ops
 
-MAX_ROWS = 16     # = the one-call norm / SwiGLU / rotary limits of kernels/cpu_gemv.py (decode-sized rows)
+MAX_ROWS = 64     # = the one-call norm / SwiGLU / rotary row limits of kernels/cpu_gemv.py
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
