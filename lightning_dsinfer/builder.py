@@ -75,11 +75,22 @@ def layer_spec(w: ModelWeights, plan: TensorShardPlan, lw: LayerWeights) -> Laye
                      scaling=w.scaling, sliding_window=lw.sliding_window)
 
 
+# A block's tensors by half: offload streams the attention half (with both norms) and the MLP half as two units.
+ATTENTION_KEYS = ("qkv.weight", "qkv.bias", "o.weight", "o.bias", "input_norm", "post_norm", "q_norm", "k_norm")
+MLP_KEYS = ("gate_up.weight", "gate_up.bias", "down.weight", "down.bias")
+
+
+def split_block(t: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(attention half, MLP half) of :func:`shard_layer`'s dict."""
+    return ({k: t[k] for k in ATTENTION_KEYS if k in t}, {k: t[k] for k in MLP_KEYS if k in t})
+
+
 def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: TensorParallelComm,
                pack: bool = True) -> DecoderLayer:
     """A block over the tensors of :func:`shard_layer` (already on the compute device and dtype).
 
-    ``pack=False`` keeps the tensors as they are (views into a streamed buffer stay views)."""
+    ``pack=False`` keeps the tensors as they are (views into a streamed buffer stay views). Either half may be
+    missing from ``t`` (an offloaded block's halves come one at a time): its module is then None."""
     reduce = comm.all_reduce if comm.size > 1 else None
     first = comm.rank == 0
 
@@ -87,9 +98,10 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
         return Linear(t[f"{name}.weight"], t.get(f"{name}.bias"), pack=pack, **kw)
 
     attn = Attention(spec, index, linear("qkv"), linear("o", reduce=reduce, owns_residual=first),
-                     q_norm=t.get("q_norm"), k_norm=t.get("k_norm"))
-    mlp = GatedMLP(linear("gate_up"), linear("down", reduce=reduce, owns_residual=first))
-    return DecoderLayer(attn, mlp, t["input_norm"], t["post_norm"], spec.rms_norm_eps)
+                     q_norm=t.get("q_norm"), k_norm=t.get("k_norm")) if "qkv.weight" in t else None
+    mlp = GatedMLP(linear("gate_up"), linear("down", reduce=reduce, owns_residual=first)) \
+        if "gate_up.weight" in t else None
+    return DecoderLayer(attn, mlp, t.get("input_norm"), t.get("post_norm"), spec.rms_norm_eps)
 
 
 def vocab_rows(w: ModelWeights, plan: TensorShardPlan) -> tuple[int, int, int]:
@@ -149,10 +161,11 @@ def _per_token_bytes(w: ModelWeights, plan: TensorShardPlan, dtype: torch.dtype,
 
 def _per_sequence_bytes(w: ModelWeights, plan: TensorShardPlan, dtype: torch.dtype, max_seq_len: int,
                         vocab_shard: int) -> int:
-    """One sequence's KV cache (max_seq_len), hidden state of a full-length prompt (x2) and fp32 logits (x2)."""
+    """One sequence's KV cache (max_seq_len), hidden state of a full-length prompt (x3: the residual stream, the
+    MLP's input and the next stream) and fp32 logits (x2)."""
     e = dtype.itemsize
     kv = 2 * len(w.layers) * plan.local_kv_heads * w.head_dim * max_seq_len * e
-    return kv + 2 * max_seq_len * w.hidden_size * e + 2 * vocab_shard * plan.tp * 4
+    return kv + 3 * max_seq_len * w.hidden_size * e + 2 * vocab_shard * plan.tp * 4
 
 
 def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.device, comm: TensorParallelComm,
@@ -173,7 +186,8 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
     plan = shard_plan(w, comm)
     meta = MetaSource(source)
     specs = [layer_spec(w, plan, lw) for lw in w.layers]
-    layouts = [UnitLayout.of(shard_layer(with_source(lw, meta), plan, dtype)) for lw in w.layers]
+    layouts = [UnitLayout.of(half) for lw in w.layers for half in split_block(shard_layer(with_source(lw, meta),
+                                                                                           plan, dtype))]
     start, real, padded = vocab_rows(w, plan)
     slot = max(l.nbytes for l in layouts)
     rows_per_unit = max(1, slot // (w.hidden_size * dtype.itemsize))
@@ -191,7 +205,9 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
 
     def units():
         for lw in w.layers:
-            yield shard_layer(lw, plan, dtype), [r.name for r in vars(lw).values() if hasattr(r, "load")]
+            attention, mlp = split_block(shard_layer(lw, plan, dtype))
+            yield attention, []
+            yield mlp, [r.name for r in vars(lw).values() if hasattr(r, "load")]
         for a, n in head_slices:
             yield head_rows(w, plan, dtype, a, n), []
 
@@ -206,8 +222,8 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
             store.write(u, tensors)
             del tensors
             source.release(names)
-    layer_units = list(range(len(w.layers)))
-    head_units = list(range(len(w.layers), len(layouts)))
+    layer_units = [(2 * i, 2 * i + 1) for i in range(len(w.layers))]      # (attention half, MLP half)
+    head_units = list(range(2 * len(w.layers), len(layouts)))
     if tier == "cpu":
         table = w.embed.load(0, start, real).to(dtype).contiguous()
         rows = ResidentRows(table.pin_memory() if device.type == "cuda" else table)
@@ -220,7 +236,7 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
         rows = FileRows(path, real, w.hidden_size, dtype)
     store.finish()
     source.release([w.embed.name, w.lm_head.name])
-    streamer = UnitStreamer(store, layouts, layer_units + head_units, device, ws.n_slots, resident=tuple(resident))
+    streamer = UnitStreamer(store, layouts, list(range(len(layouts))), device, ws.n_slots, resident=tuple(resident))
 
     def make(i, tensors):
         return make_layer(i, tensors, specs[i], comm, pack=False)

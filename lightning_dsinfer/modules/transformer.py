@@ -124,18 +124,21 @@ class DecoderLayer(nn.Module):
         """One block on its own: the new residual stream (nothing left pending)."""
         return self.run(h, None, step, defer=False)[0]
 
+    def attend(self, h: torch.Tensor, delta: torch.Tensor | None, step: Step):
+        """The attention half on the residual stream ``h + delta``: (the MLP's normed input, the new h). Needs
+        ``attn`` and the norms only (offload streams a block's two halves as two units)."""
+        x, h = _norm(h, delta, self.input_norm, self.eps)
+        if ops.fuses_residual(h):   # the residual add in the post-attention norm's kernel
+            return ops.add_rms_norm(self.attn(x, None, step), h, self.post_norm, self.eps)
+        h = self.attn(x, h, step)   # the residual add in o_proj's GEMM
+        return ops.rms_norm(h, self.post_norm, self.eps), h
+
     def run(self, h: torch.Tensor, delta: torch.Tensor | None, step: Step, defer: bool = True):
         """The block on the residual stream ``h + delta`` (delta: the previous block's MLP output not added yet,
         or None). Returns (h, delta) for the next block: on the Triton path with ``defer`` the MLP's output is
         returned as the pending delta (the next norm adds it), else it is added here and delta is None."""
-        fuse = ops.fuses_residual(h)
-        x, h = _norm(h, delta, self.input_norm, self.eps)
-        if fuse:   # the residual add in the post-attention norm's kernel
-            x, h = ops.add_rms_norm(self.attn(x, None, step), h, self.post_norm, self.eps)
-        else:      # the residual add in o_proj's GEMM
-            h = self.attn(x, h, step)
-            x = ops.rms_norm(h, self.post_norm, self.eps)
-        if fuse and defer:
+        x, h = self.attend(h, delta, step)
+        if defer and ops.fuses_residual(h):
             return h, self.mlp(x)
         return self.mlp(x, h), None
 

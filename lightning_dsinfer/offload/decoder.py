@@ -1,8 +1,10 @@
 """The decoder over streamed weights: same interface as :class:`DecoderModel`, blocks pulled from the ring.
 
-Per forward pass each block is acquired from the :class:`UnitStreamer`, wrapped in a
-:class:`DecoderLayer` (views, no copy), run, and released; the lm_head is streamed in row slices the
-size of a block. Prompts are run through each resident block in chunks of ``prefill_tokens`` tokens
+Per forward pass each block is acquired from the :class:`UnitStreamer` as two units, its attention half
+(with both norms) and its MLP half, each wrapped in a :class:`DecoderLayer` (views, no copy), run, and
+released; the lm_head is streamed in row slices the size of the larger half. Two units per block make the
+ring's slots (the larger half, not the whole block) smaller, and leave more of ``max_memory`` to resident
+units. Prompts are run through each resident block in chunks of ``prefill_tokens`` tokens
 (the K/V of earlier chunks are already in the cache), so prefill activations stay bounded however
 long the prompt batch; a block is still read once per pass. A plain forward without a cache is chunked
 the same way, its K/V kept in a one-block scratch buffer (:class:`ScratchKV`) reused by every block.
@@ -83,7 +85,7 @@ class ScratchKV:
 
 
 class StreamedDecoderModel(DecoderModel):
-    def __init__(self, streamer: UnitStreamer, layer_units: list[int], head_units: list[int],
+    def __init__(self, streamer: UnitStreamer, layer_units: list[tuple[int, int]], head_units: list[int],
                  make_layer: Callable[[int, dict], DecoderLayer], rows, final_norm: torch.Tensor, eps: float,
                  vocab_size: int, vocab_start: int, prefill_tokens: int, comm=None):
         nn.Module.__init__(self)
@@ -119,24 +121,36 @@ class StreamedDecoderModel(DecoderModel):
         if scratch and step.q_start != 0:     # (a plain forward has no earlier columns; never chunk what it cannot)
             chunks, scratch = [(0, h.shape[1])], False
         steps = None
-        for i, unit in enumerate(self.layer_units):
-            layer = self.make_layer(i, self.streamer.acquire(unit))
-            if steps is None:
-                if scratch:   # its chunks' K/V go to a one-block buffer (the layers know the local KV heads)
-                    kv = ScratchKV(h.shape[0], layer.attn.hkv, h.shape[1], layer.attn.d, h.dtype, h.device)
-                    step = Step(cos=step.cos, sin=step.sin, mask=step.mask, window_mask=step.window_mask, cache=kv,
-                                start=step.q_start, q_start=step.q_start)
-                steps = [step if len(chunks) == 1 else step.rows(a, b) for a, b in chunks]
+        for i, (attention_unit, mlp_unit) in enumerate(self.layer_units):
+            half = self.make_layer(i, self.streamer.acquire(attention_unit))
             try:
+                if steps is None:
+                    if scratch:   # its chunks' K/V go to a one-block buffer (the layers know the local KV heads)
+                        kv = ScratchKV(h.shape[0], half.attn.hkv, h.shape[1], half.attn.d, h.dtype, h.device)
+                        step = Step(cos=step.cos, sin=step.sin, mask=step.mask, window_mask=step.window_mask,
+                                    cache=kv, start=step.q_start, q_start=step.q_start)
+                    steps = [step if len(chunks) == 1 else step.rows(a, b) for a, b in chunks]
                 if len(chunks) == 1:
-                    h = layer(h, step)
+                    x, h = half.attend(h, None, step)
                 else:
-                    out = torch.empty_like(h)
+                    x, out = torch.empty_like(h), torch.empty_like(h)
                     for (a, b), sub in zip(chunks, steps):
-                        out[:, a:b] = layer(h[:, a:b], sub)
+                        x[:, a:b], out[:, a:b] = half.attend(h[:, a:b], None, sub)
                     h = out
             finally:
-                del layer
+                del half
+                self.streamer.release()
+            half = self.make_layer(i, self.streamer.acquire(mlp_unit))
+            try:
+                if len(chunks) == 1:
+                    h = half.mlp(x, h)
+                else:
+                    out = torch.empty_like(h)
+                    for a, b in chunks:   # contiguous rows: F.linear on a strided 3-D input copies the weight
+                        out[:, a:b] = half.mlp(x[:, a:b].contiguous(), h[:, a:b].contiguous())
+                    h = out
+            finally:
+                del half, x
                 self.streamer.release()
         return ops.rms_norm(h, self.final_norm, self.eps)
 
@@ -156,7 +170,8 @@ class StreamedDecoderModel(DecoderModel):
     @property
     def weight_bytes_per_token(self) -> int:
         """Bytes of weights one decode step reads (every streamed unit)."""
-        return sum(self.streamer.layouts[u].nbytes for u in self.layer_units + self.head_units)
+        units = [u for pair in self.layer_units for u in pair] + self.head_units
+        return sum(self.streamer.layouts[u].nbytes for u in units)
 
     def close(self) -> None:
         """Stop the reader threads and close the files (also done when the decoder is garbage-collected)."""
