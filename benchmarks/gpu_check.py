@@ -17,6 +17,8 @@
 4. Decode of a ~1B Llama (bf16, prompt 128, 128 new tokens, batch 1 and 16): HF eager, HF static cache +
    ``torch.compile``, ours: ms/token, tokens/s, bandwidth utilisation (weight bytes per step x steps/s over the
    copy bandwidth, read + write) and the ratio to HF eager.
+5. Offload with the GPU computing (pinned host tier, disk tier through pinned staging): tiny Llama, fp32,
+   tokens and logits against HF.
 With ``--out DIR`` the tables are also written to DIR/gpu_check.md. Without a GPU it prints a line saying
 so and exits 0, so it is safe to run anywhere.
 """
@@ -279,6 +281,54 @@ def check_decode_graphs(dev: str = "cuda", tiny: bool = False) -> int:
     return rc
 
 
+def check_offload(dev: str = "cuda") -> int:
+    """Offload with the GPU as the compute device (issue 5's CUDA side: pinned host tier with side-stream copies,
+    disk tier through pinned staging): a tiny Llama in fp32 under a budget that streams most units, greedy tokens
+    == HF's and logits within 2e-4 for a left-padded batch, both tiers. Returns 1 on a mismatch or error."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import lightning_dsinfer as dsi
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=97, max_position_embeddings=128, pad_token_id=0,
+                      bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(cfg).eval()
+    lengths = [12, 5, 9]
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    g = torch.Generator().manual_seed(1)
+    for i, n in enumerate(lengths):
+        ids[i, -n:] = torch.randint(3, cfg.vocab_size, (n,), generator=g)
+        mask[i, -n:] = 1
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+        ref_tokens = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    rc = 0
+    for tier in ("cpu", "nvme"):
+        try:
+            with tempfile.TemporaryDirectory() as folder:
+                opt = dsi.init_inference(copy.deepcopy(hf), offload=tier, offload_path=folder, max_memory="640KiB",
+                                         max_batch_size=3, max_seq_len=64, device=dev)
+                streamed = len(opt._dsinfer_engine.decoder.streamer.order)
+                got = opt(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.cpu()
+                tokens = opt.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=8,
+                                      do_sample=False).cpu()
+                err = (got[mask.bool()] - ref[mask.bool()]).abs().max().item()
+                ok = err < 2e-4 and torch.equal(tokens, ref_tokens) and streamed >= 2
+                del opt
+        except Exception as exc:   # report and go on
+            print(f"FAIL  offload {tier} on {dev}: {type(exc).__name__}: {exc}", flush=True)
+            rc = 1
+            continue
+        rc = rc or int(not ok)
+        print(f"{'ok  ' if ok else 'FAIL'}  offload {tier} on {dev}: max|dlogits| {err:.1e}, greedy == HF "
+              f"{torch.equal(tokens, ref_tokens)}, {streamed} units streamed", flush=True)
+    return rc
+
+
 def decode_comparison(dev: str = "cuda", tiny: bool = False, compile_hf: bool = True, copy_gbs: float = 0.0):
     """End-to-end decode of a ~1B Llama (TinyLlama-1.1B's shape: hidden 2048, 22 layers, 32 / 4 heads,
     intermediate 5632, vocab 32000; from_config, bf16), prompt 128, 128 new tokens, batch 1 and 16: HF eager, HF
@@ -385,6 +435,7 @@ def main() -> int:
             rows, rc = decode_comparison("cpu", tiny=True)
             failed += rc
             print(f"{'ok  ' if not rc else 'FAIL'}  decode comparison: {len(rows)} rows")
+        failed += check_offload("cpu")
         return 1 if failed else 0
     if not torch.cuda.is_available():
         print("gpu_check: no GPU (torch.cuda.is_available() is False); nothing to check, exiting 0.")
@@ -398,6 +449,8 @@ def main() -> int:
     except Exception as exc:   # report and go on to the kernel timings
         print(f"FAIL  graphs: {type(exc).__name__}: {exc}", flush=True)
         rc = rc or 1
+    print("== offload on CUDA (both tiers)", flush=True)
+    rc = check_offload() or rc
     name = torch.cuda.get_device_name()
     copy_gbs = copy_bandwidth()
     print(f"== {name}: device-to-device copy {copy_gbs:.0f} GB/s", flush=True)

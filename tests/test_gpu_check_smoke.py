@@ -1,6 +1,6 @@
 """``benchmarks/gpu_check.py --cpu-smoke``: the one-command GPU check runs every part (kernel cases, CUDA-graph decode
-emulated, the end-to-end decode comparison) at tiny sizes in the Triton interpreter, so a GPU session does not
-spend its minutes on a broken script."""
+emulated, the end-to-end decode comparison, the offload check) at tiny sizes on the CPU (the kernels in the Triton
+interpreter), so a GPU session does not spend its minutes on a broken script."""
 import os
 import subprocess
 import sys
@@ -18,4 +18,4 @@ def test_gpu_check_cpu_smoke():
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-4000:]
     assert "FAIL" not in out and "ok    decode comparison: 6 rows" in out, out[-4000:]
-    assert out.count("ok    graphs") == 4
+    assert out.count("ok    graphs") == 4 and out.count("ok    offload") == 2
