@@ -273,15 +273,25 @@ def test_rotary_write_kv_kernel_matches_reference(b, t, col):
     assert cpu_gemv.rotary_write_kv(big, hq, big_cos, big_sin) is None
 
 
-# Both implementations of the elementwise / attention C calls: AVX512 (avx512 and up) and scalar (avx2).
-VECTOR_PATHS = sorted({("avx512" if p in ("amx_bf16", "avx512_bf16", "avx512") else "avx2")
-                       for p in cpu_gemv.supported_isas()})
+# SwiGLU, decode attention and the one-call decode step are AVX512 code: on a CPU without it torch's ops stay.
+needs_wide = pytest.mark.skipif(not cpu_gemv.has_wide_ops(), reason="CPU without AVX512: these ops stay on torch")
 
 
 @needs_kernel
-@pytest.mark.parametrize("isa", VECTOR_PATHS)
+def test_wide_ops_stay_on_torch_without_avx512():
+    """On the AVX2 path (as on a CPU without AVX512) SwiGLU and decode attention decline (the reference runs)."""
+    if "avx2" not in cpu_gemv.supported_isas():
+        pytest.skip("CPU without AVX2")
+    q, k, v = _decode_attention_case(1, 4, 2, 8, 16, seed=0)
+    with cpu_gemv.use_path("avx2"):
+        assert not cpu_gemv.has_wide_ops()
+        assert cpu_gemv.silu_and_mul(torch.randn(1, 64).bfloat16()) is None
+        assert cpu_gemv.decode_attention(q, k, v, None, 0.25) is None
+
+
+@needs_wide
 @pytest.mark.parametrize("shape", [(1, 1, 5632), (3, 2, 198), (16, 34)])
-def test_silu_and_mul_kernel_matches_reference(shape, isa):
+def test_silu_and_mul_kernel_matches_reference(shape):
     """The one-call bf16 SwiGLU (decode-sized rows) against kernels/reference.py (F.silu, round, mul_, round). The
     kernel's exp is a polynomial within ~1e-7 of libm's, so a rounding tie may land one bf16 ulp away; measured
     identical on every element here, asserted on >= 99.9% and within one ulp on the rest."""
@@ -292,8 +302,7 @@ def test_silu_and_mul_kernel_matches_reference(shape, isa):
     gate_up[..., 0] = -200.0                                  # exp overflow side: silu -> -0
     gate_up[..., 1] = 200.0
     want = reference.silu_and_mul(gate_up)
-    with cpu_gemv.use_path(isa):
-        got = cpu_gemv.silu_and_mul(gate_up)
+    got = cpu_gemv.silu_and_mul(gate_up)
     assert got is not None and got.shape == want.shape and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), atol=0, rtol=2 ** -7)
     assert (got == want).float().mean() >= 0.999
@@ -312,12 +321,11 @@ def _decode_attention_case(b, hq, hkv, length, d, seed):
     return q, kc[:, :, :length], vc[:, :, :length]
 
 
-@needs_kernel
-@pytest.mark.parametrize("isa", VECTOR_PATHS)
+@needs_wide
 @pytest.mark.parametrize("b,hq,hkv,length,d", [(1, 16, 4, 190, 64), (3, 8, 2, 37, 24), (2, 4, 4, 5, 80),
                                                (4, 6, 1, 100, 128), (2, 32, 8, 700, 128)])
 @pytest.mark.parametrize("masking", ["none", "left_pad", "window", "broadcast"])
-def test_decode_attention_kernel_matches_reference(b, hq, hkv, length, d, masking, isa):
+def test_decode_attention_kernel_matches_reference(b, hq, hkv, length, d, masking):
     """The one-call bf16 decode attention against the fp32 reference on the same bf16 inputs: fp32 throughout and
     one rounding, so within a bf16 ulp of the fp32 result (atol 4e-3 on outputs of magnitude < 1; torch's bf16
     SDPA, the path it replaces, is at about the same distance). GQA ratios 1..6, head dims not a multiple of 16,
@@ -338,14 +346,13 @@ def test_decode_attention_kernel_matches_reference(b, hq, hkv, length, d, maskin
             keep = cols >= min(3, length - 1)
         mask = keep.view(-1, 1, 1, length)
     want = reference.attention(q.float(), k.float(), v.float(), mask, d ** -0.5)
-    with cpu_gemv.use_path(isa):
-        got = cpu_gemv.decode_attention(q, k, v, mask, d ** -0.5)
+    got = cpu_gemv.decode_attention(q, k, v, mask, d ** -0.5)
     assert got is not None and got.shape == (b, hq, 1, d) and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, atol=4e-3, rtol=2 ** -7)
     assert torch.equal(ops.attention(q, k, v, mask, d ** -0.5), cpu_gemv.decode_attention(q, k, v, mask, d ** -0.5))
 
 
-@needs_kernel
+@needs_wide
 def test_decode_attention_kernel_declines_what_it_does_not_take():
     """Shapes and dtypes outside the kernel give None (the reference runs): prompts, fp32, float masks, a mask
     over other columns, K and V with different layouts, head dim above 256."""

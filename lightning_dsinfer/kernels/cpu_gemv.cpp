@@ -412,14 +412,6 @@ void silu_mul_avx512(const uint16_t* g, const uint16_t* u, uint16_t* y, int64_t 
     }
 }
 
-void silu_mul_scalar(const uint16_t* g, const uint16_t* u, uint16_t* y, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) {
-        const float gv = bf16_to_f32(g[i]);
-        const float s = bf16_to_f32(f32_to_bf16(gv / (1.f + expf(-gv))));
-        y[i] = f32_to_bf16(s * bf16_to_f32(u[i]));
-    }
-}
-
 struct AttnArgs {
     const uint16_t* q; int64_t qb, qh;          // [B, Hq, D], unit stride along D
     const uint16_t* k; const uint16_t* v;       // [B, Hkv, L, D] with strides (kb, kh, kl, 1), same for v
@@ -549,50 +541,6 @@ void attn_unit_avx512(const AttnArgs& a, int64_t b, int64_t kh, std::vector<floa
 
 using AttnUnit = void (*)(const AttnArgs&, int64_t, int64_t, std::vector<float>&);
 
-// The same without AVX512 (the scalar path): one key at a time, fp32, the same roundings.
-void attn_unit_scalar(const AttnArgs& a, int64_t b, int64_t kh, std::vector<float>& scratch) {
-    const int64_t G = a.hq / a.hkv, D = a.D, L = a.L;
-    scratch.resize(static_cast<size_t>(G * (L + 2 * D)));
-    float* s = scratch.data();
-    float* qf = s + G * L;
-    float* acc = qf + G * D;
-    for (int64_t g = 0; g < G; ++g) {
-        const uint16_t* qr = a.q + b * a.qb + (kh * G + g) * a.qh;
-        for (int64_t d = 0; d < D; ++d) {
-            qf[g * D + d] = bf16_to_f32(qr[d]) * a.scale;
-            acc[g * D + d] = 0.f;
-        }
-    }
-    const uint16_t* kbase = a.k + b * a.kb + kh * a.kh;
-    const uint16_t* vbase = a.v + b * a.kb + kh * a.kh;
-    const uint8_t* mrow = a.mask ? a.mask + b * a.mb : nullptr;
-    for (int64_t g = 0; g < G; ++g) {
-        float* sr = s + g * L;
-        float mx = -INFINITY;
-        for (int64_t j = 0; j < L; ++j) {
-            float dot = -INFINITY;
-            if (!mrow || mrow[j * a.ml]) {
-                dot = 0.f;
-                for (int64_t d = 0; d < D; ++d) dot += qf[g * D + d] * bf16_to_f32(kbase[j * a.kl + d]);
-            }
-            sr[j] = dot;
-            mx = dot > mx ? dot : mx;
-        }
-        float sum = 0.f;
-        for (int64_t j = 0; j < L; ++j) {
-            sr[j] = (mx == -INFINITY || sr[j] == -INFINITY) ? 0.f : expf(sr[j] - mx);
-            sum += sr[j];
-        }
-        const float inv = sum > 0.f ? 1.f / sum : 0.f;
-        for (int64_t j = 0; j < L; ++j) {
-            if (sr[j] == 0.f) continue;
-            for (int64_t d = 0; d < D; ++d) acc[g * D + d] += sr[j] * bf16_to_f32(vbase[j * a.kl + d]);
-        }
-        uint16_t* o = a.out + (b * a.hq + kh * G + g) * D;
-        for (int64_t d = 0; d < D; ++d) o[d] = f32_to_bf16(acc[g * D + d] * inv);
-    }
-}
-
 // The instance for a head of D: NV = 2, 4, 8 or 16 (D <= 256), or null.
 AttnUnit attn_unit_for(int64_t D) {
     if (D <= 32) return attn_unit_avx512<2>;
@@ -602,11 +550,10 @@ AttnUnit attn_unit_for(int64_t D) {
     return nullptr;
 }
 
-// Decode attention for every (row, KV head) unit, on `threads` OpenMP threads (1: this thread).
-void run_attention(const AttnArgs& a, int threads, int wide) {
-    AttnUnit unit = attn_unit_scalar;
-    if (wide && dsi_gemv_best_isa() >= 2) unit = attn_unit_for(a.D);
-    if (unit == nullptr) unit = attn_unit_scalar;    // D > 256 (the callers do not send it)
+// Decode attention for every (row, KV head) unit, on `threads` OpenMP threads (1: this thread). AVX512 only
+// (callers check dsi_gemv_best_isa() >= 2; without it torch's SDPA is faster than a scalar loop), D <= 256.
+void run_attention(const AttnArgs& a, int threads) {
+    const AttnUnit unit = attn_unit_for(a.D);
     const int64_t units = a.B * a.hkv;
     if (threads <= 1 || units < 2) {
         static thread_local std::vector<float> scratch;
@@ -839,26 +786,26 @@ int dsi_gemm_amx(const void* x, int64_t ldx, const void* wp, const void* bias, c
 
 // y[r, :] = round(round(silu(g)) * u) for gate_up rows [g | u] of 2I bf16 (row stride ld), y rows of I (stride
 // ldy): F.silu then mul_, as the torch reference computes them (fp32 inside each op, bf16 between).
-// wide: the AVX512 path (the caller asks for it only where dsi_gemv_best_isa() >= 2), else scalar.
-void dsi_silu_mul_bf16(const void* gate_up, int64_t ld, int64_t rows, int64_t I, void* y, int64_t ldy, int wide) {
+// AVX512 only (without it torch's vectorised composite is faster than a scalar loop): returns -1 there, else 0.
+int dsi_silu_mul_bf16(const void* gate_up, int64_t ld, int64_t rows, int64_t I, void* y, int64_t ldy) {
+    if (dsi_gemv_best_isa() < 2) return -1;
     const uint16_t* gu = static_cast<const uint16_t*>(gate_up);
     uint16_t* ys = static_cast<uint16_t*>(y);
-    wide = wide && dsi_gemv_best_isa() >= 2;
-    for (int64_t r = 0; r < rows; ++r) {
-        if (wide) silu_mul_avx512(gu + r * ld, gu + r * ld + I, ys + r * ldy, I);
-        else silu_mul_scalar(gu + r * ld, gu + r * ld + I, ys + r * ldy, I);
-    }
+    for (int64_t r = 0; r < rows; ++r) silu_mul_avx512(gu + r * ld, gu + r * ld + I, ys + r * ldy, I);
+    return 0;
 }
 
 // Decode attention (one query per row) over a KV cache: out [B, Hq, D] = softmax(scale * q K^T, masked) V for
-// grouped KV heads (Hq a multiple of Hkv). Units (row, KV head) are split over `threads` OpenMP threads. wide: as
-// for dsi_silu_mul_bf16.
-void dsi_decode_attention_bf16(const void* q, int64_t qb, int64_t qh, const void* k, const void* v, int64_t kb,
-                               int64_t kh, int64_t kl, const void* mask, int64_t mb, int64_t ml, void* out, int64_t B,
-                               int64_t hq, int64_t hkv, int64_t L, int64_t D, float scale, int threads, int wide) {
+// grouped KV heads (Hq a multiple of Hkv). Units (row, KV head) are split over `threads` OpenMP threads.
+// AVX512 only and D <= 256: returns -1 otherwise, else 0.
+int dsi_decode_attention_bf16(const void* q, int64_t qb, int64_t qh, const void* k, const void* v, int64_t kb,
+                              int64_t kh, int64_t kl, const void* mask, int64_t mb, int64_t ml, void* out, int64_t B,
+                              int64_t hq, int64_t hkv, int64_t L, int64_t D, float scale, int threads) {
+    if (dsi_gemv_best_isa() < 2 || attn_unit_for(D) == nullptr) return -1;
     run_attention(AttnArgs{static_cast<const uint16_t*>(q), qb, qh, static_cast<const uint16_t*>(k),
                            static_cast<const uint16_t*>(v), kb, kh, kl, static_cast<const uint8_t*>(mask), mb, ml,
-                           static_cast<uint16_t*>(out), B, hq, hkv, L, D, scale}, threads, wide);
+                           static_cast<uint16_t*>(out), B, hq, hkv, L, D, scale}, threads);
+    return 0;
 }
 
 // ---------------------------------------------------------------- streaming-read probe (benchmarks)
@@ -948,7 +895,8 @@ static int stack_linear(const DsiStack* st, const DsiLinear& lin, const uint16_t
 // cos / sin [B, D]; the step writes cache column col and attends over columns [0, col]; mask / wmask: bool
 // [B, col + 1] rows (strides mb / wmb, column strides ml / wml) or null. shm_step: the exchange's call counter
 // (in / out); shm_seconds: time spent in exchanges, waiting included, is added to it.
-// Returns 0; 1 when a peer did not reach an all-reduce within the timeout; 2 when a linear call failed.
+// Returns 0; 1 when a peer did not reach an all-reduce within the timeout; 2 when a linear call failed; 3
+// without AVX512.
 int dsi_decode_stack(const DsiStack* st, const DsiLayer* layers, void* h_, int64_t B, const void* cos, const void* sin,
                      int64_t col, const void* mask, int64_t mb, int64_t ml, const void* wmask, int64_t wmb, int64_t wml,
                      int64_t* shm_step, double* shm_seconds) {
@@ -966,7 +914,7 @@ int dsi_decode_stack(const DsiStack* st, const DsiLayer* layers, void* h_, int64
     uint16_t* gu = att + B * hq * D;
     uint16_t* act = gu + B * 2 * I;
     const int attn_threads = B * hq * L * D < (1 << 20) ? 1 : static_cast<int>(st->threads);
-    const int wide = dsi_gemv_best_isa() >= 2 && st->isa >= 2;
+    if (dsi_gemv_best_isa() < 2 || attn_unit_for(D) == nullptr) return 3;   // AVX512 only (the caller checks)
     auto all_reduce = [&](uint16_t* v) -> int {
         timespec t0{}, t1{};
         clock_gettime(CLOCK_MONOTONIC, &t0);
@@ -989,13 +937,13 @@ int dsi_decode_stack(const DsiStack* st, const DsiLayer* layers, void* h_, int64
         run_attention(AttnArgs{q, hq * D, D, static_cast<const uint16_t*>(ly.k_cache),
                                static_cast<const uint16_t*>(ly.v_cache), ly.cb, ly.ch, D,
                                static_cast<const uint8_t*>(win ? wmask : mask), win ? wmb : mb, win ? wml : ml, att,
-                               B, hq, hkv, L, D, static_cast<float>(st->scale)}, attn_threads, wide);
+                               B, hq, hkv, L, D, static_cast<float>(st->scale)}, attn_threads);
         if (stack_linear(st, ly.o, att, B, h, y)) return 2;
         if (ly.o.reduce && all_reduce(y)) return 1;
         memcpy(h, y, B * H * sizeof(uint16_t));
         dsi_rms_norm_bf16(h, H, ly.post_norm, x, H, B, H, eps);
         if (stack_linear(st, ly.gate_up, x, B, h, gu)) return 2;
-        dsi_silu_mul_bf16(gu, 2 * I, B, I, act, I, wide);
+        dsi_silu_mul_bf16(gu, 2 * I, B, I, act, I);
         if (stack_linear(st, ly.down, act, B, h, y)) return 2;
         if (ly.down.reduce && all_reduce(y)) return 1;
         memcpy(h, y, B * H * sizeof(uint16_t));

@@ -89,12 +89,12 @@ class _Kernel:
         self.head_norms.restype = None
         self.head_norms.argtypes = [p, i64, i64, i64, i64, p, p, ctypes.c_float]
         self.silu_mul = lib.dsi_silu_mul_bf16
-        self.silu_mul.restype = None
-        self.silu_mul.argtypes = [p, i64, i64, i64, p, i64, ctypes.c_int]
+        self.silu_mul.restype = ctypes.c_int
+        self.silu_mul.argtypes = [p, i64, i64, i64, p, i64]
         self.attention = lib.dsi_decode_attention_bf16
-        self.attention.restype = None
+        self.attention.restype = ctypes.c_int
         self.attention.argtypes = [p, i64, i64, p, p, i64, i64, i64, p, i64, i64, p, i64, i64, i64, i64, i64,
-                                   ctypes.c_float, ctypes.c_int, ctypes.c_int]
+                                   ctypes.c_float, ctypes.c_int]
         self.decode_stack = lib.dsi_decode_stack
         self.decode_stack.restype = ctypes.c_int
         self.decode_stack.argtypes = [p, p, p, i64, p, p, i64, p, i64, i64, p, i64, i64, p, p]
@@ -409,15 +409,16 @@ SILU_MUL_MAX_ROWS = 64        # decode-sized calls; prompts keep torch's multi-t
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     """:func:`reference.silu_and_mul` (SwiGLU) for a few bf16 rows in one C call (the composite is 3 torch ops,
-    ~50 us at decode sizes); None where it does not apply (the caller runs the reference)."""
+    ~50 us at decode sizes); None where it does not apply (the caller runs the reference), also on CPUs without
+    AVX512 (:func:`has_wide_ops`)."""
     k = _kernel if _kernel is not None else _load()
     n2 = gate_up.shape[-1]
-    if (k is None or _off or gate_up.dtype != torch.bfloat16 or not gate_up.is_contiguous() or n2 % 2
+    if (k is None or _off or k.best_isa < 2 or gate_up.dtype != torch.bfloat16 or not gate_up.is_contiguous() or n2 % 2
             or gate_up.device.type != "cpu" or gate_up.numel() > SILU_MUL_MAX_ROWS * n2):
         return None
     inter = n2 // 2
     y = torch.empty(*gate_up.shape[:-1], inter, dtype=torch.bfloat16)
-    k.silu_mul(gate_up.data_ptr(), n2, gate_up.numel() // n2, inter, y.data_ptr(), inter, k.best_isa >= 2)
+    k.silu_mul(gate_up.data_ptr(), n2, gate_up.numel() // n2, inter, y.data_ptr(), inter)
     return y
 
 
@@ -430,9 +431,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """:func:`reference.attention` for one query per row (decode) in one C call: q [B, Hq, 1, D], k / v
     [B, Hkv, L, D] bf16 views (the cache; unit stride along D, same strides for both), mask bool broadcastable to
     [B, 1, 1, L] or None. fp32 scores, softmax and sum, one rounding. Returns [B, Hq, 1, D], or None where it
-    does not apply (the caller runs the reference)."""
+    does not apply (the caller runs the reference), also on CPUs without AVX512 (:func:`has_wide_ops`)."""
     kern = _kernel if _kernel is not None else _load()
-    if kern is None or _off or q.dim() != 4 or k_cache.dim() != 4:
+    if kern is None or _off or kern.best_isa < 2 or q.dim() != 4 or k_cache.dim() != 4:
         return None
     b, hq, t, d = q.shape
     hkv, length = k_cache.shape[1], k_cache.shape[2]
@@ -451,7 +452,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     threads = 1 if b * hq * length * d < _ATTENTION_SERIAL_WORK else torch.get_num_threads()
     kern.attention(q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0),
                    k_cache.stride(1), k_cache.stride(2), mask_ptr, mb, ml, out.data_ptr(), b, hq, hkv, length, d,
-                   scale, threads, kern.best_isa >= 2)
+                   scale, threads)
     return out
 
 
@@ -479,6 +480,14 @@ class StackShape(ctypes.Structure):
                 ("isa", ctypes.c_int64), ("slots", ctypes.c_void_p), ("capacity", ctypes.c_int64),
                 ("flags", ctypes.c_void_p), ("tp_size", ctypes.c_int64), ("tp_rank", ctypes.c_int64),
                 ("timeout_s", ctypes.c_double)]
+
+
+def has_wide_ops() -> bool:
+    """Whether the calls take the AVX512 paths of the decode-step ops (SwiGLU, decode attention, the one-call step):
+    the best path here (or the one :func:`use_path` chose) is AVX512 or better. Without AVX512 torch's vectorised
+    ops beat a scalar loop, so those stay on torch."""
+    k = _kernel if _kernel is not None else _load()
+    return k is not None and not _off and k.best_isa >= 2
 
 
 def decode_stack_fn():

@@ -4,7 +4,7 @@ On the CPU path a decode step of a block is nine ops (two norms, four linears, r
 SwiGLU), each a C kernel behind some Python: ~100 us of dispatch per block, 5-10% of a 200M model's step
 and twice that share of a tensor-parallel rank's step, whose GEMMs are half as long while the dispatch is not.
 For a decode step (one token per row, the engine's static KV cache, bf16, up to :data:`MAX_ROWS` rows, AMX or
-row-major kernel linears) :class:`DecoderModel` hands the block loop to C: the same kernels in the same order
+row-major kernel linears, a CPU with AVX512) :class:`DecoderModel` hands the block loop to C: the same kernels in the same order
 with the same roundings, so the hidden states are bit-identical to the per-op path (tests/test_cpu_stack.py),
 and the tensor-parallel all-reduces go through the same shared-memory exchange (parallel/shm.py) from C.
 
@@ -67,7 +67,7 @@ class CpuDecodeStack:
         """The stack for ``decoder``'s blocks, or None when one of them has something the C loop does not run."""
         from lightning_dsinfer.modules.transformer import Attention, DecoderLayer, GatedMLP
 
-        if cpu_gemv.decode_stack_fn() is None or len(decoder.layers) == 0:
+        if cpu_gemv.decode_stack_fn() is None or not cpu_gemv.has_wide_ops() or len(decoder.layers) == 0:
             return None
         layers = list(decoder.layers)
         first = layers[0]
