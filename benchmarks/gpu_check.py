@@ -215,6 +215,17 @@ def engine_op_cases(dev: str = "cuda", tiny: bool = False):
     return out
 
 
+def left_padded(lengths, vocab: int, g: torch.Generator):
+    """(ids, attention_mask) of prompts of the given lengths, left-padded with id 0, tokens in [3, vocab)."""
+    t = max(lengths)
+    ids = torch.zeros(len(lengths), t, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, t - n:] = torch.randint(3, vocab, (n,), generator=g)
+        mask[i, t - n:] = 1
+    return ids, mask
+
+
 def check_decode_graphs(dev: str = "cuda", tiny: bool = False) -> int:
     """Graph-replayed decode tokens == eager decode tokens (fp32). Returns 1 on a mismatch.
 
@@ -240,12 +251,7 @@ def check_decode_graphs(dev: str = "cuda", tiny: bool = False) -> int:
         hf = AutoModelForCausalLM.from_config(cfg).eval().to(dev)
         opt = dsi.init_inference(copy.deepcopy(hf), max_seq_len=64 if tiny else 128, max_batch_size=8)
         for lengths in batches:
-            t = max(lengths)
-            ids = torch.zeros(len(lengths), t, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, n in enumerate(lengths):
-                ids[i, t - n:] = torch.randint(3, cfg.vocab_size, (n,), generator=g)
-                mask[i, t - n:] = 1
+            ids, mask = left_padded(lengths, cfg.vocab_size, g)
             kw = dict(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new, do_sample=False)
             os.environ["DSINFER_CUDA_GRAPHS"] = "0"
             eager = opt.generate(**kw)
@@ -296,13 +302,7 @@ def check_offload(dev: str = "cuda") -> int:
                       bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(cfg).eval()
-    lengths = [12, 5, 9]
-    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    g = torch.Generator().manual_seed(1)
-    for i, n in enumerate(lengths):
-        ids[i, -n:] = torch.randint(3, cfg.vocab_size, (n,), generator=g)
-        mask[i, -n:] = 1
+    ids, mask = left_padded([12, 5, 9], cfg.vocab_size, torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask).logits
         ref_tokens = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
@@ -335,6 +335,7 @@ def decode_comparison(dev: str = "cuda", tiny: bool = False, compile_hf: bool = 
     with a static cache (``generate`` compiles its forward with ``torch.compile`` for a static cache on CUDA;
     ``compile_hf=False`` turns that off) and ours. Decode ms/token = (t(128 new) - t(1 new)) / 127. Returns
     (markdown rows, rc); rc 1 when a row failed. ``tiny``: CPU smoke sizes (batch 1 and 2), no compile."""
+    from decode import hf_decode_bytes          # benchmarks/decode.py: the same count for the CPU benchmark
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     import lightning_dsinfer as dsi
@@ -351,8 +352,7 @@ def decode_comparison(dev: str = "cuda", tiny: bool = False, compile_hf: bool = 
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     ours = dsi.init_inference(copy.deepcopy(hf), dtype=torch.bfloat16, max_seq_len=prompt + new, max_batch_size=16)
-    emb = hf.get_input_embeddings().weight
-    hf_bytes = sum(p.numel() * p.element_size() for p in hf.parameters()) - (emb.shape[0] - 1) * emb.shape[1] * 2
+    hf_bytes = hf_decode_bytes(hf)
     our_bytes = ours._dsinfer_engine.decoder.weight_bytes_per_token
 
     def sync():

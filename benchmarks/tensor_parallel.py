@@ -38,8 +38,10 @@ def worker(args):
         model.generate(input_ids=ids, max_new_tokens=n, do_sample=False)
         return time.perf_counter() - t
 
+    def waited():   # seconds inside all-reduces, waiting for the peer included
+        return 0.0 if comm.shm is None else comm.shm.seconds
+
     def counted(n):
-        waited = lambda: 0.0 if comm.shm is None else comm.shm.seconds   # noqa: E731 (in all-reduces, incl. waiting)
         calls, nbytes, before = comm.all_reduce_calls, comm.all_reduce_bytes, waited()
         t = run(n)
         return t, comm.all_reduce_calls - calls, comm.all_reduce_bytes - nbytes, waited() - before

@@ -37,6 +37,16 @@ extern "C" int dsi_gemv_best_isa(void);
 
 namespace {
 
+// Work below which a call stays on the calling thread whatever `threads` says (the OpenMP fork/join would cost
+// more than the split saves): N * K of a linear, B * Hq * L * D of a decode attention.
+constexpr int64_t kSerialLinearWork = 1 << 16;
+constexpr int64_t kSerialAttentionWork = 1 << 20;
+
+// The first min(max(n, 0), 16) lanes of a 16-lane mask (a row's tail: n elements left).
+inline __mmask16 lanes16(int64_t n) {
+    return n >= 16 ? static_cast<__mmask16>(0xffff) : n <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << n) - 1);
+}
+
 inline float bf16_to_f32(uint16_t h) {
     uint32_t u = static_cast<uint32_t>(h) << 16;
     float f;
@@ -148,7 +158,7 @@ void rows_avx512(const Args& a, int64_t n0) {
         }
     }
     if (k < a.K) {
-        const __mmask16 mask = static_cast<__mmask16>((1u << (a.K - k)) - 1);
+        const __mmask16 mask = lanes16(a.K - k);
         __m512 w[R];
         for (int r = 0; r < R; ++r) w[r] = widen16_mask(wr + r * a.ldw + k, mask);
         for (int m = 0; m < M; ++m) {
@@ -240,7 +250,7 @@ DSI_AMX_TARGET void amx_config(int rows_x) {
 // y rows [m0, m0 + rows) x outputs [n0, n0 + 16) from a stored C tile (fp32, 16 floats per row), + bias + residual.
 DSI_AMX_TARGET void amx_epilogue(const Args& a, const float* c, int rows, int64_t m0, int64_t n0) {
     if (n0 >= a.N) return;
-    const __mmask16 mask = static_cast<__mmask16>(a.N - n0 >= 16 ? 0xffff : (1u << (a.N - n0)) - 1);
+    const __mmask16 mask = lanes16(a.N - n0);
     const __m512 b = a.bias ? widen16_mask(a.bias + n0, mask) : _mm512_setzero_ps();
     for (int r = 0; r < rows; ++r) {
         __m512 v = _mm512_add_ps(_mm512_loadu_ps(c + 16 * r), b);
@@ -403,7 +413,7 @@ inline void store_bf16x16(uint16_t* p, __m512 v, __mmask16 m) {  // round to nea
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 void silu_mul_avx512(const uint16_t* g, const uint16_t* u, uint16_t* y, int64_t n) {
     for (int64_t i = 0; i < n; i += 16) {
-        const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - i)) - 1);
+        const __mmask16 m = lanes16(n - i);
         const __m512 gv = widen16_mask(g + i, m);
         const __m512 s = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
         uint16_t sb[16];
@@ -459,10 +469,7 @@ void attn_unit_avx512(const AttnArgs& a, int64_t b, int64_t kh, std::vector<floa
     const int64_t G = a.hq / a.hkv, D = a.D, L = a.L;
     const __mmask16 full = 0xffff;
     __mmask16 lanes[NV];                             // lanes of vector c that lie inside the head
-    for (int c = 0; c < NV; ++c) {
-        const int64_t n = D - 16 * c;
-        lanes[c] = n >= 16 ? full : n <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << n) - 1);
-    }
+    for (int c = 0; c < NV; ++c) lanes[c] = lanes16(D - 16 * c);
     scratch.resize(static_cast<size_t>(G * L + G * NV * 16));
     float* s = scratch.data();                       // [G, L] scores, then unnormalised probabilities
     float* qf = s + G * L;                           // [G, NV * 16] q * scale, zero past D
@@ -507,7 +514,7 @@ void attn_unit_avx512(const AttnArgs& a, int64_t b, int64_t kh, std::vector<floa
         float* sr = s + g * L;
         __m512 mx = neg_inf;
         for (int64_t j = 0; j < L; j += 16) {
-            const __mmask16 m = L - j >= 16 ? full : static_cast<__mmask16>((1u << (L - j)) - 1);
+            const __mmask16 m = lanes16(L - j);
             mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(neg_inf, m, sr + j));
         }
         const float mxs = _mm512_reduce_max_ps(mx);
@@ -518,7 +525,7 @@ void attn_unit_avx512(const AttnArgs& a, int64_t b, int64_t kh, std::vector<floa
         }
         __m512 tot = _mm512_setzero_ps();
         for (int64_t j = 0; j < L; j += 16) {
-            const __mmask16 m = L - j >= 16 ? full : static_cast<__mmask16>((1u << (L - j)) - 1);
+            const __mmask16 m = lanes16(L - j);
             const __m512 x = _mm512_mask_loadu_ps(neg_inf, m, sr + j);
             const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, neg_inf, _CMP_NEQ_OQ),
                                                  exp16(_mm512_sub_ps(x, _mm512_set1_ps(mxs))));
@@ -555,6 +562,7 @@ AttnUnit attn_unit_for(int64_t D) {
 void run_attention(const AttnArgs& a, int threads) {
     const AttnUnit unit = attn_unit_for(a.D);
     const int64_t units = a.B * a.hkv;
+    if (a.B * a.hq * a.L * a.D < kSerialAttentionWork) threads = 1;
     if (threads <= 1 || units < 2) {
         static thread_local std::vector<float> scratch;
         for (int64_t u = 0; u < units; ++u) unit(a, u / a.hkv, u % a.hkv, scratch);
@@ -600,6 +608,7 @@ int dsi_gemv_bf16(const void* x, int64_t ldx, const void* w, int64_t ldw, const 
                   int64_t ldr, void* y, int64_t ldy, int64_t M, int64_t N, int64_t K, int threads, int isa) {
     if (isa == 4) isa = 3;  // row-major weights: the AMX path needs the packed layout
     if (isa < 1 || isa > 3 || isa > dsi_gemv_best_isa() || M < 1 || N < 1 || K < 1) return -1;
+    if (N * K < kSerialLinearWork) threads = 1;
     const Args a{static_cast<const uint16_t*>(x), ldx, static_cast<const uint16_t*>(w), ldw,
                  static_cast<const uint16_t*>(bias), static_cast<const uint16_t*>(res), ldr, static_cast<uint16_t*>(y),
                  ldy, N, K};
@@ -758,6 +767,7 @@ void dsi_pack_amx(const void* w, int64_t ldw, int64_t N, int64_t K, void* out, i
 int dsi_gemm_amx(const void* x, int64_t ldx, const void* wp, const void* bias, const void* res, int64_t ldr, void* y,
                  int64_t ldy, int64_t M, int64_t N, int64_t K, int threads) {
     if (dsi_gemv_best_isa() < 4 || M < 1 || N < 1 || K < 1) return -1;
+    if (N * K < kSerialLinearWork) threads = 1;
     const int64_t Kp = (K + 31) / 32 * 32;
     const uint16_t* xs = static_cast<const uint16_t*>(x);
     int64_t lds = ldx;
@@ -884,7 +894,7 @@ struct DsiStack {
 
 static int stack_linear(const DsiStack* st, const DsiLinear& lin, const uint16_t* x, int64_t M, const uint16_t* h,
                         uint16_t* y) {
-    const int threads = lin.N * lin.K < (1 << 16) ? 1 : static_cast<int>(st->threads);
+    const int threads = static_cast<int>(st->threads);
     const uint16_t* res = lin.add_residual ? h : nullptr;
     if (lin.packed) return dsi_gemm_amx(x, lin.K, lin.w, lin.bias, res, lin.N, y, lin.N, M, lin.N, lin.K, threads);
     return dsi_gemv_bf16(x, lin.K, lin.w, lin.ldw, lin.bias, res, lin.N, y, lin.N, M, lin.N, lin.K, threads,
@@ -902,6 +912,7 @@ int dsi_decode_stack(const DsiStack* st, const DsiLayer* layers, void* h_, int64
                      int64_t* shm_step, double* shm_seconds) {
     const int64_t H = st->hidden, hq = st->hq, hkv = st->hkv, D = st->head_dim, I = st->inter;
     const int64_t heads = hq + 2 * hkv, L = col + 1;
+    if (dsi_gemv_best_isa() < 2 || attn_unit_for(D) == nullptr) return 3;   // AVX512 only (the caller checks)
     uint16_t* h = static_cast<uint16_t*>(h_);
     static thread_local std::vector<uint16_t> buf;
     buf.resize(static_cast<size_t>(B * (2 * H + heads * D + (hq + hkv) * D + hq * D + 3 * I)));
@@ -913,8 +924,6 @@ int dsi_decode_stack(const DsiStack* st, const DsiLayer* layers, void* h_, int64
     uint16_t* att = k + B * hkv * D;
     uint16_t* gu = att + B * hq * D;
     uint16_t* act = gu + B * 2 * I;
-    const int attn_threads = B * hq * L * D < (1 << 20) ? 1 : static_cast<int>(st->threads);
-    if (dsi_gemv_best_isa() < 2 || attn_unit_for(D) == nullptr) return 3;   // AVX512 only (the caller checks)
     auto all_reduce = [&](uint16_t* v) -> int {
         timespec t0{}, t1{};
         clock_gettime(CLOCK_MONOTONIC, &t0);
@@ -937,7 +946,7 @@ int dsi_decode_stack(const DsiStack* st, const DsiLayer* layers, void* h_, int64
         run_attention(AttnArgs{q, hq * D, D, static_cast<const uint16_t*>(ly.k_cache),
                                static_cast<const uint16_t*>(ly.v_cache), ly.cb, ly.ch, D,
                                static_cast<const uint8_t*>(win ? wmask : mask), win ? wmb : mb, win ? wml : ml, att,
-                               B, hq, hkv, L, D, static_cast<float>(st->scale)}, attn_threads);
+                               B, hq, hkv, L, D, static_cast<float>(st->scale)}, static_cast<int>(st->threads));
         if (stack_linear(st, ly.o, att, B, h, y)) return 2;
         if (ly.o.reduce && all_reduce(y)) return 1;
         memcpy(h, y, B * H * sizeof(uint16_t));

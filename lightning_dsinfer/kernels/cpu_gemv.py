@@ -15,7 +15,8 @@ through ``ctypes``, no torch headers: about 2 s), cached under ``DSINFER_CACHE_D
 ``$XDG_CACHE_HOME/lightning_dsinfer`` or ``~/.cache/lightning_dsinfer``, else the temp dir) keyed by source and
 compiler, and picks at run time the best path the CPU has (``__builtin_cpu_supports``; AMX also needs the
 tile-state permission from the kernel, asked for with ``arch_prctl``). Threads: OpenMP, which resolves to the
-``libgomp`` torch has loaded, so kernel and torch share one pool of ``torch.get_num_threads()`` threads.
+``libgomp`` torch has loaded, so kernel and torch share one pool of ``torch.get_num_threads()`` threads;
+small calls stay on the calling thread (the work thresholds live in cpu_gemv.cpp).
 
 The same library has one-call forms of a decode step's small ops (bf16, a few rows; the torch composites cost
 ~20-50 us of dispatch each): :func:`rms_norm`, :func:`silu_and_mul`, :func:`rotary_write_kv`,
@@ -57,7 +58,6 @@ _SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
 # -fopenmp: the kernel splits output rows over OpenMP threads; the library it links (libgomp.so.1) is the one
 # torch has already loaded, so both share one thread pool. No -march: each path carries its own target attribute.
 _FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-w", "-std=c++17"]
-_SERIAL_WORK = 1 << 16        # N * K below which a call stays on one thread (the fork/join would cost more)
 
 
 class _Kernel:
@@ -292,10 +292,6 @@ def _operands(x2: torch.Tensor, n: int, bias: torch.Tensor | None, residual: tor
     return (None if bias is None else bias.data_ptr()), (r2 if r2.stride(-1) == 1 else r2.contiguous())
 
 
-def _threads(n: int, kdim: int) -> int:
-    return 1 if n * kdim < _SERIAL_WORK else torch.get_num_threads()
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            residual: torch.Tensor | None = None, isa: str | None = None) -> torch.Tensor:
     """``x @ weight.T (+ bias) (+ residual)`` rounded once to bf16, weight row-major. x [..., K] bf16, weight
@@ -317,7 +313,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     code = k.best_isa if isa is None else _ISA_CODES[isa]
     rc = k.fn(x2.data_ptr(), x2.stride(0), weight.data_ptr(), weight.stride(0), bias_ptr,
               None if r2 is None else r2.data_ptr(), 0 if r2 is None else r2.stride(0), y.data_ptr(), n,
-              x2.shape[0], n, kdim, _threads(n, kdim), code)
+              x2.shape[0], n, kdim, torch.get_num_threads(), code)
     if rc != 0:
         raise RuntimeError(f"cpu_gemv: path {isa} is not runnable on this CPU (best: {ISA_NAMES[k.best_isa]})")
     return y
@@ -340,7 +336,7 @@ def linear_packed(x: torch.Tensor, packed: torch.Tensor, out_features: int, in_f
         return y
     bias_ptr, r2 = _operands(x2, n, bias, residual)
     rc = k.amx(x2.data_ptr(), x2.stride(0), packed.data_ptr(), bias_ptr, None if r2 is None else r2.data_ptr(),
-               0 if r2 is None else r2.stride(0), y.data_ptr(), n, x2.shape[0], n, kdim, _threads(n, kdim))
+               0 if r2 is None else r2.stride(0), y.data_ptr(), n, x2.shape[0], n, kdim, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"cpu_gemv: AMX call failed for M={x2.shape[0]} N={n} K={kdim}")
     return y
@@ -423,7 +419,6 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
 
 
 DECODE_ATTENTION_MAX_HEAD_DIM = 256
-_ATTENTION_SERIAL_WORK = 1 << 20   # B * Hq * L * D below which one thread does the whole call
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor | None,
@@ -449,10 +444,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             return None
         mask_ptr, mb, ml = mask.data_ptr(), (mask.stride(0) if mask.shape[0] == b else 0), mask.stride(3)
     out = torch.empty(b, hq, 1, d, dtype=torch.bfloat16)
-    threads = 1 if b * hq * length * d < _ATTENTION_SERIAL_WORK else torch.get_num_threads()
     kern.attention(q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0),
                    k_cache.stride(1), k_cache.stride(2), mask_ptr, mb, ml, out.data_ptr(), b, hq, hkv, length, d,
-                   scale, threads)
+                   scale, torch.get_num_threads())
     return out
 
 

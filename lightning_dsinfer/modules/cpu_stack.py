@@ -34,10 +34,10 @@ class CpuDecodeStack:
     """The C tables of one :class:`~lightning_dsinfer.modules.transformer.DecoderModel`'s blocks; built by
     :meth:`build` (None when a block cannot go through C), refreshed when the KV cache is re-allocated."""
 
-    def __init__(self, decoder, layers, row_limit: float, shm, keep: list[torch.Tensor]):
+    def __init__(self, decoder, layers, row_limit: float, shm):
         first = layers[0]
+        # self.layers keeps the modules, and so every tensor the tables point into, alive with the tables
         self.decoder, self.layers, self.row_limit, self.shm = decoder, layers, row_limit, shm
-        self._keep = keep                     # every tensor the tables point into stays alive with them
         self.hidden = first.attn.o.out_features
         self.n_reduce = sum((ly.attn.o.reduce is not None) + (ly.mlp.down.reduce is not None) for ly in layers)
         self.shape = cpu_gemv.StackShape(
@@ -73,7 +73,6 @@ class CpuDecodeStack:
         first = layers[0]
         comm = decoder.comm
         shm = None
-        keep: list[torch.Tensor] = []
         row_limit = float("inf")
         for ly in layers:
             if type(ly) is not DecoderLayer or type(ly.attn) is not Attention or type(ly.mlp) is not GatedMLP:
@@ -104,9 +103,7 @@ class CpuDecodeStack:
                     if comm is None or lin.reduce != comm.all_reduce or comm.shm is None or comm.shm._c is None:
                         return None
                     shm = comm.shm
-                keep += [lin.weight] + ([lin.bias] if lin.bias is not None else [])
-            keep += [v for v in (ly.input_norm, ly.post_norm, a.q_norm, a.k_norm) if v is not None]
-        return cls(decoder, layers, row_limit, shm, keep)
+        return cls(decoder, layers, row_limit, shm)
 
     def applies(self, h: torch.Tensor, step) -> bool:
         """Whether this forward is a decode step the C loop runs (else the per-op path runs it)."""
@@ -157,15 +154,13 @@ class CpuDecodeStack:
         self.shape.isa = cpu_gemv.best_isa_code()
         shm_step = ctypes.c_int64(0 if self.shm is None else self.shm.step)
         seconds = ctypes.c_double(0.0)
-        rc = self._fn(ctypes.byref(self.shape), ctypes.byref(self.table), out.data_ptr(), b, step.cos.data_ptr(), step.sin.data_ptr(),
-                      step.start, *mask_args(step.mask), *mask_args(step.window_mask), ctypes.byref(shm_step),
-                      ctypes.byref(seconds))
+        rc = self._fn(ctypes.byref(self.shape), ctypes.byref(self.table), out.data_ptr(), b, step.cos.data_ptr(),
+                      step.sin.data_ptr(), step.start, *mask_args(step.mask), *mask_args(step.window_mask),
+                      ctypes.byref(shm_step), ctypes.byref(seconds))
         if self.shm is not None:
             self.shm.step = shm_step.value
             self.shm.seconds += seconds.value
-            comm = self.decoder.comm
-            comm.all_reduce_calls += self.n_reduce
-            comm.all_reduce_bytes += self.n_reduce * b * self.hidden * 2
+            self.decoder.comm.count_all_reduces(self.n_reduce, self.n_reduce * b * self.hidden * out.element_size())
         if rc == 1:
             self.shm._timed_out()
         if rc:

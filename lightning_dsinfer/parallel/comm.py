@@ -37,13 +37,17 @@ class TensorParallelComm:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum ``x`` over the group, in place."""
         if self.size > 1:
-            self.all_reduce_calls += 1
-            self.all_reduce_bytes += x.numel() * x.element_size()
+            self.count_all_reduces(1, x.numel() * x.element_size())
             if self.shm is not None and self.shm.fits(x):
                 self.shm(x)
             else:
                 dist.all_reduce(x, group=self.group)
         return x
+
+    def count_all_reduces(self, calls: int, nbytes: int) -> None:
+        """Add to the all-reduce counters (benchmarks read them); the C decode step's all-reduces report here too."""
+        self.all_reduce_calls += calls
+        self.all_reduce_bytes += nbytes
 
     @_peer_failure
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
