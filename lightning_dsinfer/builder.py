@@ -170,7 +170,7 @@ def _per_sequence_bytes(w: ModelWeights, plan: TensorShardPlan, dtype: torch.dty
 
 def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.device, comm: TensorParallelComm,
                            tier: str, folder: str | None, max_memory: int, max_seq_len: int,
-                           batch_size: int | None, fingerprint: dict | None, source):
+                           batch_size: int | None, fingerprint: dict | None, source, compress: bool = True):
     """A :class:`StreamedDecoderModel` whose blocks and lm_head live in the offload tier.
 
     The tier is written one unit at a time straight from the weight refs (a safetensors checkpoint or an
@@ -180,6 +180,7 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
     from lightning_dsinfer.offload import (DiskStore, FileRows, HostStore, ResidentRows, StreamedDecoderModel,
                                            UnitLayout, UnitStreamer, plan_working_set)
     from lightning_dsinfer.offload.budget import MAX_AUTO_BATCH, MAX_AUTO_BATCH_CPU, release_freed_memory_promptly
+    from lightning_dsinfer.offload.store import staging_bytes
     from lightning_dsinfer.policies.weights import MetaSource, with_source
 
     release_freed_memory_promptly()
@@ -196,7 +197,8 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
     layouts += [UnitLayout.of(head_rows(meta_w, plan, dtype, a, n)) for a, n in head_slices]
     ws = plan_working_set(max_memory, slot, _per_sequence_bytes(w, plan, dtype, max_seq_len, padded),
                           _per_token_bytes(w, plan, dtype, max_seq_len), batch_size,
-                          max_auto_batch=MAX_AUTO_BATCH if device.type == "cuda" else MAX_AUTO_BATCH_CPU)
+                          max_auto_batch=MAX_AUTO_BATCH if device.type == "cuda" else MAX_AUTO_BATCH_CPU,
+                          staging_bytes=staging_bytes(layouts, compress) if tier == "nvme" else 0)
     resident, spare = [], ws.spare          # units the leftover budget keeps for good (never streamed; the
     for u, layout in enumerate(layouts):    # streamer ignores this where it uses the host tier in place)
         if layout.nbytes <= spare:
@@ -215,7 +217,7 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
         store = HostStore(layouts, pin=device.type == "cuda")
         written = True
     else:
-        store = DiskStore(folder, layouts, fingerprint)
+        store = DiskStore(folder, layouts, fingerprint, compress=compress)
         written = not store.reused
     if written:
         for u, (tensors, names) in enumerate(units()):

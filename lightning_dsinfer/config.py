@@ -39,6 +39,9 @@ class InferenceConfig:
     offload: None (weights resident), "cpu" (weights in host memory, streamed to the GPU layer by layer) or
       "nvme" (weights in per-layer files under ``offload_path``, streamed with O_DIRECT reads and prefetch).
     offload_path: folder for the "nvme" tier (on a fast local disk; created if missing).
+    offload_compress: "nvme" tier: store bf16 / fp32 weights packed losslessly (12 bits per bf16 weight
+      instead of 16; bit-identical after the decode, which the reader threads do): ~25% fewer bytes read
+      per token. False writes the units raw.
     max_memory: working-set budget of an offloaded engine on the compute device (bytes or "512MiB"): prefetch
       ring + KV cache + activations. None = half of what is free.
     max_batch_size: None = 8, or with offload the largest batch that fits in ``max_memory``.
@@ -54,6 +57,7 @@ class InferenceConfig:
     device: str | None = None
     offload: str | None = None
     offload_path: str | None = None
+    offload_compress: bool = True
     max_memory: int | str | None = None
     cuda_graphs: bool = True
 

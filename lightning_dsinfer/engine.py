@@ -97,7 +97,8 @@ class InferenceEngine:
             folder = os.path.join(config.offload_path, f"rank{rank}-tp{self.comm.rank}of{self.comm.size}")
             fingerprint = _checkpoint_fingerprint(hf_model, config, self.dtype, self.comm)
         return build_streamed_decoder(weights, self.dtype, self.device, self.comm, config.offload, folder, budget,
-                                      self.max_seq_len, config.max_batch_size, fingerprint, source)
+                                      self.max_seq_len, config.max_batch_size, fingerprint, source,
+                                      compress=config.offload_compress)
 
     def check_length(self, total: int, prompt: int | None = None, new: int | None = None) -> None:
         if total <= self.max_seq_len:

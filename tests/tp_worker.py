@@ -18,7 +18,7 @@ def main():
     p.add_argument("--offload-path", default=None)
     args = p.parse_args()
     torch.set_num_threads(1)
-    offload = {} if args.offload is None else dict(offload=args.offload, max_memory="400KiB", max_batch_size=3,
+    offload = {} if args.offload is None else dict(offload=args.offload, max_memory="512KiB", max_batch_size=3,
                                                    offload_path=args.offload_path)
     for family in args.families:
         hf = tiny_model(family)

@@ -54,7 +54,8 @@ _ISA_CODES = {v: c for c, v in ISA_NAMES.items()}
 # without bf16 instructions oneDNN has no fast bf16 path and the kernel is 1.4-3.6x faster at every M tried
 # (1 to 256).
 _ROW_KERNEL_MAX_M = {4: 8, 3: 16, 2: None, 1: None}
-_SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
+# One library from two translation units: the kernels, and the offload tier's lossless weight codec.
+_SOURCES = [Path(__file__).with_name("cpu_gemv.cpp"), Path(__file__).with_name("weight_codec.cpp")]
 # -fopenmp: the kernel splits output rows over OpenMP threads; the library it links (libgomp.so.1) is the one
 # torch has already loaded, so both share one thread pool. No -march: each path carries its own target attribute.
 _FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-w", "-std=c++17"]
@@ -102,6 +103,15 @@ class _Kernel:
         self.shm_exchange.restype = ctypes.c_int
         self.shm_exchange.argtypes = [p, ctypes.c_int, i64, p, i64, p, ctypes.c_int, ctypes.c_int, i64, ctypes.c_double,
                                       ctypes.c_int]
+        self.packed_bytes = lib.dsi_packed_bytes
+        self.packed_bytes.restype = i64
+        self.packed_bytes.argtypes = [i64, ctypes.c_int, i64]
+        self.pack_weights = lib.dsi_pack_weights
+        self.pack_weights.restype = i64
+        self.pack_weights.argtypes = [p, i64, ctypes.c_int, i64, p, p, p]
+        self.unpack_weights = lib.dsi_unpack_weights
+        self.unpack_weights.restype = None
+        self.unpack_weights.argtypes = [p, i64, ctypes.c_int, p, i64, p, ctypes.c_int]
         lib.dsi_gemv_best_isa.restype = ctypes.c_int
         self.cpu_isa = lib.dsi_gemv_best_isa()   # best path of this CPU
         self.best_isa = self.cpu_isa              # the path calls take (lower inside use_path)
@@ -134,7 +144,7 @@ def _build() -> tuple[Path, float]:
     if cxx is None:
         raise RuntimeError("no C++ compiler found (tried $CXX, g++, c++, clang++)")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
-    source = _SOURCE.read_bytes()
+    source = b"".join(src.read_bytes() for src in _SOURCES)
     key = hashlib.sha256(source + version.encode() + " ".join(_FLAGS).encode()).hexdigest()[:16]
     name = f"cpu_gemv_{key}.so"
     for out_dir in (_cache_dir(), Path(tempfile.gettempdir()) / "lightning_dsinfer"):
@@ -154,7 +164,7 @@ def _build() -> tuple[Path, float]:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        res = subprocess.run([cxx, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True)
+        res = subprocess.run([cxx, *_FLAGS, *map(str, _SOURCES), "-o", tmp], capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"{cxx} failed ({res.returncode}): {res.stderr.strip()[-2000:]}")
         os.replace(tmp, lib)

@@ -5,6 +5,7 @@ Working set on the compute device (RAM on a CPU, device memory on a GPU):
     n_slots x largest unit                       the prefetch ring (current unit + n_slots - 1 in flight)
   + batch x per-sequence bytes                   KV cache for max_seq_len, hidden states, logits
   + prefill_tokens x per-token activation bytes  one block's temporaries on one prefill chunk
+  + staging bytes                                packed frames being read / decoded (disk tier, packed units)
 
 Two slots (one unit in flight while one computes: enough to keep the disk busy when it is the
 bottleneck) when they fit, else one (no overlap). The batch size is the user's ``max_batch_size`` when
@@ -38,6 +39,13 @@ def parse_bytes(value: int | float | str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+def _size(n: int) -> str:
+    """Bytes for an error message: whole MiB as such, else one decimal, KiB below a MiB."""
+    if n < 2**20:
+        return f"{n / 2**10:.0f} KiB"
+    return f"{n / 2**20:.0f} MiB" if n % 2**20 == 0 else f"{n / 2**20:.1f} MiB"
+
+
 def available_memory(device) -> int:
     """Free memory of the compute device: free device memory on a GPU, available RAM on a CPU."""
     import torch
@@ -57,11 +65,12 @@ class WorkingSet:
     per_sequence_bytes: int
     prefill_tokens: int
     per_token_bytes: int
+    staging_bytes: int = 0
 
     @property
     def total(self) -> int:
         return (self.n_slots * self.slot_bytes + self.batch_size * self.per_sequence_bytes
-                + self.prefill_tokens * self.per_token_bytes)
+                + self.prefill_tokens * self.per_token_bytes + self.staging_bytes)
 
     @property
     def spare(self) -> int:
@@ -69,9 +78,10 @@ class WorkingSet:
 
 
 def plan_working_set(max_memory: int, slot_bytes: int, per_sequence_bytes: int, per_token_bytes: int,
-                     batch_size: int | None, max_slots: int = 2, max_auto_batch: int = MAX_AUTO_BATCH) -> WorkingSet:
+                     batch_size: int | None, max_slots: int = 2, max_auto_batch: int = MAX_AUTO_BATCH,
+                     staging_bytes: int = 0) -> WorkingSet:
     def fits(n, b, t):
-        return n * slot_bytes + b * per_sequence_bytes + t * per_token_bytes <= max_memory
+        return n * slot_bytes + b * per_sequence_bytes + t * per_token_bytes + staging_bytes <= max_memory
 
     need_b = batch_size or 1
     for n in range(max_slots, 0, -1):
@@ -81,18 +91,18 @@ def plan_working_set(max_memory: int, slot_bytes: int, per_sequence_bytes: int, 
         if fits(n, need_b, t):
             break
     else:
-        mib = 2**20
-        least = slot_bytes + need_b * per_sequence_bytes + MIN_PREFILL_TOKENS * per_token_bytes
+        least = slot_bytes + need_b * per_sequence_bytes + MIN_PREFILL_TOKENS * per_token_bytes + staging_bytes
+        staging = f" + {_size(staging_bytes)} of read staging buffers" if staging_bytes else ""
         raise ValueError(
-            f"dsinfer: max_memory={max_memory / mib:.0f} MiB is smaller than one layer's working set: "
-            f"{slot_bytes / mib:.1f} MiB for the largest layer + {need_b} x {per_sequence_bytes / mib:.1f} MiB per "
+            f"dsinfer: max_memory={_size(max_memory)} is smaller than one layer's working set: "
+            f"{_size(slot_bytes)} for the largest layer + {need_b} x {_size(per_sequence_bytes)} per "
             f"sequence (KV cache for max_seq_len, hidden states, logits) + {MIN_PREFILL_TOKENS} x "
-            f"{per_token_bytes / 1024:.0f} KiB of prefill activations = {least / mib:.0f} MiB. Raise max_memory to "
-            f"at least that, or lower max_seq_len / max_batch_size.")
+            f"{_size(per_token_bytes)} of prefill activations{staging} = {_size(least)}. "
+            f"Raise max_memory to at least that, or lower max_seq_len / max_batch_size.")
     if batch_size is None:
-        left = max_memory - n * slot_bytes - t * per_token_bytes
+        left = max_memory - n * slot_bytes - t * per_token_bytes - staging_bytes
         batch_size = max(1, min(left // per_sequence_bytes, max_auto_batch))
-    return WorkingSet(max_memory, n, slot_bytes, batch_size, per_sequence_bytes, t, per_token_bytes)
+    return WorkingSet(max_memory, n, slot_bytes, batch_size, per_sequence_bytes, t, per_token_bytes, staging_bytes)
 
 
 def release_freed_memory_promptly() -> None:

@@ -1,0 +1,104 @@
+"""Lossless weight frames for the disk tier: a unit file holds its tensors packed, 12 bits per bf16 weight
+(28 per fp32), so a decode step reads ~25% fewer bytes from disk and gets bit-identical weights back.
+
+A unit's bytes are cut into frames (one tensor, or ``FRAME_BYTES`` of it); each frame sits at a page-aligned
+offset of the unit file, is read with one ``O_DIRECT`` request into a staging buffer and decoded from there into
+the unit's slot by the reader thread that read it (``kernels/weight_codec.cpp``: exponent coded in 4 bits against
+the frame's 16 most frequent exponents, sign and mantissa as they are, the rare other elements stored whole).
+Frames that do not pay (small tensors, other dtypes, exponents spread over too many values) are stored raw and
+copied. Needs the C library of :mod:`~lightning_dsinfer.kernels.cpu_gemv`; without it units are written raw.
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import torch
+
+from lightning_dsinfer.offload.layout import PAGE, UnitLayout, round_up
+
+FRAME_BYTES = 4 << 20             # raw bytes per frame (and per read request): 3 MiB on disk for bf16
+MIN_PACKED_ELEMENTS = 1024        # smaller tensors (biases, small norm weights) stay raw
+_WIDTH = {torch.bfloat16: 2, torch.float32: 4}
+
+
+def _lib():
+    from lightning_dsinfer.kernels import cpu_gemv
+
+    return cpu_gemv._load()
+
+
+def available() -> bool:
+    """True when units can be written packed (the C library builds and loads here)."""
+    return _lib() is not None
+
+
+@dataclass(frozen=True)
+class Frame:
+    raw_offset: int           # where the decoded bytes go in the unit's buffer
+    raw_bytes: int
+    width: int                # 2 (bf16) / 4 (fp32): packed; 0: stored raw
+    n_exc: int
+    table: bytes              # the 16 exponents of the packed frame
+    file_offset: int          # page-aligned
+    file_bytes: int           # payload; the read covers it rounded up to a page
+
+    @property
+    def read_bytes(self) -> int:
+        return round_up(self.file_bytes, PAGE)
+
+    def to_json(self) -> list:
+        return [self.raw_offset, self.raw_bytes, self.width, self.n_exc, self.table.hex(), self.file_offset,
+                self.file_bytes]
+
+    @classmethod
+    def from_json(cls, d: list) -> "Frame":
+        return cls(d[0], d[1], d[2], d[3], bytes.fromhex(d[4]), d[5], d[6])
+
+
+def raw_frames(layout: UnitLayout) -> list[tuple[int, int, int]]:
+    """(raw offset, raw bytes, width to try) of each frame of ``layout``: tensors cut at ``FRAME_BYTES``."""
+    out = []
+    for e in layout.entries:
+        numel = e.nbytes // e.dtype.itemsize
+        width = _WIDTH.get(e.dtype, 0) if numel >= MIN_PACKED_ELEMENTS else 0
+        step = FRAME_BYTES if width == 0 else FRAME_BYTES // width * width
+        out += [(e.offset + a, min(step, e.nbytes - a), width) for a in range(0, e.nbytes, step)]
+    return out
+
+
+def staging_bytes(layouts: list[UnitLayout]) -> int:
+    """Size of one staging buffer: the largest read of any frame (a packed frame is never larger than raw)."""
+    return max((round_up(n, PAGE) for layout in layouts for _, n, _ in raw_frames(layout)), default=PAGE)
+
+
+def encode(raw: torch.Tensor, width: int, out: torch.Tensor) -> tuple[int, int, bytes] | None:
+    """Pack the uint8 CPU tensor ``raw`` (elements of ``width`` bytes) into ``out``: (bytes, exceptions, table),
+    or None when it does not pay (more than 1/64 of the elements outside the 16-exponent table)."""
+    lib = _lib()
+    n = raw.numel() // width
+    max_exc = n // 64
+    if out.numel() < lib.packed_bytes(n, width, max_exc):
+        raise ValueError("encode: output buffer too small")
+    table = (ctypes.c_uint8 * 16)()
+    n_exc = ctypes.c_int64()
+    size = lib.pack_weights(raw.data_ptr(), n, width, max_exc, table, ctypes.byref(n_exc), out.data_ptr())
+    if size < 0:
+        return None
+    return size, n_exc.value, bytes(table)
+
+
+def packed_capacity(raw_bytes: int, width: int) -> int:
+    n = raw_bytes // width
+    return _lib().packed_bytes(n, width, n // 64)
+
+
+def decode(frame: Frame, payload: torch.Tensor, buffer: torch.Tensor, simd: bool = True) -> None:
+    """Decode ``frame`` from the uint8 ``payload`` (its file bytes) into the unit's uint8 ``buffer``."""
+    out = buffer[frame.raw_offset:frame.raw_offset + frame.raw_bytes]
+    if frame.width == 0:
+        out.copy_(payload[:frame.raw_bytes])
+        return
+    table = (ctypes.c_uint8 * 16).from_buffer_copy(frame.table)
+    _lib().unpack_weights(payload.data_ptr(), frame.raw_bytes // frame.width, frame.width, table, frame.n_exc,
+                          out.data_ptr(), int(simd))
