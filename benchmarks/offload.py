@@ -15,7 +15,7 @@ Printed per run: new tokens/s (prompt included: N tokens = 1 prefill + N-1 decod
 over the process's resident memory before the run (VmHWM, reset per run), achieved weight-read bandwidth
 against the disk's O_DIRECT sequential read bandwidth over the same files right before and after the run (a
 virtual disk's bandwidth moves from minute to minute), and the overlap
-(time per decode pass over max(transfer time, compute time); transfer time is the bytes streamed per pass
+(time per decode pass over max(transfer time, compute time); transfer time is the bytes read from disk per pass
 at the disk's measured bandwidth, compute time is the same passes with the weights in RAM), and the
 fraction of each decode pass during which the disk had a read outstanding (1.0: the disk never waited
 for compute, whatever its speed that minute; a virtual disk's bandwidth varies from run to run).
@@ -168,6 +168,7 @@ def main():
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-accelerate", action="store_true")
+    p.add_argument("--skip-raw", action="store_true", help="skip ours with raw (unpacked) unit files")
     p.add_argument("--record", default=None, help="append the table to this RESULTS.md")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -184,24 +185,28 @@ def main():
     print(f"model {weight_bytes / MiB:.0f} MiB bf16, budget {budget / MiB:.0f} MiB, disk O_DIRECT read "
           f"{disk / 1e9:.2f} GB/s (checkpoint, before the runs)", flush=True)
 
-    def ours(tier, batch):
+    def ours(tier, batch, compress=True):
         with torch.device("meta"):
             meta = AutoModelForCausalLM.from_config(llama_config(args), dtype=torch.bfloat16)
-        return dsi.init_inference(meta, checkpoint=ckpt, offload=tier, offload_path=ours_dir, dtype=torch.bfloat16,
+        folder = ours_dir if compress else ours_dir + "-raw"
+        return dsi.init_inference(meta, checkpoint=ckpt, offload=tier, offload_path=folder, dtype=torch.bfloat16,
                                   max_memory=budget if tier == "nvme" else 8 * weight_bytes, max_batch_size=batch,
-                                  max_seq_len=args.prompt + args.new)
+                                  max_seq_len=args.prompt + args.new, offload_compress=compress)
 
     rows, results, notes = [], {}, []
     base = rss()
-    runs = [(b, b) for b in args.batch] + [("auto", None)]
-    for label, batch in runs:
+    runs = [(b, b, True) for b in args.batch] + [("auto", None, True)]
+    if not args.skip_raw:
+        runs += [(f"raw {b}", b, False) for b in args.batch]
+    for label, batch, compress in runs:
         reset_peak()
-        model = ours("nvme", batch)
+        model = ours("nvme", batch, compress)
         load_peak = rss("VmHWM") - base
         engine = model._dsinfer_engine
         ws, streamer = engine.working_set, engine.decoder.streamer
         b = ws.batch_size if batch is None else batch
-        streamed = sum(streamer.layouts[u].nbytes for u in streamer.order)
+        streamed = sum(streamer.store.stored_bytes(u) for u in streamer.order)        # bytes read from disk
+        raw_bytes = sum(streamer.layouts[u].nbytes for u in streamer.order)
         # The virtual disk's bandwidth moves from minute to minute (burst credit): the reference for this run is
         # the same unit files read with O_DIRECT right before and right after it.
         unit_files = [streamer.store.path(u) for u in streamer.order]
@@ -209,11 +214,13 @@ def main():
         r = measure(model, b, args, [ckpt, ours_dir], store=streamer.store)
         after = direct_read_bandwidth(unit_files)
         r.update(load_peak=load_peak, streamed=streamed, batch=b, slots=ws.n_slots, resident=len(streamer.resident),
-                 disk=(before + after) / 2)
+                 disk=(before + after) / 2, packed=streamer.store.compress)
         results[label] = r
-        note = (f"ours batch {b}{' (its throughput batch)' if batch is None else ''}: {ws.n_slots} slots x "
-                f"{ws.slot_bytes / MiB:.0f} MiB, {len(streamer.resident)} units resident, {streamed / MiB:.0f} MiB "
-                f"streamed per pass")
+        packing = (f"{streamed / MiB:.0f} MiB read per pass ({raw_bytes / MiB:.0f} MiB of weights, packed)"
+                   if streamer.store.compress else f"{streamed / MiB:.0f} MiB read per pass (raw units)")
+        note = (f"ours{'' if compress else ' raw'} batch {b}{' (its throughput batch)' if batch is None else ''}: "
+                f"{ws.n_slots} slots x {ws.slot_bytes / MiB:.0f} MiB, {ws.staging_bytes / MiB:.0f} MiB of staging, "
+                f"{len(streamer.resident)} units resident, {packing}")
         notes.append(note)
         print(note, f"-> {r['tok_s']:.2f} tok/s, decode {r['decode_tok_s']:.2f} tok/s", flush=True)
         del model, engine, streamer
@@ -222,7 +229,8 @@ def main():
     for label, r in results.items():
         c = measure(resident, r["batch"], args, [])
         transfer = r["streamed"] / r["disk"]
-        rows.append([f"ours (nvme){' auto batch' if label == 'auto' else ''}", r["batch"], r["tok_s"],
+        name = f"ours (nvme{'' if r['packed'] else ', raw units'}){' auto batch' if label == 'auto' else ''}"
+        rows.append([name, r["batch"], r["tok_s"],
                      r["decode_tok_s"], (r["peak"] - base) / MiB, r["load_peak"] / MiB,
                      r["disk"] / 1e9, r["streamed"] / r["decode_s"] / 1e9, r["streamed"] / r["decode_s"] / r["disk"],
                      r["decode_s"] / max(transfer, c["decode_s"]), r["busy_s"] / r["decode_s"],
