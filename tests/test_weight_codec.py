@@ -80,6 +80,19 @@ def test_many_exceptions_still_exact_and_too_many_refused(dtype):
         assert frame.n_exc >= n // 200 and torch.equal(back, x.view(torch.uint8))
 
 
+def test_damaged_frame_is_an_error_not_a_stray_write():
+    x = _weights(5000, torch.bfloat16)
+    x[::100] = (2.0 ** -torch.arange(40, 90).float()).bfloat16()   # 50 exponents: most are exceptions
+    raw = x.view(torch.uint8)
+    out = torch.zeros(codec.packed_capacity(raw.numel(), 2), dtype=torch.uint8)
+    size, n_exc, table = codec.encode(raw, 2, out)
+    assert n_exc >= 30
+    at = size - n_exc * 6 + 4 * 7                                  # the 8th exception's index
+    out[at:at + 4] = torch.tensor([0xFF, 0xFF, 0xFF, 0x7F], dtype=torch.uint8)
+    with pytest.raises(OSError, match="damaged.*Delete the offload folder"):
+        codec.decode(codec.Frame(0, raw.numel(), 2, n_exc, table, 0, size), out, torch.empty_like(raw))
+
+
 def _unit(dtype, seed):
     g = torch.Generator().manual_seed(seed)
     return {"norm": torch.ones(64, dtype=dtype) + torch.rand(64, generator=g).to(dtype),          # raw (small)
@@ -108,7 +121,7 @@ def test_disk_store_writes_frames_and_reads_them_back(dtype, tmp_path):
     assert max(f.raw_bytes for f in frames) <= codec.FRAME_BYTES
     assert all(f.file_offset % 4096 == 0 for f in frames)
     assert store.stored_bytes(0) < (0.8 if dtype == torch.bfloat16 else 0.9) * layouts[0].nbytes
-    assert os.path.getsize(store.path(0)) == store.stored_bytes(0)
+    assert os.path.getsize(store.path(0)) == store.stored_bytes(0) <= codec.max_file_bytes(layouts[0])
     with open(tmp_path / "manifest.json") as f:
         assert json.load(f)["packed"] is True
 

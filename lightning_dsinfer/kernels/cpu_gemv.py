@@ -110,7 +110,7 @@ class _Kernel:
         self.pack_weights.restype = i64
         self.pack_weights.argtypes = [p, i64, ctypes.c_int, i64, p, p, p]
         self.unpack_weights = lib.dsi_unpack_weights
-        self.unpack_weights.restype = None
+        self.unpack_weights.restype = ctypes.c_int
         self.unpack_weights.argtypes = [p, i64, ctypes.c_int, p, i64, p, ctypes.c_int]
         lib.dsi_gemv_best_isa.restype = ctypes.c_int
         self.cpu_isa = lib.dsi_gemv_best_isa()   # best path of this CPU

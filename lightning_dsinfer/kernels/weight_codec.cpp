@@ -169,8 +169,9 @@ int64_t dsi_pack_weights(const uint8_t* src, int64_t n, int w, int64_t max_exc, 
 }
 
 // Decode a frame packed by dsi_pack_weights into dst (n * w bytes). simd = 0 takes the scalar loop (tests).
-void dsi_unpack_weights(const uint8_t* src, int64_t n, int w, const uint8_t* table16, int64_t n_exc, uint8_t* dst,
-                        int simd) {
+// Returns 0, or -1 when an exception index lies outside the frame (a damaged file; nothing is written there).
+int dsi_unpack_weights(const uint8_t* src, int64_t n, int w, const uint8_t* table16, int64_t n_exc, uint8_t* dst,
+                       int simd) {
     int64_t done = 0;
     if (simd && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"))
         done = unpack_avx512(src, n, w, table16, dst);
@@ -180,8 +181,10 @@ void dsi_unpack_weights(const uint8_t* src, int64_t n, int w, const uint8_t* tab
     for (int64_t k = 0; k < n_exc; ++k) {
         uint32_t at;
         memcpy(&at, exc_index + 4 * k, 4);
+        if (at >= n) return -1;
         memcpy(dst + static_cast<int64_t>(at) * w, exc_value + w * k, w);
     }
+    return 0;
 }
 
 }  // extern "C"

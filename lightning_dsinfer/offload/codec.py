@@ -89,8 +89,14 @@ def encode(raw: torch.Tensor, width: int, out: torch.Tensor) -> tuple[int, int, 
 
 
 def packed_capacity(raw_bytes: int, width: int) -> int:
+    """The most bytes a frame of ``raw_bytes`` packs to (when it packs at all)."""
     n = raw_bytes // width
     return _lib().packed_bytes(n, width, n // 64)
+
+
+def max_file_bytes(layout: UnitLayout) -> int:
+    """The most bytes the packed file of ``layout`` can take (each frame packed at its worst, or raw)."""
+    return sum(round_up(packed_capacity(n, w) if w else n, PAGE) for _, n, w in raw_frames(layout))
 
 
 def decode(frame: Frame, payload: torch.Tensor, buffer: torch.Tensor, simd: bool = True) -> None:
@@ -100,5 +106,7 @@ def decode(frame: Frame, payload: torch.Tensor, buffer: torch.Tensor, simd: bool
         out.copy_(payload[:frame.raw_bytes])
         return
     table = (ctypes.c_uint8 * 16).from_buffer_copy(frame.table)
-    _lib().unpack_weights(payload.data_ptr(), frame.raw_bytes // frame.width, frame.width, table, frame.n_exc,
-                          out.data_ptr(), int(simd))
+    if _lib().unpack_weights(payload.data_ptr(), frame.raw_bytes // frame.width, frame.width, table, frame.n_exc,
+                             out.data_ptr(), int(simd)):
+        raise OSError(f"dsinfer: a packed weight frame (file offset {frame.file_offset}) is damaged: an exception "
+                      f"index lies outside it. Delete the offload folder to have it written again.")

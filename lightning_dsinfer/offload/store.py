@@ -121,7 +121,7 @@ class DiskStore:
         self._staging: queue.Queue | None = None
         self.reused = self._manifest_matches()
         if not self.reused:
-            _check_folder(folder, self.nbytes)
+            _check_folder(folder, sum(map(codec.max_file_bytes, layouts)) if self.compress else self.nbytes)
             for name in os.listdir(folder):         # stale units of another model / shard layout
                 if name.startswith("unit_") and name.endswith(".bin") or name == _MANIFEST:
                     os.remove(os.path.join(folder, name))
