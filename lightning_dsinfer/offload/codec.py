@@ -4,7 +4,8 @@
 A unit's bytes are cut into frames (one tensor, or ``FRAME_BYTES`` of it); each frame sits at a page-aligned
 offset of the unit file, is read with one ``O_DIRECT`` request into a staging buffer and decoded from there into
 the unit's slot by the reader thread that read it (``kernels/weight_codec.cpp``: exponent coded in 4 bits against
-the frame's 16 most frequent exponents, sign and mantissa as they are, the rare other elements stored whole).
+the frame's 16 most frequent exponents, sign and mantissa as they are, the rare other elements stored whole;
+AVX512, AVX2 or scalar).
 Frames that do not pay (small tensors, other dtypes, exponents spread over too many values) are stored raw and
 copied. Needs the C library of :mod:`~lightning_dsinfer.kernels.cpu_gemv`; without it units are written raw.
 """
@@ -99,14 +100,15 @@ def max_file_bytes(layout: UnitLayout) -> int:
     return sum(round_up(packed_capacity(n, w) if w else n, PAGE) for _, n, w in raw_frames(layout))
 
 
-def decode(frame: Frame, payload: torch.Tensor, buffer: torch.Tensor, simd: bool = True) -> None:
-    """Decode ``frame`` from the uint8 ``payload`` (its file bytes) into the unit's uint8 ``buffer``."""
+def decode(frame: Frame, payload: torch.Tensor, buffer: torch.Tensor, simd: int = 2) -> None:
+    """Decode ``frame`` from the uint8 ``payload`` (its file bytes) into the unit's uint8 ``buffer``. ``simd``:
+    the widest path to take (2 AVX512, 1 AVX2, 0 scalar), where the CPU has it."""
     out = buffer[frame.raw_offset:frame.raw_offset + frame.raw_bytes]
     if frame.width == 0:
         out.copy_(payload[:frame.raw_bytes])
         return
     table = (ctypes.c_uint8 * 16).from_buffer_copy(frame.table)
     if _lib().unpack_weights(payload.data_ptr(), frame.raw_bytes // frame.width, frame.width, table, frame.n_exc,
-                             out.data_ptr(), int(simd)):
+                             out.data_ptr(), simd):
         raise OSError(f"dsinfer: a packed weight frame (file offset {frame.file_offset}) is damaged: an exception "
                       f"index lies outside it. Delete the offload folder to have it written again.")
