@@ -14,7 +14,8 @@ machine with enough RAM; ours reads with O_DIRECT and never uses it).
 Printed per run: new tokens/s (prompt included: N tokens = 1 prefill + N-1 decode passes), peak RSS growth
 over the process's resident memory before the run (VmHWM, reset per run), achieved weight-read bandwidth
 against the disk's O_DIRECT sequential read bandwidth over the same files right before and after the run (a
-virtual disk's bandwidth moves from minute to minute), and the overlap
+virtual disk's bandwidth moves from minute to minute; for accelerate, the checkpoint read the same way around
+each of its runs), and the overlap
 (time per decode pass over max(transfer time, compute time); transfer time is the bytes read from disk per pass
 at the disk's measured bandwidth, compute time is the same passes with the weights in RAM), and the
 fraction of each decode pass during which the disk had a read outstanding (1.0: the disk never waited
@@ -245,11 +246,14 @@ def main():
                                                      offload_folder=acc_dir, dtype=torch.bfloat16).eval()
         load_peak = rss("VmHWM") - base
         model.generation_config.eos_token_id = None
+        ckpt_files = [f for f in files_under(ckpt) if f.endswith(".safetensors")]
         for b in args.batch:
+            before = direct_read_bandwidth(ckpt_files)       # the disk in the minute of this run, as for ours
             acc[b] = measure(model, b, args, [ckpt, acc_dir], per_token_drop=True)
+            disk_then = (before + direct_read_bandwidth(ckpt_files)) / 2
             print(f"accelerate batch {b}: {acc[b]['tok_s']:.2f} tok/s", flush=True)
             rows.append(["accelerate disk offload", b, acc[b]["tok_s"], acc[b]["decode_tok_s"],
-                         (acc[b]["peak"] - base) / MiB, load_peak / MiB, "", "", "", "", "", "", "", ""])
+                         (acc[b]["peak"] - base) / MiB, load_peak / MiB, disk_then / 1e9, "", "", "", "", "", "", ""])
         del model
     for b in args.batch:
         if b in acc:
