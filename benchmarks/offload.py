@@ -19,7 +19,9 @@ each of its runs), and the overlap
 (time per decode pass over max(transfer time, compute time); transfer time is the bytes read from disk per pass
 at the disk's measured bandwidth, compute time is the same passes with the weights in RAM), and the
 fraction of each decode pass during which the disk had a read outstanding (1.0: the disk never waited
-for compute, whatever its speed that minute; a virtual disk's bandwidth varies from run to run).
+for compute, whatever its speed that minute; a virtual disk's bandwidth varies from run to run). The last
+rows divide the ratio by the ratio of the two runs' disk bandwidths (tokens/s per GB/s of disk: both systems
+are disk-bound here, and the disk moves by up to 2x between minutes).
 
     python benchmarks/offload.py                       # ~1 GB model, budget 1/4
     python benchmarks/offload.py --record benchmarks/RESULTS.md
@@ -250,7 +252,7 @@ def main():
         for b in args.batch:
             before = direct_read_bandwidth(ckpt_files)       # the disk in the minute of this run, as for ours
             acc[b] = measure(model, b, args, [ckpt, acc_dir], per_token_drop=True)
-            disk_then = (before + direct_read_bandwidth(ckpt_files)) / 2
+            acc[b]["disk"] = disk_then = (before + direct_read_bandwidth(ckpt_files)) / 2
             print(f"accelerate batch {b}: {acc[b]['tok_s']:.2f} tok/s", flush=True)
             rows.append(["accelerate disk offload", b, acc[b]["tok_s"], acc[b]["decode_tok_s"],
                          (acc[b]["peak"] - base) / MiB, load_peak / MiB, disk_then / 1e9, "", "", "", "", "", "", ""])
@@ -259,6 +261,12 @@ def main():
         if b in acc:
             rows.append(["ratio ours / accelerate", b, results[b]["tok_s"] / acc[b]["tok_s"],
                          results[b]["decode_tok_s"] / acc[b]["decode_tok_s"], "", "", "", "", "", "", "", "", "", ""])
+    for b in args.batch:          # both are disk-bound: each run's tokens/s per GB/s its disk gave that minute
+        if b in acc:
+            per_disk = results[b]["disk"] / acc[b]["disk"]
+            rows.append(["ratio at the same disk speed", b, results[b]["tok_s"] / acc[b]["tok_s"] / per_disk,
+                         results[b]["decode_tok_s"] / acc[b]["decode_tok_s"] / per_disk, "", "", "", "", "", "", "",
+                         "", "", ""])
     table = markdown_table(["system", "batch", "new tok/s", "decode tok/s", "peak RSS growth MiB (run)",
                             "peak RSS growth MiB (load)", "disk GB/s (around the run)", "decode read GB/s", "of disk",
                             "overlap (step / max)",
