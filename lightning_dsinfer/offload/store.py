@@ -126,6 +126,8 @@ class DiskStore:
                 if name.startswith("unit_") and name.endswith(".bin") or name == _MANIFEST:
                     os.remove(os.path.join(folder, name))
         self._scratch: torch.Tensor | None = None
+        self._pages: list[torch.Tensor] | None = None       # packing buffers of the write path
+        self._encoder: ThreadPoolExecutor | None = None
         self._in_flight, self._busy_since, self.busy_s = 0, 0.0, 0.0     # time with a read outstanding
         self._lock = threading.Lock()
 
@@ -191,27 +193,40 @@ class DiskStore:
 
     def _write_frames(self, fd: int, layout: UnitLayout, buf: torch.Tensor) -> list[codec.Frame]:
         """Pack each frame of the unit's bytes ``buf`` (raw where packing does not pay) and write it at the next
-        page-aligned offset, zero-padded to a page; returns the frames."""
-        frames, offset = [], 0
-        page = torch.empty(codec.staging_bytes(self.layouts), dtype=torch.uint8)
-        for raw_offset, raw_bytes, width in codec.raw_frames(layout):
+        page-aligned offset, zero-padded to a page; returns the frames. Frames are packed a few at a time on
+        threads (the C encoder releases the GIL), one page-sized buffer each."""
+        if self._pages is None:
+            threads = max(1, min(4, os.cpu_count() or 1))
+            self._pages = [torch.empty(codec.staging_bytes(self.layouts), dtype=torch.uint8) for _ in range(threads)]
+            self._encoder = ThreadPoolExecutor(threads, thread_name_prefix="dsinfer-pack")
+
+        def pack(job):
+            (raw_offset, raw_bytes, width), page = job
             raw = buf[raw_offset:raw_offset + raw_bytes]
             got = codec.encode(raw, width, page) if width else None
             if got is None:
                 page[:raw_bytes].copy_(raw)
-                width, size, n_exc, table = 0, raw_bytes, 0, b""
-            else:
-                size, n_exc, table = got
-            frame = codec.Frame(raw_offset, raw_bytes, width, n_exc, table, offset, size)
-            page[size:frame.read_bytes].zero_()
-            _pwrite_all(fd, page[:frame.read_bytes], offset)
-            frames.append(frame)
-            offset += frame.read_bytes
+                return raw_offset, raw_bytes, 0, raw_bytes, 0, b""
+            return (raw_offset, raw_bytes, width) + got
+
+        frames, offset, todo = [], 0, codec.raw_frames(layout)
+        for start in range(0, len(todo), len(self._pages)):
+            window = list(zip(todo[start:start + len(self._pages)], self._pages))
+            for (raw_offset, raw_bytes, width, size, n_exc, table), page in zip(self._encoder.map(pack, window),
+                                                                                  self._pages):
+                frame = codec.Frame(raw_offset, raw_bytes, width, n_exc, table, offset, size)
+                page[size:frame.read_bytes].zero_()
+                _pwrite_all(fd, page[:frame.read_bytes], offset)
+                frames.append(frame)
+                offset += frame.read_bytes
         return frames
 
     def finish(self) -> None:
         """Write the manifest (last, so an interrupted write is never taken for a complete one)."""
-        self._scratch = None
+        self._scratch = self._pages = None
+        if self._encoder is not None:
+            self._encoder.shutdown()
+            self._encoder = None
         if not self.reused:
             tmp = os.path.join(self.folder, _MANIFEST + ".tmp")
             frames = self.frames if self.frames is not None else [[] for _ in self.layouts]
