@@ -38,6 +38,10 @@ class InferenceConfig:
       machine; else cpu).
     offload: None (weights resident), "cpu" (weights in host memory, streamed to the GPU layer by layer) or
       "nvme" (weights in per-layer files under ``offload_path``, streamed with O_DIRECT reads and prefetch).
+      "auto": resident when the weights (this rank's shard) and the KV cache fit in 90% of the device's free
+      memory, else "cpu" on a GPU when the weights fit in 80% of the available host RAM, else "nvme" (needs
+      ``offload_path``); tensor-parallel ranks follow rank 0's choice. A model on meta that does not fit
+      without offload is refused before loading, with the numbers and these options.
     offload_path: folder for the "nvme" tier (on a fast local disk; created if missing).
     offload_compress: "nvme" tier: store bf16 / fp32 weights packed losslessly (12 bits per bf16 weight
       instead of 16; bit-identical after the decode, which the reader threads do): ~25% fewer bytes read
@@ -63,8 +67,8 @@ class InferenceConfig:
 
     def __post_init__(self):
         self.dtype = resolve_dtype(self.dtype)
-        if self.offload not in (None, "cpu", "nvme"):
-            raise ValueError(f"offload={self.offload!r} is not one of None, 'cpu', 'nvme'.")
+        if self.offload not in (None, "cpu", "nvme", "auto"):
+            raise ValueError(f"offload={self.offload!r} is not one of None, 'cpu', 'nvme', 'auto'.")
         if self.offload == "nvme" and not self.offload_path:
             raise ValueError("offload='nvme' needs offload_path=<folder on a fast local disk> for the weight files "
                              "(or the DSINFER_OFFLOAD_PATH environment variable with strategy='dsinfer_offload_nvme').")

@@ -19,6 +19,7 @@ from lightning_dsinfer.modules.kv_cache import StaticKVCache
 from lightning_dsinfer.modules.masks import build_step
 from lightning_dsinfer.modules.rotary import RotaryTable
 from lightning_dsinfer.offload import available_memory
+from lightning_dsinfer.offload.budget import host_available_memory
 from lightning_dsinfer.parallel import TensorParallelComm
 from lightning_dsinfer.parallel.process_groups import tensor_parallel_comm
 from lightning_dsinfer.policies import find_policy
@@ -71,8 +72,9 @@ class InferenceEngine:
             raise ValueError(f"layers use different sliding windows {self.windows}; one window per model is supported.")
         self.sliding_window = self.windows[0] if self.windows else None
         self.working_set = None             # offload: what is resident, and the batch size it leaves room for
+        self.offload = self._choose_offload(hf_model, weights)       # config.offload, "auto" resolved
         with torch.no_grad():
-            if config.offload is None:
+            if self.offload is None:
                 self.decoder = build_decoder(weights, self.dtype, self.device, self.comm)
                 batch = config.max_batch_size or DEFAULT_MAX_BATCH_SIZE
             else:
@@ -84,19 +86,62 @@ class InferenceEngine:
         self.cache = StaticKVCache(len(weights.layers), local_kv_heads, weights.head_dim, batch,
                                    self.max_seq_len, self.dtype, self.device)
         self.vocab_size = weights.vocab_size
-        if config.release_hf_weights or config.offload is not None:
-            resident_embed = config.offload is None and self.comm.size == 1
+        if config.release_hf_weights or self.offload is not None:
+            resident_embed = self.offload is None and self.comm.size == 1
             _release_hf_weights(hf_model, self.decoder.embed if resident_embed else None)
+
+    def _choose_offload(self, hf_model, weights) -> str | None:
+        """``config.offload``, with "auto" resolved (rank 0 decides for the group); a model on meta that needs
+        offload and was not given it is refused here, before anything is loaded."""
+        config = self.config
+        if config.offload in ("cpu", "nvme"):
+            return config.offload
+        on_meta = all(p.device.type == "meta" for p in hf_model.parameters())
+        if config.offload is None and not on_meta:
+            return None                       # the weights are in memory already: they fit
+        numel = sum(p.numel() for p in hf_model.parameters())
+        weight_bytes = numel * self.dtype.itemsize // self.comm.size
+        kv_heads = shard_plan(weights, self.comm).local_kv_heads
+        cache_bytes = (2 * len(weights.layers) * kv_heads * weights.head_dim * self.max_seq_len
+                       * (config.max_batch_size or DEFAULT_MAX_BATCH_SIZE) * self.dtype.itemsize)
+        free = available_memory(self.device)
+        if not on_meta and _model_device(hf_model) == self.device:
+            free += weight_bytes              # the model's own weights are released as the engine takes them
+        host = host_available_memory()
+        if weight_bytes + cache_bytes <= 0.9 * free:
+            choice = None
+        elif self.device.type == "cuda" and weight_bytes <= 0.8 * host:
+            choice = "cpu"
+        else:
+            choice = "nvme"
+        if config.offload == "auto" and self.comm.size > 1:    # every rank of the group builds the same decoder
+            code = torch.tensor([[None, "cpu", "nvme"].index(choice)], device=self.device)
+            choice = [None, "cpu", "nvme"][int(self.comm.broadcast_(code).item())]
+        gib = 2**30
+        numbers = (f"the weights need {weight_bytes / gib:.2f} GiB in {str(self.dtype).replace('torch.', '')}"
+                   f"{' (this rank of ' + str(self.comm.size) + ')' if self.comm.size > 1 else ''} and the KV "
+                   f"cache {cache_bytes / gib:.2f} GiB, but {self.device} has {free / gib:.2f} GiB free")
+        if config.offload is None and choice is not None:
+            raise ValueError(
+                f"dsinfer: the model does not fit without offload: {numbers}. Pass offload='auto' (or "
+                f"offload='{choice}'{', offload_path=<folder on a fast disk>' if choice == 'nvme' else ''}) to "
+                f"stream the weights within max_memory, lower max_seq_len / max_batch_size, or use "
+                f"tensor_parallel_size > 1.")
+        if choice == "nvme" and not config.offload_path:
+            raise ValueError(f"dsinfer: offload='auto' chose the disk tier ({numbers}; host RAM "
+                             f"{host / gib:.2f} GiB available) but no offload_path was given. Pass "
+                             f"offload_path=<folder on a fast local disk> (or $DSINFER_OFFLOAD_PATH with the strategy).")
+        return choice
 
     def _build_offloaded(self, hf_model, weights, source):
         config = self.config
         budget = config.max_memory if config.max_memory is not None else available_memory(self.device) // 2
         folder = fingerprint = None
-        if config.offload == "nvme":
+        if self.offload == "nvme":
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
             folder = os.path.join(config.offload_path, f"rank{rank}-tp{self.comm.rank}of{self.comm.size}")
             fingerprint = _checkpoint_fingerprint(hf_model, config, self.dtype, self.comm)
-        return build_streamed_decoder(weights, self.dtype, self.device, self.comm, config.offload, folder, budget,
+        return build_streamed_decoder(weights, self.dtype, self.device, self.comm, self.offload, folder, budget,
                                       self.max_seq_len, config.max_batch_size, fingerprint, source,
                                       compress=config.offload_compress)
 

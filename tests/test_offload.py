@@ -156,6 +156,41 @@ def test_meta_model_from_checkpoint_to_nvme_and_folder_reuse(tmp_path):
     assert reused == [False, True]                  # the second run found the folder written by the first
 
 
+def test_offload_auto_and_the_fit_check(tmp_path, monkeypatch):
+    """offload="auto": resident when the weights and the KV cache fit in the device's free memory, else streamed
+    (on a CPU: the disk tier), greedy tokens as HF's either way; without offload a meta model that does not fit is
+    refused before loading, naming the numbers and the options; "auto" without a folder when it needs the disk."""
+    import lightning_dsinfer.engine as engine_mod
+    from transformers import AutoModelForCausalLM
+
+    hf = tiny_model("llama")
+    hf.save_pretrained(tmp_path / "ckpt")
+    ids, mask = padded_batch([7, 3], seed=11)
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+
+    def load(free, **kw):
+        monkeypatch.setattr(engine_mod, "available_memory", lambda device: free)
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(hf.config)
+        return dsi.init_inference(meta, checkpoint=str(tmp_path / "ckpt"), max_seq_len=32, dtype=torch.float32,
+                                  max_batch_size=2, **kw)
+
+    weights = sum(p.numel() for p in hf.parameters()) * 4
+    plenty = load(100 * weights, offload="auto", offload_path=str(tmp_path / "off"))
+    assert plenty._dsinfer_engine.offload is None and plenty._dsinfer_engine.working_set is None
+    tight = load(weights // 2, offload="auto", offload_path=str(tmp_path / "off"), max_memory="2MiB")
+    assert tight._dsinfer_engine.offload == "nvme"
+    assert type(tight._dsinfer_engine.decoder).__name__ == "StreamedDecoderModel"
+    for opt in (plenty, tight):
+        assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False), ref)
+    with pytest.raises(ValueError, match=r"does not fit without offload: the weights need .* GiB .* Pass "
+                                         r"offload='auto' \(or offload='nvme', offload_path="):
+        load(weights // 2)
+    with pytest.raises(ValueError, match=r"offload='auto' chose the disk tier .* no offload_path was given"):
+        load(weights // 2, offload="auto")
+
+
 def test_working_set_budget():
     ws = plan_working_set(max_memory=100, slot_bytes=20, per_sequence_bytes=10, per_token_bytes=0, batch_size=None)
     assert ws.n_slots == 2 and ws.batch_size == 6 and ws.total == 100 and ws.spare == 0

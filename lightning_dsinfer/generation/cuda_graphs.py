@@ -49,7 +49,7 @@ def emulate(enabled: bool = True):
 def _enabled(engine) -> bool:
     if os.environ.get("DSINFER_CUDA_GRAPHS", "1") in ("0", "false", "False"):
         return False
-    if not engine.config.cuda_graphs or engine.config.offload is not None:
+    if not engine.config.cuda_graphs or engine.offload is not None:
         return False
     return engine.comm.size == 1
 

@@ -53,6 +53,18 @@ def available_memory(device) -> int:
     if torch.device(device).type == "cuda":
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         return free
+    return host_available_memory()
+
+
+def host_available_memory() -> int:
+    """RAM that can be had without swapping: MemAvailable (free + reclaimable page cache), else free pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 

@@ -89,7 +89,7 @@ class DSInferStrategy(DDPStrategy):
         kwargs.setdefault("timeout", datetime.timedelta(seconds=collective_timeout_s))
         super().__init__(**kwargs)
         self.tensor_parallel_size = tensor_parallel_size
-        if offload == "nvme" and offload_path is None:
+        if offload in ("nvme", "auto") and offload_path is None:
             offload_path = os.environ.get("DSINFER_OFFLOAD_PATH")
         self.inference_config = InferenceConfig(dtype=resolve_dtype(dtype), max_seq_len=max_seq_len,
                                                 max_batch_size=max_batch_size, checkpoint=checkpoint,
