@@ -15,6 +15,12 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 _empty, _empty_like = torch.empty, torch.empty_like
+# ``with torch.device(...)`` recognises factory functions from a set torch builds (and caches) on its first use;
+# built while the poisoned factories below are in place, it would hold them instead of torch.empty, and every
+# later ``with torch.device("meta")`` in the session would build real tensors. Build it now, unpatched.
+import torch.utils._device  # noqa: E402
+
+torch.utils._device._device_constructors()
 
 
 def _poison(t: torch.Tensor) -> torch.Tensor:
