@@ -91,8 +91,8 @@ class InferenceEngine:
             _release_hf_weights(hf_model, self.decoder.embed if resident_embed else None)
 
     def _choose_offload(self, hf_model, weights) -> str | None:
-        """``config.offload``, with "auto" resolved (rank 0 decides for the group); a model on meta that needs
-        offload and was not given it is refused here, before anything is loaded."""
+        """``config.offload``, with "auto" resolved; a model on meta that needs offload and was not given it is
+        refused here, before anything is loaded. Rank 0 decides for its tensor-parallel group."""
         config = self.config
         if config.offload in ("cpu", "nvme"):
             return config.offload
@@ -114,7 +114,7 @@ class InferenceEngine:
             choice = "cpu"
         else:
             choice = "nvme"
-        if config.offload == "auto" and self.comm.size > 1:    # every rank of the group builds the same decoder
+        if self.comm.size > 1:          # every rank of the group builds the same decoder, or fails the same way
             code = torch.tensor([[None, "cpu", "nvme"].index(choice)], device=self.device)
             choice = [None, "cpu", "nvme"][int(self.comm.broadcast_(code).item())]
         gib = 2**30
