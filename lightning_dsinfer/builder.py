@@ -86,16 +86,17 @@ def split_block(t: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
 
 
 def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: TensorParallelComm,
-               pack: bool = True) -> DecoderLayer:
+               pack: bool = True, quantize: str | None = None) -> DecoderLayer:
     """A block over the tensors of :func:`shard_layer` (already on the compute device and dtype).
 
     ``pack=False`` keeps the tensors as they are (views into a streamed buffer stay views). Either half may be
-    missing from ``t`` (an offloaded block's halves come one at a time): its module is then None."""
+    missing from ``t`` (an offloaded block's halves come one at a time): its module is then None.
+    ``quantize="int8"``: the four linears hold int8 weights with per-row scales (norms stay as they are)."""
     reduce = comm.all_reduce if comm.size > 1 else None
     first = comm.rank == 0
 
     def linear(name, **kw):
-        return Linear(t[f"{name}.weight"], t.get(f"{name}.bias"), pack=pack, **kw)
+        return Linear(t[f"{name}.weight"], t.get(f"{name}.bias"), pack=pack, quantize=quantize, **kw)
 
     attn = Attention(spec, index, linear("qkv"), linear("o", reduce=reduce, owns_residual=first),
                      q_norm=t.get("q_norm"), k_norm=t.get("k_norm")) if "qkv.weight" in t else None
@@ -126,11 +127,12 @@ def head_rows(w: ModelWeights, plan: TensorShardPlan, dtype: torch.dtype, first:
 
 
 def build_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.device | str = "cpu",
-                  comm: TensorParallelComm | None = None) -> DecoderModel:
+                  comm: TensorParallelComm | None = None, quantize: str | None = None) -> DecoderModel:
     """Resident fused modules from a policy's weight refs, reading only this rank's shards.
 
     QKV and gate/up are fused into one GEMM each; o and down are row-parallel with the residual add
-    fused in (tp rank 0 adds residual and bias; the all-reduce sums the partial products).
+    fused in (tp rank 0 adds residual and bias; the all-reduce sums the partial products). ``quantize="int8"``:
+    the blocks' linears in int8 (the lm_head stays in ``dtype``; the config refuses it with tensor parallelism).
     """
     comm = comm or TensorParallelComm()
     plan = shard_plan(w, comm)
@@ -141,7 +143,8 @@ def build_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.device | st
     layers = []
     for i, lw in enumerate(w.layers):
         tensors = {k: dev(v) for k, v in shard_layer(lw, plan, dtype).items()}
-        layers.append(make_layer(i, tensors, layer_spec(w, plan, lw), comm))
+        layers.append(make_layer(i, tensors, layer_spec(w, plan, lw), comm, quantize=quantize))
+        del tensors
     start, real, padded = vocab_rows(w, plan)
     embed = dev(w.embed.load(0, start, real))
     head = {k: dev(v) for k, v in head_rows(w, plan, dtype, 0, padded).items()}

@@ -50,6 +50,9 @@ class InferenceConfig:
       ring + KV cache + activations. None = half of what is free.
     max_batch_size: None = 8, or with offload the largest batch that fits in ``max_memory``.
     cuda_graphs: on CUDA, capture one decode step per batch-size bucket and replay it (TP=1, no offload).
+    quantize: None, or "int8": the blocks' linear weights stored int8 with one scale per output row (weight-only,
+      symmetric; activations, norms, attention and the lm_head stay in ``dtype``): half the bytes a decode step
+      reads. Outputs change by the quantisation error (not lossless). Not with offload or tensor parallelism (yet).
     """
     dtype: torch.dtype | None = None
     max_seq_len: int | None = None
@@ -64,11 +67,20 @@ class InferenceConfig:
     offload_compress: bool = True
     max_memory: int | str | None = None
     cuda_graphs: bool = True
+    quantize: str | None = None
 
     def __post_init__(self):
         self.dtype = resolve_dtype(self.dtype)
         if self.offload not in (None, "cpu", "nvme", "auto"):
             raise ValueError(f"offload={self.offload!r} is not one of None, 'cpu', 'nvme', 'auto'.")
+        if self.quantize not in (None, "int8"):
+            raise ValueError(f"quantize={self.quantize!r} is not one of None, 'int8'.")
+        if self.quantize is not None and self.tensor_parallel_size > 1:
+            raise ValueError(f"quantize={self.quantize!r} with tensor_parallel_size={self.tensor_parallel_size} is not "
+                             f"supported yet (each rank would quantise its own shard); use tensor_parallel_size=1.")
+        if self.quantize is not None and self.offload is not None:
+            raise ValueError(f"quantize={self.quantize!r} with offload={self.offload!r} is not supported yet: the "
+                             f"offload tiers stream the weights in dtype ({self.dtype}); drop one of the two.")
         if self.offload == "nvme" and not self.offload_path:
             raise ValueError("offload='nvme' needs offload_path=<folder on a fast local disk> for the weight files "
                              "(or the DSINFER_OFFLOAD_PATH environment variable with strategy='dsinfer_offload_nvme').")

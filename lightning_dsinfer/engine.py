@@ -75,7 +75,7 @@ class InferenceEngine:
         self.offload = self._choose_offload(hf_model, weights)       # config.offload, "auto" resolved
         with torch.no_grad():
             if self.offload is None:
-                self.decoder = build_decoder(weights, self.dtype, self.device, self.comm)
+                self.decoder = build_decoder(weights, self.dtype, self.device, self.comm, quantize=config.quantize)
                 batch = config.max_batch_size or DEFAULT_MAX_BATCH_SIZE
             else:
                 self.decoder, self.working_set = self._build_offloaded(hf_model, weights, source)
@@ -293,6 +293,10 @@ def _init_generic_tensor_parallel(model: nn.Module, config: InferenceConfig, com
     from lightning_dsinfer.parallel.generic import (GenericTensorParallel, apply_generic_tensor_parallel,
                                                     generic_generate, plan_generic_tensor_parallel)
 
+    if getattr(config, "quantize", None) is not None:
+        raise NotImplementedError(f"quantize={config.quantize!r} needs a fused policy; model_type="
+                                  f"{getattr(model.config, 'model_type', None)!r} has none (the generic "
+                                  f"tensor-parallel path keeps HF's own linears).")
     if getattr(config, "offload", None) is not None:
         raise NotImplementedError(f"offload={config.offload!r} needs a fused policy; model_type="
                                   f"{getattr(model.config, 'model_type', None)!r} has none (the generic "

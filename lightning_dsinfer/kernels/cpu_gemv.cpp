@@ -381,6 +381,95 @@ void run_range(int isa, int64_t M, const Args& a, int64_t n_begin, int64_t n_end
             call_mgroup<1>(isa, static_cast<int>(M - m0 < 4 ? M - m0 : 4), a.shift(m0), n);
 }
 
+// ---------------------------------------------------------------- int8 weights (weight-only, AVX512)
+// y = (x @ q^T) * scale[n] (+ bias) (+ res): q int8 [N, K] (row stride ldw), one fp32 scale per output row, x
+// bf16. Same walk as the bf16 kernels (4 rows of W side by side, the next 4 prefetched, up to 4 rows of x per
+// pass); each int8 is widened to fp32 and multiplied in fp32, the scale applied to the row's sum. A decode step
+// reads half the bytes of bf16.
+struct ArgsI8 {
+    const uint16_t* x; int64_t ldx;
+    const int8_t* w; int64_t ldw;
+    const float* scale; const uint16_t* bias;
+    const uint16_t* res; int64_t ldr;
+    uint16_t* y; int64_t ldy;
+    int64_t N, K;
+    ArgsI8 shift(int64_t m0) const {
+        return ArgsI8{x + m0 * ldx, ldx, w, ldw, scale, bias, res ? res + m0 * ldr : nullptr, ldr, y + m0 * ldy, ldy,
+                      N, K};
+    }
+};
+
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline __m512 widen_i8(const int8_t* p, __mmask16 mask) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
+}
+
+template <int M, int R>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void rows_int8(const ArgsI8& a, int64_t n0) {
+    __m512 acc[M][R];
+    for (int m = 0; m < M; ++m)
+        for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+    const int8_t* wr = a.w + n0 * a.ldw;
+    for (int64_t k = 0; k < a.K; k += 16) {
+        const __mmask16 mask = lanes16(a.K - k);     // all 16 but in the tail: zeros past K
+        __m512 w[R];
+        for (int r = 0; r < R; ++r) w[r] = widen_i8(wr + r * a.ldw + k, mask);
+        if ((k & 63) == 0)
+            for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(wr + (R + r) * a.ldw + k), _MM_HINT_T1);
+        for (int m = 0; m < M; ++m) {
+            const __m512 xv = widen16_mask(a.x + m * a.ldx + k, mask);
+            for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(xv, w[r], acc[m][r]);
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+        const int64_t n = n0 + r;
+        const float b = a.bias ? bf16_to_f32(a.bias[n]) : 0.f;
+        for (int m = 0; m < M; ++m) {
+            float v = _mm512_reduce_add_ps(acc[m][r]) * a.scale[n] + b;
+            if (a.res) v += bf16_to_f32(a.res[m * a.ldr + n]);
+            a.y[m * a.ldy + n] = f32_to_bf16(v);
+        }
+    }
+}
+
+template <int R>
+void int8_mgroup(int mb, const ArgsI8& a, int64_t n) {
+    switch (mb) {
+        case 1: rows_int8<1, R>(a, n); break;
+        case 2: rows_int8<2, R>(a, n); break;
+        case 3: rows_int8<3, R>(a, n); break;
+        default: rows_int8<4, R>(a, n); break;
+    }
+}
+
+void run_range_int8(int64_t M, const ArgsI8& a, int64_t n_begin, int64_t n_end) {
+    constexpr int R = 4;
+    int64_t n = n_begin;
+    for (; n + R <= n_end; n += R)
+        for (int64_t m0 = 0; m0 < M; m0 += 4) int8_mgroup<R>(static_cast<int>(M - m0 < 4 ? M - m0 : 4), a.shift(m0), n);
+    for (; n < n_end; ++n)
+        for (int64_t m0 = 0; m0 < M; m0 += 4) int8_mgroup<1>(static_cast<int>(M - m0 < 4 ? M - m0 : 4), a.shift(m0), n);
+}
+
+// Rows [0, N) over `threads` OpenMP threads in contiguous ranges, boundaries on multiples of 8 rows (whole
+// R-groups, whole cache lines of y): fn(n_begin, n_end) on each. One thread: no parallel region at all.
+template <typename F>
+void split_rows(int threads, int64_t N, F&& fn) {
+    if (threads <= 1) {
+        fn(int64_t{0}, N);
+        return;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const int64_t groups = (N + 7) / 8;
+        const int64_t g0 = groups * t / nt, g1 = groups * (t + 1) / nt;
+        const int64_t n_begin = g0 * 8, n_end = g1 * 8 < N ? g1 * 8 : N;
+        if (n_begin < n_end) fn(n_begin, n_end);
+    }
+}
+
 // ---------------------------------------------------------------- SwiGLU and decode attention (decode rows)
 // exp of 16 fp32 lanes: Cephes' expf (range reduction by ln 2 in two parts, degree-6 polynomial, scalef for
 // 2^n, which gives inf above ~88.7 and 0 / denormals below ~-87.3 as libm does); relative error ~1e-7, so a bf16
@@ -612,19 +701,20 @@ int dsi_gemv_bf16(const void* x, int64_t ldx, const void* w, int64_t ldw, const 
     const Args a{static_cast<const uint16_t*>(x), ldx, static_cast<const uint16_t*>(w), ldw,
                  static_cast<const uint16_t*>(bias), static_cast<const uint16_t*>(res), ldr, static_cast<uint16_t*>(y),
                  ldy, N, K};
-    if (threads <= 1) {
-        run_range(isa, M, a, 0, N);
-        return 0;
-    }
-#pragma omp parallel num_threads(threads)
-    {
-        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        // Contiguous row ranges, boundaries on multiples of 8 rows (whole R-groups, whole cache lines of y).
-        const int64_t groups = (N + 7) / 8;
-        const int64_t g0 = groups * t / nt, g1 = groups * (t + 1) / nt;
-        const int64_t n_begin = g0 * 8, n_end = g1 * 8 < N ? g1 * 8 : N;
-        if (n_begin < n_end) run_range(isa, M, a, n_begin, n_end);
-    }
+    split_rows(threads, N, [&](int64_t n_begin, int64_t n_end) { run_range(isa, M, a, n_begin, n_end); });
+    return 0;
+}
+
+// y = (x @ q^T) * scale (+ bias) (+ res): x, bias, res, y bf16; q int8 [N, K] with row stride ldw; scale fp32 [N].
+// Any M, as dsi_gemv_bf16. Returns 0, or -1 without AVX512 or for an empty shape.
+int dsi_gemv_int8(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* scale, const void* bias,
+                  const void* res, int64_t ldr, void* y, int64_t ldy, int64_t M, int64_t N, int64_t K, int threads) {
+    if (dsi_gemv_best_isa() < 2 || M < 1 || N < 1 || K < 1) return -1;
+    if (N * K < kSerialLinearWork) threads = 1;
+    const ArgsI8 a{static_cast<const uint16_t*>(x), ldx, static_cast<const int8_t*>(w), ldw,
+                   static_cast<const float*>(scale), static_cast<const uint16_t*>(bias),
+                   static_cast<const uint16_t*>(res), ldr, static_cast<uint16_t*>(y), ldy, N, K};
+    split_rows(threads, N, [&](int64_t n_begin, int64_t n_end) { run_range_int8(M, a, n_begin, n_end); });
     return 0;
 }
 
@@ -869,9 +959,10 @@ uint64_t dsi_stream_read(const void* data, int64_t bytes, int threads) {
 struct DsiLinear {
     const void* w; const void* bias;   // weight (AMX layout, or row-major with row stride ldw); bias or null
     int64_t ldw, N, K;
-    int64_t packed;                    // 1: AMX layout (dsi_gemm_amx), 0: row-major (dsi_gemv_bf16)
+    int64_t packed;                    // 1: AMX layout (dsi_gemm_amx), 0: row-major (dsi_gemv_bf16), 2: int8 (dsi_gemv_int8)
     int64_t add_residual;              // add the residual stream (tp rank 0, or no tensor parallelism)
     int64_t reduce;                    // sum over the tensor-parallel group afterwards (row-parallel o / down)
+    const void* scale;                 // int8: fp32 scale per output row; else null
 };
 
 struct DsiLayer {
@@ -896,6 +987,8 @@ static int stack_linear(const DsiStack* st, const DsiLinear& lin, const uint16_t
                         uint16_t* y) {
     const int threads = static_cast<int>(st->threads);
     const uint16_t* res = lin.add_residual ? h : nullptr;
+    if (lin.packed == 2)
+        return dsi_gemv_int8(x, lin.K, lin.w, lin.ldw, lin.scale, lin.bias, res, lin.N, y, lin.N, M, lin.N, lin.K, threads);
     if (lin.packed) return dsi_gemm_amx(x, lin.K, lin.w, lin.bias, res, lin.N, y, lin.N, M, lin.N, lin.K, threads);
     return dsi_gemv_bf16(x, lin.K, lin.w, lin.ldw, lin.bias, res, lin.N, y, lin.N, M, lin.N, lin.K, threads,
                          static_cast<int>(st->isa));

@@ -103,6 +103,9 @@ class _Kernel:
         self.shm_exchange.restype = ctypes.c_int
         self.shm_exchange.argtypes = [p, ctypes.c_int, i64, p, i64, p, ctypes.c_int, ctypes.c_int, i64, ctypes.c_double,
                                       ctypes.c_int]
+        self.int8 = lib.dsi_gemv_int8
+        self.int8.restype = ctypes.c_int
+        self.int8.argtypes = [p, i64, p, i64, p, p, p, i64, p, i64, i64, i64, i64, ctypes.c_int]
         self.packed_bytes = lib.dsi_packed_bytes
         self.packed_bytes.restype = i64
         self.packed_bytes.argtypes = [i64, ctypes.c_int, i64]
@@ -329,6 +332,38 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y
 
 
+def has_int8() -> bool:
+    """True when :func:`linear_int8` runs here (AVX512)."""
+    return available() and _kernel.cpu_isa >= 2
+
+
+def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``(x @ qweight.T) * scale (+ bias) (+ residual)`` rounded once to bf16: x [..., K] bf16, qweight int8 [N, K]
+    (unit inner stride), scale fp32 [N] (per output row), bias [N] / residual [..., N] bf16. Requires
+    :func:`has_int8`. Reference: ``reference.small_gemm(x, reference.dequantize_int8(qweight, scale), ...)``."""
+    k = _kernel if _kernel is not None else _load()
+    if k is None or k.cpu_isa < 2:
+        raise RuntimeError("the int8 CPU kernel needs the C library and AVX512")
+    if qweight.dtype != torch.int8 or qweight.dim() != 2 or qweight.stride(1) != 1:
+        raise ValueError(f"int8 [N, K] weight with unit inner stride expected, got {qweight.dtype} "
+                         f"{tuple(qweight.shape)}")
+    n, kdim = qweight.shape
+    if scale.dtype != torch.float32 or not scale.is_contiguous() or scale.numel() != n:
+        raise ValueError(f"scale must be contiguous fp32 [{n}], got {scale.dtype} {tuple(scale.shape)}")
+    x2 = _rows(x, kdim)
+    y = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
+    if x2.shape[0] == 0:
+        return y
+    bias_ptr, r2 = _operands(x2, n, bias, residual)
+    rc = k.int8(x2.data_ptr(), x2.stride(0), qweight.data_ptr(), qweight.stride(0), scale.data_ptr(), bias_ptr,
+                None if r2 is None else r2.data_ptr(), 0 if r2 is None else r2.stride(0), y.data_ptr(), n,
+                x2.shape[0], n, kdim, torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError("cpu_gemv: the int8 kernel refused the call")
+    return y
+
+
 def linear_packed(x: torch.Tensor, packed: torch.Tensor, out_features: int, in_features: int,
                   bias: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`linear` for a weight [out_features, in_features] in the AMX layout (``packed = pack(weight)``);
@@ -462,10 +497,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 # ------------------------------------------------------------------- a decode step through every block in one call
 class StackLinear(ctypes.Structure):
-    """``DsiLinear`` of cpu_gemv.cpp: one linear of a block (weight in the AMX layout or row-major)."""
+    """``DsiLinear`` of cpu_gemv.cpp: one linear of a block (weight in the AMX layout, row-major, or int8)."""
     _fields_ = [("w", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("ldw", ctypes.c_int64), ("N", ctypes.c_int64),
                 ("K", ctypes.c_int64), ("packed", ctypes.c_int64), ("add_residual", ctypes.c_int64),
-                ("reduce", ctypes.c_int64)]
+                ("reduce", ctypes.c_int64), ("scale", ctypes.c_void_p)]
 
 
 class StackLayer(ctypes.Structure):

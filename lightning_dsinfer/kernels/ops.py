@@ -311,6 +311,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return reference.linear(x, weight, bias, residual)
 
 
+def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ (qweight * scale[:, None]).T (+ bias) (+ residual)``: int8 [N, K] weight, fp32 per-row scale. The
+    Triton small-batch int8 GEMM (dequantisation fused in) for M <= 32 bf16 / fp16 rows; else the weight is
+    dequantised in x's dtype for the call."""
+    k = x.shape[-1]
+    m = x.numel() // k if k else 0
+    if _triton(x) and x.dtype in (torch.bfloat16, torch.float16) and 0 < m <= SMALL_GEMM_MAX_M \
+            and (bias is None or bias.dtype == x.dtype) and (residual is None or residual.dtype == x.dtype):
+        from lightning_dsinfer.kernels.small_gemm import small_gemm_int8
+        _count("linear_int8", "triton")
+        return small_gemm_int8(x, qweight, scale, bias, residual)
+    _count("linear_int8", "torch:dequantise")
+    weight = reference.dequantize_int8(qweight, scale)
+    return reference.linear(x, weight if x.dtype == torch.float32 else weight.to(x.dtype), bias, residual)
+
+
 def _decode_ranges(mask: torch.Tensor, b: int, length: int):
     """kv_start [B] int32 when every row of mask [B|1, 1, 1, L] is one run [kv_start, L), else None."""
     hit = _mask_memo.get(mask)

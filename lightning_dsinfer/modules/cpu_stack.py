@@ -54,8 +54,9 @@ class CpuDecodeStack:
                                         ("gate_up", ly.mlp.gate_up, False), ("down", ly.mlp.down, True)):
                 setattr(t, name, cpu_gemv.StackLinear(
                     w=lin.weight.data_ptr(), bias=_ptr(lin.bias), ldw=lin.weight.stride(0) if not lin.packed else 0,
-                    N=lin.out_features, K=lin.in_features, packed=int(lin.layout == "amx"),
-                    add_residual=int(residual and lin.owns_residual), reduce=int(lin.reduce is not None)))
+                    N=lin.out_features, K=lin.in_features, packed={"amx": 1, "int8": 2}.get(lin.layout, 0),
+                    add_residual=int(residual and lin.owns_residual), reduce=int(lin.reduce is not None),
+                    scale=_ptr(lin.scale)))
             t.input_norm, t.post_norm = ly.input_norm.data_ptr(), ly.post_norm.data_ptr()
             t.q_norm, t.k_norm = _ptr(ly.attn.q_norm), _ptr(ly.attn.k_norm)
             t.sliding = int(ly.attn.sliding)
@@ -91,9 +92,14 @@ class CpuDecodeStack:
                     _bf16_vector(v, n) for v, n in ((ly.input_norm, h), (ly.post_norm, h), (a.q_norm, d), (a.k_norm, d))):
                 return None
             for lin in (a.qkv, a.o, m.gate_up, m.down):
-                if lin.weight.dtype != torch.bfloat16 or lin.weight.device.type != "cpu":
+                if lin.weight.device.type != "cpu":
                     return None
-                if lin.layout == "plain" and lin.row_kernel:
+                if lin.layout == "int8":     # the kernel the per-op path takes for bf16 rows (Linear._matmul)
+                    if lin.dtype != torch.bfloat16 or not cpu_gemv.has_int8():
+                        return None
+                elif lin.weight.dtype != torch.bfloat16:
+                    return None
+                elif lin.layout == "plain" and lin.row_kernel:
                     row_limit = min(row_limit, lin.row_kernel_rows)
                 elif lin.layout != "amx":
                     return None

@@ -12,6 +12,11 @@ bf16 weights on the CPU take the first of these that the machine has (``Linear.l
 - ``"onednn"`` (the kernel could not be built, or ``DSINFER_CPU_GEMV=0``): pre-packed once for oneDNN
   (``_reorder_linear_weight``), every call through ``_linear_pointwise``.
 
+``quantize="int8"``: the weight is stored int8 with one fp32 scale per output row (symmetric, ``w ~= q * scale``,
+``reference.quantize_int8_per_channel``), half the bytes of bf16 (``"int8"`` layout): bf16 rows on an AVX512 CPU
+go through the int8 kernel of ``cpu_gemv.cpp`` (decode and prompts alike); on CUDA the Triton small-batch int8
+GEMM for M <= 32; anything else dequantises the weight for the call (``reference.linear``).
+
 ``pack=False`` keeps the tensor as given (offload passes views into a streamed buffer): ``"plain"``, with the
 row-major kernel for few rows where it is available. Everything else goes through ``ops.linear``: the small-batch
 Triton GEMM on CUDA for M <= 32 (bf16 / fp16), ``F.linear`` otherwise.
@@ -21,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_dsinfer.kernels import cpu_gemv, ops
+from lightning_dsinfer.kernels import cpu_gemv, ops, reference
 
 # The M the oneDNN weight layout is tuned for. Measured on a 2-core AVX512-BF16/AMX machine: 16 is
 # within 5% of the best layout for M=1 decode and within 2% of the best for M=2048 prefill.
@@ -46,11 +51,21 @@ class Linear(nn.Module):
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool = True,
-                 reduce=None, owns_residual: bool = True):
+                 reduce=None, owns_residual: bool = True, quantize: str | None = None):
         super().__init__()
         self.reduce, self.owns_residual = reduce, owns_residual
         self.out_features, self.in_features = weight.shape
+        self.scale = None
         kernel = _bf16_cpu(weight) and cpu_gemv.available()
+        if quantize == "int8":
+            self.layout = "int8"
+            self.bias = None if bias is None else bias.to(dtype=weight.dtype).contiguous()
+            self.dtype = weight.dtype
+            self.weight, self.scale = reference.quantize_int8_per_channel(weight)
+            self.row_kernel, self.row_kernel_rows = False, 0
+            return
+        if quantize is not None:
+            raise ValueError(f"quantize={quantize!r} is not one of None, 'int8'.")
         if pack and kernel and cpu_gemv.has_amx():
             self.layout = "amx"
             weight = cpu_gemv.pack(weight)
@@ -68,13 +83,14 @@ class Linear(nn.Module):
 
     @property
     def packed(self) -> bool:
-        """True when the weight is not a plain [out, in] tensor (AMX tiles or a oneDNN layout)."""
-        return self.layout != "plain"
+        """True when the weight is not a plain [out, in] tensor (AMX tiles or a oneDNN layout; int8 is plain)."""
+        return self.layout in ("amx", "onednn")
 
     @property
     def nbytes(self) -> int:
         """Bytes read from memory by one call (weight + bias)."""
         n = self.out_features * self.in_features * self.weight.element_size()
+        n += 0 if self.scale is None else self.scale.numel() * self.scale.element_size()
         return n + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -84,6 +100,10 @@ class Linear(nn.Module):
         return y
 
     def _matmul(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        if self.layout == "int8":
+            if x.device.type == "cpu" and x.dtype == torch.bfloat16 and cpu_gemv.has_int8():
+                return cpu_gemv.linear_int8(x, self.weight, self.scale, self.bias, residual)
+            return ops.linear_int8(x, self.weight, self.scale, self.bias, residual)
         if self.layout == "amx":
             return cpu_gemv.linear_packed(x, self.weight, self.out_features, self.in_features, self.bias, residual)
         if self.layout == "onednn":

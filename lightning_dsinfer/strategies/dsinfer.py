@@ -84,7 +84,7 @@ class DSInferStrategy(DDPStrategy):
                  max_batch_size: int | None = None, dtype: torch.dtype | str | None = None,
                  checkpoint: str | None = None, collective_timeout_s: float = 300.0, offload: str | None = None,
                  offload_path: str | None = None, max_memory: int | str | None = None, cuda_graphs: bool = True,
-                 offload_compress: bool = True,
+                 offload_compress: bool = True, quantize: str | None = None,
                  **kwargs: Any):
         kwargs.setdefault("timeout", datetime.timedelta(seconds=collective_timeout_s))
         super().__init__(**kwargs)
@@ -95,7 +95,8 @@ class DSInferStrategy(DDPStrategy):
                                                 max_batch_size=max_batch_size, checkpoint=checkpoint,
                                                 collective_timeout_s=collective_timeout_s, offload=offload,
                                                 offload_path=offload_path, max_memory=max_memory,
-                                                cuda_graphs=cuda_graphs, offload_compress=offload_compress)
+                                                cuda_graphs=cuda_graphs, offload_compress=offload_compress,
+                                                quantize=quantize)
         self._topology: Topology | None = None
         self._comm: TensorParallelComm | None = None
 

@@ -1,0 +1,133 @@
+"""Weight-only int8 (``quantize="int8"``): the CPU int8 kernel against an fp32 reference, and the engine against the
+unmodified Hugging Face model whose linear weights were replaced by the same quantise-dequantise (so the only
+difference left is float rounding): fp32 logits atol 2e-4 / rtol 1e-4 and greedy tokens identical; bf16 logits
+within the bf16 tolerance of tests/test_cpu_gemv.py (see the bf16 test for its tokens); the one-call C decode
+step bit-identical to the per-op path.
+
+Quantisation is per output row, symmetric (``reference.quantize_int8_per_channel``); the fused QKV and gate/up rows
+are the rows of q, k, v, gate and up, so quantising HF's separate linears row by row gives the same weights.
+"""
+import copy
+
+import pytest
+import torch
+
+import lightning_dsinfer as dsi
+from helpers import FAMILIES, optimised_copy, padded_batch, tiny_model
+from lightning_dsinfer.kernels import cpu_gemv, reference
+from lightning_dsinfer.modules.cpu_stack import CpuDecodeStack
+from stack_checks import run_both_paths
+
+ATOL, RTOL = 1e-3, 2.0 ** -8            # the bf16 kernels' tolerance against fp32 (see test_cpu_gemv.py)
+needs_int8 = pytest.mark.skipif(not cpu_gemv.has_int8(), reason="no C library or no AVX512: dequantised F.linear")
+
+
+def _fake_quantised(hf):
+    """HF with every block linear's weight replaced by dequantise(quantise(weight)), row by row."""
+    ref = copy.deepcopy(hf)
+    with torch.no_grad():
+        for layer in ref.model.layers:
+            for lin in (*[getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")],
+                        *[getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]):
+                q, s = reference.quantize_int8_per_channel(lin.weight)
+                lin.weight.copy_(reference.dequantize_int8(q, s).to(lin.weight.dtype))
+    return ref
+
+
+@needs_int8
+@pytest.mark.parametrize("m", [1, 3, 4, 7, 33])
+@pytest.mark.parametrize("n,k", [(1, 1), (37, 70), (130, 96), (33, 1000), (260, 2816)])
+def test_int8_kernel_matches_fp32(m, n, k):
+    g = torch.Generator().manual_seed(n * k + m)
+    w = torch.randn(n, k, generator=g) * 0.05
+    q, s = reference.quantize_int8_per_channel(w)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    bias, res = torch.randn(n, generator=g).bfloat16(), torch.randn(m, n, generator=g).bfloat16()
+    for b, r in ((None, None), (bias, None), (bias, res), (None, res)):
+        y = cpu_gemv.linear_int8(x, q, s, b, r)
+        want = x.float() @ reference.dequantize_int8(q, s).t()
+        want = want + (b.float() if b is not None else 0) + (r.float() if r is not None else 0)
+        torch.testing.assert_close(y.float(), want, atol=ATOL, rtol=RTOL)
+
+
+@needs_int8
+def test_int8_kernel_exact_on_integers_and_strided_views():
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(-1, 2, (70, 200), generator=g, dtype=torch.int8)
+    s = torch.ones(70)
+    x = torch.randint(-1, 2, (5, 200), generator=g).bfloat16()
+    assert torch.equal(cpu_gemv.linear_int8(x, q, s).float(), x.float() @ q.float().t())
+    big = torch.randint(-1, 2, (70, 300), generator=g, dtype=torch.int8)      # a [70, 200] view, row stride 300
+    view = big[:, 50:250]
+    assert torch.equal(cpu_gemv.linear_int8(x, view, s).float(), x.float() @ view.float().t())
+    xs = torch.randint(-1, 2, (5, 400), generator=g).bfloat16()[:, ::2]      # x rows with a stride: copied
+    assert torch.equal(cpu_gemv.linear_int8(xs, q, s).float(), xs.float() @ q.float().t())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_int8_engine_fp32_matches_fake_quantised_hf(family):
+    hf = tiny_model(family)
+    ref = _fake_quantised(hf)
+    opt = optimised_copy(hf, max_seq_len=48, quantize="int8")
+    layer = opt._dsinfer_engine.decoder.layers[0]
+    assert layer.attn.qkv.layout == "int8" and layer.attn.qkv.weight.dtype == torch.int8
+    assert opt._dsinfer_engine.decoder.lm_head.layout != "int8"              # the lm_head stays in dtype
+    ids, mask = padded_batch([12, 5, 9])
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask).logits
+        want_tokens = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    got = opt(input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], want[valid], atol=2e-4, rtol=1e-4)
+    assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False), want_tokens)
+
+
+@needs_int8
+@pytest.mark.parametrize("family", FAMILIES)
+def test_int8_engine_bf16_matches_fake_quantised_hf_and_stack_is_bit_identical(family):
+    hf = tiny_model(family).to(torch.bfloat16)
+    ref = _fake_quantised(hf)
+    opt = optimised_copy(hf, max_seq_len=48, dtype=torch.bfloat16, quantize="int8")
+    ids, mask = padded_batch([12, 5, 9])
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask).logits
+        want_tokens = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    got = opt(input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid].float(), want[valid].float(), atol=6e-2, rtol=2e-2)
+    # HF holds the dequantised weights rounded to bf16, the kernel multiplies by the fp32 scale after the sum: two
+    # roundings of the same weights, so a near-tie may flip a late token (qwen3, 7th token of one row). The first
+    # 4 tokens must agree, and ours over HF's whole continuation (teacher forcing) within the bf16 tolerance.
+    tokens = opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    assert torch.equal(tokens[:, :ids.shape[1] + 4], want_tokens[:, :ids.shape[1] + 4])
+    full_mask = torch.cat([mask, torch.ones(3, 8, dtype=mask.dtype)], 1)
+    with torch.no_grad():
+        want_all = ref(input_ids=want_tokens, attention_mask=full_mask).logits
+    got_all = opt(input_ids=want_tokens, attention_mask=full_mask).logits
+    torch.testing.assert_close(got_all[full_mask.bool()].float(), want_all[full_mask.bool()].float(), atol=6e-2,
+                               rtol=2e-2)
+    if cpu_gemv.has_wide_ops():                       # the decode steps through the one-call C step, int8 included
+        assert CpuDecodeStack.build(opt._dsinfer_engine.decoder) is not None
+        runs = run_both_paths(opt, ids, mask, new_tokens=6)
+        (tok_s, hid_s, _, n_s), (tok_o, hid_o, _, n_o) = runs["stack"], runs["ops"]
+        assert n_s == 5 and n_o == 0 and torch.equal(tok_s, tok_o)
+        assert all(torch.equal(a, b) for a, b in zip(hid_s, hid_o))
+
+
+def test_int8_halves_the_bytes_a_step_reads():
+    hf = tiny_model("llama", hidden_size=256, intermediate_size=512).to(torch.bfloat16)
+    plain = optimised_copy(hf, max_seq_len=32, dtype=torch.bfloat16)._dsinfer_engine.decoder
+    int8 = optimised_copy(hf, max_seq_len=32, dtype=torch.bfloat16, quantize="int8")._dsinfer_engine.decoder
+    blocks = [sum(lin.nbytes for lin in (ly.attn.qkv, ly.attn.o, ly.mlp.gate_up, ly.mlp.down)) for d in (plain, int8)
+              for ly in d.layers[:1]]
+    assert 0.5 < blocks[1] / blocks[0] < 0.52                 # int8 + one fp32 scale per row (+ bf16 biases)
+
+
+def test_int8_errors_before_work(tmp_path):
+    hf = tiny_model("llama")
+    with pytest.raises(ValueError, match=r"quantize='int4' is not one of None, 'int8'"):
+        dsi.init_inference(copy.deepcopy(hf), quantize="int4")
+    with pytest.raises(ValueError, match=r"quantize='int8' with tensor_parallel_size=2 is not supported yet"):
+        dsi.init_inference(copy.deepcopy(hf), quantize="int8", tensor_parallel_size=2)
+    with pytest.raises(ValueError, match=r"quantize='int8' with offload='nvme' is not supported yet"):
+        dsi.init_inference(copy.deepcopy(hf), quantize="int8", offload="nvme", offload_path=str(tmp_path))
