@@ -3,7 +3,9 @@
 Same model (a ~200M Llama config from_config, bf16), same prompts, same thread count. Prompt speed is
 the time of a 1-token generate; decode speed is (time of N tokens - time of 1 token) / (N - 1) steps,
 so it excludes the prompt. Bandwidth utilisation = weight bytes read per decode step x steps/s over a
-streaming-read bandwidth measured in the same run.
+streaming-read bandwidth measured in the same run. "dsinfer int8" is ``quantize="int8"`` (weight-only int8
+block linears: its bytes per step are int8's); its quality line is the top-1 agreement of its prompt logits with
+HF bf16's, and with HF's over the same fake-quantised weights.
 
     python benchmarks/decode.py                       # the issue's configuration
     python benchmarks/decode.py --record benchmarks/RESULTS.md
@@ -53,6 +55,26 @@ def hf_decode_bytes(model) -> int:
     return total - emb.numel() * emb.element_size() + emb.shape[1] * emb.element_size()
 
 
+def int8_quality(hf, int8, args) -> str:
+    """Top-1 agreement over 4 prompts' positions: int8 vs HF bf16, and HF bf16 over the fake-quantised weights
+    vs HF bf16 (what quantisation alone costs)."""
+    from lightning_dsinfer.kernels import reference
+
+    fake = copy.deepcopy(hf)
+    with torch.no_grad():
+        for layer in fake.model.layers:
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                        layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                lin.weight.copy_(reference.dequantize_int8(*reference.quantize_int8_per_channel(lin.weight)).bfloat16())
+    ids = torch.randint(3, args.vocab, (4, args.prompt), generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        top = [m(input_ids=ids).logits.argmax(-1) for m in (hf, int8, fake)]
+    agree = [(top[0] == t).float().mean().item() for t in top[1:]]
+    return (f"int8 quality: top-1 of its prompt logits agrees with HF bf16 at {agree[0]:.1%} of {ids.numel()} "
+            f"positions (HF bf16 over the same quantised weights: {agree[1]:.1%}; a random from_config model has "
+            f"near-flat logits, so this is a lower bound for a trained one)")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
@@ -61,6 +83,7 @@ def main():
     p.add_argument("--new", type=int, default=128)
     add_llama_args(p)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--skip-int8", action="store_true", help="no quantize='int8' rows")
     p.add_argument("--record", metavar="RESULTS_MD", help="append the table to this file")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -73,6 +96,13 @@ def main():
     ours = dsi.init_inference(copy.deepcopy(hf), dtype=torch.bfloat16, max_seq_len=args.prompt + args.new,
                               max_batch_size=max(args.batch))
     our_bytes = ours._dsinfer_engine.decoder.weight_bytes_per_token
+    impls = [("HF eager", hf, hf_bytes), ("dsinfer", ours, our_bytes)]
+    quality = ""
+    if not args.skip_int8:
+        int8 = dsi.init_inference(copy.deepcopy(hf), dtype=torch.bfloat16, max_seq_len=args.prompt + args.new,
+                                  max_batch_size=max(args.batch), quantize="int8")
+        impls.append(("dsinfer int8", int8, int8._dsinfer_engine.decoder.weight_bytes_per_token))
+        quality = int8_quality(hf, int8, args)
     bw = stream_read_bandwidth()
     print(f"model: {n_params / 1e6:.0f}M params bf16, {args.threads} threads, prompt {args.prompt}, {args.new} new "
           f"tokens; streaming read {bw / 1e9:.1f} GB/s")
@@ -82,13 +112,13 @@ def main():
         g = torch.Generator().manual_seed(b)
         ids = torch.randint(3, args.vocab, (b, args.prompt), generator=g)
         res = {}
-        for name, model, nbytes in (("HF eager", hf, hf_bytes), ("dsinfer", ours, our_bytes)):
+        for name, model, nbytes in impls:
             time_generate(model, ids, 2, 1)                                  # warm-up
             t1 = time_generate(model, ids, 1, args.repeats)
             tn = time_generate(model, ids, args.new, args.repeats)
             steps_per_s = (args.new - 1) / (tn - t1)
             res[name] = dict(prompt=b * args.prompt / t1, decode=b * steps_per_s, util=nbytes * steps_per_s / bw)
-        for name in ("HF eager", "dsinfer"):
+        for name, _, _ in impls:
             r = res[name]
             rows.append([b, name, r["prompt"], r["decode"], r["util"],
                          r["prompt"] / res["HF eager"]["prompt"], r["decode"] / res["HF eager"]["decode"]])
@@ -97,9 +127,11 @@ def main():
     table = markdown_table(["batch", "impl", "prompt tok/s", "decode tok/s", "bw util", "prompt ratio",
                             "decode ratio"], rows)
     print(table)
+    if quality:
+        print(quality)
     if args.record:
         record(args.record, f"decode.py: {n_params / 1e6:.0f}M Llama bf16, {args.threads} threads, "
-                            f"streaming read {bw / 1e9:.1f} GB/s", table)
+                            f"streaming read {bw / 1e9:.1f} GB/s", table + (f"\n\n{quality}" if quality else ""))
 
 
 if __name__ == "__main__":

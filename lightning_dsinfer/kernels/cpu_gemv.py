@@ -106,6 +106,9 @@ class _Kernel:
         self.int8 = lib.dsi_gemv_int8
         self.int8.restype = ctypes.c_int
         self.int8.argtypes = [p, i64, p, i64, p, p, p, i64, p, i64, i64, i64, i64, ctypes.c_int]
+        self.dequant_int8 = lib.dsi_dequant_int8_bf16
+        self.dequant_int8.restype = ctypes.c_int
+        self.dequant_int8.argtypes = [p, i64, p, i64, i64, p, ctypes.c_int]
         self.packed_bytes = lib.dsi_packed_bytes
         self.packed_bytes.restype = i64
         self.packed_bytes.argtypes = [i64, ctypes.c_int, i64]
@@ -362,6 +365,19 @@ def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
     if rc != 0:
         raise RuntimeError("cpu_gemv: the int8 kernel refused the call")
     return y
+
+
+def dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``bf16(qweight * scale[:, None])`` (round to nearest even), [N, K]: an int8 weight for a prompt's GEMM.
+    Requires :func:`has_int8`."""
+    k = _kernel if _kernel is not None else _load()
+    n, kdim = qweight.shape
+    out = torch.empty(n, kdim, dtype=torch.bfloat16)
+    if k is None or qweight.dtype != torch.int8 or qweight.stride(1) != 1 or scale.dtype != torch.float32 \
+            or k.dequant_int8(qweight.data_ptr(), qweight.stride(0), scale.contiguous().data_ptr(), n, kdim,
+                              out.data_ptr(), torch.get_num_threads()) != 0:
+        raise RuntimeError("cpu_gemv.dequantize_int8 needs the C library, AVX512, int8 [N, K] and fp32 scales")
+    return out
 
 
 def linear_packed(x: torch.Tensor, packed: torch.Tensor, out_features: int, in_features: int,

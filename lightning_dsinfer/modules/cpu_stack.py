@@ -18,6 +18,7 @@ import ctypes
 import torch
 
 from lightning_dsinfer.kernels import cpu_gemv, ops
+from lightning_dsinfer.modules.linear import INT8_KERNEL_MAX_ROWS
 
 MAX_ROWS = 64     # = the one-call norm / SwiGLU / rotary row limits of kernels/cpu_gemv.py
 
@@ -97,6 +98,7 @@ class CpuDecodeStack:
                 if lin.layout == "int8":     # the kernel the per-op path takes for bf16 rows (Linear._matmul)
                     if lin.dtype != torch.bfloat16 or not cpu_gemv.has_int8():
                         return None
+                    row_limit = min(row_limit, INT8_KERNEL_MAX_ROWS)
                 elif lin.weight.dtype != torch.bfloat16:
                     return None
                 elif lin.layout == "plain" and lin.row_kernel:

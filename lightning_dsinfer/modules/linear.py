@@ -14,8 +14,9 @@ bf16 weights on the CPU take the first of these that the machine has (``Linear.l
 
 ``quantize="int8"``: the weight is stored int8 with one fp32 scale per output row (symmetric, ``w ~= q * scale``,
 ``reference.quantize_int8_per_channel``), half the bytes of bf16 (``"int8"`` layout): bf16 rows on an AVX512 CPU
-go through the int8 kernel of ``cpu_gemv.cpp`` (decode and prompts alike); on CUDA the Triton small-batch int8
-GEMM for M <= 32; anything else dequantises the weight for the call (``reference.linear``).
+go through the int8 kernel of ``cpu_gemv.cpp`` up to ``INT8_KERNEL_MAX_ROWS`` rows (decode), more rows (prompts)
+dequantise the weight to bf16 in C for one bf16 GEMM; on CUDA the Triton small-batch int8 GEMM for M <= 32;
+anything else dequantises the weight for the call (``reference.linear``).
 
 ``pack=False`` keeps the tensor as given (offload passes views into a streamed buffer): ``"plain"``, with the
 row-major kernel for few rows where it is available. Everything else goes through ``ops.linear``: the small-batch
@@ -31,6 +32,12 @@ from lightning_dsinfer.kernels import cpu_gemv, ops, reference
 # The M the oneDNN weight layout is tuned for. Measured on a 2-core AVX512-BF16/AMX machine: 16 is
 # within 5% of the best layout for M=1 decode and within 2% of the best for M=2048 prefill.
 _PACK_BATCH_HINT = 16
+# Rows up to which the int8 kernel (fp32 FMAs, weight read once) beats dequantising the weight to bf16 in C and one
+# bf16 GEMM (AMX / oneDNN). Measured on the 2-core AMX machine, 5632 x 2048 weight, kernel vs dequantise + GEMM:
+# 0.4 vs ~2 ms at 1 row, 1.3 vs 2.2 at 8, 2.7 vs 2.3 at 16, 5.1 vs 2.7 at 32 (bf16 on AMX: 0.5-0.6 ms at every
+# row count up to 32, so past ~4 rows int8 is slower than bf16 here). The one-call decode step takes int8 blocks
+# up to the same row count (same kernel: bit-identical).
+INT8_KERNEL_MAX_ROWS = 12
 
 
 def _bf16_cpu(weight: torch.Tensor) -> bool:
@@ -102,7 +109,10 @@ class Linear(nn.Module):
     def _matmul(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         if self.layout == "int8":
             if x.device.type == "cpu" and x.dtype == torch.bfloat16 and cpu_gemv.has_int8():
-                return cpu_gemv.linear_int8(x, self.weight, self.scale, self.bias, residual)
+                if x.numel() <= INT8_KERNEL_MAX_ROWS * self.in_features:
+                    return cpu_gemv.linear_int8(x, self.weight, self.scale, self.bias, residual)
+                weight = cpu_gemv.dequantize_int8(self.weight, self.scale)     # a prompt: bf16 GEMM (AMX / oneDNN)
+                return ops.linear(x, weight, self.bias, residual)
             return ops.linear_int8(x, self.weight, self.scale, self.bias, residual)
         if self.layout == "amx":
             return cpu_gemv.linear_packed(x, self.weight, self.out_features, self.in_features, self.bias, residual)
