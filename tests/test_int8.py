@@ -20,6 +20,9 @@ from stack_checks import run_both_paths
 
 ATOL, RTOL = 1e-3, 2.0 ** -8            # the bf16 kernels' tolerance against fp32 (see test_cpu_gemv.py)
 needs_int8 = pytest.mark.skipif(not cpu_gemv.has_int8(), reason="no C library or no AVX512: dequantised F.linear")
+needs_amx = pytest.mark.skipif(not cpu_gemv.has_amx(), reason="CPU has no AMX-BF16 (or no tile permission)")
+# The engine's int8 paths on this CPU: AMX int8 tiles, and the row-major kernel (+ dequantised GEMM for prompts).
+INT8_PATHS = [p for p in ("amx_bf16", "avx512") if p in cpu_gemv.supported_isas()]
 
 
 def _fake_quantised(hf):
@@ -50,6 +53,27 @@ def test_int8_kernel_matches_fp32(m, n, k):
         torch.testing.assert_close(y.float(), want, atol=ATOL, rtol=RTOL)
 
 
+@needs_amx
+@pytest.mark.parametrize("m", [1, 5, 16, 17, 33, 300])
+@pytest.mark.parametrize("n,k", [(1, 1), (37, 70), (130, 96), (33, 1000), (64, 2816)])
+def test_amx_int8_kernel_matches_fp32(m, n, k):
+    g = torch.Generator().manual_seed(n * k + m)
+    q, s = reference.quantize_int8_per_channel(torch.randn(n, k, generator=g) * 0.05)
+    packed = cpu_gemv.pack_int8(q)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    bias, res = torch.randn(n, generator=g).bfloat16(), torch.randn(m, n, generator=g).bfloat16()
+    for b, r in ((None, None), (bias, res)):
+        y = cpu_gemv.linear_packed_int8(x, packed, s, n, k, b, r)
+        want = x.float() @ reference.dequantize_int8(q, s).t()
+        want = want + (b.float() if b is not None else 0) + (r.float() if r is not None else 0)
+        torch.testing.assert_close(y.float(), want, atol=ATOL, rtol=RTOL)
+    ints = torch.randint(-1, 2, (m, k), generator=g).bfloat16()           # integer sums: exact
+    qi = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+    got = cpu_gemv.linear_packed_int8(ints, cpu_gemv.pack_int8(qi), torch.ones(n), n, k)
+    if k <= 200:
+        assert torch.equal(got.float(), ints.float() @ qi.float().t())
+
+
 @needs_int8
 def test_int8_kernel_exact_on_integers_and_strided_views():
     g = torch.Generator().manual_seed(3)
@@ -70,7 +94,7 @@ def test_int8_engine_fp32_matches_fake_quantised_hf(family):
     ref = _fake_quantised(hf)
     opt = optimised_copy(hf, max_seq_len=48, quantize="int8")
     layer = opt._dsinfer_engine.decoder.layers[0]
-    assert layer.attn.qkv.layout == "int8" and layer.attn.qkv.weight.dtype == torch.int8
+    assert layer.attn.qkv.layout.startswith("int8") and layer.attn.qkv.weight.dtype == torch.int8
     assert opt._dsinfer_engine.decoder.lm_head.layout != "int8"              # the lm_head stays in dtype
     ids, mask = padded_batch([12, 5, 9])
     with torch.no_grad():
@@ -83,11 +107,14 @@ def test_int8_engine_fp32_matches_fake_quantised_hf(family):
 
 
 @needs_int8
+@pytest.mark.parametrize("path", INT8_PATHS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_int8_engine_bf16_matches_fake_quantised_hf_and_stack_is_bit_identical(family):
+def test_int8_engine_bf16_matches_fake_quantised_hf_and_stack_is_bit_identical(family, path):
     hf = tiny_model(family).to(torch.bfloat16)
     ref = _fake_quantised(hf)
-    opt = optimised_copy(hf, max_seq_len=48, dtype=torch.bfloat16, quantize="int8")
+    with cpu_gemv.use_path(path):
+        opt = optimised_copy(hf, max_seq_len=48, dtype=torch.bfloat16, quantize="int8")
+    assert opt._dsinfer_engine.decoder.layers[0].attn.qkv.layout == ("int8_amx" if path == "amx_bf16" else "int8")
     ids, mask = padded_batch([12, 5, 9])
     with torch.no_grad():
         want = ref(input_ids=ids, attention_mask=mask).logits

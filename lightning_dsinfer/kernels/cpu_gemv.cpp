@@ -77,8 +77,9 @@ struct Args {
     const uint16_t* res; int64_t ldr;      // residual [M, N], row stride ldr, or null
     uint16_t* y; int64_t ldy;              // output [M, N], row stride ldy
     int64_t N, K;
+    const float* scale = nullptr;          // AMX int8 tiles (dsi_gemm_amx_int8): fp32 scale per output row
     Args shift(int64_t m0) const {  // the same problem from row m0 of x / residual / y on
-        return Args{x + m0 * ldx, ldx, w, ldw, bias, res ? res + m0 * ldr : nullptr, ldr, y + m0 * ldy, ldy, N, K};
+        return Args{x + m0 * ldx, ldx, w, ldw, bias, res ? res + m0 * ldr : nullptr, ldr, y + m0 * ldy, ldy, N, K, scale};
     }
 };
 
@@ -252,8 +253,9 @@ DSI_AMX_TARGET void amx_epilogue(const Args& a, const float* c, int rows, int64_
     if (n0 >= a.N) return;
     const __mmask16 mask = lanes16(a.N - n0);
     const __m512 b = a.bias ? widen16_mask(a.bias + n0, mask) : _mm512_setzero_ps();
+    const __m512 s = a.scale ? _mm512_maskz_loadu_ps(mask, a.scale + n0) : _mm512_set1_ps(1.f);
     for (int r = 0; r < rows; ++r) {
-        __m512 v = _mm512_add_ps(_mm512_loadu_ps(c + 16 * r), b);
+        __m512 v = a.scale ? _mm512_fmadd_ps(_mm512_loadu_ps(c + 16 * r), s, b) : _mm512_add_ps(_mm512_loadu_ps(c + 16 * r), b);
         if (a.res) v = _mm512_add_ps(v, widen16_mask(a.res + (m0 + r) * a.ldr + n0, mask));
         _mm256_mask_storeu_epi16(a.y + (m0 + r) * a.ldy + n0, mask, (__m256i)_mm512_cvtneps_pbh(v));
     }
@@ -276,10 +278,23 @@ DSI_AMX_TARGET inline void amx_flush(const Args& a, const AmxPending& p) {
     }
 }
 
+// int8 tiles (dsi_pack_amx_int8: the same order, one byte per element) widened to bf16 tiles: |q| <= 127 is exact.
+DSI_AMX_TARGET void widen_tiles(const int8_t* src, uint16_t* dst, int64_t tiles) {
+    for (int64_t i = 0; i < tiles * 512; i += 32) {
+        const __m512i w16 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(w16)));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(w16, 1)));
+        _mm512_store_si512(dst + i, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+}
+
 // Outputs [32 q_begin, 32 q_end) for rows [m_begin, m_begin + M) of x (a.x has row stride a.ldx and >= Kp
 // readable columns). Tile config loaded by the caller for min(M, 16) rows. The epilogue of each step runs after
 // the next step's tile instructions are issued, so it overlaps them (two buffers of stored C tiles).
-DSI_AMX_TARGET void amx_block(const Args& a, int64_t m_begin, int64_t M, int64_t Kp, int64_t q_begin, int64_t q_end) {
+// I8: a.w holds int8 tiles; the 2 x Kp / 32 tiles of each 32 rows are widened to bf16 once, into `wide`.
+template <bool I8>
+DSI_AMX_TARGET void amx_block(const Args& a, int64_t m_begin, int64_t M, int64_t Kp, int64_t q_begin, int64_t q_end,
+                              uint16_t* wide) {
     const int rows_x = M < 16 ? static_cast<int>(M) : 16;
     const int64_t kc_n = Kp / 32, lda = a.ldx * 2;
     const int64_t blocks = M <= 16 ? 1 : (M + 15) / 16;   // blocks of x rows; the last one starts at M - 16
@@ -287,6 +302,14 @@ DSI_AMX_TARGET void amx_block(const Args& a, int64_t m_begin, int64_t M, int64_t
     int cur = 0;
     for (int64_t q = q_begin; q < q_end; ++q) {
         const uint16_t* b0 = a.w + 2 * q * kc_n * 512;     // W rows 32 q .. 32 q + 15
+        const int8_t* q0 = reinterpret_cast<const int8_t*>(a.w) + 2 * q * kc_n * 512;
+        // int8: up to 32 rows of x (one pass over k), each k step's two tiles are widened right before use (an L1
+        // buffer); more rows walk k several times, so the 32 rows' tiles are widened once for all of them.
+        const bool inline_widen = I8 && blocks <= 2;
+        if (I8 && !inline_widen) {
+            widen_tiles(q0, wide, 2 * kc_n);
+            b0 = wide;
+        }
         const uint16_t* b1 = b0 + kc_n * 512;              // W rows 32 q + 16 .. 32 q + 31
         for (int64_t i = 0; i < blocks; i += 2) {
             const bool two = i + 1 < blocks;
@@ -301,8 +324,15 @@ DSI_AMX_TARGET void amx_block(const Args& a, int64_t m_begin, int64_t M, int64_t
                 _tile_zero(3);
             }
             for (int64_t kc = 0; kc < kc_n; ++kc) {
-                _tile_loadd(6, b0 + kc * 512, 64);
-                _tile_loadd(7, b1 + kc * 512, 64);
+                if (inline_widen) {
+                    widen_tiles(q0 + kc * 512, wide, 1);
+                    widen_tiles(q0 + (kc_n + kc) * 512, wide + 512, 1);
+                    _tile_loadd(6, wide, 64);
+                    _tile_loadd(7, wide + 512, 64);
+                } else {
+                    _tile_loadd(6, b0 + kc * 512, 64);
+                    _tile_loadd(7, b1 + kc * 512, 64);
+                }
                 _tile_loadd(4, x0 + kc * 32, lda);
                 _tile_dpbf16ps(0, 4, 6);
                 _tile_dpbf16ps(1, 4, 7);
@@ -330,8 +360,15 @@ DSI_AMX_TARGET void amx_block(const Args& a, int64_t m_begin, int64_t M, int64_t
 
 // All M rows of x, outputs [32 q_begin, 32 q_end). Large M goes in chunks of rows whose x slice fits in L2
 // (about 1 MiB): every 32 rows of W then meet the chunk from L2, and W is read once per chunk.
+template <bool I8>
 DSI_AMX_TARGET void amx_range(const Args& a, int64_t M, int64_t Kp, int64_t q_begin, int64_t q_end) {
     const int64_t chunk = M <= 32 ? M : std::max<int64_t>(32, (int64_t{1} << 20) / (Kp * 2) / 32 * 32);
+    static thread_local std::vector<uint16_t, std::allocator<uint16_t>> wide_buf;
+    uint16_t* wide = nullptr;
+    if (I8) {
+        wide_buf.resize(static_cast<size_t>(2 * Kp * 16 + 32));
+        wide = wide_buf.data() + ((64 - reinterpret_cast<uintptr_t>(wide_buf.data()) % 64) % 64) / 2;   // 64-byte aligned
+    }
     amx_config(M < 16 ? static_cast<int>(M) : 16);
     for (int64_t m = 0; m < M; m += chunk) {
         int64_t rows = std::min(chunk, M - m);
@@ -339,7 +376,7 @@ DSI_AMX_TARGET void amx_range(const Args& a, int64_t M, int64_t Kp, int64_t q_be
             m = M - 16;
             rows = 16;
         }
-        amx_block(a, m, rows, Kp, q_begin, q_end);
+        amx_block<I8>(a, m, rows, Kp, q_begin, q_end, wide);
     }
     _tile_release();
 }
@@ -857,29 +894,40 @@ void dsi_rotary_write_kv_bf16(const void* qkv, const void* cos, const void* sin,
 int64_t dsi_packed_numel(int64_t N, int64_t K) { return (N + 31) / 32 * 32 * ((K + 31) / 32 * 32); }
 
 // Writes the AMX layout of w [N, K] (row stride ldw) to out (dsi_packed_numel(N, K) elements).
-void dsi_pack_amx(const void* w, int64_t ldw, int64_t N, int64_t K, void* out, int threads) {
-    const uint16_t* src = static_cast<const uint16_t*>(w);
-    uint16_t* dst = static_cast<uint16_t*>(out);
+extern "C++" {
+template <typename T>
+static void pack_tiles(const T* src, int64_t ldw, int64_t N, int64_t K, T* dst, int threads) {
     const int64_t nb_n = (N + 31) / 32 * 2, kc_n = (K + 31) / 32;
 #pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static)
     for (int64_t nb = 0; nb < nb_n; ++nb) {
         for (int64_t kc = 0; kc < kc_n; ++kc) {
-            uint16_t* t = dst + (nb * kc_n + kc) * 512;
+            T* t = dst + (nb * kc_n + kc) * 512;
             for (int j = 0; j < 16; ++j) {
                 const int64_t n = nb * 16 + j;
                 for (int kk = 0; kk < 32; ++kk) {
                     const int64_t k = kc * 32 + kk;
-                    t[(kk / 2) * 32 + j * 2 + (kk % 2)] = (n < N && k < K) ? src[n * ldw + k] : 0;
+                    t[(kk / 2) * 32 + j * 2 + (kk % 2)] = (n < N && k < K) ? src[n * ldw + k] : T(0);
                 }
             }
         }
     }
 }
 
-// y = x @ W^T (+ bias) (+ res) with W in the AMX layout (wp, from dsi_pack_amx of an [N, K] weight). Any M.
-// Returns 0, or -1 when the CPU has no AMX path.
-int dsi_gemm_amx(const void* x, int64_t ldx, const void* wp, const void* bias, const void* res, int64_t ldr, void* y,
-                 int64_t ldy, int64_t M, int64_t N, int64_t K, int threads) {
+}  // extern "C++"
+
+void dsi_pack_amx(const void* w, int64_t ldw, int64_t N, int64_t K, void* out, int threads) {
+    pack_tiles(static_cast<const uint16_t*>(w), ldw, N, K, static_cast<uint16_t*>(out), threads);
+}
+
+// The same layout with int8 elements (dsi_packed_numel(N, K) bytes), for dsi_gemm_amx_int8.
+void dsi_pack_amx_int8(const void* w, int64_t ldw, int64_t N, int64_t K, void* out, int threads) {
+    pack_tiles(static_cast<const int8_t*>(w), ldw, N, K, static_cast<int8_t*>(out), threads);
+}
+
+extern "C++" {
+template <bool I8>
+static int gemm_amx(const void* x, int64_t ldx, const void* wp, const float* scale, const void* bias, const void* res,
+                    int64_t ldr, void* y, int64_t ldy, int64_t M, int64_t N, int64_t K, int threads) {
     if (dsi_gemv_best_isa() < 4 || M < 1 || N < 1 || K < 1) return -1;
     if (N * K < kSerialLinearWork) threads = 1;
     const int64_t Kp = (K + 31) / 32 * 32;
@@ -893,19 +941,34 @@ int dsi_gemm_amx(const void* x, int64_t ldx, const void* wp, const void* bias, c
         lds = Kp;
     }
     const Args a{xs, lds, static_cast<const uint16_t*>(wp), 0, static_cast<const uint16_t*>(bias),
-                 static_cast<const uint16_t*>(res), ldr, static_cast<uint16_t*>(y), ldy, N, K};
+                 static_cast<const uint16_t*>(res), ldr, static_cast<uint16_t*>(y), ldy, N, K, scale};
     const int64_t pairs = (N + 31) / 32;
     if (threads <= 1 || pairs < 2) {
-        amx_range(a, M, Kp, 0, pairs);
+        amx_range<I8>(a, M, Kp, 0, pairs);
         return 0;
     }
 #pragma omp parallel num_threads(threads)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         const int64_t q0 = pairs * t / nt, q1 = pairs * (t + 1) / nt;
-        if (q0 < q1) amx_range(a, M, Kp, q0, q1);
+        if (q0 < q1) amx_range<I8>(a, M, Kp, q0, q1);
     }
     return 0;
+}
+}  // extern "C++"
+
+// y = x @ W^T (+ bias) (+ res) with W in the AMX layout (wp, from dsi_pack_amx of an [N, K] weight). Any M.
+// Returns 0, or -1 when the CPU has no AMX path.
+int dsi_gemm_amx(const void* x, int64_t ldx, const void* wp, const void* bias, const void* res, int64_t ldr, void* y,
+                 int64_t ldy, int64_t M, int64_t N, int64_t K, int threads) {
+    return gemm_amx<false>(x, ldx, wp, nullptr, bias, res, ldr, y, ldy, M, N, K, threads);
+}
+
+// y = (x @ q^T) * scale (+ bias) (+ res) with q int8 in the AMX layout (dsi_pack_amx_int8), scale fp32 [N]: each 32
+// rows' tiles widened to bf16 once per call (exact), then the bf16 tile products. Any M. -1 without AMX.
+int dsi_gemm_amx_int8(const void* x, int64_t ldx, const void* wp, const void* scale, const void* bias, const void* res,
+                      int64_t ldr, void* y, int64_t ldy, int64_t M, int64_t N, int64_t K, int threads) {
+    return gemm_amx<true>(x, ldx, wp, static_cast<const float*>(scale), bias, res, ldr, y, ldy, M, N, K, threads);
 }
 
 // y[r, :] = round(round(silu(g)) * u) for gate_up rows [g | u] of 2I bf16 (row stride ld), y rows of I (stride
@@ -983,7 +1046,8 @@ uint64_t dsi_stream_read(const void* data, int64_t bytes, int threads) {
 struct DsiLinear {
     const void* w; const void* bias;   // weight (AMX layout, or row-major with row stride ldw); bias or null
     int64_t ldw, N, K;
-    int64_t packed;                    // 1: AMX layout (dsi_gemm_amx), 0: row-major (dsi_gemv_bf16), 2: int8 (dsi_gemv_int8)
+    int64_t packed;                    // 0: row-major (dsi_gemv_bf16), 1: AMX layout (dsi_gemm_amx), 2: int8 row-major
+                                       // (dsi_gemv_int8), 3: int8 AMX layout (dsi_gemm_amx_int8)
     int64_t add_residual;              // add the residual stream (tp rank 0, or no tensor parallelism)
     int64_t reduce;                    // sum over the tensor-parallel group afterwards (row-parallel o / down)
     const void* scale;                 // int8: fp32 scale per output row; else null
@@ -1013,6 +1077,8 @@ static int stack_linear(const DsiStack* st, const DsiLinear& lin, const uint16_t
     const uint16_t* res = lin.add_residual ? h : nullptr;
     if (lin.packed == 2)
         return dsi_gemv_int8(x, lin.K, lin.w, lin.ldw, lin.scale, lin.bias, res, lin.N, y, lin.N, M, lin.N, lin.K, threads);
+    if (lin.packed == 3)
+        return dsi_gemm_amx_int8(x, lin.K, lin.w, lin.scale, lin.bias, res, lin.N, y, lin.N, M, lin.N, lin.K, threads);
     if (lin.packed) return dsi_gemm_amx(x, lin.K, lin.w, lin.bias, res, lin.N, y, lin.N, M, lin.N, lin.K, threads);
     return dsi_gemv_bf16(x, lin.K, lin.w, lin.ldw, lin.bias, res, lin.N, y, lin.N, M, lin.N, lin.K, threads,
                          static_cast<int>(st->isa));

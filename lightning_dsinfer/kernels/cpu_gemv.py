@@ -103,6 +103,12 @@ class _Kernel:
         self.shm_exchange.restype = ctypes.c_int
         self.shm_exchange.argtypes = [p, ctypes.c_int, i64, p, i64, p, ctypes.c_int, ctypes.c_int, i64, ctypes.c_double,
                                       ctypes.c_int]
+        self.amx_int8 = lib.dsi_gemm_amx_int8
+        self.amx_int8.restype = ctypes.c_int
+        self.amx_int8.argtypes = [p, i64, p, p, p, p, i64, p, i64, i64, i64, i64, ctypes.c_int]
+        self.pack_int8 = lib.dsi_pack_amx_int8
+        self.pack_int8.restype = None
+        self.pack_int8.argtypes = [p, i64, i64, i64, p, ctypes.c_int]
         self.int8 = lib.dsi_gemv_int8
         self.int8.restype = ctypes.c_int
         self.int8.argtypes = [p, i64, p, i64, p, p, p, i64, p, i64, i64, i64, i64, ctypes.c_int]
@@ -364,6 +370,41 @@ def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
                 x2.shape[0], n, kdim, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError("cpu_gemv: the int8 kernel refused the call")
+    return y
+
+
+def pack_int8(qweight: torch.Tensor) -> torch.Tensor:
+    """The AMX layout of an int8 [N, K] weight (as :func:`pack`, one byte per element), for
+    :func:`linear_packed_int8`. Requires :func:`has_amx`."""
+    k = _load()
+    if k is None or qweight.dtype != torch.int8 or qweight.dim() != 2 or qweight.stride(1) != 1:
+        raise ValueError("pack_int8 needs the C library and an int8 [N, K] weight with unit inner stride")
+    n, kdim = qweight.shape
+    out = torch.empty(k.packed_numel(n, kdim), dtype=torch.int8)
+    k.pack_int8(qweight.data_ptr(), qweight.stride(0), n, kdim, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def linear_packed_int8(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, out_features: int,
+                       in_features: int, bias: torch.Tensor | None = None,
+                       residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``(x @ q.T) * scale (+ bias) (+ residual)`` rounded once to bf16, q in the layout of :func:`pack_int8`: AMX
+    tile products on tiles widened to bf16 (exact), any number of rows. Requires :func:`has_amx`."""
+    k = _kernel if _kernel is not None else _load()
+    if k is None:
+        raise RuntimeError("CPU GEMV kernel is not available")
+    if scale.dtype != torch.float32 or not scale.is_contiguous() or scale.numel() != out_features:
+        raise ValueError(f"scale must be contiguous fp32 [{out_features}]")
+    x2 = _rows(x, in_features)
+    y = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
+    if x2.shape[0] == 0:
+        return y
+    bias_ptr, r2 = _operands(x2, out_features, bias, residual)
+    rc = k.amx_int8(x2.data_ptr(), x2.stride(0), packed.data_ptr(), scale.data_ptr(), bias_ptr,
+                    None if r2 is None else r2.data_ptr(), 0 if r2 is None else r2.stride(0), y.data_ptr(),
+                    out_features, x2.shape[0], out_features, in_features, torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError("cpu_gemv: the AMX int8 path is not runnable on this CPU")
     return y
 
 

@@ -55,7 +55,7 @@ class CpuDecodeStack:
                                         ("gate_up", ly.mlp.gate_up, False), ("down", ly.mlp.down, True)):
                 setattr(t, name, cpu_gemv.StackLinear(
                     w=lin.weight.data_ptr(), bias=_ptr(lin.bias), ldw=lin.weight.stride(0) if not lin.packed else 0,
-                    N=lin.out_features, K=lin.in_features, packed={"amx": 1, "int8": 2}.get(lin.layout, 0),
+                    N=lin.out_features, K=lin.in_features, packed={"amx": 1, "int8": 2, "int8_amx": 3}.get(lin.layout, 0),
                     add_residual=int(residual and lin.owns_residual), reduce=int(lin.reduce is not None),
                     scale=_ptr(lin.scale)))
             t.input_norm, t.post_norm = ly.input_norm.data_ptr(), ly.post_norm.data_ptr()
@@ -99,6 +99,9 @@ class CpuDecodeStack:
                     if lin.dtype != torch.bfloat16 or not cpu_gemv.has_int8():
                         return None
                     row_limit = min(row_limit, INT8_KERNEL_MAX_ROWS)
+                elif lin.layout == "int8_amx":
+                    if lin.dtype != torch.bfloat16:
+                        return None
                 elif lin.weight.dtype != torch.bfloat16:
                     return None
                 elif lin.layout == "plain" and lin.row_kernel:

@@ -13,10 +13,11 @@ bf16 weights on the CPU take the first of these that the machine has (``Linear.l
   (``_reorder_linear_weight``), every call through ``_linear_pointwise``.
 
 ``quantize="int8"``: the weight is stored int8 with one fp32 scale per output row (symmetric, ``w ~= q * scale``,
-``reference.quantize_int8_per_channel``), half the bytes of bf16 (``"int8"`` layout): bf16 rows on an AVX512 CPU
-go through the int8 kernel of ``cpu_gemv.cpp`` up to ``INT8_KERNEL_MAX_ROWS`` rows (decode), more rows (prompts)
-dequantise the weight to bf16 in C for one bf16 GEMM; on CUDA the Triton small-batch int8 GEMM for M <= 32;
-anything else dequantises the weight for the call (``reference.linear``).
+``reference.quantize_int8_per_channel``), half the bytes of bf16. On AMX machines (``"int8_amx"``) the int8 weight
+is laid out in AMX tile order and every call (any rows) widens each 32 rows' tiles to bf16 once and runs the AMX
+tile products. Elsewhere (``"int8"``): bf16 rows on an AVX512 CPU go through the row-major int8 kernel up to
+``INT8_KERNEL_MAX_ROWS`` rows, more rows dequantise the weight to bf16 in C for one bf16 GEMM; on CUDA the Triton
+small-batch int8 GEMM for M <= 32; anything else dequantises the weight for the call (``reference.linear``).
 
 ``pack=False`` keeps the tensor as given (offload passes views into a streamed buffer): ``"plain"``, with the
 row-major kernel for few rows where it is available. Everything else goes through ``ops.linear``: the small-batch
@@ -65,10 +66,13 @@ class Linear(nn.Module):
         self.scale = None
         kernel = _bf16_cpu(weight) and cpu_gemv.available()
         if quantize == "int8":
-            self.layout = "int8"
             self.bias = None if bias is None else bias.to(dtype=weight.dtype).contiguous()
             self.dtype = weight.dtype
             self.weight, self.scale = reference.quantize_int8_per_channel(weight)
+            self.layout = "int8"
+            if pack and kernel and cpu_gemv.has_amx():      # int8 tiles in the AMX order, any number of rows
+                self.layout = "int8_amx"
+                self.weight = cpu_gemv.pack_int8(self.weight)
             self.row_kernel, self.row_kernel_rows = False, 0
             return
         if quantize is not None:
@@ -90,8 +94,8 @@ class Linear(nn.Module):
 
     @property
     def packed(self) -> bool:
-        """True when the weight is not a plain [out, in] tensor (AMX tiles or a oneDNN layout; int8 is plain)."""
-        return self.layout in ("amx", "onednn")
+        """True when the weight is not a plain [out, in] tensor (AMX tiles, int8 or bf16, or a oneDNN layout)."""
+        return self.layout in ("amx", "onednn", "int8_amx")
 
     @property
     def nbytes(self) -> int:
@@ -107,6 +111,9 @@ class Linear(nn.Module):
         return y
 
     def _matmul(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        if self.layout == "int8_amx":
+            return cpu_gemv.linear_packed_int8(x, self.weight, self.scale, self.out_features, self.in_features,
+                                               self.bias, residual)
         if self.layout == "int8":
             if x.device.type == "cpu" and x.dtype == torch.bfloat16 and cpu_gemv.has_int8():
                 if x.numel() <= INT8_KERNEL_MAX_ROWS * self.in_features:
