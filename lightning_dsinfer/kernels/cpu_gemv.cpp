@@ -41,6 +41,10 @@ namespace {
 // more than the split saves): N * K of a linear, B * Hq * L * D of a decode attention.
 constexpr int64_t kSerialLinearWork = 1 << 16;
 constexpr int64_t kSerialAttentionWork = 1 << 20;
+// Rows of x up to which dsi_gemm_amx_int8 multiplies int8 tiles widened to fp32 instead of running tile products.
+// (4096 x 22016 weight, 2 threads: 3.1-3.4 ms at 1 row, 3.3-3.8 at 2, against 4.4-4.9 with tile products and
+// 6.0-6.5 for bf16 tiles; from 3 rows on the tile products are as fast or faster.)
+constexpr int64_t kInt8TileGemvRows = 2;
 
 // The first min(max(n, 0), 16) lanes of a 16-lane mask (a row's tail: n elements left).
 inline __mmask16 lanes16(int64_t n) {
@@ -379,6 +383,57 @@ DSI_AMX_TARGET void amx_range(const Args& a, int64_t M, int64_t Kp, int64_t q_be
         amx_block<I8>(a, m, rows, Kp, q_begin, q_end, wide);
     }
     _tile_release();
+}
+
+// A few rows of x over int8 tiles without AMX: a tile's 32 bytes for k-pair p hold (row j, k 2p + q) for the 16
+// rows j and q = 0, 1; widened to fp32 (two 16-lane vectors) and multiplied by the pair (x[2p], x[2p + 1])
+// broadcast across the lanes, the pairs summed at the end. Widening int8 to fp32 costs what the row-major int8
+// kernel pays; the bf16 widening the tile products need costs more, which one or two rows of x do not repay.
+// Outputs [32 q_begin, 32 q_end); xf: the M rows of x in fp32, Kp columns each (zero past K).
+template <int M>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void tile_gemv_int8(const Args& a, const float* xf, int64_t Kp, int64_t q_begin, int64_t q_end) {
+    const int64_t kc_n = Kp / 32;
+    const int8_t* w = reinterpret_cast<const int8_t*>(a.w);
+    for (int64_t nb = 2 * q_begin; nb < 2 * q_end; ++nb) {        // blocks of 16 output rows
+        if (nb * 16 >= a.N) break;
+        __m512 acc[M][4];                    // (rows 0-7 | 8-15) x (even | odd k pair): four independent sums
+        for (int m = 0; m < M; ++m)
+            for (int i = 0; i < 4; ++i) acc[m][i] = _mm512_setzero_ps();
+        const int8_t* t = w + nb * kc_n * 512;
+        for (int64_t p = 0; p < kc_n * 16; p += 2) {              // k pairs, tile after tile (16 per tile)
+            _mm_prefetch(reinterpret_cast<const char*>(t + 32 * p + 2048), _MM_HINT_T0);
+            const __m512i b = _mm512_loadu_si512(t + 32 * p);     // pairs p and p + 1
+            __m512 wv[4];
+            wv[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(b, 0)));
+            wv[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(b, 1)));
+            wv[2] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(b, 2)));
+            wv[3] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(b, 3)));
+            const int64_t k = (p / 16) * 32 + 2 * (p % 16);
+            for (int m = 0; m < M; ++m) {
+                double pair0, pair1;
+                memcpy(&pair0, xf + m * Kp + k, 8);
+                memcpy(&pair1, xf + m * Kp + k + 2, 8);
+                const __m512 x0 = _mm512_castpd_ps(_mm512_set1_pd(pair0)), x1 = _mm512_castpd_ps(_mm512_set1_pd(pair1));
+                acc[m][0] = _mm512_fmadd_ps(wv[0], x0, acc[m][0]);
+                acc[m][1] = _mm512_fmadd_ps(wv[1], x0, acc[m][1]);
+                acc[m][2] = _mm512_fmadd_ps(wv[2], x1, acc[m][2]);
+                acc[m][3] = _mm512_fmadd_ps(wv[3], x1, acc[m][3]);
+            }
+        }
+        for (int m = 0; m < M; ++m) {
+            alignas(64) float s[32];
+            _mm512_store_ps(s, _mm512_add_ps(acc[m][0], acc[m][2]));
+            _mm512_store_ps(s + 16, _mm512_add_ps(acc[m][1], acc[m][3]));
+            for (int j = 0; j < 16; ++j) {
+                const int64_t n = nb * 16 + j;
+                if (n >= a.N) break;
+                float v = (s[2 * j] + s[2 * j + 1]) * a.scale[n] + (a.bias ? bf16_to_f32(a.bias[n]) : 0.f);
+                if (a.res) v += bf16_to_f32(a.res[m * a.ldr + n]);
+                a.y[m * a.ldy + n] = f32_to_bf16(v);
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------- dispatch
@@ -943,6 +998,28 @@ static int gemm_amx(const void* x, int64_t ldx, const void* wp, const float* sca
     const Args a{xs, lds, static_cast<const uint16_t*>(wp), 0, static_cast<const uint16_t*>(bias),
                  static_cast<const uint16_t*>(res), ldr, static_cast<uint16_t*>(y), ldy, N, K, scale};
     const int64_t pairs = (N + 31) / 32;
+    if (I8 && M <= kInt8TileGemvRows) {            // one or two rows: no tile products (see tile_gemv_int8)
+        static thread_local std::vector<float> xf;
+        xf.assign(static_cast<size_t>(M * Kp), 0.f);
+        for (int64_t m = 0; m < M; ++m)
+            for (int64_t k = 0; k < K; ++k) xf[m * Kp + k] = bf16_to_f32(xs[m * lds + k]);
+        const float* xp = xf.data();   // (a thread_local named inside the parallel region is each thread's own)
+        auto run = [&](int64_t q0, int64_t q1) {
+            if (M == 1) tile_gemv_int8<1>(a, xp, Kp, q0, q1);
+            else tile_gemv_int8<2>(a, xp, Kp, q0, q1);
+        };
+        if (threads <= 1 || pairs < 2) {
+            run(0, pairs);
+            return 0;
+        }
+#pragma omp parallel num_threads(threads)
+        {
+            const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+            const int64_t q0 = pairs * t / nt, q1 = pairs * (t + 1) / nt;
+            if (q0 < q1) run(q0, q1);
+        }
+        return 0;
+    }
     if (threads <= 1 || pairs < 2) {
         amx_range<I8>(a, M, Kp, 0, pairs);
         return 0;
@@ -964,8 +1041,9 @@ int dsi_gemm_amx(const void* x, int64_t ldx, const void* wp, const void* bias, c
     return gemm_amx<false>(x, ldx, wp, nullptr, bias, res, ldr, y, ldy, M, N, K, threads);
 }
 
-// y = (x @ q^T) * scale (+ bias) (+ res) with q int8 in the AMX layout (dsi_pack_amx_int8), scale fp32 [N]: each 32
-// rows' tiles widened to bf16 once per call (exact), then the bf16 tile products. Any M. -1 without AMX.
+// y = (x @ q^T) * scale (+ bias) (+ res) with q int8 in the AMX layout (dsi_pack_amx_int8), scale fp32 [N]. Any M:
+// up to kInt8TileGemvRows rows multiply the tiles widened to fp32 (tile_gemv_int8); more rows widen each 32 rows'
+// tiles to bf16 (exact) and run the tile products. -1 without AMX.
 int dsi_gemm_amx_int8(const void* x, int64_t ldx, const void* wp, const void* scale, const void* bias, const void* res,
                       int64_t ldr, void* y, int64_t ldy, int64_t M, int64_t N, int64_t K, int threads) {
     return gemm_amx<true>(x, ldx, wp, static_cast<const float*>(scale), bias, res, ldr, y, ldy, M, N, K, threads);
