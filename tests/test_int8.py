@@ -37,6 +37,15 @@ def _fake_quantised(hf):
     return ref
 
 
+def _logits_and_reference(ref, opt):
+    """A left-padded batch; the fake-quantised HF's logits and greedy tokens (8 new); ours' logits."""
+    ids, mask = padded_batch([12, 5, 9])
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask).logits
+        want_tokens = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    return ids, mask, want, want_tokens, opt(input_ids=ids, attention_mask=mask).logits
+
+
 @needs_int8
 @pytest.mark.parametrize("m", [1, 3, 4, 7, 33])
 @pytest.mark.parametrize("n,k", [(1, 1), (37, 70), (130, 96), (33, 1000), (260, 2816)])
@@ -96,11 +105,7 @@ def test_int8_engine_fp32_matches_fake_quantised_hf(family):
     layer = opt._dsinfer_engine.decoder.layers[0]
     assert layer.attn.qkv.layout.startswith("int8") and layer.attn.qkv.weight.dtype == torch.int8
     assert opt._dsinfer_engine.decoder.lm_head.layout != "int8"              # the lm_head stays in dtype
-    ids, mask = padded_batch([12, 5, 9])
-    with torch.no_grad():
-        want = ref(input_ids=ids, attention_mask=mask).logits
-        want_tokens = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
-    got = opt(input_ids=ids, attention_mask=mask).logits
+    ids, mask, want, want_tokens, got = _logits_and_reference(ref, opt)
     valid = mask.bool()
     torch.testing.assert_close(got[valid], want[valid], atol=2e-4, rtol=1e-4)
     assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False), want_tokens)
@@ -115,11 +120,7 @@ def test_int8_engine_bf16_matches_fake_quantised_hf_and_stack_is_bit_identical(f
     with cpu_gemv.use_path(path):
         opt = optimised_copy(hf, max_seq_len=48, dtype=torch.bfloat16, quantize="int8")
     assert opt._dsinfer_engine.decoder.layers[0].attn.qkv.layout == ("int8_amx" if path == "amx_bf16" else "int8")
-    ids, mask = padded_batch([12, 5, 9])
-    with torch.no_grad():
-        want = ref(input_ids=ids, attention_mask=mask).logits
-        want_tokens = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
-    got = opt(input_ids=ids, attention_mask=mask).logits
+    ids, mask, want, want_tokens, got = _logits_and_reference(ref, opt)
     valid = mask.bool()
     torch.testing.assert_close(got[valid].float(), want[valid].float(), atol=6e-2, rtol=2e-2)
     # Decode-shaped steps (3 rows: the int8 kernel, not the prompt's dequantised GEMM) over HF's greedy

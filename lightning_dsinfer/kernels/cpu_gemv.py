@@ -346,6 +346,25 @@ def has_int8() -> bool:
     return available() and _kernel.cpu_isa >= 2
 
 
+def _int8_call(fn, x: torch.Tensor, weight_args: tuple, scale: torch.Tensor, n: int, kdim: int,
+               bias: torch.Tensor | None, residual: torch.Tensor | None) -> torch.Tensor:
+    """One call of an int8 kernel (``dsi_gemv_int8``: weight args (ptr, row stride); ``dsi_gemm_amx_int8``: (ptr,)):
+    checks the scale, lays out x / bias / residual and returns y [..., n] bf16."""
+    if scale.dtype != torch.float32 or not scale.is_contiguous() or scale.numel() != n:
+        raise ValueError(f"scale must be contiguous fp32 [{n}], got {scale.dtype} {tuple(scale.shape)}")
+    x2 = _rows(x, kdim)
+    y = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
+    if x2.shape[0] == 0:
+        return y
+    bias_ptr, r2 = _operands(x2, n, bias, residual)
+    rc = fn(x2.data_ptr(), x2.stride(0), *weight_args, scale.data_ptr(), bias_ptr,
+            None if r2 is None else r2.data_ptr(), 0 if r2 is None else r2.stride(0), y.data_ptr(), n,
+            x2.shape[0], n, kdim, torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError("cpu_gemv: the int8 kernel refused the call (needs AVX512; the tile layout needs AMX)")
+    return y
+
+
 def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
     """``(x @ qweight.T) * scale (+ bias) (+ residual)`` rounded once to bf16: x [..., K] bf16, qweight int8 [N, K]
@@ -358,19 +377,7 @@ def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
         raise ValueError(f"int8 [N, K] weight with unit inner stride expected, got {qweight.dtype} "
                          f"{tuple(qweight.shape)}")
     n, kdim = qweight.shape
-    if scale.dtype != torch.float32 or not scale.is_contiguous() or scale.numel() != n:
-        raise ValueError(f"scale must be contiguous fp32 [{n}], got {scale.dtype} {tuple(scale.shape)}")
-    x2 = _rows(x, kdim)
-    y = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
-    if x2.shape[0] == 0:
-        return y
-    bias_ptr, r2 = _operands(x2, n, bias, residual)
-    rc = k.int8(x2.data_ptr(), x2.stride(0), qweight.data_ptr(), qweight.stride(0), scale.data_ptr(), bias_ptr,
-                None if r2 is None else r2.data_ptr(), 0 if r2 is None else r2.stride(0), y.data_ptr(), n,
-                x2.shape[0], n, kdim, torch.get_num_threads())
-    if rc != 0:
-        raise RuntimeError("cpu_gemv: the int8 kernel refused the call")
-    return y
+    return _int8_call(k.int8, x, (qweight.data_ptr(), qweight.stride(0)), scale, n, kdim, bias, residual)
 
 
 def pack_int8(qweight: torch.Tensor) -> torch.Tensor:
@@ -388,24 +395,13 @@ def pack_int8(qweight: torch.Tensor) -> torch.Tensor:
 def linear_packed_int8(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, out_features: int,
                        in_features: int, bias: torch.Tensor | None = None,
                        residual: torch.Tensor | None = None) -> torch.Tensor:
-    """``(x @ q.T) * scale (+ bias) (+ residual)`` rounded once to bf16, q in the layout of :func:`pack_int8`: AMX
-    tile products on tiles widened to bf16 (exact), any number of rows. Requires :func:`has_amx`."""
+    """``(x @ q.T) * scale (+ bias) (+ residual)`` rounded once to bf16, q in the layout of :func:`pack_int8`, any
+    number of rows (1-2: tiles widened to fp32; more: widened to bf16, exact, for AMX tile products). Requires
+    :func:`has_amx`."""
     k = _kernel if _kernel is not None else _load()
     if k is None:
         raise RuntimeError("CPU GEMV kernel is not available")
-    if scale.dtype != torch.float32 or not scale.is_contiguous() or scale.numel() != out_features:
-        raise ValueError(f"scale must be contiguous fp32 [{out_features}]")
-    x2 = _rows(x, in_features)
-    y = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
-    if x2.shape[0] == 0:
-        return y
-    bias_ptr, r2 = _operands(x2, out_features, bias, residual)
-    rc = k.amx_int8(x2.data_ptr(), x2.stride(0), packed.data_ptr(), scale.data_ptr(), bias_ptr,
-                    None if r2 is None else r2.data_ptr(), 0 if r2 is None else r2.stride(0), y.data_ptr(),
-                    out_features, x2.shape[0], out_features, in_features, torch.get_num_threads())
-    if rc != 0:
-        raise RuntimeError("cpu_gemv: the AMX int8 path is not runnable on this CPU")
-    return y
+    return _int8_call(k.amx_int8, x, (packed.data_ptr(),), scale, out_features, in_features, bias, residual)
 
 
 def dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
