@@ -14,8 +14,8 @@ bf16 weights on the CPU take the first of these that the machine has (``Linear.l
 
 ``quantize="int8"``: the weight is stored int8 with one fp32 scale per output row (symmetric, ``w ~= q * scale``,
 ``reference.quantize_int8_per_channel``), half the bytes of bf16. On AMX machines (``"int8_amx"``) the int8 weight
-is laid out in AMX tile order and every call (any rows) widens each 32 rows' tiles to bf16 once and runs the AMX
-tile products. Elsewhere (``"int8"``): bf16 rows on an AVX512 CPU go through the row-major int8 kernel up to
+is laid out in AMX tile order (``dsi_gemm_amx_int8``, any rows: one or two rows multiply the tiles widened to fp32,
+more widen each 32 rows' tiles to bf16 once, exactly, for the AMX tile products). Elsewhere (``"int8"``): bf16 rows on an AVX512 CPU go through the row-major int8 kernel up to
 ``INT8_KERNEL_MAX_ROWS`` rows, more rows dequantise the weight to bf16 in C for one bf16 GEMM; on CUDA the Triton
 small-batch int8 GEMM for M <= 32; anything else dequantises the weight for the call (``reference.linear``).
 
@@ -33,11 +33,11 @@ from lightning_dsinfer.kernels import cpu_gemv, ops, reference
 # The M the oneDNN weight layout is tuned for. Measured on a 2-core AVX512-BF16/AMX machine: 16 is
 # within 5% of the best layout for M=1 decode and within 2% of the best for M=2048 prefill.
 _PACK_BATCH_HINT = 16
-# Rows up to which the int8 kernel (fp32 FMAs, weight read once) beats dequantising the weight to bf16 in C and one
-# bf16 GEMM (AMX / oneDNN). Measured on the 2-core AMX machine, 5632 x 2048 weight, kernel vs dequantise + GEMM:
-# 0.4 vs ~2 ms at 1 row, 1.3 vs 2.2 at 8, 2.7 vs 2.3 at 16, 5.1 vs 2.7 at 32 (bf16 on AMX: 0.5-0.6 ms at every
-# row count up to 32, so past ~4 rows int8 is slower than bf16 here). The one-call decode step takes int8 blocks
-# up to the same row count (same kernel: bit-identical).
+# The row-major int8 layout (AVX512 without AMX): rows up to which its kernel (fp32 FMAs, weight read once) beats
+# dequantising the weight to bf16 in C and one bf16 GEMM. Measured on the 2-core machine (its AMX path held off),
+# 5632 x 2048 weight, kernel vs dequantise + GEMM: 0.4 vs ~2 ms at 1 row, 1.3 vs 2.2 at 8, 2.7 vs 2.3 at 16, 5.1 vs
+# 2.7 at 32 (bf16 tiles on AMX: 0.5-0.6 ms at every row count up to 32, which is why AMX machines use int8 tiles).
+# The one-call decode step takes row-major int8 blocks up to the same row count (same kernel: bit-identical).
 INT8_KERNEL_MAX_ROWS = 12
 
 
