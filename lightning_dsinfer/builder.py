@@ -93,14 +93,15 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
     missing from ``t`` (an offloaded block's halves come one at a time): its module is then None.
     ``quantize="int8"``: the four linears hold int8 weights with per-row scales (norms stay as they are)."""
     reduce = comm.all_reduce if comm.size > 1 else None
+    row_max = comm.all_reduce_max if comm.size > 1 and quantize else None     # row-parallel shards' int8 scales
     first = comm.rank == 0
 
     def linear(name, **kw):
         return Linear(t[f"{name}.weight"], t.get(f"{name}.bias"), pack=pack, quantize=quantize, **kw)
 
-    attn = Attention(spec, index, linear("qkv"), linear("o", reduce=reduce, owns_residual=first),
+    attn = Attention(spec, index, linear("qkv"), linear("o", reduce=reduce, owns_residual=first, row_max=row_max),
                      q_norm=t.get("q_norm"), k_norm=t.get("k_norm")) if "qkv.weight" in t else None
-    mlp = GatedMLP(linear("gate_up"), linear("down", reduce=reduce, owns_residual=first)) \
+    mlp = GatedMLP(linear("gate_up"), linear("down", reduce=reduce, owns_residual=first, row_max=row_max)) \
         if "gate_up.weight" in t else None
     return DecoderLayer(attn, mlp, t.get("input_norm"), t.get("post_norm"), spec.rms_norm_eps)
 
@@ -132,7 +133,8 @@ def build_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.device | st
 
     QKV and gate/up are fused into one GEMM each; o and down are row-parallel with the residual add
     fused in (tp rank 0 adds residual and bias; the all-reduce sums the partial products). ``quantize="int8"``:
-    the blocks' linears in int8 (the lm_head stays in ``dtype``; the config refuses it with tensor parallelism).
+    the blocks' linears in int8 (the lm_head stays in ``dtype``); with tensor parallelism the row-parallel shards
+    take their rows' scales from the whole rows (a max over the group), so the weights are those of one process.
     """
     comm = comm or TensorParallelComm()
     plan = shard_plan(w, comm)

@@ -52,7 +52,8 @@ class InferenceConfig:
     cuda_graphs: on CUDA, capture one decode step per batch-size bucket and replay it (TP=1, no offload).
     quantize: None, or "int8": the blocks' linear weights stored int8 with one scale per output row (weight-only,
       symmetric; activations, norms, attention and the lm_head stay in ``dtype``): half the bytes a decode step
-      reads. Outputs change by the quantisation error (not lossless). Not with offload or tensor parallelism (yet).
+      reads. Outputs change by the quantisation error (not lossless). Not with offload (yet). With tensor
+      parallelism each rank holds its shard of the same int8 weights as one process.
     """
     dtype: torch.dtype | None = None
     max_seq_len: int | None = None
@@ -75,9 +76,6 @@ class InferenceConfig:
             raise ValueError(f"offload={self.offload!r} is not one of None, 'cpu', 'nvme', 'auto'.")
         if self.quantize not in (None, "int8"):
             raise ValueError(f"quantize={self.quantize!r} is not one of None, 'int8'.")
-        if self.quantize is not None and self.tensor_parallel_size > 1:
-            raise ValueError(f"quantize={self.quantize!r} with tensor_parallel_size={self.tensor_parallel_size} is not "
-                             f"supported yet (each rank would quantise its own shard); use tensor_parallel_size=1.")
         if self.quantize is not None and self.offload is not None:
             raise ValueError(f"quantize={self.quantize!r} with offload={self.offload!r} is not supported yet: the "
                              f"offload tiers stream the weights in dtype ({self.dtype}); drop one of the two.")

@@ -38,6 +38,21 @@ def tiny_model(family: str, seed: int = 0, **overrides):
     return AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).eval()
 
 
+def fake_quantised_int8(hf):
+    """A copy of HF with every block linear's weight replaced by dequantise(quantise(weight)), row by row (what
+    ``quantize="int8"`` holds: the fused QKV and gate/up rows are the rows of q, k, v, gate and up)."""
+    from lightning_dsinfer.kernels import reference
+
+    ref = copy.deepcopy(hf)
+    with torch.no_grad():
+        for layer in ref.model.layers:
+            for lin in (*[getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")],
+                        *[getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]):
+                q, s = reference.quantize_int8_per_channel(lin.weight)
+                lin.weight.copy_(reference.dequantize_int8(q, s).to(lin.weight.dtype))
+    return ref
+
+
 def optimised_copy(hf, **options):
     import lightning_dsinfer as dsi
 

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import lightning_dsinfer as dsi
-from helpers import FAMILIES, optimised_copy, padded_batch, tiny_model
+from helpers import FAMILIES, fake_quantised_int8, optimised_copy, padded_batch, tiny_model
 from lightning_dsinfer.kernels import cpu_gemv, reference
 from lightning_dsinfer.modules.cpu_stack import CpuDecodeStack
+from multiproc import run_ranks
 from stack_checks import run_both_paths
 
 ATOL, RTOL = 1e-3, 2.0 ** -8            # the bf16 kernels' tolerance against fp32 (see test_cpu_gemv.py)
@@ -23,18 +24,6 @@ needs_int8 = pytest.mark.skipif(not cpu_gemv.has_int8(), reason="no C library or
 needs_amx = pytest.mark.skipif(not cpu_gemv.has_amx(), reason="CPU has no AMX-BF16 (or no tile permission)")
 # The engine's int8 paths on this CPU: AMX int8 tiles, and the row-major kernel (+ dequantised GEMM for prompts).
 INT8_PATHS = [p for p in ("amx_bf16", "avx512") if p in cpu_gemv.supported_isas()]
-
-
-def _fake_quantised(hf):
-    """HF with every block linear's weight replaced by dequantise(quantise(weight)), row by row."""
-    ref = copy.deepcopy(hf)
-    with torch.no_grad():
-        for layer in ref.model.layers:
-            for lin in (*[getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")],
-                        *[getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]):
-                q, s = reference.quantize_int8_per_channel(lin.weight)
-                lin.weight.copy_(reference.dequantize_int8(q, s).to(lin.weight.dtype))
-    return ref
 
 
 def _logits_and_reference(ref, opt):
@@ -100,7 +89,7 @@ def test_int8_kernel_exact_on_integers_and_strided_views():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_int8_engine_fp32_matches_fake_quantised_hf(family):
     hf = tiny_model(family)
-    ref = _fake_quantised(hf)
+    ref = fake_quantised_int8(hf)
     opt = optimised_copy(hf, max_seq_len=48, quantize="int8")
     layer = opt._dsinfer_engine.decoder.layers[0]
     assert layer.attn.qkv.layout.startswith("int8") and layer.attn.qkv.weight.dtype == torch.int8
@@ -116,7 +105,7 @@ def test_int8_engine_fp32_matches_fake_quantised_hf(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_int8_engine_bf16_matches_fake_quantised_hf_and_stack_is_bit_identical(family, path):
     hf = tiny_model(family).to(torch.bfloat16)
-    ref = _fake_quantised(hf)
+    ref = fake_quantised_int8(hf)
     with cpu_gemv.use_path(path):
         opt = optimised_copy(hf, max_seq_len=48, dtype=torch.bfloat16, quantize="int8")
     assert opt._dsinfer_engine.decoder.layers[0].attn.qkv.layout == ("int8_amx" if path == "amx_bf16" else "int8")
@@ -160,7 +149,15 @@ def test_int8_errors_before_work(tmp_path):
     hf = tiny_model("llama")
     with pytest.raises(ValueError, match=r"quantize='int4' is not one of None, 'int8'"):
         dsi.init_inference(copy.deepcopy(hf), quantize="int4")
-    with pytest.raises(ValueError, match=r"quantize='int8' with tensor_parallel_size=2 is not supported yet"):
-        dsi.init_inference(copy.deepcopy(hf), quantize="int8", tensor_parallel_size=2)
     with pytest.raises(ValueError, match=r"quantize='int8' with offload='nvme' is not supported yet"):
         dsi.init_inference(copy.deepcopy(hf), quantize="int8", offload="nvme", offload_path=str(tmp_path))
+
+
+def test_int8_tensor_parallel_matches_fake_quantised_hf():
+    """TP=2 with int8 (fp32): the row-parallel shards take their scales from the whole rows (a max over the
+    group), so both ranks hold the int8 weights of one process: logits, greedy and beam search as the
+    fake-quantised HF model's, sampling agrees across ranks."""
+    codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", "llama", "qwen3", "--quantize", "int8"],
+                               timeout=300)
+    assert codes == [0, 0], "\n".join(outs)
+    assert outs[0].count(" OK") == 2, outs[0]

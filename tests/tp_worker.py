@@ -7,7 +7,7 @@ import sys
 import torch
 
 import lightning_dsinfer as dsi
-from helpers import padded_batch, sampling_agrees_across_ranks, tiny_model
+from helpers import fake_quantised_int8, padded_batch, sampling_agrees_across_ranks, tiny_model
 
 
 def main():
@@ -16,6 +16,8 @@ def main():
     p.add_argument("--families", nargs="+", required=True)
     p.add_argument("--offload", choices=["cpu", "nvme"], default=None)
     p.add_argument("--offload-path", default=None)
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 weights; the reference is HF over the same quantise-dequantised weights")
     args = p.parse_args()
     torch.set_num_threads(1)
     offload = {} if args.offload is None else dict(offload=args.offload, max_memory="512KiB", max_batch_size=3,
@@ -23,7 +25,9 @@ def main():
     for family in args.families:
         hf = tiny_model(family)
         opt = dsi.init_inference(copy.deepcopy(hf), tensor_parallel_size=args.tp, max_seq_len=64,
-                                 collective_timeout_s=60, **offload)
+                                 collective_timeout_s=60, quantize=args.quantize, **offload)
+        if args.quantize:
+            hf = fake_quantised_int8(hf)
         if args.offload is not None:
             streamer = opt._dsinfer_engine.decoder.streamer
             assert args.offload == "cpu" or len(streamer.order) >= 2, "nothing is streamed"

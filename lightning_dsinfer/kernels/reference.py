@@ -291,9 +291,11 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return (p @ vf).transpose(1, 2).to(q.dtype)
 
 
-def quantize_int8_per_channel(w: torch.Tensor):
-    """Symmetric int8 per output channel: w [N, K] -> (q int8 [N, K], scale fp32 [N]); w ~= q * scale."""
-    scale = w.float().abs().amax(dim=1).clamp_min(1e-8) / 127.0
+def quantize_int8_per_channel(w: torch.Tensor, amax: torch.Tensor | None = None):
+    """Symmetric int8 per output channel: w [N, K] -> (q int8 [N, K], scale fp32 [N]); w ~= q * scale. ``amax``:
+    each row's largest |w| when ``w`` holds only part of the rows' columns (a row-parallel shard)."""
+    amax = w.float().abs().amax(dim=1) if amax is None else amax.float()
+    scale = amax.clamp_min(1e-8) / 127.0
     q = torch.round(w.float() / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
 

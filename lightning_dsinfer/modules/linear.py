@@ -55,11 +55,12 @@ class Linear(nn.Module):
 
     Row-parallel use: ``reduce`` (an all-reduce) sums the partial products of the tensor-parallel group;
     only the rank with ``owns_residual`` adds the residual (and only it holds the bias), so both are
-    added once.
+    added once; with ``quantize``, ``row_max`` (a max over the group) gives each row of the shard the scale of
+    the whole row, so the group holds the same int8 weights as one process would.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool = True,
-                 reduce=None, owns_residual: bool = True, quantize: str | None = None):
+                 reduce=None, owns_residual: bool = True, quantize: str | None = None, row_max=None):
         super().__init__()
         self.reduce, self.owns_residual = reduce, owns_residual
         self.out_features, self.in_features = weight.shape
@@ -68,7 +69,10 @@ class Linear(nn.Module):
         if quantize == "int8":
             self.bias = None if bias is None else bias.to(dtype=weight.dtype).contiguous()
             self.dtype = weight.dtype
-            self.weight, self.scale = reference.quantize_int8_per_channel(weight)
+            amax = weight.float().abs().amax(dim=1)
+            if row_max is not None:        # a row-parallel shard: the scale of the whole row, as without TP
+                amax = row_max(amax)
+            self.weight, self.scale = reference.quantize_int8_per_channel(weight, amax)
             self.layout = "int8"
             if pack and kernel and cpu_gemv.has_amx():      # int8 tiles in the AMX order, any number of rows
                 self.layout = "int8_amx"

@@ -44,6 +44,13 @@ class TensorParallelComm:
                 dist.all_reduce(x, group=self.group)
         return x
 
+    @_peer_failure
+    def all_reduce_max(self, x: torch.Tensor) -> torch.Tensor:
+        """Elementwise max of ``x`` over the group, in place (set-up time: int8 scales of row-parallel shards)."""
+        if self.size > 1:
+            dist.all_reduce(x, op=dist.ReduceOp.MAX, group=self.group)
+        return x
+
     def count_all_reduces(self, calls: int, nbytes: int) -> None:
         """Add to the all-reduce counters (benchmarks read them); the C decode step's all-reduces report here too."""
         self.all_reduce_calls += calls
