@@ -262,19 +262,35 @@ class DiskStore:
                 if self._in_flight == 0:
                     self.busy_s += time.perf_counter() - self._busy_since
 
-    def _read_frame(self, fd: int, direct: bool, frame: codec.Frame, buffer: torch.Tensor) -> None:
+    def _read_frames(self, fd: int, direct: bool, frames: list[codec.Frame], buffer: torch.Tensor) -> None:
+        """One read of consecutive frames into a staging buffer, then each decoded into ``buffer``."""
         staging = self._staging.get()
+        start = frames[0].file_offset
         try:
-            self._timed_read(fd, direct, memoryview(staging[:frame.read_bytes].numpy()), frame.file_offset)
-            codec.decode(frame, staging, buffer)
+            end = frames[-1].file_offset + frames[-1].read_bytes
+            self._timed_read(fd, direct, memoryview(staging[:end - start].numpy()), start)
+            for f in frames:
+                codec.decode(f, staging[f.file_offset - start:], buffer)
         finally:
             self._staging.put(staging)
+
+    def _read_groups(self, unit: int) -> list[list[codec.Frame]]:
+        """The frames of ``unit`` in runs of consecutive frames of at most one staging buffer each: small frames
+        (norm weights, a small model's tensors) share one read request instead of one each."""
+        cap = codec.staging_bytes(self.layouts)
+        groups: list[list[codec.Frame]] = []
+        for f in self.frames[unit]:
+            if groups and f.file_offset + f.read_bytes - groups[-1][0].file_offset <= cap:
+                groups[-1].append(f)
+            else:
+                groups.append([f])
+        return groups
 
     def read(self, unit: int, buffer: torch.Tensor, pool: ThreadPoolExecutor) -> list[Future]:
         """Queue the reads of ``unit`` into the page-aligned uint8 ``buffer``; returns their futures."""
         fd, direct = self._fds[unit]
         if self.frames is not None:
-            return [pool.submit(self._read_frame, fd, direct, f, buffer) for f in self.frames[unit]]
+            return [pool.submit(self._read_frames, fd, direct, g, buffer) for g in self._read_groups(unit)]
         n = self.layouts[unit].nbytes
         view = memoryview(buffer[:n].numpy())
         return [pool.submit(self._timed_read, fd, direct, view[o:o + self.chunk_bytes], o)
