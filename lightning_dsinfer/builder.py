@@ -185,6 +185,7 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
     from lightning_dsinfer.offload import (DiskStore, FileRows, HostStore, ResidentRows, StreamedDecoderModel,
                                            UnitLayout, UnitStreamer, plan_working_set)
     from lightning_dsinfer.offload.budget import MAX_AUTO_BATCH, MAX_AUTO_BATCH_CPU, release_freed_memory_promptly
+    from lightning_dsinfer.offload.codec import frame_bytes_for
     from lightning_dsinfer.offload.store import staging_bytes
     from lightning_dsinfer.policies.weights import MetaSource, with_source
 
@@ -200,10 +201,11 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
     head_slices = [(a, min(rows_per_unit, padded - a)) for a in range(0, padded, rows_per_unit)]
     meta_w = with_source(w, meta)
     layouts += [UnitLayout.of(head_rows(meta_w, plan, dtype, a, n)) for a, n in head_slices]
+    frame = frame_bytes_for(layouts, max_memory)          # packed disk units: frame (read request) size
     ws = plan_working_set(max_memory, slot, _per_sequence_bytes(w, plan, dtype, max_seq_len, padded),
                           _per_token_bytes(w, plan, dtype, max_seq_len), batch_size,
                           max_auto_batch=MAX_AUTO_BATCH if device.type == "cuda" else MAX_AUTO_BATCH_CPU,
-                          staging_bytes=staging_bytes(layouts, compress) if tier == "nvme" else 0)
+                          staging_bytes=staging_bytes(layouts, compress, frame) if tier == "nvme" else 0)
     resident, spare = [], ws.spare          # units the leftover budget keeps for good (never streamed; the
     for u, layout in enumerate(layouts):    # streamer ignores this where it uses the host tier in place)
         if layout.nbytes <= spare:
@@ -222,7 +224,7 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
         store = HostStore(layouts, pin=device.type == "cuda")
         written = True
     else:
-        store = DiskStore(folder, layouts, fingerprint, compress=compress)
+        store = DiskStore(folder, layouts, fingerprint, compress=compress, frame_bytes=frame)
         written = not store.reused
     if written:
         for u, (tensors, names) in enumerate(units()):

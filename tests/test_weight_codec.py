@@ -100,7 +100,7 @@ def _unit(dtype, seed):
             "bias": torch.randn(192, generator=g).to(dtype),
             "ids": torch.randint(0, 100, (3000,), generator=g, dtype=torch.int32).view(torch.float32)
             if dtype == torch.float32 else torch.randint(0, 100, (3000,), generator=g).to(torch.uint8),
-            "big": (torch.randn(3 * codec.FRAME_BYTES // WIDTH[dtype] // 1024 + 5, 1024, generator=g) * 0.01).to(dtype)}
+            "big": (torch.randn(3 * codec.MAX_FRAME_BYTES // WIDTH[dtype] // 1024 + 5, 1024, generator=g) * 0.01).to(dtype)}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
@@ -118,7 +118,7 @@ def test_disk_store_writes_frames_and_reads_them_back(dtype, tmp_path):
     frames = store.frames[0]
     assert sum(f.width > 0 for f in frames) >= 4                 # qkv + "big" in several frames
     assert any(f.width == 0 for f in frames)                     # bias / uint8 rows stay raw
-    assert max(f.raw_bytes for f in frames) <= codec.FRAME_BYTES
+    assert max(f.raw_bytes for f in frames) <= codec.MAX_FRAME_BYTES
     assert all(f.file_offset % 4096 == 0 for f in frames)
     assert store.stored_bytes(0) < (0.8 if dtype == torch.bfloat16 else 0.9) * layouts[0].nbytes
     assert os.path.getsize(store.path(0)) == store.stored_bytes(0) <= codec.max_file_bytes(layouts[0])
@@ -169,3 +169,27 @@ def test_offloaded_bf16_output_identical_packed_and_raw(tmp_path):
         outs.append((opt(input_ids=ids, attention_mask=mask).logits,
                      opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_folder_written_with_other_frames_is_rewritten(tmp_path, monkeypatch):
+    """Frames of another size (another budget's frame_bytes) are not reused: the staging buffers are sized for
+    this one's, and a short read would decode garbage."""
+    units = [_unit(torch.bfloat16, 0)]
+    layouts = [UnitLayout.of(u) for u in units]
+    store = DiskStore(str(tmp_path), layouts, {"model": "test"})
+    store.write(0, units[0])
+    store.finish()
+    store.close()
+    again = DiskStore(str(tmp_path), layouts, {"model": "test"}, frame_bytes=codec.MAX_FRAME_BYTES // 2)
+    assert not again.reused
+    same = DiskStore(str(tmp_path), layouts, {"model": "test"})
+    assert not same.reused       # the folder was emptied for the other frame size
+
+
+def test_frame_size_follows_units_and_budget():
+    big, small = UnitLayout.of({"w": torch.empty(36 << 20, dtype=torch.uint8)}), \
+        UnitLayout.of({"w": torch.empty(9 << 20, dtype=torch.uint8)})
+    assert codec.frame_bytes_for([big], 239 << 20) == 4 << 20          # the 956 MiB benchmark model
+    assert codec.frame_bytes_for([small], 41 << 20) == 1 << 20         # a 166 MiB model at a quarter
+    assert codec.frame_bytes_for([small], 1 << 20) == codec.MIN_FRAME_BYTES
+    assert codec.frame_bytes_for([big], 64 << 30) == codec.MAX_FRAME_BYTES

@@ -81,9 +81,9 @@ def _check_folder(path: str, need: int) -> None:
                          f"need {need / 2**20:.0f} MiB; free space there or pass another offload_path.")
 
 
-def staging_bytes(layouts: list[UnitLayout], compress: bool) -> int:
+def staging_bytes(layouts: list[UnitLayout], compress: bool, frame_bytes: int = codec.MAX_FRAME_BYTES) -> int:
     """Memory of a disk store's staging buffers, which packed frames are read into (0 for raw units)."""
-    return STAGING_BUFFERS * codec.staging_bytes(layouts) if compress and codec.available() else 0
+    return STAGING_BUFFERS * codec.staging_bytes(layouts, frame_bytes) if compress and codec.available() else 0
 
 
 def _pwrite_all(fd: int, data: torch.Tensor, offset: int) -> None:
@@ -112,8 +112,9 @@ class DiskStore:
     zero_copy_on_cpu = False
 
     def __init__(self, folder: str, layouts: list[UnitLayout], fingerprint: dict, chunk_bytes: int = 4 << 20,
-                 compress: bool = True):
+                 compress: bool = True, frame_bytes: int = codec.MAX_FRAME_BYTES):
         self.folder, self.layouts, self.fingerprint = folder, layouts, fingerprint
+        self.frame_bytes = frame_bytes
         self.compress = compress and codec.available()
         self.chunk_bytes = round_up(chunk_bytes, PAGE)
         self.frames: list[list[codec.Frame]] | None = [[] for _ in layouts] if self.compress else None
@@ -121,7 +122,8 @@ class DiskStore:
         self._staging: queue.Queue | None = None
         self.reused = self._manifest_matches()
         if not self.reused:
-            _check_folder(folder, sum(map(codec.max_file_bytes, layouts)) if self.compress else self.nbytes)
+            _check_folder(folder, sum(codec.max_file_bytes(l, frame_bytes) for l in layouts) if self.compress
+                          else self.nbytes)
             for name in os.listdir(folder):         # stale units of another model / shard layout
                 if name.startswith("unit_") and name.endswith(".bin") or name == _MANIFEST:
                     os.remove(os.path.join(folder, name))
@@ -137,7 +139,7 @@ class DiskStore:
 
     @property
     def staging_bytes(self) -> int:
-        return staging_bytes(self.layouts, self.compress)
+        return staging_bytes(self.layouts, self.compress, self.frame_bytes)
 
     def path(self, unit: int) -> str:
         return os.path.join(self.folder, f"unit_{unit:05d}.bin")
@@ -163,7 +165,8 @@ class DiskStore:
             return False
         if not (m.get("format") == _FORMAT and m.get("fingerprint") == self.fingerprint
                 and m.get("layouts") == [l.to_json() for l in self.layouts]
-                and m.get("packed") == self.compress and len(m.get("frames") or []) == len(self.layouts)):
+                and m.get("packed") == self.compress and m.get("frame_bytes") == self.frame_bytes
+                and len(m.get("frames") or []) == len(self.layouts)):
             return False
         if self.compress:
             self.frames = [[codec.Frame.from_json(f) for f in unit] for unit in m["frames"]]
@@ -197,7 +200,8 @@ class DiskStore:
         threads (the C encoder releases the GIL), one page-sized buffer each."""
         if self._pages is None:
             threads = max(1, min(4, os.cpu_count() or 1))
-            self._pages = [torch.empty(codec.staging_bytes(self.layouts), dtype=torch.uint8) for _ in range(threads)]
+            self._pages = [torch.empty(codec.staging_bytes(self.layouts, self.frame_bytes), dtype=torch.uint8)
+                           for _ in range(threads)]
             self._encoder = ThreadPoolExecutor(threads, thread_name_prefix="dsinfer-pack")
 
         def pack(job):
@@ -209,7 +213,7 @@ class DiskStore:
                 return raw_offset, raw_bytes, 0, raw_bytes, 0, b""
             return (raw_offset, raw_bytes, width) + got
 
-        frames, offset, todo = [], 0, codec.raw_frames(layout)
+        frames, offset, todo = [], 0, codec.raw_frames(layout, self.frame_bytes)
         for start in range(0, len(todo), len(self._pages)):
             window = list(zip(todo[start:start + len(self._pages)], self._pages))
             for (raw_offset, raw_bytes, width, size, n_exc, table), page in zip(self._encoder.map(pack, window),
@@ -232,6 +236,7 @@ class DiskStore:
             frames = self.frames if self.frames is not None else [[] for _ in self.layouts]
             with open(tmp, "w") as f:
                 json.dump({"format": _FORMAT, "fingerprint": self.fingerprint, "packed": self.compress,
+                           "frame_bytes": self.frame_bytes,
                            "layouts": [l.to_json() for l in self.layouts],
                            "frames": [[fr.to_json() for fr in unit] for unit in frames]}, f)
             os.replace(tmp, os.path.join(self.folder, _MANIFEST))
@@ -239,7 +244,7 @@ class DiskStore:
         if self.compress:
             self._staging = queue.SimpleQueue()
             for _ in range(STAGING_BUFFERS):
-                self._staging.put(aligned_empty(codec.staging_bytes(self.layouts)))
+                self._staging.put(aligned_empty(self._staging_cap()))
 
     def busy_time(self) -> float:
         """Seconds so far during which at least one read was outstanding (the difference of two calls is the
@@ -274,10 +279,15 @@ class DiskStore:
         finally:
             self._staging.put(staging)
 
+    def _staging_cap(self) -> int:
+        """One staging buffer: the planned size, or the largest frame written if one is larger (never a short read)."""
+        largest = max((f.read_bytes for unit in self.frames for f in unit), default=PAGE)
+        return max(codec.staging_bytes(self.layouts, self.frame_bytes), largest)
+
     def _read_groups(self, unit: int) -> list[list[codec.Frame]]:
         """The frames of ``unit`` in runs of consecutive frames of at most one staging buffer each: small frames
         (norm weights, a small model's tensors) share one read request instead of one each."""
-        cap = codec.staging_bytes(self.layouts)
+        cap = self._staging_cap()
         groups: list[list[codec.Frame]] = []
         for f in self.frames[unit]:
             if groups and f.file_offset + f.read_bytes - groups[-1][0].file_offset <= cap:
