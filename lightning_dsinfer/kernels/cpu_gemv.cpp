@@ -81,24 +81,25 @@ struct Args {
     const uint16_t* res; int64_t ldr;      // residual [M, N], row stride ldr, or null
     uint16_t* y; int64_t ldy;              // output [M, N], row stride ldy
     int64_t N, K;
-    const float* scale = nullptr;          // AMX int8 tiles (dsi_gemm_amx_int8): fp32 scale per output row
+    const float* scale = nullptr;          // int8 weights (w then points to int8): fp32 scale per output row
     Args shift(int64_t m0) const {  // the same problem from row m0 of x / residual / y on
         return Args{x + m0 * ldx, ldx, w, ldw, bias, res ? res + m0 * ldr : nullptr, ldr, y + m0 * ldy, ldy, N, K, scale};
     }
 };
 
+// y[m, n] from the dot product of x row m with W row n: (* scale[n] for int8 weights) + bias[n] (+ res[m, n]),
+// rounded once to bf16. The one epilogue of the row-major kernels and of tile_gemv_int8.
+inline void store_out(const Args& a, int64_t m, int64_t n, float sum) {
+    float v = (a.scale ? sum * a.scale[n] : sum) + (a.bias ? bf16_to_f32(a.bias[n]) : 0.f);
+    if (a.res) v += bf16_to_f32(a.res[m * a.ldr + n]);
+    a.y[m * a.ldy + n] = f32_to_bf16(v);
+}
+
 // Epilogue shared by the paths: sums[m * R + r] is the dot product of x row m with W row n0 + r.
 template <int M, int R>
 inline void store_rows(const Args& a, int64_t n0, const float* sums) {
-    for (int r = 0; r < R; ++r) {
-        const int64_t n = n0 + r;
-        const float b = a.bias ? bf16_to_f32(a.bias[n]) : 0.f;
-        for (int m = 0; m < M; ++m) {
-            float v = sums[m * R + r] + b;
-            if (a.res) v += bf16_to_f32(a.res[m * a.ldr + n]);
-            a.y[m * a.ldy + n] = f32_to_bf16(v);
-        }
-    }
+    for (int r = 0; r < R; ++r)
+        for (int m = 0; m < M; ++m) store_out(a, m, n0 + r, sums[m * R + r]);
 }
 
 // ---------------------------------------------------------------- AVX512-BF16
@@ -425,24 +426,55 @@ void tile_gemv_int8(const Args& a, const float* xf, int64_t Kp, int64_t q_begin,
             alignas(64) float s[32];
             _mm512_store_ps(s, _mm512_add_ps(acc[m][0], acc[m][2]));
             _mm512_store_ps(s + 16, _mm512_add_ps(acc[m][1], acc[m][3]));
-            for (int j = 0; j < 16; ++j) {
-                const int64_t n = nb * 16 + j;
-                if (n >= a.N) break;
-                float v = (s[2 * j] + s[2 * j + 1]) * a.scale[n] + (a.bias ? bf16_to_f32(a.bias[n]) : 0.f);
-                if (a.res) v += bf16_to_f32(a.res[m * a.ldr + n]);
-                a.y[m * a.ldy + n] = f32_to_bf16(v);
-            }
+            for (int j = 0; j < 16 && nb * 16 + j < a.N; ++j) store_out(a, m, nb * 16 + j, s[2 * j] + s[2 * j + 1]);
         }
     }
+}
+
+// ---------------------------------------------------------------- int8 weights (weight-only, AVX512)
+// y = (x @ q^T) * scale[n] (+ bias) (+ res): a.w points to q int8 [N, K] (row stride ldw), a.scale to one fp32 scale
+// per output row, x bf16. Same walk as the bf16 kernels (4 rows of W side by side, the next 4 prefetched, up to 4
+// rows of x per pass); each int8 is widened to fp32 and multiplied in fp32, the scale applied to the row's sum. A
+// decode step reads half the bytes of bf16.
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline __m512 widen_i8(const int8_t* p, __mmask16 mask) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
+}
+
+template <int M, int R>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void rows_int8(const Args& a, int64_t n0) {
+    __m512 acc[M][R];
+    for (int m = 0; m < M; ++m)
+        for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+    const int8_t* wr = reinterpret_cast<const int8_t*>(a.w) + n0 * a.ldw;
+    for (int64_t k = 0; k < a.K; k += 16) {
+        const __mmask16 mask = lanes16(a.K - k);     // all 16 but in the tail: zeros past K
+        __m512 w[R];
+        for (int r = 0; r < R; ++r) w[r] = widen_i8(wr + r * a.ldw + k, mask);
+        if ((k & 63) == 0)
+            for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(wr + (R + r) * a.ldw + k), _MM_HINT_T1);
+        for (int m = 0; m < M; ++m) {
+            const __m512 xv = widen16_mask(a.x + m * a.ldx + k, mask);
+            for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(xv, w[r], acc[m][r]);
+        }
+    }
+    float sums[M * R];
+    for (int m = 0; m < M; ++m)
+        for (int r = 0; r < R; ++r) sums[m * R + r] = _mm512_reduce_add_ps(acc[m][r]);
+    store_rows<M, R>(a, n0, sums);
 }
 
 // ---------------------------------------------------------------- dispatch
 // 4 rows of W x up to 4 rows of x: 16 accumulators + 4 weight registers fit the 32 AVX512 registers (the AVX2
 // path spills some of its 16 + 4 to L1, which costs little next to the memory stream it waits on).
 
+constexpr int kInt8Rows = -1;   // run_range's "isa" for int8 weights (rows_int8, AVX512)
+
 template <int M, int R>
 inline void call_rows(int isa, const Args& a, int64_t n) {
-    if (isa == 3) rows_bf16<M, R>(a, n);
+    if (isa == kInt8Rows) rows_int8<M, R>(a, n);
+    else if (isa == 3) rows_bf16<M, R>(a, n);
     else if (isa == 2) rows_avx512<M, R>(a, n);
     else rows_avx2<M, R>(a, n);
 }
@@ -471,77 +503,6 @@ void run_range(int isa, int64_t M, const Args& a, int64_t n_begin, int64_t n_end
     for (; n < n_end; ++n)
         for (int64_t m0 = 0; m0 < M; m0 += 4)
             call_mgroup<1>(isa, static_cast<int>(M - m0 < 4 ? M - m0 : 4), a.shift(m0), n);
-}
-
-// ---------------------------------------------------------------- int8 weights (weight-only, AVX512)
-// y = (x @ q^T) * scale[n] (+ bias) (+ res): q int8 [N, K] (row stride ldw), one fp32 scale per output row, x
-// bf16. Same walk as the bf16 kernels (4 rows of W side by side, the next 4 prefetched, up to 4 rows of x per
-// pass); each int8 is widened to fp32 and multiplied in fp32, the scale applied to the row's sum. A decode step
-// reads half the bytes of bf16.
-struct ArgsI8 {
-    const uint16_t* x; int64_t ldx;
-    const int8_t* w; int64_t ldw;
-    const float* scale; const uint16_t* bias;
-    const uint16_t* res; int64_t ldr;
-    uint16_t* y; int64_t ldy;
-    int64_t N, K;
-    ArgsI8 shift(int64_t m0) const {
-        return ArgsI8{x + m0 * ldx, ldx, w, ldw, scale, bias, res ? res + m0 * ldr : nullptr, ldr, y + m0 * ldy, ldy,
-                      N, K};
-    }
-};
-
-__attribute__((target("avx512f,avx512bw,avx512vl")))
-inline __m512 widen_i8(const int8_t* p, __mmask16 mask) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
-}
-
-template <int M, int R>
-__attribute__((target("avx512f,avx512bw,avx512vl")))
-void rows_int8(const ArgsI8& a, int64_t n0) {
-    __m512 acc[M][R];
-    for (int m = 0; m < M; ++m)
-        for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
-    const int8_t* wr = a.w + n0 * a.ldw;
-    for (int64_t k = 0; k < a.K; k += 16) {
-        const __mmask16 mask = lanes16(a.K - k);     // all 16 but in the tail: zeros past K
-        __m512 w[R];
-        for (int r = 0; r < R; ++r) w[r] = widen_i8(wr + r * a.ldw + k, mask);
-        if ((k & 63) == 0)
-            for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(wr + (R + r) * a.ldw + k), _MM_HINT_T1);
-        for (int m = 0; m < M; ++m) {
-            const __m512 xv = widen16_mask(a.x + m * a.ldx + k, mask);
-            for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(xv, w[r], acc[m][r]);
-        }
-    }
-    for (int r = 0; r < R; ++r) {
-        const int64_t n = n0 + r;
-        const float b = a.bias ? bf16_to_f32(a.bias[n]) : 0.f;
-        for (int m = 0; m < M; ++m) {
-            float v = _mm512_reduce_add_ps(acc[m][r]) * a.scale[n] + b;
-            if (a.res) v += bf16_to_f32(a.res[m * a.ldr + n]);
-            a.y[m * a.ldy + n] = f32_to_bf16(v);
-        }
-    }
-}
-
-template <int R>
-void int8_mgroup(int mb, const ArgsI8& a, int64_t n) {
-    switch (mb) {
-        case 1: rows_int8<1, R>(a, n); break;
-        case 2: rows_int8<2, R>(a, n); break;
-        case 3: rows_int8<3, R>(a, n); break;
-        default: rows_int8<4, R>(a, n); break;
-    }
-}
-
-void run_range_int8(int64_t M, const ArgsI8& a, int64_t n_begin, int64_t n_end) {
-    constexpr int R = 4;
-    int64_t n = n_begin;
-    for (; n + R <= n_end; n += R)
-        for (int64_t m0 = 0; m0 < M; m0 += 4) int8_mgroup<R>(static_cast<int>(M - m0 < 4 ? M - m0 : 4), a.shift(m0), n);
-    for (; n < n_end; ++n)
-        for (int64_t m0 = 0; m0 < M; m0 += 4) int8_mgroup<1>(static_cast<int>(M - m0 < 4 ? M - m0 : 4), a.shift(m0), n);
 }
 
 // Rows [0, N) over `threads` OpenMP threads in contiguous ranges, boundaries on multiples of 8 rows (whole
@@ -827,10 +788,10 @@ int dsi_gemv_int8(const void* x, int64_t ldx, const void* w, int64_t ldw, const 
                   const void* res, int64_t ldr, void* y, int64_t ldy, int64_t M, int64_t N, int64_t K, int threads) {
     if (dsi_gemv_best_isa() < 2 || M < 1 || N < 1 || K < 1) return -1;
     if (N * K < kSerialLinearWork) threads = 1;
-    const ArgsI8 a{static_cast<const uint16_t*>(x), ldx, static_cast<const int8_t*>(w), ldw,
-                   static_cast<const float*>(scale), static_cast<const uint16_t*>(bias),
-                   static_cast<const uint16_t*>(res), ldr, static_cast<uint16_t*>(y), ldy, N, K};
-    split_rows(threads, N, [&](int64_t n_begin, int64_t n_end) { run_range_int8(M, a, n_begin, n_end); });
+    const Args a{static_cast<const uint16_t*>(x), ldx, static_cast<const uint16_t*>(w), ldw,
+                 static_cast<const uint16_t*>(bias), static_cast<const uint16_t*>(res), ldr, static_cast<uint16_t*>(y),
+                 ldy, N, K, static_cast<const float*>(scale)};
+    split_rows(threads, N, [&](int64_t n_begin, int64_t n_end) { run_range(kInt8Rows, M, a, n_begin, n_end); });
     return 0;
 }
 
@@ -998,37 +959,28 @@ static int gemm_amx(const void* x, int64_t ldx, const void* wp, const float* sca
     const Args a{xs, lds, static_cast<const uint16_t*>(wp), 0, static_cast<const uint16_t*>(bias),
                  static_cast<const uint16_t*>(res), ldr, static_cast<uint16_t*>(y), ldy, N, K, scale};
     const int64_t pairs = (N + 31) / 32;
+    const float* xp = nullptr;                     // x in fp32 for tile_gemv_int8, else the tile products
     if (I8 && M <= kInt8TileGemvRows) {            // one or two rows: no tile products (see tile_gemv_int8)
         static thread_local std::vector<float> xf;
         xf.assign(static_cast<size_t>(M * Kp), 0.f);
         for (int64_t m = 0; m < M; ++m)
             for (int64_t k = 0; k < K; ++k) xf[m * Kp + k] = bf16_to_f32(xs[m * lds + k]);
-        const float* xp = xf.data();   // (a thread_local named inside the parallel region is each thread's own)
-        auto run = [&](int64_t q0, int64_t q1) {
-            if (M == 1) tile_gemv_int8<1>(a, xp, Kp, q0, q1);
-            else tile_gemv_int8<2>(a, xp, Kp, q0, q1);
-        };
-        if (threads <= 1 || pairs < 2) {
-            run(0, pairs);
-            return 0;
-        }
-#pragma omp parallel num_threads(threads)
-        {
-            const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-            const int64_t q0 = pairs * t / nt, q1 = pairs * (t + 1) / nt;
-            if (q0 < q1) run(q0, q1);
-        }
-        return 0;
+        xp = xf.data();                // (a thread_local named inside the parallel region is each thread's own)
     }
+    auto run = [&](int64_t q0, int64_t q1) {       // outputs [32 q0, 32 q1)
+        if (xp == nullptr) amx_range<I8>(a, M, Kp, q0, q1);
+        else if (M == 1) tile_gemv_int8<1>(a, xp, Kp, q0, q1);
+        else tile_gemv_int8<2>(a, xp, Kp, q0, q1);
+    };
     if (threads <= 1 || pairs < 2) {
-        amx_range<I8>(a, M, Kp, 0, pairs);
+        run(0, pairs);
         return 0;
     }
 #pragma omp parallel num_threads(threads)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         const int64_t q0 = pairs * t / nt, q1 = pairs * (t + 1) / nt;
-        if (q0 < q1) amx_range<I8>(a, M, Kp, q0, q1);
+        if (q0 < q1) run(q0, q1);
     }
     return 0;
 }

@@ -120,6 +120,7 @@ class DiskStore:
         self.frames: list[list[codec.Frame]] | None = [[] for _ in layouts] if self.compress else None
         self._fds: list[tuple[int, bool]] = []
         self._staging: queue.Queue | None = None
+        self._groups: list[list[list[codec.Frame]]] = []      # per unit: its read requests (packed units, finish())
         self.reused = self._manifest_matches()
         if not self.reused:
             _check_folder(folder, sum(codec.max_file_bytes(l, frame_bytes) for l in layouts) if self.compress
@@ -242,9 +243,11 @@ class DiskStore:
             os.replace(tmp, os.path.join(self.folder, _MANIFEST))
         self._fds = [_open_direct(self.path(i)) for i in range(len(self.layouts))]
         if self.compress:
+            cap = self._staging_cap()
+            self._groups = [self._read_groups(u, cap) for u in range(len(self.layouts))]
             self._staging = queue.SimpleQueue()
             for _ in range(STAGING_BUFFERS):
-                self._staging.put(aligned_empty(self._staging_cap()))
+                self._staging.put(aligned_empty(cap))
 
     def busy_time(self) -> float:
         """Seconds so far during which at least one read was outstanding (the difference of two calls is the
@@ -284,10 +287,9 @@ class DiskStore:
         largest = max((f.read_bytes for unit in self.frames for f in unit), default=PAGE)
         return max(codec.staging_bytes(self.layouts, self.frame_bytes), largest)
 
-    def _read_groups(self, unit: int) -> list[list[codec.Frame]]:
-        """The frames of ``unit`` in runs of consecutive frames of at most one staging buffer each: small frames
-        (norm weights, a small model's tensors) share one read request instead of one each."""
-        cap = self._staging_cap()
+    def _read_groups(self, unit: int, cap: int) -> list[list[codec.Frame]]:
+        """The frames of ``unit`` in runs of consecutive frames of at most ``cap`` bytes (one staging buffer) each:
+        small frames (norm weights, a small model's tensors) share one read request instead of one each."""
         groups: list[list[codec.Frame]] = []
         for f in self.frames[unit]:
             if groups and f.file_offset + f.read_bytes - groups[-1][0].file_offset <= cap:
@@ -300,7 +302,7 @@ class DiskStore:
         """Queue the reads of ``unit`` into the page-aligned uint8 ``buffer``; returns their futures."""
         fd, direct = self._fds[unit]
         if self.frames is not None:
-            return [pool.submit(self._read_frames, fd, direct, g, buffer) for g in self._read_groups(unit)]
+            return [pool.submit(self._read_frames, fd, direct, g, buffer) for g in self._groups[unit]]
         n = self.layouts[unit].nbytes
         view = memoryview(buffer[:n].numpy())
         return [pool.submit(self._timed_read, fd, direct, view[o:o + self.chunk_bytes], o)
