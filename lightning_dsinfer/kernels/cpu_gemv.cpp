@@ -69,8 +69,8 @@ inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN stays NaN
 // While rows [n0, n0 + R) are read, the same positions of rows [n0 + R, n0 + 2R) are prefetched into L2: the
 // next group's lines arrive in the order they will be used, so the loads of every group hit L2 (the hardware
 // prefetcher alone restarts at each group and leaves this loop latency-bound: ~0.5 of streaming bandwidth).
-template <int R>
-inline void prefetch_next_group(const uint16_t* wr, int64_t ldw, int64_t k) {
+template <int R, typename T>
+inline void prefetch_next_group(const T* wr, int64_t ldw, int64_t k) {
     for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(wr + (R + r) * ldw + k), _MM_HINT_T1);
 }
 
@@ -146,18 +146,38 @@ inline __m512 widen16_mask(const uint16_t* p, __mmask16 mask) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
 }
 
-template <int M, int R>
+// int8 weights (weight-only): a.w points to q int8 [N, K], a.scale to one fp32 scale per output row (the epilogue
+// multiplies the row's sum by it); each int8 is widened to fp32. A decode step reads half the bytes of bf16.
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline __m512 widen_i8(const int8_t* p, __mmask16 mask) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
+}
+
+// 16 weights of a row widened to fp32: bf16 (a shift) or int8 (a sign extension and a conversion).
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline __m512 widen_w(const uint16_t* p) { return widen16(p); }
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline __m512 widen_w(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline __m512 widen_w(const uint16_t* p, __mmask16 mask) { return widen16_mask(p, mask); }
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline __m512 widen_w(const int8_t* p, __mmask16 mask) { return widen_i8(p, mask); }
+
+// T = uint16_t: bf16 weights; T = int8_t: int8 weights (with a.scale). x is bf16 either way.
+template <int M, int R, typename T>
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 void rows_avx512(const Args& a, int64_t n0) {
     __m512 acc[M][R];
     for (int m = 0; m < M; ++m)
         for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
-    const uint16_t* wr = a.w + n0 * a.ldw;
+    const T* wr = reinterpret_cast<const T*>(a.w) + n0 * a.ldw;
     int64_t k = 0;
     for (; k + 16 <= a.K; k += 16) {
         __m512 w[R];
-        for (int r = 0; r < R; ++r) w[r] = widen16(wr + r * a.ldw + k);
-        if ((k & 31) == 0) prefetch_next_group<R>(wr, a.ldw, k);
+        for (int r = 0; r < R; ++r) w[r] = widen_w(wr + r * a.ldw + k);
+        if (((k * sizeof(T)) & 63) == 0) prefetch_next_group<R>(wr, a.ldw, k);     // once per cache line
         for (int m = 0; m < M; ++m) {
             const __m512 xv = widen16(a.x + m * a.ldx + k);
             for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(xv, w[r], acc[m][r]);
@@ -166,7 +186,7 @@ void rows_avx512(const Args& a, int64_t n0) {
     if (k < a.K) {
         const __mmask16 mask = lanes16(a.K - k);
         __m512 w[R];
-        for (int r = 0; r < R; ++r) w[r] = widen16_mask(wr + r * a.ldw + k, mask);
+        for (int r = 0; r < R; ++r) w[r] = widen_w(wr + r * a.ldw + k, mask);
         for (int m = 0; m < M; ++m) {
             const __m512 xv = widen16_mask(a.x + m * a.ldx + k, mask);
             for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(xv, w[r], acc[m][r]);
@@ -431,51 +451,17 @@ void tile_gemv_int8(const Args& a, const float* xf, int64_t Kp, int64_t q_begin,
     }
 }
 
-// ---------------------------------------------------------------- int8 weights (weight-only, AVX512)
-// y = (x @ q^T) * scale[n] (+ bias) (+ res): a.w points to q int8 [N, K] (row stride ldw), a.scale to one fp32 scale
-// per output row, x bf16. Same walk as the bf16 kernels (4 rows of W side by side, the next 4 prefetched, up to 4
-// rows of x per pass); each int8 is widened to fp32 and multiplied in fp32, the scale applied to the row's sum. A
-// decode step reads half the bytes of bf16.
-__attribute__((target("avx512f,avx512bw,avx512vl")))
-inline __m512 widen_i8(const int8_t* p, __mmask16 mask) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
-}
-
-template <int M, int R>
-__attribute__((target("avx512f,avx512bw,avx512vl")))
-void rows_int8(const Args& a, int64_t n0) {
-    __m512 acc[M][R];
-    for (int m = 0; m < M; ++m)
-        for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
-    const int8_t* wr = reinterpret_cast<const int8_t*>(a.w) + n0 * a.ldw;
-    for (int64_t k = 0; k < a.K; k += 16) {
-        const __mmask16 mask = lanes16(a.K - k);     // all 16 but in the tail: zeros past K
-        __m512 w[R];
-        for (int r = 0; r < R; ++r) w[r] = widen_i8(wr + r * a.ldw + k, mask);
-        if ((k & 63) == 0)
-            for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(wr + (R + r) * a.ldw + k), _MM_HINT_T1);
-        for (int m = 0; m < M; ++m) {
-            const __m512 xv = widen16_mask(a.x + m * a.ldx + k, mask);
-            for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(xv, w[r], acc[m][r]);
-        }
-    }
-    float sums[M * R];
-    for (int m = 0; m < M; ++m)
-        for (int r = 0; r < R; ++r) sums[m * R + r] = _mm512_reduce_add_ps(acc[m][r]);
-    store_rows<M, R>(a, n0, sums);
-}
-
 // ---------------------------------------------------------------- dispatch
 // 4 rows of W x up to 4 rows of x: 16 accumulators + 4 weight registers fit the 32 AVX512 registers (the AVX2
 // path spills some of its 16 + 4 to L1, which costs little next to the memory stream it waits on).
 
-constexpr int kInt8Rows = -1;   // run_range's "isa" for int8 weights (rows_int8, AVX512)
+constexpr int kInt8Rows = -1;   // run_range's "isa" for int8 weights (rows_avx512 on int8, AVX512)
 
 template <int M, int R>
 inline void call_rows(int isa, const Args& a, int64_t n) {
-    if (isa == kInt8Rows) rows_int8<M, R>(a, n);
+    if (isa == kInt8Rows) rows_avx512<M, R, int8_t>(a, n);
     else if (isa == 3) rows_bf16<M, R>(a, n);
-    else if (isa == 2) rows_avx512<M, R>(a, n);
+    else if (isa == 2) rows_avx512<M, R, uint16_t>(a, n);
     else rows_avx2<M, R>(a, n);
 }
 
