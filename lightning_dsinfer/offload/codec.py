@@ -93,23 +93,27 @@ def staging_bytes(layouts: list[UnitLayout], frame_bytes: int = MAX_FRAME_BYTES)
 def encode(raw: torch.Tensor, width: int, out: torch.Tensor) -> tuple[int, int, bytes] | None:
     """Pack the uint8 CPU tensor ``raw`` (elements of ``width`` bytes) into ``out``: (bytes, exceptions, table),
     or None when it does not pay (more than 1/64 of the elements outside the 16-exponent table)."""
-    lib = _lib()
     n = raw.numel() // width
-    max_exc = n // 64
-    if out.numel() < lib.packed_bytes(n, width, max_exc):
+    if out.numel() < packed_capacity(raw.numel(), width):
         raise ValueError("encode: output buffer too small")
     table = (ctypes.c_uint8 * 16)()
     n_exc = ctypes.c_int64()
-    size = lib.pack_weights(raw.data_ptr(), n, width, max_exc, table, ctypes.byref(n_exc), out.data_ptr())
+    size = _lib().pack_weights(raw.data_ptr(), n, width, _max_exceptions(n), table, ctypes.byref(n_exc),
+                               out.data_ptr())
     if size < 0:
         return None
     return size, n_exc.value, bytes(table)
 
 
+def _max_exceptions(n: int) -> int:
+    """Elements outside the 16-exponent table a frame of ``n`` may have and still be packed."""
+    return n // 64
+
+
 def packed_capacity(raw_bytes: int, width: int) -> int:
     """The most bytes a frame of ``raw_bytes`` packs to (when it packs at all)."""
     n = raw_bytes // width
-    return _lib().packed_bytes(n, width, n // 64)
+    return _lib().packed_bytes(n, width, _max_exceptions(n))
 
 
 def max_file_bytes(layout: UnitLayout, frame_bytes: int = MAX_FRAME_BYTES) -> int:
