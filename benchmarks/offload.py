@@ -23,6 +23,7 @@ for compute, whatever its speed that minute; a virtual disk's bandwidth varies f
 rows divide the ratio by the ratio of the two runs' disk bandwidths (tokens/s per GB/s of disk: both systems
 are disk-bound here, and the disk moves by up to 2x between minutes).
 
+    pip install -e ".[bench]"                          # accelerate, for its disk offload
     python benchmarks/offload.py                       # ~1 GB model, budget 1/4
     python benchmarks/offload.py --record benchmarks/RESULTS.md
 """
