@@ -184,7 +184,8 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
     """
     from lightning_dsinfer.offload import (DiskStore, FileRows, HostStore, ResidentRows, StreamedDecoderModel,
                                            UnitLayout, UnitStreamer, plan_working_set)
-    from lightning_dsinfer.offload.budget import MAX_AUTO_BATCH, MAX_AUTO_BATCH_CPU, release_freed_memory_promptly
+    from lightning_dsinfer.offload.budget import (MAX_AUTO_BATCH, MAX_AUTO_BATCH_CPU, release_freed_memory_promptly,
+                                                  spread_order)
     from lightning_dsinfer.offload.codec import frame_bytes_for
     from lightning_dsinfer.offload.store import staging_bytes
     from lightning_dsinfer.policies.weights import MetaSource, with_source
@@ -207,10 +208,10 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
                           max_auto_batch=MAX_AUTO_BATCH if device.type == "cuda" else MAX_AUTO_BATCH_CPU,
                           staging_bytes=staging_bytes(layouts, compress, frame) if tier == "nvme" else 0)
     resident, spare = [], ws.spare          # units the leftover budget keeps for good (never streamed; the
-    for u, layout in enumerate(layouts):    # streamer ignores this where it uses the host tier in place)
-        if layout.nbytes <= spare:
+    for u in spread_order(len(layouts)):    # streamer ignores this where it uses the host tier in place)
+        if layouts[u].nbytes <= spare:
             resident.append(u)
-            spare -= layout.nbytes
+            spare -= layouts[u].nbytes
 
     def units():
         for lw in w.layers:

@@ -193,10 +193,16 @@ def test_offload_auto_and_the_fit_check(tmp_path, monkeypatch):
 
 def test_working_set_budget():
     ws = plan_working_set(max_memory=100, slot_bytes=20, per_sequence_bytes=10, per_token_bytes=0, batch_size=None)
-    assert ws.n_slots == 2 and ws.batch_size == 6 and ws.total == 100 and ws.spare == 0
+    assert ws.n_slots == 2 and ws.batch_size == 6 and ws.total == 100 and ws.spare == 0   # a 3rd slot costs batch
     ws = plan_working_set(max_memory=100, slot_bytes=20, per_sequence_bytes=10, per_token_bytes=0, batch_size=None,
                           max_auto_batch=3)
-    assert ws.batch_size == 3 and ws.spare == 30
+    assert ws.n_slots == 3 and ws.batch_size == 3 and ws.spare == 10                   # the batch is capped anyway
+    ws = plan_working_set(max_memory=100, slot_bytes=20, per_sequence_bytes=10, per_token_bytes=0, batch_size=4)
+    assert ws.n_slots == 3 and ws.spare == 0
+    ws = plan_working_set(max_memory=100, slot_bytes=20, per_sequence_bytes=10, per_token_bytes=0, batch_size=5)
+    assert ws.n_slots == 2 and ws.spare == 10
+    ws = plan_working_set(max_memory=355, slot_bytes=20, per_sequence_bytes=10, per_token_bytes=1, batch_size=4)
+    assert ws.n_slots == 2 and ws.prefill_tokens == 256    # not at the price of a shorter prefill chunk
     ws = plan_working_set(max_memory=100, slot_bytes=45, per_sequence_bytes=5, per_token_bytes=0, batch_size=2)
     assert ws.n_slots == 2 and ws.batch_size == 2
     ws = plan_working_set(max_memory=100, slot_bytes=60, per_sequence_bytes=5, per_token_bytes=0, batch_size=2)

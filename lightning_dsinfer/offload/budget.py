@@ -7,8 +7,11 @@ Working set on the compute device (RAM on a CPU, device memory on a GPU):
   + prefill_tokens x per-token activation bytes  one block's temporaries on one prefill chunk
   + staging bytes                                packed frames being read / decoded (disk tier, packed units)
 
-Two slots (one unit in flight while one computes: enough to keep the disk busy when it is the
-bottleneck) when they fit, else one (no overlap). The batch size is the user's ``max_batch_size`` when
+Three slots when they fit beside the batch and a full prefill chunk (and, for an automatic batch, do
+not make it smaller): while one unit computes, two are read or ready, so the disk keeps reading while a
+large unit computes after a small one has arrived (attention half, then MLP half). Else two (one unit in
+flight: the disk idles whenever the unit in flight arrives before the current one is done; ~10% of a
+pass at batch 16 in benchmarks/offload.py), else one (no overlap). The batch size is the user's ``max_batch_size`` when
 given (checked), else the largest that fits up to ``max_auto_batch`` (throughput: the weights are read
 once per step whatever the batch). Whatever the budget leaves after that holds units that are then
 never streamed (``spare``): at a small batch, memory the KV cache does not need cuts the bytes read per
@@ -90,13 +93,19 @@ class WorkingSet:
 
 
 def plan_working_set(max_memory: int, slot_bytes: int, per_sequence_bytes: int, per_token_bytes: int,
-                     batch_size: int | None, max_slots: int = 2, max_auto_batch: int = MAX_AUTO_BATCH,
+                     batch_size: int | None, max_slots: int = 3, max_auto_batch: int = MAX_AUTO_BATCH,
                      staging_bytes: int = 0) -> WorkingSet:
     def fits(n, b, t):
         return n * slot_bytes + b * per_sequence_bytes + t * per_token_bytes + staging_bytes <= max_memory
 
+    def auto_batch(n, t):
+        return max(1, min((max_memory - n * slot_bytes - t * per_token_bytes - staging_bytes) // per_sequence_bytes,
+                          max_auto_batch))
+
     need_b = batch_size or 1
-    for n in range(max_slots, 0, -1):
+    deep = max_slots > 2 and fits(max_slots, need_b, DEFAULT_PREFILL_TOKENS) and (
+        batch_size is not None or auto_batch(max_slots, DEFAULT_PREFILL_TOKENS) == auto_batch(2, DEFAULT_PREFILL_TOKENS))
+    for n in ([max_slots] if deep else range(min(max_slots, 2), 0, -1)):
         t = DEFAULT_PREFILL_TOKENS
         while t > MIN_PREFILL_TOKENS and not fits(n, need_b, t):
             t //= 2
@@ -112,9 +121,29 @@ def plan_working_set(max_memory: int, slot_bytes: int, per_sequence_bytes: int, 
             f"{_size(per_token_bytes)} of prefill activations{staging} = {_size(least)}. "
             f"Raise max_memory to at least that, or lower max_seq_len / max_batch_size.")
     if batch_size is None:
-        left = max_memory - n * slot_bytes - t * per_token_bytes - staging_bytes
-        batch_size = max(1, min(left // per_sequence_bytes, max_auto_batch))
+        batch_size = auto_batch(n, t)
     return WorkingSet(max_memory, n, slot_bytes, batch_size, per_sequence_bytes, t, per_token_bytes, staging_bytes)
+
+
+def spread_order(n: int) -> list[int]:
+    """``range(n)`` in the order that keeps every prefix spread evenly over the cycle, away from its start:
+    positions 1/2, 1/4, 3/4, 1/8, 3/8, ... of it (bit-reversed), then whatever is left in order.
+
+    Units the leftover budget keeps resident are picked in this order. While the consumer computes a
+    resident unit the ring is full and the disk has nothing to read; spread out, each such pause is one
+    unit long and the read in flight covers it. Taken from the front (the old order) they formed one
+    block at the start of every pass, right after the sampling step: 25-40 ms of an idle disk per
+    ~420 ms pass at batch 16 in benchmarks/offload.py.
+    """
+    order, seen = [], set()
+    levels = max(1, (n - 1).bit_length()) + 1
+    for level in range(1, levels + 1):
+        for k in range(1, 2 ** level, 2):
+            u = (k * n) // 2 ** level
+            if u not in seen:
+                seen.add(u)
+                order.append(u)
+    return order + [u for u in range(n) if u not in seen]
 
 
 def release_freed_memory_promptly() -> None:
