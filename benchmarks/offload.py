@@ -223,7 +223,7 @@ def main():
         packing = (f"{streamed / MiB:.0f} MiB read per pass ({raw_bytes / MiB:.0f} MiB of weights, packed)"
                    if streamer.store.compress else f"{streamed / MiB:.0f} MiB read per pass (raw units)")
         note = (f"ours{'' if compress else ' raw'} batch {b}{' (its throughput batch)' if batch is None else ''}: "
-                f"{ws.n_slots} slots x {ws.slot_bytes / MiB:.0f} MiB, {ws.staging_bytes / MiB:.0f} MiB of staging, "
+                f"ring: {ws.ring}, {ws.staging_bytes / MiB:.0f} MiB of staging, "
                 f"{len(streamer.resident)} units resident, {packing}")
         notes.append(note)
         print(note, f"-> {r['tok_s']:.2f} tok/s, decode {r['decode_tok_s']:.2f} tok/s", flush=True)

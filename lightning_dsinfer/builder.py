@@ -185,7 +185,7 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
     from lightning_dsinfer.offload import (DiskStore, FileRows, HostStore, ResidentRows, StreamedDecoderModel,
                                            UnitLayout, UnitStreamer, plan_working_set)
     from lightning_dsinfer.offload.budget import (MAX_AUTO_BATCH, MAX_AUTO_BATCH_CPU, release_freed_memory_promptly,
-                                                  spread_order)
+                                                  slot_classes, spread_order)
     from lightning_dsinfer.offload.codec import frame_bytes_for
     from lightning_dsinfer.offload.store import staging_bytes
     from lightning_dsinfer.policies.weights import MetaSource, with_source
@@ -203,10 +203,12 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
     meta_w = with_source(w, meta)
     layouts += [UnitLayout.of(head_rows(meta_w, plan, dtype, a, n)) for a, n in head_slices]
     frame = frame_bytes_for(layouts, max_memory)          # packed disk units: frame (read request) size
+    unit_class, classes = slot_classes([l.nbytes for l in layouts])
     ws = plan_working_set(max_memory, slot, _per_sequence_bytes(w, plan, dtype, max_seq_len, padded),
                           _per_token_bytes(w, plan, dtype, max_seq_len), batch_size,
                           max_auto_batch=MAX_AUTO_BATCH if device.type == "cuda" else MAX_AUTO_BATCH_CPU,
-                          staging_bytes=staging_bytes(layouts, compress, frame) if tier == "nvme" else 0)
+                          staging_bytes=staging_bytes(layouts, compress, frame) if tier == "nvme" else 0,
+                          classes=classes)
     resident, spare = [], ws.spare          # units the leftover budget keeps for good (never streamed; the
     for u in spread_order(len(layouts)):    # streamer ignores this where it uses the host tier in place)
         if layouts[u].nbytes <= spare:
@@ -246,7 +248,8 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
         rows = FileRows(path, real, w.hidden_size, dtype)
     store.finish()
     source.release([w.embed.name, w.lm_head.name])
-    streamer = UnitStreamer(store, layouts, list(range(len(layouts))), device, ws.n_slots, resident=tuple(resident))
+    streamer = UnitStreamer(store, layouts, list(range(len(layouts))), device, list(ws.class_slots) or ws.n_slots,
+                            resident=tuple(resident), classes=unit_class if ws.class_slots else None)
 
     def make(i, tensors):
         return make_layer(i, tensors, specs[i], comm, pack=False)

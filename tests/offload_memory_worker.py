@@ -54,8 +54,8 @@ def main():
     growth = peak - base
     ok = weight_bytes >= 4 * MAX_MEMORY and growth <= MAX_MEMORY + OVERHEAD and out.shape == (4, 32)
     print(f"weights {weight_bytes / 2**20:.0f} MiB, max_memory {MAX_MEMORY / 2**20:.0f} MiB, working set "
-          f"{engine.working_set.total / 2**20:.0f} MiB ({engine.working_set.n_slots} slots of "
-          f"{engine.working_set.slot_bytes / 2**20:.1f} MiB, batch {engine.working_set.batch_size}), baseline RSS "
+          f"{engine.working_set.total / 2**20:.0f} MiB (ring: {engine.working_set.ring}, "
+          f"batch {engine.working_set.batch_size}), baseline RSS "
           f"{base / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB, growth {growth / 2**20:.0f} MiB "
           f"(limit {(MAX_MEMORY + OVERHEAD) / 2**20:.0f} MiB; after loading: {after_init[0] / 2**20:.0f} MiB resident, peak {after_init[1] / 2**20:.0f} MiB) {'OK' if ok else 'FAIL'}", flush=True)
     sys.exit(0 if ok else 1)

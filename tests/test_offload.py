@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 import lightning_dsinfer as dsi
 from helpers import FAMILIES, collate_left_padded, generating_module, padded_batch, random_prompts, tiny_model
 from lightning_dsinfer.offload import UnitLayout, parse_bytes, plan_working_set
+from lightning_dsinfer.offload.budget import slot_classes
 from multiproc import clean_env, run_ranks
 
 TIERS = ["cpu", "nvme"]
@@ -45,6 +46,24 @@ def test_offload_matches_hf(family, tier, tmp_path):
     assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False), ref_tokens)
     # the HF module holds no weights any more: they live in the tier
     assert all(p.device.type == "meta" for p in opt.parameters())
+
+
+def test_ring_by_unit_size_matches_hf(tmp_path):
+    """MLP halves 2.6x the attention halves: the disk tier streams them through two slots per size class
+    (two or three units read ahead) and some units stay resident; fp32 logits and greedy tokens as HF's."""
+    hf = tiny_model("llama", intermediate_size=256, num_hidden_layers=6)
+    opt = _offloaded(hf, "nvme", tmp_path, max_memory="3800KiB")
+    engine = opt._dsinfer_engine
+    streamer = engine.decoder.streamer
+    assert engine.working_set.class_slots == (2, 2) and streamer.n_slots == 4 and len(streamer.order) >= 8
+    assert streamer.ring_bytes <= engine.working_set.ring_bytes and streamer.resident
+    ids, mask = padded_batch([12, 5, 9], seed=2)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+        ref_tokens = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    got = opt(input_ids=ids, attention_mask=mask).logits
+    assert (got[mask.bool()] - ref[mask.bool()]).abs().max() < 2e-4
+    assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False), ref_tokens)
 
 
 @pytest.mark.parametrize("tier", TIERS)
@@ -203,6 +222,16 @@ def test_working_set_budget():
     assert ws.n_slots == 2 and ws.spare == 10
     ws = plan_working_set(max_memory=355, slot_bytes=20, per_sequence_bytes=10, per_token_bytes=1, batch_size=4)
     assert ws.n_slots == 2 and ws.prefill_tokens == 256    # not at the price of a shorter prefill chunk
+    # slots per size class where cheaper than three shared ones: 2 x 20 + 2 x 5 = 50 < 60
+    ws = plan_working_set(max_memory=100, slot_bytes=20, per_sequence_bytes=10, per_token_bytes=0, batch_size=5,
+                          classes=[(20, 2), (5, 2)])
+    assert ws.class_slots == (2, 2) and ws.n_slots == 4 and ws.ring_bytes == 50 and ws.spare == 0
+    ws = plan_working_set(max_memory=100, slot_bytes=20, per_sequence_bytes=10, per_token_bytes=0, batch_size=None,
+                          classes=[(20, 2), (5, 2)])
+    assert ws.class_slots == () and ws.n_slots == 2 and ws.batch_size == 6    # 5 would be under 95% of 6
+    ws = plan_working_set(max_memory=100, slot_bytes=20, per_sequence_bytes=10, per_token_bytes=0, batch_size=4,
+                          classes=[(20, 2), (15, 2)])
+    assert ws.class_slots == () and ws.n_slots == 3                           # 70 > 60: three shared slots
     ws = plan_working_set(max_memory=100, slot_bytes=45, per_sequence_bytes=5, per_token_bytes=0, batch_size=2)
     assert ws.n_slots == 2 and ws.batch_size == 2
     ws = plan_working_set(max_memory=100, slot_bytes=60, per_sequence_bytes=5, per_token_bytes=0, batch_size=2)
@@ -213,6 +242,68 @@ def test_working_set_budget():
     assert parse_bytes("200MiB") == 200 << 20 and parse_bytes("1.5GB") == 1_500_000_000 and parse_bytes(7) == 7
     with pytest.raises(ValueError, match="not a size"):
         parse_bytes("lots")
+
+
+def test_slot_classes():
+    big, small = 36, 13
+    sizes = [small, big] * 16 + [big, big, 22]      # attention / MLP halves, then lm_head slices (the last smaller)
+    unit_class, classes = slot_classes(sizes)
+    assert classes == [(big, 2), (small, 2)]        # the lone 22 uses a big slot; the run of slices gets 2, not 3
+    assert unit_class[:4] == [1, 0, 1, 0] and unit_class[-3:] == [0, 0, 0]
+    assert slot_classes([76] * 4 + [28]) == ([0] * 5, [(76, 3)])          # long runs of one size: a shared ring
+    assert slot_classes([10]) == ([0], [(10, 1)])
+    assert slot_classes([9, 10, 9, 10]) == ([0] * 4, [(10, 3)])            # alike sizes: one class
+
+
+class _RecordingStore:
+    """A host-memory store whose reads take a while and fill the slot with the unit's number; it records
+    which reads were outstanding at once."""
+
+    zero_copy_on_cpu = False
+
+    def __init__(self, layouts):
+        import threading
+        self.layouts, self.lock, self.busy, self.most = layouts, threading.Lock(), 0, 0
+
+    def read(self, unit, buffer, pool):
+        import time
+
+        def work():
+            with self.lock:
+                self.busy += 1
+                self.most = max(self.most, self.busy)
+            time.sleep(0.002)
+            buffer[:self.layouts[unit].nbytes].fill_(unit)
+            with self.lock:
+                self.busy -= 1
+        return [pool.submit(work)]
+
+
+@pytest.mark.parametrize("by_class", [False, True])
+def test_streamer_ring_keeps_each_unit_until_released(by_class):
+    """Units of two sizes stream through a shared ring or slots per size class for three passes and a
+    restart: every unit acquired holds its own bytes until it is released (no read lands in a slot in use),
+    and with slots per class two reads are in flight at once."""
+    from lightning_dsinfer.offload import UnitStreamer
+
+    sizes = [4096, 3 * 4096] * 4 + [3 * 4096, 2 * 4096]
+    layouts = [UnitLayout.of({"w": torch.empty(n, dtype=torch.uint8)}) for n in sizes]
+    unit_class, classes = slot_classes([l.nbytes for l in layouts])
+    store = _RecordingStore(layouts)
+    streamer = UnitStreamer(store, layouts, list(range(len(layouts))), torch.device("cpu"),
+                            [n for _, n in classes] if by_class else 2, io_threads=4, resident=(4,),
+                            classes=unit_class if by_class else None)
+    assert streamer.ring_bytes == (2 * 3 * 4096 + 2 * 4096 if by_class else 2 * 3 * 4096)
+    order = [u for u in range(len(sizes)) if u != 4]
+    for unit in (order * 3)[:-5] + order[2:] + order:          # the last pass stops half way; restarted at order[2]
+        w = streamer.acquire(unit)["w"]
+        first = w.clone()
+        import time
+        time.sleep(0.003)                                      # reads of other units land meanwhile
+        assert (first == unit).all() and torch.equal(w, first), unit
+        streamer.release()
+    assert store.most >= (2 if by_class else 1)
+    streamer.close()
 
 
 def test_layout_views_are_aligned_and_roundtrip():

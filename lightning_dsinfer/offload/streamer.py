@@ -1,10 +1,14 @@
 """The prefetch ring: units stream through ``n_slots`` buffers while the current one computes.
 
 A forward pass consumes the units in a fixed cyclic order (blocks 0..L-1, then the lm_head slices, then
-block 0 of the next pass...). Position ``p`` of that cycle lives in slot ``p % n_slots``; when the
-consumer releases position ``p``, the read of position ``p + n_slots`` into the freed slot is queued.
-So ``n_slots - 1`` units are always in flight, across the boundary between two forward passes too
-(the first blocks of the next token load while the lm_head of this one computes).
+block 0 of the next pass...). Each unit belongs to a size class (``classes``; default one class) with
+``n`` slots of its own (``n_slots``: one count, or one per class): the ``o``-th use of a class (counted
+over the endless cycle) lives in slot ``o % n`` of that class, and when the consumer releases it, the
+read of that class's use ``o + n`` into the freed slot is queued. With one class that is position ``p``
+in slot ``p % n_slots`` and ``n_slots - 1`` units always in flight; with an attention class and an MLP
+class of two slots each, two or three units are read ahead of the one computing. Reads cross the boundary
+between two forward passes too (the first blocks of the next token load while the lm_head of this one
+computes).
 
 - CPU compute, disk tier: reads go straight into the slot buffers (host RAM); the working set is
   the slots.
@@ -18,6 +22,7 @@ cycle (a pass that failed half way) restarts the cycle there after draining the 
 """
 from __future__ import annotations
 
+import bisect
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -26,8 +31,9 @@ from lightning_dsinfer.offload.layout import UnitLayout, aligned_empty
 
 
 class UnitStreamer:
-    def __init__(self, store, layouts: list[UnitLayout], order: list[int], device: torch.device, n_slots: int,
-                 io_threads: int = 4, resident: tuple[int, ...] = ()):
+    def __init__(self, store, layouts: list[UnitLayout], order: list[int], device: torch.device,
+                 n_slots: int | list[int], io_threads: int = 4, resident: tuple[int, ...] = (),
+                 classes: list[int] | None = None):
         self.store, self.layouts = store, layouts
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
@@ -35,8 +41,21 @@ class UnitStreamer:
         if self.zero_copy:
             resident = ()
         self.order = [u for u in order if u not in resident]
-        self.n_slots = min(n_slots, len(self.order))
-        self.slot_bytes = max((layouts[u].nbytes for u in self.order), default=0)
+        kind = [classes[u] if classes else 0 for u in self.order]
+        self._members: dict[int, list[int]] = {}         # class -> its positions in the cycle
+        for i, c in enumerate(kind):
+            self._members.setdefault(c, []).append(i)
+        self._kind = kind
+        self._rank = [self._members[c].index(i) for i, c in enumerate(kind)]
+        self._slots: dict[int, tuple[int, int]] = {}     # class -> (first slot, slots)
+        slot_sizes = []
+        for c, members in self._members.items():
+            n = min(n_slots[c] if isinstance(n_slots, (list, tuple)) else n_slots, len(members))
+            self._slots[c] = (len(slot_sizes), n)
+            slot_sizes += [max(layouts[self.order[i]].nbytes for i in members)] * n
+        self.n_slots = len(slot_sizes)
+        self.slot_bytes = max(slot_sizes, default=0)
+        self.ring_bytes = sum(slot_sizes)
         self.pos = 0
         self.pending: dict[int, list[Future]] = {}
         self.resident: dict[int, torch.Tensor] = {}
@@ -52,21 +71,43 @@ class UnitStreamer:
             src = host if host is not None else store.host_buffer(u)
             self.resident[u] = src.to(self.device) if self.cuda else src
         host_staging = not (self.cuda and store.zero_copy_on_cpu)     # GPU + host tier copies from the store
-        self.host_slots = [aligned_empty(self.slot_bytes, pin=self.cuda) for _ in range(self.n_slots)] \
-            if host_staging else []
+        self.host_slots = [aligned_empty(n, pin=self.cuda) for n in slot_sizes] if host_staging else []
         if self.cuda:
-            self.dev_slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device)
-                              for _ in range(self.n_slots)]
+            self.dev_slots = [torch.empty(n, dtype=torch.uint8, device=self.device) for n in slot_sizes]
             self.copy_stream = torch.cuda.Stream(self.device)
             self.copier = ThreadPoolExecutor(1, thread_name_prefix="dsinfer-h2d")
             self.free_events: list[torch.cuda.Event | None] = [None] * self.n_slots
-        for p in range(self.n_slots):
+        self._start(0)
+
+    # ---------------------------------------------------------------- the cycle
+    def _use(self, p: int) -> tuple[int, int]:
+        """(class, how many uses of that class come before position ``p`` of the endless cycle)."""
+        i = p % len(self.order)
+        c = self._kind[i]
+        return c, (p // len(self.order)) * len(self._members[c]) + self._rank[i]
+
+    def _position(self, c: int, use: int) -> int:
+        members = self._members[c]
+        return (use // len(members)) * len(self.order) + members[use % len(members)]
+
+    def _slot(self, p: int) -> int:
+        c, use = self._use(p)
+        first, n = self._slots[c]
+        return first + use % n
+
+    def _start(self, pos: int) -> None:
+        """Queue the reads that fill every slot with the first uses at or after position ``pos``."""
+        first = []
+        for c, members in self._members.items():
+            use = (pos // len(self.order)) * len(members) + bisect.bisect_left(members, pos % len(self.order))
+            first += [self._position(c, use + k) for k in range(self._slots[c][1])]
+        for p in sorted(first):
             self._submit(p)
 
     # ---------------------------------------------------------------- producer side
     def _submit(self, p: int) -> None:
         unit = self.order[p % len(self.order)]
-        slot = p % self.n_slots
+        slot = self._slot(p)
         if not self.cuda:
             self.pending[p] = self.store.read(unit, self.host_slots[slot], self.io)
             return
@@ -106,7 +147,7 @@ class UnitStreamer:
         except BaseException:
             self._restart(unit)
             raise
-        slot = self.pos % self.n_slots
+        slot = self._slot(self.pos)
         buffer = self.dev_slots[slot] if self.cuda else self.host_slots[slot]
         return self.layouts[unit].views(buffer)
 
@@ -117,12 +158,13 @@ class UnitStreamer:
         if self._holding_resident:
             self._holding_resident = False
             return
-        slot = self.pos % self.n_slots
+        slot = self._slot(self.pos)
         if self.cuda:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.device))
             self.free_events[slot] = event
-        self._submit(self.pos + self.n_slots)
+        c, use = self._use(self.pos)
+        self._submit(self._position(c, use + self._slots[c][1]))       # the next use of the freed slot
         self.pos += 1
 
     def _drain(self) -> None:
@@ -138,8 +180,7 @@ class UnitStreamer:
         self._drain()
         self._holding_resident = False
         self.pos = self.order.index(unit)
-        for p in range(self.pos, self.pos + self.n_slots):
-            self._submit(p)
+        self._start(self.pos)
 
     def close(self) -> None:
         if self.zero_copy:
