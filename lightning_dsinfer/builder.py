@@ -16,7 +16,8 @@ import os
 
 import torch
 
-from lightning_dsinfer.modules.linear import Linear
+from lightning_dsinfer.kernels import reference
+from lightning_dsinfer.modules.linear import DEQUANT_CHUNK_BYTES, Linear
 from lightning_dsinfer.modules.transformer import Attention, DecoderLayer, DecoderModel, GatedMLP, LayerSpec
 from lightning_dsinfer.parallel import TensorParallelComm, TensorShardPlan
 from lightning_dsinfer.policies import ModelWeights
@@ -85,6 +86,20 @@ def split_block(t: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     return ({k: t[k] for k in ATTENTION_KEYS if k in t}, {k: t[k] for k in MLP_KEYS if k in t})
 
 
+LINEARS = ("qkv", "o", "gate_up", "down")
+
+
+def quantize_linears(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``t`` with each block linear's ``weight`` int8 and its per-row fp32 ``scale`` beside it (what
+    ``Linear(quantize="int8")`` holds; meta tensors give the layout). For offload units: one process only
+    (a row-parallel shard's scales would need the whole rows)."""
+    out = dict(t)
+    for name in LINEARS:
+        if f"{name}.weight" in t:
+            out[f"{name}.weight"], out[f"{name}.scale"] = reference.quantize_int8_per_channel(t[f"{name}.weight"])
+    return out
+
+
 def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: TensorParallelComm,
                pack: bool = True, quantize: str | None = None) -> DecoderLayer:
     """A block over the tensors of :func:`shard_layer` (already on the compute device and dtype).
@@ -97,7 +112,8 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
     first = comm.rank == 0
 
     def linear(name, **kw):
-        return Linear(t[f"{name}.weight"], t.get(f"{name}.bias"), pack=pack, quantize=quantize, **kw)
+        scale = t.get(f"{name}.scale")                  # int8 already (an offload unit)
+        return Linear(t[f"{name}.weight"], t.get(f"{name}.bias"), pack=pack, quantize=quantize, scale=scale, **kw)
 
     attn = Attention(spec, index, linear("qkv"), linear("o", reduce=reduce, owns_residual=first, row_max=row_max),
                      q_norm=t.get("q_norm"), k_norm=t.get("k_norm")) if "qkv.weight" in t else None
@@ -173,9 +189,17 @@ def _per_sequence_bytes(w: ModelWeights, plan: TensorShardPlan, dtype: torch.dty
     return kv + 3 * max_seq_len * w.hidden_size * e + 2 * vocab_shard * plan.tp * 4
 
 
+def _dequant_scratch(w: ModelWeights, plan: TensorShardPlan) -> int:
+    """A prompt's int8 GEMM dequantises a chunk of the weight's rows at a time (modules/linear.py), fp32 at most."""
+    largest = max(2 * plan.mlp_rows[1] * w.hidden_size, plan.mlp_rows[1] * w.hidden_size,
+                  (plan.local_heads + 2 * plan.local_kv_heads) * w.head_dim * w.hidden_size)
+    return min(DEQUANT_CHUNK_BYTES, 4 * largest)
+
+
 def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.device, comm: TensorParallelComm,
                            tier: str, folder: str | None, max_memory: int, max_seq_len: int,
-                           batch_size: int | None, fingerprint: dict | None, source, compress: bool = True):
+                           batch_size: int | None, fingerprint: dict | None, source, compress: bool = True,
+                           quantize: str | None = None):
     """A :class:`StreamedDecoderModel` whose blocks and lm_head live in the offload tier.
 
     The tier is written one unit at a time straight from the weight refs (a safetensors checkpoint or an
@@ -194,8 +218,11 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
     plan = shard_plan(w, comm)
     meta = MetaSource(source)
     specs = [layer_spec(w, plan, lw) for lw in w.layers]
-    layouts = [UnitLayout.of(half) for lw in w.layers for half in split_block(shard_layer(with_source(lw, meta),
-                                                                                           plan, dtype))]
+    def halves(lw):
+        parts = split_block(shard_layer(lw, plan, dtype))
+        return [quantize_linears(h) for h in parts] if quantize else parts
+
+    layouts = [UnitLayout.of(half) for lw in w.layers for half in halves(with_source(lw, meta))]
     start, real, padded = vocab_rows(w, plan)
     slot = max(l.nbytes for l in layouts)
     rows_per_unit = max(1, slot // (w.hidden_size * dtype.itemsize))
@@ -207,7 +234,8 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
     ws = plan_working_set(max_memory, slot, _per_sequence_bytes(w, plan, dtype, max_seq_len, padded),
                           _per_token_bytes(w, plan, dtype, max_seq_len), batch_size,
                           max_auto_batch=MAX_AUTO_BATCH if device.type == "cuda" else MAX_AUTO_BATCH_CPU,
-                          staging_bytes=staging_bytes(layouts, compress, frame) if tier == "nvme" else 0,
+                          staging_bytes=(staging_bytes(layouts, compress, frame) if tier == "nvme" else 0)
+                          + (_dequant_scratch(w, plan) if quantize else 0),
                           classes=classes)
     resident, spare = [], ws.spare          # units the leftover budget keeps for good (never streamed; the
     for u in spread_order(len(layouts)):    # streamer ignores this where it uses the host tier in place)
@@ -217,7 +245,7 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
 
     def units():
         for lw in w.layers:
-            attention, mlp = split_block(shard_layer(lw, plan, dtype))
+            attention, mlp = halves(lw)
             yield attention, []
             yield mlp, [r.name for r in vars(lw).values() if hasattr(r, "load")]
         for a, n in head_slices:
@@ -252,7 +280,7 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
                             resident=tuple(resident), classes=unit_class if ws.class_slots else None)
 
     def make(i, tensors):
-        return make_layer(i, tensors, specs[i], comm, pack=False)
+        return make_layer(i, tensors, specs[i], comm, pack=False, quantize=quantize)
 
     final_norm = w.final_norm.load().to(device=device, dtype=dtype)
     decoder = StreamedDecoderModel(streamer, layer_units, head_units, make, rows, final_norm, w.rms_norm_eps,

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_dsinfer.builder import build_decoder, build_streamed_decoder, shard_plan
-from lightning_dsinfer.config import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, InferenceConfig
+from lightning_dsinfer.config import _INT8_OFFLOAD_TP, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, InferenceConfig
 from lightning_dsinfer.modules.kv_cache import StaticKVCache
 from lightning_dsinfer.modules.masks import build_step
 from lightning_dsinfer.modules.rotary import RotaryTable
@@ -137,13 +137,15 @@ class InferenceEngine:
         config = self.config
         budget = config.max_memory if config.max_memory is not None else available_memory(self.device) // 2
         folder = fingerprint = None
+        if config.quantize is not None and self.comm.size > 1:        # offload="auto" chose a tier
+            raise ValueError(_INT8_OFFLOAD_TP.format(config.quantize, self.offload, self.comm.size))
         if self.offload == "nvme":
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
             folder = os.path.join(config.offload_path, f"rank{rank}-tp{self.comm.rank}of{self.comm.size}")
             fingerprint = _checkpoint_fingerprint(hf_model, config, self.dtype, self.comm)
         return build_streamed_decoder(weights, self.dtype, self.device, self.comm, self.offload, folder, budget,
                                       self.max_seq_len, config.max_batch_size, fingerprint, source,
-                                      compress=config.offload_compress)
+                                      compress=config.offload_compress, quantize=config.quantize)
 
     def check_length(self, total: int, prompt: int | None = None, new: int | None = None) -> None:
         if total <= self.max_seq_len:
@@ -194,7 +196,8 @@ def _checkpoint_fingerprint(hf_model, config: InferenceConfig, dtype, comm) -> d
     files = sorted(f for f in os.listdir(config.checkpoint) if f.endswith(".safetensors"))
     stats = [[f, st.st_size, st.st_mtime_ns] for f in files for st in [os.stat(os.path.join(config.checkpoint, f))]]
     return {"checkpoint": os.path.abspath(config.checkpoint), "files": stats, "dtype": str(dtype),
-            "tp": [comm.rank, comm.size], "config": hf_model.config.to_json_string(use_diff=False)}
+            "tp": [comm.rank, comm.size], "quantize": config.quantize,
+            "config": hf_model.config.to_json_string(use_diff=False)}
 
 
 def _release_hf_weights(model: nn.Module, embed: torch.Tensor | None) -> None:

@@ -149,8 +149,60 @@ def test_int8_errors_before_work(tmp_path):
     hf = tiny_model("llama")
     with pytest.raises(ValueError, match=r"quantize='int4' is not one of None, 'int8'"):
         dsi.init_inference(copy.deepcopy(hf), quantize="int4")
-    with pytest.raises(ValueError, match=r"quantize='int8' with offload='nvme' is not supported yet"):
-        dsi.init_inference(copy.deepcopy(hf), quantize="int8", offload="nvme", offload_path=str(tmp_path))
+    with pytest.raises(ValueError, match=r"quantize='int8' with offload='nvme' and tensor_parallel_size=2 is not "
+                                         r"supported yet .* Use two of the three"):
+        dsi.init_inference(copy.deepcopy(hf), quantize="int8", offload="nvme", offload_path=str(tmp_path),
+                           tensor_parallel_size=2)
+
+
+@pytest.mark.parametrize("tier", ["cpu", "nvme"])
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_int8_offload_fp32_matches_fake_quantised_hf(family, tier, tmp_path):
+    """int8 weights in the offload tiers (half the bytes streamed): written quantised, streamed and used in place
+    (row-major int8 + fp32 scales); fp32 logits and greedy tokens as the fake-quantised HF's."""
+    hf = tiny_model(family)
+    ref = fake_quantised_int8(hf)
+    opt = optimised_copy(hf, quantize="int8", offload=tier, offload_path=str(tmp_path / "off"), max_memory="600KiB",
+                         max_batch_size=3, max_seq_len=48)
+    streamer = opt._dsinfer_engine.decoder.streamer
+    attention = streamer.layouts[0].views(torch.empty(streamer.layouts[0].nbytes, dtype=torch.uint8))
+    assert attention["qkv.weight"].dtype == torch.int8 and attention["qkv.scale"].dtype == torch.float32
+    assert attention["input_norm"].dtype == torch.float32
+    if tier == "nvme":
+        assert len(streamer.order) >= 3                     # most units stream
+    ids, mask, want, want_tokens, got = _logits_and_reference(ref, opt)
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], want[valid], atol=2e-4, rtol=1e-4)
+    assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False), want_tokens)
+
+
+@needs_int8
+def test_int8_offload_bf16_matches_fake_quantised_hf(tmp_path):
+    """bf16 through the CPU int8 kernels from streamed units: the row-major kernel for decode rows, the prompt's
+    GEMM over weights dequantised a chunk of rows at a time (chunks made small here so there are several)."""
+    import lightning_dsinfer.modules.linear as linear
+
+    hf = tiny_model("llama").to(torch.bfloat16)
+    ref = fake_quantised_int8(hf)
+    opt = optimised_copy(hf, dtype=torch.bfloat16, quantize="int8", offload="nvme", offload_path=str(tmp_path),
+                         max_memory="600KiB", max_batch_size=3, max_seq_len=48)
+    old, linear.DEQUANT_CHUNK_BYTES = linear.DEQUANT_CHUNK_BYTES, 2 * 64 * 40      # 40 rows of a 64-wide weight
+    try:
+        ids, mask, want, _, got = _logits_and_reference(ref, opt)
+        valid = mask.bool()
+        torch.testing.assert_close(got[valid].float(), want[valid].float(), atol=6e-2, rtol=2e-2)
+        step = opt(input_ids=ids, attention_mask=mask, use_cache=True)
+        nxt = step.logits[:, -1:].argmax(-1)
+        with torch.no_grad():
+            want_next = ref(input_ids=torch.cat([ids, nxt], 1),
+                            attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1)).logits[:, -1]
+        cache = step.cache if getattr(step, "cache", None) is not None else step.past_key_values
+        key = "cache" if getattr(step, "cache", None) is not None else "past_key_values"
+        out = opt(input_ids=nxt, attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1), use_cache=True,
+                  **{key: cache})
+        torch.testing.assert_close(out.logits[:, -1].float(), want_next.float(), atol=6e-2, rtol=2e-2)
+    finally:
+        linear.DEQUANT_CHUNK_BYTES = old
 
 
 def test_int8_tensor_parallel_matches_fake_quantised_hf():

@@ -39,6 +39,8 @@ _PACK_BATCH_HINT = 16
 # 2.7 at 32 (bf16 tiles on AMX: 0.5-0.6 ms at every row count up to 32, which is why AMX machines use int8 tiles).
 # The one-call decode step takes row-major int8 blocks up to the same row count (same kernel: bit-identical).
 INT8_KERNEL_MAX_ROWS = 12
+# A prompt's int8 GEMM dequantises this many bytes of bf16 weight rows at a time (bounded scratch).
+DEQUANT_CHUNK_BYTES = 8 << 20
 
 
 def _bf16_cpu(weight: torch.Tensor) -> bool:
@@ -60,12 +62,21 @@ class Linear(nn.Module):
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool = True,
-                 reduce=None, owns_residual: bool = True, quantize: str | None = None, row_max=None):
+                 reduce=None, owns_residual: bool = True, quantize: str | None = None, row_max=None,
+                 scale: torch.Tensor | None = None):
         super().__init__()
         self.reduce, self.owns_residual = reduce, owns_residual
         self.out_features, self.in_features = weight.shape
         self.scale = None
         kernel = _bf16_cpu(weight) and cpu_gemv.available()
+        if scale is not None:              # quantised already (an offload unit: int8 rows, used in place)
+            if weight.dtype != torch.int8 or scale.dtype != torch.float32 or scale.shape != (self.out_features,):
+                raise ValueError(f"a quantised weight is int8 [N, K] with fp32 scales [N], got {weight.dtype} "
+                                 f"{tuple(weight.shape)} and {scale.dtype} {tuple(scale.shape)}")
+            self.dtype = bias.dtype if bias is not None else None     # (only the resident decode stack reads it)
+            self.weight, self.scale, self.bias, self.layout = weight, scale, bias, "int8"
+            self.row_kernel, self.row_kernel_rows = False, 0
+            return
         if quantize == "int8":
             self.bias = None if bias is None else bias.to(dtype=weight.dtype).contiguous()
             self.dtype = weight.dtype
@@ -119,12 +130,12 @@ class Linear(nn.Module):
             return cpu_gemv.linear_packed_int8(x, self.weight, self.scale, self.out_features, self.in_features,
                                                self.bias, residual)
         if self.layout == "int8":
-            if x.device.type == "cpu" and x.dtype == torch.bfloat16 and cpu_gemv.has_int8():
-                if x.numel() <= INT8_KERNEL_MAX_ROWS * self.in_features:
-                    return cpu_gemv.linear_int8(x, self.weight, self.scale, self.bias, residual)
-                weight = cpu_gemv.dequantize_int8(self.weight, self.scale)     # a prompt: bf16 GEMM (AMX / oneDNN)
-                return ops.linear(x, weight, self.bias, residual)
-            return ops.linear_int8(x, self.weight, self.scale, self.bias, residual)
+            if x.device.type != "cpu":
+                return ops.linear_int8(x, self.weight, self.scale, self.bias, residual)
+            fast = x.dtype == torch.bfloat16 and cpu_gemv.has_int8()
+            if fast and x.numel() <= INT8_KERNEL_MAX_ROWS * self.in_features:
+                return cpu_gemv.linear_int8(x, self.weight, self.scale, self.bias, residual)
+            return self._dequantised_gemm(x, residual, fast)        # a prompt (or no AVX512): dequantise + GEMM
         if self.layout == "amx":
             return cpu_gemv.linear_packed(x, self.weight, self.out_features, self.in_features, self.bias, residual)
         if self.layout == "onednn":
@@ -139,6 +150,26 @@ class Linear(nn.Module):
         if self.row_kernel and x.dtype == torch.bfloat16 and x.numel() <= self.row_kernel_rows * self.in_features:
             return cpu_gemv.linear(x, self.weight, self.bias, residual)
         return ops.linear(x, self.weight, self.bias, residual)   # small-batch Triton GEMM on CUDA, else F.linear
+
+    def _dequantised_gemm(self, x: torch.Tensor, residual: torch.Tensor | None, fast: bool) -> torch.Tensor:
+        """x @ dequantise(weight).T on the CPU, the weight dequantised ``DEQUANT_CHUNK_BYTES`` of rows at a time (the
+        scratch an offloaded model's working set counts): to bf16 in C (``fast``) for a bf16 GEMM (AMX / oneDNN), else
+        in torch for the reference GEMM."""
+        def part(a, b):
+            bias = None if self.bias is None else self.bias[a:b]
+            res = None if residual is None else residual[..., a:b]
+            if fast:
+                return ops.linear(x, cpu_gemv.dequantize_int8(self.weight[a:b], self.scale[a:b]), bias, res)
+            return ops.linear_int8(x, self.weight[a:b], self.scale[a:b], bias, res)
+
+        n = self.out_features
+        rows = max(1, DEQUANT_CHUNK_BYTES // ((2 if fast else 4) * self.in_features))
+        if rows >= n:
+            return part(0, n)
+        y = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
+        for a in range(0, n, rows):
+            y[..., a:a + rows] = part(a, min(a + rows, n))
+        return y
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, layout={self.layout}"
