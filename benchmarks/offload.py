@@ -5,6 +5,8 @@ memory budget (``--budget``, a quarter of the model or less), the same prompts a
 
 - ours: ``init_inference(model_on_meta, checkpoint=..., offload="nvme", offload_path=..., max_memory=budget)``
 - accelerate: ``from_pretrained(..., device_map="auto", max_memory={"cpu": budget}, offload_folder=...)``
+- also ours with raw (unpacked) unit files and ours with int8 weights (``quantize="int8"``: lossy, so not a
+  like-for-like row against accelerate; shown for what the disk tier does with half the bytes)
 
 Cold cache: the page cache is dropped for the checkpoint and both offload folders before every
 measurement (``posix_fadvise(DONTNEED)``), and for accelerate again before every generated token (it
@@ -173,6 +175,7 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-accelerate", action="store_true")
     p.add_argument("--skip-raw", action="store_true", help="skip ours with raw (unpacked) unit files")
+    p.add_argument("--skip-int8", action="store_true", help="skip ours with int8 weights (quantize='int8', lossy)")
     p.add_argument("--record", default=None, help="append the table to this RESULTS.md")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -189,22 +192,24 @@ def main():
     print(f"model {weight_bytes / MiB:.0f} MiB bf16, budget {budget / MiB:.0f} MiB, disk O_DIRECT read "
           f"{disk / 1e9:.2f} GB/s (checkpoint, before the runs)", flush=True)
 
-    def ours(tier, batch, compress=True):
+    def ours(tier, batch, compress=True, quantize=None):
         with torch.device("meta"):
             meta = AutoModelForCausalLM.from_config(llama_config(args), dtype=torch.bfloat16)
-        folder = ours_dir if compress else ours_dir + "-raw"
+        folder = ours_dir + ("-int8" if quantize else "" if compress else "-raw")
         return dsi.init_inference(meta, checkpoint=ckpt, offload=tier, offload_path=folder, dtype=torch.bfloat16,
                                   max_memory=budget if tier == "nvme" else 8 * weight_bytes, max_batch_size=batch,
-                                  max_seq_len=args.prompt + args.new, offload_compress=compress)
+                                  max_seq_len=args.prompt + args.new, offload_compress=compress, quantize=quantize)
 
     rows, results, notes = [], {}, []
     base = rss()
-    runs = [(b, b, True) for b in args.batch] + [("auto", None, True)]
+    runs = [(b, b, True, None) for b in args.batch] + [("auto", None, True, None)]
     if not args.skip_raw:
-        runs += [(f"raw {b}", b, False) for b in args.batch]
-    for label, batch, compress in runs:
+        runs += [(f"raw {b}", b, False, None) for b in args.batch]
+    if not args.skip_int8:
+        runs += [(f"int8 {b}", b, True, "int8") for b in args.batch]
+    for label, batch, compress, quantize in runs:
         reset_peak()
-        model = ours("nvme", batch, compress)
+        model = ours("nvme", batch, compress, quantize)
         load_peak = rss("VmHWM") - base
         engine = model._dsinfer_engine
         ws, streamer = engine.working_set, engine.decoder.streamer
@@ -218,22 +223,26 @@ def main():
         r = measure(model, b, args, [ckpt, ours_dir], store=streamer.store)
         after = direct_read_bandwidth(unit_files)
         r.update(load_peak=load_peak, streamed=streamed, batch=b, slots=ws.n_slots, resident=len(streamer.resident),
-                 disk=(before + after) / 2, packed=streamer.store.compress)
+                 disk=(before + after) / 2, packed=streamer.store.compress, quantize=quantize)
         results[label] = r
         packing = (f"{streamed / MiB:.0f} MiB read per pass ({raw_bytes / MiB:.0f} MiB of weights, packed)"
                    if streamer.store.compress else f"{streamed / MiB:.0f} MiB read per pass (raw units)")
-        note = (f"ours{'' if compress else ' raw'} batch {b}{' (its throughput batch)' if batch is None else ''}: "
+        note = (f"ours{' int8' if quantize else '' if compress else ' raw'} batch {b}{' (its throughput batch)' if batch is None else ''}: "
                 f"ring: {ws.ring}, {ws.staging_bytes / MiB:.0f} MiB of staging, "
                 f"{len(streamer.resident)} units resident, {packing}")
         notes.append(note)
         print(note, f"-> {r['tok_s']:.2f} tok/s, decode {r['decode_tok_s']:.2f} tok/s", flush=True)
         del model, engine, streamer
         gc.collect()
-    resident = ours("cpu", max(r["batch"] for r in results.values()))    # the same passes, weights in RAM
+    resident = {}                                     # the same passes, weights in RAM
     for label, r in results.items():
-        c = measure(resident, r["batch"], args, [])
+        q = r["quantize"]
+        if q not in resident:
+            resident[q] = ours("cpu", max(r["batch"] for r in results.values() if r["quantize"] == q), quantize=q)
+        c = measure(resident[q], r["batch"], args, [])
         transfer = r["streamed"] / r["disk"]
-        name = f"ours (nvme{'' if r['packed'] else ', raw units'}){' auto batch' if label == 'auto' else ''}"
+        kind = ", int8 weights" if q else "" if r["packed"] else ", raw units"
+        name = f"ours (nvme{kind}){' auto batch' if label == 'auto' else ''}"
         rows.append([name, r["batch"], r["tok_s"],
                      r["decode_tok_s"], (r["peak"] - base) / MiB, r["load_peak"] / MiB,
                      r["disk"] / 1e9, r["streamed"] / r["decode_s"] / 1e9, r["streamed"] / r["decode_s"] / r["disk"],

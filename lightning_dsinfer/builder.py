@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from lightning_dsinfer.kernels import reference
+from lightning_dsinfer.kernels import cpu_gemv, reference
 from lightning_dsinfer.modules.linear import DEQUANT_CHUNK_BYTES, Linear
 from lightning_dsinfer.modules.transformer import Attention, DecoderLayer, DecoderModel, GatedMLP, LayerSpec
 from lightning_dsinfer.parallel import TensorParallelComm, TensorShardPlan
@@ -89,14 +89,24 @@ def split_block(t: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
 LINEARS = ("qkv", "o", "gate_up", "down")
 
 
-def quantize_linears(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def quantize_linears(t: dict[str, torch.Tensor], amx: bool = False) -> dict[str, torch.Tensor]:
     """``t`` with each block linear's ``weight`` int8 and its per-row fp32 ``scale`` beside it (what
-    ``Linear(quantize="int8")`` holds; meta tensors give the layout). For offload units: one process only
-    (a row-parallel shard's scales would need the whole rows)."""
+    ``Linear(quantize="int8")`` holds), row-major or, ``amx``, in the AMX tile order (``cpu_gemv.pack_int8``, a
+    flat tensor). Meta tensors give the layout. For offload units: one process only (a row-parallel shard's
+    scales would need the whole rows)."""
     out = dict(t)
     for name in LINEARS:
-        if f"{name}.weight" in t:
-            out[f"{name}.weight"], out[f"{name}.scale"] = reference.quantize_int8_per_channel(t[f"{name}.weight"])
+        w = t.get(f"{name}.weight")
+        if w is None:
+            continue
+        if w.is_meta:
+            n, k = w.shape
+            shape = (cpu_gemv.packed_numel(n, k),) if amx else (n, k)
+            q, s = torch.empty(shape, dtype=torch.int8, device="meta"), torch.empty(n, device="meta")
+        else:
+            q, s = reference.quantize_int8_per_channel(w)
+            q = cpu_gemv.pack_int8(q) if amx else q
+        out[f"{name}.weight"], out[f"{name}.scale"] = q, s
     return out
 
 
@@ -112,7 +122,10 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
     first = comm.rank == 0
 
     def linear(name, **kw):
-        scale = t.get(f"{name}.scale")                  # int8 already (an offload unit)
+        scale = t.get(f"{name}.scale")                  # int8 already (an offload unit; maybe in AMX tile order)
+        if scale is not None:
+            kw["in_features"] = spec.num_heads * spec.head_dim if name == "o" else \
+                spec.intermediate_size if name == "down" else spec.hidden_size
         return Linear(t[f"{name}.weight"], t.get(f"{name}.bias"), pack=pack, quantize=quantize, scale=scale, **kw)
 
     attn = Attention(spec, index, linear("qkv"), linear("o", reduce=reduce, owns_residual=first, row_max=row_max),
@@ -218,9 +231,11 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
     plan = shard_plan(w, comm)
     meta = MetaSource(source)
     specs = [layer_spec(w, plan, lw) for lw in w.layers]
-    def halves(lw):
+    amx = quantize is not None and device.type == "cpu" and dtype == torch.bfloat16 and cpu_gemv.has_amx()
+
+    def halves(lw):      # int8 units: in AMX tile order where the resident engine would use it (any rows, no dequant)
         parts = split_block(shard_layer(lw, plan, dtype))
-        return [quantize_linears(h) for h in parts] if quantize else parts
+        return [quantize_linears(h, amx) for h in parts] if quantize else parts
 
     layouts = [UnitLayout.of(half) for lw in w.layers for half in halves(with_source(lw, meta))]
     start, real, padded = vocab_rows(w, plan)

@@ -177,15 +177,21 @@ def test_int8_offload_fp32_matches_fake_quantised_hf(family, tier, tmp_path):
 
 
 @needs_int8
-def test_int8_offload_bf16_matches_fake_quantised_hf(tmp_path):
-    """bf16 through the CPU int8 kernels from streamed units: the row-major kernel for decode rows, the prompt's
-    GEMM over weights dequantised a chunk of rows at a time (chunks made small here so there are several)."""
+@pytest.mark.parametrize("path", INT8_PATHS)
+def test_int8_offload_bf16_matches_fake_quantised_hf(path, tmp_path):
+    """bf16 through the CPU int8 kernels from streamed units. AMX machines: the units hold the weights in AMX tile
+    order (any rows). Else row-major: the int8 kernel for decode rows, the prompt's GEMM over weights dequantised a
+    chunk of rows at a time (chunks made small here so there are several)."""
     import lightning_dsinfer.modules.linear as linear
 
     hf = tiny_model("llama").to(torch.bfloat16)
     ref = fake_quantised_int8(hf)
-    opt = optimised_copy(hf, dtype=torch.bfloat16, quantize="int8", offload="nvme", offload_path=str(tmp_path),
-                         max_memory="600KiB", max_batch_size=3, max_seq_len=48)
+    with cpu_gemv.use_path(path):
+        opt = optimised_copy(hf, dtype=torch.bfloat16, quantize="int8", offload="nvme", offload_path=str(tmp_path),
+                             max_memory="400KiB", max_batch_size=3, max_seq_len=48)
+    streamer = opt._dsinfer_engine.decoder.streamer
+    mlp = streamer.layouts[1].views(torch.empty(streamer.layouts[1].nbytes, dtype=torch.uint8))
+    assert mlp["gate_up.weight"].dim() == (1 if path == "amx_bf16" else 2) and len(streamer.order) >= 3
     old, linear.DEQUANT_CHUNK_BYTES = linear.DEQUANT_CHUNK_BYTES, 2 * 64 * 40      # 40 rows of a 64-wide weight
     try:
         ids, mask, want, _, got = _logits_and_reference(ref, opt)

@@ -380,6 +380,14 @@ def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
     return _int8_call(k.int8, x, (qweight.data_ptr(), qweight.stride(0)), scale, n, kdim, bias, residual)
 
 
+def packed_numel(n: int, kdim: int) -> int:
+    """Elements of :func:`pack` / :func:`pack_int8`'s output for an [n, kdim] weight."""
+    k = _load()
+    if k is None:
+        raise RuntimeError("CPU GEMV kernel is not available")
+    return int(k.packed_numel(n, kdim))
+
+
 def pack_int8(qweight: torch.Tensor) -> torch.Tensor:
     """The AMX layout of an int8 [N, K] weight (as :func:`pack`, one byte per element), for
     :func:`linear_packed_int8`. Requires :func:`has_amx`."""

@@ -63,20 +63,15 @@ class Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool = True,
                  reduce=None, owns_residual: bool = True, quantize: str | None = None, row_max=None,
-                 scale: torch.Tensor | None = None):
+                 scale: torch.Tensor | None = None, in_features: int | None = None):
         super().__init__()
         self.reduce, self.owns_residual = reduce, owns_residual
+        if scale is not None:              # quantised already (an offload unit, used in place)
+            self._quantised(weight, bias, scale, in_features)
+            return
         self.out_features, self.in_features = weight.shape
         self.scale = None
         kernel = _bf16_cpu(weight) and cpu_gemv.available()
-        if scale is not None:              # quantised already (an offload unit: int8 rows, used in place)
-            if weight.dtype != torch.int8 or scale.dtype != torch.float32 or scale.shape != (self.out_features,):
-                raise ValueError(f"a quantised weight is int8 [N, K] with fp32 scales [N], got {weight.dtype} "
-                                 f"{tuple(weight.shape)} and {scale.dtype} {tuple(scale.shape)}")
-            self.dtype = bias.dtype if bias is not None else None     # (only the resident decode stack reads it)
-            self.weight, self.scale, self.bias, self.layout = weight, scale, bias, "int8"
-            self.row_kernel, self.row_kernel_rows = False, 0
-            return
         if quantize == "int8":
             self.bias = None if bias is None else bias.to(dtype=weight.dtype).contiguous()
             self.dtype = weight.dtype
@@ -106,6 +101,25 @@ class Linear(nn.Module):
         self.row_kernel_rows = cpu_gemv.row_kernel_max_m() if self.row_kernel else 0
         self.weight = weight
         self.bias = None if bias is None else bias.to(dtype=weight.dtype).contiguous()
+
+    def _quantised(self, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor,
+                   in_features: int | None) -> None:
+        """An int8 weight with its fp32 per-row ``scale``: row-major [N, K], or flat in the AMX tile order of
+        ``cpu_gemv.pack_int8`` (then ``in_features`` gives K)."""
+        n = scale.numel()
+        flat = weight.dim() == 1
+        ok = weight.dtype == torch.int8 and scale.dtype == torch.float32 and scale.dim() == 1 and (
+            weight.shape[0] == n if not flat else in_features is not None
+            and weight.numel() == cpu_gemv.packed_numel(n, in_features))
+        if not ok:
+            raise ValueError(f"a quantised weight is int8 [N, K] (or AMX tiles of one, with in_features) and fp32 "
+                             f"scales [N]; got {weight.dtype} {tuple(weight.shape)}, scales {scale.dtype} "
+                             f"{tuple(scale.shape)}, in_features={in_features}")
+        self.out_features, self.in_features = n, (in_features if flat else weight.shape[1])
+        self.dtype = bias.dtype if bias is not None else None     # (only the resident decode stack reads it)
+        self.weight, self.scale, self.bias = weight, scale, bias
+        self.layout = "int8_amx" if flat else "int8"
+        self.row_kernel, self.row_kernel_rows = False, 0
 
     @property
     def packed(self) -> bool:
