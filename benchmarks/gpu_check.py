@@ -289,43 +289,69 @@ def check_decode_graphs(dev: str = "cuda", tiny: bool = False) -> int:
 
 def check_offload(dev: str = "cuda") -> int:
     """Offload with the GPU as the compute device (issue 5's CUDA side: pinned host tier with side-stream copies,
-    disk tier through pinned staging): a tiny Llama in fp32 under a budget that streams most units, greedy tokens
-    == HF's and logits within 2e-4 for a left-padded batch, both tiers. Returns 1 on a mismatch or error."""
+    disk tier through pinned staging): tiny Llamas in fp32 under budgets that stream most units, greedy tokens
+    == HF's and logits within 2e-4 for a left-padded batch: both tiers; the disk tier with a ring of slots per unit
+    size (MLP halves 2.6x the attention halves); both tiers with int8 weights (against HF with the same
+    quantise-dequantise). Returns 1 on a mismatch or error."""
     import tempfile
 
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     import lightning_dsinfer as dsi
+    from lightning_dsinfer.kernels import reference as kref
 
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=97, max_position_embeddings=128, pad_token_id=0,
-                      bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(cfg).eval()
-    ids, mask = left_padded([12, 5, 9], cfg.vocab_size, torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = hf(input_ids=ids, attention_mask=mask).logits
-        ref_tokens = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    def fake_quantised(model):
+        q = copy.deepcopy(model)
+        with torch.no_grad():
+            for layer in q.model.layers:
+                for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                            layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                    w8, sc = kref.quantize_int8_per_channel(lin.weight)
+                    lin.weight.copy_(kref.dequantize_int8(w8, sc))
+        return q
+
+    # (label, tier, config overrides, init_inference options, int8)
+    cases = [("cpu", "cpu", {}, {"max_memory": "640KiB"}, False),
+             ("nvme", "nvme", {}, {"max_memory": "640KiB"}, False),
+             ("nvme, slots per unit size", "nvme", {"intermediate_size": 256, "num_hidden_layers": 6},
+              {"max_memory": "3800KiB"}, False),
+             ("cpu, int8", "cpu", {}, {"max_memory": "600KiB", "quantize": "int8"}, True),
+             ("nvme, int8", "nvme", {}, {"max_memory": "600KiB", "quantize": "int8"}, True)]
     rc = 0
-    for tier in ("cpu", "nvme"):
+    for label, tier, overrides, options, int8 in cases:
+        cfg = LlamaConfig(**{**dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                                    num_key_value_heads=2, vocab_size=97, max_position_embeddings=128, pad_token_id=0,
+                                    bos_token_id=1, eos_token_id=2), **overrides})
+        torch.manual_seed(0)
+        hf = AutoModelForCausalLM.from_config(cfg).eval()
+        want = fake_quantised(hf) if int8 else hf
+        ids, mask = left_padded([12, 5, 9], cfg.vocab_size, torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            ref = want(input_ids=ids, attention_mask=mask).logits
+            ref_tokens = want.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
         try:
             with tempfile.TemporaryDirectory() as folder:
-                opt = dsi.init_inference(copy.deepcopy(hf), offload=tier, offload_path=folder, max_memory="640KiB",
-                                         max_batch_size=3, max_seq_len=64, device=dev)
-                streamed = len(opt._dsinfer_engine.decoder.streamer.order)
+                opt = dsi.init_inference(copy.deepcopy(hf), offload=tier, offload_path=folder, max_batch_size=3,
+                                         max_seq_len=64, device=dev, **options)
+                engine = opt._dsinfer_engine
+                streamed = len(engine.decoder.streamer.order)
+                ring = engine.working_set.ring
                 got = opt(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.cpu()
                 tokens = opt.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=8,
                                       do_sample=False).cpu()
                 err = (got[mask.bool()] - ref[mask.bool()]).abs().max().item()
                 ok = err < 2e-4 and torch.equal(tokens, ref_tokens) and streamed >= 2
-                del opt
+                if "unit size" in label:
+                    ok = ok and bool(engine.working_set.class_slots)
+                del opt, engine
         except Exception as exc:   # report and go on
-            print(f"FAIL  offload {tier} on {dev}: {type(exc).__name__}: {exc}", flush=True)
+            print(f"FAIL  offload {label} on {dev}: {type(exc).__name__}: {exc}", flush=True)
             rc = 1
             continue
         rc = rc or int(not ok)
-        print(f"{'ok  ' if ok else 'FAIL'}  offload {tier} on {dev}: max|dlogits| {err:.1e}, greedy == HF "
-              f"{torch.equal(tokens, ref_tokens)}, {streamed} units streamed", flush=True)
+        print(f"{'ok  ' if ok else 'FAIL'}  offload {label} on {dev}: max|dlogits| {err:.1e}, greedy == "
+              f"{'fake-quantised ' if int8 else ''}HF {torch.equal(tokens, ref_tokens)}, {streamed} units streamed, "
+              f"ring {ring}", flush=True)
     return rc
 
 
@@ -449,7 +475,7 @@ def main() -> int:
     except Exception as exc:   # report and go on to the kernel timings
         print(f"FAIL  graphs: {type(exc).__name__}: {exc}", flush=True)
         rc = rc or 1
-    print("== offload on CUDA (both tiers)", flush=True)
+    print("== offload on CUDA (both tiers, slots per unit size, int8)", flush=True)
     rc = check_offload() or rc
     name = torch.cuda.get_device_name()
     copy_gbs = copy_bandwidth()
