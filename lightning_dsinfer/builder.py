@@ -89,11 +89,11 @@ def split_block(t: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
 LINEARS = ("qkv", "o", "gate_up", "down")
 
 
-def quantize_linears(t: dict[str, torch.Tensor], amx: bool = False) -> dict[str, torch.Tensor]:
+def quantize_linears(t: dict[str, torch.Tensor], amx: bool = False, row_max=None) -> dict[str, torch.Tensor]:
     """``t`` with each block linear's ``weight`` int8 and its per-row fp32 ``scale`` beside it (what
     ``Linear(quantize="int8")`` holds), row-major or, ``amx``, in the AMX tile order (``cpu_gemv.pack_int8``, a
-    flat tensor). Meta tensors give the layout. For offload units: one process only (a row-parallel shard's
-    scales would need the whole rows)."""
+    flat tensor). Meta tensors give the layout. ``row_max`` (tensor parallelism: a max over the group) gives the
+    row-parallel shards (o, down) the scales of their whole rows, as the resident engine does."""
     out = dict(t)
     for name in LINEARS:
         w = t.get(f"{name}.weight")
@@ -104,7 +104,10 @@ def quantize_linears(t: dict[str, torch.Tensor], amx: bool = False) -> dict[str,
             shape = (cpu_gemv.packed_numel(n, k),) if amx else (n, k)
             q, s = torch.empty(shape, dtype=torch.int8, device="meta"), torch.empty(n, device="meta")
         else:
-            q, s = reference.quantize_int8_per_channel(w)
+            amax = w.float().abs().amax(dim=1)
+            if row_max is not None and name in ("o", "down"):
+                amax = row_max(amax)
+            q, s = reference.quantize_int8_per_channel(w, amax)
             q = cpu_gemv.pack_int8(q) if amx else q
         out[f"{name}.weight"], out[f"{name}.scale"] = q, s
     return out
@@ -233,9 +236,15 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
     specs = [layer_spec(w, plan, lw) for lw in w.layers]
     amx = quantize is not None and device.type == "cpu" and dtype == torch.bfloat16 and cpu_gemv.has_amx()
 
+    def row_max(amax):  # a collective: every rank writes its units in the same order (see the store below)
+        return comm.all_reduce_max(amax.to(device)).cpu()
+
     def halves(lw):      # int8 units: in AMX tile order where the resident engine would use it (any rows, no dequant)
         parts = split_block(shard_layer(lw, plan, dtype))
-        return [quantize_linears(h, amx) for h in parts] if quantize else parts
+        if not quantize:
+            return parts
+        meta_parts = any(v.is_meta for h in parts for v in h.values())
+        return [quantize_linears(h, amx, None if meta_parts or comm.size == 1 else row_max) for h in parts]
 
     layouts = [UnitLayout.of(half) for lw in w.layers for half in halves(with_source(lw, meta))]
     start, real, padded = vocab_rows(w, plan)
@@ -271,6 +280,10 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
         written = True
     else:
         store = DiskStore(folder, layouts, fingerprint, compress=compress, frame_bytes=frame)
+        if quantize and comm.size > 1:    # int8 scales of row-parallel shards come from a collective while writing:
+            rewrite = comm.all_reduce_max(torch.tensor([0.0 if store.reused else 1.0], device=device)).item()
+            if rewrite and store.reused:  # the ranks write all or none
+                store = DiskStore(folder, layouts, fingerprint, compress=compress, frame_bytes=frame, reuse=False)
         written = not store.reused
     if written:
         for u, (tensors, names) in enumerate(units()):

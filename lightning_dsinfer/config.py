@@ -20,12 +20,6 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return _DTYPES[dtype]
 
 
-_INT8_OFFLOAD_TP = ("dsinfer: quantize={!r} with offload={!r} and tensor_parallel_size={} is not supported yet (the "
-                    "row-parallel shards would need their rows' scales while the units are written). Use two of the "
-                    "three: offload with int8 on one process, int8 with tensor parallelism resident, or offload with "
-                    "tensor parallelism in dtype.")
-
-
 @dataclass
 class InferenceConfig:
     """What the engine builds.
@@ -59,8 +53,8 @@ class InferenceConfig:
     quantize: None, or "int8": the blocks' linear weights stored int8 with one scale per output row (weight-only,
       symmetric; activations, norms, attention and the lm_head stay in ``dtype``): half the bytes a decode step
       reads. Outputs change by the quantisation error (not lossless). With offload the tiers hold the int8
-      weights (half the bytes streamed; not with tensor parallelism yet). With tensor parallelism each rank
-      holds its shard of the same int8 weights as one process.
+      weights (half the bytes streamed). With tensor parallelism each rank holds its shard of the same int8
+      weights as one process (offloaded too).
     """
     dtype: torch.dtype | None = None
     max_seq_len: int | None = None
@@ -83,8 +77,6 @@ class InferenceConfig:
             raise ValueError(f"offload={self.offload!r} is not one of None, 'cpu', 'nvme', 'auto'.")
         if self.quantize not in (None, "int8"):
             raise ValueError(f"quantize={self.quantize!r} is not one of None, 'int8'.")
-        if self.quantize is not None and self.offload in ("cpu", "nvme") and self.tensor_parallel_size > 1:
-            raise ValueError(_INT8_OFFLOAD_TP.format(self.quantize, self.offload, self.tensor_parallel_size))
         if self.offload == "nvme" and not self.offload_path:
             raise ValueError("offload='nvme' needs offload_path=<folder on a fast local disk> for the weight files "
                              "(or the DSINFER_OFFLOAD_PATH environment variable with strategy='dsinfer_offload_nvme').")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_dsinfer.builder import build_decoder, build_streamed_decoder, shard_plan
-from lightning_dsinfer.config import _INT8_OFFLOAD_TP, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, InferenceConfig
+from lightning_dsinfer.config import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, InferenceConfig
 from lightning_dsinfer.modules.kv_cache import StaticKVCache
 from lightning_dsinfer.modules.masks import build_step
 from lightning_dsinfer.modules.rotary import RotaryTable
@@ -137,8 +137,6 @@ class InferenceEngine:
         config = self.config
         budget = config.max_memory if config.max_memory is not None else available_memory(self.device) // 2
         folder = fingerprint = None
-        if config.quantize is not None and self.comm.size > 1:        # offload="auto" chose a tier
-            raise ValueError(_INT8_OFFLOAD_TP.format(config.quantize, self.offload, self.comm.size))
         if self.offload == "nvme":
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
             folder = os.path.join(config.offload_path, f"rank{rank}-tp{self.comm.rank}of{self.comm.size}")

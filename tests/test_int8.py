@@ -8,6 +8,7 @@ Quantisation is per output row, symmetric (``reference.quantize_int8_per_channel
 are the rows of q, k, v, gate and up, so quantising HF's separate linears row by row gives the same weights.
 """
 import copy
+import os
 
 import pytest
 import torch
@@ -149,10 +150,6 @@ def test_int8_errors_before_work(tmp_path):
     hf = tiny_model("llama")
     with pytest.raises(ValueError, match=r"quantize='int4' is not one of None, 'int8'"):
         dsi.init_inference(copy.deepcopy(hf), quantize="int4")
-    with pytest.raises(ValueError, match=r"quantize='int8' with offload='nvme' and tensor_parallel_size=2 is not "
-                                         r"supported yet .* Use two of the three"):
-        dsi.init_inference(copy.deepcopy(hf), quantize="int8", offload="nvme", offload_path=str(tmp_path),
-                           tensor_parallel_size=2)
 
 
 @pytest.mark.parametrize("tier", ["cpu", "nvme"])
@@ -219,3 +216,25 @@ def test_int8_tensor_parallel_matches_fake_quantised_hf():
                                timeout=300)
     assert codes == [0, 0], "\n".join(outs)
     assert outs[0].count(" OK") == 2, outs[0]
+
+
+@pytest.mark.parametrize("tier", ["cpu", "nvme"])
+def test_int8_offload_tensor_parallel_matches_fake_quantised_hf(tier, tmp_path):
+    """TP=2, int8 units in each rank's tier (fp32), the model on meta loading from a checkpoint: the row-parallel
+    shards' scales come from a max over the group while the units are written, so the ranks stream the int8
+    weights of one process: logits, greedy and beam search as the fake-quantised HF's. Disk tier: a second run
+    reuses both ranks' folders; a third, with one rank's folder made stale, rewrites both (the write's collective
+    needs every rank: a rank reusing its folder alone would leave the other waiting)."""
+    for family in ("llama", "qwen3"):
+        tiny_model(family).save_pretrained(tmp_path / "ckpt" / family)
+    args = ["--tp", "2", "--families", "llama", "qwen3", "--quantize", "int8", "--offload", tier,
+            "--offload-path", str(tmp_path / "off"), "--max-memory", "430KiB",      # int8 units: a smaller budget
+            "--checkpoint", str(tmp_path / "ckpt")]
+    for attempt in range(3 if tier == "nvme" else 1):
+        if attempt == 2:
+            for family in ("llama", "qwen3"):
+                os.remove(tmp_path / "off" / family / "rank1-tp1of2" / "manifest.json")
+        codes, outs, _ = run_ranks("tp_worker.py", 2, args, timeout=300)
+        assert codes == [0, 0], "\n".join(outs)
+        for out in outs:
+            assert out.count(" OK") == 2 and out.count(" reused ") == (2 if attempt == 1 else 0), out

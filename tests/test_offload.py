@@ -364,7 +364,7 @@ def test_offload_with_tensor_parallel(tier, tmp_path):
     assert codes == [0, 0], "\n".join(outs)
     assert outs[0].count(" OK") == 2, outs[0]
     if tier == "nvme":                               # each rank streams its own shard from its own folder
-        assert sorted(os.listdir(tmp_path / "off")) == ["rank0-tp0of2", "rank1-tp1of2"]
+        assert sorted(os.listdir(tmp_path / "off" / "llama")) == ["rank0-tp0of2", "rank1-tp1of2"]
 
 
 def test_peak_memory_bounded_by_max_memory(tmp_path):

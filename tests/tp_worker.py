@@ -2,6 +2,7 @@
 and compare logits and greedy tokens with the unmodified HF model computed in the same process."""
 import argparse
 import copy
+import os
 import sys
 
 import torch
@@ -16,21 +17,34 @@ def main():
     p.add_argument("--families", nargs="+", required=True)
     p.add_argument("--offload", choices=["cpu", "nvme"], default=None)
     p.add_argument("--offload-path", default=None)
+    p.add_argument("--max-memory", default="512KiB", help="offload budget")
+    p.add_argument("--checkpoint", default=None,
+                   help="a folder holding <family>/ (tiny_model saved): the model goes in on meta and loads from it")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8 weights; the reference is HF over the same quantise-dequantised weights")
     args = p.parse_args()
     torch.set_num_threads(1)
-    offload = {} if args.offload is None else dict(offload=args.offload, max_memory="512KiB", max_batch_size=3,
+    offload = {} if args.offload is None else dict(offload=args.offload, max_memory=args.max_memory, max_batch_size=3,
                                                    offload_path=args.offload_path)
     for family in args.families:
         hf = tiny_model(family)
-        opt = dsi.init_inference(copy.deepcopy(hf), tensor_parallel_size=args.tp, max_seq_len=64,
-                                 collective_timeout_s=60, quantize=args.quantize, **offload)
+        model, source = copy.deepcopy(hf), {}
+        if args.checkpoint is not None:
+            from transformers import AutoModelForCausalLM
+
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(hf.config)
+            source = dict(checkpoint=os.path.join(args.checkpoint, family), dtype=torch.float32)
+        if args.offload_path:           # one folder per family (else the next family's units replace these)
+            offload["offload_path"] = os.path.join(args.offload_path, family)
+        opt = dsi.init_inference(model, tensor_parallel_size=args.tp, max_seq_len=64,
+                                 collective_timeout_s=60, quantize=args.quantize, **offload, **source)
         if args.quantize:
             hf = fake_quantised_int8(hf)
         if args.offload is not None:
             streamer = opt._dsinfer_engine.decoder.streamer
             assert args.offload == "cpu" or len(streamer.order) >= 2, "nothing is streamed"
+            reused = getattr(streamer.store, "reused", False)
         ids, mask = padded_batch([12, 5, 9], seed=1)
         with torch.no_grad():
             ref = hf(input_ids=ids, attention_mask=mask).logits
@@ -43,7 +57,7 @@ def main():
         beam = opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, num_beams=2, do_sample=False)
         agrees = sampling_agrees_across_ranks(opt, ids, mask, 10)
         ok = err < 2e-4 and torch.equal(tokens, ref_tokens) and torch.equal(beam, ref_beam) and agrees
-        print(f"{family}: tp={args.tp} max|dlogits|={err:.2e} greedy={torch.equal(tokens, ref_tokens)} "
+        print(f"{family}: tp={args.tp}{' reused' if args.offload and reused else ''} max|dlogits|={err:.2e} greedy={torch.equal(tokens, ref_tokens)} "
               f"beam={torch.equal(beam, ref_beam)} sampling_agrees={agrees} {'OK' if ok else 'FAIL'}", flush=True)
         if not ok:
             sys.exit(1)

@@ -112,7 +112,7 @@ class DiskStore:
     zero_copy_on_cpu = False
 
     def __init__(self, folder: str, layouts: list[UnitLayout], fingerprint: dict, chunk_bytes: int = 4 << 20,
-                 compress: bool = True, frame_bytes: int = codec.MAX_FRAME_BYTES):
+                 compress: bool = True, frame_bytes: int = codec.MAX_FRAME_BYTES, reuse: bool = True):
         self.folder, self.layouts, self.fingerprint = folder, layouts, fingerprint
         self.frame_bytes = frame_bytes
         self.compress = compress and codec.available()
@@ -121,7 +121,7 @@ class DiskStore:
         self._fds: list[tuple[int, bool]] = []
         self._staging: queue.Queue | None = None
         self._groups: list[list[list[codec.Frame]]] = []      # per unit: its read requests (packed units, finish())
-        self.reused = self._manifest_matches()
+        self.reused = reuse and self._manifest_matches()
         if not self.reused:
             _check_folder(folder, sum(codec.max_file_bytes(l, frame_bytes) for l in layouts) if self.compress
                           else self.nbytes)
