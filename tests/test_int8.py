@@ -36,6 +36,14 @@ def _logits_and_reference(ref, opt):
     return ids, mask, want, want_tokens, opt(input_ids=ids, attention_mask=mask).logits
 
 
+def _assert_fp32_matches(ref, opt):
+    """fp32 logits within 2e-4 / 1e-4 of the fake-quantised HF's on a left-padded batch, greedy tokens identical."""
+    ids, mask, want, want_tokens, got = _logits_and_reference(ref, opt)
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], want[valid], atol=2e-4, rtol=1e-4)
+    assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False), want_tokens)
+
+
 @needs_int8
 @pytest.mark.parametrize("m", [1, 3, 4, 7, 33])
 @pytest.mark.parametrize("n,k", [(1, 1), (37, 70), (130, 96), (33, 1000), (260, 2816)])
@@ -95,10 +103,7 @@ def test_int8_engine_fp32_matches_fake_quantised_hf(family):
     layer = opt._dsinfer_engine.decoder.layers[0]
     assert layer.attn.qkv.layout.startswith("int8") and layer.attn.qkv.weight.dtype == torch.int8
     assert opt._dsinfer_engine.decoder.lm_head.layout != "int8"              # the lm_head stays in dtype
-    ids, mask, want, want_tokens, got = _logits_and_reference(ref, opt)
-    valid = mask.bool()
-    torch.testing.assert_close(got[valid], want[valid], atol=2e-4, rtol=1e-4)
-    assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False), want_tokens)
+    _assert_fp32_matches(ref, opt)
 
 
 @needs_int8
@@ -167,10 +172,7 @@ def test_int8_offload_fp32_matches_fake_quantised_hf(family, tier, tmp_path):
     assert attention["input_norm"].dtype == torch.float32
     if tier == "nvme":
         assert len(streamer.order) >= 3                     # most units stream
-    ids, mask, want, want_tokens, got = _logits_and_reference(ref, opt)
-    valid = mask.bool()
-    torch.testing.assert_close(got[valid], want[valid], atol=2e-4, rtol=1e-4)
-    assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False), want_tokens)
+    _assert_fp32_matches(ref, opt)
 
 
 @needs_int8
