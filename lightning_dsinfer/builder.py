@@ -17,7 +17,7 @@ import os
 import torch
 
 from lightning_dsinfer.kernels import cpu_gemv, reference
-from lightning_dsinfer.modules.linear import DEQUANT_CHUNK_BYTES, Linear
+from lightning_dsinfer.modules.linear import DEQUANT_BYTES_PER_WEIGHT, DEQUANT_CHUNK_BYTES, Linear
 from lightning_dsinfer.modules.transformer import Attention, DecoderLayer, DecoderModel, GatedMLP, LayerSpec
 from lightning_dsinfer.parallel import TensorParallelComm, TensorShardPlan
 from lightning_dsinfer.policies import ModelWeights
@@ -87,6 +87,22 @@ def split_block(t: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
 
 
 LINEARS = ("qkv", "o", "gate_up", "down")
+QUANTIZE_CHUNK_BYTES = 16 << 20      # fp32 temporaries of quantising a weight, a chunk of rows at a time
+
+
+def _quantize_rows(w: torch.Tensor, row_max=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference.quantize_int8_per_channel(w)`` a chunk of rows at a time (the same numbers: each row's scale
+    is its own), so writing a large model's units holds a few MiB of fp32 temporaries, not several copies of
+    its largest weight. ``row_max``: a max over the tensor-parallel group of the rows' |w| maxima."""
+    step = max(1, QUANTIZE_CHUNK_BYTES // (4 * max(w.shape[1], 1)))
+    amax = torch.cat([w[a:a + step].float().abs().amax(dim=1) for a in range(0, w.shape[0], step)])
+    if row_max is not None:
+        amax = row_max(amax)
+    q, scales = torch.empty(w.shape, dtype=torch.int8), []
+    for a in range(0, w.shape[0], step):
+        q[a:a + step], scale = reference.quantize_int8_per_channel(w[a:a + step], amax[a:a + step])
+        scales.append(scale)
+    return q, torch.cat(scales)
 
 
 def quantize_linears(t: dict[str, torch.Tensor], amx: bool = False, row_max=None) -> dict[str, torch.Tensor]:
@@ -102,12 +118,10 @@ def quantize_linears(t: dict[str, torch.Tensor], amx: bool = False, row_max=None
         if w.is_meta:
             n, k = w.shape
             shape = (cpu_gemv.packed_numel(n, k),) if amx else (n, k)
-            q, s = torch.empty(shape, dtype=torch.int8, device="meta"), torch.empty(n, device="meta")
+            q, s = (torch.empty(shape, dtype=torch.int8, device="meta"),
+                     torch.empty(n, dtype=torch.float32, device="meta"))
         else:
-            amax = w.float().abs().amax(dim=1)
-            if row_max is not None and name in ("o", "down"):
-                amax = row_max(amax)
-            q, s = reference.quantize_int8_per_channel(w, amax)
+            q, s = _quantize_rows(w, row_max if name in ("o", "down") else None)
             q = cpu_gemv.pack_int8(q) if amx else q
         out[f"{name}.weight"], out[f"{name}.scale"] = q, s
     return out
@@ -206,10 +220,11 @@ def _per_sequence_bytes(w: ModelWeights, plan: TensorShardPlan, dtype: torch.dty
 
 
 def _dequant_scratch(w: ModelWeights, plan: TensorShardPlan) -> int:
-    """A prompt's int8 GEMM dequantises a chunk of the weight's rows at a time (modules/linear.py), fp32 at most."""
+    """A row-major int8 GEMM dequantises a chunk of the weight's rows at a time (modules/linear.py): at most
+    DEQUANT_CHUNK_BYTES of temporaries, less for a model whose largest weight needs less."""
     largest = max(2 * plan.mlp_rows[1] * w.hidden_size, plan.mlp_rows[1] * w.hidden_size,
                   (plan.local_heads + 2 * plan.local_kv_heads) * w.head_dim * w.hidden_size)
-    return min(DEQUANT_CHUNK_BYTES, 4 * largest)
+    return min(DEQUANT_CHUNK_BYTES, max(DEQUANT_BYTES_PER_WEIGHT.values()) * largest)
 
 
 def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.device, comm: TensorParallelComm,
@@ -253,13 +268,14 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
     head_slices = [(a, min(rows_per_unit, padded - a)) for a in range(0, padded, rows_per_unit)]
     meta_w = with_source(w, meta)
     layouts += [UnitLayout.of(head_rows(meta_w, plan, dtype, a, n)) for a, n in head_slices]
+    slot = max(l.nbytes for l in layouts)                 # a slice with a bias can be a page over the blocks' units
     frame = frame_bytes_for(layouts, max_memory)          # packed disk units: frame (read request) size
     unit_class, classes = slot_classes([l.nbytes for l in layouts])
     ws = plan_working_set(max_memory, slot, _per_sequence_bytes(w, plan, dtype, max_seq_len, padded),
                           _per_token_bytes(w, plan, dtype, max_seq_len), batch_size,
                           max_auto_batch=MAX_AUTO_BATCH if device.type == "cuda" else MAX_AUTO_BATCH_CPU,
                           staging_bytes=(staging_bytes(layouts, compress, frame) if tier == "nvme" else 0)
-                          + (_dequant_scratch(w, plan) if quantize else 0),
+                          + (_dequant_scratch(w, plan) if quantize and not amx else 0),
                           classes=classes)
     resident, spare = [], ws.spare          # units the leftover budget keeps for good (never streamed; the
     for u in spread_order(len(layouts)):    # streamer ignores this where it uses the host tier in place)

@@ -24,6 +24,7 @@ def rss(field: str = "VmRSS") -> int:
 
 def main():
     folder = sys.argv[1]
+    quantize = sys.argv[2] if len(sys.argv) > 2 else None     # "int8": units quantised while they are written
     torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -45,7 +46,8 @@ def main():
     weight_bytes = sum(p.numel() * 4 for p in model.parameters())
     base = rss()
     model = dsi.init_inference(model, checkpoint=ckpt, offload="nvme", offload_path=os.path.join(folder, "off"),
-                               max_memory=MAX_MEMORY, max_seq_len=64, max_batch_size=4, dtype=torch.float32)
+                               max_memory=MAX_MEMORY, max_seq_len=64, max_batch_size=4, dtype=torch.float32,
+                               quantize=quantize)
     engine = model._dsinfer_engine
     after_init = (rss() - base, rss("VmHWM") - base)
     ids = torch.randint(3, 4000, (4, 24))

@@ -41,6 +41,7 @@ _PACK_BATCH_HINT = 16
 INT8_KERNEL_MAX_ROWS = 12
 # A prompt's int8 GEMM dequantises this many bytes of bf16 weight rows at a time (bounded scratch).
 DEQUANT_CHUNK_BYTES = 8 << 20
+DEQUANT_BYTES_PER_WEIGHT = {True: 2, False: 10}   # C dequantise to bf16; torch: int8 -> fp32, x scale, cast
 
 
 def _bf16_cpu(weight: torch.Tensor) -> bool:
@@ -144,10 +145,13 @@ class Linear(nn.Module):
             return cpu_gemv.linear_packed_int8(x, self.weight, self.scale, self.out_features, self.in_features,
                                                self.bias, residual)
         if self.layout == "int8":
+            rows = x.numel() // self.in_features if self.in_features else 0
             if x.device.type != "cpu":
-                return ops.linear_int8(x, self.weight, self.scale, self.bias, residual)
+                if x.dtype in (torch.bfloat16, torch.float16) and rows <= ops.SMALL_GEMM_MAX_M:
+                    return ops.linear_int8(x, self.weight, self.scale, self.bias, residual)   # Triton, fused
+                return self._dequantised_gemm(x, residual, False)
             fast = x.dtype == torch.bfloat16 and cpu_gemv.has_int8()
-            if fast and x.numel() <= INT8_KERNEL_MAX_ROWS * self.in_features:
+            if fast and rows <= INT8_KERNEL_MAX_ROWS:
                 return cpu_gemv.linear_int8(x, self.weight, self.scale, self.bias, residual)
             return self._dequantised_gemm(x, residual, fast)        # a prompt (or no AVX512): dequantise + GEMM
         if self.layout == "amx":
@@ -166,9 +170,10 @@ class Linear(nn.Module):
         return ops.linear(x, self.weight, self.bias, residual)   # small-batch Triton GEMM on CUDA, else F.linear
 
     def _dequantised_gemm(self, x: torch.Tensor, residual: torch.Tensor | None, fast: bool) -> torch.Tensor:
-        """x @ dequantise(weight).T on the CPU, the weight dequantised ``DEQUANT_CHUNK_BYTES`` of rows at a time (the
-        scratch an offloaded model's working set counts): to bf16 in C (``fast``) for a bf16 GEMM (AMX / oneDNN), else
-        in torch for the reference GEMM."""
+        """x @ dequantise(weight).T, the weight dequantised a chunk of rows at a time, at most ``DEQUANT_CHUNK_BYTES``
+        of temporaries (the scratch an offloaded model's working set counts): to bf16 in C (``fast``, CPU) for a
+        bf16 GEMM (AMX / oneDNN), else in torch (``ops.linear_int8``: the int8 rows in fp32, their product with the
+        scales, that cast to x's dtype: up to 10 bytes per weight) for the GEMM of x's device."""
         def part(a, b):
             bias = None if self.bias is None else self.bias[a:b]
             res = None if residual is None else residual[..., a:b]
@@ -177,10 +182,10 @@ class Linear(nn.Module):
             return ops.linear_int8(x, self.weight[a:b], self.scale[a:b], bias, res)
 
         n = self.out_features
-        rows = max(1, DEQUANT_CHUNK_BYTES // ((2 if fast else 4) * self.in_features))
+        rows = max(1, DEQUANT_CHUNK_BYTES // (DEQUANT_BYTES_PER_WEIGHT[fast] * self.in_features))
         if rows >= n:
             return part(0, n)
-        y = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
+        y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
         for a in range(0, n, rows):
             y[..., a:a + rows] = part(a, min(a + rows, n))
         return y

@@ -190,6 +190,8 @@ def spread_order(n: int) -> list[int]:
     block at the start of every pass, right after the sampling step: 25-40 ms of an idle disk per
     ~420 ms pass at batch 16 in benchmarks/offload.py.
     """
+    if n <= 0:
+        return []
     order, seen = [], set()
     levels = max(1, (n - 1).bit_length()) + 1
     for level in range(1, levels + 1):

@@ -123,11 +123,12 @@ class DiskStore:
         self._groups: list[list[list[codec.Frame]]] = []      # per unit: its read requests (packed units, finish())
         self.reused = reuse and self._manifest_matches()
         if not self.reused:
-            _check_folder(folder, sum(codec.max_file_bytes(l, frame_bytes) for l in layouts) if self.compress
-                          else self.nbytes)
-            for name in os.listdir(folder):         # stale units of another model / shard layout
-                if name.startswith("unit_") and name.endswith(".bin") or name == _MANIFEST:
-                    os.remove(os.path.join(folder, name))
+            stale = [os.path.join(folder, n) for n in (os.listdir(folder) if os.path.isdir(folder) else [])
+                     if n.startswith("unit_") and n.endswith(".bin") or n == _MANIFEST]   # of another model / layout
+            need = sum(codec.max_file_bytes(l, frame_bytes) for l in layouts) if self.compress else self.nbytes
+            _check_folder(folder, need - sum(os.path.getsize(f) for f in stale))   # their space comes back first
+            for path in stale:
+                os.remove(path)
         self._scratch: torch.Tensor | None = None
         self._pages: list[torch.Tensor] | None = None       # packing buffers of the write path
         self._encoder: ThreadPoolExecutor | None = None

@@ -145,6 +145,8 @@ class UnitStreamer:
             for f in futures:
                 f.result()
         except BaseException:
+            for f in futures:             # the unit's other reads may still be landing in the slot
+                f.exception()
             self._restart(unit)
             raise
         slot = self._slot(self.pos)
