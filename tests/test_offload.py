@@ -361,6 +361,25 @@ def test_lightning_predict_with_offload(strategy, tmp_path, monkeypatch):
             assert torch.equal(pred, hf.generate(**batch, max_new_tokens=8, do_sample=False))
 
 
+def test_lightning_predict_with_int8_offload(tmp_path):
+    """DSInferStrategy(offload="nvme", quantize="int8"): predictions are the greedy tokens of HF over the same
+    quantise-dequantised weights (fp32)."""
+    from helpers import fake_quantised_int8
+
+    strategy = dsi.DSInferStrategy(offload="nvme", offload_path=str(tmp_path / "off"), max_memory="610KiB",
+                                   max_seq_len=48, max_batch_size=2, quantize="int8")
+    hf = tiny_model("llama")
+    module = generating_module(copy.deepcopy(hf))
+    loader = DataLoader(random_prompts(5), batch_size=2, collate_fn=collate_left_padded)
+    preds = _trainer(strategy=strategy).predict(module, loader)
+    engine = module.model._dsinfer_engine
+    assert engine.working_set is not None and len(engine.decoder.streamer.order) >= 2
+    ref = fake_quantised_int8(hf)
+    for batch, pred in zip(loader, preds):
+        with torch.no_grad():
+            assert torch.equal(pred, ref.generate(**batch, max_new_tokens=8, do_sample=False))
+
+
 @pytest.mark.parametrize("tier", TIERS)
 def test_offload_with_tensor_parallel(tier, tmp_path):
     codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", "llama", "qwen3", "--offload", tier,
