@@ -99,8 +99,7 @@ class InferenceEngine:
         on_meta = all(p.device.type == "meta" for p in hf_model.parameters())
         if config.offload is None and not on_meta:
             return None                       # the weights are in memory already: they fit
-        numel = sum(p.numel() for p in hf_model.parameters())
-        weight_bytes = numel * self.dtype.itemsize // self.comm.size
+        weight_bytes = _weight_bytes(hf_model, self.dtype, config.quantize) // self.comm.size
         kv_heads = shard_plan(weights, self.comm).local_kv_heads
         cache_bytes = (2 * len(weights.layers) * kv_heads * weights.head_dim * self.max_seq_len
                        * (config.max_batch_size or DEFAULT_MAX_BATCH_SIZE) * self.dtype.itemsize)
@@ -119,6 +118,7 @@ class InferenceEngine:
             choice = [None, "cpu", "nvme"][int(self.comm.broadcast_(code).item())]
         gib = 2**30
         numbers = (f"the weights need {weight_bytes / gib:.2f} GiB in {str(self.dtype).replace('torch.', '')}"
+                   f"{' (block linears int8)' if config.quantize else ''}"
                    f"{' (this rank of ' + str(self.comm.size) + ')' if self.comm.size > 1 else ''} and the KV "
                    f"cache {cache_bytes / gib:.2f} GiB, but {self.device} has {free / gib:.2f} GiB free")
         if config.offload is None and choice is not None:
@@ -184,6 +184,21 @@ class InferenceEngine:
         else:
             h = h[:, logits_to_keep]
         return self.decoder.logits(h)
+
+
+_BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _weight_bytes(hf_model: nn.Module, dtype: torch.dtype, quantize: str | None) -> int:
+    """Bytes of the model's weights as the engine holds them: ``dtype``, or with ``quantize="int8"`` the blocks'
+    linears in int8 with an fp32 scale per output row (the policies' Llama-family names)."""
+    total = 0
+    for name, p in hf_model.named_parameters():
+        if quantize and p.dim() == 2 and name.split(".")[-2] in _BLOCK_LINEARS:
+            total += p.numel() + 4 * p.shape[0]
+        else:
+            total += p.numel() * dtype.itemsize
+    return total
 
 
 def _checkpoint_fingerprint(hf_model, config: InferenceConfig, dtype, comm) -> dict | None:

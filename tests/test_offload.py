@@ -208,6 +208,16 @@ def test_offload_auto_and_the_fit_check(tmp_path, monkeypatch):
         load(weights // 2)
     with pytest.raises(ValueError, match=r"offload='auto' chose the disk tier .* no offload_path was given"):
         load(weights // 2, offload="auto")
+    # int8 block linears: the fit check counts a byte per weight (the tiny model's blocks hold most of its weights)
+    linears = sum(p.numel() for n, p in hf.named_parameters() if n.endswith("_proj.weight"))
+    int8_bytes = weights - 3 * linears
+    assert int8_bytes < 0.6 * weights
+    fits_int8 = load(2 * int8_bytes, offload="auto", offload_path=str(tmp_path / "off"), quantize="int8")
+    assert fits_int8._dsinfer_engine.offload is None
+    assert load(2 * int8_bytes, offload="auto", offload_path=str(tmp_path / "off"),
+                max_memory="2MiB")._dsinfer_engine.offload == "nvme"                    # the same memory, bf16: no
+    with pytest.raises(ValueError, match=r"the weights need .* GiB in float32 \(block linears int8\)"):
+        load(int8_bytes // 2, quantize="int8")
 
 
 def test_working_set_budget():
