@@ -10,10 +10,10 @@ Working set on the compute device (RAM on a CPU, device memory on a GPU):
 The ring, deepest that fits: while one unit computes, two are read or ready, so the disk keeps
 reading while a large unit computes after a small one has arrived (attention half, then MLP half):
 slots for each size class of units (:func:`slot_classes`: two each for alternating attention and
-MLP halves), or three shared slots where that is less memory; taken when it fits beside the batch and a full prefill chunk (and, for an automatic batch,
-does not make it smaller). Else two shared slots (one unit in flight: the disk idles whenever the unit
-in flight arrives before the current one is done; ~10% of a pass at batch 16 in
-benchmarks/offload.py), else one (no overlap). The batch size is the user's ``max_batch_size`` when
+MLP halves), or three shared slots where that is less memory; taken when it fits beside the batch
+and a full prefill chunk (and, for an automatic batch, keeps ``DEEP_RING_BATCH`` of it). Else two
+shared slots (one unit in flight: the disk idles whenever the unit in flight arrives before the
+current one is done; ~10% of a pass at batch 16 in benchmarks/offload.py), else one (no overlap). The batch size is the user's ``max_batch_size`` when
 given (checked), else the largest that fits up to ``max_auto_batch`` (throughput: the weights are read
 once per step whatever the batch). Whatever the budget leaves after that holds units that are then
 never streamed (``spare``): at a small batch, memory the KV cache does not need cuts the bytes read per
