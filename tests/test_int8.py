@@ -183,8 +183,9 @@ def test_int8_offload_fp32_matches_fake_quantised_hf(family, tier, tmp_path, mon
 
 
 @needs_int8
+@pytest.mark.parametrize("tier", ["cpu", "nvme"])
 @pytest.mark.parametrize("path", INT8_PATHS)
-def test_int8_offload_bf16_matches_fake_quantised_hf(path, tmp_path):
+def test_int8_offload_bf16_matches_fake_quantised_hf(path, tier, tmp_path):
     """bf16 through the CPU int8 kernels from streamed units. AMX machines: the units hold the weights in AMX tile
     order (any rows). Else row-major: the int8 kernel for decode rows, the prompt's GEMM over weights dequantised a
     chunk of rows at a time (chunks made small here so there are several)."""
@@ -193,7 +194,7 @@ def test_int8_offload_bf16_matches_fake_quantised_hf(path, tmp_path):
     hf = tiny_model("llama").to(torch.bfloat16)
     ref = fake_quantised_int8(hf)
     with cpu_gemv.use_path(path):
-        opt = optimised_copy(hf, dtype=torch.bfloat16, quantize="int8", offload="nvme", offload_path=str(tmp_path),
+        opt = optimised_copy(hf, dtype=torch.bfloat16, quantize="int8", offload=tier, offload_path=str(tmp_path),
                              max_memory="360KiB" if path == "amx_bf16" else "400KiB", max_batch_size=3,
                              max_seq_len=48)                    # (row-major: the dequantise scratch is counted)
     streamer = opt._dsinfer_engine.decoder.streamer
