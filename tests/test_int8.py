@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import lightning_dsinfer as dsi
-from helpers import FAMILIES, fake_quantised_int8, optimised_copy, padded_batch, tiny_model
+from helpers import FAMILIES, fake_quantised_int8, optimised_copy, padded_batch, streaming_budget, tiny_model
 from lightning_dsinfer.kernels import cpu_gemv, reference
 from lightning_dsinfer.modules.cpu_stack import CpuDecodeStack
 from multiproc import run_ranks
@@ -170,8 +170,11 @@ def test_int8_offload_fp32_matches_fake_quantised_hf(family, tier, tmp_path, mon
     monkeypatch.setattr(builder, "QUANTIZE_CHUNK_BYTES", 4 * 64 * 24)           # 24 rows of a 64-wide weight
     hf = tiny_model(family)
     ref = fake_quantised_int8(hf)
-    opt = optimised_copy(hf, quantize="int8", offload=tier, offload_path=str(tmp_path / "off"), max_memory="680KiB",
-                         max_batch_size=3, max_seq_len=48)
+    def build(max_memory):
+        return optimised_copy(hf, quantize="int8", offload=tier, offload_path=str(tmp_path / "off"),
+                              max_memory=max_memory, max_batch_size=3, max_seq_len=48)
+
+    opt = build(streaming_budget(build))
     monkeypatch.setattr(linear, "DEQUANT_CHUNK_BYTES", 10 * 64 * 40)            # 40 rows of a 64-wide weight
     streamer = opt._dsinfer_engine.decoder.streamer
     attention = streamer.layouts[0].views(torch.empty(streamer.layouts[0].nbytes, dtype=torch.uint8))
@@ -193,10 +196,12 @@ def test_int8_offload_bf16_matches_fake_quantised_hf(path, tier, tmp_path):
 
     hf = tiny_model("llama").to(torch.bfloat16)
     ref = fake_quantised_int8(hf)
+    def build(max_memory):
+        return optimised_copy(hf, dtype=torch.bfloat16, quantize="int8", offload=tier, offload_path=str(tmp_path),
+                              max_memory=max_memory, max_batch_size=3, max_seq_len=48)
+
     with cpu_gemv.use_path(path):
-        opt = optimised_copy(hf, dtype=torch.bfloat16, quantize="int8", offload=tier, offload_path=str(tmp_path),
-                             max_memory="360KiB" if path == "amx_bf16" else "400KiB", max_batch_size=3,
-                             max_seq_len=48)                    # (row-major: the dequantise scratch is counted)
+        opt = build(streaming_budget(build))
     streamer = opt._dsinfer_engine.decoder.streamer
     mlp = streamer.layouts[1].views(torch.empty(streamer.layouts[1].nbytes, dtype=torch.uint8))
     assert mlp["gate_up.weight"].dim() == (1 if path == "amx_bf16" else 2) and len(streamer.order) >= 3
@@ -239,7 +244,7 @@ def test_int8_offload_tensor_parallel_matches_fake_quantised_hf(tier, tmp_path):
     for family in ("llama", "qwen3"):
         tiny_model(family).save_pretrained(tmp_path / "ckpt" / family)
     args = ["--tp", "2", "--families", "llama", "qwen3", "--quantize", "int8", "--offload", tier,
-            "--offload-path", str(tmp_path / "off"), "--max-memory", "480KiB",      # int8 units: a smaller budget
+            "--offload-path", str(tmp_path / "off"), "--max-memory", "streaming",   # int8 units: a smaller budget
             "--checkpoint", str(tmp_path / "ckpt")]
     for attempt in range(3 if tier == "nvme" else 1):
         if attempt == 2:

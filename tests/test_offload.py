@@ -374,11 +374,13 @@ def test_lightning_predict_with_offload(strategy, tmp_path, monkeypatch):
 def test_lightning_predict_with_int8_offload(tmp_path):
     """DSInferStrategy(offload="nvme", quantize="int8"): predictions are the greedy tokens of HF over the same
     quantise-dequantised weights (fp32)."""
-    from helpers import fake_quantised_int8
+    from helpers import fake_quantised_int8, streaming_budget
 
-    strategy = dsi.DSInferStrategy(offload="nvme", offload_path=str(tmp_path / "off"), max_memory="610KiB",
-                                   max_seq_len=48, max_batch_size=2, quantize="int8")
     hf = tiny_model("llama")
+    options = dict(offload="nvme", offload_path=str(tmp_path / "off"), max_seq_len=48, max_batch_size=2,
+                   quantize="int8")
+    budget = streaming_budget(lambda mm: dsi.init_inference(copy.deepcopy(hf), max_memory=mm, **options))
+    strategy = dsi.DSInferStrategy(max_memory=budget, **options)
     module = generating_module(copy.deepcopy(hf))
     loader = DataLoader(random_prompts(5), batch_size=2, collate_fn=collate_left_padded)
     preds = _trainer(strategy=strategy).predict(module, loader)

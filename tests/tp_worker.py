@@ -4,11 +4,12 @@ import argparse
 import copy
 import os
 import sys
+import tempfile
 
 import torch
 
 import lightning_dsinfer as dsi
-from helpers import fake_quantised_int8, padded_batch, sampling_agrees_across_ranks, tiny_model
+from helpers import fake_quantised_int8, padded_batch, sampling_agrees_across_ranks, streaming_budget, tiny_model
 
 
 def main():
@@ -17,7 +18,8 @@ def main():
     p.add_argument("--families", nargs="+", required=True)
     p.add_argument("--offload", choices=["cpu", "nvme"], default=None)
     p.add_argument("--offload-path", default=None)
-    p.add_argument("--max-memory", default="512KiB", help="offload budget")
+    p.add_argument("--max-memory", default="512KiB",
+                   help="offload budget, or 'streaming': helpers.streaming_budget (most units stream)")
     p.add_argument("--checkpoint", default=None,
                    help="a folder holding <family>/ (tiny_model saved): the model goes in on meta and loads from it")
     p.add_argument("--quantize", choices=["int8"], default=None,
@@ -28,17 +30,25 @@ def main():
                                                    offload_path=args.offload_path)
     for family in args.families:
         hf = tiny_model(family)
-        model, source = copy.deepcopy(hf), {}
-        if args.checkpoint is not None:
-            from transformers import AutoModelForCausalLM
+        source = {} if args.checkpoint is None else dict(checkpoint=os.path.join(args.checkpoint, family),
+                                                         dtype=torch.float32)
 
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(hf.config)
-            source = dict(checkpoint=os.path.join(args.checkpoint, family), dtype=torch.float32)
+        def build(**options):
+            model = copy.deepcopy(hf)
+            if args.checkpoint is not None:                 # on meta, loaded from the checkpoint
+                from transformers import AutoModelForCausalLM
+
+                with torch.device("meta"):
+                    model = AutoModelForCausalLM.from_config(hf.config)
+            return dsi.init_inference(model, tensor_parallel_size=args.tp, max_seq_len=64, collective_timeout_s=60,
+                                      quantize=args.quantize, **{**offload, **options}, **source)
+
         if args.offload_path:           # one folder per family (else the next family's units replace these)
             offload["offload_path"] = os.path.join(args.offload_path, family)
-        opt = dsi.init_inference(model, tensor_parallel_size=args.tp, max_seq_len=64,
-                                 collective_timeout_s=60, quantize=args.quantize, **offload, **source)
+        if args.max_memory == "streaming":                  # sized in a folder of its own (the test's stays as it was)
+            with tempfile.TemporaryDirectory() as scratch:
+                offload["max_memory"] = streaming_budget(lambda mm: build(max_memory=mm, offload_path=scratch))
+        opt = build()
         if args.quantize:
             hf = fake_quantised_int8(hf)
         if args.offload is not None:
