@@ -16,8 +16,8 @@ import os
 
 import torch
 
-from lightning_dsinfer.kernels import cpu_gemv, reference
-from lightning_dsinfer.modules.linear import DEQUANT_BYTES_PER_WEIGHT, DEQUANT_CHUNK_BYTES, Linear
+from lightning_dsinfer.kernels import cpu_gemv
+from lightning_dsinfer.modules.linear import DEQUANT_BYTES_PER_WEIGHT, DEQUANT_CHUNK_BYTES, Linear, quantize_rows
 from lightning_dsinfer.modules.transformer import Attention, DecoderLayer, DecoderModel, GatedMLP, LayerSpec
 from lightning_dsinfer.parallel import TensorParallelComm, TensorShardPlan
 from lightning_dsinfer.policies import ModelWeights
@@ -87,22 +87,6 @@ def split_block(t: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
 
 
 LINEARS = ("qkv", "o", "gate_up", "down")
-QUANTIZE_CHUNK_BYTES = 16 << 20      # fp32 temporaries of quantising a weight, a chunk of rows at a time
-
-
-def _quantize_rows(w: torch.Tensor, row_max=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``reference.quantize_int8_per_channel(w)`` a chunk of rows at a time (the same numbers: each row's scale
-    is its own), so writing a large model's units holds a few MiB of fp32 temporaries, not several copies of
-    its largest weight. ``row_max``: a max over the tensor-parallel group of the rows' |w| maxima."""
-    step = max(1, QUANTIZE_CHUNK_BYTES // (4 * max(w.shape[1], 1)))
-    amax = torch.cat([w[a:a + step].float().abs().amax(dim=1) for a in range(0, w.shape[0], step)])
-    if row_max is not None:
-        amax = row_max(amax)
-    q, scales = torch.empty(w.shape, dtype=torch.int8), []
-    for a in range(0, w.shape[0], step):
-        q[a:a + step], scale = reference.quantize_int8_per_channel(w[a:a + step], amax[a:a + step])
-        scales.append(scale)
-    return q, torch.cat(scales)
 
 
 def quantize_linears(t: dict[str, torch.Tensor], amx: bool = False, row_max=None) -> dict[str, torch.Tensor]:
@@ -121,7 +105,7 @@ def quantize_linears(t: dict[str, torch.Tensor], amx: bool = False, row_max=None
             q, s = (torch.empty(shape, dtype=torch.int8, device="meta"),
                      torch.empty(n, dtype=torch.float32, device="meta"))
         else:
-            q, s = _quantize_rows(w, row_max if name in ("o", "down") else None)
+            q, s = quantize_rows(w, row_max if name in ("o", "down") else None)
             q = cpu_gemv.pack_int8(q) if amx else q
         out[f"{name}.weight"], out[f"{name}.scale"] = q, s
     return out

@@ -164,10 +164,9 @@ def test_int8_offload_fp32_matches_fake_quantised_hf(family, tier, tmp_path, mon
     and used in place (row-major int8 + fp32 scales; fp32 rows through the torch GEMM over weights dequantised a
     chunk of rows at a time, chunks made small here so there are several); fp32 logits and greedy tokens as the
     fake-quantised HF's."""
-    import lightning_dsinfer.builder as builder
     import lightning_dsinfer.modules.linear as linear
 
-    monkeypatch.setattr(builder, "QUANTIZE_CHUNK_BYTES", 4 * 64 * 24)           # 24 rows of a 64-wide weight
+    monkeypatch.setattr(linear, "QUANTIZE_CHUNK_BYTES", 4 * 64 * 24)            # 24 rows of a 64-wide weight
     hf = tiny_model(family)
     ref = fake_quantised_int8(hf)
     def build(max_memory):

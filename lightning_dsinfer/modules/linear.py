@@ -16,8 +16,9 @@ bf16 weights on the CPU take the first of these that the machine has (``Linear.l
 ``reference.quantize_int8_per_channel``), half the bytes of bf16. On AMX machines (``"int8_amx"``) the int8 weight
 is laid out in AMX tile order (``dsi_gemm_amx_int8``, any rows: one or two rows multiply the tiles widened to fp32,
 more widen each 32 rows' tiles to bf16 once, exactly, for the AMX tile products). Elsewhere (``"int8"``): bf16 rows on an AVX512 CPU go through the row-major int8 kernel up to
-``INT8_KERNEL_MAX_ROWS`` rows, more rows dequantise the weight to bf16 in C for one bf16 GEMM; on CUDA the Triton
-small-batch int8 GEMM for M <= 32; anything else dequantises the weight for the call (``reference.linear``).
+``INT8_KERNEL_MAX_ROWS`` rows, more rows dequantise the weight to bf16 in C, a chunk of rows at a time, for bf16
+GEMMs; on CUDA the Triton small-batch int8 GEMM for M <= 32; anything else dequantises the weight a chunk of rows
+at a time for the call (``ops.linear_int8``).
 
 ``pack=False`` keeps the tensor as given (offload passes views into a streamed buffer): ``"plain"``, with the
 row-major kernel for few rows where it is available. Everything else goes through ``ops.linear``: the small-batch
@@ -42,6 +43,23 @@ INT8_KERNEL_MAX_ROWS = 12
 # A prompt's int8 GEMM dequantises this many bytes of bf16 weight rows at a time (bounded scratch).
 DEQUANT_CHUNK_BYTES = 8 << 20
 DEQUANT_BYTES_PER_WEIGHT = {True: 2, False: 10}   # C dequantise to bf16; torch: int8 -> fp32, x scale, cast
+QUANTIZE_CHUNK_BYTES = 16 << 20      # fp32 temporaries of quantising a weight, a chunk of rows at a time
+
+
+def quantize_rows(w: torch.Tensor, row_max=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference.quantize_int8_per_channel(w)`` a chunk of rows at a time (the same numbers: each row's scale
+    is its own), so quantising a large weight holds a few MiB of fp32 temporaries, not several copies of it.
+    ``row_max``: a max over the tensor-parallel group of the rows' |w| maxima (a row-parallel shard takes the
+    scales of its whole rows)."""
+    step = max(1, QUANTIZE_CHUNK_BYTES // (4 * max(w.shape[1], 1)))
+    amax = torch.cat([w[a:a + step].float().abs().amax(dim=1) for a in range(0, w.shape[0], step)])
+    if row_max is not None:
+        amax = row_max(amax)
+    q, scales = torch.empty(w.shape, dtype=torch.int8, device=w.device), []
+    for a in range(0, w.shape[0], step):
+        q[a:a + step], scale = reference.quantize_int8_per_channel(w[a:a + step], amax[a:a + step])
+        scales.append(scale)
+    return q, torch.cat(scales)
 
 
 def _bf16_cpu(weight: torch.Tensor) -> bool:
@@ -76,10 +94,7 @@ class Linear(nn.Module):
         if quantize == "int8":
             self.bias = None if bias is None else bias.to(dtype=weight.dtype).contiguous()
             self.dtype = weight.dtype
-            amax = weight.float().abs().amax(dim=1)
-            if row_max is not None:        # a row-parallel shard: the scale of the whole row, as without TP
-                amax = row_max(amax)
-            self.weight, self.scale = reference.quantize_int8_per_channel(weight, amax)
+            self.weight, self.scale = quantize_rows(weight, row_max)     # row_max: a row-parallel shard
             self.layout = "int8"
             if pack and kernel and cpu_gemv.has_amx():      # int8 tiles in the AMX order, any number of rows
                 self.layout = "int8_amx"
