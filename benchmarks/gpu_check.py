@@ -37,19 +37,33 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_tests(timeout_s: int) -> int:
+def start_tests(log: Path) -> subprocess.Popen:
+    """``pytest tests/kernels`` on CUDA in a subprocess (interpreter off), spread over 8 workers when pytest-xdist is
+    there (each compiles its own kernels); output to ``log``. Runs beside the correctness checks, before the timings."""
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    t0 = time.time()
-    print(f"== pytest tests/kernels on CUDA (timeout {timeout_s}s)", flush=True)
+    workers = []
     try:
-        rc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/kernels"],
-                            cwd=REPO, env=env, timeout=timeout_s).returncode
+        import xdist  # noqa: F401
+        workers = ["-n", "8"]
+    except ImportError:
+        pass
+    print(f"== pytest tests/kernels on CUDA {' '.join(workers)} (log {log})", flush=True)
+    return subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *workers, "tests/kernels"],
+                            cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def wait_tests(proc: subprocess.Popen, log: Path, t0: float, timeout_s: float) -> int:
+    try:
+        rc = proc.wait(timeout=max(1.0, timeout_s))
     except subprocess.TimeoutExpired:
-        print(f"pytest timed out after {timeout_s}s")
+        proc.kill()
+        print(f"pytest timed out after {time.time() - t0:.0f}s")
         rc = 124
-    print(f"== pytest exit code {rc} in {time.time() - t0:.0f}s", flush=True)
+    tail = log.read_text().strip().splitlines()[-15:]
+    print("\n".join(tail))
+    print(f"== pytest exit code {rc} after {time.time() - t0:.0f}s", flush=True)
     return rc
 
 
@@ -355,82 +369,224 @@ def check_offload(dev: str = "cuda") -> int:
     return rc
 
 
-def decode_comparison(dev: str = "cuda", tiny: bool = False, compile_hf: bool = True, copy_gbs: float = 0.0):
-    """End-to-end decode of a ~1B Llama (TinyLlama-1.1B's shape: hidden 2048, 22 layers, 32 / 4 heads,
-    intermediate 5632, vocab 32000; from_config, bf16), prompt 128, 128 new tokens, batch 1 and 16: HF eager, HF
-    with a static cache (``generate`` compiles its forward with ``torch.compile`` for a static cache on CUDA;
-    ``compile_hf=False`` turns that off) and ours. Decode ms/token = (t(128 new) - t(1 new)) / 127. Returns
-    (markdown rows, rc); rc 1 when a row failed. ``tiny``: CPU smoke sizes (batch 1 and 2), no compile."""
-    from decode import hf_decode_bytes          # benchmarks/decode.py: the same count for the CPU benchmark
+def llama_1b(dev: str = "cuda", tiny: bool = False):
+    """TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 / 4 heads, intermediate 5632, vocab 32000; from_config,
+    bf16) on ``dev``; ``tiny``: CPU smoke sizes."""
     from transformers import AutoModelForCausalLM, LlamaConfig
-
-    import lightning_dsinfer as dsi
 
     shape = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=97) if tiny else dict(
         hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
         vocab_size=32000)
-    prompt, new = (8, 4) if tiny else (128, 128)
     cfg = LlamaConfig(**shape, max_position_embeddings=2048, tie_word_embeddings=False, eos_token_id=None,
                       pad_token_id=0)
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval().to(dev)
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
+    return hf
+
+
+def _sync(dev: str) -> None:
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+def decode_ms(model, ids, new: int, dev: str, repeats: int = 2, **extra) -> tuple[float, torch.Tensor]:
+    """Decode ms per step = (t(new tokens) - t(1 token)) / (new - 1), best of ``repeats``, after a warm-up (and
+    compile) of both shapes; and the tokens of the last ``new``-token run."""
+    def gen(n):
+        with torch.inference_mode():
+            return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                  min_new_tokens=n, do_sample=False, **extra)
+    for n in (new, 1):
+        gen(n)
+    times = {}
+    for n in (1, new):
+        best = float("inf")
+        for _ in range(repeats):
+            _sync(dev)
+            t0 = time.perf_counter()
+            out = gen(n)
+            _sync(dev)
+            best = min(best, time.perf_counter() - t0)
+        times[n] = best
+    return (times[new] - times[1]) / (new - 1) * 1e3, out
+
+
+def decode_comparison(dev: str = "cuda", tiny: bool = False, compile_hf: bool = True, copy_gbs: float = 0.0,
+                      hf=None, deadline: float = float("inf")):
+    """End-to-end decode of the ~1B Llama (:func:`llama_1b`), prompt 128, 128 new tokens, batch 1 and 16: ours
+    (bf16 and int8 weights) first, then HF eager and HF with a static cache (``generate`` compiles its forward
+    with ``torch.compile`` for a static cache on CUDA; ``compile_hf=False`` turns that off). Returns (markdown
+    rows, rc, {(impl, batch): ms}); rc 1 when a row failed. ``tiny``: CPU smoke sizes (batch 1 and 2), no compile.
+    Rows that would start after ``deadline`` (time.time()) are skipped and say so."""
+    from decode import hf_decode_bytes          # benchmarks/decode.py: the same count for the CPU benchmark
+
+    import lightning_dsinfer as dsi
+
+    hf = hf if hf is not None else llama_1b(dev, tiny)
+    vocab = hf.config.vocab_size
+    prompt, new = (8, 4) if tiny else (128, 128)
     ours = dsi.init_inference(copy.deepcopy(hf), dtype=torch.bfloat16, max_seq_len=prompt + new, max_batch_size=16)
+    ours8 = dsi.init_inference(copy.deepcopy(hf), dtype=torch.bfloat16, max_seq_len=prompt + new, max_batch_size=16,
+                               quantize="int8")
     hf_bytes = hf_decode_bytes(hf)
-    our_bytes = ours._dsinfer_engine.decoder.weight_bytes_per_token
-
-    def sync():
-        if dev == "cuda":
-            torch.cuda.synchronize()
-
-    impls = [("HF eager", hf, {}, hf_bytes),
+    impls = [("dsinfer", ours, {}, ours._dsinfer_engine.decoder.weight_bytes_per_token),
+             ("dsinfer int8", ours8, {}, ours8._dsinfer_engine.decoder.weight_bytes_per_token),
+             ("HF eager", hf, {}, hf_bytes),
              ("HF static cache" + (" + torch.compile" if compile_hf and not tiny else ""), hf,
-              dict(cache_implementation="static", disable_compile=not compile_hf), hf_bytes),
-             ("dsinfer", ours, {}, our_bytes)]
-    rows, rc, base = [], 0, {}
+              dict(cache_implementation="static", disable_compile=not compile_hf), hf_bytes)]
+    rows, rc, ms_of = [], 0, {}
     for b in ((1, 2) if tiny else (1, 16)):
-        ids = torch.randint(3, cfg.vocab_size, (b, prompt), generator=torch.Generator().manual_seed(b)).to(dev)
-        tokens = {}
+        ids = torch.randint(3, vocab, (b, prompt), generator=torch.Generator().manual_seed(b)).to(dev)
+        tokens, batch_rows = {}, []
         for name, model, extra, nbytes in impls:
-            def gen(n, model=model, extra=extra):
-                with torch.inference_mode():
-                    return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                          min_new_tokens=n, do_sample=False, **extra)
+            if time.time() > deadline - (120 if "compile" in name else 0):   # compiling takes a minute or two
+                batch_rows.append([name, str(b), "skipped (time)", "", "", ""])
+                print(" | ".join(batch_rows[-1]), flush=True)
+                continue
             try:
-                for n in (new, 1):          # warm-up (and compile) both shapes first
-                    gen(n)
-                times = {}
-                for n in (1, new):
-                    best = float("inf")
-                    for _ in range(1 if tiny else 2):
-                        sync()
-                        t0 = time.perf_counter()
-                        out = gen(n)
-                        sync()
-                        best = min(best, time.perf_counter() - t0)
-                    times[n] = best
-                tokens[name] = out
-                ms = (times[new] - times[1]) / (new - 1) * 1e3
-                base.setdefault(b, ms)
+                ms, tokens[name] = decode_ms(model, ids, new, dev, 1 if tiny else 2, **extra)
+                ms_of[(name, b)] = ms
                 util = nbytes / (ms * 1e-3) / (copy_gbs * 1e9) if copy_gbs else float("nan")
-                rows.append([name, str(b), f"{ms:.2f}", f"{b * 1e3 / ms:.0f}", f"{util:.2f}", f"{base[b] / ms:.2f}x"])
+                batch_rows.append([name, str(b), f"{ms:.2f}", f"{b * 1e3 / ms:.0f}", f"{util:.2f}", ""])
             except Exception as exc:   # report and go on
-                rows.append([name, str(b), "error", type(exc).__name__, str(exc)[:60], ""])
+                batch_rows.append([name, str(b), "error", type(exc).__name__, str(exc)[:60], ""])
                 rc = 1
-            print(" | ".join(rows[-1]), flush=True)
+            print(" | ".join(batch_rows[-1]), flush=True)
+        for row in batch_rows:
+            if ("HF eager", b) in ms_of and (row[0], b) in ms_of:
+                row[5] = f"{ms_of[('HF eager', b)] / ms_of[(row[0], b)]:.2f}x"
+        rows += batch_rows
         if b == 1 and "HF eager" in tokens and "dsinfer" in tokens and not torch.equal(tokens["HF eager"], tokens["dsinfer"]):
             print("note: batch-1 greedy tokens of dsinfer differ from HF eager (bf16 roundings)", flush=True)
-    del ours, hf
+    del ours, ours8
+    return rows, rc, ms_of
+
+
+def offload_throughput(hf, resident_ms: dict, deadline: float = float("inf"), dev: str = "cuda"):
+    """Issue 5's GPU side, measured: the ~1B Llama (bf16) with device memory for a quarter of its weights.
+    Ours: the pinned host tier (side-stream copies into a ring of device slots) and the disk tier (O_DIRECT reads
+    into pinned staging, then the same copies). Baseline: HF + accelerate with the same device budget
+    (``infer_auto_device_map`` + ``dispatch_model``: the layers that do not fit stay in CPU memory and are moved to
+    the GPU by a hook at each forward). Batch 1 and 16, prompt 128, 32 new tokens. Prints decode ms per step,
+    new tokens/s, bytes streamed per step over the step (GB/s) against the pinned host-to-device copy bandwidth
+    (or, for the disk tier, the O_DIRECT read of its unit files), and step / max(transfer, compute), with compute
+    the resident bf16 step of :func:`decode_comparison`. Returns (markdown rows, rc). ``dev="cpu"``: the CPU smoke
+    (tiny model, no timing meaning, accelerate keeps everything on the CPU)."""
+    import gc
+    import tempfile
+
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    import lightning_dsinfer as dsi
+
+    hf = hf.to("cpu")
+    weight_bytes = sum(t.numel() * t.element_size() for t in hf.state_dict().values())
+    cuda = dev == "cuda"
+    budget = weight_bytes // 4 if cuda else 640 * 1024   # CPU smoke: a budget that streams the tiny model
+    host = torch.empty(256 * 2**20 if cuda else 2**20, dtype=torch.uint8, pin_memory=cuda)
+    dst = torch.empty_like(host, device=dev)
+    h2d = host.numel() / (_bench(lambda: dst.copy_(host, non_blocking=True)) * 1e-6) / 1e9
+    del host, dst
+    print(f"== offload on CUDA: {weight_bytes / 2**20:.0f} MiB of bf16 weights, device budget {budget / 2**20:.0f} "
+          f"MiB, pinned host-to-device copy {h2d:.1f} GB/s", flush=True)
+    prompt, new = (128, 32) if cuda else (8, 4)
+    rows, rc = [], 0
+    root = tempfile.mkdtemp(prefix="dsinfer-offload-", dir=os.environ.get("OFFLOAD_DIR", "/tmp"))
+
+    def row(name, b, ms, streamed, ref_gbs, what):
+        compute = resident_ms.get(("dsinfer", b), float("nan"))
+        ref_gbs = ref_gbs or float("nan")   # a read too small to time (CPU smoke)
+        transfer = streamed / (ref_gbs * 1e9) * 1e3
+        rows.append([name, str(b), f"{ms:.1f}", f"{b * 1e3 / ms:.1f}", f"{streamed / 2**20:.0f}",
+                     f"{streamed / (ms * 1e-3) / 1e9:.1f}", f"{streamed / (ms * 1e-3) / 1e9 / ref_gbs:.2f} of {what}",
+                     f"{ms / max(transfer, compute):.2f}" if compute == compute and transfer == transfer else "-"])
+        print(" | ".join(rows[-1]), flush=True)
+
+    for tier in ("cpu", "nvme"):
+        for b in (1, 16):
+            if time.time() > deadline:
+                rows.append([f"dsinfer offload={tier}", str(b), "skipped (time)", "", "", "", "", ""])
+                continue
+            try:
+                folder = os.path.join(root, tier)   # written once, reused by the second batch size
+                opt = dsi.init_inference(copy.deepcopy(hf), offload=tier, offload_path=folder, device=dev,
+                                         dtype=torch.bfloat16, max_memory=budget, max_batch_size=b,
+                                         max_seq_len=prompt + new)
+                streamer = opt._dsinfer_engine.decoder.streamer
+                streamed = (sum(streamer.store.stored_bytes(u) for u in streamer.order) if tier == "nvme"
+                            else sum(streamer.layouts[u].nbytes for u in streamer.order))
+                ref_gbs, what = h2d, "pinned H2D"
+                if tier == "nvme":
+                    from offload import direct_read_bandwidth, disk_pattern
+                    files = [streamer.store.path(u) for u in streamer.order]
+                    pattern, _ = disk_pattern(files, repeats=1)
+                    ref_gbs, what = direct_read_bandwidth(files, pattern) / 1e9, "disk O_DIRECT"
+                ids = torch.randint(3, hf.config.vocab_size, (b, prompt), generator=torch.Generator().manual_seed(b))
+                ms, _ = decode_ms(opt, ids.to(dev), new, dev, repeats=1)
+                row(f"dsinfer offload={tier} ({opt._dsinfer_engine.working_set.ring})", b, ms, streamed, ref_gbs, what)
+                del opt, streamer
+            except Exception as exc:
+                import traceback
+                traceback.print_exc()
+                rows.append([f"dsinfer offload={tier}", str(b), "error", type(exc).__name__, str(exc)[:80], "", "", ""])
+                print(" | ".join(rows[-1]), flush=True)
+                rc = 1
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+    if time.time() < deadline:
+        try:
+            acc = copy.deepcopy(hf)
+            device_map = infer_auto_device_map(acc, max_memory={0: budget, "cpu": 64 * 2**30} if cuda else
+                                               {"cpu": 64 * 2**30},
+                                               no_split_module_classes=acc._no_split_modules)
+            acc = dispatch_model(acc, device_map=device_map)
+            on_cpu = sum(t.numel() * t.element_size() for n, t in acc.state_dict().items()
+                         if device_map.get(_owner(device_map, n)) == "cpu")
+            for b in (1, 16):
+                if time.time() > deadline:
+                    break
+                ids = torch.randint(3, hf.config.vocab_size, (b, prompt), generator=torch.Generator().manual_seed(b))
+                ms, _ = decode_ms(acc, ids.to(dev), new, dev, repeats=1)
+                row("HF + accelerate (CPU offload)", b, ms, on_cpu, h2d, "pinned H2D")
+            del acc
+        except Exception as exc:
+            rows.append(["HF + accelerate", "", "error", type(exc).__name__, str(exc)[:80], "", "", ""])
+            print(" | ".join(rows[-1]), flush=True)
+            rc = 1
+    import shutil
+    shutil.rmtree(root, ignore_errors=True)
     return rows, rc
+
+
+def _owner(device_map: dict, name: str) -> str:
+    """The device_map entry (a module prefix) that holds parameter ``name``."""
+    parts = name.split(".")
+    for i in range(len(parts), -1, -1):
+        key = ".".join(parts[:i])
+        if key in device_map:
+            return key
+    return ""
+
+
+def markdown(header, rows) -> str:
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |" for r in [header] + rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=None, help="folder for gpu_check.md")
     ap.add_argument("--skip-tests", action="store_true", help="only time the kernels")
-    ap.add_argument("--test-timeout", type=int, default=360)
+    ap.add_argument("--test-timeout", type=int, default=300, help="seconds from the start for the kernel tests")
+    ap.add_argument("--budget-s", type=float, default=0, help="skip timing rows that would start after this many "
+                    "seconds (0: no limit)")
+    ap.add_argument("--skip-offload-bench", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="HF static-cache row without torch.compile")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="no GPU: run every benchmark case once at tiny sizes in the Triton interpreter "
@@ -458,9 +614,13 @@ def main() -> int:
                 print(f"FAIL  ops.* rows did not reach the kernels: {dict(ops.dispatch_counts)}")
         with ops.force_triton(), cuda_graphs.emulate():
             failed += check_decode_graphs("cpu", tiny=True)
-            rows, rc = decode_comparison("cpu", tiny=True)
+            rows, rc, ms_of = decode_comparison("cpu", tiny=True)
             failed += rc
             print(f"{'ok  ' if not rc else 'FAIL'}  decode comparison: {len(rows)} rows")
+        rows, rc = offload_throughput(llama_1b("cpu", tiny=True).float(), ms_of, dev="cpu")
+        failed += rc
+        print(markdown(["impl", "batch", "ms", "tok/s", "MiB", "GB/s", "of ref", "step/max"], rows))
+        print(f"{'ok  ' if not rc else 'FAIL'}  offload throughput: {len(rows)} rows")
         failed += check_offload("cpu")
         return 1 if failed else 0
     if not torch.cuda.is_available():
@@ -468,7 +628,25 @@ def main() -> int:
         return 0
     os.environ.pop("TRITON_INTERPRET", None)
     sys.path.insert(0, str(REPO))
-    rc = 0 if args.skip_tests else run_tests(args.test_timeout)
+    t_start = time.time()
+    deadline = t_start + args.budget_s if args.budget_s else float("inf")
+    out = args.out if args.out is not None else Path(os.environ.get("TMPDIR", "/tmp"))
+    out.mkdir(parents=True, exist_ok=True)
+    report = out / "gpu_check.md"
+    import transformers
+    import triton
+    name = torch.cuda.get_device_name()
+    report.write_text(f"# gpu_check\n\nDevice: {name}; torch {torch.__version__}, triton {triton.__version__}, "
+                      f"transformers {transformers.__version__}.\n\n")
+
+    def section(title, text):
+        with report.open("a") as f:
+            f.write(f"## {title}\n\n{text}\n\n")
+        print(f"\n## {title}\n{text}\n", flush=True)
+
+    log = out / "pytest_cuda.log"
+    tests = None if args.skip_tests else start_tests(log)
+    rc = 0
     print("== engine decode: CUDA graphs vs eager", flush=True)
     try:
         rc = check_decode_graphs() or rc
@@ -477,13 +655,13 @@ def main() -> int:
         rc = rc or 1
     print("== offload on CUDA (both tiers, slots per unit size, int8)", flush=True)
     rc = check_offload() or rc
-    name = torch.cuda.get_device_name()
+    if tests is not None:
+        test_rc = wait_tests(tests, log, t_start, args.test_timeout - (time.time() - t_start))
+        section("kernel tests on CUDA", f"pytest tests/kernels exit code {test_rc}: "
+                + (log.read_text().strip().splitlines() or ["(no output)"])[-1])
+        rc = rc or test_rc
     copy_gbs = copy_bandwidth()
     print(f"== {name}: device-to-device copy {copy_gbs:.0f} GB/s", flush=True)
-    print("== decode, ~1B Llama bf16, prompt 128, 128 new tokens", flush=True)
-    decode_rows, decode_rc = decode_comparison(compile_hf=not args.no_compile, copy_gbs=copy_gbs)
-    rc = rc or decode_rc
-    header = ["kernel", "shape", "time (us)", "GB/s", "of copy BW", "torch (us)", "speed-up"]
     rows = []
     for kernel, shape, fn, torch_fn, nbytes in cases():
         try:
@@ -495,22 +673,23 @@ def main() -> int:
         except Exception as exc:  # keep timing the others; the failure is in the table
             rows.append([kernel, shape, "error", type(exc).__name__, str(exc)[:60], "", ""])
             rc = rc or 1
-        print(" | ".join(rows[-1]), flush=True)
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |" for r in [header] + rows]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    table = "\n".join(lines)
-    decode_header = ["impl", "batch", "decode ms/token", "tokens/s", "bw util (of copy BW)", "vs HF eager"]
-    decode_table = "\n".join(["| " + " | ".join(decode_header) + " |", "|" + "---|" * len(decode_header)]
-                             + ["| " + " | ".join(r) + " |" for r in decode_rows])
-    table = decode_table + "\n\n" + table
-    print(f"\n{name}, copy bandwidth {copy_gbs:.0f} GB/s, tests rc={rc}\n{table}")
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "gpu_check.md").write_text(
-            f"# gpu_check\n\nDevice: {name}; device-to-device copy: {copy_gbs:.0f} GB/s; kernel tests rc={rc}.\n"
-            f"GB/s counts the bytes each op must move (weights, KV cache, inputs, outputs) over its time.\n\n"
-            f"{table}\n")
+    section("kernels (GB/s counts the bytes each op must move: weights, KV cache, inputs, outputs)",
+            markdown(["kernel", "shape", "time (us)", "GB/s", "of copy BW", "torch (us)", "speed-up"], rows))
+    print("== decode, ~1B Llama bf16, prompt 128, 128 new tokens", flush=True)
+    hf_cpu = llama_1b("cpu")          # kept on the CPU, untouched by torch.compile, for the offload rows
+    decode_rows, decode_rc, ms_of = decode_comparison(compile_hf=not args.no_compile, copy_gbs=copy_gbs,
+                                                      hf=copy.deepcopy(hf_cpu).to("cuda"), deadline=deadline)
+    rc = rc or decode_rc
+    section(f"decode, ~1B Llama bf16 (TinyLlama-1.1B shape), prompt 128, 128 new tokens; copy BW {copy_gbs:.0f} GB/s",
+            markdown(["impl", "batch", "decode ms/token", "tokens/s", "bw util (of copy BW)", "vs HF eager"],
+                     decode_rows))
+    if not args.skip_offload_bench:
+        off_rows, off_rc = offload_throughput(hf_cpu, ms_of, deadline)
+        rc = rc or off_rc
+        section("offload on CUDA, ~1B Llama bf16, device budget a quarter of the weights, prompt 128, 32 new tokens",
+                markdown(["impl", "batch", "decode ms/step", "tokens/s", "MiB streamed/step", "GB/s",
+                          "of reference", "step / max(transfer, compute)"], off_rows))
+    print(f"\ngpu_check done in {time.time() - t_start:.0f}s, rc={rc}; report {report}", flush=True)
     return rc
 
 

@@ -17,5 +17,6 @@ def test_gpu_check_cpu_smoke():
                          env=env, capture_output=True, text=True, timeout=600)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-4000:]
-    assert "FAIL" not in out and "ok    decode comparison: 6 rows" in out, out[-4000:]
-    assert out.count("ok    graphs") == 4 and out.count("ok    offload") == 5
+    assert "FAIL" not in out and "ok    decode comparison: 8 rows" in out, out[-4000:]
+    assert out.count("ok    graphs") == 4 and out.count("ok    offload ") == 5
+    assert "ok    offload throughput: 6 rows" in out

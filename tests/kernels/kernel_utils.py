@@ -5,9 +5,13 @@ import pytest
 import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# tools/compile_check.py: every launch compiles for a CUDA target (fake driver) and returns without running
+COMPILE_ONLY = os.environ.get("DSINFER_KERNEL_COMPILE_ONLY") == "1"
+# CPU tensors go through the kernels (ops.force_triton) when they can run (interpreter) or only compile
+FORCE_TRITON = INTERPRET or COMPILE_ONLY
 # The interpreter runs on CPU tensors; a real launch needs CUDA. One process runs one mode because
 # @triton.jit picks interpreter or compiler when the kernel is defined (see conftest).
-DEVICES = ["cpu"] if INTERPRET else (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu"] if FORCE_TRITON else (["cuda"] if torch.cuda.is_available() else [])
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kernel_utils import DEVICES, INTERPRET
+from kernel_utils import DEVICES, FORCE_TRITON, INTERPRET
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/helpers.py
 from helpers import optimised_copy, padded_batch, tiny_model  # noqa: E402
@@ -29,7 +29,7 @@ ATOL, RTOL = 2e-4, 1e-4
 
 
 def _triton_path():
-    return ops.force_triton() if INTERPRET else contextlib.nullcontext()
+    return ops.force_triton() if FORCE_TRITON else contextlib.nullcontext()
 
 
 def _fallbacks():

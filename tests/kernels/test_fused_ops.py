@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kernel_utils import DEVICES, INTERPRET, assert_close, bf16_ok
+from kernel_utils import DEVICES, FORCE_TRITON, INTERPRET, assert_close, bf16_ok
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/helpers.py
 from helpers import optimised_copy, padded_batch, tiny_model  # noqa: E402
@@ -24,7 +24,7 @@ needs_kernels = pytest.mark.skipif(not DEVICES, reason="no CUDA and TRITON_INTER
 
 
 def _triton_path():
-    return ops.force_triton() if INTERPRET else contextlib.nullcontext()
+    return ops.force_triton() if FORCE_TRITON else contextlib.nullcontext()
 
 
 def _skip_dtype(dtype):
