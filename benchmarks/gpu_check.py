@@ -67,12 +67,17 @@ def wait_tests(proc: subprocess.Popen, log: Path, t0: float, timeout_s: float) -
     return rc
 
 
-def _bench(fn) -> float:
+def _bench(fn, graph: bool = False) -> float:
     if not torch.cuda.is_available():   # --cpu-smoke: one call, wall time
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e6
-    from triton.testing import do_bench
+    from triton.testing import do_bench, do_bench_cudagraph
+    if graph:   # replayed from a CUDA graph: the GPU time, without Python's launch overhead
+        try:
+            return do_bench_cudagraph(fn, rep=50) * 1e3
+        except Exception:
+            torch.cuda.synchronize()
     return do_bench(fn, warmup=10, rep=50) * 1e3   # us
 
 
@@ -415,7 +420,7 @@ def decode_ms(model, ids, new: int, dev: str, repeats: int = 2, **extra) -> tupl
 
 
 def decode_comparison(dev: str = "cuda", tiny: bool = False, compile_hf: bool = True, copy_gbs: float = 0.0,
-                      hf=None, deadline: float = float("inf")):
+                      hf=None, deadline: float = float("inf"), tuned: dict | None = None, hf_compile_row: bool = True):
     """End-to-end decode of the ~1B Llama (:func:`llama_1b`), prompt 128, 128 new tokens, batch 1 and 16: ours
     (bf16 and int8 weights) first, then HF eager and HF with a static cache (``generate`` compiles its forward
     with ``torch.compile`` for a static cache on CUDA; ``compile_hf=False`` turns that off). Returns (markdown
@@ -437,6 +442,10 @@ def decode_comparison(dev: str = "cuda", tiny: bool = False, compile_hf: bool = 
              ("HF eager", hf, {}, hf_bytes),
              ("HF static cache" + (" + torch.compile" if compile_hf and not tiny else ""), hf,
               dict(cache_implementation="static", disable_compile=not compile_hf), hf_bytes)]
+    if tuned:   # the same engine with the GEMM configs of kernels/small_gemm.py's heuristic instead of the table
+        impls.insert(1, ("dsinfer, heuristic GEMM configs", ours, {}, impls[0][3]))
+    if not hf_compile_row:
+        impls = impls[:-1]
     rows, rc, ms_of = [], 0, {}
     for b in ((1, 2) if tiny else (1, 16)):
         ids = torch.randint(3, vocab, (b, prompt), generator=torch.Generator().manual_seed(b)).to(dev)
@@ -447,6 +456,11 @@ def decode_comparison(dev: str = "cuda", tiny: bool = False, compile_hf: bool = 
                 print(" | ".join(batch_rows[-1]), flush=True)
                 continue
             try:
+                if tuned is not None:
+                    from lightning_dsinfer.kernels import small_gemm
+                    small_gemm.install_table(torch.device(dev), {} if "heuristic" in name else tuned)
+                    if hasattr(model, "_dsinfer_engine"):
+                        model._dsinfer_engine._decode_graphs = None   # recapture with these configs
                 ms, tokens[name] = decode_ms(model, ids, new, dev, 1 if tiny else 2, **extra)
                 ms_of[(name, b)] = ms
                 util = nbytes / (ms * 1e-3) / (copy_gbs * 1e9) if copy_gbs else float("nan")
@@ -587,6 +601,11 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=0, help="skip timing rows that would start after this many "
                     "seconds (0: no limit)")
     ap.add_argument("--skip-offload-bench", action="store_true")
+    ap.add_argument("--skip-kernel-table", action="store_true")
+    ap.add_argument("--skip-hf-compile", action="store_true", help="no HF static cache + torch.compile row")
+    ap.add_argument("--skip-offload-check", action="store_true", help="no offload parity checks on CUDA")
+    ap.add_argument("--tune-budget-s", type=float, default=120,
+                    help="seconds for benchmarks/tune_gemm.py's sweep before the decode rows (0: no tuning)")
     ap.add_argument("--no-compile", action="store_true", help="HF static-cache row without torch.compile")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="no GPU: run every benchmark case once at tiny sizes in the Triton interpreter "
@@ -617,6 +636,15 @@ def main() -> int:
             rows, rc, ms_of = decode_comparison("cpu", tiny=True)
             failed += rc
             print(f"{'ok  ' if not rc else 'FAIL'}  decode comparison: {len(rows)} rows")
+        from tune_gemm import tune
+        table, tune_rows = tune(dev="cpu")
+        ok = len(table) == 4 and len(tune_rows) == 4
+        failed += int(not ok)
+        print(f"{'ok  ' if ok else 'FAIL'}  tune: {len(table)} configs, {len(tune_rows)} rows")
+        with ops.force_triton():
+            rows, rc, _ = decode_comparison("cpu", tiny=True, tuned=table, hf_compile_row=False)
+        failed += rc
+        print(f"{'ok  ' if not rc else 'FAIL'}  decode comparison with a tuned table: {len(rows)} rows")
         rows, rc = offload_throughput(llama_1b("cpu", tiny=True).float(), ms_of, dev="cpu")
         failed += rc
         print(markdown(["impl", "batch", "ms", "tok/s", "MiB", "GB/s", "of ref", "step/max"], rows))
@@ -653,8 +681,9 @@ def main() -> int:
     except Exception as exc:   # report and go on to the kernel timings
         print(f"FAIL  graphs: {type(exc).__name__}: {exc}", flush=True)
         rc = rc or 1
-    print("== offload on CUDA (both tiers, slots per unit size, int8)", flush=True)
-    rc = check_offload() or rc
+    if not args.skip_offload_check:
+        print("== offload on CUDA (both tiers, slots per unit size, int8)", flush=True)
+        rc = check_offload() or rc
     if tests is not None:
         test_rc = wait_tests(tests, log, t_start, args.test_timeout - (time.time() - t_start))
         section("kernel tests on CUDA", f"pytest tests/kernels exit code {test_rc}: "
@@ -662,28 +691,46 @@ def main() -> int:
         rc = rc or test_rc
     copy_gbs = copy_bandwidth()
     print(f"== {name}: device-to-device copy {copy_gbs:.0f} GB/s", flush=True)
-    rows = []
-    for kernel, shape, fn, torch_fn, nbytes in cases():
-        try:
-            us = _bench(fn)
-            gbs = nbytes / (us * 1e-6) / 1e9
-            t_us = _bench(torch_fn) if torch_fn is not None and torch_fn() is not None else float("nan")
-            rows.append([kernel, shape, f"{us:.1f}", f"{gbs:.0f}", f"{gbs / copy_gbs:.2f}",
-                         f"{t_us:.1f}", f"{t_us / us:.2f}x" if t_us == t_us else "-"])
-        except Exception as exc:  # keep timing the others; the failure is in the table
-            rows.append([kernel, shape, "error", type(exc).__name__, str(exc)[:60], "", ""])
-            rc = rc or 1
-    section("kernels (GB/s counts the bytes each op must move: weights, KV cache, inputs, outputs)",
-            markdown(["kernel", "shape", "time (us)", "GB/s", "of copy BW", "torch (us)", "speed-up"], rows))
+    tuned = None
+    if args.tune_budget_s:
+        import json
+
+        from tune_gemm import HEADER, tune
+
+        from lightning_dsinfer.kernels import small_gemm
+        print(f"== tuning the small-batch GEMM ({args.tune_budget_s:.0f}s)", flush=True)
+        tuned, tune_rows = tune(deadline=min(deadline, time.time() + args.tune_budget_s), copy_gbs=copy_gbs,
+                                log=lambda line: print(line, flush=True))
+        small_gemm.install_table(torch.device("cuda"), tuned)
+        (out / small_gemm.table_path(name).name).write_text(json.dumps(tuned, indent=1, sort_keys=True) + "\n")
+        section("small-batch GEMM configs measured on this GPU (CUDA-graph replay; written to "
+                f"{small_gemm.table_path(name).name})", markdown(HEADER, tune_rows))
     print("== decode, ~1B Llama bf16, prompt 128, 128 new tokens", flush=True)
     hf_cpu = llama_1b("cpu")          # kept on the CPU, untouched by torch.compile, for the offload rows
     decode_rows, decode_rc, ms_of = decode_comparison(compile_hf=not args.no_compile, copy_gbs=copy_gbs,
-                                                      hf=copy.deepcopy(hf_cpu).to("cuda"), deadline=deadline)
+                                                      hf=copy.deepcopy(hf_cpu).to("cuda"), deadline=deadline,
+                                                      tuned=tuned, hf_compile_row=not args.skip_hf_compile)
     rc = rc or decode_rc
     section(f"decode, ~1B Llama bf16 (TinyLlama-1.1B shape), prompt 128, 128 new tokens; copy BW {copy_gbs:.0f} GB/s",
             markdown(["impl", "batch", "decode ms/token", "tokens/s", "bw util (of copy BW)", "vs HF eager"],
                      decode_rows))
-    if not args.skip_offload_bench:
+    if not args.skip_kernel_table and time.time() < deadline:
+        rows = []
+        for kernel, shape, fn, torch_fn, nbytes in cases():
+            try:
+                graph = not kernel.startswith("ops.")
+                us = _bench(fn, graph)
+                gbs = nbytes / (us * 1e-6) / 1e9
+                t_us = _bench(torch_fn, graph) if torch_fn is not None and torch_fn() is not None else float("nan")
+                rows.append([kernel, shape, f"{us:.1f}", f"{gbs:.0f}", f"{gbs / copy_gbs:.2f}",
+                             f"{t_us:.1f}", f"{t_us / us:.2f}x" if t_us == t_us else "-"])
+            except Exception as exc:  # keep timing the others; the failure is in the table
+                rows.append([kernel, shape, "error", type(exc).__name__, str(exc)[:60], "", ""])
+                rc = rc or 1
+        section("kernels (GB/s counts the bytes each op must move: weights, KV cache, inputs, outputs; "
+                "kernel rows replayed from a CUDA graph, ops.* rows launched from Python)",
+                markdown(["kernel", "shape", "time (us)", "GB/s", "of copy BW", "torch (us)", "speed-up"], rows))
+    if not args.skip_offload_bench and time.time() < deadline:
         off_rows, off_rc = offload_throughput(hf_cpu, ms_of, deadline)
         rc = rc or off_rc
         section("offload on CUDA, ~1B Llama bf16, device budget a quarter of the weights, prompt 128, 32 new tokens",

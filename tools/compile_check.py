@@ -81,6 +81,7 @@ def main() -> int:
     if args[:1] == ["--arch"]:
         arch, args = int(args[1]), args[2:]
     import pytest
+    import torch
 
     sys.path.insert(0, str(REPO))
     t0 = time.time()
@@ -98,6 +99,20 @@ def main() -> int:
             except Exception as exc:
                 if not any(label.startswith(kernel) for label, _ in errors):
                     errors.append((f"gpu_check case {kernel} {shape}", f"{type(exc).__name__}: {str(exc)[-800:]}"))
+    from tune_gemm import candidates   # every config benchmarks/tune_gemm.py may pick, on aligned sizes
+    from lightning_dsinfer.kernels import reference as ref
+    from lightning_dsinfer.kernels.small_gemm import small_gemm, small_gemm_int8
+    w = torch.randn(64, 2048, dtype=torch.bfloat16)
+    q8, s8 = ref.quantize_int8_per_channel(w)
+    for m in (1, 2, 4, 8, 16, 32):
+        x = torch.randn(m, 2048, dtype=torch.bfloat16)
+        for cfg in candidates(m):
+            for split_k in (1, 4):
+                try:
+                    small_gemm(x, w, **{**cfg, "split_k": split_k})
+                    small_gemm_int8(x, q8, s8, **{**cfg, "split_k": split_k})
+                except Exception as exc:
+                    errors.append((f"tune candidate m{m} {cfg}", f"{type(exc).__name__}: {str(exc)[-800:]}"))
     print(f"\ncompile_check sm_{arch}: {sum(compiled.values())} specialisations of {len(compiled)} kernels compiled "
           f"in {time.time() - t0:.0f}s; {len(errors)} compile errors")
     for name, n in sorted(compiled.items()):

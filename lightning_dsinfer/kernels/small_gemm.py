@@ -1,8 +1,12 @@
 """Small-batch GEMM / GEMV ("SBI-GeMM"): y = x @ W.T (+ bias) (+ residual) for M = 1..32 rows.
 
-At decode the weights dominate the bytes moved, so the kernel streams W once: a program owns a
-BLOCK_N slice of outputs and one split of K (split-K keeps every SM busy when N / BLOCK_N is small),
-with all M rows in one BLOCK_M tile. Weights: fp32 / fp16 / bf16 [N, K] (torch Linear layout), int8
+At decode the weights dominate the bytes moved, so both kernels stream W once: a program owns a
+BLOCK_N slice of outputs and one split of K (split-K keeps every SM busy when N / BLOCK_N is small).
+Two kernels: ``_gemv_kernel`` for M <= 8 (no tensor cores: each weight tile, widened to fp32, is multiplied into
+an fp32 accumulator the shape of the tile and reduced once at the end, so a program is only loads and FMAs) and
+``_small_gemm_kernel`` for M <= 32 (``tl.dot`` on one BLOCK_M tile of rows). Which kernel and which tile sizes a
+call uses comes from a table measured on the device (``kernels/configs/<device>.json``, written by
+``benchmarks/tune_gemm.py``) when it has the shape, else from :func:`heuristic_config`. Weights: fp32 / fp16 / bf16 [N, K] (torch Linear layout), int8
 per output channel (scale [N]), or int4 group-wise (two nibbles per byte, scale [N, K / group]) with
 the dequantisation fused into the tile load (integer tile -> activation dtype, scale applied per
 tile / at the end). Split-K partials go to an fp32 workspace that a second kernel sums, adding bias
@@ -11,6 +15,10 @@ and residual. References: :func:`~lightning_dsinfer.kernels.reference.small_gemm
 """
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 import torch
 import triton
 import triton.language as tl
@@ -18,6 +26,62 @@ import triton.language as tl
 from lightning_dsinfer.kernels._common import dot, ieee_dot, interpreting
 
 _FLOAT, _INT8, _INT4 = 0, 1, 2
+GEMV_MAX_M = 8          # rows up to which _gemv_kernel can be used (its fp32 accumulator is ROWS x BLOCK_N x BLOCK_K)
+_ACC_PER_THREAD = 64    # fp32 accumulator registers per thread the GEMV tiles are sized to
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, x_sm, w_ptr, w_sn, s_ptr, b_ptr, r_ptr, r_sm, out_ptr,   # as _small_gemm_kernel (scale: int8 [N])
+    M, N, K, k_per_split,
+    SPLIT_K,                        # runtime: 1 stores the output, more store fp32 partials (one compile for all)
+    WMODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    ROWS: tl.constexpr,             # power of two >= M
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mn = rn < N
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    rk = tl.arange(0, BLOCK_K)
+    if ROWS == 1:
+        acc1 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        w_rows = w_ptr + rn[:, None].to(tl.int64) * w_sn
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            kk = k0 + rk
+            mk = kk < k_hi
+            xt = tl.load(x_ptr + kk, mask=mk, other=0.0).to(tl.float32)
+            wt = tl.load(w_rows + kk[None, :], mask=mn[:, None] & mk[None, :], other=0).to(tl.float32)
+            acc1 += wt * xt[None, :]
+        y = tl.sum(acc1, axis=1)[None, :]                       # [1, BLOCK_N]
+    else:
+        rm3 = tl.arange(0, ROWS)[:, None, None]
+        rn3 = rn[None, :, None]
+        acc3 = tl.zeros([ROWS, BLOCK_N, BLOCK_K], tl.float32)
+        x_rows = x_ptr + rm3.to(tl.int64) * x_sm
+        w_rows = w_ptr + rn3.to(tl.int64) * w_sn
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            kk = (k0 + rk)[None, None, :]
+            mk = kk < k_hi
+            xt = tl.load(x_rows + kk, mask=(rm3 < M) & mk, other=0.0).to(tl.float32)      # [ROWS, 1, BLOCK_K]
+            wt = tl.load(w_rows + kk, mask=(rn3 < N) & mk, other=0).to(tl.float32)        # [1, BLOCK_N, BLOCK_K]
+            acc3 += xt * wt
+        y = tl.sum(acc3, axis=2)                                # [ROWS, BLOCK_N]
+    if WMODE == 1:
+        y *= tl.load(s_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
+    rm = tl.arange(0, ROWS)
+    om = (rm < M)[:, None] & mn[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
+        if HAS_RESIDUAL:
+            y += tl.load(r_ptr + rm[:, None].to(tl.int64) * r_sm + rn[None, :], mask=om, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], y.to(out_ptr.dtype.element_ty), mask=om)
+    else:
+        tl.store(out_ptr + (pid_k.to(tl.int64) * M + rm[:, None]) * N + rn[None, :], y, mask=om)
 
 
 @triton.jit
@@ -29,9 +93,9 @@ def _small_gemm_kernel(
     out_ptr,                        # [M, N] contiguous (SPLIT_K == 1) or fp32 workspace [SPLIT_K, M, N]
     M, N, K,                        # sizes (K counts logical input dims, also for int4)
     k_per_split,                    # K range of one split (multiple of BLOCK_K)
+    SPLIT_K,                        # runtime (see _gemv_kernel)
     WMODE: tl.constexpr,            # 0 float weight, 1 int8 per-channel, 2 int4 group-wise
     GROUP: tl.constexpr,            # int4 group size (multiple of BLOCK_K)
-    SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     IEEE_DOT: tl.constexpr,         # dot in fp32 (fp32 activations; bf16 under the interpreter)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -88,8 +152,8 @@ def _split_k_reduce_kernel(
     ws_ptr,                         # fp32 workspace [SPLIT_K, M, N]
     b_ptr, r_ptr, r_sm,             # bias [N] (HAS_BIAS), residual [M, N] + row stride (HAS_RESIDUAL)
     out_ptr,                        # [M, N] contiguous
-    M, N,
-    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
+    M, N, SPLIT_K,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     m = tl.program_id(0).to(tl.int64)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -104,7 +168,81 @@ def _split_k_reduce_kernel(
     tl.store(out_ptr + m * N + rn, acc.to(out_ptr.dtype.element_ty), mask=mn)
 
 
-def _launch(x, w, scale, wmode, group, n, k, bias, residual, split_k, block_n, block_k):
+_WNAME = {_FLOAT: "float", _INT8: "int8", _INT4: "int4"}
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+_tables: dict[str, dict] = {}      # device name -> {config_key: config}
+_memo: dict[tuple, dict] = {}       # (device, n, k, rows bucket, wmode) -> config, for the per-call lookup
+
+
+def rows_bucket(m: int) -> int:
+    """The M bucket a tuned config covers: 1, 2, 4, 8, 16 or 32."""
+    return min(32, triton.next_power_of_2(max(1, m)))
+
+
+def config_key(n: int, k: int, m: int, wmode: str) -> str:
+    """Key of a tuned config: weight kind (float / int8 / int4), M bucket, N, K."""
+    return f"{wmode} m{rows_bucket(m)} n{n} k{k}"
+
+
+def table_path(device_name: str) -> Path:
+    return CONFIG_DIR / (re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ".json")
+
+
+def tuned_table(device: torch.device) -> dict:
+    """The configs measured on this device kind (``configs/<device name>.json``), {} when there are none."""
+    if device.type != "cuda":
+        return {}
+    name = torch.cuda.get_device_name(device)
+    if name not in _tables:
+        path = table_path(name)
+        _tables[name] = json.loads(path.read_text()) if path.exists() else {}
+    return _tables[name]
+
+
+def install_table(device: torch.device, table: dict) -> None:
+    """Use ``table`` for this device kind from now on (the tuner's result, before it is written to a file)."""
+    _tables[torch.cuda.get_device_name(device) if device.type == "cuda" else device.type] = dict(table)
+    _memo.clear()
+
+
+def heuristic_config(n: int, k: int, m: int, wmode: int, sms: int, interp: bool = False) -> dict:
+    """Kernel and tiles for a shape no table has. GEMV (M <= 8, float / int8 weights): an fp32 accumulator of
+    about 64 registers per thread, K tiles of 512 (256 from 4 rows), N tiles small enough for 4 programs per SM;
+    split-K only when there are fewer N tiles than SMs. Else the tensor-core kernel: 64 x 128 tiles, split-K up to
+    two programs per SM."""
+    if interp:                      # small tiles: the interpreter's cost is per element of a tile
+        if m <= GEMV_MAX_M and wmode != _INT4:
+            return {"kernel": "gemv", "block_n": 4, "block_k": 32, "split_k": None, "warps": 4}
+        return {"kernel": "dot", "block_n": 16, "block_k": 32, "split_k": None, "warps": 4}
+    if m <= GEMV_MAX_M and wmode != _INT4:
+        rows = triton.next_power_of_2(m)
+        block_k = min(512 if rows <= 2 else 256, max(64, triton.next_power_of_2(k)))
+        block_n = max(1, min(16, _ACC_PER_THREAD * 128 // (rows * block_k)))
+        while block_n > 1 and triton.cdiv(n, block_n) < 4 * sms:
+            block_n //= 2
+        return {"kernel": "gemv", "block_n": block_n, "block_k": block_k, "split_k": None, "warps": 4}
+    return {"kernel": "dot", "block_n": 64, "block_k": 128, "split_k": None, "warps": 4}
+
+
+def _config(device: torch.device, n: int, k: int, m: int, wmode: int, interp: bool) -> dict:
+    key = (device, n, k, rows_bucket(m), wmode)
+    cfg = _memo.get(key)
+    if cfg is None:
+        cfg = tuned_table(device).get(config_key(n, k, m, _WNAME[wmode])) if not interp else None
+        if cfg is None or (cfg["kernel"] == "gemv" and m > GEMV_MAX_M):
+            sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+            cfg = heuristic_config(n, k, m, wmode, sms, interp)
+        _memo[key] = cfg
+    return cfg
+
+
+def _auto_split(n_tiles: int, k_tiles: int, m_tiles: int, target: int, gemv: bool) -> int:
+    if gemv:    # split only when the N tiles cannot fill the SMs (target = 2 per SM)
+        return 1 if n_tiles * 2 >= target else max(1, min(triton.cdiv(target, n_tiles), k_tiles, 16))
+    return max(1, min(triton.cdiv(target, n_tiles * m_tiles), k_tiles // 4 or 1, 16))
+
+
+def _launch(x, w, scale, wmode, group, n, k, bias, residual, split_k, block_n, block_k, kernel=None, warps=None):
     if x.shape[-1] != k:
         raise ValueError(f"x last dim {x.shape[-1]} does not match the weight's K = {k}")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -130,56 +268,76 @@ def _launch(x, w, scale, wmode, group, n, k, bias, residual, split_k, block_n, b
         return out.zero_() if residual is None and bias is None else out.copy_(
             (torch.zeros_like(out) if residual is None else residual) + (0 if bias is None else bias))
     interp = interpreting()
-    block_m = 16 if m <= 16 else 32
-    block_n = block_n or (16 if interp else 64)
-    block_k = block_k or (32 if interp else 128)
+    cfg = _config(x.device, n, k, m, wmode, interp)
+    kernel = kernel or cfg["kernel"]
+    if kernel not in ("gemv", "dot"):
+        raise ValueError(f"kernel {kernel!r}: 'gemv' or 'dot'")
+    gemv = kernel == "gemv"
+    if gemv and (m > GEMV_MAX_M or wmode == _INT4):
+        raise ValueError(f"the GEMV kernel takes float / int8 weights and up to {GEMV_MAX_M} rows, got {m} rows of "
+                         f"{_WNAME[wmode]}; use kernel='dot'")
+    block_n = block_n or cfg["block_n"]
+    block_k = block_k or cfg["block_k"]
+    warps = warps or cfg["warps"]
+    split_k = split_k or cfg["split_k"]
     if wmode == _INT4:
         block_k = min(block_k, group)
         if group % block_k:
             raise ValueError(f"group_size {group} must be a multiple of the K tile {block_k}")
+    block_m = triton.next_power_of_2(m) if gemv else (16 if m <= 16 else 32)
     n_tiles = triton.cdiv(n, block_n)
     k_tiles = triton.cdiv(k, block_k)
     if split_k is None:
         target = 2 * torch.cuda.get_device_properties(x.device).multi_processor_count \
             if x.device.type == "cuda" else 4
-        split_k = max(1, min(triton.cdiv(target, n_tiles * triton.cdiv(m, block_m)), k_tiles // 4 or 1, 16))
+        split_k = _auto_split(n_tiles, k_tiles, triton.cdiv(m, block_m), target, gemv)
     split_k = max(1, min(split_k, k_tiles))
     k_per_split = triton.cdiv(k_tiles, split_k) * block_k
     split_k = triton.cdiv(k, k_per_split)
     dst = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
     dummy = x2
-    grid = (n_tiles, split_k, triton.cdiv(m, block_m))
-    _small_gemm_kernel[grid](
-        x2, x2.stride(0), w, w.stride(0), scale if scale is not None else dummy,
-        scale.stride(0) if scale is not None else 0, bias if bias is not None else dummy,
-        r2 if r2 is not None else dummy, r2.stride(0) if r2 is not None else 0, dst,
-        m, n, k, k_per_split, WMODE=wmode, GROUP=group, SPLIT_K=split_k,
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=r2 is not None, IEEE_DOT=ieee_dot(x.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    s_arg = scale if scale is not None else dummy
+    b_arg = bias if bias is not None else dummy
+    r_arg, r_sm = (r2, r2.stride(0)) if r2 is not None else (dummy, 0)
+    if gemv:
+        _gemv_kernel[(n_tiles, split_k)](
+            x2, x2.stride(0), w, w.stride(0), s_arg, b_arg, r_arg, r_sm, dst, m, n, k, k_per_split, split_k,
+            WMODE=wmode, HAS_BIAS=bias is not None, HAS_RESIDUAL=r2 is not None, ROWS=block_m,
+            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    else:
+        _small_gemm_kernel[(n_tiles, split_k, triton.cdiv(m, block_m))](
+            x2, x2.stride(0), w, w.stride(0), s_arg, scale.stride(0) if scale is not None else 0, b_arg,
+            r_arg, r_sm, dst, m, n, k, k_per_split, split_k, WMODE=wmode, GROUP=group,
+            HAS_BIAS=bias is not None, HAS_RESIDUAL=r2 is not None, IEEE_DOT=ieee_dot(x.dtype),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     if split_k > 1:
         rb = min(triton.next_power_of_2(n), 1024)
         _split_k_reduce_kernel[(m, triton.cdiv(n, rb))](
-            dst, bias if bias is not None else dummy, r2 if r2 is not None else dummy,
-            r2.stride(0) if r2 is not None else 0, out, m, n,
-            SPLIT_K=split_k, HAS_BIAS=bias is not None, HAS_RESIDUAL=r2 is not None, BLOCK_N=rb, num_warps=4)
+            dst, b_arg, r_arg, r_sm, out, m, n, split_k,
+            HAS_BIAS=bias is not None, HAS_RESIDUAL=r2 is not None, BLOCK_N=rb, num_warps=4)
     return out
 
 
 def small_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                residual: torch.Tensor | None = None, *, split_k: int | None = None,
-               block_n: int | None = None, block_k: int | None = None) -> torch.Tensor:
-    """x [..., K] @ weight[N, K].T (+ bias [N]) (+ residual [..., N]) in x's dtype, fp32 accumulation."""
+               block_n: int | None = None, block_k: int | None = None, kernel: str | None = None,
+               warps: int | None = None) -> torch.Tensor:
+    """x [..., K] @ weight[N, K].T (+ bias [N]) (+ residual [..., N]) in x's dtype, fp32 accumulation.
+
+    ``kernel`` ('gemv' / 'dot'), ``split_k``, ``block_n``, ``block_k``, ``warps`` override the table / heuristic
+    (tests and the tuner)."""
     if weight.dim() != 2 or weight.stride(-1) != 1:
         raise ValueError(f"weight must be [N, K] with contiguous K, got shape {tuple(weight.shape)}")
     if not weight.dtype.is_floating_point:
         raise ValueError(f"weight dtype {weight.dtype}: use small_gemm_int8 / small_gemm_int4 for integers")
     n, k = weight.shape
-    return _launch(x, weight, None, _FLOAT, 1, n, k, bias, residual, split_k, block_n, block_k)
+    return _launch(x, weight, None, _FLOAT, 1, n, k, bias, residual, split_k, block_n, block_k, kernel, warps)
 
 
 def small_gemm_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
                     residual: torch.Tensor | None = None, *, split_k: int | None = None,
-                    block_n: int | None = None, block_k: int | None = None) -> torch.Tensor:
+                    block_n: int | None = None, block_k: int | None = None, kernel: str | None = None,
+                    warps: int | None = None) -> torch.Tensor:
     """Weight-only int8: x @ (qweight [N, K] int8 * scale [N]).T (+ bias) (+ residual).
 
     Produce qweight / scale with ``reference.quantize_int8_per_channel``.
@@ -189,7 +347,8 @@ def small_gemm_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     n, k = qweight.shape
     if scale.shape != (n,):
         raise ValueError(f"scale shape {tuple(scale.shape)} must be ({n},)")
-    return _launch(x, qweight, scale.contiguous(), _INT8, 1, n, k, bias, residual, split_k, block_n, block_k)
+    return _launch(x, qweight, scale.contiguous(), _INT8, 1, n, k, bias, residual, split_k, block_n, block_k,
+                   kernel, warps)
 
 
 def small_gemm_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, group_size: int,

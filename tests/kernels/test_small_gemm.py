@@ -1,14 +1,20 @@
+import json
+
 import pytest
 import torch
 from kernel_utils import assert_close, bf16_ok, device_params
 
 from lightning_dsinfer.kernels import reference as ref
-from lightning_dsinfer.kernels.small_gemm import small_gemm, small_gemm_int4, small_gemm_int8
+from lightning_dsinfer.kernels.small_gemm import (
+    CONFIG_DIR, GEMV_MAX_M, config_key, heuristic_config, rows_bucket, small_gemm, small_gemm_int4, small_gemm_int8)
 
 # fp32 accumulation in both; the rows allow output rounding plus (bf16/fp16) low-precision products
 # of |y| ~ sqrt(K) ~ 10.
 TOLS = [(torch.float32, 1e-4, 1e-5), (torch.float16, 1e-2, 2e-3), (torch.bfloat16, 8e-2, 1.6e-2)]
-SHAPES = [(1, 73, 40), (5, 96, 33), (17, 64, 130)]   # (M, K, N): GEMV, odd K and N, M > 16 (second M tile)
+# (M, K, N): GEMV, odd K and N, 3 rows in a 4-row GEMV tile, M > 16 (second M tile)
+SHAPES = [(1, 73, 40), (5, 96, 33), (3, 200, 17), (17, 64, 130)]
+# (M, K, N, kernel): both kernels for the rows the GEMV kernel takes (M <= 8), the tensor-core one beyond
+CASES = [(m, k, n, kernel) for m, k, n in SHAPES for kernel in (("gemv", "dot") if m <= GEMV_MAX_M else ("dot",))]
 
 
 def _skip(device, dtype):
@@ -18,29 +24,29 @@ def _skip(device, dtype):
 
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("dtype,atol,rtol", TOLS)
-@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("m,k,n,kernel", CASES)
 @pytest.mark.parametrize("split_k", [1, 2])
 @pytest.mark.parametrize("epilogue", ["none", "bias_residual"])
-def test_small_gemm(device, dtype, atol, rtol, m, k, n, split_k, epilogue):
+def test_small_gemm(device, dtype, atol, rtol, m, k, n, kernel, split_k, epilogue):
     _skip(device, dtype)
     x = torch.randn(m, k, device=device).to(dtype)
     w = torch.randn(n, k, device=device).to(dtype)
     bias = torch.randn(n, device=device).to(dtype) if epilogue != "none" else None
     res = torch.randn(m, n, device=device).to(dtype) if epilogue != "none" else None
-    got = small_gemm(x, w, bias, res, split_k=split_k)
+    got = small_gemm(x, w, bias, res, split_k=split_k, kernel=kernel)
     assert_close(got, ref.small_gemm(x, w, bias, res), atol, rtol)
 
 
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("dtype,atol,rtol", TOLS)
-@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("m,k,n,kernel", CASES)
 @pytest.mark.parametrize("split_k", [1, 3])
-def test_small_gemm_int8(device, dtype, atol, rtol, m, k, n, split_k):
+def test_small_gemm_int8(device, dtype, atol, rtol, m, k, n, kernel, split_k):
     _skip(device, dtype)
     x = torch.randn(m, k, device=device).to(dtype)
     q, s = ref.quantize_int8_per_channel(torch.randn(n, k, device=device))
     bias = torch.randn(n, device=device).to(dtype)
-    got = small_gemm_int8(x, q, s, bias, split_k=split_k)
+    got = small_gemm_int8(x, q, s, bias, split_k=split_k, kernel=kernel)
     assert_close(got, ref.small_gemm(x, ref.dequantize_int8(q, s), bias), atol, rtol)
 
 
@@ -80,3 +86,51 @@ def test_small_gemm_rejects_bad_args():
         small_gemm_int4(torch.randn(1, 96), torch.zeros(3, 48, dtype=torch.uint8), torch.ones(3, 2), 48)
     with pytest.raises(ValueError, match="scale shape"):
         small_gemm_int8(torch.randn(1, 4), torch.zeros(3, 4, dtype=torch.int8), torch.ones(4))
+
+
+def test_gemv_rejects_what_it_cannot_take():
+    with pytest.raises(ValueError, match="up to 8 rows, got 9 rows"):
+        small_gemm(torch.randn(9, 16), torch.randn(4, 16), kernel="gemv")
+    with pytest.raises(ValueError, match="'gemv' or 'dot'"):
+        small_gemm(torch.randn(1, 16), torch.randn(4, 16), kernel="wide")
+
+
+def test_config_keys_and_heuristic():
+    assert config_key(2560, 2048, 1, "float") == "float m1 n2560 k2048"
+    assert config_key(2560, 2048, 3, "int8") == "int8 m4 n2560 k2048" and rows_bucket(17) == 32
+    # an H200 has 132 SMs: 2048 outputs -> N tiles of 2 (4 programs per SM), a 1-row K tile of 512
+    c = heuristic_config(2048, 2048, 1, 0, 132)
+    assert c == {"kernel": "gemv", "block_n": 2, "block_k": 512, "split_k": None, "warps": 4}
+    assert heuristic_config(2048, 2048, 16, 0, 132)["kernel"] == "dot"
+    assert heuristic_config(2048, 2048, 1, 2, 132)["kernel"] == "dot"   # int4: the tensor-core kernel
+
+
+SHIPPED = sorted(CONFIG_DIR.glob("*.json"))
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_configs_compute_the_product(device, path):
+    """Every distinct config of a measured table (kernels/configs/*.json) is a valid launch that computes x @ W.T
+    (int8 entries through the int8 kernel), here on a small shape that has a K tail and an N tail."""
+    table = json.loads(path.read_text())
+    assert table, path
+    seen = set()
+    for key, cfg in table.items():
+        wmode, bucket = key.split()[0], int(key.split()[1][1:])
+        assert cfg["kernel"] in ("gemv", "dot") and (cfg["kernel"] == "dot" or bucket <= GEMV_MAX_M), key
+        params = (wmode, min(bucket, 3), cfg["kernel"], cfg["block_n"], cfg["block_k"], cfg["split_k"], cfg["warps"])
+        if params in seen:
+            continue
+        seen.add(params)
+        m = params[1]
+        n, k = 2 * cfg["block_n"] + 3, cfg["block_k"] + 40
+        x = torch.randn(m, k, device=device)
+        kw = dict(kernel=cfg["kernel"], block_n=cfg["block_n"], block_k=cfg["block_k"], split_k=cfg["split_k"],
+                  warps=cfg["warps"])
+        if wmode == "int8":
+            q, s = ref.quantize_int8_per_channel(torch.randn(n, k, device=device))
+            assert_close(small_gemm_int8(x, q, s, **kw), ref.small_gemm(x, ref.dequantize_int8(q, s)), 1e-4, 1e-4)
+        else:
+            w = torch.randn(n, k, device=device)
+            assert_close(small_gemm(x, w, **kw), ref.small_gemm(x, w), 1e-4, 1e-4)
