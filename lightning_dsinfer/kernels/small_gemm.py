@@ -28,6 +28,7 @@ from lightning_dsinfer.kernels._common import dot, ieee_dot, interpreting
 _FLOAT, _INT8, _INT4 = 0, 1, 2
 GEMV_MAX_M = 8          # rows up to which _gemv_kernel can be used (its fp32 accumulator is ROWS x BLOCK_N x BLOCK_K)
 _ACC_PER_THREAD = 64    # fp32 accumulator registers per thread the GEMV tiles are sized to
+GEMV_MAX_N = {0: 4096, 1: 8192}   # float / int8 weights: outputs up to which the heuristic picks the GEMV kernel
 
 
 @triton.jit
@@ -206,15 +207,17 @@ def install_table(device: torch.device, table: dict) -> None:
 
 
 def heuristic_config(n: int, k: int, m: int, wmode: int, sms: int, interp: bool = False) -> dict:
-    """Kernel and tiles for a shape no table has. GEMV (M <= 8, float / int8 weights): an fp32 accumulator of
-    about 64 registers per thread, K tiles of 512 (256 from 4 rows), N tiles small enough for 4 programs per SM;
-    split-K only when there are fewer N tiles than SMs. Else the tensor-core kernel: 64 x 128 tiles, split-K up to
-    two programs per SM."""
+    """Kernel and tiles for a shape no table has. GEMV (M <= 8, float / int8 weights, N <= GEMV_MAX_N of the
+    weight kind): an fp32 accumulator of about 64 registers per thread, K tiles of 512 (256 from 4 rows), N tiles
+    small enough for 4 programs per SM; split-K only when there are fewer N tiles than SMs. Else the tensor-core
+    kernel: 64 x 128 tiles, split-K up to two programs per SM. The N limits follow the H200 table
+    (``configs/NVIDIA_H200.json``): at one row the GEMV kernel won every bf16 shape up to N = 4096 and the
+    tensor-core kernel every larger one (int8: the GEMV kernel up to N = 6144)."""
     if interp:                      # small tiles: the interpreter's cost is per element of a tile
         if m <= GEMV_MAX_M and wmode != _INT4:
             return {"kernel": "gemv", "block_n": 4, "block_k": 32, "split_k": None, "warps": 4}
         return {"kernel": "dot", "block_n": 16, "block_k": 32, "split_k": None, "warps": 4}
-    if m <= GEMV_MAX_M and wmode != _INT4:
+    if m <= GEMV_MAX_M and wmode != _INT4 and n <= GEMV_MAX_N[wmode]:
         rows = triton.next_power_of_2(m)
         block_k = min(512 if rows <= 2 else 256, max(64, triton.next_power_of_2(k)))
         block_n = max(1, min(16, _ACC_PER_THREAD * 128 // (rows * block_k)))

@@ -103,6 +103,8 @@ def test_config_keys_and_heuristic():
     assert c == {"kernel": "gemv", "block_n": 2, "block_k": 512, "split_k": None, "warps": 4}
     assert heuristic_config(2048, 2048, 16, 0, 132)["kernel"] == "dot"
     assert heuristic_config(2048, 2048, 1, 2, 132)["kernel"] == "dot"   # int4: the tensor-core kernel
+    assert heuristic_config(11264, 2048, 1, 0, 132)["kernel"] == "dot"  # wide bf16 weights: tensor cores
+    assert heuristic_config(6144, 4096, 1, 1, 132)["kernel"] == "gemv"  # int8 up to 8192 outputs
 
 
 SHIPPED = sorted(CONFIG_DIR.glob("*.json"))
