@@ -273,11 +273,13 @@ def alias_checkpoint_names(source: SafetensorsSource, model: nn.Module) -> None:
     """
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming, apply_renamings
+        from transformers.core_model_loading import WeightRenaming
     except ImportError:                     # older / newer transformers without these: names are used as they are
         return
     renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
     for key in list(source.entries):
-        name = apply_renamings(key, renamings)
+        name = key
+        for renaming in renamings:          # each in turn, as transformers' loader does (5.17 and later)
+            name, _ = renaming.rename_source_key(name)
         if name != key and name not in source.entries:
             source.entries[name] = source.entries[key]
