@@ -18,6 +18,7 @@ import torch
 
 from lightning_dsinfer.kernels import cpu_gemv
 from lightning_dsinfer.modules.linear import DEQUANT_BYTES_PER_WEIGHT, DEQUANT_CHUNK_BYTES, Linear, quantize_rows
+from lightning_dsinfer.modules.moe import MoEMLP
 from lightning_dsinfer.modules.transformer import Attention, DecoderLayer, DecoderModel, GatedMLP, LayerSpec
 from lightning_dsinfer.parallel import TensorParallelComm, TensorShardPlan
 from lightning_dsinfer.policies import ModelWeights
@@ -47,33 +48,50 @@ def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype) -> 
 
     Keys: ``qkv.weight``, ``o.weight``, ``gate_up.weight``, ``down.weight``, ``input_norm``, ``post_norm`` and,
     where the model has them, ``qkv.bias``, ``o.bias``, ``gate_up.bias``, ``down.bias``, ``q_norm``, ``k_norm``.
-    Row-parallel biases (o, down) are held by tp rank 0 only, so they are added once.
+    Row-parallel biases (o, down) are held by tp rank 0 only, so they are added once. A MoE layer has, instead of
+    the gate/up and down keys, ``moe.router``, ``moe.gate_up`` [E, 2I, H], ``moe.down`` [E, H, I] and maybe the
+    shared expert's ``shared.gate_up.weight``, ``shared.down.weight``, ``shared_gate.weight``.
     """
     q_rows, kv_rows, mlp_rows = plan.q_rows, plan.kv_rows, plan.mlp_rows
     first = plan.adds_bias_once
     qkv_parts = [(lw.q, q_rows), (lw.k, kv_rows), (lw.v, kv_rows)]
-    mlp_parts = [(lw.gate, mlp_rows), (lw.up, mlp_rows)]
     out = {
         "qkv.weight": _fused(qkv_parts, dtype),
         "qkv.bias": _fused_bias([(lw.q_bias, q_rows), (lw.k_bias, kv_rows), (lw.v_bias, kv_rows)], dtype),
         "o.weight": lw.o.load(1, *q_rows).to(dtype),
         "o.bias": lw.o_bias.load().to(dtype) if (lw.o_bias is not None and first) else None,
-        "gate_up.weight": _fused(mlp_parts, dtype),
-        "gate_up.bias": _fused_bias([(lw.gate_bias, mlp_rows), (lw.up_bias, mlp_rows)], dtype),
-        "down.weight": lw.down.load(1, *mlp_rows).to(dtype),
-        "down.bias": lw.down_bias.load().to(dtype) if (lw.down_bias is not None and first) else None,
         "input_norm": lw.input_norm.load().to(dtype),
         "post_norm": lw.post_norm.load().to(dtype),
         "q_norm": None if lw.q_norm is None else lw.q_norm.load().to(dtype),
         "k_norm": None if lw.k_norm is None else lw.k_norm.load().to(dtype),
     }
+    moe = lw.moe
+    if moe is None:
+        out.update({
+            "gate_up.weight": _fused([(lw.gate, mlp_rows), (lw.up, mlp_rows)], dtype),
+            "gate_up.bias": _fused_bias([(lw.gate_bias, mlp_rows), (lw.up_bias, mlp_rows)], dtype),
+            "down.weight": lw.down.load(1, *mlp_rows).to(dtype),
+            "down.bias": lw.down_bias.load().to(dtype) if (lw.down_bias is not None and first) else None,
+        })
+    else:       # sparse MLP (tp == 1): router, the experts in their 3D layout, maybe a shared expert
+        out.update({"moe.router": moe.router.load().to(dtype), "moe.gate_up": moe.gate_up.load().to(dtype),
+                    "moe.down": moe.down.load().to(dtype)})
+        if moe.shared_gate is not None:
+            out.update({
+                "shared.gate_up.weight": torch.cat([moe.shared_gate.load().to(dtype), moe.shared_up.load().to(dtype)]),
+                "shared.down.weight": moe.shared_down.load().to(dtype),
+                "shared_gate.weight": moe.shared_expert_gate.load().to(dtype),
+            })
     return {k: v.contiguous() for k, v in out.items() if v is not None}
 
 
 def layer_spec(w: ModelWeights, plan: TensorShardPlan, lw: LayerWeights) -> LayerSpec:
+    moe = lw.moe
     return LayerSpec(hidden_size=w.hidden_size, num_heads=plan.local_heads, num_kv_heads=plan.local_kv_heads,
                      head_dim=w.head_dim, intermediate_size=plan.mlp_rows[1], rms_norm_eps=w.rms_norm_eps,
-                     scaling=w.scaling, sliding_window=lw.sliding_window)
+                     scaling=w.scaling, sliding_window=lw.sliding_window,
+                     moe_top_k=moe.top_k if moe else 0, moe_renormalize=bool(moe and moe.renormalize),
+                     moe_weights_in_dtype=bool(moe and moe.weights_in_dtype))
 
 
 # A block's tensors by half: offload streams the attention half (with both norms) and the MLP half as two units.
@@ -133,6 +151,10 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
                      q_norm=t.get("q_norm"), k_norm=t.get("k_norm")) if "qkv.weight" in t else None
     mlp = GatedMLP(linear("gate_up"), linear("down", reduce=reduce, owns_residual=first, row_max=row_max)) \
         if "gate_up.weight" in t else None
+    if "moe.router" in t:
+        shared = GatedMLP(linear("shared.gate_up"), linear("shared.down")) if "shared.gate_up.weight" in t else None
+        mlp = MoEMLP(t["moe.router"], t["moe.gate_up"], t["moe.down"], spec.moe_top_k, spec.moe_renormalize,
+                     spec.moe_weights_in_dtype, shared, linear("shared_gate") if shared is not None else None)
     return DecoderLayer(attn, mlp, t.get("input_norm"), t.get("post_norm"), spec.rms_norm_eps)
 
 

@@ -55,6 +55,7 @@ class InferenceEngine:
     def __init__(self, hf_model: nn.Module, config: InferenceConfig, comm: TensorParallelComm | None = None):
         policy = find_policy(hf_model)
         hf_config = hf_model.config
+        _check_moe_options(hf_config, config)
         self.config = config
         self.hf_config = hf_config
         self.device = _engine_device(hf_model, config)
@@ -187,6 +188,24 @@ class InferenceEngine:
 
 
 _BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _check_moe_options(hf_config, config: InferenceConfig) -> None:
+    """MoE families run resident on one device so far: refuse, before any work, the options they do not take."""
+    from lightning_dsinfer.policies.llama import FAMILY
+
+    traits = FAMILY.get(getattr(hf_config, "model_type", None))
+    if traits is None or traits.moe == "none":
+        return
+    bad = [f"{name}={value!r}" for name, value in (("tensor_parallel_size", config.tensor_parallel_size),
+                                                    ("offload", config.offload), ("quantize", config.quantize))
+           if value not in (None, 1)]
+    if bad:
+        raise NotImplementedError(
+            f"model_type={hf_config.model_type!r} has mixture-of-experts layers, which lightning-dsinfer runs resident "
+            f"on one device so far (bf16 / fp16 / fp32, CPU or CUDA); {', '.join(bad)} is not supported with them yet. "
+            f"Drop {'it' if len(bad) == 1 else 'them'}, or use a dense model for "
+            f"{'this option' if len(bad) == 1 else 'these options'}.")
 
 
 def _weight_bytes(hf_model: nn.Module, dtype: torch.dtype, quantize: str | None) -> int:

@@ -20,6 +20,22 @@ def tiny_config(family: str, **overrides):
                              "max_window_layers": 1})
     elif family == "qwen3":
         cfg = Qwen3Config(**{**common, "head_dim": 32})
+    elif family == "mixtral":              # every layer sparse: 4 experts, top 2 (renormalised), a window
+        from transformers import MixtralConfig
+
+        cfg = MixtralConfig(**{**common, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 7})
+    elif family == "qwen2_moe":            # shared expert with its sigmoid gate, top-k not renormalised, a dense layer
+        from transformers import Qwen2MoeConfig
+
+        cfg = Qwen2MoeConfig(**{**common, "num_hidden_layers": 3, "num_experts": 6, "num_experts_per_tok": 2,
+                                "moe_intermediate_size": 48, "shared_expert_intermediate_size": 80,
+                                "norm_topk_prob": False, "mlp_only_layers": [1]})
+    elif family == "qwen3_moe":            # q/k norms, sparse every second layer, top-k renormalised
+        from transformers import Qwen3MoeConfig
+
+        cfg = Qwen3MoeConfig(**{**common, "num_hidden_layers": 3, "num_experts": 8, "num_experts_per_tok": 3,
+                                "moe_intermediate_size": 40, "decoder_sparse_step": 2, "norm_topk_prob": True,
+                                "head_dim": 32})
     elif family in GENERIC_FAMILIES:
         from transformers import AutoConfig
 

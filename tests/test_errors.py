@@ -10,7 +10,7 @@ def test_unsupported_architecture_names_model_type_and_supported_list():
     from transformers import AutoModelForCausalLM, GPT2Config
 
     model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
-    with pytest.raises(dsi.UnsupportedModelError, match=r"model_type='gpt2'.*llama, mistral, qwen2, qwen3"):
+    with pytest.raises(dsi.UnsupportedModelError, match=r"model_type='gpt2'.*llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe"):
         dsi.init_inference(model)
 
 

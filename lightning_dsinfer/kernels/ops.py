@@ -215,6 +215,27 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return gated_act(gate_up, None, "silu")
 
 
+def moe_mlp(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
+            renormalize: bool = True, weights_in_dtype: bool = False) -> torch.Tensor:
+    """See :func:`reference.moe_mlp`. On the Triton path: routing with mapping tables (``kernels/moe_routing.py``:
+    top-k, per-expert counts, offsets and the token permutation), the experts' gate|up as one grouped GEMM over the
+    permuted tokens (``kernels/moe_gemm.py``), SwiGLU, the down grouped GEMM with the routing weights as row
+    scales, and the k rows of each token summed."""
+    if not _triton(x) or x.dtype != router.dtype or x.dtype != gate_up.dtype:
+        return reference.moe_mlp(x, router, gate_up, down, top_k, renormalize, weights_in_dtype)
+    from lightning_dsinfer.kernels.activations import gated_act
+    from lightning_dsinfer.kernels.moe_gemm import moe_gemm
+    from lightning_dsinfer.kernels.moe_routing import moe_route
+    _count("moe_mlp", "triton")
+    t = x.shape[0]
+    w, _, _, offsets, sorted_ids, _ = moe_route(linear(x, router), top_k, "softmax", renormalize)
+    if weights_in_dtype:
+        w = w.to(x.dtype)
+    h = gated_act(moe_gemm(x, gate_up, sorted_ids, offsets, top_k), None, "silu")           # [T * k, I]
+    y = moe_gemm(h, down, sorted_ids, offsets, 1, row_scale=w.reshape(-1))                   # [T * k, H]
+    return y.view(t, top_k, -1).sum(1, dtype=torch.float32).to(x.dtype)
+
+
 def _rotary_tables(cos: torch.Tensor, sin: torch.Tensor):
     """Per-token rows [B, T, 1, D] -> tables [B*T, D/2] (fp32) and positions [B, T] = b * T + t."""
     hit = _rotary_memo.get(cos)
@@ -434,5 +455,6 @@ def _decode(q, k, v, mask, scale, b, length):
     return out.unsqueeze(2)
 
 
-__all__ = ["rms_norm", "add_rms_norm", "fuses_residual", "rotary_half", "rotary_write_kv", "silu_and_mul", "attention",
+__all__ = ["rms_norm", "add_rms_norm", "fuses_residual", "rotary_half", "rotary_write_kv", "silu_and_mul", "moe_mlp",
+           "attention",
            "linear", "SMALL_GEMM_MAX_M", "force_triton", "kv_ranges", "dispatch_counts"]

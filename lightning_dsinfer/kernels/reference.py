@@ -232,6 +232,27 @@ def gated_act(gate_up: torch.Tensor, bias: torch.Tensor | None = None, act: str 
     return (_ACTS[act](h[..., :inter]) * h[..., inter:]).to(gate_up.dtype)
 
 
+def moe_mlp(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
+            renormalize: bool = True, weights_in_dtype: bool = False) -> torch.Tensor:
+    """Sparse MoE SwiGLU MLP as transformers computes it: x [T, H]; router [E, H]; gate_up [E, 2I, H] (gate rows
+    first); down [E, H, I]. Softmax over the router logits in fp32, top-k (renormalised when asked), each expert
+    on its tokens, outputs scaled by their routing weights (fp32, or rounded to x's dtype first when
+    ``weights_in_dtype``) and summed into x's dtype expert by expert. Returns [T, H]."""
+    logits = F.linear(x, router)
+    w, ids = torch.topk(torch.softmax(logits.float(), -1), top_k, dim=-1)
+    if renormalize:
+        w = w / w.sum(-1, keepdim=True)
+    if weights_in_dtype:
+        w = w.to(x.dtype)
+    out = torch.zeros_like(x)
+    for e in torch.unique(ids).tolist():
+        tok, slot = torch.where(ids == e)
+        h = silu_and_mul(F.linear(x[tok], gate_up[e]))
+        y = F.linear(h, down[e]) * w[tok, slot, None]
+        out.index_add_(0, tok, y.to(x.dtype))
+    return out
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                      scale: float, kv_start: torch.Tensor | None = None, alibi_slopes: torch.Tensor | None = None,
                      window: int | None = None, softcap: float | None = None) -> torch.Tensor:

@@ -61,6 +61,9 @@ class LayerSpec:
     rms_norm_eps: float
     scaling: float
     sliding_window: int | None = None
+    moe_top_k: int = 0                     # MoE layers (modules/moe.py): experts per token, ...
+    moe_renormalize: bool = True           # ... top-k probabilities renormalised, ...
+    moe_weights_in_dtype: bool = False     # ... routing weights rounded to the model dtype
 
 
 class Attention(nn.Module):
@@ -209,7 +212,9 @@ class DecoderModel(nn.Module):
         """Bytes of weights one decode step reads (all linears + norms; one embedding row)."""
         n = self.lm_head.nbytes + self.final_norm.numel() * self.final_norm.element_size()
         for layer in self.layers:
-            for lin in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down):
+            for lin in (layer.attn.qkv, layer.attn.o):
                 n += lin.nbytes
+            mlp = layer.mlp
+            n += mlp.nbytes_per_token if hasattr(mlp, "nbytes_per_token") else mlp.gate_up.nbytes + mlp.down.nbytes
             n += 2 * layer.input_norm.numel() * layer.input_norm.element_size()
         return n

@@ -18,14 +18,30 @@ class UnsupportedModelError(ValueError):
 
 
 @dataclass
+class MoEWeights:
+    """A sparse MoE MLP: router [E, H], the experts' fused gate|up [E, 2I, H] and down [E, H, I] (transformers 5
+    layout), and, Qwen2-MoE, a shared expert (gate / up / down) scaled by sigmoid(shared_gate [1, H] @ x)."""
+    router: WeightRef
+    gate_up: WeightRef
+    down: WeightRef
+    top_k: int
+    renormalize: bool                       # divide the top-k probabilities by their sum (Mixtral; Qwen: norm_topk_prob)
+    weights_in_dtype: bool                  # routing weights rounded to the model dtype before use (Qwen) or fp32 (Mixtral)
+    shared_gate: WeightRef | None = None
+    shared_up: WeightRef | None = None
+    shared_down: WeightRef | None = None
+    shared_expert_gate: WeightRef | None = None
+
+
+@dataclass
 class LayerWeights:
     q: WeightRef
     k: WeightRef
     v: WeightRef
     o: WeightRef
-    gate: WeightRef
-    up: WeightRef
-    down: WeightRef
+    gate: WeightRef | None                  # dense MLP (None in a MoE layer: see ``moe``)
+    up: WeightRef | None
+    down: WeightRef | None
     input_norm: WeightRef
     post_norm: WeightRef
     q_bias: WeightRef | None = None
@@ -38,6 +54,7 @@ class LayerWeights:
     q_norm: WeightRef | None = None
     k_norm: WeightRef | None = None
     sliding_window: int | None = None
+    moe: MoEWeights | None = None
 
 
 @dataclass

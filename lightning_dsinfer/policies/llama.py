@@ -1,8 +1,11 @@
-"""The Llama family (llama, mistral, qwen2, qwen3): one table, one reader.
+"""The Llama family (llama, mistral, qwen2, qwen3 and the MoE ones: mixtral, qwen2_moe, qwen3_moe): one table, one
+reader.
 
-All four share the module tree ``model.model.{embed_tokens, layers[i].{self_attn.{q,k,v,o}_proj,
+All share the module tree ``model.model.{embed_tokens, layers[i].{self_attn.{q,k,v,o}_proj,
 mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm}, norm, rotary_emb}`` and
-``model.lm_head``; the table records only what differs.
+``model.lm_head``; the table records only what differs. In a MoE layer ``mlp`` is a sparse block:
+``mlp.gate.weight`` (router) and ``mlp.experts.{gate_up_proj, down_proj}`` (3D, transformers 5), plus Qwen2-MoE's
+``mlp.shared_expert.{gate,up,down}_proj`` and ``mlp.shared_expert_gate``.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, UnsupportedModelError
+from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, MoEWeights, UnsupportedModelError
 from lightning_dsinfer.policies.weights import ModuleSource, WeightSource
 
 
@@ -19,6 +22,8 @@ from lightning_dsinfer.policies.weights import ModuleSource, WeightSource
 class FamilyTraits:
     qk_norm: bool = False           # Qwen3: RMSNorm on q and k per head, before rotary
     sliding_from: str = "none"      # "none" | "config" (every layer) | "layer_types" (per layer)
+    moe: str = "none"               # "none" | "mixtral" (every layer sparse) | "qwen" (sparse every
+                                    # decoder_sparse_step layers, except mlp_only_layers; shared expert if any)
 
 
 FAMILY: dict[str, FamilyTraits] = {
@@ -26,7 +31,19 @@ FAMILY: dict[str, FamilyTraits] = {
     "mistral": FamilyTraits(sliding_from="config"),
     "qwen2": FamilyTraits(sliding_from="layer_types"),
     "qwen3": FamilyTraits(qk_norm=True, sliding_from="layer_types"),
+    "mixtral": FamilyTraits(sliding_from="config", moe="mixtral"),
+    "qwen2_moe": FamilyTraits(sliding_from="layer_types", moe="qwen"),
+    "qwen3_moe": FamilyTraits(qk_norm=True, sliding_from="config", moe="qwen"),
 }
+
+
+def _sparse_layer(config, traits: FamilyTraits, i: int) -> bool:
+    if traits.moe == "mixtral":
+        return True
+    if traits.moe == "qwen":
+        return (i not in (getattr(config, "mlp_only_layers", None) or []) and config.num_experts > 0
+                and (i + 1) % config.decoder_sparse_step == 0)
+    return False
 
 # Rope types whose frequencies HF changes with the running sequence length.
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
@@ -75,18 +92,32 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
     layers = []
     for i in range(config.num_hidden_layers):
         a, m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+        moe = None
+        if _sparse_layer(config, traits, i):
+            shared = f"{m}.shared_expert.gate_proj.weight" in names
+            moe = MoEWeights(
+                router=ref(f"{m}.gate.weight"), gate_up=ref(f"{m}.experts.gate_up_proj"),
+                down=ref(f"{m}.experts.down_proj"), top_k=config.num_experts_per_tok,
+                renormalize=traits.moe == "mixtral" or bool(getattr(config, "norm_topk_prob", False)),
+                weights_in_dtype=traits.moe == "qwen",
+                shared_gate=ref(f"{m}.shared_expert.gate_proj.weight") if shared else None,
+                shared_up=ref(f"{m}.shared_expert.up_proj.weight") if shared else None,
+                shared_down=ref(f"{m}.shared_expert.down_proj.weight") if shared else None,
+                shared_expert_gate=opt(f"{m}.shared_expert_gate.weight"))
+        dense = moe is None
         layers.append(LayerWeights(
             q=ref(f"{a}.q_proj.weight"), k=ref(f"{a}.k_proj.weight"), v=ref(f"{a}.v_proj.weight"),
             o=ref(f"{a}.o_proj.weight"),
             q_bias=opt(f"{a}.q_proj.bias"), k_bias=opt(f"{a}.k_proj.bias"), v_bias=opt(f"{a}.v_proj.bias"),
             o_bias=opt(f"{a}.o_proj.bias"),
-            gate=ref(f"{m}.gate_proj.weight"), up=ref(f"{m}.up_proj.weight"), down=ref(f"{m}.down_proj.weight"),
+            gate=ref(f"{m}.gate_proj.weight") if dense else None, up=ref(f"{m}.up_proj.weight") if dense else None,
+            down=ref(f"{m}.down_proj.weight") if dense else None,
             gate_bias=opt(f"{m}.gate_proj.bias"), up_bias=opt(f"{m}.up_proj.bias"), down_bias=opt(f"{m}.down_proj.bias"),
             input_norm=ref(f"model.layers.{i}.input_layernorm.weight"),
             post_norm=ref(f"model.layers.{i}.post_attention_layernorm.weight"),
             q_norm=ref(f"{a}.q_norm.weight") if traits.qk_norm else None,
             k_norm=ref(f"{a}.k_norm.weight") if traits.qk_norm else None,
-            sliding_window=_sliding_window(config, traits, i),
+            sliding_window=_sliding_window(config, traits, i), moe=moe,
         ))
     tied = model.lm_head.weight is base.embed_tokens.weight or bool(getattr(config, "tie_word_embeddings", False))
     return ModelWeights(
