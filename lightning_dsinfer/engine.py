@@ -198,8 +198,12 @@ def _check_moe_options(hf_config, config: InferenceConfig) -> None:
     if traits is None or traits.moe == "none":
         return
     bad = [f"{name}={value!r}" for name, value in (("tensor_parallel_size", config.tensor_parallel_size),
-                                                    ("offload", config.offload), ("quantize", config.quantize))
+                                                    ("offload", config.offload), ("quantize", config.quantize),
+                                                    ("checkpoint", config.checkpoint))
            if value not in (None, 1)]
+    if config.checkpoint is not None:    # transformers saves the experts per expert (w1 / w2 / w3), merged on load
+        bad[-1] += (" (the experts of a saved checkpoint are stored one by one and merged by transformers on load: "
+                    "load the model with from_pretrained and pass it in memory)")
     if bad:
         raise NotImplementedError(
             f"model_type={hf_config.model_type!r} has mixture-of-experts layers, which lightning-dsinfer runs resident "

@@ -106,7 +106,8 @@ def test_moe_through_lightning_predict():
         assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("option,value", [("offload", "cpu"), ("quantize", "int8"), ("tensor_parallel_size", 2)])
+@pytest.mark.parametrize("option,value", [("offload", "cpu"), ("quantize", "int8"), ("tensor_parallel_size", 2),
+                                          ("checkpoint", "/some/folder")])
 def test_moe_refuses_options_it_does_not_take(option, value, tmp_path):
     hf = tiny_model("mixtral")
     extra = {"offload_path": str(tmp_path)} if option == "offload" else {}
