@@ -9,6 +9,10 @@ HF bf16's, and with HF's over the same fake-quantised weights.
 
     python benchmarks/decode.py                       # the issue's configuration
     python benchmarks/decode.py --record benchmarks/RESULTS.md
+    python benchmarks/decode.py --experts 8 --top-k 2 --layers 6 --skip-int8   # a Mixtral of the same widths
+
+With ``--experts`` the model is a Mixtral (every MLP a sparse block of that many experts of ``--intermediate``);
+its bytes per step count the router and the top-k experts of each layer (what one token reads), for HF too.
 """
 from __future__ import annotations
 
@@ -30,7 +34,15 @@ def build_model(args):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(llama_config(args), dtype=torch.bfloat16).eval()
+    cfg = llama_config(args)
+    if args.experts:
+        from transformers import MixtralConfig
+
+        cfg = MixtralConfig(**{k: getattr(cfg, k) for k in (
+            "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+            "vocab_size", "max_position_embeddings", "tie_word_embeddings", "eos_token_id", "pad_token_id")},
+            num_local_experts=args.experts, num_experts_per_tok=args.top_k)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
     model.generation_config.eos_token_id = None     # always generate exactly N tokens
     model.generation_config.pad_token_id = 0
     return model
@@ -84,6 +96,8 @@ def main():
     add_llama_args(p)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--skip-int8", action="store_true", help="no quantize='int8' rows")
+    p.add_argument("--experts", type=int, default=0, help="a Mixtral with this many experts per layer (0: Llama)")
+    p.add_argument("--top-k", type=int, default=2, help="experts per token (--experts)")
     p.add_argument("--record", metavar="RESULTS_MD", help="append the table to this file")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -92,13 +106,13 @@ def main():
 
     hf = build_model(args)
     n_params = sum(p.numel() for p in hf.parameters())
-    hf_bytes = hf_decode_bytes(hf)
     ours = dsi.init_inference(copy.deepcopy(hf), dtype=torch.bfloat16, max_seq_len=args.prompt + args.new,
                               max_batch_size=max(args.batch))
     our_bytes = ours._dsinfer_engine.decoder.weight_bytes_per_token
+    hf_bytes = our_bytes if args.experts else hf_decode_bytes(hf)    # MoE: the same router + top-k experts
     impls = [("HF eager", hf, hf_bytes), ("dsinfer", ours, our_bytes)]
     quality = ""
-    if not args.skip_int8:
+    if not args.skip_int8 and not args.experts:
         int8 = dsi.init_inference(copy.deepcopy(hf), dtype=torch.bfloat16, max_seq_len=args.prompt + args.new,
                                   max_batch_size=max(args.batch), quantize="int8")
         impls.append(("dsinfer int8", int8, int8._dsinfer_engine.decoder.weight_bytes_per_token))
@@ -130,7 +144,8 @@ def main():
     if quality:
         print(quality)
     if args.record:
-        record(args.record, f"decode.py: {n_params / 1e6:.0f}M Llama bf16, {args.threads} threads, "
+        kind = f"Mixtral ({args.experts} experts, top {args.top_k})" if args.experts else "Llama"
+        record(args.record, f"decode.py: {n_params / 1e6:.0f}M {kind} bf16, {args.threads} threads, "
                             f"streaming read {bw / 1e9:.1f} GB/s", table + (f"\n\n{quality}" if quality else ""))
 
 

@@ -98,6 +98,11 @@ def _cpu_triton_ok() -> bool:
     return _CPU_TRITON_OK
 
 
+def uses_triton(x: torch.Tensor) -> bool:
+    """Whether ops on tensors like ``x`` go to the Triton kernels (CUDA, or CPU tensors under ``force_triton``)."""
+    return _triton(x)
+
+
 def _triton(x: torch.Tensor) -> bool:
     """Whether tensors like ``x`` go to the Triton kernels (False on the plain CPU path)."""
     if x.is_cuda:

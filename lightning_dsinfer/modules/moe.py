@@ -1,8 +1,9 @@
 """Sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE): router, top-k experts, optional shared expert.
 
-The experts stay in transformers' 3D layout (gate|up [E, 2I, H], down [E, H, I]); routing and the expert GEMMs
-are :func:`kernels.ops.moe_mlp` (mapping tables and grouped GEMMs on the Triton path, a loop over the experts that
-got tokens on the CPU).
+On CUDA the experts stay in transformers' 3D layout (gate|up [E, 2I, H], down [E, H, I]) and a call is
+:func:`kernels.ops.moe_mlp` (mapping tables and grouped GEMMs). On the CPU each expert is a pair of
+:class:`~lightning_dsinfer.modules.linear.Linear` (the CPU linear kernels: AMX tiles or the row-major bf16 kernel), and
+a call runs the experts that got tokens, in expert order as transformers does (the same sums in fp32).
 """
 from __future__ import annotations
 
@@ -20,11 +21,20 @@ class MoEMLP(nn.Module):
         self.router, self.experts_gate_up, self.experts_down = router, gate_up, down
         self.top_k, self.renormalize, self.weights_in_dtype = top_k, renormalize, weights_in_dtype
         self.shared, self.shared_gate = shared, shared_gate      # GatedMLP, Linear [1, H] (Qwen2-MoE)
+        self.cpu_experts = None
+        if gate_up.device.type == "cpu":
+            self.cpu_experts = [(Linear(gate_up[e]), Linear(down[e])) for e in range(gate_up.shape[0])]
+            if any(lin.weight.data_ptr() != w[e].data_ptr() for e, pair in enumerate(self.cpu_experts)
+                   for lin, w in zip(pair, (gate_up, down))):
+                self.experts_gate_up = self.experts_down = None   # the Linears hold re-laid-out copies: free these
 
     @property
     def nbytes_per_token(self) -> int:
         """Weight bytes one token reads: the router, its top-k experts and the shared expert."""
-        per_expert = (self.experts_gate_up[0].numel() + self.experts_down[0].numel()) * self.experts_down.element_size()
+        if self.cpu_experts is not None:
+            per_expert = self.cpu_experts[0][0].nbytes + self.cpu_experts[0][1].nbytes
+        else:
+            per_expert = (self.experts_gate_up[0].numel() + self.experts_down[0].numel()) * self.experts_down.element_size()
         n = self.router.numel() * self.router.element_size() + self.top_k * per_expert
         if self.shared is not None:
             n += self.shared.gate_up.nbytes + self.shared.down.nbytes + self.shared_gate.nbytes
@@ -33,10 +43,33 @@ class MoEMLP(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        y = ops.moe_mlp(x2, self.router, self.experts_gate_up, self.experts_down, self.top_k, self.renormalize,
-                        self.weights_in_dtype)
+        if self.cpu_experts is not None and (self.experts_gate_up is None or not ops.uses_triton(x2)):
+            y = self._run_cpu_experts(x2)
+        else:
+            y = ops.moe_mlp(x2, self.router, self.experts_gate_up, self.experts_down, self.top_k, self.renormalize,
+                            self.weights_in_dtype)
         if self.shared is not None:
             s = self.shared(x2)
             y = y + torch.sigmoid(self.shared_gate(x2)) * s
         y = y.view(*lead, -1)
         return y if residual is None else y + residual
+
+    def _run_cpu_experts(self, x: torch.Tensor) -> torch.Tensor:
+        """:func:`kernels.reference.moe_mlp` with each expert's GEMMs on its :class:`Linear` pair."""
+        w, ids = torch.topk(torch.softmax(torch.nn.functional.linear(x, self.router).float(), -1), self.top_k, dim=-1)
+        if self.renormalize:
+            w = w / w.sum(-1, keepdim=True)
+        if self.weights_in_dtype:
+            w = w.to(x.dtype)
+        w = w.reshape(-1)
+        groups: dict[int, list[int]] = {}
+        for a, e in enumerate(ids.reshape(-1).tolist()):      # assignment a = token * k + slot
+            groups.setdefault(e, []).append(a)
+        out = torch.zeros_like(x)
+        for e in sorted(groups):                               # transformers' order: ascending expert id
+            a = torch.tensor(groups[e])
+            tok = a // self.top_k
+            gate_up, down = self.cpu_experts[e]
+            y = down(ops.silu_and_mul(gate_up(x[tok]))) * w[a, None]
+            out.index_add_(0, tok, y.to(x.dtype))
+        return out
