@@ -50,7 +50,7 @@ def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype) -> 
     where the model has them, ``qkv.bias``, ``o.bias``, ``gate_up.bias``, ``down.bias``, ``q_norm``, ``k_norm``.
     Row-parallel biases (o, down) are held by tp rank 0 only, so they are added once. A MoE layer has, instead of
     the gate/up and down keys, ``moe.router``, ``moe.gate_up`` [E, 2I, H], ``moe.down`` [E, H, I] and maybe the
-    shared expert's ``shared.gate_up.weight``, ``shared.down.weight``, ``shared_gate.weight``.
+    shared expert's ``shared.gate_up.weight``, ``shared.down.weight``, ``shared_gate.weight`` (:func:`_shard_moe`).
     """
     q_rows, kv_rows, mlp_rows = plan.q_rows, plan.kv_rows, plan.mlp_rows
     first = plan.adds_bias_once
@@ -73,16 +73,37 @@ def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype) -> 
             "down.weight": lw.down.load(1, *mlp_rows).to(dtype),
             "down.bias": lw.down_bias.load().to(dtype) if (lw.down_bias is not None and first) else None,
         })
-    else:       # sparse MLP (tp == 1): router, the experts in their 3D layout, maybe a shared expert
-        out.update({"moe.router": moe.router.load().to(dtype), "moe.gate_up": moe.gate_up.load().to(dtype),
-                    "moe.down": moe.down.load().to(dtype)})
-        if moe.shared_gate is not None:
-            out.update({
-                "shared.gate_up.weight": torch.cat([moe.shared_gate.load().to(dtype), moe.shared_up.load().to(dtype)]),
-                "shared.down.weight": moe.shared_down.load().to(dtype),
-                "shared_gate.weight": moe.shared_expert_gate.load().to(dtype),
-            })
+    else:
+        out.update(_shard_moe(moe, plan, dtype))
     return {k: v.contiguous() for k, v in out.items() if v is not None}
+
+
+def _slice(n: int, plan: TensorShardPlan, what: str) -> tuple[int, int]:
+    """This rank's (start, length) of ``n`` intermediate rows."""
+    if n % plan.tp:
+        raise ValueError(f"tensor_parallel_size={plan.tp} does not divide the {what} intermediate size {n}; use a "
+                         f"tensor_parallel_size that divides it.")
+    return plan.tp_rank * (n // plan.tp), n // plan.tp
+
+
+def _shard_moe(moe, plan: TensorShardPlan, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A sparse MLP's tensors on this rank: the router whole (every rank routes every token the same way), and
+    each expert sliced like a dense MLP (expert slicing): rows [s, s + n) of its gate and of its up ([E, 2n, H]), the
+    same columns of its down ([E, H, n]); the shared expert likewise, its sigmoid gate whole. The partial outputs
+    are summed over the group once per layer (``MoEMLP``)."""
+    inter = moe.gate_up.shape[1] // 2
+    s, n = _slice(inter, plan, "experts'")
+    out = {"moe.router": moe.router.load().to(dtype),
+           "moe.gate_up": torch.cat([moe.gate_up.load(1, s, n), moe.gate_up.load(1, inter + s, n)], dim=1).to(dtype),
+           "moe.down": moe.down.load(2, s, n).to(dtype)}
+    if moe.shared_gate is not None:
+        s, n = _slice(moe.shared_gate.shape[0], plan, "shared expert's")
+        out.update({
+            "shared.gate_up.weight": torch.cat([moe.shared_gate.load(0, s, n), moe.shared_up.load(0, s, n)]).to(dtype),
+            "shared.down.weight": moe.shared_down.load(1, s, n).to(dtype),
+            "shared_gate.weight": moe.shared_expert_gate.load().to(dtype),
+        })
+    return out
 
 
 def layer_spec(w: ModelWeights, plan: TensorShardPlan, lw: LayerWeights) -> LayerSpec:
@@ -154,7 +175,8 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
     if "moe.router" in t:
         shared = GatedMLP(linear("shared.gate_up"), linear("shared.down")) if "shared.gate_up.weight" in t else None
         mlp = MoEMLP(t["moe.router"], t["moe.gate_up"], t["moe.down"], spec.moe_top_k, spec.moe_renormalize,
-                     spec.moe_weights_in_dtype, shared, linear("shared_gate") if shared is not None else None)
+                     spec.moe_weights_in_dtype, shared, linear("shared_gate") if shared is not None else None,
+                     reduce=reduce)
     return DecoderLayer(attn, mlp, t.get("input_norm"), t.get("post_norm"), spec.rms_norm_eps)
 
 

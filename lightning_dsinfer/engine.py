@@ -197,17 +197,17 @@ def _check_moe_options(hf_config, config: InferenceConfig) -> None:
     traits = FAMILY.get(getattr(hf_config, "model_type", None))
     if traits is None or traits.moe == "none":
         return
-    bad = [f"{name}={value!r}" for name, value in (("tensor_parallel_size", config.tensor_parallel_size),
-                                                    ("offload", config.offload), ("quantize", config.quantize),
+    bad = [f"{name}={value!r}" for name, value in (("offload", config.offload), ("quantize", config.quantize),
                                                     ("checkpoint", config.checkpoint))
-           if value not in (None, 1)]
+           if value is not None]
     if config.checkpoint is not None:    # transformers saves the experts per expert (w1 / w2 / w3), merged on load
         bad[-1] += (" (the experts of a saved checkpoint are stored one by one and merged by transformers on load: "
                     "load the model with from_pretrained and pass it in memory)")
     if bad:
         raise NotImplementedError(
-            f"model_type={hf_config.model_type!r} has mixture-of-experts layers, which lightning-dsinfer runs resident "
-            f"on one device so far (bf16 / fp16 / fp32, CPU or CUDA); {', '.join(bad)} is not supported with them yet. "
+            f"model_type={hf_config.model_type!r} has mixture-of-experts layers, which lightning-dsinfer runs with their "
+            f"weights resident so far (bf16 / fp16 / fp32, CPU or CUDA, tensor parallelism by expert slicing); "
+            f"{', '.join(bad)} is not supported with them yet. "
             f"Drop {'it' if len(bad) == 1 else 'them'}, or use a dense model for "
             f"{'this option' if len(bad) == 1 else 'these options'}.")
 

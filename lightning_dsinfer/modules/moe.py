@@ -16,11 +16,13 @@ from lightning_dsinfer.modules.linear import Linear
 
 class MoEMLP(nn.Module):
     def __init__(self, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
-                 renormalize: bool, weights_in_dtype: bool, shared=None, shared_gate: Linear | None = None):
+                 renormalize: bool, weights_in_dtype: bool, shared=None, shared_gate: Linear | None = None,
+                 reduce=None):
         super().__init__()
         self.router, self.experts_gate_up, self.experts_down = router, gate_up, down
         self.top_k, self.renormalize, self.weights_in_dtype = top_k, renormalize, weights_in_dtype
         self.shared, self.shared_gate = shared, shared_gate      # GatedMLP, Linear [1, H] (Qwen2-MoE)
+        self.reduce = reduce       # tensor parallelism: experts sliced over the group, partial outputs summed here
         self.cpu_experts = None
         if gate_up.device.type == "cpu":
             self.cpu_experts = [(Linear(gate_up[e]), Linear(down[e])) for e in range(gate_up.shape[0])]
@@ -50,7 +52,9 @@ class MoEMLP(nn.Module):
                             self.weights_in_dtype)
         if self.shared is not None:
             s = self.shared(x2)
-            y = y + torch.sigmoid(self.shared_gate(x2)) * s
+            y = y + torch.sigmoid(self.shared_gate(x2)) * s     # the gate is whole: it scales each partial sum
+        if self.reduce is not None:
+            y = self.reduce(y)
         y = y.view(*lead, -1)
         return y if residual is None else y + residual
 
