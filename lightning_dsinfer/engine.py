@@ -66,7 +66,10 @@ class InferenceEngine:
                                                                       config.collective_timeout_s)
         source = ModuleSource(hf_model)
         if config.checkpoint is not None:
+            from lightning_dsinfer.policies.weights import alias_checkpoint_names
+
             source = SafetensorsSource(config.checkpoint, fallback=source)
+            alias_checkpoint_names(source, hf_model)      # transformers' renamings (Mixtral's block_sparse_moe -> mlp)
         weights = policy(hf_model, self.max_seq_len, source)
         self.windows = sorted({lw.sliding_window for lw in weights.layers if lw.sliding_window is not None})
         if len(self.windows) > 1:
@@ -197,12 +200,8 @@ def _check_moe_options(hf_config, config: InferenceConfig) -> None:
     traits = FAMILY.get(getattr(hf_config, "model_type", None))
     if traits is None or traits.moe == "none":
         return
-    bad = [f"{name}={value!r}" for name, value in (("offload", config.offload), ("quantize", config.quantize),
-                                                    ("checkpoint", config.checkpoint))
+    bad = [f"{name}={value!r}" for name, value in (("offload", config.offload), ("quantize", config.quantize))
            if value is not None]
-    if config.checkpoint is not None:    # transformers saves the experts per expert (w1 / w2 / w3), merged on load
-        bad[-1] += (" (the experts of a saved checkpoint are stored one by one and merged by transformers on load: "
-                    "load the model with from_pretrained and pass it in memory)")
     if bad:
         raise NotImplementedError(
             f"model_type={hf_config.model_type!r} has mixture-of-experts layers, which lightning-dsinfer runs with their "

@@ -106,7 +106,7 @@ def test_moe_through_lightning_predict():
         assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("option,value", [("offload", "cpu"), ("quantize", "int8"), ("checkpoint", "/some/folder")])
+@pytest.mark.parametrize("option,value", [("offload", "cpu"), ("quantize", "int8")])
 def test_moe_refuses_options_it_does_not_take(option, value, tmp_path):
     hf = tiny_model("mixtral")
     extra = {"offload_path": str(tmp_path)} if option == "offload" else {}
@@ -136,3 +136,38 @@ def test_moe_tensor_parallel_size_must_divide_the_experts():
     with pytest.raises(ValueError, match="tensor_parallel_size=3 does not divide the experts' intermediate size 40"):
         _shard_moe(weights.layers[1].moe, TensorShardPlan(0, 3, 3, 3, 32, 96, 97), torch.float32)
     assert _shard_moe(weights.layers[1].moe, plan, torch.float32)["moe.gate_up"].shape == (8, 20, 64)
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_moe_meta_model_from_checkpoint(family, tmp_path):
+    """A meta model loaded from what save_pretrained writes: the experts one by one (Mixtral: w1 / w3 / w2 under
+    block_sparse_moe; Qwen: gate_proj / up_proj / down_proj), stacked on read into the 3D layout."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    hf = tiny_model(family)
+    hf.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert not any(k.endswith("gate_up_proj") for k in f.keys())        # the per-expert format, not ours
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(hf.config)
+    opt = dsi.init_inference(meta, checkpoint=str(tmp_path), max_seq_len=48)
+    ids, mask = padded_batch([9, 4], seed=2)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+        want = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    got = opt(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], ref[mask.bool()], atol=ATOL, rtol=RTOL)
+    assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False), want)
+
+
+def test_moe_tensor_parallel_from_checkpoint(tmp_path):
+    """TP=2 from per-expert checkpoints on meta: each rank reads its rows of each expert's parts."""
+    from multiproc import run_ranks
+
+    for family in MOE:
+        tiny_model(family).save_pretrained(tmp_path / family)
+    codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", *MOE, "--checkpoint", str(tmp_path)],
+                               timeout=300)
+    assert codes == [0, 0], "\n".join(outs)
+    assert outs[0].count(" OK") == len(MOE), outs[0]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, MoEWeights, UnsupportedModelError
-from lightning_dsinfer.policies.weights import ModuleSource, WeightSource
+from lightning_dsinfer.policies.weights import ExpertStack, ModuleSource, WeightSource
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,27 @@ def _sliding_window(config, traits: FamilyTraits, layer_idx: int) -> int | None:
     return None
 
 
+# Expert parts as checkpoints store them (transformers' WeightConverter merges them into the 3D tensors on load).
+_EXPERT_PARTS = {"mixtral": {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)},
+                 "qwen": {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}}
+
+
+def _experts(source: WeightSource, config, traits: FamilyTraits, mlp: str, name: str):
+    """The ref of ``{mlp}.experts.{name}`` (3D): the tensor itself where the source holds it (a model in memory), else
+    its per-expert parts from a checkpoint, stacked on read (:class:`ExpertStack`)."""
+    fused = f"{mlp}.experts.{name}"
+    entries = getattr(source, "entries", None)
+    if entries is None or fused in entries:
+        return source.ref(fused)
+    n = getattr(config, "num_local_experts", None) or config.num_experts
+    stacks = [[f"{mlp}.experts.{e}.{part}.weight" for part in _EXPERT_PARTS[traits.moe][name]] for e in range(n)]
+    missing = [p for parts in stacks for p in parts if p not in entries]
+    if missing:
+        raise ValueError(f"the checkpoint holds neither {fused} nor the experts one by one (missing e.g. "
+                         f"{missing[0]}; names there look like {sorted(entries)[:3]}).")
+    return ExpertStack(source, {fused: stacks}).ref(fused)
+
+
 def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource | None = None) -> ModelWeights:
     """Name every weight by role (as lazy refs into ``source``; default: the model's own tensors)."""
     config = model.config
@@ -96,8 +117,8 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
         if _sparse_layer(config, traits, i):
             shared = f"{m}.shared_expert.gate_proj.weight" in names
             moe = MoEWeights(
-                router=ref(f"{m}.gate.weight"), gate_up=ref(f"{m}.experts.gate_up_proj"),
-                down=ref(f"{m}.experts.down_proj"), top_k=config.num_experts_per_tok,
+                router=ref(f"{m}.gate.weight"), gate_up=_experts(source, config, traits, m, "gate_up_proj"),
+                down=_experts(source, config, traits, m, "down_proj"), top_k=config.num_experts_per_tok,
                 renormalize=traits.moe == "mixtral" or bool(getattr(config, "norm_topk_prob", False)),
                 weights_in_dtype=traits.moe == "qwen",
                 shared_gate=ref(f"{m}.shared_expert.gate_proj.weight") if shared else None,

@@ -105,6 +105,40 @@ def with_source(obj, source: WeightSource):
     return dataclasses.replace(obj, **changes)
 
 
+class ExpertStack(WeightSource):
+    """Experts that a checkpoint stores one by one (transformers merges them on load) seen as the model's 3D
+    tensors: ``stacks[name][e]`` lists expert e's part names, whose rows, in order, are that expert's rows (gate then
+    up for ``gate_up_proj``). A slice reads only the parts and rows it covers, from ``inner``."""
+
+    def __init__(self, inner: WeightSource, stacks: dict[str, list[list[str]]]):
+        self.inner, self.stacks = inner, stacks
+
+    def shape(self, name):
+        parts = [self.inner.shape(p) for p in self.stacks[name][0]]
+        return (len(self.stacks[name]), sum(s[0] for s in parts), parts[0][1])
+
+    def read(self, name, dim, start, length):
+        experts = self.stacks[name]
+        if dim == 0:
+            experts, dim = experts[start:start + length], None
+        mats = []
+        for parts in experts:
+            if dim is None:
+                pieces = [self.inner.read(p, None, 0, 0) for p in parts]
+            elif dim == 2:
+                pieces = [self.inner.read(p, 1, start, length) for p in parts]
+            else:                               # rows of the expert: the parts they fall in
+                pieces, at = [], 0
+                for p in parts:
+                    rows = self.inner.shape(p)[0]
+                    a, b = max(start, at), min(start + length, at + rows)
+                    if a < b:
+                        pieces.append(self.inner.read(p, 0, a - at, b - a))
+                    at += rows
+            mats.append(torch.cat(pieces) if len(pieces) > 1 else pieces[0])
+        return torch.stack(mats)
+
+
 class ModuleSource(WeightSource):
     """Weights of an in-memory module (parameters and buffers)."""
 
