@@ -87,6 +87,18 @@ def optimised_copy(hf, **options):
     return dsi.init_inference(copy.deepcopy(hf), **options)
 
 
+def assert_matches_hf(hf, opt, ids, mask, new_tokens=8, atol=2e-4, rtol=1e-4):
+    """The optimised model against HF on one left-padded batch: logits at the real tokens within (atol, rtol),
+    greedy tokens identical."""
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+        want = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
+    got = opt(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], ref[mask.bool()], atol=atol, rtol=rtol)
+    assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False),
+                       want)
+
+
 def padded_batch(lengths, vocab=97, seed=0):
     """Left-padded prompts of the given lengths (pad id 0, tokens in [3, vocab))."""
     g = torch.Generator().manual_seed(seed)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import lightning_dsinfer as dsi
-from helpers import padded_batch, tiny_config, tiny_model
+from helpers import assert_matches_hf, padded_batch, tiny_config, tiny_model
 
 
 @pytest.mark.parametrize("family,tied", [("llama", False), ("qwen3", True)])
@@ -15,13 +15,7 @@ def test_meta_model_from_safetensors_checkpoint(tmp_path, family, tied):
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(tiny_config(family, tie_word_embeddings=tied))
     opt = dsi.init_inference(meta, checkpoint=str(tmp_path), max_seq_len=48)
-    ids, mask = padded_batch([9, 4], seed=2)
-    with torch.no_grad():
-        ref = hf(input_ids=ids, attention_mask=mask).logits
-        ref_tokens = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
-    got = opt(input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(got[mask.bool()], ref[mask.bool()], atol=2e-4, rtol=1e-4)
-    assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False), ref_tokens)
+    assert_matches_hf(hf, opt, *padded_batch([9, 4], seed=2))
 
 
 def test_meta_model_without_checkpoint_is_refused():

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from helpers import optimised_copy, padded_batch, tiny_model
+from helpers import assert_matches_hf, optimised_copy, padded_batch, tiny_model
 
 import lightning_dsinfer as dsi
 from lightning_dsinfer.kernels import reference
@@ -22,16 +22,8 @@ def test_moe_logits_and_greedy_match_hf(family):
     assert "MoEMLP" in kinds
     if family != "mixtral":
         assert "GatedMLP" in kinds          # qwen: dense layers between the sparse ones
-    ids, mask = padded_batch([12, 5, 9])
-    with torch.no_grad():
-        ref = hf(input_ids=ids, attention_mask=mask).logits
-    got = opt(input_ids=ids, attention_mask=mask).logits
-    valid = mask.bool()
-    torch.testing.assert_close(got[valid], ref[valid], atol=ATOL, rtol=RTOL)
-    ids, mask = padded_batch([3, 11, 6, 8], seed=1)
-    with torch.no_grad():
-        want = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
-    assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False), want)
+    assert_matches_hf(hf, opt, *padded_batch([12, 5, 9]))
+    assert_matches_hf(hf, opt, *padded_batch([3, 11, 6, 8], seed=1), new_tokens=12)
 
 
 def test_moe_beam_search_through_hf_loop():
@@ -152,13 +144,7 @@ def test_moe_meta_model_from_checkpoint(family, tmp_path):
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(hf.config)
     opt = dsi.init_inference(meta, checkpoint=str(tmp_path), max_seq_len=48)
-    ids, mask = padded_batch([9, 4], seed=2)
-    with torch.no_grad():
-        ref = hf(input_ids=ids, attention_mask=mask).logits
-        want = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
-    got = opt(input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(got[mask.bool()], ref[mask.bool()], atol=ATOL, rtol=RTOL)
-    assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False), want)
+    assert_matches_hf(hf, opt, *padded_batch([9, 4], seed=2))
 
 
 def test_moe_tensor_parallel_from_checkpoint(tmp_path):

@@ -6,7 +6,7 @@ the rotary arithmetic, so results differ from HF by float rounding only).
 import pytest
 import torch
 
-from helpers import FAMILIES, optimised_copy, padded_batch, tiny_model
+from helpers import FAMILIES, assert_matches_hf, optimised_copy, padded_batch, tiny_model
 
 ATOL, RTOL = 2e-4, 1e-4
 
@@ -148,13 +148,7 @@ def test_rope_scaling_variants(rope):
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(cfg).eval()
     opt = optimised_copy(hf, max_seq_len=96)
-    ids, mask = padded_batch([40, 70], seed=7)
-    with torch.no_grad():
-        ref = hf(input_ids=ids, attention_mask=mask).logits
-        ref_gen = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
-    got = opt(input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(got[mask.bool()], ref[mask.bool()], atol=ATOL, rtol=RTOL)
-    assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False), ref_gen)
+    assert_matches_hf(hf, opt, *padded_batch([40, 70], seed=7), new_tokens=10, atol=ATOL, rtol=RTOL)
 
 
 def test_forward_with_labels_inputs_embeds_and_logits_to_keep():
