@@ -172,11 +172,12 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
                      q_norm=t.get("q_norm"), k_norm=t.get("k_norm")) if "qkv.weight" in t else None
     mlp = GatedMLP(linear("gate_up"), linear("down", reduce=reduce, owns_residual=first, row_max=row_max)) \
         if "gate_up.weight" in t else None
-    if "moe.router" in t:
-        shared = GatedMLP(linear("shared.gate_up"), linear("shared.down")) if "shared.gate_up.weight" in t else None
+    if "moe.router" in t:       # the experts' partial sums are reduced once, in MoEMLP (not in each down)
+        shared = GatedMLP(linear("shared.gate_up"), linear("shared.down", row_max=row_max)) \
+            if "shared.gate_up.weight" in t else None
+        shared_gate = Linear(t["shared_gate.weight"]) if shared is not None else None    # [1, H], never int8
         mlp = MoEMLP(t["moe.router"], t["moe.gate_up"], t["moe.down"], spec.moe_top_k, spec.moe_renormalize,
-                     spec.moe_weights_in_dtype, shared, linear("shared_gate") if shared is not None else None,
-                     reduce=reduce)
+                     spec.moe_weights_in_dtype, shared, shared_gate, reduce=reduce, quantize=quantize, row_max=row_max)
     return DecoderLayer(attn, mlp, t.get("input_norm"), t.get("post_norm"), spec.rms_norm_eps)
 
 

@@ -55,10 +55,10 @@ class InferenceEngine:
     def __init__(self, hf_model: nn.Module, config: InferenceConfig, comm: TensorParallelComm | None = None):
         policy = find_policy(hf_model)
         hf_config = hf_model.config
-        _check_moe_options(hf_config, config)
         self.config = config
         self.hf_config = hf_config
         self.device = _engine_device(hf_model, config)
+        _check_moe_options(hf_config, config, self.device)
         self.dtype = config.dtype or _model_dtype(hf_model)
         context = getattr(hf_config, "max_position_embeddings", None) or DEFAULT_MAX_SEQ_LEN
         self.max_seq_len = config.max_seq_len or min(context, DEFAULT_MAX_SEQ_LEN)
@@ -193,20 +193,21 @@ class InferenceEngine:
 _BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _check_moe_options(hf_config, config: InferenceConfig) -> None:
-    """MoE families run resident on one device so far: refuse, before any work, the options they do not take."""
+def _check_moe_options(hf_config, config: InferenceConfig, device: torch.device) -> None:
+    """MoE families keep their weights resident: refuse, before any work, the options they do not take (offload;
+    int8 except on the CPU, where each expert is a pair of int8 Linears)."""
     from lightning_dsinfer.policies.llama import FAMILY
 
     traits = FAMILY.get(getattr(hf_config, "model_type", None))
     if traits is None or traits.moe == "none":
         return
     bad = [f"{name}={value!r}" for name, value in (("offload", config.offload), ("quantize", config.quantize))
-           if value is not None]
+           if value is not None and not (name == "quantize" and device.type == "cpu")]
     if bad:
         raise NotImplementedError(
             f"model_type={hf_config.model_type!r} has mixture-of-experts layers, which lightning-dsinfer runs with their "
-            f"weights resident so far (bf16 / fp16 / fp32, CPU or CUDA, tensor parallelism by expert slicing); "
-            f"{', '.join(bad)} is not supported with them yet. "
+            f"weights resident so far (bf16 / fp16 / fp32, CPU or CUDA, tensor parallelism by expert slicing; int8 on "
+            f"the CPU); {', '.join(bad)} is not supported with them on {device.type} yet. "
             f"Drop {'it' if len(bad) == 1 else 'them'}, or use a dense model for "
             f"{'this option' if len(bad) == 1 else 'these options'}.")
 

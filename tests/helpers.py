@@ -56,16 +56,27 @@ def tiny_model(family: str, seed: int = 0, **overrides):
 
 def fake_quantised_int8(hf):
     """A copy of HF with every block linear's weight replaced by dequantise(quantise(weight)), row by row (what
-    ``quantize="int8"`` holds: the fused QKV and gate/up rows are the rows of q, k, v, gate and up)."""
+    ``quantize="int8"`` holds: the fused QKV and gate/up rows are the rows of q, k, v, gate and up; MoE: each
+    expert's gate|up and down rows and the shared expert's, the router and the shared expert's gate as they are)."""
     from lightning_dsinfer.kernels import reference
+
+    def fake(w):
+        q, s = reference.quantize_int8_per_channel(w)
+        w.copy_(reference.dequantize_int8(q, s).to(w.dtype))
 
     ref = copy.deepcopy(hf)
     with torch.no_grad():
         for layer in ref.model.layers:
+            mlp = layer.mlp
+            dense = [mlp] if not hasattr(mlp, "experts") else [getattr(mlp, "shared_expert")] \
+                if hasattr(mlp, "shared_expert") else []
             for lin in (*[getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")],
-                        *[getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]):
-                q, s = reference.quantize_int8_per_channel(lin.weight)
-                lin.weight.copy_(reference.dequantize_int8(q, s).to(lin.weight.dtype))
+                        *[getattr(m, n) for m in dense for n in ("gate_proj", "up_proj", "down_proj")]):
+                fake(lin.weight)
+            if hasattr(mlp, "experts"):          # MoE: each expert's gate|up and down, row by row (router stays)
+                for e in range(mlp.experts.gate_up_proj.shape[0]):
+                    fake(mlp.experts.gate_up_proj[e])
+                    fake(mlp.experts.down_proj[e])
     return ref
 
 

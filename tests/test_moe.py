@@ -98,21 +98,50 @@ def test_moe_through_lightning_predict():
         assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("option,value", [("offload", "cpu"), ("quantize", "int8")])
-def test_moe_refuses_options_it_does_not_take(option, value, tmp_path):
+def test_moe_refuses_options_it_does_not_take(tmp_path):
     hf = tiny_model("mixtral")
-    extra = {"offload_path": str(tmp_path)} if option == "offload" else {}
-    with pytest.raises(NotImplementedError, match=f"mixture-of-experts.*{option}={value!r}.*not supported"):
-        dsi.init_inference(copy.deepcopy(hf), **{option: value}, **extra)
+    with pytest.raises(NotImplementedError, match="mixture-of-experts.*offload='cpu' is not supported"):
+        dsi.init_inference(copy.deepcopy(hf), offload="cpu", offload_path=str(tmp_path))
+    from lightning_dsinfer.engine import _check_moe_options
+    from lightning_dsinfer.config import InferenceConfig
+    with pytest.raises(NotImplementedError, match="quantize='int8' is not supported with them on cuda"):
+        _check_moe_options(hf.config, InferenceConfig(quantize="int8"), torch.device("cuda"))
 
 
-def test_moe_tensor_parallel_matches_hf():
+@pytest.mark.parametrize("family", MOE)
+def test_moe_int8_on_cpu_matches_fake_quantised_hf(family):
+    """quantize="int8" on the CPU: attention linears, each expert's gate|up and down and the shared expert int8 with
+    per-row scales (router and shared gate as they are): fp32 logits and greedy tokens as HF's over the same
+    quantise-dequantised weights; bf16 (the int8 CPU kernels) within 2% of the logits' scale of HF bf16 over them,
+    where HF's routing has no near tie (checked)."""
+    from helpers import fake_quantised_int8
+
+    hf = tiny_model(family)
+    opt = optimised_copy(hf, max_seq_len=64, quantize="int8")
+    moe = next(layer.mlp for layer in opt._dsinfer_engine.decoder.layers if type(layer.mlp).__name__ == "MoEMLP")
+    assert moe.cpu_experts[0][0].layout.startswith("int8") and moe.experts_gate_up is None
+    assert_matches_hf(fake_quantised_int8(hf), opt, *padded_batch([12, 5, 9]))
+    hf16 = hf.to(torch.bfloat16)
+    bf, want = optimised_copy(hf16, max_seq_len=64, quantize="int8"), fake_quantised_int8(hf16)
+    ids, mask = padded_batch([8, 5], seed=3)          # a batch without near ties in these quantised routers
+    assert _routing_margins(want, input_ids=ids, attention_mask=mask)[:, mask.flatten().bool()].min() >= 2e-3
+    with torch.no_grad():
+        ref = want(input_ids=ids, attention_mask=mask).logits.float()
+    got = bf(input_ids=ids, attention_mask=mask).logits.float()
+    err = (got[mask.bool()] - ref[mask.bool()]).abs().amax(-1) / ref[mask.bool()].abs().max()
+    assert err.max() <= 0.02, err
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_moe_tensor_parallel_matches_hf(quantize):
     """TP=2 by expert slicing (each expert's intermediate split, the router whole, one all-reduce per sparse layer;
     qwen2_moe's shared expert sliced the same way): fp32 logits, greedy and beam search vs the single-process HF
-    model, sampling agrees across ranks."""
+    model (int8: HF over the same quantise-dequantised weights, the sliced downs' scales from their whole rows),
+    sampling agrees across ranks."""
     from multiproc import run_ranks
 
-    codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", *MOE], timeout=300)
+    extra = ["--quantize", quantize] if quantize else []
+    codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", *MOE, *extra], timeout=300)
     assert codes == [0, 0], "\n".join(outs)
     assert outs[0].count(" OK") == len(MOE), outs[0]
 

@@ -17,17 +17,18 @@ from lightning_dsinfer.modules.linear import Linear
 class MoEMLP(nn.Module):
     def __init__(self, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
                  renormalize: bool, weights_in_dtype: bool, shared=None, shared_gate: Linear | None = None,
-                 reduce=None):
+                 reduce=None, quantize: str | None = None, row_max=None):
         super().__init__()
         self.router, self.experts_gate_up, self.experts_down = router, gate_up, down
         self.top_k, self.renormalize, self.weights_in_dtype = top_k, renormalize, weights_in_dtype
         self.shared, self.shared_gate = shared, shared_gate      # GatedMLP, Linear [1, H] (Qwen2-MoE)
         self.reduce = reduce       # tensor parallelism: experts sliced over the group, partial outputs summed here
         self.cpu_experts = None
-        if gate_up.device.type == "cpu":
-            self.cpu_experts = [(Linear(gate_up[e]), Linear(down[e])) for e in range(gate_up.shape[0])]
-            if any(lin.weight.data_ptr() != w[e].data_ptr() for e, pair in enumerate(self.cpu_experts)
-                   for lin, w in zip(pair, (gate_up, down))):
+        if gate_up.device.type == "cpu":    # int8 (CPU only): per-row scales; row_max: a row-parallel down's scales
+            self.cpu_experts = [(Linear(gate_up[e], quantize=quantize),
+                                 Linear(down[e], quantize=quantize, row_max=row_max)) for e in range(gate_up.shape[0])]
+            if quantize or any(lin.weight.data_ptr() != w[e].data_ptr() for e, pair in enumerate(self.cpu_experts)
+                               for lin, w in zip(pair, (gate_up, down))):
                 self.experts_gate_up = self.experts_down = None   # the Linears hold re-laid-out copies: free these
 
     @property
