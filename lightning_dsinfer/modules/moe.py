@@ -3,7 +3,7 @@
 On CUDA the experts stay in transformers' 3D layout (gate|up [E, 2I, H], down [E, H, I]) and a call is
 :func:`kernels.ops.moe_mlp` (mapping tables and grouped GEMMs). On the CPU each expert is a pair of
 :class:`~lightning_dsinfer.modules.linear.Linear` (the CPU linear kernels: AMX tiles or the row-major bf16 kernel), and
-a call runs the experts that got tokens, in expert order as transformers does (the same sums in fp32).
+a call runs the experts that got tokens, in ascending expert order, summed into x's dtype as transformers does.
 """
 from __future__ import annotations
 
@@ -27,9 +27,10 @@ class MoEMLP(nn.Module):
         if gate_up.device.type == "cpu":    # int8 (CPU only): per-row scales; row_max: a row-parallel down's scales
             self.cpu_experts = [(Linear(gate_up[e], quantize=quantize),
                                  Linear(down[e], quantize=quantize, row_max=row_max)) for e in range(gate_up.shape[0])]
-            if quantize or any(lin.weight.data_ptr() != w[e].data_ptr() for e, pair in enumerate(self.cpu_experts)
-                               for lin, w in zip(pair, (gate_up, down))):
-                self.experts_gate_up = self.experts_down = None   # the Linears hold re-laid-out copies: free these
+            views = not quantize and all(lin.layout == "plain" and lin.weight.data_ptr() == w[e].data_ptr()
+                                         for e, pair in enumerate(self.cpu_experts) for lin, w in zip(pair, (gate_up, down)))
+            if not views:       # the Linears hold re-laid-out copies (AMX tiles, oneDNN, int8): free the 3D tensors
+                self.experts_gate_up = self.experts_down = None
 
     @property
     def nbytes_per_token(self) -> int:
