@@ -311,10 +311,11 @@ def check_offload(dev: str = "cuda") -> int:
     disk tier through pinned staging): tiny Llamas in fp32 under budgets that stream most units, greedy tokens
     == HF's and logits within 2e-4 for a left-padded batch: both tiers; the disk tier with a ring of slots per unit
     size (MLP halves 2.6x the attention halves); both tiers with int8 weights (against HF with the same
-    quantise-dequantise). Returns 1 on a mismatch or error."""
+    quantise-dequantise); a Mixtral on the host tier (router + experts stream as the MLP unit). Returns 1 on a
+    mismatch or error."""
     import tempfile
 
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig
 
     import lightning_dsinfer as dsi
     from lightning_dsinfer.kernels import reference as kref
@@ -335,12 +336,15 @@ def check_offload(dev: str = "cuda") -> int:
              ("nvme, slots per unit size", "nvme", {"intermediate_size": 256, "num_hidden_layers": 6},
               {"max_memory": "3800KiB"}, False),
              ("cpu, int8", "cpu", {}, {"max_memory": "600KiB", "quantize": "int8"}, True),
-             ("nvme, int8", "nvme", {}, {"max_memory": "600KiB", "quantize": "int8"}, True)]
+             ("nvme, int8", "nvme", {}, {"max_memory": "600KiB", "quantize": "int8"}, True),
+             ("cpu, mixtral (4 experts, top 2)", "cpu", {"num_local_experts": 4, "num_experts_per_tok": 2},
+              {"max_memory": "1200KiB"}, False)]
     rc = 0
     for label, tier, overrides, options, int8 in cases:
-        cfg = LlamaConfig(**{**dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                                    num_key_value_heads=2, vocab_size=97, max_position_embeddings=128, pad_token_id=0,
-                                    bos_token_id=1, eos_token_id=2), **overrides})
+        kind = MixtralConfig if "num_local_experts" in overrides else LlamaConfig
+        cfg = kind(**{**dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=97, max_position_embeddings=128, pad_token_id=0,
+                             bos_token_id=1, eos_token_id=2), **overrides})
         torch.manual_seed(0)
         hf = AutoModelForCausalLM.from_config(cfg).eval()
         want = fake_quantised(hf) if int8 else hf

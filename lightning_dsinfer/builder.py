@@ -117,7 +117,8 @@ def layer_spec(w: ModelWeights, plan: TensorShardPlan, lw: LayerWeights) -> Laye
 
 # A block's tensors by half: offload streams the attention half (with both norms) and the MLP half as two units.
 ATTENTION_KEYS = ("qkv.weight", "qkv.bias", "o.weight", "o.bias", "input_norm", "post_norm", "q_norm", "k_norm")
-MLP_KEYS = ("gate_up.weight", "gate_up.bias", "down.weight", "down.bias")
+MLP_KEYS = ("gate_up.weight", "gate_up.bias", "down.weight", "down.bias",
+            "moe.router", "moe.gate_up", "moe.down", "shared.gate_up.weight", "shared.down.weight", "shared_gate.weight")
 
 
 def split_block(t: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -175,9 +176,10 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
     if "moe.router" in t:       # the experts' partial sums are reduced once, in MoEMLP (not in each down)
         shared = GatedMLP(linear("shared.gate_up"), linear("shared.down", row_max=row_max)) \
             if "shared.gate_up.weight" in t else None
-        shared_gate = Linear(t["shared_gate.weight"]) if shared is not None else None    # [1, H], never int8
+        shared_gate = Linear(t["shared_gate.weight"], pack=pack) if shared is not None else None   # [1, H], not int8
         mlp = MoEMLP(t["moe.router"], t["moe.gate_up"], t["moe.down"], spec.moe_top_k, spec.moe_renormalize,
-                     spec.moe_weights_in_dtype, shared, shared_gate, reduce=reduce, quantize=quantize, row_max=row_max)
+                     spec.moe_weights_in_dtype, shared, shared_gate, reduce=reduce, quantize=quantize, row_max=row_max,
+                     pack=pack)
     return DecoderLayer(attn, mlp, t.get("input_norm"), t.get("post_norm"), spec.rms_norm_eps)
 
 
@@ -231,10 +233,16 @@ def build_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.device | st
 
 # ---------------------------------------------------------------------- offload (ZeRO-Inference)
 def _per_token_bytes(w: ModelWeights, plan: TensorShardPlan, dtype: torch.dtype, max_seq_len: int) -> int:
-    """Temporaries of one block for one prefill token: norms, QKV, rotary, attention out, MLP, scores (fp32)."""
+    """Temporaries of one block for one prefill token: norms, QKV, rotary, attention out, MLP, scores (fp32). A
+    MoE layer's MLP holds, per token, its top-k experts' gate|up and SwiGLU rows and its shared expert's (counted
+    as intermediate rows of a dense MLP)."""
     e = dtype.itemsize
     qkv = (plan.local_heads + 2 * plan.local_kv_heads) * w.head_dim
     inter = plan.mlp_rows[1]
+    for lw in w.layers:
+        if lw.moe is not None:
+            shared = lw.moe.shared_gate.shape[0] // plan.tp if lw.moe.shared_gate is not None else 0
+            inter = max(inter, lw.moe.top_k * lw.moe.gate_up.shape[1] // (2 * plan.tp) + shared + 2 * w.hidden_size)
     return e * (4 * w.hidden_size + 2 * qkv + plan.local_heads * w.head_dim + 4 * inter) \
         + 4 * plan.local_heads * max_seq_len
 
@@ -272,7 +280,7 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
                                                   slot_classes, spread_order)
     from lightning_dsinfer.offload.codec import frame_bytes_for
     from lightning_dsinfer.offload.store import staging_bytes
-    from lightning_dsinfer.policies.weights import MetaSource, with_source
+    from lightning_dsinfer.policies.weights import MetaSource, ref_names, with_source
 
     release_freed_memory_promptly()
     plan = shard_plan(w, comm)
@@ -316,7 +324,7 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
         for lw in w.layers:
             attention, mlp = halves(lw)
             yield attention, []
-            yield mlp, [r.name for r in vars(lw).values() if hasattr(r, "load")]
+            yield mlp, ref_names(lw)
         for a, n in head_slices:
             yield head_rows(w, plan, dtype, a, n), []
 

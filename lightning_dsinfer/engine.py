@@ -194,22 +194,20 @@ _BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 
 
 def _check_moe_options(hf_config, config: InferenceConfig, device: torch.device) -> None:
-    """MoE families keep their weights resident: refuse, before any work, the options they do not take (offload;
-    int8 except on the CPU, where each expert is a pair of int8 Linears)."""
+    """Refuse, before any work, what MoE families do not take yet: int8 except resident on the CPU (where each expert
+    is a pair of int8 Linears)."""
     from lightning_dsinfer.policies.llama import FAMILY
 
     traits = FAMILY.get(getattr(hf_config, "model_type", None))
     if traits is None or traits.moe == "none":
         return
-    bad = [f"{name}={value!r}" for name, value in (("offload", config.offload), ("quantize", config.quantize))
-           if value is not None and not (name == "quantize" and device.type == "cpu")]
-    if bad:
-        raise NotImplementedError(
-            f"model_type={hf_config.model_type!r} has mixture-of-experts layers, which lightning-dsinfer runs with their "
-            f"weights resident so far (bf16 / fp16 / fp32, CPU or CUDA, tensor parallelism by expert slicing; int8 on "
-            f"the CPU); {', '.join(bad)} is not supported with them on {device.type} yet. "
-            f"Drop {'it' if len(bad) == 1 else 'them'}, or use a dense model for "
-            f"{'this option' if len(bad) == 1 else 'these options'}.")
+    if config.quantize is None or (device.type == "cpu" and config.offload is None):
+        return
+    raise NotImplementedError(
+        f"model_type={hf_config.model_type!r} has mixture-of-experts layers: quantize={config.quantize!r} is supported "
+        f"for them resident on the CPU only so far (each expert a pair of int8 Linears), not on {device.type}"
+        f"{f' with offload={config.offload!r}' if config.offload is not None else ''}. Drop quantize, or run the "
+        f"model resident on the CPU.")
 
 
 def _weight_bytes(hf_model: nn.Module, dtype: torch.dtype, quantize: str | None) -> int:

@@ -103,13 +103,14 @@ def test_moe_through_lightning_predict():
         assert torch.equal(got, want)
 
 
-def test_moe_refuses_options_it_does_not_take(tmp_path):
+def test_moe_refuses_int8_where_it_has_no_path(tmp_path):
     hf = tiny_model("mixtral")
-    with pytest.raises(NotImplementedError, match="mixture-of-experts.*offload='cpu' is not supported"):
-        dsi.init_inference(copy.deepcopy(hf), offload="cpu", offload_path=str(tmp_path))
-    from lightning_dsinfer.engine import _check_moe_options
+    with pytest.raises(NotImplementedError, match="quantize='int8' is supported for them resident on the CPU only.*"
+                                                  "with offload='nvme'"):
+        dsi.init_inference(copy.deepcopy(hf), quantize="int8", offload="nvme", offload_path=str(tmp_path))
     from lightning_dsinfer.config import InferenceConfig
-    with pytest.raises(NotImplementedError, match="quantize='int8' is not supported with them on cuda"):
+    from lightning_dsinfer.engine import _check_moe_options
+    with pytest.raises(NotImplementedError, match="not on cuda"):
         _check_moe_options(hf.config, InferenceConfig(quantize="int8"), torch.device("cuda"))
 
 
@@ -189,5 +190,39 @@ def test_moe_tensor_parallel_from_checkpoint(tmp_path):
         tiny_model(family).save_pretrained(tmp_path / family)
     codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", *MOE, "--checkpoint", str(tmp_path)],
                                timeout=300)
+    assert codes == [0, 0], "\n".join(outs)
+    assert outs[0].count(" OK") == len(MOE), outs[0]
+
+
+@pytest.mark.parametrize("tier", ["cpu", "nvme"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_moe_offload_matches_hf(family, tier, tmp_path):
+    """Offloaded MoE (a sparse layer's router, experts and shared expert stream as its MLP unit) under a budget that
+    streams most units: fp32 logits and greedy tokens as HF's, on both tiers."""
+    from helpers import streaming_budget
+
+    hf = tiny_model(family)
+
+    def build(max_memory, folder=tmp_path / "units"):
+        return optimised_copy(hf, max_seq_len=64, offload=tier, offload_path=str(folder), max_memory=max_memory,
+                              max_batch_size=4)
+    budget = streaming_budget(lambda mm: build(mm, tmp_path / "plan"))
+    opt = build(budget)
+    streamer = opt._dsinfer_engine.decoder.streamer
+    moe_units = [u for u in streamer.order if any(e.name == "moe.gate_up" for e in streamer.layouts[u].entries)]
+    assert moe_units and len(set(moe_units) - set(streamer.resident)) >= 1, "no MoE unit is streamed"
+    assert_matches_hf(hf, opt, *padded_batch([12, 5, 9]))
+
+
+def test_moe_offload_from_checkpoint_tensor_parallel(tmp_path):
+    """TP=2, disk tier, meta models loaded from per-expert checkpoints: each rank writes and streams its expert
+    slices; logits, greedy, beam as HF's."""
+    from multiproc import run_ranks
+
+    for family in MOE:
+        tiny_model(family).save_pretrained(tmp_path / "ckpt" / family)
+    codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", *MOE, "--checkpoint", str(tmp_path / "ckpt"),
+                                                   "--offload", "nvme", "--offload-path", str(tmp_path / "units"),
+                                                   "--max-memory", "streaming"], timeout=300)
     assert codes == [0, 0], "\n".join(outs)
     assert outs[0].count(" OK") == len(MOE), outs[0]

@@ -17,14 +17,16 @@ from lightning_dsinfer.modules.linear import Linear
 class MoEMLP(nn.Module):
     def __init__(self, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
                  renormalize: bool, weights_in_dtype: bool, shared=None, shared_gate: Linear | None = None,
-                 reduce=None, quantize: str | None = None, row_max=None):
+                 reduce=None, quantize: str | None = None, row_max=None, pack: bool = True):
         super().__init__()
         self.router, self.experts_gate_up, self.experts_down = router, gate_up, down
         self.top_k, self.renormalize, self.weights_in_dtype = top_k, renormalize, weights_in_dtype
         self.shared, self.shared_gate = shared, shared_gate      # GatedMLP, Linear [1, H] (Qwen2-MoE)
         self.reduce = reduce       # tensor parallelism: experts sliced over the group, partial outputs summed here
         self.cpu_experts = None
-        if gate_up.device.type == "cpu":    # int8 (CPU only): per-row scales; row_max: a row-parallel down's scales
+        if gate_up.device.type == "cpu" and not pack:   # views into a streamed unit: each expert's pair made on use
+            self.cpu_experts = _LazyExperts(gate_up, down)
+        elif gate_up.device.type == "cpu":   # int8 (CPU only): per-row scales; row_max: a row-parallel down's scales
             self.cpu_experts = [(Linear(gate_up[e], quantize=quantize),
                                  Linear(down[e], quantize=quantize, row_max=row_max)) for e in range(gate_up.shape[0])]
             views = not quantize and all(lin.layout == "plain" and lin.weight.data_ptr() == w[e].data_ptr()
@@ -79,3 +81,17 @@ class MoEMLP(nn.Module):
             y = down(ops.silu_and_mul(gate_up(x[tok]))) * w[a, None]
             out.index_add_(0, tok, y.to(x.dtype))
         return out
+
+
+class _LazyExperts:
+    """``pairs[e]``: expert e's (gate|up, down) Linears over views of the 3D tensors (``pack=False``), made when a
+    call first routes a token to e (an offloaded layer is rebuilt over its streamed unit at every use)."""
+
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor):
+        self.gate_up, self.down, self.pairs = gate_up, down, {}
+
+    def __getitem__(self, e: int):
+        pair = self.pairs.get(e)
+        if pair is None:
+            pair = self.pairs[e] = (Linear(self.gate_up[e], pack=False), Linear(self.down[e], pack=False))
+        return pair

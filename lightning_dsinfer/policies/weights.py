@@ -102,7 +102,23 @@ def with_source(obj, source: WeightSource):
         v = getattr(obj, f.name)
         if isinstance(v, WeightRef):
             changes[f.name] = WeightRef(source, v.name, v.shape)
+        elif dataclasses.is_dataclass(v):          # a nested group of refs (a layer's MoEWeights)
+            changes[f.name] = with_source(v, source)
     return dataclasses.replace(obj, **changes)
+
+
+def ref_names(obj) -> list[str]:
+    """Names of every WeightRef of a dataclass of refs, nested groups included."""
+    import dataclasses
+
+    out = []
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, WeightRef):
+            out.append(v.name)
+        elif dataclasses.is_dataclass(v):
+            out += ref_names(v)
+    return out
 
 
 class ExpertStack(WeightSource):
