@@ -246,12 +246,13 @@ def left_padded(lengths, vocab: int, g: torch.Generator):
 
 
 def check_decode_graphs(dev: str = "cuda", tiny: bool = False) -> int:
-    """Graph-replayed decode tokens == eager decode tokens (fp32). Returns 1 on a mismatch.
+    """Graph-replayed decode tokens == eager decode tokens (fp32): a Llama, a Mistral with a sliding window and a
+    Mixtral (routing and grouped expert GEMMs inside the graph). Returns 1 on a mismatch.
 
     ``tiny`` (CPU smoke, with ``cuda_graphs.emulate()`` and ``ops.force_triton()`` around the call): small
     sizes, no timing.
     """
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, MixtralConfig
 
     import lightning_dsinfer as dsi
 
@@ -259,7 +260,8 @@ def check_decode_graphs(dev: str = "cuda", tiny: bool = False) -> int:
                   num_hidden_layers=2 if tiny else 4, num_attention_heads=4 if tiny else 8, num_key_value_heads=2,
                   vocab_size=97 if tiny else 1000, max_position_embeddings=512, initializer_range=0.05,
                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    configs = [("llama", LlamaConfig(**common)), ("mistral window 16", MistralConfig(**common, sliding_window=16))]
+    configs = [("llama", LlamaConfig(**common)), ("mistral window 16", MistralConfig(**common, sliding_window=16)),
+               ("mixtral 4 experts top 2", MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2))]
     batches = [[9], [9, 4, 6]] if tiny else [[20], [20, 7, 13], [5, 9, 17, 3, 11, 20, 8, 14]]
     new = 4 if tiny else 24
     g = torch.Generator().manual_seed(0)
