@@ -1,6 +1,7 @@
 """``benchmarks/gpu_check.py --cpu-smoke``: the one-command GPU check runs every part (kernel cases, CUDA-graph decode
 emulated, the end-to-end decode comparison, the offload check) at tiny sizes on the CPU (the kernels in the Triton
 interpreter), so a GPU session does not spend its minutes on a broken script."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -19,5 +20,7 @@ def test_gpu_check_cpu_smoke():
     assert res.returncode == 0, out[-4000:]
     assert "FAIL" not in out and "ok    decode comparison: 8 rows" in out, out[-4000:]
     assert out.count("ok    graphs") == 6 and sum(line.startswith("ok    offload ") and " on cpu: " in line for line in out.splitlines()) == 6
-    assert "ok    offload throughput: 6 rows" in out
+    # ours: 2 tiers x 2 batches; accelerate: 2 batches, or one "not installed" row (the test extra has no accelerate)
+    rows = 6 if importlib.util.find_spec("accelerate") is not None else 5
+    assert f"ok    offload throughput: {rows} rows" in out
     assert "ok    tune: 4 configs, 4 rows" in out and "ok    decode comparison with a tuned table: 8 rows" in out
