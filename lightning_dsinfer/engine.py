@@ -58,7 +58,7 @@ class InferenceEngine:
         self.config = config
         self.hf_config = hf_config
         self.device = _engine_device(hf_model, config)
-        _check_moe_options(hf_config, config, self.device)
+        _check_moe_options(hf_config, config)
         self.dtype = config.dtype or _model_dtype(hf_model)
         context = getattr(hf_config, "max_position_embeddings", None) or DEFAULT_MAX_SEQ_LEN
         self.max_seq_len = config.max_seq_len or min(context, DEFAULT_MAX_SEQ_LEN)
@@ -193,21 +193,19 @@ class InferenceEngine:
 _BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _check_moe_options(hf_config, config: InferenceConfig, device: torch.device) -> None:
-    """Refuse, before any work, what MoE families do not take yet: int8 except resident on the CPU (where each expert
-    is a pair of int8 Linears)."""
+def _check_moe_options(hf_config, config: InferenceConfig) -> None:
+    """Refuse, before any work, what MoE families do not take yet: int8 with offload."""
     from lightning_dsinfer.policies.llama import FAMILY
 
     traits = FAMILY.get(getattr(hf_config, "model_type", None))
     if traits is None or traits.moe == "none":
         return
-    if config.quantize is None or (device.type == "cpu" and config.offload is None):
+    if config.quantize is None or config.offload is None:
         return
     raise NotImplementedError(
         f"model_type={hf_config.model_type!r} has mixture-of-experts layers: quantize={config.quantize!r} is supported "
-        f"for them resident on the CPU only so far (each expert a pair of int8 Linears), not on {device.type}"
-        f"{f' with offload={config.offload!r}' if config.offload is not None else ''}. Drop quantize, or run the "
-        f"model resident on the CPU.")
+        f"for them with the weights resident (CPU or CUDA), not with offload={config.offload!r} yet. Drop one of the "
+        f"two.")
 
 
 def _weight_bytes(hf_model: nn.Module, dtype: torch.dtype, quantize: str | None) -> int:

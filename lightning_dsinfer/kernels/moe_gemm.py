@@ -5,6 +5,8 @@ Grid (E, row tiles, N tiles): program (e, i, j) takes rows i * BLOCK_M.. of expe
 input rows (assignment a reads x[a // rows_per_input], so the first GEMM reads tokens directly and the
 second reads its [A, I] input in assignment order), multiplies by weight[e].T and writes out[a]
 (optionally scaled by the routing weight of a). The combine is then ``out.view(T, k, N).sum(1)``.
+Weights are fp32 / fp16 / bf16, or int8 with one fp32 scale per expert row (``weight_scale`` [E, N]): the int8
+tile is widened to the activations' dtype (exact) for the tile product and the scale applied to the fp32 sums.
 Reference: :func:`lightning_dsinfer.kernels.reference.moe_gemm`.
 """
 from __future__ import annotations
@@ -22,10 +24,12 @@ def _moe_gemm_kernel(
     w_ptr, w_se, w_sn,              # expert weights [E, N, K]: expert / row strides (K contiguous)
     sorted_ptr, offsets_ptr,        # sorted_ids [A] int32, offsets [E + 1] int32
     scale_ptr,                      # row scale [A] fp32 by assignment (HAS_SCALE)
+    ws_ptr, ws_se,                  # int8 weights: scale [E, N] fp32 and its expert stride (HAS_WSCALE)
     out_ptr,                        # out [A, N] contiguous, rows by assignment
     N, K,
     ROWS_PER_INPUT: tl.constexpr,   # assignment a reads input row a // ROWS_PER_INPUT
     HAS_SCALE: tl.constexpr,
+    HAS_WSCALE: tl.constexpr,
     IEEE_DOT: tl.constexpr,         # dot in fp32 (fp32 inputs; bf16 under the interpreter)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -47,8 +51,10 @@ def _moe_gemm_kernel(
             kk = k0 + tl.arange(0, BLOCK_K)
             mk = kk < K
             xt = tl.load(x_ptr + rows[:, None] * x_sm + kk[None, :], mask=mr[:, None] & mk[None, :], other=0.0)
-            wt = tl.load(w_rows + kk[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
-            acc += dot(xt, tl.trans(wt), IEEE_DOT)
+            wt = tl.load(w_rows + kk[None, :], mask=mn[:, None] & mk[None, :], other=0)
+            acc += dot(xt, tl.trans(wt), IEEE_DOT)      # int8 (|q| <= 127) is exact in the activations' dtype
+        if HAS_WSCALE:
+            acc *= tl.load(ws_ptr + ex.to(tl.int64) * ws_se + rn, mask=mn, other=0.0)[None, :]
         if HAS_SCALE:
             acc *= tl.load(scale_ptr + a, mask=mr, other=0.0).to(tl.float32)[:, None]
         tl.store(out_ptr + a[:, None].to(tl.int64) * N + rn[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -56,12 +62,14 @@ def _moe_gemm_kernel(
 
 
 def moe_gemm(x: torch.Tensor, weight: torch.Tensor, sorted_ids: torch.Tensor, offsets: torch.Tensor,
-             rows_per_input: int, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+             rows_per_input: int, row_scale: torch.Tensor | None = None,
+             weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     """out[a] = x[a // rows_per_input] @ weight[e(a)].T (* row_scale[a]) for every assignment a.
 
-    x [R, K]; weight [E, N, K] (fp32 / fp16 / bf16); sorted_ids [A] and offsets [E + 1] from
-    ``moe_routing.moe_route``; row_scale [A] (e.g. the routing weights flattened). Use
-    rows_per_input = top_k when x holds tokens, 1 when x is already per assignment. Returns [A, N].
+    x [R, K]; weight [E, N, K] (fp32 / fp16 / bf16, or int8 with ``weight_scale`` [E, N] fp32: weight[e] ~=
+    q[e] * scale[e][:, None]); sorted_ids [A] and offsets [E + 1] from ``moe_routing.moe_route``; row_scale [A]
+    (e.g. the routing weights flattened). Use rows_per_input = top_k when x holds tokens, 1 when x is already per
+    assignment. Returns [A, N].
     Every assignment must belong to some expert (as moe_route guarantees), else its row is unwritten.
     """
     if x.dim() != 2 or weight.dim() != 3:
@@ -76,6 +84,10 @@ def moe_gemm(x: torch.Tensor, weight: torch.Tensor, sorted_ids: torch.Tensor, of
         raise ValueError(f"x rows {x.shape[0]} * rows_per_input {rows_per_input} must equal assignments {a}")
     if row_scale is not None and row_scale.numel() != a:
         raise ValueError(f"row_scale has {row_scale.numel()} elements, expected {a}")
+    if (weight.dtype == torch.int8) != (weight_scale is not None):
+        raise ValueError("int8 expert weights need weight_scale [E, N] (and only they take one)")
+    if weight_scale is not None and weight_scale.shape != (e, n):
+        raise ValueError(f"weight_scale shape {tuple(weight_scale.shape)} must be ({e}, {n})")
     if x.stride(-1) != 1:
         x = x.contiguous()
     if weight.stride(-1) != 1:
@@ -88,9 +100,11 @@ def moe_gemm(x: torch.Tensor, weight: torch.Tensor, sorted_ids: torch.Tensor, of
     block_n = 16 if interp else 64
     block_k = 32 if interp else 64
     scale = row_scale.reshape(-1).float().contiguous() if row_scale is not None else out
+    wscale = weight_scale.float().contiguous() if weight_scale is not None else out
     grid = (e, triton.cdiv(a, block_m), triton.cdiv(n, block_n))
     _moe_gemm_kernel[grid](
         x, x.stride(0), weight, weight.stride(0), weight.stride(1), sorted_ids.contiguous(), offsets.contiguous(),
-        scale, out, n, k, ROWS_PER_INPUT=rows_per_input, HAS_SCALE=row_scale is not None, IEEE_DOT=ieee_dot(x.dtype),
+        scale, wscale, wscale.stride(0) if weight_scale is not None else 0, out, n, k, ROWS_PER_INPUT=rows_per_input,
+        HAS_SCALE=row_scale is not None, HAS_WSCALE=weight_scale is not None, IEEE_DOT=ieee_dot(x.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
     return out

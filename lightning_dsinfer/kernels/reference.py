@@ -233,11 +233,16 @@ def gated_act(gate_up: torch.Tensor, bias: torch.Tensor | None = None, act: str 
 
 
 def moe_mlp(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
-            renormalize: bool = True, weights_in_dtype: bool = False) -> torch.Tensor:
+            renormalize: bool = True, weights_in_dtype: bool = False, gate_up_scale: torch.Tensor | None = None,
+            down_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Sparse MoE SwiGLU MLP as transformers computes it: x [T, H]; router [E, H]; gate_up [E, 2I, H] (gate rows
     first); down [E, H, I]. Softmax over the router logits in fp32, top-k (renormalised when asked), each expert
     on its tokens, outputs scaled by their routing weights (fp32, or rounded to x's dtype first when
-    ``weights_in_dtype``) and summed into x's dtype expert by expert. Returns [T, H]."""
+    ``weights_in_dtype``) and summed into x's dtype expert by expert. Returns [T, H]. int8 experts: ``gate_up_scale``
+    [E, 2I] and ``down_scale`` [E, H] (per-row scales; dequantised to x's dtype here)."""
+    if gate_up_scale is not None:
+        gate_up = (gate_up.float() * gate_up_scale[..., None]).to(x.dtype)
+        down = (down.float() * down_scale[..., None]).to(x.dtype)
     logits = F.linear(x, router)
     w, ids = torch.topk(torch.softmax(logits.float(), -1), top_k, dim=-1)
     if renormalize:
@@ -385,13 +390,16 @@ def moe_route(logits: torch.Tensor, top_k: int, scoring: str = "softmax", renorm
 
 
 def moe_gemm(x: torch.Tensor, weight: torch.Tensor, sorted_ids: torch.Tensor, offsets: torch.Tensor,
-             rows_per_input: int, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+             rows_per_input: int, row_scale: torch.Tensor | None = None,
+             weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Grouped expert GEMM (twin of ``kernels/moe_gemm.py``).
 
     weight [E, N, K]; assignment a (from ``sorted_ids``, grouped by ``offsets``) reads input row
     ``a // rows_per_input`` of x [R, K] and writes out[a] = x[row] @ weight[e].T (* row_scale[a]).
-    Returns [A, N] in assignment order, A = sorted_ids.numel().
+    Returns [A, N] in assignment order, A = sorted_ids.numel(). int8 weight: ``weight_scale`` [E, N] (dequantised).
     """
+    if weight_scale is not None:
+        weight = weight.float() * weight_scale.float()[..., None]
     out = torch.zeros(sorted_ids.numel(), weight.shape[1], dtype=torch.float32, device=x.device)
     for e in range(weight.shape[0]):
         a = sorted_ids[int(offsets[e]):int(offsets[e + 1])].long()

@@ -1,7 +1,7 @@
 """Sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE): router, top-k experts, optional shared expert.
 
-On CUDA the experts stay in transformers' 3D layout (gate|up [E, 2I, H], down [E, H, I]) and a call is
-:func:`kernels.ops.moe_mlp` (mapping tables and grouped GEMMs). On the CPU each expert is a pair of
+On CUDA the experts stay in transformers' 3D layout (gate|up [E, 2I, H], down [E, H, I]; int8: the same layout with
+a scale per expert row) and a call is :func:`kernels.ops.moe_mlp` (mapping tables and grouped GEMMs). On the CPU each expert is a pair of
 :class:`~lightning_dsinfer.modules.linear.Linear` (the CPU linear kernels: AMX tiles or the row-major bf16 kernel), and
 a call runs the experts that got tokens, in ascending expert order, summed into x's dtype as transformers does.
 """
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lightning_dsinfer.kernels import ops
-from lightning_dsinfer.modules.linear import Linear
+from lightning_dsinfer.modules.linear import Linear, quantize_rows
 
 
 class MoEMLP(nn.Module):
@@ -24,7 +24,16 @@ class MoEMLP(nn.Module):
         self.shared, self.shared_gate = shared, shared_gate      # GatedMLP, Linear [1, H] (Qwen2-MoE)
         self.reduce = reduce       # tensor parallelism: experts sliced over the group, partial outputs summed here
         self.cpu_experts = None
-        if gate_up.device.type == "cpu" and not pack:   # views into a streamed unit: each expert's pair made on use
+        self.gate_up_scale = self.down_scale = None
+        if gate_up.device.type != "cpu" or ops.uses_triton(gate_up):      # the grouped GEMMs (CUDA)
+            if quantize:    # int8 3D experts, a scale per expert row; row_max: a row-parallel down's whole-row scales
+                e, rows, cols = gate_up.shape
+                q, sc = quantize_rows(gate_up.reshape(e * rows, cols))
+                self.experts_gate_up, self.gate_up_scale = q.view(e, rows, cols), sc.view(e, rows)
+                e, rows, cols = down.shape
+                q, sc = quantize_rows(down.reshape(e * rows, cols), row_max)
+                self.experts_down, self.down_scale = q.view(e, rows, cols), sc.view(e, rows)
+        elif not pack:   # CPU, views into a streamed unit: each expert's pair made on use
             self.cpu_experts = _LazyExperts(gate_up, down)
         elif gate_up.device.type == "cpu":   # int8 (CPU only): per-row scales; row_max: a row-parallel down's scales
             self.cpu_experts = [(Linear(gate_up[e], quantize=quantize),
@@ -53,7 +62,7 @@ class MoEMLP(nn.Module):
             y = self._run_cpu_experts(x2)
         else:
             y = ops.moe_mlp(x2, self.router, self.experts_gate_up, self.experts_down, self.top_k, self.renormalize,
-                            self.weights_in_dtype)
+                            self.weights_in_dtype, self.gate_up_scale, self.down_scale)
         if self.shared is not None:
             s = self.shared(x2)
             y = y + torch.sigmoid(self.shared_gate(x2)) * s     # the gate is whole: it scales each partial sum

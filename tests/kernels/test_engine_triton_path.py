@@ -84,6 +84,27 @@ def test_engine_through_triton_matches_hf(family, monkeypatch):
         _assert_fused(6)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_int8_moe_through_grouped_gemms_matches_fake_quantised_hf(family, monkeypatch):
+    """quantize="int8" on the Triton path: the experts int8 in their 3D layout with a scale per expert row, through
+    the grouped GEMMs (built under the forced dispatch on a CPU, as on CUDA): fp32 logits and greedy tokens as HF's
+    over the same quantise-dequantised weights."""
+    from helpers import fake_quantised_int8
+
+    monkeypatch.setenv("DSINFER_CUDA_GRAPHS", "0")
+    hf = tiny_model(family).to(DEVICE)
+    with _triton_path():
+        opt = optimised_copy(hf, max_seq_len=32, quantize="int8")
+    moe = next(layer.mlp for layer in opt._dsinfer_engine.decoder.layers if type(layer.mlp).__name__ == "MoEMLP")
+    assert moe.experts_gate_up.dtype == torch.int8 and moe.cpu_experts is None
+    ids, mask = (x.to(DEVICE) for x in padded_batch([12, 5, 9]))
+    ref_logits, ref_tokens, logits, tokens = _hf_and_triton_path(fake_quantised_int8(hf), opt, (ids, mask), (ids, mask))
+    valid = mask.bool()
+    torch.testing.assert_close(logits[valid], ref_logits[valid], atol=ATOL, rtol=RTOL)
+    assert torch.equal(tokens, ref_tokens)
+    assert ops.dispatch_counts[("moe_mlp", "triton")] > 0, dict(ops.dispatch_counts)
+
+
 @pytest.mark.parametrize("family", ["qwen3"])
 def test_engine_small_gemm_linears_fp16(family, monkeypatch):
     # fp16 (bf16 weights are oneDNN-packed on a CPU, so they never reach F.linear there). The plain forward has

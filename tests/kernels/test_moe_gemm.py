@@ -35,6 +35,26 @@ def test_moe_gemm_token_input(device, dtype, atol, rtol, t, e, k, kdim, n, skew)
 
 
 @pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype,atol,rtol", TOLS)
+def test_moe_gemm_int8_weights(device, dtype, atol, rtol):
+    """int8 experts with a scale per expert row: both GEMM forms against the dequantised reference."""
+    if not bf16_ok(device) and dtype == torch.bfloat16:
+        pytest.skip("bf16 unsupported on this GPU")
+    t, e, k, kdim, n = 13, 5, 2, 72, 37
+    w_route, _, _, offsets, sorted_ids, _ = _tables(t, e, k, device, skew=True)
+    q, s = ref.quantize_int8_per_channel(torch.randn(e * n, kdim, device=device))
+    q, s = q.view(e, n, kdim), s.view(e, n)
+    x = torch.randn(t, kdim, device=device).to(dtype)
+    assert_close(moe_gemm(x, q, sorted_ids, offsets, k, weight_scale=s),
+                 ref.moe_gemm(x, q, sorted_ids, offsets, k, weight_scale=s), atol, rtol)
+    h = torch.randn(t * k, kdim, device=device).to(dtype)
+    assert_close(moe_gemm(h, q, sorted_ids, offsets, 1, row_scale=w_route, weight_scale=s),
+                 ref.moe_gemm(h, q, sorted_ids, offsets, 1, w_route, s), atol, rtol)
+    with pytest.raises(ValueError, match="int8 expert weights need weight_scale"):
+        moe_gemm(x, q, sorted_ids, offsets, k)
+
+
+@pytest.mark.parametrize("device", device_params())
 def test_moe_gemm_equals_dense_moe(device):
     # End to end against a plain per-token loop (no tables): sum_j w_tj * x_t @ W[e_tj].T.
     t, e, k, kdim, n = 7, 4, 2, 32, 20
