@@ -23,7 +23,7 @@ from lightning_dsinfer.offload.budget import host_available_memory
 from lightning_dsinfer.parallel import TensorParallelComm
 from lightning_dsinfer.parallel.process_groups import tensor_parallel_comm
 from lightning_dsinfer.policies import find_policy
-from lightning_dsinfer.policies.weights import ModuleSource, SafetensorsSource
+from lightning_dsinfer.policies.weights import ModuleSource, checkpoint_source
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -64,12 +64,7 @@ class InferenceEngine:
         self.max_seq_len = config.max_seq_len or min(context, DEFAULT_MAX_SEQ_LEN)
         self.comm = comm if comm is not None else tensor_parallel_comm(config.tensor_parallel_size, self.device,
                                                                       config.collective_timeout_s)
-        source = ModuleSource(hf_model)
-        if config.checkpoint is not None:
-            from lightning_dsinfer.policies.weights import alias_checkpoint_names
-
-            source = SafetensorsSource(config.checkpoint, fallback=source)
-            alias_checkpoint_names(source, hf_model)      # transformers' renamings (Mixtral's block_sparse_moe -> mlp)
+        source = ModuleSource(hf_model) if config.checkpoint is None else checkpoint_source(config.checkpoint, hf_model)
         weights = policy(hf_model, self.max_seq_len, source)
         self.windows = sorted({lw.sliding_window for lw in weights.layers if lw.sliding_window is not None})
         if len(self.windows) > 1:
@@ -340,12 +335,7 @@ def _init_generic_tensor_parallel(model: nn.Module, config: InferenceConfig, com
     comm = comm if comm is not None else tensor_parallel_comm(config.tensor_parallel_size, device,
                                                               config.collective_timeout_s)
     plan = plan_generic_tensor_parallel(model, comm.size, comm.rank)
-    source = None
-    if config.checkpoint is not None:
-        from lightning_dsinfer.policies.weights import alias_checkpoint_names
-
-        source = SafetensorsSource(config.checkpoint, fallback=ModuleSource(model))
-        alias_checkpoint_names(source, model)
+    source = None if config.checkpoint is None else checkpoint_source(config.checkpoint, model)
     apply_generic_tensor_parallel(model, plan, comm, source, dtype=config.dtype, device=device)
     model.eval()
     model.__dict__["_dsinfer_engine"] = GenericTensorParallel(plan, comm)

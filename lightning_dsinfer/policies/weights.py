@@ -333,3 +333,11 @@ def alias_checkpoint_names(source: SafetensorsSource, model: nn.Module) -> None:
             name, _ = renaming.rename_source_key(name)
         if name != key and name not in source.entries:
             source.entries[name] = source.entries[key]
+
+
+def checkpoint_source(folder: str, model: nn.Module) -> SafetensorsSource:
+    """The safetensors folder ``folder`` read for ``model``: names missing from the files fall back to the model's own
+    tensors, and transformers' renamings of checkpoint keys are applied (:func:`alias_checkpoint_names`)."""
+    source = SafetensorsSource(folder, fallback=ModuleSource(model))
+    alias_checkpoint_names(source, model)
+    return source
