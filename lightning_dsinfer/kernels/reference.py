@@ -232,30 +232,46 @@ def gated_act(gate_up: torch.Tensor, bias: torch.Tensor | None = None, act: str 
     return (_ACTS[act](h[..., :inter]) * h[..., inter:]).to(gate_up.dtype)
 
 
-def moe_mlp(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
-            renormalize: bool = True, weights_in_dtype: bool = False, gate_up_scale: torch.Tensor | None = None,
-            down_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Sparse MoE SwiGLU MLP as transformers computes it: x [T, H]; router [E, H]; gate_up [E, 2I, H] (gate rows
-    first); down [E, H, I]. Softmax over the router logits in fp32, top-k (renormalised when asked), each expert
-    on its tokens, outputs scaled by their routing weights (fp32, or rounded to x's dtype first when
-    ``weights_in_dtype``) and summed into x's dtype expert by expert. Returns [T, H]. int8 experts: ``gate_up_scale``
-    [E, 2I] and ``down_scale`` [E, H] (per-row scales; dequantised to x's dtype here)."""
-    if gate_up_scale is not None:
-        gate_up = (gate_up.float() * gate_up_scale[..., None]).to(x.dtype)
-        down = (down.float() * down_scale[..., None]).to(x.dtype)
-    logits = F.linear(x, router)
-    w, ids = torch.topk(torch.softmax(logits.float(), -1), top_k, dim=-1)
+def moe_topk(x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool = True,
+             weights_in_dtype: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing as transformers does it: softmax of the router logits [T, E] in fp32, top-k (renormalised when asked),
+    the weights rounded to x's dtype when ``weights_in_dtype`` (Qwen). Returns (weights [T, k], expert ids [T, k])."""
+    w, ids = torch.topk(torch.softmax(F.linear(x, router).float(), -1), top_k, dim=-1)
     if renormalize:
         w = w / w.sum(-1, keepdim=True)
     if weights_in_dtype:
         w = w.to(x.dtype)
+    return w, ids
+
+
+def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, expert) -> torch.Tensor:
+    """sum_j weights[t, j] * expert(ids[t, j], x[t]) for every token t: ``expert(e, rows)`` runs expert e on the rows
+    routed to it, experts in ascending order, each scaled result summed into x's dtype (transformers' order and
+    rounding). Returns [T, H]."""
+    k = ids.shape[1]
+    groups: dict[int, list[int]] = {}
+    for a, e in enumerate(ids.reshape(-1).tolist()):      # assignment a = token * k + slot
+        groups.setdefault(e, []).append(a)
+    w = weights.reshape(-1)
     out = torch.zeros_like(x)
-    for e in torch.unique(ids).tolist():
-        tok, slot = torch.where(ids == e)
-        h = silu_and_mul(F.linear(x[tok], gate_up[e]))
-        y = F.linear(h, down[e]) * w[tok, slot, None]
-        out.index_add_(0, tok, y.to(x.dtype))
+    for e in sorted(groups):
+        a = torch.tensor(groups[e], device=x.device)
+        tok = a // k
+        out.index_add_(0, tok, (expert(e, x[tok]) * w[a, None]).to(x.dtype))
     return out
+
+
+def moe_mlp(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
+            renormalize: bool = True, weights_in_dtype: bool = False, gate_up_scale: torch.Tensor | None = None,
+            down_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Sparse MoE SwiGLU MLP as transformers computes it: x [T, H]; router [E, H]; gate_up [E, 2I, H] (gate rows
+    first); down [E, H, I]; routing by :func:`moe_topk`, the experts by :func:`moe_experts`. Returns [T, H]. int8
+    experts: ``gate_up_scale`` [E, 2I] and ``down_scale`` [E, H] (per-row scales; dequantised to x's dtype here)."""
+    if gate_up_scale is not None:
+        gate_up = (gate_up.float() * gate_up_scale[..., None]).to(x.dtype)
+        down = (down.float() * down_scale[..., None]).to(x.dtype)
+    w, ids = moe_topk(x, router, top_k, renormalize, weights_in_dtype)
+    return moe_experts(x, w, ids, lambda e, rows: F.linear(silu_and_mul(F.linear(rows, gate_up[e])), down[e]))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_dsinfer.kernels import ops
+from lightning_dsinfer.kernels import ops, reference
 from lightning_dsinfer.modules.linear import Linear, quantize_rows
 
 
@@ -73,23 +73,12 @@ class MoEMLP(nn.Module):
 
     def _run_cpu_experts(self, x: torch.Tensor) -> torch.Tensor:
         """:func:`kernels.reference.moe_mlp` with each expert's GEMMs on its :class:`Linear` pair."""
-        w, ids = torch.topk(torch.softmax(torch.nn.functional.linear(x, self.router).float(), -1), self.top_k, dim=-1)
-        if self.renormalize:
-            w = w / w.sum(-1, keepdim=True)
-        if self.weights_in_dtype:
-            w = w.to(x.dtype)
-        w = w.reshape(-1)
-        groups: dict[int, list[int]] = {}
-        for a, e in enumerate(ids.reshape(-1).tolist()):      # assignment a = token * k + slot
-            groups.setdefault(e, []).append(a)
-        out = torch.zeros_like(x)
-        for e in sorted(groups):                               # transformers' order: ascending expert id
-            a = torch.tensor(groups[e])
-            tok = a // self.top_k
+        def expert(e, rows):
             gate_up, down = self.cpu_experts[e]
-            y = down(ops.silu_and_mul(gate_up(x[tok]))) * w[a, None]
-            out.index_add_(0, tok, y.to(x.dtype))
-        return out
+            return down(ops.silu_and_mul(gate_up(rows)))
+
+        w, ids = reference.moe_topk(x, self.router, self.top_k, self.renormalize, self.weights_in_dtype)
+        return reference.moe_experts(x, w, ids, expert)
 
 
 class _LazyExperts:
