@@ -32,6 +32,24 @@ GEMV_MAX_N = {0: 4096, 1: 8192}   # float / int8 weights: outputs up to which th
 
 
 @triton.jit
+def _epilogue(y, rm, mm, rn, mn, pid_k, s_ptr, b_ptr, r_ptr, r_sm, out_ptr, M, N, SPLIT_K,
+              WMODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """Both kernels' end for the fp32 tile y [rows rm, columns rn]: int8 row scales; then, SPLIT_K == 1, bias and
+    residual added and the tile stored in the output's dtype, else the tile stored in split pid_k's fp32 workspace."""
+    if WMODE == 1:
+        y *= tl.load(s_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
+    om = mm[:, None] & mn[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
+        if HAS_RESIDUAL:
+            y += tl.load(r_ptr + rm[:, None].to(tl.int64) * r_sm + rn[None, :], mask=om, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], y.to(out_ptr.dtype.element_ty), mask=om)
+    else:
+        tl.store(out_ptr + (pid_k.to(tl.int64) * M + rm[:, None]) * N + rn[None, :], y, mask=om)
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, x_sm, w_ptr, w_sn, s_ptr, b_ptr, r_ptr, r_sm, out_ptr,   # as _small_gemm_kernel (scale: int8 [N])
     M, N, K, k_per_split,
@@ -71,18 +89,9 @@ def _gemv_kernel(
             wt = tl.load(w_rows + kk, mask=(rn3 < N) & mk, other=0).to(tl.float32)        # [1, BLOCK_N, BLOCK_K]
             acc3 += xt * wt
         y = tl.sum(acc3, axis=2)                                # [ROWS, BLOCK_N]
-    if WMODE == 1:
-        y *= tl.load(s_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
     rm = tl.arange(0, ROWS)
-    om = (rm < M)[:, None] & mn[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            y += tl.load(b_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
-        if HAS_RESIDUAL:
-            y += tl.load(r_ptr + rm[:, None].to(tl.int64) * r_sm + rn[None, :], mask=om, other=0.0).to(tl.float32)
-        tl.store(out_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], y.to(out_ptr.dtype.element_ty), mask=om)
-    else:
-        tl.store(out_ptr + (pid_k.to(tl.int64) * M + rm[:, None]) * N + rn[None, :], y, mask=om)
+    _epilogue(y, rm, rm < M, rn, mn, pid_k, s_ptr, b_ptr, r_ptr, r_sm, out_ptr, M, N, SPLIT_K,
+              WMODE, HAS_BIAS, HAS_RESIDUAL)
 
 
 @triton.jit
@@ -134,18 +143,8 @@ def _small_gemm_kernel(
             xt = tl.load(x_rows + kk[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
             wt = tl.load(w_rows + kk[None, :], mask=mn[:, None] & mk[None, :], other=0)
             acc += dot(xt, tl.trans(wt), IEEE_DOT)   # int8 (|q| <= 127) is exact in fp16 / bf16
-    if WMODE == 1:
-        acc *= tl.load(s_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
-    om = mm[:, None] & mn[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
-        if HAS_RESIDUAL:
-            acc += tl.load(r_ptr + rm[:, None].to(tl.int64) * r_sm + rn[None, :], mask=om, other=0.0).to(tl.float32)
-        tl.store(out_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=om)
-    else:
-        ws = out_ptr + (pid_k.to(tl.int64) * M + rm[:, None]) * N + rn[None, :]
-        tl.store(ws, acc, mask=om)
+    _epilogue(acc, rm, mm, rn, mn, pid_k, s_ptr, b_ptr, r_ptr, r_sm, out_ptr, M, N, SPLIT_K,
+              WMODE, HAS_BIAS, HAS_RESIDUAL)
 
 
 @triton.jit
