@@ -382,6 +382,29 @@ def small_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     return y.to(x.dtype)
 
 
+def norm_small_gemm(x: torch.Tensor, weight: torch.Tensor, add: torch.Tensor | None = None,
+                    norm: tuple[torch.Tensor, float] | None = None, bias: torch.Tensor | None = None,
+                    residual: torch.Tensor | None = None, gated: bool = False):
+    """``small_gemm`` with the Deep-Fusion prologue / epilogue of ``kernels/small_gemm.py``: the input is
+    u = x + add (rounded to x's dtype; x itself without ``add``), RMSNorm'd in fp32 by ``norm = (w, eps)`` (not
+    rounded before the product); ``gated``: weight [2N, K] (dequantised already) gives silu(gate) * up [.., N].
+    Returns (out in x's dtype, u)."""
+    u = x if add is None else x + add
+    xin = u.float()
+    if norm is not None:
+        w, eps = norm
+        xin = xin * torch.rsqrt(xin.pow(2).mean(-1, keepdim=True) + eps) * w.float()
+    y = xin @ weight.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    if gated:
+        inter = y.shape[-1] // 2
+        y = F.silu(y[..., :inter]) * y[..., inter:]
+    if residual is not None:
+        y = y + residual.float()
+    return y.to(x.dtype), u
+
+
 def moe_route(logits: torch.Tensor, top_k: int, scoring: str = "softmax", renormalize: bool = True):
     """Top-k routing with mapping tables (twin of ``kernels/moe_routing.py``).
 

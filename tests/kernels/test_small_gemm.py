@@ -63,6 +63,75 @@ def test_small_gemm_int4(device, dtype, atol, rtol, m, k, n, group, split_k):
     assert_close(got, ref.small_gemm(x, ref.dequantize_int4(packed, s, group), None, res), atol, rtol)
 
 
+FUSED = ["norm", "add_norm", "gated", "add_norm_gated"]
+
+
+def _fused_args(kind, m, k, n, dtype, device):
+    """Inputs of a Deep-Fusion call with O(1) outputs: weight rows of norm ~1 over K."""
+    x = torch.randn(m, k, device=device).to(dtype)
+    add = torch.randn(m, k, device=device).to(dtype) if "add" in kind else None
+    norm = ((1 + 0.5 * torch.randn(k, device=device)).to(dtype), 1e-5) if "norm" in kind else None
+    rows = 2 * n if "gated" in kind else n
+    w = (torch.randn(rows, k, device=device) / k ** 0.5)
+    bias = torch.randn(rows, device=device).to(dtype)
+    return x, add, norm, w, bias
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype,atol,rtol", TOLS)
+@pytest.mark.parametrize("m,k,n,kernel", CASES)
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("kind", FUSED)
+def test_small_gemm_deep_fusion(device, dtype, atol, rtol, m, k, n, kernel, split_k, kind):
+    """RMSNorm prologue (with and without the residual add) and the SwiGLU epilogue, on both kernels, with and
+    without split-K (the last split of a tile reduces), against reference.norm_small_gemm."""
+    _skip(device, dtype)
+    x, add, norm, w, bias = _fused_args(kind, m, k, n, dtype, device)
+    w = w.to(dtype)
+    got = small_gemm(x, w, bias, add=add, norm=norm, gated="gated" in kind, split_k=split_k, kernel=kernel)
+    want, u = ref.norm_small_gemm(x, w, add, norm, bias, None, "gated" in kind)
+    if add is not None:
+        got, h = got
+        assert_close(h, u, 1e-2 if dtype != torch.float32 else 0, 8e-3 if dtype != torch.float32 else 0)
+    assert got.shape == (m, n)
+    assert_close(got, want, atol, rtol)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("m,k,n,kernel", CASES)
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_small_gemm_int8_deep_fusion(device, m, k, n, kernel, split_k):
+    """int8 weights with the norm prologue and the gated epilogue: the gate and up rows keep their own scales."""
+    dtype = torch.float16
+    x, add, norm, w, bias = _fused_args("add_norm_gated", m, k, n, dtype, device)
+    q, s = ref.quantize_int8_per_channel(w)
+    got, h = small_gemm_int8(x, q, s, bias, add=add, norm=norm, gated=True, split_k=split_k, kernel=kernel)
+    want, u = ref.norm_small_gemm(x, ref.dequantize_int8(q, s), add, norm, bias, None, True)
+    assert_close(h, u, 1e-2, 8e-3)
+    assert_close(got, want, 1e-2, 2e-3)
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_split_k_semaphores_are_left_at_zero(device):
+    """The split that finishes a tile resets its semaphore, so launch after launch (other shapes, other tile counts,
+    the same semaphores) reduces correctly; a semaphore left non-zero would leave its tile unwritten (NaN)."""
+    from lightning_dsinfer.kernels.small_gemm import _semaphores
+    for m, n, k, kernel, split in [(1, 40, 256, "gemv", 4), (3, 33, 200, "dot", 3), (1, 40, 256, "gemv", 2),
+                                   (5, 70, 96, "gemv", 3), (1, 40, 256, "gemv", 4)]:
+        x, w = torch.randn(m, k, device=device), torch.randn(n, k, device=device)
+        assert_close(small_gemm(x, w, split_k=split, kernel=kernel), ref.small_gemm(x, w), 1e-4, 1e-4)
+        assert int(_semaphores(x.device, 1).abs().sum()) == 0
+
+
+def test_fused_gemm_rejects_bad_args():
+    with pytest.raises(ValueError, match="rows is odd"):
+        small_gemm(torch.randn(1, 8), torch.randn(5, 8), gated=True)
+    with pytest.raises(ValueError, match="norm weight shape"):
+        small_gemm(torch.randn(1, 8), torch.randn(4, 8), norm=(torch.ones(7), 1e-6))
+    with pytest.raises(ValueError, match="add .* must match x"):
+        small_gemm(torch.randn(1, 8), torch.randn(4, 8), add=torch.randn(2, 8))
+
+
 def test_quantizers_round_trip():
     w = torch.randn(16, 64)
     q, s = ref.quantize_int8_per_channel(w)
