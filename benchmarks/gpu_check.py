@@ -231,6 +231,22 @@ def engine_op_cases(dev: str = "cuda", tiny: bool = False):
             x = torch.randn(m, kdim, device=dev, dtype=bf)
             out.append((f"ops.linear {name}", f"M={m} {n}x{kdim} bf16", lambda x=x, w=w: ops.linear(x, w),
                         lambda x=x, w=w: F.linear(x, w), (n * kdim + m * kdim + m * n) * 2))
+
+    # Deep-Fusion GEMMs of a decode step (ops.norm_linear): residual add + RMSNorm + QKV, and residual add + RMSNorm +
+    # gate/up + SwiGLU, each one kernel; the torch column runs the three / four ops it replaces.
+    nw = torch.randn(hid, device=dev, dtype=bf)
+    for name, n, gated in (("add+norm+qkv", (hq + 2 * hkv) * d, False), ("add+norm+gate_up+silu", 2 * inter, True)):
+        w = torch.randn(n, hid, device=dev, dtype=bf) * 0.02
+        for m in (1, 16):
+            x, r = torch.randn(m, hid, device=dev, dtype=bf), torch.randn(m, hid, device=dev, dtype=bf)
+
+            def unfused(x=x, r=r, w=w, gated=gated):
+                y = F.linear(ref.add_rms_norm(x, r, nw, 1e-6)[0], w)
+                return ref.silu_and_mul(y) if gated else y
+
+            out.append((f"ops.norm_linear {name}", f"M={m} {n}x{hid} bf16",
+                        lambda x=x, r=r, w=w, gated=gated: ops.norm_linear(r, x, nw, 1e-6, w, gated=gated),
+                        unfused, (n * hid + 3 * m * hid + m * (n // 2 if gated else n)) * 2))
     return out
 
 
@@ -637,7 +653,7 @@ def main() -> int:
                     failed += 1
                     print(f"FAIL  {kernel} {shape}: {type(exc).__name__}: {exc}")
             fused = {op for op, path in ops.dispatch_counts if path == "triton"}
-            if not {"add_rms_norm", "rotary_write_kv", "linear"} <= fused:
+            if not {"add_rms_norm", "rotary_write_kv", "linear", "norm_linear"} <= fused:
                 failed += 1
                 print(f"FAIL  ops.* rows did not reach the kernels: {dict(ops.dispatch_counts)}")
         with ops.force_triton(), cuda_graphs.emulate():

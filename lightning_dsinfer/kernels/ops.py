@@ -28,6 +28,10 @@ How the engine's calls map onto the kernels, and what stays on the reference:
 - ``linear(x, w, bias, residual)`` -> ``kernels/small_gemm.py`` when the rows M = x.numel() / K are
   1..:data:`SMALL_GEMM_MAX_M` (decode) and x, w are both bf16 or both fp16; else ``F.linear`` (counted as
   ``"torch:..."``, the intended path for prefill and fp32, not a fallback).
+- ``norm_linear(h, delta, norm_w, eps, w, bias, scale, gated)`` -> ``kernels/small_gemm.py`` with its norm
+  prologue (and the residual add when ``delta`` is given) and, ``gated``, its SwiGLU epilogue: the input norm +
+  QKV and the post-attention norm + gate/up + SwiGLU of a decode step, one kernel each (the engine's blocks on
+  the Triton path). Rows, dtypes: as ``linear`` (fp32 included); else None and the caller runs the separate ops.
 - ``silu_and_mul(gate_up)`` -> ``kernels/activations.gated_act(act="silu")``.
 - ``rotary_half(x, cos, sin_signed)`` with x [B, T, H, D] and cos / sin [B, T, 1, D] (the engine's Step) ->
   ``kernels/rotary.rotary_qkv``: each token's cos row becomes one row of a [B*T, D/2] table, read at
@@ -341,6 +345,39 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return reference.linear(x, weight, bias, residual)
 
 
+def norm_linear(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                weight: torch.Tensor, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                gated: bool = False):
+    """``(linear(rms_norm(h + delta)), h + delta)`` (delta None: h as it is), silu-gated when ``gated`` (weight
+    [2N, K] = gate rows then up rows: ``silu_and_mul`` of the product), in one small-GEMM kernel
+    (``kernels/small_gemm.py``'s norm prologue and gated epilogue): float weights in x's dtype or int8 with its
+    per-row ``scale``, decode-sized rows (M <= SMALL_GEMM_MAX_M) on the Triton path. Returns None where the kernel
+    does not take the call (then the caller runs the norm, the linear and the activation as separate ops). The
+    normalised input is not rounded to the dtype before the product (the unfused ops round it once)."""
+    x = h if delta is None else delta
+    if not _triton(x):
+        return None
+    k = x.shape[-1]
+    m = x.numel() // k if k else 0
+    if not 0 < m <= SMALL_GEMM_MAX_M:
+        why = "torch:large_m"
+    elif x.dtype not in (torch.float32, torch.bfloat16, torch.float16) \
+            or weight.dtype != (torch.int8 if scale is not None else x.dtype):
+        why = "torch:dtype"
+    elif weight.dim() != 2 or weight.stride(-1) != 1 or norm_weight.shape != (k,) \
+            or (bias is not None and bias.dtype != x.dtype) \
+            or (delta is not None and (delta.shape != h.shape or delta.dtype != h.dtype)):
+        why = "reference:layout"
+    else:
+        from lightning_dsinfer.kernels.small_gemm import small_gemm, small_gemm_int8
+        _count("norm_linear", "triton")
+        kw = dict(add=None if delta is None else h, norm=(norm_weight, eps), gated=gated)
+        out = small_gemm_int8(x, weight, scale, bias, **kw) if scale is not None else small_gemm(x, weight, bias, **kw)
+        return out if delta is not None else (out, h)
+    _count("norm_linear", why)
+    return None
+
+
 def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ (qweight * scale[:, None]).T (+ bias) (+ residual)``: int8 [N, K] weight, fp32 per-row scale. The
@@ -464,6 +501,6 @@ def _decode(q, k, v, mask, scale, b, length):
     return out.unsqueeze(2)
 
 
-__all__ = ["rms_norm", "add_rms_norm", "fuses_residual", "rotary_half", "rotary_write_kv", "silu_and_mul", "moe_mlp",
+__all__ = ["rms_norm", "add_rms_norm", "norm_linear", "fuses_residual", "rotary_half", "rotary_write_kv", "silu_and_mul", "moe_mlp",
            "attention",
            "linear", "SMALL_GEMM_MAX_M", "force_triton", "kv_ranges", "dispatch_counts"]

@@ -155,6 +155,19 @@ class Linear(nn.Module):
             y = self.reduce(y)
         return y
 
+    def norm_forward(self, h: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                     gated: bool = False):
+        """``(self(rms_norm(h + delta)), h + delta)`` (delta None: nothing pending), the product silu-gated
+        (``ops.silu_and_mul``) when ``gated``: one kernel where ``ops.norm_linear`` takes it (the Triton path,
+        decode-sized rows, a plain or int8 weight of one rank's column shard), else the separate ops."""
+        if self.layout in ("plain", "int8") and self.reduce is None:
+            out = ops.norm_linear(h, delta, norm_weight, eps, self.weight, self.bias, self.scale, gated)
+            if out is not None:
+                return out
+        x, h = (ops.rms_norm(h, norm_weight, eps), h) if delta is None else ops.add_rms_norm(delta, h, norm_weight, eps)
+        y = self(x)
+        return (ops.silu_and_mul(y) if gated else y), h
+
     def _matmul(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         if self.layout == "int8_amx":
             return cpu_gemv.linear_packed_int8(x, self.weight, self.scale, self.out_features, self.in_features,

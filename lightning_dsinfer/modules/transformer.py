@@ -10,9 +10,11 @@ Where the residual adds happen depends on the path (``ops.fuses_residual``), wit
 - CPU path: each output projection adds the residual inside its GEMM (``o(out, h)``, ``down(act, h)``:
   oneDNN's binary-add epilogue) and the norms are plain ``rms_norm``.
 - Triton path (CUDA, or forced): the projections run without the residual and the add is done by the next
-  norm in the same kernel (``ops.add_rms_norm``): attention's output with the post-attention norm, the MLP's
-  output with the next block's input norm (carried as a pending ``delta``, :meth:`DecoderLayer.run`) or with
-  the final norm. Rotary and the KV-cache append are one kernel there too (``ops.rotary_write_kv``).
+  norm in the same kernel: attention's output with the post-attention norm, the MLP's output with the next
+  block's input norm (carried as a pending ``delta``, :meth:`DecoderLayer.run`) or with the final norm. For
+  decode-sized rows those norms are the prologue of the GEMM that reads them (``Linear.norm_forward``: add + norm
+  + QKV, add + norm + gate/up + SwiGLU, one kernel each); otherwise ``ops.add_rms_norm``. Rotary and the
+  KV-cache append are one kernel there too (``ops.rotary_write_kv``).
 """
 from __future__ import annotations
 
@@ -79,9 +81,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, step: Step) -> torch.Tensor:
         """Attention of the normed input x [B, T, H]; ``residual`` is added by o_proj (None: not added)."""
-        b, t, _ = x.shape
+        return self.from_qkv(self.qkv(x), residual, step)
+
+    def from_qkv(self, qkv: torch.Tensor, residual: torch.Tensor | None, step: Step) -> torch.Tensor:
+        """The rest of :meth:`forward` given the QKV projection's output [B, T, (Hq + 2 Hkv) D]."""
+        b, t, _ = qkv.shape
         hq, hkv, d = self.hq, self.hkv, self.d
-        qkv = self.qkv(x).view(b, t, hq + 2 * hkv, d)
+        qkv = qkv.view(b, t, hq + 2 * hkv, d)
         cache = step.cache
         # q / k norms (Qwen3), rotary, and the K/V append to the engine's cache: one op (one kernel on Triton).
         slots = cache.slots(self.layer_idx, b, step.start) if cache is not None else (None, None, 0)
@@ -140,9 +146,18 @@ class DecoderLayer(nn.Module):
         """The block on the residual stream ``h + delta`` (delta: the previous block's MLP output not added yet,
         or None). Returns (h, delta) for the next block: on the Triton path with ``defer`` the MLP's output is
         returned as the pending delta (the next norm adds it), else it is added here and delta is None."""
-        x, h = self.attend(h, delta, step)
         if defer and ops.fuses_residual(h):
+            # Triton path: the input norm (with the pending add) is the QKV GEMM's prologue, and the post-attention
+            # norm (with attention's add) the gate/up GEMM's, SwiGLU its epilogue (``Linear.norm_forward``: one
+            # kernel each for decode-sized rows, else the separate fused ops).
+            qkv, h = self.attn.qkv.norm_forward(h, delta, self.input_norm, self.eps)
+            out = self.attn.from_qkv(qkv, None, step)
+            if isinstance(self.mlp, GatedMLP):
+                act, h = self.mlp.gate_up.norm_forward(h, out, self.post_norm, self.eps, gated=True)
+                return h, self.mlp.down(act)
+            x, h = ops.add_rms_norm(out, h, self.post_norm, self.eps)
             return h, self.mlp(x)
+        x, h = self.attend(h, delta, step)
         return self.mlp(x, h), None
 
 
