@@ -45,6 +45,23 @@ def online_softmax_step(s, v, m_i, l_i, acc, IEEE: tl.constexpr):
     return m_new, l_i, acc
 
 
+_LOCKS: dict[tuple, torch.Tensor] = {}    # (device, stream) -> int32 split-K semaphores, zero between launches
+
+
+def semaphores(device: torch.device, count: int) -> torch.Tensor:
+    """``count`` int32 semaphores for split-K launches on the current stream (small GEMM tiles, decode-attention
+    heads: the split that arrives last reduces). Every launch leaves them at zero (that split resets its own), so they
+    are zeroed once, when made; one set per stream, so that launches on two streams never share one. A CUDA-graph
+    capture stream gets its own set, made (and zeroed) while capturing: the zero fill is captured too, which only
+    repeats what every launch leaves behind."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    locks = _LOCKS.get(key)
+    if locks is None or locks.numel() < count:
+        locks = _LOCKS[key] = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
+    return locks
+
+
 def rows(t: torch.Tensor, n: int) -> torch.Tensor:
     """t [..., n] as a [M, n] view with a contiguous last dim (a copy only when it must be)."""
     t2 = t.reshape(-1, n)

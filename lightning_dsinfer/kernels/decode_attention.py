@@ -1,9 +1,10 @@
 """Decode attention over the KV cache, split-K ("flash-decoding"), for one new token per sequence.
 
-Stage 1: grid (B, Hkv, splits); each program takes the G = Hq / Hkv query heads sharing one KV head
+One kernel, grid (B, Hkv, splits); each program takes the G = Hq / Hkv query heads sharing one KV head
 (GQA / MQA: each K/V row is read once per group) and one slice of the key range, runs an online
-softmax over it, and writes a normalised partial output and its log-sum-exp. Stage 2: grid (B, Hq)
-merges the splits. Per-sequence lengths (padded batches: keys [kv_start[b], seq_lens[b])), ALiBi,
+softmax over it, and writes a normalised partial output and its log-sum-exp; the split of a (b, kv head) that
+finishes last (a semaphore per pair, left at zero) merges the group's splits into the output. Short contexts
+take smaller key blocks, so that a batch of one still spreads over the SMs. Per-sequence lengths (padded batches: keys [kv_start[b], seq_lens[b])), ALiBi,
 sliding window and logit soft-capping are per-launch switches. The split count depends only on
 ``max_seq_len`` (a host int), never on device values, so a launch can be captured in a CUDA graph.
 Reference: :func:`lightning_dsinfer.kernels.reference.decode_attention`.
@@ -16,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lightning_dsinfer.kernels._common import dot, ieee_dot, interpreting, online_softmax_step
+from lightning_dsinfer.kernels._common import dot, ieee_dot, interpreting, online_softmax_step, semaphores
 
 
 @triton.jit
@@ -27,6 +28,8 @@ def _decode_attn_split_kernel(
     lens_ptr, start_ptr,            # seq_lens [B] int (query at column len-1); kv_start [B] (if HAS_START)
     slopes_ptr,                     # ALiBi slopes [Hq] fp32 (if HAS_ALIBI)
     part_ptr, lse_ptr,              # partial out [B, Hq, SPLITS, D] fp32, lse [B, Hq, SPLITS] fp32
+    lock_ptr,                       # int32 semaphore per (b, kv head), zero between launches
+    out_ptr, o_sb, o_sh,            # output [B, Hq, D]: batch / head strides
     scale, softcap, window,         # score scale; cap (if HAS_SOFTCAP); window (if HAS_WINDOW)
     chunk,                          # keys per split (multiple of BLOCK_N)
     G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
@@ -73,33 +76,36 @@ def _decode_attn_split_kernel(
         m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, IEEE_DOT)
     has = l_i > 0.0                                                # False for an empty split
     out = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
-    row = (b.to(tl.int64) * (G * tl.num_programs(1)) + heads) * SPLITS + split
-    tl.store(part_ptr + row[:, None] * D + d[None, :], out, mask=mg[:, None] & md[None, :])
-    tl.store(lse_ptr + row, lse, mask=mg)
-
-
-@triton.jit
-def _decode_attn_reduce_kernel(
-    part_ptr, lse_ptr,              # partial out [B, Hq, SPLITS, D] fp32, lse [B, Hq, SPLITS] fp32
-    out_ptr, o_sb, o_sh,            # output [B, Hq, D]: batch / head strides
-    HQ,                             # query heads
-    D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    sp = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, BLOCK_D)
-    row = (b.to(tl.int64) * HQ + h) * SPLITS
-    lse = tl.load(lse_ptr + row + sp, mask=sp < SPLITS, other=float("-inf"))
-    m = tl.max(lse, axis=0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)                 # no visible key at all -> zeros
-    w = tl.exp(lse - m_safe)
-    part = tl.load(part_ptr + (row + sp[:, None]) * D + d[None, :],
-                   mask=(sp[:, None] < SPLITS) & (d[None, :] < D), other=0.0)
-    den = tl.sum(w, axis=0)
-    out = tl.sum(w[:, None] * part, axis=0) / tl.where(den > 0.0, den, 1.0)
-    tl.store(out_ptr + b.to(tl.int64) * o_sb + h * o_sh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
+    om = mg[:, None] & md[None, :]
+    o_ptrs = out_ptr + b.to(tl.int64) * o_sb + heads[:, None] * o_sh + d[None, :]
+    if SPLITS == 1:
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=om)
+    else:
+        lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+        row = (b.to(tl.int64) * (G * tl.num_programs(1)) + heads) * SPLITS    # split 0 of each head
+        tl.store(part_ptr + (row + split)[:, None] * D + d[None, :], out, mask=om, cache_modifier=".cg")
+        tl.store(lse_ptr + row + split, lse, mask=mg, cache_modifier=".cg")
+        tl.debug_barrier()      # this program's stores issued before its arrival is counted
+        # The split that arrives last merges the group's splits (log-sum-exp weights) and resets the semaphore.
+        sem = lock_ptr + b * tl.num_programs(1) + kvh
+        if tl.atomic_add(sem, 1, sem="acq_rel") == SPLITS - 1:
+            m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+            den = tl.zeros([BLOCK_G], tl.float32)
+            acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+            for s in range(SPLITS):
+                lse_s = tl.load(lse_ptr + row + s, mask=mg, other=float("-inf"), cache_modifier=".cg")
+                m_new = tl.maximum(m, lse_s)
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # no visible key so far
+                alpha = tl.exp(m - m_safe)
+                w = tl.exp(lse_s - m_safe)
+                part = tl.load(part_ptr + (row + s)[:, None] * D + d[None, :], mask=om, other=0.0,
+                               cache_modifier=".cg")
+                acc = acc * alpha[:, None] + w[:, None] * part
+                den = den * alpha + w
+                m = m_new
+            out = acc / tl.where(den > 0.0, den, 1.0)[:, None]
+            tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=om)
+            tl.atomic_xchg(sem, 0)
 
 
 def _target_programs(device: torch.device) -> int:
@@ -152,30 +158,34 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if group > 128 or d > 256:
         raise ValueError(f"query heads per kv head {group} (max 128) or head dim {d} (max 256) too large")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    programs = _target_programs(q.device)
+    want = triton.cdiv(programs, b * hkv) if num_splits is None else num_splits
     block_n = 16 if interpreting() else 64
+    while block_n > 16 and triton.cdiv(max_len, block_n) < want:   # short contexts: smaller key blocks, more splits
+        block_n //= 2
     n_blocks = triton.cdiv(max_len, block_n)
     if num_splits is None:
-        num_splits = max(1, min(triton.cdiv(_target_programs(q.device), b * hkv), n_blocks, 64))
+        num_splits = max(1, min(want, n_blocks, 64))
     num_splits = max(1, min(num_splits, n_blocks))
     chunk = triton.cdiv(n_blocks, num_splits) * block_n
     num_splits = triton.cdiv(max_len, chunk)
     out = torch.empty((b, hq, d), dtype=q.dtype, device=q.device) if out is None else out
     if b == 0:
         return out
-    part = torch.empty((b, hq, num_splits, d), dtype=torch.float32, device=q.device)
-    lse = torch.empty((b, hq, num_splits), dtype=torch.float32, device=q.device)
+    if num_splits > 1:
+        part = torch.empty((b, hq, num_splits, d), dtype=torch.float32, device=q.device)
+        lse = torch.empty((b, hq, num_splits), dtype=torch.float32, device=q.device)
+        locks = semaphores(q.device, b * hkv)
+    else:
+        part = lse = locks = out
     block_g = max(16, triton.next_power_of_2(group))
     block_d = max(16, triton.next_power_of_2(d))
-    dummy = lse
     _decode_attn_split_kernel[(b, hkv, num_splits)](
         q, q.stride(0), q.stride(1), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         seq_lens, kv_start if kv_start is not None else seq_lens,
-        alibi_slopes.float().contiguous() if alibi_slopes is not None else dummy,
-        part, lse, scale, softcap or 1.0, window or 1, chunk,
+        alibi_slopes.float().contiguous() if alibi_slopes is not None else seq_lens,
+        part, lse, locks, out, out.stride(0), out.stride(1), scale, softcap or 1.0, window or 1, chunk,
         G=group, D=d, SPLITS=num_splits, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n,
         HAS_START=kv_start is not None, HAS_ALIBI=alibi_slopes is not None, HAS_WINDOW=window is not None,
         HAS_SOFTCAP=softcap is not None, IEEE_DOT=ieee_dot(q.dtype), num_warps=4)
-    _decode_attn_reduce_kernel[(b, hq)](
-        part, lse, out, out.stride(0), out.stride(1), hq,
-        D=d, SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=1)
     return out

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lightning_dsinfer.kernels._common import dot, ieee_dot, interpreting
+from lightning_dsinfer.kernels._common import dot, ieee_dot, interpreting, semaphores
 
 _FLOAT, _INT8, _INT4 = 0, 1, 2
 GEMV_MAX_M = 8          # rows up to which _gemv_kernel can be used (its fp32 accumulator is ROWS x BLOCK_N x BLOCK_K)
@@ -341,22 +341,6 @@ def _auto_split(n_tiles: int, k_tiles: int, m_tiles: int, target: int, gemv: boo
     return max(1, min(triton.cdiv(target, n_tiles * m_tiles), k_tiles // 4 or 1, 16))
 
 
-_locks: dict[tuple, torch.Tensor] = {}    # (device, stream) -> int32 split-K semaphores, zero between launches
-
-
-def _semaphores(device: torch.device, count: int) -> torch.Tensor:
-    """``count`` split-K semaphores for launches on the current stream. Every launch leaves them at zero (the last
-    split of a tile resets its own), so they are zeroed once, when made; one set per stream, so that launches on
-    two streams never share one. Made outside CUDA-graph capture when possible: the engine's eager warm-up step
-    runs first on the same device, and a set made while capturing belongs to that capture's stream."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    locks = _locks.get(key)
-    if locks is None or locks.numel() < count:
-        locks = _locks[key] = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
-    return locks
-
-
 def _launch(x, w, scale, wmode, group, n, k, bias, residual, split_k, block_n, block_k, kernel=None, warps=None,
             add=None, norm=None, gated=False):
     """n: output features (the weight has 2n rows when ``gated``)."""
@@ -431,7 +415,7 @@ def _launch(x, w, scale, wmode, group, n, k, bias, residual, split_k, block_n, b
     if split_k > 1:
         ws = torch.empty((split_k, m, nw_rows), dtype=torch.float32, device=x.device)
         ss = torch.empty((split_k, m), dtype=torch.float32, device=x.device) if norm is not None else ws
-        locks = _semaphores(x.device, n_tiles * m_tiles)
+        locks = semaphores(x.device, n_tiles * m_tiles)
     else:
         ws = ss = locks = dummy
     s_arg = scale if scale is not None else dummy

@@ -81,3 +81,18 @@ def test_decode_attention_empty_row_gives_zeros(device):
     got = decode_attention(q, k, v, lens, 0.25, num_splits=2)
     assert_close(got, ref.decode_attention(q, k, v, lens, 0.25), 4e-3, 4e-3)
     assert torch.equal(got[1], torch.zeros_like(got[1]))
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_decode_attention_merge_leaves_semaphores_at_zero(device):
+    """The split that merges a (row, kv head) resets its semaphore: launch after launch with other batch sizes and
+    split counts stays right (a stale count would leave heads unmerged: NaN from the poisoned output)."""
+    from lightning_dsinfer.kernels._common import semaphores
+    for b, splits in [(2, 3), (3, 2), (2, 4), (1, 3)]:
+        q = torch.randn(b, 4, 16, device=device)
+        k, v = torch.randn(4, 2, 40, 16, device=device), torch.randn(4, 2, 40, 16, device=device)
+        lens = torch.tensor([40, 33, 17, 9][:b], dtype=torch.int32, device=device)
+        got = decode_attention(q, k, v, lens, 0.25, num_splits=splits)
+        want = ref.decode_attention(q, k, v, lens, 0.25)
+        assert_close(got, want, 1e-4, 1e-4)
+        assert int(semaphores(q.device, 1).abs().sum()) == 0

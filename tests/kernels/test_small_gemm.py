@@ -115,7 +115,7 @@ def test_small_gemm_int8_deep_fusion(device, m, k, n, kernel, split_k):
 def test_split_k_semaphores_are_left_at_zero(device):
     """The split that finishes a tile resets its semaphore, so launch after launch (other shapes, other tile counts,
     the same semaphores) reduces correctly; a semaphore left non-zero would leave its tile unwritten (NaN)."""
-    from lightning_dsinfer.kernels.small_gemm import _semaphores
+    from lightning_dsinfer.kernels._common import semaphores as _semaphores
     for m, n, k, kernel, split in [(1, 40, 256, "gemv", 4), (3, 33, 200, "dot", 3), (1, 40, 256, "gemv", 2),
                                    (5, 70, 96, "gemv", 3), (1, 40, 256, "gemv", 4)]:
         x, w = torch.randn(m, k, device=device), torch.randn(n, k, device=device)
