@@ -4,7 +4,8 @@ One kernel, grid (B, Hkv, splits); each program takes the G = Hq / Hkv query hea
 (GQA / MQA: each K/V row is read once per group) and one slice of the key range, runs an online
 softmax over it, and writes a normalised partial output and its log-sum-exp; the split of a (b, kv head) that
 finishes last (a semaphore per pair, left at zero) merges the group's splits into the output. Short contexts
-take smaller key blocks, so that a batch of one still spreads over the SMs. Per-sequence lengths (padded batches: keys [kv_start[b], seq_lens[b])), ALiBi,
+take smaller key blocks, so that a batch of one still spreads over the SMs. Per-sequence lengths (padded batches:
+keys [kv_start[b], seq_lens[b]); any stride, so an expanded [1] serves every row), ALiBi,
 sliding window and logit soft-capping are per-launch switches. The split count depends only on
 ``max_seq_len`` (a host int), never on device values, so a launch can be captured in a CUDA graph.
 Reference: :func:`lightning_dsinfer.kernels.reference.decode_attention`.
@@ -25,7 +26,8 @@ def _decode_attn_split_kernel(
     q_ptr, q_sb, q_sh,              # q [B, Hq, D]: batch / head strides (D contiguous)
     k_ptr, v_ptr,                   # caches [B_max, Hkv, S, D] (same strides, D contiguous)
     c_sb, c_sh, c_ss,               # cache batch / head / seq strides
-    lens_ptr, start_ptr,            # seq_lens [B] int (query at column len-1); kv_start [B] (if HAS_START)
+    lens_ptr, lens_sb,              # seq_lens [B] int (query at column len-1) and its stride (0: one for all)
+    start_ptr, start_sb,            # kv_start [B] int (if HAS_START), stride
     slopes_ptr,                     # ALiBi slopes [Hq] fp32 (if HAS_ALIBI)
     part_ptr, lse_ptr,              # partial out [B, Hq, SPLITS, D] fp32, lse [B, Hq, SPLITS] fp32
     lock_ptr,                       # int32 semaphore per (b, kv head), zero between launches
@@ -47,10 +49,10 @@ def _decode_attn_split_kernel(
     heads = kvh * G + g                                            # query heads of this group
     q = tl.load(q_ptr + b.to(tl.int64) * q_sb + heads[:, None] * q_sh + d[None, :],
                 mask=mg[:, None] & md[None, :], other=0.0)
-    end = tl.load(lens_ptr + b).to(tl.int32)                       # keys [lo, end); query at end - 1
+    end = tl.load(lens_ptr + b * lens_sb).to(tl.int32)                       # keys [lo, end); query at end - 1
     lo_valid = 0
     if HAS_START:
-        lo_valid = tl.load(start_ptr + b).to(tl.int32)
+        lo_valid = tl.load(start_ptr + b * start_sb).to(tl.int32)
     if HAS_WINDOW:
         lo_valid = tl.maximum(lo_valid, end - window)
     lo = tl.maximum(split * chunk, lo_valid)
@@ -182,7 +184,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     block_d = max(16, triton.next_power_of_2(d))
     _decode_attn_split_kernel[(b, hkv, num_splits)](
         q, q.stride(0), q.stride(1), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        seq_lens, kv_start if kv_start is not None else seq_lens,
+        seq_lens, seq_lens.stride(0), kv_start if kv_start is not None else seq_lens,
+        kv_start.stride(0) if kv_start is not None else 0,
         alibi_slopes.float().contiguous() if alibi_slopes is not None else seq_lens,
         part, lse, locks, out, out.stride(0), out.stride(1), scale, softcap or 1.0, window or 1, chunk,
         G=group, D=d, SPLITS=num_splits, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n,

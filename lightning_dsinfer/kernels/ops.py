@@ -22,8 +22,9 @@ How the engine's calls map onto the kernels, and what stays on the reference:
 - ``rotary_write_kv(qkv, Hq, cos, sin_signed, k_cache, v_cache, col, q_norm, k_norm, eps)`` ->
   ``kernels/rotary.rotary_qkv`` with the caches: q and k heads rotated and K/V appended to the cache rows in one
   kernel, reading q / k / v straight from the fused QKV output (strided views). The per-head q / k norms
-  (Qwen3) run first through ``kernels/rms_norm.py``. ``col``: an int (``torch.full`` of it is the kernel's
-  ``cache_start``) or a LongTensor [1] on the device (the CUDA-graph step, no host sync). Tables and
+  (Qwen3) run first through ``kernels/rms_norm.py``. ``col``: an int (an int32 [1] tensor of it, kept for
+  later calls, expanded over the rows is the kernel's ``cache_start``: no fill per layer) or a LongTensor [1] on the
+  device (the CUDA-graph step, no host sync). Tables and
   positions as for ``rotary_half`` (below); other layouts and caches -> reference.
 - ``linear(x, w, bias, residual)`` -> ``kernels/small_gemm.py`` when the rows M = x.numel() / K are
   1..:data:`SMALL_GEMM_MAX_M` (decode) and x, w are both bf16 or both fp16; else ``F.linear`` (counted as
@@ -278,6 +279,21 @@ def rotary_half(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) ->
     return out
 
 
+_COLUMNS: dict[tuple, torch.Tensor] = {}
+
+
+def _column(device: torch.device, col: int) -> torch.Tensor:
+    """An int32 [1] tensor holding ``col`` (read-only; kept for the next call, so the layers of one step, and later
+    steps' layers, do not each fill a new tensor: a kernel launch per call on a GPU)."""
+    key = (device, col)
+    t = _COLUMNS.get(key)
+    if t is None:
+        if len(_COLUMNS) >= 4096:
+            _COLUMNS.clear()
+        t = _COLUMNS[key] = torch.full((1,), col, dtype=torch.int32, device=device)
+    return t
+
+
 def rotary_write_kv(qkv: torch.Tensor, num_heads: int, cos: torch.Tensor, sin_signed: torch.Tensor,
                     k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None, col=0,
                     q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 0.0):
@@ -314,8 +330,7 @@ def rotary_write_kv(qkv: torch.Tensor, num_heads: int, cos: torch.Tensor, sin_si
     if k_cache is None:
         q, k, _ = rotary_qkv(q, k, cos_t, sin_t, pos, v)
         return q, k, v
-    start = (col.to(torch.int32).expand(b) if isinstance(col, torch.Tensor)
-             else torch.full((b,), col, dtype=torch.int32, device=qkv.device))
+    start = (col if isinstance(col, torch.Tensor) else _column(qkv.device, col)).expand(b)   # no copy, no fill
     q, k, _ = rotary_qkv(q, k, cos_t, sin_t, pos, v, k_cache=k_cache, v_cache=v_cache, cache_start=start)
     return q, k, v
 
@@ -483,7 +498,7 @@ def _decode(q, k, v, mask, scale, b, length):
 
     window = None
     if mask is None:
-        kv_start, seq_lens = None, torch.full((b,), length, dtype=torch.int32, device=q.device)
+        kv_start, seq_lens = None, _column(q.device, length).expand(b)
     elif mask.dtype != torch.bool:
         _count("attention", "reference:mask")
         return reference.attention(q, k, v, mask, scale)
@@ -494,7 +509,7 @@ def _decode(q, k, v, mask, scale, b, length):
         if kind != "ok":
             _count("attention", "reference:mask")
             return reference.attention(q, k, v, mask, scale)
-        seq_lens = torch.full((b,), length, dtype=torch.int32, device=q.device)
+        seq_lens = _column(q.device, length).expand(b)
     _count("attention", "triton")
     k, v = _same_layout(k, v)
     out = decode_attention(q[:, :, 0], k, v, seq_lens, scale, kv_start=kv_start, window=window)

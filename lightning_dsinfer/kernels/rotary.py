@@ -43,7 +43,7 @@ def _rotary_qkv_kernel(
     cos_ptr, sin_ptr, tab_stride,   # tables [P, R / 2] fp32; row stride
     pos_ptr,                        # positions [B, T] int (contiguous)
     kc_ptr, vc_ptr, c_sb, c_sh, c_ss,  # caches [B_max, Hkv, S, D]: batch / head / seq strides
-    start_ptr,                      # cache_start [B] int: column of the row's first token
+    start_ptr, start_sb,            # cache_start [B] int: column of the row's first token; stride (0: one for all)
     T, HQ, HKV,                     # tokens per row, q heads, kv heads
     D: tl.constexpr,                # head dim
     HALF: tl.constexpr,             # rotary_dim // 2
@@ -87,7 +87,7 @@ def _rotary_qkv_kernel(
                 vv += tl.load(vb_ptr + h * D + dd, mask=md, other=0.0).to(tl.float32)
                 tl.store(vo_ptr + (tok.to(tl.int64) * HKV + h) * D + dd, vv.to(vo_ptr.dtype.element_ty), mask=md)
         if WRITE_CACHE:
-            col = tl.load(start_ptr + b).to(tl.int64) + t
+            col = tl.load(start_ptr + b * start_sb).to(tl.int64) + t
             coff = b.to(tl.int64) * c_sb + h * c_sh + col * c_ss
             # K goes to the cache exactly as stored in k_out (same rounding), V as v_out.
             tl.store(kc_ptr + coff + i1, o1.to(kc_ptr.dtype.element_ty), mask=mi)
@@ -105,7 +105,8 @@ def rotary_qkv(q: torch.Tensor, k: torch.Tensor, cos_table: torch.Tensor, sin_ta
 
     cos_table, sin_table: fp32 [P, rotary_dim // 2] (``reference.rotary_tables``). q/k/v may be strided
     views (e.g. slices of a fused QKV output) as long as D is contiguous. With caches
-    ([B_max, Hkv, S, D]) ``v`` and ``cache_start`` [B] are required; the caches are written in place.
+    ([B_max, Hkv, S, D]) ``v`` and ``cache_start`` [B] (any stride: an expanded [1] is one column for every row)
+    are required; the caches are written in place.
     Returns (q_rot, k_rot, v_out): new contiguous tensors (v_out is v itself unless ``v_bias`` is given).
     Positions must lie in [0, P); cache columns in [0, S) — not checked on the device.
     """
@@ -149,14 +150,14 @@ def rotary_qkv(q: torch.Tensor, k: torch.Tensor, cos_table: torch.Tensor, sin_ta
     vv = v if v is not None else k
     kc = k_cache if write_cache else k_out
     vc = v_cache if write_cache else k_out
-    start = cache_start.contiguous() if write_cache else positions
+    start = cache_start if write_cache and cache_start.dim() == 1 else positions   # a stride-0 expand: no copy
     if b * t:
         _rotary_qkv_kernel[(b * t, hq + hkv)](
             q, q.stride(0), q.stride(1), q.stride(2), k, k.stride(0), k.stride(1), k.stride(2),
             vv, vv.stride(0), vv.stride(1), vv.stride(2), q_out, k_out, v_out if v_out is not None else k_out,
             q_bias if q_bias is not None else q_out, k_bias if k_bias is not None else q_out,
             v_bias if v_bias is not None else q_out, cos_table, sin_table, cos_table.stride(0), positions,
-            kc, vc, kc.stride(0), kc.stride(1), kc.stride(2), start, t, hq, hkv,
+            kc, vc, kc.stride(0), kc.stride(1), kc.stride(2), start, start.stride(0) if write_cache else 0, t, hq, hkv,
             D=d, HALF=r // 2, BLOCK_HALF=triton.next_power_of_2(r // 2), BLOCK_D=triton.next_power_of_2(d),
             INTERLEAVED=interleaved, HAS_Q_BIAS=q_bias is not None, HAS_K_BIAS=k_bias is not None,
             HAS_V_BIAS=v_bias is not None, WRITE_CACHE=write_cache, num_warps=1 if d <= 128 else 2)
