@@ -85,6 +85,27 @@ def test_eos_stops_and_pads_like_hf():
     assert torch.equal(got, ref)
 
 
+@pytest.mark.parametrize("check_every", [4, 5])
+def test_eos_checked_every_few_steps_cuts_like_hf(check_every, monkeypatch):
+    """The own loop asks whether every row finished only every few steps on a GPU (no host sync per token); the
+    steps run after the last row finished are cut off, so the output equals HF's, which stops right there."""
+    from lightning_dsinfer.generation import decode
+    monkeypatch.setattr(decode, "CPU_CHECK_EVERY", check_every)
+    hf = tiny_model("llama")
+    opt = optimised_copy(hf, max_seq_len=64)
+    for lengths, seed, at in (([6], 1, 2), ([5, 8, 4], 4, 2), ([7, 3], 2, 6)):
+        ids, mask = padded_batch(lengths, seed=seed)
+        with torch.no_grad():
+            free = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=14, do_sample=False)
+        eos = [int(t) for t in free[:, ids.shape[1] + at]]     # every row emits one of these by step at + 1
+        kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=14, do_sample=False, eos_token_id=eos,
+                  pad_token_id=0)
+        with torch.no_grad():
+            ref = hf.generate(**kw)
+        assert ref.shape[1] <= ids.shape[1] + at + 1          # HF stopped early
+        assert torch.equal(opt.generate(**kw), ref)
+
+
 def test_min_new_tokens_and_max_length_like_hf():
     hf = tiny_model("qwen2")
     opt = optimised_copy(hf, max_seq_len=64)

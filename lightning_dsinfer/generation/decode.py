@@ -12,6 +12,9 @@ from lightning_dsinfer.generation.cuda_graphs import decode_graphs
 from lightning_dsinfer.generation.sampling import next_tokens
 from lightning_dsinfer.modules.masks import build_step
 
+CHECK_EVERY = 4      # decode steps between two host checks of "every row finished" on a GPU ...
+CPU_CHECK_EVERY = 1  # ... and on the CPU, where the ops run synchronously anyway (tests set it to check the cut)
+
 
 @torch.inference_mode()
 def decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
@@ -48,6 +51,11 @@ def decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         streamer.put(input_ids.cpu())
     pos = positions[:, -1:].clone()
     graphs = decode_graphs(engine, b, key_valid, t0)    # None on the CPU: the eager step below
+    # Whether every row has finished is a host sync. On a GPU it is asked every CHECK_EVERY steps, so the host
+    # queues the next steps while the GPU runs (rows that finished get pad tokens meanwhile); the steps after the
+    # one where the last row finished are cut off the output, as if the loop had stopped there.
+    check_every = 1 if streamer is not None else CPU_CHECK_EVERY if device.type == "cpu" else CHECK_EVERY
+    alive = torch.ones(max_new_tokens, dtype=torch.bool, device=device) if eos is not None else None
     n = 0
     for i in range(max_new_tokens):
         if eos is not None and i < min_new_tokens:
@@ -57,11 +65,14 @@ def decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
             if pad_id is not None:
                 tok = torch.where(unfinished, tok, pad_id)
             unfinished &= ~torch.isin(tok, eos)
+            torch.any(unfinished, out=alive[i])
         out[:, t0 + i] = tok
         n = i + 1
         if streamer is not None:
             streamer.put(tok.cpu())
-        if i == max_new_tokens - 1 or (eos is not None and not bool(unfinished.any())):
+        if i == max_new_tokens - 1:
+            break
+        if eos is not None and (i + 1) % check_every == 0 and not bool(alive[i]):
             break
         col = t0 + i
         pos += 1
@@ -72,6 +83,8 @@ def decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         step.cache, step.start = cache, col
         h = engine.decoder.hidden(engine.decoder.embed_tokens(tok[:, None]), step)
         logits = engine.decoder.logits(h[:, -1])
+    if eos is not None and not bool(alive[n - 1]):
+        n = int(alive[:n].logical_not().nonzero()[0]) + 1      # the step where the last row finished
     if streamer is not None:
         streamer.end()
     return out[:, :t0 + n]
