@@ -14,7 +14,10 @@ computes).
   the slots.
 - CPU compute, host tier: nothing to move; units are used in place.
 - GPU compute: slots are device buffers; host tier units (pinned) are copied on a side stream; disk
-  tier units are read into pinned staging slots first, then copied.
+  tier units are read into pinned staging slots first, then copied. The compute stream waits for a unit's
+  copy with an event and a copy for the slot's previous unit's compute with another, so on the host tier the host
+  never waits for a transfer: it queues the kernels of the next units while the copies run (the disk tier's
+  copier thread waits for each copy, as the staging slot takes the next read after it).
 
 Units named ``resident`` (memory the budget leaves after the ring and the batch) are read once and
 never streamed; the cycle skips them. A consumer that asks for another unit than the next one in the
@@ -111,24 +114,35 @@ class UnitStreamer:
         if not self.cuda:
             self.pending[p] = self.store.read(unit, self.host_slots[slot], self.io)
             return
-        if self.host_slots:
-            reads, src = self.store.read(unit, self.host_slots[slot], self.io), self.host_slots[slot]
-        else:
-            reads, src = [], self.store.host_buffer(unit)
         n = self.layouts[unit].nbytes
-        self.pending[p] = [self.copier.submit(self._to_device, reads, src, self.dev_slots[slot], n,
+        if not self.host_slots:     # host tier: the pinned unit is copied now; every wait is on the GPU
+            done = Future()
+            done.set_result(self._copy(self.store.host_buffer(unit), self.dev_slots[slot], n, self.free_events[slot]))
+            self.pending[p] = [done]
+            return
+        reads = self.store.read(unit, self.host_slots[slot], self.io)
+        self.pending[p] = [self.copier.submit(self._to_device, reads, self.host_slots[slot], self.dev_slots[slot], n,
                                               self.free_events[slot])]
 
-    def _to_device(self, reads, src, dst, n, free_event) -> None:
-        for f in reads:
-            f.result()
+    def _copy(self, src, dst, n, free_event) -> torch.cuda.Event:
+        """Queue the copy of ``src[:n]`` into the device slot ``dst`` on the copy stream, after the slot's previous
+        unit is done computing (``free_event``); returns the event the compute stream waits for."""
         with torch.cuda.device(self.device), torch.cuda.stream(self.copy_stream):
-            if free_event is not None:          # the slot's previous unit must be done computing
+            if free_event is not None:
                 self.copy_stream.wait_event(free_event)
             dst[:n].copy_(src[:n], non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.copy_stream)
-        done.synchronize()                      # staging buffer reusable; unit visible to the compute stream
+        return done
+
+    def _to_device(self, reads, src, dst, n, free_event) -> torch.cuda.Event:
+        """Disk tier: once the reads have filled the pinned staging slot, copy it; the staging slot takes its next
+        read only when this returns, so the thread waits for the copy."""
+        for f in reads:
+            f.result()
+        done = self._copy(src, dst, n, free_event)
+        done.synchronize()
+        return done
 
     # ---------------------------------------------------------------- consumer side
     def acquire(self, unit: int) -> dict[str, torch.Tensor]:
@@ -150,6 +164,9 @@ class UnitStreamer:
             self._restart(unit)
             raise
         slot = self._slot(self.pos)
+        if self.cuda:   # the compute stream waits for the copy on the GPU: the host does not block on it and
+            # queues this unit's kernels while the copy (and the compute before it) still runs
+            torch.cuda.current_stream(self.device).wait_event(futures[-1].result())
         buffer = self.dev_slots[slot] if self.cuda else self.host_slots[slot]
         return self.layouts[unit].views(buffer)
 
@@ -191,5 +208,6 @@ class UnitStreamer:
         self.io.shutdown(wait=True)
         if self.cuda:
             self.copier.shutdown(wait=True)
+            self.copy_stream.synchronize()      # copies still in flight write into the slots about to be freed
         if hasattr(self.store, "close"):
             self.store.close()
