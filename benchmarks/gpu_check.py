@@ -663,7 +663,7 @@ def main() -> int:
             print(f"{'ok  ' if not rc else 'FAIL'}  decode comparison: {len(rows)} rows")
         from tune_gemm import tune
         table, tune_rows = tune(dev="cpu")
-        ok = len(table) == 4 and len(tune_rows) == 4
+        ok = len(table) == 12 and len(tune_rows) == 12     # 3 variants x 2 weight kinds x 2 row counts
         failed += int(not ok)
         print(f"{'ok  ' if ok else 'FAIL'}  tune: {len(table)} configs, {len(tune_rows)} rows")
         with ops.force_triton():

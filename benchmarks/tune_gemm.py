@@ -3,7 +3,8 @@
     python benchmarks/tune_gemm.py [--out DIR] [--preset 1b,8b] [--rows 1,16] [--budget-s 120]
 
 For each weight shape of the preset models (the engine's fused linears: QKV, O, gate+up, down, and the LM head
-of the ~1B Llama; the Llama-3-8B ones), each M bucket and each weight kind (bf16, int8), every candidate
+of the ~1B Llama; the Llama-3-8B ones; QKV and gate+up with the norm prologue / gated epilogue the engine's decode
+step uses, and plain), each M bucket and each weight kind (bf16, int8), every candidate
 (the GEMV kernel's N / K tiles and warps for M <= 8, the tensor-core kernel's tiles for any M; split-K as the
 launcher picks it) is timed with ``triton.testing.do_bench_cudagraph`` (the call replayed from a CUDA graph, as the
 engine's decode step runs, so launch overhead is not counted), next to ``F.linear`` on the bf16 weight. The
@@ -24,28 +25,33 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# (name, N, K) of the fused linears: QKV, O, gate+up, down, LM head
+# (name, N, K, variant) of the engine's linears at decode: the input norm + QKV ("norm": the norm prologue), O,
+# the post-attention norm + gate/up + SwiGLU ("gated"), down, LM head; then QKV and gate/up as plain calls (what
+# the offload tiers run).
 PRESETS = {
-    "1b": [("qkv", 2560, 2048), ("o", 2048, 2048), ("gate_up", 11264, 2048), ("down", 2048, 5632),
-           ("lm_head", 32000, 2048)],
-    "8b": [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)],
+    "1b": [("qkv", 2560, 2048, "norm"), ("o", 2048, 2048, ""), ("gate_up", 11264, 2048, "gated"),
+           ("down", 2048, 5632, ""), ("lm_head", 32000, 2048, ""), ("qkv", 2560, 2048, ""),
+           ("gate_up", 11264, 2048, "")],
+    "8b": [("qkv", 6144, 4096, "norm"), ("o", 4096, 4096, ""), ("gate_up", 28672, 4096, "gated"),
+           ("down", 4096, 14336, ""), ("qkv", 6144, 4096, ""), ("gate_up", 28672, 4096, "")],
 }
 
 
-def candidates(m: int) -> list[dict]:
-    """The configs tried for M rows: GEMV tiles (M <= 8) whose fp32 accumulator stays within 128 registers per
-    thread, and tensor-core tiles."""
+def candidates(m: int, variant: str = "") -> list[dict]:
+    """The configs tried for M rows: GEMV tiles (M <= 8) whose fp32 accumulators stay within 128 registers per
+    thread (two accumulators for a gated call, whose block_n counts outputs), and tensor-core tiles."""
     from lightning_dsinfer.kernels.small_gemm import GEMV_MAX_M
 
     out = []
+    accs = 2 if variant == "gated" else 1
     if m <= GEMV_MAX_M:
         rows = 1 << (m - 1).bit_length()
         for block_k, warps in ((256, 4), (512, 4), (1024, 8)):
             for block_n in (1, 2, 4, 8, 16):
-                if rows * block_n * block_k // (32 * warps) <= 128:
+                if accs * rows * block_n * block_k // (32 * warps) <= 128:
                     out.append({"kernel": "gemv", "block_n": block_n, "block_k": block_k, "split_k": None,
                                 "warps": warps})
-    for block_n in (32, 64, 128):
+    for block_n in ((16, 32, 64) if accs == 2 else (32, 64, 128)):
         for block_k in (64, 128, 256):
             out.append({"kernel": "dot", "block_n": block_n, "block_k": block_k, "split_k": None, "warps": 4})
     return out
@@ -66,29 +72,36 @@ def tune(presets=("1b", "8b"), rows=(1, 16), kinds=("bf16", "int8"), deadline=fl
     """Returns (table {config_key: config}, markdown rows). ``dev="cpu"``: CPU smoke in the interpreter (one tiny
     shape, no timing meaning)."""
     from lightning_dsinfer.kernels import reference as ref
-    from lightning_dsinfer.kernels.small_gemm import (config_key, heuristic_config, small_gemm, small_gemm_int8)
+    from lightning_dsinfer.kernels.small_gemm import (VARIANTS, config_key, heuristic_config, small_gemm,
+                                                      small_gemm_int8)
 
     cuda = dev == "cuda"
     sms = torch.cuda.get_device_properties(0).multi_processor_count if cuda else 4
-    shapes = [(p, *s) for p in presets for s in PRESETS[p]] if cuda else [("tiny", "w", 40, 96)]
+    shapes = [(p, *s) for p in presets for s in PRESETS[p]] if cuda else [("tiny", "w", 40, 96, v) for v in VARIANTS]
     table, rows_out = {}, []
-    for preset, name, n, k in shapes:
+    for preset, name, n, k, variant in shapes:
         w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
         q8, s8 = ref.quantize_int8_per_channel(w)
+        label = f"{preset} {name}" + (f" ({variant})" if variant else "")
+        gated = variant == "gated"
         for kind in kinds:
             for m in rows:
                 if time.time() > deadline:
-                    rows_out.append([f"{preset} {name}", kind, m, f"{n}x{k}", "skipped (time)", "", "", "", ""])
+                    rows_out.append([label, kind, m, f"{n}x{k}", "skipped (time)", "", "", "", ""])
                     continue
                 x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-                want = ref.small_gemm(x.float(), (w if kind == "bf16" else ref.dequantize_int8(q8, s8)).float())
+                fused = {} if not variant else dict(add=torch.randn_like(x), norm=(torch.ones(k, device=dev), 1e-6),
+                                                    gated=gated)
+                want = ref.norm_small_gemm(x, (w if kind == "bf16" else ref.dequantize_int8(q8, s8)).float(),
+                                           fused.get("add"), fused.get("norm"), gated=gated)[0].float()
 
-                def call(cfg, x=x, kind=kind):
-                    if kind == "bf16":
-                        return small_gemm(x, w, **cfg)
-                    return small_gemm_int8(x, q8, s8, **cfg)
+                def call(cfg, x=x, kind=kind, fused=fused):
+                    out = small_gemm(x, w, **fused, **cfg) if kind == "bf16" else small_gemm_int8(x, q8, s8, **fused,
+                                                                                                   **cfg)
+                    return out[0] if isinstance(out, tuple) else out
                 results = []
-                for cand in candidates(m) if cuda else candidates(m)[:2] + candidates(m)[-1:]:
+                cands = candidates(m, variant)
+                for cand in cands if cuda else cands[:2] + cands[-1:]:
                     cfg = {"kernel": cand["kernel"], "block_n": cand["block_n"], "block_k": cand["block_k"],
                            "split_k": cand["split_k"], "warps": cand["warps"]}
                     try:
@@ -103,13 +116,15 @@ def tune(presets=("1b", "8b"), rows=(1, 16), kinds=("bf16", "int8"), deadline=fl
                 if not results:
                     continue
                 best_us, best = min(results, key=lambda r: r[0])
-                table[config_key(n, k, m, "float" if kind == "bf16" else "int8")] = best
+                table[config_key(n, k, m, "float" if kind == "bf16" else "int8", variant)] = best
                 h = heuristic_config(n, k, m, 0 if kind == "bf16" else 1, sms)
+                if gated:
+                    h = {**h, "block_n": max(1 if h["kernel"] == "gemv" else 16, h["block_n"] // 2)}
                 h_us = next((us for us, c in results if c == h), float("nan"))
                 torch_us = bench_us(lambda: torch.nn.functional.linear(x, w)) if cuda else float("nan")
                 nbytes = (w.numel() * (2 if kind == "bf16" else 1) + (m * k + m * n) * 2)
                 gbs = nbytes / (best_us * 1e-6) / 1e9 if best_us else float("nan")
-                rows_out.append([f"{preset} {name}", kind, m, f"{n}x{k}",
+                rows_out.append([label, kind, m, f"{n}x{k}",
                                  f"{best['kernel']} n{best['block_n']} k{best['block_k']} w{best['warps']}",
                                  f"{best_us:.1f}", f"{h_us:.1f}", f"{torch_us:.1f}",
                                  f"{gbs:.0f} ({gbs / copy_gbs:.2f})"])

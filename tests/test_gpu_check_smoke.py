@@ -23,4 +23,4 @@ def test_gpu_check_cpu_smoke():
     # ours: 2 tiers x 2 batches; accelerate: 2 batches, or one "not installed" row (the test extra has no accelerate)
     rows = 6 if importlib.util.find_spec("accelerate") is not None else 5
     assert f"ok    offload throughput: {rows} rows" in out
-    assert "ok    tune: 4 configs, 4 rows" in out and "ok    decode comparison with a tuned table: 8 rows" in out
+    assert "ok    tune: 12 configs, 12 rows" in out and "ok    decode comparison with a tuned table: 8 rows" in out

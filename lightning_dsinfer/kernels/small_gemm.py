@@ -276,9 +276,13 @@ def rows_bucket(m: int) -> int:
     return min(32, triton.next_power_of_2(max(1, m)))
 
 
-def config_key(n: int, k: int, m: int, wmode: str) -> str:
-    """Key of a tuned config: weight kind (float / int8 / int4), M bucket, N, K."""
-    return f"{wmode} m{rows_bucket(m)} n{n} k{k}"
+VARIANTS = ("", "norm", "gated")   # a plain call, the norm prologue, the norm prologue + gated epilogue
+
+
+def config_key(n: int, k: int, m: int, wmode: str, variant: str = "") -> str:
+    """Key of a tuned config: weight kind (float / int8 / int4), M bucket, N (weight rows), K, and the Deep-Fusion
+    variant ("norm": the norm prologue; "gated": with the gated epilogue too, its block_n counting outputs)."""
+    return f"{wmode} m{rows_bucket(m)} n{n} k{k}" + (f" {variant}" if variant else "")
 
 
 def table_path(device_name: str) -> Path:
@@ -323,14 +327,21 @@ def heuristic_config(n: int, k: int, m: int, wmode: int, sms: int, interp: bool 
     return {"kernel": "dot", "block_n": 64, "block_k": 128, "split_k": None, "warps": 4}
 
 
-def _config(device: torch.device, n: int, k: int, m: int, wmode: int, interp: bool) -> dict:
-    key = (device, n, k, rows_bucket(m), wmode)
+def _config(device: torch.device, n: int, k: int, m: int, wmode: int, interp: bool, variant: str = "") -> dict:
+    """The config of a call: the table's entry for the variant, else the plain call's (a gated call then halves its
+    block_n: the same weight rows per program), else :func:`heuristic_config` (halved the same way)."""
+    key = (device, n, k, rows_bucket(m), wmode, variant)
     cfg = _memo.get(key)
     if cfg is None:
-        cfg = tuned_table(device).get(config_key(n, k, m, _WNAME[wmode])) if not interp else None
+        table = tuned_table(device) if not interp else {}
+        cfg = table.get(config_key(n, k, m, _WNAME[wmode], variant)) if variant else None
         if cfg is None or (cfg["kernel"] == "gemv" and m > GEMV_MAX_M):
-            sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-            cfg = heuristic_config(n, k, m, wmode, sms, interp)
+            cfg = table.get(config_key(n, k, m, _WNAME[wmode]))
+            if cfg is None or (cfg["kernel"] == "gemv" and m > GEMV_MAX_M):
+                sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+                cfg = heuristic_config(n, k, m, wmode, sms, interp)
+            if variant == "gated":
+                cfg = {**cfg, "block_n": max(1 if cfg["kernel"] == "gemv" else 16, cfg["block_n"] // 2)}
         _memo[key] = cfg
     return cfg
 
@@ -383,7 +394,7 @@ def _launch(x, w, scale, wmode, group, n, k, bias, residual, split_k, block_n, b
             out.copy_((torch.zeros_like(out) if residual is None else residual) + (0 if bias is None else bias))
         return out if h is None else (out, h)
     interp = interpreting()
-    cfg = _config(x.device, nw_rows, k, m, wmode, interp)
+    cfg = _config(x.device, nw_rows, k, m, wmode, interp, "gated" if gated else "norm" if norm is not None else "")
     kernel = kernel or cfg["kernel"]
     if kernel not in ("gemv", "dot"):
         raise ValueError(f"kernel {kernel!r}: 'gemv' or 'dot'")
@@ -391,8 +402,7 @@ def _launch(x, w, scale, wmode, group, n, k, bias, residual, split_k, block_n, b
     if gemv and (m > GEMV_MAX_M or wmode == _INT4):
         raise ValueError(f"the GEMV kernel takes float / int8 weights and up to {GEMV_MAX_M} rows, got {m} rows of "
                          f"{_WNAME[wmode]}; use kernel='dot'")
-    if block_n is None:        # the table's tile is in weight rows: a gated tile reads two rows per output
-        block_n = cfg["block_n"] if not gated else max(1 if gemv else 16, cfg["block_n"] // 2)
+    block_n = block_n or cfg["block_n"]
     block_k = block_k or cfg["block_k"]
     warps = warps or cfg["warps"]
     split_k = split_k or cfg["split_k"]

@@ -167,6 +167,7 @@ def test_gemv_rejects_what_it_cannot_take():
 def test_config_keys_and_heuristic():
     assert config_key(2560, 2048, 1, "float") == "float m1 n2560 k2048"
     assert config_key(2560, 2048, 3, "int8") == "int8 m4 n2560 k2048" and rows_bucket(17) == 32
+    assert config_key(11264, 2048, 1, "float", "gated") == "float m1 n11264 k2048 gated"
     # an H200 has 132 SMs: 2048 outputs -> N tiles of 2 (4 programs per SM), a 1-row K tile of 512
     c = heuristic_config(2048, 2048, 1, 0, 132)
     assert c == {"kernel": "gemv", "block_n": 2, "block_k": 512, "split_k": None, "warps": 4}
