@@ -451,6 +451,7 @@ def decode_comparison(dev: str = "cuda", tiny: bool = False, compile_hf: bool = 
     from decode import hf_decode_bytes          # benchmarks/decode.py: the same count for the CPU benchmark
 
     import lightning_dsinfer as dsi
+    from lightning_dsinfer.kernels import ops
 
     hf = hf if hf is not None else llama_1b(dev, tiny)
     vocab = hf.config.vocab_size
@@ -466,6 +467,8 @@ def decode_comparison(dev: str = "cuda", tiny: bool = False, compile_hf: bool = 
               dict(cache_implementation="static", disable_compile=not compile_hf), hf_bytes)]
     if tuned:   # the same engine with the GEMM configs of kernels/small_gemm.py's heuristic instead of the table
         impls.insert(1, ("dsinfer, heuristic GEMM configs", ours, {}, impls[0][3]))
+    # the same engine with the norms and SwiGLU as their own kernels (ops.gemm_fusion(False)): the A/B of the fusion
+    impls.insert(1, ("dsinfer, norm / SwiGLU not fused into GEMMs", ours, {}, impls[0][3]))
     if not hf_compile_row:
         impls = impls[:-1]
     rows, rc, ms_of = [], 0, {}
@@ -483,7 +486,10 @@ def decode_comparison(dev: str = "cuda", tiny: bool = False, compile_hf: bool = 
                     small_gemm.install_table(torch.device(dev), {} if "heuristic" in name else tuned)
                     if hasattr(model, "_dsinfer_engine"):
                         model._dsinfer_engine._decode_graphs = None   # recapture with these configs
-                ms, tokens[name] = decode_ms(model, ids, new, dev, 1 if tiny else 2, **extra)
+                if hasattr(model, "_dsinfer_engine"):
+                    model._dsinfer_engine._decode_graphs = None       # capture again with this row's settings
+                with ops.gemm_fusion("not fused" not in name):
+                    ms, tokens[name] = decode_ms(model, ids, new, dev, 1 if tiny else 2, **extra)
                 ms_of[(name, b)] = ms
                 util = nbytes / (ms * 1e-3) / (copy_gbs * 1e9) if copy_gbs else float("nan")
                 batch_rows.append([name, str(b), f"{ms:.2f}", f"{b * 1e3 / ms:.0f}", f"{util:.2f}", ""])

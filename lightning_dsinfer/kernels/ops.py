@@ -70,6 +70,7 @@ import torch
 from lightning_dsinfer.kernels import cpu_gemv, reference, triton_available
 
 _FORCE = os.environ.get("DSINFER_FORCE_TRITON", "0") not in ("", "0", "false", "False")
+_GEMM_FUSION = os.environ.get("DSINFER_GEMM_FUSION", "1") not in ("", "0", "false", "False")
 _CPU_TRITON_OK: bool | None = None   # triton_available("cpu"), asked once when forcing
 
 # (op, path) -> calls that took that path since the last clear(); path is "triton", "reference:<why>" (a
@@ -94,6 +95,18 @@ def force_triton(enabled: bool = True):
         yield dispatch_counts
     finally:
         _FORCE = old
+
+
+@contextlib.contextmanager
+def gemm_fusion(enabled: bool = True):
+    """Within the block, :func:`norm_linear` fuses (``enabled``) or declines (the separate norm, GEMM and SwiGLU
+    kernels run: the A/B of ``benchmarks/gpu_check.py``). ``DSINFER_GEMM_FUSION=0`` sets the default off."""
+    global _GEMM_FUSION
+    old, _GEMM_FUSION = _GEMM_FUSION, enabled
+    try:
+        yield
+    finally:
+        _GEMM_FUSION = old
 
 
 def _cpu_triton_ok() -> bool:
@@ -372,6 +385,9 @@ def norm_linear(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.
     x = h if delta is None else delta
     if not _triton(x):
         return None
+    if not _GEMM_FUSION:
+        _count("norm_linear", "torch:off")
+        return None
     k = x.shape[-1]
     m = x.numel() // k if k else 0
     if not 0 < m <= SMALL_GEMM_MAX_M:
@@ -518,4 +534,4 @@ def _decode(q, k, v, mask, scale, b, length):
 
 __all__ = ["rms_norm", "add_rms_norm", "norm_linear", "fuses_residual", "rotary_half", "rotary_write_kv", "silu_and_mul", "moe_mlp",
            "attention",
-           "linear", "SMALL_GEMM_MAX_M", "force_triton", "kv_ranges", "dispatch_counts"]
+           "linear", "SMALL_GEMM_MAX_M", "force_triton", "gemm_fusion", "kv_ranges", "dispatch_counts"]
