@@ -280,7 +280,7 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
                                                   slot_classes, spread_order)
     from lightning_dsinfer.offload.codec import frame_bytes_for
     from lightning_dsinfer.offload.store import staging_bytes
-    from lightning_dsinfer.policies.weights import MetaSource, ref_names, with_source
+    from lightning_dsinfer.policies.weights import MetaSource, release_refs, with_source
 
     release_freed_memory_promptly()
     plan = shard_plan(w, comm)
@@ -323,10 +323,10 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
     def units():
         for lw in w.layers:
             attention, mlp = halves(lw)
-            yield attention, []
-            yield mlp, ref_names(lw)
+            yield attention, None
+            yield mlp, lw
         for a, n in head_slices:
-            yield head_rows(w, plan, dtype, a, n), []
+            yield head_rows(w, plan, dtype, a, n), None
 
     if tier == "cpu":
         store = HostStore(layouts, pin=device.type == "cuda")
@@ -339,10 +339,11 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
                 store = DiskStore(folder, layouts, fingerprint, compress=compress, frame_bytes=frame, reuse=False)
         written = not store.reused
     if written:
-        for u, (tensors, names) in enumerate(units()):
+        for u, (tensors, done) in enumerate(units()):
             store.write(u, tensors)
             del tensors
-            source.release(names)
+            if done is not None:        # a block's weights, both halves written
+                release_refs(done)
     layer_units = [(2 * i, 2 * i + 1) for i in range(len(w.layers))]      # (attention half, MLP half)
     head_units = list(range(2 * len(w.layers), len(layouts)))
     if tier == "cpu":

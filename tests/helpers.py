@@ -36,6 +36,10 @@ def tiny_config(family: str, **overrides):
         cfg = Qwen3MoeConfig(**{**common, "num_hidden_layers": 3, "num_experts": 8, "num_experts_per_tok": 3,
                                 "moe_intermediate_size": 40, "decoder_sparse_step": 2, "norm_topk_prob": True,
                                 "head_dim": 32})
+    elif family == "phi3":                 # q|k|v and gate|up packed in one tensor each, a window
+        from transformers import Phi3Config
+
+        cfg = Phi3Config(**{**common, "sliding_window": 7})
     elif family in GENERIC_FAMILIES:
         from transformers import AutoConfig
 
@@ -70,8 +74,10 @@ def fake_quantised_int8(hf):
             mlp = layer.mlp
             dense = [mlp] if not hasattr(mlp, "experts") else [getattr(mlp, "shared_expert")] \
                 if hasattr(mlp, "shared_expert") else []
-            for lin in (*[getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")],
-                        *[getattr(m, n) for m in dense for n in ("gate_proj", "up_proj", "down_proj")]):
+            names = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")     # phi3: packed qkv_proj, gate_up_proj
+            for lin in (*[getattr(layer.self_attn, n) for n in names if hasattr(layer.self_attn, n)],
+                        *[getattr(m, n) for m in dense for n in ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
+                          if hasattr(m, n)]):
                 fake(lin.weight)
             if hasattr(mlp, "experts"):          # MoE: each expert's gate|up and down, row by row (router stays)
                 for e in range(mlp.experts.gate_up_proj.shape[0]):
@@ -122,18 +128,17 @@ def padded_batch(lengths, vocab=97, seed=0):
     return ids, mask
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
 
 # Families without a fused policy (tensor parallel only, through the generic path). Split by their own tp
-# plan: gpt_neox (QKV fused per head), phi3 (packed q|k|v and gate|up split part by part; one KV head, so it
-# is replicated on both ranks of TP=2), olmo2 (q/k/v gathered because its q/k norms span all heads). By the
+# plan: gpt_neox (QKV fused per head), olmo2 (q/k/v gathered because its q/k norms span all heads). By the
 # generic rule: opt, stablelm, and bloom, whose fused QKV stays whole (its layout cannot be told from shapes)
-# while its MLP is split.
+# while its MLP is split. (phi3, packed q|k|v and gate|up, has a fused policy now; the generic planner's split of
+# its packed tensors is still tested on a meta model.)
 _GENERIC_COMMON = dict(hidden_size=64, num_hidden_layers=2, vocab_size=97, initializer_range=0.1, pad_token_id=0,
                        bos_token_id=1, eos_token_id=2)
 GENERIC_FAMILIES = {
     "gpt_neox": dict(num_attention_heads=4, intermediate_size=96, attention_bias=True, max_position_embeddings=256),
-    "phi3": dict(num_attention_heads=4, num_key_value_heads=1, intermediate_size=96, max_position_embeddings=256),
     "olmo2": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256),
     "opt": dict(num_attention_heads=4, ffn_dim=96, word_embed_proj_dim=64, max_position_embeddings=256),
     "stablelm": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256),

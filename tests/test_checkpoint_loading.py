@@ -6,7 +6,7 @@ import lightning_dsinfer as dsi
 from helpers import assert_matches_hf, padded_batch, tiny_config, tiny_model
 
 
-@pytest.mark.parametrize("family,tied", [("llama", False), ("qwen3", True)])
+@pytest.mark.parametrize("family,tied", [("llama", False), ("qwen3", True), ("phi3", False)])
 def test_meta_model_from_safetensors_checkpoint(tmp_path, family, tied):
     from transformers import AutoModelForCausalLM
 

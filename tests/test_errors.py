@@ -52,3 +52,16 @@ def test_dynamic_rope_is_refused():
     model = AutoModelForCausalLM.from_config(cfg)
     with pytest.raises(dsi.UnsupportedModelError, match="rope_type='dynamic'"):
         dsi.init_inference(model)
+
+
+def test_partial_rotary_is_refused():
+    """Phi-3 / Phi-4-mini style partial rotary (partial_rotary_factor < 1): the fused engine rotates whole heads."""
+    from transformers import AutoModelForCausalLM
+
+    from helpers import tiny_config
+
+    cfg = tiny_config("phi3")
+    cfg.rope_parameters = {**cfg.rope_parameters, "partial_rotary_factor": 0.5}
+    model = AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(dsi.UnsupportedModelError, match="rotates 8 of its 16 head dims"):
+        dsi.init_inference(model)

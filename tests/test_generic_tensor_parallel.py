@@ -35,7 +35,7 @@ def test_generic_tensor_parallel_matches_hf(tmp_path):
 
 
 def test_plan_comes_from_the_model_or_the_rule():
-    phi3 = plan_generic_tensor_parallel(_meta("phi3"), tp=2, tp_rank=1)
+    phi3 = plan_generic_tensor_parallel(_meta("phi3", num_key_value_heads=1), tp=2, tp_rank=1)
     neox = plan_generic_tensor_parallel(_meta("gpt_neox"), tp=2, tp_rank=1)
     opt = plan_generic_tensor_parallel(_meta("opt"), tp=2, tp_rank=1)
     assert (phi3.origin, neox.origin, opt.origin) == ("tp_plan", "tp_plan", "generic rule")
@@ -66,7 +66,7 @@ def test_olmo2_gathers_where_its_plan_says_and_bloom_keeps_fused_qkv_whole():
 
 def test_errors_name_the_numbers():
     with pytest.raises(ValueError, match="tensor_parallel_size=3 does not divide 4 attention heads of phi3"):
-        plan_generic_tensor_parallel(_meta("phi3"), tp=3, tp_rank=0)
+        plan_generic_tensor_parallel(_meta("phi3", num_key_value_heads=1), tp=3, tp_rank=0)
     with pytest.raises(ValueError, match="tensor_parallel_size=3 does not divide 4 attention heads of gpt_neox"):
         plan_generic_tensor_parallel(_meta("gpt_neox"), tp=3, tp_rank=0)
     with pytest.raises(ValueError, match="tensor_parallel_size=4 does not divide 3 key/value heads of stablelm"):
@@ -86,11 +86,11 @@ def test_model_without_linear_layers_is_refused():
 
 
 def test_lightning_strategy_runs_a_family_without_policy(tmp_path):
-    """Trainer(devices=2, strategy="dsinfer") with phi3: TP=2 through the generic path, predictions = HF's."""
+    """Trainer(devices=2, strategy="dsinfer") with olmo2: TP=2 through the generic path, predictions = HF's."""
     out = tmp_path / "r.json"
     env = {**clean_env(), "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), HERE])}
     proc = subprocess.run([sys.executable, os.path.join(HERE, "lightning_worker.py"), "--devices", "2", "--out",
-                           str(out), "--family", "phi3"], env=env, capture_output=True, text=True, timeout=240)
+                           str(out), "--family", "olmo2"], env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("r.json.result*"))]
     assert len(results) == 2 and all(r["match"] and r["tp"] == 2 for r in results), results

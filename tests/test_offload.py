@@ -156,10 +156,11 @@ def test_streamer_recovers_from_an_aborted_pass(tmp_path):
     assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False), ref)
 
 
-def test_meta_model_from_checkpoint_to_nvme_and_folder_reuse(tmp_path):
+@pytest.mark.parametrize("family", ["mistral", "phi3"])     # phi3: q / k / v and gate / up read from packed rows
+def test_meta_model_from_checkpoint_to_nvme_and_folder_reuse(tmp_path, family):
     from transformers import AutoModelForCausalLM
 
-    hf = tiny_model("mistral")
+    hf = tiny_model(family)
     hf.save_pretrained(tmp_path / "ckpt")
     ids, mask = padded_batch([9, 4], seed=5)
     with torch.no_grad():

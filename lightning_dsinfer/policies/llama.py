@@ -1,9 +1,10 @@
-"""The Llama family (llama, mistral, qwen2, qwen3 and the MoE ones: mixtral, qwen2_moe, qwen3_moe): one table, one
-reader.
+"""The Llama family (llama, mistral, qwen2, qwen3, phi3 and the MoE ones: mixtral, qwen2_moe, qwen3_moe): one table,
+one reader.
 
 All share the module tree ``model.model.{embed_tokens, layers[i].{self_attn.{q,k,v,o}_proj,
 mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm}, norm, rotary_emb}`` and
-``model.lm_head``; the table records only what differs. In a MoE layer ``mlp`` is a sparse block:
+``model.lm_head``; the table records only what differs (Phi-3 packs q|k|v into ``qkv_proj`` and gate|up into
+``gate_up_proj``: read as row ranges). In a MoE layer ``mlp`` is a sparse block:
 ``mlp.gate.weight`` (router) and ``mlp.experts.{gate_up_proj, down_proj}`` (3D, transformers 5), plus Qwen2-MoE's
 ``mlp.shared_expert.{gate,up,down}_proj`` and ``mlp.shared_expert_gate``.
 """
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, MoEWeights, UnsupportedModelError
-from lightning_dsinfer.policies.weights import ExpertStack, ModuleSource, WeightSource
+from lightning_dsinfer.policies.weights import ExpertStack, ModuleSource, RowSlices, WeightSource
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class FamilyTraits:
     sliding_from: str = "none"      # "none" | "config" (every layer) | "layer_types" (per layer)
     moe: str = "none"               # "none" | "mixtral" (every layer sparse) | "qwen" (sparse every
                                     # decoder_sparse_step layers, except mlp_only_layers; shared expert if any)
+    packed: bool = False            # Phi-3: self_attn.qkv_proj (q | k | v rows) and mlp.gate_up_proj (gate | up)
 
 
 FAMILY: dict[str, FamilyTraits] = {
@@ -34,6 +36,7 @@ FAMILY: dict[str, FamilyTraits] = {
     "mixtral": FamilyTraits(sliding_from="config", moe="mixtral"),
     "qwen2_moe": FamilyTraits(sliding_from="layer_types", moe="qwen"),
     "qwen3_moe": FamilyTraits(qk_norm=True, sliding_from="config", moe="qwen"),
+    "phi3": FamilyTraits(sliding_from="config", packed=True),
 }
 
 
@@ -81,6 +84,20 @@ def _experts(source: WeightSource, config, traits: FamilyTraits, mlp: str, name:
     return ExpertStack(source, {fused: stacks}).ref(fused)
 
 
+def _packed_slices(source: WeightSource, config, head_dim: int) -> RowSlices:
+    """Phi-3's packed ``qkv_proj`` (q rows, then k, then v) and ``gate_up_proj`` (gate rows, then up) under the
+    unpacked names the reader uses."""
+    q, kv, inter = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim, config.intermediate_size
+    slices = {}
+    for i in range(config.num_hidden_layers):
+        a, m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+        for part, first, rows in (("q", 0, q), ("k", q, kv), ("v", q + kv, kv)):
+            slices[f"{a}.{part}_proj.weight"] = (f"{a}.qkv_proj.weight", first, rows)
+        for part, first in (("gate", 0), ("up", inter)):
+            slices[f"{m}.{part}_proj.weight"] = (f"{m}.gate_up_proj.weight", first, inter)
+    return RowSlices(source, slices)
+
+
 def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource | None = None) -> ModelWeights:
     """Name every weight by role (as lazy refs into ``source``; default: the model's own tensors)."""
     config = model.config
@@ -102,7 +119,14 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
                 f"static rotary table does not model (max_seq_len={max_seq_len}, original context {original}). "
                 f"Supported rope types: default, linear, llama3, yarn, and longrope up to the original context.")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if rotary.inv_freq.numel() * 2 != head_dim:
+        raise UnsupportedModelError(
+            f"{config.model_type} rotates {rotary.inv_freq.numel() * 2} of its {head_dim} head dims (partial rotary, "
+            f"partial_rotary_factor < 1); the fused engine rotates whole heads. Supported: partial_rotary_factor=1.")
     names = set(dict(model.named_parameters(remove_duplicate=False)))
+    if traits.packed:     # q / k / v and gate / up as row ranges of the packed tensors, each read on its own
+        source = _packed_slices(source, config, head_dim)
+        names |= set(source.slices)
 
     def ref(name):
         return source.ref(name)

@@ -78,16 +78,18 @@ def load_fused(parts, dtype: torch.dtype) -> torch.Tensor:
 
 
 class MetaSource(WeightSource):
-    """Shapes only: every read is an empty ``meta`` tensor of the slice's shape (for planning layouts)."""
+    """Shapes only: every read is an empty ``meta`` tensor of the slice's shape (for planning layouts). Refs moved
+    here by :func:`with_source` keep their own shapes (names a wrapping source made up, e.g. :class:`RowSlices`)."""
 
     def __init__(self, inner: WeightSource):
         self.inner = inner
+        self.known: dict[str, tuple[int, ...]] = {}
 
     def shape(self, name):
-        return self.inner.shape(name)
+        return self.known[name] if name in self.known else self.inner.shape(name)
 
     def read(self, name, dim, start, length):
-        shape = list(self.inner.shape(name))
+        shape = list(self.shape(name))
         if dim is not None:
             shape[dim] = length
         return torch.empty(shape, device="meta")
@@ -101,6 +103,8 @@ def with_source(obj, source: WeightSource):
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
         if isinstance(v, WeightRef):
+            if isinstance(source, MetaSource):
+                source.known[v.name] = v.shape
             changes[f.name] = WeightRef(source, v.name, v.shape)
         elif dataclasses.is_dataclass(v):          # a nested group of refs (a layer's MoEWeights)
             changes[f.name] = with_source(v, source)
@@ -119,6 +123,28 @@ def ref_names(obj) -> list[str]:
         elif dataclasses.is_dataclass(v):
             out += ref_names(v)
     return out
+
+
+def release_refs(obj) -> None:
+    """Tell each ref's own source (a wrapper such as :class:`RowSlices` included) that its weights were copied."""
+    import dataclasses
+
+    refs = []
+
+    def collect(o):
+        for f in dataclasses.fields(o):
+            v = getattr(o, f.name)
+            if isinstance(v, WeightRef):
+                refs.append(v)
+            elif dataclasses.is_dataclass(v):
+                collect(v)
+
+    collect(obj)
+    by_source: dict[int, tuple[WeightSource, list[str]]] = {}
+    for r in refs:
+        by_source.setdefault(id(r.source), (r.source, []))[1].append(r.name)
+    for source, names in by_source.values():
+        source.release(names)
 
 
 class ExpertStack(WeightSource):
@@ -153,6 +179,54 @@ class ExpertStack(WeightSource):
                     at += rows
             mats.append(torch.cat(pieces) if len(pieces) > 1 else pieces[0])
         return torch.stack(mats)
+
+
+class RowSlices(WeightSource):
+    """Row ranges of packed tensors seen as tensors of their own (Phi-3's ``qkv_proj`` read as q, k, v and its
+    ``gate_up_proj`` as gate, up): ``slices[name] = (packed name, first row, rows)``; other names pass through to
+    ``inner``. A slice reads only its rows from ``inner``; a packed tensor is released once every slice of it was."""
+
+    def __init__(self, inner: WeightSource, slices: dict[str, tuple[str, int, int]]):
+        self.inner, self.slices = inner, slices
+        self._unreleased: dict[str, set[str]] = {}
+        for name, (packed, _, _) in slices.items():
+            self._unreleased.setdefault(packed, set()).add(name)
+
+    def shape(self, name):
+        if name not in self.slices:          # every other weight: as ``inner`` holds it
+            return self.inner.shape(name)
+        packed, _, rows = self.slices[name]
+        return (rows, *self.inner.shape(packed)[1:])
+
+    def read(self, name, dim, start, length):
+        if name not in self.slices:
+            return self.inner.read(name, dim, start, length)
+        packed, first, rows = self.slices[name]
+        if dim is None:
+            return self.inner.read(packed, 0, first, rows)
+        if dim == 0:
+            return self.inner.read(packed, 0, first + start, length)
+        return self.inner.read(packed, dim, start, length).narrow(0, first, rows)
+
+    def reads_rows_into(self, name, dtype):
+        return self.inner.reads_rows_into(self.slices[name][0] if name in self.slices else name, dtype)
+
+    def read_rows_into(self, name, start, out):
+        packed, first, _ = self.slices.get(name, (name, 0, 0))
+        self.inner.read_rows_into(packed, first + start, out)
+
+    def release(self, names=()) -> None:
+        done = []
+        for name in names:
+            packed = self.slices[name][0] if name in self.slices else None
+            if packed is None:
+                done.append(name)
+                continue
+            left = self._unreleased.get(packed, set())
+            left.discard(name)
+            if not left:
+                done.append(packed)
+        self.inner.release(done)
 
 
 class ModuleSource(WeightSource):

@@ -65,9 +65,9 @@ def _hf_and_triton_path(hf, opt, forward_batch, generate_batch):
 
 
 # llama: biases, head_dim 24 (odd block sizes); qwen3: q/k norms; mistral: sliding window 7, which the
-# 12-token prompt and the decode steps exceed; mixtral / qwen2_moe: routing with mapping tables + grouped expert GEMMs
+# 12-token prompt and the decode steps exceed; phi3: packed q|k|v and gate|up; mixtral / qwen2_moe: routing with mapping tables + grouped expert GEMMs
 # (ops.moe_mlp), qwen2_moe with a shared expert, a dense layer, top-k not renormalised, routing weights in the dtype.
-@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral", "phi3", "mixtral", "qwen2_moe"])
 def test_engine_through_triton_matches_hf(family, monkeypatch):
     monkeypatch.setenv("DSINFER_CUDA_GRAPHS", "0")   # on a GPU: the eager decode step (graphs: test below)
     hf = tiny_model(family).to(DEVICE)
