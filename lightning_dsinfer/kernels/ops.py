@@ -381,7 +381,8 @@ def norm_linear(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.
     (``kernels/small_gemm.py``'s norm prologue and gated epilogue): float weights in x's dtype or int8 with its
     per-row ``scale``, decode-sized rows (M <= SMALL_GEMM_MAX_M) on the Triton path. Returns None where the kernel
     does not take the call (then the caller runs the norm, the linear and the activation as separate ops). The
-    normalised input is not rounded to the dtype before the product (the unfused ops round it once)."""
+    GEMV kernel (M <= 8) multiplies the normalised input in fp32, unrounded; the tensor-core kernel rounds it to the
+    dtype once, as the unfused norm does."""
     x = h if delta is None else delta
     if not _triton(x):
         return None

@@ -387,7 +387,7 @@ def norm_small_gemm(x: torch.Tensor, weight: torch.Tensor, add: torch.Tensor | N
                     residual: torch.Tensor | None = None, gated: bool = False):
     """``small_gemm`` with the Deep-Fusion prologue / epilogue of ``kernels/small_gemm.py``: the input is
     u = x + add (rounded to x's dtype; x itself without ``add``), RMSNorm'd in fp32 by ``norm = (w, eps)`` (not
-    rounded before the product); ``gated``: weight [2N, K] (dequantised already) gives silu(gate) * up [.., N].
+    rounded before the product, as the GEMV kernel; the tensor-core kernel rounds it to the dtype once); ``gated``: weight [2N, K] (dequantised already) gives silu(gate) * up [.., N].
     Returns (out in x's dtype, u)."""
     u = x if add is None else x + add
     xin = u.float()

@@ -15,9 +15,12 @@ tile, left at zero for the next launch) sums them and runs the epilogue, so a ca
 Deep-Fusion forms (float / int8 weights, both kernels):
 
 - norm prologue (``norm=(weight, eps)``, optionally ``add=``): the input is RMSNorm(x (+ add)); with ``add`` the
-  sum is rounded to x's dtype and returned as the new residual stream (written once, by the first column of
-  programs). The row's sum of squares is gathered while K streams by and 1 / rms scales the finished product (it is
-  linear in x), so the norm costs no pass of its own: the norm kernel before the QKV and gate/up GEMMs disappears.
+  sum is rounded to x's dtype and returned as the new residual stream (written once). The GEMV kernel gathers the
+  row's sum of squares while K streams by and scales the finished fp32 product by 1 / rms (it is linear in x), so
+  the norm costs no pass of its own; the tensor-core kernel, whose input is rounded to x's dtype, first reads the
+  rows once (M x K, from L2) for 1 / rms and normalises each tile before that rounding (as the unfused norm's
+  output is rounded; u * w alone can overflow fp16). Either way the norm kernel before the QKV and gate/up GEMMs
+  disappears.
 - gated epilogue (``gated=True``, weight [2N, K] = gate rows then up rows): out = silu(gate) * up, each program
   reading its gate rows and the matching up rows, so the [M, 2N] product is never stored.
 
@@ -227,9 +230,24 @@ def _small_gemm_kernel(
     w_rows = w_ptr + rn[:, None].to(tl.int64) * w_sn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    ssv = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
+    rstd = tl.full([BLOCK_M], 1.0, tl.float32)
+    if NORM:
+        # The tensor cores take the input in x's dtype, so it is normalised before that rounding (as the unfused
+        # norm stores it; u * w alone can overflow fp16): a first pass over all of K gathers each row's sum of
+        # squares (from L2: M x K elements) and stores the new stream x + add once (program (0, 0) of the M tile).
+        ssv = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+        first = (pid_n == 0) & (pid_k == 0)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            xm = mm[:, None] & (kk < K)[None, :]
+            u, ssv = _input_tile(tl.load(x_rows + kk[None, :], mask=xm, other=0.0).to(tl.float32),
+                                 a_ptr + rm[:, None].to(tl.int64) * a_sm + kk[None, :],
+                                 h_ptr + rm[:, None].to(tl.int64) * K + kk[None, :], 1.0, xm, first, ssv, HAS_ADD,
+                                 False)
+            ssv += u * u
+        rstd = 1.0 / tl.sqrt(tl.sum(ssv, axis=1) / K + eps)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if WMODE == 2:
             # Packed byte j of the tile holds input dims k0 + 2j (low nibble) and k0 + 2j + 1 (high).
@@ -250,19 +268,24 @@ def _small_gemm_kernel(
             mk = kk < k_hi
             xm = mm[:, None] & mk[None, :]
             xt = tl.load(x_rows + kk[None, :], mask=xm, other=0.0)
-            if HAS_ADD or NORM:
-                nw = tl.load(nw_ptr + kk, mask=mk, other=0.0).to(tl.float32)[None, :] if NORM else xt
-                xf, ssv = _input_tile(xt.to(tl.float32), a_ptr + rm[:, None].to(tl.int64) * a_sm + kk[None, :],
-                                      h_ptr + rm[:, None].to(tl.int64) * K + kk[None, :], nw, xm, pid_n == 0,
-                                      ssv, HAS_ADD, NORM)
+            if HAS_ADD or NORM:     # (with NORM the stream was stored by the first pass)
+                if NORM:
+                    store_h = pid_n < 0         # never: the first pass stored it
+                else:
+                    store_h = pid_n == 0
+                xf, _ = _input_tile(xt.to(tl.float32), a_ptr + rm[:, None].to(tl.int64) * a_sm + kk[None, :],
+                                    h_ptr + rm[:, None].to(tl.int64) * K + kk[None, :], 1.0, xm, store_h, rstd,
+                                    HAS_ADD, False)
+                if NORM:
+                    xf = xf * rstd[:, None] * tl.load(nw_ptr + kk, mask=mk, other=0.0).to(tl.float32)[None, :]
                 xt = xf.to(x_ptr.dtype.element_ty)
             wm = mn[:, None] & mk[None, :]
             acc += dot(xt, tl.trans(tl.load(w_rows + kk[None, :], mask=wm, other=0)), IEEE_DOT)  # int8: exact
             if GATED:
                 acc2 += dot(xt, tl.trans(tl.load(w_rows + N * w_sn + kk[None, :], mask=wm, other=0)), IEEE_DOT)
-    _epilogue(acc, acc2, tl.sum(ssv, axis=1), rm, mm, rn, mn, pid_k, pid_m * tl.num_programs(0) + pid_n, s_ptr,
+    _epilogue(acc, acc2, rstd, rm, mm, rn, mn, pid_k, pid_m * tl.num_programs(0) + pid_n, s_ptr,
               b_ptr, r_ptr, r_sm, out_ptr, ws_ptr, ss_ptr, lock_ptr, M, N, K, eps, SPLIT_K,
-              WMODE, HAS_BIAS, HAS_RESIDUAL, NORM, GATED)
+              WMODE, HAS_BIAS, HAS_RESIDUAL, False, GATED)       # the norm is in the input already
 
 
 _WNAME = {_FLOAT: "float", _INT8: "int8", _INT4: "int4"}

@@ -88,8 +88,9 @@ def test_small_gemm_deep_fusion(device, dtype, atol, rtol, m, k, n, kernel, spli
     _skip(device, dtype)
     x, add, norm, w, bias = _fused_args(kind, m, k, n, dtype, device)
     w = w.to(dtype)
-    got = small_gemm(x, w, bias, add=add, norm=norm, gated="gated" in kind, split_k=split_k, kernel=kernel)
-    want, u = ref.norm_small_gemm(x, w, add, norm, bias, None, "gated" in kind)
+    res = torch.randn(m, n, device=device).to(dtype) if split_k == 3 else None    # with and without a residual
+    got = small_gemm(x, w, bias, res, add=add, norm=norm, gated="gated" in kind, split_k=split_k, kernel=kernel)
+    want, u = ref.norm_small_gemm(x, w, add, norm, bias, res, "gated" in kind)
     if add is not None:
         got, h = got
         assert_close(h, u, 1e-2 if dtype != torch.float32 else 0, 8e-3 if dtype != torch.float32 else 0)
@@ -98,17 +99,37 @@ def test_small_gemm_deep_fusion(device, dtype, atol, rtol, m, k, n, kernel, spli
 
 
 @pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype,atol,rtol", [(torch.float16, 1e-2, 2e-3), (torch.bfloat16, 8e-2, 1.6e-2)])
 @pytest.mark.parametrize("m,k,n,kernel", CASES)
 @pytest.mark.parametrize("split_k", [1, 2])
-def test_small_gemm_int8_deep_fusion(device, m, k, n, kernel, split_k):
-    """int8 weights with the norm prologue and the gated epilogue: the gate and up rows keep their own scales."""
-    dtype = torch.float16
+def test_small_gemm_int8_deep_fusion(device, dtype, atol, rtol, m, k, n, kernel, split_k):
+    """int8 weights with the norm prologue, the gated epilogue and a residual: the gate and up rows keep their own
+    scales."""
+    _skip(device, dtype)
     x, add, norm, w, bias = _fused_args("add_norm_gated", m, k, n, dtype, device)
     q, s = ref.quantize_int8_per_channel(w)
-    got, h = small_gemm_int8(x, q, s, bias, add=add, norm=norm, gated=True, split_k=split_k, kernel=kernel)
-    want, u = ref.norm_small_gemm(x, ref.dequantize_int8(q, s), add, norm, bias, None, True)
+    res = torch.randn(m, n, device=device).to(dtype)
+    got, h = small_gemm_int8(x, q, s, bias, res, add=add, norm=norm, gated=True, split_k=split_k, kernel=kernel)
+    want, u = ref.norm_small_gemm(x, ref.dequantize_int8(q, s), add, norm, bias, res, True)
     assert_close(h, u, 1e-2, 8e-3)
-    assert_close(got, want, 1e-2, 2e-3)
+    assert_close(got, want, atol, rtol)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("kernel", ["gemv", "dot"])
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_deep_fusion_large_stream_fp16(device, kernel, split_k):
+    """A residual stream of ~3000 and norm weights of ~30 (real models have both): the stream times the norm weight
+    overflows fp16, so the input must be normalised before any rounding to fp16. Finite and equal to the reference."""
+    m, k, n = 3, 96, 40
+    x = (3000 * torch.randn(m, k, device=device)).half()
+    add = torch.randn(m, k, device=device).half()
+    nw = (30 + torch.randn(k, device=device)).half()
+    w = (torch.randn(2 * n, k, device=device) / k ** 0.5).half()
+    got, _ = small_gemm(x, w, add=add, norm=(nw, 1e-5), gated=True, split_k=split_k, kernel=kernel)
+    want, _ = ref.norm_small_gemm(x, w, add, (nw, 1e-5), None, None, True)
+    assert torch.isfinite(got).all()
+    assert_close(got, want, 0.5, 2e-2)     # |out| ~ 30 * 30
 
 
 @pytest.mark.parametrize("device", device_params())
