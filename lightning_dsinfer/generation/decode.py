@@ -12,7 +12,7 @@ from lightning_dsinfer.generation.cuda_graphs import decode_graphs
 from lightning_dsinfer.generation.sampling import next_tokens
 from lightning_dsinfer.modules.masks import build_step
 
-CHECK_EVERY = 4      # decode steps between two host checks of "every row finished" on a GPU ...
+CHECK_EVERY = 4      # decode steps between two host checks of "every row finished" with CUDA graphs ...
 CPU_CHECK_EVERY = 1  # ... and on the CPU, where the ops run synchronously anyway (tests set it to check the cut)
 
 
@@ -51,10 +51,14 @@ def decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         streamer.put(input_ids.cpu())
     pos = positions[:, -1:].clone()
     graphs = decode_graphs(engine, b, key_valid, t0)    # None on the CPU: the eager step below
-    # Whether every row has finished is a host sync. On a GPU it is asked every CHECK_EVERY steps, so the host
-    # queues the next steps while the GPU runs (rows that finished get pad tokens meanwhile); the steps after the
-    # one where the last row finished are cut off the output, as if the loop had stopped there.
-    check_every = 1 if streamer is not None else CPU_CHECK_EVERY if device.type == "cpu" else CHECK_EVERY
+    # Whether every row has finished is a host sync. With CUDA graphs and greedy decoding it is asked every
+    # CHECK_EVERY steps, so the host queues the next replays while the GPU runs (rows that finished get pad tokens
+    # meanwhile); the steps after the one where the last row finished are cut off the output, as if the loop had
+    # stopped there. Sampling (the extra steps would draw from the generator), a streamer, and eager GPU steps
+    # (offload, TP: a wasted step costs more than the sync) ask every step.
+    check_every = 1
+    if streamer is None and not do_sample:
+        check_every = CPU_CHECK_EVERY if device.type == "cpu" else CHECK_EVERY if graphs is not None else 1
     alive = torch.ones(max_new_tokens, dtype=torch.bool, device=device) if eos is not None else None
     n = 0
     for i in range(max_new_tokens):

@@ -45,19 +45,25 @@ def online_softmax_step(s, v, m_i, l_i, acc, IEEE: tl.constexpr):
     return m_new, l_i, acc
 
 
-_LOCKS: dict[tuple, torch.Tensor] = {}    # (device, stream) -> int32 split-K semaphores, zero between launches
+_LOCKS: dict[tuple, torch.Tensor] = {}   # (device type, index) -> int32 semaphores, zero between launches
+_RETIRED: list[torch.Tensor] = []         # sets replaced by a larger one: kept, captured graphs may point at them
 
 
 def semaphores(device: torch.device, count: int) -> torch.Tensor:
-    """``count`` int32 semaphores for split-K launches on the current stream (small GEMM tiles, decode-attention
-    heads: the split that arrives last reduces). Every launch leaves them at zero (that split resets its own), so they
-    are zeroed once, when made; one set per stream, so that launches on two streams never share one. A CUDA-graph
-    capture stream gets its own set, made (and zeroed) while capturing: the zero fill is captured too, which only
-    repeats what every launch leaves behind."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
+    """``count`` int32 semaphores for split-K launches (small GEMM tiles, decode-attention heads: the split that
+    arrives last reduces). Every launch leaves them at zero (that split resets its own), so they are zeroed once,
+    when made. One set per device: launches of these kernels on one device must not run concurrently on two streams
+    (the engine runs them on one stream at a time; a CUDA graph replays them in order). Made outside CUDA-graph
+    capture (inside, the zero fill would only be recorded): the engine's graph runner runs the step eagerly first."""
+    key = (device.type, device.index if device.index is not None or device.type != "cuda"
+           else torch.cuda.current_device())
     locks = _LOCKS.get(key)
     if locks is None or locks.numel() < count:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("split-K semaphores are made on a kernel's first split-K launch on a device, which "
+                               "must not be inside CUDA-graph capture: run the captured call once eagerly first.")
+        if locks is not None:
+            _RETIRED.append(locks)
         locks = _LOCKS[key] = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
     return locks
 

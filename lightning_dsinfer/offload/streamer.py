@@ -100,6 +100,8 @@ class UnitStreamer:
 
     def _start(self, pos: int) -> None:
         """Queue the reads that fill every slot with the first uses at or after position ``pos``."""
+        if self.cuda:   # the slots may still be read by kernels queued before (a failed pass; a fresh allocation)
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         first = []
         for c, members in self._members.items():
             use = (pos // len(self.order)) * len(members) + bisect.bisect_left(members, pos % len(self.order))
