@@ -10,7 +10,7 @@ def test_unsupported_architecture_names_model_type_and_supported_list():
     from transformers import AutoModelForCausalLM, GPT2Config
 
     model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
-    with pytest.raises(dsi.UnsupportedModelError, match=r"model_type='gpt2'.*llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe"):
+    with pytest.raises(dsi.UnsupportedModelError, match=r"model_type='gpt2'.*llama, mistral, mixtral, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe"):
         dsi.init_inference(model)
 
 
@@ -53,15 +53,3 @@ def test_dynamic_rope_is_refused():
     with pytest.raises(dsi.UnsupportedModelError, match="rope_type='dynamic'"):
         dsi.init_inference(model)
 
-
-def test_partial_rotary_is_refused():
-    """Phi-3 / Phi-4-mini style partial rotary (partial_rotary_factor < 1): the fused engine rotates whole heads."""
-    from transformers import AutoModelForCausalLM
-
-    from helpers import tiny_config
-
-    cfg = tiny_config("phi3")
-    cfg.rope_parameters = {**cfg.rope_parameters, "partial_rotary_factor": 0.5}
-    model = AutoModelForCausalLM.from_config(cfg)
-    with pytest.raises(dsi.UnsupportedModelError, match="rotates 8 of its 16 head dims"):
-        dsi.init_inference(model)

@@ -85,6 +85,23 @@ def test_eos_stops_and_pads_like_hf():
     assert torch.equal(got, ref)
 
 
+def test_partial_rotary_matches_hf():
+    """Phi-3 with partial_rotary_factor 0.5 (as Phi-4-mini's 0.75): the first half of each head rotates, the rest
+    passes through. fp32 logits and greedy tokens as HF; bf16 (the C rotary kernel declines partial rows, the
+    reference runs) within the bf16 tolerance with the same greedy tokens."""
+    partial = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}}
+    hf = tiny_model("phi3", **partial)
+    assert hf.model.rotary_emb.inv_freq.numel() * 2 == hf.config.hidden_size // hf.config.num_attention_heads // 2
+    assert_matches_hf(hf, optimised_copy(hf, max_seq_len=48), *padded_batch([9, 4], seed=2))
+    hfb = tiny_model("phi3", **partial).bfloat16()
+    ids, mask = padded_batch([9, 4], seed=2)
+    optb = optimised_copy(hfb, max_seq_len=48, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = hfb(input_ids=ids, attention_mask=mask).logits.float()
+        got = optb(input_ids=ids, attention_mask=mask).logits.float()
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=6e-2, rtol=0)
+
+
 @pytest.mark.parametrize("check_every", [4, 5])
 def test_eos_checked_every_few_steps_cuts_like_hf(check_every, monkeypatch):
     """The own loop asks whether every row finished only every few steps on a GPU (no host sync per token); the

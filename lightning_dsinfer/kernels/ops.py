@@ -264,7 +264,7 @@ def moe_mlp(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: 
 
 
 def _rotary_tables(cos: torch.Tensor, sin: torch.Tensor):
-    """Per-token rows [B, T, 1, D] -> tables [B*T, D/2] (fp32) and positions [B, T] = b * T + t."""
+    """Per-token rows [B, T, 1, R] -> tables [B*T, R/2] (fp32) and positions [B, T] = b * T + t."""
     hit = _rotary_memo.get(cos)
     if hit is not None and hit[0] is sin:
         return hit[1]
@@ -277,18 +277,24 @@ def _rotary_tables(cos: torch.Tensor, sin: torch.Tensor):
     return tables
 
 
+def _rotary_rows(cos: torch.Tensor, shape) -> bool:
+    """cos is the engine's per-token rows [B, T, 1, R] for heads of shape [B, T, H, D], R even and <= D."""
+    return cos.dim() == 4 and cos.shape[:3] == (shape[0], shape[1], 1) and cos.shape[3] % 2 == 0 \
+        and 0 < cos.shape[3] <= shape[3]
+
+
 def rotary_half(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
     """See :func:`reference.rotary_half`."""
     if not _triton(x):
         return reference.rotary_half(x, cos, sin_signed)
-    if x.dim() != 4 or x.shape[-1] % 2 or x.stride(-1) != 1 \
-            or cos.shape != (x.shape[0], x.shape[1], 1, x.shape[3]) or sin_signed.shape != cos.shape:
+    if x.dim() != 4 or x.shape[-1] % 2 or x.stride(-1) != 1 or not _rotary_rows(cos, x.shape) \
+            or sin_signed.shape != cos.shape:
         _count("rotary_half", "reference:layout")
         return reference.rotary_half(x, cos, sin_signed)
     from lightning_dsinfer.kernels.rotary import rotary_qkv
     _count("rotary_half", "triton")
     cos_t, sin_t, pos = _rotary_tables(cos, sin_signed)
-    out, _, _ = rotary_qkv(x, x[:, :, :0], cos_t, sin_t, pos)   # every head as a "q" head
+    out, _, _ = rotary_qkv(x, x[:, :, :0], cos_t, sin_t, pos, rotary_dim=cos.shape[-1])   # every head as a "q" head
     return out
 
 
@@ -320,7 +326,7 @@ def rotary_write_kv(qkv: torch.Tensor, num_heads: int, cos: torch.Tensor, sin_si
         return reference.rotary_write_kv(qkv, num_heads, cos, sin_signed, k_cache, v_cache, col, q_norm, k_norm, eps)
     args = (qkv, num_heads, cos, sin_signed, k_cache, v_cache, col, q_norm, k_norm, eps)
     if qkv.dim() != 4 or qkv.shape[-1] % 2 or qkv.stride(-1) != 1 or (qkv.shape[2] - num_heads) % 2 \
-            or cos.shape != (qkv.shape[0], qkv.shape[1], 1, qkv.shape[3]) or sin_signed.shape != cos.shape:
+            or not _rotary_rows(cos, qkv.shape) or sin_signed.shape != cos.shape:
         _count("rotary_write_kv", "reference:layout")
         return reference.rotary_write_kv(*args)
     b, t, heads, d = qkv.shape
@@ -340,11 +346,13 @@ def rotary_write_kv(qkv: torch.Tensor, num_heads: int, cos: torch.Tensor, sin_si
         q, k = norm_kernel(q, q_norm, eps), norm_kernel(k, k_norm, eps)
     _count("rotary_write_kv", "triton")
     cos_t, sin_t, pos = _rotary_tables(cos, sin_signed)
+    r = cos.shape[-1]
     if k_cache is None:
-        q, k, _ = rotary_qkv(q, k, cos_t, sin_t, pos, v)
+        q, k, _ = rotary_qkv(q, k, cos_t, sin_t, pos, v, rotary_dim=r)
         return q, k, v
     start = (col if isinstance(col, torch.Tensor) else _column(qkv.device, col)).expand(b)   # no copy, no fill
-    q, k, _ = rotary_qkv(q, k, cos_t, sin_t, pos, v, k_cache=k_cache, v_cache=v_cache, cache_start=start)
+    q, k, _ = rotary_qkv(q, k, cos_t, sin_t, pos, v, rotary_dim=r, k_cache=k_cache, v_cache=v_cache,
+                         cache_start=start)
     return q, k, v
 
 

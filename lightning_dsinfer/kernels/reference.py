@@ -28,9 +28,13 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 def rotary_half(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
     """NeoX ("rotate half") rotary embedding.
 
-    x: [..., D]; cos: [..., D] (broadcastable) = cat(c, c); sin_signed = cat(-s, s). Equal to HF's
-    ``x * cos + rotate_half(x) * sin`` (the sign of ``rotate_half`` lives in ``sin_signed``).
+    x: [..., D]; cos: [..., R] (broadcastable) = cat(c, c); sin_signed = cat(-s, s). Equal to HF's
+    ``x * cos + rotate_half(x) * sin`` (the sign of ``rotate_half`` lives in ``sin_signed``). R < D (partial
+    rotary, Phi-3's ``partial_rotary_factor``): the first R dims rotate, the rest pass through, as HF does.
     """
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat((rotary_half(x[..., :r], cos, sin_signed), x[..., r:]), dim=-1)
     half = x.shape[-1] // 2
     swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
     return torch.addcmul(x * cos, swapped, sin_signed)

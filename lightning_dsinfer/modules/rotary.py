@@ -15,13 +15,13 @@ class RotaryTable:
                  device: torch.device | str = "cpu"):
         inv_freq = inv_freq.detach().to(device="cpu", dtype=torch.float32)
         pos = torch.arange(max_seq_len, dtype=torch.float32)
-        freqs = pos[:, None] * inv_freq[None, :]                          # [S, D/2], as HF: fp32
+        freqs = pos[:, None] * inv_freq[None, :]                          # [S, R/2], as HF: fp32 (R: rotated dims)
         cos = freqs.cos() * attention_scaling
         sin = freqs.sin() * attention_scaling
-        self.cos = torch.cat((cos, cos), dim=-1).to(device=device, dtype=dtype)      # [S, D]
-        self.sin = torch.cat((-sin, sin), dim=-1).to(device=device, dtype=dtype)     # [S, D], sign of rotate_half
+        self.cos = torch.cat((cos, cos), dim=-1).to(device=device, dtype=dtype)      # [S, R]
+        self.sin = torch.cat((-sin, sin), dim=-1).to(device=device, dtype=dtype)     # [S, R], sign of rotate_half
         self.max_seq_len = max_seq_len
 
     def gather(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, T] (long) -> cos, sin [B, T, 1, D] (broadcast over heads)."""
+        """positions [B, T] (long) -> cos, sin [B, T, 1, R] (broadcast over heads; R < D: partial rotary)."""
         return self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)

@@ -119,10 +119,9 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
                 f"static rotary table does not model (max_seq_len={max_seq_len}, original context {original}). "
                 f"Supported rope types: default, linear, llama3, yarn, and longrope up to the original context.")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    if rotary.inv_freq.numel() * 2 != head_dim:
+    if not 0 < rotary.inv_freq.numel() * 2 <= head_dim:
         raise UnsupportedModelError(
-            f"{config.model_type} rotates {rotary.inv_freq.numel() * 2} of its {head_dim} head dims (partial rotary, "
-            f"partial_rotary_factor < 1); the fused engine rotates whole heads. Supported: partial_rotary_factor=1.")
+            f"{config.model_type} has {rotary.inv_freq.numel()} rotary frequencies for a head dim of {head_dim}.")
     names = set(dict(model.named_parameters(remove_duplicate=False)))
     if traits.packed:     # q / k / v and gate / up as row ranges of the packed tensors, each read on its own
         source = _packed_slices(source, config, head_dim)

@@ -86,6 +86,21 @@ def test_engine_through_triton_matches_hf(family, monkeypatch):
         _assert_fused(small=4, large=2)
 
 
+def test_partial_rotary_through_triton_matches_hf(monkeypatch):
+    """Phi-3 with partial_rotary_factor 0.5 through the kernels: the rotary kernel rotates the first half of each head
+    (its rotary_dim), the rest passes through; fp32 logits and greedy tokens as HF, nothing falls back."""
+    monkeypatch.setenv("DSINFER_CUDA_GRAPHS", "0")
+    hf = tiny_model("phi3", rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                             "partial_rotary_factor": 0.5}).to(DEVICE)
+    opt = optimised_copy(hf, max_seq_len=32)
+    ids, mask = (x.to(DEVICE) for x in padded_batch([12, 5, 9]))
+    ref_logits, ref_tokens, logits, tokens = _hf_and_triton_path(hf, opt, (ids, mask), (ids, mask))
+    valid = mask.bool()
+    torch.testing.assert_close(logits[valid], ref_logits[valid], atol=ATOL, rtol=RTOL)
+    assert torch.equal(tokens, ref_tokens)
+    _assert_fused(small=4, large=2)
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 def test_int8_moe_through_grouped_gemms_matches_fake_quantised_hf(family, monkeypatch):
     """quantize="int8" on the Triton path: the experts int8 in their 3D layout with a scale per expert row, through
