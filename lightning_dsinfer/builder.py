@@ -86,16 +86,32 @@ def _slice(n: int, plan: TensorShardPlan, what: str) -> tuple[int, int]:
     return plan.tp_rank * (n // plan.tp), n // plan.tp
 
 
+def expert_range(moe, plan: TensorShardPlan) -> tuple[int, int]:
+    """(first expert, experts) this rank holds under expert parallelism."""
+    e = moe.gate_up.shape[0]
+    if e % plan.tp:
+        raise ValueError(f"expert_parallel_size={plan.tp} does not divide the {e} experts; use expert_parallel_size=1 "
+                         f"(expert slicing) or a tensor_parallel_size that divides {e}.")
+    return plan.tp_rank * (e // plan.tp), e // plan.tp
+
+
 def _shard_moe(moe, plan: TensorShardPlan, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """A sparse MLP's tensors on this rank: the router whole (every rank routes every token the same way), and
     each expert sliced like a dense MLP (expert slicing): rows [s, s + n) of its gate and of its up ([E, 2n, H]), the
-    same columns of its down ([E, H, n]); the shared expert likewise, its sigmoid gate whole. The partial outputs
-    are summed over the group once per layer (``MoEMLP``)."""
-    inter = moe.gate_up.shape[1] // 2
-    s, n = _slice(inter, plan, "experts'")
-    out = {"moe.router": moe.router.load().to(dtype),
-           "moe.gate_up": torch.cat([moe.gate_up.load(1, s, n), moe.gate_up.load(1, inter + s, n)], dim=1).to(dtype),
-           "moe.down": moe.down.load(2, s, n).to(dtype)}
+    same columns of its down ([E, H, n]); or, with ``moe.expert_parallel``, E / N whole experts. The shared expert is
+    sliced either way, its sigmoid gate whole. The partial outputs are summed over the group once per layer
+    (``MoEMLP``)."""
+    if moe.expert_parallel:        # this rank's whole experts (expert_parallel_size = tensor_parallel_size)
+        first, n = expert_range(moe, plan)
+        out = {"moe.router": moe.router.load().to(dtype), "moe.gate_up": moe.gate_up.load(0, first, n).to(dtype),
+               "moe.down": moe.down.load(0, first, n).to(dtype)}
+    else:
+        inter = moe.gate_up.shape[1] // 2
+        s, n = _slice(inter, plan, "experts'")
+        out = {"moe.router": moe.router.load().to(dtype),
+               "moe.gate_up": torch.cat([moe.gate_up.load(1, s, n), moe.gate_up.load(1, inter + s, n)],
+                                        dim=1).to(dtype),
+               "moe.down": moe.down.load(2, s, n).to(dtype)}
     if moe.shared_gate is not None:
         s, n = _slice(moe.shared_gate.shape[0], plan, "shared expert's")
         out.update({
@@ -112,7 +128,8 @@ def layer_spec(w: ModelWeights, plan: TensorShardPlan, lw: LayerWeights) -> Laye
                      head_dim=w.head_dim, intermediate_size=plan.mlp_rows[1], rms_norm_eps=w.rms_norm_eps,
                      scaling=w.scaling, sliding_window=lw.sliding_window,
                      moe_top_k=moe.top_k if moe else 0, moe_renormalize=bool(moe and moe.renormalize),
-                     moe_weights_in_dtype=bool(moe and moe.weights_in_dtype))
+                     moe_weights_in_dtype=bool(moe and moe.weights_in_dtype),
+                     moe_first_expert=expert_range(moe, plan)[0] if moe and moe.expert_parallel else None)
 
 
 # A block's tensors by half: offload streams the attention half (with both norms) and the MLP half as two units.
@@ -177,9 +194,10 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
         shared = GatedMLP(linear("shared.gate_up"), linear("shared.down", row_max=row_max)) \
             if "shared.gate_up.weight" in t else None
         shared_gate = Linear(t["shared_gate.weight"], pack=pack) if shared is not None else None   # [1, H], not int8
+        ep = spec.moe_first_expert is not None      # whole experts: their down rows need no group max
         mlp = MoEMLP(t["moe.router"], t["moe.gate_up"], t["moe.down"], spec.moe_top_k, spec.moe_renormalize,
-                     spec.moe_weights_in_dtype, shared, shared_gate, reduce=reduce, quantize=quantize, row_max=row_max,
-                     pack=pack)
+                     spec.moe_weights_in_dtype, shared, shared_gate, reduce=reduce, quantize=quantize,
+                     row_max=None if ep else row_max, pack=pack, first_expert=spec.moe_first_expert or 0)
     return DecoderLayer(attn, mlp, t.get("input_norm"), t.get("post_norm"), spec.rms_norm_eps)
 
 

@@ -50,6 +50,10 @@ class InferenceConfig:
       ring + KV cache + activations. None = half of what is free.
     max_batch_size: None = 8, or with offload the largest batch that fits in ``max_memory``.
     cuda_graphs: on CUDA, capture one decode step per batch-size bucket and replay it (TP=1, no offload).
+    expert_parallel_size: MoE models with tensor parallelism: 1 splits every expert's intermediate over the
+      ``tensor_parallel_size`` ranks (expert slicing); ``tensor_parallel_size`` places E / N whole experts on each
+      rank instead (expert parallelism: every rank has every token already, so each runs its own experts on the
+      tokens routed to them and the layer's all-reduce sums the ranks; no all-to-all). The experts must divide.
     quantize: None, or "int8": the blocks' linear weights stored int8 with one scale per output row (weight-only,
       symmetric; activations, norms, attention and the lm_head stay in ``dtype``): half the bytes a decode step
       reads. Outputs change by the quantisation error (not lossless). With offload the tiers hold the int8
@@ -70,6 +74,7 @@ class InferenceConfig:
     max_memory: int | str | None = None
     cuda_graphs: bool = True
     quantize: str | None = None
+    expert_parallel_size: int = 1
 
     def __post_init__(self):
         self.dtype = resolve_dtype(self.dtype)
@@ -87,6 +92,9 @@ class InferenceConfig:
             raise ValueError(f"max_seq_len={self.max_seq_len} must be >= 1.")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} must be >= 1.")
+        if self.expert_parallel_size not in (1, self.tensor_parallel_size):
+            raise ValueError(f"expert_parallel_size={self.expert_parallel_size} must be 1 (expert slicing) or "
+                             f"tensor_parallel_size={self.tensor_parallel_size} (each rank holds 1/N of the experts).")
         if self.max_batch_size is not None and self.max_batch_size < 1:
             raise ValueError(f"max_batch_size={self.max_batch_size} must be >= 1.")
 

@@ -65,7 +65,7 @@ class InferenceEngine:
         self.comm = comm if comm is not None else tensor_parallel_comm(config.tensor_parallel_size, self.device,
                                                                       config.collective_timeout_s)
         source = ModuleSource(hf_model) if config.checkpoint is None else checkpoint_source(config.checkpoint, hf_model)
-        weights = policy(hf_model, self.max_seq_len, source)
+        weights = _place_experts(policy(hf_model, self.max_seq_len, source), config)
         self.windows = sorted({lw.sliding_window for lw in weights.layers if lw.sliding_window is not None})
         if len(self.windows) > 1:
             raise ValueError(f"layers use different sliding windows {self.windows}; one window per model is supported.")
@@ -188,11 +188,35 @@ class InferenceEngine:
 _BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def _place_experts(weights, config: InferenceConfig):
+    """``expert_parallel_size`` > 1: every sparse layer's experts are placed whole over the group (``MoEWeights``);
+    the number of experts must divide (checked here, before any weight is read)."""
+    if config.expert_parallel_size == 1:
+        return weights
+    import dataclasses
+
+    layers, ep = [], config.expert_parallel_size
+    for lw in weights.layers:
+        if lw.moe is not None:
+            if lw.moe.gate_up.shape[0] % ep:
+                raise ValueError(f"expert_parallel_size={ep} does not divide the {lw.moe.gate_up.shape[0]} experts of "
+                                 f"{weights.model_type}; use expert_parallel_size=1 (expert slicing) or a "
+                                 f"tensor_parallel_size that divides the experts.")
+            lw = dataclasses.replace(lw, moe=dataclasses.replace(lw.moe, expert_parallel=True))
+        layers.append(lw)
+    return dataclasses.replace(weights, layers=layers)
+
+
 def _check_moe_options(hf_config, config: InferenceConfig) -> None:
-    """Refuse, before any work, what MoE families do not take yet: int8 with offload."""
+    """Refuse, before any work, what MoE families do not take yet: int8 with offload; expert parallelism on a dense
+    model."""
     from lightning_dsinfer.policies.llama import FAMILY
 
     traits = FAMILY.get(getattr(hf_config, "model_type", None))
+    if config.expert_parallel_size > 1 and (traits is None or traits.moe == "none"):
+        raise ValueError(f"expert_parallel_size={config.expert_parallel_size} places the experts of a mixture-of-experts "
+                         f"model over the ranks; model_type={getattr(hf_config, 'model_type', None)!r} has no experts. "
+                         f"Drop expert_parallel_size.")
     if traits is None or traits.moe == "none":
         return
     if config.quantize is None or config.offload is None:

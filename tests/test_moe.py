@@ -148,6 +148,47 @@ def test_moe_tensor_parallel_matches_hf(quantize):
     assert outs[0].count(" OK") == len(MOE), outs[0]
 
 
+@pytest.mark.parametrize("variant", ["memory", "int8", "checkpoint_nvme"])
+def test_moe_expert_parallel_matches_hf(variant, tmp_path):
+    """expert_parallel_size = tensor_parallel_size = 2: each rank holds half of the experts whole (mixtral 4,
+    qwen2_moe 6 with its shared expert sliced, qwen3_moe 8), runs them on the tokens routed to them, the layer's
+    all-reduce sums the ranks: fp32 logits, greedy and beam search as HF's, sampling agrees across ranks; with int8
+    weights (HF over the same quantise-dequantised weights); and from per-expert checkpoints on meta (each rank reads
+    only its experts) on the disk tier."""
+    from multiproc import run_ranks
+
+    extra = ["--expert-parallel"]
+    if variant == "int8":
+        extra += ["--quantize", "int8"]
+    if variant == "checkpoint_nvme":
+        for family in MOE:
+            tiny_model(family).save_pretrained(tmp_path / "ckpt" / family)
+        extra += ["--checkpoint", str(tmp_path / "ckpt"), "--offload", "nvme", "--offload-path", str(tmp_path / "off"),
+                  "--max-memory", "streaming"]
+    codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", *MOE, *extra], timeout=300)
+    assert codes == [0, 0], "\n".join(outs)
+    assert outs[0].count(" OK") == len(MOE), outs[0]
+
+
+def test_expert_parallel_errors():
+    """Before any work: expert_parallel_size other than 1 or the TP size; experts the group does not divide; a dense
+    model."""
+    with pytest.raises(ValueError, match="expert_parallel_size=2 must be 1 .* or tensor_parallel_size=4"):
+        dsi.init_inference(tiny_model("mixtral"), tensor_parallel_size=4, expert_parallel_size=2)
+    from lightning_dsinfer.engine import InferenceEngine
+    from lightning_dsinfer.config import InferenceConfig
+
+    class OneRank:      # a 3-rank group's rank 0 (the check runs before any collective)
+        rank, size = 0, 3
+
+    with pytest.raises(ValueError, match="expert_parallel_size=3 does not divide the 4 experts of mixtral"):
+        InferenceEngine(tiny_model("mixtral"), InferenceConfig(tensor_parallel_size=3, expert_parallel_size=3),
+                        comm=OneRank())
+    with pytest.raises(ValueError, match="model_type='llama' has no experts"):
+        InferenceEngine(tiny_model("llama"), InferenceConfig(tensor_parallel_size=3, expert_parallel_size=3),
+                        comm=OneRank())
+
+
 def test_moe_tensor_parallel_size_must_divide_the_experts():
     from lightning_dsinfer.builder import _shard_moe
     from lightning_dsinfer.parallel import TensorShardPlan

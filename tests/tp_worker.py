@@ -24,6 +24,8 @@ def main():
                    help="a folder holding <family>/ (tiny_model saved): the model goes in on meta and loads from it")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8 weights; the reference is HF over the same quantise-dequantised weights")
+    p.add_argument("--expert-parallel", action="store_true",
+                   help="MoE: whole experts placed over the ranks (expert_parallel_size = tp) instead of sliced")
     args = p.parse_args()
     torch.set_num_threads(1)
     offload = {} if args.offload is None else dict(offload=args.offload, max_memory=args.max_memory, max_batch_size=3,
@@ -41,7 +43,8 @@ def main():
                 with torch.device("meta"):
                     model = AutoModelForCausalLM.from_config(hf.config)
             return dsi.init_inference(model, tensor_parallel_size=args.tp, max_seq_len=64, collective_timeout_s=60,
-                                      quantize=args.quantize, **{**offload, **options}, **source)
+                                      quantize=args.quantize, expert_parallel_size=args.tp if args.expert_parallel else 1,
+                                      **{**offload, **options}, **source)
 
         if args.offload_path:           # one folder per family (else the next family's units replace these)
             offload["offload_path"] = os.path.join(args.offload_path, family)
@@ -49,6 +52,11 @@ def main():
             with tempfile.TemporaryDirectory() as scratch:
                 offload["max_memory"] = streaming_budget(lambda mm: build(max_memory=mm, offload_path=scratch))
         opt = build()
+        if args.expert_parallel:    # each rank holds its share of the experts whole
+            moe = [layer.mlp for layer in getattr(opt._dsinfer_engine.decoder, "layers", [])
+                   if type(layer.mlp).__name__ == "MoEMLP"]
+            assert args.offload or (moe and all(m.first_expert == m.local_experts * int(os.environ["RANK"])
+                                                for m in moe)), "experts not placed"
         if args.quantize:
             hf = fake_quantised_int8(hf)
         if args.offload is not None:

@@ -63,14 +63,16 @@ def _moe_gemm_kernel(
 
 def moe_gemm(x: torch.Tensor, weight: torch.Tensor, sorted_ids: torch.Tensor, offsets: torch.Tensor,
              rows_per_input: int, row_scale: torch.Tensor | None = None,
-             weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+             weight_scale: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """out[a] = x[a // rows_per_input] @ weight[e(a)].T (* row_scale[a]) for every assignment a.
 
     x [R, K]; weight [E, N, K] (fp32 / fp16 / bf16, or int8 with ``weight_scale`` [E, N] fp32: weight[e] ~=
     q[e] * scale[e][:, None]); sorted_ids [A] and offsets [E + 1] from ``moe_routing.moe_route``; row_scale [A]
     (e.g. the routing weights flattened). Use rows_per_input = top_k when x holds tokens, 1 when x is already per
     assignment. Returns [A, N].
-    Every assignment must belong to some expert (as moe_route guarantees), else its row is unwritten.
+    Every assignment must belong to some expert (as moe_route guarantees), else its row is unwritten: ``out``
+    (contiguous [A, N] in x's dtype, e.g. zeros) keeps what the call does not write (offsets of a segment of the
+    experts: expert parallelism).
     """
     if x.dim() != 2 or weight.dim() != 3:
         raise ValueError(f"x must be [R, K] and weight [E, N, K], got {tuple(x.shape)}, {tuple(weight.shape)}")
@@ -92,7 +94,10 @@ def moe_gemm(x: torch.Tensor, weight: torch.Tensor, sorted_ids: torch.Tensor, of
         x = x.contiguous()
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
-    out = torch.empty((a, n), dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty((a, n), dtype=x.dtype, device=x.device)
+    elif out.shape != (a, n) or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous ({a}, {n}) {x.dtype}, got {tuple(out.shape)} {out.dtype}")
     if a == 0 or n == 0:
         return out
     interp = interpreting()

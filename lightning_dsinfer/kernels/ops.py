@@ -240,16 +240,18 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 def moe_mlp(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
             renormalize: bool = True, weights_in_dtype: bool = False, gate_up_scale: torch.Tensor | None = None,
-            down_scale: torch.Tensor | None = None) -> torch.Tensor:
+            down_scale: torch.Tensor | None = None, first_expert: int = 0) -> torch.Tensor:
     """See :func:`reference.moe_mlp`. On the Triton path: routing with mapping tables (``kernels/moe_routing.py``:
     top-k, per-expert counts, offsets and the token permutation), the experts' gate|up as one grouped GEMM over the
     permuted tokens (``kernels/moe_gemm.py``), SwiGLU, the down grouped GEMM with the routing weights as row
     scales, and the k rows of each token summed. int8 experts (``gate_up_scale`` [E, 2I], ``down_scale`` [E, H]): the
-    grouped GEMMs widen the int8 tiles and apply the row scales."""
+    grouped GEMMs widen the int8 tiles and apply the row scales. Expert parallelism (gate_up / down hold the
+    router's experts [first_expert, first_expert + E_local)): routing over all experts, the grouped GEMMs over this
+    rank's segment of the routing tables, the other assignments' rows zero."""
     int8 = gate_up_scale is not None
     if not _triton(x) or x.dtype != router.dtype or (x.dtype != gate_up.dtype and not int8):
         return reference.moe_mlp(x, router, gate_up, down, top_k, renormalize, weights_in_dtype, gate_up_scale,
-                                 down_scale)
+                                 down_scale, first_expert)
     from lightning_dsinfer.kernels.activations import gated_act
     from lightning_dsinfer.kernels.moe_gemm import moe_gemm
     from lightning_dsinfer.kernels.moe_routing import moe_route
@@ -258,8 +260,13 @@ def moe_mlp(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: 
     w, _, _, offsets, sorted_ids, _ = moe_route(linear(x, router), top_k, "softmax", renormalize)
     if weights_in_dtype:
         w = w.to(x.dtype)
+    local = gate_up.shape[0]
+    partial = local != router.shape[0]          # expert parallelism: this rank's segment of the tables
+    offsets = offsets[first_expert:first_expert + local + 1]
     h = gated_act(moe_gemm(x, gate_up, sorted_ids, offsets, top_k, weight_scale=gate_up_scale), None, "silu")
-    y = moe_gemm(h, down, sorted_ids, offsets, 1, row_scale=w.reshape(-1), weight_scale=down_scale)   # [T * k, H]
+    out = torch.zeros(sorted_ids.numel(), down.shape[1], dtype=x.dtype, device=x.device) if partial else None
+    y = moe_gemm(h, down, sorted_ids, offsets, 1, row_scale=w.reshape(-1), weight_scale=down_scale,
+                 out=out)   # [T * k, H]: other ranks' assignments stay zero
     return y.view(t, top_k, -1).sum(1, dtype=torch.float32).to(x.dtype)
 
 

@@ -261,21 +261,30 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, exper
     for e in sorted(groups):
         a = torch.tensor(groups[e], device=x.device)
         tok = a // k
-        out.index_add_(0, tok, (expert(e, x[tok]) * w[a, None]).to(x.dtype))
+        y = expert(e, x[tok])
+        if y is not None:       # None: not this rank's expert (expert parallelism)
+            out.index_add_(0, tok, (y * w[a, None]).to(x.dtype))
     return out
 
 
 def moe_mlp(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
             renormalize: bool = True, weights_in_dtype: bool = False, gate_up_scale: torch.Tensor | None = None,
-            down_scale: torch.Tensor | None = None) -> torch.Tensor:
+            down_scale: torch.Tensor | None = None, first_expert: int = 0) -> torch.Tensor:
     """Sparse MoE SwiGLU MLP as transformers computes it: x [T, H]; router [E, H]; gate_up [E, 2I, H] (gate rows
     first); down [E, H, I]; routing by :func:`moe_topk`, the experts by :func:`moe_experts`. Returns [T, H]. int8
-    experts: ``gate_up_scale`` [E, 2I] and ``down_scale`` [E, H] (per-row scales; dequantised to x's dtype here)."""
+    experts: ``gate_up_scale`` [E, 2I] and ``down_scale`` [E, H] (per-row scales; dequantised to x's dtype here).
+    Expert parallelism: gate_up / down hold experts [first_expert, first_expert + E_local) of the router's E; the
+    others add nothing here (their rank adds them)."""
     if gate_up_scale is not None:
         gate_up = (gate_up.float() * gate_up_scale[..., None]).to(x.dtype)
         down = (down.float() * down_scale[..., None]).to(x.dtype)
     w, ids = moe_topk(x, router, top_k, renormalize, weights_in_dtype)
-    return moe_experts(x, w, ids, lambda e, rows: F.linear(silu_and_mul(F.linear(rows, gate_up[e])), down[e]))
+
+    def expert(e, rows):
+        e -= first_expert
+        return F.linear(silu_and_mul(F.linear(rows, gate_up[e])), down[e]) if 0 <= e < gate_up.shape[0] else None
+
+    return moe_experts(x, w, ids, expert)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,

@@ -17,9 +17,11 @@ from lightning_dsinfer.modules.linear import Linear, quantize_rows
 class MoEMLP(nn.Module):
     def __init__(self, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
                  renormalize: bool, weights_in_dtype: bool, shared=None, shared_gate: Linear | None = None,
-                 reduce=None, quantize: str | None = None, row_max=None, pack: bool = True):
+                 reduce=None, quantize: str | None = None, row_max=None, pack: bool = True, first_expert: int = 0):
         super().__init__()
         self.router, self.experts_gate_up, self.experts_down = router, gate_up, down
+        # expert parallelism: this rank holds experts [first_expert, first_expert + local); the router is whole
+        self.first_expert, self.local_experts = first_expert, gate_up.shape[0]
         self.top_k, self.renormalize, self.weights_in_dtype = top_k, renormalize, weights_in_dtype
         self.shared, self.shared_gate = shared, shared_gate      # GatedMLP, Linear [1, H] (Qwen2-MoE)
         self.reduce = reduce       # tensor parallelism: experts sliced over the group, partial outputs summed here
@@ -45,7 +47,8 @@ class MoEMLP(nn.Module):
 
     @property
     def nbytes_per_token(self) -> int:
-        """Weight bytes one token reads: the router, its top-k experts and the shared expert."""
+        """Weight bytes one token reads: the router, its top-k experts and the shared expert (expert parallelism: the
+        top-k experts counted on every rank, as if each held them all: the rank that holds both reads that much)."""
         if self.cpu_experts is not None:
             per_expert = self.cpu_experts[0][0].nbytes + self.cpu_experts[0][1].nbytes
         else:
@@ -62,7 +65,7 @@ class MoEMLP(nn.Module):
             y = self._run_cpu_experts(x2)
         else:
             y = ops.moe_mlp(x2, self.router, self.experts_gate_up, self.experts_down, self.top_k, self.renormalize,
-                            self.weights_in_dtype, self.gate_up_scale, self.down_scale)
+                            self.weights_in_dtype, self.gate_up_scale, self.down_scale, self.first_expert)
         if self.shared is not None:
             s = self.shared(x2)
             y = y + torch.sigmoid(self.shared_gate(x2)) * s     # the gate is whole: it scales each partial sum
@@ -74,6 +77,9 @@ class MoEMLP(nn.Module):
     def _run_cpu_experts(self, x: torch.Tensor) -> torch.Tensor:
         """:func:`kernels.reference.moe_mlp` with each expert's GEMMs on its :class:`Linear` pair."""
         def expert(e, rows):
+            e -= self.first_expert
+            if not 0 <= e < self.local_experts:       # expert parallelism: another rank's expert
+                return None
             gate_up, down = self.cpu_experts[e]
             return down(ops.silu_and_mul(gate_up(rows)))
 

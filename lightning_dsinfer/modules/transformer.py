@@ -66,6 +66,7 @@ class LayerSpec:
     moe_top_k: int = 0                     # MoE layers (modules/moe.py): experts per token, ...
     moe_renormalize: bool = True           # ... top-k probabilities renormalised, ...
     moe_weights_in_dtype: bool = False     # ... routing weights rounded to the model dtype
+    moe_first_expert: int | None = None    # expert parallelism: this rank's first expert (None: experts sliced)
 
 
 class Attention(nn.Module):

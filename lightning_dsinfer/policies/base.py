@@ -31,6 +31,7 @@ class MoEWeights:
     shared_up: WeightRef | None = None
     shared_down: WeightRef | None = None
     shared_expert_gate: WeightRef | None = None
+    expert_parallel: bool = False           # whole experts placed over the tensor-parallel group (not sliced)
 
 
 @dataclass

@@ -84,11 +84,12 @@ class DSInferStrategy(DDPStrategy):
                  max_batch_size: int | None = None, dtype: torch.dtype | str | None = None,
                  checkpoint: str | None = None, collective_timeout_s: float = 300.0, offload: str | None = None,
                  offload_path: str | None = None, max_memory: int | str | None = None, cuda_graphs: bool = True,
-                 offload_compress: bool = True, quantize: str | None = None,
+                 offload_compress: bool = True, quantize: str | None = None, expert_parallel: bool = False,
                  **kwargs: Any):
         kwargs.setdefault("timeout", datetime.timedelta(seconds=collective_timeout_s))
         super().__init__(**kwargs)
         self.tensor_parallel_size = tensor_parallel_size
+        self.expert_parallel = expert_parallel      # MoE: whole experts over the tensor-parallel group (not sliced)
         if offload in ("nvme", "auto") and offload_path is None:
             offload_path = os.environ.get("DSINFER_OFFLOAD_PATH")
         self.inference_config = InferenceConfig(dtype=resolve_dtype(dtype), max_seq_len=max_seq_len,
@@ -174,7 +175,9 @@ class DSInferStrategy(DDPStrategy):
             raise UnsupportedModelError(
                 f"strategy='dsinfer' found no Hugging Face PreTrainedModel inside {type(self.lightning_module).__name__}; "
                 f"keep the transformers model as an attribute of the LightningModule (e.g. self.model = model).")
-        config = replace(self._engine_config(), tensor_parallel_size=self.topology.tp)
+        tp = self.topology.tp
+        config = replace(self._engine_config(), tensor_parallel_size=tp,
+                         expert_parallel_size=tp if self.expert_parallel else 1)
         if config.tensor_parallel_size == 1:      # with TP > 1 a model without a policy takes the generic TP path
             for _, model in models:
                 find_policy(model)   # raise for an unsupported model before any work starts

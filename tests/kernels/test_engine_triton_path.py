@@ -65,12 +65,19 @@ def _hf_and_triton_path(hf, opt, forward_batch, generate_batch):
 
 
 # llama: biases, head_dim 24 (odd block sizes); qwen3: q/k norms; mistral: sliding window 7, which the
-# 12-token prompt and the decode steps exceed; phi3: packed q|k|v and gate|up; mixtral / qwen2_moe: routing with mapping tables + grouped expert GEMMs
-# (ops.moe_mlp), qwen2_moe with a shared expert, a dense layer, top-k not renormalised, routing weights in the dtype.
-@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral", "phi3", "mixtral", "qwen2_moe"])
-def test_engine_through_triton_matches_hf(family, monkeypatch):
+# 12-token prompt and the decode steps exceed; phi3: packed q|k|v and gate|up, also with partial rotary (the rotary
+# kernel's rotary_dim: half of each head rotates); mixtral / qwen2_moe: routing with mapping tables + grouped expert
+# GEMMs (ops.moe_mlp), qwen2_moe with a shared expert, a dense layer, top-k not renormalised, routing weights in the
+# dtype.
+PARTIAL_ROTARY = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}}
+
+
+@pytest.mark.parametrize("family,overrides", [("llama", {}), ("qwen3", {}), ("mistral", {}), ("phi3", {}),
+                                              ("phi3", PARTIAL_ROTARY), ("mixtral", {}), ("qwen2_moe", {})],
+                         ids=["llama", "qwen3", "mistral", "phi3", "phi3-partial-rotary", "mixtral", "qwen2_moe"])
+def test_engine_through_triton_matches_hf(family, overrides, monkeypatch):
     monkeypatch.setenv("DSINFER_CUDA_GRAPHS", "0")   # on a GPU: the eager decode step (graphs: test below)
-    hf = tiny_model(family).to(DEVICE)
+    hf = tiny_model(family, **overrides).to(DEVICE)
     opt = optimised_copy(hf, max_seq_len=32)
     ids, mask = (x.to(DEVICE) for x in padded_batch([12, 5, 9]))
     ref_logits, ref_tokens, logits, tokens = _hf_and_triton_path(hf, opt, (ids, mask), (ids, mask))
@@ -84,21 +91,6 @@ def test_engine_through_triton_matches_hf(family, monkeypatch):
         assert not _fallbacks(), _fallbacks()
     else:
         _assert_fused(small=4, large=2)
-
-
-def test_partial_rotary_through_triton_matches_hf(monkeypatch):
-    """Phi-3 with partial_rotary_factor 0.5 through the kernels: the rotary kernel rotates the first half of each head
-    (its rotary_dim), the rest passes through; fp32 logits and greedy tokens as HF, nothing falls back."""
-    monkeypatch.setenv("DSINFER_CUDA_GRAPHS", "0")
-    hf = tiny_model("phi3", rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                             "partial_rotary_factor": 0.5}).to(DEVICE)
-    opt = optimised_copy(hf, max_seq_len=32)
-    ids, mask = (x.to(DEVICE) for x in padded_batch([12, 5, 9]))
-    ref_logits, ref_tokens, logits, tokens = _hf_and_triton_path(hf, opt, (ids, mask), (ids, mask))
-    valid = mask.bool()
-    torch.testing.assert_close(logits[valid], ref_logits[valid], atol=ATOL, rtol=RTOL)
-    assert torch.equal(tokens, ref_tokens)
-    _assert_fused(small=4, large=2)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])

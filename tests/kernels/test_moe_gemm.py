@@ -70,3 +70,31 @@ def test_moe_gemm_rejects_bad_args():
     with pytest.raises(ValueError, match="must equal assignments"):
         moe_gemm(torch.randn(3, 8), torch.randn(2, 4, 8), torch.zeros(5, dtype=torch.int32),
                  torch.zeros(3, dtype=torch.int32), 2)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("int8", [False, True])
+def test_moe_mlp_expert_parallel_segments_sum_to_the_whole(device, int8):
+    """Expert parallelism on the Triton path (ops.moe_mlp with first_expert): each "rank" routes over all 6 experts
+    and runs only its 3 through the grouped GEMMs (its segment of the routing tables, the other assignments zero);
+    the two partial outputs sum to the whole MoE (reference.moe_mlp over all experts)."""
+    from lightning_dsinfer.kernels import ops
+
+    t, e, k, h, inter = 7, 6, 2, 32, 24
+    x = torch.randn(t, h, device=device)
+    router = torch.randn(e, h, device=device)
+    gate_up = torch.randn(e, 2 * inter, h, device=device) / h ** 0.5
+    down = torch.randn(e, h, inter, device=device) / inter ** 0.5
+    gs = ds = None
+    if int8:
+        q, gs = ref.quantize_int8_per_channel(gate_up.reshape(e * 2 * inter, h))
+        gate_up, gs = q.view(e, 2 * inter, h), gs.view(e, 2 * inter)
+        q, ds = ref.quantize_int8_per_channel(down.reshape(e * h, inter))
+        down, ds = q.view(e, h, inter), ds.view(e, h)
+    want = ref.moe_mlp(x, router, gate_up, down, k, True, False, gs, ds)
+    with ops.force_triton(device == "cpu"):
+        parts = [ops.moe_mlp(x, router, gate_up[a:a + 3], down[a:a + 3], k, True, False,
+                             None if gs is None else gs[a:a + 3], None if ds is None else ds[a:a + 3], first_expert=a)
+                 for a in (0, 3)]
+        assert ops.dispatch_counts[("moe_mlp", "triton")] >= 2
+    assert_close(parts[0] + parts[1], want, 1e-4, 1e-4)
