@@ -37,15 +37,18 @@ def main():
     p.add_argument("--samples", type=int, default=7)
     p.add_argument("--family", default="llama")
     p.add_argument("--out", required=True)
+    p.add_argument("--expert-parallel", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(1)
     hf = tiny_model(args.family)
     data = random_prompts(args.samples)
-    strategy = dsi.DSInferStrategy(tensor_parallel_size=args.tp, max_seq_len=32, collective_timeout_s=60)
+    strategy = dsi.DSInferStrategy(tensor_parallel_size=args.tp, max_seq_len=32, collective_timeout_s=60,
+                                   expert_parallel=args.expert_parallel)
     trainer = L.Trainer(accelerator="cpu", devices=args.devices, num_nodes=args.num_nodes, strategy=strategy,
                         logger=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[RowWriter(args.out)])
-    preds = trainer.predict(generating_module(copy.deepcopy(hf)), DataLoader(data, batch_size=2, collate_fn=collate))
+    module = generating_module(copy.deepcopy(hf))
+    preds = trainer.predict(module, DataLoader(data, batch_size=2, collate_fn=collate))
     rows = [r for batch in preds for r in batch]
     # Reference: the unmodified HF model on the same batches (each data-parallel replica batches its own
     # contiguous chunk of the dataset), in dataset order.
@@ -61,7 +64,10 @@ def main():
     # and each row continues its own prompt (dataset order)
     ok = ok and all(torch.equal(row[len(row) - 8 - len(pr):len(row) - 8], pr) for pr, row in zip(data, rows))
     result = {"rank": trainer.global_rank, "world": trainer.world_size, "rows": len(rows), "batches": len(preds),
-              "match": bool(ok), "tp": strategy.topology.tp, "dp": strategy.topology.dp}
+              "match": bool(ok), "tp": strategy.topology.tp, "dp": strategy.topology.dp,
+              "first_experts": [layer.mlp.first_expert for layer in getattr(getattr(getattr(
+                  module.model, "_dsinfer_engine", None), "decoder", None), "layers", [])
+                  if type(layer.mlp).__name__ == "MoEMLP"]}
     print(json.dumps(result), flush=True)
     with open(f"{args.out}.result{trainer.global_rank}", "w") as f:   # own file: ranks share one stdout pipe
         json.dump(result, f)

@@ -43,6 +43,18 @@ def test_tp2_via_lightning_launcher(tmp_path):
     assert (res["world"], res["tp"], res["dp"], res["rows"], res["match"]) == (2, 2, 1, 7, True)
 
 
+def test_expert_parallel_via_lightning_launcher(tmp_path):
+    """Trainer(devices=2, strategy=DSInferStrategy(expert_parallel=True)) on a Mixtral: each rank holds 2 of the 4
+    experts whole (rank 1's first expert is 2 in every layer); predictions = HF's, in order."""
+    out = tmp_path / "r.json"
+    codes, outs = _finish([_run_script(["--devices", "2", "--out", str(out), "--family", "mixtral",
+                                        "--expert-parallel"])], 240)
+    assert codes == [0], outs[0][-3000:]
+    results = _results(out)
+    assert [r["first_experts"] for r in results] == [[0, 0], [2, 2]]
+    assert all(r["tp"] == 2 and r["rows"] == 7 and r["match"] for r in results)
+
+
 def test_dp2_x_tp2_seven_prompts_in_order_and_writers_write_once(tmp_path):
     out = tmp_path / "r.json"
     codes, outs = _finish([_run_script(["--devices", "4", "--tp", "2", "--out", str(out)])], 300)
