@@ -77,6 +77,13 @@ def _fused_args(kind, m, k, n, dtype, device):
     return x, add, norm, w, bias
 
 
+def _assert_stream(h, u):
+    """The stream x + add the kernel stores equals torch's x + add: exactly on a GPU; within one ulp of fp16 / bf16
+    in the interpreter, whose float conversions truncate instead of rounding to nearest."""
+    exact = h.device.type == "cuda" or h.dtype == torch.float32
+    assert_close(h, u, 0 if exact else 1e-2, 0 if exact else 8e-3)
+
+
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("dtype,atol,rtol", TOLS)
 @pytest.mark.parametrize("m,k,n,kernel", CASES)
@@ -93,7 +100,7 @@ def test_small_gemm_deep_fusion(device, dtype, atol, rtol, m, k, n, kernel, spli
     want, u = ref.norm_small_gemm(x, w, add, norm, bias, res, "gated" in kind)
     if add is not None:
         got, h = got
-        assert_close(h, u, 1e-2 if dtype != torch.float32 else 0, 8e-3 if dtype != torch.float32 else 0)
+        _assert_stream(h, u)
     assert got.shape == (m, n)
     assert_close(got, want, atol, rtol)
 
@@ -111,7 +118,7 @@ def test_small_gemm_int8_deep_fusion(device, dtype, atol, rtol, m, k, n, kernel,
     res = torch.randn(m, n, device=device).to(dtype)
     got, h = small_gemm_int8(x, q, s, bias, res, add=add, norm=norm, gated=True, split_k=split_k, kernel=kernel)
     want, u = ref.norm_small_gemm(x, ref.dequantize_int8(q, s), add, norm, bias, res, True)
-    assert_close(h, u, 1e-2, 8e-3)
+    _assert_stream(h, u)
     assert_close(got, want, atol, rtol)
 
 
