@@ -15,9 +15,9 @@ computes).
 - CPU compute, host tier: nothing to move; units are used in place.
 - GPU compute: slots are device buffers; host tier units (pinned) are copied on a side stream; disk
   tier units are read into pinned staging slots first, then copied. The compute stream waits for a unit's
-  copy with an event and a copy for the slot's previous unit's compute with another, so on the host tier the host
-  never waits for a transfer: it queues the kernels of the next units while the copies run (the disk tier's
-  copier thread waits for each copy, as the staging slot takes the next read after it).
+  copy with an event and a copy for the slot's previous unit's compute with another, so the host never waits for
+  the transfer of the unit it is about to use: it queues the kernels of the next units while the copies run (on
+  the disk tier a staging slot's next read waits, on the host, for the copy out of it, queued units earlier).
 
 Units named ``resident`` (memory the budget leaves after the ring and the batch) are read once and
 never streamed; the cycle skips them. A consumer that asks for another unit than the next one in the
@@ -80,6 +80,7 @@ class UnitStreamer:
             self.copy_stream = torch.cuda.Stream(self.device)
             self.copier = ThreadPoolExecutor(1, thread_name_prefix="dsinfer-h2d")
             self.free_events: list[torch.cuda.Event | None] = [None] * self.n_slots
+            self.staged_events: list[torch.cuda.Event | None] = [None] * self.n_slots   # copies out of staging
         self._start(0)
 
     # ---------------------------------------------------------------- the cycle
@@ -122,9 +123,10 @@ class UnitStreamer:
             done.set_result(self._copy(self.store.host_buffer(unit), self.dev_slots[slot], n, self.free_events[slot]))
             self.pending[p] = [done]
             return
+        if self.staged_events[slot] is not None:   # the staging slot's last copy (units ago: done by now, mostly)
+            self.staged_events[slot].synchronize()
         reads = self.store.read(unit, self.host_slots[slot], self.io)
-        self.pending[p] = [self.copier.submit(self._to_device, reads, self.host_slots[slot], self.dev_slots[slot], n,
-                                              self.free_events[slot])]
+        self.pending[p] = [self.copier.submit(self._to_device, reads, slot, n, self.free_events[slot])]
 
     def _copy(self, src, dst, n, free_event) -> torch.cuda.Event:
         """Queue the copy of ``src[:n]`` into the device slot ``dst`` on the copy stream, after the slot's previous
@@ -137,13 +139,13 @@ class UnitStreamer:
             done.record(self.copy_stream)
         return done
 
-    def _to_device(self, reads, src, dst, n, free_event) -> torch.cuda.Event:
-        """Disk tier: once the reads have filled the pinned staging slot, copy it; the staging slot takes its next
-        read only when this returns, so the thread waits for the copy."""
+    def _to_device(self, reads, slot, n, free_event) -> torch.cuda.Event:
+        """Disk tier: once the reads have filled the pinned staging slot, queue its copy (the compute stream waits
+        for the returned event; the staging slot's next read waits for it on the host, in :meth:`_submit`)."""
         for f in reads:
             f.result()
-        done = self._copy(src, dst, n, free_event)
-        done.synchronize()
+        done = self._copy(self.host_slots[slot], self.dev_slots[slot], n, free_event)
+        self.staged_events[slot] = done
         return done
 
     # ---------------------------------------------------------------- consumer side
