@@ -258,9 +258,10 @@ def _per_token_bytes(w: ModelWeights, plan: TensorShardPlan, dtype: torch.dtype,
     qkv = (plan.local_heads + 2 * plan.local_kv_heads) * w.head_dim
     inter = plan.mlp_rows[1]
     for lw in w.layers:
-        if lw.moe is not None:
+        if lw.moe is not None:      # expert parallelism: whole experts, so a routed row holds the whole intermediate
             shared = lw.moe.shared_gate.shape[0] // plan.tp if lw.moe.shared_gate is not None else 0
-            inter = max(inter, lw.moe.top_k * lw.moe.gate_up.shape[1] // (2 * plan.tp) + shared + 2 * w.hidden_size)
+            per_rank = 1 if lw.moe.expert_parallel else plan.tp
+            inter = max(inter, lw.moe.top_k * lw.moe.gate_up.shape[1] // (2 * per_rank) + shared + 2 * w.hidden_size)
     return e * (4 * w.hidden_size + 2 * qkv + plan.local_heads * w.head_dim + 4 * inter) \
         + 4 * plan.local_heads * max_seq_len
 

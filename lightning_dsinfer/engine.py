@@ -185,7 +185,8 @@ class InferenceEngine:
         return self.decoder.logits(h)
 
 
-_BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
+                  "gate_up_proj")      # (Phi-3 packs the last two)
 
 
 def _place_experts(weights, config: InferenceConfig):
@@ -351,6 +352,10 @@ def _init_generic_tensor_parallel(model: nn.Module, config: InferenceConfig, com
         raise NotImplementedError(f"quantize={config.quantize!r} needs a fused policy; model_type="
                                   f"{getattr(model.config, 'model_type', None)!r} has none (the generic "
                                   f"tensor-parallel path keeps HF's own linears).")
+    if getattr(config, "expert_parallel_size", 1) > 1:
+        raise NotImplementedError(f"expert_parallel_size={config.expert_parallel_size} needs a fused MoE policy; "
+                                  f"model_type={getattr(model.config, 'model_type', None)!r} has none (the generic "
+                                  f"tensor-parallel path keeps HF's own modules).")
     if getattr(config, "offload", None) is not None:
         raise NotImplementedError(f"offload={config.offload!r} needs a fused policy; model_type="
                                   f"{getattr(model.config, 'model_type', None)!r} has none (the generic "

@@ -187,6 +187,22 @@ def test_expert_parallel_errors():
     with pytest.raises(ValueError, match="model_type='llama' has no experts"):
         InferenceEngine(tiny_model("llama"), InferenceConfig(tensor_parallel_size=3, expert_parallel_size=3),
                         comm=OneRank())
+    from helpers import GENERIC_FAMILIES     # a family without a policy: the generic TP path cannot place experts
+    assert "olmo2" in GENERIC_FAMILIES
+    with pytest.raises(NotImplementedError, match="expert_parallel_size=2 needs a fused MoE policy"):
+        dsi.init_inference(tiny_model("olmo2"), tensor_parallel_size=2, expert_parallel_size=2)
+
+
+def test_packed_phi3_linears_count_as_int8_in_the_fit_check():
+    """The size the fit check and offload="auto" use: Phi-3's packed qkv_proj / gate_up_proj are block linears, so
+    with quantize="int8" they count a byte per weight, like Llama's unpacked ones."""
+    from lightning_dsinfer.engine import _weight_bytes
+
+    for family in ("llama", "phi3"):
+        hf = tiny_model(family)
+        full, int8 = _weight_bytes(hf, torch.bfloat16, None), _weight_bytes(hf, torch.bfloat16, "int8")
+        linear = sum(p.numel() for n, p in hf.named_parameters() if "layers" in n and p.dim() == 2)
+        assert full - int8 >= linear - 4 * 1024, (family, full, int8, linear)
 
 
 def test_moe_tensor_parallel_size_must_divide_the_experts():

@@ -53,10 +53,17 @@ def main():
                 offload["max_memory"] = streaming_budget(lambda mm: build(max_memory=mm, offload_path=scratch))
         opt = build()
         if args.expert_parallel:    # each rank holds its share of the experts whole
-            moe = [layer.mlp for layer in getattr(opt._dsinfer_engine.decoder, "layers", [])
-                   if type(layer.mlp).__name__ == "MoEMLP"]
-            assert args.offload or (moe and all(m.first_expert == m.local_experts * int(os.environ["RANK"])
-                                                for m in moe)), "experts not placed"
+            decoder = opt._dsinfer_engine.decoder
+            if args.offload:        # the streamed units hold this rank's experts: [E / tp, 2I, H], not [E, 2I / tp, H]
+                shapes = [dict((e.name, e.shape) for e in layout.entries).get("moe.gate_up")
+                          for layout in decoder.streamer.layouts]
+                experts = next(layer.mlp.experts.gate_up_proj.shape for layer in hf.model.layers
+                               if hasattr(layer.mlp, "experts"))
+                placed = [s for s in shapes if s is not None]
+                assert placed and all(s == (experts[0] // args.tp, *experts[1:]) for s in placed), shapes
+            else:
+                moe = [layer.mlp for layer in decoder.layers if type(layer.mlp).__name__ == "MoEMLP"]
+                assert moe and all(m.first_expert == m.local_experts * int(os.environ["RANK"]) for m in moe)
         if args.quantize:
             hf = fake_quantised_int8(hf)
         if args.offload is not None:

@@ -263,7 +263,10 @@ def moe_mlp(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: 
     local = gate_up.shape[0]
     partial = local != router.shape[0]          # expert parallelism: this rank's segment of the tables
     offsets = offsets[first_expert:first_expert + local + 1]
-    h = gated_act(moe_gemm(x, gate_up, sorted_ids, offsets, top_k, weight_scale=gate_up_scale), None, "silu")
+    # (expert parallelism: other ranks' rows of the gate|up product stay zero, so SwiGLU sees no stale memory there;
+    # the down GEMM reads this rank's rows only)
+    gu = torch.zeros(sorted_ids.numel(), gate_up.shape[1], dtype=x.dtype, device=x.device) if partial else None
+    h = gated_act(moe_gemm(x, gate_up, sorted_ids, offsets, top_k, weight_scale=gate_up_scale, out=gu), None, "silu")
     out = torch.zeros(sorted_ids.numel(), down.shape[1], dtype=x.dtype, device=x.device) if partial else None
     y = moe_gemm(h, down, sorted_ids, offsets, 1, row_scale=w.reshape(-1), weight_scale=down_scale,
                  out=out)   # [T * k, H]: other ranks' assignments stay zero

@@ -70,6 +70,13 @@ def _sampler_order(sampler) -> list[int]:
     return list(sampler)
 
 
+def _has_experts(model) -> bool:
+    from lightning_dsinfer.policies.llama import FAMILY
+
+    traits = FAMILY.get(getattr(getattr(model, "config", None), "model_type", None))
+    return traits is not None and traits.moe != "none"
+
+
 class DSInferStrategy(DDPStrategy):
     """Inference strategy: world = data-parallel x tensor-parallel.
 
@@ -176,14 +183,14 @@ class DSInferStrategy(DDPStrategy):
                 f"strategy='dsinfer' found no Hugging Face PreTrainedModel inside {type(self.lightning_module).__name__}; "
                 f"keep the transformers model as an attribute of the LightningModule (e.g. self.model = model).")
         tp = self.topology.tp
-        config = replace(self._engine_config(), tensor_parallel_size=tp,
-                         expert_parallel_size=tp if self.expert_parallel else 1)
+        config = replace(self._engine_config(), tensor_parallel_size=tp)
         if config.tensor_parallel_size == 1:      # with TP > 1 a model without a policy takes the generic TP path
             for _, model in models:
                 find_policy(model)   # raise for an unsupported model before any work starts
         for _, model in models:
-            if not is_optimised(model):
-                init_inference(model, config=config, comm=self._comm)
+            if not is_optimised(model):     # expert parallelism for the models that have experts
+                ep = tp if self.expert_parallel and _has_experts(model) else 1
+                init_inference(model, config=replace(config, expert_parallel_size=ep), comm=self._comm)
 
     @override
     def on_predict_end(self) -> None:
