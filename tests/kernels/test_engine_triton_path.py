@@ -93,25 +93,32 @@ def test_engine_through_triton_matches_hf(family, overrides, monkeypatch):
         _assert_fused(small=4, large=2)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
-def test_int8_moe_through_grouped_gemms_matches_fake_quantised_hf(family, monkeypatch):
-    """quantize="int8" on the Triton path: the experts int8 in their 3D layout with a scale per expert row, through
-    the grouped GEMMs (built under the forced dispatch on a CPU, as on CUDA): fp32 logits and greedy tokens as HF's
-    over the same quantise-dequantised weights."""
+@pytest.mark.parametrize("family", ["llama", "mixtral", "qwen2_moe"])
+def test_int8_through_triton_matches_fake_quantised_hf(family, monkeypatch):
+    """quantize="int8" on the Triton path (built under the forced dispatch on a CPU, as on CUDA): llama's block linears
+    int8 with a scale per row, the decode steps' norm + QKV and norm + gate/up + SwiGLU through the int8 GEMM's
+    prologue / epilogue; the MoE experts int8 in their 3D layout with a scale per expert row, through the grouped
+    GEMMs. fp32 logits and greedy tokens as HF's over the same quantise-dequantised weights."""
     from helpers import fake_quantised_int8
 
     monkeypatch.setenv("DSINFER_CUDA_GRAPHS", "0")
     hf = tiny_model(family).to(DEVICE)
     with _triton_path():
         opt = optimised_copy(hf, max_seq_len=32, quantize="int8")
-    moe = next(layer.mlp for layer in opt._dsinfer_engine.decoder.layers if type(layer.mlp).__name__ == "MoEMLP")
-    assert moe.experts_gate_up.dtype == torch.int8 and moe.cpu_experts is None
+    moe = [layer.mlp for layer in opt._dsinfer_engine.decoder.layers if type(layer.mlp).__name__ == "MoEMLP"]
+    if moe:
+        assert moe[0].experts_gate_up.dtype == torch.int8 and moe[0].cpu_experts is None
+    else:
+        assert all(layer.attn.qkv.layout == "int8" for layer in opt._dsinfer_engine.decoder.layers)
     ids, mask = (x.to(DEVICE) for x in padded_batch([12, 5, 9]))
     ref_logits, ref_tokens, logits, tokens = _hf_and_triton_path(fake_quantised_int8(hf), opt, (ids, mask), (ids, mask))
     valid = mask.bool()
     torch.testing.assert_close(logits[valid], ref_logits[valid], atol=ATOL, rtol=RTOL)
     assert torch.equal(tokens, ref_tokens)
-    assert ops.dispatch_counts[("moe_mlp", "triton")] > 0, dict(ops.dispatch_counts)
+    if moe:
+        assert ops.dispatch_counts[("moe_mlp", "triton")] > 0, dict(ops.dispatch_counts)
+    else:       # 4 decode steps x 2 blocks x (norm + QKV, norm + gate/up + SwiGLU)
+        assert ops.dispatch_counts[("norm_linear", "triton")] == 16, dict(ops.dispatch_counts)
 
 
 @pytest.mark.parametrize("family", ["qwen3"])
