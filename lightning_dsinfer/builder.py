@@ -86,13 +86,19 @@ def _slice(n: int, plan: TensorShardPlan, what: str) -> tuple[int, int]:
     return plan.tp_rank * (n // plan.tp), n // plan.tp
 
 
+def experts_per_rank(experts: int, ranks: int, model_type: str = "") -> int:
+    """Experts each of ``ranks`` holds under expert parallelism; an error naming the fix when they do not divide."""
+    if experts % ranks:
+        raise ValueError(f"expert_parallel_size={ranks} does not divide the {experts} experts"
+                         f"{' of ' + model_type if model_type else ''}; use expert_parallel_size=1 (expert slicing) "
+                         f"or a tensor_parallel_size that divides the experts.")
+    return experts // ranks
+
+
 def expert_range(moe, plan: TensorShardPlan) -> tuple[int, int]:
     """(first expert, experts) this rank holds under expert parallelism."""
-    e = moe.gate_up.shape[0]
-    if e % plan.tp:
-        raise ValueError(f"expert_parallel_size={plan.tp} does not divide the {e} experts; use expert_parallel_size=1 "
-                         f"(expert slicing) or a tensor_parallel_size that divides {e}.")
-    return plan.tp_rank * (e // plan.tp), e // plan.tp
+    n = experts_per_rank(moe.gate_up.shape[0], plan.tp)
+    return plan.tp_rank * n, n
 
 
 def _shard_moe(moe, plan: TensorShardPlan, dtype: torch.dtype) -> dict[str, torch.Tensor]:

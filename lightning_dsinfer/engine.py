@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_dsinfer.builder import build_decoder, build_streamed_decoder, shard_plan
+from lightning_dsinfer.builder import build_decoder, build_streamed_decoder, experts_per_rank, shard_plan
 from lightning_dsinfer.config import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, InferenceConfig
 from lightning_dsinfer.modules.kv_cache import StaticKVCache
 from lightning_dsinfer.modules.masks import build_step
@@ -23,6 +23,7 @@ from lightning_dsinfer.offload.budget import host_available_memory
 from lightning_dsinfer.parallel import TensorParallelComm
 from lightning_dsinfer.parallel.process_groups import tensor_parallel_comm
 from lightning_dsinfer.policies import find_policy
+from lightning_dsinfer.policies.llama import has_experts
 from lightning_dsinfer.policies.weights import ModuleSource, checkpoint_source
 
 
@@ -199,10 +200,7 @@ def _place_experts(weights, config: InferenceConfig):
     layers, ep = [], config.expert_parallel_size
     for lw in weights.layers:
         if lw.moe is not None:
-            if lw.moe.gate_up.shape[0] % ep:
-                raise ValueError(f"expert_parallel_size={ep} does not divide the {lw.moe.gate_up.shape[0]} experts of "
-                                 f"{weights.model_type}; use expert_parallel_size=1 (expert slicing) or a "
-                                 f"tensor_parallel_size that divides the experts.")
+            experts_per_rank(lw.moe.gate_up.shape[0], ep, weights.model_type)     # raises when they do not divide
             lw = dataclasses.replace(lw, moe=dataclasses.replace(lw.moe, expert_parallel=True))
         layers.append(lw)
     return dataclasses.replace(weights, layers=layers)
@@ -211,14 +209,12 @@ def _place_experts(weights, config: InferenceConfig):
 def _check_moe_options(hf_config, config: InferenceConfig) -> None:
     """Refuse, before any work, what MoE families do not take yet: int8 with offload; expert parallelism on a dense
     model."""
-    from lightning_dsinfer.policies.llama import FAMILY
-
-    traits = FAMILY.get(getattr(hf_config, "model_type", None))
-    if config.expert_parallel_size > 1 and (traits is None or traits.moe == "none"):
-        raise ValueError(f"expert_parallel_size={config.expert_parallel_size} places the experts of a mixture-of-experts "
-                         f"model over the ranks; model_type={getattr(hf_config, 'model_type', None)!r} has no experts. "
-                         f"Drop expert_parallel_size.")
-    if traits is None or traits.moe == "none":
+    model_type = getattr(hf_config, "model_type", None)
+    if not has_experts(model_type):
+        if config.expert_parallel_size > 1:
+            raise ValueError(f"expert_parallel_size={config.expert_parallel_size} places the experts of a "
+                             f"mixture-of-experts model over the ranks; model_type={model_type!r} has no experts. "
+                             f"Drop expert_parallel_size.")
         return
     if config.quantize is None or config.offload is None:
         return

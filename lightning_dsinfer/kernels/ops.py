@@ -551,6 +551,6 @@ def _decode(q, k, v, mask, scale, b, length):
     return out.unsqueeze(2)
 
 
-__all__ = ["rms_norm", "add_rms_norm", "norm_linear", "fuses_residual", "rotary_half", "rotary_write_kv", "silu_and_mul", "moe_mlp",
-           "attention",
-           "linear", "SMALL_GEMM_MAX_M", "force_triton", "gemm_fusion", "kv_ranges", "dispatch_counts"]
+__all__ = ["rms_norm", "add_rms_norm", "norm_linear", "fuses_residual", "uses_triton", "rotary_half", "rotary_write_kv",
+           "silu_and_mul", "moe_mlp", "attention", "linear", "linear_int8", "SMALL_GEMM_MAX_M", "force_triton",
+           "gemm_fusion", "kv_ranges", "dispatch_counts"]

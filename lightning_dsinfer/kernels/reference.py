@@ -387,12 +387,7 @@ def small_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
                residual: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T (+ bias) (+ residual)`` with fp32 accumulation; x [M, K], weight [N, K] (already
     dequantised to float for the int8 / int4 variants). Returns [M, N] in x's dtype."""
-    y = x.float() @ weight.float().t()
-    if bias is not None:
-        y = y + bias.float()
-    if residual is not None:
-        y = y + residual.float()
-    return y.to(x.dtype)
+    return norm_small_gemm(x, weight, bias=bias, residual=residual)[0]
 
 
 def norm_small_gemm(x: torch.Tensor, weight: torch.Tensor, add: torch.Tensor | None = None,
@@ -400,8 +395,8 @@ def norm_small_gemm(x: torch.Tensor, weight: torch.Tensor, add: torch.Tensor | N
                     residual: torch.Tensor | None = None, gated: bool = False):
     """``small_gemm`` with the Deep-Fusion prologue / epilogue of ``kernels/small_gemm.py``: the input is
     u = x + add (rounded to x's dtype; x itself without ``add``), RMSNorm'd in fp32 by ``norm = (w, eps)`` (not
-    rounded before the product, as the GEMV kernel; the tensor-core kernel rounds it to the dtype once); ``gated``: weight [2N, K] (dequantised already) gives silu(gate) * up [.., N].
-    Returns (out in x's dtype, u)."""
+    rounded before the product, as the GEMV kernel; the tensor-core kernel rounds it to the dtype once);
+    ``gated``: weight [2N, K] (dequantised already) gives silu(gate) * up [.., N]. Returns (out in x's dtype, u)."""
     u = x if add is None else x + add
     xin = u.float()
     if norm is not None:

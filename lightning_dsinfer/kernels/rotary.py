@@ -150,7 +150,7 @@ def rotary_qkv(q: torch.Tensor, k: torch.Tensor, cos_table: torch.Tensor, sin_ta
     vv = v if v is not None else k
     kc = k_cache if write_cache else k_out
     vc = v_cache if write_cache else k_out
-    start = cache_start if write_cache and cache_start.dim() == 1 else positions   # a stride-0 expand: no copy
+    start = cache_start if write_cache else positions   # any stride (an expanded [1]): no copy
     if b * t:
         _rotary_qkv_kernel[(b * t, hq + hkv)](
             q, q.stride(0), q.stride(1), q.stride(2), k, k.stride(0), k.stride(1), k.stride(2),

@@ -6,9 +6,9 @@ Two kernels: ``_gemv_kernel`` for M <= 8 (no tensor cores: each weight tile, wid
 an fp32 accumulator the shape of the tile and reduced once at the end, so a program is only loads and FMAs) and
 ``_small_gemm_kernel`` for M <= 32 (``tl.dot`` on one BLOCK_M tile of rows). Which kernel and which tile sizes a
 call uses comes from a table measured on the device (``kernels/configs/<device>.json``, written by
-``benchmarks/tune_gemm.py``) when it has the shape, else from :func:`heuristic_config`. Weights: fp32 / fp16 / bf16 [N, K] (torch Linear layout), int8
-per output channel (scale [N]), or int4 group-wise (two nibbles per byte, scale [N, K / group]) with
-the dequantisation fused into the tile load (integer tile -> activation dtype, scale applied per
+``benchmarks/tune_gemm.py``) when it has the shape, else from :func:`heuristic_config`. Weights: fp32 / fp16 / bf16
+[N, K] (torch Linear layout), int8 per output channel (scale [N]), or int4 group-wise (two nibbles per byte,
+scale [N, K / group]) with the dequantisation fused into the tile load (integer tile -> activation dtype, scale applied per
 tile / at the end). Split-K partials go to an fp32 workspace; the split that finishes a tile last (a semaphore per
 tile, left at zero for the next launch) sums them and runs the epilogue, so a call is one kernel.
 
@@ -357,10 +357,15 @@ def _config(device: torch.device, n: int, k: int, m: int, wmode: int, interp: bo
     cfg = _memo.get(key)
     if cfg is None:
         table = tuned_table(device) if not interp else {}
-        cfg = table.get(config_key(n, k, m, _WNAME[wmode], variant)) if variant else None
-        if cfg is None or (cfg["kernel"] == "gemv" and m > GEMV_MAX_M):
-            cfg = table.get(config_key(n, k, m, _WNAME[wmode]))
-            if cfg is None or (cfg["kernel"] == "gemv" and m > GEMV_MAX_M):
+
+        def entry(v):       # a table entry this call can use (a bucket's GEMV tiles do not serve M > 8)
+            cfg = table.get(config_key(n, k, m, _WNAME[wmode], v))
+            return None if cfg is None or (cfg["kernel"] == "gemv" and m > GEMV_MAX_M) else cfg
+
+        cfg = entry(variant) if variant else None
+        if cfg is None:
+            cfg = entry("")
+            if cfg is None:
                 sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
                 cfg = heuristic_config(n, k, m, wmode, sms, interp)
             if variant == "gated":
@@ -447,7 +452,8 @@ def _launch(x, w, scale, wmode, group, n, k, bias, residual, split_k, block_n, b
     dummy = x2
     if split_k > 1:
         ws = torch.empty((split_k, m, nw_rows), dtype=torch.float32, device=x.device)
-        ss = torch.empty((split_k, m), dtype=torch.float32, device=x.device) if norm is not None else ws
+        # row sums of squares of the splits: the GEMV kernel's norm (the tensor-core kernel normalises its input)
+        ss = torch.empty((split_k, m), dtype=torch.float32, device=x.device) if norm is not None and gemv else ws
         locks = semaphores(x.device, n_tiles * m_tiles)
     else:
         ws = ss = locks = dummy

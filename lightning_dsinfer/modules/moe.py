@@ -1,9 +1,10 @@
 """Sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE): router, top-k experts, optional shared expert.
 
 On CUDA the experts stay in transformers' 3D layout (gate|up [E, 2I, H], down [E, H, I]; int8: the same layout with
-a scale per expert row) and a call is :func:`kernels.ops.moe_mlp` (mapping tables and grouped GEMMs). On the CPU each expert is a pair of
-:class:`~lightning_dsinfer.modules.linear.Linear` (the CPU linear kernels: AMX tiles or the row-major bf16 kernel), and
-a call runs the experts that got tokens, in ascending expert order, summed into x's dtype as transformers does.
+a scale per expert row) and a call is :func:`kernels.ops.moe_mlp` (mapping tables and grouped GEMMs). On the CPU each
+expert is a pair of :class:`~lightning_dsinfer.modules.linear.Linear` (the CPU linear kernels: AMX tiles or the
+row-major bf16 kernel), and a call runs the experts that got tokens, in ascending expert order, summed into x's dtype
+as transformers does.
 """
 from __future__ import annotations
 

@@ -40,6 +40,12 @@ FAMILY: dict[str, FamilyTraits] = {
 }
 
 
+def has_experts(model_type: str | None) -> bool:
+    """Whether ``model_type`` is a family of this table with mixture-of-experts layers."""
+    traits = FAMILY.get(model_type)
+    return traits is not None and traits.moe != "none"
+
+
 def _sparse_layer(config, traits: FamilyTraits, i: int) -> bool:
     if traits.moe == "mixtral":
         return True

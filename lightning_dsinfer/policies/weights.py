@@ -111,37 +111,24 @@ def with_source(obj, source: WeightSource):
     return dataclasses.replace(obj, **changes)
 
 
-def ref_names(obj) -> list[str]:
-    """Names of every WeightRef of a dataclass of refs, nested groups included."""
+def refs(obj) -> list[WeightRef]:
+    """Every WeightRef of a dataclass of refs (LayerWeights, ModelWeights), nested groups (MoEWeights) included."""
     import dataclasses
 
     out = []
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
         if isinstance(v, WeightRef):
-            out.append(v.name)
+            out.append(v)
         elif dataclasses.is_dataclass(v):
-            out += ref_names(v)
+            out += refs(v)
     return out
 
 
 def release_refs(obj) -> None:
     """Tell each ref's own source (a wrapper such as :class:`RowSlices` included) that its weights were copied."""
-    import dataclasses
-
-    refs = []
-
-    def collect(o):
-        for f in dataclasses.fields(o):
-            v = getattr(o, f.name)
-            if isinstance(v, WeightRef):
-                refs.append(v)
-            elif dataclasses.is_dataclass(v):
-                collect(v)
-
-    collect(obj)
     by_source: dict[int, tuple[WeightSource, list[str]]] = {}
-    for r in refs:
+    for r in refs(obj):
         by_source.setdefault(id(r.source), (r.source, []))[1].append(r.name)
     for source, names in by_source.values():
         source.release(names)
@@ -218,14 +205,13 @@ class RowSlices(WeightSource):
     def release(self, names=()) -> None:
         done = []
         for name in names:
-            packed = self.slices[name][0] if name in self.slices else None
-            if packed is None:
+            if name not in self.slices:
                 done.append(name)
                 continue
-            left = self._unreleased.get(packed, set())
+            left = self._unreleased[self.slices[name][0]]
             left.discard(name)
             if not left:
-                done.append(packed)
+                done.append(self.slices[name][0])
         self.inner.release(done)
 
 

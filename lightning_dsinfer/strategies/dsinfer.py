@@ -22,6 +22,7 @@ from lightning_dsinfer.engine import init_inference, is_optimised
 from lightning_dsinfer.parallel import TensorParallelComm, Topology
 from lightning_dsinfer.parallel.process_groups import new_tensor_parallel_groups
 from lightning_dsinfer.policies import UnsupportedModelError, find_policy
+from lightning_dsinfer.policies.llama import has_experts
 
 
 def find_hf_models(module: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -68,13 +69,6 @@ def _sampler_order(sampler) -> list[int]:
         inner.reset()
         return [inner[i] for i in range(len(inner))]
     return list(sampler)
-
-
-def _has_experts(model) -> bool:
-    from lightning_dsinfer.policies.llama import FAMILY
-
-    traits = FAMILY.get(getattr(getattr(model, "config", None), "model_type", None))
-    return traits is not None and traits.moe != "none"
 
 
 class DSInferStrategy(DDPStrategy):
@@ -189,7 +183,7 @@ class DSInferStrategy(DDPStrategy):
                 find_policy(model)   # raise for an unsupported model before any work starts
         for _, model in models:
             if not is_optimised(model):     # expert parallelism for the models that have experts
-                ep = tp if self.expert_parallel and _has_experts(model) else 1
+                ep = tp if self.expert_parallel and has_experts(getattr(model.config, "model_type", None)) else 1
                 init_inference(model, config=replace(config, expert_parallel_size=ep), comm=self._comm)
 
     @override
