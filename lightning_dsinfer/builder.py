@@ -229,13 +229,16 @@ def head_rows(w: ModelWeights, plan: TensorShardPlan, dtype: torch.dtype, first:
 
 
 def build_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.device | str = "cpu",
-                  comm: TensorParallelComm | None = None, quantize: str | None = None) -> DecoderModel:
+                  comm: TensorParallelComm | None = None, quantize: str | None = None, embed: bool = True,
+                  head: bool = True) -> DecoderModel:
     """Resident fused modules from a policy's weight refs, reading only this rank's shards.
 
     QKV and gate/up are fused into one GEMM each; o and down are row-parallel with the residual add
     fused in (tp rank 0 adds residual and bias; the all-reduce sums the partial products). ``quantize="int8"``:
     the blocks' linears in int8 (the lm_head stays in ``dtype``); with tensor parallelism the row-parallel shards
     take their rows' scales from the whole rows (a max over the group), so the weights are those of one process.
+    A pipeline stage builds ``w.layers`` (its blocks) and reads the embedding only with ``embed``, the final norm
+    and lm_head only with ``head``.
     """
     comm = comm or TensorParallelComm()
     plan = shard_plan(w, comm)
@@ -249,10 +252,13 @@ def build_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.device | st
         layers.append(make_layer(i, tensors, layer_spec(w, plan, lw), comm, quantize=quantize))
         del tensors
     start, real, padded = vocab_rows(w, plan)
-    embed = dev(w.embed.load(0, start, real))
-    head = {k: dev(v) for k, v in head_rows(w, plan, dtype, 0, padded).items()}
-    return DecoderModel(embed, layers, dev(w.final_norm.load()), w.rms_norm_eps, Linear(head["weight"], head.get("bias")),
-                        vocab_size=w.vocab_size, vocab_start=start, comm=comm)
+    table = dev(w.embed.load(0, start, real)) if embed else None
+    lm_head = final_norm = None
+    if head:
+        rows = {k: dev(v) for k, v in head_rows(w, plan, dtype, 0, padded).items()}
+        lm_head, final_norm = Linear(rows["weight"], rows.get("bias")), dev(w.final_norm.load())
+    return DecoderModel(table, layers, final_norm, w.rms_norm_eps, lm_head, vocab_size=w.vocab_size,
+                        vocab_start=start, comm=comm)
 
 
 # ---------------------------------------------------------------------- offload (ZeRO-Inference)

@@ -30,6 +30,10 @@ class InferenceConfig:
     release_hf_weights: replace the Hugging Face module weights the engine copied with meta tensors, so the
       model is not held twice in memory.
     tensor_parallel_size: ranks each layer is split over (Megatron layout); the world must be a multiple.
+    pipeline_parallel_size: stages the blocks are cut into, one after the other (stage 0 also embeds, the last one
+      also computes the logits); world = data x pipeline x tensor. ``generate`` runs the paper's hybrid schedule:
+      the prompt in many micro-batches (row groups x prompt chunks), the tokens in min(batch, stages) micro-batches
+      that keep every stage busy (``generation/pipeline.py``).
     checkpoint: folder of safetensors to read weights from (needed for a model built on ``meta``); each
       rank reads only its shards.
     collective_timeout_s: how long a collective may wait for a peer before this rank fails (a dead peer
@@ -75,6 +79,7 @@ class InferenceConfig:
     cuda_graphs: bool = True
     quantize: str | None = None
     expert_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
 
     def __post_init__(self):
         self.dtype = resolve_dtype(self.dtype)
@@ -92,6 +97,13 @@ class InferenceConfig:
             raise ValueError(f"max_seq_len={self.max_seq_len} must be >= 1.")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} must be >= 1.")
+        if self.pipeline_parallel_size < 1:
+            raise ValueError(f"pipeline_parallel_size={self.pipeline_parallel_size} must be >= 1.")
+        if self.pipeline_parallel_size > 1 and self.offload is not None:
+            raise NotImplementedError(
+                f"offload={self.offload!r} with pipeline_parallel_size={self.pipeline_parallel_size} is not supported "
+                f"yet (each stage would stream its own blocks); use one of the two, or tensor_parallel_size with "
+                f"offload.")
         if self.expert_parallel_size not in (1, self.tensor_parallel_size):
             raise ValueError(f"expert_parallel_size={self.expert_parallel_size} must be 1 (expert slicing) or "
                              f"tensor_parallel_size={self.tensor_parallel_size} (each rank holds 1/N of the experts).")

@@ -21,7 +21,8 @@ from lightning_dsinfer.modules.rotary import RotaryTable
 from lightning_dsinfer.offload import available_memory
 from lightning_dsinfer.offload.budget import host_available_memory
 from lightning_dsinfer.parallel import TensorParallelComm
-from lightning_dsinfer.parallel.process_groups import tensor_parallel_comm
+from lightning_dsinfer.parallel.pipeline import PipelineComm, stage_layers
+from lightning_dsinfer.parallel.process_groups import model_parallel_comms, tensor_parallel_comm
 from lightning_dsinfer.policies import find_policy
 from lightning_dsinfer.policies.llama import has_experts
 from lightning_dsinfer.policies.weights import ModuleSource, checkpoint_source
@@ -51,9 +52,11 @@ def _engine_device(model: nn.Module, config: InferenceConfig) -> torch.device:
 
 
 class InferenceEngine:
-    """Holds the fused decoder, rotary table and KV cache for one Hugging Face causal LM."""
+    """Holds the fused decoder, rotary table and KV cache for one Hugging Face causal LM (a pipeline stage: for its
+    blocks; ``pipe``)."""
 
-    def __init__(self, hf_model: nn.Module, config: InferenceConfig, comm: TensorParallelComm | None = None):
+    def __init__(self, hf_model: nn.Module, config: InferenceConfig, comm: TensorParallelComm | None = None,
+                 pipe: PipelineComm | None = None):
         policy = find_policy(hf_model)
         hf_config = hf_model.config
         self.config = config
@@ -63,19 +66,27 @@ class InferenceEngine:
         self.dtype = config.dtype or _model_dtype(hf_model)
         context = getattr(hf_config, "max_position_embeddings", None) or DEFAULT_MAX_SEQ_LEN
         self.max_seq_len = config.max_seq_len or min(context, DEFAULT_MAX_SEQ_LEN)
-        self.comm = comm if comm is not None else tensor_parallel_comm(config.tensor_parallel_size, self.device,
-                                                                      config.collective_timeout_s)
+        if comm is None:
+            comm, pipe = model_parallel_comms(config.tensor_parallel_size, config.pipeline_parallel_size, self.device,
+                                              config.collective_timeout_s)
+        self.comm, self.pipe = comm, pipe if pipe is not None else PipelineComm()
+        if self.pipe.size != config.pipeline_parallel_size:
+            raise ValueError(f"pipeline_parallel_size={config.pipeline_parallel_size} but the pipeline group passed "
+                             f"has {self.pipe.size} stages.")
         source = ModuleSource(hf_model) if config.checkpoint is None else checkpoint_source(config.checkpoint, hf_model)
         weights = _place_experts(policy(hf_model, self.max_seq_len, source), config)
         self.windows = sorted({lw.sliding_window for lw in weights.layers if lw.sliding_window is not None})
         if len(self.windows) > 1:
             raise ValueError(f"layers use different sliding windows {self.windows}; one window per model is supported.")
         self.sliding_window = self.windows[0] if self.windows else None
+        self.layer_range = stage_layers(len(weights.layers), self.pipe.size, self.pipe.rank)   # this stage's blocks
+        weights.layers = weights.layers[slice(*self.layer_range)]
         self.working_set = None             # offload: what is resident, and the batch size it leaves room for
         self.offload = self._choose_offload(hf_model, weights)       # config.offload, "auto" resolved
         with torch.no_grad():
             if self.offload is None:
-                self.decoder = build_decoder(weights, self.dtype, self.device, self.comm, quantize=config.quantize)
+                self.decoder = build_decoder(weights, self.dtype, self.device, self.comm, quantize=config.quantize,
+                                             embed=self.pipe.is_first, head=self.pipe.is_last)
                 batch = config.max_batch_size or DEFAULT_MAX_BATCH_SIZE
             else:
                 self.decoder, self.working_set = self._build_offloaded(hf_model, weights, source)
@@ -86,8 +97,9 @@ class InferenceEngine:
         self.cache = StaticKVCache(len(weights.layers), local_kv_heads, weights.head_dim, batch,
                                    self.max_seq_len, self.dtype, self.device)
         self.vocab_size = weights.vocab_size
-        if config.release_hf_weights or self.offload is not None:
-            resident_embed = self.offload is None and self.comm.size == 1
+        self.hidden_size = weights.hidden_size
+        if config.release_hf_weights or self.offload is not None or self.pipe.size > 1:
+            resident_embed = self.offload is None and self.comm.size == 1 and self.pipe.size == 1
             _release_hf_weights(hf_model, self.decoder.embed if resident_embed else None)
 
     def _choose_offload(self, hf_model, weights) -> str | None:
@@ -99,7 +111,7 @@ class InferenceEngine:
         on_meta = all(p.device.type == "meta" for p in hf_model.parameters())
         if config.offload is None and not on_meta:
             return None                       # the weights are in memory already: they fit
-        weight_bytes = _weight_bytes(hf_model, self.dtype, config.quantize) // self.comm.size
+        weight_bytes = _weight_bytes(hf_model, self.dtype, config.quantize) // (self.comm.size * self.pipe.size)
         kv_heads = shard_plan(weights, self.comm).local_kv_heads
         cache_bytes = (2 * len(weights.layers) * kv_heads * weights.head_dim * self.max_seq_len
                        * (config.max_batch_size or DEFAULT_MAX_BATCH_SIZE) * self.dtype.itemsize)
@@ -145,6 +157,12 @@ class InferenceEngine:
                                       self.max_seq_len, config.max_batch_size, fingerprint, source,
                                       compress=config.offload_compress, quantize=config.quantize)
 
+    def sync_rng(self) -> None:
+        """Every rank of the replica (tensor-parallel group, then pipeline) takes one CPU RNG state, so sampling
+        agrees."""
+        self.comm.sync_rng()
+        self.pipe.sync_rng()
+
     def check_length(self, total: int, prompt: int | None = None, new: int | None = None) -> None:
         if total <= self.max_seq_len:
             return
@@ -157,9 +175,17 @@ class InferenceEngine:
     @torch.inference_mode()
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, hf_cache=None,
                 logits_to_keep=0):
-        """Logits [B, T', V] for ``input_ids`` [B, T]; K/V go to ``hf_cache`` if given."""
-        h = self.decoder.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.to(self.dtype)
-        b, t = h.shape[:2]
+        """Logits [B, T', V] for ``input_ids`` [B, T]; K/V go to ``hf_cache`` if given. A pipeline runs the stages
+        one after the other (no micro-batches: HF's loop calls this once per token) and every stage returns the
+        last stage's logits."""
+        b, t = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
+        pipe = self.pipe
+        if not pipe.is_first:
+            h = None
+        elif inputs_embeds is None:
+            h = self.decoder.embed_tokens(input_ids)
+        else:
+            h = inputs_embeds.to(device=self.device, dtype=self.dtype)
         past = hf_cache.get_seq_length() if hf_cache is not None else 0
         total = past + t
         self.check_length(total)
@@ -170,20 +196,31 @@ class InferenceEngine:
             if attention_mask.shape[-1] != total:
                 raise ValueError(f"dsinfer: attention_mask covers {attention_mask.shape[-1]} tokens but past + "
                                  f"input is {total}.")
-            key_valid = attention_mask.to(device=h.device, dtype=torch.bool)
+            key_valid = attention_mask.to(device=self.device, dtype=torch.bool)
             if bool(key_valid.all()):
                 key_valid = None
         if position_ids is None:
-            position_ids = torch.arange(past, total, device=h.device).expand(b, t)
-        step = build_step(self.rotary, position_ids, key_valid, q_start=past, t=t, window=self.sliding_window)
+            position_ids = torch.arange(past, total, device=self.device).expand(b, t)
+        step = build_step(self.rotary, position_ids.to(self.device), key_valid, q_start=past, t=t,
+                          window=self.sliding_window)
         step.hf_cache = hf_cache
+        if h is None:
+            h = pipe.recv((b, t, self.hidden_size), self.dtype, self.device, pipe.rank - 1)
         h = self.decoder.hidden(h, step)
-        if isinstance(logits_to_keep, int):
-            if logits_to_keep > 0:
-                h = h[:, -logits_to_keep:]
+        if not pipe.is_last:
+            pipe.send(h, pipe.rank + 1)
+        keep = logits_to_keep
+        if isinstance(keep, int):
+            keep = slice(-keep, None) if keep > 0 else slice(None)
+        if pipe.is_last:
+            logits = self.decoder.logits(h[:, keep])
         else:
-            h = h[:, logits_to_keep]
-        return self.decoder.logits(h)
+            kept = torch.empty(t)[keep].shape[0]
+            logits = torch.empty(b, kept, self.vocab_size, dtype=self.dtype, device=self.device)
+        if pipe.size > 1:
+            logits = pipe.broadcast_(logits.contiguous(), pipe.size - 1)
+            pipe.flush()
+        return logits
 
 
 _BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
@@ -299,7 +336,7 @@ def _dsinfer_forward(self, input_ids=None, attention_mask=None, position_ids=Non
 
 
 def init_inference(model: nn.Module, config: InferenceConfig | None = None, comm: TensorParallelComm | None = None,
-                   **options) -> nn.Module:
+                   pipe: PipelineComm | None = None, **options) -> nn.Module:
     """Optimise a Hugging Face causal LM in place and return it.
 
     ``model(...)`` and ``model.generate(...)`` then run on the fused engine. Options are the fields of
@@ -313,9 +350,9 @@ def init_inference(model: nn.Module, config: InferenceConfig | None = None, comm
         raise TypeError("pass either config= or keyword options, not both")
     if getattr(model, "_dsinfer_engine", None) is not None:
         return model
-    if config.tensor_parallel_size > 1 and not _has_policy(model):      # generic TP (parallel/generic.py)
-        return _init_generic_tensor_parallel(model, config, comm)
-    engine = InferenceEngine(model, config, comm=comm)
+    if (config.tensor_parallel_size > 1 or config.pipeline_parallel_size > 1) and not _has_policy(model):
+        return _init_generic_tensor_parallel(model, config, comm)        # generic TP (parallel/generic.py)
+    engine = InferenceEngine(model, config, comm=comm, pipe=pipe)
     model.eval()
     model.__dict__["_dsinfer_engine"] = engine
     model.forward = types.MethodType(_dsinfer_forward, model)
@@ -352,6 +389,11 @@ def _init_generic_tensor_parallel(model: nn.Module, config: InferenceConfig, com
         raise NotImplementedError(f"expert_parallel_size={config.expert_parallel_size} needs a fused MoE policy; "
                                   f"model_type={getattr(model.config, 'model_type', None)!r} has none (the generic "
                                   f"tensor-parallel path keeps HF's own modules).")
+    if config.pipeline_parallel_size > 1:
+        raise NotImplementedError(f"pipeline_parallel_size={config.pipeline_parallel_size} needs a fused policy; "
+                                  f"model_type={getattr(model.config, 'model_type', None)!r} has none (the generic "
+                                  f"path splits HF's own linears over tensor-parallel ranks only). Use "
+                                  f"tensor_parallel_size instead.")
     if getattr(config, "offload", None) is not None:
         raise NotImplementedError(f"offload={config.offload!r} needs a fused policy; model_type="
                                   f"{getattr(model.config, 'model_type', None)!r} has none (the generic "

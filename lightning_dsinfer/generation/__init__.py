@@ -9,6 +9,7 @@ import warnings
 import torch
 
 from lightning_dsinfer.generation.decode import decode_loop
+from lightning_dsinfer.generation.pipeline import pipeline_decode_loop
 
 # GenerationConfig fields the engine's own loop implements. A config that differs from the default
 # anywhere else goes to Hugging Face's loop.
@@ -71,7 +72,7 @@ def _hf_generate(model, inputs, generation_config, kwargs):
 def dsinfer_generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
     """Replacement ``generate`` of an optimised model (same arguments and results as HF's)."""
     engine = self._dsinfer_engine
-    engine.comm.sync_rng()           # tensor-parallel ranks must sample the same tokens
+    engine.sync_rng()                # the ranks of a replica (tensor-parallel, pipeline) must sample the same tokens
     input_ids = inputs if inputs is not None else kwargs.get("input_ids")
     if input_ids is None or input_ids.dim() != 2:
         # inputs_embeds-only and other exotic inputs: HF's loop (it calls our forward).
@@ -83,8 +84,9 @@ def dsinfer_generate(self, inputs: torch.Tensor | None = None, generation_config
     else:
         max_new = max((gc.max_length or 20) - t0, 0)
     engine.check_length(t0 + max_new, prompt=t0, new=max_new)
-    if max_new == 0 or not _own_loop_handles(gc, unused):
-        return _hf_generate(self, inputs, generation_config, kwargs)
+    pipelined = engine.pipe.size > 1
+    if max_new == 0 or not _own_loop_handles(gc, unused) or (pipelined and unused.get("streamer") is not None):
+        return _hf_generate(self, inputs, generation_config, kwargs)    # (a pipeline streams through HF's loop)
 
     eos_ids = _as_list(gc.eos_token_id)
     pad_id = gc.pad_token_id
@@ -99,6 +101,9 @@ def dsinfer_generate(self, inputs: torch.Tensor | None = None, generation_config
                       "(tokenizer.padding_side='left') for correct generation.", stacklevel=2)
     min_new = max(gc.min_new_tokens or 0, (gc.min_length or 0) - t0, 0)
     top_k = gc.top_k if gc.do_sample else None
+    if pipelined:
+        return pipeline_decode_loop(engine, input_ids, attention_mask, max_new, min_new, bool(gc.do_sample),
+                                    gc.temperature, top_k, gc.top_p, eos_ids, pad_id)
     return decode_loop(engine, input_ids, attention_mask, max_new, min_new, bool(gc.do_sample),
                        gc.temperature, top_k, gc.top_p, eos_ids, pad_id, streamer=unused.get("streamer"))
 

@@ -51,7 +51,7 @@ def _enabled(engine) -> bool:
         return False
     if not engine.config.cuda_graphs or engine.offload is not None:
         return False
-    return engine.comm.size == 1
+    return engine.comm.size == 1 and engine.pipe.size == 1
 
 
 def decode_graphs(engine, batch: int, key_valid: torch.Tensor | None, prompt_len: int):

@@ -16,6 +16,17 @@ CHECK_EVERY = 4      # decode steps between two host checks of "every row finish
 CPU_CHECK_EVERY = 1  # ... and on the CPU, where the ops run synchronously anyway (tests set it to check the cut)
 
 
+def prompt_positions(attention_mask: torch.Tensor | None, b: int, t0: int, total: int, device):
+    """(key_valid [B, total] bool or None when nothing is padding, positions [B, t0]) of a left-padded prompt batch:
+    padding keys are invisible, and each row counts its positions from its first real token."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None, torch.arange(t0, device=device).expand(b, t0)
+    key_valid = torch.ones(b, total, dtype=torch.bool, device=device)
+    key_valid[:, :t0] = attention_mask.to(device=device, dtype=torch.bool)
+    positions = (attention_mask.to(device).long().cumsum(-1) - 1).masked_fill_(key_valid[:, :t0].logical_not(), 0)
+    return key_valid, positions
+
+
 @torch.inference_mode()
 def decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
                 min_new_tokens: int, do_sample: bool, temperature, top_k, top_p, eos_ids: list[int],
@@ -29,15 +40,7 @@ def decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     cache.ensure_batch(b)
     window = engine.sliding_window
 
-    padded = attention_mask is not None and not bool(attention_mask.all())
-    key_valid = None
-    if padded:
-        key_valid = torch.ones(b, total, dtype=torch.bool, device=device)
-        key_valid[:, :t0] = attention_mask.to(device=device, dtype=torch.bool)
-        positions = (attention_mask.to(device).long().cumsum(-1) - 1).masked_fill_(key_valid[:, :t0].logical_not(), 0)
-    else:
-        positions = torch.arange(t0, device=device).expand(b, t0)
-
+    key_valid, positions = prompt_positions(attention_mask, b, t0, total, device)
     step = build_step(engine.rotary, positions, key_valid, q_start=0, t=t0, window=window)
     step.cache, step.start = cache, 0
     h = engine.decoder.hidden(engine.decoder.embed_tokens(input_ids), step)

@@ -44,6 +44,15 @@ class StaticKVCache:
             f"for {batch_size} rows ({self.nbytes / 2**20:.0f} MiB). Pass max_batch_size={batch_size} or more to "
             f"init_inference / DSInferStrategy to allocate it once up front.", stacklevel=3)
 
+    def rows(self, start: int, stop: int) -> "StaticKVCache":
+        """A cache over rows [start, stop) of this one (views, no copy): a pipeline's micro-batch of those rows
+        writes and reads them as rows [0, stop - start)."""
+        view = object.__new__(StaticKVCache)
+        view.__dict__.update(self.__dict__)
+        view.k, view.v = [k[start:stop] for k in self.k], [v[start:stop] for v in self.v]
+        view.max_batch_size = stop - start
+        return view
+
     # A step's K/V go through two calls, so the write can be fused into the rotary kernel
     # (``kernels.ops.rotary_write_kv``): ``slots`` says where to write, ``read`` gives what attention reads.
     def slots(self, layer: int, b: int, start: int) -> tuple[torch.Tensor, torch.Tensor, int]:

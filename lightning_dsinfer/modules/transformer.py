@@ -168,10 +168,13 @@ class DecoderModel(nn.Module):
     With tensor parallelism the embedding and lm_head hold vocab rows [vocab_start, vocab_start + rows):
     lookups outside the shard give zeros and are summed over the group (``comm.all_reduce``); logits are
     gathered over the group (``comm.all_gather_last``) and cut to ``vocab_size``.
+
+    A pipeline stage (``parallel/pipeline.py``) holds some of the blocks: ``embed`` is None except on the first
+    stage, ``final_norm`` and ``lm_head`` except on the last; :meth:`hidden` then returns the residual stream.
     """
 
-    def __init__(self, embed: torch.Tensor, layers: list[DecoderLayer], final_norm: torch.Tensor, eps: float,
-                 lm_head: Linear, vocab_size: int, vocab_start: int = 0, comm=None):
+    def __init__(self, embed: torch.Tensor | None, layers: list[DecoderLayer], final_norm: torch.Tensor | None,
+                 eps: float, lm_head: Linear | None, vocab_size: int, vocab_start: int = 0, comm=None):
         super().__init__()
         self.embed = embed
         self.layers = nn.ModuleList(layers)
@@ -200,13 +203,17 @@ class DecoderModel(nn.Module):
         return self.comm.all_reduce(h)
 
     def hidden(self, h: torch.Tensor, step: Step) -> torch.Tensor:
-        """Run all blocks and the final norm on embeddings h [B, T, H]."""
+        """Run all blocks and the final norm on embeddings h [B, T, H] (a pipeline stage before the last: the
+        blocks only, the residual stream out)."""
         stack = self._cpu_stack(h)
         if stack is not None and stack.applies(h, step):      # a bf16 CPU decode step: every block in one C call
-            return ops.rms_norm(stack(h, step), self.final_norm, self.eps)
+            h = stack(h, step)
+            return h if self.final_norm is None else ops.rms_norm(h, self.final_norm, self.eps)
         delta = None
         for layer in self.layers:
             h, delta = layer.run(h, delta, step)
+        if self.final_norm is None:
+            return h if delta is None else h + delta
         return _norm(h, delta, self.final_norm, self.eps)[0]
 
     def _cpu_stack(self, h: torch.Tensor):
@@ -226,7 +233,7 @@ class DecoderModel(nn.Module):
     @property
     def weight_bytes_per_token(self) -> int:
         """Bytes of weights one decode step reads (all linears + norms; one embedding row)."""
-        n = self.lm_head.nbytes + self.final_norm.numel() * self.final_norm.element_size()
+        n = 0 if self.lm_head is None else self.lm_head.nbytes + self.final_norm.numel() * self.final_norm.element_size()
         for layer in self.layers:
             for lin in (layer.attn.qkv, layer.attn.o):
                 n += lin.nbytes

@@ -18,13 +18,15 @@ def _peer_failure(fn):
             return fn(self, *args, **kwargs)
         except RuntimeError as err:   # gloo / NCCL: connection closed, timeout, aborted communicator
             raise PeerFailureError(
-                f"dsinfer: a peer rank of tensor-parallel group {self.ranks} failed or did not answer in time "
+                f"dsinfer: a peer rank of {self.kind} group {self.ranks} failed or did not answer in time "
                 f"during {fn.__name__} (collective_timeout_s sets the bound); this rank stops too. Cause: {err}"
             ) from err
     return wrapper
 
 
 class TensorParallelComm:
+    kind = "tensor-parallel"
+
     def __init__(self, group=None, size: int = 1, rank: int = 0, src: int = 0):
         self.group, self.size, self.rank = group, size, rank
         self.ranks = list(range(src, src + size))

@@ -1,5 +1,6 @@
 """Process groups from torch.distributed: the default group (initialised from the usual environment
-variables when nobody did it yet) and one tensor-parallel group per block of ``tp`` ranks."""
+variables when nobody did it yet), one tensor-parallel group per block of ``tp`` ranks and one pipeline group per
+(replica, tp rank)."""
 from __future__ import annotations
 
 import atexit
@@ -10,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_dsinfer.parallel.comm import TensorParallelComm
+from lightning_dsinfer.parallel.pipeline import PipelineComm
 from lightning_dsinfer.parallel.shm import ShmAllReduce, same_host
 from lightning_dsinfer.parallel.topology import Topology
 
@@ -23,7 +25,7 @@ def init_default_group(device: torch.device, timeout_s: float) -> None:
     missing = [k for k in _ENV if k not in os.environ]
     if missing:
         raise RuntimeError(
-            f"tensor parallelism needs one process per rank, but {', '.join(missing)} is not set and no process "
+            f"tensor / pipeline parallelism needs one process per rank, but {', '.join(missing)} is not set and no process "
             f"group is initialised. Launch with `torchrun --nproc-per-node N script.py`, use "
             f"Trainer(strategy='dsinfer', devices=N), or set {', '.join(_ENV)}.")
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -54,10 +56,28 @@ def new_tensor_parallel_groups(topology: Topology, timeout_s: float = 300.0,
     return comm
 
 
-def tensor_parallel_comm(tp: int, device: torch.device, timeout_s: float) -> TensorParallelComm:
-    if tp == 1:
-        return TensorParallelComm()
+def new_pipeline_groups(topology: Topology) -> PipelineComm:
+    """Create every pipeline group (all ranks, same order) and return this rank's."""
+    if topology.pp == 1:
+        return PipelineComm()
+    mine = None
+    for ranks in topology.pp_groups():
+        group = dist.new_group(ranks)
+        if topology.rank in ranks:
+            mine = group
+    return PipelineComm(mine, topology.pp, topology.pp_rank, topology.pp_group_ranks)
+
+
+def model_parallel_comms(tp: int, pp: int, device: torch.device, timeout_s: float
+                         ) -> tuple[TensorParallelComm, PipelineComm]:
+    """This rank's tensor-parallel and pipeline groups (world = data x pipeline x tensor, :class:`Topology`)."""
+    if tp == 1 and pp == 1:
+        return TensorParallelComm(), PipelineComm()
     init_default_group(device, timeout_s)
-    world = dist.get_world_size()
-    topology = Topology(world_size=world, rank=dist.get_rank(), tp=tp)
-    return new_tensor_parallel_groups(topology, timeout_s)
+    topology = Topology(world_size=dist.get_world_size(), rank=dist.get_rank(), tp=tp, pp=pp)
+    comm = new_tensor_parallel_groups(topology, timeout_s) if tp > 1 else TensorParallelComm()
+    return comm, new_pipeline_groups(topology)
+
+
+def tensor_parallel_comm(tp: int, device: torch.device, timeout_s: float) -> TensorParallelComm:
+    return model_parallel_comms(tp, 1, device, timeout_s)[0]

@@ -52,6 +52,16 @@ class Topology:
         block = self.tp * self.pp
         return [list(range(offset, self.world_size, block)) for offset in range(block)]
 
+    def pp_groups(self) -> list[list[int]]:
+        """Every pipeline group (ranks of one replica with the same tp rank, in stage order), in the order all
+        ranks must create them."""
+        block = self.tp * self.pp
+        return [[d * block + s * self.tp + r for s in range(self.pp)] for d in range(self.dp) for r in range(self.tp)]
+
+    @property
+    def pp_group_ranks(self) -> list[int]:
+        return self.pp_groups()[self.dp_rank * self.tp + self.tp_rank]
+
     @property
     def tp_group_ranks(self) -> list[int]:
         return self.tp_groups()[self.rank // self.tp]

@@ -20,7 +20,8 @@ from typing_extensions import override
 from lightning_dsinfer.config import InferenceConfig, resolve_dtype
 from lightning_dsinfer.engine import init_inference, is_optimised
 from lightning_dsinfer.parallel import TensorParallelComm, Topology
-from lightning_dsinfer.parallel.process_groups import new_tensor_parallel_groups
+from lightning_dsinfer.parallel.pipeline import PipelineComm
+from lightning_dsinfer.parallel.process_groups import new_pipeline_groups, new_tensor_parallel_groups
 from lightning_dsinfer.policies import UnsupportedModelError, find_policy
 from lightning_dsinfer.policies.llama import has_experts
 
@@ -72,11 +73,12 @@ def _sampler_order(sampler) -> list[int]:
 
 
 class DSInferStrategy(DDPStrategy):
-    """Inference strategy: world = data-parallel x tensor-parallel.
+    """Inference strategy: world = data-parallel x pipeline x tensor-parallel.
 
-    Every rank of a tensor-parallel group sees the same batches; data-parallel groups take contiguous
-    chunks of the dataset; ``trainer.predict`` returns every sample's prediction exactly once, in dataset
-    order, on every rank. Default: tensor parallel over the devices of a node, data parallel across nodes.
+    Every rank of a replica (its tensor-parallel and pipeline groups) sees the same batches; data-parallel groups take
+    contiguous chunks of the dataset; ``trainer.predict`` returns every sample's prediction exactly once, in dataset
+    order, on every rank. Default: tensor parallel over the devices of a node (divided by
+    ``pipeline_parallel_size``), data parallel across nodes.
     """
 
     strategy_name = "dsinfer"
@@ -86,7 +88,7 @@ class DSInferStrategy(DDPStrategy):
                  checkpoint: str | None = None, collective_timeout_s: float = 300.0, offload: str | None = None,
                  offload_path: str | None = None, max_memory: int | str | None = None, cuda_graphs: bool = True,
                  offload_compress: bool = True, quantize: str | None = None, expert_parallel: bool = False,
-                 **kwargs: Any):
+                 pipeline_parallel_size: int = 1, **kwargs: Any):
         kwargs.setdefault("timeout", datetime.timedelta(seconds=collective_timeout_s))
         super().__init__(**kwargs)
         self.tensor_parallel_size = tensor_parallel_size
@@ -98,9 +100,10 @@ class DSInferStrategy(DDPStrategy):
                                                 collective_timeout_s=collective_timeout_s, offload=offload,
                                                 offload_path=offload_path, max_memory=max_memory,
                                                 cuda_graphs=cuda_graphs, offload_compress=offload_compress,
-                                                quantize=quantize)
+                                                quantize=quantize, pipeline_parallel_size=pipeline_parallel_size)
         self._topology: Topology | None = None
         self._comm: TensorParallelComm | None = None
+        self._pipe: PipelineComm | None = None
 
     @property
     def topology(self) -> Topology:
@@ -111,18 +114,24 @@ class DSInferStrategy(DDPStrategy):
     @override
     def setup_environment(self) -> None:
         world = self.num_nodes * self.num_processes
-        tp = self.tensor_parallel_size or self.num_processes
-        if world % tp:
-            raise ValueError(f"tensor_parallel_size={tp} does not divide the world size {world} "
-                             f"(num_nodes={self.num_nodes} x devices={self.num_processes}).")
+        pp = self.inference_config.pipeline_parallel_size
+        if self.tensor_parallel_size is None and self.num_processes % pp:
+            raise ValueError(f"pipeline_parallel_size={pp} does not divide the {self.num_processes} devices per node; "
+                             f"use a pipeline_parallel_size that divides them (or set tensor_parallel_size).")
+        tp = self.tensor_parallel_size or self.num_processes // pp
+        if world % (tp * pp):
+            raise ValueError(f"tensor_parallel_size={tp} x pipeline_parallel_size={pp} does not divide the world size "
+                             f"{world} (num_nodes={self.num_nodes} x devices={self.num_processes}).")
         if world == 1:
             self.set_world_ranks()
             self.accelerator.setup_device(self.root_device)
-            self._topology, self._comm = Topology(1, 0), TensorParallelComm()
+            self._topology, self._comm, self._pipe = Topology(1, 0), TensorParallelComm(), PipelineComm()
             return
         super().setup_environment()          # launcher env -> default process group (with the collective timeout)
-        self._topology = Topology(world_size=world, rank=self.global_rank, tp=tp)
-        self._comm = new_tensor_parallel_groups(self._topology, self.inference_config.collective_timeout_s)
+        self._topology = Topology(world_size=world, rank=self.global_rank, tp=tp, pp=pp)
+        self._comm = (new_tensor_parallel_groups(self._topology, self.inference_config.collective_timeout_s)
+                      if tp > 1 else TensorParallelComm())
+        self._pipe = new_pipeline_groups(self._topology)
 
     @property
     @override
@@ -178,13 +187,13 @@ class DSInferStrategy(DDPStrategy):
                 f"keep the transformers model as an attribute of the LightningModule (e.g. self.model = model).")
         tp = self.topology.tp
         config = replace(self._engine_config(), tensor_parallel_size=tp)
-        if config.tensor_parallel_size == 1:      # with TP > 1 a model without a policy takes the generic TP path
+        if tp == 1 or config.pipeline_parallel_size > 1:   # with TP > 1 a model without a policy takes the generic TP path
             for _, model in models:
                 find_policy(model)   # raise for an unsupported model before any work starts
         for _, model in models:
             if not is_optimised(model):     # expert parallelism for the models that have experts
                 ep = tp if self.expert_parallel and has_experts(getattr(model.config, "model_type", None)) else 1
-                init_inference(model, config=replace(config, expert_parallel_size=ep), comm=self._comm)
+                init_inference(model, config=replace(config, expert_parallel_size=ep), comm=self._comm, pipe=self._pipe)
 
     @override
     def on_predict_end(self) -> None:
