@@ -38,12 +38,13 @@ def main():
     p.add_argument("--family", default="llama")
     p.add_argument("--out", required=True)
     p.add_argument("--expert-parallel", action="store_true")
+    p.add_argument("--pp", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(1)
     hf = tiny_model(args.family)
     data = random_prompts(args.samples)
     strategy = dsi.DSInferStrategy(tensor_parallel_size=args.tp, max_seq_len=32, collective_timeout_s=60,
-                                   expert_parallel=args.expert_parallel)
+                                   expert_parallel=args.expert_parallel, pipeline_parallel_size=args.pp)
     trainer = L.Trainer(accelerator="cpu", devices=args.devices, num_nodes=args.num_nodes, strategy=strategy,
                         logger=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[RowWriter(args.out)])
@@ -65,6 +66,8 @@ def main():
     ok = ok and all(torch.equal(row[len(row) - 8 - len(pr):len(row) - 8], pr) for pr, row in zip(data, rows))
     result = {"rank": trainer.global_rank, "world": trainer.world_size, "rows": len(rows), "batches": len(preds),
               "match": bool(ok), "tp": strategy.topology.tp, "dp": strategy.topology.dp,
+              "pp": strategy.topology.pp, "stage_layers": list(getattr(getattr(module.model, "_dsinfer_engine", None),
+                                                                       "layer_range", ())),
               "first_experts": [layer.mlp.first_expert for layer in getattr(getattr(getattr(
                   module.model, "_dsinfer_engine", None), "decoder", None), "layers", [])
                   if type(layer.mlp).__name__ == "MoEMLP"]}

@@ -1,5 +1,5 @@
 """One rank of the sharded-loading memory test: build the model on ``meta``, load this rank's slices from a
-safetensors folder with init_inference(tensor_parallel_size=N, checkpoint=...), generate a few tokens, and
+safetensors folder with init_inference(tensor_parallel_size=N or pipeline_parallel_size=N, checkpoint=...), generate a few tokens, and
 print peak resident memory next to the resident memory right after the imports (the baseline).
 
 Peak is VmHWM (/proc/self/status), the high-water mark of this process's own address space.
@@ -32,6 +32,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--tp", type=int, default=2)
+    p.add_argument("--pp", type=int, default=1)
     args = p.parse_args()
 
     import torch
@@ -46,7 +47,7 @@ def main():
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
     after_meta = rss_parts()["VmRSS"]
-    model = dsi.init_inference(model, tensor_parallel_size=args.tp, checkpoint=args.checkpoint, dtype=torch.float32,
+    model = dsi.init_inference(model, tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, checkpoint=args.checkpoint, dtype=torch.float32,
                                max_seq_len=32, max_batch_size=2, collective_timeout_s=60)
     after_load = rss_parts()
     ids = torch.tensor([[5, 6, 7, 8, 9]])

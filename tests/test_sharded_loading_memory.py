@@ -20,19 +20,22 @@ MiB = 1 << 20
 FIXED_OVERHEAD_MIB = 48
 
 
-def _big_llama():
-    """~200 MiB of fp32 weights, almost all of it in the blocks (so TP=2 can halve it)."""
+def _big_llama(layers=3):
+    """~200 MiB of fp32 weights (3 layers), almost all of it in the blocks (so TP=2 can halve it)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    cfg = LlamaConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=3, num_attention_heads=8,
+    cfg = LlamaConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=layers, num_attention_heads=8,
                       num_key_value_heads=8, vocab_size=1000, max_position_embeddings=256, pad_token_id=0,
                       bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
-def test_sharded_meta_loading_peak_memory_per_rank(tmp_path):
-    hf = _big_llama()
+@pytest.mark.parametrize("split", ["tp", "pp"])
+def test_sharded_meta_loading_peak_memory_per_rank(split, tmp_path):
+    """TP=2: each rank reads its slices of every block; PP=2 (a 4-layer model, 270 MiB): each stage reads its two
+    blocks (and the first the embedding, the last the lm_head)."""
+    hf = _big_llama(3 if split == "tp" else 4)
     full_mib = sum(p.numel() * p.element_size() for p in hf.parameters()) / MiB
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
@@ -40,7 +43,8 @@ def test_sharded_meta_loading_peak_memory_per_rank(tmp_path):
     hf.save_pretrained(tmp_path, safe_serialization=True)
     del hf
 
-    codes, outs, _ = run_ranks("memory_worker.py", 2, ["--checkpoint", str(tmp_path), "--tp", "2"], timeout=240)
+    sizes = ["--tp", "2"] if split == "tp" else ["--tp", "1", "--pp", "2"]
+    codes, outs, _ = run_ranks("memory_worker.py", 2, ["--checkpoint", str(tmp_path), *sizes], timeout=240)
     assert codes == [0, 0], "\n".join(outs)
     ranks = [json.loads(next(line[4:] for line in out.splitlines() if line.startswith("MEM "))) for out in outs]
     limit = 0.6 * full_mib + FIXED_OVERHEAD_MIB

@@ -1,0 +1,145 @@
+"""Pipeline parallelism across processes (gloo on CPU), against the single-process HF model (tests/pp_worker.py):
+fp32 logits of a left-padded batch (atol 2e-4), greedy tokens identical through the pipelined schedule (row groups,
+prompt chunks, a group stopping at EOS before the others, min_new_tokens), beam search and a streamer through HF's
+loop, sampling agreeing across ranks; with tensor parallelism inside the stages, int8, bf16 (= the engine without a
+pipeline), from a checkpoint on meta; through the Lightning launcher; a dead stage; the errors."""
+import json
+
+import pytest
+import torch
+
+from helpers import tiny_model
+from lightning_dsinfer.generation.pipeline import prompt_chunks, row_groups
+from lightning_dsinfer.parallel import Topology
+from lightning_dsinfer.parallel.pipeline import stage_layers
+from multiproc import run_ranks
+
+
+def _run(world, args, timeout=300):
+    codes, outs, _ = run_ranks("pp_worker.py", world, args, timeout=timeout)
+    assert codes == [0] * world, "\n".join(o[-3000:] for o in outs)
+    families = args[args.index("--families") + 1:]
+    families = families[:next((i for i, a in enumerate(families) if a.startswith("--")), len(families))]
+    assert all(out.count(" OK") == len(families) for out in outs), outs
+    return outs
+
+
+def test_pipeline_two_stages_matches_hf():
+    """PP=2, a dense family of each kind and two MoE families (qwen2 and qwen2_moe: 3 layers, 2 + 1)."""
+    _run(2, ["--pp", "2", "--families", "llama", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe"])
+
+
+def test_pipeline_four_stages_matches_hf():
+    """PP=4 on 5-layer models: the first stage holds two blocks, the others one."""
+    outs = _run(4, ["--pp", "4", "--layers", "5", "--families", "mistral", "qwen3_moe"])
+    assert "layers=0..1" in outs[0] and "layers=4..4" in outs[3]
+
+
+def test_pipeline_with_tensor_parallel_stages():
+    """PP=2 x TP=2: each stage's blocks split over two ranks; tp rank r of stage 0 talks to tp rank r of stage 1."""
+    _run(4, ["--pp", "2", "--tp", "2", "--families", "qwen3", "mixtral"])
+
+
+def test_pipeline_int8_and_bf16():
+    """int8 weights (HF over the same quantise-dequantised weights), and bf16 (the CPU kernels, the one-call decode
+    step on the micro-batches' cache rows) against the same engine without a pipeline."""
+    _run(2, ["--pp", "2", "--quantize", "int8", "--families", "llama", "qwen2_moe"])
+    _run(2, ["--pp", "2", "--dtype", "bfloat16", "--families", "llama", "qwen3"])
+
+
+def test_pipeline_from_checkpoint_on_meta(tmp_path):
+    """A model built on meta: each stage reads its own blocks from the safetensors folder (peak memory per stage:
+    tests/test_sharded_loading_memory.py)."""
+    for family in ("llama", "mixtral"):
+        tiny_model(family, num_hidden_layers=3).save_pretrained(tmp_path / family)
+    _run(2, ["--pp", "2", "--layers", "3", "--checkpoint", str(tmp_path), "--families", "llama", "mixtral"])
+
+
+def test_dp2_x_pp2_via_lightning_launcher(tmp_path):
+    """Trainer(devices=4, strategy=DSInferStrategy(tensor_parallel_size=1, pipeline_parallel_size=2)): two replicas
+    of two stages; predictions = HF's, in dataset order, on every rank; prediction writers write each sample once
+    (from the last stage)."""
+    from test_multiprocess_lightning import _finish, _results, _run_script
+
+    out = tmp_path / "r.json"
+    codes, outs = _finish([_run_script(["--devices", "4", "--tp", "1", "--pp", "2", "--out", str(out)])], 300)
+    assert codes == [0], outs[0][-3000:]
+    results = _results(out)
+    assert len(results) == 4 and all(r["rows"] == 7 and r["match"] and (r["dp"], r["pp"], r["tp"]) == (2, 2, 1)
+                                     for r in results), results
+    assert [r["stage_layers"] for r in results] == [[0, 1], [1, 2], [0, 1], [1, 2]]
+    written = []
+    for f in tmp_path.glob("r.json.rank*"):
+        written += [int(x) for x in f.read_text().split()]
+    assert sorted(written) == list(range(7))
+
+
+def test_dead_stage_makes_peer_fail_fast():
+    """Stage 1 is killed while stage 0 waits for its tokens: stage 0 fails with the peer named, within the
+    collective timeout."""
+    timeout_s, kill_after = 10, 15
+    codes, outs, elapsed = run_ranks("fault_worker.py", 2, [str(timeout_s), "float32", "pp"], timeout=120,
+                                     kill_rank_after=(1, kill_after))
+    assert "READY" in outs[0], outs[0][-3000:]
+    assert codes[0] not in (0, None) and codes[1] != 0
+    assert elapsed < kill_after + timeout_s + 20, f"peer took {elapsed:.0f}s to give up"
+    assert "peer rank of pipeline group" in outs[0], outs[0][-3000:]
+
+
+def test_stage_layers_cover_every_block_once():
+    for layers in range(1, 12):
+        for stages in range(1, layers + 1):
+            ranges = [stage_layers(layers, stages, s) for s in range(stages)]
+            assert [i for a, b in ranges for i in range(a, b)] == list(range(layers))
+            sizes = [b - a for a, b in ranges]
+            assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True) and min(sizes) >= 1
+    with pytest.raises(ValueError, match="pipeline_parallel_size=3 is larger than the model's 2 layers"):
+        stage_layers(2, 3, 0)
+
+
+def test_micro_batches():
+    assert row_groups(5, 2) == [(0, 3), (3, 5)] and row_groups(1, 4) == [(0, 1)] and row_groups(8, 4)[-1] == (6, 8)
+    assert prompt_chunks(10, 1, 2) == [(0, 10)]                  # short prompts are not cut
+    chunks = prompt_chunks(128, 2, 2)                             # 4 per group: 8 prompt micro-batches for 2 stages
+    assert chunks == [(0, 32), (32, 64), (64, 96), (96, 128)]
+    assert prompt_chunks(37, 1, 2) == [(0, 19), (19, 37)]         # none shorter than 16 tokens
+
+
+def test_pipeline_groups_in_topology():
+    t = Topology(world_size=8, rank=5, tp=2, pp=2)
+    assert t.pp_groups() == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert t.pp_group_ranks == [5, 7] and t.pp_rank == 0 and t.tp_rank == 1
+
+
+def test_pipeline_errors_before_work(monkeypatch):
+    import lightning_dsinfer as dsi
+
+    with pytest.raises(NotImplementedError, match="offload='nvme' with pipeline_parallel_size=2 is not supported"):
+        dsi.init_inference(tiny_model("llama"), pipeline_parallel_size=2, offload="nvme", offload_path="/tmp/x")
+    with pytest.raises(ValueError, match="pipeline_parallel_size=0 must be >= 1"):
+        dsi.init_inference(tiny_model("llama"), pipeline_parallel_size=0)
+    with pytest.raises(NotImplementedError, match="pipeline_parallel_size=2 needs a fused policy"):
+        dsi.init_inference(tiny_model("gpt_neox"), pipeline_parallel_size=2)
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(RuntimeError, match="torchrun --nproc-per-node"):
+        dsi.init_inference(tiny_model("llama"), pipeline_parallel_size=2)
+    assert not torch.distributed.is_initialized()
+
+
+def test_more_stages_than_layers_is_refused():
+    """Checked in each rank before any weight is read (tiny world of 3 ranks, 2-layer model)."""
+    codes, outs, _ = run_ranks("pp_worker.py", 3, ["--pp", "3", "--families", "llama"], timeout=120)
+    assert all(c not in (0, None) for c in codes)
+    assert all("pipeline_parallel_size=3 is larger than the model's 2 layers" in o for o in outs), outs
+
+
+def test_strategy_world_must_divide():
+    import lightning_dsinfer as dsi
+
+    strategy = dsi.DSInferStrategy(pipeline_parallel_size=3)
+    assert strategy.inference_config.pipeline_parallel_size == 3
+    with pytest.raises(ValueError, match="pipeline_parallel_size=3 does not divide the 2 devices per node"):
+        strategy._parallel_devices = [torch.device("cpu")] * 2
+        strategy.num_nodes = 1
+        strategy.setup_environment()
