@@ -6,6 +6,7 @@ now run on the engine. The user's class is not touched; only the instance is pat
 """
 from __future__ import annotations
 
+import math
 import os
 import types
 
@@ -25,7 +26,7 @@ from lightning_dsinfer.parallel.pipeline import PipelineComm, stage_layers
 from lightning_dsinfer.parallel.process_groups import model_parallel_comms, tensor_parallel_comm
 from lightning_dsinfer.policies import find_policy
 from lightning_dsinfer.policies.llama import has_experts
-from lightning_dsinfer.policies.weights import ModuleSource, checkpoint_source
+from lightning_dsinfer.policies.weights import ModuleSource, checkpoint_source, refs
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -79,7 +80,7 @@ class InferenceEngine:
         if len(self.windows) > 1:
             raise ValueError(f"layers use different sliding windows {self.windows}; one window per model is supported.")
         self.sliding_window = self.windows[0] if self.windows else None
-        self.layer_range = stage_layers(len(weights.layers), self.pipe.size, self.pipe.rank)   # this stage's blocks
+        self.layer_range = _stage_range(weights, self.pipe, config)        # this pipeline stage's blocks
         weights.layers = weights.layers[slice(*self.layer_range)]
         self.working_set = None             # offload: what is resident, and the batch size it leaves room for
         self.offload = self._choose_offload(hf_model, weights)       # config.offload, "auto" resolved
@@ -225,6 +226,17 @@ class InferenceEngine:
 
 _BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
                   "gate_up_proj")      # (Phi-3 packs the last two)
+
+
+def _stage_range(weights, pipe: PipelineComm, config: InferenceConfig) -> tuple[int, int]:
+    """The blocks of this pipeline stage, balanced by what each stage reads per decode step: every block's weights,
+    and the lm_head on the last stage (in ``dtype`` also when the blocks' linears are int8)."""
+    def numel(ref):
+        return math.prod(ref.shape)
+
+    costs = [sum(numel(r) for r in refs(lw)) for lw in weights.layers]
+    head = numel(weights.lm_head) * (2 if config.quantize else 1)
+    return stage_layers(costs, pipe.size, pipe.rank, head_cost=head)
 
 
 def _place_experts(weights, config: InferenceConfig):

@@ -10,6 +10,7 @@ import sys
 import torch
 
 import lightning_dsinfer as dsi
+from lightning_dsinfer.generation.pipeline import prompt_chunks, row_groups
 from helpers import fake_quantised_int8, padded_batch, sampling_agrees_across_ranks, tiny_model
 
 
@@ -48,7 +49,7 @@ def main():
 
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(hf.config)
-        opt = dsi.init_inference(model, tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, max_seq_len=96,
+        opt = dsi.init_inference(model, tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, max_seq_len=160,
                                  collective_timeout_s=60, quantize=args.quantize, dtype=dtype, **source)
         engine = opt._dsinfer_engine
         stage = (rank // args.tp) % args.pp
@@ -59,7 +60,7 @@ def main():
         if args.quantize:
             hf = fake_quantised_int8(hf)
         if dtype != torch.float32:      # bf16: against the same engine without a pipeline (the same kernels)
-            ref_model = dsi.init_inference(copy.deepcopy(hf), max_seq_len=96, dtype=dtype, pipeline_parallel_size=1)
+            ref_model = dsi.init_inference(copy.deepcopy(hf), max_seq_len=160, dtype=dtype, pipeline_parallel_size=1)
         else:
             ref_model = hf
         results = {}
@@ -86,9 +87,10 @@ def main():
 
         greedy = dict(max_new_tokens=10, do_sample=False)
         results["greedy"] = same(**greedy)
-        long_batch = padded_batch([40, 33, 21, 38, 17], seed=2)           # 5 rows, prompts cut into chunks
+        long_batch = padded_batch([140, 133, 71, 138, 17], seed=2)       # 5 rows, prompts cut into two chunks
+        assert len(prompt_chunks(140, len(row_groups(5, args.pp)), args.pp)) == 2
         results["greedy_chunked"] = same(batch=long_batch, **greedy)
-        results["greedy_one_row"] = same(batch=padded_batch([37], seed=3), **greedy)
+        results["greedy_one_row"] = same(batch=padded_batch([137], seed=3), **greedy)
         # EOS: every token the HF model emits for the last row in turn, so groups stop at different steps
         with torch.no_grad():
             free = ref_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,

@@ -89,20 +89,49 @@ def test_dead_stage_makes_peer_fail_fast():
 def test_stage_layers_cover_every_block_once():
     for layers in range(1, 12):
         for stages in range(1, layers + 1):
-            ranges = [stage_layers(layers, stages, s) for s in range(stages)]
+            ranges = [stage_layers([1] * layers, stages, s) for s in range(stages)]
             assert [i for a, b in ranges for i in range(a, b)] == list(range(layers))
             sizes = [b - a for a, b in ranges]
             assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True) and min(sizes) >= 1
     with pytest.raises(ValueError, match="pipeline_parallel_size=3 is larger than the model's 2 layers"):
-        stage_layers(2, 3, 0)
+        stage_layers([1, 1], 3, 0)
+
+
+def test_stage_layers_balance_the_bytes():
+    """The lm_head weighs on the last stage (a ~200M Llama's is ~3 blocks: 12 blocks split 8 + 4, not 6 + 6), and
+    blocks of different sizes (dense and MoE layers) are balanced by their bytes, not their count."""
+    assert [stage_layers([10] * 12, 2, s, head_cost=29) for s in range(2)] == [(0, 7), (7, 12)]
+    assert [stage_layers([10] * 12, 2, s, head_cost=31) for s in range(2)] == [(0, 8), (8, 12)]
+    costs = [1, 9, 1, 1, 1, 9, 1, 1]       # max stage cost 12 at best: [1, 9, 1, 1] | [1, 9, 1, 1]
+    assert [stage_layers(costs, 2, s) for s in range(2)] == [(0, 4), (4, 8)]
+    import itertools
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):                    # the least max stage cost, against every partition
+        n, stages, head = rng.randint(1, 9), rng.randint(1, 4), rng.randint(0, 20)
+        if stages > n:
+            continue
+        costs = [rng.randint(1, 10) for _ in range(n)]
+        ranges = [stage_layers(costs, stages, s, head_cost=head) for s in range(stages)]
+        assert [i for a, b in ranges for i in range(a, b)] == list(range(n)) and all(b > a for a, b in ranges)
+
+        def worst(bounds):
+            parts = [sum(costs[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+            return max(parts[:-1] + [parts[-1] + head])
+
+        best = min(worst([0, *cuts, n]) for cuts in itertools.combinations(range(1, n), stages - 1))
+        assert worst([a for a, _ in ranges] + [n]) == best, (costs, stages, head, ranges)
 
 
 def test_micro_batches():
     assert row_groups(5, 2) == [(0, 3), (3, 5)] and row_groups(1, 4) == [(0, 1)] and row_groups(8, 4)[-1] == (6, 8)
     assert prompt_chunks(10, 1, 2) == [(0, 10)]                  # short prompts are not cut
-    chunks = prompt_chunks(128, 2, 2)                             # 4 per group: 8 prompt micro-batches for 2 stages
-    assert chunks == [(0, 32), (32, 64), (64, 96), (96, 128)]
-    assert prompt_chunks(37, 1, 2) == [(0, 19), (19, 37)]         # none shorter than 16 tokens
+    assert prompt_chunks(128, 2, 2) == [(0, 64), (64, 128)]      # none shorter than 64 tokens
+    assert prompt_chunks(1000, 1, 2) == [(0, 125), (125, 250), (250, 375), (375, 500), (500, 625), (625, 750),
+                                         (750, 875), (875, 1000)]    # 4 prompt micro-batches per stage
+    assert prompt_chunks(1000, 4, 4) == [(0, 250), (250, 500), (500, 750), (750, 1000)]
+    assert prompt_chunks(127, 1, 2) == [(0, 127)]
 
 
 def test_pipeline_groups_in_topology():

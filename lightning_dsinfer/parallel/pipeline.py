@@ -1,7 +1,7 @@
 """Pipeline parallelism: the model's blocks cut into contiguous stages over the ranks of a pipeline group, and the
 point-to-point messages between the stages (``torch.distributed`` send / recv: gloo on the CPU, NCCL on GPUs).
 
-Stage s of P holds blocks :func:`stage_layers` (s, P); stage 0 also holds the embedding, stage P - 1 the final norm
+Stage s of P holds the blocks :func:`stage_layers` gives it (contiguous, balanced by weight bytes); stage 0 also holds the embedding, stage P - 1 the final norm
 and the lm_head. A stage may itself be split over a tensor-parallel group: tp rank r of stage s exchanges the
 (whole, replicated) activations with tp rank r of stages s - 1 and s + 1, so the ranks of a replica form
 ``tp`` pipelines side by side (:meth:`Topology.pp_groups`). Which messages go when is the schedule's business
@@ -19,15 +19,39 @@ from lightning_dsinfer.parallel.comm import _peer_failure
 MAX_PENDING_SENDS = 16     # sends in flight before the oldest is waited for (its buffer must live until then)
 
 
-def stage_layers(num_layers: int, stages: int, stage: int) -> tuple[int, int]:
-    """Blocks [start, stop) of ``stage`` of ``stages``: contiguous, sizes differing by at most one, the larger
-    stages first (the last stage also runs the lm_head)."""
-    if stages > num_layers:
-        raise ValueError(f"pipeline_parallel_size={stages} is larger than the model's {num_layers} layers; every "
-                         f"stage needs at least one layer. Use pipeline_parallel_size <= {num_layers}.")
-    base, extra = divmod(num_layers, stages)
-    start = stage * base + min(stage, extra)
-    return start, start + base + (stage < extra)
+def stage_layers(layer_costs: list[int], stages: int, stage: int, head_cost: int = 0) -> tuple[int, int]:
+    """Blocks [start, stop) of ``stage`` of ``stages``: contiguous, at least one per stage, cut so that the costliest
+    stage costs least (the last stage also pays ``head_cost``: the lm_head, which for a small model weighs several
+    blocks); ties go to the partition that puts more blocks in the earlier stages and keeps the rest even.
+
+    Costs are what a stage streams per decode step: weight bytes (or parameter counts) per block."""
+    n = len(layer_costs)
+    if stages > n:
+        raise ValueError(f"pipeline_parallel_size={stages} is larger than the model's {n} layers; every "
+                         f"stage needs at least one layer. Use pipeline_parallel_size <= {n}.")
+    prefix = [0]
+    for c in layer_costs:
+        prefix.append(prefix[-1] + c)
+
+    def seg(a: int, b: int) -> int:
+        return prefix[b] - prefix[a]
+
+    # best[k][i]: the least max stage cost of blocks [i, n) over k stages (the last one with the head)
+    best = [[float("inf")] * (n + 1) for _ in range(stages + 1)]
+    for i in range(n):
+        best[1][i] = seg(i, n) + head_cost
+    for k in range(2, stages + 1):
+        for i in range(n - k + 1):
+            best[k][i] = min(max(seg(i, j), best[k - 1][j]) for j in range(i + 1, n - k + 2))
+    start = 0
+    for s in range(stages):
+        k = stages - s
+        stop = n if k == 1 else max(j for j in range(start + 1, n - k + 2)
+                                    if max(seg(start, j), best[k - 1][j]) <= best[k][start])
+        if s == stage:
+            return start, stop
+        start = stop
+    raise ValueError(f"stage {stage} is outside a pipeline of {stages} stages.")
 
 
 class PipelineComm:
@@ -41,6 +65,7 @@ class PipelineComm:
         self.ranks = ranks if ranks is not None else [0]      # global rank of each stage (same tp rank)
         self._pending: deque = deque()                        # (work, tensor) of sends not waited for yet
         self.sent_bytes = 0
+        self.shm = None             # ShmChannels when every stage is a CPU process on this host (else torch p2p)
 
     @property
     def is_first(self) -> bool:
@@ -52,10 +77,13 @@ class PipelineComm:
 
     @_peer_failure
     def send(self, x: torch.Tensor, stage: int) -> None:
-        """Send ``x`` to ``stage`` without waiting for it to arrive (the tensor is kept until it has)."""
+        """Send ``x`` to ``stage`` without waiting for it to arrive (torch p2p: the tensor is kept until it has;
+        shared memory: copied into the channel's ring, waiting only while the ring is full)."""
+        self.sent_bytes += x.numel() * x.element_size()
+        if self.shm is not None:
+            return self.shm.send(x, self.rank, stage)
         x = x.contiguous()
         self._pending.append((dist.isend(x, dst=self.ranks[stage]), x))
-        self.sent_bytes += x.numel() * x.element_size()
         while len(self._pending) > MAX_PENDING_SENDS:
             self._pending.popleft()[0].wait()
 
@@ -63,6 +91,8 @@ class PipelineComm:
     def recv(self, shape, dtype: torch.dtype, device, stage: int) -> torch.Tensor:
         """The next tensor ``stage`` sent to this rank (shape and dtype known to both sides)."""
         out = torch.empty(shape, dtype=dtype, device=device)
+        if self.shm is not None:
+            return self.shm.recv_into(out, stage, self.rank)
         dist.recv(out, src=self.ranks[stage])
         return out
 

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from lightning_dsinfer.parallel.comm import TensorParallelComm
 from lightning_dsinfer.parallel.pipeline import PipelineComm
-from lightning_dsinfer.parallel.shm import ShmAllReduce, same_host
+from lightning_dsinfer.parallel.shm import ShmAllReduce, ShmChannels, same_host
 from lightning_dsinfer.parallel.topology import Topology
 
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -56,8 +56,10 @@ def new_tensor_parallel_groups(topology: Topology, timeout_s: float = 300.0,
     return comm
 
 
-def new_pipeline_groups(topology: Topology) -> PipelineComm:
-    """Create every pipeline group (all ranks, same order) and return this rank's."""
+def new_pipeline_groups(topology: Topology, timeout_s: float = 300.0, shared_memory: bool = True) -> PipelineComm:
+    """Create every pipeline group (all ranks, same order) and return this rank's.
+
+    On CPU (gloo) with every stage on one host, the messages between stages go through shared memory."""
     if topology.pp == 1:
         return PipelineComm()
     mine = None
@@ -65,7 +67,12 @@ def new_pipeline_groups(topology: Topology) -> PipelineComm:
         group = dist.new_group(ranks)
         if topology.rank in ranks:
             mine = group
-    return PipelineComm(mine, topology.pp, topology.pp_rank, topology.pp_group_ranks)
+    pipe = PipelineComm(mine, topology.pp, topology.pp_rank, topology.pp_group_ranks)
+    shared_memory = shared_memory and os.environ.get("DSINFER_PIPELINE_SHM", "1") != "0"
+    if shared_memory and dist.get_backend(mine) == "gloo" and os.path.isdir("/dev/shm") and same_host(mine):
+        edges = [(s, s + 1) for s in range(topology.pp - 1)] + [(topology.pp - 1, 0)]     # activations; tokens
+        pipe.shm = ShmChannels(mine, topology.pp_rank, topology.pp_group_ranks, edges, timeout_s)
+    return pipe
 
 
 def model_parallel_comms(tp: int, pp: int, device: torch.device, timeout_s: float
@@ -76,7 +83,7 @@ def model_parallel_comms(tp: int, pp: int, device: torch.device, timeout_s: floa
     init_default_group(device, timeout_s)
     topology = Topology(world_size=dist.get_world_size(), rank=dist.get_rank(), tp=tp, pp=pp)
     comm = new_tensor_parallel_groups(topology, timeout_s) if tp > 1 else TensorParallelComm()
-    return comm, new_pipeline_groups(topology)
+    return comm, new_pipeline_groups(topology, timeout_s)
 
 
 def tensor_parallel_comm(tp: int, device: torch.device, timeout_s: float) -> TensorParallelComm:

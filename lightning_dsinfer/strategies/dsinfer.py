@@ -131,7 +131,7 @@ class DSInferStrategy(DDPStrategy):
         self._topology = Topology(world_size=world, rank=self.global_rank, tp=tp, pp=pp)
         self._comm = (new_tensor_parallel_groups(self._topology, self.inference_config.collective_timeout_s)
                       if tp > 1 else TensorParallelComm())
-        self._pipe = new_pipeline_groups(self._topology)
+        self._pipe = new_pipeline_groups(self._topology, self.inference_config.collective_timeout_s)
 
     @property
     @override
