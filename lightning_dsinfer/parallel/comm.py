@@ -16,6 +16,8 @@ def _peer_failure(fn):
     def wrapper(self, *args, **kwargs):
         try:
             return fn(self, *args, **kwargs)
+        except PeerFailureError:          # said already (shared-memory exchanges name the rank that exited)
+            raise
         except RuntimeError as err:   # gloo / NCCL: connection closed, timeout, aborted communicator
             raise PeerFailureError(
                 f"dsinfer: a peer rank of {self.kind} group {self.ranks} failed or did not answer in time "

@@ -6,13 +6,15 @@ Here the ranks of a tensor-parallel group share one mapped file in /dev/shm:
 
     [parity 0 | parity 1] x [tp slots of `capacity` fp32]      data, double-buffered by call parity
     [tp int64]                                                 flags: last call each rank published
+    [tp int64]                                                 each rank's pid
 
 Call ``s``: write my partial into slot (s % 2, rank) as fp32, publish flag = s, wait until every flag is
 >= s, then sum the tp slots in fp32 into the output (all-reduce) or concatenate them (all-gather of the
 vocab-parallel logits). A rank can only reach call s + 2 (same parity) after
 every rank published s + 1, which each does after it finished reading call s: no second barrier.
 x86 keeps stores in order, and each step is a separate torch op, so the flag is seen after the data.
-Waiting gives up after the collective timeout with a :class:`PeerFailureError`.
+Waiting gives up with a :class:`PeerFailureError` when the rank waited for has exited (its pid is looked up every
+50 ms of waiting) or after the collective timeout.
 """
 from __future__ import annotations
 
@@ -37,18 +39,20 @@ class ShmAllReduce:
         dist.broadcast_object_list(names, src=dist.get_global_rank(group, 0), group=group)
         path = names[0]
         data_bytes = 2 * size * capacity * 4
-        total = data_bytes + size * 8
+        total = data_bytes + 2 * size * 8
         if rank == 0:
             with open(path, "wb") as f:
                 f.truncate(total)
         dist.barrier(group=group)
         buf = torch.from_file(path, shared=True, size=total, dtype=torch.uint8)
+        buf[data_bytes:].view(torch.int64)[size + rank] = os.getpid()
         dist.barrier(group=group)
         if rank == 0:
             os.unlink(path)                       # the mappings stay valid; nothing is left behind
         self.data = buf[:data_bytes].view(torch.float32).view(2, size, capacity)
-        self.flags = buf[data_bytes:].view(torch.int64)
-        self._flags = self.flags.numpy()          # numpy view: a flag store / check costs ~1 us, a torch op ~5 us
+        self.flags = buf[data_bytes:].view(torch.int64)       # [flags | pids] (the C exchange finds the pids there)
+        self._flags = self.flags[:size].numpy()   # numpy view: a flag store / check costs ~1 us, a torch op ~5 us
+        self.pids = self.flags[size:].tolist()
         self.step = 0
         self.seconds = 0.0                        # time inside all-reduces (waiting for peers included)
         from lightning_dsinfer.kernels import cpu_gemv
@@ -90,6 +94,10 @@ class ShmAllReduce:
     def _timed_out(self):
         from lightning_dsinfer.parallel.comm import PeerFailureError
 
+        gone = [r for r, pid in enumerate(self.pids) if not _alive(pid)]
+        if gone:
+            raise PeerFailureError(f"dsinfer: a peer rank of the tensor-parallel group (tp rank {gone[0]}, pid "
+                                   f"{self.pids[gone[0]]}) exited before all-reduce #{self.step}; this rank stops too.")
         raise PeerFailureError(
             f"dsinfer: a peer rank of the tensor-parallel group did not reach all-reduce #{self.step} "
             f"within {self.timeout_s:.0f}s (collective_timeout_s); it probably died.")
@@ -102,16 +110,21 @@ class ShmAllReduce:
         slots = self.data[self.step % 2]
         slots[self.rank, :n].copy_(x.reshape(-1))
         self._flags[self.rank] = self.step
-        deadline = None
+        start = checked = None
         spins = 0
         while self._flags.min() < self.step:
             spins += 1
             if spins % 64 == 0:
                 os.sched_yield()
                 now = time.monotonic()
-                deadline = deadline or now + self.timeout_s
-                if now > deadline:
+                start = start or now
+                checked = checked or now
+                if now - start > self.timeout_s:
                     self._timed_out()
+                if now - checked > 0.05:
+                    checked = now
+                    if not all(_alive(pid) for pid in self.pids):
+                        self._timed_out()
         return slots[:, :n]
 
 
