@@ -19,7 +19,8 @@ import torch
 from lightning_dsinfer.kernels import cpu_gemv
 from lightning_dsinfer.modules.linear import DEQUANT_BYTES_PER_WEIGHT, DEQUANT_CHUNK_BYTES, Linear, quantize_rows
 from lightning_dsinfer.modules.moe import MoEMLP
-from lightning_dsinfer.modules.transformer import Attention, DecoderLayer, DecoderModel, GatedMLP, LayerSpec
+from lightning_dsinfer.modules.transformer import (Attention, DecoderLayer, DecoderModel, GatedMLP, LayerSpec,
+                                                  SandwichDecoderLayer)
 from lightning_dsinfer.parallel import TensorParallelComm, TensorShardPlan
 from lightning_dsinfer.policies import ModelWeights
 from lightning_dsinfer.policies.base import LayerWeights
@@ -43,11 +44,20 @@ def _fused_bias(parts, dtype) -> torch.Tensor | None:
                       for ref, rows in parts])
 
 
-def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def norm_weight(ref, dtype: torch.dtype, offset: float = 0.0) -> torch.Tensor:
+    """A norm's scale as the engine's norms take it: the weight in ``dtype``, or with an ``offset`` (Gemma's
+    (1 + w)) ``offset + weight`` kept in fp32: the norms then scale in fp32 and round once, in Gemma's order."""
+    w = ref.load()
+    return w.float() + offset if offset else w.to(dtype)
+
+
+def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype, norm_offset: float = 0.0
+                ) -> dict[str, torch.Tensor]:
     """This rank's tensors of one block, fused and cast, contiguous, on the CPU.
 
     Keys: ``qkv.weight``, ``o.weight``, ``gate_up.weight``, ``down.weight``, ``input_norm``, ``post_norm`` and,
-    where the model has them, ``qkv.bias``, ``o.bias``, ``gate_up.bias``, ``down.bias``, ``q_norm``, ``k_norm``.
+    where the model has them, ``qkv.bias``, ``o.bias``, ``gate_up.bias``, ``down.bias``, ``q_norm``, ``k_norm``,
+    ``attn_out_norm``, ``mlp_out_norm`` (norms hold ``norm_offset + weight``).
     Row-parallel biases (o, down) are held by tp rank 0 only, so they are added once. A MoE layer has, instead of
     the gate/up and down keys, ``moe.router``, ``moe.gate_up`` [E, 2I, H], ``moe.down`` [E, H, I] and maybe the
     shared expert's ``shared.gate_up.weight``, ``shared.down.weight``, ``shared_gate.weight`` (:func:`_shard_moe`).
@@ -60,11 +70,10 @@ def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype) -> 
         "qkv.bias": _fused_bias([(lw.q_bias, q_rows), (lw.k_bias, kv_rows), (lw.v_bias, kv_rows)], dtype),
         "o.weight": lw.o.load(1, *q_rows).to(dtype),
         "o.bias": lw.o_bias.load().to(dtype) if (lw.o_bias is not None and first) else None,
-        "input_norm": lw.input_norm.load().to(dtype),
-        "post_norm": lw.post_norm.load().to(dtype),
-        "q_norm": None if lw.q_norm is None else lw.q_norm.load().to(dtype),
-        "k_norm": None if lw.k_norm is None else lw.k_norm.load().to(dtype),
     }
+    for key in ("input_norm", "post_norm", "q_norm", "k_norm", "attn_out_norm", "mlp_out_norm"):
+        ref = getattr(lw, key)
+        out[key] = None if ref is None else norm_weight(ref, dtype, norm_offset)
     moe = lw.moe
     if moe is None:
         out.update({
@@ -132,15 +141,17 @@ def layer_spec(w: ModelWeights, plan: TensorShardPlan, lw: LayerWeights) -> Laye
     moe = lw.moe
     return LayerSpec(hidden_size=w.hidden_size, num_heads=plan.local_heads, num_kv_heads=plan.local_kv_heads,
                      head_dim=w.head_dim, intermediate_size=plan.mlp_rows[1], rms_norm_eps=w.rms_norm_eps,
-                     scaling=w.scaling, sliding_window=lw.sliding_window,
+                     scaling=w.scaling, sliding_window=lw.sliding_window, mlp_act=w.mlp_act,
+                     attn_softcap=w.attn_softcap,
                      moe_top_k=moe.top_k if moe else 0, moe_renormalize=bool(moe and moe.renormalize),
                      moe_weights_in_dtype=bool(moe and moe.weights_in_dtype),
                      moe_first_expert=expert_range(moe, plan)[0] if moe and moe.expert_parallel else None)
 
 
 # A block's tensors by half: offload streams the attention half (with both norms) and the MLP half as two units.
-ATTENTION_KEYS = ("qkv.weight", "qkv.bias", "o.weight", "o.bias", "input_norm", "post_norm", "q_norm", "k_norm")
-MLP_KEYS = ("gate_up.weight", "gate_up.bias", "down.weight", "down.bias",
+ATTENTION_KEYS = ("qkv.weight", "qkv.bias", "o.weight", "o.bias", "input_norm", "post_norm", "q_norm", "k_norm",
+                  "attn_out_norm")
+MLP_KEYS = ("gate_up.weight", "gate_up.bias", "down.weight", "down.bias", "mlp_out_norm",
             "moe.router", "moe.gate_up", "moe.down", "shared.gate_up.weight", "shared.down.weight", "shared_gate.weight")
 
 
@@ -194,8 +205,8 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
 
     attn = Attention(spec, index, linear("qkv"), linear("o", reduce=reduce, owns_residual=first, row_max=row_max),
                      q_norm=t.get("q_norm"), k_norm=t.get("k_norm")) if "qkv.weight" in t else None
-    mlp = GatedMLP(linear("gate_up"), linear("down", reduce=reduce, owns_residual=first, row_max=row_max)) \
-        if "gate_up.weight" in t else None
+    mlp = GatedMLP(linear("gate_up"), linear("down", reduce=reduce, owns_residual=first, row_max=row_max),
+                   act=spec.mlp_act) if "gate_up.weight" in t else None
     if "moe.router" in t:       # the experts' partial sums are reduced once, in MoEMLP (not in each down)
         shared = GatedMLP(linear("shared.gate_up"), linear("shared.down", row_max=row_max)) \
             if "shared.gate_up.weight" in t else None
@@ -204,6 +215,9 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
         mlp = MoEMLP(t["moe.router"], t["moe.gate_up"], t["moe.down"], spec.moe_top_k, spec.moe_renormalize,
                      spec.moe_weights_in_dtype, shared, shared_gate, reduce=reduce, quantize=quantize,
                      row_max=None if ep else row_max, pack=pack, first_expert=spec.moe_first_expert or 0)
+    if "attn_out_norm" in t or "mlp_out_norm" in t:      # Gemma 2 / 3 (an offloaded half holds one of the two)
+        return SandwichDecoderLayer(attn, mlp, t.get("input_norm"), t.get("post_norm"), spec.rms_norm_eps,
+                                    t.get("attn_out_norm"), t.get("mlp_out_norm"))
     return DecoderLayer(attn, mlp, t.get("input_norm"), t.get("post_norm"), spec.rms_norm_eps)
 
 
@@ -248,7 +262,7 @@ def build_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.device | st
 
     layers = []
     for i, lw in enumerate(w.layers):
-        tensors = {k: dev(v) for k, v in shard_layer(lw, plan, dtype).items()}
+        tensors = {k: v.to(device).contiguous() for k, v in shard_layer(lw, plan, dtype, w.norm_offset).items()}
         layers.append(make_layer(i, tensors, layer_spec(w, plan, lw), comm, quantize=quantize))
         del tensors
     start, real, padded = vocab_rows(w, plan)
@@ -256,9 +270,10 @@ def build_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.device | st
     lm_head = final_norm = None
     if head:
         rows = {k: dev(v) for k, v in head_rows(w, plan, dtype, 0, padded).items()}
-        lm_head, final_norm = Linear(rows["weight"], rows.get("bias")), dev(w.final_norm.load())
+        lm_head = Linear(rows["weight"], rows.get("bias"))
+        final_norm = norm_weight(w.final_norm, dtype, w.norm_offset).to(device)
     return DecoderModel(table, layers, final_norm, w.rms_norm_eps, lm_head, vocab_size=w.vocab_size,
-                        vocab_start=start, comm=comm)
+                        vocab_start=start, comm=comm, embed_scale=w.embed_scale, final_softcap=w.final_softcap)
 
 
 # ---------------------------------------------------------------------- offload (ZeRO-Inference)
@@ -323,7 +338,7 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
         return comm.all_reduce_max(amax.to(device)).cpu()
 
     def halves(lw):      # int8 units: in AMX tile order where the resident engine would use it (any rows, no dequant)
-        parts = split_block(shard_layer(lw, plan, dtype))
+        parts = split_block(shard_layer(lw, plan, dtype, w.norm_offset))
         if not quantize:
             return parts
         meta_parts = any(v.is_meta for h in parts for v in h.values())
@@ -395,7 +410,8 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
     def make(i, tensors):
         return make_layer(i, tensors, specs[i], comm, pack=False, quantize=quantize)
 
-    final_norm = w.final_norm.load().to(device=device, dtype=dtype)
+    final_norm = norm_weight(w.final_norm, dtype, w.norm_offset).to(device)
     decoder = StreamedDecoderModel(streamer, layer_units, head_units, make, rows, final_norm, w.rms_norm_eps,
-                                   w.vocab_size, start, ws.prefill_tokens, comm=comm)
+                                   w.vocab_size, start, ws.prefill_tokens, comm=comm, embed_scale=w.embed_scale,
+                                   final_softcap=w.final_softcap)
     return decoder, ws

@@ -93,7 +93,8 @@ class InferenceEngine:
                 self.decoder, self.working_set = self._build_offloaded(hf_model, weights, source)
                 batch = self.working_set.batch_size
         self.decoder.eval()
-        self.rotary = RotaryTable(weights.inv_freq, weights.attention_scaling, self.max_seq_len, self.dtype, self.device)
+        self.rotary = RotaryTable(weights.inv_freq, weights.attention_scaling, self.max_seq_len, self.dtype, self.device,
+                                  weights.sliding_inv_freq, weights.sliding_attention_scaling)
         local_kv_heads = shard_plan(weights, self.comm).local_kv_heads
         self.cache = StaticKVCache(len(weights.layers), local_kv_heads, weights.head_dim, batch,
                                    self.max_seq_len, self.dtype, self.device)

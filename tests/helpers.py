@@ -40,6 +40,27 @@ def tiny_config(family: str, **overrides):
         from transformers import Phi3Config
 
         cfg = Phi3Config(**{**common, "sliding_window": 7})
+    elif family == "gemma":                # (1 + w) norms, sqrt(H)-scaled embedding, GeGLU (tanh), MQA, tied
+        from transformers import GemmaConfig
+
+        cfg = GemmaConfig(**{**common, "num_key_value_heads": 1, "head_dim": 32})
+    elif family == "gemma2":               # + sandwich norms, soft-capped scores and logits, sliding / full layers
+        from transformers import Gemma2Config
+
+        cfg = Gemma2Config(**{**common, "num_hidden_layers": 3, "head_dim": 32, "sliding_window": 7,
+                              "query_pre_attn_scalar": 24, "attn_logit_softcapping": 5.0,
+                              "final_logit_softcapping": 3.0,
+                              "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]})
+    elif family == "gemma3_text":          # + q/k norms, a rope table of its own for the sliding layers
+        from transformers import Gemma3TextConfig
+
+        cfg = Gemma3TextConfig(**{**common, "num_hidden_layers": 3, "head_dim": 32, "sliding_window": 7,
+                                  "query_pre_attn_scalar": 32,
+                                  "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+                                  "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                         "rope_theta": 100000.0},
+                                                      "sliding_attention": {"rope_type": "default",
+                                                                            "rope_theta": 1000.0}}})
     elif family in GENERIC_FAMILIES:
         from transformers import AutoConfig
 

@@ -51,7 +51,8 @@ def _enabled(engine) -> bool:
         return False
     if not engine.config.cuda_graphs or engine.offload is not None:
         return False
-    return engine.comm.size == 1 and engine.pipe.size == 1
+    # (Gemma 3's second rotary table is not in the captured step)
+    return engine.comm.size == 1 and engine.pipe.size == 1 and engine.rotary.sliding is None
 
 
 def decode_graphs(engine, batch: int, key_valid: torch.Tensor | None, prompt_len: int):

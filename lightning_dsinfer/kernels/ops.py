@@ -225,6 +225,18 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     return kernel(x, weight, eps, residual=residual)
 
 
+def gated_act(gate_up: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    """A gated MLP's activation: SwiGLU (:func:`silu_and_mul`) or GeGLU (``act`` gelu_tanh / gelu:
+    :func:`reference.gated_act`, one kernel on the Triton path)."""
+    if act == "silu":
+        return silu_and_mul(gate_up)
+    if not _triton(gate_up):
+        return reference.gated_act(gate_up, None, act)
+    from lightning_dsinfer.kernels.activations import gated_act as kernel
+    _count("gated_act", "triton")
+    return kernel(gate_up, None, act)
+
+
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """See :func:`reference.silu_and_mul`."""
     if not _triton(gate_up):
@@ -495,8 +507,15 @@ def _same_layout(k: torch.Tensor, v: torch.Tensor):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-              scale: float) -> torch.Tensor:
-    """See :func:`reference.attention`; which masks the kernels take is in the module docstring."""
+              scale: float, softcap: float | None = None) -> torch.Tensor:
+    """See :func:`reference.attention`; which masks the kernels take is in the module docstring. Soft-capped
+    scores (Gemma 2) go to the decode kernel, else to the reference (the prefill kernel and the C decode attention
+    have no cap)."""
+    if softcap is not None:
+        if _triton(q) and q.shape[2] == 1 and q.shape[3] <= 256 and q.shape[1] % k.shape[1] == 0:
+            return _decode(q, k, v, mask, scale, q.shape[0], k.shape[2], softcap)
+        _count("attention", "reference:softcap")
+        return reference.attention(q, k, v, mask, scale, softcap)
     if not _triton(q):
         if q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.shape[2] == 1:
             out = cpu_gemv.decode_attention(q, k, v, mask, scale)   # bf16 decode: one C call
@@ -528,7 +547,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return out.transpose(1, 2)
 
 
-def _decode(q, k, v, mask, scale, b, length):
+def _decode(q, k, v, mask, scale, b, length, softcap=None):
     from lightning_dsinfer.kernels.decode_attention import decode_attention
 
     window = None
@@ -536,21 +555,21 @@ def _decode(q, k, v, mask, scale, b, length):
         kv_start, seq_lens = None, _column(q.device, length).expand(b)
     elif mask.dtype != torch.bool:
         _count("attention", "reference:mask")
-        return reference.attention(q, k, v, mask, scale)
+        return reference.attention(q, k, v, mask, scale, softcap)
     elif id(mask) in _RANGES and _RANGES[id(mask)][0] is mask:
         _, kv_start, seq_lens, window = _RANGES[id(mask)]
     else:
         kind, kv_start = _decode_ranges(mask, b, length)
         if kind != "ok":
             _count("attention", "reference:mask")
-            return reference.attention(q, k, v, mask, scale)
+            return reference.attention(q, k, v, mask, scale, softcap)
         seq_lens = _column(q.device, length).expand(b)
     _count("attention", "triton")
     k, v = _same_layout(k, v)
-    out = decode_attention(q[:, :, 0], k, v, seq_lens, scale, kv_start=kv_start, window=window)
+    out = decode_attention(q[:, :, 0], k, v, seq_lens, scale, kv_start=kv_start, window=window, softcap=softcap)
     return out.unsqueeze(2)
 
 
 __all__ = ["rms_norm", "add_rms_norm", "norm_linear", "fuses_residual", "uses_triton", "rotary_half", "rotary_write_kv",
-           "silu_and_mul", "moe_mlp", "attention", "linear", "linear_int8", "SMALL_GEMM_MAX_M", "force_triton",
+           "silu_and_mul", "gated_act", "moe_mlp", "attention", "linear", "linear_int8", "SMALL_GEMM_MAX_M", "force_triton",
            "gemm_fusion", "kv_ranges", "dispatch_counts"]

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim: ``x / sqrt(mean(x^2) + eps) * weight`` computed in fp32."""
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, weight.shape, weight, eps)
+    """RMSNorm over the last dim: ``x / sqrt(mean(x^2) + eps) * weight`` computed in fp32. An fp32 ``weight`` on
+    lower-precision rows (Gemma's (1 + w)) scales in fp32 and rounds once, as Gemma does."""
+    if x.dtype == torch.float32 or weight.dtype == torch.float32:
+        return F.rms_norm(x.float(), weight.shape, weight.float(), eps).to(x.dtype)
     # HF order: normalise in fp32, cast back, then scale in the input dtype.
     return F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype) * weight
 
@@ -97,15 +98,24 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-              scale: float) -> torch.Tensor:
+              scale: float, softcap: float | None = None) -> torch.Tensor:
     """Scaled dot-product attention with grouped KV heads.
 
     q: [B, Hq, T, D]; k, v: [B, Hkv, L, D]; mask: bool [B, 1, T, L] (True = attend) or None for
-    no masking at all. Returns [B, Hq, T, D].
+    no masking at all. ``softcap`` (Gemma 2): scores -> softcap * tanh(scores / softcap) before the mask, computed
+    in fp32. Returns [B, Hq, T, D].
     """
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     group = hq // hkv
+    if softcap is not None:        # SDPA has no soft-capping: the scores in fp32, each KV head read once
+        qg = q.reshape(b, hkv, group * t, d).float()
+        s = torch.matmul(qg, k.float().transpose(-1, -2)).mul_(scale).div_(softcap).tanh_().mul_(softcap)
+        s = s.view(b, hkv, group, t, -1)
+        if mask is not None:
+            s.masked_fill_(~mask[:, :, None], float("-inf"))
+        p = s.softmax(dim=-1).view(b, hkv, group * t, -1)
+        return torch.matmul(p, v.float()).view(b, hq, t, d).to(q.dtype)
     if t == 1 and group > 1:
         # Decode: fold the query heads of each KV group into the query-length axis, so each KV
         # head is read once and nothing is repeated. The mask is per key only ([B,1,1,L]).

@@ -80,6 +80,8 @@ class CpuDecodeStack:
             if type(ly) is not DecoderLayer or type(ly.attn) is not Attention or type(ly.mlp) is not GatedMLP:
                 return None
             a, m = ly.attn, ly.mlp
+            if m.act != "silu" or a.softcap is not None:     # the C step runs SwiGLU and uncapped attention
+                return None
             if (a.hq, a.hkv, a.d, a.scaling, ly.eps, m.down.in_features, a.o.out_features) != (
                     first.attn.hq, first.attn.hkv, first.attn.d, first.attn.scaling, first.eps,
                     first.mlp.down.in_features, first.attn.o.out_features):
@@ -123,6 +125,7 @@ class CpuDecodeStack:
         b = h.shape[0]
         cache = step.cache
         if (b > MAX_ROWS or b > self.row_limit or cache is None or step.hf_cache is not None or ops.fuses_residual(h)
+                or step.sliding_cos is not None
                 or not h.is_contiguous() or h.shape[2] != self.hidden):
             return False
         if self.shm is not None and b * self.hidden > self.shm.capacity:

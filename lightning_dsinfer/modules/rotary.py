@@ -12,7 +12,8 @@ import torch
 
 class RotaryTable:
     def __init__(self, inv_freq: torch.Tensor, attention_scaling: float, max_seq_len: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", sliding_inv_freq: torch.Tensor | None = None,
+                 sliding_attention_scaling: float = 1.0):
         inv_freq = inv_freq.detach().to(device="cpu", dtype=torch.float32)
         pos = torch.arange(max_seq_len, dtype=torch.float32)
         freqs = pos[:, None] * inv_freq[None, :]                          # [S, R/2], as HF: fp32 (R: rotated dims)
@@ -21,6 +22,9 @@ class RotaryTable:
         self.cos = torch.cat((cos, cos), dim=-1).to(device=device, dtype=dtype)      # [S, R]
         self.sin = torch.cat((-sin, sin), dim=-1).to(device=device, dtype=dtype)     # [S, R], sign of rotate_half
         self.max_seq_len = max_seq_len
+        # Gemma 3: the sliding-window layers' own table (``Step.sliding_cos`` / ``sliding_sin``), or None
+        self.sliding = None if sliding_inv_freq is None else RotaryTable(
+            sliding_inv_freq, sliding_attention_scaling, max_seq_len, dtype, device)
 
     def gather(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B, T] (long) -> cos, sin [B, T, 1, R] (broadcast over heads; R < D: partial rotary)."""

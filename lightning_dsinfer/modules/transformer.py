@@ -39,6 +39,8 @@ class Step:
     start: int = 0                         # ... and the column this step writes at
     hf_cache: Any = None                   # or a transformers Cache (``update(k, v, layer_idx)``)
     q_start: int = 0                       # KV column of the first query (columns of mask / window_mask)
+    sliding_cos: torch.Tensor | None = None  # rotary rows of the sliding-window layers (Gemma 3; None: cos / sin)
+    sliding_sin: torch.Tensor | None = None
 
     def rows(self, a: int, b: int) -> "Step":
         """The step for queries [a, b) of this one (chunked prefill): they write K/V at ``start + a`` and see
@@ -48,8 +50,12 @@ class Step:
         def cut(m):
             return None if m is None else m[:, :, a:b, :end]
 
-        return Step(cos=self.cos[:, a:b], sin=self.sin[:, a:b], mask=cut(self.mask), window_mask=cut(self.window_mask),
-                    cache=self.cache, start=self.start + a, hf_cache=self.hf_cache, q_start=self.q_start + a)
+        def rows(t):
+            return None if t is None else t[:, a:b]
+
+        return Step(cos=rows(self.cos), sin=rows(self.sin), mask=cut(self.mask), window_mask=cut(self.window_mask),
+                    cache=self.cache, start=self.start + a, hf_cache=self.hf_cache, q_start=self.q_start + a,
+                    sliding_cos=rows(self.sliding_cos), sliding_sin=rows(self.sliding_sin))
 
 
 @dataclass
@@ -67,6 +73,8 @@ class LayerSpec:
     moe_renormalize: bool = True           # ... top-k probabilities renormalised, ...
     moe_weights_in_dtype: bool = False     # ... routing weights rounded to the model dtype
     moe_first_expert: int | None = None    # expert parallelism: this rank's first expert (None: experts sliced)
+    mlp_act: str = "silu"                  # gated MLP: silu (SwiGLU) | gelu_tanh / gelu (GeGLU)
+    attn_softcap: float | None = None      # attention scores -> cap * tanh(score / cap) (Gemma 2)
 
 
 class Attention(nn.Module):
@@ -76,6 +84,7 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.hq, self.hkv, self.d = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.scaling, self.eps = spec.scaling, spec.rms_norm_eps
+        self.softcap = spec.attn_softcap
         self.sliding = spec.sliding_window is not None
         self.qkv, self.o = qkv, o
         self.q_norm, self.k_norm = q_norm, k_norm
@@ -92,8 +101,9 @@ class Attention(nn.Module):
         cache = step.cache
         # q / k norms (Qwen3), rotary, and the K/V append to the engine's cache: one op (one kernel on Triton).
         slots = cache.slots(self.layer_idx, b, step.start) if cache is not None else (None, None, 0)
-        q, k, v = ops.rotary_write_kv(qkv, hq, step.cos, step.sin, *slots, q_norm=self.q_norm, k_norm=self.k_norm,
-                                      eps=self.eps)
+        cos, sin = (step.sliding_cos, step.sliding_sin) if self.sliding and step.sliding_cos is not None else \
+            (step.cos, step.sin)
+        q, k, v = ops.rotary_write_kv(qkv, hq, cos, sin, *slots, q_norm=self.q_norm, k_norm=self.k_norm, eps=self.eps)
         if cache is not None:
             keys, values = cache.read(self.layer_idx, b, step.start + t)
         elif step.hf_cache is not None:
@@ -101,18 +111,18 @@ class Attention(nn.Module):
         else:
             keys, values = k.transpose(1, 2), v.transpose(1, 2)
         mask = step.window_mask if (self.sliding and step.window_mask is not None) else step.mask
-        out = ops.attention(q.transpose(1, 2), keys, values, mask, self.scaling)   # [B, Hq, T, D]
+        out = ops.attention(q.transpose(1, 2), keys, values, mask, self.scaling, softcap=self.softcap)   # [B, Hq, T, D]
         out = out.transpose(1, 2).reshape(b, t, hq * d)
         return self.o(out, residual)  # o_proj, with the residual add fused in when given
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, gate_up: Linear, down: Linear):
+    def __init__(self, gate_up: Linear, down: Linear, act: str = "silu"):
         super().__init__()
-        self.gate_up, self.down = gate_up, down
+        self.gate_up, self.down, self.act = gate_up, down, act
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return self.down(ops.silu_and_mul(self.gate_up(x)), residual)
+        return self.down(ops.gated_act(self.gate_up(x), self.act), residual)
 
 
 def _norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):
@@ -143,6 +153,10 @@ class DecoderLayer(nn.Module):
         h = self.attn(x, h, step)   # the residual add in o_proj's GEMM
         return ops.rms_norm(h, self.post_norm, self.eps), h
 
+    def mlp_residual(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The MLP half: ``h + mlp(x)`` for the MLP's normed input x (the add in down_proj's GEMM)."""
+        return self.mlp(x, h)
+
     def run(self, h: torch.Tensor, delta: torch.Tensor | None, step: Step, defer: bool = True):
         """The block on the residual stream ``h + delta`` (delta: the previous block's MLP output not added yet,
         or None). Returns (h, delta) for the next block: on the Triton path with ``defer`` the MLP's output is
@@ -153,13 +167,35 @@ class DecoderLayer(nn.Module):
             # kernel each for decode-sized rows, else the separate fused ops).
             qkv, h = self.attn.qkv.norm_forward(h, delta, self.input_norm, self.eps)
             out = self.attn.from_qkv(qkv, None, step)
-            if isinstance(self.mlp, GatedMLP):
+            if isinstance(self.mlp, GatedMLP) and self.mlp.act == "silu":
                 act, h = self.mlp.gate_up.norm_forward(h, out, self.post_norm, self.eps, gated=True)
                 return h, self.mlp.down(act)
             x, h = ops.add_rms_norm(out, h, self.post_norm, self.eps)
             return h, self.mlp(x)
         x, h = self.attend(h, delta, step)
         return self.mlp(x, h), None
+
+
+class SandwichDecoderLayer(DecoderLayer):
+    """Gemma 2 / 3 block: h = h + norm_a(attn(norm1(h))); h = h + norm_m(mlp(norm2(h))): the attention's and the MLP's
+    outputs are normed before their residual adds (``attn_out_norm``, ``mlp_out_norm``), so the adds stay outside the
+    GEMMs and nothing is deferred to the next norm. An offloaded half holds one of the two."""
+
+    def __init__(self, attn, mlp, input_norm, post_norm, eps, attn_out_norm, mlp_out_norm):
+        super().__init__(attn, mlp, input_norm, post_norm, eps)
+        self.attn_out_norm, self.mlp_out_norm = attn_out_norm, mlp_out_norm
+
+    def attend(self, h: torch.Tensor, delta: torch.Tensor | None, step: Step):
+        x, h = _norm(h, delta, self.input_norm, self.eps)
+        h = h + ops.rms_norm(self.attn(x, None, step), self.attn_out_norm, self.eps)
+        return ops.rms_norm(h, self.post_norm, self.eps), h
+
+    def mlp_residual(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return h + ops.rms_norm(self.mlp(x), self.mlp_out_norm, self.eps)
+
+    def run(self, h: torch.Tensor, delta: torch.Tensor | None, step: Step, defer: bool = True):
+        x, h = self.attend(h, delta, step)
+        return self.mlp_residual(x, h), None
 
 
 class DecoderModel(nn.Module):
@@ -174,8 +210,10 @@ class DecoderModel(nn.Module):
     """
 
     def __init__(self, embed: torch.Tensor | None, layers: list[DecoderLayer], final_norm: torch.Tensor | None,
-                 eps: float, lm_head: Linear | None, vocab_size: int, vocab_start: int = 0, comm=None):
+                 eps: float, lm_head: Linear | None, vocab_size: int, vocab_start: int = 0, comm=None,
+                 embed_scale: float | None = None, final_softcap: float | None = None):
         super().__init__()
+        self.embed_scale, self.final_softcap = embed_scale, final_softcap     # Gemma
         self.embed = embed
         self.layers = nn.ModuleList(layers)
         self.final_norm, self.eps = final_norm, eps
@@ -195,12 +233,16 @@ class DecoderModel(nn.Module):
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         if not self.sharded_vocab:
-            return self.lookup(input_ids)
-        local = input_ids - self.vocab_start
-        outside = (local < 0) | (local >= self.embed_rows)
-        h = self.lookup(local.masked_fill(outside, 0))
-        h.masked_fill_(outside.unsqueeze(-1), 0)
-        return self.comm.all_reduce(h)
+            h = self.lookup(input_ids)
+        else:
+            local = input_ids - self.vocab_start
+            outside = (local < 0) | (local >= self.embed_rows)
+            h = self.lookup(local.masked_fill(outside, 0))
+            h.masked_fill_(outside.unsqueeze(-1), 0)
+            h = self.comm.all_reduce(h)
+        if self.embed_scale is not None:     # Gemma: the scale rounded to the dtype first, as HF does
+            h = h * torch.tensor(self.embed_scale, dtype=h.dtype)
+        return h
 
     def hidden(self, h: torch.Tensor, step: Step) -> torch.Tensor:
         """Run all blocks and the final norm on embeddings h [B, T, H] (a pipeline stage before the last: the
@@ -227,8 +269,15 @@ class DecoderModel(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         if not self.sharded_vocab:
-            return self.lm_head(h)
-        return self.comm.all_gather_last(self.lm_head(h))[..., :self.vocab_size]
+            return self.soft_cap(self.lm_head(h))
+        return self.soft_cap(self.comm.all_gather_last(self.lm_head(h))[..., :self.vocab_size])
+
+    def soft_cap(self, logits: torch.Tensor) -> torch.Tensor:
+        """Gemma 2: ``cap * tanh(logits / cap)`` in the logits' dtype (HF's three steps); else the logits."""
+        cap = self.final_softcap
+        if cap is None:
+            return logits
+        return torch.tanh(logits / cap) * cap
 
     @property
     def weight_bytes_per_token(self) -> int:

@@ -14,6 +14,8 @@ Embedding rows come from a :class:`RowTable`: resident (host tier) or read row b
 """
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import weakref
 from typing import Callable
@@ -87,8 +89,10 @@ class ScratchKV:
 class StreamedDecoderModel(DecoderModel):
     def __init__(self, streamer: UnitStreamer, layer_units: list[tuple[int, int]], head_units: list[int],
                  make_layer: Callable[[int, dict], DecoderLayer], rows, final_norm: torch.Tensor, eps: float,
-                 vocab_size: int, vocab_start: int, prefill_tokens: int, comm=None):
+                 vocab_size: int, vocab_start: int, prefill_tokens: int, comm=None, embed_scale: float | None = None,
+                 final_softcap: float | None = None):
         nn.Module.__init__(self)
+        self.embed_scale, self.final_softcap = embed_scale, final_softcap
         self.streamer = streamer
         self.layer_units, self.head_units = layer_units, head_units
         self.make_layer = make_layer
@@ -127,8 +131,7 @@ class StreamedDecoderModel(DecoderModel):
                 if steps is None:
                     if scratch:   # its chunks' K/V go to a one-block buffer (the layers know the local KV heads)
                         kv = ScratchKV(h.shape[0], half.attn.hkv, h.shape[1], half.attn.d, h.dtype, h.device)
-                        step = Step(cos=step.cos, sin=step.sin, mask=step.mask, window_mask=step.window_mask,
-                                    cache=kv, start=step.q_start, q_start=step.q_start)
+                        step = dataclasses.replace(step, cache=kv, start=step.q_start)
                     steps = [step if len(chunks) == 1 else step.rows(a, b) for a, b in chunks]
                 if len(chunks) == 1:
                     x, h = half.attend(h, None, step)
@@ -143,11 +146,11 @@ class StreamedDecoderModel(DecoderModel):
             half = self.make_layer(i, self.streamer.acquire(mlp_unit))
             try:
                 if len(chunks) == 1:
-                    h = half.mlp(x, h)
+                    h = half.mlp_residual(x, h)
                 else:
                     out = torch.empty_like(h)
                     for a, b in chunks:   # contiguous rows: F.linear on a strided 3-D input copies the weight
-                        out[:, a:b] = half.mlp(x[:, a:b].contiguous(), h[:, a:b].contiguous())
+                        out[:, a:b] = half.mlp_residual(x[:, a:b].contiguous(), h[:, a:b].contiguous())
                     h = out
             finally:
                 del half, x
@@ -163,9 +166,9 @@ class StreamedDecoderModel(DecoderModel):
             finally:
                 self.streamer.release()
         logits = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
-        if not self.sharded_vocab:
-            return logits[..., :self.vocab_size]
-        return self.comm.all_gather_last(logits)[..., :self.vocab_size]
+        if self.sharded_vocab:
+            logits = self.comm.all_gather_last(logits)
+        return self.soft_cap(logits[..., :self.vocab_size])
 
     @property
     def weight_bytes_per_token(self) -> int:

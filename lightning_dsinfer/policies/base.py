@@ -56,6 +56,10 @@ class LayerWeights:
     k_norm: WeightRef | None = None
     sliding_window: int | None = None
     moe: MoEWeights | None = None
+    # Gemma 2 / 3 "sandwich" norms: on the attention's and the MLP's output, before each residual add (``post_norm``
+    # is then the MLP's input norm, HF's pre_feedforward_layernorm)
+    attn_out_norm: WeightRef | None = None
+    mlp_out_norm: WeightRef | None = None
 
 
 @dataclass
@@ -78,3 +82,13 @@ class ModelWeights:
     lm_head_bias: WeightRef | None
     tied_embeddings: bool
     layers: list[LayerWeights] = field(default_factory=list)
+    # Gemma: every RMSNorm scales by (norm_offset + weight), the embedding rows by embed_scale (rounded to the
+    # dtype), attention scores and final logits are soft-capped (cap * tanh(x / cap)), the MLP is GeGLU
+    norm_offset: float = 0.0
+    embed_scale: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    mlp_act: str = "silu"                  # gated MLP activation: silu | gelu_tanh | gelu
+    # Gemma 3: sliding-window layers rotate with a table of their own (None: every layer uses inv_freq)
+    sliding_inv_freq: torch.Tensor | None = None
+    sliding_attention_scaling: float = 1.0

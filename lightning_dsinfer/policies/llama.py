@@ -1,12 +1,15 @@
-"""The Llama family (llama, mistral, qwen2, qwen3, phi3 and the MoE ones: mixtral, qwen2_moe, qwen3_moe): one table,
-one reader.
+"""The Llama family (llama, mistral, qwen2, qwen3, phi3, the MoE ones: mixtral, qwen2_moe, qwen3_moe, and the Gemma
+ones: gemma, gemma2, gemma3_text): one table, one reader.
 
 All share the module tree ``model.model.{embed_tokens, layers[i].{self_attn.{q,k,v,o}_proj,
 mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm}, norm, rotary_emb}`` and
 ``model.lm_head``; the table records only what differs (Phi-3 packs q|k|v into ``qkv_proj`` and gate|up into
 ``gate_up_proj``: read as row ranges). In a MoE layer ``mlp`` is a sparse block:
 ``mlp.gate.weight`` (router) and ``mlp.experts.{gate_up_proj, down_proj}`` (3D, transformers 5), plus Qwen2-MoE's
-``mlp.shared_expert.{gate,up,down}_proj`` and ``mlp.shared_expert_gate``.
+``mlp.shared_expert.{gate,up,down}_proj`` and ``mlp.shared_expert_gate``. Gemma adds (1 + w) norms, a scaled
+embedding and GeGLU; Gemma 2 norms on the attention's and the MLP's outputs (``pre_feedforward_layernorm`` is the MLP's
+input norm) and soft-capped attention scores and logits; Gemma 3 q/k norms and a rope table of its own for the
+sliding-window layers.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ class FamilyTraits:
     moe: str = "none"               # "none" | "mixtral" (every layer sparse) | "qwen" (sparse every
                                     # decoder_sparse_step layers, except mlp_only_layers; shared expert if any)
     packed: bool = False            # Phi-3: self_attn.qkv_proj (q | k | v rows) and mlp.gate_up_proj (gate | up)
+    gemma: int = 0                  # Gemma generation (see the module docstring)
 
 
 FAMILY: dict[str, FamilyTraits] = {
@@ -37,7 +41,13 @@ FAMILY: dict[str, FamilyTraits] = {
     "qwen2_moe": FamilyTraits(sliding_from="layer_types", moe="qwen"),
     "qwen3_moe": FamilyTraits(qk_norm=True, sliding_from="config", moe="qwen"),
     "phi3": FamilyTraits(sliding_from="config", packed=True),
+    "gemma": FamilyTraits(gemma=1),
+    "gemma2": FamilyTraits(sliding_from="layer_types", gemma=2),
+    "gemma3_text": FamilyTraits(qk_norm=True, sliding_from="layer_types", gemma=3),
 }
+
+# transformers' activation names -> the gated MLP's (``reference.gated_act``)
+_GATED_ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
 
 def has_experts(model_type: str | None) -> bool:
@@ -108,26 +118,37 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
     """Name every weight by role (as lazy refs into ``source``; default: the model's own tensors)."""
     config = model.config
     traits = FAMILY[config.model_type]
-    act = getattr(config, "hidden_act", "silu")
-    if act not in ("silu", "swish"):
+    act_name = "hidden_activation" if traits.gemma >= 2 else "hidden_act"
+    act = getattr(config, act_name, None) or getattr(config, "hidden_act", "silu")
+    if act not in _GATED_ACTS:
         raise UnsupportedModelError(
-            f"{config.model_type} with hidden_act={act!r} is not supported (the fused MLP is SwiGLU: 'silu').")
+            f"{config.model_type} with {act_name}={act!r} is not supported (the fused gated MLP takes "
+            f"{', '.join(sorted(_GATED_ACTS))}).")
     source = source or ModuleSource(model)
     base = model.model
     with torch.device("cpu"):     # frequencies are computed, not loaded: rebuild them even for a meta model
         rotary = type(base.rotary_emb)(config=config)
-    rope_type = getattr(rotary, "rope_type", "default")
-    if rope_type in _LENGTH_DEPENDENT_ROPE:
-        original = getattr(rotary, "original_max_seq_len", config.max_position_embeddings)
-        if rope_type == "dynamic" or max_seq_len > original:
-            raise UnsupportedModelError(
-                f"rope_type={rope_type!r} changes its frequencies with the running sequence length, which the "
-                f"static rotary table does not model (max_seq_len={max_seq_len}, original context {original}). "
-                f"Supported rope types: default, linear, llama3, yarn, and longrope up to the original context.")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    if not 0 < rotary.inv_freq.numel() * 2 <= head_dim:
-        raise UnsupportedModelError(
-            f"{config.model_type} has {rotary.inv_freq.numel()} rotary frequencies for a head dim of {head_dim}.")
+    # (inv_freq, attention scaling, rope type) of every layer, and of the sliding-window layers (Gemma 3)
+    if traits.gemma == 3:
+        ropes = {kind: (getattr(rotary, f"{kind}_inv_freq"), float(getattr(rotary, f"{kind}_attention_scaling")),
+                        rotary.rope_type[kind]) for kind in rotary.rope_type}
+        main = ropes["full_attention"] if "full_attention" in ropes else ropes["sliding_attention"]
+        sliding = ropes.get("sliding_attention")
+    else:
+        main = (rotary.inv_freq, float(rotary.attention_scaling), getattr(rotary, "rope_type", "default"))
+        sliding = None
+    for inv_freq, _, rope_type in [main] + ([sliding] if sliding else []):
+        if rope_type in _LENGTH_DEPENDENT_ROPE:
+            original = getattr(rotary, "original_max_seq_len", config.max_position_embeddings)
+            if rope_type == "dynamic" or max_seq_len > original:
+                raise UnsupportedModelError(
+                    f"rope_type={rope_type!r} changes its frequencies with the running sequence length, which the "
+                    f"static rotary table does not model (max_seq_len={max_seq_len}, original context {original}). "
+                    f"Supported rope types: default, linear, llama3, yarn, and longrope up to the original context.")
+        if not 0 < inv_freq.numel() * 2 <= head_dim:
+            raise UnsupportedModelError(
+                f"{config.model_type} has {inv_freq.numel()} rotary frequencies for a head dim of {head_dim}.")
     names = set(dict(model.named_parameters(remove_duplicate=False)))
     if traits.packed:     # q / k / v and gate / up as row ranges of the packed tensors, each read on its own
         source = _packed_slices(source, config, head_dim)
@@ -155,6 +176,8 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
                 shared_down=ref(f"{m}.shared_expert.down_proj.weight") if shared else None,
                 shared_expert_gate=opt(f"{m}.shared_expert_gate.weight"))
         dense = moe is None
+        norm = f"model.layers.{i}"
+        sandwich = f"{norm}.pre_feedforward_layernorm.weight" in names       # Gemma 2 / 3
         layers.append(LayerWeights(
             q=ref(f"{a}.q_proj.weight"), k=ref(f"{a}.k_proj.weight"), v=ref(f"{a}.v_proj.weight"),
             o=ref(f"{a}.o_proj.weight"),
@@ -163,8 +186,11 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
             gate=ref(f"{m}.gate_proj.weight") if dense else None, up=ref(f"{m}.up_proj.weight") if dense else None,
             down=ref(f"{m}.down_proj.weight") if dense else None,
             gate_bias=opt(f"{m}.gate_proj.bias"), up_bias=opt(f"{m}.up_proj.bias"), down_bias=opt(f"{m}.down_proj.bias"),
-            input_norm=ref(f"model.layers.{i}.input_layernorm.weight"),
-            post_norm=ref(f"model.layers.{i}.post_attention_layernorm.weight"),
+            input_norm=ref(f"{norm}.input_layernorm.weight"),
+            post_norm=ref(f"{norm}.pre_feedforward_layernorm.weight" if sandwich else
+                          f"{norm}.post_attention_layernorm.weight"),
+            attn_out_norm=ref(f"{norm}.post_attention_layernorm.weight") if sandwich else None,
+            mlp_out_norm=ref(f"{norm}.post_feedforward_layernorm.weight") if sandwich else None,
             q_norm=ref(f"{a}.q_norm.weight") if traits.qk_norm else None,
             k_norm=ref(f"{a}.k_norm.weight") if traits.qk_norm else None,
             sliding_window=_sliding_window(config, traits, i), moe=moe,
@@ -175,8 +201,14 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
         num_kv_heads=config.num_key_value_heads, head_dim=head_dim, intermediate_size=config.intermediate_size,
         vocab_size=config.vocab_size, rms_norm_eps=config.rms_norm_eps,
         scaling=getattr(base.layers[0].self_attn, "scaling", head_dim ** -0.5),
-        inv_freq=rotary.inv_freq.detach(), attention_scaling=float(rotary.attention_scaling), rope_type=rope_type,
+        inv_freq=main[0].detach(), attention_scaling=main[1], rope_type=main[2],
         embed=ref("model.embed_tokens.weight"), final_norm=ref("model.norm.weight"),
         lm_head=ref("model.embed_tokens.weight" if tied else "lm_head.weight"), lm_head_bias=opt("lm_head.bias"),
         tied_embeddings=tied, layers=layers,
+        norm_offset=1.0 if traits.gemma else 0.0, embed_scale=config.hidden_size ** 0.5 if traits.gemma else None,
+        attn_softcap=getattr(config, "attn_logit_softcapping", None) if traits.gemma else None,
+        final_softcap=getattr(config, "final_logit_softcapping", None) if traits.gemma else None,
+        mlp_act=_GATED_ACTS[act],
+        sliding_inv_freq=sliding[0].detach() if sliding and sliding is not main else None,
+        sliding_attention_scaling=sliding[1] if sliding else 1.0,
     )

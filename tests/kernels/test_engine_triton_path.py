@@ -93,6 +93,29 @@ def test_engine_through_triton_matches_hf(family, overrides, monkeypatch):
         _assert_fused(small=4, large=2)
 
 
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text"])
+def test_gemma_through_triton_matches_hf(family, monkeypatch):
+    """Gemma on the Triton path: (1 + w) norms held in fp32 in the norm kernels and the GEMM prologues, GeGLU
+    (``gated_act``), the sandwich norms of Gemma 2 / 3, soft-capped scores in the decode-attention kernel (Gemma 2;
+    its prompts go to the reference, the prefill kernel has no cap), Gemma 3's second rotary table for the sliding
+    layers: fp32 logits and greedy tokens as HF's."""
+    monkeypatch.setenv("DSINFER_CUDA_GRAPHS", "0")
+    hf = tiny_model(family).to(DEVICE)
+    opt = optimised_copy(hf, max_seq_len=32)
+    ids, mask = (x.to(DEVICE) for x in padded_batch([12, 5, 9]))
+    ref_logits, ref_tokens, logits, tokens = _hf_and_triton_path(hf, opt, (ids, mask), (ids, mask))
+    valid = mask.bool()
+    torch.testing.assert_close(logits[valid], ref_logits[valid], atol=ATOL, rtol=RTOL)
+    assert torch.equal(tokens, ref_tokens)
+    layers = len(opt._dsinfer_engine.decoder.layers)
+    counts = dict(ops.dispatch_counts)
+    assert counts[("gated_act", "triton")] == 6 * layers and counts[("rotary_write_kv", "triton")] == 6 * layers
+    capped = hf.config.attn_logit_softcapping is not None if family != "gemma" else False
+    # decode steps' attention in the kernel (capped too); prompts' in the prefill kernel, or the reference when capped
+    assert counts[("attention", "triton")] == (4 if capped else 6) * layers, counts
+    assert _fallbacks() == ({("attention", "reference:softcap"): 2 * layers} if capped else {}), _fallbacks()
+
+
 @pytest.mark.parametrize("family", ["llama", "mixtral", "qwen2_moe"])
 def test_int8_through_triton_matches_fake_quantised_hf(family, monkeypatch):
     """quantize="int8" on the Triton path (built under the forced dispatch on a CPU, as on CUDA): llama's block linears
