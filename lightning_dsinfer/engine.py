@@ -67,9 +67,12 @@ class InferenceEngine:
         self.dtype = config.dtype or _model_dtype(hf_model)
         context = getattr(hf_config, "max_position_embeddings", None) or DEFAULT_MAX_SEQ_LEN
         self.max_seq_len = config.max_seq_len or min(context, DEFAULT_MAX_SEQ_LEN)
-        if comm is None:
+        if comm is None and pipe is None:
             comm, pipe = model_parallel_comms(config.tensor_parallel_size, config.pipeline_parallel_size, self.device,
                                               config.collective_timeout_s)
+        elif comm is None or (pipe is None and config.pipeline_parallel_size > 1):
+            raise ValueError("dsinfer: pass both comm= and pipe= (the tensor-parallel and pipeline groups, e.g. from "
+                             "process_groups.model_parallel_comms), or neither (init_inference then creates them).")
         self.comm, self.pipe = comm, pipe if pipe is not None else PipelineComm()
         if self.pipe.size != config.pipeline_parallel_size:
             raise ValueError(f"pipeline_parallel_size={config.pipeline_parallel_size} but the pipeline group passed "
@@ -80,7 +83,7 @@ class InferenceEngine:
         if len(self.windows) > 1:
             raise ValueError(f"layers use different sliding windows {self.windows}; one window per model is supported.")
         self.sliding_window = self.windows[0] if self.windows else None
-        self.layer_range = _stage_range(weights, self.pipe, config)        # this pipeline stage's blocks
+        self.layer_range = _stage_range(weights, self.pipe, self.dtype, config.quantize)   # this stage's blocks
         weights.layers = weights.layers[slice(*self.layer_range)]
         self.working_set = None             # offload: what is resident, and the batch size it leaves room for
         self.offload = self._choose_offload(hf_model, weights)       # config.offload, "auto" resolved
@@ -135,6 +138,12 @@ class InferenceEngine:
                    f"{' (block linears int8)' if config.quantize else ''}"
                    f"{' (this rank of ' + str(self.comm.size) + ')' if self.comm.size > 1 else ''} and the KV "
                    f"cache {cache_bytes / gib:.2f} GiB, but {self.device} has {free / gib:.2f} GiB free")
+        if config.offload is None and choice is not None and self.pipe.size > 1:
+            raise ValueError(
+                f"dsinfer: the model does not fit without offload: {numbers} (about a stage's share: this "
+                f"stage's blocks and its embedding or lm_head may weigh more). Use more stages "
+                f"(pipeline_parallel_size) or tensor_parallel_size > 1, or lower max_seq_len / max_batch_size "
+                f"(offload does not combine with pipeline parallelism yet).")
         if config.offload is None and choice is not None:
             raise ValueError(
                 f"dsinfer: the model does not fit without offload: {numbers}. Pass offload='auto' (or "
@@ -216,9 +225,9 @@ class InferenceEngine:
             keep = slice(-keep, None) if keep > 0 else slice(None)
         if pipe.is_last:
             logits = self.decoder.logits(h[:, keep])
-        else:
-            kept = torch.empty(t)[keep].shape[0]
-            logits = torch.empty(b, kept, self.vocab_size, dtype=self.dtype, device=self.device)
+        else:   # the shape the last stage's logits will have (a 0-dim index tensor drops the token dim, as in HF)
+            rows = torch.empty(b, t, device=keep.device if isinstance(keep, torch.Tensor) else "cpu")[:, keep].shape
+            logits = torch.empty(*rows, self.vocab_size, dtype=self.dtype, device=self.device)
         if pipe.size > 1:
             logits = pipe.broadcast_(logits.contiguous(), pipe.size - 1)
             pipe.flush()
@@ -229,15 +238,16 @@ _BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
                   "gate_up_proj")      # (Phi-3 packs the last two)
 
 
-def _stage_range(weights, pipe: PipelineComm, config: InferenceConfig) -> tuple[int, int]:
-    """The blocks of this pipeline stage, balanced by what each stage reads per decode step: every block's weights,
-    and the lm_head on the last stage (in ``dtype`` also when the blocks' linears are int8)."""
+def _stage_range(weights, pipe: PipelineComm, dtype: torch.dtype, quantize: str | None) -> tuple[int, int]:
+    """The blocks of this pipeline stage, balanced by the bytes each stage reads per decode step: every block's
+    weights (int8 with ``quantize``; a MoE layer's experts all counted, as a prompt reads them), and the lm_head, in
+    ``dtype``, on the last stage."""
     def numel(ref):
         return math.prod(ref.shape)
 
-    costs = [sum(numel(r) for r in refs(lw)) for lw in weights.layers]
-    head = numel(weights.lm_head) * (2 if config.quantize else 1)
-    return stage_layers(costs, pipe.size, pipe.rank, head_cost=head)
+    block = 1 if quantize else dtype.itemsize
+    costs = [sum(numel(r) for r in refs(lw)) * block for lw in weights.layers]
+    return stage_layers(costs, pipe.size, pipe.rank, head_cost=numel(weights.lm_head) * dtype.itemsize)
 
 
 def _place_experts(weights, config: InferenceConfig):

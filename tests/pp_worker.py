@@ -36,7 +36,20 @@ def main():
     p.add_argument("--checkpoint", default=None, help="a folder holding <family>/: the model goes in on meta")
     p.add_argument("--quantize", choices=["int8"], default=None)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--full-shm", action="store_true",
+                   help="/dev/shm has no room (posix_fallocate fails): the stages must talk through gloo, with a warning")
     args = p.parse_args()
+    if args.full_shm:
+        import errno
+        import warnings
+
+        import lightning_dsinfer.parallel.shm as shm
+
+        def full(fd, offset, length):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        shm.os.posix_fallocate = full
+        warnings.simplefilter("error", UserWarning)     # the warning must come: turned into an error, caught below
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     dtype = getattr(torch, args.dtype)
@@ -49,8 +62,17 @@ def main():
 
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(hf.config)
-        opt = dsi.init_inference(model, tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, max_seq_len=160,
-                                 collective_timeout_s=60, quantize=args.quantize, dtype=dtype, **source)
+        options = dict(tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, max_seq_len=160,
+                       collective_timeout_s=60, quantize=args.quantize, dtype=dtype, **source)
+        if args.full_shm:
+            import pytest
+
+            with pytest.warns(UserWarning, match="pipeline stages go through the process group"):
+                opt = dsi.init_inference(model, **options)
+            assert opt._dsinfer_engine.pipe.shm is None
+        else:
+            opt = dsi.init_inference(model, **options)
+            assert opt._dsinfer_engine.pipe.shm is not None      # (one host, gloo: shared-memory rings)
         engine = opt._dsinfer_engine
         stage = (rank // args.tp) % args.pp
         n_layers = hf.config.num_hidden_layers
@@ -75,6 +97,11 @@ def main():
         results["logits"] = err < tol
         results["logits_to_keep"] = got.shape == ref.shape and torch.allclose(
             opt(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits.float(), ref_last.float(), atol=tol)
+        for keep in (torch.tensor([7, 9, 11]), torch.tensor(11)):   # index tensors (real tokens in every row): 1-D, 0-dim
+            want_keep = ref[:, keep]
+            have_keep = opt(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+            results["logits_to_keep"] &= have_keep.shape == want_keep.shape and torch.allclose(
+                have_keep.float(), want_keep.float(), atol=tol)
 
         def same(**gen):
             batch = gen.pop("batch", (ids, mask))

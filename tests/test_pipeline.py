@@ -47,6 +47,12 @@ def test_pipeline_int8_and_bf16():
     _run(2, ["--pp", "2", "--dtype", "bfloat16", "--families", "llama", "qwen3"])
 
 
+def test_pipeline_without_room_in_dev_shm_talks_through_gloo():
+    """/dev/shm cannot hold the rings (posix_fallocate fails, as on a docker default of 64 MiB with many groups): a
+    warning naming the fix, and the stages talk through gloo with the same results."""
+    _run(2, ["--pp", "2", "--full-shm", "--families", "llama"])
+
+
 def test_pipeline_from_checkpoint_on_meta(tmp_path):
     """A model built on meta: each stage reads its own blocks from the safetensors folder (peak memory per stage:
     tests/test_sharded_loading_memory.py)."""

@@ -24,6 +24,7 @@
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
+#include <errno.h>
 #include <stdio.h>
 #include <string.h>
 #include <sched.h>
@@ -813,13 +814,14 @@ void dsi_head_norms_bf16(void* qkv, int64_t tokens, int64_t hq, int64_t hkv, int
     }
 }
 
-// Whether process `pid` of this host still runs (not gone, not a zombie); pid <= 0: not known, taken as running.
+// Whether process `pid` of this host still runs (not gone, not a zombie); pid <= 0: not known, taken as running, as
+// is a /proc entry that cannot be opened for another reason than its absence.
 static int pid_alive(int64_t pid) {
     if (pid <= 0) return 1;
     char path[64];
     snprintf(path, sizeof path, "/proc/%lld/stat", static_cast<long long>(pid));
     FILE* f = fopen(path, "r");
-    if (f == nullptr) return 0;
+    if (f == nullptr) return errno != ENOENT;
     char buf[512];
     const size_t n = fread(buf, 1, sizeof buf - 1, f);
     fclose(f);

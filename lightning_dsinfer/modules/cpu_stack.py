@@ -61,7 +61,7 @@ class CpuDecodeStack:
             t.input_norm, t.post_norm = ly.input_norm.data_ptr(), ly.post_norm.data_ptr()
             t.q_norm, t.k_norm = _ptr(ly.attn.q_norm), _ptr(ly.attn.k_norm)
             t.sliding = int(ly.attn.sliding)
-        self._cache_key = None
+        self._bound: dict[tuple, ctypes.Array] = {}   # the table with each KV cache's pointers filled in
         self._fn = cpu_gemv.decode_stack_fn()
 
     @classmethod
@@ -140,22 +140,32 @@ class CpuDecodeStack:
         return all(m is None or (m.dtype == torch.bool and m.dim() == 4 and m.shape[1:] == (1, 1, length)
                                  and m.shape[0] in (1, b)) for m in (step.mask, step.window_mask))
 
-    def _bind_cache(self, cache) -> None:
-        key = (id(cache), cache.k[0].data_ptr(), cache.max_batch_size)
-        if key == self._cache_key:
-            return
-        for i, ly in enumerate(self.layers):
-            k, v = cache.k[ly.attn.layer_idx], cache.v[ly.attn.layer_idx]
+    MAX_BOUND = 8      # tables kept (a pipeline's row groups each bring their view of the cache)
+
+    def _bind_cache(self, cache) -> ctypes.Array:
+        """The table pointing at ``cache``'s K/V tensors (every layer's pointers and strides are the key, so a cache
+        re-allocated in place, or another row view of it, gets its own)."""
+        kv = [(cache.k[ly.attn.layer_idx], cache.v[ly.attn.layer_idx]) for ly in self.layers]
+        key = tuple((k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1)) for k, v in kv)
+        table = self._bound.get(key)
+        if table is not None:
+            return table
+        table = type(self.table)()
+        ctypes.memmove(ctypes.addressof(table), ctypes.addressof(self.table), ctypes.sizeof(table))
+        for i, (k, v) in enumerate(kv):
             if k.stride() != v.stride() or k.stride(2) != self.shape.head_dim or k.stride(3) != 1:
                 raise RuntimeError("dsinfer: KV cache layout is not [B, Hkv, S, D] contiguous")
-            t = self.table[i]
+            t = table[i]
             t.k_cache, t.v_cache, t.cb, t.ch = k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1)
-        self._cache_key = key
+        if len(self._bound) >= self.MAX_BOUND:
+            self._bound.pop(next(iter(self._bound)))
+        self._bound[key] = table
+        return table
 
     def __call__(self, h: torch.Tensor, step) -> torch.Tensor:
         """The residual stream after every block (the final norm is the caller's), for a step :meth:`applies`
         accepted. ``h`` is not modified."""
-        self._bind_cache(step.cache)
+        table = self._bind_cache(step.cache)
         b = h.shape[0]
         out = h.clone()
 
@@ -168,7 +178,7 @@ class CpuDecodeStack:
         self.shape.isa = cpu_gemv.best_isa_code()
         shm_step = ctypes.c_int64(0 if self.shm is None else self.shm.step)
         seconds = ctypes.c_double(0.0)
-        rc = self._fn(ctypes.byref(self.shape), ctypes.byref(self.table), out.data_ptr(), b, step.cos.data_ptr(),
+        rc = self._fn(ctypes.byref(self.shape), ctypes.byref(table), out.data_ptr(), b, step.cos.data_ptr(),
                       step.sin.data_ptr(), step.start, *mask_args(step.mask), *mask_args(step.window_mask),
                       ctypes.byref(shm_step), ctypes.byref(seconds))
         if self.shm is not None:

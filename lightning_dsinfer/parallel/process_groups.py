@@ -12,7 +12,8 @@ import torch.distributed as dist
 
 from lightning_dsinfer.parallel.comm import TensorParallelComm
 from lightning_dsinfer.parallel.pipeline import PipelineComm
-from lightning_dsinfer.parallel.shm import ShmAllReduce, ShmChannels, same_host
+from lightning_dsinfer.parallel.shm import (X86, SharedMemoryUnavailable, ShmAllReduce, ShmChannels, same_host,
+                                            warn_unavailable)
 from lightning_dsinfer.parallel.topology import Topology
 
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -52,7 +53,14 @@ def new_tensor_parallel_groups(topology: Topology, timeout_s: float = 300.0,
     comm = TensorParallelComm(mine, topology.tp, topology.tp_rank, src=topology.tp_group_ranks[0])
     if (shared_memory and topology.tp > 1 and dist.get_backend(mine) == "gloo" and os.path.isdir("/dev/shm")
             and same_host(mine)):
-        comm.shm = ShmAllReduce(mine, topology.tp, topology.tp_rank, timeout_s)
+        from lightning_dsinfer.kernels import cpu_gemv
+
+        # (the torch exchange relies on x86's store order; the C one uses atomics)
+        if X86 or cpu_gemv.shm_exchange() is not None:
+            try:
+                comm.shm = ShmAllReduce(mine, topology.tp, topology.tp_rank, timeout_s)
+            except SharedMemoryUnavailable as err:
+                warn_unavailable(err, "tensor-parallel all-reduces")
     return comm
 
 
@@ -68,10 +76,13 @@ def new_pipeline_groups(topology: Topology, timeout_s: float = 300.0, shared_mem
         if topology.rank in ranks:
             mine = group
     pipe = PipelineComm(mine, topology.pp, topology.pp_rank, topology.pp_group_ranks)
-    shared_memory = shared_memory and os.environ.get("DSINFER_PIPELINE_SHM", "1") != "0"
+    shared_memory = shared_memory and os.environ.get("DSINFER_PIPELINE_SHM", "1") != "0" and X86
     if shared_memory and dist.get_backend(mine) == "gloo" and os.path.isdir("/dev/shm") and same_host(mine):
         edges = [(s, s + 1) for s in range(topology.pp - 1)] + [(topology.pp - 1, 0)]     # activations; tokens
-        pipe.shm = ShmChannels(mine, topology.pp_rank, topology.pp_group_ranks, edges, timeout_s)
+        try:
+            pipe.shm = ShmChannels(mine, topology.pp_rank, topology.pp_group_ranks, edges, timeout_s)
+        except SharedMemoryUnavailable as err:
+            warn_unavailable(err, "messages between pipeline stages")
     return pipe
 
 

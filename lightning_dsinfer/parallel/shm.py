@@ -19,36 +19,87 @@ Waiting gives up with a :class:`PeerFailureError` when the rank waited for has e
 from __future__ import annotations
 
 import os
+import platform
 import socket
 import time
 import uuid
+import warnings
 
 import torch
 import torch.distributed as dist
 
 # Largest all-reduce (elements) that goes through shared memory; larger ones (prefill) use the backend.
 DEFAULT_CAPACITY = 1 << 18
+# The torch / numpy paths order data before flags by x86's store order only (the C exchange uses atomics).
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+class SharedMemoryUnavailable(RuntimeError):
+    """/dev/shm cannot hold the buffer (every rank of the group gets this, so they all fall back together)."""
+
+
+def _shared_buffer(group, src: int, is_root: bool, total: int, what: str) -> torch.Tensor:
+    """``total`` bytes of a file in /dev/shm mapped by every rank of ``group``. The root reserves the space first
+    (``posix_fallocate``: a sparse file on a full tmpfs would kill the ranks with SIGBUS at their first write) and
+    tells the group whether it could; :class:`SharedMemoryUnavailable` on every rank if not. The file is unlinked
+    once every rank mapped it (the mappings stay valid; nothing is left behind)."""
+    info = [None]
+    if is_root:
+        path = f"/dev/shm/dsinfer-{what}-{uuid.uuid4().hex}"
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, total)
+            finally:
+                os.close(fd)
+            info[0] = path
+        except OSError as err:
+            info[0] = ("", f"{err}")
+            _unlink(path)
+    dist.broadcast_object_list(info, src=src, group=group)
+    if not isinstance(info[0], str):
+        raise SharedMemoryUnavailable(f"/dev/shm could not hold {total / 2**20:.1f} MiB for the {what} buffer "
+                                      f"({info[0][1]})")
+    try:
+        buf = torch.from_file(info[0], shared=True, size=total, dtype=torch.uint8)
+        dist.barrier(group=group)
+    finally:
+        if is_root:
+            _unlink(info[0])
+    return buf
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _visible_pids(group, size: int) -> list[int]:
+    """Every rank's pid, or zeros (no liveness checks) when some rank cannot see another's /proc entry (ranks in
+    separate pid namespaces that share /dev/shm)."""
+    pids = [None] * size
+    dist.all_gather_object(pids, os.getpid(), group=group)
+    seen = [None] * size
+    dist.all_gather_object(seen, all(_alive(p) for p in pids), group=group)
+    return pids if all(seen) else [0] * size
+
+
+def warn_unavailable(err: Exception, what: str) -> None:
+    warnings.warn(f"dsinfer: {err}; the {what} go through the process group instead (slower on one host). Give "
+                  f"/dev/shm more room (docker: --shm-size) to use shared memory.", stacklevel=3)
 
 
 class ShmAllReduce:
     def __init__(self, group, size: int, rank: int, timeout_s: float, capacity: int = DEFAULT_CAPACITY):
         self.size, self.rank, self.capacity, self.timeout_s = size, rank, capacity, timeout_s
-        names = [None]
-        if rank == 0:
-            names[0] = f"/dev/shm/dsinfer-{uuid.uuid4().hex}"
-        dist.broadcast_object_list(names, src=dist.get_global_rank(group, 0), group=group)
-        path = names[0]
         data_bytes = 2 * size * capacity * 4
         total = data_bytes + 2 * size * 8
-        if rank == 0:
-            with open(path, "wb") as f:
-                f.truncate(total)
+        buf = _shared_buffer(group, dist.get_global_rank(group, 0), rank == 0, total, "all-reduce")
+        pids = _visible_pids(group, size)
+        buf[data_bytes:].view(torch.int64)[size + rank] = pids[rank]
         dist.barrier(group=group)
-        buf = torch.from_file(path, shared=True, size=total, dtype=torch.uint8)
-        buf[data_bytes:].view(torch.int64)[size + rank] = os.getpid()
-        dist.barrier(group=group)
-        if rank == 0:
-            os.unlink(path)                       # the mappings stay valid; nothing is left behind
         self.data = buf[:data_bytes].view(torch.float32).view(2, size, capacity)
         self.flags = buf[data_bytes:].view(torch.int64)       # [flags | pids] (the C exchange finds the pids there)
         self._flags = self.flags[:size].numpy()   # numpy view: a flag store / check costs ~1 us, a torch op ~5 us
@@ -135,12 +186,17 @@ def same_host(group) -> bool:
 
 
 def _alive(pid: int) -> bool:
-    """Whether process ``pid`` (on this host) still runs: not gone, not a zombie."""
+    """Whether process ``pid`` (on this host) still runs: not gone, not a zombie. pid 0: not known, taken as
+    running; so is a /proc entry that cannot be read for another reason than its absence."""
+    if pid <= 0:
+        return True
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
+    except FileNotFoundError:
         return False
+    except (OSError, IndexError):
+        return True
 
 
 class ShmChannels:
@@ -165,22 +221,9 @@ class ShmChannels:
 
     def __init__(self, group, rank: int, ranks: list[int], edges: list[tuple[int, int]], timeout_s: float):
         self.timeout_s, self.ranks = timeout_s, ranks
-        names, pids = [None], [None] * len(ranks)
-        if rank == 0:
-            names[0] = f"/dev/shm/dsinfer-pipe-{uuid.uuid4().hex}"
-        dist.broadcast_object_list(names, src=ranks[0], group=group)
-        dist.all_gather_object(pids, os.getpid(), group=group)
         region = self.HEADER + self.SLOTS * self.SLOT_BYTES
-        total = region * len(edges)
-        path = names[0]
-        if rank == 0:
-            with open(path, "wb") as f:
-                f.truncate(total)
-        dist.barrier(group=group)
-        buf = torch.from_file(path, shared=True, size=total, dtype=torch.uint8)
-        dist.barrier(group=group)
-        if rank == 0:
-            os.unlink(path)
+        buf = _shared_buffer(group, ranks[0], rank == 0, region * len(edges), "pipeline")
+        pids = _visible_pids(group, len(ranks))
         self._buf = buf
         self.channels = {}
         for i, (a, b) in enumerate(edges):
