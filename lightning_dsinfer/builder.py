@@ -313,12 +313,13 @@ def _dequant_scratch(w: ModelWeights, plan: TensorShardPlan) -> int:
 def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.device, comm: TensorParallelComm,
                            tier: str, folder: str | None, max_memory: int, max_seq_len: int,
                            batch_size: int | None, fingerprint: dict | None, source, compress: bool = True,
-                           quantize: str | None = None):
+                           quantize: str | None = None, embed: bool = True, head: bool = True):
     """A :class:`StreamedDecoderModel` whose blocks and lm_head live in the offload tier.
 
     The tier is written one unit at a time straight from the weight refs (a safetensors checkpoint or an
     in-memory model, whose parameters are released to ``meta`` as they are written), so the model is
-    never whole in memory. Returns (decoder, working set).
+    never whole in memory. Returns (decoder, working set). A pipeline stage streams ``w.layers`` (its blocks) and
+    has the embedding rows only with ``embed``, the lm_head slices and final norm only with ``head``.
     """
     from lightning_dsinfer.offload import (DiskStore, FileRows, HostStore, ResidentRows, StreamedDecoderModel,
                                            UnitLayout, UnitStreamer, plan_working_set)
@@ -348,7 +349,7 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
     start, real, padded = vocab_rows(w, plan)
     slot = max(l.nbytes for l in layouts)
     rows_per_unit = max(1, slot // (w.hidden_size * dtype.itemsize))
-    head_slices = [(a, min(rows_per_unit, padded - a)) for a in range(0, padded, rows_per_unit)]
+    head_slices = [(a, min(rows_per_unit, padded - a)) for a in range(0, padded, rows_per_unit)] if head else []
     meta_w = with_source(w, meta)
     layouts += [UnitLayout.of(head_rows(meta_w, plan, dtype, a, n)) for a, n in head_slices]
     slot = max(l.nbytes for l in layouts)                 # a slice with a bias can be a page over the blocks' units
@@ -392,7 +393,9 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
                 release_refs(done)
     layer_units = [(2 * i, 2 * i + 1) for i in range(len(w.layers))]      # (attention half, MLP half)
     head_units = list(range(2 * len(w.layers), len(layouts)))
-    if tier == "cpu":
+    if not embed:
+        rows = None
+    elif tier == "cpu":
         table = w.embed.load(0, start, real).to(dtype).contiguous()
         rows = ResidentRows(table.pin_memory() if device.type == "cuda" else table)
     else:
@@ -410,8 +413,8 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
     def make(i, tensors):
         return make_layer(i, tensors, specs[i], comm, pack=False, quantize=quantize)
 
-    final_norm = norm_weight(w.final_norm, dtype, w.norm_offset).to(device)
+    final_norm = norm_weight(w.final_norm, dtype, w.norm_offset).to(device) if head else None
     decoder = StreamedDecoderModel(streamer, layer_units, head_units, make, rows, final_norm, w.rms_norm_eps,
                                    w.vocab_size, start, ws.prefill_tokens, comm=comm, embed_scale=w.embed_scale,
-                                   final_softcap=w.final_softcap)
+                                   final_softcap=w.final_softcap, device=device)
     return decoder, ws

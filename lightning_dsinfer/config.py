@@ -99,11 +99,6 @@ class InferenceConfig:
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} must be >= 1.")
         if self.pipeline_parallel_size < 1:
             raise ValueError(f"pipeline_parallel_size={self.pipeline_parallel_size} must be >= 1.")
-        if self.pipeline_parallel_size > 1 and self.offload is not None:
-            raise NotImplementedError(
-                f"offload={self.offload!r} with pipeline_parallel_size={self.pipeline_parallel_size} is not supported "
-                f"yet (each stage would stream its own blocks); use one of the two, or tensor_parallel_size with "
-                f"offload.")
         if self.expert_parallel_size not in (1, self.tensor_parallel_size):
             raise ValueError(f"expert_parallel_size={self.expert_parallel_size} must be 1 (expert slicing) or "
                              f"tensor_parallel_size={self.tensor_parallel_size} (each rank holds 1/N of the experts).")

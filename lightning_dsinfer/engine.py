@@ -134,22 +134,17 @@ class InferenceEngine:
             code = torch.tensor([[None, "cpu", "nvme"].index(choice)], device=self.device)
             choice = [None, "cpu", "nvme"][int(self.comm.broadcast_(code).item())]
         gib = 2**30
+        ranks = self.comm.size * self.pipe.size
+        share = f" (this rank's share, one of {ranks})" if ranks > 1 else ""
         numbers = (f"the weights need {weight_bytes / gib:.2f} GiB in {str(self.dtype).replace('torch.', '')}"
-                   f"{' (block linears int8)' if config.quantize else ''}"
-                   f"{' (this rank of ' + str(self.comm.size) + ')' if self.comm.size > 1 else ''} and the KV "
+                   f"{' (block linears int8)' if config.quantize else ''}{share} and the KV "
                    f"cache {cache_bytes / gib:.2f} GiB, but {self.device} has {free / gib:.2f} GiB free")
-        if config.offload is None and choice is not None and self.pipe.size > 1:
-            raise ValueError(
-                f"dsinfer: the model does not fit without offload: {numbers} (about a stage's share: this "
-                f"stage's blocks and its embedding or lm_head may weigh more). Use more stages "
-                f"(pipeline_parallel_size) or tensor_parallel_size > 1, or lower max_seq_len / max_batch_size "
-                f"(offload does not combine with pipeline parallelism yet).")
         if config.offload is None and choice is not None:
             raise ValueError(
                 f"dsinfer: the model does not fit without offload: {numbers}. Pass offload='auto' (or "
                 f"offload='{choice}'{', offload_path=<folder on a fast disk>' if choice == 'nvme' else ''}) to "
                 f"stream the weights within max_memory, lower max_seq_len / max_batch_size, or use "
-                f"tensor_parallel_size > 1.")
+                f"tensor_parallel_size > 1{' or more pipeline stages' if self.pipe.size > 1 else ''}.")
         if choice == "nvme" and not config.offload_path:
             raise ValueError(f"dsinfer: offload='auto' chose the disk tier ({numbers}; host RAM "
                              f"{host / gib:.2f} GiB available) but no offload_path was given. Pass "
@@ -164,9 +159,12 @@ class InferenceEngine:
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
             folder = os.path.join(config.offload_path, f"rank{rank}-tp{self.comm.rank}of{self.comm.size}")
             fingerprint = _checkpoint_fingerprint(hf_model, config, self.dtype, self.comm)
+            if fingerprint is not None and self.pipe.size > 1:       # the folder holds this stage's blocks
+                fingerprint["pp"] = [self.pipe.rank, self.pipe.size, *self.layer_range]
         return build_streamed_decoder(weights, self.dtype, self.device, self.comm, self.offload, folder, budget,
                                       self.max_seq_len, config.max_batch_size, fingerprint, source,
-                                      compress=config.offload_compress, quantize=config.quantize)
+                                      compress=config.offload_compress, quantize=config.quantize,
+                                      embed=self.pipe.is_first, head=self.pipe.is_last)
 
     def sync_rng(self) -> None:
         """Every rank of the replica (tensor-parallel group, then pipeline) takes one CPU RNG state, so sampling

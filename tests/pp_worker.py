@@ -6,12 +6,13 @@ import argparse
 import copy
 import os
 import sys
+import tempfile
 
 import torch
 
 import lightning_dsinfer as dsi
 from lightning_dsinfer.generation.pipeline import prompt_chunks, row_groups
-from helpers import fake_quantised_int8, padded_batch, sampling_agrees_across_ranks, tiny_model
+from helpers import fake_quantised_int8, padded_batch, sampling_agrees_across_ranks, streaming_budget, tiny_model
 
 
 class Collect:
@@ -36,6 +37,8 @@ def main():
     p.add_argument("--checkpoint", default=None, help="a folder holding <family>/: the model goes in on meta")
     p.add_argument("--quantize", choices=["int8"], default=None)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--offload", choices=["cpu", "nvme"], default=None, help="each stage streams its own blocks")
+    p.add_argument("--offload-path", default=None)
     p.add_argument("--full-shm", action="store_true",
                    help="/dev/shm has no room (posix_fallocate fails): the stages must talk through gloo, with a warning")
     args = p.parse_args()
@@ -64,6 +67,13 @@ def main():
                 model = AutoModelForCausalLM.from_config(hf.config)
         options = dict(tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, max_seq_len=160,
                        collective_timeout_s=60, quantize=args.quantize, dtype=dtype, **source)
+        if args.offload:       # a budget under which most units stream (sized with the same options first)
+            options.update(offload=args.offload, max_batch_size=5,
+                           offload_path=os.path.join(args.offload_path or "", family) if args.offload_path else None)
+            with tempfile.TemporaryDirectory() as scratch:
+                sizing = copy.deepcopy(hf)
+                options["max_memory"] = streaming_budget(lambda mm: dsi.init_inference(
+                    copy.deepcopy(sizing), **{**options, "max_memory": mm, "offload_path": scratch}))
         if args.full_shm:
             import pytest
 
@@ -75,10 +85,17 @@ def main():
             assert opt._dsinfer_engine.pipe.shm is not None      # (one host, gloo: shared-memory rings)
         engine = opt._dsinfer_engine
         stage = (rank // args.tp) % args.pp
+        if args.offload:
+            streamer = engine.decoder.streamer
+            assert type(engine.decoder).__name__ == "StreamedDecoderModel"
+            assert args.offload == "cpu" or len(streamer.order) >= 1, "nothing is streamed"
+            assert (engine.decoder.rows is None) == (stage > 0) and (not engine.decoder.head_units) == (stage < args.pp - 1)
         n_layers = hf.config.num_hidden_layers
         lo, hi = engine.layer_range
-        assert len(engine.decoder.layers) == hi - lo == engine.cache.num_layers, (engine.layer_range, n_layers)
-        assert (engine.decoder.embed is None) == (stage > 0) and (engine.decoder.lm_head is None) == (stage < args.pp - 1)
+        blocks = engine.decoder.layer_units if args.offload else engine.decoder.layers
+        assert len(blocks) == hi - lo == engine.cache.num_layers, (engine.layer_range, n_layers)
+        if not args.offload:
+            assert (engine.decoder.embed is None) == (stage > 0) and (engine.decoder.lm_head is None) == (stage < args.pp - 1)
         if args.quantize:
             hf = fake_quantised_int8(hf)
         if dtype != torch.float32:      # bf16: against the same engine without a pipeline (the same kernels)
@@ -140,7 +157,8 @@ def main():
         results["streamer"] = torch.equal(streamed, want) and torch.equal(torch.cat(streamer.parts, dim=1), want)
         results["sampling_agrees"] = sampling_agrees_across_ranks(opt, ids, mask, 10)
         ok = all(results.values())
-        print(f"{family}: pp={args.pp} tp={args.tp} stage={stage} layers={lo}..{hi - 1} max|dlogits|={err:.2e} "
+        streamed = f"streamed={len(engine.decoder.streamer.order)} " if args.offload else ""
+        print(f"{family}: pp={args.pp} tp={args.tp} stage={stage} layers={lo}..{hi - 1} {streamed}max|dlogits|={err:.2e} "
               f"{' '.join(k for k, v in results.items() if not v) or 'all'}{'' if ok else ' failed'} "
               f"{'OK' if ok else 'FAIL'}", flush=True)
         if not ok:

@@ -47,6 +47,13 @@ def test_pipeline_int8_and_bf16():
     _run(2, ["--pp", "2", "--dtype", "bfloat16", "--families", "llama", "qwen3"])
 
 
+@pytest.mark.parametrize("tier", ["cpu", "nvme"])
+def test_pipeline_with_offload(tier, tmp_path):
+    """Each stage streams its own blocks within its max_memory (the first stage the embedding rows, the last the
+    lm_head slices): fp32 logits, greedy (row groups, prompt chunks, EOS), beam search as HF's."""
+    _run(2, ["--pp", "2", "--offload", tier, "--offload-path", str(tmp_path), "--families", "llama", "qwen2_moe"])
+
+
 def test_pipeline_without_room_in_dev_shm_talks_through_gloo():
     """/dev/shm cannot hold the rings (posix_fallocate fails, as on a docker default of 64 MiB with many groups): a
     warning naming the fix, and the stages talk through gloo with the same results."""
@@ -149,8 +156,6 @@ def test_pipeline_groups_in_topology():
 def test_pipeline_errors_before_work(monkeypatch):
     import lightning_dsinfer as dsi
 
-    with pytest.raises(NotImplementedError, match="offload='nvme' with pipeline_parallel_size=2 is not supported"):
-        dsi.init_inference(tiny_model("llama"), pipeline_parallel_size=2, offload="nvme", offload_path="/tmp/x")
     with pytest.raises(ValueError, match="pipeline_parallel_size=0 must be >= 1"):
         dsi.init_inference(tiny_model("llama"), pipeline_parallel_size=0)
     with pytest.raises(NotImplementedError, match="pipeline_parallel_size=2 needs a fused policy"):

@@ -90,7 +90,7 @@ class StreamedDecoderModel(DecoderModel):
     def __init__(self, streamer: UnitStreamer, layer_units: list[tuple[int, int]], head_units: list[int],
                  make_layer: Callable[[int, dict], DecoderLayer], rows, final_norm: torch.Tensor, eps: float,
                  vocab_size: int, vocab_start: int, prefill_tokens: int, comm=None, embed_scale: float | None = None,
-                 final_softcap: float | None = None):
+                 final_softcap: float | None = None, device: torch.device | None = None):
         nn.Module.__init__(self)
         self.embed_scale, self.final_softcap = embed_scale, final_softcap
         self.streamer = streamer
@@ -102,7 +102,7 @@ class StreamedDecoderModel(DecoderModel):
         self.prefill_tokens = prefill_tokens
         self.comm = comm
         self.sharded_vocab = comm is not None and comm.size > 1
-        self.device = final_norm.device
+        self.device = device if device is not None else final_norm.device
         self._finalizer = weakref.finalize(self, _close, streamer, rows)   # threads and file handles go with us
 
     @property
@@ -155,7 +155,7 @@ class StreamedDecoderModel(DecoderModel):
             finally:
                 del half, x
                 self.streamer.release()
-        return ops.rms_norm(h, self.final_norm, self.eps)
+        return h if self.final_norm is None else ops.rms_norm(h, self.final_norm, self.eps)   # (a pipeline stage)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         parts = []
