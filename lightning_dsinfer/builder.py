@@ -289,8 +289,10 @@ def _per_token_bytes(w: ModelWeights, plan: TensorShardPlan, dtype: torch.dtype,
             shared = lw.moe.shared_gate.shape[0] // plan.tp if lw.moe.shared_gate is not None else 0
             per_rank = 1 if lw.moe.expert_parallel else plan.tp
             inter = max(inter, lw.moe.top_k * lw.moe.gate_up.shape[1] // (2 * per_rank) + shared + 2 * w.hidden_size)
-    return e * (4 * w.hidden_size + 2 * qkv + plan.local_heads * w.head_dim + 4 * inter) \
-        + 4 * plan.local_heads * max_seq_len
+    scores = 4 * plan.local_heads * max_seq_len
+    if w.attn_softcap is not None:   # soft-capped prompts: the reference's fp32 scores and probabilities, fp32 q
+        scores = 2 * scores + 4 * plan.local_heads * w.head_dim
+    return e * (4 * w.hidden_size + 2 * qkv + plan.local_heads * w.head_dim + 4 * inter) + scores
 
 
 def _per_sequence_bytes(w: ModelWeights, plan: TensorShardPlan, dtype: torch.dtype, max_seq_len: int,
@@ -299,6 +301,8 @@ def _per_sequence_bytes(w: ModelWeights, plan: TensorShardPlan, dtype: torch.dty
     MLP's input and the next stream) and fp32 logits (x2)."""
     e = dtype.itemsize
     kv = 2 * len(w.layers) * plan.local_kv_heads * w.head_dim * max_seq_len * e
+    if w.attn_softcap is not None:   # soft-capped attention reads one layer's K / V as fp32 copies
+        kv += 2 * plan.local_kv_heads * w.head_dim * max_seq_len * 4
     return kv + 3 * max_seq_len * w.hidden_size * e + 2 * vocab_shard * plan.tp * 4
 
 

@@ -76,7 +76,13 @@ def tiny_model(family: str, seed: int = 0, **overrides):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).eval()
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).eval()
+    if family.startswith("gemma"):     # HF initialises Gemma's (1 + w) norm weights to zero: make them differ, so a
+        with torch.no_grad():          # norm in the wrong place cannot pass
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(0.0, 0.2)
+    return model
 
 
 def fake_quantised_int8(hf):

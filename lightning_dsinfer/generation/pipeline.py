@@ -64,7 +64,11 @@ def pipeline_decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.
     total = t0 + max_new_tokens
     engine.cache.ensure_batch(b)
     key_valid, positions = prompt_positions(attention_mask, b, t0, total, device)
-    groups = row_groups(b, pipe.size)
+    # Offloaded stages: one micro-batch for the tokens and the prompt. Streaming binds them, and each micro-batch
+    # would stream the stage's blocks again (stages sharing a disk would then compete for it); the streamed decoder
+    # cuts the prompt into chunks itself.
+    streamed = engine.offload is not None
+    groups = [(0, b)] if streamed else row_groups(b, pipe.size)
     caches = [engine.cache.rows(r0, r1) for r0, r1 in groups]
     hidden = (engine.hidden_size,)
 
@@ -100,7 +104,7 @@ def pipeline_decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.
             pipe.send(torch.cat([tok.to(torch.int64), tok.new_tensor([int(go)], dtype=torch.int64)]), 0)
 
     # the prompt: row groups x token chunks
-    chunks = prompt_chunks(t0, len(groups), pipe.size)
+    chunks = [(0, t0)] if streamed else prompt_chunks(t0, len(groups), pipe.size)
     for g, (r0, r1) in enumerate(groups):
         step = build_step(engine.rotary, positions[r0:r1], valid(r0, r1), q_start=0, t=t0, window=engine.sliding_window)
         step.cache, step.start = caches[g], 0

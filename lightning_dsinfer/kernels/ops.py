@@ -512,8 +512,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     scores (Gemma 2) go to the decode kernel, else to the reference (the prefill kernel and the C decode attention
     have no cap)."""
     if softcap is not None:
-        if _triton(q) and q.shape[2] == 1 and q.shape[3] <= 256 and q.shape[1] % k.shape[1] == 0:
-            return _decode(q, k, v, mask, scale, q.shape[0], k.shape[2], softcap)
+        b, hq, t, d = q.shape
+        hkv = k.shape[1]
+        if (_triton(q) and t == 1 and d <= 256 and hq % hkv == 0 and hq // hkv <= 128 and q.dtype == k.dtype
+                and q.dtype == v.dtype):
+            return _decode(q, k, v, mask, scale, b, k.shape[2], softcap)
         _count("attention", "reference:softcap")
         return reference.attention(q, k, v, mask, scale, softcap)
     if not _triton(q):

@@ -1,8 +1,8 @@
 """Pipeline parallelism: the model's blocks cut into contiguous stages over the ranks of a pipeline group, and the
 point-to-point messages between the stages (``torch.distributed`` send / recv: gloo on the CPU, NCCL on GPUs).
 
-Stage s of P holds the blocks :func:`stage_layers` gives it (contiguous, balanced by weight bytes); stage 0 also holds the embedding, stage P - 1 the final norm
-and the lm_head. A stage may itself be split over a tensor-parallel group: tp rank r of stage s exchanges the
+Stage s of P holds the blocks :func:`stage_layers` gives it (contiguous, balanced by weight bytes); stage 0 also
+holds the embedding, stage P - 1 the final norm and the lm_head. A stage may itself be split over a tensor-parallel group: tp rank r of stage s exchanges the
 (whole, replicated) activations with tp rank r of stages s - 1 and s + 1, so the ranks of a replica form
 ``tp`` pipelines side by side (:meth:`Topology.pp_groups`). Which messages go when is the schedule's business
 (``generation/pipeline.py``); this module only moves them, with a clear error when a peer dies.

@@ -114,6 +114,11 @@ def _packed_slices(source: WeightSource, config, head_dim: int) -> RowSlices:
     return RowSlices(source, slices)
 
 
+def _same_rope(a, b) -> bool:
+    """Whether two (inv_freq, attention scaling, rope type) give the same table (then one table serves both)."""
+    return a[1] == b[1] and a[0].shape == b[0].shape and bool(torch.equal(a[0], b[0]))
+
+
 def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource | None = None) -> ModelWeights:
     """Name every weight by role (as lazy refs into ``source``; default: the model's own tensors)."""
     config = model.config
@@ -124,6 +129,10 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
         raise UnsupportedModelError(
             f"{config.model_type} with {act_name}={act!r} is not supported (the fused gated MLP takes "
             f"{', '.join(sorted(_GATED_ACTS))}).")
+    if getattr(config, "use_bidirectional_attention", False):
+        raise UnsupportedModelError(
+            f"{config.model_type} with use_bidirectional_attention=True (an encoder-style mask) is not supported: the "
+            f"engine's attention is causal.")
     source = source or ModuleSource(model)
     base = model.model
     with torch.device("cpu"):     # frequencies are computed, not loaded: rebuild them even for a meta model
@@ -206,9 +215,10 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
         lm_head=ref("model.embed_tokens.weight" if tied else "lm_head.weight"), lm_head_bias=opt("lm_head.bias"),
         tied_embeddings=tied, layers=layers,
         norm_offset=1.0 if traits.gemma else 0.0, embed_scale=config.hidden_size ** 0.5 if traits.gemma else None,
-        attn_softcap=getattr(config, "attn_logit_softcapping", None) if traits.gemma else None,
+        # (HF's Gemma 3 attention does not apply attn_logit_softcapping even when the config sets it)
+        attn_softcap=getattr(config, "attn_logit_softcapping", None) if traits.gemma == 2 else None,
         final_softcap=getattr(config, "final_logit_softcapping", None) if traits.gemma else None,
         mlp_act=_GATED_ACTS[act],
-        sliding_inv_freq=sliding[0].detach() if sliding and sliding is not main else None,
+        sliding_inv_freq=sliding[0].detach() if sliding and not _same_rope(sliding, main) else None,
         sliding_attention_scaling=sliding[1] if sliding else 1.0,
     )
