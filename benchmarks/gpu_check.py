@@ -266,7 +266,7 @@ def check_decode_graphs(dev: str = "cuda", tiny: bool = False) -> int:
     Mixtral (routing and grouped expert GEMMs inside the graph). Returns 1 on a mismatch.
 
     ``tiny`` (CPU smoke, with ``cuda_graphs.emulate()`` and ``ops.force_triton()`` around the call): small
-    sizes, no timing.
+    sizes, one left-padded batch, no timing.
     """
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, MixtralConfig
 
@@ -278,7 +278,7 @@ def check_decode_graphs(dev: str = "cuda", tiny: bool = False) -> int:
                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
     configs = [("llama", LlamaConfig(**common)), ("mistral window 16", MistralConfig(**common, sliding_window=16)),
                ("mixtral 4 experts top 2", MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2))]
-    batches = [[9], [9, 4, 6]] if tiny else [[20], [20, 7, 13], [5, 9, 17, 3, 11, 20, 8, 14]]
+    batches = [[9, 4, 6]] if tiny else [[20], [20, 7, 13], [5, 9, 17, 3, 11, 20, 8, 14]]
     new = 4 if tiny else 24
     g = torch.Generator().manual_seed(0)
     rc = 0
@@ -442,12 +442,14 @@ def decode_ms(model, ids, new: int, dev: str, repeats: int = 2, **extra) -> tupl
 
 
 def decode_comparison(dev: str = "cuda", tiny: bool = False, compile_hf: bool = True, copy_gbs: float = 0.0,
-                      hf=None, deadline: float = float("inf"), tuned: dict | None = None, hf_compile_row: bool = True):
+                      hf=None, deadline: float = float("inf"), tuned: dict | None = None, hf_compile_row: bool = True,
+                      batches: tuple[int, ...] | None = None):
     """End-to-end decode of the ~1B Llama (:func:`llama_1b`), prompt 128, 128 new tokens, batch 1 and 16: ours
     (bf16 and int8 weights) first, then HF eager and HF with a static cache (``generate`` compiles its forward
     with ``torch.compile`` for a static cache on CUDA; ``compile_hf=False`` turns that off). Returns (markdown
     rows, rc, {(impl, batch): ms}); rc 1 when a row failed. ``tiny``: CPU smoke sizes (batch 1 and 2), no compile.
-    Rows that would start after ``deadline`` (time.time()) are skipped and say so."""
+    Rows that would start after ``deadline`` (time.time()) are skipped and say so. ``batches`` overrides the batch
+    sizes."""
     from decode import hf_decode_bytes          # benchmarks/decode.py: the same count for the CPU benchmark
 
     import lightning_dsinfer as dsi
@@ -472,7 +474,7 @@ def decode_comparison(dev: str = "cuda", tiny: bool = False, compile_hf: bool = 
     if not hf_compile_row:
         impls = impls[:-1]
     rows, rc, ms_of = [], 0, {}
-    for b in ((1, 2) if tiny else (1, 16)):
+    for b in (batches or ((1, 2) if tiny else (1, 16))):
         ids = torch.randint(3, vocab, (b, prompt), generator=torch.Generator().manual_seed(b)).to(dev)
         tokens, batch_rows = {}, []
         for name, model, extra, nbytes in impls:
@@ -673,7 +675,7 @@ def main() -> int:
         failed += int(not ok)
         print(f"{'ok  ' if ok else 'FAIL'}  tune: {len(table)} configs, {len(tune_rows)} rows")
         with ops.force_triton():
-            rows, rc, _ = decode_comparison("cpu", tiny=True, tuned=table, hf_compile_row=False)
+            rows, rc, _ = decode_comparison("cpu", tiny=True, tuned=table, hf_compile_row=False, batches=(1,))
         failed += rc
         # (row bookkeeping only: on a CPU no table is read, the interpreter takes its own tiles)
         print(f"{'ok  ' if not rc else 'FAIL'}  decode comparison with a tuned table: {len(rows)} rows")

@@ -19,8 +19,8 @@ def test_gpu_check_cpu_smoke():
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-4000:]
     assert "FAIL" not in out and "ok    decode comparison: 10 rows" in out, out[-4000:]
-    assert out.count("ok    graphs") == 6 and sum(line.startswith("ok    offload ") and " on cpu: " in line for line in out.splitlines()) == 6
+    assert out.count("ok    graphs") == 3 and sum(line.startswith("ok    offload ") and " on cpu: " in line for line in out.splitlines()) == 6
     # ours: 2 tiers x 2 batches; accelerate: 2 batches, or one "not installed" row (the test extra has no accelerate)
     rows = 6 if importlib.util.find_spec("accelerate") is not None else 5
     assert f"ok    offload throughput: {rows} rows" in out
-    assert "ok    tune: 12 configs, 12 rows" in out and "ok    decode comparison with a tuned table: 10 rows" in out
+    assert "ok    tune: 12 configs, 12 rows" in out and "ok    decode comparison with a tuned table: 5 rows" in out

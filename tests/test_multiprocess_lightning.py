@@ -83,7 +83,7 @@ def test_two_simulated_nodes(tmp_path):
 def test_dead_rank_makes_peer_fail_fast(dtype):
     """The surviving rank gives up within seconds of its peer's death, not after the collective timeout (120 s here):
     the shared-memory all-reduce looks the waited-for rank's pid up every 50 ms; gloo sees the closed connection."""
-    timeout_s, kill_after = 120, 15
+    timeout_s, kill_after = 120, 9
     codes, outs, elapsed = run_ranks("fault_worker.py", 2, [str(timeout_s), dtype], timeout=100,
                                      kill_rank_after=(1, kill_after))
     assert "READY" in outs[0], outs[0][-3000:]
