@@ -65,10 +65,18 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 LLAMA_200M = dict(hidden=1024, layers=12, heads=16, kv_heads=4, intermediate=2816, vocab=32000)
 
 
+LLAMA_ARGS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab")
+
+
+def passthrough(args, *names: str) -> list[str]:
+    """``--name=value`` of each of ``names`` and of the Llama shape (:func:`add_llama_args`), for a worker process."""
+    return [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in (*names, *LLAMA_ARGS)]
+
+
 def add_llama_args(parser, **defaults) -> None:
     """--hidden/--layers/--heads/--kv-heads/--intermediate/--vocab of a from_config Llama (default: ~200M)."""
     d = {**LLAMA_200M, **defaults}
-    for name in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab"):
+    for name in LLAMA_ARGS:
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=d[name])
 
 

@@ -35,7 +35,7 @@ def build_model(args):
 
     torch.manual_seed(0)
     cfg = llama_config(args)
-    if args.experts:
+    if getattr(args, "experts", 0):      # (the other benchmarks build the dense Llama through here too)
         from transformers import MixtralConfig
 
         cfg = MixtralConfig(**{k: getattr(cfg, k) for k in (

@@ -55,7 +55,6 @@ def worker(args):
     from decode import build_model
 
     torch.set_num_threads(args.threads)
-    args.experts = 0                   # (decode.build_model's dense Llama)
     hf = build_model(args)
     if args.schedule == "naive":       # one micro-batch for everything: the stages take turns
         schedule.row_groups = lambda batch, stages: [(0, batch)]
@@ -106,10 +105,9 @@ def main():
     args = p.parse_args()
     if args.worker:
         return worker(args)
-    args.passthrough = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
-                        ("batch", "prompt", "new", "repeats", "hidden", "layers", "heads", "kv_heads", "intermediate",
-                         "vocab")]
-    from common import markdown_table, record
+    from common import markdown_table, passthrough, record
+
+    args.passthrough = passthrough(args, "batch", "prompt", "new", "repeats")
 
     pp = args.pp
     results = (launch(args, 1, 1, hf=True, label="ours, no pipeline, 1 thread")

@@ -80,9 +80,9 @@ def main():
     args = p.parse_args()
     if args.worker:
         return worker(args)
-    args.passthrough = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
-                        ("prompt", "new", "repeats", "hidden", "layers", "heads", "kv_heads", "intermediate", "vocab")]
-    from common import markdown_table, record
+    from common import markdown_table, passthrough, record
+
+    args.passthrough = passthrough(args, "prompt", "new", "repeats")
 
     base = launch(args, 1)[0]
     tp = [r for r in launch(args, args.tp) if r["rank"] == 0][0]

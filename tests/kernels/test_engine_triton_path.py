@@ -64,6 +64,19 @@ def _hf_and_triton_path(hf, opt, forward_batch, generate_batch):
     return ref_logits, ref_tokens, logits, tokens
 
 
+def _matches_hf_through_triton(family: str, **overrides):
+    """A tiny ``family`` model through the Triton path: fp32 logits of a left-padded batch and greedy tokens as HF's
+    (dispatch counts reset before ours run). Returns the optimised model."""
+    hf = tiny_model(family, **overrides).to(DEVICE)
+    opt = optimised_copy(hf, max_seq_len=32)
+    ids, mask = (x.to(DEVICE) for x in padded_batch([12, 5, 9]))
+    ref_logits, ref_tokens, logits, tokens = _hf_and_triton_path(hf, opt, (ids, mask), (ids, mask))
+    valid = mask.bool()
+    torch.testing.assert_close(logits[valid], ref_logits[valid], atol=ATOL, rtol=RTOL)
+    assert torch.equal(tokens, ref_tokens)
+    return opt
+
+
 # llama: biases, head_dim 24 (odd block sizes); qwen3: q/k norms; mistral: sliding window 7, which the
 # 12-token prompt and the decode steps exceed; phi3: packed q|k|v and gate|up, also with partial rotary (the rotary
 # kernel's rotary_dim: half of each head rotates); mixtral / qwen2_moe: routing with mapping tables + grouped expert
@@ -77,13 +90,7 @@ PARTIAL_ROTARY = {"rope_parameters": {"rope_type": "default", "rope_theta": 1000
                          ids=["llama", "qwen3", "mistral", "phi3", "phi3-partial-rotary", "mixtral", "qwen2_moe"])
 def test_engine_through_triton_matches_hf(family, overrides, monkeypatch):
     monkeypatch.setenv("DSINFER_CUDA_GRAPHS", "0")   # on a GPU: the eager decode step (graphs: test below)
-    hf = tiny_model(family, **overrides).to(DEVICE)
-    opt = optimised_copy(hf, max_seq_len=32)
-    ids, mask = (x.to(DEVICE) for x in padded_batch([12, 5, 9]))
-    ref_logits, ref_tokens, logits, tokens = _hf_and_triton_path(hf, opt, (ids, mask), (ids, mask))
-    valid = mask.bool()
-    torch.testing.assert_close(logits[valid], ref_logits[valid], atol=ATOL, rtol=RTOL)
-    assert torch.equal(tokens, ref_tokens)
+    opt = _matches_hf_through_triton(family, **overrides)
     # Every op went through its (fused) kernel, none fell back: 1 forward + 1 prefill (M = 36) + 4 decode steps.
     sparse = sum(type(layer.mlp).__name__ == "MoEMLP" for layer in opt._dsinfer_engine.decoder.layers)
     if sparse:
@@ -100,17 +107,11 @@ def test_gemma_through_triton_matches_hf(family, monkeypatch):
     its prompts go to the reference, the prefill kernel has no cap), Gemma 3's second rotary table for the sliding
     layers: fp32 logits and greedy tokens as HF's."""
     monkeypatch.setenv("DSINFER_CUDA_GRAPHS", "0")
-    hf = tiny_model(family).to(DEVICE)
-    opt = optimised_copy(hf, max_seq_len=32)
-    ids, mask = (x.to(DEVICE) for x in padded_batch([12, 5, 9]))
-    ref_logits, ref_tokens, logits, tokens = _hf_and_triton_path(hf, opt, (ids, mask), (ids, mask))
-    valid = mask.bool()
-    torch.testing.assert_close(logits[valid], ref_logits[valid], atol=ATOL, rtol=RTOL)
-    assert torch.equal(tokens, ref_tokens)
+    opt = _matches_hf_through_triton(family)
     layers = len(opt._dsinfer_engine.decoder.layers)
     counts = dict(ops.dispatch_counts)
     assert counts[("gated_act", "triton")] == 6 * layers and counts[("rotary_write_kv", "triton")] == 6 * layers
-    capped = hf.config.attn_logit_softcapping is not None if family != "gemma" else False
+    capped = family == "gemma2"        # (Gemma 3 takes no attention cap, as in HF)
     # decode steps' attention in the kernel (capped too); prompts' in the prefill kernel, or the reference when capped
     assert counts[("attention", "triton")] == (4 if capped else 6) * layers, counts
     assert _fallbacks() == ({("attention", "reference:softcap"): 2 * layers} if capped else {}), _fallbacks()
