@@ -13,6 +13,9 @@ HF bf16's, and with HF's over the same fake-quantised weights.
 
 With ``--experts`` the model is a Mixtral (every MLP a sparse block of that many experts of ``--intermediate``);
 its bytes per step count the router and the top-k experts of each layer (what one token reads), for HF too.
+``--family gemma2`` builds a Gemma 2 of the same widths instead (GeGLU, norms around attention and MLP, soft-capped
+scores and logits, every second layer sliding; tied embeddings, as Gemma's): the engine's per-op CPU path, since the
+one-call C decode step runs SwiGLU blocks only.
 """
 from __future__ import annotations
 
@@ -35,6 +38,13 @@ def build_model(args):
 
     torch.manual_seed(0)
     cfg = llama_config(args)
+    if getattr(args, "family", "llama") == "gemma2":
+        from transformers import Gemma2Config
+
+        cfg = Gemma2Config(**{k: getattr(cfg, k) for k in (
+            "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+            "vocab_size", "max_position_embeddings", "eos_token_id", "pad_token_id")},
+            head_dim=args.hidden // args.heads, query_pre_attn_scalar=args.hidden // args.heads)
     if getattr(args, "experts", 0):      # (the other benchmarks build the dense Llama through here too)
         from transformers import MixtralConfig
 
@@ -98,6 +108,7 @@ def main():
     p.add_argument("--skip-int8", action="store_true", help="no quantize='int8' rows")
     p.add_argument("--experts", type=int, default=0, help="a Mixtral with this many experts per layer (0: Llama)")
     p.add_argument("--top-k", type=int, default=2, help="experts per token (--experts)")
+    p.add_argument("--family", choices=["llama", "gemma2"], default="llama")
     p.add_argument("--record", metavar="RESULTS_MD", help="append the table to this file")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -144,7 +155,8 @@ def main():
     if quality:
         print(quality)
     if args.record:
-        kind = f"Mixtral ({args.experts} experts, top {args.top_k})" if args.experts else "Llama"
+        kind = f"Mixtral ({args.experts} experts, top {args.top_k})" if args.experts else \
+            {"llama": "Llama", "gemma2": "Gemma 2"}[args.family]
         record(args.record, f"decode.py: {n_params / 1e6:.0f}M {kind} bf16, {args.threads} threads, "
                             f"streaming read {bw / 1e9:.1f} GB/s", table + (f"\n\n{quality}" if quality else ""))
 

@@ -66,6 +66,7 @@ import weakref
 from collections import Counter
 
 import torch
+import torch.nn.functional as F
 
 from lightning_dsinfer.kernels import cpu_gemv, reference, triton_available
 
@@ -226,12 +227,15 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 
 
 def gated_act(gate_up: torch.Tensor, act: str = "silu") -> torch.Tensor:
-    """A gated MLP's activation: SwiGLU (:func:`silu_and_mul`) or GeGLU (``act`` gelu_tanh / gelu:
-    :func:`reference.gated_act`, one kernel on the Triton path)."""
+    """A gated MLP's activation: SwiGLU (:func:`silu_and_mul`) or GeGLU (``act`` gelu_tanh / gelu; one kernel on the
+    Triton path, in fp32; on the CPU in the rows' dtype, as HF rounds: act(gate), then the product; ~4x faster in
+    bf16 than widening the whole [rows, 2I] to fp32)."""
     if act == "silu":
         return silu_and_mul(gate_up)
     if not _triton(gate_up):
-        return reference.gated_act(gate_up, None, act)
+        inter = gate_up.shape[-1] // 2
+        gelu = F.gelu(gate_up[..., :inter], approximate="tanh" if act == "gelu_tanh" else "none")
+        return gelu.mul_(gate_up[..., inter:])
     from lightning_dsinfer.kernels.activations import gated_act as kernel
     _count("gated_act", "triton")
     return kernel(gate_up, None, act)
