@@ -66,7 +66,6 @@ import weakref
 from collections import Counter
 
 import torch
-import torch.nn.functional as F
 
 from lightning_dsinfer.kernels import cpu_gemv, reference, triton_available
 
@@ -233,9 +232,7 @@ def gated_act(gate_up: torch.Tensor, act: str = "silu") -> torch.Tensor:
     if act == "silu":
         return silu_and_mul(gate_up)
     if not _triton(gate_up):
-        inter = gate_up.shape[-1] // 2
-        gelu = F.gelu(gate_up[..., :inter], approximate="tanh" if act == "gelu_tanh" else "none")
-        return gelu.mul_(gate_up[..., inter:])
+        return reference.gelu_and_mul(gate_up, "tanh" if act == "gelu_tanh" else "none")
     from lightning_dsinfer.kernels.activations import gated_act as kernel
     _count("gated_act", "triton")
     return kernel(gate_up, None, act)

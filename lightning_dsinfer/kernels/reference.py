@@ -97,6 +97,13 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out.mul_(gate_up[..., inter:])
 
 
+def gelu_and_mul(gate_up: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+    """GeGLU in the rows' dtype, as HF rounds it: gate_up [..., 2I] = cat(gate, up) -> gelu(gate) * up [..., I]
+    (``approximate``: "tanh" or "none"). :func:`gated_act` is the fp32 form the kernels are checked against."""
+    inter = gate_up.shape[-1] // 2
+    return F.gelu(gate_up[..., :inter], approximate=approximate).mul_(gate_up[..., inter:])
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
               scale: float, softcap: float | None = None) -> torch.Tensor:
     """Scaled dot-product attention with grouped KV heads.

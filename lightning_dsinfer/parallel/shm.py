@@ -97,13 +97,11 @@ class ShmAllReduce:
         data_bytes = 2 * size * capacity * 4
         total = data_bytes + 2 * size * 8
         buf = _shared_buffer(group, dist.get_global_rank(group, 0), rank == 0, total, "all-reduce")
-        pids = _visible_pids(group, size)
-        buf[data_bytes:].view(torch.int64)[size + rank] = pids[rank]
-        dist.barrier(group=group)
+        self.pids = _visible_pids(group, size)    # (the same list on every rank, each writes it: no barrier needed)
         self.data = buf[:data_bytes].view(torch.float32).view(2, size, capacity)
         self.flags = buf[data_bytes:].view(torch.int64)       # [flags | pids] (the C exchange finds the pids there)
+        self.flags[size:] = torch.tensor(self.pids, dtype=torch.int64)
         self._flags = self.flags[:size].numpy()   # numpy view: a flag store / check costs ~1 us, a torch op ~5 us
-        self.pids = self.flags[size:].tolist()
         self.step = 0
         self.seconds = 0.0                        # time inside all-reduces (waiting for peers included)
         from lightning_dsinfer.kernels import cpu_gemv
@@ -161,21 +159,8 @@ class ShmAllReduce:
         slots = self.data[self.step % 2]
         slots[self.rank, :n].copy_(x.reshape(-1))
         self._flags[self.rank] = self.step
-        start = checked = None
-        spins = 0
-        while self._flags.min() < self.step:
-            spins += 1
-            if spins % 64 == 0:
-                os.sched_yield()
-                now = time.monotonic()
-                start = start or now
-                checked = checked or now
-                if now - start > self.timeout_s:
-                    self._timed_out()
-                if now - checked > 0.05:
-                    checked = now
-                    if not all(_alive(pid) for pid in self.pids):
-                        self._timed_out()
+        if not spin_until(lambda: self._flags.min() >= self.step, self.pids, self.timeout_s):
+            self._timed_out()
         return slots[:, :n]
 
 
@@ -183,6 +168,32 @@ def same_host(group) -> bool:
     hosts = [None] * dist.get_world_size(group)
     dist.all_gather_object(hosts, socket.gethostname(), group=group)
     return len(set(hosts)) == 1
+
+
+def spin_until(ready, pids: list[int], timeout_s: float, sleep_after_s: float | None = None) -> bool:
+    """Wait until ``ready()``: spin, giving the core up every 64 spins (``sched_yield``; past ``sleep_after_s`` of
+    waiting, 50 us sleeps), and look the ``pids`` up every 50 ms. True when ready; False when one of them exited or
+    ``timeout_s`` passed (the caller tells which with :func:`_alive`). The C exchange does the same in C."""
+    if ready():
+        return True
+    start = checked = time.monotonic()
+    spins = 0
+    while not ready():
+        spins += 1
+        if spins % 64:
+            continue
+        now = time.monotonic()
+        if sleep_after_s is not None and now - start >= sleep_after_s:
+            time.sleep(5e-5)
+        else:
+            os.sched_yield()
+        if now - start > timeout_s:
+            return False
+        if now - checked > 0.05:
+            checked = now
+            if not all(_alive(p) for p in pids):
+                return False
+    return True
 
 
 def _alive(pid: int) -> bool:
@@ -233,29 +244,16 @@ class ShmChannels:
                                          part[self.HEADER:].view(self.SLOTS, self.SLOT_BYTES), pids[b if rank == a else a])
 
     def _wait(self, ready, peer_pid: int, what: str) -> None:
-        if ready():
+        """Spin briefly, then sleep in short steps (a stage may wait a whole stage's compute for its peer)."""
+        if spin_until(ready, [peer_pid], self.timeout_s, sleep_after_s=2e-4):
             return
-        start = last_check = time.monotonic()
-        spins = 0
-        while not ready():
-            spins += 1
-            if spins % 64:
-                continue
-            now = time.monotonic()
-            if now - start < 2e-4:
-                os.sched_yield()
-                continue
-            time.sleep(5e-5)
-            if now - last_check > 0.05:
-                last_check = now
-                if not _alive(peer_pid) or now - start > self.timeout_s:
-                    from lightning_dsinfer.parallel.comm import PeerFailureError
+        from lightning_dsinfer.parallel.comm import PeerFailureError
 
-                    gone = not _alive(peer_pid)
-                    raise PeerFailureError(
-                        f"dsinfer: a peer rank of pipeline group {self.ranks} (pid {peer_pid}) "
-                        f"{'exited' if gone else f'did not answer within {self.timeout_s:.0f}s (collective_timeout_s)'} "
-                        f"while this rank waited to {what}; this rank stops too.")
+        gone = not _alive(peer_pid)
+        raise PeerFailureError(
+            f"dsinfer: a peer rank of pipeline group {self.ranks} (pid {peer_pid}) "
+            f"{'exited' if gone else f'did not answer within {self.timeout_s:.0f}s (collective_timeout_s)'} "
+            f"while this rank waited to {what}; this rank stops too.")
 
     def send(self, x: torch.Tensor, src: int, dst: int) -> None:
         counters, slots, pid = self.channels[(src, dst)]
