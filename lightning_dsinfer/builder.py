@@ -19,8 +19,8 @@ import torch
 from lightning_dsinfer.kernels import cpu_gemv
 from lightning_dsinfer.modules.linear import DEQUANT_BYTES_PER_WEIGHT, DEQUANT_CHUNK_BYTES, Linear, quantize_rows
 from lightning_dsinfer.modules.moe import MoEMLP
-from lightning_dsinfer.modules.transformer import (Attention, DecoderLayer, DecoderModel, GatedMLP, LayerSpec,
-                                                  SandwichDecoderLayer)
+from lightning_dsinfer.modules.transformer import (MLP, Attention, DecoderLayer, DecoderModel, GatedMLP,
+                                                  GPTDecoderLayer, LayerSpec, SandwichDecoderLayer)
 from lightning_dsinfer.parallel import TensorParallelComm, TensorShardPlan
 from lightning_dsinfer.policies import ModelWeights
 from lightning_dsinfer.policies.base import LayerWeights
@@ -51,13 +51,15 @@ def norm_weight(ref, dtype: torch.dtype, offset: float = 0.0) -> torch.Tensor:
     return w.float() + offset if offset else w.to(dtype)
 
 
-def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype, norm_offset: float = 0.0
-                ) -> dict[str, torch.Tensor]:
+def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype, norm_offset: float = 0.0,
+                alibi: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """This rank's tensors of one block, fused and cast, contiguous, on the CPU.
 
     Keys: ``qkv.weight``, ``o.weight``, ``gate_up.weight``, ``down.weight``, ``input_norm``, ``post_norm`` and,
     where the model has them, ``qkv.bias``, ``o.bias``, ``gate_up.bias``, ``down.bias``, ``q_norm``, ``k_norm``,
-    ``attn_out_norm``, ``mlp_out_norm`` (norms hold ``norm_offset + weight``).
+    ``attn_out_norm``, ``mlp_out_norm`` (norms hold ``norm_offset + weight``), the LayerNorms' ``input_norm_bias``,
+    ``post_norm_bias`` and ``alibi`` (this rank's heads' slopes, fp32, from the model's ``alibi``). A plain MLP
+    (``lw.gate`` None) keeps its up projection under ``gate_up``.
     Row-parallel biases (o, down) are held by tp rank 0 only, so they are added once. A MoE layer has, instead of
     the gate/up and down keys, ``moe.router``, ``moe.gate_up`` [E, 2I, H], ``moe.down`` [E, H, I] and maybe the
     shared expert's ``shared.gate_up.weight``, ``shared.down.weight``, ``shared_gate.weight`` (:func:`_shard_moe`).
@@ -74,11 +76,19 @@ def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype, nor
     for key in ("input_norm", "post_norm", "q_norm", "k_norm", "attn_out_norm", "mlp_out_norm"):
         ref = getattr(lw, key)
         out[key] = None if ref is None else norm_weight(ref, dtype, norm_offset)
+    for key in ("input_norm_bias", "post_norm_bias"):
+        ref = getattr(lw, key)
+        out[key] = None if ref is None else ref.load().to(dtype)
+    if alibi is not None:
+        d = plan.head_dim
+        out["alibi"] = alibi[q_rows[0] // d:(q_rows[0] + q_rows[1]) // d].float()
     moe = lw.moe
     if moe is None:
+        mlp_in = [(lw.up, mlp_rows)] if lw.gate is None else [(lw.gate, mlp_rows), (lw.up, mlp_rows)]
+        bias_in = [(lw.up_bias, mlp_rows)] if lw.gate is None else [(lw.gate_bias, mlp_rows), (lw.up_bias, mlp_rows)]
         out.update({
-            "gate_up.weight": _fused([(lw.gate, mlp_rows), (lw.up, mlp_rows)], dtype),
-            "gate_up.bias": _fused_bias([(lw.gate_bias, mlp_rows), (lw.up_bias, mlp_rows)], dtype),
+            "gate_up.weight": _fused(mlp_in, dtype),
+            "gate_up.bias": _fused_bias(bias_in, dtype),
             "down.weight": lw.down.load(1, *mlp_rows).to(dtype),
             "down.bias": lw.down_bias.load().to(dtype) if (lw.down_bias is not None and first) else None,
         })
@@ -142,7 +152,8 @@ def layer_spec(w: ModelWeights, plan: TensorShardPlan, lw: LayerWeights) -> Laye
     return LayerSpec(hidden_size=w.hidden_size, num_heads=plan.local_heads, num_kv_heads=plan.local_kv_heads,
                      head_dim=w.head_dim, intermediate_size=plan.mlp_rows[1], rms_norm_eps=w.rms_norm_eps,
                      scaling=w.scaling, sliding_window=lw.sliding_window, mlp_act=w.mlp_act,
-                     attn_softcap=w.attn_softcap,
+                     attn_softcap=w.attn_softcap, mlp_gated=w.mlp_gated, rotary=w.rotary,
+                     parallel_residual=w.parallel_residual,
                      moe_top_k=moe.top_k if moe else 0, moe_renormalize=bool(moe and moe.renormalize),
                      moe_weights_in_dtype=bool(moe and moe.weights_in_dtype),
                      moe_first_expert=expert_range(moe, plan)[0] if moe and moe.expert_parallel else None)
@@ -150,7 +161,7 @@ def layer_spec(w: ModelWeights, plan: TensorShardPlan, lw: LayerWeights) -> Laye
 
 # A block's tensors by half: offload streams the attention half (with both norms) and the MLP half as two units.
 ATTENTION_KEYS = ("qkv.weight", "qkv.bias", "o.weight", "o.bias", "input_norm", "post_norm", "q_norm", "k_norm",
-                  "attn_out_norm")
+                  "attn_out_norm", "input_norm_bias", "post_norm_bias", "alibi")
 MLP_KEYS = ("gate_up.weight", "gate_up.bias", "down.weight", "down.bias", "mlp_out_norm",
             "moe.router", "moe.gate_up", "moe.down", "shared.gate_up.weight", "shared.down.weight", "shared_gate.weight")
 
@@ -204,9 +215,10 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
         return Linear(t[f"{name}.weight"], t.get(f"{name}.bias"), pack=pack, quantize=quantize, scale=scale, **kw)
 
     attn = Attention(spec, index, linear("qkv"), linear("o", reduce=reduce, owns_residual=first, row_max=row_max),
-                     q_norm=t.get("q_norm"), k_norm=t.get("k_norm")) if "qkv.weight" in t else None
-    mlp = GatedMLP(linear("gate_up"), linear("down", reduce=reduce, owns_residual=first, row_max=row_max),
-                   act=spec.mlp_act) if "gate_up.weight" in t else None
+                     q_norm=t.get("q_norm"), k_norm=t.get("k_norm"), alibi=t.get("alibi")) if "qkv.weight" in t else None
+    mlp = (GatedMLP if spec.mlp_gated else MLP)(
+        linear("gate_up"), linear("down", reduce=reduce, owns_residual=first, row_max=row_max),
+        act=spec.mlp_act) if "gate_up.weight" in t else None
     if "moe.router" in t:       # the experts' partial sums are reduced once, in MoEMLP (not in each down)
         shared = GatedMLP(linear("shared.gate_up"), linear("shared.down", row_max=row_max)) \
             if "shared.gate_up.weight" in t else None
@@ -215,6 +227,9 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
         mlp = MoEMLP(t["moe.router"], t["moe.gate_up"], t["moe.down"], spec.moe_top_k, spec.moe_renormalize,
                      spec.moe_weights_in_dtype, shared, shared_gate, reduce=reduce, quantize=quantize,
                      row_max=None if ep else row_max, pack=pack, first_expert=spec.moe_first_expert or 0)
+    if "input_norm_bias" in t:       # the GPT families (an offloaded MLP half needs no more than DecoderLayer's)
+        return GPTDecoderLayer(attn, mlp, t["input_norm"], t["input_norm_bias"], t.get("post_norm"),
+                               t.get("post_norm_bias"), spec.rms_norm_eps, spec.parallel_residual)
     if "attn_out_norm" in t or "mlp_out_norm" in t:      # Gemma 2 / 3 (an offloaded half holds one of the two)
         return SandwichDecoderLayer(attn, mlp, t.get("input_norm"), t.get("post_norm"), spec.rms_norm_eps,
                                     t.get("attn_out_norm"), t.get("mlp_out_norm"))
@@ -262,7 +277,8 @@ def build_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.device | st
 
     layers = []
     for i, lw in enumerate(w.layers):
-        tensors = {k: v.to(device).contiguous() for k, v in shard_layer(lw, plan, dtype, w.norm_offset).items()}
+        tensors = {k: v.to(device).contiguous() for k, v in shard_layer(lw, plan, dtype, w.norm_offset,
+                                                                         w.alibi).items()}
         layers.append(make_layer(i, tensors, layer_spec(w, plan, lw), comm, quantize=quantize))
         del tensors
     start, real, padded = vocab_rows(w, plan)
@@ -273,7 +289,19 @@ def build_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.device | st
         lm_head = Linear(rows["weight"], rows.get("bias"))
         final_norm = norm_weight(w.final_norm, dtype, w.norm_offset).to(device)
     return DecoderModel(table, layers, final_norm, w.rms_norm_eps, lm_head, vocab_size=w.vocab_size,
-                        vocab_start=start, comm=comm, embed_scale=w.embed_scale, final_softcap=w.final_softcap)
+                        vocab_start=start, comm=comm, **model_ends(w, dtype, device, embed, head))
+
+
+def model_ends(w: ModelWeights, dtype: torch.dtype, device, embed: bool, head: bool) -> dict:
+    """``DecoderModel.set_ends``'s arguments: Gemma's scale and cap; the final LayerNorm's bias (last stage); the
+    learned position table and the embeddings' LayerNorm (first stage). Whole on every rank (small)."""
+    def load(ref):
+        return None if ref is None else ref.load().to(device=device, dtype=dtype).contiguous()
+
+    return dict(embed_scale=w.embed_scale, final_softcap=w.final_softcap,
+                final_norm_bias=load(w.final_norm_bias) if head else None,
+                pos_embed=load(w.pos_embed) if embed else None, pos_offset=w.pos_offset,
+                embed_norm=(load(w.embed_norm), load(w.embed_norm_bias)) if embed and w.embed_norm is not None else None)
 
 
 # ---------------------------------------------------------------------- offload (ZeRO-Inference)
@@ -343,7 +371,7 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
         return comm.all_reduce_max(amax.to(device)).cpu()
 
     def halves(lw):      # int8 units: in AMX tile order where the resident engine would use it (any rows, no dequant)
-        parts = split_block(shard_layer(lw, plan, dtype, w.norm_offset))
+        parts = split_block(shard_layer(lw, plan, dtype, w.norm_offset, w.alibi))
         if not quantize:
             return parts
         meta_parts = any(v.is_meta for h in parts for v in h.values())
@@ -419,6 +447,6 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
 
     final_norm = norm_weight(w.final_norm, dtype, w.norm_offset).to(device) if head else None
     decoder = StreamedDecoderModel(streamer, layer_units, head_units, make, rows, final_norm, w.rms_norm_eps,
-                                   w.vocab_size, start, ws.prefill_tokens, comm=comm, embed_scale=w.embed_scale,
-                                   final_softcap=w.final_softcap, device=device)
+                                   w.vocab_size, start, ws.prefill_tokens, comm=comm, device=device,
+                                   **model_ends(w, dtype, device, embed, head))
     return decoder, ws

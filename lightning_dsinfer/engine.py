@@ -103,6 +103,7 @@ class InferenceEngine:
                                    self.max_seq_len, self.dtype, self.device)
         self.vocab_size = weights.vocab_size
         self.hidden_size = weights.hidden_size
+        self.positions_from_mask = weights.positions_from_mask
         if config.release_hf_weights or self.offload is not None or self.pipe.size > 1:
             resident_embed = self.offload is None and self.comm.size == 1 and self.pipe.size == 1
             _release_hf_weights(hf_model, self.decoder.embed if resident_embed else None)
@@ -208,7 +209,10 @@ class InferenceEngine:
             key_valid = attention_mask.to(device=self.device, dtype=torch.bool)
             if bool(key_valid.all()):
                 key_valid = None
-        if position_ids is None:
+        if position_ids is None and self.positions_from_mask and attention_mask is not None:   # OPT: HF's rule
+            valid = attention_mask.to(device=self.device, dtype=torch.long)
+            position_ids = (valid.cumsum(-1) * valid - 1)[:, past:]
+        elif position_ids is None:
             position_ids = torch.arange(past, total, device=self.device).expand(b, t)
         step = build_step(self.rotary, position_ids.to(self.device), key_valid, q_start=past, t=t,
                           window=self.sliding_window)
@@ -233,7 +237,9 @@ class InferenceEngine:
 
 
 _BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
-                  "gate_up_proj")      # (Phi-3 packs the last two)
+                  "gate_up_proj",      # (Phi-3 packs the last two) and the GPT families' names:
+                  "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "fc1", "fc2", "fc_in", "fc_out",
+                  "out_proj", "c_attn", "c_proj", "c_fc")
 
 
 def _stage_range(weights, pipe: PipelineComm, dtype: torch.dtype, quantize: str | None) -> tuple[int, int]:
@@ -309,20 +315,17 @@ def _checkpoint_fingerprint(hf_model, config: InferenceConfig, dtype, comm) -> d
 def _release_hf_weights(model: nn.Module, embed: torch.Tensor | None) -> None:
     """Point the HF embedding at the engine's copy (when it is whole) and turn every other weight the
     engine copied into meta."""
-    base = model.model
-    emb = base.embed_tokens
-    keep_tied = model.lm_head.weight is emb.weight
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    keep_tied = head.weight is emb.weight
     if embed is not None:
         emb.weight = nn.Parameter(embed, requires_grad=False)
         if keep_tied:
-            model.lm_head.weight = emb.weight
-    modules = [*base.layers, base.norm] + ([] if keep_tied and embed is not None else [model.lm_head])
-    if embed is None:
-        modules.append(emb)
-    for module in modules:
-        for sub in module.modules():
-            for name, p in list(sub.named_parameters(recurse=False)):
-                setattr(sub, name, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
+            head.weight = emb.weight
+    for sub in model.modules():
+        for name, p in list(sub.named_parameters(recurse=False)):
+            if embed is not None and p is emb.weight:
+                continue
+            setattr(sub, name, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
 
 
 # ---------------------------------------------------------------------- patching

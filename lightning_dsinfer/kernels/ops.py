@@ -225,6 +225,41 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     return kernel(x, weight, eps, residual=residual)
 
 
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim with weight and bias (the GPT families' norms); in fp32, rounded once: torch's
+    own ``layer_norm`` on the CPU (as HF runs it), ``kernels/layer_norm.py`` on the Triton path."""
+    if not _triton(x):
+        return torch.nn.functional.layer_norm(x, weight.shape, weight, bias, eps)
+    from lightning_dsinfer.kernels.layer_norm import layer_norm as kernel
+    _count("layer_norm", "triton")
+    return kernel(x, weight, bias, eps)
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+    """(layer_norm(x + residual), x + residual), as :func:`add_rms_norm`; one kernel on the Triton path."""
+    if not _triton(x):
+        h = x + residual
+        return torch.nn.functional.layer_norm(h, weight.shape, weight, bias, eps), h
+    n = x.shape[-1]
+    if residual.shape != x.shape or residual.dtype != x.dtype or weight.shape != (n,) or n > _NORM_MAX_FEATURES:
+        _count("add_layer_norm", "reference:layout")
+        h = x + residual
+        return reference.add_bias_layer_norm(h, weight, bias, eps), h
+    from lightning_dsinfer.kernels.layer_norm import layer_norm as kernel
+    _count("add_layer_norm", "triton")
+    return kernel(x, weight, bias, eps, residual=residual)
+
+
+def act(x: torch.Tensor, name: str) -> torch.Tensor:
+    """A plain MLP's activation (gelu | gelu_tanh | relu | silu) over x: torch's op in x's dtype on the CPU (fp32
+    inside, one rounding, as HF), ``kernels/activations.bias_act`` on the Triton path."""
+    if not _triton(x):
+        return reference.act(x, name)
+    from lightning_dsinfer.kernels.activations import bias_act
+    _count("act", "triton")
+    return bias_act(x, None, name)
+
+
 def gated_act(gate_up: torch.Tensor, act: str = "silu") -> torch.Tensor:
     """A gated MLP's activation: SwiGLU (:func:`silu_and_mul`) or GeGLU (``act`` gelu_tanh / gelu; one kernel on the
     Triton path, in fp32; on the CPU in the rows' dtype, as HF rounds: act(gate), then the product; ~4x faster in
@@ -508,18 +543,18 @@ def _same_layout(k: torch.Tensor, v: torch.Tensor):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-              scale: float, softcap: float | None = None) -> torch.Tensor:
+              scale: float, softcap: float | None = None, alibi: torch.Tensor | None = None) -> torch.Tensor:
     """See :func:`reference.attention`; which masks the kernels take is in the module docstring. Soft-capped
-    scores (Gemma 2) go to the decode kernel, else to the reference (the prefill kernel and the C decode attention
-    have no cap)."""
-    if softcap is not None:
+    scores (Gemma 2) and ALiBi (BLOOM) go to the decode kernel, else to the reference (the prefill kernel and the C
+    decode attention have neither)."""
+    if softcap is not None or alibi is not None:
         b, hq, t, d = q.shape
         hkv = k.shape[1]
         if (_triton(q) and t == 1 and d <= 256 and hq % hkv == 0 and hq // hkv <= 128 and q.dtype == k.dtype
                 and q.dtype == v.dtype):
-            return _decode(q, k, v, mask, scale, b, k.shape[2], softcap)
-        _count("attention", "reference:softcap")
-        return reference.attention(q, k, v, mask, scale, softcap)
+            return _decode(q, k, v, mask, scale, b, k.shape[2], softcap, alibi)
+        _count("attention", "reference:softcap" if alibi is None else "reference:alibi")
+        return reference.attention(q, k, v, mask, scale, softcap, alibi)
     if not _triton(q):
         if q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.shape[2] == 1:
             out = cpu_gemv.decode_attention(q, k, v, mask, scale)   # bf16 decode: one C call
@@ -551,7 +586,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return out.transpose(1, 2)
 
 
-def _decode(q, k, v, mask, scale, b, length, softcap=None):
+def _decode(q, k, v, mask, scale, b, length, softcap=None, alibi=None):
     from lightning_dsinfer.kernels.decode_attention import decode_attention
 
     window = None
@@ -559,21 +594,22 @@ def _decode(q, k, v, mask, scale, b, length, softcap=None):
         kv_start, seq_lens = None, _column(q.device, length).expand(b)
     elif mask.dtype != torch.bool:
         _count("attention", "reference:mask")
-        return reference.attention(q, k, v, mask, scale, softcap)
+        return reference.attention(q, k, v, mask, scale, softcap, alibi)
     elif id(mask) in _RANGES and _RANGES[id(mask)][0] is mask:
         _, kv_start, seq_lens, window = _RANGES[id(mask)]
     else:
         kind, kv_start = _decode_ranges(mask, b, length)
         if kind != "ok":
             _count("attention", "reference:mask")
-            return reference.attention(q, k, v, mask, scale, softcap)
+            return reference.attention(q, k, v, mask, scale, softcap, alibi)
         seq_lens = _column(q.device, length).expand(b)
     _count("attention", "triton")
     k, v = _same_layout(k, v)
-    out = decode_attention(q[:, :, 0], k, v, seq_lens, scale, kv_start=kv_start, window=window, softcap=softcap)
+    out = decode_attention(q[:, :, 0], k, v, seq_lens, scale, kv_start=kv_start, window=window, softcap=softcap,
+                           alibi_slopes=alibi)
     return out.unsqueeze(2)
 
 
-__all__ = ["rms_norm", "add_rms_norm", "norm_linear", "fuses_residual", "uses_triton", "rotary_half", "rotary_write_kv",
+__all__ = ["rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm", "act", "norm_linear", "fuses_residual", "uses_triton", "rotary_half", "rotary_write_kv",
            "silu_and_mul", "gated_act", "moe_mlp", "attention", "linear", "linear_int8", "SMALL_GEMM_MAX_M", "force_triton",
            "gemm_fusion", "kv_ranges", "dispatch_counts"]

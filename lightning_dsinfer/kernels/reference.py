@@ -104,22 +104,37 @@ def gelu_and_mul(gate_up: torch.Tensor, approximate: str = "tanh") -> torch.Tens
     return F.gelu(gate_up[..., :inter], approximate=approximate).mul_(gate_up[..., inter:])
 
 
+def act(x: torch.Tensor, name: str) -> torch.Tensor:
+    """A plain (ungated) MLP activation in x's dtype: gelu (erf), gelu_tanh, relu or silu (torch's ops compute in
+    fp32 and round once, so this equals :func:`bias_act` without a bias)."""
+    return _ACTS[name](x)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-              scale: float, softcap: float | None = None) -> torch.Tensor:
+              scale: float, softcap: float | None = None, alibi: torch.Tensor | None = None) -> torch.Tensor:
     """Scaled dot-product attention with grouped KV heads.
 
     q: [B, Hq, T, D]; k, v: [B, Hkv, L, D]; mask: bool [B, 1, T, L] (True = attend) or None for
     no masking at all. ``softcap`` (Gemma 2): scores -> softcap * tanh(scores / softcap) before the mask; the two
     products in the inputs' dtype (as HF's eager attention; bf16 products run ~4x faster on the CPU), the scores'
-    cap, mask and softmax in fp32. Returns [B, Hq, T, D].
+    cap, mask and softmax in fp32. ``alibi`` (BLOOM): slopes [Hq]; scores + slope_h * (j - c) for key column j and
+    query column c = L - T + i (the query's own column; softmax does not see the shift from HF's positions), in
+    fp32 like the cap. Returns [B, Hq, T, D].
     """
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     group = hq // hkv
-    if softcap is not None:        # SDPA has no soft-capping (each KV head read once: q heads folded per group)
+    if softcap is not None or alibi is not None:   # SDPA has neither (each KV head read once: q heads folded)
         qg = q.reshape(b, hkv, group * t, d)
-        s = torch.matmul(qg, k.transpose(-1, -2)).float().mul_(scale).div_(softcap).tanh_().mul_(softcap)
+        s = torch.matmul(qg, k.transpose(-1, -2)).float().mul_(scale)
+        if softcap is not None:
+            s.div_(softcap).tanh_().mul_(softcap)
         s = s.view(b, hkv, group, t, -1)
+        if alibi is not None:
+            length = k.shape[2]
+            rel = (torch.arange(length, device=q.device)[None, :]
+                   - torch.arange(length - t, length, device=q.device)[:, None]).float()      # [T, L]
+            s += alibi.float().view(hkv, group, 1, 1) * rel
         if mask is not None:
             s.masked_fill_(~mask[:, :, None], float("-inf"))
         p = s.softmax(dim=-1).to(v.dtype).view(b, hkv, group * t, -1)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_dsinfer.kernels import ops
+from lightning_dsinfer.kernels import ops, reference
 from lightning_dsinfer.modules.kv_cache import StaticKVCache
 from lightning_dsinfer.modules.linear import Linear
 
@@ -41,6 +41,7 @@ class Step:
     q_start: int = 0                       # KV column of the first query (columns of mask / window_mask)
     sliding_cos: torch.Tensor | None = None  # rotary rows of the sliding-window layers (Gemma 3; None: cos / sin)
     sliding_sin: torch.Tensor | None = None
+    positions: torch.Tensor | None = None  # [B, T] the tokens' positions (learned position embeddings: OPT, GPT-2)
 
     def rows(self, a: int, b: int) -> "Step":
         """The step for queries [a, b) of this one (chunked prefill): they write K/V at ``start + a`` and see
@@ -55,7 +56,8 @@ class Step:
 
         return Step(cos=rows(self.cos), sin=rows(self.sin), mask=cut(self.mask), window_mask=cut(self.window_mask),
                     cache=self.cache, start=self.start + a, hf_cache=self.hf_cache, q_start=self.q_start + a,
-                    sliding_cos=rows(self.sliding_cos), sliding_sin=rows(self.sliding_sin))
+                    sliding_cos=rows(self.sliding_cos), sliding_sin=rows(self.sliding_sin),
+                    positions=rows(self.positions))
 
 
 @dataclass
@@ -73,19 +75,25 @@ class LayerSpec:
     moe_renormalize: bool = True           # ... top-k probabilities renormalised, ...
     moe_weights_in_dtype: bool = False     # ... routing weights rounded to the model dtype
     moe_first_expert: int | None = None    # expert parallelism: this rank's first expert (None: experts sliced)
-    mlp_act: str = "silu"                  # gated MLP: silu (SwiGLU) | gelu_tanh / gelu (GeGLU)
+    mlp_act: str = "silu"                  # gated MLP: silu (SwiGLU) | gelu_tanh / gelu (GeGLU); plain: + relu
     attn_softcap: float | None = None      # attention scores -> cap * tanh(score / cap) (Gemma 2)
+    mlp_gated: bool = True                 # False: down(act(up(x))) (the GPT families' MLP, :class:`MLP`)
+    rotary: bool = True                    # False: positions enter elsewhere (learned embeddings, ALiBi)
+    parallel_residual: bool = False        # h + attn(norm1(h)) + mlp(norm2(h)) (GPT-NeoX, GPT-J, Phi; GPTBlock)
 
 
 class Attention(nn.Module):
     def __init__(self, spec: LayerSpec, layer_idx: int, qkv: Linear, o: Linear,
-                 q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None):
+                 q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
+                 alibi: torch.Tensor | None = None):
         super().__init__()
         self.layer_idx = layer_idx
         self.hq, self.hkv, self.d = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.scaling, self.eps = spec.scaling, spec.rms_norm_eps
         self.softcap = spec.attn_softcap
         self.sliding = spec.sliding_window is not None
+        self.rotary = spec.rotary
+        self.alibi = alibi                 # BLOOM: this rank's heads' slopes [Hq] fp32 (positions enter as biases)
         self.qkv, self.o = qkv, o
         self.q_norm, self.k_norm = q_norm, k_norm
 
@@ -103,7 +111,13 @@ class Attention(nn.Module):
         slots = cache.slots(self.layer_idx, b, step.start) if cache is not None else (None, None, 0)
         cos, sin = (step.sliding_cos, step.sliding_sin) if self.sliding and step.sliding_cos is not None else \
             (step.cos, step.sin)
-        q, k, v = ops.rotary_write_kv(qkv, hq, cos, sin, *slots, q_norm=self.q_norm, k_norm=self.k_norm, eps=self.eps)
+        if self.rotary:
+            q, k, v = ops.rotary_write_kv(qkv, hq, cos, sin, *slots, q_norm=self.q_norm, k_norm=self.k_norm,
+                                          eps=self.eps)
+        else:                              # learned positions or ALiBi: q / k as projected
+            q, k, v = qkv[:, :, :hq], qkv[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:]
+            if cache is not None:
+                reference.write_columns(slots[0], slots[1], k, v, slots[2])
         if cache is not None:
             keys, values = cache.read(self.layer_idx, b, step.start + t)
         elif step.hf_cache is not None:
@@ -111,7 +125,8 @@ class Attention(nn.Module):
         else:
             keys, values = k.transpose(1, 2), v.transpose(1, 2)
         mask = step.window_mask if (self.sliding and step.window_mask is not None) else step.mask
-        out = ops.attention(q.transpose(1, 2), keys, values, mask, self.scaling, softcap=self.softcap)   # [B, Hq, T, D]
+        out = ops.attention(q.transpose(1, 2), keys, values, mask, self.scaling, softcap=self.softcap,
+                            alibi=self.alibi)                                                  # [B, Hq, T, D]
         out = out.transpose(1, 2).reshape(b, t, hq * d)
         return self.o(out, residual)  # o_proj, with the residual add fused in when given
 
@@ -125,10 +140,30 @@ class GatedMLP(nn.Module):
         return self.down(ops.gated_act(self.gate_up(x), self.act), residual)
 
 
-def _norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):
-    """(rms_norm(h + delta), h + delta); delta None: nothing pending, h as it is."""
+class MLP(nn.Module):
+    """The GPT families' MLP: down(act(up(x))), biases inside the linears (``up`` sits where a gated MLP's gate|up
+    does: ``gate_up`` in the block's tensors)."""
+
+    def __init__(self, up: Linear, down: Linear, act: str = "gelu"):
+        super().__init__()
+        self.gate_up, self.down, self.act = up, down, act
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return self.down(ops.act(self.gate_up(x), self.act), residual)
+
+
+def norm(x: torch.Tensor, weight: torch.Tensor, eps: float, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """RMSNorm, or LayerNorm when the norm has a ``bias`` (the GPT families; a LayerNorm without one gets zeros)."""
+    return ops.rms_norm(x, weight, eps) if bias is None else ops.layer_norm(x, weight, bias, eps)
+
+
+def _norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+          bias: torch.Tensor | None = None):
+    """(norm(h + delta), h + delta); delta None: nothing pending, h as it is."""
     if delta is None:
-        return ops.rms_norm(h, weight, eps), h
+        return norm(h, weight, eps, bias), h
+    if bias is not None:
+        return ops.add_layer_norm(delta, h, weight, bias, eps)
     return ops.add_rms_norm(delta, h, weight, eps)
 
 
@@ -198,6 +233,31 @@ class SandwichDecoderLayer(DecoderLayer):
         return self.mlp_residual(x, h), None
 
 
+class GPTDecoderLayer(DecoderLayer):
+    """The GPT families' block (GPT-NeoX, GPT-J, Phi, StarCoder2, StableLM, OPT, GPT-2, BLOOM): LayerNorms with a
+    bias, and either the sequential residual of :class:`DecoderLayer` or, ``parallel``, h + attn(norm1(h)) +
+    mlp(norm2(h)) (one shared norm when ``post_norm`` is None: GPT-J, Phi). The residual adds stay in the output
+    projections' GEMMs on every path (o adds h, down adds h + attn), so the Triton path runs the separate norm
+    kernels rather than the GEMMs' RMSNorm prologue. An offloaded attention half holds both norms, as for
+    :class:`DecoderLayer`, and hands the MLP half its normed input."""
+
+    def __init__(self, attn, mlp, input_norm, input_bias, post_norm, post_bias, eps, parallel: bool):
+        super().__init__(attn, mlp, input_norm, post_norm, eps)
+        self.input_bias, self.post_bias, self.parallel = input_bias, post_bias, parallel
+
+    def attend(self, h: torch.Tensor, delta: torch.Tensor | None, step: Step):
+        x, h = _norm(h, delta, self.input_norm, self.eps, self.input_bias)
+        if self.parallel:      # the MLP reads the block's input stream, normed (by its own norm or the shared one)
+            mlp_in = x if self.post_norm is None else norm(h, self.post_norm, self.eps, self.post_bias)
+            return mlp_in, self.attn(x, h, step)
+        h = self.attn(x, h, step)
+        return norm(h, self.post_norm, self.eps, self.post_bias), h
+
+    def run(self, h: torch.Tensor, delta: torch.Tensor | None, step: Step, defer: bool = True):
+        x, h = self.attend(h, delta, step)
+        return self.mlp(x, h), None
+
+
 class DecoderModel(nn.Module):
     """Embedding -> blocks -> final norm -> lm_head. Weights are plain attributes, not parameters.
 
@@ -210,10 +270,9 @@ class DecoderModel(nn.Module):
     """
 
     def __init__(self, embed: torch.Tensor | None, layers: list[DecoderLayer], final_norm: torch.Tensor | None,
-                 eps: float, lm_head: Linear | None, vocab_size: int, vocab_start: int = 0, comm=None,
-                 embed_scale: float | None = None, final_softcap: float | None = None):
+                 eps: float, lm_head: Linear | None, vocab_size: int, vocab_start: int = 0, comm=None, **ends):
         super().__init__()
-        self.embed_scale, self.final_softcap = embed_scale, final_softcap     # Gemma
+        self.set_ends(**ends)
         self.embed = embed
         self.layers = nn.ModuleList(layers)
         self.final_norm, self.eps = final_norm, eps
@@ -222,6 +281,30 @@ class DecoderModel(nn.Module):
         self.comm = comm
         self.sharded_vocab = comm is not None and comm.size > 1
         self._stack = False      # CpuDecodeStack, built on the first bf16 CPU call (None: the blocks need the ops)
+
+    def set_ends(self, embed_scale: float | None = None, final_softcap: float | None = None,
+                 final_norm_bias: torch.Tensor | None = None, pos_embed: torch.Tensor | None = None, pos_offset: int = 0,
+                 embed_norm: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """What some families add around the blocks: Gemma's embedding scale and final logit cap; the final
+        LayerNorm's bias (GPT families); on the first stage, learned position embeddings looked up at ``positions +
+        pos_offset`` (OPT's offset is 2, GPT-2's 0) and BLOOM's LayerNorm (weight, bias) of the embeddings."""
+        self.embed_scale, self.final_softcap = embed_scale, final_softcap
+        self.final_norm_bias = final_norm_bias
+        self.pos_embed, self.pos_offset, self.embed_norm = pos_embed, pos_offset, embed_norm
+
+    def stream_in(self, h: torch.Tensor, step: Step) -> torch.Tensor:
+        """The embeddings h [B, T, H] as the first block reads them (first stage; unchanged for most families)."""
+        if self.pos_embed is not None:
+            h = h + nn.functional.embedding(step.positions + self.pos_offset, self.pos_embed)
+        if self.embed_norm is not None:
+            h = ops.layer_norm(h, *self.embed_norm, self.eps)
+        return h
+
+    def final(self, h: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """The final norm of the stream ``h + delta`` (a stage before the last: the stream itself)."""
+        if self.final_norm is None:
+            return h if delta is None else h + delta
+        return _norm(h, delta, self.final_norm, self.eps, self.final_norm_bias)[0]
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` of this rank's embedding shard."""
@@ -247,16 +330,14 @@ class DecoderModel(nn.Module):
     def hidden(self, h: torch.Tensor, step: Step) -> torch.Tensor:
         """Run all blocks and the final norm on embeddings h [B, T, H] (a pipeline stage before the last: the
         blocks only, the residual stream out)."""
+        h = self.stream_in(h, step)
         stack = self._cpu_stack(h)
         if stack is not None and stack.applies(h, step):      # a bf16 CPU decode step: every block in one C call
-            h = stack(h, step)
-            return h if self.final_norm is None else ops.rms_norm(h, self.final_norm, self.eps)
+            return self.final(stack(h, step))
         delta = None
         for layer in self.layers:
             h, delta = layer.run(h, delta, step)
-        if self.final_norm is None:
-            return h if delta is None else h + delta
-        return _norm(h, delta, self.final_norm, self.eps)[0]
+        return self.final(h, delta)
 
     def _cpu_stack(self, h: torch.Tensor):
         if self._stack is False:

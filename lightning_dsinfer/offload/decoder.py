@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from lightning_dsinfer.fileio import pread_exactly
-from lightning_dsinfer.kernels import ops
 from lightning_dsinfer.modules.linear import Linear
 from lightning_dsinfer.modules.transformer import DecoderLayer, DecoderModel, Step
 from lightning_dsinfer.offload.streamer import UnitStreamer
@@ -89,10 +88,10 @@ class ScratchKV:
 class StreamedDecoderModel(DecoderModel):
     def __init__(self, streamer: UnitStreamer, layer_units: list[tuple[int, int]], head_units: list[int],
                  make_layer: Callable[[int, dict], DecoderLayer], rows, final_norm: torch.Tensor, eps: float,
-                 vocab_size: int, vocab_start: int, prefill_tokens: int, comm=None, embed_scale: float | None = None,
-                 final_softcap: float | None = None, device: torch.device | None = None):
+                 vocab_size: int, vocab_start: int, prefill_tokens: int, comm=None, device: torch.device | None = None,
+                 **ends):
         nn.Module.__init__(self)
-        self.embed_scale, self.final_softcap = embed_scale, final_softcap
+        self.set_ends(**ends)
         self.streamer = streamer
         self.layer_units, self.head_units = layer_units, head_units
         self.make_layer = make_layer
@@ -120,6 +119,7 @@ class StreamedDecoderModel(DecoderModel):
         return [(a, min(a + n, t)) for a in range(0, t, n)]
 
     def hidden(self, h: torch.Tensor, step: Step) -> torch.Tensor:
+        h = self.stream_in(h, step)
         chunks = self._chunks(h.shape[0], h.shape[1])
         scratch = len(chunks) > 1 and step.cache is None and step.hf_cache is None   # a plain forward, chunked
         if scratch and step.q_start != 0:     # (a plain forward has no earlier columns; never chunk what it cannot)
@@ -155,7 +155,7 @@ class StreamedDecoderModel(DecoderModel):
             finally:
                 del half, x
                 self.streamer.release()
-        return h if self.final_norm is None else ops.rms_norm(h, self.final_norm, self.eps)   # (a pipeline stage)
+        return self.final(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         parts = []

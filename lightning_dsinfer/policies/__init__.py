@@ -6,10 +6,13 @@ from collections.abc import Callable
 from torch import nn
 
 from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, UnsupportedModelError
+from lightning_dsinfer.policies.gpt import FAMILY as _GPT_FAMILY
+from lightning_dsinfer.policies.gpt import read_gpt_family
 from lightning_dsinfer.policies.llama import FAMILY as _LLAMA_FAMILY
 from lightning_dsinfer.policies.llama import read_llama_family
 
 POLICIES: dict[str, Callable[[nn.Module, int], ModelWeights]] = {name: read_llama_family for name in _LLAMA_FAMILY}
+POLICIES.update({name: read_gpt_family for name in _GPT_FAMILY})
 
 
 def supported_model_types() -> list[str]:
@@ -24,7 +27,8 @@ def find_policy(model: nn.Module) -> Callable[[nn.Module, int], ModelWeights]:
             f"dsinfer has no policy for model_type={model_type!r} ({type(model).__name__}). "
             f"Supported: {', '.join(supported_model_types())}. With tensor_parallel_size > 1, other transformers "
             f"causal LMs run unfused through the generic tensor-parallel path (their own nn.Linear layers split).")
-    if not hasattr(model, "lm_head") or not hasattr(getattr(model, "model", None), "layers"):
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or getattr(head, "weight", None) is None:
         raise UnsupportedModelError(
             f"{type(model).__name__} (model_type={model_type!r}) is not a causal-LM head model; dsinfer optimises "
             f"*ForCausalLM models (e.g. AutoModelForCausalLM).")

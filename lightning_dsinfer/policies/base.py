@@ -44,7 +44,7 @@ class LayerWeights:
     up: WeightRef | None
     down: WeightRef | None
     input_norm: WeightRef
-    post_norm: WeightRef
+    post_norm: WeightRef | None             # None: one norm feeds attention and MLP (GPT-J, Phi: parallel residual)
     q_bias: WeightRef | None = None
     k_bias: WeightRef | None = None
     v_bias: WeightRef | None = None
@@ -60,6 +60,9 @@ class LayerWeights:
     # is then the MLP's input norm, HF's pre_feedforward_layernorm)
     attn_out_norm: WeightRef | None = None
     mlp_out_norm: WeightRef | None = None
+    # LayerNorm biases (the GPT families; ``ModelWeights.layer_norm``)
+    input_norm_bias: WeightRef | None = None
+    post_norm_bias: WeightRef | None = None
 
 
 @dataclass
@@ -92,3 +95,17 @@ class ModelWeights:
     # Gemma 3: sliding-window layers rotate with a table of their own (None: every layer uses inv_freq)
     sliding_inv_freq: torch.Tensor | None = None
     sliding_attention_scaling: float = 1.0
+    # The GPT families (policies/gpt.py): LayerNorms with a bias (zeros where the model's norm has none); a plain
+    # MLP (``up`` = fc1, ``gate`` None); the parallel residual; positions by rotary, by a learned table added to the
+    # embeddings (``pos_embed`` read at position + ``pos_offset``) or by ALiBi (``alibi``: slopes of every head, fp32)
+    layer_norm: bool = False
+    final_norm_bias: WeightRef | None = None
+    mlp_gated: bool = True
+    parallel_residual: bool = False
+    rotary: bool = True
+    pos_embed: WeightRef | None = None
+    pos_offset: int = 0
+    alibi: torch.Tensor | None = None
+    embed_norm: WeightRef | None = None      # BLOOM: a LayerNorm of the embeddings
+    embed_norm_bias: WeightRef | None = None
+    positions_from_mask: bool = False         # a plain forward without position_ids numbers tokens by the mask (OPT)

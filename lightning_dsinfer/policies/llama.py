@@ -68,6 +68,22 @@ def _sparse_layer(config, traits: FamilyTraits, i: int) -> bool:
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 
 
+def check_rope(config, rotary: nn.Module, inv_freq: torch.Tensor, rope_type: str, head_dim: int,
+               max_seq_len: int) -> None:
+    """Refuse a rope the static rotary table cannot reproduce (frequencies that change with the running length),
+    or frequencies that do not fit the head."""
+    if rope_type in _LENGTH_DEPENDENT_ROPE:
+        original = getattr(rotary, "original_max_seq_len", config.max_position_embeddings)
+        if rope_type == "dynamic" or max_seq_len > original:
+            raise UnsupportedModelError(
+                f"rope_type={rope_type!r} changes its frequencies with the running sequence length, which the "
+                f"static rotary table does not model (max_seq_len={max_seq_len}, original context {original}). "
+                f"Supported rope types: default, linear, llama3, yarn, and longrope up to the original context.")
+    if not 0 < inv_freq.numel() * 2 <= head_dim:
+        raise UnsupportedModelError(
+            f"{config.model_type} has {inv_freq.numel()} rotary frequencies for a head dim of {head_dim}.")
+
+
 def _sliding_window(config, traits: FamilyTraits, layer_idx: int) -> int | None:
     window = getattr(config, "sliding_window", None)
     if traits.sliding_from == "config":
@@ -148,16 +164,7 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
         main = (rotary.inv_freq, float(rotary.attention_scaling), getattr(rotary, "rope_type", "default"))
         sliding = None
     for inv_freq, _, rope_type in [main] + ([sliding] if sliding else []):
-        if rope_type in _LENGTH_DEPENDENT_ROPE:
-            original = getattr(rotary, "original_max_seq_len", config.max_position_embeddings)
-            if rope_type == "dynamic" or max_seq_len > original:
-                raise UnsupportedModelError(
-                    f"rope_type={rope_type!r} changes its frequencies with the running sequence length, which the "
-                    f"static rotary table does not model (max_seq_len={max_seq_len}, original context {original}). "
-                    f"Supported rope types: default, linear, llama3, yarn, and longrope up to the original context.")
-        if not 0 < inv_freq.numel() * 2 <= head_dim:
-            raise UnsupportedModelError(
-                f"{config.model_type} has {inv_freq.numel()} rotary frequencies for a head dim of {head_dim}.")
+        check_rope(config, rotary, inv_freq, rope_type, head_dim, max_seq_len)
     names = set(dict(model.named_parameters(remove_duplicate=False)))
     if traits.packed:     # q / k / v and gate / up as row ranges of the packed tensors, each read on its own
         source = _packed_slices(source, config, head_dim)

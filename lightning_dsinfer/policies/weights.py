@@ -169,38 +169,60 @@ class ExpertStack(WeightSource):
 
 
 class RowSlices(WeightSource):
-    """Row ranges of packed tensors seen as tensors of their own (Phi-3's ``qkv_proj`` read as q, k, v and its
-    ``gate_up_proj`` as gate, up): ``slices[name] = (packed name, first row, rows)``; other names pass through to
-    ``inner``. A slice reads only its rows from ``inner``; a packed tensor is released once every slice of it was."""
+    """Row ranges of packed tensors seen as tensors of their own: ``slices[name] = (packed name, first row, rows)``
+    (Phi-3's ``qkv_proj`` read as q, k, v and its ``gate_up_proj`` as gate, up) or ``(packed name, [(first, rows),
+    ...])``, pieces taken in order (GPT-NeoX's per-head q | k | v rows; GPT-J's rotary dims reordered); other names
+    pass through to ``inner``. A slice reads only its rows from ``inner``; a packed tensor is released once every
+    slice of it was."""
 
-    def __init__(self, inner: WeightSource, slices: dict[str, tuple[str, int, int]]):
-        self.inner, self.slices = inner, slices
+    def __init__(self, inner: WeightSource, slices: dict[str, tuple]):
+        self.inner = inner
+        self.slices: dict[str, tuple[str, list[tuple[int, int]]]] = {
+            name: (packed, [tuple(rest)] if len(rest) == 2 and isinstance(rest[0], int) else list(rest[0]))
+            for name, (packed, *rest) in slices.items()}
         self._unreleased: dict[str, set[str]] = {}
-        for name, (packed, _, _) in slices.items():
+        for name, (packed, _) in self.slices.items():
             self._unreleased.setdefault(packed, set()).add(name)
 
     def shape(self, name):
         if name not in self.slices:          # every other weight: as ``inner`` holds it
             return self.inner.shape(name)
-        packed, _, rows = self.slices[name]
-        return (rows, *self.inner.shape(packed)[1:])
+        packed, pieces = self.slices[name]
+        return (sum(n for _, n in pieces), *self.inner.shape(packed)[1:])
+
+    def _pieces(self, name: str, start: int, length: int) -> list[tuple[int, int]]:
+        """Rows [start, start + length) of slice ``name`` as (first row, rows) runs of its packed tensor."""
+        out, at = [], 0
+        for first, n in self.slices[name][1]:
+            a, b = max(start, at), min(start + length, at + n)
+            if a < b:
+                out.append((first + a - at, b - a))
+            at += n
+        return out
 
     def read(self, name, dim, start, length):
         if name not in self.slices:
             return self.inner.read(name, dim, start, length)
-        packed, first, rows = self.slices[name]
-        if dim is None:
-            return self.inner.read(packed, 0, first, rows)
-        if dim == 0:
-            return self.inner.read(packed, 0, first + start, length)
-        return self.inner.read(packed, dim, start, length).narrow(0, first, rows)
+        packed = self.slices[name][0]
+        if dim is None or dim == 0:
+            runs = self._pieces(name, 0, self.shape(name)[0]) if dim is None else self._pieces(name, start, length)
+            parts = [self.inner.read(packed, 0, a, n) for a, n in runs]
+        else:
+            whole = self.inner.read(packed, dim, start, length)
+            parts = [whole.narrow(0, a, n) for a, n in self.slices[name][1]]
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def reads_rows_into(self, name, dtype):
         return self.inner.reads_rows_into(self.slices[name][0] if name in self.slices else name, dtype)
 
     def read_rows_into(self, name, start, out):
-        packed, first, _ = self.slices.get(name, (name, 0, 0))
-        self.inner.read_rows_into(packed, first + start, out)
+        if name not in self.slices:
+            self.inner.read_rows_into(name, start, out)
+            return
+        at = 0
+        for a, n in self._pieces(name, start, out.shape[0]):
+            self.inner.read_rows_into(self.slices[name][0], a, out[at:at + n])
+            at += n
 
     def release(self, names=()) -> None:
         done = []
@@ -213,6 +235,25 @@ class RowSlices(WeightSource):
             if not left:
                 done.append(self.slices[name][0])
         self.inner.release(done)
+
+
+class Transposed(WeightSource):
+    """2-D weights stored [in, out] (GPT-2's ``Conv1D``) seen as torch's [out, in]; other names pass through."""
+
+    def __init__(self, inner: WeightSource, names):
+        self.inner, self.names = inner, set(names)
+
+    def shape(self, name):
+        shape = self.inner.shape(name)
+        return shape[::-1] if name in self.names else shape
+
+    def read(self, name, dim, start, length):
+        if name not in self.names:
+            return self.inner.read(name, dim, start, length)
+        return self.inner.read(name, None if dim is None else 1 - dim, start, length).t()
+
+    def release(self, names=()) -> None:
+        self.inner.release(names)
 
 
 class ModuleSource(WeightSource):

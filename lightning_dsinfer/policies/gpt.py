@@ -1,0 +1,247 @@
+"""The GPT families on the fused engine: gpt_neox (Pythia), gptj, phi, stablelm, starcoder2, opt, gpt2, bloom.
+
+What they share, and the Llama table lacks: LayerNorms with a bias; a plain MLP ``down(act(up(x)))`` with biases
+(StableLM keeps SwiGLU); the parallel residual ``h + attn(norm1(h)) + mlp(norm2(h))`` (GPT-NeoX and StableLM when
+the config says so, GPT-J and Phi always, with one shared norm); positions by (partial) rotary, by a learned table
+added to the embeddings (OPT, GPT-2) or by ALiBi (BLOOM). Each family is one row of module names; weight layouts
+other than separate q / k / v rows are read as row pieces (:class:`RowSlices`, only the rows a rank owns):
+
+- GPT-NeoX's and BLOOM's ``query_key_value`` interleave q, k, v per head ([H, 3, D] rows);
+- GPT-2's ``c_attn`` is q | k | v along its columns, and its ``Conv1D`` weights are stored [in, out]
+  (:class:`Transposed`);
+- GPT-J rotates interleaved pairs (2i, 2i + 1); reordering each head's rotary rows of q and k as (0, 2, 4, ...,
+  1, 3, 5, ...) turns that into the engine's rotate-half layout, and the scores q.k do not change under the same
+  permutation of both.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, UnsupportedModelError
+from lightning_dsinfer.policies.llama import check_rope
+from lightning_dsinfer.policies.weights import ModuleSource, RowSlices, Transposed, WeightSource
+
+
+@dataclass(frozen=True)
+class GPTFamily:
+    base: str                        # the decoder stack's module: embeddings, blocks and final norm hang off it
+    embed: str
+    layers: str
+    final_norm: str
+    attn: str                        # in a block
+    o: str                           # in the attention module
+    up: str                          # in a block
+    down: str
+    input_norm: str
+    post_norm: str | None            # None: one norm feeds attention and MLP
+    q: str = "q_proj"                # separate projections, in the attention module ...
+    k: str = "k_proj"
+    v: str = "v_proj"
+    qkv: str | None = None           # ... or one fused: ``qkv_layout`` "heads" ([H, 3, D] rows) or "blocks" (q|k|v)
+    qkv_layout: str = "heads"
+    gate: str | None = None          # SwiGLU (StableLM); None: a plain MLP
+    act: str | None = "hidden_act"   # config attribute naming the activation (None: ``fixed_act``)
+    fixed_act: str = "gelu_tanh"
+    eps: str | None = "layer_norm_eps"   # config attribute (None: 1e-5, nn.LayerNorm's default)
+    positions: str = "rotary"        # rotary | rotary_interleaved (GPT-J) | learned | alibi
+    pos_embed: str | None = None     # learned: the table, in ``base``, looked up at position + ``pos_offset``
+    pos_offset: int = 0
+    positions_from_mask: bool = False   # a plain forward without position_ids numbers the tokens by the mask (OPT)
+    parallel: str = "never"          # never | always | config (``use_parallel_residual``)
+    conv1d: bool = False             # GPT-2: 2-D block weights stored [in, out]
+    embed_norm: str | None = None    # BLOOM: a LayerNorm of the embeddings, in ``base``
+    sliding: bool = False            # StarCoder2: ``config.sliding_window`` on every layer
+
+
+_NEOX_MLP = dict(up="mlp.dense_h_to_4h", down="mlp.dense_4h_to_h", input_norm="input_layernorm",
+                 post_norm="post_attention_layernorm")
+
+FAMILY: dict[str, GPTFamily] = {
+    "gpt_neox": GPTFamily(base="gpt_neox", embed="embed_in", layers="layers", final_norm="final_layer_norm",
+                          attn="attention", qkv="query_key_value", o="dense", parallel="config", **_NEOX_MLP),
+    "bloom": GPTFamily(base="transformer", embed="word_embeddings", layers="h", final_norm="ln_f",
+                       attn="self_attention", qkv="query_key_value", o="dense", act=None, eps="layer_norm_epsilon",
+                       positions="alibi", embed_norm="word_embeddings_layernorm", **_NEOX_MLP),
+    "phi": GPTFamily(base="model", embed="embed_tokens", layers="layers", final_norm="final_layernorm",
+                     attn="self_attn", o="dense", up="mlp.fc1", down="mlp.fc2", input_norm="input_layernorm",
+                     post_norm=None, parallel="always"),
+    "stablelm": GPTFamily(base="model", embed="embed_tokens", layers="layers", final_norm="norm", attn="self_attn",
+                          o="o_proj", gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj",
+                          input_norm="input_layernorm", post_norm="post_attention_layernorm", parallel="config"),
+    "starcoder2": GPTFamily(base="model", embed="embed_tokens", layers="layers", final_norm="norm", attn="self_attn",
+                            o="o_proj", up="mlp.c_fc", down="mlp.c_proj", input_norm="input_layernorm",
+                            post_norm="post_attention_layernorm", eps="norm_epsilon", sliding=True),
+    "gptj": GPTFamily(base="transformer", embed="wte", layers="h", final_norm="ln_f", attn="attn", o="out_proj",
+                      up="mlp.fc_in", down="mlp.fc_out", input_norm="ln_1", post_norm=None, parallel="always",
+                      act="activation_function", eps="layer_norm_epsilon", positions="rotary_interleaved"),
+    "opt": GPTFamily(base="model.decoder", embed="embed_tokens", layers="layers", final_norm="final_layer_norm",
+                     attn="self_attn", o="out_proj", up="fc1", down="fc2", input_norm="self_attn_layer_norm",
+                     post_norm="final_layer_norm", act="activation_function", eps=None, positions="learned",
+                     pos_embed="embed_positions", pos_offset=2, positions_from_mask=True),
+    "gpt2": GPTFamily(base="transformer", embed="wte", layers="h", final_norm="ln_f", attn="attn", qkv="c_attn",
+                      qkv_layout="blocks", o="c_proj", up="mlp.c_fc", down="mlp.c_proj", input_norm="ln_1",
+                      post_norm="ln_2", act="activation_function", eps="layer_norm_epsilon", positions="learned",
+                      pos_embed="wpe", conv1d=True),
+}
+
+# transformers' activation names -> the engine's (``reference.act``): gelu_new / gelu_fast / BLOOM's are the tanh form
+_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+         "relu": "relu", "silu": "silu", "swish": "silu"}
+
+
+def _refuse(config, family: GPTFamily) -> None:
+    """Settings of these families the engine does not reproduce: refused by name, before any weight is read."""
+    mt = config.model_type
+    flags = {"qk_layernorm": "per-head LayerNorms of q and k",
+             "scale_attn_by_inverse_layer_idx": "scores scaled by 1 / layer index",
+             "apply_residual_connection_post_layernorm": "the residual taken after the norm",
+             "add_cross_attention": "cross-attention"}
+    for flag, what in flags.items():
+        if getattr(config, flag, False):
+            raise UnsupportedModelError(f"{mt} with {flag}=True ({what}) is not supported by the fused engine.")
+    if mt == "opt":
+        if not getattr(config, "do_layer_norm_before", True) or not getattr(config, "layer_norm_elementwise_affine", True):
+            raise UnsupportedModelError("opt with do_layer_norm_before=False or layer_norm_elementwise_affine=False "
+                                        "(OPT-350m's post-norm blocks) is not supported by the fused engine.")
+        if getattr(config, "word_embed_proj_dim", config.hidden_size) != config.hidden_size:
+            raise UnsupportedModelError("opt with word_embed_proj_dim != hidden_size (projected embeddings, OPT-350m) "
+                                        "is not supported by the fused engine.")
+    if mt == "gptj" and not getattr(config, "rotary_dim", None):
+        raise UnsupportedModelError("gptj without rotary_dim is not supported (HF then rotates with the hidden size's "
+                                    "frequencies); set rotary_dim.")
+
+
+def _rotary(model: nn.Module, config, family: GPTFamily, head_dim: int, max_seq_len: int):
+    """(inv_freq, attention scaling, rope type) of the model's rotary embedding."""
+    if family.positions == "rotary_interleaved":      # GPT-J: HF's own table, from rotary_dim
+        r = config.rotary_dim
+        return 1.0 / (10000 ** (torch.arange(0, r, 2, dtype=torch.int64) / r)), 1.0, "default"
+    module = model.get_submodule(f"{family.base}.rotary_emb")
+    with torch.device("cpu"):     # frequencies are computed, not loaded: rebuild them even for a meta model
+        rotary = type(module)(config=config)
+    inv_freq, rope_type = rotary.inv_freq, getattr(rotary, "rope_type", "default")
+    check_rope(config, rotary, inv_freq, rope_type, head_dim, max_seq_len)
+    return inv_freq.detach(), float(rotary.attention_scaling), rope_type
+
+
+def _alibi_slopes(heads: int) -> torch.Tensor:
+    """BLOOM's ALiBi slopes of every head (transformers' own computation, read off a two-token mask)."""
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+    return build_alibi_tensor(torch.ones(1, 2), heads, torch.float32).view(heads, 2)[:, 1].clone()
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
+
+
+def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | None = None) -> ModelWeights:
+    """Name every weight by role (as lazy refs into ``source``; default: the model's own tensors)."""
+    config = model.config
+    family = FAMILY[config.model_type]
+    _refuse(config, family)
+    act = getattr(config, family.act, None) if family.act else family.fixed_act
+    act = _ACTS.get(act, act if family.act is None else None)
+    if act is None or (family.gate is not None and act != "silu"):
+        raise UnsupportedModelError(
+            f"{config.model_type} with {family.act}={getattr(config, family.act, None)!r} is not supported (the "
+            f"fused MLP takes {', '.join(sorted(_ACTS))}{'; the gated MLP silu' if family.gate else ''}).")
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    head_dim = hidden // heads
+    source = source or ModuleSource(model)
+    names = set(dict(model.named_parameters(remove_duplicate=False)))
+    base, n_layers = family.base, config.num_hidden_layers
+
+    def block(i):
+        return f"{base}.{family.layers}.{i}"
+
+    if family.conv1d:
+        source = Transposed(source, [f"{block(i)}.{p}.weight" for i in range(n_layers)
+                                     for p in (f"{family.attn}.{family.qkv}", f"{family.attn}.{family.o}",
+                                               family.up, family.down)])
+    slices = {}
+    if family.qkv is not None:    # q, k, v as row pieces of the fused projection (its bias likewise)
+        step = 3 * head_dim if family.qkv_layout == "heads" else head_dim
+        at = (lambda h, j: h * step + j * head_dim) if family.qkv_layout == "heads" else \
+            (lambda h, j: j * hidden + h * head_dim)
+        for i in range(n_layers):
+            fused = f"{block(i)}.{family.attn}.{family.qkv}"
+            for j, part in enumerate("qkv"):
+                for kind in ("weight", "bias"):
+                    if f"{fused}.{kind}" in names:
+                        slices[f"{fused}.{part}.{kind}"] = (f"{fused}.{kind}",
+                                                            [(at(h, j), head_dim) for h in range(heads)])
+    elif family.positions == "rotary_interleaved":   # GPT-J: each head's rotary rows of q and k to rotate-half order
+        r = config.rotary_dim
+        order = list(range(0, r, 2)) + list(range(1, r, 2))
+        for i in range(n_layers):
+            for part in ("q", "k"):
+                name = f"{block(i)}.{family.attn}.{getattr(family, part)}.weight"
+                slices[name] = (name, [piece for h in range(heads) for piece in
+                                       [(h * head_dim + o, 1) for o in order] + [(h * head_dim + r, head_dim - r)]
+                                       if piece[1] > 0])
+    if slices:
+        source = RowSlices(source, slices)
+        names |= set(slices)
+
+    def ref(name):
+        return source.ref(name)
+
+    def opt(name):
+        return source.ref(name) if name in names else None
+
+    def proj(i, part):
+        a = f"{block(i)}.{family.attn}"
+        return f"{a}.{family.qkv}.{part}" if family.qkv is not None else f"{a}.{getattr(family, part)}"
+
+    parallel = family.parallel == "always" or (family.parallel == "config" and config.use_parallel_residual)
+    kv_heads = ref(f"{proj(0, 'k')}.weight").shape[0] // head_dim
+    window = getattr(config, "sliding_window", None) if family.sliding else None
+    layers = []
+    for i in range(n_layers):
+        b = block(i)
+        o = f"{b}.{family.attn}.{family.o}"
+        post = f"{b}.{family.post_norm}" if family.post_norm and f"{b}.{family.post_norm}.weight" in names else None
+        layers.append(LayerWeights(
+            q=ref(f"{proj(i, 'q')}.weight"), k=ref(f"{proj(i, 'k')}.weight"), v=ref(f"{proj(i, 'v')}.weight"),
+            o=ref(f"{o}.weight"), q_bias=opt(f"{proj(i, 'q')}.bias"), k_bias=opt(f"{proj(i, 'k')}.bias"),
+            v_bias=opt(f"{proj(i, 'v')}.bias"), o_bias=opt(f"{o}.bias"),
+            gate=ref(f"{b}.{family.gate}.weight") if family.gate else None, up=ref(f"{b}.{family.up}.weight"),
+            down=ref(f"{b}.{family.down}.weight"),
+            gate_bias=opt(f"{b}.{family.gate}.bias") if family.gate else None, up_bias=opt(f"{b}.{family.up}.bias"),
+            down_bias=opt(f"{b}.{family.down}.bias"),
+            input_norm=ref(f"{b}.{family.input_norm}.weight"), input_norm_bias=ref(f"{b}.{family.input_norm}.bias"),
+            post_norm=ref(f"{post}.weight") if post else None, post_norm_bias=ref(f"{post}.bias") if post else None,
+            sliding_window=window))
+    if not parallel and any(lw.post_norm is None for lw in layers):
+        raise UnsupportedModelError(f"{config.model_type}: a sequential block without its second norm.")
+    rotary = family.positions.startswith("rotary")
+    inv_freq, attention_scaling, rope_type = _rotary(model, config, family, head_dim, max_seq_len) if rotary else \
+        (torch.zeros(1), 1.0, "none")    # (a table nothing reads: the blocks' attention does not rotate)
+    embed_name = f"{_module_name(model, model.get_input_embeddings())}.weight"
+    head = model.get_output_embeddings()
+    tied = head.weight is model.get_input_embeddings().weight or bool(getattr(config, "tie_word_embeddings", False))
+    head_name = _module_name(model, head)
+    first_attn = model.get_submodule(f"{block(0)}.{family.attn}")
+    scaling = getattr(first_attn, "scaling", None)
+    if scaling is None:
+        scaling = head_dim ** -0.5 if getattr(config, "scale_attn_weights", True) else 1.0
+    eps = getattr(config, family.eps) if family.eps else 1e-5
+    return ModelWeights(
+        model_type=config.model_type, hidden_size=hidden, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+        intermediate_size=layers[0].up.shape[0], vocab_size=config.vocab_size, rms_norm_eps=eps, scaling=scaling,
+        inv_freq=inv_freq, attention_scaling=attention_scaling, rope_type=rope_type,
+        embed=ref(embed_name), final_norm=ref(f"{base}.{family.final_norm}.weight"),
+        final_norm_bias=ref(f"{base}.{family.final_norm}.bias"),
+        lm_head=ref(embed_name if tied else f"{head_name}.weight"), lm_head_bias=opt(f"{head_name}.bias"),
+        tied_embeddings=tied, layers=layers, mlp_act=act, layer_norm=True, mlp_gated=family.gate is not None,
+        parallel_residual=parallel, rotary=rotary,
+        pos_embed=ref(f"{base}.{family.pos_embed}.weight") if family.pos_embed else None, pos_offset=family.pos_offset,
+        positions_from_mask=family.positions_from_mask,
+        alibi=_alibi_slopes(heads) if family.positions == "alibi" else None,
+        embed_norm=ref(f"{base}.{family.embed_norm}.weight") if family.embed_norm else None,
+        embed_norm_bias=ref(f"{base}.{family.embed_norm}.bias") if family.embed_norm else None,
+    )
