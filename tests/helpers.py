@@ -61,10 +61,10 @@ def tiny_config(family: str, **overrides):
                                                                          "rope_theta": 100000.0},
                                                       "sliding_attention": {"rope_type": "default",
                                                                             "rope_theta": 1000.0}}})
-    elif family in GENERIC_FAMILIES:
+    elif family in GENERIC_FAMILIES or family in GPT_FAMILIES:
         from transformers import AutoConfig
 
-        cfg = AutoConfig.for_model(family, **_GENERIC_COMMON, **GENERIC_FAMILIES[family])
+        cfg = AutoConfig.for_model(family, **_GENERIC_COMMON, **{**GENERIC_FAMILIES, **GPT_FAMILIES}[family])
     else:
         raise ValueError(family)
     for k, v in overrides.items():
@@ -77,11 +77,16 @@ def tiny_model(family: str, seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).eval()
-    if family.startswith("gemma"):     # HF initialises Gemma's (1 + w) norm weights to zero: make them differ, so a
-        with torch.no_grad():          # norm in the wrong place cannot pass
+    with torch.no_grad():              # HF initialises norms to constants (Gemma's (1 + w) to zero, LayerNorms to
+        if family.startswith("gemma"):     # 1 and 0): make them differ, so a norm in the wrong place cannot pass
             for name, p in model.named_parameters():
                 if "norm" in name:
                     p.normal_(0.0, 0.2)
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm) and module.weight is not None:
+                module.weight.normal_(1.0, 0.2)
+                if module.bias is not None:
+                    module.bias.normal_(0.0, 0.2)
     return model
 
 
@@ -96,6 +101,14 @@ def fake_quantised_int8(hf):
         w.copy_(reference.dequantize_int8(q, s).to(w.dtype))
 
     ref = copy.deepcopy(hf)
+    if ref.config.model_type in GPT_FAMILIES:    # every linear of the blocks (GPT-2's Conv1D weights are [in, out])
+        head = ref.get_output_embeddings()
+        with torch.no_grad():
+            for module in ref.modules():
+                if module is head or type(module).__name__ not in ("Linear", "Conv1D"):
+                    continue
+                fake(module.weight.t() if type(module).__name__ == "Conv1D" else module.weight)
+        return ref
     with torch.no_grad():
         for layer in ref.model.layers:
             mlp = layer.mlp
@@ -164,12 +177,26 @@ FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
 # its packed tensors is still tested on a meta model.)
 _GENERIC_COMMON = dict(hidden_size=64, num_hidden_layers=2, vocab_size=97, initializer_range=0.1, pad_token_id=0,
                        bos_token_id=1, eos_token_id=2)
-GENERIC_FAMILIES = {
-    "gpt_neox": dict(num_attention_heads=4, intermediate_size=96, attention_bias=True, max_position_embeddings=256),
+GENERIC_FAMILIES = {      # families without a fused policy (the GPT ones have one now: policies/gpt.py)
     "olmo2": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256),
+    "granite": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256),
+    "mpt": dict(n_heads=4, d_model=64, n_layers=2, expansion_ratio=2, max_seq_len=256),
+    "biogpt": dict(num_attention_heads=4, intermediate_size=96, max_position_embeddings=256),
+    "falcon": dict(num_attention_heads=4, new_decoder_architecture=False, multi_query=True, parallel_attn=True),
+}
+# (the GPT families' test configs, also used by the planner's tests on meta models)
+GPT_FAMILIES = {
+    "gpt_neox": dict(num_attention_heads=4, intermediate_size=96, attention_bias=True, max_position_embeddings=256,
+                     rotary_pct=0.5),
     "opt": dict(num_attention_heads=4, ffn_dim=96, word_embed_proj_dim=64, max_position_embeddings=256),
-    "stablelm": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256),
+    "stablelm": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256,
+                     use_qkv_bias=True, partial_rotary_factor=0.5),
     "bloom": dict(n_head=4),
+    "phi": dict(num_attention_heads=4, intermediate_size=96, max_position_embeddings=256, partial_rotary_factor=0.5),
+    "starcoder2": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                       max_position_embeddings=256, sliding_window=7),
+    "gptj": dict(n_head=4, n_inner=96, n_positions=256, rotary_dim=8),
+    "gpt2": dict(n_head=4, n_inner=96, n_positions=256),
 }
 
 

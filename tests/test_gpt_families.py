@@ -1,0 +1,165 @@
+"""The GPT families on the fused engine (policies/gpt.py), against the unmodified HF model (tiny random configs with
+random LayerNorm weights and biases, tests/helpers.py): GPT-NeoX (parallel residual, per-head packed QKV, partial
+rotary), OPT (learned positions at offset 2, numbered by the mask, ReLU), StableLM (SwiGLU under LayerNorms, q/k/v
+biases, partial rotary, GQA), BLOOM (ALiBi, the embeddings' LayerNorm, per-head packed QKV), Phi (one shared norm,
+parallel residual, lm_head bias), StarCoder2 (GQA, sliding window, biases), GPT-J (interleaved rotary reordered to
+rotate-half, lm_head bias), GPT-2 (Conv1D weights, q|k|v columns, learned positions). fp32 logits atol 2e-4 / rtol
+1e-4 on a left-padded batch, greedy tokens identical; bf16, int8, offload, tensor and pipeline parallelism, a
+checkpoint on meta. Through the Triton kernels: tests/kernels/test_engine_triton_path.py."""
+import copy
+
+import pytest
+import torch
+
+import lightning_dsinfer as dsi
+from helpers import GPT_FAMILIES, fake_quantised_int8, optimised_copy, padded_batch, streaming_budget, tiny_model
+from multiproc import run_ranks
+
+FAMILIES = list(GPT_FAMILIES)
+ATOL, RTOL = 2e-4, 1e-4
+
+
+def _compare(ref, opt, seed=1, new=10, lengths=(12, 5, 9, 3)):
+    """(valid, HF logits, ours, HF greedy tokens, ours) on a left-padded batch."""
+    ids, mask = padded_batch(list(lengths), seed=seed)
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask).logits
+        tokens = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
+    got = opt(input_ids=ids, attention_mask=mask).logits
+    ours = opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
+    return mask.bool(), want, got, tokens, ours
+
+
+def _assert_same(ref, opt, **kw):
+    valid, want, got, tokens, ours = _compare(ref, opt, **kw)
+    torch.testing.assert_close(got[valid], want[valid], atol=ATOL, rtol=RTOL)
+    assert torch.equal(ours, tokens)
+
+
+# each family's other block form: GPT-NeoX / StableLM with and without the parallel residual
+VARIANTS = [(f, {}) for f in FAMILIES] + [("gpt_neox", {"use_parallel_residual": False}),
+                                          ("stablelm", {"use_parallel_residual": True})]
+
+
+@pytest.mark.parametrize("family,overrides", VARIANTS,
+                         ids=FAMILIES + ["gpt_neox-sequential", "stablelm-parallel"])
+def test_gpt_family_matches_hf(family, overrides):
+    hf = tiny_model(family, **overrides)
+    opt = optimised_copy(hf, max_seq_len=64)
+    layer = opt._dsinfer_engine.decoder.layers[0]
+    assert type(layer).__name__ == "GPTDecoderLayer" and layer.input_bias is not None
+    _assert_same(hf, opt)
+    ids, mask = padded_batch([6, 9], seed=2)       # beam search through HF's loop, over the engine's forward
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False)
+    with torch.no_grad():
+        assert torch.equal(opt.generate(**kw), hf.generate(**kw))
+
+
+def test_positions_and_alibi_reach_the_blocks():
+    """What makes each family's positions: learned tables (OPT at offset 2, GPT-2 at 0), ALiBi slopes (BLOOM, as
+    transformers computes them), rotary (the rest); a plain forward without a mask numbers OPT's tokens as HF does."""
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+    for family, table, offset in (("opt", "model.decoder.embed_positions.weight", 2), ("gpt2", "transformer.wpe.weight", 0)):
+        hf = tiny_model(family)
+        decoder = optimised_copy(hf, max_seq_len=64)._dsinfer_engine.decoder
+        assert decoder.pos_offset == offset and torch.equal(decoder.pos_embed, dict(hf.named_parameters())[table])
+        assert not decoder.layers[0].attn.rotary
+    bloom = optimised_copy(tiny_model("bloom"), max_seq_len=64)._dsinfer_engine.decoder
+    slopes = build_alibi_tensor(torch.ones(1, 3), 4, torch.float32).view(4, 3)[:, 2] / 2
+    torch.testing.assert_close(bloom.layers[0].attn.alibi, slopes)
+    ids = torch.randint(3, 97, (2, 7))
+    for family in FAMILIES:                  # no mask: every token visible, positions 0..T-1
+        hf = tiny_model(family)
+        opt = optimised_copy(hf, max_seq_len=64)
+        with torch.no_grad():
+            torch.testing.assert_close(opt(input_ids=ids).logits, hf(input_ids=ids).logits, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gpt_family_bf16(family):
+    """bf16: the prompt's logits and the logits of HF's own greedy continuation (teacher-forced, so every decode-shaped
+    position is compared whatever near ties do to the tokens) within the bf16 tolerance of HF's."""
+    hf = tiny_model(family).to(torch.bfloat16)
+    opt = optimised_copy(hf, max_seq_len=64, dtype=torch.bfloat16)
+    ids, mask = padded_batch([12, 5, 9], seed=1)
+    full = torch.cat([mask, torch.ones(3, 6, dtype=mask.dtype)], dim=1)
+    pos = (full.cumsum(-1) - 1).masked_fill(full == 0, 1)    # generate's positions (learned tables see them)
+    with torch.no_grad():
+        seq = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        want = hf(input_ids=seq, attention_mask=full, position_ids=pos).logits.float()
+    got = opt(input_ids=seq, attention_mask=full, position_ids=pos).logits.float()
+    torch.testing.assert_close(got[full.bool()], want[full.bool()], atol=6e-2, rtol=2e-2)
+    # decode steps on the engine's own cache: its tokens' logits against HF's full forward of those tokens
+    out = opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, output_scores=True,
+                       return_dict_in_generate=True)
+    with torch.no_grad():
+        again = hf(input_ids=out.sequences, attention_mask=full, position_ids=pos).logits.float()
+    steps = torch.stack(out.scores, dim=1).float()                     # [B, 6, V]: positions 11..16 predict 12..17
+    torch.testing.assert_close(steps, again[:, -7:-1], atol=6e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "bloom", "gpt2", "gptj"])
+def test_gpt_family_int8_matches_fake_quantised_hf(family):
+    hf = tiny_model(family)
+    opt = optimised_copy(hf, max_seq_len=64, quantize="int8")
+    _assert_same(fake_quantised_int8(hf), opt)
+
+
+@pytest.mark.parametrize("tier", ["cpu", "nvme"])
+@pytest.mark.parametrize("family", ["gpt_neox", "opt", "bloom"])
+def test_gpt_family_offload_matches_hf(family, tier, tmp_path):
+    """Streamed in block halves under a budget that streams most units: the attention half holds both LayerNorms
+    (the parallel residual's MLP input is normed there), the first stage's position table and embedding norm stay
+    resident."""
+    hf = tiny_model(family)
+
+    def build(max_memory, folder="off"):
+        return dsi.init_inference(copy.deepcopy(hf), offload=tier, offload_path=str(tmp_path / folder),
+                                  max_memory=max_memory, max_batch_size=4, max_seq_len=64)
+
+    opt = build(streaming_budget(lambda mm: build(mm, "sizing")))
+    streamer = opt._dsinfer_engine.decoder.streamer
+    assert tier == "cpu" or len(streamer.order) >= 2, "nothing is streamed"
+    _assert_same(hf, opt)
+
+
+def test_gpt_families_from_checkpoint_on_meta(tmp_path):
+    """From what save_pretrained writes (GPT-NeoX's lm_head saved as embed_out, GPT-2's Conv1D [in, out], tied
+    embeddings), each slice read straight from the files."""
+    from transformers import AutoModelForCausalLM
+
+    for family in FAMILIES:
+        hf = tiny_model(family)
+        hf.save_pretrained(tmp_path / family)
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(hf.config)
+        opt = dsi.init_inference(meta, checkpoint=str(tmp_path / family), max_seq_len=64, dtype=torch.float32)
+        _assert_same(hf, opt, new=6)
+
+
+def test_gpt_families_tensor_and_pipeline_parallel():
+    """TP=2: per-head packed QKV sliced by heads (GPT-NeoX, BLOOM with its slopes), q|k|v columns (GPT-2), GQA
+    (StarCoder2), learned positions (OPT), the reordered rotary rows (GPT-J); PP=2 across the same. Logits, greedy,
+    beam search as HF's, sampling agrees across ranks."""
+    tp = ["gpt_neox", "bloom", "gpt2", "starcoder2", "opt", "gptj"]
+    codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", *tp], timeout=300)
+    assert codes == [0, 0], "\n".join(outs)
+    assert outs[0].count(" OK") == len(tp), outs[0]
+    pp = ["gpt_neox", "bloom", "opt", "phi"]
+    codes, outs, _ = run_ranks("pp_worker.py", 2, ["--pp", "2", "--families", *pp], timeout=300)
+    assert codes == [0, 0], "\n".join(o[-3000:] for o in outs)
+    assert all(out.count(" OK") == len(pp) for out in outs), outs
+
+
+@pytest.mark.parametrize("family,flag,match", [
+    ("phi", {"qk_layernorm": True}, "qk_layernorm=True"),
+    ("stablelm", {"qk_layernorm": True}, "qk_layernorm=True"),
+    ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=True"),
+    ("bloom", {"apply_residual_connection_post_layernorm": True}, "apply_residual_connection_post_layernorm=True"),
+    ("opt", {"do_layer_norm_before": False}, "do_layer_norm_before=False"),
+    ("gpt_neox", {"hidden_act": "mish"}, "hidden_act='mish' is not supported"),
+])
+def test_unsupported_settings_are_refused(family, flag, match):
+    with pytest.raises(dsi.UnsupportedModelError, match=match):
+        dsi.init_inference(tiny_model(family, **flag))
