@@ -25,7 +25,7 @@ def _generate_recording(model, monkeypatch, **kw):
     return out, seen
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + ["gpt_neox", "opt", "bloom"])   # + LayerNorms, learned positions, ALiBi
 def test_graph_step_equals_eager_step(family, monkeypatch):
     hf = tiny_model(family)
     opt = optimised_copy(hf, max_seq_len=40, max_batch_size=4)

@@ -15,8 +15,9 @@ def _trainer(**kw):
                      enable_progress_bar=False, enable_model_summary=False, **kw)
 
 
-def test_predict_matches_hf_one_prediction_per_sample_in_order():
-    hf = tiny_model("llama")
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_predict_matches_hf_one_prediction_per_sample_in_order(family):
+    hf = tiny_model(family)
     prompts = random_prompts(7)
     loader = DataLoader(prompts, batch_size=2, collate_fn=collate_left_padded)
     preds = _trainer(strategy="dsinfer").predict(generating_module(copy.deepcopy(hf)), loader)

@@ -235,21 +235,6 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     return kernel(x, weight, bias, eps)
 
 
-def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
-    """(layer_norm(x + residual), x + residual), as :func:`add_rms_norm`; one kernel on the Triton path."""
-    if not _triton(x):
-        h = x + residual
-        return torch.nn.functional.layer_norm(h, weight.shape, weight, bias, eps), h
-    n = x.shape[-1]
-    if residual.shape != x.shape or residual.dtype != x.dtype or weight.shape != (n,) or n > _NORM_MAX_FEATURES:
-        _count("add_layer_norm", "reference:layout")
-        h = x + residual
-        return reference.add_bias_layer_norm(h, weight, bias, eps), h
-    from lightning_dsinfer.kernels.layer_norm import layer_norm as kernel
-    _count("add_layer_norm", "triton")
-    return kernel(x, weight, bias, eps, residual=residual)
-
-
 def act(x: torch.Tensor, name: str) -> torch.Tensor:
     """A plain MLP's activation (gelu | gelu_tanh | relu | silu) over x: torch's op in x's dtype on the CPU (fp32
     inside, one rounding, as HF), ``kernels/activations.bias_act`` on the Triton path."""
@@ -610,6 +595,6 @@ def _decode(q, k, v, mask, scale, b, length, softcap=None, alibi=None):
     return out.unsqueeze(2)
 
 
-__all__ = ["rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm", "act", "norm_linear", "fuses_residual", "uses_triton", "rotary_half", "rotary_write_kv",
+__all__ = ["rms_norm", "add_rms_norm", "layer_norm", "act", "norm_linear", "fuses_residual", "uses_triton", "rotary_half", "rotary_write_kv",
            "silu_and_mul", "gated_act", "moe_mlp", "attention", "linear", "linear_int8", "SMALL_GEMM_MAX_M", "force_triton",
            "gemm_fusion", "kv_ranges", "dispatch_counts"]

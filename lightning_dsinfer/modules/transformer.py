@@ -159,11 +159,11 @@ def norm(x: torch.Tensor, weight: torch.Tensor, eps: float, bias: torch.Tensor |
 
 def _norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
           bias: torch.Tensor | None = None):
-    """(norm(h + delta), h + delta); delta None: nothing pending, h as it is."""
-    if delta is None:
+    """(norm(h + delta), h + delta); delta None: nothing pending, h as it is. (A LayerNorm block never defers its
+    residual add, so only RMSNorms meet a pending delta: ``add_rms_norm``, one kernel on the Triton path.)"""
+    if delta is None or bias is not None:
+        h = h if delta is None else h + delta
         return norm(h, weight, eps, bias), h
-    if bias is not None:
-        return ops.add_layer_norm(delta, h, weight, bias, eps)
     return ops.add_rms_norm(delta, h, weight, eps)
 
 

@@ -117,6 +117,25 @@ def test_gemma_through_triton_matches_hf(family, monkeypatch):
     assert _fallbacks() == ({("attention", "reference:softcap"): 2 * layers} if capped else {}), _fallbacks()
 
 
+@pytest.mark.parametrize("family", ["gpt_neox", "bloom", "opt", "gptj"])
+def test_gpt_family_through_triton_matches_hf(family, monkeypatch):
+    """The GPT families on the Triton path: LayerNorms with a bias (``layer_norm``; the residual adds in the output
+    projections' GEMMs), the plain MLP's activation (``act``: GeLU, or OPT's ReLU), partial rotary (GPT-NeoX) and
+    GPT-J's reordered rotary rows, BLOOM's ALiBi in the decode-attention kernel (its prompts take the reference; the
+    prefill kernel has no ALiBi), learned positions (OPT): fp32 logits and greedy tokens as HF's."""
+    monkeypatch.setenv("DSINFER_CUDA_GRAPHS", "0")
+    opt = _matches_hf_through_triton(family)
+    layers = len(opt._dsinfer_engine.decoder.layers)
+    counts = dict(ops.dispatch_counts)
+    assert counts[("act", "triton")] == 6 * layers, counts             # 1 forward + 1 prefill + 4 decode steps
+    assert counts[("layer_norm", "triton")] >= 6 * layers, counts
+    rotary = family != "bloom" and family != "opt"
+    assert counts.get(("rotary_write_kv", "triton"), 0) == (6 * layers if rotary else 0), counts
+    alibi = family == "bloom"
+    assert counts[("attention", "triton")] == (4 if alibi else 6) * layers, counts
+    assert _fallbacks() == ({("attention", "reference:alibi"): 2 * layers} if alibi else {}), _fallbacks()
+
+
 @pytest.mark.parametrize("family", ["llama", "mixtral", "qwen2_moe"])
 def test_int8_through_triton_matches_fake_quantised_hf(family, monkeypatch):
     """quantize="int8" on the Triton path (built under the forced dispatch on a CPU, as on CUDA): llama's block linears
