@@ -15,7 +15,9 @@ With ``--experts`` the model is a Mixtral (every MLP a sparse block of that many
 its bytes per step count the router and the top-k experts of each layer (what one token reads), for HF too.
 ``--family gemma2`` builds a Gemma 2 of the same widths instead (GeGLU, norms around attention and MLP, soft-capped
 scores and logits, every second layer sliding; tied embeddings, as Gemma's): the engine's per-op CPU path, since the
-one-call C decode step runs SwiGLU blocks only.
+one-call C decode step runs SwiGLU blocks only. ``--family gpt_neox`` / ``bloom``: the GPT families' blocks
+(LayerNorms with biases, a plain GeLU MLP; GPT-NeoX's parallel residual and partial rotary, BLOOM's ALiBi), also on the
+per-op path.
 """
 from __future__ import annotations
 
@@ -33,6 +35,10 @@ import torch  # noqa: E402
 from common import add_llama_args, llama_config, markdown_table, record, stream_read_bandwidth  # noqa: E402
 
 
+FAMILY_NAMES = {"llama": "Llama", "gemma2": "Gemma 2", "gpt_neox": "GPT-NeoX (Pythia-style: parallel residual, "
+                "rotary on a quarter of each head)", "bloom": "BLOOM (ALiBi)"}
+
+
 def build_model(args):
     from transformers import AutoModelForCausalLM
 
@@ -45,6 +51,14 @@ def build_model(args):
             "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
             "vocab_size", "max_position_embeddings", "eos_token_id", "pad_token_id")},
             head_dim=args.hidden // args.heads, query_pre_attn_scalar=args.hidden // args.heads)
+    if getattr(args, "family", "llama") in ("gpt_neox", "bloom"):   # LayerNorms, plain GeLU MLP of --intermediate
+        from transformers import BloomConfig, GPTNeoXConfig
+
+        common = dict(hidden_size=args.hidden, num_hidden_layers=args.layers, vocab_size=args.vocab,
+                      eos_token_id=None, pad_token_id=0, tie_word_embeddings=False)
+        cfg = GPTNeoXConfig(**common, num_attention_heads=args.heads, intermediate_size=args.intermediate,
+                            max_position_embeddings=4096, rotary_pct=0.25) if args.family == "gpt_neox" else \
+            BloomConfig(**common, n_head=args.heads)       # (BLOOM's MLP is 4 x hidden)
     if getattr(args, "experts", 0):      # (the other benchmarks build the dense Llama through here too)
         from transformers import MixtralConfig
 
@@ -108,7 +122,7 @@ def main():
     p.add_argument("--skip-int8", action="store_true", help="no quantize='int8' rows")
     p.add_argument("--experts", type=int, default=0, help="a Mixtral with this many experts per layer (0: Llama)")
     p.add_argument("--top-k", type=int, default=2, help="experts per token (--experts)")
-    p.add_argument("--family", choices=["llama", "gemma2"], default="llama")
+    p.add_argument("--family", choices=list(FAMILY_NAMES), default="llama")
     p.add_argument("--record", metavar="RESULTS_MD", help="append the table to this file")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -156,7 +170,7 @@ def main():
         print(quality)
     if args.record:
         kind = f"Mixtral ({args.experts} experts, top {args.top_k})" if args.experts else \
-            {"llama": "Llama", "gemma2": "Gemma 2"}[args.family]
+            FAMILY_NAMES[args.family]
         record(args.record, f"decode.py: {n_params / 1e6:.0f}M {kind} bf16, {args.threads} threads, "
                             f"streaming read {bw / 1e9:.1f} GB/s", table + (f"\n\n{quality}" if quality else ""))
 

@@ -182,7 +182,6 @@ GENERIC_FAMILIES = {      # families without a fused policy (the GPT ones have o
     "granite": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256),
     "mpt": dict(n_heads=4, d_model=64, n_layers=2, expansion_ratio=2, max_seq_len=256),
     "biogpt": dict(num_attention_heads=4, intermediate_size=96, max_position_embeddings=256),
-    "falcon": dict(num_attention_heads=4, new_decoder_architecture=False, multi_query=True, parallel_attn=True),
 }
 # (the GPT families' test configs, also used by the planner's tests on meta models)
 GPT_FAMILIES = {
@@ -197,6 +196,8 @@ GPT_FAMILIES = {
                        max_position_embeddings=256, sliding_window=7),
     "gptj": dict(n_head=4, n_inner=96, n_positions=256, rotary_dim=8),
     "gpt2": dict(n_head=4, n_inner=96, n_positions=256),
+    "falcon": dict(num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True, bias=True,
+                   ffn_hidden_size=96),
 }
 
 

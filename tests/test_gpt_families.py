@@ -4,7 +4,8 @@ rotary), OPT (learned positions at offset 2, numbered by the mask, ReLU), Stable
 biases, partial rotary, GQA), BLOOM (ALiBi, the embeddings' LayerNorm, per-head packed QKV), Phi (one shared norm,
 parallel residual, lm_head bias), StarCoder2 (GQA, sliding window, biases), GPT-J (interleaved rotary reordered to
 rotate-half, lm_head bias), GPT-2 (Conv1D weights, q|k|v columns, learned positions). fp32 logits atol 2e-4 / rtol
-1e-4 on a left-padded batch, greedy tokens identical; bf16, int8, offload, tensor and pipeline parallelism, a
+1e-4 on a left-padded batch, greedy tokens identical; Falcon in its three block forms (KV groups with two norms,
+one KV head with one shared norm, sequential); bf16, int8, offload, tensor and pipeline parallelism, a
 checkpoint on meta. Through the Triton kernels: tests/kernels/test_engine_triton_path.py."""
 import copy
 
@@ -36,13 +37,19 @@ def _assert_same(ref, opt, **kw):
     assert torch.equal(ours, tokens)
 
 
-# each family's other block form: GPT-NeoX / StableLM with and without the parallel residual
-VARIANTS = [(f, {}) for f in FAMILIES] + [("gpt_neox", {"use_parallel_residual": False}),
-                                          ("stablelm", {"use_parallel_residual": True})]
+# each family's other block forms: GPT-NeoX / StableLM with and without the parallel residual; Falcon-7B (one KV head,
+# q | k | v rows, one shared norm), the sequential Falcon (per-head q, k, v rows), Falcon-40B with one shared norm
+# (the default test config is Falcon-40B / 180B's: KV heads in groups, ln_attn and ln_mlp)
+VARIANTS = {**{f: (f, {}) for f in FAMILIES},
+            "gpt_neox-sequential": ("gpt_neox", {"use_parallel_residual": False}),
+            "stablelm-parallel": ("stablelm", {"use_parallel_residual": True}),
+            "falcon-7b": ("falcon", {"new_decoder_architecture": False, "multi_query": True, "parallel_attn": True}),
+            "falcon-sequential": ("falcon", {"new_decoder_architecture": False, "multi_query": False,
+                                             "parallel_attn": False, "num_kv_heads": 4}),
+            "falcon-one-norm": ("falcon", {"num_ln_in_parallel_attn": 1, "bias": False})}
 
 
-@pytest.mark.parametrize("family,overrides", VARIANTS,
-                         ids=FAMILIES + ["gpt_neox-sequential", "stablelm-parallel"])
+@pytest.mark.parametrize("family,overrides", VARIANTS.values(), ids=VARIANTS.keys())
 def test_gpt_family_matches_hf(family, overrides):
     hf = tiny_model(family, **overrides)
     opt = optimised_copy(hf, max_seq_len=64)
@@ -140,9 +147,9 @@ def test_gpt_families_from_checkpoint_on_meta(tmp_path):
 
 def test_gpt_families_tensor_and_pipeline_parallel():
     """TP=2: per-head packed QKV sliced by heads (GPT-NeoX, BLOOM with its slopes), q|k|v columns (GPT-2), GQA
-    (StarCoder2), learned positions (OPT), the reordered rotary rows (GPT-J); PP=2 across the same. Logits, greedy,
+    (StarCoder2), KV groups (Falcon), learned positions (OPT), the reordered rotary rows (GPT-J); PP=2 across some. Logits, greedy,
     beam search as HF's, sampling agrees across ranks."""
-    tp = ["gpt_neox", "bloom", "gpt2", "starcoder2", "opt", "gptj"]
+    tp = ["gpt_neox", "bloom", "gpt2", "starcoder2", "opt", "gptj", "falcon"]
     codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", *tp], timeout=300)
     assert codes == [0, 0], "\n".join(outs)
     assert outs[0].count(" OK") == len(tp), outs[0]
@@ -159,6 +166,7 @@ def test_gpt_families_tensor_and_pipeline_parallel():
     ("bloom", {"apply_residual_connection_post_layernorm": True}, "apply_residual_connection_post_layernorm=True"),
     ("opt", {"do_layer_norm_before": False}, "do_layer_norm_before=False"),
     ("gpt_neox", {"hidden_act": "mish"}, "hidden_act='mish' is not supported"),
+    ("falcon", {"alibi": True}, "alibi=True"),
 ])
 def test_unsupported_settings_are_refused(family, flag, match):
     with pytest.raises(dsi.UnsupportedModelError, match=match):

@@ -1,4 +1,4 @@
-"""The GPT families on the fused engine: gpt_neox (Pythia), gptj, phi, stablelm, starcoder2, opt, gpt2, bloom.
+"""The GPT families on the fused engine: gpt_neox (Pythia), gptj, phi, stablelm, starcoder2, opt, gpt2, bloom, falcon.
 
 What they share, and the Llama table lacks: LayerNorms with a bias; a plain MLP ``down(act(up(x)))`` with biases
 (StableLM keeps SwiGLU); the parallel residual ``h + attn(norm1(h)) + mlp(norm2(h))`` (GPT-NeoX and StableLM when
@@ -6,7 +6,8 @@ the config says so, GPT-J and Phi always, with one shared norm); positions by (p
 added to the embeddings (OPT, GPT-2) or by ALiBi (BLOOM). Each family is one row of module names; weight layouts
 other than separate q / k / v rows are read as row pieces (:class:`RowSlices`, only the rows a rank owns):
 
-- GPT-NeoX's and BLOOM's ``query_key_value`` interleave q, k, v per head ([H, 3, D] rows);
+- GPT-NeoX's and BLOOM's ``query_key_value`` interleave q, k, v per head ([H, 3, D] rows), Falcon-40B/180B's per KV
+  group (each group's query heads, then its key and value), Falcon-7B's is q | k | v (one KV head);
 - GPT-2's ``c_attn`` is q | k | v along its columns, and its ``Conv1D`` weights are stored [in, out]
   (:class:`Transposed`);
 - GPT-J rotates interleaved pairs (2i, 2i + 1); reordering each head's rotary rows of q and k as (0, 2, 4, ...,
@@ -40,7 +41,7 @@ class GPTFamily:
     q: str = "q_proj"                # separate projections, in the attention module ...
     k: str = "k_proj"
     v: str = "v_proj"
-    qkv: str | None = None           # ... or one fused: ``qkv_layout`` "heads" ([H, 3, D] rows) or "blocks" (q|k|v)
+    qkv: str | None = None           # ... or one fused, rows laid out as ``qkv_layout`` (:func:`_qkv_pieces`)
     qkv_layout: str = "heads"
     gate: str | None = None          # SwiGLU (StableLM); None: a plain MLP
     act: str | None = "hidden_act"   # config attribute naming the activation (None: ``fixed_act``)
@@ -81,6 +82,9 @@ FAMILY: dict[str, GPTFamily] = {
                      attn="self_attn", o="out_proj", up="fc1", down="fc2", input_norm="self_attn_layer_norm",
                      post_norm="final_layer_norm", act="activation_function", eps=None, positions="learned",
                      pos_embed="embed_positions", pos_offset=2, positions_from_mask=True),
+    "falcon": GPTFamily(base="transformer", embed="word_embeddings", layers="h", final_norm="ln_f",
+                        attn="self_attention", qkv="query_key_value", o="dense", act="activation",
+                        eps="layer_norm_epsilon", **_NEOX_MLP),   # (norms, layout, residual: :func:`_falcon`)
     "gpt2": GPTFamily(base="transformer", embed="wte", layers="h", final_norm="ln_f", attn="attn", qkv="c_attn",
                       qkv_layout="blocks", o="c_proj", up="mlp.c_fc", down="mlp.c_proj", input_norm="ln_1",
                       post_norm="ln_2", act="activation_function", eps="layer_norm_epsilon", positions="learned",
@@ -109,9 +113,49 @@ def _refuse(config, family: GPTFamily) -> None:
         if getattr(config, "word_embed_proj_dim", config.hidden_size) != config.hidden_size:
             raise UnsupportedModelError("opt with word_embed_proj_dim != hidden_size (projected embeddings, OPT-350m) "
                                         "is not supported by the fused engine.")
+    if mt == "falcon" and config.alibi:
+        raise UnsupportedModelError("falcon with alibi=True (Falcon-RW: ALiBi added before the scores' scaling) is not "
+                                    "supported by the fused engine; the rotary Falcons (7B, 40B, 180B) are.")
     if mt == "gptj" and not getattr(config, "rotary_dim", None):
         raise UnsupportedModelError("gptj without rotary_dim is not supported (HF then rotates with the hidden size's "
                                     "frequencies); set rotary_dim.")
+
+
+def _falcon(config, family: GPTFamily) -> GPTFamily:
+    """Falcon's block by its config: 40B / 180B (``new_decoder_architecture``) norm attention and MLP inputs apart
+    (``ln_attn`` / ``ln_mlp``, or one shared norm) with KV heads in groups; 7B shares one norm between the parallel
+    attention and MLP with one KV head (``multi_query``); without ``parallel_attn`` the block is sequential."""
+    import dataclasses
+
+    if config.new_decoder_architecture:
+        two = (getattr(config, "num_ln_in_parallel_attn", None) or 2) == 2
+        return dataclasses.replace(family, qkv_layout="groups", parallel="always",
+                                   input_norm="ln_attn" if two else "input_layernorm", post_norm="ln_mlp" if two else None)
+    layout = "blocks" if config.multi_query else "heads"
+    if config.parallel_attn:
+        return dataclasses.replace(family, qkv_layout=layout, parallel="always", post_norm=None)
+    return dataclasses.replace(family, qkv_layout=layout)
+
+
+def _qkv_pieces(layout: str, heads: int, kv_heads: int, d: int) -> dict[str, list[tuple[int, int]]]:
+    """Rows of q, k and v in a fused QKV projection, as (first row, rows) runs: "heads" [H, 3, D] (GPT-NeoX, BLOOM),
+    "blocks" q | k | v (GPT-2, Falcon-7B), "groups" [KV, H / KV + 2, D] (Falcon-40B: a group's query heads, its key,
+    its value)."""
+    if layout == "heads":
+        return {part: [(h * 3 * d + j * d, d) for h in range(heads)] for j, part in enumerate("qkv")}
+    if layout == "blocks":
+        return {"q": [(0, heads * d)], "k": [(heads * d, kv_heads * d)], "v": [((heads + kv_heads) * d, kv_heads * d)]}
+    per = heads // kv_heads + 2                  # rows of one group, in heads
+    return {"q": [(g * per * d, (per - 2) * d) for g in range(kv_heads)],
+            "k": [((g * per + per - 2) * d, d) for g in range(kv_heads)],
+            "v": [((g * per + per - 1) * d, d) for g in range(kv_heads)]}
+
+
+def _fused_kv_heads(config, heads: int) -> int:
+    """KV heads of a fused QKV projection (Falcon's by its architecture; GPT-NeoX's, BLOOM's, GPT-2's: every head)."""
+    if config.model_type == "falcon":
+        return config.num_kv_heads if config.new_decoder_architecture else 1 if config.multi_query else heads
+    return heads
 
 
 def _rotary(model: nn.Module, config, family: GPTFamily, head_dim: int, max_seq_len: int):
@@ -143,6 +187,8 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
     config = model.config
     family = FAMILY[config.model_type]
     _refuse(config, family)
+    if config.model_type == "falcon":
+        family = _falcon(config, family)
     act = getattr(config, family.act, None) if family.act else family.fixed_act
     act = _ACTS.get(act, act if family.act is None else None)
     if act is None or (family.gate is not None and act != "silu"):
@@ -163,17 +209,15 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
                                      for p in (f"{family.attn}.{family.qkv}", f"{family.attn}.{family.o}",
                                                family.up, family.down)])
     slices = {}
+    kv_heads = _fused_kv_heads(config, heads)
     if family.qkv is not None:    # q, k, v as row pieces of the fused projection (its bias likewise)
-        step = 3 * head_dim if family.qkv_layout == "heads" else head_dim
-        at = (lambda h, j: h * step + j * head_dim) if family.qkv_layout == "heads" else \
-            (lambda h, j: j * hidden + h * head_dim)
+        pieces = _qkv_pieces(family.qkv_layout, heads, kv_heads, head_dim)
         for i in range(n_layers):
             fused = f"{block(i)}.{family.attn}.{family.qkv}"
-            for j, part in enumerate("qkv"):
+            for part in "qkv":
                 for kind in ("weight", "bias"):
                     if f"{fused}.{kind}" in names:
-                        slices[f"{fused}.{part}.{kind}"] = (f"{fused}.{kind}",
-                                                            [(at(h, j), head_dim) for h in range(heads)])
+                        slices[f"{fused}.{part}.{kind}"] = (f"{fused}.{kind}", pieces[part])
     elif family.positions == "rotary_interleaved":   # GPT-J: each head's rotary rows of q and k to rotate-half order
         r = config.rotary_dim
         order = list(range(0, r, 2)) + list(range(1, r, 2))
@@ -198,7 +242,8 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
         return f"{a}.{family.qkv}.{part}" if family.qkv is not None else f"{a}.{getattr(family, part)}"
 
     parallel = family.parallel == "always" or (family.parallel == "config" and config.use_parallel_residual)
-    kv_heads = ref(f"{proj(0, 'k')}.weight").shape[0] // head_dim
+    if family.qkv is None:
+        kv_heads = ref(f"{proj(0, 'k')}.weight").shape[0] // head_dim
     window = getattr(config, "sliding_window", None) if family.sliding else None
     layers = []
     for i in range(n_layers):
