@@ -172,12 +172,18 @@ class DSInferStrategy(DDPStrategy):
                     cb.write_on_epoch_end = _skip_write
 
     def _engine_config(self) -> InferenceConfig:
+        """The strategy's options, with the precision plugin's dtype and quantization where the strategy set none
+        (``DSInferPrecision("int8")``: bf16 with int8 block linears)."""
         cfg = self.inference_config
         if cfg.dtype is None:
             dtype = getattr(self.precision_plugin, "dtype", None)
             if isinstance(dtype, torch.dtype):
-                return replace(cfg, dtype=dtype)
-        return cfg
+                cfg = replace(cfg, dtype=dtype)
+        quantize = getattr(self.precision_plugin, "quantize", None)
+        if quantize is not None and cfg.quantize not in (None, quantize):
+            raise ValueError(f"DSInferPrecision({self.precision_plugin.mode!r}) and DSInferStrategy(quantize="
+                             f"{cfg.quantize!r}) disagree; set the quantization in one place.")
+        return cfg if quantize is None else replace(cfg, quantize=quantize)
 
     def _optimise_hf_models(self) -> None:
         models = find_hf_models(self.lightning_module)
