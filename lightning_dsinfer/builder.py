@@ -79,6 +79,10 @@ def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype, nor
     for key in ("input_norm_bias", "post_norm_bias"):
         ref = getattr(lw, key)
         out[key] = None if ref is None else ref.load().to(dtype)
+    if lw.out_scale is not None:     # Granite: h + m * o(x) == h + o'(x) with o' = m * o (likewise down, below)
+        out["o.weight"] = (out["o.weight"].float() * lw.out_scale).to(dtype)
+        if out["o.bias"] is not None:
+            out["o.bias"] = (out["o.bias"].float() * lw.out_scale).to(dtype)
     if alibi is not None:
         d = plan.head_dim
         out["alibi"] = alibi[q_rows[0] // d:(q_rows[0] + q_rows[1]) // d].float()
@@ -92,6 +96,10 @@ def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype, nor
             "down.weight": lw.down.load(1, *mlp_rows).to(dtype),
             "down.bias": lw.down_bias.load().to(dtype) if (lw.down_bias is not None and first) else None,
         })
+        if lw.out_scale is not None:
+            for key in ("down.weight", "down.bias"):
+                if out[key] is not None:
+                    out[key] = (out[key].float() * lw.out_scale).to(dtype)
     else:
         out.update(_shard_moe(moe, plan, dtype))
     return {k: v.contiguous() for k, v in out.items() if v is not None}
@@ -298,7 +306,7 @@ def model_ends(w: ModelWeights, dtype: torch.dtype, device, embed: bool, head: b
     def load(ref):
         return None if ref is None else ref.load().to(device=device, dtype=dtype).contiguous()
 
-    return dict(embed_scale=w.embed_scale, final_softcap=w.final_softcap,
+    return dict(embed_scale=w.embed_scale, final_softcap=w.final_softcap, logit_scale=w.logit_scale,
                 final_norm_bias=load(w.final_norm_bias) if head else None,
                 pos_embed=load(w.pos_embed) if embed else None, pos_offset=w.pos_offset,
                 embed_norm=(load(w.embed_norm), load(w.embed_norm_bias)) if embed and w.embed_norm is not None else None)

@@ -40,6 +40,11 @@ def tiny_config(family: str, **overrides):
         from transformers import Phi3Config
 
         cfg = Phi3Config(**{**common, "sliding_window": 7})
+    elif family == "granite":              # Llama with embedding, residual, attention and logit multipliers
+        from transformers import GraniteConfig
+
+        cfg = GraniteConfig(**{**common, "embedding_multiplier": 3.0, "residual_multiplier": 0.3,
+                               "attention_multiplier": 0.05, "logits_scaling": 4.0, "attention_bias": True})
     elif family == "gemma":                # (1 + w) norms, sqrt(H)-scaled embedding, GeGLU (tanh), MQA, tied
         from transformers import GemmaConfig
 
@@ -82,10 +87,10 @@ def tiny_model(family: str, seed: int = 0, **overrides):
             for name, p in model.named_parameters():
                 if "norm" in name:
                     p.normal_(0.0, 0.2)
-        for module in model.modules():
-            if isinstance(module, torch.nn.LayerNorm) and module.weight is not None:
+        for module in model.modules():      # nn.LayerNorm, and LayerNorms of their own (Cohere's)
+            if "LayerNorm" in type(module).__name__ and getattr(module, "weight", None) is not None:
                 module.weight.normal_(1.0, 0.2)
-                if module.bias is not None:
+                if getattr(module, "bias", None) is not None:
                     module.bias.normal_(0.0, 0.2)
     return model
 
@@ -179,7 +184,7 @@ _GENERIC_COMMON = dict(hidden_size=64, num_hidden_layers=2, vocab_size=97, initi
                        bos_token_id=1, eos_token_id=2)
 GENERIC_FAMILIES = {      # families without a fused policy (the GPT ones have one now: policies/gpt.py)
     "olmo2": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256),
-    "granite": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256),
+    "olmo": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256),
     "mpt": dict(n_heads=4, d_model=64, n_layers=2, expansion_ratio=2, max_seq_len=256),
     "biogpt": dict(num_attention_heads=4, intermediate_size=96, max_position_embeddings=256),
 }
@@ -198,6 +203,8 @@ GPT_FAMILIES = {
     "gpt2": dict(n_head=4, n_inner=96, n_positions=256),
     "falcon": dict(num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True, bias=True,
                    ffn_hidden_size=96),
+    "cohere": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256,
+                   logit_scale=0.5, rope_theta=5000.0),
 }
 
 

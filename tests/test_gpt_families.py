@@ -3,7 +3,8 @@ random LayerNorm weights and biases, tests/helpers.py): GPT-NeoX (parallel resid
 rotary), OPT (learned positions at offset 2, numbered by the mask, ReLU), StableLM (SwiGLU under LayerNorms, q/k/v
 biases, partial rotary, GQA), BLOOM (ALiBi, the embeddings' LayerNorm, per-head packed QKV), Phi (one shared norm,
 parallel residual, lm_head bias), StarCoder2 (GQA, sliding window, biases), GPT-J (interleaved rotary reordered to
-rotate-half, lm_head bias), GPT-2 (Conv1D weights, q|k|v columns, learned positions). fp32 logits atol 2e-4 / rtol
+rotate-half, lm_head bias), GPT-2 (Conv1D weights, q|k|v columns, learned positions), Falcon (KV groups), Cohere
+(LayerNorms without a bias, interleaved rotary, SwiGLU, parallel residual, scaled logits). fp32 logits atol 2e-4 / rtol
 1e-4 on a left-padded batch, greedy tokens identical; Falcon in its three block forms (KV groups with two norms,
 one KV head with one shared norm, sequential); bf16, int8, offload, tensor and pipeline parallelism, a
 checkpoint on meta. Through the Triton kernels: tests/kernels/test_engine_triton_path.py."""
@@ -106,7 +107,7 @@ def test_gpt_family_bf16(family):
     torch.testing.assert_close(steps, again[:, -7:-1], atol=6e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("family", ["gpt_neox", "bloom", "gpt2", "gptj"])
+@pytest.mark.parametrize("family", ["gpt_neox", "bloom", "gpt2", "gptj", "cohere"])
 def test_gpt_family_int8_matches_fake_quantised_hf(family):
     hf = tiny_model(family)
     opt = optimised_copy(hf, max_seq_len=64, quantize="int8")
@@ -149,7 +150,7 @@ def test_gpt_families_tensor_and_pipeline_parallel():
     """TP=2: per-head packed QKV sliced by heads (GPT-NeoX, BLOOM with its slopes), q|k|v columns (GPT-2), GQA
     (StarCoder2), KV groups (Falcon), learned positions (OPT), the reordered rotary rows (GPT-J); PP=2 across some. Logits, greedy,
     beam search as HF's, sampling agrees across ranks."""
-    tp = ["gpt_neox", "bloom", "gpt2", "starcoder2", "opt", "gptj", "falcon"]
+    tp = ["gpt_neox", "bloom", "gpt2", "starcoder2", "opt", "gptj", "falcon", "cohere"]
     codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", *tp], timeout=300)
     assert codes == [0, 0], "\n".join(outs)
     assert outs[0].count(" OK") == len(tp), outs[0]
@@ -167,6 +168,7 @@ def test_gpt_families_tensor_and_pipeline_parallel():
     ("opt", {"do_layer_norm_before": False}, "do_layer_norm_before=False"),
     ("gpt_neox", {"hidden_act": "mish"}, "hidden_act='mish' is not supported"),
     ("falcon", {"alibi": True}, "alibi=True"),
+    ("cohere", {"use_qk_norm": True}, "use_qk_norm=True"),
 ])
 def test_unsupported_settings_are_refused(family, flag, match):
     with pytest.raises(dsi.UnsupportedModelError, match=match):

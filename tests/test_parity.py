@@ -250,3 +250,23 @@ def test_fp16_engine_follows_hf_fp16(family):
     valid = mask.bool()
     assert (got[valid].float() - ref[valid].float()).abs().max() < 1e-2
     assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False), ref_tokens)
+
+
+def test_granite_multipliers_match_hf(tmp_path):
+    """Granite: the Llama table with its embedding multiplier (the embeddings' scale), residual multiplier (folded
+    into o_proj's and down_proj's weights and biases when they are read), attention multiplier (the scores' scale)
+    and logits scaling: fp32 logits / greedy as HF's, from memory and from a checkpoint on meta; int8 vs the
+    fake-quantised HF."""
+    from transformers import AutoModelForCausalLM
+
+    from helpers import fake_quantised_int8
+
+    hf = tiny_model("granite")
+    ids, mask = padded_batch([12, 5, 9], seed=1)
+    assert_matches_hf(hf, optimised_copy(hf, max_seq_len=64), ids, mask)
+    hf.save_pretrained(tmp_path / "granite")
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(hf.config)
+    assert_matches_hf(hf, optimised_copy(meta, max_seq_len=64, checkpoint=str(tmp_path / "granite"),
+                                         dtype=torch.float32), ids, mask)
+    assert_matches_hf(fake_quantised_int8(hf), optimised_copy(hf, max_seq_len=64, quantize="int8"), ids, mask)

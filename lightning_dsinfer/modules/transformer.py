@@ -284,11 +284,12 @@ class DecoderModel(nn.Module):
 
     def set_ends(self, embed_scale: float | None = None, final_softcap: float | None = None,
                  final_norm_bias: torch.Tensor | None = None, pos_embed: torch.Tensor | None = None, pos_offset: int = 0,
-                 embed_norm: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        """What some families add around the blocks: Gemma's embedding scale and final logit cap; the final
-        LayerNorm's bias (GPT families); on the first stage, learned position embeddings looked up at ``positions +
-        pos_offset`` (OPT's offset is 2, GPT-2's 0) and BLOOM's LayerNorm (weight, bias) of the embeddings."""
-        self.embed_scale, self.final_softcap = embed_scale, final_softcap
+                 embed_norm: tuple[torch.Tensor, torch.Tensor] | None = None, logit_scale: float | None = None) -> None:
+        """What some families add around the blocks: Gemma's (Granite's) embedding scale and final logit cap; Cohere's
+        and Granite's logit scale; the final LayerNorm's bias (GPT families); on the first stage, learned position
+        embeddings looked up at ``positions + pos_offset`` (OPT's offset is 2, GPT-2's 0) and BLOOM's LayerNorm
+        (weight, bias) of the embeddings."""
+        self.embed_scale, self.final_softcap, self.logit_scale = embed_scale, final_softcap, logit_scale
         self.final_norm_bias = final_norm_bias
         self.pos_embed, self.pos_offset, self.embed_norm = pos_embed, pos_offset, embed_norm
 
@@ -350,11 +351,14 @@ class DecoderModel(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         if not self.sharded_vocab:
-            return self.soft_cap(self.lm_head(h))
-        return self.soft_cap(self.comm.all_gather_last(self.lm_head(h))[..., :self.vocab_size])
+            return self.finish_logits(self.lm_head(h))
+        return self.finish_logits(self.comm.all_gather_last(self.lm_head(h))[..., :self.vocab_size])
 
-    def soft_cap(self, logits: torch.Tensor) -> torch.Tensor:
-        """Gemma 2: ``cap * tanh(logits / cap)`` in the logits' dtype (HF's three steps); else the logits."""
+    def finish_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Cohere / Granite: the logits times ``logit_scale``; Gemma 2: ``cap * tanh(logits / cap)`` in the logits'
+        dtype (HF's three steps); else the logits."""
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale
         cap = self.final_softcap
         if cap is None:
             return logits

@@ -168,7 +168,7 @@ class StreamedDecoderModel(DecoderModel):
         logits = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
         if self.sharded_vocab:
             logits = self.comm.all_gather_last(logits)
-        return self.soft_cap(logits[..., :self.vocab_size])
+        return self.finish_logits(logits[..., :self.vocab_size])
 
     @property
     def weight_bytes_per_token(self) -> int:

@@ -63,6 +63,7 @@ class LayerWeights:
     # LayerNorm biases (the GPT families; ``ModelWeights.layer_norm``)
     input_norm_bias: WeightRef | None = None
     post_norm_bias: WeightRef | None = None
+    out_scale: float | None = None          # Granite's residual_multiplier: o and down (weights, biases) scaled by it
 
 
 @dataclass
@@ -109,3 +110,4 @@ class ModelWeights:
     embed_norm: WeightRef | None = None      # BLOOM: a LayerNorm of the embeddings
     embed_norm_bias: WeightRef | None = None
     positions_from_mask: bool = False         # a plain forward without position_ids numbers tokens by the mask (OPT)
+    logit_scale: float | None = None          # logits x this (Cohere's logit_scale, Granite's 1 / logits_scaling)

@@ -1,4 +1,5 @@
-"""The GPT families on the fused engine: gpt_neox (Pythia), gptj, phi, stablelm, starcoder2, opt, gpt2, bloom, falcon.
+"""The GPT families on the fused engine: gpt_neox (Pythia), gptj, phi, stablelm, starcoder2, opt, gpt2, bloom, falcon,
+cohere (Command R).
 
 What they share, and the Llama table lacks: LayerNorms with a bias; a plain MLP ``down(act(up(x)))`` with biases
 (StableLM keeps SwiGLU); the parallel residual ``h + attn(norm1(h)) + mlp(norm2(h))`` (GPT-NeoX and StableLM when
@@ -10,9 +11,11 @@ other than separate q / k / v rows are read as row pieces (:class:`RowSlices`, o
   group (each group's query heads, then its key and value), Falcon-7B's is q | k | v (one KV head);
 - GPT-2's ``c_attn`` is q | k | v along its columns, and its ``Conv1D`` weights are stored [in, out]
   (:class:`Transposed`);
-- GPT-J rotates interleaved pairs (2i, 2i + 1); reordering each head's rotary rows of q and k as (0, 2, 4, ...,
-  1, 3, 5, ...) turns that into the engine's rotate-half layout, and the scores q.k do not change under the same
+- GPT-J and Cohere rotate interleaved pairs (2i, 2i + 1); reordering each head's rotary rows of q and k as (0, 2, 4,
+  ..., 1, 3, 5, ...) turns that into the engine's rotate-half layout, and the scores q.k do not change under the same
   permutation of both.
+
+Cohere's LayerNorms have no bias (a zero one is read) and its logits are scaled (``logit_scale``).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from torch import nn
 
 from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, UnsupportedModelError
 from lightning_dsinfer.policies.llama import check_rope
-from lightning_dsinfer.policies.weights import ModuleSource, RowSlices, Transposed, WeightSource
+from lightning_dsinfer.policies.weights import ModuleSource, RowSlices, Transposed, WeightSource, Zeros
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,10 @@ FAMILY: dict[str, GPTFamily] = {
     "falcon": GPTFamily(base="transformer", embed="word_embeddings", layers="h", final_norm="ln_f",
                         attn="self_attention", qkv="query_key_value", o="dense", act="activation",
                         eps="layer_norm_epsilon", **_NEOX_MLP),   # (norms, layout, residual: :func:`_falcon`)
+    "cohere": GPTFamily(base="model", embed="embed_tokens", layers="layers", final_norm="norm", attn="self_attn",
+                        o="o_proj", gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj",
+                        input_norm="input_layernorm", post_norm=None, parallel="always",
+                        positions="rotary_interleaved"),
     "gpt2": GPTFamily(base="transformer", embed="wte", layers="h", final_norm="ln_f", attn="attn", qkv="c_attn",
                       qkv_layout="blocks", o="c_proj", up="mlp.c_fc", down="mlp.c_proj", input_norm="ln_1",
                       post_norm="ln_2", act="activation_function", eps="layer_norm_epsilon", positions="learned",
@@ -99,7 +106,7 @@ _ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tan
 def _refuse(config, family: GPTFamily) -> None:
     """Settings of these families the engine does not reproduce: refused by name, before any weight is read."""
     mt = config.model_type
-    flags = {"qk_layernorm": "per-head LayerNorms of q and k",
+    flags = {"qk_layernorm": "per-head LayerNorms of q and k", "use_qk_norm": "per-head LayerNorms of q and k",
              "scale_attn_by_inverse_layer_idx": "scores scaled by 1 / layer index",
              "apply_residual_connection_post_layernorm": "the residual taken after the norm",
              "add_cross_attention": "cross-attention"}
@@ -160,7 +167,7 @@ def _fused_kv_heads(config, heads: int) -> int:
 
 def _rotary(model: nn.Module, config, family: GPTFamily, head_dim: int, max_seq_len: int):
     """(inv_freq, attention scaling, rope type) of the model's rotary embedding."""
-    if family.positions == "rotary_interleaved":      # GPT-J: HF's own table, from rotary_dim
+    if family.positions == "rotary_interleaved" and config.model_type == "gptj":   # HF's own table, from rotary_dim
         r = config.rotary_dim
         return 1.0 / (10000 ** (torch.arange(0, r, 2, dtype=torch.int64) / r)), 1.0, "default"
     module = model.get_submodule(f"{family.base}.rotary_emb")
@@ -218,13 +225,16 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
                 for kind in ("weight", "bias"):
                     if f"{fused}.{kind}" in names:
                         slices[f"{fused}.{part}.{kind}"] = (f"{fused}.{kind}", pieces[part])
-    elif family.positions == "rotary_interleaved":   # GPT-J: each head's rotary rows of q and k to rotate-half order
-        r = config.rotary_dim
+    rotary = family.positions.startswith("rotary")
+    inv_freq, attention_scaling, rope_type = _rotary(model, config, family, head_dim, max_seq_len) if rotary else \
+        (torch.zeros(1), 1.0, "none")    # (a table nothing reads: the blocks' attention does not rotate)
+    if family.qkv is None and family.positions == "rotary_interleaved":   # each head's rotary rows of q and k to
+        r = 2 * inv_freq.numel()                                          # rotate-half order
         order = list(range(0, r, 2)) + list(range(1, r, 2))
         for i in range(n_layers):
             for part in ("q", "k"):
                 name = f"{block(i)}.{family.attn}.{getattr(family, part)}.weight"
-                slices[name] = (name, [piece for h in range(heads) for piece in
+                slices[name] = (name, [piece for h in range(source.shape(name)[0] // head_dim) for piece in
                                        [(h * head_dim + o, 1) for o in order] + [(h * head_dim + r, head_dim - r)]
                                        if piece[1] > 0])
     if slices:
@@ -236,6 +246,9 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
 
     def opt(name):
         return source.ref(name) if name in names else None
+
+    def norm_bias(norm):          # a LayerNorm without a bias (Cohere's) takes a zero one
+        return ref(f"{norm}.bias") if f"{norm}.bias" in names else Zeros().ref((hidden,))
 
     def proj(i, part):
         a = f"{block(i)}.{family.attn}"
@@ -258,14 +271,11 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
             down=ref(f"{b}.{family.down}.weight"),
             gate_bias=opt(f"{b}.{family.gate}.bias") if family.gate else None, up_bias=opt(f"{b}.{family.up}.bias"),
             down_bias=opt(f"{b}.{family.down}.bias"),
-            input_norm=ref(f"{b}.{family.input_norm}.weight"), input_norm_bias=ref(f"{b}.{family.input_norm}.bias"),
-            post_norm=ref(f"{post}.weight") if post else None, post_norm_bias=ref(f"{post}.bias") if post else None,
+            input_norm=ref(f"{b}.{family.input_norm}.weight"), input_norm_bias=norm_bias(f"{b}.{family.input_norm}"),
+            post_norm=ref(f"{post}.weight") if post else None, post_norm_bias=norm_bias(post) if post else None,
             sliding_window=window))
     if not parallel and any(lw.post_norm is None for lw in layers):
         raise UnsupportedModelError(f"{config.model_type}: a sequential block without its second norm.")
-    rotary = family.positions.startswith("rotary")
-    inv_freq, attention_scaling, rope_type = _rotary(model, config, family, head_dim, max_seq_len) if rotary else \
-        (torch.zeros(1), 1.0, "none")    # (a table nothing reads: the blocks' attention does not rotate)
     embed_name = f"{_module_name(model, model.get_input_embeddings())}.weight"
     head = model.get_output_embeddings()
     tied = head.weight is model.get_input_embeddings().weight or bool(getattr(config, "tie_word_embeddings", False))
@@ -280,7 +290,7 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
         intermediate_size=layers[0].up.shape[0], vocab_size=config.vocab_size, rms_norm_eps=eps, scaling=scaling,
         inv_freq=inv_freq, attention_scaling=attention_scaling, rope_type=rope_type,
         embed=ref(embed_name), final_norm=ref(f"{base}.{family.final_norm}.weight"),
-        final_norm_bias=ref(f"{base}.{family.final_norm}.bias"),
+        final_norm_bias=norm_bias(f"{base}.{family.final_norm}"), logit_scale=getattr(config, "logit_scale", None),
         lm_head=ref(embed_name if tied else f"{head_name}.weight"), lm_head_bias=opt(f"{head_name}.bias"),
         tied_embeddings=tied, layers=layers, mlp_act=act, layer_norm=True, mlp_gated=family.gate is not None,
         parallel_residual=parallel, rotary=rotary,

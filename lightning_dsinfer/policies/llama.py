@@ -1,5 +1,5 @@
-"""The Llama family (llama, mistral, qwen2, qwen3, phi3, the MoE ones: mixtral, qwen2_moe, qwen3_moe, and the Gemma
-ones: gemma, gemma2, gemma3_text): one table, one reader.
+"""The Llama family (llama, mistral, qwen2, qwen3, phi3, granite, the MoE ones: mixtral, qwen2_moe, qwen3_moe, and the
+Gemma ones: gemma, gemma2, gemma3_text): one table, one reader.
 
 All share the module tree ``model.model.{embed_tokens, layers[i].{self_attn.{q,k,v,o}_proj,
 mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm}, norm, rotary_emb}`` and
@@ -9,7 +9,8 @@ mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm}, norm, rotar
 ``mlp.shared_expert.{gate,up,down}_proj`` and ``mlp.shared_expert_gate``. Gemma adds (1 + w) norms, a scaled
 embedding and GeGLU; Gemma 2 norms on the attention's and the MLP's outputs (``pre_feedforward_layernorm`` is the MLP's
 input norm) and soft-capped attention scores and logits; Gemma 3 q/k norms and a rope table of its own for the
-sliding-window layers.
+sliding-window layers. Granite multiplies the embeddings, each block's attention and MLP outputs (folded into o_proj
+and down_proj when they are read) and the logits by constants of its config.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class FamilyTraits:
                                     # decoder_sparse_step layers, except mlp_only_layers; shared expert if any)
     packed: bool = False            # Phi-3: self_attn.qkv_proj (q | k | v rows) and mlp.gate_up_proj (gate | up)
     gemma: int = 0                  # Gemma generation (see the module docstring)
+    granite: bool = False           # Granite: embedding, residual and logit multipliers (attention's is its scaling)
 
 
 FAMILY: dict[str, FamilyTraits] = {
@@ -41,6 +43,7 @@ FAMILY: dict[str, FamilyTraits] = {
     "qwen2_moe": FamilyTraits(sliding_from="layer_types", moe="qwen"),
     "qwen3_moe": FamilyTraits(qk_norm=True, sliding_from="config", moe="qwen"),
     "phi3": FamilyTraits(sliding_from="config", packed=True),
+    "granite": FamilyTraits(granite=True),
     "gemma": FamilyTraits(gemma=1),
     "gemma2": FamilyTraits(sliding_from="layer_types", gemma=2),
     "gemma3_text": FamilyTraits(qk_norm=True, sliding_from="layer_types", gemma=3),
@@ -210,6 +213,7 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
             q_norm=ref(f"{a}.q_norm.weight") if traits.qk_norm else None,
             k_norm=ref(f"{a}.k_norm.weight") if traits.qk_norm else None,
             sliding_window=_sliding_window(config, traits, i), moe=moe,
+            out_scale=config.residual_multiplier if traits.granite else None,
         ))
     tied = model.lm_head.weight is base.embed_tokens.weight or bool(getattr(config, "tie_word_embeddings", False))
     return ModelWeights(
@@ -221,7 +225,9 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
         embed=ref("model.embed_tokens.weight"), final_norm=ref("model.norm.weight"),
         lm_head=ref("model.embed_tokens.weight" if tied else "lm_head.weight"), lm_head_bias=opt("lm_head.bias"),
         tied_embeddings=tied, layers=layers,
-        norm_offset=1.0 if traits.gemma else 0.0, embed_scale=config.hidden_size ** 0.5 if traits.gemma else None,
+        norm_offset=1.0 if traits.gemma else 0.0,
+        embed_scale=config.hidden_size ** 0.5 if traits.gemma else config.embedding_multiplier if traits.granite else None,
+        logit_scale=1.0 / config.logits_scaling if traits.granite else None,
         # (HF's Gemma 3 attention does not apply attn_logit_softcapping even when the config sets it)
         attn_softcap=getattr(config, "attn_logit_softcapping", None) if traits.gemma == 2 else None,
         final_softcap=getattr(config, "final_logit_softcapping", None) if traits.gemma else None,

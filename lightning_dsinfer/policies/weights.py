@@ -256,6 +256,23 @@ class Transposed(WeightSource):
         self.inner.release(names)
 
 
+class Zeros(WeightSource):
+    """Zero tensors by shape (``ref((n,))``): the bias of a LayerNorm that has none (Cohere), for a norm that takes
+    one."""
+
+    def ref(self, shape) -> "WeightRef":
+        return WeightRef(self, f"zeros{tuple(shape)}", tuple(shape))
+
+    def shape(self, name):
+        return tuple(int(n) for n in name[len("zeros("):-1].split(",") if n.strip())
+
+    def read(self, name, dim, start, length):
+        shape = list(self.shape(name))
+        if dim is not None:
+            shape[dim] = length
+        return torch.zeros(shape)
+
+
 class ModuleSource(WeightSource):
     """Weights of an in-memory module (parameters and buffers)."""
 
