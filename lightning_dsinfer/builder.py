@@ -328,6 +328,8 @@ def _per_token_bytes(w: ModelWeights, plan: TensorShardPlan, dtype: torch.dtype,
     scores = 4 * plan.local_heads * max_seq_len
     if w.attn_softcap is not None:   # soft-capped prompts: the reference's fp32 scores and probabilities, fp32 q
         scores = 2 * scores + 4 * plan.local_heads * w.head_dim
+    elif w.alibi is not None:        # ALiBi prompts (the reference): fp32 scores, their biases, the probabilities
+        scores = 3 * scores
     return e * (4 * w.hidden_size + 2 * qkv + plan.local_heads * w.head_dim + 4 * inter) + scores
 
 

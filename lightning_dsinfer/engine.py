@@ -104,6 +104,7 @@ class InferenceEngine:
         self.vocab_size = weights.vocab_size
         self.hidden_size = weights.hidden_size
         self.positions_from_mask = weights.positions_from_mask
+        self.alibi = weights.alibi is not None
         if config.release_hf_weights or self.offload is not None or self.pipe.size > 1:
             resident_embed = self.offload is None and self.comm.size == 1 and self.pipe.size == 1
             _release_hf_weights(hf_model, self.decoder.embed if resident_embed else None)
@@ -173,6 +174,27 @@ class InferenceEngine:
         self.comm.sync_rng()
         self.pipe.sync_rng()
 
+    def check_mask(self, attention_mask: torch.Tensor | None, generate: bool = False) -> None:
+        """ALiBi (BLOOM): HF numbers the keys by the mask (cumsum - 1), the engine by cache column; the two differ by a
+        per-row shift, which softmax ignores, only while each row's ones are one run (for ``generate``: one run up to
+        the prompt's end, i.e. left padding, since the new tokens follow it). Other masks are refused here, not
+        answered with shifted biases."""
+        if not self.alibi or attention_mask is None:
+            return
+        m = attention_mask.to(torch.bool)
+        cols = torch.arange(m.shape[-1], device=m.device)
+        first = torch.where(m, cols, m.shape[-1]).amin(-1, keepdim=True)
+        last = torch.where(m, cols, -1).amax(-1, keepdim=True)
+        run = (cols >= first) & (cols <= last)
+        if generate:
+            run = cols >= first
+        if not bool((run == m).all()):
+            raise ValueError(
+                f"dsinfer: {self.hf_config.model_type}'s ALiBi positions follow the attention mask; the engine supports "
+                f"masks whose ones are one run per row{' ending at the last prompt token (left padding)' if generate else ''}"
+                f" (got zeros between ones{' or right padding' if generate else ''}). Pad on the left "
+                f"(tokenizer.padding_side='left') and keep each sequence contiguous.")
+
     def check_length(self, total: int, prompt: int | None = None, new: int | None = None) -> None:
         if total <= self.max_seq_len:
             return
@@ -206,6 +228,7 @@ class InferenceEngine:
             if attention_mask.shape[-1] != total:
                 raise ValueError(f"dsinfer: attention_mask covers {attention_mask.shape[-1]} tokens but past + "
                                  f"input is {total}.")
+            self.check_mask(attention_mask)
             key_valid = attention_mask.to(device=self.device, dtype=torch.bool)
             if bool(key_valid.all()):
                 key_valid = None

@@ -23,7 +23,7 @@ def test_meta_model_without_checkpoint_is_refused():
 
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(tiny_config("llama"))
-    with pytest.raises(ValueError, match="meta device; pass checkpoint="):
+    with pytest.raises(ValueError, match="meta device and not in a checkpoint; pass checkpoint="):
         dsi.init_inference(meta)
 
 

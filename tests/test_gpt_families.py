@@ -134,12 +134,18 @@ def test_gpt_family_offload_matches_hf(family, tier, tmp_path):
 
 def test_gpt_families_from_checkpoint_on_meta(tmp_path):
     """From what save_pretrained writes (GPT-NeoX's lm_head saved as embed_out, GPT-2's Conv1D [in, out], tied
-    embeddings), each slice read straight from the files."""
+    embeddings), each slice read straight from the files; and, as the hub's GPT-2, BLOOM and OPT files are, saved from
+    the base model without its prefix (``h.0...`` for ``transformer.h.0...``), which transformers adds on load."""
+    from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
-    for family in FAMILIES:
-        hf = tiny_model(family)
+    for family in FAMILIES + ["gpt2-prefixless", "bloom-prefixless", "opt-prefixless"]:
+        hf = tiny_model(family.split("-")[0])
         hf.save_pretrained(tmp_path / family)
+        if family.endswith("prefixless"):
+            path, prefix = tmp_path / family / "model.safetensors", hf.base_model_prefix + "."
+            tensors = load_file(path)
+            save_file({k.removeprefix(prefix): v for k, v in tensors.items()}, path, metadata={"format": "pt"})
         with torch.device("meta"):
             meta = AutoModelForCausalLM.from_config(hf.config)
         opt = dsi.init_inference(meta, checkpoint=str(tmp_path / family), max_seq_len=64, dtype=torch.float32)
@@ -173,3 +179,25 @@ def test_gpt_families_tensor_and_pipeline_parallel():
 def test_unsupported_settings_are_refused(family, flag, match):
     with pytest.raises(dsi.UnsupportedModelError, match=match):
         dsi.init_inference(tiny_model(family, **flag))
+
+
+def test_bad_input_is_refused_before_work():
+    """A cache longer than a learned position table; a mask BLOOM's ALiBi cannot take (zeros between ones; right
+    padding for generate), while left padding and a mask-less forward run."""
+    with pytest.raises(ValueError, match=r"max_seq_len=300 exceeds the 256 positions of gpt2's learned position table"):
+        dsi.init_inference(tiny_model("gpt2"), max_seq_len=300)
+    with pytest.raises(ValueError, match=r"max_seq_len=300 exceeds the 256 positions of opt's"):
+        dsi.init_inference(tiny_model("opt"), max_seq_len=300)
+    with pytest.raises(dsi.UnsupportedModelError, match="_remove_final_layer_norm=True"):
+        dsi.init_inference(tiny_model("opt", _remove_final_layer_norm=True))
+    bloom = optimised_copy(tiny_model("bloom"), max_seq_len=64)
+    ids = torch.randint(3, 97, (2, 10))
+    hole = torch.ones(2, 10, dtype=torch.long)
+    hole[0, 4] = 0
+    with pytest.raises(ValueError, match="ALiBi positions follow the attention mask.*zeros between ones"):
+        bloom(input_ids=ids, attention_mask=hole)
+    right = torch.ones(2, 10, dtype=torch.long)
+    right[1, 7:] = 0
+    with pytest.raises(ValueError, match="left padding"):
+        bloom.generate(input_ids=ids, attention_mask=right, max_new_tokens=3)
+    bloom(input_ids=ids, attention_mask=right)              # a forward with right padding: one run per row, fine

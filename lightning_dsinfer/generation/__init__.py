@@ -99,6 +99,7 @@ def dsinfer_generate(self, inputs: torch.Tensor | None = None, generation_config
     if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
         warnings.warn("dsinfer: a right-padded batch was detected; decoder-only models need left padding "
                       "(tokenizer.padding_side='left') for correct generation.", stacklevel=2)
+    engine.check_mask(attention_mask, generate=True)
     min_new = max(gc.min_new_tokens or 0, (gc.min_length or 0) - t0, 0)
     top_k = gc.top_k if gc.do_sample else None
     if pipelined:

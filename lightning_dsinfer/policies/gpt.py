@@ -117,6 +117,9 @@ def _refuse(config, family: GPTFamily) -> None:
         if not getattr(config, "do_layer_norm_before", True) or not getattr(config, "layer_norm_elementwise_affine", True):
             raise UnsupportedModelError("opt with do_layer_norm_before=False or layer_norm_elementwise_affine=False "
                                         "(OPT-350m's post-norm blocks) is not supported by the fused engine.")
+        if getattr(config, "_remove_final_layer_norm", False):
+            raise UnsupportedModelError("opt with _remove_final_layer_norm=True (no final LayerNorm) is not supported "
+                                        "by the fused engine.")
         if getattr(config, "word_embed_proj_dim", config.hidden_size) != config.hidden_size:
             raise UnsupportedModelError("opt with word_embed_proj_dim != hidden_size (projected embeddings, OPT-350m) "
                                         "is not supported by the fused engine.")
@@ -276,6 +279,12 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
             sliding_window=window))
     if not parallel and any(lw.post_norm is None for lw in layers):
         raise UnsupportedModelError(f"{config.model_type}: a sequential block without its second norm.")
+    if family.pos_embed is not None:     # a learned table ends where it ends: refuse a cache that runs past it
+        table = source.shape(f"{base}.{family.pos_embed}.weight")[0] - family.pos_offset
+        if max_seq_len > table:
+            raise ValueError(f"dsinfer: max_seq_len={max_seq_len} exceeds the {table} positions of {config.model_type}'s "
+                             f"learned position table; pass max_seq_len={table} or less to init_inference / "
+                             f"DSInferStrategy.")
     embed_name = f"{_module_name(model, model.get_input_embeddings())}.weight"
     head = model.get_output_embeddings()
     tied = head.weight is model.get_input_embeddings().weight or bool(getattr(config, "tie_word_embeddings", False))

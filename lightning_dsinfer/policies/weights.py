@@ -287,7 +287,8 @@ class ModuleSource(WeightSource):
     def read(self, name, dim, start, length):
         t = self.tensors[name].detach()
         if t.device.type == "meta":
-            raise ValueError(f"weight {name} is on the meta device; pass checkpoint=<folder of safetensors> so "
+            raise ValueError(f"weight {name} is on the meta device and not in a checkpoint; pass checkpoint=<folder of "
+                             f"safetensors holding it> so "
                              f"dsinfer can load it.")
         return t if dim is None else t.narrow(dim, start, length)
 
@@ -434,7 +435,9 @@ class SafetensorsSource(WeightSource):
 
 def alias_checkpoint_names(source: SafetensorsSource, model: nn.Module) -> None:
     """Make a checkpoint's tensors reachable under the model's parameter names where transformers renames
-    keys on load (GPT-NeoX saves ``lm_head.weight`` as ``embed_out.weight``; legacy ``gamma`` / ``beta``).
+    keys on load (GPT-NeoX saves ``lm_head.weight`` as ``embed_out.weight``; legacy ``gamma`` / ``beta``), and where
+    a checkpoint saved from the base model lacks its ``base_model_prefix`` (the hub's GPT-2, BLOOM and OPT files:
+    ``h.0.attn.c_attn.weight`` for ``transformer.h.0.attn.c_attn.weight``), as transformers adds it on load.
 
     Only renamings: keys that transformers would merge or split on load (``WeightConverter``, e.g. per-expert
     MoE tensors) keep their names, and a model parameter they feed is reported missing by the caller.
@@ -442,13 +445,17 @@ def alias_checkpoint_names(source: SafetensorsSource, model: nn.Module) -> None:
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightRenaming
-    except ImportError:                     # older / newer transformers without these: names are used as they are
-        return
-    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+        renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    except ImportError:                     # older / newer transformers without these: no renamings
+        renamings = []
+    expected = set(dict(model.named_parameters(remove_duplicate=False)))
+    prefix = getattr(model, "base_model_prefix", "")
     for key in list(source.entries):
         name = key
         for renaming in renamings:          # each in turn, as transformers' loader does (5.17 and later)
             name, _ = renaming.rename_source_key(name)
+        if prefix and name not in expected and f"{prefix}.{name}" in expected:
+            name = f"{prefix}.{name}"
         if name != key and name not in source.entries:
             source.entries[name] = source.entries[key]
 
