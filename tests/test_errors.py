@@ -9,7 +9,7 @@ from helpers import optimised_copy, padded_batch, tiny_model
 def test_unsupported_architecture_names_model_type_and_supported_list():
     model = tiny_model("olmo2")           # (a family without a fused policy: it runs through the generic TP path)
     with pytest.raises(dsi.UnsupportedModelError, match=r"model_type='olmo2'.*bloom, cohere, falcon, gemma, .*gpt2, gpt_neox, "
-                                                        r"gptj, llama, .*opt, phi, phi3, .*stablelm, starcoder2"):
+                                                        r"gptj, granite, llama, .*opt, phi, phi3, .*stablelm, starcoder2"):
         dsi.init_inference(model)
 
 
