@@ -4,7 +4,8 @@ rotary), OPT (learned positions at offset 2, numbered by the mask, ReLU), Stable
 biases, partial rotary, GQA), BLOOM (ALiBi, the embeddings' LayerNorm, per-head packed QKV), Phi (one shared norm,
 parallel residual, lm_head bias), StarCoder2 (GQA, sliding window, biases), GPT-J (interleaved rotary reordered to
 rotate-half, lm_head bias), GPT-2 (Conv1D weights, q|k|v columns, learned positions), Falcon (KV groups), Cohere
-(LayerNorms without a bias, interleaved rotary, SwiGLU, parallel residual, scaled logits). fp32 logits atol 2e-4 / rtol
+(LayerNorms without a bias, interleaved rotary, SwiGLU, parallel residual, scaled logits), GPT-BigCode (StarCoder:
+multi-query q | k | v rows, learned positions). fp32 logits atol 2e-4 / rtol
 1e-4 on a left-padded batch, greedy tokens identical; Falcon in its three block forms (KV groups with two norms,
 one KV head with one shared norm, sequential); bf16, int8, offload, tensor and pipeline parallelism, a
 checkpoint on meta. Through the Triton kernels: tests/kernels/test_engine_triton_path.py."""
@@ -47,7 +48,8 @@ VARIANTS = {**{f: (f, {}) for f in FAMILIES},
             "falcon-7b": ("falcon", {"new_decoder_architecture": False, "multi_query": True, "parallel_attn": True}),
             "falcon-sequential": ("falcon", {"new_decoder_architecture": False, "multi_query": False,
                                              "parallel_attn": False, "num_kv_heads": 4}),
-            "falcon-one-norm": ("falcon", {"num_ln_in_parallel_attn": 1, "bias": False})}
+            "falcon-one-norm": ("falcon", {"num_ln_in_parallel_attn": 1, "bias": False}),
+            "gpt_bigcode-multi-head": ("gpt_bigcode", {"multi_query": False})}
 
 
 @pytest.mark.parametrize("family,overrides", VARIANTS.values(), ids=VARIANTS.keys())
@@ -156,7 +158,7 @@ def test_gpt_families_tensor_and_pipeline_parallel():
     """TP=2: per-head packed QKV sliced by heads (GPT-NeoX, BLOOM with its slopes), q|k|v columns (GPT-2), GQA
     (StarCoder2), KV groups (Falcon), learned positions (OPT), the reordered rotary rows (GPT-J); PP=2 across some. Logits, greedy,
     beam search as HF's, sampling agrees across ranks."""
-    tp = ["gpt_neox", "bloom", "gpt2", "starcoder2", "opt", "gptj", "falcon", "cohere"]
+    tp = ["gpt_neox", "bloom", "gpt2", "starcoder2", "opt", "gptj", "falcon", "cohere", "gpt_bigcode"]
     codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", *tp], timeout=300)
     assert codes == [0, 0], "\n".join(outs)
     assert outs[0].count(" OK") == len(tp), outs[0]

@@ -1,5 +1,5 @@
-"""The GPT families on the fused engine: gpt_neox (Pythia), gptj, phi, stablelm, starcoder2, opt, gpt2, bloom, falcon,
-cohere (Command R).
+"""The GPT families on the fused engine: gpt_neox (Pythia), gptj, phi, stablelm, starcoder2, opt, gpt2, gpt_bigcode
+(StarCoder 1, SantaCoder), bloom, falcon, cohere (Command R).
 
 What they share, and the Llama table lacks: LayerNorms with a bias; a plain MLP ``down(act(up(x)))`` with biases
 (StableLM keeps SwiGLU); the parallel residual ``h + attn(norm1(h)) + mlp(norm2(h))`` (GPT-NeoX and StableLM when
@@ -8,7 +8,8 @@ added to the embeddings (OPT, GPT-2) or by ALiBi (BLOOM). Each family is one row
 other than separate q / k / v rows are read as row pieces (:class:`RowSlices`, only the rows a rank owns):
 
 - GPT-NeoX's and BLOOM's ``query_key_value`` interleave q, k, v per head ([H, 3, D] rows), Falcon-40B/180B's per KV
-  group (each group's query heads, then its key and value), Falcon-7B's is q | k | v (one KV head);
+  group (each group's query heads, then its key and value), Falcon-7B's and StarCoder's (multi-query) are q | k | v
+  (one KV head);
 - GPT-2's ``c_attn`` is q | k | v along its columns, and its ``Conv1D`` weights are stored [in, out]
   (:class:`Transposed`);
 - GPT-J and Cohere rotate interleaved pairs (2i, 2i + 1); reordering each head's rotary rows of q and k as (0, 2, 4,
@@ -92,6 +93,9 @@ FAMILY: dict[str, GPTFamily] = {
                         o="o_proj", gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj",
                         input_norm="input_layernorm", post_norm=None, parallel="always",
                         positions="rotary_interleaved"),
+    "gpt_bigcode": GPTFamily(base="transformer", embed="wte", layers="h", final_norm="ln_f", attn="attn", qkv="c_attn",
+                             o="c_proj", up="mlp.c_fc", down="mlp.c_proj", input_norm="ln_1", post_norm="ln_2",
+                             act="activation_function", eps="layer_norm_epsilon", positions="learned", pos_embed="wpe"),
     "gpt2": GPTFamily(base="transformer", embed="wte", layers="h", final_norm="ln_f", attn="attn", qkv="c_attn",
                       qkv_layout="blocks", o="c_proj", up="mlp.c_fc", down="mlp.c_proj", input_norm="ln_1",
                       post_norm="ln_2", act="activation_function", eps="layer_norm_epsilon", positions="learned",
@@ -165,6 +169,8 @@ def _fused_kv_heads(config, heads: int) -> int:
     """KV heads of a fused QKV projection (Falcon's by its architecture; GPT-NeoX's, BLOOM's, GPT-2's: every head)."""
     if config.model_type == "falcon":
         return config.num_kv_heads if config.new_decoder_architecture else 1 if config.multi_query else heads
+    if config.model_type == "gpt_bigcode":
+        return 1 if config.multi_query else heads
     return heads
 
 
@@ -199,6 +205,10 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
     _refuse(config, family)
     if config.model_type == "falcon":
         family = _falcon(config, family)
+    if config.model_type == "gpt_bigcode":     # multi-query: q | k | v with one KV head; else per head
+        import dataclasses
+
+        family = dataclasses.replace(family, qkv_layout="blocks" if config.multi_query else "heads")
     act = getattr(config, family.act, None) if family.act else family.fixed_act
     act = _ACTS.get(act, act if family.act is None else None)
     if act is None or (family.gate is not None and act != "silu"):
