@@ -203,6 +203,8 @@ GPT_FAMILIES = {
     "gpt2": dict(n_head=4, n_inner=96, n_positions=256),
     "falcon": dict(num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True, bias=True,
                    ffn_hidden_size=96),
+    "gpt_neo": dict(num_heads=4, num_layers=2, intermediate_size=96, max_position_embeddings=256,
+                    attention_types=[[["global", "local"], 1]], window_size=7),
     "gpt_bigcode": dict(n_head=4, n_inner=96, n_positions=256, multi_query=True),
     "cohere": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256,
                    logit_scale=0.5, rope_theta=5000.0),

@@ -1,5 +1,5 @@
-"""The GPT families on the fused engine: gpt_neox (Pythia), gptj, phi, stablelm, starcoder2, opt, gpt2, gpt_bigcode
-(StarCoder 1, SantaCoder), bloom, falcon, cohere (Command R).
+"""The GPT families on the fused engine: gpt_neox (Pythia), gptj, gpt_neo, phi, stablelm, starcoder2, opt, gpt2,
+gpt_bigcode (StarCoder 1, SantaCoder), bloom, falcon, cohere (Command R).
 
 What they share, and the Llama table lacks: LayerNorms with a bias; a plain MLP ``down(act(up(x)))`` with biases
 (StableLM keeps SwiGLU); the parallel residual ``h + attn(norm1(h)) + mlp(norm2(h))`` (GPT-NeoX and StableLM when
@@ -58,7 +58,9 @@ class GPTFamily:
     parallel: str = "never"          # never | always | config (``use_parallel_residual``)
     conv1d: bool = False             # GPT-2: 2-D block weights stored [in, out]
     embed_norm: str | None = None    # BLOOM: a LayerNorm of the embeddings, in ``base``
-    sliding: bool = False            # StarCoder2: ``config.sliding_window`` on every layer
+    sliding: str = "none"            # "config": ``config.sliding_window`` on every layer (StarCoder2); "local":
+                                     # ``window_size`` on the layers ``attention_layers`` calls local (GPT-Neo)
+    unscaled: bool = False           # GPT-Neo: the scores are not scaled by 1 / sqrt(head_dim)
 
 
 _NEOX_MLP = dict(up="mlp.dense_h_to_4h", down="mlp.dense_4h_to_h", input_norm="input_layernorm",
@@ -78,7 +80,11 @@ FAMILY: dict[str, GPTFamily] = {
                           input_norm="input_layernorm", post_norm="post_attention_layernorm", parallel="config"),
     "starcoder2": GPTFamily(base="model", embed="embed_tokens", layers="layers", final_norm="norm", attn="self_attn",
                             o="o_proj", up="mlp.c_fc", down="mlp.c_proj", input_norm="input_layernorm",
-                            post_norm="post_attention_layernorm", eps="norm_epsilon", sliding=True),
+                            post_norm="post_attention_layernorm", eps="norm_epsilon", sliding="config"),
+    "gpt_neo": GPTFamily(base="transformer", embed="wte", layers="h", final_norm="ln_f", attn="attn.attention",
+                         o="out_proj", up="mlp.c_fc", down="mlp.c_proj", input_norm="ln_1", post_norm="ln_2",
+                         act="activation_function", eps="layer_norm_epsilon", positions="learned", pos_embed="wpe",
+                         sliding="local", unscaled=True),
     "gptj": GPTFamily(base="transformer", embed="wte", layers="h", final_norm="ln_f", attn="attn", o="out_proj",
                       up="mlp.fc_in", down="mlp.fc_out", input_norm="ln_1", post_norm=None, parallel="always",
                       act="activation_function", eps="layer_norm_epsilon", positions="rotary_interleaved"),
@@ -270,7 +276,12 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
     parallel = family.parallel == "always" or (family.parallel == "config" and config.use_parallel_residual)
     if family.qkv is None:
         kv_heads = ref(f"{proj(0, 'k')}.weight").shape[0] // head_dim
-    window = getattr(config, "sliding_window", None) if family.sliding else None
+    def window(i):
+        if family.sliding == "config":
+            return getattr(config, "sliding_window", None)
+        if family.sliding == "local" and config.attention_layers[i] == "local":
+            return config.window_size
+        return None
     layers = []
     for i in range(n_layers):
         b = block(i)
@@ -286,7 +297,7 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
             down_bias=opt(f"{b}.{family.down}.bias"),
             input_norm=ref(f"{b}.{family.input_norm}.weight"), input_norm_bias=norm_bias(f"{b}.{family.input_norm}"),
             post_norm=ref(f"{post}.weight") if post else None, post_norm_bias=norm_bias(post) if post else None,
-            sliding_window=window))
+            sliding_window=window(i)))
     if not parallel and any(lw.post_norm is None for lw in layers):
         raise UnsupportedModelError(f"{config.model_type}: a sequential block without its second norm.")
     if family.pos_embed is not None:     # a learned table ends where it ends: refuse a cache that runs past it
@@ -300,7 +311,7 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
     tied = head.weight is model.get_input_embeddings().weight or bool(getattr(config, "tie_word_embeddings", False))
     head_name = _module_name(model, head)
     first_attn = model.get_submodule(f"{block(0)}.{family.attn}")
-    scaling = getattr(first_attn, "scaling", None)
+    scaling = 1.0 if family.unscaled else getattr(first_attn, "scaling", None)
     if scaling is None:
         scaling = head_dim ** -0.5 if getattr(config, "scale_attn_weights", True) else 1.0
     eps = getattr(config, family.eps) if family.eps else 1e-5
