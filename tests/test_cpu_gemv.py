@@ -247,15 +247,17 @@ def test_rms_norm_kernel_matches_reference(shape):
 
 @needs_kernel
 @pytest.mark.parametrize("b,t,col", [(1, 1, 0), (2, 1, 7), (3, 2, 30)])
-def test_rotary_write_kv_kernel_matches_reference(b, t, col):
+@pytest.mark.parametrize("r", [24, 8, 10])
+def test_rotary_write_kv_kernel_matches_reference(b, t, col, r):
     """The one-call bf16 rotary + K/V append (decode-sized steps) against kernels/reference.py: the same two
-    roundings, so bit-identical; cache columns outside [col, col + t) untouched."""
+    roundings, so bit-identical; cache columns outside [col, col + t) untouched. r < 24 = D: partial rotary (the
+    first r dims of each head rotate, "rotate half" within them, the rest pass through: GPT-NeoX, Phi, StableLM)."""
     from lightning_dsinfer.kernels import ops, reference
 
     g = torch.Generator().manual_seed(b * 10 + t)
     hq, hkv, d, s = 8, 2, 24, 32
     qkv = torch.randn(b, t, hq + 2 * hkv, d, generator=g).bfloat16()
-    ang = torch.rand(b, t, 1, d // 2, generator=g) * 6
+    ang = torch.rand(b, t, 1, r // 2, generator=g) * 6
     cos = torch.cat([ang.cos(), ang.cos()], -1).bfloat16()
     sin = torch.cat([-ang.sin(), ang.sin()], -1).bfloat16()
     caches = [torch.full((b, hkv, s, d), 7.0).bfloat16() for _ in range(4)]
@@ -264,12 +266,16 @@ def test_rotary_write_kv_kernel_matches_reference(b, t, col):
     assert got is not None
     assert all(torch.equal(x, y) for x, y in zip(got, want))
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    if r < d:                                                                 # the unrotated dims pass through
+        assert torch.equal(got[0][..., r:], qkv[:, :, :hq, r:]) and not torch.equal(got[0], qkv[:, :, :hq])
     assert all(torch.equal(x, y) for x, y in zip(ops.rotary_write_kv(qkv, hq, cos, sin), reference.rotary_write_kv(
         qkv, hq, cos, sin)))                                                 # no cache: q, k only
     assert cpu_gemv.rotary_write_kv(qkv.float(), hq, cos, sin) is None       # fp32: the reference runs
+    odd = cos[..., :r - 1].contiguous()
+    assert cpu_gemv.rotary_write_kv(qkv, hq, odd, odd) is None               # odd width: no halves to swap
     n = cpu_gemv.ROTARY_MAX_TOKENS // 4 + 1                                   # 4 x n tokens: prompt-sized
     big = torch.randn(4, n, hq + 2 * hkv, d).bfloat16()
-    big_cos, big_sin = (x[:1, :1].expand(4, n, 1, d).contiguous() for x in (cos, sin))
+    big_cos, big_sin = (x[:1, :1].expand(4, n, 1, r).contiguous() for x in (cos, sin))
     assert cpu_gemv.rotary_write_kv(big, hq, big_cos, big_sin) is None
 
 
@@ -279,14 +285,18 @@ needs_wide = pytest.mark.skipif(not cpu_gemv.has_wide_ops(), reason="CPU without
 
 @needs_kernel
 def test_wide_ops_stay_on_torch_without_avx512():
-    """On the AVX2 path (as on a CPU without AVX512) SwiGLU and decode attention decline (the reference runs)."""
+    """On the AVX2 path (as on a CPU without AVX512) SwiGLU, the plain activations, LayerNorm and decode attention
+    decline (the reference / torch runs)."""
     if "avx2" not in cpu_gemv.supported_isas():
         pytest.skip("CPU without AVX2")
     q, k, v = _decode_attention_case(1, 4, 2, 8, 16, seed=0)
+    w = torch.ones(64).bfloat16()
     with cpu_gemv.use_path("avx2"):
         assert not cpu_gemv.has_wide_ops()
         assert cpu_gemv.silu_and_mul(torch.randn(1, 64).bfloat16()) is None
         assert cpu_gemv.decode_attention(q, k, v, None, 0.25) is None
+        assert cpu_gemv.act(torch.randn(1, 64).bfloat16(), "gelu") is None
+        assert cpu_gemv.layer_norm(torch.randn(1, 64).bfloat16(), w, w, 1e-5) is None
 
 
 @needs_wide
@@ -310,6 +320,64 @@ def test_silu_and_mul_kernel_matches_reference(shape):
     assert cpu_gemv.silu_and_mul(gate_up[..., :-2].contiguous()[..., ::2]) is None   # not contiguous
     rows = cpu_gemv.SILU_MUL_MAX_ROWS + 1
     assert cpu_gemv.silu_and_mul(torch.randn(rows, shape[-1]).bfloat16()) is None    # prompt-sized
+
+
+@needs_wide
+@pytest.mark.parametrize("shape", [(1, 1, 1024), (3, 2, 97), (64, 73), (5, 4099)])
+def test_layer_norm_kernel_matches_torch(shape):
+    """The one-call bf16 LayerNorm with weight and bias (decode-sized rows) against torch's CPU kernel (what HF runs):
+    both fp32 inside with one rounding, the mean and variance summed in another order, so a rare element lands one
+    bf16 ulp away (measured > 99.99% identical); asserted on >= 99.9% and within one ulp elsewhere (rtol 2^-7; atol
+    1e-5 for outputs near zero, where w * x_hat and b cancel). Rows far from zero mean (x * 3 + 5): the variance is
+    taken about the mean (two passes), so it does not cancel."""
+    from lightning_dsinfer.kernels import ops
+
+    g = torch.Generator().manual_seed(shape[-1])
+    n = shape[-1]
+    x = (torch.randn(*shape, generator=g) * 3 + 5).bfloat16()
+    w = (torch.randn(n, generator=g) * 0.2 + 1).bfloat16()
+    b = (torch.randn(n, generator=g) * 0.2).bfloat16()
+    want = torch.nn.functional.layer_norm(x, (n,), w, b, 1e-5)
+    got = cpu_gemv.layer_norm(x, w, b, 1e-5)
+    assert got is not None and got.shape == want.shape and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-5, rtol=2 ** -7)
+    assert (got == want).float().mean() >= 0.999
+    assert torch.equal(ops.layer_norm(x, w, b, 1e-5), got)                         # the CPU dispatch takes it
+    assert cpu_gemv.layer_norm(x[..., ::2], w[::2], b[::2], 1e-5) is None          # not contiguous: torch runs
+    assert cpu_gemv.layer_norm(x.float(), w, b, 1e-5) is None
+    big = torch.randn(cpu_gemv.LAYER_NORM_MAX_ROWS + 1, n).bfloat16()              # prompt-sized: torch runs
+    assert cpu_gemv.layer_norm(big, w, b, 1e-5) is None
+    assert torch.equal(ops.layer_norm(big, w, b, 1e-5), torch.nn.functional.layer_norm(big, (n,), w, b, 1e-5))
+
+
+@needs_wide
+@pytest.mark.parametrize("name", list(cpu_gemv.ACT_KINDS))
+@pytest.mark.parametrize("shape", [(1, 1, 2816), (3, 2, 197), (64, 33)])
+def test_act_kernel_matches_torch(name, shape):
+    """The one-call bf16 plain activations (a GPT MLP's, decode-sized rows) against torch's ops (reference.act, what
+    HF runs), on x ~ 3 N(0, 1) plus -10, +-200, +-0. gelu_tanh, relu and silu follow torch's order of operations
+    with tanh / exp within ~1 fp32 ulp (tanh saturating where torch's SLEEF tanhf does): measured identical on every
+    element, asserted on >= 99.9% and within one bf16 ulp elsewhere. gelu (erf): the same where x >= -3; below it
+    torch runs oneDNN's own GeLU approximation, and 1 + erf(x / sqrt 2) cancels in fp32 on both sides (each ~8e-6
+    from the exact value there; measured |difference| <= 1.6e-5 on outputs of size < 4e-3), so the tail is held to
+    atol 3e-5 instead (14-19% of these tail elements differ, by one bf16 ulp)."""
+    from lightning_dsinfer.kernels import ops, reference
+
+    g = torch.Generator().manual_seed(shape[-1])
+    x = (torch.randn(*shape, generator=g) * 3).bfloat16()
+    x.view(-1)[:5] = torch.tensor([-10.0, -200.0, 200.0, 0.0, -0.0])
+    want = reference.act(x, name)
+    got = cpu_gemv.act(x, name)
+    assert got is not None and got.shape == want.shape and got.dtype == torch.bfloat16
+    core = x >= -3 if name == "gelu" else torch.ones_like(x, dtype=torch.bool)
+    torch.testing.assert_close(got.float()[core], want.float()[core], atol=0, rtol=2 ** -7)
+    assert (got == want)[core].float().mean() >= 0.999
+    torch.testing.assert_close(got.float(), want.float(), atol=3e-5, rtol=2 ** -7)
+    assert torch.equal(ops.act(x, name), got)                                      # the CPU dispatch takes it
+    assert cpu_gemv.act(x[..., ::2], name) is None                                 # not contiguous
+    assert cpu_gemv.act(x, "gelu_new") is None                                     # not one of its names
+    rows = cpu_gemv.ACT_MAX_ROWS + 1
+    assert cpu_gemv.act(torch.randn(rows, shape[-1]).bfloat16(), name) is None     # prompt-sized
 
 
 def _decode_attention_case(b, hq, hkv, length, d, seed):

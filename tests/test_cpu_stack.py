@@ -2,7 +2,8 @@
 
 Both run the same kernels in the same order with the same roundings, so every decode step's hidden states must be
 bit-identical, single process (every CPU kernel path of this machine, every family: biases, sliding windows,
-Qwen3's q/k norms, left-padded batches) and at TP=2 (the all-reduces from C through the shared-memory exchange).
+Qwen3's q/k norms, left-padded batches; the GPT families' LayerNorms, plain MLPs, parallel residual, partial or no
+rotary) and at TP=2 (the all-reduces from C through the shared-memory exchange).
 That the per-op path itself matches Hugging Face is tests/test_cpu_gemv.py's ``test_engine_bf16_matches_hf``
 (which now runs its decode steps through the stack too).
 """
@@ -37,6 +38,57 @@ def test_stack_bit_identical_to_per_op_path(family, isa):
         assert torch.equal(a, b)
     if family in ("mistral", "qwen2"):                # window 7 < 12 + 8 columns: window masks were in play
         assert any(ly.attn.sliding for ly in opt._dsinfer_engine.decoder.layers)
+
+
+# (family, config overrides, expected form: LayerNorm, parallel residual, MLP activation, rotary width of D = 16)
+GPT_CASES = {
+    "gpt_neox": ("gpt_neox", {}, (1, 1, "gelu", 8)),                    # parallel residual, two norms, rotary 50%
+    "gpt_neox_sequential": ("gpt_neox", {"use_parallel_residual": False}, (1, 0, "gelu", 8)),
+    "phi": ("phi", {}, (1, 1, "gelu_tanh", 8)),                         # parallel, one shared norm
+    "gpt2": ("gpt2", {}, (1, 0, "gelu_tanh", 0)),                       # learned positions: no rotary
+    "stablelm": ("stablelm", {}, (1, 0, "swiglu", 8)),                  # SwiGLU under LayerNorms, GQA
+    "opt": ("opt", {}, (1, 0, "relu", 0)),
+}
+
+
+@needs_wide
+@pytest.mark.parametrize("case", list(GPT_CASES))
+def test_stack_gpt_families_bit_identical_to_per_op_path(case, monkeypatch):
+    """The GPT families' blocks through C: LayerNorms with biases, gelu / gelu_tanh / relu MLPs or SwiGLU, the
+    parallel residual (with two norms or one shared), partial rotary (the step's cos rows narrower than a head) or
+    none (GPT-2's / OPT's learned positions are added before the blocks)."""
+    family, overrides, (layer_norm, parallel, act, rotary_dim) = GPT_CASES[case]
+    hf = tiny_model(family, **overrides).to(torch.bfloat16)
+    opt = optimised_copy(hf, max_seq_len=48, dtype=torch.bfloat16)
+    stack = CpuDecodeStack.build(opt._dsinfer_engine.decoder)
+    assert stack is not None
+    assert (stack.shape.layer_norm, stack.shape.parallel) == (layer_norm, parallel)
+    assert stack.shape.mlp_act == (-1 if act == "swiglu" else cpu_gemv.ACT_KINDS[act])
+    widths = []
+    real = CpuDecodeStack.__call__
+
+    def recording(self, h, step):
+        out = real(self, h, step)
+        widths.append(self.shape.rotary_dim)
+        return out
+
+    monkeypatch.setattr(CpuDecodeStack, "__call__", recording)
+    ids, mask = padded_batch([12, 5, 9])
+    runs = run_both_paths(opt, ids, mask, new_tokens=8)
+    (tok_s, hid_s, _, n_s), (tok_o, hid_o, _, n_o) = runs["stack"], runs["ops"]
+    assert n_s == 7 and n_o == 0 and widths == [rotary_dim] * 7
+    assert torch.equal(tok_s, tok_o)
+    assert len(hid_s) == len(hid_o) == 8 and all(torch.equal(a, b) for a, b in zip(hid_s, hid_o))
+
+
+@needs_wide
+def test_stack_declines_alibi():
+    """BLOOM's ALiBi: the C decode attention adds no position biases, so its blocks keep the per-op path."""
+    opt = optimised_copy(tiny_model("bloom").to(torch.bfloat16), max_seq_len=48, dtype=torch.bfloat16)
+    assert CpuDecodeStack.build(opt._dsinfer_engine.decoder) is None
+    ids, mask = padded_batch([12, 5, 9])
+    runs = run_both_paths(opt, ids, mask, new_tokens=3)
+    assert runs["stack"][3] == 0 and torch.equal(runs["stack"][0], runs["ops"][0])
 
 
 @needs_wide
@@ -88,6 +140,6 @@ def test_stack_declines_the_onednn_fallback():
 
 @needs_wide
 def test_stack_under_tensor_parallelism():
-    codes, outs, _ = run_ranks("stack_tp_worker.py", 2, ["--families", "llama", "qwen3"], timeout=240)
+    codes, outs, _ = run_ranks("stack_tp_worker.py", 2, ["--families", "llama", "qwen3", "gpt_neox"], timeout=240)
     assert codes == [0, 0], "\n".join(outs)
-    assert outs[0].count(" OK") == 2, outs[0]
+    assert outs[0].count(" OK") == 3, outs[0]

@@ -17,8 +17,9 @@
 // libgomp torch has already loaded (same SONAME), so the kernel shares torch's thread pool instead of adding a
 // second one. Plain C ABI (called through ctypes), no torch headers: the build takes about 2 s.
 //
-// Also here: one-call bf16 forms of a decode step's small ops (RMSNorm, SwiGLU, rotary + KV append, decode
-// attention) and the shared-memory all-reduce exchange of parallel/shm.py.
+// Also here: one-call bf16 forms of a decode step's small ops (RMSNorm, LayerNorm, SwiGLU, GeLU / ReLU / SiLU,
+// rotary (full or partial) + KV append, decode attention), the whole decode step through every block
+// (dsi_decode_stack), and the shared-memory all-reduce exchange of parallel/shm.py.
 
 #include <immintrin.h>
 #include <math.h>
@@ -43,6 +44,9 @@ namespace {
 // more than the split saves): N * K of a linear, B * Hq * L * D of a decode attention.
 constexpr int64_t kSerialLinearWork = 1 << 16;
 constexpr int64_t kSerialAttentionWork = 1 << 20;
+// Elements below which a plain activation (dsi_act_bf16) stays on the calling thread: GeLU costs ~0.8 ns an element
+// on one core, so 16k elements (~13 us) repay a fork/join.
+constexpr int64_t kSerialActWork = 1 << 14;
 // Rows of x up to which dsi_gemm_amx_int8 multiplies int8 tiles widened to fp32 instead of running tile products.
 // (4096 x 22016 weight, 2 threads: 3.1-3.4 ms at 1 row, 3.3-3.8 at 2, against 4.4-4.9 with tile products and
 // 6.0-6.5 for bf16 tiles; from 3 rows on the tile products are as fast or faster.)
@@ -550,6 +554,151 @@ void silu_mul_avx512(const uint16_t* g, const uint16_t* u, uint16_t* y, int64_t 
     }
 }
 
+// ---------------------------------------------------------------- LayerNorm and plain activations (decode rows)
+// 1 / x of 16 fp32 lanes (x > 0 finite here): rcp14 and one Newton step, within ~1 ulp of the division and a
+// fraction of its cost.
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline __m512 recip16(__m512 x) {
+    const __m512 r = _mm512_rcp14_ps(x);
+    return _mm512_fmadd_ps(r, _mm512_fnmadd_ps(x, r, _mm512_set1_ps(1.f)), r);
+}
+
+// r (>= 0) with the sign of x (integer ops: the _ps logic ops need AVX512DQ).
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline __m512 copysign16(__m512 r, __m512 x) {
+    const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+    // bitwise (sign ? x : r): truth table 0xd8 for operands (r, x, sign)
+    return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_castps_si512(r), _mm512_castps_si512(x), sign, 0xd8));
+}
+
+// Horner's rule over N coefficients, highest power first (fp32 FMAs).
+template <int N>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline __m512 poly16(__m512 x, const float (&c)[N]) {
+    __m512 p = _mm512_set1_ps(c[0]);
+    for (int i = 1; i < N; ++i) p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(c[i]));
+    return p;
+}
+
+// erf of 16 fp32 lanes, within ~1 ulp of the correctly rounded value (measured against mpmath on 300k points of
+// [-5, 5]: at most 1.02 ulp, 97% correctly rounded; torch's own fp32 erf: 96.5%). The polynomials are weighted
+// least-squares fits toward minimax relative error, made for this file (coefficients rounded to fp32 one at a
+// time, the rest refitted), on z = |x|:
+//   z < 1:      erf = z + z P(z^2)                  (P: erf(z) / z - 1, relative error < 2e-8)
+//   1 <= z < 4: erf = 1 - exp(-z^2) Q(1 / z)         (Q: erfc(z) exp(z^2), relative error < 4e-9; z^2 split
+//               into its fp32 value and the FMA's rounding error, so exp(-z^2) keeps full precision)
+//   z >= 4:     erf = 1 (erfc(4) = 1.5e-8 is below half an fp32 ulp of 1)
+// then the sign of x. Only the branches some lane needs are computed.
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline __m512 erf16(__m512 x) {
+    static const float kSmall[] = {7.981585077e-05f, -8.043397684e-04f, 5.191358272e-03f, -2.685493417e-02f,
+                                   1.128359884e-01f, -3.761262596e-01f, 1.283791661e-01f};
+    static const float kLarge[] = {-3.674469888e-02f, 2.555876672e-01f, -7.859658599e-01f, 1.385236979e+00f,
+                                   -1.484951735e+00f, 8.731011152e-01f, -5.721943080e-02f, -2.888599932e-01f,
+                                   3.730644705e-03f, 5.636389852e-01f, 2.990115900e-05f};
+    const __m512 z = _mm512_abs_ps(x);
+    const __mmask16 small = _mm512_cmp_ps_mask(z, _mm512_set1_ps(1.f), _CMP_LT_OQ);
+    __m512 r = _mm512_set1_ps(1.f);
+    if (small) {
+        const __m512 p = poly16(_mm512_mul_ps(z, z), kSmall);
+        r = _mm512_mask_mov_ps(r, small, _mm512_fmadd_ps(z, p, z));
+    }
+    const __mmask16 large = _mm512_cmp_ps_mask(z, _mm512_set1_ps(4.f), _CMP_LT_OQ) & ~small;
+    if (large) {
+        const __m512 z2 = _mm512_mul_ps(z, z);
+        const __m512 z2_err = _mm512_fmsub_ps(z, z, z2);                   // z^2 = z2 + z2_err exactly
+        __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), z2));
+        e = _mm512_fnmadd_ps(z2_err, e, e);                                  // exp(-z2 - z2_err) to first order
+        const __m512 erfc = _mm512_mul_ps(e, poly16(recip16(z), kLarge));
+        r = _mm512_mask_mov_ps(r, large, _mm512_sub_ps(_mm512_set1_ps(1.f), erfc));
+    }
+    return copysign16(r, x);
+}
+
+// tanh of 16 fp32 lanes, within ~1 ulp of the correctly rounded value (measured as erf16: at most 0.94 ulp, 96%
+// correctly rounded), on a = |x|:
+//   a < 1:   tanh = a + a^3 P(a^2)            (P: (tanh(a) - a) / a^3, relative error < 3e-8; fitted as erf16's)
+//   a >= 1:  tanh = 1 - 2 / (exp(2a) + 1)
+//   a > 8.664339742: 1, where SLEEF's tanhf (torch's vectorised tanh) saturates; so GeLU (tanh) follows torch's
+//   bf16 result in the far negative tail, where 1 + tanh cancels
+// then the sign of x.
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline __m512 tanh16(__m512 x) {
+    static const float kSmall[] = {2.067586320e-04f, -1.152922632e-03f, 3.531666938e-03f, -8.927474730e-03f,
+                                   2.191364951e-02f, -5.397828668e-02f, 1.333341151e-01f, -3.333333433e-01f};
+    const __m512 a = _mm512_abs_ps(x);
+    const __mmask16 small = _mm512_cmp_ps_mask(a, _mm512_set1_ps(1.f), _CMP_LT_OQ);
+    __m512 r = _mm512_set1_ps(1.f);
+    if (small) {
+        const __m512 s = _mm512_mul_ps(a, a);
+        r = _mm512_mask_mov_ps(r, small, _mm512_fmadd_ps(_mm512_mul_ps(a, s), poly16(s, kSmall), a));
+    }
+    const __mmask16 large = _mm512_cmp_ps_mask(a, _mm512_set1_ps(8.664339742f), _CMP_LE_OQ) & ~small;
+    if (large) {
+        const __m512 e = exp16(_mm512_add_ps(a, a));
+        const __m512 t = _mm512_fnmadd_ps(_mm512_set1_ps(2.f), recip16(_mm512_add_ps(e, _mm512_set1_ps(1.f))),
+                                          _mm512_set1_ps(1.f));
+        r = _mm512_mask_mov_ps(r, large, t);
+    }
+    return copysign16(r, x);
+}
+
+// Plain activations of dsi_act_bf16 (the engine's names: reference.act).
+enum ActKind { kGelu = 0, kGeluTanh = 1, kRelu = 2, kSilu = 3 };
+
+// y = act(x) over n bf16 elements, fp32 inside and one rounding, in torch's order of operations for bf16 rows
+// (aten/src/ATen/native/cpu/Gelu.h): gelu x * 0.5 * (1 + erf(x / sqrt 2)); gelu_tanh
+// 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))); silu x / (1 + exp(-x)); relu max(x, 0) (NaN -> 0).
+template <int KIND>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void act_row_avx512(const uint16_t* x, uint16_t* y, int64_t n) {
+    const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.f);
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = lanes16(n - i);
+        const __m512 v = widen16_mask(x + i, m);
+        __m512 r;
+        if (KIND == kGelu) {
+            r = _mm512_mul_ps(_mm512_mul_ps(v, half),
+                              _mm512_add_ps(one, erf16(_mm512_mul_ps(v, _mm512_set1_ps(0.70710678118654752f)))));
+        } else if (KIND == kGeluTanh) {
+            const __m512 cube = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+            const __m512 inner = _mm512_mul_ps(_mm512_set1_ps(0.79788456080286536f),
+                                               _mm512_add_ps(v, _mm512_mul_ps(_mm512_set1_ps(0.044715f), cube)));
+            r = _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, tanh16(inner)));
+        } else if (KIND == kRelu) {
+            r = _mm512_max_ps(v, _mm512_setzero_ps());
+        } else {
+            r = _mm512_div_ps(v, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), v))));
+        }
+        store_bf16x16(y + i, r, m);
+    }
+}
+
+// LayerNorm of one row of n bf16 with weight w and bias b: mean, then the variance as the mean of (x - mean)^2
+// (two passes over the row, 16 fp32 lanes each), rstd = 1 / sqrt(var + eps), and
+// y = (x * rstd - mean * rstd) * w + b, the order torch's CPU kernel uses; one rounding.
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void layer_norm_row_avx512(const uint16_t* x, const uint16_t* w, const uint16_t* b, uint16_t* y, int64_t n,
+                           float eps) {
+    __m512 s = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) s = _mm512_add_ps(s, widen16_mask(x + i, lanes16(n - i)));
+    const float mean = _mm512_reduce_add_ps(s) / static_cast<float>(n);
+    const __m512 mv = _mm512_set1_ps(mean);
+    __m512 ss = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = lanes16(n - i);
+        const __m512 d = _mm512_maskz_sub_ps(m, widen16_mask(x + i, m), mv);
+        ss = _mm512_fmadd_ps(d, d, ss);
+    }
+    const float rstd = 1.f / sqrtf(_mm512_reduce_add_ps(ss) / static_cast<float>(n) + eps);
+    const __m512 scale = _mm512_set1_ps(rstd), shift = _mm512_set1_ps(-mean * rstd);
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = lanes16(n - i);
+        const __m512 v = _mm512_fmadd_ps(widen16_mask(x + i, m), scale, shift);
+        store_bf16x16(y + i, _mm512_fmadd_ps(v, widen16_mask(w + i, m), widen16_mask(b + i, m)), m);
+    }
+}
+
 struct AttnArgs {
     const uint16_t* q; int64_t qb, qh;          // [B, Hq, D], unit stride along D
     const uint16_t* k; const uint16_t* v;       // [B, Hkv, L, D] with strides (kb, kh, kl, 1), same for v
@@ -881,12 +1030,14 @@ int dsi_shm_exchange(void* x, int is_bf16, int64_t n, float* slots, int64_t capa
 }
 
 // NeoX rotary of q and k and the K/V append, for a few bf16 tokens (decode): qkv [B, T, hq + 2 hkv, D]
-// contiguous, cos / sin [B, T, D] (sin signed: cat(-s, s)), q_out [B, T, hq, D], k_out [B, T, hkv, D]; caches
-// (or null) [B, hkv, S, D] with strides (cb, ch, D, 1), written at columns [col, col + T). Same roundings as
+// contiguous, cos / sin [B, T, R] (sin signed: cat(-s, s)), q_out [B, T, hq, D], k_out [B, T, hkv, D]; caches
+// (or null) [B, hkv, S, D] with strides (cb, ch, D, 1), written at columns [col, col + T). The first R (even, <= D)
+// dims of each head rotate ("rotate half" within them), the rest pass through (partial rotary: GPT-NeoX, Phi,
+// StableLM); R = 0: no rotary at all (learned positions: q and k as projected, cos / sin unused). Same roundings as
 // the torch reference: t = round(x * cos), out = round(t + swapped * sin).
 void dsi_rotary_write_kv_bf16(const void* qkv, const void* cos, const void* sin, int64_t B, int64_t T, int64_t hq,
-                              int64_t hkv, int64_t D, void* q_out, void* k_out, void* k_cache, void* v_cache,
-                              int64_t cb, int64_t ch, int64_t col) {
+                              int64_t hkv, int64_t D, int64_t R, void* q_out, void* k_out, void* k_cache,
+                              void* v_cache, int64_t cb, int64_t ch, int64_t col) {
     const uint16_t* in = static_cast<const uint16_t*>(qkv);
     const uint16_t* cs = static_cast<const uint16_t*>(cos);
     const uint16_t* sn = static_cast<const uint16_t*>(sin);
@@ -894,21 +1045,22 @@ void dsi_rotary_write_kv_bf16(const void* qkv, const void* cos, const void* sin,
     uint16_t* ko = static_cast<uint16_t*>(k_out);
     uint16_t* kc = static_cast<uint16_t*>(k_cache);
     uint16_t* vc = static_cast<uint16_t*>(v_cache);
-    const int64_t heads = hq + 2 * hkv, half = D / 2;
+    const int64_t heads = hq + 2 * hkv, half = R / 2;
     for (int64_t b = 0; b < B; ++b)
         for (int64_t t = 0; t < T; ++t) {
             const uint16_t* row = in + ((b * T + t) * heads) * D;
-            const uint16_t* c = cs + (b * T + t) * D;
-            const uint16_t* s = sn + (b * T + t) * D;
+            const uint16_t* c = cs + (b * T + t) * R;
+            const uint16_t* s = sn + (b * T + t) * R;
             for (int64_t h = 0; h < hq + hkv; ++h) {
                 const uint16_t* x = row + h * D;
                 uint16_t* out = h < hq ? qo + ((b * T + t) * hq + h) * D : ko + ((b * T + t) * hkv + (h - hq)) * D;
-                for (int64_t i = 0; i < D; ++i) {
+                for (int64_t i = 0; i < R; ++i) {
                     const float swapped = bf16_to_f32(x[i < half ? i + half : i - half]);
                     const float xc = bf16_to_f32(f32_to_bf16(bf16_to_f32(x[i]) * bf16_to_f32(c[i])));
                     const float prod = swapped * bf16_to_f32(s[i]);
                     out[i] = f32_to_bf16(xc + prod);
                 }
+                memcpy(out + R, x + R, (D - R) * sizeof(uint16_t));
                 if (h >= hq && kc) memcpy(kc + b * cb + (h - hq) * ch + (col + t) * D, out, D * sizeof(uint16_t));
             }
             if (vc)
@@ -1023,6 +1175,46 @@ int dsi_silu_mul_bf16(const void* gate_up, int64_t ld, int64_t rows, int64_t I, 
     return 0;
 }
 
+// y[r, :] = act(x[r, :]) for `rows` bf16 rows of n (row strides ld, ldy): kind 0 GeLU (erf), 1 GeLU (tanh), 2 ReLU,
+// 3 SiLU; fp32 inside, one rounding (act_row_avx512). Contiguous rows of kSerialActWork elements or more are split
+// over `threads` OpenMP threads (each element's result does not depend on the split). AVX512 only: returns -1
+// there or for another kind, else 0.
+int dsi_act_bf16(const void* x, int64_t ld, int64_t rows, int64_t n, void* y, int64_t ldy, int kind, int threads) {
+    if (dsi_gemv_best_isa() < 2 || kind < kGelu || kind > kSilu) return -1;
+    const uint16_t* xs = static_cast<const uint16_t*>(x);
+    uint16_t* ys = static_cast<uint16_t*>(y);
+    using Row = void (*)(const uint16_t*, uint16_t*, int64_t);
+    static const Row row_fn[] = {act_row_avx512<kGelu>, act_row_avx512<kGeluTanh>, act_row_avx512<kRelu>,
+                                 act_row_avx512<kSilu>};
+    const Row fn = row_fn[kind];
+    const int64_t total = rows * n;
+    if (threads > 1 && ld == n && ldy == n && total >= kSerialActWork) {   // one run of rows * n, in 16-lane pieces
+        const int64_t vecs = (total + 15) / 16;
+#pragma omp parallel num_threads(threads)
+        {
+            const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+            const int64_t a = vecs * t / nt * 16, b = std::min(total, vecs * (t + 1) / nt * 16);
+            if (a < b) fn(xs + a, ys + a, b - a);
+        }
+        return 0;
+    }
+    for (int64_t r = 0; r < rows; ++r) fn(xs + r * ld, ys + r * ldy, n);
+    return 0;
+}
+
+// LayerNorm of `rows` bf16 rows of n with weight w and bias b (bf16 [n]), fp32 inside and one rounding
+// (layer_norm_row_avx512). Decode-sized calls: one thread. AVX512 only: returns -1 there, else 0.
+int dsi_layer_norm_bf16(const void* x, int64_t ldx, const void* w, const void* b, void* y, int64_t ldy, int64_t rows,
+                        int64_t n, float eps) {
+    if (dsi_gemv_best_isa() < 2) return -1;
+    const uint16_t* xs = static_cast<const uint16_t*>(x);
+    uint16_t* ys = static_cast<uint16_t*>(y);
+    for (int64_t r = 0; r < rows; ++r)
+        layer_norm_row_avx512(xs + r * ldx, static_cast<const uint16_t*>(w), static_cast<const uint16_t*>(b),
+                              ys + r * ldy, n, eps);
+    return 0;
+}
+
 // Decode attention (one query per row) over a KV cache: out [B, Hq, D] = softmax(scale * q K^T, masked) V for
 // grouped KV heads (Hq a multiple of Hkv). Units (row, KV head) are split over `threads` OpenMP threads.
 // AVX512 only and D <= 256: returns -1 otherwise, else 0.
@@ -1079,11 +1271,14 @@ uint64_t dsi_stream_read(const void* data, int64_t bytes, int threads) {
 
 // ---------------------------------------------------------------- a decode step through every block in one call
 // The engine's CPU path for one bf16 decode step (T = 1, B rows, the engine's static KV cache), block by block:
-//   x = rms_norm(h); qkv = x Wqkv^T (+b); [q/k head norms]; rotary + K/V append; a = attention over the cache;
-//   h = a Wo^T (+b) (+h on the rank that adds the residual) [+ all-reduce]; x = rms_norm(h);
-//   h = silu_mul(x Wgu^T (+b)) Wd^T (+b) (+h) [+ all-reduce]
+//   x = norm1(h); qkv = x Wqkv^T (+b); [q/k head norms]; rotary + K/V append; a = attention over the cache;
+//   h = a Wo^T (+b) (+h on the rank that adds the residual) [+ all-reduce]; x = norm2(h);
+//   h = act(x Wgu^T (+b)) Wd^T (+b) (+h) [+ all-reduce]
 // with the same kernels and the same roundings as the Python calls it replaces (modules/transformer.py), so
-// the result is bit-identical; what it saves is ~100 us of Python and torch dispatch per block.
+// the result is bit-identical; what it saves is ~100 us of Python and torch dispatch per block. The norms are
+// RMSNorms (Llama) or LayerNorms with biases (the GPT families); act is SwiGLU over gate | up or a plain
+// activation of up; with the parallel residual (GPTDecoderLayer.parallel) the MLP reads norm2 of the block's
+// input instead (norm1's output itself when the block has one shared norm), and down adds attention's output.
 struct DsiLinear {
     const void* w; const void* bias;   // weight (AMX layout, or row-major with row stride ldw); bias or null
     int64_t ldw, N, K;
@@ -1096,7 +1291,9 @@ struct DsiLinear {
 
 struct DsiLayer {
     DsiLinear qkv, o, gate_up, down;
-    const void* input_norm; const void* post_norm;
+    const void* input_norm; const void* post_norm;   // norm weights [hidden]; post_norm null: one shared norm
+                                                     // (parallel residual only: GPT-J, Phi)
+    const void* input_bias; const void* post_bias;   // LayerNorm biases [hidden] (DsiStack.layer_norm), else null
     const void* q_norm; const void* k_norm;   // per-head RMSNorm weights [D] (Qwen3) or null
     void* k_cache; void* v_cache;             // [B_max, Hkv, S, D] with strides (cb, ch, D, 1)
     int64_t cb, ch;
@@ -1110,6 +1307,10 @@ struct DsiStack {
     float* slots; int64_t capacity; int64_t* flags;        // parallel/shm.py's exchange (slots null: no TP)
     int64_t tp_size, tp_rank;
     double timeout_s;
+    int64_t layer_norm;    // 0: RMSNorms (dsi_rms_norm_bf16); 1: LayerNorms with biases (dsi_layer_norm_bf16)
+    int64_t parallel;      // 1: h + attn(norm1(h)) + mlp(norm2(h)) (GPT-NeoX, GPT-J, Phi); 0: sequential
+    int64_t mlp_act;       // -1: SwiGLU, gate_up holds gate | up (2 inter rows); else dsi_act_bf16's kind on up
+    int64_t rotary_dim;    // R: cos / sin rows [B, R], the first R dims of each head rotate; 0: no rotary
 };
 
 static int stack_linear(const DsiStack* st, const DsiLinear& lin, const uint16_t* x, int64_t M, const uint16_t* h,
@@ -1126,8 +1327,8 @@ static int stack_linear(const DsiStack* st, const DsiLinear& lin, const uint16_t
 }
 
 // h [B, hidden] bf16: the residual stream in, the last block's output out (the final norm is the caller's).
-// cos / sin [B, D]; the step writes cache column col and attends over columns [0, col]; mask / wmask: bool
-// [B, col + 1] rows (strides mb / wmb, column strides ml / wml) or null. shm_step: the exchange's call counter
+// cos / sin [B, rotary_dim]; the step writes cache column col and attends over columns [0, col]; mask / wmask:
+// bool [B, col + 1] rows (strides mb / wmb, column strides ml / wml) or null. shm_step: the exchange's call counter
 // (in / out); shm_seconds: time spent in exchanges, waiting included, is added to it.
 // Returns 0; 1 when a peer did not reach an all-reduce within the timeout; 2 when a linear call failed; 3
 // without AVX512.
@@ -1139,9 +1340,10 @@ int dsi_decode_stack(const DsiStack* st, const DsiLayer* layers, void* h_, int64
     if (dsi_gemv_best_isa() < 2 || attn_unit_for(D) == nullptr) return 3;   // AVX512 only (the caller checks)
     uint16_t* h = static_cast<uint16_t*>(h_);
     static thread_local std::vector<uint16_t> buf;
-    buf.resize(static_cast<size_t>(B * (2 * H + heads * D + (hq + hkv) * D + hq * D + 3 * I)));
+    buf.resize(static_cast<size_t>(B * (3 * H + heads * D + (hq + hkv) * D + hq * D + 3 * I)));
     uint16_t* x = buf.data();
-    uint16_t* y = x + B * H;
+    uint16_t* x2 = x + B * H;          // norm2 of the block's input (parallel residual with two norms)
+    uint16_t* y = x2 + B * H;
     uint16_t* qkv = y + B * H;
     uint16_t* q = qkv + B * heads * D;
     uint16_t* k = q + B * hq * D;
@@ -1160,12 +1362,22 @@ int dsi_decode_stack(const DsiStack* st, const DsiLayer* layers, void* h_, int64
         return rc;
     };
     const float eps = static_cast<float>(st->eps);
+    auto norm = [&](const void* w, const void* bias, uint16_t* out) {   // of the residual stream h
+        if (st->layer_norm) dsi_layer_norm_bf16(h, H, w, bias, out, H, B, H, eps);
+        else dsi_rms_norm_bf16(h, H, w, out, H, B, H, eps);
+    };
     for (int64_t l = 0; l < st->num_layers; ++l) {
         const DsiLayer& ly = layers[l];
-        dsi_rms_norm_bf16(h, H, ly.input_norm, x, H, B, H, eps);
+        norm(ly.input_norm, ly.input_bias, x);
         if (stack_linear(st, ly.qkv, x, B, h, qkv)) return 2;
+        const uint16_t* mlp_in = x;    // parallel with one shared norm: norm1's output feeds the MLP too
+        if (st->parallel && ly.post_norm) {
+            norm(ly.post_norm, ly.post_bias, x2);
+            mlp_in = x2;
+        }
         if (ly.q_norm) dsi_head_norms_bf16(qkv, B, hq, hkv, D, ly.q_norm, ly.k_norm, eps);
-        dsi_rotary_write_kv_bf16(qkv, cos, sin, B, 1, hq, hkv, D, q, k, ly.k_cache, ly.v_cache, ly.cb, ly.ch, col);
+        dsi_rotary_write_kv_bf16(qkv, cos, sin, B, 1, hq, hkv, D, st->rotary_dim, q, k, ly.k_cache, ly.v_cache, ly.cb,
+                                 ly.ch, col);
         const bool win = ly.sliding && wmask;
         run_attention(AttnArgs{q, hq * D, D, static_cast<const uint16_t*>(ly.k_cache),
                                static_cast<const uint16_t*>(ly.v_cache), ly.cb, ly.ch, D,
@@ -1173,10 +1385,11 @@ int dsi_decode_stack(const DsiStack* st, const DsiLayer* layers, void* h_, int64
                                B, hq, hkv, L, D, static_cast<float>(st->scale)}, static_cast<int>(st->threads));
         if (stack_linear(st, ly.o, att, B, h, y)) return 2;
         if (ly.o.reduce && all_reduce(y)) return 1;
-        memcpy(h, y, B * H * sizeof(uint16_t));
-        dsi_rms_norm_bf16(h, H, ly.post_norm, x, H, B, H, eps);
-        if (stack_linear(st, ly.gate_up, x, B, h, gu)) return 2;
-        dsi_silu_mul_bf16(gu, 2 * I, B, I, act, I);
+        memcpy(h, y, B * H * sizeof(uint16_t));      // sequential: h + attn; parallel: the same, which down then adds
+        if (!st->parallel) norm(ly.post_norm, ly.post_bias, x);
+        if (stack_linear(st, ly.gate_up, mlp_in, B, h, gu)) return 2;
+        if (st->mlp_act < 0) dsi_silu_mul_bf16(gu, 2 * I, B, I, act, I);
+        else dsi_act_bf16(gu, I, B, I, act, I, static_cast<int>(st->mlp_act), static_cast<int>(st->threads));
         if (stack_linear(st, ly.down, act, B, h, y)) return 2;
         if (ly.down.reduce && all_reduce(y)) return 1;
         memcpy(h, y, B * H * sizeof(uint16_t));

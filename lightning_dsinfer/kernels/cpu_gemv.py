@@ -19,9 +19,9 @@ tile-state permission from the kernel, asked for with ``arch_prctl``). Threads: 
 small calls stay on the calling thread (the work thresholds live in cpu_gemv.cpp).
 
 The same library has one-call forms of a decode step's small ops (bf16, a few rows; the torch composites cost
-~20-50 us of dispatch each): :func:`rms_norm`, :func:`silu_and_mul`, :func:`rotary_write_kv`,
-:func:`decode_attention` (fp32 scores / softmax / sum over the KV cache, GQA, masks), and the shared-memory
-all-reduce exchange (:func:`shm_exchange`).
+~20-50 us of dispatch each): :func:`rms_norm`, :func:`layer_norm`, :func:`silu_and_mul`, :func:`act` (GeLU erf /
+tanh, ReLU, SiLU), :func:`rotary_write_kv` (full or partial rotary), :func:`decode_attention` (fp32 scores /
+softmax / sum over the KV cache, GQA, masks), and the shared-memory all-reduce exchange (:func:`shm_exchange`).
 
 :func:`available` is False, after one logged warning, when there is no compiler, the build or load fails,
 the CPU has none of the paths, or ``DSINFER_CPU_GEMV=0``; callers then use oneDNN / ``F.linear``.
@@ -82,7 +82,13 @@ class _Kernel:
         self.rms_norm.argtypes = [p, i64, p, p, i64, i64, i64, ctypes.c_float]
         self.rotary = lib.dsi_rotary_write_kv_bf16
         self.rotary.restype = None
-        self.rotary.argtypes = [p, p, p, i64, i64, i64, i64, i64, p, p, p, p, i64, i64, i64]
+        self.rotary.argtypes = [p, p, p, i64, i64, i64, i64, i64, i64, p, p, p, p, i64, i64, i64]
+        self.layer_norm = lib.dsi_layer_norm_bf16
+        self.layer_norm.restype = ctypes.c_int
+        self.layer_norm.argtypes = [p, i64, p, p, p, i64, i64, i64, ctypes.c_float]
+        self.act = lib.dsi_act_bf16
+        self.act.restype = ctypes.c_int
+        self.act.argtypes = [p, i64, i64, i64, p, i64, ctypes.c_int, ctypes.c_int]
         self.stream_read = lib.dsi_stream_read
         self.stream_read.restype = ctypes.c_uint64
         self.stream_read.argtypes = [p, i64, ctypes.c_int]
@@ -477,7 +483,8 @@ ROTARY_MAX_TOKENS = 64        # B x T of a decode step; prompts keep torch's vec
 def rotary_write_kv(qkv, num_heads, cos, sin_signed, k_cache=None, v_cache=None, col=0, q_norm=None, k_norm=None,
                     eps=0.0):
     """:func:`reference.rotary_write_kv` for a few contiguous bf16 tokens in C (the q / k head norms, where given, in
-    one more call, on a copy of qkv), or None where it does not apply (the caller runs the reference)."""
+    one more call, on a copy of qkv), or None where it does not apply (the caller runs the reference). cos / sin
+    [B, T, 1, R] with R even, R <= D: the first R dims of each head rotate, the rest pass through (partial rotary)."""
     k = _kernel if _kernel is not None else _load()
     if k is None or _off or qkv.dtype != torch.bfloat16 or qkv.dim() != 4 or not qkv.is_contiguous():
         return None
@@ -486,9 +493,10 @@ def rotary_write_kv(qkv, num_heads, cos, sin_signed, k_cache=None, v_cache=None,
     if q_norm is not None and not all(n is not None and n.dtype == torch.bfloat16 and n.is_contiguous()
                                       and n.numel() == d for n in (q_norm, k_norm)):
         return None
-    if (b * t > ROTARY_MAX_TOKENS or d % 2 or cos.shape != (b, t, 1, d) or sin_signed.shape != cos.shape
-            or not cos.is_contiguous() or not sin_signed.is_contiguous() or cos.dtype != torch.bfloat16
-            or sin_signed.dtype != torch.bfloat16 or isinstance(col, torch.Tensor)):
+    r = cos.shape[-1]
+    if (b * t > ROTARY_MAX_TOKENS or r % 2 or not 0 < r <= d or cos.shape != (b, t, 1, r)
+            or sin_signed.shape != cos.shape or not cos.is_contiguous() or not sin_signed.is_contiguous()
+            or cos.dtype != torch.bfloat16 or sin_signed.dtype != torch.bfloat16 or isinstance(col, torch.Tensor)):
         return None
     if k_cache is not None:
         if (k_cache.dtype != torch.bfloat16 or k_cache.stride() != v_cache.stride() or k_cache.shape != v_cache.shape
@@ -500,7 +508,7 @@ def rotary_write_kv(qkv, num_heads, cos, sin_signed, k_cache=None, v_cache=None,
         k.head_norms(qkv.data_ptr(), b * t, hq, hkv, d, q_norm.data_ptr(), k_norm.data_ptr(), eps)
     q = torch.empty(b, t, hq, d, dtype=torch.bfloat16)
     kk = torch.empty(b, t, hkv, d, dtype=torch.bfloat16)
-    k.rotary(qkv.data_ptr(), cos.data_ptr(), sin_signed.data_ptr(), b, t, hq, hkv, d, q.data_ptr(), kk.data_ptr(),
+    k.rotary(qkv.data_ptr(), cos.data_ptr(), sin_signed.data_ptr(), b, t, hq, hkv, d, r, q.data_ptr(), kk.data_ptr(),
              None if k_cache is None else k_cache.data_ptr(), None if v_cache is None else v_cache.data_ptr(),
              0 if k_cache is None else k_cache.stride(0), 0 if k_cache is None else k_cache.stride(1), col)
     return q, kk, qkv[:, :, hq + hkv:]
@@ -521,6 +529,47 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     inter = n2 // 2
     y = torch.empty(*gate_up.shape[:-1], inter, dtype=torch.bfloat16)
     k.silu_mul(gate_up.data_ptr(), n2, gate_up.numel() // n2, inter, y.data_ptr(), inter)
+    return y
+
+
+LAYER_NORM_MAX_ROWS = 64      # decode-sized calls; prompts keep torch's multi-threaded kernel
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor | None:
+    """LayerNorm over the last dim with weight and bias for a few contiguous bf16 rows in one C call: fp32 mean and
+    variance, ``(x * rstd - mean * rstd) * w + b`` (torch's CPU order), one rounding; torch's own kernel sums in
+    another order, so a rare element lands one bf16 ulp away (tests/test_cpu_gemv.py). None where it does not apply
+    (the caller runs torch's), also on CPUs without AVX512 (:func:`has_wide_ops`)."""
+    k = _kernel if _kernel is not None else _load()
+    n = x.shape[-1]
+    if (k is None or _off or k.best_isa < 2 or bias is None or x.dtype != torch.bfloat16 or x.device.type != "cpu"
+            or not x.is_contiguous() or x.numel() > LAYER_NORM_MAX_ROWS * n or n == 0
+            or weight.dtype != torch.bfloat16 or bias.dtype != torch.bfloat16 or weight.numel() != n
+            or bias.numel() != n or not weight.is_contiguous() or not bias.is_contiguous()):
+        return None
+    y = torch.empty_like(x)
+    k.layer_norm(x.data_ptr(), n, weight.data_ptr(), bias.data_ptr(), y.data_ptr(), n, x.numel() // n, n, eps)
+    return y
+
+
+ACT_MAX_ROWS = 64             # decode-sized calls; prompts keep torch's multi-threaded ops
+ACT_KINDS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}     # dsi_act_bf16's kinds (reference.act's names)
+
+
+def act(x: torch.Tensor, name: str) -> torch.Tensor | None:
+    """:func:`reference.act` (a plain MLP's activation: gelu | gelu_tanh | relu | silu) for a few contiguous bf16
+    rows in one C call, fp32 inside, one rounding, in torch's order of operations. erf and tanh are vectorised
+    approximations within ~1 fp32 ulp (torch's erf GeLU is oneDNN's own approximation, which loses accuracy below
+    x = -3), so a bf16 result may sit one ulp from torch's, mostly in that tail (tests/test_cpu_gemv.py). None where
+    it does not apply (the caller runs the reference), also on CPUs without AVX512 (:func:`has_wide_ops`)."""
+    k = _kernel if _kernel is not None else _load()
+    n = x.shape[-1]
+    kind = ACT_KINDS.get(name)
+    if (k is None or _off or k.best_isa < 2 or kind is None or x.dtype != torch.bfloat16 or x.device.type != "cpu"
+            or not x.is_contiguous() or x.numel() > ACT_MAX_ROWS * n or n == 0):
+        return None
+    y = torch.empty_like(x)
+    k.act(x.data_ptr(), n, x.numel() // n, n, y.data_ptr(), n, kind, torch.get_num_threads())
     return y
 
 
@@ -565,21 +614,26 @@ class StackLinear(ctypes.Structure):
 
 
 class StackLayer(ctypes.Structure):
-    """``DsiLayer`` of cpu_gemv.cpp: one block's linears, norms and KV-cache tensors."""
+    """``DsiLayer`` of cpu_gemv.cpp: one block's linears, norms (LayerNorms: with their biases; post_norm null: one
+    shared norm) and KV-cache tensors."""
     _fields_ = [("qkv", StackLinear), ("o", StackLinear), ("gate_up", StackLinear), ("down", StackLinear),
-                ("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("q_norm", ctypes.c_void_p),
-                ("k_norm", ctypes.c_void_p), ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p),
-                ("cb", ctypes.c_int64), ("ch", ctypes.c_int64), ("sliding", ctypes.c_int64)]
+                ("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("input_bias", ctypes.c_void_p),
+                ("post_bias", ctypes.c_void_p), ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p),
+                ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p), ("cb", ctypes.c_int64),
+                ("ch", ctypes.c_int64), ("sliding", ctypes.c_int64)]
 
 
 class StackShape(ctypes.Structure):
-    """``DsiStack`` of cpu_gemv.cpp: sizes, threads, and the shared-memory all-reduce (slots null: none)."""
+    """``DsiStack`` of cpu_gemv.cpp: sizes, threads, the shared-memory all-reduce (slots null: none), and the block's
+    form: norm kind (0 RMSNorm, 1 LayerNorm with biases), parallel residual, MLP activation (-1 SwiGLU, else an
+    :data:`ACT_KINDS` value), rotary width (0: none)."""
     _fields_ = [("num_layers", ctypes.c_int64), ("hidden", ctypes.c_int64), ("hq", ctypes.c_int64),
                 ("hkv", ctypes.c_int64), ("head_dim", ctypes.c_int64), ("inter", ctypes.c_int64),
                 ("eps", ctypes.c_double), ("scale", ctypes.c_double), ("threads", ctypes.c_int64),
                 ("isa", ctypes.c_int64), ("slots", ctypes.c_void_p), ("capacity", ctypes.c_int64),
                 ("flags", ctypes.c_void_p), ("tp_size", ctypes.c_int64), ("tp_rank", ctypes.c_int64),
-                ("timeout_s", ctypes.c_double)]
+                ("timeout_s", ctypes.c_double), ("layer_norm", ctypes.c_int64), ("parallel", ctypes.c_int64),
+                ("mlp_act", ctypes.c_int64), ("rotary_dim", ctypes.c_int64)]
 
 
 def has_wide_ops() -> bool:

@@ -6,9 +6,9 @@ kernel when its tensors are on CUDA and Triton imports, or when the Triton path 
 or ``DSINFER_FORCE_TRITON=1`` read at import), which with ``TRITON_INTERPRET=1`` runs the whole engine through
 the kernels on CPU tensors.
 Everything else (the CPU path) calls the reference, except bf16 decode-sized calls of ``rms_norm``,
-``silu_and_mul``, ``rotary_write_kv`` and ``attention`` (one query per row), which take the one-call C kernels
-of :mod:`~lightning_dsinfer.kernels.cpu_gemv` (each tested against the reference there); Triton is imported
-only on the first Triton dispatch.
+``layer_norm``, ``silu_and_mul``, ``act``, ``rotary_write_kv`` (full or partial rotary) and ``attention`` (one
+query per row), which take the one-call C kernels of :mod:`~lightning_dsinfer.kernels.cpu_gemv` (each tested
+against the reference there); Triton is imported only on the first Triton dispatch.
 
 How the engine's calls map onto the kernels, and what stays on the reference:
 
@@ -227,8 +227,13 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm over the last dim with weight and bias (the GPT families' norms); in fp32, rounded once: torch's
-    own ``layer_norm`` on the CPU (as HF runs it), ``kernels/layer_norm.py`` on the Triton path."""
+    own ``layer_norm`` on the CPU (as HF runs it; decode-sized bf16 rows: one C call, within a bf16 ulp of it),
+    ``kernels/layer_norm.py`` on the Triton path."""
     if not _triton(x):
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            y = cpu_gemv.layer_norm(x, weight, bias, eps)    # decode-sized bf16 rows: one C call
+            if y is not None:
+                return y
         return torch.nn.functional.layer_norm(x, weight.shape, weight, bias, eps)
     from lightning_dsinfer.kernels.layer_norm import layer_norm as kernel
     _count("layer_norm", "triton")
@@ -237,8 +242,13 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 def act(x: torch.Tensor, name: str) -> torch.Tensor:
     """A plain MLP's activation (gelu | gelu_tanh | relu | silu) over x: torch's op in x's dtype on the CPU (fp32
-    inside, one rounding, as HF), ``kernels/activations.bias_act`` on the Triton path."""
+    inside, one rounding, as HF; decode-sized bf16 rows: one C call), ``kernels/activations.bias_act`` on the Triton
+    path."""
     if not _triton(x):
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            y = cpu_gemv.act(x, name)                # decode-sized bf16 rows: one C call
+            if y is not None:
+                return y
         return reference.act(x, name)
     from lightning_dsinfer.kernels.activations import bias_act
     _count("act", "triton")

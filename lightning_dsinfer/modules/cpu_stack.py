@@ -8,6 +8,12 @@ row-major kernel linears, a CPU with AVX512) :class:`DecoderModel` hands the blo
 with the same roundings, so the hidden states are bit-identical to the per-op path (tests/test_cpu_stack.py),
 and the tensor-parallel all-reduces go through the same shared-memory exchange (parallel/shm.py) from C.
 
+The blocks it runs: Llama's (:class:`DecoderLayer`: RMSNorms, SwiGLU, rotary; Qwen3's q / k norms, sliding
+windows) and the GPT families' (:class:`GPTDecoderLayer`: LayerNorms with biases, a plain MLP with gelu / gelu_tanh /
+relu / silu or SwiGLU, the sequential or the parallel residual with one or two norms, full, partial or no rotary:
+learned positions are added before the blocks). BLOOM's ALiBi keeps the per-op path (the C decode attention adds
+no position biases), as do Gemma's blocks (sandwich norms, GeGLU, soft-capped scores) and MoE layers.
+
 Anything else (prompts, fp32, the Triton path, HF caches, the oneDNN fallback, gloo all-reduces) keeps the
 per-op path: :meth:`CpuDecodeStack.applies` says which.
 """
@@ -20,7 +26,7 @@ import torch
 from lightning_dsinfer.kernels import cpu_gemv, ops
 from lightning_dsinfer.modules.linear import INT8_KERNEL_MAX_ROWS
 
-MAX_ROWS = 64     # = the one-call norm / SwiGLU / rotary row limits of kernels/cpu_gemv.py
+MAX_ROWS = 64     # = the one-call norm / activation / rotary row limits of kernels/cpu_gemv.py
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -35,18 +41,21 @@ class CpuDecodeStack:
     """The C tables of one :class:`~lightning_dsinfer.modules.transformer.DecoderModel`'s blocks; built by
     :meth:`build` (None when a block cannot go through C), refreshed when the KV cache is re-allocated."""
 
-    def __init__(self, decoder, layers, row_limit: float, shm):
+    def __init__(self, decoder, layers, row_limit: float, shm, layer_norm: bool = False, parallel: bool = False,
+                 mlp_act: int = -1, rotary: bool = True):
         first = layers[0]
         # self.layers keeps the modules, and so every tensor the tables point into, alive with the tables
         self.decoder, self.layers, self.row_limit, self.shm = decoder, layers, row_limit, shm
         self.hidden = first.attn.o.out_features
+        self.rotary = rotary       # cos / sin of a step are read (their width R is the step's: partial rotary)
         self.n_reduce = sum((ly.attn.o.reduce is not None) + (ly.mlp.down.reduce is not None) for ly in layers)
         self.shape = cpu_gemv.StackShape(
             num_layers=len(layers), hidden=self.hidden, hq=first.attn.hq, hkv=first.attn.hkv, head_dim=first.attn.d,
             inter=first.mlp.down.in_features, eps=first.eps, scale=first.attn.scaling,
             slots=None if shm is None else shm.data.data_ptr(), capacity=0 if shm is None else shm.capacity,
             flags=None if shm is None else shm.flags.data_ptr(), tp_size=1 if shm is None else shm.size,
-            tp_rank=0 if shm is None else shm.rank, timeout_s=0.0 if shm is None else shm.timeout_s)
+            tp_rank=0 if shm is None else shm.rank, timeout_s=0.0 if shm is None else shm.timeout_s,
+            layer_norm=int(layer_norm), parallel=int(parallel), mlp_act=mlp_act, rotary_dim=0)
         self.table = (cpu_gemv.StackLayer * len(layers))()
         for i, ly in enumerate(layers):
             t = self.table[i]
@@ -58,7 +67,9 @@ class CpuDecodeStack:
                     N=lin.out_features, K=lin.in_features, packed={"amx": 1, "int8": 2, "int8_amx": 3}.get(lin.layout, 0),
                     add_residual=int(residual and lin.owns_residual), reduce=int(lin.reduce is not None),
                     scale=_ptr(lin.scale)))
-            t.input_norm, t.post_norm = ly.input_norm.data_ptr(), ly.post_norm.data_ptr()
+            t.input_norm, t.post_norm = ly.input_norm.data_ptr(), _ptr(ly.post_norm)
+            if layer_norm:
+                t.input_bias, t.post_bias = ly.input_bias.data_ptr(), _ptr(ly.post_bias)
             t.q_norm, t.k_norm = _ptr(ly.attn.q_norm), _ptr(ly.attn.k_norm)
             t.sliding = int(ly.attn.sliding)
         self._bound: dict[tuple, ctypes.Array] = {}   # the table with each KV cache's pointers filled in
@@ -67,7 +78,7 @@ class CpuDecodeStack:
     @classmethod
     def build(cls, decoder) -> "CpuDecodeStack | None":
         """The stack for ``decoder``'s blocks, or None when one of them has something the C loop does not run."""
-        from lightning_dsinfer.modules.transformer import Attention, DecoderLayer, GatedMLP
+        from lightning_dsinfer.modules.transformer import MLP, Attention, DecoderLayer, GatedMLP, GPTDecoderLayer
 
         if cpu_gemv.decode_stack_fn() is None or not cpu_gemv.has_wide_ops() or len(decoder.layers) == 0:
             return None
@@ -76,23 +87,40 @@ class CpuDecodeStack:
         comm = decoder.comm
         shm = None
         row_limit = float("inf")
+        form = None            # (LayerNorms, parallel residual, MLP activation, rotary): one for every block
         for ly in layers:
-            if type(ly) is not DecoderLayer or type(ly.attn) is not Attention or type(ly.mlp) is not GatedMLP:
+            if (type(ly) not in (DecoderLayer, GPTDecoderLayer) or type(ly.attn) is not Attention
+                    or type(ly.mlp) not in (GatedMLP, MLP)):
                 return None
             a, m = ly.attn, ly.mlp
-            if m.act != "silu" or a.softcap is not None:     # the C step runs SwiGLU and uncapped attention
+            gated = type(m) is GatedMLP
+            if (m.act != "silu" if gated else m.act not in cpu_gemv.ACT_KINDS):    # SwiGLU, or a plain activation
                 return None
+            if a.softcap is not None or a.alibi is not None:   # uncapped scores, no position biases (BLOOM's ALiBi)
+                return None
+            layer_norm = type(ly) is GPTDecoderLayer
+            parallel = layer_norm and ly.parallel
+            this = (layer_norm, parallel, -1 if gated else cpu_gemv.ACT_KINDS[m.act], bool(a.rotary))
+            if form not in (None, this):
+                return None
+            form = this
             if (a.hq, a.hkv, a.d, a.scaling, ly.eps, m.down.in_features, a.o.out_features) != (
                     first.attn.hq, first.attn.hkv, first.attn.d, first.attn.scaling, first.eps,
                     first.mlp.down.in_features, first.attn.o.out_features):
                 return None
             h, d = a.o.out_features, a.d
             if (a.qkv.out_features != (a.hq + 2 * a.hkv) * d or a.qkv.in_features != h or a.o.in_features != a.hq * d
-                    or m.gate_up.out_features != 2 * m.down.in_features or m.gate_up.in_features != h
-                    or m.down.out_features != h or d % 2 or d > cpu_gemv.DECODE_ATTENTION_MAX_HEAD_DIM):
+                    or m.gate_up.out_features != (2 if gated else 1) * m.down.in_features or m.gate_up.in_features != h
+                    or m.down.out_features != h or d > cpu_gemv.DECODE_ATTENTION_MAX_HEAD_DIM):
                 return None
-            if (a.q_norm is None) != (a.k_norm is None) or not all(
-                    _bf16_vector(v, n) for v, n in ((ly.input_norm, h), (ly.post_norm, h), (a.q_norm, d), (a.k_norm, d))):
+            # norms: two, or (parallel residual only) one shared; a LayerNorm's bias with each
+            biases = (ly.input_bias, ly.post_bias) if layer_norm else (None, None)
+            if (ly.input_norm is None or (ly.post_norm is None and not parallel)
+                    or (layer_norm and (biases[0] is None or (biases[1] is None) != (ly.post_norm is None)))):
+                return None
+            if (a.q_norm is None) != (a.k_norm is None) or not all(_bf16_vector(v, n) for v, n in (
+                    (ly.input_norm, h), (ly.post_norm, h), (biases[0], h), (biases[1], h), (a.q_norm, d),
+                    (a.k_norm, d))):
                 return None
             for lin in (a.qkv, a.o, m.gate_up, m.down):
                 if lin.weight.device.type != "cpu":
@@ -116,7 +144,8 @@ class CpuDecodeStack:
                     if comm is None or lin.reduce != comm.all_reduce or comm.shm is None or comm.shm._c is None:
                         return None
                     shm = comm.shm
-        return cls(decoder, layers, row_limit, shm)
+        layer_norm, parallel, mlp_act, rotary = form
+        return cls(decoder, layers, row_limit, shm, layer_norm, parallel, mlp_act, rotary)
 
     def applies(self, h: torch.Tensor, step) -> bool:
         """Whether this forward is a decode step the C loop runs (else the per-op path runs it)."""
@@ -130,10 +159,13 @@ class CpuDecodeStack:
             return False
         if self.shm is not None and b * self.hidden > self.shm.capacity:
             return False
-        d = self.shape.head_dim
-        if (step.cos.shape != (b, 1, 1, d) or step.sin.shape != (b, 1, 1, d) or step.cos.dtype != torch.bfloat16
-                or step.sin.dtype != torch.bfloat16 or not step.cos.is_contiguous() or not step.sin.is_contiguous()):
-            return False
+        if self.rotary:     # rows [B, R]: the first R (even) dims of each head rotate (R < D: partial rotary)
+            r = step.cos.shape[-1]
+            if (r % 2 or not 0 < r <= self.shape.head_dim or step.cos.shape != (b, 1, 1, r)
+                    or step.sin.shape != step.cos.shape or step.cos.dtype != torch.bfloat16
+                    or step.sin.dtype != torch.bfloat16 or not step.cos.is_contiguous()
+                    or not step.sin.is_contiguous()):
+                return False
         if cache.dtype != torch.bfloat16 or b > cache.max_batch_size or step.start >= cache.max_seq_len:
             return False
         length = step.start + 1
@@ -176,6 +208,7 @@ class CpuDecodeStack:
 
         self.shape.threads = torch.get_num_threads()
         self.shape.isa = cpu_gemv.best_isa_code()
+        self.shape.rotary_dim = step.cos.shape[-1] if self.rotary else 0
         shm_step = ctypes.c_int64(0 if self.shm is None else self.shm.step)
         seconds = ctypes.c_double(0.0)
         rc = self._fn(ctypes.byref(self.shape), ctypes.byref(table), out.data_ptr(), b, step.cos.data_ptr(),
