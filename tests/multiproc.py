@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 
@@ -30,9 +31,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _collect(stream, lines: list[str]) -> None:
+    for line in iter(stream.readline, ""):
+        lines.append(line)
+    stream.close()
+
+
 def run_ranks(script: str, world_size: int, args: list[str], timeout: float = 240, extra_env: dict | None = None,
-              kill_rank_after: tuple[int, float] | None = None):
-    """Returns (returncodes, outputs, seconds). ``kill_rank_after=(rank, s)`` kills that rank after s seconds."""
+              kill_rank_after: tuple[int, float, str] | None = None):
+    """Returns (returncodes, outputs, seconds). ``kill_rank_after=(rank, s, marker)`` kills that rank s seconds after
+    ``marker`` appears in rank 0's output (so a slow start, a kernel build say, does not kill it early); the seconds
+    returned then count from the kill."""
     port = free_port()
     procs = []
     here = os.path.dirname(os.path.abspath(__file__))
@@ -43,13 +52,20 @@ def run_ranks(script: str, world_size: int, args: list[str], timeout: float = 24
                "PYTHONPATH": os.pathsep.join([root, here, os.environ.get("PYTHONPATH", "")]), **(extra_env or {})}
         procs.append(subprocess.Popen([sys.executable, os.path.join(here, script), *args], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    lines: list[list[str]] = [[] for _ in procs]      # read as they come (a full pipe would block a rank)
+    readers = [threading.Thread(target=_collect, args=(p.stdout, out), daemon=True) for p, out in zip(procs, lines)]
+    for r in readers:
+        r.start()
     start = time.monotonic()
-    killed = False
+    killed, marked = None, None
     while any(p.poll() is None for p in procs):
-        elapsed = time.monotonic() - start
-        if kill_rank_after and not killed and elapsed > kill_rank_after[1]:
+        now = time.monotonic()
+        elapsed = now - start
+        if kill_rank_after and marked is None and kill_rank_after[2] in "".join(lines[0]):
+            marked = now
+        if kill_rank_after and killed is None and marked is not None and now - marked > kill_rank_after[1]:
             procs[kill_rank_after[0]].kill()
-            killed = True
+            killed = now
         failed = any(p.poll() not in (None, 0) for p in procs) and not kill_rank_after
         if elapsed > timeout or failed:
             time.sleep(0.5 if failed else 0)
@@ -58,5 +74,8 @@ def run_ranks(script: str, world_size: int, args: list[str], timeout: float = 24
                     p.kill()
             break
         time.sleep(0.05)
-    outputs = [p.communicate()[0] for p in procs]
-    return [p.returncode for p in procs], outputs, time.monotonic() - start
+    for p, r in zip(procs, readers):
+        p.wait()
+        r.join(timeout=10)
+    outputs = ["".join(out) for out in lines]
+    return [p.returncode for p in procs], outputs, time.monotonic() - (killed if killed is not None else start)
