@@ -48,6 +48,12 @@ GPT_CASES = {
     "gpt2": ("gpt2", {}, (1, 0, "gelu_tanh", 0)),                       # learned positions: no rotary
     "stablelm": ("stablelm", {}, (1, 0, "swiglu", 8)),                  # SwiGLU under LayerNorms, GQA
     "opt": ("opt", {}, (1, 0, "relu", 0)),
+    "gptj": ("gptj", {}, (1, 1, "gelu_tanh", 8)),                       # parallel, shared norm, reordered rotary
+    "falcon": ("falcon", {}, (1, 1, "gelu", 16)),                       # parallel, ln_attn / ln_mlp, KV groups
+    "cohere": ("cohere", {}, (1, 1, "swiglu", 16)),                     # zero LayerNorm biases, SwiGLU, shared norm
+    "gpt_bigcode": ("gpt_bigcode", {}, (1, 0, "gelu_tanh", 0)),         # multi-query, learned positions
+    "gpt_neo": ("gpt_neo", {}, (1, 0, "gelu_tanh", 0)),                 # unscaled scores, a local (windowed) layer
+    "starcoder2": ("starcoder2", {}, (1, 0, "gelu_tanh", 16)),          # sliding window, GQA, biases
 }
 
 
