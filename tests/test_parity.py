@@ -66,8 +66,45 @@ def test_beam_search_equals_hf(family):
     _generate_equals_hf(family, 2, max_new_tokens=7, num_beams=3)
 
 
-def test_custom_processor_falls_back_to_hf_loop_and_matches():
-    _generate_equals_hf("llama", 3, max_new_tokens=9, repetition_penalty=1.5, no_repeat_ngram_size=2)
+def test_logits_processors_run_in_the_own_loop_and_match_hf(monkeypatch):
+    """Repetition penalty, n-gram blocking, bad words, min-p and a user's ``logits_processor`` list run inside the own
+    loop (HF's processor list, built by HF's code): greedy tokens as HF's, and sampled ones too from the same seed
+    (the same processors, warpers and draws); a stopping criterion still takes HF's loop."""
+    from transformers import LogitsProcessor, LogitsProcessorList, MaxLengthCriteria, StoppingCriteriaList
+
+    import lightning_dsinfer.generation as gen
+
+    class Ban(LogitsProcessor):              # a user's processor: never emit token 7 after step 2
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] > 11:
+                scores[:, 7] = float("-inf")
+            return scores
+
+    hf = tiny_model("llama")
+    opt = optimised_copy(hf, max_seq_len=64)
+    ids, mask = padded_batch([6, 9], seed=3)
+    real = gen._hf_generate
+
+    def no_fallback(*a, **k):
+        raise AssertionError("fell back to Hugging Face's generate loop")
+
+    requests = [dict(do_sample=False, repetition_penalty=1.5, no_repeat_ngram_size=2),
+                dict(do_sample=False, bad_words_ids=[[5], [9, 10]], logits_processor=LogitsProcessorList([Ban()])),
+                dict(do_sample=True, repetition_penalty=1.3, min_p=0.05, temperature=0.9, top_k=30)]
+    for options in requests:
+        kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=9, **options)
+        torch.manual_seed(5)
+        with torch.no_grad():
+            ref = hf.generate(**kw)
+        monkeypatch.setattr(gen, "_hf_generate", no_fallback)
+        torch.manual_seed(5)
+        got = opt.generate(**kw)
+        monkeypatch.setattr(gen, "_hf_generate", real)
+        assert torch.equal(got, ref), options
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=9, do_sample=False, repetition_penalty=1.5,
+              stopping_criteria=StoppingCriteriaList([MaxLengthCriteria(max_length=13)]))
+    with torch.no_grad():
+        assert torch.equal(opt.generate(**kw), hf.generate(**kw))
 
 
 def test_eos_stops_and_pads_like_hf():

@@ -1,6 +1,11 @@
 """``model.generate`` for an optimised model: the engine's own loop when it covers the request,
-else Hugging Face's loop running over the engine's forward (beam search, custom logits processors,
-stop strings, scores output, ...), which is slower but exactly as featureful as HF."""
+else Hugging Face's loop running over the engine's forward (beam search, stop strings, stopping criteria, scores
+output, ...), which is slower but exactly as featureful as HF.
+
+Logits processors (repetition penalty, n-gram blocking, bad words, min-p / typical / eta sampling, a user's
+``logits_processor`` list, ...) stay on the own loop: it builds HF's own processor list for the request (HF's
+``_get_logits_processor``, so the same processors in the same order) and applies it to each step's fp32 logits with
+the tokens so far, as HF's sampling loop does; then argmax, or softmax + multinomial."""
 from __future__ import annotations
 
 import copy
@@ -26,8 +31,14 @@ _INACTIVE = {
 }
 # Fields that only matter to beam search (the own loop never runs for num_beams > 1).
 _BEAM_ONLY = frozenset({"length_penalty", "early_stopping"})
+# Fields HF implements as logits processors over (tokens so far, scores): the own loop runs them through HF's list.
+_PROCESSOR_FIELDS = frozenset({
+    "repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "min_p", "typical_p", "epsilon_cutoff",
+    "eta_cutoff", "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id",
+    "sequence_bias", "renormalize_logits", "remove_invalid_values", "exponential_decay_length_penalty",
+})
 # generate() keyword arguments the own loop accepts besides GenerationConfig fields.
-_OWN_LOOP_KWARGS = frozenset({"input_ids", "attention_mask", "streamer"})
+_OWN_LOOP_KWARGS = frozenset({"input_ids", "attention_mask", "streamer", "logits_processor"})
 
 
 def _as_list(x) -> list[int]:
@@ -44,18 +55,42 @@ def _resolve(model, generation_config, kwargs):
     return gc, unused
 
 
-def _own_loop_handles(gc, unused: dict) -> bool:
+def _own_loop_handles(gc, unused: dict) -> str | None:
+    """None when HF's loop must run the request; "plain" when the own loop's greedy / warped sampling covers it;
+    "processors" when it needs HF's logits processors (run inside the own loop)."""
     if set(unused) - _OWN_LOOP_KWARGS:
-        return False
+        return None
     if (gc.num_beams or 1) != 1 or (gc.num_return_sequences or 1) != 1:
-        return False
+        return None
+    kind = "processors" if unused.get("logits_processor") else "plain"
     for key, value in gc.to_diff_dict().items():
         if key in _OWN_LOOP_FIELDS or key in _BEAM_ONLY or value is None or value is False:
             continue
         if key in _INACTIVE and value == _INACTIVE[key]:
             continue
-        return False
-    return True
+        if key in _PROCESSOR_FIELDS:
+            kind = "processors"
+            continue
+        return None
+    return kind
+
+
+def _hf_processors(model, gc, input_ids: torch.Tensor, attention_mask, logits_processor):
+    """HF's logits processor list for this request (processors, then the sampling warpers when sampling), built by
+    HF's own code as its ``generate`` builds it; None if this transformers version builds it differently (the request
+    then takes HF's loop)."""
+    from transformers.generation.logits_process import LogitsProcessorList
+
+    gc = copy.deepcopy(gc)
+    try:
+        model._prepare_special_tokens(gc, attention_mask is not None, device=input_ids.device,
+                                      batch_size=input_ids.shape[0])
+        return model._get_logits_processor(
+            generation_config=gc, input_ids_seq_length=input_ids.shape[1], encoder_input_ids=input_ids,
+            logits_processor=logits_processor if logits_processor is not None else LogitsProcessorList(),
+            device=input_ids.device, model_kwargs={"attention_mask": attention_mask})
+    except (AttributeError, TypeError):
+        return None
 
 
 def _hf_generate(model, inputs, generation_config, kwargs):
@@ -85,7 +120,8 @@ def dsinfer_generate(self, inputs: torch.Tensor | None = None, generation_config
         max_new = max((gc.max_length or 20) - t0, 0)
     engine.check_length(t0 + max_new, prompt=t0, new=max_new)
     pipelined = engine.pipe.size > 1
-    if max_new == 0 or not _own_loop_handles(gc, unused) or (pipelined and unused.get("streamer") is not None):
+    kind = _own_loop_handles(gc, unused)
+    if max_new == 0 or kind is None or (pipelined and (unused.get("streamer") is not None or kind == "processors")):
         return _hf_generate(self, inputs, generation_config, kwargs)    # (a pipeline streams through HF's loop)
 
     eos_ids = _as_list(gc.eos_token_id)
@@ -100,13 +136,19 @@ def dsinfer_generate(self, inputs: torch.Tensor | None = None, generation_config
         warnings.warn("dsinfer: a right-padded batch was detected; decoder-only models need left padding "
                       "(tokenizer.padding_side='left') for correct generation.", stacklevel=2)
     engine.check_mask(attention_mask, generate=True)
+    processors = None
+    if kind == "processors":
+        processors = _hf_processors(self, gc, input_ids, attention_mask, unused.get("logits_processor"))
+        if processors is None:
+            return _hf_generate(self, inputs, generation_config, kwargs)
     min_new = max(gc.min_new_tokens or 0, (gc.min_length or 0) - t0, 0)
     top_k = gc.top_k if gc.do_sample else None
     if pipelined:
         return pipeline_decode_loop(engine, input_ids, attention_mask, max_new, min_new, bool(gc.do_sample),
                                     gc.temperature, top_k, gc.top_p, eos_ids, pad_id)
     return decode_loop(engine, input_ids, attention_mask, max_new, min_new, bool(gc.do_sample),
-                       gc.temperature, top_k, gc.top_p, eos_ids, pad_id, streamer=unused.get("streamer"))
+                       gc.temperature, top_k, gc.top_p, eos_ids, pad_id, streamer=unused.get("streamer"),
+                       processors=processors)
 
 
 __all__ = ["dsinfer_generate"]

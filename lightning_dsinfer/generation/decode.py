@@ -30,8 +30,10 @@ def prompt_positions(attention_mask: torch.Tensor | None, b: int, t0: int, total
 @torch.inference_mode()
 def decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
                 min_new_tokens: int, do_sample: bool, temperature, top_k, top_p, eos_ids: list[int],
-                pad_id: int | None, streamer=None) -> torch.Tensor:
-    """Returns [B, T0 + n] token ids (prompt included), n <= max_new_tokens (stops when every row hit EOS)."""
+                pad_id: int | None, streamer=None, processors=None) -> torch.Tensor:
+    """Returns [B, T0 + n] token ids (prompt included), n <= max_new_tokens (stops when every row hit EOS).
+    ``processors``: HF's logits processor list (warpers included): each step's fp32 logits go through it with the
+    tokens so far, then argmax or softmax + multinomial, as in HF's loop (the own warpers are then not applied)."""
     device = engine.device
     input_ids = input_ids.to(device)
     b, t0 = input_ids.shape
@@ -67,7 +69,12 @@ def decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     for i in range(max_new_tokens):
         if eos is not None and i < min_new_tokens:
             logits[:, eos] = float("-inf")
-        tok = next_tokens(logits, do_sample, temperature, top_k, top_p)
+        if processors is not None:
+            scores = processors(out[:, :t0 + i], logits.float())
+            tok = scores.argmax(dim=-1) if not do_sample else \
+                torch.multinomial(scores.softmax(dim=-1), num_samples=1).squeeze(1)
+        else:
+            tok = next_tokens(logits, do_sample, temperature, top_k, top_p)
         if eos is not None:
             if pad_id is not None:
                 tok = torch.where(unfinished, tok, pad_id)
