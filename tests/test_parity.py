@@ -307,3 +307,33 @@ def test_granite_multipliers_match_hf(tmp_path):
     assert_matches_hf(hf, optimised_copy(meta, max_seq_len=64, checkpoint=str(tmp_path / "granite"),
                                          dtype=torch.float32), ids, mask)
     assert_matches_hf(fake_quantised_int8(hf), optimised_copy(hf, max_seq_len=64, quantize="int8"), ids, mask)
+
+
+def test_scores_and_logits_output_in_the_own_loop(monkeypatch):
+    """``return_dict_in_generate`` with ``output_scores`` / ``output_logits``: the own loop returns HF's output type,
+    its processed scores and raw logits step by step (fp32, within rounding of HF's: the engine's forward is not
+    HF's), cut where generation stopped (EOS); the sequences equal HF's."""
+    import lightning_dsinfer.generation as gen
+
+    def no_fallback(*a, **k):
+        raise AssertionError("fell back to Hugging Face's generate loop")
+
+    hf = tiny_model("qwen3")
+    opt = optimised_copy(hf, max_seq_len=64)
+    ids, mask = padded_batch([5, 8], seed=4)
+    with torch.no_grad():
+        free = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    eos = int(free[1, ids.shape[1] + 3])          # row 1 stops at its fourth token (row 0 later or never)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=eos, pad_token_id=0,
+              min_new_tokens=2, repetition_penalty=1.2, return_dict_in_generate=True, output_scores=True,
+              output_logits=True)
+    with torch.no_grad():
+        ref = hf.generate(**kw)
+    monkeypatch.setattr(gen, "_hf_generate", no_fallback)
+    got = opt.generate(**kw)
+    assert type(got) is type(ref) and torch.equal(got.sequences, ref.sequences)
+    assert len(got.scores) == len(ref.scores) == len(got.logits) == len(ref.logits) == ref.sequences.shape[1] - 8
+    for ours, theirs in zip(got.scores + got.logits, ref.scores + ref.logits):
+        finite = torch.isfinite(theirs)
+        assert torch.equal(finite, torch.isfinite(ours))
+        torch.testing.assert_close(ours[finite], theirs[finite], atol=2e-4, rtol=1e-4)

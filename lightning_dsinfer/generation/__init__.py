@@ -22,6 +22,7 @@ _OWN_LOOP_FIELDS = frozenset({
     "max_length", "max_new_tokens", "min_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
     "eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id", "use_cache", "num_beams",
     "num_return_sequences", "transformers_version", "_from_model_config", "cache_implementation",
+    "return_dict_in_generate", "output_scores", "output_logits",
 })
 # Fields whose value here means "off" (a processor HF would not add). None and False are "off" for every field.
 _INACTIVE = {
@@ -62,7 +63,7 @@ def _own_loop_handles(gc, unused: dict) -> str | None:
         return None
     if (gc.num_beams or 1) != 1 or (gc.num_return_sequences or 1) != 1:
         return None
-    kind = "processors" if unused.get("logits_processor") else "plain"
+    kind = "processors" if unused.get("logits_processor") or gc.output_scores or gc.output_logits else "plain"
     for key, value in gc.to_diff_dict().items():
         if key in _OWN_LOOP_FIELDS or key in _BEAM_ONLY or value is None or value is False:
             continue
@@ -146,9 +147,18 @@ def dsinfer_generate(self, inputs: torch.Tensor | None = None, generation_config
     if pipelined:
         return pipeline_decode_loop(engine, input_ids, attention_mask, max_new, min_new, bool(gc.do_sample),
                                     gc.temperature, top_k, gc.top_p, eos_ids, pad_id)
-    return decode_loop(engine, input_ids, attention_mask, max_new, min_new, bool(gc.do_sample),
-                       gc.temperature, top_k, gc.top_p, eos_ids, pad_id, streamer=unused.get("streamer"),
-                       processors=processors)
+    trace = {"scores": [], "logits": []} if gc.return_dict_in_generate else None
+    sequences = decode_loop(engine, input_ids, attention_mask, max_new, min_new, bool(gc.do_sample),
+                            gc.temperature, top_k, gc.top_p, eos_ids, pad_id, streamer=unused.get("streamer"),
+                            processors=processors, trace=trace)
+    if trace is None:
+        return sequences
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    steps = sequences.shape[1] - t0         # (steps the loop ran past the last row's EOS are not part of the output)
+    return GenerateDecoderOnlyOutput(sequences=sequences,
+                                     scores=tuple(trace["scores"][:steps]) if gc.output_scores else None,
+                                     logits=tuple(trace["logits"][:steps]) if gc.output_logits else None)
 
 
 __all__ = ["dsinfer_generate"]

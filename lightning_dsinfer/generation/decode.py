@@ -30,10 +30,12 @@ def prompt_positions(attention_mask: torch.Tensor | None, b: int, t0: int, total
 @torch.inference_mode()
 def decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
                 min_new_tokens: int, do_sample: bool, temperature, top_k, top_p, eos_ids: list[int],
-                pad_id: int | None, streamer=None, processors=None) -> torch.Tensor:
+                pad_id: int | None, streamer=None, processors=None, trace: dict | None = None) -> torch.Tensor:
     """Returns [B, T0 + n] token ids (prompt included), n <= max_new_tokens (stops when every row hit EOS).
     ``processors``: HF's logits processor list (warpers included): each step's fp32 logits go through it with the
-    tokens so far, then argmax or softmax + multinomial, as in HF's loop (the own warpers are then not applied)."""
+    tokens so far, then argmax or softmax + multinomial, as in HF's loop (the own warpers are then not applied).
+    ``trace``: {"scores": [], "logits": []} gets each step's processed scores and raw fp32 logits (``output_scores`` /
+    ``output_logits``; HF's ``scores`` are the processed ones)."""
     device = engine.device
     input_ids = input_ids.to(device)
     b, t0 = input_ids.shape
@@ -67,10 +69,14 @@ def decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     alive = torch.ones(max_new_tokens, dtype=torch.bool, device=device) if eos is not None else None
     n = 0
     for i in range(max_new_tokens):
+        if trace is not None:                # the raw logits (HF's ``logits``), before any processing
+            trace["logits"].append(logits.float().clone())
         if eos is not None and i < min_new_tokens:
             logits[:, eos] = float("-inf")
         if processors is not None:
-            scores = processors(out[:, :t0 + i], logits.float())
+            scores = processors(out[:, :t0 + i], logits.float().clone() if trace is not None else logits.float())
+            if trace is not None:
+                trace["scores"].append(scores)
             tok = scores.argmax(dim=-1) if not do_sample else \
                 torch.multinomial(scores.softmax(dim=-1), num_samples=1).squeeze(1)
         else:
