@@ -66,6 +66,15 @@ def test_beam_search_equals_hf(family):
     _generate_equals_hf(family, 2, max_new_tokens=7, num_beams=3)
 
 
+def _sharpened(hf, factor: float = 30.0):
+    """``hf`` with its lm_head scaled: a tiny random model's logits are near-flat, so fp32 rounding (1e-6) can move a
+    top-k / top-p boundary and sampled tokens then differ from HF's for no fault of either; spread out, the same seed
+    must give the same draws."""
+    with torch.no_grad():
+        hf.get_output_embeddings().weight.mul_(factor)
+    return hf
+
+
 def test_logits_processors_run_in_the_own_loop_and_match_hf(monkeypatch):
     """Repetition penalty, n-gram blocking, bad words, min-p and a user's ``logits_processor`` list run inside the own
     loop (HF's processor list, built by HF's code): greedy tokens as HF's, and sampled ones too from the same seed
@@ -80,7 +89,7 @@ def test_logits_processors_run_in_the_own_loop_and_match_hf(monkeypatch):
                 scores[:, 7] = float("-inf")
             return scores
 
-    hf = tiny_model("llama")
+    hf = _sharpened(tiny_model("llama"))
     opt = optimised_copy(hf, max_seq_len=64)
     ids, mask = padded_batch([6, 9], seed=3)
     real = gen._hf_generate
@@ -337,3 +346,24 @@ def test_scores_and_logits_output_in_the_own_loop(monkeypatch):
         finite = torch.isfinite(theirs)
         assert torch.equal(finite, torch.isfinite(ours))
         torch.testing.assert_close(ours[finite], theirs[finite], atol=2e-4, rtol=1e-4)
+
+
+def test_num_return_sequences_sampling_in_the_own_loop(monkeypatch):
+    """Several sampled continuations per prompt: the prompts repeated in HF's order, the same draws from the same seed
+    as HF's."""
+    import lightning_dsinfer.generation as gen
+
+    def no_fallback(*a, **k):
+        raise AssertionError("fell back to Hugging Face's generate loop")
+
+    hf = _sharpened(tiny_model("mistral"))
+    opt = optimised_copy(hf, max_seq_len=64, max_batch_size=6)
+    ids, mask = padded_batch([5, 8], seed=2)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_p=0.9, num_return_sequences=3)
+    torch.manual_seed(9)
+    with torch.no_grad():
+        ref = hf.generate(**kw)
+    monkeypatch.setattr(gen, "_hf_generate", no_fallback)
+    torch.manual_seed(9)
+    got = opt.generate(**kw)
+    assert got.shape[0] == 6 and torch.equal(got, ref)

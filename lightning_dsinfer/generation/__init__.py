@@ -61,8 +61,8 @@ def _own_loop_handles(gc, unused: dict) -> str | None:
     "processors" when it needs HF's logits processors (run inside the own loop)."""
     if set(unused) - _OWN_LOOP_KWARGS:
         return None
-    if (gc.num_beams or 1) != 1 or (gc.num_return_sequences or 1) != 1:
-        return None
+    if (gc.num_beams or 1) != 1 or ((gc.num_return_sequences or 1) != 1 and not gc.do_sample):
+        return None     # (several samples per prompt: the own loop runs the prompts repeated, as HF does)
     kind = "processors" if unused.get("logits_processor") or gc.output_scores or gc.output_logits else "plain"
     for key, value in gc.to_diff_dict().items():
         if key in _OWN_LOOP_FIELDS or key in _BEAM_ONLY or value is None or value is False:
@@ -137,6 +137,10 @@ def dsinfer_generate(self, inputs: torch.Tensor | None = None, generation_config
         warnings.warn("dsinfer: a right-padded batch was detected; decoder-only models need left padding "
                       "(tokenizer.padding_side='left') for correct generation.", stacklevel=2)
     engine.check_mask(attention_mask, generate=True)
+    if (gc.num_return_sequences or 1) > 1:     # sampling several continuations: each prompt repeated, HF's order
+        input_ids = input_ids.repeat_interleave(gc.num_return_sequences, dim=0)
+        if attention_mask is not None:
+            attention_mask = attention_mask.repeat_interleave(gc.num_return_sequences, dim=0)
     processors = None
     if kind == "processors":
         processors = _hf_processors(self, gc, input_ids, attention_mask, unused.get("logits_processor"))
