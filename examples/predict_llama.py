@@ -3,7 +3,10 @@
 The model has random weights (so the text is gibberish); what the demo shows is the workflow, the
 speed, and that the tokens are identical to the unmodified Hugging Face model's.
 
-    python examples/predict_llama.py [--prompts 32] [--new-tokens 32] [--precision bf16]
+    python examples/predict_llama.py [--prompts 32] [--new-tokens 32] [--precision bf16] [--family llama]
+
+``--family`` builds another supported architecture of about the same size instead (gpt_neox, gpt2, falcon, phi, ...:
+any ``lightning_dsinfer.supported_model_types()`` entry with a config class that takes the usual size names).
 """
 import argparse
 import copy
@@ -13,7 +16,7 @@ import lightning as L
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch.utils.data import DataLoader
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
 import lightning_dsinfer as dsi
 
@@ -45,13 +48,15 @@ def main():
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    p.add_argument("--family", default="llama", choices=dsi.supported_model_types())
     args = p.parse_args()
 
     tokenizer = byte_tokenizer()
-    config = LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                         initializer_range=0.3)   # peaked logits, so bf16 rounding rarely flips a token
+    sizes = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                 num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024,
+                 pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                 initializer_range=0.3)   # peaked logits, so bf16 rounding rarely flips a token
+    config = LlamaConfig(**sizes) if args.family == "llama" else AutoConfig.for_model(args.family, **sizes)
     torch.manual_seed(0)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
     hf_model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
