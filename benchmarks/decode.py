@@ -4,12 +4,14 @@ Same model (a ~200M Llama config from_config, bf16), same prompts, same thread c
 the time of a 1-token generate; decode speed is (time of N tokens - time of 1 token) / (N - 1) steps,
 so it excludes the prompt. Bandwidth utilisation = weight bytes read per decode step x steps/s over a
 streaming-read bandwidth measured in the same run. "dsinfer int8" is ``quantize="int8"`` (weight-only int8
-block linears: its bytes per step are int8's); its quality line is the top-1 agreement of its prompt logits with
-HF bf16's, and with HF's over the same fake-quantised weights.
+block linears: its bytes per step are int8's), "dsinfer int4" ``quantize="int4"`` (group-wise, 128 inputs per
+scale: a quarter of bf16's bytes plus the scales); their quality lines are the top-1 agreement of their prompt
+logits with HF bf16's, and with HF's over the same fake-quantised weights.
 
     python benchmarks/decode.py                       # the issue's configuration
     python benchmarks/decode.py --record benchmarks/RESULTS.md
     python benchmarks/decode.py --experts 8 --top-k 2 --layers 6 --skip-int8   # a Mixtral of the same widths
+    python benchmarks/decode.py --skip-int4                 # without the int4 rows
 
 With ``--experts`` the model is a Mixtral (every MLP a sparse block of that many experts of ``--intermediate``);
 its bytes per step count the router and the top-k experts of each layer (what one token reads), for HF too.
@@ -91,24 +93,30 @@ def hf_decode_bytes(model) -> int:
     return total - emb.numel() * emb.element_size() + emb.shape[1] * emb.element_size()
 
 
-def int8_quality(hf, int8, args) -> str:
-    """Top-1 agreement over 4 prompts' positions: int8 vs HF bf16, and HF bf16 over the fake-quantised weights
-    vs HF bf16 (what quantisation alone costs)."""
+def quantized_quality(hf, opt, args, mode: str = "int8") -> str:
+    """Top-1 agreement over 4 prompts' positions: the quantised engine vs HF bf16, HF bf16 over the fake-quantised
+    weights vs HF bf16 (what quantisation alone costs), and the engine vs that fake-quantised HF (what is left: float
+    rounding)."""
     from lightning_dsinfer.kernels import reference
 
-    fake = copy.deepcopy(hf)
+    def fake(w):
+        if mode == "int8":
+            return reference.dequantize_int8(*reference.quantize_int8_per_channel(w))
+        return reference.dequantize_int4(*reference.quantize_int4_groupwise(w, 128), 128)
+
+    fake_hf = copy.deepcopy(hf)
     with torch.no_grad():
-        for layer in fake.model.layers:
+        for layer in fake_hf.model.layers:
             for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
                         layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
-                lin.weight.copy_(reference.dequantize_int8(*reference.quantize_int8_per_channel(lin.weight)).bfloat16())
+                lin.weight.copy_(fake(lin.weight).bfloat16())
     ids = torch.randint(3, args.vocab, (4, args.prompt), generator=torch.Generator().manual_seed(7))
     with torch.inference_mode():
-        top = [m(input_ids=ids).logits.argmax(-1) for m in (hf, int8, fake)]
-    agree = [(top[0] == t).float().mean().item() for t in top[1:]]
-    return (f"int8 quality: top-1 of its prompt logits agrees with HF bf16 at {agree[0]:.1%} of {ids.numel()} "
-            f"positions (HF bf16 over the same quantised weights: {agree[1]:.1%}; a random from_config model has "
-            f"near-flat logits, so this is a lower bound for a trained one)")
+        top = [m(input_ids=ids).logits.argmax(-1) for m in (hf, opt, fake_hf)]
+    agree = [(top[0] == t).float().mean().item() for t in top[1:]] + [(top[1] == top[2]).float().mean().item()]
+    return (f"{mode} quality: top-1 of its prompt logits agrees with HF bf16 at {agree[0]:.1%} of {ids.numel()} "
+            f"positions (HF bf16 over the same quantised weights: {agree[1]:.1%}, and with ours at {agree[2]:.1%}; a "
+            f"random from_config model has near-flat logits, so this is a lower bound for a trained one)")
 
 
 def main():
@@ -120,6 +128,7 @@ def main():
     add_llama_args(p)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--skip-int8", action="store_true", help="no quantize='int8' rows")
+    p.add_argument("--skip-int4", action="store_true", help="no quantize='int4' rows")
     p.add_argument("--experts", type=int, default=0, help="a Mixtral with this many experts per layer (0: Llama)")
     p.add_argument("--top-k", type=int, default=2, help="experts per token (--experts)")
     p.add_argument("--family", choices=list(FAMILY_NAMES), default="llama")
@@ -136,12 +145,14 @@ def main():
     our_bytes = ours._dsinfer_engine.decoder.weight_bytes_per_token
     hf_bytes = our_bytes if args.experts else hf_decode_bytes(hf)    # MoE: the same router + top-k experts
     impls = [("HF eager", hf, hf_bytes), ("dsinfer", ours, our_bytes)]
-    quality = ""
-    if not args.skip_int8 and not args.experts:
-        int8 = dsi.init_inference(copy.deepcopy(hf), dtype=torch.bfloat16, max_seq_len=args.prompt + args.new,
-                                  max_batch_size=max(args.batch), quantize="int8")
-        impls.append(("dsinfer int8", int8, int8._dsinfer_engine.decoder.weight_bytes_per_token))
-        quality = int8_quality(hf, int8, args)
+    quality = []
+    modes = [] if args.experts else [m for m, skip in (("int8", args.skip_int8), ("int4", args.skip_int4)) if not skip]
+    for mode in modes:                  # (no quantised rows for the Mixtral: MoE models take no int4 yet)
+        q = dsi.init_inference(copy.deepcopy(hf), dtype=torch.bfloat16, max_seq_len=args.prompt + args.new,
+                               max_batch_size=max(args.batch), quantize=mode)
+        impls.append((f"dsinfer {mode}", q, q._dsinfer_engine.decoder.weight_bytes_per_token))
+        if args.family in ("llama", "gemma2"):      # (the quality line fake-quantises Llama's module names)
+            quality.append(quantized_quality(hf, q, args, mode))
     bw = stream_read_bandwidth()
     print(f"model: {n_params / 1e6:.0f}M params bf16, {args.threads} threads, prompt {args.prompt}, {args.new} new "
           f"tokens; streaming read {bw / 1e9:.1f} GB/s")
@@ -166,13 +177,15 @@ def main():
     table = markdown_table(["batch", "impl", "prompt tok/s", "decode tok/s", "bw util", "prompt ratio",
                             "decode ratio"], rows)
     print(table)
+    quality = "\n".join(quality)
     if quality:
         print(quality)
     if args.record:
         kind = f"Mixtral ({args.experts} experts, top {args.top_k})" if args.experts else \
             FAMILY_NAMES[args.family]
         record(args.record, f"decode.py: {n_params / 1e6:.0f}M {kind} bf16, {args.threads} threads, "
-                            f"streaming read {bw / 1e9:.1f} GB/s", table + (f"\n\n{quality}" if quality else ""))
+                            f"streaming read {bw / 1e9:.1f} GB/s",
+                            table + (f"\n\n{quality.replace(chr(10), chr(10) * 2)}" if quality else ""))
 
 
 if __name__ == "__main__":

@@ -12,12 +12,14 @@ Two steps, kept apart so offload can sit between them:
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 
 from lightning_dsinfer.kernels import cpu_gemv
-from lightning_dsinfer.modules.linear import DEQUANT_BYTES_PER_WEIGHT, DEQUANT_CHUNK_BYTES, Linear, quantize_rows
+from lightning_dsinfer.modules.linear import (DEQUANT_BYTES_PER_WEIGHT, DEQUANT_CHUNK_BYTES,
+                                              DEQUANT_INT4_BYTES_PER_WEIGHT, Linear, quantize_int4_rows, quantize_rows)
 from lightning_dsinfer.modules.moe import MoEMLP
 from lightning_dsinfer.modules.transformer import (MLP, Attention, DecoderLayer, DecoderModel, GatedMLP,
                                                   GPTDecoderLayer, LayerSpec, SandwichDecoderLayer)
@@ -182,18 +184,53 @@ def split_block(t: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
 LINEARS = ("qkv", "o", "gate_up", "down")
 
 
-def quantize_linears(t: dict[str, torch.Tensor], amx: bool = False, row_max=None) -> dict[str, torch.Tensor]:
-    """``t`` with each block linear's ``weight`` int8 and its per-row fp32 ``scale`` beside it (what
-    ``Linear(quantize="int8")`` holds), row-major or, ``amx``, in the AMX tile order (``cpu_gemv.pack_int8``, a
-    flat tensor). Meta tensors give the layout. ``row_max`` (tensor parallelism: a max over the group) gives the
-    row-parallel shards (o, down) the scales of their whole rows, as the resident engine does."""
+def block_linear_inputs(w: ModelWeights, plan: TensorShardPlan) -> dict[str, int]:
+    """K (input dims) of each block linear on this rank: qkv and gate_up read the hidden state, o this rank's heads,
+    down this rank's intermediate columns (row-parallel shards under tensor parallelism)."""
+    return {"qkv": w.hidden_size, "o": plan.local_heads * w.head_dim, "gate_up": w.hidden_size,
+            "down": plan.mlp_rows[1]}
+
+
+def check_int4_groups(w: ModelWeights, plan: TensorShardPlan, group_size: int) -> None:
+    """``quantize="int4"``: every block linear's K on this rank must be a multiple of the group size (groups never
+    straddle a row-parallel shard's boundary); refused before any weight is read, naming the weight and the fix."""
+    ks = block_linear_inputs(w, plan)
+    bad = {name: k for name, k in ks.items() if k % group_size}
+    if not bad:
+        return
+    common = math.gcd(*ks.values())
+    sizes = [g for g in (8, 16, 32, 64, *range(128, common + 1, 128)) if common % g == 0]   # what the kernels take
+    fit = max([g for g in sizes if g < group_size] or sizes or [0])
+    where = f" on each of the {plan.tp} tensor-parallel ranks" if plan.tp > 1 else ""
+    name, k = next(iter(bad.items()))
+    raise ValueError(
+        f"quantize='int4' with quantize_group_size={group_size}: the {name} projection's K (input dims{where}) is {k}, "
+        f"not a multiple of {group_size} ({', '.join(f'{n}: {v}' for n, v in bad.items())}). "
+        + (f"Pass quantize_group_size={fit} (it divides every block linear's K), or quantize='int8'."
+           if fit else "No group size the int4 kernels take (8, 16, 32, 64, multiples of 128) divides every K; "
+                        "use quantize='int8'."))
+
+
+def quantize_linears(t: dict[str, torch.Tensor], amx: bool = False, row_max=None, quantize: str = "int8",
+                     group_size: int = 128) -> dict[str, torch.Tensor]:
+    """``t`` with each block linear's ``weight`` quantised and its fp32 ``scale`` beside it (what ``Linear(quantize=)``
+    holds). int8: one scale per row, the weight row-major or, ``amx``, in the AMX tile order (``cpu_gemv.pack_int8``,
+    a flat tensor); ``row_max`` (tensor parallelism: a max over the group) gives the row-parallel shards (o, down)
+    the scales of their whole rows, as the resident engine does. int4: packed uint8 [N, K / 2] with scales
+    [N, K / group_size] (each group's scale is its own: no collective). Meta tensors give the layout."""
     out = dict(t)
     for name in LINEARS:
         w = t.get(f"{name}.weight")
         if w is None:
             continue
-        if w.is_meta:
-            n, k = w.shape
+        n, k = w.shape
+        if quantize == "int4":
+            if w.is_meta:
+                q, s = (torch.empty(n, k // 2, dtype=torch.uint8, device="meta"),
+                        torch.empty(n, k // group_size, dtype=torch.float32, device="meta"))
+            else:
+                q, s = quantize_int4_rows(w, group_size)
+        elif w.is_meta:
             shape = (cpu_gemv.packed_numel(n, k),) if amx else (n, k)
             q, s = (torch.empty(shape, dtype=torch.int8, device="meta"),
                      torch.empty(n, dtype=torch.float32, device="meta"))
@@ -205,22 +242,24 @@ def quantize_linears(t: dict[str, torch.Tensor], amx: bool = False, row_max=None
 
 
 def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: TensorParallelComm,
-               pack: bool = True, quantize: str | None = None) -> DecoderLayer:
+               pack: bool = True, quantize: str | None = None, group_size: int = 128) -> DecoderLayer:
     """A block over the tensors of :func:`shard_layer` (already on the compute device and dtype).
 
     ``pack=False`` keeps the tensors as they are (views into a streamed buffer stay views). Either half may be
     missing from ``t`` (an offloaded block's halves come one at a time): its module is then None.
-    ``quantize="int8"``: the four linears hold int8 weights with per-row scales (norms stay as they are)."""
+    ``quantize="int8"``: the four linears hold int8 weights with per-row scales; ``"int4"``: packed int4 with a scale
+    per row and group of ``group_size`` inputs (norms stay as they are)."""
     reduce = comm.all_reduce if comm.size > 1 else None
-    row_max = comm.all_reduce_max if comm.size > 1 and quantize else None     # row-parallel shards' int8 scales
+    row_max = comm.all_reduce_max if comm.size > 1 and quantize == "int8" else None   # row-parallel int8 scales
     first = comm.rank == 0
 
     def linear(name, **kw):
-        scale = t.get(f"{name}.scale")                  # int8 already (an offload unit; maybe in AMX tile order)
+        scale = t.get(f"{name}.scale")          # quantised already (an offload unit; int8 maybe in AMX tile order)
         if scale is not None:
             kw["in_features"] = spec.num_heads * spec.head_dim if name == "o" else \
                 spec.intermediate_size if name == "down" else spec.hidden_size
-        return Linear(t[f"{name}.weight"], t.get(f"{name}.bias"), pack=pack, quantize=quantize, scale=scale, **kw)
+        return Linear(t[f"{name}.weight"], t.get(f"{name}.bias"), pack=pack, quantize=quantize, scale=scale,
+                      group_size=group_size, **kw)
 
     attn = Attention(spec, index, linear("qkv"), linear("o", reduce=reduce, owns_residual=first, row_max=row_max),
                      q_norm=t.get("q_norm"), k_norm=t.get("k_norm"), alibi=t.get("alibi")) if "qkv.weight" in t else None
@@ -267,18 +306,21 @@ def head_rows(w: ModelWeights, plan: TensorShardPlan, dtype: torch.dtype, first:
 
 def build_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.device | str = "cpu",
                   comm: TensorParallelComm | None = None, quantize: str | None = None, embed: bool = True,
-                  head: bool = True) -> DecoderModel:
+                  head: bool = True, group_size: int = 128) -> DecoderModel:
     """Resident fused modules from a policy's weight refs, reading only this rank's shards.
 
     QKV and gate/up are fused into one GEMM each; o and down are row-parallel with the residual add
     fused in (tp rank 0 adds residual and bias; the all-reduce sums the partial products). ``quantize="int8"``:
     the blocks' linears in int8 (the lm_head stays in ``dtype``); with tensor parallelism the row-parallel shards
     take their rows' scales from the whole rows (a max over the group), so the weights are those of one process.
+    ``quantize="int4"``: group-wise int4 (``group_size`` inputs per scale; every K a multiple of it, checked first).
     A pipeline stage builds ``w.layers`` (its blocks) and reads the embedding only with ``embed``, the final norm
     and lm_head only with ``head``.
     """
     comm = comm or TensorParallelComm()
     plan = shard_plan(w, comm)
+    if quantize == "int4":
+        check_int4_groups(w, plan, group_size)
 
     def dev(t):
         return t.to(device=device, dtype=dtype).contiguous()
@@ -287,7 +329,7 @@ def build_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.device | st
     for i, lw in enumerate(w.layers):
         tensors = {k: v.to(device).contiguous() for k, v in shard_layer(lw, plan, dtype, w.norm_offset,
                                                                          w.alibi).items()}
-        layers.append(make_layer(i, tensors, layer_spec(w, plan, lw), comm, quantize=quantize))
+        layers.append(make_layer(i, tensors, layer_spec(w, plan, lw), comm, quantize=quantize, group_size=group_size))
         del tensors
     start, real, padded = vocab_rows(w, plan)
     table = dev(w.embed.load(0, start, real)) if embed else None
@@ -345,17 +387,18 @@ def _per_sequence_bytes(w: ModelWeights, plan: TensorShardPlan, dtype: torch.dty
 
 
 def _dequant_scratch(w: ModelWeights, plan: TensorShardPlan) -> int:
-    """A row-major int8 GEMM dequantises a chunk of the weight's rows at a time (modules/linear.py): at most
+    """A row-major int8 / int4 GEMM dequantises a chunk of the weight's rows at a time (modules/linear.py): at most
     DEQUANT_CHUNK_BYTES of temporaries, less for a model whose largest weight needs less."""
     largest = max(2 * plan.mlp_rows[1] * w.hidden_size, plan.mlp_rows[1] * w.hidden_size,
                   (plan.local_heads + 2 * plan.local_kv_heads) * w.head_dim * w.hidden_size)
-    return min(DEQUANT_CHUNK_BYTES, max(DEQUANT_BYTES_PER_WEIGHT.values()) * largest)
+    per_weight = max(*DEQUANT_BYTES_PER_WEIGHT.values(), *DEQUANT_INT4_BYTES_PER_WEIGHT.values())
+    return min(DEQUANT_CHUNK_BYTES, per_weight * largest)
 
 
 def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.device, comm: TensorParallelComm,
                            tier: str, folder: str | None, max_memory: int, max_seq_len: int,
                            batch_size: int | None, fingerprint: dict | None, source, compress: bool = True,
-                           quantize: str | None = None, embed: bool = True, head: bool = True):
+                           quantize: str | None = None, embed: bool = True, head: bool = True, group_size: int = 128):
     """A :class:`StreamedDecoderModel` whose blocks and lm_head live in the offload tier.
 
     The tier is written one unit at a time straight from the weight refs (a safetensors checkpoint or an
@@ -373,9 +416,11 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
 
     release_freed_memory_promptly()
     plan = shard_plan(w, comm)
+    if quantize == "int4":
+        check_int4_groups(w, plan, group_size)
     meta = MetaSource(source)
     specs = [layer_spec(w, plan, lw) for lw in w.layers]
-    amx = quantize is not None and device.type == "cpu" and dtype == torch.bfloat16 and cpu_gemv.has_amx()
+    amx = quantize == "int8" and device.type == "cpu" and dtype == torch.bfloat16 and cpu_gemv.has_amx()
 
     def row_max(amax):  # a collective: every rank writes its units in the same order (see the store below)
         return comm.all_reduce_max(amax.to(device)).cpu()
@@ -385,7 +430,8 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
         if not quantize:
             return parts
         meta_parts = any(v.is_meta for h in parts for v in h.values())
-        return [quantize_linears(h, amx, None if meta_parts or comm.size == 1 else row_max) for h in parts]
+        collective = quantize == "int8" and not meta_parts and comm.size > 1
+        return [quantize_linears(h, amx, row_max if collective else None, quantize, group_size) for h in parts]
 
     layouts = [UnitLayout.of(half) for lw in w.layers for half in halves(with_source(lw, meta))]
     start, real, padded = vocab_rows(w, plan)
@@ -422,7 +468,7 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
         written = True
     else:
         store = DiskStore(folder, layouts, fingerprint, compress=compress, frame_bytes=frame)
-        if quantize and comm.size > 1:    # int8 scales of row-parallel shards come from a collective while writing:
+        if quantize == "int8" and comm.size > 1:   # row-parallel int8 scales come from a collective while writing:
             rewrite = comm.all_reduce_max(torch.tensor([0.0 if store.reused else 1.0], device=device)).item()
             if rewrite and store.reused:  # the ranks write all or none
                 store = DiskStore(folder, layouts, fingerprint, compress=compress, frame_bytes=frame, reuse=False)
@@ -453,7 +499,7 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
                             resident=tuple(resident), classes=unit_class if ws.class_slots else None)
 
     def make(i, tensors):
-        return make_layer(i, tensors, specs[i], comm, pack=False, quantize=quantize)
+        return make_layer(i, tensors, specs[i], comm, pack=False, quantize=quantize, group_size=group_size)
 
     final_norm = norm_weight(w.final_norm, dtype, w.norm_offset).to(device) if head else None
     decoder = StreamedDecoderModel(streamer, layer_units, head_units, make, rows, final_norm, w.rms_norm_eps,

@@ -63,6 +63,14 @@ class InferenceConfig:
       reads. Outputs change by the quantisation error (not lossless). With offload the tiers hold the int8
       weights (half the bytes streamed). With tensor parallelism each rank holds its shard of the same int8
       weights as one process (offloaded too).
+      "int4": the same four linears int4, group-wise (symmetric, one fp32 scale per output row and group of
+      ``quantize_group_size`` inputs, ``reference.quantize_int4_groupwise``): a quarter of bf16's bytes plus the scales.
+      Every weight's K (per rank: the row-parallel o and down shards' under tensor parallelism) must be a multiple of
+      the group size (refused up front otherwise, naming the weight and a group size that fits); the groups of a
+      row-parallel shard are the whole rows' groups, so the ranks hold the int4 weights of one process. Not for
+      mixture-of-experts models yet.
+    quantize_group_size: inputs per scale of ``quantize="int4"``: 8, 16, 32, 64 or a multiple of 128 (the CPU
+      kernel's chunks; the Triton GEMM takes powers of two >= 32, others dequantise on CUDA).
     """
     dtype: torch.dtype | None = None
     max_seq_len: int | None = None
@@ -78,6 +86,7 @@ class InferenceConfig:
     max_memory: int | str | None = None
     cuda_graphs: bool = True
     quantize: str | None = None
+    quantize_group_size: int = 128
     expert_parallel_size: int = 1
     pipeline_parallel_size: int = 1
 
@@ -85,8 +94,12 @@ class InferenceConfig:
         self.dtype = resolve_dtype(self.dtype)
         if self.offload not in (None, "cpu", "nvme", "auto"):
             raise ValueError(f"offload={self.offload!r} is not one of None, 'cpu', 'nvme', 'auto'.")
-        if self.quantize not in (None, "int8"):
-            raise ValueError(f"quantize={self.quantize!r} is not one of None, 'int8'.")
+        if self.quantize not in (None, "int8", "int4"):
+            raise ValueError(f"quantize={self.quantize!r} is not one of None, 'int8', 'int4'.")
+        g = self.quantize_group_size
+        if not isinstance(g, int) or not (g in (8, 16, 32, 64) or (g > 0 and g % 128 == 0)):
+            raise ValueError(f"quantize_group_size={g!r} must be 8, 16, 32, 64 or a multiple of 128 (128 is the usual "
+                             f"choice; smaller groups for weights whose K it does not divide).")
         if self.offload == "nvme" and not self.offload_path:
             raise ValueError("offload='nvme' needs offload_path=<folder on a fast local disk> for the weight files "
                              "(or the DSINFER_OFFLOAD_PATH environment variable with strategy='dsinfer_offload_nvme').")

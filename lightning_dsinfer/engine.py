@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_dsinfer.builder import build_decoder, build_streamed_decoder, experts_per_rank, shard_plan
+from lightning_dsinfer.builder import (build_decoder, build_streamed_decoder, check_int4_groups, experts_per_rank,
+                                      shard_plan)
 from lightning_dsinfer.config import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, InferenceConfig
 from lightning_dsinfer.modules.kv_cache import StaticKVCache
 from lightning_dsinfer.modules.masks import build_step
@@ -83,14 +84,18 @@ class InferenceEngine:
         if len(self.windows) > 1:
             raise ValueError(f"layers use different sliding windows {self.windows}; one window per model is supported.")
         self.sliding_window = self.windows[0] if self.windows else None
-        self.layer_range = _stage_range(weights, self.pipe, self.dtype, config.quantize)   # this stage's blocks
+        if config.quantize == "int4":       # every block linear's K (per rank) a multiple of the group, before any work
+            check_int4_groups(weights, shard_plan(weights, self.comm), config.quantize_group_size)
+        self.layer_range = _stage_range(weights, self.pipe, self.dtype, config.quantize,
+                                        config.quantize_group_size)   # this stage's blocks
         weights.layers = weights.layers[slice(*self.layer_range)]
         self.working_set = None             # offload: what is resident, and the batch size it leaves room for
         self.offload = self._choose_offload(hf_model, weights)       # config.offload, "auto" resolved
         with torch.no_grad():
             if self.offload is None:
                 self.decoder = build_decoder(weights, self.dtype, self.device, self.comm, quantize=config.quantize,
-                                             embed=self.pipe.is_first, head=self.pipe.is_last)
+                                             embed=self.pipe.is_first, head=self.pipe.is_last,
+                                             group_size=config.quantize_group_size)
                 batch = config.max_batch_size or DEFAULT_MAX_BATCH_SIZE
             else:
                 self.decoder, self.working_set = self._build_offloaded(hf_model, weights, source)
@@ -118,7 +123,8 @@ class InferenceEngine:
         on_meta = all(p.device.type == "meta" for p in hf_model.parameters())
         if config.offload is None and not on_meta:
             return None                       # the weights are in memory already: they fit
-        weight_bytes = _weight_bytes(hf_model, self.dtype, config.quantize) // (self.comm.size * self.pipe.size)
+        weight_bytes = _weight_bytes(hf_model, self.dtype, config.quantize, config.quantize_group_size) // (
+            self.comm.size * self.pipe.size)
         kv_heads = shard_plan(weights, self.comm).local_kv_heads
         cache_bytes = (2 * len(weights.layers) * kv_heads * weights.head_dim * self.max_seq_len
                        * (config.max_batch_size or DEFAULT_MAX_BATCH_SIZE) * self.dtype.itemsize)
@@ -139,7 +145,7 @@ class InferenceEngine:
         ranks = self.comm.size * self.pipe.size
         share = f" (this rank's share, one of {ranks})" if ranks > 1 else ""
         numbers = (f"the weights need {weight_bytes / gib:.2f} GiB in {str(self.dtype).replace('torch.', '')}"
-                   f"{' (block linears int8)' if config.quantize else ''}{share} and the KV "
+                   f"{f' (block linears {config.quantize})' if config.quantize else ''}{share} and the KV "
                    f"cache {cache_bytes / gib:.2f} GiB, but {self.device} has {free / gib:.2f} GiB free")
         if config.offload is None and choice is not None:
             raise ValueError(
@@ -166,7 +172,8 @@ class InferenceEngine:
         return build_streamed_decoder(weights, self.dtype, self.device, self.comm, self.offload, folder, budget,
                                       self.max_seq_len, config.max_batch_size, fingerprint, source,
                                       compress=config.offload_compress, quantize=config.quantize,
-                                      embed=self.pipe.is_first, head=self.pipe.is_last)
+                                      embed=self.pipe.is_first, head=self.pipe.is_last,
+                                      group_size=config.quantize_group_size)
 
     def sync_rng(self) -> None:
         """Every rank of the replica (tensor-parallel group, then pipeline) takes one CPU RNG state, so sampling
@@ -265,15 +272,16 @@ _BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
                   "out_proj", "c_attn", "c_proj", "c_fc")
 
 
-def _stage_range(weights, pipe: PipelineComm, dtype: torch.dtype, quantize: str | None) -> tuple[int, int]:
+def _stage_range(weights, pipe: PipelineComm, dtype: torch.dtype, quantize: str | None,
+                 group_size: int = 128) -> tuple[int, int]:
     """The blocks of this pipeline stage, balanced by the bytes each stage reads per decode step: every block's
-    weights (int8 with ``quantize``; a MoE layer's experts all counted, as a prompt reads them), and the lm_head, in
-    ``dtype``, on the last stage."""
+    weights (int8 / int4 with ``quantize``, scales counted; a MoE layer's experts all counted, as a prompt reads them),
+    and the lm_head, in ``dtype``, on the last stage."""
     def numel(ref):
         return math.prod(ref.shape)
 
-    block = 1 if quantize else dtype.itemsize
-    costs = [sum(numel(r) for r in refs(lw)) * block for lw in weights.layers]
+    block = {None: dtype.itemsize, "int8": 1, "int4": 0.5 + 4 / group_size}[quantize]
+    costs = [int(sum(numel(r) for r in refs(lw)) * block) for lw in weights.layers]
     return stage_layers(costs, pipe.size, pipe.rank, head_cost=numel(weights.lm_head) * dtype.itemsize)
 
 
@@ -294,8 +302,8 @@ def _place_experts(weights, config: InferenceConfig):
 
 
 def _check_moe_options(hf_config, config: InferenceConfig) -> None:
-    """Refuse, before any work, what MoE families do not take yet: int8 with offload; expert parallelism on a dense
-    model."""
+    """Refuse, before any work, what MoE families do not take yet: int8 with offload, int4; expert parallelism on a
+    dense model."""
     model_type = getattr(hf_config, "model_type", None)
     if not has_experts(model_type):
         if config.expert_parallel_size > 1:
@@ -303,6 +311,11 @@ def _check_moe_options(hf_config, config: InferenceConfig) -> None:
                              f"mixture-of-experts model over the ranks; model_type={model_type!r} has no experts. "
                              f"Drop expert_parallel_size.")
         return
+    if config.quantize == "int4":
+        raise NotImplementedError(
+            f"model_type={hf_config.model_type!r} has mixture-of-experts layers: quantize='int4' is not supported for "
+            f"them yet (the experts' grouped GEMMs take bf16 / fp16 / fp32 or int8 weights). Use quantize='int8' "
+            f"(with the weights resident) or no quantization.")
     if config.quantize is None or config.offload is None:
         return
     raise NotImplementedError(
@@ -311,13 +324,14 @@ def _check_moe_options(hf_config, config: InferenceConfig) -> None:
         f"two.")
 
 
-def _weight_bytes(hf_model: nn.Module, dtype: torch.dtype, quantize: str | None) -> int:
+def _weight_bytes(hf_model: nn.Module, dtype: torch.dtype, quantize: str | None, group_size: int = 128) -> int:
     """Bytes of the model's weights as the engine holds them: ``dtype``, or with ``quantize="int8"`` the blocks'
-    linears in int8 with an fp32 scale per output row (the policies' Llama-family names)."""
+    linears in int8 with an fp32 scale per output row, with ``"int4"`` half a byte a weight and an fp32 scale per
+    ``group_size`` weights (the policies' block-linear names)."""
     total = 0
     for name, p in hf_model.named_parameters():
         if quantize and p.dim() == 2 and name.split(".")[-2] in _BLOCK_LINEARS:
-            total += p.numel() + 4 * p.shape[0]
+            total += p.numel() + 4 * p.shape[0] if quantize == "int8" else p.numel() // 2 + 4 * p.numel() // group_size
         else:
             total += p.numel() * dtype.itemsize
     return total
@@ -332,6 +346,7 @@ def _checkpoint_fingerprint(hf_model, config: InferenceConfig, dtype, comm) -> d
     stats = [[f, st.st_size, st.st_mtime_ns] for f in files for st in [os.stat(os.path.join(config.checkpoint, f))]]
     return {"checkpoint": os.path.abspath(config.checkpoint), "files": stats, "dtype": str(dtype),
             "tp": [comm.rank, comm.size], "quantize": config.quantize,
+            **({"quantize_group_size": config.quantize_group_size} if config.quantize == "int4" else {}),
             "config": hf_model.config.to_json_string(use_diff=False)}
 
 

@@ -105,6 +105,26 @@ def fake_quantised_int8(hf):
         q, s = reference.quantize_int8_per_channel(w)
         w.copy_(reference.dequantize_int8(q, s).to(w.dtype))
 
+    return _fake_quantised(hf, fake)
+
+
+def fake_quantised_int4(hf, group_size=128):
+    """:func:`fake_quantised_int8` for ``quantize="int4"``: each block linear's weight replaced by
+    dequantise(quantise(weight)) group-wise (``reference.quantize_int4_groupwise``: a scale per output row and group
+    of ``group_size`` inputs; the fused rows are HF's rows, and a row-parallel shard's groups are the whole rows'
+    groups when its K is a multiple of the group), cast back to the weight's dtype (the bf16 weights a prompt's
+    dequantised GEMM multiplies)."""
+    from lightning_dsinfer.kernels import reference
+
+    def fake(w):
+        q, s = reference.quantize_int4_groupwise(w.contiguous(), group_size)
+        w.copy_(reference.dequantize_int4(q, s, group_size).to(w.dtype))
+
+    return _fake_quantised(hf, fake)
+
+
+def _fake_quantised(hf, fake):
+    """A copy of HF with ``fake`` (in place, on each [out, in] weight) applied to every block linear."""
     ref = copy.deepcopy(hf)
     if ref.config.model_type in GPT_FAMILIES:    # every linear of the blocks (GPT-2's Conv1D weights are [in, out])
         head = ref.get_output_embeddings()

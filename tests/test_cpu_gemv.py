@@ -459,3 +459,17 @@ def test_rotary_write_kv_kernel_with_head_norms():
     assert all(torch.equal(x, y) for x, y in zip(ops.rotary_write_kv(qkv, hq, cos, sin, q_norm=qn, k_norm=kn, eps=1e-6),
                                                  cpu_gemv.rotary_write_kv(qkv, hq, cos, sin, q_norm=qn, k_norm=kn,
                                                                           eps=1e-6)))
+
+
+@needs_wide
+def test_act_and_layer_norm_keep_nan_as_torch_does():
+    """ReLU passes NaN and -0 through (vmaxps returns its second operand for either), and a LayerNorm row whose
+    sum of squares overflows fp32 gives NaN, as torch's do (found by review: 0 and the bias came out before)."""
+    x = torch.tensor([[float("nan"), -0.0, 1.0, -2.0] * 8], dtype=torch.bfloat16)
+    got, want = cpu_gemv.act(x, "relu"), torch.relu(x)
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan) and torch.equal(got[~nan].signbit(), want[~nan].signbit())
+    big = torch.full((2, 32), 1e20, dtype=torch.bfloat16)
+    big[:, 0] = -1e20
+    w, b = torch.ones(32, dtype=torch.bfloat16), torch.zeros(32, dtype=torch.bfloat16)
+    assert torch.isnan(cpu_gemv.layer_norm(big, w, b, 1e-5)).all()

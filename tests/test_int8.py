@@ -153,8 +153,8 @@ def test_int8_halves_the_bytes_a_step_reads():
 
 def test_int8_errors_before_work(tmp_path):
     hf = tiny_model("llama")
-    with pytest.raises(ValueError, match=r"quantize='int4' is not one of None, 'int8'"):
-        dsi.init_inference(copy.deepcopy(hf), quantize="int4")
+    with pytest.raises(ValueError, match=r"quantize='int3' is not one of None, 'int8', 'int4'"):
+        dsi.init_inference(copy.deepcopy(hf), quantize="int3")
 
 
 @pytest.mark.parametrize("tier", ["cpu", "nvme"])

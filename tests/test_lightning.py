@@ -51,22 +51,30 @@ def test_strategy_instance_and_precision_plugin():
     assert cos.min() > 0.99
 
 
-def test_int8_precision_plugin_quantizes_the_block_linears():
-    """DSInferPrecision("int8"): bf16 with int8 block linears, the same engine as init_inference(quantize="int8");
-    "int4" and a disagreeing strategy are refused up front."""
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_int8_precision_plugin_quantizes_the_block_linears(mode):
+    """DSInferPrecision("int8") / ("int4"): bf16 with int8 / int4 block linears, the same engine as
+    init_inference(quantize=...) (int4's group size from the strategy: the tiny model's K are 64 and 96); a strategy
+    whose quantization disagrees is refused."""
     hf = tiny_model("llama").to(torch.bfloat16)
     module = generating_module(copy.deepcopy(hf))
     loader = DataLoader(random_prompts(3), batch_size=3, collate_fn=collate_left_padded)
-    preds = _trainer(strategy=dsi.DSInferStrategy(max_seq_len=40), plugins=[dsi.DSInferPrecision("int8")]).predict(
-        module, loader)
+    preds = _trainer(strategy=dsi.DSInferStrategy(max_seq_len=40, quantize_group_size=32),
+                     plugins=[dsi.DSInferPrecision(mode)]).predict(module, loader)
     engine = module.model._dsinfer_engine
-    assert engine.dtype == torch.bfloat16 and engine.config.quantize == "int8"
+    assert engine.dtype == torch.bfloat16 and engine.config.quantize == mode
     assert engine.decoder.layers[0].attn.qkv.scale is not None
-    direct = dsi.init_inference(copy.deepcopy(hf), dtype=torch.bfloat16, max_seq_len=40, quantize="int8")
+    assert engine.decoder.layers[0].attn.qkv.layout.startswith(mode)
+    direct = dsi.init_inference(copy.deepcopy(hf), dtype=torch.bfloat16, max_seq_len=40, quantize=mode,
+                                quantize_group_size=32)
     batch = next(iter(loader))
     assert torch.equal(preds[0], direct.generate(**batch, max_new_tokens=8, do_sample=False))
-    with pytest.raises(ValueError, match="int4 weights are not in the engine yet"):
-        dsi.DSInferPrecision("int4")
+    other = "int8" if mode == "int4" else "int4"
+    with pytest.raises(ValueError, match="disagree"):
+        _trainer(strategy=dsi.DSInferStrategy(max_seq_len=40, quantize=other, quantize_group_size=32),
+                 plugins=[dsi.DSInferPrecision(mode)]).predict(generating_module(copy.deepcopy(hf)), loader)
+    with pytest.raises(ValueError, match="supported modes are"):
+        dsi.DSInferPrecision("int3")
 
 
 def test_fit_is_refused():

@@ -9,7 +9,8 @@ import tempfile
 import torch
 
 import lightning_dsinfer as dsi
-from helpers import fake_quantised_int8, padded_batch, sampling_agrees_across_ranks, streaming_budget, tiny_model
+from helpers import (fake_quantised_int4, fake_quantised_int8, padded_batch, sampling_agrees_across_ranks,
+                     streaming_budget, tiny_model)
 
 
 def main():
@@ -22,8 +23,10 @@ def main():
                    help="offload budget, or 'streaming': helpers.streaming_budget (most units stream)")
     p.add_argument("--checkpoint", default=None,
                    help="a folder holding <family>/ (tiny_model saved): the model goes in on meta and loads from it")
-    p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="int8 weights; the reference is HF over the same quantise-dequantised weights")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="int8 / int4 weights; the reference is HF over the same quantise-dequantised weights")
+    p.add_argument("--quantize-group-size", type=int, default=128,
+                   help="int4: inputs per scale (the tiny models' per-rank K are 48 / 64: 16 divides both)")
     p.add_argument("--expert-parallel", action="store_true",
                    help="MoE: whole experts placed over the ranks (expert_parallel_size = tp) instead of sliced")
     args = p.parse_args()
@@ -43,7 +46,8 @@ def main():
                 with torch.device("meta"):
                     model = AutoModelForCausalLM.from_config(hf.config)
             return dsi.init_inference(model, tensor_parallel_size=args.tp, max_seq_len=64, collective_timeout_s=60,
-                                      quantize=args.quantize, expert_parallel_size=args.tp if args.expert_parallel else 1,
+                                      quantize=args.quantize, quantize_group_size=args.quantize_group_size,
+                                      expert_parallel_size=args.tp if args.expert_parallel else 1,
                                       **{**offload, **options}, **source)
 
         if args.offload_path:           # one folder per family (else the next family's units replace these)
@@ -64,8 +68,10 @@ def main():
             else:
                 moe = [layer.mlp for layer in decoder.layers if type(layer.mlp).__name__ == "MoEMLP"]
                 assert moe and all(m.first_expert == m.local_experts * int(os.environ["RANK"]) for m in moe)
-        if args.quantize:
+        if args.quantize == "int8":
             hf = fake_quantised_int8(hf)
+        elif args.quantize == "int4":
+            hf = fake_quantised_int4(hf, args.quantize_group_size)
         if args.offload is not None:
             streamer = opt._dsinfer_engine.decoder.streamer
             assert args.offload == "cpu" or len(streamer.order) >= 2, "nothing is streamed"

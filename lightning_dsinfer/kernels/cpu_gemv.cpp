@@ -17,6 +17,10 @@
 // libgomp torch has already loaded (same SONAME), so the kernel shares torch's thread pool instead of adding a
 // second one. Plain C ABI (called through ctypes), no torch headers: the build takes about 2 s.
 //
+// Weight-only int8 (dsi_gemv_int8, dsi_gemm_amx_int8) and int4 group-wise (dsi_gemv_int4: nibbles to values by
+// table lookups of the shifted bytes, x laid out once per call to match; dsi_gemm_amx_int4: the same lookups into
+// AMX tiles; dsi_dequant_int4 for prompts' GEMMs elsewhere) weights, see their sections.
+//
 // Also here: one-call bf16 forms of a decode step's small ops (RMSNorm, LayerNorm, SwiGLU, GeLU / ReLU / SiLU,
 // rotary (full or partial) + KV append, decode attention), the whole decode step through every block
 // (dsi_decode_stack), and the shared-memory all-reduce exchange of parallel/shm.py.
@@ -51,6 +55,11 @@ constexpr int64_t kSerialActWork = 1 << 14;
 // (4096 x 22016 weight, 2 threads: 3.1-3.4 ms at 1 row, 3.3-3.8 at 2, against 4.4-4.9 with tile products and
 // 6.0-6.5 for bf16 tiles; from 3 rows on the tile products are as fast or faster.)
 constexpr int64_t kInt8TileGemvRows = 2;
+// Rows of x up to which dsi_gemv_int4 takes its AVX512-BF16 path (4 dot products per row and 128 weights) rather than
+// the fp32 one (8 FMAs, twice the table lookups). Measured on the 2-core AVX512-BF16 machine (4096 x 11008 and
+// 11008 x 4096 weights, 2 threads): 1 row 1.05 / 1.40 ms either way, 2 rows 1.50 / 1.63 against 1.38 / 1.59, 16 rows
+// 10.2 / 9.9 against 8.1 / 8.5: this CPU's bf16 dot products are no faster than two fp32 FMAs.
+constexpr int64_t kInt4Bf16Rows = 1;
 
 // The first min(max(n, 0), 16) lanes of a 16-lane mask (a row's tail: n elements left).
 inline __mmask16 lanes16(int64_t n) {
@@ -513,6 +522,411 @@ void split_rows(int threads, int64_t N, F&& fn) {
     }
 }
 
+// ---------------------------------------------------------------- int4 group-wise weights (weight-only)
+// Layout (reference.quantize_int4_groupwise): packed uint8 [N, K / 2] (row stride ldw bytes), byte i of a row =
+// q[2i] | q[2i + 1] << 4 with q = round(w / s) + 8 in [0, 15]; scales fp32 [N, K / G] (row stride lds):
+// w[n, k] ~= (q[n, k] - 8) * scale[n, k / G]. A decode step reads a quarter of bf16's bytes (+ 4 / G per weight).
+//
+// The weight is read in chunks of 128 inputs: 64 bytes, one cache line of a row. Nibbles become values by table
+// lookups whose index is the chunk shifted, never moved into place: seen as 32 words, word j of the chunk holds
+// the nibbles of inputs 4j .. 4j + 3, so P_i = vpermw(chunk >> 4i, T) has in word j the bf16 value of input
+// 4j + i (q - 8 in [-8, 7] is exact in bf16; vpermw reads an index's low 5 bits, so T holds its 16 values twice
+// and the neighbouring nibble's bit is ignored). 3 shifts and 4 permutes per 128 weights; x is laid out to match
+// once per call (xr word 32 i + j of a chunk = x[4j + i]), so _mm512_dpbf16_ps(P_i, xr_i) multiplies pairs of the
+// same inputs. fp32 lane l of the products then covers inputs 8l .. 8l + 7 of the chunk, so one group's lanes
+// are whole for G = 8 .. 64 (G / 8 lanes each) and G >= 128 (all of them, G a multiple of 128): the chunk's sums
+// are multiplied by a vector of the lanes' group scales and added to fp32 accumulators (one FMA per chunk).
+// Without AVX512-BF16 the same trick gives fp32 values: seen as 16 dwords, F_i = vpermps(chunk >> 4i, Tf) holds
+// input 8d + i in lane d (8 shifts and 8 permutes per 128 weights), against x laid out as fp32 (xr lane 16 i + d
+// of a chunk = x[8d + i]). Padding past K (K % 128 inputs) reads zero bytes (value -8) against zero x: adds 0.
+struct Int4Args {
+    const void* x; int64_t ldx;            // x laid out per chunk (bf16 or fp32, see above), [M, ceil128(K)]
+    const uint8_t* w; int64_t ldw;         // packed [N, K / 2], row stride ldw bytes
+    const float* scale; int64_t lds, G;    // scales [N, K / G], row stride lds; group size G
+    const uint16_t* bias;                  // [N] or null
+    const uint16_t* res; int64_t ldr;      // residual [M, N], row stride ldr, or null
+    uint16_t* y; int64_t ldy;              // output [M, N] bf16, row stride ldy
+    int64_t N, K;
+    Int4Args shift(int64_t m0, int64_t xw) const {   // rows from m0 on (xw: bytes per element of the laid out x)
+        return Int4Args{static_cast<const char*>(x) + m0 * ldx * xw, ldx, w, ldw, scale, lds, G, bias,
+                        res ? res + m0 * ldr : nullptr, ldr, y + m0 * ldy, ldy, N, K};
+    }
+};
+
+inline bool int4_group_ok(int64_t G) { return G == 8 || G == 16 || G == 32 || G == 64 || (G > 0 && G % 128 == 0); }
+
+// The scales of the 16 fp32 lanes of chunk k0 (lane l: inputs k0 + 8l .. k0 + 8l + 7, group (k0 + 8l) / G) of the
+// row's scales s; groups past K read as 0.
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline __m512 int4_lane_scales(const float* s, int64_t k0, int64_t G, int64_t K) {
+    if (G >= 128) return _mm512_set1_ps(s[k0 / G]);
+    const int64_t groups = std::min<int64_t>(128 / G, (K - k0) / G);
+    const __m512 raw = _mm512_maskz_loadu_ps(lanes16(groups), s + k0 / G);
+    if (G == 8) return raw;
+    const int sh = G == 16 ? 1 : G == 32 ? 2 : 3;                  // lane l -> group l / (G / 8)
+    return _mm512_permutexvar_ps(_mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
+                                                                      14, 15), sh), raw);
+}
+
+// bytes of chunk c of a row (64, or fewer at the end of a row whose K is not a multiple of 128).
+inline __mmask64 int4_chunk_mask(int64_t K, int64_t k0) {
+    const int64_t bytes = (K - k0) / 2;
+    return bytes >= 64 ? ~0ull : (1ull << bytes) - 1;
+}
+
+inline void int4_store_rows(const Int4Args& a, int64_t n0, int M, int R, const float* sums) {
+    for (int r = 0; r < R; ++r)
+        for (int m = 0; m < M; ++m) {
+            const int64_t n = n0 + r;
+            float v = sums[m * R + r] + (a.bias ? bf16_to_f32(a.bias[n]) : 0.f);
+            if (a.res) v += bf16_to_f32(a.res[m * a.ldr + n]);
+            a.y[m * a.ldy + n] = f32_to_bf16(v);
+        }
+}
+
+// One chunk (inputs k0 .. k0 + 127; `bytes`: its bytes in the row) of R rows of W against M rows of x.
+template <int M, int R>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"), always_inline))
+inline void int4_chunk_bf16(const Int4Args& a, __m512 (&acc)[M][R], const uint8_t* wr, const float* sr,
+                            const uint16_t* xr, __m512i table, int64_t k0, __mmask64 bytes) {
+    const int64_t b0 = k0 / 2;
+    prefetch_next_group<R>(wr, a.ldw, b0);
+    for (int r = 0; r < R; ++r) {
+        const __m512i v = _mm512_maskz_loadu_epi8(bytes, wr + r * a.ldw + b0);
+        const __m512i p0 = _mm512_permutexvar_epi16(v, table);
+        const __m512i p1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table);
+        const __m512i p2 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), table);
+        const __m512i p3 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), table);
+        const __m512 s = int4_lane_scales(sr + r * a.lds, k0, a.G, a.K);
+        for (int m = 0; m < M; ++m) {
+            const uint16_t* xm = xr + m * a.ldx + k0;
+            __m512 g = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_loadu_si512(xm), (__m512bh)p0);
+            g = _mm512_dpbf16_ps(g, (__m512bh)_mm512_loadu_si512(xm + 32), (__m512bh)p1);
+            g = _mm512_dpbf16_ps(g, (__m512bh)_mm512_loadu_si512(xm + 64), (__m512bh)p2);
+            g = _mm512_dpbf16_ps(g, (__m512bh)_mm512_loadu_si512(xm + 96), (__m512bh)p3);
+            acc[m][r] = _mm512_fmadd_ps(g, s, acc[m][r]);
+        }
+    }
+}
+
+// AVX512-BF16: M rows of x (laid out bf16) x R rows of W from n0.
+template <int M, int R>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+void rows_int4_bf16(const Int4Args& a, int64_t n0) {
+    alignas(64) static const uint16_t kTable[32] = {   // bf16 of -8 .. 7, twice
+        0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80, 0x0000, 0x3F80, 0x4000, 0x4040, 0x4080,
+        0x40A0, 0x40C0, 0x40E0, 0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80, 0x0000, 0x3F80,
+        0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0};
+    const __m512i table = _mm512_load_si512(kTable);
+    __m512 acc[M][R];
+    for (int m = 0; m < M; ++m)
+        for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+    const uint8_t* wr = a.w + n0 * a.ldw;
+    const float* sr = a.scale + n0 * a.lds;
+    const uint16_t* xr = static_cast<const uint16_t*>(a.x);
+    const int64_t full = a.K / 128 * 128;
+    for (int64_t k0 = 0; k0 < full; k0 += 128) int4_chunk_bf16<M, R>(a, acc, wr, sr, xr, table, k0, ~0ull);
+    if (full < a.K) int4_chunk_bf16<M, R>(a, acc, wr, sr, xr, table, full, int4_chunk_mask(a.K, full));
+    float sums[M * R];
+    for (int m = 0; m < M; ++m)
+        for (int r = 0; r < R; ++r) sums[m * R + r] = _mm512_reduce_add_ps(acc[m][r]);
+    int4_store_rows(a, n0, M, R, sums);
+}
+
+template <int M, int R>
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline))
+inline void int4_chunk_f32(const Int4Args& a, __m512 (&acc)[M][R], const uint8_t* wr, const float* sr,
+                           const float* xr, __m512 table, int64_t k0, __mmask64 bytes) {
+    const int64_t b0 = k0 / 2;
+    prefetch_next_group<R>(wr, a.ldw, b0);
+    for (int r = 0; r < R; ++r) {
+        const __m512i v = _mm512_maskz_loadu_epi8(bytes, wr + r * a.ldw + b0);
+        __m512 f[8];
+        f[0] = _mm512_permutexvar_ps(v, table);
+        for (int i = 1; i < 8; ++i) f[i] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * i), table);
+        const __m512 s = int4_lane_scales(sr + r * a.lds, k0, a.G, a.K);
+        for (int m = 0; m < M; ++m) {
+            const float* xm = xr + m * a.ldx + k0;
+            __m512 g = _mm512_mul_ps(_mm512_loadu_ps(xm), f[0]);
+            for (int i = 1; i < 8; ++i) g = _mm512_fmadd_ps(_mm512_loadu_ps(xm + 16 * i), f[i], g);
+            acc[m][r] = _mm512_fmadd_ps(g, s, acc[m][r]);
+        }
+    }
+}
+
+// AVX512F: the same with fp32 values (x laid out fp32).
+template <int M, int R>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void rows_int4_f32(const Int4Args& a, int64_t n0) {
+    const __m512 table = _mm512_setr_ps(-8.f, -7.f, -6.f, -5.f, -4.f, -3.f, -2.f, -1.f, 0.f, 1.f, 2.f, 3.f, 4.f, 5.f,
+                                        6.f, 7.f);
+    __m512 acc[M][R];
+    for (int m = 0; m < M; ++m)
+        for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+    const uint8_t* wr = a.w + n0 * a.ldw;
+    const float* sr = a.scale + n0 * a.lds;
+    const float* xr = static_cast<const float*>(a.x);
+    const int64_t full = a.K / 128 * 128;
+    for (int64_t k0 = 0; k0 < full; k0 += 128) int4_chunk_f32<M, R>(a, acc, wr, sr, xr, table, k0, ~0ull);
+    if (full < a.K) int4_chunk_f32<M, R>(a, acc, wr, sr, xr, table, full, int4_chunk_mask(a.K, full));
+    float sums[M * R];
+    for (int m = 0; m < M; ++m)
+        for (int r = 0; r < R; ++r) sums[m * R + r] = _mm512_reduce_add_ps(acc[m][r]);
+    int4_store_rows(a, n0, M, R, sums);
+}
+
+template <int M, int R>
+inline void call_rows_int4(int isa, const Int4Args& a, int64_t n) {
+    if (isa == 3) rows_int4_bf16<M, R>(a, n);
+    else rows_int4_f32<M, R>(a, n);
+}
+
+template <int R>
+inline void call_mgroup_int4(int isa, int mb, const Int4Args& a, int64_t n) {
+    switch (mb) {
+        case 1: call_rows_int4<1, R>(isa, a, n); break;
+        case 2: call_rows_int4<2, R>(isa, a, n); break;
+        case 3: call_rows_int4<3, R>(isa, a, n); break;
+        default: call_rows_int4<4, R>(isa, a, n); break;
+    }
+}
+
+// Rows [n_begin, n_end) of the output for all M rows of x, as run_range: 4 rows of W at a time, blocks of up to 4
+// rows of x over them (a block after the first finds the 4 rows' chunks in L1 / L2 and decodes them again).
+void run_range_int4(int isa, int64_t M, const Int4Args& a, int64_t n_begin, int64_t n_end) {
+    constexpr int R = 4;
+    const int64_t xw = isa == 3 ? 2 : 4;
+    int64_t n = n_begin;
+    for (; n + R <= n_end; n += R)
+        for (int64_t m0 = 0; m0 < M; m0 += 4)
+            call_mgroup_int4<R>(isa, static_cast<int>(M - m0 < 4 ? M - m0 : 4), a.shift(m0, xw), n);
+    for (; n < n_end; ++n)
+        for (int64_t m0 = 0; m0 < M; m0 += 4)
+            call_mgroup_int4<1>(isa, static_cast<int>(M - m0 < 4 ? M - m0 : 4), a.shift(m0, xw), n);
+}
+
+// x [M, K] bf16 (row stride ldx) laid out for rows_int4_bf16 into out [M, Kp] (Kp = ceil128(K), zero past K):
+// per chunk, word 32 i + j = x[4j + i]. Two-source word permutes over the chunk's 4 vectors.
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void layout_x_int4_bf16(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, uint16_t* out) {
+    const int64_t Kp = (K + 127) / 128 * 128;
+    alignas(64) uint16_t idx[4][32];
+    for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 32; ++j) idx[i][j] = static_cast<uint16_t>(j < 16 ? 4 * j + i : 0);
+    for (int64_t m = 0; m < M; ++m) {
+        const uint16_t* xm = x + m * ldx;
+        uint16_t* om = out + m * Kp;
+        for (int64_t k0 = 0; k0 < Kp; k0 += 128) {
+            __m512i v[4];
+            for (int q = 0; q < 4; ++q)
+                v[q] = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(
+                    K - k0 - 32 * q >= 32 ? 0xffffffffu : K - k0 - 32 * q <= 0 ? 0u : (1u << (K - k0 - 32 * q)) - 1),
+                    xm + k0 + 32 * q);
+            for (int i = 0; i < 4; ++i) {
+                const __m512i id = _mm512_load_si512(idx[i]);
+                const __m512i lo = _mm512_permutex2var_epi16(v[0], id, v[1]);   // inputs 0 .. 63: words j < 16
+                const __m512i hi = _mm512_permutex2var_epi16(v[2], id, v[3]);   // inputs 64 .. 127
+                _mm512_storeu_si512(om + k0 + 32 * i, _mm512_inserti64x4(lo, _mm512_castsi512_si256(hi), 1));
+            }
+        }
+    }
+}
+
+// The same for rows_int4_f32: fp32, per chunk lane 16 i + d = x[8d + i].
+void layout_x_int4_f32(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, float* out) {
+    const int64_t Kp = (K + 127) / 128 * 128;
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t k0 = 0; k0 < Kp; k0 += 128)
+            for (int i = 0; i < 8; ++i)
+                for (int d = 0; d < 16; ++d) {
+                    const int64_t k = k0 + 8 * d + i;
+                    out[m * Kp + k0 + 16 * i + d] = k < K ? bf16_to_f32(x[m * ldx + k]) : 0.f;
+                }
+}
+
+// ---------------------------------------------------------------- AMX-BF16 over int4 group-wise weights
+// (G a multiple of 128.) The row-major int4 weight is the A operand: each thread decodes a chunk (128 inputs) of 32
+// of its rows at a time into an L1 buffer with table lookups as rows_int4_bf16 does, the table of a row holding
+// bf16((v - 8) * scale) for its group (the values a prompt's dequantised bf16 GEMM multiplies), the 4 vectors
+// P_0..P_3 of a row being rows of 4 A tiles (16 rows x 32 bf16; word j of P_i = input 4j + i). x is the B operand,
+// laid out once per call to match: tile (x block, chunk, i) row p holds, for each of the block's 16 rows of x, the
+// pair of inputs under A words 2p, 2p + 1. C tiles are [16 W rows x 16 x rows] fp32 over all of K, written out
+// transposed (with bias and residual) at the end. The next chunk is decoded (into the other of two buffers) while the
+// tile products of this one run. x goes in blocks of 32 rows (two B tiles, four C tiles), the weight read once per
+// block: for prompts it is read ceil(M / 32) times (from the L3 when it fits there).
+struct Int4AmxArgs {
+    const uint16_t* xv;                    // x in B-tile order: [x block][chunk][i][16 pairs p][16 rows][2]
+    int64_t chunks;                        // K / 128
+    const uint8_t* w; int64_t ldw;         // packed [N, K / 2], row stride ldw bytes
+    const float* scale; int64_t lds, G;    // scales [N, K / G] (row stride lds), G a multiple of 128
+    const uint16_t* bias;                  // [N] or null
+    const uint16_t* res; int64_t ldr;      // residual [M, N] (row stride ldr) or null
+    uint16_t* y; int64_t ldy;              // output [M, N] bf16
+    int64_t M, N;
+};
+
+// Chunk c of W rows [n0, n0 + 32) (rows >= N: zero) into dst [4 (i)][32 rows][32 words], scaled and rounded.
+DSI_AMX_TARGET void int4_amx_decode(const Int4AmxArgs& a, int64_t n0, int64_t c, uint16_t* dst) {
+    const __m512 values = _mm512_setr_ps(-8.f, -7.f, -6.f, -5.f, -4.f, -3.f, -2.f, -1.f, 0.f, 1.f, 2.f, 3.f, 4.f, 5.f,
+                                         6.f, 7.f);
+    const int64_t g = c * 128 / a.G;
+    for (int r = 0; r < 32; ++r) {
+        uint16_t* d = dst + r * 32;
+        if (n0 + r >= a.N) {
+            for (int i = 0; i < 4; ++i) _mm512_store_si512(d + i * 1024, _mm512_setzero_si512());
+            continue;
+        }
+        const uint8_t* row = a.w + (n0 + r) * a.ldw + 64 * c;
+        const __m512i v = _mm512_loadu_si512(row);
+        _mm_prefetch(reinterpret_cast<const char*>(row + 128), _MM_HINT_T0);     // two chunks ahead (never faults)
+        const __m512 row_values = _mm512_mul_ps(values, _mm512_set1_ps(a.scale[(n0 + r) * a.lds + g]));
+        const __m512i table = _mm512_broadcast_i64x4((__m256i)_mm512_cvtneps_pbh(row_values));   // RNE, as torch
+        _mm512_store_si512(d, _mm512_permutexvar_epi16(v, table));
+        _mm512_store_si512(d + 1024, _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table));
+        _mm512_store_si512(d + 2048, _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), table));
+        _mm512_store_si512(d + 3072, _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), table));
+    }
+}
+
+// r[16] (rows) transposed in place: r[j][i] = old r[i][j] (unpacks within 128-bit lanes, then lane shuffles).
+DSI_AMX_TARGET inline void transpose16x16(__m512 (&r)[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) {       // r[4i + j], lane L: column 4L + j of rows 4i .. 4i + 3
+        r[4 * i] = (__m512)_mm512_unpacklo_pd((__m512d)t[4 * i], (__m512d)t[4 * i + 2]);
+        r[4 * i + 1] = (__m512)_mm512_unpackhi_pd((__m512d)t[4 * i], (__m512d)t[4 * i + 2]);
+        r[4 * i + 2] = (__m512)_mm512_unpacklo_pd((__m512d)t[4 * i + 1], (__m512d)t[4 * i + 3]);
+        r[4 * i + 3] = (__m512)_mm512_unpackhi_pd((__m512d)t[4 * i + 1], (__m512d)t[4 * i + 3]);
+    }
+    for (int j = 0; j < 4; ++j) {
+        t[j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88);
+        t[4 + j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xdd);
+        t[8 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
+        t[12 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xdd);
+    }
+    for (int j = 0; j < 4; ++j) {
+        r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+        r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
+        r[4 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0x88);
+        r[12 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0xdd);
+    }
+}
+
+// The B tiles of one block of 16 rows of x from its rows laid out as layout_x_int4_bf16 writes them (xl: 16 rows of
+// K words): tile (chunk, i) row p = dword p of vector (chunk, i) of each of the 16 rows. out: chunks x 4 tiles.
+DSI_AMX_TARGET void int4_amx_tiles_x(const uint16_t* xl, int64_t K, int64_t chunks, uint16_t* out) {
+    for (int64_t v = 0; v < chunks * 4; ++v) {
+        __m512 r[16];
+        for (int mm = 0; mm < 16; ++mm) r[mm] = _mm512_load_ps(reinterpret_cast<const float*>(xl + mm * K + 32 * v));
+        transpose16x16(r);
+        for (int p = 0; p < 16; ++p) _mm512_store_ps(reinterpret_cast<float*>(out + v * 512 + 32 * p), r[p]);
+    }
+}
+
+// y rows [m0, m0 + 16) (those < M) x outputs [n0, n0 + 16) (those < N) from a stored C tile c [n][m] (fp32, 16 x 16),
+// transposed in registers, + bias + residual, rounded once.
+DSI_AMX_TARGET void int4_amx_epilogue(const Int4AmxArgs& a, const float* c, int64_t m0, int64_t n0) {
+    if (n0 >= a.N) return;
+    const __mmask16 mask = lanes16(a.N - n0);
+    __m512 r[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_load_ps(c + 16 * i);
+    transpose16x16(r);
+    const __m512 b = a.bias ? widen16_mask(a.bias + n0, mask) : _mm512_setzero_ps();
+    for (int64_t mm = 0; mm < 16 && m0 + mm < a.M; ++mm) {
+        __m512 v = _mm512_add_ps(r[mm], b);                                      // x row m0 + mm
+        if (a.res) v = _mm512_add_ps(v, widen16_mask(a.res + (m0 + mm) * a.ldr + n0, mask));
+        _mm256_mask_storeu_epi16(a.y + (m0 + mm) * a.ldy + n0, mask, (__m256i)_mm512_cvtneps_pbh(v));
+    }
+}
+
+// C tiles of one step stored to memory, waiting for their epilogue (as AmxPending).
+struct Int4AmxPending {
+    alignas(64) float c[4][256];
+    int64_t m0 = 0, n0 = 0;
+    int count = 0;                   // 0 (nothing pending), 2 or 4 tiles
+};
+
+DSI_AMX_TARGET inline void int4_amx_flush(const Int4AmxArgs& a, Int4AmxPending& p) {
+    for (int t = 0; t < p.count; ++t) int4_amx_epilogue(a, p.c[t], p.m0 + 16 * (t >> 1), p.n0 + 16 * (t & 1));
+    p.count = 0;
+}
+
+// W rows [32 q, 32 q + 32) against x blocks [xb0, xb1) (rows [16 xb0, 16 xb1) of x), two at a time (four C tiles);
+// tile config loaded by the caller (all tiles 16 x 64 bytes). INLINE (one pair of x blocks): each chunk is decoded
+// into one of two 4096-word buffers at abuf while the previous chunk's tile products run; else the whole K of the
+// 32 rows is decoded into abuf (chunks x 4096 words) first, for every pair of x blocks to read. The epilogue of each
+// step runs after the next step's tile instructions are issued (pend: two buffers, carried from call to call).
+template <bool INLINE>
+DSI_AMX_TARGET void int4_amx_pair(const Int4AmxArgs& a, int64_t q, int64_t xb0, int64_t xb1, uint16_t* abuf,
+                                  Int4AmxPending (&pend)[2], int& cur) {
+    const int64_t n0 = 32 * q;
+    if (!INLINE)
+        for (int64_t c = 0; c < a.chunks; ++c) int4_amx_decode(a, n0, c, abuf + c * 4096);
+    for (int64_t xb = xb0; xb < xb1; xb += 2) {
+        const bool two = xb + 1 < xb1;
+        const uint16_t* x0 = a.xv + xb * a.chunks * 2048;       // 4 tiles of 512 words per chunk
+        const uint16_t* x1 = x0 + a.chunks * 2048;
+        _tile_zero(0);
+        _tile_zero(1);
+        if (two) {
+            _tile_zero(2);
+            _tile_zero(3);
+        }
+        if (INLINE) int4_amx_decode(a, n0, 0, abuf);
+        for (int64_t c = 0; c < a.chunks; ++c) {
+            const uint16_t* w = abuf + (INLINE ? (c & 1) : c) * 4096;
+            for (int i = 0; i < 4; ++i) {
+                _tile_loadd(4, w + i * 1024, 64);              // W rows 0 .. 15 of the pair
+                _tile_loadd(5, w + i * 1024 + 512, 64);        // W rows 16 .. 31
+                _tile_loadd(6, x0 + (c * 4 + i) * 512, 64);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 5, 6);
+                if (two) {
+                    _tile_loadd(7, x1 + (c * 4 + i) * 512, 64);
+                    _tile_dpbf16ps(2, 4, 7);
+                    _tile_dpbf16ps(3, 5, 7);
+                }
+            }
+            if (INLINE && c + 1 < a.chunks) int4_amx_decode(a, n0, c + 1, abuf + ((c + 1) & 1) * 4096);
+        }
+        int4_amx_flush(a, pend[cur ^ 1]);                  // the previous step, while these tiles compute
+        Int4AmxPending& p = pend[cur];
+        _tile_stored(0, p.c[0], 64);
+        _tile_stored(1, p.c[1], 64);
+        if (two) {
+            _tile_stored(2, p.c[2], 64);
+            _tile_stored(3, p.c[3], 64);
+        }
+        p.m0 = 16 * xb, p.n0 = n0, p.count = two ? 4 : 2;
+        cur ^= 1;
+    }
+}
+
+// W rows [32 q0, 32 q1) for every block of x. Up to 32 rows of x: one pass, chunks decoded as they are used. More:
+// x in chunks of blocks whose B tiles fit in about 1 MiB of L2, the 32 rows' whole K decoded once per chunk of x.
+DSI_AMX_TARGET void int4_amx_range(const Int4AmxArgs& a, int64_t xblocks, int64_t q0, int64_t q1) {
+    Int4AmxPending pend[2];
+    int cur = 0;
+    amx_config(16);
+    if (xblocks <= 2) {
+        alignas(64) uint16_t abuf[8192];
+        for (int64_t q = q0; q < q1; ++q) int4_amx_pair<true>(a, q, 0, xblocks, abuf, pend, cur);
+    } else {
+        static thread_local std::vector<uint16_t> wide;
+        wide.resize(static_cast<size_t>(a.chunks * 4096 + 32));
+        uint16_t* abuf = wide.data() + (32 - (reinterpret_cast<uintptr_t>(wide.data()) / 2) % 32) % 32;
+        const int64_t step = std::max<int64_t>(2, (int64_t{1} << 20) / (a.chunks * 4096) / 2 * 2);   // x blocks
+        for (int64_t xc = 0; xc < xblocks; xc += step)
+            for (int64_t q = q0; q < q1; ++q)
+                int4_amx_pair<false>(a, q, xc, std::min(xc + step, xblocks), abuf, pend, cur);
+    }
+    int4_amx_flush(a, pend[cur ^ 1]);
+    _tile_release();
+}
+
 // ---------------------------------------------------------------- SwiGLU and decode attention (decode rows)
 // exp of 16 fp32 lanes: Cephes' expf (range reduction by ln 2 in two parts, degree-6 polynomial, scalef for
 // 2^n, which gives inf above ~88.7 and 0 / denormals below ~-87.3 as libm does); relative error ~1e-7, so a bf16
@@ -648,7 +1062,7 @@ enum ActKind { kGelu = 0, kGeluTanh = 1, kRelu = 2, kSilu = 3 };
 
 // y = act(x) over n bf16 elements, fp32 inside and one rounding, in torch's order of operations for bf16 rows
 // (aten/src/ATen/native/cpu/Gelu.h): gelu x * 0.5 * (1 + erf(x / sqrt 2)); gelu_tanh
-// 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))); silu x / (1 + exp(-x)); relu max(x, 0) (NaN -> 0).
+// 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))); silu x / (1 + exp(-x)); relu max(x, 0) (NaN and -0 kept, as torch's).
 template <int KIND>
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 void act_row_avx512(const uint16_t* x, uint16_t* y, int64_t n) {
@@ -666,7 +1080,7 @@ void act_row_avx512(const uint16_t* x, uint16_t* y, int64_t n) {
                                                _mm512_add_ps(v, _mm512_mul_ps(_mm512_set1_ps(0.044715f), cube)));
             r = _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, tanh16(inner)));
         } else if (KIND == kRelu) {
-            r = _mm512_max_ps(v, _mm512_setzero_ps());
+            r = _mm512_max_ps(_mm512_setzero_ps(), v);     // (vmaxps returns its 2nd operand for NaN / both zero)
         } else {
             r = _mm512_div_ps(v, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), v))));
         }
@@ -690,7 +1104,9 @@ void layer_norm_row_avx512(const uint16_t* x, const uint16_t* w, const uint16_t*
         const __m512 d = _mm512_maskz_sub_ps(m, widen16_mask(x + i, m), mv);
         ss = _mm512_fmadd_ps(d, d, ss);
     }
-    const float rstd = 1.f / sqrtf(_mm512_reduce_add_ps(ss) / static_cast<float>(n) + eps);
+    const float var = _mm512_reduce_add_ps(ss) / static_cast<float>(n);
+    // a sum of squares that overflowed fp32 gives NaN, as torch's does (not rstd = 0, which would return the bias)
+    const float rstd = isinf(var) ? NAN : 1.f / sqrtf(var + eps);
     const __m512 scale = _mm512_set1_ps(rstd), shift = _mm512_set1_ps(-mean * rstd);
     for (int64_t i = 0; i < n; i += 16) {
         const __mmask16 m = lanes16(n - i);
@@ -930,6 +1346,92 @@ int dsi_gemv_int8(const void* x, int64_t ldx, const void* w, int64_t ldw, const 
     return 0;
 }
 
+// y = x @ dequant(w)^T (+ bias) (+ res): x, bias, res, y bf16; w int4 group-wise (see "int4 group-wise weights":
+// packed uint8 [N, K / 2] with row stride ldw bytes, scales fp32 [N, K / G] with row stride lds). isa 3 (or 4):
+// the AVX512-BF16 path for up to kInt4Bf16Rows rows, the fp32 path for more; 2: the AVX512F fp32 path. G: 8, 16, 32,
+// 64 or a multiple of 128, dividing K. Any M (as dsi_gemv_bf16, time grows with M past 4). Returns 0, or -1 for an
+// unsupported isa / shape / group.
+int dsi_gemv_int4(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* scale, int64_t lds, int64_t G,
+                  const void* bias, const void* res, int64_t ldr, void* y, int64_t ldy, int64_t M, int64_t N,
+                  int64_t K, int threads, int isa) {
+    if (isa == 4) isa = 3;
+    if (isa < 2 || isa > 3 || isa > dsi_gemv_best_isa() || M < 1 || N < 1 || K < 1 || !int4_group_ok(G) || K % G)
+        return -1;
+    if (M > kInt4Bf16Rows) isa = 2;
+    if (N * K < kSerialLinearWork) threads = 1;
+    const int64_t Kp = (K + 127) / 128 * 128;
+    static thread_local std::vector<uint16_t> xb;   // x laid out for the path (fp32 uses it as floats)
+    xb.resize(static_cast<size_t>(M * Kp * (isa == 3 ? 1 : 2)) + 32);
+    void* xl = xb.data() + (32 - (reinterpret_cast<uintptr_t>(xb.data()) / 2) % 32) % 32;   // 64-byte aligned
+    if (isa == 3) layout_x_int4_bf16(static_cast<const uint16_t*>(x), ldx, M, K, static_cast<uint16_t*>(xl));
+    else layout_x_int4_f32(static_cast<const uint16_t*>(x), ldx, M, K, static_cast<float*>(xl));
+    const Int4Args a{xl, Kp, static_cast<const uint8_t*>(w), ldw, static_cast<const float*>(scale), lds, G,
+                     static_cast<const uint16_t*>(bias), static_cast<const uint16_t*>(res), ldr,
+                     static_cast<uint16_t*>(y), ldy, N, K};
+    split_rows(threads, N, [&](int64_t n_begin, int64_t n_end) { run_range_int4(isa, M, a, n_begin, n_end); });
+    return 0;
+}
+
+// out[n, k] = (q[n, k] - 8) * scale[n, k / G] as fp32 (out_fp32) or rounded to bf16 (nearest even), out [N, K]
+// contiguous: an int4 weight dequantised for a prompt's GEMM (fp32: the exact fp32 products). Rows split over
+// `threads`. Returns 0, or -1 without AVX512 or for an unsupported shape / group.
+extern "C++" {
+// The scales of inputs k .. k + 15 (k < K) of a row's scales s (G = 8: two groups).
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static inline __m512 dequant_int4_scales(const float* s, int64_t k, int64_t G, int64_t K) {
+    if (G >= 16) return _mm512_set1_ps(s[k / G]);
+    const __m512i half = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    return _mm512_permutexvar_ps(half, _mm512_maskz_loadu_ps(K - k >= 16 ? 3 : 1, s + k / G));
+}
+
+template <bool F32>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static inline void dequant_int4_store(void* out, int64_t n, int64_t k, int64_t K, __m512 v) {
+    const __mmask16 m = lanes16(K - k);
+    if (F32) _mm512_mask_storeu_ps(static_cast<float*>(out) + n * K + k, m, v);
+    else store_bf16x16(static_cast<uint16_t*>(out) + n * K + k, v, m);
+}
+
+template <bool F32>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static void dequant_int4_rows(const uint8_t* w, int64_t ldw, const float* scale, int64_t lds, int64_t G, int64_t K,
+                              void* out, int64_t n0, int64_t n1) {
+    const __m512 table = _mm512_setr_ps(-8.f, -7.f, -6.f, -5.f, -4.f, -3.f, -2.f, -1.f, 0.f, 1.f, 2.f, 3.f, 4.f, 5.f,
+                                        6.f, 7.f);
+    const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    for (int64_t n = n0; n < n1; ++n) {
+        const uint8_t* row = w + n * ldw;
+        const float* s = scale + n * lds;
+        for (int64_t k = 0; k < K; k += 32) {
+            const int64_t bytes = std::min<int64_t>(16, (K - k) / 2);
+            const __m512i b = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << bytes) - 1),
+                                                                         row + k / 2));
+            const __m512 lo = _mm512_permutexvar_ps(b, table);                         // inputs k + 2i
+            const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);   // inputs k + 2i + 1
+            dequant_int4_store<F32>(out, n, k, K, _mm512_mul_ps(_mm512_permutex2var_ps(lo, lo_idx, hi),
+                                                                 dequant_int4_scales(s, k, G, K)));
+            if (k + 16 < K)
+                dequant_int4_store<F32>(out, n, k + 16, K, _mm512_mul_ps(_mm512_permutex2var_ps(lo, hi_idx, hi),
+                                                                         dequant_int4_scales(s, k + 16, G, K)));
+        }
+    }
+}
+}  // extern "C++"
+
+int dsi_dequant_int4(const void* w, int64_t ldw, const void* scale, int64_t lds, int64_t G, int64_t N, int64_t K,
+                     void* out, int out_fp32, int threads) {
+    if (dsi_gemv_best_isa() < 2 || N < 1 || K < 1 || !int4_group_ok(G) || K % G) return -1;
+    if (N * K < kSerialLinearWork) threads = 1;
+    split_rows(threads, N, [&](int64_t n0, int64_t n1) {
+        if (out_fp32) dequant_int4_rows<true>(static_cast<const uint8_t*>(w), ldw, static_cast<const float*>(scale),
+                                              lds, G, K, out, n0, n1);
+        else dequant_int4_rows<false>(static_cast<const uint8_t*>(w), ldw, static_cast<const float*>(scale), lds, G,
+                                      K, out, n0, n1);
+    });
+    return 0;
+}
+
 // RMSNorm of `rows` bf16 rows of n, in HF's order for bf16: normalise in fp32, round to bf16, scale by w, round.
 // Decode-sized calls (a few rows): one thread, no fork/join; what this saves is the ~6 torch ops of the composite.
 void dsi_rms_norm_bf16(const void* x, int64_t ldx, const void* w, void* y, int64_t ldy, int64_t rows, int64_t n,
@@ -1164,6 +1666,48 @@ int dsi_gemm_amx_int8(const void* x, int64_t ldx, const void* wp, const void* sc
     return gemm_amx<true>(x, ldx, wp, static_cast<const float*>(scale), bias, res, ldr, y, ldy, M, N, K, threads);
 }
 
+// y = x @ dequant(w)^T (+ bias) (+ res) for int4 group-wise weights with G a multiple of 128 (layout as
+// dsi_gemv_int4), through AMX tile products (see "AMX-BF16 over int4"). Any M; worth it from a few rows on (one or
+// two rows: dsi_gemv_int4). Returns 0, or -1 without AMX or for another group size.
+int dsi_gemm_amx_int4(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* scale, int64_t lds, int64_t G,
+                      const void* bias, const void* res, int64_t ldr, void* y, int64_t ldy, int64_t M, int64_t N,
+                      int64_t K, int threads) {
+    if (dsi_gemv_best_isa() < 4 || M < 1 || N < 1 || K < 1 || G % 128 || K % G) return -1;
+    if (N * K < kSerialLinearWork) threads = 1;
+    const int64_t chunks = K / 128, xblocks = (M + 15) / 16;
+    // x laid out per chunk (word 32 i + j = x[4j + i], as rows_int4_bf16 reads it), then each 16 rows' dword p of
+    // vector (chunk, i) moved into row p of that B tile (a 16 x 16 dword transpose per tile); blocks over the threads.
+    static thread_local std::vector<uint16_t> lin, xv_buf;
+    lin.resize(static_cast<size_t>(xblocks * 16 * K) + 32);
+    xv_buf.resize(static_cast<size_t>(xblocks * 16 * K) + 32);
+    uint16_t* xl = lin.data() + (32 - (reinterpret_cast<uintptr_t>(lin.data()) / 2) % 32) % 32;
+    uint16_t* xv = xv_buf.data() + (32 - (reinterpret_cast<uintptr_t>(xv_buf.data()) / 2) % 32) % 32;
+    const uint16_t* xs = static_cast<const uint16_t*>(x);
+    const int layout_threads = M * K < kSerialLinearWork ? 1 : threads;
+#pragma omp parallel for num_threads(layout_threads) schedule(static)
+    for (int64_t xb = 0; xb < xblocks; ++xb) {
+        const int64_t rows = std::min<int64_t>(16, M - 16 * xb);
+        layout_x_int4_bf16(xs + 16 * xb * ldx, ldx, rows, K, xl + 16 * xb * K);
+        memset(xl + (16 * xb + rows) * K, 0, static_cast<size_t>((16 - rows) * K) * 2);
+        int4_amx_tiles_x(xl + 16 * xb * K, K, chunks, xv + xb * chunks * 2048);
+    }
+    const Int4AmxArgs a{xv, chunks, static_cast<const uint8_t*>(w), ldw, static_cast<const float*>(scale), lds, G,
+                        static_cast<const uint16_t*>(bias), static_cast<const uint16_t*>(res), ldr,
+                        static_cast<uint16_t*>(y), ldy, M, N};
+    const int64_t pairs = (N + 31) / 32;
+    if (threads <= 1 || pairs < 2) {
+        int4_amx_range(a, xblocks, 0, pairs);
+        return 0;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const int64_t q0 = pairs * t / nt, q1 = pairs * (t + 1) / nt;
+        if (q0 < q1) int4_amx_range(a, xblocks, q0, q1);
+    }
+    return 0;
+}
+
 // y[r, :] = round(round(silu(g)) * u) for gate_up rows [g | u] of 2I bf16 (row stride ld), y rows of I (stride
 // ldy): F.silu then mul_, as the torch reference computes them (fp32 inside each op, bf16 between).
 // AVX512 only (without it torch's vectorised composite is faster than a scalar loop): returns -1 there, else 0.
@@ -1283,10 +1827,13 @@ struct DsiLinear {
     const void* w; const void* bias;   // weight (AMX layout, or row-major with row stride ldw); bias or null
     int64_t ldw, N, K;
     int64_t packed;                    // 0: row-major (dsi_gemv_bf16), 1: AMX layout (dsi_gemm_amx), 2: int8 row-major
-                                       // (dsi_gemv_int8), 3: int8 AMX layout (dsi_gemm_amx_int8)
+                                       // (dsi_gemv_int8), 3: int8 AMX layout (dsi_gemm_amx_int8), 4: int4 group-wise
+                                       // (dsi_gemv_int4: packed [N, K / 2] with row stride ldw bytes)
     int64_t add_residual;              // add the residual stream (tp rank 0, or no tensor parallelism)
     int64_t reduce;                    // sum over the tensor-parallel group afterwards (row-parallel o / down)
-    const void* scale;                 // int8: fp32 scale per output row; else null
+    const void* scale;                 // int8: fp32 scale per output row; int4: fp32 [N, K / group]; else null
+    int64_t group;                     // int4: inputs per scale
+    int64_t amx_rows;                  // int4: rows from which dsi_gemm_amx_int4 runs (0: never; modules/linear.py)
 };
 
 struct DsiLayer {
@@ -1321,6 +1868,12 @@ static int stack_linear(const DsiStack* st, const DsiLinear& lin, const uint16_t
         return dsi_gemv_int8(x, lin.K, lin.w, lin.ldw, lin.scale, lin.bias, res, lin.N, y, lin.N, M, lin.N, lin.K, threads);
     if (lin.packed == 3)
         return dsi_gemm_amx_int8(x, lin.K, lin.w, lin.scale, lin.bias, res, lin.N, y, lin.N, M, lin.N, lin.K, threads);
+    if (lin.packed == 4 && lin.amx_rows && M >= lin.amx_rows)
+        return dsi_gemm_amx_int4(x, lin.K, lin.w, lin.ldw, lin.scale, lin.K / lin.group, lin.group, lin.bias, res,
+                                 lin.N, y, lin.N, M, lin.N, lin.K, threads);
+    if (lin.packed == 4)
+        return dsi_gemv_int4(x, lin.K, lin.w, lin.ldw, lin.scale, lin.K / lin.group, lin.group, lin.bias, res, lin.N, y,
+                             lin.N, M, lin.N, lin.K, threads, static_cast<int>(st->isa));
     if (lin.packed) return dsi_gemm_amx(x, lin.K, lin.w, lin.bias, res, lin.N, y, lin.N, M, lin.N, lin.K, threads);
     return dsi_gemv_bf16(x, lin.K, lin.w, lin.ldw, lin.bias, res, lin.N, y, lin.N, M, lin.N, lin.K, threads,
                          static_cast<int>(st->isa));

@@ -10,6 +10,11 @@ own, but alternating a layer's four shapes costs ~0.1 ms per switch. ``cpu_gemv.
   4 rows of x per pass; paths AVX512-BF16 (``_mm512_dpbf16_ps``), AVX512F and AVX2+FMA (bf16 widened to
   fp32 by a shift). For few rows (:func:`row_kernel_max_m`), or any number without bf16 instructions.
 
+Weight-only quantised weights: :func:`linear_int8` / :func:`linear_packed_int8` (int8, a scale per row, row-major or
+AMX tiles) and :func:`linear_int4` / :func:`linear_int4_amx` (int4 group-wise, ``reference.quantize_int4_groupwise``'s
+packed layout used as it is: a row kernel for a few rows, AMX tile products for more), with :func:`dequantize_int8` /
+:func:`dequantize_int4` for prompts' GEMMs where those do not apply.
+
 The library is compiled on first use with the system C++ compiler (one translation unit, plain C ABI called
 through ``ctypes``, no torch headers: about 2 s), cached under ``DSINFER_CACHE_DIR`` (default
 ``$XDG_CACHE_HOME/lightning_dsinfer`` or ``~/.cache/lightning_dsinfer``, else the temp dir) keyed by source and
@@ -121,6 +126,16 @@ class _Kernel:
         self.dequant_int8 = lib.dsi_dequant_int8_bf16
         self.dequant_int8.restype = ctypes.c_int
         self.dequant_int8.argtypes = [p, i64, p, i64, i64, p, ctypes.c_int]
+        self.int4 = lib.dsi_gemv_int4
+        self.int4.restype = ctypes.c_int
+        self.int4.argtypes = [p, i64, p, i64, p, i64, i64, p, p, i64, p, i64, i64, i64, i64, ctypes.c_int,
+                              ctypes.c_int]
+        self.amx_int4 = lib.dsi_gemm_amx_int4
+        self.amx_int4.restype = ctypes.c_int
+        self.amx_int4.argtypes = [p, i64, p, i64, p, i64, i64, p, p, i64, p, i64, i64, i64, i64, ctypes.c_int]
+        self.dequant_int4 = lib.dsi_dequant_int4
+        self.dequant_int4.restype = ctypes.c_int
+        self.dequant_int4.argtypes = [p, i64, p, i64, i64, i64, i64, p, ctypes.c_int, ctypes.c_int]
         self.packed_bytes = lib.dsi_packed_bytes
         self.packed_bytes.restype = i64
         self.packed_bytes.argtypes = [i64, ctypes.c_int, i64]
@@ -431,6 +446,103 @@ def dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def int4_group_ok(group_size: int) -> bool:
+    """Group sizes the int4 kernels take: 8, 16, 32, 64 or a multiple of 128 (a group's inputs fill whole fp32 lanes
+    of a 128-input chunk, or whole chunks; see cpu_gemv.cpp)."""
+    return group_size in (8, 16, 32, 64) or (group_size > 0 and group_size % 128 == 0)
+
+
+def has_int4() -> bool:
+    """True when :func:`linear_int4` / :func:`dequantize_int4` run here (AVX512; AVX512-BF16 for the fast path)."""
+    return available() and _kernel.cpu_isa >= 2
+
+
+def _int4_operands(packed: torch.Tensor, scale: torch.Tensor, group_size: int) -> tuple[int, int]:
+    """(N, K) of a packed int4 weight after checking it against its scales and group size."""
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.stride(1) != 1 or packed.device.type != "cpu":
+        raise ValueError(f"packed int4 weight must be uint8 [N, K / 2] on the CPU with unit inner stride, got "
+                         f"{packed.dtype} {tuple(packed.shape)} on {packed.device}")
+    n, kdim = packed.shape[0], 2 * packed.shape[1]
+    if not int4_group_ok(group_size) or kdim % group_size:
+        raise ValueError(f"group_size={group_size}: the int4 kernels take 8, 16, 32, 64 or a multiple of 128, "
+                         f"dividing K={kdim}")
+    if scale.dtype != torch.float32 or scale.shape != (n, kdim // group_size) or scale.stride(1) != 1:
+        raise ValueError(f"scales must be fp32 [{n}, {kdim // group_size}] with unit inner stride, got {scale.dtype} "
+                         f"{tuple(scale.shape)}")
+    return n, kdim
+
+
+def linear_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, group_size: int,
+                bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                isa: str | None = None) -> torch.Tensor:
+    """``x @ dequantize_int4(packed, scale, group_size).T (+ bias) (+ residual)`` rounded once to bf16: x [..., K]
+    bf16, packed uint8 [N, K / 2] (``reference.quantize_int4_groupwise``'s layout, views with a row stride are
+    fine), scale fp32 [N, K / group_size], bias [N] / residual [..., N] bf16. fp32 sums per 128-input chunk times the
+    groups' scales (not the bf16-rounded weights). ``isa`` forces a path (tests): ``avx512_bf16`` (``amx_bf16``
+    means the same) or ``avx512``. Requires :func:`has_int4`; for decode-sized row counts (time grows with rows)."""
+    k = _kernel if _kernel is not None else _load()
+    if k is None or k.cpu_isa < 2:
+        raise RuntimeError("the int4 CPU kernel needs the C library and AVX512")
+    n, kdim = _int4_operands(packed, scale, group_size)
+    x2 = _rows(x, kdim)
+    y = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
+    if x2.shape[0] == 0:
+        return y
+    bias_ptr, r2 = _operands(x2, n, bias, residual)
+    code = k.best_isa if isa is None else _ISA_CODES[isa]
+    rc = k.int4(x2.data_ptr(), x2.stride(0), packed.data_ptr(), packed.stride(0), scale.data_ptr(), scale.stride(0),
+                group_size, bias_ptr, None if r2 is None else r2.data_ptr(), 0 if r2 is None else r2.stride(0),
+                y.data_ptr(), n, x2.shape[0], n, kdim, torch.get_num_threads(), code)
+    if rc != 0:
+        raise RuntimeError(f"cpu_gemv: the int4 kernel refused path {ISA_NAMES.get(code)} (best here: "
+                           f"{ISA_NAMES[k.cpu_isa]})")
+    return y
+
+
+def linear_int4_amx(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, group_size: int,
+                    bias: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`linear_int4` through AMX tile products (the packed weight decoded 32 rows x 128 inputs at a time to
+    unscaled bf16 tiles, each group's products times its scales), for more than a couple of rows, prompts included;
+    ``group_size`` a multiple of 128. Requires :func:`has_amx`."""
+    k = _kernel if _kernel is not None else _load()
+    if k is None or k.best_isa < 4:
+        raise RuntimeError("the AMX path is not available on this CPU")
+    n, kdim = _int4_operands(packed, scale, group_size)
+    if group_size % 128:
+        raise ValueError(f"the AMX int4 path takes groups of a multiple of 128 inputs, got {group_size}")
+    x2 = _rows(x, kdim)
+    y = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
+    if x2.shape[0] == 0:
+        return y
+    bias_ptr, r2 = _operands(x2, n, bias, residual)
+    rc = k.amx_int4(x2.data_ptr(), x2.stride(0), packed.data_ptr(), packed.stride(0), scale.data_ptr(),
+                    scale.stride(0), group_size, bias_ptr, None if r2 is None else r2.data_ptr(),
+                    0 if r2 is None else r2.stride(0), y.data_ptr(), n, x2.shape[0], n, kdim, torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"cpu_gemv: the AMX int4 call failed for M={x2.shape[0]} N={n} K={kdim}")
+    return y
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, group_size: int,
+                    dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``reference.dequantize_int4(packed, scale, group_size)`` [N, K] in fp32, or rounded to bf16 (nearest even):
+    an int4 weight for a prompt's GEMM; into ``out`` (contiguous [N, K] bf16 / fp32: its dtype wins) when given.
+    Requires :func:`has_int4`."""
+    k = _kernel if _kernel is not None else _load()
+    dtype = dtype if out is None else out.dtype
+    if k is None or k.cpu_isa < 2 or dtype not in (torch.bfloat16, torch.float32):
+        raise RuntimeError("cpu_gemv.dequantize_int4 needs the C library, AVX512 and a bf16 / fp32 output")
+    n, kdim = _int4_operands(packed, scale, group_size)
+    if out is None:
+        out = torch.empty(n, kdim, dtype=dtype)
+    elif out.shape != (n, kdim) or not out.is_contiguous() or out.device.type != "cpu":
+        raise ValueError(f"out must be a contiguous CPU [{n}, {kdim}] tensor, got {tuple(out.shape)}")
+    if k.dequant_int4(packed.data_ptr(), packed.stride(0), scale.data_ptr(), scale.stride(0), group_size, n, kdim,
+                      out.data_ptr(), int(dtype == torch.float32), torch.get_num_threads()) != 0:
+        raise RuntimeError(f"cpu_gemv.dequantize_int4 failed for [{n}, {kdim}], group_size={group_size}")
+    return out
+
+
 def linear_packed(x: torch.Tensor, packed: torch.Tensor, out_features: int, in_features: int,
                   bias: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`linear` for a weight [out_features, in_features] in the AMX layout (``packed = pack(weight)``);
@@ -607,10 +719,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 # ------------------------------------------------------------------- a decode step through every block in one call
 class StackLinear(ctypes.Structure):
-    """``DsiLinear`` of cpu_gemv.cpp: one linear of a block (weight in the AMX layout, row-major, or int8)."""
+    """``DsiLinear`` of cpu_gemv.cpp: one linear of a block (weight in the AMX layout, row-major, int8 or int4)."""
     _fields_ = [("w", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("ldw", ctypes.c_int64), ("N", ctypes.c_int64),
                 ("K", ctypes.c_int64), ("packed", ctypes.c_int64), ("add_residual", ctypes.c_int64),
-                ("reduce", ctypes.c_int64), ("scale", ctypes.c_void_p)]
+                ("reduce", ctypes.c_int64), ("scale", ctypes.c_void_p), ("group", ctypes.c_int64),
+                ("amx_rows", ctypes.c_int64)]
 
 
 class StackLayer(ctypes.Structure):

@@ -29,6 +29,9 @@ How the engine's calls map onto the kernels, and what stays on the reference:
 - ``linear(x, w, bias, residual)`` -> ``kernels/small_gemm.py`` when the rows M = x.numel() / K are
   1..:data:`SMALL_GEMM_MAX_M` (decode) and x, w are both bf16 or both fp16; else ``F.linear`` (counted as
   ``"torch:..."``, the intended path for prefill and fp32, not a fallback).
+- ``linear_int8`` / ``linear_int4(x, packed, scale, group_size, bias, residual)`` (weight-only int8 / group-wise
+  int4) -> ``kernels/small_gemm.py``'s int8 / int4 GEMM for M <= 32 (int4: any float dtype, power-of-two groups of
+  at least 32), the dequantisation fused into the tile load; else the weight is dequantised in torch for the call.
 - ``norm_linear(h, delta, norm_w, eps, w, bias, scale, gated)`` -> ``kernels/small_gemm.py`` with its norm
   prologue (and the residual add when ``delta`` is given) and, ``gated``, its SwiGLU epilogue: the input norm +
   QKV and the post-attention norm + gate/up + SwiGLU of a decode step, one kernel each (the engine's blocks on
@@ -488,6 +491,36 @@ def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
     return reference.linear(x, weight if x.dtype == torch.float32 else weight.to(x.dtype), bias, residual)
 
 
+def linear_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, group_size: int,
+                bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                dequantise: bool = False) -> torch.Tensor:
+    """``x @ reference.dequantize_int4(packed, scale, group_size).T (+ bias) (+ residual)``: packed uint8 [N, K / 2],
+    fp32 group scales [N, K / group_size]. The Triton small-batch int4 GEMM (dequantisation fused into the tile load)
+    for M <= 32 rows (fp32 / bf16 / fp16) with a power-of-two group of at least 32; else (or ``dequantise``) the
+    weight is dequantised in torch, in x's dtype, for the call."""
+    k = x.shape[-1]
+    m = x.numel() // k if k else 0
+    if not _triton(x):
+        why = None
+    elif dequantise:
+        why = "torch:dequantise"
+    elif x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        why = "torch:dtype"
+    elif not 0 < m <= SMALL_GEMM_MAX_M:
+        why = "torch:large_m"
+    elif group_size < 32 or group_size & (group_size - 1) or (bias is not None and bias.dtype != x.dtype) \
+            or (residual is not None and residual.dtype != x.dtype):
+        why = "torch:layout"
+    else:
+        from lightning_dsinfer.kernels.small_gemm import small_gemm_int4
+        _count("linear_int4", "triton")
+        return small_gemm_int4(x, packed, scale, group_size, bias, residual)
+    if why is not None:
+        _count("linear_int4", why)
+    weight = reference.dequantize_int4(packed, scale, group_size)
+    return reference.linear(x, weight if x.dtype == torch.float32 else weight.to(x.dtype), bias, residual)
+
+
 def _decode_ranges(mask: torch.Tensor, b: int, length: int):
     """kv_start [B] int32 when every row of mask [B|1, 1, 1, L] is one run [kv_start, L), else None."""
     hit = _mask_memo.get(mask)
@@ -606,5 +639,5 @@ def _decode(q, k, v, mask, scale, b, length, softcap=None, alibi=None):
 
 
 __all__ = ["rms_norm", "add_rms_norm", "layer_norm", "act", "norm_linear", "fuses_residual", "uses_triton", "rotary_half", "rotary_write_kv",
-           "silu_and_mul", "gated_act", "moe_mlp", "attention", "linear", "linear_int8", "SMALL_GEMM_MAX_M", "force_triton",
-           "gemm_fusion", "kv_ranges", "dispatch_counts"]
+           "silu_and_mul", "gated_act", "moe_mlp", "attention", "linear", "linear_int8", "linear_int4",
+           "SMALL_GEMM_MAX_M", "force_triton", "gemm_fusion", "kv_ranges", "dispatch_counts"]

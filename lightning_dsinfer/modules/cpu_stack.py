@@ -4,9 +4,10 @@ On the CPU path a decode step of a block is nine ops (two norms, four linears, r
 SwiGLU), each a C kernel behind some Python: ~100 us of dispatch per block, 5-10% of a 200M model's step
 and twice that share of a tensor-parallel rank's step, whose GEMMs are half as long while the dispatch is not.
 For a decode step (one token per row, the engine's static KV cache, bf16, up to :data:`MAX_ROWS` rows, AMX or
-row-major kernel linears, a CPU with AVX512) :class:`DecoderModel` hands the block loop to C: the same kernels in the same order
-with the same roundings, so the hidden states are bit-identical to the per-op path (tests/test_cpu_stack.py),
-and the tensor-parallel all-reduces go through the same shared-memory exchange (parallel/shm.py) from C.
+row-major kernel linears, bf16, int8 or int4, a CPU with AVX512) :class:`DecoderModel` hands the block loop to C: the
+same kernels in the same order with the same roundings, so the hidden states are bit-identical to the per-op path
+(tests/test_cpu_stack.py), and the tensor-parallel all-reduces go through the same shared-memory exchange
+(parallel/shm.py) from C.
 
 The blocks it runs: Llama's (:class:`DecoderLayer`: RMSNorms, SwiGLU, rotary; Qwen3's q / k norms, sliding
 windows) and the GPT families' (:class:`GPTDecoderLayer`: LayerNorms with biases, a plain MLP with gelu / gelu_tanh /
@@ -24,7 +25,7 @@ import ctypes
 import torch
 
 from lightning_dsinfer.kernels import cpu_gemv, ops
-from lightning_dsinfer.modules.linear import INT8_KERNEL_MAX_ROWS
+from lightning_dsinfer.modules.linear import INT4_KERNEL_MAX_ROWS, INT8_KERNEL_MAX_ROWS
 
 MAX_ROWS = 64     # = the one-call norm / activation / rotary row limits of kernels/cpu_gemv.py
 
@@ -64,9 +65,10 @@ class CpuDecodeStack:
                                         ("gate_up", ly.mlp.gate_up, False), ("down", ly.mlp.down, True)):
                 setattr(t, name, cpu_gemv.StackLinear(
                     w=lin.weight.data_ptr(), bias=_ptr(lin.bias), ldw=lin.weight.stride(0) if not lin.packed else 0,
-                    N=lin.out_features, K=lin.in_features, packed={"amx": 1, "int8": 2, "int8_amx": 3}.get(lin.layout, 0),
+                    N=lin.out_features, K=lin.in_features,
+                    packed={"amx": 1, "int8": 2, "int8_amx": 3, "int4": 4}.get(lin.layout, 0),
                     add_residual=int(residual and lin.owns_residual), reduce=int(lin.reduce is not None),
-                    scale=_ptr(lin.scale)))
+                    scale=_ptr(lin.scale), group=lin.group_size, amx_rows=lin.amx_rows))
             t.input_norm, t.post_norm = ly.input_norm.data_ptr(), _ptr(ly.post_norm)
             if layer_norm:
                 t.input_bias, t.post_bias = ly.input_bias.data_ptr(), _ptr(ly.post_bias)
@@ -132,6 +134,12 @@ class CpuDecodeStack:
                 elif lin.layout == "int8_amx":
                     if lin.dtype != torch.bfloat16:
                         return None
+                elif lin.layout == "int4":   # likewise: the row kernel, from amx_rows rows on the AMX int4 path
+                    if (lin.dtype != torch.bfloat16 or not cpu_gemv.has_int4() or lin.weight.stride(1) != 1
+                            or not cpu_gemv.int4_group_ok(lin.group_size)):
+                        return None
+                    if not lin.amx_rows:
+                        row_limit = min(row_limit, INT4_KERNEL_MAX_ROWS)
                 elif lin.weight.dtype != torch.bfloat16:
                     return None
                 elif lin.layout == "plain" and lin.row_kernel:

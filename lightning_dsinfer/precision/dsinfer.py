@@ -10,25 +10,23 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 from typing_extensions import override
 
-_MODES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.bfloat16}
+_MODES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.bfloat16,
+          "int4": torch.bfloat16}
 
 
 class DSInferPrecision(Precision):
     """Inference precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` weights and activations (true half, no autocast), or
-    ``"int8"``: the blocks' linears weight-only int8 (a scale per output row), everything else in bf16 (what
-    ``DSInferStrategy(quantize="int8")`` with bf16 does)."""
+    ``"int8"`` / ``"int4"``: the blocks' linears weight-only int8 (a scale per output row) / int4 (a scale per output
+    row and group of inputs: ``DSInferStrategy(quantize_group_size=...)``, default 128), everything else in bf16 (what
+    ``DSInferStrategy(quantize="int8" / "int4")`` with bf16 does)."""
 
     def __init__(self, mode: str = "bf16"):
-        if mode == "int4":
-            raise ValueError("DSInferPrecision('int4'): int4 weights are not in the engine yet (the Triton int4 GEMM "
-                             "exists, the CPU kernels and the engine's int4 layout do not); use 'int8' (weight-only, "
-                             "half of bf16's bytes) or 'bf16'.")
         if mode not in _MODES:
             raise ValueError(f"DSInferPrecision({mode!r}): supported modes are {sorted(_MODES)}.")
         self.mode = mode
         self.dtype = _MODES[mode]
-        self.quantize = "int8" if mode == "int8" else None      # the engine's weight-only quantization
-        self.precision = {"fp32": "32-true", "bf16": "bf16-true", "fp16": "16-true", "int8": "bf16-true"}[mode]
+        self.quantize = mode if mode in ("int8", "int4") else None      # the engine's weight-only quantization
+        self.precision = {"fp32": "32-true", "fp16": "16-true"}.get(mode, "bf16-true")
 
     @override
     def convert_module(self, module: nn.Module) -> nn.Module:

@@ -88,7 +88,7 @@ class DSInferStrategy(DDPStrategy):
                  checkpoint: str | None = None, collective_timeout_s: float = 300.0, offload: str | None = None,
                  offload_path: str | None = None, max_memory: int | str | None = None, cuda_graphs: bool = True,
                  offload_compress: bool = True, quantize: str | None = None, expert_parallel: bool = False,
-                 pipeline_parallel_size: int = 1, **kwargs: Any):
+                 pipeline_parallel_size: int = 1, quantize_group_size: int = 128, **kwargs: Any):
         kwargs.setdefault("timeout", datetime.timedelta(seconds=collective_timeout_s))
         super().__init__(**kwargs)
         self.tensor_parallel_size = tensor_parallel_size
@@ -100,7 +100,8 @@ class DSInferStrategy(DDPStrategy):
                                                 collective_timeout_s=collective_timeout_s, offload=offload,
                                                 offload_path=offload_path, max_memory=max_memory,
                                                 cuda_graphs=cuda_graphs, offload_compress=offload_compress,
-                                                quantize=quantize, pipeline_parallel_size=pipeline_parallel_size)
+                                                quantize=quantize, pipeline_parallel_size=pipeline_parallel_size,
+                                                quantize_group_size=quantize_group_size)
         self._topology: Topology | None = None
         self._comm: TensorParallelComm | None = None
         self._pipe: PipelineComm | None = None
@@ -173,7 +174,7 @@ class DSInferStrategy(DDPStrategy):
 
     def _engine_config(self) -> InferenceConfig:
         """The strategy's options, with the precision plugin's dtype and quantization where the strategy set none
-        (``DSInferPrecision("int8")``: bf16 with int8 block linears)."""
+        (``DSInferPrecision("int8")`` / ``("int4")``: bf16 with int8 / int4 block linears)."""
         cfg = self.inference_config
         if cfg.dtype is None:
             dtype = getattr(self.precision_plugin, "dtype", None)

@@ -164,6 +164,29 @@ def test_int8_through_triton_matches_fake_quantised_hf(family, monkeypatch):
         assert ops.dispatch_counts[("norm_linear", "triton")] == 16, dict(ops.dispatch_counts)
 
 
+def test_int4_through_triton_matches_fake_quantised_hf(monkeypatch):
+    """quantize="int4" on the Triton path (built under the forced dispatch on a CPU, as on CUDA), groups of 32: the
+    decode steps' four block linears through the small-batch int4 GEMM (nibbles dequantised in the tile load, a scale
+    per tile of K); the prompts' 36 rows through weights dequantised in torch. fp32 logits and greedy tokens as HF's
+    over the same quantise-dequantised weights."""
+    from helpers import fake_quantised_int4
+
+    monkeypatch.setenv("DSINFER_CUDA_GRAPHS", "0")
+    hf = tiny_model("llama").to(DEVICE)
+    with _triton_path():
+        opt = optimised_copy(hf, max_seq_len=32, quantize="int4", quantize_group_size=32)
+    assert all(layer.attn.qkv.layout == "int4" for layer in opt._dsinfer_engine.decoder.layers)
+    ids, mask = (x.to(DEVICE) for x in padded_batch([12, 5, 9]))
+    ref_logits, ref_tokens, logits, tokens = _hf_and_triton_path(fake_quantised_int4(hf, 32), opt, (ids, mask),
+                                                                 (ids, mask))
+    valid = mask.bool()
+    torch.testing.assert_close(logits[valid], ref_logits[valid], atol=ATOL, rtol=RTOL)
+    assert torch.equal(tokens, ref_tokens)
+    # 4 decode steps x 2 blocks x 4 linears on the kernel; the forward and the prefill (36 rows): 2 x 2 x 4 dequantised
+    assert ops.dispatch_counts[("linear_int4", "triton")] == 32, dict(ops.dispatch_counts)
+    assert ops.dispatch_counts[("linear_int4", "torch:dequantise")] == 16, dict(ops.dispatch_counts)
+
+
 @pytest.mark.parametrize("family", ["qwen3"])
 def test_engine_small_gemm_linears_fp16(family, monkeypatch):
     # fp16 (bf16 weights are oneDNN-packed on a CPU, so they never reach F.linear there). The plain forward has
