@@ -163,6 +163,21 @@ def streaming_budget(build) -> int:
             + ws.staging_bytes + ws.slot_bytes // 2)
 
 
+def streamed_copy(hf, tier: str, folder, **options):
+    """An offloaded copy of ``hf`` (``tier`` "cpu" or "nvme", unit files under ``folder``) whose ``max_memory`` streams
+    most of its units (:func:`streaming_budget`); checks that the disk tier really streams."""
+    import lightning_dsinfer as dsi
+
+    def build(max_memory, sub):
+        return dsi.init_inference(copy.deepcopy(hf), offload=tier, offload_path=str(folder / sub), max_memory=max_memory,
+                                  **{"max_batch_size": 4, "max_seq_len": 64, **options})
+
+    opt = build(streaming_budget(lambda mm: build(mm, "sizing")), "off")
+    streamer = opt._dsinfer_engine.decoder.streamer
+    assert tier == "cpu" or len(streamer.order) >= 2, "nothing is streamed"
+    return opt
+
+
 def optimised_copy(hf, **options):
     import lightning_dsinfer as dsi
 

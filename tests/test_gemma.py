@@ -4,13 +4,12 @@ the attention's and the MLP's outputs and soft-capped attention scores and logit
 layers, Gemma 3's q/k norms and its second rope table for the sliding layers (linear-scaled global rope). fp32 logits
 atol 2e-4 / rtol 1e-4, greedy tokens identical; bf16 within the bf16 tolerance; int8, offload, tensor and pipeline
 parallelism, a checkpoint on meta. Through the Triton kernels: tests/kernels/test_engine_triton_path.py."""
-import copy
 
 import pytest
 import torch
 
 import lightning_dsinfer as dsi
-from helpers import fake_quantised_int8, optimised_copy, padded_batch, streaming_budget, tiny_model
+from helpers import fake_quantised_int8, optimised_copy, padded_batch, streamed_copy, tiny_model
 from multiproc import run_ranks
 
 GEMMA = ["gemma", "gemma2", "gemma3_text"]
@@ -76,15 +75,7 @@ def test_gemma_int8_matches_fake_quantised_hf(family):
 def test_gemma_offload_matches_hf(family, tier, tmp_path):
     """Streamed in block halves: the attention half carries the attention's output norm, the MLP half the MLP's."""
     hf = tiny_model(family)
-
-    def build(max_memory, folder="off"):
-        return dsi.init_inference(copy.deepcopy(hf), offload=tier, offload_path=str(tmp_path / folder),
-                                  max_memory=max_memory, max_batch_size=4, max_seq_len=64)
-
-    opt = build(streaming_budget(lambda mm: build(mm, "sizing")))
-    streamer = opt._dsinfer_engine.decoder.streamer
-    assert tier == "cpu" or len(streamer.order) >= 2, "nothing is streamed"
-    valid, want, got, tokens, ours = _logits_and_tokens(hf, opt)
+    valid, want, got, tokens, ours = _logits_and_tokens(hf, streamed_copy(hf, tier, tmp_path))
     torch.testing.assert_close(got[valid], want[valid], atol=ATOL, rtol=RTOL)
     assert torch.equal(ours, tokens)
 

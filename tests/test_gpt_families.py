@@ -9,13 +9,12 @@ multi-query q | k | v rows, learned positions). fp32 logits atol 2e-4 / rtol
 1e-4 on a left-padded batch, greedy tokens identical; Falcon in its three block forms (KV groups with two norms,
 one KV head with one shared norm, sequential); bf16, int8, offload, tensor and pipeline parallelism, a
 checkpoint on meta. Through the Triton kernels: tests/kernels/test_engine_triton_path.py."""
-import copy
 
 import pytest
 import torch
 
 import lightning_dsinfer as dsi
-from helpers import GPT_FAMILIES, fake_quantised_int8, optimised_copy, padded_batch, streaming_budget, tiny_model
+from helpers import GPT_FAMILIES, fake_quantised_int8, optimised_copy, padded_batch, streamed_copy, tiny_model
 from multiproc import run_ranks
 
 FAMILIES = list(GPT_FAMILIES)
@@ -123,15 +122,7 @@ def test_gpt_family_offload_matches_hf(family, tier, tmp_path):
     (the parallel residual's MLP input is normed there), the first stage's position table and embedding norm stay
     resident."""
     hf = tiny_model(family)
-
-    def build(max_memory, folder="off"):
-        return dsi.init_inference(copy.deepcopy(hf), offload=tier, offload_path=str(tmp_path / folder),
-                                  max_memory=max_memory, max_batch_size=4, max_seq_len=64)
-
-    opt = build(streaming_budget(lambda mm: build(mm, "sizing")))
-    streamer = opt._dsinfer_engine.decoder.streamer
-    assert tier == "cpu" or len(streamer.order) >= 2, "nothing is streamed"
-    _assert_same(hf, opt)
+    _assert_same(hf, streamed_copy(hf, tier, tmp_path))
 
 
 def test_gpt_families_from_checkpoint_on_meta(tmp_path):

@@ -21,7 +21,7 @@ from lightning_dsinfer.kernels import cpu_gemv, reference
 from lightning_dsinfer.modules.cpu_stack import CpuDecodeStack
 from lightning_dsinfer.parallel import TensorShardPlan
 from multiproc import run_ranks
-from stack_checks import run_both_paths
+from stack_checks import assert_quantised_decode_steps, run_both_paths
 
 ATOL, RTOL = 1e-3, 2.0 ** -8            # the bf16 kernels' tolerance against fp32 (see test_cpu_gemv.py)
 GROUP = 32                              # divides the tiny models' K (64, 96)
@@ -158,28 +158,7 @@ def test_int4_engine_bf16_matches_fake_quantised_hf_and_stack_is_bit_identical(f
         ids, mask, want, want_tokens, got = _logits_and_reference(ref, opt)
         valid = mask.bool()
         torch.testing.assert_close(got[valid].float(), want[valid].float(), atol=6e-2, rtol=2e-2)
-        # Decode-shaped steps (3 rows: the int4 kernel, not the prompt's dequantised GEMM) over HF's greedy
-        # continuation, one token at a time: each step's logits within the bf16 tolerance of HF's over the same
-        # quantised weights (the prompt's GEMM multiplies bf16-rounded weights as HF does; the kernel applies each
-        # group's fp32 scale after the group's sum instead: two roundings of the same weights, so greedy tokens may
-        # part at a near-tie, which the fp32 test above rules out).
-        full_mask = torch.cat([mask, torch.ones(3, 8, dtype=mask.dtype)], 1)
-        with torch.no_grad():
-            want_all = ref(input_ids=want_tokens, attention_mask=full_mask).logits
-        t0 = ids.shape[1]
-        out = opt(input_ids=ids, attention_mask=mask, use_cache=True)
-        for j in range(8):
-            cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-            key = "cache" if getattr(out, "cache", None) is not None else "past_key_values"
-            out = opt(input_ids=want_tokens[:, t0 + j:t0 + j + 1], attention_mask=full_mask[:, :t0 + j + 1],
-                      use_cache=True, **{key: cache})
-            torch.testing.assert_close(out.logits[:, -1].float(), want_all[:, t0 + j].float(), atol=6e-2, rtol=2e-2)
-        if cpu_gemv.has_wide_ops():                   # the decode steps through the one-call C step, int4 included
-            assert CpuDecodeStack.build(opt._dsinfer_engine.decoder) is not None
-            runs = run_both_paths(opt, ids, mask, new_tokens=6)
-            (tok_s, hid_s, _, n_s), (tok_o, hid_o, _, n_o) = runs["stack"], runs["ops"]
-            assert n_s == 5 and n_o == 0 and torch.equal(tok_s, tok_o)
-            assert all(torch.equal(a, b) for a, b in zip(hid_s, hid_o))
+        assert_quantised_decode_steps(ref, opt, ids, mask, want_tokens, "int4")
 
 
 @needs_amx

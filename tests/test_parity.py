@@ -66,6 +66,17 @@ def test_beam_search_equals_hf(family):
     _generate_equals_hf(family, 2, max_new_tokens=7, num_beams=3)
 
 
+def _own_loop_only(monkeypatch) -> None:
+    """From here on, a generate request the engine's own loop does not serve fails the test (instead of quietly
+    taking HF's loop, the slow path)."""
+    import lightning_dsinfer.generation as gen
+
+    def no_fallback(*a, **k):
+        raise AssertionError("fell back to Hugging Face's generate loop")
+
+    monkeypatch.setattr(gen, "_hf_generate", no_fallback)
+
+
 def _sharpened(hf, factor: float = 30.0):
     """``hf`` with its lm_head scaled: a tiny random model's logits are near-flat, so fp32 rounding (1e-6) can move a
     top-k / top-p boundary and sampled tokens then differ from HF's for no fault of either; spread out, the same seed
@@ -81,8 +92,6 @@ def test_logits_processors_run_in_the_own_loop_and_match_hf(monkeypatch):
     (the same processors, warpers and draws); a stopping criterion still takes HF's loop."""
     from transformers import LogitsProcessor, LogitsProcessorList, MaxLengthCriteria, StoppingCriteriaList
 
-    import lightning_dsinfer.generation as gen
-
     class Ban(LogitsProcessor):              # a user's processor: never emit token 7 after step 2
         def __call__(self, input_ids, scores):
             if input_ids.shape[1] > 11:
@@ -92,11 +101,6 @@ def test_logits_processors_run_in_the_own_loop_and_match_hf(monkeypatch):
     hf = _sharpened(tiny_model("llama"))
     opt = optimised_copy(hf, max_seq_len=64)
     ids, mask = padded_batch([6, 9], seed=3)
-    real = gen._hf_generate
-
-    def no_fallback(*a, **k):
-        raise AssertionError("fell back to Hugging Face's generate loop")
-
     requests = [dict(do_sample=False, repetition_penalty=1.5, no_repeat_ngram_size=2),
                 dict(do_sample=False, bad_words_ids=[[5], [9, 10]], logits_processor=LogitsProcessorList([Ban()])),
                 dict(do_sample=True, repetition_penalty=1.3, min_p=0.05, temperature=0.9, top_k=30)]
@@ -105,10 +109,10 @@ def test_logits_processors_run_in_the_own_loop_and_match_hf(monkeypatch):
         torch.manual_seed(5)
         with torch.no_grad():
             ref = hf.generate(**kw)
-        monkeypatch.setattr(gen, "_hf_generate", no_fallback)
+        _own_loop_only(monkeypatch)
         torch.manual_seed(5)
         got = opt.generate(**kw)
-        monkeypatch.setattr(gen, "_hf_generate", real)
+        monkeypatch.undo()
         assert torch.equal(got, ref), options
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=9, do_sample=False, repetition_penalty=1.5,
               stopping_criteria=StoppingCriteriaList([MaxLengthCriteria(max_length=13)]))
@@ -266,14 +270,9 @@ def test_incremental_forward_with_hf_cache_matches_full_forward():
 
 def test_own_loop_serves_greedy_and_sampling(monkeypatch):
     """Greedy / sampling / eos requests must not fall back to HF's loop (that is the slow path)."""
-    import lightning_dsinfer.generation as gen
-
-    def no_fallback(*a, **k):
-        raise AssertionError("fell back to Hugging Face's generate loop")
-
     hf = tiny_model("qwen2")
     opt = optimised_copy(hf, max_seq_len=64)
-    monkeypatch.setattr(gen, "_hf_generate", no_fallback)
+    _own_loop_only(monkeypatch)
     ids, mask = padded_batch([4, 7], seed=10)
     opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5)
     opt.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=True, top_p=0.9, temperature=0.8)
@@ -322,11 +321,6 @@ def test_scores_and_logits_output_in_the_own_loop(monkeypatch):
     """``return_dict_in_generate`` with ``output_scores`` / ``output_logits``: the own loop returns HF's output type,
     its processed scores and raw logits step by step (fp32, within rounding of HF's: the engine's forward is not
     HF's), cut where generation stopped (EOS); the sequences equal HF's."""
-    import lightning_dsinfer.generation as gen
-
-    def no_fallback(*a, **k):
-        raise AssertionError("fell back to Hugging Face's generate loop")
-
     hf = tiny_model("qwen3")
     opt = optimised_copy(hf, max_seq_len=64)
     ids, mask = padded_batch([5, 8], seed=4)
@@ -338,7 +332,7 @@ def test_scores_and_logits_output_in_the_own_loop(monkeypatch):
               output_logits=True)
     with torch.no_grad():
         ref = hf.generate(**kw)
-    monkeypatch.setattr(gen, "_hf_generate", no_fallback)
+    _own_loop_only(monkeypatch)
     got = opt.generate(**kw)
     assert type(got) is type(ref) and torch.equal(got.sequences, ref.sequences)
     assert len(got.scores) == len(ref.scores) == len(got.logits) == len(ref.logits) == ref.sequences.shape[1] - 8
@@ -351,11 +345,6 @@ def test_scores_and_logits_output_in_the_own_loop(monkeypatch):
 def test_num_return_sequences_sampling_in_the_own_loop(monkeypatch):
     """Several sampled continuations per prompt: the prompts repeated in HF's order, the same draws from the same seed
     as HF's."""
-    import lightning_dsinfer.generation as gen
-
-    def no_fallback(*a, **k):
-        raise AssertionError("fell back to Hugging Face's generate loop")
-
     hf = _sharpened(tiny_model("mistral"))
     opt = optimised_copy(hf, max_seq_len=64, max_batch_size=6)
     ids, mask = padded_batch([5, 8], seed=2)
@@ -363,7 +352,7 @@ def test_num_return_sequences_sampling_in_the_own_loop(monkeypatch):
     torch.manual_seed(9)
     with torch.no_grad():
         ref = hf.generate(**kw)
-    monkeypatch.setattr(gen, "_hf_generate", no_fallback)
+    _own_loop_only(monkeypatch)
     torch.manual_seed(9)
     got = opt.generate(**kw)
     assert got.shape[0] == 6 and torch.equal(got, ref)
