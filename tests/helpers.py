@@ -151,6 +151,23 @@ def _fake_quantised(hf, fake):
     return ref
 
 
+def quantised_logits_and_reference(ref, opt):
+    """A left-padded batch; the fake-quantised HF's logits and greedy tokens (8 new); ours' logits."""
+    ids, mask = padded_batch([12, 5, 9])
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask).logits
+        want_tokens = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    return ids, mask, want, want_tokens, opt(input_ids=ids, attention_mask=mask).logits
+
+
+def assert_fp32_matches_quantised(ref, opt):
+    """fp32 logits within 2e-4 / 1e-4 of the fake-quantised HF's on a left-padded batch, greedy tokens identical."""
+    ids, mask, want, want_tokens, got = quantised_logits_and_reference(ref, opt)
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], want[valid], atol=2e-4, rtol=1e-4)
+    assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False), want_tokens)
+
+
 def streaming_budget(build) -> int:
     """A ``max_memory`` under which an offloaded engine streams most of its units: ``build(max_memory)`` once with
     plenty of memory, then the plan's own numbers (ring of two of its largest units, the batch, a full prefill

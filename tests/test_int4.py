@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import lightning_dsinfer as dsi
-from helpers import FAMILIES, fake_quantised_int4, optimised_copy, padded_batch, streaming_budget, tiny_model
+from helpers import (FAMILIES, assert_fp32_matches_quantised, fake_quantised_int4, optimised_copy, padded_batch,
+                     quantised_logits_and_reference, streaming_budget, tiny_model)
 from lightning_dsinfer.builder import check_int4_groups
 from lightning_dsinfer.kernels import cpu_gemv, reference
 from lightning_dsinfer.modules.cpu_stack import CpuDecodeStack
@@ -117,23 +118,6 @@ def test_int4_kernel_refuses_groups_it_does_not_take():
         cpu_gemv.linear_int4(torch.zeros(1, 96).bfloat16(), packed, scale, 48)
 
 
-def _logits_and_reference(ref, opt):
-    """A left-padded batch; the fake-quantised HF's logits and greedy tokens (8 new); ours' logits."""
-    ids, mask = padded_batch([12, 5, 9])
-    with torch.no_grad():
-        want = ref(input_ids=ids, attention_mask=mask).logits
-        want_tokens = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
-    return ids, mask, want, want_tokens, opt(input_ids=ids, attention_mask=mask).logits
-
-
-def _assert_fp32_matches(ref, opt):
-    """fp32 logits within 2e-4 / 1e-4 of the fake-quantised HF's on a left-padded batch, greedy tokens identical."""
-    ids, mask, want, want_tokens, got = _logits_and_reference(ref, opt)
-    valid = mask.bool()
-    torch.testing.assert_close(got[valid], want[valid], atol=2e-4, rtol=1e-4)
-    assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False), want_tokens)
-
-
 @pytest.mark.parametrize("family", [*FAMILIES, "gpt_neox"])
 def test_int4_engine_fp32_matches_fake_quantised_hf(family):
     """fp32 rows multiply the weights dequantised to fp32 (in C, a chunk of rows at a time): HF's fake-quantised
@@ -145,7 +129,7 @@ def test_int4_engine_fp32_matches_fake_quantised_hf(family):
     assert layer.attn.qkv.layout == "int4" and layer.attn.qkv.weight.dtype == torch.uint8
     assert layer.mlp.down.scale.shape == (layer.mlp.down.out_features, layer.mlp.down.in_features // GROUP)
     assert opt._dsinfer_engine.decoder.lm_head.layout != "int4"              # the lm_head stays in dtype
-    _assert_fp32_matches(ref, opt)
+    assert_fp32_matches_quantised(ref, opt)
 
 
 @needs_int4
@@ -155,7 +139,7 @@ def test_int4_engine_bf16_matches_fake_quantised_hf_and_stack_is_bit_identical(f
     ref = fake_quantised_int4(hf, GROUP)
     with cpu_gemv.use_path(path):
         opt = optimised_copy(hf, max_seq_len=48, dtype=torch.bfloat16, quantize="int4", quantize_group_size=GROUP)
-        ids, mask, want, want_tokens, got = _logits_and_reference(ref, opt)
+        ids, mask, want, want_tokens, got = quantised_logits_and_reference(ref, opt)
         valid = mask.bool()
         torch.testing.assert_close(got[valid].float(), want[valid].float(), atol=6e-2, rtol=2e-2)
         assert_quantised_decode_steps(ref, opt, ids, mask, want_tokens, "int4")
@@ -172,7 +156,7 @@ def test_int4_engine_bf16_amx_path_and_stack_are_bit_identical():
     opt = optimised_copy(hf, max_seq_len=48, dtype=torch.bfloat16, quantize="int4")
     qkv = opt._dsinfer_engine.decoder.layers[0].attn.qkv
     assert qkv.layout == "int4" and qkv.group_size == 128 and qkv.amx_rows == 3
-    ids, mask, want, want_tokens, got = _logits_and_reference(ref, opt)
+    ids, mask, want, want_tokens, got = quantised_logits_and_reference(ref, opt)
     valid = mask.bool()
     torch.testing.assert_close(got[valid].float(), want[valid].float(), atol=6e-2, rtol=2e-2)
     assert CpuDecodeStack.build(opt._dsinfer_engine.decoder) is not None
@@ -219,9 +203,9 @@ def test_int4_offload_matches_fake_quantised_hf(tier, dtype, tmp_path, monkeypat
     assert mlp["gate_up.weight"].dtype == torch.uint8 and mlp["gate_up.scale"].shape == (192, 64 // GROUP)
     assert tier == "cpu" or len(streamer.order) >= 3                 # most units stream
     if dtype == torch.float32:
-        _assert_fp32_matches(ref, opt)
+        assert_fp32_matches_quantised(ref, opt)
         return
-    ids, mask, want, _, got = _logits_and_reference(ref, opt)
+    ids, mask, want, _, got = quantised_logits_and_reference(ref, opt)
     valid = mask.bool()
     torch.testing.assert_close(got[valid].float(), want[valid].float(), atol=6e-2, rtol=2e-2)
     step = opt(input_ids=ids, attention_mask=mask, use_cache=True)

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import lightning_dsinfer as dsi
-from helpers import FAMILIES, fake_quantised_int8, optimised_copy, padded_batch, streaming_budget, tiny_model
+from helpers import (FAMILIES, assert_fp32_matches_quantised, fake_quantised_int8, optimised_copy,
+                     quantised_logits_and_reference, streaming_budget, tiny_model)
 from lightning_dsinfer.kernels import cpu_gemv, reference
 from multiproc import run_ranks
 from stack_checks import assert_quantised_decode_steps
@@ -24,23 +25,6 @@ needs_int8 = pytest.mark.skipif(not cpu_gemv.has_int8(), reason="no C library or
 needs_amx = pytest.mark.skipif(not cpu_gemv.has_amx(), reason="CPU has no AMX-BF16 (or no tile permission)")
 # The engine's int8 paths on this CPU: AMX int8 tiles, and the row-major kernel (+ dequantised GEMM for prompts).
 INT8_PATHS = [p for p in ("amx_bf16", "avx512") if p in cpu_gemv.supported_isas()]
-
-
-def _logits_and_reference(ref, opt):
-    """A left-padded batch; the fake-quantised HF's logits and greedy tokens (8 new); ours' logits."""
-    ids, mask = padded_batch([12, 5, 9])
-    with torch.no_grad():
-        want = ref(input_ids=ids, attention_mask=mask).logits
-        want_tokens = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
-    return ids, mask, want, want_tokens, opt(input_ids=ids, attention_mask=mask).logits
-
-
-def _assert_fp32_matches(ref, opt):
-    """fp32 logits within 2e-4 / 1e-4 of the fake-quantised HF's on a left-padded batch, greedy tokens identical."""
-    ids, mask, want, want_tokens, got = _logits_and_reference(ref, opt)
-    valid = mask.bool()
-    torch.testing.assert_close(got[valid], want[valid], atol=2e-4, rtol=1e-4)
-    assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False), want_tokens)
 
 
 @needs_int8
@@ -102,7 +86,7 @@ def test_int8_engine_fp32_matches_fake_quantised_hf(family):
     layer = opt._dsinfer_engine.decoder.layers[0]
     assert layer.attn.qkv.layout.startswith("int8") and layer.attn.qkv.weight.dtype == torch.int8
     assert opt._dsinfer_engine.decoder.lm_head.layout != "int8"              # the lm_head stays in dtype
-    _assert_fp32_matches(ref, opt)
+    assert_fp32_matches_quantised(ref, opt)
 
 
 @needs_int8
@@ -114,7 +98,7 @@ def test_int8_engine_bf16_matches_fake_quantised_hf_and_stack_is_bit_identical(f
     with cpu_gemv.use_path(path):
         opt = optimised_copy(hf, max_seq_len=48, dtype=torch.bfloat16, quantize="int8")
     assert opt._dsinfer_engine.decoder.layers[0].attn.qkv.layout == ("int8_amx" if path == "amx_bf16" else "int8")
-    ids, mask, want, want_tokens, got = _logits_and_reference(ref, opt)
+    ids, mask, want, want_tokens, got = quantised_logits_and_reference(ref, opt)
     valid = mask.bool()
     torch.testing.assert_close(got[valid].float(), want[valid].float(), atol=6e-2, rtol=2e-2)
     assert_quantised_decode_steps(ref, opt, ids, mask, want_tokens, "int8")
@@ -158,7 +142,7 @@ def test_int8_offload_fp32_matches_fake_quantised_hf(family, tier, tmp_path, mon
     assert attention["input_norm"].dtype == torch.float32
     if tier == "nvme":
         assert len(streamer.order) >= 3                     # most units stream
-    _assert_fp32_matches(ref, opt)
+    assert_fp32_matches_quantised(ref, opt)
 
 
 @needs_int8
@@ -183,7 +167,7 @@ def test_int8_offload_bf16_matches_fake_quantised_hf(path, tier, tmp_path):
     assert mlp["gate_up.weight"].dim() == (1 if path == "amx_bf16" else 2) and len(streamer.order) >= 3
     old, linear.DEQUANT_CHUNK_BYTES = linear.DEQUANT_CHUNK_BYTES, 2 * 64 * 40      # 40 rows of a 64-wide weight
     try:
-        ids, mask, want, _, got = _logits_and_reference(ref, opt)
+        ids, mask, want, _, got = quantised_logits_and_reference(ref, opt)
         valid = mask.bool()
         torch.testing.assert_close(got[valid].float(), want[valid].float(), atol=6e-2, rtol=2e-2)
         step = opt(input_ids=ids, attention_mask=mask, use_cache=True)
