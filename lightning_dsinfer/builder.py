@@ -386,12 +386,13 @@ def _per_sequence_bytes(w: ModelWeights, plan: TensorShardPlan, dtype: torch.dty
     return kv + 3 * max_seq_len * w.hidden_size * e + 2 * vocab_shard * plan.tp * 4
 
 
-def _dequant_scratch(w: ModelWeights, plan: TensorShardPlan) -> int:
+def _dequant_scratch(w: ModelWeights, plan: TensorShardPlan, quantize: str = "int8") -> int:
     """A row-major int8 / int4 GEMM dequantises a chunk of the weight's rows at a time (modules/linear.py): at most
-    DEQUANT_CHUNK_BYTES of temporaries, less for a model whose largest weight needs less."""
+    DEQUANT_CHUNK_BYTES of temporaries, less for a model whose largest weight needs less (the bytes per weight of
+    ``quantize``'s costliest dequantisation)."""
     largest = max(2 * plan.mlp_rows[1] * w.hidden_size, plan.mlp_rows[1] * w.hidden_size,
                   (plan.local_heads + 2 * plan.local_kv_heads) * w.head_dim * w.hidden_size)
-    per_weight = max(*DEQUANT_BYTES_PER_WEIGHT.values(), *DEQUANT_INT4_BYTES_PER_WEIGHT.values())
+    per_weight = max((DEQUANT_INT4_BYTES_PER_WEIGHT if quantize == "int4" else DEQUANT_BYTES_PER_WEIGHT).values())
     return min(DEQUANT_CHUNK_BYTES, per_weight * largest)
 
 
@@ -447,7 +448,7 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
                           _per_token_bytes(w, plan, dtype, max_seq_len), batch_size,
                           max_auto_batch=MAX_AUTO_BATCH if device.type == "cuda" else MAX_AUTO_BATCH_CPU,
                           staging_bytes=(staging_bytes(layouts, compress, frame) if tier == "nvme" else 0)
-                          + (_dequant_scratch(w, plan) if quantize and not amx else 0),
+                          + (_dequant_scratch(w, plan, quantize) if quantize and not amx else 0),
                           classes=classes)
     resident, spare = [], ws.spare          # units the leftover budget keeps for good (never streamed; the
     for u in spread_order(len(layouts)):    # streamer ignores this where it uses the host tier in place)
