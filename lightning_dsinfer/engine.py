@@ -192,9 +192,7 @@ class InferenceEngine:
         cols = torch.arange(m.shape[-1], device=m.device)
         first = torch.where(m, cols, m.shape[-1]).amin(-1, keepdim=True)
         last = torch.where(m, cols, -1).amax(-1, keepdim=True)
-        run = (cols >= first) & (cols <= last)
-        if generate:
-            run = cols >= first
+        run = (cols >= first) if generate else (cols >= first) & (cols <= last)
         if not bool((run == m).all()):
             raise ValueError(
                 f"dsinfer: {self.hf_config.model_type}'s ALiBi positions follow the attention mask; the engine supports "

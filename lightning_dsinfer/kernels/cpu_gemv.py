@@ -323,16 +323,28 @@ def _rows(x: torch.Tensor, kdim: int) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def _operands(x2: torch.Tensor, n: int, bias: torch.Tensor | None, residual: torch.Tensor | None):
-    """(bias pointer, residual [M, N] with unit inner stride or None) after checking both."""
+def _operands(x: torch.Tensor, n: int, kdim: int, bias: torch.Tensor | None, residual: torch.Tensor | None):
+    """What every row-kernel call takes: (x as rows [M, K], y [..., n] bf16, the bias pointer, the residual
+    as [M, N] rows with unit inner stride or None: pass ``*_residual_args(r2)``, keeping r2 alive over the call),
+    bias and residual checked. With no rows there is nothing to run (nor to check)."""
+    x2 = _rows(x, kdim)
+    y = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
+    if x2.shape[0] == 0:
+        return x2, y, None, None
     if bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous() or bias.numel() != n):
         raise ValueError(f"bias must be contiguous bf16 [{n}], got {bias.dtype} {tuple(bias.shape)}")
+    bias_ptr = None if bias is None else bias.data_ptr()
     if residual is None:
-        return (None if bias is None else bias.data_ptr()), None
+        return x2, y, bias_ptr, None
     r2 = residual.reshape(-1, n)
     if r2.shape[0] != x2.shape[0] or residual.dtype != torch.bfloat16:
         raise ValueError(f"residual must be bf16 [{x2.shape[0]}, {n}], got {residual.dtype} {tuple(residual.shape)}")
-    return (None if bias is None else bias.data_ptr()), (r2 if r2.stride(-1) == 1 else r2.contiguous())
+    return x2, y, bias_ptr, (r2 if r2.stride(-1) == 1 else r2.contiguous())
+
+
+def _residual_args(r2: torch.Tensor | None) -> tuple[int | None, int]:
+    """(pointer, row stride) of a residual from :func:`_operands`, (None, 0) without one."""
+    return (None, 0) if r2 is None else (r2.data_ptr(), r2.stride(0))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -348,14 +360,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         raise ValueError(f"bf16 [N, K] weight with unit inner stride expected, got {weight.dtype} "
                          f"{tuple(weight.shape)} stride {tuple(weight.stride())}")
     n, kdim = weight.shape
-    x2 = _rows(x, kdim)
-    y = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
+    x2, y, bias_ptr, r2 = _operands(x, n, kdim, bias, residual)
     if x2.shape[0] == 0:
         return y
-    bias_ptr, r2 = _operands(x2, n, bias, residual)
     code = k.best_isa if isa is None else _ISA_CODES[isa]
     rc = k.fn(x2.data_ptr(), x2.stride(0), weight.data_ptr(), weight.stride(0), bias_ptr,
-              None if r2 is None else r2.data_ptr(), 0 if r2 is None else r2.stride(0), y.data_ptr(), n,
+              *_residual_args(r2), y.data_ptr(), n,
               x2.shape[0], n, kdim, torch.get_num_threads(), code)
     if rc != 0:
         raise RuntimeError(f"cpu_gemv: path {isa} is not runnable on this CPU (best: {ISA_NAMES[k.best_isa]})")
@@ -373,13 +383,11 @@ def _int8_call(fn, x: torch.Tensor, weight_args: tuple, scale: torch.Tensor, n: 
     checks the scale, lays out x / bias / residual and returns y [..., n] bf16."""
     if scale.dtype != torch.float32 or not scale.is_contiguous() or scale.numel() != n:
         raise ValueError(f"scale must be contiguous fp32 [{n}], got {scale.dtype} {tuple(scale.shape)}")
-    x2 = _rows(x, kdim)
-    y = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
+    x2, y, bias_ptr, r2 = _operands(x, n, kdim, bias, residual)
     if x2.shape[0] == 0:
         return y
-    bias_ptr, r2 = _operands(x2, n, bias, residual)
     rc = fn(x2.data_ptr(), x2.stride(0), *weight_args, scale.data_ptr(), bias_ptr,
-            None if r2 is None else r2.data_ptr(), 0 if r2 is None else r2.stride(0), y.data_ptr(), n,
+            *_residual_args(r2), y.data_ptr(), n,
             x2.shape[0], n, kdim, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError("cpu_gemv: the int8 kernel refused the call (needs AVX512; the tile layout needs AMX)")
@@ -484,14 +492,12 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, grou
     if k is None or k.cpu_isa < 2:
         raise RuntimeError("the int4 CPU kernel needs the C library and AVX512")
     n, kdim = _int4_operands(packed, scale, group_size)
-    x2 = _rows(x, kdim)
-    y = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
+    x2, y, bias_ptr, r2 = _operands(x, n, kdim, bias, residual)
     if x2.shape[0] == 0:
         return y
-    bias_ptr, r2 = _operands(x2, n, bias, residual)
     code = k.best_isa if isa is None else _ISA_CODES[isa]
     rc = k.int4(x2.data_ptr(), x2.stride(0), packed.data_ptr(), packed.stride(0), scale.data_ptr(), scale.stride(0),
-                group_size, bias_ptr, None if r2 is None else r2.data_ptr(), 0 if r2 is None else r2.stride(0),
+                group_size, bias_ptr, *_residual_args(r2),
                 y.data_ptr(), n, x2.shape[0], n, kdim, torch.get_num_threads(), code)
     if rc != 0:
         raise RuntimeError(f"cpu_gemv: the int4 kernel refused path {ISA_NAMES.get(code)} (best here: "
@@ -510,14 +516,12 @@ def linear_int4_amx(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, 
     n, kdim = _int4_operands(packed, scale, group_size)
     if group_size % 128:
         raise ValueError(f"the AMX int4 path takes groups of a multiple of 128 inputs, got {group_size}")
-    x2 = _rows(x, kdim)
-    y = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
+    x2, y, bias_ptr, r2 = _operands(x, n, kdim, bias, residual)
     if x2.shape[0] == 0:
         return y
-    bias_ptr, r2 = _operands(x2, n, bias, residual)
     rc = k.amx_int4(x2.data_ptr(), x2.stride(0), packed.data_ptr(), packed.stride(0), scale.data_ptr(),
-                    scale.stride(0), group_size, bias_ptr, None if r2 is None else r2.data_ptr(),
-                    0 if r2 is None else r2.stride(0), y.data_ptr(), n, x2.shape[0], n, kdim, torch.get_num_threads())
+                    scale.stride(0), group_size, bias_ptr, *_residual_args(r2), y.data_ptr(), n, x2.shape[0], n, kdim,
+                    torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"cpu_gemv: the AMX int4 call failed for M={x2.shape[0]} N={n} K={kdim}")
     return y
@@ -554,13 +558,11 @@ def linear_packed(x: torch.Tensor, packed: torch.Tensor, out_features: int, in_f
     if packed.numel() != k.packed_numel(n, kdim) or packed.dtype != torch.bfloat16:
         raise ValueError(f"packed weight has {packed.numel()} {packed.dtype} elements, bf16 [{n}, {kdim}] packs to "
                          f"{k.packed_numel(n, kdim)}")
-    x2 = _rows(x, kdim)
-    y = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
+    x2, y, bias_ptr, r2 = _operands(x, n, kdim, bias, residual)
     if x2.shape[0] == 0:
         return y
-    bias_ptr, r2 = _operands(x2, n, bias, residual)
-    rc = k.amx(x2.data_ptr(), x2.stride(0), packed.data_ptr(), bias_ptr, None if r2 is None else r2.data_ptr(),
-               0 if r2 is None else r2.stride(0), y.data_ptr(), n, x2.shape[0], n, kdim, torch.get_num_threads())
+    rc = k.amx(x2.data_ptr(), x2.stride(0), packed.data_ptr(), bias_ptr, *_residual_args(r2), y.data_ptr(), n,
+               x2.shape[0], n, kdim, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"cpu_gemv: AMX call failed for M={x2.shape[0]} N={n} K={kdim}")
     return y

@@ -20,6 +20,7 @@ Cohere's LayerNorms have no bias (a zero one is read) and its logits are scaled 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -145,8 +146,6 @@ def _falcon(config, family: GPTFamily) -> GPTFamily:
     """Falcon's block by its config: 40B / 180B (``new_decoder_architecture``) norm attention and MLP inputs apart
     (``ln_attn`` / ``ln_mlp``, or one shared norm) with KV heads in groups; 7B shares one norm between the parallel
     attention and MLP with one KV head (``multi_query``); without ``parallel_attn`` the block is sequential."""
-    import dataclasses
-
     if config.new_decoder_architecture:
         two = (getattr(config, "num_ln_in_parallel_attn", None) or 2) == 2
         return dataclasses.replace(family, qkv_layout="groups", parallel="always",
@@ -212,8 +211,6 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
     if config.model_type == "falcon":
         family = _falcon(config, family)
     if config.model_type == "gpt_bigcode":     # multi-query: q | k | v with one KV head; else per head
-        import dataclasses
-
         family = dataclasses.replace(family, qkv_layout="blocks" if config.multi_query else "heads")
     act = getattr(config, family.act, None) if family.act else family.fixed_act
     act = _ACTS.get(act, act if family.act is None else None)
