@@ -16,10 +16,9 @@ logits with HF bf16's, and with HF's over the same fake-quantised weights.
 With ``--experts`` the model is a Mixtral (every MLP a sparse block of that many experts of ``--intermediate``);
 its bytes per step count the router and the top-k experts of each layer (what one token reads), for HF too.
 ``--family gemma2`` builds a Gemma 2 of the same widths instead (GeGLU, norms around attention and MLP, soft-capped
-scores and logits, every second layer sliding; tied embeddings, as Gemma's): the engine's per-op CPU path, since the
-one-call C decode step runs SwiGLU blocks only. ``--family gpt_neox`` / ``bloom``: the GPT families' blocks
-(LayerNorms with biases, a plain GeLU MLP; GPT-NeoX's parallel residual and partial rotary, BLOOM's ALiBi), also on the
-per-op path.
+scores and logits, every second layer sliding; tied embeddings, as Gemma's): its decode steps run through the one-call
+C decode step too. ``--family gpt_neox`` / ``bloom``: the GPT families' blocks (LayerNorms with biases, a plain GeLU
+MLP; GPT-NeoX's parallel residual and partial rotary through the one-call C step, BLOOM's ALiBi on the per-op path).
 """
 from __future__ import annotations
 

@@ -20,9 +20,11 @@ import torch
 from lightning_dsinfer.kernels import cpu_gemv
 from lightning_dsinfer.modules.linear import (DEQUANT_BYTES_PER_WEIGHT, DEQUANT_CHUNK_BYTES,
                                               DEQUANT_INT4_BYTES_PER_WEIGHT, Linear, quantize_int4_rows, quantize_rows)
+from lightning_dsinfer.modules.mla import LatentAttention
 from lightning_dsinfer.modules.moe import MoEMLP
 from lightning_dsinfer.modules.transformer import (MLP, Attention, DecoderLayer, DecoderModel, GatedMLP,
-                                                  GPTDecoderLayer, LayerSpec, SandwichDecoderLayer)
+                                                  GPTDecoderLayer, LayerSpec, PostNormDecoderLayer,
+                                                  ProjectionNormAttention, RotaryFirstAttention, SandwichDecoderLayer)
 from lightning_dsinfer.parallel import TensorParallelComm, TensorShardPlan
 from lightning_dsinfer.policies import ModelWeights
 from lightning_dsinfer.policies.base import LayerWeights
@@ -46,15 +48,16 @@ def _fused_bias(parts, dtype) -> torch.Tensor | None:
                       for ref, rows in parts])
 
 
-def norm_weight(ref, dtype: torch.dtype, offset: float = 0.0) -> torch.Tensor:
+def norm_weight(ref, dtype: torch.dtype, offset: float = 0.0, fp32: bool = False, rows=None) -> torch.Tensor:
     """A norm's scale as the engine's norms take it: the weight in ``dtype``, or with an ``offset`` (Gemma's
-    (1 + w)) ``offset + weight`` kept in fp32: the norms then scale in fp32 and round once, in Gemma's order."""
-    w = ref.load()
-    return w.float() + offset if offset else w.to(dtype)
+    (1 + w)) ``offset + weight`` kept in fp32: the norms then scale in fp32 and round once, in Gemma's order; ``fp32``
+    (OLMo 2) likewise without an offset. ``rows``: (start, length) of the weight (a norm split over the ranks)."""
+    w = ref.load() if rows is None else ref.load(0, *rows)
+    return w.float() + offset if offset or fp32 else w.to(dtype)
 
 
 def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype, norm_offset: float = 0.0,
-                alibi: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                alibi: torch.Tensor | None = None, norm_fp32: bool = False) -> dict[str, torch.Tensor]:
     """This rank's tensors of one block, fused and cast, contiguous, on the CPU.
 
     Keys: ``qkv.weight``, ``o.weight``, ``gate_up.weight``, ``down.weight``, ``input_norm``, ``post_norm`` and,
@@ -65,19 +68,24 @@ def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype, nor
     Row-parallel biases (o, down) are held by tp rank 0 only, so they are added once. A MoE layer has, instead of
     the gate/up and down keys, ``moe.router``, ``moe.gate_up`` [E, 2I, H], ``moe.down`` [E, H, I] and maybe the
     shared expert's ``shared.gate_up.weight``, ``shared.down.weight``, ``shared_gate.weight`` (:func:`_shard_moe`).
+    A latent-attention block (DeepSeek) has ``qkv`` = q_a | kv_a and the keys of :func:`_shard_mla`.
     """
     q_rows, kv_rows, mlp_rows = plan.q_rows, plan.kv_rows, plan.mlp_rows
     first = plan.adds_bias_once
-    qkv_parts = [(lw.q, q_rows), (lw.k, kv_rows), (lw.v, kv_rows)]
     out = {
-        "qkv.weight": _fused(qkv_parts, dtype),
-        "qkv.bias": _fused_bias([(lw.q_bias, q_rows), (lw.k_bias, kv_rows), (lw.v_bias, kv_rows)], dtype),
         "o.weight": lw.o.load(1, *q_rows).to(dtype),
         "o.bias": lw.o_bias.load().to(dtype) if (lw.o_bias is not None and first) else None,
     }
+    if lw.mla is not None:
+        out.update(_shard_mla(lw.mla, plan, dtype))
+    else:
+        out["qkv.weight"] = _fused([(lw.q, q_rows), (lw.k, kv_rows), (lw.v, kv_rows)], dtype)
+        out["qkv.bias"] = _fused_bias([(lw.q_bias, q_rows), (lw.k_bias, kv_rows), (lw.v_bias, kv_rows)], dtype)
+    # (q / k norms over the whole projection, OLMo 2: this rank's heads' part of them)
+    split = {"q_norm": q_rows, "k_norm": kv_rows} if lw.qk_norm_kind == "whole" else {}
     for key in ("input_norm", "post_norm", "q_norm", "k_norm", "attn_out_norm", "mlp_out_norm"):
         ref = getattr(lw, key)
-        out[key] = None if ref is None else norm_weight(ref, dtype, norm_offset)
+        out[key] = None if ref is None else norm_weight(ref, dtype, norm_offset, norm_fp32, split.get(key))
     for key in ("input_norm_bias", "post_norm_bias"):
         ref = getattr(lw, key)
         out[key] = None if ref is None else ref.load().to(dtype)
@@ -105,6 +113,39 @@ def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype, nor
     else:
         out.update(_shard_moe(moe, plan, dtype))
     return {k: v.contiguous() for k, v in out.items() if v is not None}
+
+
+def _shard_mla(m, plan: TensorShardPlan, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A latent-attention block's tensors on this rank (``modules/mla.py``): ``qkv`` = q_a_proj's rows (or, without
+    the q low rank, q_proj's rows of this rank's heads) | kv_a_proj_with_mqa's (latent, rotary key), ``q_b.weight``
+    (this rank's heads' rows), ``q_a_norm``, ``kv_a_norm``, ``kv_b.weight`` (this rank's heads' k_nope | v rows).
+    Interleaved rotary dims become rotate-half: each head's q rotary rows and the rotary key's rows are reordered
+    (evens, then odds), so q . k is unchanged."""
+    s = m.shape
+    h0, heads = plan.tp_rank * plan.local_heads, plan.local_heads
+    qk, rope = s.qk_head_dim, s.qk_rope_head_dim
+    q_rows = (0, s.q_lora_rank) if s.q_lora_rank else (h0 * qk, heads * qk)
+    kv_rows = (0, s.kv_lora_rank + rope)
+    out = {"qkv.weight": _fused([(m.q_a, q_rows), (m.kv_a, kv_rows)], dtype),
+           "qkv.bias": _fused_bias([(m.q_a_bias, q_rows), (m.kv_a_bias, kv_rows)], dtype),
+           "q_b.weight": m.q_b.load(0, h0 * qk, heads * qk).to(dtype) if s.q_lora_rank else None,
+           "q_a_norm": m.q_a_norm.load().to(dtype) if s.q_lora_rank else None,
+           "kv_a_norm": m.kv_a_norm.load().to(dtype),
+           "kv_b.weight": m.kv_b.load(0, h0 * (s.qk_nope_head_dim + s.v_head_dim),
+                                      heads * (s.qk_nope_head_dim + s.v_head_dim)).to(dtype)}
+    if s.rope_interleave:
+        pairs = torch.cat((torch.arange(0, rope, 2), torch.arange(1, rope, 2)))
+        per_head = torch.cat((torch.arange(s.qk_nope_head_dim), s.qk_nope_head_dim + pairs))
+        q_order = (torch.arange(heads)[:, None] * qk + per_head).reshape(-1)
+        q_width = s.q_lora_rank or heads * qk
+        if s.q_lora_rank:
+            out["q_b.weight"] = out["q_b.weight"][q_order]
+        order = torch.cat((q_order if not s.q_lora_rank else torch.arange(q_width),
+                           q_width + torch.arange(s.kv_lora_rank), q_width + s.kv_lora_rank + pairs))
+        out["qkv.weight"] = out["qkv.weight"][order]
+        if out["qkv.bias"] is not None:
+            out["qkv.bias"] = out["qkv.bias"][order]
+    return out
 
 
 def _slice(n: int, plan: TensorShardPlan, what: str) -> tuple[int, int]:
@@ -136,23 +177,28 @@ def _shard_moe(moe, plan: TensorShardPlan, dtype: torch.dtype) -> dict[str, torc
     same columns of its down ([E, H, n]); or, with ``moe.expert_parallel``, E / N whole experts. The shared expert is
     sliced either way, its sigmoid gate whole. The partial outputs are summed over the group once per layer
     (``MoEMLP``)."""
+    # (DeepSeek keeps its router, and its correction bias, in fp32)
+    router_dtype = torch.float32 if moe.routing is not None and moe.routing.fp32 else dtype
+    out = {"moe.router": moe.router.load().to(router_dtype),
+           "moe.router_bias": moe.router_bias.load().float() if moe.router_bias is not None else None}
     if moe.expert_parallel:        # this rank's whole experts (expert_parallel_size = tensor_parallel_size)
         first, n = expert_range(moe, plan)
-        out = {"moe.router": moe.router.load().to(dtype), "moe.gate_up": moe.gate_up.load(0, first, n).to(dtype),
-               "moe.down": moe.down.load(0, first, n).to(dtype)}
+        out.update({"moe.gate_up": moe.gate_up.load(0, first, n).to(dtype),
+                    "moe.down": moe.down.load(0, first, n).to(dtype)})
     else:
         inter = moe.gate_up.shape[1] // 2
         s, n = _slice(inter, plan, "experts'")
-        out = {"moe.router": moe.router.load().to(dtype),
-               "moe.gate_up": torch.cat([moe.gate_up.load(1, s, n), moe.gate_up.load(1, inter + s, n)],
-                                        dim=1).to(dtype),
-               "moe.down": moe.down.load(2, s, n).to(dtype)}
+        out.update({"moe.gate_up": torch.cat([moe.gate_up.load(1, s, n), moe.gate_up.load(1, inter + s, n)],
+                                             dim=1).to(dtype),
+                    "moe.down": moe.down.load(2, s, n).to(dtype)})
     if moe.shared_gate is not None:
         s, n = _slice(moe.shared_gate.shape[0], plan, "shared expert's")
         out.update({
             "shared.gate_up.weight": torch.cat([moe.shared_gate.load(0, s, n), moe.shared_up.load(0, s, n)]).to(dtype),
             "shared.down.weight": moe.shared_down.load(1, s, n).to(dtype),
-            "shared_gate.weight": moe.shared_expert_gate.load().to(dtype),
+            # (Qwen2-MoE's sigmoid gate of the shared expert; DeepSeek's shared experts have none)
+            "shared_gate.weight": moe.shared_expert_gate.load().to(dtype) if moe.shared_expert_gate is not None
+            else None,
         })
     return out
 
@@ -162,18 +208,21 @@ def layer_spec(w: ModelWeights, plan: TensorShardPlan, lw: LayerWeights) -> Laye
     return LayerSpec(hidden_size=w.hidden_size, num_heads=plan.local_heads, num_kv_heads=plan.local_kv_heads,
                      head_dim=w.head_dim, intermediate_size=plan.mlp_rows[1], rms_norm_eps=w.rms_norm_eps,
                      scaling=w.scaling, sliding_window=lw.sliding_window, mlp_act=w.mlp_act,
-                     attn_softcap=w.attn_softcap, mlp_gated=w.mlp_gated, rotary=w.rotary,
-                     parallel_residual=w.parallel_residual,
+                     attn_softcap=w.attn_softcap, mlp_gated=w.mlp_gated, rotary=w.rotary and lw.rotary,
+                     parallel_residual=w.parallel_residual, qk_norm_kind=lw.qk_norm_kind,
                      moe_top_k=moe.top_k if moe else 0, moe_renormalize=bool(moe and moe.renormalize),
                      moe_weights_in_dtype=bool(moe and moe.weights_in_dtype),
-                     moe_first_expert=expert_range(moe, plan)[0] if moe and moe.expert_parallel else None)
+                     moe_first_expert=expert_range(moe, plan)[0] if moe and moe.expert_parallel else None,
+                     moe_routing=moe.routing if moe else None, mla=w.mla)
 
 
 # A block's tensors by half: offload streams the attention half (with both norms) and the MLP half as two units.
 ATTENTION_KEYS = ("qkv.weight", "qkv.bias", "o.weight", "o.bias", "input_norm", "post_norm", "q_norm", "k_norm",
-                  "attn_out_norm", "input_norm_bias", "post_norm_bias", "alibi")
+                  "attn_out_norm", "input_norm_bias", "post_norm_bias", "alibi",
+                  "q_b.weight", "q_a_norm", "kv_a_norm", "kv_b.weight")
 MLP_KEYS = ("gate_up.weight", "gate_up.bias", "down.weight", "down.bias", "mlp_out_norm",
-            "moe.router", "moe.gate_up", "moe.down", "shared.gate_up.weight", "shared.down.weight", "shared_gate.weight")
+            "moe.router", "moe.router_bias", "moe.gate_up", "moe.down", "shared.gate_up.weight", "shared.down.weight",
+            "shared_gate.weight")
 
 
 def split_block(t: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -181,14 +230,17 @@ def split_block(t: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     return ({k: t[k] for k in ATTENTION_KEYS if k in t}, {k: t[k] for k in MLP_KEYS if k in t})
 
 
-LINEARS = ("qkv", "o", "gate_up", "down")
+LINEARS = ("qkv", "o", "gate_up", "down", "q_b")       # (q_b: latent attention's, DeepSeek)
 
 
 def block_linear_inputs(w: ModelWeights, plan: TensorShardPlan) -> dict[str, int]:
     """K (input dims) of each block linear on this rank: qkv and gate_up read the hidden state, o this rank's heads,
     down this rank's intermediate columns (row-parallel shards under tensor parallelism)."""
-    return {"qkv": w.hidden_size, "o": plan.local_heads * w.head_dim, "gate_up": w.hidden_size,
-            "down": plan.mlp_rows[1]}
+    ks = {"qkv": w.hidden_size, "o": plan.local_heads * w.head_dim, "gate_up": w.hidden_size,
+          "down": plan.mlp_rows[1]}
+    if w.mla is not None and w.mla.q_lora_rank:
+        ks["q_b"] = w.mla.q_lora_rank
+    return ks
 
 
 def check_int4_groups(w: ModelWeights, plan: TensorShardPlan, group_size: int) -> None:
@@ -247,7 +299,7 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
 
     ``pack=False`` keeps the tensors as they are (views into a streamed buffer stay views). Either half may be
     missing from ``t`` (an offloaded block's halves come one at a time): its module is then None.
-    ``quantize="int8"``: the four linears hold int8 weights with per-row scales; ``"int4"``: packed int4 with a scale
+    ``quantize="int8"``: the block linears (:data:`LINEARS`) hold int8 weights with per-row scales; ``"int4"``: packed int4 with a scale
     per row and group of ``group_size`` inputs (norms stay as they are)."""
     reduce = comm.all_reduce if comm.size > 1 else None
     row_max = comm.all_reduce_max if comm.size > 1 and quantize == "int8" else None   # row-parallel int8 scales
@@ -257,26 +309,39 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
         scale = t.get(f"{name}.scale")          # quantised already (an offload unit; int8 maybe in AMX tile order)
         if scale is not None:
             kw["in_features"] = spec.num_heads * spec.head_dim if name == "o" else \
-                spec.intermediate_size if name == "down" else spec.hidden_size
+                spec.intermediate_size if name == "down" else spec.mla.q_lora_rank if name == "q_b" else \
+                spec.hidden_size
         return Linear(t[f"{name}.weight"], t.get(f"{name}.bias"), pack=pack, quantize=quantize, scale=scale,
                       group_size=group_size, **kw)
 
-    attn = Attention(spec, index, linear("qkv"), linear("o", reduce=reduce, owns_residual=first, row_max=row_max),
-                     q_norm=t.get("q_norm"), k_norm=t.get("k_norm"), alibi=t.get("alibi")) if "qkv.weight" in t else None
+    # (OLMo 2: q / k normed over the whole projection, its sums of squares summed over the group; HunYuan: normed
+    # after the rotation)
+    kind, extra = {"whole": (ProjectionNormAttention, dict(reduce=reduce, ranks=comm.size)),
+                   "after_rotary": (RotaryFirstAttention, {})}.get(spec.qk_norm_kind, (Attention, {}))
+    attn = kind(spec, index, linear("qkv"), linear("o", reduce=reduce, owns_residual=first, row_max=row_max),
+                q_norm=t.get("q_norm"), k_norm=t.get("k_norm"), alibi=t.get("alibi"),
+                **extra) if "qkv.weight" in t and "kv_b.weight" not in t else None
+    if "kv_b.weight" in t:           # latent attention (DeepSeek, modules/mla.py)
+        attn = LatentAttention(index, spec.num_heads, spec.mla, spec.scaling, spec.mla.norm_eps, linear("qkv"),
+                               linear("o", reduce=reduce, owns_residual=first, row_max=row_max), t["kv_b.weight"],
+                               t["kv_a_norm"], linear("q_b") if "q_b.weight" in t else None, t.get("q_a_norm"))
     mlp = (GatedMLP if spec.mlp_gated else MLP)(
         linear("gate_up"), linear("down", reduce=reduce, owns_residual=first, row_max=row_max),
         act=spec.mlp_act) if "gate_up.weight" in t else None
     if "moe.router" in t:       # the experts' partial sums are reduced once, in MoEMLP (not in each down)
         shared = GatedMLP(linear("shared.gate_up"), linear("shared.down", row_max=row_max)) \
             if "shared.gate_up.weight" in t else None
-        shared_gate = Linear(t["shared_gate.weight"], pack=pack) if shared is not None else None   # [1, H], not int8
+        shared_gate = Linear(t["shared_gate.weight"], pack=pack) if "shared_gate.weight" in t else None  # [1, H]
         ep = spec.moe_first_expert is not None      # whole experts: their down rows need no group max
         mlp = MoEMLP(t["moe.router"], t["moe.gate_up"], t["moe.down"], spec.moe_top_k, spec.moe_renormalize,
                      spec.moe_weights_in_dtype, shared, shared_gate, reduce=reduce, quantize=quantize,
-                     row_max=None if ep else row_max, pack=pack, first_expert=spec.moe_first_expert or 0)
+                     row_max=None if ep else row_max, pack=pack, first_expert=spec.moe_first_expert or 0,
+                     routing=spec.moe_routing, router_bias=t.get("moe.router_bias"))
     if "input_norm_bias" in t:       # the GPT families (an offloaded MLP half needs no more than DecoderLayer's)
         return GPTDecoderLayer(attn, mlp, t["input_norm"], t["input_norm_bias"], t.get("post_norm"),
                                t.get("post_norm_bias"), spec.rms_norm_eps, spec.parallel_residual)
+    if "attn_out_norm" in t and "input_norm" not in t:   # OLMo 2, Exaone 4: norms on the outputs only
+        return PostNormDecoderLayer(attn, mlp, spec.rms_norm_eps, t["attn_out_norm"], t.get("mlp_out_norm"))
     if "attn_out_norm" in t or "mlp_out_norm" in t:      # Gemma 2 / 3 (an offloaded half holds one of the two)
         return SandwichDecoderLayer(attn, mlp, t.get("input_norm"), t.get("post_norm"), spec.rms_norm_eps,
                                     t.get("attn_out_norm"), t.get("mlp_out_norm"))
@@ -328,7 +393,7 @@ def build_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.device | st
     layers = []
     for i, lw in enumerate(w.layers):
         tensors = {k: v.to(device).contiguous() for k, v in shard_layer(lw, plan, dtype, w.norm_offset,
-                                                                         w.alibi).items()}
+                                                                         w.alibi, w.norm_fp32).items()}
         layers.append(make_layer(i, tensors, layer_spec(w, plan, lw), comm, quantize=quantize, group_size=group_size))
         del tensors
     start, real, padded = vocab_rows(w, plan)
@@ -337,7 +402,7 @@ def build_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.device | st
     if head:
         rows = {k: dev(v) for k, v in head_rows(w, plan, dtype, 0, padded).items()}
         lm_head = Linear(rows["weight"], rows.get("bias"))
-        final_norm = norm_weight(w.final_norm, dtype, w.norm_offset).to(device)
+        final_norm = norm_weight(w.final_norm, dtype, w.norm_offset, w.norm_fp32).to(device)
     return DecoderModel(table, layers, final_norm, w.rms_norm_eps, lm_head, vocab_size=w.vocab_size,
                         vocab_start=start, comm=comm, **model_ends(w, dtype, device, embed, head))
 
@@ -355,12 +420,22 @@ def model_ends(w: ModelWeights, dtype: torch.dtype, device, embed: bool, head: b
 
 
 # ---------------------------------------------------------------------- offload (ZeRO-Inference)
+def _qkv_rows(w: ModelWeights, plan: TensorShardPlan) -> int:
+    """Output rows of a block's QKV projection on this rank (latent attention: q_a or this rank's q rows, and kv_a)."""
+    if w.mla is not None:
+        return (w.mla.q_lora_rank or plan.local_heads * w.mla.qk_head_dim) + w.mla.cache_dim
+    return (plan.local_heads + 2 * plan.local_kv_heads) * w.head_dim
+
+
 def _per_token_bytes(w: ModelWeights, plan: TensorShardPlan, dtype: torch.dtype, max_seq_len: int) -> int:
     """Temporaries of one block for one prefill token: norms, QKV, rotary, attention out, MLP, scores (fp32). A
     MoE layer's MLP holds, per token, its top-k experts' gate|up and SwiGLU rows and its shared expert's (counted
     as intermediate rows of a dense MLP)."""
     e = dtype.itemsize
-    qkv = (plan.local_heads + 2 * plan.local_kv_heads) * w.head_dim
+    qkv = _qkv_rows(w, plan)
+    if w.mla is not None:   # latent attention: q, its latent queries, the attention rows and output (cache_dim wide)
+        m, h = w.mla, plan.local_heads
+        qkv += h * m.qk_head_dim + 3 * h * m.cache_dim
     inter = plan.mlp_rows[1]
     for lw in w.layers:
         if lw.moe is not None:      # expert parallelism: whole experts, so a routed row holds the whole intermediate
@@ -380,7 +455,8 @@ def _per_sequence_bytes(w: ModelWeights, plan: TensorShardPlan, dtype: torch.dty
     """One sequence's KV cache (max_seq_len), hidden state of a full-length prompt (x3: the residual stream, the
     MLP's input and the next stream) and fp32 logits (x2)."""
     e = dtype.itemsize
-    kv = 2 * len(w.layers) * plan.local_kv_heads * w.head_dim * max_seq_len * e
+    heads, width, keys_only = w.cache_layout(plan.local_kv_heads)
+    kv = (1 if keys_only else 2) * len(w.layers) * heads * width * max_seq_len * e
     if w.attn_softcap is not None:   # soft-capped attention reads one layer's K / V as fp32 copies
         kv += 2 * plan.local_kv_heads * w.head_dim * max_seq_len * 4
     return kv + 3 * max_seq_len * w.hidden_size * e + 2 * vocab_shard * plan.tp * 4
@@ -391,7 +467,8 @@ def _dequant_scratch(w: ModelWeights, plan: TensorShardPlan, quantize: str = "in
     DEQUANT_CHUNK_BYTES of temporaries, less for a model whose largest weight needs less (the bytes per weight of
     ``quantize``'s costliest dequantisation)."""
     largest = max(2 * plan.mlp_rows[1] * w.hidden_size, plan.mlp_rows[1] * w.hidden_size,
-                  (plan.local_heads + 2 * plan.local_kv_heads) * w.head_dim * w.hidden_size)
+                  _qkv_rows(w, plan) * w.hidden_size,
+                  plan.local_heads * w.mla.qk_head_dim * w.mla.q_lora_rank if w.mla is not None else 0)
     per_weight = max((DEQUANT_INT4_BYTES_PER_WEIGHT if quantize == "int4" else DEQUANT_BYTES_PER_WEIGHT).values())
     return min(DEQUANT_CHUNK_BYTES, per_weight * largest)
 
@@ -427,7 +504,7 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
         return comm.all_reduce_max(amax.to(device)).cpu()
 
     def halves(lw):      # int8 units: in AMX tile order where the resident engine would use it (any rows, no dequant)
-        parts = split_block(shard_layer(lw, plan, dtype, w.norm_offset, w.alibi))
+        parts = split_block(shard_layer(lw, plan, dtype, w.norm_offset, w.alibi, w.norm_fp32))
         if not quantize:
             return parts
         meta_parts = any(v.is_meta for h in parts for v in h.values())
@@ -502,7 +579,7 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
     def make(i, tensors):
         return make_layer(i, tensors, specs[i], comm, pack=False, quantize=quantize, group_size=group_size)
 
-    final_norm = norm_weight(w.final_norm, dtype, w.norm_offset).to(device) if head else None
+    final_norm = norm_weight(w.final_norm, dtype, w.norm_offset, w.norm_fp32).to(device) if head else None
     decoder = StreamedDecoderModel(streamer, layer_units, head_units, make, rows, final_norm, w.rms_norm_eps,
                                    w.vocab_size, start, ws.prefill_tokens, comm=comm, device=device,
                                    **model_ends(w, dtype, device, embed, head))

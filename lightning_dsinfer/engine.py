@@ -25,8 +25,7 @@ from lightning_dsinfer.offload.budget import host_available_memory
 from lightning_dsinfer.parallel import TensorParallelComm
 from lightning_dsinfer.parallel.pipeline import PipelineComm, stage_layers
 from lightning_dsinfer.parallel.process_groups import model_parallel_comms, tensor_parallel_comm
-from lightning_dsinfer.policies import find_policy
-from lightning_dsinfer.policies.llama import has_experts
+from lightning_dsinfer.policies import UnsupportedModelError, find_policy, has_experts
 from lightning_dsinfer.policies.weights import ModuleSource, checkpoint_source, refs
 
 
@@ -65,6 +64,7 @@ class InferenceEngine:
         self.hf_config = hf_config
         self.device = _engine_device(hf_model, config)
         _check_moe_options(hf_config, config)
+        _check_not_prequantised(hf_config)
         self.dtype = config.dtype or _model_dtype(hf_model)
         context = getattr(hf_config, "max_position_embeddings", None) or DEFAULT_MAX_SEQ_LEN
         self.max_seq_len = config.max_seq_len or min(context, DEFAULT_MAX_SEQ_LEN)
@@ -103,9 +103,9 @@ class InferenceEngine:
         self.decoder.eval()
         self.rotary = RotaryTable(weights.inv_freq, weights.attention_scaling, self.max_seq_len, self.dtype, self.device,
                                   weights.sliding_inv_freq, weights.sliding_attention_scaling)
-        local_kv_heads = shard_plan(weights, self.comm).local_kv_heads
-        self.cache = StaticKVCache(len(weights.layers), local_kv_heads, weights.head_dim, batch,
-                                   self.max_seq_len, self.dtype, self.device)
+        kv_heads, width, keys_only = weights.cache_layout(shard_plan(weights, self.comm).local_kv_heads)
+        self.cache = StaticKVCache(len(weights.layers), kv_heads, width, batch, self.max_seq_len, self.dtype,
+                                   self.device, keys_only=keys_only)
         self.vocab_size = weights.vocab_size
         self.hidden_size = weights.hidden_size
         self.positions_from_mask = weights.positions_from_mask
@@ -125,8 +125,8 @@ class InferenceEngine:
             return None                       # the weights are in memory already: they fit
         weight_bytes = _weight_bytes(hf_model, self.dtype, config.quantize, config.quantize_group_size) // (
             self.comm.size * self.pipe.size)
-        kv_heads = shard_plan(weights, self.comm).local_kv_heads
-        cache_bytes = (2 * len(weights.layers) * kv_heads * weights.head_dim * self.max_seq_len
+        kv_heads, width, keys_only = weights.cache_layout(shard_plan(weights, self.comm).local_kv_heads)
+        cache_bytes = ((1 if keys_only else 2) * len(weights.layers) * kv_heads * width * self.max_seq_len
                        * (config.max_batch_size or DEFAULT_MAX_BATCH_SIZE) * self.dtype.itemsize)
         free = available_memory(self.device)
         if not on_meta and _model_device(hf_model) == self.device:
@@ -265,7 +265,8 @@ class InferenceEngine:
 
 
 _BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
-                  "gate_up_proj",      # (Phi-3 packs the last two) and the GPT families' names:
+                  "gate_up_proj",      # (Phi-3 packs the last two), latent attention's (DeepSeek; not kv_b_proj):
+                  "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",      # and the GPT families' names:
                   "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "fc1", "fc2", "fc_in", "fc_out",
                   "out_proj", "c_attn", "c_proj", "c_fc")
 
@@ -297,6 +298,20 @@ def _place_experts(weights, config: InferenceConfig):
             lw = dataclasses.replace(lw, moe=dataclasses.replace(lw.moe, expert_parallel=True))
         layers.append(lw)
     return dataclasses.replace(weights, layers=layers)
+
+
+def _check_not_prequantised(hf_config) -> None:
+    """A model quantised by transformers (bitsandbytes, GPTQ, AWQ, fp8 checkpoints: ``config.quantization_config``)
+    holds packed weights and scales the policies do not read; refused before any work, with the fix."""
+    q = getattr(hf_config, "quantization_config", None)
+    if q is None:
+        return
+    method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
+    method = getattr(method, "value", method)
+    raise UnsupportedModelError(
+        f"the model is quantised by transformers (quantization_config: quant_method={method!r}); dsinfer reads "
+        f"float weights and quantises them itself. Load the unquantised model (e.g. torch_dtype=torch.bfloat16, no "
+        f"quantization_config), and pass quantize='int8' or quantize='int4' for smaller weights.")
 
 
 def _check_moe_options(hf_config, config: InferenceConfig) -> None:
@@ -428,8 +443,6 @@ def is_optimised(model: nn.Module) -> bool:
 # A model without a policy and tensor_parallel_size > 1: its own nn.Linear layers are split in place
 # (lightning_dsinfer/parallel/generic.py) and it keeps Hugging Face's unfused forward and generate.
 def _has_policy(model: nn.Module) -> bool:
-    from lightning_dsinfer.policies import UnsupportedModelError
-
     try:
         find_policy(model)
     except UnsupportedModelError:

@@ -66,10 +66,35 @@ def tiny_config(family: str, **overrides):
                                                                          "rope_theta": 100000.0},
                                                       "sliding_attention": {"rope_type": "default",
                                                                             "rope_theta": 1000.0}}})
-    elif family in GENERIC_FAMILIES or family in GPT_FAMILIES:
+    elif family == "deepseek_v3":          # latent attention (q low rank, interleaved rotary, yarn), grouped sigmoid
+        from transformers import DeepseekV3Config  # routing with a correction bias, a shared expert, a dense layer
+
+        cfg = DeepseekV3Config(**{**common, "num_key_value_heads": 4, "q_lora_rank": 32,
+                                  "kv_lora_rank": 24, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
+                                  "v_head_dim": 12, "n_routed_experts": 8, "n_group": 4, "topk_group": 2,
+                                  "num_experts_per_tok": 3, "moe_intermediate_size": 32, "n_shared_experts": 1,
+                                  "first_k_dense_replace": 1, "routed_scaling_factor": 2.5, "norm_topk_prob": True,
+                                  "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                                      "original_max_position_embeddings": 64, "mscale": 1.0,
+                                                      "mscale_all_dim": 1.0}})
+    elif family == "deepseek_v2":          # V2-Lite's form: q without low rank; group-limited softmax routing, two
+        from transformers import DeepseekV2Config  # shared experts, a dense first layer
+
+        cfg = DeepseekV2Config(**{**common, "num_key_value_heads": 4, "q_lora_rank": None,
+                                  "kv_lora_rank": 24, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
+                                  "v_head_dim": 12, "n_routed_experts": 8, "n_group": 4, "topk_group": 2,
+                                  "topk_method": "group_limited_greedy", "num_experts_per_tok": 3,
+                                  "moe_intermediate_size": 32, "n_shared_experts": 2, "first_k_dense_replace": 1,
+                                  "routed_scaling_factor": 1.5})
+    elif family in LLAMA_LIKE_FAMILIES:
         from transformers import AutoConfig
 
-        cfg = AutoConfig.for_model(family, **_GENERIC_COMMON, **{**GENERIC_FAMILIES, **GPT_FAMILIES}[family])
+        cfg = AutoConfig.for_model(family, **{**common, **LLAMA_LIKE_FAMILIES[family]})
+    elif family in GENERIC_FAMILIES or family in GENERIC_PLANNED or family in GPT_FAMILIES:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.for_model(family, **_GENERIC_COMMON,
+                                   **{**GENERIC_FAMILIES, **GENERIC_PLANNED, **GPT_FAMILIES}[family])
     else:
         raise ValueError(family)
     for k, v in overrides.items():
@@ -83,10 +108,17 @@ def tiny_model(family: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).eval()
     with torch.no_grad():              # HF initialises norms to constants (Gemma's (1 + w) to zero, LayerNorms to
-        if family.startswith("gemma"):     # 1 and 0): make them differ, so a norm in the wrong place cannot pass
+        if family.startswith("gemma") or family in LLAMA_LIKE_FAMILIES:   # 1 and 0): make them differ, so a norm
+            for name, p in model.named_parameters():                       # in the wrong place cannot pass
+                if "norm" in name:
+                    p.normal_(0.0 if family.startswith("gemma") else 1.0, 0.2)
+        if family.startswith("deepseek"):   # RMSNorms at 1 and V3's correction bias at 0 would hide misplacements
             for name, p in model.named_parameters():
                 if "norm" in name:
-                    p.normal_(0.0, 0.2)
+                    p.normal_(1.0, 0.2)
+            for name, buf in model.named_buffers():
+                if name.endswith("e_score_correction_bias"):
+                    buf.normal_(0.0, 0.3)
         for module in model.modules():      # nn.LayerNorm, and LayerNorms of their own (Cohere's)
             if "LayerNorm" in type(module).__name__ and getattr(module, "weight", None) is not None:
                 module.weight.normal_(1.0, 0.2)
@@ -137,10 +169,11 @@ def _fake_quantised(hf, fake):
     with torch.no_grad():
         for layer in ref.model.layers:
             mlp = layer.mlp
-            dense = [mlp] if not hasattr(mlp, "experts") else [getattr(mlp, "shared_expert")] \
-                if hasattr(mlp, "shared_expert") else []
-            names = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")     # phi3: packed qkv_proj, gate_up_proj
-            for lin in (*[getattr(layer.self_attn, n) for n in names if hasattr(layer.self_attn, n)],
+            dense = [mlp] if not hasattr(mlp, "experts") else \
+                [getattr(mlp, n) for n in ("shared_expert", "shared_experts") if hasattr(mlp, n)]
+            # phi3: packed qkv_proj, gate_up_proj; DeepSeek: q_a / q_b / kv_a (kv_b stays: the engine reads it as is)
+            names = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa")
+            for lin in (*[getattr(layer.self_attn, n) for n in names if getattr(layer.self_attn, n, None) is not None],
                         *[getattr(m, n) for m in dense for n in ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
                           if hasattr(m, n)]):
                 fake(lin.weight)
@@ -149,6 +182,22 @@ def _fake_quantised(hf, fake):
                     fake(mlp.experts.gate_up_proj[e])
                     fake(mlp.experts.down_proj[e])
     return ref
+
+
+def routing_margins(hf, **inputs) -> torch.Tensor:
+    """HF's own routing margins on these inputs: [sparse layers, tokens], p_k - p_(k+1) of the router's softmax (a
+    near tie, which bf16 rounding can flip, makes a bf16 comparison meaningless there)."""
+    margins = []
+
+    def hook(module, args, out):
+        top = torch.softmax(out[0].float(), -1).sort(-1, descending=True).values
+        margins.append(top[:, module.top_k - 1] - top[:, module.top_k])
+    handles = [layer.mlp.gate.register_forward_hook(hook) for layer in hf.model.layers if hasattr(layer.mlp, "experts")]
+    with torch.no_grad():
+        hf(**inputs)
+    for h in handles:
+        h.remove()
+    return torch.stack(margins)
 
 
 def quantised_logits_and_reference(ref, opt):
@@ -228,17 +277,24 @@ def padded_batch(lengths, vocab=97, seed=0):
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
 
 # Families without a fused policy (tensor parallel only, through the generic path). Split by their own tp
-# plan: gpt_neox (QKV fused per head), olmo2 (q/k/v gathered because its q/k norms span all heads). By the
-# generic rule: opt, stablelm, and bloom, whose fused QKV stays whole (its layout cannot be told from shapes)
-# while its MLP is split. (phi3, packed q|k|v and gate|up, has a fused policy now; the generic planner's split of
-# its packed tensors is still tested on a meta model.)
+# plan: gpt_neox (QKV fused per head), olmo_hybrid (q/k/v gathered because its q/k norms span all heads; planned on
+# meta only, GENERIC_PLANNED). By the generic rule: opt, stablelm, and bloom, whose fused QKV stays whole (its layout
+# cannot be told from shapes) while its MLP is split. (phi3, packed q|k|v and gate|up, and olmo2 have fused policies
+# now; the generic planner's split of phi3's packed tensors is still tested on a meta model.)
 _GENERIC_COMMON = dict(hidden_size=64, num_hidden_layers=2, vocab_size=97, initializer_range=0.1, pad_token_id=0,
                        bos_token_id=1, eos_token_id=2)
-GENERIC_FAMILIES = {      # families without a fused policy (the GPT ones have one now: policies/gpt.py)
-    "olmo2": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256),
+GENERIC_FAMILIES = {      # families without a fused policy (the GPT ones and OLMo 2 have one now: policies/)
     "olmo": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256),
     "mpt": dict(n_heads=4, d_model=64, n_layers=2, expansion_ratio=2, max_seq_len=256),
     "biogpt": dict(num_attention_heads=4, intermediate_size=96, max_position_embeddings=256),
+}
+# Families without a fused policy whose plan the planner's tests read on meta models, not run end to end: OLMo-Hybrid
+# (OLMo 2's attention in its full-attention layer, whose q / k norms span all heads; a linear-attention layer its plan
+# leaves whole) saves renamed and merged tensors that transformers converts on load, which the generic path's
+# checkpoint loader does not (from memory it runs: max |dlogits| 1.4e-6 at TP=2)
+GENERIC_PLANNED = {
+    "olmo_hybrid": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                        max_position_embeddings=256),
 }
 # (the GPT families' test configs, also used by the planner's tests on meta models)
 GPT_FAMILIES = {
@@ -260,6 +316,37 @@ GPT_FAMILIES = {
     "gpt_bigcode": dict(n_head=4, n_inner=96, n_positions=256, multi_query=True),
     "cohere": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256,
                    logit_scale=0.5, rope_theta=5000.0),
+}
+
+# The Llama-like families of policies/llama.py added to the table later (tests/test_llama_families.py), on top of the
+# shared tiny widths, each with its distinctive features on (norm weights are randomised by tiny_model)
+LLAMA_LIKE_FAMILIES = {
+    # no input norms, output norms in fp32, q / k norms over the whole projection, q/k/v/o biases
+    "olmo2": dict(attention_bias=True),
+    # + sliding / full layers with a rope table each (linear scaling on the full one)
+    "olmo3": dict(num_hidden_layers=3, sliding_window=7,
+                  layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                  rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+                                   "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}}),
+    # sandwich norms, packed gate|up, interleaved rotary on half of each head (partial_rotary_factor 0.5), q/k/v bias
+    "glm4": dict(head_dim=16),
+    "glm": dict(head_dim=16),
+    # a NoPE layer (sliding, as SmolLM3 makes them with use_sliding_window)
+    "smollm3": dict(no_rope_layers=[1, 0], use_sliding_window=True, sliding_window=7),
+    # q/k/v, o and MLP biases, head_dim != hidden / heads
+    "seed_oss": dict(head_dim=24, attention_bias=True, attention_out_bias=True, mlp_bias=True),
+    # interleaved rotary over the whole head, biases everywhere, tied embeddings
+    "ernie4_5": dict(head_dim=16, use_bias=True),
+    # per-head q / k norms after the rotation, biases, NTK-alpha rope (a "dynamic" rope with a fixed alpha: static)
+    "hunyuan_v1_dense": dict(head_dim=16, attention_bias=True,
+                             rope_parameters={"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0,
+                                              "rope_theta": 10000.0}),
+    # OLMo 2's output norms, per-head q / k norms, a sliding layer that rotates and a NoPE full layer
+    "exaone4": dict(sliding_window=7, layer_types=["sliding_attention", "full_attention"]),
+    # a plain ReLU-squared MLP with biases
+    "arcee": dict(head_dim=16, mlp_bias=True),
+    # whole-projection q / k norms and a top-2 MoE of 4 experts in every layer (not renormalised)
+    "olmoe": dict(intermediate_size=48, num_experts=4, num_experts_per_tok=2),
 }
 
 

@@ -3,7 +3,8 @@
 Both run the same kernels in the same order with the same roundings, so every decode step's hidden states must be
 bit-identical, single process (every CPU kernel path of this machine, every family: biases, sliding windows,
 Qwen3's q/k norms, left-padded batches; the GPT families' LayerNorms, plain MLPs, parallel residual, partial or no
-rotary) and at TP=2 (the all-reduces from C through the shared-memory exchange).
+rotary; Gemma's (1 + w) fp32 norms, GeGLU, sandwich norms, soft-capped scores, q/k norms and second rope table, bf16,
+int8 and int4) and at TP=2 (the all-reduces from C through the shared-memory exchange).
 That the per-op path itself matches Hugging Face is tests/test_cpu_gemv.py's ``test_engine_bf16_matches_hf``
 (which now runs its decode steps through the stack too).
 """
@@ -69,7 +70,8 @@ def test_stack_gpt_families_bit_identical_to_per_op_path(case, monkeypatch):
     stack = CpuDecodeStack.build(opt._dsinfer_engine.decoder)
     assert stack is not None
     assert (stack.shape.layer_norm, stack.shape.parallel) == (layer_norm, parallel)
-    assert stack.shape.mlp_act == (-1 if act == "swiglu" else cpu_gemv.ACT_KINDS[act])
+    want = (1, cpu_gemv.ACT_KINDS["silu"]) if act == "swiglu" else (0, cpu_gemv.ACT_KINDS[act])
+    assert (stack.shape.gated, stack.shape.mlp_act) == want
     widths = []
     real = CpuDecodeStack.__call__
 
@@ -85,6 +87,92 @@ def test_stack_gpt_families_bit_identical_to_per_op_path(case, monkeypatch):
     assert n_s == 7 and n_o == 0 and widths == [rotary_dim] * 7
     assert torch.equal(tok_s, tok_o)
     assert len(hid_s) == len(hid_o) == 8 and all(torch.equal(a, b) for a, b in zip(hid_s, hid_o))
+
+
+# (family, config overrides, quantize options): the tiny configs of tests/helpers.py (windows of 7 columns < 12 + 8:
+# the window masks matter; the prompts left-padded)
+GEMMA_CASES = {
+    "gemma": ("gemma", {}, {}),                                         # (1 + w) fp32 norms, GeGLU (tanh), MQA
+    "gemma_erf": ("gemma", {"hidden_act": "gelu"}, {}),                 # GeGLU (erf)
+    "gemma2": ("gemma2", {"attn_logit_softcapping": 1.0}, {}),          # sandwich norms; scores up to ~2.7 capped at 1
+    "gemma3_text": ("gemma3_text", {}, {}),                             # q/k norms, the sliding layers' rope table
+    "gemma2_int8": ("gemma2", {}, {"quantize": "int8"}),
+    "gemma3_int4": ("gemma3_text", {}, {"quantize": "int4", "quantize_group_size": 32}),
+}
+
+
+@needs_wide
+@pytest.mark.parametrize("case", list(GEMMA_CASES))
+def test_stack_gemma_bit_identical_to_per_op_path(case, monkeypatch):
+    """Gemma's blocks through C: (1 + w) RMSNorms kept in fp32 (scaled in fp32, rounded once), GeGLU, Gemma 2 / 3's
+    norms of the attention's and the MLP's outputs before the residual adds, Gemma 2's soft-capped scores, its
+    sliding and full layers, Gemma 3's q/k norms and the sliding layers' own rope rows; bf16, int8 and int4 weights.
+    The per-op path takes the same C kernels for each piece (ops.rms_norm with fp32 weights, ops.gated_act,
+    ops.attention with a cap), so the steps agree bit for bit."""
+    family, overrides, quantize = GEMMA_CASES[case]
+    hf = tiny_model(family, **overrides).to(torch.bfloat16)
+    opt = optimised_copy(hf, max_seq_len=48, dtype=torch.bfloat16, **quantize)
+    dec = opt._dsinfer_engine.decoder
+    stack = CpuDecodeStack.build(dec)
+    assert stack is not None
+    act = "gelu" if case == "gemma_erf" else "gelu_tanh"
+    assert (stack.shape.norm_f32, stack.shape.gated, stack.shape.mlp_act) == (1, 1, cpu_gemv.ACT_KINDS[act])
+    assert stack.shape.softcap == (1.0 if case == "gemma2" else 5.0 if family == "gemma2" else 0.0)
+    sandwich = family != "gemma"
+    assert all(bool(t.attn_out_norm) == bool(t.mlp_out_norm) == sandwich for t in stack.table)
+    assert any(ly.attn.sliding for ly in dec.layers) == sandwich                  # Gemma 2 / 3: windowed layers
+    own = []
+    real = CpuDecodeStack.__call__
+
+    def recording(self, h, step):
+        own.append(self.own_tables(step))
+        return real(self, h, step)
+
+    monkeypatch.setattr(CpuDecodeStack, "__call__", recording)
+    ids, mask = padded_batch([12, 5, 9])
+    runs = run_both_paths(opt, ids, mask, new_tokens=8)
+    (tok_s, hid_s, _, n_s), (tok_o, hid_o, _, n_o) = runs["stack"], runs["ops"]
+    assert n_s == 7 and n_o == 0 and own == [family == "gemma3_text"] * 7
+    assert torch.equal(tok_s, tok_o)
+    assert len(hid_s) == len(hid_o) == 8 and all(torch.equal(a, b) for a, b in zip(hid_s, hid_o))
+
+
+@needs_wide
+def test_gemma_pieces_match_reference():
+    """The C kernels the per-op path now takes for Gemma's pieces, against kernels/reference.py: the RMSNorm with
+    fp32 (1 + w) weights (the same arithmetic, only the sum of squares in another order: within one bf16 ulp, nearly
+    all identical), GeGLU (tanh / erf; the kernels' vectorised tanh / erf are within ~1 fp32 ulp of torch's, so a rare
+    element lands one bf16 ulp away) and the soft-capped decode attention (fp32 throughout, against the fp32 twin
+    reference.decode_attention)."""
+    from lightning_dsinfer.kernels import ops, reference
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(3, 1, 200, generator=g) * 3).bfloat16()
+    w = torch.randn(200, generator=g) * 0.2 + 1.0                       # fp32, as builder.norm_weight keeps it
+    got, want = cpu_gemv.rms_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6)
+    assert got is not None and torch.equal(ops.rms_norm(x, w, 1e-6), got)
+    torch.testing.assert_close(got.float(), want.float(), atol=0, rtol=2 ** -7)
+    assert (got == want).float().mean() > 0.99
+    gate_up = (torch.randn(4, 1, 2 * 328, generator=g) * 3).bfloat16()
+    for act, approximate in (("gelu_tanh", "tanh"), ("gelu", "none")):
+        got, want = cpu_gemv.gated_act(gate_up, act), reference.gelu_and_mul(gate_up, approximate)
+        assert got is not None and torch.equal(ops.gated_act(gate_up, act), got)
+        torch.testing.assert_close(got.float(), want.float(), atol=1e-5, rtol=2 ** -7)
+        assert (got == want).float().mean() > 0.99
+    b, hq, hkv, length, d = 3, 8, 2, 37, 32
+    q = torch.randn(b, hq, 1, d, generator=g).bfloat16()
+    k, v = (torch.randn(b, hkv, length, d, generator=g).bfloat16() for _ in range(2))
+    mask = torch.ones(b, 1, 1, length, dtype=torch.bool)
+    mask[1, ..., :9] = False                                            # a left-padded row
+    mask[2, ..., :length - 7] = False                                   # a sliding window
+    got = cpu_gemv.decode_attention(q, k, v, mask, 0.3, softcap=1.5)
+    kv_start = torch.tensor([0, 9, length - 7])
+    want = reference.decode_attention(q[:, :, 0], k, v, torch.full((b,), length), 0.3, kv_start=kv_start,
+                                      softcap=1.5)
+    assert got is not None and torch.equal(ops.attention(q, k, v, mask, 0.3, softcap=1.5), got)
+    torch.testing.assert_close(got[:, :, 0].float(), want.float(), atol=1e-2, rtol=2 ** -7)
+    uncapped = cpu_gemv.decode_attention(q, k, v, mask, 0.3)
+    assert not torch.equal(got, uncapped)                               # the cap changed the result
 
 
 @needs_wide
@@ -146,6 +234,7 @@ def test_stack_declines_the_onednn_fallback():
 
 @needs_wide
 def test_stack_under_tensor_parallelism():
-    codes, outs, _ = run_ranks("stack_tp_worker.py", 2, ["--families", "llama", "qwen3", "gpt_neox"], timeout=240)
+    families = ["llama", "qwen3", "gpt_neox", "gemma2"]       # gemma2: the all-reduce before the output's norm
+    codes, outs, _ = run_ranks("stack_tp_worker.py", 2, ["--families", *families], timeout=240)
     assert codes == [0, 0], "\n".join(outs)
-    assert outs[0].count(" OK") == 3, outs[0]
+    assert outs[0].count(" OK") == len(families), outs[0]

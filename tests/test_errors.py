@@ -7,8 +7,8 @@ from helpers import optimised_copy, padded_batch, tiny_model
 
 
 def test_unsupported_architecture_names_model_type_and_supported_list():
-    model = tiny_model("olmo2")           # (a family without a fused policy: it runs through the generic TP path)
-    with pytest.raises(dsi.UnsupportedModelError, match=r"model_type='olmo2'.*Supported: .*gpt_neox.*llama") as e:
+    model = tiny_model("olmo")            # (a family without a fused policy: it runs through the generic TP path)
+    with pytest.raises(dsi.UnsupportedModelError, match=r"model_type='olmo'.*Supported: .*gpt_neox.*llama") as e:
         dsi.init_inference(model)
     assert all(name in str(e.value) for name in ("bloom", "falcon", "gemma2", "gpt2", "mixtral", "opt", "qwen3"))
 

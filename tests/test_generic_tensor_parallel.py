@@ -53,10 +53,10 @@ def test_plan_comes_from_the_model_or_the_rule():
         "q_proj": "col", "k_proj": "col", "v_proj": "col", "out_proj": "row", "fc1": "col", "fc2": "row"}
 
 
-def test_olmo2_gathers_where_its_plan_says_and_bloom_keeps_fused_qkv_whole():
-    olmo = plan_generic_tensor_parallel(_meta("olmo2"), tp=2, tp_rank=0)
-    q = next(s for s in olmo.linears if s.name.endswith("layers.0.self_attn.q_proj"))
-    o = next(s for s in olmo.linears if s.name.endswith("layers.0.self_attn.o_proj"))
+def test_olmo_hybrid_gathers_where_its_plan_says_and_bloom_keeps_fused_qkv_whole():
+    olmo = plan_generic_tensor_parallel(_meta("olmo_hybrid"), tp=2, tp_rank=0)
+    q = next(s for s in olmo.linears if s.name.endswith("layers.1.self_attn.q_proj"))     # (its full-attention layer)
+    o = next(s for s in olmo.linears if s.name.endswith("layers.1.self_attn.o_proj"))
     assert q.gather and o.split_input and not olmo.heads         # q/k norms span all heads: attention stays whole
     bloom = plan_generic_tensor_parallel(_meta("bloom"), tp=2, tp_rank=0)
     assert bloom.origin == "generic rule" and len(bloom.whole) == 2
@@ -86,11 +86,11 @@ def test_model_without_linear_layers_is_refused():
 
 
 def test_lightning_strategy_runs_a_family_without_policy(tmp_path):
-    """Trainer(devices=2, strategy="dsinfer") with olmo2: TP=2 through the generic path, predictions = HF's."""
+    """Trainer(devices=2, strategy="dsinfer") with olmo: TP=2 through the generic path, predictions = HF's."""
     out = tmp_path / "r.json"
     env = {**clean_env(), "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), HERE])}
     proc = subprocess.run([sys.executable, os.path.join(HERE, "lightning_worker.py"), "--devices", "2", "--out",
-                           str(out), "--family", "olmo2"], env=env, capture_output=True, text=True, timeout=240)
+                           str(out), "--family", "olmo"], env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("r.json.result*"))]
     assert len(results) == 2 and all(r["match"] and r["tp"] == 2 for r in results), results

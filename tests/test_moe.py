@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from helpers import assert_matches_hf, optimised_copy, padded_batch, tiny_model
+from helpers import assert_matches_hf, optimised_copy, padded_batch, routing_margins, tiny_model
 
 import lightning_dsinfer as dsi
 from lightning_dsinfer.kernels import reference
@@ -37,21 +37,6 @@ def test_moe_beam_search_through_hf_loop():
     assert torch.equal(opt.generate(**kw), want)
 
 
-def _routing_margins(hf, **inputs) -> torch.Tensor:
-    """HF's own routing margins on these inputs: [sparse layers, tokens], p_k - p_(k+1) of the router's softmax."""
-    margins = []
-
-    def hook(module, args, out):
-        top = torch.softmax(out[0].float(), -1).sort(-1, descending=True).values
-        margins.append(top[:, module.top_k - 1] - top[:, module.top_k])
-    handles = [layer.mlp.gate.register_forward_hook(hook) for layer in hf.model.layers if hasattr(layer.mlp, "experts")]
-    with torch.no_grad():
-        hf(**inputs)
-    for h in handles:
-        h.remove()
-    return torch.stack(margins)
-
-
 @pytest.mark.parametrize("onednn", [False, True], ids=["cpu-kernels", "onednn"])
 @pytest.mark.parametrize("family", MOE)
 def test_moe_bf16_follows_hf_bf16(family, onednn):
@@ -66,7 +51,7 @@ def test_moe_bf16_follows_hf_bf16(family, onednn):
     with cpu_gemv.disabled() if onednn else contextlib.nullcontext():   # onednn: the experts' oneDNN-packed Linears
         opt = optimised_copy(hf, max_seq_len=64)
     ids, mask = padded_batch([8, 5], seed=2)
-    assert _routing_margins(hf, input_ids=ids, attention_mask=mask)[:, mask.flatten().bool()].min() >= 2e-3
+    assert routing_margins(hf, input_ids=ids, attention_mask=mask)[:, mask.flatten().bool()].min() >= 2e-3
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask).logits.float()
     got = opt(input_ids=ids, attention_mask=mask).logits.float()
@@ -126,7 +111,7 @@ def test_moe_int8_on_cpu_matches_fake_quantised_hf(family):
     hf16 = hf.to(torch.bfloat16)
     bf, want = optimised_copy(hf16, max_seq_len=64, quantize="int8"), fake_quantised_int8(hf16)
     ids, mask = padded_batch([8, 5], seed=3)          # a batch without near ties in these quantised routers
-    assert _routing_margins(want, input_ids=ids, attention_mask=mask)[:, mask.flatten().bool()].min() >= 2e-3
+    assert routing_margins(want, input_ids=ids, attention_mask=mask)[:, mask.flatten().bool()].min() >= 2e-3
     with torch.no_grad():
         ref = want(input_ids=ids, attention_mask=mask).logits.float()
     got = bf(input_ids=ids, attention_mask=mask).logits.float()
@@ -188,9 +173,9 @@ def test_expert_parallel_errors():
         InferenceEngine(tiny_model("llama"), InferenceConfig(tensor_parallel_size=3, expert_parallel_size=3),
                         comm=OneRank())
     from helpers import GENERIC_FAMILIES     # a family without a policy: the generic TP path cannot place experts
-    assert "olmo2" in GENERIC_FAMILIES
+    assert "olmo" in GENERIC_FAMILIES
     with pytest.raises(NotImplementedError, match="expert_parallel_size=2 needs a fused MoE policy"):
-        dsi.init_inference(tiny_model("olmo2"), tensor_parallel_size=2, expert_parallel_size=2)
+        dsi.init_inference(tiny_model("olmo"), tensor_parallel_size=2, expert_parallel_size=2)
 
 
 def test_packed_phi3_linears_count_as_int8_in_the_fit_check():

@@ -21,9 +21,9 @@
 // table lookups of the shifted bytes, x laid out once per call to match; dsi_gemm_amx_int4: the same lookups into
 // AMX tiles; dsi_dequant_int4 for prompts' GEMMs elsewhere) weights, see their sections.
 //
-// Also here: one-call bf16 forms of a decode step's small ops (RMSNorm, LayerNorm, SwiGLU, GeLU / ReLU / SiLU,
-// rotary (full or partial) + KV append, decode attention), the whole decode step through every block
-// (dsi_decode_stack), and the shared-memory all-reduce exchange of parallel/shm.py.
+// Also here: one-call bf16 forms of a decode step's small ops (RMSNorm with bf16 or fp32 weights, LayerNorm, SwiGLU,
+// GeGLU, GeLU / ReLU / SiLU, rotary (full or partial) + KV append, decode attention, soft-capped or not), the whole
+// decode step through every block (dsi_decode_stack), and the shared-memory all-reduce exchange of parallel/shm.py.
 
 #include <immintrin.h>
 #include <math.h>
@@ -1060,31 +1060,46 @@ inline __m512 tanh16(__m512 x) {
 // Plain activations of dsi_act_bf16 (the engine's names: reference.act).
 enum ActKind { kGelu = 0, kGeluTanh = 1, kRelu = 2, kSilu = 3 };
 
-// y = act(x) over n bf16 elements, fp32 inside and one rounding, in torch's order of operations for bf16 rows
-// (aten/src/ATen/native/cpu/Gelu.h): gelu x * 0.5 * (1 + erf(x / sqrt 2)); gelu_tanh
-// 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))); silu x / (1 + exp(-x)); relu max(x, 0) (NaN and -0 kept, as torch's).
+// act of 16 fp32 lanes, in torch's order of operations for bf16 rows (aten/src/ATen/native/cpu/Gelu.h): gelu
+// x * 0.5 * (1 + erf(x / sqrt 2)); gelu_tanh 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))); silu x / (1 + exp(-x));
+// relu max(x, 0) (NaN and -0 kept, as torch's).
+template <int KIND>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline __m512 act16(__m512 v) {
+    const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.f);
+    if (KIND == kGelu)
+        return _mm512_mul_ps(_mm512_mul_ps(v, half),
+                             _mm512_add_ps(one, erf16(_mm512_mul_ps(v, _mm512_set1_ps(0.70710678118654752f)))));
+    if (KIND == kGeluTanh) {
+        const __m512 cube = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+        const __m512 inner = _mm512_mul_ps(_mm512_set1_ps(0.79788456080286536f),
+                                           _mm512_add_ps(v, _mm512_mul_ps(_mm512_set1_ps(0.044715f), cube)));
+        return _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, tanh16(inner)));
+    }
+    if (KIND == kRelu) return _mm512_max_ps(_mm512_setzero_ps(), v);   // (vmaxps: its 2nd operand for NaN / both 0)
+    return _mm512_div_ps(v, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), v))));
+}
+
+// y = act(x) over n bf16 elements, fp32 inside and one rounding (act16).
 template <int KIND>
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 void act_row_avx512(const uint16_t* x, uint16_t* y, int64_t n) {
-    const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.f);
     for (int64_t i = 0; i < n; i += 16) {
         const __mmask16 m = lanes16(n - i);
-        const __m512 v = widen16_mask(x + i, m);
-        __m512 r;
-        if (KIND == kGelu) {
-            r = _mm512_mul_ps(_mm512_mul_ps(v, half),
-                              _mm512_add_ps(one, erf16(_mm512_mul_ps(v, _mm512_set1_ps(0.70710678118654752f)))));
-        } else if (KIND == kGeluTanh) {
-            const __m512 cube = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
-            const __m512 inner = _mm512_mul_ps(_mm512_set1_ps(0.79788456080286536f),
-                                               _mm512_add_ps(v, _mm512_mul_ps(_mm512_set1_ps(0.044715f), cube)));
-            r = _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, tanh16(inner)));
-        } else if (KIND == kRelu) {
-            r = _mm512_max_ps(_mm512_setzero_ps(), v);     // (vmaxps returns its 2nd operand for NaN / both zero)
-        } else {
-            r = _mm512_div_ps(v, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), v))));
-        }
-        store_bf16x16(y + i, r, m);
+        store_bf16x16(y + i, act16<KIND>(widen16_mask(x + i, m)), m);
+    }
+}
+
+// A gated MLP's activation over n outputs: y = round(round(act(g)) * u) (GeGLU: F.gelu, then mul_, as the torch
+// reference rounds, fp32 inside each op and bf16 between; kSilu gives silu_mul_avx512's SwiGLU).
+template <int KIND>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void gated_row_avx512(const uint16_t* g, const uint16_t* u, uint16_t* y, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = lanes16(n - i);
+        uint16_t ab[16];
+        store_bf16x16(ab, act16<KIND>(widen16_mask(g + i, m)), 0xffff);      // act(g) rounded to bf16
+        store_bf16x16(y + i, _mm512_mul_ps(widen16(ab), widen16_mask(u + i, m)), m);
     }
 }
 
@@ -1123,7 +1138,15 @@ struct AttnArgs {
     uint16_t* out;                              // [B, Hq, D] contiguous
     int64_t B, hq, hkv, L, D;
     float scale;
+    float softcap;                              // > 0: scores -> softcap * tanh(score / softcap) (Gemma 2); 0: none
 };
+
+// Gemma 2's soft-capped scores of 16 lanes: tanh(s / cap) * cap (reference.attention's order).
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline __m512 softcap16(__m512 s, float cap) {
+    const __m512 c = _mm512_set1_ps(cap);
+    return _mm512_mul_ps(tanh16(_mm512_div_ps(s, c)), c);
+}
 
 // Lane i of the result = the sum of the 16 lanes of v[i] (16 horizontal sums in 45 shuffles / adds instead of
 // 16 separate reductions): pairs within 128-bit chunks, then quads, then across chunks.
@@ -1154,13 +1177,14 @@ inline __mmask16 mask_bits16(const uint8_t* mrow, int64_t ml, int64_t j) {
 // One (batch row, KV head) with up to NV vectors of 16 per head row (vector c loads min(16, D - 16c) lanes, none
 // past D: a head of 96 runs in the NV = 8 instance with two empty vectors): its G = Hq / Hkv query heads read each
 // K and V row from L1 (the unit's K / V rows are read from memory once). fp32 throughout: scores (16 keys at a
-// time, one transposed horizontal sum), softmax (max-subtracted, masked keys exactly 0), the weighted sum of V
-// in registers, one division and one rounding to bf16 at the end.
+// time, one transposed horizontal sum; soft-capped when a.softcap > 0), softmax (max-subtracted, masked keys exactly
+// 0), the weighted sum of V in registers, one division and one rounding to bf16 at the end.
 template <int NV>
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 void attn_unit_avx512(const AttnArgs& a, int64_t b, int64_t kh, std::vector<float>& scratch) {
     const int64_t G = a.hq / a.hkv, D = a.D, L = a.L;
     const __mmask16 full = 0xffff;
+    const bool capped = a.softcap > 0.f;
     __mmask16 lanes[NV];                             // lanes of vector c that lie inside the head
     for (int c = 0; c < NV; ++c) lanes[c] = lanes16(D - 16 * c);
     scratch.resize(static_cast<size_t>(G * L + G * NV * 16));
@@ -1189,7 +1213,9 @@ void attn_unit_avx512(const AttnArgs& a, int64_t b, int64_t kh, std::vector<floa
                     d = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c * 16), widen16_mask(kr + c * 16, lanes[c]), d);
                 dots[i] = d;
             }
-            _mm512_storeu_ps(s + g * L + j0, _mm512_mask_blend_ps(keep, neg_inf, hsum16x16(dots)));
+            __m512 sc = hsum16x16(dots);
+            if (capped) sc = softcap16(sc, a.softcap);
+            _mm512_storeu_ps(s + g * L + j0, _mm512_mask_blend_ps(keep, neg_inf, sc));
         }
     }
     for (int64_t j = j0; j < L; ++j) {               // the last L % 16 keys one at a time
@@ -1200,7 +1226,9 @@ void attn_unit_avx512(const AttnArgs& a, int64_t b, int64_t kh, std::vector<floa
             __m512 d = _mm512_setzero_ps();
             for (int c = 0; c < NV; ++c)
                 d = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c * 16), widen16_mask(kr + c * 16, lanes[c]), d);
-            s[g * L + j] = visible ? _mm512_reduce_add_ps(d) : -INFINITY;
+            float sc = _mm512_reduce_add_ps(d);
+            if (capped) sc = _mm512_cvtss_f32(softcap16(_mm512_set1_ps(sc), a.softcap));   // the same lane arithmetic
+            s[g * L + j] = visible ? sc : -INFINITY;
         }
     }
     for (int64_t g = 0; g < G; ++g) {
@@ -1432,12 +1460,15 @@ int dsi_dequant_int4(const void* w, int64_t ldw, const void* scale, int64_t lds,
     return 0;
 }
 
-// RMSNorm of `rows` bf16 rows of n, in HF's order for bf16: normalise in fp32, round to bf16, scale by w, round.
-// Decode-sized calls (a few rows): one thread, no fork/join; what this saves is the ~6 torch ops of the composite.
-void dsi_rms_norm_bf16(const void* x, int64_t ldx, const void* w, void* y, int64_t ldy, int64_t rows, int64_t n,
-                       float eps) {
+// RMSNorm of `rows` bf16 rows of n: normalise in fp32 (x * 1 / sqrt(mean(x^2) + eps)), then with bf16 weights
+// (w_f32 = 0) HF's order for bf16: round to bf16, scale by w, round; with fp32 weights (w_f32 = 1: Gemma's (1 + w),
+// builder.norm_weight) Gemma's order: scale in fp32, round once. Decode-sized calls (a few rows): one thread, no
+// fork/join; what this saves is the ~6 torch ops of the composite.
+void dsi_rms_norm_bf16(const void* x, int64_t ldx, const void* w, int w_f32, void* y, int64_t ldy, int64_t rows,
+                       int64_t n, float eps) {
     const uint16_t* xs = static_cast<const uint16_t*>(x);
     const uint16_t* ws = static_cast<const uint16_t*>(w);
+    const float* wf = static_cast<const float*>(w);
     uint16_t* ys = static_cast<uint16_t*>(y);
     for (int64_t r = 0; r < rows; ++r) {
         const uint16_t* xr = xs + r * ldx;
@@ -1448,20 +1479,24 @@ void dsi_rms_norm_bf16(const void* x, int64_t ldx, const void* w, void* y, int64
             ss += v * v;
         }
         const float inv = 1.f / sqrtf(ss / static_cast<float>(n) + eps);
-        for (int64_t i = 0; i < n; ++i)
-            yr[i] = f32_to_bf16(bf16_to_f32(f32_to_bf16(bf16_to_f32(xr[i]) * inv)) * bf16_to_f32(ws[i]));
+        if (w_f32)
+            for (int64_t i = 0; i < n; ++i) yr[i] = f32_to_bf16(bf16_to_f32(xr[i]) * inv * wf[i]);
+        else
+            for (int64_t i = 0; i < n; ++i)
+                yr[i] = f32_to_bf16(bf16_to_f32(f32_to_bf16(bf16_to_f32(xr[i]) * inv)) * bf16_to_f32(ws[i]));
     }
 }
 
-// Qwen3's per-head RMSNorm of q and k, in place on `tokens` rows of a fused QKV output (each row: hq q heads,
-// hkv k heads, hkv v heads of D; rows contiguous), before rotary: dsi_rms_norm_bf16 on every q and k head.
+// Qwen3's (Gemma 3's: fp32 weights, w_f32) per-head RMSNorm of q and k, in place on `tokens` rows of a fused QKV
+// output (each row: hq q heads, hkv k heads, hkv v heads of D; rows contiguous), before rotary: dsi_rms_norm_bf16 on
+// every q and k head.
 void dsi_head_norms_bf16(void* qkv, int64_t tokens, int64_t hq, int64_t hkv, int64_t D, const void* q_norm,
-                         const void* k_norm, float eps) {
+                         const void* k_norm, int w_f32, float eps) {
     uint16_t* base = static_cast<uint16_t*>(qkv);
     for (int64_t t = 0; t < tokens; ++t) {
         uint16_t* row = base + t * (hq + 2 * hkv) * D;
-        dsi_rms_norm_bf16(row, D, q_norm, row, D, hq, D, eps);
-        dsi_rms_norm_bf16(row + hq * D, D, k_norm, row + hq * D, D, hkv, D, eps);
+        dsi_rms_norm_bf16(row, D, q_norm, w_f32, row, D, hq, D, eps);
+        dsi_rms_norm_bf16(row + hq * D, D, k_norm, w_f32, row + hq * D, D, hkv, D, eps);
     }
 }
 
@@ -1746,6 +1781,33 @@ int dsi_act_bf16(const void* x, int64_t ld, int64_t rows, int64_t n, void* y, in
     return 0;
 }
 
+// A gated MLP's activation: y[r, :] = round(round(act(g)) * u) for gate_up rows [g | u] of 2I bf16 (row stride ld), y
+// rows of I (stride ldy); kind as dsi_act_bf16 (GeGLU: 0 erf, 1 tanh; 3 SiLU gives dsi_silu_mul_bf16's SwiGLU). Calls
+// of kSerialActWork outputs or more are split over `threads` OpenMP threads in pieces of 256 outputs of a row (each
+// element's result does not depend on the split). AVX512 only: returns -1 there or for another kind, else 0.
+int dsi_gated_act_bf16(const void* gate_up, int64_t ld, int64_t rows, int64_t I, void* y, int64_t ldy, int kind,
+                       int threads) {
+    if (dsi_gemv_best_isa() < 2 || kind < kGelu || kind > kSilu) return -1;
+    const uint16_t* gu = static_cast<const uint16_t*>(gate_up);
+    uint16_t* ys = static_cast<uint16_t*>(y);
+    using Row = void (*)(const uint16_t*, const uint16_t*, uint16_t*, int64_t);
+    static const Row row_fn[] = {gated_row_avx512<kGelu>, gated_row_avx512<kGeluTanh>, gated_row_avx512<kRelu>,
+                                 gated_row_avx512<kSilu>};
+    const Row fn = row_fn[kind];
+    constexpr int64_t kPiece = 256;
+    const int64_t per_row = (I + kPiece - 1) / kPiece, pieces = rows * per_row;
+    if (threads > 1 && rows * I >= kSerialActWork && pieces > 1) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t p = 0; p < pieces; ++p) {
+            const int64_t r = p / per_row, i = p % per_row * kPiece;
+            fn(gu + r * ld + i, gu + r * ld + I + i, ys + r * ldy + i, std::min(kPiece, I - i));
+        }
+        return 0;
+    }
+    for (int64_t r = 0; r < rows; ++r) fn(gu + r * ld, gu + r * ld + I, ys + r * ldy, I);
+    return 0;
+}
+
 // LayerNorm of `rows` bf16 rows of n with weight w and bias b (bf16 [n]), fp32 inside and one rounding
 // (layer_norm_row_avx512). Decode-sized calls: one thread. AVX512 only: returns -1 there, else 0.
 int dsi_layer_norm_bf16(const void* x, int64_t ldx, const void* w, const void* b, void* y, int64_t ldy, int64_t rows,
@@ -1760,15 +1822,15 @@ int dsi_layer_norm_bf16(const void* x, int64_t ldx, const void* w, const void* b
 }
 
 // Decode attention (one query per row) over a KV cache: out [B, Hq, D] = softmax(scale * q K^T, masked) V for
-// grouped KV heads (Hq a multiple of Hkv). Units (row, KV head) are split over `threads` OpenMP threads.
-// AVX512 only and D <= 256: returns -1 otherwise, else 0.
+// grouped KV heads (Hq a multiple of Hkv); softcap > 0: the scores soft-capped first (Gemma 2). Units (row, KV head)
+// are split over `threads` OpenMP threads. AVX512 only and D <= 256: returns -1 otherwise, else 0.
 int dsi_decode_attention_bf16(const void* q, int64_t qb, int64_t qh, const void* k, const void* v, int64_t kb,
                               int64_t kh, int64_t kl, const void* mask, int64_t mb, int64_t ml, void* out, int64_t B,
-                              int64_t hq, int64_t hkv, int64_t L, int64_t D, float scale, int threads) {
+                              int64_t hq, int64_t hkv, int64_t L, int64_t D, float scale, float softcap, int threads) {
     if (dsi_gemv_best_isa() < 2 || attn_unit_for(D) == nullptr) return -1;
     run_attention(AttnArgs{static_cast<const uint16_t*>(q), qb, qh, static_cast<const uint16_t*>(k),
                            static_cast<const uint16_t*>(v), kb, kh, kl, static_cast<const uint8_t*>(mask), mb, ml,
-                           static_cast<uint16_t*>(out), B, hq, hkv, L, D, scale}, threads);
+                           static_cast<uint16_t*>(out), B, hq, hkv, L, D, scale, softcap}, threads);
     return 0;
 }
 
@@ -1820,9 +1882,12 @@ uint64_t dsi_stream_read(const void* data, int64_t bytes, int threads) {
 //   h = act(x Wgu^T (+b)) Wd^T (+b) (+h) [+ all-reduce]
 // with the same kernels and the same roundings as the Python calls it replaces (modules/transformer.py), so
 // the result is bit-identical; what it saves is ~100 us of Python and torch dispatch per block. The norms are
-// RMSNorms (Llama) or LayerNorms with biases (the GPT families); act is SwiGLU over gate | up or a plain
-// activation of up; with the parallel residual (GPTDecoderLayer.parallel) the MLP reads norm2 of the block's
-// input instead (norm1's output itself when the block has one shared norm), and down adds attention's output.
+// RMSNorms (Llama; Gemma's (1 + w) in fp32) or LayerNorms with biases (the GPT families); act is SwiGLU or GeGLU
+// over gate | up or a plain activation of up; with the parallel residual (GPTDecoderLayer.parallel) the MLP reads
+// norm2 of the block's input instead (norm1's output itself when the block has one shared norm), and down adds
+// attention's output. Gemma 2 / 3's sandwich blocks (SandwichDecoderLayer) norm the attention's and the MLP's outputs
+// before their residual adds (o and down then add no residual): h = h + norm_a(o), h = h + norm_m(down); Gemma 2's
+// scores are soft-capped, Gemma 3's sliding-window layers rotate by a table of their own.
 struct DsiLinear {
     const void* w; const void* bias;   // weight (AMX layout, or row-major with row stride ldw); bias or null
     int64_t ldw, N, K;
@@ -1841,10 +1906,13 @@ struct DsiLayer {
     const void* input_norm; const void* post_norm;   // norm weights [hidden]; post_norm null: one shared norm
                                                      // (parallel residual only: GPT-J, Phi)
     const void* input_bias; const void* post_bias;   // LayerNorm biases [hidden] (DsiStack.layer_norm), else null
-    const void* q_norm; const void* k_norm;   // per-head RMSNorm weights [D] (Qwen3) or null
+    const void* q_norm; const void* k_norm;   // per-head RMSNorm weights [D] (Qwen3, Gemma 3) or null
     void* k_cache; void* v_cache;             // [B_max, Hkv, S, D] with strides (cb, ch, D, 1)
     int64_t cb, ch;
-    int64_t sliding;                          // attends through the window mask when one is given
+    int64_t sliding;                          // attends through the window mask when one is given (and rotates by
+                                              // the sliding layers' table when one is given)
+    const void* attn_out_norm; const void* mlp_out_norm;   // sandwich block (Gemma 2 / 3): RMSNorm weights [hidden]
+                                                           // of attention's / the MLP's output; null: pre-norm block
 };
 
 struct DsiStack {
@@ -1856,8 +1924,11 @@ struct DsiStack {
     double timeout_s;
     int64_t layer_norm;    // 0: RMSNorms (dsi_rms_norm_bf16); 1: LayerNorms with biases (dsi_layer_norm_bf16)
     int64_t parallel;      // 1: h + attn(norm1(h)) + mlp(norm2(h)) (GPT-NeoX, GPT-J, Phi); 0: sequential
-    int64_t mlp_act;       // -1: SwiGLU, gate_up holds gate | up (2 inter rows); else dsi_act_bf16's kind on up
+    int64_t mlp_act;       // dsi_act_bf16's kind: of gate times up (gated), else of up
     int64_t rotary_dim;    // R: cos / sin rows [B, R], the first R dims of each head rotate; 0: no rotary
+    int64_t gated;         // 1: gate_up holds gate | up (2 inter rows), act(gate) * up (SwiGLU, GeGLU)
+    int64_t norm_f32;      // 1: RMSNorm weights (q / k norms too) fp32, Gemma's (1 + w): dsi_rms_norm_bf16's w_f32
+    double softcap;        // > 0: attention scores soft-capped (Gemma 2); 0: none
 };
 
 static int stack_linear(const DsiStack* st, const DsiLinear& lin, const uint16_t* x, int64_t M, const uint16_t* h,
@@ -1880,13 +1951,15 @@ static int stack_linear(const DsiStack* st, const DsiLinear& lin, const uint16_t
 }
 
 // h [B, hidden] bf16: the residual stream in, the last block's output out (the final norm is the caller's).
-// cos / sin [B, rotary_dim]; the step writes cache column col and attends over columns [0, col]; mask / wmask:
+// cos / sin [B, rotary_dim]; scos / ssin: the same for the sliding-window layers (Gemma 3), or null (cos / sin for
+// every layer); the step writes cache column col and attends over columns [0, col]; mask / wmask:
 // bool [B, col + 1] rows (strides mb / wmb, column strides ml / wml) or null. shm_step: the exchange's call counter
 // (in / out); shm_seconds: time spent in exchanges, waiting included, is added to it.
 // Returns 0; 1 when a peer did not reach an all-reduce within the timeout; 2 when a linear call failed; 3
 // without AVX512.
 int dsi_decode_stack(const DsiStack* st, const DsiLayer* layers, void* h_, int64_t B, const void* cos, const void* sin,
-                     int64_t col, const void* mask, int64_t mb, int64_t ml, const void* wmask, int64_t wmb, int64_t wml,
+                     const void* scos, const void* ssin, int64_t col, const void* mask, int64_t mb, int64_t ml,
+                     const void* wmask, int64_t wmb, int64_t wml,
                      int64_t* shm_step, double* shm_seconds) {
     const int64_t H = st->hidden, hq = st->hq, hkv = st->hkv, D = st->head_dim, I = st->inter;
     const int64_t heads = hq + 2 * hkv, L = col + 1;
@@ -1895,7 +1968,8 @@ int dsi_decode_stack(const DsiStack* st, const DsiLayer* layers, void* h_, int64
     static thread_local std::vector<uint16_t> buf;
     buf.resize(static_cast<size_t>(B * (3 * H + heads * D + (hq + hkv) * D + hq * D + 3 * I)));
     uint16_t* x = buf.data();
-    uint16_t* x2 = x + B * H;          // norm2 of the block's input (parallel residual with two norms)
+    uint16_t* x2 = x + B * H;          // norm2 of the block's input (parallel residual with two norms), or the normed
+                                       // output of a sandwich block's attention / MLP
     uint16_t* y = x2 + B * H;
     uint16_t* qkv = y + B * H;
     uint16_t* q = qkv + B * heads * D;
@@ -1915,9 +1989,20 @@ int dsi_decode_stack(const DsiStack* st, const DsiLayer* layers, void* h_, int64
         return rc;
     };
     const float eps = static_cast<float>(st->eps);
+    const int w_f32 = static_cast<int>(st->norm_f32);
     auto norm = [&](const void* w, const void* bias, uint16_t* out) {   // of the residual stream h
         if (st->layer_norm) dsi_layer_norm_bf16(h, H, w, bias, out, H, B, H, eps);
-        else dsi_rms_norm_bf16(h, H, w, out, H, B, H, eps);
+        else dsi_rms_norm_bf16(h, H, w, w_f32, out, H, B, H, eps);
+    };
+    // h = h + y (after the block's output norm w when given: sandwich), each element rounded once, as torch's add;
+    // otherwise y already holds h + output (the residual added in the linear)
+    auto add_output = [&](const void* w) {
+        if (!w) {
+            memcpy(h, y, B * H * sizeof(uint16_t));
+            return;
+        }
+        dsi_rms_norm_bf16(y, H, w, w_f32, x2, H, B, H, eps);
+        for (int64_t i = 0; i < B * H; ++i) h[i] = f32_to_bf16(bf16_to_f32(h[i]) + bf16_to_f32(x2[i]));
     };
     for (int64_t l = 0; l < st->num_layers; ++l) {
         const DsiLayer& ly = layers[l];
@@ -1928,24 +2013,28 @@ int dsi_decode_stack(const DsiStack* st, const DsiLayer* layers, void* h_, int64
             norm(ly.post_norm, ly.post_bias, x2);
             mlp_in = x2;
         }
-        if (ly.q_norm) dsi_head_norms_bf16(qkv, B, hq, hkv, D, ly.q_norm, ly.k_norm, eps);
-        dsi_rotary_write_kv_bf16(qkv, cos, sin, B, 1, hq, hkv, D, st->rotary_dim, q, k, ly.k_cache, ly.v_cache, ly.cb,
-                                 ly.ch, col);
+        if (ly.q_norm) dsi_head_norms_bf16(qkv, B, hq, hkv, D, ly.q_norm, ly.k_norm, w_f32, eps);
+        const bool own_table = ly.sliding && scos;   // Gemma 3's sliding layers: their own rope table
+        dsi_rotary_write_kv_bf16(qkv, own_table ? scos : cos, own_table ? ssin : sin, B, 1, hq, hkv, D, st->rotary_dim,
+                                 q, k, ly.k_cache, ly.v_cache, ly.cb, ly.ch, col);
         const bool win = ly.sliding && wmask;
         run_attention(AttnArgs{q, hq * D, D, static_cast<const uint16_t*>(ly.k_cache),
                                static_cast<const uint16_t*>(ly.v_cache), ly.cb, ly.ch, D,
                                static_cast<const uint8_t*>(win ? wmask : mask), win ? wmb : mb, win ? wml : ml, att,
-                               B, hq, hkv, L, D, static_cast<float>(st->scale)}, static_cast<int>(st->threads));
+                               B, hq, hkv, L, D, static_cast<float>(st->scale), static_cast<float>(st->softcap)},
+                      static_cast<int>(st->threads));
         if (stack_linear(st, ly.o, att, B, h, y)) return 2;
         if (ly.o.reduce && all_reduce(y)) return 1;
-        memcpy(h, y, B * H * sizeof(uint16_t));      // sequential: h + attn; parallel: the same, which down then adds
+        add_output(ly.attn_out_norm);    // sequential: h + attn; parallel: the same, which down then adds
         if (!st->parallel) norm(ly.post_norm, ly.post_bias, x);
         if (stack_linear(st, ly.gate_up, mlp_in, B, h, gu)) return 2;
-        if (st->mlp_act < 0) dsi_silu_mul_bf16(gu, 2 * I, B, I, act, I);
+        if (st->gated && st->mlp_act == kSilu) dsi_silu_mul_bf16(gu, 2 * I, B, I, act, I);
+        else if (st->gated) dsi_gated_act_bf16(gu, 2 * I, B, I, act, I, static_cast<int>(st->mlp_act),
+                                               static_cast<int>(st->threads));
         else dsi_act_bf16(gu, I, B, I, act, I, static_cast<int>(st->mlp_act), static_cast<int>(st->threads));
         if (stack_linear(st, ly.down, act, B, h, y)) return 2;
         if (ly.down.reduce && all_reduce(y)) return 1;
-        memcpy(h, y, B * H * sizeof(uint16_t));
+        add_output(ly.mlp_out_norm);
     }
     return 0;
 }

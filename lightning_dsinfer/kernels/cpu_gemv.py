@@ -24,9 +24,10 @@ tile-state permission from the kernel, asked for with ``arch_prctl``). Threads: 
 small calls stay on the calling thread (the work thresholds live in cpu_gemv.cpp).
 
 The same library has one-call forms of a decode step's small ops (bf16, a few rows; the torch composites cost
-~20-50 us of dispatch each): :func:`rms_norm`, :func:`layer_norm`, :func:`silu_and_mul`, :func:`act` (GeLU erf /
-tanh, ReLU, SiLU), :func:`rotary_write_kv` (full or partial rotary), :func:`decode_attention` (fp32 scores /
-softmax / sum over the KV cache, GQA, masks), and the shared-memory all-reduce exchange (:func:`shm_exchange`).
+~20-50 us of dispatch each): :func:`rms_norm` (bf16 or Gemma's fp32 weights), :func:`layer_norm`,
+:func:`silu_and_mul`, :func:`gated_act` (GeGLU), :func:`act` (GeLU erf / tanh, ReLU, SiLU), :func:`rotary_write_kv`
+(full or partial rotary, q / k head norms), :func:`decode_attention` (fp32 scores / softmax / sum over the KV cache,
+GQA, masks, soft-capped scores), and the shared-memory all-reduce exchange (:func:`shm_exchange`).
 
 :func:`available` is False, after one logged warning, when there is no compiler, the build or load fails,
 the CPU has none of the paths, or ``DSINFER_CPU_GEMV=0``; callers then use oneDNN / ``F.linear``.
@@ -84,7 +85,7 @@ class _Kernel:
         self.packed_numel.argtypes = [i64, i64]
         self.rms_norm = lib.dsi_rms_norm_bf16
         self.rms_norm.restype = None
-        self.rms_norm.argtypes = [p, i64, p, p, i64, i64, i64, ctypes.c_float]
+        self.rms_norm.argtypes = [p, i64, p, ctypes.c_int, p, i64, i64, i64, ctypes.c_float]
         self.rotary = lib.dsi_rotary_write_kv_bf16
         self.rotary.restype = None
         self.rotary.argtypes = [p, p, p, i64, i64, i64, i64, i64, i64, p, p, p, p, i64, i64, i64]
@@ -99,17 +100,20 @@ class _Kernel:
         self.stream_read.argtypes = [p, i64, ctypes.c_int]
         self.head_norms = lib.dsi_head_norms_bf16
         self.head_norms.restype = None
-        self.head_norms.argtypes = [p, i64, i64, i64, i64, p, p, ctypes.c_float]
+        self.head_norms.argtypes = [p, i64, i64, i64, i64, p, p, ctypes.c_int, ctypes.c_float]
         self.silu_mul = lib.dsi_silu_mul_bf16
         self.silu_mul.restype = ctypes.c_int
         self.silu_mul.argtypes = [p, i64, i64, i64, p, i64]
+        self.gated_act = lib.dsi_gated_act_bf16
+        self.gated_act.restype = ctypes.c_int
+        self.gated_act.argtypes = [p, i64, i64, i64, p, i64, ctypes.c_int, ctypes.c_int]
         self.attention = lib.dsi_decode_attention_bf16
         self.attention.restype = ctypes.c_int
         self.attention.argtypes = [p, i64, i64, p, p, i64, i64, i64, p, i64, i64, p, i64, i64, i64, i64, i64,
-                                   ctypes.c_float, ctypes.c_int]
+                                   ctypes.c_float, ctypes.c_float, ctypes.c_int]
         self.decode_stack = lib.dsi_decode_stack
         self.decode_stack.restype = ctypes.c_int
-        self.decode_stack.argtypes = [p, p, p, i64, p, p, i64, p, i64, i64, p, i64, i64, p, p]
+        self.decode_stack.argtypes = [p, p, p, i64, p, p, p, p, i64, p, i64, i64, p, i64, i64, p, p]
         self.shm_exchange = lib.dsi_shm_exchange
         self.shm_exchange.restype = ctypes.c_int
         self.shm_exchange.argtypes = [p, ctypes.c_int, i64, p, i64, p, ctypes.c_int, ctypes.c_int, i64, ctypes.c_double,
@@ -573,15 +577,18 @@ RMS_NORM_MAX_ROWS = 64        # decode-sized calls; prompts keep torch's multi-t
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """:func:`reference.rms_norm` for a few contiguous bf16 rows in one C call (the composite is ~6 torch ops,
-    ~45 us at decode sizes); None where it does not apply (the caller runs the reference)."""
+    ~45 us at decode sizes): a bf16 weight in HF's order (normalise in fp32, round, scale, round), an fp32 one
+    (Gemma's (1 + w)) in Gemma's (normalise and scale in fp32, round once). None where it does not apply (the caller
+    runs the reference)."""
     k = _kernel if _kernel is not None else _load()
     n = x.shape[-1]
-    if (k is None or _off or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or not x.is_contiguous()
-            or not weight.is_contiguous() or weight.numel() != n or x.device.type != "cpu"
-            or x.numel() > RMS_NORM_MAX_ROWS * n):
+    if (k is None or _off or x.dtype != torch.bfloat16 or weight.dtype not in (torch.bfloat16, torch.float32)
+            or not x.is_contiguous() or not weight.is_contiguous() or weight.numel() != n or x.device.type != "cpu"
+            or weight.device.type != "cpu" or x.numel() > RMS_NORM_MAX_ROWS * n):
         return None
     y = torch.empty_like(x)
-    k.rms_norm(x.data_ptr(), n, weight.data_ptr(), y.data_ptr(), n, x.numel() // n, n, eps)
+    k.rms_norm(x.data_ptr(), n, weight.data_ptr(), int(weight.dtype == torch.float32), y.data_ptr(), n,
+               x.numel() // n, n, eps)
     return y
 
 
@@ -597,15 +604,17 @@ ROTARY_MAX_TOKENS = 64        # B x T of a decode step; prompts keep torch's vec
 def rotary_write_kv(qkv, num_heads, cos, sin_signed, k_cache=None, v_cache=None, col=0, q_norm=None, k_norm=None,
                     eps=0.0):
     """:func:`reference.rotary_write_kv` for a few contiguous bf16 tokens in C (the q / k head norms, where given, in
-    one more call, on a copy of qkv), or None where it does not apply (the caller runs the reference). cos / sin
+    one more call, on a copy of qkv: bf16 weights as :func:`rms_norm`'s, fp32 ones (Gemma 3's (1 + w)) scaled in fp32
+    and rounded once), or None where it does not apply (the caller runs the reference). cos / sin
     [B, T, 1, R] with R even, R <= D: the first R dims of each head rotate, the rest pass through (partial rotary)."""
     k = _kernel if _kernel is not None else _load()
     if k is None or _off or qkv.dtype != torch.bfloat16 or qkv.dim() != 4 or not qkv.is_contiguous():
         return None
     b, t, heads, d = qkv.shape
     hq, hkv = num_heads, (heads - num_heads) // 2
-    if q_norm is not None and not all(n is not None and n.dtype == torch.bfloat16 and n.is_contiguous()
-                                      and n.numel() == d for n in (q_norm, k_norm)):
+    if q_norm is not None and not all(n is not None and n.dtype == q_norm.dtype and n.is_contiguous()
+                                      and n.dtype in (torch.bfloat16, torch.float32) and n.numel() == d
+                                      for n in (q_norm, k_norm)):
         return None
     r = cos.shape[-1]
     if (b * t > ROTARY_MAX_TOKENS or r % 2 or not 0 < r <= d or cos.shape != (b, t, 1, r)
@@ -619,7 +628,8 @@ def rotary_write_kv(qkv, num_heads, cos, sin_signed, k_cache=None, v_cache=None,
             return None
     if q_norm is not None:
         qkv = qkv.clone()
-        k.head_norms(qkv.data_ptr(), b * t, hq, hkv, d, q_norm.data_ptr(), k_norm.data_ptr(), eps)
+        k.head_norms(qkv.data_ptr(), b * t, hq, hkv, d, q_norm.data_ptr(), k_norm.data_ptr(),
+                     int(q_norm.dtype == torch.float32), eps)
     q = torch.empty(b, t, hq, d, dtype=torch.bfloat16)
     kk = torch.empty(b, t, hkv, d, dtype=torch.bfloat16)
     k.rotary(qkv.data_ptr(), cos.data_ptr(), sin_signed.data_ptr(), b, t, hq, hkv, d, r, q.data_ptr(), kk.data_ptr(),
@@ -687,15 +697,37 @@ def act(x: torch.Tensor, name: str) -> torch.Tensor | None:
     return y
 
 
+def gated_act(gate_up: torch.Tensor, name: str) -> torch.Tensor | None:
+    """A gated MLP's activation ``act(gate) * up`` for a few contiguous bf16 rows of gate | up in one C call, as
+    :func:`reference.gelu_and_mul` rounds (act(gate) rounded to bf16, then the product rounded; fp32 inside each,
+    :func:`act`'s vectorised erf / tanh, so a rare element sits one bf16 ulp from torch's): GeGLU (``name`` gelu_tanh
+    or gelu; silu gives :func:`silu_and_mul`'s SwiGLU). None where it does not apply (the caller runs the reference),
+    also on CPUs without AVX512 (:func:`has_wide_ops`)."""
+    k = _kernel if _kernel is not None else _load()
+    n2 = gate_up.shape[-1]
+    kind = ACT_KINDS.get(name)
+    if (k is None or _off or k.best_isa < 2 or kind is None or gate_up.dtype != torch.bfloat16
+            or not gate_up.is_contiguous() or n2 % 2 or n2 == 0 or gate_up.device.type != "cpu"
+            or gate_up.numel() > ACT_MAX_ROWS * n2):
+        return None
+    inter = n2 // 2
+    y = torch.empty(*gate_up.shape[:-1], inter, dtype=torch.bfloat16)
+    k.gated_act(gate_up.data_ptr(), n2, gate_up.numel() // n2, inter, y.data_ptr(), inter, kind,
+                torch.get_num_threads())
+    return y
+
+
 DECODE_ATTENTION_MAX_HEAD_DIM = 256
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor | None,
-                     scale: float) -> torch.Tensor | None:
+                     scale: float, softcap: float | None = None) -> torch.Tensor | None:
     """:func:`reference.attention` for one query per row (decode) in one C call: q [B, Hq, 1, D], k / v
     [B, Hkv, L, D] bf16 views (the cache; unit stride along D, same strides for both), mask bool broadcastable to
-    [B, 1, 1, L] or None. fp32 scores, softmax and sum, one rounding. Returns [B, Hq, 1, D], or None where it
-    does not apply (the caller runs the reference), also on CPUs without AVX512 (:func:`has_wide_ops`)."""
+    [B, 1, 1, L] or None. fp32 scores (``softcap``: soft-capped, Gemma 2, with :func:`act`'s vectorised tanh), softmax
+    and sum, one rounding (the reference multiplies in bf16 where scores are capped, as HF's eager attention).
+    Returns [B, Hq, 1, D], or None where it does not apply (the caller runs the reference), also on CPUs without
+    AVX512 (:func:`has_wide_ops`)."""
     kern = _kernel if _kernel is not None else _load()
     if kern is None or _off or kern.best_isa < 2 or q.dim() != 4 or k_cache.dim() != 4:
         return None
@@ -704,7 +736,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if (t != 1 or q.dtype != torch.bfloat16 or k_cache.dtype != torch.bfloat16 or v_cache.dtype != torch.bfloat16
             or q.device.type != "cpu" or k_cache.device.type != "cpu" or q.stride(3) != 1 or k_cache.stride(3) != 1
             or k_cache.stride() != v_cache.stride() or k_cache.shape != v_cache.shape or k_cache.shape[0] != b
-            or k_cache.shape[3] != d or hq % hkv or d > DECODE_ATTENTION_MAX_HEAD_DIM or length < 1):
+            or k_cache.shape[3] != d or hq % hkv or d > DECODE_ATTENTION_MAX_HEAD_DIM or length < 1
+            or (softcap is not None and not softcap > 0)):
         return None
     mask_ptr, mb, ml = None, 0, 0
     if mask is not None:
@@ -715,7 +748,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty(b, hq, 1, d, dtype=torch.bfloat16)
     kern.attention(q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0),
                    k_cache.stride(1), k_cache.stride(2), mask_ptr, mb, ml, out.data_ptr(), b, hq, hkv, length, d,
-                   scale, torch.get_num_threads())
+                   scale, softcap or 0.0, torch.get_num_threads())
     return out
 
 
@@ -730,25 +763,28 @@ class StackLinear(ctypes.Structure):
 
 class StackLayer(ctypes.Structure):
     """``DsiLayer`` of cpu_gemv.cpp: one block's linears, norms (LayerNorms: with their biases; post_norm null: one
-    shared norm) and KV-cache tensors."""
+    shared norm; a sandwich block's norms of attention's and the MLP's outputs) and KV-cache tensors."""
     _fields_ = [("qkv", StackLinear), ("o", StackLinear), ("gate_up", StackLinear), ("down", StackLinear),
                 ("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("input_bias", ctypes.c_void_p),
                 ("post_bias", ctypes.c_void_p), ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p),
                 ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p), ("cb", ctypes.c_int64),
-                ("ch", ctypes.c_int64), ("sliding", ctypes.c_int64)]
+                ("ch", ctypes.c_int64), ("sliding", ctypes.c_int64), ("attn_out_norm", ctypes.c_void_p),
+                ("mlp_out_norm", ctypes.c_void_p)]
 
 
 class StackShape(ctypes.Structure):
     """``DsiStack`` of cpu_gemv.cpp: sizes, threads, the shared-memory all-reduce (slots null: none), and the block's
-    form: norm kind (0 RMSNorm, 1 LayerNorm with biases), parallel residual, MLP activation (-1 SwiGLU, else an
-    :data:`ACT_KINDS` value), rotary width (0: none)."""
+    form: norm kind (0 RMSNorm, 1 LayerNorm with biases), parallel residual, MLP activation (an :data:`ACT_KINDS`
+    value: of gate times up when ``gated``, SwiGLU / GeGLU, else of up), rotary width (0: none), fp32 RMSNorm weights
+    (Gemma's (1 + w)), the attention's score cap (0: none)."""
     _fields_ = [("num_layers", ctypes.c_int64), ("hidden", ctypes.c_int64), ("hq", ctypes.c_int64),
                 ("hkv", ctypes.c_int64), ("head_dim", ctypes.c_int64), ("inter", ctypes.c_int64),
                 ("eps", ctypes.c_double), ("scale", ctypes.c_double), ("threads", ctypes.c_int64),
                 ("isa", ctypes.c_int64), ("slots", ctypes.c_void_p), ("capacity", ctypes.c_int64),
                 ("flags", ctypes.c_void_p), ("tp_size", ctypes.c_int64), ("tp_rank", ctypes.c_int64),
                 ("timeout_s", ctypes.c_double), ("layer_norm", ctypes.c_int64), ("parallel", ctypes.c_int64),
-                ("mlp_act", ctypes.c_int64), ("rotary_dim", ctypes.c_int64)]
+                ("mlp_act", ctypes.c_int64), ("rotary_dim", ctypes.c_int64), ("gated", ctypes.c_int64),
+                ("norm_f32", ctypes.c_int64), ("softcap", ctypes.c_double)]
 
 
 def has_wide_ops() -> bool:

@@ -110,20 +110,30 @@ def moe_route(logits: torch.Tensor, top_k: int, scoring: str = "softmax", renorm
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     dev = logits.device
-    a = t * top_k
     weights = torch.empty((t, top_k), dtype=torch.float32, device=dev)
     ids = torch.empty((t, top_k), dtype=torch.int32, device=dev)
-    counts = torch.empty(e, dtype=torch.int32, device=dev)
-    offsets = torch.empty(e + 1, dtype=torch.int32, device=dev)
-    sorted_ids = torch.empty(a, dtype=torch.int32, device=dev)
-    inverse = torch.empty(a, dtype=torch.int32, device=dev)
     block_e = triton.next_power_of_2(e)
     if t:
         _moe_topk_kernel[(t,)](logits, logits.stride(0), weights, ids, e, TOP_K=top_k, BLOCK_E=block_e,
                                BLOCK_K=triton.next_power_of_2(top_k), SIGMOID=scoring == "sigmoid",
                                RENORMALIZE=renormalize, num_warps=1 if block_e <= 256 else 4)
+    return (weights, ids, *moe_tables(ids, e))
+
+
+def moe_tables(ids: torch.Tensor, experts: int):
+    """The mapping tables of a routing decided elsewhere (DeepSeek's grouped routers, in torch): expert ids int32
+    [T, k] -> (counts int32 [E], offsets int32 [E + 1], sorted_ids int32 [T * k], inverse int32 [T * k]), as
+    :func:`moe_route` returns them."""
+    if experts > MAX_EXPERTS:
+        raise ValueError(f"experts {experts} exceeds {MAX_EXPERTS}")
+    ids = ids.to(torch.int32).contiguous()
+    dev, a, e = ids.device, ids.numel(), experts
+    counts = torch.empty(e, dtype=torch.int32, device=dev)
+    offsets = torch.empty(e + 1, dtype=torch.int32, device=dev)
+    sorted_ids = torch.empty(a, dtype=torch.int32, device=dev)
+    inverse = torch.empty(a, dtype=torch.int32, device=dev)
     block_a = min(max(triton.next_power_of_2(a), 16), 1024)
     _moe_count_kernel[(e,)](ids, counts, a, BLOCK_A=block_a, num_warps=4)
     _moe_permute_kernel[(e,)](ids, counts, offsets, sorted_ids, inverse, a, e,
-                              BLOCK_A=block_a, BLOCK_E=block_e, num_warps=4)
-    return weights, ids, counts, offsets, sorted_ids, inverse
+                              BLOCK_A=block_a, BLOCK_E=triton.next_power_of_2(e), num_warps=4)
+    return counts, offsets, sorted_ids, inverse

@@ -6,9 +6,10 @@ kernel when its tensors are on CUDA and Triton imports, or when the Triton path 
 or ``DSINFER_FORCE_TRITON=1`` read at import), which with ``TRITON_INTERPRET=1`` runs the whole engine through
 the kernels on CPU tensors.
 Everything else (the CPU path) calls the reference, except bf16 decode-sized calls of ``rms_norm``,
-``layer_norm``, ``silu_and_mul``, ``act``, ``rotary_write_kv`` (full or partial rotary) and ``attention`` (one
-query per row), which take the one-call C kernels of :mod:`~lightning_dsinfer.kernels.cpu_gemv` (each tested
-against the reference there); Triton is imported only on the first Triton dispatch.
+``layer_norm``, ``silu_and_mul``, ``gated_act``, ``act``, ``rotary_write_kv`` (full or partial rotary) and
+``attention`` (one query per row, soft-capped or not), which take the one-call C kernels of
+:mod:`~lightning_dsinfer.kernels.cpu_gemv` (each tested against the reference there); Triton is imported only on the
+first Triton dispatch.
 
 How the engine's calls map onto the kernels, and what stays on the reference:
 
@@ -208,6 +209,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return kernel(x, weight, eps)
 
 
+def projection_rms_norm(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                        eps: float, reduce=None, ranks: int = 1):
+    """See :func:`reference.projection_rms_norm` (OLMo 2's q / k norms over the whole projection): on one rank two
+    :func:`rms_norm` calls (the Triton kernel takes the strided column views); split over ranks, the torch ops around
+    the all-reduce of the sums of squares, on every path (there is no kernel for it)."""
+    if reduce is None:
+        return rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)
+    if _triton(q):
+        _count("projection_rms_norm", "reference:tensor-parallel")
+    return reference.projection_rms_norm(q, k, q_weight, k_weight, eps, reduce, ranks)
+
+
 def fuses_residual(x: torch.Tensor) -> bool:
     """Whether residual adds for tensors like ``x`` belong in the norm that follows (:func:`add_rms_norm`, one
     kernel: the Triton path) rather than in the output projection's GEMM (the CPU path, where oneDNN fuses the
@@ -246,12 +259,14 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 def act(x: torch.Tensor, name: str) -> torch.Tensor:
     """A plain MLP's activation (gelu | gelu_tanh | relu | silu) over x: torch's op in x's dtype on the CPU (fp32
     inside, one rounding, as HF; decode-sized bf16 rows: one C call), ``kernels/activations.bias_act`` on the Triton
-    path."""
-    if not _triton(x):
+    path. relu2 (Arcee's ReLU squared) has no kernel: torch's ops on every path."""
+    if not _triton(x) or name == "relu2":
         if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-            y = cpu_gemv.act(x, name)                # decode-sized bf16 rows: one C call
+            y = cpu_gemv.act(x, name)                # decode-sized bf16 rows: one C call (None for relu2)
             if y is not None:
                 return y
+        if _triton(x):
+            _count("act", "reference:relu2")
         return reference.act(x, name)
     from lightning_dsinfer.kernels.activations import bias_act
     _count("act", "triton")
@@ -265,6 +280,10 @@ def gated_act(gate_up: torch.Tensor, act: str = "silu") -> torch.Tensor:
     if act == "silu":
         return silu_and_mul(gate_up)
     if not _triton(gate_up):
+        if gate_up.dtype == torch.bfloat16 and gate_up.device.type == "cpu":
+            y = cpu_gemv.gated_act(gate_up, act)     # decode-sized bf16 rows: one C call (the C decode step's)
+            if y is not None:
+                return y
         return reference.gelu_and_mul(gate_up, "tanh" if act == "gelu_tanh" else "none")
     from lightning_dsinfer.kernels.activations import gated_act as kernel
     _count("gated_act", "triton")
@@ -286,24 +305,31 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 def moe_mlp(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
             renormalize: bool = True, weights_in_dtype: bool = False, gate_up_scale: torch.Tensor | None = None,
-            down_scale: torch.Tensor | None = None, first_expert: int = 0) -> torch.Tensor:
+            down_scale: torch.Tensor | None = None, first_expert: int = 0, routing: reference.Routing | None = None,
+            router_bias: torch.Tensor | None = None) -> torch.Tensor:
     """See :func:`reference.moe_mlp`. On the Triton path: routing with mapping tables (``kernels/moe_routing.py``:
     top-k, per-expert counts, offsets and the token permutation), the experts' gate|up as one grouped GEMM over the
     permuted tokens (``kernels/moe_gemm.py``), SwiGLU, the down grouped GEMM with the routing weights as row
     scales, and the k rows of each token summed. int8 experts (``gate_up_scale`` [E, 2I], ``down_scale`` [E, H]): the
     grouped GEMMs widen the int8 tiles and apply the row scales. Expert parallelism (gate_up / down hold the
     router's experts [first_expert, first_expert + E_local)): routing over all experts, the grouped GEMMs over this
-    rank's segment of the routing tables, the other assignments' rows zero."""
+    rank's segment of the routing tables, the other assignments' rows zero. DeepSeek's routers (``routing``: groups,
+    correction bias, fp32 router) choose in torch (:func:`reference.moe_topk`), the tables then by kernel."""
     int8 = gate_up_scale is not None
-    if not _triton(x) or x.dtype != router.dtype or (x.dtype != gate_up.dtype and not int8):
+    if (not _triton(x) or (x.dtype != router.dtype and routing is None)
+            or (x.dtype != gate_up.dtype and not int8)):
         return reference.moe_mlp(x, router, gate_up, down, top_k, renormalize, weights_in_dtype, gate_up_scale,
-                                 down_scale, first_expert)
+                                 down_scale, first_expert, routing, router_bias)
     from lightning_dsinfer.kernels.activations import gated_act
     from lightning_dsinfer.kernels.moe_gemm import moe_gemm
-    from lightning_dsinfer.kernels.moe_routing import moe_route
+    from lightning_dsinfer.kernels.moe_routing import moe_route, moe_tables
     _count("moe_mlp", "triton")
     t = x.shape[0]
-    w, _, _, offsets, sorted_ids, _ = moe_route(linear(x, router), top_k, "softmax", renormalize)
+    if routing is not None:
+        w, ids = reference.moe_topk(x, router, top_k, routing=routing, bias=router_bias)
+        _, offsets, sorted_ids, _ = moe_tables(ids, router.shape[0])
+    else:
+        w, _, _, offsets, sorted_ids, _ = moe_route(linear(x, router), top_k, "softmax", renormalize)
     if weights_in_dtype:
         w = w.to(x.dtype)
     local = gate_up.shape[0]
@@ -573,14 +599,18 @@ def _same_layout(k: torch.Tensor, v: torch.Tensor):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
               scale: float, softcap: float | None = None, alibi: torch.Tensor | None = None) -> torch.Tensor:
     """See :func:`reference.attention`; which masks the kernels take is in the module docstring. Soft-capped
-    scores (Gemma 2) and ALiBi (BLOOM) go to the decode kernel, else to the reference (the prefill kernel and the C
-    decode attention have neither)."""
+    scores (Gemma 2) and ALiBi (BLOOM) go to the decode kernel, else to the reference (the prefill kernel has neither;
+    the C decode attention takes the cap: bf16 CPU decode steps)."""
     if softcap is not None or alibi is not None:
         b, hq, t, d = q.shape
         hkv = k.shape[1]
         if (_triton(q) and t == 1 and d <= 256 and hq % hkv == 0 and hq // hkv <= 128 and q.dtype == k.dtype
                 and q.dtype == v.dtype):
             return _decode(q, k, v, mask, scale, b, k.shape[2], softcap, alibi)
+        if alibi is None and not _triton(q) and t == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
+            out = cpu_gemv.decode_attention(q, k, v, mask, scale, softcap)   # bf16 decode: one C call, capped
+            if out is not None:
+                return out
         _count("attention", "reference:softcap" if alibi is None else "reference:alibi")
         return reference.attention(q, k, v, mask, scale, softcap, alibi)
     if not _triton(q):

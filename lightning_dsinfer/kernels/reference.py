@@ -6,6 +6,8 @@ they compute.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -24,6 +26,27 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     then ``rms_norm(h)``; returns (normed, h). The inputs are not modified."""
     h = x + residual
     return rms_norm(h, weight, eps), h
+
+
+def projection_rms_norm(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                        eps: float, reduce=None, ranks: int = 1):
+    """OLMo 2's q / k norms: :func:`rms_norm` of q [..., Nq] and of k [..., Nk], each over its whole last dim (a token's
+    whole projection, all heads; weights [Nq] / [Nk], rounding as :func:`rms_norm` for their dtype). Under tensor
+    parallelism q and k hold this rank's heads and the weights their slices: ``reduce`` (an in-place sum over the
+    group) adds up the fp32 sums of squares, both in one call, and each mean divides by ``ranks`` x the local width
+    (a KV head replicated on r ranks is counted r times in both). Returns new (q, k)."""
+    if reduce is None:
+        return rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)
+    qf, kf = q.float(), k.float()
+    sums = reduce(torch.stack((qf.square().sum(-1), kf.square().sum(-1)), dim=-1))
+
+    def scaled(xf, x, total, weight):
+        y = xf * torch.rsqrt(total.unsqueeze(-1) / (x.shape[-1] * ranks) + eps)
+        if x.dtype == torch.float32 or weight.dtype == torch.float32:
+            return (y * weight.float()).to(x.dtype)
+        return y.to(x.dtype) * weight           # HF's order for weights in the rows' dtype (as rms_norm)
+
+    return scaled(qf, q, sums[..., 0], q_weight), scaled(kf, k, sums[..., 1], k_weight)
 
 
 def rotary_half(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
@@ -105,8 +128,8 @@ def gelu_and_mul(gate_up: torch.Tensor, approximate: str = "tanh") -> torch.Tens
 
 
 def act(x: torch.Tensor, name: str) -> torch.Tensor:
-    """A plain (ungated) MLP activation in x's dtype: gelu (erf), gelu_tanh, relu or silu (torch's ops compute in
-    fp32 and round once, so this equals :func:`bias_act` without a bias)."""
+    """A plain (ungated) MLP activation in x's dtype: gelu (erf), gelu_tanh, relu, relu2 (ReLU squared) or silu
+    (torch's ops compute in fp32 and round once, so this equals :func:`bias_act` without a bias)."""
     return _ACTS[name](x)
 
 
@@ -250,7 +273,12 @@ def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-_ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": _gelu_tanh, "relu": F.relu}
+def _relu2(x: torch.Tensor) -> torch.Tensor:
+    """ReLU squared (Arcee's ``relu2``: HF squares the ReLU's output, one rounding)."""
+    return F.relu(x).square()
+
+
+_ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": _gelu_tanh, "relu": F.relu, "relu2": _relu2}
 
 
 def bias_act(x: torch.Tensor, bias: torch.Tensor | None = None, act: str = "gelu_tanh") -> torch.Tensor:
@@ -269,16 +297,58 @@ def gated_act(gate_up: torch.Tensor, bias: torch.Tensor | None = None, act: str 
     return (_ACTS[act](h[..., :inter]) * h[..., inter:]).to(gate_up.dtype)
 
 
+@dataclass(frozen=True)
+class Routing:
+    """A router other than softmax top-k (DeepSeek's): ``scoring`` softmax | sigmoid; the experts in ``groups``
+    groups, of which only the ``topk_groups`` best are searched (a group scored by its best expert, ``group_score``
+    "max" (V2), or by its two best summed, "top2" (V3)); the choice made on the scores plus a per-expert correction
+    bias where the model has one (V3), the weights being the scores themselves; ``renormalize`` divides the k weights
+    by their sum + ``eps``, then all are multiplied by ``scale`` (routed_scaling_factor). ``fp32``: the router's logits
+    from fp32 input and weight (the model keeps the router in fp32)."""
+    scoring: str = "softmax"
+    groups: int = 1
+    topk_groups: int = 1
+    group_score: str = "max"
+    renormalize: bool = False
+    eps: float = 0.0
+    scale: float = 1.0
+    fp32: bool = False
+
+
 def moe_topk(x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool = True,
-             weights_in_dtype: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+             weights_in_dtype: bool = False, routing: Routing | None = None,
+             bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Routing as transformers does it: softmax of the router logits [T, E] in fp32, top-k (renormalised when asked),
-    the weights rounded to x's dtype when ``weights_in_dtype`` (Qwen). Returns (weights [T, k], expert ids [T, k])."""
+    the weights rounded to x's dtype when ``weights_in_dtype`` (Qwen). With ``routing`` (and its correction ``bias``
+    [E]), DeepSeek's routers (:class:`Routing`; ``renormalize`` / ``weights_in_dtype`` are then unused). Returns
+    (weights [T, k], expert ids [T, k])."""
+    if routing is not None:
+        return _grouped_topk(x, router, top_k, routing, bias)
     w, ids = torch.topk(torch.softmax(F.linear(x, router).float(), -1), top_k, dim=-1)
     if renormalize:
         w = w / w.sum(-1, keepdim=True)
     if weights_in_dtype:
         w = w.to(x.dtype)
     return w, ids
+
+
+def _grouped_topk(x, router, top_k: int, r: Routing, bias):
+    logits = F.linear(x.float(), router.float()) if r.fp32 else F.linear(x, router).float()
+    scores = torch.softmax(logits, -1) if r.scoring == "softmax" else torch.sigmoid(logits)
+    choice = scores if bias is None else scores + bias.float()
+    if r.groups > 1:
+        t, e = choice.shape
+        grouped = choice.view(t, r.groups, e // r.groups)
+        score = grouped.amax(-1) if r.group_score == "max" else grouped.topk(2, dim=-1).values.sum(-1)
+        keep = torch.zeros_like(score).scatter_(1, torch.topk(score, r.topk_groups, dim=-1, sorted=False).indices, 1)
+        keep = keep.bool().unsqueeze(-1).expand(t, r.groups, e // r.groups).reshape(t, e)
+        # (the models fill the other groups' softmax scores with 0, their sigmoid choices with -inf)
+        choice = choice.masked_fill(~keep, 0.0 if r.scoring == "softmax" and bias is None else float("-inf"))
+    ids = torch.topk(choice, top_k, dim=-1, sorted=False).indices
+    w = scores.gather(1, ids)
+    if r.renormalize:
+        w = w / (w.sum(-1, keepdim=True) + r.eps)
+    return w * r.scale, ids
 
 
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, expert) -> torch.Tensor:
@@ -302,16 +372,18 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, exper
 
 def moe_mlp(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
             renormalize: bool = True, weights_in_dtype: bool = False, gate_up_scale: torch.Tensor | None = None,
-            down_scale: torch.Tensor | None = None, first_expert: int = 0) -> torch.Tensor:
+            down_scale: torch.Tensor | None = None, first_expert: int = 0, routing: Routing | None = None,
+            router_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Sparse MoE SwiGLU MLP as transformers computes it: x [T, H]; router [E, H]; gate_up [E, 2I, H] (gate rows
-    first); down [E, H, I]; routing by :func:`moe_topk`, the experts by :func:`moe_experts`. Returns [T, H]. int8
+    first); down [E, H, I]; routing by :func:`moe_topk` (``routing`` / ``router_bias``: DeepSeek's), the experts by
+    :func:`moe_experts`. Returns [T, H]. int8
     experts: ``gate_up_scale`` [E, 2I] and ``down_scale`` [E, H] (per-row scales; dequantised to x's dtype here).
     Expert parallelism: gate_up / down hold experts [first_expert, first_expert + E_local) of the router's E; the
     others add nothing here (their rank adds them)."""
     if gate_up_scale is not None:
         gate_up = (gate_up.float() * gate_up_scale[..., None]).to(x.dtype)
         down = (down.float() * down_scale[..., None]).to(x.dtype)
-    w, ids = moe_topk(x, router, top_k, renormalize, weights_in_dtype)
+    w, ids = moe_topk(x, router, top_k, renormalize, weights_in_dtype, routing, router_bias)
 
     def expert(e, rows):
         e -= first_expert

@@ -10,10 +10,14 @@ same kernels in the same order with the same roundings, so the hidden states are
 (parallel/shm.py) from C.
 
 The blocks it runs: Llama's (:class:`DecoderLayer`: RMSNorms, SwiGLU, rotary; Qwen3's q / k norms, sliding
-windows) and the GPT families' (:class:`GPTDecoderLayer`: LayerNorms with biases, a plain MLP with gelu / gelu_tanh /
+windows), the GPT families' (:class:`GPTDecoderLayer`: LayerNorms with biases, a plain MLP with gelu / gelu_tanh /
 relu / silu or SwiGLU, the sequential or the parallel residual with one or two norms, full, partial or no rotary:
-learned positions are added before the blocks). BLOOM's ALiBi keeps the per-op path (the C decode attention adds
-no position biases), as do Gemma's blocks (sandwich norms, GeGLU, soft-capped scores) and MoE layers.
+learned positions are added before the blocks) and Gemma's (Gemma 1's :class:`DecoderLayer` and Gemma 2 / 3's
+:class:`SandwichDecoderLayer`: (1 + w) RMSNorms with fp32 weights, scaled in fp32 and rounded once; GeGLU; the norms of
+the attention's and the MLP's outputs before their residual adds; Gemma 2's soft-capped scores; Gemma 3's q / k norms
+and the sliding-window layers' own rope table). The per-op path takes the same C kernels for those pieces (ops.py:
+``rms_norm`` with fp32 weights, ``gated_act``, ``attention`` with a cap), so the two agree bit for bit. BLOOM's
+ALiBi keeps the per-op path (the C decode attention adds no position biases), as do MoE layers.
 
 Anything else (prompts, fp32, the Triton path, HF caches, the oneDNN fallback, gloo all-reduces) keeps the
 per-op path: :meth:`CpuDecodeStack.applies` says which.
@@ -38,12 +42,22 @@ def _bf16_vector(t: torch.Tensor | None, n: int) -> bool:
     return t is None or (t.dtype == torch.bfloat16 and t.is_contiguous() and t.numel() == n and t.device.type == "cpu")
 
 
+def _norm_vector(t: torch.Tensor | None, n: int, f32: bool) -> bool:
+    """A norm's weight as the C step reads it: bf16, or (``f32``: Gemma's (1 + w), builder.norm_weight) fp32."""
+    if not f32:
+        return _bf16_vector(t, n)
+    return t is None or (t.dtype == torch.float32 and t.is_contiguous() and t.numel() == n and t.device.type == "cpu")
+
+
 class CpuDecodeStack:
     """The C tables of one :class:`~lightning_dsinfer.modules.transformer.DecoderModel`'s blocks; built by
     :meth:`build` (None when a block cannot go through C), refreshed when the KV cache is re-allocated."""
 
     def __init__(self, decoder, layers, row_limit: float, shm, layer_norm: bool = False, parallel: bool = False,
-                 mlp_act: int = -1, rotary: bool = True):
+                 mlp_act: int = cpu_gemv.ACT_KINDS["silu"], rotary: bool = True, gated: bool = True,
+                 norm_f32: bool = False, softcap: float | None = None):
+        from lightning_dsinfer.modules.transformer import SandwichDecoderLayer
+
         first = layers[0]
         # self.layers keeps the modules, and so every tensor the tables point into, alive with the tables
         self.decoder, self.layers, self.row_limit, self.shm = decoder, layers, row_limit, shm
@@ -56,13 +70,16 @@ class CpuDecodeStack:
             slots=None if shm is None else shm.data.data_ptr(), capacity=0 if shm is None else shm.capacity,
             flags=None if shm is None else shm.flags.data_ptr(), tp_size=1 if shm is None else shm.size,
             tp_rank=0 if shm is None else shm.rank, timeout_s=0.0 if shm is None else shm.timeout_s,
-            layer_norm=int(layer_norm), parallel=int(parallel), mlp_act=mlp_act, rotary_dim=0)
+            layer_norm=int(layer_norm), parallel=int(parallel), mlp_act=mlp_act, rotary_dim=0, gated=int(gated),
+            norm_f32=int(norm_f32), softcap=softcap or 0.0)
         self.table = (cpu_gemv.StackLayer * len(layers))()
         for i, ly in enumerate(layers):
             t = self.table[i]
-            # (name, linear, whether the block passes it the residual stream: o and down, as in transformer.py)
-            for name, lin, residual in (("qkv", ly.attn.qkv, False), ("o", ly.attn.o, True),
-                                        ("gate_up", ly.mlp.gate_up, False), ("down", ly.mlp.down, True)):
+            sandwich = type(ly) is SandwichDecoderLayer
+            # (name, linear, whether the block passes it the residual stream: o and down, as in transformer.py; a
+            # sandwich block adds it after the output's norm)
+            for name, lin, residual in (("qkv", ly.attn.qkv, False), ("o", ly.attn.o, not sandwich),
+                                        ("gate_up", ly.mlp.gate_up, False), ("down", ly.mlp.down, not sandwich)):
                 setattr(t, name, cpu_gemv.StackLinear(
                     w=lin.weight.data_ptr(), bias=_ptr(lin.bias), ldw=lin.weight.stride(0) if not lin.packed else 0,
                     N=lin.out_features, K=lin.in_features,
@@ -74,13 +91,16 @@ class CpuDecodeStack:
                 t.input_bias, t.post_bias = ly.input_bias.data_ptr(), _ptr(ly.post_bias)
             t.q_norm, t.k_norm = _ptr(ly.attn.q_norm), _ptr(ly.attn.k_norm)
             t.sliding = int(ly.attn.sliding)
+            if sandwich:
+                t.attn_out_norm, t.mlp_out_norm = ly.attn_out_norm.data_ptr(), ly.mlp_out_norm.data_ptr()
         self._bound: dict[tuple, ctypes.Array] = {}   # the table with each KV cache's pointers filled in
         self._fn = cpu_gemv.decode_stack_fn()
 
     @classmethod
     def build(cls, decoder) -> "CpuDecodeStack | None":
         """The stack for ``decoder``'s blocks, or None when one of them has something the C loop does not run."""
-        from lightning_dsinfer.modules.transformer import MLP, Attention, DecoderLayer, GatedMLP, GPTDecoderLayer
+        from lightning_dsinfer.modules.transformer import (MLP, Attention, DecoderLayer, GatedMLP, GPTDecoderLayer,
+                                                           SandwichDecoderLayer)
 
         if cpu_gemv.decode_stack_fn() is None or not cpu_gemv.has_wide_ops() or len(decoder.layers) == 0:
             return None
@@ -89,20 +109,25 @@ class CpuDecodeStack:
         comm = decoder.comm
         shm = None
         row_limit = float("inf")
-        form = None            # (LayerNorms, parallel residual, MLP activation, rotary): one for every block
+        # (LayerNorms, parallel residual, MLP activation, rotary, gated MLP, fp32 norm weights, score cap): one for
+        # every block; sandwich norms (Gemma 2 / 3) are per block
+        form = None
         for ly in layers:
-            if (type(ly) not in (DecoderLayer, GPTDecoderLayer) or type(ly.attn) is not Attention
+            if (type(ly) not in (DecoderLayer, GPTDecoderLayer, SandwichDecoderLayer) or type(ly.attn) is not Attention
                     or type(ly.mlp) not in (GatedMLP, MLP)):
                 return None
             a, m = ly.attn, ly.mlp
             gated = type(m) is GatedMLP
-            if (m.act != "silu" if gated else m.act not in cpu_gemv.ACT_KINDS):    # SwiGLU, or a plain activation
+            acts = ("silu", "gelu", "gelu_tanh") if gated else cpu_gemv.ACT_KINDS    # SwiGLU / GeGLU, or a plain one
+            if m.act not in acts:
                 return None
-            if a.softcap is not None or a.alibi is not None:   # uncapped scores, no position biases (BLOOM's ALiBi)
+            if a.alibi is not None or (a.softcap is not None and not a.softcap > 0):   # no position biases (ALiBi)
                 return None
             layer_norm = type(ly) is GPTDecoderLayer
             parallel = layer_norm and ly.parallel
-            this = (layer_norm, parallel, -1 if gated else cpu_gemv.ACT_KINDS[m.act], bool(a.rotary))
+            norm_f32 = (not layer_norm and ly.input_norm is not None                        # Gemma's (1 + w)
+                        and ly.input_norm.dtype == torch.float32)
+            this = (layer_norm, parallel, cpu_gemv.ACT_KINDS[m.act], bool(a.rotary), gated, norm_f32, a.softcap)
             if form not in (None, this):
                 return None
             form = this
@@ -120,9 +145,12 @@ class CpuDecodeStack:
             if (ly.input_norm is None or (ly.post_norm is None and not parallel)
                     or (layer_norm and (biases[0] is None or (biases[1] is None) != (ly.post_norm is None)))):
                 return None
-            if (a.q_norm is None) != (a.k_norm is None) or not all(_bf16_vector(v, n) for v, n in (
-                    (ly.input_norm, h), (ly.post_norm, h), (biases[0], h), (biases[1], h), (a.q_norm, d),
-                    (a.k_norm, d))):
+            outs = (ly.attn_out_norm, ly.mlp_out_norm) if type(ly) is SandwichDecoderLayer else ()
+            if any(v is None for v in outs):
+                return None
+            if (a.q_norm is None) != (a.k_norm is None) or not all(_norm_vector(v, n, norm_f32) for v, n in (
+                    (ly.input_norm, h), (ly.post_norm, h), (a.q_norm, d), (a.k_norm, d), *((v, h) for v in outs))) \
+                    or not all(_bf16_vector(v, h) for v in biases):
                 return None
             for lin in (a.qkv, a.o, m.gate_up, m.down):
                 if lin.weight.device.type != "cpu":
@@ -152,8 +180,8 @@ class CpuDecodeStack:
                     if comm is None or lin.reduce != comm.all_reduce or comm.shm is None or comm.shm._c is None:
                         return None
                     shm = comm.shm
-        layer_norm, parallel, mlp_act, rotary = form
-        return cls(decoder, layers, row_limit, shm, layer_norm, parallel, mlp_act, rotary)
+        layer_norm, parallel, mlp_act, rotary, gated, norm_f32, softcap = form
+        return cls(decoder, layers, row_limit, shm, layer_norm, parallel, mlp_act, rotary, gated, norm_f32, softcap)
 
     def applies(self, h: torch.Tensor, step) -> bool:
         """Whether this forward is a decode step the C loop runs (else the per-op path runs it)."""
@@ -162,23 +190,27 @@ class CpuDecodeStack:
         b = h.shape[0]
         cache = step.cache
         if (b > MAX_ROWS or b > self.row_limit or cache is None or step.hf_cache is not None or ops.fuses_residual(h)
-                or step.sliding_cos is not None
                 or not h.is_contiguous() or h.shape[2] != self.hidden):
             return False
         if self.shm is not None and b * self.hidden > self.shm.capacity:
             return False
         if self.rotary:     # rows [B, R]: the first R (even) dims of each head rotate (R < D: partial rotary)
             r = step.cos.shape[-1]
-            if (r % 2 or not 0 < r <= self.shape.head_dim or step.cos.shape != (b, 1, 1, r)
-                    or step.sin.shape != step.cos.shape or step.cos.dtype != torch.bfloat16
-                    or step.sin.dtype != torch.bfloat16 or not step.cos.is_contiguous()
-                    or not step.sin.is_contiguous()):
+            if r % 2 or not 0 < r <= self.shape.head_dim or not all(
+                    t.shape == (b, 1, 1, r) and t.dtype == torch.bfloat16 and t.is_contiguous() for t in (
+                        step.cos, step.sin, *((step.sliding_cos, step.sliding_sin) if self.own_tables(step) else ()))):
                 return False
+        elif step.sliding_cos is not None:
+            return False
         if cache.dtype != torch.bfloat16 or b > cache.max_batch_size or step.start >= cache.max_seq_len:
             return False
         length = step.start + 1
         return all(m is None or (m.dtype == torch.bool and m.dim() == 4 and m.shape[1:] == (1, 1, length)
                                  and m.shape[0] in (1, b)) for m in (step.mask, step.window_mask))
+
+    def own_tables(self, step) -> bool:
+        """Whether the sliding-window layers rotate by rope rows of their own this step (Gemma 3's sliding_cos)."""
+        return step.sliding_cos is not None and any(ly.attn.sliding for ly in self.layers)
 
     MAX_BOUND = 8      # tables kept (a pipeline's row groups each bring their view of the cache)
 
@@ -217,11 +249,13 @@ class CpuDecodeStack:
         self.shape.threads = torch.get_num_threads()
         self.shape.isa = cpu_gemv.best_isa_code()
         self.shape.rotary_dim = step.cos.shape[-1] if self.rotary else 0
+        own = self.rotary and self.own_tables(step)
         shm_step = ctypes.c_int64(0 if self.shm is None else self.shm.step)
         seconds = ctypes.c_double(0.0)
         rc = self._fn(ctypes.byref(self.shape), ctypes.byref(table), out.data_ptr(), b, step.cos.data_ptr(),
-                      step.sin.data_ptr(), step.start, *mask_args(step.mask), *mask_args(step.window_mask),
-                      ctypes.byref(shm_step), ctypes.byref(seconds))
+                      step.sin.data_ptr(), step.sliding_cos.data_ptr() if own else None,
+                      step.sliding_sin.data_ptr() if own else None, step.start, *mask_args(step.mask),
+                      *mask_args(step.window_mask), ctypes.byref(shm_step), ctypes.byref(seconds))
         if self.shm is not None:
             self.shm.step = shm_step.value
             self.shm.seconds += seconds.value

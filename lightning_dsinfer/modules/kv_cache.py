@@ -3,6 +3,9 @@
 Layout per layer: [max_batch, kv_heads, max_seq, head_dim]. Row ``b`` of a batch uses slot ``b``; all
 rows share one write index (prompts are left-padded), so a decode step writes one column for the
 whole batch with a single copy and attention reads the prefix ``[:, :, :end]`` as a view.
+
+``keys_only`` (latent attention, DeepSeek): one tensor per layer, ``v`` the same tensors as ``k`` (attention reads
+its values from the cached latent's columns), so the cache holds half the bytes.
 """
 from __future__ import annotations
 
@@ -13,8 +16,9 @@ import torch
 
 class StaticKVCache:
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, max_batch_size: int, max_seq_len: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype, device: torch.device | str = "cpu", keys_only: bool = False):
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
+        self.keys_only = keys_only
         self.max_seq_len = max_seq_len
         self.dtype, self.device = dtype, torch.device(device)
         self.max_batch_size = 0
@@ -25,12 +29,13 @@ class StaticKVCache:
     def _allocate(self, max_batch_size: int) -> None:
         shape = (max_batch_size, self.kv_heads, self.max_seq_len, self.head_dim)
         self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        self.v = self.k if self.keys_only else [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                                                for _ in range(self.num_layers)]
         self.max_batch_size = max_batch_size
 
     @property
     def nbytes(self) -> int:
-        return 2 * sum(t.numel() * t.element_size() for t in self.k)
+        return (1 if self.keys_only else 2) * sum(t.numel() * t.element_size() for t in self.k)
 
     def ensure_batch(self, batch_size: int) -> None:
         """Grow the cache (once, with a warning) when a batch exceeds the allocated rows."""

@@ -1,4 +1,5 @@
-"""Sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE): router, top-k experts, optional shared expert.
+"""Sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek): router, top-k experts, optional shared
+expert (Qwen2-MoE's behind a sigmoid gate, DeepSeek's plain).
 
 On CUDA the experts stay in transformers' 3D layout (gate|up [E, 2I, H], down [E, H, I]; int8: the same layout with
 a scale per expert row) and a call is :func:`kernels.ops.moe_mlp` (mapping tables and grouped GEMMs). On the CPU each
@@ -18,13 +19,15 @@ from lightning_dsinfer.modules.linear import Linear, quantize_rows
 class MoEMLP(nn.Module):
     def __init__(self, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
                  renormalize: bool, weights_in_dtype: bool, shared=None, shared_gate: Linear | None = None,
-                 reduce=None, quantize: str | None = None, row_max=None, pack: bool = True, first_expert: int = 0):
+                 reduce=None, quantize: str | None = None, row_max=None, pack: bool = True, first_expert: int = 0,
+                 routing: reference.Routing | None = None, router_bias: torch.Tensor | None = None):
         super().__init__()
         self.router, self.experts_gate_up, self.experts_down = router, gate_up, down
+        self.routing, self.router_bias = routing, router_bias     # DeepSeek's grouped routers (None: softmax top-k)
         # expert parallelism: this rank holds experts [first_expert, first_expert + local); the router is whole
         self.first_expert, self.local_experts = first_expert, gate_up.shape[0]
         self.top_k, self.renormalize, self.weights_in_dtype = top_k, renormalize, weights_in_dtype
-        self.shared, self.shared_gate = shared, shared_gate      # GatedMLP, Linear [1, H] (Qwen2-MoE)
+        self.shared, self.shared_gate = shared, shared_gate      # GatedMLP, Linear [1, H] (Qwen2-MoE; DeepSeek: None)
         self.reduce = reduce       # tensor parallelism: experts sliced over the group, partial outputs summed here
         self.cpu_experts = None
         self.gate_up_scale = self.down_scale = None
@@ -56,7 +59,8 @@ class MoEMLP(nn.Module):
             per_expert = (self.experts_gate_up[0].numel() + self.experts_down[0].numel()) * self.experts_down.element_size()
         n = self.router.numel() * self.router.element_size() + self.top_k * per_expert
         if self.shared is not None:
-            n += self.shared.gate_up.nbytes + self.shared.down.nbytes + self.shared_gate.nbytes
+            n += self.shared.gate_up.nbytes + self.shared.down.nbytes
+            n += self.shared_gate.nbytes if self.shared_gate is not None else 0
         return n
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -66,10 +70,12 @@ class MoEMLP(nn.Module):
             y = self._run_cpu_experts(x2)
         else:
             y = ops.moe_mlp(x2, self.router, self.experts_gate_up, self.experts_down, self.top_k, self.renormalize,
-                            self.weights_in_dtype, self.gate_up_scale, self.down_scale, self.first_expert)
+                            self.weights_in_dtype, self.gate_up_scale, self.down_scale, self.first_expert,
+                            self.routing, self.router_bias)
         if self.shared is not None:
             s = self.shared(x2)
-            y = y + torch.sigmoid(self.shared_gate(x2)) * s     # the gate is whole: it scales each partial sum
+            # (the gate is whole: it scales each partial sum)
+            y = y + (s if self.shared_gate is None else torch.sigmoid(self.shared_gate(x2)) * s)
         if self.reduce is not None:
             y = self.reduce(y)
         y = y.view(*lead, -1)
@@ -84,7 +90,8 @@ class MoEMLP(nn.Module):
             gate_up, down = self.cpu_experts[e]
             return down(ops.silu_and_mul(gate_up(rows)))
 
-        w, ids = reference.moe_topk(x, self.router, self.top_k, self.renormalize, self.weights_in_dtype)
+        w, ids = reference.moe_topk(x, self.router, self.top_k, self.renormalize, self.weights_in_dtype, self.routing,
+                                    self.router_bias)
         return reference.moe_experts(x, w, ids, expert)
 
 

@@ -75,11 +75,15 @@ class LayerSpec:
     moe_renormalize: bool = True           # ... top-k probabilities renormalised, ...
     moe_weights_in_dtype: bool = False     # ... routing weights rounded to the model dtype
     moe_first_expert: int | None = None    # expert parallelism: this rank's first expert (None: experts sliced)
-    mlp_act: str = "silu"                  # gated MLP: silu (SwiGLU) | gelu_tanh / gelu (GeGLU); plain: + relu
+    moe_routing: Any = None                # DeepSeek's grouped routers (kernels.reference.Routing; None: softmax top-k)
+    mla: Any = None                        # latent attention's numbers (policies.base.MLAShape; modules/mla.py)
+    mlp_act: str = "silu"                  # gated MLP: silu (SwiGLU) | gelu_tanh / gelu (GeGLU); plain: + relu, relu2
     attn_softcap: float | None = None      # attention scores -> cap * tanh(score / cap) (Gemma 2)
     mlp_gated: bool = True                 # False: down(act(up(x))) (the GPT families' MLP, :class:`MLP`)
     rotary: bool = True                    # False: positions enter elsewhere (learned embeddings, ALiBi)
     parallel_residual: bool = False        # h + attn(norm1(h)) + mlp(norm2(h)) (GPT-NeoX, GPT-J, Phi; GPTBlock)
+    qk_norm_kind: str = "head"             # q / k norms per head before rotary; "whole": over the whole projection
+                                           # (ProjectionNormAttention); "after_rotary": RotaryFirstAttention
 
 
 class Attention(nn.Module):
@@ -114,8 +118,10 @@ class Attention(nn.Module):
         if self.rotary:
             q, k, v = ops.rotary_write_kv(qkv, hq, cos, sin, *slots, q_norm=self.q_norm, k_norm=self.k_norm,
                                           eps=self.eps)
-        else:                              # learned positions or ALiBi: q / k as projected
+        else:                              # learned positions, ALiBi or a NoPE layer: q / k as projected
             q, k, v = qkv[:, :, :hq], qkv[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:]
+            if self.q_norm is not None:    # (Exaone 4's NoPE layers: the head norms without the rotation)
+                q, k = ops.rms_norm(q, self.q_norm, self.eps), ops.rms_norm(k, self.k_norm, self.eps)
             if cache is not None:
                 reference.write_columns(slots[0], slots[1], k, v, slots[2])
         if cache is not None:
@@ -129,6 +135,42 @@ class Attention(nn.Module):
                             alibi=self.alibi)                                                  # [B, Hq, T, D]
         out = out.transpose(1, 2).reshape(b, t, hq * d)
         return self.o(out, residual)  # o_proj, with the residual add fused in when given
+
+
+class ProjectionNormAttention(Attention):
+    """OLMo 2's attention: q and k RMS-normed each over a token's whole projection (all heads at once: weights
+    [Hq D] / [Hkv D]) before the head split and rotary, rather than per head. Under tensor parallelism a rank holds
+    its heads' columns and the weights' slices: ``reduce`` sums the sums of squares over the group first
+    (``ops.projection_rms_norm``; ``ranks`` ranks), so each rank norms by the whole projection's RMS."""
+
+    def __init__(self, spec: LayerSpec, layer_idx: int, qkv: Linear, o: Linear, q_norm: torch.Tensor,
+                 k_norm: torch.Tensor, alibi: torch.Tensor | None = None, reduce=None, ranks: int = 1):
+        super().__init__(spec, layer_idx, qkv, o, alibi=alibi)     # (no per-head norms in the rotary op)
+        self.q_norm_whole, self.k_norm_whole = q_norm, k_norm
+        self.reduce, self.ranks = reduce, ranks
+
+    def from_qkv(self, qkv: torch.Tensor, residual: torch.Tensor | None, step: Step) -> torch.Tensor:
+        nq, nk = self.hq * self.d, self.hkv * self.d
+        q, k = ops.projection_rms_norm(qkv[..., :nq], qkv[..., nq:nq + nk], self.q_norm_whole, self.k_norm_whole,
+                                       self.eps, self.reduce, self.ranks)
+        return super().from_qkv(torch.cat((q, k, qkv[..., nq + nk:]), dim=-1), residual, step)
+
+
+class RotaryFirstAttention(Attention):
+    """HunYuan's attention: q and k rotated first, then RMS-normed per head (``query_layernorm`` / ``key_layernorm``):
+    the rotation here, the rest as a layer without rotary, whose path norms q / k per head before the K/V append."""
+
+    def __init__(self, spec: LayerSpec, layer_idx: int, qkv: Linear, o: Linear, q_norm: torch.Tensor,
+                 k_norm: torch.Tensor, alibi: torch.Tensor | None = None):
+        super().__init__(spec, layer_idx, qkv, o, q_norm=q_norm, k_norm=k_norm, alibi=alibi)
+        self.rotary = False          # (for the base class's path: the norms, no rotation)
+
+    def from_qkv(self, qkv: torch.Tensor, residual: torch.Tensor | None, step: Step) -> torch.Tensor:
+        b, t, _ = qkv.shape
+        cos, sin = (step.sliding_cos, step.sliding_sin) if self.sliding and step.sliding_cos is not None else \
+            (step.cos, step.sin)
+        q, k, v = ops.rotary_write_kv(qkv.view(b, t, self.hq + 2 * self.hkv, self.d), self.hq, cos, sin)
+        return super().from_qkv(torch.cat((q, k, v), dim=2).view(b, t, -1), residual, step)
 
 
 class GatedMLP(nn.Module):
@@ -231,6 +273,20 @@ class SandwichDecoderLayer(DecoderLayer):
     def run(self, h: torch.Tensor, delta: torch.Tensor | None, step: Step, defer: bool = True):
         x, h = self.attend(h, delta, step)
         return self.mlp_residual(x, h), None
+
+
+class PostNormDecoderLayer(SandwichDecoderLayer):
+    """OLMo 2 / Exaone 4 block: no input norms; h = h + norm_a(attn(h)); h = h + norm_m(mlp(h)) (HF's
+    post_attention_layernorm and post_feedforward_layernorm, on the outputs). The MLP's input is the stream itself:
+    an offloaded attention half hands it on as such."""
+
+    def __init__(self, attn, mlp, eps, attn_out_norm, mlp_out_norm):
+        super().__init__(attn, mlp, None, None, eps, attn_out_norm, mlp_out_norm)
+
+    def attend(self, h: torch.Tensor, delta: torch.Tensor | None, step: Step):
+        h = h if delta is None else h + delta
+        h = h + ops.rms_norm(self.attn(h, None, step), self.attn_out_norm, self.eps)
+        return h, h
 
 
 class GPTDecoderLayer(DecoderLayer):
@@ -369,9 +425,10 @@ class DecoderModel(nn.Module):
         """Bytes of weights one decode step reads (all linears + norms; one embedding row)."""
         n = 0 if self.lm_head is None else self.lm_head.nbytes + self.final_norm.numel() * self.final_norm.element_size()
         for layer in self.layers:
-            for lin in (layer.attn.qkv, layer.attn.o):
-                n += lin.nbytes
+            attn = layer.attn
+            n += attn.nbytes if hasattr(attn, "nbytes") else attn.qkv.nbytes + attn.o.nbytes   # (MLA: its own count)
             mlp = layer.mlp
             n += mlp.nbytes_per_token if hasattr(mlp, "nbytes_per_token") else mlp.gate_up.nbytes + mlp.down.nbytes
-            n += 2 * layer.input_norm.numel() * layer.input_norm.element_size()
+            norm = layer.input_norm if layer.input_norm is not None else layer.attn_out_norm   # (post-norm blocks)
+            n += 2 * norm.numel() * norm.element_size()
         return n

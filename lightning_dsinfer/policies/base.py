@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lightning_dsinfer.kernels.reference import Routing
 from lightning_dsinfer.policies.weights import WeightRef
 
 
@@ -32,6 +33,50 @@ class MoEWeights:
     shared_down: WeightRef | None = None
     shared_expert_gate: WeightRef | None = None
     expert_parallel: bool = False           # whole experts placed over the tensor-parallel group (not sliced)
+    routing: Routing | None = None          # DeepSeek's grouped routers (kernels.reference.Routing); None: softmax top-k
+    router_bias: WeightRef | None = None    # DeepSeek-V3's e_score_correction_bias [E] (fp32)
+
+
+@dataclass(frozen=True)
+class MLAShape:
+    """Multi-head latent attention's numbers (DeepSeek-V2 / V3): q through a low-rank ``q_lora_rank`` (0: a plain
+    q_proj), K/V compressed to one latent of ``kv_lora_rank`` per token plus a shared rotary key of
+    ``qk_rope_head_dim``; per head, q and k are ``qk_nope_head_dim`` + ``qk_rope_head_dim`` wide, v
+    ``v_head_dim``. ``rope_interleave``: the rotary dims are laid out in pairs (read as rotate-half by reordering the
+    rows that produce them). The KV cache holds the latent and the rotary key: ``cache_dim`` values per token.
+    ``norm_eps``: the eps of q_a_layernorm and kv_a_layernorm (HF builds them with RMSNorm's default, 1e-6, not with
+    ``rms_norm_eps``)."""
+    q_lora_rank: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope_interleave: bool
+    norm_eps: float = 1e-6
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def cache_dim(self) -> int:
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+
+@dataclass
+class MLAWeights:
+    """One block's latent attention: ``q_a`` (q_a_proj, or q_proj when there is no q low rank), ``q_a_norm`` and
+    ``q_b`` (None without the low rank), ``kv_a`` (kv_a_proj_with_mqa: latent rows, then the rotary key's),
+    ``kv_a_norm``, ``kv_b`` (per head: k_nope rows, then v rows); the block's ``o`` is in :class:`LayerWeights`."""
+    shape: MLAShape
+    q_a: WeightRef
+    q_a_norm: WeightRef | None
+    q_b: WeightRef | None
+    kv_a: WeightRef
+    kv_a_norm: WeightRef
+    kv_b: WeightRef
+    q_a_bias: WeightRef | None = None
+    kv_a_bias: WeightRef | None = None
 
 
 @dataclass
@@ -54,6 +99,10 @@ class LayerWeights:
     down_bias: WeightRef | None = None
     q_norm: WeightRef | None = None
     k_norm: WeightRef | None = None
+    qk_norm_kind: str = "head"              # q_norm / k_norm: "head" (one head's D, before rotary: Qwen3); "whole"
+                                            # (the whole q / k projection, [Hq D] / [Hkv D], before rotary: OLMo 2);
+                                            # "after_rotary" (per head, on the rotated q / k: HunYuan)
+    rotary: bool = True                     # False: this layer does not rotate q / k (NoPE: SmolLM3, Exaone 4)
     sliding_window: int | None = None
     moe: MoEWeights | None = None
     # Gemma 2 / 3 "sandwich" norms: on the attention's and the MLP's output, before each residual add (``post_norm``
@@ -64,6 +113,7 @@ class LayerWeights:
     input_norm_bias: WeightRef | None = None
     post_norm_bias: WeightRef | None = None
     out_scale: float | None = None          # Granite's residual_multiplier: o and down (weights, biases) scaled by it
+    mla: MLAWeights | None = None           # DeepSeek: latent attention (q / k / v are None then)
 
 
 @dataclass
@@ -93,6 +143,8 @@ class ModelWeights:
     attn_softcap: float | None = None
     final_softcap: float | None = None
     mlp_act: str = "silu"                  # gated MLP activation: silu | gelu_tanh | gelu
+    norm_fp32: bool = False                # every RMSNorm scales in fp32 and rounds once (OLMo 2: (w * x).to(dtype));
+                                           # the weights are held in fp32 (as Gemma's (1 + w))
     # Gemma 3: sliding-window layers rotate with a table of their own (None: every layer uses inv_freq)
     sliding_inv_freq: torch.Tensor | None = None
     sliding_attention_scaling: float = 1.0
@@ -111,3 +163,13 @@ class ModelWeights:
     embed_norm_bias: WeightRef | None = None
     positions_from_mask: bool = False         # a plain forward without position_ids numbers tokens by the mask (OPT)
     logit_scale: float | None = None          # logits x this (Cohere's logit_scale, Granite's 1 / logits_scaling)
+    # DeepSeek: latent attention in every block (num_kv_heads is 1: the latent, on every rank; head_dim is v_head_dim,
+    # the width of each head's output, o_proj's columns)
+    mla: MLAShape | None = None
+
+    def cache_layout(self, local_kv_heads: int) -> tuple[int, int, bool]:
+        """(KV heads, width, keys only) of the KV cache: a latent-attention model caches one latent row per token
+        (keys only: attention reads its values from the keys' first columns)."""
+        if self.mla is not None:
+            return 1, self.mla.cache_dim, True
+        return local_kv_heads, self.head_dim, False

@@ -1,16 +1,32 @@
-"""The Llama family (llama, mistral, qwen2, qwen3, phi3, granite, the MoE ones: mixtral, qwen2_moe, qwen3_moe, and the
-Gemma ones: gemma, gemma2, gemma3_text): one table, one reader.
+"""The Llama family (llama, mistral, qwen2, qwen3, phi3, granite, seed_oss, arcee, smollm3, ernie4_5, hunyuan_v1_dense,
+glm, glm4, olmo2, olmo3, exaone4, the MoE ones: mixtral, qwen2_moe, qwen3_moe, olmoe, and the Gemma ones: gemma, gemma2,
+gemma3_text): one table, one reader.
 
 All share the module tree ``model.model.{embed_tokens, layers[i].{self_attn.{q,k,v,o}_proj,
 mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm}, norm, rotary_emb}`` and
 ``model.lm_head``; the table records only what differs (Phi-3 packs q|k|v into ``qkv_proj`` and gate|up into
-``gate_up_proj``: read as row ranges). In a MoE layer ``mlp`` is a sparse block:
+``gate_up_proj``, GLM and GLM-4 gate|up only: read as row ranges). In a MoE layer ``mlp`` is a sparse block:
 ``mlp.gate.weight`` (router) and ``mlp.experts.{gate_up_proj, down_proj}`` (3D, transformers 5), plus Qwen2-MoE's
 ``mlp.shared_expert.{gate,up,down}_proj`` and ``mlp.shared_expert_gate``. Gemma adds (1 + w) norms, a scaled
 embedding and GeGLU; Gemma 2 norms on the attention's and the MLP's outputs (``pre_feedforward_layernorm`` is the MLP's
 input norm) and soft-capped attention scores and logits; Gemma 3 q/k norms and a rope table of its own for the
 sliding-window layers. Granite multiplies the embeddings, each block's attention and MLP outputs (folded into o_proj
 and down_proj when they are read) and the logits by constants of its config.
+
+The others, each one row: Seed-OSS is Llama with q/k/v and o biases; Arcee a plain MLP ``down(relu(up(x))^2)``;
+SmolLM3 leaves the rotary out of the layers ``no_rope_layers`` marks 0 (NoPE); HunYuan (dense) norms q and k per
+head after the rotation (``query_layernorm``, ``key_layernorm``: ``RotaryFirstAttention``); ERNIE 4.5 and GLM rotate
+interleaved pairs (2i, 2i + 1), which each head's q / k rows (and biases) reordered as (0, 2, 4, ..., 1, 3, ...) when
+read turn into the engine's rotate-half layout (the scores q.k do not change under the same permutation of both; GLM rotates
+the first half of each head only); GLM-4 adds norms on the attention's and the MLP's outputs
+(``post_self_attn_layernorm``, ``post_mlp_layernorm``; ``post_attention_layernorm`` is the MLP's input norm). OLMo 2
+has no input norms at all: RMSNorms on the attention's and the MLP's outputs (``post_attention_layernorm``,
+``post_feedforward_layernorm``) before each residual add, its q / k norms each span the whole projection (all heads at
+once, before the head split and rotary: ``ProjectionNormAttention``, the sums of squares all-reduced under tensor
+parallelism), and its norms scale in fp32 and round once (weights held in fp32); OLMo 3 adds sliding-window layers
+by ``layer_types`` with a rope table per layer type (as Gemma 3); OLMoE is pre-norm with OLMo 2's whole-projection q /
+k norms and a softmax top-k MoE in every layer; Exaone 4 has OLMo 2's output norms with per-head q / k norms and, when
+it has a window, rotates only its sliding-window layers (the others NoPE).
 """
 from __future__ import annotations
 
@@ -25,32 +41,57 @@ from lightning_dsinfer.policies.weights import ExpertStack, ModuleSource, RowSli
 
 @dataclass(frozen=True)
 class FamilyTraits:
-    qk_norm: bool = False           # Qwen3: RMSNorm on q and k per head, before rotary
+    qk_norm: str = "none"           # RMSNorms of q and k: "head" (per head, before rotary: Qwen3); "whole" (over the
+                                    # whole projection, all heads, before rotary: OLMo 2); "after_rotary" (per head,
+                                    # on the rotated q / k: HunYuan, whose norms are query_ / key_layernorm)
     sliding_from: str = "none"      # "none" | "config" (every layer) | "layer_types" (per layer)
     moe: str = "none"               # "none" | "mixtral" (every layer sparse) | "qwen" (sparse every
-                                    # decoder_sparse_step layers, except mlp_only_layers; shared expert if any)
-    packed: bool = False            # Phi-3: self_attn.qkv_proj (q | k | v rows) and mlp.gate_up_proj (gate | up)
+                                    # decoder_sparse_step layers, except mlp_only_layers; shared expert if any) |
+                                    # "olmoe" (every layer sparse, routed as Qwen's)
+    packed: str = "none"            # "all": Phi-3's self_attn.qkv_proj (q | k | v rows) and mlp.gate_up_proj (gate |
+                                    # up); "mlp": the latter only (GLM, GLM-4)
     gemma: int = 0                  # Gemma generation (see the module docstring)
     granite: bool = False           # Granite: embedding, residual and logit multipliers (attention's is its scaling)
+    norms: str = "pre"              # "pre": input_layernorm, post_attention_layernorm (Gemma 2 / 3: by their names);
+                                    # "post": on the outputs only (OLMo 2, Exaone 4); "glm4": GLM-4's four
+    norm_fp32: bool = False         # OLMo 2: (w * x).to(dtype), the scale in fp32
+    rope: str = "half"              # "half" (rotate-half) | "interleaved" (pairs 2i, 2i + 1: GLM, ERNIE 4.5)
+    rope_tables: bool = False       # a rope table per layer type (Gemma 3, OLMo 3: ``{type}_inv_freq``)
+    nope: str = "none"              # layers without rotary: "no_rope_layers" (SmolLM3: 0 = NoPE) | "global" (Exaone
+                                    # 4: with a sliding window, only the sliding layers rotate)
+    plain_mlp: bool = False         # Arcee: down(act(up(x))), no gate
 
 
 FAMILY: dict[str, FamilyTraits] = {
     "llama": FamilyTraits(),
     "mistral": FamilyTraits(sliding_from="config"),
     "qwen2": FamilyTraits(sliding_from="layer_types"),
-    "qwen3": FamilyTraits(qk_norm=True, sliding_from="layer_types"),
+    "qwen3": FamilyTraits(qk_norm="head", sliding_from="layer_types"),
     "mixtral": FamilyTraits(sliding_from="config", moe="mixtral"),
     "qwen2_moe": FamilyTraits(sliding_from="layer_types", moe="qwen"),
-    "qwen3_moe": FamilyTraits(qk_norm=True, sliding_from="config", moe="qwen"),
-    "phi3": FamilyTraits(sliding_from="config", packed=True),
+    "qwen3_moe": FamilyTraits(qk_norm="head", sliding_from="config", moe="qwen"),
+    "phi3": FamilyTraits(sliding_from="config", packed="all"),
     "granite": FamilyTraits(granite=True),
     "gemma": FamilyTraits(gemma=1),
     "gemma2": FamilyTraits(sliding_from="layer_types", gemma=2),
-    "gemma3_text": FamilyTraits(qk_norm=True, sliding_from="layer_types", gemma=3),
+    "gemma3_text": FamilyTraits(qk_norm="head", sliding_from="layer_types", gemma=3, rope_tables=True),
+    "seed_oss": FamilyTraits(),
+    "arcee": FamilyTraits(plain_mlp=True),
+    "smollm3": FamilyTraits(sliding_from="layer_types", nope="no_rope_layers"),
+    "ernie4_5": FamilyTraits(rope="interleaved"),
+    "glm": FamilyTraits(packed="mlp", rope="interleaved"),
+    "glm4": FamilyTraits(packed="mlp", rope="interleaved", norms="glm4"),
+    "olmo2": FamilyTraits(qk_norm="whole", norms="post", norm_fp32=True),
+    "olmo3": FamilyTraits(qk_norm="whole", norms="post", norm_fp32=True, sliding_from="layer_types", rope_tables=True),
+    "olmoe": FamilyTraits(qk_norm="whole", moe="olmoe"),
+    "exaone4": FamilyTraits(qk_norm="head", norms="post", sliding_from="layer_types", nope="global"),
+    "hunyuan_v1_dense": FamilyTraits(qk_norm="after_rotary"),
 }
 
-# transformers' activation names -> the gated MLP's (``reference.gated_act``)
+# transformers' activation names -> the gated MLP's (``reference.gated_act``), and a plain MLP's (``reference.act``)
 _GATED_ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+_PLAIN_ACTS = {"relu2": "relu2", "relu": "relu", "silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
+               "gelu": "gelu"}
 
 
 def has_experts(model_type: str | None) -> bool:
@@ -65,7 +106,7 @@ def _sparse_layer(config, traits: FamilyTraits, i: int) -> bool:
     if traits.moe == "qwen":
         return (i not in (getattr(config, "mlp_only_layers", None) or []) and config.num_experts > 0
                 and (i + 1) % config.decoder_sparse_step == 0)
-    return False
+    return traits.moe == "olmoe"
 
 # Rope types whose frequencies HF changes with the running sequence length.
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
@@ -98,9 +139,33 @@ def _sliding_window(config, traits: FamilyTraits, layer_idx: int) -> int | None:
     return None
 
 
+def _rotates(config, traits: FamilyTraits, layer_idx: int) -> bool:
+    """Whether layer ``layer_idx`` rotates q and k (False: a NoPE layer)."""
+    if traits.nope == "no_rope_layers":
+        return bool(config.no_rope_layers[layer_idx])
+    if traits.nope == "global":      # (Exaone 4: "global NoPE for hybrid attention", only without a window every layer)
+        return getattr(config, "sliding_window", None) is None or config.layer_types[layer_idx] == "sliding_attention"
+    return True
+
+
+def _refuse(config, traits: FamilyTraits) -> None:
+    """Settings of these families the engine does not reproduce: refused by name, before any weight is read."""
+    mt = config.model_type
+    if getattr(config, "clip_qkv", None) is not None:
+        raise UnsupportedModelError(f"{mt} with clip_qkv={config.clip_qkv} (q, k and v clamped after the projection) "
+                                    f"is not supported by the fused engine; clip_qkv=None is.")
+    if (mt == "smollm3" and not getattr(config, "use_sliding_window", False)
+            and "sliding_attention" in (getattr(config, "layer_types", None) or [])):
+        raise UnsupportedModelError(
+            "smollm3 with layer_types naming sliding_attention layers while use_sliding_window=False is not supported "
+            "(transformers' attention implementations disagree there: the masks slide, the flash kernels do not); set "
+            "use_sliding_window=True or make every layer full_attention.")
+
+
 # Expert parts as checkpoints store them (transformers' WeightConverter merges them into the 3D tensors on load).
 _EXPERT_PARTS = {"mixtral": {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)},
                  "qwen": {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}}
+_EXPERT_PARTS["olmoe"] = _EXPERT_PARTS["qwen"]
 
 
 def _experts(source: WeightSource, config, traits: FamilyTraits, mlp: str, name: str):
@@ -119,18 +184,35 @@ def _experts(source: WeightSource, config, traits: FamilyTraits, mlp: str, name:
     return ExpertStack(source, {fused: stacks}).ref(fused)
 
 
-def _packed_slices(source: WeightSource, config, head_dim: int) -> RowSlices:
-    """Phi-3's packed ``qkv_proj`` (q rows, then k, then v) and ``gate_up_proj`` (gate rows, then up) under the
-    unpacked names the reader uses."""
+def _packed_slices(config, head_dim: int, packed: str) -> dict[str, tuple]:
+    """Phi-3's packed ``qkv_proj`` (q rows, then k, then v) and ``gate_up_proj`` (gate rows, then up; ``packed`` "mlp":
+    that one only) under the unpacked names the reader uses (:class:`RowSlices` entries)."""
     q, kv, inter = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim, config.intermediate_size
     slices = {}
     for i in range(config.num_hidden_layers):
         a, m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
-        for part, first, rows in (("q", 0, q), ("k", q, kv), ("v", q + kv, kv)):
-            slices[f"{a}.{part}_proj.weight"] = (f"{a}.qkv_proj.weight", first, rows)
+        if packed == "all":
+            for part, first, rows in (("q", 0, q), ("k", q, kv), ("v", q + kv, kv)):
+                slices[f"{a}.{part}_proj.weight"] = (f"{a}.qkv_proj.weight", first, rows)
         for part, first in (("gate", 0), ("up", inter)):
             slices[f"{m}.{part}_proj.weight"] = (f"{m}.gate_up_proj.weight", first, inter)
-    return RowSlices(source, slices)
+    return slices
+
+
+def _interleaved_slices(config, names: set[str], head_dim: int, rotary_dim: int) -> dict[str, tuple]:
+    """Each head's rotary rows of q and k (weights and biases) in the order (0, 2, 4, ..., 1, 3, 5, ...), the rest of
+    the head after them as it is: interleaved pairs (GLM, ERNIE 4.5) read in the engine's rotate-half layout."""
+    order = list(range(0, rotary_dim, 2)) + list(range(1, rotary_dim, 2))
+    slices = {}
+    for i in range(config.num_hidden_layers):
+        for part, heads in (("q", config.num_attention_heads), ("k", config.num_key_value_heads)):
+            for kind in ("weight", "bias"):
+                name = f"model.layers.{i}.self_attn.{part}_proj.{kind}"
+                if name in names:
+                    slices[name] = (name, [piece for h in range(heads) for piece in
+                                           [(h * head_dim + o, 1) for o in order]
+                                           + [(h * head_dim + rotary_dim, head_dim - rotary_dim)] if piece[1] > 0])
+    return slices
 
 
 def _same_rope(a, b) -> bool:
@@ -142,12 +224,14 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
     """Name every weight by role (as lazy refs into ``source``; default: the model's own tensors)."""
     config = model.config
     traits = FAMILY[config.model_type]
+    _refuse(config, traits)
     act_name = "hidden_activation" if traits.gemma >= 2 else "hidden_act"
     act = getattr(config, act_name, None) or getattr(config, "hidden_act", "silu")
-    if act not in _GATED_ACTS:
+    acts = _PLAIN_ACTS if traits.plain_mlp else _GATED_ACTS
+    if act not in acts:
         raise UnsupportedModelError(
-            f"{config.model_type} with {act_name}={act!r} is not supported (the fused gated MLP takes "
-            f"{', '.join(sorted(_GATED_ACTS))}).")
+            f"{config.model_type} with {act_name}={act!r} is not supported (the fused "
+            f"{'plain' if traits.plain_mlp else 'gated'} MLP takes {', '.join(sorted(acts))}).")
     if getattr(config, "use_bidirectional_attention", False):
         raise UnsupportedModelError(
             f"{config.model_type} with use_bidirectional_attention=True (an encoder-style mask) is not supported: the "
@@ -157,8 +241,8 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
     with torch.device("cpu"):     # frequencies are computed, not loaded: rebuild them even for a meta model
         rotary = type(base.rotary_emb)(config=config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    # (inv_freq, attention scaling, rope type) of every layer, and of the sliding-window layers (Gemma 3)
-    if traits.gemma == 3:
+    # (inv_freq, attention scaling, rope type) of every layer, and of the sliding-window layers (Gemma 3, OLMo 3)
+    if traits.rope_tables:
         ropes = {kind: (getattr(rotary, f"{kind}_inv_freq"), float(getattr(rotary, f"{kind}_attention_scaling")),
                         rotary.rope_type[kind]) for kind in rotary.rope_type}
         main = ropes["full_attention"] if "full_attention" in ropes else ropes["sliding_attention"]
@@ -169,9 +253,14 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
     for inv_freq, _, rope_type in [main] + ([sliding] if sliding else []):
         check_rope(config, rotary, inv_freq, rope_type, head_dim, max_seq_len)
     names = set(dict(model.named_parameters(remove_duplicate=False)))
-    if traits.packed:     # q / k / v and gate / up as row ranges of the packed tensors, each read on its own
-        source = _packed_slices(source, config, head_dim)
-        names |= set(source.slices)
+    slices = {}
+    if traits.packed != "none":   # q / k / v and gate / up as row ranges of the packed tensors, each read on its own
+        slices.update(_packed_slices(config, head_dim, traits.packed))
+    if traits.rope == "interleaved":
+        slices.update(_interleaved_slices(config, names, head_dim, 2 * main[0].numel()))
+    if slices:
+        source = RowSlices(source, slices)
+        names |= set(slices)
 
     def ref(name):
         return source.ref(name)
@@ -179,6 +268,8 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
     def opt(name):
         return source.ref(name) if name in names else None
 
+    q_norm, k_norm = {"none": (None, None), "after_rotary": ("query_layernorm", "key_layernorm")}.get(
+        traits.qk_norm, ("q_norm", "k_norm"))
     layers = []
     for i in range(config.num_hidden_layers):
         a, m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
@@ -189,29 +280,41 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
                 router=ref(f"{m}.gate.weight"), gate_up=_experts(source, config, traits, m, "gate_up_proj"),
                 down=_experts(source, config, traits, m, "down_proj"), top_k=config.num_experts_per_tok,
                 renormalize=traits.moe == "mixtral" or bool(getattr(config, "norm_topk_prob", False)),
-                weights_in_dtype=traits.moe == "qwen",
+                weights_in_dtype=traits.moe in ("qwen", "olmoe"),
                 shared_gate=ref(f"{m}.shared_expert.gate_proj.weight") if shared else None,
                 shared_up=ref(f"{m}.shared_expert.up_proj.weight") if shared else None,
                 shared_down=ref(f"{m}.shared_expert.down_proj.weight") if shared else None,
                 shared_expert_gate=opt(f"{m}.shared_expert_gate.weight"))
         dense = moe is None
+        gated = dense and not traits.plain_mlp
         norm = f"model.layers.{i}"
-        sandwich = f"{norm}.pre_feedforward_layernorm.weight" in names       # Gemma 2 / 3
+        if traits.norms == "post":       # OLMo 2, Exaone 4: no input norms, the outputs normed
+            input_norm, post_norm = None, None
+            attn_out, mlp_out = f"{norm}.post_attention_layernorm", f"{norm}.post_feedforward_layernorm"
+        elif traits.norms == "glm4":
+            input_norm, post_norm = f"{norm}.input_layernorm", f"{norm}.post_attention_layernorm"
+            attn_out, mlp_out = f"{norm}.post_self_attn_layernorm", f"{norm}.post_mlp_layernorm"
+        elif f"{norm}.pre_feedforward_layernorm.weight" in names:        # Gemma 2 / 3
+            input_norm, post_norm = f"{norm}.input_layernorm", f"{norm}.pre_feedforward_layernorm"
+            attn_out, mlp_out = f"{norm}.post_attention_layernorm", f"{norm}.post_feedforward_layernorm"
+        else:
+            input_norm, post_norm = f"{norm}.input_layernorm", f"{norm}.post_attention_layernorm"
+            attn_out = mlp_out = None
         layers.append(LayerWeights(
             q=ref(f"{a}.q_proj.weight"), k=ref(f"{a}.k_proj.weight"), v=ref(f"{a}.v_proj.weight"),
             o=ref(f"{a}.o_proj.weight"),
             q_bias=opt(f"{a}.q_proj.bias"), k_bias=opt(f"{a}.k_proj.bias"), v_bias=opt(f"{a}.v_proj.bias"),
             o_bias=opt(f"{a}.o_proj.bias"),
-            gate=ref(f"{m}.gate_proj.weight") if dense else None, up=ref(f"{m}.up_proj.weight") if dense else None,
+            gate=ref(f"{m}.gate_proj.weight") if gated else None, up=ref(f"{m}.up_proj.weight") if dense else None,
             down=ref(f"{m}.down_proj.weight") if dense else None,
             gate_bias=opt(f"{m}.gate_proj.bias"), up_bias=opt(f"{m}.up_proj.bias"), down_bias=opt(f"{m}.down_proj.bias"),
-            input_norm=ref(f"{norm}.input_layernorm.weight"),
-            post_norm=ref(f"{norm}.pre_feedforward_layernorm.weight" if sandwich else
-                          f"{norm}.post_attention_layernorm.weight"),
-            attn_out_norm=ref(f"{norm}.post_attention_layernorm.weight") if sandwich else None,
-            mlp_out_norm=ref(f"{norm}.post_feedforward_layernorm.weight") if sandwich else None,
-            q_norm=ref(f"{a}.q_norm.weight") if traits.qk_norm else None,
-            k_norm=ref(f"{a}.k_norm.weight") if traits.qk_norm else None,
+            input_norm=ref(f"{input_norm}.weight") if input_norm else None,
+            post_norm=ref(f"{post_norm}.weight") if post_norm else None,
+            attn_out_norm=ref(f"{attn_out}.weight") if attn_out else None,
+            mlp_out_norm=ref(f"{mlp_out}.weight") if mlp_out else None,
+            q_norm=ref(f"{a}.{q_norm}.weight") if q_norm else None,
+            k_norm=ref(f"{a}.{k_norm}.weight") if k_norm else None,
+            qk_norm_kind="head" if traits.qk_norm == "none" else traits.qk_norm, rotary=_rotates(config, traits, i),
             sliding_window=_sliding_window(config, traits, i), moe=moe,
             out_scale=config.residual_multiplier if traits.granite else None,
         ))
@@ -225,13 +328,13 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
         embed=ref("model.embed_tokens.weight"), final_norm=ref("model.norm.weight"),
         lm_head=ref("model.embed_tokens.weight" if tied else "lm_head.weight"), lm_head_bias=opt("lm_head.bias"),
         tied_embeddings=tied, layers=layers,
-        norm_offset=1.0 if traits.gemma else 0.0,
+        norm_offset=1.0 if traits.gemma else 0.0, norm_fp32=traits.norm_fp32,
         embed_scale=config.hidden_size ** 0.5 if traits.gemma else config.embedding_multiplier if traits.granite else None,
         logit_scale=1.0 / config.logits_scaling if traits.granite else None,
         # (HF's Gemma 3 attention does not apply attn_logit_softcapping even when the config sets it)
         attn_softcap=getattr(config, "attn_logit_softcapping", None) if traits.gemma == 2 else None,
         final_softcap=getattr(config, "final_logit_softcapping", None) if traits.gemma else None,
-        mlp_act=_GATED_ACTS[act],
+        mlp_act=acts[act], mlp_gated=not traits.plain_mlp,
         sliding_inv_freq=sliding[0].detach() if sliding and not _same_rope(sliding, main) else None,
         sliding_attention_scaling=sliding[1] if sliding else 1.0,
     )

@@ -369,6 +369,13 @@ class SafetensorsSource(WeightSource):
         self.entries: dict[str, _Entry] = {}
         for fname in files:
             self.entries.update(_read_header(os.path.join(folder, fname)))
+        fp8 = [n for n, e in self.entries.items() if e.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)]
+        if fp8:       # (DeepSeek-V3's released files: fp8 weights with block scales ``*_scale_inv``)
+            raise ValueError(
+                f"checkpoint {folder!r} stores {len(fp8)} float8 tensor{'s' if len(fp8) > 1 else ''} (e.g. {fp8[0]}): "
+                f"a quantised checkpoint, whose weights need their block scales applied. dsinfer reads float "
+                f"checkpoints: convert it to bf16 first (dequantise each weight by its scales), then pass "
+                f"quantize='int8' or 'int4' for smaller weights.")
         self._fds: dict[str, int] = {}
         self._scratch_buf: torch.Tensor | None = None
         self.fallback = fallback

@@ -22,8 +22,7 @@ from lightning_dsinfer.engine import init_inference, is_optimised
 from lightning_dsinfer.parallel import TensorParallelComm, Topology
 from lightning_dsinfer.parallel.pipeline import PipelineComm
 from lightning_dsinfer.parallel.process_groups import new_pipeline_groups, new_tensor_parallel_groups
-from lightning_dsinfer.policies import UnsupportedModelError, find_policy
-from lightning_dsinfer.policies.llama import has_experts
+from lightning_dsinfer.policies import UnsupportedModelError, find_policy, has_experts
 
 
 def find_hf_models(module: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -136,6 +136,51 @@ def test_gpt_family_through_triton_matches_hf(family, monkeypatch):
     assert _fallbacks() == ({("attention", "reference:alibi"): 2 * layers} if alibi else {}), _fallbacks()
 
 
+@pytest.mark.parametrize("family", ["deepseek_v3"])
+def test_deepseek_through_triton_matches_hf(family, monkeypatch):
+    """DeepSeek on the Triton path: the latent attention's q_a | kv_a GEMM with the input norm as its prologue, its
+    norms, q_b and o through the kernels; the grouped routers' choice in torch with the mapping tables and grouped
+    expert GEMMs by kernel (``moe_tables``, ``moe_gemm``); the attention over the latent rows in the decode and
+    prefill kernels (32 wide here; DeepSeek-V3's 576 are over the kernels' 256 and take the reference). Nothing falls
+    back: fp32 logits and greedy tokens as HF's."""
+    monkeypatch.setenv("DSINFER_CUDA_GRAPHS", "0")
+    opt = _matches_hf_through_triton(family)
+    layers = opt._dsinfer_engine.decoder.layers
+    sparse = sum(type(layer.mlp).__name__ == "MoEMLP" for layer in layers)
+    counts = dict(ops.dispatch_counts)
+    assert counts[("moe_mlp", "triton")] == 6 * sparse, counts          # 1 forward + 1 prefill + 4 decode steps
+    assert counts[("norm_linear", "triton")] >= 4 * len(layers), counts   # decode steps: norm + q_a | kv_a GEMM
+    assert counts[("attention", "triton")] == 6 * len(layers), counts
+    assert not _fallbacks(), _fallbacks()
+
+
+@pytest.mark.parametrize("family", ["olmo2", "exaone4"])
+def test_llama_like_family_through_triton_matches_hf(family, monkeypatch):
+    """Llama-like families' own pieces on the Triton path: OLMo 2's q / k norms over the whole projection (the norm
+    kernel on the QKV output's column views) and its norms on the outputs only (fp32 weights); Exaone 4's NoPE layer
+    (its per-head q / k norms without the rotation) between output norms. fp32 logits and greedy tokens as HF's."""
+    monkeypatch.setenv("DSINFER_CUDA_GRAPHS", "0")
+    opt = _matches_hf_through_triton(family)
+    layers = len(opt._dsinfer_engine.decoder.layers)
+    counts = dict(ops.dispatch_counts)
+    assert counts[("attention", "triton")] == 6 * layers, counts         # 1 forward + 1 prefill + 4 decode steps
+    nope = sum(not layer.attn.rotary for layer in opt._dsinfer_engine.decoder.layers)
+    assert counts[("rotary_write_kv", "triton")] == 6 * (layers - nope), counts
+    if family == "olmo2":      # per block and forward: q and k norms, the two output norms; and the final norm
+        assert counts[("rms_norm", "triton")] == 6 * (4 * layers + 1), counts
+    assert not _fallbacks(), _fallbacks()
+
+
+def test_relu2_takes_torch_ops_on_the_triton_path():
+    """Arcee's ReLU squared has no kernel: on the Triton path ``ops.act`` runs the reference (counted as such)."""
+    x = torch.randn(5, 7, device=DEVICE)
+    ops.dispatch_counts.clear()
+    with _triton_path():
+        y = ops.act(x, "relu2")
+    assert torch.equal(y, reference.act(x, "relu2")) and torch.equal(y, torch.relu(x) ** 2)
+    assert dict(ops.dispatch_counts) == {("act", "reference:relu2"): 1}
+
+
 @pytest.mark.parametrize("family", ["llama", "mixtral", "qwen2_moe"])
 def test_int8_through_triton_matches_fake_quantised_hf(family, monkeypatch):
     """quantize="int8" on the Triton path (built under the forced dispatch on a CPU, as on CUDA): llama's block linears

@@ -1,0 +1,136 @@
+"""DeepSeek-V2 / V3 (``deepseek_v2``, ``deepseek_v3``; Kimi K2 is a ``deepseek_v3``): multi-head latent attention
+and a mixture of experts with a shared expert.
+
+Module tree: ``model.model.layers[i].self_attn.{q_a_proj, q_a_layernorm, q_b_proj | q_proj, kv_a_proj_with_mqa,
+kv_a_layernorm, kv_b_proj, o_proj}``; ``mlp`` a dense SwiGLU MLP in the first ``first_k_dense_replace`` blocks, else
+``mlp.gate.{weight, e_score_correction_bias (V3)}``, ``mlp.experts.{gate_up_proj, down_proj}`` (3D, transformers 5;
+a checkpoint's per-expert ``experts.{e}.{gate,up,down}_proj``) and ``mlp.shared_experts.{gate,up,down}_proj``.
+The routers: V2 softmax top-k ("greedy", or "group_limited_greedy": the best experts of the ``topk_group`` groups
+with the best single expert), V3 sigmoid scores, the choice made on scores + correction bias within the
+``topk_group`` groups whose two best sum highest, the weights renormalised (``norm_topk_prob``); both scaled by
+``routed_scaling_factor`` (``kernels.reference.Routing``). The attention is ``modules/mla.py``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lightning_dsinfer.kernels.reference import Routing
+from lightning_dsinfer.policies.base import (LayerWeights, MLAShape, MLAWeights, ModelWeights, MoEWeights,
+                                             UnsupportedModelError)
+from lightning_dsinfer.policies.llama import FamilyTraits, _experts, check_rope
+from lightning_dsinfer.policies.weights import ModuleSource, WeightSource
+
+FAMILY = ("deepseek_v2", "deepseek_v3")
+_EXPERT_NAMES = FamilyTraits(moe="qwen")       # checkpoint experts as experts.{e}.{gate,up,down}_proj
+
+
+def _routing(config) -> Routing:
+    experts = config.n_routed_experts
+    if config.model_type == "deepseek_v2":
+        method = getattr(config, "topk_method", "greedy")
+        if method not in ("greedy", "group_limited_greedy"):
+            raise UnsupportedModelError(
+                f"deepseek_v2 with topk_method={method!r} is not supported (the engine routes 'greedy' and "
+                f"'group_limited_greedy', as transformers does).")
+        grouped = method == "group_limited_greedy"
+        routing = Routing(scoring="softmax", groups=config.n_group if grouped else 1,
+                          topk_groups=config.topk_group if grouped else 1, group_score="max",
+                          scale=float(config.routed_scaling_factor), fp32=True)
+    else:
+        routing = Routing(scoring="sigmoid", groups=config.n_group or 1, topk_groups=config.topk_group or 1,
+                          group_score="top2", renormalize=bool(config.norm_topk_prob), eps=1e-20,
+                          scale=float(config.routed_scaling_factor), fp32=True)
+    if routing.groups > 1 and (experts % routing.groups or not 0 < routing.topk_groups <= routing.groups):
+        raise UnsupportedModelError(
+            f"{config.model_type}: n_group={routing.groups} must divide the {experts} routed experts and "
+            f"topk_group={routing.topk_groups} be at most n_group.")
+    per_group = experts // routing.groups
+    if routing.group_score == "top2" and routing.groups > 1 and per_group < 2:
+        raise UnsupportedModelError(f"{config.model_type}: groups of {per_group} expert cannot be scored by their two "
+                                    f"best (n_group={routing.groups}, {experts} experts).")
+    if routing.topk_groups * per_group < config.num_experts_per_tok:
+        raise UnsupportedModelError(
+            f"{config.model_type}: num_experts_per_tok={config.num_experts_per_tok} experts do not fit in "
+            f"topk_group={routing.topk_groups} groups of {per_group}.")
+    return routing
+
+
+def read_deepseek(model: nn.Module, max_seq_len: int, source: WeightSource | None = None) -> ModelWeights:
+    """Name every weight by role (lazy refs into ``source``; default: the model's own tensors)."""
+    config = model.config
+    if getattr(config, "mlp_bias", False):
+        raise UnsupportedModelError(f"{config.model_type} with mlp_bias=True is not supported (the shared and routed "
+                                    f"experts run without biases).")
+    act = getattr(config, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise UnsupportedModelError(f"{config.model_type} with hidden_act={act!r} is not supported (SwiGLU: silu).")
+    source = source or ModuleSource(model)
+    base = model.model
+    with torch.device("cpu"):     # frequencies are computed, not loaded: rebuild them even for a meta model
+        rotary = type(base.rotary_emb)(config=config)
+    shape = MLAShape(q_lora_rank=config.q_lora_rank or 0, kv_lora_rank=config.kv_lora_rank,
+                     qk_nope_head_dim=config.qk_nope_head_dim, qk_rope_head_dim=config.qk_rope_head_dim,
+                     v_head_dim=config.v_head_dim,
+                     # (V2 multiplies the rotary pairs as complex numbers: interleaved too)
+                     rope_interleave=(config.model_type == "deepseek_v2"
+                                      or bool(getattr(config, "rope_interleave", True))),
+                     # (the latent norms' own eps: HF leaves them at RMSNorm's default, whatever rms_norm_eps is)
+                     norm_eps=float(base.layers[0].self_attn.kv_a_layernorm.variance_epsilon))
+    rope_type = getattr(rotary, "rope_type", "default")
+    check_rope(config, rotary, rotary.inv_freq, rope_type, shape.qk_rope_head_dim, max_seq_len)
+    if 2 * rotary.inv_freq.numel() != shape.qk_rope_head_dim:
+        raise UnsupportedModelError(f"{config.model_type} has {rotary.inv_freq.numel()} rotary frequencies for "
+                                    f"qk_rope_head_dim={shape.qk_rope_head_dim}.")
+    names = set(dict(model.named_parameters(remove_duplicate=False))) | set(dict(model.named_buffers()))
+    routing = _routing(config) if getattr(config, "n_routed_experts", 0) else None
+
+    def ref(name):
+        return source.ref(name)
+
+    def opt(name):
+        return source.ref(name) if name in names else None
+
+    layers = []
+    for i in range(config.num_hidden_layers):
+        a, m, block = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp", f"model.layers.{i}"
+        low_rank = shape.q_lora_rank > 0
+        mla = MLAWeights(
+            shape=shape, q_a=ref(f"{a}.q_a_proj.weight" if low_rank else f"{a}.q_proj.weight"),
+            q_a_norm=ref(f"{a}.q_a_layernorm.weight") if low_rank else None,
+            q_b=ref(f"{a}.q_b_proj.weight") if low_rank else None,
+            kv_a=ref(f"{a}.kv_a_proj_with_mqa.weight"), kv_a_norm=ref(f"{a}.kv_a_layernorm.weight"),
+            kv_b=ref(f"{a}.kv_b_proj.weight"),
+            q_a_bias=opt(f"{a}.q_a_proj.bias"), kv_a_bias=opt(f"{a}.kv_a_proj_with_mqa.bias"))
+        moe = None
+        if routing is not None and i >= (config.first_k_dense_replace or 0):
+            moe = MoEWeights(
+                router=ref(f"{m}.gate.weight"), gate_up=_experts(source, config, _EXPERT_NAMES, m, "gate_up_proj"),
+                down=_experts(source, config, _EXPERT_NAMES, m, "down_proj"), top_k=config.num_experts_per_tok,
+                renormalize=routing.renormalize, weights_in_dtype=False,
+                shared_gate=opt(f"{m}.shared_experts.gate_proj.weight"),
+                shared_up=opt(f"{m}.shared_experts.up_proj.weight"),
+                shared_down=opt(f"{m}.shared_experts.down_proj.weight"),
+                routing=routing, router_bias=opt(f"{m}.gate.e_score_correction_bias"))
+        dense = moe is None
+        layers.append(LayerWeights(
+            q=None, k=None, v=None, o=ref(f"{a}.o_proj.weight"), o_bias=opt(f"{a}.o_proj.bias"),
+            gate=ref(f"{m}.gate_proj.weight") if dense else None, up=ref(f"{m}.up_proj.weight") if dense else None,
+            down=ref(f"{m}.down_proj.weight") if dense else None,
+            input_norm=ref(f"{block}.input_layernorm.weight"),
+            post_norm=ref(f"{block}.post_attention_layernorm.weight"),
+            moe=moe, mla=mla))
+    tied = model.lm_head.weight is base.embed_tokens.weight or bool(getattr(config, "tie_word_embeddings", False))
+    return ModelWeights(
+        model_type=config.model_type, hidden_size=config.hidden_size, num_heads=config.num_attention_heads,
+        num_kv_heads=1, head_dim=shape.v_head_dim, intermediate_size=config.intermediate_size,
+        vocab_size=config.vocab_size, rms_norm_eps=config.rms_norm_eps,
+        scaling=float(base.layers[0].self_attn.scaling),
+        inv_freq=rotary.inv_freq.detach(), attention_scaling=float(rotary.attention_scaling), rope_type=rope_type,
+        embed=ref("model.embed_tokens.weight"), final_norm=ref("model.norm.weight"),
+        lm_head=ref("model.embed_tokens.weight" if tied else "lm_head.weight"), lm_head_bias=None,
+        tied_embeddings=tied, layers=layers, mla=shape)
+
+
+def has_experts(model_type: str | None) -> bool:
+    return model_type in FAMILY
