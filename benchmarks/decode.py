@@ -19,6 +19,10 @@ its bytes per step count the router and the top-k experts of each layer (what on
 scores and logits, every second layer sliding; tied embeddings, as Gemma's): its decode steps run through the one-call
 C decode step too. ``--family gpt_neox`` / ``bloom``: the GPT families' blocks (LayerNorms with biases, a plain GeLU
 MLP; GPT-NeoX's parallel residual and partial rotary through the one-call C step, BLOOM's ALiBi on the per-op path).
+``--family deepseek_v2``: DeepSeek-V2-Lite's block at these widths (latent attention: kv_lora_rank 512, rotary 64,
+nope 128, v 128, a plain q_proj; ``--experts`` routed experts (default 16) of a quarter of ``--intermediate``, top
+``--top-k`` (default 4 here), two shared experts, a dense first layer); HF expands the cached latent into every head's
+keys and values at each step, the engine attends over the latent itself. Bytes per step as for ``--experts``.
 """
 from __future__ import annotations
 
@@ -37,7 +41,8 @@ from common import add_llama_args, llama_config, markdown_table, record, stream_
 
 
 FAMILY_NAMES = {"llama": "Llama", "gemma2": "Gemma 2", "gpt_neox": "GPT-NeoX (Pythia-style: parallel residual, "
-                "rotary on a quarter of each head)", "bloom": "BLOOM (ALiBi)"}
+                "rotary on a quarter of each head)", "bloom": "BLOOM (ALiBi)",
+                "deepseek_v2": "DeepSeek-V2-Lite-style (latent attention, MoE)"}
 
 
 def build_model(args):
@@ -60,7 +65,17 @@ def build_model(args):
         cfg = GPTNeoXConfig(**common, num_attention_heads=args.heads, intermediate_size=args.intermediate,
                             max_position_embeddings=4096, rotary_pct=0.25) if args.family == "gpt_neox" else \
             BloomConfig(**common, n_head=args.heads)       # (BLOOM's MLP is 4 x hidden)
-    if getattr(args, "experts", 0):      # (the other benchmarks build the dense Llama through here too)
+    if getattr(args, "family", "llama") == "deepseek_v2":
+        from transformers import DeepseekV2Config
+
+        cfg = DeepseekV2Config(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                               num_key_value_heads=args.heads, intermediate_size=args.intermediate,
+                               vocab_size=args.vocab, max_position_embeddings=4096, q_lora_rank=None,
+                               kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
+                               n_routed_experts=args.experts or 16, num_experts_per_tok=args.top_k,
+                               moe_intermediate_size=args.intermediate // 4, n_shared_experts=2,
+                               first_k_dense_replace=1, tie_word_embeddings=False, eos_token_id=None, pad_token_id=0)
+    elif getattr(args, "experts", 0):      # (the other benchmarks build the dense Llama through here too)
         from transformers import MixtralConfig
 
         cfg = MixtralConfig(**{k: getattr(cfg, k) for k in (
@@ -129,10 +144,12 @@ def main():
     p.add_argument("--skip-int8", action="store_true", help="no quantize='int8' rows")
     p.add_argument("--skip-int4", action="store_true", help="no quantize='int4' rows")
     p.add_argument("--experts", type=int, default=0, help="a Mixtral with this many experts per layer (0: Llama)")
-    p.add_argument("--top-k", type=int, default=2, help="experts per token (--experts)")
+    p.add_argument("--top-k", type=int, default=None, help="experts per token (--experts: default 2; deepseek_v2: 4)")
     p.add_argument("--family", choices=list(FAMILY_NAMES), default="llama")
     p.add_argument("--record", metavar="RESULTS_MD", help="append the table to this file")
     args = p.parse_args()
+    if args.top_k is None:
+        args.top_k = 4 if args.family == "deepseek_v2" else 2
     torch.set_num_threads(args.threads)
 
     import lightning_dsinfer as dsi
@@ -142,11 +159,12 @@ def main():
     ours = dsi.init_inference(copy.deepcopy(hf), dtype=torch.bfloat16, max_seq_len=args.prompt + args.new,
                               max_batch_size=max(args.batch))
     our_bytes = ours._dsinfer_engine.decoder.weight_bytes_per_token
-    hf_bytes = our_bytes if args.experts else hf_decode_bytes(hf)    # MoE: the same router + top-k experts
+    moe = args.experts or args.family == "deepseek_v2"
+    hf_bytes = our_bytes if moe else hf_decode_bytes(hf)    # MoE: the same router + top-k experts
     impls = [("HF eager", hf, hf_bytes), ("dsinfer", ours, our_bytes)]
     quality = []
-    modes = [] if args.experts else [m for m, skip in (("int8", args.skip_int8), ("int4", args.skip_int4)) if not skip]
-    for mode in modes:                  # (no quantised rows for the Mixtral: MoE models take no int4 yet)
+    modes = [m for m, skip in (("int8", args.skip_int8 or args.experts), ("int4", args.skip_int4 or moe)) if not skip]
+    for mode in modes:                  # (MoE models take no int4 yet; the Mixtral rows have no int8 either)
         q = dsi.init_inference(copy.deepcopy(hf), dtype=torch.bfloat16, max_seq_len=args.prompt + args.new,
                                max_batch_size=max(args.batch), quantize=mode)
         impls.append((f"dsinfer {mode}", q, q._dsinfer_engine.decoder.weight_bytes_per_token))
@@ -180,8 +198,8 @@ def main():
     if quality:
         print(quality)
     if args.record:
-        kind = f"Mixtral ({args.experts} experts, top {args.top_k})" if args.experts else \
-            FAMILY_NAMES[args.family]
+        kind = f"Mixtral ({args.experts} experts, top {args.top_k})" if args.experts and args.family == "llama" else \
+            FAMILY_NAMES[args.family] + (f" ({args.experts or 16} experts, top {args.top_k})" if moe else "")
         record(args.record, f"decode.py: {n_params / 1e6:.0f}M {kind} bf16, {args.threads} threads, "
                             f"streaming read {bw / 1e9:.1f} GB/s",
                             table + (f"\n\n{quality.replace(chr(10), chr(10) * 2)}" if quality else ""))

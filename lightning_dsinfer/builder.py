@@ -299,8 +299,8 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
 
     ``pack=False`` keeps the tensors as they are (views into a streamed buffer stay views). Either half may be
     missing from ``t`` (an offloaded block's halves come one at a time): its module is then None.
-    ``quantize="int8"``: the block linears (:data:`LINEARS`) hold int8 weights with per-row scales; ``"int4"``: packed int4 with a scale
-    per row and group of ``group_size`` inputs (norms stay as they are)."""
+    ``quantize="int8"``: the block linears (:data:`LINEARS`) hold int8 weights with per-row scales; ``"int4"``:
+    packed int4 with a scale per row and group of ``group_size`` inputs (norms stay as they are)."""
     reduce = comm.all_reduce if comm.size > 1 else None
     row_max = comm.all_reduce_max if comm.size > 1 and quantize == "int8" else None   # row-parallel int8 scales
     first = comm.rank == 0

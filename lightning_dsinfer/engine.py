@@ -311,7 +311,8 @@ def _check_not_prequantised(hf_config) -> None:
     raise UnsupportedModelError(
         f"the model is quantised by transformers (quantization_config: quant_method={method!r}); dsinfer reads "
         f"float weights and quantises them itself. Load the unquantised model (e.g. torch_dtype=torch.bfloat16, no "
-        f"quantization_config), and pass quantize='int8' or quantize='int4' for smaller weights.")
+        f"quantization_config; a meta model whose checkpoint= files are float: delete config.quantization_config), "
+        f"and pass quantize='int8' or quantize='int4' for smaller weights.")
 
 
 def _check_moe_options(hf_config, config: InferenceConfig) -> None:

@@ -42,9 +42,10 @@ class LatentAttention(nn.Module):
         self.qkv, self.o, self.q_b = qkv, o, q_b
         self.q_a_norm, self.kv_a_norm = q_a_norm, kv_a_norm
         self.kv_b_bytes = kv_b.numel() * kv_b.element_size()
+        # kv_b's two halves as batches of their own (contiguous: a strided batch makes bmm copy it at every call)
         per_head = kv_b.view(heads, self.nope + self.vdim, self.rank)
-        self.w_uk = per_head[:, :self.nope]                               # [h, nope, rank]
-        self.w_uv_t = per_head[:, self.nope:].transpose(1, 2)             # [h, rank, v]
+        self.w_uk = per_head[:, :self.nope].contiguous()                  # [h, nope, rank]
+        self.w_uv = per_head[:, self.nope:].contiguous()                  # [h, v, rank]
 
     @property
     def nbytes(self) -> int:
@@ -73,7 +74,7 @@ class LatentAttention(nn.Module):
         keys = self._keys(row, step)                                                                 # [B, 1, L, D]
         mask = step.mask
         out = ops.attention(query, keys, keys, mask, self.scaling)[..., :r]                          # [B, h, T, rank]
-        out = torch.bmm(out.transpose(0, 1).reshape(h, b * t, r), self.w_uv_t)                       # [h, B T, v]
+        out = torch.bmm(out.transpose(0, 1).reshape(h, b * t, r), self.w_uv.transpose(1, 2))         # [h, B T, v]
         out = out.view(h, b, t, self.vdim).permute(1, 2, 0, 3).reshape(b, t, h * self.vdim)
         return self.o(out, residual)
 

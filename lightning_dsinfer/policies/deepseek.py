@@ -1,4 +1,4 @@
-"""DeepSeek-V2 / V3 (``deepseek_v2``, ``deepseek_v3``; Kimi K2 is a ``deepseek_v3``): multi-head latent attention
+"""DeepSeek-V2 / V3 (``deepseek_v2``, ``deepseek_v3``): multi-head latent attention
 and a mixture of experts with a shared expert.
 
 Module tree: ``model.model.layers[i].self_attn.{q_a_proj, q_a_layernorm, q_b_proj | q_proj, kv_a_proj_with_mqa,

@@ -17,8 +17,8 @@ The others, each one row: Seed-OSS is Llama with q/k/v and o biases; Arcee a pla
 SmolLM3 leaves the rotary out of the layers ``no_rope_layers`` marks 0 (NoPE); HunYuan (dense) norms q and k per
 head after the rotation (``query_layernorm``, ``key_layernorm``: ``RotaryFirstAttention``); ERNIE 4.5 and GLM rotate
 interleaved pairs (2i, 2i + 1), which each head's q / k rows (and biases) reordered as (0, 2, 4, ..., 1, 3, ...) when
-read turn into the engine's rotate-half layout (the scores q.k do not change under the same permutation of both; GLM rotates
-the first half of each head only); GLM-4 adds norms on the attention's and the MLP's outputs
+read turn into the engine's rotate-half layout (the scores q.k do not change under the same permutation of both; GLM
+rotates the first half of each head only); GLM-4 adds norms on the attention's and the MLP's outputs
 (``post_self_attn_layernorm``, ``post_mlp_layernorm``; ``post_attention_layernorm`` is the MLP's input norm). OLMo 2
 has no input norms at all: RMSNorms on the attention's and the MLP's outputs (``post_attention_layernorm``,
 ``post_feedforward_layernorm``) before each residual add, its q / k norms each span the whole projection (all heads at
