@@ -119,8 +119,7 @@ def _shard_mla(m, plan: TensorShardPlan, dtype: torch.dtype) -> dict[str, torch.
     """A latent-attention block's tensors on this rank (``modules/mla.py``): ``qkv`` = q_a_proj's rows (or, without
     the q low rank, q_proj's rows of this rank's heads) | kv_a_proj_with_mqa's (latent, rotary key), ``q_b.weight``
     (this rank's heads' rows), ``q_a_norm``, ``kv_a_norm``, ``kv_b.weight`` (this rank's heads' k_nope | v rows).
-    Interleaved rotary dims become rotate-half: each head's q rotary rows and the rotary key's rows are reordered
-    (evens, then odds), so q . k is unchanged."""
+    (Interleaved rotary rows come reordered from the policy: ``policies/deepseek.py``.)"""
     s = m.shape
     h0, heads = plan.tp_rank * plan.local_heads, plan.local_heads
     qk, rope = s.qk_head_dim, s.qk_rope_head_dim
@@ -133,18 +132,6 @@ def _shard_mla(m, plan: TensorShardPlan, dtype: torch.dtype) -> dict[str, torch.
            "kv_a_norm": m.kv_a_norm.load().to(dtype),
            "kv_b.weight": m.kv_b.load(0, h0 * (s.qk_nope_head_dim + s.v_head_dim),
                                       heads * (s.qk_nope_head_dim + s.v_head_dim)).to(dtype)}
-    if s.rope_interleave:
-        pairs = torch.cat((torch.arange(0, rope, 2), torch.arange(1, rope, 2)))
-        per_head = torch.cat((torch.arange(s.qk_nope_head_dim), s.qk_nope_head_dim + pairs))
-        q_order = (torch.arange(heads)[:, None] * qk + per_head).reshape(-1)
-        q_width = s.q_lora_rank or heads * qk
-        if s.q_lora_rank:
-            out["q_b.weight"] = out["q_b.weight"][q_order]
-        order = torch.cat((q_order if not s.q_lora_rank else torch.arange(q_width),
-                           q_width + torch.arange(s.kv_lora_rank), q_width + s.kv_lora_rank + pairs))
-        out["qkv.weight"] = out["qkv.weight"][order]
-        if out["qkv.bias"] is not None:
-            out["qkv.bias"] = out["qkv.bias"][order]
     return out
 
 

@@ -19,7 +19,7 @@ from lightning_dsinfer.kernels.reference import Routing
 from lightning_dsinfer.policies.base import (LayerWeights, MLAShape, MLAWeights, ModelWeights, MoEWeights,
                                              UnsupportedModelError)
 from lightning_dsinfer.policies.llama import FamilyTraits, _experts, check_rope
-from lightning_dsinfer.policies.weights import ModuleSource, WeightSource
+from lightning_dsinfer.policies.weights import ModuleSource, RowSlices, WeightSource, rotate_half_pieces
 
 FAMILY = ("deepseek_v2", "deepseek_v3")
 _EXPERT_NAMES = FamilyTraits(moe="qwen")       # checkpoint experts as experts.{e}.{gate,up,down}_proj
@@ -84,6 +84,20 @@ def read_deepseek(model: nn.Module, max_seq_len: int, source: WeightSource | Non
                                     f"qk_rope_head_dim={shape.qk_rope_head_dim}.")
     names = set(dict(model.named_parameters(remove_duplicate=False))) | set(dict(model.named_buffers()))
     routing = _routing(config) if getattr(config, "n_routed_experts", 0) else None
+    files = source                # (the experts, stacked from a checkpoint's per-expert tensors, read from the files)
+    if shape.rope_interleave:     # each head's q rotary rows and the rotary key's rows read in rotate-half order
+        slices = {}
+        for i in range(config.num_hidden_layers):
+            a = f"model.layers.{i}.self_attn"
+            q = f"{a}.q_b_proj.weight" if shape.q_lora_rank else f"{a}.q_proj.weight"
+            slices[q] = (q, rotate_half_pieces(config.num_attention_heads, shape.qk_head_dim, shape.qk_rope_head_dim,
+                                               shape.qk_nope_head_dim))
+            for kind in ("weight", "bias"):
+                kv = f"{a}.kv_a_proj_with_mqa.{kind}"
+                if kv in names:
+                    slices[kv] = (kv, rotate_half_pieces(1, shape.cache_dim, shape.qk_rope_head_dim,
+                                                         shape.kv_lora_rank))
+        source = RowSlices(source, slices)
 
     def ref(name):
         return source.ref(name)
@@ -105,8 +119,8 @@ def read_deepseek(model: nn.Module, max_seq_len: int, source: WeightSource | Non
         moe = None
         if routing is not None and i >= (config.first_k_dense_replace or 0):
             moe = MoEWeights(
-                router=ref(f"{m}.gate.weight"), gate_up=_experts(source, config, _EXPERT_NAMES, m, "gate_up_proj"),
-                down=_experts(source, config, _EXPERT_NAMES, m, "down_proj"), top_k=config.num_experts_per_tok,
+                router=ref(f"{m}.gate.weight"), gate_up=_experts(files, config, _EXPERT_NAMES, m, "gate_up_proj"),
+                down=_experts(files, config, _EXPERT_NAMES, m, "down_proj"), top_k=config.num_experts_per_tok,
                 renormalize=routing.renormalize, weights_in_dtype=False,
                 shared_gate=opt(f"{m}.shared_experts.gate_proj.weight"),
                 shared_up=opt(f"{m}.shared_experts.up_proj.weight"),

@@ -28,7 +28,8 @@ from torch import nn
 
 from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, UnsupportedModelError
 from lightning_dsinfer.policies.llama import check_rope
-from lightning_dsinfer.policies.weights import ModuleSource, RowSlices, Transposed, WeightSource, Zeros
+from lightning_dsinfer.policies.weights import (ModuleSource, RowSlices, Transposed, WeightSource, Zeros,
+                                                rotate_half_pieces)
 
 
 @dataclass(frozen=True)
@@ -245,14 +246,11 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
     inv_freq, attention_scaling, rope_type = _rotary(model, config, family, head_dim, max_seq_len) if rotary else \
         (torch.zeros(1), 1.0, "none")    # (a table nothing reads: the blocks' attention does not rotate)
     if family.qkv is None and family.positions == "rotary_interleaved":   # each head's rotary rows of q and k to
-        r = 2 * inv_freq.numel()                                          # rotate-half order
-        order = list(range(0, r, 2)) + list(range(1, r, 2))
-        for i in range(n_layers):
+        for i in range(n_layers):                                         # rotate-half order
             for part in ("q", "k"):
                 name = f"{block(i)}.{family.attn}.{getattr(family, part)}.weight"
-                slices[name] = (name, [piece for h in range(source.shape(name)[0] // head_dim) for piece in
-                                       [(h * head_dim + o, 1) for o in order] + [(h * head_dim + r, head_dim - r)]
-                                       if piece[1] > 0])
+                slices[name] = (name, rotate_half_pieces(source.shape(name)[0] // head_dim, head_dim,
+                                                         2 * inv_freq.numel()))
     if slices:
         source = RowSlices(source, slices)
         names |= set(slices)

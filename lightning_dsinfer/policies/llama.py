@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, MoEWeights, UnsupportedModelError
-from lightning_dsinfer.policies.weights import ExpertStack, ModuleSource, RowSlices, WeightSource
+from lightning_dsinfer.policies.weights import ExpertStack, ModuleSource, RowSlices, WeightSource, rotate_half_pieces
 
 
 @dataclass(frozen=True)
@@ -202,16 +202,13 @@ def _packed_slices(config, head_dim: int, packed: str) -> dict[str, tuple]:
 def _interleaved_slices(config, names: set[str], head_dim: int, rotary_dim: int) -> dict[str, tuple]:
     """Each head's rotary rows of q and k (weights and biases) in the order (0, 2, 4, ..., 1, 3, 5, ...), the rest of
     the head after them as it is: interleaved pairs (GLM, ERNIE 4.5) read in the engine's rotate-half layout."""
-    order = list(range(0, rotary_dim, 2)) + list(range(1, rotary_dim, 2))
     slices = {}
     for i in range(config.num_hidden_layers):
         for part, heads in (("q", config.num_attention_heads), ("k", config.num_key_value_heads)):
             for kind in ("weight", "bias"):
                 name = f"model.layers.{i}.self_attn.{part}_proj.{kind}"
                 if name in names:
-                    slices[name] = (name, [piece for h in range(heads) for piece in
-                                           [(h * head_dim + o, 1) for o in order]
-                                           + [(h * head_dim + rotary_dim, head_dim - rotary_dim)] if piece[1] > 0])
+                    slices[name] = (name, rotate_half_pieces(heads, head_dim, rotary_dim))
     return slices
 
 

@@ -237,6 +237,18 @@ class RowSlices(WeightSource):
         self.inner.release(done)
 
 
+def rotate_half_pieces(heads: int, head_dim: int, rotary_dim: int, rotary_from: int = 0) -> list[tuple[int, int]]:
+    """Row pieces (first row, rows) that read ``heads`` heads of ``head_dim`` rows, whose rows [rotary_from,
+    rotary_from + rotary_dim) hold interleaved rotary pairs (GPT-J, Cohere, GLM, ERNIE 4.5, DeepSeek), with those rows
+    in rotate-half order (0, 2, 4, ..., 1, 3, 5, ...) and every other row where it was: q and k read this way give the
+    engine's rotate-half rotary the same scores (:class:`RowSlices` takes the pieces)."""
+    order = list(range(0, rotary_dim, 2)) + list(range(1, rotary_dim, 2))
+    rest = head_dim - rotary_from - rotary_dim
+    return [piece for h in range(heads) for piece in
+            [(h * head_dim, rotary_from)] + [(h * head_dim + rotary_from + o, 1) for o in order]
+            + [(h * head_dim + rotary_from + rotary_dim, rest)] if piece[1] > 0]
+
+
 class Transposed(WeightSource):
     """2-D weights stored [in, out] (GPT-2's ``Conv1D``) seen as torch's [out, in]; other names pass through."""
 
