@@ -281,13 +281,15 @@ def quantize_linears(t: dict[str, torch.Tensor], amx: bool = False, row_max=None
 
 
 def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: TensorParallelComm,
-               pack: bool = True, quantize: str | None = None, group_size: int = 128) -> DecoderLayer:
+               pack: bool = True, quantize: str | None = None, group_size: int = 128, experts=None) -> DecoderLayer:
     """A block over the tensors of :func:`shard_layer` (already on the compute device and dtype).
 
     ``pack=False`` keeps the tensors as they are (views into a streamed buffer stay views). Either half may be
     missing from ``t`` (an offloaded block's halves come one at a time): its module is then None.
     ``quantize="int8"``: the block linears (:data:`LINEARS`) hold int8 weights with per-row scales; ``"int4"``:
-    packed int4 with a scale per row and group of ``group_size`` inputs (norms stay as they are)."""
+    packed int4 with a scale per row and group of ``group_size`` inputs (norms stay as they are). ``experts``: a sparse
+    layer's routed experts read when routed to (offload, :class:`~lightning_dsinfer.offload.experts.LayerExperts`;
+    ``t`` then holds no ``moe.gate_up`` / ``moe.down``)."""
     reduce = comm.all_reduce if comm.size > 1 else None
     row_max = comm.all_reduce_max if comm.size > 1 and quantize == "int8" else None   # row-parallel int8 scales
     first = comm.rank == 0
@@ -320,10 +322,10 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
             if "shared.gate_up.weight" in t else None
         shared_gate = Linear(t["shared_gate.weight"], pack=pack) if "shared_gate.weight" in t else None  # [1, H]
         ep = spec.moe_first_expert is not None      # whole experts: their down rows need no group max
-        mlp = MoEMLP(t["moe.router"], t["moe.gate_up"], t["moe.down"], spec.moe_top_k, spec.moe_renormalize,
+        mlp = MoEMLP(t["moe.router"], t.get("moe.gate_up"), t.get("moe.down"), spec.moe_top_k, spec.moe_renormalize,
                      spec.moe_weights_in_dtype, shared, shared_gate, reduce=reduce, quantize=quantize,
                      row_max=None if ep else row_max, pack=pack, first_expert=spec.moe_first_expert or 0,
-                     routing=spec.moe_routing, router_bias=t.get("moe.router_bias"))
+                     routing=spec.moe_routing, router_bias=t.get("moe.router_bias"), streamed=experts)
     if "input_norm_bias" in t:       # the GPT families (an offloaded MLP half needs no more than DecoderLayer's)
         return GPTDecoderLayer(attn, mlp, t["input_norm"], t["input_norm_bias"], t.get("post_norm"),
                                t.get("post_norm_bias"), spec.rms_norm_eps, spec.parallel_residual)
@@ -476,6 +478,9 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
     from lightning_dsinfer.offload.budget import (MAX_AUTO_BATCH, MAX_AUTO_BATCH_CPU, release_freed_memory_promptly,
                                                   slot_classes, spread_order)
     from lightning_dsinfer.offload.codec import frame_bytes_for
+    from dataclasses import replace
+
+    from lightning_dsinfer.offload.experts import ExpertPool, split_experts
     from lightning_dsinfer.offload.store import staging_bytes
     from lightning_dsinfer.policies.weights import MetaSource, release_refs, with_source
 
@@ -498,7 +503,16 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
         collective = quantize == "int8" and not meta_parts and comm.size > 1
         return [quantize_linears(h, amx, row_max if collective else None, quantize, group_size) for h in parts]
 
-    layouts = [UnitLayout.of(half) for lw in w.layers for half in halves(with_source(lw, meta))]
+    # disk tier, CPU compute: a sparse layer's routed experts are units of their own, read when routed to
+    on_demand = tier == "nvme" and device.type == "cpu" and quantize is None
+
+    def unit_parts(lw):  # (attention half, MLP half without on-demand experts, expert units)
+        attention, mlp = halves(lw)
+        mlp, experts = split_experts(mlp) if on_demand else (mlp, [])
+        return attention, mlp, experts
+
+    metas = [unit_parts(with_source(lw, meta)) for lw in w.layers]
+    layouts = [UnitLayout.of(half) for attention, mlp, _ in metas for half in (attention, mlp)]
     start, real, padded = vocab_rows(w, plan)
     slot = max(l.nbytes for l in layouts)
     rows_per_unit = max(1, slot // (w.hidden_size * dtype.itemsize))
@@ -506,27 +520,40 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
     meta_w = with_source(w, meta)
     layouts += [UnitLayout.of(head_rows(meta_w, plan, dtype, a, n)) for a, n in head_slices]
     slot = max(l.nbytes for l in layouts)                 # a slice with a bias can be a page over the blocks' units
+    ring_units = len(layouts)                             # the expert units follow, outside the ring's cycle
+    expert_units: dict[int, list[int]] = {}
+    for i, (_, _, experts) in enumerate(metas):
+        if experts:
+            expert_units[i] = list(range(len(layouts), len(layouts) + len(experts)))
+            layouts += [UnitLayout.of(e) for e in experts]
+    expert_slot = max((layouts[u].nbytes for us in expert_units.values() for u in us), default=0)
+    least_experts = max((min(specs[i].moe_top_k, len(us)) for i, us in expert_units.items()), default=0)
     frame = frame_bytes_for(layouts, max_memory)          # packed disk units: frame (read request) size
-    unit_class, classes = slot_classes([l.nbytes for l in layouts])
+    unit_class, classes = slot_classes([l.nbytes for l in layouts[:ring_units]])
     ws = plan_working_set(max_memory, slot, _per_sequence_bytes(w, plan, dtype, max_seq_len, padded),
                           _per_token_bytes(w, plan, dtype, max_seq_len), batch_size,
                           max_auto_batch=MAX_AUTO_BATCH if device.type == "cuda" else MAX_AUTO_BATCH_CPU,
                           staging_bytes=(staging_bytes(layouts, compress, frame) if tier == "nvme" else 0)
                           + (_dequant_scratch(w, plan, quantize) if quantize and not amx else 0),
-                          classes=classes)
+                          classes=classes, expert_slot_bytes=expert_slot, expert_slots=least_experts)
     resident, spare = [], ws.spare          # units the leftover budget keeps for good (never streamed; the
-    for u in spread_order(len(layouts)):    # streamer ignores this where it uses the host tier in place)
+    for u in spread_order(ring_units):      # streamer ignores this where it uses the host tier in place)
         if layouts[u].nbytes <= spare:
             resident.append(u)
             spare -= layouts[u].nbytes
+    if expert_units:    # what is left caches experts between uses (resident units first: they save their bytes at
+        # every step, a cached expert only when it is routed to again)
+        ws = replace(ws, expert_cache_slots=min(spare // expert_slot, len(layouts) - ring_units - least_experts))
 
-    def units():
-        for lw in w.layers:
-            attention, mlp = halves(lw)
-            yield attention, None
-            yield mlp, lw
-        for a, n in head_slices:
-            yield head_rows(w, plan, dtype, a, n), None
+    def units():         # (unit, tensors, the block's weights once both halves are written)
+        for i, lw in enumerate(w.layers):
+            attention, mlp, experts = unit_parts(lw)
+            yield 2 * i, attention, None
+            for u, tensors in zip(expert_units.get(i, ()), experts):
+                yield u, tensors, None
+            yield 2 * i + 1, mlp, lw
+        for j, (a, n) in enumerate(head_slices):
+            yield 2 * len(w.layers) + j, head_rows(w, plan, dtype, a, n), None
 
     if tier == "cpu":
         store = HostStore(layouts, pin=device.type == "cuda")
@@ -539,13 +566,13 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
                 store = DiskStore(folder, layouts, fingerprint, compress=compress, frame_bytes=frame, reuse=False)
         written = not store.reused
     if written:
-        for u, (tensors, done) in enumerate(units()):
+        for u, tensors, done in units():
             store.write(u, tensors)
             del tensors
             if done is not None:        # a block's weights, both halves written
                 release_refs(done)
     layer_units = [(2 * i, 2 * i + 1) for i in range(len(w.layers))]      # (attention half, MLP half)
-    head_units = list(range(2 * len(w.layers), len(layouts)))
+    head_units = list(range(2 * len(w.layers), ring_units))
     if not embed:
         rows = None
     elif tier == "cpu":
@@ -560,14 +587,21 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
         rows = FileRows(path, real, w.hidden_size, dtype)
     store.finish()
     source.release([w.embed.name, w.lm_head.name])
-    streamer = UnitStreamer(store, layouts, list(range(len(layouts))), device, list(ws.class_slots) or ws.n_slots,
+    streamer = UnitStreamer(store, layouts, list(range(ring_units)), device, list(ws.class_slots) or ws.n_slots,
                             resident=tuple(resident), classes=unit_class if ws.class_slots else None)
+    pool = None
+    if expert_units:
+        pool = ExpertPool(store, layouts, expert_units, ws.expert_slots + ws.expert_cache_slots, len(w.layers))
+        pool.bytes_per_token = sum(min(specs[i].moe_top_k, len(us)) * layouts[us[0]].nbytes
+                                   for i, us in expert_units.items())
 
     def make(i, tensors):
-        return make_layer(i, tensors, specs[i], comm, pack=False, quantize=quantize, group_size=group_size)
+        experts = pool.layer(i, specs[i].moe_first_expert or 0) if i in expert_units else None
+        return make_layer(i, tensors, specs[i], comm, pack=False, quantize=quantize, group_size=group_size,
+                          experts=experts)
 
     final_norm = norm_weight(w.final_norm, dtype, w.norm_offset, w.norm_fp32).to(device) if head else None
     decoder = StreamedDecoderModel(streamer, layer_units, head_units, make, rows, final_norm, w.rms_norm_eps,
-                                   w.vocab_size, start, ws.prefill_tokens, comm=comm, device=device,
+                                   w.vocab_size, start, ws.prefill_tokens, comm=comm, device=device, experts=pool,
                                    **model_ends(w, dtype, device, embed, head))
     return decoder, ws

@@ -220,13 +220,13 @@ def assert_fp32_matches_quantised(ref, opt):
 def streaming_budget(build) -> int:
     """A ``max_memory`` under which an offloaded engine streams most of its units: ``build(max_memory)`` once with
     plenty of memory, then the plan's own numbers (ring of two of its largest units, the batch, a full prefill
-    chunk, the staging) plus half a unit. Tests that need a tight budget take it from here rather than a constant
+    chunk, the staging, the fewest routed-expert slots) plus half a unit. Tests that need a tight budget take it from here rather than a constant
     that any change of the working-set accounting would shift."""
     from lightning_dsinfer.offload.budget import DEFAULT_PREFILL_TOKENS
 
     ws = build(256 << 20)._dsinfer_engine.working_set
     return (2 * ws.slot_bytes + ws.batch_size * ws.per_sequence_bytes + DEFAULT_PREFILL_TOKENS * ws.per_token_bytes
-            + ws.staging_bytes + ws.slot_bytes // 2)
+            + ws.staging_bytes + ws.expert_slots * ws.expert_slot_bytes + ws.slot_bytes // 2)
 
 
 def streamed_copy(hf, tier: str, folder, **options):

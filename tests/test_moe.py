@@ -235,8 +235,9 @@ def test_moe_tensor_parallel_from_checkpoint(tmp_path):
 @pytest.mark.parametrize("tier", ["cpu", "nvme"])
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 def test_moe_offload_matches_hf(family, tier, tmp_path):
-    """Offloaded MoE (a sparse layer's router, experts and shared expert stream as its MLP unit) under a budget that
-    streams most units: fp32 logits and greedy tokens as HF's, on both tiers."""
+    """Offloaded MoE under a budget that streams most units (host tier: a sparse layer's router, experts and shared
+    expert stream as its MLP unit; disk tier: the experts apart, read when routed to): fp32 logits and greedy tokens
+    as HF's, on both tiers."""
     from helpers import streaming_budget
 
     hf = tiny_model(family)
@@ -247,8 +248,13 @@ def test_moe_offload_matches_hf(family, tier, tmp_path):
     budget = streaming_budget(lambda mm: build(mm, tmp_path / "plan"))
     opt = build(budget)
     streamer = opt._dsinfer_engine.decoder.streamer
-    moe_units = [u for u in streamer.order if any(e.name == "moe.gate_up" for e in streamer.layouts[u].entries)]
-    assert moe_units and len(set(moe_units) - set(streamer.resident)) >= 1, "no MoE unit is streamed"
+    pool = opt._dsinfer_engine.decoder.experts
+    assert (pool is not None) == (tier == "nvme")
+    if pool is None:
+        moe_units = [u for u in streamer.order if any(e.name == "moe.gate_up" for e in streamer.layouts[u].entries)]
+        assert moe_units and len(set(moe_units) - set(streamer.resident)) >= 1, "no MoE unit is streamed"
+    else:        # (the ring units without their experts are small: the leftover budget may keep them all)
+        assert pool.n_slots < sum(len(us) for us in pool.units.values()), "every expert is kept"
     assert_matches_hf(hf, opt, *padded_batch([12, 5, 9]))
 
 
@@ -264,3 +270,135 @@ def test_moe_offload_from_checkpoint_tensor_parallel(tmp_path):
                                                    "--max-memory", "streaming"], timeout=300)
     assert codes == [0, 0], "\n".join(outs)
     assert outs[0].count(" OK") == len(MOE), outs[0]
+
+
+ON_DEMAND = ["mixtral", "qwen2_moe", "deepseek_v3"]
+
+
+@pytest.mark.parametrize("family", ON_DEMAND)
+def test_moe_disk_tier_reads_only_the_routed_experts(family, tmp_path, monkeypatch):
+    """Disk tier, CPU: a sparse layer's ring unit holds its router (DeepSeek's correction bias) and shared expert, each
+    routed expert is a unit of its own read when routed to, into a pool of top-k slots (prefill: all experts, in
+    groups of top-k). fp32 logits and greedy tokens as HF's on a left-padded batch; then in each decode step (batch 1)
+    each sparse layer reads exactly the experts its router picked that the pool did not hold, and a step reads fewer
+    bytes than one reading every expert (the MLP half whole, as before)."""
+    from helpers import streamed_copy
+
+    hf = tiny_model(family)
+    opt = streamed_copy(hf, "nvme", tmp_path)
+    decoder = opt._dsinfer_engine.decoder
+    pool, streamer = decoder.experts, decoder.streamer
+    assert pool is not None and pool.n_slots < sum(len(us) for us in pool.units.values())
+    assert not any(e.name == "moe.gate_up" for u in streamer.order for e in streamer.layouts[u].entries)
+    assert_matches_hf(hf, opt, *padded_batch([12, 5, 9]))
+
+    store, real_topk, real_read = streamer.store, reference.moe_topk, streamer.store.read
+    calls, reads = [], []            # per router call: (expert ids [T, k], units held before, reads so far)
+
+    def topk(*args, **kw):
+        w, ids = real_topk(*args, **kw)
+        calls.append((ids.clone(), set(pool.held), len(reads)))
+        return w, ids
+
+    def read(unit, buffer, threads):
+        if unit in pool.layer_of:
+            reads.append(unit)
+        return real_read(unit, buffer, threads)
+
+    monkeypatch.setattr(reference, "moe_topk", topk)
+    monkeypatch.setattr(store, "read", read)
+    new = 4
+    ids = torch.randint(0, hf.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = hf.generate(input_ids=ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    assert torch.equal(opt.generate(input_ids=ids, max_new_tokens=new, min_new_tokens=new, do_sample=False), want)
+    sparse = sorted(pool.units)
+    assert len(calls) == new * len(sparse)                  # the prompt, then one decode step per new token
+    per_step = []
+    for j, (routed, held, first) in enumerate(calls):
+        last = calls[j + 1][2] if j + 1 < len(calls) else len(reads)
+        units = pool.units[sparse[j % len(sparse)]]
+        picked = {units[e] for e in routed.reshape(-1).tolist()}
+        if j >= len(sparse):                                # a decode step: one row
+            assert routed.shape[0] == 1
+            assert sorted(reads[first:last]) == sorted(picked - held), (j, reads[first:last], picked, held)
+            per_step.append(sum(store.stored_bytes(u) for u in reads[first:last]))
+    every = sum(store.stored_bytes(u) for us in pool.units.values() for u in us)
+    top_k = max(len(c[0][0]) for c in calls)
+    steps = [sum(per_step[i:i + len(sparse)]) for i in range(0, len(per_step), len(sparse))]
+    assert all(s <= top_k * len(sparse) * pool.slot_bytes for s in steps), steps     # (0: the pool held them)
+    assert max(steps) < every, (steps, every)
+
+
+def test_expert_pool_groups_and_cache_match_the_reference():
+    """ExpertPool over a store in memory: experts hit by many rows run in groups of the pool's slots (1, 2, 5 slots
+    for 5 experts): the sum is the reference's bit for bit; a second call with the same routing reads nothing when
+    the pool holds every expert hit."""
+    from concurrent.futures import Future
+
+    from lightning_dsinfer.offload import UnitLayout
+    from lightning_dsinfer.offload.experts import ExpertPool
+
+    torch.manual_seed(0)
+    e, h, inter, t, k = 5, 16, 12, 9, 2
+    gate_up, down = torch.randn(e, 2 * inter, h), torch.randn(e, h, inter)
+    layouts = [UnitLayout.of({"gate_up": gate_up[i], "down": down[i]}) for i in range(e)]
+
+    class Store:
+        reads = 0
+
+        def read(self, unit, buffer, threads):
+            Store.reads += 1
+            layouts[unit].pack({"gate_up": gate_up[unit], "down": down[unit]}, buffer)
+            done = Future()
+            done.set_result(None)
+            return [done]
+
+        def stored_bytes(self, unit):
+            return layouts[unit].nbytes
+
+    x, router = torch.randn(t, h), torch.randn(e, h)
+    w, ids = reference.moe_topk(x, router, k)
+    want = reference.moe_mlp(x, router, gate_up, down, k)
+    for slots in (1, 2, 5):
+        pool = ExpertPool(Store(), layouts, {0: list(range(e))}, slots, layers=1)
+        experts = pool.layer(0)
+        experts.prefetch(ids)
+        torch.testing.assert_close(experts.run(x, w, ids), want, atol=0, rtol=0)
+        hit, before = len(torch.unique(ids)), Store.reads
+        experts.run(x, w, ids)
+        if slots >= hit:
+            assert Store.reads == before, slots         # every expert hit stayed in its slot
+        elif slots == 1:
+            assert Store.reads - before == hit          # one slot: each expert read again in turn
+        pool.close()
+
+
+def test_moe_disk_tier_budget_counts_the_expert_slots(tmp_path):
+    """max_memory counts the routed experts' slots: a budget with room for the ring and the batch but not for a
+    token's top-k experts is refused before work, naming the numbers."""
+    from helpers import streaming_budget
+
+    hf = tiny_model("mixtral")
+
+    def build(max_memory, sub):
+        return optimised_copy(hf, max_seq_len=64, offload="nvme", offload_path=str(tmp_path / sub),
+                              max_memory=max_memory, max_batch_size=4)
+    ws = build(256 << 20, "plan")._dsinfer_engine.working_set
+    assert ws.expert_slots == 2 and ws.expert_slot_bytes > 0
+    least = ws.slot_bytes + 4 * ws.per_sequence_bytes + 16 * ws.per_token_bytes + ws.staging_bytes
+    with pytest.raises(ValueError, match=r"\+ 2 x 72 KiB for the routed experts .* = .*Raise max_memory"):
+        build(least + ws.expert_slot_bytes, "small")
+    assert build(least + 2 * ws.expert_slot_bytes, "fits")._dsinfer_engine.working_set.expert_slots == 2
+
+
+def test_moe_disk_tier_tensor_parallel_with_experts_on_demand(tmp_path):
+    """TP=2 on the disk tier from memory, the routed experts read on demand (each rank reads its slice of the experts
+    its router picks; the ranks route alike): logits, greedy, beam as HF's for mixtral / qwen2_moe / deepseek_v3."""
+    from multiproc import run_ranks
+
+    codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", *ON_DEMAND, "--offload", "nvme",
+                                                   "--offload-path", str(tmp_path), "--max-memory", "streaming"],
+                               timeout=300)
+    assert codes == [0, 0], "\n".join(outs)
+    assert outs[0].count(" OK") == len(ON_DEMAND), outs[0]

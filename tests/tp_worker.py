@@ -64,6 +64,9 @@ def main():
                 experts = next(layer.mlp.experts.gate_up_proj.shape for layer in hf.model.layers
                                if hasattr(layer.mlp, "experts"))
                 placed = [s for s in shapes if s is not None]
+                if decoder.experts is not None:     # disk tier: one unit per expert, read when routed to
+                    placed = [(len(us), *decoder.streamer.layouts[us[0]].entries[0].shape)
+                              for us in decoder.experts.units.values()]
                 assert placed and all(s == (experts[0] // args.tp, *experts[1:]) for s in placed), shapes
             else:
                 moe = [layer.mlp for layer in decoder.layers if type(layer.mlp).__name__ == "MoEMLP"]

@@ -351,17 +351,19 @@ def _grouped_topk(x, router, top_k: int, r: Routing, bias):
     return w * r.scale, ids
 
 
-def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, expert) -> torch.Tensor:
+def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, expert, out: torch.Tensor | None = None,
+                only=None) -> torch.Tensor:
     """sum_j weights[t, j] * expert(ids[t, j], x[t]) for every token t: ``expert(e, rows)`` runs expert e on the rows
     routed to it, experts in ascending order, each scaled result summed into x's dtype (transformers' order and
-    rounding). Returns [T, H]."""
+    rounding). Returns [T, H]. ``only``: run just these experts, summed into ``out`` (offload: experts in groups of
+    ascending ids, one call each, give the same sum as one call)."""
     k = ids.shape[1]
     groups: dict[int, list[int]] = {}
     for a, e in enumerate(ids.reshape(-1).tolist()):      # assignment a = token * k + slot
         groups.setdefault(e, []).append(a)
     w = weights.reshape(-1)
-    out = torch.zeros_like(x)
-    for e in sorted(groups):
+    out = torch.zeros_like(x) if out is None else out
+    for e in sorted(groups if only is None else groups.keys() & only):
         a = torch.tensor(groups[e], device=x.device)
         tok = a // k
         y = expert(e, x[tok])

@@ -20,18 +20,24 @@ class MoEMLP(nn.Module):
     def __init__(self, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
                  renormalize: bool, weights_in_dtype: bool, shared=None, shared_gate: Linear | None = None,
                  reduce=None, quantize: str | None = None, row_max=None, pack: bool = True, first_expert: int = 0,
-                 routing: reference.Routing | None = None, router_bias: torch.Tensor | None = None):
+                 routing: reference.Routing | None = None, router_bias: torch.Tensor | None = None, streamed=None):
         super().__init__()
         self.router, self.experts_gate_up, self.experts_down = router, gate_up, down
         self.routing, self.router_bias = routing, router_bias     # DeepSeek's grouped routers (None: softmax top-k)
+        # offload (disk tier, CPU): the routed experts are read when routed to (offload.experts.LayerExperts); then
+        # gate_up / down are None
+        self.streamed = streamed
         # expert parallelism: this rank holds experts [first_expert, first_expert + local); the router is whole
-        self.first_expert, self.local_experts = first_expert, gate_up.shape[0]
+        self.first_expert = first_expert
+        self.local_experts = gate_up.shape[0] if streamed is None else streamed.local_experts
         self.top_k, self.renormalize, self.weights_in_dtype = top_k, renormalize, weights_in_dtype
         self.shared, self.shared_gate = shared, shared_gate      # GatedMLP, Linear [1, H] (Qwen2-MoE; DeepSeek: None)
         self.reduce = reduce       # tensor parallelism: experts sliced over the group, partial outputs summed here
         self.cpu_experts = None
         self.gate_up_scale = self.down_scale = None
-        if gate_up.device.type != "cpu" or ops.uses_triton(gate_up):      # the grouped GEMMs (CUDA)
+        if streamed is not None:
+            pass
+        elif gate_up.device.type != "cpu" or ops.uses_triton(gate_up):      # the grouped GEMMs (CUDA)
             if quantize:    # int8 3D experts, a scale per expert row; row_max: a row-parallel down's whole-row scales
                 e, rows, cols = gate_up.shape
                 q, sc = quantize_rows(gate_up.reshape(e * rows, cols))
@@ -53,7 +59,9 @@ class MoEMLP(nn.Module):
     def nbytes_per_token(self) -> int:
         """Weight bytes one token reads: the router, its top-k experts and the shared expert (expert parallelism: the
         top-k experts counted on every rank, as if each held them all: the rank that holds both reads that much)."""
-        if self.cpu_experts is not None:
+        if self.streamed is not None:
+            per_expert = self.streamed.expert_bytes
+        elif self.cpu_experts is not None:
             per_expert = self.cpu_experts[0][0].nbytes + self.cpu_experts[0][1].nbytes
         else:
             per_expert = (self.experts_gate_up[0].numel() + self.experts_down[0].numel()) * self.experts_down.element_size()
@@ -66,20 +74,35 @@ class MoEMLP(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        if self.cpu_experts is not None and (self.experts_gate_up is None or not ops.uses_triton(x2)):
+        streamed = self.streamed is not None
+        if streamed:                      # the experts hit are read while the shared expert computes
+            w, ids = reference.moe_topk(x2, self.router, self.top_k, self.renormalize, self.weights_in_dtype,
+                                        self.routing, self.router_bias)
+            self.streamed.prefetch(ids)
+            s = self._shared_out(x2)
+            y = self.streamed.run(x2, w, ids)
+            y = y if s is None else y + s
+        elif self.cpu_experts is not None and (self.experts_gate_up is None or not ops.uses_triton(x2)):
             y = self._run_cpu_experts(x2)
         else:
             y = ops.moe_mlp(x2, self.router, self.experts_gate_up, self.experts_down, self.top_k, self.renormalize,
                             self.weights_in_dtype, self.gate_up_scale, self.down_scale, self.first_expert,
                             self.routing, self.router_bias)
-        if self.shared is not None:
-            s = self.shared(x2)
-            # (the gate is whole: it scales each partial sum)
-            y = y + (s if self.shared_gate is None else torch.sigmoid(self.shared_gate(x2)) * s)
+        if not streamed:
+            s = self._shared_out(x2)
+            y = y if s is None else y + s
         if self.reduce is not None:
             y = self.reduce(y)
         y = y.view(*lead, -1)
         return y if residual is None else y + residual
+
+    def _shared_out(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The shared expert's output, behind its gate where it has one (None: no shared expert)."""
+        if self.shared is None:
+            return None
+        s = self.shared(x)
+        # (the gate is whole: it scales each partial sum)
+        return s if self.shared_gate is None else torch.sigmoid(self.shared_gate(x)) * s
 
     def _run_cpu_experts(self, x: torch.Tensor) -> torch.Tensor:
         """:func:`kernels.reference.moe_mlp` with each expert's GEMMs on its :class:`Linear` pair."""

@@ -6,6 +6,7 @@ Working set on the compute device (RAM on a CPU, device memory on a GPU):
   + batch x per-sequence bytes                   KV cache for max_seq_len, hidden states, logits
   + prefill_tokens x per-token activation bytes  one block's temporaries on one prefill chunk
   + staging bytes                                packed frames being read / decoded (disk tier, packed units)
+  + expert slots                                 routed experts read when routed to (disk tier, CPU; MoE)
 
 The ring, deepest that fits: while one unit computes, two are read or ready, so the disk keeps
 reading while a large unit computes after a small one has arrived (attention half, then MLP half):
@@ -118,11 +119,18 @@ class WorkingSet:
     staging_bytes: int = 0
     ring_bytes: int = 0          # all slots (n_slots x slot_bytes for a shared ring)
     class_slots: tuple[int, ...] = ()    # slots per size class of units (slot_classes), or () for one shared ring
+    expert_slot_bytes: int = 0   # a slot of the routed experts read on demand (offload/experts.py; MoE, disk tier)
+    expert_slots: int = 0        # the fewest slots (a token's top-k)
+    expert_cache_slots: int = 0  # more, from what the budget leaves: experts kept between uses
+
+    @property
+    def expert_bytes(self) -> int:
+        return (self.expert_slots + self.expert_cache_slots) * self.expert_slot_bytes
 
     @property
     def total(self) -> int:
         return (self.ring_bytes + self.batch_size * self.per_sequence_bytes
-                + self.prefill_tokens * self.per_token_bytes + self.staging_bytes)
+                + self.prefill_tokens * self.per_token_bytes + self.staging_bytes + self.expert_bytes)
 
     @property
     def spare(self) -> int:
@@ -137,12 +145,17 @@ class WorkingSet:
 
 def plan_working_set(max_memory: int, slot_bytes: int, per_sequence_bytes: int, per_token_bytes: int,
                      batch_size: int | None, max_auto_batch: int = MAX_AUTO_BATCH, staging_bytes: int = 0,
-                     classes: list[tuple[int, int]] | None = None) -> WorkingSet:
-    """``classes``: (slot bytes, slots) per size class of the units (:func:`slot_classes`). Rings tried,
+                     classes: list[tuple[int, int]] | None = None, expert_slot_bytes: int = 0,
+                     expert_slots: int = 0) -> WorkingSet:
+    """``classes``: (slot bytes, slots) per size class of the units (:func:`slot_classes`); ``expert_slots`` of
+    ``expert_slot_bytes``: the fewest slots of routed experts read on demand (a token's top-k). Rings tried,
     deepest first: two units read ahead (in slots per class where that is smaller than three shared
     slots), only with a full prefill chunk and, for an automatic batch, when that keeps ``DEEP_RING_BATCH``
     of the batch (the deeper ring took 5-10% off a step at batch 16 and 32 in benchmarks/offload.py); then
     two shared slots; then one (no overlap)."""
+    experts = expert_slots * expert_slot_bytes
+    staging_bytes += experts       # (a fixed cost like the staging; kept apart in the WorkingSet and the error)
+
     def fits(ring, b, t):
         return ring + b * per_sequence_bytes + t * per_token_bytes + staging_bytes <= max_memory
 
@@ -167,7 +180,10 @@ def plan_working_set(max_memory: int, slot_bytes: int, per_sequence_bytes: int, 
                 break
         else:
             least = slot_bytes + need_b * per_sequence_bytes + MIN_PREFILL_TOKENS * per_token_bytes + staging_bytes
-            staging = f" + {_size(staging_bytes)} of read staging buffers" if staging_bytes else ""
+            staging = f" + {_size(staging_bytes - experts)} of read staging buffers" if staging_bytes > experts else ""
+            if experts:
+                staging += (f" + {expert_slots} x {_size(expert_slot_bytes)} for the routed experts (a token's top-k, "
+                            f"read when routed to)")
             raise ValueError(
                 f"dsinfer: max_memory={_size(max_memory)} is smaller than one layer's working set: "
                 f"{_size(slot_bytes)} for the largest layer + {need_b} x {_size(per_sequence_bytes)} per "
@@ -176,8 +192,8 @@ def plan_working_set(max_memory: int, slot_bytes: int, per_sequence_bytes: int, 
                 f"Raise max_memory to at least that, or lower max_seq_len / max_batch_size.")
     if batch_size is None:
         batch_size = auto_batch(ring, t)
-    return WorkingSet(max_memory, n, slot_bytes, batch_size, per_sequence_bytes, t, per_token_bytes, staging_bytes,
-                      ring, class_slots)
+    return WorkingSet(max_memory, n, slot_bytes, batch_size, per_sequence_bytes, t, per_token_bytes,
+                      staging_bytes - experts, ring, class_slots, expert_slot_bytes, expert_slots)
 
 
 def spread_order(n: int) -> list[int]:

@@ -89,10 +89,11 @@ class StreamedDecoderModel(DecoderModel):
     def __init__(self, streamer: UnitStreamer, layer_units: list[tuple[int, int]], head_units: list[int],
                  make_layer: Callable[[int, dict], DecoderLayer], rows, final_norm: torch.Tensor, eps: float,
                  vocab_size: int, vocab_start: int, prefill_tokens: int, comm=None, device: torch.device | None = None,
-                 **ends):
+                 experts=None, **ends):
         nn.Module.__init__(self)
         self.set_ends(**ends)
         self.streamer = streamer
+        self.experts = experts          # routed experts read when routed to (offload/experts.py), or None
         self.layer_units, self.head_units = layer_units, head_units
         self.make_layer = make_layer
         self.rows = rows
@@ -102,7 +103,7 @@ class StreamedDecoderModel(DecoderModel):
         self.comm = comm
         self.sharded_vocab = comm is not None and comm.size > 1
         self.device = device if device is not None else final_norm.device
-        self._finalizer = weakref.finalize(self, _close, streamer, rows)   # threads and file handles go with us
+        self._finalizer = weakref.finalize(self, _close, streamer, rows, experts)   # threads and file handles go with us
 
     @property
     def embed_rows(self) -> int:
@@ -172,16 +173,20 @@ class StreamedDecoderModel(DecoderModel):
 
     @property
     def weight_bytes_per_token(self) -> int:
-        """Bytes of weights one decode step reads (every streamed unit)."""
+        """Bytes of weights one decode step reads (every streamed unit; routed experts read on demand: a token's
+        top-k of each sparse layer)."""
         units = [u for pair in self.layer_units for u in pair] + self.head_units
-        return sum(self.streamer.layouts[u].nbytes for u in units)
+        experts = self.experts.bytes_per_token if self.experts is not None else 0
+        return sum(self.streamer.layouts[u].nbytes for u in units) + experts
 
     def close(self) -> None:
         """Stop the reader threads and close the files (also done when the decoder is garbage-collected)."""
         self._finalizer()
 
 
-def _close(streamer: UnitStreamer, rows) -> None:
+def _close(streamer: UnitStreamer, rows, experts=None) -> None:
+    if experts is not None:     # (its reads use the store the streamer closes)
+        experts.close()
     streamer.close()
     if hasattr(rows, "close"):
         rows.close()
