@@ -96,6 +96,9 @@ def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype, nor
     if alibi is not None:
         d = plan.head_dim
         out["alibi"] = alibi[q_rows[0] // d:(q_rows[0] + q_rows[1]) // d].float()
+    if lw.sinks is not None:         # gpt-oss: this rank's heads' sink logits
+        d = plan.head_dim
+        out["sinks"] = lw.sinks.load(0, q_rows[0] // d, q_rows[1] // d).to(dtype)
     moe = lw.moe
     if moe is None:
         mlp_in = [(lw.up, mlp_rows)] if lw.gate is None else [(lw.gate, mlp_rows), (lw.up, mlp_rows)]
@@ -166,18 +169,25 @@ def _shard_moe(moe, plan: TensorShardPlan, dtype: torch.dtype) -> dict[str, torc
     (``MoEMLP``)."""
     # (DeepSeek keeps its router, and its correction bias, in fp32)
     router_dtype = torch.float32 if moe.routing is not None and moe.routing.fp32 else dtype
+    # (V3's correction bias in fp32 with its router; gpt-oss's router bias in the router's dtype)
     out = {"moe.router": moe.router.load().to(router_dtype),
-           "moe.router_bias": moe.router_bias.load().float() if moe.router_bias is not None else None}
+           "moe.router_bias": moe.router_bias.load().to(router_dtype) if moe.router_bias is not None else None}
+    gb, db = moe.gate_up_bias, moe.down_bias       # gpt-oss: the experts' biases (down's added once over the group)
     if moe.expert_parallel:        # this rank's whole experts (expert_parallel_size = tensor_parallel_size)
         first, n = expert_range(moe, plan)
         out.update({"moe.gate_up": moe.gate_up.load(0, first, n).to(dtype),
-                    "moe.down": moe.down.load(0, first, n).to(dtype)})
+                    "moe.down": moe.down.load(0, first, n).to(dtype),
+                    "moe.gate_up_bias": gb.load(0, first, n).to(dtype) if gb is not None else None,
+                    "moe.down_bias": db.load(0, first, n).to(dtype) if db is not None else None})
     else:
         inter = moe.gate_up.shape[1] // 2
         s, n = _slice(inter, plan, "experts'")
         out.update({"moe.gate_up": torch.cat([moe.gate_up.load(1, s, n), moe.gate_up.load(1, inter + s, n)],
                                              dim=1).to(dtype),
-                    "moe.down": moe.down.load(2, s, n).to(dtype)})
+                    "moe.down": moe.down.load(2, s, n).to(dtype),
+                    "moe.gate_up_bias": torch.cat([gb.load(1, s, n), gb.load(1, inter + s, n)], dim=1).to(dtype)
+                    if gb is not None else None,
+                    "moe.down_bias": db.load().to(dtype) if db is not None and plan.adds_bias_once else None})
     if moe.shared_gate is not None:
         s, n = _slice(moe.shared_gate.shape[0], plan, "shared expert's")
         out.update({
@@ -200,16 +210,16 @@ def layer_spec(w: ModelWeights, plan: TensorShardPlan, lw: LayerWeights) -> Laye
                      moe_top_k=moe.top_k if moe else 0, moe_renormalize=bool(moe and moe.renormalize),
                      moe_weights_in_dtype=bool(moe and moe.weights_in_dtype),
                      moe_first_expert=expert_range(moe, plan)[0] if moe and moe.expert_parallel else None,
-                     moe_routing=moe.routing if moe else None, mla=w.mla)
+                     moe_routing=moe.routing if moe else None, moe_act=moe.act if moe else None, mla=w.mla)
 
 
 # A block's tensors by half: offload streams the attention half (with both norms) and the MLP half as two units.
 ATTENTION_KEYS = ("qkv.weight", "qkv.bias", "o.weight", "o.bias", "input_norm", "post_norm", "q_norm", "k_norm",
-                  "attn_out_norm", "input_norm_bias", "post_norm_bias", "alibi",
+                  "attn_out_norm", "input_norm_bias", "post_norm_bias", "alibi", "sinks",
                   "q_b.weight", "q_a_norm", "kv_a_norm", "kv_b.weight")
 MLP_KEYS = ("gate_up.weight", "gate_up.bias", "down.weight", "down.bias", "mlp_out_norm",
-            "moe.router", "moe.router_bias", "moe.gate_up", "moe.down", "shared.gate_up.weight", "shared.down.weight",
-            "shared_gate.weight")
+            "moe.router", "moe.router_bias", "moe.gate_up", "moe.down", "moe.gate_up_bias", "moe.down_bias",
+            "shared.gate_up.weight", "shared.down.weight", "shared_gate.weight")
 
 
 def split_block(t: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -307,6 +317,8 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
     # after the rotation)
     kind, extra = {"whole": (ProjectionNormAttention, dict(reduce=reduce, ranks=comm.size)),
                    "after_rotary": (RotaryFirstAttention, {})}.get(spec.qk_norm_kind, (Attention, {}))
+    if "sinks" in t:                 # gpt-oss (plain Attention)
+        extra = {**extra, "sinks": t["sinks"]}
     attn = kind(spec, index, linear("qkv"), linear("o", reduce=reduce, owns_residual=first, row_max=row_max),
                 q_norm=t.get("q_norm"), k_norm=t.get("k_norm"), alibi=t.get("alibi"),
                 **extra) if "qkv.weight" in t and "kv_b.weight" not in t else None
@@ -325,7 +337,8 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
         mlp = MoEMLP(t["moe.router"], t.get("moe.gate_up"), t.get("moe.down"), spec.moe_top_k, spec.moe_renormalize,
                      spec.moe_weights_in_dtype, shared, shared_gate, reduce=reduce, quantize=quantize,
                      row_max=None if ep else row_max, pack=pack, first_expert=spec.moe_first_expert or 0,
-                     routing=spec.moe_routing, router_bias=t.get("moe.router_bias"), streamed=experts)
+                     routing=spec.moe_routing, router_bias=t.get("moe.router_bias"), streamed=experts,
+                     gate_up_bias=t.get("moe.gate_up_bias"), down_bias=t.get("moe.down_bias"), act=spec.moe_act)
     if "input_norm_bias" in t:       # the GPT families (an offloaded MLP half needs no more than DecoderLayer's)
         return GPTDecoderLayer(attn, mlp, t["input_norm"], t["input_norm_bias"], t.get("post_norm"),
                                t.get("post_norm_bias"), spec.rms_norm_eps, spec.parallel_residual)
@@ -434,8 +447,8 @@ def _per_token_bytes(w: ModelWeights, plan: TensorShardPlan, dtype: torch.dtype,
     scores = 4 * plan.local_heads * max_seq_len
     if w.attn_softcap is not None:   # soft-capped prompts: the reference's fp32 scores and probabilities, fp32 q
         scores = 2 * scores + 4 * plan.local_heads * w.head_dim
-    elif w.alibi is not None:        # ALiBi prompts (the reference): fp32 scores, their biases, the probabilities
-        scores = 3 * scores
+    elif w.alibi is not None or any(lw.sinks is not None for lw in w.layers):
+        scores = 3 * scores          # ALiBi / sinks prompts (the reference): fp32 scores, biases / sink column, probs
     return e * (4 * w.hidden_size + 2 * qkv + plan.local_heads * w.head_dim + 4 * inter) + scores
 
 

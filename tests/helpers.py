@@ -86,6 +86,15 @@ def tiny_config(family: str, **overrides):
                                   "topk_method": "group_limited_greedy", "num_experts_per_tok": 3,
                                   "moe_intermediate_size": 32, "n_shared_experts": 2, "first_k_dense_replace": 1,
                                   "routed_scaling_factor": 1.5})
+    elif family == "gpt_oss":              # sinks, sliding / full layers, q/k/v/o biases, yarn, a top-2 MoE of 4
+        from transformers import GptOssConfig  # experts with biases and a clamped SwiGLU (a low limit: the clamps
+        #                                        bind; transformers 5.1x's modules ignore it and clamp at 7)
+
+        cfg = GptOssConfig(**{**common, "intermediate_size": 48, "head_dim": 16, "num_local_experts": 4,
+                              "num_experts_per_tok": 2, "sliding_window": 7, "swiglu_limit": 1.0,
+                              "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0,
+                                                  "beta_slow": 1.0, "truncate": False, "rope_theta": 150000.0,
+                                                  "original_max_position_embeddings": 64}})
     elif family in LLAMA_LIKE_FAMILIES:
         from transformers import AutoConfig
 
@@ -119,6 +128,12 @@ def tiny_model(family: str, seed: int = 0, **overrides):
             for name, buf in model.named_buffers():
                 if name.endswith("e_score_correction_bias"):
                     buf.normal_(0.0, 0.3)
+        if family == "gpt_oss":             # norms at 1, the experts' biases at 0 (HF's init) would hide misplacements
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(1.0, 0.2)
+                elif name.endswith(("sinks", "bias")):
+                    p.normal_(0.0, 0.5 if name.endswith("sinks") else 0.2)
         for module in model.modules():      # nn.LayerNorm, and LayerNorms of their own (Cohere's)
             if "LayerNorm" in type(module).__name__ and getattr(module, "weight", None) is not None:
                 module.weight.normal_(1.0, 0.2)
@@ -178,9 +193,10 @@ def _fake_quantised(hf, fake):
                           if hasattr(m, n)]):
                 fake(lin.weight)
             if hasattr(mlp, "experts"):          # MoE: each expert's gate|up and down, row by row (router stays)
+                rows = (lambda w: w.t()) if ref.config.model_type == "gpt_oss" else (lambda w: w)  # (stored [in, out])
                 for e in range(mlp.experts.gate_up_proj.shape[0]):
-                    fake(mlp.experts.gate_up_proj[e])
-                    fake(mlp.experts.down_proj[e])
+                    fake(rows(mlp.experts.gate_up_proj[e]))
+                    fake(rows(mlp.experts.down_proj[e]))
     return ref
 
 

@@ -306,7 +306,8 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def moe_mlp(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
             renormalize: bool = True, weights_in_dtype: bool = False, gate_up_scale: torch.Tensor | None = None,
             down_scale: torch.Tensor | None = None, first_expert: int = 0, routing: reference.Routing | None = None,
-            router_bias: torch.Tensor | None = None) -> torch.Tensor:
+            router_bias: torch.Tensor | None = None, gate_up_bias: torch.Tensor | None = None,
+            down_bias: torch.Tensor | None = None, act=None) -> torch.Tensor:
     """See :func:`reference.moe_mlp`. On the Triton path: routing with mapping tables (``kernels/moe_routing.py``:
     top-k, per-expert counts, offsets and the token permutation), the experts' gate|up as one grouped GEMM over the
     permuted tokens (``kernels/moe_gemm.py``), SwiGLU, the down grouped GEMM with the routing weights as row
@@ -314,8 +315,13 @@ def moe_mlp(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: 
     grouped GEMMs widen the int8 tiles and apply the row scales. Expert parallelism (gate_up / down hold the
     router's experts [first_expert, first_expert + E_local)): routing over all experts, the grouped GEMMs over this
     rank's segment of the routing tables, the other assignments' rows zero. DeepSeek's routers (``routing``: groups,
-    correction bias, fp32 router) choose in torch (:func:`reference.moe_topk`), the tables then by kernel."""
+    correction bias, fp32 router) choose in torch (:func:`reference.moe_topk`), the tables then by kernel. gpt-oss's
+    experts (biases, the clamped SwiGLU ``act``) run in the reference (counted ``reference:act``)."""
     int8 = gate_up_scale is not None
+    if act is not None or gate_up_bias is not None or down_bias is not None:
+        _count("moe_mlp", "reference:act")
+        return reference.moe_mlp(x, router, gate_up, down, top_k, renormalize, weights_in_dtype, gate_up_scale,
+                                 down_scale, first_expert, routing, router_bias, gate_up_bias, down_bias, act)
     if (not _triton(x) or (x.dtype != router.dtype and routing is None)
             or (x.dtype != gate_up.dtype and not int8)):
         return reference.moe_mlp(x, router, gate_up, down, top_k, renormalize, weights_in_dtype, gate_up_scale,
@@ -597,10 +603,15 @@ def _same_layout(k: torch.Tensor, v: torch.Tensor):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-              scale: float, softcap: float | None = None, alibi: torch.Tensor | None = None) -> torch.Tensor:
+              scale: float, softcap: float | None = None, alibi: torch.Tensor | None = None,
+              sinks: torch.Tensor | None = None) -> torch.Tensor:
     """See :func:`reference.attention`; which masks the kernels take is in the module docstring. Soft-capped
     scores (Gemma 2) and ALiBi (BLOOM) go to the decode kernel, else to the reference (the prefill kernel has neither;
-    the C decode attention takes the cap: bf16 CPU decode steps)."""
+    the C decode attention takes the cap: bf16 CPU decode steps). Attention sinks (gpt-oss): the reference (no kernel
+    takes them yet; counted ``reference:sinks``)."""
+    if sinks is not None:
+        _count("attention", "reference:sinks")
+        return reference.attention(q, k, v, mask, scale, softcap, alibi, sinks)
     if softcap is not None or alibi is not None:
         b, hq, t, d = q.shape
         hkv = k.shape[1]

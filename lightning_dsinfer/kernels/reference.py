@@ -134,7 +134,8 @@ def act(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-              scale: float, softcap: float | None = None, alibi: torch.Tensor | None = None) -> torch.Tensor:
+              scale: float, softcap: float | None = None, alibi: torch.Tensor | None = None,
+              sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Scaled dot-product attention with grouped KV heads.
 
     q: [B, Hq, T, D]; k, v: [B, Hkv, L, D]; mask: bool [B, 1, T, L] (True = attend) or None for
@@ -142,12 +143,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     products in the inputs' dtype (as HF's eager attention; bf16 products run ~4x faster on the CPU), the scores'
     cap, mask and softmax in fp32. ``alibi`` (BLOOM): slopes [Hq]; scores + slope_h * (j - c) for key column j and
     query column c = L - T + i (the query's own column; softmax does not see the shift from HF's positions), in
-    fp32 like the cap. Returns [B, Hq, T, D].
+    fp32 like the cap. ``sinks`` (gpt-oss): a learned logit per head [Hq] that joins each softmax's denominator (a
+    column with no value: the keys' probabilities sum to less than 1), in fp32 like the cap. Returns [B, Hq, T, D].
     """
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     group = hq // hkv
-    if softcap is not None or alibi is not None:   # SDPA has neither (each KV head read once: q heads folded)
+    if softcap is not None or alibi is not None or sinks is not None:   # SDPA has none (q heads folded per KV head)
         qg = q.reshape(b, hkv, group * t, d)
         s = torch.matmul(qg, k.transpose(-1, -2)).float().mul_(scale)
         if softcap is not None:
@@ -160,7 +162,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
             s += alibi.float().view(hkv, group, 1, 1) * rel
         if mask is not None:
             s.masked_fill_(~mask[:, :, None], float("-inf"))
-        p = s.softmax(dim=-1).to(v.dtype).view(b, hkv, group * t, -1)
+        if sinks is not None:     # the sink's column joins the softmax, then is dropped
+            sink = sinks.float().view(1, hkv, group, 1, 1).expand(b, hkv, group, t, 1)
+            p = torch.cat((s, sink), dim=-1).softmax(dim=-1)[..., :-1]
+        else:
+            p = s.softmax(dim=-1)
+        p = p.to(v.dtype).reshape(b, hkv, group * t, -1)
         return torch.matmul(p, v).view(b, hq, t, d)
     if t == 1 and group > 1:
         # Decode: fold the query heads of each KV group into the query-length axis, so each KV
@@ -304,7 +311,9 @@ class Routing:
     "max" (V2), or by its two best summed, "top2" (V3)); the choice made on the scores plus a per-expert correction
     bias where the model has one (V3), the weights being the scores themselves; ``renormalize`` divides the k weights
     by their sum + ``eps``, then all are multiplied by ``scale`` (routed_scaling_factor). ``fp32``: the router's logits
-    from fp32 input and weight (the model keeps the router in fp32)."""
+    from fp32 input and weight (the model keeps the router in fp32). ``scoring`` "topk_softmax" (gpt-oss): the top-k
+    of the logits, the router's own bias added to them, and a softmax over those k, all in x's dtype as transformers
+    computes it (the other fields unused)."""
     scoring: str = "softmax"
     groups: int = 1
     topk_groups: int = 1
@@ -333,6 +342,9 @@ def moe_topk(x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: boo
 
 
 def _grouped_topk(x, router, top_k: int, r: Routing, bias):
+    if r.scoring == "topk_softmax":     # gpt-oss: ``bias`` is the router's logit bias
+        top, ids = torch.topk(F.linear(x, router, bias), top_k, dim=-1)
+        return torch.softmax(top, dim=-1, dtype=top.dtype), ids
     logits = F.linear(x.float(), router.float()) if r.fp32 else F.linear(x, router).float()
     scores = torch.softmax(logits, -1) if r.scoring == "softmax" else torch.sigmoid(logits)
     choice = scores if bias is None else scores + bias.float()
@@ -349,6 +361,21 @@ def _grouped_topk(x, router, top_k: int, r: Routing, bias):
     if r.renormalize:
         w = w / (w.sum(-1, keepdim=True) + r.eps)
     return w * r.scale, ids
+
+
+@dataclass(frozen=True)
+class ClampedSwiGLU:
+    """gpt-oss's expert activation over gate_up [..., 2I] = cat(gate, up): the gate clamped above at ``limit``, up to
+    [-limit, limit], then (up + 1) * gate * sigmoid(alpha * gate), each op in the rows' dtype as transformers does
+    (its checkpoints interleave gate and up columns: the policy reads them as gate rows, then up rows)."""
+    alpha: float
+    limit: float
+
+    def __call__(self, gate_up: torch.Tensor) -> torch.Tensor:
+        inter = gate_up.shape[-1] // 2
+        gate = gate_up[..., :inter].clamp(max=self.limit)
+        up = gate_up[..., inter:].clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
 
 
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, expert, out: torch.Tensor | None = None,
@@ -375,13 +402,16 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, exper
 def moe_mlp(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
             renormalize: bool = True, weights_in_dtype: bool = False, gate_up_scale: torch.Tensor | None = None,
             down_scale: torch.Tensor | None = None, first_expert: int = 0, routing: Routing | None = None,
-            router_bias: torch.Tensor | None = None) -> torch.Tensor:
+            router_bias: torch.Tensor | None = None, gate_up_bias: torch.Tensor | None = None,
+            down_bias: torch.Tensor | None = None, act=None) -> torch.Tensor:
     """Sparse MoE SwiGLU MLP as transformers computes it: x [T, H]; router [E, H]; gate_up [E, 2I, H] (gate rows
     first); down [E, H, I]; routing by :func:`moe_topk` (``routing`` / ``router_bias``: DeepSeek's), the experts by
     :func:`moe_experts`. Returns [T, H]. int8
     experts: ``gate_up_scale`` [E, 2I] and ``down_scale`` [E, H] (per-row scales; dequantised to x's dtype here).
     Expert parallelism: gate_up / down hold experts [first_expert, first_expert + E_local) of the router's E; the
-    others add nothing here (their rank adds them)."""
+    others add nothing here (their rank adds them). gpt-oss: ``gate_up_bias`` [E, 2I], ``down_bias`` [E, H] (this
+    rank's experts; None: none) and ``act`` (:class:`ClampedSwiGLU`; None: SwiGLU)."""
+    act = act or silu_and_mul
     if gate_up_scale is not None:
         gate_up = (gate_up.float() * gate_up_scale[..., None]).to(x.dtype)
         down = (down.float() * down_scale[..., None]).to(x.dtype)
@@ -389,7 +419,10 @@ def moe_mlp(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: 
 
     def expert(e, rows):
         e -= first_expert
-        return F.linear(silu_and_mul(F.linear(rows, gate_up[e])), down[e]) if 0 <= e < gate_up.shape[0] else None
+        if not 0 <= e < gate_up.shape[0]:
+            return None
+        h = act(F.linear(rows, gate_up[e], None if gate_up_bias is None else gate_up_bias[e]))
+        return F.linear(h, down[e], None if down_bias is None else down_bias[e])
 
     return moe_experts(x, w, ids, expert)
 

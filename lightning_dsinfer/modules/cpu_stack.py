@@ -121,7 +121,8 @@ class CpuDecodeStack:
             acts = ("silu", "gelu", "gelu_tanh") if gated else cpu_gemv.ACT_KINDS    # SwiGLU / GeGLU, or a plain one
             if m.act not in acts:
                 return None
-            if a.alibi is not None or (a.softcap is not None and not a.softcap > 0):   # no position biases (ALiBi)
+            if (a.alibi is not None or a.sinks is not None        # no position biases (ALiBi), no sinks (gpt-oss)
+                    or (a.softcap is not None and not a.softcap > 0)):
                 return None
             layer_norm = type(ly) is GPTDecoderLayer
             parallel = layer_norm and ly.parallel

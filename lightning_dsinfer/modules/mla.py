@@ -38,7 +38,7 @@ class LatentAttention(nn.Module):
         self.d = self.rank + self.rope                    # the cached row: latent, then rotary key
         self.q_width = shape.q_lora_rank or heads * shape.qk_head_dim     # qkv's first rows: q_a (or q)
         self.scaling, self.eps = scaling, eps
-        self.sliding, self.softcap, self.alibi = False, None, None
+        self.sliding, self.softcap, self.alibi, self.sinks = False, None, None, None
         self.qkv, self.o, self.q_b = qkv, o, q_b
         self.q_a_norm, self.kv_a_norm = q_a_norm, kv_a_norm
         self.kv_b_bytes = kv_b.numel() * kv_b.element_size()

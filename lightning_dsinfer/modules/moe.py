@@ -1,5 +1,6 @@
-"""Sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek): router, top-k experts, optional shared
-expert (Qwen2-MoE's behind a sigmoid gate, DeepSeek's plain).
+"""Sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek, gpt-oss): router, top-k experts, optional
+shared expert (Qwen2-MoE's behind a sigmoid gate, DeepSeek's plain); gpt-oss's experts have biases and a clamped
+SwiGLU (``act``), which the grouped GEMMs leave to the reference.
 
 On CUDA the experts stay in transformers' 3D layout (gate|up [E, 2I, H], down [E, H, I]; int8: the same layout with
 a scale per expert row) and a call is :func:`kernels.ops.moe_mlp` (mapping tables and grouped GEMMs). On the CPU each
@@ -20,13 +21,17 @@ class MoEMLP(nn.Module):
     def __init__(self, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
                  renormalize: bool, weights_in_dtype: bool, shared=None, shared_gate: Linear | None = None,
                  reduce=None, quantize: str | None = None, row_max=None, pack: bool = True, first_expert: int = 0,
-                 routing: reference.Routing | None = None, router_bias: torch.Tensor | None = None, streamed=None):
+                 routing: reference.Routing | None = None, router_bias: torch.Tensor | None = None, streamed=None,
+                 gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None, act=None):
         super().__init__()
         self.router, self.experts_gate_up, self.experts_down = router, gate_up, down
         self.routing, self.router_bias = routing, router_bias     # DeepSeek's grouped routers (None: softmax top-k)
         # offload (disk tier, CPU): the routed experts are read when routed to (offload.experts.LayerExperts); then
         # gate_up / down are None
         self.streamed = streamed
+        # gpt-oss: the experts' biases [E, 2I] / [E, H] (down's: None on all but one rank of a sliced group) and their
+        # activation (reference.ClampedSwiGLU; None: SwiGLU)
+        self.gate_up_bias, self.down_bias, self.act = gate_up_bias, down_bias, act
         # expert parallelism: this rank holds experts [first_expert, first_expert + local); the router is whole
         self.first_expert = first_expert
         self.local_experts = gate_up.shape[0] if streamed is None else streamed.local_experts
@@ -46,10 +51,11 @@ class MoEMLP(nn.Module):
                 q, sc = quantize_rows(down.reshape(e * rows, cols), row_max)
                 self.experts_down, self.down_scale = q.view(e, rows, cols), sc.view(e, rows)
         elif not pack:   # CPU, views into a streamed unit: each expert's pair made on use
-            self.cpu_experts = _LazyExperts(gate_up, down)
+            self.cpu_experts = _LazyExperts(gate_up, down, gate_up_bias, down_bias)
         elif gate_up.device.type == "cpu":   # int8 (CPU only): per-row scales; row_max: a row-parallel down's scales
-            self.cpu_experts = [(Linear(gate_up[e], quantize=quantize),
-                                 Linear(down[e], quantize=quantize, row_max=row_max)) for e in range(gate_up.shape[0])]
+            self.cpu_experts = [(Linear(gate_up[e], _row(gate_up_bias, e), quantize=quantize),
+                                 Linear(down[e], _row(down_bias, e), quantize=quantize, row_max=row_max))
+                                for e in range(gate_up.shape[0])]
             views = not quantize and all(lin.layout == "plain" and lin.weight.data_ptr() == w[e].data_ptr()
                                          for e, pair in enumerate(self.cpu_experts) for lin, w in zip(pair, (gate_up, down)))
             if not views:       # the Linears hold re-laid-out copies (AMX tiles, oneDNN, int8): free the 3D tensors
@@ -80,14 +86,14 @@ class MoEMLP(nn.Module):
                                         self.routing, self.router_bias)
             self.streamed.prefetch(ids)
             s = self._shared_out(x2)
-            y = self.streamed.run(x2, w, ids)
+            y = self.streamed.run(x2, w, ids, self.act)
             y = y if s is None else y + s
         elif self.cpu_experts is not None and (self.experts_gate_up is None or not ops.uses_triton(x2)):
             y = self._run_cpu_experts(x2)
         else:
             y = ops.moe_mlp(x2, self.router, self.experts_gate_up, self.experts_down, self.top_k, self.renormalize,
                             self.weights_in_dtype, self.gate_up_scale, self.down_scale, self.first_expert,
-                            self.routing, self.router_bias)
+                            self.routing, self.router_bias, self.gate_up_bias, self.down_bias, self.act)
         if not streamed:
             s = self._shared_out(x2)
             y = y if s is None else y + s
@@ -111,7 +117,9 @@ class MoEMLP(nn.Module):
             if not 0 <= e < self.local_experts:       # expert parallelism: another rank's expert
                 return None
             gate_up, down = self.cpu_experts[e]
-            return down(ops.silu_and_mul(gate_up(rows)))
+            return down(act(gate_up(rows)))
+
+        act = self.act or ops.silu_and_mul
 
         w, ids = reference.moe_topk(x, self.router, self.top_k, self.renormalize, self.weights_in_dtype, self.routing,
                                     self.router_bias)
@@ -122,11 +130,18 @@ class _LazyExperts:
     """``pairs[e]``: expert e's (gate|up, down) Linears over views of the 3D tensors (``pack=False``), made when a
     call first routes a token to e (an offloaded layer is rebuilt over its streamed unit at every use)."""
 
-    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor):
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, gate_up_bias=None, down_bias=None):
         self.gate_up, self.down, self.pairs = gate_up, down, {}
+        self.gate_up_bias, self.down_bias = gate_up_bias, down_bias
 
     def __getitem__(self, e: int):
         pair = self.pairs.get(e)
         if pair is None:
-            pair = self.pairs[e] = (Linear(self.gate_up[e], pack=False), Linear(self.down[e], pack=False))
+            pair = self.pairs[e] = (Linear(self.gate_up[e], _row(self.gate_up_bias, e), pack=False),
+                                    Linear(self.down[e], _row(self.down_bias, e), pack=False))
         return pair
+
+
+def _row(bias: torch.Tensor | None, e: int) -> torch.Tensor | None:
+    """Expert e's bias row (gpt-oss), or None."""
+    return None if bias is None else bias[e]

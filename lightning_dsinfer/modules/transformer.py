@@ -76,6 +76,7 @@ class LayerSpec:
     moe_weights_in_dtype: bool = False     # ... routing weights rounded to the model dtype
     moe_first_expert: int | None = None    # expert parallelism: this rank's first expert (None: experts sliced)
     moe_routing: Any = None                # DeepSeek's grouped routers (kernels.reference.Routing; None: softmax top-k)
+    moe_act: Any = None                    # the experts' activation (gpt-oss: reference.ClampedSwiGLU; None: SwiGLU)
     mla: Any = None                        # latent attention's numbers (policies.base.MLAShape; modules/mla.py)
     mlp_act: str = "silu"                  # gated MLP: silu (SwiGLU) | gelu_tanh / gelu (GeGLU); plain: + relu, relu2
     attn_softcap: float | None = None      # attention scores -> cap * tanh(score / cap) (Gemma 2)
@@ -89,7 +90,7 @@ class LayerSpec:
 class Attention(nn.Module):
     def __init__(self, spec: LayerSpec, layer_idx: int, qkv: Linear, o: Linear,
                  q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
-                 alibi: torch.Tensor | None = None):
+                 alibi: torch.Tensor | None = None, sinks: torch.Tensor | None = None):
         super().__init__()
         self.layer_idx = layer_idx
         self.hq, self.hkv, self.d = spec.num_heads, spec.num_kv_heads, spec.head_dim
@@ -98,6 +99,7 @@ class Attention(nn.Module):
         self.sliding = spec.sliding_window is not None
         self.rotary = spec.rotary
         self.alibi = alibi                 # BLOOM: this rank's heads' slopes [Hq] fp32 (positions enter as biases)
+        self.sinks = sinks                 # gpt-oss: this rank's heads' sink logits [Hq] (ops.attention)
         self.qkv, self.o = qkv, o
         self.q_norm, self.k_norm = q_norm, k_norm
 
@@ -132,7 +134,7 @@ class Attention(nn.Module):
             keys, values = k.transpose(1, 2), v.transpose(1, 2)
         mask = step.window_mask if (self.sliding and step.window_mask is not None) else step.mask
         out = ops.attention(q.transpose(1, 2), keys, values, mask, self.scaling, softcap=self.softcap,
-                            alibi=self.alibi)                                                  # [B, Hq, T, D]
+                            alibi=self.alibi, sinks=self.sinks)                                # [B, Hq, T, D]
         out = out.transpose(1, 2).reshape(b, t, hq * d)
         return self.o(out, residual)  # o_proj, with the residual add fused in when given
 

@@ -25,16 +25,22 @@ from lightning_dsinfer.kernels import ops, reference
 from lightning_dsinfer.modules.linear import Linear
 from lightning_dsinfer.offload.layout import UnitLayout, aligned_empty
 
-EXPERT_KEYS = ("moe.gate_up", "moe.down")
+EXPERT_KEYS = ("moe.gate_up", "moe.down", "moe.gate_up_bias", "moe.down_bias")
 
 
 def split_experts(mlp: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
     """An MLP half without its routed experts, and one unit per expert: ``gate_up`` [2I, H], ``down`` [H, I] (this
-    rank's rows). A dense half comes back as it is, with no expert units."""
+    rank's rows) and, gpt-oss, ``gate_up_bias`` / ``down_bias`` where this rank holds them. A dense half comes back as
+    it is, with no expert units."""
     if "moe.gate_up" not in mlp:
         return mlp, []
     rest = {k: v for k, v in mlp.items() if k not in EXPERT_KEYS}
-    return rest, [{"gate_up": g, "down": d} for g, d in zip(mlp["moe.gate_up"], mlp["moe.down"])]
+    units = [{"gate_up": g, "down": d} for g, d in zip(mlp["moe.gate_up"], mlp["moe.down"])]
+    for key in ("gate_up_bias", "down_bias"):
+        if f"moe.{key}" in mlp:
+            for unit, b in zip(units, mlp[f"moe.{key}"]):
+                unit[key] = b
+    return rest, units
 
 
 class ExpertPool:
@@ -132,6 +138,7 @@ class LayerExperts:
         self.local_experts = len(self.units)
         self.expert_bytes = pool.layouts[self.units[0]].nbytes
         self._hit: list[int] | None = None
+        self._act = ops.silu_and_mul                  # (run's ``act``)
 
     def _experts_hit(self, ids: torch.Tensor) -> list[int]:
         """This rank's experts routed to (router's numbering), ascending."""
@@ -143,8 +150,10 @@ class LayerExperts:
         self._hit = self._experts_hit(ids)
         self.pool.load(self.layer, [self.units[e - self.first_expert] for e in self._hit[:self.pool.n_slots]])
 
-    def run(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """:func:`reference.moe_experts` over this rank's experts, a group of at most ``n_slots`` at a time."""
+    def run(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, act=None) -> torch.Tensor:
+        """:func:`reference.moe_experts` over this rank's experts, a group of at most ``n_slots`` at a time (``act``:
+        the experts' activation, gpt-oss's; None: SwiGLU)."""
+        self._act = act or ops.silu_and_mul
         hit = self._hit if self._hit is not None else self._experts_hit(ids)
         self._hit = None
         out = torch.zeros_like(x)
@@ -157,4 +166,5 @@ class LayerExperts:
 
     def _expert(self, e: int, rows: torch.Tensor) -> torch.Tensor:
         t = self.pool.acquire(self.units[e - self.first_expert])
-        return Linear(t["down"], pack=False)(ops.silu_and_mul(Linear(t["gate_up"], pack=False)(rows)))
+        h = self._act(Linear(t["gate_up"], t.get("gate_up_bias"), pack=False)(rows))
+        return Linear(t["down"], t.get("down_bias"), pack=False)(h)

@@ -5,7 +5,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from lightning_dsinfer.policies import deepseek, llama
+from lightning_dsinfer.policies import deepseek, gpt_oss, llama
 from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, UnsupportedModelError
 from lightning_dsinfer.policies.gpt import FAMILY as _GPT_FAMILY
 from lightning_dsinfer.policies.gpt import read_gpt_family
@@ -15,11 +15,12 @@ from lightning_dsinfer.policies.llama import read_llama_family
 POLICIES: dict[str, Callable[[nn.Module, int], ModelWeights]] = {name: read_llama_family for name in _LLAMA_FAMILY}
 POLICIES.update({name: read_gpt_family for name in _GPT_FAMILY})
 POLICIES.update({name: deepseek.read_deepseek for name in deepseek.FAMILY})
+POLICIES.update({name: gpt_oss.read_gpt_oss for name in gpt_oss.FAMILY})
 
 
 def has_experts(model_type: str | None) -> bool:
     """Whether ``model_type`` is a supported family with mixture-of-experts layers."""
-    return llama.has_experts(model_type) or deepseek.has_experts(model_type)
+    return llama.has_experts(model_type) or deepseek.has_experts(model_type) or gpt_oss.has_experts(model_type)
 
 
 def supported_model_types() -> list[str]:

@@ -34,7 +34,12 @@ class MoEWeights:
     shared_expert_gate: WeightRef | None = None
     expert_parallel: bool = False           # whole experts placed over the tensor-parallel group (not sliced)
     routing: Routing | None = None          # DeepSeek's grouped routers (kernels.reference.Routing); None: softmax top-k
-    router_bias: WeightRef | None = None    # DeepSeek-V3's e_score_correction_bias [E] (fp32)
+    router_bias: WeightRef | None = None    # DeepSeek-V3's e_score_correction_bias [E] (fp32); gpt-oss's router bias
+    # gpt-oss: the experts' biases, gate_up_bias [E, 2I] (gate | up, as gate_up's rows) and down_bias [E, H], and their
+    # activation (kernels.reference.ClampedSwiGLU; None: SwiGLU)
+    gate_up_bias: WeightRef | None = None
+    down_bias: WeightRef | None = None
+    act: object = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,7 @@ class LayerWeights:
     post_norm_bias: WeightRef | None = None
     out_scale: float | None = None          # Granite's residual_multiplier: o and down (weights, biases) scaled by it
     mla: MLAWeights | None = None           # DeepSeek: latent attention (q / k / v are None then)
+    sinks: WeightRef | None = None          # gpt-oss: attention sinks, a logit per head [Hq] in every softmax
 
 
 @dataclass

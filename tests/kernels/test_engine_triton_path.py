@@ -154,6 +154,20 @@ def test_deepseek_through_triton_matches_hf(family, monkeypatch):
     assert not _fallbacks(), _fallbacks()
 
 
+def test_gpt_oss_through_triton_matches_hf(monkeypatch):
+    """gpt-oss on the Triton path: its attention sinks and its experts (biases, clamped SwiGLU) take the reference,
+    counted as such (no kernel takes them yet); the norms, QKV / o GEMMs and rotary + K/V append go through the
+    kernels. fp32 logits and greedy tokens as HF's."""
+    monkeypatch.setenv("DSINFER_CUDA_GRAPHS", "0")
+    opt = _matches_hf_through_triton("gpt_oss")
+    layers = len(opt._dsinfer_engine.decoder.layers)
+    counts = dict(ops.dispatch_counts)                                   # 1 forward + 1 prefill + 4 decode steps
+    assert counts[("attention", "reference:sinks")] == 6 * layers, counts
+    assert counts[("moe_mlp", "reference:act")] == 6 * layers, counts
+    assert counts[("rotary_write_kv", "triton")] == 6 * layers, counts
+    assert set(_fallbacks()) == {("attention", "reference:sinks"), ("moe_mlp", "reference:act")}, _fallbacks()
+
+
 @pytest.mark.parametrize("family", ["olmo2", "exaone4"])
 def test_llama_like_family_through_triton_matches_hf(family, monkeypatch):
     """Llama-like families' own pieces on the Triton path: OLMo 2's q / k norms over the whole projection (the norm
