@@ -95,8 +95,8 @@ class ExpertPool:
             old = self.owner[s]
             if old is not None:
                 self._forget(old)
-            self.owner[s], self.held[u] = u, s
-            self.pending[u] = self.store.read(u, self.slots[s], self.io)
+            self.pending[u] = self.store.read(u, self.slots[s], self.io)     # (held once queued: a read that
+            self.owner[s], self.held[u] = u, s                               # raises here leaves the slot free)
             self.reads += 1
             self.read_bytes += self.store.stored_bytes(u)
 
