@@ -125,10 +125,11 @@ def test_interleaved_experts_read_as_gate_then_up_rows(hf):
 
 def test_gpt_oss_refusals(hf):
     """What the engine does not reproduce is refused by name before any work: router logits in the outputs, a layer
-    type other than sliding / full attention, a transformers-quantised model (the released MXFP4 files: dequantise to
+    type other than sliding / full attention, sliding layers without a window, a transformers-quantised model (the released MXFP4 files: dequantise to
     bf16 first), int4 (MoE)."""
     cases = [(dict(output_router_logits=True), {}, UnsupportedModelError, "output_router_logits"),
              (dict(layer_types=["sliding_attention", "chunked_attention"]), {}, UnsupportedModelError, "layer_types"),
+             (dict(sliding_window=None), {}, UnsupportedModelError, "sliding_attention layers and sliding_window=None"),
              (dict(quantization_config={"quant_method": "mxfp4"}), {}, UnsupportedModelError, "mxfp4"),
              ({}, dict(quantize="int4"), NotImplementedError, "int4")]
     for config, options, error, match in cases:

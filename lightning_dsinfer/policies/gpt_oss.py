@@ -18,21 +18,24 @@ from torch import nn
 from lightning_dsinfer.kernels.reference import ClampedSwiGLU, Routing
 from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, MoEWeights, UnsupportedModelError
 from lightning_dsinfer.policies.llama import FamilyTraits, _sliding_window, check_rope
-from lightning_dsinfer.policies.weights import ModuleSource, WeightSource
+from lightning_dsinfer.policies.weights import ModuleSource, Rewritten, WeightSource
 
 FAMILY = ("gpt_oss",)
 _LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
-class InterleavedExperts(WeightSource):
+class InterleavedExperts(Rewritten):
     """gpt-oss's expert tensors in the engine's layout; other names pass through to ``inner``. ``gate_up`` names
     ([E, H, 2I], gate and up in alternate columns) read as [E, 2I, H], gate rows then up rows; ``gate_up_bias`` names
     ([E, 2I]) likewise as [E, 2I]; ``down`` names ([E, I, H]) as [E, H, I]. A slice of the [gate | up] rows reads
     only the stored columns it covers (a tensor-parallel rank's gate and up rows: its two runs of columns)."""
 
     def __init__(self, inner: WeightSource, gate_up=(), gate_up_bias=(), down=()):
-        self.inner = inner
+        super().__init__(inner)
         self.gate_up, self.gate_up_bias, self.down = set(gate_up), set(gate_up_bias), set(down)
+
+    def rewrites(self, name):
+        return name in self.gate_up or name in self.gate_up_bias or name in self.down
 
     def shape(self, name):
         s = self.inner.shape(name)
@@ -59,9 +62,6 @@ class InterleavedExperts(WeightSource):
             pairs = t.unflatten(col, (-1, 2))
             t = torch.cat((pairs.select(col + 1, 0), pairs.select(col + 1, 1)), dim=col)
         return t.transpose(1, 2) if matrix else t
-
-    def release(self, names=()) -> None:
-        self.inner.release(names)
 
 
 def _refuse(config) -> None:

@@ -249,11 +249,41 @@ def rotate_half_pieces(heads: int, head_dim: int, rotary_dim: int, rotary_from: 
             + [(h * head_dim + rotary_from + rotary_dim, rest)] if piece[1] > 0]
 
 
-class Transposed(WeightSource):
+class Rewritten(WeightSource):
+    """A source that reads some names (:meth:`rewrites`) its own way and passes every other name, direct row reads
+    into a fused buffer (:func:`load_fused`) included, through to ``inner``."""
+
+    def __init__(self, inner: WeightSource):
+        self.inner = inner
+
+    def rewrites(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def shape(self, name):
+        return self.inner.shape(name)
+
+    def read(self, name, dim, start, length):
+        return self.inner.read(name, dim, start, length)
+
+    def reads_rows_into(self, name, dtype):
+        return not self.rewrites(name) and self.inner.reads_rows_into(name, dtype)
+
+    def read_rows_into(self, name, start, out):
+        self.inner.read_rows_into(name, start, out)
+
+    def release(self, names=()) -> None:
+        self.inner.release(names)
+
+
+class Transposed(Rewritten):
     """2-D weights stored [in, out] (GPT-2's ``Conv1D``) seen as torch's [out, in]; other names pass through."""
 
     def __init__(self, inner: WeightSource, names):
-        self.inner, self.names = inner, set(names)
+        super().__init__(inner)
+        self.names = set(names)
+
+    def rewrites(self, name):
+        return name in self.names
 
     def shape(self, name):
         shape = self.inner.shape(name)
@@ -263,9 +293,6 @@ class Transposed(WeightSource):
         if name not in self.names:
             return self.inner.read(name, dim, start, length)
         return self.inner.read(name, None if dim is None else 1 - dim, start, length).t()
-
-    def release(self, names=()) -> None:
-        self.inner.release(names)
 
 
 class Zeros(WeightSource):
