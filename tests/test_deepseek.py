@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import lightning_dsinfer as dsi
-from helpers import (assert_fp32_matches_quantised, fake_quantised_int8, optimised_copy, padded_batch, streamed_copy,
-                     tiny_model)
+from helpers import (assert_bf16_follows_hf, assert_fp32_matches_quantised, assert_matches_hf, fake_quantised_int8,
+                     optimised_copy, padded_batch, streamed_copy, tiny_model)
 from multiproc import run_ranks
 
 ATOL, RTOL = 2e-4, 1e-4
@@ -26,14 +26,7 @@ VARIANTS = {
 
 
 def _assert_same(ref, opt, new=10):
-    ids, mask = padded_batch([12, 5, 9, 3], seed=1)
-    with torch.no_grad():
-        want = ref(input_ids=ids, attention_mask=mask).logits
-        tokens = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
-    got = opt(input_ids=ids, attention_mask=mask).logits
-    valid = mask.bool()
-    torch.testing.assert_close(got[valid], want[valid], atol=ATOL, rtol=RTOL)
-    assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False), tokens)
+    assert_matches_hf(ref, opt, *padded_batch([12, 5, 9, 3], seed=1), new_tokens=new)
 
 
 @pytest.mark.parametrize("family,overrides", VARIANTS.values(), ids=VARIANTS.keys())
@@ -93,22 +86,7 @@ def test_deepseek_bf16():
         everything = dict(num_experts_per_tok=8, topk_group=4)
         truth = tiny_model(family, **everything)
         hf = tiny_model(family, **everything).to(torch.bfloat16)
-        opt = optimised_copy(hf, max_seq_len=64, dtype=torch.bfloat16)
-        ids, mask = padded_batch([12, 5, 9], seed=1)
-        full = torch.cat([mask, torch.ones(3, 6, dtype=mask.dtype)], dim=1)
-        with torch.no_grad():
-            seq = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-            want = hf(input_ids=seq, attention_mask=full).logits.float()
-            exact = truth(input_ids=seq, attention_mask=full).logits
-        got = opt(input_ids=seq, attention_mask=full).logits.float()
-        valid = full.bool()
-        torch.testing.assert_close(got[valid], want[valid], atol=6e-2, rtol=2e-2)
-        assert (got - exact)[valid].abs().max() <= 1.3 * (want - exact)[valid].abs().max()
-        out = opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, output_scores=True,
-                           return_dict_in_generate=True)
-        with torch.no_grad():
-            again = hf(input_ids=out.sequences, attention_mask=full).logits.float()
-        torch.testing.assert_close(torch.stack(out.scores, dim=1).float(), again[:, -7:-1], atol=6e-2, rtol=2e-2)
+        assert_bf16_follows_hf(truth, hf, optimised_copy(hf, max_seq_len=64, dtype=torch.bfloat16))
 
 
 def test_deepseek_int8_matches_fake_quantised_hf():

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-from helpers import (assert_fp32_matches_quantised, assert_matches_hf, fake_quantised_int8, optimised_copy,
-                     padded_batch, streamed_copy, tiny_model)
+from helpers import (assert_bf16_follows_hf, assert_fp32_matches_quantised, assert_matches_hf, fake_quantised_int8,
+                     optimised_copy, padded_batch, streamed_copy, tiny_model)
 
 from lightning_dsinfer.kernels import ops
 from lightning_dsinfer.policies import UnsupportedModelError
@@ -45,22 +45,7 @@ def test_gpt_oss_bf16_follows_hf_bf16():
     everything = dict(num_experts_per_tok=4)
     truth = tiny_model("gpt_oss", **everything)
     hf = tiny_model("gpt_oss", **everything).to(torch.bfloat16)
-    opt = optimised_copy(hf, max_seq_len=64, dtype=torch.bfloat16)
-    ids, mask = padded_batch([12, 5, 9], seed=1)
-    full = torch.cat([mask, torch.ones(3, 6, dtype=mask.dtype)], dim=1)
-    with torch.no_grad():
-        seq = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-        want = hf(input_ids=seq, attention_mask=full).logits.float()
-        exact = truth(input_ids=seq, attention_mask=full).logits
-    got = opt(input_ids=seq, attention_mask=full).logits.float()
-    valid = full.bool()
-    torch.testing.assert_close(got[valid], want[valid], atol=6e-2, rtol=2e-2)
-    assert (got - exact)[valid].abs().max() <= 1.3 * (want - exact)[valid].abs().max()
-    out = opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, output_scores=True,
-                       return_dict_in_generate=True)
-    with torch.no_grad():
-        again = hf(input_ids=out.sequences, attention_mask=full).logits.float()
-    torch.testing.assert_close(torch.stack(out.scores, dim=1).float(), again[:, -7:-1], atol=6e-2, rtol=2e-2)
+    assert_bf16_follows_hf(truth, hf, optimised_copy(hf, max_seq_len=64, dtype=torch.bfloat16))
 
 
 @pytest.mark.parametrize("tier", ["cpu", "nvme"])
@@ -125,8 +110,8 @@ def test_interleaved_experts_read_as_gate_then_up_rows(hf):
 
 def test_gpt_oss_refusals(hf):
     """What the engine does not reproduce is refused by name before any work: router logits in the outputs, a layer
-    type other than sliding / full attention, sliding layers without a window, a transformers-quantised model (the released MXFP4 files: dequantise to
-    bf16 first), int4 (MoE)."""
+    type other than sliding / full attention, sliding layers without a window, a transformers-quantised model (the
+    released MXFP4 files: dequantise to bf16 first), int4 (MoE)."""
     cases = [(dict(output_router_logits=True), {}, UnsupportedModelError, "output_router_logits"),
              (dict(layer_types=["sliding_attention", "chunked_attention"]), {}, UnsupportedModelError, "layer_types"),
              (dict(sliding_window=None), {}, UnsupportedModelError, "sliding_attention layers and sliding_window=None"),
