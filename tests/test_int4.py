@@ -244,7 +244,7 @@ def test_int4_errors_before_work():
 def test_int4_groups_per_rank_are_checked():
     """Tensor parallelism: the row-parallel shards' K (o: this rank's heads, down: its intermediate columns) must be
     multiples of the group, so their boundaries fall on the whole rows' group boundaries (pure check, fake ranks)."""
-    w = SimpleNamespace(hidden_size=256, head_dim=32, num_heads=8, num_kv_heads=4, intermediate_size=384)
+    w = SimpleNamespace(hidden_size=256, head_dim=32, num_heads=8, num_kv_heads=4, intermediate_size=384, mla=None)
     for rank in range(2):
         plan = TensorShardPlan(rank, 2, 8, 4, 32, 384, 1000)
         check_int4_groups(w, plan, 64)                                  # o: 128, down: 192 per rank
