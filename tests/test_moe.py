@@ -402,3 +402,49 @@ def test_moe_disk_tier_tensor_parallel_with_experts_on_demand(tmp_path):
                                timeout=300)
     assert codes == [0, 0], "\n".join(outs)
     assert outs[0].count(" OK") == len(ON_DEMAND), outs[0]
+
+
+def test_expert_pool_read_that_cannot_be_queued_holds_nothing():
+    """A read the store refuses to queue (it raises in ``read``) leaves its expert not held and the slot it was given
+    free: the next call reads the expert again and sums the right weights (it was taken for held, and the slot's old
+    expert ran in its place)."""
+    from concurrent.futures import Future
+
+    from lightning_dsinfer.offload import UnitLayout
+    from lightning_dsinfer.offload.experts import ExpertPool
+
+    torch.manual_seed(0)
+    e, h, inter = 4, 8, 6
+    gate_up, down = torch.randn(e, 2 * inter, h), torch.randn(e, h, inter)
+    layouts = [UnitLayout.of({"gate_up": gate_up[i], "down": down[i]}) for i in range(e)]
+    refuse = []
+
+    class Store:
+        def read(self, unit, buffer, threads):
+            if refuse:
+                refuse.pop()
+                raise OSError("cannot queue the read")
+            layouts[unit].pack({"gate_up": gate_up[unit], "down": down[unit]}, buffer)
+            done = Future()
+            done.set_result(None)
+            return [done]
+
+        def stored_bytes(self, unit):
+            return layouts[unit].nbytes
+
+    def want(x, w, ids):
+        return reference.moe_experts(x, w, ids, lambda i, rows: torch.nn.functional.linear(reference.silu_and_mul(
+            torch.nn.functional.linear(rows, gate_up[i])), down[i]))
+
+    pool = ExpertPool(Store(), layouts, {0: list(range(e))}, 2, layers=1)
+    experts = pool.layer(0)
+    x, w = torch.randn(1, h), torch.tensor([[0.75, 0.25]])
+    first, second = torch.tensor([[0, 1]]), torch.tensor([[2, 3]])
+    experts.prefetch(first)
+    torch.testing.assert_close(experts.run(x, w, first), want(x, w, first), atol=0, rtol=0)
+    refuse.append(True)
+    with pytest.raises(OSError, match="cannot queue"):
+        experts.prefetch(second)
+    assert 2 not in pool.held and sorted(pool.owner, key=str) == [1, None]
+    torch.testing.assert_close(experts.run(x, w, second), want(x, w, second), atol=0, rtol=0)
+    pool.close()
