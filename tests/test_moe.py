@@ -330,55 +330,63 @@ def test_moe_disk_tier_reads_only_the_routed_experts(family, tmp_path, monkeypat
     assert max(steps) < every, (steps, every)
 
 
+class _ExpertStore:
+    """A store in memory of one unit per expert (``gate_up[e]``, ``down[e]``): a read packs the unit into the slot at
+    once, counted in ``reads``; while ``refuse`` holds entries, a read raises instead (one entry per refusal)."""
+
+    def __init__(self, gate_up, down):
+        from lightning_dsinfer.offload import UnitLayout
+
+        self.gate_up, self.down = gate_up, down
+        self.layouts = [UnitLayout.of({"gate_up": g, "down": d}) for g, d in zip(gate_up, down)]
+        self.reads, self.refuse = 0, []
+
+    def read(self, unit, buffer, threads):
+        from concurrent.futures import Future
+
+        if self.refuse:
+            self.refuse.pop()
+            raise OSError("cannot queue the read")
+        self.reads += 1
+        self.layouts[unit].pack({"gate_up": self.gate_up[unit], "down": self.down[unit]}, buffer)
+        done = Future()
+        done.set_result(None)
+        return [done]
+
+    def stored_bytes(self, unit):
+        return self.layouts[unit].nbytes
+
+
 def test_expert_pool_groups_and_cache_match_the_reference():
     """ExpertPool over a store in memory: experts hit by many rows run in groups of the pool's slots (1, 2, 5 slots
     for 5 experts): the sum is the reference's bit for bit; a second call with the same routing reads nothing when
     the pool holds every expert hit."""
-    from concurrent.futures import Future
-
-    from lightning_dsinfer.offload import UnitLayout
     from lightning_dsinfer.offload.experts import ExpertPool
 
     torch.manual_seed(0)
     e, h, inter, t, k = 5, 16, 12, 9, 2
     gate_up, down = torch.randn(e, 2 * inter, h), torch.randn(e, h, inter)
-    layouts = [UnitLayout.of({"gate_up": gate_up[i], "down": down[i]}) for i in range(e)]
-
-    class Store:
-        reads = 0
-
-        def read(self, unit, buffer, threads):
-            Store.reads += 1
-            layouts[unit].pack({"gate_up": gate_up[unit], "down": down[unit]}, buffer)
-            done = Future()
-            done.set_result(None)
-            return [done]
-
-        def stored_bytes(self, unit):
-            return layouts[unit].nbytes
-
     x, router = torch.randn(t, h), torch.randn(e, h)
     w, ids = reference.moe_topk(x, router, k)
     want = reference.moe_mlp(x, router, gate_up, down, k)
     for slots in (1, 2, 5):
-        pool = ExpertPool(Store(), layouts, {0: list(range(e))}, slots, layers=1)
+        store = _ExpertStore(gate_up, down)
+        pool = ExpertPool(store, store.layouts, {0: list(range(e))}, slots, layers=1)
         experts = pool.layer(0)
         experts.prefetch(ids)
         torch.testing.assert_close(experts.run(x, w, ids), want, atol=0, rtol=0)
-        hit, before = len(torch.unique(ids)), Store.reads
+        hit, before = len(torch.unique(ids)), store.reads
         experts.run(x, w, ids)
         if slots >= hit:
-            assert Store.reads == before, slots         # every expert hit stayed in its slot
+            assert store.reads == before, slots         # every expert hit stayed in its slot
         elif slots == 1:
-            assert Store.reads - before == hit          # one slot: each expert read again in turn
+            assert store.reads - before == hit          # one slot: each expert read again in turn
         pool.close()
 
 
 def test_moe_disk_tier_budget_counts_the_expert_slots(tmp_path):
     """max_memory counts the routed experts' slots: a budget with room for the ring and the batch but not for a
     token's top-k experts is refused before work, naming the numbers."""
-    from helpers import streaming_budget
-
     hf = tiny_model("mixtral")
 
     def build(max_memory, sub):
@@ -408,41 +416,24 @@ def test_expert_pool_read_that_cannot_be_queued_holds_nothing():
     """A read the store refuses to queue (it raises in ``read``) leaves its expert not held and the slot it was given
     free: the next call reads the expert again and sums the right weights (it was taken for held, and the slot's old
     expert ran in its place)."""
-    from concurrent.futures import Future
-
-    from lightning_dsinfer.offload import UnitLayout
     from lightning_dsinfer.offload.experts import ExpertPool
 
     torch.manual_seed(0)
     e, h, inter = 4, 8, 6
     gate_up, down = torch.randn(e, 2 * inter, h), torch.randn(e, h, inter)
-    layouts = [UnitLayout.of({"gate_up": gate_up[i], "down": down[i]}) for i in range(e)]
-    refuse = []
-
-    class Store:
-        def read(self, unit, buffer, threads):
-            if refuse:
-                refuse.pop()
-                raise OSError("cannot queue the read")
-            layouts[unit].pack({"gate_up": gate_up[unit], "down": down[unit]}, buffer)
-            done = Future()
-            done.set_result(None)
-            return [done]
-
-        def stored_bytes(self, unit):
-            return layouts[unit].nbytes
+    store = _ExpertStore(gate_up, down)
 
     def want(x, w, ids):
         return reference.moe_experts(x, w, ids, lambda i, rows: torch.nn.functional.linear(reference.silu_and_mul(
             torch.nn.functional.linear(rows, gate_up[i])), down[i]))
 
-    pool = ExpertPool(Store(), layouts, {0: list(range(e))}, 2, layers=1)
+    pool = ExpertPool(store, store.layouts, {0: list(range(e))}, 2, layers=1)
     experts = pool.layer(0)
     x, w = torch.randn(1, h), torch.tensor([[0.75, 0.25]])
     first, second = torch.tensor([[0, 1]]), torch.tensor([[2, 3]])
     experts.prefetch(first)
     torch.testing.assert_close(experts.run(x, w, first), want(x, w, first), atol=0, rtol=0)
-    refuse.append(True)
+    store.refuse.append(True)
     with pytest.raises(OSError, match="cannot queue"):
         experts.prefetch(second)
     assert 2 not in pool.held and sorted(pool.owner, key=str) == [1, None]
