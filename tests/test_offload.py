@@ -456,3 +456,43 @@ def test_dropped_engine_closes_its_files_and_threads(tmp_path):
     del opt, decoder
     gc.collect()
     assert ours_open() == [] and not any(t.is_alive() for t in threads)
+
+
+def test_engine_collected_on_a_reader_thread_closes_without_deadlock(tmp_path):
+    """An engine dropped while its reads are in flight can be collected by a garbage collection that one of its own
+    reader threads triggers (any allocation there). Its finalizer waits for those reads, that thread's own task
+    among them: it must close from another thread, not wait for itself forever (a hung test process)."""
+    import gc
+    import threading
+    import weakref
+
+    opt = _offloaded(tiny_model("llama"), "nvme", tmp_path)
+    streamer = opt._dsinfer_engine.decoder.streamer
+    store, decoder = streamer.store, weakref.ref(opt._dsinfer_engine.decoder)
+    go = threading.Event()
+
+    def reader_task():    # a read in flight when the engine is dropped, during which a collection runs
+        go.wait(30)
+        gc.collect()
+
+    task = streamer.io.submit(reader_task)
+    streamer.pending[-1] = [task]
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del opt, streamer
+        assert decoder() is not None, "the engine is freed without a collection: this test no longer tests anything"
+        go.set()
+        try:
+            task.result(timeout=30)
+        except TimeoutError:
+            task.set_result(None)        # (frees the reader thread stuck on itself, so the process can still exit)
+            pytest.fail("the finalizer, run on a reader thread, waited for that thread's own read")
+    finally:
+        if enabled:
+            gc.enable()
+    for _ in range(300):
+        if store._fds == []:
+            break
+        threading.Event().wait(0.1)
+    assert decoder() is None and store._fds == [], "the dropped engine's files were not closed"

@@ -15,8 +15,8 @@ Embedding rows come from a :class:`RowTable`: resident (host tier) or read row b
 from __future__ import annotations
 
 import dataclasses
-
 import os
+import threading
 import weakref
 from typing import Callable
 
@@ -185,6 +185,16 @@ class StreamedDecoderModel(DecoderModel):
 
 
 def _close(streamer: UnitStreamer, rows, experts=None) -> None:
+    """The decoder's finalizer. A collection can run it on any thread, one of our own reader threads included (an
+    allocation there triggers it, while the reads a dropped decoder queued are still in flight): closing waits for
+    those reads, one of which is the thread's own task, so there it is handed to a thread of its own instead."""
+    if threading.current_thread().name.startswith("dsinfer-"):
+        threading.Thread(target=_close_now, args=(streamer, rows, experts), name="close-offload", daemon=True).start()
+    else:
+        _close_now(streamer, rows, experts)
+
+
+def _close_now(streamer: UnitStreamer, rows, experts=None) -> None:
     if experts is not None:     # (its reads use the store the streamer closes)
         experts.close()
     streamer.close()
