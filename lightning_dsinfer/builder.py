@@ -232,9 +232,18 @@ LINEARS = ("qkv", "o", "gate_up", "down", "q_b")       # (q_b: latent attention'
 
 def block_linear_inputs(w: ModelWeights, plan: TensorShardPlan) -> dict[str, int]:
     """K (input dims) of each block linear on this rank: qkv and gate_up read the hidden state, o this rank's heads,
-    down this rank's intermediate columns (row-parallel shards under tensor parallelism)."""
-    ks = {"qkv": w.hidden_size, "o": plan.local_heads * w.head_dim, "gate_up": w.hidden_size,
-          "down": plan.mlp_rows[1]}
+    down this rank's intermediate columns (row-parallel shards under tensor parallelism). Mixture-of-experts layers:
+    the experts' down (this rank's slice of each expert's intermediate; whole experts under expert parallelism) and
+    the shared expert's down (its slice) for "experts' down" / "shared expert's down"; the dense down only where a
+    layer is dense."""
+    layers = getattr(w, "layers", None) or []
+    ks = {"qkv": w.hidden_size, "o": plan.local_heads * w.head_dim, "gate_up": w.hidden_size}
+    if not layers or any(lw.moe is None for lw in layers):
+        ks["down"] = plan.mlp_rows[1]
+    for moe in {id(lw.moe): lw.moe for lw in layers if lw.moe is not None}.values():
+        ks.setdefault("experts' down", moe.gate_up.shape[1] // (2 if moe.expert_parallel else 2 * plan.tp))
+        if moe.shared_gate is not None:
+            ks.setdefault("shared expert's down", moe.shared_gate.shape[0] // plan.tp)
     if w.mla is not None and w.mla.q_lora_rank:
         ks["q_b"] = w.mla.q_lora_rank
     return ks
@@ -338,7 +347,8 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
                      spec.moe_weights_in_dtype, shared, shared_gate, reduce=reduce, quantize=quantize,
                      row_max=None if ep else row_max, pack=pack, first_expert=spec.moe_first_expert or 0,
                      routing=spec.moe_routing, router_bias=t.get("moe.router_bias"), streamed=experts,
-                     gate_up_bias=t.get("moe.gate_up_bias"), down_bias=t.get("moe.down_bias"), act=spec.moe_act)
+                     gate_up_bias=t.get("moe.gate_up_bias"), down_bias=t.get("moe.down_bias"), act=spec.moe_act,
+                     group_size=group_size)
     if "input_norm_bias" in t:       # the GPT families (an offloaded MLP half needs no more than DecoderLayer's)
         return GPTDecoderLayer(attn, mlp, t["input_norm"], t["input_norm_bias"], t.get("post_norm"),
                                t.get("post_norm_bias"), spec.rms_norm_eps, spec.parallel_residual)

@@ -316,7 +316,7 @@ def _check_not_prequantised(hf_config) -> None:
 
 
 def _check_moe_options(hf_config, config: InferenceConfig) -> None:
-    """Refuse, before any work, what MoE families do not take yet: int8 with offload, int4; expert parallelism on a
+    """Refuse, before any work, what MoE families do not take yet: int8 / int4 with offload; expert parallelism on a
     dense model."""
     model_type = getattr(hf_config, "model_type", None)
     if not has_experts(model_type):
@@ -325,11 +325,6 @@ def _check_moe_options(hf_config, config: InferenceConfig) -> None:
                              f"mixture-of-experts model over the ranks; model_type={model_type!r} has no experts. "
                              f"Drop expert_parallel_size.")
         return
-    if config.quantize == "int4":
-        raise NotImplementedError(
-            f"model_type={hf_config.model_type!r} has mixture-of-experts layers: quantize='int4' is not supported for "
-            f"them yet (the experts' grouped GEMMs take bf16 / fp16 / fp32 or int8 weights). Use quantize='int8' "
-            f"(with the weights resident) or no quantization.")
     if config.quantize is None or config.offload is None:
         return
     raise NotImplementedError(
@@ -340,12 +335,15 @@ def _check_moe_options(hf_config, config: InferenceConfig) -> None:
 
 def _weight_bytes(hf_model: nn.Module, dtype: torch.dtype, quantize: str | None, group_size: int = 128) -> int:
     """Bytes of the model's weights as the engine holds them: ``dtype``, or with ``quantize="int8"`` the blocks'
-    linears in int8 with an fp32 scale per output row, with ``"int4"`` half a byte a weight and an fp32 scale per
-    ``group_size`` weights (the policies' block-linear names)."""
+    linears (the policies' block-linear names) and the experts' 3D tensors in int8 with an fp32 scale per output row,
+    with ``"int4"`` half a byte a weight and an fp32 scale per ``group_size`` weights."""
     total = 0
     for name, p in hf_model.named_parameters():
-        if quantize and p.dim() == 2 and name.split(".")[-2] in _BLOCK_LINEARS:
-            total += p.numel() + 4 * p.shape[0] if quantize == "int8" else p.numel() // 2 + 4 * p.numel() // group_size
+        linear = p.dim() == 2 and name.split(".")[-2] in _BLOCK_LINEARS
+        experts = p.dim() == 3 and name.split(".")[-2] == "experts"     # [E, N, K] (gpt-oss: [E, K, N]; same bytes)
+        if quantize and (linear or experts):
+            rows = p.numel() // p.shape[-1] if experts else p.shape[0]
+            total += p.numel() + 4 * rows if quantize == "int8" else p.numel() // 2 + 4 * p.numel() // group_size
         else:
             total += p.numel() * dtype.itemsize
     return total

@@ -393,15 +393,21 @@ def _decode_attention_case(b, hq, hkv, length, d, seed):
 @pytest.mark.parametrize("b,hq,hkv,length,d", [(1, 16, 4, 190, 64), (3, 8, 2, 37, 24), (2, 4, 4, 5, 80),
                                                (4, 6, 1, 100, 128), (2, 32, 8, 700, 128)])
 @pytest.mark.parametrize("masking", ["none", "left_pad", "window", "broadcast"])
-def test_decode_attention_kernel_matches_reference(b, hq, hkv, length, d, masking):
+@pytest.mark.parametrize("with_sinks", [False, True], ids=["plain", "sinks"])
+def test_decode_attention_kernel_matches_reference(b, hq, hkv, length, d, masking, with_sinks):
     """The one-call bf16 decode attention against the fp32 reference on the same bf16 inputs: fp32 throughout and
     one rounding, so within a bf16 ulp of the fp32 result (atol 4e-3 on outputs of magnitude < 1; torch's bf16
     SDPA, the path it replaces, is at about the same distance). GQA ratios 1..6, head dims not a multiple of 16,
     cache views with a row stride beyond the visible columns, masks per row / broadcast / with holes, and a case
-    big enough to split over threads (B * Hq * L * D >= 2^20)."""
+    big enough to split over threads (B * Hq * L * D >= 2^20). With gpt-oss's sinks (bf16 logits per query head,
+    spread over and above the scores' range, in each softmax's denominator): the same, and ops.attention takes it."""
     from lightning_dsinfer.kernels import ops, reference
 
     q, k, v = _decode_attention_case(b, hq, hkv, length, d, seed=b * 1000 + length)
+    sinks = None
+    if with_sinks:
+        g = torch.Generator().manual_seed(length)
+        sinks = (torch.randn(hq, generator=g) * 2 + torch.linspace(-1.0, 4.0, hq)).bfloat16()
     mask = None
     if masking != "none":
         cols = torch.arange(length)
@@ -413,11 +419,16 @@ def test_decode_attention_kernel_matches_reference(b, hq, hkv, length, d, maskin
         else:
             keep = cols >= min(3, length - 1)
         mask = keep.view(-1, 1, 1, length)
-    want = reference.attention(q.float(), k.float(), v.float(), mask, d ** -0.5)
-    got = cpu_gemv.decode_attention(q, k, v, mask, d ** -0.5)
+    want = reference.attention(q.float(), k.float(), v.float(), mask, d ** -0.5, sinks=sinks)
+    got = cpu_gemv.decode_attention(q, k, v, mask, d ** -0.5, sinks=sinks)
     assert got is not None and got.shape == (b, hq, 1, d) and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, atol=4e-3, rtol=2 ** -7)
-    assert torch.equal(ops.attention(q, k, v, mask, d ** -0.5), cpu_gemv.decode_attention(q, k, v, mask, d ** -0.5))
+    ops.dispatch_counts.clear()
+    assert torch.equal(ops.attention(q, k, v, mask, d ** -0.5, sinks=sinks),
+                       cpu_gemv.decode_attention(q, k, v, mask, d ** -0.5, sinks=sinks))
+    assert not ops.dispatch_counts          # no reference:sinks
+    if with_sinks:                          # the sinks changed the result
+        assert not torch.equal(got, cpu_gemv.decode_attention(q, k, v, mask, d ** -0.5))
 
 
 @needs_wide
@@ -433,6 +444,7 @@ def test_decode_attention_kernel_declines_what_it_does_not_take():
     assert cpu_gemv.decode_attention(q, k, v.contiguous(), None, 0.1) is None                        # strides differ
     big = _decode_attention_case(1, 2, 1, 4, 264, seed=1)
     assert cpu_gemv.decode_attention(*big, None, 0.1) is None
+    assert cpu_gemv.decode_attention(q, k, v, None, 0.1, sinks=torch.zeros(4)) is None                # sinks not [Hq]
 
 
 @needs_kernel

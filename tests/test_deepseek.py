@@ -47,6 +47,42 @@ def test_deepseek_matches_hf(family, overrides):
         assert torch.equal(opt.generate(**kw), hf.generate(**kw))
 
 
+@pytest.mark.parametrize("form", ["absorbed", "expanded"])
+def test_both_prompt_forms_match_hf(form):
+    """Prompts take latent attention's expanded form or its absorbed one by their FLOPs (decode steps: absorbed).
+    Each form forced on every prompt gives HF's logits and tokens: a whole left-padded prompt, and a prompt in two
+    chunks through HF's cache (the second chunk's queries over the first's cached latents too)."""
+    from lightning_dsinfer.modules.mla import LatentAttention
+
+    hf = tiny_model("deepseek_v3")
+    opt = optimised_copy(hf, max_seq_len=64)
+    layers = [m for m in opt._dsinfer_engine.decoder.modules() if isinstance(m, LatentAttention)]
+    assert layers and all(m.expands(12, 12) and not m.expands(1, 12) for m in layers)    # (the automatic choice)
+    for m in layers:
+        m.form = form
+    _assert_same(hf, opt, new=6)
+    ids, mask = padded_batch([12, 5, 9, 7], seed=3)
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask).logits
+        first = opt(input_ids=ids[:, :6], attention_mask=mask[:, :6], use_cache=True)
+        second = opt(input_ids=ids[:, 6:], attention_mask=mask, past_key_values=first.past_key_values, use_cache=True)
+    got, valid = torch.cat((first.logits, second.logits), dim=1), mask.bool()
+    torch.testing.assert_close(got[valid], want[valid], atol=ATOL, rtol=RTOL)
+
+
+def test_prompt_form_follows_the_flops():
+    """The choice for DeepSeek-V3's shapes (kv_lora_rank 512, nope 128, v 128): per head, absorbed costs
+    T L 1024 + T 512 256, expanded L 512 256 + T L 256 multiply-adds (T queries over L keys)."""
+    from types import SimpleNamespace
+
+    from lightning_dsinfer.modules.mla import LatentAttention
+
+    v3 = SimpleNamespace(rank=512, nope=128, vdim=128, form="auto")
+    assert LatentAttention.expands(v3, 8, 8) and LatentAttention.expands(v3, 2048, 2048)   # whole prompts
+    assert not LatentAttention.expands(v3, 1, 4096)                                        # decode
+    assert not LatentAttention.expands(v3, 100, 4096) and LatentAttention.expands(v3, 200, 4096)  # after a prefix
+
+
 @pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v2"])
 def test_latent_norms_keep_their_own_eps(family):
     """HF builds q_a_layernorm and kv_a_layernorm with RMSNorm's default eps (1e-6), not with config.rms_norm_eps
@@ -98,19 +134,24 @@ def test_deepseek_int8_matches_fake_quantised_hf():
 
 
 def test_latent_attention_linears_count_as_int8_in_the_fit_check():
-    """The size the fit check and offload="auto" use (``engine._weight_bytes``): with quantize="int8" the latent
-    attention's q_a_proj (V2-Lite: q_proj), q_b_proj and kv_a_proj_with_mqa are block linears the engine holds in int8
-    (a byte a weight, an fp32 scale a row), as o_proj and the dense / shared MLPs are; kv_b_proj and the router are
-    not."""
+    """The size the fit check and offload="auto" use (``engine._weight_bytes``): with quantize="int8" / "int4" the
+    latent attention's q_a_proj (V2-Lite: q_proj), q_b_proj and kv_a_proj_with_mqa are block linears the engine holds
+    quantised (int8: a byte a weight, an fp32 scale a row; int4: half a byte, an fp32 scale a group), as o_proj, the
+    dense / shared MLPs and the routed experts' 3D tensors are; kv_b_proj and the router are not."""
     from lightning_dsinfer.engine import _weight_bytes
 
     quantised = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj", "gate_proj", "up_proj", "down_proj")
     for family in ("deepseek_v3", "deepseek_v2"):
         hf = tiny_model(family)
-        full, int8 = _weight_bytes(hf, torch.bfloat16, None), _weight_bytes(hf, torch.bfloat16, "int8")
-        saved = sum(p.numel() - 4 * p.shape[0] for n, p in hf.named_parameters()
-                    if p.dim() == 2 and n.split(".")[-2] in quantised)      # 2 bytes -> 1 byte + 4 per row
-        assert full - int8 == saved, (family, full - int8, saved)
+        full = _weight_bytes(hf, torch.bfloat16, None)
+        linears = [p for n, p in hf.named_parameters() if p.dim() == 2 and n.split(".")[-2] in quantised]
+        experts = [p for n, p in hf.named_parameters() if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+        assert linears and experts and all(p.dim() == 3 for p in experts)
+        saved = (sum(p.numel() - 4 * p.shape[0] for p in linears)                  # 2 bytes -> 1 byte + 4 per row
+                 + sum(p.numel() - 4 * p.shape[0] * p.shape[1] for p in experts))  # [E, N, K]: a scale per row
+        assert full - _weight_bytes(hf, torch.bfloat16, "int8") == saved, family
+        saved = sum(2 * p.numel() - p.numel() // 2 - 4 * p.numel() // 16 for p in linears + experts)
+        assert full - _weight_bytes(hf, torch.bfloat16, "int4", 16) == saved, family
 
 
 @pytest.mark.parametrize("tier", ["cpu", "nvme"])
@@ -167,9 +208,10 @@ def test_unsupported_settings_are_refused(family, flag, match):
         dsi.init_inference(tiny_model(family, **flag))
 
 
-def test_int4_is_refused_for_the_experts():
-    with pytest.raises(NotImplementedError, match="quantize='int4' is not supported"):
-        dsi.init_inference(tiny_model("deepseek_v3"), quantize="int4")
+def test_int4_with_offload_is_refused_for_the_experts():
+    """int4 runs resident (tests/test_int4.py); with offload, as int8, it is refused before any work."""
+    with pytest.raises(NotImplementedError, match="quantize='int4' is supported for them with the weights resident"):
+        dsi.init_inference(tiny_model("deepseek_v3"), quantize="int4", quantize_group_size=16, offload="cpu")
 
 
 def test_prequantised_models_and_fp8_checkpoints_are_refused(tmp_path):

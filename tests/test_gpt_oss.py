@@ -41,11 +41,19 @@ def test_gpt_oss_logits_greedy_and_beam_match_hf(hf):
 def test_gpt_oss_bf16_follows_hf_bf16():
     """bf16 with every expert routed (top-k = all 4: no near tie of the router flips an expert between two bf16 runs,
     so what is compared is the arithmetic): prompt and decode-step logits (teacher-forced on HF's greedy continuation)
-    within 6e-2 / 2e-2 of HF's bf16 model, and no further from the fp32 model than HF's bf16 is (x1.3)."""
+    within 6e-2 / 2e-2 of HF's bf16 model, and no further from the fp32 model than HF's bf16 is (x1.3). The decode
+    steps' attention is the C decode attention with the sinks (AVX512 CPUs); only the two prompts take the reference."""
+    from lightning_dsinfer.kernels import cpu_gemv
+
     everything = dict(num_experts_per_tok=4)
     truth = tiny_model("gpt_oss", **everything)
     hf = tiny_model("gpt_oss", **everything).to(torch.bfloat16)
-    assert_bf16_follows_hf(truth, hf, optimised_copy(hf, max_seq_len=64, dtype=torch.bfloat16))
+    opt = optimised_copy(hf, max_seq_len=64, dtype=torch.bfloat16)
+    ops.dispatch_counts.clear()
+    assert_bf16_follows_hf(truth, hf, opt)
+    forwards = 2 if cpu_gemv.has_wide_ops() else 2 + 5        # 1 forward + 1 prefill (+ 5 decode steps)
+    layers = len(opt._dsinfer_engine.decoder.layers)
+    assert ops.dispatch_counts[("attention", "reference:sinks")] == forwards * layers, dict(ops.dispatch_counts)
 
 
 @pytest.mark.parametrize("tier", ["cpu", "nvme"])
@@ -111,12 +119,13 @@ def test_interleaved_experts_read_as_gate_then_up_rows(hf):
 def test_gpt_oss_refusals(hf):
     """What the engine does not reproduce is refused by name before any work: router logits in the outputs, a layer
     type other than sliding / full attention, sliding layers without a window, a transformers-quantised model (the
-    released MXFP4 files: dequantise to bf16 first), int4 (MoE)."""
+    released MXFP4 files: dequantise to bf16 first), int4 with offload (resident int4: tests/test_int4.py)."""
     cases = [(dict(output_router_logits=True), {}, UnsupportedModelError, "output_router_logits"),
              (dict(layer_types=["sliding_attention", "chunked_attention"]), {}, UnsupportedModelError, "layer_types"),
              (dict(sliding_window=None), {}, UnsupportedModelError, "sliding_attention layers and sliding_window=None"),
              (dict(quantization_config={"quant_method": "mxfp4"}), {}, UnsupportedModelError, "mxfp4"),
-             ({}, dict(quantize="int4"), NotImplementedError, "int4")]
+             ({}, dict(quantize="int4", quantize_group_size=16, offload="cpu"), NotImplementedError,
+              "quantize='int4' is supported for them with the weights resident")]
     for config, options, error, match in cases:
         model = copy.deepcopy(hf)
         for key, value in config.items():

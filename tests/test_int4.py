@@ -132,6 +132,41 @@ def test_int4_engine_fp32_matches_fake_quantised_hf(family):
     assert_fp32_matches_quantised(ref, opt)
 
 
+# MoE families: groups of 16 divide every K (experts' intermediates 48 / 32, qwen2_moe's shared expert 80, DeepSeek's
+# heads' v rows 48); all-experts routing for bf16 (top-k = all: no near tie of the router flips an expert between
+# the two bf16 runs, so what is compared is the arithmetic)
+MOE_INT4 = {"mixtral": dict(num_experts_per_tok=4), "qwen2_moe": dict(num_experts_per_tok=6),
+            "deepseek_v3": dict(num_experts_per_tok=8, topk_group=4), "gpt_oss": dict(num_experts_per_tok=4)}
+MOE_GROUP = 16
+
+
+@pytest.mark.parametrize("family", list(MOE_INT4))
+def test_int4_moe_fp32_matches_fake_quantised_hf(family):
+    """Mixture of experts on the CPU: each expert's gate|up and down an int4 Linear (a scale per row and group; gpt-oss
+    with its expert biases as they are), the shared experts int4 like a dense MLP, the attention linears int4; router
+    and shared gate as they are: fp32 logits and greedy tokens as HF's over the same quantise-dequantised weights."""
+    hf = tiny_model(family)
+    opt = optimised_copy(hf, max_seq_len=64, quantize="int4", quantize_group_size=MOE_GROUP)
+    moe = next(layer.mlp for layer in opt._dsinfer_engine.decoder.layers if type(layer.mlp).__name__ == "MoEMLP")
+    gate_up, down = moe.cpu_experts[0]
+    assert gate_up.layout == down.layout == "int4" and moe.experts_gate_up is None
+    assert down.scale.shape == (down.out_features, down.in_features // MOE_GROUP)
+    assert moe.router.dtype != torch.uint8 and (moe.shared is None or moe.shared.gate_up.layout == "int4")
+    assert_fp32_matches_quantised(fake_quantised_int4(hf, MOE_GROUP), opt)
+
+
+@needs_int4
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_int4_moe_bf16_matches_fake_quantised_hf(family):
+    """bf16 (the int4 CPU kernels), every expert routed: logits within the bf16 tolerance of HF bf16 over the same
+    quantise-dequantised weights on a left-padded batch."""
+    hf = tiny_model(family, **MOE_INT4[family]).to(torch.bfloat16)
+    opt = optimised_copy(hf, max_seq_len=48, dtype=torch.bfloat16, quantize="int4", quantize_group_size=MOE_GROUP)
+    ids, mask, want, _, got = quantised_logits_and_reference(fake_quantised_int4(hf, MOE_GROUP), opt)
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid].float(), want[valid].float(), atol=6e-2, rtol=2e-2)
+
+
 @needs_int4
 @pytest.mark.parametrize("family,path", [(f, INT4_PATHS[0]) for f in FAMILIES] + [("llama", p) for p in INT4_PATHS[1:]])
 def test_int4_engine_bf16_matches_fake_quantised_hf_and_stack_is_bit_identical(family, path):
@@ -222,11 +257,12 @@ def test_int4_offload_matches_fake_quantised_hf(tier, dtype, tmp_path, monkeypat
 def test_int4_tensor_parallel_matches_fake_quantised_hf():
     """TP=2 with int4 (fp32), groups of 16 (the shards' K are 48): a row-parallel shard's groups are the whole rows'
     groups (its K a multiple of the group), so both ranks hold the int4 weights of one process with no collective:
-    logits, greedy and beam search as the fake-quantised HF model's, sampling agrees across ranks."""
-    codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", "llama", "qwen3", "--quantize", "int4",
-                                                   "--quantize-group-size", "16"], timeout=300)
+    logits, greedy and beam search as the fake-quantised HF model's, sampling agrees across ranks. Mixtral by expert
+    slicing (each expert's intermediate split: its down's K 48 per rank, the router whole)."""
+    codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", "llama", "qwen3", "mixtral",
+                                                   "--quantize", "int4", "--quantize-group-size", "16"], timeout=300)
     assert codes == [0, 0], "\n".join(outs)
-    assert outs[0].count(" OK") == 2, outs[0]
+    assert outs[0].count(" OK") == 3, outs[0]
 
 
 def test_int4_errors_before_work():
@@ -236,9 +272,14 @@ def test_int4_errors_before_work():
         dsi.init_inference(copy.deepcopy(hf), quantize="int4")
     with pytest.raises(ValueError, match=r"quantize_group_size=48 must be 8, 16, 32, 64 or a multiple of 128"):
         dsi.init_inference(copy.deepcopy(hf), quantize="int4", quantize_group_size=48)
-    with pytest.raises(NotImplementedError, match=r"mixture-of-experts layers: quantize='int4' is not supported"):
-        dsi.init_inference(tiny_model("mixtral"), quantize="int4", quantize_group_size=GROUP)
-    assert all(p.device.type == "cpu" for p in hf.parameters())      # nothing was released: refused before any work
+    moe = tiny_model("qwen2_moe")
+    with pytest.raises(ValueError, match=r"the experts' down projection's K \(input dims\) is 48, not a multiple of "
+                                         r"32 \(experts' down: 48, shared expert's down: 80\).*quantize_group_size=16"):
+        dsi.init_inference(moe, quantize="int4", quantize_group_size=GROUP)
+    with pytest.raises(NotImplementedError, match=r"mixture-of-experts layers: quantize='int4' is supported for them "
+                                                  r"with the weights resident.*not with offload='cpu'"):
+        dsi.init_inference(moe, quantize="int4", quantize_group_size=16, offload="cpu")
+    assert all(p.device.type == "cpu" for p in (*hf.parameters(), *moe.parameters()))     # refused before any work
 
 
 def test_int4_groups_per_rank_are_checked():
@@ -251,3 +292,16 @@ def test_int4_groups_per_rank_are_checked():
         with pytest.raises(ValueError, match=r"the down projection's K \(input dims on each of the 2 tensor-parallel "
                                              r"ranks\) is 192, not a multiple of 128.*quantize_group_size=64"):
             check_int4_groups(w, plan, 128)
+
+    # MoE layers: the experts' down K is each expert's slice (expert slicing) or the whole expert (expert
+    # parallelism), the shared expert's down K its slice
+    def sparse(expert_parallel):
+        moe = SimpleNamespace(gate_up=SimpleNamespace(shape=(4, 2 * 192, 256)), expert_parallel=expert_parallel,
+                              shared_gate=SimpleNamespace(shape=(256, 256)))
+        return SimpleNamespace(**vars(w), layers=[SimpleNamespace(moe=moe)])
+
+    plan = TensorShardPlan(1, 2, 8, 4, 32, 384, 1000)
+    check_int4_groups(sparse(True), plan, 64)                           # whole experts: 192, shared: 128
+    with pytest.raises(ValueError, match=r"the experts' down projection's K \(input dims on each of the 2 "
+                                         r"tensor-parallel ranks\) is 96, not a multiple of 64.*quantize_group_size=32"):
+        check_int4_groups(sparse(False), plan, 64)                      # sliced experts: 96

@@ -1,8 +1,10 @@
 """Activations fused with the bias add and the gate (Deep-Fusion).
 
 ``bias_act``: act(x + bias) for GeLU (erf or tanh), SiLU, ReLU. ``gated_act``: act(gate + b_g) * (up + b_u)
-from one [..., 2I] input: SwiGLU (silu) and GeGLU (gelu / gelu_tanh). fp32 math, one rounding.
-References: :func:`~lightning_dsinfer.kernels.reference.bias_act`, :func:`~...reference.gated_act`.
+from one [..., 2I] input: SwiGLU (silu) and GeGLU (gelu / gelu_tanh). ``clamped_swiglu``: gpt-oss's expert
+activation, (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = min(gate, limit). fp32 math, one rounding.
+References: :func:`~lightning_dsinfer.kernels.reference.bias_act`, :func:`~...reference.gated_act`,
+:class:`~...reference.ClampedSwiGLU`.
 """
 from __future__ import annotations
 
@@ -66,6 +68,25 @@ def _gated_act_kernel(
     tl.store(out_ptr + row * inter + cols, (_act(g, ACT) * u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _clamped_swiglu_kernel(
+    x_ptr, x_row_stride,            # input [M, 2I] = cat(gate, up) (last dim contiguous)
+    out_ptr,                        # output [M, I] contiguous
+    inter,                          # I
+    alpha, limit,                   # sigmoid's slope; the clamp (gate above, up both sides)
+    BLOCK_N: tl.constexpr,          # output columns per program
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = cols < inter
+    base = x_ptr + row * x_row_stride
+    g = tl.minimum(tl.load(base + cols, mask=mask, other=0.0).to(tl.float32), limit)
+    u = tl.load(base + inter + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.minimum(tl.maximum(u, -limit), limit)
+    y = (u + 1.0) * (g * tl.sigmoid(alpha * g))
+    tl.store(out_ptr + row * inter + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def _launch(kernel, x: torch.Tensor, bias: torch.Tensor | None, act: str, n_out: int) -> torch.Tensor:
     """Run ``kernel`` (either of the two above: same arguments) over the rows of x [..., N] -> [..., n_out]."""
     n = x.shape[-1]
@@ -99,3 +120,22 @@ def gated_act(gate_up: torch.Tensor, bias: torch.Tensor | None = None, act: str 
     if n % 2:
         raise ValueError(f"gate_up last dim {n} must be even (cat of gate and up)")
     return _launch(_gated_act_kernel, gate_up, bias, act, n // 2)
+
+
+def clamped_swiglu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's clamped SwiGLU over gate_up [..., 2I] = cat(gate, up): (clamp(up, -limit, limit) + 1) *
+    g * sigmoid(alpha * g), g = min(gate, limit), in fp32 with one rounding; returns [..., I]."""
+    n = gate_up.shape[-1]
+    if n % 2:
+        raise ValueError(f"gate_up last dim {n} must be even (cat of gate and up)")
+    inter = n // 2
+    x2 = gate_up.reshape(-1, n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty((*gate_up.shape[:-1], inter), dtype=gate_up.dtype, device=gate_up.device)
+    block = min(triton.next_power_of_2(max(inter, 1)), 1024)
+    if x2.shape[0] and inter:
+        _clamped_swiglu_kernel[(x2.shape[0], triton.cdiv(inter, block))](
+            x2, x2.stride(0), out, inter, float(alpha), float(limit), BLOCK_N=block,
+            num_warps=max(1, min(block // 256, 4)))
+    return out

@@ -1139,6 +1139,7 @@ struct AttnArgs {
     int64_t B, hq, hkv, L, D;
     float scale;
     float softcap;                              // > 0: scores -> softcap * tanh(score / softcap) (Gemma 2); 0: none
+    const float* sinks = nullptr;               // [Hq] logits in each softmax's denominator, no value (gpt-oss); null
 };
 
 // Gemma 2's soft-capped scores of 16 lanes: tanh(s / cap) * cap (reference.attention's order).
@@ -1178,7 +1179,8 @@ inline __mmask16 mask_bits16(const uint8_t* mrow, int64_t ml, int64_t j) {
 // past D: a head of 96 runs in the NV = 8 instance with two empty vectors): its G = Hq / Hkv query heads read each
 // K and V row from L1 (the unit's K / V rows are read from memory once). fp32 throughout: scores (16 keys at a
 // time, one transposed horizontal sum; soft-capped when a.softcap > 0), softmax (max-subtracted, masked keys exactly
-// 0), the weighted sum of V in registers, one division and one rounding to bf16 at the end.
+// 0; a head's sink, when a.sinks is set, joins the max and the sum with no value), the weighted sum of V in
+// registers, one division and one rounding to bf16 at the end.
 template <int NV>
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 void attn_unit_avx512(const AttnArgs& a, int64_t b, int64_t kh, std::vector<float>& scratch) {
@@ -1238,12 +1240,14 @@ void attn_unit_avx512(const AttnArgs& a, int64_t b, int64_t kh, std::vector<floa
             const __mmask16 m = lanes16(L - j);
             mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(neg_inf, m, sr + j));
         }
-        const float mxs = _mm512_reduce_max_ps(mx);
+        float mxs = _mm512_reduce_max_ps(mx);
         uint16_t* o = a.out + (b * a.hq + kh * G + g) * D;
         if (mxs == -INFINITY) {                       // no visible key: zeros (the engine never asks for this)
             for (int c = 0; c < NV; ++c) store_bf16x16(o + c * 16, _mm512_setzero_ps(), lanes[c]);
             continue;
         }
+        const float sink = a.sinks ? a.sinks[kh * G + g] : -INFINITY;
+        if (sink > mxs) mxs = sink;                   // the sink's column joins the max: no overflow of its term
         __m512 tot = _mm512_setzero_ps();
         for (int64_t j = 0; j < L; j += 16) {
             const __mmask16 m = lanes16(L - j);
@@ -1262,7 +1266,8 @@ void attn_unit_avx512(const AttnArgs& a, int64_t b, int64_t kh, std::vector<floa
             for (int c = 0; c < NV; ++c)
                 acc[c] = _mm512_fmadd_ps(p, widen16_mask(vr + c * 16, lanes[c]), acc[c]);
         }
-        const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(tot));
+        const float sink_term = a.sinks ? expf(sink - mxs) : 0.f;     // the sink's share of the denominator
+        const __m512 inv = _mm512_set1_ps(1.f / (_mm512_reduce_add_ps(tot) + sink_term));
         for (int c = 0; c < NV; ++c) store_bf16x16(o + c * 16, _mm512_mul_ps(acc[c], inv), lanes[c]);
     }
 }
@@ -1822,15 +1827,18 @@ int dsi_layer_norm_bf16(const void* x, int64_t ldx, const void* w, const void* b
 }
 
 // Decode attention (one query per row) over a KV cache: out [B, Hq, D] = softmax(scale * q K^T, masked) V for
-// grouped KV heads (Hq a multiple of Hkv); softcap > 0: the scores soft-capped first (Gemma 2). Units (row, KV head)
-// are split over `threads` OpenMP threads. AVX512 only and D <= 256: returns -1 otherwise, else 0.
+// grouped KV heads (Hq a multiple of Hkv); softcap > 0: the scores soft-capped first (Gemma 2); sinks (fp32 [Hq] or
+// null): a logit per query head in each softmax's denominator (gpt-oss). Units (row, KV head) are split over
+// `threads` OpenMP threads. AVX512 only and D <= 256: returns -1 otherwise, else 0.
 int dsi_decode_attention_bf16(const void* q, int64_t qb, int64_t qh, const void* k, const void* v, int64_t kb,
                               int64_t kh, int64_t kl, const void* mask, int64_t mb, int64_t ml, void* out, int64_t B,
-                              int64_t hq, int64_t hkv, int64_t L, int64_t D, float scale, float softcap, int threads) {
+                              int64_t hq, int64_t hkv, int64_t L, int64_t D, float scale, float softcap,
+                              const void* sinks, int threads) {
     if (dsi_gemv_best_isa() < 2 || attn_unit_for(D) == nullptr) return -1;
     run_attention(AttnArgs{static_cast<const uint16_t*>(q), qb, qh, static_cast<const uint16_t*>(k),
                            static_cast<const uint16_t*>(v), kb, kh, kl, static_cast<const uint8_t*>(mask), mb, ml,
-                           static_cast<uint16_t*>(out), B, hq, hkv, L, D, scale, softcap}, threads);
+                           static_cast<uint16_t*>(out), B, hq, hkv, L, D, scale, softcap,
+                           static_cast<const float*>(sinks)}, threads);
     return 0;
 }
 

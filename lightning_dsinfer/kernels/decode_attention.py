@@ -6,8 +6,9 @@ softmax over it, and writes a normalised partial output and its log-sum-exp; the
 finishes last (a semaphore per pair, left at zero) merges the group's splits into the output. Short contexts
 take smaller key blocks, so that a batch of one still spreads over the SMs. Per-sequence lengths (padded batches:
 keys [kv_start[b], seq_lens[b]); any stride, so an expanded [1] serves every row), ALiBi,
-sliding window and logit soft-capping are per-launch switches. The split count depends only on
-``max_seq_len`` (a host int), never on device values, so a launch can be captured in a CUDA graph.
+sliding window, logit soft-capping and attention sinks (gpt-oss: a logit per query head that joins the softmax's
+denominator, with no value; added once, to the final normaliser) are per-launch switches. The split count depends
+only on ``max_seq_len`` (a host int), never on device values, so a launch can be captured in a CUDA graph.
 Reference: :func:`lightning_dsinfer.kernels.reference.decode_attention`.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ def _decode_attn_split_kernel(
     lens_ptr, lens_sb,              # seq_lens [B] int (query at column len-1) and its stride (0: one for all)
     start_ptr, start_sb,            # kv_start [B] int (if HAS_START), stride
     slopes_ptr,                     # ALiBi slopes [Hq] fp32 (if HAS_ALIBI)
+    sinks_ptr,                      # sink logits [Hq], contiguous, any float dtype (if HAS_SINKS)
     part_ptr, lse_ptr,              # partial out [B, Hq, SPLITS, D] fp32, lse [B, Hq, SPLITS] fp32
     lock_ptr,                       # int32 semaphore per (b, kv head), zero between launches
     out_ptr, o_sb, o_sh,            # output [B, Hq, D]: batch / head strides
@@ -37,6 +39,7 @@ def _decode_attn_split_kernel(
     G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_START: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
     IEEE_DOT: tl.constexpr,         # dot in fp32 (fp32 inputs; bf16 under the interpreter) instead of TF32 / bf16
 ):
     b = tl.program_id(0)
@@ -80,7 +83,14 @@ def _decode_attn_split_kernel(
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     om = mg[:, None] & md[None, :]
     o_ptrs = out_ptr + b.to(tl.int64) * o_sb + heads[:, None] * o_sh + d[None, :]
+    if HAS_SINKS:
+        sink = tl.load(sinks_ptr + heads, mask=mg, other=0.0).to(tl.float32)
     if SPLITS == 1:
+        if HAS_SINKS:   # out * l / (l + e^(sink - m)), both terms taken relative to max(m, sink)
+            top = tl.maximum(m_i, sink)
+            top = tl.where(top == float("-inf"), 0.0, top)
+            kept = l_i * tl.exp(m_i - top)
+            out = out * (kept / (kept + tl.exp(sink - top)))[:, None]
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=om)
     else:
         lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
@@ -106,6 +116,11 @@ def _decode_attn_split_kernel(
                 den = den * alpha + w
                 m = m_new
             out = acc / tl.where(den > 0.0, den, 1.0)[:, None]
+            if HAS_SINKS:   # once, over the merged splits: out * den / (den + e^(sink - m)), relative to max(m, sink)
+                top = tl.maximum(m, sink)
+                top = tl.where(top == float("-inf"), 0.0, top)
+                kept = den * tl.exp(m - top)
+                out = out * (kept / (kept + tl.exp(sink - top)))[:, None]
             tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=om)
             tl.atomic_xchg(sem, 0)
 
@@ -119,15 +134,17 @@ def _target_programs(device: torch.device) -> int:
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                      scale: float | None = None, *, kv_start: torch.Tensor | None = None,
                      alibi_slopes: torch.Tensor | None = None, window: int | None = None,
-                     softcap: float | None = None, max_seq_len: int | None = None,
-                     num_splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                     softcap: float | None = None, sinks: torch.Tensor | None = None,
+                     max_seq_len: int | None = None, num_splits: int | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query token per sequence over the KV cache.
 
     q [B, Hq, D] (B <= 64 is the target; any B works); k_cache, v_cache [B_max >= B, Hkv, S, D], Hq a
     multiple of Hkv. seq_lens [B] int: row b's query sits at column seq_lens[b] - 1 and sees keys
     [kv_start[b] (default 0), seq_lens[b]); ``window`` keeps only the last ``window`` of them.
-    ``max_seq_len`` (host int, default S) bounds seq_lens and sizes the split; lengths are not checked
-    on the device. Returns [B, Hq, D] in q's dtype (a row with no visible key gives zeros).
+    ``sinks`` [Hq] (gpt-oss): a logit per query head in each softmax's denominator (with no value: the keys'
+    weights sum to less than 1). ``max_seq_len`` (host int, default S) bounds seq_lens and sizes the split; lengths
+    are not checked on the device. Returns [B, Hq, D] in q's dtype (a row with no visible key gives zeros).
     """
     if q.dim() != 3 or k_cache.dim() != 4:
         raise ValueError(f"q must be [B, Hq, D] and caches [B_max, Hkv, S, D], got {tuple(q.shape)}, "
@@ -149,6 +166,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError(f"seq_lens / kv_start must be [{b}]")
     if alibi_slopes is not None and alibi_slopes.shape != (hq,):
         raise ValueError(f"alibi_slopes shape {tuple(alibi_slopes.shape)} must be ({hq},)")
+    if sinks is not None and sinks.shape != (hq,):
+        raise ValueError(f"sinks shape {tuple(sinks.shape)} must be ({hq},)")
     if window is not None and window < 1:
         raise ValueError(f"window {window} must be >= 1")
     if softcap is not None and softcap <= 0:
@@ -187,8 +206,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         seq_lens, seq_lens.stride(0), kv_start if kv_start is not None else seq_lens,
         kv_start.stride(0) if kv_start is not None else 0,
         alibi_slopes.float().contiguous() if alibi_slopes is not None else seq_lens,
+        sinks.contiguous() if sinks is not None else seq_lens,
         part, lse, locks, out, out.stride(0), out.stride(1), scale, softcap or 1.0, window or 1, chunk,
         G=group, D=d, SPLITS=num_splits, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n,
         HAS_START=kv_start is not None, HAS_ALIBI=alibi_slopes is not None, HAS_WINDOW=window is not None,
-        HAS_SOFTCAP=softcap is not None, IEEE_DOT=ieee_dot(q.dtype), num_warps=4)
+        HAS_SOFTCAP=softcap is not None, HAS_SINKS=sinks is not None, IEEE_DOT=ieee_dot(q.dtype), num_warps=4)
     return out

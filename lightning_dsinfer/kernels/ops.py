@@ -7,7 +7,7 @@ or ``DSINFER_FORCE_TRITON=1`` read at import), which with ``TRITON_INTERPRET=1``
 the kernels on CPU tensors.
 Everything else (the CPU path) calls the reference, except bf16 decode-sized calls of ``rms_norm``,
 ``layer_norm``, ``silu_and_mul``, ``gated_act``, ``act``, ``rotary_write_kv`` (full or partial rotary) and
-``attention`` (one query per row, soft-capped or not), which take the one-call C kernels of
+``attention`` (one query per row, soft-capped or not, with sinks or not), which take the one-call C kernels of
 :mod:`~lightning_dsinfer.kernels.cpu_gemv` (each tested against the reference there); Triton is imported only on the
 first Triton dispatch.
 
@@ -37,7 +37,8 @@ How the engine's calls map onto the kernels, and what stays on the reference:
   prologue (and the residual add when ``delta`` is given) and, ``gated``, its SwiGLU epilogue: the input norm +
   QKV and the post-attention norm + gate/up + SwiGLU of a decode step, one kernel each (the engine's blocks on
   the Triton path). Rows, dtypes: as ``linear`` (fp32 included); else None and the caller runs the separate ops.
-- ``silu_and_mul(gate_up)`` -> ``kernels/activations.gated_act(act="silu")``.
+- ``silu_and_mul(gate_up)`` -> ``kernels/activations.gated_act(act="silu")``; ``clamped_swiglu`` (gpt-oss's
+  experts, inside the reference's ``moe_mlp``) -> ``kernels/activations.clamped_swiglu``.
 - ``rotary_half(x, cos, sin_signed)`` with x [B, T, H, D] and cos / sin [B, T, 1, D] (the engine's Step) ->
   ``kernels/rotary.rotary_qkv``: each token's cos row becomes one row of a [B*T, D/2] table, read at
   position ``b * T + t``. This relies on the reference's documented layout cos = cat(c, c),
@@ -65,6 +66,7 @@ reaches the GPU's program target); the CUDA-graph step passes the cache length i
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import weakref
 from collections import Counter
@@ -303,6 +305,17 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return gated_act(gate_up, None, "silu")
 
 
+def clamped_swiglu(gate_up: torch.Tensor, act: reference.ClampedSwiGLU) -> torch.Tensor:
+    """gpt-oss's expert activation ``act(gate_up)`` (:class:`reference.ClampedSwiGLU`): on the Triton path
+    ``kernels/activations.clamped_swiglu`` (fp32 inside, one rounding), else the reference (each op in the rows'
+    dtype, as HF)."""
+    if not _triton(gate_up):
+        return act(gate_up)
+    from lightning_dsinfer.kernels.activations import clamped_swiglu as kernel
+    _count("clamped_swiglu", "triton")
+    return kernel(gate_up, act.alpha, act.limit)
+
+
 def moe_mlp(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
             renormalize: bool = True, weights_in_dtype: bool = False, gate_up_scale: torch.Tensor | None = None,
             down_scale: torch.Tensor | None = None, first_expert: int = 0, routing: reference.Routing | None = None,
@@ -316,10 +329,13 @@ def moe_mlp(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: 
     router's experts [first_expert, first_expert + E_local)): routing over all experts, the grouped GEMMs over this
     rank's segment of the routing tables, the other assignments' rows zero. DeepSeek's routers (``routing``: groups,
     correction bias, fp32 router) choose in torch (:func:`reference.moe_topk`), the tables then by kernel. gpt-oss's
-    experts (biases, the clamped SwiGLU ``act``) run in the reference (counted ``reference:act``)."""
+    experts (biases, the clamped SwiGLU ``act``) run in the reference (counted ``reference:act``), the clamped SwiGLU
+    itself through :func:`clamped_swiglu` (its kernel on the Triton path)."""
     int8 = gate_up_scale is not None
     if act is not None or gate_up_bias is not None or down_bias is not None:
         _count("moe_mlp", "reference:act")
+        if isinstance(act, reference.ClampedSwiGLU) and _triton(x):
+            act = functools.partial(clamped_swiglu, act=act)
         return reference.moe_mlp(x, router, gate_up, down, top_k, renormalize, weights_in_dtype, gate_up_scale,
                                  down_scale, first_expert, routing, router_bias, gate_up_bias, down_bias, act)
     if (not _triton(x) or (x.dtype != router.dtype and routing is None)
@@ -607,55 +623,61 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
               sinks: torch.Tensor | None = None) -> torch.Tensor:
     """See :func:`reference.attention`; which masks the kernels take is in the module docstring. Soft-capped
     scores (Gemma 2) and ALiBi (BLOOM) go to the decode kernel, else to the reference (the prefill kernel has neither;
-    the C decode attention takes the cap: bf16 CPU decode steps). Attention sinks (gpt-oss): the reference (no kernel
-    takes them yet; counted ``reference:sinks``)."""
-    if sinks is not None:
-        _count("attention", "reference:sinks")
-        return reference.attention(q, k, v, mask, scale, softcap, alibi, sinks)
+    the C decode attention takes the cap: bf16 CPU decode steps). Attention sinks (gpt-oss) go where the call would go
+    without them: the decode and prefill kernels and the C decode attention take them; the CPU path's other calls
+    (prompts, fp32) run the reference, counted ``reference:sinks``."""
     if softcap is not None or alibi is not None:
         b, hq, t, d = q.shape
         hkv = k.shape[1]
         if (_triton(q) and t == 1 and d <= 256 and hq % hkv == 0 and hq // hkv <= 128 and q.dtype == k.dtype
                 and q.dtype == v.dtype):
-            return _decode(q, k, v, mask, scale, b, k.shape[2], softcap, alibi)
+            return _decode(q, k, v, mask, scale, b, k.shape[2], softcap, alibi, sinks)
         if alibi is None and not _triton(q) and t == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
-            out = cpu_gemv.decode_attention(q, k, v, mask, scale, softcap)   # bf16 decode: one C call, capped
+            out = cpu_gemv.decode_attention(q, k, v, mask, scale, softcap, sinks)   # bf16 decode: one C call, capped
             if out is not None:
                 return out
         _count("attention", "reference:softcap" if alibi is None else "reference:alibi")
-        return reference.attention(q, k, v, mask, scale, softcap, alibi)
+        return reference.attention(q, k, v, mask, scale, softcap, alibi, sinks)
     if not _triton(q):
         if q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.shape[2] == 1:
-            out = cpu_gemv.decode_attention(q, k, v, mask, scale)   # bf16 decode: one C call
+            out = cpu_gemv.decode_attention(q, k, v, mask, scale, sinks=sinks)   # bf16 decode: one C call
             if out is not None:
                 return out
-        return reference.attention(q, k, v, mask, scale)
+        if sinks is not None:
+            _count("attention", "reference:sinks")
+        return reference.attention(q, k, v, mask, scale, sinks=sinks)
     b, hq, t, d = q.shape
     hkv, length = k.shape[1], k.shape[2]
-    if d > 256 or hq % hkv or hq // hkv > 128 or q.dtype != k.dtype or q.dtype != v.dtype:
+    dv = v.shape[-1]       # (the prefill kernel takes values of another width: DeepSeek's expanded form)
+    if (max(d, dv) > 256 or (dv != d and t == 1) or hq % hkv or hq // hkv > 128 or q.dtype != k.dtype
+            or q.dtype != v.dtype):
         _count("attention", "reference:shape")
-        return reference.attention(q, k, v, mask, scale)
+        return reference.attention(q, k, v, mask, scale, sinks=sinks)
     if t == 1:
-        return _decode(q, k, v, mask, scale, b, length)
+        return _decode(q, k, v, mask, scale, b, length, sinks=sinks)
     if mask is None or mask.dtype != torch.bool or length < t:
         _count("attention", "reference:mask")
-        return reference.attention(q, k, v, mask, scale)
+        return reference.attention(q, k, v, mask, scale, sinks=sinks)
     kind, ranges = _prefill_ranges(mask, b, t, length)
     if kind != "ok":
         _count("attention", "reference:mask")
-        return reference.attention(q, k, v, mask, scale)
+        return reference.attention(q, k, v, mask, scale, sinks=sinks)
     from lightning_dsinfer.kernels.prefill_attention import prefill_attention
     _count("attention", "triton")
     start, window, pad = ranges
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)     # [B, T, H, D] views
-    out = prefill_attention(qt, kt, vt, scale, kv_start=start, window=window)
+    out = prefill_attention(qt, kt, vt, scale, kv_start=start, window=window, sinks=sinks)
     if pad is not None:   # padding queries see only themselves: their output is their own V row
         own_v = vt[:, length - t:].repeat_interleave(hq // hkv, dim=2)
+        if sinks is not None:   # ... weighted by sigmoid(own score - sink), the sink's column taking the rest
+            own_k = kt[:, length - t:].repeat_interleave(hq // hkv, dim=2)
+            own_s = (qt * own_k).sum(-1, dtype=torch.float32) * scale                      # [B, T, Hq]
+            own_v = (own_v.float() * torch.sigmoid(own_s - sinks.float())[..., None]).to(v.dtype)
         out = torch.where(pad[:, :, None, None], own_v, out)
     return out.transpose(1, 2)
 
 
-def _decode(q, k, v, mask, scale, b, length, softcap=None, alibi=None):
+def _decode(q, k, v, mask, scale, b, length, softcap=None, alibi=None, sinks=None):
     from lightning_dsinfer.kernels.decode_attention import decode_attention
 
     window = None
@@ -663,22 +685,22 @@ def _decode(q, k, v, mask, scale, b, length, softcap=None, alibi=None):
         kv_start, seq_lens = None, _column(q.device, length).expand(b)
     elif mask.dtype != torch.bool:
         _count("attention", "reference:mask")
-        return reference.attention(q, k, v, mask, scale, softcap, alibi)
+        return reference.attention(q, k, v, mask, scale, softcap, alibi, sinks)
     elif id(mask) in _RANGES and _RANGES[id(mask)][0] is mask:
         _, kv_start, seq_lens, window = _RANGES[id(mask)]
     else:
         kind, kv_start = _decode_ranges(mask, b, length)
         if kind != "ok":
             _count("attention", "reference:mask")
-            return reference.attention(q, k, v, mask, scale, softcap, alibi)
+            return reference.attention(q, k, v, mask, scale, softcap, alibi, sinks)
         seq_lens = _column(q.device, length).expand(b)
     _count("attention", "triton")
     k, v = _same_layout(k, v)
     out = decode_attention(q[:, :, 0], k, v, seq_lens, scale, kv_start=kv_start, window=window, softcap=softcap,
-                           alibi_slopes=alibi)
+                           alibi_slopes=alibi, sinks=sinks)
     return out.unsqueeze(2)
 
 
 __all__ = ["rms_norm", "add_rms_norm", "layer_norm", "act", "norm_linear", "fuses_residual", "uses_triton", "rotary_half", "rotary_write_kv",
-           "silu_and_mul", "gated_act", "moe_mlp", "attention", "linear", "linear_int8", "linear_int4",
-           "SMALL_GEMM_MAX_M", "force_triton", "gemm_fusion", "kv_ranges", "dispatch_counts"]
+           "silu_and_mul", "gated_act", "clamped_swiglu", "moe_mlp", "attention", "linear", "linear_int8",
+           "linear_int4", "SMALL_GEMM_MAX_M", "force_triton", "gemm_fusion", "kv_ranges", "dispatch_counts"]

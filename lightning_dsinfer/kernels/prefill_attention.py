@@ -3,8 +3,11 @@
 The T queries are the last T of L >= T key columns (L > T: a later chunk of a prompt whose earlier keys
 are already cached). Grid (query blocks, B * Hq); each program streams the keys its block can see (causal,
 inside the row's valid range [kv_start[b], seq_lens[b]), inside the window) with an online softmax in fp32; K/V are
-never repeated for GQA (query head h reads KV head h // (Hq / Hkv)). Query rows that see no key
-(padding) are written as zeros. Reference: :func:`lightning_dsinfer.kernels.reference.prefill_attention`.
+never repeated for GQA (query head h reads KV head h // (Hq / Hkv)). Values may be narrower or wider than the
+keys (DeepSeek's expanded latent attention: keys nope + rope wide, values v_head_dim). Attention sinks (gpt-oss: a logit per query
+head in each softmax's denominator, with no value) join each row's normaliser once, after the last key block. Query
+rows that see no key (padding) are written as zeros.
+Reference: :func:`lightning_dsinfer.kernels.reference.prefill_attention`.
 """
 from __future__ import annotations
 
@@ -21,13 +24,14 @@ from lightning_dsinfer.kernels._common import dot, ieee_dot, interpreting, onlin
 def _prefill_attn_kernel(
     q_ptr, q_sb, q_st, q_sh,        # q [B, T, Hq, D]: batch / token / head strides (D contiguous)
     k_ptr, k_sb, k_st, k_sh,        # k [B, L, Hkv, D]
-    v_ptr, v_sb, v_st, v_sh,        # v [B, L, Hkv, D]
-    o_ptr,                          # out [B, T, Hq, D] contiguous
+    v_ptr, v_sb, v_st, v_sh,        # v [B, L, Hkv, DV]
+    o_ptr,                          # out [B, T, Hq, DV] contiguous
     start_ptr, lens_ptr,            # kv_start [B] (HAS_START), seq_lens [B] (HAS_LENS): valid key columns
+    sinks_ptr,                      # sink logits [Hq], contiguous, any float dtype (HAS_SINKS)
     T, L, HQ, scale, window,        # queries, keys, query heads, score scale, window (HAS_WINDOW)
-    G: tl.constexpr, D: tl.constexpr,   # query heads per KV head, head dim
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_START: tl.constexpr, HAS_LENS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,    # query heads per KV head, key / value head dims
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_START: tl.constexpr, HAS_LENS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr,
     IEEE_DOT: tl.constexpr,         # dot in fp32 (fp32 inputs; bf16 under the interpreter)
 ):
     pid_m = tl.program_id(0)
@@ -38,6 +42,8 @@ def _prefill_attn_kernel(
     i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     md = d < D
+    dv = tl.arange(0, BLOCK_DV)
+    mdv = dv < DV
     q = tl.load(q_ptr + b.to(tl.int64) * q_sb + i[:, None].to(tl.int64) * q_st + h * q_sh + d[None, :],
                 mask=(i[:, None] < T) & md[None, :], other=0.0)
     ci = i + (L - T)                                              # the queries' key columns
@@ -51,7 +57,7 @@ def _prefill_attn_kernel(
         lo = tl.maximum(lo, pid_m * BLOCK_M + (L - T) - window + 1)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     kb = k_ptr + b.to(tl.int64) * k_sb + kvh * k_sh
     vb = v_ptr + b.to(tl.int64) * v_sb + kvh * v_sh
     for n0 in range(lo, hi, BLOCK_N):
@@ -63,23 +69,30 @@ def _prefill_attn_kernel(
         if HAS_WINDOW:
             keep = keep & (j[None, :] > ci[:, None] - window)
         s = tl.where(keep, s, float("-inf"))
-        v = tl.load(vb + j[:, None].to(tl.int64) * v_st + d[None, :], mask=mj[:, None] & md[None, :], other=0.0)
+        v = tl.load(vb + j[:, None].to(tl.int64) * v_st + dv[None, :], mask=mj[:, None] & mdv[None, :], other=0.0)
         m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, IEEE_DOT)
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-    o_off = ((b.to(tl.int64) * T + i[:, None]) * HQ + h) * D + d[None, :]
-    tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=(i[:, None] < T) & md[None, :])
+    if HAS_SINKS:       # out * l / (l + e^(sink - m)), both terms taken relative to max(m, sink)
+        sink = tl.load(sinks_ptr + h).to(tl.float32)
+        top = tl.maximum(m_i, sink)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        kept = l_i * tl.exp(m_i - top)
+        out = out * (kept / (kept + tl.exp(sink - top)))[:, None]
+    o_off = ((b.to(tl.int64) * T + i[:, None]) * HQ + h) * DV + dv[None, :]
+    tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=(i[:, None] < T) & mdv[None, :])
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *,
                       kv_start: torch.Tensor | None = None, seq_lens: torch.Tensor | None = None,
-                      window: int | None = None) -> torch.Tensor:
-    """Causal attention over a prompt: q [B, T, Hq, D], k, v [B, L, Hkv, D] with L >= T (strided views
-    allowed, D contiguous); query i sits at key column L - T + i. Row b's valid key columns are
-    [kv_start[b], seq_lens[b]) (left / right padding; defaults 0 and L). Returns a new [B, T, Hq, D]
+                      window: int | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention over a prompt: q [B, T, Hq, D], k [B, L, Hkv, D], v [B, L, Hkv, DV] with L >= T (strided
+    views allowed, D contiguous; DV: D, or another width); query i sits at key column L - T + i. Row b's valid key columns are
+    [kv_start[b], seq_lens[b]) (left / right padding; defaults 0 and L). ``sinks`` [Hq] (gpt-oss): a logit per query
+    head in each softmax's denominator (with no value). Returns a new [B, T, Hq, DV]
     tensor in q's dtype; query rows that see no key (padding) are zeros.
     """
-    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
-        raise ValueError(f"q must be [B, T, Hq, D] and k, v [B, L, Hkv, D], got {tuple(q.shape)}, "
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"q must be [B, T, Hq, D], k [B, L, Hkv, D] and v [B, L, Hkv, DV], got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     b, t, hq, d = q.shape
     hkv = k.shape[2]
@@ -87,8 +100,9 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
         raise ValueError(f"k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} (B, D equal, L >= T)")
     if hq % hkv:
         raise ValueError(f"query heads {hq} must be a multiple of kv heads {hkv}")
-    if d > 256:
-        raise ValueError(f"head dim {d} exceeds 256")
+    dv = v.shape[3]
+    if max(d, dv) > 256:
+        raise ValueError(f"head dim {max(d, dv)} exceeds 256")
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if min(q.stride(-1), k.stride(-1), v.stride(-1)) != 1 or max(q.stride(-1), k.stride(-1), v.stride(-1)) != 1:
@@ -98,18 +112,22 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
             raise ValueError(f"{name} shape {tuple(x.shape)} must be ({b},)")
     if window is not None and window < 1:
         raise ValueError(f"window {window} must be >= 1")
+    if sinks is not None and sinks.shape != (hq,):
+        raise ValueError(f"sinks shape {tuple(sinks.shape)} must be ({hq},)")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    out = torch.empty((b, t, hq, d), dtype=q.dtype, device=q.device)
+    out = torch.empty((b, t, hq, dv), dtype=q.dtype, device=q.device)
     if b * t == 0:
         return out
-    block_m = block_n = 16 if interpreting() else (64 if d <= 128 else 32)
+    block_m = block_n = 16 if interpreting() else (64 if max(d, dv) <= 128 else 32)
     dummy = out
     _prefill_attn_kernel[(triton.cdiv(t, block_m), b * hq)](
         q, q.stride(0), q.stride(1), q.stride(2), k, k.stride(0), k.stride(1), k.stride(2),
         v, v.stride(0), v.stride(1), v.stride(2), out,
         kv_start if kv_start is not None else dummy, seq_lens if seq_lens is not None else dummy,
-        t, k.shape[1], hq, scale, window or 1, G=hq // hkv, D=d,
+        sinks.contiguous() if sinks is not None else dummy,
+        t, k.shape[1], hq, scale, window or 1, G=hq // hkv, D=d, DV=dv,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        BLOCK_DV=max(16, triton.next_power_of_2(dv)),
         HAS_START=kv_start is not None, HAS_LENS=seq_lens is not None, HAS_WINDOW=window is not None,
-        IEEE_DOT=ieee_dot(q.dtype), num_warps=4)
+        HAS_SINKS=sinks is not None, IEEE_DOT=ieee_dot(q.dtype), num_warps=4)
     return out

@@ -138,13 +138,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
               sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Scaled dot-product attention with grouped KV heads.
 
-    q: [B, Hq, T, D]; k, v: [B, Hkv, L, D]; mask: bool [B, 1, T, L] (True = attend) or None for
-    no masking at all. ``softcap`` (Gemma 2): scores -> softcap * tanh(scores / softcap) before the mask; the two
-    products in the inputs' dtype (as HF's eager attention; bf16 products run ~4x faster on the CPU), the scores'
+    q: [B, Hq, T, D]; k: [B, Hkv, L, D]; v: [B, Hkv, L, DV] (DV: D or another width); mask: bool [B, 1, T, L]
+    (True = attend) or None for no masking at all. ``softcap`` (Gemma 2): scores -> softcap * tanh(scores / softcap)
+    before the mask; the two products in the inputs' dtype (as HF's eager attention; bf16 products run ~4x faster on the CPU), the scores'
     cap, mask and softmax in fp32. ``alibi`` (BLOOM): slopes [Hq]; scores + slope_h * (j - c) for key column j and
     query column c = L - T + i (the query's own column; softmax does not see the shift from HF's positions), in
     fp32 like the cap. ``sinks`` (gpt-oss): a learned logit per head [Hq] that joins each softmax's denominator (a
-    column with no value: the keys' probabilities sum to less than 1), in fp32 like the cap. Returns [B, Hq, T, D].
+    column with no value: the keys' probabilities sum to less than 1), in fp32 like the cap. Returns [B, Hq, T, DV].
     """
     b, hq, t, d = q.shape
     hkv = k.shape[1]
@@ -168,13 +168,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         else:
             p = s.softmax(dim=-1)
         p = p.to(v.dtype).reshape(b, hkv, group * t, -1)
-        return torch.matmul(p, v).view(b, hq, t, d)
+        return torch.matmul(p, v).view(b, hq, t, v.shape[-1])
     if t == 1 and group > 1:
         # Decode: fold the query heads of each KV group into the query-length axis, so each KV
         # head is read once and nothing is repeated. The mask is per key only ([B,1,1,L]).
         qg = q.reshape(b, hkv, group, d)
         out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
-        return out.reshape(b, hq, 1, d)
+        return out.reshape(b, hq, 1, v.shape[-1])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=group > 1)
 
 
@@ -413,8 +413,8 @@ def moe_mlp(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: 
     rank's experts; None: none) and ``act`` (:class:`ClampedSwiGLU`; None: SwiGLU)."""
     act = act or silu_and_mul
     if gate_up_scale is not None:
-        gate_up = (gate_up.float() * gate_up_scale[..., None]).to(x.dtype)
-        down = (down.float() * down_scale[..., None]).to(x.dtype)
+        gate_up = dequantize_experts(gate_up, gate_up_scale).to(x.dtype)
+        down = dequantize_experts(down, down_scale).to(x.dtype)
     w, ids = moe_topk(x, router, top_k, renormalize, weights_in_dtype, routing, router_bias)
 
     def expert(e, rows):
@@ -462,9 +462,9 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
                       window: int | None = None) -> torch.Tensor:
     """Causal attention over a prompt (twin of ``kernels/prefill_attention.py``).
 
-    q [B, T, Hq, D], k, v [B, L, Hkv, D], L >= T: query i sits at key column c = L - T + i. Row b's valid
-    keys are [kv_start[b], seq_lens[b]) (left and/or right padding); query i sees valid keys j <= c (and
-    j > c - window). Query rows with no visible key (padding) give zeros. Returns [B, T, Hq, D].
+    q [B, T, Hq, D], k [B, L, Hkv, D], v [B, L, Hkv, DV], L >= T: query i sits at key column c = L - T + i. Row
+    b's valid keys are [kv_start[b], seq_lens[b]) (left and/or right padding); query i sees valid keys j <= c (and
+    j > c - window). Query rows with no visible key (padding) give zeros. Returns [B, T, Hq, DV].
     """
     b, t, hq, d = q.shape
     length, hkv = k.shape[1], k.shape[2]
@@ -521,6 +521,15 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, group_size: int) 
     p = packed.to(torch.int16)
     q = torch.stack((p & 0xF, p >> 4), dim=-1).flatten(1).float() - 8.0
     return q * scale.float().repeat_interleave(group_size, dim=1)
+
+
+def dequantize_experts(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """3D experts to fp32 [E, N, K]: int8 [E, N, K] with a scale per expert row [E, N], or int4 packed uint8
+    [E, N, K / 2] (each expert's rows as :func:`quantize_int4_groupwise` packs them) with scales [E, N, K / group]."""
+    if q.dtype != torch.uint8:
+        return q.float() * scale.float()[..., None]
+    e, n, half = q.shape
+    return dequantize_int4(q.reshape(e * n, half), scale.reshape(e * n, -1), 2 * half // scale.shape[-1]).view(e, n, -1)
 
 
 def small_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -583,10 +592,11 @@ def moe_gemm(x: torch.Tensor, weight: torch.Tensor, sorted_ids: torch.Tensor, of
 
     weight [E, N, K]; assignment a (from ``sorted_ids``, grouped by ``offsets``) reads input row
     ``a // rows_per_input`` of x [R, K] and writes out[a] = x[row] @ weight[e].T (* row_scale[a]).
-    Returns [A, N] in assignment order, A = sorted_ids.numel(). int8 weight: ``weight_scale`` [E, N] (dequantised).
+    Returns [A, N] in assignment order, A = sorted_ids.numel(). int8 weight: ``weight_scale`` [E, N]; int4 (packed
+    uint8 [E, N, K / 2]): ``weight_scale`` [E, N, K / group] (dequantised: :func:`dequantize_experts`).
     """
     if weight_scale is not None:
-        weight = weight.float() * weight_scale.float()[..., None]
+        weight = dequantize_experts(weight, weight_scale)
     out = torch.zeros(sorted_ids.numel(), weight.shape[1], dtype=torch.float32, device=x.device)
     for e in range(weight.shape[0]):
         a = sorted_ids[int(offsets[e]):int(offsets[e + 1])].long()

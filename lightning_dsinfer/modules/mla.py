@@ -11,6 +11,13 @@ so attention is multi-query attention of the queries [W_UK^T q_nope, q_pe] over 
 output latent then goes through W_UV and o_proj. The cache is 576 values per token and layer for DeepSeek-V3 where
 expanded keys and values would be 128 heads x 320, and a decode step reads it once for all heads.
 
+A prompt is cheaper the other way round (vLLM's choice too): with T queries over L keys, the absorbed form's
+scores and values are 2 kv_lora_rank + rope wide per (query, key, head) and it moves each query and output through
+W_UK / W_UV, where expanding the L cached latents into per-head keys and values (two GEMMs) leaves attention
+nope + rope and v wide. Each call takes the form with fewer FLOPs (:meth:`LatentAttention.expands`): a whole prompt
+(T = L) always expands, a decode step (T = 1) never does, a prompt chunk after a long cached prefix may not. The
+cache holds the latent either way.
+
 One GEMM reads the block's normed input: ``qkv`` holds q_a_proj's rows (or q_proj's, this rank's heads) and
 kv_a_proj_with_mqa's, so the Triton path's norm prologue (``Linear.norm_forward``) applies to it as to a QKV
 projection. With tensor parallelism the heads are split (q_b / q_proj rows, kv_b rows, o_proj columns) and every
@@ -46,6 +53,15 @@ class LatentAttention(nn.Module):
         per_head = kv_b.view(heads, self.nope + self.vdim, self.rank)
         self.w_uk = per_head[:, :self.nope].contiguous()                  # [h, nope, rank]
         self.w_uv = per_head[:, self.nope:].contiguous()                  # [h, v, rank]
+        self.form = "auto"        # or "absorbed" / "expanded" for every prompt (tests, benchmarks)
+
+    def expands(self, t: int, length: int) -> bool:
+        """Whether T > 1 queries over ``length`` keys take the expanded form: fewer multiply-adds per head, i.e.
+        T L (2 rank + rope) + T rank (nope + v)  >  L rank (nope + v) + T L (nope + rope + v)."""
+        if t == 1 or self.form != "auto":
+            return t > 1 and self.form == "expanded"
+        r, n, v = self.rank, self.nope, self.vdim
+        return t * length * (2 * r - n - v) + t * r * (n + v) > length * r * (n + v)
 
     @property
     def nbytes(self) -> int:
@@ -67,16 +83,37 @@ class LatentAttention(nn.Module):
         latent = ops.rms_norm(proj[..., self.q_width:self.q_width + r].contiguous(), self.kv_a_norm, self.eps)
         k_pe = reference.rotary_half(proj[..., self.q_width + r:].unsqueeze(2), step.cos, step.sin)   # [B, T, 1, R]
         q_pe = reference.rotary_half(q[..., self.nope:], step.cos, step.sin)                          # [B, T, h, R]
-        # the queries in latent space: W_UK^T q_nope per head, then their rotary part
-        q_lat = torch.bmm(q[..., :self.nope].permute(2, 0, 1, 3).reshape(h, b * t, self.nope), self.w_uk)
-        query = torch.cat((q_lat.view(h, b, t, r).transpose(0, 1), q_pe.transpose(1, 2)), dim=-1)   # [B, h, T, D]
         row = torch.cat((latent, k_pe.squeeze(2)), dim=-1)                                           # [B, T, D]
         keys = self._keys(row, step)                                                                 # [B, 1, L, D]
-        mask = step.mask
+        if self.expands(t, keys.shape[2]):
+            out = self._expanded(q[..., :self.nope], q_pe, keys, step.mask)                          # [B, T, h v]
+        else:
+            out = self._absorbed(q[..., :self.nope], q_pe, keys, step.mask)
+        return self.o(out, residual)
+
+    def _absorbed(self, q_nope, q_pe, keys, mask) -> torch.Tensor:
+        """Multi-query attention over the latent rows; [B, T, h v]."""
+        b, t, h, _ = q_nope.shape
+        r = self.rank
+        # the queries in latent space: W_UK^T q_nope per head, then their rotary part
+        q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(h, b * t, self.nope), self.w_uk)
+        query = torch.cat((q_lat.view(h, b, t, r).transpose(0, 1), q_pe.transpose(1, 2)), dim=-1)   # [B, h, T, D]
         out = ops.attention(query, keys, keys, mask, self.scaling)[..., :r]                          # [B, h, T, rank]
         out = torch.bmm(out.transpose(0, 1).reshape(h, b * t, r), self.w_uv.transpose(1, 2))         # [h, B T, v]
-        out = out.view(h, b, t, self.vdim).permute(1, 2, 0, 3).reshape(b, t, h * self.vdim)
-        return self.o(out, residual)
+        return out.view(h, b, t, self.vdim).permute(1, 2, 0, 3).reshape(b, t, h * self.vdim)
+
+    def _expanded(self, q_nope, q_pe, keys, mask) -> torch.Tensor:
+        """HF's form: the cached latents expanded into each head's keys [k_nope, k_pe] and values; [B, T, h v]."""
+        b, t, h, _ = q_nope.shape
+        length = keys.shape[2]
+        latent, k_pe = keys[:, 0, :, :self.rank], keys[:, 0, :, self.rank:]                      # [B, L, rank | R]
+        k_nope = torch.nn.functional.linear(latent, self.w_uk.view(h * self.nope, self.rank))
+        values = torch.nn.functional.linear(latent, self.w_uv.view(h * self.vdim, self.rank))
+        key = torch.cat((k_nope.view(b, length, h, self.nope),
+                         k_pe[:, :, None].expand(b, length, h, self.rope)), dim=-1).transpose(1, 2)  # [B, h, L, D]
+        query = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)                                  # [B, h, T, D]
+        out = ops.attention(query, key, values.view(b, length, h, self.vdim).transpose(1, 2), mask, self.scaling)
+        return out.transpose(1, 2).reshape(b, t, h * self.vdim)
 
     def _keys(self, row: torch.Tensor, step) -> torch.Tensor:
         """Write this step's rows [B, T, D] where the step's K go and return every key row the queries see."""

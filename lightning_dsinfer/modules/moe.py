@@ -3,10 +3,11 @@ shared expert (Qwen2-MoE's behind a sigmoid gate, DeepSeek's plain); gpt-oss's e
 SwiGLU (``act``), which the grouped GEMMs leave to the reference.
 
 On CUDA the experts stay in transformers' 3D layout (gate|up [E, 2I, H], down [E, H, I]; int8: the same layout with
-a scale per expert row) and a call is :func:`kernels.ops.moe_mlp` (mapping tables and grouped GEMMs). On the CPU each
-expert is a pair of :class:`~lightning_dsinfer.modules.linear.Linear` (the CPU linear kernels: AMX tiles or the
-row-major bf16 kernel), and a call runs the experts that got tokens, in ascending expert order, summed into x's dtype
-as transformers does.
+a scale per expert row; int4: packed [E, N, K / 2] with a scale per expert row and group of inputs) and a call is
+:func:`kernels.ops.moe_mlp` (mapping tables and grouped GEMMs). On the CPU each expert is a pair of
+:class:`~lightning_dsinfer.modules.linear.Linear` (the CPU linear kernels: AMX tiles or the row-major bf16 kernel;
+int8 / int4 as the dense blocks' Linears), and a call runs the experts that got tokens, in ascending expert order,
+summed into x's dtype as transformers does.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from lightning_dsinfer.kernels import ops, reference
-from lightning_dsinfer.modules.linear import Linear, quantize_rows
+from lightning_dsinfer.modules.linear import Linear, quantize_int4_rows, quantize_rows
 
 
 class MoEMLP(nn.Module):
@@ -22,7 +23,8 @@ class MoEMLP(nn.Module):
                  renormalize: bool, weights_in_dtype: bool, shared=None, shared_gate: Linear | None = None,
                  reduce=None, quantize: str | None = None, row_max=None, pack: bool = True, first_expert: int = 0,
                  routing: reference.Routing | None = None, router_bias: torch.Tensor | None = None, streamed=None,
-                 gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None, act=None):
+                 gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None, act=None,
+                 group_size: int = 128):
         super().__init__()
         self.router, self.experts_gate_up, self.experts_down = router, gate_up, down
         self.routing, self.router_bias = routing, router_bias     # DeepSeek's grouped routers (None: softmax top-k)
@@ -43,7 +45,10 @@ class MoEMLP(nn.Module):
         if streamed is not None:
             pass
         elif gate_up.device.type != "cpu" or ops.uses_triton(gate_up):      # the grouped GEMMs (CUDA)
-            if quantize:    # int8 3D experts, a scale per expert row; row_max: a row-parallel down's whole-row scales
+            if quantize == "int4":      # packed 3D experts, a scale per expert row and group of group_size inputs
+                self.experts_gate_up, self.gate_up_scale = _int4_experts(gate_up, group_size)
+                self.experts_down, self.down_scale = _int4_experts(down, group_size)
+            elif quantize:  # int8 3D experts, a scale per expert row; row_max: a row-parallel down's whole-row scales
                 e, rows, cols = gate_up.shape
                 q, sc = quantize_rows(gate_up.reshape(e * rows, cols))
                 self.experts_gate_up, self.gate_up_scale = q.view(e, rows, cols), sc.view(e, rows)
@@ -52,13 +57,14 @@ class MoEMLP(nn.Module):
                 self.experts_down, self.down_scale = q.view(e, rows, cols), sc.view(e, rows)
         elif not pack:   # CPU, views into a streamed unit: each expert's pair made on use
             self.cpu_experts = _LazyExperts(gate_up, down, gate_up_bias, down_bias)
-        elif gate_up.device.type == "cpu":   # int8 (CPU only): per-row scales; row_max: a row-parallel down's scales
-            self.cpu_experts = [(Linear(gate_up[e], _row(gate_up_bias, e), quantize=quantize),
-                                 Linear(down[e], _row(down_bias, e), quantize=quantize, row_max=row_max))
+        elif gate_up.device.type == "cpu":   # int8: per-row scales (row_max: a row-parallel down's); int4: per group
+            self.cpu_experts = [(Linear(gate_up[e], _row(gate_up_bias, e), quantize=quantize, group_size=group_size),
+                                 Linear(down[e], _row(down_bias, e), quantize=quantize, row_max=row_max,
+                                        group_size=group_size))
                                 for e in range(gate_up.shape[0])]
             views = not quantize and all(lin.layout == "plain" and lin.weight.data_ptr() == w[e].data_ptr()
                                          for e, pair in enumerate(self.cpu_experts) for lin, w in zip(pair, (gate_up, down)))
-            if not views:       # the Linears hold re-laid-out copies (AMX tiles, oneDNN, int8): free the 3D tensors
+            if not views:   # the Linears hold re-laid-out copies (AMX tiles, oneDNN, int8, int4): free the 3D tensors
                 self.experts_gate_up = self.experts_down = None
 
     @property
@@ -140,6 +146,14 @@ class _LazyExperts:
             pair = self.pairs[e] = (Linear(self.gate_up[e], _row(self.gate_up_bias, e), pack=False),
                                     Linear(self.down[e], _row(self.down_bias, e), pack=False))
         return pair
+
+
+def _int4_experts(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """3D experts [E, N, K] -> packed uint8 [E, N, K / 2] and fp32 scales [E, N, K / group_size] (each expert row
+    quantised as a dense int4 Linear's row: ``quantize_int4_rows``)."""
+    e, rows, cols = w.shape
+    q, sc = quantize_int4_rows(w.reshape(e * rows, cols), group_size)
+    return q.view(e, rows, cols // 2), sc.view(e, rows, -1)
 
 
 def _row(bias: torch.Tensor | None, e: int) -> torch.Tensor | None:

@@ -46,3 +46,24 @@ def test_activation_rejects_bad_args():
         bias_act(torch.randn(2, 4), act="swish")
     with pytest.raises(ValueError, match="last dim 7 must be even"):
         gated_act(torch.randn(2, 7))
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype,atol,rtol", TOLS)
+@pytest.mark.parametrize("shape", [(3, 2 * 73), (2, 2, 2 * 123), (1, 2 * 1500)])
+@pytest.mark.parametrize("alpha,limit", [(1.702, 7.0), (1.702, 1.5)])
+def test_clamped_swiglu_matches_reference(device, dtype, atol, rtol, shape, alpha, limit):
+    """gpt-oss's clamped SwiGLU (gate clamped above, up both sides; limit 1.5 binds on much of |x| ~ 2 rows) against
+    reference.ClampedSwiGLU over the rows widened to fp32 (the kernel's fp32 math and one rounding; in bf16 / fp16 the
+    reference rounds each op); 1500 > one 1024 block; a strided input."""
+    from lightning_dsinfer.kernels.activations import clamped_swiglu
+
+    if not bf16_ok(device) and dtype == torch.bfloat16:
+        pytest.skip("bf16 unsupported on this GPU")
+    act = ref.ClampedSwiGLU(alpha=alpha, limit=limit)
+    x = (2 * torch.randn(shape, device=device)).to(dtype)
+    assert_close(clamped_swiglu(x, alpha, limit), act(x.float()), atol, rtol)
+    wide = (2 * torch.randn(4, 3 * 64, device=device)).to(dtype)[:, :128]      # row stride 192
+    assert_close(clamped_swiglu(wide, alpha, limit), act(wide.float()), atol, rtol)
+    with pytest.raises(ValueError, match="last dim 7 must be even"):
+        clamped_swiglu(torch.randn(2, 7, device=device), alpha, limit)

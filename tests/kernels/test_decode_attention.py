@@ -96,3 +96,60 @@ def test_decode_attention_merge_leaves_semaphores_at_zero(device):
         want = ref.decode_attention(q, k, v, lens, 0.25)
         assert_close(got, want, 1e-4, 1e-4)
         assert int(semaphores(q.device, 1).abs().sum()) == 0
+
+
+def _sinks_oracle(q, k, v, lens, scale, sinks, kv_start=None, window=None, softcap=None):
+    """reference.attention(sinks=) (the engine's CPU path, the sink's column in the softmax) in fp32 over the keys
+    the kernel sees: [kv_start, seq_len) of each row, the last ``window`` of them."""
+    b, s = q.shape[0], k.shape[2]
+    j = torch.arange(s, device=q.device)[None, :]
+    keep = (j < lens.long()[:, None]) & (j >= (0 if kv_start is None else kv_start.long()[:, None]))
+    if window is not None:
+        keep &= j > lens.long()[:, None] - 1 - window
+    out = ref.attention(q.float()[:, :, None], k[:b].float(), v[:b].float(), keep[:, None, None], scale, softcap,
+                        sinks=sinks)
+    return out[:, :, 0].to(q.dtype)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype,atol,rtol", TOLS)
+@pytest.mark.parametrize("b,hq,hkv,d,s", [(1, 4, 4, 16, 37), (3, 8, 2, 24, 45), (2, 6, 1, 40, 19)])
+@pytest.mark.parametrize("splits", [1, None, 3])
+@pytest.mark.parametrize("feature", ["sinks", "window", "left_pad_window_softcap"])
+def test_decode_attention_sinks(device, dtype, atol, rtol, b, hq, hkv, d, s, splits, feature):
+    """gpt-oss's sinks (a logit per query head in the softmax's denominator, no value), alone and with the sliding
+    window of its alternate layers (and left padding, a cap): applied once over the merged splits, not per split
+    (a per-split sink would shrink multi-split rows further than one split's)."""
+    if not bf16_ok(device) and dtype == torch.bfloat16:
+        pytest.skip("bf16 unsupported on this GPU")
+    k, v = _cache(b + 1, hkv, s, d, dtype, device)
+    q = torch.randn(b, hq, d, device=device).to(dtype)
+    lens = torch.tensor([s, 1, s - 7][:b], device=device, dtype=torch.int32)
+    sinks = (torch.randn(hq, device=device) * 2 + torch.linspace(-2.0, 3.0, hq, device=device)).to(dtype)
+    kw = {}
+    if feature != "sinks":
+        kw["window"] = 9
+    if feature == "left_pad_window_softcap":
+        kw["kv_start"] = torch.tensor([3, 0, 5][:b], device=device, dtype=torch.int32)
+        kw["softcap"] = 2.0
+    got = decode_attention(q, k, v, lens, 0.3, sinks=sinks, num_splits=splits, **kw)
+    assert_close(got, _sinks_oracle(q, k, v, lens, 0.3, sinks, **kw), atol, rtol)
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_decode_attention_sinks_extremes(device):
+    """A row with no key gives zeros with a sink too; a sink far above every score (weights near 0, no overflow:
+    exp(sink - m) is never formed) and far below (as no sink)."""
+    k, v = _cache(3, 2, 40, 16, torch.float32, device)
+    q = torch.randn(3, 4, 16, device=device)
+    lens = torch.tensor([40, 0, 17], device=device, dtype=torch.int32)
+    for value in (200.0, -200.0):
+        sinks = torch.full((4,), value, device=device)
+        for splits in (1, 3):
+            got = decode_attention(q, k, v, lens, 0.25, sinks=sinks, num_splits=splits)
+            assert_close(got, _sinks_oracle(q, k, v, lens, 0.25, sinks), 2e-5, 1e-5)
+            assert torch.equal(got[1], torch.zeros_like(got[1]))
+    assert_close(decode_attention(q, k, v, lens, 0.25, sinks=torch.full((4,), -200.0, device=device)),
+                 decode_attention(q, k, v, lens, 0.25), 2e-5, 1e-5)
+    with pytest.raises(ValueError, match=r"sinks shape \(3,\) must be \(4,\)"):
+        decode_attention(q, k, v, lens, 0.25, sinks=torch.zeros(3, device=device))

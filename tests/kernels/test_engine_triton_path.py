@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kernel_utils import DEVICES, FORCE_TRITON, INTERPRET
+from kernel_utils import DEVICES, FORCE_TRITON
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/helpers.py
 from helpers import optimised_copy, padded_batch, tiny_model  # noqa: E402
@@ -155,17 +155,40 @@ def test_deepseek_through_triton_matches_hf(family, monkeypatch):
 
 
 def test_gpt_oss_through_triton_matches_hf(monkeypatch):
-    """gpt-oss on the Triton path: its attention sinks and its experts (biases, clamped SwiGLU) take the reference,
-    counted as such (no kernel takes them yet); the norms, QKV / o GEMMs and rotary + K/V append go through the
-    kernels. fp32 logits and greedy tokens as HF's."""
+    """gpt-oss on the Triton path: its attention sinks in the prefill and decode kernels (sliding and full layers,
+    a left-padded batch); its experts (biases) take the reference, counted as such, their clamped SwiGLU the
+    activation kernel; the norms, QKV / o GEMMs and rotary + K/V append go through the kernels. fp32 logits and greedy
+    tokens as HF's."""
     monkeypatch.setenv("DSINFER_CUDA_GRAPHS", "0")
     opt = _matches_hf_through_triton("gpt_oss")
     layers = len(opt._dsinfer_engine.decoder.layers)
     counts = dict(ops.dispatch_counts)                                   # 1 forward + 1 prefill + 4 decode steps
-    assert counts[("attention", "reference:sinks")] == 6 * layers, counts
+    assert counts[("attention", "triton")] == 6 * layers, counts
+    assert ("attention", "reference:sinks") not in counts, counts
     assert counts[("moe_mlp", "reference:act")] == 6 * layers, counts
+    assert counts[("clamped_swiglu", "triton")] >= 6 * layers, counts   # one call per routed expert
     assert counts[("rotary_write_kv", "triton")] == 6 * layers, counts
-    assert set(_fallbacks()) == {("attention", "reference:sinks"), ("moe_mlp", "reference:act")}, _fallbacks()
+    assert set(_fallbacks()) == {("moe_mlp", "reference:act")}, _fallbacks()
+
+
+@pytest.mark.parametrize("kind", ["none", "left", "holes"])
+@pytest.mark.parametrize("window", [None, 4])
+@pytest.mark.parametrize("t,past", [(9, 0), (1, 8), (3, 6)])
+def test_gpt_oss_sinks_dispatch_equals_reference(kind, window, t, past):
+    """gpt-oss's sinks through ops.attention on the Triton path, masks as the engine builds them: every row as the
+    reference's, the padding queries too (their own V row weighted against the sink, written after the prefill
+    kernel); masks with holes fall back with the sinks."""
+    b, total = 3, past + t
+    q, k, v = _qkv(b, 6, 2, t, total)
+    sinks = torch.randn(6, device=DEVICE) * 2
+    mask, window_mask = build_masks(_key_valid(kind, b, total), past, t, window, DEVICE)
+    for m in (mask, window_mask if window_mask is not None else mask):
+        want = reference.attention(q, k, v, m, 0.3, sinks=sinks)
+        ops.dispatch_counts.clear()
+        with _triton_path():
+            got = ops.attention(q, k, v, m, 0.3, sinks=sinks)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+        assert set(ops.dispatch_counts) <= {("attention", "triton"), ("attention", "reference:mask")}
 
 
 @pytest.mark.parametrize("family", ["olmo2", "exaone4"])
@@ -244,6 +267,33 @@ def test_int4_through_triton_matches_fake_quantised_hf(monkeypatch):
     # 4 decode steps x 2 blocks x 4 linears on the kernel; the forward and the prefill (36 rows): 2 x 2 x 4 dequantised
     assert ops.dispatch_counts[("linear_int4", "triton")] == 32, dict(ops.dispatch_counts)
     assert ops.dispatch_counts[("linear_int4", "torch:dequantise")] == 16, dict(ops.dispatch_counts)
+
+
+@pytest.mark.parametrize("family,group", [("mixtral", 32), ("qwen2_moe", 16)])
+def test_int4_moe_through_triton_matches_fake_quantised_hf(family, group, monkeypatch):
+    """quantize="int4" for a MoE family on the Triton path (built under the forced dispatch on a CPU, as on CUDA): the
+    experts packed in their 3D layout ([E, N, K / 2], a scale per expert row and group) through the grouped int4
+    GEMM, qwen2_moe's shared expert and the attention linears as dense int4 Linears (groups of 16: dequantised in
+    torch, the small GEMM takes groups from 32). fp32 logits and greedy tokens as HF's over the same
+    quantise-dequantised weights."""
+    from helpers import fake_quantised_int4
+
+    monkeypatch.setenv("DSINFER_CUDA_GRAPHS", "0")
+    hf = tiny_model(family).to(DEVICE)
+    with _triton_path():
+        opt = optimised_copy(hf, max_seq_len=32, quantize="int4", quantize_group_size=group)
+    moe = [layer.mlp for layer in opt._dsinfer_engine.decoder.layers if type(layer.mlp).__name__ == "MoEMLP"]
+    gate_up = moe[0].experts_gate_up
+    assert gate_up.dtype == torch.uint8 and moe[0].cpu_experts is None
+    assert moe[0].gate_up_scale.shape == (gate_up.shape[0], gate_up.shape[1], 2 * gate_up.shape[2] // group)
+    ids, mask = (x.to(DEVICE) for x in padded_batch([12, 5, 9]))
+    ref_logits, ref_tokens, logits, tokens = _hf_and_triton_path(fake_quantised_int4(hf, group), opt, (ids, mask),
+                                                                 (ids, mask))
+    valid = mask.bool()
+    torch.testing.assert_close(logits[valid], ref_logits[valid], atol=ATOL, rtol=RTOL)
+    assert torch.equal(tokens, ref_tokens)
+    assert ops.dispatch_counts[("moe_mlp", "triton")] > 0, dict(ops.dispatch_counts)
+    assert not any(op == "moe_mlp" for op, how in _fallbacks()), _fallbacks()
 
 
 @pytest.mark.parametrize("family", ["qwen3"])

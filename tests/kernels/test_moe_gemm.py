@@ -55,6 +55,32 @@ def test_moe_gemm_int8_weights(device, dtype, atol, rtol):
 
 
 @pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype,atol,rtol", TOLS)
+@pytest.mark.parametrize("kdim,group", [(72, 8), (96, 16), (64, 64), (256, 128)])
+def test_moe_gemm_int4_weights(device, dtype, atol, rtol, kdim, group):
+    """int4 experts, packed as small_gemm_int4 takes them ([E, N, K / 2], low nibble the even input dim) with a scale
+    per expert row and group: both GEMM forms against the dequantised reference; groups smaller than a K tile (8, 16)
+    and larger, K not a multiple of the tile (72, 96)."""
+    if not bf16_ok(device) and dtype == torch.bfloat16:
+        pytest.skip("bf16 unsupported on this GPU")
+    t, e, k, n = 13, 5, 2, 37
+    w_route, _, _, offsets, sorted_ids, _ = _tables(t, e, k, device, skew=True)
+    q, s = ref.quantize_int4_groupwise(torch.randn(e * n, kdim, device=device), group)
+    q, s = q.view(e, n, kdim // 2), s.view(e, n, kdim // group)
+    assert torch.equal(ref.dequantize_experts(q, s)[1], ref.dequantize_int4(q[1], s[1], group))
+    x = torch.randn(t, kdim, device=device).to(dtype)
+    assert_close(moe_gemm(x, q, sorted_ids, offsets, k, weight_scale=s),
+                 ref.moe_gemm(x, q, sorted_ids, offsets, k, weight_scale=s), atol, rtol)
+    h = torch.randn(t * k, kdim, device=device).to(dtype)
+    assert_close(moe_gemm(h, q, sorted_ids, offsets, 1, row_scale=w_route, weight_scale=s),
+                 ref.moe_gemm(h, q, sorted_ids, offsets, 1, w_route, s), atol, rtol)
+    with pytest.raises(ValueError, match="int4 expert weights need weight_scale"):
+        moe_gemm(x, q, sorted_ids, offsets, k)
+    with pytest.raises(ValueError, match=r"int4 weight_scale shape \(5, 37, 5\)"):
+        moe_gemm(x, q, sorted_ids, offsets, k, weight_scale=torch.ones(e, n, 5, device=device))
+
+
+@pytest.mark.parametrize("device", device_params())
 def test_moe_gemm_equals_dense_moe(device):
     # End to end against a plain per-token loop (no tables): sum_j w_tj * x_t @ W[e_tj].T.
     t, e, k, kdim, n = 7, 4, 2, 32, 20
@@ -73,11 +99,12 @@ def test_moe_gemm_rejects_bad_args():
 
 
 @pytest.mark.parametrize("device", device_params())
-@pytest.mark.parametrize("int8", [False, True])
-def test_moe_mlp_expert_parallel_segments_sum_to_the_whole(device, int8):
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+def test_moe_mlp_expert_parallel_segments_sum_to_the_whole(device, quantize):
     """Expert parallelism on the Triton path (ops.moe_mlp with first_expert): each "rank" routes over all 6 experts
     and runs only its 3 through the grouped GEMMs (its segment of the routing tables, the other assignments zero);
-    the two partial outputs sum to the whole MoE (reference.moe_mlp over all experts)."""
+    the two partial outputs sum to the whole MoE (reference.moe_mlp over all experts); int8 and int4 (groups of 8)
+    experts too."""
     from lightning_dsinfer.kernels import ops
 
     t, e, k, h, inter = 7, 6, 2, 32, 24
@@ -86,11 +113,16 @@ def test_moe_mlp_expert_parallel_segments_sum_to_the_whole(device, int8):
     gate_up = torch.randn(e, 2 * inter, h, device=device) / h ** 0.5
     down = torch.randn(e, h, inter, device=device) / inter ** 0.5
     gs = ds = None
-    if int8:
+    if quantize == "int8":
         q, gs = ref.quantize_int8_per_channel(gate_up.reshape(e * 2 * inter, h))
         gate_up, gs = q.view(e, 2 * inter, h), gs.view(e, 2 * inter)
         q, ds = ref.quantize_int8_per_channel(down.reshape(e * h, inter))
         down, ds = q.view(e, h, inter), ds.view(e, h)
+    elif quantize == "int4":
+        q, gs = ref.quantize_int4_groupwise(gate_up.reshape(e * 2 * inter, h), 8)
+        gate_up, gs = q.view(e, 2 * inter, h // 2), gs.view(e, 2 * inter, h // 8)
+        q, ds = ref.quantize_int4_groupwise(down.reshape(e * h, inter), 8)
+        down, ds = q.view(e, h, inter // 2), ds.view(e, h, inter // 8)
     want = ref.moe_mlp(x, router, gate_up, down, k, True, False, gs, ds)
     with ops.force_triton(device == "cpu"):
         parts = [ops.moe_mlp(x, router, gate_up[a:a + 3], down[a:a + 3], k, True, False,

@@ -58,6 +58,23 @@ def test_prefill_attention_after_cached_keys(device, dtype, atol, rtol, window):
 
 
 @pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype,atol,rtol", TOLS)
+@pytest.mark.parametrize("d,dv", [(40, 16), (24, 48)])
+def test_prefill_attention_values_of_another_width(device, dtype, atol, rtol, d, dv):
+    # DeepSeek's expanded latent attention: keys nope + rope wide, values v_head_dim; 9 queries over 30 keys, padded.
+    if not bf16_ok(device) and dtype == torch.bfloat16:
+        pytest.skip("bf16 unsupported on this GPU")
+    b, t, length, hq, hkv = 2, 9, 30, 4, 2
+    q = torch.randn(b, t, hq, d, device=device).to(dtype)
+    k = torch.randn(b, length, hkv, d, device=device).to(dtype)
+    v = torch.randn(b, length, 2 * hkv, dv, device=device).to(dtype)[:, :, 1::2]       # strided heads
+    kw = dict(kv_start=torch.tensor([0, 25], device=device, dtype=torch.int32), window=12)
+    got = prefill_attention(q, k, v, 0.3, **kw)
+    assert got.shape == (b, t, hq, dv)
+    assert_close(got, ref.prefill_attention(q, k, v, 0.3, **kw), atol, rtol)
+
+
+@pytest.mark.parametrize("device", device_params())
 def test_prefill_matches_cpu_path_attention(device):
     # Against the engine's existing reference.attention (SDPA with GQA) on a causal, left-padded mask.
     b, t, hq, hkv, d = 2, 21, 4, 2, 16
@@ -76,3 +93,62 @@ def test_prefill_matches_cpu_path_attention(device):
 def test_prefill_attention_rejects_bad_args():
     with pytest.raises(ValueError, match="query heads 5 must be a multiple of kv heads 2"):
         prefill_attention(torch.zeros(1, 3, 5, 16), torch.zeros(1, 3, 2, 16), torch.zeros(1, 3, 2, 16))
+
+
+def _sinks_oracle(q, k, v, scale, sinks, kv_start=None, seq_lens=None, window=None):
+    """reference.attention(sinks=) (the engine's CPU path, the sink's column in the softmax) in fp32 over the keys the
+    kernel's query rows see; rows that see no key give zeros there too (all of their weight on the sink)."""
+    b, t, length = q.shape[0], q.shape[1], k.shape[1]
+    c = torch.arange(length - t, length, device=q.device)[:, None]
+    j = torch.arange(length, device=q.device)[None, :]
+    keep = (j <= c)[None].expand(b, t, length).clone()
+    if window is not None:
+        keep &= (j > c - window)[None]
+    if kv_start is not None:
+        keep &= j[None] >= kv_start.long()[:, None, None]
+    if seq_lens is not None:
+        keep &= j[None] < seq_lens.long()[:, None, None]
+    out = ref.attention(q.float().transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2),
+                        keep[:, None], scale, sinks=sinks)
+    return out.transpose(1, 2).to(q.dtype)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype,atol,rtol", TOLS)
+@pytest.mark.parametrize("b,t,hq,hkv,d", [(1, 19, 2, 2, 16), (2, 33, 4, 1, 24), (2, 7, 6, 2, 40)])
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+@pytest.mark.parametrize("window", [None, 5])
+def test_prefill_attention_sinks(device, dtype, atol, rtol, b, t, hq, hkv, d, padding, window):
+    """gpt-oss's sinks (a logit per query head in each row's softmax denominator, no value), on full and sliding
+    layers (window 5, which the prompts exceed), with left / right padding (rows with no key: zeros)."""
+    if not bf16_ok(device) and dtype == torch.bfloat16:
+        pytest.skip("bf16 unsupported on this GPU")
+    q, k, v = _qkv(b, t, hq, hkv, d, dtype, device)
+    sinks = (torch.randn(hq, device=device) * 2 + torch.linspace(-2.0, 3.0, hq, device=device)).to(dtype)
+    kw = dict(window=window)
+    if padding == "left":
+        kw["kv_start"] = torch.tensor([0, t - 3][:b], device=device, dtype=torch.int32)
+    if padding == "right":
+        kw["seq_lens"] = torch.tensor([t, 4][:b], device=device, dtype=torch.int32)
+    got = prefill_attention(q, k, v, 0.3, sinks=sinks, **kw)
+    assert_close(got, _sinks_oracle(q, k, v, 0.3, sinks, **kw), atol, rtol)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype,atol,rtol", TOLS)
+def test_prefill_attention_sinks_after_cached_keys(device, dtype, atol, rtol):
+    # A later prompt chunk (9 queries over 30 keys) with both paddings, a window and sinks far apart (one at 50:
+    # weights near 0 without overflow).
+    if not bf16_ok(device) and dtype == torch.bfloat16:
+        pytest.skip("bf16 unsupported on this GPU")
+    b, t, length, hq, hkv, d = 3, 9, 30, 4, 2, 24
+    q = torch.randn(b, t, hq, d, device=device).to(dtype)
+    kv = torch.randn(b, length, 2 * hkv, d, device=device).to(dtype)
+    k, v = kv[:, :, :hkv], kv[:, :, hkv:]
+    sinks = torch.tensor([50.0, 1.5, -1.0, -50.0], device=device).to(dtype)
+    kw = dict(kv_start=torch.tensor([0, 7, 25], device=device, dtype=torch.int32),
+              seq_lens=torch.tensor([30, 28, 30], device=device, dtype=torch.int32), window=11)
+    got = prefill_attention(q, k, v, 0.3, sinks=sinks, **kw)
+    assert_close(got, _sinks_oracle(q, k, v, 0.3, sinks, **kw), atol, rtol)
+    with pytest.raises(ValueError, match=r"sinks shape \(2,\) must be \(4,\)"):
+        prefill_attention(q, k, v, 0.3, sinks=sinks[:2])
