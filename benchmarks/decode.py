@@ -18,7 +18,7 @@ its bytes per step count the router and the top-k experts of each layer (what on
 ``--family gemma2`` builds a Gemma 2 of the same widths instead (GeGLU, norms around attention and MLP, soft-capped
 scores and logits, every second layer sliding; tied embeddings, as Gemma's): its decode steps run through the one-call
 C decode step too. ``--family gpt_neox`` / ``bloom``: the GPT families' blocks (LayerNorms with biases, a plain GeLU
-MLP; GPT-NeoX's parallel residual and partial rotary through the one-call C step, BLOOM's ALiBi on the per-op path).
+MLP; GPT-NeoX's parallel residual and partial rotary, BLOOM's ALiBi: both through the one-call C step).
 ``--family deepseek_v2``: DeepSeek-V2-Lite's block at these widths (latent attention: kv_lora_rank 512, rotary 64,
 nope 128, v 128, a plain q_proj; ``--experts`` routed experts (default 16) of a quarter of ``--intermediate``, top
 ``--top-k`` (default 4 here), two shared experts, a dense first layer); HF expands the cached latent into every head's

@@ -432,6 +432,36 @@ def test_decode_attention_kernel_matches_reference(b, hq, hkv, length, d, maskin
 
 
 @needs_wide
+@pytest.mark.parametrize("b,hq,hkv,length,d,ranks", [(3, 8, 2, 37, 24, 1), (2, 4, 4, 5, 80, 1),
+                                                     (1, 16, 4, 190, 64, 2), (2, 32, 8, 700, 128, 1)])
+@pytest.mark.parametrize("masking", ["none", "left_pad"])
+@pytest.mark.parametrize("softcap", [None, 1.5], ids=["plain", "capped"])
+def test_decode_attention_kernel_alibi_matches_reference(b, hq, hkv, length, d, ranks, masking, softcap):
+    """BLOOM's ALiBi in the one-call decode attention (slope_h * (j - (L - 1)) added to key j's fp32 score after the
+    cap, before the mask) against the fp32 reference on the same bf16 inputs, within the same tolerance as above:
+    BLOOM's slopes (``ranks`` 2: the second rank's heads of twice as many, as tensor parallelism slices them), GQA
+    ratios 1..4 (BLOOM itself has none; the kernel takes them), left padding, with and without a cap, a case split
+    over threads; ops.attention takes it (no reference:alibi) and the slopes change the result."""
+    from lightning_dsinfer.kernels import ops, reference
+    from lightning_dsinfer.policies.gpt import _alibi_slopes
+
+    q, k, v = _decode_attention_case(b, hq, hkv, length, d, seed=b * 1000 + length + 7)
+    slopes = _alibi_slopes(hq * ranks)[-hq:]
+    mask = None
+    if masking == "left_pad":                # row i left-padded by 2i columns
+        mask = (torch.arange(length) >= 2 * torch.arange(b).view(-1, 1)).view(-1, 1, 1, length)
+    want = reference.attention(q.float(), k.float(), v.float(), mask, d ** -0.5, softcap, slopes)
+    got = cpu_gemv.decode_attention(q, k, v, mask, d ** -0.5, softcap, alibi=slopes)
+    assert got is not None and got.shape == (b, hq, 1, d) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=4e-3, rtol=2 ** -7)
+    ops.dispatch_counts.clear()
+    assert torch.equal(ops.attention(q, k, v, mask, d ** -0.5, softcap, alibi=slopes), got)
+    assert not ops.dispatch_counts          # no reference:alibi
+    if length > 5:                          # the slopes changed the result
+        assert not torch.equal(got, cpu_gemv.decode_attention(q, k, v, mask, d ** -0.5, softcap))
+
+
+@needs_wide
 def test_decode_attention_kernel_declines_what_it_does_not_take():
     """Shapes and dtypes outside the kernel give None (the reference runs): prompts, fp32, float masks, a mask
     over other columns, K and V with different layouts, head dim above 256."""
@@ -445,6 +475,7 @@ def test_decode_attention_kernel_declines_what_it_does_not_take():
     big = _decode_attention_case(1, 2, 1, 4, 264, seed=1)
     assert cpu_gemv.decode_attention(*big, None, 0.1) is None
     assert cpu_gemv.decode_attention(q, k, v, None, 0.1, sinks=torch.zeros(4)) is None                # sinks not [Hq]
+    assert cpu_gemv.decode_attention(q, k, v, None, 0.1, alibi=torch.zeros(4)) is None                # slopes not [Hq]
 
 
 @needs_kernel

@@ -3,8 +3,8 @@
 Both run the same kernels in the same order with the same roundings, so every decode step's hidden states must be
 bit-identical, single process (every CPU kernel path of this machine, every family: biases, sliding windows,
 Qwen3's q/k norms, left-padded batches; the GPT families' LayerNorms, plain MLPs, parallel residual, partial or no
-rotary; Gemma's (1 + w) fp32 norms, GeGLU, sandwich norms, soft-capped scores, q/k norms and second rope table, bf16,
-int8 and int4) and at TP=2 (the all-reduces from C through the shared-memory exchange).
+rotary, BLOOM's ALiBi; Gemma's (1 + w) fp32 norms, GeGLU, sandwich norms, soft-capped scores, q/k norms and second
+rope table, bf16, int8 and int4) and at TP=2 (the all-reduces from C through the shared-memory exchange).
 That the per-op path itself matches Hugging Face is tests/test_cpu_gemv.py's ``test_engine_bf16_matches_hf``
 (which now runs its decode steps through the stack too).
 """
@@ -55,6 +55,7 @@ GPT_CASES = {
     "gpt_bigcode": ("gpt_bigcode", {}, (1, 0, "gelu_tanh", 0)),         # multi-query, learned positions
     "gpt_neo": ("gpt_neo", {}, (1, 0, "gelu_tanh", 0)),                 # unscaled scores, a local (windowed) layer
     "starcoder2": ("starcoder2", {}, (1, 0, "gelu_tanh", 16)),          # sliding window, GQA, biases
+    "bloom": ("bloom", {}, (1, 0, "gelu_tanh", 0)),                     # ALiBi: each block's slopes, no rotary
 }
 
 
@@ -63,7 +64,7 @@ GPT_CASES = {
 def test_stack_gpt_families_bit_identical_to_per_op_path(case, monkeypatch):
     """The GPT families' blocks through C: LayerNorms with biases, gelu / gelu_tanh / relu MLPs or SwiGLU, the
     parallel residual (with two norms or one shared), partial rotary (the step's cos rows narrower than a head) or
-    none (GPT-2's / OPT's learned positions are added before the blocks)."""
+    none (GPT-2's / OPT's learned positions are added before the blocks; BLOOM's ALiBi slopes go to the attention)."""
     family, overrides, (layer_norm, parallel, act, rotary_dim) = GPT_CASES[case]
     hf = tiny_model(family, **overrides).to(torch.bfloat16)
     opt = optimised_copy(hf, max_seq_len=48, dtype=torch.bfloat16)
@@ -72,6 +73,7 @@ def test_stack_gpt_families_bit_identical_to_per_op_path(case, monkeypatch):
     assert (stack.shape.layer_norm, stack.shape.parallel) == (layer_norm, parallel)
     want = (1, cpu_gemv.ACT_KINDS["silu"]) if act == "swiglu" else (0, cpu_gemv.ACT_KINDS[act])
     assert (stack.shape.gated, stack.shape.mlp_act) == want
+    assert all(bool(t.alibi) == (family == "bloom") for t in stack.table)
     widths = []
     real = CpuDecodeStack.__call__
 
@@ -176,16 +178,6 @@ def test_gemma_pieces_match_reference():
 
 
 @needs_wide
-def test_stack_declines_alibi():
-    """BLOOM's ALiBi: the C decode attention adds no position biases, so its blocks keep the per-op path."""
-    opt = optimised_copy(tiny_model("bloom").to(torch.bfloat16), max_seq_len=48, dtype=torch.bfloat16)
-    assert CpuDecodeStack.build(opt._dsinfer_engine.decoder) is None
-    ids, mask = padded_batch([12, 5, 9])
-    runs = run_both_paths(opt, ids, mask, new_tokens=3)
-    assert runs["stack"][3] == 0 and torch.equal(runs["stack"][0], runs["ops"][0])
-
-
-@needs_wide
 def test_stack_bit_identical_with_many_rows():
     """A decode batch of 40 rows (above the row-major kernel's limit on AVX512-BF16 machines: there the per-op path
     runs too) is bit-identical as well."""
@@ -234,7 +226,8 @@ def test_stack_declines_the_onednn_fallback():
 
 @needs_wide
 def test_stack_under_tensor_parallelism():
-    families = ["llama", "qwen3", "gpt_neox", "gemma2"]       # gemma2: the all-reduce before the output's norm
+    # gemma2: the all-reduce before the output's norm; bloom: each rank's slice of the ALiBi slopes
+    families = ["llama", "qwen3", "gpt_neox", "gemma2", "bloom"]
     codes, outs, _ = run_ranks("stack_tp_worker.py", 2, ["--families", *families], timeout=240)
     assert codes == [0, 0], "\n".join(outs)
     assert outs[0].count(" OK") == len(families), outs[0]

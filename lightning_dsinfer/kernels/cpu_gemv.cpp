@@ -1140,6 +1140,7 @@ struct AttnArgs {
     float scale;
     float softcap;                              // > 0: scores -> softcap * tanh(score / softcap) (Gemma 2); 0: none
     const float* sinks = nullptr;               // [Hq] logits in each softmax's denominator, no value (gpt-oss); null
+    const float* alibi = nullptr;               // [Hq] slopes (BLOOM): score_j += slope * (j - (L - 1)); null: none
 };
 
 // Gemma 2's soft-capped scores of 16 lanes: tanh(s / cap) * cap (reference.attention's order).
@@ -1147,6 +1148,15 @@ __attribute__((target("avx512f,avx512bw,avx512vl")))
 inline __m512 softcap16(__m512 s, float cap) {
     const __m512 c = _mm512_set1_ps(cap);
     return _mm512_mul_ps(tanh16(_mm512_div_ps(s, c)), c);
+}
+
+// BLOOM's ALiBi bias of 16 lanes: s + slope * rel (rel: key column - query column, exact integers), the product
+// rounded before the sum as reference.attention's (the mul with an explicit rounding mode, so -ffp-contract cannot
+// fuse it into an FMA).
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline __m512 alibi16(__m512 s, float slope, __m512 rel) {
+    const __m512 bias = _mm512_mul_round_ps(_mm512_set1_ps(slope), rel, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm512_add_ps(s, bias);
 }
 
 // Lane i of the result = the sum of the 16 lanes of v[i] (16 horizontal sums in 45 shuffles / adds instead of
@@ -1178,7 +1188,8 @@ inline __mmask16 mask_bits16(const uint8_t* mrow, int64_t ml, int64_t j) {
 // One (batch row, KV head) with up to NV vectors of 16 per head row (vector c loads min(16, D - 16c) lanes, none
 // past D: a head of 96 runs in the NV = 8 instance with two empty vectors): its G = Hq / Hkv query heads read each
 // K and V row from L1 (the unit's K / V rows are read from memory once). fp32 throughout: scores (16 keys at a
-// time, one transposed horizontal sum; soft-capped when a.softcap > 0), softmax (max-subtracted, masked keys exactly
+// time, one transposed horizontal sum; soft-capped when a.softcap > 0, then ALiBi's slope * (j - (L - 1)) added when
+// a.alibi is set: a product rounded, then a sum, as the reference), softmax (max-subtracted, masked keys exactly
 // 0; a head's sink, when a.sinks is set, joins the max and the sum with no value), the weighted sum of V in
 // registers, one division and one rounding to bf16 at the end.
 template <int NV>
@@ -1187,6 +1198,8 @@ void attn_unit_avx512(const AttnArgs& a, int64_t b, int64_t kh, std::vector<floa
     const int64_t G = a.hq / a.hkv, D = a.D, L = a.L;
     const __mmask16 full = 0xffff;
     const bool capped = a.softcap > 0.f;
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const float q_col = static_cast<float>(L - 1);   // the decode query's own column (ALiBi's origin)
     __mmask16 lanes[NV];                             // lanes of vector c that lie inside the head
     for (int c = 0; c < NV; ++c) lanes[c] = lanes16(D - 16 * c);
     scratch.resize(static_cast<size_t>(G * L + G * NV * 16));
@@ -1217,6 +1230,9 @@ void attn_unit_avx512(const AttnArgs& a, int64_t b, int64_t kh, std::vector<floa
             }
             __m512 sc = hsum16x16(dots);
             if (capped) sc = softcap16(sc, a.softcap);
+            if (a.alibi)   // rel = j - (L - 1): exact in fp32 (integers below 2^24)
+                sc = alibi16(sc, a.alibi[kh * G + g], _mm512_sub_ps(_mm512_add_ps(iota, _mm512_set1_ps(j0)),
+                                                                    _mm512_set1_ps(q_col)));
             _mm512_storeu_ps(s + g * L + j0, _mm512_mask_blend_ps(keep, neg_inf, sc));
         }
     }
@@ -1230,6 +1246,9 @@ void attn_unit_avx512(const AttnArgs& a, int64_t b, int64_t kh, std::vector<floa
                 d = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c * 16), widen16_mask(kr + c * 16, lanes[c]), d);
             float sc = _mm512_reduce_add_ps(d);
             if (capped) sc = _mm512_cvtss_f32(softcap16(_mm512_set1_ps(sc), a.softcap));   // the same lane arithmetic
+            if (a.alibi)
+                sc = _mm512_cvtss_f32(alibi16(_mm512_set1_ps(sc), a.alibi[kh * G + g],
+                                              _mm512_set1_ps(static_cast<float>(j) - q_col)));
             s[g * L + j] = visible ? sc : -INFINITY;
         }
     }
@@ -1828,17 +1847,18 @@ int dsi_layer_norm_bf16(const void* x, int64_t ldx, const void* w, const void* b
 
 // Decode attention (one query per row) over a KV cache: out [B, Hq, D] = softmax(scale * q K^T, masked) V for
 // grouped KV heads (Hq a multiple of Hkv); softcap > 0: the scores soft-capped first (Gemma 2); sinks (fp32 [Hq] or
-// null): a logit per query head in each softmax's denominator (gpt-oss). Units (row, KV head) are split over
+// null): a logit per query head in each softmax's denominator (gpt-oss); alibi (fp32 [Hq] slopes or null, BLOOM):
+// slope * (j - (L - 1)) added to key j's score after the cap. Units (row, KV head) are split over
 // `threads` OpenMP threads. AVX512 only and D <= 256: returns -1 otherwise, else 0.
 int dsi_decode_attention_bf16(const void* q, int64_t qb, int64_t qh, const void* k, const void* v, int64_t kb,
                               int64_t kh, int64_t kl, const void* mask, int64_t mb, int64_t ml, void* out, int64_t B,
                               int64_t hq, int64_t hkv, int64_t L, int64_t D, float scale, float softcap,
-                              const void* sinks, int threads) {
+                              const void* sinks, const void* alibi, int threads) {
     if (dsi_gemv_best_isa() < 2 || attn_unit_for(D) == nullptr) return -1;
     run_attention(AttnArgs{static_cast<const uint16_t*>(q), qb, qh, static_cast<const uint16_t*>(k),
                            static_cast<const uint16_t*>(v), kb, kh, kl, static_cast<const uint8_t*>(mask), mb, ml,
                            static_cast<uint16_t*>(out), B, hq, hkv, L, D, scale, softcap,
-                           static_cast<const float*>(sinks)}, threads);
+                           static_cast<const float*>(sinks), static_cast<const float*>(alibi)}, threads);
     return 0;
 }
 
@@ -1921,6 +1941,7 @@ struct DsiLayer {
                                               // the sliding layers' table when one is given)
     const void* attn_out_norm; const void* mlp_out_norm;   // sandwich block (Gemma 2 / 3): RMSNorm weights [hidden]
                                                            // of attention's / the MLP's output; null: pre-norm block
+    const void* alibi;                        // ALiBi slopes fp32 [hq] of this rank's heads (BLOOM), or null
 };
 
 struct DsiStack {
@@ -2029,7 +2050,8 @@ int dsi_decode_stack(const DsiStack* st, const DsiLayer* layers, void* h_, int64
         run_attention(AttnArgs{q, hq * D, D, static_cast<const uint16_t*>(ly.k_cache),
                                static_cast<const uint16_t*>(ly.v_cache), ly.cb, ly.ch, D,
                                static_cast<const uint8_t*>(win ? wmask : mask), win ? wmb : mb, win ? wml : ml, att,
-                               B, hq, hkv, L, D, static_cast<float>(st->scale), static_cast<float>(st->softcap)},
+                               B, hq, hkv, L, D, static_cast<float>(st->scale), static_cast<float>(st->softcap),
+                               nullptr, static_cast<const float*>(ly.alibi)},
                       static_cast<int>(st->threads));
         if (stack_linear(st, ly.o, att, B, h, y)) return 2;
         if (ly.o.reduce && all_reduce(y)) return 1;

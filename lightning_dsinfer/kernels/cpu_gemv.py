@@ -27,7 +27,8 @@ The same library has one-call forms of a decode step's small ops (bf16, a few ro
 ~20-50 us of dispatch each): :func:`rms_norm` (bf16 or Gemma's fp32 weights), :func:`layer_norm`,
 :func:`silu_and_mul`, :func:`gated_act` (GeGLU), :func:`act` (GeLU erf / tanh, ReLU, SiLU), :func:`rotary_write_kv`
 (full or partial rotary, q / k head norms), :func:`decode_attention` (fp32 scores / softmax / sum over the KV cache,
-GQA, masks, soft-capped scores, attention sinks), and the shared-memory all-reduce exchange (:func:`shm_exchange`).
+GQA, masks, soft-capped scores, attention sinks, ALiBi), and the shared-memory all-reduce exchange
+(:func:`shm_exchange`).
 
 :func:`available` is False, after one logged warning, when there is no compiler, the build or load fails,
 the CPU has none of the paths, or ``DSINFER_CPU_GEMV=0``; callers then use oneDNN / ``F.linear``.
@@ -110,7 +111,7 @@ class _Kernel:
         self.attention = lib.dsi_decode_attention_bf16
         self.attention.restype = ctypes.c_int
         self.attention.argtypes = [p, i64, i64, p, p, i64, i64, i64, p, i64, i64, p, i64, i64, i64, i64, i64,
-                                   ctypes.c_float, ctypes.c_float, p, ctypes.c_int]
+                                   ctypes.c_float, ctypes.c_float, p, p, ctypes.c_int]
         self.decode_stack = lib.dsi_decode_stack
         self.decode_stack.restype = ctypes.c_int
         self.decode_stack.argtypes = [p, p, p, i64, p, p, p, p, i64, p, i64, i64, p, i64, i64, p, p]
@@ -722,11 +723,12 @@ DECODE_ATTENTION_MAX_HEAD_DIM = 256
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor | None,
                      scale: float, softcap: float | None = None,
-                     sinks: torch.Tensor | None = None) -> torch.Tensor | None:
+                     sinks: torch.Tensor | None = None, alibi: torch.Tensor | None = None) -> torch.Tensor | None:
     """:func:`reference.attention` for one query per row (decode) in one C call: q [B, Hq, 1, D], k / v
     [B, Hkv, L, D] bf16 views (the cache; unit stride along D, same strides for both), mask bool broadcastable to
     [B, 1, 1, L] or None. fp32 scores (``softcap``: soft-capped, Gemma 2, with :func:`act`'s vectorised tanh), softmax
-    (``sinks`` [Hq], gpt-oss: a logit per query head in its denominator, with no value) and sum, one rounding (the
+    (``sinks`` [Hq], gpt-oss: a logit per query head in its denominator, with no value; ``alibi`` [Hq], BLOOM: slopes,
+    slope * (j - (L - 1)) added to key j's fp32 score after the cap, before the mask) and sum, one rounding (the
     reference multiplies in bf16 where scores are capped, as HF's eager attention).
     Returns [B, Hq, 1, D], or None where it does not apply (the caller runs the reference), also on CPUs without
     AVX512 (:func:`has_wide_ops`)."""
@@ -739,10 +741,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             or q.device.type != "cpu" or k_cache.device.type != "cpu" or q.stride(3) != 1 or k_cache.stride(3) != 1
             or k_cache.stride() != v_cache.stride() or k_cache.shape != v_cache.shape or k_cache.shape[0] != b
             or k_cache.shape[3] != d or hq % hkv or d > DECODE_ATTENTION_MAX_HEAD_DIM or length < 1
-            or (softcap is not None and not softcap > 0) or (sinks is not None and sinks.shape != (hq,))):
+            or (softcap is not None and not softcap > 0) or (sinks is not None and sinks.shape != (hq,))
+            or (alibi is not None and alibi.shape != (hq,))):
         return None
     if sinks is not None:
         sinks = sinks.to(device="cpu", dtype=torch.float32).contiguous()    # read by the C code (kept alive here)
+    if alibi is not None:
+        alibi = alibi.to(device="cpu", dtype=torch.float32).contiguous()    # likewise
     mask_ptr, mb, ml = None, 0, 0
     if mask is not None:
         if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:3] != (1, 1) or mask.shape[3] != length \
@@ -752,7 +757,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty(b, hq, 1, d, dtype=torch.bfloat16)
     kern.attention(q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0),
                    k_cache.stride(1), k_cache.stride(2), mask_ptr, mb, ml, out.data_ptr(), b, hq, hkv, length, d,
-                   scale, softcap or 0.0, None if sinks is None else sinks.data_ptr(), torch.get_num_threads())
+                   scale, softcap or 0.0, None if sinks is None else sinks.data_ptr(),
+                   None if alibi is None else alibi.data_ptr(), torch.get_num_threads())
     return out
 
 
@@ -767,13 +773,14 @@ class StackLinear(ctypes.Structure):
 
 class StackLayer(ctypes.Structure):
     """``DsiLayer`` of cpu_gemv.cpp: one block's linears, norms (LayerNorms: with their biases; post_norm null: one
-    shared norm; a sandwich block's norms of attention's and the MLP's outputs) and KV-cache tensors."""
+    shared norm; a sandwich block's norms of attention's and the MLP's outputs), KV-cache tensors and ALiBi slopes
+    (fp32 [hq], BLOOM; null: none)."""
     _fields_ = [("qkv", StackLinear), ("o", StackLinear), ("gate_up", StackLinear), ("down", StackLinear),
                 ("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("input_bias", ctypes.c_void_p),
                 ("post_bias", ctypes.c_void_p), ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p),
                 ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p), ("cb", ctypes.c_int64),
                 ("ch", ctypes.c_int64), ("sliding", ctypes.c_int64), ("attn_out_norm", ctypes.c_void_p),
-                ("mlp_out_norm", ctypes.c_void_p)]
+                ("mlp_out_norm", ctypes.c_void_p), ("alibi", ctypes.c_void_p)]
 
 
 class StackShape(ctypes.Structure):

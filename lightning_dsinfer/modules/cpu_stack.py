@@ -16,8 +16,9 @@ learned positions are added before the blocks) and Gemma's (Gemma 1's :class:`De
 :class:`SandwichDecoderLayer`: (1 + w) RMSNorms with fp32 weights, scaled in fp32 and rounded once; GeGLU; the norms of
 the attention's and the MLP's outputs before their residual adds; Gemma 2's soft-capped scores; Gemma 3's q / k norms
 and the sliding-window layers' own rope table). The per-op path takes the same C kernels for those pieces (ops.py:
-``rms_norm`` with fp32 weights, ``gated_act``, ``attention`` with a cap), so the two agree bit for bit. BLOOM's
-ALiBi keeps the per-op path (the C decode attention adds no position biases), as do MoE layers.
+``rms_norm`` with fp32 weights, ``gated_act``, ``attention`` with a cap or ALiBi slopes), so the two agree bit for
+bit. BLOOM's ALiBi goes through C too (each block's fp32 slopes of this rank's heads, no rotary); MoE layers keep the
+per-op path.
 
 Anything else (prompts, fp32, the Triton path, HF caches, the oneDNN fallback, gloo all-reduces) keeps the
 per-op path: :meth:`CpuDecodeStack.applies` says which.
@@ -91,6 +92,7 @@ class CpuDecodeStack:
                 t.input_bias, t.post_bias = ly.input_bias.data_ptr(), _ptr(ly.post_bias)
             t.q_norm, t.k_norm = _ptr(ly.attn.q_norm), _ptr(ly.attn.k_norm)
             t.sliding = int(ly.attn.sliding)
+            t.alibi = _ptr(ly.attn.alibi)     # fp32 [hq] (build checks), kept alive by the module
             if sandwich:
                 t.attn_out_norm, t.mlp_out_norm = ly.attn_out_norm.data_ptr(), ly.mlp_out_norm.data_ptr()
         self._bound: dict[tuple, ctypes.Array] = {}   # the table with each KV cache's pointers filled in
@@ -121,8 +123,9 @@ class CpuDecodeStack:
             acts = ("silu", "gelu", "gelu_tanh") if gated else cpu_gemv.ACT_KINDS    # SwiGLU / GeGLU, or a plain one
             if m.act not in acts:
                 return None
-            if (a.alibi is not None or a.sinks is not None        # no position biases (ALiBi), no sinks (gpt-oss)
-                    or (a.softcap is not None and not a.softcap > 0)):
+            if (a.sinks is not None or (a.softcap is not None and not a.softcap > 0)     # no sinks (gpt-oss)
+                    or not (a.alibi is None or (a.alibi.dtype == torch.float32 and a.alibi.is_contiguous()
+                                                and a.alibi.shape == (a.hq,) and a.alibi.device.type == "cpu"))):
                 return None
             layer_norm = type(ly) is GPTDecoderLayer
             parallel = layer_norm and ly.parallel
