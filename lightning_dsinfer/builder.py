@@ -471,6 +471,9 @@ def _per_sequence_bytes(w: ModelWeights, plan: TensorShardPlan, dtype: torch.dty
     kv = (1 if keys_only else 2) * len(w.layers) * heads * width * max_seq_len * e
     if w.attn_softcap is not None:   # soft-capped attention reads one layer's K / V as fp32 copies
         kv += 2 * plan.local_kv_heads * w.head_dim * max_seq_len * 4
+    if w.mla is not None:   # latent attention's expanded prompts: one block's k_nope, values and keys for every key
+        m = w.mla
+        kv += plan.local_heads * (2 * m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim) * max_seq_len * e
     return kv + 3 * max_seq_len * w.hidden_size * e + 2 * vocab_shard * plan.tp * 4
 
 

@@ -340,7 +340,7 @@ def _weight_bytes(hf_model: nn.Module, dtype: torch.dtype, quantize: str | None,
     total = 0
     for name, p in hf_model.named_parameters():
         linear = p.dim() == 2 and name.split(".")[-2] in _BLOCK_LINEARS
-        experts = p.dim() == 3 and name.split(".")[-2] == "experts"     # [E, N, K] (gpt-oss: [E, K, N]; same bytes)
+        experts = p.dim() == 3 and name.split(".")[-2] == "experts"   # [E, N, K] (gpt-oss's [E, K, N]: E K scales)
         if quantize and (linear or experts):
             rows = p.numel() // p.shape[-1] if experts else p.shape[0]
             total += p.numel() + 4 * rows if quantize == "int8" else p.numel() // 2 + 4 * p.numel() // group_size

@@ -7,7 +7,7 @@ or ``DSINFER_FORCE_TRITON=1`` read at import), which with ``TRITON_INTERPRET=1``
 the kernels on CPU tensors.
 Everything else (the CPU path) calls the reference, except bf16 decode-sized calls of ``rms_norm``,
 ``layer_norm``, ``silu_and_mul``, ``gated_act``, ``act``, ``rotary_write_kv`` (full or partial rotary) and
-``attention`` (one query per row, soft-capped or not, with sinks or not), which take the one-call C kernels of
+``attention`` (one query per row, soft-capped or not, with sinks / ALiBi or not), which take the one-call C kernels of
 :mod:`~lightning_dsinfer.kernels.cpu_gemv` (each tested against the reference there); Triton is imported only on the
 first Triton dispatch.
 
@@ -623,17 +623,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
               sinks: torch.Tensor | None = None) -> torch.Tensor:
     """See :func:`reference.attention`; which masks the kernels take is in the module docstring. Soft-capped
     scores (Gemma 2) and ALiBi (BLOOM) go to the decode kernel, else to the reference (the prefill kernel has neither;
-    the C decode attention takes the cap: bf16 CPU decode steps). Attention sinks (gpt-oss) go where the call would go
+    the C decode attention takes both: bf16 CPU decode steps). Attention sinks (gpt-oss) go where the call would go
     without them: the decode and prefill kernels and the C decode attention take them; the CPU path's other calls
     (prompts, fp32) run the reference, counted ``reference:sinks``."""
     if softcap is not None or alibi is not None:
         b, hq, t, d = q.shape
         hkv = k.shape[1]
-        if (_triton(q) and t == 1 and d <= 256 and hq % hkv == 0 and hq // hkv <= 128 and q.dtype == k.dtype
-                and q.dtype == v.dtype):
+        if (_triton(q) and t == 1 and d <= 256 and v.shape[-1] == d and hq % hkv == 0 and hq // hkv <= 128
+                and q.dtype == k.dtype and q.dtype == v.dtype):
             return _decode(q, k, v, mask, scale, b, k.shape[2], softcap, alibi, sinks)
-        if alibi is None and not _triton(q) and t == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
-            out = cpu_gemv.decode_attention(q, k, v, mask, scale, softcap, sinks)   # bf16 decode: one C call, capped
+        if not _triton(q) and t == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
+            out = cpu_gemv.decode_attention(q, k, v, mask, scale, softcap, sinks, alibi)   # bf16 decode: one C call
             if out is not None:
                 return out
         _count("attention", "reference:softcap" if alibi is None else "reference:alibi")

@@ -407,22 +407,23 @@ def moe_mlp(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: 
     """Sparse MoE SwiGLU MLP as transformers computes it: x [T, H]; router [E, H]; gate_up [E, 2I, H] (gate rows
     first); down [E, H, I]; routing by :func:`moe_topk` (``routing`` / ``router_bias``: DeepSeek's), the experts by
     :func:`moe_experts`. Returns [T, H]. int8
-    experts: ``gate_up_scale`` [E, 2I] and ``down_scale`` [E, H] (per-row scales; dequantised to x's dtype here).
+    experts: ``gate_up_scale`` [E, 2I] and ``down_scale`` [E, H] (per-row scales), int4: packed with group scales
+    (:func:`dequantize_experts`); each expert routed to is dequantised to x's dtype when it runs.
     Expert parallelism: gate_up / down hold experts [first_expert, first_expert + E_local) of the router's E; the
     others add nothing here (their rank adds them). gpt-oss: ``gate_up_bias`` [E, 2I], ``down_bias`` [E, H] (this
     rank's experts; None: none) and ``act`` (:class:`ClampedSwiGLU`; None: SwiGLU)."""
     act = act or silu_and_mul
-    if gate_up_scale is not None:
-        gate_up = dequantize_experts(gate_up, gate_up_scale).to(x.dtype)
-        down = dequantize_experts(down, down_scale).to(x.dtype)
     w, ids = moe_topk(x, router, top_k, renormalize, weights_in_dtype, routing, router_bias)
+
+    def weight(t, scale, e):      # (int8 / int4: only the experts routed to are dequantised, one at a time)
+        return t[e] if scale is None else dequantize_experts(t[e:e + 1], scale[e:e + 1])[0].to(x.dtype)
 
     def expert(e, rows):
         e -= first_expert
         if not 0 <= e < gate_up.shape[0]:
             return None
-        h = act(F.linear(rows, gate_up[e], None if gate_up_bias is None else gate_up_bias[e]))
-        return F.linear(h, down[e], None if down_bias is None else down_bias[e])
+        h = act(F.linear(rows, weight(gate_up, gate_up_scale, e), None if gate_up_bias is None else gate_up_bias[e]))
+        return F.linear(h, weight(down, down_scale, e), None if down_bias is None else down_bias[e])
 
     return moe_experts(x, w, ids, expert)
 

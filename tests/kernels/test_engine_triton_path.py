@@ -140,9 +140,10 @@ def test_gpt_family_through_triton_matches_hf(family, monkeypatch):
 def test_deepseek_through_triton_matches_hf(family, monkeypatch):
     """DeepSeek on the Triton path: the latent attention's q_a | kv_a GEMM with the input norm as its prologue, its
     norms, q_b and o through the kernels; the grouped routers' choice in torch with the mapping tables and grouped
-    expert GEMMs by kernel (``moe_tables``, ``moe_gemm``); the attention over the latent rows in the decode and
-    prefill kernels (32 wide here; DeepSeek-V3's 576 are over the kernels' 256 and take the reference). Nothing falls
-    back: fp32 logits and greedy tokens as HF's."""
+    expert GEMMs by kernel (``moe_tables``, ``moe_gemm``); prompts in the expanded form through the prefill kernel
+    (keys nope + rope wide, values v_head_dim), decode steps over the latent rows in the decode kernel (32 wide here;
+    DeepSeek-V3's 576 are over the kernel's 256 and take the reference). Nothing falls back: fp32 logits and greedy
+    tokens as HF's."""
     monkeypatch.setenv("DSINFER_CUDA_GRAPHS", "0")
     opt = _matches_hf_through_triton(family)
     layers = opt._dsinfer_engine.decoder.layers
@@ -189,6 +190,27 @@ def test_gpt_oss_sinks_dispatch_equals_reference(kind, window, t, past):
             got = ops.attention(q, k, v, m, 0.3, sinks=sinks)
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
         assert set(ops.dispatch_counts) <= {("attention", "triton"), ("attention", "reference:mask")}
+
+
+@pytest.mark.parametrize("t,past", [(9, 0), (3, 6), (1, 8)])
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_values_of_another_width_dispatch_equals_reference(t, past, softcap):
+    """Values narrower than the keys (DeepSeek's expanded prompts) through ops.attention on the Triton path: prompts
+    in the prefill kernel, which takes them (padding queries too); a single query, or a soft-capped call, in the
+    reference (the decode kernel takes one width). Every row as the reference's."""
+    b, total = 3, past + t
+    q, k, _ = _qkv(b, 4, 4, t, total, d=24)
+    v = torch.randn(b, 4, total, 16, device=DEVICE)
+    mask, _ = build_masks(_key_valid("left", b, total), past, t, None, DEVICE)
+    want = reference.attention(q, k, v, mask, 0.3, softcap=softcap)
+    ops.dispatch_counts.clear()
+    with _triton_path():
+        got = ops.attention(q, k, v, mask, 0.3, softcap=softcap)
+    assert got.shape == (b, 4, t, 16)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    kernel = t > 1 and softcap is None
+    assert dict(ops.dispatch_counts) == {("attention", "triton" if kernel else
+                                          "reference:shape" if softcap is None else "reference:softcap"): 1}
 
 
 @pytest.mark.parametrize("family", ["olmo2", "exaone4"])
