@@ -22,7 +22,8 @@ MLP; GPT-NeoX's parallel residual and partial rotary, BLOOM's ALiBi: both throug
 ``--family deepseek_v2``: DeepSeek-V2-Lite's block at these widths (latent attention: kv_lora_rank 512, rotary 64,
 nope 128, v 128, a plain q_proj; ``--experts`` routed experts (default 16) of a quarter of ``--intermediate``, top
 ``--top-k`` (default 4 here), two shared experts, a dense first layer); HF expands the cached latent into every head's
-keys and values at each step, the engine attends over the latent itself. Bytes per step as for ``--experts``.
+keys and values at each step, the engine's decode steps attend over the latent itself (its prompts take the expanded
+form, as HF's). Bytes per step as for ``--experts``.
 """
 from __future__ import annotations
 
