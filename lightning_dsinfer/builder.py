@@ -21,7 +21,7 @@ from lightning_dsinfer.kernels import cpu_gemv
 from lightning_dsinfer.modules.linear import (DEQUANT_BYTES_PER_WEIGHT, DEQUANT_CHUNK_BYTES,
                                               DEQUANT_INT4_BYTES_PER_WEIGHT, Linear, quantize_int4_rows, quantize_rows)
 from lightning_dsinfer.modules.mla import LatentAttention
-from lightning_dsinfer.modules.moe import MoEMLP
+from lightning_dsinfer.modules.moe import MoEMLP, quantize_experts
 from lightning_dsinfer.modules.transformer import (MLP, Attention, DecoderLayer, DecoderModel, GatedMLP,
                                                   GPTDecoderLayer, LayerSpec, PostNormDecoderLayer,
                                                   ProjectionNormAttention, RotaryFirstAttention, SandwichDecoderLayer)
@@ -270,17 +270,27 @@ def check_int4_groups(w: ModelWeights, plan: TensorShardPlan, group_size: int) -
 
 
 def quantize_linears(t: dict[str, torch.Tensor], amx: bool = False, row_max=None, quantize: str = "int8",
-                     group_size: int = 128) -> dict[str, torch.Tensor]:
+                     group_size: int = 128, whole_experts: bool = False) -> dict[str, torch.Tensor]:
     """``t`` with each block linear's ``weight`` quantised and its fp32 ``scale`` beside it (what ``Linear(quantize=)``
     holds). int8: one scale per row, the weight row-major or, ``amx``, in the AMX tile order (``cpu_gemv.pack_int8``,
     a flat tensor); ``row_max`` (tensor parallelism: a max over the group) gives the row-parallel shards (o, down)
     the scales of their whole rows, as the resident engine does. int4: packed uint8 [N, K / 2] with scales
-    [N, K / group_size] (each group's scale is its own: no collective). Meta tensors give the layout."""
+    [N, K / group_size] (each group's scale is its own: no collective). Meta tensors give the layout. A sparse MLP
+    half: the routed experts as the resident grouped GEMMs hold them (``moe.quantize_experts``: ``moe.gate_up`` /
+    ``moe.down`` with ``moe.gate_up_scale`` / ``moe.down_scale``; the down's scales over the group's whole rows unless
+    ``whole_experts``, expert parallelism) and the shared expert's linears row-major (router, its bias and the
+    shared gate as they are)."""
     out = dict(t)
-    for name in LINEARS:
+    for name in ("moe.gate_up", "moe.down"):
+        if name in t:
+            whole = whole_experts or name == "moe.gate_up"
+            out[name], out[f"{name}_scale"] = quantize_experts(t[name], quantize, group_size,
+                                                               None if whole else row_max)
+    for name in (*LINEARS, "shared.gate_up", "shared.down"):
         w = t.get(f"{name}.weight")
         if w is None:
             continue
+        amx_ = amx and not name.startswith("shared.")      # (row-major: in_features is the weight's)
         n, k = w.shape
         if quantize == "int4":
             if w.is_meta:
@@ -289,12 +299,12 @@ def quantize_linears(t: dict[str, torch.Tensor], amx: bool = False, row_max=None
             else:
                 q, s = quantize_int4_rows(w, group_size)
         elif w.is_meta:
-            shape = (cpu_gemv.packed_numel(n, k),) if amx else (n, k)
+            shape = (cpu_gemv.packed_numel(n, k),) if amx_ else (n, k)
             q, s = (torch.empty(shape, dtype=torch.int8, device="meta"),
                      torch.empty(n, dtype=torch.float32, device="meta"))
         else:
-            q, s = quantize_rows(w, row_max if name in ("o", "down") else None)
-            q = cpu_gemv.pack_int8(q) if amx else q
+            q, s = quantize_rows(w, row_max if name in ("o", "down", "shared.down") else None)
+            q = cpu_gemv.pack_int8(q) if amx_ else q
         out[f"{name}.weight"], out[f"{name}.scale"] = q, s
     return out
 
@@ -315,7 +325,7 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
 
     def linear(name, **kw):
         scale = t.get(f"{name}.scale")          # quantised already (an offload unit; int8 maybe in AMX tile order)
-        if scale is not None:
+        if scale is not None and not name.startswith("shared."):    # (the shared expert's: row-major)
             kw["in_features"] = spec.num_heads * spec.head_dim if name == "o" else \
                 spec.intermediate_size if name == "down" else spec.mla.q_lora_rank if name == "q_b" else \
                 spec.hidden_size
@@ -348,7 +358,8 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
                      row_max=None if ep else row_max, pack=pack, first_expert=spec.moe_first_expert or 0,
                      routing=spec.moe_routing, router_bias=t.get("moe.router_bias"), streamed=experts,
                      gate_up_bias=t.get("moe.gate_up_bias"), down_bias=t.get("moe.down_bias"), act=spec.moe_act,
-                     group_size=group_size)
+                     group_size=group_size, gate_up_scale=t.get("moe.gate_up_scale"),
+                     down_scale=t.get("moe.down_scale"))
     if "input_norm_bias" in t:       # the GPT families (an offloaded MLP half needs no more than DecoderLayer's)
         return GPTDecoderLayer(attn, mlp, t["input_norm"], t["input_norm_bias"], t.get("post_norm"),
                                t.get("post_norm_bias"), spec.rms_norm_eps, spec.parallel_residual)
@@ -480,9 +491,12 @@ def _per_sequence_bytes(w: ModelWeights, plan: TensorShardPlan, dtype: torch.dty
 def _dequant_scratch(w: ModelWeights, plan: TensorShardPlan, quantize: str = "int8") -> int:
     """A row-major int8 / int4 GEMM dequantises a chunk of the weight's rows at a time (modules/linear.py): at most
     DEQUANT_CHUNK_BYTES of temporaries, less for a model whose largest weight needs less (the bytes per weight of
-    ``quantize``'s costliest dequantisation)."""
+    ``quantize``'s costliest dequantisation). MoE: an expert's gate|up (this rank's rows) and the shared expert's."""
+    experts = [max(lw.moe.gate_up.shape[1] // (1 if lw.moe.expert_parallel else plan.tp),
+                   2 * lw.moe.shared_gate.shape[0] // plan.tp if lw.moe.shared_gate is not None else 0)
+               for lw in w.layers if lw.moe is not None]
     largest = max(2 * plan.mlp_rows[1] * w.hidden_size, plan.mlp_rows[1] * w.hidden_size,
-                  _qkv_rows(w, plan) * w.hidden_size,
+                  _qkv_rows(w, plan) * w.hidden_size, max(experts, default=0) * w.hidden_size,
                   plan.local_heads * w.mla.qk_head_dim * w.mla.q_lora_rank if w.mla is not None else 0)
     per_weight = max((DEQUANT_INT4_BYTES_PER_WEIGHT if quantize == "int4" else DEQUANT_BYTES_PER_WEIGHT).values())
     return min(DEQUANT_CHUNK_BYTES, per_weight * largest)
@@ -527,10 +541,11 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
             return parts
         meta_parts = any(v.is_meta for h in parts for v in h.values())
         collective = quantize == "int8" and not meta_parts and comm.size > 1
-        return [quantize_linears(h, amx, row_max if collective else None, quantize, group_size) for h in parts]
+        whole = lw.moe is not None and lw.moe.expert_parallel      # (whole experts: no group max for their down)
+        return [quantize_linears(h, amx, row_max if collective else None, quantize, group_size, whole) for h in parts]
 
     # disk tier, CPU compute: a sparse layer's routed experts are units of their own, read when routed to
-    on_demand = tier == "nvme" and device.type == "cpu" and quantize is None
+    on_demand = tier == "nvme" and device.type == "cpu"
 
     def unit_parts(lw):  # (attention half, MLP half without on-demand experts, expert units)
         attention, mlp = halves(lw)
@@ -560,7 +575,8 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
                           _per_token_bytes(w, plan, dtype, max_seq_len), batch_size,
                           max_auto_batch=MAX_AUTO_BATCH if device.type == "cuda" else MAX_AUTO_BATCH_CPU,
                           staging_bytes=(staging_bytes(layouts, compress, frame) if tier == "nvme" else 0)
-                          + (_dequant_scratch(w, plan, quantize) if quantize and not amx else 0),
+                          + (_dequant_scratch(w, plan, quantize) if quantize and (not amx or any(
+                              lw.moe is not None for lw in w.layers)) else 0),    # (experts: row-major even so)
                           classes=classes, expert_slot_bytes=expert_slot, expert_slots=least_experts)
     resident, spare = [], ws.spare          # units the leftover budget keeps for good (never streamed; the
     for u in spread_order(ring_units):      # streamer ignores this where it uses the host tier in place)

@@ -316,21 +316,14 @@ def _check_not_prequantised(hf_config) -> None:
 
 
 def _check_moe_options(hf_config, config: InferenceConfig) -> None:
-    """Refuse, before any work, what MoE families do not take yet: int8 / int4 with offload; expert parallelism on a
-    dense model."""
+    """Refuse, before any work, what MoE families do not take: expert parallelism on a dense model. (int8 / int4 with
+    offload: the experts' units are written quantised, ``builder.quantize_linears``.)"""
     model_type = getattr(hf_config, "model_type", None)
     if not has_experts(model_type):
         if config.expert_parallel_size > 1:
             raise ValueError(f"expert_parallel_size={config.expert_parallel_size} places the experts of a "
                              f"mixture-of-experts model over the ranks; model_type={model_type!r} has no experts. "
                              f"Drop expert_parallel_size.")
-        return
-    if config.quantize is None or config.offload is None:
-        return
-    raise NotImplementedError(
-        f"model_type={hf_config.model_type!r} has mixture-of-experts layers: quantize={config.quantize!r} is supported "
-        f"for them with the weights resident (CPU or CUDA), not with offload={config.offload!r} yet. Drop one of the "
-        f"two.")
 
 
 def _weight_bytes(hf_model: nn.Module, dtype: torch.dtype, quantize: str | None, group_size: int = 128) -> int:

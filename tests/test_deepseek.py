@@ -208,12 +208,6 @@ def test_unsupported_settings_are_refused(family, flag, match):
         dsi.init_inference(tiny_model(family, **flag))
 
 
-def test_int4_with_offload_is_refused_for_the_experts():
-    """int4 runs resident (tests/test_int4.py); with offload, as int8, it is refused before any work."""
-    with pytest.raises(NotImplementedError, match="quantize='int4' is supported for them with the weights resident"):
-        dsi.init_inference(tiny_model("deepseek_v3"), quantize="int4", quantize_group_size=16, offload="cpu")
-
-
 def test_prequantised_models_and_fp8_checkpoints_are_refused(tmp_path):
     """A model transformers quantised (its config's quantization_config) and a checkpoint of float8 tensors
     (DeepSeek-V3's released files: fp8 weights with block scales) hold what the policies do not read as weights:

@@ -119,13 +119,11 @@ def test_interleaved_experts_read_as_gate_then_up_rows(hf):
 def test_gpt_oss_refusals(hf):
     """What the engine does not reproduce is refused by name before any work: router logits in the outputs, a layer
     type other than sliding / full attention, sliding layers without a window, a transformers-quantised model (the
-    released MXFP4 files: dequantise to bf16 first), int4 with offload (resident int4: tests/test_int4.py)."""
+    released MXFP4 files: dequantise to bf16 first)."""
     cases = [(dict(output_router_logits=True), {}, UnsupportedModelError, "output_router_logits"),
              (dict(layer_types=["sliding_attention", "chunked_attention"]), {}, UnsupportedModelError, "layer_types"),
              (dict(sliding_window=None), {}, UnsupportedModelError, "sliding_attention layers and sliding_window=None"),
-             (dict(quantization_config={"quant_method": "mxfp4"}), {}, UnsupportedModelError, "mxfp4"),
-             ({}, dict(quantize="int4", quantize_group_size=16, offload="cpu"), NotImplementedError,
-              "quantize='int4' is supported for them with the weights resident")]
+             (dict(quantization_config={"quant_method": "mxfp4"}), {}, UnsupportedModelError, "mxfp4")]
     for config, options, error, match in cases:
         model = copy.deepcopy(hf)
         for key, value in config.items():

@@ -88,11 +88,75 @@ def test_moe_through_lightning_predict():
         assert torch.equal(got, want)
 
 
-def test_moe_refuses_int8_with_offload(tmp_path):
-    hf = tiny_model("mixtral")
-    with pytest.raises(NotImplementedError, match="quantize='int8' is supported for them with the weights resident.*"
-                                                  "not with offload='nvme'"):
-        dsi.init_inference(copy.deepcopy(hf), quantize="int8", offload="nvme", offload_path=str(tmp_path))
+QUANTISED = {"int8": {}, "int4": dict(quantize_group_size=16)}     # (16: qwen2_moe's experts' down K is 48)
+
+
+def _fake_quantised(hf, quantize):
+    from helpers import fake_quantised_int4, fake_quantised_int8
+
+    return fake_quantised_int8(hf) if quantize == "int8" else fake_quantised_int4(hf, 16)
+
+
+def _no_requantising(monkeypatch):
+    """Any quantisation from here on fails the test: the streamed experts must be used as their units hold them."""
+    import lightning_dsinfer.modules.linear as linear
+    import lightning_dsinfer.modules.moe as moe
+
+    def refuse(*args, **kw):
+        raise AssertionError("a streamed unit's weight was quantised again")
+    for module in (linear, moe):
+        monkeypatch.setattr(module, "quantize_rows", refuse)
+        monkeypatch.setattr(module, "quantize_int4_rows", refuse)
+
+
+def _assert_quantised_mlp_unit(tensors, quantize, dtype=torch.float32):
+    """A sparse MLP half as an offload unit holds it: the experts int8 [E, N, K] with a scale per expert row, or int4
+    packed [E, N, K / 2] with a scale per row and group; the shared expert quantised likewise (2D); router, its bias
+    and the shared gate in the model's dtype (DeepSeek's router fp32)."""
+    want = torch.int8 if quantize == "int8" else torch.uint8
+    for name in ("gate_up", "down"):
+        w, scale = tensors.get(f"moe.{name}"), tensors.get(f"moe.{name}_scale")
+        if w is not None:         # (the disk tier's ring unit holds no routed experts)
+            assert w.dtype == want and w.dim() == 3 and scale.dtype == torch.float32
+            assert scale.shape == (w.shape[:2] if quantize == "int8" else (*w.shape[:2], 2 * w.shape[2] // 16))
+        if f"shared.{name}.weight" in tensors:
+            assert tensors[f"shared.{name}.weight"].dtype == want and f"shared.{name}.scale" in tensors
+    assert tensors["moe.router"].dtype in (dtype, torch.float32)
+    for key in ("moe.router_bias", "shared_gate.weight"):
+        assert key not in tensors or tensors[key].dtype in (dtype, torch.float32)
+
+
+@pytest.mark.parametrize("tier", ["cpu", "nvme"])
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "qwen2_moe"])
+def test_moe_quantised_offload_matches_fake_quantised_hf(family, quantize, tier, tmp_path, monkeypatch):
+    """quantize="int8" / "int4" with offload under a streaming budget: the units hold the experts (and the shared
+    expert) quantised, the router as it is (host tier: the whole sparse MLP half; disk tier: each routed expert a
+    unit of its own, read when routed to); the streamed layers use them in place (no quantisation after the build).
+    fp32 logits and greedy tokens as HF's over the same quantise-dequantised weights."""
+    from helpers import assert_fp32_matches_quantised, streamed_copy
+
+    hf = tiny_model(family)
+    ref = _fake_quantised(hf, quantize)
+    opt = streamed_copy(hf, tier, tmp_path, quantize=quantize, **QUANTISED[quantize])
+    decoder = opt._dsinfer_engine.decoder
+    streamer, pool = decoder.streamer, decoder.experts
+    assert (pool is not None) == (tier == "nvme")
+    mlp_units = [u for u, layout in enumerate(streamer.layouts) if any(e.name == "moe.router" for e in layout.entries)]
+    if pool is None:
+        assert set(mlp_units) & set(streamer.order) - set(streamer.resident), "no sparse MLP unit is streamed"
+    else:        # (the ring units without their experts are small: the leftover budget may keep them all)
+        assert pool.n_slots < sum(len(us) for us in pool.units.values()), "every expert is kept"
+    for u in mlp_units:
+        layout = streamer.layouts[u]
+        _assert_quantised_mlp_unit(layout.views(torch.empty(layout.nbytes, dtype=torch.uint8)), quantize)
+    if pool is not None:
+        expert = pool.layouts[pool.units[min(pool.units)][0]]
+        unit = expert.views(torch.empty(expert.nbytes, dtype=torch.uint8))
+        assert unit["gate_up"].dtype == unit["down"].dtype == (torch.int8 if quantize == "int8" else torch.uint8)
+        assert unit["gate_up_scale"].dtype == torch.float32 and unit["down_scale"].shape[0] == unit["down"].shape[0]
+    _no_requantising(monkeypatch)
+    assert_fp32_matches_quantised(ref, opt)
 
 
 @pytest.mark.parametrize("family", MOE)
@@ -275,21 +339,38 @@ def test_moe_offload_from_checkpoint_tensor_parallel(tmp_path):
 ON_DEMAND = ["mixtral", "qwen2_moe", "deepseek_v3"]
 
 
-@pytest.mark.parametrize("family", ON_DEMAND)
-def test_moe_disk_tier_reads_only_the_routed_experts(family, tmp_path, monkeypatch):
+@pytest.mark.parametrize("family,quantize", [(f, None) for f in ON_DEMAND] + [
+    (f, q) for f in ("mixtral", "deepseek_v3") for q in QUANTISED])
+def test_moe_disk_tier_reads_only_the_routed_experts(family, quantize, tmp_path, monkeypatch):
     """Disk tier, CPU: a sparse layer's ring unit holds its router (DeepSeek's correction bias) and shared expert, each
     routed expert is a unit of its own read when routed to, into a pool of top-k slots (prefill: all experts, in
     groups of top-k). fp32 logits and greedy tokens as HF's on a left-padded batch; then in each decode step (batch 1)
     each sparse layer reads exactly the experts its router picked that the pool did not hold, and a step reads fewer
-    bytes than one reading every expert (the MLP half whole, as before)."""
+    bytes than one reading every expert (the MLP half whole, as before). int8 / int4: the same against the
+    fake-quantised HF, each expert's unit holding its quantised rows and scales only (what a read of it covers)."""
     from helpers import streamed_copy
 
+    from lightning_dsinfer.offload.layout import PAGE, round_up
+
     hf = tiny_model(family)
-    opt = streamed_copy(hf, "nvme", tmp_path)
+    opt = streamed_copy(hf, "nvme", tmp_path, **({} if quantize is None else dict(quantize=quantize,
+                                                                                 **QUANTISED[quantize])))
+    hf = hf if quantize is None else _fake_quantised(hf, quantize)
     decoder = opt._dsinfer_engine.decoder
     pool, streamer = decoder.experts, decoder.streamer
     assert pool is not None and pool.n_slots < sum(len(us) for us in pool.units.values())
     assert not any(e.name == "moe.gate_up" for u in streamer.order for e in streamer.layouts[u].entries)
+    if quantize is not None:      # an expert's bytes: int8 a byte a weight + an fp32 scale a row; int4 half a byte
+        for u in (u for us in pool.units.values() for u in us):       # + an fp32 scale per row and group of 16
+            entries = {e.name: e for e in pool.layouts[u].entries}
+            (n2, k), (n, i) = entries["gate_up"].shape, entries["down"].shape
+            k, i = (2 * k, 2 * i) if quantize == "int4" else (k, i)        # (int4: two weights a byte)
+            weights = n2 * k + n * i
+            want = weights + 4 * (n2 + n) if quantize == "int8" else weights // 2 + 4 * weights // 16
+            assert sorted(entries) == ["down", "down_scale", "gate_up", "gate_up_scale"]
+            assert sum(e.nbytes for e in entries.values()) == want
+            assert k == hf.config.hidden_size and n2 == 2 * i
+            assert streamer.store.stored_bytes(u) <= sum(round_up(e.nbytes, PAGE) for e in entries.values())
     assert_matches_hf(hf, opt, *padded_batch([12, 5, 9]))
 
     store, real_topk, real_read = streamer.store, reference.moe_topk, streamer.store.read
@@ -326,7 +407,9 @@ def test_moe_disk_tier_reads_only_the_routed_experts(family, tmp_path, monkeypat
     every = sum(store.stored_bytes(u) for us in pool.units.values() for u in us)
     top_k = max(len(c[0][0]) for c in calls)
     steps = [sum(per_step[i:i + len(sparse)]) for i in range(0, len(per_step), len(sparse))]
-    assert all(s <= top_k * len(sparse) * pool.slot_bytes for s in steps), steps     # (0: the pool held them)
+    # (0: the pool held them; an expert's read: its frames, each rounded up to a page)
+    most = max(store.stored_bytes(u) for us in pool.units.values() for u in us)
+    assert all(s <= top_k * len(sparse) * most for s in steps), steps
     assert max(steps) < every, (steps, every)
 
 
@@ -400,14 +483,17 @@ def test_moe_disk_tier_budget_counts_the_expert_slots(tmp_path):
     assert build(least + 2 * ws.expert_slot_bytes, "fits")._dsinfer_engine.working_set.expert_slots == 2
 
 
-def test_moe_disk_tier_tensor_parallel_with_experts_on_demand(tmp_path):
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_moe_disk_tier_tensor_parallel_with_experts_on_demand(quantize, tmp_path):
     """TP=2 on the disk tier from memory, the routed experts read on demand (each rank reads its slice of the experts
-    its router picks; the ranks route alike): logits, greedy, beam as HF's for mixtral / qwen2_moe / deepseek_v3."""
+    its router picks; the ranks route alike): logits, greedy, beam as HF's (int8: the fake-quantised HF's, the experts'
+    downs with whole-row scales) for mixtral / qwen2_moe / deepseek_v3."""
     from multiproc import run_ranks
 
+    extra = ["--quantize", quantize] if quantize else []
     codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", *ON_DEMAND, "--offload", "nvme",
-                                                   "--offload-path", str(tmp_path), "--max-memory", "streaming"],
-                               timeout=300)
+                                                   "--offload-path", str(tmp_path), "--max-memory", "streaming",
+                                                   *extra], timeout=300)
     assert codes == [0, 0], "\n".join(outs)
     assert outs[0].count(" OK") == len(ON_DEMAND), outs[0]
 

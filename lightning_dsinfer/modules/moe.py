@@ -24,7 +24,8 @@ class MoEMLP(nn.Module):
                  reduce=None, quantize: str | None = None, row_max=None, pack: bool = True, first_expert: int = 0,
                  routing: reference.Routing | None = None, router_bias: torch.Tensor | None = None, streamed=None,
                  gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None, act=None,
-                 group_size: int = 128):
+                 group_size: int = 128, gate_up_scale: torch.Tensor | None = None,
+                 down_scale: torch.Tensor | None = None):
         super().__init__()
         self.router, self.experts_gate_up, self.experts_down = router, gate_up, down
         self.routing, self.router_bias = routing, router_bias     # DeepSeek's grouped routers (None: softmax top-k)
@@ -45,18 +46,13 @@ class MoEMLP(nn.Module):
         if streamed is not None:
             pass
         elif gate_up.device.type != "cpu" or ops.uses_triton(gate_up):      # the grouped GEMMs (CUDA)
-            if quantize == "int4":      # packed 3D experts, a scale per expert row and group of group_size inputs
-                self.experts_gate_up, self.gate_up_scale = _int4_experts(gate_up, group_size)
-                self.experts_down, self.down_scale = _int4_experts(down, group_size)
-            elif quantize:  # int8 3D experts, a scale per expert row; row_max: a row-parallel down's whole-row scales
-                e, rows, cols = gate_up.shape
-                q, sc = quantize_rows(gate_up.reshape(e * rows, cols))
-                self.experts_gate_up, self.gate_up_scale = q.view(e, rows, cols), sc.view(e, rows)
-                e, rows, cols = down.shape
-                q, sc = quantize_rows(down.reshape(e * rows, cols), row_max)
-                self.experts_down, self.down_scale = q.view(e, rows, cols), sc.view(e, rows)
-        elif not pack:   # CPU, views into a streamed unit: each expert's pair made on use
-            self.cpu_experts = _LazyExperts(gate_up, down, gate_up_bias, down_bias)
+            if gate_up_scale is not None:   # quantised already (views into an offload unit: quantize_experts's)
+                self.gate_up_scale, self.down_scale = gate_up_scale, down_scale
+            elif quantize:  # int8: a scale per expert row (row_max: a row-parallel down's whole-row scales); int4
+                self.experts_gate_up, self.gate_up_scale = quantize_experts(gate_up, quantize, group_size)
+                self.experts_down, self.down_scale = quantize_experts(down, quantize, group_size, row_max)
+        elif not pack:   # CPU, views into a streamed unit: each expert's pair made on use (quantised: used in place)
+            self.cpu_experts = _LazyExperts(gate_up, down, gate_up_bias, down_bias, gate_up_scale, down_scale)
         elif gate_up.device.type == "cpu":   # int8: per-row scales (row_max: a row-parallel down's); int4: per group
             self.cpu_experts = [(Linear(gate_up[e], _row(gate_up_bias, e), quantize=quantize, group_size=group_size),
                                  Linear(down[e], _row(down_bias, e), quantize=quantize, row_max=row_max,
@@ -77,6 +73,8 @@ class MoEMLP(nn.Module):
             per_expert = self.cpu_experts[0][0].nbytes + self.cpu_experts[0][1].nbytes
         else:
             per_expert = (self.experts_gate_up[0].numel() + self.experts_down[0].numel()) * self.experts_down.element_size()
+            if self.gate_up_scale is not None:
+                per_expert += (self.gate_up_scale[0].numel() + self.down_scale[0].numel()) * 4
         n = self.router.numel() * self.router.element_size() + self.top_k * per_expert
         if self.shared is not None:
             n += self.shared.gate_up.nbytes + self.shared.down.nbytes
@@ -134,18 +132,40 @@ class MoEMLP(nn.Module):
 
 class _LazyExperts:
     """``pairs[e]``: expert e's (gate|up, down) Linears over views of the 3D tensors (``pack=False``), made when a
-    call first routes a token to e (an offloaded layer is rebuilt over its streamed unit at every use)."""
+    call first routes a token to e (an offloaded layer is rebuilt over its streamed unit at every use). Quantised
+    units (``gate_up_scale`` / ``down_scale``, :func:`quantize_experts`'s): the int8 / int4 views used in place."""
 
-    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, gate_up_bias=None, down_bias=None):
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, gate_up_bias=None, down_bias=None,
+                 gate_up_scale=None, down_scale=None):
         self.gate_up, self.down, self.pairs = gate_up, down, {}
         self.gate_up_bias, self.down_bias = gate_up_bias, down_bias
+        self.gate_up_scale, self.down_scale = gate_up_scale, down_scale
 
     def __getitem__(self, e: int):
         pair = self.pairs.get(e)
         if pair is None:
-            pair = self.pairs[e] = (Linear(self.gate_up[e], _row(self.gate_up_bias, e), pack=False),
-                                    Linear(self.down[e], _row(self.down_bias, e), pack=False))
+            pair = self.pairs[e] = (Linear(self.gate_up[e], _row(self.gate_up_bias, e), pack=False,
+                                           scale=_row(self.gate_up_scale, e)),
+                                    Linear(self.down[e], _row(self.down_bias, e), pack=False,
+                                           scale=_row(self.down_scale, e)))
         return pair
+
+
+def quantize_experts(w: torch.Tensor, quantize: str, group_size: int = 128, row_max=None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """3D experts [E, N, K] as the grouped GEMMs and the offload units hold them: int8 [E, N, K] with an fp32 scale
+    per expert row [E, N] (``quantize_rows``; ``row_max``: a row-parallel down's whole-row scales), or int4
+    (:func:`_int4_experts`). Meta tensors give the layout."""
+    e, rows, cols = w.shape
+    if w.is_meta:
+        int4 = quantize == "int4"
+        return (torch.empty(e, rows, cols // 2 if int4 else cols, dtype=torch.uint8 if int4 else torch.int8,
+                            device="meta"),
+                torch.empty(e, rows, *((cols // group_size,) if int4 else ()), dtype=torch.float32, device="meta"))
+    if quantize == "int4":      # packed 3D experts, a scale per expert row and group of group_size inputs
+        return _int4_experts(w, group_size)
+    q, sc = quantize_rows(w.reshape(e * rows, cols), row_max)
+    return q.view(e, rows, cols), sc.view(e, rows)
 
 
 def _int4_experts(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,18 +25,19 @@ from lightning_dsinfer.kernels import ops, reference
 from lightning_dsinfer.modules.linear import Linear
 from lightning_dsinfer.offload.layout import UnitLayout, aligned_empty
 
-EXPERT_KEYS = ("moe.gate_up", "moe.down", "moe.gate_up_bias", "moe.down_bias")
+EXPERT_KEYS = ("moe.gate_up", "moe.down", "moe.gate_up_bias", "moe.down_bias", "moe.gate_up_scale", "moe.down_scale")
 
 
 def split_experts(mlp: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
     """An MLP half without its routed experts, and one unit per expert: ``gate_up`` [2I, H], ``down`` [H, I] (this
-    rank's rows) and, gpt-oss, ``gate_up_bias`` / ``down_bias`` where this rank holds them. A dense half comes back as
-    it is, with no expert units."""
+    rank's rows) and, gpt-oss, ``gate_up_bias`` / ``down_bias`` where this rank holds them; quantised units
+    (``builder.quantize_linears``) ``gate_up_scale`` / ``down_scale`` too (the expert's int8 / int4 rows' scales). A
+    dense half comes back as it is, with no expert units."""
     if "moe.gate_up" not in mlp:
         return mlp, []
     rest = {k: v for k, v in mlp.items() if k not in EXPERT_KEYS}
     units = [{"gate_up": g, "down": d} for g, d in zip(mlp["moe.gate_up"], mlp["moe.down"])]
-    for key in ("gate_up_bias", "down_bias"):
+    for key in ("gate_up_bias", "down_bias", "gate_up_scale", "down_scale"):
         if f"moe.{key}" in mlp:
             for unit, b in zip(units, mlp[f"moe.{key}"]):
                 unit[key] = b
@@ -166,5 +167,5 @@ class LayerExperts:
 
     def _expert(self, e: int, rows: torch.Tensor) -> torch.Tensor:
         t = self.pool.acquire(self.units[e - self.first_expert])
-        h = self._act(Linear(t["gate_up"], t.get("gate_up_bias"), pack=False)(rows))
-        return Linear(t["down"], t.get("down_bias"), pack=False)(h)
+        h = self._act(Linear(t["gate_up"], t.get("gate_up_bias"), pack=False, scale=t.get("gate_up_scale"))(rows))
+        return Linear(t["down"], t.get("down_bias"), pack=False, scale=t.get("down_scale"))(h)

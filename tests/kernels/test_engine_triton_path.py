@@ -192,6 +192,31 @@ def test_gpt_oss_sinks_dispatch_equals_reference(kind, window, t, past):
         assert set(ops.dispatch_counts) <= {("attention", "triton"), ("attention", "reference:mask")}
 
 
+def test_moe_quantised_offload_through_the_grouped_gemms(tmp_path, monkeypatch):
+    """The CUDA path of a quantised, offloaded MoE on the host tier: a streamed unit's int8 / int4 3D experts and
+    scales go to the grouped GEMMs as they are (no quantisation after the build). fp32 logits as the fake-quantised
+    HF's."""
+    from test_moe import QUANTISED, _fake_quantised, _no_requantising
+
+    monkeypatch.setenv("DSINFER_CUDA_GRAPHS", "0")
+    for family, quantize in (("mixtral", "int8"), ("qwen2_moe", "int4")):
+        hf = tiny_model(family)
+        ref = _fake_quantised(hf, quantize)
+        with _triton_path():
+            opt = optimised_copy(hf.to(DEVICE), offload="cpu", offload_path=str(tmp_path), max_memory=2 << 20,
+                                 max_batch_size=3, max_seq_len=32, quantize=quantize, **QUANTISED[quantize])
+            ids, mask = (x.to(DEVICE) for x in padded_batch([12, 5, 9]))
+            with monkeypatch.context() as m, torch.no_grad():
+                _no_requantising(m)
+                ops.dispatch_counts.clear()
+                want = ref.to(DEVICE)(input_ids=ids, attention_mask=mask).logits
+                got = opt(input_ids=ids, attention_mask=mask).logits
+            assert ops.dispatch_counts[("moe_mlp", "triton")] > 0, dict(ops.dispatch_counts)
+        assert len(opt._dsinfer_engine.decoder.streamer.order) >= 2, "nothing is streamed"
+        valid = mask.bool()
+        torch.testing.assert_close(got[valid], want[valid], atol=ATOL, rtol=RTOL)
+
+
 @pytest.mark.parametrize("t,past", [(9, 0), (3, 6), (1, 8)])
 @pytest.mark.parametrize("softcap", [None, 30.0])
 def test_values_of_another_width_dispatch_equals_reference(t, past, softcap):
