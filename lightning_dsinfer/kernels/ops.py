@@ -645,6 +645,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
                 return out
         if sinks is not None:
             _count("attention", "reference:sinks")
+        elif v.shape[-1] < q.shape[-1]:   # (torch's CPU flash attention takes one head width; else its math path,
+            dv = v.shape[-1]              # ~5x slower: values zero-padded to the keys' width, the output cut back)
+            return reference.attention(q, k, torch.nn.functional.pad(v, (0, q.shape[-1] - dv)), mask, scale)[..., :dv]
         return reference.attention(q, k, v, mask, scale, sinks=sinks)
     b, hq, t, d = q.shape
     hkv, length = k.shape[1], k.shape[2]

@@ -106,7 +106,8 @@ class LatentAttention(nn.Module):
         """HF's form: the cached latents expanded into each head's keys [k_nope, k_pe] and values; [B, T, h v]."""
         b, t, h, _ = q_nope.shape
         length = keys.shape[2]
-        latent, k_pe = keys[:, 0, :, :self.rank], keys[:, 0, :, self.rank:]                      # [B, L, rank | R]
+        latent = keys[:, 0, :, :self.rank].reshape(b * length, self.rank)     # (2-D: a strided 3-D input would
+        k_pe = keys[:, 0, :, self.rank:]                                       # make F.linear copy the weight per row)
         k_nope = torch.nn.functional.linear(latent, self.w_uk.view(h * self.nope, self.rank))
         values = torch.nn.functional.linear(latent, self.w_uv.view(h * self.vdim, self.rank))
         key = torch.cat((k_nope.view(b, length, h, self.nope),
