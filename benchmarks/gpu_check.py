@@ -266,17 +266,21 @@ def check_decode_graphs(dev: str = "cuda", tiny: bool = False) -> int:
     Mixtral (routing and grouped expert GEMMs inside the graph). Returns 1 on a mismatch.
 
     ``tiny`` (CPU smoke, with ``cuda_graphs.emulate()`` and ``ops.force_triton()`` around the call): small
-    sizes, one left-padded batch, no timing.
+    sizes (hidden 32, 2 heads of 16 over 1 KV head: the interpreter's time grows with the widths; the Mistral
+    window 8, which the 9-token prompt and its steps cross), one left-padded batch, no timing.
     """
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, MixtralConfig
 
     import lightning_dsinfer as dsi
 
-    common = dict(hidden_size=64 if tiny else 512, intermediate_size=96 if tiny else 1024,
-                  num_hidden_layers=2 if tiny else 4, num_attention_heads=4 if tiny else 8, num_key_value_heads=2,
+    common = dict(hidden_size=32 if tiny else 512, intermediate_size=48 if tiny else 1024,
+                  num_hidden_layers=2 if tiny else 4, num_attention_heads=2 if tiny else 8,
+                  num_key_value_heads=1 if tiny else 2,
                   vocab_size=97 if tiny else 1000, max_position_embeddings=512, initializer_range=0.05,
                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    configs = [("llama", LlamaConfig(**common)), ("mistral window 16", MistralConfig(**common, sliding_window=16)),
+    window = 8 if tiny else 16
+    configs = [("llama", LlamaConfig(**common)),
+               (f"mistral window {window}", MistralConfig(**common, sliding_window=window)),
                ("mixtral 4 experts top 2", MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2))]
     batches = [[9, 4, 6]] if tiny else [[20], [20, 7, 13], [5, 9, 17, 3, 11, 20, 8, 14]]
     new = 4 if tiny else 24
@@ -419,14 +423,16 @@ def _sync(dev: str) -> None:
         torch.cuda.synchronize()
 
 
-def decode_ms(model, ids, new: int, dev: str, repeats: int = 2, **extra) -> tuple[float, torch.Tensor]:
+def decode_ms(model, ids, new: int, dev: str, repeats: int = 2, warmup: bool = True,
+              **extra) -> tuple[float, torch.Tensor]:
     """Decode ms per step = (t(new tokens) - t(1 token)) / (new - 1), best of ``repeats``, after a warm-up (and
-    compile) of both shapes; and the tokens of the last ``new``-token run."""
+    compile) of both shapes (``warmup=False``: none, for the CPU smoke, whose times mean nothing); and the tokens
+    of the last ``new``-token run."""
     def gen(n):
         with torch.inference_mode():
             return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                                   min_new_tokens=n, do_sample=False, **extra)
-    for n in (new, 1):
+    for n in (new, 1) if warmup else ():
         gen(n)
     times = {}
     for n in (1, new):
@@ -447,7 +453,8 @@ def decode_comparison(dev: str = "cuda", tiny: bool = False, compile_hf: bool = 
     """End-to-end decode of the ~1B Llama (:func:`llama_1b`), prompt 128, 128 new tokens, batch 1 and 16: ours
     (bf16 and int8 weights) first, then HF eager and HF with a static cache (``generate`` compiles its forward
     with ``torch.compile`` for a static cache on CUDA; ``compile_hf=False`` turns that off). Returns (markdown
-    rows, rc, {(impl, batch): ms}); rc 1 when a row failed. ``tiny``: CPU smoke sizes (batch 1 and 2), no compile.
+    rows, rc, {(impl, batch): ms}); rc 1 when a row failed. ``tiny``: CPU smoke sizes (batch 1 and 2), no compile,
+    no warm-up.
     Rows that would start after ``deadline`` (time.time()) are skipped and say so. ``batches`` overrides the batch
     sizes."""
     from decode import hf_decode_bytes          # benchmarks/decode.py: the same count for the CPU benchmark
@@ -491,7 +498,7 @@ def decode_comparison(dev: str = "cuda", tiny: bool = False, compile_hf: bool = 
                 if hasattr(model, "_dsinfer_engine"):
                     model._dsinfer_engine._decode_graphs = None       # capture again with this row's settings
                 with ops.gemm_fusion("not fused" not in name):
-                    ms, tokens[name] = decode_ms(model, ids, new, dev, 1 if tiny else 2, **extra)
+                    ms, tokens[name] = decode_ms(model, ids, new, dev, 1 if tiny else 2, warmup=not tiny, **extra)
                 ms_of[(name, b)] = ms
                 util = nbytes / (ms * 1e-3) / (copy_gbs * 1e9) if copy_gbs else float("nan")
                 batch_rows.append([name, str(b), f"{ms:.2f}", f"{b * 1e3 / ms:.0f}", f"{util:.2f}", ""])
@@ -666,18 +673,18 @@ def main() -> int:
                 print(f"FAIL  ops.* rows did not reach the kernels: {dict(ops.dispatch_counts)}")
         with ops.force_triton(), cuda_graphs.emulate():
             failed += check_decode_graphs("cpu", tiny=True)
-            rows, rc, ms_of = decode_comparison("cpu", tiny=True)
-            failed += rc
-            print(f"{'ok  ' if not rc else 'FAIL'}  decode comparison: {len(rows)} rows")
         from tune_gemm import tune
         table, tune_rows = tune(dev="cpu")
         ok = len(table) == 12 and len(tune_rows) == 12     # 3 variants x 2 weight kinds x 2 row counts
         failed += int(not ok)
         print(f"{'ok  ' if ok else 'FAIL'}  tune: {len(table)} configs, {len(tune_rows)} rows")
-        with ops.force_triton():
-            rows, rc, _ = decode_comparison("cpu", tiny=True, tuned=table, hf_compile_row=False, batches=(1,))
+        # One decode comparison, as the GPU run makes it after its tuning: every row kind (bf16, unfused norms /
+        # SwiGLU, heuristic GEMM configs, int8, HF eager, HF static cache) at batch 1; the table's rows are
+        # bookkeeping only (on a CPU no table is read, the interpreter takes its own tiles); the decode steps in the
+        # emulated CUDA-graph step, as on CUDA.
+        with ops.force_triton(), cuda_graphs.emulate():
+            rows, rc, ms_of = decode_comparison("cpu", tiny=True, tuned=table, batches=(1,))
         failed += rc
-        # (row bookkeeping only: on a CPU no table is read, the interpreter takes its own tiles)
         print(f"{'ok  ' if not rc else 'FAIL'}  decode comparison with a tuned table: {len(rows)} rows")
         rows, rc = offload_throughput(llama_1b("cpu", tiny=True).float(), ms_of, dev="cpu")
         failed += rc

@@ -11,7 +11,6 @@ import torch
 import lightning_dsinfer as dsi
 from helpers import fake_quantised_int8, optimised_copy, padded_batch, streamed_copy, tiny_model
 from lightning_dsinfer.kernels import cpu_gemv
-from multiproc import run_ranks
 
 GEMMA = ["gemma", "gemma2", "gemma3_text"]
 ATOL, RTOL = 2e-4, 1e-4
@@ -95,14 +94,18 @@ def test_gemma_from_checkpoint_on_meta(tmp_path):
         assert torch.equal(ours, tokens), family
 
 
-def test_gemma_tensor_and_pipeline_parallel():
+def worker_runs(tmp, selected):
+    """The TP=2 and PP=2 runs, in the session's shared launch of two ranks (tests/conftest.py ``shared_runs``)."""
+    return {2: {"test_gemma_tensor_and_pipeline_parallel/tp": ["tp_worker.py", "--tp", "2", "--families", *GEMMA],
+                "test_gemma_tensor_and_pipeline_parallel/pp": ["pp_worker.py", "--pp", "2", "--families", *GEMMA]}}
+
+
+def test_gemma_tensor_and_pipeline_parallel(shared_runs):
     """TP=2 (Gemma's single KV head replicated on both ranks) and PP=2 (stages of Gemma 2 / 3 blocks): logits,
     greedy, beam search as HF's, sampling agrees across ranks."""
-    codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", *GEMMA], timeout=300)
-    assert codes == [0, 0], "\n".join(outs)
+    outs = shared_runs.outputs(2, "test_gemma_tensor_and_pipeline_parallel/tp")
     assert outs[0].count(" OK") == len(GEMMA), outs[0]
-    codes, outs, _ = run_ranks("pp_worker.py", 2, ["--pp", "2", "--families", *GEMMA], timeout=300)
-    assert codes == [0, 0], "\n".join(o[-3000:] for o in outs)
+    outs = shared_runs.outputs(2, "test_gemma_tensor_and_pipeline_parallel/pp")
     assert all(out.count(" OK") == len(GEMMA) for out in outs), outs
 
 

@@ -10,7 +10,7 @@ import torch
 
 from helpers import GENERIC_FAMILIES, tiny_config, tiny_model
 from lightning_dsinfer.parallel.generic import GenericTensorParallelError, plan_generic_tensor_parallel
-from multiproc import clean_env, run_ranks
+from multiproc import clean_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -22,15 +22,21 @@ def _meta(family, **overrides):
         return AutoModelForCausalLM.from_config(tiny_config(family, **overrides))
 
 
-def test_generic_tensor_parallel_matches_hf(tmp_path):
+def worker_runs(tmp, selected):
+    """The TP=2 run (generic_tp_worker.py), in the session's shared launch of two ranks (tests/conftest.py
+    ``shared_runs``: a rank's start-up costs more than the run)."""
+    if "test_generic_tensor_parallel_matches_hf" in selected:
+        for family in GENERIC_FAMILIES:
+            tiny_model(family).save_pretrained(tmp / family, safe_serialization=True)
+    return {2: {"test_generic_tensor_parallel_matches_hf": ["generic_tp_worker.py", "--tp", "2", "--families",
+                                                            *GENERIC_FAMILIES, "--checkpoints", str(tmp)]}}
+
+
+def test_generic_tensor_parallel_matches_hf(shared_runs):
     """TP=2, every generic family: fp32 logits of a left-padded batch within 2e-4 and greedy tokens identical
     to HF, sampling agrees across ranks, weights really split; the same model built on meta and read from a
     safetensors folder gives the same logits."""
-    for family in GENERIC_FAMILIES:
-        tiny_model(family).save_pretrained(tmp_path / family, safe_serialization=True)
-    codes, outs, _ = run_ranks("generic_tp_worker.py", 2, ["--tp", "2", "--families", *GENERIC_FAMILIES,
-                                                           "--checkpoints", str(tmp_path)], timeout=300)
-    assert codes == [0, 0], "\n".join(outs)
+    outs = shared_runs.outputs(2, "test_generic_tensor_parallel_matches_hf")
     assert outs[0].count(" OK") == len(GENERIC_FAMILIES), outs[0]
 
 

@@ -15,7 +15,6 @@ import torch
 
 import lightning_dsinfer as dsi
 from helpers import GPT_FAMILIES, fake_quantised_int8, optimised_copy, padded_batch, streamed_copy, tiny_model
-from multiproc import run_ranks
 
 FAMILIES = list(GPT_FAMILIES)
 ATOL, RTOL = 2e-4, 1e-4
@@ -145,18 +144,24 @@ def test_gpt_families_from_checkpoint_on_meta(tmp_path):
         _assert_same(hf, opt, new=6)
 
 
-def test_gpt_families_tensor_and_pipeline_parallel():
+TP = ["gpt_neox", "bloom", "gpt2", "starcoder2", "opt", "gptj", "falcon", "cohere", "gpt_bigcode"]
+PP = ["gpt_neox", "bloom", "opt", "phi"]
+
+
+def worker_runs(tmp, selected):
+    """The TP=2 and PP=2 runs, in the session's shared launch of two ranks (tests/conftest.py ``shared_runs``)."""
+    return {2: {"test_gpt_families_tensor_and_pipeline_parallel/tp": ["tp_worker.py", "--tp", "2", "--families", *TP],
+                "test_gpt_families_tensor_and_pipeline_parallel/pp": ["pp_worker.py", "--pp", "2", "--families", *PP]}}
+
+
+def test_gpt_families_tensor_and_pipeline_parallel(shared_runs):
     """TP=2: per-head packed QKV sliced by heads (GPT-NeoX, BLOOM with its slopes), q|k|v columns (GPT-2), GQA
     (StarCoder2), KV groups (Falcon), learned positions (OPT), the reordered rotary rows (GPT-J); PP=2 across some. Logits, greedy,
     beam search as HF's, sampling agrees across ranks."""
-    tp = ["gpt_neox", "bloom", "gpt2", "starcoder2", "opt", "gptj", "falcon", "cohere", "gpt_bigcode"]
-    codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", *tp], timeout=300)
-    assert codes == [0, 0], "\n".join(outs)
-    assert outs[0].count(" OK") == len(tp), outs[0]
-    pp = ["gpt_neox", "bloom", "opt", "phi"]
-    codes, outs, _ = run_ranks("pp_worker.py", 2, ["--pp", "2", "--families", *pp], timeout=300)
-    assert codes == [0, 0], "\n".join(o[-3000:] for o in outs)
-    assert all(out.count(" OK") == len(pp) for out in outs), outs
+    outs = shared_runs.outputs(2, "test_gpt_families_tensor_and_pipeline_parallel/tp")
+    assert outs[0].count(" OK") == len(TP), outs[0]
+    outs = shared_runs.outputs(2, "test_gpt_families_tensor_and_pipeline_parallel/pp")
+    assert all(out.count(" OK") == len(PP) for out in outs), outs
 
 
 @pytest.mark.parametrize("family,flag,match", [

@@ -21,7 +21,6 @@ from lightning_dsinfer.builder import check_int4_groups
 from lightning_dsinfer.kernels import cpu_gemv, reference
 from lightning_dsinfer.modules.cpu_stack import CpuDecodeStack
 from lightning_dsinfer.parallel import TensorShardPlan
-from multiproc import run_ranks
 from stack_checks import assert_quantised_decode_steps, run_both_paths
 
 ATOL, RTOL = 1e-3, 2.0 ** -8            # the bf16 kernels' tolerance against fp32 (see test_cpu_gemv.py)
@@ -254,14 +253,19 @@ def test_int4_offload_matches_fake_quantised_hf(tier, dtype, tmp_path, monkeypat
     torch.testing.assert_close(out.logits[:, -1].float(), want_next.float(), atol=6e-2, rtol=2e-2)
 
 
-def test_int4_tensor_parallel_matches_fake_quantised_hf():
+def worker_runs(tmp, selected):
+    """The TP=2 run, in the session's shared launch of two ranks (tests/conftest.py ``shared_runs``)."""
+    return {2: {"test_int4_tensor_parallel_matches_fake_quantised_hf": [
+        "tp_worker.py", "--tp", "2", "--families", "llama", "qwen3", "mixtral", "--quantize", "int4",
+        "--quantize-group-size", "16"]}}
+
+
+def test_int4_tensor_parallel_matches_fake_quantised_hf(shared_runs):
     """TP=2 with int4 (fp32), groups of 16 (the shards' K are 48): a row-parallel shard's groups are the whole rows'
     groups (its K a multiple of the group), so both ranks hold the int4 weights of one process with no collective:
     logits, greedy and beam search as the fake-quantised HF model's, sampling agrees across ranks. Mixtral by expert
     slicing (each expert's intermediate split: its down's K 48 per rank, the router whole)."""
-    codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", "llama", "qwen3", "mixtral",
-                                                   "--quantize", "int4", "--quantize-group-size", "16"], timeout=300)
-    assert codes == [0, 0], "\n".join(outs)
+    outs = shared_runs.outputs(2, "test_int4_tensor_parallel_matches_fake_quantised_hf")
     assert outs[0].count(" OK") == 3, outs[0]
 
 

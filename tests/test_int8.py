@@ -184,33 +184,51 @@ def test_int8_offload_bf16_matches_fake_quantised_hf(path, tier, tmp_path):
         linear.DEQUANT_CHUNK_BYTES = old
 
 
-def test_int8_tensor_parallel_matches_fake_quantised_hf():
+def _offload_tp_args(tier, tmp):
+    return ["--tp", "2", "--families", "llama", "qwen3", "--quantize", "int8", "--offload", tier,
+            "--offload-path", str(tmp / tier / "off"), "--max-memory", "streaming",   # int8 units: a smaller budget
+            "--checkpoint", str(tmp / "ckpt")]
+
+
+def worker_runs(tmp, selected):
+    """The TP=2 runs of the tests below, in the session's shared launch of two ranks (tests/conftest.py
+    ``shared_runs``: a rank's start-up costs more than the runs): int8 from memory, and the first run of each offload
+    tier (the disk tier's later runs, which reuse or rewrite its folders, are launches of their own)."""
+    if any(name.startswith("test_int8_offload_tensor_parallel") for name in selected):
+        for family in ("llama", "qwen3"):
+            tiny_model(family).save_pretrained(tmp / "ckpt" / family)
+    return {2: {"test_int8_tensor_parallel_matches_fake_quantised_hf": ["tp_worker.py", "--tp", "2", "--families",
+                                                                        "llama", "qwen3", "--quantize", "int8"],
+                **{f"test_int8_offload_tensor_parallel_matches_fake_quantised_hf[{t}]":
+                   ["tp_worker.py", *_offload_tp_args(t, tmp)] for t in ("cpu", "nvme")}}}
+
+
+def test_int8_tensor_parallel_matches_fake_quantised_hf(shared_runs):
     """TP=2 with int8 (fp32): the row-parallel shards take their scales from the whole rows (a max over the
     group), so both ranks hold the int8 weights of one process: logits, greedy and beam search as the
     fake-quantised HF model's, sampling agrees across ranks."""
-    codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", "llama", "qwen3", "--quantize", "int8"],
-                               timeout=300)
-    assert codes == [0, 0], "\n".join(outs)
+    outs = shared_runs.outputs(2, "test_int8_tensor_parallel_matches_fake_quantised_hf")
     assert outs[0].count(" OK") == 2, outs[0]
 
 
 @pytest.mark.parametrize("tier", ["cpu", "nvme"])
-def test_int8_offload_tensor_parallel_matches_fake_quantised_hf(tier, tmp_path):
+def test_int8_offload_tensor_parallel_matches_fake_quantised_hf(tier, shared_runs):
     """TP=2, int8 units in each rank's tier (fp32), the model on meta loading from a checkpoint: the row-parallel
     shards' scales come from a max over the group while the units are written, so the ranks stream the int8
     weights of one process: logits, greedy and beam search as the fake-quantised HF's. Disk tier: a second run
     reuses both ranks' folders; a third, with one rank's folder made stale, rewrites both (the write's collective
-    needs every rank: a rank reusing its folder alone would leave the other waiting)."""
-    for family in ("llama", "qwen3"):
-        tiny_model(family).save_pretrained(tmp_path / "ckpt" / family)
-    args = ["--tp", "2", "--families", "llama", "qwen3", "--quantize", "int8", "--offload", tier,
-            "--offload-path", str(tmp_path / "off"), "--max-memory", "streaming",   # int8 units: a smaller budget
-            "--checkpoint", str(tmp_path / "ckpt")]
+    needs every rank: a rank reusing its folder alone would leave the other waiting). The first run is in the
+    session's shared launch (``shared_runs``), the others launches of their own."""
+    tmp = shared_runs.tmp
+    args = _offload_tp_args(tier, tmp)
     for attempt in range(3 if tier == "nvme" else 1):
-        if attempt == 2:
-            for family in ("llama", "qwen3"):
-                os.remove(tmp_path / "off" / family / "rank1-tp1of2" / "manifest.json")
-        codes, outs, _ = run_ranks("tp_worker.py", 2, args, timeout=300)
-        assert codes == [0, 0], "\n".join(outs)
+        if attempt == 0:
+            outs = shared_runs.outputs(2, f"test_int8_offload_tensor_parallel_matches_fake_quantised_hf[{tier}]")
+        else:
+            if attempt == 2:
+                for family in ("llama", "qwen3"):
+                    os.remove(tmp / tier / "off" / family / "rank1-tp1of2" / "manifest.json")
+            codes, outs, _ = run_ranks("tp_worker.py", 2, args, timeout=300)
+            assert codes == [0, 0], "\n".join(outs)
         for out in outs:
             assert out.count(" OK") == 2 and out.count(" reused ") == (2 if attempt == 1 else 0), out

@@ -1,5 +1,9 @@
 """Mixture-of-experts families (mixtral, qwen2_moe, qwen3_moe) against the unmodified HF model: fp32 logits on a
-left-padded batch, greedy tokens, bf16, HF's own loop (beam search), Lightning, and the options refused before work."""
+left-padded batch, greedy tokens, bf16, HF's own loop (beam search), Lightning, and the options refused before work.
+
+The tensor-parallel tp_worker.py runs (``worker_runs``) go into the session's shared launch of two ranks
+(tests/conftest.py ``shared_runs``: a rank's start-up costs more than a run of the tiny models); each test checks its
+own run's output."""
 import contextlib
 import copy
 
@@ -12,6 +16,37 @@ from lightning_dsinfer.kernels import reference
 
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
 ATOL, RTOL = 2e-4, 1e-4
+
+
+def worker_runs(tmp, selected):
+    """This module's TP=2 runs (tp_worker.py; tests/conftest.py ``shared_runs``: the session's 2-rank runs share one
+    launch of the ranks)."""
+    if selected & {"test_moe_expert_parallel_matches_hf[checkpoint_nvme]", "test_moe_tensor_parallel_from_checkpoint",
+                   "test_moe_offload_from_checkpoint_tensor_parallel"}:
+        for family in MOE:      # the per-expert checkpoints save_pretrained writes
+            tiny_model(family).save_pretrained(tmp / "ckpt" / family)
+    tp = ["tp_worker.py", "--tp", "2", "--families", *MOE]
+    streamed = ["--offload", "nvme", "--max-memory", "streaming"]
+    return {2: {
+        "test_moe_tensor_parallel_matches_hf[None]": tp,
+        "test_moe_tensor_parallel_matches_hf[int8]": [*tp, "--quantize", "int8"],
+        "test_moe_expert_parallel_matches_hf[memory]": [*tp, "--expert-parallel"],
+        "test_moe_expert_parallel_matches_hf[int8]": [*tp, "--expert-parallel", "--quantize", "int8"],
+        "test_moe_expert_parallel_matches_hf[checkpoint_nvme]": [*tp, "--expert-parallel", "--checkpoint",
+                                                                 str(tmp / "ckpt"), *streamed, "--offload-path",
+                                                                 str(tmp / "ep_off")],
+        "test_moe_tensor_parallel_from_checkpoint": [*tp, "--checkpoint", str(tmp / "ckpt")],
+        "test_moe_offload_from_checkpoint_tensor_parallel": [*tp, "--checkpoint", str(tmp / "ckpt"), *streamed,
+                                                             "--offload-path", str(tmp / "units")],
+        **{f"test_moe_disk_tier_tensor_parallel_with_experts_on_demand[{q}]": [
+            "tp_worker.py", "--tp", "2", "--families", *ON_DEMAND, *streamed, "--offload-path", str(tmp / f"on_demand_{q}"),
+            *(["--quantize", q] if q else [])] for q in (None, "int8")},
+    }}
+
+
+def _check_tp(shared_runs, key, families=MOE):
+    outs = shared_runs.outputs(2, key)
+    assert outs[0].count(" OK") == len(families), outs[0]
 
 
 @pytest.mark.parametrize("family", MOE)
@@ -184,39 +219,22 @@ def test_moe_int8_on_cpu_matches_fake_quantised_hf(family):
 
 
 @pytest.mark.parametrize("quantize", [None, "int8"])
-def test_moe_tensor_parallel_matches_hf(quantize):
+def test_moe_tensor_parallel_matches_hf(quantize, shared_runs):
     """TP=2 by expert slicing (each expert's intermediate split, the router whole, one all-reduce per sparse layer;
     qwen2_moe's shared expert sliced the same way): fp32 logits, greedy and beam search vs the single-process HF
     model (int8: HF over the same quantise-dequantised weights, the sliced downs' scales from their whole rows),
     sampling agrees across ranks."""
-    from multiproc import run_ranks
-
-    extra = ["--quantize", quantize] if quantize else []
-    codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", *MOE, *extra], timeout=300)
-    assert codes == [0, 0], "\n".join(outs)
-    assert outs[0].count(" OK") == len(MOE), outs[0]
+    _check_tp(shared_runs, f"test_moe_tensor_parallel_matches_hf[{quantize}]")
 
 
 @pytest.mark.parametrize("variant", ["memory", "int8", "checkpoint_nvme"])
-def test_moe_expert_parallel_matches_hf(variant, tmp_path):
+def test_moe_expert_parallel_matches_hf(variant, shared_runs):
     """expert_parallel_size = tensor_parallel_size = 2: each rank holds half of the experts whole (mixtral 4,
     qwen2_moe 6 with its shared expert sliced, qwen3_moe 8), runs them on the tokens routed to them, the layer's
     all-reduce sums the ranks: fp32 logits, greedy and beam search as HF's, sampling agrees across ranks; with int8
     weights (HF over the same quantise-dequantised weights); and from per-expert checkpoints on meta (each rank reads
     only its experts) on the disk tier."""
-    from multiproc import run_ranks
-
-    extra = ["--expert-parallel"]
-    if variant == "int8":
-        extra += ["--quantize", "int8"]
-    if variant == "checkpoint_nvme":
-        for family in MOE:
-            tiny_model(family).save_pretrained(tmp_path / "ckpt" / family)
-        extra += ["--checkpoint", str(tmp_path / "ckpt"), "--offload", "nvme", "--offload-path", str(tmp_path / "off"),
-                  "--max-memory", "streaming"]
-    codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", *MOE, *extra], timeout=300)
-    assert codes == [0, 0], "\n".join(outs)
-    assert outs[0].count(" OK") == len(MOE), outs[0]
+    _check_tp(shared_runs, f"test_moe_expert_parallel_matches_hf[{variant}]")
 
 
 def test_expert_parallel_errors():
@@ -284,16 +302,9 @@ def test_moe_meta_model_from_checkpoint(family, tmp_path):
     assert_matches_hf(hf, opt, *padded_batch([9, 4], seed=2))
 
 
-def test_moe_tensor_parallel_from_checkpoint(tmp_path):
+def test_moe_tensor_parallel_from_checkpoint(shared_runs):
     """TP=2 from per-expert checkpoints on meta: each rank reads its rows of each expert's parts."""
-    from multiproc import run_ranks
-
-    for family in MOE:
-        tiny_model(family).save_pretrained(tmp_path / family)
-    codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", *MOE, "--checkpoint", str(tmp_path)],
-                               timeout=300)
-    assert codes == [0, 0], "\n".join(outs)
-    assert outs[0].count(" OK") == len(MOE), outs[0]
+    _check_tp(shared_runs, "test_moe_tensor_parallel_from_checkpoint")
 
 
 @pytest.mark.parametrize("tier", ["cpu", "nvme"])
@@ -322,18 +333,10 @@ def test_moe_offload_matches_hf(family, tier, tmp_path):
     assert_matches_hf(hf, opt, *padded_batch([12, 5, 9]))
 
 
-def test_moe_offload_from_checkpoint_tensor_parallel(tmp_path):
+def test_moe_offload_from_checkpoint_tensor_parallel(shared_runs):
     """TP=2, disk tier, meta models loaded from per-expert checkpoints: each rank writes and streams its expert
     slices; logits, greedy, beam as HF's."""
-    from multiproc import run_ranks
-
-    for family in MOE:
-        tiny_model(family).save_pretrained(tmp_path / "ckpt" / family)
-    codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", *MOE, "--checkpoint", str(tmp_path / "ckpt"),
-                                                   "--offload", "nvme", "--offload-path", str(tmp_path / "units"),
-                                                   "--max-memory", "streaming"], timeout=300)
-    assert codes == [0, 0], "\n".join(outs)
-    assert outs[0].count(" OK") == len(MOE), outs[0]
+    _check_tp(shared_runs, "test_moe_offload_from_checkpoint_tensor_parallel")
 
 
 ON_DEMAND = ["mixtral", "qwen2_moe", "deepseek_v3"]
@@ -484,18 +487,11 @@ def test_moe_disk_tier_budget_counts_the_expert_slots(tmp_path):
 
 
 @pytest.mark.parametrize("quantize", [None, "int8"])
-def test_moe_disk_tier_tensor_parallel_with_experts_on_demand(quantize, tmp_path):
+def test_moe_disk_tier_tensor_parallel_with_experts_on_demand(quantize, shared_runs):
     """TP=2 on the disk tier from memory, the routed experts read on demand (each rank reads its slice of the experts
     its router picks; the ranks route alike): logits, greedy, beam as HF's (int8: the fake-quantised HF's, the experts'
     downs with whole-row scales) for mixtral / qwen2_moe / deepseek_v3."""
-    from multiproc import run_ranks
-
-    extra = ["--quantize", quantize] if quantize else []
-    codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", *ON_DEMAND, "--offload", "nvme",
-                                                   "--offload-path", str(tmp_path), "--max-memory", "streaming",
-                                                   *extra], timeout=300)
-    assert codes == [0, 0], "\n".join(outs)
-    assert outs[0].count(" OK") == len(ON_DEMAND), outs[0]
+    _check_tp(shared_runs, f"test_moe_disk_tier_tensor_parallel_with_experts_on_demand[{quantize}]", ON_DEMAND)
 
 
 def test_expert_pool_read_that_cannot_be_queued_holds_nothing():
@@ -525,3 +521,4 @@ def test_expert_pool_read_that_cannot_be_queued_holds_nothing():
     assert 2 not in pool.held and sorted(pool.owner, key=str) == [1, None]
     torch.testing.assert_close(experts.run(x, w, second), want(x, w, second), atol=0, rtol=0)
     pool.close()
+

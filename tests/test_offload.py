@@ -13,7 +13,7 @@ import lightning_dsinfer as dsi
 from helpers import FAMILIES, collate_left_padded, generating_module, padded_batch, random_prompts, tiny_model
 from lightning_dsinfer.offload import UnitLayout, parse_bytes, plan_working_set
 from lightning_dsinfer.offload.budget import slot_classes
-from multiproc import clean_env, run_ranks
+from multiproc import clean_env
 
 TIERS = ["cpu", "nvme"]
 
@@ -393,14 +393,20 @@ def test_lightning_predict_with_int8_offload(tmp_path):
             assert torch.equal(pred, ref.generate(**batch, max_new_tokens=8, do_sample=False))
 
 
+def worker_runs(tmp, selected):
+    """TP=2 on each tier (tp_worker.py), in the session's shared launch of two ranks (tests/conftest.py
+    ``shared_runs``: a rank's start-up costs more than the runs)."""
+    return {2: {f"test_offload_with_tensor_parallel[{tier}]": ["tp_worker.py", "--tp", "2", "--families", "llama",
+                                                              "qwen3", "--offload", tier, "--offload-path",
+                                                              str(tmp / tier)] for tier in TIERS}}
+
+
 @pytest.mark.parametrize("tier", TIERS)
-def test_offload_with_tensor_parallel(tier, tmp_path):
-    codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", "llama", "qwen3", "--offload", tier,
-                                                   "--offload-path", str(tmp_path / "off")], timeout=300)
-    assert codes == [0, 0], "\n".join(outs)
+def test_offload_with_tensor_parallel(tier, shared_runs):
+    outs = shared_runs.outputs(2, f"test_offload_with_tensor_parallel[{tier}]")
     assert outs[0].count(" OK") == 2, outs[0]
     if tier == "nvme":                               # each rank streams its own shard from its own folder
-        assert sorted(os.listdir(tmp_path / "off" / "llama")) == ["rank0-tp0of2", "rank1-tp1of2"]
+        assert sorted(os.listdir(shared_runs.tmp / tier / "llama")) == ["rank0-tp0of2", "rank1-tp1of2"]
 
 
 @pytest.mark.parametrize("quantize", [None, "int8"])

@@ -2,7 +2,10 @@
 fp32 logits of a left-padded batch (atol 2e-4), greedy tokens identical through the pipelined schedule (row groups,
 prompt chunks, a group stopping at EOS before the others, min_new_tokens), beam search and a streamer through HF's
 loop, sampling agreeing across ranks; with tensor parallelism inside the stages, int8, bf16 (= the engine without a
-pipeline), from a checkpoint on meta; through the Lightning launcher; a dead stage; the errors."""
+pipeline), from a checkpoint on meta; through the Lightning launcher; a dead stage; the errors.
+
+The pp_worker.py runs (``worker_runs``) go into the session's shared launches of the ranks (tests/conftest.py
+``shared_runs``: a rank's start-up costs more than a run of the tiny models); each test checks its own run's output."""
 import json
 
 import pytest
@@ -14,58 +17,86 @@ from lightning_dsinfer.parallel import Topology
 from lightning_dsinfer.parallel.pipeline import stage_layers
 from multiproc import run_ranks
 
+REFUSED = "pipeline_parallel_size=2 is larger than the model's 1 layers"
 
-def _run(world, args, timeout=300):
-    codes, outs, _ = run_ranks("pp_worker.py", world, args, timeout=timeout)
-    assert codes == [0] * world, "\n".join(o[-3000:] for o in outs)
+
+def worker_runs(tmp, selected):
+    """This module's pp_worker.py runs by world size (tests/conftest.py ``shared_runs``: the session's runs of a world
+    size share one launch of the ranks), the refused one after the others."""
+    if "test_pipeline_from_checkpoint_on_meta" in selected:
+        for family in ("llama", "mixtral"):
+            tiny_model(family, num_hidden_layers=3).save_pretrained(tmp / "ckpt" / family)
+    pp = ["pp_worker.py", "--pp", "2"]
+    two = {
+        "test_pipeline_two_stages_matches_hf": [*pp, "--families", "llama", "qwen2", "qwen3", "phi3", "mixtral",
+                                                "qwen2_moe"],
+        "test_pipeline_int8_and_bf16/int8": [*pp, "--quantize", "int8", "--families", "llama", "qwen2_moe"],
+        "test_pipeline_int8_and_bf16/bf16": [*pp, "--dtype", "bfloat16", "--families", "llama", "qwen3"],
+        **{f"test_pipeline_with_offload[{tier}]": [*pp, "--offload", tier, "--offload-path", str(tmp / tier),
+                                                   "--families", "llama", "qwen2_moe"] for tier in ("cpu", "nvme")},
+        "test_pipeline_from_checkpoint_on_meta": [*pp, "--layers", "3", "--checkpoint", str(tmp / "ckpt"),
+                                                  "--families", "llama", "mixtral"],
+        "test_pipeline_without_room_in_dev_shm_talks_through_gloo": [*pp, "--full-shm", "--families", "llama"],
+        "test_more_stages_than_layers_is_refused": ["--expect-error", REFUSED, *pp, "--layers", "1",
+                                                    "--families", "llama"],
+    }
+    four = {"test_pipeline_four_stages_matches_hf": ["pp_worker.py", "--pp", "4", "--layers", "5", "--families",
+                                                     "mistral", "qwen3_moe"],
+            "test_pipeline_with_tensor_parallel_stages": ["pp_worker.py", "--pp", "2", "--tp", "2", "--families",
+                                                          "qwen3", "mixtral"]}
+    return {2: two, 4: four}
+
+
+def _check(runs, world, key):
+    """Every rank ran every family of run ``key`` to its OK line; returns the ranks' outputs."""
+    args = runs.argv(world, key)
+    outs = runs.outputs(world, key)
     families = args[args.index("--families") + 1:]
     families = families[:next((i for i, a in enumerate(families) if a.startswith("--")), len(families))]
     assert all(out.count(" OK") == len(families) for out in outs), outs
     return outs
 
 
-def test_pipeline_two_stages_matches_hf():
+def test_pipeline_two_stages_matches_hf(shared_runs):
     """PP=2, a dense family of each kind and two MoE families (qwen2 and qwen2_moe: 3 layers, 2 + 1)."""
-    _run(2, ["--pp", "2", "--families", "llama", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe"])
+    _check(shared_runs, 2, "test_pipeline_two_stages_matches_hf")
 
 
-def test_pipeline_four_stages_matches_hf():
+def test_pipeline_four_stages_matches_hf(shared_runs):
     """PP=4 on 5-layer models: the first stage holds two blocks, the others one."""
-    outs = _run(4, ["--pp", "4", "--layers", "5", "--families", "mistral", "qwen3_moe"])
+    outs = _check(shared_runs, 4, "test_pipeline_four_stages_matches_hf")
     assert "layers=0..1" in outs[0] and "layers=4..4" in outs[3]
 
 
-def test_pipeline_with_tensor_parallel_stages():
+def test_pipeline_with_tensor_parallel_stages(shared_runs):
     """PP=2 x TP=2: each stage's blocks split over two ranks; tp rank r of stage 0 talks to tp rank r of stage 1."""
-    _run(4, ["--pp", "2", "--tp", "2", "--families", "qwen3", "mixtral"])
+    _check(shared_runs, 4, "test_pipeline_with_tensor_parallel_stages")
 
 
-def test_pipeline_int8_and_bf16():
+def test_pipeline_int8_and_bf16(shared_runs):
     """int8 weights (HF over the same quantise-dequantised weights), and bf16 (the CPU kernels, the one-call decode
     step on the micro-batches' cache rows) against the same engine without a pipeline."""
-    _run(2, ["--pp", "2", "--quantize", "int8", "--families", "llama", "qwen2_moe"])
-    _run(2, ["--pp", "2", "--dtype", "bfloat16", "--families", "llama", "qwen3"])
+    _check(shared_runs, 2, "test_pipeline_int8_and_bf16/int8")
+    _check(shared_runs, 2, "test_pipeline_int8_and_bf16/bf16")
 
 
 @pytest.mark.parametrize("tier", ["cpu", "nvme"])
-def test_pipeline_with_offload(tier, tmp_path):
+def test_pipeline_with_offload(tier, shared_runs):
     """Each stage streams its own blocks within its max_memory (the first stage the embedding rows, the last the
     lm_head slices): fp32 logits, greedy (row groups, prompt chunks, EOS), beam search as HF's."""
-    _run(2, ["--pp", "2", "--offload", tier, "--offload-path", str(tmp_path), "--families", "llama", "qwen2_moe"])
+    _check(shared_runs, 2, f"test_pipeline_with_offload[{tier}]")
 
 
-def test_pipeline_without_room_in_dev_shm_talks_through_gloo():
+def test_pipeline_without_room_in_dev_shm_talks_through_gloo(shared_runs):
     """/dev/shm cannot hold the rings (posix_fallocate fails, as on a docker default of 64 MiB with many groups): a
     warning naming the fix, and the stages talk through gloo with the same results."""
-    _run(2, ["--pp", "2", "--full-shm", "--families", "llama"])
+    _check(shared_runs, 2, "test_pipeline_without_room_in_dev_shm_talks_through_gloo")
 
 
-def test_pipeline_from_checkpoint_on_meta(tmp_path):
+def test_pipeline_from_checkpoint_on_meta(shared_runs):
     """A model built on meta: each stage reads its own blocks from the safetensors folder (peak memory per stage:
     tests/test_sharded_loading_memory.py)."""
-    for family in ("llama", "mixtral"):
-        tiny_model(family, num_hidden_layers=3).save_pretrained(tmp_path / family)
-    _run(2, ["--pp", "2", "--layers", "3", "--checkpoint", str(tmp_path), "--families", "llama", "mixtral"])
+    _check(shared_runs, 2, "test_pipeline_from_checkpoint_on_meta")
 
 
 def test_dp2_x_pp2_via_lightning_launcher(tmp_path):
@@ -167,11 +198,11 @@ def test_pipeline_errors_before_work(monkeypatch):
     assert not torch.distributed.is_initialized()
 
 
-def test_more_stages_than_layers_is_refused():
-    """Checked in each rank before any weight is read (tiny world of 3 ranks, 2-layer model)."""
-    codes, outs, _ = run_ranks("pp_worker.py", 3, ["--pp", "3", "--families", "llama"], timeout=120)
-    assert all(c not in (0, None) for c in codes)
-    assert all("pipeline_parallel_size=3 is larger than the model's 2 layers" in o for o in outs), outs
+def test_more_stages_than_layers_is_refused(shared_runs):
+    """Checked in each rank before any weight is read (a world of 2 ranks, a 1-layer model): the ValueError from
+    init_inference in every rank."""
+    outs = shared_runs.outputs(2, "test_more_stages_than_layers_is_refused")
+    assert all(f"refused: ValueError: {REFUSED}" in o for o in outs), outs
 
 
 def test_strategy_world_must_divide():

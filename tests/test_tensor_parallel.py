@@ -4,13 +4,18 @@ import torch
 
 from helpers import FAMILIES
 from lightning_dsinfer.parallel import TensorShardPlan, Topology
-from multiproc import run_ranks
+
+
+def worker_runs(tmp, selected):
+    """TP over 2 and over 4 ranks, in the session's shared launches of those world sizes (tests/conftest.py
+    ``shared_runs``: a rank's start-up costs more than the runs)."""
+    return {tp: {f"test_tensor_parallel_matches_hf[{tp}]": ["tp_worker.py", "--tp", str(tp), "--families", *FAMILIES]}
+            for tp in (2, 4)}
 
 
 @pytest.mark.parametrize("tp", [2, 4])
-def test_tensor_parallel_matches_hf(tp):
-    codes, outs, _ = run_ranks("tp_worker.py", tp, ["--tp", str(tp), "--families", *FAMILIES], timeout=300)
-    assert codes == [0] * tp, "\n".join(outs)
+def test_tensor_parallel_matches_hf(tp, shared_runs):
+    outs = shared_runs.outputs(tp, f"test_tensor_parallel_matches_hf[{tp}]")
     assert outs[0].count(" OK") == len(FAMILIES), outs[0]
 
 
