@@ -430,13 +430,15 @@ def moe_mlp(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                      scale: float, kv_start: torch.Tensor | None = None, alibi_slopes: torch.Tensor | None = None,
-                     window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+                     window: int | None = None, softcap: float | None = None,
+                     sinks: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per sequence over the KV cache (twin of ``kernels/decode_attention.py``).
 
     q [B, Hq, D]; caches [B_max, Hkv, S, D]; row b's keys are columns [kv_start[b], seq_lens[b]) and the
     query sits at column seq_lens[b] - 1. Scores: q.k * scale, then ``softcap * tanh(s / softcap)``, then
-    ``+ slope_h * (j - (seq_len - 1))`` (ALiBi), then keys older than ``window`` columns are dropped.
-    Returns [B, Hq, D] in q's dtype; a row with no visible key gives zeros.
+    ``+ slope_h * (j - (seq_len - 1))`` (ALiBi), then keys older than ``window`` columns are dropped. ``sinks``
+    [Hq] (gpt-oss): a logit per head in the softmax's denominator, with no value. Returns [B, Hq, D] in q's dtype; a
+    row with no visible key gives zeros.
     """
     b, hq, d = q.shape
     hkv, s = k_cache.shape[1], k_cache.shape[2]
@@ -454,18 +456,27 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if window is not None:
         keep &= j[None, :] > last - window
     sc = sc.masked_fill(~keep[:, None, :], float("-inf"))
-    p = torch.softmax(sc, dim=-1).nan_to_num(0.0)
-    return torch.einsum("bhs,bhsd->bhd", p, v).to(q.dtype)
+    return torch.einsum("bhs,bhsd->bhd", _softmax_with_sinks(sc, sinks), v).to(q.dtype)
+
+
+def _softmax_with_sinks(sc: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the last dim of fp32 scores [B, H, ..., L] (-inf: masked; a row with none visible gives zeros);
+    ``sinks`` [H]: a column of its own in each row's softmax, dropped after (its weight goes to no value)."""
+    if sinks is None:
+        return torch.softmax(sc, dim=-1).nan_to_num(0.0)
+    sink = sinks.float().view(1, -1, *([1] * (sc.dim() - 2))).expand(*sc.shape[:-1], 1)
+    return torch.cat((sc, sink), dim=-1).softmax(dim=-1)[..., :-1]
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                       kv_start: torch.Tensor | None = None, seq_lens: torch.Tensor | None = None,
-                      window: int | None = None) -> torch.Tensor:
+                      window: int | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention over a prompt (twin of ``kernels/prefill_attention.py``).
 
     q [B, T, Hq, D], k [B, L, Hkv, D], v [B, L, Hkv, DV], L >= T: query i sits at key column c = L - T + i. Row
     b's valid keys are [kv_start[b], seq_lens[b]) (left and/or right padding); query i sees valid keys j <= c (and
-    j > c - window). Query rows with no visible key (padding) give zeros. Returns [B, T, Hq, DV].
+    j > c - window). ``sinks`` [Hq] (gpt-oss): a logit per head in each row's softmax, with no value. Query rows with
+    no visible key (padding) give zeros. Returns [B, T, Hq, DV].
     """
     b, t, hq, d = q.shape
     length, hkv = k.shape[1], k.shape[2]
@@ -483,8 +494,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     vf = v.float().transpose(1, 2).repeat_interleave(hq // hkv, dim=1)
     sc = (qf @ kf.transpose(-1, -2)) * scale
     sc = sc.masked_fill(~keep[:, None], float("-inf"))
-    p = torch.softmax(sc, dim=-1).nan_to_num(0.0)
-    return (p @ vf).transpose(1, 2).to(q.dtype)
+    return (_softmax_with_sinks(sc, sinks) @ vf).transpose(1, 2).to(q.dtype)
 
 
 def quantize_int8_per_channel(w: torch.Tensor, amax: torch.Tensor | None = None):

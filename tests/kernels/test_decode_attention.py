@@ -98,19 +98,6 @@ def test_decode_attention_merge_leaves_semaphores_at_zero(device):
         assert int(semaphores(q.device, 1).abs().sum()) == 0
 
 
-def _sinks_oracle(q, k, v, lens, scale, sinks, kv_start=None, window=None, softcap=None):
-    """reference.attention(sinks=) (the engine's CPU path, the sink's column in the softmax) in fp32 over the keys
-    the kernel sees: [kv_start, seq_len) of each row, the last ``window`` of them."""
-    b, s = q.shape[0], k.shape[2]
-    j = torch.arange(s, device=q.device)[None, :]
-    keep = (j < lens.long()[:, None]) & (j >= (0 if kv_start is None else kv_start.long()[:, None]))
-    if window is not None:
-        keep &= j > lens.long()[:, None] - 1 - window
-    out = ref.attention(q.float()[:, :, None], k[:b].float(), v[:b].float(), keep[:, None, None], scale, softcap,
-                        sinks=sinks)
-    return out[:, :, 0].to(q.dtype)
-
-
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("dtype,atol,rtol", TOLS)
 @pytest.mark.parametrize("b,hq,hkv,d,s", [(1, 4, 4, 16, 37), (3, 8, 2, 24, 45), (2, 6, 1, 40, 19)])
@@ -133,7 +120,7 @@ def test_decode_attention_sinks(device, dtype, atol, rtol, b, hq, hkv, d, s, spl
         kw["kv_start"] = torch.tensor([3, 0, 5][:b], device=device, dtype=torch.int32)
         kw["softcap"] = 2.0
     got = decode_attention(q, k, v, lens, 0.3, sinks=sinks, num_splits=splits, **kw)
-    assert_close(got, _sinks_oracle(q, k, v, lens, 0.3, sinks, **kw), atol, rtol)
+    assert_close(got, ref.decode_attention(q, k, v, lens, 0.3, sinks=sinks, **kw), atol, rtol)
 
 
 @pytest.mark.parametrize("device", device_params())
@@ -147,7 +134,7 @@ def test_decode_attention_sinks_extremes(device):
         sinks = torch.full((4,), value, device=device)
         for splits in (1, 3):
             got = decode_attention(q, k, v, lens, 0.25, sinks=sinks, num_splits=splits)
-            assert_close(got, _sinks_oracle(q, k, v, lens, 0.25, sinks), 2e-5, 1e-5)
+            assert_close(got, ref.decode_attention(q, k, v, lens, 0.25, sinks=sinks), 2e-5, 1e-5)
             assert torch.equal(got[1], torch.zeros_like(got[1]))
     assert_close(decode_attention(q, k, v, lens, 0.25, sinks=torch.full((4,), -200.0, device=device)),
                  decode_attention(q, k, v, lens, 0.25), 2e-5, 1e-5)

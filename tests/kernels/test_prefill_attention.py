@@ -95,24 +95,6 @@ def test_prefill_attention_rejects_bad_args():
         prefill_attention(torch.zeros(1, 3, 5, 16), torch.zeros(1, 3, 2, 16), torch.zeros(1, 3, 2, 16))
 
 
-def _sinks_oracle(q, k, v, scale, sinks, kv_start=None, seq_lens=None, window=None):
-    """reference.attention(sinks=) (the engine's CPU path, the sink's column in the softmax) in fp32 over the keys the
-    kernel's query rows see; rows that see no key give zeros there too (all of their weight on the sink)."""
-    b, t, length = q.shape[0], q.shape[1], k.shape[1]
-    c = torch.arange(length - t, length, device=q.device)[:, None]
-    j = torch.arange(length, device=q.device)[None, :]
-    keep = (j <= c)[None].expand(b, t, length).clone()
-    if window is not None:
-        keep &= (j > c - window)[None]
-    if kv_start is not None:
-        keep &= j[None] >= kv_start.long()[:, None, None]
-    if seq_lens is not None:
-        keep &= j[None] < seq_lens.long()[:, None, None]
-    out = ref.attention(q.float().transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2),
-                        keep[:, None], scale, sinks=sinks)
-    return out.transpose(1, 2).to(q.dtype)
-
-
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("dtype,atol,rtol", TOLS)
 @pytest.mark.parametrize("b,t,hq,hkv,d", [(1, 19, 2, 2, 16), (2, 33, 4, 1, 24), (2, 7, 6, 2, 40)])
@@ -131,7 +113,7 @@ def test_prefill_attention_sinks(device, dtype, atol, rtol, b, t, hq, hkv, d, pa
     if padding == "right":
         kw["seq_lens"] = torch.tensor([t, 4][:b], device=device, dtype=torch.int32)
     got = prefill_attention(q, k, v, 0.3, sinks=sinks, **kw)
-    assert_close(got, _sinks_oracle(q, k, v, 0.3, sinks, **kw), atol, rtol)
+    assert_close(got, ref.prefill_attention(q, k, v, 0.3, sinks=sinks, **kw), atol, rtol)
 
 
 @pytest.mark.parametrize("device", device_params())
@@ -149,6 +131,6 @@ def test_prefill_attention_sinks_after_cached_keys(device, dtype, atol, rtol):
     kw = dict(kv_start=torch.tensor([0, 7, 25], device=device, dtype=torch.int32),
               seq_lens=torch.tensor([30, 28, 30], device=device, dtype=torch.int32), window=11)
     got = prefill_attention(q, k, v, 0.3, sinks=sinks, **kw)
-    assert_close(got, _sinks_oracle(q, k, v, 0.3, sinks, **kw), atol, rtol)
+    assert_close(got, ref.prefill_attention(q, k, v, 0.3, sinks=sinks, **kw), atol, rtol)
     with pytest.raises(ValueError, match=r"sinks shape \(2,\) must be \(4,\)"):
         prefill_attention(q, k, v, 0.3, sinks=sinks[:2])
