@@ -67,7 +67,9 @@ def main():
                 if decoder.experts is not None:     # disk tier: one unit per expert, read when routed to
                     placed = [(len(us), *decoder.streamer.layouts[us[0]].entries[0].shape)
                               for us in decoder.experts.units.values()]
-                assert placed and all(s == (experts[0] // args.tp, *experts[1:]) for s in placed), shapes
+                # gate|up rows whole (2I: HF's dim other than hidden; gpt-oss stores [E, H, 2I]; int4 packs K in two)
+                rows = ({experts[1], experts[2]} - {hf.config.hidden_size}) or {hf.config.hidden_size}
+                assert placed and all(s[0] == experts[0] // args.tp and s[1] in rows for s in placed), shapes
             else:
                 moe = [layer.mlp for layer in decoder.layers if type(layer.mlp).__name__ == "MoEMLP"]
                 assert moe and all(m.first_expert == m.local_experts * int(os.environ["RANK"]) for m in moe)
