@@ -4,7 +4,8 @@ Grid (E, row tiles, N tiles): program (e, i, j) takes rows i * BLOCK_M.. of expe
 ``sorted_ids[offsets[e]:offsets[e + 1]]`` (tiles past the expert's count exit at once), gathers their
 input rows (assignment a reads x[a // rows_per_input], so the first GEMM reads tokens directly and the
 second reads its [A, I] input in assignment order), multiplies by weight[e].T and writes out[a]
-(optionally scaled by the routing weight of a). The combine is then ``out.view(T, k, N).sum(1)``.
+(plus its expert's bias row, then optionally scaled by the routing weight of a: gpt-oss's down(...) + b2 per expert,
+then the weight, as transformers computes it). The combine is then ``out.view(T, k, N).sum(1)``.
 Weights are fp32 / fp16 / bf16, or int8 with one fp32 scale per expert row (``weight_scale`` [E, N]): the int8
 tile is widened to the activations' dtype (exact) for the tile product and the scale applied to the fp32 sums; or
 int4 group-wise, packed as ``small_gemm_int4`` takes it (uint8 [E, N, K / 2]: byte j holds input dims 2j in the low
@@ -29,11 +30,13 @@ def _moe_gemm_kernel(
                                     # (K contiguous)
     sorted_ptr, offsets_ptr,        # sorted_ids [A] int32, offsets [E + 1] int32
     scale_ptr,                      # row scale [A] fp32 by assignment (HAS_SCALE)
+    b_ptr, b_se,                    # bias [E, N] (HAS_BIAS): expert stride (N contiguous)
     ws_ptr, ws_se, ws_sn,           # int8 weights: scale [E, N] fp32; int4: [E, N, K / GROUP]; expert / row strides
     out_ptr,                        # out [A, N] contiguous, rows by assignment
     N, K,                           # sizes (K counts logical input dims, also for int4)
     ROWS_PER_INPUT: tl.constexpr,   # assignment a reads input row a // ROWS_PER_INPUT
     HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,         # add the row's expert's bias in fp32, before the row scale
     WMODE: tl.constexpr,            # 0 float weights, 1 int8 per expert row, 2 int4 group-wise
     GROUP: tl.constexpr,            # int4: input dims per scale (even)
     IEEE_DOT: tl.constexpr,         # dot in fp32 (fp32 inputs; bf16 under the interpreter)
@@ -78,6 +81,8 @@ def _moe_gemm_kernel(
                 acc += dot(xt, tl.trans(wt), IEEE_DOT)      # int8 (|q| <= 127) is exact in the activations' dtype
         if WMODE == 1:
             acc *= tl.load(ws_ptr + ex.to(tl.int64) * ws_se + rn, mask=mn, other=0.0)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + ex.to(tl.int64) * b_se + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
         if HAS_SCALE:
             acc *= tl.load(scale_ptr + a, mask=mr, other=0.0).to(tl.float32)[:, None]
         tl.store(out_ptr + a[:, None].to(tl.int64) * N + rn[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -86,14 +91,16 @@ def _moe_gemm_kernel(
 
 def moe_gemm(x: torch.Tensor, weight: torch.Tensor, sorted_ids: torch.Tensor, offsets: torch.Tensor,
              rows_per_input: int, row_scale: torch.Tensor | None = None,
-             weight_scale: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """out[a] = x[a // rows_per_input] @ weight[e(a)].T (* row_scale[a]) for every assignment a.
+             weight_scale: torch.Tensor | None = None, out: torch.Tensor | None = None,
+             bias: torch.Tensor | None = None) -> torch.Tensor:
+    """out[a] = (x[a // rows_per_input] @ weight[e(a)].T + bias[e(a)]) (* row_scale[a]) for every assignment a.
 
     x [R, K]; weight [E, N, K] (fp32 / fp16 / bf16, or int8 with ``weight_scale`` [E, N] fp32: weight[e] ~=
     q[e] * scale[e][:, None]; or int4: packed uint8 [E, N, K / 2] with ``weight_scale`` [E, N, K / group] fp32, as
     ``reference.quantize_int4_groupwise`` makes each expert's); sorted_ids [A] and offsets [E + 1] from
-    ``moe_routing.moe_route``; row_scale [A] (e.g. the routing weights flattened). Use rows_per_input = top_k when x
-    holds tokens, 1 when x is already per assignment. Returns [A, N].
+    ``moe_routing.moe_route``; row_scale [A] (e.g. the routing weights flattened); bias [E, N] (any float dtype; added
+    in fp32 before the row scale and the one rounding). Use rows_per_input = top_k when x holds tokens, 1 when x is
+    already per assignment. Returns [A, N].
     Every assignment must belong to some expert (as moe_route guarantees), else its row is unwritten: ``out``
     (contiguous [A, N] in x's dtype, e.g. zeros) keeps what the call does not write (offsets of a segment of the
     experts: expert parallelism).
@@ -124,6 +131,8 @@ def moe_gemm(x: torch.Tensor, weight: torch.Tensor, sorted_ids: torch.Tensor, of
                              f"with an even group size dividing K = {k}")
     elif weight_scale is not None and weight_scale.shape != (e, n):
         raise ValueError(f"weight_scale shape {tuple(weight_scale.shape)} must be ({e}, {n})")
+    if bias is not None and bias.shape != (e, n):
+        raise ValueError(f"bias shape {tuple(bias.shape)} must be ({e}, {n})")
     if x.stride(-1) != 1:
         x = x.contiguous()
     if weight.stride(-1) != 1:
@@ -140,11 +149,13 @@ def moe_gemm(x: torch.Tensor, weight: torch.Tensor, sorted_ids: torch.Tensor, of
     block_k = 32 if interp else 64
     scale = row_scale.reshape(-1).float().contiguous() if row_scale is not None else out
     wscale = weight_scale.float().contiguous() if weight_scale is not None else out
+    b = bias.contiguous() if bias is not None else out
     grid = (e, triton.cdiv(a, block_m), triton.cdiv(n, block_n))
     _moe_gemm_kernel[grid](
         x, x.stride(0), weight, weight.stride(0), weight.stride(1), sorted_ids.contiguous(), offsets.contiguous(),
-        scale, wscale, wscale.stride(0) if weight_scale is not None else 0, wscale.stride(1) if int4 else 0, out, n,
-        k, ROWS_PER_INPUT=rows_per_input, HAS_SCALE=row_scale is not None,
+        scale, b, b.stride(0) if bias is not None else 0,
+        wscale, wscale.stride(0) if weight_scale is not None else 0, wscale.stride(1) if int4 else 0, out, n, k,
+        ROWS_PER_INPUT=rows_per_input, HAS_SCALE=row_scale is not None, HAS_BIAS=bias is not None,
         WMODE=2 if int4 else int(weight_scale is not None), GROUP=group, IEEE_DOT=ieee_dot(x.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
     return out

@@ -329,19 +329,23 @@ def moe_mlp(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: 
     router's experts [first_expert, first_expert + E_local)): routing over all experts, the grouped GEMMs over this
     rank's segment of the routing tables, the other assignments' rows zero. DeepSeek's routers (``routing``: groups,
     correction bias, fp32 router) choose in torch (:func:`reference.moe_topk`), the tables then by kernel. gpt-oss's
-    experts (biases, the clamped SwiGLU ``act``) run in the reference (counted ``reference:act``), the clamped SwiGLU
-    itself through :func:`clamped_swiglu` (its kernel on the Triton path)."""
+    experts: ``gate_up_bias`` / ``down_bias`` added in the grouped GEMMs' epilogues (down's before the routing weight),
+    the clamped SwiGLU ``act`` through :func:`clamped_swiglu`; any other ``act`` runs the reference (counted
+    ``reference:act``), as do dtypes the kernels do not take (counted ``reference:dtype``)."""
     int8 = gate_up_scale is not None
-    if act is not None or gate_up_bias is not None or down_bias is not None:
-        _count("moe_mlp", "reference:act")
-        if isinstance(act, reference.ClampedSwiGLU) and _triton(x):
-            act = functools.partial(clamped_swiglu, act=act)
+    clamped = isinstance(act, reference.ClampedSwiGLU)
+    why = None
+    if _triton(x):
+        why = ("act" if act is not None and not clamped
+               else "dtype" if (x.dtype != router.dtype and routing is None) or (x.dtype != gate_up.dtype and not int8)
+               else None)
+    if not _triton(x) or why:
+        if why:
+            _count("moe_mlp", "reference:" + why)
+            if clamped:
+                act = functools.partial(clamped_swiglu, act=act)
         return reference.moe_mlp(x, router, gate_up, down, top_k, renormalize, weights_in_dtype, gate_up_scale,
                                  down_scale, first_expert, routing, router_bias, gate_up_bias, down_bias, act)
-    if (not _triton(x) or (x.dtype != router.dtype and routing is None)
-            or (x.dtype != gate_up.dtype and not int8)):
-        return reference.moe_mlp(x, router, gate_up, down, top_k, renormalize, weights_in_dtype, gate_up_scale,
-                                 down_scale, first_expert, routing, router_bias)
     from lightning_dsinfer.kernels.activations import gated_act
     from lightning_dsinfer.kernels.moe_gemm import moe_gemm
     from lightning_dsinfer.kernels.moe_routing import moe_route, moe_tables
@@ -360,10 +364,11 @@ def moe_mlp(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: 
     # (expert parallelism: other ranks' rows of the gate|up product stay zero, so SwiGLU sees no stale memory there;
     # the down GEMM reads this rank's rows only)
     gu = torch.zeros(sorted_ids.numel(), gate_up.shape[1], dtype=x.dtype, device=x.device) if partial else None
-    h = gated_act(moe_gemm(x, gate_up, sorted_ids, offsets, top_k, weight_scale=gate_up_scale, out=gu), None, "silu")
+    gu = moe_gemm(x, gate_up, sorted_ids, offsets, top_k, weight_scale=gate_up_scale, out=gu, bias=gate_up_bias)
+    h = clamped_swiglu(gu, act) if clamped else gated_act(gu, None, "silu")
     out = torch.zeros(sorted_ids.numel(), down.shape[1], dtype=x.dtype, device=x.device) if partial else None
     y = moe_gemm(h, down, sorted_ids, offsets, 1, row_scale=w.reshape(-1), weight_scale=down_scale,
-                 out=out)   # [T * k, H]: other ranks' assignments stay zero
+                 out=out, bias=down_bias)   # [T * k, H]: other ranks' assignments stay zero
     return y.view(t, top_k, -1).sum(1, dtype=torch.float32).to(x.dtype)
 
 

@@ -598,11 +598,12 @@ def moe_route(logits: torch.Tensor, top_k: int, scoring: str = "softmax", renorm
 
 def moe_gemm(x: torch.Tensor, weight: torch.Tensor, sorted_ids: torch.Tensor, offsets: torch.Tensor,
              rows_per_input: int, row_scale: torch.Tensor | None = None,
-             weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+             weight_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Grouped expert GEMM (twin of ``kernels/moe_gemm.py``).
 
     weight [E, N, K]; assignment a (from ``sorted_ids``, grouped by ``offsets``) reads input row
-    ``a // rows_per_input`` of x [R, K] and writes out[a] = x[row] @ weight[e].T (* row_scale[a]).
+    ``a // rows_per_input`` of x [R, K] and writes out[a] = (x[row] @ weight[e].T + bias[e]) (* row_scale[a]), in fp32
+    with one rounding (bias [E, N]: gpt-oss's experts' biases, added before the routing weight as transformers does).
     Returns [A, N] in assignment order, A = sorted_ids.numel(). int8 weight: ``weight_scale`` [E, N]; int4 (packed
     uint8 [E, N, K / 2]): ``weight_scale`` [E, N, K / group] (dequantised: :func:`dequantize_experts`).
     """
@@ -613,6 +614,8 @@ def moe_gemm(x: torch.Tensor, weight: torch.Tensor, sorted_ids: torch.Tensor, of
         a = sorted_ids[int(offsets[e]):int(offsets[e + 1])].long()
         if a.numel():
             out[a] = x[a // rows_per_input].float() @ weight[e].float().t()
+            if bias is not None:
+                out[a] += bias[e].float()
     if row_scale is not None:
         out = out * row_scale.float().reshape(-1, 1)
     return out.to(x.dtype)

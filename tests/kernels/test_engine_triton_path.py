@@ -157,19 +157,19 @@ def test_deepseek_through_triton_matches_hf(family, monkeypatch):
 
 def test_gpt_oss_through_triton_matches_hf(monkeypatch):
     """gpt-oss on the Triton path: its attention sinks in the prefill and decode kernels (sliding and full layers,
-    a left-padded batch); its experts (biases) take the reference, counted as such, their clamped SwiGLU the
-    activation kernel; the norms, QKV / o GEMMs and rotary + K/V append go through the kernels. fp32 logits and greedy
-    tokens as HF's."""
+    a left-padded batch); its experts through the routing tables and grouped GEMMs (the biases in their epilogues,
+    down's before the routing weight), their clamped SwiGLU the activation kernel; the norms, QKV / o GEMMs and rotary
+    + K/V append go through the kernels; nothing falls back. fp32 logits and greedy tokens as HF's."""
     monkeypatch.setenv("DSINFER_CUDA_GRAPHS", "0")
     opt = _matches_hf_through_triton("gpt_oss")
     layers = len(opt._dsinfer_engine.decoder.layers)
     counts = dict(ops.dispatch_counts)                                   # 1 forward + 1 prefill + 4 decode steps
     assert counts[("attention", "triton")] == 6 * layers, counts
     assert ("attention", "reference:sinks") not in counts, counts
-    assert counts[("moe_mlp", "reference:act")] == 6 * layers, counts
-    assert counts[("clamped_swiglu", "triton")] >= 6 * layers, counts   # one call per routed expert
+    assert counts[("moe_mlp", "triton")] == 6 * layers, counts
+    assert counts[("clamped_swiglu", "triton")] == 6 * layers, counts   # one call per layer, all routed rows
     assert counts[("rotary_write_kv", "triton")] == 6 * layers, counts
-    assert set(_fallbacks()) == {("moe_mlp", "reference:act")}, _fallbacks()
+    assert not _fallbacks(), _fallbacks()
 
 
 @pytest.mark.parametrize("kind", ["none", "left", "holes"])
@@ -265,12 +265,13 @@ def test_relu2_takes_torch_ops_on_the_triton_path():
     assert dict(ops.dispatch_counts) == {("act", "reference:relu2"): 1}
 
 
-@pytest.mark.parametrize("family", ["llama", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["llama", "mixtral", "qwen2_moe", "gpt_oss"])
 def test_int8_through_triton_matches_fake_quantised_hf(family, monkeypatch):
     """quantize="int8" on the Triton path (built under the forced dispatch on a CPU, as on CUDA): llama's block linears
     int8 with a scale per row, the decode steps' norm + QKV and norm + gate/up + SwiGLU through the int8 GEMM's
     prologue / epilogue; the MoE experts int8 in their 3D layout with a scale per expert row, through the grouped
-    GEMMs. fp32 logits and greedy tokens as HF's over the same quantise-dequantised weights."""
+    GEMMs (gpt-oss: with the experts' biases and the clamped SwiGLU). fp32 logits and greedy tokens as HF's over the
+    same quantise-dequantised weights."""
     from helpers import fake_quantised_int8
 
     monkeypatch.setenv("DSINFER_CUDA_GRAPHS", "0")
@@ -289,6 +290,7 @@ def test_int8_through_triton_matches_fake_quantised_hf(family, monkeypatch):
     assert torch.equal(tokens, ref_tokens)
     if moe:
         assert ops.dispatch_counts[("moe_mlp", "triton")] > 0, dict(ops.dispatch_counts)
+        assert not any(op == "moe_mlp" for op, how in _fallbacks()), _fallbacks()
     else:       # 4 decode steps x 2 blocks x (norm + QKV, norm + gate/up + SwiGLU)
         assert ops.dispatch_counts[("norm_linear", "triton")] == 16, dict(ops.dispatch_counts)
 
@@ -316,13 +318,13 @@ def test_int4_through_triton_matches_fake_quantised_hf(monkeypatch):
     assert ops.dispatch_counts[("linear_int4", "torch:dequantise")] == 16, dict(ops.dispatch_counts)
 
 
-@pytest.mark.parametrize("family,group", [("mixtral", 32), ("qwen2_moe", 16)])
+@pytest.mark.parametrize("family,group", [("mixtral", 32), ("qwen2_moe", 16), ("gpt_oss", 16)])
 def test_int4_moe_through_triton_matches_fake_quantised_hf(family, group, monkeypatch):
     """quantize="int4" for a MoE family on the Triton path (built under the forced dispatch on a CPU, as on CUDA): the
     experts packed in their 3D layout ([E, N, K / 2], a scale per expert row and group) through the grouped int4
     GEMM, qwen2_moe's shared expert and the attention linears as dense int4 Linears (groups of 16: dequantised in
-    torch, the small GEMM takes groups from 32). fp32 logits and greedy tokens as HF's over the same
-    quantise-dequantised weights."""
+    torch, the small GEMM takes groups from 32); gpt-oss's experts with their biases and the clamped SwiGLU. fp32
+    logits and greedy tokens as HF's over the same quantise-dequantised weights."""
     from helpers import fake_quantised_int4
 
     monkeypatch.setenv("DSINFER_CUDA_GRAPHS", "0")

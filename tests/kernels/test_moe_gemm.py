@@ -80,6 +80,49 @@ def test_moe_gemm_int4_weights(device, dtype, atol, rtol, kdim, group):
         moe_gemm(x, q, sorted_ids, offsets, k, weight_scale=torch.ones(e, n, 5, device=device))
 
 
+def _experts(e, n, kdim, device, dtype, wmode):
+    """(weight, weight_scale) of e experts [n, kdim]: float in dtype, int8 per expert row, int4 in groups of 8."""
+    w = torch.randn(e * n, kdim, device=device)
+    if wmode == "int8":
+        q, s = ref.quantize_int8_per_channel(w)
+        return q.view(e, n, kdim), s.view(e, n)
+    if wmode == "int4":
+        q, s = ref.quantize_int4_groupwise(w, 8)
+        return q.view(e, n, kdim // 2), s.view(e, n, kdim // 8)
+    return w.view(e, n, kdim).to(dtype), None
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype,atol,rtol", TOLS)
+@pytest.mark.parametrize("wmode", ["float", "int8", "int4"])
+def test_moe_gemm_expert_bias(device, dtype, atol, rtol, wmode):
+    """A bias row per expert (gpt-oss), added in fp32 in the epilogue: the token-input form, and the per-assignment
+    form with the bias added before the routing weight (down(h) + b2, then the weight, as transformers); float, int8
+    and int4 weights against the reference; one expert spans several row tiles, some experts get no rows."""
+    if not bf16_ok(device) and dtype == torch.bfloat16:
+        pytest.skip("bf16 unsupported on this GPU")
+    t, e, k, kdim, n = 13, 5, 2, 40, 37
+    w_route, _, _, offsets, sorted_ids, _ = _tables(t, e, k, device, skew=True)
+    w, s = _experts(e, n, kdim, device, dtype, wmode)
+    bias = (torch.randn(e, n, device=device) * 4).to(dtype)
+    x = torch.randn(t, kdim, device=device).to(dtype)
+    want = ref.moe_gemm(x, w, sorted_ids, offsets, k, weight_scale=s, bias=bias)
+    assert_close(moe_gemm(x, w, sorted_ids, offsets, k, weight_scale=s, bias=bias), want, atol, rtol)
+    no_bias = ref.moe_gemm(x, w, sorted_ids, offsets, k, weight_scale=s).float()
+    ex = torch.repeat_interleave(torch.arange(e, device=device), (offsets[1:] - offsets[:-1]).long())
+    bias_rows = torch.empty_like(no_bias)
+    bias_rows[sorted_ids.long()] = bias[ex].float()      # row a: its expert's bias
+    assert_close(want.float(), no_bias + bias_rows, atol, rtol)
+    h = torch.randn(t * k, kdim, device=device).to(dtype)
+    want2 = ref.moe_gemm(h, w, sorted_ids, offsets, 1, w_route, s, bias=bias)
+    assert_close(moe_gemm(h, w, sorted_ids, offsets, 1, row_scale=w_route, weight_scale=s, bias=bias), want2, atol,
+                 rtol)
+    plain = ref.moe_gemm(h, w, sorted_ids, offsets, 1, weight_scale=s).float()
+    assert_close(want2.float(), (plain + bias_rows) * w_route.reshape(-1, 1).float(), atol, rtol)
+    with pytest.raises(ValueError, match=r"bias shape \(5, 36\) must be \(5, 37\)"):
+        moe_gemm(x, w, sorted_ids, offsets, k, weight_scale=s, bias=bias[:, :36])
+
+
 @pytest.mark.parametrize("device", device_params())
 def test_moe_gemm_equals_dense_moe(device):
     # End to end against a plain per-token loop (no tables): sum_j w_tj * x_t @ W[e_tj].T.
@@ -129,4 +172,36 @@ def test_moe_mlp_expert_parallel_segments_sum_to_the_whole(device, quantize):
                              None if gs is None else gs[a:a + 3], None if ds is None else ds[a:a + 3], first_expert=a)
                  for a in (0, 3)]
         assert ops.dispatch_counts[("moe_mlp", "triton")] >= 2
+    assert_close(parts[0] + parts[1], want, 1e-4, 1e-4)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+def test_moe_mlp_clamped_swiglu_with_biases(device, quantize):
+    """gpt-oss's experts on the Triton path (ops.moe_mlp with gate_up_bias, down_bias and ClampedSwiGLU): the biases in
+    the grouped GEMMs, the clamped SwiGLU kernel between them, counted ``triton`` with no reference fallback; equal to
+    reference.moe_mlp, whole and as two expert-parallel segments (down's bias on both ranks' own experts); int8 and
+    int4 (groups of 8) experts too. The clamp limit is small enough that some gate / up values are clamped."""
+    from lightning_dsinfer.kernels import ops
+
+    t, e, k, h, inter = 7, 6, 2, 32, 24
+    x = torch.randn(t, h, device=device)
+    router = torch.randn(e, h, device=device)
+    gate_up, gs = _experts(e, 2 * inter, h, device, torch.float32, quantize or "float")
+    down, ds = _experts(e, h, inter, device, torch.float32, quantize or "float")
+    gb, db = torch.randn(e, 2 * inter, device=device), torch.randn(e, h, device=device)
+    act = ref.ClampedSwiGLU(alpha=1.702, limit=3.0)
+    routing = ref.Routing(scoring="topk_softmax")
+    want = ref.moe_mlp(x, router, gate_up, down, k, True, False, gs, ds, routing=routing, gate_up_bias=gb,
+                       down_bias=db, act=act)
+    ops.dispatch_counts.clear()
+    with ops.force_triton(device == "cpu"):
+        got = ops.moe_mlp(x, router, gate_up, down, k, True, False, gs, ds, routing=routing, gate_up_bias=gb,
+                          down_bias=db, act=act)
+        parts = [ops.moe_mlp(x, router, gate_up[a:a + 3], down[a:a + 3], k, True, False,
+                             None if gs is None else gs[a:a + 3], None if ds is None else ds[a:a + 3], first_expert=a,
+                             routing=routing, gate_up_bias=gb[a:a + 3], down_bias=db[a:a + 3], act=act)
+                 for a in (0, 3)]
+    assert dict(ops.dispatch_counts) == {("moe_mlp", "triton"): 3, ("clamped_swiglu", "triton"): 3}
+    assert_close(got, want, 1e-4, 1e-4)
     assert_close(parts[0] + parts[1], want, 1e-4, 1e-4)
