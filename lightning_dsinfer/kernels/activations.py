@@ -87,6 +87,26 @@ def _clamped_swiglu_kernel(
     tl.store(out_ptr + row * inter + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _rows(x: torch.Tensor, n_out: int):
+    """x [..., N] as rows [R, N] (unit stride along N), a new output [..., n_out] in x's dtype, and the launch: grid
+    (None when there is nothing to compute) and its block / warps."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype, device=x.device)
+    block = min(triton.next_power_of_2(max(n_out, 1)), 1024)
+    grid = (x2.shape[0], triton.cdiv(n_out, block)) if x2.shape[0] and n_out else None
+    return x2, out, grid, dict(BLOCK_N=block, num_warps=max(1, min(block // 256, 4)))
+
+
+def _half(gate_up: torch.Tensor) -> int:
+    """I of gate_up [..., 2I] = cat(gate, up)."""
+    n = gate_up.shape[-1]
+    if n % 2:
+        raise ValueError(f"gate_up last dim {n} must be even (cat of gate and up)")
+    return n // 2
+
+
 def _launch(kernel, x: torch.Tensor, bias: torch.Tensor | None, act: str, n_out: int) -> torch.Tensor:
     """Run ``kernel`` (either of the two above: same arguments) over the rows of x [..., N] -> [..., n_out]."""
     n = x.shape[-1]
@@ -94,15 +114,10 @@ def _launch(kernel, x: torch.Tensor, bias: torch.Tensor | None, act: str, n_out:
         raise ValueError(f"activation {act!r} not one of {sorted(ACTS)}")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias shape {tuple(bias.shape)} does not match last dim {n}")
-    x2 = x.reshape(-1, n)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    out = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype, device=x.device)
-    block = min(triton.next_power_of_2(max(n_out, 1)), 1024)
-    if x2.shape[0] and n_out:
-        kernel[(x2.shape[0], triton.cdiv(n_out, block))](
-            x2, x2.stride(0), bias if bias is not None else x2, out, n_out,
-            ACT=ACTS[act], HAS_BIAS=bias is not None, BLOCK_N=block, num_warps=max(1, min(block // 256, 4)))
+    x2, out, grid, launch = _rows(x, n_out)
+    if grid is not None:
+        kernel[grid](x2, x2.stride(0), bias if bias is not None else x2, out, n_out, ACT=ACTS[act],
+                     HAS_BIAS=bias is not None, **launch)
     return out
 
 
@@ -116,26 +131,14 @@ def gated_act(gate_up: torch.Tensor, bias: torch.Tensor | None = None, act: str 
 
     act="silu" is SwiGLU, "gelu" / "gelu_tanh" is GeGLU.
     """
-    n = gate_up.shape[-1]
-    if n % 2:
-        raise ValueError(f"gate_up last dim {n} must be even (cat of gate and up)")
-    return _launch(_gated_act_kernel, gate_up, bias, act, n // 2)
+    return _launch(_gated_act_kernel, gate_up, bias, act, _half(gate_up))
 
 
 def clamped_swiglu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
     """gpt-oss's clamped SwiGLU over gate_up [..., 2I] = cat(gate, up): (clamp(up, -limit, limit) + 1) *
     g * sigmoid(alpha * g), g = min(gate, limit), in fp32 with one rounding; returns [..., I]."""
-    n = gate_up.shape[-1]
-    if n % 2:
-        raise ValueError(f"gate_up last dim {n} must be even (cat of gate and up)")
-    inter = n // 2
-    x2 = gate_up.reshape(-1, n)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    out = torch.empty((*gate_up.shape[:-1], inter), dtype=gate_up.dtype, device=gate_up.device)
-    block = min(triton.next_power_of_2(max(inter, 1)), 1024)
-    if x2.shape[0] and inter:
-        _clamped_swiglu_kernel[(x2.shape[0], triton.cdiv(inter, block))](
-            x2, x2.stride(0), out, inter, float(alpha), float(limit), BLOCK_N=block,
-            num_warps=max(1, min(block // 256, 4)))
+    inter = _half(gate_up)
+    x2, out, grid, launch = _rows(gate_up, inter)
+    if grid is not None:
+        _clamped_swiglu_kernel[grid](x2, x2.stride(0), out, inter, float(alpha), float(limit), **launch)
     return out

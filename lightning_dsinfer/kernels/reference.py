@@ -162,11 +162,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
             s += alibi.float().view(hkv, group, 1, 1) * rel
         if mask is not None:
             s.masked_fill_(~mask[:, :, None], float("-inf"))
-        if sinks is not None:     # the sink's column joins the softmax, then is dropped
-            sink = sinks.float().view(1, hkv, group, 1, 1).expand(b, hkv, group, t, 1)
-            p = torch.cat((s, sink), dim=-1).softmax(dim=-1)[..., :-1]
-        else:
-            p = s.softmax(dim=-1)
+        # (sinks: the sink's column joins the softmax, then is dropped)
+        p = s.softmax(dim=-1) if sinks is None else _softmax_with_sinks(s.view(b, hq, t, -1), sinks)
         p = p.to(v.dtype).reshape(b, hkv, group * t, -1)
         return torch.matmul(p, v).view(b, hq, t, v.shape[-1])
     if t == 1 and group > 1:

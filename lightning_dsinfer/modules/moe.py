@@ -1,6 +1,6 @@
 """Sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek, gpt-oss): router, top-k experts, optional
 shared expert (Qwen2-MoE's behind a sigmoid gate, DeepSeek's plain); gpt-oss's experts have biases and a clamped
-SwiGLU (``act``), which the grouped GEMMs leave to the reference.
+SwiGLU (``act``).
 
 On CUDA the experts stay in transformers' 3D layout (gate|up [E, 2I, H], down [E, H, I]; int8: the same layout with
 a scale per expert row; int4: packed [E, N, K / 2] with a scale per expert row and group of inputs) and a call is
@@ -154,28 +154,22 @@ class _LazyExperts:
 def quantize_experts(w: torch.Tensor, quantize: str, group_size: int = 128, row_max=None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """3D experts [E, N, K] as the grouped GEMMs and the offload units hold them: int8 [E, N, K] with an fp32 scale
-    per expert row [E, N] (``quantize_rows``; ``row_max``: a row-parallel down's whole-row scales), or int4
-    (:func:`_int4_experts`). Meta tensors give the layout."""
+    per expert row [E, N] (``quantize_rows``; ``row_max``: a row-parallel down's whole-row scales), or int4 packed
+    uint8 [E, N, K / 2] with fp32 scales [E, N, K / group_size] (``quantize_int4_rows``). Meta tensors give the
+    layout."""
     e, rows, cols = w.shape
     if w.is_meta:
         int4 = quantize == "int4"
         return (torch.empty(e, rows, cols // 2 if int4 else cols, dtype=torch.uint8 if int4 else torch.int8,
                             device="meta"),
                 torch.empty(e, rows, *((cols // group_size,) if int4 else ()), dtype=torch.float32, device="meta"))
-    if quantize == "int4":      # packed 3D experts, a scale per expert row and group of group_size inputs
-        return _int4_experts(w, group_size)
+    if quantize == "int4":      # each expert row as a dense int4 Linear's row
+        q, sc = quantize_int4_rows(w.reshape(e * rows, cols), group_size)
+        return q.view(e, rows, cols // 2), sc.view(e, rows, -1)
     q, sc = quantize_rows(w.reshape(e * rows, cols), row_max)
     return q.view(e, rows, cols), sc.view(e, rows)
 
 
-def _int4_experts(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """3D experts [E, N, K] -> packed uint8 [E, N, K / 2] and fp32 scales [E, N, K / group_size] (each expert row
-    quantised as a dense int4 Linear's row: ``quantize_int4_rows``)."""
-    e, rows, cols = w.shape
-    q, sc = quantize_int4_rows(w.reshape(e * rows, cols), group_size)
-    return q.view(e, rows, cols // 2), sc.view(e, rows, -1)
-
-
-def _row(bias: torch.Tensor | None, e: int) -> torch.Tensor | None:
-    """Expert e's bias row (gpt-oss), or None."""
-    return None if bias is None else bias[e]
+def _row(t: torch.Tensor | None, e: int) -> torch.Tensor | None:
+    """Expert e's row of a per-expert tensor (gpt-oss's biases; a quantised unit's scales), or None."""
+    return None if t is None else t[e]

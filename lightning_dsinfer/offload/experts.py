@@ -139,7 +139,6 @@ class LayerExperts:
         self.local_experts = len(self.units)
         self.expert_bytes = pool.layouts[self.units[0]].nbytes
         self._hit: list[int] | None = None
-        self._act = ops.silu_and_mul                  # (run's ``act``)
 
     def _experts_hit(self, ids: torch.Tensor) -> list[int]:
         """This rank's experts routed to (router's numbering), ascending."""
@@ -154,7 +153,13 @@ class LayerExperts:
     def run(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, act=None) -> torch.Tensor:
         """:func:`reference.moe_experts` over this rank's experts, a group of at most ``n_slots`` at a time (``act``:
         the experts' activation, gpt-oss's; None: SwiGLU)."""
-        self._act = act or ops.silu_and_mul
+        act = act or ops.silu_and_mul
+
+        def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
+            t = self.pool.acquire(self.units[e - self.first_expert])
+            h = act(Linear(t["gate_up"], t.get("gate_up_bias"), pack=False, scale=t.get("gate_up_scale"))(rows))
+            return Linear(t["down"], t.get("down_bias"), pack=False, scale=t.get("down_scale"))(h)
+
         hit = self._hit if self._hit is not None else self._experts_hit(ids)
         self._hit = None
         out = torch.zeros_like(x)
@@ -162,10 +167,5 @@ class LayerExperts:
         for g in range(0, len(hit), n):
             group = hit[g:g + n]
             self.pool.load(self.layer, [self.units[e - self.first_expert] for e in group])
-            reference.moe_experts(x, weights, ids, self._expert, out=out, only=set(group))
+            reference.moe_experts(x, weights, ids, expert, out=out, only=set(group))
         return out
-
-    def _expert(self, e: int, rows: torch.Tensor) -> torch.Tensor:
-        t = self.pool.acquire(self.units[e - self.first_expert])
-        h = self._act(Linear(t["gate_up"], t.get("gate_up_bias"), pack=False, scale=t.get("gate_up_scale"))(rows))
-        return Linear(t["down"], t.get("down_bias"), pack=False, scale=t.get("down_scale"))(h)

@@ -34,6 +34,19 @@ def test_moe_gemm_token_input(device, dtype, atol, rtol, t, e, k, kdim, n, skew)
     assert_close(got2, ref.moe_gemm(h, w2, sorted_ids, offsets, 1, w_route), atol, rtol)
 
 
+def _assert_quantised_forms(q, s, kdim, k, w_route, offsets, sorted_ids, dtype, atol, rtol):
+    """Both GEMM forms over quantised experts (``q`` with scales ``s``) against the dequantised reference: token input
+    [T, K] (top-k rows each) and per-assignment input with the routing weights. Returns the token input."""
+    t = w_route.shape[0]
+    x = torch.randn(t, kdim, device=q.device).to(dtype)
+    assert_close(moe_gemm(x, q, sorted_ids, offsets, k, weight_scale=s),
+                 ref.moe_gemm(x, q, sorted_ids, offsets, k, weight_scale=s), atol, rtol)
+    h = torch.randn(t * k, kdim, device=q.device).to(dtype)
+    assert_close(moe_gemm(h, q, sorted_ids, offsets, 1, row_scale=w_route, weight_scale=s),
+                 ref.moe_gemm(h, q, sorted_ids, offsets, 1, w_route, s), atol, rtol)
+    return x
+
+
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("dtype,atol,rtol", TOLS)
 def test_moe_gemm_int8_weights(device, dtype, atol, rtol):
@@ -44,12 +57,7 @@ def test_moe_gemm_int8_weights(device, dtype, atol, rtol):
     w_route, _, _, offsets, sorted_ids, _ = _tables(t, e, k, device, skew=True)
     q, s = ref.quantize_int8_per_channel(torch.randn(e * n, kdim, device=device))
     q, s = q.view(e, n, kdim), s.view(e, n)
-    x = torch.randn(t, kdim, device=device).to(dtype)
-    assert_close(moe_gemm(x, q, sorted_ids, offsets, k, weight_scale=s),
-                 ref.moe_gemm(x, q, sorted_ids, offsets, k, weight_scale=s), atol, rtol)
-    h = torch.randn(t * k, kdim, device=device).to(dtype)
-    assert_close(moe_gemm(h, q, sorted_ids, offsets, 1, row_scale=w_route, weight_scale=s),
-                 ref.moe_gemm(h, q, sorted_ids, offsets, 1, w_route, s), atol, rtol)
+    x = _assert_quantised_forms(q, s, kdim, k, w_route, offsets, sorted_ids, dtype, atol, rtol)
     with pytest.raises(ValueError, match="int8 expert weights need weight_scale"):
         moe_gemm(x, q, sorted_ids, offsets, k)
 
@@ -68,12 +76,7 @@ def test_moe_gemm_int4_weights(device, dtype, atol, rtol, kdim, group):
     q, s = ref.quantize_int4_groupwise(torch.randn(e * n, kdim, device=device), group)
     q, s = q.view(e, n, kdim // 2), s.view(e, n, kdim // group)
     assert torch.equal(ref.dequantize_experts(q, s)[1], ref.dequantize_int4(q[1], s[1], group))
-    x = torch.randn(t, kdim, device=device).to(dtype)
-    assert_close(moe_gemm(x, q, sorted_ids, offsets, k, weight_scale=s),
-                 ref.moe_gemm(x, q, sorted_ids, offsets, k, weight_scale=s), atol, rtol)
-    h = torch.randn(t * k, kdim, device=device).to(dtype)
-    assert_close(moe_gemm(h, q, sorted_ids, offsets, 1, row_scale=w_route, weight_scale=s),
-                 ref.moe_gemm(h, q, sorted_ids, offsets, 1, w_route, s), atol, rtol)
+    x = _assert_quantised_forms(q, s, kdim, k, w_route, offsets, sorted_ids, dtype, atol, rtol)
     with pytest.raises(ValueError, match="int4 expert weights need weight_scale"):
         moe_gemm(x, q, sorted_ids, offsets, k)
     with pytest.raises(ValueError, match=r"int4 weight_scale shape \(5, 37, 5\)"):

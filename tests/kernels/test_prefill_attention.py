@@ -42,6 +42,14 @@ def test_prefill_attention_window_and_both_paddings(device, dtype, atol, rtol):
     assert_close(prefill_attention(q, k, v, 0.2, **kw), ref.prefill_attention(q, k, v, 0.2, **kw), atol, rtol)
 
 
+def _later_chunk(dtype, device):
+    """A later prompt chunk: q [3, 9, 4, 24] over k, v [3, 30, 2, 24] (21 keys from earlier chunks; strided views)."""
+    b, t, length, hq, hkv, d = 3, 9, 30, 4, 2, 24
+    q = torch.randn(b, t, hq, d, device=device).to(dtype)
+    kv = torch.randn(b, length, 2 * hkv, d, device=device).to(dtype)
+    return q, kv[:, :, :hkv], kv[:, :, hkv:]
+
+
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("dtype,atol,rtol", TOLS)
 @pytest.mark.parametrize("window", [None, 5])
@@ -49,10 +57,7 @@ def test_prefill_attention_after_cached_keys(device, dtype, atol, rtol, window):
     # A later prompt chunk: 9 queries over 30 keys (21 of them from earlier chunks), left padding.
     if not bf16_ok(device) and dtype == torch.bfloat16:
         pytest.skip("bf16 unsupported on this GPU")
-    b, t, length, hq, hkv, d = 3, 9, 30, 4, 2, 24
-    q = torch.randn(b, t, hq, d, device=device).to(dtype)
-    kv = torch.randn(b, length, 2 * hkv, d, device=device).to(dtype)
-    k, v = kv[:, :, :hkv], kv[:, :, hkv:]
+    q, k, v = _later_chunk(dtype, device)
     kw = dict(kv_start=torch.tensor([0, 7, 25], device=device, dtype=torch.int32), window=window)
     assert_close(prefill_attention(q, k, v, 0.3, **kw), ref.prefill_attention(q, k, v, 0.3, **kw), atol, rtol)
 
@@ -123,10 +128,7 @@ def test_prefill_attention_sinks_after_cached_keys(device, dtype, atol, rtol):
     # weights near 0 without overflow).
     if not bf16_ok(device) and dtype == torch.bfloat16:
         pytest.skip("bf16 unsupported on this GPU")
-    b, t, length, hq, hkv, d = 3, 9, 30, 4, 2, 24
-    q = torch.randn(b, t, hq, d, device=device).to(dtype)
-    kv = torch.randn(b, length, 2 * hkv, d, device=device).to(dtype)
-    k, v = kv[:, :, :hkv], kv[:, :, hkv:]
+    q, k, v = _later_chunk(dtype, device)
     sinks = torch.tensor([50.0, 1.5, -1.0, -50.0], device=device).to(dtype)
     kw = dict(kv_start=torch.tensor([0, 7, 25], device=device, dtype=torch.int32),
               seq_lens=torch.tensor([30, 28, 30], device=device, dtype=torch.int32), window=11)
