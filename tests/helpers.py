@@ -77,6 +77,17 @@ def tiny_config(family: str, **overrides):
                                   "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
                                                       "original_max_position_embeddings": 64, "mscale": 1.0,
                                                       "mscale_all_dim": 1.0}})
+    elif family == "glm4_moe_lite":        # GLM-4.7-Flash: V3's latent attention (rotate-half here) and MoE, the
+        from transformers import AutoConfig   # dense / sparse blocks by mlp_layer_types
+
+        cfg = AutoConfig.for_model(family, **{**common, "num_hidden_layers": 3, "num_key_value_heads": 4,
+                                              "q_lora_rank": 32, "kv_lora_rank": 24, "qk_nope_head_dim": 16,
+                                              "qk_rope_head_dim": 8, "v_head_dim": 12, "n_routed_experts": 8,
+                                              "n_group": 2, "topk_group": 1, "num_experts_per_tok": 3,
+                                              "moe_intermediate_size": 32, "n_shared_experts": 1,
+                                              "mlp_layer_types": ["dense", "sparse", "sparse"],
+                                              "routed_scaling_factor": 1.8, "norm_topk_prob": True,
+                                              "rope_interleave": False})
     elif family == "deepseek_v2":          # V2-Lite's form: q without low rank; group-limited softmax routing, two
         from transformers import DeepseekV2Config  # shared experts, a dense first layer
 
@@ -121,13 +132,13 @@ def tiny_model(family: str, seed: int = 0, **overrides):
             for name, p in model.named_parameters():                       # in the wrong place cannot pass
                 if "norm" in name:
                     p.normal_(0.0 if family.startswith("gemma") else 1.0, 0.2)
-        if family.startswith("deepseek"):   # RMSNorms at 1 and V3's correction bias at 0 would hide misplacements
+        if family.startswith("deepseek") or family == "glm4_moe_lite":   # RMSNorms at 1 would hide misplacements
             for name, p in model.named_parameters():
                 if "norm" in name:
                     p.normal_(1.0, 0.2)
-            for name, buf in model.named_buffers():
-                if name.endswith("e_score_correction_bias"):
-                    buf.normal_(0.0, 0.3)
+        for name, buf in model.named_buffers():     # so would a correction bias at 0 (HF's init)
+            if name.endswith("e_score_correction_bias"):
+                buf.normal_(0.0, 0.3)
         if family == "gpt_oss":             # norms at 1, the experts' biases at 0 (HF's init) would hide misplacements
             for name, p in model.named_parameters():
                 if "norm" in name:
@@ -385,6 +396,34 @@ LLAMA_LIKE_FAMILIES = {
     "arcee": dict(head_dim=16, mlp_bias=True),
     # whole-projection q / k norms and a top-2 MoE of 4 experts in every layer (not renormalised)
     "olmoe": dict(intermediate_size=48, num_experts=4, num_experts_per_tok=2),
+    # Qwen 2's blocks, a sliding layer and a full one
+    "ministral": dict(head_dim=16, sliding_window=7, layer_types=["sliding_attention", "full_attention"]),
+    # DeepSeek-V3's MoE (grouped sigmoid routing with its correction bias, a shared expert, a dense first layer) under
+    # GQA attention with partial rotary, q/k/v biases and per-head q / k norms
+    "glm4_moe": dict(num_hidden_layers=3, head_dim=16, attention_bias=True, use_qk_norm=True, n_routed_experts=8,
+                     n_group=4, topk_group=2, num_experts_per_tok=3, moe_intermediate_size=32, n_shared_experts=1,
+                     first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True),
+    # the same modules, whole-head rotary, two shared experts, not renormalised
+    "sarvam_moe": dict(head_dim=16, use_qk_norm=True, n_routed_experts=6, num_experts_per_tok=2,
+                       moe_intermediate_size=32, n_shared_experts=2, first_k_dense_replace=1,
+                       routed_scaling_factor=1.5, norm_topk_prob=False),
+    # Qwen 3's attention (a sliding layer) and DeepSeek-V3's MoE
+    "dots1": dict(num_hidden_layers=3, head_dim=16, n_routed_experts=8, n_group=2, topk_group=1,
+                  num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
+                  routed_scaling_factor=2.0, norm_topk_prob=True, sliding_window=7,
+                  layer_types=["full_attention", "sliding_attention", "full_attention"]),
+    # Exaone 4's attention (a sliding layer that rotates, a NoPE full one), pre-norm, DeepSeek-V3's MoE by
+    # mlp_layer_types
+    "exaone_moe": dict(num_hidden_layers=3, head_dim=16, num_experts=8, n_group=2, topk_group=2,
+                       num_experts_per_tok=2, moe_intermediate_size=32, num_shared_experts=1,
+                       mlp_layer_types=["dense", "sparse", "sparse"], routed_scaling_factor=2.0,
+                       norm_topk_prob=True, sliding_window=7,
+                       layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    # OLMo 2's blocks with OLMoE's top-2 MoE of 4 experts
+    "flex_olmo": dict(intermediate_size=48, num_experts=4, num_experts_per_tok=2),
+    # whole-projection q / k norms, partial rotary, a sigmoid-routed top-2 MoE of 4 experts with a correction bias
+    "minimax_m2": dict(head_dim=16, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+                       rotary_dim=8),
 }
 
 

@@ -22,6 +22,7 @@ VARIANTS = {
                                               "norm_topk_prob": False, "q_lora_rank": None}),
     "v2-lite": ("deepseek_v2", {}),
     "v2-greedy-low-rank": ("deepseek_v2", {"topk_method": "greedy", "q_lora_rank": 32}),
+    "glm4-moe-lite": ("glm4_moe_lite", {}),
 }
 
 
@@ -39,7 +40,8 @@ def test_deepseek_matches_hf(family, overrides):
     width = config.kv_lora_rank + config.qk_rope_head_dim
     assert engine.cache.keys_only and engine.cache.k[0].shape[1:] == (1, 64, width)
     assert type(engine.decoder.layers[0].attn).__name__ == "LatentAttention"
-    assert [type(layer.mlp).__name__ for layer in engine.decoder.layers] == ["GatedMLP", "MoEMLP"]
+    assert [type(layer.mlp).__name__ for layer in engine.decoder.layers] == [
+        "GatedMLP", *["MoEMLP"] * (config.num_hidden_layers - 1)]
     _assert_same(hf, opt)
     ids, mask = padded_batch([6, 9], seed=2)      # beam search through HF's loop and its cache, over the engine
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False)
@@ -97,7 +99,7 @@ def test_routers_match_hf():
     """The routing alone, on many tokens: V3's (groups, bias, renormalised, scaled) and V2's (group-limited by the
     best expert, scaled) choose HF's experts with HF's weights."""
     from lightning_dsinfer.kernels import reference
-    from lightning_dsinfer.policies.deepseek import _routing
+    from lightning_dsinfer.policies.deepseek import routing_of
 
     for family, overrides in (("deepseek_v3", {}), ("deepseek_v2", {}), ("deepseek_v2", {"topk_method": "greedy"})):
         hf = tiny_model(family, **overrides)
@@ -106,7 +108,7 @@ def test_routers_match_hf():
         with torch.no_grad():
             _, want_w, want_ids = gate(x)
         bias = getattr(gate, "e_score_correction_bias", None)
-        w, ids = reference.moe_topk(x, gate.weight, hf.config.num_experts_per_tok, routing=_routing(hf.config),
+        w, ids = reference.moe_topk(x, gate.weight, hf.config.num_experts_per_tok, routing=routing_of(hf.config),
                                     bias=bias)
         order, want_order = ids.argsort(-1), want_ids.argsort(-1)
         assert torch.equal(ids.gather(1, order), want_ids.gather(1, want_order))

@@ -5,7 +5,10 @@ packed gate|up, interleaved rotary on half of each head, q/k/v biases), GLM (the
 (a NoPE layer), Seed-OSS (biases everywhere, head_dim != hidden / heads), ERNIE 4.5 (interleaved rotary on the whole
 head, biases, tied), HunYuan (per-head q / k norms after the rotation, NTK-alpha rope), Exaone 4 (output norms,
 per-head q / k norms, a NoPE full layer), Arcee (a plain ReLU-squared MLP), OLMoE (whole-projection q / k norms,
-top-2 MoE). fp32 logits atol 2e-4 / rtol 1e-4 on a left-padded batch and greedy tokens identical; bf16 prompt and
+top-2 MoE), Ministral (Qwen 2's blocks, sliding / full layers), the DeepSeek-V3 MoE under GQA attention: GLM-4.5
+(partial rotary, q/k/v biases, q / k norms), Sarvam, dots.llm1 (Qwen 3's attention, a sliding layer), EXAONE MoE
+(Exaone 4's attention, dense / sparse by mlp_layer_types); FlexOlmo (OLMo 2's blocks, OLMoE's MoE) and MiniMax-M2
+(whole-projection q / k norms, partial rotary, a sigmoid router with a correction bias). fp32 logits atol 2e-4 / rtol 1e-4 on a left-padded batch and greedy tokens identical; bf16 prompt and
 decode-step logits within the bf16 tolerance; for some, int8, offload on both tiers, a checkpoint on meta and TP=2;
 the refused settings. Through the Triton kernels:
 tests/kernels/test_engine_triton_path.py::test_llama_like_family_through_triton_matches_hf."""
@@ -27,12 +30,20 @@ BLOCKS = {"olmo2": ("PostNormDecoderLayer", "ProjectionNormAttention"),
           "olmo3": ("PostNormDecoderLayer", "ProjectionNormAttention"),
           "exaone4": ("PostNormDecoderLayer", "Attention"), "glm4": ("SandwichDecoderLayer", "Attention"),
           "olmoe": ("DecoderLayer", "ProjectionNormAttention"),
+          "flex_olmo": ("PostNormDecoderLayer", "ProjectionNormAttention"),
+          "minimax_m2": ("DecoderLayer", "ProjectionNormAttention"),
           "hunyuan_v1_dense": ("DecoderLayer", "RotaryFirstAttention")}
 # the ones whose decode steps must stay on the per-op path: output-only norms, whole-projection q / k norms or norms
 # after the rotation, MoE, ReLU squared, NoPE layers among rotary ones
-PER_OP = ("olmo2", "olmo3", "exaone4", "olmoe", "hunyuan_v1_dense", "arcee", "smollm3")
+MOE = ("olmoe", "glm4_moe", "sarvam_moe", "dots1", "exaone_moe", "flex_olmo", "minimax_m2")
+PER_OP = ("olmo2", "olmo3", "exaone4", "hunyuan_v1_dense", "arcee", "smollm3", *MOE)
 # bf16: OLMoE's seed 0 has a routing decision within 7e-4 (a bf16 rounding of the router's input flips it)
 BF16_SEEDS = {"olmoe": 2}
+# bf16 for the sigmoid-routed families: every expert routed (top-k = all, every group kept), so no near tie in HF's
+# choice can flip under bf16 rounding and make the comparison meaningless; the weights are still the router's
+ALL_ROUTED = {"glm4_moe": dict(num_experts_per_tok=8, topk_group=4), "sarvam_moe": dict(num_experts_per_tok=6),
+              "dots1": dict(num_experts_per_tok=8, topk_group=2), "exaone_moe": dict(num_experts_per_tok=8),
+              "minimax_m2": dict(num_experts_per_tok=4), "flex_olmo": dict(num_experts_per_tok=4)}
 
 
 def _generate_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -90,7 +101,7 @@ def test_llama_like_family_bf16(family):
     on the engine's own cache, within 6e-2 / 2e-2 of HF's bf16 logits (OLMo 2 / 3 and ERNIE 4.5 rotate in fp32 in HF,
     the engine in bf16: the same tolerance holds). The one-call C decode step declines the blocks it does not
     implement (``PER_OP``); where it takes a family's blocks, its steps equal the per-op path's bit for bit."""
-    hf = tiny_model(family, seed=BF16_SEEDS.get(family, 0)).to(torch.bfloat16)
+    hf = tiny_model(family, seed=BF16_SEEDS.get(family, 0), **ALL_ROUTED.get(family, {})).to(torch.bfloat16)
     opt = optimised_copy(hf, max_seq_len=64, dtype=torch.bfloat16)
     ids, mask = padded_batch([12, 5, 9], seed=1)
     full = torch.cat([mask, torch.ones(3, 6, dtype=mask.dtype)], dim=1)
@@ -115,14 +126,14 @@ def test_llama_like_family_bf16(family):
         assert torch.equal(torch.stack(again.scores, dim=1).float(), steps)
 
 
-@pytest.mark.parametrize("family", ["olmo2", "glm4", "smollm3", "exaone4", "olmoe"])
+@pytest.mark.parametrize("family", ["olmo2", "glm4", "smollm3", "exaone4", "olmoe", "glm4_moe", "minimax_m2"])
 def test_llama_like_family_int8_matches_fake_quantised_hf(family):
     hf = tiny_model(family)
     assert_fp32_matches_quantised(fake_quantised_int8(hf), optimised_copy(hf, max_seq_len=64, quantize="int8"))
 
 
 @pytest.mark.parametrize("tier", ["cpu", "nvme"])
-@pytest.mark.parametrize("family", ["olmo2", "glm4"])
+@pytest.mark.parametrize("family", ["olmo2", "glm4", "glm4_moe"])
 def test_llama_like_family_offload_matches_hf(family, tier, tmp_path):
     """Streamed in block halves under a budget that streams most units: OLMo 2's attention half has no input norm and
     hands the MLP half the stream itself; GLM-4's halves hold one output norm each."""
@@ -132,10 +143,12 @@ def test_llama_like_family_offload_matches_hf(family, tier, tmp_path):
 
 def test_llama_like_families_from_checkpoint_on_meta(tmp_path):
     """From what save_pretrained writes: GLM-4's packed gate|up and reordered q / k rows and biases read as row pieces
-    of the files, OLMo 2's whole-projection norms, OLMoE's experts, ERNIE 4.5's tied embeddings."""
+    of the files, OLMo 2's whole-projection norms, OLMoE's experts, ERNIE 4.5's tied embeddings; the experts one by
+    one (stacked on read) and the correction biases where transformers stores them: GLM-4.5's (and EXAONE MoE's, which
+    transformers renames on load) in the router, MiniMax-M2's (renamed too) in the block."""
     from transformers import AutoModelForCausalLM
 
-    for family in ("glm4", "olmo2", "olmoe", "ernie4_5"):
+    for family in ("glm4", "olmo2", "olmoe", "ernie4_5", "glm4_moe", "exaone_moe", "minimax_m2"):
         hf = tiny_model(family)
         hf.save_pretrained(tmp_path / family)
         with torch.device("meta"):
@@ -147,8 +160,9 @@ def test_llama_like_families_from_checkpoint_on_meta(tmp_path):
 def test_llama_like_families_tensor_parallel():
     """TP=2: OLMo 2 / 3's and OLMoE's q / k norms over the whole projection with each rank's sums of squares
     all-reduced (OLMoE's experts sliced too), GLM-4's reordered q / k rows and biases and packed gate|up sliced by
-    heads and rows. Logits, greedy, beam search as HF's, sampling agrees across ranks."""
-    tp = ["olmo2", "olmo3", "glm4", "olmoe"]
+    heads and rows; GLM-4.5's and MiniMax-M2's sigmoid-routed experts sliced. Logits, greedy, beam search as HF's,
+    sampling agrees across ranks."""
+    tp = ["olmo2", "olmo3", "glm4", "olmoe", "glm4_moe", "minimax_m2"]
     codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", *tp], timeout=300)
     assert codes == [0, 0], "\n".join(outs)
     assert outs[0].count(" OK") == len(tp), outs[0]

@@ -8,7 +8,8 @@ a checkpoint's per-expert ``experts.{e}.{gate,up,down}_proj``) and ``mlp.shared_
 The routers: V2 softmax top-k ("greedy", or "group_limited_greedy": the best experts of the ``topk_group`` groups
 with the best single expert), V3 sigmoid scores, the choice made on scores + correction bias within the
 ``topk_group`` groups whose two best sum highest, the weights renormalised (``norm_topk_prob``); both scaled by
-``routed_scaling_factor`` (``kernels.reference.Routing``). The attention is ``modules/mla.py``.
+``routed_scaling_factor`` (``kernels.reference.Routing``). The attention is ``modules/mla.py``. GLM-4.7-Flash
+(``glm4_moe_lite``) is V3's attention and MoE with its dense blocks named by ``mlp_layer_types``.
 """
 from __future__ import annotations
 
@@ -18,15 +19,17 @@ from torch import nn
 from lightning_dsinfer.kernels.reference import Routing
 from lightning_dsinfer.policies.base import (LayerWeights, MLAShape, MLAWeights, ModelWeights, MoEWeights,
                                              UnsupportedModelError)
-from lightning_dsinfer.policies.llama import FamilyTraits, _experts, check_rope
+from lightning_dsinfer.policies.llama import FamilyTraits, _experts, check_rope, num_experts, sparse_by_first_k
 from lightning_dsinfer.policies.weights import ModuleSource, RowSlices, WeightSource, rotate_half_pieces
 
-FAMILY = ("deepseek_v2", "deepseek_v3")
+FAMILY = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")   # (GLM-4.7-Flash: V3's attention and MoE)
 _EXPERT_NAMES = FamilyTraits(moe="qwen")       # checkpoint experts as experts.{e}.{gate,up,down}_proj
 
 
-def _routing(config) -> Routing:
-    experts = config.n_routed_experts
+def routing_of(config) -> Routing:
+    """The router of a DeepSeek-V2 / V3 config (V3's also serves GLM-4.5, dots.llm1 and EXAONE MoE:
+    policies/llama.py), checked against the config's numbers."""
+    experts = num_experts(config)
     if config.model_type == "deepseek_v2":
         method = getattr(config, "topk_method", "greedy")
         if method not in ("greedy", "group_limited_greedy"):
@@ -83,7 +86,7 @@ def read_deepseek(model: nn.Module, max_seq_len: int, source: WeightSource | Non
         raise UnsupportedModelError(f"{config.model_type} has {rotary.inv_freq.numel()} rotary frequencies for "
                                     f"qk_rope_head_dim={shape.qk_rope_head_dim}.")
     names = set(dict(model.named_parameters(remove_duplicate=False))) | set(dict(model.named_buffers()))
-    routing = _routing(config) if getattr(config, "n_routed_experts", 0) else None
+    routing = routing_of(config) if getattr(config, "n_routed_experts", 0) else None
     files = source                # (the experts, stacked from a checkpoint's per-expert tensors, read from the files)
     if shape.rope_interleave:     # each head's q rotary rows and the rotary key's rows read in rotate-half order
         slices = {}
@@ -117,7 +120,7 @@ def read_deepseek(model: nn.Module, max_seq_len: int, source: WeightSource | Non
             kv_b=ref(f"{a}.kv_b_proj.weight"),
             q_a_bias=opt(f"{a}.q_a_proj.bias"), kv_a_bias=opt(f"{a}.kv_a_proj_with_mqa.bias"))
         moe = None
-        if routing is not None and i >= (config.first_k_dense_replace or 0):
+        if routing is not None and sparse_by_first_k(config, i):
             moe = MoEWeights(
                 router=ref(f"{m}.gate.weight"), gate_up=_experts(files, config, _EXPERT_NAMES, m, "gate_up_proj"),
                 down=_experts(files, config, _EXPERT_NAMES, m, "down_proj"), top_k=config.num_experts_per_tok,

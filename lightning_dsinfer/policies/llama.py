@@ -1,6 +1,7 @@
-"""The Llama family (llama, mistral, qwen2, qwen3, phi3, granite, seed_oss, arcee, smollm3, ernie4_5, hunyuan_v1_dense,
-glm, glm4, olmo2, olmo3, exaone4, the MoE ones: mixtral, qwen2_moe, qwen3_moe, olmoe, and the Gemma ones: gemma, gemma2,
-gemma3_text): one table, one reader.
+"""The Llama family (llama, mistral, ministral, qwen2, qwen3, phi3, granite, seed_oss, arcee, smollm3, ernie4_5,
+hunyuan_v1_dense, glm, glm4, olmo2, olmo3, exaone4, the MoE ones: mixtral, qwen2_moe, qwen3_moe, olmoe, flex_olmo,
+minimax_m2, glm4_moe, sarvam_moe, dots1, exaone_moe, and the Gemma ones: gemma, gemma2, gemma3_text): one table, one
+reader.
 
 All share the module tree ``model.model.{embed_tokens, layers[i].{self_attn.{q,k,v,o}_proj,
 mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm}, norm, rotary_emb}`` and
@@ -26,7 +27,13 @@ once, before the head split and rotary: ``ProjectionNormAttention``, the sums of
 parallelism), and its norms scale in fp32 and round once (weights held in fp32); OLMo 3 adds sliding-window layers
 by ``layer_types`` with a rope table per layer type (as Gemma 3); OLMoE is pre-norm with OLMo 2's whole-projection q /
 k norms and a softmax top-k MoE in every layer; Exaone 4 has OLMo 2's output norms with per-head q / k norms and, when
-it has a window, rotates only its sliding-window layers (the others NoPE).
+it has a window, rotates only its sliding-window layers (the others NoPE). FlexOlmo is OLMo 2's blocks with OLMoE's
+MoE; MiniMax-M2 has whole-projection q / k norms and a sigmoid router whose choice adds the block's
+``mlp.e_score_correction_bias`` (the weights renormalised). GLM-4.5 (``glm4_moe``; Sarvam's modules are the same),
+dots.llm1 and EXAONE MoE put DeepSeek-V3's MoE (``mlp.gate.e_score_correction_bias``, groups, ``shared_experts``,
+dense blocks before ``first_k_dense_replace`` or by ``mlp_layer_types``) under GQA attention (GLM-4.5: partial rotary,
+q / k norms when ``use_qk_norm``; dots.llm1: Qwen 3's; EXAONE MoE: Exaone 4's, pre-norm); their router is
+:func:`policies.deepseek.routing_of`'s.
 """
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lightning_dsinfer.kernels.reference import Routing
 from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, MoEWeights, UnsupportedModelError
 from lightning_dsinfer.policies.weights import ExpertStack, ModuleSource, RowSlices, WeightSource, rotate_half_pieces
 
@@ -47,7 +55,10 @@ class FamilyTraits:
     sliding_from: str = "none"      # "none" | "config" (every layer) | "layer_types" (per layer)
     moe: str = "none"               # "none" | "mixtral" (every layer sparse) | "qwen" (sparse every
                                     # decoder_sparse_step layers, except mlp_only_layers; shared expert if any) |
-                                    # "olmoe" (every layer sparse, routed as Qwen's)
+                                    # "olmoe" (every layer sparse, routed as Qwen's) | "deepseek" (DeepSeek-V3's MoE:
+                                    # sigmoid router with its correction bias and groups, shared_experts, dense first
+                                    # layers) | "minimax" (every layer sparse: sigmoid top-k on scores + the block's
+                                    # correction bias, renormalised)
     packed: str = "none"            # "all": Phi-3's self_attn.qkv_proj (q | k | v rows) and mlp.gate_up_proj (gate |
                                     # up); "mlp": the latter only (GLM, GLM-4)
     gemma: int = 0                  # Gemma generation (see the module docstring)
@@ -86,6 +97,17 @@ FAMILY: dict[str, FamilyTraits] = {
     "olmoe": FamilyTraits(qk_norm="whole", moe="olmoe"),
     "exaone4": FamilyTraits(qk_norm="head", norms="post", sliding_from="layer_types", nope="global"),
     "hunyuan_v1_dense": FamilyTraits(qk_norm="after_rotary"),
+    "ministral": FamilyTraits(sliding_from="layer_types"),
+    # DeepSeek-V3's MoE under GQA attention: GLM-4.5 / 4.6 (partial rotary, q/k/v bias, q / k norms by use_qk_norm),
+    # Sarvam (GLM-4.5's modules, whole-head rotary), dots.llm1 (Qwen 3's attention), EXAONE MoE (Exaone 4's attention)
+    "glm4_moe": FamilyTraits(qk_norm="head", moe="deepseek"),
+    "sarvam_moe": FamilyTraits(qk_norm="head", moe="deepseek"),
+    "dots1": FamilyTraits(qk_norm="head", sliding_from="layer_types", moe="deepseek"),
+    "exaone_moe": FamilyTraits(qk_norm="head", sliding_from="layer_types", nope="global", moe="deepseek"),
+    # FlexOlmo: OLMo 2's blocks (output norms, whole-projection q / k norms) with OLMoE's MoE
+    "flex_olmo": FamilyTraits(qk_norm="whole", norms="post", norm_fp32=True, moe="olmoe"),
+    # MiniMax-M2: whole-projection q / k norms, partial rotary, a sigmoid-routed MoE in every layer
+    "minimax_m2": FamilyTraits(qk_norm="whole", moe="minimax"),
 }
 
 # transformers' activation names -> the gated MLP's (``reference.gated_act``), and a plain MLP's (``reference.act``)
@@ -100,9 +122,20 @@ def has_experts(model_type: str | None) -> bool:
     return traits is not None and traits.moe != "none"
 
 
+def sparse_by_first_k(config, i: int) -> bool:
+    """DeepSeek-V3-style models: block ``i``'s MLP is sparse by ``mlp_layer_types`` where the config has them, else
+    from ``first_k_dense_replace`` on."""
+    types = getattr(config, "mlp_layer_types", None)
+    if types:
+        return types[i] == "sparse"
+    return i >= (getattr(config, "first_k_dense_replace", 0) or 0)
+
+
 def _sparse_layer(config, traits: FamilyTraits, i: int) -> bool:
-    if traits.moe == "mixtral":
+    if traits.moe in ("mixtral", "minimax"):
         return True
+    if traits.moe == "deepseek":
+        return sparse_by_first_k(config, i)
     if traits.moe == "qwen":
         return (i not in (getattr(config, "mlp_only_layers", None) or []) and config.num_experts > 0
                 and (i + 1) % config.decoder_sparse_step == 0)
@@ -165,7 +198,17 @@ def _refuse(config, traits: FamilyTraits) -> None:
 # Expert parts as checkpoints store them (transformers' WeightConverter merges them into the 3D tensors on load).
 _EXPERT_PARTS = {"mixtral": {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)},
                  "qwen": {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}}
-_EXPERT_PARTS["olmoe"] = _EXPERT_PARTS["qwen"]
+_EXPERT_PARTS["olmoe"] = _EXPERT_PARTS["deepseek"] = _EXPERT_PARTS["qwen"]
+_EXPERT_PARTS["minimax"] = _EXPERT_PARTS["mixtral"]
+
+
+def num_experts(config) -> int:
+    """The routed experts of a MoE config, whichever name it gives them."""
+    for name in ("n_routed_experts", "num_local_experts", "num_experts"):
+        n = getattr(config, name, None)
+        if n:
+            return n
+    raise UnsupportedModelError(f"{config.model_type}: the config names no number of experts.")
 
 
 def _experts(source: WeightSource, config, traits: FamilyTraits, mlp: str, name: str):
@@ -175,7 +218,7 @@ def _experts(source: WeightSource, config, traits: FamilyTraits, mlp: str, name:
     entries = getattr(source, "entries", None)
     if entries is None or fused in entries:
         return source.ref(fused)
-    n = getattr(config, "num_local_experts", None) or config.num_experts
+    n = num_experts(config)
     stacks = [[f"{mlp}.experts.{e}.{part}.weight" for part in _EXPERT_PARTS[traits.moe][name]] for e in range(n)]
     missing = [p for parts in stacks for p in parts if p not in entries]
     if missing:
@@ -265,23 +308,35 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
     def opt(name):
         return source.ref(name) if name in names else None
 
+    qk_norm = traits.qk_norm if getattr(config, "use_qk_norm", True) else "none"    # (GLM-4.5: by the config)
     q_norm, k_norm = {"none": (None, None), "after_rotary": ("query_layernorm", "key_layernorm")}.get(
-        traits.qk_norm, ("q_norm", "k_norm"))
+        qk_norm, ("q_norm", "k_norm"))
+    routing, router_bias = None, None
+    if traits.moe == "deepseek":
+        from lightning_dsinfer.policies.deepseek import routing_of
+
+        routing, router_bias = routing_of(config), "gate.e_score_correction_bias"
+    elif traits.moe == "minimax":      # (the router's logits in its weights' dtype, as HF's; no groups, no scale)
+        routing = Routing(scoring="sigmoid", renormalize=True)
+        router_bias = "e_score_correction_bias"
+    shared_name = "shared_experts" if traits.moe == "deepseek" else "shared_expert"
     layers = []
     for i in range(config.num_hidden_layers):
         a, m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
         moe = None
         if _sparse_layer(config, traits, i):
-            shared = f"{m}.shared_expert.gate_proj.weight" in names
+            shared = f"{m}.{shared_name}.gate_proj.weight" in names
             moe = MoEWeights(
                 router=ref(f"{m}.gate.weight"), gate_up=_experts(source, config, traits, m, "gate_up_proj"),
                 down=_experts(source, config, traits, m, "down_proj"), top_k=config.num_experts_per_tok,
-                renormalize=traits.moe == "mixtral" or bool(getattr(config, "norm_topk_prob", False)),
+                renormalize=(routing.renormalize if routing is not None else
+                             traits.moe == "mixtral" or bool(getattr(config, "norm_topk_prob", False))),
                 weights_in_dtype=traits.moe in ("qwen", "olmoe"),
-                shared_gate=ref(f"{m}.shared_expert.gate_proj.weight") if shared else None,
-                shared_up=ref(f"{m}.shared_expert.up_proj.weight") if shared else None,
-                shared_down=ref(f"{m}.shared_expert.down_proj.weight") if shared else None,
-                shared_expert_gate=opt(f"{m}.shared_expert_gate.weight"))
+                shared_gate=ref(f"{m}.{shared_name}.gate_proj.weight") if shared else None,
+                shared_up=ref(f"{m}.{shared_name}.up_proj.weight") if shared else None,
+                shared_down=ref(f"{m}.{shared_name}.down_proj.weight") if shared else None,
+                shared_expert_gate=opt(f"{m}.shared_expert_gate.weight"),
+                routing=routing, router_bias=ref(f"{m}.{router_bias}") if router_bias else None)
         dense = moe is None
         gated = dense and not traits.plain_mlp
         norm = f"model.layers.{i}"
@@ -311,7 +366,7 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
             mlp_out_norm=ref(f"{mlp_out}.weight") if mlp_out else None,
             q_norm=ref(f"{a}.{q_norm}.weight") if q_norm else None,
             k_norm=ref(f"{a}.{k_norm}.weight") if k_norm else None,
-            qk_norm_kind="head" if traits.qk_norm == "none" else traits.qk_norm, rotary=_rotates(config, traits, i),
+            qk_norm_kind="head" if qk_norm == "none" else qk_norm, rotary=_rotates(config, traits, i),
             sliding_window=_sliding_window(config, traits, i), moe=moe,
             out_scale=config.residual_multiplier if traits.granite else None,
         ))

@@ -238,11 +238,13 @@ def test_values_of_another_width_dispatch_equals_reference(t, past, softcap):
                                           "reference:shape" if softcap is None else "reference:softcap"): 1}
 
 
-@pytest.mark.parametrize("family", ["olmo2", "exaone4"])
+@pytest.mark.parametrize("family", ["olmo2", "exaone4", "glm4_moe", "minimax_m2"])
 def test_llama_like_family_through_triton_matches_hf(family, monkeypatch):
     """Llama-like families' own pieces on the Triton path: OLMo 2's q / k norms over the whole projection (the norm
     kernel on the QKV output's column views) and its norms on the outputs only (fp32 weights); Exaone 4's NoPE layer
-    (its per-head q / k norms without the rotation) between output norms. fp32 logits and greedy tokens as HF's."""
+    (its per-head q / k norms without the rotation) between output norms; GLM-4.5's partial rotary, per-head q / k
+    norms and grouped sigmoid router, MiniMax-M2's whole-projection norms and ungrouped sigmoid router, both MoEs
+    through the mapping tables and grouped expert GEMMs. fp32 logits and greedy tokens as HF's."""
     monkeypatch.setenv("DSINFER_CUDA_GRAPHS", "0")
     opt = _matches_hf_through_triton(family)
     layers = len(opt._dsinfer_engine.decoder.layers)
@@ -252,6 +254,8 @@ def test_llama_like_family_through_triton_matches_hf(family, monkeypatch):
     assert counts[("rotary_write_kv", "triton")] == 6 * (layers - nope), counts
     if family == "olmo2":      # per block and forward: q and k norms, the two output norms; and the final norm
         assert counts[("rms_norm", "triton")] == 6 * (4 * layers + 1), counts
+    sparse = sum(type(layer.mlp).__name__ == "MoEMLP" for layer in opt._dsinfer_engine.decoder.layers)
+    assert counts.get(("moe_mlp", "triton"), 0) == 6 * sparse, counts
     assert not _fallbacks(), _fallbacks()
 
 
