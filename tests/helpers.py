@@ -365,6 +365,10 @@ GPT_FAMILIES = {
     "gpt_bigcode": dict(n_head=4, n_inner=96, n_positions=256, multi_query=True),
     "cohere": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256,
                    logit_scale=0.5, rope_theta=5000.0),
+    # Command R7B: a sliding-window layer that rotates, a full-attention NoPE layer
+    "cohere2": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256,
+                    logit_scale=0.5, rope_theta=5000.0, sliding_window=7,
+                    layer_types=["sliding_attention", "full_attention"]),
 }
 
 # The Llama-like families of policies/llama.py added to the table later (tests/test_llama_families.py), on top of the

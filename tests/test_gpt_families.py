@@ -4,7 +4,8 @@ rotary), OPT (learned positions at offset 2, numbered by the mask, ReLU), Stable
 biases, partial rotary, GQA), BLOOM (ALiBi, the embeddings' LayerNorm, per-head packed QKV), Phi (one shared norm,
 parallel residual, lm_head bias), StarCoder2 (GQA, sliding window, biases), GPT-J (interleaved rotary reordered to
 rotate-half, lm_head bias), GPT-2 (Conv1D weights, q|k|v columns, learned positions), Falcon (KV groups), Cohere
-(LayerNorms without a bias, interleaved rotary, SwiGLU, parallel residual, scaled logits), GPT-BigCode (StarCoder:
+(LayerNorms without a bias, interleaved rotary, SwiGLU, parallel residual, scaled logits), Cohere 2 (the same with a
+rotating sliding-window layer and a NoPE full one), GPT-BigCode (StarCoder:
 multi-query q | k | v rows, learned positions). fp32 logits atol 2e-4 / rtol
 1e-4 on a left-padded batch, greedy tokens identical; Falcon in its three block forms (KV groups with two norms,
 one KV head with one shared norm, sequential); bf16, int8, offload, tensor and pipeline parallelism, a
@@ -65,7 +66,7 @@ def test_gpt_family_matches_hf(family, overrides):
 
 def test_positions_and_alibi_reach_the_blocks():
     """What makes each family's positions: learned tables (OPT at offset 2, GPT-2 at 0), ALiBi slopes (BLOOM, as
-    transformers computes them), rotary (the rest); a plain forward without a mask numbers OPT's tokens as HF does."""
+    transformers computes them), rotary (the rest; Cohere 2's full-attention layers none); a plain forward without a mask numbers OPT's tokens as HF does."""
     from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
     for family, table, offset in (("opt", "model.decoder.embed_positions.weight", 2), ("gpt2", "transformer.wpe.weight", 0)):
@@ -73,6 +74,8 @@ def test_positions_and_alibi_reach_the_blocks():
         decoder = optimised_copy(hf, max_seq_len=64)._dsinfer_engine.decoder
         assert decoder.pos_offset == offset and torch.equal(decoder.pos_embed, dict(hf.named_parameters())[table])
         assert not decoder.layers[0].attn.rotary
+    cohere2 = optimised_copy(tiny_model("cohere2"), max_seq_len=64)._dsinfer_engine.decoder   # Command R7B: the sliding
+    assert [(ly.attn.rotary, ly.attn.sliding) for ly in cohere2.layers] == [(True, True), (False, False)]  # layer rotates
     bloom = optimised_copy(tiny_model("bloom"), max_seq_len=64)._dsinfer_engine.decoder
     slopes = build_alibi_tensor(torch.ones(1, 3), 4, torch.float32).view(4, 3)[:, 2] / 2
     torch.testing.assert_close(bloom.layers[0].attn.alibi, slopes)

@@ -1,5 +1,6 @@
 """The GPT families on the fused engine: gpt_neox (Pythia), gptj, gpt_neo, phi, stablelm, starcoder2, opt, gpt2,
-gpt_bigcode (StarCoder 1, SantaCoder), bloom, falcon, cohere (Command R).
+gpt_bigcode (StarCoder 1, SantaCoder), bloom, falcon, cohere (Command R), cohere2 (Command R7B / A: Cohere's blocks with
+sliding-window layers that rotate and full-attention layers that do not).
 
 What they share, and the Llama table lacks: LayerNorms with a bias; a plain MLP ``down(act(up(x)))`` with biases
 (StableLM keeps SwiGLU); the parallel residual ``h + attn(norm1(h)) + mlp(norm2(h))`` (GPT-NeoX and StableLM when
@@ -61,7 +62,9 @@ class GPTFamily:
     conv1d: bool = False             # GPT-2: 2-D block weights stored [in, out]
     embed_norm: str | None = None    # BLOOM: a LayerNorm of the embeddings, in ``base``
     sliding: str = "none"            # "config": ``config.sliding_window`` on every layer (StarCoder2); "local":
-                                     # ``window_size`` on the layers ``attention_layers`` calls local (GPT-Neo)
+                                     # ``window_size`` on the layers ``attention_layers`` calls local (GPT-Neo);
+                                     # "layer_types": on the sliding_attention ones, and only those rotate (Cohere 2:
+                                     # the full-attention layers are NoPE)
     unscaled: bool = False           # GPT-Neo: the scores are not scaled by 1 / sqrt(head_dim)
 
 
@@ -101,6 +104,10 @@ FAMILY: dict[str, GPTFamily] = {
                         o="o_proj", gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj",
                         input_norm="input_layernorm", post_norm=None, parallel="always",
                         positions="rotary_interleaved"),
+    "cohere2": GPTFamily(base="model", embed="embed_tokens", layers="layers", final_norm="norm", attn="self_attn",
+                         o="o_proj", gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj",
+                         input_norm="input_layernorm", post_norm=None, parallel="always",
+                         positions="rotary_interleaved", sliding="layer_types"),
     "gpt_bigcode": GPTFamily(base="transformer", embed="wte", layers="h", final_norm="ln_f", attn="attn", qkv="c_attn",
                              o="c_proj", up="mlp.c_fc", down="mlp.c_proj", input_norm="ln_1", post_norm="ln_2",
                              act="activation_function", eps="layer_norm_epsilon", positions="learned", pos_embed="wpe"),
@@ -276,6 +283,8 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
             return getattr(config, "sliding_window", None)
         if family.sliding == "local" and config.attention_layers[i] == "local":
             return config.window_size
+        if family.sliding == "layer_types" and config.layer_types[i] == "sliding_attention":
+            return config.sliding_window
         return None
     layers = []
     for i in range(n_layers):
@@ -292,7 +301,7 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
             down_bias=opt(f"{b}.{family.down}.bias"),
             input_norm=ref(f"{b}.{family.input_norm}.weight"), input_norm_bias=norm_bias(f"{b}.{family.input_norm}"),
             post_norm=ref(f"{post}.weight") if post else None, post_norm_bias=norm_bias(post) if post else None,
-            sliding_window=window(i)))
+            sliding_window=window(i), rotary=family.sliding != "layer_types" or window(i) is not None))
     if not parallel and any(lw.post_norm is None for lw in layers):
         raise UnsupportedModelError(f"{config.model_type}: a sequential block without its second norm.")
     if family.pos_embed is not None:     # a learned table ends where it ends: refuse a cache that runs past it
