@@ -106,6 +106,26 @@ def test_moe_reference_is_hf_block():
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
+def test_one_row_experts_sum_as_the_index_tables_do():
+    """``reference.moe_experts`` on a one-row decode step (no index tables) gives the tables' sum bit for bit: bf16
+    rows, fp32 weights (so each product is fp32 and rounded once), experts in ascending order whatever the top-k
+    order, an expert of another rank (None) adding nothing."""
+    from lightning_dsinfer.kernels import reference
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 16).to(torch.bfloat16)
+    scale = torch.randn(6, 16).to(torch.bfloat16)
+
+    def expert(e, rows):      # elementwise, so a row's output cannot depend on how many rows come with it
+        return None if e == 4 else rows * scale[e] + e
+
+    for ids in ([[3, 0, 5]], [[5, 4, 1]], [[2, 1, 0]]):
+        ids, w = torch.tensor(ids), torch.rand(1, 3)
+        one = reference.moe_experts(x, w, ids, expert)
+        tables = reference.moe_experts(x, w, ids, expert, out=torch.zeros_like(x), only=set(range(6)))
+        assert one.dtype == torch.bfloat16 and torch.equal(one, tables)
+
+
 def test_moe_through_lightning_predict():
     import lightning as L
     from helpers import collate_left_padded, generating_module, random_prompts

@@ -382,10 +382,17 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, exper
     rounding). Returns [T, H]. ``only``: run just these experts, summed into ``out`` (offload: experts in groups of
     ascending ids, one call each, give the same sum as one call)."""
     k = ids.shape[1]
+    w = weights.reshape(-1)
+    if x.shape[0] == 1 and only is None:   # a one-row decode step: its k experts in ascending order, no index tables
+        out = torch.zeros_like(x) if out is None else out        # (the same products, sums and roundings as below:
+        for e, j in sorted(zip(ids[0].tolist(), range(k))):      # w[j, None] keeps the fp32 weight's promotion)
+            y = expert(e, x)
+            if y is not None:
+                out += (y * w[j, None]).to(x.dtype)
+        return out
     groups: dict[int, list[int]] = {}
     for a, e in enumerate(ids.reshape(-1).tolist()):      # assignment a = token * k + slot
         groups.setdefault(e, []).append(a)
-    w = weights.reshape(-1)
     out = torch.zeros_like(x) if out is None else out
     for e in sorted(groups if only is None else groups.keys() & only):
         a = torch.tensor(groups[e], device=x.device)
