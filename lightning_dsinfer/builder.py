@@ -18,13 +18,15 @@ import os
 import torch
 
 from lightning_dsinfer.kernels import cpu_gemv
+from lightning_dsinfer.modules.gated_deltanet import GatedDeltaNet
 from lightning_dsinfer.modules.linear import (DEQUANT_BYTES_PER_WEIGHT, DEQUANT_CHUNK_BYTES,
                                               DEQUANT_INT4_BYTES_PER_WEIGHT, Linear, quantize_int4_rows, quantize_rows)
 from lightning_dsinfer.modules.mla import LatentAttention
 from lightning_dsinfer.modules.moe import MoEMLP, quantize_experts
 from lightning_dsinfer.modules.transformer import (MLP, Attention, DecoderLayer, DecoderModel, GatedMLP,
-                                                  GPTDecoderLayer, LayerSpec, PostNormDecoderLayer,
-                                                  ProjectionNormAttention, RotaryFirstAttention, SandwichDecoderLayer)
+                                                  GPTDecoderLayer, LayerSpec, OutputGatedAttention,
+                                                  PostNormDecoderLayer, ProjectionNormAttention, RotaryFirstAttention,
+                                                  SandwichDecoderLayer)
 from lightning_dsinfer.parallel import TensorParallelComm, TensorShardPlan
 from lightning_dsinfer.policies import ModelWeights
 from lightning_dsinfer.policies.base import LayerWeights
@@ -72,15 +74,24 @@ def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype, nor
     """
     q_rows, kv_rows, mlp_rows = plan.q_rows, plan.kv_rows, plan.mlp_rows
     first = plan.adds_bias_once
-    out = {
-        "o.weight": lw.o.load(1, *q_rows).to(dtype),
+    out = {   # (a linear-attention block's out_proj reads its value heads: whole, one process)
+        "o.weight": lw.o.load(1, *(q_rows if lw.deltanet is None else (0, lw.o.shape[1]))).to(dtype),
         "o.bias": lw.o_bias.load().to(dtype) if (lw.o_bias is not None and first) else None,
     }
     if lw.mla is not None:
         out.update(_shard_mla(lw.mla, plan, dtype))
-    else:
-        out["qkv.weight"] = _fused([(lw.q, q_rows), (lw.k, kv_rows), (lw.v, kv_rows)], dtype)
-        out["qkv.bias"] = _fused_bias([(lw.q_bias, q_rows), (lw.k_bias, kv_rows), (lw.v_bias, kv_rows)], dtype)
+    elif lw.deltanet is not None:    # Qwen3-Next / 3.5 linear attention: q | k | v | z | b | a in one GEMM
+        dn = lw.deltanet
+        out["qkv.weight"] = _fused([(ref, (0, ref.shape[0])) for ref in dn.in_proj], dtype)
+        out["dn.conv"] = dn.conv.load().reshape(dn.conv.shape[0], -1).to(dtype)
+        for key, ref in (("dn.dt_bias", dn.dt_bias), ("dn.a_log", dn.a_log), ("dn.norm", dn.norm)):
+            out[key] = ref.load().to(dtype)
+    else:   # (Qwen3-Next / 3.5: the attention's output gate rows after v's, one GEMM)
+        gate = [(lw.attn_gate, q_rows)] if lw.attn_gate is not None else []
+        gate_bias = [(lw.attn_gate_bias, q_rows)] if lw.attn_gate is not None else []
+        out["qkv.weight"] = _fused([(lw.q, q_rows), (lw.k, kv_rows), (lw.v, kv_rows), *gate], dtype)
+        out["qkv.bias"] = _fused_bias([(lw.q_bias, q_rows), (lw.k_bias, kv_rows), (lw.v_bias, kv_rows), *gate_bias],
+                                      dtype)
     # (q / k norms over the whole projection, OLMo 2: this rank's heads' part of them)
     split = {"q_norm": q_rows, "k_norm": kv_rows} if lw.qk_norm_kind == "whole" else {}
     for key in ("input_norm", "post_norm", "q_norm", "k_norm", "attn_out_norm", "mlp_out_norm"):
@@ -210,13 +221,15 @@ def layer_spec(w: ModelWeights, plan: TensorShardPlan, lw: LayerWeights) -> Laye
                      moe_top_k=moe.top_k if moe else 0, moe_renormalize=bool(moe and moe.renormalize),
                      moe_weights_in_dtype=bool(moe and moe.weights_in_dtype),
                      moe_first_expert=expert_range(moe, plan)[0] if moe and moe.expert_parallel else None,
-                     moe_routing=moe.routing if moe else None, moe_act=moe.act if moe else None, mla=w.mla)
+                     moe_routing=moe.routing if moe else None, moe_act=moe.act if moe else None, mla=w.mla,
+                     deltanet=lw.deltanet, attn_output_gate=lw.attn_gate is not None)
 
 
 # A block's tensors by half: offload streams the attention half (with both norms) and the MLP half as two units.
 ATTENTION_KEYS = ("qkv.weight", "qkv.bias", "o.weight", "o.bias", "input_norm", "post_norm", "q_norm", "k_norm",
                   "attn_out_norm", "input_norm_bias", "post_norm_bias", "alibi", "sinks",
-                  "q_b.weight", "q_a_norm", "kv_a_norm", "kv_b.weight")
+                  "q_b.weight", "q_a_norm", "kv_a_norm", "kv_b.weight",
+                  "dn.conv", "dn.dt_bias", "dn.a_log", "dn.norm")
 MLP_KEYS = ("gate_up.weight", "gate_up.bias", "down.weight", "down.bias", "mlp_out_norm",
             "moe.router", "moe.router_bias", "moe.gate_up", "moe.down", "moe.gate_up_bias", "moe.down_bias",
             "shared.gate_up.weight", "shared.down.weight", "shared_gate.weight")
@@ -238,6 +251,9 @@ def block_linear_inputs(w: ModelWeights, plan: TensorShardPlan) -> dict[str, int
     layer is dense."""
     layers = getattr(w, "layers", None) or []
     ks = {"qkv": w.hidden_size, "o": plan.local_heads * w.head_dim, "gate_up": w.hidden_size}
+    for lw in layers:      # (Qwen3-Next / 3.5: the linear attention's out_proj reads its value heads)
+        if lw.deltanet is not None:
+            ks.setdefault("linear attention's out_proj", lw.deltanet.value_heads * lw.deltanet.value_dim)
     if not layers or any(lw.moe is None for lw in layers):
         ks["down"] = plan.mlp_rows[1]
     for moe in {id(lw.moe): lw.moe for lw in layers if lw.moe is not None}.values():
@@ -338,9 +354,16 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
                    "after_rotary": (RotaryFirstAttention, {})}.get(spec.qk_norm_kind, (Attention, {}))
     if "sinks" in t:                 # gpt-oss (plain Attention)
         extra = {**extra, "sinks": t["sinks"]}
+    if spec.attn_output_gate:        # Qwen3-Next / 3.5: the output gated by sigmoid of the qkv GEMM's last rows
+        kind = OutputGatedAttention
     attn = kind(spec, index, linear("qkv"), linear("o", reduce=reduce, owns_residual=first, row_max=row_max),
                 q_norm=t.get("q_norm"), k_norm=t.get("k_norm"), alibi=t.get("alibi"),
-                **extra) if "qkv.weight" in t and "kv_b.weight" not in t else None
+                **extra) if "qkv.weight" in t and "kv_b.weight" not in t and "dn.conv" not in t else None
+    if "dn.conv" in t:               # Qwen3-Next / 3.5 linear attention (modules/gated_deltanet.py)
+        dn = spec.deltanet
+        attn = GatedDeltaNet(index, linear("qkv"), linear("o", reduce=reduce, owns_residual=first, row_max=row_max),
+                             t["dn.conv"], t["dn.dt_bias"], t["dn.a_log"], t["dn.norm"], dn.key_heads,
+                             dn.value_heads, dn.key_dim, dn.value_dim, spec.rms_norm_eps)
     if "kv_b.weight" in t:           # latent attention (DeepSeek, modules/mla.py)
         attn = LatentAttention(index, spec.num_heads, spec.mla, spec.scaling, spec.mla.norm_eps, linear("qkv"),
                                linear("o", reduce=reduce, owns_residual=first, row_max=row_max), t["kv_b.weight"],

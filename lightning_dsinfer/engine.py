@@ -17,6 +17,7 @@ from torch import nn
 from lightning_dsinfer.builder import (build_decoder, build_streamed_decoder, check_int4_groups, experts_per_rank,
                                       shard_plan)
 from lightning_dsinfer.config import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, InferenceConfig
+from lightning_dsinfer.modules.gated_deltanet import state_shapes
 from lightning_dsinfer.modules.kv_cache import StaticKVCache
 from lightning_dsinfer.modules.masks import build_step
 from lightning_dsinfer.modules.rotary import RotaryTable
@@ -65,6 +66,8 @@ class InferenceEngine:
         self.device = _engine_device(hf_model, config)
         _check_moe_options(hf_config, config)
         _check_not_prequantised(hf_config)
+        if "linear_attention" in (getattr(hf_config, "layer_types", None) or []):
+            _check_linear_attention_options(hf_config, config)
         self.dtype = config.dtype or _model_dtype(hf_model)
         context = getattr(hf_config, "max_position_embeddings", None) or DEFAULT_MAX_SEQ_LEN
         self.max_seq_len = config.max_seq_len or min(context, DEFAULT_MAX_SEQ_LEN)
@@ -104,8 +107,9 @@ class InferenceEngine:
         self.rotary = RotaryTable(weights.inv_freq, weights.attention_scaling, self.max_seq_len, self.dtype, self.device,
                                   weights.sliding_inv_freq, weights.sliding_attention_scaling)
         kv_heads, width, keys_only = weights.cache_layout(shard_plan(weights, self.comm).local_kv_heads)
+        linear = {i: state_shapes(lw.deltanet) for i, lw in enumerate(weights.layers) if lw.deltanet is not None}
         self.cache = StaticKVCache(len(weights.layers), kv_heads, width, batch, self.max_seq_len, self.dtype,
-                                   self.device, keys_only=keys_only)
+                                   self.device, keys_only=keys_only, linear=linear)
         self.vocab_size = weights.vocab_size
         self.hidden_size = weights.hidden_size
         self.positions_from_mask = weights.positions_from_mask
@@ -174,6 +178,13 @@ class InferenceEngine:
                                       compress=config.offload_compress, quantize=config.quantize,
                                       embed=self.pipe.is_first, head=self.pipe.is_last,
                                       group_size=config.quantize_group_size)
+
+    def new_hf_cache(self):
+        """A Hugging Face cache the engine's forward fills: a plain dynamic one, or (linear attention: Qwen3-Next / 3.5)
+        the layers the config gives, whose linear-attention layers hold the states and reorder them with beams."""
+        from transformers.cache_utils import DynamicCache
+
+        return DynamicCache(config=self.hf_config) if self.cache.conv else DynamicCache()
 
     def sync_rng(self) -> None:
         """Every rank of the replica (tensor-parallel group, then pipeline) takes one CPU RNG state, so sampling
@@ -315,6 +326,19 @@ def _check_not_prequantised(hf_config) -> None:
         f"and pass quantize='int8' or quantize='int4' for smaller weights.")
 
 
+def _check_linear_attention_options(hf_config, config: InferenceConfig) -> None:
+    """Linear attention (Qwen3-Next / 3.5) runs on one process with its weights resident: the rest is refused here,
+    before any weight is read."""
+    asked = {"tensor_parallel_size": config.tensor_parallel_size, "pipeline_parallel_size":
+             config.pipeline_parallel_size, "offload": config.offload}
+    bad = {k: v for k, v in asked.items() if v not in (1, None)}
+    if bad:
+        raise UnsupportedModelError(
+            f"{hf_config.model_type} (linear-attention blocks) runs on one process with its weights in memory; "
+            f"{', '.join(f'{k}={v!r}' for k, v in bad.items())} is not supported for it yet. Drop "
+            f"{' and '.join(bad)} (int8 / int4 weights shrink it: quantize='int8').")
+
+
 def _check_moe_options(hf_config, config: InferenceConfig) -> None:
     """Refuse, before any work, what MoE families do not take: expert parallelism on a dense model. (int8 / int4 with
     offload: the experts' units are written quantised, ``builder.quantize_linears``.)"""
@@ -381,7 +405,6 @@ def _dsinfer_forward(self, input_ids=None, attention_mask=None, position_ids=Non
                      inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, cache_position=None,
                      return_dict=None, **kwargs):
     """Replacement ``forward`` of a model optimised by dsinfer (same signature and output as HF's)."""
-    from transformers.cache_utils import DynamicCache
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     for flag in ("output_attentions", "output_hidden_states"):
@@ -392,7 +415,7 @@ def _dsinfer_forward(self, input_ids=None, attention_mask=None, position_ids=Non
     hf_cache = cache if cache is not None else past_key_values
     use_cache = self.config.use_cache if use_cache is None else use_cache
     if hf_cache is None and use_cache:
-        hf_cache = DynamicCache()
+        hf_cache = engine.new_hf_cache()
     logits = engine.forward(input_ids, attention_mask, position_ids, inputs_embeds, hf_cache, logits_to_keep)
     loss = None
     if labels is not None:

@@ -106,6 +106,19 @@ def tiny_config(family: str, **overrides):
                               "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0,
                                                   "beta_slow": 1.0, "truncate": False, "rope_theta": 150000.0,
                                                   "original_max_position_embeddings": 64}})
+    elif family in ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next"):   # linear-attention blocks (Gated
+        from transformers import AutoConfig                              # DeltaNet), one gated full attention
+
+        extra = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                     shared_expert_intermediate_size=48) if family != "qwen3_5_text" else {}
+        if family == "qwen3_next":
+            extra.update(decoder_sparse_step=1, norm_topk_prob=True)
+        cfg = AutoConfig.for_model(family, **{**common, "num_hidden_layers": 3, "head_dim": 32,
+                                              "linear_conv_kernel_dim": 4, "linear_key_head_dim": 8,
+                                              "linear_value_head_dim": 12, "linear_num_key_heads": 2,
+                                              "linear_num_value_heads": 4,
+                                              "layer_types": ["linear_attention", "full_attention",
+                                                              "linear_attention"], **extra})
     elif family in LLAMA_LIKE_FAMILIES:
         from transformers import AutoConfig
 
@@ -132,6 +145,10 @@ def tiny_model(family: str, seed: int = 0, **overrides):
             for name, p in model.named_parameters():                       # in the wrong place cannot pass
                 if "norm" in name:
                     p.normal_(0.0 if family.startswith("gemma") else 1.0, 0.2)
+        if family.startswith("qwen3_5") or family == "qwen3_next":        # (1 + w) norms at w = 0, the gated one
+            for name, p in model.named_parameters():                       # at 1
+                if "norm" in name:
+                    p.normal_(1.0 if "linear_attn.norm" in name else 0.0, 0.2)
         if family.startswith("deepseek") or family == "glm4_moe_lite":   # RMSNorms at 1 would hide misplacements
             for name, p in model.named_parameters():
                 if "norm" in name:
@@ -198,8 +215,11 @@ def _fake_quantised(hf, fake):
             dense = [mlp] if not hasattr(mlp, "experts") else \
                 [getattr(mlp, n) for n in ("shared_expert", "shared_experts") if hasattr(mlp, n)]
             # phi3: packed qkv_proj, gate_up_proj; DeepSeek: q_a / q_b / kv_a (kv_b stays: the engine reads it as is)
-            names = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa")
-            for lin in (*[getattr(layer.self_attn, n) for n in names if getattr(layer.self_attn, n, None) is not None],
+            # Qwen3-Next / 3.5's linear attention: its input and output projections
+            names = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
+                     "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "in_proj_qkvz", "in_proj_ba", "out_proj")
+            attn = layer.self_attn if hasattr(layer, "self_attn") else layer.linear_attn
+            for lin in (*[getattr(attn, n) for n in names if getattr(attn, n, None) is not None],
                         *[getattr(m, n) for m in dense for n in ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
                           if hasattr(m, n)]):
                 fake(lin.weight)

@@ -95,13 +95,12 @@ def _hf_processors(model, gc, input_ids: torch.Tensor, attention_mask, logits_pr
 
 
 def _hf_generate(model, inputs, generation_config, kwargs):
-    """Hugging Face's generate over the engine's forward, with a plain dynamic cache the engine fills."""
-    from transformers.cache_utils import DynamicCache
+    """Hugging Face's generate over the engine's forward, with a dynamic cache the engine fills."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     name = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
     if not any(k in kwargs for k in ("cache", "past_key_values")):
-        kwargs = {**kwargs, name: DynamicCache()}
+        kwargs = {**kwargs, name: model._dsinfer_engine.new_hf_cache()}
     return type(model).generate(model, inputs, generation_config=generation_config, **kwargs)
 
 

@@ -51,8 +51,9 @@ def _enabled(engine) -> bool:
         return False
     if not engine.config.cuda_graphs or engine.offload is not None:
         return False
-    # (Gemma 3's second rotary table is not in the captured step)
-    return engine.comm.size == 1 and engine.pipe.size == 1 and engine.rotary.sliding is None
+    # (Gemma 3's second rotary table is not in the captured step, nor linear attention's states: Qwen3-Next / 3.5)
+    return (engine.comm.size == 1 and engine.pipe.size == 1 and engine.rotary.sliding is None
+            and not engine.cache.conv)
 
 
 def decode_graphs(engine, batch: int, key_valid: torch.Tensor | None, prompt_len: int):

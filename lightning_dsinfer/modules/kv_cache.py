@@ -6,6 +6,9 @@ whole batch with a single copy and attention reads the prefix ``[:, :, :end]`` a
 
 ``keys_only`` (latent attention, DeepSeek): one tensor per layer, ``v`` the same tensors as ``k`` (attention reads
 its values from the cached latent's columns), so the cache holds half the bytes.
+
+``linear`` (Qwen3-Next / 3.5): the linear-attention layers' per-row states instead of K/V (``modules/gated_deltanet.py``):
+``conv[layer]`` [B, C, K - 1] in the cache's dtype and ``state[layer]`` [B, Hv, Dk, Dv] in fp32; their K/V are empty.
 """
 from __future__ import annotations
 
@@ -16,9 +19,13 @@ import torch
 
 class StaticKVCache:
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, max_batch_size: int, max_seq_len: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu", keys_only: bool = False):
+                 dtype: torch.dtype, device: torch.device | str = "cpu", keys_only: bool = False,
+                 linear: dict[int, tuple[tuple, tuple]] | None = None):
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
         self.keys_only = keys_only
+        self.linear = linear or {}      # layer -> (conv history shape, state shape) of one row
+        self.conv: dict[int, torch.Tensor] = {}
+        self.state: dict[int, torch.Tensor] = {}
         self.max_seq_len = max_seq_len
         self.dtype, self.device = dtype, torch.device(device)
         self.max_batch_size = 0
@@ -27,22 +34,29 @@ class StaticKVCache:
         self._allocate(max_batch_size)
 
     def _allocate(self, max_batch_size: int) -> None:
-        shape = (max_batch_size, self.kv_heads, self.max_seq_len, self.head_dim)
-        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        self.v = self.k if self.keys_only else [torch.zeros(shape, dtype=self.dtype, device=self.device)
-                                                for _ in range(self.num_layers)]
+        def kv(i):
+            shape = (max_batch_size, self.kv_heads, 0 if i in self.linear else self.max_seq_len, self.head_dim)
+            return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+        self.k = [kv(i) for i in range(self.num_layers)]
+        self.v = self.k if self.keys_only else [kv(i) for i in range(self.num_layers)]
+        self.conv = {i: torch.zeros(max_batch_size, *conv, dtype=self.dtype, device=self.device)
+                     for i, (conv, _) in self.linear.items()}
+        self.state = {i: torch.zeros(max_batch_size, *state, dtype=torch.float32, device=self.device)
+                      for i, (_, state) in self.linear.items()}
         self.max_batch_size = max_batch_size
 
     @property
     def nbytes(self) -> int:
-        return (1 if self.keys_only else 2) * sum(t.numel() * t.element_size() for t in self.k)
+        return ((1 if self.keys_only else 2) * sum(t.numel() * t.element_size() for t in self.k)
+                + sum(t.numel() * t.element_size() for t in (*self.conv.values(), *self.state.values())))
 
     def ensure_batch(self, batch_size: int) -> None:
         """Grow the cache (once, with a warning) when a batch exceeds the allocated rows."""
         if batch_size <= self.max_batch_size:
             return
         old = self.max_batch_size
-        self.k, self.v = [], []
+        self.k, self.v, self.conv, self.state = [], [], {}, {}
         self._allocate(batch_size)
         warnings.warn(
             f"dsinfer: batch size {batch_size} exceeds max_batch_size={old}; the KV cache was re-allocated "
@@ -55,6 +69,8 @@ class StaticKVCache:
         view = object.__new__(StaticKVCache)
         view.__dict__.update(self.__dict__)
         view.k, view.v = [k[start:stop] for k in self.k], [v[start:stop] for v in self.v]
+        view.conv = {i: t[start:stop] for i, t in self.conv.items()}
+        view.state = {i: t[start:stop] for i, t in self.state.items()}
         view.max_batch_size = stop - start
         return view
 

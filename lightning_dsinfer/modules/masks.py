@@ -34,7 +34,8 @@ def build_step(rotary: RotaryTable, positions: torch.Tensor, key_valid: torch.Te
                window: int | None) -> Step:
     cos, sin = rotary.gather(positions)
     mask, window_mask = build_masks(key_valid, q_start, t, window, positions.device)
-    step = Step(cos=cos, sin=sin, mask=mask, window_mask=window_mask, q_start=q_start, positions=positions)
+    step = Step(cos=cos, sin=sin, mask=mask, window_mask=window_mask, q_start=q_start, positions=positions,
+                valid=None if key_valid is None else key_valid[:, q_start:q_start + t])
     if rotary.sliding is not None:
         step.sliding_cos, step.sliding_sin = rotary.sliding.gather(positions)
     return step

@@ -42,6 +42,8 @@ class Step:
     sliding_cos: torch.Tensor | None = None  # rotary rows of the sliding-window layers (Gemma 3; None: cos / sin)
     sliding_sin: torch.Tensor | None = None
     positions: torch.Tensor | None = None  # [B, T] the tokens' positions (learned position embeddings: OPT, GPT-2)
+    valid: torch.Tensor | None = None      # [B, T] bool: the tokens that are not padding (None: all; linear attention
+                                           # zeroes the others' inputs, modules/gated_deltanet.py)
 
     def rows(self, a: int, b: int) -> "Step":
         """The step for queries [a, b) of this one (chunked prefill): they write K/V at ``start + a`` and see
@@ -57,7 +59,7 @@ class Step:
         return Step(cos=rows(self.cos), sin=rows(self.sin), mask=cut(self.mask), window_mask=cut(self.window_mask),
                     cache=self.cache, start=self.start + a, hf_cache=self.hf_cache, q_start=self.q_start + a,
                     sliding_cos=rows(self.sliding_cos), sliding_sin=rows(self.sliding_sin),
-                    positions=rows(self.positions))
+                    positions=rows(self.positions), valid=rows(self.valid))
 
 
 @dataclass
@@ -85,6 +87,8 @@ class LayerSpec:
     parallel_residual: bool = False        # h + attn(norm1(h)) + mlp(norm2(h)) (GPT-NeoX, GPT-J, Phi; GPTBlock)
     qk_norm_kind: str = "head"             # q / k norms per head before rotary; "whole": over the whole projection
                                            # (ProjectionNormAttention); "after_rotary": RotaryFirstAttention
+    deltanet: Any = None                   # linear attention's numbers (policies.base.DeltaNetWeights: Qwen3-Next / 3.5)
+    attn_output_gate: bool = False         # OutputGatedAttention (Qwen3-Next / 3.5)
 
 
 class Attention(nn.Module):
@@ -109,6 +113,10 @@ class Attention(nn.Module):
 
     def from_qkv(self, qkv: torch.Tensor, residual: torch.Tensor | None, step: Step) -> torch.Tensor:
         """The rest of :meth:`forward` given the QKV projection's output [B, T, (Hq + 2 Hkv) D]."""
+        return self.o(self.attend(qkv, step), residual)  # o_proj, with the residual add fused in when given
+
+    def attend(self, qkv: torch.Tensor, step: Step) -> torch.Tensor:
+        """The heads' outputs [B, T, Hq D] (before o_proj) for the QKV projection's output."""
         b, t, _ = qkv.shape
         hq, hkv, d = self.hq, self.hkv, self.d
         qkv = qkv.view(b, t, hq + 2 * hkv, d)
@@ -135,8 +143,18 @@ class Attention(nn.Module):
         mask = step.window_mask if (self.sliding and step.window_mask is not None) else step.mask
         out = ops.attention(q.transpose(1, 2), keys, values, mask, self.scaling, softcap=self.softcap,
                             alibi=self.alibi, sinks=self.sinks)                                # [B, Hq, T, D]
-        out = out.transpose(1, 2).reshape(b, t, hq * d)
-        return self.o(out, residual)  # o_proj, with the residual add fused in when given
+        return out.transpose(1, 2).reshape(b, t, hq * d)
+
+
+class OutputGatedAttention(Attention):
+    """Qwen3-Next / Qwen3.5's attention: the heads' outputs times sigmoid(gate) before o_proj, the gate [Hq D] being
+    the last rows of the QKV GEMM (``q | k | v | gate``: q_proj holds q and the gate interleaved per head; the policy
+    reads them apart)."""
+
+    def from_qkv(self, qkv: torch.Tensor, residual: torch.Tensor | None, step: Step) -> torch.Tensor:
+        n = (self.hq + 2 * self.hkv) * self.d
+        out = self.attend(qkv[..., :n].contiguous(), step)
+        return self.o(out * torch.sigmoid(qkv[..., n:]), residual)
 
 
 class ProjectionNormAttention(Attention):

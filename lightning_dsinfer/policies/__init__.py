@@ -5,7 +5,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from lightning_dsinfer.policies import deepseek, gpt_oss, llama
+from lightning_dsinfer.policies import deepseek, gpt_oss, llama, qwen3_next
 from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, UnsupportedModelError
 from lightning_dsinfer.policies.gpt import FAMILY as _GPT_FAMILY
 from lightning_dsinfer.policies.gpt import read_gpt_family
@@ -16,11 +16,12 @@ POLICIES: dict[str, Callable[[nn.Module, int], ModelWeights]] = {name: read_llam
 POLICIES.update({name: read_gpt_family for name in _GPT_FAMILY})
 POLICIES.update({name: deepseek.read_deepseek for name in deepseek.FAMILY})
 POLICIES.update({name: gpt_oss.read_gpt_oss for name in gpt_oss.FAMILY})
+POLICIES.update({name: qwen3_next.read_qwen3_next for name in qwen3_next.FAMILY})
 
 
 def has_experts(model_type: str | None) -> bool:
     """Whether ``model_type`` is a supported family with mixture-of-experts layers."""
-    return llama.has_experts(model_type) or deepseek.has_experts(model_type) or gpt_oss.has_experts(model_type)
+    return any(family.has_experts(model_type) for family in (llama, deepseek, gpt_oss, qwen3_next))
 
 
 def supported_model_types() -> list[str]:

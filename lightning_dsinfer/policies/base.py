@@ -85,6 +85,24 @@ class MLAWeights:
 
 
 @dataclass
+class DeltaNetWeights:
+    """A Gated DeltaNet token mixer (Qwen3-Next / Qwen3.5 linear attention, ``modules/gated_deltanet.py``): in_proj's
+    q | k | v | z | b | a row pieces (``in_proj``: (ref, rows) each, read into one fused GEMM, in that order), the
+    depthwise convolution of the q | k | v channels [C, 1, K], ``dt_bias`` and ``a_log`` [Hv], the gated norm's weight
+    [Dv] (no offset), out_proj (``LayerWeights.o``)."""
+    in_proj: list
+    conv: WeightRef
+    dt_bias: WeightRef
+    a_log: WeightRef
+    norm: WeightRef
+    key_heads: int
+    value_heads: int
+    key_dim: int
+    value_dim: int
+    kernel: int
+
+
+@dataclass
 class LayerWeights:
     q: WeightRef
     k: WeightRef
@@ -120,6 +138,9 @@ class LayerWeights:
     out_scale: float | None = None          # Granite's residual_multiplier: o and down (weights, biases) scaled by it
     mla: MLAWeights | None = None           # DeepSeek: latent attention (q / k / v are None then)
     sinks: WeightRef | None = None          # gpt-oss: attention sinks, a logit per head [Hq] in every softmax
+    deltanet: DeltaNetWeights | None = None  # Qwen3-Next / 3.5: linear attention instead (q / k / v None then)
+    attn_gate: WeightRef | None = None      # Qwen3-Next / 3.5: attention's output x sigmoid(gate rows [Hq D, H] @ x)
+    attn_gate_bias: WeightRef | None = None
 
 
 @dataclass

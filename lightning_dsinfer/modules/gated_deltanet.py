@@ -1,0 +1,165 @@
+"""Gated DeltaNet: the linear-attention layers of Qwen3-Next and Qwen3.5 (``modules/transformer.py`` blocks around it).
+
+Per token and value head, a state S [Dk, Dv] replaces the KV cache: decayed by exp(g), corrected toward the token's
+value along its key (the delta rule), read by the query::
+
+    S <- exp(g) S;  S <- S + beta k (v - S^T k)^T;  o = S^T q      (q, k L2-normed, q scaled by Dk^-1/2)
+
+with beta = sigmoid(b) and g = -exp(A_log) softplus(a + dt_bias) from the token, and q | k | v through a causal depthwise
+convolution (kernel K, SiLU) first. A decode step is that recurrence; a prompt runs it in chunks (:func:`delta_rule`:
+within a chunk the corrections are one triangular solve, the UT transform), all in fp32 as transformers' reference
+does. The output is RMS-normed per head, gated by SiLU(z) (``gated_rms_norm``) and projected by ``out_proj``.
+
+What persists between calls, per row: the last K - 1 convolution inputs [C, K - 1] and S [Hv, Dk, Dv] (fp32). They
+live in the engine's :class:`~lightning_dsinfer.modules.kv_cache.StaticKVCache` (``conv`` / ``state``, by layer) or,
+under Hugging Face's loop (beam search), in its cache's linear-attention layer (``conv_states`` / ``recurrent_states``,
+so its ``reorder_cache`` moves them with the beams). A call at cache column 0 starts from zeros. Left padding: padded
+tokens are zeroed before the convolution, as transformers does, so they leave the state at zero.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_dsinfer.modules.linear import Linear
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+               state: torch.Tensor | None, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated delta rule over T tokens. q, k [B, T, Hk, Dk] (normed and scaled here), v [B, T, Hv, Dv], g and beta
+    [B, T, Hv]; ``state`` [B, Hv, Dk, Dv] fp32 (None: zeros). Each key head serves Hv / Hk consecutive value heads.
+    Returns (out [B, T, Hv, Dv], the final state), both fp32. One token: the recurrence; more: chunks of
+    ``chunk`` tokens, each one triangular solve for the chunk's corrections and one read / write of the state."""
+    b, t, hk, dk = k.shape
+    hv, dv = v.shape[2:]
+    if hv != hk:
+        q, k = q.repeat_interleave(hv // hk, dim=2), k.repeat_interleave(hv // hk, dim=2)
+    # [B, H, T, D] fp32; q / k L2-normed in fp32, q scaled by Dk^-1/2
+    q, k, v, g, beta = (x.transpose(1, 2).float() for x in (q, k, v, g, beta))
+    q, k = l2_normalize(q) * dk ** -0.5, l2_normalize(k)
+    s = torch.zeros(b, hv, dk, dv, dtype=torch.float32, device=v.device) if state is None else state.float()
+    if t == 1:
+        s = s * g[..., 0, None, None].exp()
+        delta = (v[:, :, 0] - (s * k[:, :, 0, :, None]).sum(-2)) * beta[:, :, 0, None]
+        s = s + k[:, :, 0, :, None] * delta[:, :, None, :]
+        return (s * q[:, :, 0, :, None]).sum(-2)[:, None], s
+    pad = -t % chunk            # (zero keys, values and decays past the end change nothing; cut off after)
+    if pad:
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        beta, g = F.pad(beta, (0, pad)), F.pad(g, (0, pad))
+    n = (t + pad) // chunk
+    q, k, v = (x.reshape(b, hv, n, chunk, -1) for x in (q, k, v))
+    beta, g = beta.reshape(b, hv, n, chunk), g.reshape(b, hv, n, chunk)
+    gamma = g.cumsum(-1)                                          # log decay from the chunk's start to each token
+    lower = torch.ones(chunk, chunk, dtype=torch.bool, device=v.device).tril()
+    decay = (gamma[..., :, None] - gamma[..., None, :]).masked_fill(~lower, float("-inf")).exp()  # [.., i, j], j <= i
+    kb = k * beta[..., None]
+    # the chunk's tokens correct each other's values: (I + strictly lower(beta_i k_i.k_j decay_ij)) u = beta v, and
+    # likewise the state reads w = (...)^-1 beta k exp(gamma)
+    system = (kb @ k.transpose(-1, -2)) * decay
+    u = torch.linalg.solve_triangular(system, v * beta[..., None], upper=False, unitriangular=True)
+    w = torch.linalg.solve_triangular(system, kb * gamma.exp()[..., None], upper=False, unitriangular=True)
+    scores = (q @ k.transpose(-1, -2)) * decay                    # within the chunk, the diagonal included
+    q_in = q * gamma.exp()[..., None]                             # the queries read the state decayed to them ...
+    k_out = k * (gamma[..., -1:] - gamma).exp()[..., None]        # ... the keys write it decayed to the chunk's end
+    end = gamma[..., -1].exp()[..., None, None]
+    out = torch.empty_like(v)
+    for c in range(n):
+        new = u[:, :, c] - w[:, :, c] @ s                         # the values' part the state does not predict
+        out[:, :, c] = q_in[:, :, c] @ s + scores[:, :, c] @ new
+        s = s * end[:, :, c] + k_out[:, :, c].transpose(-1, -2) @ new
+    out = out.reshape(b, hv, n * chunk, dv)[:, :, :t].transpose(1, 2)
+    return out, s
+
+
+def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of x [.., D] (fp32, rounded to x's dtype before the weight), times SiLU(z) in fp32, as transformers'
+    ``RMSNormGated``."""
+    dtype = x.dtype
+    xf = x.float()
+    y = weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+    return (y * F.silu(z.float())).to(dtype)
+
+
+class GatedDeltaNet(nn.Module):
+    """One linear-attention block's token mixer. ``qkv``: one GEMM for in_proj's q | k | v | z | b | a rows (the name
+    the blocks use for a token mixer's input projection), ``o``: out_proj. ``conv`` [C, K] the depthwise convolution
+    of the C = 2 Hk Dk + Hv Dv q | k | v channels, ``dt_bias`` / ``a_log`` [Hv], ``norm`` [Dv] (the gated norm's
+    weight, no offset)."""
+
+    rotary = sliding = False          # (what the blocks' other code asks of a token mixer)
+    alibi = sinks = softcap = None
+
+    def __init__(self, layer_idx: int, qkv: Linear, o: Linear, conv: torch.Tensor, dt_bias: torch.Tensor,
+                 a_log: torch.Tensor, norm: torch.Tensor, key_heads: int, value_heads: int, key_dim: int,
+                 value_dim: int, eps: float):
+        super().__init__()
+        self.layer_idx, self.qkv, self.o = layer_idx, qkv, o
+        self.conv, self.dt_bias, self.a_log, self.norm = conv, dt_bias, a_log, norm
+        self.hk, self.hv, self.dk, self.dv, self.eps = key_heads, value_heads, key_dim, value_dim, eps
+        self.channels = 2 * key_heads * key_dim + value_heads * value_dim
+        self.kernel = conv.shape[-1]
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, step) -> torch.Tensor:
+        return self.from_qkv(self.qkv(x), residual, step)
+
+    def _states(self, step, b: int):
+        """(conv history [B, C, K - 1] or None, state [B, Hv, Dk, Dv] or None, where to put the new ones)."""
+        if step.cache is not None:
+            conv, state = step.cache.conv[self.layer_idx][:b], step.cache.state[self.layer_idx][:b]
+            if step.start == 0:
+                return None, None, (conv, state)
+            return conv, state, (conv, state)
+        if step.hf_cache is not None:
+            layer = step.hf_cache.layers[self.layer_idx]
+            if not hasattr(layer, "recurrent_states"):
+                raise RuntimeError(f"dsinfer: the Hugging Face cache's layer {self.layer_idx} holds no linear-attention "
+                                   f"states ({type(layer).__name__}); build the cache with DynamicCache(config=...).")
+            held = layer.is_recurrent_states_initialized[0] and step.q_start > 0
+            return (layer.conv_states[0] if held else None), (layer.recurrent_states[0] if held else None), layer
+        return None, None, None
+
+    def from_qkv(self, proj: torch.Tensor, residual: torch.Tensor | None, step) -> torch.Tensor:
+        b, t, _ = proj.shape
+        hk, hv, dk, dv, c = self.hk, self.hv, self.dk, self.dv, self.channels
+        if t > 1 and step.valid is not None:       # left padding: zero rows, as transformers zeroes their inputs
+            proj = proj * step.valid[:, :, None].to(proj.dtype)
+        mixed, z, beta_in, a = proj.split([c, hv * dv, hv, hv], dim=-1)
+        history, state, keep = self._states(step, b)
+        x = mixed.transpose(1, 2)                                                     # [B, C, T]
+        if history is None:
+            history = x.new_zeros(b, c, self.kernel - 1)
+        x = torch.cat((history.to(x.dtype), x), dim=-1)
+        conv = F.silu(F.conv1d(x, self.conv[:, None, :], groups=c))                   # [B, C, T]
+        q, k, v = conv.transpose(1, 2).split([hk * dk, hk * dk, hv * dv], dim=-1)
+        beta = torch.sigmoid(beta_in)
+        g = -self.a_log.float().exp() * F.softplus(a.float() + self.dt_bias)
+        out, state = delta_rule(q.reshape(b, t, hk, dk), k.reshape(b, t, hk, dk), v.reshape(b, t, hv, dv), g, beta,
+                                state)
+        tail = x[..., -(self.kernel - 1):]
+        if isinstance(keep, tuple):                 # the engine's cache: written in place
+            keep[0].copy_(tail)
+            keep[1].copy_(state)
+        elif keep is not None:                      # a Hugging Face cache layer
+            keep.conv_states[0], keep.recurrent_states[0] = tail.contiguous(), state
+            keep.is_conv_states_initialized[0] = keep.is_recurrent_states_initialized[0] = True
+            keep.has_previous_state[0] = True
+            keep.device, keep.dtype = tail.device, tail.dtype
+        out = gated_rms_norm(out.to(proj.dtype), z.reshape(b, t, hv, dv), self.norm, self.eps)
+        return self.o(out.reshape(b, t, hv * dv), residual)
+
+    @property
+    def nbytes(self) -> int:
+        return self.qkv.nbytes + self.o.nbytes + sum(
+            p.numel() * p.element_size() for p in (self.conv, self.dt_bias, self.a_log, self.norm))
+
+
+def state_shapes(dn) -> tuple[tuple[int, int], tuple[int, int, int]]:
+    """(convolution history, recurrent state) shapes of one row for a layer's ``policies.base.DeltaNetWeights``."""
+    channels = 2 * dn.key_heads * dn.key_dim + dn.value_heads * dn.value_dim
+    return (channels, dn.kernel - 1), (dn.value_heads, dn.key_dim, dn.value_dim)
