@@ -51,14 +51,20 @@ How the engine's calls map onto the kernels, and what stays on the reference:
   * decode (T == 1) -> ``kernels/decode_attention``: the visible keys of each row must be one run
     [kv_start[b], L) ending at the query (left padding and the sliding window give exactly that);
     ``seq_lens`` = L. ``mask=None`` -> every key. Ranges registered with :func:`kv_ranges` (the CUDA-graph
-    decode step) are used as given, with no sync.
+    decode step) are used as given, with no sync. Keys up to 1024 wide, values up to as wide as the keys (at most
+    512 past 256-wide keys): multi-head latent attention (``modules/mla.py``, DeepSeek-V3: 576-wide latent +
+    rotary rows, 128 heads on one kv head) passes ``v = k[..., :512]``, a view the kernel reads from the key rows.
   * prefill (T > 1, L >= T; L > T for a later chunk or an HF-cache continuation, query i at column
     c = L - T + i) -> ``kernels/prefill_attention``: the mask must be the engine's left-padding mask
     ``((j >= p_b) & (j <= c) & (j > c - w)) | (j == c)`` (``modules/masks.py``); p_b and w are read off
     the mask and the rebuilt mask is compared with it. Query rows before p_b (padding) see only
     themselves there, so their output is their own V row: written after the kernel (which gives zeros).
   * reference fallback: T > 1 with ``mask=None`` (non-causal), non-bool masks, masks with holes (an
-    attention_mask with zeros inside the prompt), head dim > 256 or more than 128 query heads per KV head.
+    attention_mask with zeros inside the prompt), more than 128 query heads per KV head, prompts (T > 1) with
+    keys or values wider than 256, single queries with keys wider than 1024 or values wider than the keys (or
+    than 512 past 256-wide keys).
+  On the CPU path, values that are a view of the keys' first columns (the latent attention's) run as the whole key
+  rows and the output is cut: the reference's SDPA and the C decode attention take one width.
 
 On a GPU the first decode steps compile one decode kernel per split count (it grows with L until it
 reaches the GPU's program target); the CUDA-graph step passes the cache length instead, one compile.
@@ -617,10 +623,26 @@ def _prefill_ranges(mask: torch.Tensor, b: int, t: int, length: int):
     return res
 
 
-def _same_layout(k: torch.Tensor, v: torch.Tensor):
-    if k.stride() == v.stride() and k.stride(-1) == 1:
-        return k, v
-    return k.contiguous(), v.contiguous()
+# The decode kernel's limits: kernels/decode_attention's MAX_GROUP, NARROW_HEAD_DIM, MAX_HEAD_DIM, MAX_VALUE_DIM (not
+# imported: that module imports Triton)
+_DECODE_MAX_GROUP, _DECODE_NARROW_D, _DECODE_MAX_D, _DECODE_MAX_DV = 128, 256, 1024, 512
+
+
+def _decode_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether q [B, Hq, T, D] over k [B, Hkv, L, D], v [B, Hkv, L, DV] is a call the decode kernel takes."""
+    hq, t, d = q.shape[1:]
+    hkv, dv = k.shape[1], v.shape[-1]
+    return (t == 1 and d <= _DECODE_MAX_D and dv <= d and (d <= _DECODE_NARROW_D or dv <= _DECODE_MAX_DV)
+            and hq % hkv == 0 and hq // hkv <= _DECODE_MAX_GROUP and q.dtype == k.dtype and q.dtype == v.dtype)
+
+
+def _key_prefix(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether v is a view of k's first columns, ``k[..., :dv]`` (the latent attention's values)."""
+    return v.data_ptr() == k.data_ptr() and v.stride() == k.stride() and v.shape[:-1] == k.shape[:-1]
+
+
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -630,12 +652,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     scores (Gemma 2) and ALiBi (BLOOM) go to the decode kernel, else to the reference (the prefill kernel has neither;
     the C decode attention takes both: bf16 CPU decode steps). Attention sinks (gpt-oss) go where the call would go
     without them: the decode and prefill kernels and the C decode attention take them; the CPU path's other calls
-    (prompts, fp32) run the reference, counted ``reference:sinks``."""
+    (prompts, fp32) run the reference, counted ``reference:sinks``. Values narrower than the keys: the prefill kernel
+    and the decode kernel take them; on the CPU path a view of the keys' first columns runs as the whole keys."""
+    if v.shape[-1] < k.shape[-1] and not _triton(q) and _key_prefix(k, v):
+        return attention(q, k, k, mask, scale, softcap, alibi, sinks)[..., :v.shape[-1]]
     if softcap is not None or alibi is not None:
-        b, hq, t, d = q.shape
-        hkv = k.shape[1]
-        if (_triton(q) and t == 1 and d <= 256 and v.shape[-1] == d and hq % hkv == 0 and hq // hkv <= 128
-                and q.dtype == k.dtype and q.dtype == v.dtype):
+        b, t = q.shape[0], q.shape[2]
+        if _triton(q) and _decode_fits(q, k, v):
             return _decode(q, k, v, mask, scale, b, k.shape[2], softcap, alibi, sinks)
         if not _triton(q) and t == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
             out = cpu_gemv.decode_attention(q, k, v, mask, scale, softcap, sinks, alibi)   # bf16 decode: one C call
@@ -657,12 +680,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     b, hq, t, d = q.shape
     hkv, length = k.shape[1], k.shape[2]
     dv = v.shape[-1]       # (the prefill kernel takes values of another width: DeepSeek's expanded form)
-    if (max(d, dv) > 256 or (dv != d and t == 1) or hq % hkv or hq // hkv > 128 or q.dtype != k.dtype
+    if t == 1 and _decode_fits(q, k, v):
+        return _decode(q, k, v, mask, scale, b, length, sinks=sinks)
+    if (t == 1 or max(d, dv) > 256 or hq % hkv or hq // hkv > 128 or q.dtype != k.dtype
             or q.dtype != v.dtype):
         _count("attention", "reference:shape")
         return reference.attention(q, k, v, mask, scale, sinks=sinks)
-    if t == 1:
-        return _decode(q, k, v, mask, scale, b, length, sinks=sinks)
     if mask is None or mask.dtype != torch.bool or length < t:
         _count("attention", "reference:mask")
         return reference.attention(q, k, v, mask, scale, sinks=sinks)
@@ -703,9 +726,8 @@ def _decode(q, k, v, mask, scale, b, length, softcap=None, alibi=None, sinks=Non
             return reference.attention(q, k, v, mask, scale, softcap, alibi, sinks)
         seq_lens = _column(q.device, length).expand(b)
     _count("attention", "triton")
-    k, v = _same_layout(k, v)
-    out = decode_attention(q[:, :, 0], k, v, seq_lens, scale, kv_start=kv_start, window=window, softcap=softcap,
-                           alibi_slopes=alibi, sinks=sinks)
+    out = decode_attention(q[:, :, 0], _unit_stride(k), _unit_stride(v), seq_lens, scale, kv_start=kv_start,
+                           window=window, softcap=softcap, alibi_slopes=alibi, sinks=sinks)
     return out.unsqueeze(2)
 
 

@@ -98,7 +98,8 @@ class LatentAttention(nn.Module):
         # the queries in latent space: W_UK^T q_nope per head, then their rotary part
         q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(h, b * t, self.nope), self.w_uk)
         query = torch.cat((q_lat.view(h, b, t, r).transpose(0, 1), q_pe.transpose(1, 2)), dim=-1)   # [B, h, T, D]
-        out = ops.attention(query, keys, keys, mask, self.scaling)[..., :r]                          # [B, h, T, rank]
+        # values: the latent columns of the same rows (a view; the decode kernel loads each row once for both)
+        out = ops.attention(query, keys, keys[..., :r], mask, self.scaling)                          # [B, h, T, rank]
         out = torch.bmm(out.transpose(0, 1).reshape(h, b * t, r), self.w_uv.transpose(1, 2))         # [h, B T, v]
         return out.view(h, b, t, self.vdim).permute(1, 2, 0, 3).reshape(b, t, h * self.vdim)
 

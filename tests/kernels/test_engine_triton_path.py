@@ -141,10 +141,19 @@ def test_deepseek_through_triton_matches_hf(family, monkeypatch):
     """DeepSeek on the Triton path: the latent attention's q_a | kv_a GEMM with the input norm as its prologue, its
     norms, q_b and o through the kernels; the grouped routers' choice in torch with the mapping tables and grouped
     expert GEMMs by kernel (``moe_tables``, ``moe_gemm``); prompts in the expanded form through the prefill kernel
-    (keys nope + rope wide, values v_head_dim), decode steps over the latent rows in the decode kernel (32 wide here;
-    DeepSeek-V3's 576 are over the kernel's 256 and take the reference). Nothing falls back: fp32 logits and greedy
-    tokens as HF's."""
+    (keys nope + rope wide, values v_head_dim), decode steps over the latent rows in the decode kernel: keys latent +
+    rope wide (24 + 8 here, DeepSeek-V3's 512 + 64 in tests/kernels/test_decode_attention.py), values the latent
+    columns of the same rows. Nothing falls back: fp32 logits and greedy tokens as HF's."""
+    from lightning_dsinfer.kernels import decode_attention as decode_module
     monkeypatch.setenv("DSINFER_CUDA_GRAPHS", "0")
+    widths = []   # (key width, value width, values a view of the key rows) per decode-kernel launch
+    decode = decode_module.decode_attention
+
+    def recording(q, k_cache, v_cache, *args, **kwargs):
+        widths.append((k_cache.shape[-1], v_cache.shape[-1], v_cache.data_ptr() == k_cache.data_ptr()))
+        return decode(q, k_cache, v_cache, *args, **kwargs)
+
+    monkeypatch.setattr(decode_module, "decode_attention", recording)
     opt = _matches_hf_through_triton(family)
     layers = opt._dsinfer_engine.decoder.layers
     sparse = sum(type(layer.mlp).__name__ == "MoEMLP" for layer in layers)
@@ -153,6 +162,7 @@ def test_deepseek_through_triton_matches_hf(family, monkeypatch):
     assert counts[("norm_linear", "triton")] >= 4 * len(layers), counts   # decode steps: norm + q_a | kv_a GEMM
     assert counts[("attention", "triton")] == 6 * len(layers), counts
     assert not _fallbacks(), _fallbacks()
+    assert widths == [(24 + 8, 24, True)] * (4 * len(layers)), widths     # the 4 decode steps, every layer
 
 
 def test_gpt_oss_through_triton_matches_hf(monkeypatch):
@@ -221,8 +231,8 @@ def test_moe_quantised_offload_through_the_grouped_gemms(tmp_path, monkeypatch):
 @pytest.mark.parametrize("softcap", [None, 30.0])
 def test_values_of_another_width_dispatch_equals_reference(t, past, softcap):
     """Values narrower than the keys (DeepSeek's expanded prompts) through ops.attention on the Triton path: prompts
-    in the prefill kernel, which takes them (padding queries too); a single query, or a soft-capped call, in the
-    reference (the decode kernel takes one width). Every row as the reference's."""
+    in the prefill kernel, which takes them (padding queries too), a single query (soft-capped or not) in the decode
+    kernel, which takes them too; a soft-capped prompt in the reference. Every row as the reference's."""
     b, total = 3, past + t
     q, k, _ = _qkv(b, 4, 4, t, total, d=24)
     v = torch.randn(b, 4, total, 16, device=DEVICE)
@@ -233,9 +243,8 @@ def test_values_of_another_width_dispatch_equals_reference(t, past, softcap):
         got = ops.attention(q, k, v, mask, 0.3, softcap=softcap)
     assert got.shape == (b, 4, t, 16)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
-    kernel = t > 1 and softcap is None
-    assert dict(ops.dispatch_counts) == {("attention", "triton" if kernel else
-                                          "reference:shape" if softcap is None else "reference:softcap"): 1}
+    kernel = t == 1 or softcap is None
+    assert dict(ops.dispatch_counts) == {("attention", "triton" if kernel else "reference:softcap"): 1}
 
 
 @pytest.mark.parametrize("family", ["olmo2", "exaone4", "glm4_moe", "minimax_m2"])
@@ -256,6 +265,18 @@ def test_llama_like_family_through_triton_matches_hf(family, monkeypatch):
         assert counts[("rms_norm", "triton")] == 6 * (4 * layers + 1), counts
     sparse = sum(type(layer.mlp).__name__ == "MoEMLP" for layer in opt._dsinfer_engine.decoder.layers)
     assert counts.get(("moe_mlp", "triton"), 0) == 6 * sparse, counts
+    assert not _fallbacks(), _fallbacks()
+
+
+def test_hybrid_linear_attention_through_triton_matches_hf(monkeypatch):
+    """Qwen3.5 on the Triton path: the gated attention block's norms, q / k norms, rotary, attention and GEMMs through
+    the kernels (its output gate the QKV GEMM's last rows); the linear-attention block's input norm as the prologue of
+    its fused in_proj GEMM, out_proj through the GEMM kernel, the convolution and delta rule in torch. fp32 logits and
+    greedy tokens as HF's, nothing falling back."""
+    monkeypatch.setenv("DSINFER_CUDA_GRAPHS", "0")
+    opt = _matches_hf_through_triton("qwen3_5_text")
+    counts = dict(ops.dispatch_counts)
+    assert counts[("attention", "triton")] == 6, counts           # the one full-attention block: 6 forwards
     assert not _fallbacks(), _fallbacks()
 
 
