@@ -274,7 +274,7 @@ def test_hybrid_linear_attention_through_triton_matches_hf(monkeypatch):
     its fused in_proj GEMM, out_proj through the GEMM kernel, the convolution and delta rule in torch. fp32 logits and
     greedy tokens as HF's, nothing falling back."""
     monkeypatch.setenv("DSINFER_CUDA_GRAPHS", "0")
-    opt = _matches_hf_through_triton("qwen3_5_text")
+    _matches_hf_through_triton("qwen3_5_text")
     counts = dict(ops.dispatch_counts)
     assert counts[("attention", "triton")] == 6, counts           # the one full-attention block: 6 forwards
     assert not _fallbacks(), _fallbacks()
