@@ -23,7 +23,10 @@ MLP; GPT-NeoX's parallel residual and partial rotary, BLOOM's ALiBi: both throug
 nope 128, v 128, a plain q_proj; ``--experts`` routed experts (default 16) of a quarter of ``--intermediate``, top
 ``--top-k`` (default 4 here), two shared experts, a dense first layer); HF expands the cached latent into every head's
 keys and values at each step, the engine's decode steps attend over the latent itself (its prompts take the expanded
-form, as HF's). Bytes per step as for ``--experts``.
+form, as HF's). Bytes per step as for ``--experts``. ``--family qwen3_5``: Qwen3.5's hybrid blocks at these widths
+(three of every four Gated DeltaNet linear attention with 128-wide key / value heads, H / 256 key and H / 128 value
+heads, the fourth gated softmax attention; the delta rule runs in torch on both sides: transformers' reference
+without flash-linear-attention, the engine's own).
 """
 from __future__ import annotations
 
@@ -43,7 +46,8 @@ from common import add_llama_args, llama_config, markdown_table, record, stream_
 
 FAMILY_NAMES = {"llama": "Llama", "gemma2": "Gemma 2", "gpt_neox": "GPT-NeoX (Pythia-style: parallel residual, "
                 "rotary on a quarter of each head)", "bloom": "BLOOM (ALiBi)",
-                "deepseek_v2": "DeepSeek-V2-Lite-style (latent attention, MoE)"}
+                "deepseek_v2": "DeepSeek-V2-Lite-style (latent attention, MoE)",
+                "qwen3_5": "Qwen3.5-style (3 of 4 blocks Gated DeltaNet linear attention)"}
 
 
 def build_model(args):
@@ -76,6 +80,15 @@ def build_model(args):
                                n_routed_experts=args.experts or 16, num_experts_per_tok=args.top_k,
                                moe_intermediate_size=args.intermediate // 4, n_shared_experts=2,
                                first_k_dense_replace=1, tie_word_embeddings=False, eos_token_id=None, pad_token_id=0)
+    elif getattr(args, "family", "llama") == "qwen3_5":
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.for_model(
+            "qwen3_5_text", hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+            num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads, intermediate_size=args.intermediate,
+            vocab_size=args.vocab, max_position_embeddings=4096, linear_key_head_dim=128, linear_value_head_dim=128,
+            linear_num_key_heads=max(1, args.hidden // 256), linear_num_value_heads=max(1, args.hidden // 128),
+            tie_word_embeddings=False, eos_token_id=None, pad_token_id=0)
     elif getattr(args, "experts", 0):      # (the other benchmarks build the dense Llama through here too)
         from transformers import MixtralConfig
 
