@@ -74,18 +74,14 @@ def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype, nor
     """
     q_rows, kv_rows, mlp_rows = plan.q_rows, plan.kv_rows, plan.mlp_rows
     first = plan.adds_bias_once
-    out = {   # (a linear-attention block's out_proj reads its value heads: whole, one process)
-        "o.weight": lw.o.load(1, *(q_rows if lw.deltanet is None else (0, lw.o.shape[1]))).to(dtype),
+    out = {   # (a linear-attention block's out_proj reads this rank's value heads)
+        "o.weight": lw.o.load(1, *(q_rows if lw.deltanet is None else deltanet_rows(lw.deltanet, plan)[1])).to(dtype),
         "o.bias": lw.o_bias.load().to(dtype) if (lw.o_bias is not None and first) else None,
     }
     if lw.mla is not None:
         out.update(_shard_mla(lw.mla, plan, dtype))
     elif lw.deltanet is not None:    # Qwen3-Next / 3.5 linear attention: q | k | v | z | b | a in one GEMM
-        dn = lw.deltanet
-        out["qkv.weight"] = _fused([(ref, (0, ref.shape[0])) for ref in dn.in_proj], dtype)
-        out["dn.conv"] = dn.conv.load().reshape(dn.conv.shape[0], -1).to(dtype)
-        for key, ref in (("dn.dt_bias", dn.dt_bias), ("dn.a_log", dn.a_log), ("dn.norm", dn.norm)):
-            out[key] = ref.load().to(dtype)
+        out.update(_shard_deltanet(lw.deltanet, plan, dtype))
     else:   # (Qwen3-Next / 3.5: the attention's output gate rows after v's, one GEMM)
         gate = [(lw.attn_gate, q_rows)] if lw.attn_gate is not None else []
         gate_bias = [(lw.attn_gate_bias, q_rows)] if lw.attn_gate is not None else []
@@ -127,6 +123,29 @@ def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype, nor
     else:
         out.update(_shard_moe(moe, plan, dtype))
     return {k: v.contiguous() for k, v in out.items() if v is not None}
+
+
+def deltanet_rows(dn, plan: TensorShardPlan) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """(q / k rows, v / z rows, b / a rows and decays) of this rank's linear-attention heads: key heads
+    [r Hk / N, (r + 1) Hk / N) and the value heads they serve (the policy refuses an N that does not divide Hk)."""
+    hk, hv = dn.key_heads // plan.tp, dn.value_heads // plan.tp
+    r = plan.tp_rank
+    return (r * hk * dn.key_dim, hk * dn.key_dim), (r * hv * dn.value_dim, hv * dn.value_dim), (r * hv, hv)
+
+
+def _shard_deltanet(dn, plan: TensorShardPlan, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A linear-attention block's tensors on this rank (``modules/gated_deltanet.py``): ``qkv`` = its heads' rows of
+    q | k | v | z | b | a, ``dn.conv`` [C_rank, K] their convolution channels (q's, k's, v's), ``dn.dt_bias`` /
+    ``dn.a_log`` their value heads', ``dn.norm`` whole."""
+    qk, vz, heads = deltanet_rows(dn, plan)
+    q, k, v, z, b, a = dn.in_proj
+    width = dn.key_heads * dn.key_dim          # where k's and v's channels start in the convolution
+    conv = torch.cat([dn.conv.load(0, first, rows) for first, rows in
+                      ((qk[0], qk[1]), (width + qk[0], qk[1]), (2 * width + vz[0], vz[1]))])
+    return {"qkv.weight": _fused([(q, qk), (k, qk), (v, vz), (z, vz), (b, heads), (a, heads)], dtype),
+            "dn.conv": conv.reshape(conv.shape[0], -1).to(dtype),
+            "dn.dt_bias": dn.dt_bias.load(0, *heads).to(dtype), "dn.a_log": dn.a_log.load(0, *heads).to(dtype),
+            "dn.norm": dn.norm.load().to(dtype)}
 
 
 def _shard_mla(m, plan: TensorShardPlan, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -253,7 +272,7 @@ def block_linear_inputs(w: ModelWeights, plan: TensorShardPlan) -> dict[str, int
     ks = {"qkv": w.hidden_size, "o": plan.local_heads * w.head_dim, "gate_up": w.hidden_size}
     for lw in layers:      # (Qwen3-Next / 3.5: the linear attention's out_proj reads its value heads)
         if lw.deltanet is not None:
-            ks.setdefault("linear attention's out_proj", lw.deltanet.value_heads * lw.deltanet.value_dim)
+            ks.setdefault("linear attention's out_proj", deltanet_rows(lw.deltanet, plan)[1][1])
     if not layers or any(lw.moe is None for lw in layers):
         ks["down"] = plan.mlp_rows[1]
     for moe in {id(lw.moe): lw.moe for lw in layers if lw.moe is not None}.values():
@@ -362,8 +381,8 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
     if "dn.conv" in t:               # Qwen3-Next / 3.5 linear attention (modules/gated_deltanet.py)
         dn = spec.deltanet
         attn = GatedDeltaNet(index, linear("qkv"), linear("o", reduce=reduce, owns_residual=first, row_max=row_max),
-                             t["dn.conv"], t["dn.dt_bias"], t["dn.a_log"], t["dn.norm"], dn.key_heads,
-                             dn.value_heads, dn.key_dim, dn.value_dim, spec.rms_norm_eps)
+                             t["dn.conv"], t["dn.dt_bias"], t["dn.a_log"], t["dn.norm"], dn.key_heads // comm.size,
+                             dn.value_heads // comm.size, dn.key_dim, dn.value_dim, spec.rms_norm_eps)
     if "kv_b.weight" in t:           # latent attention (DeepSeek, modules/mla.py)
         attn = LatentAttention(index, spec.num_heads, spec.mla, spec.scaling, spec.mla.norm_eps, linear("qkv"),
                                linear("o", reduce=reduce, owns_residual=first, row_max=row_max), t["kv_b.weight"],

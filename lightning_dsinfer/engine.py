@@ -107,7 +107,8 @@ class InferenceEngine:
         self.rotary = RotaryTable(weights.inv_freq, weights.attention_scaling, self.max_seq_len, self.dtype, self.device,
                                   weights.sliding_inv_freq, weights.sliding_attention_scaling)
         kv_heads, width, keys_only = weights.cache_layout(shard_plan(weights, self.comm).local_kv_heads)
-        linear = {i: state_shapes(lw.deltanet) for i, lw in enumerate(weights.layers) if lw.deltanet is not None}
+        linear = {i: state_shapes(lw.deltanet, self.comm.size) for i, lw in enumerate(weights.layers)
+                  if lw.deltanet is not None}
         self.cache = StaticKVCache(len(weights.layers), kv_heads, width, batch, self.max_seq_len, self.dtype,
                                    self.device, keys_only=keys_only, linear=linear)
         self.vocab_size = weights.vocab_size
@@ -327,16 +328,19 @@ def _check_not_prequantised(hf_config) -> None:
 
 
 def _check_linear_attention_options(hf_config, config: InferenceConfig) -> None:
-    """Linear attention (Qwen3-Next / 3.5) runs on one process with its weights resident: the rest is refused here,
-    before any weight is read."""
-    asked = {"tensor_parallel_size": config.tensor_parallel_size, "pipeline_parallel_size":
-             config.pipeline_parallel_size, "offload": config.offload}
+    """Linear attention (Qwen3-Next / 3.5) runs with its weights resident, on one process or tensor-parallel ranks
+    that split its key heads: the rest is refused here, before any weight is read."""
+    asked = {"pipeline_parallel_size": config.pipeline_parallel_size, "offload": config.offload}
     bad = {k: v for k, v in asked.items() if v not in (1, None)}
     if bad:
         raise UnsupportedModelError(
-            f"{hf_config.model_type} (linear-attention blocks) runs on one process with its weights in memory; "
-            f"{', '.join(f'{k}={v!r}' for k, v in bad.items())} is not supported for it yet. Drop "
-            f"{' and '.join(bad)} (int8 / int4 weights shrink it: quantize='int8').")
+            f"{hf_config.model_type} (linear-attention blocks) runs with its weights in memory, on one process or "
+            f"tensor-parallel ranks; {', '.join(f'{k}={v!r}' for k, v in bad.items())} is not supported for it yet. "
+            f"Drop {' and '.join(bad)} (int8 / int4 weights shrink it: quantize='int8'; or tensor_parallel_size).")
+    tp, heads = config.tensor_parallel_size, getattr(hf_config, "linear_num_key_heads", 1)
+    if heads % tp:
+        raise ValueError(f"dsinfer: tensor_parallel_size={tp} does not divide the {heads} linear-attention key heads "
+                         f"of {hf_config.model_type}; use a tensor_parallel_size that divides {heads}.")
 
 
 def _check_moe_options(hf_config, config: InferenceConfig) -> None:

@@ -3,7 +3,7 @@
 two linear-attention blocks around a full one, 2 key / 4 value heads, partial rotary; the MoE ones with a shared
 expert). fp32 logits atol 2e-4 / rtol 1e-4 on a left-padded batch, greedy tokens, every decode step's logits
 (teacher-forced) and beam search (HF's loop: the states in HF's cache, reordered with the beams) as HF's; a prompt
-continued through HF's cache; bf16 within its tolerance; int8 vs the fake-quantised HF; the chunked delta rule
+continued through HF's cache; bf16 against fp32; int8 vs the fake-quantised HF; TP=2; the chunked delta rule
 against transformers' token-by-token recurrence; the refused options."""
 
 import pytest
@@ -11,6 +11,7 @@ import torch
 
 import lightning_dsinfer as dsi
 from helpers import (assert_fp32_matches_quantised, fake_quantised_int8, optimised_copy, padded_batch, tiny_model)
+from multiproc import run_ranks
 
 FAMILIES = ["qwen3_5_text", "qwen3_5_moe_text", "qwen3_next"]
 ATOL, RTOL = 2e-4, 1e-4
@@ -129,7 +130,19 @@ def test_hybrid_int8_matches_fake_quantised_hf():
     assert_fp32_matches_quantised(fake_quantised_int8(hf), optimised_copy(hf, max_seq_len=64, quantize="int8"))
 
 
-@pytest.mark.parametrize("option", [{"offload": "cpu"}, {"tensor_parallel_size": 2}])
-def test_hybrid_refuses_what_it_does_not_run(option):
-    with pytest.raises(dsi.UnsupportedModelError, match="linear-attention blocks"):
+def test_hybrid_tensor_parallel():
+    """TP=2 (tests/tp_worker.py): each rank holds its key heads and the value heads they serve (in_proj rows,
+    convolution channels, decays, out_proj columns; Qwen3-Next's grouped rows read per rank), its attention heads and
+    MLP slices; logits and greedy tokens as HF's, beam search, sampling agrees across ranks."""
+    codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", *FAMILIES], timeout=300)
+    assert codes == [0, 0], "\n".join(outs)
+    assert outs[0].count(" OK") == len(FAMILIES), outs[0]
+
+
+@pytest.mark.parametrize("option,error,match", [
+    ({"offload": "cpu"}, dsi.UnsupportedModelError, "linear-attention blocks"),
+    ({"pipeline_parallel_size": 2}, dsi.UnsupportedModelError, "linear-attention blocks"),
+    ({"tensor_parallel_size": 4}, ValueError, "does not divide the 2 linear-attention key heads")])
+def test_hybrid_refuses_what_it_does_not_run(option, error, match):
+    with pytest.raises(error, match=match):
         dsi.init_inference(tiny_model("qwen3_5_text"), max_seq_len=64, **option)

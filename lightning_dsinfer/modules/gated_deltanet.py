@@ -159,7 +159,8 @@ class GatedDeltaNet(nn.Module):
             p.numel() * p.element_size() for p in (self.conv, self.dt_bias, self.a_log, self.norm))
 
 
-def state_shapes(dn) -> tuple[tuple[int, int], tuple[int, int, int]]:
-    """(convolution history, recurrent state) shapes of one row for a layer's ``policies.base.DeltaNetWeights``."""
-    channels = 2 * dn.key_heads * dn.key_dim + dn.value_heads * dn.value_dim
-    return (channels, dn.kernel - 1), (dn.value_heads, dn.key_dim, dn.value_dim)
+def state_shapes(dn, ranks: int = 1) -> tuple[tuple[int, int], tuple[int, int, int]]:
+    """(convolution history, recurrent state) shapes of one row on each of ``ranks`` tensor-parallel ranks, for a
+    layer's ``policies.base.DeltaNetWeights``."""
+    hk, hv = dn.key_heads // ranks, dn.value_heads // ranks
+    return (2 * hk * dn.key_dim + hv * dn.value_dim, dn.kernel - 1), (hv, dn.key_dim, dn.value_dim)

@@ -87,9 +87,10 @@ class MLAWeights:
 @dataclass
 class DeltaNetWeights:
     """A Gated DeltaNet token mixer (Qwen3-Next / Qwen3.5 linear attention, ``modules/gated_deltanet.py``): in_proj's
-    q | k | v | z | b | a row pieces (``in_proj``: (ref, rows) each, read into one fused GEMM, in that order), the
-    depthwise convolution of the q | k | v channels [C, 1, K], ``dt_bias`` and ``a_log`` [Hv], the gated norm's weight
-    [Dv] (no offset), out_proj (``LayerWeights.o``)."""
+    q, k [Hk Dk, H], v, z [Hv Dv, H], b, a [Hv, H] (``in_proj``: six refs, read into one fused GEMM in that order;
+    under tensor parallelism each rank reads its key and value heads' rows), the depthwise convolution of the q | k | v
+    channels [C, 1, K], ``dt_bias`` and ``a_log`` [Hv], the gated norm's weight [Dv] (no offset), out_proj
+    (``LayerWeights.o``)."""
     in_proj: list
     conv: WeightRef
     dt_bias: WeightRef

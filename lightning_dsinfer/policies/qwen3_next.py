@@ -13,9 +13,10 @@ o_proj. The linear attention: Qwen3.5's ``in_proj_qkv`` / ``in_proj_z`` / ``in_p
 ``in_proj_qkvz`` / ``in_proj_ba`` whose rows are grouped per key head ([q, k, v, z] of each group; [b, a]), read as
 the q | k | v | z | b | a row pieces of one GEMM; ``conv1d``, ``dt_bias``, ``A_log``, ``norm``, ``out_proj``.
 
-What runs: one process (CPU, or CUDA with the linear attention in torch ops), the engine's own decode loop and
-Hugging Face's (beam search), int8 / int4 linears. Refused before any work: tensor / pipeline parallelism, offload,
-CUDA graphs are off (engine.py).
+What runs: CPU, or CUDA with the linear attention in torch ops; tensor parallelism (each rank its share of the key and
+value heads: their in_proj rows, convolution channels, decays and out_proj columns, one all-reduce after out_proj;
+the attention and MLPs as elsewhere); the engine's own decode loop and Hugging Face's (beam search), int8 / int4
+linears. Refused before any work: pipeline parallelism, offload; CUDA graphs are off (engine.py).
 """
 from __future__ import annotations
 
@@ -93,6 +94,10 @@ def read_qwen3_next(model: nn.Module, max_seq_len: int, source: WeightSource | N
                 slices[f"{a}.in_proj_{part}.weight"] = (f"{a}.in_proj_qkvz.weight", pieces)
             for part, pieces in ba.items():
                 slices[f"{a}.in_proj_{part}.weight"] = (f"{a}.in_proj_ba.weight", pieces)
+        else:                                                             # Qwen3.5: q | k | v rows of in_proj_qkv
+            a = f"{block}.linear_attn"
+            for part, first, rows in (("q", 0, hk * dk), ("k", hk * dk, hk * dk), ("v", 2 * hk * dk, hv * dv)):
+                slices[f"{a}.in_proj_{part}.weight"] = (f"{a}.in_proj_qkv.weight", [(first, rows)])
     if slices:
         source = RowSlices(source, slices)
         names |= set(slices)
@@ -126,9 +131,7 @@ def read_qwen3_next(model: nn.Module, max_seq_len: int, source: WeightSource | N
             a = f"{block}.linear_attn"
             conv = ref(f"{a}.conv1d.weight")
             dn = DeltaNetWeights(
-                in_proj=[ref(f"{a}.in_proj_{part}.weight") for part in ("q", "k", "v", "z", "b", "a")]
-                if f"{a}.in_proj_q.weight" in names else
-                [ref(f"{a}.in_proj_{part}.weight") for part in ("qkv", "z", "b", "a")],
+                in_proj=[ref(f"{a}.in_proj_{part}.weight") for part in ("q", "k", "v", "z", "b", "a")],
                 conv=conv, dt_bias=ref(f"{a}.dt_bias"), a_log=ref(f"{a}.A_log"), norm=ref(f"{a}.norm.weight"),
                 key_heads=hk, value_heads=hv, key_dim=dk, value_dim=dv, kernel=conv.shape[-1])
             layers.append(LayerWeights(q=None, k=None, v=None, o=ref(f"{a}.out_proj.weight"), deltanet=dn,
