@@ -18,7 +18,7 @@ import os
 import torch
 
 from lightning_dsinfer.kernels import cpu_gemv
-from lightning_dsinfer.modules.gated_deltanet import GatedDeltaNet
+from lightning_dsinfer.modules.gated_deltanet import GatedDeltaNet, state_shapes
 from lightning_dsinfer.modules.linear import (DEQUANT_BYTES_PER_WEIGHT, DEQUANT_CHUNK_BYTES,
                                               DEQUANT_INT4_BYTES_PER_WEIGHT, Linear, quantize_int4_rows, quantize_rows)
 from lightning_dsinfer.modules.mla import LatentAttention
@@ -517,11 +517,14 @@ def _per_token_bytes(w: ModelWeights, plan: TensorShardPlan, dtype: torch.dtype,
 
 def _per_sequence_bytes(w: ModelWeights, plan: TensorShardPlan, dtype: torch.dtype, max_seq_len: int,
                         vocab_shard: int) -> int:
-    """One sequence's KV cache (max_seq_len), hidden state of a full-length prompt (x3: the residual stream, the
-    MLP's input and the next stream) and fp32 logits (x2)."""
+    """One sequence's KV cache (max_seq_len; a linear-attention layer: its convolution history and fp32 state
+    instead), hidden state of a full-length prompt (x3: the residual stream, the MLP's input and the next stream) and
+    fp32 logits (x2)."""
     e = dtype.itemsize
     heads, width, keys_only = w.cache_layout(plan.local_kv_heads)
-    kv = (1 if keys_only else 2) * len(w.layers) * heads * width * max_seq_len * e
+    linear = [state_shapes(lw.deltanet, plan.tp) for lw in w.layers if lw.deltanet is not None]
+    kv = (1 if keys_only else 2) * (len(w.layers) - len(linear)) * heads * width * max_seq_len * e
+    kv += sum(math.prod(conv) * e + math.prod(state) * 4 for conv, state in linear)
     if w.attn_softcap is not None:   # soft-capped attention reads one layer's K / V as fp32 copies
         kv += 2 * plan.local_kv_heads * w.head_dim * max_seq_len * 4
     if w.mla is not None:   # latent attention's expanded prompts: one block's k_nope, values and keys for every key
@@ -685,7 +688,8 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
                           experts=experts)
 
     final_norm = norm_weight(w.final_norm, dtype, w.norm_offset, w.norm_fp32).to(device) if head else None
+    kv_heads, width, _ = w.cache_layout(plan.local_kv_heads)
     decoder = StreamedDecoderModel(streamer, layer_units, head_units, make, rows, final_norm, w.rms_norm_eps,
                                    w.vocab_size, start, ws.prefill_tokens, comm=comm, device=device, experts=pool,
-                                   **model_ends(w, dtype, device, embed, head))
+                                   kv_heads=kv_heads, head_dim=width, **model_ends(w, dtype, device, embed, head))
     return decoder, ws

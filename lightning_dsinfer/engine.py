@@ -328,15 +328,13 @@ def _check_not_prequantised(hf_config) -> None:
 
 
 def _check_linear_attention_options(hf_config, config: InferenceConfig) -> None:
-    """Linear attention (Qwen3-Next / 3.5) runs with its weights resident, on one process or tensor-parallel ranks
-    that split its key heads: the rest is refused here, before any weight is read."""
-    asked = {"pipeline_parallel_size": config.pipeline_parallel_size, "offload": config.offload}
-    bad = {k: v for k, v in asked.items() if v not in (1, None)}
-    if bad:
+    """Linear attention (Qwen3-Next / 3.5) runs on one process or tensor-parallel ranks that split its key heads,
+    resident or offloaded; a pipeline is refused here, before any weight is read."""
+    if config.pipeline_parallel_size > 1:
         raise UnsupportedModelError(
-            f"{hf_config.model_type} (linear-attention blocks) runs with its weights in memory, on one process or "
-            f"tensor-parallel ranks; {', '.join(f'{k}={v!r}' for k, v in bad.items())} is not supported for it yet. "
-            f"Drop {' and '.join(bad)} (int8 / int4 weights shrink it: quantize='int8'; or tensor_parallel_size).")
+            f"{hf_config.model_type} (linear-attention blocks) does not run in a pipeline yet "
+            f"(pipeline_parallel_size={config.pipeline_parallel_size}); use tensor_parallel_size, or offload='cpu' / "
+            f"'nvme' for a model larger than memory.")
     tp, heads = config.tensor_parallel_size, getattr(hf_config, "linear_num_key_heads", 1)
     if heads % tp:
         raise ValueError(f"dsinfer: tensor_parallel_size={tp} does not divide the {heads} linear-attention key heads "

@@ -3,14 +3,16 @@
 two linear-attention blocks around a full one, 2 key / 4 value heads, partial rotary; the MoE ones with a shared
 expert). fp32 logits atol 2e-4 / rtol 1e-4 on a left-padded batch, greedy tokens, every decode step's logits
 (teacher-forced) and beam search (HF's loop: the states in HF's cache, reordered with the beams) as HF's; a prompt
-continued through HF's cache; bf16 against fp32; int8 vs the fake-quantised HF; TP=2; the chunked delta rule
+continued through HF's cache; bf16 against fp32; int8 vs the fake-quantised HF; TP=2; offload on both tiers with
+chunked prompts; the chunked delta rule
 against transformers' token-by-token recurrence; the refused options."""
 
 import pytest
 import torch
 
 import lightning_dsinfer as dsi
-from helpers import (assert_fp32_matches_quantised, fake_quantised_int8, optimised_copy, padded_batch, tiny_model)
+from helpers import (assert_fp32_matches_quantised, fake_quantised_int8, optimised_copy, padded_batch, streamed_copy,
+                     tiny_model)
 from multiproc import run_ranks
 
 FAMILIES = ["qwen3_5_text", "qwen3_5_moe_text", "qwen3_next"]
@@ -139,9 +141,37 @@ def test_hybrid_tensor_parallel():
     assert outs[0].count(" OK") == len(FAMILIES), outs[0]
 
 
+def test_hybrid_tensor_parallel_disk_tier(tmp_path):
+    """TP=2 on the disk tier under a streaming budget: each rank streams its own shard of the linear attention."""
+    codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", "qwen3_next", "--offload", "nvme",
+                                                   "--offload-path", str(tmp_path), "--max-memory", "streaming"],
+                               timeout=300)
+    assert codes == [0, 0], "\n".join(outs)
+    assert outs[0].count(" OK") == 1, outs[0]
+
+
+@pytest.mark.parametrize("tier", ["cpu", "nvme"])
+@pytest.mark.parametrize("family", ["qwen3_5_text", "qwen3_next"])
+def test_hybrid_offload_matches_hf(family, tier, tmp_path):
+    """Streamed under a budget that streams most units (the disk tier reads them from disk), 8 prompts of up to 40
+    tokens run in chunks of 32 (prefill 256 / 8 rows): the linear attention's states carried from chunk to chunk in
+    the engine's cache (generate), in HF's (a forward with a cache) and in the plain forward's scratch. Logits and
+    greedy tokens as HF's."""
+    hf = tiny_model(family)
+    opt = streamed_copy(hf, tier, tmp_path, max_batch_size=8)
+    assert opt._dsinfer_engine.decoder._chunks(8, 40) == [(0, 32), (32, 40)]
+    ids, mask = padded_batch([40, 33, 12, 40, 20, 38, 5, 40], seed=2)
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask).logits
+        tokens = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    for use_cache in (False, True):
+        got = opt(input_ids=ids, attention_mask=mask, use_cache=use_cache).logits
+        torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=ATOL, rtol=RTOL)
+    assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False), tokens)
+
+
 @pytest.mark.parametrize("option,error,match", [
-    ({"offload": "cpu"}, dsi.UnsupportedModelError, "linear-attention blocks"),
-    ({"pipeline_parallel_size": 2}, dsi.UnsupportedModelError, "linear-attention blocks"),
+    ({"pipeline_parallel_size": 2}, dsi.UnsupportedModelError, "does not run in a pipeline"),
     ({"tensor_parallel_size": 4}, ValueError, "does not divide the 2 linear-attention key heads")])
 def test_hybrid_refuses_what_it_does_not_run(option, error, match):
     with pytest.raises(error, match=match):

@@ -6,7 +6,7 @@ value along its key (the delta rule), read by the query::
     S <- exp(g) S;  S <- S + beta k (v - S^T k)^T;  o = S^T q      (q, k L2-normed, q scaled by Dk^-1/2)
 
 with beta = sigmoid(b) and g = -exp(A_log) softplus(a + dt_bias) from the token, and q | k | v through a causal depthwise
-convolution (kernel K, SiLU) first. A decode step is that recurrence; a prompt runs it in chunks (:func:`delta_rule`:
+convolution (kernel K, SiLU; :func:`causal_conv`) first. A decode step is that recurrence; a prompt runs it in chunks (:func:`delta_rule`:
 within a chunk the corrections are one triangular solve, the UT transform), all in fp32 as transformers' reference
 does. The output is RMS-normed per head, gated by SiLU(z) (``gated_rms_norm``) and projected by ``out_proj``.
 
@@ -43,11 +43,12 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     q, k, v, g, beta = (x.transpose(1, 2).float() for x in (q, k, v, g, beta))
     q, k = l2_normalize(q) * dk ** -0.5, l2_normalize(k)
     s = torch.zeros(b, hv, dk, dv, dtype=torch.float32, device=v.device) if state is None else state.float()
-    if t == 1:
+    if t == 1:      # (matrix products over [B, H]: each a single pass over the state)
         s = s * g[..., 0, None, None].exp()
-        delta = (v[:, :, 0] - (s * k[:, :, 0, :, None]).sum(-2)) * beta[:, :, 0, None]
-        s = s + k[:, :, 0, :, None] * delta[:, :, None, :]
-        return (s * q[:, :, 0, :, None]).sum(-2)[:, None], s
+        k_row = k[:, :, :1]                                                           # [B, H, 1, Dk]
+        delta = (v[:, :, :1] - k_row @ s) * beta[:, :, :1, None]                      # [B, H, 1, Dv]
+        s = torch.baddbmm(s.flatten(0, 1), k_row.transpose(-1, -2).flatten(0, 1), delta.flatten(0, 1)).view_as(s)
+        return (q[:, :, :1] @ s).transpose(1, 2), s
     pad = -t % chunk            # (zero keys, values and decays past the end change nothing; cut off after)
     if pad:
         q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
@@ -75,6 +76,17 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
         s = s * end[:, :, c] + k_out[:, :, c].transpose(-1, -2) @ new
     out = out.reshape(b, hv, n * chunk, dv)[:, :, :t].transpose(1, 2)
     return out, s
+
+
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, t: int) -> torch.Tensor:
+    """The depthwise convolution's last ``t`` outputs over x [B, C, K - 1 + t] (history, then the new inputs), weight
+    [C, K]: K shifted multiply-adds in fp32, rounded once to x's dtype (for one decode step mkldnn's depthwise conv1d
+    costs ~150 us of setup, these ~10)."""
+    w = weight.float()
+    acc = x[..., :t].float() * w[:, :1]
+    for j in range(1, weight.shape[-1]):
+        acc.addcmul_(x[..., j:j + t].float(), w[:, j:j + 1])
+    return acc.to(x.dtype)
 
 
 def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -110,8 +122,9 @@ class GatedDeltaNet(nn.Module):
 
     def _states(self, step, b: int):
         """(conv history [B, C, K - 1] or None, state [B, Hv, Dk, Dv] or None, where to put the new ones)."""
-        if step.cache is not None:
-            conv, state = step.cache.conv[self.layer_idx][:b], step.cache.state[self.layer_idx][:b]
+        if step.cache is not None:      # (the engine's cache, or a chunked plain forward's scratch: offload)
+            conv, state = step.cache.linear_buffers(self.layer_idx, b, (self.channels, self.kernel - 1),
+                                                    (self.hv, self.dk, self.dv))
             if step.start == 0:
                 return None, None, (conv, state)
             return conv, state, (conv, state)
@@ -135,7 +148,7 @@ class GatedDeltaNet(nn.Module):
         if history is None:
             history = x.new_zeros(b, c, self.kernel - 1)
         x = torch.cat((history.to(x.dtype), x), dim=-1)
-        conv = F.silu(F.conv1d(x, self.conv[:, None, :], groups=c))                   # [B, C, T]
+        conv = F.silu(causal_conv(x, self.conv, t))                                   # [B, C, T]
         q, k, v = conv.transpose(1, 2).split([hk * dk, hk * dk, hv * dv], dim=-1)
         beta = torch.sigmoid(beta_in)
         g = -self.a_log.float().exp() * F.softplus(a.float() + self.dt_bias)

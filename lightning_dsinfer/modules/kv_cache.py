@@ -74,6 +74,11 @@ class StaticKVCache:
         view.max_batch_size = stop - start
         return view
 
+    def linear_buffers(self, layer: int, b: int, conv: tuple, state: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [:b] of a linear-attention layer's convolution history and state (``conv`` / ``state``: their shapes
+        per row, as allocated)."""
+        return self.conv[layer][:b], self.state[layer][:b]
+
     # A step's K/V go through two calls, so the write can be fused into the rotary kernel
     # (``kernels.ops.rotary_write_kv``): ``slots`` says where to write, ``read`` gives what attention reads.
     def slots(self, layer: int, b: int, start: int) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -77,6 +77,14 @@ class ScratchKV:
     def __init__(self, b: int, kv_heads: int, t: int, head_dim: int, dtype: torch.dtype, device: torch.device):
         self.k = torch.empty(b, kv_heads, t, head_dim, dtype=dtype, device=device)
         self.v = torch.empty_like(self.k)
+        self._linear: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def linear_buffers(self, layer: int, b: int, conv: tuple, state: tuple):
+        """A linear-attention block's convolution history and state across its chunks (:meth:`StaticKVCache.
+        linear_buffers`), made on the block's first chunk."""
+        if layer not in self._linear:
+            self._linear[layer] = (self.k.new_zeros(b, *conv), torch.zeros(b, *state, device=self.k.device))
+        return self._linear[layer]
 
     def slots(self, layer: int, b: int, start: int):
         return self.k[:b], self.v[:b], start
@@ -89,7 +97,7 @@ class StreamedDecoderModel(DecoderModel):
     def __init__(self, streamer: UnitStreamer, layer_units: list[tuple[int, int]], head_units: list[int],
                  make_layer: Callable[[int, dict], DecoderLayer], rows, final_norm: torch.Tensor, eps: float,
                  vocab_size: int, vocab_start: int, prefill_tokens: int, comm=None, device: torch.device | None = None,
-                 experts=None, **ends):
+                 experts=None, kv_heads: int = 1, head_dim: int = 1, **ends):
         nn.Module.__init__(self)
         self.set_ends(**ends)
         self.streamer = streamer
@@ -100,6 +108,7 @@ class StreamedDecoderModel(DecoderModel):
         self.final_norm, self.eps = final_norm, eps
         self.vocab_size, self.vocab_start = vocab_size, vocab_start
         self.prefill_tokens = prefill_tokens
+        self.kv_heads, self.head_dim = kv_heads, head_dim   # (a chunked plain forward's K/V scratch: this rank's)
         self.comm = comm
         self.sharded_vocab = comm is not None and comm.size > 1
         self.device = device if device is not None else final_norm.device
@@ -130,8 +139,8 @@ class StreamedDecoderModel(DecoderModel):
             half = self.make_layer(i, self.streamer.acquire(attention_unit))
             try:
                 if steps is None:
-                    if scratch:   # its chunks' K/V go to a one-block buffer (the layers know the local KV heads)
-                        kv = ScratchKV(h.shape[0], half.attn.hkv, h.shape[1], half.attn.d, h.dtype, h.device)
+                    if scratch:   # its chunks' K/V go to a one-block buffer (the decoder knows the local KV heads)
+                        kv = ScratchKV(h.shape[0], self.kv_heads, h.shape[1], self.head_dim, h.dtype, h.device)
                         step = dataclasses.replace(step, cache=kv, start=step.q_start)
                     steps = [step if len(chunks) == 1 else step.rows(a, b) for a, b in chunks]
                 if len(chunks) == 1:
