@@ -131,8 +131,11 @@ class InferenceEngine:
         weight_bytes = _weight_bytes(hf_model, self.dtype, config.quantize, config.quantize_group_size) // (
             self.comm.size * self.pipe.size)
         kv_heads, width, keys_only = weights.cache_layout(shard_plan(weights, self.comm).local_kv_heads)
-        cache_bytes = ((1 if keys_only else 2) * len(weights.layers) * kv_heads * width * self.max_seq_len
-                       * (config.max_batch_size or DEFAULT_MAX_BATCH_SIZE) * self.dtype.itemsize)
+        linear = [state_shapes(lw.deltanet, self.comm.size) for lw in weights.layers if lw.deltanet is not None]
+        per_row = ((1 if keys_only else 2) * (len(weights.layers) - len(linear)) * kv_heads * width * self.max_seq_len
+                   * self.dtype.itemsize        # (linear-attention layers: their states instead of K/V)
+                   + sum(math.prod(conv) * self.dtype.itemsize + math.prod(state) * 4 for conv, state in linear))
+        cache_bytes = per_row * (config.max_batch_size or DEFAULT_MAX_BATCH_SIZE)
         free = available_memory(self.device)
         if not on_meta and _model_device(hf_model) == self.device:
             free += weight_bytes              # the model's own weights are released as the engine takes them
@@ -280,7 +283,8 @@ _BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
                   "gate_up_proj",      # (Phi-3 packs the last two), latent attention's (DeepSeek; not kv_b_proj):
                   "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",      # and the GPT families' names:
                   "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "fc1", "fc2", "fc_in", "fc_out",
-                  "out_proj", "c_attn", "c_proj", "c_fc")
+                  "out_proj", "c_attn", "c_proj", "c_fc",     # and linear attention's (Qwen3-Next / 3.5):
+                  "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "in_proj_qkvz", "in_proj_ba")
 
 
 def _stage_range(weights, pipe: PipelineComm, dtype: torch.dtype, quantize: str | None,

@@ -4,7 +4,7 @@ two linear-attention blocks around a full one, 2 key / 4 value heads, partial ro
 expert). fp32 logits atol 2e-4 / rtol 1e-4 on a left-padded batch, greedy tokens, every decode step's logits
 (teacher-forced) and beam search (HF's loop: the states in HF's cache, reordered with the beams) as HF's; a prompt
 continued through HF's cache; bf16 against fp32; int8 vs the fake-quantised HF; TP=2; offload on both tiers with
-chunked prompts; the chunked delta rule
+chunked prompts; a checkpoint on meta; the chunked delta rule
 against transformers' token-by-token recurrence; the refused options."""
 
 import pytest
@@ -139,6 +139,36 @@ def test_hybrid_tensor_parallel():
     codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", *FAMILIES], timeout=300)
     assert codes == [0, 0], "\n".join(outs)
     assert outs[0].count(" OK") == len(FAMILIES), outs[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hybrid_from_checkpoint_on_meta(family, tmp_path):
+    """From what save_pretrained writes (experts one by one, Qwen3-Next's grouped in_proj_qkvz / in_proj_ba, the
+    attention's interleaved q | gate rows) into a model on meta: logits and greedy tokens as HF's."""
+    from transformers import AutoModelForCausalLM
+
+    hf = tiny_model(family)
+    hf.save_pretrained(tmp_path)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(hf.config)
+    opt = dsi.init_inference(meta, checkpoint=str(tmp_path), max_seq_len=64, dtype=torch.float32)
+    ids, mask = padded_batch([12, 5, 9], seed=1)
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask).logits
+        tokens = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    torch.testing.assert_close(opt(input_ids=ids, attention_mask=mask).logits[mask.bool()], want[mask.bool()],
+                               atol=ATOL, rtol=RTOL)
+    assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False), tokens)
+
+
+def test_a_cache_without_the_linear_layers_is_a_clear_error():
+    """A DynamicCache() built without the config has no linear-attention layers to hold the states: named, with the
+    fix."""
+    from transformers import DynamicCache
+
+    opt = optimised_copy(tiny_model("qwen3_5_text"), max_seq_len=64)
+    with pytest.raises(RuntimeError, match=r"DynamicCache\(config=model.config\)"):
+        opt(input_ids=torch.tensor([[5, 6, 7]]), past_key_values=DynamicCache(), use_cache=True)
 
 
 def test_hybrid_tensor_parallel_disk_tier(tmp_path):

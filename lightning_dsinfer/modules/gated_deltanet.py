@@ -129,10 +129,12 @@ class GatedDeltaNet(nn.Module):
                 return None, None, (conv, state)
             return conv, state, (conv, state)
         if step.hf_cache is not None:
-            layer = step.hf_cache.layers[self.layer_idx]
+            layers = step.hf_cache.layers
+            layer = layers[self.layer_idx] if self.layer_idx < len(layers) else None
             if not hasattr(layer, "recurrent_states"):
-                raise RuntimeError(f"dsinfer: the Hugging Face cache's layer {self.layer_idx} holds no linear-attention "
-                                   f"states ({type(layer).__name__}); build the cache with DynamicCache(config=...).")
+                raise RuntimeError(f"dsinfer: the Hugging Face cache passed has no linear-attention layer {self.layer_idx} "
+                                   f"({type(layer).__name__}); build it with DynamicCache(config=model.config), or "
+                                   f"pass none.")
             held = layer.is_recurrent_states_initialized[0] and step.q_start > 0
             return (layer.conv_states[0] if held else None), (layer.recurrent_states[0] if held else None), layer
         return None, None, None

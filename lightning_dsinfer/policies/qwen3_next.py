@@ -62,6 +62,7 @@ def read_qwen3_next(model: nn.Module, max_seq_len: int, source: WeightSource | N
         raise UnsupportedModelError(f"{config.model_type}: layer types {sorted(set(types))}; the engine runs "
                                     f"linear_attention and full_attention blocks.")
     source = source or ModuleSource(model)
+    files = source                # (experts stacked from a checkpoint's per-expert tensors: read from the files)
     base = model.model
     with torch.device("cpu"):     # frequencies are computed, not loaded: rebuild them even for a meta model
         rotary = type(base.rotary_emb)(config=config)
@@ -114,9 +115,10 @@ def read_qwen3_next(model: nn.Module, max_seq_len: int, source: WeightSource | N
         moe = None
         if is_sparse(config, i):
             moe = MoEWeights(
-                router=ref(f"{m}.gate.weight"), gate_up=_experts(source, config, _EXPERT_NAMES, m, "gate_up_proj"),
-                down=_experts(source, config, _EXPERT_NAMES, m, "down_proj"), top_k=config.num_experts_per_tok,
-                renormalize=bool(getattr(config, "norm_topk_prob", True)), weights_in_dtype=True,
+                router=ref(f"{m}.gate.weight"), gate_up=_experts(files, config, _EXPERT_NAMES, m, "gate_up_proj"),
+                down=_experts(files, config, _EXPERT_NAMES, m, "down_proj"), top_k=config.num_experts_per_tok,
+                # (Qwen3.5-MoE's router always renormalises; Qwen3-Next's by norm_topk_prob)
+                renormalize=config.model_type != "qwen3_next" or bool(config.norm_topk_prob), weights_in_dtype=True,
                 shared_gate=opt(f"{m}.shared_expert.gate_proj.weight"),
                 shared_up=opt(f"{m}.shared_expert.up_proj.weight"),
                 shared_down=opt(f"{m}.shared_expert.down_proj.weight"),
