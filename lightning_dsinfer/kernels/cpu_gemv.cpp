@@ -1862,6 +1862,116 @@ int dsi_decode_attention_bf16(const void* q, int64_t qb, int64_t qh, const void*
     return 0;
 }
 
+// ---------------------------------------------------------------- Gated DeltaNet decode step (Qwen3-Next / 3.5)
+// One token per row of a linear-attention layer (modules/gated_deltanet.py), after its in_proj GEMM: proj [B, W]
+// bf16 rows (stride ld) holding q | k | v (C = 2 Hk Dk + Hv Dv channels) | z (Hv Dv) | b (Hv) | a (Hv). Per row:
+// the depthwise convolution over the history [C, K - 1] (bf16, shifted in place) and the new input, fp32
+// multiply-adds rounded once to bf16, SiLU rounded to bf16; q, k L2-normed in fp32 (eps 1e-6), q times Dk^-1/2;
+// per value head h (key head h / (Hv / Hk)): beta = bf16(sigmoid(b)), g = -exp(a_log) softplus(a + dt_bias) (torch's
+// softplus: x above 20 as is), the state [Dk, Dv] (fp32, in place) decayed by exp(g), corrected by
+// beta k (v - S^T k)^T and read by q; the output rounded to bf16, RMS-normed (fp32, eps) and rounded, times the
+// norm weight (bf16), times SiLU(z) in fp32, rounded: out [B, Hv Dv] bf16 (stride ldo). The roundings are the torch
+// path's; the sums run in another order (fp32). Units (row, value head) over `threads` OpenMP threads. AVX512 only:
+// returns -1 otherwise (the caller keeps the torch path), else 0.
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static void delta_head_avx512(float* S, const float* q, const float* k, const float* v, float decay, float beta,
+                              int64_t Dk, int64_t Dv, float* o, float* kv) {
+    for (int64_t j = 0; j < Dv; ++j) kv[j] = 0.f, o[j] = 0.f;
+    const __m512 dec = _mm512_set1_ps(decay);
+    for (int64_t i = 0; i < Dk; ++i) {          // S *= decay; kv += k_i S_i
+        float* row = S + i * Dv;
+        const __m512 ki = _mm512_set1_ps(k[i]);
+        for (int64_t j = 0; j < Dv; j += 16) {
+            const __mmask16 m = lanes16(Dv - j);
+            const __m512 r = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + j), dec);
+            _mm512_mask_storeu_ps(row + j, m, r);
+            _mm512_mask_storeu_ps(kv + j, m, _mm512_fmadd_ps(ki, r, _mm512_maskz_loadu_ps(m, kv + j)));
+        }
+    }
+    for (int64_t j = 0; j < Dv; ++j) kv[j] = (v[j] - kv[j]) * beta;     // delta
+    for (int64_t i = 0; i < Dk; ++i) {          // S += k_i delta; o += q_i S_i
+        float* row = S + i * Dv;
+        const __m512 ki = _mm512_set1_ps(k[i]), qi = _mm512_set1_ps(q[i]);
+        for (int64_t j = 0; j < Dv; j += 16) {
+            const __mmask16 m = lanes16(Dv - j);
+            const __m512 r = _mm512_fmadd_ps(ki, _mm512_maskz_loadu_ps(m, kv + j), _mm512_maskz_loadu_ps(m, row + j));
+            _mm512_mask_storeu_ps(row + j, m, r);
+            _mm512_mask_storeu_ps(o + j, m, _mm512_fmadd_ps(qi, r, _mm512_maskz_loadu_ps(m, o + j)));
+        }
+    }
+}
+
+static inline float silu_f32(float x) { return x / (1.f + expf(-x)); }
+
+int dsi_gated_delta_step_bf16(const void* proj, int64_t ld, void* history, const void* conv_w, const void* a_log,
+                              const void* dt_bias, const void* norm_w, float* state, void* out, int64_t ldo,
+                              int64_t B, int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv, int64_t K, float eps,
+                              int threads) {
+    if (dsi_gemv_best_isa() < 2 || Hv % Hk) return -1;
+    const int64_t C = 2 * Hk * Dk + Hv * Dv, hist = K - 1, r = Hv / Hk;
+    const uint16_t* P = static_cast<const uint16_t*>(proj);
+    uint16_t* H = static_cast<uint16_t*>(history);
+    const uint16_t* W = static_cast<const uint16_t*>(conv_w);
+    uint16_t* O = static_cast<uint16_t*>(out);
+    std::vector<float> qkv(static_cast<size_t>(B * C));     // per row: q, k normed (fp32), v (bf16 values)
+    const int nt = threads > 0 ? threads : 1;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+        const uint16_t* x = P + b * ld;
+        uint16_t* h = H + b * C * hist;
+        float* y = qkv.data() + b * C;
+        for (int64_t c = 0; c < C; ++c) {
+            uint16_t* hc = h + c * hist;
+            const uint16_t* wc = W + c * K;
+            float acc = 0.f;
+            for (int64_t j = 0; j < hist; ++j) acc += bf16_to_f32(hc[j]) * bf16_to_f32(wc[j]);
+            acc += bf16_to_f32(x[c]) * bf16_to_f32(wc[hist]);
+            for (int64_t j = 0; j + 1 < hist; ++j) hc[j] = hc[j + 1];
+            if (hist > 0) hc[hist - 1] = x[c];
+            y[c] = bf16_to_f32(f32_to_bf16(silu_f32(bf16_to_f32(f32_to_bf16(acc)))));
+        }
+        for (int64_t head = 0; head < 2 * Hk; ++head) {     // q heads, then k heads: L2-normed (q also scaled)
+            float* e = y + head * Dk;
+            float ss = 0.f;
+            for (int64_t i = 0; i < Dk; ++i) ss += e[i] * e[i];
+            const float inv = 1.f / sqrtf(ss + 1e-6f) * (head < Hk ? 1.f / sqrtf(static_cast<float>(Dk)) : 1.f);
+            for (int64_t i = 0; i < Dk; ++i) e[i] *= inv;
+        }
+    }
+    const uint16_t* AL = static_cast<const uint16_t*>(a_log);
+    const uint16_t* DT = static_cast<const uint16_t*>(dt_bias);
+    const uint16_t* NW = static_cast<const uint16_t*>(norm_w);
+#pragma omp parallel num_threads(nt)
+    {
+        std::vector<float> o(Dv), kv(Dv), vf(Dv);
+#pragma omp for schedule(static)
+        for (int64_t u = 0; u < B * Hv; ++u) {
+            const int64_t b = u / Hv, hv = u % Hv, hk = hv / r;
+            const float* y = qkv.data() + b * C;
+            const uint16_t* x = P + b * ld;
+            const float beta = bf16_to_f32(f32_to_bf16(1.f / (1.f + expf(-bf16_to_f32(x[C + Hv * Dv + hv])))));
+            const float sp = bf16_to_f32(x[C + Hv * Dv + Hv + hv]) + bf16_to_f32(DT[hv]);
+            const float g = -expf(bf16_to_f32(AL[hv])) * (sp > 20.f ? sp : log1pf(expf(sp)));
+            for (int64_t j = 0; j < Dv; ++j) vf[j] = y[2 * Hk * Dk + hv * Dv + j];
+            delta_head_avx512(state + u * Dk * Dv, y + hk * Dk, y + Hk * Dk + hk * Dk, vf.data(), expf(g), beta,
+                              Dk, Dv, o.data(), kv.data());
+            float ss = 0.f;                              // the gated RMSNorm of the bf16 output
+            for (int64_t j = 0; j < Dv; ++j) {
+                o[j] = bf16_to_f32(f32_to_bf16(o[j]));
+                ss += o[j] * o[j];
+            }
+            const float inv = 1.f / sqrtf(ss / static_cast<float>(Dv) + eps);
+            const uint16_t* z = x + C + hv * Dv;
+            uint16_t* dst = O + b * ldo + hv * Dv;
+            for (int64_t j = 0; j < Dv; ++j) {
+                const float n = bf16_to_f32(f32_to_bf16(bf16_to_f32(NW[j]) * bf16_to_f32(f32_to_bf16(o[j] * inv))));
+                dst[j] = f32_to_bf16(n * silu_f32(bf16_to_f32(z[j])));
+            }
+        }
+    }
+    return 0;
+}
+
 // ---------------------------------------------------------------- streaming-read probe (benchmarks)
 // XOR of `bytes` (a multiple of 64) read front to back on `threads` OpenMP threads, each a contiguous range, with
 // a software prefetch 4 KiB ahead: the read bandwidth the benchmarks' utilisation is measured against (torch's

@@ -112,6 +112,10 @@ class _Kernel:
         self.attention.restype = ctypes.c_int
         self.attention.argtypes = [p, i64, i64, p, p, i64, i64, i64, p, i64, i64, p, i64, i64, i64, i64, i64,
                                    ctypes.c_float, ctypes.c_float, p, p, ctypes.c_int]
+        self.gated_delta = lib.dsi_gated_delta_step_bf16
+        self.gated_delta.restype = ctypes.c_int
+        self.gated_delta.argtypes = [p, i64, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float,
+                                     ctypes.c_int]
         self.decode_stack = lib.dsi_decode_stack
         self.decode_stack.restype = ctypes.c_int
         self.decode_stack.argtypes = [p, p, p, i64, p, p, p, p, i64, p, i64, i64, p, i64, i64, p, p]
@@ -796,6 +800,33 @@ class StackShape(ctypes.Structure):
                 ("timeout_s", ctypes.c_double), ("layer_norm", ctypes.c_int64), ("parallel", ctypes.c_int64),
                 ("mlp_act", ctypes.c_int64), ("rotary_dim", ctypes.c_int64), ("gated", ctypes.c_int64),
                 ("norm_f32", ctypes.c_int64), ("softcap", ctypes.c_double)]
+
+
+def gated_delta_step(proj: torch.Tensor, history: torch.Tensor, conv: torch.Tensor, a_log: torch.Tensor,
+                     dt_bias: torch.Tensor, norm: torch.Tensor, state: torch.Tensor, key_heads: int, value_heads: int,
+                     key_dim: int, value_dim: int, eps: float) -> torch.Tensor | None:
+    """A Gated DeltaNet decode step (``modules/gated_deltanet.py``) for bf16 rows in one C call, after in_proj: proj
+    [B, 1, W] (q | k | v | z | b | a), the convolution history [B, C, K - 1] bf16 and the state [B, Hv, Dk, Dv] fp32
+    (both updated in place), conv [C, K], a_log / dt_bias [Hv], norm [Dv] bf16. Returns the gated norm's output
+    [B, 1, Hv Dv] bf16 (the torch path's roundings; fp32 sums in another order), or None where it does not apply
+    (the caller runs the torch ops), also on CPUs without AVX512 (:func:`has_wide_ops`)."""
+    k = _kernel if _kernel is not None else _load()
+    if k is None or _off or k.best_isa < 2:
+        return None
+    b, kern = proj.shape[0], conv.shape[-1]
+    c = 2 * key_heads * key_dim + value_heads * value_dim
+    tensors = (proj, history, conv, a_log, dt_bias, norm)
+    if (proj.dim() != 3 or proj.shape[1] != 1 or any(t.dtype != torch.bfloat16 or t.device.type != "cpu"
+                                                       or not t.is_contiguous() for t in tensors)
+            or state.dtype != torch.float32 or not state.is_contiguous()
+            or history.shape != (b, c, kern - 1) or state.shape != (b, value_heads, key_dim, value_dim)
+            or proj.shape[2] != c + value_heads * (value_dim + 2) or conv.shape != (c, kern)):
+        return None
+    out = torch.empty(b, 1, value_heads * value_dim, dtype=torch.bfloat16)
+    rc = k.gated_delta(proj.data_ptr(), proj.stride(0), history.data_ptr(), conv.data_ptr(), a_log.data_ptr(),
+                       dt_bias.data_ptr(), norm.data_ptr(), state.data_ptr(), out.data_ptr(), out.stride(0), b,
+                       key_heads, value_heads, key_dim, value_dim, kern, eps, torch.get_num_threads())
+    return out if rc == 0 else None
 
 
 def has_wide_ops() -> bool:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_dsinfer.kernels import cpu_gemv, ops
 from lightning_dsinfer.modules.linear import Linear
 
 
@@ -142,6 +143,16 @@ class GatedDeltaNet(nn.Module):
     def from_qkv(self, proj: torch.Tensor, residual: torch.Tensor | None, step) -> torch.Tensor:
         b, t, _ = proj.shape
         hk, hv, dk, dv, c = self.hk, self.hv, self.dk, self.dv, self.channels
+        if t == 1 and step.cache is not None and proj.dtype == torch.bfloat16 and not ops.uses_triton(proj):
+            # a bf16 CPU decode step on the engine's cache: the convolution, rule and gated norm in one C call
+            history, state = step.cache.linear_buffers(self.layer_idx, b, (c, self.kernel - 1), (hv, dk, dv))
+            if step.start == 0:
+                history.zero_()
+                state.zero_()
+            out = cpu_gemv.gated_delta_step(proj, history, self.conv, self.a_log, self.dt_bias, self.norm, state,
+                                            hk, hv, dk, dv, self.eps)
+            if out is not None:
+                return self.o(out, residual)
         if t > 1 and step.valid is not None:       # left padding: zero rows, as transformers zeroes their inputs
             proj = proj * step.valid[:, :, None].to(proj.dtype)
         mixed, z, beta_in, a = proj.split([c, hv * dv, hv, hv], dim=-1)
