@@ -20,7 +20,7 @@ from lightning_dsinfer.kernels.reference import Routing
 from lightning_dsinfer.policies.base import (LayerWeights, MLAShape, MLAWeights, ModelWeights, MoEWeights,
                                              UnsupportedModelError)
 from lightning_dsinfer.policies.llama import FamilyTraits, _experts, check_rope, num_experts, sparse_by_first_k
-from lightning_dsinfer.policies.weights import ModuleSource, RowSlices, WeightSource, rotate_half_pieces
+from lightning_dsinfer.policies.weights import ModuleSource, RowSlices, WeightSource, lookups, rotate_half_pieces
 
 FAMILY = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")   # (GLM-4.7-Flash: V3's attention and MoE)
 _EXPERT_NAMES = FamilyTraits(moe="qwen")       # checkpoint experts as experts.{e}.{gate,up,down}_proj
@@ -102,11 +102,7 @@ def read_deepseek(model: nn.Module, max_seq_len: int, source: WeightSource | Non
                                                          shape.kv_lora_rank))
         source = RowSlices(source, slices)
 
-    def ref(name):
-        return source.ref(name)
-
-    def opt(name):
-        return source.ref(name) if name in names else None
+    ref, opt = lookups(source, names)
 
     layers = []
     for i in range(config.num_hidden_layers):

@@ -30,7 +30,7 @@ from torch import nn
 from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, UnsupportedModelError
 from lightning_dsinfer.policies.llama import check_rope
 from lightning_dsinfer.policies.weights import (ModuleSource, RowSlices, Transposed, WeightSource, Zeros,
-                                                rotate_half_pieces)
+                                                lookups, rotate_half_pieces)
 
 
 @dataclass(frozen=True)
@@ -262,11 +262,7 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
         source = RowSlices(source, slices)
         names |= set(slices)
 
-    def ref(name):
-        return source.ref(name)
-
-    def opt(name):
-        return source.ref(name) if name in names else None
+    ref, opt = lookups(source, names)
 
     def norm_bias(norm):          # a LayerNorm without a bias (Cohere's) takes a zero one
         return ref(f"{norm}.bias") if f"{norm}.bias" in names else Zeros().ref((hidden,))

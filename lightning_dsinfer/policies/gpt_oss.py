@@ -18,7 +18,7 @@ from torch import nn
 from lightning_dsinfer.kernels.reference import ClampedSwiGLU, Routing
 from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, MoEWeights, UnsupportedModelError
 from lightning_dsinfer.policies.llama import FamilyTraits, _sliding_window, check_rope
-from lightning_dsinfer.policies.weights import ModuleSource, Rewritten, WeightSource
+from lightning_dsinfer.policies.weights import ModuleSource, Rewritten, WeightSource, lookups
 
 FAMILY = ("gpt_oss",)
 _LAYER_TYPES = ("sliding_attention", "full_attention")
@@ -115,11 +115,7 @@ def read_gpt_oss(model: nn.Module, max_seq_len: int, source: WeightSource | None
                                 gate_up_bias=[f"{p}.mlp.experts.gate_up_proj_bias" for p in layers_at],
                                 down=[f"{p}.mlp.experts.down_proj" for p in layers_at])
 
-    def ref(name):
-        return source.ref(name)
-
-    def opt(name):
-        return source.ref(name) if name in names else None
+    ref, opt = lookups(source, names)
 
     routing = Routing(scoring="topk_softmax")
     traits = FamilyTraits(sliding_from="layer_types")

@@ -44,7 +44,8 @@ from torch import nn
 
 from lightning_dsinfer.kernels.reference import Routing
 from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, MoEWeights, UnsupportedModelError
-from lightning_dsinfer.policies.weights import ExpertStack, ModuleSource, RowSlices, WeightSource, rotate_half_pieces
+from lightning_dsinfer.policies.weights import (ExpertStack, ModuleSource, RowSlices, WeightSource, lookups,
+                                               rotate_half_pieces)
 
 
 @dataclass(frozen=True)
@@ -302,11 +303,7 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
         source = RowSlices(source, slices)
         names |= set(slices)
 
-    def ref(name):
-        return source.ref(name)
-
-    def opt(name):
-        return source.ref(name) if name in names else None
+    ref, opt = lookups(source, names)
 
     qk_norm = traits.qk_norm if getattr(config, "use_qk_norm", True) else "none"    # (GLM-4.5: by the config)
     q_norm, k_norm = {"none": (None, None), "after_rotary": ("query_layernorm", "key_layernorm")}.get(

@@ -25,7 +25,7 @@ from torch import nn
 
 from lightning_dsinfer.policies.base import DeltaNetWeights, LayerWeights, ModelWeights, MoEWeights, UnsupportedModelError
 from lightning_dsinfer.policies.llama import FamilyTraits, _experts, check_rope
-from lightning_dsinfer.policies.weights import ModuleSource, RowSlices, WeightSource
+from lightning_dsinfer.policies.weights import ModuleSource, RowSlices, WeightSource, lookups
 
 FAMILY = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
 _EXPERT_NAMES = FamilyTraits(moe="qwen")        # checkpoint experts as experts.{e}.{gate,up,down}_proj
@@ -103,11 +103,7 @@ def read_qwen3_next(model: nn.Module, max_seq_len: int, source: WeightSource | N
         source = RowSlices(source, slices)
         names |= set(slices)
 
-    def ref(name):
-        return source.ref(name)
-
-    def opt(name):
-        return source.ref(name) if name in names else None
+    ref, opt = lookups(source, names)
 
     layers = []
     for i, kind in enumerate(types):

@@ -111,6 +111,12 @@ def with_source(obj, source: WeightSource):
     return dataclasses.replace(obj, **changes)
 
 
+def lookups(source: WeightSource, names: set[str]):
+    """A policy's (ref, opt): ``ref(name)`` the lazy ref of a weight the model has; ``opt(name)`` the same, or None
+    where ``names`` (the model's parameter names, plus any slices a policy adds) lack it."""
+    return source.ref, (lambda name: source.ref(name) if name in names else None)
+
+
 def refs(obj) -> list[WeightRef]:
     """Every WeightRef of a dataclass of refs (LayerWeights, ModelWeights), nested groups (MoEWeights) included."""
     import dataclasses
