@@ -122,6 +122,10 @@ def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype, nor
                     out[key] = (out[key].float() * lw.out_scale).to(dtype)
     else:
         out.update(_shard_moe(moe, plan, dtype))
+        if lw.out_scale is not None:  # Granite MoE: the experts' and the shared MLP's down scaled (no biases)
+            for key in ("moe.down", "shared.down.weight"):
+                if out.get(key) is not None:
+                    out[key] = (out[key].float() * lw.out_scale).to(dtype)
     return {k: v.contiguous() for k, v in out.items() if v is not None}
 
 

@@ -445,6 +445,12 @@ LLAMA_LIKE_FAMILIES = {
                        layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
     # OLMo 2's blocks with OLMoE's top-2 MoE of 4 experts
     "flex_olmo": dict(intermediate_size=48, num_experts=4, num_experts_per_tok=2),
+    # Granite's multipliers with a top-2 MoE of 4 experts (softmax over the top-k logits), and with a shared MLP
+    "granitemoe": dict(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=3.0,
+                       residual_multiplier=0.3, attention_multiplier=0.05, logits_scaling=4.0),
+    "granitemoeshared": dict(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+                             shared_intermediate_size=40, embedding_multiplier=3.0, residual_multiplier=0.3,
+                             attention_multiplier=0.05, logits_scaling=4.0),
     # whole-projection q / k norms, partial rotary, a sigmoid-routed top-2 MoE of 4 experts with a correction bias
     "minimax_m2": dict(head_dim=16, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
                        rotary_dim=8),

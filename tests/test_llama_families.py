@@ -8,7 +8,8 @@ per-head q / k norms, a NoPE full layer), Arcee (a plain ReLU-squared MLP), OLMo
 top-2 MoE), Ministral (Qwen 2's blocks, sliding / full layers), the DeepSeek-V3 MoE under GQA attention: GLM-4.5
 (partial rotary, q/k/v biases, q / k norms), Sarvam, dots.llm1 (Qwen 3's attention, a sliding layer), EXAONE MoE
 (Exaone 4's attention, dense / sparse by mlp_layer_types); FlexOlmo (OLMo 2's blocks, OLMoE's MoE) and MiniMax-M2
-(whole-projection q / k norms, partial rotary, a sigmoid router with a correction bias). fp32 logits atol 2e-4 / rtol 1e-4 on a left-padded batch and greedy tokens identical; bf16 prompt and
+(whole-projection q / k norms, partial rotary, a sigmoid router with a correction bias), GraniteMoE and
+GraniteMoE-Shared (Granite's multipliers, the residual one folded into every down, softmax over the top-k logits). fp32 logits atol 2e-4 / rtol 1e-4 on a left-padded batch and greedy tokens identical; bf16 prompt and
 decode-step logits within the bf16 tolerance; for some, int8, offload on both tiers, a checkpoint on meta and TP=2;
 the refused settings. Through the Triton kernels:
 tests/kernels/test_engine_triton_path.py::test_llama_like_family_through_triton_matches_hf."""
@@ -35,7 +36,8 @@ BLOCKS = {"olmo2": ("PostNormDecoderLayer", "ProjectionNormAttention"),
           "hunyuan_v1_dense": ("DecoderLayer", "RotaryFirstAttention")}
 # the ones whose decode steps must stay on the per-op path: output-only norms, whole-projection q / k norms or norms
 # after the rotation, MoE, ReLU squared, NoPE layers among rotary ones
-MOE = ("olmoe", "glm4_moe", "sarvam_moe", "dots1", "exaone_moe", "flex_olmo", "minimax_m2")
+MOE = ("olmoe", "glm4_moe", "sarvam_moe", "dots1", "exaone_moe", "flex_olmo", "minimax_m2", "granitemoe",
+       "granitemoeshared")
 PER_OP = ("olmo2", "olmo3", "exaone4", "hunyuan_v1_dense", "arcee", "smollm3", *MOE)
 # bf16: OLMoE's seed 0 has a routing decision within 7e-4 (a bf16 rounding of the router's input flips it)
 BF16_SEEDS = {"olmoe": 2}
@@ -43,7 +45,8 @@ BF16_SEEDS = {"olmoe": 2}
 # choice can flip under bf16 rounding and make the comparison meaningless; the weights are still the router's
 ALL_ROUTED = {"glm4_moe": dict(num_experts_per_tok=8, topk_group=4), "sarvam_moe": dict(num_experts_per_tok=6),
               "dots1": dict(num_experts_per_tok=8, topk_group=2), "exaone_moe": dict(num_experts_per_tok=8),
-              "minimax_m2": dict(num_experts_per_tok=4), "flex_olmo": dict(num_experts_per_tok=4)}
+              "minimax_m2": dict(num_experts_per_tok=4), "flex_olmo": dict(num_experts_per_tok=4),
+              "granitemoe": dict(num_experts_per_tok=4), "granitemoeshared": dict(num_experts_per_tok=4)}
 
 
 def _generate_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -145,10 +148,11 @@ def test_llama_like_families_from_checkpoint_on_meta(tmp_path):
     """From what save_pretrained writes: GLM-4's packed gate|up and reordered q / k rows and biases read as row pieces
     of the files, OLMo 2's whole-projection norms, OLMoE's experts, ERNIE 4.5's tied embeddings; the experts one by
     one (stacked on read) and the correction biases where transformers stores them: GLM-4.5's (and EXAONE MoE's, which
-    transformers renames on load) in the router, MiniMax-M2's (renamed too) in the block."""
+    transformers renames on load) in the router, MiniMax-M2's (renamed too) in the block; GraniteMoE-Shared's 3D
+    input_linear / output_linear experts and its shared MLP's packed gate | up."""
     from transformers import AutoModelForCausalLM
 
-    for family in ("glm4", "olmo2", "olmoe", "ernie4_5", "glm4_moe", "exaone_moe", "minimax_m2"):
+    for family in ("glm4", "olmo2", "olmoe", "ernie4_5", "glm4_moe", "exaone_moe", "minimax_m2", "granitemoeshared"):
         hf = tiny_model(family)
         hf.save_pretrained(tmp_path / family)
         with torch.device("meta"):

@@ -59,7 +59,8 @@ class FamilyTraits:
                                     # "olmoe" (every layer sparse, routed as Qwen's) | "deepseek" (DeepSeek-V3's MoE:
                                     # sigmoid router with its correction bias and groups, shared_experts, dense first
                                     # layers) | "minimax" (every layer sparse: sigmoid top-k on scores + the block's
-                                    # correction bias, renormalised)
+                                    # correction bias, renormalised) | "granite" (every layer sparse: block_sparse_moe,
+                                    # softmax over the top-k logits; GraniteMoE-Shared's shared_mlp beside it)
     packed: str = "none"            # "all": Phi-3's self_attn.qkv_proj (q | k | v rows) and mlp.gate_up_proj (gate |
                                     # up); "mlp": the latter only (GLM, GLM-4)
     gemma: int = 0                  # Gemma generation (see the module docstring)
@@ -109,6 +110,9 @@ FAMILY: dict[str, FamilyTraits] = {
     "flex_olmo": FamilyTraits(qk_norm="whole", norms="post", norm_fp32=True, moe="olmoe"),
     # MiniMax-M2: whole-projection q / k norms, partial rotary, a sigmoid-routed MoE in every layer
     "minimax_m2": FamilyTraits(qk_norm="whole", moe="minimax"),
+    # Granite 3 MoE: Granite's multipliers (the residual one folded into the experts' and shared MLP's down too)
+    "granitemoe": FamilyTraits(granite=True, moe="granite"),
+    "granitemoeshared": FamilyTraits(granite=True, moe="granite"),
 }
 
 # transformers' activation names -> the gated MLP's (``reference.gated_act``), and a plain MLP's (``reference.act``)
@@ -133,7 +137,7 @@ def sparse_by_first_k(config, i: int) -> bool:
 
 
 def _sparse_layer(config, traits: FamilyTraits, i: int) -> bool:
-    if traits.moe in ("mixtral", "minimax"):
+    if traits.moe in ("mixtral", "minimax", "granite"):
         return True
     if traits.moe == "deepseek":
         return sparse_by_first_k(config, i)
@@ -299,6 +303,13 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
         slices.update(_packed_slices(config, head_dim, traits.packed))
     if traits.rope == "interleaved":
         slices.update(_interleaved_slices(config, names, head_dim, 2 * main[0].numel()))
+    if traits.moe == "granite":   # GraniteMoE-Shared: shared_mlp.input_linear holds gate rows, then up rows
+        inter = getattr(config, "shared_intermediate_size", 0)
+        for i in range(config.num_hidden_layers):
+            shared = f"model.layers.{i}.shared_mlp"
+            if f"{shared}.input_linear.weight" in names:
+                for part, first in (("gate", 0), ("up", inter)):
+                    slices[f"{shared}.{part}_proj.weight"] = (f"{shared}.input_linear.weight", first, inter)
     if slices:
         source = RowSlices(source, slices)
         names |= set(slices)
@@ -316,22 +327,31 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
     elif traits.moe == "minimax":      # (the router's logits in its weights' dtype, as HF's; no groups, no scale)
         routing = Routing(scoring="sigmoid", renormalize=True)
         router_bias = "e_score_correction_bias"
+    elif traits.moe == "granite":      # (top-k of the logits, softmax over those k)
+        routing = Routing(scoring="topk_softmax")
     shared_name = "shared_experts" if traits.moe == "deepseek" else "shared_expert"
     layers = []
     for i in range(config.num_hidden_layers):
         a, m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
         moe = None
         if _sparse_layer(config, traits, i):
-            shared = f"{m}.{shared_name}.gate_proj.weight" in names
+            router = f"{m}.gate.weight"
+            shared_mlp, shared_down = f"{m}.{shared_name}", f"{m}.{shared_name}.down_proj.weight"
+            if traits.moe == "granite":
+                m = f"model.layers.{i}.block_sparse_moe"
+                router = f"{m}.router.weight"
+                shared_mlp = f"model.layers.{i}.shared_mlp"
+                shared_down = f"{shared_mlp}.output_linear.weight"
+            shared = f"{shared_mlp}.gate_proj.weight" in names
             moe = MoEWeights(
-                router=ref(f"{m}.gate.weight"), gate_up=_experts(source, config, traits, m, "gate_up_proj"),
+                router=ref(router), gate_up=_experts(source, config, traits, m, "gate_up_proj"),
                 down=_experts(source, config, traits, m, "down_proj"), top_k=config.num_experts_per_tok,
                 renormalize=(routing.renormalize if routing is not None else
                              traits.moe == "mixtral" or bool(getattr(config, "norm_topk_prob", False))),
                 weights_in_dtype=traits.moe in ("qwen", "olmoe"),
-                shared_gate=ref(f"{m}.{shared_name}.gate_proj.weight") if shared else None,
-                shared_up=ref(f"{m}.{shared_name}.up_proj.weight") if shared else None,
-                shared_down=ref(f"{m}.{shared_name}.down_proj.weight") if shared else None,
+                shared_gate=ref(f"{shared_mlp}.gate_proj.weight") if shared else None,
+                shared_up=ref(f"{shared_mlp}.up_proj.weight") if shared else None,
+                shared_down=ref(shared_down) if shared else None,
                 shared_expert_gate=opt(f"{m}.shared_expert_gate.weight"),
                 routing=routing, router_bias=ref(f"{m}.{router_bias}") if router_bias else None)
         dense = moe is None
