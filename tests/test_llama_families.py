@@ -9,8 +9,9 @@ top-2 MoE), Ministral (Qwen 2's blocks, sliding / full layers), the DeepSeek-V3 
 (partial rotary, q/k/v biases, q / k norms), Sarvam, dots.llm1 (Qwen 3's attention, a sliding layer), EXAONE MoE
 (Exaone 4's attention, dense / sparse by mlp_layer_types); FlexOlmo (OLMo 2's blocks, OLMoE's MoE) and MiniMax-M2
 (whole-projection q / k norms, partial rotary, a sigmoid router with a correction bias), GraniteMoE and
-GraniteMoE-Shared (Granite's multipliers, the residual one folded into every down, softmax over the top-k logits). fp32 logits atol 2e-4 / rtol 1e-4 on a left-padded batch and greedy tokens identical; bf16 prompt and
-decode-step logits within the bf16 tolerance; for some, int8, offload on both tiers, a checkpoint on meta and TP=2;
+GraniteMoE-Shared (Granite's multipliers, the residual one folded into every down, softmax over the top-k logits).
+fp32 logits atol 2e-4 / rtol 1e-4 on a left-padded batch and greedy tokens identical; bf16 prompt and decode-step
+logits within the bf16 tolerance; for some, int8, offload on both tiers, a checkpoint on meta and TP=2;
 the refused settings. Through the Triton kernels:
 tests/kernels/test_engine_triton_path.py::test_llama_like_family_through_triton_matches_hf."""
 
