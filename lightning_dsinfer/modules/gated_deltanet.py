@@ -143,16 +143,21 @@ class GatedDeltaNet(nn.Module):
     def from_qkv(self, proj: torch.Tensor, residual: torch.Tensor | None, step) -> torch.Tensor:
         b, t, _ = proj.shape
         hk, hv, dk, dv, c = self.hk, self.hv, self.dk, self.dv, self.channels
-        if t == 1 and step.cache is not None and proj.dtype == torch.bfloat16 and not ops.uses_triton(proj):
-            # a bf16 CPU decode step on the engine's cache: the convolution, rule and gated norm in one C call
+        if t == 1 and step.cache is not None:      # a decode step on the engine's cache
             history, state = step.cache.linear_buffers(self.layer_idx, b, (c, self.kernel - 1), (hv, dk, dv))
             if step.start == 0:
                 history.zero_()
                 state.zero_()
-            out = cpu_gemv.gated_delta_step(proj, history, self.conv, self.a_log, self.dt_bias, self.norm, state,
-                                            hk, hv, dk, dv, self.eps)
-            if out is not None:
-                return self.o(out, residual)
+            if ops.uses_triton(proj):              # the convolution and the rule in two kernels (gated_delta.py)
+                out = ops.gated_delta_step(proj[:, 0], history, self.conv, self.a_log, self.dt_bias, state, hk, dk)
+                z = proj[..., c:c + hv * dv].reshape(b, 1, hv, dv)
+                out = gated_rms_norm(out[:, None], z, self.norm, self.eps)
+                return self.o(out.reshape(b, 1, hv * dv), residual)
+            if proj.dtype == torch.bfloat16:       # bf16 on the CPU: that and the gated norm in one C call
+                out = cpu_gemv.gated_delta_step(proj, history, self.conv, self.a_log, self.dt_bias, self.norm, state,
+                                                hk, hv, dk, dv, self.eps)
+                if out is not None:
+                    return self.o(out, residual)
         if t > 1 and step.valid is not None:       # left padding: zero rows, as transformers zeroes their inputs
             proj = proj * step.valid[:, :, None].to(proj.dtype)
         mixed, z, beta_in, a = proj.split([c, hv * dv, hv, hv], dim=-1)

@@ -271,12 +271,14 @@ def test_llama_like_family_through_triton_matches_hf(family, monkeypatch):
 def test_hybrid_linear_attention_through_triton_matches_hf(monkeypatch):
     """Qwen3.5 on the Triton path: the gated attention block's norms, q / k norms, rotary, attention and GEMMs through
     the kernels (its output gate the QKV GEMM's last rows); the linear-attention block's input norm as the prologue of
-    its fused in_proj GEMM, out_proj through the GEMM kernel, the convolution and delta rule in torch. fp32 logits and
-    greedy tokens as HF's, nothing falling back."""
+    its fused in_proj GEMM, out_proj through the GEMM kernel, its decode steps' convolution and rule through
+    kernels/gated_delta.py (prompts: the chunked rule in torch). fp32 logits and greedy tokens as HF's, nothing
+    falling back."""
     monkeypatch.setenv("DSINFER_CUDA_GRAPHS", "0")
     _matches_hf_through_triton("qwen3_5_text")
     counts = dict(ops.dispatch_counts)
     assert counts[("attention", "triton")] == 6, counts           # the one full-attention block: 6 forwards
+    assert counts[("gated_delta", "triton")] == 4 * 2, counts     # 4 decode steps x the 2 linear-attention blocks
     assert not _fallbacks(), _fallbacks()
 
 
