@@ -185,10 +185,20 @@ class InferenceEngine:
 
     def new_hf_cache(self):
         """A Hugging Face cache the engine's forward fills: a plain dynamic one, or (linear attention: Qwen3-Next / 3.5)
-        the layers the config gives, whose linear-attention layers hold the states and reorder them with beams."""
-        from transformers.cache_utils import DynamicCache
+        the layers the config gives, whose linear-attention layers hold the states and reorder them with beams. A
+        pipeline stage's: its blocks' layers, numbered from 0 as its blocks are, and one more that only counts the
+        tokens (1-wide K/V rows: :meth:`forward` appends them), so HF's ``get_seq_length`` has an attention layer
+        to read even on a stage of linear-attention blocks only."""
+        from transformers.cache_utils import DynamicCache, DynamicLayer
 
-        return DynamicCache(config=self.hf_config) if self.cache.conv else DynamicCache()
+        if not self.cache.conv:
+            return DynamicCache()
+        cache = DynamicCache(config=self.hf_config)
+        if self.pipe.size > 1:
+            lo, hi = self.layer_range
+            cache.layers = cache.layers[lo:hi] + [DynamicLayer()]
+            cache.dsinfer_counter = True
+        return cache
 
     def sync_rng(self) -> None:
         """Every rank of the replica (tensor-parallel group, then pipeline) takes one CPU RNG state, so sampling
@@ -239,6 +249,9 @@ class InferenceEngine:
         else:
             h = inputs_embeds.to(device=self.device, dtype=self.dtype)
         past = hf_cache.get_seq_length() if hf_cache is not None else 0
+        if getattr(hf_cache, "dsinfer_counter", False):    # (new_hf_cache: a pipeline stage's token count)
+            row = torch.zeros(b, 1, t, 1, dtype=self.dtype, device=self.device)
+            hf_cache.layers[-1].update(row, row)
         total = past + t
         self.check_length(total)
         if attention_mask is not None and attention_mask.dim() != 2:
@@ -332,13 +345,8 @@ def _check_not_prequantised(hf_config) -> None:
 
 
 def _check_linear_attention_options(hf_config, config: InferenceConfig) -> None:
-    """Linear attention (Qwen3-Next / 3.5) runs on one process or tensor-parallel ranks that split its key heads,
-    resident or offloaded; a pipeline is refused here, before any weight is read."""
-    if config.pipeline_parallel_size > 1:
-        raise UnsupportedModelError(
-            f"{hf_config.model_type} (linear-attention blocks) does not run in a pipeline yet "
-            f"(pipeline_parallel_size={config.pipeline_parallel_size}); use tensor_parallel_size, or offload='cpu' / "
-            f"'nvme' for a model larger than memory.")
+    """Linear attention (Qwen3-Next / 3.5): tensor-parallel ranks split its key heads; a size that does not divide
+    them is refused here, before any weight is read."""
     tp, heads = config.tensor_parallel_size, getattr(hf_config, "linear_num_key_heads", 1)
     if heads % tp:
         raise ValueError(f"dsinfer: tensor_parallel_size={tp} does not divide the {heads} linear-attention key heads "
