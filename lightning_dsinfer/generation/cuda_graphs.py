@@ -51,9 +51,8 @@ def _enabled(engine) -> bool:
         return False
     if not engine.config.cuda_graphs or engine.offload is not None:
         return False
-    # (Gemma 3's second rotary table is not in the captured step, nor linear attention's states: Qwen3-Next / 3.5)
-    return (engine.comm.size == 1 and engine.pipe.size == 1 and engine.rotary.sliding is None
-            and not engine.cache.conv)
+    # (Gemma 3's second rotary table is not in the captured step)
+    return engine.comm.size == 1 and engine.pipe.size == 1 and engine.rotary.sliding is None
 
 
 def decode_graphs(engine, batch: int, key_valid: torch.Tensor | None, prompt_len: int):
@@ -93,6 +92,9 @@ class _ColumnWriter:
 
     def read(self, layer: int, b: int, end: int):
         return self.cache.k[layer][:self.rows], self.cache.v[layer][:self.rows]
+
+    def linear_buffers(self, layer: int, b: int, conv: tuple, state: tuple):
+        return self.cache.linear_buffers(layer, self.rows, conv, state)     # (linear attention's, in place)
 
 
 class _Bucket:

@@ -42,6 +42,7 @@ def decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     total = t0 + max_new_tokens
     cache = engine.cache
     cache.ensure_batch(b)
+    cache.reset_linear(b)            # (linear attention: the sequences start from zero states)
     window = engine.sliding_window
 
     key_valid, positions = prompt_positions(attention_mask, b, t0, total, device)

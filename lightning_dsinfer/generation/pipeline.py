@@ -108,6 +108,7 @@ def pipeline_decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.
     for g, (r0, r1) in enumerate(groups):
         step = build_step(engine.rotary, positions[r0:r1], valid(r0, r1), q_start=0, t=t0, window=engine.sliding_window)
         step.cache, step.start = caches[g], 0
+        caches[g].reset_linear(r1 - r0)      # (linear attention: the group's sequences start from zero states)
         for a, e in chunks:
             sub = step if len(chunks) == 1 else step.rows(a, e)
             if first:

@@ -11,9 +11,10 @@ within a chunk the corrections are one triangular solve, the UT transform), all 
 does. The output is RMS-normed per head, gated by SiLU(z) (``gated_rms_norm``) and projected by ``out_proj``.
 
 What persists between calls, per row: the last K - 1 convolution inputs [C, K - 1] and S [Hv, Dk, Dv] (fp32). They
-live in the engine's :class:`~lightning_dsinfer.modules.kv_cache.StaticKVCache` (``conv`` / ``state``, by layer) or,
-under Hugging Face's loop (beam search), in its cache's linear-attention layer (``conv_states`` / ``recurrent_states``,
-so its ``reorder_cache`` moves them with the beams). A call at cache column 0 starts from zeros. Left padding: padded
+live in the engine's :class:`~lightning_dsinfer.modules.kv_cache.StaticKVCache` (``conv`` / ``state``, by layer; the
+generation loops zero a batch's rows where its sequences start: ``reset_linear``) or, under Hugging Face's loop (beam
+search), in its cache's linear-attention layer (``conv_states`` / ``recurrent_states``, so its ``reorder_cache`` moves
+them with the beams; a call at column 0 starts from zeros there). Left padding: padded
 tokens are zeroed before the convolution, as transformers does, so they leave the state at zero.
 """
 from __future__ import annotations
@@ -123,12 +124,10 @@ class GatedDeltaNet(nn.Module):
 
     def _states(self, step, b: int):
         """(conv history [B, C, K - 1] or None, state [B, Hv, Dk, Dv] or None, where to put the new ones)."""
-        if step.cache is not None:      # (the engine's cache, or a chunked plain forward's scratch: offload)
+        if step.cache is not None:      # (the engine's cache, zeroed where its sequences start: the loops'
             conv, state = step.cache.linear_buffers(self.layer_idx, b, (self.channels, self.kernel - 1),
-                                                    (self.hv, self.dk, self.dv))
-            if step.start == 0:
-                return None, None, (conv, state)
-            return conv, state, (conv, state)
+                                                    (self.hv, self.dk, self.dv))     # reset_linear; or a chunked
+            return conv, state, (conv, state)                                       # plain forward's scratch)
         if step.hf_cache is not None:
             layers = step.hf_cache.layers
             layer = layers[self.layer_idx] if self.layer_idx < len(layers) else None
@@ -143,11 +142,8 @@ class GatedDeltaNet(nn.Module):
     def from_qkv(self, proj: torch.Tensor, residual: torch.Tensor | None, step) -> torch.Tensor:
         b, t, _ = proj.shape
         hk, hv, dk, dv, c = self.hk, self.hv, self.dk, self.dv, self.channels
-        if t == 1 and step.cache is not None:      # a decode step on the engine's cache
+        if t == 1 and step.cache is not None:      # a decode step on the engine's cache (or a CUDA graph's)
             history, state = step.cache.linear_buffers(self.layer_idx, b, (c, self.kernel - 1), (hv, dk, dv))
-            if step.start == 0:
-                history.zero_()
-                state.zero_()
             if ops.uses_triton(proj):              # the convolution and the rule in two kernels (gated_delta.py)
                 out = ops.gated_delta_step(proj[:, 0], history, self.conv, self.a_log, self.dt_bias, state, hk, dk)
                 z = proj[..., c:c + hv * dv].reshape(b, 1, hv, dv)

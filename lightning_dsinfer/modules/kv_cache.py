@@ -74,6 +74,12 @@ class StaticKVCache:
         view.max_batch_size = stop - start
         return view
 
+    def reset_linear(self, rows: int) -> None:
+        """Zero rows [:rows] of the linear-attention states: the loops call it where a batch's sequences start (the
+        layers then read zeros at column 0, and a decode step never asks where it is)."""
+        for t in (*self.conv.values(), *self.state.values()):
+            t[:rows].zero_()
+
     def linear_buffers(self, layer: int, b: int, conv: tuple, state: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows [:b] of a linear-attention layer's convolution history and state (``conv`` / ``state``: their shapes
         per row, as allocated)."""
