@@ -274,9 +274,9 @@ def block_linear_inputs(w: ModelWeights, plan: TensorShardPlan) -> dict[str, int
     layer is dense."""
     layers = getattr(w, "layers", None) or []
     ks = {"qkv": w.hidden_size, "o": plan.local_heads * w.head_dim, "gate_up": w.hidden_size}
-    for lw in layers:      # (Qwen3-Next / 3.5: the linear attention's out_proj reads its value heads)
-        if lw.deltanet is not None:
-            ks.setdefault("linear attention's out", deltanet_rows(lw.deltanet, plan)[1][1])
+    linear = [lw.deltanet for lw in layers if getattr(lw, "deltanet", None) is not None]
+    if linear:              # (Qwen3-Next / 3.5: the linear attention's out_proj reads the rank's value heads)
+        ks["linear attention's out"] = deltanet_rows(linear[0], plan)[1][1]
     if not layers or any(lw.moe is None for lw in layers):
         ks["down"] = plan.mlp_rows[1]
     for moe in {id(lw.moe): lw.moe for lw in layers if lw.moe is not None}.values():

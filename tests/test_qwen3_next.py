@@ -3,7 +3,7 @@
 two linear-attention blocks around a full one, 2 key / 4 value heads, partial rotary; the MoE ones with a shared
 expert). fp32 logits atol 2e-4 / rtol 1e-4 on a left-padded batch, greedy tokens, every decode step's logits
 (teacher-forced) and beam search (HF's loop: the states in HF's cache, reordered with the beams) as HF's; a prompt
-continued through HF's cache; bf16 against fp32; int8 vs the fake-quantised HF; TP=2; offload on both tiers with
+continued through HF's cache; bf16 against fp32; int8 and int4 vs the fake-quantised HF; TP=2; offload on both tiers with
 chunked prompts; a checkpoint on meta; PP=2; the chunked delta rule against transformers' token-by-token recurrence;
 a tensor-parallel size that does not divide the key heads."""
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import lightning_dsinfer as dsi
-from helpers import (assert_fp32_matches_quantised, fake_quantised_int8, optimised_copy, padded_batch, streamed_copy,
-                     tiny_model)
+from helpers import (assert_fp32_matches_quantised, fake_quantised_int4, fake_quantised_int8, optimised_copy,
+                     padded_batch, streamed_copy, tiny_model)
 from multiproc import run_ranks
 
 FAMILIES = ["qwen3_5_text", "qwen3_5_moe_text", "qwen3_next"]
@@ -168,6 +168,15 @@ def test_hybrid_int8_matches_fake_quantised_hf():
     """int8: the linear attention's in_proj (one fused GEMM) and out_proj, the attention's and MLP's linears."""
     hf = tiny_model("qwen3_5_text")
     assert_fp32_matches_quantised(fake_quantised_int8(hf), optimised_copy(hf, max_seq_len=64, quantize="int8"))
+
+
+def test_hybrid_int4_matches_fake_quantised_hf():
+    """int4 in groups of 16 (out_proj's K is 4 value heads x 12 = 48: a group of 32 is refused, naming it)."""
+    hf = tiny_model("qwen3_5_text")
+    assert_fp32_matches_quantised(fake_quantised_int4(hf, 16),
+                                  optimised_copy(hf, max_seq_len=64, quantize="int4", quantize_group_size=16))
+    with pytest.raises(ValueError, match=r"linear attention's out projection's K \(input dims\) is 48"):
+        dsi.init_inference(tiny_model("qwen3_5_text"), max_seq_len=64, quantize="int4", quantize_group_size=32)
 
 
 def test_hybrid_tensor_parallel():
