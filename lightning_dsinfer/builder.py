@@ -18,7 +18,7 @@ import os
 import torch
 
 from lightning_dsinfer.kernels import cpu_gemv
-from lightning_dsinfer.modules.gated_deltanet import GatedDeltaNet, state_shapes
+from lightning_dsinfer.modules.gated_deltanet import GatedDeltaNet, ShortConv, state_shapes
 from lightning_dsinfer.modules.linear import (DEQUANT_BYTES_PER_WEIGHT, DEQUANT_CHUNK_BYTES,
                                               DEQUANT_INT4_BYTES_PER_WEIGHT, Linear, quantize_int4_rows, quantize_rows)
 from lightning_dsinfer.modules.mla import LatentAttention
@@ -75,13 +75,19 @@ def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype, nor
     q_rows, kv_rows, mlp_rows = plan.q_rows, plan.kv_rows, plan.mlp_rows
     first = plan.adds_bias_once
     out = {   # (a linear-attention block's out_proj reads this rank's value heads)
-        "o.weight": lw.o.load(1, *(q_rows if lw.deltanet is None else deltanet_rows(lw.deltanet, plan)[1])).to(dtype),
+        "o.weight": lw.o.load(1, *(deltanet_rows(lw.deltanet, plan)[1] if lw.deltanet is not None else
+                                    shortconv_rows(lw.shortconv, plan) if lw.shortconv is not None else q_rows)).to(dtype),
         "o.bias": lw.o_bias.load().to(dtype) if (lw.o_bias is not None and first) else None,
     }
     if lw.mla is not None:
         out.update(_shard_mla(lw.mla, plan, dtype))
     elif lw.deltanet is not None:    # Qwen3-Next / 3.5 linear attention: q | k | v | z | b | a in one GEMM
         out.update(_shard_deltanet(lw.deltanet, plan, dtype))
+    elif lw.shortconv is not None:   # LFM2's short convolution: this rank's channels of B | C | x in one GEMM
+        sc = lw.shortconv
+        first, n = shortconv_rows(sc, plan)
+        out["qkv.weight"] = _fused([(sc.in_proj, (part * sc.channels + first, n)) for part in range(3)], dtype)
+        out["sc.conv"] = sc.conv.load(0, first, n).reshape(n, -1).to(dtype)
     else:   # (Qwen3-Next / 3.5: the attention's output gate rows after v's, one GEMM)
         gate = [(lw.attn_gate, q_rows)] if lw.attn_gate is not None else []
         gate_bias = [(lw.attn_gate_bias, q_rows)] if lw.attn_gate is not None else []
@@ -135,6 +141,12 @@ def deltanet_rows(dn, plan: TensorShardPlan) -> tuple[tuple[int, int], tuple[int
     hk, hv = dn.key_heads // plan.tp, dn.value_heads // plan.tp
     r = plan.tp_rank
     return (r * hk * dn.key_dim, hk * dn.key_dim), (r * hv * dn.value_dim, hv * dn.value_dim), (r * hv, hv)
+
+
+def shortconv_rows(sc, plan: TensorShardPlan) -> tuple[int, int]:
+    """(first, count) of this rank's short-convolution channels (the policy refuses a size that does not divide them)."""
+    n = sc.channels // plan.tp
+    return plan.tp_rank * n, n
 
 
 def _shard_deltanet(dn, plan: TensorShardPlan, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -252,7 +264,7 @@ def layer_spec(w: ModelWeights, plan: TensorShardPlan, lw: LayerWeights) -> Laye
 ATTENTION_KEYS = ("qkv.weight", "qkv.bias", "o.weight", "o.bias", "input_norm", "post_norm", "q_norm", "k_norm",
                   "attn_out_norm", "input_norm_bias", "post_norm_bias", "alibi", "sinks",
                   "q_b.weight", "q_a_norm", "kv_a_norm", "kv_b.weight",
-                  "dn.conv", "dn.dt_bias", "dn.a_log", "dn.norm")
+                  "dn.conv", "dn.dt_bias", "dn.a_log", "dn.norm", "sc.conv")
 MLP_KEYS = ("gate_up.weight", "gate_up.bias", "down.weight", "down.bias", "mlp_out_norm",
             "moe.router", "moe.router_bias", "moe.gate_up", "moe.down", "moe.gate_up_bias", "moe.down_bias",
             "shared.gate_up.weight", "shared.down.weight", "shared_gate.weight")
@@ -277,6 +289,9 @@ def block_linear_inputs(w: ModelWeights, plan: TensorShardPlan) -> dict[str, int
     linear = [lw.deltanet for lw in layers if getattr(lw, "deltanet", None) is not None]
     if linear:              # (Qwen3-Next / 3.5: the linear attention's out_proj reads the rank's value heads)
         ks["linear attention's out"] = deltanet_rows(linear[0], plan)[1][1]
+    convs = [lw.shortconv for lw in layers if getattr(lw, "shortconv", None) is not None]
+    if convs:               # (LFM2: the short convolution's out_proj reads the rank's channels)
+        ks["short convolution's out"] = shortconv_rows(convs[0], plan)[1]
     if not layers or any(lw.moe is None for lw in layers):
         ks["down"] = plan.mlp_rows[1]
     for moe in {id(lw.moe): lw.moe for lw in layers if lw.moe is not None}.values():
@@ -381,7 +396,10 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
         kind = OutputGatedAttention
     attn = kind(spec, index, linear("qkv"), linear("o", reduce=reduce, owns_residual=first, row_max=row_max),
                 q_norm=t.get("q_norm"), k_norm=t.get("k_norm"), alibi=t.get("alibi"),
-                **extra) if "qkv.weight" in t and "kv_b.weight" not in t and "dn.conv" not in t else None
+                **extra) if "qkv.weight" in t and not {"kv_b.weight", "dn.conv", "sc.conv"} & t.keys() else None
+    if "sc.conv" in t:               # LFM2's gated short convolution (modules/gated_deltanet.ShortConv)
+        attn = ShortConv(index, linear("qkv"), linear("o", reduce=reduce, owns_residual=first, row_max=row_max),
+                         t["sc.conv"])
     if "dn.conv" in t:               # Qwen3-Next / 3.5 linear attention (modules/gated_deltanet.py)
         dn = spec.deltanet
         attn = GatedDeltaNet(index, linear("qkv"), linear("o", reduce=reduce, owns_residual=first, row_max=row_max),
@@ -526,7 +544,7 @@ def _per_sequence_bytes(w: ModelWeights, plan: TensorShardPlan, dtype: torch.dty
     fp32 logits (x2)."""
     e = dtype.itemsize
     heads, width, keys_only = w.cache_layout(plan.local_kv_heads)
-    linear = [state_shapes(lw.deltanet, plan.tp) for lw in w.layers if lw.deltanet is not None]
+    linear = [state_shapes(lw, plan.tp) for lw in w.layers if state_shapes(lw) is not None]
     kv = (1 if keys_only else 2) * (len(w.layers) - len(linear)) * heads * width * max_seq_len * e
     kv += sum(math.prod(conv) * e + math.prod(state) * 4 for conv, state in linear)
     if w.attn_softcap is not None:   # soft-capped attention reads one layer's K / V as fp32 copies

@@ -66,7 +66,7 @@ class InferenceEngine:
         self.device = _engine_device(hf_model, config)
         _check_moe_options(hf_config, config)
         _check_not_prequantised(hf_config)
-        if "linear_attention" in (getattr(hf_config, "layer_types", None) or []):
+        if {"linear_attention", "conv"} & set(getattr(hf_config, "layer_types", None) or []):
             _check_linear_attention_options(hf_config, config)
         self.dtype = config.dtype or _model_dtype(hf_model)
         context = getattr(hf_config, "max_position_embeddings", None) or DEFAULT_MAX_SEQ_LEN
@@ -107,8 +107,8 @@ class InferenceEngine:
         self.rotary = RotaryTable(weights.inv_freq, weights.attention_scaling, self.max_seq_len, self.dtype, self.device,
                                   weights.sliding_inv_freq, weights.sliding_attention_scaling)
         kv_heads, width, keys_only = weights.cache_layout(shard_plan(weights, self.comm).local_kv_heads)
-        linear = {i: state_shapes(lw.deltanet, self.comm.size) for i, lw in enumerate(weights.layers)
-                  if lw.deltanet is not None}
+        linear = {i: state_shapes(lw, self.comm.size) for i, lw in enumerate(weights.layers)
+                  if state_shapes(lw) is not None}
         self.cache = StaticKVCache(len(weights.layers), kv_heads, width, batch, self.max_seq_len, self.dtype,
                                    self.device, keys_only=keys_only, linear=linear)
         self.vocab_size = weights.vocab_size
@@ -131,7 +131,7 @@ class InferenceEngine:
         weight_bytes = _weight_bytes(hf_model, self.dtype, config.quantize, config.quantize_group_size) // (
             self.comm.size * self.pipe.size)
         kv_heads, width, keys_only = weights.cache_layout(shard_plan(weights, self.comm).local_kv_heads)
-        linear = [state_shapes(lw.deltanet, self.comm.size) for lw in weights.layers if lw.deltanet is not None]
+        linear = [state_shapes(lw, self.comm.size) for lw in weights.layers if state_shapes(lw) is not None]
         per_row = ((1 if keys_only else 2) * (len(weights.layers) - len(linear)) * kv_heads * width * self.max_seq_len
                    * self.dtype.itemsize        # (linear-attention layers: their states instead of K/V)
                    + sum(math.prod(conv) * self.dtype.itemsize + math.prod(state) * 4 for conv, state in linear))
@@ -347,10 +347,14 @@ def _check_not_prequantised(hf_config) -> None:
 def _check_linear_attention_options(hf_config, config: InferenceConfig) -> None:
     """Linear attention (Qwen3-Next / 3.5): tensor-parallel ranks split its key heads; a size that does not divide
     them is refused here, before any weight is read."""
-    tp, heads = config.tensor_parallel_size, getattr(hf_config, "linear_num_key_heads", 1)
-    if heads % tp:
+    tp = config.tensor_parallel_size
+    heads = getattr(hf_config, "linear_num_key_heads", None)
+    if heads is not None and heads % tp:
         raise ValueError(f"dsinfer: tensor_parallel_size={tp} does not divide the {heads} linear-attention key heads "
                          f"of {hf_config.model_type}; use a tensor_parallel_size that divides {heads}.")
+    if heads is None and hf_config.hidden_size % tp:     # (LFM2: the short convolutions' channels)
+        raise ValueError(f"dsinfer: tensor_parallel_size={tp} does not divide the {hf_config.hidden_size} "
+                         f"short-convolution channels of {hf_config.model_type}; use one that divides them.")
 
 
 def _check_moe_options(hf_config, config: InferenceConfig) -> None:

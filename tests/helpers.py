@@ -119,6 +119,13 @@ def tiny_config(family: str, **overrides):
                                               "linear_num_value_heads": 4,
                                               "layer_types": ["linear_attention", "full_attention",
                                                               "linear_attention"], **extra})
+    elif family == "lfm2":                 # two gated short convolutions around an attention block, GQA, q / k norms
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.for_model(family, **{**common, "num_hidden_layers": 3, "intermediate_size": 144,
+                                              "conv_L_cache": 3, "block_multiple_of": 16,
+                                              "layer_types": ["conv", "full_attention", "conv"],
+                                              "tie_word_embeddings": True})
     elif family in LLAMA_LIKE_FAMILIES:
         from transformers import AutoConfig
 
@@ -145,6 +152,10 @@ def tiny_model(family: str, seed: int = 0, **overrides):
             for name, p in model.named_parameters():                       # in the wrong place cannot pass
                 if "norm" in name:
                     p.normal_(0.0 if family.startswith("gemma") else 1.0, 0.2)
+        if family == "lfm2":
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(1.0, 0.2)
         if family.startswith("qwen3_5") or family == "qwen3_next":        # (1 + w) norms at w = 0, the gated one
             for name, p in model.named_parameters():                       # at 1
                 if "norm" in name:

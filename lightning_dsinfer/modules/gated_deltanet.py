@@ -91,6 +91,43 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, t: int) -> torch.Tensor:
     return acc.to(x.dtype)
 
 
+def layer_states(step, layer: int, b: int, conv: tuple, state: tuple):
+    """A linear-state layer's (convolution history [B, *conv] or None, state [B, *state] or None, where the new ones
+    go: the engine cache's buffers, a Hugging Face cache layer, or None) for this step: the engine's cache (zeroed
+    where its sequences start: the loops' ``reset_linear``; or a chunked plain forward's scratch), HF's cache layer
+    (what it holds once a call at a later column comes), or nothing (zeros, kept nowhere: a plain forward)."""
+    if step.cache is not None:
+        history, rows = step.cache.linear_buffers(layer, b, conv, state)
+        return history, rows, (history, rows)
+    if step.hf_cache is not None:
+        layers = step.hf_cache.layers
+        held = layers[layer] if layer < len(layers) else None
+        if not hasattr(held, "conv_states"):
+            raise RuntimeError(f"dsinfer: the Hugging Face cache passed has no linear-attention layer {layer} "
+                               f"({type(held).__name__}); build it with DynamicCache(config=model.config), or pass "
+                               f"none.")
+        ready = held.is_conv_states_initialized[0] and step.q_start > 0
+        return ((held.conv_states[0] if ready else None),
+                (held.recurrent_states[0] if ready and held.is_recurrent_states_initialized[0] else None), held)
+    return None, None, None
+
+
+def keep_states(keep, history: torch.Tensor, state: torch.Tensor | None) -> None:
+    """Store a call's last convolution inputs (and recurrent state; None: a layer without one) where
+    :func:`layer_states` said."""
+    if isinstance(keep, tuple):                 # the engine's cache: written in place
+        keep[0].copy_(history)
+        if state is not None:
+            keep[1].copy_(state)
+    elif keep is not None:                      # a Hugging Face cache layer
+        keep.conv_states[0] = history.contiguous()
+        keep.is_conv_states_initialized[0] = keep.has_previous_state[0] = True
+        if state is not None:
+            keep.recurrent_states[0] = state
+            keep.is_recurrent_states_initialized[0] = True
+        keep.device, keep.dtype = history.device, history.dtype
+
+
 def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of x [.., D] (fp32, rounded to x's dtype before the weight), times SiLU(z) in fp32, as transformers'
     ``RMSNormGated``."""
@@ -123,21 +160,7 @@ class GatedDeltaNet(nn.Module):
         return self.from_qkv(self.qkv(x), residual, step)
 
     def _states(self, step, b: int):
-        """(conv history [B, C, K - 1] or None, state [B, Hv, Dk, Dv] or None, where to put the new ones)."""
-        if step.cache is not None:      # (the engine's cache, zeroed where its sequences start: the loops'
-            conv, state = step.cache.linear_buffers(self.layer_idx, b, (self.channels, self.kernel - 1),
-                                                    (self.hv, self.dk, self.dv))     # reset_linear; or a chunked
-            return conv, state, (conv, state)                                       # plain forward's scratch)
-        if step.hf_cache is not None:
-            layers = step.hf_cache.layers
-            layer = layers[self.layer_idx] if self.layer_idx < len(layers) else None
-            if not hasattr(layer, "recurrent_states"):
-                raise RuntimeError(f"dsinfer: the Hugging Face cache passed has no linear-attention layer {self.layer_idx} "
-                                   f"({type(layer).__name__}); build it with DynamicCache(config=model.config), or "
-                                   f"pass none.")
-            held = layer.is_recurrent_states_initialized[0] and step.q_start > 0
-            return (layer.conv_states[0] if held else None), (layer.recurrent_states[0] if held else None), layer
-        return None, None, None
+        return layer_states(step, self.layer_idx, b, (self.channels, self.kernel - 1), (self.hv, self.dk, self.dv))
 
     def from_qkv(self, proj: torch.Tensor, residual: torch.Tensor | None, step) -> torch.Tensor:
         b, t, _ = proj.shape
@@ -168,15 +191,7 @@ class GatedDeltaNet(nn.Module):
         g = -self.a_log.float().exp() * F.softplus(a.float() + self.dt_bias)
         out, state = delta_rule(q.reshape(b, t, hk, dk), k.reshape(b, t, hk, dk), v.reshape(b, t, hv, dv), g, beta,
                                 state)
-        tail = x[..., -(self.kernel - 1):]
-        if isinstance(keep, tuple):                 # the engine's cache: written in place
-            keep[0].copy_(tail)
-            keep[1].copy_(state)
-        elif keep is not None:                      # a Hugging Face cache layer
-            keep.conv_states[0], keep.recurrent_states[0] = tail.contiguous(), state
-            keep.is_conv_states_initialized[0] = keep.is_recurrent_states_initialized[0] = True
-            keep.has_previous_state[0] = True
-            keep.device, keep.dtype = tail.device, tail.dtype
+        keep_states(keep, x[..., -(self.kernel - 1):], state)
         out = gated_rms_norm(out.to(proj.dtype), z.reshape(b, t, hv, dv), self.norm, self.eps)
         return self.o(out.reshape(b, t, hv * dv), residual)
 
@@ -186,8 +201,49 @@ class GatedDeltaNet(nn.Module):
             p.numel() * p.element_size() for p in (self.conv, self.dt_bias, self.a_log, self.norm))
 
 
-def state_shapes(dn, ranks: int = 1) -> tuple[tuple[int, int], tuple[int, int, int]]:
-    """(convolution history, recurrent state) shapes of one row on each of ``ranks`` tensor-parallel ranks, for a
-    layer's ``policies.base.DeltaNetWeights``."""
-    hk, hv = dn.key_heads // ranks, dn.value_heads // ranks
-    return (2 * hk * dn.key_dim + hv * dn.value_dim, dn.kernel - 1), (hv, dn.key_dim, dn.value_dim)
+class ShortConv(nn.Module):
+    """LFM2's gated short convolution, the token mixer of its ``conv`` blocks: in_proj's B | C | x rows (``qkv``: one
+    GEMM), the depthwise causal convolution (kernel K, no activation) of B * x, times C, then out_proj (``o``). Per
+    row only the last K - 1 inputs of the convolution persist (the cache's ``conv`` buffers; its state is empty)."""
+
+    rotary = sliding = False
+    alibi = sinks = softcap = None
+
+    def __init__(self, layer_idx: int, qkv: Linear, o: Linear, conv: torch.Tensor):
+        super().__init__()
+        self.layer_idx, self.qkv, self.o, self.conv = layer_idx, qkv, o, conv
+        self.channels, self.kernel = conv.shape
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, step) -> torch.Tensor:
+        return self.from_qkv(self.qkv(x), residual, step)
+
+    def from_qkv(self, proj: torch.Tensor, residual: torch.Tensor | None, step) -> torch.Tensor:
+        b, t, _ = proj.shape
+        c = self.channels
+        if t > 1 and step.valid is not None:       # left padding: zero rows, as transformers zeroes their inputs
+            proj = proj * step.valid[:, :, None].to(proj.dtype)
+        gate_in, gate_out, x = proj.split([c, c, c], dim=-1)
+        history, _, keep = layer_states(step, self.layer_idx, b, (c, self.kernel - 1), (0,))
+        bx = (gate_in * x).transpose(1, 2)                                           # [B, C, T]
+        if history is None:
+            history = bx.new_zeros(b, c, self.kernel - 1)
+        window = torch.cat((history.to(bx.dtype), bx), dim=-1)
+        keep_states(keep, window[..., -(self.kernel - 1):], None)
+        y = gate_out * causal_conv(window, self.conv, t).transpose(1, 2)
+        return self.o(y, residual)
+
+    @property
+    def nbytes(self) -> int:
+        return self.qkv.nbytes + self.o.nbytes + self.conv.numel() * self.conv.element_size()
+
+
+def state_shapes(lw, ranks: int = 1) -> tuple[tuple, tuple] | None:
+    """(convolution history, recurrent state) shapes of one row on each of ``ranks`` tensor-parallel ranks for a block's
+    ``policies.base.LayerWeights``: a Gated DeltaNet's, a short convolution's (no state), or None (K/V instead)."""
+    if lw.deltanet is not None:
+        dn = lw.deltanet
+        hk, hv = dn.key_heads // ranks, dn.value_heads // ranks
+        return (2 * hk * dn.key_dim + hv * dn.value_dim, dn.kernel - 1), (hv, dn.key_dim, dn.value_dim)
+    if getattr(lw, "shortconv", None) is not None:
+        return (lw.shortconv.channels // ranks, lw.shortconv.kernel - 1), (0,)
+    return None

@@ -5,7 +5,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from lightning_dsinfer.policies import deepseek, gpt_oss, llama, qwen3_next
+from lightning_dsinfer.policies import deepseek, gpt_oss, lfm2, llama, qwen3_next
 from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, UnsupportedModelError
 from lightning_dsinfer.policies.gpt import FAMILY as _GPT_FAMILY
 from lightning_dsinfer.policies.gpt import read_gpt_family
@@ -17,6 +17,7 @@ POLICIES.update({name: read_gpt_family for name in _GPT_FAMILY})
 POLICIES.update({name: deepseek.read_deepseek for name in deepseek.FAMILY})
 POLICIES.update({name: gpt_oss.read_gpt_oss for name in gpt_oss.FAMILY})
 POLICIES.update({name: qwen3_next.read_qwen3_next for name in qwen3_next.FAMILY})
+POLICIES.update({name: lfm2.read_lfm2 for name in lfm2.FAMILY})
 
 
 def has_experts(model_type: str | None) -> bool:

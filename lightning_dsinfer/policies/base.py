@@ -104,6 +104,17 @@ class DeltaNetWeights:
 
 
 @dataclass
+class ShortConvWeights:
+    """LFM2's gated short convolution (``modules/gated_deltanet.ShortConv``): in_proj [3C, H] (B | C | x rows; under
+    tensor parallelism each rank reads its channels of each), the depthwise convolution [C, 1, K], out_proj
+    (``LayerWeights.o``)."""
+    in_proj: WeightRef
+    conv: WeightRef
+    channels: int
+    kernel: int
+
+
+@dataclass
 class LayerWeights:
     q: WeightRef
     k: WeightRef
@@ -142,6 +153,7 @@ class LayerWeights:
     deltanet: DeltaNetWeights | None = None  # Qwen3-Next / 3.5: linear attention instead (q / k / v None then)
     attn_gate: WeightRef | None = None      # Qwen3-Next / 3.5: attention's output x sigmoid(gate rows [Hq D, H] @ x)
     attn_gate_bias: WeightRef | None = None
+    shortconv: ShortConvWeights | None = None   # LFM2: a gated short convolution instead (q / k / v None then)
 
 
 @dataclass

@@ -1,0 +1,71 @@
+"""LFM2 (``lfm2``, Liquid AI): hybrid blocks by ``config.layer_types``, most of them a gated short convolution
+(``conv``: ``modules/gated_deltanet.ShortConv``), the others GQA attention with per-head q / k RMSNorms
+(``q_layernorm`` / ``k_layernorm``, before rotary) and its output projection named ``out_proj``.
+
+Module tree: ``model.model.layers[i].{operator_norm, conv.{in_proj, conv, out_proj} | self_attn.{q,k,v,out}_proj,
+ffn_norm, feed_forward.{w1, w3, w2}}``, ``model.model.embedding_norm`` (the final norm, despite its name),
+``model.lm_head`` (tied by default). The SwiGLU's width is the one transformers derives
+(``block_auto_adjust_ff_dim``): read off w1's rows. Refused with the reason: a convolution or in_proj with a bias
+(``conv_bias``): transformers zeroes padded tokens before in_proj, whose bias would then reach the convolution.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, ShortConvWeights, UnsupportedModelError
+from lightning_dsinfer.policies.llama import check_rope
+from lightning_dsinfer.policies.weights import ModuleSource, WeightSource, lookups
+
+FAMILY = ("lfm2",)
+
+
+def read_lfm2(model: nn.Module, max_seq_len: int, source: WeightSource | None = None) -> ModelWeights:
+    """Name every weight by role (lazy refs into ``source``; default: the model's own tensors)."""
+    config = model.config
+    if getattr(config, "conv_bias", False):
+        raise UnsupportedModelError("lfm2 with conv_bias=True is not supported (padded tokens' in_proj bias would reach "
+                                    "the convolution); conv_bias=False (the released models) is.")
+    types = list(config.layer_types)
+    if set(types) - {"conv", "full_attention"}:
+        raise UnsupportedModelError(f"lfm2: layer types {sorted(set(types))}; the engine runs conv and full_attention "
+                                    f"blocks.")
+    source = source or ModuleSource(model)
+    base = model.model
+    with torch.device("cpu"):     # frequencies are computed, not loaded: rebuild them even for a meta model
+        rotary = type(base.rotary_emb)(config=config)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope_type = getattr(rotary, "rope_type", "default")
+    check_rope(config, rotary, rotary.inv_freq, rope_type, head_dim, max_seq_len)
+    names = set(dict(model.named_parameters(remove_duplicate=False)))
+    ref, opt = lookups(source, names)
+    layers = []
+    for i, kind in enumerate(types):
+        block, f = f"model.layers.{i}", f"model.layers.{i}.feed_forward"
+        common = dict(gate=ref(f"{f}.w1.weight"), up=ref(f"{f}.w3.weight"), down=ref(f"{f}.w2.weight"),
+                      input_norm=ref(f"{block}.operator_norm.weight"), post_norm=ref(f"{block}.ffn_norm.weight"))
+        if kind == "conv":
+            conv = ref(f"{block}.conv.conv.weight")
+            layers.append(LayerWeights(
+                q=None, k=None, v=None, o=ref(f"{block}.conv.out_proj.weight"),
+                shortconv=ShortConvWeights(in_proj=ref(f"{block}.conv.in_proj.weight"), conv=conv,
+                                           channels=conv.shape[0], kernel=conv.shape[-1]), **common))
+        else:
+            a = f"{block}.self_attn"
+            layers.append(LayerWeights(
+                q=ref(f"{a}.q_proj.weight"), k=ref(f"{a}.k_proj.weight"), v=ref(f"{a}.v_proj.weight"),
+                o=ref(f"{a}.out_proj.weight"), q_norm=ref(f"{a}.q_layernorm.weight"),
+                k_norm=ref(f"{a}.k_layernorm.weight"), **common))
+    tied = model.lm_head.weight is base.embed_tokens.weight or bool(getattr(config, "tie_word_embeddings", False))
+    return ModelWeights(
+        model_type=config.model_type, hidden_size=config.hidden_size, num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_key_value_heads, head_dim=head_dim,
+        intermediate_size=layers[0].gate.shape[0], vocab_size=config.vocab_size, rms_norm_eps=config.norm_eps,
+        scaling=head_dim ** -0.5, inv_freq=rotary.inv_freq.detach(), attention_scaling=float(rotary.attention_scaling),
+        rope_type=rope_type, embed=ref("model.embed_tokens.weight"), final_norm=ref("model.embedding_norm.weight"),
+        lm_head=ref("model.embed_tokens.weight" if tied else "lm_head.weight"), lm_head_bias=opt("lm_head.bias"),
+        tied_embeddings=tied, layers=layers)
+
+
+def has_experts(model_type: str | None) -> bool:
+    return False

@@ -1,0 +1,91 @@
+"""LFM2 (policies/lfm2.py): gated short-convolution blocks (modules/gated_deltanet.ShortConv: B * x through a causal
+depthwise convolution, times C) around GQA attention with per-head q / k norms, against the unmodified HF model (a
+tiny random config: conv, attention, conv). fp32 logits atol 2e-4 / rtol 1e-4 on a left-padded batch, greedy tokens,
+every decode step's logits (teacher-forced) and beam search (HF's loop: the convolution histories in HF's cache) as
+HF's; bf16 within 6e-2 / 2e-2 of HF bf16; TP=2, offload on both tiers, a checkpoint on meta, the CUDA-graph step
+(emulated)."""
+
+import pytest
+import torch
+
+import lightning_dsinfer as dsi
+from helpers import optimised_copy, padded_batch, streamed_copy, tiny_model
+from multiproc import run_ranks
+
+ATOL, RTOL = 2e-4, 1e-4
+
+
+def _assert_same(hf, opt, lengths=(12, 5, 9, 3), new=10, atol=ATOL, rtol=RTOL):
+    ids, mask = padded_batch(list(lengths), seed=1)
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask).logits.float()
+        tokens = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
+    got = opt(input_ids=ids, attention_mask=mask).logits.float()
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=atol, rtol=rtol)
+    out = opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, output_scores=True,
+                       return_dict_in_generate=True)
+    full = torch.cat([mask, torch.ones(len(lengths), new, dtype=mask.dtype)], dim=1)
+    with torch.no_grad():
+        again = hf(input_ids=out.sequences, attention_mask=full).logits.float()
+    torch.testing.assert_close(torch.stack(out.scores, dim=1).float(), again[:, -new - 1:-1], atol=atol, rtol=rtol)
+    return out.sequences, tokens
+
+
+def test_lfm2_matches_hf():
+    hf = tiny_model("lfm2")
+    opt = optimised_copy(hf, max_seq_len=64)
+    engine = opt._dsinfer_engine
+    assert [type(ly.attn).__name__ for ly in engine.decoder.layers] == ["ShortConv", "Attention", "ShortConv"]
+    assert sorted(engine.cache.conv) == [0, 2] and engine.cache.conv[0].shape[1:] == (64, 2)
+    ours, tokens = _assert_same(hf, opt)
+    assert torch.equal(ours, tokens)
+    ids, mask = padded_batch([6, 9], seed=2)       # beam search through HF's loop: the histories reordered
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False)
+    with torch.no_grad():
+        assert torch.equal(opt.generate(**kw), hf.generate(**kw))
+
+
+def test_lfm2_bf16():
+    hf = tiny_model("lfm2").to(torch.bfloat16)
+    _assert_same(hf, optimised_copy(hf, max_seq_len=64, dtype=torch.bfloat16), lengths=(12, 5, 9), new=6,
+                 atol=6e-2, rtol=2e-2)
+
+
+def test_lfm2_tensor_parallel():
+    """TP=2: each rank its channels of B, C, x and of the convolution, out_proj's columns (one all-reduce)."""
+    codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", "lfm2"], timeout=300)
+    assert codes == [0, 0], "\n".join(outs)
+    assert outs[0].count(" OK") == 1, outs[0]
+
+
+@pytest.mark.parametrize("tier", ["cpu", "nvme"])
+def test_lfm2_offload_matches_hf(tier, tmp_path):
+    hf = tiny_model("lfm2")
+    _assert_same(hf, streamed_copy(hf, tier, tmp_path))
+
+
+def test_lfm2_from_checkpoint_on_meta(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    hf = tiny_model("lfm2")
+    hf.save_pretrained(tmp_path)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(hf.config)
+    _assert_same(hf, dsi.init_inference(meta, checkpoint=str(tmp_path), max_seq_len=64, dtype=torch.float32), new=6)
+
+
+def test_lfm2_graph_step_equals_eager_step():
+    """The CUDA-graph decode step (emulated on the CPU): the histories in the cache's rows, a dummy row too."""
+    from lightning_dsinfer.generation import cuda_graphs
+
+    hf = tiny_model("lfm2")
+    opt = optimised_copy(hf, max_seq_len=40, max_batch_size=4)
+    ids, mask = padded_batch([12, 5, 9], seed=3)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    eager = opt.generate(**kw)
+    with cuda_graphs.emulate():
+        graph = opt.generate(**kw)
+    assert torch.equal(graph, eager)
+    with torch.no_grad():
+        assert torch.equal(graph, hf.generate(**kw))
+    assert sorted(opt._dsinfer_engine._decode_graphs.buckets) == [4]
