@@ -26,7 +26,8 @@ keys and values at each step, the engine's decode steps attend over the latent i
 form, as HF's). Bytes per step as for ``--experts``. ``--family qwen3_5``: Qwen3.5's hybrid blocks at these widths
 (three of every four Gated DeltaNet linear attention with 128-wide key / value heads, H / 256 key and H / 128 value
 heads, the fourth gated softmax attention; the delta rule runs in torch on both sides: transformers' reference
-without flash-linear-attention, the engine's own).
+without flash-linear-attention, the engine's own). ``--family lfm2``: LFM2's blocks at these widths (gated short
+convolutions, attention in every third block; the SwiGLU width transformers derives from 1.5 x ``--intermediate``).
 """
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ from common import add_llama_args, llama_config, markdown_table, record, stream_
 FAMILY_NAMES = {"llama": "Llama", "gemma2": "Gemma 2", "gpt_neox": "GPT-NeoX (Pythia-style: parallel residual, "
                 "rotary on a quarter of each head)", "bloom": "BLOOM (ALiBi)",
                 "deepseek_v2": "DeepSeek-V2-Lite-style (latent attention, MoE)",
-                "qwen3_5": "Qwen3.5-style (3 of 4 blocks Gated DeltaNet linear attention)"}
+                "qwen3_5": "Qwen3.5-style (3 of 4 blocks Gated DeltaNet linear attention)",
+                "lfm2": "LFM2-style (gated short convolutions, attention in every third block)"}
 
 
 def build_model(args):
@@ -88,6 +90,15 @@ def build_model(args):
             num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads, intermediate_size=args.intermediate,
             vocab_size=args.vocab, max_position_embeddings=4096, linear_key_head_dim=128, linear_value_head_dim=128,
             linear_num_key_heads=max(1, args.hidden // 256), linear_num_value_heads=max(1, args.hidden // 128),
+            tie_word_embeddings=False, eos_token_id=None, pad_token_id=0)
+    elif getattr(args, "family", "llama") == "lfm2":
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.for_model(
+            "lfm2", hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+            num_key_value_heads=args.kv_heads, intermediate_size=args.intermediate * 3 // 2, vocab_size=args.vocab,
+            max_position_embeddings=4096, layer_types=["full_attention" if i % 3 == 2 else "conv"
+                                                      for i in range(args.layers)],
             tie_word_embeddings=False, eos_token_id=None, pad_token_id=0)
     elif getattr(args, "experts", 0):      # (the other benchmarks build the dense Llama through here too)
         from transformers import MixtralConfig
