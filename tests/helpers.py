@@ -119,13 +119,15 @@ def tiny_config(family: str, **overrides):
                                               "linear_num_value_heads": 4,
                                               "layer_types": ["linear_attention", "full_attention",
                                                               "linear_attention"], **extra})
-    elif family == "lfm2":                 # two gated short convolutions around an attention block, GQA, q / k norms
-        from transformers import AutoConfig
+    elif family in ("lfm2", "lfm2_moe"):   # two gated short convolutions around an attention block, GQA, q / k norms;
+        from transformers import AutoConfig  # the MoE one: a dense first block, then sigmoid-routed top-2 of 4 experts
 
+        moe = dict(intermediate_size=96, moe_intermediate_size=40, num_experts=4, num_experts_per_tok=2,
+                   num_dense_layers=1, use_expert_bias=True, routed_scaling_factor=1.5, norm_topk_prob=True)
         cfg = AutoConfig.for_model(family, **{**common, "num_hidden_layers": 3, "intermediate_size": 144,
                                               "conv_L_cache": 3, "block_multiple_of": 16,
                                               "layer_types": ["conv", "full_attention", "conv"],
-                                              "tie_word_embeddings": True})
+                                              "tie_word_embeddings": True, **(moe if family == "lfm2_moe" else {})})
     elif family in LLAMA_LIKE_FAMILIES:
         from transformers import AutoConfig
 
@@ -152,7 +154,7 @@ def tiny_model(family: str, seed: int = 0, **overrides):
             for name, p in model.named_parameters():                       # in the wrong place cannot pass
                 if "norm" in name:
                     p.normal_(0.0 if family.startswith("gemma") else 1.0, 0.2)
-        if family == "lfm2":
+        if family.startswith("lfm2"):
             for name, p in model.named_parameters():
                 if "norm" in name:
                     p.normal_(1.0, 0.2)
@@ -165,7 +167,7 @@ def tiny_model(family: str, seed: int = 0, **overrides):
                 if "norm" in name:
                     p.normal_(1.0, 0.2)
         for name, buf in model.named_buffers():     # so would a correction bias at 0 (HF's init)
-            if name.endswith("e_score_correction_bias"):
+            if name.endswith(("e_score_correction_bias", "expert_bias")):
                 buf.normal_(0.0, 0.3)
         if family == "gpt_oss":             # norms at 1, the experts' biases at 0 (HF's init) would hide misplacements
             for name, p in model.named_parameters():

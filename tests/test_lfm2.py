@@ -1,6 +1,7 @@
-"""LFM2 (policies/lfm2.py): gated short-convolution blocks (modules/gated_deltanet.ShortConv: B * x through a causal
-depthwise convolution, times C) around GQA attention with per-head q / k norms, against the unmodified HF model (a
-tiny random config: conv, attention, conv). fp32 logits atol 2e-4 / rtol 1e-4 on a left-padded batch, greedy tokens,
+"""LFM2 and LFM2-MoE (policies/lfm2.py): gated short-convolution blocks (modules/gated_deltanet.ShortConv: B * x through
+a causal depthwise convolution, times C) around GQA attention with per-head q / k norms, against the unmodified HF
+model (tiny random configs: conv, attention, conv; the MoE one with a dense first block, then sigmoid-routed experts
+with an expert bias). fp32 logits atol 2e-4 / rtol 1e-4 on a left-padded batch, greedy tokens,
 every decode step's logits (teacher-forced) and beam search (HF's loop: the convolution histories in HF's cache) as
 HF's; bf16 within 6e-2 / 2e-2 of HF bf16; TP=2, offload on both tiers, a checkpoint on meta, the CUDA-graph step
 (emulated)."""
@@ -31,8 +32,12 @@ def _assert_same(hf, opt, lengths=(12, 5, 9, 3), new=10, atol=ATOL, rtol=RTOL):
     return out.sequences, tokens
 
 
-def test_lfm2_matches_hf():
-    hf = tiny_model("lfm2")
+FAMILIES = ["lfm2", "lfm2_moe"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lfm2_matches_hf(family):
+    hf = tiny_model(family)
     opt = optimised_copy(hf, max_seq_len=64)
     engine = opt._dsinfer_engine
     assert [type(ly.attn).__name__ for ly in engine.decoder.layers] == ["ShortConv", "Attention", "ShortConv"]
@@ -45,29 +50,34 @@ def test_lfm2_matches_hf():
         assert torch.equal(opt.generate(**kw), hf.generate(**kw))
 
 
-def test_lfm2_bf16():
-    hf = tiny_model("lfm2").to(torch.bfloat16)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lfm2_bf16(family):
+    """(MoE: every expert routed, so no near tie in HF's choice flips under bf16 rounding.)"""
+    hf = tiny_model(family, **({"num_experts_per_tok": 4} if family == "lfm2_moe" else {})).to(torch.bfloat16)
     _assert_same(hf, optimised_copy(hf, max_seq_len=64, dtype=torch.bfloat16), lengths=(12, 5, 9), new=6,
                  atol=6e-2, rtol=2e-2)
 
 
 def test_lfm2_tensor_parallel():
     """TP=2: each rank its channels of B, C, x and of the convolution, out_proj's columns (one all-reduce)."""
-    codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", "lfm2"], timeout=300)
+    codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", *FAMILIES], timeout=300)
     assert codes == [0, 0], "\n".join(outs)
-    assert outs[0].count(" OK") == 1, outs[0]
+    assert outs[0].count(" OK") == len(FAMILIES), outs[0]
 
 
 @pytest.mark.parametrize("tier", ["cpu", "nvme"])
-def test_lfm2_offload_matches_hf(tier, tmp_path):
-    hf = tiny_model("lfm2")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lfm2_offload_matches_hf(family, tier, tmp_path):
+    hf = tiny_model(family)
     _assert_same(hf, streamed_copy(hf, tier, tmp_path))
 
 
-def test_lfm2_from_checkpoint_on_meta(tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lfm2_from_checkpoint_on_meta(family, tmp_path):
+    """(LFM2-MoE: its experts as save_pretrained writes them, one by one, and its fp32 expert bias.)"""
     from transformers import AutoModelForCausalLM
 
-    hf = tiny_model("lfm2")
+    hf = tiny_model(family)
     hf.save_pretrained(tmp_path)
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(hf.config)

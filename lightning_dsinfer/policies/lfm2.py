@@ -1,11 +1,13 @@
-"""LFM2 (``lfm2``, Liquid AI): hybrid blocks by ``config.layer_types``, most of them a gated short convolution
+"""LFM2 and LFM2-MoE (``lfm2``, ``lfm2_moe``, Liquid AI): hybrid blocks by ``config.layer_types``, most of them a gated short convolution
 (``conv``: ``modules/gated_deltanet.ShortConv``), the others GQA attention with per-head q / k RMSNorms
 (``q_layernorm`` / ``k_layernorm``, before rotary) and its output projection named ``out_proj``.
 
 Module tree: ``model.model.layers[i].{operator_norm, conv.{in_proj, conv, out_proj} | self_attn.{q,k,v,out}_proj,
 ffn_norm, feed_forward.{w1, w3, w2}}``, ``model.model.embedding_norm`` (the final norm, despite its name),
 ``model.lm_head`` (tied by default). The SwiGLU's width is the one transformers derives
-(``block_auto_adjust_ff_dim``): read off w1's rows. Refused with the reason: a convolution or in_proj with a bias
+(``block_auto_adjust_ff_dim``): read off w1's rows. LFM2-MoE: from ``num_dense_layers`` on, ``feed_forward`` is a
+sparse block (router ``gate``, 3D ``experts``): sigmoid scores, the choice on scores + ``expert_bias`` where the
+model has one, the chosen scores renormalised (+1e-6) and scaled by ``routed_scaling_factor``. Refused with the reason: a convolution or in_proj with a bias
 (``conv_bias``): transformers zeroes padded tokens before in_proj, whose bias would then reach the convolution.
 """
 from __future__ import annotations
@@ -13,11 +15,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, ShortConvWeights, UnsupportedModelError
-from lightning_dsinfer.policies.llama import check_rope
+from lightning_dsinfer.kernels.reference import Routing
+from lightning_dsinfer.policies.base import (LayerWeights, ModelWeights, MoEWeights, ShortConvWeights,
+                                             UnsupportedModelError)
+from lightning_dsinfer.policies.llama import FamilyTraits, _experts, check_rope
 from lightning_dsinfer.policies.weights import ModuleSource, WeightSource, lookups
 
-FAMILY = ("lfm2",)
+FAMILY = ("lfm2", "lfm2_moe")
+_EXPERT_NAMES = FamilyTraits(moe="mixtral")     # checkpoint experts as experts.{e}.{w1, w3, w2}
 
 
 def read_lfm2(model: nn.Module, max_seq_len: int, source: WeightSource | None = None) -> ModelWeights:
@@ -33,16 +38,29 @@ def read_lfm2(model: nn.Module, max_seq_len: int, source: WeightSource | None = 
     source = source or ModuleSource(model)
     base = model.model
     with torch.device("cpu"):     # frequencies are computed, not loaded: rebuild them even for a meta model
-        rotary = type(base.rotary_emb)(config=config)
+        rotary = type(getattr(base, "rotary_emb", None) or base.pos_emb)(config=config)    # (LFM2-MoE: pos_emb)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rope_type = getattr(rotary, "rope_type", "default")
     check_rope(config, rotary, rotary.inv_freq, rope_type, head_dim, max_seq_len)
-    names = set(dict(model.named_parameters(remove_duplicate=False)))
+    names = set(dict(model.named_parameters(remove_duplicate=False))) | set(dict(model.named_buffers()))
+    files = source
     ref, opt = lookups(source, names)
+    sparse_from = config.num_dense_layers if config.model_type == "lfm2_moe" else len(types)
+    routing = Routing(scoring="sigmoid", renormalize=bool(getattr(config, "norm_topk_prob", True)), eps=1e-6,
+                      scale=float(getattr(config, "routed_scaling_factor", 1.0)))
     layers = []
     for i, kind in enumerate(types):
         block, f = f"model.layers.{i}", f"model.layers.{i}.feed_forward"
-        common = dict(gate=ref(f"{f}.w1.weight"), up=ref(f"{f}.w3.weight"), down=ref(f"{f}.w2.weight"),
+        moe = None
+        if i >= sparse_from:
+            moe = MoEWeights(router=ref(f"{f}.gate.weight"), gate_up=_experts(files, config, _EXPERT_NAMES, f,
+                                                                              "gate_up_proj"),
+                             down=_experts(files, config, _EXPERT_NAMES, f, "down_proj"),
+                             top_k=config.num_experts_per_tok, renormalize=routing.renormalize, weights_in_dtype=True,
+                             routing=routing, router_bias=opt(f"{f}.expert_bias"))
+        dense = moe is None
+        common = dict(gate=ref(f"{f}.w1.weight") if dense else None, up=ref(f"{f}.w3.weight") if dense else None,
+                      down=ref(f"{f}.w2.weight") if dense else None, moe=moe,
                       input_norm=ref(f"{block}.operator_norm.weight"), post_norm=ref(f"{block}.ffn_norm.weight"))
         if kind == "conv":
             conv = ref(f"{block}.conv.conv.weight")
@@ -60,7 +78,8 @@ def read_lfm2(model: nn.Module, max_seq_len: int, source: WeightSource | None = 
     return ModelWeights(
         model_type=config.model_type, hidden_size=config.hidden_size, num_heads=config.num_attention_heads,
         num_kv_heads=config.num_key_value_heads, head_dim=head_dim,
-        intermediate_size=layers[0].gate.shape[0], vocab_size=config.vocab_size, rms_norm_eps=config.norm_eps,
+        intermediate_size=next((lw.gate.shape[0] for lw in layers if lw.gate is not None), config.intermediate_size),
+        vocab_size=config.vocab_size, rms_norm_eps=config.norm_eps,
         scaling=head_dim ** -0.5, inv_freq=rotary.inv_freq.detach(), attention_scaling=float(rotary.attention_scaling),
         rope_type=rope_type, embed=ref("model.embed_tokens.weight"), final_norm=ref("model.embedding_norm.weight"),
         lm_head=ref("model.embed_tokens.weight" if tied else "lm_head.weight"), lm_head_bias=opt("lm_head.bias"),
@@ -68,4 +87,4 @@ def read_lfm2(model: nn.Module, max_seq_len: int, source: WeightSource | None = 
 
 
 def has_experts(model_type: str | None) -> bool:
-    return False
+    return model_type == "lfm2_moe"
