@@ -151,6 +151,38 @@ def cases(dev: str = "cuda", tiny: bool = False):
                     lambda q=q, kc=kc, vc=vc: ref.attention(q[:, :, None], kc, vc, None, d ** -0.5),
                     2 * kc.numel() * 2 + 2 * q.numel() * 2))
 
+    # multi-head latent attention's decode (DeepSeek-V3 / Kimi-K2: 128 heads on one 576-wide latent row, values its
+    # first 512 columns, read from the same tile)
+    heads, width, rank = (16, 48, 32) if tiny else (128, 576, 512)
+    for b in (1, 16):
+        kc = torch.randn(b, 1, ctx, width, device=dev, dtype=bf)
+        q = torch.randn(b, heads, width, device=dev, dtype=bf)
+        lens = torch.full((b,), ctx, dtype=torch.int32, device=dev)
+        out.append(("decode_attention MLA", f"B={b} ctx={ctx} {heads}x{width}/{rank}",
+                    lambda q=q, kc=kc, lens=lens: decode_attention(q, kc, kc[..., :rank], lens),
+                    lambda q=q, kc=kc: ref.attention(q[:, :, None], kc, kc, None, width ** -0.5)[..., :rank],
+                    kc.numel() * 2 + q.numel() * 2))
+
+    # Gated DeltaNet's decode step (Qwen3.5: 16 key / 48 value heads of 128): the fp32 state read and written once
+    from lightning_dsinfer.kernels.gated_delta import delta_step
+    from lightning_dsinfer.modules.gated_deltanet import delta_rule
+
+    hk_, hv_, dk_ = (2, 4, 16) if tiny else (16, 48, 128)
+    for b in (1, 16):
+        qkv = torch.randn(b, 2 * hk_ * dk_ + hv_ * dk_, device=dev, dtype=bf)
+        ba = torch.randn(b, 2 * hv_, device=dev, dtype=bf)
+        a_log, dt = torch.randn(hv_, device=dev, dtype=bf), torch.randn(hv_, device=dev, dtype=bf)
+        state = torch.randn(b, hv_, dk_, dk_, device=dev) * 0.1
+
+        def torch_step(qkv=qkv, ba=ba, a_log=a_log, dt=dt, state=state, b=b):
+            qq, kk, vv = qkv.split([hk_ * dk_, hk_ * dk_, hv_ * dk_], -1)
+            g = -a_log.float().exp() * F.softplus(ba[:, hv_:].float() + dt)
+            return delta_rule(qq.view(b, 1, hk_, dk_), kk.view(b, 1, hk_, dk_), vv.view(b, 1, hv_, dk_),
+                              g[:, None], torch.sigmoid(ba[:, :hv_])[:, None], state)
+        out.append(("gated_delta decode step", f"B={b} {hk_}/{hv_}x{dk_} fp32 state",
+                    lambda qkv=qkv, ba=ba, a_log=a_log, dt=dt, state=state:
+                    delta_step(qkv, ba, a_log, dt, state, hk_, dk_), torch_step, 2 * state.numel() * 4))
+
     t = ctx
     qkv = torch.randn(1, t, hq + 2 * hkv, d, device=dev, dtype=bf)
     q, k, v = qkv[:, :, :hq], qkv[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:]

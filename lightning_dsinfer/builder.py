@@ -144,7 +144,8 @@ def deltanet_rows(dn, plan: TensorShardPlan) -> tuple[tuple[int, int], tuple[int
 
 
 def shortconv_rows(sc, plan: TensorShardPlan) -> tuple[int, int]:
-    """(first, count) of this rank's short-convolution channels (the policy refuses a size that does not divide them)."""
+    """(first, count) of this rank's short-convolution channels (engine._check_linear_attention_options refuses a size
+    that does not divide them)."""
     n = sc.channels // plan.tp
     return plan.tp_rank * n, n
 

@@ -297,7 +297,8 @@ _BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
                   "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",      # and the GPT families' names:
                   "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "fc1", "fc2", "fc_in", "fc_out",
                   "out_proj", "c_attn", "c_proj", "c_fc",     # and linear attention's (Qwen3-Next / 3.5):
-                  "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "in_proj_qkvz", "in_proj_ba")
+                  "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "in_proj_qkvz", "in_proj_ba",
+                  "in_proj", "w1", "w2", "w3")      # (LFM2's short convolution and feed-forward)
 
 
 def _stage_range(weights, pipe: PipelineComm, dtype: torch.dtype, quantize: str | None,

@@ -224,17 +224,18 @@ def _fake_quantised(hf, fake):
         return ref
     with torch.no_grad():
         for layer in ref.model.layers:
-            mlp = layer.mlp
+            mlp = layer.mlp if hasattr(layer, "mlp") else layer.feed_forward           # (LFM2: feed_forward)
             dense = [mlp] if not hasattr(mlp, "experts") else \
                 [getattr(mlp, n) for n in ("shared_expert", "shared_experts") if hasattr(mlp, n)]
             # phi3: packed qkv_proj, gate_up_proj; DeepSeek: q_a / q_b / kv_a (kv_b stays: the engine reads it as is)
-            # Qwen3-Next / 3.5's linear attention: its input and output projections
+            # Qwen3-Next / 3.5's linear attention, LFM2's short convolution: their input and output projections
             names = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
-                     "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "in_proj_qkvz", "in_proj_ba", "out_proj")
-            attn = layer.self_attn if hasattr(layer, "self_attn") else layer.linear_attn
-            for lin in (*[getattr(attn, n) for n in names if getattr(attn, n, None) is not None],
-                        *[getattr(m, n) for m in dense for n in ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
-                          if hasattr(m, n)]):
+                     "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "in_proj_qkvz", "in_proj_ba", "in_proj",
+                     "out_proj")
+            attn = next(getattr(layer, n) for n in ("self_attn", "linear_attn", "conv") if hasattr(layer, n))
+            for lin in (*[getattr(attn, n) for n in names if isinstance(getattr(attn, n, None), torch.nn.Linear)],
+                        *[getattr(m, n) for m in dense for n in ("gate_proj", "up_proj", "down_proj", "gate_up_proj",
+                                                                 "w1", "w3", "w2") if hasattr(m, n)]):
                 fake(lin.weight)
             if hasattr(mlp, "experts"):          # MoE: each expert's gate|up and down, row by row (router stays)
                 rows = (lambda w: w.t()) if ref.config.model_type == "gpt_oss" else (lambda w: w)  # (stored [in, out])

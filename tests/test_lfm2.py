@@ -3,8 +3,8 @@ a causal depthwise convolution, times C) around GQA attention with per-head q / 
 model (tiny random configs: conv, attention, conv; the MoE one with a dense first block, then sigmoid-routed experts
 with an expert bias). fp32 logits atol 2e-4 / rtol 1e-4 on a left-padded batch, greedy tokens,
 every decode step's logits (teacher-forced) and beam search (HF's loop: the convolution histories in HF's cache) as
-HF's; bf16 within 6e-2 / 2e-2 of HF bf16; TP=2, offload on both tiers, a checkpoint on meta, the CUDA-graph step
-(emulated)."""
+HF's; bf16 within 6e-2 / 2e-2 of HF bf16; int8; TP=2, offload on both tiers, a checkpoint on meta, the CUDA-graph
+step (emulated); padding zeroed in one-token prompt chunks (also Qwen3.5's linear attention)."""
 
 import pytest
 import torch
@@ -56,6 +56,33 @@ def test_lfm2_bf16(family):
     hf = tiny_model(family, **({"num_experts_per_tok": 4} if family == "lfm2_moe" else {})).to(torch.bfloat16)
     _assert_same(hf, optimised_copy(hf, max_seq_len=64, dtype=torch.bfloat16), lengths=(12, 5, 9), new=6,
                  atol=6e-2, rtol=2e-2)
+
+
+def test_lfm2_int8_matches_fake_quantised_hf():
+    from helpers import assert_fp32_matches_quantised, fake_quantised_int8
+
+    hf = tiny_model("lfm2")
+    assert_fp32_matches_quantised(fake_quantised_int8(hf), optimised_copy(hf, max_seq_len=64, quantize="int8"))
+
+
+@pytest.mark.parametrize("family", ["lfm2", "qwen3_5_text"])
+def test_one_token_prompt_chunks_zero_the_padding(family, tmp_path):
+    """Offload runs a prompt in chunks of prefill_tokens // rows tokens: one token each at 16 / 9 here. Padded tokens
+    (a nonzero pad embedding: pad = 5) must be zeroed in those chunks too, or they reach the convolution history and
+    the state (a review finding: only chunks of 2+ tokens were masked). Logits and greedy tokens as HF's."""
+    hf = tiny_model(family)
+    opt = streamed_copy(hf, "cpu", tmp_path)
+    opt._dsinfer_engine.decoder.prefill_tokens = 16
+    ids, mask = padded_batch([12, 5, 9, 3, 7, 10, 4, 8, 6], seed=1)
+    ids = ids.masked_fill(mask == 0, 5)
+    assert opt._dsinfer_engine.decoder._chunks(9, 12)[0] == (0, 1)
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask).logits
+        tokens = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    for use_cache in (False, True):
+        got = opt(input_ids=ids, attention_mask=mask, use_cache=use_cache).logits
+        torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=ATOL, rtol=RTOL)
+    assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False), tokens)
 
 
 def test_lfm2_tensor_parallel():

@@ -165,6 +165,8 @@ class GatedDeltaNet(nn.Module):
     def from_qkv(self, proj: torch.Tensor, residual: torch.Tensor | None, step) -> torch.Tensor:
         b, t, _ = proj.shape
         hk, hv, dk, dv, c = self.hk, self.hv, self.dk, self.dv, self.channels
+        if step.valid is not None:     # left padding: zero rows, as transformers zeroes their inputs (also in a prompt
+            proj = proj * step.valid[:, :, None].to(proj.dtype)   # chunk one token wide: offload with many rows)
         if t == 1 and step.cache is not None:      # a decode step on the engine's cache (or a CUDA graph's)
             history, state = step.cache.linear_buffers(self.layer_idx, b, (c, self.kernel - 1), (hv, dk, dv))
             if ops.uses_triton(proj):              # the convolution and the rule in two kernels (gated_delta.py)
@@ -177,8 +179,6 @@ class GatedDeltaNet(nn.Module):
                                                 hk, hv, dk, dv, self.eps)
                 if out is not None:
                     return self.o(out, residual)
-        if t > 1 and step.valid is not None:       # left padding: zero rows, as transformers zeroes their inputs
-            proj = proj * step.valid[:, :, None].to(proj.dtype)
         mixed, z, beta_in, a = proj.split([c, hv * dv, hv, hv], dim=-1)
         history, state, keep = self._states(step, b)
         x = mixed.transpose(1, 2)                                                     # [B, C, T]
@@ -220,8 +220,8 @@ class ShortConv(nn.Module):
     def from_qkv(self, proj: torch.Tensor, residual: torch.Tensor | None, step) -> torch.Tensor:
         b, t, _ = proj.shape
         c = self.channels
-        if t > 1 and step.valid is not None:       # left padding: zero rows, as transformers zeroes their inputs
-            proj = proj * step.valid[:, :, None].to(proj.dtype)
+        if step.valid is not None:     # left padding: zero rows, as transformers zeroes their inputs (a prompt chunk
+            proj = proj * step.valid[:, :, None].to(proj.dtype)   # may be one token wide: offload with many rows)
         gate_in, gate_out, x = proj.split([c, c, c], dim=-1)
         history, _, keep = layer_states(step, self.layer_idx, b, (c, self.kernel - 1), (0,))
         bx = (gate_in * x).transpose(1, 2)                                           # [B, C, T]
