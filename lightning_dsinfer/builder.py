@@ -18,7 +18,7 @@ import os
 import torch
 
 from lightning_dsinfer.kernels import cpu_gemv
-from lightning_dsinfer.modules.gated_deltanet import GatedDeltaNet, ShortConv, state_shapes
+from lightning_dsinfer.modules.gated_deltanet import GatedDeltaNet, Mamba2Mixer, ShortConv, state_shapes
 from lightning_dsinfer.modules.linear import (DEQUANT_BYTES_PER_WEIGHT, DEQUANT_CHUNK_BYTES,
                                               DEQUANT_INT4_BYTES_PER_WEIGHT, Linear, quantize_int4_rows, quantize_rows)
 from lightning_dsinfer.modules.mla import LatentAttention
@@ -76,13 +76,21 @@ def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype, nor
     first = plan.adds_bias_once
     out = {   # (a linear-attention block's out_proj reads this rank's value heads)
         "o.weight": lw.o.load(1, *(deltanet_rows(lw.deltanet, plan)[1] if lw.deltanet is not None else
-                                    shortconv_rows(lw.shortconv, plan) if lw.shortconv is not None else q_rows)).to(dtype),
+                                    shortconv_rows(lw.shortconv, plan) if lw.shortconv is not None else
+                                    (0, lw.o.shape[1]) if lw.mamba is not None else q_rows)).to(dtype),
         "o.bias": lw.o_bias.load().to(dtype) if (lw.o_bias is not None and first) else None,
     }
     if lw.mla is not None:
         out.update(_shard_mla(lw.mla, plan, dtype))
     elif lw.deltanet is not None:    # Qwen3-Next / 3.5 linear attention: q | k | v | z | b | a in one GEMM
         out.update(_shard_deltanet(lw.deltanet, plan, dtype))
+    elif lw.mamba is not None:       # Granite 4's Mamba-2 (one process: the engine refuses tensor parallelism)
+        mb = lw.mamba
+        out["qkv.weight"] = mb.in_proj.load().to(dtype)
+        out["mb.conv"] = mb.conv.load().reshape(mb.channels, -1).to(dtype)
+        for key, ref in (("mb.conv_bias", mb.conv_bias), ("mb.dt_bias", mb.dt_bias), ("mb.a_log", mb.a_log),
+                         ("mb.d", mb.d), ("mb.norm", mb.norm)):
+            out[key] = None if ref is None else ref.load().to(dtype)
     elif lw.shortconv is not None:   # LFM2's short convolution: this rank's channels of B | C | x in one GEMM
         sc = lw.shortconv
         first, n = shortconv_rows(sc, plan)
@@ -258,14 +266,15 @@ def layer_spec(w: ModelWeights, plan: TensorShardPlan, lw: LayerWeights) -> Laye
                      moe_weights_in_dtype=bool(moe and moe.weights_in_dtype),
                      moe_first_expert=expert_range(moe, plan)[0] if moe and moe.expert_parallel else None,
                      moe_routing=moe.routing if moe else None, moe_act=moe.act if moe else None, mla=w.mla,
-                     deltanet=lw.deltanet, attn_output_gate=lw.attn_gate is not None)
+                     deltanet=lw.deltanet, attn_output_gate=lw.attn_gate is not None, mamba=lw.mamba)
 
 
 # A block's tensors by half: offload streams the attention half (with both norms) and the MLP half as two units.
 ATTENTION_KEYS = ("qkv.weight", "qkv.bias", "o.weight", "o.bias", "input_norm", "post_norm", "q_norm", "k_norm",
                   "attn_out_norm", "input_norm_bias", "post_norm_bias", "alibi", "sinks",
                   "q_b.weight", "q_a_norm", "kv_a_norm", "kv_b.weight",
-                  "dn.conv", "dn.dt_bias", "dn.a_log", "dn.norm", "sc.conv")
+                  "dn.conv", "dn.dt_bias", "dn.a_log", "dn.norm", "sc.conv",
+                  "mb.conv", "mb.conv_bias", "mb.dt_bias", "mb.a_log", "mb.d", "mb.norm")
 MLP_KEYS = ("gate_up.weight", "gate_up.bias", "down.weight", "down.bias", "mlp_out_norm",
             "moe.router", "moe.router_bias", "moe.gate_up", "moe.down", "moe.gate_up_bias", "moe.down_bias",
             "shared.gate_up.weight", "shared.down.weight", "shared_gate.weight")
@@ -290,6 +299,9 @@ def block_linear_inputs(w: ModelWeights, plan: TensorShardPlan) -> dict[str, int
     linear = [lw.deltanet for lw in layers if getattr(lw, "deltanet", None) is not None]
     if linear:              # (Qwen3-Next / 3.5: the linear attention's out_proj reads the rank's value heads)
         ks["linear attention's out"] = deltanet_rows(linear[0], plan)[1][1]
+    mambas = [lw.mamba for lw in layers if getattr(lw, "mamba", None) is not None]
+    if mambas:              # (Granite 4: Mamba-2's out_proj reads its inner channels)
+        ks["Mamba-2 out"] = mambas[0].heads * mambas[0].head_dim
     convs = [lw.shortconv for lw in layers if getattr(lw, "shortconv", None) is not None]
     if convs:               # (LFM2: the short convolution's out_proj reads the rank's channels)
         ks["short convolution's out"] = shortconv_rows(convs[0], plan)[1]
@@ -397,7 +409,13 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
         kind = OutputGatedAttention
     attn = kind(spec, index, linear("qkv"), linear("o", reduce=reduce, owns_residual=first, row_max=row_max),
                 q_norm=t.get("q_norm"), k_norm=t.get("k_norm"), alibi=t.get("alibi"),
-                **extra) if "qkv.weight" in t and not {"kv_b.weight", "dn.conv", "sc.conv"} & t.keys() else None
+                **extra) if "qkv.weight" in t and not {"kv_b.weight", "dn.conv", "sc.conv", "mb.conv"} & t.keys() \
+        else None
+    if "mb.conv" in t:               # Granite 4's Mamba-2 (modules/gated_deltanet.Mamba2Mixer)
+        mb = spec.mamba
+        attn = Mamba2Mixer(index, linear("qkv"), linear("o", reduce=reduce, owns_residual=first, row_max=row_max),
+                           t["mb.conv"], t.get("mb.conv_bias"), t["mb.dt_bias"], t["mb.a_log"], t["mb.d"], t["mb.norm"],
+                           mb.heads, mb.head_dim, mb.groups, mb.state_size, spec.rms_norm_eps, mb.dt_limit)
     if "sc.conv" in t:               # LFM2's gated short convolution (modules/gated_deltanet.ShortConv)
         attn = ShortConv(index, linear("qkv"), linear("o", reduce=reduce, owns_residual=first, row_max=row_max),
                          t["sc.conv"])

@@ -298,7 +298,8 @@ _BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
                   "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "fc1", "fc2", "fc_in", "fc_out",
                   "out_proj", "c_attn", "c_proj", "c_fc",     # and linear attention's (Qwen3-Next / 3.5):
                   "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "in_proj_qkvz", "in_proj_ba",
-                  "in_proj", "w1", "w2", "w3")      # (LFM2's short convolution and feed-forward)
+                  "in_proj", "w1", "w2", "w3",      # (LFM2's short convolution and feed-forward; Granite 4's
+                  "input_linear", "output_linear")  # shared MLP)
 
 
 def _stage_range(weights, pipe: PipelineComm, dtype: torch.dtype, quantize: str | None,
@@ -349,6 +350,9 @@ def _check_linear_attention_options(hf_config, config: InferenceConfig) -> None:
     """Linear attention (Qwen3-Next / 3.5): tensor-parallel ranks split its key heads; a size that does not divide
     them is refused here, before any weight is read."""
     tp = config.tensor_parallel_size
+    if hf_config.model_type == "granitemoehybrid" and tp > 1:
+        raise UnsupportedModelError(f"granitemoehybrid (Mamba-2 blocks) does not run tensor-parallel yet "
+                                    f"(tensor_parallel_size={tp}); use pipeline_parallel_size or offload.")
     heads = getattr(hf_config, "linear_num_key_heads", None)
     if heads is not None and heads % tp:
         raise ValueError(f"dsinfer: tensor_parallel_size={tp} does not divide the {heads} linear-attention key heads "

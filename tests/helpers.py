@@ -128,6 +128,18 @@ def tiny_config(family: str, **overrides):
                                               "conv_L_cache": 3, "block_multiple_of": 16,
                                               "layer_types": ["conv", "full_attention", "conv"],
                                               "tie_word_embeddings": True, **(moe if family == "lfm2_moe" else {})})
+    elif family == "granitemoehybrid":     # Granite 4: Mamba-2 blocks around a rotary attention block, a top-2 MoE of
+        from transformers import AutoConfig  # 4 experts plus the shared MLP, Granite's multipliers
+
+        cfg = AutoConfig.for_model(family, **{**common, "num_hidden_layers": 3, "intermediate_size": 40,
+                                              "shared_intermediate_size": 48, "num_local_experts": 4,
+                                              "num_experts_per_tok": 2, "position_embedding_type": "rope",
+                                              "layer_types": ["linear_attention", "attention", "linear_attention"],
+                                              "mamba_n_heads": 8, "mamba_n_groups": 2, "mamba_d_state": 8,
+                                              "mamba_d_head": 16, "mamba_d_conv": 4, "mamba_expand": 2,
+                                              "mamba_chunk_size": 16, "embedding_multiplier": 3.0,
+                                              "residual_multiplier": 0.3, "attention_multiplier": 0.05,
+                                              "logits_scaling": 4.0})
     elif family in LLAMA_LIKE_FAMILIES:
         from transformers import AutoConfig
 
@@ -154,7 +166,7 @@ def tiny_model(family: str, seed: int = 0, **overrides):
             for name, p in model.named_parameters():                       # in the wrong place cannot pass
                 if "norm" in name:
                     p.normal_(0.0 if family.startswith("gemma") else 1.0, 0.2)
-        if family.startswith("lfm2"):
+        if family.startswith("lfm2") or family == "granitemoehybrid":
             for name, p in model.named_parameters():
                 if "norm" in name:
                     p.normal_(1.0, 0.2)

@@ -80,12 +80,14 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     return out, s
 
 
-def causal_conv(x: torch.Tensor, weight: torch.Tensor, t: int) -> torch.Tensor:
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, t: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The depthwise convolution's last ``t`` outputs over x [B, C, K - 1 + t] (history, then the new inputs), weight
-    [C, K]: K shifted multiply-adds in fp32, rounded once to x's dtype (for one decode step mkldnn's depthwise conv1d
-    costs ~150 us of setup, these ~10)."""
+    [C, K] (and a bias [C]): K shifted multiply-adds in fp32, rounded once to x's dtype (for one decode step mkldnn's
+    depthwise conv1d costs ~150 us of setup, these ~10)."""
     w = weight.float()
     acc = x[..., :t].float() * w[:, :1]
+    if bias is not None:
+        acc += bias.float()[:, None]
     for j in range(1, weight.shape[-1]):
         acc.addcmul_(x[..., j:j + t].float(), w[:, j:j + 1])
     return acc.to(x.dtype)
@@ -237,6 +239,99 @@ class ShortConv(nn.Module):
         return self.qkv.nbytes + self.o.nbytes + self.conv.numel() * self.conv.element_size()
 
 
+def ssd_scan(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+             state: torch.Tensor | None, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mamba-2's selective state space over T tokens, in fp32: per head h, S <- exp(dt_t a_h) S + dt_t x_t b_t^T,
+    y_t = S c_t. x [B, T, H, P], dt [B, T, H] (after softplus and limits), a [H] (negative), b / c [B, T, H, N]
+    (groups already repeated per head), state [B, H, P, N] or None (zeros). Returns (y [B, T, H, P], final state).
+    One token: the recurrence; more: chunks of ``chunk`` (within a chunk the decays as a masked [chunk, chunk]
+    matrix, across chunks one state pass)."""
+    bsz, t, h, p = x.shape
+    n = b.shape[-1]
+    x, dt, b, c = x.float(), dt.float(), b.float(), c.float()
+    s = torch.zeros(bsz, h, p, n, dtype=torch.float32, device=x.device) if state is None else state.float()
+    if t == 1:
+        decay = torch.exp(dt[:, 0] * a)                                          # [B, H]
+        s = s * decay[..., None, None] + (dt[:, 0, :, None] * x[:, 0])[..., None] * b[:, 0, :, None, :]
+        return (s @ c[:, 0, :, :, None])[..., 0][:, None], s
+    pad = -t % chunk
+    if pad:
+        x, b, c = (F.pad(z, (0, 0, 0, 0, 0, pad)) for z in (x, b, c))
+        dt = F.pad(dt, (0, 0, 0, pad))
+    m = (t + pad) // chunk
+    x, b, c = (z.reshape(bsz, m, chunk, h, -1).transpose(2, 3) for z in (x, b, c))     # [B, M, H, L, *]
+    dt = dt.reshape(bsz, m, chunk, h).transpose(2, 3)                                     # [B, M, H, L]
+    la = (dt * a[:, None]).cumsum(-1)                                                     # log decay from chunk start
+    lower = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
+    decay = (la[..., :, None] - la[..., None, :]).masked_fill(~lower, float("-inf")).exp()  # [.., l, s], s <= l
+    xdt = x * dt[..., None]
+    y = ((c @ b.transpose(-1, -2)) * decay) @ xdt                                        # within the chunk
+    into_end = (la[..., -1:] - la).exp()                                                  # [B, M, H, L]
+    from_start = la.exp()
+    out = torch.empty_like(y)
+    for i in range(m):
+        out[:, i] = y[:, i] + (c[:, i] @ s.transpose(-1, -2)) * from_start[:, i, :, :, None]
+        s = s * from_start[:, i, :, -1, None, None] + (xdt[:, i] * into_end[:, i, :, :, None]).transpose(-1, -2) @ b[:, i]
+    out = out.transpose(2, 3).reshape(bsz, m * chunk, h, p)[:, :t]
+    return out, s
+
+
+class Mamba2Mixer(nn.Module):
+    """Mamba-2 (Granite 4's ``mamba`` blocks): in_proj's z | x B C | dt rows (``qkv``: one GEMM), the depthwise causal
+    convolution (with bias) and SiLU over x B C, dt = softplus(dt + dt_bias) clamped to the time-step limits, the
+    selective scan (:func:`ssd_scan`) plus D x, the gated group RMSNorm (x silu(z), normed per group of channels),
+    out_proj (``o``). Per row: the last K - 1 convolution inputs and the state [H, P, N] (fp32)."""
+
+    rotary = sliding = False
+    alibi = sinks = softcap = None
+
+    def __init__(self, layer_idx: int, qkv: Linear, o: Linear, conv: torch.Tensor, conv_bias: torch.Tensor | None,
+                 dt_bias: torch.Tensor, a_log: torch.Tensor, d: torch.Tensor, norm: torch.Tensor, heads: int,
+                 head_dim: int, groups: int, state_size: int, eps: float, dt_limit: tuple[float, float]):
+        super().__init__()
+        self.layer_idx, self.qkv, self.o = layer_idx, qkv, o
+        self.conv, self.conv_bias, self.dt_bias, self.a_log, self.d, self.norm = conv, conv_bias, dt_bias, a_log, d, norm
+        self.h, self.p, self.g, self.n, self.eps, self.dt_limit = heads, head_dim, groups, state_size, eps, dt_limit
+        self.inner = heads * head_dim
+        self.channels, self.kernel = conv.shape
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, step) -> torch.Tensor:
+        return self.from_qkv(self.qkv(x), residual, step)
+
+    def from_qkv(self, proj: torch.Tensor, residual: torch.Tensor | None, step) -> torch.Tensor:
+        bsz, t, _ = proj.shape
+        h, p, g, n, inner = self.h, self.p, self.g, self.n, self.inner
+        valid = None if step.valid is None else step.valid[:, :, None].to(proj.dtype)
+        if valid is not None:          # left padding: rows zeroed before and after the convolution, as transformers
+            proj = proj * valid
+        z, xbc, dt = proj.split([inner, self.channels, h], dim=-1)
+        history, state, keep = layer_states(step, self.layer_idx, bsz, (self.channels, self.kernel - 1), (h, p, n))
+        window = xbc.transpose(1, 2)
+        if history is None:
+            history = window.new_zeros(bsz, self.channels, self.kernel - 1)
+        window = torch.cat((history.to(window.dtype), window), dim=-1)
+        conv = causal_conv(window, self.conv, t, self.conv_bias)
+        xbc = F.silu(conv).transpose(1, 2)
+        if valid is not None:
+            xbc = xbc * valid
+        x, b, c = xbc.split([inner, g * n, g * n], dim=-1)
+        b, c = (v.reshape(bsz, t, g, n).repeat_interleave(h // g, dim=2) for v in (b, c))
+        dt = F.softplus(dt + self.dt_bias.to(dt.dtype)).clamp(*self.dt_limit)
+        a = -torch.exp(self.a_log.float())
+        y, state = ssd_scan(x.reshape(bsz, t, h, p), dt, a, b, c, state)
+        keep_states(keep, window[..., -(self.kernel - 1):], state)
+        y = (y + x.reshape(bsz, t, h, p).float() * self.d.float()[:, None]).reshape(bsz, t, inner).to(proj.dtype)
+        # the gated group norm: (y silu(z)) in fp32, RMS-normed per group of inner / g channels, rounded, times weight
+        gated = (y.float() * F.silu(z.float())).view(bsz, t, g, inner // g)
+        normed = (gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + self.eps)).view(bsz, t, inner)
+        return self.o(self.norm * normed.to(proj.dtype), residual)
+
+    @property
+    def nbytes(self) -> int:
+        return self.qkv.nbytes + self.o.nbytes + sum(
+            v.numel() * v.element_size() for v in (self.conv, self.dt_bias, self.a_log, self.d, self.norm))
+
+
 def state_shapes(lw, ranks: int = 1) -> tuple[tuple, tuple] | None:
     """(convolution history, recurrent state) shapes of one row on each of ``ranks`` tensor-parallel ranks for a block's
     ``policies.base.LayerWeights``: a Gated DeltaNet's, a short convolution's (no state), or None (K/V instead)."""
@@ -246,4 +341,7 @@ def state_shapes(lw, ranks: int = 1) -> tuple[tuple, tuple] | None:
         return (2 * hk * dn.key_dim + hv * dn.value_dim, dn.kernel - 1), (hv, dn.key_dim, dn.value_dim)
     if getattr(lw, "shortconv", None) is not None:
         return (lw.shortconv.channels // ranks, lw.shortconv.kernel - 1), (0,)
+    if getattr(lw, "mamba", None) is not None:
+        m = lw.mamba
+        return (m.channels, m.kernel - 1), (m.heads, m.head_dim, m.state_size)
     return None

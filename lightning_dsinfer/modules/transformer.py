@@ -89,6 +89,7 @@ class LayerSpec:
                                            # (ProjectionNormAttention); "after_rotary": RotaryFirstAttention
     deltanet: Any = None                   # linear attention's numbers (policies.base.DeltaNetWeights: Qwen3-Next / 3.5)
     attn_output_gate: bool = False         # OutputGatedAttention (Qwen3-Next / 3.5)
+    mamba: Any = None                      # Mamba-2's numbers (policies.base.Mamba2Weights: Granite 4)
 
 
 class Attention(nn.Module):

@@ -115,6 +115,27 @@ class ShortConvWeights:
 
 
 @dataclass
+class Mamba2Weights:
+    """A Mamba-2 mixer (Granite 4's ``mamba`` blocks, ``modules/gated_deltanet.Mamba2Mixer``): in_proj [I + C + H, H]
+    (z | x B C | dt rows), the depthwise convolution [C, 1, K] over the C = I + 2 G N x B C channels and its bias,
+    dt_bias / A_log / D [H], the gated group norm's weight [I], out_proj (``LayerWeights.o``); I = H P."""
+    in_proj: WeightRef
+    conv: WeightRef
+    conv_bias: WeightRef | None
+    dt_bias: WeightRef
+    a_log: WeightRef
+    d: WeightRef
+    norm: WeightRef
+    heads: int
+    head_dim: int
+    groups: int
+    state_size: int
+    channels: int
+    kernel: int
+    dt_limit: tuple[float, float]
+
+
+@dataclass
 class LayerWeights:
     q: WeightRef
     k: WeightRef
@@ -154,6 +175,7 @@ class LayerWeights:
     attn_gate: WeightRef | None = None      # Qwen3-Next / 3.5: attention's output x sigmoid(gate rows [Hq D, H] @ x)
     attn_gate_bias: WeightRef | None = None
     shortconv: ShortConvWeights | None = None   # LFM2: a gated short convolution instead (q / k / v None then)
+    mamba: Mamba2Weights | None = None       # Granite 4: a Mamba-2 mixer instead (q / k / v None then)
 
 
 @dataclass

@@ -1,0 +1,93 @@
+"""Granite 4 (granitemoehybrid; policies/granite_hybrid.py): Mamba-2 blocks (modules/gated_deltanet.Mamba2Mixer:
+convolution + SiLU over x B C, the selective scan, D x, the gated group norm) around GQA attention, a top-2 MoE plus the
+shared MLP, Granite's multipliers, against the unmodified HF model (a tiny random config: mamba, attention, mamba;
+variants without rotary and without experts). fp32 logits atol 2e-4 / rtol 1e-4 on a left-padded batch, greedy tokens,
+every decode step (teacher-forced) and beam search (HF's loop: conv histories and states in HF's cache) as HF's; bf16
+within 6e-2 / 2e-2 of HF bf16 (every expert routed); offload on both tiers; a checkpoint on meta; PP=2; the scan
+against transformers' chunked scan and state update; tensor parallelism refused."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lightning_dsinfer as dsi
+from helpers import optimised_copy, padded_batch, streamed_copy, tiny_model
+from multiproc import run_ranks
+from test_lfm2 import _assert_same
+
+VARIANTS = {"moe-rope": {}, "dense-nope": {"num_local_experts": 0, "position_embedding_type": None}}
+
+
+@pytest.mark.parametrize("overrides", VARIANTS.values(), ids=VARIANTS.keys())
+def test_granite_hybrid_matches_hf(overrides):
+    hf = tiny_model("granitemoehybrid", **overrides)
+    opt = optimised_copy(hf, max_seq_len=64)
+    engine = opt._dsinfer_engine
+    assert [type(ly.attn).__name__ for ly in engine.decoder.layers] == ["Mamba2Mixer", "Attention", "Mamba2Mixer"]
+    assert engine.cache.state[0].shape[1:] == (8, 16, 8) and engine.cache.k[0].shape[2] == 0
+    ours, tokens = _assert_same(hf, opt)
+    assert torch.equal(ours, tokens)
+    ids, mask = padded_batch([6, 9], seed=2)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False)
+    with torch.no_grad():
+        assert torch.equal(opt.generate(**kw), hf.generate(**kw))
+
+
+@pytest.mark.parametrize("t", [1, 37])
+def test_scan_matches_transformers(t):
+    from transformers.models.granitemoehybrid.modeling_granitemoehybrid import (mamba2_chunk_scan,
+                                                                                mamba2_selective_state_update)
+
+    from lightning_dsinfer.modules.gated_deltanet import ssd_scan
+
+    g = torch.Generator().manual_seed(t)
+    bsz, h, p, groups, n = 2, 4, 6, 2, 5
+    x, dt_raw = torch.randn(bsz, t, h, p, generator=g), torch.randn(bsz, t, h, generator=g)
+    a, dt_bias = -torch.rand(h, generator=g) * 2, torch.randn(h, generator=g)
+    b, c = torch.randn(bsz, t, groups, n, generator=g), torch.randn(bsz, t, groups, n, generator=g)
+    state = torch.randn(bsz, h, p, n, generator=g)
+    dt = F.softplus(dt_raw + dt_bias)
+    got, got_state = ssd_scan(x, dt, a, *(v.repeat_interleave(h // groups, dim=2) for v in (b, c)), state, chunk=16)
+    if t == 1:
+        want_state = state.clone()
+        want = mamba2_selective_state_update(want_state, x[:, 0], dt_raw[:, 0, :, None].expand(-1, -1, p),
+                                             a[:, None, None].expand(-1, p, n), b[:, 0], c[:, 0],
+                                             dt_bias=dt_bias[:, None].expand(-1, p), dt_softplus=True)[:, None]
+    else:
+        want, want_state = mamba2_chunk_scan(x, dt_raw, a, b, c, chunk_size=16, dt_bias=dt_bias, dt_softplus=True,
+                                             initial_states=state, return_final_states=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_state, want_state, atol=1e-5, rtol=1e-5)
+
+
+def test_granite_hybrid_bf16():
+    hf = tiny_model("granitemoehybrid", num_experts_per_tok=4).to(torch.bfloat16)
+    _assert_same(hf, optimised_copy(hf, max_seq_len=64, dtype=torch.bfloat16), lengths=(12, 5, 9), new=6,
+                 atol=6e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("tier", ["cpu", "nvme"])
+def test_granite_hybrid_offload_matches_hf(tier, tmp_path):
+    hf = tiny_model("granitemoehybrid")
+    _assert_same(hf, streamed_copy(hf, tier, tmp_path))
+
+
+def test_granite_hybrid_from_checkpoint_on_meta(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    hf = tiny_model("granitemoehybrid")
+    hf.save_pretrained(tmp_path)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(hf.config)
+    _assert_same(hf, dsi.init_inference(meta, checkpoint=str(tmp_path), max_seq_len=64, dtype=torch.float32), new=6)
+
+
+def test_granite_hybrid_pipeline_parallel():
+    codes, outs, _ = run_ranks("pp_worker.py", 2, ["--pp", "2", "--families", "granitemoehybrid"], timeout=300)
+    assert codes == [0, 0], "\n".join(outs)
+    assert all(out.count("all OK") == 1 for out in outs), outs
+
+
+def test_tensor_parallelism_is_refused():
+    with pytest.raises(dsi.UnsupportedModelError, match="does not run tensor-parallel yet"):
+        dsi.init_inference(tiny_model("granitemoehybrid"), max_seq_len=64, tensor_parallel_size=2)
