@@ -350,8 +350,8 @@ def _check_linear_attention_options(hf_config, config: InferenceConfig) -> None:
     """Linear attention (Qwen3-Next / 3.5): tensor-parallel ranks split its key heads; a size that does not divide
     them is refused here, before any weight is read."""
     tp = config.tensor_parallel_size
-    if hf_config.model_type == "granitemoehybrid" and tp > 1:
-        raise UnsupportedModelError(f"granitemoehybrid (Mamba-2 blocks) does not run tensor-parallel yet "
+    if hf_config.model_type in ("granitemoehybrid", "bamba") and tp > 1:
+        raise UnsupportedModelError(f"{hf_config.model_type} (Mamba-2 blocks) does not run tensor-parallel yet "
                                     f"(tensor_parallel_size={tp}); use pipeline_parallel_size or offload.")
     heads = getattr(hf_config, "linear_num_key_heads", None)
     if heads is not None and heads % tp:

@@ -140,6 +140,15 @@ def tiny_config(family: str, **overrides):
                                               "mamba_chunk_size": 16, "embedding_multiplier": 3.0,
                                               "residual_multiplier": 0.3, "attention_multiplier": 0.05,
                                               "logits_scaling": 4.0})
+    elif family == "bamba":                # Mamba-2 blocks around a rotary attention block (half of each head)
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.for_model(family, **{**common, "num_hidden_layers": 3, "attn_layer_indices": [1],
+                                              "mamba_n_heads": 8, "mamba_n_groups": 2, "mamba_d_state": 8,
+                                              "mamba_d_head": 16, "mamba_d_conv": 4, "mamba_expand": 2,
+                                              "mamba_chunk_size": 16,
+                                              "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                                  "partial_rotary_factor": 0.5}})
     elif family in LLAMA_LIKE_FAMILIES:
         from transformers import AutoConfig
 
@@ -166,7 +175,7 @@ def tiny_model(family: str, seed: int = 0, **overrides):
             for name, p in model.named_parameters():                       # in the wrong place cannot pass
                 if "norm" in name:
                     p.normal_(0.0 if family.startswith("gemma") else 1.0, 0.2)
-        if family.startswith("lfm2") or family == "granitemoehybrid":
+        if family.startswith("lfm2") or family in ("granitemoehybrid", "bamba"):
             for name, p in model.named_parameters():
                 if "norm" in name:
                     p.normal_(1.0, 0.2)

@@ -1,7 +1,7 @@
-"""Granite 4 (granitemoehybrid; policies/granite_hybrid.py): Mamba-2 blocks (modules/gated_deltanet.Mamba2Mixer:
+"""Granite 4 and Bamba (granitemoehybrid, bamba; policies/granite_hybrid.py): Mamba-2 blocks (modules/gated_deltanet.Mamba2Mixer:
 convolution + SiLU over x B C, the selective scan, D x, the gated group norm) around GQA attention, a top-2 MoE plus the
-shared MLP, Granite's multipliers, against the unmodified HF model (a tiny random config: mamba, attention, mamba;
-variants without rotary and without experts). fp32 logits atol 2e-4 / rtol 1e-4 on a left-padded batch, greedy tokens,
+shared MLP, Granite's multipliers (Bamba: a SwiGLU feed-forward, partial rotary, no multipliers), against the
+unmodified HF model (tiny random configs: mamba, attention, mamba; Granite variants without rotary and without experts). fp32 logits atol 2e-4 / rtol 1e-4 on a left-padded batch, greedy tokens,
 every decode step (teacher-forced) and beam search (HF's loop: conv histories and states in HF's cache) as HF's; bf16
 within 6e-2 / 2e-2 of HF bf16 (every expert routed); offload on both tiers; a checkpoint on meta; PP=2; the scan
 against transformers' chunked scan and state update; tensor parallelism refused."""
@@ -15,12 +15,14 @@ from helpers import optimised_copy, padded_batch, streamed_copy, tiny_model
 from multiproc import run_ranks
 from test_lfm2 import _assert_same
 
-VARIANTS = {"moe-rope": {}, "dense-nope": {"num_local_experts": 0, "position_embedding_type": None}}
+VARIANTS = {"moe-rope": ("granitemoehybrid", {}),
+            "dense-nope": ("granitemoehybrid", {"num_local_experts": 0, "position_embedding_type": None}),
+            "bamba": ("bamba", {})}
 
 
-@pytest.mark.parametrize("overrides", VARIANTS.values(), ids=VARIANTS.keys())
-def test_granite_hybrid_matches_hf(overrides):
-    hf = tiny_model("granitemoehybrid", **overrides)
+@pytest.mark.parametrize("family,overrides", VARIANTS.values(), ids=VARIANTS.keys())
+def test_granite_hybrid_matches_hf(family, overrides):
+    hf = tiny_model(family, **overrides)
     opt = optimised_copy(hf, max_seq_len=64)
     engine = opt._dsinfer_engine
     assert [type(ly.attn).__name__ for ly in engine.decoder.layers] == ["Mamba2Mixer", "Attention", "Mamba2Mixer"]
@@ -60,8 +62,9 @@ def test_scan_matches_transformers(t):
     torch.testing.assert_close(got_state, want_state, atol=1e-5, rtol=1e-5)
 
 
-def test_granite_hybrid_bf16():
-    hf = tiny_model("granitemoehybrid", num_experts_per_tok=4).to(torch.bfloat16)
+@pytest.mark.parametrize("family", ["granitemoehybrid", "bamba"])
+def test_granite_hybrid_bf16(family):
+    hf = tiny_model(family, **({"num_experts_per_tok": 4} if family == "granitemoehybrid" else {})).to(torch.bfloat16)
     _assert_same(hf, optimised_copy(hf, max_seq_len=64, dtype=torch.bfloat16), lengths=(12, 5, 9), new=6,
                  atol=6e-2, rtol=2e-2)
 
@@ -72,10 +75,11 @@ def test_granite_hybrid_offload_matches_hf(tier, tmp_path):
     _assert_same(hf, streamed_copy(hf, tier, tmp_path))
 
 
-def test_granite_hybrid_from_checkpoint_on_meta(tmp_path):
+@pytest.mark.parametrize("family", ["granitemoehybrid", "bamba"])
+def test_granite_hybrid_from_checkpoint_on_meta(family, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    hf = tiny_model("granitemoehybrid")
+    hf = tiny_model(family)
     hf.save_pretrained(tmp_path)
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(hf.config)
