@@ -326,6 +326,28 @@ def streamed_copy(hf, tier: str, folder, **options):
     return opt
 
 
+def optimised_from_checkpoint(hf, folder, **options):
+    """``hf``'s config built on meta and optimised from what ``hf.save_pretrained`` writes into ``folder``."""
+    import lightning_dsinfer as dsi
+    from transformers import AutoModelForCausalLM
+
+    hf.save_pretrained(folder)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(hf.config)
+    return dsi.init_inference(meta, checkpoint=str(folder), **{"max_seq_len": 64, "dtype": torch.float32, **options})
+
+
+def assert_forward_and_generate(hf, opt, ids, mask, new, atol=2e-4, rtol=1e-4):
+    """fp32 logits of a plain forward and of one with HF's cache, and greedy tokens, as HF's on this batch."""
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask).logits
+        tokens = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
+    for use_cache in (False, True):
+        got = opt(input_ids=ids, attention_mask=mask, use_cache=use_cache).logits
+        torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=atol, rtol=rtol)
+    assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False), tokens)
+
+
 def optimised_copy(hf, **options):
     import lightning_dsinfer as dsi
 

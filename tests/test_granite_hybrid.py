@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import lightning_dsinfer as dsi
-from helpers import optimised_copy, padded_batch, streamed_copy, tiny_model
+from helpers import optimised_copy, optimised_from_checkpoint, padded_batch, streamed_copy, tiny_model
 from multiproc import run_ranks
 from test_lfm2 import _assert_same
 
@@ -77,13 +77,8 @@ def test_granite_hybrid_offload_matches_hf(tier, tmp_path):
 
 @pytest.mark.parametrize("family", ["granitemoehybrid", "bamba"])
 def test_granite_hybrid_from_checkpoint_on_meta(family, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     hf = tiny_model(family)
-    hf.save_pretrained(tmp_path)
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(hf.config)
-    _assert_same(hf, dsi.init_inference(meta, checkpoint=str(tmp_path), max_seq_len=64, dtype=torch.float32), new=6)
+    _assert_same(hf, optimised_from_checkpoint(hf, tmp_path), new=6)
 
 
 def test_granite_hybrid_pipeline_parallel():

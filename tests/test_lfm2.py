@@ -9,8 +9,8 @@ step (emulated); padding zeroed in one-token prompt chunks (also Qwen3.5's linea
 import pytest
 import torch
 
-import lightning_dsinfer as dsi
-from helpers import optimised_copy, padded_batch, streamed_copy, tiny_model
+from helpers import (assert_forward_and_generate, optimised_copy, optimised_from_checkpoint, padded_batch,
+                     streamed_copy, tiny_model)
 from multiproc import run_ranks
 
 ATOL, RTOL = 2e-4, 1e-4
@@ -76,13 +76,7 @@ def test_one_token_prompt_chunks_zero_the_padding(family, tmp_path):
     ids, mask = padded_batch([12, 5, 9, 3, 7, 10, 4, 8, 6], seed=1)
     ids = ids.masked_fill(mask == 0, 5)
     assert opt._dsinfer_engine.decoder._chunks(9, 12)[0] == (0, 1)
-    with torch.no_grad():
-        want = hf(input_ids=ids, attention_mask=mask).logits
-        tokens = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
-    for use_cache in (False, True):
-        got = opt(input_ids=ids, attention_mask=mask, use_cache=use_cache).logits
-        torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=ATOL, rtol=RTOL)
-    assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False), tokens)
+    assert_forward_and_generate(hf, opt, ids, mask, 5)
 
 
 def test_lfm2_tensor_parallel():
@@ -102,13 +96,8 @@ def test_lfm2_offload_matches_hf(family, tier, tmp_path):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lfm2_from_checkpoint_on_meta(family, tmp_path):
     """(LFM2-MoE: its experts as save_pretrained writes them, one by one, and its fp32 expert bias.)"""
-    from transformers import AutoModelForCausalLM
-
     hf = tiny_model(family)
-    hf.save_pretrained(tmp_path)
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(hf.config)
-    _assert_same(hf, dsi.init_inference(meta, checkpoint=str(tmp_path), max_seq_len=64, dtype=torch.float32), new=6)
+    _assert_same(hf, optimised_from_checkpoint(hf, tmp_path), new=6)
 
 
 def test_lfm2_graph_step_equals_eager_step():

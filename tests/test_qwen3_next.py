@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import lightning_dsinfer as dsi
-from helpers import (assert_fp32_matches_quantised, fake_quantised_int4, fake_quantised_int8, optimised_copy,
-                     padded_batch, streamed_copy, tiny_model)
+from helpers import (assert_forward_and_generate, assert_fp32_matches_quantised, fake_quantised_int4,
+                     fake_quantised_int8, optimised_copy, optimised_from_checkpoint, padded_batch, streamed_copy,
+                     tiny_model)
 from multiproc import run_ranks
 
 FAMILIES = ["qwen3_5_text", "qwen3_5_moe_text", "qwen3_next"]
@@ -192,20 +193,8 @@ def test_hybrid_tensor_parallel():
 def test_hybrid_from_checkpoint_on_meta(family, tmp_path):
     """From what save_pretrained writes (experts one by one, Qwen3-Next's grouped in_proj_qkvz / in_proj_ba, the
     attention's interleaved q | gate rows) into a model on meta: logits and greedy tokens as HF's."""
-    from transformers import AutoModelForCausalLM
-
     hf = tiny_model(family)
-    hf.save_pretrained(tmp_path)
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(hf.config)
-    opt = dsi.init_inference(meta, checkpoint=str(tmp_path), max_seq_len=64, dtype=torch.float32)
-    ids, mask = padded_batch([12, 5, 9], seed=1)
-    with torch.no_grad():
-        want = hf(input_ids=ids, attention_mask=mask).logits
-        tokens = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-    torch.testing.assert_close(opt(input_ids=ids, attention_mask=mask).logits[mask.bool()], want[mask.bool()],
-                               atol=ATOL, rtol=RTOL)
-    assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False), tokens)
+    assert_forward_and_generate(hf, optimised_from_checkpoint(hf, tmp_path), *padded_batch([12, 5, 9], seed=1), 6)
 
 
 def test_a_cache_without_the_linear_layers_is_a_clear_error():
@@ -239,14 +228,7 @@ def test_hybrid_offload_matches_hf(family, tier, tmp_path):
     assert opt._dsinfer_engine.decoder._chunks(8, 40) == [(0, 32), (32, 40)]
     # (Qwen3-Next's MoE on the disk tier: the routed experts read when routed to, offload/experts.py)
     assert (opt._dsinfer_engine.decoder.experts is not None) == (family == "qwen3_next" and tier == "nvme")
-    ids, mask = padded_batch([40, 33, 12, 40, 20, 38, 5, 40], seed=2)
-    with torch.no_grad():
-        want = hf(input_ids=ids, attention_mask=mask).logits
-        tokens = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-    for use_cache in (False, True):
-        got = opt(input_ids=ids, attention_mask=mask, use_cache=use_cache).logits
-        torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=ATOL, rtol=RTOL)
-    assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False), tokens)
+    assert_forward_and_generate(hf, opt, *padded_batch([40, 33, 12, 40, 20, 38, 5, 40], seed=2), 6)
 
 
 def test_hybrid_pipeline_parallel():
