@@ -77,20 +77,15 @@ def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype, nor
     out = {   # (a linear-attention block's out_proj reads this rank's value heads)
         "o.weight": lw.o.load(1, *(deltanet_rows(lw.deltanet, plan)[1] if lw.deltanet is not None else
                                     shortconv_rows(lw.shortconv, plan) if lw.shortconv is not None else
-                                    (0, lw.o.shape[1]) if lw.mamba is not None else q_rows)).to(dtype),
+                                    mamba_rows(lw.mamba, plan)[0] if lw.mamba is not None else q_rows)).to(dtype),
         "o.bias": lw.o_bias.load().to(dtype) if (lw.o_bias is not None and first) else None,
     }
     if lw.mla is not None:
         out.update(_shard_mla(lw.mla, plan, dtype))
     elif lw.deltanet is not None:    # Qwen3-Next / 3.5 linear attention: q | k | v | z | b | a in one GEMM
         out.update(_shard_deltanet(lw.deltanet, plan, dtype))
-    elif lw.mamba is not None:       # Granite 4's Mamba-2 (one process: the engine refuses tensor parallelism)
-        mb = lw.mamba
-        out["qkv.weight"] = mb.in_proj.load().to(dtype)
-        out["mb.conv"] = mb.conv.load().reshape(mb.channels, -1).to(dtype)
-        for key, ref in (("mb.conv_bias", mb.conv_bias), ("mb.dt_bias", mb.dt_bias), ("mb.a_log", mb.a_log),
-                         ("mb.d", mb.d), ("mb.norm", mb.norm)):
-            out[key] = None if ref is None else ref.load().to(dtype)
+    elif lw.mamba is not None:       # Granite 4's Mamba-2: this rank's heads (and the groups they read)
+        out.update(_shard_mamba(lw.mamba, plan, dtype))
     elif lw.shortconv is not None:   # LFM2's short convolution: this rank's channels of B | C | x in one GEMM
         sc = lw.shortconv
         first, n = shortconv_rows(sc, plan)
@@ -149,6 +144,35 @@ def deltanet_rows(dn, plan: TensorShardPlan) -> tuple[tuple[int, int], tuple[int
     hk, hv = dn.key_heads // plan.tp, dn.value_heads // plan.tp
     r = plan.tp_rank
     return (r * hk * dn.key_dim, hk * dn.key_dim), (r * hv * dn.value_dim, hv * dn.value_dim), (r * hv, hv)
+
+
+def mamba_rows(mb, plan: TensorShardPlan) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """(inner channels, B / C rows of one of them, heads) of this rank's Mamba-2 heads: heads [r H / N, (r + 1) H / N),
+    their P channels each, and the groups those heads read (whole groups when N divides G; else the one group they
+    share, replicated: engine._check_linear_attention_options refuses other splits)."""
+    heads = mb.heads // plan.tp
+    h0 = plan.tp_rank * heads
+    per_group = mb.heads // mb.groups
+    g0, g1 = h0 // per_group, (h0 + heads - 1) // per_group + 1
+    return (h0 * mb.head_dim, heads * mb.head_dim), (g0 * mb.state_size, (g1 - g0) * mb.state_size), (h0, heads)
+
+
+def _shard_mamba(mb, plan: TensorShardPlan, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A Mamba-2 block's tensors on this rank (``modules/gated_deltanet.Mamba2Mixer``): ``qkv`` = its rows of z | x |
+    B | C | dt (in_proj: z [I] | x [I] | B [G N] | C [G N] | dt [H]), ``mb.conv`` / ``mb.conv_bias`` its x | B | C
+    channels, ``mb.dt_bias`` / ``mb.a_log`` / ``mb.d`` its heads', ``mb.norm`` its channels'."""
+    (c0, cn), (b0, bn), heads = mamba_rows(mb, plan)
+    inner, gn = mb.heads * mb.head_dim, mb.groups * mb.state_size
+    conv_pieces = ((c0, cn), (inner + b0, bn), (inner + gn + b0, bn))       # x | B | C within the conv's channels
+    out = {"qkv.weight": _fused([(mb.in_proj, (c0, cn))] + [(mb.in_proj, (inner + a, n)) for a, n in conv_pieces]
+                                + [(mb.in_proj, (2 * inner + 2 * gn + heads[0], heads[1]))], dtype),
+           "mb.conv": torch.cat([mb.conv.load(0, a, n) for a, n in conv_pieces]).flatten(1).to(dtype),
+           "mb.conv_bias": None if mb.conv_bias is None else
+           torch.cat([mb.conv_bias.load(0, a, n) for a, n in conv_pieces]).to(dtype),
+           "mb.norm": mb.norm.load(0, c0, cn).to(dtype)}
+    for key, ref in (("mb.dt_bias", mb.dt_bias), ("mb.a_log", mb.a_log), ("mb.d", mb.d)):
+        out[key] = ref.load(0, *heads).to(dtype)
+    return out
 
 
 def shortconv_rows(sc, plan: TensorShardPlan) -> tuple[int, int]:
@@ -301,7 +325,7 @@ def block_linear_inputs(w: ModelWeights, plan: TensorShardPlan) -> dict[str, int
         ks["linear attention's out"] = deltanet_rows(linear[0], plan)[1][1]
     mambas = [lw.mamba for lw in layers if getattr(lw, "mamba", None) is not None]
     if mambas:              # (Granite 4: Mamba-2's out_proj reads its inner channels)
-        ks["Mamba-2 out"] = mambas[0].heads * mambas[0].head_dim
+        ks["Mamba-2 out"] = mamba_rows(mambas[0], plan)[0][1]
     convs = [lw.shortconv for lw in layers if getattr(lw, "shortconv", None) is not None]
     if convs:               # (LFM2: the short convolution's out_proj reads the rank's channels)
         ks["short convolution's out"] = shortconv_rows(convs[0], plan)[1]
@@ -412,10 +436,13 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
                 **extra) if "qkv.weight" in t and not {"kv_b.weight", "dn.conv", "sc.conv", "mb.conv"} & t.keys() \
         else None
     if "mb.conv" in t:               # Granite 4's Mamba-2 (modules/gated_deltanet.Mamba2Mixer)
-        mb = spec.mamba
+        mb, ranks = spec.mamba, comm.size
+        groups = max(mb.groups // ranks, 1)           # (fewer groups than ranks: each rank within one, replicated)
         attn = Mamba2Mixer(index, linear("qkv"), linear("o", reduce=reduce, owns_residual=first, row_max=row_max),
                            t["mb.conv"], t.get("mb.conv_bias"), t["mb.dt_bias"], t["mb.a_log"], t["mb.d"], t["mb.norm"],
-                           mb.heads, mb.head_dim, mb.groups, mb.state_size, spec.rms_norm_eps, mb.dt_limit)
+                           mb.heads // ranks, mb.head_dim, groups, mb.state_size, spec.rms_norm_eps, mb.dt_limit,
+                           norm_reduce=reduce if mb.groups < ranks else None,
+                           norm_group=mb.heads * mb.head_dim // mb.groups)
     if "sc.conv" in t:               # LFM2's gated short convolution (modules/gated_deltanet.ShortConv)
         attn = ShortConv(index, linear("qkv"), linear("o", reduce=reduce, owns_residual=first, row_max=row_max),
                          t["sc.conv"])

@@ -347,12 +347,17 @@ def _check_not_prequantised(hf_config) -> None:
 
 
 def _check_linear_attention_options(hf_config, config: InferenceConfig) -> None:
-    """Linear attention (Qwen3-Next / 3.5): tensor-parallel ranks split its key heads; a size that does not divide
-    them is refused here, before any weight is read."""
+    """Linear-state blocks under tensor parallelism: Qwen3-Next / 3.5's key heads, LFM2's channels, Mamba-2's heads
+    (and groups, or a group shared by several ranks) are split over the ranks; a size that does not split them is
+    refused here, before any weight is read."""
     tp = config.tensor_parallel_size
-    if hf_config.model_type in ("granitemoehybrid", "bamba") and tp > 1:
-        raise UnsupportedModelError(f"{hf_config.model_type} (Mamba-2 blocks) does not run tensor-parallel yet "
-                                    f"(tensor_parallel_size={tp}); use pipeline_parallel_size or offload.")
+    if hf_config.model_type in ("granitemoehybrid", "bamba"):    # Mamba-2: heads split, groups whole or shared
+        heads, groups = hf_config.mamba_n_heads, hf_config.mamba_n_groups
+        if heads % tp or not (groups % tp == 0 or (tp % groups == 0 and (heads // groups) % (tp // groups) == 0)):
+            raise ValueError(f"dsinfer: tensor_parallel_size={tp} does not split {hf_config.model_type}'s {heads} "
+                             f"Mamba-2 heads in {groups} groups evenly (it must divide the heads, and divide the groups "
+                             f"or be a multiple of them); use a tensor_parallel_size that does.")
+        return
     heads = getattr(hf_config, "linear_num_key_heads", None)
     if heads is not None and heads % tp:
         raise ValueError(f"dsinfer: tensor_parallel_size={tp} does not divide the {heads} linear-attention key heads "

@@ -140,11 +140,11 @@ def tiny_config(family: str, **overrides):
                                               "mamba_chunk_size": 16, "embedding_multiplier": 3.0,
                                               "residual_multiplier": 0.3, "attention_multiplier": 0.05,
                                               "logits_scaling": 4.0})
-    elif family == "bamba":                # Mamba-2 blocks around a rotary attention block (half of each head)
-        from transformers import AutoConfig
+    elif family == "bamba":                # Mamba-2 blocks (one group: tensor-parallel ranks share it) around a
+        from transformers import AutoConfig  # rotary attention block (half of each head)
 
         cfg = AutoConfig.for_model(family, **{**common, "num_hidden_layers": 3, "attn_layer_indices": [1],
-                                              "mamba_n_heads": 8, "mamba_n_groups": 2, "mamba_d_state": 8,
+                                              "mamba_n_heads": 8, "mamba_n_groups": 1, "mamba_d_state": 8,
                                               "mamba_d_head": 16, "mamba_d_conv": 4, "mamba_expand": 2,
                                               "mamba_chunk_size": 16,
                                               "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,

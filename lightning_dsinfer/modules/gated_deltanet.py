@@ -287,13 +287,17 @@ class Mamba2Mixer(nn.Module):
 
     def __init__(self, layer_idx: int, qkv: Linear, o: Linear, conv: torch.Tensor, conv_bias: torch.Tensor | None,
                  dt_bias: torch.Tensor, a_log: torch.Tensor, d: torch.Tensor, norm: torch.Tensor, heads: int,
-                 head_dim: int, groups: int, state_size: int, eps: float, dt_limit: tuple[float, float]):
+                 head_dim: int, groups: int, state_size: int, eps: float, dt_limit: tuple[float, float],
+                 norm_reduce=None, norm_group: int | None = None):
         super().__init__()
         self.layer_idx, self.qkv, self.o = layer_idx, qkv, o
         self.conv, self.conv_bias, self.dt_bias, self.a_log, self.d, self.norm = conv, conv_bias, dt_bias, a_log, d, norm
         self.h, self.p, self.g, self.n, self.eps, self.dt_limit = heads, head_dim, groups, state_size, eps, dt_limit
         self.inner = heads * head_dim
         self.channels, self.kernel = conv.shape
+        # tensor parallelism with fewer groups than ranks: this rank holds part of its norm group, whose sums of
+        # squares are summed over the ranks (``norm_reduce``) and divided by the whole group's ``norm_group`` channels
+        self.norm_reduce, self.norm_group = norm_reduce, norm_group or self.inner // groups
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, step) -> torch.Tensor:
         return self.from_qkv(self.qkv(x), residual, step)
@@ -323,7 +327,10 @@ class Mamba2Mixer(nn.Module):
         y = (y + x.reshape(bsz, t, h, p).float() * self.d.float()[:, None]).reshape(bsz, t, inner).to(proj.dtype)
         # the gated group norm: (y silu(z)) in fp32, RMS-normed per group of inner / g channels, rounded, times weight
         gated = (y.float() * F.silu(z.float())).view(bsz, t, g, inner // g)
-        normed = (gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + self.eps)).view(bsz, t, inner)
+        squares = gated.pow(2).sum(-1, keepdim=True)
+        if self.norm_reduce is not None:
+            squares = self.norm_reduce(squares.contiguous())
+        normed = (gated * torch.rsqrt(squares / self.norm_group + self.eps)).view(bsz, t, inner)
         return self.o(self.norm * normed.to(proj.dtype), residual)
 
     @property
@@ -343,5 +350,6 @@ def state_shapes(lw, ranks: int = 1) -> tuple[tuple, tuple] | None:
         return (lw.shortconv.channels // ranks, lw.shortconv.kernel - 1), (0,)
     if getattr(lw, "mamba", None) is not None:
         m = lw.mamba
-        return (m.channels, m.kernel - 1), (m.heads, m.head_dim, m.state_size)
+        heads, groups = m.heads // ranks, max(m.groups // ranks, 1)
+        return (heads * m.head_dim + 2 * groups * m.state_size, m.kernel - 1), (heads, m.head_dim, m.state_size)
     return None
