@@ -1,21 +1,26 @@
-"""Gated DeltaNet: the linear-attention layers of Qwen3-Next and Qwen3.5 (``modules/transformer.py`` blocks around it).
+"""Linear-state token mixers: blocks whose memory is a per-row state instead of a KV cache (``modules/transformer.py``
+blocks around them). Gated DeltaNet (Qwen3-Next / Qwen3.5's linear attention), :class:`ShortConv` (LFM2's gated
+short convolution) and :class:`Mamba2Mixer` (Granite 4 / Bamba's Mamba-2) share the convolution (:func:`causal_conv`)
+and the state plumbing (:func:`layer_states` / :func:`keep_states`, :func:`state_shapes`).
 
-Per token and value head, a state S [Dk, Dv] replaces the KV cache: decayed by exp(g), corrected toward the token's
-value along its key (the delta rule), read by the query::
+Gated DeltaNet: per token and value head, a state S [Dk, Dv] replaces the KV cache: decayed by exp(g), corrected
+toward the token's value along its key (the delta rule), read by the query::
 
     S <- exp(g) S;  S <- S + beta k (v - S^T k)^T;  o = S^T q      (q, k L2-normed, q scaled by Dk^-1/2)
 
-with beta = sigmoid(b) and g = -exp(A_log) softplus(a + dt_bias) from the token, and q | k | v through a causal depthwise
-convolution (kernel K, SiLU; :func:`causal_conv`) first. A decode step is that recurrence; a prompt runs it in chunks (:func:`delta_rule`:
-within a chunk the corrections are one triangular solve, the UT transform), all in fp32 as transformers' reference
-does. The output is RMS-normed per head, gated by SiLU(z) (``gated_rms_norm``) and projected by ``out_proj``.
+with beta = sigmoid(b) and g = -exp(A_log) softplus(a + dt_bias) from the token, and q | k | v through a causal
+depthwise convolution (kernel K, SiLU) first. A decode step is that recurrence; a prompt runs it in chunks
+(:func:`delta_rule`: within a chunk the corrections are one triangular solve, the UT transform), all in fp32 as
+transformers' reference does. The output is RMS-normed per head, gated by SiLU(z) (``gated_rms_norm``) and projected
+by ``out_proj``. Mamba-2's scan is :func:`ssd_scan`.
 
-What persists between calls, per row: the last K - 1 convolution inputs [C, K - 1] and S [Hv, Dk, Dv] (fp32). They
-live in the engine's :class:`~lightning_dsinfer.modules.kv_cache.StaticKVCache` (``conv`` / ``state``, by layer; the
-generation loops zero a batch's rows where its sequences start: ``reset_linear``) or, under Hugging Face's loop (beam
-search), in its cache's linear-attention layer (``conv_states`` / ``recurrent_states``, so its ``reorder_cache`` moves
-them with the beams; a call at column 0 starts from zeros there). Left padding: padded
-tokens are zeroed before the convolution, as transformers does, so they leave the state at zero.
+What persists between calls, per row: the last K - 1 convolution inputs [C, K - 1] and the state (Gated DeltaNet:
+[Hv, Dk, Dv], Mamba-2: [H, P, N], fp32; the short convolution has none). They live in the engine's
+:class:`~lightning_dsinfer.modules.kv_cache.StaticKVCache` (``conv`` / ``state``, by layer; the generation loops zero
+a batch's rows where its sequences start: ``reset_linear``) or, under Hugging Face's loop (beam search), in its cache's
+linear-attention layer (``conv_states`` / ``recurrent_states``, so its ``reorder_cache`` moves them with the beams; a
+call at column 0 starts from zeros there). Left padding: padded tokens are zeroed before the convolution (Mamba-2:
+after it too), as transformers does, so they leave the states at zero.
 """
 from __future__ import annotations
 
