@@ -184,8 +184,9 @@ class InferenceEngine:
                                       group_size=config.quantize_group_size)
 
     def new_hf_cache(self):
-        """A Hugging Face cache the engine's forward fills: a plain dynamic one, or (linear attention: Qwen3-Next / 3.5)
-        the layers the config gives, whose linear-attention layers hold the states and reorder them with beams. A
+        """A Hugging Face cache the engine's forward fills: a plain dynamic one, or (linear-state blocks: Qwen3-Next /
+        3.5, LFM2, Mamba-2) the layers the config gives, whose linear-attention layers hold the states and reorder
+        them with beams. A
         pipeline stage's: its blocks' layers, numbered from 0 as its blocks are, and one more that only counts the
         tokens (1-wide K/V rows: :meth:`forward` appends them), so HF's ``get_seq_length`` has an attention layer
         to read even on a stage of linear-attention blocks only."""
