@@ -28,6 +28,8 @@ form, as HF's). Bytes per step as for ``--experts``. ``--family qwen3_5``: Qwen3
 heads, the fourth gated softmax attention; the delta rule runs in torch on both sides: transformers' reference
 without flash-linear-attention, the engine's own). ``--family lfm2``: LFM2's blocks at these widths (gated short
 convolutions, attention in every third block; the SwiGLU width transformers derives from 1.5 x ``--intermediate``).
+``--family bamba``: Mamba-2 blocks (32 heads of 64, one group, state 128) with attention in every fourth block, the
+SwiGLU of ``--intermediate`` (transformers' Mamba-2 runs its torch scan without mamba_ssm, the engine its own).
 """
 from __future__ import annotations
 
@@ -49,7 +51,8 @@ FAMILY_NAMES = {"llama": "Llama", "gemma2": "Gemma 2", "gpt_neox": "GPT-NeoX (Py
                 "rotary on a quarter of each head)", "bloom": "BLOOM (ALiBi)",
                 "deepseek_v2": "DeepSeek-V2-Lite-style (latent attention, MoE)",
                 "qwen3_5": "Qwen3.5-style (3 of 4 blocks Gated DeltaNet linear attention)",
-                "lfm2": "LFM2-style (gated short convolutions, attention in every third block)"}
+                "lfm2": "LFM2-style (gated short convolutions, attention in every third block)",
+                "bamba": "Bamba-style (Mamba-2 blocks, attention in every fourth block)"}
 
 
 def build_model(args):
@@ -99,6 +102,15 @@ def build_model(args):
             num_key_value_heads=args.kv_heads, intermediate_size=args.intermediate * 3 // 2, vocab_size=args.vocab,
             max_position_embeddings=4096, layer_types=["full_attention" if i % 3 == 2 else "conv"
                                                       for i in range(args.layers)],
+            tie_word_embeddings=False, eos_token_id=None, pad_token_id=0)
+    elif getattr(args, "family", "llama") == "bamba":
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.for_model(
+            "bamba", hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+            num_key_value_heads=args.kv_heads, intermediate_size=args.intermediate, vocab_size=args.vocab,
+            max_position_embeddings=4096, attn_layer_indices=list(range(3, args.layers, 4)), mamba_n_heads=32,
+            mamba_d_head=64, mamba_n_groups=1, mamba_d_state=128, mamba_expand=2, mamba_chunk_size=64,
             tie_word_embeddings=False, eos_token_id=None, pad_token_id=0)
     elif getattr(args, "experts", 0):      # (the other benchmarks build the dense Llama through here too)
         from transformers import MixtralConfig

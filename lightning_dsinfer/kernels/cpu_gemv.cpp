@@ -1972,6 +1972,89 @@ int dsi_gated_delta_step_bf16(const void* proj, int64_t ld, void* history, const
     return 0;
 }
 
+// ---------------------------------------------------------------- Mamba-2 decode step (Granite 4, Bamba)
+// One token per row of a Mamba-2 mixer (modules/gated_deltanet.Mamba2Mixer), after its in_proj GEMM: proj [B, W] bf16
+// rows (stride ld) holding z (I = H P) | x B C (C = I + 2 G N channels) | dt (H). Per row: the depthwise convolution
+// over the history [C, K - 1] (bf16, shifted in place) and the new input plus its bias, fp32, rounded to bf16, SiLU
+// rounded; dt = bf16(softplus(bf16(dt + dt_bias))) within [dt_min, dt_max]; per head h (group h / (H / G)): the state
+// [P, N] (fp32, in place) decayed by exp(dt a), a = -exp(a_log), plus dt x B, read by C, plus D x, rounded to bf16;
+// then per group of I / G channels the gated RMSNorm: y silu(z) in fp32, normed, rounded, times the weight, rounded:
+// out [B, I] bf16 (stride ldo). The torch path's roundings; fp32 sums in another order. OpenMP over rows, (row,
+// head) units and (row, group) units. AVX512 only (the caller keeps the torch path otherwise): -1, else 0.
+int dsi_mamba2_step_bf16(const void* proj, int64_t ld, void* history, const void* conv_w, const void* conv_b,
+                         const void* dt_bias, const void* a_log, const void* d_skip, const void* norm_w, float* state,
+                         void* out, int64_t ldo, int64_t B, int64_t H, int64_t P, int64_t G, int64_t N, int64_t K,
+                         float eps, float dt_min, float dt_max, int threads) {
+    if (dsi_gemv_best_isa() < 2 || H % G) return -1;
+    const int64_t I = H * P, C = I + 2 * G * N, hist = K - 1, per_group = H / G, gsize = I / G;
+    const uint16_t* Pj = static_cast<const uint16_t*>(proj);
+    uint16_t* Hs = static_cast<uint16_t*>(history);
+    const uint16_t* W = static_cast<const uint16_t*>(conv_w);
+    const uint16_t* Wb = static_cast<const uint16_t*>(conv_b);
+    const uint16_t* DT = static_cast<const uint16_t*>(dt_bias);
+    const uint16_t* AL = static_cast<const uint16_t*>(a_log);
+    const uint16_t* Dk = static_cast<const uint16_t*>(d_skip);
+    const uint16_t* NW = static_cast<const uint16_t*>(norm_w);
+    uint16_t* O = static_cast<uint16_t*>(out);
+    std::vector<float> xbc(static_cast<size_t>(B * C)), y(static_cast<size_t>(B * I));
+    const int nt = threads > 0 ? threads : 1;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+        const uint16_t* x = Pj + b * ld + I;
+        uint16_t* h = Hs + b * C * hist;
+        float* dst = xbc.data() + b * C;
+        for (int64_t c = 0; c < C; ++c) {
+            uint16_t* hc = h + c * hist;
+            const uint16_t* wc = W + c * K;
+            float acc = Wb ? bf16_to_f32(Wb[c]) : 0.f;
+            for (int64_t j = 0; j < hist; ++j) acc += bf16_to_f32(hc[j]) * bf16_to_f32(wc[j]);
+            acc += bf16_to_f32(x[c]) * bf16_to_f32(wc[hist]);
+            for (int64_t j = 0; j + 1 < hist; ++j) hc[j] = hc[j + 1];
+            if (hist > 0) hc[hist - 1] = x[c];
+            dst[c] = bf16_to_f32(f32_to_bf16(silu_f32(bf16_to_f32(f32_to_bf16(acc)))));
+        }
+    }
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t u = 0; u < B * H; ++u) {
+        const int64_t b = u / H, hh = u % H, g = hh / per_group;
+        const float* row = xbc.data() + b * C;
+        const float* xs = row + hh * P;
+        const float* Bv = row + I + g * N;
+        const float* Cv = row + I + G * N + g * N;
+        const float s = bf16_to_f32(f32_to_bf16(bf16_to_f32(Pj[b * ld + I + C + hh]) + bf16_to_f32(DT[hh])));
+        float dt = bf16_to_f32(f32_to_bf16(s > 20.f ? s : log1pf(expf(s))));
+        dt = dt < dt_min ? dt_min : (dt > dt_max ? dt_max : dt);
+        const float decay = expf(dt * -expf(bf16_to_f32(AL[hh]))), dskip = bf16_to_f32(Dk[hh]);
+        float* S = state + u * P * N;
+        for (int64_t p = 0; p < P; ++p) {
+            const float xdt = xs[p] * dt;
+            float acc = 0.f;
+            float* sp = S + p * N;
+            for (int64_t n = 0; n < N; ++n) {
+                sp[n] = sp[n] * decay + xdt * Bv[n];
+                acc += sp[n] * Cv[n];
+            }
+            y[b * I + hh * P + p] = bf16_to_f32(f32_to_bf16(acc + xs[p] * dskip));
+        }
+    }
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t u = 0; u < B * G; ++u) {
+        const int64_t b = u / G, g = u % G;
+        const uint16_t* z = Pj + b * ld + g * gsize;
+        float* yg = y.data() + b * I + g * gsize;
+        float ss = 0.f;
+        for (int64_t i = 0; i < gsize; ++i) {
+            yg[i] *= silu_f32(bf16_to_f32(z[i]));
+            ss += yg[i] * yg[i];
+        }
+        const float inv = 1.f / sqrtf(ss / static_cast<float>(gsize) + eps);
+        uint16_t* o = O + b * ldo + g * gsize;
+        for (int64_t i = 0; i < gsize; ++i)
+            o[i] = f32_to_bf16(bf16_to_f32(NW[g * gsize + i]) * bf16_to_f32(f32_to_bf16(yg[i] * inv)));
+    }
+    return 0;
+}
+
 // ---------------------------------------------------------------- streaming-read probe (benchmarks)
 // XOR of `bytes` (a multiple of 64) read front to back on `threads` OpenMP threads, each a contiguous range, with
 // a software prefetch 4 KiB ahead: the read bandwidth the benchmarks' utilisation is measured against (torch's

@@ -310,6 +310,14 @@ class Mamba2Mixer(nn.Module):
     def from_qkv(self, proj: torch.Tensor, residual: torch.Tensor | None, step) -> torch.Tensor:
         bsz, t, _ = proj.shape
         h, p, g, n, inner = self.h, self.p, self.g, self.n, self.inner
+        if (t == 1 and step.cache is not None and proj.dtype == torch.bfloat16 and not ops.uses_triton(proj)
+                and self.norm_reduce is None and (step.valid is None or bool(step.valid.all()))):
+            # a bf16 CPU decode step on the engine's cache: the convolution, scan and gated norm in one C call
+            history, state = step.cache.linear_buffers(self.layer_idx, bsz, (self.channels, self.kernel - 1), (h, p, n))
+            out = cpu_gemv.mamba2_step(proj, history, self.conv, self.conv_bias, self.dt_bias, self.a_log, self.d,
+                                       self.norm, state, h, p, g, n, self.eps, self.dt_limit)
+            if out is not None:
+                return self.o(out, residual)
         valid = None if step.valid is None else step.valid[:, :, None].to(proj.dtype)
         if valid is not None:          # left padding: rows zeroed before and after the convolution, as transformers
             proj = proj * valid
