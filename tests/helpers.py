@@ -348,6 +348,36 @@ def assert_forward_and_generate(hf, opt, ids, mask, new, atol=2e-4, rtol=1e-4):
     assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False), tokens)
 
 
+def assert_c_step_matches_torch(opt, layer: int, c_function: str, rows: int = 3):
+    """A bf16 CPU decode step of block ``layer``'s linear-state mixer through ``cpu_gemv.<c_function>`` and through the
+    module's torch ops (the C call declined), on the same random in_proj rows, convolution history and state of the
+    engine cache: the block's output within a bf16 rounding, the new state within 1e-5, the history identical."""
+    from lightning_dsinfer.kernels import cpu_gemv
+    from lightning_dsinfer.modules.transformer import Step
+
+    cache = opt._dsinfer_engine.cache
+    mixer = opt._dsinfer_engine.decoder.layers[layer].attn
+    proj = torch.randn(rows, 1, mixer.qkv.out_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    history, state = cache.conv[layer][:rows], cache.state[layer][:rows]
+    real = getattr(cpu_gemv, c_function)
+    results = []
+    for c_call in (True, False):
+        history.copy_(torch.randn(history.shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16))
+        state.copy_(torch.randn(state.shape, generator=torch.Generator().manual_seed(2)) * 0.3)
+        calls = []
+        setattr(cpu_gemv, c_function, lambda *a, **k: calls.append(1) or (real(*a, **k) if c_call else None))
+        try:
+            out = mixer.from_qkv(proj, None, Step(cos=None, sin=None, mask=None, cache=cache, start=7))
+        finally:
+            setattr(cpu_gemv, c_function, real)
+        assert calls
+        results.append((out.float(), history.clone(), state.clone()))
+    (out, hist, st), (want, want_hist, want_st) = results
+    torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)
+    assert torch.equal(hist, want_hist)
+    torch.testing.assert_close(st, want_st, atol=1e-5, rtol=1e-5)
+
+
 def optimised_copy(hf, **options):
     import lightning_dsinfer as dsi
 

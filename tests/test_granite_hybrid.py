@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import lightning_dsinfer as dsi
-from helpers import optimised_copy, optimised_from_checkpoint, padded_batch, streamed_copy, tiny_model
+from helpers import (assert_c_step_matches_torch, optimised_copy, optimised_from_checkpoint, padded_batch,
+                     streamed_copy, tiny_model)
 from multiproc import run_ranks
 from test_lfm2 import _assert_same
 
@@ -40,36 +41,13 @@ def test_granite_hybrid_matches_hf(family, overrides):
 def test_c_decode_step_matches_the_torch_ops(family):
     """A bf16 CPU decode step of the Mamba-2 mixer in one C call (``cpu_gemv.mamba2_step``: biased convolution with
     the history shifted in place, SiLU, dt, the scan on the fp32 state in place, D x, the gated group norm) against
-    the module's torch ops on the same rows, history and state (2 groups; Bamba: 1): the block's output within a bf16
-    rounding, the new state within 1e-5, the history identical."""
+    the module's torch ops (``helpers.assert_c_step_matches_torch``; 2 groups, Bamba 1)."""
     from lightning_dsinfer.kernels import cpu_gemv
-    from lightning_dsinfer.modules.transformer import Step
 
     if not cpu_gemv.has_wide_ops():
         pytest.skip("no AVX512: the torch ops are the only path")       # (then nothing else runs this code)
     opt = optimised_copy(tiny_model(family).to(torch.bfloat16), max_seq_len=64, dtype=torch.bfloat16)
-    cache = opt._dsinfer_engine.cache
-    mixer = opt._dsinfer_engine.decoder.layers[2].attn
-    b = 3
-    proj = torch.randn(b, 1, mixer.qkv.out_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    history, state = cache.conv[2][:b], cache.state[2][:b]
-    results = []
-    for c_call in (True, False):
-        history.copy_(torch.randn(history.shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16))
-        state.copy_(torch.randn(state.shape, generator=torch.Generator().manual_seed(2)) * 0.3)
-        calls = []
-        real = cpu_gemv.mamba2_step
-        cpu_gemv.mamba2_step = lambda *a, **k: calls.append(1) or (real(*a, **k) if c_call else None)
-        try:
-            out = mixer.from_qkv(proj, None, Step(cos=None, sin=None, mask=None, cache=cache, start=7))
-        finally:
-            cpu_gemv.mamba2_step = real
-        assert calls
-        results.append((out.float(), history.clone(), state.clone()))
-    (out, hist, st), (want, want_hist, want_st) = results
-    torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)
-    assert torch.equal(hist, want_hist)
-    torch.testing.assert_close(st, want_st, atol=1e-5, rtol=1e-5)
+    assert_c_step_matches_torch(opt, 2, "mamba2_step")
 
 
 @pytest.mark.parametrize("t", [1, 37])

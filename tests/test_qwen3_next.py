@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import lightning_dsinfer as dsi
-from helpers import (assert_forward_and_generate, assert_fp32_matches_quantised, fake_quantised_int4,
+from helpers import (assert_c_step_matches_torch, assert_forward_and_generate, assert_fp32_matches_quantised,
+                     fake_quantised_int4,
                      fake_quantised_int8, optimised_copy, optimised_from_checkpoint, padded_batch, streamed_copy,
                      tiny_model)
 from multiproc import run_ranks
@@ -60,39 +61,13 @@ def test_hybrid_matches_hf(family):
 def test_c_decode_step_matches_the_torch_ops():
     """A bf16 CPU decode step of the linear attention in one C call (``cpu_gemv.gated_delta_step``: convolution with
     the history shifted in place, L2 norms, the rule on the fp32 state in place, gated norm) against the module's torch
-    ops on the same rows, history and state: the block's output within a bf16 rounding, the new state within 1e-5,
-    the history identical."""
-    start = 7
+    ops (``helpers.assert_c_step_matches_torch``)."""
     from lightning_dsinfer.kernels import cpu_gemv
-    from lightning_dsinfer.modules.transformer import Step
 
     if not cpu_gemv.has_wide_ops():
         pytest.skip("no AVX512: the torch ops are the only path")       # (then nothing else runs this code)
     opt = optimised_copy(tiny_model("qwen3_5_text").to(torch.bfloat16), max_seq_len=64, dtype=torch.bfloat16)
-    cache = opt._dsinfer_engine.cache
-    layer = opt._dsinfer_engine.decoder.layers[2].attn
-    g = torch.Generator().manual_seed(start)
-    b = 3
-    proj = torch.randn(b, 1, layer.qkv.out_features, generator=g).to(torch.bfloat16)
-    history, state = cache.conv[2][:b], cache.state[2][:b]
-    results = []
-    for c_call in (True, False):
-        history.copy_(torch.randn(history.shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16))
-        state.copy_(torch.randn(state.shape, generator=torch.Generator().manual_seed(2)) * 0.3)
-        step = Step(cos=None, sin=None, mask=None, cache=cache, start=start)
-        calls = []
-        real = cpu_gemv.gated_delta_step
-        cpu_gemv.gated_delta_step = lambda *a, **k: calls.append(1) or (real(*a, **k) if c_call else None)
-        try:
-            out = layer.from_qkv(proj, None, step)
-        finally:
-            cpu_gemv.gated_delta_step = real
-        assert calls
-        results.append((out.float(), history.clone(), state.clone()))
-    (out, hist, st), (want, want_hist, want_st) = results
-    torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)
-    assert torch.equal(hist, want_hist)
-    torch.testing.assert_close(st, want_st, atol=1e-5, rtol=1e-5)
+    assert_c_step_matches_torch(opt, 2, "gated_delta_step")
 
 
 def test_prompt_continued_through_hf_cache():

@@ -17,7 +17,7 @@ from torch import nn
 
 from lightning_dsinfer.kernels.reference import ClampedSwiGLU, Routing
 from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, MoEWeights, UnsupportedModelError
-from lightning_dsinfer.policies.llama import FamilyTraits, _sliding_window, check_rope
+from lightning_dsinfer.policies.llama import FamilyTraits, _sliding_window, rebuilt_rotary
 from lightning_dsinfer.policies.weights import ModuleSource, Rewritten, WeightSource, lookups
 
 FAMILY = ("gpt_oss",)
@@ -101,11 +101,7 @@ def read_gpt_oss(model: nn.Module, max_seq_len: int, source: WeightSource | None
     act = _activation(model)
     source = source or ModuleSource(model)
     base = model.model
-    with torch.device("cpu"):     # frequencies are computed, not loaded: rebuild them even for a meta model
-        rotary = type(base.rotary_emb)(config=config)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rope_type = getattr(rotary, "rope_type", "default")
-    check_rope(config, rotary, rotary.inv_freq, rope_type, head_dim, max_seq_len)
+    rotary, rope_type, head_dim = rebuilt_rotary(model, max_seq_len)
     if 2 * rotary.inv_freq.numel() != head_dim:
         raise UnsupportedModelError(f"gpt_oss has {rotary.inv_freq.numel()} rotary frequencies for head_dim={head_dim} "
                                     f"(it rotates the whole head).")

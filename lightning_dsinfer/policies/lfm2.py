@@ -12,13 +12,12 @@ model has one, the chosen scores renormalised (+1e-6) and scaled by ``routed_sca
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from lightning_dsinfer.kernels.reference import Routing
 from lightning_dsinfer.policies.base import (LayerWeights, ModelWeights, MoEWeights, ShortConvWeights,
                                              UnsupportedModelError)
-from lightning_dsinfer.policies.llama import FamilyTraits, _experts, check_rope
+from lightning_dsinfer.policies.llama import FamilyTraits, _experts, rebuilt_rotary
 from lightning_dsinfer.policies.weights import ModuleSource, WeightSource, lookups
 
 FAMILY = ("lfm2", "lfm2_moe")
@@ -37,11 +36,8 @@ def read_lfm2(model: nn.Module, max_seq_len: int, source: WeightSource | None = 
                                     f"blocks.")
     source = source or ModuleSource(model)
     base = model.model
-    with torch.device("cpu"):     # frequencies are computed, not loaded: rebuild them even for a meta model
-        rotary = type(getattr(base, "rotary_emb", None) or base.pos_emb)(config=config)    # (LFM2-MoE: pos_emb)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rope_type = getattr(rotary, "rope_type", "default")
-    check_rope(config, rotary, rotary.inv_freq, rope_type, head_dim, max_seq_len)
+    rotary, rope_type, head_dim = rebuilt_rotary(model, max_seq_len,
+                                                 getattr(base, "rotary_emb", None) or base.pos_emb)   # (LFM2-MoE)
     names = set(dict(model.named_parameters(remove_duplicate=False))) | set(dict(model.named_buffers()))
     files = source
     ref, opt = lookups(source, names)

@@ -166,6 +166,19 @@ def check_rope(config, rotary: nn.Module, inv_freq: torch.Tensor, rope_type: str
             f"{config.model_type} has {inv_freq.numel()} rotary frequencies for a head dim of {head_dim}.")
 
 
+def rebuilt_rotary(model: nn.Module, max_seq_len: int, module: nn.Module | None = None):
+    """(rotary module, rope type, head dim) of a model whose rotary embedding is ``model.model.rotary_emb`` (or
+    ``module``): rebuilt from the config on the CPU (frequencies are computed, not loaded: a meta model too) and
+    checked (:func:`check_rope`)."""
+    config = model.config
+    with torch.device("cpu"):
+        rotary = type(module if module is not None else model.model.rotary_emb)(config=config)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope_type = getattr(rotary, "rope_type", "default")
+    check_rope(config, rotary, rotary.inv_freq, rope_type, head_dim, max_seq_len)
+    return rotary, rope_type, head_dim
+
+
 def _sliding_window(config, traits: FamilyTraits, layer_idx: int) -> int | None:
     window = getattr(config, "sliding_window", None)
     if traits.sliding_from == "config":

@@ -13,18 +13,18 @@ o_proj. The linear attention: Qwen3.5's ``in_proj_qkv`` / ``in_proj_z`` / ``in_p
 ``in_proj_qkvz`` / ``in_proj_ba`` whose rows are grouped per key head ([q, k, v, z] of each group; [b, a]), read as
 the q | k | v | z | b | a row pieces of one GEMM; ``conv1d``, ``dt_bias``, ``A_log``, ``norm``, ``out_proj``.
 
-What runs: CPU, or CUDA with the linear attention in torch ops; tensor parallelism (each rank its share of the key and
-value heads: their in_proj rows, convolution channels, decays and out_proj columns, one all-reduce after out_proj;
-the attention and MLPs as elsewhere); the engine's own decode loop and Hugging Face's (beam search), int8 / int4
-linears. Refused before any work: pipeline parallelism, offload; CUDA graphs are off (engine.py).
+What runs: CPU (a bf16 decode step's linear attention in one C call), CUDA (decode steps through
+kernels/gated_delta.py, prompts in torch ops); tensor parallelism (each rank its share of the key and value heads:
+their in_proj rows, convolution channels, decays and out_proj columns, one all-reduce after out_proj; the attention
+and MLPs as elsewhere; a size that does not divide the key heads is refused in engine.py); pipeline stages; offload;
+CUDA graphs; the engine's own decode loop and Hugging Face's (beam search); int8 / int4 linears.
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from lightning_dsinfer.policies.base import DeltaNetWeights, LayerWeights, ModelWeights, MoEWeights, UnsupportedModelError
-from lightning_dsinfer.policies.llama import FamilyTraits, _experts, check_rope
+from lightning_dsinfer.policies.llama import FamilyTraits, _experts, rebuilt_rotary
 from lightning_dsinfer.policies.weights import ModuleSource, RowSlices, WeightSource, lookups
 
 FAMILY = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
@@ -64,11 +64,7 @@ def read_qwen3_next(model: nn.Module, max_seq_len: int, source: WeightSource | N
     source = source or ModuleSource(model)
     files = source                # (experts stacked from a checkpoint's per-expert tensors: read from the files)
     base = model.model
-    with torch.device("cpu"):     # frequencies are computed, not loaded: rebuild them even for a meta model
-        rotary = type(base.rotary_emb)(config=config)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rope_type = getattr(rotary, "rope_type", "default")
-    check_rope(config, rotary, rotary.inv_freq, rope_type, head_dim, max_seq_len)
+    rotary, rope_type, head_dim = rebuilt_rotary(model, max_seq_len)
     hq, hkv = config.num_attention_heads, config.num_key_value_heads
     hk, hv = config.linear_num_key_heads, config.linear_num_value_heads
     dk, dv = config.linear_key_head_dim, config.linear_value_head_dim
