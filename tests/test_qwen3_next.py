@@ -12,9 +12,8 @@ import torch
 
 import lightning_dsinfer as dsi
 from helpers import (assert_c_step_matches_torch, assert_forward_and_generate, assert_fp32_matches_quantised,
-                     fake_quantised_int4,
-                     fake_quantised_int8, optimised_copy, optimised_from_checkpoint, padded_batch, streamed_copy,
-                     tiny_model)
+                     fake_quantised_int4, fake_quantised_int8, optimised_copy, optimised_from_checkpoint, padded_batch,
+                     streamed_copy, tiny_model)
 from multiproc import run_ranks
 
 FAMILIES = ["qwen3_5_text", "qwen3_5_moe_text", "qwen3_next"]
