@@ -74,10 +74,8 @@ def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype, nor
     """
     q_rows, kv_rows, mlp_rows = plan.q_rows, plan.kv_rows, plan.mlp_rows
     first = plan.adds_bias_once
-    out = {   # (a linear-attention block's out_proj reads this rank's value heads)
-        "o.weight": lw.o.load(1, *(deltanet_rows(lw.deltanet, plan)[1] if lw.deltanet is not None else
-                                    shortconv_rows(lw.shortconv, plan) if lw.shortconv is not None else
-                                    mamba_rows(lw.mamba, plan)[0] if lw.mamba is not None else q_rows)).to(dtype),
+    out = {
+        "o.weight": lw.o.load(1, *out_columns(lw, plan)).to(dtype),
         "o.bias": lw.o_bias.load().to(dtype) if (lw.o_bias is not None and first) else None,
     }
     if lw.mla is not None:
@@ -136,6 +134,19 @@ def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype, nor
                 if out.get(key) is not None:
                     out[key] = (out[key].float() * lw.out_scale).to(dtype)
     return {k: v.contiguous() for k, v in out.items() if v is not None}
+
+
+def out_columns(lw, plan: TensorShardPlan) -> tuple[int, int]:
+    """(first, count) of the input columns of a block's output projection on this rank: its attention heads' (o_proj),
+    or a linear-state mixer's out_proj: its value heads' (Gated DeltaNet), channels' (short convolution) or heads'
+    inner channels (Mamba-2)."""
+    if getattr(lw, "deltanet", None) is not None:
+        return deltanet_rows(lw.deltanet, plan)[1]
+    if getattr(lw, "shortconv", None) is not None:
+        return shortconv_rows(lw.shortconv, plan)
+    if getattr(lw, "mamba", None) is not None:
+        return mamba_rows(lw.mamba, plan)[0]
+    return plan.q_rows
 
 
 def deltanet_rows(dn, plan: TensorShardPlan) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
@@ -320,15 +331,11 @@ def block_linear_inputs(w: ModelWeights, plan: TensorShardPlan) -> dict[str, int
     layer is dense."""
     layers = getattr(w, "layers", None) or []
     ks = {"qkv": w.hidden_size, "o": plan.local_heads * w.head_dim, "gate_up": w.hidden_size}
-    linear = [lw.deltanet for lw in layers if getattr(lw, "deltanet", None) is not None]
-    if linear:              # (Qwen3-Next / 3.5: the linear attention's out_proj reads the rank's value heads)
-        ks["linear attention's out"] = deltanet_rows(linear[0], plan)[1][1]
-    mambas = [lw.mamba for lw in layers if getattr(lw, "mamba", None) is not None]
-    if mambas:              # (Granite 4: Mamba-2's out_proj reads its inner channels)
-        ks["Mamba-2 out"] = mamba_rows(mambas[0], plan)[0][1]
-    convs = [lw.shortconv for lw in layers if getattr(lw, "shortconv", None) is not None]
-    if convs:               # (LFM2: the short convolution's out_proj reads the rank's channels)
-        ks["short convolution's out"] = shortconv_rows(convs[0], plan)[1]
+    for kind, name in (("deltanet", "linear attention's out"), ("mamba", "Mamba-2 out"),
+                       ("shortconv", "short convolution's out")):      # (a linear-state mixer's out_proj)
+        lw = next((lw for lw in layers if getattr(lw, kind, None) is not None), None)
+        if lw is not None:
+            ks[name] = out_columns(lw, plan)[1]
     if not layers or any(lw.moe is None for lw in layers):
         ks["down"] = plan.mlp_rows[1]
     for moe in {id(lw.moe): lw.moe for lw in layers if lw.moe is not None}.values():
@@ -431,30 +438,35 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
         extra = {**extra, "sinks": t["sinks"]}
     if spec.attn_output_gate:        # Qwen3-Next / 3.5: the output gated by sigmoid of the qkv GEMM's last rows
         kind = OutputGatedAttention
-    attn = kind(spec, index, linear("qkv"), linear("o", reduce=reduce, owns_residual=first, row_max=row_max),
-                q_norm=t.get("q_norm"), k_norm=t.get("k_norm"), alibi=t.get("alibi"),
-                **extra) if "qkv.weight" in t and not {"kv_b.weight", "dn.conv", "sc.conv", "mb.conv"} & t.keys() \
-        else None
-    if "mb.conv" in t:               # Granite 4's Mamba-2 (modules/gated_deltanet.Mamba2Mixer)
+
+    def out_proj():                  # (row-parallel: this rank's partial sums reduced; the residual added once)
+        return linear("o", reduce=reduce, owns_residual=first, row_max=row_max)
+
+    attn = None
+    if "qkv.weight" not in t:        # (an offloaded MLP half)
+        pass
+    elif "mb.conv" in t:             # Granite 4's Mamba-2 (modules/gated_deltanet.Mamba2Mixer)
         mb, ranks = spec.mamba, comm.size
         groups = max(mb.groups // ranks, 1)           # (fewer groups than ranks: each rank within one, replicated)
-        attn = Mamba2Mixer(index, linear("qkv"), linear("o", reduce=reduce, owns_residual=first, row_max=row_max),
-                           t["mb.conv"], t.get("mb.conv_bias"), t["mb.dt_bias"], t["mb.a_log"], t["mb.d"], t["mb.norm"],
-                           mb.heads // ranks, mb.head_dim, groups, mb.state_size, spec.rms_norm_eps, mb.dt_limit,
+        attn = Mamba2Mixer(index, linear("qkv"), out_proj(), t["mb.conv"], t.get("mb.conv_bias"), t["mb.dt_bias"],
+                           t["mb.a_log"], t["mb.d"], t["mb.norm"], mb.heads // ranks, mb.head_dim, groups,
+                           mb.state_size, spec.rms_norm_eps, mb.dt_limit,
                            norm_reduce=reduce if mb.groups < ranks else None,
                            norm_group=mb.heads * mb.head_dim // mb.groups)
-    if "sc.conv" in t:               # LFM2's gated short convolution (modules/gated_deltanet.ShortConv)
-        attn = ShortConv(index, linear("qkv"), linear("o", reduce=reduce, owns_residual=first, row_max=row_max),
-                         t["sc.conv"])
-    if "dn.conv" in t:               # Qwen3-Next / 3.5 linear attention (modules/gated_deltanet.py)
+    elif "sc.conv" in t:             # LFM2's gated short convolution (modules/gated_deltanet.ShortConv)
+        attn = ShortConv(index, linear("qkv"), out_proj(), t["sc.conv"])
+    elif "dn.conv" in t:             # Qwen3-Next / 3.5 linear attention (modules/gated_deltanet.py)
         dn = spec.deltanet
-        attn = GatedDeltaNet(index, linear("qkv"), linear("o", reduce=reduce, owns_residual=first, row_max=row_max),
-                             t["dn.conv"], t["dn.dt_bias"], t["dn.a_log"], t["dn.norm"], dn.key_heads // comm.size,
-                             dn.value_heads // comm.size, dn.key_dim, dn.value_dim, spec.rms_norm_eps)
-    if "kv_b.weight" in t:           # latent attention (DeepSeek, modules/mla.py)
+        attn = GatedDeltaNet(index, linear("qkv"), out_proj(), t["dn.conv"], t["dn.dt_bias"], t["dn.a_log"],
+                             t["dn.norm"], dn.key_heads // comm.size, dn.value_heads // comm.size, dn.key_dim,
+                             dn.value_dim, spec.rms_norm_eps)
+    elif "kv_b.weight" in t:         # latent attention (DeepSeek, modules/mla.py)
         attn = LatentAttention(index, spec.num_heads, spec.mla, spec.scaling, spec.mla.norm_eps, linear("qkv"),
-                               linear("o", reduce=reduce, owns_residual=first, row_max=row_max), t["kv_b.weight"],
-                               t["kv_a_norm"], linear("q_b") if "q_b.weight" in t else None, t.get("q_a_norm"))
+                               out_proj(), t["kv_b.weight"], t["kv_a_norm"],
+                               linear("q_b") if "q_b.weight" in t else None, t.get("q_a_norm"))
+    else:
+        attn = kind(spec, index, linear("qkv"), out_proj(), q_norm=t.get("q_norm"), k_norm=t.get("k_norm"),
+                    alibi=t.get("alibi"), **extra)
     mlp = (GatedMLP if spec.mlp_gated else MLP)(
         linear("gate_up"), linear("down", reduce=reduce, owns_residual=first, row_max=row_max),
         act=spec.mlp_act) if "gate_up.weight" in t else None
