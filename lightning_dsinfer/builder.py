@@ -418,13 +418,18 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
     layer's routed experts read when routed to (offload, :class:`~lightning_dsinfer.offload.experts.LayerExperts`;
     ``t`` then holds no ``moe.gate_up`` / ``moe.down``)."""
     reduce = comm.all_reduce if comm.size > 1 else None
+    # o's K on this rank (a quantised unit's packed weight does not show it): the attention heads', or a linear-state
+    # mixer's value heads' / channels'
+    o_inputs = (spec.deltanet.value_heads // comm.size * spec.deltanet.value_dim if "dn.conv" in t else
+                t["sc.conv"].shape[0] if "sc.conv" in t else t["mb.norm"].numel() if "mb.norm" in t else
+                spec.num_heads * spec.head_dim)
     row_max = comm.all_reduce_max if comm.size > 1 and quantize == "int8" else None   # row-parallel int8 scales
     first = comm.rank == 0
 
     def linear(name, **kw):
         scale = t.get(f"{name}.scale")          # quantised already (an offload unit; int8 maybe in AMX tile order)
         if scale is not None and not name.startswith("shared."):    # (the shared expert's: row-major)
-            kw["in_features"] = spec.num_heads * spec.head_dim if name == "o" else \
+            kw["in_features"] = o_inputs if name == "o" else \
                 spec.intermediate_size if name == "down" else spec.mla.q_lora_rank if name == "q_b" else \
                 spec.hidden_size
         return Linear(t[f"{name}.weight"], t.get(f"{name}.bias"), pack=pack, quantize=quantize, scale=scale,
