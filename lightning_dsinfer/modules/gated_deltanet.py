@@ -98,6 +98,14 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, t: int, bias: torch.Tenso
     return acc.to(x.dtype)
 
 
+def conv_window(history: torch.Tensor | None, x: torch.Tensor, kernel: int) -> torch.Tensor:
+    """The convolution's input window [B, C, K - 1 + T]: the history (zeros where a call has none) then the new
+    inputs x [B, C, T]."""
+    if history is None:
+        history = x.new_zeros(x.shape[0], x.shape[1], kernel - 1)
+    return torch.cat((history.to(x.dtype), x), dim=-1)
+
+
 def layer_states(step, layer: int, b: int, conv: tuple, state: tuple):
     """A linear-state layer's (convolution history [B, *conv] or None, state [B, *state] or None, where the new ones
     go: the engine cache's buffers, a Hugging Face cache layer, or None) for this step: the engine's cache (zeroed
@@ -166,9 +174,6 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, step) -> torch.Tensor:
         return self.from_qkv(self.qkv(x), residual, step)
 
-    def _states(self, step, b: int):
-        return layer_states(step, self.layer_idx, b, (self.channels, self.kernel - 1), (self.hv, self.dk, self.dv))
-
     def from_qkv(self, proj: torch.Tensor, residual: torch.Tensor | None, step) -> torch.Tensor:
         b, t, _ = proj.shape
         hk, hv, dk, dv, c = self.hk, self.hv, self.dk, self.dv, self.channels
@@ -187,11 +192,8 @@ class GatedDeltaNet(nn.Module):
                 if out is not None:
                     return self.o(out, residual)
         mixed, z, beta_in, a = proj.split([c, hv * dv, hv, hv], dim=-1)
-        history, state, keep = self._states(step, b)
-        x = mixed.transpose(1, 2)                                                     # [B, C, T]
-        if history is None:
-            history = x.new_zeros(b, c, self.kernel - 1)
-        x = torch.cat((history.to(x.dtype), x), dim=-1)
+        history, state, keep = layer_states(step, self.layer_idx, b, (c, self.kernel - 1), (hv, dk, dv))
+        x = conv_window(history, mixed.transpose(1, 2), self.kernel)                  # [B, C, K - 1 + T]
         conv = F.silu(causal_conv(x, self.conv, t))                                   # [B, C, T]
         q, k, v = conv.transpose(1, 2).split([hk * dk, hk * dk, hv * dv], dim=-1)
         beta = torch.sigmoid(beta_in)
@@ -231,10 +233,7 @@ class ShortConv(nn.Module):
             proj = proj * step.valid[:, :, None].to(proj.dtype)   # may be one token wide: offload with many rows)
         gate_in, gate_out, x = proj.split([c, c, c], dim=-1)
         history, _, keep = layer_states(step, self.layer_idx, b, (c, self.kernel - 1), (0,))
-        bx = (gate_in * x).transpose(1, 2)                                           # [B, C, T]
-        if history is None:
-            history = bx.new_zeros(b, c, self.kernel - 1)
-        window = torch.cat((history.to(bx.dtype), bx), dim=-1)
+        window = conv_window(history, (gate_in * x).transpose(1, 2), self.kernel)    # B * x, [B, C, K - 1 + T]
         keep_states(keep, window[..., -(self.kernel - 1):], None)
         y = gate_out * causal_conv(window, self.conv, t).transpose(1, 2)
         return self.o(y, residual)
@@ -323,10 +322,7 @@ class Mamba2Mixer(nn.Module):
             proj = proj * valid
         z, xbc, dt = proj.split([inner, self.channels, h], dim=-1)
         history, state, keep = layer_states(step, self.layer_idx, bsz, (self.channels, self.kernel - 1), (h, p, n))
-        window = xbc.transpose(1, 2)
-        if history is None:
-            history = window.new_zeros(bsz, self.channels, self.kernel - 1)
-        window = torch.cat((history.to(window.dtype), window), dim=-1)
+        window = conv_window(history, xbc.transpose(1, 2), self.kernel)
         conv = causal_conv(window, self.conv, t, self.conv_bias)
         xbc = F.silu(conv).transpose(1, 2)
         if valid is not None:
@@ -354,14 +350,15 @@ class Mamba2Mixer(nn.Module):
 
 def state_shapes(lw, ranks: int = 1) -> tuple[tuple, tuple] | None:
     """(convolution history, recurrent state) shapes of one row on each of ``ranks`` tensor-parallel ranks for a block's
-    ``policies.base.LayerWeights``: a Gated DeltaNet's, a short convolution's (no state), or None (K/V instead)."""
+    ``policies.base.LayerWeights``: a Gated DeltaNet's, a short convolution's (no state), a Mamba-2's, or None (K/V
+    instead)."""
     if lw.deltanet is not None:
         dn = lw.deltanet
         hk, hv = dn.key_heads // ranks, dn.value_heads // ranks
         return (2 * hk * dn.key_dim + hv * dn.value_dim, dn.kernel - 1), (hv, dn.key_dim, dn.value_dim)
-    if getattr(lw, "shortconv", None) is not None:
+    if lw.shortconv is not None:
         return (lw.shortconv.channels // ranks, lw.shortconv.kernel - 1), (0,)
-    if getattr(lw, "mamba", None) is not None:
+    if lw.mamba is not None:
         m = lw.mamba
         heads, groups = m.heads // ranks, max(m.groups // ranks, 1)
         return (heads * m.head_dim + 2 * groups * m.state_size, m.kernel - 1), (heads, m.head_dim, m.state_size)

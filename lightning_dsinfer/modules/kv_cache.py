@@ -7,8 +7,9 @@ whole batch with a single copy and attention reads the prefix ``[:, :, :end]`` a
 ``keys_only`` (latent attention, DeepSeek): one tensor per layer, ``v`` the same tensors as ``k`` (attention reads
 its values from the cached latent's columns), so the cache holds half the bytes.
 
-``linear`` (Qwen3-Next / 3.5): the linear-attention layers' per-row states instead of K/V (``modules/gated_deltanet.py``):
-``conv[layer]`` [B, C, K - 1] in the cache's dtype and ``state[layer]`` [B, Hv, Dk, Dv] in fp32; their K/V are empty.
+``linear`` (Qwen3-Next / 3.5, LFM2, Mamba-2): the linear-state layers' per-row states instead of K/V
+(``modules/gated_deltanet.py``): ``conv[layer]`` [B, C, K - 1] in the cache's dtype and ``state[layer]`` (Gated
+DeltaNet [B, Hv, Dk, Dv], Mamba-2 [B, H, P, N], a short convolution's empty) in fp32; their K/V are empty.
 """
 from __future__ import annotations
 
