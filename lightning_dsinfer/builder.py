@@ -600,16 +600,22 @@ def _per_token_bytes(w: ModelWeights, plan: TensorShardPlan, dtype: torch.dtype,
     return e * (4 * w.hidden_size + 2 * qkv + plan.local_heads * w.head_dim + 4 * inter) + scores
 
 
+def cache_row_bytes(w: ModelWeights, plan: TensorShardPlan, dtype: torch.dtype, max_seq_len: int) -> int:
+    """One row of this rank's StaticKVCache: K/V of max_seq_len columns (keys only: latent attention), or a
+    linear-state layer's convolution history (dtype) and state (fp32) instead."""
+    heads, width, keys_only = w.cache_layout(plan.local_kv_heads)
+    linear = [shapes for lw in w.layers if (shapes := state_shapes(lw, plan.tp)) is not None]
+    kv = (1 if keys_only else 2) * (len(w.layers) - len(linear)) * heads * width * max_seq_len * dtype.itemsize
+    return kv + sum(math.prod(conv) * dtype.itemsize + math.prod(state) * 4 for conv, state in linear)
+
+
 def _per_sequence_bytes(w: ModelWeights, plan: TensorShardPlan, dtype: torch.dtype, max_seq_len: int,
                         vocab_shard: int) -> int:
     """One sequence's KV cache (max_seq_len; a linear-attention layer: its convolution history and fp32 state
     instead), hidden state of a full-length prompt (x3: the residual stream, the MLP's input and the next stream) and
     fp32 logits (x2)."""
     e = dtype.itemsize
-    heads, width, keys_only = w.cache_layout(plan.local_kv_heads)
-    linear = [state_shapes(lw, plan.tp) for lw in w.layers if state_shapes(lw) is not None]
-    kv = (1 if keys_only else 2) * (len(w.layers) - len(linear)) * heads * width * max_seq_len * e
-    kv += sum(math.prod(conv) * e + math.prod(state) * 4 for conv, state in linear)
+    kv = cache_row_bytes(w, plan, dtype, max_seq_len)
     if w.attn_softcap is not None:   # soft-capped attention reads one layer's K / V as fp32 copies
         kv += 2 * plan.local_kv_heads * w.head_dim * max_seq_len * 4
     if w.mla is not None:   # latent attention's expanded prompts: one block's k_nope, values and keys for every key

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_dsinfer.builder import (build_decoder, build_streamed_decoder, check_int4_groups, experts_per_rank,
-                                      shard_plan)
+from lightning_dsinfer.builder import (build_decoder, build_streamed_decoder, cache_row_bytes, check_int4_groups,
+                                      experts_per_rank, shard_plan)
 from lightning_dsinfer.config import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, InferenceConfig
 from lightning_dsinfer.modules.gated_deltanet import state_shapes
 from lightning_dsinfer.modules.kv_cache import StaticKVCache
@@ -107,8 +107,8 @@ class InferenceEngine:
         self.rotary = RotaryTable(weights.inv_freq, weights.attention_scaling, self.max_seq_len, self.dtype, self.device,
                                   weights.sliding_inv_freq, weights.sliding_attention_scaling)
         kv_heads, width, keys_only = weights.cache_layout(shard_plan(weights, self.comm).local_kv_heads)
-        linear = {i: state_shapes(lw, self.comm.size) for i, lw in enumerate(weights.layers)
-                  if state_shapes(lw) is not None}
+        linear = {i: shapes for i, lw in enumerate(weights.layers)
+                  if (shapes := state_shapes(lw, self.comm.size)) is not None}
         self.cache = StaticKVCache(len(weights.layers), kv_heads, width, batch, self.max_seq_len, self.dtype,
                                    self.device, keys_only=keys_only, linear=linear)
         self.vocab_size = weights.vocab_size
@@ -130,12 +130,8 @@ class InferenceEngine:
             return None                       # the weights are in memory already: they fit
         weight_bytes = _weight_bytes(hf_model, self.dtype, config.quantize, config.quantize_group_size) // (
             self.comm.size * self.pipe.size)
-        kv_heads, width, keys_only = weights.cache_layout(shard_plan(weights, self.comm).local_kv_heads)
-        linear = [state_shapes(lw, self.comm.size) for lw in weights.layers if state_shapes(lw) is not None]
-        per_row = ((1 if keys_only else 2) * (len(weights.layers) - len(linear)) * kv_heads * width * self.max_seq_len
-                   * self.dtype.itemsize        # (linear-attention layers: their states instead of K/V)
-                   + sum(math.prod(conv) * self.dtype.itemsize + math.prod(state) * 4 for conv, state in linear))
-        cache_bytes = per_row * (config.max_batch_size or DEFAULT_MAX_BATCH_SIZE)
+        cache_bytes = (cache_row_bytes(weights, shard_plan(weights, self.comm), self.dtype, self.max_seq_len)
+                       * (config.max_batch_size or DEFAULT_MAX_BATCH_SIZE))
         free = available_memory(self.device)
         if not on_meta and _model_device(hf_model) == self.device:
             free += weight_bytes              # the model's own weights are released as the engine takes them
