@@ -20,7 +20,8 @@ from lightning_dsinfer.kernels.reference import Routing
 from lightning_dsinfer.policies.base import (LayerWeights, MLAShape, MLAWeights, ModelWeights, MoEWeights,
                                              UnsupportedModelError)
 from lightning_dsinfer.policies.llama import FamilyTraits, _experts, check_rope, num_experts, sparse_by_first_k
-from lightning_dsinfer.policies.weights import ModuleSource, RowSlices, WeightSource, lookups, rotate_half_pieces
+from lightning_dsinfer.policies.weights import (ModuleSource, RowSlices, WeightSource, lookups, rotate_half_pieces,
+                                               tied_embeddings)
 
 FAMILY = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")   # (GLM-4.7-Flash: V3's attention and MoE)
 _EXPERT_NAMES = FamilyTraits(moe="qwen")       # checkpoint experts as experts.{e}.{gate,up,down}_proj
@@ -133,7 +134,7 @@ def read_deepseek(model: nn.Module, max_seq_len: int, source: WeightSource | Non
             input_norm=ref(f"{block}.input_layernorm.weight"),
             post_norm=ref(f"{block}.post_attention_layernorm.weight"),
             moe=moe, mla=mla))
-    tied = model.lm_head.weight is base.embed_tokens.weight or bool(getattr(config, "tie_word_embeddings", False))
+    tied = tied_embeddings(model)
     return ModelWeights(
         model_type=config.model_type, hidden_size=config.hidden_size, num_heads=config.num_attention_heads,
         num_kv_heads=1, head_dim=shape.v_head_dim, intermediate_size=config.intermediate_size,

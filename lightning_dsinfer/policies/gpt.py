@@ -30,7 +30,7 @@ from torch import nn
 from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, UnsupportedModelError
 from lightning_dsinfer.policies.llama import check_rope
 from lightning_dsinfer.policies.weights import (ModuleSource, RowSlices, Transposed, WeightSource, Zeros,
-                                                lookups, rotate_half_pieces)
+                                                lookups, rotate_half_pieces, tied_embeddings)
 
 
 @dataclass(frozen=True)
@@ -308,7 +308,7 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
                              f"DSInferStrategy.")
     embed_name = f"{_module_name(model, model.get_input_embeddings())}.weight"
     head = model.get_output_embeddings()
-    tied = head.weight is model.get_input_embeddings().weight or bool(getattr(config, "tie_word_embeddings", False))
+    tied = tied_embeddings(model)
     head_name = _module_name(model, head)
     first_attn = model.get_submodule(f"{block(0)}.{family.attn}")
     scaling = 1.0 if family.unscaled else getattr(first_attn, "scaling", None)

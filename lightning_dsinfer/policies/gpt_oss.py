@@ -18,7 +18,7 @@ from torch import nn
 from lightning_dsinfer.kernels.reference import ClampedSwiGLU, Routing
 from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, MoEWeights, UnsupportedModelError
 from lightning_dsinfer.policies.llama import FamilyTraits, _sliding_window, rebuilt_rotary
-from lightning_dsinfer.policies.weights import ModuleSource, Rewritten, WeightSource, lookups
+from lightning_dsinfer.policies.weights import ModuleSource, Rewritten, WeightSource, lookups, tied_embeddings
 
 FAMILY = ("gpt_oss",)
 _LAYER_TYPES = ("sliding_attention", "full_attention")
@@ -131,7 +131,7 @@ def read_gpt_oss(model: nn.Module, max_seq_len: int, source: WeightSource | None
             input_norm=ref(f"{block}.input_layernorm.weight"),
             post_norm=ref(f"{block}.post_attention_layernorm.weight"),
             sliding_window=_sliding_window(config, traits, i), moe=moe, sinks=ref(f"{a}.sinks")))
-    tied = model.lm_head.weight is base.embed_tokens.weight or bool(getattr(config, "tie_word_embeddings", False))
+    tied = tied_embeddings(model)
     return ModelWeights(
         model_type=config.model_type, hidden_size=config.hidden_size, num_heads=config.num_attention_heads,
         num_kv_heads=config.num_key_value_heads, head_dim=head_dim, intermediate_size=config.intermediate_size,

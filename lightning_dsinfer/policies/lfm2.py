@@ -18,7 +18,7 @@ from lightning_dsinfer.kernels.reference import Routing
 from lightning_dsinfer.policies.base import (LayerWeights, ModelWeights, MoEWeights, ShortConvWeights,
                                              UnsupportedModelError)
 from lightning_dsinfer.policies.llama import FamilyTraits, _experts, rebuilt_rotary
-from lightning_dsinfer.policies.weights import ModuleSource, WeightSource, lookups
+from lightning_dsinfer.policies.weights import ModuleSource, WeightSource, lookups, tied_embeddings
 
 FAMILY = ("lfm2", "lfm2_moe")
 _EXPERT_NAMES = FamilyTraits(moe="mixtral")     # checkpoint experts as experts.{e}.{w1, w3, w2}
@@ -70,7 +70,7 @@ def read_lfm2(model: nn.Module, max_seq_len: int, source: WeightSource | None = 
                 q=ref(f"{a}.q_proj.weight"), k=ref(f"{a}.k_proj.weight"), v=ref(f"{a}.v_proj.weight"),
                 o=ref(f"{a}.out_proj.weight"), q_norm=ref(f"{a}.q_layernorm.weight"),
                 k_norm=ref(f"{a}.k_layernorm.weight"), **common))
-    tied = model.lm_head.weight is base.embed_tokens.weight or bool(getattr(config, "tie_word_embeddings", False))
+    tied = tied_embeddings(model)
     return ModelWeights(
         model_type=config.model_type, hidden_size=config.hidden_size, num_heads=config.num_attention_heads,
         num_kv_heads=config.num_key_value_heads, head_dim=head_dim,

@@ -45,7 +45,7 @@ from torch import nn
 from lightning_dsinfer.kernels.reference import Routing
 from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, MoEWeights, UnsupportedModelError
 from lightning_dsinfer.policies.weights import (ExpertStack, ModuleSource, RowSlices, WeightSource, lookups,
-                                               rotate_half_pieces)
+                                               rotate_half_pieces, tied_embeddings)
 
 
 @dataclass(frozen=True)
@@ -400,7 +400,7 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
             sliding_window=_sliding_window(config, traits, i), moe=moe,
             out_scale=config.residual_multiplier if traits.granite else None,
         ))
-    tied = model.lm_head.weight is base.embed_tokens.weight or bool(getattr(config, "tie_word_embeddings", False))
+    tied = tied_embeddings(model)
     return ModelWeights(
         model_type=config.model_type, hidden_size=config.hidden_size, num_heads=config.num_attention_heads,
         num_kv_heads=config.num_key_value_heads, head_dim=head_dim, intermediate_size=config.intermediate_size,

@@ -25,7 +25,7 @@ from torch import nn
 
 from lightning_dsinfer.policies.base import DeltaNetWeights, LayerWeights, ModelWeights, MoEWeights, UnsupportedModelError
 from lightning_dsinfer.policies.llama import FamilyTraits, _experts, rebuilt_rotary
-from lightning_dsinfer.policies.weights import ModuleSource, RowSlices, WeightSource, lookups
+from lightning_dsinfer.policies.weights import ModuleSource, RowSlices, WeightSource, lookups, tied_embeddings
 
 FAMILY = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
 _EXPERT_NAMES = FamilyTraits(moe="qwen")        # checkpoint experts as experts.{e}.{gate,up,down}_proj
@@ -63,7 +63,6 @@ def read_qwen3_next(model: nn.Module, max_seq_len: int, source: WeightSource | N
                                     f"linear_attention and full_attention blocks.")
     source = source or ModuleSource(model)
     files = source                # (experts stacked from a checkpoint's per-expert tensors: read from the files)
-    base = model.model
     rotary, rope_type, head_dim = rebuilt_rotary(model, max_seq_len)
     hq, hkv = config.num_attention_heads, config.num_key_value_heads
     hk, hv = config.linear_num_key_heads, config.linear_num_value_heads
@@ -138,7 +137,7 @@ def read_qwen3_next(model: nn.Module, max_seq_len: int, source: WeightSource | N
                 v_bias=opt(f"{a}.v_proj.bias"), o_bias=opt(f"{a}.o_proj.bias"),
                 q_norm=ref(f"{a}.q_norm.weight"), k_norm=ref(f"{a}.k_norm.weight"),
                 attn_gate=ref(f"{a}.q_gate.weight"), attn_gate_bias=opt(f"{a}.q_gate.bias"), **common))
-    tied = model.lm_head.weight is base.embed_tokens.weight or bool(getattr(config, "tie_word_embeddings", False))
+    tied = tied_embeddings(model)
     return ModelWeights(
         model_type=config.model_type, hidden_size=config.hidden_size, num_heads=hq, num_kv_heads=hkv,
         head_dim=head_dim, intermediate_size=getattr(config, "intermediate_size", None) or config.moe_intermediate_size,

@@ -111,6 +111,12 @@ def with_source(obj, source: WeightSource):
     return dataclasses.replace(obj, **changes)
 
 
+def tied_embeddings(model) -> bool:
+    """Whether the model's output head is its input embedding (one tensor, or ``tie_word_embeddings`` in its config)."""
+    return (model.get_output_embeddings().weight is model.get_input_embeddings().weight
+            or bool(getattr(model.config, "tie_word_embeddings", False)))
+
+
 def lookups(source: WeightSource, names: set[str]):
     """A policy's (ref, opt): ``ref(name)`` the lazy ref of a weight the model has; ``opt(name)`` the same, or None
     where ``names`` (the model's parameter names, plus any slices a policy adds) lack it."""
