@@ -1903,6 +1903,24 @@ static void delta_head_avx512(float* S, const float* q, const float* k, const fl
 
 static inline float silu_f32(float x) { return x / (1.f + expf(-x)); }
 
+// One row of a depthwise causal convolution's decode step, the linear-state mixers' (Gated DeltaNet, Mamba-2): per
+// channel c of C, the history h [C, K - 1] (bf16) then the new input x[c], times w [C, K], plus bias[c] (null: none),
+// in fp32, rounded to bf16, SiLU rounded: dst[c] (the torch path's roundings); the history shifted in place.
+static void conv_silu_row(const uint16_t* x, uint16_t* h, const uint16_t* w, const uint16_t* bias, int64_t C,
+                          int64_t K, float* dst) {
+    const int64_t hist = K - 1;
+    for (int64_t c = 0; c < C; ++c) {
+        uint16_t* hc = h + c * hist;
+        const uint16_t* wc = w + c * K;
+        float acc = bias ? bf16_to_f32(bias[c]) : 0.f;
+        for (int64_t j = 0; j < hist; ++j) acc += bf16_to_f32(hc[j]) * bf16_to_f32(wc[j]);
+        acc += bf16_to_f32(x[c]) * bf16_to_f32(wc[hist]);
+        for (int64_t j = 0; j + 1 < hist; ++j) hc[j] = hc[j + 1];
+        if (hist > 0) hc[hist - 1] = x[c];
+        dst[c] = bf16_to_f32(f32_to_bf16(silu_f32(bf16_to_f32(f32_to_bf16(acc)))));
+    }
+}
+
 int dsi_gated_delta_step_bf16(const void* proj, int64_t ld, void* history, const void* conv_w, const void* a_log,
                               const void* dt_bias, const void* norm_w, float* state, void* out, int64_t ldo,
                               int64_t B, int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv, int64_t K, float eps,
@@ -1918,18 +1936,8 @@ int dsi_gated_delta_step_bf16(const void* proj, int64_t ld, void* history, const
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t b = 0; b < B; ++b) {
         const uint16_t* x = P + b * ld;
-        uint16_t* h = H + b * C * hist;
         float* y = qkv.data() + b * C;
-        for (int64_t c = 0; c < C; ++c) {
-            uint16_t* hc = h + c * hist;
-            const uint16_t* wc = W + c * K;
-            float acc = 0.f;
-            for (int64_t j = 0; j < hist; ++j) acc += bf16_to_f32(hc[j]) * bf16_to_f32(wc[j]);
-            acc += bf16_to_f32(x[c]) * bf16_to_f32(wc[hist]);
-            for (int64_t j = 0; j + 1 < hist; ++j) hc[j] = hc[j + 1];
-            if (hist > 0) hc[hist - 1] = x[c];
-            y[c] = bf16_to_f32(f32_to_bf16(silu_f32(bf16_to_f32(f32_to_bf16(acc)))));
-        }
+        conv_silu_row(x, H + b * C * hist, W, nullptr, C, K, y);
         for (int64_t head = 0; head < 2 * Hk; ++head) {     // q heads, then k heads: L2-normed (q also scaled)
             float* e = y + head * Dk;
             float ss = 0.f;
@@ -2000,19 +2008,7 @@ int dsi_mamba2_step_bf16(const void* proj, int64_t ld, void* history, const void
     const int nt = threads > 0 ? threads : 1;
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t b = 0; b < B; ++b) {
-        const uint16_t* x = Pj + b * ld + I;
-        uint16_t* h = Hs + b * C * hist;
-        float* dst = xbc.data() + b * C;
-        for (int64_t c = 0; c < C; ++c) {
-            uint16_t* hc = h + c * hist;
-            const uint16_t* wc = W + c * K;
-            float acc = Wb ? bf16_to_f32(Wb[c]) : 0.f;
-            for (int64_t j = 0; j < hist; ++j) acc += bf16_to_f32(hc[j]) * bf16_to_f32(wc[j]);
-            acc += bf16_to_f32(x[c]) * bf16_to_f32(wc[hist]);
-            for (int64_t j = 0; j + 1 < hist; ++j) hc[j] = hc[j + 1];
-            if (hist > 0) hc[hist - 1] = x[c];
-            dst[c] = bf16_to_f32(f32_to_bf16(silu_f32(bf16_to_f32(f32_to_bf16(acc)))));
-        }
+        conv_silu_row(Pj + b * ld + I, Hs + b * C * hist, W, Wb, C, K, xbc.data() + b * C);
     }
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t u = 0; u < B * H; ++u) {
