@@ -114,7 +114,9 @@ def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype, nor
         d = plan.head_dim
         out["sinks"] = lw.sinks.load(0, q_rows[0] // d, q_rows[1] // d).to(dtype)
     moe = lw.moe
-    if moe is None:
+    if moe is None and lw.up is None:    # a block without an MLP (NemotronH: a mixer followed by another)
+        pass
+    elif moe is None:
         mlp_in = [(lw.up, mlp_rows)] if lw.gate is None else [(lw.gate, mlp_rows), (lw.up, mlp_rows)]
         bias_in = [(lw.up_bias, mlp_rows)] if lw.gate is None else [(lw.gate_bias, mlp_rows), (lw.up_bias, mlp_rows)]
         out.update({

@@ -91,7 +91,12 @@ class InferenceEngine:
             check_int4_groups(weights, shard_plan(weights, self.comm), config.quantize_group_size)
         self.layer_range = _stage_range(weights, self.pipe, self.dtype, config.quantize,
                                         config.quantize_group_size)   # this stage's blocks
-        weights.layers = weights.layers[slice(*self.layer_range)]
+        lo, hi = self.layer_range
+        # the Hugging Face cache layer each of this stage's blocks writes (NemotronH: a block is a mixer layer and the
+        # MLP layer after it, so blocks and HF's layers are numbered apart)
+        self.hf_cache_layers = list(weights.cache_layers[lo:hi] if weights.cache_layers is not None else range(lo, hi))
+        self.blocks_are_layers = weights.cache_layers is None
+        weights.layers = weights.layers[lo:hi]
         self.working_set = None             # offload: what is resident, and the batch size it leaves room for
         self.offload = self._choose_offload(hf_model, weights)       # config.offload, "auto" resolved
         with torch.no_grad():
@@ -191,11 +196,25 @@ class InferenceEngine:
         if not self.cache.conv:
             return DynamicCache()
         cache = DynamicCache(config=self.hf_config)
+        cache.layers = [cache.layers[i] for i in self.hf_cache_layers]     # numbered as the blocks
+        cache.dsinfer_blocks = True
         if self.pipe.size > 1:
-            lo, hi = self.layer_range
-            cache.layers = cache.layers[lo:hi] + [DynamicLayer()]
+            cache.layers.append(DynamicLayer())
             cache.dsinfer_counter = True
         return cache
+
+    def adopt_hf_cache(self, hf_cache) -> None:
+        """A Hugging Face cache the caller built for a model whose blocks are not its layers (NemotronH: one per layer
+        of the config) has its layers put in block order, in place, once (:meth:`new_hf_cache`'s are already)."""
+        layers = getattr(hf_cache, "layers", None)
+        if self.blocks_are_layers or layers is None or getattr(hf_cache, "dsinfer_blocks", False):
+            return
+        if self.pipe.size > 1 or len(layers) != len(self.hf_config.layer_types):
+            raise ValueError(f"dsinfer: the Hugging Face cache passed has {len(layers)} layers; "
+                             f"{self.hf_config.model_type} wants DynamicCache(config=model.config) (one layer per "
+                             f"layer of the config), or none (the engine makes its own).")
+        hf_cache.layers = [layers[i] for i in self.hf_cache_layers]
+        hf_cache.dsinfer_blocks = True
 
     def sync_rng(self) -> None:
         """Every rank of the replica (tensor-parallel group, then pipeline) takes one CPU RNG state, so sampling
@@ -245,6 +264,8 @@ class InferenceEngine:
             h = self.decoder.embed_tokens(input_ids)
         else:
             h = inputs_embeds.to(device=self.device, dtype=self.dtype)
+        if hf_cache is not None:
+            self.adopt_hf_cache(hf_cache)
         past = hf_cache.get_seq_length() if hf_cache is not None else 0
         if getattr(hf_cache, "dsinfer_counter", False):    # (new_hf_cache: a pipeline stage's token count)
             row = torch.zeros(b, 1, t, 1, dtype=self.dtype, device=self.device)

@@ -149,6 +149,15 @@ def tiny_config(family: str, **overrides):
                                               "mamba_chunk_size": 16,
                                               "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                                                   "partial_rotary_factor": 0.5}})
+    elif family == "nemotron_h":           # NemotronH's one sub-layer per layer ("M-M*-MM-"): Mamba-2 + ReLU² MLP, a
+        from transformers import AutoConfig  # Mamba-2 before an attention layer (a block without MLP), NoPE attention +
+        #                                      MLP, two Mamba-2 in a row
+        layers = ["linear_attention", "mlp", "linear_attention", "full_attention", "mlp", "linear_attention",
+                  "linear_attention", "mlp"]
+        cfg = AutoConfig.for_model(family, **{**{k: v for k, v in common.items() if k != "num_hidden_layers"},
+                                              "layers_block_type": layers, "head_dim": 24, "mamba_num_heads": 8,
+                                              "mamba_head_dim": 16, "n_groups": 2, "ssm_state_size": 8,
+                                              "conv_kernel": 4, "chunk_size": 16, "mlp_bias": True})
     elif family in LLAMA_LIKE_FAMILIES:
         from transformers import AutoConfig
 
@@ -175,10 +184,16 @@ def tiny_model(family: str, seed: int = 0, **overrides):
             for name, p in model.named_parameters():                       # in the wrong place cannot pass
                 if "norm" in name:
                     p.normal_(0.0 if family.startswith("gemma") else 1.0, 0.2)
-        if family.startswith("lfm2") or family in ("granitemoehybrid", "bamba"):
+        if family.startswith("lfm2") or family in ("granitemoehybrid", "bamba", "nemotron_h"):
             for name, p in model.named_parameters():
                 if "norm" in name:
                     p.normal_(1.0, 0.2)
+                elif family == "nemotron_h" and name.endswith(("dt_bias", ".D")):   # the first group's heads: dt under
+                    low = torch.arange(p.numel()) < p.numel() // 2    # time_step_min (prompts clamp it, decode steps do
+                    if name.endswith("dt_bias"):                       # not), no D x to hide their scan's output
+                        p.copy_(torch.where(low, -9.0, 0.5))
+                    else:
+                        p.masked_fill_(low, 0.0)
         if family.startswith("qwen3_5") or family == "qwen3_next":        # (1 + w) norms at w = 0, the gated one
             for name, p in model.named_parameters():                       # at 1
                 if "norm" in name:
@@ -243,26 +258,32 @@ def _fake_quantised(hf, fake):
                     continue
                 fake(module.weight.t() if type(module).__name__ == "Conv1D" else module.weight)
         return ref
+    # phi3: packed qkv_proj, gate_up_proj; DeepSeek: q_a / q_b / kv_a (kv_b stays: the engine reads it as is); Qwen3-Next
+    # / 3.5's linear attention, LFM2's short convolution, Mamba-2: their input and output projections; the MLPs' (and
+    # shared experts': Granite 4's input_linear / output_linear) linears. Routers and Qwen2-MoE's shared gate stay.
+    names = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
+             "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "in_proj_qkvz", "in_proj_ba", "in_proj", "out_proj",
+             "gate_proj", "up_proj", "down_proj", "gate_up_proj", "w1", "w3", "w2", "input_linear", "output_linear")
+    done = set()
     with torch.no_grad():
         for layer in ref.model.layers:
-            mlp = layer.mlp if hasattr(layer, "mlp") else layer.feed_forward           # (LFM2: feed_forward)
-            dense = [mlp] if not hasattr(mlp, "experts") else \
-                [getattr(mlp, n) for n in ("shared_expert", "shared_experts") if hasattr(mlp, n)]
-            # phi3: packed qkv_proj, gate_up_proj; DeepSeek: q_a / q_b / kv_a (kv_b stays: the engine reads it as is)
-            # Qwen3-Next / 3.5's linear attention, LFM2's short convolution: their input and output projections
-            names = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
-                     "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "in_proj_qkvz", "in_proj_ba", "in_proj",
-                     "out_proj")
-            attn = next(getattr(layer, n) for n in ("self_attn", "linear_attn", "conv") if hasattr(layer, n))
-            for lin in (*[getattr(attn, n) for n in names if isinstance(getattr(attn, n, None), torch.nn.Linear)],
-                        *[getattr(m, n) for m in dense for n in ("gate_proj", "up_proj", "down_proj", "gate_up_proj",
-                                                                 "w1", "w3", "w2") if hasattr(m, n)]):
-                fake(lin.weight)
-            if hasattr(mlp, "experts"):          # MoE: each expert's gate|up and down, row by row (router stays)
+            # (LFM2: feed_forward; Granite 4: mamba, block_sparse_moe + shared_mlp; NemotronH: one mixer per layer)
+            parts = [getattr(layer, n) for n in ("self_attn", "linear_attn", "conv", "mamba", "mixer", "mlp",
+                                                 "feed_forward", "block_sparse_moe", "shared_mlp") if hasattr(layer, n)]
+            for part in parts:
+                dense = [part, *[getattr(part, n) for n in ("shared_expert", "shared_experts") if hasattr(part, n)]]
+                for lin in [getattr(m, n, None) for m in dense for n in names]:
+                    if isinstance(lin, torch.nn.Linear) and id(lin) not in done:
+                        done.add(id(lin))
+                        fake(lin.weight)
+                experts = getattr(part, "experts", None)
+                if experts is None or id(experts) in done:
+                    continue
+                done.add(id(experts))          # MoE: each expert's gate|up and down, row by row (router stays)
                 rows = (lambda w: w.t()) if ref.config.model_type == "gpt_oss" else (lambda w: w)  # (stored [in, out])
-                for e in range(mlp.experts.gate_up_proj.shape[0]):
-                    fake(rows(mlp.experts.gate_up_proj[e]))
-                    fake(rows(mlp.experts.down_proj[e]))
+                for e in range(experts.down_proj.shape[0]):
+                    fake(rows(experts.gate_up_proj[e]))
+                    fake(rows(experts.down_proj[e]))
     return ref
 
 

@@ -283,7 +283,7 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Tensor
 class Mamba2Mixer(nn.Module):
     """Mamba-2 (Granite 4's ``mamba`` blocks): in_proj's z | x B C | dt rows (``qkv``: one GEMM), the depthwise causal
     convolution (with bias) and SiLU over x B C, dt = softplus(dt + dt_bias) clamped to the time-step limits, the
-    selective scan (:func:`ssd_scan`) plus D x, the gated group RMSNorm (x silu(z), normed per group of channels),
+    selective scan (:func:`ssd_scan`) plus D x (prompts clamp dt to the limits, decode steps do not, as transformers), the gated group RMSNorm (x silu(z), normed per group of channels),
     out_proj (``o``). Per row: the last K - 1 convolution inputs and the state [H, P, N] (fp32)."""
 
     rotary = sliding = False
@@ -309,12 +309,15 @@ class Mamba2Mixer(nn.Module):
     def from_qkv(self, proj: torch.Tensor, residual: torch.Tensor | None, step) -> torch.Tensor:
         bsz, t, _ = proj.shape
         h, p, g, n, inner = self.h, self.p, self.g, self.n, self.inner
+        # the time-step limits bound prompts' dt only: transformers' (and mamba_ssm's) one-token step on a held state
+        # does not clamp (NemotronH's lower limit is time_step_min)
+        limit = self.dt_limit if t > 1 or step.q_start == 0 else (0.0, float("inf"))
         if (t == 1 and step.cache is not None and proj.dtype == torch.bfloat16 and not ops.uses_triton(proj)
                 and self.norm_reduce is None and (step.valid is None or bool(step.valid.all()))):
             # a bf16 CPU decode step on the engine's cache: the convolution, scan and gated norm in one C call
             history, state = step.cache.linear_buffers(self.layer_idx, bsz, (self.channels, self.kernel - 1), (h, p, n))
             out = cpu_gemv.mamba2_step(proj, history, self.conv, self.conv_bias, self.dt_bias, self.a_log, self.d,
-                                       self.norm, state, h, p, g, n, self.eps, self.dt_limit)
+                                       self.norm, state, h, p, g, n, self.eps, limit)
             if out is not None:
                 return self.o(out, residual)
         valid = None if step.valid is None else step.valid[:, :, None].to(proj.dtype)
@@ -329,7 +332,7 @@ class Mamba2Mixer(nn.Module):
             xbc = xbc * valid
         x, b, c = xbc.split([inner, g * n, g * n], dim=-1)
         b, c = (v.reshape(bsz, t, g, n).repeat_interleave(h // g, dim=2) for v in (b, c))
-        dt = F.softplus(dt + self.dt_bias.to(dt.dtype)).clamp(*self.dt_limit)
+        dt = F.softplus(dt + self.dt_bias.to(dt.dtype)).clamp(*limit)
         a = -torch.exp(self.a_log.float())
         y, state = ssd_scan(x.reshape(bsz, t, h, p), dt, a, b, c, state)
         keep_states(keep, window[..., -(self.kernel - 1):], state)

@@ -231,7 +231,9 @@ def _norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: h = h + attn(norm1(h)); h = h + mlp(norm2(h))."""
+    """Pre-norm block: h = h + attn(norm1(h)); h = h + mlp(norm2(h)). A block without an MLP (``post_norm`` and
+    ``mlp`` None: NemotronH's mixer followed by another mixer) is h = h + attn(norm1(h)); its offloaded MLP half is
+    empty and hands the stream on."""
 
     def __init__(self, attn: Attention, mlp: GatedMLP, input_norm: torch.Tensor, post_norm: torch.Tensor, eps: float):
         super().__init__()
@@ -246,20 +248,23 @@ class DecoderLayer(nn.Module):
         """The attention half on the residual stream ``h + delta``: (the MLP's normed input, the new h). Needs
         ``attn`` and the norms only (offload streams a block's two halves as two units)."""
         x, h = _norm(h, delta, self.input_norm, self.eps)
+        if self.post_norm is None:  # no MLP in this block: the stream, and no MLP input (None)
+            return None, self.attn(x, h, step)
         if ops.fuses_residual(h):   # the residual add in the post-attention norm's kernel
             return ops.add_rms_norm(self.attn(x, None, step), h, self.post_norm, self.eps)
         h = self.attn(x, h, step)   # the residual add in o_proj's GEMM
         return ops.rms_norm(h, self.post_norm, self.eps), h
 
-    def mlp_residual(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """The MLP half: ``h + mlp(x)`` for the MLP's normed input x (the add in down_proj's GEMM)."""
-        return self.mlp(x, h)
+    def mlp_residual(self, x: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
+        """The MLP half: ``h + mlp(x)`` for the MLP's normed input x (the add in down_proj's GEMM); x None: a block
+        without an MLP, h as it is."""
+        return h if x is None else self.mlp(x, h)
 
     def run(self, h: torch.Tensor, delta: torch.Tensor | None, step: Step, defer: bool = True):
         """The block on the residual stream ``h + delta`` (delta: the previous block's MLP output not added yet,
         or None). Returns (h, delta) for the next block: on the Triton path with ``defer`` the MLP's output is
         returned as the pending delta (the next norm adds it), else it is added here and delta is None."""
-        if defer and ops.fuses_residual(h):
+        if defer and ops.fuses_residual(h) and self.post_norm is not None:
             # Triton path: the input norm (with the pending add) is the QKV GEMM's prologue, and the post-attention
             # norm (with attention's add) the gate/up GEMM's, SwiGLU its epilogue (``Linear.norm_forward``: one
             # kernel each for decode-sized rows, else the separate fused ops).
@@ -271,7 +276,7 @@ class DecoderLayer(nn.Module):
             x, h = ops.add_rms_norm(out, h, self.post_norm, self.eps)
             return h, self.mlp(x)
         x, h = self.attend(h, delta, step)
-        return self.mlp(x, h), None
+        return self.mlp_residual(x, h), None
 
 
 class SandwichDecoderLayer(DecoderLayer):
@@ -449,7 +454,8 @@ class DecoderModel(nn.Module):
             attn = layer.attn
             n += attn.nbytes if hasattr(attn, "nbytes") else attn.qkv.nbytes + attn.o.nbytes   # (MLA: its own count)
             mlp = layer.mlp
-            n += mlp.nbytes_per_token if hasattr(mlp, "nbytes_per_token") else mlp.gate_up.nbytes + mlp.down.nbytes
+            if mlp is not None:      # (None: a block without an MLP)
+                n += mlp.nbytes_per_token if hasattr(mlp, "nbytes_per_token") else mlp.gate_up.nbytes + mlp.down.nbytes
             norm = layer.input_norm if layer.input_norm is not None else layer.attn_out_norm   # (post-norm blocks)
-            n += 2 * norm.numel() * norm.element_size()
+            n += (1 if mlp is None else 2) * norm.numel() * norm.element_size()
         return n

@@ -228,6 +228,9 @@ class ModelWeights:
     # DeepSeek: latent attention in every block (num_kv_heads is 1: the latent, on every rank; head_dim is v_head_dim,
     # the width of each head's output, o_proj's columns)
     mla: MLAShape | None = None
+    # NemotronH: each block is a mixer layer of the config and the MLP layer after it (if one follows): the Hugging
+    # Face cache layer of each block's mixer (None: block i is layer i)
+    cache_layers: list[int] | None = None
 
     def cache_layout(self, local_kv_heads: int) -> tuple[int, int, bool]:
         """(KV heads, width, keys only) of the KV cache: a latent-attention model caches one latent row per token

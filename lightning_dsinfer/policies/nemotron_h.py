@@ -1,0 +1,97 @@
+"""NemotronH (``nemotron_h``: NVIDIA Nemotron-H, Nemotron Nano 2): one sub-layer per layer of the config, by
+``layers_block_type`` (the pattern "M-M*-": "linear_attention" a Mamba-2 mixer, "full_attention" GQA attention without
+positions (NoPE), "mlp" a plain ReLU² MLP (``up_proj`` / ``down_proj``), "moe"), each ``h + mixer(norm(h))``.
+
+The engine's block is a mixer layer and the MLP layer after it (``norm`` of the first is the block's input norm, of
+the second its post-attention norm); a mixer followed by another mixer is a block without an MLP. An MLP layer that
+follows no mixer, and "moe" layers (Nemotron 3's sparse experts), are refused with the reason. The Hugging Face cache
+has a layer per config layer: ``ModelWeights.cache_layers`` says which one each block's mixer writes.
+
+Module tree: ``model.model.embeddings``, ``model.model.layers[i].{norm, mixer}``, ``model.model.norm_f``,
+``model.lm_head``. The Mamba-2 mixer is Granite 4's (``modules/gated_deltanet.Mamba2Mixer``; dt limited below by
+``time_step_min`` in prompts). RMSNorms scale in fp32 and round once (``norm_fp32``). Refused with the reason:
+``use_bias`` (the mixers' in_proj bias would reach the convolution for padded tokens).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lightning_dsinfer.policies.base import LayerWeights, Mamba2Weights, ModelWeights, UnsupportedModelError
+from lightning_dsinfer.policies.weights import ModuleSource, WeightSource, lookups, tied_embeddings
+
+FAMILY = ("nemotron_h",)
+_MIXERS = ("linear_attention", "full_attention")
+_MLPS = ("mlp", "moe")
+
+
+def read_nemotron_h(model: nn.Module, max_seq_len: int, source: WeightSource | None = None) -> ModelWeights:
+    """Name every weight by role (lazy refs into ``source``; default: the model's own tensors)."""
+    config = model.config
+    types = list(config.layers_block_type)
+    if getattr(config, "use_bias", False):
+        raise UnsupportedModelError("nemotron_h with use_bias=True is not supported (padded tokens' in_proj bias would "
+                                    "reach the convolution); use_bias=False (the released models) is.")
+    if set(types) - {*_MIXERS, "mlp"}:
+        raise UnsupportedModelError(
+            f"nemotron_h: layer types {sorted(set(types) - {*_MIXERS, 'mlp'})} are not supported yet (the engine runs "
+            f"linear_attention, full_attention and mlp layers: Nemotron-H, Nemotron Nano 2; Nemotron 3's 'moe' layers "
+            f"are not).")
+    act = getattr(config, "mlp_hidden_act", "relu2")
+    if act != "relu2":
+        raise UnsupportedModelError(f"nemotron_h with mlp_hidden_act={act!r} is not supported (relu2 is).")
+    source = source or ModuleSource(model)
+    names = set(dict(model.named_parameters(remove_duplicate=False)))
+    ref, opt = lookups(source, names)
+    base = model.model
+    head_dim = config.head_dim
+    blocks: list[dict] = []          # per block: the mixer layer's index, the MLP layer's (or None)
+    for i, kind in enumerate(types):
+        if kind in _MIXERS:
+            blocks.append({"mixer": i, "mlp": None})
+        elif not blocks or blocks[-1]["mlp"] is not None:
+            raise UnsupportedModelError(
+                f"nemotron_h: layer {i} ({kind}) follows no mixer layer (pattern {config.hybrid_override_pattern!r}); "
+                f"the engine pairs each MLP layer with the mixer before it.")
+        else:
+            blocks[-1]["mlp"] = i
+    layers = []
+    for b in blocks:
+        i, j = b["mixer"], b["mlp"]
+        mix, block = f"model.layers.{i}.mixer", f"model.layers.{i}"
+        mlp = {}
+        if j is not None:
+            f = f"model.layers.{j}.mixer"
+            mlp = dict(up=ref(f"{f}.up_proj.weight"), down=ref(f"{f}.down_proj.weight"), up_bias=opt(f"{f}.up_proj.bias"),
+                       down_bias=opt(f"{f}.down_proj.bias"), post_norm=ref(f"model.layers.{j}.norm.weight"))
+        common = {**dict(gate=None, up=None, down=None, post_norm=None), **mlp,
+                  "input_norm": ref(f"{block}.norm.weight")}
+        if types[i] == "linear_attention":
+            mixer = base.layers[i].mixer
+            conv = ref(f"{mix}.conv1d.weight")
+            layers.append(LayerWeights(
+                q=None, k=None, v=None, o=ref(f"{mix}.out_proj.weight"),
+                mamba=Mamba2Weights(
+                    in_proj=ref(f"{mix}.in_proj.weight"), conv=conv, conv_bias=opt(f"{mix}.conv1d.bias"),
+                    dt_bias=ref(f"{mix}.dt_bias"), a_log=ref(f"{mix}.A_log"), d=ref(f"{mix}.D"),
+                    norm=ref(f"{mix}.norm.weight"), heads=mixer.num_heads, head_dim=mixer.head_dim,
+                    groups=mixer.n_groups, state_size=mixer.ssm_state_size, channels=conv.shape[0],
+                    kernel=conv.shape[-1], dt_limit=tuple(float(v) for v in mixer.time_step_limit)), **common))
+        else:
+            layers.append(LayerWeights(
+                q=ref(f"{mix}.q_proj.weight"), k=ref(f"{mix}.k_proj.weight"), v=ref(f"{mix}.v_proj.weight"),
+                o=ref(f"{mix}.o_proj.weight"), rotary=False, **common))
+    tied = tied_embeddings(model)
+    return ModelWeights(
+        model_type=config.model_type, hidden_size=config.hidden_size, num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_key_value_heads, head_dim=head_dim, intermediate_size=config.intermediate_size,
+        vocab_size=config.vocab_size, rms_norm_eps=config.layer_norm_epsilon, scaling=head_dim ** -0.5,
+        inv_freq=torch.zeros(1), attention_scaling=1.0, rope_type="none", embed=ref("model.embeddings.weight"),
+        final_norm=ref("model.norm_f.weight"),
+        lm_head=ref("model.embeddings.weight" if tied else "lm_head.weight"), lm_head_bias=None,
+        tied_embeddings=tied, layers=layers, rotary=False, norm_fp32=True, mlp_gated=False, mlp_act="relu2",
+        cache_layers=[b["mixer"] for b in blocks])
+
+
+def has_experts(model_type: str | None) -> bool:
+    return False

@@ -1,0 +1,141 @@
+"""NemotronH (nemotron_h; policies/nemotron_h.py): one sub-layer per config layer, paired into the engine's blocks (a
+mixer and the MLP layer after it; a mixer followed by a mixer is a block without an MLP), against the unmodified HF
+model (tiny random config "M-M*-MM-": Mamba-2 + ReLU² MLP, a Mamba-2 block without MLP, NoPE attention + MLP, two
+Mamba-2 in a row; the first group's heads with dt under time_step_min and D = 0, so the time-step rule shows).
+
+HF's own prompt forward clamps dt to time_step_min and its one-token decode step does not (as mamba_ssm's step), so a
+prompt forward over a generated sequence is not what HF's generate computed: each decode step's logits are checked
+against HF's generate's own scores (``output_scores``), fp32 atol 2e-4 / rtol 1e-4, as are the prompt logits on a
+left-padded batch and the greedy tokens; beam search through HF's loop (the cache's layers put in block order); a
+cache the caller builds; bf16; int8; offload on both tiers; a checkpoint on meta; TP=2; PP=2; refusals."""
+
+import pytest
+import torch
+
+import lightning_dsinfer as dsi
+from helpers import (fake_quantised_int8, optimised_copy, optimised_from_checkpoint, padded_batch, streamed_copy,
+                     tiny_model)
+from multiproc import run_ranks
+
+ATOL, RTOL = 2e-4, 1e-4
+
+
+def _assert_same(hf, opt, lengths=(12, 5, 9, 3), new=8, atol=ATOL, rtol=RTOL):
+    ids, mask = padded_batch(list(lengths), seed=1)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, output_scores=True,
+              return_dict_in_generate=True)
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask).logits.float()
+        ref = hf.generate(**kw)
+    got = opt(input_ids=ids, attention_mask=mask).logits.float()
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=atol, rtol=rtol)
+    out = opt.generate(**kw)
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(out.scores, 1).float(), torch.stack(ref.scores, 1).float(), atol=atol,
+                               rtol=rtol)
+
+
+def test_nemotron_h_matches_hf():
+    hf = tiny_model("nemotron_h")
+    opt = optimised_copy(hf, max_seq_len=64)
+    engine = opt._dsinfer_engine
+    layers = engine.decoder.layers
+    assert [(type(ly.attn).__name__, type(ly.mlp).__name__) for ly in layers] == [
+        ("Mamba2Mixer", "MLP"), ("Mamba2Mixer", "NoneType"), ("Attention", "MLP"), ("Mamba2Mixer", "NoneType"),
+        ("Mamba2Mixer", "MLP")]
+    assert engine.hf_cache_layers == [0, 2, 3, 5, 6] and sorted(engine.cache.state) == [0, 1, 3, 4]
+    _assert_same(hf, opt)
+    ids, mask = padded_batch([6, 9], seed=2)       # beam search through HF's loop: states and K/V reordered
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False)
+    with torch.no_grad():
+        assert torch.equal(opt.generate(**kw), hf.generate(**kw))
+
+
+def test_time_step_limit_bounds_prompts_only():
+    """Decode steps clamped like prompts would be off HF's generate by ~3e-3 here (the low-dt heads): the rule is
+    HF's (and mamba_ssm's), not a tolerance."""
+    hf = tiny_model("nemotron_h")
+    assert hf.model.layers[0].mixer.time_step_limit[0] == pytest.approx(1e-3)
+    opt = optimised_copy(hf, max_seq_len=64)
+    ids, mask = padded_batch([12, 5], seed=1)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, output_scores=True,
+              return_dict_in_generate=True)
+    with torch.no_grad():
+        ref = hf.generate(**kw)
+        forward = hf(input_ids=ref.sequences, attention_mask=torch.cat([mask, torch.ones(2, 6, dtype=mask.dtype)], 1))
+    out = opt.generate(**kw)
+    steps, hf_steps = torch.stack(out.scores, 1), torch.stack(ref.scores, 1)
+    assert (hf_steps - forward.logits[:, -7:-1]).abs().max() > 1e-3      # (the two HF paths do differ)
+    torch.testing.assert_close(steps, hf_steps, atol=ATOL, rtol=RTOL)
+
+
+def test_a_cache_the_caller_builds():
+    """DynamicCache(config=model.config) (a layer per config layer) passed to the model's forward: its layers are put
+    in block order once; a prompt and two steps give HF's logits."""
+    from transformers import DynamicCache
+
+    hf = tiny_model("nemotron_h")
+    opt = optimised_copy(hf, max_seq_len=64)
+    ids, mask = padded_batch([7, 4], seed=3)
+    ours, theirs = DynamicCache(config=opt.config), DynamicCache(config=hf.config)
+    assert len(ours.layers) == 8
+    step_ids, valid = ids, mask.bool()
+    for _ in range(3):
+        with torch.no_grad():
+            want = hf(input_ids=step_ids, attention_mask=mask, cache=theirs, use_cache=True).logits
+        got = opt(input_ids=step_ids, attention_mask=mask, cache=ours, use_cache=True).logits
+        torch.testing.assert_close(got[valid].float(), want[valid].float(), atol=ATOL, rtol=RTOL)
+        step_ids, valid = want[:, -1:].argmax(-1), torch.ones(2, 1, dtype=torch.bool)
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+    assert len(ours.layers) == 5
+
+
+def test_nemotron_h_bf16():
+    hf = tiny_model("nemotron_h").to(torch.bfloat16)
+    _assert_same(hf, optimised_copy(hf, max_seq_len=64, dtype=torch.bfloat16), lengths=(12, 5, 9), new=6,
+                 atol=6e-2, rtol=2e-2)
+
+
+def test_nemotron_h_int8():
+    """int8 (in_proj / out_proj, q / k / v / o, up / down) against HF over the same quantise-dequantised weights."""
+    hf = tiny_model("nemotron_h")
+    _assert_same(fake_quantised_int8(hf), optimised_copy(hf, max_seq_len=64, quantize="int8"))
+
+
+@pytest.mark.parametrize("tier", ["cpu", "nvme"])
+def test_nemotron_h_offload_matches_hf(tier, tmp_path):
+    """(The blocks without an MLP stream an empty MLP half.)"""
+    hf = tiny_model("nemotron_h")
+    _assert_same(hf, streamed_copy(hf, tier, tmp_path))
+
+
+def test_nemotron_h_from_checkpoint_on_meta(tmp_path):
+    hf = tiny_model("nemotron_h")
+    _assert_same(hf, optimised_from_checkpoint(hf, tmp_path), new=6)
+
+
+def test_nemotron_h_tensor_and_pipeline_parallel():
+    """TP=2 (Mamba-2 heads and their groups, attention heads, MLP rows) and PP=2 (stages of blocks, HF's cache layers
+    numbered per stage) through tests/tp_worker.py and tests/pp_worker.py: prompt logits, greedy, beam search."""
+    codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", "nemotron_h"], timeout=300)
+    assert codes == [0, 0], "\n".join(outs)
+    assert outs[0].count(" OK") == 1, outs[0]
+    codes, outs, _ = run_ranks("pp_worker.py", 2, ["--pp", "2", "--families", "nemotron_h"], timeout=300)
+    assert codes == [0, 0], "\n".join(outs)
+    assert all(out.count("all OK") == 1 for out in outs), outs
+
+
+@pytest.mark.parametrize("types,match", [
+    (["linear_attention", "mlp", "mlp"], "layer 2 \\(mlp\\) follows no mixer layer"),
+    (["mlp", "linear_attention"], "layer 0 \\(mlp\\) follows no mixer layer"),
+    (["linear_attention", "moe"], "'moe'"),
+])
+def test_layer_patterns_the_engine_does_not_run_are_refused(types, match):
+    hf = tiny_model("nemotron_h", layers_block_type=types)
+    with pytest.raises(dsi.UnsupportedModelError, match=match):
+        dsi.init_inference(hf, max_seq_len=64)
+
+
+def test_use_bias_is_refused():
+    with pytest.raises(dsi.UnsupportedModelError, match="use_bias=True"):
+        dsi.init_inference(tiny_model("nemotron_h", use_bias=True), max_seq_len=64)
