@@ -3,7 +3,7 @@ convolution + SiLU over x B C, the selective scan, D x, the gated group norm) ar
 shared MLP, Granite's multipliers (Bamba: a SwiGLU feed-forward, partial rotary, no multipliers), against the
 unmodified HF model (tiny random configs: mamba, attention, mamba; Granite variants without rotary and without experts). fp32 logits atol 2e-4 / rtol 1e-4 on a left-padded batch, greedy tokens,
 every decode step (teacher-forced) and beam search (HF's loop: conv histories and states in HF's cache) as HF's; bf16
-within 6e-2 / 2e-2 of HF bf16 (every expert routed); offload on both tiers; a checkpoint on meta; PP=2; TP=2 (whole
+within 6e-2 / 2e-2 of HF bf16 (every expert routed); int8 / int4 vs the fake-quantised HF; offload on both tiers; a checkpoint on meta; PP=2; TP=2 (whole
 groups and a shared one); the scan against transformers' chunked scan and state update; a TP size that does not split
 the heads refused."""
 
@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import lightning_dsinfer as dsi
-from helpers import (assert_c_step_matches_torch, optimised_copy, optimised_from_checkpoint, padded_batch,
-                     streamed_copy, tiny_model)
+from helpers import (assert_c_step_matches_torch, fake_quantised_int4, fake_quantised_int8, optimised_copy,
+                     optimised_from_checkpoint, padded_batch, streamed_copy, tiny_model)
 from multiproc import run_ranks
 from test_lfm2 import _assert_same
 
@@ -86,6 +86,16 @@ def test_granite_hybrid_bf16(family):
                                {"mamba_n_groups": 2})).to(torch.bfloat16)
     _assert_same(hf, optimised_copy(hf, max_seq_len=64, dtype=torch.bfloat16), lengths=(12, 5, 9), new=6,
                  atol=6e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("family", ["granitemoehybrid", "bamba"])
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_granite_hybrid_quantised(family, quantize):
+    """int8 / int4 (groups of 8) block linears (Mamba-2's in_proj / out_proj, attention, experts and the shared MLP)
+    against HF over the same quantise-dequantised weights."""
+    hf = tiny_model(family)
+    ref = fake_quantised_int8(hf) if quantize == "int8" else fake_quantised_int4(hf, 8)
+    _assert_same(ref, optimised_copy(hf, max_seq_len=64, quantize=quantize, quantize_group_size=8))
 
 
 @pytest.mark.parametrize("tier", ["cpu", "nvme"])
