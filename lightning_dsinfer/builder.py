@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from lightning_dsinfer.kernels import cpu_gemv
+from lightning_dsinfer.kernels import cpu_gemv, reference
 from lightning_dsinfer.modules.gated_deltanet import GatedDeltaNet, Mamba2Mixer, ShortConv, state_shapes
 from lightning_dsinfer.modules.linear import (DEQUANT_BYTES_PER_WEIGHT, DEQUANT_CHUNK_BYTES,
                                               DEQUANT_INT4_BYTES_PER_WEIGHT, Linear, quantize_int4_rows, quantize_rows)
@@ -271,6 +271,9 @@ def _shard_moe(moe, plan: TensorShardPlan, dtype: torch.dtype) -> dict[str, torc
                     "moe.down": moe.down.load(0, first, n).to(dtype),
                     "moe.gate_up_bias": gb.load(0, first, n).to(dtype) if gb is not None else None,
                     "moe.down_bias": db.load(0, first, n).to(dtype) if db is not None else None})
+    elif not moe.gated:            # (NemotronH: each expert's up rows [s, s + n) alone)
+        s, n = _slice(moe.expert_inter, plan, "experts'")
+        out.update({"moe.gate_up": moe.gate_up.load(1, s, n).to(dtype), "moe.down": moe.down.load(2, s, n).to(dtype)})
     else:
         inter = moe.gate_up.shape[1] // 2
         s, n = _slice(inter, plan, "experts'")
@@ -280,11 +283,15 @@ def _shard_moe(moe, plan: TensorShardPlan, dtype: torch.dtype) -> dict[str, torc
                     "moe.gate_up_bias": torch.cat([gb.load(1, s, n), gb.load(1, inter + s, n)], dim=1).to(dtype)
                     if gb is not None else None,
                     "moe.down_bias": db.load().to(dtype) if db is not None and plan.adds_bias_once else None})
-    if moe.shared_gate is not None:
-        s, n = _slice(moe.shared_gate.shape[0], plan, "shared expert's")
+    if moe.shared_up is not None:
+        s, n = _slice(moe.shared_inter, plan, "shared expert's")
+        gate = [moe.shared_gate.load(0, s, n)] if moe.shared_gate is not None else []     # (NemotronH: no gate)
+        sb, db = moe.shared_up_bias, moe.shared_down_bias
         out.update({
-            "shared.gate_up.weight": torch.cat([moe.shared_gate.load(0, s, n), moe.shared_up.load(0, s, n)]).to(dtype),
+            "shared.gate_up.weight": torch.cat([*gate, moe.shared_up.load(0, s, n)]).to(dtype),
             "shared.down.weight": moe.shared_down.load(1, s, n).to(dtype),
+            "shared.gate_up.bias": sb.load(0, s, n).to(dtype) if sb is not None else None,
+            "shared.down.bias": db.load().to(dtype) if db is not None and plan.adds_bias_once else None,
             # (Qwen2-MoE's sigmoid gate of the shared expert; DeepSeek's shared experts have none)
             "shared_gate.weight": moe.shared_expert_gate.load().to(dtype) if moe.shared_expert_gate is not None
             else None,
@@ -314,7 +321,8 @@ ATTENTION_KEYS = ("qkv.weight", "qkv.bias", "o.weight", "o.bias", "input_norm", 
                   "mb.conv", "mb.conv_bias", "mb.dt_bias", "mb.a_log", "mb.d", "mb.norm")
 MLP_KEYS = ("gate_up.weight", "gate_up.bias", "down.weight", "down.bias", "mlp_out_norm",
             "moe.router", "moe.router_bias", "moe.gate_up", "moe.down", "moe.gate_up_bias", "moe.down_bias",
-            "shared.gate_up.weight", "shared.down.weight", "shared_gate.weight")
+            "shared.gate_up.weight", "shared.down.weight", "shared_gate.weight", "shared.gate_up.bias",
+            "shared.down.bias")
 
 
 def split_block(t: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -341,9 +349,9 @@ def block_linear_inputs(w: ModelWeights, plan: TensorShardPlan) -> dict[str, int
     if not layers or any(lw.moe is None for lw in layers):
         ks["down"] = plan.mlp_rows[1]
     for moe in {id(lw.moe): lw.moe for lw in layers if lw.moe is not None}.values():
-        ks.setdefault("experts' down", moe.gate_up.shape[1] // (2 if moe.expert_parallel else 2 * plan.tp))
-        if moe.shared_gate is not None:
-            ks.setdefault("shared expert's down", moe.shared_gate.shape[0] // plan.tp)
+        ks.setdefault("experts' down", moe.expert_inter // (1 if moe.expert_parallel else plan.tp))
+        if moe.shared_up is not None:
+            ks.setdefault("shared expert's down", moe.shared_inter // plan.tp)
     if w.mla is not None and w.mla.q_lora_rank:
         ks["q_b"] = w.mla.q_lora_rank
     return ks
@@ -478,8 +486,11 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
         linear("gate_up"), linear("down", reduce=reduce, owns_residual=first, row_max=row_max),
         act=spec.mlp_act) if "gate_up.weight" in t else None
     if "moe.router" in t:       # the experts' partial sums are reduced once, in MoEMLP (not in each down)
-        shared = GatedMLP(linear("shared.gate_up"), linear("shared.down", row_max=row_max)) \
-            if "shared.gate_up.weight" in t else None
+        shared = None
+        if "shared.gate_up.weight" in t:    # (NemotronH's shared expert has no gate: spec.moe_act is a PlainAct)
+            plain = isinstance(spec.moe_act, reference.PlainAct)
+            shared = (MLP if plain else GatedMLP)(linear("shared.gate_up"), linear("shared.down", row_max=row_max),
+                                                  act=spec.moe_act.name if plain else "silu")
         shared_gate = Linear(t["shared_gate.weight"], pack=pack) if "shared_gate.weight" in t else None  # [1, H]
         ep = spec.moe_first_expert is not None      # whole experts: their down rows need no group max
         mlp = MoEMLP(t["moe.router"], t.get("moe.gate_up"), t.get("moe.down"), spec.moe_top_k, spec.moe_renormalize,
@@ -591,9 +602,9 @@ def _per_token_bytes(w: ModelWeights, plan: TensorShardPlan, dtype: torch.dtype,
     inter = plan.mlp_rows[1]
     for lw in w.layers:
         if lw.moe is not None:      # expert parallelism: whole experts, so a routed row holds the whole intermediate
-            shared = lw.moe.shared_gate.shape[0] // plan.tp if lw.moe.shared_gate is not None else 0
+            shared = lw.moe.shared_inter // plan.tp
             per_rank = 1 if lw.moe.expert_parallel else plan.tp
-            inter = max(inter, lw.moe.top_k * lw.moe.gate_up.shape[1] // (2 * per_rank) + shared + 2 * w.hidden_size)
+            inter = max(inter, lw.moe.top_k * lw.moe.expert_inter // per_rank + shared + 2 * w.hidden_size)
     scores = 4 * plan.local_heads * max_seq_len
     if w.attn_softcap is not None:   # soft-capped prompts: the reference's fp32 scores and probabilities, fp32 q
         scores = 2 * scores + 4 * plan.local_heads * w.head_dim
@@ -631,7 +642,7 @@ def _dequant_scratch(w: ModelWeights, plan: TensorShardPlan, quantize: str = "in
     DEQUANT_CHUNK_BYTES of temporaries, less for a model whose largest weight needs less (the bytes per weight of
     ``quantize``'s costliest dequantisation). MoE: an expert's gate|up (this rank's rows) and the shared expert's."""
     experts = [max(lw.moe.gate_up.shape[1] // (1 if lw.moe.expert_parallel else plan.tp),
-                   2 * lw.moe.shared_gate.shape[0] // plan.tp if lw.moe.shared_gate is not None else 0)
+                   (2 if lw.moe.gated else 1) * lw.moe.shared_inter // plan.tp)
                for lw in w.layers if lw.moe is not None]
     largest = max(2 * plan.mlp_rows[1] * w.hidden_size, plan.mlp_rows[1] * w.hidden_size,
                   _qkv_rows(w, plan) * w.hidden_size, max(experts, default=0) * w.hidden_size,

@@ -149,15 +149,20 @@ def tiny_config(family: str, **overrides):
                                               "mamba_chunk_size": 16,
                                               "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                                                   "partial_rotary_factor": 0.5}})
-    elif family == "nemotron_h":           # NemotronH's one sub-layer per layer ("M-M*-MM-"): Mamba-2 + ReLU² MLP, a
-        from transformers import AutoConfig  # Mamba-2 before an attention layer (a block without MLP), NoPE attention +
-        #                                      MLP, two Mamba-2 in a row
+    elif family in ("nemotron_h", "nemotron_h_moe"):   # NemotronH's one sub-layer per layer ("M-M*-MM-"): Mamba-2 +
+        from transformers import AutoConfig  # ReLU² MLP, a Mamba-2 before an attention layer (a block without MLP),
+        #   NoPE attention + MLP, two Mamba-2 in a row; "_moe" (Nemotron 3's "ME*EM-"): sparse layers of 6 ReLU²
+        #   experts, top-2 by DeepSeek-V3's router, a shared expert (with biases), after a Mamba-2 and an attention layer
         layers = ["linear_attention", "mlp", "linear_attention", "full_attention", "mlp", "linear_attention",
                   "linear_attention", "mlp"]
-        cfg = AutoConfig.for_model(family, **{**{k: v for k, v in common.items() if k != "num_hidden_layers"},
-                                              "layers_block_type": layers, "head_dim": 24, "mamba_num_heads": 8,
-                                              "mamba_head_dim": 16, "n_groups": 2, "ssm_state_size": 8,
-                                              "conv_kernel": 4, "chunk_size": 16, "mlp_bias": True})
+        moe = dict(layers_block_type=["linear_attention", "moe", "full_attention", "moe", "linear_attention", "mlp"],
+                   n_routed_experts=6, num_experts_per_tok=2, moe_intermediate_size=32,
+                   moe_shared_expert_intermediate_size=48, routed_scaling_factor=2.5)
+        cfg = AutoConfig.for_model("nemotron_h", **{**{k: v for k, v in common.items() if k != "num_hidden_layers"},
+                                                    "layers_block_type": layers, "head_dim": 24, "mamba_num_heads": 8,
+                                                    "mamba_head_dim": 16, "n_groups": 2, "ssm_state_size": 8,
+                                                    "conv_kernel": 4, "chunk_size": 16, "mlp_bias": True,
+                                                    **(moe if family == "nemotron_h_moe" else {})})
     elif family in LLAMA_LIKE_FAMILIES:
         from transformers import AutoConfig
 
@@ -184,11 +189,11 @@ def tiny_model(family: str, seed: int = 0, **overrides):
             for name, p in model.named_parameters():                       # in the wrong place cannot pass
                 if "norm" in name:
                     p.normal_(0.0 if family.startswith("gemma") else 1.0, 0.2)
-        if family.startswith("lfm2") or family in ("granitemoehybrid", "bamba", "nemotron_h"):
+        if family.startswith(("lfm2", "nemotron_h")) or family in ("granitemoehybrid", "bamba"):
             for name, p in model.named_parameters():
                 if "norm" in name:
                     p.normal_(1.0, 0.2)
-                elif family == "nemotron_h" and name.endswith(("dt_bias", ".D")):   # the first group's heads: dt under
+                elif family.startswith("nemotron_h") and name.endswith(("dt_bias", ".D")):   # the first group's heads: dt under
                     low = torch.arange(p.numel()) < p.numel() // 2    # time_step_min (prompts clamp it, decode steps do
                     if name.endswith("dt_bias"):                       # not), no D x to hide their scan's output
                         p.copy_(torch.where(low, -9.0, 0.5))
@@ -282,7 +287,8 @@ def _fake_quantised(hf, fake):
                 done.add(id(experts))          # MoE: each expert's gate|up and down, row by row (router stays)
                 rows = (lambda w: w.t()) if ref.config.model_type == "gpt_oss" else (lambda w: w)  # (stored [in, out])
                 for e in range(experts.down_proj.shape[0]):
-                    fake(rows(experts.gate_up_proj[e]))
+                    fake(rows((experts.gate_up_proj if hasattr(experts, "gate_up_proj")
+                              else experts.up_proj)[e]))           # (NemotronH's experts have no gate)
                     fake(rows(experts.down_proj[e]))
     return ref
 

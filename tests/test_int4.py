@@ -297,8 +297,12 @@ def test_int4_groups_per_rank_are_checked():
     # MoE layers: the experts' down K is each expert's slice (expert slicing) or the whole expert (expert
     # parallelism), the shared expert's down K its slice
     def sparse(expert_parallel):
-        moe = SimpleNamespace(gate_up=SimpleNamespace(shape=(4, 2 * 192, 256)), expert_parallel=expert_parallel,
-                              shared_gate=SimpleNamespace(shape=(256, 256)))
+        from lightning_dsinfer.policies.base import MoEWeights
+
+        shape = SimpleNamespace
+        moe = MoEWeights(router=None, gate_up=shape(shape=(4, 2 * 192, 256)), down=None, top_k=2, renormalize=True,
+                         weights_in_dtype=False, shared_gate=shape(shape=(256, 256)), shared_up=shape(shape=(256, 256)),
+                         expert_parallel=expert_parallel)
         return SimpleNamespace(**vars(w), layers=[SimpleNamespace(moe=moe)])
 
     plan = TensorShardPlan(1, 2, 8, 4, 32, 384, 1000)

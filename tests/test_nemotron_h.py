@@ -1,19 +1,23 @@
 """NemotronH (nemotron_h; policies/nemotron_h.py): one sub-layer per config layer, paired into the engine's blocks (a
 mixer and the MLP layer after it; a mixer followed by a mixer is a block without an MLP), against the unmodified HF
 model (tiny random config "M-M*-MM-": Mamba-2 + ReLU² MLP, a Mamba-2 block without MLP, NoPE attention + MLP, two
-Mamba-2 in a row; the first group's heads with dt under time_step_min and D = 0, so the time-step rule shows).
+Mamba-2 in a row; the first group's heads with dt under time_step_min and D = 0, so the time-step rule shows), and
+Nemotron 3's sparse layers ("ME*EM-": 6 ReLU² experts without gates, top-2 by DeepSeek-V3's sigmoid router with its
+correction bias, scaled 2.5, and a shared ReLU² expert with biases).
 
 HF's own prompt forward clamps dt to time_step_min and its one-token decode step does not (as mamba_ssm's step), so a
 prompt forward over a generated sequence is not what HF's generate computed: each decode step's logits are checked
 against HF's generate's own scores (``output_scores``), fp32 atol 2e-4 / rtol 1e-4, as are the prompt logits on a
 left-padded batch and the greedy tokens; beam search through HF's loop (the cache's layers put in block order); a
-cache the caller builds; bf16; int8; offload on both tiers; a checkpoint on meta; TP=2; PP=2; refusals."""
+cache the caller builds; bf16; int8 / int4; offload on both tiers (the disk tier reading routed experts on demand); a
+checkpoint on meta (what save_pretrained writes: ``backbone.*``, experts one by one); TP=2 (expert slicing and expert
+parallelism); PP=2; refusals."""
 
 import pytest
 import torch
 
 import lightning_dsinfer as dsi
-from helpers import (fake_quantised_int8, optimised_copy, optimised_from_checkpoint, padded_batch, streamed_copy,
+from helpers import (fake_quantised_int4, fake_quantised_int8, optimised_copy, optimised_from_checkpoint, padded_batch, streamed_copy,
                      tiny_model)
 from multiproc import run_ranks
 
@@ -35,15 +39,23 @@ def _assert_same(hf, opt, lengths=(12, 5, 9, 3), new=8, atol=ATOL, rtol=RTOL):
                                rtol=rtol)
 
 
-def test_nemotron_h_matches_hf():
-    hf = tiny_model("nemotron_h")
+BLOCKS = {"nemotron_h": ([("Mamba2Mixer", "MLP"), ("Mamba2Mixer", "NoneType"), ("Attention", "MLP"),
+                          ("Mamba2Mixer", "NoneType"), ("Mamba2Mixer", "MLP")], [0, 2, 3, 5, 6]),
+          "nemotron_h_moe": ([("Mamba2Mixer", "MoEMLP"), ("Attention", "MoEMLP"), ("Mamba2Mixer", "MLP")], [0, 2, 4])}
+FAMILIES = list(BLOCKS)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_nemotron_h_matches_hf(family):
+    hf = tiny_model(family)
     opt = optimised_copy(hf, max_seq_len=64)
     engine = opt._dsinfer_engine
-    layers = engine.decoder.layers
-    assert [(type(ly.attn).__name__, type(ly.mlp).__name__) for ly in layers] == [
-        ("Mamba2Mixer", "MLP"), ("Mamba2Mixer", "NoneType"), ("Attention", "MLP"), ("Mamba2Mixer", "NoneType"),
-        ("Mamba2Mixer", "MLP")]
-    assert engine.hf_cache_layers == [0, 2, 3, 5, 6] and sorted(engine.cache.state) == [0, 1, 3, 4]
+    blocks, cache_layers = BLOCKS[family]
+    assert [(type(ly.attn).__name__, type(ly.mlp).__name__) for ly in engine.decoder.layers] == blocks
+    assert engine.hf_cache_layers == cache_layers
+    if family == "nemotron_h_moe":     # ReLU² experts and shared expert: up rows only
+        moe = engine.decoder.layers[0].mlp
+        assert type(moe.shared).__name__ == "MLP" and moe.shared.gate_up.out_features == 48
     _assert_same(hf, opt)
     ids, mask = padded_batch([6, 9], seed=2)       # beam search through HF's loop: states and K/V reordered
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False)
@@ -90,45 +102,57 @@ def test_a_cache_the_caller_builds():
     assert len(ours.layers) == 5
 
 
-def test_nemotron_h_bf16():
-    hf = tiny_model("nemotron_h").to(torch.bfloat16)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_nemotron_h_bf16(family):
+    """(MoE: every expert routed, so no near tie in HF's choice flips under bf16 rounding.)"""
+    hf = tiny_model(family, **({"num_experts_per_tok": 6} if family == "nemotron_h_moe" else {})).to(torch.bfloat16)
     _assert_same(hf, optimised_copy(hf, max_seq_len=64, dtype=torch.bfloat16), lengths=(12, 5, 9), new=6,
                  atol=6e-2, rtol=2e-2)
 
 
-def test_nemotron_h_int8():
-    """int8 (in_proj / out_proj, q / k / v / o, up / down) against HF over the same quantise-dequantised weights."""
-    hf = tiny_model("nemotron_h")
-    _assert_same(fake_quantised_int8(hf), optimised_copy(hf, max_seq_len=64, quantize="int8"))
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_nemotron_h_quantised(family, quantize):
+    """int8 / int4 (groups of 8) in_proj / out_proj, q / k / v / o, up / down, each expert's and the shared expert's
+    against HF over the same quantise-dequantised weights."""
+    hf = tiny_model(family)
+    ref = fake_quantised_int8(hf) if quantize == "int8" else fake_quantised_int4(hf, 8)
+    _assert_same(ref, optimised_copy(hf, max_seq_len=64, quantize=quantize, quantize_group_size=8))
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("tier", ["cpu", "nvme"])
-def test_nemotron_h_offload_matches_hf(tier, tmp_path):
-    """(The blocks without an MLP stream an empty MLP half.)"""
-    hf = tiny_model("nemotron_h")
-    _assert_same(hf, streamed_copy(hf, tier, tmp_path))
+def test_nemotron_h_offload_matches_hf(family, tier, tmp_path):
+    """(The blocks without an MLP stream an empty MLP half; the disk tier reads the routed experts on demand.)"""
+    hf = tiny_model(family)
+    opt = streamed_copy(hf, tier, tmp_path)
+    assert (opt._dsinfer_engine.decoder.experts is not None) == (tier == "nvme" and family == "nemotron_h_moe")
+    _assert_same(hf, opt)
 
 
-def test_nemotron_h_from_checkpoint_on_meta(tmp_path):
-    hf = tiny_model("nemotron_h")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_nemotron_h_from_checkpoint_on_meta(family, tmp_path):
+    hf = tiny_model(family)
     _assert_same(hf, optimised_from_checkpoint(hf, tmp_path), new=6)
 
 
 def test_nemotron_h_tensor_and_pipeline_parallel():
-    """TP=2 (Mamba-2 heads and their groups, attention heads, MLP rows) and PP=2 (stages of blocks, HF's cache layers
+    """TP=2 (Mamba-2 heads and their groups, attention heads, MLP rows; experts sliced, the shared expert's down bias
+    added once), TP=2 with expert parallelism (3 whole experts a rank), and PP=2 (stages of blocks, HF's cache layers
     numbered per stage) through tests/tp_worker.py and tests/pp_worker.py: prompt logits, greedy, beam search."""
-    codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", "nemotron_h"], timeout=300)
+    for extra in ([], ["--expert-parallel"]):
+        families = FAMILIES if not extra else ["nemotron_h_moe"]
+        codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", *families, *extra], timeout=300)
+        assert codes == [0, 0], "\n".join(outs)
+        assert outs[0].count(" OK") == len(families), outs[0]
+    codes, outs, _ = run_ranks("pp_worker.py", 2, ["--pp", "2", "--families", *FAMILIES], timeout=300)
     assert codes == [0, 0], "\n".join(outs)
-    assert outs[0].count(" OK") == 1, outs[0]
-    codes, outs, _ = run_ranks("pp_worker.py", 2, ["--pp", "2", "--families", "nemotron_h"], timeout=300)
-    assert codes == [0, 0], "\n".join(outs)
-    assert all(out.count("all OK") == 1 for out in outs), outs
+    assert all(out.count("all OK") == 2 for out in outs), outs
 
 
 @pytest.mark.parametrize("types,match", [
     (["linear_attention", "mlp", "mlp"], "layer 2 \\(mlp\\) follows no mixer layer"),
     (["mlp", "linear_attention"], "layer 0 \\(mlp\\) follows no mixer layer"),
-    (["linear_attention", "moe"], "'moe'"),
 ])
 def test_layer_patterns_the_engine_does_not_run_are_refused(types, match):
     hf = tiny_model("nemotron_h", layers_block_type=types)
@@ -136,6 +160,8 @@ def test_layer_patterns_the_engine_does_not_run_are_refused(types, match):
         dsi.init_inference(hf, max_seq_len=64)
 
 
-def test_use_bias_is_refused():
-    with pytest.raises(dsi.UnsupportedModelError, match="use_bias=True"):
-        dsi.init_inference(tiny_model("nemotron_h", use_bias=True), max_seq_len=64)
+@pytest.mark.parametrize("family,setting,match", [("nemotron_h", {"use_bias": True}, "use_bias=True"),
+                                                   ("nemotron_h_moe", {"moe_latent_size": 32}, "moe_latent_size=32")])
+def test_settings_the_engine_does_not_reproduce_are_refused(family, setting, match):
+    with pytest.raises(dsi.UnsupportedModelError, match=match):
+        dsi.init_inference(tiny_model(family, **setting), max_seq_len=64)

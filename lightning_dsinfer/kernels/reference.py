@@ -375,6 +375,16 @@ class ClampedSwiGLU:
         return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
 
 
+@dataclass(frozen=True)
+class PlainAct:
+    """The activation of experts without a gate (NemotronH: down(relu2(up x))): their ``gate_up`` holds the up rows
+    alone, and this is :func:`act` of ``name`` over them."""
+    name: str
+
+    def __call__(self, up: torch.Tensor) -> torch.Tensor:
+        return act(up, self.name)
+
+
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, expert, out: torch.Tensor | None = None,
                 only=None) -> torch.Tensor:
     """sum_j weights[t, j] * expert(ids[t, j], x[t]) for every token t: ``expert(e, rows)`` runs expert e on the rows

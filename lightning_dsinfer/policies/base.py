@@ -40,6 +40,22 @@ class MoEWeights:
     gate_up_bias: WeightRef | None = None
     down_bias: WeightRef | None = None
     act: object = None
+    # NemotronH: experts without a gate, ``gate_up`` their up rows alone [E, I, H] and ``act`` a
+    # ``reference.PlainAct``; the shared expert likewise (``shared_gate`` None, ``shared_up`` / ``shared_down``, the
+    # biases where the model has them)
+    gated: bool = True
+    shared_up_bias: WeightRef | None = None
+    shared_down_bias: WeightRef | None = None
+
+    @property
+    def expert_inter(self) -> int:
+        """An expert's intermediate size (all of it: expert slicing splits it over the ranks)."""
+        return self.gate_up.shape[1] // (2 if self.gated else 1)
+
+    @property
+    def shared_inter(self) -> int:
+        """The shared expert's intermediate size (0: none)."""
+        return self.shared_up.shape[0] if self.shared_up is not None else 0
 
 
 @dataclass(frozen=True)

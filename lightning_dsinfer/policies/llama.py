@@ -218,6 +218,7 @@ _EXPERT_PARTS = {"mixtral": {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)}
                  "qwen": {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}}
 _EXPERT_PARTS["olmoe"] = _EXPERT_PARTS["deepseek"] = _EXPERT_PARTS["qwen"]
 _EXPERT_PARTS["minimax"] = _EXPERT_PARTS["mixtral"]
+_EXPERT_PARTS["nemotron_h"] = {"up_proj": ("up_proj",), "down_proj": ("down_proj",)}     # (experts without a gate)
 
 
 def num_experts(config) -> int:

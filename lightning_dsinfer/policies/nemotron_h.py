@@ -17,10 +17,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_dsinfer.policies.base import LayerWeights, Mamba2Weights, ModelWeights, UnsupportedModelError
+from lightning_dsinfer.kernels.reference import PlainAct
+from lightning_dsinfer.policies.base import LayerWeights, Mamba2Weights, ModelWeights, MoEWeights, UnsupportedModelError
+from lightning_dsinfer.policies.deepseek import routing_of
+from lightning_dsinfer.policies.llama import FamilyTraits, _experts
 from lightning_dsinfer.policies.weights import ModuleSource, WeightSource, lookups, tied_embeddings
 
 FAMILY = ("nemotron_h",)
+_EXPERT_NAMES = FamilyTraits(moe="nemotron_h")     # checkpoint experts as experts.{e}.{up_proj, down_proj}
 _MIXERS = ("linear_attention", "full_attention")
 _MLPS = ("mlp", "moe")
 
@@ -32,16 +36,19 @@ def read_nemotron_h(model: nn.Module, max_seq_len: int, source: WeightSource | N
     if getattr(config, "use_bias", False):
         raise UnsupportedModelError("nemotron_h with use_bias=True is not supported (padded tokens' in_proj bias would "
                                     "reach the convolution); use_bias=False (the released models) is.")
-    if set(types) - {*_MIXERS, "mlp"}:
+    if set(types) - {*_MIXERS, *_MLPS}:
+        raise UnsupportedModelError(f"nemotron_h: layer types {sorted(set(types) - {*_MIXERS, *_MLPS})}; the engine "
+                                    f"runs {', '.join((*_MIXERS, *_MLPS))}.")
+    if "moe" in types and getattr(config, "moe_latent_size", None) is not None:
         raise UnsupportedModelError(
-            f"nemotron_h: layer types {sorted(set(types) - {*_MIXERS, 'mlp'})} are not supported yet (the engine runs "
-            f"linear_attention, full_attention and mlp layers: Nemotron-H, Nemotron Nano 2; Nemotron 3's 'moe' layers "
-            f"are not).")
+            f"nemotron_h with moe_latent_size={config.moe_latent_size} (experts in a latent space between "
+            f"fc1_latent_proj and fc2_latent_proj) is not supported yet; moe_latent_size=None (Nemotron 3 Nano) is.")
     act = getattr(config, "mlp_hidden_act", "relu2")
     if act != "relu2":
         raise UnsupportedModelError(f"nemotron_h with mlp_hidden_act={act!r} is not supported (relu2 is).")
     source = source or ModuleSource(model)
-    names = set(dict(model.named_parameters(remove_duplicate=False)))
+    files = source
+    names = set(dict(model.named_parameters(remove_duplicate=False))) | set(dict(model.named_buffers()))
     ref, opt = lookups(source, names)
     base = model.model
     head_dim = config.head_dim
@@ -60,7 +67,18 @@ def read_nemotron_h(model: nn.Module, max_seq_len: int, source: WeightSource | N
         i, j = b["mixer"], b["mlp"]
         mix, block = f"model.layers.{i}.mixer", f"model.layers.{i}"
         mlp = {}
-        if j is not None:
+        if j is not None and types[j] == "moe":    # DeepSeek-V3's router; ReLU² experts and shared expert, no gates
+            f, s = f"model.layers.{j}.mixer", f"model.layers.{j}.mixer.shared_experts"
+            routing = routing_of(config)
+            moe = MoEWeights(router=ref(f"{f}.gate.weight"), gate_up=_experts(files, config, _EXPERT_NAMES, f, "up_proj"),
+                             down=_experts(files, config, _EXPERT_NAMES, f, "down_proj"),
+                             top_k=config.num_experts_per_tok, renormalize=routing.renormalize, weights_in_dtype=False,
+                             shared_up=ref(f"{s}.up_proj.weight"), shared_down=ref(f"{s}.down_proj.weight"),
+                             shared_up_bias=opt(f"{s}.up_proj.bias"), shared_down_bias=opt(f"{s}.down_proj.bias"),
+                             routing=routing, router_bias=ref(f"{f}.gate.e_score_correction_bias"), gated=False,
+                             act=PlainAct("relu2"))
+            mlp = dict(moe=moe, post_norm=ref(f"model.layers.{j}.norm.weight"))
+        elif j is not None:
             f = f"model.layers.{j}.mixer"
             mlp = dict(up=ref(f"{f}.up_proj.weight"), down=ref(f"{f}.down_proj.weight"), up_bias=opt(f"{f}.up_proj.bias"),
                        down_bias=opt(f"{f}.down_proj.bias"), post_norm=ref(f"model.layers.{j}.norm.weight"))
@@ -94,4 +112,4 @@ def read_nemotron_h(model: nn.Module, max_seq_len: int, source: WeightSource | N
 
 
 def has_experts(model_type: str | None) -> bool:
-    return False
+    return model_type == "nemotron_h"
