@@ -30,6 +30,9 @@ without flash-linear-attention, the engine's own). ``--family lfm2``: LFM2's blo
 convolutions, attention in every third block; the SwiGLU width transformers derives from 1.5 x ``--intermediate``).
 ``--family bamba``: Mamba-2 blocks (32 heads of 64, one group, state 128) with attention in every fourth block, the
 SwiGLU of ``--intermediate`` (transformers' Mamba-2 runs its torch scan without mamba_ssm, the engine its own).
+``--family nemotron_h``: Nemotron-H's layers ("M-M-M-M*-": Mamba-2 of 64-wide heads, 8 groups, state 128, each
+followed by a ReLU² MLP of ``--intermediate``, every fourth also by a NoPE attention layer before its MLP), so the
+engine runs a block without an MLP there.
 """
 from __future__ import annotations
 
@@ -52,7 +55,8 @@ FAMILY_NAMES = {"llama": "Llama", "gemma2": "Gemma 2", "gpt_neox": "GPT-NeoX (Py
                 "deepseek_v2": "DeepSeek-V2-Lite-style (latent attention, MoE)",
                 "qwen3_5": "Qwen3.5-style (3 of 4 blocks Gated DeltaNet linear attention)",
                 "lfm2": "LFM2-style (gated short convolutions, attention in every third block)",
-                "bamba": "Bamba-style (Mamba-2 blocks, attention in every fourth block)"}
+                "bamba": "Bamba-style (Mamba-2 blocks, attention in every fourth block)",
+                "nemotron_h": "Nemotron-H-style (Mamba-2 + ReLU² MLP layers, attention in every fourth pair)"}
 
 
 def build_model(args):
@@ -112,6 +116,17 @@ def build_model(args):
             max_position_embeddings=4096, attn_layer_indices=list(range(3, args.layers, 4)), mamba_n_heads=32,
             mamba_d_head=64, mamba_n_groups=1, mamba_d_state=128, mamba_expand=2, mamba_chunk_size=64,
             tie_word_embeddings=False, eos_token_id=None, pad_token_id=0)
+    elif getattr(args, "family", "llama") == "nemotron_h":
+        from transformers import AutoConfig
+
+        layers = [t for i in range(args.layers) for t in (["linear_attention", "full_attention", "mlp"]
+                                                          if i % 4 == 3 else ["linear_attention", "mlp"])]
+        cfg = AutoConfig.for_model(
+            "nemotron_h", hidden_size=args.hidden, layers_block_type=layers, num_attention_heads=args.heads,
+            num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads, intermediate_size=args.intermediate,
+            vocab_size=args.vocab, max_position_embeddings=4096, mamba_num_heads=2 * args.hidden // 64,
+            mamba_head_dim=64, n_groups=8, ssm_state_size=128, chunk_size=64, tie_word_embeddings=False,
+            eos_token_id=None, pad_token_id=0)
     elif getattr(args, "experts", 0):      # (the other benchmarks build the dense Llama through here too)
         from transformers import MixtralConfig
 

@@ -50,6 +50,10 @@ def _fused_bias(parts, dtype) -> torch.Tensor | None:
                       for ref, rows in parts])
 
 
+def _load(ref, dtype) -> torch.Tensor | None:
+    return None if ref is None else ref.load().to(dtype)
+
+
 def norm_weight(ref, dtype: torch.dtype, offset: float = 0.0, fp32: bool = False, rows=None) -> torch.Tensor:
     """A norm's scale as the engine's norms take it: the weight in ``dtype``, or with an ``offset`` (Gemma's
     (1 + w)) ``offset + weight`` kept in fp32: the norms then scale in fp32 and round once, in Gemma's order; ``fp32``
@@ -283,6 +287,11 @@ def _shard_moe(moe, plan: TensorShardPlan, dtype: torch.dtype) -> dict[str, torc
                     "moe.gate_up_bias": torch.cat([gb.load(1, s, n), gb.load(1, inter + s, n)], dim=1).to(dtype)
                     if gb is not None else None,
                     "moe.down_bias": db.load().to(dtype) if db is not None and plan.adds_bias_once else None})
+    if moe.latent_in is not None:   # whole on every rank; the out bias added once (the partial sums follow it)
+        out.update({"moe.latent_in.weight": moe.latent_in.load().to(dtype),
+                    "moe.latent_in.bias": _load(moe.latent_in_bias, dtype),
+                    "moe.latent_out.weight": moe.latent_out.load().to(dtype),
+                    "moe.latent_out.bias": _load(moe.latent_out_bias, dtype) if plan.adds_bias_once else None})
     if moe.shared_up is not None:
         s, n = _slice(moe.shared_inter, plan, "shared expert's")
         gate = [moe.shared_gate.load(0, s, n)] if moe.shared_gate is not None else []     # (NemotronH: no gate)
@@ -322,7 +331,8 @@ ATTENTION_KEYS = ("qkv.weight", "qkv.bias", "o.weight", "o.bias", "input_norm", 
 MLP_KEYS = ("gate_up.weight", "gate_up.bias", "down.weight", "down.bias", "mlp_out_norm",
             "moe.router", "moe.router_bias", "moe.gate_up", "moe.down", "moe.gate_up_bias", "moe.down_bias",
             "shared.gate_up.weight", "shared.down.weight", "shared_gate.weight", "shared.gate_up.bias",
-            "shared.down.bias")
+            "shared.down.bias", "moe.latent_in.weight", "moe.latent_in.bias", "moe.latent_out.weight",
+            "moe.latent_out.bias")
 
 
 def split_block(t: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -352,6 +362,8 @@ def block_linear_inputs(w: ModelWeights, plan: TensorShardPlan) -> dict[str, int
         ks.setdefault("experts' down", moe.expert_inter // (1 if moe.expert_parallel else plan.tp))
         if moe.shared_up is not None:
             ks.setdefault("shared expert's down", moe.shared_inter // plan.tp)
+        if moe.latent_in is not None:       # (NemotronH's latent experts read L inputs)
+            ks.setdefault("experts' up", moe.latent_in.shape[0])
     if w.mla is not None and w.mla.q_lora_rank:
         ks["q_b"] = w.mla.q_lora_rank
     return ks
@@ -499,7 +511,11 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
                      routing=spec.moe_routing, router_bias=t.get("moe.router_bias"), streamed=experts,
                      gate_up_bias=t.get("moe.gate_up_bias"), down_bias=t.get("moe.down_bias"), act=spec.moe_act,
                      group_size=group_size, gate_up_scale=t.get("moe.gate_up_scale"),
-                     down_scale=t.get("moe.down_scale"))
+                     down_scale=t.get("moe.down_scale"),
+                     latent_in=Linear(t["moe.latent_in.weight"], t.get("moe.latent_in.bias"), pack=pack)
+                     if "moe.latent_in.weight" in t else None,
+                     latent_out=Linear(t["moe.latent_out.weight"], t.get("moe.latent_out.bias"), pack=pack)
+                     if "moe.latent_out.weight" in t else None)
     if "input_norm_bias" in t:       # the GPT families (an offloaded MLP half needs no more than DecoderLayer's)
         return GPTDecoderLayer(attn, mlp, t["input_norm"], t["input_norm_bias"], t.get("post_norm"),
                                t.get("post_norm_bias"), spec.rms_norm_eps, spec.parallel_residual)

@@ -149,10 +149,11 @@ def tiny_config(family: str, **overrides):
                                               "mamba_chunk_size": 16,
                                               "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                                                   "partial_rotary_factor": 0.5}})
-    elif family in ("nemotron_h", "nemotron_h_moe"):   # NemotronH's one sub-layer per layer ("M-M*-MM-"): Mamba-2 +
+    elif family.startswith("nemotron_h"):  # NemotronH's one sub-layer per layer ("M-M*-MM-"): Mamba-2 +
         from transformers import AutoConfig  # ReLU² MLP, a Mamba-2 before an attention layer (a block without MLP),
         #   NoPE attention + MLP, two Mamba-2 in a row; "_moe" (Nemotron 3's "ME*EM-"): sparse layers of 6 ReLU²
-        #   experts, top-2 by DeepSeek-V3's router, a shared expert (with biases), after a Mamba-2 and an attention layer
+        #   experts, top-2 by DeepSeek-V3's router, a shared expert (with biases), after a Mamba-2 and an attention layer;
+        #   "_latent": those experts in a latent space of 40 (fc1_latent_proj / fc2_latent_proj, with biases)
         layers = ["linear_attention", "mlp", "linear_attention", "full_attention", "mlp", "linear_attention",
                   "linear_attention", "mlp"]
         moe = dict(layers_block_type=["linear_attention", "moe", "full_attention", "moe", "linear_attention", "mlp"],
@@ -162,7 +163,8 @@ def tiny_config(family: str, **overrides):
                                                     "layers_block_type": layers, "head_dim": 24, "mamba_num_heads": 8,
                                                     "mamba_head_dim": 16, "n_groups": 2, "ssm_state_size": 8,
                                                     "conv_kernel": 4, "chunk_size": 16, "mlp_bias": True,
-                                                    **(moe if family == "nemotron_h_moe" else {})})
+                                                    **(moe if family != "nemotron_h" else {}),
+                                                    **({"moe_latent_size": 40} if family.endswith("latent") else {})})
     elif family in LLAMA_LIKE_FAMILIES:
         from transformers import AutoConfig
 

@@ -3,15 +3,16 @@ mixer and the MLP layer after it; a mixer followed by a mixer is a block without
 model (tiny random config "M-M*-MM-": Mamba-2 + ReLU² MLP, a Mamba-2 block without MLP, NoPE attention + MLP, two
 Mamba-2 in a row; the first group's heads with dt under time_step_min and D = 0, so the time-step rule shows), and
 Nemotron 3's sparse layers ("ME*EM-": 6 ReLU² experts without gates, top-2 by DeepSeek-V3's sigmoid router with its
-correction bias, scaled 2.5, and a shared ReLU² expert with biases).
+correction bias, scaled 2.5, and a shared ReLU² expert with biases), and those experts in a latent space of 40
+(``moe_latent_size``: fc1_latent_proj / fc2_latent_proj with biases).
 
 HF's own prompt forward clamps dt to time_step_min and its one-token decode step does not (as mamba_ssm's step), so a
 prompt forward over a generated sequence is not what HF's generate computed: each decode step's logits are checked
 against HF's generate's own scores (``output_scores``), fp32 atol 2e-4 / rtol 1e-4, as are the prompt logits on a
 left-padded batch and the greedy tokens; beam search through HF's loop (the cache's layers put in block order); a
 cache the caller builds; bf16; int8 / int4; offload on both tiers (the disk tier reading routed experts on demand); a
-checkpoint on meta (what save_pretrained writes: ``backbone.*``, experts one by one); TP=2 (expert slicing and expert
-parallelism); PP=2; refusals."""
+checkpoint on meta (what save_pretrained writes: ``backbone.*``, experts one by one); TP=2 (expert slicing, the latent
+out bias added once, and expert parallelism); PP=2; refusals."""
 
 import pytest
 import torch
@@ -42,10 +43,12 @@ def _assert_same(hf, opt, lengths=(12, 5, 9, 3), new=8, atol=ATOL, rtol=RTOL):
 BLOCKS = {"nemotron_h": ([("Mamba2Mixer", "MLP"), ("Mamba2Mixer", "NoneType"), ("Attention", "MLP"),
                           ("Mamba2Mixer", "NoneType"), ("Mamba2Mixer", "MLP")], [0, 2, 3, 5, 6]),
           "nemotron_h_moe": ([("Mamba2Mixer", "MoEMLP"), ("Attention", "MoEMLP"), ("Mamba2Mixer", "MLP")], [0, 2, 4])}
-FAMILIES = list(BLOCKS)
+BLOCKS["nemotron_h_latent"] = BLOCKS["nemotron_h_moe"]
+FAMILIES = ["nemotron_h", "nemotron_h_moe"]
+ALL = list(BLOCKS)         # (the latent experts where their path differs: resident, int8, disk tier, checkpoint, TP)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL)
 def test_nemotron_h_matches_hf(family):
     hf = tiny_model(family)
     opt = optimised_copy(hf, max_seq_len=64)
@@ -53,9 +56,10 @@ def test_nemotron_h_matches_hf(family):
     blocks, cache_layers = BLOCKS[family]
     assert [(type(ly.attn).__name__, type(ly.mlp).__name__) for ly in engine.decoder.layers] == blocks
     assert engine.hf_cache_layers == cache_layers
-    if family == "nemotron_h_moe":     # ReLU² experts and shared expert: up rows only
+    if family != "nemotron_h":     # ReLU² experts and shared expert: up rows only; latent: experts on 40 inputs
         moe = engine.decoder.layers[0].mlp
         assert type(moe.shared).__name__ == "MLP" and moe.shared.gate_up.out_features == 48
+        assert (moe.latent_in is not None) == family.endswith("latent")
     _assert_same(hf, opt)
     ids, mask = padded_batch([6, 9], seed=2)       # beam search through HF's loop: states and K/V reordered
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False)
@@ -110,27 +114,27 @@ def test_nemotron_h_bf16(family):
                  atol=6e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("quantize", ["int8", "int4"])
+@pytest.mark.parametrize("family,quantize", [(f, q) for f in FAMILIES for q in ("int8", "int4")]
+                         + [("nemotron_h_latent", "int8")])
 def test_nemotron_h_quantised(family, quantize):
     """int8 / int4 (groups of 8) in_proj / out_proj, q / k / v / o, up / down, each expert's and the shared expert's
-    against HF over the same quantise-dequantised weights."""
+    against HF over the same quantise-dequantised weights (the latent projections as they are)."""
     hf = tiny_model(family)
     ref = fake_quantised_int8(hf) if quantize == "int8" else fake_quantised_int4(hf, 8)
     _assert_same(ref, optimised_copy(hf, max_seq_len=64, quantize=quantize, quantize_group_size=8))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("tier", ["cpu", "nvme"])
+@pytest.mark.parametrize("family,tier", [(f, t) for f in FAMILIES for t in ("cpu", "nvme")]
+                         + [("nemotron_h_latent", "nvme")])
 def test_nemotron_h_offload_matches_hf(family, tier, tmp_path):
     """(The blocks without an MLP stream an empty MLP half; the disk tier reads the routed experts on demand.)"""
     hf = tiny_model(family)
     opt = streamed_copy(hf, tier, tmp_path)
-    assert (opt._dsinfer_engine.decoder.experts is not None) == (tier == "nvme" and family == "nemotron_h_moe")
+    assert (opt._dsinfer_engine.decoder.experts is not None) == (tier == "nvme" and family != "nemotron_h")
     _assert_same(hf, opt)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL)
 def test_nemotron_h_from_checkpoint_on_meta(family, tmp_path):
     hf = tiny_model(family)
     _assert_same(hf, optimised_from_checkpoint(hf, tmp_path), new=6)
@@ -141,7 +145,7 @@ def test_nemotron_h_tensor_and_pipeline_parallel():
     added once), TP=2 with expert parallelism (3 whole experts a rank), and PP=2 (stages of blocks, HF's cache layers
     numbered per stage) through tests/tp_worker.py and tests/pp_worker.py: prompt logits, greedy, beam search."""
     for extra in ([], ["--expert-parallel"]):
-        families = FAMILIES if not extra else ["nemotron_h_moe"]
+        families = ALL if not extra else ["nemotron_h_moe"]
         codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", *families, *extra], timeout=300)
         assert codes == [0, 0], "\n".join(outs)
         assert outs[0].count(" OK") == len(families), outs[0]
@@ -160,8 +164,6 @@ def test_layer_patterns_the_engine_does_not_run_are_refused(types, match):
         dsi.init_inference(hf, max_seq_len=64)
 
 
-@pytest.mark.parametrize("family,setting,match", [("nemotron_h", {"use_bias": True}, "use_bias=True"),
-                                                   ("nemotron_h_moe", {"moe_latent_size": 32}, "moe_latent_size=32")])
-def test_settings_the_engine_does_not_reproduce_are_refused(family, setting, match):
-    with pytest.raises(dsi.UnsupportedModelError, match=match):
-        dsi.init_inference(tiny_model(family, **setting), max_seq_len=64)
+def test_use_bias_is_refused():
+    with pytest.raises(dsi.UnsupportedModelError, match="use_bias=True"):
+        dsi.init_inference(tiny_model("nemotron_h", use_bias=True), max_seq_len=64)

@@ -341,7 +341,7 @@ def moe_mlp(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: 
             renormalize: bool = True, weights_in_dtype: bool = False, gate_up_scale: torch.Tensor | None = None,
             down_scale: torch.Tensor | None = None, first_expert: int = 0, routing: reference.Routing | None = None,
             router_bias: torch.Tensor | None = None, gate_up_bias: torch.Tensor | None = None,
-            down_bias: torch.Tensor | None = None, act=None) -> torch.Tensor:
+            down_bias: torch.Tensor | None = None, act=None, experts_x: torch.Tensor | None = None) -> torch.Tensor:
     """See :func:`reference.moe_mlp`. On the Triton path: routing with mapping tables (``kernels/moe_routing.py``:
     top-k, per-expert counts, offsets and the token permutation), the experts' gate|up as one grouped GEMM over the
     permuted tokens (``kernels/moe_gemm.py``), SwiGLU, the down grouped GEMM with the routing weights as row
@@ -358,6 +358,7 @@ def moe_mlp(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: 
     why = None
     if _triton(x):
         why = ("act" if act is not None and not clamped
+               else "latent" if experts_x is not None
                else "dtype" if (x.dtype != router.dtype and routing is None) or (x.dtype != gate_up.dtype and not int8)
                else None)
     if not _triton(x) or why:
@@ -366,7 +367,8 @@ def moe_mlp(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: 
             if clamped:
                 act = functools.partial(clamped_swiglu, act=act)
         return reference.moe_mlp(x, router, gate_up, down, top_k, renormalize, weights_in_dtype, gate_up_scale,
-                                 down_scale, first_expert, routing, router_bias, gate_up_bias, down_bias, act)
+                                 down_scale, first_expert, routing, router_bias, gate_up_bias, down_bias, act,
+                                 experts_x)
     from lightning_dsinfer.kernels.activations import gated_act
     from lightning_dsinfer.kernels.moe_gemm import moe_gemm
     from lightning_dsinfer.kernels.moe_routing import moe_route, moe_tables

@@ -417,7 +417,7 @@ def moe_mlp(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: 
             renormalize: bool = True, weights_in_dtype: bool = False, gate_up_scale: torch.Tensor | None = None,
             down_scale: torch.Tensor | None = None, first_expert: int = 0, routing: Routing | None = None,
             router_bias: torch.Tensor | None = None, gate_up_bias: torch.Tensor | None = None,
-            down_bias: torch.Tensor | None = None, act=None) -> torch.Tensor:
+            down_bias: torch.Tensor | None = None, act=None, experts_x: torch.Tensor | None = None) -> torch.Tensor:
     """Sparse MoE SwiGLU MLP as transformers computes it: x [T, H]; router [E, H]; gate_up [E, 2I, H] (gate rows
     first); down [E, H, I]; routing by :func:`moe_topk` (``routing`` / ``router_bias``: DeepSeek's), the experts by
     :func:`moe_experts`. Returns [T, H]. int8
@@ -425,7 +425,8 @@ def moe_mlp(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: 
     (:func:`dequantize_experts`); each expert routed to is dequantised to x's dtype when it runs.
     Expert parallelism: gate_up / down hold experts [first_expert, first_expert + E_local) of the router's E; the
     others add nothing here (their rank adds them). gpt-oss: ``gate_up_bias`` [E, 2I], ``down_bias`` [E, H] (this
-    rank's experts; None: none) and ``act`` (:class:`ClampedSwiGLU`; None: SwiGLU)."""
+    rank's experts; None: none) and ``act`` (:class:`ClampedSwiGLU`; None: SwiGLU). ``experts_x`` [T, L]: what the
+    experts read instead of x (NemotronH's latent experts: x routes, its latent projection is computed on)."""
     act = act or silu_and_mul
     w, ids = moe_topk(x, router, top_k, renormalize, weights_in_dtype, routing, router_bias)
 
@@ -439,7 +440,7 @@ def moe_mlp(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: 
         h = act(F.linear(rows, weight(gate_up, gate_up_scale, e), None if gate_up_bias is None else gate_up_bias[e]))
         return F.linear(h, weight(down, down_scale, e), None if down_bias is None else down_bias[e])
 
-    return moe_experts(x, w, ids, expert)
+    return moe_experts(x if experts_x is None else experts_x, w, ids, expert)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,

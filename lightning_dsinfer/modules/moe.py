@@ -25,8 +25,12 @@ class MoEMLP(nn.Module):
                  routing: reference.Routing | None = None, router_bias: torch.Tensor | None = None, streamed=None,
                  gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None, act=None,
                  group_size: int = 128, gate_up_scale: torch.Tensor | None = None,
-                 down_scale: torch.Tensor | None = None):
+                 down_scale: torch.Tensor | None = None, latent_in: Linear | None = None,
+                 latent_out: Linear | None = None):
         super().__init__()
+        # NemotronH's latent experts: the router reads x, the experts latent_in(x) [T, L], and their sum goes through
+        # latent_out back to H (its bias on one rank of a group: the partial sums are reduced after it)
+        self.latent_in, self.latent_out = latent_in, latent_out
         self.router, self.experts_gate_up, self.experts_down = router, gate_up, down
         self.routing, self.router_bias = routing, router_bias     # DeepSeek's grouped routers (None: softmax top-k)
         # offload (disk tier, CPU): the routed experts are read when routed to (offload.experts.LayerExperts); then
@@ -76,6 +80,8 @@ class MoEMLP(nn.Module):
             if self.gate_up_scale is not None:
                 per_expert += (self.gate_up_scale[0].numel() + self.down_scale[0].numel()) * 4
         n = self.router.numel() * self.router.element_size() + self.top_k * per_expert
+        if self.latent_in is not None:
+            n += self.latent_in.nbytes + self.latent_out.nbytes
         if self.shared is not None:
             n += self.shared.gate_up.nbytes + self.shared.down.nbytes
             n += self.shared_gate.nbytes if self.shared_gate is not None else 0
@@ -84,20 +90,23 @@ class MoEMLP(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
+        xe = x2 if self.latent_in is None else self.latent_in(x2)       # what the experts read
         streamed = self.streamed is not None
         if streamed:                      # the experts hit are read while the shared expert computes
             w, ids = reference.moe_topk(x2, self.router, self.top_k, self.renormalize, self.weights_in_dtype,
                                         self.routing, self.router_bias)
             self.streamed.prefetch(ids)
             s = self._shared_out(x2)
-            y = self.streamed.run(x2, w, ids, self.act)
+            y = self._latent_out(self.streamed.run(xe, w, ids, self.act))
             y = y if s is None else y + s
         elif self.cpu_experts is not None and (self.experts_gate_up is None or not ops.uses_triton(x2)):
-            y = self._run_cpu_experts(x2)
+            y = self._latent_out(self._run_cpu_experts(x2, xe))
         else:
-            y = ops.moe_mlp(x2, self.router, self.experts_gate_up, self.experts_down, self.top_k, self.renormalize,
-                            self.weights_in_dtype, self.gate_up_scale, self.down_scale, self.first_expert,
-                            self.routing, self.router_bias, self.gate_up_bias, self.down_bias, self.act)
+            y = self._latent_out(ops.moe_mlp(
+                x2, self.router, self.experts_gate_up, self.experts_down, self.top_k, self.renormalize,
+                self.weights_in_dtype, self.gate_up_scale, self.down_scale, self.first_expert, self.routing,
+                self.router_bias, self.gate_up_bias, self.down_bias, self.act,
+                None if self.latent_in is None else xe))
         if not streamed:
             s = self._shared_out(x2)
             y = y if s is None else y + s
@@ -105,6 +114,9 @@ class MoEMLP(nn.Module):
             y = self.reduce(y)
         y = y.view(*lead, -1)
         return y if residual is None else y + residual
+
+    def _latent_out(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.latent_out is None else self.latent_out(y)
 
     def _shared_out(self, x: torch.Tensor) -> torch.Tensor | None:
         """The shared expert's output, behind its gate where it has one (None: no shared expert)."""
@@ -114,8 +126,9 @@ class MoEMLP(nn.Module):
         # (the gate is whole: it scales each partial sum)
         return s if self.shared_gate is None else torch.sigmoid(self.shared_gate(x)) * s
 
-    def _run_cpu_experts(self, x: torch.Tensor) -> torch.Tensor:
-        """:func:`kernels.reference.moe_mlp` with each expert's GEMMs on its :class:`Linear` pair."""
+    def _run_cpu_experts(self, x: torch.Tensor, xe: torch.Tensor) -> torch.Tensor:
+        """:func:`kernels.reference.moe_mlp` with each expert's GEMMs on its :class:`Linear` pair (x routes, the
+        experts read xe)."""
         def expert(e, rows):
             e -= self.first_expert
             if not 0 <= e < self.local_experts:       # expert parallelism: another rank's expert
@@ -127,7 +140,7 @@ class MoEMLP(nn.Module):
 
         w, ids = reference.moe_topk(x, self.router, self.top_k, self.renormalize, self.weights_in_dtype, self.routing,
                                     self.router_bias)
-        return reference.moe_experts(x, w, ids, expert)
+        return reference.moe_experts(xe, w, ids, expert)
 
 
 class _LazyExperts:

@@ -46,6 +46,12 @@ class MoEWeights:
     gated: bool = True
     shared_up_bias: WeightRef | None = None
     shared_down_bias: WeightRef | None = None
+    # NemotronH's latent experts (``moe_latent_size``): fc1_latent_proj [L, H] before them, fc2_latent_proj [H, L]
+    # after (the experts then [E, I, L] / [E, L, I]), with their biases where the model has them
+    latent_in: WeightRef | None = None
+    latent_in_bias: WeightRef | None = None
+    latent_out: WeightRef | None = None
+    latent_out_bias: WeightRef | None = None
 
     @property
     def expert_inter(self) -> int:

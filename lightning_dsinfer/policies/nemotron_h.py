@@ -1,16 +1,24 @@
-"""NemotronH (``nemotron_h``: NVIDIA Nemotron-H, Nemotron Nano 2): one sub-layer per layer of the config, by
-``layers_block_type`` (the pattern "M-M*-": "linear_attention" a Mamba-2 mixer, "full_attention" GQA attention without
-positions (NoPE), "mlp" a plain ReLU² MLP (``up_proj`` / ``down_proj``), "moe"), each ``h + mixer(norm(h))``.
+"""NemotronH (``nemotron_h``: NVIDIA Nemotron-H, Nemotron Nano 2, Nemotron 3): one sub-layer per layer of the config,
+by ``layers_block_type`` (the pattern "M-M*-E": "linear_attention" a Mamba-2 mixer, "full_attention" GQA attention
+without positions (NoPE), "mlp" a plain ReLU² MLP (``up_proj`` / ``down_proj``), "moe" a sparse layer), each
+``h + mixer(norm(h))``.
 
 The engine's block is a mixer layer and the MLP layer after it (``norm`` of the first is the block's input norm, of
 the second its post-attention norm); a mixer followed by another mixer is a block without an MLP. An MLP layer that
-follows no mixer, and "moe" layers (Nemotron 3's sparse experts), are refused with the reason. The Hugging Face cache
-has a layer per config layer: ``ModelWeights.cache_layers`` says which one each block's mixer writes.
+follows no mixer is refused with the reason. The Hugging Face cache has a layer per config layer:
+``ModelWeights.cache_layers`` says which one each block's mixer writes.
+
+Sparse layers: DeepSeek-V3's router (sigmoid scores, the choice on scores + ``e_score_correction_bias``, groups,
+renormalised, scaled), top-k experts without a gate (``up_proj`` [E, I, H] -> ReLU² -> ``down_proj``:
+``MoEWeights.gated`` False, ``reference.PlainAct``), a shared ReLU² expert with its biases; with ``moe_latent_size``
+the experts read ``fc1_latent_proj(x)`` and their sum goes through ``fc2_latent_proj`` (the router and the shared
+expert read x).
 
 Module tree: ``model.model.embeddings``, ``model.model.layers[i].{norm, mixer}``, ``model.model.norm_f``,
-``model.lm_head``. The Mamba-2 mixer is Granite 4's (``modules/gated_deltanet.Mamba2Mixer``; dt limited below by
-``time_step_min`` in prompts). RMSNorms scale in fp32 and round once (``norm_fp32``). Refused with the reason:
-``use_bias`` (the mixers' in_proj bias would reach the convolution for padded tokens).
+``model.lm_head`` (checkpoints: ``backbone.*``, experts one by one). The Mamba-2 mixer is Granite 4's
+(``modules/gated_deltanet.Mamba2Mixer``; dt limited below by ``time_step_min`` in prompts). RMSNorms scale in fp32 and
+round once (``norm_fp32``). Refused with the reason: ``use_bias`` (the mixers' in_proj bias would reach the
+convolution for padded tokens).
 """
 from __future__ import annotations
 
@@ -39,10 +47,6 @@ def read_nemotron_h(model: nn.Module, max_seq_len: int, source: WeightSource | N
     if set(types) - {*_MIXERS, *_MLPS}:
         raise UnsupportedModelError(f"nemotron_h: layer types {sorted(set(types) - {*_MIXERS, *_MLPS})}; the engine "
                                     f"runs {', '.join((*_MIXERS, *_MLPS))}.")
-    if "moe" in types and getattr(config, "moe_latent_size", None) is not None:
-        raise UnsupportedModelError(
-            f"nemotron_h with moe_latent_size={config.moe_latent_size} (experts in a latent space between "
-            f"fc1_latent_proj and fc2_latent_proj) is not supported yet; moe_latent_size=None (Nemotron 3 Nano) is.")
     act = getattr(config, "mlp_hidden_act", "relu2")
     if act != "relu2":
         raise UnsupportedModelError(f"nemotron_h with mlp_hidden_act={act!r} is not supported (relu2 is).")
@@ -76,7 +80,10 @@ def read_nemotron_h(model: nn.Module, max_seq_len: int, source: WeightSource | N
                              shared_up=ref(f"{s}.up_proj.weight"), shared_down=ref(f"{s}.down_proj.weight"),
                              shared_up_bias=opt(f"{s}.up_proj.bias"), shared_down_bias=opt(f"{s}.down_proj.bias"),
                              routing=routing, router_bias=ref(f"{f}.gate.e_score_correction_bias"), gated=False,
-                             act=PlainAct("relu2"))
+                             act=PlainAct("relu2"), latent_in=opt(f"{f}.fc1_latent_proj.weight"),
+                             latent_in_bias=opt(f"{f}.fc1_latent_proj.bias"),
+                             latent_out=opt(f"{f}.fc2_latent_proj.weight"),
+                             latent_out_bias=opt(f"{f}.fc2_latent_proj.bias"))
             mlp = dict(moe=moe, post_norm=ref(f"model.layers.{j}.norm.weight"))
         elif j is not None:
             f = f"model.layers.{j}.mixer"
