@@ -1058,11 +1058,11 @@ inline __m512 tanh16(__m512 x) {
 }
 
 // Plain activations of dsi_act_bf16 (the engine's names: reference.act).
-enum ActKind { kGelu = 0, kGeluTanh = 1, kRelu = 2, kSilu = 3 };
+enum ActKind { kGelu = 0, kGeluTanh = 1, kRelu = 2, kSilu = 3, kRelu2 = 4 };   // (kRelu2: plain activations only)
 
 // act of 16 fp32 lanes, in torch's order of operations for bf16 rows (aten/src/ATen/native/cpu/Gelu.h): gelu
 // x * 0.5 * (1 + erf(x / sqrt 2)); gelu_tanh 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))); silu x / (1 + exp(-x));
-// relu max(x, 0) (NaN and -0 kept, as torch's).
+// relu max(x, 0) (NaN and -0 kept, as torch's); relu2 max(x, 0)^2 (F.relu(x).square(): the square rounded once).
 template <int KIND>
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 inline __m512 act16(__m512 v) {
@@ -1077,6 +1077,10 @@ inline __m512 act16(__m512 v) {
         return _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, tanh16(inner)));
     }
     if (KIND == kRelu) return _mm512_max_ps(_mm512_setzero_ps(), v);   // (vmaxps: its 2nd operand for NaN / both 0)
+    if (KIND == kRelu2) {
+        const __m512 r = _mm512_max_ps(_mm512_setzero_ps(), v);
+        return _mm512_mul_ps(r, r);
+    }
     return _mm512_div_ps(v, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), v))));
 }
 
@@ -1779,16 +1783,16 @@ int dsi_silu_mul_bf16(const void* gate_up, int64_t ld, int64_t rows, int64_t I, 
 }
 
 // y[r, :] = act(x[r, :]) for `rows` bf16 rows of n (row strides ld, ldy): kind 0 GeLU (erf), 1 GeLU (tanh), 2 ReLU,
-// 3 SiLU; fp32 inside, one rounding (act_row_avx512). Contiguous rows of kSerialActWork elements or more are split
+// 3 SiLU, 4 ReLU squared; fp32 inside, one rounding (act_row_avx512). Contiguous rows of kSerialActWork elements or more are split
 // over `threads` OpenMP threads (each element's result does not depend on the split). AVX512 only: returns -1
 // there or for another kind, else 0.
 int dsi_act_bf16(const void* x, int64_t ld, int64_t rows, int64_t n, void* y, int64_t ldy, int kind, int threads) {
-    if (dsi_gemv_best_isa() < 2 || kind < kGelu || kind > kSilu) return -1;
+    if (dsi_gemv_best_isa() < 2 || kind < kGelu || kind > kRelu2) return -1;
     const uint16_t* xs = static_cast<const uint16_t*>(x);
     uint16_t* ys = static_cast<uint16_t*>(y);
     using Row = void (*)(const uint16_t*, uint16_t*, int64_t);
     static const Row row_fn[] = {act_row_avx512<kGelu>, act_row_avx512<kGeluTanh>, act_row_avx512<kRelu>,
-                                 act_row_avx512<kSilu>};
+                                 act_row_avx512<kSilu>, act_row_avx512<kRelu2>};
     const Row fn = row_fn[kind];
     const int64_t total = rows * n;
     if (threads > 1 && ld == n && ldy == n && total >= kSerialActWork) {   // one run of rows * n, in 16-lane pieces

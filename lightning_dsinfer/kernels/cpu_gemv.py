@@ -686,11 +686,12 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 
 ACT_MAX_ROWS = 64             # decode-sized calls; prompts keep torch's multi-threaded ops
-ACT_KINDS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}     # dsi_act_bf16's kinds (reference.act's names)
+ACT_KINDS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3, "relu2": 4}   # dsi_act_bf16's kinds (reference.act's
+#                                                                            names; relu2 plain only, not gated)
 
 
 def act(x: torch.Tensor, name: str) -> torch.Tensor | None:
-    """:func:`reference.act` (a plain MLP's activation: gelu | gelu_tanh | relu | silu) for a few contiguous bf16
+    """:func:`reference.act` (a plain MLP's activation: gelu | gelu_tanh | relu | silu | relu2) for a few contiguous bf16
     rows in one C call, fp32 inside, one rounding, in torch's order of operations. erf and tanh are vectorised
     approximations within ~1 fp32 ulp (torch's erf GeLU is oneDNN's own approximation, which loses accuracy below
     x = -3), so a bf16 result may sit one ulp from torch's, mostly in that tail (tests/test_cpu_gemv.py). None where
@@ -714,7 +715,7 @@ def gated_act(gate_up: torch.Tensor, name: str) -> torch.Tensor | None:
     also on CPUs without AVX512 (:func:`has_wide_ops`)."""
     k = _kernel if _kernel is not None else _load()
     n2 = gate_up.shape[-1]
-    kind = ACT_KINDS.get(name)
+    kind = ACT_KINDS.get(name) if name != "relu2" else None
     if (k is None or _off or k.best_isa < 2 or kind is None or gate_up.dtype != torch.bfloat16
             or not gate_up.is_contiguous() or n2 % 2 or n2 == 0 or gate_up.device.type != "cpu"
             or gate_up.numel() > ACT_MAX_ROWS * n2):

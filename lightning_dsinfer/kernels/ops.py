@@ -267,10 +267,11 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 def act(x: torch.Tensor, name: str) -> torch.Tensor:
     """A plain MLP's activation (gelu | gelu_tanh | relu | silu) over x: torch's op in x's dtype on the CPU (fp32
     inside, one rounding, as HF; decode-sized bf16 rows: one C call), ``kernels/activations.bias_act`` on the Triton
-    path. relu2 (Arcee's ReLU squared) has no kernel: torch's ops on every path."""
+    path. relu2 (Arcee's and NemotronH's ReLU squared) has no Triton kernel: the C call on the CPU, torch's ops on
+    CUDA."""
     if not _triton(x) or name == "relu2":
         if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-            y = cpu_gemv.act(x, name)                # decode-sized bf16 rows: one C call (None for relu2)
+            y = cpu_gemv.act(x, name)                # decode-sized bf16 rows: one C call
             if y is not None:
                 return y
         if _triton(x):
