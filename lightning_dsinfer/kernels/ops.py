@@ -282,6 +282,9 @@ def act(x: torch.Tensor, name: str) -> torch.Tensor:
     return bias_act(x, None, name)
 
 
+_plain_act = act          # (moe_mlp's ``act`` parameter hides this module's function)
+
+
 def gated_act(gate_up: torch.Tensor, act: str = "silu") -> torch.Tensor:
     """A gated MLP's activation: SwiGLU (:func:`silu_and_mul`) or GeGLU (``act`` gelu_tanh / gelu; one kernel on the
     Triton path, in fp32; on the CPU in the rows' dtype, as HF rounds: act(gate), then the product; ~4x faster in
@@ -352,14 +355,15 @@ def moe_mlp(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: 
     rank's segment of the routing tables, the other assignments' rows zero. DeepSeek's routers (``routing``: groups,
     correction bias, fp32 router) choose in torch (:func:`reference.moe_topk`), the tables then by kernel. gpt-oss's
     experts: ``gate_up_bias`` / ``down_bias`` added in the grouped GEMMs' epilogues (down's before the routing weight),
-    the clamped SwiGLU ``act`` through :func:`clamped_swiglu`; any other ``act`` runs the reference (counted
+    the clamped SwiGLU ``act`` through :func:`clamped_swiglu`; experts without a gate (``reference.PlainAct``) their
+    activation through :func:`act` between the grouped GEMMs; any other ``act`` runs the reference (counted
     ``reference:act``), as do dtypes the kernels do not take (counted ``reference:dtype``)."""
     int8 = gate_up_scale is not None
     clamped = isinstance(act, reference.ClampedSwiGLU)
+    plain = isinstance(act, reference.PlainAct)     # (NemotronH: experts without a gate, gate_up their up rows)
     why = None
     if _triton(x):
-        why = ("act" if act is not None and not clamped
-               else "latent" if experts_x is not None
+        why = ("act" if act is not None and not clamped and not plain
                else "dtype" if (x.dtype != router.dtype and routing is None) or (x.dtype != gate_up.dtype and not int8)
                else None)
     if not _triton(x) or why:
@@ -388,8 +392,9 @@ def moe_mlp(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: 
     # (expert parallelism: other ranks' rows of the gate|up product stay zero, so SwiGLU sees no stale memory there;
     # the down GEMM reads this rank's rows only)
     gu = torch.zeros(sorted_ids.numel(), gate_up.shape[1], dtype=x.dtype, device=x.device) if partial else None
-    gu = moe_gemm(x, gate_up, sorted_ids, offsets, top_k, weight_scale=gate_up_scale, out=gu, bias=gate_up_bias)
-    h = clamped_swiglu(gu, act) if clamped else gated_act(gu, None, "silu")
+    gu = moe_gemm(x if experts_x is None else experts_x, gate_up, sorted_ids, offsets, top_k,
+                  weight_scale=gate_up_scale, out=gu, bias=gate_up_bias)   # (latent experts read experts_x's rows)
+    h = clamped_swiglu(gu, act) if clamped else _plain_act(gu, act.name) if plain else gated_act(gu, None, "silu")
     out = torch.zeros(sorted_ids.numel(), down.shape[1], dtype=x.dtype, device=x.device) if partial else None
     y = moe_gemm(h, down, sorted_ids, offsets, 1, row_scale=w.reshape(-1), weight_scale=down_scale,
                  out=out, bias=down_bias)   # [T * k, H]: other ranks' assignments stay zero

@@ -182,6 +182,18 @@ def test_gpt_oss_through_triton_matches_hf(monkeypatch):
     assert not _fallbacks(), _fallbacks()
 
 
+@pytest.mark.parametrize("family", ["nemotron_h_moe", "nemotron_h_latent"])
+def test_nemotron_h_experts_through_triton_match_hf(family, monkeypatch):
+    """NemotronH's ReLU² experts without a gate through the routing tables and grouped GEMMs (their activation
+    between the two; the latent experts' inputs from fc1_latent_proj); the Mamba-2 mixers run their torch ops (no
+    Triton kernel): fp32 logits and greedy tokens as HF's."""
+    opt = _matches_hf_through_triton(family)
+    counts = dict(ops.dispatch_counts)
+    assert counts[("moe_mlp", "triton")] == 6 * 2, counts               # 1 forward + 1 prefill + 4 decode steps
+    assert not any(op == "moe_mlp" and how != "triton" for op, how in counts), counts
+    assert opt._dsinfer_engine.decoder.layers[0].mlp.latent_in is not None or family == "nemotron_h_moe"
+
+
 @pytest.mark.parametrize("kind", ["none", "left", "holes"])
 @pytest.mark.parametrize("window", [None, 4])
 @pytest.mark.parametrize("t,past", [(9, 0), (1, 8), (3, 6)])
