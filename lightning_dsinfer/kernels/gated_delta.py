@@ -1,7 +1,8 @@
 """Gated DeltaNet's decode step (Qwen3-Next / Qwen3.5 linear attention, ``modules/gated_deltanet.py``) in two kernels.
 
 ``conv_step``: per row and channel the depthwise convolution of the history (K - 1 inputs, shifted in place) and the
-new input, fp32 multiply-adds rounded to the rows' dtype, then SiLU (rounded): the q | k | v channels.
+new input (and a bias: Mamba-2's, ``kernels/mamba2.py``), fp32 multiply-adds rounded to the rows' dtype, then SiLU
+(rounded): the q | k | v channels.
 ``delta_step``: per row, value head and block of value columns: q and k of its key head L2-normed in fp32 (q scaled by
 Dk^-1/2), beta = sigmoid(b) (rounded), g = -exp(a_log) softplus(a + dt_bias), and the state tile [Dk, BLOCK_V] (fp32,
 in place) decayed by exp(g), corrected by beta k (v - S^T k)^T and read by q. Each state element is read and written
@@ -20,9 +21,10 @@ def _conv_step_kernel(
     x_ptr, x_row,                   # new inputs [B, C] (row stride x_row; channel stride 1)
     hist_ptr,                       # history [B, C, K - 1] contiguous, shifted in place
     w_ptr,                          # weights [C, K] contiguous
+    bias_ptr,                       # [C] (HAS_BIAS: Mamba-2's convolution)
     y_ptr,                          # output [B, C] contiguous: SiLU(conv)
     C,
-    K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -35,6 +37,8 @@ def _conv_step_kernel(
     window = tl.where(j[None, :] == K - 1, new[:, None], old)
     w = tl.load(w_ptr + c[:, None] * K + j[None, :], mask=mc[:, None] & (j[None, :] < K), other=0.0)
     acc = tl.sum(window.to(tl.float32) * w.to(tl.float32), axis=1)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + c, mask=mc, other=0.0).to(tl.float32)
     acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32)          # the convolution's output, rounded
     tl.store(y_ptr + b * C + c, (acc * tl.sigmoid(acc)).to(y_ptr.dtype.element_ty), mask=mc)
     # the history drops its oldest input: window column j goes to history column j - 1
@@ -78,9 +82,11 @@ def _delta_step_kernel(
     tl.store(out_ptr + (b * HV + hv) * DV + cols, o.to(out_ptr.dtype.element_ty), mask=mv)
 
 
-def conv_step(x: torch.Tensor, history: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """SiLU(depthwise conv) of one new input per row: x [B, C] (channel stride 1), history [B, C, K - 1] contiguous
-    (shifted in place: the new input joins it), weight [C, K]. Returns [B, C] in x's dtype."""
+def conv_step(x: torch.Tensor, history: torch.Tensor, weight: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """SiLU(depthwise conv (+ bias)) of one new input per row: x [B, C] (channel stride 1), history [B, C, K - 1]
+    contiguous (shifted in place: the new input joins it), weight [C, K], bias [C] or None (Mamba-2's has one).
+    Returns [B, C] in x's dtype."""
     b, c = x.shape
     kern = weight.shape[-1]
     if history.shape != (b, c, kern - 1) or not history.is_contiguous() or not weight.is_contiguous() \
@@ -89,8 +95,9 @@ def conv_step(x: torch.Tensor, history: torch.Tensor, weight: torch.Tensor) -> t
                          f"{tuple(weight.shape)} (contiguous) do not fit")
     y = torch.empty(b, c, dtype=x.dtype, device=x.device)
     block_c = 128
-    _conv_step_kernel[(b, triton.cdiv(c, block_c))](x, x.stride(0), history, weight, y, c, K=kern, BLOCK_C=block_c,
-                                                    BLOCK_K=triton.next_power_of_2(kern))
+    _conv_step_kernel[(b, triton.cdiv(c, block_c))](x, x.stride(0), history, weight, weight if bias is None else bias,
+                                                    y, c, K=kern, BLOCK_C=block_c,
+                                                    BLOCK_K=triton.next_power_of_2(kern), HAS_BIAS=bias is not None)
     return y
 
 

@@ -330,6 +330,24 @@ def gated_delta_step(proj: torch.Tensor, history: torch.Tensor, conv: torch.Tens
     return delta_step(qkv, proj[:, c + hv * dv:], a_log, dt_bias, state, key_heads, key_dim)
 
 
+def mamba2_step(proj: torch.Tensor, history: torch.Tensor, conv: torch.Tensor, conv_bias: torch.Tensor | None,
+                dt_bias: torch.Tensor, a_log: torch.Tensor, d: torch.Tensor, norm: torch.Tensor, state: torch.Tensor,
+                groups: int, eps: float, limit: tuple[float, float]) -> torch.Tensor:
+    """A Mamba-2 decode step on the Triton path (``kernels/mamba2.py``): proj [B, W] one token's in_proj row (z [I] |
+    x B C [C] | dt [H]), the convolution history [B, C, K - 1] and the fp32 state [B, H, P, N] (both updated in
+    place). Returns the gated norm's output [B, I] in proj's dtype (out_proj's input). The reference: the module's
+    torch ops (``modules/gated_deltanet.Mamba2Mixer``)."""
+    from lightning_dsinfer.kernels.gated_delta import conv_step
+    from lightning_dsinfer.kernels.mamba2 import gated_norm, ssm_step
+
+    _, h, p, _ = state.shape
+    inner, c = h * p, history.shape[1]
+    _count("mamba2", "triton")
+    xbc = conv_step(proj[:, inner:inner + c], history, conv, conv_bias)
+    y = ssm_step(xbc, proj[:, inner + c:], dt_bias, a_log, d, state, groups, limit)
+    return gated_norm(y, proj, norm, groups, eps)
+
+
 def clamped_swiglu(gate_up: torch.Tensor, act: reference.ClampedSwiGLU) -> torch.Tensor:
     """gpt-oss's expert activation ``act(gate_up)`` (:class:`reference.ClampedSwiGLU`): on the Triton path
     ``kernels/activations.clamped_swiglu`` (fp32 inside, one rounding), else the reference (each op in the rows'

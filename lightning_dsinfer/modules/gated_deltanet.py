@@ -320,6 +320,13 @@ class Mamba2Mixer(nn.Module):
                                        self.norm, state, h, p, g, n, self.eps, limit)
             if out is not None:
                 return self.o(out, residual)
+        if (t == 1 and step.cache is not None and ops.uses_triton(proj) and self.norm_reduce is None
+                and (step.valid is None or bool(step.valid.all()))):
+            # a decode step on the Triton path: convolution, scan and gated norm in three kernels (kernels/mamba2.py)
+            history, state = step.cache.linear_buffers(self.layer_idx, bsz, (self.channels, self.kernel - 1), (h, p, n))
+            out = ops.mamba2_step(proj[:, 0], history, self.conv, self.conv_bias, self.dt_bias, self.a_log, self.d,
+                                  self.norm, state, g, self.eps, limit)
+            return self.o(out[:, None], residual)
         valid = None if step.valid is None else step.valid[:, :, None].to(proj.dtype)
         if valid is not None:          # left padding: rows zeroed before and after the convolution, as transformers
             proj = proj * valid

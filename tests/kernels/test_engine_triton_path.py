@@ -182,6 +182,14 @@ def test_gpt_oss_through_triton_matches_hf(monkeypatch):
     assert not _fallbacks(), _fallbacks()
 
 
+@pytest.mark.parametrize("family,mamba_layers", [("nemotron_h", 4), ("bamba", 2)])
+def test_mamba2_decode_steps_through_triton_match_hf(family, mamba_layers, monkeypatch):
+    """Mamba-2's decode steps through kernels/mamba2.py (convolution, scan, gated norm: three kernels; prompts run the
+    module's torch ops): fp32 logits and greedy tokens as HF's; 4 decode steps per Mamba-2 block."""
+    _matches_hf_through_triton(family)
+    assert ops.dispatch_counts[("mamba2", "triton")] == 4 * mamba_layers, dict(ops.dispatch_counts)
+
+
 @pytest.mark.parametrize("family", ["nemotron_h_moe", "nemotron_h_latent"])
 def test_nemotron_h_experts_through_triton_match_hf(family, monkeypatch):
     """NemotronH's ReLU² experts without a gate through the routing tables and grouped GEMMs (their activation
