@@ -183,6 +183,37 @@ def cases(dev: str = "cuda", tiny: bool = False):
                     lambda qkv=qkv, ba=ba, a_log=a_log, dt=dt, state=state:
                     delta_step(qkv, ba, a_log, dt, state, hk_, dk_), torch_step, 2 * state.numel() * 4))
 
+    # Mamba-2's decode step (Nemotron-H 8B: 128 heads of 64, 8 groups, state 128; the convolution, the scan on the
+    # fp32 state read and written once, the gated norm), against the module's torch ops on the same inputs
+    from lightning_dsinfer.kernels import ops as kops
+    from lightning_dsinfer.modules.gated_deltanet import causal_conv, ssd_scan
+
+    mh, mp_, mg, mn = (4, 16, 2, 16) if tiny else (128, 64, 8, 128)
+    mc = mh * mp_ + 2 * mg * mn
+    for b in (1, 16):
+        proj = torch.randn(b, mh * mp_ + mc + mh, device=dev, dtype=bf)
+        hist, conv = torch.randn(b, mc, 3, device=dev, dtype=bf), torch.randn(mc, 4, device=dev, dtype=bf) * 0.3
+        cbias, dtb = torch.randn(mc, device=dev, dtype=bf), torch.randn(mh, device=dev, dtype=bf)
+        alog, dd, nw = torch.randn(mh, device=dev, dtype=bf), torch.randn(mh, device=dev, dtype=bf), \
+            torch.ones(mh * mp_, device=dev, dtype=bf)
+        state = torch.randn(b, mh, mp_, mn, device=dev) * 0.1
+
+        def torch_mamba(proj=proj, hist=hist, conv=conv, cbias=cbias, dtb=dtb, alog=alog, dd=dd, nw=nw, state=state,
+                        b=b):
+            z, xbc, dt_ = proj.split([mh * mp_, mc, mh], -1)
+            xbc = F.silu(causal_conv(torch.cat((hist, xbc[:, :, None]), -1), conv, 1, cbias))[:, :, 0]
+            x_, bb, cc = xbc.split([mh * mp_, mg * mn, mg * mn], -1)
+            bb, cc = (v.view(b, 1, mg, mn).repeat_interleave(mh // mg, 2) for v in (bb, cc))
+            y, _ = ssd_scan(x_.view(b, 1, mh, mp_), F.softplus(dt_ + dtb)[:, None], -alog.float().exp(), bb, cc, state)
+            y = (y + x_.view(b, 1, mh, mp_).float() * dd.float()[:, None]).view(b, -1).to(bf)
+            gated = (y.float() * F.silu(z.float())).view(b, mg, -1)
+            return nw * (gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + 1e-5)).view(b, -1).to(bf)
+        out.append(("mamba2 decode step", f"B={b} {mh}x{mp_} g{mg} N={mn} fp32 state",
+                    lambda proj=proj, hist=hist, conv=conv, cbias=cbias, dtb=dtb, alog=alog, dd=dd, nw=nw,
+                    state=state: kops.mamba2_step(proj, hist, conv, cbias, dtb, alog, dd, nw, state, mg, 1e-5,
+                                                  (0.0, float("inf"))),
+                    torch_mamba, 2 * state.numel() * 4))
+
     t = ctx
     qkv = torch.randn(1, t, hq + 2 * hkv, d, device=dev, dtype=bf)
     q, k, v = qkv[:, :, :hq], qkv[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:]

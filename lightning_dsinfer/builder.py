@@ -356,7 +356,7 @@ def block_linear_inputs(w: ModelWeights, plan: TensorShardPlan) -> dict[str, int
         lw = next((lw for lw in layers if getattr(lw, kind, None) is not None), None)
         if lw is not None:
             ks[name] = out_columns(lw, plan)[1]
-    if not layers or any(lw.moe is None for lw in layers):
+    if not layers or any(lw.moe is None and lw.up is not None for lw in layers):   # (blocks without an MLP: none)
         ks["down"] = plan.mlp_rows[1]
     for moe in {id(lw.moe): lw.moe for lw in layers if lw.moe is not None}.values():
         ks.setdefault("experts' down", moe.expert_inter // (1 if moe.expert_parallel else plan.tp))

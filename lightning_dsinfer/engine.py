@@ -193,8 +193,10 @@ class InferenceEngine:
         to read even on a stage of linear-attention blocks only."""
         from transformers.cache_utils import DynamicCache, DynamicLayer
 
-        if not self.cache.conv:
-            return DynamicCache()
+        if not self.cache.conv:        # (its layers made as the blocks write them: numbered as the blocks)
+            cache = DynamicCache()
+            cache.dsinfer_blocks = True
+            return cache
         cache = DynamicCache(config=self.hf_config)
         cache.layers = [cache.layers[i] for i in self.hf_cache_layers]     # numbered as the blocks
         cache.dsinfer_blocks = True
@@ -208,6 +210,9 @@ class InferenceEngine:
         of the config) has its layers put in block order, in place, once (:meth:`new_hf_cache`'s are already)."""
         layers = getattr(hf_cache, "layers", None)
         if self.blocks_are_layers or layers is None or getattr(hf_cache, "dsinfer_blocks", False):
+            return
+        if not layers and not self.cache.conv:     # an empty dynamic cache: its layers come as the blocks write them
+            hf_cache.dsinfer_blocks = True
             return
         if self.pipe.size > 1 or len(layers) != len(self.hf_config.layer_types):
             raise ValueError(f"dsinfer: the Hugging Face cache passed has {len(layers)} layers; "

@@ -396,7 +396,8 @@ def assert_c_step_matches_torch(opt, layer: int, c_function: str, rows: int = 3)
         calls = []
         setattr(cpu_gemv, c_function, lambda *a, **k: calls.append(1) or (real(*a, **k) if c_call else None))
         try:
-            out = mixer.from_qkv(proj, None, Step(cos=None, sin=None, mask=None, cache=cache, start=7))
+            out = mixer.from_qkv(proj, None, Step(cos=None, sin=None, mask=None, cache=cache, start=7, q_start=7,
+                                                  decoding=True))
         finally:
             setattr(cpu_gemv, c_function, real)
         assert calls

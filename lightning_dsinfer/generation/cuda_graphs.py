@@ -127,7 +127,7 @@ class _Bucket:
         cos = e.rotary.cos.index_select(0, self.pos).view(b, 1, 1, d)
         sin = e.rotary.sin.index_select(0, self.pos).view(b, 1, 1, d)
         step = Step(cos=cos, sin=sin, mask=mask, window_mask=window_mask,
-                    cache=_ColumnWriter(e.cache, col, b), start=0, positions=self.pos.view(b, 1))
+                    cache=_ColumnWriter(e.cache, col, b), start=0, positions=self.pos.view(b, 1), decoding=True)
         with ops.kv_ranges((mask, start, seq_lens, None), (window_mask, start, seq_lens, w)):
             h = e.decoder.hidden(e.decoder.embed_tokens(self.tok.view(b, 1)), step)
             self.logits = e.decoder.logits(h[:, -1])

@@ -310,17 +310,17 @@ class Mamba2Mixer(nn.Module):
         bsz, t, _ = proj.shape
         h, p, g, n, inner = self.h, self.p, self.g, self.n, self.inner
         # the time-step limits bound prompts' dt only: transformers' (and mamba_ssm's) one-token step on a held state
-        # does not clamp (NemotronH's lower limit is time_step_min)
-        limit = self.dt_limit if t > 1 or step.q_start == 0 else (0.0, float("inf"))
-        if (t == 1 and step.cache is not None and proj.dtype == torch.bfloat16 and not ops.uses_triton(proj)
-                and self.norm_reduce is None and (step.valid is None or bool(step.valid.all()))):
+        # does not clamp (NemotronH's lower limit is time_step_min); a one-token chunk of a prompt does
+        limit = (0.0, float("inf")) if step.decoding else self.dt_limit
+        if (t == 1 and step.decoding and step.cache is not None and proj.dtype == torch.bfloat16
+                and not ops.uses_triton(proj) and self.norm_reduce is None and (step.valid is None or bool(step.valid.all()))):
             # a bf16 CPU decode step on the engine's cache: the convolution, scan and gated norm in one C call
             history, state = step.cache.linear_buffers(self.layer_idx, bsz, (self.channels, self.kernel - 1), (h, p, n))
             out = cpu_gemv.mamba2_step(proj, history, self.conv, self.conv_bias, self.dt_bias, self.a_log, self.d,
                                        self.norm, state, h, p, g, n, self.eps, limit)
             if out is not None:
                 return self.o(out, residual)
-        if (t == 1 and step.cache is not None and ops.uses_triton(proj) and self.norm_reduce is None
+        if (t == 1 and step.decoding and step.cache is not None and ops.uses_triton(proj) and self.norm_reduce is None
                 and (step.valid is None or bool(step.valid.all()))):
             # a decode step on the Triton path: convolution, scan and gated norm in three kernels (kernels/mamba2.py)
             history, state = step.cache.linear_buffers(self.layer_idx, bsz, (self.channels, self.kernel - 1), (h, p, n))
@@ -343,7 +343,9 @@ class Mamba2Mixer(nn.Module):
         a = -torch.exp(self.a_log.float())
         y, state = ssd_scan(x.reshape(bsz, t, h, p), dt, a, b, c, state)
         keep_states(keep, window[..., -(self.kernel - 1):], state)
-        y = (y + x.reshape(bsz, t, h, p).float() * self.d.float()[:, None]).reshape(bsz, t, inner).to(proj.dtype)
+        y = (y + x.reshape(bsz, t, h, p).float() * self.d.float()[:, None]).reshape(bsz, t, inner)
+        if step.decoding:              # (transformers' step rounds its read-out; its chunked scan hands fp32 on)
+            y = y.to(proj.dtype)
         # the gated group norm: (y silu(z)) in fp32, RMS-normed per group of inner / g channels, rounded, times weight
         gated = (y.float() * F.silu(z.float())).view(bsz, t, g, inner // g)
         squares = gated.pow(2).sum(-1, keepdim=True)

@@ -35,7 +35,7 @@ def build_step(rotary: RotaryTable, positions: torch.Tensor, key_valid: torch.Te
     cos, sin = rotary.gather(positions)
     mask, window_mask = build_masks(key_valid, q_start, t, window, positions.device)
     step = Step(cos=cos, sin=sin, mask=mask, window_mask=window_mask, q_start=q_start, positions=positions,
-                valid=None if key_valid is None else key_valid[:, q_start:q_start + t])
+                valid=None if key_valid is None else key_valid[:, q_start:q_start + t], decoding=t == 1 and q_start > 0)
     if rotary.sliding is not None:
         step.sliding_cos, step.sliding_sin = rotary.sliding.gather(positions)
     return step

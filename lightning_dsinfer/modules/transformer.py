@@ -44,6 +44,8 @@ class Step:
     positions: torch.Tensor | None = None  # [B, T] the tokens' positions (learned position embeddings: OPT, GPT-2)
     valid: torch.Tensor | None = None      # [B, T] bool: the tokens that are not padding (None: all; linear attention
                                            # zeroes the others' inputs, modules/gated_deltanet.py)
+    decoding: bool = False                 # a one-token call on held states (a decode step; not a one-token chunk of a
+                                           # prompt): Mamba-2 then does as transformers' step does (dt unclamped)
 
     def rows(self, a: int, b: int) -> "Step":
         """The step for queries [a, b) of this one (chunked prefill): they write K/V at ``start + a`` and see
@@ -59,7 +61,7 @@ class Step:
         return Step(cos=rows(self.cos), sin=rows(self.sin), mask=cut(self.mask), window_mask=cut(self.window_mask),
                     cache=self.cache, start=self.start + a, hf_cache=self.hf_cache, q_start=self.q_start + a,
                     sliding_cos=rows(self.sliding_cos), sliding_sin=rows(self.sliding_sin),
-                    positions=rows(self.positions), valid=rows(self.valid))
+                    positions=rows(self.positions), valid=rows(self.valid), decoding=self.decoding)
 
 
 @dataclass

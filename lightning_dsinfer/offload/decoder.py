@@ -145,17 +145,20 @@ class StreamedDecoderModel(DecoderModel):
                     steps = [step if len(chunks) == 1 else step.rows(a, b) for a, b in chunks]
                 if len(chunks) == 1:
                     x, h = half.attend(h, None, step)
-                else:
-                    x, out = torch.empty_like(h), torch.empty_like(h)
+                else:     # (a block without an MLP hands on no MLP input: x stays None)
+                    x, out = None, torch.empty_like(h)
                     for (a, b), sub in zip(chunks, steps):
-                        x[:, a:b], out[:, a:b] = half.attend(h[:, a:b], None, sub)
+                        mlp_in, out[:, a:b] = half.attend(h[:, a:b], None, sub)
+                        if mlp_in is not None:
+                            x = torch.empty_like(h) if x is None else x
+                            x[:, a:b] = mlp_in
                     h = out
             finally:
                 del half
                 self.streamer.release()
             half = self.make_layer(i, self.streamer.acquire(mlp_unit))
             try:
-                if len(chunks) == 1:
+                if len(chunks) == 1 or x is None:
                     h = half.mlp_residual(x, h)
                 else:
                     out = torch.empty_like(h)

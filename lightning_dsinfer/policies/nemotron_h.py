@@ -50,6 +50,10 @@ def read_nemotron_h(model: nn.Module, max_seq_len: int, source: WeightSource | N
     act = getattr(config, "mlp_hidden_act", "relu2")
     if act != "relu2":
         raise UnsupportedModelError(f"nemotron_h with mlp_hidden_act={act!r} is not supported (relu2 is).")
+    mamba_act = getattr(config, "mamba_hidden_act", "silu")
+    if "linear_attention" in types and mamba_act not in ("silu", "swish"):
+        raise UnsupportedModelError(f"nemotron_h with mamba_hidden_act={mamba_act!r} is not supported (the Mamba-2 "
+                                    f"convolution's activation is SiLU: silu).")
     source = source or ModuleSource(model)
     files = source
     names = set(dict(model.named_parameters(remove_duplicate=False))) | set(dict(model.named_buffers()))
