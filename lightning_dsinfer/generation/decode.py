@@ -102,6 +102,7 @@ def decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
             continue
         step = build_step(engine.rotary, pos, key_valid, q_start=col, t=1, window=window)
         step.cache, step.start = cache, col
+        step.valid = None       # (the new tokens are real: linear-state mixers need not zero any)
         h = engine.decoder.hidden(engine.decoder.embed_tokens(tok[:, None]), step)
         logits = engine.decoder.logits(h[:, -1])
     if eos is not None and not bool(alive[n - 1]):

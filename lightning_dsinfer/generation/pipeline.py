@@ -150,6 +150,7 @@ def pipeline_decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.
             step = build_step(engine.rotary, last_pos[r0:r1] + i, valid(r0, r1), q_start=col, t=1,
                               window=engine.sliding_window)
             step.cache, step.start = caches[g], col
+            step.valid = None   # (the new tokens are real: linear-state mixers need not zero any)
             h = decoder.hidden(h, step)
             if last:
                 emit(g, i, h)
