@@ -330,6 +330,15 @@ def gated_delta_step(proj: torch.Tensor, history: torch.Tensor, conv: torch.Tens
     return delta_step(qkv, proj[:, c + hv * dv:], a_log, dt_bias, state, key_heads, key_dim)
 
 
+def short_conv_step(proj: torch.Tensor, history: torch.Tensor, conv: torch.Tensor) -> torch.Tensor:
+    """LFM2's gated short convolution for a decode step on the Triton path (``kernels/gated_delta.short_conv_step``):
+    proj [B, 3C] one token's in_proj row (B | C | x), the history [B, C, K - 1] (updated in place). Returns [B, C]."""
+    from lightning_dsinfer.kernels.gated_delta import short_conv_step as kernel
+
+    _count("short_conv", "triton")
+    return kernel(proj, history, conv)
+
+
 def mamba2_step(proj: torch.Tensor, history: torch.Tensor, conv: torch.Tensor, conv_bias: torch.Tensor | None,
                 dt_bias: torch.Tensor, a_log: torch.Tensor, d: torch.Tensor, norm: torch.Tensor, state: torch.Tensor,
                 groups: int, eps: float, limit: tuple[float, float]) -> torch.Tensor:

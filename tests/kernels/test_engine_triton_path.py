@@ -182,12 +182,14 @@ def test_gpt_oss_through_triton_matches_hf(monkeypatch):
     assert not _fallbacks(), _fallbacks()
 
 
-@pytest.mark.parametrize("family,mamba_layers", [("nemotron_h", 4), ("bamba", 2)])
-def test_mamba2_decode_steps_through_triton_match_hf(family, mamba_layers, monkeypatch):
-    """Mamba-2's decode steps through kernels/mamba2.py (convolution, scan, gated norm: three kernels; prompts run the
-    module's torch ops): fp32 logits and greedy tokens as HF's; 4 decode steps per Mamba-2 block."""
+@pytest.mark.parametrize("family,op,mixers", [("nemotron_h", "mamba2", 4), ("bamba", "mamba2", 2),
+                                               ("lfm2", "short_conv", 2)])
+def test_linear_state_decode_steps_through_triton_match_hf(family, op, mixers, monkeypatch):
+    """Mamba-2's decode steps through kernels/mamba2.py (convolution, scan, gated norm: three kernels), LFM2's short
+    convolution's through one (kernels/gated_delta.short_conv_step); prompts run the modules' torch ops: fp32 logits
+    and greedy tokens as HF's; 4 decode steps per mixer."""
     _matches_hf_through_triton(family)
-    assert ops.dispatch_counts[("mamba2", "triton")] == 4 * mamba_layers, dict(ops.dispatch_counts)
+    assert ops.dispatch_counts[(op, "triton")] == 4 * mixers, dict(ops.dispatch_counts)
 
 
 @pytest.mark.parametrize("family", ["nemotron_h_moe", "nemotron_h_latent"])

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_dsinfer.kernels import ops
-from lightning_dsinfer.kernels.gated_delta import conv_step, delta_step
+from lightning_dsinfer.kernels.gated_delta import conv_step, delta_step, short_conv_step
 from lightning_dsinfer.modules.gated_deltanet import causal_conv, delta_rule
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -37,6 +37,26 @@ def test_conv_step_matches_the_torch_ops(dtype, kernel):
     got = conv_step(a["x"], history, a["weight"])
     torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
     assert torch.equal(history, window[..., 1:])            # shifted: the new input joined, the oldest left
+
+
+@pytest.mark.parametrize("kernel", [3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_short_conv_step_matches_the_torch_ops(dtype, kernel):
+    """LFM2's gated short convolution (modules/gated_deltanet.ShortConv's torch ops: B * x through the convolution,
+    times C) for one token on in_proj rows B | C | x; 200 channels (over two 128-channel blocks)."""
+    g = torch.Generator().manual_seed(kernel)
+    b, c = 3, 200
+    proj = torch.randn(b, 3 * c, generator=g).to(device=DEVICE, dtype=dtype)
+    history = torch.randn(b, c, kernel - 1, generator=g).to(device=DEVICE, dtype=dtype)
+    weight = torch.randn(c, kernel, generator=g).to(device=DEVICE, dtype=dtype)
+    gate_in, gate_out, x = proj.split([c, c, c], dim=-1)
+    window = torch.cat((history, (gate_in * x)[:, :, None]), dim=-1)
+    want = gate_out * causal_conv(window, weight, 1)[:, :, 0]
+    got_history = history.clone()
+    got = short_conv_step(proj, got_history, weight)
+    torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
+    if dtype == torch.float32:      # (bf16: the interpreter truncates B * x where torch rounds it: test_mamba2.py)
+        assert torch.equal(got_history, window[..., 1:])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
