@@ -1993,6 +1993,22 @@ int dsi_gated_delta_step_bf16(const void* proj, int64_t ld, void* history, const
 // then per group of I / G channels the gated RMSNorm: y silu(z) in fp32, normed, rounded, times the weight, rounded:
 // out [B, I] bf16 (stride ldo). The torch path's roundings; fp32 sums in another order. OpenMP over rows, (row,
 // head) units and (row, group) units. AVX512 only (the caller keeps the torch path otherwise): -1, else 0.
+// One row p of a head's state: S[n] = S[n] decay + xdt B[n] (fused multiply-add), returning sum_n S[n] C[n] over
+// 16 fp32 lanes (the lanes' partial sums then added: another order than a serial sum, within fp32 rounding).
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static float ssm_row_avx512(float* S, const float* Bv, const float* Cv, int64_t N, float decay, float xdt) {
+    const __m512 dv = _mm512_set1_ps(decay), xv = _mm512_set1_ps(xdt);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t n = 0; n < N; n += 16) {
+        const __mmask16 m = lanes16(N - n);
+        const __m512 s = _mm512_fmadd_ps(xv, _mm512_maskz_loadu_ps(m, Bv + n),
+                                         _mm512_mul_ps(_mm512_maskz_loadu_ps(m, S + n), dv));
+        _mm512_mask_storeu_ps(S + n, m, s);
+        acc = _mm512_fmadd_ps(s, _mm512_maskz_loadu_ps(m, Cv + n), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
 int dsi_mamba2_step_bf16(const void* proj, int64_t ld, void* history, const void* conv_w, const void* conv_b,
                          const void* dt_bias, const void* a_log, const void* d_skip, const void* norm_w, float* state,
                          void* out, int64_t ldo, int64_t B, int64_t H, int64_t P, int64_t G, int64_t N, int64_t K,
@@ -2027,13 +2043,7 @@ int dsi_mamba2_step_bf16(const void* proj, int64_t ld, void* history, const void
         const float decay = expf(dt * -expf(bf16_to_f32(AL[hh]))), dskip = bf16_to_f32(Dk[hh]);
         float* S = state + u * P * N;
         for (int64_t p = 0; p < P; ++p) {
-            const float xdt = xs[p] * dt;
-            float acc = 0.f;
-            float* sp = S + p * N;
-            for (int64_t n = 0; n < N; ++n) {
-                sp[n] = sp[n] * decay + xdt * Bv[n];
-                acc += sp[n] * Cv[n];
-            }
+            const float acc = ssm_row_avx512(S + p * N, Bv, Cv, N, decay, xs[p] * dt);
             y[b * I + hh * P + p] = bf16_to_f32(f32_to_bf16(acc + xs[p] * dskip));
         }
     }
