@@ -194,14 +194,14 @@ def test_nemotron_h_tensor_and_pipeline_parallel():
     """TP=2 (Mamba-2 heads and their groups, attention heads, MLP rows; experts sliced, the shared expert's down bias
     added once), TP=2 with expert parallelism (3 whole experts a rank), and PP=2 (stages of blocks, HF's cache layers
     numbered per stage) through tests/tp_worker.py and tests/pp_worker.py: prompt logits, greedy, beam search."""
-    for extra in ([], ["--expert-parallel"]):
-        families = ALL if not extra else ["nemotron_h_moe"]
+    for extra in ([], ["--expert-parallel"]):     # (the latent model slices its experts as the plain sparse one)
+        families = ["nemotron_h", "nemotron_h_latent"] if not extra else ["nemotron_h_moe"]
         codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", *families, *extra], timeout=300)
         assert codes == [0, 0], "\n".join(outs)
         assert outs[0].count(" OK") == len(families), outs[0]
-    codes, outs, _ = run_ranks("pp_worker.py", 2, ["--pp", "2", "--families", *FAMILIES], timeout=300)
+    codes, outs, _ = run_ranks("pp_worker.py", 2, ["--pp", "2", "--families", "nemotron_h"], timeout=300)
     assert codes == [0, 0], "\n".join(outs)
-    assert all(out.count("all OK") == 2 for out in outs), outs
+    assert all(out.count("all OK") == 1 for out in outs), outs
 
 
 @pytest.mark.parametrize("types,match", [

@@ -24,6 +24,9 @@ from lightning_dsinfer.modules.masks import build_masks  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not DEVICES, reason="no CUDA and TRITON_INTERPRET unset")
 REPO = Path(__file__).resolve().parents[2]
+# cases whose code another case of the same test already runs in the interpreter (named in each test): on a GPU every
+# case runs; in the interpreter (the CPU suite's slowest tests, ~10-20 s each) these are left to the GPU
+GPU_ONLY = pytest.mark.skipif(DEVICES == ["cpu"], reason="covered in the interpreter by a sibling case; runs on a GPU")
 DEVICE = DEVICES[0] if DEVICES else "cpu"
 ATOL, RTOL = 2e-4, 1e-4
 
@@ -85,7 +88,8 @@ def _matches_hf_through_triton(family: str, **overrides):
 PARTIAL_ROTARY = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}}
 
 
-@pytest.mark.parametrize("family,overrides", [("llama", {}), ("qwen3", {}), ("mistral", {}), ("phi3", {}),
+@pytest.mark.parametrize("family,overrides", [("llama", {}), ("qwen3", {}), ("mistral", {}),
+                                              pytest.param("phi3", {}, marks=GPU_ONLY),      # (packing: partial's)
                                               ("phi3", PARTIAL_ROTARY), ("mixtral", {}), ("qwen2_moe", {})],
                          ids=["llama", "qwen3", "mistral", "phi3", "phi3-partial-rotary", "mixtral", "qwen2_moe"])
 def test_engine_through_triton_matches_hf(family, overrides, monkeypatch):
@@ -182,7 +186,8 @@ def test_gpt_oss_through_triton_matches_hf(monkeypatch):
     assert not _fallbacks(), _fallbacks()
 
 
-@pytest.mark.parametrize("family,op,mixers", [("nemotron_h", "mamba2", 4), ("bamba", "mamba2", 2),
+@pytest.mark.parametrize("family,op,mixers", [("nemotron_h", "mamba2", 4),
+                                               pytest.param("bamba", "mamba2", 2, marks=GPU_ONLY),   # (nemotron_h's)
                                                ("lfm2", "short_conv", 2)])
 def test_linear_state_decode_steps_through_triton_match_hf(family, op, mixers, monkeypatch):
     """Mamba-2's decode steps through kernels/mamba2.py (convolution, scan, gated norm: three kernels), LFM2's short
@@ -192,7 +197,8 @@ def test_linear_state_decode_steps_through_triton_match_hf(family, op, mixers, m
     assert ops.dispatch_counts[(op, "triton")] == 4 * mixers, dict(ops.dispatch_counts)
 
 
-@pytest.mark.parametrize("family", ["nemotron_h_moe", "nemotron_h_latent"])
+@pytest.mark.parametrize("family", [pytest.param("nemotron_h_moe", marks=GPU_ONLY), "nemotron_h_latent"])  # (latent
+# experts run the plain activation's path too)
 def test_nemotron_h_experts_through_triton_match_hf(family, monkeypatch):
     """NemotronH's ReLU² experts without a gate through the routing tables and grouped GEMMs (their activation
     between the two; the latent experts' inputs from fc1_latent_proj); the Mamba-2 mixers run their torch ops (no
@@ -314,8 +320,8 @@ def test_relu2_takes_torch_ops_on_the_triton_path():
     assert dict(ops.dispatch_counts) == {("act", "reference:relu2"): 1}
 
 
-@pytest.mark.parametrize("family", ["llama", "mixtral", "qwen2_moe", "gpt_oss"])
-def test_int8_through_triton_matches_fake_quantised_hf(family, monkeypatch):
+@pytest.mark.parametrize("family", ["llama", pytest.param("mixtral", marks=GPU_ONLY), "qwen2_moe", "gpt_oss"])
+def test_int8_through_triton_matches_fake_quantised_hf(family, monkeypatch):      # (mixtral's grouped int8: qwen2_moe's)
     """quantize="int8" on the Triton path (built under the forced dispatch on a CPU, as on CUDA): llama's block linears
     int8 with a scale per row, the decode steps' norm + QKV and norm + gate/up + SwiGLU through the int8 GEMM's
     prologue / epilogue; the MoE experts int8 in their 3D layout with a scale per expert row, through the grouped
@@ -367,7 +373,8 @@ def test_int4_through_triton_matches_fake_quantised_hf(monkeypatch):
     assert ops.dispatch_counts[("linear_int4", "torch:dequantise")] == 16, dict(ops.dispatch_counts)
 
 
-@pytest.mark.parametrize("family,group", [("mixtral", 32), ("qwen2_moe", 16), ("gpt_oss", 16)])
+@pytest.mark.parametrize("family,group", [("mixtral", 32), pytest.param("qwen2_moe", 16, marks=GPU_ONLY),
+                                          ("gpt_oss", 16)])             # (qwen2_moe's groups of 16: gpt_oss's)
 def test_int4_moe_through_triton_matches_fake_quantised_hf(family, group, monkeypatch):
     """quantize="int4" for a MoE family on the Triton path (built under the forced dispatch on a CPU, as on CUDA): the
     experts packed in their 3D layout ([E, N, K / 2], a scale per expert row and group) through the grouped int4
