@@ -9,8 +9,8 @@ step (emulated); padding zeroed in one-token prompt chunks (also Qwen3.5's linea
 import pytest
 import torch
 
-from helpers import (assert_forward_and_generate, optimised_copy, optimised_from_checkpoint, padded_batch,
-                     streamed_copy, tiny_model)
+from helpers import (assert_c_step_matches_torch, assert_forward_and_generate, optimised_copy,
+                     optimised_from_checkpoint, padded_batch, streamed_copy, tiny_model)
 from multiproc import run_ranks
 
 ATOL, RTOL = 2e-4, 1e-4
@@ -48,6 +48,18 @@ def test_lfm2_matches_hf(family):
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False)
     with torch.no_grad():
         assert torch.equal(opt.generate(**kw), hf.generate(**kw))
+
+
+def test_c_decode_step_matches_the_torch_ops():
+    """A bf16 CPU decode step of the short convolution in one C call (``cpu_gemv.short_conv_step``: B * x, the
+    convolution with the history shifted in place, C *) against the module's torch ops
+    (``helpers.assert_c_step_matches_torch``)."""
+    from lightning_dsinfer.kernels import cpu_gemv
+
+    if not cpu_gemv.has_wide_ops():
+        pytest.skip("no AVX512: the torch ops are the only path")       # (then nothing else runs this code)
+    opt = optimised_copy(tiny_model("lfm2").to(torch.bfloat16), max_seq_len=64, dtype=torch.bfloat16)
+    assert_c_step_matches_torch(opt, 0, "short_conv_step")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

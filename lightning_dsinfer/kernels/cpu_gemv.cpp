@@ -2065,6 +2065,38 @@ int dsi_mamba2_step_bf16(const void* proj, int64_t ld, void* history, const void
     return 0;
 }
 
+// LFM2's gated short convolution for one token per row: proj rows (stride ld) B | C | x of C channels each, the
+// history [B, C, K - 1] of B * x (bf16, shifted in place), weights [C, K]; out (row stride ldo) = C * conv(B * x),
+// each product and the convolution rounded to bf16 as the torch ops round them (the convolution's fp32 sum in
+// their order). Blocks of 256 channels of the rows split over `threads` OpenMP threads.
+int dsi_short_conv_step_bf16(const void* proj, int64_t ld, void* history, const void* conv_w, void* out, int64_t ldo,
+                             int64_t B, int64_t C, int64_t K, int threads) {
+    if (dsi_gemv_best_isa() < 2 || K < 1) return -1;
+    const uint16_t* Pj = static_cast<const uint16_t*>(proj);
+    uint16_t* Hs = static_cast<uint16_t*>(history);
+    const uint16_t* W = static_cast<const uint16_t*>(conv_w);
+    uint16_t* O = static_cast<uint16_t*>(out);
+    const int64_t hist = K - 1, block = 256, blocks = (C + block - 1) / block;
+    const int nt = threads > 0 ? threads : 1;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t u = 0; u < B * blocks; ++u) {
+        const int64_t b = u / blocks, c0 = u % blocks * block, c1 = std::min(C, c0 + block);
+        const uint16_t* row = Pj + b * ld;
+        for (int64_t c = c0; c < c1; ++c) {
+            const uint16_t bx = f32_to_bf16(bf16_to_f32(row[c]) * bf16_to_f32(row[2 * C + c]));
+            uint16_t* hc = Hs + (b * C + c) * hist;
+            const uint16_t* wc = W + c * K;
+            float acc = 0.f;
+            for (int64_t j = 0; j < hist; ++j) acc += bf16_to_f32(hc[j]) * bf16_to_f32(wc[j]);
+            acc += bf16_to_f32(bx) * bf16_to_f32(wc[hist]);
+            for (int64_t j = 0; j + 1 < hist; ++j) hc[j] = hc[j + 1];
+            if (hist > 0) hc[hist - 1] = bx;
+            O[b * ldo + c] = f32_to_bf16(bf16_to_f32(row[C + c]) * bf16_to_f32(f32_to_bf16(acc)));
+        }
+    }
+    return 0;
+}
+
 // ---------------------------------------------------------------- streaming-read probe (benchmarks)
 // XOR of `bytes` (a multiple of 64) read front to back on `threads` OpenMP threads, each a contiguous range, with
 // a software prefetch 4 KiB ahead: the read bandwidth the benchmarks' utilisation is measured against (torch's

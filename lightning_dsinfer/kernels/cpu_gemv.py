@@ -120,6 +120,9 @@ class _Kernel:
         self.mamba2.restype = ctypes.c_int
         self.mamba2.argtypes = [p, i64, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float,
                                 ctypes.c_float, ctypes.c_float, ctypes.c_int]
+        self.short_conv = lib.dsi_short_conv_step_bf16
+        self.short_conv.restype = ctypes.c_int
+        self.short_conv.argtypes = [p, i64, p, p, p, i64, i64, i64, i64, ctypes.c_int]
         self.decode_stack = lib.dsi_decode_stack
         self.decode_stack.restype = ctypes.c_int
         self.decode_stack.argtypes = [p, p, p, i64, p, p, p, p, i64, p, i64, i64, p, i64, i64, p, p]
@@ -831,6 +834,25 @@ def gated_delta_step(proj: torch.Tensor, history: torch.Tensor, conv: torch.Tens
     rc = k.gated_delta(proj.data_ptr(), proj.stride(0), history.data_ptr(), conv.data_ptr(), a_log.data_ptr(),
                        dt_bias.data_ptr(), norm.data_ptr(), state.data_ptr(), out.data_ptr(), out.stride(0), b,
                        key_heads, value_heads, key_dim, value_dim, kern, eps, torch.get_num_threads())
+    return out if rc == 0 else None
+
+
+def short_conv_step(proj: torch.Tensor, history: torch.Tensor, conv: torch.Tensor) -> torch.Tensor | None:
+    """LFM2's gated short convolution (``modules/gated_deltanet.ShortConv``) for a decode step of bf16 rows in one C
+    call, after in_proj: proj [B, 1, 3C] (B | C | x), the history [B, C, K - 1] of B * x (updated in place), conv
+    [C, K]. Returns C * conv(B * x) [B, 1, C] bf16 (the torch ops' roundings), or None where it does not apply (the
+    caller runs the torch ops), also on CPUs without AVX512 (:func:`has_wide_ops`)."""
+    k = _kernel if _kernel is not None else _load()
+    if k is None or _off or k.best_isa < 2:
+        return None
+    b, (c, kern) = proj.shape[0], conv.shape
+    if (proj.dim() != 3 or proj.shape[1] != 1 or proj.shape[2] != 3 * c or history.shape != (b, c, kern - 1)
+            or any(t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous()
+                   for t in (proj, history, conv))):
+        return None
+    out = torch.empty(b, 1, c, dtype=torch.bfloat16)
+    rc = k.short_conv(proj.data_ptr(), proj.stride(0), history.data_ptr(), conv.data_ptr(), out.data_ptr(),
+                      out.stride(0), b, c, kern, torch.get_num_threads())
     return out if rc == 0 else None
 
 

@@ -229,10 +229,14 @@ class ShortConv(nn.Module):
     def from_qkv(self, proj: torch.Tensor, residual: torch.Tensor | None, step) -> torch.Tensor:
         b, t, _ = proj.shape
         c = self.channels
-        if t == 1 and step.decoding and step.cache is not None and ops.uses_triton(proj) and step.valid is None:
-            # a decode step on the Triton path: B * x, the convolution and C * in one kernel
+        if t == 1 and step.decoding and step.cache is not None and step.valid is None:
             history, _ = step.cache.linear_buffers(self.layer_idx, b, (c, self.kernel - 1), (0,))
-            return self.o(ops.short_conv_step(proj[:, 0], history, self.conv)[:, None], residual)
+            if ops.uses_triton(proj):      # a decode step on the Triton path: B * x, the convolution, C * in one kernel
+                return self.o(ops.short_conv_step(proj[:, 0], history, self.conv)[:, None], residual)
+            if proj.dtype == torch.bfloat16:   # a bf16 CPU decode step: the same in one C call
+                out = cpu_gemv.short_conv_step(proj, history, self.conv)
+                if out is not None:
+                    return self.o(out, residual)
         if step.valid is not None:     # left padding: zero rows, as transformers zeroes their inputs (a prompt chunk
             proj = proj * step.valid[:, :, None].to(proj.dtype)   # may be one token wide: offload with many rows)
         gate_in, gate_out, x = proj.split([c, c, c], dim=-1)
