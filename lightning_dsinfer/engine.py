@@ -374,8 +374,11 @@ def _check_linear_attention_options(hf_config, config: InferenceConfig) -> None:
     (and groups, or a group shared by several ranks) are split over the ranks; a size that does not split them is
     refused here, before any weight is read."""
     tp = config.tensor_parallel_size
-    if hf_config.model_type in ("granitemoehybrid", "bamba"):    # Mamba-2: heads split, groups whole or shared
-        heads, groups = hf_config.mamba_n_heads, hf_config.mamba_n_groups
+    if hf_config.model_type in ("granitemoehybrid", "bamba", "nemotron_h"):   # Mamba-2: heads split, groups whole or
+        if hf_config.model_type == "nemotron_h":                                # shared
+            heads, groups = hf_config.mamba_num_heads, hf_config.n_groups
+        else:
+            heads, groups = hf_config.mamba_n_heads, hf_config.mamba_n_groups
         if heads % tp or not (groups % tp == 0 or (tp % groups == 0 and (heads // groups) % (tp // groups) == 0)):
             raise ValueError(f"dsinfer: tensor_parallel_size={tp} does not split {hf_config.model_type}'s {heads} "
                              f"Mamba-2 heads in {groups} groups evenly (it must divide the heads, and divide the groups "

@@ -394,13 +394,13 @@ def assert_c_step_matches_torch(opt, layer: int, c_function: str, rows: int = 3)
         history.copy_(torch.randn(history.shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16))
         state.copy_(torch.randn(state.shape, generator=torch.Generator().manual_seed(2)) * 0.3)
         calls = []
-        setattr(cpu_gemv, c_function, lambda *a, **k: calls.append(1) or (real(*a, **k) if c_call else None))
+        setattr(cpu_gemv, c_function, lambda *a, **k: calls.append(real(*a, **k) if c_call else None) or calls[-1])
         try:
             out = mixer.from_qkv(proj, None, Step(cos=None, sin=None, mask=None, cache=cache, start=7, q_start=7,
                                                   decoding=True))
         finally:
             setattr(cpu_gemv, c_function, real)
-        assert calls
+        assert calls and all((c is not None) == c_call for c in calls), calls    # (the C run did run in C)
         results.append((out.float(), history.clone(), state.clone()))
     (out, hist, st), (want, want_hist, want_st) = results
     torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)

@@ -214,6 +214,13 @@ def test_layer_patterns_the_engine_does_not_run_are_refused(types, match):
         dsi.init_inference(hf, max_seq_len=64)
 
 
+def test_tensor_parallel_size_must_split_the_mamba_heads():
+    """(Found by review: NemotronH's Mamba-2 heads were not checked, and a split that does not divide them would be
+    wrong.)"""
+    with pytest.raises(ValueError, match="does not split nemotron_h's 8 Mamba-2 heads in 2 groups"):
+        dsi.init_inference(tiny_model("nemotron_h"), max_seq_len=64, tensor_parallel_size=3)
+
+
 @pytest.mark.parametrize("setting,match", [({"use_bias": True}, "use_bias=True"),
                                            ({"mamba_hidden_act": "gelu"}, "mamba_hidden_act='gelu'")])
 def test_settings_the_engine_does_not_reproduce_are_refused(setting, match):

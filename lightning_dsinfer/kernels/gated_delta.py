@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lightning_dsinfer.kernels.mamba2 import _softplus      # (one softplus for both decode steps)
+
 
 @triton.jit
 def _conv_step_kernel(
@@ -99,7 +101,7 @@ def _delta_step_kernel(
     b_in = tl.load(ba_ptr + b * ba_row + hv).to(tl.float32)
     beta = tl.sigmoid(b_in).to(out_ptr.dtype.element_ty).to(tl.float32)      # (rounded, as torch.sigmoid stores it)
     sp = tl.load(ba_ptr + b * ba_row + HV + hv).to(tl.float32) + tl.load(dt_bias_ptr + hv).to(tl.float32)
-    softplus = tl.where(sp > 20.0, sp, tl.log(1.0 + tl.exp(tl.minimum(sp, 20.0))))
+    softplus = _softplus(sp)
     decay = tl.exp(-tl.exp(tl.load(a_log_ptr + hv).to(tl.float32)) * softplus)
     tile = s_ptr + ((b * HV + hv) * DK + i[:, None]) * DV + cols[None, :]
     m = mi[:, None] & mv[None, :]

@@ -68,6 +68,28 @@ def test_mamba2_step_matches_the_torch_ops(dtype, h, p, groups, n, kernel):
     assert torch.equal(got_history, want_history)          # shifted: the new input joined, the oldest left
 
 
+def test_softplus_of_very_negative_dt():
+    """Decode steps run unclamped (limits 0, inf): dt + dt_bias down to -30 gives softplus ~ exp(x), which
+    log(1 + exp(x)) in fp32 loses (17% off at -15, 0 from -17; found by review): the state's dt x B term in fp32 within
+    1e-5 relative of the torch ops'."""
+    g = torch.Generator().manual_seed(3)
+    b, h, p, groups, n = 2, 8, 16, 1, 8
+    c = h * p + 2 * groups * n
+    proj = torch.randn(b, h * p + c + h, generator=g).to(DEVICE)
+    proj[:, -h:] = 0.0
+    conv, dt_bias = torch.randn(c, 4, generator=g).to(DEVICE), torch.linspace(-30.0, -9.0, h).to(DEVICE)
+    a_log, d, norm = torch.zeros(h, device=DEVICE), torch.zeros(h, device=DEVICE), torch.ones(h * p, device=DEVICE)
+    zeros = torch.zeros(b, h, p, n, device=DEVICE)
+    limit = (0.0, float("inf"))
+    _, want_state, _ = _reference(proj, torch.zeros(b, c, 3, device=DEVICE), conv, None, dt_bias, a_log, d, norm,
+                                  zeros, groups, 1e-5, limit)
+    state = zeros.clone()
+    ops.mamba2_step(proj, torch.zeros(b, c, 3, device=DEVICE), conv, None, dt_bias, a_log, d, norm, state, groups,
+                    1e-5, limit)
+    assert bool((want_state.abs().amax(dim=(0, 2, 3)) > 0).all())            # (every head's dt is nonzero)
+    torch.testing.assert_close(state, want_state, atol=0, rtol=1e-5)
+
+
 def test_the_limits_clamp_dt():
     """A lower limit above every head's softplus gives another state than no limit: the kernel applies it."""
     g = torch.Generator().manual_seed(1)
