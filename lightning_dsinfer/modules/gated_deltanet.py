@@ -179,7 +179,8 @@ class GatedDeltaNet(nn.Module):
         hk, hv, dk, dv, c = self.hk, self.hv, self.dk, self.dv, self.channels
         if step.valid is not None:     # left padding: zero rows, as transformers zeroes their inputs (also in a prompt
             proj = proj * step.valid[:, :, None].to(proj.dtype)   # chunk one token wide: offload with many rows)
-        if t == 1 and step.cache is not None:      # a decode step on the engine's cache (or a CUDA graph's)
+        if t == 1 and step.decoding and step.cache is not None:   # a decode step on the engine's cache (or a graph's;
+            # a one-token chunk of a prompt takes the torch ops, as Mamba-2's and the short convolution's do)
             history, state = step.cache.linear_buffers(self.layer_idx, b, (c, self.kernel - 1), (hv, dk, dv))
             if ops.uses_triton(proj):              # the convolution and the rule in two kernels (gated_delta.py)
                 out = ops.gated_delta_step(proj[:, 0], history, self.conv, self.a_log, self.dt_bias, state, hk, dk)
