@@ -80,16 +80,7 @@ def read_granite_hybrid(model: nn.Module, max_seq_len: int, source: WeightSource
                       post_norm=ref(f"{block}.{'pre_ff_layernorm' if bamba else 'post_attention_layernorm'}.weight"),
                       out_scale=None if bamba else config.residual_multiplier)
         if kind in ("linear_attention", "mamba"):
-            a, mixer = f"{block}.mamba", base.layers[i].mamba
-            conv = ref(f"{a}.conv1d.weight")
-            layers.append(LayerWeights(
-                q=None, k=None, v=None, o=ref(f"{a}.out_proj.weight"),
-                mamba=Mamba2Weights(
-                    in_proj=ref(f"{a}.in_proj.weight"), conv=conv, conv_bias=opt(f"{a}.conv1d.bias"),
-                    dt_bias=ref(f"{a}.dt_bias"), a_log=ref(f"{a}.A_log"), d=ref(f"{a}.D"), norm=ref(f"{a}.norm.weight"),
-                    heads=mixer.num_heads, head_dim=mixer.head_dim, groups=mixer.n_groups,
-                    state_size=mixer.ssm_state_size, channels=conv.shape[0], kernel=conv.shape[-1],
-                    dt_limit=tuple(float(v) for v in mixer.time_step_limit)), **common))
+            layers.append(mamba2_layer(ref, opt, f"{block}.mamba", base.layers[i].mamba, **common))
         else:
             a = f"{block}.self_attn"
             layers.append(LayerWeights(
@@ -107,6 +98,20 @@ def read_granite_hybrid(model: nn.Module, max_seq_len: int, source: WeightSource
         lm_head=ref("model.embed_tokens.weight" if tied else "lm_head.weight"), lm_head_bias=None,
         tied_embeddings=tied, layers=layers, rotary=rope, embed_scale=None if bamba else config.embedding_multiplier,
         logit_scale=None if bamba else 1.0 / config.logits_scaling)
+
+
+def mamba2_layer(ref, opt, prefix: str, mixer: nn.Module, **common) -> LayerWeights:
+    """A Mamba-2 block's weights under ``prefix`` (transformers' Mamba-2 mixers: Granite 4's, Bamba's, NemotronH's),
+    its numbers read off the HF ``mixer`` module; ``common``: the block's norms and MLP."""
+    conv = ref(f"{prefix}.conv1d.weight")
+    return LayerWeights(
+        q=None, k=None, v=None, o=ref(f"{prefix}.out_proj.weight"),
+        mamba=Mamba2Weights(
+            in_proj=ref(f"{prefix}.in_proj.weight"), conv=conv, conv_bias=opt(f"{prefix}.conv1d.bias"),
+            dt_bias=ref(f"{prefix}.dt_bias"), a_log=ref(f"{prefix}.A_log"), d=ref(f"{prefix}.D"),
+            norm=ref(f"{prefix}.norm.weight"), heads=mixer.num_heads, head_dim=mixer.head_dim, groups=mixer.n_groups,
+            state_size=mixer.ssm_state_size, channels=conv.shape[0], kernel=conv.shape[-1],
+            dt_limit=tuple(float(v) for v in mixer.time_step_limit)), **common)
 
 
 def has_experts(model_type: str | None) -> bool:

@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 from lightning_dsinfer.kernels.reference import PlainAct
-from lightning_dsinfer.policies.base import LayerWeights, Mamba2Weights, ModelWeights, MoEWeights, UnsupportedModelError
+from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, MoEWeights, UnsupportedModelError
 from lightning_dsinfer.policies.deepseek import routing_of
+from lightning_dsinfer.policies.granite_hybrid import mamba2_layer
 from lightning_dsinfer.policies.llama import FamilyTraits, _experts
 from lightning_dsinfer.policies.weights import ModuleSource, WeightSource, lookups, tied_embeddings
 
@@ -96,16 +97,7 @@ def read_nemotron_h(model: nn.Module, max_seq_len: int, source: WeightSource | N
         common = {**dict(gate=None, up=None, down=None, post_norm=None), **mlp,
                   "input_norm": ref(f"{block}.norm.weight")}
         if types[i] == "linear_attention":
-            mixer = base.layers[i].mixer
-            conv = ref(f"{mix}.conv1d.weight")
-            layers.append(LayerWeights(
-                q=None, k=None, v=None, o=ref(f"{mix}.out_proj.weight"),
-                mamba=Mamba2Weights(
-                    in_proj=ref(f"{mix}.in_proj.weight"), conv=conv, conv_bias=opt(f"{mix}.conv1d.bias"),
-                    dt_bias=ref(f"{mix}.dt_bias"), a_log=ref(f"{mix}.A_log"), d=ref(f"{mix}.D"),
-                    norm=ref(f"{mix}.norm.weight"), heads=mixer.num_heads, head_dim=mixer.head_dim,
-                    groups=mixer.n_groups, state_size=mixer.ssm_state_size, channels=conv.shape[0],
-                    kernel=conv.shape[-1], dt_limit=tuple(float(v) for v in mixer.time_step_limit)), **common))
+            layers.append(mamba2_layer(ref, opt, mix, base.layers[i].mixer, **common))
         else:
             layers.append(LayerWeights(
                 q=ref(f"{mix}.q_proj.weight"), k=ref(f"{mix}.k_proj.weight"), v=ref(f"{mix}.v_proj.weight"),
