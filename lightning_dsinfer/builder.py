@@ -300,7 +300,7 @@ def _shard_moe(moe, plan: TensorShardPlan, dtype: torch.dtype) -> dict[str, torc
             "shared.gate_up.weight": torch.cat([*gate, moe.shared_up.load(0, s, n)]).to(dtype),
             "shared.down.weight": moe.shared_down.load(1, s, n).to(dtype),
             "shared.gate_up.bias": sb.load(0, s, n).to(dtype) if sb is not None else None,
-            "shared.down.bias": db.load().to(dtype) if db is not None and plan.adds_bias_once else None,
+            "shared.down.bias": _load(db, dtype) if plan.adds_bias_once else None,
             # (Qwen2-MoE's sigmoid gate of the shared expert; DeepSeek's shared experts have none)
             "shared_gate.weight": moe.shared_expert_gate.load().to(dtype) if moe.shared_expert_gate is not None
             else None,

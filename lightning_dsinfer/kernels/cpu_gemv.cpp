@@ -1907,6 +1907,16 @@ static void delta_head_avx512(float* S, const float* q, const float* k, const fl
 
 static inline float silu_f32(float x) { return x / (1.f + expf(-x)); }
 
+// One channel's convolution step: acc + the history h [K - 1] then the new input x, times w [K], in fp32 in that
+// order; the history shifted in place (x joins it).
+static inline float conv_push(uint16_t* h, const uint16_t* w, int64_t hist, uint16_t x, float acc) {
+    for (int64_t j = 0; j < hist; ++j) acc += bf16_to_f32(h[j]) * bf16_to_f32(w[j]);
+    acc += bf16_to_f32(x) * bf16_to_f32(w[hist]);
+    for (int64_t j = 0; j + 1 < hist; ++j) h[j] = h[j + 1];
+    if (hist > 0) h[hist - 1] = x;
+    return acc;
+}
+
 // One row of a depthwise causal convolution's decode step, the linear-state mixers' (Gated DeltaNet, Mamba-2): per
 // channel c of C, the history h [C, K - 1] (bf16) then the new input x[c], times w [C, K], plus bias[c] (null: none),
 // in fp32, rounded to bf16, SiLU rounded: dst[c] (the torch path's roundings); the history shifted in place.
@@ -1914,13 +1924,7 @@ static void conv_silu_row(const uint16_t* x, uint16_t* h, const uint16_t* w, con
                           int64_t K, float* dst) {
     const int64_t hist = K - 1;
     for (int64_t c = 0; c < C; ++c) {
-        uint16_t* hc = h + c * hist;
-        const uint16_t* wc = w + c * K;
-        float acc = bias ? bf16_to_f32(bias[c]) : 0.f;
-        for (int64_t j = 0; j < hist; ++j) acc += bf16_to_f32(hc[j]) * bf16_to_f32(wc[j]);
-        acc += bf16_to_f32(x[c]) * bf16_to_f32(wc[hist]);
-        for (int64_t j = 0; j + 1 < hist; ++j) hc[j] = hc[j + 1];
-        if (hist > 0) hc[hist - 1] = x[c];
+        const float acc = conv_push(h + c * hist, w + c * K, hist, x[c], bias ? bf16_to_f32(bias[c]) : 0.f);
         dst[c] = bf16_to_f32(f32_to_bf16(silu_f32(bf16_to_f32(f32_to_bf16(acc)))));
     }
 }
@@ -2084,13 +2088,7 @@ int dsi_short_conv_step_bf16(const void* proj, int64_t ld, void* history, const 
         const uint16_t* row = Pj + b * ld;
         for (int64_t c = c0; c < c1; ++c) {
             const uint16_t bx = f32_to_bf16(bf16_to_f32(row[c]) * bf16_to_f32(row[2 * C + c]));
-            uint16_t* hc = Hs + (b * C + c) * hist;
-            const uint16_t* wc = W + c * K;
-            float acc = 0.f;
-            for (int64_t j = 0; j < hist; ++j) acc += bf16_to_f32(hc[j]) * bf16_to_f32(wc[j]);
-            acc += bf16_to_f32(bx) * bf16_to_f32(wc[hist]);
-            for (int64_t j = 0; j + 1 < hist; ++j) hc[j] = hc[j + 1];
-            if (hist > 0) hc[hist - 1] = bx;
+            const float acc = conv_push(Hs + (b * C + c) * hist, W + c * K, hist, bx, 0.f);
             O[b * ldo + c] = f32_to_bf16(bf16_to_f32(row[C + c]) * bf16_to_f32(f32_to_bf16(acc)));
         }
     }

@@ -3,7 +3,8 @@
 ``conv_step``: per row and channel the depthwise convolution of the history (K - 1 inputs, shifted in place) and the
 new input (and a bias: Mamba-2's, ``kernels/mamba2.py``), fp32 multiply-adds rounded to the rows' dtype, then SiLU
 (rounded): the q | k | v channels.
-``short_conv_step``: LFM2's gated short convolution, B * x through the convolution (no activation) times C, one kernel.
+``short_conv_step``: LFM2's gated short convolution, B * x through the convolution (no activation) times C: the same
+kernel, gated.
 ``delta_step``: per row, value head and block of value columns: q and k of its key head L2-normed in fp32 (q scaled by
 Dk^-1/2), beta = sigmoid(b) (rounded), g = -exp(a_log) softplus(a + dt_bias), and the state tile [Dk, BLOCK_V] (fp32,
 in place) decayed by exp(g), corrected by beta k (v - S^T k)^T and read by q. Each state element is read and written
@@ -21,58 +22,41 @@ from lightning_dsinfer.kernels.mamba2 import _softplus      # (one softplus for 
 
 @triton.jit
 def _conv_step_kernel(
-    x_ptr, x_row,                   # new inputs [B, C] (row stride x_row; channel stride 1)
+    x_ptr, x_row,                   # new inputs [B, C] (row stride x_row; channel stride 1); GATED: in_proj rows of
+                                    # B | C | x, C channels each (LFM2's short convolution)
     hist_ptr,                       # history [B, C, K - 1] contiguous, shifted in place
     w_ptr,                          # weights [C, K] contiguous
     bias_ptr,                       # [C] (HAS_BIAS: Mamba-2's convolution)
-    y_ptr,                          # output [B, C] contiguous: SiLU(conv)
+    y_ptr,                          # output [B, C] contiguous: SiLU(conv); GATED: C * conv(B * x)
     C,
-    K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-):
-    b = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    j = tl.arange(0, BLOCK_K)
-    mc = c < C
-    hist = hist_ptr + b * C * (K - 1) + c[:, None] * (K - 1)
-    # the window: columns [0, K - 1) the history, column K - 1 the new input
-    old = tl.load(hist + j[None, :], mask=mc[:, None] & (j[None, :] < K - 1), other=0.0)
-    new = tl.load(x_ptr + b * x_row + c, mask=mc, other=0.0)
-    window = tl.where(j[None, :] == K - 1, new[:, None], old)
-    w = tl.load(w_ptr + c[:, None] * K + j[None, :], mask=mc[:, None] & (j[None, :] < K), other=0.0)
-    acc = tl.sum(window.to(tl.float32) * w.to(tl.float32), axis=1)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + c, mask=mc, other=0.0).to(tl.float32)
-    acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32)          # the convolution's output, rounded
-    tl.store(y_ptr + b * C + c, (acc * tl.sigmoid(acc)).to(y_ptr.dtype.element_ty), mask=mc)
-    # the history drops its oldest input: window column j goes to history column j - 1
-    tl.store(hist + (j[None, :] - 1), window, mask=mc[:, None] & (j[None, :] >= 1) & (j[None, :] < K))
-
-
-@triton.jit
-def _short_conv_step_kernel(
-    p_ptr, p_row,                   # in_proj rows [B, 3C]: B | C | x (row stride p_row; channel stride 1)
-    hist_ptr,                       # history [B, C, K - 1] contiguous (of B * x), shifted in place
-    w_ptr,                          # weights [C, K] contiguous
-    y_ptr,                          # output [B, C] contiguous: C * conv(B * x)
-    C,
-    K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     j = tl.arange(0, BLOCK_K)
     mc = c < C
     rounded = y_ptr.dtype.element_ty
-    row = p_ptr + b * p_row
-    gate_in = tl.load(row + c, mask=mc, other=0.0).to(tl.float32)
-    gate_out = tl.load(row + C + c, mask=mc, other=0.0).to(tl.float32)
-    x = tl.load(row + 2 * C + c, mask=mc, other=0.0).to(tl.float32)
-    new = (gate_in * x).to(rounded)                                # B * x, rounded
+    row = x_ptr + b * x_row
+    if GATED:                       # the convolution's input is B * x, rounded
+        new = (tl.load(row + c, mask=mc, other=0.0).to(tl.float32)
+               * tl.load(row + 2 * C + c, mask=mc, other=0.0).to(tl.float32)).to(rounded)
+    else:
+        new = tl.load(row + c, mask=mc, other=0.0)
     hist = hist_ptr + b * C * (K - 1) + c[:, None] * (K - 1)
+    # the window: columns [0, K - 1) the history, column K - 1 the new input
     old = tl.load(hist + j[None, :], mask=mc[:, None] & (j[None, :] < K - 1), other=0.0)
     window = tl.where(j[None, :] == K - 1, new[:, None], old)
     w = tl.load(w_ptr + c[:, None] * K + j[None, :], mask=mc[:, None] & (j[None, :] < K), other=0.0)
-    acc = tl.sum(window.to(tl.float32) * w.to(tl.float32), axis=1).to(rounded).to(tl.float32)   # the conv, rounded
-    tl.store(y_ptr + b * C + c, (gate_out * acc).to(rounded), mask=mc)
+    acc = tl.sum(window.to(tl.float32) * w.to(tl.float32), axis=1)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + c, mask=mc, other=0.0).to(tl.float32)
+    acc = acc.to(rounded).to(tl.float32)          # the convolution's output, rounded
+    if GATED:                       # times C
+        out = tl.load(row + C + c, mask=mc, other=0.0).to(tl.float32) * acc
+    else:
+        out = acc * tl.sigmoid(acc)
+    tl.store(y_ptr + b * C + c, out.to(rounded), mask=mc)
+    # the history drops its oldest input: window column j goes to history column j - 1
     tl.store(hist + (j[None, :] - 1), window, mask=mc[:, None] & (j[None, :] >= 1) & (j[None, :] < K))
 
 
@@ -128,7 +112,8 @@ def conv_step(x: torch.Tensor, history: torch.Tensor, weight: torch.Tensor,
     block_c = 128
     _conv_step_kernel[(b, triton.cdiv(c, block_c))](x, x.stride(0), history, weight, weight if bias is None else bias,
                                                     y, c, K=kern, BLOCK_C=block_c,
-                                                    BLOCK_K=triton.next_power_of_2(kern), HAS_BIAS=bias is not None)
+                                                    BLOCK_K=triton.next_power_of_2(kern), HAS_BIAS=bias is not None,
+                                                    GATED=False)
     return y
 
 
@@ -144,8 +129,9 @@ def short_conv_step(proj: torch.Tensor, history: torch.Tensor, weight: torch.Ten
                          f"weight {tuple(weight.shape)} (contiguous) do not fit")
     y = torch.empty(b, c, dtype=proj.dtype, device=proj.device)
     block_c = 128
-    _short_conv_step_kernel[(b, triton.cdiv(c, block_c))](proj, proj.stride(0), history, weight, y, c, K=kern,
-                                                          BLOCK_C=block_c, BLOCK_K=triton.next_power_of_2(kern))
+    _conv_step_kernel[(b, triton.cdiv(c, block_c))](proj, proj.stride(0), history, weight, weight, y, c, K=kern,
+                                                    BLOCK_C=block_c, BLOCK_K=triton.next_power_of_2(kern),
+                                                    HAS_BIAS=False, GATED=True)
     return y
 
 

@@ -1,6 +1,6 @@
 """Linear-state token mixers: blocks whose memory is a per-row state instead of a KV cache (``modules/transformer.py``
 blocks around them). Gated DeltaNet (Qwen3-Next / Qwen3.5's linear attention), :class:`ShortConv` (LFM2's gated
-short convolution) and :class:`Mamba2Mixer` (Granite 4 / Bamba's Mamba-2) share the convolution (:func:`causal_conv`)
+short convolution) and :class:`Mamba2Mixer` (Granite 4 / Bamba / NemotronH's Mamba-2) share the convolution (:func:`causal_conv`)
 and the state plumbing (:func:`layer_states` / :func:`keep_states`, :func:`state_shapes`).
 
 Gated DeltaNet: per token and value head, a state S [Dk, Dv] replaces the KV cache: decayed by exp(g), corrected
