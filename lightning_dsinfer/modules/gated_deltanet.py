@@ -321,21 +321,18 @@ class Mamba2Mixer(nn.Module):
         # the time-step limits bound prompts' dt only: transformers' (and mamba_ssm's) one-token step on a held state
         # does not clamp (NemotronH's lower limit is time_step_min); a one-token chunk of a prompt does
         limit = (0.0, float("inf")) if step.decoding else self.dt_limit
-        if (t == 1 and step.decoding and step.cache is not None and proj.dtype == torch.bfloat16
-                and not ops.uses_triton(proj) and self.norm_reduce is None and (step.valid is None or bool(step.valid.all()))):
-            # a bf16 CPU decode step on the engine's cache: the convolution, scan and gated norm in one C call
+        if (t == 1 and step.decoding and step.cache is not None and self.norm_reduce is None
+                and (step.valid is None or bool(step.valid.all()))):     # a decode step on the engine's cache
             history, state = step.cache.linear_buffers(self.layer_idx, bsz, (self.channels, self.kernel - 1), (h, p, n))
-            out = cpu_gemv.mamba2_step(proj, history, self.conv, self.conv_bias, self.dt_bias, self.a_log, self.d,
-                                       self.norm, state, h, p, g, n, self.eps, limit)
-            if out is not None:
-                return self.o(out, residual)
-        if (t == 1 and step.decoding and step.cache is not None and ops.uses_triton(proj) and self.norm_reduce is None
-                and (step.valid is None or bool(step.valid.all()))):
-            # a decode step on the Triton path: convolution, scan and gated norm in three kernels (kernels/mamba2.py)
-            history, state = step.cache.linear_buffers(self.layer_idx, bsz, (self.channels, self.kernel - 1), (h, p, n))
-            out = ops.mamba2_step(proj[:, 0], history, self.conv, self.conv_bias, self.dt_bias, self.a_log, self.d,
-                                  self.norm, state, g, self.eps, limit)
-            return self.o(out[:, None], residual)
+            if ops.uses_triton(proj):      # convolution, scan and gated norm in three kernels (kernels/mamba2.py)
+                out = ops.mamba2_step(proj[:, 0], history, self.conv, self.conv_bias, self.dt_bias, self.a_log, self.d,
+                                      self.norm, state, g, self.eps, limit)
+                return self.o(out[:, None], residual)
+            if proj.dtype == torch.bfloat16:   # bf16 on the CPU: the same in one C call
+                out = cpu_gemv.mamba2_step(proj, history, self.conv, self.conv_bias, self.dt_bias, self.a_log, self.d,
+                                           self.norm, state, h, p, g, n, self.eps, limit)
+                if out is not None:
+                    return self.o(out, residual)
         valid = None if step.valid is None else step.valid[:, :, None].to(proj.dtype)
         if valid is not None:          # left padding: rows zeroed before and after the convolution, as transformers
             proj = proj * valid
