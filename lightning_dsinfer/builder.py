@@ -26,7 +26,7 @@ from lightning_dsinfer.modules.moe import MoEMLP, quantize_experts
 from lightning_dsinfer.modules.transformer import (MLP, Attention, DecoderLayer, DecoderModel, GatedMLP,
                                                   GPTDecoderLayer, LayerSpec, OutputGatedAttention,
                                                   PostNormDecoderLayer, ProjectionNormAttention, RotaryFirstAttention,
-                                                  SandwichDecoderLayer)
+                                                  SandwichDecoderLayer, TemperatureTunedAttention)
 from lightning_dsinfer.parallel import TensorParallelComm, TensorShardPlan
 from lightning_dsinfer.policies import ModelWeights
 from lightning_dsinfer.policies.base import LayerWeights
@@ -312,7 +312,8 @@ def layer_spec(w: ModelWeights, plan: TensorShardPlan, lw: LayerWeights) -> Laye
     moe = lw.moe
     return LayerSpec(hidden_size=w.hidden_size, num_heads=plan.local_heads, num_kv_heads=plan.local_kv_heads,
                      head_dim=w.head_dim, intermediate_size=plan.mlp_rows[1], rms_norm_eps=w.rms_norm_eps,
-                     scaling=w.scaling, sliding_window=lw.sliding_window, mlp_act=w.mlp_act,
+                     scaling=w.scaling, sliding_window=lw.sliding_window, attention_chunk=lw.attention_chunk,
+                     attn_temperature=lw.attn_temperature, mlp_act=w.mlp_act,
                      attn_softcap=w.attn_softcap, mlp_gated=w.mlp_gated, rotary=w.rotary and lw.rotary,
                      parallel_residual=w.parallel_residual, qk_norm_kind=lw.qk_norm_kind,
                      moe_top_k=moe.top_k if moe else 0, moe_renormalize=bool(moe and moe.renormalize),
@@ -465,6 +466,8 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
         extra = {**extra, "sinks": t["sinks"]}
     if spec.attn_output_gate:        # Qwen3-Next / 3.5: the output gated by sigmoid of the qkv GEMM's last rows
         kind = OutputGatedAttention
+    if spec.attn_temperature is not None:   # Llama 4's NoPE layers: queries scaled by their cache column
+        kind = TemperatureTunedAttention
 
     def out_proj():                  # (row-parallel: this rank's partial sums reduced; the residual added once)
         return linear("o", reduce=reduce, owns_residual=first, row_max=row_max)

@@ -87,6 +87,11 @@ class InferenceEngine:
         if len(self.windows) > 1:
             raise ValueError(f"layers use different sliding windows {self.windows}; one window per model is supported.")
         self.sliding_window = self.windows[0] if self.windows else None
+        chunks = sorted({lw.attention_chunk for lw in weights.layers if lw.attention_chunk is not None})
+        if len(chunks) > 1 or (chunks and self.windows):
+            raise ValueError(f"layers use attention chunks {chunks} and sliding windows {self.windows}; one chunk size "
+                             f"and no sliding window per model is supported.")
+        self.attention_chunk = chunks[0] if chunks else None     # (Llama 4's chunked layers)
         if config.quantize == "int4":       # every block linear's K (per rank) a multiple of the group, before any work
             check_int4_groups(weights, shard_plan(weights, self.comm), config.quantize_group_size)
         self.layer_range = _stage_range(weights, self.pipe, self.dtype, config.quantize,
@@ -198,6 +203,7 @@ class InferenceEngine:
             cache.dsinfer_blocks = True
             return cache
         cache = DynamicCache(config=self.hf_config)
+        _whole_history(cache)
         cache.layers = [cache.layers[i] for i in self.hf_cache_layers]     # numbered as the blocks
         cache.dsinfer_blocks = True
         if self.pipe.size > 1:
@@ -206,8 +212,10 @@ class InferenceEngine:
         return cache
 
     def adopt_hf_cache(self, hf_cache) -> None:
-        """A Hugging Face cache the caller built for a model whose blocks are not its layers (NemotronH: one per layer
-        of the config) has its layers put in block order, in place, once (:meth:`new_hf_cache`'s are already)."""
+        """A Hugging Face cache the caller built: its sliding-window / chunked layers made whole-history ones
+        (:func:`_whole_history`) and, for a model whose blocks are not its layers (NemotronH: one per layer of the
+        config), its layers put in block order, in place, once (:meth:`new_hf_cache`'s are already)."""
+        _whole_history(hf_cache)
         layers = getattr(hf_cache, "layers", None)
         if self.blocks_are_layers or layers is None or getattr(hf_cache, "dsinfer_blocks", False):
             return
@@ -294,7 +302,7 @@ class InferenceEngine:
         elif position_ids is None:
             position_ids = torch.arange(past, total, device=self.device).expand(b, t)
         step = build_step(self.rotary, position_ids.to(self.device), key_valid, q_start=past, t=t,
-                          window=self.sliding_window)
+                          window=self.sliding_window, chunk=self.attention_chunk)
         step.hf_cache = hf_cache
         if h is None:
             h = pipe.recv((b, t, self.hidden_size), self.dtype, self.device, pipe.rank - 1)
@@ -313,6 +321,25 @@ class InferenceEngine:
             logits = pipe.broadcast_(logits.contiguous(), pipe.size - 1)
             pipe.flush()
         return logits
+
+
+def _whole_history(hf_cache) -> None:
+    """Turn a Hugging Face cache's sliding-window layers (transformers' for sliding and chunked attention, which keep
+    only the last window's K/V) into whole-history layers, in place, while they are empty: the engine's masks index
+    every column of the sequence. A layer that already dropped K/V cannot be restored: refused with the fix."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    layers = getattr(hf_cache, "layers", None)
+    if not layers or getattr(hf_cache, "dsinfer_whole", False):
+        return
+    for i, layer in enumerate(layers):
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            if layer.get_seq_length() > 0:
+                raise ValueError("dsinfer: the Hugging Face cache passed holds K/V from another model's forward in a "
+                                 "sliding-window layer (which keeps the last window only); pass an empty cache, or "
+                                 "none (the engine makes its own).")
+            layers[i] = DynamicLayer()
+    hf_cache.dsinfer_whole = True
 
 
 _BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",

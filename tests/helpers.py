@@ -165,6 +165,18 @@ def tiny_config(family: str, **overrides):
                                                     "conv_kernel": 4, "chunk_size": 16, "mlp_bias": True,
                                                     **(moe if family != "nemotron_h" else {}),
                                                     **({"moe_latent_size": 40} if family.endswith("latent") else {})})
+    elif family.startswith("llama4"):     # Llama 4's text model: chunked rotary layers (chunks of 8) with L2 q / k
+        from transformers import AutoConfig  # norms, a NoPE layer with temperature tuning (scales that change within
+        #   the tests' lengths), dense (48 wide) and sparse layers (4 experts, top-1 by sigmoid, inputs scaled, a shared
+        #   expert); "_top2": two experts per token, q/k/v/o biases
+        extra = dict(num_experts_per_tok=2, attention_bias=True) if family.endswith("top2") else {}
+        cfg = AutoConfig.for_model("llama4_text", **{**common, "num_hidden_layers": 4, "head_dim": 16,
+                                                     "intermediate_size": 32, "intermediate_size_mlp": 48,
+                                                     "num_local_experts": 4, "num_experts_per_tok": 1,
+                                                     "interleave_moe_layer_step": 2, "no_rope_layers": [1, 1, 0, 1],
+                                                     "attention_chunk_size": 8, "floor_scale": 4, "attn_scale": 0.5,
+                                                     "rope_parameters": {"rope_type": "default", "rope_theta": 500.0},
+                                                     **extra})
     elif family in LLAMA_LIKE_FAMILIES:
         from transformers import AutoConfig
 
@@ -191,7 +203,7 @@ def tiny_model(family: str, seed: int = 0, **overrides):
             for name, p in model.named_parameters():                       # in the wrong place cannot pass
                 if "norm" in name:
                     p.normal_(0.0 if family.startswith("gemma") else 1.0, 0.2)
-        if family.startswith(("lfm2", "nemotron_h")) or family in ("granitemoehybrid", "bamba"):
+        if family.startswith(("lfm2", "nemotron_h", "llama4")) or family in ("granitemoehybrid", "bamba"):
             for name, p in model.named_parameters():
                 if "norm" in name:
                     p.normal_(1.0, 0.2)
@@ -287,7 +299,8 @@ def _fake_quantised(hf, fake):
                 if experts is None or id(experts) in done:
                     continue
                 done.add(id(experts))          # MoE: each expert's gate|up and down, row by row (router stays)
-                rows = (lambda w: w.t()) if ref.config.model_type == "gpt_oss" else (lambda w: w)  # (stored [in, out])
+                rows = ((lambda w: w.t()) if ref.config.model_type in ("gpt_oss", "llama4_text")   # (stored
+                        else (lambda w: w))                                                        # [in, out])
                 for e in range(experts.down_proj.shape[0]):
                     fake(rows((experts.gate_up_proj if hasattr(experts, "gate_up_proj")
                               else experts.up_proj)[e]))           # (NemotronH's experts have no gate)

@@ -120,15 +120,19 @@ class _Bucket:
         start = torch.where(self.real, self.pad_start, col.to(torch.int32))          # dummies: own column only
         upto = cols[None, :] <= col
         mask = ((cols[None, :] >= start[:, None]) & upto).view(b, 1, 1, -1)
-        window_mask = None
+        window_mask, window_start, c = None, start, e.attention_chunk
         if w is not None:
             window_mask = (mask & (cols > col - w).view(1, 1, 1, -1))
+        elif c is not None:     # (Llama 4: the keys of the row's chunk, counted from its first real token)
+            window_start = start + torch.div(col - start, c, rounding_mode="floor") * c      # (dummies: col)
+            window_mask = ((cols[None, :] >= window_start[:, None]) & upto).view(b, 1, 1, -1)
         d = e.rotary.cos.shape[-1]
         cos = e.rotary.cos.index_select(0, self.pos).view(b, 1, 1, d)
         sin = e.rotary.sin.index_select(0, self.pos).view(b, 1, 1, d)
         step = Step(cos=cos, sin=sin, mask=mask, window_mask=window_mask,
-                    cache=_ColumnWriter(e.cache, col, b), start=0, positions=self.pos.view(b, 1), decoding=True)
-        with ops.kv_ranges((mask, start, seq_lens, None), (window_mask, start, seq_lens, w)):
+                    cache=_ColumnWriter(e.cache, col, b), start=0, positions=self.pos.view(b, 1), decoding=True,
+                    q_col=col)
+        with ops.kv_ranges((mask, start, seq_lens, None), (window_mask, window_start.to(torch.int32), seq_lens, w)):
             h = e.decoder.hidden(e.decoder.embed_tokens(self.tok.view(b, 1)), step)
             self.logits = e.decoder.logits(h[:, -1])
 

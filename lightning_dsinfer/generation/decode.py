@@ -46,7 +46,7 @@ def decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     window = engine.sliding_window
 
     key_valid, positions = prompt_positions(attention_mask, b, t0, total, device)
-    step = build_step(engine.rotary, positions, key_valid, q_start=0, t=t0, window=window)
+    step = build_step(engine.rotary, positions, key_valid, q_start=0, t=t0, window=window, chunk=engine.attention_chunk)
     step.cache, step.start = cache, 0
     h = engine.decoder.hidden(engine.decoder.embed_tokens(input_ids), step)
     logits = engine.decoder.logits(h[:, -1])
@@ -100,7 +100,7 @@ def decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         if graphs is not None:
             logits = graphs.step(tok, pos, col)
             continue
-        step = build_step(engine.rotary, pos, key_valid, q_start=col, t=1, window=window)
+        step = build_step(engine.rotary, pos, key_valid, q_start=col, t=1, window=window, chunk=engine.attention_chunk)
         step.cache, step.start = cache, col
         step.valid = None       # (the new tokens are real: linear-state mixers need not zero any)
         h = engine.decoder.hidden(engine.decoder.embed_tokens(tok[:, None]), step)

@@ -106,7 +106,8 @@ def pipeline_decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.
     # the prompt: row groups x token chunks
     chunks = [(0, t0)] if streamed else prompt_chunks(t0, len(groups), pipe.size)
     for g, (r0, r1) in enumerate(groups):
-        step = build_step(engine.rotary, positions[r0:r1], valid(r0, r1), q_start=0, t=t0, window=engine.sliding_window)
+        step = build_step(engine.rotary, positions[r0:r1], valid(r0, r1), q_start=0, t=t0,
+                          window=engine.sliding_window, chunk=engine.attention_chunk)
         step.cache, step.start = caches[g], 0
         caches[g].reset_linear(r1 - r0)      # (linear attention: the group's sequences start from zero states)
         for a, e in chunks:
@@ -148,7 +149,7 @@ def pipeline_decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.
                         continue
                 h = pipe.recv((r1 - r0, 1, *hidden), engine.dtype, device, prev)
             step = build_step(engine.rotary, last_pos[r0:r1] + i, valid(r0, r1), q_start=col, t=1,
-                              window=engine.sliding_window)
+                              window=engine.sliding_window, chunk=engine.attention_chunk)
             step.cache, step.start = caches[g], col
             step.valid = None   # (the new tokens are real: linear-state mixers need not zero any)
             h = decoder.hidden(h, step)

@@ -384,7 +384,8 @@ def moe_mlp(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: 
     experts: ``gate_up_bias`` / ``down_bias`` added in the grouped GEMMs' epilogues (down's before the routing weight),
     the clamped SwiGLU ``act`` through :func:`clamped_swiglu`; experts without a gate (``reference.PlainAct``) their
     activation through :func:`act` between the grouped GEMMs; any other ``act`` runs the reference (counted
-    ``reference:act``), as do dtypes the kernels do not take (counted ``reference:dtype``)."""
+    ``reference:act``), as do dtypes the kernels do not take (counted ``reference:dtype``). Llama 4's router
+    (``routing.input_scaled``): the gate|up GEMM reads each assignment's w * x row, the down GEMM is not scaled."""
     int8 = gate_up_scale is not None
     clamped = isinstance(act, reference.ClampedSwiGLU)
     plain = isinstance(act, reference.PlainAct)     # (NemotronH: experts without a gate, gate_up their up rows)
@@ -419,12 +420,16 @@ def moe_mlp(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: 
     # (expert parallelism: other ranks' rows of the gate|up product stay zero, so SwiGLU sees no stale memory there;
     # the down GEMM reads this rank's rows only)
     gu = torch.zeros(sorted_ids.numel(), gate_up.shape[1], dtype=x.dtype, device=x.device) if partial else None
-    gu = moe_gemm(x if experts_x is None else experts_x, gate_up, sorted_ids, offsets, top_k,
-                  weight_scale=gate_up_scale, out=gu, bias=gate_up_bias)   # (latent experts read experts_x's rows)
+    xe = x if experts_x is None else experts_x      # (latent experts read experts_x's rows)
+    scaled = reference.input_scaled(routing)         # Llama 4: each assignment's row is w * x, rounded to x's dtype
+    if scaled:
+        xe = (xe[:, None, :] * w[:, :, None].to(x.dtype)).reshape(t * top_k, -1)
+    gu = moe_gemm(xe, gate_up, sorted_ids, offsets, 1 if scaled else top_k, weight_scale=gate_up_scale, out=gu,
+                  bias=gate_up_bias)
     h = clamped_swiglu(gu, act) if clamped else _plain_act(gu, act.name) if plain else gated_act(gu, None, "silu")
     out = torch.zeros(sorted_ids.numel(), down.shape[1], dtype=x.dtype, device=x.device) if partial else None
-    y = moe_gemm(h, down, sorted_ids, offsets, 1, row_scale=w.reshape(-1), weight_scale=down_scale,
-                 out=out, bias=down_bias)   # [T * k, H]: other ranks' assignments stay zero
+    y = moe_gemm(h, down, sorted_ids, offsets, 1, row_scale=None if scaled else w.reshape(-1),
+                 weight_scale=down_scale, out=out, bias=down_bias)   # [T * k, H]: other ranks' assignments stay zero
     return y.view(t, top_k, -1).sum(1, dtype=torch.float32).to(x.dtype)
 
 

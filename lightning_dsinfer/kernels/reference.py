@@ -310,7 +310,9 @@ class Routing:
     by their sum + ``eps``, then all are multiplied by ``scale`` (routed_scaling_factor). ``fp32``: the router's logits
     from fp32 input and weight (the model keeps the router in fp32). ``scoring`` "topk_softmax" (gpt-oss): the top-k
     of the logits, the router's own bias added to them, and a softmax over those k, all in x's dtype as transformers
-    computes it (the other fields unused)."""
+    computes it (the other fields unused). ``scoring`` "topk_sigmoid" (Llama 4): the top-k of the logits (x's dtype),
+    their sigmoid in fp32 rounded to x's dtype. ``input_scaled`` (Llama 4): a token's weight scales the expert's input,
+    expert(w * x), instead of its output (the other fields unused)."""
     scoring: str = "softmax"
     groups: int = 1
     topk_groups: int = 1
@@ -319,6 +321,12 @@ class Routing:
     eps: float = 0.0
     scale: float = 1.0
     fp32: bool = False
+    input_scaled: bool = False
+
+
+def input_scaled(routing: Routing | None) -> bool:
+    """Whether a router's weights scale the experts' inputs (Llama 4) rather than their outputs."""
+    return routing is not None and routing.input_scaled
 
 
 def moe_topk(x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool = True,
@@ -342,6 +350,9 @@ def _grouped_topk(x, router, top_k: int, r: Routing, bias):
     if r.scoring == "topk_softmax":     # gpt-oss: ``bias`` is the router's logit bias
         top, ids = torch.topk(F.linear(x, router, bias), top_k, dim=-1)
         return torch.softmax(top, dim=-1, dtype=top.dtype), ids
+    if r.scoring == "topk_sigmoid":     # Llama 4
+        top, ids = torch.topk(F.linear(x, router), top_k, dim=-1)
+        return torch.sigmoid(top.float()).to(x.dtype), ids
     logits = F.linear(x.float(), router.float()) if r.fp32 else F.linear(x, router).float()
     scores = torch.softmax(logits, -1) if r.scoring == "softmax" else torch.sigmoid(logits)
     choice = scores if bias is None else scores + bias.float()
@@ -386,19 +397,20 @@ class PlainAct:
 
 
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, expert, out: torch.Tensor | None = None,
-                only=None) -> torch.Tensor:
+                only=None, input_scaled: bool = False) -> torch.Tensor:
     """sum_j weights[t, j] * expert(ids[t, j], x[t]) for every token t: ``expert(e, rows)`` runs expert e on the rows
     routed to it, experts in ascending order, each scaled result summed into x's dtype (transformers' order and
     rounding). Returns [T, H]. ``only``: run just these experts, summed into ``out`` (offload: experts in groups of
-    ascending ids, one call each, give the same sum as one call)."""
+    ascending ids, one call each, give the same sum as one call). ``input_scaled`` (Llama 4): sum_j expert(ids[t, j],
+    weights[t, j] * x[t]), the product rounded to x's dtype."""
     k = ids.shape[1]
     w = weights.reshape(-1)
     if x.shape[0] == 1 and only is None:   # a one-row decode step: its k experts in ascending order, no index tables
         out = torch.zeros_like(x) if out is None else out        # (the same products, sums and roundings as below:
         for e, j in sorted(zip(ids[0].tolist(), range(k))):      # w[j, None] keeps the fp32 weight's promotion)
-            y = expert(e, x)
+            y = expert(e, x * w[j, None].to(x.dtype) if input_scaled else x)
             if y is not None:
-                out += (y * w[j, None]).to(x.dtype)
+                out += y if input_scaled else (y * w[j, None]).to(x.dtype)
         return out
     groups: dict[int, list[int]] = {}
     for a, e in enumerate(ids.reshape(-1).tolist()):      # assignment a = token * k + slot
@@ -407,9 +419,9 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, exper
     for e in sorted(groups if only is None else groups.keys() & only):
         a = torch.tensor(groups[e], device=x.device)
         tok = a // k
-        y = expert(e, x[tok])
+        y = expert(e, x[tok] * w[a, None].to(x.dtype) if input_scaled else x[tok])
         if y is not None:       # None: not this rank's expert (expert parallelism)
-            out.index_add_(0, tok, (y * w[a, None]).to(x.dtype))
+            out.index_add_(0, tok, y if input_scaled else (y * w[a, None]).to(x.dtype))
     return out
 
 
@@ -440,7 +452,7 @@ def moe_mlp(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: 
         h = act(F.linear(rows, weight(gate_up, gate_up_scale, e), None if gate_up_bias is None else gate_up_bias[e]))
         return F.linear(h, weight(down, down_scale, e), None if down_bias is None else down_bias[e])
 
-    return moe_experts(x if experts_x is None else experts_x, w, ids, expert)
+    return moe_experts(x if experts_x is None else experts_x, w, ids, expert, input_scaled=input_scaled(routing))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,

@@ -2,8 +2,10 @@
 
 Index space: columns of the KV cache (prompts left-padded, so every row of a batch writes the same
 column). Query ``i`` of a call sits at column ``q_start + i``. Key ``j`` is visible when it is not
-padding, ``j <= q`` (causal) and, for sliding-window layers, ``q - j < window`` (HF's rule). Each query
-also always sees itself, so a query that is padding gets a finite (ignored) output instead of NaN.
+padding, ``j <= q`` (causal) and, for sliding-window layers, ``q - j < window`` (HF's rule); for chunked layers
+(Llama 4), when ``j`` is in ``q``'s chunk: chunks of ``chunk`` columns counted from the row's first real token (HF
+subtracts each row's left padding). Each query also always sees itself, so a query that is padding gets a finite
+(ignored) output instead of NaN. Chunked and sliding layers both read ``window_mask`` (a model has one or the other).
 """
 from __future__ import annotations
 
@@ -13,27 +15,35 @@ from lightning_dsinfer.modules.rotary import RotaryTable
 from lightning_dsinfer.modules.transformer import Step
 
 
-def build_masks(key_valid: torch.Tensor | None, q_start: int, t: int, window: int | None, device):
+def build_masks(key_valid: torch.Tensor | None, q_start: int, t: int, window: int | None, device,
+                chunk: int | None = None):
     """Return (mask, window_mask), each bool [B|1, 1, T, L] or None (= every key visible)."""
     total = q_start + t
     need_window = window is not None and total > window
-    if key_valid is None and t == 1 and not need_window:
+    need_chunks = chunk is not None and total > chunk
+    if key_valid is None and t == 1 and not need_window and not need_chunks:
         return None, None
     cols = torch.arange(total, device=device)
     rows = torch.arange(q_start, total, device=device)[:, None]                 # [T, 1]
+    own = (cols == rows)[None, None]
     mask = (cols <= rows)[None, None]                                            # [1, 1, T, L]
     if key_valid is not None:
-        mask = (mask & key_valid[:, None, None, :total]) | (cols == rows)[None, None]
+        mask = (mask & key_valid[:, None, None, :total]) | own
     window_mask = None
     if need_window:
         window_mask = mask & (cols > rows - window)[None, None]
+    elif need_chunks:     # the chunk of each (row, query) starts at first + (q - first) // chunk * chunk
+        first = (key_valid[:, :total].int().argmax(-1) if key_valid is not None
+                 else torch.zeros(1, dtype=torch.long, device=device))[:, None, None]          # [B|1, 1, 1]
+        start = first + torch.div(rows[None] - first, chunk, rounding_mode="floor") * chunk    # [B|1, T, 1]
+        window_mask = (mask & (cols >= start)[:, None]) | own
     return mask, window_mask
 
 
 def build_step(rotary: RotaryTable, positions: torch.Tensor, key_valid: torch.Tensor | None, q_start: int, t: int,
-               window: int | None) -> Step:
+               window: int | None, chunk: int | None = None) -> Step:
     cos, sin = rotary.gather(positions)
-    mask, window_mask = build_masks(key_valid, q_start, t, window, positions.device)
+    mask, window_mask = build_masks(key_valid, q_start, t, window, positions.device, chunk)
     step = Step(cos=cos, sin=sin, mask=mask, window_mask=window_mask, q_start=q_start, positions=positions,
                 valid=None if key_valid is None else key_valid[:, q_start:q_start + t], decoding=t == 1 and q_start > 0)
     if rotary.sliding is not None:

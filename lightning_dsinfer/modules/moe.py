@@ -1,6 +1,6 @@
-"""Sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek, gpt-oss): router, top-k experts, optional
-shared expert (Qwen2-MoE's behind a sigmoid gate, DeepSeek's plain); gpt-oss's experts have biases and a clamped
-SwiGLU (``act``).
+"""Sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek, gpt-oss, Llama 4): router, top-k experts,
+optional shared expert (Qwen2-MoE's behind a sigmoid gate, DeepSeek's and Llama 4's plain); gpt-oss's experts have
+biases and a clamped SwiGLU (``act``); Llama 4's router weights scale the experts' inputs (``Routing.input_scaled``).
 
 On CUDA the experts stay in transformers' 3D layout (gate|up [E, 2I, H], down [E, H, I]; int8: the same layout with
 a scale per expert row; int4: packed [E, N, K / 2] with a scale per expert row and group of inputs) and a call is
@@ -97,7 +97,7 @@ class MoEMLP(nn.Module):
                                         self.routing, self.router_bias)
             self.streamed.prefetch(ids)
             s = self._shared_out(x2)
-            y = self._latent_out(self.streamed.run(xe, w, ids, self.act))
+            y = self._latent_out(self.streamed.run(xe, w, ids, self.act, reference.input_scaled(self.routing)))
             y = y if s is None else y + s
         elif self.cpu_experts is not None and (self.experts_gate_up is None or not ops.uses_triton(x2)):
             y = self._latent_out(self._run_cpu_experts(x2, xe))
@@ -140,7 +140,7 @@ class MoEMLP(nn.Module):
 
         w, ids = reference.moe_topk(x, self.router, self.top_k, self.renormalize, self.weights_in_dtype, self.routing,
                                     self.router_bias)
-        return reference.moe_experts(xe, w, ids, expert)
+        return reference.moe_experts(xe, w, ids, expert, input_scaled=reference.input_scaled(self.routing))
 
 
 class _LazyExperts:

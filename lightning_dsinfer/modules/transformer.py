@@ -46,6 +46,7 @@ class Step:
                                            # zeroes the others' inputs, modules/gated_deltanet.py)
     decoding: bool = False                 # a one-token call on held states (a decode step; not a one-token chunk of a
                                            # prompt): Mamba-2 then does as transformers' step does (dt unclamped)
+    q_col: torch.Tensor | None = None      # CUDA graphs: the first query's column as a device tensor (q_start is 0)
 
     def rows(self, a: int, b: int) -> "Step":
         """The step for queries [a, b) of this one (chunked prefill): they write K/V at ``start + a`` and see
@@ -61,7 +62,8 @@ class Step:
         return Step(cos=rows(self.cos), sin=rows(self.sin), mask=cut(self.mask), window_mask=cut(self.window_mask),
                     cache=self.cache, start=self.start + a, hf_cache=self.hf_cache, q_start=self.q_start + a,
                     sliding_cos=rows(self.sliding_cos), sliding_sin=rows(self.sliding_sin),
-                    positions=rows(self.positions), valid=rows(self.valid), decoding=self.decoding)
+                    positions=rows(self.positions), valid=rows(self.valid), decoding=self.decoding,
+                    q_col=None if self.q_col is None else self.q_col + a)
 
 
 @dataclass
@@ -75,6 +77,8 @@ class LayerSpec:
     rms_norm_eps: float
     scaling: float
     sliding_window: int | None = None
+    attention_chunk: int | None = None     # Llama 4's chunked layers (they read ``Step.window_mask``, as sliding ones)
+    attn_temperature: tuple[float, float] | None = None   # Llama 4's NoPE layers (TemperatureTunedAttention)
     moe_top_k: int = 0                     # MoE layers (modules/moe.py): experts per token, ...
     moe_renormalize: bool = True           # ... top-k probabilities renormalised, ...
     moe_weights_in_dtype: bool = False     # ... routing weights rounded to the model dtype
@@ -103,7 +107,7 @@ class Attention(nn.Module):
         self.hq, self.hkv, self.d = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.scaling, self.eps = spec.scaling, spec.rms_norm_eps
         self.softcap = spec.attn_softcap
-        self.sliding = spec.sliding_window is not None
+        self.sliding = spec.sliding_window is not None or spec.attention_chunk is not None   # (step.window_mask)
         self.rotary = spec.rotary
         self.alibi = alibi                 # BLOOM: this rank's heads' slopes [Hq] fp32 (positions enter as biases)
         self.sinks = sinks                 # gpt-oss: this rank's heads' sink logits [Hq] (ops.attention)
@@ -194,6 +198,24 @@ class RotaryFirstAttention(Attention):
             (step.cos, step.sin)
         q, k, v = ops.rotary_write_kv(qkv.view(b, t, self.hq + 2 * self.hkv, self.d), self.hq, cos, sin)
         return super().from_qkv(torch.cat((q, k, v), dim=2).view(b, t, -1), residual, step)
+
+
+class TemperatureTunedAttention(Attention):
+    """Llama 4's NoPE layers: each query scaled by log1p(floor((c + 1) / floor_scale)) * attn_scale + 1, c its cache
+    column (transformers counts the cache's tokens, left padding included), in fp32 and rounded to the dtype, before
+    attention (no rotary, no q / k norms)."""
+
+    def __init__(self, spec: LayerSpec, layer_idx: int, qkv: Linear, o: Linear, **kw):
+        super().__init__(spec, layer_idx, qkv, o, **kw)
+        self.attn_scale, self.floor_scale = spec.attn_temperature
+
+    def from_qkv(self, qkv: torch.Tensor, residual: torch.Tensor | None, step: Step) -> torch.Tensor:
+        t, nq = qkv.shape[1], self.hq * self.d
+        first = step.q_col if step.q_col is not None else step.q_start
+        cols = torch.arange(t, device=qkv.device) + first
+        scale = torch.log1p(torch.floor((cols.float() + 1.0) / self.floor_scale)) * self.attn_scale + 1.0
+        q = (qkv[..., :nq] * scale[:, None]).to(qkv.dtype)
+        return super().from_qkv(torch.cat((q, qkv[..., nq:]), dim=-1), residual, step)
 
 
 class GatedMLP(nn.Module):

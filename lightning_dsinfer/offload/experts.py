@@ -150,9 +150,10 @@ class LayerExperts:
         self._hit = self._experts_hit(ids)
         self.pool.load(self.layer, [self.units[e - self.first_expert] for e in self._hit[:self.pool.n_slots]])
 
-    def run(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, act=None) -> torch.Tensor:
+    def run(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, act=None,
+            input_scaled: bool = False) -> torch.Tensor:
         """:func:`reference.moe_experts` over this rank's experts, a group of at most ``n_slots`` at a time (``act``:
-        the experts' activation, gpt-oss's; None: SwiGLU)."""
+        the experts' activation, gpt-oss's; None: SwiGLU; ``input_scaled``: Llama 4's weights on the inputs)."""
         act = act or ops.silu_and_mul
 
         def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
@@ -167,5 +168,5 @@ class LayerExperts:
         for g in range(0, len(hit), n):
             group = hit[g:g + n]
             self.pool.load(self.layer, [self.units[e - self.first_expert] for e in group])
-            reference.moe_experts(x, weights, ids, expert, out=out, only=set(group))
+            reference.moe_experts(x, weights, ids, expert, out=out, only=set(group), input_scaled=input_scaled)
         return out

@@ -5,7 +5,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from lightning_dsinfer.policies import deepseek, gpt_oss, granite_hybrid, lfm2, llama, nemotron_h, qwen3_next
+from lightning_dsinfer.policies import deepseek, gpt_oss, granite_hybrid, lfm2, llama, llama4, nemotron_h, qwen3_next
 from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, UnsupportedModelError
 from lightning_dsinfer.policies.gpt import FAMILY as _GPT_FAMILY
 from lightning_dsinfer.policies.gpt import read_gpt_family
@@ -20,12 +20,13 @@ POLICIES.update({name: qwen3_next.read_qwen3_next for name in qwen3_next.FAMILY}
 POLICIES.update({name: lfm2.read_lfm2 for name in lfm2.FAMILY})
 POLICIES.update({name: granite_hybrid.read_granite_hybrid for name in granite_hybrid.FAMILY})
 POLICIES.update({name: nemotron_h.read_nemotron_h for name in nemotron_h.FAMILY})
+POLICIES.update({name: llama4.read_llama4 for name in llama4.FAMILY})
 
 
 def has_experts(model_type: str | None) -> bool:
     """Whether ``model_type`` is a supported family with mixture-of-experts layers."""
     return any(family.has_experts(model_type) for family in (llama, deepseek, gpt_oss, qwen3_next, lfm2, granite_hybrid,
-                                                                  nemotron_h))
+                                                                  nemotron_h, llama4))
 
 
 def supported_model_types() -> list[str]:

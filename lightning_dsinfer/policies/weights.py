@@ -288,7 +288,8 @@ class Rewritten(WeightSource):
 
 
 class Transposed(Rewritten):
-    """2-D weights stored [in, out] (GPT-2's ``Conv1D``) seen as torch's [out, in]; other names pass through."""
+    """Weights stored with their last two dims swapped seen as torch's [out, in]: GPT-2's ``Conv1D`` [in, out], Llama
+    4's experts [E, in, out]; other names pass through."""
 
     def __init__(self, inner: WeightSource, names):
         super().__init__(inner)
@@ -299,29 +300,39 @@ class Transposed(Rewritten):
 
     def shape(self, name):
         shape = self.inner.shape(name)
-        return shape[::-1] if name in self.names else shape
+        return (*shape[:-2], shape[-1], shape[-2]) if name in self.names else shape
 
     def read(self, name, dim, start, length):
         if name not in self.names:
             return self.inner.read(name, dim, start, length)
-        return self.inner.read(name, None if dim is None else 1 - dim, start, length).t()
+        n = len(self.inner.shape(name))
+        if dim is not None and dim >= n - 2:
+            dim = 2 * n - 3 - dim                                  # (the last two swap)
+        t = self.inner.read(name, dim, start, length)
+        return t.t() if n == 2 else t.transpose(-1, -2).contiguous()
 
 
 class Zeros(WeightSource):
-    """Zero tensors by shape (``ref((n,))``): the bias of a LayerNorm that has none (Cohere), for a norm that takes
-    one."""
+    """Tensors of one value by shape (``ref((n,))``): zeros, the bias of a LayerNorm that has none (Cohere), for a norm
+    that takes one; :class:`Ones`."""
+    value = 0.0
 
     def ref(self, shape) -> "WeightRef":
-        return WeightRef(self, f"zeros{tuple(shape)}", tuple(shape))
+        return WeightRef(self, f"fill{self.value}{tuple(shape)}", tuple(shape))
 
     def shape(self, name):
-        return tuple(int(n) for n in name[len("zeros("):-1].split(",") if n.strip())
+        return tuple(int(n) for n in name[name.index("(") + 1:-1].split(",") if n.strip())
 
     def read(self, name, dim, start, length):
         shape = list(self.shape(name))
         if dim is not None:
             shape[dim] = length
-        return torch.zeros(shape)
+        return torch.full(shape, self.value)
+
+
+class Ones(Zeros):
+    """Ones by shape: the unit scale of a norm without a weight (Llama 4's L2 norm of q and k)."""
+    value = 1.0
 
 
 class ModuleSource(WeightSource):
@@ -495,7 +506,9 @@ def alias_checkpoint_names(source: SafetensorsSource, model: nn.Module) -> None:
     """Make a checkpoint's tensors reachable under the model's parameter names where transformers renames
     keys on load (GPT-NeoX saves ``lm_head.weight`` as ``embed_out.weight``; legacy ``gamma`` / ``beta``), and where
     a checkpoint saved from the base model lacks its ``base_model_prefix`` (the hub's GPT-2, BLOOM and OPT files:
-    ``h.0.attn.c_attn.weight`` for ``transformer.h.0.attn.c_attn.weight``), as transformers adds it on load.
+    ``h.0.attn.c_attn.weight`` for ``transformer.h.0.attn.c_attn.weight``), as transformers adds it on load, or has it
+    where the model does not (Llama 4's multimodal checkpoints: ``language_model.model.layers.0...`` for the text
+    model's ``model.layers.0...``; the vision tower's tensors stay unread).
 
     Only renamings: keys that transformers would merge or split on load (``WeightConverter``, e.g. per-expert
     MoE tensors) keep their names, and a model parameter they feed is reported missing by the caller.
@@ -514,6 +527,8 @@ def alias_checkpoint_names(source: SafetensorsSource, model: nn.Module) -> None:
             name, _ = renaming.rename_source_key(name)
         if prefix and name not in expected and f"{prefix}.{name}" in expected:
             name = f"{prefix}.{name}"
+        elif prefix and name not in expected and name.startswith(f"{prefix}.") and name[len(prefix) + 1:] in expected:
+            name = name[len(prefix) + 1:]       # (a multimodal checkpoint's language model: Llama 4's language_model.*)
         if name != key and name not in source.entries:
             source.entries[name] = source.entries[key]
 
