@@ -32,7 +32,12 @@ convolutions, attention in every third block; the SwiGLU width transformers deri
 SwiGLU of ``--intermediate`` (transformers' Mamba-2 runs its torch scan without mamba_ssm, the engine its own).
 ``--family nemotron_h``: Nemotron-H's layers ("M-M-M-M*-": Mamba-2 of 64-wide heads, 8 groups, state 128, each
 followed by a ReLU² MLP of ``--intermediate``, every fourth also by a NoPE attention layer before its MLP), so the
-engine runs a block without an MLP there.
+engine runs a block without an MLP there. ``--family llama4``: Llama 4 Scout's text blocks at these widths (``--experts``
+routed experts, default 16, of half ``--intermediate``, top-1 by sigmoid with the weight on the expert's input, and a
+shared expert of the same width in every layer; chunked rotary attention with L2 q / k norms, every fourth layer NoPE
+with temperature-tuned queries). transformers' Llama4TextMoe runs every expert on every token (a dense batched
+product, zeros in for the experts not chosen), so its bytes per step are all the experts'; ours the router, the top
+expert and the shared one.
 """
 from __future__ import annotations
 
@@ -56,7 +61,8 @@ FAMILY_NAMES = {"llama": "Llama", "gemma2": "Gemma 2", "gpt_neox": "GPT-NeoX (Py
                 "qwen3_5": "Qwen3.5-style (3 of 4 blocks Gated DeltaNet linear attention)",
                 "lfm2": "LFM2-style (gated short convolutions, attention in every third block)",
                 "bamba": "Bamba-style (Mamba-2 blocks, attention in every fourth block)",
-                "nemotron_h": "Nemotron-H-style (Mamba-2 + ReLU² MLP layers, attention in every fourth pair)"}
+                "nemotron_h": "Nemotron-H-style (Mamba-2 + ReLU² MLP layers, attention in every fourth pair)",
+                "llama4": "Llama 4 Scout-style (chunked attention, NoPE every fourth layer, MoE)"}
 
 
 def build_model(args):
@@ -127,6 +133,16 @@ def build_model(args):
             vocab_size=args.vocab, max_position_embeddings=4096, mamba_num_heads=2 * args.hidden // 64,
             mamba_head_dim=64, n_groups=8, ssm_state_size=128, chunk_size=64, tie_word_embeddings=False,
             eos_token_id=None, pad_token_id=0)
+    elif getattr(args, "family", "llama") == "llama4":
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.for_model(
+            "llama4_text", hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+            num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads,
+            intermediate_size=args.intermediate // 2, intermediate_size_mlp=args.intermediate, vocab_size=args.vocab,
+            max_position_embeddings=4096, num_local_experts=args.experts or 16, num_experts_per_tok=args.top_k,
+            interleave_moe_layer_step=1, attention_chunk_size=8192, tie_word_embeddings=False, eos_token_id=None,
+            pad_token_id=0)
     elif getattr(args, "experts", 0):      # (the other benchmarks build the dense Llama through here too)
         from transformers import MixtralConfig
 
@@ -196,12 +212,13 @@ def main():
     p.add_argument("--skip-int8", action="store_true", help="no quantize='int8' rows")
     p.add_argument("--skip-int4", action="store_true", help="no quantize='int4' rows")
     p.add_argument("--experts", type=int, default=0, help="a Mixtral with this many experts per layer (0: Llama)")
-    p.add_argument("--top-k", type=int, default=None, help="experts per token (--experts: default 2; deepseek_v2: 4)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="experts per token (--experts: default 2; deepseek_v2: 4; llama4: 1)")
     p.add_argument("--family", choices=list(FAMILY_NAMES), default="llama")
     p.add_argument("--record", metavar="RESULTS_MD", help="append the table to this file")
     args = p.parse_args()
     if args.top_k is None:
-        args.top_k = 4 if args.family == "deepseek_v2" else 2
+        args.top_k = {"deepseek_v2": 4, "llama4": 1}.get(args.family, 2)
     torch.set_num_threads(args.threads)
 
     import lightning_dsinfer as dsi
@@ -211,8 +228,9 @@ def main():
     ours = dsi.init_inference(copy.deepcopy(hf), dtype=torch.bfloat16, max_seq_len=args.prompt + args.new,
                               max_batch_size=max(args.batch))
     our_bytes = ours._dsinfer_engine.decoder.weight_bytes_per_token
-    moe = args.experts or args.family == "deepseek_v2"
-    hf_bytes = our_bytes if moe else hf_decode_bytes(hf)    # MoE: the same router + top-k experts
+    moe = args.experts or args.family in ("deepseek_v2", "llama4")
+    # MoE: the same router + top-k experts (Llama 4: transformers runs every expert)
+    hf_bytes = our_bytes if moe and args.family != "llama4" else hf_decode_bytes(hf)
     impls = [("HF eager", hf, hf_bytes), ("dsinfer", ours, our_bytes)]
     quality = []
     modes = [m for m, skip in (("int8", args.skip_int8 or args.experts), ("int4", args.skip_int4 or moe)) if not skip]
