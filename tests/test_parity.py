@@ -268,6 +268,27 @@ def test_incremental_forward_with_hf_cache_matches_full_forward():
     torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), full, atol=ATOL, rtol=RTOL)
 
 
+def test_a_sliding_window_cache_the_caller_builds():
+    """DynamicCache(config=model.config) for a sliding-window model: transformers' layers would keep the last window
+    only; they are made whole-history layers while empty, and a prompt and steps past the window give HF's logits
+    (before: a shape error at the first step)."""
+    from transformers import DynamicCache
+
+    hf = tiny_model("mistral")                  # (window 7)
+    opt = optimised_copy(hf, max_seq_len=32)
+    ids, mask = padded_batch([10, 6], seed=3)
+    ours, theirs = DynamicCache(config=opt.config), DynamicCache(config=hf.config)
+    assert type(ours.layers[0]).__name__ == "DynamicSlidingWindowLayer"
+    step_ids, valid = ids, mask.bool()
+    for _ in range(4):
+        with torch.no_grad():
+            want = hf(input_ids=step_ids, attention_mask=mask, cache=theirs, use_cache=True).logits
+        got = opt(input_ids=step_ids, attention_mask=mask, cache=ours, use_cache=True).logits
+        torch.testing.assert_close(got[valid], want[valid], atol=ATOL, rtol=RTOL)
+        step_ids, valid = want[:, -1:].argmax(-1), torch.ones(2, 1, dtype=torch.bool)
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+
+
 def test_own_loop_serves_greedy_and_sampling(monkeypatch):
     """Greedy / sampling / eos requests must not fall back to HF's loop (that is the slow path)."""
     hf = tiny_model("qwen2")
