@@ -37,7 +37,10 @@ routed experts, default 16, of half ``--intermediate``, top-1 by sigmoid with th
 shared expert of the same width in every layer; chunked rotary attention with L2 q / k norms, every fourth layer NoPE
 with temperature-tuned queries). transformers' Llama4TextMoe runs every expert on every token (a dense batched
 product, zeros in for the experts not chosen), so its bytes per step are all the experts'; ours the router, the top
-expert and the shared one.
+expert and the shared one. ``--family falcon_h1``: Falcon-H1's blocks at these widths (attention and Mamba-2 side by
+side in every block: 64-wide Mamba-2 heads over 2 x ``--hidden`` channels, one group, state 128; the SwiGLU of
+``--intermediate``; the 0.5B model's muP multipliers); the engine runs both input projections as one GEMM and both
+output projections as another.
 """
 from __future__ import annotations
 
@@ -62,7 +65,8 @@ FAMILY_NAMES = {"llama": "Llama", "gemma2": "Gemma 2", "gpt_neox": "GPT-NeoX (Py
                 "lfm2": "LFM2-style (gated short convolutions, attention in every third block)",
                 "bamba": "Bamba-style (Mamba-2 blocks, attention in every fourth block)",
                 "nemotron_h": "Nemotron-H-style (Mamba-2 + ReLU² MLP layers, attention in every fourth pair)",
-                "llama4": "Llama 4 Scout-style (chunked attention, NoPE every fourth layer, MoE)"}
+                "llama4": "Llama 4 Scout-style (chunked attention, NoPE every fourth layer, MoE)",
+                "falcon_h1": "Falcon-H1-style (attention and Mamba-2 side by side in every block)"}
 
 
 def build_model(args):
@@ -143,6 +147,18 @@ def build_model(args):
             max_position_embeddings=4096, num_local_experts=args.experts or 16, num_experts_per_tok=args.top_k,
             interleave_moe_layer_step=1, attention_chunk_size=8192, tie_word_embeddings=False, eos_token_id=None,
             pad_token_id=0)
+    elif getattr(args, "family", "llama") == "falcon_h1":
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.for_model(
+            "falcon_h1", hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+            num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads, intermediate_size=args.intermediate,
+            vocab_size=args.vocab, max_position_embeddings=4096, mamba_d_ssm=2 * args.hidden,
+            mamba_n_heads=2 * args.hidden // 64, mamba_d_head=64, mamba_n_groups=1, mamba_d_state=128,
+            mamba_chunk_size=128, embedding_multiplier=5.66, lm_head_multiplier=0.039, key_multiplier=0.39,
+            attention_in_multiplier=1.0, attention_out_multiplier=0.94, ssm_in_multiplier=1.25,
+            ssm_out_multiplier=0.24, ssm_multipliers=[0.35, 0.25, 0.18, 0.18, 0.6], mlp_multipliers=[0.88, 0.59],
+            tie_word_embeddings=False, eos_token_id=None, pad_token_id=0)
     elif getattr(args, "experts", 0):      # (the other benchmarks build the dense Llama through here too)
         from transformers import MixtralConfig
 

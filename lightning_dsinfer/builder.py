@@ -18,7 +18,7 @@ import os
 import torch
 
 from lightning_dsinfer.kernels import cpu_gemv, reference
-from lightning_dsinfer.modules.gated_deltanet import GatedDeltaNet, Mamba2Mixer, ShortConv, state_shapes
+from lightning_dsinfer.modules.gated_deltanet import GatedDeltaNet, Mamba2Mixer, ParallelMixer, ShortConv, state_shapes
 from lightning_dsinfer.modules.linear import (DEQUANT_BYTES_PER_WEIGHT, DEQUANT_CHUNK_BYTES,
                                               DEQUANT_INT4_BYTES_PER_WEIGHT, Linear, quantize_int4_rows, quantize_rows)
 from lightning_dsinfer.modules.mla import LatentAttention
@@ -86,8 +86,8 @@ def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype, nor
         out.update(_shard_mla(lw.mla, plan, dtype))
     elif lw.deltanet is not None:    # Qwen3-Next / 3.5 linear attention: q | k | v | z | b | a in one GEMM
         out.update(_shard_deltanet(lw.deltanet, plan, dtype))
-    elif lw.mamba is not None:       # Granite 4's Mamba-2: this rank's heads (and the groups they read)
-        out.update(_shard_mamba(lw.mamba, plan, dtype))
+    elif lw.mamba is not None and lw.mamba.out_proj is None:   # Granite 4's Mamba-2: this rank's heads (and the
+        out.update(_shard_mamba(lw.mamba, plan, dtype))           # groups they read)
     elif lw.shortconv is not None:   # LFM2's short convolution: this rank's channels of B | C | x in one GEMM
         sc = lw.shortconv
         first, n = shortconv_rows(sc, plan)
@@ -99,6 +99,8 @@ def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype, nor
         out["qkv.weight"] = _fused([(lw.q, q_rows), (lw.k, kv_rows), (lw.v, kv_rows), *gate], dtype)
         out["qkv.bias"] = _fused_bias([(lw.q_bias, q_rows), (lw.k_bias, kv_rows), (lw.v_bias, kv_rows), *gate_bias],
                                       dtype)
+        if lw.mamba is not None:     # Falcon-H1: Mamba-2 beside the attention (modules/gated_deltanet.ParallelMixer)
+            out.update(_shard_parallel_mamba(out, lw.mamba, plan, dtype))
     # (q / k norms over the whole projection, OLMo 2: this rank's heads' part of them)
     split = {"q_norm": q_rows, "k_norm": kv_rows} if lw.qk_norm_kind == "whole" else {}
     for key in ("input_norm", "post_norm", "q_norm", "k_norm", "attn_out_norm", "mlp_out_norm"):
@@ -150,7 +152,7 @@ def out_columns(lw, plan: TensorShardPlan) -> tuple[int, int]:
         return deltanet_rows(lw.deltanet, plan)[1]
     if getattr(lw, "shortconv", None) is not None:
         return shortconv_rows(lw.shortconv, plan)
-    if getattr(lw, "mamba", None) is not None:
+    if getattr(lw, "mamba", None) is not None and lw.mamba.out_proj is None:
         return mamba_rows(lw.mamba, plan)[0]
     return plan.q_rows
 
@@ -186,10 +188,26 @@ def _shard_mamba(mb, plan: TensorShardPlan, dtype: torch.dtype) -> dict[str, tor
            "mb.conv": torch.cat([mb.conv.load(0, a, n) for a, n in conv_pieces]).flatten(1).to(dtype),
            "mb.conv_bias": None if mb.conv_bias is None else
            torch.cat([mb.conv_bias.load(0, a, n) for a, n in conv_pieces]).to(dtype),
-           "mb.norm": mb.norm.load(0, c0, cn).to(dtype)}
+           "mb.norm": None if mb.norm is None else mb.norm.load(0, c0, cn).to(dtype)}     # (None: no norm)
     for key, ref in (("mb.dt_bias", mb.dt_bias), ("mb.a_log", mb.a_log), ("mb.d", mb.d)):
         out[key] = ref.load(0, *heads).to(dtype)
     return out
+
+
+def _shard_parallel_mamba(t: dict, mb, plan: TensorShardPlan, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Falcon-H1's Mamba-2 beside the attention whose tensors ``t`` holds: in_proj's rows of this rank after the
+    attention's q | k | v rows in ``qkv`` (zero biases beside q / k / v's, where those have one), out_proj's columns
+    after o_proj's in ``o`` (one GEMM over both read-outs; the two biases summed, on one rank), and the mixer's
+    ``mb.*`` tensors (:func:`_shard_mamba`)."""
+    m = _shard_mamba(mb, plan, dtype)
+    rows = m["qkv.weight"].shape[0]
+    m["qkv.weight"] = torch.cat([t["qkv.weight"], m["qkv.weight"]])
+    m["qkv.bias"] = None if t["qkv.bias"] is None else torch.cat([t["qkv.bias"], t["qkv.bias"].new_zeros(rows)])
+    m["o.weight"] = torch.cat([t["o.weight"], mb.out_proj.load(1, *mamba_rows(mb, plan)[0]).to(dtype)], dim=1)
+    biases = [b for b in (t["o.bias"], _load(mb.out_proj_bias, dtype) if plan.adds_bias_once else None)
+              if b is not None]
+    m["o.bias"] = sum(biases[1:], biases[0]) if biases else None
+    return m
 
 
 def shortconv_rows(sc, plan: TensorShardPlan) -> tuple[int, int]:
@@ -320,7 +338,8 @@ def layer_spec(w: ModelWeights, plan: TensorShardPlan, lw: LayerWeights) -> Laye
                      moe_weights_in_dtype=bool(moe and moe.weights_in_dtype),
                      moe_first_expert=expert_range(moe, plan)[0] if moe and moe.expert_parallel else None,
                      moe_routing=moe.routing if moe else None, moe_act=moe.act if moe else None, mla=w.mla,
-                     deltanet=lw.deltanet, attn_output_gate=lw.attn_gate is not None, mamba=lw.mamba)
+                     deltanet=lw.deltanet, attn_output_gate=lw.attn_gate is not None, mamba=lw.mamba,
+                     parallel_mamba=lw.mamba is not None and lw.mamba.out_proj is not None)
 
 
 # A block's tensors by half: offload streams the attention half (with both norms) and the MLP half as two units.
@@ -355,7 +374,9 @@ def block_linear_inputs(w: ModelWeights, plan: TensorShardPlan) -> dict[str, int
     for kind, name in (("deltanet", "linear attention's out"), ("mamba", "Mamba-2 out"),
                        ("shortconv", "short convolution's out")):      # (a linear-state mixer's out_proj)
         lw = next((lw for lw in layers if getattr(lw, kind, None) is not None), None)
-        if lw is not None:
+        if lw is not None and kind == "mamba" and lw.mamba.out_proj is not None:    # (Falcon-H1: o | out_proj)
+            ks["o"] += mamba_rows(lw.mamba, plan)[0][1]
+        elif lw is not None:
             ks[name] = out_columns(lw, plan)[1]
     if not layers or any(lw.moe is None and lw.up is not None for lw in layers):   # (blocks without an MLP: none)
         ks["down"] = plan.mlp_rows[1]
@@ -443,9 +464,11 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
     reduce = comm.all_reduce if comm.size > 1 else None
     # o's K on this rank (a quantised unit's packed weight does not show it): the attention heads', or a linear-state
     # mixer's value heads' / channels'
+    mamba_inner = spec.mamba.heads // comm.size * spec.mamba.head_dim if spec.mamba is not None else 0
     o_inputs = (spec.deltanet.value_heads // comm.size * spec.deltanet.value_dim if "dn.conv" in t else
-                t["sc.conv"].shape[0] if "sc.conv" in t else t["mb.norm"].numel() if "mb.norm" in t else
-                spec.num_heads * spec.head_dim)
+                t["sc.conv"].shape[0] if "sc.conv" in t else
+                spec.num_heads * spec.head_dim + mamba_inner if spec.parallel_mamba else   # (Falcon-H1: o | out_proj)
+                mamba_inner if "mb.conv" in t else spec.num_heads * spec.head_dim)
     row_max = comm.all_reduce_max if comm.size > 1 and quantize == "int8" else None   # row-parallel int8 scales
     first = comm.rank == 0
 
@@ -475,14 +498,18 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
     attn = None
     if "qkv.weight" not in t:        # (an offloaded MLP half)
         pass
-    elif "mb.conv" in t:             # Granite 4's Mamba-2 (modules/gated_deltanet.Mamba2Mixer)
-        mb, ranks = spec.mamba, comm.size
+    elif "mb.conv" in t:             # Granite 4's Mamba-2 (modules/gated_deltanet.Mamba2Mixer); Falcon-H1's beside
+        mb, ranks = spec.mamba, comm.size      # the attention (ParallelMixer: one GEMM in, one out for both)
         groups = max(mb.groups // ranks, 1)           # (fewer groups than ranks: each rank within one, replicated)
-        attn = Mamba2Mixer(index, linear("qkv"), out_proj(), t["mb.conv"], t.get("mb.conv_bias"), t["mb.dt_bias"],
-                           t["mb.a_log"], t["mb.d"], t["mb.norm"], mb.heads // ranks, mb.head_dim, groups,
-                           mb.state_size, spec.rms_norm_eps, mb.dt_limit,
+        parallel = spec.parallel_mamba
+        attn = Mamba2Mixer(index, None if parallel else linear("qkv"), None if parallel else out_proj(), t["mb.conv"],
+                           t.get("mb.conv_bias"), t["mb.dt_bias"], t["mb.a_log"], t["mb.d"], t.get("mb.norm"),
+                           mb.heads // ranks, mb.head_dim, groups, mb.state_size, spec.rms_norm_eps, mb.dt_limit,
                            norm_reduce=reduce if mb.groups < ranks else None,
-                           norm_group=mb.heads * mb.head_dim // mb.groups)
+                           norm_group=mb.heads * mb.head_dim // mb.groups, gating=mb.gating)
+        if parallel:
+            attention = kind(spec, index, None, None, q_norm=t.get("q_norm"), k_norm=t.get("k_norm"), **extra)
+            attn = ParallelMixer(attention, attn, linear("qkv"), out_proj())
     elif "sc.conv" in t:             # LFM2's gated short convolution (modules/gated_deltanet.ShortConv)
         attn = ShortConv(index, linear("qkv"), out_proj(), t["sc.conv"])
     elif "dn.conv" in t:             # Qwen3-Next / 3.5 linear attention (modules/gated_deltanet.py)
@@ -637,7 +664,8 @@ def cache_row_bytes(w: ModelWeights, plan: TensorShardPlan, dtype: torch.dtype, 
     linear-state layer's convolution history (dtype) and state (fp32) instead."""
     heads, width, keys_only = w.cache_layout(plan.local_kv_heads)
     linear = [shapes for lw in w.layers if (shapes := state_shapes(lw, plan.tp)) is not None]
-    kv = (1 if keys_only else 2) * (len(w.layers) - len(linear)) * heads * width * max_seq_len * dtype.itemsize
+    kv_layers = sum(1 for lw in w.layers if lw.q is not None or lw.mla is not None)   # (Falcon-H1: both)
+    kv = (1 if keys_only else 2) * kv_layers * heads * width * max_seq_len * dtype.itemsize
     return kv + sum(math.prod(conv) * dtype.itemsize + math.prod(state) * 4 for conv, state in linear)
 
 

@@ -66,7 +66,7 @@ class InferenceEngine:
         self.device = _engine_device(hf_model, config)
         _check_moe_options(hf_config, config)
         _check_not_prequantised(hf_config)
-        if {"linear_attention", "conv"} & set(getattr(hf_config, "layer_types", None) or []):
+        if {"linear_attention", "conv", "hybrid"} & set(getattr(hf_config, "layer_types", None) or []):
             _check_linear_attention_options(hf_config, config)
         self.dtype = config.dtype or _model_dtype(hf_model)
         context = getattr(hf_config, "max_position_embeddings", None) or DEFAULT_MAX_SEQ_LEN
@@ -120,7 +120,8 @@ class InferenceEngine:
         linear = {i: shapes for i, lw in enumerate(weights.layers)
                   if (shapes := state_shapes(lw, self.comm.size)) is not None}
         self.cache = StaticKVCache(len(weights.layers), kv_heads, width, batch, self.max_seq_len, self.dtype,
-                                   self.device, keys_only=keys_only, linear=linear)
+                                   self.device, keys_only=keys_only, linear=linear,
+                                   attention_too=[i for i in linear if weights.layers[i].q is not None])
         self.vocab_size = weights.vocab_size
         self.hidden_size = weights.hidden_size
         self.positions_from_mask = weights.positions_from_mask
@@ -333,7 +334,9 @@ def _whole_history(hf_cache) -> None:
     if not layers or getattr(hf_cache, "dsinfer_whole", False):
         return
     for i, layer in enumerate(layers):
-        if isinstance(layer, DynamicSlidingWindowLayer):
+        # (exactly that type: transformers' linear-attention + sliding layers subclass it and hold states too; no
+        # supported family builds one, and left as they are they fail loudly on the K/V they drop)
+        if type(layer) is DynamicSlidingWindowLayer:
             if layer.get_seq_length() > 0:
                 raise ValueError("dsinfer: the Hugging Face cache passed holds K/V from another model's forward in a "
                                  "sliding-window layer (which keeps the last window only); pass an empty cache, or "
@@ -401,8 +404,8 @@ def _check_linear_attention_options(hf_config, config: InferenceConfig) -> None:
     (and groups, or a group shared by several ranks) are split over the ranks; a size that does not split them is
     refused here, before any weight is read."""
     tp = config.tensor_parallel_size
-    if hf_config.model_type in ("granitemoehybrid", "bamba", "nemotron_h"):   # Mamba-2: heads split, groups whole or
-        if hf_config.model_type == "nemotron_h":                                # shared
+    if hf_config.model_type in ("granitemoehybrid", "bamba", "nemotron_h", "falcon_h1"):   # Mamba-2: heads split,
+        if hf_config.model_type == "nemotron_h":           # groups whole or shared
             heads, groups = hf_config.mamba_num_heads, hf_config.n_groups
         else:
             heads, groups = hf_config.mamba_n_heads, hf_config.mamba_n_groups

@@ -165,6 +165,21 @@ def tiny_config(family: str, **overrides):
                                                     "conv_kernel": 4, "chunk_size": 16, "mlp_bias": True,
                                                     **(moe if family != "nemotron_h" else {}),
                                                     **({"moe_latent_size": 40} if family.endswith("latent") else {})})
+    elif family.startswith("falcon_h1"):   # Falcon-H1: attention and Mamba-2 side by side in every block (8 Mamba
+        from transformers import AutoConfig  # heads of 16 in 2 groups, state 8) with every muP multiplier away from 1,
+        #   the read-out y silu(z); "_norm": the gated group RMSNorm (normed before the gate), q/k/v/o, out_proj and
+        #   MLP biases
+        extra = dict(mamba_rms_norm=True, mamba_norm_before_gate=True, attention_bias=True, projectors_bias=True,
+                     mlp_bias=True) if family.endswith("norm") else {}
+        cfg = AutoConfig.for_model("falcon_h1", **{**common, "num_hidden_layers": 3, "head_dim": 16,
+                                                   "mamba_d_ssm": 128, "mamba_n_heads": 8, "mamba_d_head": 16,
+                                                   "mamba_n_groups": 2, "mamba_d_state": 8, "mamba_d_conv": 4,
+                                                   "mamba_chunk_size": 16, "embedding_multiplier": 2.0,
+                                                   "lm_head_multiplier": 0.5, "key_multiplier": 0.7,
+                                                   "attention_in_multiplier": 1.3, "attention_out_multiplier": 0.8,
+                                                   "ssm_in_multiplier": 1.2, "ssm_out_multiplier": 0.9,
+                                                   "ssm_multipliers": [0.9, 1.1, 0.8, 1.2, 0.7],
+                                                   "mlp_multipliers": [1.4, 0.6], **extra})
     elif family.startswith("llama4"):     # Llama 4's text model: chunked rotary layers (chunks of 8) with L2 q / k
         from transformers import AutoConfig  # norms, a NoPE layer with temperature tuning (scales that change within
         #   the tests' lengths), dense (48 wide) and sparse layers (4 experts, top-1 by sigmoid, inputs scaled, a shared
@@ -203,7 +218,7 @@ def tiny_model(family: str, seed: int = 0, **overrides):
             for name, p in model.named_parameters():                       # in the wrong place cannot pass
                 if "norm" in name:
                     p.normal_(0.0 if family.startswith("gemma") else 1.0, 0.2)
-        if family.startswith(("lfm2", "nemotron_h", "llama4")) or family in ("granitemoehybrid", "bamba"):
+        if family.startswith(("lfm2", "nemotron_h", "llama4", "falcon_h1")) or family in ("granitemoehybrid", "bamba"):
             for name, p in model.named_parameters():
                 if "norm" in name:
                     p.normal_(1.0, 0.2)
@@ -419,6 +434,40 @@ def assert_c_step_matches_torch(opt, layer: int, c_function: str, rows: int = 3)
     torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)
     assert torch.equal(hist, want_hist)
     torch.testing.assert_close(st, want_st, atol=1e-5, rtol=1e-5)
+
+
+def hf_steps(hf, ids, mask, seq, new):
+    """HF's logits [B, new, V] (fp32) for each of ``new`` tokens generated after the prompt: the prompt, then the
+    tokens of ``seq`` one at a time through HF's own cache (its one-token step, as its generate runs it, whatever
+    tokens those are; the cache built as HF's model builds it: windowed and linear-state layers as the config says)."""
+    from transformers import DynamicCache
+
+    cache, t = DynamicCache(config=hf.config), ids.shape[1]
+    with torch.no_grad():
+        steps = [hf(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True).logits[:, -1]]
+        for i in range(new - 1):
+            mask = torch.cat([mask, torch.ones(len(ids), 1, dtype=mask.dtype)], 1)
+            steps.append(hf(input_ids=seq[:, t + i, None], attention_mask=mask, cache=cache,
+                            use_cache=True).logits[:, -1])
+    return torch.stack(steps, 1).float()
+
+
+def assert_steps_match_hf(hf, opt, lengths=(12, 5, 9, 3), new=8, atol=2e-4, rtol=1e-4):
+    """Prompt logits on a left-padded batch; each decode step's logits against HF's own steps over the same tokens
+    (:func:`hf_steps`); fp32: greedy tokens identical to HF's generate (bf16: a near tie may flip, so the steps follow
+    our tokens)."""
+    ids, mask = padded_batch(list(lengths), seed=1)
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask).logits.float()
+        ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
+    got = opt(input_ids=ids, attention_mask=mask).logits.float()
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=atol, rtol=rtol)
+    out = opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, output_scores=True,
+                       return_dict_in_generate=True)
+    if hf.dtype == torch.float32:
+        assert torch.equal(out.sequences, ref)
+    torch.testing.assert_close(torch.stack(out.scores, 1).float(), hf_steps(hf, ids, mask, out.sequences, new),
+                               atol=atol, rtol=rtol)
 
 
 def optimised_copy(hf, **options):

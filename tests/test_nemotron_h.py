@@ -19,43 +19,15 @@ import pytest
 import torch
 
 import lightning_dsinfer as dsi
-from helpers import (fake_quantised_int4, fake_quantised_int8, optimised_copy, optimised_from_checkpoint, padded_batch, streamed_copy,
-                     tiny_model)
+from helpers import (assert_steps_match_hf, fake_quantised_int4, fake_quantised_int8, optimised_copy,
+                     optimised_from_checkpoint, padded_batch, streamed_copy, tiny_model)
 from multiproc import run_ranks
 
 ATOL, RTOL = 2e-4, 1e-4
 
 
-def _hf_steps(hf, ids, mask, seq, new):
-    """HF's logits for each of ``new`` tokens generated after the prompt: the prompt, then the tokens of ``seq`` one
-    at a time through HF's cache (its one-token step, as its generate runs it), whatever tokens those are."""
-    from transformers import DynamicCache
-
-    cache, t = DynamicCache(config=hf.config), ids.shape[1]
-    with torch.no_grad():
-        steps = [hf(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True).logits[:, -1]]
-        for i in range(new - 1):
-            mask = torch.cat([mask, torch.ones(len(ids), 1, dtype=mask.dtype)], 1)
-            steps.append(hf(input_ids=seq[:, t + i, None], attention_mask=mask, cache=cache,
-                            use_cache=True).logits[:, -1])
-    return torch.stack(steps, 1).float()
-
-
 def _assert_same(hf, opt, lengths=(12, 5, 9, 3), new=8, atol=ATOL, rtol=RTOL):
-    """Prompt logits; each decode step's logits against HF's own step over the same tokens; fp32: greedy tokens
-    identical to HF's generate (bf16: a near tie may flip, so the steps follow our tokens)."""
-    ids, mask = padded_batch(list(lengths), seed=1)
-    with torch.no_grad():
-        want = hf(input_ids=ids, attention_mask=mask).logits.float()
-        ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
-    got = opt(input_ids=ids, attention_mask=mask).logits.float()
-    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=atol, rtol=rtol)
-    out = opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, output_scores=True,
-                       return_dict_in_generate=True)
-    if hf.dtype == torch.float32:
-        assert torch.equal(out.sequences, ref)
-    torch.testing.assert_close(torch.stack(out.scores, 1).float(), _hf_steps(hf, ids, mask, out.sequences, new),
-                               atol=atol, rtol=rtol)
+    assert_steps_match_hf(hf, opt, lengths, new, atol, rtol)
 
 
 BLOCKS = {"nemotron_h": ([("Mamba2Mixer", "MLP"), ("Mamba2Mixer", "NoneType"), ("Attention", "MLP"),

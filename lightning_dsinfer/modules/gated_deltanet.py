@@ -292,21 +292,26 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Tensor
 class Mamba2Mixer(nn.Module):
     """Mamba-2 (Granite 4's ``mamba`` blocks): in_proj's z | x B C | dt rows (``qkv``: one GEMM), the depthwise causal
     convolution (with bias) and SiLU over x B C, dt = softplus(dt + dt_bias) clamped to the time-step limits, the
-    selective scan (:func:`ssd_scan`) plus D x (prompts clamp dt to the limits, decode steps do not, as transformers), the gated group RMSNorm (x silu(z), normed per group of channels),
-    out_proj (``o``). Per row: the last K - 1 convolution inputs and the state [H, P, N] (fp32)."""
+    selective scan (:func:`ssd_scan`) plus D x (prompts clamp dt to the limits, decode steps do not, as transformers), the
+    read-out by ``gating`` (``policies.base.Mamba2Weights``: the gated group RMSNorm of x silu(z), normed per group of
+    channels; or y silu(z) alone; or the normed y times silu(z)), out_proj (``o``). Per row: the last K - 1
+    convolution inputs and the state [H, P, N] (fp32). Beside attention (Falcon-H1, :class:`ParallelMixer`) it has no
+    ``qkv`` / ``o`` of its own: :meth:`read_out` is what it adds to the shared GEMMs."""
 
     rotary = sliding = False
     alibi = sinks = softcap = None
 
-    def __init__(self, layer_idx: int, qkv: Linear, o: Linear, conv: torch.Tensor, conv_bias: torch.Tensor | None,
-                 dt_bias: torch.Tensor, a_log: torch.Tensor, d: torch.Tensor, norm: torch.Tensor, heads: int,
-                 head_dim: int, groups: int, state_size: int, eps: float, dt_limit: tuple[float, float],
-                 norm_reduce=None, norm_group: int | None = None):
+    def __init__(self, layer_idx: int, qkv: Linear | None, o: Linear | None, conv: torch.Tensor,
+                 conv_bias: torch.Tensor | None, dt_bias: torch.Tensor, a_log: torch.Tensor, d: torch.Tensor,
+                 norm: torch.Tensor | None, heads: int, head_dim: int, groups: int, state_size: int, eps: float,
+                 dt_limit: tuple[float, float], norm_reduce=None, norm_group: int | None = None,
+                 gating: str = "norm_after_gate"):
         super().__init__()
         self.layer_idx, self.qkv, self.o = layer_idx, qkv, o
         self.conv, self.conv_bias, self.dt_bias, self.a_log, self.d, self.norm = conv, conv_bias, dt_bias, a_log, d, norm
         self.h, self.p, self.g, self.n, self.eps, self.dt_limit = heads, head_dim, groups, state_size, eps, dt_limit
         self.inner = heads * head_dim
+        self.gating = gating
         self.channels, self.kernel = conv.shape
         # tensor parallelism with fewer groups than ranks: this rank holds part of its norm group, whose sums of
         # squares are summed over the ranks (``norm_reduce``) and divided by the whole group's ``norm_group`` channels
@@ -316,23 +321,27 @@ class Mamba2Mixer(nn.Module):
         return self.from_qkv(self.qkv(x), residual, step)
 
     def from_qkv(self, proj: torch.Tensor, residual: torch.Tensor | None, step) -> torch.Tensor:
+        return self.o(self.read_out(proj, step), residual)
+
+    def read_out(self, proj: torch.Tensor, step) -> torch.Tensor:
+        """The mixer's output before out_proj [B, T, I] for in_proj's output ``proj`` [B, T, I + C + H]."""
         bsz, t, _ = proj.shape
         h, p, g, n, inner = self.h, self.p, self.g, self.n, self.inner
         # the time-step limits bound prompts' dt only: transformers' (and mamba_ssm's) one-token step on a held state
         # does not clamp (NemotronH's lower limit is time_step_min); a one-token chunk of a prompt does
         limit = (0.0, float("inf")) if step.decoding else self.dt_limit
         if (t == 1 and step.decoding and step.cache is not None and self.norm_reduce is None
-                and (step.valid is None or bool(step.valid.all()))):     # a decode step on the engine's cache
+                and self.gating == "norm_after_gate" and (step.valid is None or bool(step.valid.all()))):
+            # a decode step on the engine's cache
             history, state = step.cache.linear_buffers(self.layer_idx, bsz, (self.channels, self.kernel - 1), (h, p, n))
             if ops.uses_triton(proj):      # convolution, scan and gated norm in three kernels (kernels/mamba2.py)
-                out = ops.mamba2_step(proj[:, 0], history, self.conv, self.conv_bias, self.dt_bias, self.a_log, self.d,
-                                      self.norm, state, g, self.eps, limit)
-                return self.o(out[:, None], residual)
+                return ops.mamba2_step(proj[:, 0], history, self.conv, self.conv_bias, self.dt_bias, self.a_log,
+                                       self.d, self.norm, state, g, self.eps, limit)[:, None]
             if proj.dtype == torch.bfloat16:   # bf16 on the CPU: the same in one C call
-                out = cpu_gemv.mamba2_step(proj, history, self.conv, self.conv_bias, self.dt_bias, self.a_log, self.d,
-                                           self.norm, state, h, p, g, n, self.eps, limit)
+                out = cpu_gemv.mamba2_step(proj.contiguous(), history, self.conv, self.conv_bias, self.dt_bias,
+                                           self.a_log, self.d, self.norm, state, h, p, g, n, self.eps, limit)
                 if out is not None:
-                    return self.o(out, residual)
+                    return out
         valid = None if step.valid is None else step.valid[:, :, None].to(proj.dtype)
         if valid is not None:          # left padding: rows zeroed before and after the convolution, as transformers
             proj = proj * valid
@@ -352,18 +361,50 @@ class Mamba2Mixer(nn.Module):
         y = (y + x.reshape(bsz, t, h, p).float() * self.d.float()[:, None]).reshape(bsz, t, inner)
         if step.decoding:              # (transformers' step rounds its read-out; its chunked scan hands fp32 on)
             y = y.to(proj.dtype)
-        # the gated group norm: (y silu(z)) in fp32, RMS-normed per group of inner / g channels, rounded, times weight
-        gated = (y.float() * F.silu(z.float())).view(bsz, t, g, inner // g)
+        gate = F.silu(z.float())
+        if self.gating == "gate":      # (Falcon-H1 without mamba_rms_norm: y silu(z), no norm)
+            return (y.float() * gate).to(proj.dtype)
+        # the gated group norm: (y silu(z)) in fp32 (or y alone, norm_before_gate), RMS-normed per group of inner / g
+        # channels, rounded, times weight (norm_before_gate: in fp32, then times silu(z))
+        gated = (y.float() * (gate if self.gating == "norm_after_gate" else 1.0)).view(bsz, t, g, inner // g)
         squares = gated.pow(2).sum(-1, keepdim=True)
         if self.norm_reduce is not None:
             squares = self.norm_reduce(squares.contiguous())
         normed = (gated * torch.rsqrt(squares / self.norm_group + self.eps)).view(bsz, t, inner)
-        return self.o(self.norm * normed.to(proj.dtype), residual)
+        if self.gating == "norm_before_gate":
+            return (self.norm.float() * normed * gate).to(proj.dtype)
+        return self.norm * normed.to(proj.dtype)
 
     @property
     def nbytes(self) -> int:
-        return self.qkv.nbytes + self.o.nbytes + sum(
-            v.numel() * v.element_size() for v in (self.conv, self.dt_bias, self.a_log, self.d, self.norm))
+        own = sum(v.numel() * v.element_size() for v in (self.conv, self.dt_bias, self.a_log, self.d, self.norm)
+                  if v is not None)
+        return own + (self.qkv.nbytes + self.o.nbytes if self.qkv is not None else 0)
+
+
+class ParallelMixer(nn.Module):
+    """Falcon-H1's block mixer: attention and Mamba-2 side by side on the same normed input, their outputs summed.
+    One GEMM for both input projections (``qkv``: attention's q | k | v rows, then in_proj's z | x B C | dt rows) and
+    one for both output projections (``o``: o_proj's columns, then out_proj's, over the two read-outs side by side), the
+    muP multipliers folded into those weights by the policy."""
+
+    def __init__(self, attn, mamba: Mamba2Mixer, qkv: Linear, o: Linear):
+        super().__init__()
+        self.attn, self.mamba, self.qkv, self.o = attn, mamba, qkv, o
+        self.split = (attn.hq + 2 * attn.hkv) * attn.d      # where in_proj's rows start in qkv's output
+        self.layer_idx = attn.layer_idx
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, step) -> torch.Tensor:
+        return self.from_qkv(self.qkv(x), residual, step)
+
+    def from_qkv(self, qkv: torch.Tensor, residual: torch.Tensor | None, step) -> torch.Tensor:
+        heads = self.attn.attend(qkv[..., :self.split].contiguous(), step)
+        out = self.mamba.read_out(qkv[..., self.split:], step)
+        return self.o(torch.cat((heads, out), dim=-1), residual)
+
+    @property
+    def nbytes(self) -> int:
+        return self.qkv.nbytes + self.o.nbytes + self.mamba.nbytes
 
 
 def state_shapes(lw, ranks: int = 1) -> tuple[tuple, tuple] | None:

@@ -96,6 +96,7 @@ class LayerSpec:
     deltanet: Any = None                   # linear attention's numbers (policies.base.DeltaNetWeights: Qwen3-Next / 3.5)
     attn_output_gate: bool = False         # OutputGatedAttention (Qwen3-Next / 3.5)
     mamba: Any = None                      # Mamba-2's numbers (policies.base.Mamba2Weights: Granite 4)
+    parallel_mamba: bool = False           # ... beside the attention (Falcon-H1: gated_deltanet.ParallelMixer)
 
 
 class Attention(nn.Module):

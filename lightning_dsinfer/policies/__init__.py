@@ -5,7 +5,8 @@ from collections.abc import Callable
 
 from torch import nn
 
-from lightning_dsinfer.policies import deepseek, gpt_oss, granite_hybrid, lfm2, llama, llama4, nemotron_h, qwen3_next
+from lightning_dsinfer.policies import (deepseek, falcon_h1, gpt_oss, granite_hybrid, lfm2, llama, llama4, nemotron_h,
+                                        qwen3_next)
 from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, UnsupportedModelError
 from lightning_dsinfer.policies.gpt import FAMILY as _GPT_FAMILY
 from lightning_dsinfer.policies.gpt import read_gpt_family
@@ -21,6 +22,7 @@ POLICIES.update({name: lfm2.read_lfm2 for name in lfm2.FAMILY})
 POLICIES.update({name: granite_hybrid.read_granite_hybrid for name in granite_hybrid.FAMILY})
 POLICIES.update({name: nemotron_h.read_nemotron_h for name in nemotron_h.FAMILY})
 POLICIES.update({name: llama4.read_llama4 for name in llama4.FAMILY})
+POLICIES.update({name: falcon_h1.read_falcon_h1 for name in falcon_h1.FAMILY})
 
 
 def has_experts(model_type: str | None) -> bool:

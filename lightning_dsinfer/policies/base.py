@@ -155,6 +155,13 @@ class Mamba2Weights:
     channels: int
     kernel: int
     dt_limit: tuple[float, float]
+    # the read-out before out_proj: "norm_after_gate" (Granite 4: RMSNorm per group of y silu(z), times ``norm``),
+    # "gate" (y silu(z), no norm: Falcon-H1 without mamba_rms_norm; ``norm`` None), "norm_before_gate" (RMSNorm per
+    # group of y, times ``norm``, times silu(z))
+    gating: str = "norm_after_gate"
+    # Falcon-H1: the mixer beside the block's attention, its own out_proj (None: ``LayerWeights.o`` is out_proj)
+    out_proj: WeightRef | None = None
+    out_proj_bias: WeightRef | None = None
 
 
 @dataclass
@@ -201,7 +208,8 @@ class LayerWeights:
     attn_gate: WeightRef | None = None      # Qwen3-Next / 3.5: attention's output x sigmoid(gate rows [Hq D, H] @ x)
     attn_gate_bias: WeightRef | None = None
     shortconv: ShortConvWeights | None = None   # LFM2: a gated short convolution instead (q / k / v None then)
-    mamba: Mamba2Weights | None = None       # Granite 4: a Mamba-2 mixer instead (q / k / v None then)
+    mamba: Mamba2Weights | None = None       # Granite 4: a Mamba-2 mixer instead (q / k / v None then); Falcon-H1:
+                                             # beside the attention (q / k / v set, ``mamba.out_proj`` its own)
 
 
 @dataclass

@@ -312,6 +312,33 @@ class Transposed(Rewritten):
         return t.t() if n == 2 else t.transpose(-1, -2).contiguous()
 
 
+class Scaled(Rewritten):
+    """Weights read times constants (muP multipliers folded into the weights they follow: Falcon-H1), in fp32:
+    ``factors[name]`` is one factor, or a list of (end row, factor) segments of a weight read by rows (a factor per
+    row range: Falcon-H1's in_proj z | x | B | C | dt rows); other names pass through."""
+
+    def __init__(self, inner: WeightSource, factors: dict):
+        super().__init__(inner)
+        self.factors = factors
+
+    def rewrites(self, name):
+        return name in self.factors
+
+    def read(self, name, dim, start, length):
+        t = self.inner.read(name, dim, start, length)
+        f = self.factors.get(name)
+        if f is None:
+            return t
+        if isinstance(f, (int, float)):
+            return t.float() * f
+        if dim not in (None, 0):
+            raise ValueError(f"{name} has a factor per row range: read it by rows")
+        rows = torch.arange(start if dim == 0 else 0, (start + length) if dim == 0 else t.shape[0])
+        ends = torch.tensor([end for end, _ in f])
+        scale = torch.tensor([float(v) for _, v in f])[torch.searchsorted(ends, rows, right=True)]
+        return t.float() * scale.view(-1, *([1] * (t.dim() - 1)))
+
+
 class Zeros(WeightSource):
     """Tensors of one value by shape (``ref((n,))``): zeros, the bias of a LayerNorm that has none (Cohere), for a norm
     that takes one; :class:`Ones`."""
