@@ -18,7 +18,8 @@ import os
 import torch
 
 from lightning_dsinfer.kernels import cpu_gemv, reference
-from lightning_dsinfer.modules.gated_deltanet import GatedDeltaNet, Mamba2Mixer, ParallelMixer, ShortConv, state_shapes
+from lightning_dsinfer.modules.gated_deltanet import (GatedDeltaNet, Mamba1Mixer, Mamba2Mixer, ParallelMixer, ShortConv,
+                                                     state_shapes)
 from lightning_dsinfer.modules.linear import (DEQUANT_BYTES_PER_WEIGHT, DEQUANT_CHUNK_BYTES,
                                               DEQUANT_INT4_BYTES_PER_WEIGHT, Linear, quantize_int4_rows, quantize_rows)
 from lightning_dsinfer.modules.mla import LatentAttention
@@ -86,6 +87,8 @@ def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype, nor
         out.update(_shard_mla(lw.mla, plan, dtype))
     elif lw.deltanet is not None:    # Qwen3-Next / 3.5 linear attention: q | k | v | z | b | a in one GEMM
         out.update(_shard_deltanet(lw.deltanet, plan, dtype))
+    elif lw.mamba1 is not None:      # Mamba-1: this rank's channels
+        out.update(_shard_mamba1(lw.mamba1, plan, dtype))
     elif lw.mamba is not None and lw.mamba.out_proj is None:   # Granite 4's Mamba-2: this rank's heads (and the
         out.update(_shard_mamba(lw.mamba, plan, dtype))           # groups they read)
     elif lw.shortconv is not None:   # LFM2's short convolution: this rank's channels of B | C | x in one GEMM
@@ -154,6 +157,8 @@ def out_columns(lw, plan: TensorShardPlan) -> tuple[int, int]:
         return shortconv_rows(lw.shortconv, plan)
     if getattr(lw, "mamba", None) is not None and lw.mamba.out_proj is None:
         return mamba_rows(lw.mamba, plan)[0]
+    if getattr(lw, "mamba1", None) is not None:
+        return mamba1_rows(lw.mamba1, plan)
     return plan.q_rows
 
 
@@ -208,6 +213,29 @@ def _shard_parallel_mamba(t: dict, mb, plan: TensorShardPlan, dtype: torch.dtype
               if b is not None]
     m["o.bias"] = sum(biases[1:], biases[0]) if biases else None
     return m
+
+
+def mamba1_rows(m, plan: TensorShardPlan) -> tuple[int, int]:
+    """(first, count) of this rank's Mamba-1 channels (engine._check_linear_attention_options refuses a size that does
+    not divide them)."""
+    n = m.inner // plan.tp
+    return plan.tp_rank * n, n
+
+
+def _shard_mamba1(m, plan: TensorShardPlan, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A Mamba-1 block's tensors on this rank (``modules/gated_deltanet.Mamba1Mixer``): ``qkv`` = its channels' rows of
+    x | z (in_proj), ``m1.conv`` / ``m1.conv_bias``, ``m1.x_proj`` (its channels' columns: partial sums, reduced),
+    ``m1.dt_proj`` / ``m1.dt_bias`` / ``m1.a_log`` / ``m1.d`` its channels' rows, the dt / B / C norms whole."""
+    c0, cn = mamba1_rows(m, plan)
+    out = {"qkv.weight": _fused([(m.in_proj, (c0, cn)), (m.in_proj, (m.inner + c0, cn))], dtype),
+           "m1.conv": m.conv.load(0, c0, cn).reshape(cn, -1).to(dtype),
+           "m1.conv_bias": None if m.conv_bias is None else m.conv_bias.load(0, c0, cn).to(dtype),
+           "m1.x_proj": m.x_proj.load(1, c0, cn).to(dtype), "m1.dt_proj": m.dt_proj.load(0, c0, cn).to(dtype),
+           "m1.dt_bias": m.dt_bias.load(0, c0, cn).to(dtype), "m1.a_log": m.a_log.load(0, c0, cn).to(dtype),
+           "m1.d": m.d.load(0, c0, cn).to(dtype)}
+    if isinstance(m.bcdt_norms, tuple):
+        out.update({f"m1.norm_{k}": ref.load().to(dtype) for k, ref in zip("dbc", m.bcdt_norms)})
+    return out
 
 
 def shortconv_rows(sc, plan: TensorShardPlan) -> tuple[int, int]:
@@ -339,7 +367,7 @@ def layer_spec(w: ModelWeights, plan: TensorShardPlan, lw: LayerWeights) -> Laye
                      moe_first_expert=expert_range(moe, plan)[0] if moe and moe.expert_parallel else None,
                      moe_routing=moe.routing if moe else None, moe_act=moe.act if moe else None, mla=w.mla,
                      deltanet=lw.deltanet, attn_output_gate=lw.attn_gate is not None, mamba=lw.mamba,
-                     parallel_mamba=lw.mamba is not None and lw.mamba.out_proj is not None)
+                     parallel_mamba=lw.mamba is not None and lw.mamba.out_proj is not None, mamba1=lw.mamba1)
 
 
 # A block's tensors by half: offload streams the attention half (with both norms) and the MLP half as two units.
@@ -347,7 +375,9 @@ ATTENTION_KEYS = ("qkv.weight", "qkv.bias", "o.weight", "o.bias", "input_norm", 
                   "attn_out_norm", "input_norm_bias", "post_norm_bias", "alibi", "sinks",
                   "q_b.weight", "q_a_norm", "kv_a_norm", "kv_b.weight",
                   "dn.conv", "dn.dt_bias", "dn.a_log", "dn.norm", "sc.conv",
-                  "mb.conv", "mb.conv_bias", "mb.dt_bias", "mb.a_log", "mb.d", "mb.norm")
+                  "mb.conv", "mb.conv_bias", "mb.dt_bias", "mb.a_log", "mb.d", "mb.norm",
+                  "m1.conv", "m1.conv_bias", "m1.x_proj", "m1.dt_proj", "m1.dt_bias", "m1.a_log", "m1.d", "m1.norm_d",
+                  "m1.norm_b", "m1.norm_c")
 MLP_KEYS = ("gate_up.weight", "gate_up.bias", "down.weight", "down.bias", "mlp_out_norm",
             "moe.router", "moe.router_bias", "moe.gate_up", "moe.down", "moe.gate_up_bias", "moe.down_bias",
             "shared.gate_up.weight", "shared.down.weight", "shared_gate.weight", "shared.gate_up.bias",
@@ -372,7 +402,8 @@ def block_linear_inputs(w: ModelWeights, plan: TensorShardPlan) -> dict[str, int
     layers = getattr(w, "layers", None) or []
     ks = {"qkv": w.hidden_size, "o": plan.local_heads * w.head_dim, "gate_up": w.hidden_size}
     for kind, name in (("deltanet", "linear attention's out"), ("mamba", "Mamba-2 out"),
-                       ("shortconv", "short convolution's out")):      # (a linear-state mixer's out_proj)
+                       ("shortconv", "short convolution's out"), ("mamba1", "Mamba out")):   # (a linear-state
+        #                                                                                         mixer's out_proj)
         lw = next((lw for lw in layers if getattr(lw, kind, None) is not None), None)
         if lw is not None and kind == "mamba" and lw.mamba.out_proj is not None:    # (Falcon-H1: o | out_proj)
             ks["o"] += mamba_rows(lw.mamba, plan)[0][1]
@@ -468,7 +499,8 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
     o_inputs = (spec.deltanet.value_heads // comm.size * spec.deltanet.value_dim if "dn.conv" in t else
                 t["sc.conv"].shape[0] if "sc.conv" in t else
                 spec.num_heads * spec.head_dim + mamba_inner if spec.parallel_mamba else   # (Falcon-H1: o | out_proj)
-                mamba_inner if "mb.conv" in t else spec.num_heads * spec.head_dim)
+                mamba_inner if "mb.conv" in t else t["m1.conv"].shape[0] if "m1.conv" in t else
+                spec.num_heads * spec.head_dim)
     row_max = comm.all_reduce_max if comm.size > 1 and quantize == "int8" else None   # row-parallel int8 scales
     first = comm.rank == 0
 
@@ -506,10 +538,18 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
                            t.get("mb.conv_bias"), t["mb.dt_bias"], t["mb.a_log"], t["mb.d"], t.get("mb.norm"),
                            mb.heads // ranks, mb.head_dim, groups, mb.state_size, spec.rms_norm_eps, mb.dt_limit,
                            norm_reduce=reduce if mb.groups < ranks else None,
+                           norm_slot=(comm.rank // (ranks // mb.groups), mb.groups) if mb.groups < ranks else (0, 1),
                            norm_group=mb.heads * mb.head_dim // mb.groups, gating=mb.gating)
         if parallel:
             attention = kind(spec, index, None, None, q_norm=t.get("q_norm"), k_norm=t.get("k_norm"), **extra)
             attn = ParallelMixer(attention, attn, linear("qkv"), out_proj())
+    elif "m1.conv" in t:             # Mamba-1 (modules/gated_deltanet.Mamba1Mixer)
+        m1 = spec.mamba1
+        norms = None if m1.bcdt_norms is None else tuple(
+            t[f"m1.norm_{k}"] if f"m1.norm_{k}" in t else torch.ones((), dtype=t["m1.x_proj"].dtype) for k in "dbc")
+        attn = Mamba1Mixer(index, linear("qkv"), out_proj(), t["m1.conv"], t.get("m1.conv_bias"),
+                           Linear(t["m1.x_proj"], pack=pack), Linear(t["m1.dt_proj"], pack=pack), t["m1.dt_bias"],
+                           t["m1.a_log"], t["m1.d"], norms, m1.norm_eps, reduce=reduce)
     elif "sc.conv" in t:             # LFM2's gated short convolution (modules/gated_deltanet.ShortConv)
         attn = ShortConv(index, linear("qkv"), out_proj(), t["sc.conv"])
     elif "dn.conv" in t:             # Qwen3-Next / 3.5 linear attention (modules/gated_deltanet.py)

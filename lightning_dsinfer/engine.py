@@ -100,6 +100,7 @@ class InferenceEngine:
         # the Hugging Face cache layer each of this stage's blocks writes (NemotronH: a block is a mixer layer and the
         # MLP layer after it, so blocks and HF's layers are numbered apart)
         self.hf_cache_layers = list(weights.cache_layers[lo:hi] if weights.cache_layers is not None else range(lo, hi))
+        self.attends = any(lw.q is not None or lw.mla is not None for lw in weights.layers)   # (Mamba: no attention)
         self.blocks_are_layers = weights.cache_layers is None
         weights.layers = weights.layers[lo:hi]
         self.working_set = None             # offload: what is resident, and the batch size it leaves room for
@@ -196,8 +197,8 @@ class InferenceEngine:
         them with beams. A
         pipeline stage's: its blocks' layers, numbered from 0 as its blocks are, and one more that only counts the
         tokens (1-wide K/V rows: :meth:`forward` appends them), so HF's ``get_seq_length`` has an attention layer
-        to read even on a stage of linear-attention blocks only."""
-        from transformers.cache_utils import DynamicCache, DynamicLayer
+        to read even on a stage of linear-attention blocks only (and in a model without attention: Mamba)."""
+        from transformers.cache_utils import DynamicCache
 
         if not self.cache.conv:        # (its layers made as the blocks write them: numbered as the blocks)
             cache = DynamicCache()
@@ -207,9 +208,8 @@ class InferenceEngine:
         _whole_history(cache)
         cache.layers = [cache.layers[i] for i in self.hf_cache_layers]     # numbered as the blocks
         cache.dsinfer_blocks = True
-        if self.pipe.size > 1:
-            cache.layers.append(DynamicLayer())
-            cache.dsinfer_counter = True
+        if self.pipe.size > 1 or not self.attends:
+            _add_counter(cache)
         return cache
 
     def adopt_hf_cache(self, hf_cache) -> None:
@@ -218,6 +218,8 @@ class InferenceEngine:
         config), its layers put in block order, in place, once (:meth:`new_hf_cache`'s are already)."""
         _whole_history(hf_cache)
         layers = getattr(hf_cache, "layers", None)
+        if layers and not self.attends and not getattr(hf_cache, "dsinfer_counter", False):
+            _add_counter(hf_cache)     # (no attention layer: HF's cache could not say how many tokens it holds)
         if self.blocks_are_layers or layers is None or getattr(hf_cache, "dsinfer_blocks", False):
             return
         if not layers and not self.cache.conv:     # an empty dynamic cache: its layers come as the blocks write them
@@ -324,6 +326,15 @@ class InferenceEngine:
         return logits
 
 
+def _add_counter(hf_cache) -> None:
+    """A last layer that only counts the tokens (1-wide K/V rows: :meth:`InferenceEngine.forward` appends them), so
+    HF's ``get_seq_length`` has an attention layer to read."""
+    from transformers.cache_utils import DynamicLayer
+
+    hf_cache.layers.append(DynamicLayer())
+    hf_cache.dsinfer_counter = True
+
+
 def _whole_history(hf_cache) -> None:
     """Turn a Hugging Face cache's sliding-window layers (transformers' for sliding and chunked attention, which keep
     only the last window's K/V) into whole-history layers, in place, while they are empty: the engine's masks index
@@ -404,6 +415,13 @@ def _check_linear_attention_options(hf_config, config: InferenceConfig) -> None:
     (and groups, or a group shared by several ranks) are split over the ranks; a size that does not split them is
     refused here, before any weight is read."""
     tp = config.tensor_parallel_size
+    if hf_config.model_type in ("mamba", "falcon_mamba", "jamba"):      # Mamba-1: channels split
+        inner = (hf_config.mamba_expand * hf_config.hidden_size if hf_config.model_type == "jamba"
+                 else hf_config.intermediate_size)
+        if inner % tp:
+            raise ValueError(f"dsinfer: tensor_parallel_size={tp} does not divide the {inner} Mamba channels of "
+                             f"{hf_config.model_type}; use a tensor_parallel_size that divides them.")
+        return
     if hf_config.model_type in ("granitemoehybrid", "bamba", "nemotron_h", "falcon_h1"):   # Mamba-2: heads split,
         if hf_config.model_type == "nemotron_h":           # groups whole or shared
             heads, groups = hf_config.mamba_num_heads, hf_config.n_groups

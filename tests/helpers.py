@@ -165,6 +165,18 @@ def tiny_config(family: str, **overrides):
                                                     "conv_kernel": 4, "chunk_size": 16, "mlp_bias": True,
                                                     **(moe if family != "nemotron_h" else {}),
                                                     **({"moe_latent_size": 40} if family.endswith("latent") else {})})
+    elif family in ("mamba", "falcon_mamba"):   # Mamba-1 blocks (128 channels, state 8, dt rank 6, kernel 4, conv bias);
+        from transformers import AutoConfig        # FalconMamba: dt / B / C RMS-normed
+        cfg = AutoConfig.for_model(family, **{**{k: v for k, v in common.items() if k not in (
+            "intermediate_size", "num_attention_heads", "num_key_value_heads", "max_position_embeddings")},
+            "num_hidden_layers": 3, "intermediate_size": 128, "state_size": 8, "time_step_rank": 6, "conv_kernel": 4})
+    elif family == "jamba":               # Jamba: Mamba-1 blocks (dt / B / C norms) with attention in block 1 of every
+        from transformers import AutoConfig  # 2 (no positions), a top-2 MoE of 4 experts every second block from 0
+        cfg = AutoConfig.for_model(family, **{**common, "num_hidden_layers": 4, "attn_layer_period": 2,
+                                              "attn_layer_offset": 1, "expert_layer_period": 2,
+                                              "expert_layer_offset": 0, "num_experts": 4, "num_experts_per_tok": 2,
+                                              "mamba_d_state": 8, "mamba_d_conv": 4, "mamba_expand": 2,
+                                              "mamba_dt_rank": 6, "use_mamba_kernels": False})
     elif family.startswith("falcon_h1"):   # Falcon-H1: attention and Mamba-2 side by side in every block (8 Mamba
         from transformers import AutoConfig  # heads of 16 in 2 groups, state 8) with every muP multiplier away from 1,
         #   the read-out y silu(z); "_norm": the gated group RMSNorm (normed before the gate), q/k/v/o, out_proj and
@@ -218,7 +230,8 @@ def tiny_model(family: str, seed: int = 0, **overrides):
             for name, p in model.named_parameters():                       # in the wrong place cannot pass
                 if "norm" in name:
                     p.normal_(0.0 if family.startswith("gemma") else 1.0, 0.2)
-        if family.startswith(("lfm2", "nemotron_h", "llama4", "falcon_h1")) or family in ("granitemoehybrid", "bamba"):
+        if family.startswith(("lfm2", "nemotron_h", "llama4", "falcon_h1")) or family in (
+                "granitemoehybrid", "bamba", "mamba", "falcon_mamba", "jamba"):
             for name, p in model.named_parameters():
                 if "norm" in name:
                     p.normal_(1.0, 0.2)
@@ -300,7 +313,7 @@ def _fake_quantised(hf, fake):
              "gate_proj", "up_proj", "down_proj", "gate_up_proj", "w1", "w3", "w2", "input_linear", "output_linear")
     done = set()
     with torch.no_grad():
-        for layer in ref.model.layers:
+        for layer in (ref.model if hasattr(ref, "model") else ref.backbone).layers:   # (Mamba: backbone)
             # (LFM2: feed_forward; Granite 4: mamba, block_sparse_moe + shared_mlp; NemotronH: one mixer per layer)
             parts = [getattr(layer, n) for n in ("self_attn", "linear_attn", "conv", "mamba", "mixer", "mlp",
                                                  "feed_forward", "block_sparse_moe", "shared_mlp") if hasattr(layer, n)]

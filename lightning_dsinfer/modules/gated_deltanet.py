@@ -305,7 +305,7 @@ class Mamba2Mixer(nn.Module):
                  conv_bias: torch.Tensor | None, dt_bias: torch.Tensor, a_log: torch.Tensor, d: torch.Tensor,
                  norm: torch.Tensor | None, heads: int, head_dim: int, groups: int, state_size: int, eps: float,
                  dt_limit: tuple[float, float], norm_reduce=None, norm_group: int | None = None,
-                 gating: str = "norm_after_gate"):
+                 gating: str = "norm_after_gate", norm_slot: tuple[int, int] = (0, 1)):
         super().__init__()
         self.layer_idx, self.qkv, self.o = layer_idx, qkv, o
         self.conv, self.conv_bias, self.dt_bias, self.a_log, self.d, self.norm = conv, conv_bias, dt_bias, a_log, d, norm
@@ -314,8 +314,11 @@ class Mamba2Mixer(nn.Module):
         self.gating = gating
         self.channels, self.kernel = conv.shape
         # tensor parallelism with fewer groups than ranks: this rank holds part of its norm group, whose sums of
-        # squares are summed over the ranks (``norm_reduce``) and divided by the whole group's ``norm_group`` channels
+        # squares are summed over the ranks (``norm_reduce``) and divided by the whole group's ``norm_group`` channels;
+        # with several groups (1 < G < ranks) each rank's sum goes to its group's slot of G (``norm_slot``: (its
+        # group, G)), so the sum over the ranks is each group's own
         self.norm_reduce, self.norm_group = norm_reduce, norm_group or self.inner // groups
+        self.norm_slot = norm_slot
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, step) -> torch.Tensor:
         return self.from_qkv(self.qkv(x), residual, step)
@@ -369,7 +372,13 @@ class Mamba2Mixer(nn.Module):
         gated = (y.float() * (gate if self.gating == "norm_after_gate" else 1.0)).view(bsz, t, g, inner // g)
         squares = gated.pow(2).sum(-1, keepdim=True)
         if self.norm_reduce is not None:
-            squares = self.norm_reduce(squares.contiguous())
+            slot, slots = self.norm_slot
+            if slots > 1:     # (found by review: a sum over every rank mixed the groups)
+                full = squares.new_zeros(*squares.shape[:-1], slots)
+                full[..., slot] = squares[..., 0]
+                squares = self.norm_reduce(full)[..., slot:slot + 1]
+            else:
+                squares = self.norm_reduce(squares.contiguous())
         normed = (gated * torch.rsqrt(squares / self.norm_group + self.eps)).view(bsz, t, inner)
         if self.gating == "norm_before_gate":
             return (self.norm.float() * normed * gate).to(proj.dtype)
@@ -380,6 +389,77 @@ class Mamba2Mixer(nn.Module):
         own = sum(v.numel() * v.element_size() for v in (self.conv, self.dt_bias, self.a_log, self.d, self.norm)
                   if v is not None)
         return own + (self.qkv.nbytes + self.o.nbytes if self.qkv is not None else 0)
+
+
+class Mamba1Mixer(nn.Module):
+    """Mamba (Mamba-1: ``mamba``, FalconMamba, Jamba's mamba layers): in_proj's x | z rows (``qkv``), the depthwise causal
+    convolution (with its bias) and SiLU over x, ``x_proj``'s dt (rank R) | B | C (N each) from it (FalconMamba and Jamba:
+    each RMS-normed over its own width, ``bcdt_norms`` = (dt, B, C) weights, ones where weightless), dt =
+    softplus(``dt_proj`` dt + dt bias) in fp32, the selective scan h = exp(dt A) h + dt B x per channel and state (A =
+    -exp(A_log) [I, N]; the state rounded to the dtype for y = h . C, as transformers), y + D x, times silu(z), out_proj
+    (``o``). Per row: the last K - 1 convolution inputs and the state [I, N] (fp32). Tensor parallelism: this rank's
+    channels; x_proj's partial sums are reduced over the group (``reduce``) before the norms and dt_proj."""
+
+    rotary = sliding = False
+    alibi = sinks = softcap = None
+
+    def __init__(self, layer_idx: int, qkv: Linear, o: Linear, conv: torch.Tensor, conv_bias: torch.Tensor | None,
+                 x_proj: Linear, dt_proj: Linear, dt_bias: torch.Tensor, a_log: torch.Tensor, d: torch.Tensor,
+                 bcdt_norms=None, eps: float = 1e-6, reduce=None):
+        super().__init__()
+        self.layer_idx, self.qkv, self.o, self.x_proj, self.dt_proj = layer_idx, qkv, o, x_proj, dt_proj
+        self.conv, self.conv_bias, self.dt_bias, self.a_log, self.d = conv, conv_bias, dt_bias, a_log, d
+        self.bcdt_norms, self.eps, self.reduce = bcdt_norms, eps, reduce
+        self.inner, self.n = a_log.shape
+        self.rank = dt_proj.in_features
+        self.channels, self.kernel = conv.shape
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, step) -> torch.Tensor:
+        return self.from_qkv(self.qkv(x), residual, step)
+
+    def from_qkv(self, proj: torch.Tensor, residual: torch.Tensor | None, step) -> torch.Tensor:
+        bsz, t, _ = proj.shape
+        inner, n = self.inner, self.n
+        dtype = proj.dtype
+        valid = None if step.valid is None else step.valid[:, :, None].to(dtype)
+        if valid is not None:          # left padding: rows zeroed before and after the convolution, as transformers
+            proj = proj * valid
+        x, z = proj.split([inner, inner], dim=-1)
+        history, state, keep = layer_states(step, self.layer_idx, bsz, (self.channels, self.kernel - 1), (inner, n))
+        window = conv_window(history, x.transpose(1, 2), self.kernel)
+        x = F.silu(causal_conv(window, self.conv, t, self.conv_bias)).transpose(1, 2)         # [B, T, I]
+        if valid is not None:
+            x = x * valid
+        sel = self.x_proj(x)
+        if self.reduce is not None:    # (this rank's channels' share of dt | B | C)
+            sel = self.reduce(sel.contiguous())
+        dt, b, c = sel.split([self.rank, n, n], dim=-1)
+        if self.bcdt_norms is not None:
+            dt, b, c = (_weighted_rms(v, w, self.eps) for v, w in zip((dt, b, c), self.bcdt_norms))
+        dt = F.softplus(self.dt_proj(dt).float() + self.dt_bias.float())                       # [B, T, I] fp32
+        a = -torch.exp(self.a_log.float())                                                     # [I, N]
+        h = torch.zeros(bsz, inner, n, device=proj.device) if state is None else state.float()
+        ys = []
+        for i in range(t):             # (transformers' own recurrence: per channel and state, one token at a time)
+            dti = dt[:, i, :, None]
+            h = torch.exp(dti * a) * h + dti * b[:, i, None, :].float() * x[:, i, :, None].float()
+            ys.append((h.to(dtype) @ c[:, i, :, None]).squeeze(-1))
+        keep_states(keep, window[..., -(self.kernel - 1):], h)
+        y = torch.stack(ys, 1).float() + x.float() * self.d.float()
+        return self.o((y * F.silu(z.float())).to(dtype), residual)
+
+    @property
+    def nbytes(self) -> int:
+        own = sum(v.numel() * v.element_size() for v in (self.conv, self.dt_bias, self.a_log, self.d))
+        return own + self.qkv.nbytes + self.o.nbytes + self.x_proj.nbytes + self.dt_proj.nbytes
+
+
+def _weighted_rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of x over its last dim in fp32, rounded to x's dtype, times w (Jamba's dt / B / C norms; FalconMamba's
+    weightless ones: w = 1)."""
+    dtype = x.dtype
+    x = x.float()
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
 
 
 class ParallelMixer(nn.Module):
@@ -417,6 +497,9 @@ def state_shapes(lw, ranks: int = 1) -> tuple[tuple, tuple] | None:
         return (2 * hk * dn.key_dim + hv * dn.value_dim, dn.kernel - 1), (hv, dn.key_dim, dn.value_dim)
     if lw.shortconv is not None:
         return (lw.shortconv.channels // ranks, lw.shortconv.kernel - 1), (0,)
+    if getattr(lw, "mamba1", None) is not None:
+        m = lw.mamba1
+        return (m.inner // ranks, m.kernel - 1), (m.inner // ranks, m.state_size)
     if lw.mamba is not None:
         m = lw.mamba
         heads, groups = m.heads // ranks, max(m.groups // ranks, 1)

@@ -97,6 +97,7 @@ class LayerSpec:
     attn_output_gate: bool = False         # OutputGatedAttention (Qwen3-Next / 3.5)
     mamba: Any = None                      # Mamba-2's numbers (policies.base.Mamba2Weights: Granite 4)
     parallel_mamba: bool = False           # ... beside the attention (Falcon-H1: gated_deltanet.ParallelMixer)
+    mamba1: Any = None                     # Mamba-1's numbers (policies.base.Mamba1Weights: Mamba, FalconMamba, Jamba)
 
 
 class Attention(nn.Module):

@@ -5,8 +5,8 @@ from collections.abc import Callable
 
 from torch import nn
 
-from lightning_dsinfer.policies import (deepseek, falcon_h1, gpt_oss, granite_hybrid, lfm2, llama, llama4, nemotron_h,
-                                        qwen3_next)
+from lightning_dsinfer.policies import (deepseek, falcon_h1, gpt_oss, granite_hybrid, jamba, lfm2, llama, llama4,
+                                        mamba, nemotron_h, qwen3_next)
 from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, UnsupportedModelError
 from lightning_dsinfer.policies.gpt import FAMILY as _GPT_FAMILY
 from lightning_dsinfer.policies.gpt import read_gpt_family
@@ -23,12 +23,14 @@ POLICIES.update({name: granite_hybrid.read_granite_hybrid for name in granite_hy
 POLICIES.update({name: nemotron_h.read_nemotron_h for name in nemotron_h.FAMILY})
 POLICIES.update({name: llama4.read_llama4 for name in llama4.FAMILY})
 POLICIES.update({name: falcon_h1.read_falcon_h1 for name in falcon_h1.FAMILY})
+POLICIES.update({name: mamba.read_mamba for name in mamba.FAMILY})
+POLICIES.update({name: jamba.read_jamba for name in jamba.FAMILY})
 
 
 def has_experts(model_type: str | None) -> bool:
     """Whether ``model_type`` is a supported family with mixture-of-experts layers."""
     return any(family.has_experts(model_type) for family in (llama, deepseek, gpt_oss, qwen3_next, lfm2, granite_hybrid,
-                                                                  nemotron_h, llama4))
+                                                                  nemotron_h, llama4, jamba))
 
 
 def supported_model_types() -> list[str]:

@@ -165,6 +165,28 @@ class Mamba2Weights:
 
 
 @dataclass
+class Mamba1Weights:
+    """A Mamba-1 mixer (``mamba``, FalconMamba, Jamba; ``modules/gated_deltanet.Mamba1Mixer``): in_proj [2I, H] (x | z
+    rows), the depthwise convolution [I, 1, K] and its bias, x_proj [R + 2N, I] (dt | B | C rows), dt_proj [I, R] and
+    its bias, A_log [I, N], D [I], out_proj (``LayerWeights.o``); ``bcdt_norms``: the RMSNorms of dt, B and C (Jamba:
+    three weight refs; FalconMamba: "weightless"; None: none) with ``norm_eps``."""
+    in_proj: WeightRef
+    conv: WeightRef
+    conv_bias: WeightRef | None
+    x_proj: WeightRef
+    dt_proj: WeightRef
+    dt_bias: WeightRef
+    a_log: WeightRef
+    d: WeightRef
+    inner: int
+    state_size: int
+    rank: int
+    kernel: int
+    bcdt_norms: tuple | str | None = None
+    norm_eps: float = 1e-6
+
+
+@dataclass
 class LayerWeights:
     q: WeightRef
     k: WeightRef
@@ -208,6 +230,7 @@ class LayerWeights:
     attn_gate: WeightRef | None = None      # Qwen3-Next / 3.5: attention's output x sigmoid(gate rows [Hq D, H] @ x)
     attn_gate_bias: WeightRef | None = None
     shortconv: ShortConvWeights | None = None   # LFM2: a gated short convolution instead (q / k / v None then)
+    mamba1: Mamba1Weights | None = None      # Mamba, FalconMamba, Jamba: a Mamba-1 mixer instead (q / k / v None)
     mamba: Mamba2Weights | None = None       # Granite 4: a Mamba-2 mixer instead (q / k / v None then); Falcon-H1:
                                              # beside the attention (q / k / v set, ``mamba.out_proj`` its own)
 

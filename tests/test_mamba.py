@@ -1,0 +1,116 @@
+"""Mamba-1 models (mamba, falcon_mamba; policies/mamba.py, gated_deltanet.Mamba1Mixer) against the unmodified HF
+model: tiny random configs of three blocks (128 channels, state 8, dt rank 6, kernel 4 with a bias; FalconMamba with its
+weightless RMSNorms of dt, B and C), every block a mixer without an MLP.
+
+fp32 prompt logits on a left-padded batch atol 2e-4 / rtol 1e-4; greedy tokens identical to HF's generate and every
+decode step's logits against HF's generate's scores (transformers' one-token forward with a cache and a longer
+attention mask broadcasts the mask over the token, so its generate, which trims the mask, is the reference here); beam
+search through HF's loop; bf16; int8 / int4; both offload tiers and prompts in chunks (the state carried across
+them); a checkpoint on meta; TP=2 (channels split, x_proj's partial sums reduced) and PP=2; CUDA graphs' fixed-shape
+step (emulated; tests/test_cuda_graphs.py); refusals."""
+
+import pytest
+import torch
+
+import lightning_dsinfer as dsi
+from helpers import (fake_quantised_int4, fake_quantised_int8, optimised_copy, optimised_from_checkpoint, padded_batch,
+                     streamed_copy, tiny_model)
+from multiproc import run_ranks
+
+FAMILIES = ["mamba", "falcon_mamba"]
+
+
+def _assert_same(hf, opt, lengths=(12, 5, 9, 3), new=8, atol=2e-4, rtol=1e-4):
+    """Prompt logits; greedy tokens and each decode step's logits as HF's generate's (bf16: the steps up to the first
+    token a near tie flips)."""
+    ids, mask = padded_batch(list(lengths), seed=1)
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask).logits.float()
+    got = opt(input_ids=ids, attention_mask=mask).logits.float()
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=atol, rtol=rtol)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, output_scores=True,
+              return_dict_in_generate=True)
+    with torch.no_grad():
+        ref = hf.generate(**kw)
+    out = opt.generate(**kw)
+    t = ids.shape[1]
+    same = (out.sequences[:, t:] == ref.sequences[:, t:]).all(0).long().cumprod(0).sum().item()
+    if hf.dtype == torch.float32:
+        assert same == new
+    steps = min(same + 1, new)        # (the step that chose a differing token still read the same inputs)
+    torch.testing.assert_close(torch.stack(out.scores, 1)[:, :steps].float(),
+                               torch.stack(ref.scores, 1)[:, :steps].float(), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mamba_matches_hf(family):
+    hf = tiny_model(family)
+    opt = optimised_copy(hf, max_seq_len=64)
+    engine = opt._dsinfer_engine
+    assert [(type(ly.attn).__name__, ly.mlp) for ly in engine.decoder.layers] == [("Mamba1Mixer", None)] * 3
+    assert engine.decoder.layers[0].attn.bcdt_norms is not None if family == "falcon_mamba" else \
+        engine.decoder.layers[0].attn.bcdt_norms is None
+    _assert_same(hf, opt)
+    ids, mask = padded_batch([9, 6], seed=2)        # beam search through HF's loop: states reordered with the beams
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, num_beams=3, do_sample=False)
+    with torch.no_grad():
+        assert torch.equal(opt.generate(**kw), hf.generate(**kw))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mamba_bf16(family):
+    hf = tiny_model(family).to(torch.bfloat16)
+    _assert_same(hf, optimised_copy(hf, max_seq_len=64, dtype=torch.bfloat16), lengths=(12, 5, 9), new=6,
+                 atol=6e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_mamba_quantised(quantize):
+    """in_proj and out_proj int8 / int4 (groups of 16; x_proj and dt_proj as they are) against HF over the same
+    quantise-dequantised weights."""
+    hf = tiny_model("falcon_mamba")
+    ref = fake_quantised_int8(hf) if quantize == "int8" else fake_quantised_int4(hf, 16)
+    _assert_same(ref, optimised_copy(hf, max_seq_len=64, quantize=quantize, quantize_group_size=16))
+
+
+@pytest.mark.parametrize("tier", ["cpu", "nvme"])
+def test_mamba_offload_matches_hf(tier, tmp_path):
+    hf = tiny_model("mamba")
+    _assert_same(hf, streamed_copy(hf, tier, tmp_path))
+
+
+def test_offloaded_prompts_in_chunks(tmp_path):
+    """Prompts through each streamed block in chunks of 2 tokens: the convolution history and the state carried from
+    chunk to chunk."""
+    hf = tiny_model("falcon_mamba")
+    opt = streamed_copy(hf, "cpu", tmp_path)
+    opt._dsinfer_engine.decoder.prefill_tokens = 6
+    _assert_same(hf, opt, lengths=(13, 5, 9))
+
+
+def test_mamba_from_checkpoint_on_meta(tmp_path):
+    hf = tiny_model("falcon_mamba")
+    _assert_same(hf, optimised_from_checkpoint(hf, tmp_path), new=5)
+
+
+def test_mamba_tensor_and_pipeline_parallel():
+    """TP=2 (each rank 64 channels: in_proj rows, x_proj columns whose partial sums are reduced, out_proj columns) and
+    PP=2, through tests/tp_worker.py and tests/pp_worker.py: prompt logits, greedy, beam search."""
+    codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", "falcon_mamba"], timeout=300)
+    assert codes == [0, 0], "\n".join(outs)
+    assert outs[0].count(" OK") == 1, outs[0]
+    codes, outs, _ = run_ranks("pp_worker.py", 2, ["--pp", "2", "--families", "mamba"], timeout=300)
+    assert codes == [0, 0], "\n".join(outs)
+    assert all(out.count("all OK") == 1 for out in outs), outs
+
+
+@pytest.mark.parametrize("setting,match", [({"use_bias": True}, "in_proj / out_proj biases"),
+                                           ({"hidden_act": "gelu"}, "hidden_act='gelu'")])
+def test_settings_the_engine_does_not_reproduce_are_refused(setting, match):
+    with pytest.raises(dsi.UnsupportedModelError, match=match):
+        dsi.init_inference(tiny_model("mamba", **setting), max_seq_len=64)
+
+
+def test_tensor_parallel_size_must_split_the_channels():
+    with pytest.raises(ValueError, match="does not divide the 128 Mamba channels of mamba"):
+        dsi.init_inference(tiny_model("mamba"), max_seq_len=64, tensor_parallel_size=3)
