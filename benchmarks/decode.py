@@ -40,7 +40,9 @@ product, zeros in for the experts not chosen), so its bytes per step are all the
 expert and the shared one. ``--family falcon_h1``: Falcon-H1's blocks at these widths (attention and Mamba-2 side by
 side in every block: 64-wide Mamba-2 heads over 2 x ``--hidden`` channels, one group, state 128; the SwiGLU of
 ``--intermediate``; the 0.5B model's muP multipliers); the engine runs both input projections as one GEMM and both
-output projections as another.
+output projections as another. ``--family mamba``: Mamba-1 blocks at these widths (2 x ``--hidden`` channels, state
+16, dt rank ``--hidden`` / 16; no MLP, tied embeddings as Mamba's); transformers runs its torch recurrence without
+mamba_ssm, the engine its own (torch ops, one token at a time in prompts too).
 """
 from __future__ import annotations
 
@@ -66,7 +68,8 @@ FAMILY_NAMES = {"llama": "Llama", "gemma2": "Gemma 2", "gpt_neox": "GPT-NeoX (Py
                 "bamba": "Bamba-style (Mamba-2 blocks, attention in every fourth block)",
                 "nemotron_h": "Nemotron-H-style (Mamba-2 + ReLU² MLP layers, attention in every fourth pair)",
                 "llama4": "Llama 4 Scout-style (chunked attention, NoPE every fourth layer, MoE)",
-                "falcon_h1": "Falcon-H1-style (attention and Mamba-2 side by side in every block)"}
+                "falcon_h1": "Falcon-H1-style (attention and Mamba-2 side by side in every block)",
+                "mamba": "Mamba-1 (state-spaces Mamba blocks)"}
 
 
 def build_model(args):
@@ -159,6 +162,12 @@ def build_model(args):
             attention_in_multiplier=1.0, attention_out_multiplier=0.94, ssm_in_multiplier=1.25,
             ssm_out_multiplier=0.24, ssm_multipliers=[0.35, 0.25, 0.18, 0.18, 0.6], mlp_multipliers=[0.88, 0.59],
             tie_word_embeddings=False, eos_token_id=None, pad_token_id=0)
+    elif getattr(args, "family", "llama") == "mamba":
+        from transformers import MambaConfig
+
+        cfg = MambaConfig(hidden_size=args.hidden, num_hidden_layers=args.layers, intermediate_size=2 * args.hidden,
+                          vocab_size=args.vocab, state_size=16, time_step_rank=args.hidden // 16, eos_token_id=None,
+                          pad_token_id=0)
     elif getattr(args, "experts", 0):      # (the other benchmarks build the dense Llama through here too)
         from transformers import MixtralConfig
 
