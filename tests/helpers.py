@@ -483,6 +483,24 @@ def assert_steps_match_hf(hf, opt, lengths=(12, 5, 9, 3), new=8, atol=2e-4, rtol
                                atol=atol, rtol=rtol)
 
 
+def assert_cache_the_caller_builds(hf, opt, lengths=(7, 4), calls=3, atol=2e-4, rtol=1e-4):
+    """``DynamicCache(config=model.config)`` built by the caller for each model: a left-padded prompt, then one-token
+    steps (HF's greedy token), each call's logits as HF's through its own cache. Returns (ours, theirs)."""
+    from transformers import DynamicCache
+
+    ids, mask = padded_batch(list(lengths), seed=3)
+    ours, theirs = DynamicCache(config=opt.config), DynamicCache(config=hf.config)
+    step_ids, valid = ids, mask.bool()
+    for _ in range(calls):
+        with torch.no_grad():
+            want = hf(input_ids=step_ids, attention_mask=mask, cache=theirs, use_cache=True).logits
+        got = opt(input_ids=step_ids, attention_mask=mask, cache=ours, use_cache=True).logits
+        torch.testing.assert_close(got[valid].float(), want[valid].float(), atol=atol, rtol=rtol)
+        step_ids, valid = want[:, -1:].argmax(-1), torch.ones(len(lengths), 1, dtype=torch.bool)
+        mask = torch.cat([mask, torch.ones(len(lengths), 1, dtype=mask.dtype)], 1)
+    return ours, theirs
+
+
 def optimised_copy(hf, **options):
     import lightning_dsinfer as dsi
 

@@ -6,8 +6,9 @@ RMSNorm normed before the gate with biases on q/k/v/o, out_proj and the MLP ("fa
 fp32 prompt logits on a left-padded batch atol 2e-4 / rtol 1e-4, greedy tokens identical to HF's generate, every decode
 step's logits against HF's own one-token steps through its cache, beam search through HF's loop, a cache the caller
 builds, bf16 (the normed-after-gate read-out's decode steps through the one C call), int8 / int4, both offload tiers, a
-checkpoint on meta, TP=4 (groups shared by ranks) and PP=2, CUDA graphs' fixed-shape step (emulated; tests/test_cuda_graphs.py), refusals.
-That the tiny config exercises each multiplier and read-out is checked on HF itself."""
+checkpoint on meta, TP=4 (groups shared by ranks) and PP=2, CUDA graphs' fixed-shape step (emulated;
+tests/test_cuda_graphs.py), refusals. That the tiny config exercises each multiplier and read-out is checked on HF
+itself."""
 
 import copy
 
@@ -15,8 +16,8 @@ import pytest
 import torch
 
 import lightning_dsinfer as dsi
-from helpers import (assert_steps_match_hf, fake_quantised_int4, fake_quantised_int8, optimised_copy,
-                     optimised_from_checkpoint, padded_batch, streamed_copy, tiny_model)
+from helpers import (assert_cache_the_caller_builds, assert_steps_match_hf, fake_quantised_int4, fake_quantised_int8,
+                     optimised_copy, optimised_from_checkpoint, padded_batch, streamed_copy, tiny_model)
 from multiproc import run_ranks
 
 VARIANTS = [("falcon_h1", {}), ("falcon_h1_norm", {}), ("falcon_h1_norm", {"mamba_norm_before_gate": False})]
@@ -58,20 +59,8 @@ def test_the_tiny_config_exercises_each_multiplier(setting):
 def test_a_cache_the_caller_builds():
     """DynamicCache(config=model.config): its hybrid layers (K/V and the Mamba-2 states) filled by the engine; a prompt
     and steps give HF's logits."""
-    from transformers import DynamicCache
-
     hf = tiny_model("falcon_h1")
-    opt = optimised_copy(hf, max_seq_len=64)
-    ids, mask = padded_batch([7, 4], seed=3)
-    ours, theirs = DynamicCache(config=opt.config), DynamicCache(config=hf.config)
-    step_ids, valid = ids, mask.bool()
-    for _ in range(3):
-        with torch.no_grad():
-            want = hf(input_ids=step_ids, attention_mask=mask, cache=theirs, use_cache=True).logits
-        got = opt(input_ids=step_ids, attention_mask=mask, cache=ours, use_cache=True).logits
-        torch.testing.assert_close(got[valid].float(), want[valid].float(), atol=2e-4, rtol=1e-4)
-        step_ids, valid = want[:, -1:].argmax(-1), torch.ones(2, 1, dtype=torch.bool)
-        mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+    assert_cache_the_caller_builds(hf, optimised_copy(hf, max_seq_len=64))
 
 
 @pytest.mark.parametrize("family,overrides", [VARIANTS[0], VARIANTS[2]], ids=[IDS[0], IDS[2]])

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import lightning_dsinfer as dsi
-from helpers import (assert_steps_match_hf, fake_quantised_int4, fake_quantised_int8, optimised_copy,
-                     optimised_from_checkpoint, padded_batch, streamed_copy, tiny_model)
+from helpers import (assert_cache_the_caller_builds, assert_steps_match_hf, fake_quantised_int4, fake_quantised_int8,
+                     optimised_copy, optimised_from_checkpoint, padded_batch, streamed_copy, tiny_model)
 from multiproc import run_ranks
 
 ATOL, RTOL = 2e-4, 1e-4
@@ -80,22 +80,11 @@ def test_a_cache_the_caller_builds():
     """DynamicCache(config=model.config): its chunked layers (transformers' keep the last window only) are made whole
     layers while empty; a prompt and steps past the chunk give HF's logits. A cache whose window already dropped K/V
     is refused."""
-    from transformers import DynamicCache
-
     hf = tiny_model("llama4")
     opt = optimised_copy(hf, max_seq_len=64)
-    ids, mask = padded_batch([9, 4], seed=3)
-    ours, theirs = DynamicCache(config=opt.config), DynamicCache(config=hf.config)
-    step_ids, valid = ids, mask.bool()
-    for _ in range(5):
-        with torch.no_grad():
-            want = hf(input_ids=step_ids, attention_mask=mask, cache=theirs, use_cache=True).logits
-        got = opt(input_ids=step_ids, attention_mask=mask, cache=ours, use_cache=True).logits
-        torch.testing.assert_close(got[valid].float(), want[valid].float(), atol=ATOL, rtol=RTOL)
-        step_ids, valid = want[:, -1:].argmax(-1), torch.ones(2, 1, dtype=torch.bool)
-        mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
-    with pytest.raises(ValueError, match="sliding-window layer"):
-        opt(input_ids=step_ids, attention_mask=mask, cache=theirs, use_cache=True)
+    _, theirs = assert_cache_the_caller_builds(hf, opt, lengths=(9, 4), calls=5)
+    with pytest.raises(ValueError, match="sliding-window layer"):     # (HF's own cache, past its window)
+        opt(input_ids=torch.ones(2, 1, dtype=torch.long), cache=theirs, use_cache=True)
 
 
 def test_llama4_bf16():

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import lightning_dsinfer as dsi
-from helpers import (assert_steps_match_hf, fake_quantised_int4, fake_quantised_int8, optimised_copy,
-                     optimised_from_checkpoint, padded_batch, streamed_copy, tiny_model)
+from helpers import (assert_cache_the_caller_builds, assert_steps_match_hf, fake_quantised_int4, fake_quantised_int8,
+                     optimised_copy, optimised_from_checkpoint, padded_batch, streamed_copy, tiny_model)
 from multiproc import run_ranks
 
 ATOL, RTOL = 2e-4, 1e-4
@@ -82,17 +82,8 @@ def test_a_cache_the_caller_builds():
 
     hf = tiny_model("nemotron_h")
     opt = optimised_copy(hf, max_seq_len=64)
-    ids, mask = padded_batch([7, 4], seed=3)
-    ours, theirs = DynamicCache(config=opt.config), DynamicCache(config=hf.config)
-    assert len(ours.layers) == 8
-    step_ids, valid = ids, mask.bool()
-    for _ in range(3):
-        with torch.no_grad():
-            want = hf(input_ids=step_ids, attention_mask=mask, cache=theirs, use_cache=True).logits
-        got = opt(input_ids=step_ids, attention_mask=mask, cache=ours, use_cache=True).logits
-        torch.testing.assert_close(got[valid].float(), want[valid].float(), atol=ATOL, rtol=RTOL)
-        step_ids, valid = want[:, -1:].argmax(-1), torch.ones(2, 1, dtype=torch.bool)
-        mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+    assert len(DynamicCache(config=opt.config).layers) == 8
+    ours, _ = assert_cache_the_caller_builds(hf, opt)
     assert len(ours.layers) == 5
 
 

@@ -6,7 +6,8 @@ the rotary arithmetic, so results differ from HF by float rounding only).
 import pytest
 import torch
 
-from helpers import FAMILIES, assert_matches_hf, optimised_copy, padded_batch, tiny_model
+from helpers import (FAMILIES, assert_cache_the_caller_builds, assert_matches_hf, optimised_copy, padded_batch,
+                     tiny_model)
 
 ATOL, RTOL = 2e-4, 1e-4
 
@@ -276,17 +277,8 @@ def test_a_sliding_window_cache_the_caller_builds():
 
     hf = tiny_model("mistral")                  # (window 7)
     opt = optimised_copy(hf, max_seq_len=32)
-    ids, mask = padded_batch([10, 6], seed=3)
-    ours, theirs = DynamicCache(config=opt.config), DynamicCache(config=hf.config)
-    assert type(ours.layers[0]).__name__ == "DynamicSlidingWindowLayer"
-    step_ids, valid = ids, mask.bool()
-    for _ in range(4):
-        with torch.no_grad():
-            want = hf(input_ids=step_ids, attention_mask=mask, cache=theirs, use_cache=True).logits
-        got = opt(input_ids=step_ids, attention_mask=mask, cache=ours, use_cache=True).logits
-        torch.testing.assert_close(got[valid], want[valid], atol=ATOL, rtol=RTOL)
-        step_ids, valid = want[:, -1:].argmax(-1), torch.ones(2, 1, dtype=torch.bool)
-        mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+    assert type(DynamicCache(config=opt.config).layers[0]).__name__ == "DynamicSlidingWindowLayer"
+    assert_cache_the_caller_builds(hf, opt, lengths=(10, 6), calls=4)
 
 
 def test_own_loop_serves_greedy_and_sampling(monkeypatch):
