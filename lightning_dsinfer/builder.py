@@ -670,10 +670,27 @@ def model_ends(w: ModelWeights, dtype: torch.dtype, device, embed: bool, head: b
 
 # ---------------------------------------------------------------------- offload (ZeRO-Inference)
 def _qkv_rows(w: ModelWeights, plan: TensorShardPlan) -> int:
-    """Output rows of a block's QKV projection on this rank (latent attention: q_a or this rank's q rows, and kv_a)."""
+    """Output rows of a block's QKV projection on this rank, the widest block's (latent attention: q_a or this rank's
+    q rows, and kv_a; a linear-state mixer's in_proj rows, Falcon-H1's beside its attention's: found by review, they
+    were not counted)."""
     if w.mla is not None:
         return (w.mla.q_lora_rank or plan.local_heads * w.mla.qk_head_dim) + w.mla.cache_dim
-    return (plan.local_heads + 2 * plan.local_kv_heads) * w.head_dim
+    attention = (plan.local_heads + 2 * plan.local_kv_heads) * w.head_dim
+    tp, rows = plan.tp, 0 if getattr(w, "layers", None) else attention
+    for lw in getattr(w, "layers", None) or []:
+        n = attention if lw.q is not None else 0
+        if lw.mamba is not None:
+            m, heads = lw.mamba, lw.mamba.heads // tp
+            n += 2 * heads * m.head_dim + 2 * max(m.groups // tp, 1) * m.state_size + heads
+        elif lw.mamba1 is not None:
+            n += 2 * lw.mamba1.inner // tp
+        elif lw.shortconv is not None:
+            n += 3 * lw.shortconv.channels // tp
+        elif lw.deltanet is not None:
+            dn = lw.deltanet
+            n += 2 * dn.key_heads // tp * dn.key_dim + 2 * dn.value_heads // tp * (dn.value_dim + 1)
+        rows = max(rows, n)
+    return rows
 
 
 def _per_token_bytes(w: ModelWeights, plan: TensorShardPlan, dtype: torch.dtype, max_seq_len: int) -> int:
