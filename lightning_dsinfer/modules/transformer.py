@@ -392,12 +392,14 @@ class DecoderModel(nn.Module):
 
     def set_ends(self, embed_scale: float | None = None, final_softcap: float | None = None,
                  final_norm_bias: torch.Tensor | None = None, pos_embed: torch.Tensor | None = None, pos_offset: int = 0,
-                 embed_norm: tuple[torch.Tensor, torch.Tensor] | None = None, logit_scale: float | None = None) -> None:
+                 embed_norm: tuple[torch.Tensor, torch.Tensor] | None = None, logit_scale: float | None = None,
+                 embed_scale_rounded: bool = False) -> None:
         """What some families add around the blocks: Gemma's (Granite's) embedding scale and final logit cap; Cohere's
         and Granite's logit scale; the final LayerNorm's bias (GPT families); on the first stage, learned position
         embeddings looked up at ``positions + pos_offset`` (OPT's offset is 2, GPT-2's 0) and BLOOM's LayerNorm
         (weight, bias) of the embeddings."""
         self.embed_scale, self.final_softcap, self.logit_scale = embed_scale, final_softcap, logit_scale
+        self.embed_scale_rounded = embed_scale_rounded
         self.final_norm_bias = final_norm_bias
         self.pos_embed, self.pos_offset, self.embed_norm = pos_embed, pos_offset, embed_norm
 
@@ -432,8 +434,8 @@ class DecoderModel(nn.Module):
             h = self.lookup(local.masked_fill(outside, 0))
             h.masked_fill_(outside.unsqueeze(-1), 0)
             h = self.comm.all_reduce(h)
-        if self.embed_scale is not None:     # Gemma: the scale rounded to the dtype first, as HF does
-            h = h * torch.tensor(self.embed_scale, dtype=h.dtype)
+        if self.embed_scale is not None:     # Gemma: the scale rounded to the dtype first, as HF does; others: the float
+            h = h * (torch.tensor(self.embed_scale, dtype=h.dtype) if self.embed_scale_rounded else self.embed_scale)
         return h
 
     def hidden(self, h: torch.Tensor, step: Step) -> torch.Tensor:

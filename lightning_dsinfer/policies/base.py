@@ -259,6 +259,8 @@ class ModelWeights:
     # dtype), attention scores and final logits are soft-capped (cap * tanh(x / cap)), the MLP is GeGLU
     norm_offset: float = 0.0
     embed_scale: float | None = None
+    embed_scale_rounded: bool = False      # Gemma: the embedding scale rounded to the dtype first (HF's torch.tensor);
+                                           # the others multiply by the float (Granite, Falcon-H1)
     attn_softcap: float | None = None
     final_softcap: float | None = None
     mlp_act: str = "silu"                  # gated MLP activation: silu | gelu_tanh | gelu
