@@ -233,8 +233,8 @@ def _shard_mamba1(m, plan: TensorShardPlan, dtype: torch.dtype) -> dict[str, tor
            "m1.x_proj": m.x_proj.load(1, c0, cn).to(dtype), "m1.dt_proj": m.dt_proj.load(0, c0, cn).to(dtype),
            "m1.dt_bias": m.dt_bias.load(0, c0, cn).to(dtype), "m1.a_log": m.a_log.load(0, c0, cn).to(dtype),
            "m1.d": m.d.load(0, c0, cn).to(dtype)}
-    if isinstance(m.bcdt_norms, tuple):
-        out.update({f"m1.norm_{k}": ref.load().to(dtype) for k, ref in zip("dbc", m.bcdt_norms)})
+    if m.norms == "weights":
+        out.update({f"m1.norm_{k}": ref.load().to(dtype) for k, ref in zip("dbc", (m.dt_norm, m.b_norm, m.c_norm))})
     return out
 
 
@@ -545,7 +545,7 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
             attn = ParallelMixer(attention, attn, linear("qkv"), out_proj())
     elif "m1.conv" in t:             # Mamba-1 (modules/gated_deltanet.Mamba1Mixer)
         m1 = spec.mamba1
-        norms = None if m1.bcdt_norms is None else tuple(
+        norms = None if m1.norms is None else tuple(
             t[f"m1.norm_{k}"] if f"m1.norm_{k}" in t else torch.ones((), dtype=t["m1.x_proj"].dtype) for k in "dbc")
         attn = Mamba1Mixer(index, linear("qkv"), out_proj(), t["m1.conv"], t.get("m1.conv_bias"),
                            Linear(t["m1.x_proj"], pack=pack), Linear(t["m1.dt_proj"], pack=pack), t["m1.dt_bias"],

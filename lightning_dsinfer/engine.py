@@ -217,9 +217,13 @@ class InferenceEngine:
         (:func:`_whole_history`) and, for a model whose blocks are not its layers (NemotronH: one per layer of the
         config), its layers put in block order, in place, once (:meth:`new_hf_cache`'s are already)."""
         _whole_history(hf_cache)
-        layers = getattr(hf_cache, "layers", None)
-        if layers and not self.attends and not getattr(hf_cache, "dsinfer_counter", False):
+        self._block_order(hf_cache)
+        if getattr(hf_cache, "layers", None) and not self.attends and not getattr(hf_cache, "dsinfer_counter", False):
             _add_counter(hf_cache)     # (no attention layer: HF's cache could not say how many tokens it holds)
+
+    def _block_order(self, hf_cache) -> None:
+        """A caller's cache for a model whose blocks are not its layers: its layers put in block order, once."""
+        layers = getattr(hf_cache, "layers", None)
         if self.blocks_are_layers or layers is None or getattr(hf_cache, "dsinfer_blocks", False):
             return
         if not layers and not self.cache.conv:     # an empty dynamic cache: its layers come as the blocks write them
@@ -283,9 +287,6 @@ class InferenceEngine:
         if hf_cache is not None:
             self.adopt_hf_cache(hf_cache)
         past = hf_cache.get_seq_length() if hf_cache is not None else 0
-        if getattr(hf_cache, "dsinfer_counter", False):    # (new_hf_cache: a pipeline stage's token count)
-            row = torch.zeros(b, 1, t, 1, dtype=self.dtype, device=self.device)
-            hf_cache.layers[-1].update(row, row)
         total = past + t
         self.check_length(total)
         if attention_mask is not None and attention_mask.dim() != 2:
@@ -306,6 +307,9 @@ class InferenceEngine:
             position_ids = torch.arange(past, total, device=self.device).expand(b, t)
         step = build_step(self.rotary, position_ids.to(self.device), key_valid, q_start=past, t=t,
                           window=self.sliding_window, chunk=self.attention_chunk)
+        if getattr(hf_cache, "dsinfer_counter", False):    # (a pipeline stage's or an attention-free model's token
+            row = torch.zeros(b, 1, t, 1, dtype=self.dtype, device=self.device)   # count: after the checks, so a
+            hf_cache.layers[-1].update(row, row)                                # refused call leaves it as it was)
         step.hf_cache = hf_cache
         if h is None:
             h = pipe.recv((b, t, self.hidden_size), self.dtype, self.device, pipe.rank - 1)

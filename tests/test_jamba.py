@@ -88,6 +88,8 @@ def test_jamba_tensor_and_pipeline_parallel():
     assert all(out.count("all OK") == 1 for out in outs), outs
 
 
-def test_mamba_proj_bias_is_refused():
-    with pytest.raises(dsi.UnsupportedModelError, match="in_proj / out_proj biases"):
-        dsi.init_inference(tiny_model("jamba", mamba_proj_bias=True), max_seq_len=64)
+@pytest.mark.parametrize("setting,match", [({"mamba_proj_bias": True}, "in_proj / out_proj biases"),
+                                           ({"hidden_act": "gelu"}, "hidden_act='gelu'")])   # (the act: found by review)
+def test_settings_the_engine_does_not_reproduce_are_refused(setting, match):
+    with pytest.raises(dsi.UnsupportedModelError, match=match):
+        dsi.init_inference(tiny_model("jamba", **setting), max_seq_len=64)

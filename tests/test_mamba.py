@@ -48,8 +48,7 @@ def test_mamba_matches_hf(family):
     opt = optimised_copy(hf, max_seq_len=64)
     engine = opt._dsinfer_engine
     assert [(type(ly.attn).__name__, ly.mlp) for ly in engine.decoder.layers] == [("Mamba1Mixer", None)] * 3
-    assert engine.decoder.layers[0].attn.bcdt_norms is not None if family == "falcon_mamba" else \
-        engine.decoder.layers[0].attn.bcdt_norms is None
+    assert (engine.decoder.layers[0].attn.bcdt_norms is not None) == (family == "falcon_mamba")
     _assert_same(hf, opt)
     ids, mask = padded_batch([9, 6], seed=2)        # beam search through HF's loop: states reordered with the beams
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, num_beams=3, do_sample=False)
@@ -109,6 +108,44 @@ def test_mamba_tensor_and_pipeline_parallel():
 def test_settings_the_engine_does_not_reproduce_are_refused(setting, match):
     with pytest.raises(dsi.UnsupportedModelError, match=match):
         dsi.init_inference(tiny_model("mamba", **setting), max_seq_len=64)
+
+
+def test_a_refused_call_leaves_the_callers_cache_as_it_was():
+    """A caller's DynamicCache(config=...) of an attention-free model gets a layer that counts its tokens; a call
+    refused for its mask leaves the count as it was, so the next right call runs (found by review: it was counted
+    before the checks) and gives HF's generate's logits."""
+    from transformers import DynamicCache
+
+    hf = tiny_model("mamba")
+    opt = optimised_copy(hf, max_seq_len=64)
+    ids, mask = padded_batch([6, 4], seed=3)
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, output_scores=True,
+                          return_dict_in_generate=True)
+    cache = DynamicCache(config=opt.config)
+    opt(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+    step, longer = ref.sequences[:, 6:7], torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+    with pytest.raises(ValueError, match="covers 6 tokens but past \\+ input is 7"):
+        opt(input_ids=step, attention_mask=mask, cache=cache, use_cache=True)
+    assert cache.get_seq_length() == 6
+    got = opt(input_ids=step, attention_mask=longer, cache=cache, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(got, ref.scores[1], atol=2e-4, rtol=1e-4)
+
+
+def test_a_checkpoint_with_older_names(tmp_path):
+    """Older Mamba checkpoints name the embedding ``backbone.embedding.weight`` (transformers' load hook renames it)."""
+    from safetensors.torch import load_file, save_file
+
+    hf = tiny_model("mamba")
+    hf.save_pretrained(tmp_path / "new")
+    tensors = load_file(str(tmp_path / "new" / "model.safetensors"))
+    tensors["backbone.embedding.weight"] = tensors.pop("backbone.embeddings.weight")
+    (tmp_path / "old").mkdir()
+    save_file(tensors, str(tmp_path / "old" / "model.safetensors"), metadata={"format": "pt"})
+    with torch.device("meta"):
+        meta = type(hf)(hf.config)
+    _assert_same(hf, dsi.init_inference(meta, checkpoint=str(tmp_path / "old"), max_seq_len=64, dtype=torch.float32),
+                 new=4)
 
 
 def test_tensor_parallel_size_must_split_the_channels():

@@ -87,6 +87,30 @@ def test_a_cache_the_caller_builds():
     assert len(ours.layers) == 5
 
 
+def test_attention_free_pattern_with_a_cache_the_caller_builds():
+    """No attention layer ("M-M-"): the caller's DynamicCache(config=...) is put in block order and then gets a layer
+    counting its tokens (found by review: the counter was added first and the cache refused). HF's own model cannot
+    step (or generate) this pattern through a cache (its cache has no attention layer): with dt bounded below by
+    nothing it reaches (time_step_min 1e-30: prompts and steps then agree), the reference is HF's plain forward over
+    the whole sequence."""
+    from transformers import DynamicCache
+
+    hf = tiny_model("nemotron_h", layers_block_type=["linear_attention", "mlp", "linear_attention", "mlp"],
+                    time_step_min=1e-30)
+    opt = optimised_copy(hf, max_seq_len=64)
+    ids, mask = padded_batch([7, 4], seed=3)
+    seq = opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    with torch.no_grad():
+        want = hf(input_ids=seq, attention_mask=torch.cat([mask, torch.ones(2, 3, dtype=mask.dtype)], 1),
+                  use_cache=False).logits
+    cache, step = DynamicCache(config=opt.config), ids
+    for i in range(3):
+        got = opt(input_ids=step, attention_mask=mask, cache=cache, use_cache=True).logits[:, -1]
+        torch.testing.assert_close(got, want[:, 6 + i], atol=ATOL, rtol=RTOL)
+        step, mask = seq[:, 7 + i, None], torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+    assert len(cache.layers) == 3 and cache.get_seq_length() == 9
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_nemotron_h_bf16(family):
     """(MoE: every expert routed, so no near tie in HF's choice flips under bf16 rounding.)"""

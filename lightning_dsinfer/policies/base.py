@@ -168,8 +168,8 @@ class Mamba2Weights:
 class Mamba1Weights:
     """A Mamba-1 mixer (``mamba``, FalconMamba, Jamba; ``modules/gated_deltanet.Mamba1Mixer``): in_proj [2I, H] (x | z
     rows), the depthwise convolution [I, 1, K] and its bias, x_proj [R + 2N, I] (dt | B | C rows), dt_proj [I, R] and
-    its bias, A_log [I, N], D [I], out_proj (``LayerWeights.o``); ``bcdt_norms``: the RMSNorms of dt, B and C (Jamba:
-    three weight refs; FalconMamba: "weightless"; None: none) with ``norm_eps``."""
+    its bias, A_log [I, N], D [I], out_proj (``LayerWeights.o``); ``norms``: the RMSNorms of dt, B and C with
+    ``norm_eps`` ("weights": Jamba's, ``dt_norm`` / ``b_norm`` / ``c_norm``; "weightless": FalconMamba's; None)."""
     in_proj: WeightRef
     conv: WeightRef
     conv_bias: WeightRef | None
@@ -182,8 +182,11 @@ class Mamba1Weights:
     state_size: int
     rank: int
     kernel: int
-    bcdt_norms: tuple | str | None = None
+    norms: str | None = None
     norm_eps: float = 1e-6
+    dt_norm: WeightRef | None = None
+    b_norm: WeightRef | None = None
+    c_norm: WeightRef | None = None
 
 
 @dataclass

@@ -51,9 +51,8 @@ def read_jamba(model: nn.Module, max_seq_len: int, source: WeightSource | None =
                       post_norm=ref(f"{block}.pre_ff_layernorm.weight"))
         if kind == "mamba":
             m = f"{block}.mamba"
-            norms = tuple(ref(f"{m}.{n}_layernorm.weight") for n in ("dt", "b", "c"))
             layers.append(LayerWeights(q=None, k=None, v=None, o=ref(f"{m}.out_proj.weight"),
-                                       mamba1=mamba1_weights(ref, opt, m, model.model.layers[i].mamba, norms,
+                                       mamba1=mamba1_weights(ref, opt, m, model.model.layers[i].mamba, "weights",
                                                              config.rms_norm_eps), **common))
         else:
             a = f"{block}.self_attn"

@@ -24,16 +24,19 @@ def has_experts(model_type: str | None) -> bool:
     return False
 
 
-def mamba1_weights(ref, opt, prefix: str, mixer: nn.Module, norms=None, eps: float = 1e-6) -> Mamba1Weights:
+def mamba1_weights(ref, opt, prefix: str, mixer: nn.Module, norms: str | None = None,
+                   eps: float = 1e-6) -> Mamba1Weights:
     """A transformers Mamba-1 mixer's weights under ``prefix`` (Mamba's, FalconMamba's, Jamba's), its numbers read off
-    the HF ``mixer`` module."""
+    the HF ``mixer`` module; ``norms`` "weights": its ``{dt,b,c}_layernorm`` weights (Jamba)."""
     conv = ref(f"{prefix}.conv1d.weight")
+    weights = {f"{n}_norm": ref(f"{prefix}.{n}_layernorm.weight") for n in ("dt", "b", "c")} if norms == "weights" \
+        else {}
     return Mamba1Weights(
         in_proj=ref(f"{prefix}.in_proj.weight"), conv=conv, conv_bias=opt(f"{prefix}.conv1d.bias"),
         x_proj=ref(f"{prefix}.x_proj.weight"), dt_proj=ref(f"{prefix}.dt_proj.weight"),
         dt_bias=ref(f"{prefix}.dt_proj.bias"), a_log=ref(f"{prefix}.A_log"), d=ref(f"{prefix}.D"),
         inner=mixer.intermediate_size, state_size=mixer.ssm_state_size, rank=mixer.time_step_rank,
-        kernel=conv.shape[-1], bcdt_norms=norms, norm_eps=eps)
+        kernel=conv.shape[-1], norms=norms, norm_eps=eps, **weights)
 
 
 def check_mamba1(config) -> None:
@@ -42,7 +45,7 @@ def check_mamba1(config) -> None:
         raise UnsupportedModelError(f"{config.model_type} with in_proj / out_proj biases is not supported (padded "
                                     f"tokens' in_proj bias would reach the convolution); the released models have "
                                     f"none.")
-    act = getattr(config, "hidden_act", "silu") if config.model_type != "jamba" else "silu"
+    act = getattr(config, "hidden_act", "silu")       # (Jamba: its mixers' and its MLPs' and experts' too)
     if act not in ("silu", "swish"):
         raise UnsupportedModelError(f"{config.model_type} with hidden_act={act!r} is not supported (the mixer's "
                                     f"convolution and gate use SiLU: silu).")
@@ -53,6 +56,9 @@ def read_mamba(model: nn.Module, max_seq_len: int, source: WeightSource | None =
     config = model.config
     check_mamba1(config)
     source = source or ModuleSource(model)
+    entries = getattr(source, "entries", None)       # (older checkpoints: backbone.embedding, renamed by HF's hook)
+    if entries is not None and "backbone.embeddings.weight" not in entries and "backbone.embedding.weight" in entries:
+        entries["backbone.embeddings.weight"] = entries["backbone.embedding.weight"]
     names = set(dict(model.named_parameters(remove_duplicate=False)))
     ref, opt = lookups(source, names)
     falcon = config.model_type == "falcon_mamba"
