@@ -421,13 +421,19 @@ def assert_forward_and_generate(hf, opt, ids, mask, new, atol=2e-4, rtol=1e-4):
 def assert_c_step_matches_torch(opt, layer: int, c_function: str, rows: int = 3):
     """A bf16 CPU decode step of block ``layer``'s linear-state mixer through ``cpu_gemv.<c_function>`` and through the
     module's torch ops (the C call declined), on the same random in_proj rows, convolution history and state of the
-    engine cache: the block's output within a bf16 rounding, the new state within 1e-5, the history identical."""
+    engine cache: the block's output within a bf16 rounding, the new state within 1e-5, the history identical. (Falcon-H1:
+    the Mamba-2 mixer beside the attention, its read-out before the shared out GEMM.)"""
     from lightning_dsinfer.kernels import cpu_gemv
     from lightning_dsinfer.modules.transformer import Step
 
     cache = opt._dsinfer_engine.cache
     mixer = opt._dsinfer_engine.decoder.layers[layer].attn
-    proj = torch.randn(rows, 1, mixer.qkv.out_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    if hasattr(mixer, "mamba"):          # (gated_deltanet.ParallelMixer)
+        mixer = mixer.mamba
+        width, run = mixer.inner + mixer.channels + mixer.h, mixer.read_out
+    else:
+        width, run = mixer.qkv.out_features, lambda p, s: mixer.from_qkv(p, None, s)
+    proj = torch.randn(rows, 1, width, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     history, state = cache.conv[layer][:rows], cache.state[layer][:rows]
     real = getattr(cpu_gemv, c_function)
     results = []
@@ -437,8 +443,7 @@ def assert_c_step_matches_torch(opt, layer: int, c_function: str, rows: int = 3)
         calls = []
         setattr(cpu_gemv, c_function, lambda *a, **k: calls.append(real(*a, **k) if c_call else None) or calls[-1])
         try:
-            out = mixer.from_qkv(proj, None, Step(cos=None, sin=None, mask=None, cache=cache, start=7, q_start=7,
-                                                  decoding=True))
+            out = run(proj, Step(cos=None, sin=None, mask=None, cache=cache, start=7, q_start=7, decoding=True))
         finally:
             setattr(cpu_gemv, c_function, real)
         assert calls and all((c is not None) == c_call for c in calls), calls    # (the C run did run in C)

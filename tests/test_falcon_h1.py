@@ -16,8 +16,9 @@ import pytest
 import torch
 
 import lightning_dsinfer as dsi
-from helpers import (assert_cache_the_caller_builds, assert_steps_match_hf, fake_quantised_int4, fake_quantised_int8,
-                     optimised_copy, optimised_from_checkpoint, padded_batch, streamed_copy, tiny_model)
+from helpers import (assert_c_step_matches_torch, assert_cache_the_caller_builds, assert_steps_match_hf,
+                     fake_quantised_int4, fake_quantised_int8, optimised_copy, optimised_from_checkpoint, padded_batch,
+                     streamed_copy, tiny_model)
 from multiproc import run_ranks
 
 VARIANTS = [("falcon_h1", {}), ("falcon_h1_norm", {}), ("falcon_h1_norm", {"mamba_norm_before_gate": False})]
@@ -69,6 +70,18 @@ def test_falcon_h1_bf16(family, overrides):
     hf = tiny_model(family, **overrides).to(torch.bfloat16)
     opt = optimised_copy(hf, max_seq_len=64, dtype=torch.bfloat16)
     assert_steps_match_hf(hf, opt, lengths=(12, 5, 9), new=6, atol=6e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("family,overrides", VARIANTS, ids=IDS)
+def test_c_decode_step_matches_the_torch_ops(family, overrides):
+    """The bf16 CPU decode step of the Mamba-2 beside the attention in one C call (``cpu_gemv.mamba2_step`` with each
+    read-out: y silu(z); normed before the gate; normed after it) against the mixer's torch ops."""
+    from lightning_dsinfer.kernels import cpu_gemv
+
+    if not cpu_gemv.has_wide_ops():
+        pytest.skip("no AVX512: the torch ops are the only path")       # (then nothing else runs this code)
+    opt = optimised_copy(tiny_model(family, **overrides).to(torch.bfloat16), max_seq_len=64, dtype=torch.bfloat16)
+    assert_c_step_matches_torch(opt, 1, "mamba2_step")
 
 
 def test_bf16_embedding_scale_is_the_float():

@@ -1994,7 +1994,9 @@ int dsi_gated_delta_step_bf16(const void* proj, int64_t ld, void* history, const
 // over the history [C, K - 1] (bf16, shifted in place) and the new input plus its bias, fp32, rounded to bf16, SiLU
 // rounded; dt = bf16(softplus(bf16(dt + dt_bias))) within [dt_min, dt_max]; per head h (group h / (H / G)): the state
 // [P, N] (fp32, in place) decayed by exp(dt a), a = -exp(a_log), plus dt x B, read by C, plus D x, rounded to bf16;
-// then per group of I / G channels the gated RMSNorm: y silu(z) in fp32, normed, rounded, times the weight, rounded:
+// then per group of I / G channels the read-out by `gating`: 0 the gated RMSNorm, y silu(z) in fp32, normed, rounded,
+// times the weight, rounded (Granite 4); 1 y silu(z) in fp32, rounded, no norm (Falcon-H1 without mamba_rms_norm);
+// 2 y normed in fp32, times the weight and silu(z) in fp32, rounded once (Falcon-H1's norm before the gate):
 // out [B, I] bf16 (stride ldo). The torch path's roundings; fp32 sums in another order. OpenMP over rows, (row,
 // head) units and (row, group) units. AVX512 only (the caller keeps the torch path otherwise): -1, else 0.
 // One row p of a head's state: S[n] = S[n] decay + xdt B[n] (fused multiply-add), returning sum_n S[n] C[n] over
@@ -2016,8 +2018,8 @@ static float ssm_row_avx512(float* S, const float* Bv, const float* Cv, int64_t 
 int dsi_mamba2_step_bf16(const void* proj, int64_t ld, void* history, const void* conv_w, const void* conv_b,
                          const void* dt_bias, const void* a_log, const void* d_skip, const void* norm_w, float* state,
                          void* out, int64_t ldo, int64_t B, int64_t H, int64_t P, int64_t G, int64_t N, int64_t K,
-                         float eps, float dt_min, float dt_max, int threads) {
-    if (dsi_gemv_best_isa() < 2 || H % G) return -1;
+                         float eps, float dt_min, float dt_max, int gating, int threads) {
+    if (dsi_gemv_best_isa() < 2 || H % G || gating < 0 || gating > 2) return -1;
     const int64_t I = H * P, C = I + 2 * G * N, hist = K - 1, per_group = H / G, gsize = I / G;
     const uint16_t* Pj = static_cast<const uint16_t*>(proj);
     uint16_t* Hs = static_cast<uint16_t*>(history);
@@ -2056,13 +2058,22 @@ int dsi_mamba2_step_bf16(const void* proj, int64_t ld, void* history, const void
         const int64_t b = u / G, g = u % G;
         const uint16_t* z = Pj + b * ld + g * gsize;
         float* yg = y.data() + b * I + g * gsize;
+        uint16_t* o = O + b * ldo + g * gsize;
+        if (gating == 1) {
+            for (int64_t i = 0; i < gsize; ++i) o[i] = f32_to_bf16(yg[i] * silu_f32(bf16_to_f32(z[i])));
+            continue;
+        }
         float ss = 0.f;
         for (int64_t i = 0; i < gsize; ++i) {
-            yg[i] *= silu_f32(bf16_to_f32(z[i]));
+            if (gating == 0) yg[i] *= silu_f32(bf16_to_f32(z[i]));
             ss += yg[i] * yg[i];
         }
         const float inv = 1.f / sqrtf(ss / static_cast<float>(gsize) + eps);
-        uint16_t* o = O + b * ldo + g * gsize;
+        if (gating == 2) {
+            for (int64_t i = 0; i < gsize; ++i)
+                o[i] = f32_to_bf16(bf16_to_f32(NW[g * gsize + i]) * (yg[i] * inv) * silu_f32(bf16_to_f32(z[i])));
+            continue;
+        }
         for (int64_t i = 0; i < gsize; ++i)
             o[i] = f32_to_bf16(bf16_to_f32(NW[g * gsize + i]) * bf16_to_f32(f32_to_bf16(yg[i] * inv)));
     }

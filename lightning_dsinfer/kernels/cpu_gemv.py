@@ -119,7 +119,7 @@ class _Kernel:
         self.mamba2 = lib.dsi_mamba2_step_bf16
         self.mamba2.restype = ctypes.c_int
         self.mamba2.argtypes = [p, i64, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float,
-                                ctypes.c_float, ctypes.c_float, ctypes.c_int]
+                                ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_int]
         self.short_conv = lib.dsi_short_conv_step_bf16
         self.short_conv.restype = ctypes.c_int
         self.short_conv.argtypes = [p, i64, p, p, p, i64, i64, i64, i64, ctypes.c_int]
@@ -857,33 +857,38 @@ def short_conv_step(proj: torch.Tensor, history: torch.Tensor, conv: torch.Tenso
 
 
 def mamba2_step(proj: torch.Tensor, history: torch.Tensor, conv: torch.Tensor, conv_bias: torch.Tensor | None,
-                dt_bias: torch.Tensor, a_log: torch.Tensor, d: torch.Tensor, norm: torch.Tensor, state: torch.Tensor,
-                heads: int, head_dim: int, groups: int, state_size: int, eps: float,
-                dt_limit: tuple[float, float]) -> torch.Tensor | None:
+                dt_bias: torch.Tensor, a_log: torch.Tensor, d: torch.Tensor, norm: torch.Tensor | None,
+                state: torch.Tensor, heads: int, head_dim: int, groups: int, state_size: int, eps: float,
+                dt_limit: tuple[float, float], gating: str = "norm_after_gate") -> torch.Tensor | None:
     """A Mamba-2 decode step (``modules/gated_deltanet.Mamba2Mixer``) for bf16 rows in one C call, after in_proj: proj
     [B, 1, W] (z | x B C | dt), the convolution history [B, C, K - 1] bf16 and the state [B, H, P, N] fp32 (both
-    updated in place), conv [C, K] (+ bias [C]), dt_bias / a_log / D [H], the gated norm's weight [H P] bf16. Returns
-    the gated norm's output [B, 1, H P] bf16 (the torch path's roundings), or None where it does not apply (the caller
-    runs the torch ops), also on CPUs without AVX512 (:func:`has_wide_ops`)."""
+    updated in place), conv [C, K] (+ bias [C]), dt_bias / a_log / D [H], the gated norm's weight [H P] bf16 (None:
+    ``gating`` "gate", no norm). Returns the read-out by ``gating`` (``policies.base.Mamba2Weights``) [B, 1, H P] bf16
+    (the torch path's roundings), or None where it does not apply (the caller runs the torch ops), also on CPUs
+    without AVX512 (:func:`has_wide_ops`)."""
     k = _kernel if _kernel is not None else _load()
     if k is None or _off or k.best_isa < 2:
         return None
     b, kern = proj.shape[0], conv.shape[-1]
     inner = heads * head_dim
     c = inner + 2 * groups * state_size
-    tensors = [proj, history, conv, dt_bias, a_log, d, norm] + ([conv_bias] if conv_bias is not None else [])
+    mode = {"norm_after_gate": 0, "gate": 1, "norm_before_gate": 2}.get(gating)
+    if mode is None or (norm is None) != (mode == 1):
+        return None
+    tensors = [proj, history, conv, dt_bias, a_log, d] + [t for t in (norm, conv_bias) if t is not None]
     if (proj.dim() != 3 or proj.shape[1] != 1 or any(t.dtype != torch.bfloat16 or t.device.type != "cpu"
                                                        or not t.is_contiguous() for t in tensors)
             or state.dtype != torch.float32 or not state.is_contiguous()
             or history.shape != (b, c, kern - 1) or state.shape != (b, heads, head_dim, state_size)
-            or proj.shape[2] != inner + c + heads or conv.shape != (c, kern) or norm.numel() != inner):
+            or proj.shape[2] != inner + c + heads or conv.shape != (c, kern)
+            or (norm is not None and norm.numel() != inner)):
         return None
     out = torch.empty(b, 1, inner, dtype=torch.bfloat16)
     rc = k.mamba2(proj.data_ptr(), proj.stride(0), history.data_ptr(), conv.data_ptr(),
                   None if conv_bias is None else conv_bias.data_ptr(), dt_bias.data_ptr(), a_log.data_ptr(),
-                  d.data_ptr(), norm.data_ptr(), state.data_ptr(), out.data_ptr(), out.stride(0), b, heads, head_dim,
-                  groups, state_size, kern, eps, float(dt_limit[0]), min(float(dt_limit[1]), 3.0e38),
-                  torch.get_num_threads())
+                  d.data_ptr(), None if norm is None else norm.data_ptr(), state.data_ptr(), out.data_ptr(),
+                  out.stride(0), b, heads, head_dim, groups, state_size, kern, eps, float(dt_limit[0]),
+                  min(float(dt_limit[1]), 3.0e38), mode, torch.get_num_threads())
     return out if rc == 0 else None
 
 

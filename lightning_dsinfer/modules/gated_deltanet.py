@@ -334,15 +334,17 @@ class Mamba2Mixer(nn.Module):
         # does not clamp (NemotronH's lower limit is time_step_min); a one-token chunk of a prompt does
         limit = (0.0, float("inf")) if step.decoding else self.dt_limit
         if (t == 1 and step.decoding and step.cache is not None and self.norm_reduce is None
-                and self.gating == "norm_after_gate" and (step.valid is None or bool(step.valid.all()))):
+                and (step.valid is None or bool(step.valid.all()))):
             # a decode step on the engine's cache
             history, state = step.cache.linear_buffers(self.layer_idx, bsz, (self.channels, self.kernel - 1), (h, p, n))
-            if ops.uses_triton(proj):      # convolution, scan and gated norm in three kernels (kernels/mamba2.py)
+            if ops.uses_triton(proj) and self.gating == "norm_after_gate":   # convolution, scan and gated norm in three
+                # kernels (kernels/mamba2.py; the other read-outs: the torch ops)
                 return ops.mamba2_step(proj[:, 0], history, self.conv, self.conv_bias, self.dt_bias, self.a_log,
                                        self.d, self.norm, state, g, self.eps, limit)[:, None]
             if proj.dtype == torch.bfloat16:   # bf16 on the CPU: the same in one C call
                 out = cpu_gemv.mamba2_step(proj.contiguous(), history, self.conv, self.conv_bias, self.dt_bias,
-                                           self.a_log, self.d, self.norm, state, h, p, g, n, self.eps, limit)
+                                           self.a_log, self.d, self.norm, state, h, p, g, n, self.eps, limit,
+                                           self.gating)
                 if out is not None:
                     return out
         valid = None if step.valid is None else step.valid[:, :, None].to(proj.dtype)
