@@ -2080,6 +2080,85 @@ int dsi_mamba2_step_bf16(const void* proj, int64_t ld, void* history, const void
     return 0;
 }
 
+// ---------------------------------------------------------------- Mamba-1 decode step (Mamba, FalconMamba, Jamba)
+// Two calls around the x_proj / dt_proj GEMVs (modules/gated_deltanet.Mamba1Mixer), one token per row.
+// dsi_mamba1_conv_bf16: x's depthwise convolution over the history [B, I, K - 1] (bf16, shifted in place) and the new
+// input (proj rows' first I values, stride ld) plus the bias, fp32, rounded, SiLU, rounded: xc [B, I] bf16.
+int dsi_mamba1_conv_bf16(const void* proj, int64_t ld, void* history, const void* conv_w, const void* conv_b,
+                         void* xc, int64_t B, int64_t I, int64_t K, int threads) {
+    if (dsi_gemv_best_isa() < 2 || K < 1) return -1;
+    const uint16_t* Pj = static_cast<const uint16_t*>(proj);
+    uint16_t* Hs = static_cast<uint16_t*>(history);
+    const uint16_t* W = static_cast<const uint16_t*>(conv_w);
+    const uint16_t* Wb = static_cast<const uint16_t*>(conv_b);
+    uint16_t* X = static_cast<uint16_t*>(xc);
+    const int64_t hist = K - 1, block = 256, blocks = (I + block - 1) / block;
+    const int nt = threads > 0 ? threads : 1;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t u = 0; u < B * blocks; ++u) {
+        const int64_t b = u / blocks, c0 = u % blocks * block, c1 = std::min(I, c0 + block);
+        for (int64_t c = c0; c < c1; ++c) {
+            const float acc = conv_push(Hs + (b * I + c) * hist, W + c * K, hist, Pj[b * ld + c],
+                                        Wb ? bf16_to_f32(Wb[c]) : 0.f);
+            X[b * I + c] = f32_to_bf16(silu_f32(bf16_to_f32(f32_to_bf16(acc))));
+        }
+    }
+    return 0;
+}
+
+// dsi_mamba1_scan_bf16: per row and channel i: dt = softplus(dt_raw + dt_bias) (fp32), the state row [N] (fp32, in
+// place) decayed by exp(dt a), a = -exp(a_log[i]), plus (dt B) x; y = sum_n bf16(S[n]) C[n] rounded to bf16 (the
+// torch path's bf16 product), then (y + x D) silu(z) rounded: out [B, I] bf16. x, dt [B, I] bf16 (contiguous), z and
+// B | C rows with strides ldz / ldbc. N in 16-lane vectors (exp16: Cephes' expf).
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+int dsi_mamba1_scan_bf16(const void* xc, const void* zp, int64_t ldz, const void* dtp, const void* bcp, int64_t ldbc,
+                         const void* dt_bias, const void* a_log, const void* d_skip, float* state, void* out,
+                         int64_t B, int64_t I, int64_t N, int threads) {
+    if (dsi_gemv_best_isa() < 2) return -1;
+    const uint16_t* X = static_cast<const uint16_t*>(xc);
+    const uint16_t* Z = static_cast<const uint16_t*>(zp);
+    const uint16_t* DTr = static_cast<const uint16_t*>(dtp);
+    const uint16_t* BC = static_cast<const uint16_t*>(bcp);
+    const uint16_t* DB = static_cast<const uint16_t*>(dt_bias);
+    const uint16_t* AL = static_cast<const uint16_t*>(a_log);
+    const uint16_t* Dk = static_cast<const uint16_t*>(d_skip);
+    uint16_t* O = static_cast<uint16_t*>(out);
+    const int nt = threads > 0 ? threads : 1;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t u = 0; u < B * I; ++u) {
+        const int64_t b = u / I, i = u % I;
+        const float s = bf16_to_f32(DTr[u]) + bf16_to_f32(DB[i]);
+        const float dt = s > 20.f ? s : log1pf(expf(s));
+        const float x = bf16_to_f32(X[u]);
+        const uint16_t* Bv = BC + b * ldbc;
+        const uint16_t* Cv = Bv + N;
+        float* S = state + u * N;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t n = 0; n < N; n += 16) {
+            const __mmask16 m = lanes16(N - n);
+            float a[16], bb[16], cc[16];
+            for (int64_t j = 0; j < 16; ++j) {
+                const bool in = n + j < N;
+                a[j] = in ? -expf(bf16_to_f32(AL[i * N + n + j])) : 0.f;
+                bb[j] = in ? bf16_to_f32(Bv[n + j]) : 0.f;
+                cc[j] = in ? bf16_to_f32(Cv[n + j]) : 0.f;
+            }
+            const __m512 dA = exp16(_mm512_mul_ps(_mm512_set1_ps(dt), _mm512_loadu_ps(a)));
+            const __m512 dBx = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(dt), _mm512_loadu_ps(bb)),
+                                             _mm512_set1_ps(x));
+            const __m512 st = _mm512_add_ps(_mm512_mul_ps(dA, _mm512_maskz_loadu_ps(m, S + n)), dBx);
+            _mm512_mask_storeu_ps(S + n, m, st);
+            float sr[16];                                // the state rounded to bf16 for the read-out
+            _mm512_storeu_ps(sr, st);
+            for (int64_t j = 0; j < 16; ++j) sr[j] = bf16_to_f32(f32_to_bf16(sr[j]));
+            acc = _mm512_fmadd_ps(_mm512_loadu_ps(sr), _mm512_loadu_ps(cc), acc);
+        }
+        const float y = bf16_to_f32(f32_to_bf16(_mm512_reduce_add_ps(acc)));
+        O[u] = f32_to_bf16((y + x * bf16_to_f32(Dk[i])) * silu_f32(bf16_to_f32(Z[b * ldz + i])));
+    }
+    return 0;
+}
+
 // LFM2's gated short convolution for one token per row: proj rows (stride ld) B | C | x of C channels each, the
 // history [B, C, K - 1] of B * x (bf16, shifted in place), weights [C, K]; out (row stride ldo) = C * conv(B * x),
 // each product and the convolution rounded to bf16 as the torch ops round them (the convolution's fp32 sum in

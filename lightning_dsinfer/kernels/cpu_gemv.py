@@ -116,6 +116,12 @@ class _Kernel:
         self.gated_delta.restype = ctypes.c_int
         self.gated_delta.argtypes = [p, i64, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float,
                                      ctypes.c_int]
+        self.mamba1_conv = lib.dsi_mamba1_conv_bf16
+        self.mamba1_conv.restype = ctypes.c_int
+        self.mamba1_conv.argtypes = [p, i64, p, p, p, p, i64, i64, i64, ctypes.c_int]
+        self.mamba1_scan = lib.dsi_mamba1_scan_bf16
+        self.mamba1_scan.restype = ctypes.c_int
+        self.mamba1_scan.argtypes = [p, p, i64, p, p, i64, p, p, p, p, p, i64, i64, i64, ctypes.c_int]
         self.mamba2 = lib.dsi_mamba2_step_bf16
         self.mamba2.restype = ctypes.c_int
         self.mamba2.argtypes = [p, i64, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float,
@@ -853,6 +859,48 @@ def short_conv_step(proj: torch.Tensor, history: torch.Tensor, conv: torch.Tenso
     out = torch.empty(b, 1, c, dtype=torch.bfloat16)
     rc = k.short_conv(proj.data_ptr(), proj.stride(0), history.data_ptr(), conv.data_ptr(), out.data_ptr(),
                       out.stride(0), b, c, kern, torch.get_num_threads())
+    return out if rc == 0 else None
+
+
+def mamba1_conv(proj: torch.Tensor, history: torch.Tensor, conv: torch.Tensor,
+                conv_bias: torch.Tensor | None) -> torch.Tensor | None:
+    """Mamba-1's convolution for a decode step of bf16 rows in one C call (``modules/gated_deltanet.Mamba1Mixer``):
+    proj [B, 1, 2I] (x | z), the history [B, I, K - 1] (updated in place), conv [I, K] (+ bias [I]). Returns
+    silu(conv(x)) [B, 1, I] bf16 (the torch ops' roundings), or None where it does not apply (the torch ops run)."""
+    k = _kernel if _kernel is not None else _load()
+    if k is None or _off or k.best_isa < 2:
+        return None
+    b, (i, kern) = proj.shape[0], conv.shape
+    tensors = [proj, history, conv] + ([conv_bias] if conv_bias is not None else [])
+    if (proj.dim() != 3 or proj.shape[1] != 1 or proj.shape[2] != 2 * i or history.shape != (b, i, kern - 1)
+            or any(t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors)):
+        return None
+    out = torch.empty(b, 1, i, dtype=torch.bfloat16)
+    rc = k.mamba1_conv(proj.data_ptr(), proj.stride(0), history.data_ptr(), conv.data_ptr(),
+                       None if conv_bias is None else conv_bias.data_ptr(), out.data_ptr(), b, i, kern,
+                       torch.get_num_threads())
+    return out if rc == 0 else None
+
+
+def mamba1_scan(x: torch.Tensor, z: torch.Tensor, dt: torch.Tensor, bc: torch.Tensor, dt_bias: torch.Tensor,
+                a_log: torch.Tensor, d: torch.Tensor, state: torch.Tensor) -> torch.Tensor | None:
+    """Mamba-1's selective-state step for bf16 rows in one C call: x, dt (dt_proj's output) [B, 1, I], z [B, 1, I]
+    and bc [B, 1, 2N] (B | C) views with unit inner stride, dt_bias / D [I], a_log [I, N], the state [B, I, N] fp32
+    (updated in place). Returns (y + D x) silu(z) [B, 1, I] bf16 (the torch ops' roundings), or None."""
+    k = _kernel if _kernel is not None else _load()
+    if k is None or _off or k.best_isa < 2:
+        return None
+    b, i, n = x.shape[0], a_log.shape[0], a_log.shape[1]
+    if (any(t.dtype != torch.bfloat16 or t.device.type != "cpu" for t in (x, z, dt, bc, dt_bias, a_log, d))
+            or not all(t.is_contiguous() for t in (x, dt, dt_bias, a_log, d)) or z.stride(-1) != 1
+            or bc.stride(-1) != 1 or x.shape != (b, 1, i) or dt.shape != (b, 1, i) or z.shape != (b, 1, i)
+            or bc.shape != (b, 1, 2 * n) or state.dtype != torch.float32 or not state.is_contiguous()
+            or state.shape != (b, i, n)):
+        return None
+    out = torch.empty(b, 1, i, dtype=torch.bfloat16)
+    rc = k.mamba1_scan(x.data_ptr(), z.data_ptr(), z.stride(0), dt.data_ptr(), bc.data_ptr(), bc.stride(0),
+                       dt_bias.data_ptr(), a_log.data_ptr(), d.data_ptr(), state.data_ptr(), out.data_ptr(), b, i, n,
+                       torch.get_num_threads())
     return out if rc == 0 else None
 
 
