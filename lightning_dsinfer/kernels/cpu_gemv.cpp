@@ -2109,7 +2109,16 @@ int dsi_mamba1_conv_bf16(const void* proj, int64_t ld, void* history, const void
 // dsi_mamba1_scan_bf16: per row and channel i: dt = softplus(dt_raw + dt_bias) (fp32), the state row [N] (fp32, in
 // place) decayed by exp(dt a), a = -exp(a_log[i]), plus (dt B) x; y = sum_n bf16(S[n]) C[n] rounded to bf16 (the
 // torch path's bf16 product), then (y + x D) silu(z) rounded: out [B, I] bf16. x, dt [B, I] bf16 (contiguous), z and
-// B | C rows with strides ldz / ldbc. N in 16-lane vectors (exp16: Cephes' expf).
+// B | C rows with strides ldz / ldbc. a computed once per call, B and C widened once per row; N in 16-lane vectors
+// (exp16: Cephes' expf).
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static inline __m512 round_bf16x16(__m512 v) {   // to the nearest bf16 (ties to even), as fp32 lanes
+    __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 int dsi_mamba1_scan_bf16(const void* xc, const void* zp, int64_t ldz, const void* dtp, const void* bcp, int64_t ldbc,
                          const void* dt_bias, const void* a_log, const void* d_skip, float* state, void* out,
@@ -2123,35 +2132,40 @@ int dsi_mamba1_scan_bf16(const void* xc, const void* zp, int64_t ldz, const void
     const uint16_t* AL = static_cast<const uint16_t*>(a_log);
     const uint16_t* Dk = static_cast<const uint16_t*>(d_skip);
     uint16_t* O = static_cast<uint16_t*>(out);
+    const int64_t Np = (N + 15) / 16 * 16;           // lanes per channel, padded (a = 0, B = C = 0 in the padding)
+    std::vector<float> A(static_cast<size_t>(I * Np), 0.f), BCf(static_cast<size_t>(B * 2 * Np), 0.f);
     const int nt = threads > 0 ? threads : 1;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < I; ++i)
+        for (int64_t n = 0; n < N; n += 16) {
+            const __mmask16 m = lanes16(N - n);
+            _mm512_mask_storeu_ps(A.data() + i * Np + n, m,
+                                  _mm512_sub_ps(_mm512_setzero_ps(), exp16(widen16_mask(AL + i * N + n, m))));
+        }
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t n = 0; n < N; ++n) {
+            BCf[b * 2 * Np + n] = bf16_to_f32(BC[b * ldbc + n]);
+            BCf[b * 2 * Np + Np + n] = bf16_to_f32(BC[b * ldbc + N + n]);
+        }
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t u = 0; u < B * I; ++u) {
         const int64_t b = u / I, i = u % I;
         const float s = bf16_to_f32(DTr[u]) + bf16_to_f32(DB[i]);
         const float dt = s > 20.f ? s : log1pf(expf(s));
         const float x = bf16_to_f32(X[u]);
-        const uint16_t* Bv = BC + b * ldbc;
-        const uint16_t* Cv = Bv + N;
+        const __m512 dtv = _mm512_set1_ps(dt), xv = _mm512_set1_ps(x);
+        const float* Bv = BCf.data() + b * 2 * Np;
+        const float* Cv = Bv + Np;
+        const float* a = A.data() + i * Np;
         float* S = state + u * N;
         __m512 acc = _mm512_setzero_ps();
         for (int64_t n = 0; n < N; n += 16) {
             const __mmask16 m = lanes16(N - n);
-            float a[16], bb[16], cc[16];
-            for (int64_t j = 0; j < 16; ++j) {
-                const bool in = n + j < N;
-                a[j] = in ? -expf(bf16_to_f32(AL[i * N + n + j])) : 0.f;
-                bb[j] = in ? bf16_to_f32(Bv[n + j]) : 0.f;
-                cc[j] = in ? bf16_to_f32(Cv[n + j]) : 0.f;
-            }
-            const __m512 dA = exp16(_mm512_mul_ps(_mm512_set1_ps(dt), _mm512_loadu_ps(a)));
-            const __m512 dBx = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(dt), _mm512_loadu_ps(bb)),
-                                             _mm512_set1_ps(x));
+            const __m512 dA = exp16(_mm512_mul_ps(dtv, _mm512_loadu_ps(a + n)));
+            const __m512 dBx = _mm512_mul_ps(_mm512_mul_ps(dtv, _mm512_loadu_ps(Bv + n)), xv);
             const __m512 st = _mm512_add_ps(_mm512_mul_ps(dA, _mm512_maskz_loadu_ps(m, S + n)), dBx);
             _mm512_mask_storeu_ps(S + n, m, st);
-            float sr[16];                                // the state rounded to bf16 for the read-out
-            _mm512_storeu_ps(sr, st);
-            for (int64_t j = 0; j < 16; ++j) sr[j] = bf16_to_f32(f32_to_bf16(sr[j]));
-            acc = _mm512_fmadd_ps(_mm512_loadu_ps(sr), _mm512_loadu_ps(cc), acc);
+            acc = _mm512_fmadd_ps(round_bf16x16(st), _mm512_loadu_ps(Cv + n), acc);
         }
         const float y = bf16_to_f32(f32_to_bf16(_mm512_reduce_add_ps(acc)));
         O[u] = f32_to_bf16((y + x * bf16_to_f32(Dk[i])) * silu_f32(bf16_to_f32(Z[b * ldz + i])));
