@@ -870,6 +870,8 @@ def mamba1_conv(proj: torch.Tensor, history: torch.Tensor, conv: torch.Tensor,
     k = _kernel if _kernel is not None else _load()
     if k is None or _off or k.best_isa < 2:
         return None
+    if conv.dim() != 2 or (conv_bias is not None and conv_bias.numel() != conv.shape[0]):
+        return None
     b, (i, kern) = proj.shape[0], conv.shape
     tensors = [proj, history, conv] + ([conv_bias] if conv_bias is not None else [])
     if (proj.dim() != 3 or proj.shape[1] != 1 or proj.shape[2] != 2 * i or history.shape != (b, i, kern - 1)
@@ -889,6 +891,8 @@ def mamba1_scan(x: torch.Tensor, z: torch.Tensor, dt: torch.Tensor, bc: torch.Te
     (updated in place). Returns (y + D x) silu(z) [B, 1, I] bf16 (the torch ops' roundings), or None."""
     k = _kernel if _kernel is not None else _load()
     if k is None or _off or k.best_isa < 2:
+        return None
+    if a_log.dim() != 2 or x.dim() != 3 or dt_bias.numel() != a_log.shape[0] or d.numel() != a_log.shape[0]:
         return None
     b, i, n = x.shape[0], a_log.shape[0], a_log.shape[1]
     if (any(t.dtype != torch.bfloat16 or t.device.type != "cpu" for t in (x, z, dt, bc, dt_bias, a_log, d))
