@@ -426,9 +426,11 @@ def _check_linear_attention_options(hf_config, config: InferenceConfig) -> None:
             raise ValueError(f"dsinfer: tensor_parallel_size={tp} does not divide the {inner} Mamba channels of "
                              f"{hf_config.model_type}; use a tensor_parallel_size that divides them.")
         return
-    if hf_config.model_type in ("granitemoehybrid", "bamba", "nemotron_h", "falcon_h1"):   # Mamba-2: heads split,
-        if hf_config.model_type == "nemotron_h":           # groups whole or shared
+    if hf_config.model_type in ("granitemoehybrid", "bamba", "nemotron_h", "falcon_h1", "mamba2"):   # Mamba-2: heads
+        if hf_config.model_type == "nemotron_h":           # split, groups whole or shared
             heads, groups = hf_config.mamba_num_heads, hf_config.n_groups
+        elif hf_config.model_type == "mamba2":
+            heads, groups = hf_config.num_heads, hf_config.n_groups
         else:
             heads, groups = hf_config.mamba_n_heads, hf_config.mamba_n_groups
         if heads % tp or not (groups % tp == 0 or (tp % groups == 0 and (heads // groups) % (tp // groups) == 0)):

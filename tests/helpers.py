@@ -165,6 +165,12 @@ def tiny_config(family: str, **overrides):
                                                     "conv_kernel": 4, "chunk_size": 16, "mlp_bias": True,
                                                     **(moe if family != "nemotron_h" else {}),
                                                     **({"moe_latent_size": 40} if family.endswith("latent") else {})})
+    elif family == "mamba2":                     # Mamba-2 blocks (8 heads of 16 in 2 groups, state 8) without attention
+        from transformers import AutoConfig
+        cfg = AutoConfig.for_model(family, **{**{k: v for k, v in common.items() if k not in (
+            "intermediate_size", "num_attention_heads", "num_key_value_heads", "max_position_embeddings")},
+            "num_hidden_layers": 3, "num_heads": 8, "head_dim": 16, "expand": 2, "n_groups": 2, "state_size": 8,
+            "conv_kernel": 4, "chunk_size": 16})
     elif family in ("mamba", "falcon_mamba"):   # Mamba-1 blocks (128 channels, state 8, dt rank 6, kernel 4, conv bias);
         from transformers import AutoConfig        # FalconMamba: dt / B / C RMS-normed
         cfg = AutoConfig.for_model(family, **{**{k: v for k, v in common.items() if k not in (
@@ -231,7 +237,7 @@ def tiny_model(family: str, seed: int = 0, **overrides):
                 if "norm" in name:
                     p.normal_(0.0 if family.startswith("gemma") else 1.0, 0.2)
         if family.startswith(("lfm2", "nemotron_h", "llama4", "falcon_h1")) or family in (
-                "granitemoehybrid", "bamba", "mamba", "falcon_mamba", "jamba"):
+                "granitemoehybrid", "bamba", "mamba", "falcon_mamba", "jamba", "mamba2"):
             for name, p in model.named_parameters():
                 if "norm" in name:
                     p.normal_(1.0, 0.2)

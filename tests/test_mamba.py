@@ -1,6 +1,7 @@
-"""Mamba-1 models (mamba, falcon_mamba; policies/mamba.py, gated_deltanet.Mamba1Mixer) against the unmodified HF
-model: tiny random configs of three blocks (128 channels, state 8, dt rank 6, kernel 4 with a bias; FalconMamba with its
-weightless RMSNorms of dt, B and C), every block a mixer without an MLP.
+"""Attention-free Mamba models (mamba, falcon_mamba, mamba2; policies/mamba.py, gated_deltanet.Mamba1Mixer /
+Mamba2Mixer) against the unmodified HF model: tiny random configs of three blocks (Mamba-1: 128 channels, state 8, dt
+rank 6, kernel 4 with a bias; FalconMamba with its weightless RMSNorms of dt, B and C; Mamba-2: 8 heads of 16 in 2
+groups, state 8), every block a mixer without an MLP.
 
 fp32 prompt logits on a left-padded batch atol 2e-4 / rtol 1e-4; greedy tokens identical to HF's generate and every
 decode step's logits against HF's generate's scores (transformers' one-token forward with a cache and a longer
@@ -13,11 +14,11 @@ import pytest
 import torch
 
 import lightning_dsinfer as dsi
-from helpers import (fake_quantised_int4, fake_quantised_int8, optimised_copy, optimised_from_checkpoint, padded_batch,
-                     streamed_copy, tiny_model)
+from helpers import (assert_c_step_matches_torch, fake_quantised_int4, fake_quantised_int8, optimised_copy,
+                     optimised_from_checkpoint, padded_batch, streamed_copy, tiny_model)
 from multiproc import run_ranks
 
-FAMILIES = ["mamba", "falcon_mamba"]
+FAMILIES = ["mamba", "falcon_mamba", "mamba2"]
 
 
 def _assert_same(hf, opt, lengths=(12, 5, 9, 3), new=8, atol=2e-4, rtol=1e-4):
@@ -47,8 +48,10 @@ def test_mamba_matches_hf(family):
     hf = tiny_model(family)
     opt = optimised_copy(hf, max_seq_len=64)
     engine = opt._dsinfer_engine
-    assert [(type(ly.attn).__name__, ly.mlp) for ly in engine.decoder.layers] == [("Mamba1Mixer", None)] * 3
-    assert (engine.decoder.layers[0].attn.bcdt_norms is not None) == (family == "falcon_mamba")
+    mixer = "Mamba2Mixer" if family == "mamba2" else "Mamba1Mixer"
+    assert [(type(ly.attn).__name__, ly.mlp) for ly in engine.decoder.layers] == [(mixer, None)] * 3
+    if family != "mamba2":
+        assert (engine.decoder.layers[0].attn.bcdt_norms is not None) == (family == "falcon_mamba")
     _assert_same(hf, opt)
     ids, mask = padded_batch([9, 6], seed=2)        # beam search through HF's loop: states reordered with the beams
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, num_beams=3, do_sample=False)
@@ -93,11 +96,12 @@ def test_mamba_from_checkpoint_on_meta(tmp_path):
 
 
 def test_mamba_tensor_and_pipeline_parallel():
-    """TP=2 (each rank 64 channels: in_proj rows, x_proj columns whose partial sums are reduced, out_proj columns) and
-    PP=2, through tests/tp_worker.py and tests/pp_worker.py: prompt logits, greedy, beam search."""
-    codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", "falcon_mamba"], timeout=300)
+    """TP=2 (FalconMamba: each rank 64 channels: in_proj rows, x_proj columns whose partial sums are reduced, out_proj
+    columns; Mamba-2: 4 heads and one group a rank) and PP=2, through tests/tp_worker.py and tests/pp_worker.py: prompt
+    logits, greedy, beam search."""
+    codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", "falcon_mamba", "mamba2"], timeout=300)
     assert codes == [0, 0], "\n".join(outs)
-    assert outs[0].count(" OK") == 1, outs[0]
+    assert outs[0].count(" OK") == 2, outs[0]
     codes, outs, _ = run_ranks("pp_worker.py", 2, ["--pp", "2", "--families", "mamba"], timeout=300)
     assert codes == [0, 0], "\n".join(outs)
     assert all(out.count("all OK") == 1 for out in outs), outs
@@ -141,6 +145,15 @@ def test_c_decode_step_matches_the_torch_ops(family, monkeypatch):
     torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)
     assert torch.equal(hist, want_hist)
     torch.testing.assert_close(st, want_st, atol=1e-5, rtol=1e-5)
+
+
+def test_mamba2_c_decode_step_matches_the_torch_ops():
+    from lightning_dsinfer.kernels import cpu_gemv
+
+    if not cpu_gemv.has_wide_ops():
+        pytest.skip("no AVX512: the torch ops are the only path")       # (then nothing else runs this code)
+    opt = optimised_copy(tiny_model("mamba2").to(torch.bfloat16), max_seq_len=64, dtype=torch.bfloat16)
+    assert_c_step_matches_torch(opt, 1, "mamba2_step")
 
 
 def test_a_refused_call_leaves_the_callers_cache_as_it_was():

@@ -1,6 +1,7 @@
-"""Mamba-1 models: Mamba (``mamba``: state-spaces' Mamba, Codestral Mamba's predecessor class) and FalconMamba
-(``falcon_mamba``: the same blocks with weightless RMSNorms of dt, B and C). Every block is h = h + mixer(norm(h)) with
-a Mamba-1 mixer (``modules/gated_deltanet.Mamba1Mixer``) and no MLP (``DecoderLayer`` with ``post_norm`` / ``mlp``
+"""Attention-free Mamba models: Mamba (``mamba``: state-spaces' Mamba-1), FalconMamba (``falcon_mamba``: the same
+blocks with weightless RMSNorms of dt, B and C) and Mamba-2 (``mamba2``: state-spaces' Mamba-2, Codestral Mamba). Every
+block is h = h + mixer(norm(h)) with a Mamba-1 mixer (``modules/gated_deltanet.Mamba1Mixer``) or a Mamba-2 one
+(``Mamba2Mixer``, Granite 4's, with its gated group norm) and no MLP (``DecoderLayer`` with ``post_norm`` / ``mlp``
 None; offloaded, an empty MLP half).
 
 Module tree: ``model.backbone.{embeddings, layers[i].{norm, mixer.{in_proj, conv1d, x_proj, dt_proj, A_log, D,
@@ -17,7 +18,7 @@ from torch import nn
 from lightning_dsinfer.policies.base import LayerWeights, Mamba1Weights, ModelWeights, UnsupportedModelError
 from lightning_dsinfer.policies.weights import ModuleSource, WeightSource, lookups, tied_embeddings
 
-FAMILY = ("mamba", "falcon_mamba")
+FAMILY = ("mamba", "falcon_mamba", "mamba2")
 
 
 def has_experts(model_type: str | None) -> bool:
@@ -65,17 +66,22 @@ def read_mamba(model: nn.Module, max_seq_len: int, source: WeightSource | None =
     layers = []
     for i, block in enumerate(model.backbone.layers):
         prefix = f"backbone.layers.{i}"
+        common = dict(gate=None, up=None, down=None, input_norm=ref(f"{prefix}.norm.weight"), post_norm=None)
+        if config.model_type == "mamba2":
+            from lightning_dsinfer.policies.granite_hybrid import mamba2_layer
+
+            layers.append(mamba2_layer(ref, opt, f"{prefix}.mixer", block.mixer, **common))
+            continue
         mixer = mamba1_weights(ref, opt, f"{prefix}.mixer", block.mixer, "weightless" if falcon else None,
                                getattr(config, "mixer_rms_eps", 1e-6))
-        layers.append(LayerWeights(q=None, k=None, v=None, o=ref(f"{prefix}.mixer.out_proj.weight"), gate=None,
-                                   up=None, down=None, input_norm=ref(f"{prefix}.norm.weight"), post_norm=None,
-                                   mamba1=mixer))
+        layers.append(LayerWeights(q=None, k=None, v=None, o=ref(f"{prefix}.mixer.out_proj.weight"), mamba1=mixer,
+                                   **common))
     tied = tied_embeddings(model)
+    inner = config.num_heads if config.model_type == "mamba2" else config.intermediate_size   # (Mamba-2: its heads)
     return ModelWeights(
         # (no attention: the channels stand in for the heads, so the shard plan's checks are the channels')
-        model_type=config.model_type, hidden_size=config.hidden_size, num_heads=config.intermediate_size,
-        num_kv_heads=config.intermediate_size, head_dim=1,
-        intermediate_size=config.intermediate_size, vocab_size=config.vocab_size, rms_norm_eps=config.layer_norm_epsilon,
+        model_type=config.model_type, hidden_size=config.hidden_size, num_heads=inner, num_kv_heads=inner, head_dim=1,
+        intermediate_size=inner, vocab_size=config.vocab_size, rms_norm_eps=config.layer_norm_epsilon,
         scaling=1.0, inv_freq=torch.zeros(1), attention_scaling=1.0, rope_type="none",
         embed=ref("backbone.embeddings.weight"), final_norm=ref("backbone.norm_f.weight"),
         lm_head=ref("backbone.embeddings.weight" if tied else "lm_head.weight"), lm_head_bias=None,
