@@ -745,9 +745,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         _count("attention", "reference:mask")
         return reference.attention(q, k, v, mask, scale, sinks=sinks)
     kind, ranges = _prefill_ranges(mask, b, t, length)
-    if kind != "ok":
+    if kind != "ok":      # (Llama 4's chunked layers' prompts; masks with holes)
         _count("attention", "reference:mask")
-        return reference.attention(q, k, v, mask, scale, sinks=sinks)
+        return _reference_by_query_blocks(q, k, v, mask, scale, sinks)
     from lightning_dsinfer.kernels.prefill_attention import prefill_attention
     _count("attention", "triton")
     start, window, pad = ranges
@@ -761,6 +761,29 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
             own_v = (own_v.float() * torch.sigmoid(own_s - sinks.float())[..., None]).to(v.dtype)
         out = torch.where(pad[:, :, None, None], own_v, out)
     return out.transpose(1, 2)
+
+
+# What the Triton path's reference fallback for a prompt may hold at once: the scores (or the float mask the fused
+# SDPA kernels take) of one block of queries over its keys, fp32
+FALLBACK_SCORE_BYTES = 1 << 28
+
+
+def _reference_by_query_blocks(q, k, v, mask, scale, sinks=None):
+    """:func:`reference.attention` over blocks of queries, each over the keys up to its last query's column (the later
+    ones are masked for all of them: causal), so the fallback's temporaries stay within ``FALLBACK_SCORE_BYTES`` for
+    any prompt length (one call over a prompt of T queries and L keys would hold B x H x T x L of them)."""
+    b, h, t, _ = q.shape
+    length = k.shape[2]
+    rows = max(1, FALLBACK_SCORE_BYTES // max(1, b * h * length * 4))
+    if rows >= t:
+        return reference.attention(q, k, v, mask, scale, sinks=sinks)
+    outs = []
+    for a in range(0, t, rows):
+        e = min(t, a + rows)
+        end = length - t + e                   # (query i sits at column length - t + i)
+        outs.append(reference.attention(q[:, :, a:e], k[:, :, :end], v[:, :, :end], mask[:, :, a:e, :end], scale,
+                                        sinks=sinks))
+    return torch.cat(outs, dim=2)
 
 
 def _decode(q, k, v, mask, scale, b, length, softcap=None, alibi=None, sinks=None):

@@ -491,6 +491,25 @@ def test_chunked_forward_with_hf_cache_through_triton():
     assert ops.dispatch_counts[("rotary_write_kv", "triton")] == 4     # no cache write: the HF cache updates
 
 
+@pytest.mark.parametrize("t,past", [(9, 0), (5, 6)])
+def test_prompt_fallback_in_query_blocks_equals_reference(t, past, monkeypatch):
+    """A prompt whose mask the prefill kernel does not take (Llama 4's chunks from each row's first real token; a hole)
+    runs the reference in blocks of queries, each over its keys up to its last column, so its temporaries stay bounded
+    (``ops.FALLBACK_SCORE_BYTES``, here a block of 2 queries): the same output as one call."""
+    b, total = 3, past + t
+    q, k, v = _qkv(b, 6, 2, t, total)
+    monkeypatch.setattr(ops, "FALLBACK_SCORE_BYTES", b * 6 * total * 4 * 2)
+    for kind, chunk in (("left", 4), ("holes", None)):
+        mask, window_mask = build_masks(_key_valid(kind, b, total), past, t, None, DEVICE, chunk=chunk)
+        m = window_mask if chunk else mask
+        want = reference.attention(q, k, v, m, 0.3)
+        ops.dispatch_counts.clear()
+        with _triton_path():
+            got = ops.attention(q, k, v, m, 0.3)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+        assert dict(ops.dispatch_counts) == {("attention", "reference:mask"): 1}
+
+
 def _qkv(b, hq, hkv, t, length, d=16):
     q = torch.randn(b, hq, t, d, device=DEVICE)
     k, v = torch.randn(b, hkv, length, d, device=DEVICE), torch.randn(b, hkv, length, d, device=DEVICE)
