@@ -89,7 +89,7 @@ def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype, nor
         out.update(_shard_deltanet(lw.deltanet, plan, dtype))
     elif lw.mamba1 is not None:      # Mamba-1: this rank's channels
         out.update(_shard_mamba1(lw.mamba1, plan, dtype))
-    elif lw.mamba is not None and lw.mamba.out_proj is None:   # Granite 4's Mamba-2: this rank's heads (and the
+    elif lw.mamba is not None and not lw.mamba.beside_attention:   # Granite 4's Mamba-2: this rank's heads (and the
         out.update(_shard_mamba(lw.mamba, plan, dtype))           # groups they read)
     elif lw.shortconv is not None:   # LFM2's short convolution: this rank's channels of B | C | x in one GEMM
         sc = lw.shortconv
@@ -155,7 +155,7 @@ def out_columns(lw, plan: TensorShardPlan) -> tuple[int, int]:
         return deltanet_rows(lw.deltanet, plan)[1]
     if getattr(lw, "shortconv", None) is not None:
         return shortconv_rows(lw.shortconv, plan)
-    if getattr(lw, "mamba", None) is not None and lw.mamba.out_proj is None:
+    if getattr(lw, "mamba", None) is not None and not lw.mamba.beside_attention:
         return mamba_rows(lw.mamba, plan)[0]
     if getattr(lw, "mamba1", None) is not None:
         return mamba1_rows(lw.mamba1, plan)
@@ -367,7 +367,7 @@ def layer_spec(w: ModelWeights, plan: TensorShardPlan, lw: LayerWeights) -> Laye
                      moe_first_expert=expert_range(moe, plan)[0] if moe and moe.expert_parallel else None,
                      moe_routing=moe.routing if moe else None, moe_act=moe.act if moe else None, mla=w.mla,
                      deltanet=lw.deltanet, attn_output_gate=lw.attn_gate is not None, mamba=lw.mamba,
-                     parallel_mamba=lw.mamba is not None and lw.mamba.out_proj is not None, mamba1=lw.mamba1)
+                     mamba1=lw.mamba1)
 
 
 # A block's tensors by half: offload streams the attention half (with both norms) and the MLP half as two units.
@@ -405,7 +405,7 @@ def block_linear_inputs(w: ModelWeights, plan: TensorShardPlan) -> dict[str, int
                        ("shortconv", "short convolution's out"), ("mamba1", "Mamba out")):   # (a linear-state
         #                                                                                         mixer's out_proj)
         lw = next((lw for lw in layers if getattr(lw, kind, None) is not None), None)
-        if lw is not None and kind == "mamba" and lw.mamba.out_proj is not None:    # (Falcon-H1: o | out_proj)
+        if lw is not None and kind == "mamba" and lw.mamba.beside_attention:    # (Falcon-H1: o | out_proj)
             ks["o"] += mamba_rows(lw.mamba, plan)[0][1]
         elif lw is not None:
             ks[name] = out_columns(lw, plan)[1]
@@ -496,9 +496,10 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
     # o's K on this rank (a quantised unit's packed weight does not show it): the attention heads', or a linear-state
     # mixer's value heads' / channels'
     mamba_inner = spec.mamba.heads // comm.size * spec.mamba.head_dim if spec.mamba is not None else 0
+    parallel = spec.mamba is not None and spec.mamba.beside_attention     # (Falcon-H1: o | out_proj, one GEMM)
     o_inputs = (spec.deltanet.value_heads // comm.size * spec.deltanet.value_dim if "dn.conv" in t else
                 t["sc.conv"].shape[0] if "sc.conv" in t else
-                spec.num_heads * spec.head_dim + mamba_inner if spec.parallel_mamba else   # (Falcon-H1: o | out_proj)
+                spec.num_heads * spec.head_dim + mamba_inner if parallel else
                 mamba_inner if "mb.conv" in t else t["m1.conv"].shape[0] if "m1.conv" in t else
                 spec.num_heads * spec.head_dim)
     row_max = comm.all_reduce_max if comm.size > 1 and quantize == "int8" else None   # row-parallel int8 scales
@@ -533,7 +534,6 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
     elif "mb.conv" in t:             # Granite 4's Mamba-2 (modules/gated_deltanet.Mamba2Mixer); Falcon-H1's beside
         mb, ranks = spec.mamba, comm.size      # the attention (ParallelMixer: one GEMM in, one out for both)
         groups = max(mb.groups // ranks, 1)           # (fewer groups than ranks: each rank within one, replicated)
-        parallel = spec.parallel_mamba
         attn = Mamba2Mixer(index, None if parallel else linear("qkv"), None if parallel else out_proj(), t["mb.conv"],
                            t.get("mb.conv_bias"), t["mb.dt_bias"], t["mb.a_log"], t["mb.d"], t.get("mb.norm"),
                            mb.heads // ranks, mb.head_dim, groups, mb.state_size, spec.rms_norm_eps, mb.dt_limit,
@@ -545,8 +545,11 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
             attn = ParallelMixer(attention, attn, linear("qkv"), out_proj())
     elif "m1.conv" in t:             # Mamba-1 (modules/gated_deltanet.Mamba1Mixer)
         m1 = spec.mamba1
-        norms = None if m1.norms is None else tuple(
-            t[f"m1.norm_{k}"] if f"m1.norm_{k}" in t else torch.ones((), dtype=t["m1.x_proj"].dtype) for k in "dbc")
+        n = t["m1.a_log"].shape[1]
+        widths = {"d": t["m1.dt_proj"].shape[1], "b": n, "c": n}    # (dt rank, state size)
+        norms = None if m1.norms is None else tuple(   # (FalconMamba's weightless norms: unit weights)
+            t.get(f"m1.norm_{k}", torch.ones(widths[k], dtype=t["m1.x_proj"].dtype, device=t["m1.x_proj"].device))
+            for k in "dbc")
         attn = Mamba1Mixer(index, linear("qkv"), out_proj(), t["m1.conv"], t.get("m1.conv_bias"),
                            Linear(t["m1.x_proj"], pack=pack), Linear(t["m1.dt_proj"], pack=pack), t["m1.dt_bias"],
                            t["m1.a_log"], t["m1.d"], norms, m1.norm_eps, reduce=reduce)
@@ -677,19 +680,19 @@ def _qkv_rows(w: ModelWeights, plan: TensorShardPlan) -> int:
     if w.mla is not None:
         return (w.mla.q_lora_rank or plan.local_heads * w.mla.qk_head_dim) + w.mla.cache_dim
     attention = (plan.local_heads + 2 * plan.local_kv_heads) * w.head_dim
-    tp, rows = plan.tp, 0 if getattr(w, "layers", None) else attention
+    rows = 0 if getattr(w, "layers", None) else attention
     for lw in getattr(w, "layers", None) or []:
         n = attention if lw.q is not None else 0
-        if lw.mamba is not None:
-            m, heads = lw.mamba, lw.mamba.heads // tp
-            n += 2 * heads * m.head_dim + 2 * max(m.groups // tp, 1) * m.state_size + heads
+        if lw.mamba is not None:        # (the rows its _shard_* reads: z | x B C | dt, x | z, B | C | x, q | k | v | z | b | a)
+            (_, inner), (_, bc), (_, heads) = mamba_rows(lw.mamba, plan)
+            n += 2 * inner + 2 * bc + heads
         elif lw.mamba1 is not None:
-            n += 2 * lw.mamba1.inner // tp
+            n += 2 * mamba1_rows(lw.mamba1, plan)[1]
         elif lw.shortconv is not None:
-            n += 3 * lw.shortconv.channels // tp
+            n += 3 * shortconv_rows(lw.shortconv, plan)[1]
         elif lw.deltanet is not None:
-            dn = lw.deltanet
-            n += 2 * dn.key_heads // tp * dn.key_dim + 2 * dn.value_heads // tp * (dn.value_dim + 1)
+            (_, qk), (_, vz), (_, heads) = deltanet_rows(lw.deltanet, plan)
+            n += 2 * qk + 2 * vz + 2 * heads
         rows = max(rows, n)
     return rows
 

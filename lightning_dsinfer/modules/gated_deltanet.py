@@ -459,7 +459,7 @@ class Mamba1Mixer(nn.Module):
             sel = self.reduce(sel.contiguous())
         dt, b, c = sel.split([self.rank, self.n, self.n], dim=-1)
         if self.bcdt_norms is not None:
-            dt, b, c = (_weighted_rms(v, w, self.eps) for v, w in zip((dt, b, c), self.bcdt_norms))
+            dt, b, c = (ops.rms_norm(v, w, self.eps) for v, w in zip((dt, b, c), self.bcdt_norms))
         return self.dt_proj(dt), b, c
 
     def _c_step(self, proj: torch.Tensor, step) -> torch.Tensor:
@@ -481,14 +481,6 @@ class Mamba1Mixer(nn.Module):
     def nbytes(self) -> int:
         own = sum(v.numel() * v.element_size() for v in (self.conv, self.dt_bias, self.a_log, self.d))
         return own + self.qkv.nbytes + self.o.nbytes + self.x_proj.nbytes + self.dt_proj.nbytes
-
-
-def _weighted_rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm of x over its last dim in fp32, rounded to x's dtype, times w (Jamba's dt / B / C norms; FalconMamba's
-    weightless ones: w = 1)."""
-    dtype = x.dtype
-    x = x.float()
-    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
 
 
 class ParallelMixer(nn.Module):

@@ -95,8 +95,8 @@ class LayerSpec:
                                            # (ProjectionNormAttention); "after_rotary": RotaryFirstAttention
     deltanet: Any = None                   # linear attention's numbers (policies.base.DeltaNetWeights: Qwen3-Next / 3.5)
     attn_output_gate: bool = False         # OutputGatedAttention (Qwen3-Next / 3.5)
-    mamba: Any = None                      # Mamba-2's numbers (policies.base.Mamba2Weights: Granite 4)
-    parallel_mamba: bool = False           # ... beside the attention (Falcon-H1: gated_deltanet.ParallelMixer)
+    mamba: Any = None                      # Mamba-2's numbers (policies.base.Mamba2Weights: Granite 4; Falcon-H1's
+                                           # beside the attention, ``beside_attention``)
     mamba1: Any = None                     # Mamba-1's numbers (policies.base.Mamba1Weights: Mamba, FalconMamba, Jamba)
 
 

@@ -163,6 +163,11 @@ class Mamba2Weights:
     out_proj: WeightRef | None = None
     out_proj_bias: WeightRef | None = None
 
+    @property
+    def beside_attention(self) -> bool:
+        """Falcon-H1's: the block's attention runs beside it (its own out_proj; gated_deltanet.ParallelMixer)."""
+        return self.out_proj is not None
+
 
 @dataclass
 class Mamba1Weights:
