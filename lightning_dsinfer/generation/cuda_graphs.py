@@ -29,6 +29,7 @@ import os
 import torch
 
 from lightning_dsinfer.kernels import ops
+from lightning_dsinfer.modules.masks import chunk_start
 from lightning_dsinfer.modules.transformer import Step
 
 _EMULATE = False
@@ -124,7 +125,7 @@ class _Bucket:
         if w is not None:
             window_mask = (mask & (cols > col - w).view(1, 1, 1, -1))
         elif c is not None:     # (Llama 4: the keys of the row's chunk, counted from its first real token)
-            window_start = start + torch.div(col - start, c, rounding_mode="floor") * c      # (dummies: col)
+            window_start = chunk_start(start, col, c)                                        # (dummies: col)
             window_mask = ((cols[None, :] >= window_start[:, None]) & upto).view(b, 1, 1, -1)
         d = e.rotary.cos.shape[-1]
         cos = e.rotary.cos.index_select(0, self.pos).view(b, 1, 1, d)

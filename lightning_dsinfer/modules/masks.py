@@ -15,6 +15,12 @@ from lightning_dsinfer.modules.rotary import RotaryTable
 from lightning_dsinfer.modules.transformer import Step
 
 
+def chunk_start(first: torch.Tensor, cols: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The first column of the chunk holding column ``cols`` in a row whose first real token is at ``first`` (chunks of
+    ``chunk`` columns from there, as HF counts them past the left padding)."""
+    return first + torch.div(cols - first, chunk, rounding_mode="floor") * chunk
+
+
 def build_masks(key_valid: torch.Tensor | None, q_start: int, t: int, window: int | None, device,
                 chunk: int | None = None):
     """Return (mask, window_mask), each bool [B|1, 1, T, L] or None (= every key visible)."""
@@ -32,10 +38,10 @@ def build_masks(key_valid: torch.Tensor | None, q_start: int, t: int, window: in
     window_mask = None
     if need_window:
         window_mask = mask & (cols > rows - window)[None, None]
-    elif need_chunks:     # the chunk of each (row, query) starts at first + (q - first) // chunk * chunk
+    elif need_chunks:     # each (row, query)'s chunk
         first = (key_valid[:, :total].int().argmax(-1) if key_valid is not None
                  else torch.zeros(1, dtype=torch.long, device=device))[:, None, None]          # [B|1, 1, 1]
-        start = first + torch.div(rows[None] - first, chunk, rounding_mode="floor") * chunk    # [B|1, T, 1]
+        start = chunk_start(first, rows[None], chunk)                                          # [B|1, T, 1]
         window_mask = (mask & (cols >= start)[:, None]) | own
     return mask, window_mask
 
