@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from lightning_dsinfer.policies.base import LayerWeights, Mamba2Weights, ModelWeights, UnsupportedModelError
+from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, UnsupportedModelError
+from lightning_dsinfer.policies.granite_hybrid import mamba2_weights
 from lightning_dsinfer.policies.llama import rebuilt_rotary
 from lightning_dsinfer.policies.weights import ModuleSource, Scaled, WeightSource, lookups, tied_embeddings
 
@@ -67,14 +68,8 @@ def read_falcon_h1(model: nn.Module, max_seq_len: int, source: WeightSource | No
     for i in range(c.num_hidden_layers):
         block = f"model.layers.{i}"
         a, m, f = f"{block}.self_attn", f"{block}.mamba", f"{block}.feed_forward"
-        conv = ref(f"{m}.conv1d.weight")
-        mamba = Mamba2Weights(
-            in_proj=ref(f"{m}.in_proj.weight"), conv=conv, conv_bias=opt(f"{m}.conv1d.bias"),
-            dt_bias=ref(f"{m}.dt_bias"), a_log=ref(f"{m}.A_log"), d=ref(f"{m}.D"),
-            norm=opt(f"{m}.norm.weight") if gating != "gate" else None, heads=heads, head_dim=mixer.head_dim,
-            groups=mixer.n_groups, state_size=mixer.ssm_state_size, channels=conv.shape[0], kernel=conv.shape[-1],
-            dt_limit=tuple(float(v) for v in mixer.time_step_limit), gating=gating,
-            out_proj=ref(f"{m}.out_proj.weight"), out_proj_bias=opt(f"{m}.out_proj.bias"))
+        mamba = mamba2_weights(ref, opt, m, model.model.layers[i].mamba, gating=gating,   # (no norm weight: "gate")
+                               out_proj=ref(f"{m}.out_proj.weight"), out_proj_bias=opt(f"{m}.out_proj.bias"))
         layers.append(LayerWeights(
             q=ref(f"{a}.q_proj.weight"), k=ref(f"{a}.k_proj.weight"), v=ref(f"{a}.v_proj.weight"),
             o=ref(f"{a}.o_proj.weight"), q_bias=opt(f"{a}.q_proj.bias"), k_bias=opt(f"{a}.k_proj.bias"),

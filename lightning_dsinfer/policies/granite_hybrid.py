@@ -100,18 +100,23 @@ def read_granite_hybrid(model: nn.Module, max_seq_len: int, source: WeightSource
         logit_scale=None if bamba else 1.0 / config.logits_scaling)
 
 
-def mamba2_layer(ref, opt, prefix: str, mixer: nn.Module, **common) -> LayerWeights:
-    """A Mamba-2 block's weights under ``prefix`` (transformers' Mamba-2 mixers: Granite 4's, Bamba's, NemotronH's),
-    its numbers read off the HF ``mixer`` module; ``common``: the block's norms and MLP."""
+def mamba2_weights(ref, opt, prefix: str, mixer: nn.Module, **fields) -> Mamba2Weights:
+    """A transformers Mamba-2 mixer's weights under ``prefix`` (Granite 4's, Bamba's, NemotronH's, Mamba-2's,
+    Falcon-H1's), its numbers read off the HF ``mixer`` module (its gated norm's weight: None where it has none);
+    ``fields``: the rest of :class:`Mamba2Weights` (Falcon-H1's read-out and out_proj)."""
     conv = ref(f"{prefix}.conv1d.weight")
-    return LayerWeights(
-        q=None, k=None, v=None, o=ref(f"{prefix}.out_proj.weight"),
-        mamba=Mamba2Weights(
-            in_proj=ref(f"{prefix}.in_proj.weight"), conv=conv, conv_bias=opt(f"{prefix}.conv1d.bias"),
-            dt_bias=ref(f"{prefix}.dt_bias"), a_log=ref(f"{prefix}.A_log"), d=ref(f"{prefix}.D"),
-            norm=ref(f"{prefix}.norm.weight"), heads=mixer.num_heads, head_dim=mixer.head_dim, groups=mixer.n_groups,
-            state_size=mixer.ssm_state_size, channels=conv.shape[0], kernel=conv.shape[-1],
-            dt_limit=tuple(float(v) for v in mixer.time_step_limit)), **common)
+    return Mamba2Weights(
+        in_proj=ref(f"{prefix}.in_proj.weight"), conv=conv, conv_bias=opt(f"{prefix}.conv1d.bias"),
+        dt_bias=ref(f"{prefix}.dt_bias"), a_log=ref(f"{prefix}.A_log"), d=ref(f"{prefix}.D"),
+        norm=opt(f"{prefix}.norm.weight"), heads=mixer.num_heads, head_dim=mixer.head_dim, groups=mixer.n_groups,
+        state_size=mixer.ssm_state_size, channels=conv.shape[0], kernel=conv.shape[-1],
+        dt_limit=tuple(float(v) for v in mixer.time_step_limit), **fields)
+
+
+def mamba2_layer(ref, opt, prefix: str, mixer: nn.Module, **common) -> LayerWeights:
+    """A Mamba-2 block's weights under ``prefix`` (:func:`mamba2_weights`); ``common``: the block's norms and MLP."""
+    return LayerWeights(q=None, k=None, v=None, o=ref(f"{prefix}.out_proj.weight"),
+                        mamba=mamba2_weights(ref, opt, prefix, mixer), **common)
 
 
 def has_experts(model_type: str | None) -> bool:
