@@ -665,7 +665,8 @@ def model_ends(w: ModelWeights, dtype: torch.dtype, device, embed: bool, head: b
     def load(ref):
         return None if ref is None else ref.load().to(device=device, dtype=dtype).contiguous()
 
-    return dict(embed_scale=w.embed_scale, embed_scale_rounded=w.embed_scale_rounded, final_softcap=w.final_softcap,
+    return dict(embed_scale=w.embed_scale, embed_scale_rounded=w.embed_scale_rounded, embed_scale_on=w.embed_scale_on,
+                final_softcap=w.final_softcap,
                 logit_scale=w.logit_scale,
                 final_norm_bias=load(w.final_norm_bias) if head else None,
                 pos_embed=load(w.pos_embed) if embed else None, pos_offset=w.pos_offset,

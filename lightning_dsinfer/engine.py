@@ -6,6 +6,7 @@ now run on the engine. The user's class is not touched; only the instance is pat
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import types
@@ -20,13 +21,14 @@ from lightning_dsinfer.config import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN
 from lightning_dsinfer.modules.gated_deltanet import state_shapes
 from lightning_dsinfer.modules.kv_cache import StaticKVCache
 from lightning_dsinfer.modules.masks import build_step
+from lightning_dsinfer.multimodal import merged_inputs, modality_inputs, place_other_weights, plain_positions
 from lightning_dsinfer.modules.rotary import RotaryTable
 from lightning_dsinfer.offload import available_memory
 from lightning_dsinfer.offload.budget import host_available_memory
 from lightning_dsinfer.parallel import TensorParallelComm
 from lightning_dsinfer.parallel.pipeline import PipelineComm, stage_layers
 from lightning_dsinfer.parallel.process_groups import model_parallel_comms, tensor_parallel_comm
-from lightning_dsinfer.policies import UnsupportedModelError, find_policy, has_experts
+from lightning_dsinfer.policies import UnsupportedModelError, find_policy, has_experts, text_model_of
 from lightning_dsinfer.policies.weights import ModuleSource, checkpoint_source, refs
 
 
@@ -59,6 +61,9 @@ class InferenceEngine:
 
     def __init__(self, hf_model: nn.Module, config: InferenceConfig, comm: TensorParallelComm | None = None,
                  pipe: PipelineComm | None = None):
+        # a vision-language model: the engine runs its language model (multimodal.py), the wrapper keeps the rest
+        self.outer = hf_model if text_model_of(hf_model) is not hf_model else None
+        hf_model = text_model_of(hf_model)
         policy = find_policy(hf_model)
         hf_config = hf_model.config
         self.config = config
@@ -81,7 +86,8 @@ class InferenceEngine:
         if self.pipe.size != config.pipeline_parallel_size:
             raise ValueError(f"pipeline_parallel_size={config.pipeline_parallel_size} but the pipeline group passed "
                              f"has {self.pipe.size} stages.")
-        source = ModuleSource(hf_model) if config.checkpoint is None else checkpoint_source(config.checkpoint, hf_model)
+        source = (ModuleSource(hf_model) if config.checkpoint is None
+                  else checkpoint_source(config.checkpoint, hf_model, outer=self.outer))
         weights = _place_experts(policy(hf_model, self.max_seq_len, source), config)
         self.windows = sorted({lw.sliding_window for lw in weights.layers if lw.sliding_window is not None})
         if len(self.windows) > 1:
@@ -269,13 +275,26 @@ class InferenceEngine:
             f"dsinfer: {detail} exceeds max_seq_len={self.max_seq_len}, the size of the pre-allocated KV cache and "
             f"rotary table. Pass max_seq_len={total} (or more) to init_inference / DSInferStrategy.")
 
+    def check_blocks(self, blocks: torch.Tensor | None) -> torch.Tensor | None:
+        """``blocks`` on the engine's device, None when no token sees a later one; refused where a block cannot be
+        seen whole."""
+        if blocks is None or not bool((blocks >= 0).any()):
+            return None
+        if self.cache.linear or self.pipe.size > 1:
+            raise UnsupportedModelError(
+                "dsinfer: these inputs let tokens attend to later ones (image blocks), which linear-state mixers and "
+                "pipeline stages (prompts in micro-batches) cannot give; run them on one process with a model that "
+                "has attention only.")
+        return blocks.to(self.device)
+
     # ------------------------------------------------------------------ HF-compatible forward
     @torch.inference_mode()
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, hf_cache=None,
-                logits_to_keep=0):
+                logits_to_keep=0, blocks=None):
         """Logits [B, T', V] for ``input_ids`` [B, T]; K/V go to ``hf_cache`` if given. A pipeline runs the stages
         one after the other (no micro-batches: HF's loop calls this once per token) and every stage returns the
-        last stage's logits."""
+        last stage's logits. ``blocks`` [B, T]: tokens of one block id >= 0 see each other (a vision-language model's
+        images, multimodal.py)."""
         b, t = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
         pipe = self.pipe
         if not pipe.is_first:
@@ -283,7 +302,7 @@ class InferenceEngine:
         elif inputs_embeds is None:
             h = self.decoder.embed_tokens(input_ids)
         else:
-            h = inputs_embeds.to(device=self.device, dtype=self.dtype)
+            h = self.decoder.given_embeddings(inputs_embeds.to(device=self.device, dtype=self.dtype))
         if hf_cache is not None:
             self.adopt_hf_cache(hf_cache)
         past = hf_cache.get_seq_length() if hf_cache is not None else 0
@@ -306,7 +325,7 @@ class InferenceEngine:
         elif position_ids is None:
             position_ids = torch.arange(past, total, device=self.device).expand(b, t)
         step = build_step(self.rotary, position_ids.to(self.device), key_valid, q_start=past, t=t,
-                          window=self.sliding_window, chunk=self.attention_chunk)
+                          window=self.sliding_window, chunk=self.attention_chunk, blocks=self.check_blocks(blocks))
         if getattr(hf_cache, "dsinfer_counter", False):    # (a pipeline stage's or an attention-free model's token
             row = torch.zeros(b, 1, t, 1, dtype=self.dtype, device=self.device)   # count: after the checks, so a
             hf_cache.layers[-1].update(row, row)                                # refused call leaves it as it was)
@@ -521,16 +540,44 @@ def _dsinfer_forward(self, input_ids=None, attention_mask=None, position_ids=Non
                                       f"unoptimised model for attention maps / hidden states.")
     engine: InferenceEngine = self._dsinfer_engine
     hf_cache = cache if cache is not None else past_key_values
-    use_cache = self.config.use_cache if use_cache is None else use_cache
+    use_cache = getattr(engine.hf_config, "use_cache", True) if use_cache is None else use_cache
     if hf_cache is None and use_cache:
         hf_cache = engine.new_hf_cache()
-    logits = engine.forward(input_ids, attention_mask, position_ids, inputs_embeds, hf_cache, logits_to_keep)
+    blocks = None
+    if engine.outer is not None:      # a vision-language model: images through HF's own code (multimodal.py)
+        extra = modality_inputs(kwargs)
+        if position_ids is not None and position_ids.dim() == 3:
+            position_ids = plain_positions(self, position_ids)
+        if extra:
+            if input_ids is None:
+                raise ValueError(f"dsinfer: {sorted(extra)} with inputs_embeds: pass input_ids (the image tokens' "
+                                 f"places) instead.")
+            inputs_embeds, position_ids, blocks = merged_inputs(self, engine, input_ids, attention_mask, position_ids,
+                                                                extra, hf_cache)
+            input_ids = None
+    logits = engine.forward(input_ids, attention_mask, position_ids, inputs_embeds, hf_cache, logits_to_keep, blocks)
     loss = None
     if labels is not None:
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
                                ignore_index=-100)
     out = {"loss": loss, "logits": logits, _output_cache_field(): hf_cache if use_cache else None}
     return CausalLMOutputWithPast(**out)
+
+
+def _wrapper_forward(model: nn.Module):
+    """``_dsinfer_forward`` for a vision-language model under its own signature (HF's generate checks the arguments
+    it passes against it; positional arguments bind as the wrapper's forward binds them)."""
+    signature = inspect.signature(type(model).forward.__get__(model))
+
+    def forward(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs).arguments
+        for name, p in signature.parameters.items():
+            if p.kind is inspect.Parameter.VAR_KEYWORD:
+                bound.update(bound.pop(name, {}))
+        return _dsinfer_forward(model, **bound)
+
+    forward.__signature__ = signature
+    return forward
 
 
 def init_inference(model: nn.Module, config: InferenceConfig | None = None, comm: TensorParallelComm | None = None,
@@ -551,9 +598,11 @@ def init_inference(model: nn.Module, config: InferenceConfig | None = None, comm
     if (config.tensor_parallel_size > 1 or config.pipeline_parallel_size > 1) and not _has_policy(model):
         return _init_generic_tensor_parallel(model, config, comm)        # generic TP (parallel/generic.py)
     engine = InferenceEngine(model, config, comm=comm, pipe=pipe)
+    if engine.outer is not None:      # the vision tower and projector: on the engine's device (from the checkpoint if
+        place_other_weights(model, text_model_of(model), config.checkpoint, engine.device)         # on meta)
     model.eval()
     model.__dict__["_dsinfer_engine"] = engine
-    model.forward = types.MethodType(_dsinfer_forward, model)
+    model.forward = types.MethodType(_dsinfer_forward, model) if engine.outer is None else _wrapper_forward(model)
     model.generate = types.MethodType(dsinfer_generate, model)
     return model
 

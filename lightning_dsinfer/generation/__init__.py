@@ -15,6 +15,7 @@ import torch
 
 from lightning_dsinfer.generation.decode import decode_loop
 from lightning_dsinfer.generation.pipeline import pipeline_decode_loop
+from lightning_dsinfer.multimodal import merged_inputs, modality_inputs
 
 # GenerationConfig fields the engine's own loop implements. A config that differs from the default
 # anywhere else goes to Hugging Face's loop.
@@ -113,6 +114,10 @@ def dsinfer_generate(self, inputs: torch.Tensor | None = None, generation_config
         # inputs_embeds-only and other exotic inputs: HF's loop (it calls our forward).
         return _hf_generate(self, inputs, generation_config, kwargs)
     gc, unused = _resolve(self, generation_config, {k: v for k, v in kwargs.items() if k != "input_ids"})
+    extra = {}
+    if engine.outer is not None:    # a vision-language model's images: merged into the prompt's embeddings below
+        extra = {k: v for k, v in modality_inputs(unused).items() if k not in _OWN_LOOP_KWARGS}
+        unused = {k: v for k, v in unused.items() if k not in extra}
     t0 = input_ids.shape[1]
     if gc.max_new_tokens is not None:
         max_new = gc.max_new_tokens
@@ -136,10 +141,21 @@ def dsinfer_generate(self, inputs: torch.Tensor | None = None, generation_config
         warnings.warn("dsinfer: a right-padded batch was detected; decoder-only models need left padding "
                       "(tokenizer.padding_side='left') for correct generation.", stacklevel=2)
     engine.check_mask(attention_mask, generate=True)
+    prompt_embeds = blocks = None
+    if extra:
+        if pipelined:
+            raise ValueError(f"dsinfer: {sorted(extra)} with pipeline_parallel_size > 1: a vision-language model's "
+                             f"images run on one pipeline stage only; use tensor parallelism.")
+        prompt_embeds, _, blocks = merged_inputs(self, engine, input_ids, attention_mask, None, extra)
+        blocks = engine.check_blocks(blocks)
     if (gc.num_return_sequences or 1) > 1:     # sampling several continuations: each prompt repeated, HF's order
         input_ids = input_ids.repeat_interleave(gc.num_return_sequences, dim=0)
         if attention_mask is not None:
             attention_mask = attention_mask.repeat_interleave(gc.num_return_sequences, dim=0)
+        if prompt_embeds is not None:
+            prompt_embeds = prompt_embeds.repeat_interleave(gc.num_return_sequences, dim=0)
+        if blocks is not None:
+            blocks = blocks.repeat_interleave(gc.num_return_sequences, dim=0)
     processors = None
     if kind == "processors":
         processors = _hf_processors(self, gc, input_ids, attention_mask, unused.get("logits_processor"))
@@ -153,7 +169,7 @@ def dsinfer_generate(self, inputs: torch.Tensor | None = None, generation_config
     trace = {"scores": [], "logits": []} if gc.return_dict_in_generate else None
     sequences = decode_loop(engine, input_ids, attention_mask, max_new, min_new, bool(gc.do_sample),
                             gc.temperature, top_k, gc.top_p, eos_ids, pad_id, streamer=unused.get("streamer"),
-                            processors=processors, trace=trace)
+                            processors=processors, trace=trace, prompt_embeds=prompt_embeds, blocks=blocks)
     if trace is None:
         return sequences
     from transformers.generation.utils import GenerateDecoderOnlyOutput

@@ -30,12 +30,15 @@ def prompt_positions(attention_mask: torch.Tensor | None, b: int, t0: int, total
 @torch.inference_mode()
 def decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
                 min_new_tokens: int, do_sample: bool, temperature, top_k, top_p, eos_ids: list[int],
-                pad_id: int | None, streamer=None, processors=None, trace: dict | None = None) -> torch.Tensor:
+                pad_id: int | None, streamer=None, processors=None, trace: dict | None = None,
+                prompt_embeds: torch.Tensor | None = None, blocks: torch.Tensor | None = None) -> torch.Tensor:
     """Returns [B, T0 + n] token ids (prompt included), n <= max_new_tokens (stops when every row hit EOS).
     ``processors``: HF's logits processor list (warpers included): each step's fp32 logits go through it with the
     tokens so far, then argmax or softmax + multinomial, as in HF's loop (the own warpers are then not applied).
     ``trace``: {"scores": [], "logits": []} gets each step's processed scores and raw fp32 logits (``output_scores`` /
-    ``output_logits``; HF's ``scores`` are the processed ones)."""
+    ``output_logits``; HF's ``scores`` are the processed ones). ``prompt_embeds`` [B, T0, H]: the prompt's embeddings
+    (a vision-language model's, images merged in: multimodal.py) instead of ``input_ids``'s; ``blocks`` [B, T0]: its
+    tokens that see each other (:func:`~lightning_dsinfer.modules.masks.build_masks`)."""
     device = engine.device
     input_ids = input_ids.to(device)
     b, t0 = input_ids.shape
@@ -46,9 +49,14 @@ def decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     window = engine.sliding_window
 
     key_valid, positions = prompt_positions(attention_mask, b, t0, total, device)
-    step = build_step(engine.rotary, positions, key_valid, q_start=0, t=t0, window=window, chunk=engine.attention_chunk)
+    step = build_step(engine.rotary, positions, key_valid, q_start=0, t=t0, window=window, chunk=engine.attention_chunk,
+                      blocks=blocks)
     step.cache, step.start = cache, 0
-    h = engine.decoder.hidden(engine.decoder.embed_tokens(input_ids), step)
+    if prompt_embeds is None:
+        h = engine.decoder.embed_tokens(input_ids)
+    else:
+        h = engine.decoder.given_embeddings(prompt_embeds.to(device=device, dtype=engine.dtype))
+    h = engine.decoder.hidden(h, step)
     logits = engine.decoder.logits(h[:, -1])
 
     eos = torch.tensor(eos_ids, device=device) if eos_ids else None

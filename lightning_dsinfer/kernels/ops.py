@@ -770,8 +770,10 @@ FALLBACK_SCORE_BYTES = 1 << 28
 
 def _reference_by_query_blocks(q, k, v, mask, scale, sinks=None):
     """:func:`reference.attention` over blocks of queries, each over the keys up to its last query's column (the later
-    ones are masked for all of them: causal), so the fallback's temporaries stay within ``FALLBACK_SCORE_BYTES`` for
-    any prompt length (one call over a prompt of T queries and L keys would hold B x H x T x L of them)."""
+    ones are masked for all of them: causal) or, where the mask lets a query see later keys (a vision-language
+    prompt's image blocks), up to the last one it sees, so the fallback's temporaries stay within
+    ``FALLBACK_SCORE_BYTES`` for any prompt length (one call over a prompt of T queries and L keys would hold
+    B x H x T x L of them)."""
     b, h, t, _ = q.shape
     length = k.shape[2]
     rows = max(1, FALLBACK_SCORE_BYTES // max(1, b * h * length * 4))
@@ -781,6 +783,8 @@ def _reference_by_query_blocks(q, k, v, mask, scale, sinks=None):
     for a in range(0, t, rows):
         e = min(t, a + rows)
         end = length - t + e                   # (query i sits at column length - t + i)
+        if end < length and bool(mask[:, :, a:e, end:].any()):
+            end = length - int(mask[:, :, a:e, end:].flip(-1).any(2).any(1).any(0).int().argmax())
         outs.append(reference.attention(q[:, :, a:e], k[:, :, :end], v[:, :, :end], mask[:, :, a:e, :end], scale,
                                         sinks=sinks))
     return torch.cat(outs, dim=2)

@@ -6,6 +6,9 @@ padding, ``j <= q`` (causal) and, for sliding-window layers, ``q - j < window`` 
 (Llama 4), when ``j`` is in ``q``'s chunk: chunks of ``chunk`` columns counted from the row's first real token (HF
 subtracts each row's left padding). Each query also always sees itself, so a query that is padding gets a finite
 (ignored) output instead of NaN. Chunked and sliding layers both read ``window_mask`` (a model has one or the other).
+A vision-language prompt's ``blocks`` (multimodal.py: Gemma 3's images, PaliGemma's prefix) also let the tokens of one
+block (id >= 0) see each other, later ones too (HF's ``block_sequence_ids``: OR-ed into the causal rule, the window
+applied after).
 """
 from __future__ import annotations
 
@@ -22,17 +25,21 @@ def chunk_start(first: torch.Tensor, cols: torch.Tensor, chunk: int) -> torch.Te
 
 
 def build_masks(key_valid: torch.Tensor | None, q_start: int, t: int, window: int | None, device,
-                chunk: int | None = None):
-    """Return (mask, window_mask), each bool [B|1, 1, T, L] or None (= every key visible)."""
+                chunk: int | None = None, blocks: torch.Tensor | None = None):
+    """Return (mask, window_mask), each bool [B|1, 1, T, L] or None (= every key visible). ``blocks`` [B, T]: the
+    block id of each query's token (-1: none)."""
     total = q_start + t
     need_window = window is not None and total > window
     need_chunks = chunk is not None and total > chunk
-    if key_valid is None and t == 1 and not need_window and not need_chunks:
+    if key_valid is None and t == 1 and not need_window and not need_chunks and blocks is None:
         return None, None
     cols = torch.arange(total, device=device)
     rows = torch.arange(q_start, total, device=device)[:, None]                 # [T, 1]
     own = (cols == rows)[None, None]
     mask = (cols <= rows)[None, None]                                            # [1, 1, T, L]
+    if blocks is not None:       # (the call's tokens only: earlier columns are seen anyway)
+        keys = torch.nn.functional.pad(blocks, (q_start, 0), value=-1)                       # [B, L]
+        mask = mask | ((blocks[:, None, :, None] == keys[:, None, None, :]) & (blocks >= 0)[:, None, :, None])
     if key_valid is not None:
         mask = (mask & key_valid[:, None, None, :total]) | own
     window_mask = None
@@ -47,11 +54,12 @@ def build_masks(key_valid: torch.Tensor | None, q_start: int, t: int, window: in
 
 
 def build_step(rotary: RotaryTable, positions: torch.Tensor, key_valid: torch.Tensor | None, q_start: int, t: int,
-               window: int | None, chunk: int | None = None) -> Step:
+               window: int | None, chunk: int | None = None, blocks: torch.Tensor | None = None) -> Step:
     cos, sin = rotary.gather(positions)
-    mask, window_mask = build_masks(key_valid, q_start, t, window, positions.device, chunk)
+    mask, window_mask = build_masks(key_valid, q_start, t, window, positions.device, chunk, blocks)
     step = Step(cos=cos, sin=sin, mask=mask, window_mask=window_mask, q_start=q_start, positions=positions,
-                valid=None if key_valid is None else key_valid[:, q_start:q_start + t], decoding=t == 1 and q_start > 0)
+                valid=None if key_valid is None else key_valid[:, q_start:q_start + t], decoding=t == 1 and q_start > 0,
+                lookahead=blocks is not None)
     if rotary.sliding is not None:
         step.sliding_cos, step.sliding_sin = rotary.sliding.gather(positions)
     return step

@@ -47,10 +47,14 @@ class Step:
     decoding: bool = False                 # a one-token call on held states (a decode step; not a one-token chunk of a
                                            # prompt): Mamba-2 then does as transformers' step does (dt unclamped)
     q_col: torch.Tensor | None = None      # CUDA graphs: the first query's column as a device tensor (q_start is 0)
+    lookahead: bool = False                # some query sees later keys (a vision-language prompt's image blocks): the
+                                           # step cannot be run in chunks of queries (:meth:`rows`)
 
     def rows(self, a: int, b: int) -> "Step":
         """The step for queries [a, b) of this one (chunked prefill): they write K/V at ``start + a`` and see
         the columns up to their own, so running the chunks in order equals running the whole step."""
+        if self.lookahead:
+            raise ValueError("a step whose queries see later keys cannot be cut into chunks of queries")
         end = self.q_start + b
 
         def cut(m):
@@ -393,13 +397,13 @@ class DecoderModel(nn.Module):
     def set_ends(self, embed_scale: float | None = None, final_softcap: float | None = None,
                  final_norm_bias: torch.Tensor | None = None, pos_embed: torch.Tensor | None = None, pos_offset: int = 0,
                  embed_norm: tuple[torch.Tensor, torch.Tensor] | None = None, logit_scale: float | None = None,
-                 embed_scale_rounded: bool = False) -> None:
+                 embed_scale_rounded: bool = False, embed_scale_on: str = "ids") -> None:
         """What some families add around the blocks: Gemma's (Granite's) embedding scale and final logit cap; Cohere's
         and Granite's logit scale; the final LayerNorm's bias (GPT families); on the first stage, learned position
         embeddings looked up at ``positions + pos_offset`` (OPT's offset is 2, GPT-2's 0) and BLOOM's LayerNorm
         (weight, bias) of the embeddings."""
         self.embed_scale, self.final_softcap, self.logit_scale = embed_scale, final_softcap, logit_scale
-        self.embed_scale_rounded = embed_scale_rounded
+        self.embed_scale_rounded, self.embed_scale_on = embed_scale_rounded, embed_scale_on
         self.final_norm_bias = final_norm_bias
         self.pos_embed, self.pos_offset, self.embed_norm = pos_embed, pos_offset, embed_norm
 
@@ -425,7 +429,9 @@ class DecoderModel(nn.Module):
     def embed_rows(self) -> int:
         return self.embed.shape[0]
 
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def embed_tokens(self, input_ids: torch.Tensor, scale: bool = True) -> torch.Tensor:
+        """The embeddings of ``input_ids`` as the model's blocks read them (``scale=False``: before the embedding
+        scale)."""
         if not self.sharded_vocab:
             h = self.lookup(input_ids)
         else:
@@ -434,9 +440,21 @@ class DecoderModel(nn.Module):
             h = self.lookup(local.masked_fill(outside, 0))
             h.masked_fill_(outside.unsqueeze(-1), 0)
             h = self.comm.all_reduce(h)
+        return self.scale_embeddings(h) if scale else h
+
+    def scale_embeddings(self, h: torch.Tensor) -> torch.Tensor:
         if self.embed_scale is not None:     # Gemma: the scale rounded to the dtype first, as HF does; others: the float
             h = h * (torch.tensor(self.embed_scale, dtype=h.dtype) if self.embed_scale_rounded else self.embed_scale)
         return h
+
+    def given_embeddings(self, h: torch.Tensor) -> torch.Tensor:
+        """``inputs_embeds`` a caller passes, as the blocks read them: scaled where HF's forward scales them too."""
+        return self.scale_embeddings(h) if self.embed_scale_on == "all" else h
+
+    def module_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """What HF's embedding module returns for ``input_ids`` (Gemma's scale is inside it; Granite's and Falcon-H1's
+        multipliers are applied by the model's forward)."""
+        return self.embed_tokens(input_ids, scale=self.embed_scale_on == "module")
 
     def hidden(self, h: torch.Tensor, step: Step) -> torch.Tensor:
         """Run all blocks and the final norm on embeddings h [B, T, H] (a pipeline stage before the last: the

@@ -132,8 +132,8 @@ class StreamedDecoderModel(DecoderModel):
         h = self.stream_in(h, step)
         chunks = self._chunks(h.shape[0], h.shape[1])
         scratch = len(chunks) > 1 and step.cache is None and step.hf_cache is None   # a plain forward, chunked
-        if scratch and step.q_start != 0:     # (a plain forward has no earlier columns; never chunk what it cannot)
-            chunks, scratch = [(0, h.shape[1])], False
+        if (scratch and step.q_start != 0) or step.lookahead:   # (a plain forward has no earlier columns; image
+            chunks, scratch = [(0, h.shape[1])], False              # blocks see later keys: never chunk what it cannot)
         steps = None
         for i, (attention_unit, mlp_unit) in enumerate(self.layer_units):
             half = self.make_layer(i, self.streamer.acquire(attention_unit))

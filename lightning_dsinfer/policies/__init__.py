@@ -37,7 +37,19 @@ def supported_model_types() -> list[str]:
     return sorted(POLICIES)
 
 
+def text_model_of(model: nn.Module) -> nn.Module:
+    """``model``, or for a vision-language model without a policy of its own (Gemma 3, LLaVA, Llama 4, ...) its language
+    model as a text causal LM (``multimodal.language_model``), when that has a policy."""
+    from lightning_dsinfer.multimodal import language_model
+
+    if getattr(getattr(model, "config", None), "model_type", None) in POLICIES:
+        return model
+    view = language_model(model)
+    return view if view is not None and view.config.model_type in POLICIES else model
+
+
 def find_policy(model: nn.Module) -> Callable[[nn.Module, int], ModelWeights]:
+    model = text_model_of(model)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in POLICIES:
@@ -53,5 +65,5 @@ def find_policy(model: nn.Module) -> Callable[[nn.Module, int], ModelWeights]:
     return POLICIES[model_type]
 
 
-__all__ = ["LayerWeights", "ModelWeights", "UnsupportedModelError", "find_policy", "has_experts",
+__all__ = ["LayerWeights", "ModelWeights", "UnsupportedModelError", "find_policy", "has_experts", "text_model_of",
            "supported_model_types", "POLICIES"]

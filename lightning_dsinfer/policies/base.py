@@ -269,6 +269,9 @@ class ModelWeights:
     embed_scale: float | None = None
     embed_scale_rounded: bool = False      # Gemma: the embedding scale rounded to the dtype first (HF's torch.tensor);
                                            # the others multiply by the float (Granite, Falcon-H1)
+    embed_scale_on: str = "ids"            # where HF applies it: "module" (the embedding module: Gemma), "ids" (the model's
+                                           # forward, to the rows it looks up: Falcon-H1), "all" (the forward, to
+                                           # inputs_embeds a caller passes too: Granite)
     attn_softcap: float | None = None
     final_softcap: float | None = None
     mlp_act: str = "silu"                  # gated MLP activation: silu | gelu_tanh | gelu

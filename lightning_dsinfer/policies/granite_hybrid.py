@@ -97,6 +97,7 @@ def read_granite_hybrid(model: nn.Module, max_seq_len: int, source: WeightSource
         final_norm=ref(f"model.{'final_layernorm' if bamba else 'norm'}.weight"),
         lm_head=ref("model.embed_tokens.weight" if tied else "lm_head.weight"), lm_head_bias=None,
         tied_embeddings=tied, layers=layers, rotary=rope, embed_scale=None if bamba else config.embedding_multiplier,
+        embed_scale_on="all",
         logit_scale=None if bamba else 1.0 / config.logits_scaling)
 
 

@@ -413,7 +413,7 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
         tied_embeddings=tied, layers=layers,
         norm_offset=1.0 if traits.gemma else 0.0, norm_fp32=traits.norm_fp32,
         embed_scale=config.hidden_size ** 0.5 if traits.gemma else config.embedding_multiplier if traits.granite else None,
-        embed_scale_rounded=bool(traits.gemma),
+        embed_scale_rounded=bool(traits.gemma), embed_scale_on="module" if traits.gemma else "all",
         logit_scale=1.0 / config.logits_scaling if traits.granite else None,
         # (HF's Gemma 3 attention does not apply attn_logit_softcapping even when the config sets it)
         attn_softcap=getattr(config, "attn_logit_softcapping", None) if traits.gemma == 2 else None,

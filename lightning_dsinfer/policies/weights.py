@@ -560,9 +560,17 @@ def alias_checkpoint_names(source: SafetensorsSource, model: nn.Module) -> None:
             source.entries[name] = source.entries[key]
 
 
-def checkpoint_source(folder: str, model: nn.Module) -> SafetensorsSource:
+def checkpoint_source(folder: str, model: nn.Module, outer: nn.Module | None = None) -> SafetensorsSource:
     """The safetensors folder ``folder`` read for ``model``: names missing from the files fall back to the model's own
-    tensors, and transformers' renamings of checkpoint keys are applied (:func:`alias_checkpoint_names`)."""
+    tensors, and transformers' renamings of checkpoint keys are applied (:func:`alias_checkpoint_names`). ``outer``:
+    the vision-language model whose language model ``model`` is (multimodal.py), which saved the checkpoint: its names
+    (``model.language_model.layers.0...``) are read as the language model's (``model.layers.0...``)."""
+    from lightning_dsinfer.multimodal import view_names
+
     source = SafetensorsSource(folder, fallback=ModuleSource(model))
-    alias_checkpoint_names(source, model)
+    alias_checkpoint_names(source, model if outer is None else outer)
+    if outer is not None:
+        for name, inner in view_names(outer, model).items():
+            if name in source.entries and inner not in source.entries:
+                source.entries[inner] = source.entries[name]
     return source

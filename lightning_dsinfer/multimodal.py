@@ -1,0 +1,232 @@
+"""Vision-language models: the language model on the engine, the vision encoder in Hugging Face's own modules.
+
+A Gemma 3 (4B and up), LLaVA, Mistral 3, InternVL, SmolVLM, PaliGemma, Llama 4 or Qwen 3.5 checkpoint loads as a
+``*ForConditionalGeneration`` whose language model is one of the supported families (``config.text_config``). The
+language model is nearly all of the work of a generation (the image is encoded once per prompt; every token runs the
+language model), so :func:`language_model` presents it as the plain text causal LM the policies read (``model.*`` +
+``lm_head``, the wrapper's own modules, nothing copied) and the engine is built on that.
+
+Images go through HF's own code: :func:`merged_inputs` calls the wrapper's forward with the language model's forward
+replaced by a catch (and its embedding lookup by the engine's, whose table may be sharded or streamed), so the vision
+tower, the projector and the placement of the image features among the token embeddings are exactly HF's, for any
+wrapper. What the engine then needs to run the prompt is what HF hands its language model: the merged embeddings,
+the positions, and which tokens see each other.
+
+Masks: most wrappers keep the causal mask; Gemma 3 lets each image's tokens see each other (and PaliGemma the whole
+prompt prefix), which HF expresses as ``block_sequence_ids`` (tokens of one block >= 0 see the whole block). The catch
+records them from HF's own mask construction, and the engine ORs them into the prompt's mask (``masks.build_masks``).
+Positions: Qwen 3.5's M-RoPE gives text tokens three equal position rows, which collapse to the ordinary ones; image
+tokens (rows that differ) are refused before any work, as is any other mask rule HF applies that the engine does not
+model.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from lightning_dsinfer.policies.base import UnsupportedModelError
+
+_TEXT_MODULES = ("language_model", "text_model")
+# forward() arguments of a text causal LM; anything else a caller passes to a wrapper is a modality input
+TEXT_ARGUMENTS = frozenset({"input_ids", "attention_mask", "position_ids", "cache", "past_key_values", "inputs_embeds",
+                            "labels", "use_cache", "logits_to_keep", "cache_position", "return_dict",
+                            "output_attentions", "output_hidden_states"})
+
+
+class _Caught(Exception):
+    """Raised by the language model's stand-in forward: HF's wrapper has built what the language model gets."""
+
+
+def language_model(model: nn.Module) -> nn.Module | None:
+    """The text causal LM of a vision-language ``model`` (``model.config.text_config``), as a ``*ForCausalLM`` over the
+    wrapper's own modules, or None when ``model`` is not such a wrapper. Built once per model (kept outside its
+    submodules, so the wrapper's ``state_dict`` and ``named_parameters`` are unchanged)."""
+    view = model.__dict__.get("_dsinfer_text_view")
+    if view is not None:
+        return view
+    config = getattr(model, "config", None)
+    text_config = getattr(config, "text_config", None)
+    if text_config is None or text_config is config:
+        return None
+    from transformers import PreTrainedModel
+
+    for name in _TEXT_MODULES:       # Llama 4: the wrapper holds a whole Llama4ForCausalLM
+        sub = getattr(model, name, None)
+        if isinstance(sub, PreTrainedModel) and sub.get_output_embeddings() is not None:
+            view = sub
+            break
+    else:
+        base = getattr(model, "model", None)
+        text = next((t for n in _TEXT_MODULES if isinstance(t := getattr(base, n, None), PreTrainedModel)), None)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if text is None or head is None:
+            return None
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(text.config), None)
+        if cls is None:
+            return None
+        with torch.device("meta"):    # the text model's class around the wrapper's own modules: nothing allocated
+            view = cls(text.config)
+        view.model, view.lm_head = text, head
+    view.eval()
+    model.__dict__["_dsinfer_text_view"] = view
+    return view
+
+
+def view_names(model: nn.Module, view: nn.Module) -> dict[str, str]:
+    """The wrapper's parameter name of each language-model tensor -> the view's (``model.language_model.layers.0...``
+    -> ``model.layers.0...``): how a checkpoint the wrapper saved names the view's tensors."""
+    inner = {id(m): name for name, m in view.named_modules(remove_duplicate=False)}    # (by module: a tied weight
+    names = {}                                                                            # is two modules' tensor)
+    for outer_name, m in model.named_modules(remove_duplicate=False):
+        if id(m) in inner:
+            for attr in (*m._parameters, *m._buffers):
+                a, b = f"{outer_name}.{attr}".lstrip("."), f"{inner[id(m)]}.{attr}".lstrip(".")
+                if a != b:
+                    names[a] = b
+    return names
+
+
+def place_other_weights(model: nn.Module, view: nn.Module, folder: str | None, device: torch.device) -> None:
+    """The wrapper's tensors outside the language model (vision tower, projector) on the engine's ``device``; a wrapper
+    built on meta gets them from the checkpoint ``folder`` (the engine reads the language model itself): each part
+    that is a model of its own (the vision tower) first initialised by HF's own ``init_weights`` (buffers that no
+    checkpoint stores, as position ids, get their values), then every tensor the checkpoint has read from it."""
+    from transformers import PreTrainedModel
+
+    own = {id(t) for t in (*view.parameters(), *view.buffers())}
+
+    def outside(module):
+        return not any(id(t) in own for t in (*module.parameters(), *module.buffers()))
+
+    def on_meta(module):
+        return any(t.device.type == "meta" for t in (*module.parameters(), *module.buffers()))
+
+    if folder is not None and on_meta(model):
+        done: list[nn.Module] = []
+        for sub in model.modules():
+            if (isinstance(sub, PreTrainedModel) and sub is not model and outside(sub) and on_meta(sub)
+                    and not any(any(m is sub for m in d.modules()) for d in done)):
+                sub.to_empty(device=device)
+                sub.init_weights()
+                done.append(sub)
+        from lightning_dsinfer.policies.weights import checkpoint_source
+
+        source = checkpoint_source(folder, model)
+        fresh = {id(t) for d in done for t in (*d.parameters(), *d.buffers())}
+        for name, t in (*model.named_parameters(), *model.named_buffers()):
+            if id(t) in own or not (t.device.type == "meta" or id(t) in fresh):
+                continue
+            if name in source.entries:
+                _set(model, name, source.read(name, None, 0, 0).to(device=device, dtype=t.dtype))
+            elif t.device.type == "meta" and isinstance(t, nn.Parameter):
+                raise ValueError(f"dsinfer: {type(model).__name__}'s {name} is on the meta device and not in the "
+                                 f"checkpoint {folder}; pass the folder the model was saved to.")
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if id(t) not in own and t.device.type != "meta" and t.device != device:
+            _set(model, name, t.detach().to(device))
+
+
+def _set(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[attr] = value
+
+
+def modality_inputs(kwargs: dict) -> dict:
+    """The arguments of a wrapper's forward / generate that are not a text model's (pixel_values, image_sizes,
+    token_type_ids, ...), those set."""
+    return {k: v for k, v in kwargs.items() if k not in TEXT_ARGUMENTS and v is not None}
+
+
+def merged_inputs(model: nn.Module, engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                  position_ids: torch.Tensor | None, extra: dict, hf_cache=None):
+    """(inputs_embeds [B, T, H], position_ids [B, T] or None, blocks [B, T] long or None) of a prompt with images:
+    what HF's wrapper hands its language model, caught there (see the module docstring)."""
+    view = language_model(model)
+    text = view.model if view is not getattr(model, "language_model", None) else view
+    embed = view.get_input_embeddings()
+    caught: dict = {}
+    blocks: list = []
+    rules: list = []
+    masking = sys.modules.get(type(getattr(model, "model", model)).__module__)
+    original_mask = getattr(masking, "create_causal_mask", None)
+
+    def catch(*args, **kwargs):
+        caught.update(kwargs)
+        raise _Caught
+
+    def mask_rule(*args, **kwargs):       # HF's mask construction: its block ids and any rule of its own
+        if kwargs.get("block_sequence_ids") is not None:
+            blocks.append(kwargs["block_sequence_ids"])
+        elif kwargs.get("or_mask_function") is not None:
+            rules.append(kwargs["or_mask_function"])
+        return original_mask(*args, **kwargs)
+
+    check_vision_weights(model, view)
+    text.forward = catch
+    embed.forward = lambda ids: engine.decoder.module_embeddings(ids.to(engine.device))
+    if original_mask is not None:
+        masking.create_causal_mask = mask_rule
+    try:
+        with torch.inference_mode():
+            type(model).forward(model, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                **({} if hf_cache is None else {_cache_argument(model): hf_cache}), **extra)
+    except _Caught:
+        pass
+    finally:
+        del text.forward, embed.forward
+        if original_mask is not None:
+            masking.create_causal_mask = original_mask
+    if "inputs_embeds" not in caught:
+        raise UnsupportedModelError(f"dsinfer: {type(model).__name__}'s forward did not reach its language model with "
+                                    f"these inputs ({sorted(extra)}); run the unoptimised model for them.")
+    if rules and not blocks:
+        raise UnsupportedModelError(
+            f"dsinfer: {type(model).__name__} applies an attention rule of its own to these inputs ({sorted(extra)}) "
+            f"that the engine does not model; run the unoptimised model for them.")
+    for name in ("deepstack_visual_embeds", "visual_pos_masks", "per_layer_inputs"):
+        if caught.get(name) is not None:
+            raise UnsupportedModelError(f"dsinfer: {type(model).__name__} feeds its language model {name}, which the "
+                                        f"engine's blocks do not take; run the unoptimised model with images.")
+    return caught["inputs_embeds"], plain_positions(model, caught.get("position_ids")), (blocks[0] if blocks else None)
+
+
+def _cache_argument(model: nn.Module) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def check_vision_weights(model: nn.Module, view: nn.Module) -> None:
+    own = {id(t) for t in (*view.parameters(), *view.buffers())}
+    meta = [name for name, t in (*model.named_parameters(), *model.named_buffers())
+            if id(t) not in own and t.device.type == "meta"]
+    if meta:
+        raise ValueError(f"dsinfer: {type(model).__name__}'s {meta[0]} (and {len(meta) - 1} more tensors of its vision "
+                         f"part) are on the meta device: pass checkpoint= (weights are read from it; buffers are not "
+                         f"stored there: build the vision part off meta) or load the model with from_pretrained.")
+
+
+def plain_positions(model: nn.Module, positions: torch.Tensor | None) -> torch.Tensor | None:
+    """[B, T] positions from what a wrapper hands its language model: [B, T] as they are; M-RoPE's [3, B, T] (Qwen 3.5:
+    [4, B, T] with the text positions first) when its rows agree (text tokens)."""
+    if positions is None or positions.dim() == 2:
+        return positions
+    rows = positions[1:] if positions.shape[0] == 4 else positions
+    if not bool((rows == rows[:1]).all()):
+        raise UnsupportedModelError(
+            f"dsinfer: {type(model).__name__} places these image tokens at multi-axis (M-RoPE) positions, which the "
+            f"engine's rotary table does not take yet; text prompts run on the engine, run the unoptimised model with "
+            f"images.")
+    return rows[0]
+
+
+__all__ = ["language_model", "merged_inputs", "modality_inputs", "place_other_weights", "plain_positions",
+           "view_names"]

@@ -1,0 +1,210 @@
+"""Vision-language models (lightning_dsinfer/multimodal.py): the language model of a Gemma 3, LLaVA, Mistral 3 or
+Qwen 3.5 ``*ForConditionalGeneration`` on the engine, images through HF's own vision code, against the unmodified
+wrapper on the same inputs (pixel values included): fp32 logits atol 2e-4 / rtol 1e-4 on left-padded batches, greedy
+tokens identical (the engine's loop, and HF's loop over our forward for beam search)."""
+import copy
+
+import pytest
+import torch
+
+import lightning_dsinfer as dsi
+from helpers import streamed_copy, tiny_config
+
+ATOL, RTOL = 2e-4, 1e-4
+
+IMAGE = 5          # the image placeholder token of every tiny wrapper below
+_VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+               patch_size=14)
+
+
+def tiny_vlm(kind: str, seed: int = 0):
+    """(a tiny random vision-language model, its image inputs for the two-row batch of :func:`image_batch`)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    images = {"pixel_values": torch.randn(2, 3, 28, 28)}
+    if kind == "gemma3":       # each image's 4 tokens see each other (token_type_ids), sliding layers of 7
+        config = tf.Gemma3Config(text_config=tiny_config("gemma3_text").to_dict(),
+                                 vision_config=tf.SiglipVisionConfig(**_VISION).to_dict(), mm_tokens_per_image=4,
+                                 image_token_id=IMAGE, boi_token_id=3, eoi_token_id=4)
+        model = tf.Gemma3ForConditionalGeneration(config)
+    elif kind == "llava":      # a Llama (biases, head_dim 24) behind CLIP
+        config = tf.LlavaConfig(text_config=tiny_config("llama").to_dict(),
+                                vision_config=tf.CLIPVisionConfig(**_VISION, projection_dim=32).to_dict(),
+                                image_token_index=IMAGE, vision_feature_layer=-1, image_seq_length=4)
+        model = tf.LlavaForConditionalGeneration(config)
+    elif kind == "mistral3":   # a Mistral (sliding window 7) behind Pixtral
+        vision = tf.PixtralVisionConfig(**{**_VISION, "head_dim": 16})
+        config = tf.Mistral3Config(text_config=tiny_config("mistral").to_dict(), vision_config=vision.to_dict(),
+                                   image_token_index=IMAGE, spatial_merge_size=1, vision_feature_layer=-1)
+        model = tf.Mistral3ForConditionalGeneration(config)
+        images["image_sizes"] = torch.tensor([[28, 28], [28, 28]])
+    elif kind == "qwen3_5":    # Gated DeltaNet + gated attention behind Qwen's vision tower; M-RoPE positions
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        vision = dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64, patch_size=14,
+                      spatial_merge_size=1, temporal_patch_size=1)
+        config = CONFIG_MAPPING["qwen3_5"](text_config=tiny_config("qwen3_5_text").to_dict(), vision_config=vision,
+                                           image_token_id=IMAGE, video_token_id=6, vision_start_token_id=3,
+                                           vision_end_token_id=4)
+        model = tf.Qwen3_5ForConditionalGeneration(config)
+        images = {"pixel_values": torch.randn(8, 3 * 14 * 14), "image_grid_thw": torch.tensor([[1, 2, 2]] * 2)}
+    else:
+        raise ValueError(kind)
+    with torch.no_grad():      # norms and Gemma 3's projection off their constant initial values
+        for name, p in model.named_parameters():
+            if "norm" in name and "vision" not in name and "visual" not in name:
+                p.normal_(1.0 if kind in ("llava", "mistral3") or "linear_attn.norm" in name else 0.0, 0.2)
+            elif "mm_input_projection" in name:
+                p.normal_(0.0, 0.2)
+    return model.eval(), images
+
+
+def image_batch(kind: str, images: dict):
+    """Two left-padded prompts with one 4-token image each (Gemma 3: between its begin / end tokens)."""
+    ids = torch.tensor([[0, 0, 1, 7, 3, IMAGE, IMAGE, IMAGE, IMAGE, 4, 9, 11],
+                        [1, 7, 8, 9, 3, IMAGE, IMAGE, IMAGE, IMAGE, 4, 10, 11]])
+    mask = ids.ne(0).long()
+    inputs = dict(images)
+    if kind == "gemma3":
+        inputs["token_type_ids"] = ids.eq(IMAGE).long()
+    if kind == "qwen3_5":
+        inputs["mm_token_type_ids"] = ids.eq(IMAGE).long()
+    return ids, mask, inputs
+
+
+def _same_as_hf(hf, opt, ids, mask, inputs, new=6):
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask, **inputs).logits
+        tokens = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, **inputs)
+        beams = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, num_beams=2, do_sample=False,
+                            **inputs)
+    got = opt(input_ids=ids, attention_mask=mask, **inputs).logits
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], want[valid], atol=ATOL, rtol=RTOL)
+    assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, **inputs),
+                       tokens)
+    assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, num_beams=2, do_sample=False,
+                                    **inputs), beams)        # (HF's loop over our forward: images in its first step)
+    return want
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "llava", "mistral3"])
+def test_images_match_hf(kind):
+    hf, images = tiny_vlm(kind)
+    ids, mask, inputs = image_batch(kind, images)
+    opt = dsi.init_inference(copy.deepcopy(hf), dtype=torch.float32, max_seq_len=64)
+    want = _same_as_hf(hf, opt, ids, mask, inputs)
+    with torch.no_grad():      # the images and (Gemma 3) their blocks matter on this model: a path ignoring them fails
+        plain = hf(input_ids=ids, attention_mask=mask).logits
+        causal = hf(input_ids=ids, attention_mask=mask, pixel_values=images["pixel_values"],
+                    **{k: v for k, v in images.items() if k == "image_sizes"}).logits
+    valid = mask.bool()
+    assert (plain - want)[valid].abs().max() > 1e-2
+    if kind == "gemma3":
+        assert (causal - want)[valid].abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "llava", "qwen3_5"])
+def test_text_prompts_match_hf(kind):
+    hf, _ = tiny_vlm(kind)
+    ids = torch.tensor([[0, 0, 1, 7, 8, 9, 10, 11], [1, 7, 8, 9, 12, 13, 14, 15]])
+    opt = dsi.init_inference(copy.deepcopy(hf), dtype=torch.float32, max_seq_len=64)
+    _same_as_hf(hf, opt, ids, ids.ne(0).long(), {})
+    assert opt._dsinfer_engine.outer is opt      # (the engine runs the wrapper's language model)
+
+
+def test_qwen3_5_images_are_refused_before_work():
+    """M-RoPE positions of image tokens (three rows that differ) are not taken yet: a clear error, not a wrong answer."""
+    hf, images = tiny_vlm("qwen3_5")
+    ids, mask, inputs = image_batch("qwen3_5", images)
+    opt = dsi.init_inference(copy.deepcopy(hf), dtype=torch.float32, max_seq_len=64)
+    for call in (lambda: opt(input_ids=ids, attention_mask=mask, **inputs),
+                 lambda: opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, **inputs)):
+        with pytest.raises(dsi.UnsupportedModelError, match="M-RoPE"):
+            call()
+
+
+def test_gemma3_bf16_follows_hf():
+    truth, images = tiny_vlm("gemma3")
+    hf = copy.deepcopy(truth).to(torch.bfloat16)
+    ids, mask, inputs = image_batch("gemma3", images)
+    opt = dsi.init_inference(copy.deepcopy(hf), max_seq_len=64)
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask, **inputs).logits.float()
+        exact = truth(input_ids=ids, attention_mask=mask, **inputs).logits
+    got = opt(input_ids=ids, attention_mask=mask, **inputs).logits.float()
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], want[valid], atol=6e-2, rtol=2e-2)
+    assert (got - exact)[valid].abs().max() <= 1.3 * (want - exact)[valid].abs().max()
+
+
+def test_from_checkpoint_on_meta(tmp_path):
+    """The wrapper built on meta: the language model read by the engine from what ``save_pretrained`` writes (HF saves
+    the wrapper's tensors under their original names), the vision tower and projector read into the wrapper (its
+    position ids, which no checkpoint stores, from HF's own init)."""
+    hf, images = tiny_vlm("gemma3")
+    ids, mask, inputs = image_batch("gemma3", images)
+    hf.save_pretrained(tmp_path)
+    with torch.device("meta"):
+        meta = type(hf)(hf.config)
+    opt = dsi.init_inference(meta, checkpoint=str(tmp_path), dtype=torch.float32, max_seq_len=64)
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask, **inputs).logits
+    got = opt(input_ids=ids, attention_mask=mask, **inputs).logits
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("tier", ["cpu", "nvme"])
+def test_offloaded_language_model(tier, tmp_path):
+    hf, images = tiny_vlm("gemma3")
+    ids, mask, inputs = image_batch("gemma3", images)
+    opt = streamed_copy(hf, tier, tmp_path, dtype=torch.float32)
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask, **inputs).logits
+        tokens = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, **inputs)
+    got = opt(input_ids=ids, attention_mask=mask, **inputs).logits
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=ATOL, rtol=RTOL)
+    assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, **inputs),
+                       tokens)
+
+
+def test_lightning_predict_with_images():
+    import lightning as L
+
+    hf, images = tiny_vlm("llava")
+    ids, mask, inputs = image_batch("llava", images)
+    with torch.no_grad():
+        want = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, **inputs)
+
+    class Describe(L.LightningModule):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def predict_step(self, batch, batch_idx):
+            return self.model.generate(**batch, max_new_tokens=5, do_sample=False)
+
+    batch = dict(input_ids=ids, attention_mask=mask, **inputs)
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=dsi.DSInferStrategy(max_seq_len=64, dtype=torch.float32),
+                        logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    module = Describe(copy.deepcopy(hf))
+    (got,) = trainer.predict(module, torch.utils.data.DataLoader([batch], batch_size=None))
+    assert dsi.is_optimised(module.model)
+    assert torch.equal(got, want)
+
+
+def test_granite_scales_given_embeddings_as_hf():
+    """Granite's forward multiplies inputs_embeds a caller passes too (Gemma's scale lives in its embedding module,
+    Falcon-H1's applies to looked-up rows only): the engine does as each does."""
+    from helpers import tiny_model
+
+    for family in ("granite", "gemma2", "falcon_h1"):
+        hf = tiny_model(family)
+        ids = torch.tensor([[1, 7, 8, 9, 12]])
+        emb = torch.randn(1, 5, hf.config.hidden_size) * 0.3
+        opt = dsi.init_inference(copy.deepcopy(hf), dtype=torch.float32, max_seq_len=64)
+        with torch.no_grad():
+            want = hf(inputs_embeds=emb).logits
+        torch.testing.assert_close(opt(inputs_embeds=emb).logits, want, atol=ATOL, rtol=RTOL)
+        assert opt(input_ids=ids).logits.shape[1] == 5
