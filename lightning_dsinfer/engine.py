@@ -122,7 +122,7 @@ class InferenceEngine:
                 batch = self.working_set.batch_size
         self.decoder.eval()
         self.rotary = RotaryTable(weights.inv_freq, weights.attention_scaling, self.max_seq_len, self.dtype, self.device,
-                                  weights.sliding_inv_freq, weights.sliding_attention_scaling)
+                                  weights.sliding_inv_freq, weights.sliding_attention_scaling, weights.mrope_axes)
         kv_heads, width, keys_only = weights.cache_layout(shard_plan(weights, self.comm).local_kv_heads)
         linear = {i: shapes for i, lw in enumerate(weights.layers)
                   if (shapes := state_shapes(lw, self.comm.size)) is not None}
@@ -547,7 +547,7 @@ def _dsinfer_forward(self, input_ids=None, attention_mask=None, position_ids=Non
     if engine.outer is not None:      # a vision-language model: images through HF's own code (multimodal.py)
         extra = modality_inputs(kwargs)
         if position_ids is not None and position_ids.dim() == 3:
-            position_ids = plain_positions(self, position_ids)
+            position_ids = plain_positions(self, position_ids, engine.rotary.mrope is not None)
         if extra:
             if input_ids is None:
                 raise ValueError(f"dsinfer: {sorted(extra)} with inputs_embeds: pass input_ids (the image tokens' "

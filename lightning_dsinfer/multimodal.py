@@ -15,9 +15,10 @@ the positions, and which tokens see each other.
 Masks: most wrappers keep the causal mask; Gemma 3 lets each image's tokens see each other (and PaliGemma the whole
 prompt prefix), which HF expresses as ``block_sequence_ids`` (tokens of one block >= 0 see the whole block). The catch
 records them from HF's own mask construction, and the engine ORs them into the prompt's mask (``masks.build_masks``).
-Positions: Qwen 3.5's M-RoPE gives text tokens three equal position rows, which collapse to the ordinary ones; image
-tokens (rows that differ) are refused before any work, as is any other mask rule HF applies that the engine does not
-model.
+Positions: Qwen 3.5's M-RoPE gives text tokens three equal position rows, which collapse to the ordinary ones, and an
+image's tokens three that differ (time, height, width), which the engine's rotary table takes as they are
+(``RotaryTable.gather``); decoding goes on from the prompt's largest position, as HF's ``rope_deltas``. A mask rule of
+HF's that the engine does not model is refused before any work.
 """
 from __future__ import annotations
 
@@ -195,7 +196,7 @@ def merged_inputs(model: nn.Module, engine, input_ids: torch.Tensor, attention_m
         if caught.get(name) is not None:
             raise UnsupportedModelError(f"dsinfer: {type(model).__name__} feeds its language model {name}, which the "
                                         f"engine's blocks do not take; run the unoptimised model with images.")
-    return caught["inputs_embeds"], plain_positions(model, caught.get("position_ids")), (blocks[0] if blocks else None)
+    return caught["inputs_embeds"], plain_positions(model, caught.get("position_ids"), engine.rotary.mrope is not None), (blocks[0] if blocks else None)
 
 
 def _cache_argument(model: nn.Module) -> str:
@@ -214,18 +215,20 @@ def check_vision_weights(model: nn.Module, view: nn.Module) -> None:
                          f"stored there: build the vision part off meta) or load the model with from_pretrained.")
 
 
-def plain_positions(model: nn.Module, positions: torch.Tensor | None) -> torch.Tensor | None:
-    """[B, T] positions from what a wrapper hands its language model: [B, T] as they are; M-RoPE's [3, B, T] (Qwen 3.5:
-    [4, B, T] with the text positions first) when its rows agree (text tokens)."""
+def plain_positions(model: nn.Module, positions: torch.Tensor | None, mrope: bool) -> torch.Tensor | None:
+    """The positions the engine takes from what a wrapper hands its language model: [B, T] as they are; M-RoPE's
+    [3, B, T] (Qwen 3.5: [4, B, T], its text positions first) as one row where its rows agree (text tokens), else as
+    they are for a rope of three rows (``mrope``: the engine's rotary table has them)."""
     if positions is None or positions.dim() == 2:
         return positions
     rows = positions[1:] if positions.shape[0] == 4 else positions
-    if not bool((rows == rows[:1]).all()):
+    if bool((rows == rows[:1]).all()):
+        return rows[0]
+    if not mrope:
         raise UnsupportedModelError(
-            f"dsinfer: {type(model).__name__} places these image tokens at multi-axis (M-RoPE) positions, which the "
-            f"engine's rotary table does not take yet; text prompts run on the engine, run the unoptimised model with "
-            f"images.")
-    return rows[0]
+            f"dsinfer: {type(model).__name__} places these image tokens at multi-axis (M-RoPE) positions, which this "
+            f"model's rotary table does not take; run the unoptimised model with images.")
+    return rows
 
 
 __all__ = ["language_model", "merged_inputs", "modality_inputs", "place_other_weights", "plain_positions",

@@ -1,7 +1,8 @@
 """Vision-language models (lightning_dsinfer/multimodal.py): the language model of a Gemma 3, LLaVA, Mistral 3 or
 Qwen 3.5 ``*ForConditionalGeneration`` on the engine, images through HF's own vision code, against the unmodified
 wrapper on the same inputs (pixel values included): fp32 logits atol 2e-4 / rtol 1e-4 on left-padded batches, greedy
-tokens identical (the engine's loop, and HF's loop over our forward for beam search)."""
+tokens identical (the engine's loop, and HF's loop over our forward for beam search). Each model's own image rule is
+shown to matter on the tiny model (Gemma 3's image blocks, Qwen 3.5's M-RoPE rows)."""
 import copy
 
 import pytest
@@ -89,20 +90,23 @@ def _same_as_hf(hf, opt, ids, mask, inputs, new=6):
     return want
 
 
-@pytest.mark.parametrize("kind", ["gemma3", "llava", "mistral3"])
+@pytest.mark.parametrize("kind", ["gemma3", "llava", "mistral3", "qwen3_5"])
 def test_images_match_hf(kind):
     hf, images = tiny_vlm(kind)
     ids, mask, inputs = image_batch(kind, images)
     opt = dsi.init_inference(copy.deepcopy(hf), dtype=torch.float32, max_seq_len=64)
     want = _same_as_hf(hf, opt, ids, mask, inputs)
-    with torch.no_grad():      # the images and (Gemma 3) their blocks matter on this model: a path ignoring them fails
-        plain = hf(input_ids=ids, attention_mask=mask).logits
-        causal = hf(input_ids=ids, attention_mask=mask, pixel_values=images["pixel_values"],
-                    **{k: v for k, v in images.items() if k == "image_sizes"}).logits
     valid = mask.bool()
-    assert (plain - want)[valid].abs().max() > 1e-2
-    if kind == "gemma3":
-        assert (causal - want)[valid].abs().max() > 1e-2
+    with torch.no_grad():      # what each model does with images matters here: a path that ignored it would fail
+        plain = hf(input_ids=ids, attention_mask=mask).logits
+        assert (plain - want)[valid].abs().max() > 1e-2                   # the images themselves
+        if kind == "gemma3":                                               # each image's tokens seeing each other
+            causal = hf(input_ids=ids, attention_mask=mask, pixel_values=images["pixel_values"]).logits
+            assert (causal - want)[valid].abs().max() > 1e-2
+        if kind == "qwen3_5":                                              # M-RoPE: image tokens' rows differ, and
+            rows, deltas = hf.model.get_rope_index(ids, inputs["mm_token_type_ids"], images["image_grid_thw"],
+                                                   attention_mask=mask)     # decoding goes on from the largest
+            assert not torch.equal(rows[1], rows[0]) and bool((deltas != 0).all())
 
 
 @pytest.mark.parametrize("kind", ["gemma3", "llava", "qwen3_5"])
@@ -112,17 +116,6 @@ def test_text_prompts_match_hf(kind):
     opt = dsi.init_inference(copy.deepcopy(hf), dtype=torch.float32, max_seq_len=64)
     _same_as_hf(hf, opt, ids, ids.ne(0).long(), {})
     assert opt._dsinfer_engine.outer is opt      # (the engine runs the wrapper's language model)
-
-
-def test_qwen3_5_images_are_refused_before_work():
-    """M-RoPE positions of image tokens (three rows that differ) are not taken yet: a clear error, not a wrong answer."""
-    hf, images = tiny_vlm("qwen3_5")
-    ids, mask, inputs = image_batch("qwen3_5", images)
-    opt = dsi.init_inference(copy.deepcopy(hf), dtype=torch.float32, max_seq_len=64)
-    for call in (lambda: opt(input_ids=ids, attention_mask=mask, **inputs),
-                 lambda: opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, **inputs)):
-        with pytest.raises(dsi.UnsupportedModelError, match="M-RoPE"):
-            call()
 
 
 def test_gemma3_bf16_follows_hf():

@@ -141,12 +141,12 @@ def dsinfer_generate(self, inputs: torch.Tensor | None = None, generation_config
         warnings.warn("dsinfer: a right-padded batch was detected; decoder-only models need left padding "
                       "(tokenizer.padding_side='left') for correct generation.", stacklevel=2)
     engine.check_mask(attention_mask, generate=True)
-    prompt_embeds = blocks = None
+    prompt_embeds = positions = blocks = None
     if extra:
         if pipelined:
             raise ValueError(f"dsinfer: {sorted(extra)} with pipeline_parallel_size > 1: a vision-language model's "
                              f"images run on one pipeline stage only; use tensor parallelism.")
-        prompt_embeds, _, blocks = merged_inputs(self, engine, input_ids, attention_mask, None, extra)
+        prompt_embeds, positions, blocks = merged_inputs(self, engine, input_ids, attention_mask, None, extra)
         blocks = engine.check_blocks(blocks)
     if (gc.num_return_sequences or 1) > 1:     # sampling several continuations: each prompt repeated, HF's order
         input_ids = input_ids.repeat_interleave(gc.num_return_sequences, dim=0)
@@ -156,6 +156,8 @@ def dsinfer_generate(self, inputs: torch.Tensor | None = None, generation_config
             prompt_embeds = prompt_embeds.repeat_interleave(gc.num_return_sequences, dim=0)
         if blocks is not None:
             blocks = blocks.repeat_interleave(gc.num_return_sequences, dim=0)
+        if positions is not None:
+            positions = positions.repeat_interleave(gc.num_return_sequences, dim=-2)
     processors = None
     if kind == "processors":
         processors = _hf_processors(self, gc, input_ids, attention_mask, unused.get("logits_processor"))
@@ -169,7 +171,8 @@ def dsinfer_generate(self, inputs: torch.Tensor | None = None, generation_config
     trace = {"scores": [], "logits": []} if gc.return_dict_in_generate else None
     sequences = decode_loop(engine, input_ids, attention_mask, max_new, min_new, bool(gc.do_sample),
                             gc.temperature, top_k, gc.top_p, eos_ids, pad_id, streamer=unused.get("streamer"),
-                            processors=processors, trace=trace, prompt_embeds=prompt_embeds, blocks=blocks)
+                            processors=processors, trace=trace, prompt_embeds=prompt_embeds, blocks=blocks,
+                            given_positions=positions)
     if trace is None:
         return sequences
     from transformers.generation.utils import GenerateDecoderOnlyOutput

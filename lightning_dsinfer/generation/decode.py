@@ -31,14 +31,16 @@ def prompt_positions(attention_mask: torch.Tensor | None, b: int, t0: int, total
 def decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
                 min_new_tokens: int, do_sample: bool, temperature, top_k, top_p, eos_ids: list[int],
                 pad_id: int | None, streamer=None, processors=None, trace: dict | None = None,
-                prompt_embeds: torch.Tensor | None = None, blocks: torch.Tensor | None = None) -> torch.Tensor:
+                prompt_embeds: torch.Tensor | None = None, blocks: torch.Tensor | None = None,
+                given_positions: torch.Tensor | None = None) -> torch.Tensor:
     """Returns [B, T0 + n] token ids (prompt included), n <= max_new_tokens (stops when every row hit EOS).
     ``processors``: HF's logits processor list (warpers included): each step's fp32 logits go through it with the
     tokens so far, then argmax or softmax + multinomial, as in HF's loop (the own warpers are then not applied).
     ``trace``: {"scores": [], "logits": []} gets each step's processed scores and raw fp32 logits (``output_scores`` /
     ``output_logits``; HF's ``scores`` are the processed ones). ``prompt_embeds`` [B, T0, H]: the prompt's embeddings
     (a vision-language model's, images merged in: multimodal.py) instead of ``input_ids``'s; ``blocks`` [B, T0]: its
-    tokens that see each other (:func:`~lightning_dsinfer.modules.masks.build_masks`)."""
+    tokens that see each other (:func:`~lightning_dsinfer.modules.masks.build_masks`); ``given_positions`` [B, T0] or
+    M-RoPE's [3, B, T0]: the prompt's positions as the model gave them (decoding goes on from each row's largest)."""
     device = engine.device
     input_ids = input_ids.to(device)
     b, t0 = input_ids.shape
@@ -49,6 +51,8 @@ def decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     window = engine.sliding_window
 
     key_valid, positions = prompt_positions(attention_mask, b, t0, total, device)
+    if given_positions is not None:
+        positions = given_positions.to(device)
     step = build_step(engine.rotary, positions, key_valid, q_start=0, t=t0, window=window, chunk=engine.attention_chunk,
                       blocks=blocks)
     step.cache, step.start = cache, 0
@@ -65,7 +69,7 @@ def decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     out[:, :t0] = input_ids
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    pos = positions[:, -1:].clone()
+    pos = (positions if positions.dim() == 2 else positions.amax(0)).amax(-1, keepdim=True)   # (M-RoPE: of 3 rows)
     graphs = decode_graphs(engine, b, key_valid, t0)    # None on the CPU: the eager step below
     # Whether every row has finished is a host sync. With CUDA graphs and greedy decoding it is asked every
     # CHECK_EVERY steps, so the host queues the next replays while the GPU runs (rows that finished get pad tokens

@@ -55,7 +55,8 @@ def build_masks(key_valid: torch.Tensor | None, q_start: int, t: int, window: in
 
 def build_step(rotary: RotaryTable, positions: torch.Tensor, key_valid: torch.Tensor | None, q_start: int, t: int,
                window: int | None, chunk: int | None = None, blocks: torch.Tensor | None = None) -> Step:
-    cos, sin = rotary.gather(positions)
+    cos, sin = rotary.gather(positions)       # (positions [3, B, T]: M-RoPE's rows, the first for the rest)
+    positions = positions if positions.dim() == 2 else positions[0]
     mask, window_mask = build_masks(key_valid, q_start, t, window, positions.device, chunk, blocks)
     step = Step(cos=cos, sin=sin, mask=mask, window_mask=window_mask, q_start=q_start, positions=positions,
                 valid=None if key_valid is None else key_valid[:, q_start:q_start + t], decoding=t == 1 and q_start > 0,

@@ -13,7 +13,7 @@ import torch
 class RotaryTable:
     def __init__(self, inv_freq: torch.Tensor, attention_scaling: float, max_seq_len: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu", sliding_inv_freq: torch.Tensor | None = None,
-                 sliding_attention_scaling: float = 1.0):
+                 sliding_attention_scaling: float = 1.0, mrope_axes: torch.Tensor | None = None):
         inv_freq = inv_freq.detach().to(device="cpu", dtype=torch.float32)
         pos = torch.arange(max_seq_len, dtype=torch.float32)
         freqs = pos[:, None] * inv_freq[None, :]                          # [S, R/2], as HF: fp32 (R: rotated dims)
@@ -22,10 +22,19 @@ class RotaryTable:
         self.cos = torch.cat((cos, cos), dim=-1).to(device=device, dtype=dtype)      # [S, R]
         self.sin = torch.cat((-sin, sin), dim=-1).to(device=device, dtype=dtype)     # [S, R], sign of rotate_half
         self.max_seq_len = max_seq_len
+        # M-RoPE (Qwen 3.5): the position row each column reads ([R], both halves), or None (one row of positions)
+        self.mrope = None if mrope_axes is None else torch.cat((mrope_axes, mrope_axes)).to(device)
         # Gemma 3: the sliding-window layers' own table (``Step.sliding_cos`` / ``sliding_sin``), or None
         self.sliding = None if sliding_inv_freq is None else RotaryTable(
             sliding_inv_freq, sliding_attention_scaling, max_seq_len, dtype, device)
 
     def gather(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, T] (long) -> cos, sin [B, T, 1, R] (broadcast over heads; R < D: partial rotary)."""
-        return self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)
+        """positions [B, T] (long) -> cos, sin [B, T, 1, R] (broadcast over heads; R < D: partial rotary). M-RoPE:
+        positions [3, B, T] (time, height, width), each column from its own row's position."""
+        if positions.dim() == 2:
+            return self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)
+        if self.mrope is None:
+            raise ValueError(f"positions of shape {tuple(positions.shape)}: this model's rope takes one row [B, T].")
+        rows = self.mrope.expand(1, *positions.shape[1:], -1)                              # [1, B, T, R]
+        return (self.cos[positions].gather(0, rows)[0].unsqueeze(2),
+                self.sin[positions].gather(0, rows)[0].unsqueeze(2))

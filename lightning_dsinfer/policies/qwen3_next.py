@@ -8,8 +8,7 @@ dense SwiGLU, or Qwen2-MoE's sparse block: router ``gate``, 3D ``experts``, ``sh
 ``post_attention_layernorm``. Every RMSNorm but the DeltaNet's gated one scales by (1 + w) in fp32 (Gemma's order:
 ``norm_offset`` 1). The attention: ``q_proj`` holds per head q's D rows then the output gate's D rows (read as the q
 rows, and the gate rows as ``attn_gate``), per-head (1 + w) q / k norms, partial rotary (Qwen3.5's multimodal rope
-is plain rope on text: its three position streams are the same); its output is multiplied by sigmoid(gate) before
-o_proj. The linear attention: Qwen3.5's ``in_proj_qkv`` / ``in_proj_z`` / ``in_proj_b`` / ``in_proj_a``, or Qwen3-Next's
+is plain rope on text: its three position streams are the same; on image tokens its rows differ: :func:`mrope_axes`). The linear attention: Qwen3.5's ``in_proj_qkv`` / ``in_proj_z`` / ``in_proj_b`` / ``in_proj_a``, or Qwen3-Next's
 ``in_proj_qkvz`` / ``in_proj_ba`` whose rows are grouped per key head ([q, k, v, z] of each group; [b, a]), read as
 the q | k | v | z | b | a row pieces of one GEMM; ``conv1d``, ``dt_bias``, ``A_log``, ``norm``, ``out_proj``.
 
@@ -21,6 +20,7 @@ CUDA graphs; the engine's own decode loop and Hugging Face's (beam search); int8
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from lightning_dsinfer.policies.base import DeltaNetWeights, LayerWeights, ModelWeights, MoEWeights, UnsupportedModelError
@@ -29,6 +29,19 @@ from lightning_dsinfer.policies.weights import ModuleSource, RowSlices, WeightSo
 
 FAMILY = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
 _EXPERT_NAMES = FamilyTraits(moe="qwen")        # checkpoint experts as experts.{e}.{gate,up,down}_proj
+
+
+def mrope_axes(rotary) -> torch.Tensor | None:
+    """The position row each rotary frequency of Qwen 3.5's interleaved M-RoPE reads (HF's
+    ``recomposition_frequencies``: height every third frequency from 1, width from 2, each up to 3 x its section;
+    time the rest), or None for a rope of one row (Qwen3-Next)."""
+    section = getattr(rotary, "mrope_section", None)
+    if section is None:
+        return None
+    axes = torch.zeros(rotary.inv_freq.numel(), dtype=torch.long)
+    for axis, offset in ((1, 1), (2, 2)):
+        axes[offset:section[axis] * 3:3] = axis
+    return axes
 
 
 def _pieces(groups: int, width: int, parts: list[tuple[str, int]]) -> dict[str, list[tuple[int, int]]]:
@@ -145,7 +158,7 @@ def read_qwen3_next(model: nn.Module, max_seq_len: int, source: WeightSource | N
         inv_freq=rotary.inv_freq.detach(), attention_scaling=float(rotary.attention_scaling), rope_type=rope_type,
         embed=ref("model.embed_tokens.weight"), final_norm=ref("model.norm.weight"),
         lm_head=ref("model.embed_tokens.weight" if tied else "lm_head.weight"), lm_head_bias=None,
-        tied_embeddings=tied, layers=layers, norm_offset=1.0)
+        tied_embeddings=tied, layers=layers, norm_offset=1.0, mrope_axes=mrope_axes(rotary))
 
 
 def has_experts(model_type: str | None) -> bool:

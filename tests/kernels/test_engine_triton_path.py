@@ -606,3 +606,33 @@ def test_graph_decode_step_through_triton(family):
     # the warm-up and the capture (replays dispatch nothing). The graph step writes K/V at its device column inside
     # the rotary kernel.
     _assert_fused(small=NEW_TOKENS if DEVICE == "cpu" else 3, large=0, exact=DEVICE == "cpu")
+
+
+def test_vision_language_images_through_triton(monkeypatch):
+    """A Gemma 3 wrapper with images on the Triton path (lightning_dsinfer/multimodal.py): the prompt's image blocks
+    (tokens that see later ones) take the reference attention in blocks of queries, each over the keys its queries
+    see (``FALLBACK_SCORE_BYTES`` made small, so that a block of queries ends inside an image), decode steps the
+    kernels: fp32 logits and greedy tokens as HF's."""
+    from test_multimodal import image_batch, tiny_vlm
+
+    monkeypatch.setenv("DSINFER_CUDA_GRAPHS", "0")
+    hf, images = tiny_vlm("gemma3")
+    hf = hf.to(DEVICE)
+    ids, mask, inputs = image_batch("gemma3", images)
+    ids, mask = ids.to(DEVICE), mask.to(DEVICE)
+    inputs = {k: v.to(DEVICE) for k, v in inputs.items()}
+    heads = hf.config.text_config.num_attention_heads
+    monkeypatch.setattr(ops, "FALLBACK_SCORE_BYTES", 3 * len(ids) * heads * ids.shape[1] * 4)   # 3 queries a block
+    opt = optimised_copy(hf, max_seq_len=32)
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask, **inputs).logits
+        tokens = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, **inputs)
+    ops.dispatch_counts.clear()
+    with _triton_path():
+        got = opt(input_ids=ids, attention_mask=mask, **inputs).logits
+        ours = opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, **inputs)
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=ATOL, rtol=RTOL)
+    assert torch.equal(ours, tokens)
+    layers = len(opt._dsinfer_engine.decoder.layers)
+    assert ops.dispatch_counts[("attention", "reference:mask")] == 2 * layers, dict(ops.dispatch_counts)
+    assert ops.dispatch_counts[("attention", "triton")] == STEPS * layers, dict(ops.dispatch_counts)
