@@ -201,3 +201,16 @@ def test_granite_scales_given_embeddings_as_hf():
             want = hf(inputs_embeds=emb).logits
         torch.testing.assert_close(opt(inputs_embeds=emb).logits, want, atol=ATOL, rtol=RTOL)
         assert opt(input_ids=ids).logits.shape[1] == 5
+
+
+def worker_runs(tmp, selected):
+    """TP=2 in the session's shared launch of two ranks (tests/conftest.py ``shared_runs``)."""
+    return {2: {"test_tensor_parallel_language_model/tp": ["tp_worker.py", "--tp", "2", "--families",
+                                                            "vlm-gemma3", "vlm-qwen3_5", "vlm-llava"]}}
+
+
+def test_tensor_parallel_language_model(shared_runs):
+    """TP=2: the language model split over the ranks, each rank encoding the images with the whole vision tower:
+    logits, greedy, beam search (HF's loop, images in its first step) as the unmodified wrapper's."""
+    outs = shared_runs.outputs(2, "test_tensor_parallel_language_model/tp")
+    assert outs[0].count(" OK") == 3, outs[0]

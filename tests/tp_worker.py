@@ -34,7 +34,13 @@ def main():
     offload = {} if args.offload is None else dict(offload=args.offload, max_memory=args.max_memory, max_batch_size=3,
                                                    offload_path=args.offload_path)
     for family in args.families:
-        hf = tiny_model(family)
+        inputs = {}             # a vision-language model ("vlm-<kind>", tests/test_multimodal.py): its image batch
+        if family.startswith("vlm-"):
+            from test_multimodal import image_batch, tiny_vlm
+
+            hf, images = tiny_vlm(family[4:])
+        else:
+            hf = tiny_model(family)
         source = {} if args.checkpoint is None else dict(checkpoint=os.path.join(args.checkpoint, family),
                                                          dtype=torch.float32)
 
@@ -82,15 +88,19 @@ def main():
             assert args.offload == "cpu" or len(streamer.order) >= 2, "nothing is streamed"
             reused = getattr(streamer.store, "reused", False)
         ids, mask = padded_batch([12, 5, 9], seed=1)
+        if family.startswith("vlm-"):
+            ids, mask, inputs = image_batch(family[4:], images)
         with torch.no_grad():
-            ref = hf(input_ids=ids, attention_mask=mask).logits
-            ref_tokens = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
-            ref_beam = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, num_beams=2, do_sample=False)
-        got = opt(input_ids=ids, attention_mask=mask).logits
+            ref = hf(input_ids=ids, attention_mask=mask, **inputs).logits
+            ref_tokens = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, **inputs)
+            ref_beam = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, num_beams=2, do_sample=False,
+                                   **inputs)
+        got = opt(input_ids=ids, attention_mask=mask, **inputs).logits
         valid = mask.bool()
         err = (got[valid] - ref[valid]).abs().max().item()
-        tokens = opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
-        beam = opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, num_beams=2, do_sample=False)
+        tokens = opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, **inputs)
+        beam = opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, num_beams=2, do_sample=False,
+                            **inputs)
         agrees = sampling_agrees_across_ranks(opt, ids, mask, 10)
         ok = err < 2e-4 and torch.equal(tokens, ref_tokens) and torch.equal(beam, ref_beam) and agrees
         print(f"{family}: tp={args.tp}{' reused' if args.offload and reused else ''} max|dlogits|={err:.2e} greedy={torch.equal(tokens, ref_tokens)} "
