@@ -50,12 +50,18 @@ def tiny_vlm(kind: str, seed: int = 0):
                                            vision_end_token_id=4)
         model = tf.Qwen3_5ForConditionalGeneration(config)
         images = {"pixel_values": torch.randn(8, 3 * 14 * 14), "image_grid_thw": torch.tensor([[1, 2, 2]] * 2)}
+    elif kind == "llama4":     # Llama 4's text model (chunked attention, NoPE layer, experts) behind its vision model
+        vision = tf.Llama4VisionConfig(**{**_VISION, "intermediate_size": 128}, vision_output_dim=32,
+                                       projector_input_dim=32, projector_output_dim=32, pixel_shuffle_ratio=0.5)
+        config = tf.Llama4Config(text_config=tiny_config("llama4").to_dict(), vision_config=vision.to_dict(),
+                                 image_token_index=IMAGE)
+        model = tf.Llama4ForConditionalGeneration(config)
     else:
         raise ValueError(kind)
     with torch.no_grad():      # norms and Gemma 3's projection off their constant initial values
         for name, p in model.named_parameters():
             if "norm" in name and "vision" not in name and "visual" not in name:
-                p.normal_(1.0 if kind in ("llava", "mistral3") or "linear_attn.norm" in name else 0.0, 0.2)
+                p.normal_(1.0 if kind in ("llava", "mistral3", "llama4") or "linear_attn.norm" in name else 0.0, 0.2)
             elif "mm_input_projection" in name:
                 p.normal_(0.0, 0.2)
     return model.eval(), images
@@ -116,6 +122,44 @@ def test_text_prompts_match_hf(kind):
     opt = dsi.init_inference(copy.deepcopy(hf), dtype=torch.float32, max_seq_len=64)
     _same_as_hf(hf, opt, ids, ids.ne(0).long(), {})
     assert opt._dsinfer_engine.outer is opt      # (the engine runs the wrapper's language model)
+
+
+def test_llama4_images_match_its_language_model():
+    """Llama4ForConditionalGeneration (Scout / Maverick's checkpoints): one image token per image here (pixel shuffle),
+    the prompt long enough for the chunked layers' chunks of 8. transformers 5.24's own forward of this wrapper fails
+    after its language model has run (it reads ``image_outputs`` off the text model's output), so the reference is
+    the wrapper's own steps up to there: its embedding, vision model, projector and placement, then its language
+    model over the merged embeddings, prompt and greedy one-token steps through HF's cache."""
+    from transformers import DynamicCache
+
+    hf, images = tiny_vlm("llama4")
+    ids = torch.tensor([[0, 0, 1, 7, IMAGE, 9, 11, 12, 13, 14, 15, 16], [1, 7, 8, 9, IMAGE, 9, 11, 12, 13, 14, 15, 16]])
+    mask = ids.ne(0).long()
+    new = 5
+    with torch.no_grad():
+        embeds = hf.get_input_embeddings()(ids)
+        features = hf.get_image_features(pixel_values=images["pixel_values"], return_dict=True).last_hidden_state
+        projected = hf.multi_modal_projector(features.view(-1, features.size(-1)))
+        embeds = embeds.masked_scatter(hf.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=projected),
+                                       projected)
+        cache = DynamicCache(config=hf.language_model.config)
+        want = hf.language_model(inputs_embeds=embeds, attention_mask=mask, cache=cache, use_cache=True).logits
+        tokens, step_mask = [want[:, -1].argmax(-1)], mask
+        for _ in range(new - 1):
+            step_mask = torch.cat([step_mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+            logits = hf.language_model(input_ids=tokens[-1][:, None], attention_mask=step_mask, cache=cache,
+                                       use_cache=True).logits
+            tokens.append(logits[:, -1].argmax(-1))
+        text_only = hf.language_model(input_ids=ids, attention_mask=mask).logits
+    opt = dsi.init_inference(copy.deepcopy(hf), dtype=torch.float32, max_seq_len=64)
+    got = opt(input_ids=ids, attention_mask=mask, **images).logits
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], want[valid], atol=ATOL, rtol=RTOL)
+    assert (text_only - want)[valid].abs().max() > 1e-2            # (the image matters)
+    out = opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, **images)
+    assert torch.equal(out[:, ids.shape[1]:], torch.stack(tokens, 1))
+    torch.testing.assert_close(opt(input_ids=ids, attention_mask=mask).logits[valid], text_only[valid], atol=ATOL,
+                               rtol=RTOL)
 
 
 def test_gemma3_bf16_follows_hf():
