@@ -21,7 +21,8 @@ from lightning_dsinfer.config import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN
 from lightning_dsinfer.modules.gated_deltanet import state_shapes
 from lightning_dsinfer.modules.kv_cache import StaticKVCache
 from lightning_dsinfer.modules.masks import build_step
-from lightning_dsinfer.multimodal import merged_inputs, modality_inputs, place_other_weights, plain_positions
+from lightning_dsinfer.multimodal import (merged_inputs, modality_inputs, place_other_weights, plain_positions,
+                                          wrapper_logits)
 from lightning_dsinfer.modules.rotary import RotaryTable
 from lightning_dsinfer.offload import available_memory
 from lightning_dsinfer.offload.budget import host_available_memory
@@ -89,6 +90,8 @@ class InferenceEngine:
         source = (ModuleSource(hf_model) if config.checkpoint is None
                   else checkpoint_source(config.checkpoint, hf_model, outer=self.outer))
         weights = _place_experts(policy(hf_model, self.max_seq_len, source), config)
+        if self.outer is not None:          # (the logits the wrapper's forward gives: lm_head's, often without the text
+            weights = wrapper_logits(self.outer, hf_model, weights)     # model's soft-cap or scale)
         self.windows = sorted({lw.sliding_window for lw in weights.layers if lw.sliding_window is not None})
         if len(self.windows) > 1:
             raise ValueError(f"layers use different sliding windows {self.windows}; one window per model is supported.")
@@ -545,13 +548,16 @@ def _dsinfer_forward(self, input_ids=None, attention_mask=None, position_ids=Non
         hf_cache = engine.new_hf_cache()
     blocks = None
     if engine.outer is not None:      # a vision-language model: images through HF's own code (multimodal.py)
-        extra = modality_inputs(kwargs)
+        extra = modality_inputs(self, kwargs)
+        mrope = engine.rotary.mrope is not None
         if position_ids is not None and position_ids.dim() == 3:
-            position_ids = plain_positions(self, position_ids, engine.rotary.mrope is not None)
-        if extra:
+            position_ids = plain_positions(self, position_ids, mrope)
+        # (M-RoPE without positions given: HF's wrapper places the tokens, from its rope_deltas after an image)
+        if extra or (mrope and position_ids is None and input_ids is not None):
             if input_ids is None:
                 raise ValueError(f"dsinfer: {sorted(extra)} with inputs_embeds: pass input_ids (the image tokens' "
                                  f"places) instead.")
+            engine.check_length((hf_cache.get_seq_length() if hf_cache is not None else 0) + input_ids.shape[1])
             inputs_embeds, position_ids, blocks = merged_inputs(self, engine, input_ids, attention_mask, position_ids,
                                                                 extra, hf_cache)
             input_ids = None

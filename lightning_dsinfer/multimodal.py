@@ -1,6 +1,6 @@
 """Vision-language models: the language model on the engine, the vision encoder in Hugging Face's own modules.
 
-A Gemma 3 (4B and up), LLaVA, Mistral 3, InternVL, SmolVLM, PaliGemma, Llama 4 or Qwen 3.5 checkpoint loads as a
+A Gemma 3 (4B and up), LLaVA, Mistral 3, InternVL, SmolVLM, Llama 4 or Qwen 3.5 checkpoint loads as a
 ``*ForConditionalGeneration`` whose language model is one of the supported families (``config.text_config``). The
 language model is nearly all of the work of a generation (the image is encoded once per prompt; every token runs the
 language model), so :func:`language_model` presents it as the plain text causal LM the policies read (``model.*`` +
@@ -12,8 +12,8 @@ tower, the projector and the placement of the image features among the token emb
 wrapper. What the engine then needs to run the prompt is what HF hands its language model: the merged embeddings,
 the positions, and which tokens see each other.
 
-Masks: most wrappers keep the causal mask; Gemma 3 lets each image's tokens see each other (and PaliGemma the whole
-prompt prefix), which HF expresses as ``block_sequence_ids`` (tokens of one block >= 0 see the whole block). The catch
+Masks: most wrappers keep the causal mask; Gemma 3 lets each image's tokens see each other, which HF expresses as
+``block_sequence_ids`` (tokens of one block >= 0 see the whole block). The catch
 records them from HF's own mask construction, and the engine ORs them into the prompt's mask (``masks.build_masks``).
 Positions: Qwen 3.5's M-RoPE gives text tokens three equal position rows, which collapse to the ordinary ones, and an
 image's tokens three that differ (time, height, width), which the engine's rotary table takes as they are
@@ -75,6 +75,28 @@ def language_model(model: nn.Module) -> nn.Module | None:
     view.eval()
     model.__dict__["_dsinfer_text_view"] = view
     return view
+
+
+def wrapper_logits(model: nn.Module, view: nn.Module, weights):
+    """``weights`` with the logit post-processing of the text model (Gemma's final soft-cap, Granite's and Cohere's
+    logit scales) dropped where the wrapper ``model``'s forward, which applies ``lm_head`` itself, does not apply it
+    (HF's Gemma 3, LLaVA, Aya Vision wrappers: their logits are ``lm_head``'s); kept where the wrapper calls the text
+    causal LM whole (Llama 4)."""
+    import dataclasses
+    import inspect
+
+    if view is getattr(model, "language_model", None):
+        return weights
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        source = ""
+    changes = {}
+    if weights.final_softcap is not None and "final_logit_softcapping" not in source:
+        changes["final_softcap"] = None
+    if weights.logit_scale is not None and not any(name in source for name in ("logits_scaling", "logit_scale")):
+        changes["logit_scale"] = None
+    return dataclasses.replace(weights, **changes) if changes else weights
 
 
 def view_names(model: nn.Module, view: nn.Module) -> dict[str, str]:
@@ -140,10 +162,18 @@ def _set(model: nn.Module, name: str, value: torch.Tensor) -> None:
         module._buffers[attr] = value
 
 
-def modality_inputs(kwargs: dict) -> dict:
-    """The arguments of a wrapper's forward / generate that are not a text model's (pixel_values, image_sizes,
-    token_type_ids, ...), those set."""
-    return {k: v for k, v in kwargs.items() if k not in TEXT_ARGUMENTS and v is not None}
+def modality_inputs(model: nn.Module, kwargs: dict) -> dict:
+    """The arguments among ``kwargs`` that the wrapper ``model``'s forward takes and a text model's does not
+    (pixel_values, image_sizes, token_type_ids, ...), those set (not None, not an empty ``mm_encoder_outputs``)."""
+    import inspect
+
+    params = {name for name, p in inspect.signature(type(model).forward).parameters.items()
+              if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return {k: v for k, v in kwargs.items() if k in params and k not in TEXT_ARGUMENTS and not _unset(v)}
+
+
+def _unset(value) -> bool:
+    return value is None or (isinstance(value, dict) and all(_unset(v) for v in value.values()))
 
 
 def merged_inputs(model: nn.Module, engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -171,7 +201,11 @@ def merged_inputs(model: nn.Module, engine, input_ids: torch.Tensor, attention_m
         return original_mask(*args, **kwargs)
 
     check_vision_weights(model, view)
-    text.forward = catch
+    input_ids = input_ids.to(engine.device)        # (the vision part sits on the engine's device: place_other_weights)
+    attention_mask = None if attention_mask is None else attention_mask.to(engine.device)
+    extra = {k: v.to(engine.device) if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
+    saved = [(m, m.__dict__.get("forward")) for m in (text, embed)]     # (a forward installed on the instance:
+    text.forward = catch                                                  # put back after)
     embed.forward = lambda ids: engine.decoder.module_embeddings(ids.to(engine.device))
     if original_mask is not None:
         masking.create_causal_mask = mask_rule
@@ -182,7 +216,11 @@ def merged_inputs(model: nn.Module, engine, input_ids: torch.Tensor, attention_m
     except _Caught:
         pass
     finally:
-        del text.forward, embed.forward
+        for module, forward in saved:
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
         if original_mask is not None:
             masking.create_causal_mask = original_mask
     if "inputs_embeds" not in caught:

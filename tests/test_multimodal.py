@@ -162,6 +162,99 @@ def test_llama4_images_match_its_language_model():
                                rtol=RTOL)
 
 
+def test_generate_keeps_hfs_own_arguments():
+    """Arguments of generate that are not the wrapper's inputs (stopping criteria, prefix constraints, chunked
+    prefill) reach HF's loop as for any model, images merged in its steps; chunks of a Gemma 3 prompt see HF's
+    block ids over the whole prompt."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class AfterTwo(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= 14, dtype=torch.bool)
+
+    for kind, extra in (("llava", dict(stopping_criteria=StoppingCriteriaList([AfterTwo()]))),
+                        ("llava", dict(prefix_allowed_tokens_fn=lambda batch, ids: [42])),
+                        ("gemma3", dict(prefill_chunk_size=5)), ("qwen3_5", dict(prefill_chunk_size=5))):
+        hf, images = tiny_vlm(kind)
+        ids, mask, inputs = image_batch(kind, images)
+        opt = dsi.init_inference(copy.deepcopy(hf), dtype=torch.float32, max_seq_len=64)
+        with torch.no_grad():
+            want = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, **inputs, **extra)
+        got = opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, **inputs, **extra)
+        assert torch.equal(got, want), (kind, extra)
+        if "stopping_criteria" in extra:
+            assert want.shape[1] == 14
+
+
+def test_a_cache_the_caller_builds():
+    """A caller's DynamicCache: a prompt with an image, then one-token steps (HF's greedy tokens) with no positions
+    given, which Qwen 3.5's wrapper places from the prompt's rope_deltas (negative here: the image's tokens take fewer
+    positions). One unpadded row (HF's Qwen 3.5 steps fail with a mask)."""
+    from transformers import DynamicCache
+
+    for kind in ("qwen3_5", "gemma3"):
+        hf, images = tiny_vlm(kind)
+        ids, _, inputs = image_batch(kind, images)
+        ids = ids[1:]
+        inputs = {k: v[4:] if k == "pixel_values" and kind == "qwen3_5" else v[1:] for k, v in inputs.items()}
+        opt = dsi.init_inference(copy.deepcopy(hf), dtype=torch.float32, max_seq_len=64)
+        runs = []
+        for model in (hf, opt):
+            with torch.no_grad():
+                cache = DynamicCache(config=model.config)
+                out = model(input_ids=ids, cache=cache, use_cache=True, **inputs)
+                logits = [out.logits[:, -1]]
+                for i in range(4):
+                    token = (runs[0][:, i] if runs else logits[-1]).argmax(-1)[:, None]     # (HF's tokens)
+                    logits.append(model(input_ids=token, cache=cache, use_cache=True).logits[:, -1])
+            runs.append(torch.stack(logits, 1))
+        torch.testing.assert_close(runs[1], runs[0], atol=ATOL, rtol=RTOL)
+        if kind == "qwen3_5":
+            assert bool((hf.model.rope_deltas < 0).all())
+
+
+def test_logits_as_the_wrapper_gives_them():
+    """A wrapper whose forward applies lm_head itself gives its logits without the text model's own post-processing
+    (granite-vision's LLaVA over Granite: no 1 / logits_scaling; Aya Vision over Cohere 2: no logit_scale; Gemma 3's
+    wrapper: no final soft-cap): the engine gives the wrapper's."""
+    import transformers as tf
+
+    granite = tf.GraniteConfig(**{k: v for k, v in tiny_config("llama").to_dict().items()
+                                  if k not in ("model_type", "mlp_bias", "head_dim")}, logits_scaling=8.0)
+    cohere = tf.Cohere2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, vocab_size=97, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                              logit_scale=0.25, sliding_window=7)
+    torch.manual_seed(0)
+    models = [tf.LlavaForConditionalGeneration(tf.LlavaConfig(
+                  text_config=granite.to_dict(), vision_config=tf.CLIPVisionConfig(**_VISION, projection_dim=32).to_dict(),
+                  image_token_index=IMAGE, vision_feature_layer=-1, image_seq_length=4)),
+              tf.AyaVisionForConditionalGeneration(tf.AyaVisionConfig(
+                  text_config=cohere.to_dict(), vision_config=tf.SiglipVisionConfig(**_VISION).to_dict(),
+                  image_token_index=IMAGE, downsample_factor=1))]
+    gemma, _ = tiny_vlm("gemma3")
+    gemma.config.text_config.final_logit_softcapping = 3.0
+    ids = torch.tensor([[0, 0, 1, 7, 8, 9, 10, 11], [1, 7, 8, 9, 12, 13, 14, 15]])
+    mask = ids.ne(0).long()
+    for hf in (*models, gemma):
+        hf.eval()
+        opt = dsi.init_inference(copy.deepcopy(hf), dtype=torch.float32, max_seq_len=64)
+        with torch.no_grad():
+            want = hf(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(opt(input_ids=ids, attention_mask=mask).logits[mask.bool()], want[mask.bool()],
+                                   atol=ATOL, rtol=RTOL)
+
+
+def test_inputs_embeds_without_images():
+    hf, _ = tiny_vlm("llava")
+    opt = dsi.init_inference(copy.deepcopy(hf), dtype=torch.float32, max_seq_len=64)
+    embeds = torch.randn(2, 6, hf.config.text_config.hidden_size) * 0.3
+    with torch.no_grad():
+        want = hf(inputs_embeds=embeds).logits
+        tokens = hf.generate(inputs_embeds=embeds, max_new_tokens=4, do_sample=False)
+    torch.testing.assert_close(opt(inputs_embeds=embeds).logits, want, atol=ATOL, rtol=RTOL)
+    assert torch.equal(opt.generate(inputs_embeds=embeds, max_new_tokens=4, do_sample=False), tokens)
+
+
 def test_gemma3_bf16_follows_hf():
     truth, images = tiny_vlm("gemma3")
     hf = copy.deepcopy(truth).to(torch.bfloat16)

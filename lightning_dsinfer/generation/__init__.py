@@ -116,7 +116,7 @@ def dsinfer_generate(self, inputs: torch.Tensor | None = None, generation_config
     gc, unused = _resolve(self, generation_config, {k: v for k, v in kwargs.items() if k != "input_ids"})
     extra = {}
     if engine.outer is not None:    # a vision-language model's images: merged into the prompt's embeddings below
-        extra = {k: v for k, v in modality_inputs(unused).items() if k not in _OWN_LOOP_KWARGS}
+        extra = {k: v for k, v in modality_inputs(self, unused).items() if k not in _OWN_LOOP_KWARGS}
         unused = {k: v for k, v in unused.items() if k not in extra}
     t0 = input_ids.shape[1]
     if gc.max_new_tokens is not None:

@@ -6,7 +6,7 @@ padding, ``j <= q`` (causal) and, for sliding-window layers, ``q - j < window`` 
 (Llama 4), when ``j`` is in ``q``'s chunk: chunks of ``chunk`` columns counted from the row's first real token (HF
 subtracts each row's left padding). Each query also always sees itself, so a query that is padding gets a finite
 (ignored) output instead of NaN. Chunked and sliding layers both read ``window_mask`` (a model has one or the other).
-A vision-language prompt's ``blocks`` (multimodal.py: Gemma 3's images, PaliGemma's prefix) also let the tokens of one
+A vision-language prompt's ``blocks`` (multimodal.py: Gemma 3's images) also let the tokens of one
 block (id >= 0) see each other, later ones too (HF's ``block_sequence_ids``: OR-ed into the causal rule, the window
 applied after).
 """
@@ -26,8 +26,8 @@ def chunk_start(first: torch.Tensor, cols: torch.Tensor, chunk: int) -> torch.Te
 
 def build_masks(key_valid: torch.Tensor | None, q_start: int, t: int, window: int | None, device,
                 chunk: int | None = None, blocks: torch.Tensor | None = None):
-    """Return (mask, window_mask), each bool [B|1, 1, T, L] or None (= every key visible). ``blocks`` [B, T]: the
-    block id of each query's token (-1: none)."""
+    """Return (mask, window_mask), each bool [B|1, 1, T, L] or None (= every key visible). ``blocks`` [B, T] or
+    [B, q_start + T] (HF's, over the cached tokens too): the block id of each token (-1: none)."""
     total = q_start + t
     need_window = window is not None and total > window
     need_chunks = chunk is not None and total > chunk
@@ -37,9 +37,10 @@ def build_masks(key_valid: torch.Tensor | None, q_start: int, t: int, window: in
     rows = torch.arange(q_start, total, device=device)[:, None]                 # [T, 1]
     own = (cols == rows)[None, None]
     mask = (cols <= rows)[None, None]                                            # [1, 1, T, L]
-    if blocks is not None:       # (the call's tokens only: earlier columns are seen anyway)
-        keys = torch.nn.functional.pad(blocks, (q_start, 0), value=-1)                       # [B, L]
-        mask = mask | ((blocks[:, None, :, None] == keys[:, None, None, :]) & (blocks >= 0)[:, None, :, None])
+    if blocks is not None:
+        keys = blocks if blocks.shape[-1] == total else torch.nn.functional.pad(blocks, (q_start, 0), value=-1)  # [B, L]
+        queries = keys[:, q_start:]
+        mask = mask | ((queries[:, None, :, None] == keys[:, None, None, :]) & (queries >= 0)[:, None, :, None])
     if key_valid is not None:
         mask = (mask & key_valid[:, None, None, :total]) | own
     window_mask = None

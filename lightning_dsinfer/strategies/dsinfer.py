@@ -22,7 +22,7 @@ from lightning_dsinfer.engine import init_inference, is_optimised
 from lightning_dsinfer.parallel import TensorParallelComm, Topology
 from lightning_dsinfer.parallel.pipeline import PipelineComm
 from lightning_dsinfer.parallel.process_groups import new_pipeline_groups, new_tensor_parallel_groups
-from lightning_dsinfer.policies import UnsupportedModelError, find_policy, has_experts
+from lightning_dsinfer.policies import UnsupportedModelError, find_policy, has_experts, text_model_of
 
 
 def find_hf_models(module: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -198,7 +198,8 @@ class DSInferStrategy(DDPStrategy):
                 find_policy(model)   # raise for an unsupported model before any work starts
         for _, model in models:
             if not is_optimised(model):     # expert parallelism for the models that have experts
-                ep = tp if self.expert_parallel and has_experts(getattr(model.config, "model_type", None)) else 1
+                model_type = getattr(text_model_of(model).config, "model_type", None)   # (a vision-language model's LM)
+                ep = tp if self.expert_parallel and has_experts(model_type) else 1
                 init_inference(model, config=replace(config, expert_parallel_size=ep), comm=self._comm, pipe=self._pipe)
 
     @override
