@@ -522,7 +522,7 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
         extra = {**extra, "sinks": t["sinks"]}
     if spec.attn_output_gate:        # Qwen3-Next / 3.5: the output gated by sigmoid of the qkv GEMM's last rows
         kind = OutputGatedAttention
-    if spec.attn_temperature is not None:   # Llama 4's NoPE layers: queries scaled by their cache column
+    if spec.attn_temperature is not None:   # Llama 4's NoPE layers, Ministral 3: queries scaled by column / position
         kind = TemperatureTunedAttention
 
     def out_proj():                  # (row-parallel: this rank's partial sums reduced; the residual added once)

@@ -643,6 +643,12 @@ LLAMA_LIKE_FAMILIES = {
     "olmoe": dict(intermediate_size=48, num_experts=4, num_experts_per_tok=2),
     # Qwen 2's blocks, a sliding layer and a full one
     "ministral": dict(head_dim=16, sliding_window=7, layer_types=["sliding_attention", "full_attention"]),
+    # Mistral's blocks (a window), yarn rope, Llama 4's query scaling by position from position 4 (every prompt here
+    # reaches it: scales up to 1 + 0.5 log 6)
+    "ministral3": dict(head_dim=16, sliding_window=7,
+                       rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                        "original_max_position_embeddings": 4, "beta_fast": 32.0, "beta_slow": 1.0,
+                                        "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.5}),
     # DeepSeek-V3's MoE (grouped sigmoid routing with its correction bias, a shared expert, a dense first layer) under
     # GQA attention with partial rotary, q/k/v biases and per-head q / k norms
     "glm4_moe": dict(num_hidden_layers=3, head_dim=16, attention_bias=True, use_qk_norm=True, n_routed_experts=8,

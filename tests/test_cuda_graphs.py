@@ -27,10 +27,10 @@ def _generate_recording(model, monkeypatch, **kw):
 
 # + LayerNorms, learned positions, ALiBi; latent attention (its cache write at a tensor column) and grouped routing;
 # linear attention (its states in the cache's rows, updated in place; a dummy row's too); Llama 4's chunked layers
-# (each row's chunk start from its device pad start) and temperature-tuned queries (by the device column)
-# (Falcon-H1: K/V and Mamba-2 states in one block; Mamba: no attention at all)
+# (each row's chunk start from its device pad start) and temperature-tuned queries (by the device column; Ministral
+# 3's by the device positions) (Falcon-H1: K/V and Mamba-2 states in one block; Mamba: no attention at all)
 @pytest.mark.parametrize("family", FAMILIES + ["gpt_neox", "opt", "bloom", "deepseek_v3", "qwen3_5_text", "llama4",
-                                    "falcon_h1", "mamba"])
+                                    "falcon_h1", "mamba", "ministral3"])
 def test_graph_step_equals_eager_step(family, monkeypatch):
     hf = tiny_model(family)
     opt = optimised_copy(hf, max_seq_len=40, max_batch_size=4)

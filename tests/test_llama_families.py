@@ -15,6 +15,8 @@ logits within the bf16 tolerance; for some, int8, offload on both tiers, a check
 the refused settings. Through the Triton kernels:
 tests/kernels/test_engine_triton_path.py::test_llama_like_family_through_triton_matches_hf."""
 
+import copy
+
 import pytest
 import torch
 
@@ -34,7 +36,8 @@ BLOCKS = {"olmo2": ("PostNormDecoderLayer", "ProjectionNormAttention"),
           "olmoe": ("DecoderLayer", "ProjectionNormAttention"),
           "flex_olmo": ("PostNormDecoderLayer", "ProjectionNormAttention"),
           "minimax_m2": ("DecoderLayer", "ProjectionNormAttention"),
-          "hunyuan_v1_dense": ("DecoderLayer", "RotaryFirstAttention")}
+          "hunyuan_v1_dense": ("DecoderLayer", "RotaryFirstAttention"),
+          "ministral3": ("DecoderLayer", "TemperatureTunedAttention")}
 # the ones whose decode steps must stay on the per-op path: output-only norms, whole-projection q / k norms or norms
 # after the rotation, MoE, NoPE layers among rotary ones (Arcee's ReLU squared: taken, since cpu_gemv.act has it)
 MOE = ("olmoe", "glm4_moe", "sarvam_moe", "dots1", "exaone_moe", "flex_olmo", "minimax_m2", "granitemoe",
@@ -153,7 +156,8 @@ def test_llama_like_families_from_checkpoint_on_meta(tmp_path):
     input_linear / output_linear experts and its shared MLP's packed gate | up."""
     from transformers import AutoModelForCausalLM
 
-    for family in ("glm4", "olmo2", "olmoe", "ernie4_5", "glm4_moe", "exaone_moe", "minimax_m2", "granitemoeshared"):
+    for family in ("glm4", "olmo2", "olmoe", "ernie4_5", "glm4_moe", "exaone_moe", "minimax_m2", "granitemoeshared",
+                   "ministral3"):
         hf = tiny_model(family)
         hf.save_pretrained(tmp_path / family)
         with torch.device("meta"):
@@ -165,9 +169,10 @@ def test_llama_like_families_from_checkpoint_on_meta(tmp_path):
 def test_llama_like_families_tensor_parallel():
     """TP=2: OLMo 2 / 3's and OLMoE's q / k norms over the whole projection with each rank's sums of squares
     all-reduced (OLMoE's experts sliced too), GLM-4's reordered q / k rows and biases and packed gate|up sliced by
-    heads and rows; GLM-4.5's and MiniMax-M2's sigmoid-routed experts sliced. Logits, greedy, beam search as HF's,
+    heads and rows; GLM-4.5's and MiniMax-M2's sigmoid-routed experts sliced; Ministral 3's scaled queries by heads.
+    Logits, greedy, beam search as HF's,
     sampling agrees across ranks."""
-    tp = ["olmo2", "olmo3", "glm4", "olmoe", "glm4_moe", "minimax_m2"]
+    tp = ["olmo2", "olmo3", "glm4", "olmoe", "glm4_moe", "minimax_m2", "ministral3"]
     codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", *tp], timeout=300)
     assert codes == [0, 0], "\n".join(outs)
     assert outs[0].count(" OK") == len(tp), outs[0]
@@ -208,3 +213,39 @@ def test_projection_norm_split_over_ranks_equals_the_whole():
 def test_unsupported_settings_are_refused(family, flag, match):
     with pytest.raises(dsi.UnsupportedModelError, match=match):
         dsi.init_inference(tiny_model(family, **flag))
+
+
+def test_ministral3_query_scale_by_position():
+    """Ministral 3 scales each query by 1 + beta log(1 + floor(position / original context)): it matters on the tiny
+    model (HF's own logits move without it); in bf16 the one-call C decode step (which does not scale) runs exactly the
+    steps whose positions are all below the original context, where the scale is 1, and those equal the per-op
+    path's bit for bit."""
+    from lightning_dsinfer.modules import cpu_stack
+
+    hf = tiny_model("ministral3")
+    ids, mask = padded_batch([12, 5, 9], seed=1)
+    unscaled = copy.deepcopy(hf)
+    unscaled.config.rope_parameters["llama_4_scaling_beta"] = 0.0
+    with torch.no_grad():
+        assert (hf(input_ids=ids, attention_mask=mask).logits
+                - unscaled(input_ids=ids, attention_mask=mask).logits)[mask.bool()].abs().max() > 1e-2
+    for original, c_steps in ((4, 0), (1000, 5)):     # (5 of the 6 steps run in C when the scale is 1 throughout)
+        model = copy.deepcopy(hf).to(torch.bfloat16)
+        model.config.rope_parameters["original_max_position_embeddings"] = original
+        calls = []
+        real = cpu_stack.CpuDecodeStack.__call__
+        cpu_stack.CpuDecodeStack.__call__ = lambda self, h, step: calls.append(1) or real(self, h, step)
+        try:
+            opt = optimised_copy(model, max_seq_len=64, dtype=torch.bfloat16)
+            out = opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                               output_scores=True, return_dict_in_generate=True)
+        finally:
+            cpu_stack.CpuDecodeStack.__call__ = real
+        if opt._dsinfer_engine.decoder._stack is None:
+            pytest.skip("no one-call C decode step on this CPU")
+        assert len(calls) == c_steps, (original, len(calls))
+        per_op = optimised_copy(model, max_seq_len=64, dtype=torch.bfloat16)
+        per_op._dsinfer_engine.decoder._stack = None
+        again = per_op.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                output_scores=True, return_dict_in_generate=True)
+        assert torch.equal(torch.stack(again.scores, 1), torch.stack(out.scores, 1))

@@ -96,13 +96,17 @@ class CpuDecodeStack:
             if sandwich:
                 t.attn_out_norm, t.mlp_out_norm = ly.attn_out_norm.data_ptr(), ly.mlp_out_norm.data_ptr()
         self._bound: dict[tuple, ctypes.Array] = {}   # the table with each KV cache's pointers filled in
+        # Ministral 3's query scale by position is 1 exactly below its floor_scale (the original context): the C loop,
+        # which does not scale, runs the steps whose positions are all below it
+        self.unscaled_below = min((ly.attn.floor_scale for ly in layers if hasattr(ly.attn, "floor_scale")),
+                                  default=None)
         self._fn = cpu_gemv.decode_stack_fn()
 
     @classmethod
     def build(cls, decoder) -> "CpuDecodeStack | None":
         """The stack for ``decoder``'s blocks, or None when one of them has something the C loop does not run."""
         from lightning_dsinfer.modules.transformer import (MLP, Attention, DecoderLayer, GatedMLP, GPTDecoderLayer,
-                                                           SandwichDecoderLayer)
+                                                           SandwichDecoderLayer, TemperatureTunedAttention)
 
         if cpu_gemv.decode_stack_fn() is None or not cpu_gemv.has_wide_ops() or len(decoder.layers) == 0:
             return None
@@ -115,8 +119,9 @@ class CpuDecodeStack:
         # every block; sandwich norms (Gemma 2 / 3) are per block
         form = None
         for ly in layers:
-            if (type(ly) not in (DecoderLayer, GPTDecoderLayer, SandwichDecoderLayer) or type(ly.attn) is not Attention
-                    or type(ly.mlp) not in (GatedMLP, MLP)):
+            tuned = type(ly.attn) is TemperatureTunedAttention and ly.attn.at == "position"     # (Ministral 3: see
+            if (type(ly) not in (DecoderLayer, GPTDecoderLayer, SandwichDecoderLayer)                 # applies)
+                    or not (type(ly.attn) is Attention or tuned) or type(ly.mlp) not in (GatedMLP, MLP)):
                 return None
             a, m = ly.attn, ly.mlp
             gated = type(m) is GatedMLP
@@ -197,6 +202,9 @@ class CpuDecodeStack:
                 or not h.is_contiguous() or h.shape[2] != self.hidden):
             return False
         if self.shm is not None and b * self.hidden > self.shm.capacity:
+            return False
+        if self.unscaled_below is not None and (step.positions is None
+                                                or float(step.positions.max()) >= self.unscaled_below):
             return False
         if self.rotary:     # rows [B, R]: the first R (even) dims of each head rotate (R < D: partial rotary)
             r = step.cos.shape[-1]

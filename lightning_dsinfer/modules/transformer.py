@@ -82,7 +82,8 @@ class LayerSpec:
     scaling: float
     sliding_window: int | None = None
     attention_chunk: int | None = None     # Llama 4's chunked layers (they read ``Step.window_mask``, as sliding ones)
-    attn_temperature: tuple[float, float] | None = None   # Llama 4's NoPE layers (TemperatureTunedAttention)
+    attn_temperature: tuple[float, float, str] | None = None   # Llama 4's NoPE layers, Ministral 3
+                                                               # (TemperatureTunedAttention)
     moe_top_k: int = 0                     # MoE layers (modules/moe.py): experts per token, ...
     moe_renormalize: bool = True           # ... top-k probabilities renormalised, ...
     moe_weights_in_dtype: bool = False     # ... routing weights rounded to the model dtype
@@ -207,20 +208,26 @@ class RotaryFirstAttention(Attention):
 
 
 class TemperatureTunedAttention(Attention):
-    """Llama 4's NoPE layers: each query scaled by log1p(floor((c + 1) / floor_scale)) * attn_scale + 1, c its cache
-    column (transformers counts the cache's tokens, left padding included), in fp32 and rounded to the dtype, before
-    attention (no rotary, no q / k norms)."""
+    """Queries scaled by log(1 + floor(i / floor_scale)) * attn_scale + 1 before attention (a per-token scalar, so
+    before or after rotary alike). Llama 4's NoPE layers: i = c + 1, c the query's cache column (transformers counts
+    the cache's tokens, left padding included), the product in fp32 rounded once. Ministral 3 (Llama 4's scaling in
+    every layer, as its rope_parameters' ``llama_4_scaling_beta``): i = the token's position, the scale rounded to the
+    dtype first, as HF multiplies."""
 
     def __init__(self, spec: LayerSpec, layer_idx: int, qkv: Linear, o: Linear, **kw):
         super().__init__(spec, layer_idx, qkv, o, **kw)
-        self.attn_scale, self.floor_scale = spec.attn_temperature
+        self.attn_scale, self.floor_scale, self.at = spec.attn_temperature
 
     def from_qkv(self, qkv: torch.Tensor, residual: torch.Tensor | None, step: Step) -> torch.Tensor:
         t, nq = qkv.shape[1], self.hq * self.d
-        first = step.q_col if step.q_col is not None else step.q_start
-        cols = torch.arange(t, device=qkv.device) + first
-        scale = torch.log1p(torch.floor((cols.float() + 1.0) / self.floor_scale)) * self.attn_scale + 1.0
-        q = (qkv[..., :nq] * scale[:, None]).to(qkv.dtype)
+        if self.at == "position":
+            scale = torch.log(1 + torch.floor(step.positions / self.floor_scale)) * self.attn_scale + 1    # [B, T]
+            q = qkv[..., :nq] * scale.to(qkv.dtype)[..., None]
+        else:
+            first = step.q_col if step.q_col is not None else step.q_start
+            cols = torch.arange(t, device=qkv.device) + first
+            scale = torch.log1p(torch.floor((cols.float() + 1.0) / self.floor_scale)) * self.attn_scale + 1.0
+            q = (qkv[..., :nq] * scale[:, None]).to(qkv.dtype)
         return super().from_qkv(torch.cat((q, qkv[..., nq:]), dim=-1), residual, step)
 
 

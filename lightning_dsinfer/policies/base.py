@@ -221,8 +221,9 @@ class LayerWeights:
     sliding_window: int | None = None
     attention_chunk: int | None = None      # Llama 4: keys of the query's chunk only (chunks of this many tokens from
                                             # each row's first real token)
-    attn_temperature: tuple[float, float] | None = None   # Llama 4's NoPE layers: q x (log1p(floor((c + 1) / floor_scale))
-                                            # * attn_scale + 1) at cache column c: (attn_scale, floor_scale)
+    attn_temperature: tuple[float, float, str] | None = None   # q x (log(1 + floor(i / floor_scale)) * attn_scale + 1):
+                                            # (attn_scale, floor_scale, "column": Llama 4's NoPE layers, i = cache
+                                            # column + 1 | "position": Ministral 3, i = the token's position)
     moe: MoEWeights | None = None
     # Gemma 2 / 3 "sandwich" norms: on the attention's and the MLP's output, before each residual add (``post_norm``
     # is then the MLP's input norm, HF's pre_feedforward_layernorm)

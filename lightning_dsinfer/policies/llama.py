@@ -73,6 +73,8 @@ class FamilyTraits:
     nope: str = "none"              # layers without rotary: "no_rope_layers" (SmolLM3: 0 = NoPE) | "global" (Exaone
                                     # 4: with a sliding window, only the sliding layers rotate)
     plain_mlp: bool = False         # Arcee: down(act(up(x))), no gate
+    position_temperature: bool = False   # Ministral 3: queries x (1 + beta log(1 + floor(position / original max)))
+                                    # (rope_parameters' llama_4_scaling_beta, original_max_position_embeddings)
 
 
 FAMILY: dict[str, FamilyTraits] = {
@@ -100,6 +102,7 @@ FAMILY: dict[str, FamilyTraits] = {
     "exaone4": FamilyTraits(qk_norm="head", norms="post", sliding_from="layer_types", nope="global"),
     "hunyuan_v1_dense": FamilyTraits(qk_norm="after_rotary"),
     "ministral": FamilyTraits(sliding_from="layer_types"),
+    "ministral3": FamilyTraits(sliding_from="config", position_temperature=True),   # (Ministral 3 / Mistral 3's LM)
     # DeepSeek-V3's MoE under GQA attention: GLM-4.5 / 4.6 (partial rotary, q/k/v bias, q / k norms by use_qk_norm),
     # Sarvam (GLM-4.5's modules, whole-head rotary), dots.llm1 (Qwen 3's attention), EXAONE MoE (Exaone 4's attention)
     "glm4_moe": FamilyTraits(qk_norm="head", moe="deepseek"),
@@ -344,6 +347,10 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
     elif traits.moe == "granite":      # (top-k of the logits, softmax over those k)
         routing = Routing(scoring="topk_softmax")
     shared_name = "shared_experts" if traits.moe == "deepseek" else "shared_expert"
+    temperature = None
+    if traits.position_temperature and config.rope_parameters.get("llama_4_scaling_beta") is not None:
+        temperature = (float(config.rope_parameters["llama_4_scaling_beta"]),
+                       float(config.rope_parameters["original_max_position_embeddings"]), "position")
     layers = []
     for i in range(config.num_hidden_layers):
         a, m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
@@ -398,7 +405,7 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
             q_norm=ref(f"{a}.{q_norm}.weight") if q_norm else None,
             k_norm=ref(f"{a}.{k_norm}.weight") if k_norm else None,
             qk_norm_kind="head" if qk_norm == "none" else qk_norm, rotary=_rotates(config, traits, i),
-            sliding_window=_sliding_window(config, traits, i), moe=moe,
+            sliding_window=_sliding_window(config, traits, i), moe=moe, attn_temperature=temperature,
             out_scale=config.residual_multiplier if traits.granite else None,
         ))
     tied = tied_embeddings(model)

@@ -84,7 +84,7 @@ def read_llama4(model: nn.Module, max_seq_len: int, source: WeightSource | None 
             q_norm=unit if l2 else None, k_norm=unit if l2 else None,
             qk_norm_kind="after_rotary" if l2 else "head", rotary=rotates,
             attention_chunk=config.attention_chunk_size if types[i] == "chunked_attention" else None,
-            attn_temperature=(float(config.attn_scale), float(config.floor_scale))
+            attn_temperature=(float(config.attn_scale), float(config.floor_scale), "column")
             if config.attn_temperature_tuning and not rotates else None,
             moe=moe))
     tied = tied_embeddings(model)
