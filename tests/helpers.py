@@ -255,8 +255,8 @@ def tiny_model(family: str, seed: int = 0, **overrides):
             for name, p in model.named_parameters():
                 if "norm" in name:
                     p.normal_(1.0, 0.2)
-        for name, buf in model.named_buffers():     # so would a correction bias at 0 (HF's init)
-            if name.endswith(("e_score_correction_bias", "expert_bias")):
+        for name, buf in (*model.named_buffers(), *model.named_parameters()):   # so would a correction bias at 0
+            if name.endswith(("e_score_correction_bias", "expert_bias")):            # (HF's init)
                 buf.normal_(0.0, 0.3)
         if family == "gpt_oss":             # norms at 1, the experts' biases at 0 (HF's init) would hide misplacements
             for name, p in model.named_parameters():
@@ -678,6 +678,11 @@ LLAMA_LIKE_FAMILIES = {
     "granitemoeshared": dict(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
                              shared_intermediate_size=40, embedding_multiplier=3.0, residual_multiplier=0.3,
                              attention_multiplier=0.05, logits_scaling=4.0),
+    # ERNIE 4.5's attention with its MoE: 4 experts, top 2 chosen on softmax scores + a correction bias, two shared
+    # experts, the first layer dense
+    "ernie4_5_moe": dict(num_hidden_layers=3, head_dim=16, use_bias=True, num_experts=4, num_experts_per_tok=2,
+                         moe_intermediate_size=32, moe_num_shared_experts=2, moe_layer_start_index=1,
+                         moe_layer_interval=1),
     # whole-projection q / k norms, partial rotary, a sigmoid-routed top-2 MoE of 4 experts with a correction bias
     "minimax_m2": dict(head_dim=16, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
                        rotary_dim=8),

@@ -41,7 +41,7 @@ BLOCKS = {"olmo2": ("PostNormDecoderLayer", "ProjectionNormAttention"),
 # the ones whose decode steps must stay on the per-op path: output-only norms, whole-projection q / k norms or norms
 # after the rotation, MoE, NoPE layers among rotary ones (Arcee's ReLU squared: taken, since cpu_gemv.act has it)
 MOE = ("olmoe", "glm4_moe", "sarvam_moe", "dots1", "exaone_moe", "flex_olmo", "minimax_m2", "granitemoe",
-       "granitemoeshared")
+       "granitemoeshared", "ernie4_5_moe")
 PER_OP = ("olmo2", "olmo3", "exaone4", "hunyuan_v1_dense", "smollm3", *MOE)
 # bf16: OLMoE's seed 0 has a routing decision within 7e-4 (a bf16 rounding of the router's input flips it)
 BF16_SEEDS = {"olmoe": 2}
@@ -50,7 +50,8 @@ BF16_SEEDS = {"olmoe": 2}
 ALL_ROUTED = {"glm4_moe": dict(num_experts_per_tok=8, topk_group=4), "sarvam_moe": dict(num_experts_per_tok=6),
               "dots1": dict(num_experts_per_tok=8, topk_group=2), "exaone_moe": dict(num_experts_per_tok=8),
               "minimax_m2": dict(num_experts_per_tok=4), "flex_olmo": dict(num_experts_per_tok=4),
-              "granitemoe": dict(num_experts_per_tok=4), "granitemoeshared": dict(num_experts_per_tok=4)}
+              "granitemoe": dict(num_experts_per_tok=4), "granitemoeshared": dict(num_experts_per_tok=4),
+              "ernie4_5_moe": dict(num_experts_per_tok=4)}
 
 
 def _generate_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -157,7 +158,7 @@ def test_llama_like_families_from_checkpoint_on_meta(tmp_path):
     from transformers import AutoModelForCausalLM
 
     for family in ("glm4", "olmo2", "olmoe", "ernie4_5", "glm4_moe", "exaone_moe", "minimax_m2", "granitemoeshared",
-                   "ministral3"):
+                   "ministral3", "ernie4_5_moe"):
         hf = tiny_model(family)
         hf.save_pretrained(tmp_path / family)
         with torch.device("meta"):
@@ -172,7 +173,7 @@ def test_llama_like_families_tensor_parallel():
     heads and rows; GLM-4.5's and MiniMax-M2's sigmoid-routed experts sliced; Ministral 3's scaled queries by heads.
     Logits, greedy, beam search as HF's,
     sampling agrees across ranks."""
-    tp = ["olmo2", "olmo3", "glm4", "olmoe", "glm4_moe", "minimax_m2", "ministral3"]
+    tp = ["olmo2", "olmo3", "glm4", "olmoe", "glm4_moe", "minimax_m2", "ministral3", "ernie4_5_moe"]
     codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", *tp], timeout=300)
     assert codes == [0, 0], "\n".join(outs)
     assert outs[0].count(" OK") == len(tp), outs[0]

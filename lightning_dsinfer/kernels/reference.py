@@ -312,7 +312,8 @@ class Routing:
     of the logits, the router's own bias added to them, and a softmax over those k, all in x's dtype as transformers
     computes it (the other fields unused). ``scoring`` "topk_sigmoid" (Llama 4): the top-k of the logits (x's dtype),
     their sigmoid in fp32 rounded to x's dtype. ``input_scaled`` (Llama 4): a token's weight scales the expert's input,
-    expert(w * x), instead of its output (the other fields unused)."""
+    expert(w * x), instead of its output (the other fields unused). ``sum_floor`` (ERNIE 4.5 MoE): the renormalising
+    sum clamped below at it."""
     scoring: str = "softmax"
     groups: int = 1
     topk_groups: int = 1
@@ -322,6 +323,7 @@ class Routing:
     scale: float = 1.0
     fp32: bool = False
     input_scaled: bool = False
+    sum_floor: float = 0.0
 
 
 def input_scaled(routing: Routing | None) -> bool:
@@ -367,7 +369,7 @@ def _grouped_topk(x, router, top_k: int, r: Routing, bias):
     ids = torch.topk(choice, top_k, dim=-1, sorted=False).indices
     w = scores.gather(1, ids)
     if r.renormalize:
-        w = w / (w.sum(-1, keepdim=True) + r.eps)
+        w = w / torch.clamp(w.sum(-1, keepdim=True) + r.eps, min=r.sum_floor)
     return w * r.scale, ids
 
 

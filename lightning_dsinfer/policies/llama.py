@@ -60,7 +60,9 @@ class FamilyTraits:
                                     # sigmoid router with its correction bias and groups, shared_experts, dense first
                                     # layers) | "minimax" (every layer sparse: sigmoid top-k on scores + the block's
                                     # correction bias, renormalised) | "granite" (every layer sparse: block_sparse_moe,
-                                    # softmax over the top-k logits; GraniteMoE-Shared's shared_mlp beside it)
+                                    # softmax over the top-k logits; GraniteMoE-Shared's shared_mlp beside it) |
+                                    # "ernie" (ERNIE 4.5 MoE: fp32 softmax scores chosen with a correction bias,
+                                    # renormalised with a floor, shared experts, sparse layers by start / end / interval)
     packed: str = "none"            # "all": Phi-3's self_attn.qkv_proj (q | k | v rows) and mlp.gate_up_proj (gate |
                                     # up); "mlp": the latter only (GLM, GLM-4)
     gemma: int = 0                  # Gemma generation (see the module docstring)
@@ -116,6 +118,8 @@ FAMILY: dict[str, FamilyTraits] = {
     # Granite 3 MoE: Granite's multipliers (the residual one folded into the experts' and shared MLP's down too)
     "granitemoe": FamilyTraits(granite=True, moe="granite"),
     "granitemoeshared": FamilyTraits(granite=True, moe="granite"),
+    # ERNIE 4.5 MoE: ERNIE 4.5's attention (interleaved rotary, biases) with its MoE
+    "ernie4_5_moe": FamilyTraits(rope="interleaved", moe="ernie"),
 }
 
 # transformers' activation names -> the gated MLP's (``reference.gated_act``), and a plain MLP's (``reference.act``)
@@ -147,6 +151,9 @@ def _sparse_layer(config, traits: FamilyTraits, i: int) -> bool:
     if traits.moe == "qwen":
         return (i not in (getattr(config, "mlp_only_layers", None) or []) and config.num_experts > 0
                 and (i + 1) % config.decoder_sparse_step == 0)
+    if traits.moe == "ernie":
+        return ((i + 1) % config.moe_layer_interval == 0 and config.moe_layer_start_index <= i
+                <= config.moe_layer_end_index)
     return traits.moe == "olmoe"
 
 # Rope types whose frequencies HF changes with the running sequence length.
@@ -219,7 +226,7 @@ def _refuse(config, traits: FamilyTraits) -> None:
 # Expert parts as checkpoints store them (transformers' WeightConverter merges them into the 3D tensors on load).
 _EXPERT_PARTS = {"mixtral": {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)},
                  "qwen": {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}}
-_EXPERT_PARTS["olmoe"] = _EXPERT_PARTS["deepseek"] = _EXPERT_PARTS["qwen"]
+_EXPERT_PARTS["olmoe"] = _EXPERT_PARTS["deepseek"] = _EXPERT_PARTS["ernie"] = _EXPERT_PARTS["qwen"]
 _EXPERT_PARTS["minimax"] = _EXPERT_PARTS["mixtral"]
 _EXPERT_PARTS["nemotron_h"] = {"up_proj": ("up_proj",), "down_proj": ("down_proj",)}     # (experts without a gate)
 
@@ -238,6 +245,8 @@ def _experts(source: WeightSource, config, traits: FamilyTraits, mlp: str, name:
     its per-expert parts from a checkpoint, stacked on read (:class:`ExpertStack`)."""
     fused = f"{mlp}.experts.{name}"
     entries = getattr(source, "entries", None)
+    if entries is None and isinstance(source, RowSlices):      # (ERNIE 4.5 MoE: the rotary rows reordered too)
+        entries = getattr(source.inner, "entries", None)
     if entries is None or fused in entries:
         return source.ref(fused)
     n = num_experts(config)
@@ -346,7 +355,10 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
         router_bias = "e_score_correction_bias"
     elif traits.moe == "granite":      # (top-k of the logits, softmax over those k)
         routing = Routing(scoring="topk_softmax")
-    shared_name = "shared_experts" if traits.moe == "deepseek" else "shared_expert"
+    elif traits.moe == "ernie":        # (the bias [1, E] broadcasts over the tokens' scores)
+        routing = Routing(scoring="softmax", fp32=True, renormalize=True, sum_floor=float(config.moe_norm_min))
+        router_bias = "gate.moe_statics.e_score_correction_bias"
+    shared_name = "shared_experts" if traits.moe in ("deepseek", "ernie") else "shared_expert"
     temperature = None
     if traits.position_temperature and config.rope_parameters.get("llama_4_scaling_beta") is not None:
         temperature = (float(config.rope_parameters["llama_4_scaling_beta"]),
