@@ -2106,11 +2106,12 @@ int dsi_mamba1_conv_bf16(const void* proj, int64_t ld, void* history, const void
     return 0;
 }
 
-// dsi_mamba1_scan_bf16: per row and channel i: dt = softplus(dt_raw + dt_bias) (fp32), the state row [N] (fp32, in
-// place) decayed by exp(dt a), a = -exp(a_log[i]), plus (dt B) x; y = sum_n bf16(S[n]) C[n] rounded to bf16 (the
-// torch path's bf16 product), then (y + x D) silu(z) rounded: out [B, I] bf16. x, dt [B, I] bf16 (contiguous), z and
-// B | C rows with strides ldz / ldbc. a computed once per call, B and C widened once per row; N in 16-lane vectors
-// (exp16: Cephes' expf).
+// dsi_mamba1_scan_bf16: per row and channel i, for each of T tokens in order: dt = softplus(dt_raw + dt_bias) (fp32),
+// the state row [N] (fp32, in place) decayed by exp(dt a), a = -exp(a_log[i]), plus (dt B) x; y = sum_n bf16(S[n]) C[n]
+// rounded to bf16 (the torch path's bf16 product), then (y + x D) silu(z) rounded: out [B, T, I] bf16. x, dt [B, T, I]
+// bf16 (contiguous), z and B | C rows with row / token strides (ldz, ldzt; ldbc, ldbct). a computed once per call, B
+// and C widened once per token; N in 16-lane vectors (exp16: Cephes' expf); the state stays in registers over the
+// tokens (a prompt's scan in one call; a decode step is T = 1).
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 static inline __m512 round_bf16x16(__m512 v) {   // to the nearest bf16 (ties to even), as fp32 lanes
     __m512i u = _mm512_castps_si512(v);
@@ -2120,9 +2121,9 @@ static inline __m512 round_bf16x16(__m512 v) {   // to the nearest bf16 (ties to
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vl")))
-int dsi_mamba1_scan_bf16(const void* xc, const void* zp, int64_t ldz, const void* dtp, const void* bcp, int64_t ldbc,
-                         const void* dt_bias, const void* a_log, const void* d_skip, float* state, void* out,
-                         int64_t B, int64_t I, int64_t N, int threads) {
+int dsi_mamba1_scan_bf16(const void* xc, const void* zp, int64_t ldz, int64_t ldzt, const void* dtp, const void* bcp,
+                         int64_t ldbc, int64_t ldbct, const void* dt_bias, const void* a_log, const void* d_skip,
+                         float* state, void* out, int64_t B, int64_t T, int64_t I, int64_t N, int threads) {
     if (dsi_gemv_best_isa() < 2) return -1;
     const uint16_t* X = static_cast<const uint16_t*>(xc);
     const uint16_t* Z = static_cast<const uint16_t*>(zp);
@@ -2133,7 +2134,7 @@ int dsi_mamba1_scan_bf16(const void* xc, const void* zp, int64_t ldz, const void
     const uint16_t* Dk = static_cast<const uint16_t*>(d_skip);
     uint16_t* O = static_cast<uint16_t*>(out);
     const int64_t Np = (N + 15) / 16 * 16;           // lanes per channel, padded (a = 0, B = C = 0 in the padding)
-    std::vector<float> A(static_cast<size_t>(I * Np), 0.f), BCf(static_cast<size_t>(B * 2 * Np), 0.f);
+    std::vector<float> A(static_cast<size_t>(I * Np), 0.f), BCf(static_cast<size_t>(B * T * 2 * Np), 0.f);
     const int nt = threads > 0 ? threads : 1;
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t i = 0; i < I; ++i)
@@ -2143,32 +2144,38 @@ int dsi_mamba1_scan_bf16(const void* xc, const void* zp, int64_t ldz, const void
                                   _mm512_sub_ps(_mm512_setzero_ps(), exp16(widen16_mask(AL + i * N + n, m))));
         }
     for (int64_t b = 0; b < B; ++b)
-        for (int64_t n = 0; n < N; ++n) {
-            BCf[b * 2 * Np + n] = bf16_to_f32(BC[b * ldbc + n]);
-            BCf[b * 2 * Np + Np + n] = bf16_to_f32(BC[b * ldbc + N + n]);
-        }
+        for (int64_t t = 0; t < T; ++t)
+            for (int64_t n = 0; n < N; ++n) {
+                const uint16_t* row = BC + b * ldbc + t * ldbct;
+                BCf[(b * T + t) * 2 * Np + n] = bf16_to_f32(row[n]);
+                BCf[(b * T + t) * 2 * Np + Np + n] = bf16_to_f32(row[N + n]);
+            }
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t u = 0; u < B * I; ++u) {
         const int64_t b = u / I, i = u % I;
-        const float s = bf16_to_f32(DTr[u]) + bf16_to_f32(DB[i]);
-        const float dt = s > 20.f ? s : log1pf(expf(s));
-        const float x = bf16_to_f32(X[u]);
-        const __m512 dtv = _mm512_set1_ps(dt), xv = _mm512_set1_ps(x);
-        const float* Bv = BCf.data() + b * 2 * Np;
-        const float* Cv = Bv + Np;
         const float* a = A.data() + i * Np;
+        const float bias = bf16_to_f32(DB[i]), dskip = bf16_to_f32(Dk[i]);
         float* S = state + u * N;
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t n = 0; n < N; n += 16) {
-            const __mmask16 m = lanes16(N - n);
-            const __m512 dA = exp16(_mm512_mul_ps(dtv, _mm512_loadu_ps(a + n)));
-            const __m512 dBx = _mm512_mul_ps(_mm512_mul_ps(dtv, _mm512_loadu_ps(Bv + n)), xv);
-            const __m512 st = _mm512_add_ps(_mm512_mul_ps(dA, _mm512_maskz_loadu_ps(m, S + n)), dBx);
-            _mm512_mask_storeu_ps(S + n, m, st);
-            acc = _mm512_fmadd_ps(round_bf16x16(st), _mm512_loadu_ps(Cv + n), acc);
+        for (int64_t t = 0; t < T; ++t) {
+            const int64_t at = (b * T + t) * I + i;
+            const float s = bf16_to_f32(DTr[at]) + bias;
+            const float dt = s > 20.f ? s : log1pf(expf(s));
+            const float x = bf16_to_f32(X[at]);
+            const __m512 dtv = _mm512_set1_ps(dt), xv = _mm512_set1_ps(x);
+            const float* Bv = BCf.data() + (b * T + t) * 2 * Np;
+            const float* Cv = Bv + Np;
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t n = 0; n < N; n += 16) {
+                const __mmask16 m = lanes16(N - n);
+                const __m512 dA = exp16(_mm512_mul_ps(dtv, _mm512_loadu_ps(a + n)));
+                const __m512 dBx = _mm512_mul_ps(_mm512_mul_ps(dtv, _mm512_loadu_ps(Bv + n)), xv);
+                const __m512 st = _mm512_add_ps(_mm512_mul_ps(dA, _mm512_maskz_loadu_ps(m, S + n)), dBx);
+                _mm512_mask_storeu_ps(S + n, m, st);
+                acc = _mm512_fmadd_ps(round_bf16x16(st), _mm512_loadu_ps(Cv + n), acc);
+            }
+            const float y = bf16_to_f32(f32_to_bf16(_mm512_reduce_add_ps(acc)));
+            O[at] = f32_to_bf16((y + x * dskip) * silu_f32(bf16_to_f32(Z[b * ldz + t * ldzt + i])));
         }
-        const float y = bf16_to_f32(f32_to_bf16(_mm512_reduce_add_ps(acc)));
-        O[u] = f32_to_bf16((y + x * bf16_to_f32(Dk[i])) * silu_f32(bf16_to_f32(Z[b * ldz + i])));
     }
     return 0;
 }

@@ -121,7 +121,7 @@ class _Kernel:
         self.mamba1_conv.argtypes = [p, i64, p, p, p, p, i64, i64, i64, ctypes.c_int]
         self.mamba1_scan = lib.dsi_mamba1_scan_bf16
         self.mamba1_scan.restype = ctypes.c_int
-        self.mamba1_scan.argtypes = [p, p, i64, p, p, i64, p, p, p, p, p, i64, i64, i64, ctypes.c_int]
+        self.mamba1_scan.argtypes = [p, p, i64, i64, p, p, i64, i64, p, p, p, p, p, i64, i64, i64, i64, ctypes.c_int]
         self.mamba2 = lib.dsi_mamba2_step_bf16
         self.mamba2.restype = ctypes.c_int
         self.mamba2.argtypes = [p, i64, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float,
@@ -886,25 +886,26 @@ def mamba1_conv(proj: torch.Tensor, history: torch.Tensor, conv: torch.Tensor,
 
 def mamba1_scan(x: torch.Tensor, z: torch.Tensor, dt: torch.Tensor, bc: torch.Tensor, dt_bias: torch.Tensor,
                 a_log: torch.Tensor, d: torch.Tensor, state: torch.Tensor) -> torch.Tensor | None:
-    """Mamba-1's selective-state step for bf16 rows in one C call: x, dt (dt_proj's output) [B, 1, I], z [B, 1, I]
-    and bc [B, 1, 2N] (B | C) views with unit inner stride, dt_bias / D [I], a_log [I, N], the state [B, I, N] fp32
-    (updated in place). Returns (y + D x) silu(z) [B, 1, I] bf16 (the torch ops' roundings), or None."""
+    """Mamba-1's selective scan for bf16 rows in one C call, over T tokens in order (a decode step: T = 1; a prompt:
+    all of it): x, dt (dt_proj's output) [B, T, I] contiguous, z [B, T, I] and bc [B, T, 2N] (B | C) views with unit
+    inner stride, dt_bias / D [I], a_log [I, N], the state [B, I, N] fp32 (updated in place). Returns (y + D x) silu(z)
+    [B, T, I] bf16 (the torch ops' roundings), or None."""
     k = _kernel if _kernel is not None else _load()
     if k is None or _off or k.best_isa < 2:
         return None
     if a_log.dim() != 2 or x.dim() != 3 or dt_bias.numel() != a_log.shape[0] or d.numel() != a_log.shape[0]:
         return None
-    b, i, n = x.shape[0], a_log.shape[0], a_log.shape[1]
-    if (any(t.dtype != torch.bfloat16 or t.device.type != "cpu" for t in (x, z, dt, bc, dt_bias, a_log, d))
-            or not all(t.is_contiguous() for t in (x, dt, dt_bias, a_log, d)) or z.stride(-1) != 1
-            or bc.stride(-1) != 1 or x.shape != (b, 1, i) or dt.shape != (b, 1, i) or z.shape != (b, 1, i)
-            or bc.shape != (b, 1, 2 * n) or state.dtype != torch.float32 or not state.is_contiguous()
+    b, t, i, n = x.shape[0], x.shape[1], a_log.shape[0], a_log.shape[1]
+    if (any(v.dtype != torch.bfloat16 or v.device.type != "cpu" for v in (x, z, dt, bc, dt_bias, a_log, d))
+            or not all(v.is_contiguous() for v in (x, dt, dt_bias, a_log, d)) or z.stride(-1) != 1
+            or bc.stride(-1) != 1 or x.shape != (b, t, i) or dt.shape != (b, t, i) or z.shape != (b, t, i)
+            or bc.shape != (b, t, 2 * n) or state.dtype != torch.float32 or not state.is_contiguous()
             or state.shape != (b, i, n)):
         return None
-    out = torch.empty(b, 1, i, dtype=torch.bfloat16)
-    rc = k.mamba1_scan(x.data_ptr(), z.data_ptr(), z.stride(0), dt.data_ptr(), bc.data_ptr(), bc.stride(0),
-                       dt_bias.data_ptr(), a_log.data_ptr(), d.data_ptr(), state.data_ptr(), out.data_ptr(), b, i, n,
-                       torch.get_num_threads())
+    out = torch.empty(b, t, i, dtype=torch.bfloat16)
+    rc = k.mamba1_scan(x.data_ptr(), z.data_ptr(), z.stride(0), z.stride(1), dt.data_ptr(), bc.data_ptr(),
+                       bc.stride(0), bc.stride(1), dt_bias.data_ptr(), a_log.data_ptr(), d.data_ptr(),
+                       state.data_ptr(), out.data_ptr(), b, t, i, n, torch.get_num_threads())
     return out if rc == 0 else None
 
 
