@@ -357,6 +357,16 @@ def mamba2_step(proj: torch.Tensor, history: torch.Tensor, conv: torch.Tensor, c
     return gated_norm(y, proj, norm, groups, eps)
 
 
+def mamba1_scan(x: torch.Tensor, z: torch.Tensor, dt: torch.Tensor, bc: torch.Tensor, dt_bias: torch.Tensor,
+                a_log: torch.Tensor, d: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """Mamba-1's selective scan over a call's tokens on the Triton path (``kernels/mamba1.py``; shapes there), the
+    state updated in place. The reference: the module's torch recurrence (``modules/gated_deltanet.Mamba1Mixer``)."""
+    from lightning_dsinfer.kernels.mamba1 import scan
+
+    _count("mamba1", "triton")
+    return scan(x, z, dt, bc, dt_bias, a_log, d, state)
+
+
 def clamped_swiglu(gate_up: torch.Tensor, act: reference.ClampedSwiGLU) -> torch.Tensor:
     """gpt-oss's expert activation ``act(gate_up)`` (:class:`reference.ClampedSwiGLU`): on the Triton path
     ``kernels/activations.clamped_swiglu`` (fp32 inside, one rounding), else the reference (each op in the rows'

@@ -438,12 +438,16 @@ class Mamba1Mixer(nn.Module):
             x = x * valid
         dt, b, c = self._dt_b_c(x)
         h = torch.zeros(bsz, inner, n, device=proj.device) if state is None else state.float().contiguous()
-        if dtype == torch.bfloat16 and proj.device.type == "cpu" and cpu_gemv.has_wide_ops():   # a bf16 CPU prompt:
-            out = cpu_gemv.mamba1_scan(x.contiguous(), z, dt.contiguous(), torch.cat((b, c), -1),   # the scan in one C
-                                       self.dt_bias, self.a_log, self.d, h)                          # call (h in place)
-            if out is not None:
-                keep_states(keep, window[..., -(self.kernel - 1):], h)
-                return self.o(out, residual)
+        out = None
+        if ops.uses_triton(proj):      # the scan over the call's tokens in one kernel (kernels/mamba1.py; h in place)
+            out = ops.mamba1_scan(x.contiguous(), z, dt.contiguous(), torch.cat((b, c), -1), self.dt_bias,
+                                  self.a_log.contiguous(), self.d, h)
+        elif dtype == torch.bfloat16 and proj.device.type == "cpu" and cpu_gemv.has_wide_ops():   # a bf16 CPU
+            out = cpu_gemv.mamba1_scan(x.contiguous(), z, dt.contiguous(), torch.cat((b, c), -1),   # prompt: in one
+                                       self.dt_bias, self.a_log, self.d, h)                          # C call
+        if out is not None:
+            keep_states(keep, window[..., -(self.kernel - 1):], h)
+            return self.o(out, residual)
         dt = F.softplus(dt.float() + self.dt_bias.float())                                     # [B, T, I] fp32
         a = -torch.exp(self.a_log.float())                                                     # [I, N]
         ys = []

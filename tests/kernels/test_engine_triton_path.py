@@ -213,6 +213,16 @@ def test_linear_state_decode_steps_through_triton_match_hf(family, op, mixers, m
     assert ops.dispatch_counts[(op, "triton")] == STEPS * mixers, dict(ops.dispatch_counts)
 
 
+@pytest.mark.parametrize("family", ["mamba", pytest.param("falcon_mamba", marks=GPU_ONLY)])   # (falcon_mamba: the
+def test_mamba1_through_triton_matches_hf(family, monkeypatch):                                # same scan, its norms)
+    """Mamba-1: every call's selective scan (prompts' and decode steps') in kernels/mamba1.py: fp32 logits and greedy
+    tokens as HF's."""
+    monkeypatch.setenv("DSINFER_CUDA_GRAPHS", "0")
+    opt = _matches_hf_through_triton(family)
+    assert ops.dispatch_counts[("mamba1", "triton")] == FORWARDS * len(opt._dsinfer_engine.decoder.layers), \
+        dict(ops.dispatch_counts)
+
+
 @pytest.mark.parametrize("family", [pytest.param("nemotron_h_moe", marks=GPU_ONLY), "nemotron_h_latent"])  # (latent
 # experts run the plain activation's path too)
 def test_nemotron_h_experts_through_triton_match_hf(family, monkeypatch):
