@@ -214,6 +214,32 @@ def cases(dev: str = "cuda", tiny: bool = False):
                                                   (0.0, float("inf"))),
                     torch_mamba, 2 * state.numel() * 4))
 
+    # Mamba-1's selective scan (FalconMamba 7B: 8192 channels, state 16): a decode step (T = 1, the fp32 state read and
+    # written once) and a 128-token prompt's (the state in registers over the tokens), against the module's torch
+    # recurrence on the same inputs
+    from lightning_dsinfer.kernels.mamba1 import scan as mamba1_scan
+
+    mi, mn1 = (64, 16) if tiny else (8192, 16)
+    for b, tt in ((1, 1), (16, 1), (1, 16 if tiny else 128)):
+        x1, dt1 = torch.randn(b, tt, mi, device=dev, dtype=bf), torch.randn(b, tt, mi, device=dev, dtype=bf)
+        z1, bc1 = torch.randn(b, tt, mi, device=dev, dtype=bf), torch.randn(b, tt, 2 * mn1, device=dev, dtype=bf)
+        dtb1, alog1, dd1 = (torch.randn(mi, device=dev, dtype=bf), torch.randn(mi, mn1, device=dev, dtype=bf) * 0.5,
+                            torch.randn(mi, device=dev, dtype=bf))
+        state1 = torch.randn(b, mi, mn1, device=dev) * 0.1
+
+        def torch_mamba1(x1=x1, z1=z1, dt1=dt1, bc1=bc1, dtb1=dtb1, alog1=alog1, dd1=dd1, state1=state1, tt=tt):
+            bb, cc = bc1.split([mn1, mn1], -1)
+            dts, a, h, ys = F.softplus(dt1.float() + dtb1.float()), -alog1.float().exp(), state1, []
+            for i in range(tt):
+                h = torch.exp(dts[:, i, :, None] * a) * h + dts[:, i, :, None] * bb[:, i, None].float() * \
+                    x1[:, i, :, None].float()
+                ys.append((h.to(bf).float() * cc[:, i, None].float()).sum(-1).to(bf))
+            return ((torch.stack(ys, 1).float() + x1.float() * dd1.float()) * F.silu(z1.float())).to(bf)
+        out.append(("mamba1 scan", f"B={b} T={tt} {mi}xN{mn1} fp32 state",
+                    lambda x1=x1, z1=z1, dt1=dt1, bc1=bc1, dtb1=dtb1, alog1=alog1, dd1=dd1, state1=state1:
+                    mamba1_scan(x1, z1, dt1, bc1, dtb1, alog1, dd1, state1),
+                    torch_mamba1, 2 * state1.numel() * 4 + 4 * x1.numel() * 2))
+
     t = ctx
     qkv = torch.randn(1, t, hq + 2 * hkv, d, device=dev, dtype=bf)
     q, k, v = qkv[:, :, :hq], qkv[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:]
