@@ -255,6 +255,10 @@ def tiny_model(family: str, seed: int = 0, **overrides):
             for name, p in model.named_parameters():
                 if "norm" in name:
                     p.normal_(1.0, 0.2)
+        if family in ("exaone", "internlm3", "helium", "hunyuan_v1_moe"):   # HF's linear biases start at 0: random
+            for name, p in model.named_parameters():                         # ones, so a bias dropped or misplaced
+                if name.endswith("_proj.bias"):                              # (Helium's reordered rows) cannot pass
+                    p.normal_(0.0, 0.2)
         for name, buf in (*model.named_buffers(), *model.named_parameters()):   # so would a correction bias at 0
             if name.endswith(("e_score_correction_bias", "expert_bias")):            # (HF's init)
                 buf.normal_(0.0, 0.3)
@@ -686,6 +690,32 @@ LLAMA_LIKE_FAMILIES = {
     # whole-projection q / k norms, partial rotary, a sigmoid-routed top-2 MoE of 4 experts with a correction bias
     "minimax_m2": dict(head_dim=16, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
                        rotary_dim=8),
+    # Llama's blocks under other model types: EXAONE 3 (saved under its own transformer.h.* names), InternLM 3 (q/k/v/o
+    # and MLP biases, its config ties the two), IQuest-Coder (head_dim != hidden / heads); CWM (a sliding layer)
+    "exaone": dict(attention_bias=True),
+    "internlm3": dict(head_dim=24, attention_bias=True, mlp_bias=True),
+    "iquestcoder": dict(head_dim=24),
+    "cwm": dict(head_dim=16, sliding_window=7, layer_types=["sliding_attention", "full_attention"],
+                rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    # interleaved rotary over the whole head, q/k/v and MLP biases, norms scaled in fp32
+    "helium": dict(head_dim=16, attention_bias=True, mlp_bias=True),
+    # DeepSeek-V3's MoE in every layer (grouped sigmoid routing with its correction bias, a shared expert)
+    "solar_open": dict(head_dim=16, n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=2,
+                       moe_intermediate_size=32, n_shared_experts=1, routed_scaling_factor=2.0, norm_topk_prob=True),
+    # per-head q / k norms, sliding / full layers with a rope table each, a dense first layer then a softmax top-2 MoE
+    # of 4 experts (renormalised)
+    "mellum": dict(num_hidden_layers=3, head_dim=16, sliding_window=7,
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                   mlp_layer_types=["dense", "sparse", "sparse"], num_experts=4, num_experts_per_tok=2,
+                   moe_intermediate_size=32, norm_topk_prob=True,
+                   rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 100000.0},
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}}),
+    # HunYuan's attention (q / k norms after the rotation, biases, NTK-alpha rope), a top-2 MoE of 4 experts plus the
+    # shared MLP in every layer
+    "hunyuan_v1_moe": dict(head_dim=16, intermediate_size=48, attention_bias=True, num_experts=4, moe_topk=2,
+                           rope_parameters={"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0,
+                                            "rope_theta": 10000.0}),
 }
 
 

@@ -9,7 +9,10 @@ top-2 MoE), Ministral (Qwen 2's blocks, sliding / full layers), the DeepSeek-V3 
 (partial rotary, q/k/v biases, q / k norms), Sarvam, dots.llm1 (Qwen 3's attention, a sliding layer), EXAONE MoE
 (Exaone 4's attention, dense / sparse by mlp_layer_types); FlexOlmo (OLMo 2's blocks, OLMoE's MoE) and MiniMax-M2
 (whole-projection q / k norms, partial rotary, a sigmoid router with a correction bias), GraniteMoE and
-GraniteMoE-Shared (Granite's multipliers, the residual one folded into every down, softmax over the top-k logits).
+GraniteMoE-Shared (Granite's multipliers, the residual one folded into every down, softmax over the top-k logits);
+EXAONE 3, InternLM 3 (random biases), IQuest-Coder, CWM (a sliding layer, llama3 rope), Helium (interleaved rotary,
+random biases), Solar Open (DeepSeek-V3's MoE in every layer), Mellum (per-head q / k norms, a rope table per layer
+type, a dense layer then softmax top-2 MoE layers), HunYuan MoE (q / k norms after the rotation, top-2 MoE + shared MLP).
 fp32 logits atol 2e-4 / rtol 1e-4 on a left-padded batch and greedy tokens identical; bf16 prompt and decode-step
 logits within the bf16 tolerance; for some, int8, offload on both tiers, a checkpoint on meta and TP=2;
 the refused settings. Through the Triton kernels:
@@ -37,11 +40,12 @@ BLOCKS = {"olmo2": ("PostNormDecoderLayer", "ProjectionNormAttention"),
           "flex_olmo": ("PostNormDecoderLayer", "ProjectionNormAttention"),
           "minimax_m2": ("DecoderLayer", "ProjectionNormAttention"),
           "hunyuan_v1_dense": ("DecoderLayer", "RotaryFirstAttention"),
+          "hunyuan_v1_moe": ("DecoderLayer", "RotaryFirstAttention"),
           "ministral3": ("DecoderLayer", "TemperatureTunedAttention")}
 # the ones whose decode steps must stay on the per-op path: output-only norms, whole-projection q / k norms or norms
 # after the rotation, MoE, NoPE layers among rotary ones (Arcee's ReLU squared: taken, since cpu_gemv.act has it)
 MOE = ("olmoe", "glm4_moe", "sarvam_moe", "dots1", "exaone_moe", "flex_olmo", "minimax_m2", "granitemoe",
-       "granitemoeshared", "ernie4_5_moe")
+       "granitemoeshared", "ernie4_5_moe", "solar_open", "mellum", "hunyuan_v1_moe")
 PER_OP = ("olmo2", "olmo3", "exaone4", "hunyuan_v1_dense", "smollm3", *MOE)
 # bf16: OLMoE's seed 0 has a routing decision within 7e-4 (a bf16 rounding of the router's input flips it)
 BF16_SEEDS = {"olmoe": 2}
@@ -51,7 +55,8 @@ ALL_ROUTED = {"glm4_moe": dict(num_experts_per_tok=8, topk_group=4), "sarvam_moe
               "dots1": dict(num_experts_per_tok=8, topk_group=2), "exaone_moe": dict(num_experts_per_tok=8),
               "minimax_m2": dict(num_experts_per_tok=4), "flex_olmo": dict(num_experts_per_tok=4),
               "granitemoe": dict(num_experts_per_tok=4), "granitemoeshared": dict(num_experts_per_tok=4),
-              "ernie4_5_moe": dict(num_experts_per_tok=4)}
+              "ernie4_5_moe": dict(num_experts_per_tok=4), "solar_open": dict(num_experts_per_tok=8, topk_group=2),
+              "mellum": dict(num_experts_per_tok=4), "hunyuan_v1_moe": dict(moe_topk=4)}
 
 
 def _generate_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -98,6 +103,11 @@ def test_llama_like_family_matches_hf(family):
     # windows, OLMo 3's rope table of the sliding layers
     if family in ("smollm3", "exaone4"):
         assert [ly.attn.rotary for ly in layers] == [True, False]
+    if family == "cwm":
+        assert [ly.attn.sliding for ly in layers] == [True, False]
+    if family == "mellum":
+        assert [ly.attn.sliding for ly in layers] == [True, False, True] and opt._dsinfer_engine.rotary.sliding
+        assert [type(ly.mlp).__name__ for ly in layers] == ["GatedMLP", "MoEMLP", "MoEMLP"]
     if family == "olmo3":
         assert [ly.attn.sliding for ly in layers] == [True, False, True] and opt._dsinfer_engine.rotary.sliding
     _assert_same(hf, opt)
@@ -154,11 +164,13 @@ def test_llama_like_families_from_checkpoint_on_meta(tmp_path):
     of the files, OLMo 2's whole-projection norms, OLMoE's experts, ERNIE 4.5's tied embeddings; the experts one by
     one (stacked on read) and the correction biases where transformers stores them: GLM-4.5's (and EXAONE MoE's, which
     transformers renames on load) in the router, MiniMax-M2's (renamed too) in the block; GraniteMoE-Shared's 3D
-    input_linear / output_linear experts and its shared MLP's packed gate | up."""
+    input_linear / output_linear experts and its shared MLP's packed gate | up; EXAONE 3's checkpoint names
+    (transformer.h.*, attn.attention.*, c_fc_0 / c_fc_1 / c_proj, ln_1 / ln_2: renamed on load), Helium's reordered q / k
+    rows and biases, Solar Open's, Mellum's and HunYuan MoE's experts one by one (HunYuan's router is mlp.gate.wg)."""
     from transformers import AutoModelForCausalLM
 
     for family in ("glm4", "olmo2", "olmoe", "ernie4_5", "glm4_moe", "exaone_moe", "minimax_m2", "granitemoeshared",
-                   "ministral3", "ernie4_5_moe"):
+                   "ministral3", "ernie4_5_moe", "exaone", "helium", "solar_open", "mellum", "hunyuan_v1_moe"):
         hf = tiny_model(family)
         hf.save_pretrained(tmp_path / family)
         with torch.device("meta"):
@@ -173,7 +185,8 @@ def test_llama_like_families_tensor_parallel():
     heads and rows; GLM-4.5's and MiniMax-M2's sigmoid-routed experts sliced; Ministral 3's scaled queries by heads.
     Logits, greedy, beam search as HF's,
     sampling agrees across ranks."""
-    tp = ["olmo2", "olmo3", "glm4", "olmoe", "glm4_moe", "minimax_m2", "ministral3", "ernie4_5_moe"]
+    tp = ["olmo2", "olmo3", "glm4", "olmoe", "glm4_moe", "minimax_m2", "ministral3", "ernie4_5_moe", "helium",
+          "hunyuan_v1_moe"]
     codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", *tp], timeout=300)
     assert codes == [0, 0], "\n".join(outs)
     assert outs[0].count(" OK") == len(tp), outs[0]
@@ -250,3 +263,24 @@ def test_ministral3_query_scale_by_position():
         again = per_op.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
                                 output_scores=True, return_dict_in_generate=True)
         assert torch.equal(torch.stack(again.scores, 1), torch.stack(out.scores, 1))
+
+
+def test_hunyuan_moe_router_kept_in_fp32(tmp_path):
+    """HunYuan MoE builds its router (mlp.gate.wg) in fp32 and from_pretrained in bf16 keeps it there: HF then routes
+    on fp32 logits of the input cast to fp32 with fp32 weights, and so does the engine (its router held in fp32); bf16
+    logits of the prompt and HF's greedy continuation within the bf16 tolerance (every expert routed: no near tie)."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_model("hunyuan_v1_moe", **ALL_ROUTED["hunyuan_v1_moe"]).save_pretrained(tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert hf.model.layers[0].mlp.gate.wg.weight.dtype == torch.float32
+    opt = optimised_copy(hf, max_seq_len=64, dtype=torch.bfloat16)
+    assert {ly.mlp.router.dtype for ly in opt._dsinfer_engine.decoder.layers} == {torch.float32}
+    ids, mask = padded_batch([12, 5, 9], seed=1)
+    full = torch.cat([mask, torch.ones(3, 6, dtype=mask.dtype)], dim=1)
+    pos = _generate_positions(full)
+    with torch.no_grad():
+        seq = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        want = hf(input_ids=seq, attention_mask=full, position_ids=pos).logits.float()
+    got = opt(input_ids=seq, attention_mask=full, position_ids=pos).logits.float()
+    torch.testing.assert_close(got[full.bool()], want[full.bool()], atol=6e-2, rtol=2e-2)

@@ -1,7 +1,8 @@
 """The Llama family (llama, mistral, ministral, qwen2, qwen3, phi3, granite, seed_oss, arcee, smollm3, ernie4_5,
 hunyuan_v1_dense, glm, glm4, olmo2, olmo3, exaone4, the MoE ones: mixtral, qwen2_moe, qwen3_moe, olmoe, flex_olmo,
-minimax_m2, glm4_moe, sarvam_moe, dots1, exaone_moe, and the Gemma ones: gemma, gemma2, gemma3_text): one table, one
-reader.
+minimax_m2, glm4_moe, sarvam_moe, dots1, exaone_moe, solar_open, mellum, hunyuan_v1_moe, Llama's modules under other
+model types: exaone, internlm3, iquestcoder, cwm, helium, and the Gemma ones: gemma, gemma2, gemma3_text): one table,
+one reader.
 
 All share the module tree ``model.model.{embed_tokens, layers[i].{self_attn.{q,k,v,o}_proj,
 mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm}, norm, rotary_emb}`` and
@@ -33,7 +34,10 @@ MoE; MiniMax-M2 has whole-projection q / k norms and a sigmoid router whose choi
 dots.llm1 and EXAONE MoE put DeepSeek-V3's MoE (``mlp.gate.e_score_correction_bias``, groups, ``shared_experts``,
 dense blocks before ``first_k_dense_replace`` or by ``mlp_layer_types``) under GQA attention (GLM-4.5: partial rotary,
 q / k norms when ``use_qk_norm``; dots.llm1: Qwen 3's; EXAONE MoE: Exaone 4's, pre-norm); their router is
-:func:`policies.deepseek.routing_of`'s.
+:func:`policies.deepseek.routing_of`'s; so is Solar Open's (every layer sparse, plain GQA attention). Helium rotates
+interleaved pairs (read as GLM's) and scales its norms in fp32 (OLMo 2's); Mellum is Qwen 3's attention with a rope table
+per layer type and a softmax top-k MoE by ``mlp_layer_types``; HunYuan MoE is HunYuan's attention with a top-k MoE
+(router ``mlp.gate.wg``, renormalised) plus an ungated ``mlp.shared_mlp`` in every layer.
 """
 from __future__ import annotations
 
@@ -63,6 +67,10 @@ class FamilyTraits:
                                     # softmax over the top-k logits; GraniteMoE-Shared's shared_mlp beside it) |
                                     # "ernie" (ERNIE 4.5 MoE: fp32 softmax scores chosen with a correction bias,
                                     # renormalised with a floor, shared experts, sparse layers by start / end / interval)
+                                    # | "softmax" (softmax top-k as Qwen's, renormalised by norm_topk_prob, no shared
+                                    # expert; sparse by mlp_layer_types where the config has them, else every layer:
+                                    # Mellum) | "hunyuan" (HunYuan MoE: every layer sparse, router mlp.gate.wg, top-k
+                                    # renormalised, the shared mlp.shared_mlp added ungated)
     packed: str = "none"            # "all": Phi-3's self_attn.qkv_proj (q | k | v rows) and mlp.gate_up_proj (gate |
                                     # up); "mlp": the latter only (GLM, GLM-4)
     gemma: int = 0                  # Gemma generation (see the module docstring)
@@ -120,6 +128,20 @@ FAMILY: dict[str, FamilyTraits] = {
     "granitemoeshared": FamilyTraits(granite=True, moe="granite"),
     # ERNIE 4.5 MoE: ERNIE 4.5's attention (interleaved rotary, biases) with its MoE
     "ernie4_5_moe": FamilyTraits(rope="interleaved", moe="ernie"),
+    # Llama's modules under other names: EXAONE 3 / 3.5 (its checkpoints' transformer.h.* keys renamed on load),
+    # InternLM 3, IQuest-Coder; CWM: Llama with sliding / full layers by layer_types
+    "exaone": FamilyTraits(),
+    "internlm3": FamilyTraits(),
+    "iquestcoder": FamilyTraits(),
+    "cwm": FamilyTraits(sliding_from="layer_types"),
+    # Helium: interleaved rotary over the whole head, its norms scale in fp32 and round once (as OLMo 2's)
+    "helium": FamilyTraits(rope="interleaved", norm_fp32=True),
+    # Solar Open: DeepSeek-V3's MoE (every layer sparse) under plain GQA attention
+    "solar_open": FamilyTraits(moe="deepseek"),
+    # Mellum: Qwen 3's attention with sliding / full layers, a rope table each, a softmax top-k MoE by mlp_layer_types
+    "mellum": FamilyTraits(qk_norm="head", sliding_from="layer_types", rope_tables=True, moe="softmax"),
+    # HunYuan MoE: HunYuan's attention (q / k norms after the rotation), a top-k MoE plus a shared MLP in every layer
+    "hunyuan_v1_moe": FamilyTraits(qk_norm="after_rotary", moe="hunyuan"),
 }
 
 # transformers' activation names -> the gated MLP's (``reference.gated_act``), and a plain MLP's (``reference.act``)
@@ -144,9 +166,9 @@ def sparse_by_first_k(config, i: int) -> bool:
 
 
 def _sparse_layer(config, traits: FamilyTraits, i: int) -> bool:
-    if traits.moe in ("mixtral", "minimax", "granite"):
+    if traits.moe in ("mixtral", "minimax", "granite", "hunyuan"):
         return True
-    if traits.moe == "deepseek":
+    if traits.moe in ("deepseek", "softmax"):
         return sparse_by_first_k(config, i)
     if traits.moe == "qwen":
         return (i not in (getattr(config, "mlp_only_layers", None) or []) and config.num_experts > 0
@@ -227,6 +249,7 @@ def _refuse(config, traits: FamilyTraits) -> None:
 _EXPERT_PARTS = {"mixtral": {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)},
                  "qwen": {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}}
 _EXPERT_PARTS["olmoe"] = _EXPERT_PARTS["deepseek"] = _EXPERT_PARTS["ernie"] = _EXPERT_PARTS["qwen"]
+_EXPERT_PARTS["softmax"] = _EXPERT_PARTS["hunyuan"] = _EXPERT_PARTS["qwen"]
 _EXPERT_PARTS["minimax"] = _EXPERT_PARTS["mixtral"]
 _EXPERT_PARTS["nemotron_h"] = {"up_proj": ("up_proj",), "down_proj": ("down_proj",)}     # (experts without a gate)
 
@@ -358,7 +381,12 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
     elif traits.moe == "ernie":        # (the bias [1, E] broadcasts over the tokens' scores)
         routing = Routing(scoring="softmax", fp32=True, renormalize=True, sum_floor=float(config.moe_norm_min))
         router_bias = "gate.moe_statics.e_score_correction_bias"
-    shared_name = "shared_experts" if traits.moe in ("deepseek", "ernie") else "shared_expert"
+    elif traits.moe == "hunyuan" and base.layers[0].mlp.gate.wg.weight.dtype == torch.float32:
+        # (HunYuan builds its router in fp32 and keeps it there when loaded in bf16: logits from the input in fp32, the
+        # weights fp32; a router cast to the model's dtype routes as the plain softmax top-k, weights in that dtype)
+        routing = Routing(scoring="softmax", fp32=True, renormalize=True)
+    shared_name = {"deepseek": "shared_experts", "ernie": "shared_experts", "hunyuan": "shared_mlp"}.get(
+        traits.moe, "shared_expert")
     temperature = None
     if traits.position_temperature and config.rope_parameters.get("llama_4_scaling_beta") is not None:
         temperature = (float(config.rope_parameters["llama_4_scaling_beta"]),
@@ -368,7 +396,9 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
         a, m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
         moe = None
         if _sparse_layer(config, traits, i):
-            router = f"{m}.gate.weight"
+            router = f"{m}.gate.wg.weight" if traits.moe == "hunyuan" else f"{m}.gate.weight"
+            top_k = config.num_experts_per_tok    # (HunYuan's moe_topk may be a list: one per layer)
+            top_k = top_k[i] if isinstance(top_k, (list, tuple)) else top_k
             shared_mlp, shared_down = f"{m}.{shared_name}", f"{m}.{shared_name}.down_proj.weight"
             if traits.moe == "granite":
                 m = f"model.layers.{i}.block_sparse_moe"
@@ -378,10 +408,10 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
             shared = f"{shared_mlp}.gate_proj.weight" in names
             moe = MoEWeights(
                 router=ref(router), gate_up=_experts(source, config, traits, m, "gate_up_proj"),
-                down=_experts(source, config, traits, m, "down_proj"), top_k=config.num_experts_per_tok,
-                renormalize=(routing.renormalize if routing is not None else
-                             traits.moe == "mixtral" or bool(getattr(config, "norm_topk_prob", False))),
-                weights_in_dtype=traits.moe in ("qwen", "olmoe"),
+                down=_experts(source, config, traits, m, "down_proj"), top_k=top_k,
+                renormalize=(routing.renormalize if routing is not None else traits.moe in ("mixtral", "hunyuan")
+                             or bool(getattr(config, "norm_topk_prob", False))),
+                weights_in_dtype=traits.moe in ("qwen", "olmoe", "softmax", "hunyuan"),
                 shared_gate=ref(f"{shared_mlp}.gate_proj.weight") if shared else None,
                 shared_up=ref(f"{shared_mlp}.up_proj.weight") if shared else None,
                 shared_down=ref(shared_down) if shared else None,
