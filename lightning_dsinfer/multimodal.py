@@ -40,6 +40,21 @@ class _Caught(Exception):
     """Raised by the language model's stand-in forward: HF's wrapper has built what the language model gets."""
 
 
+class TextCausalLM(nn.Module):
+    """A text causal LM (``model`` + ``lm_head``, as the policies read one) over a wrapper's language model and head,
+    for a text config transformers has no ``*ForCausalLM`` class of (Qwen 2 / 2.5-VL's)."""
+
+    def __init__(self, config, model: nn.Module, lm_head: nn.Module):
+        super().__init__()
+        self.config, self.model, self.lm_head = config, model, lm_head
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+
 def language_model(model: nn.Module) -> nn.Module | None:
     """The text causal LM of a vision-language ``model`` (``model.config.text_config``), as a ``*ForCausalLM`` over the
     wrapper's own modules, or None when ``model`` is not such a wrapper. Built once per model (kept outside its
@@ -67,11 +82,12 @@ def language_model(model: nn.Module) -> nn.Module | None:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
         cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(text.config), None)
-        if cls is None:
-            return None
-        with torch.device("meta"):    # the text model's class around the wrapper's own modules: nothing allocated
-            view = cls(text.config)
-        view.model, view.lm_head = text, head
+        if cls is None:               # (Qwen 2 / 2.5-VL: no text *ForCausalLM in transformers)
+            view = TextCausalLM(text.config, text, head)
+        else:
+            with torch.device("meta"):    # the text model's class around the wrapper's own modules: nothing allocated
+                view = cls(text.config)
+            view.model, view.lm_head = text, head
     view.eval()
     model.__dict__["_dsinfer_text_view"] = view
     return view

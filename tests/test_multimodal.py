@@ -50,6 +50,21 @@ def tiny_vlm(kind: str, seed: int = 0):
                                            vision_end_token_id=4)
         model = tf.Qwen3_5ForConditionalGeneration(config)
         images = {"pixel_values": torch.randn(8, 3 * 14 * 14), "image_grid_thw": torch.tensor([[1, 2, 2]] * 2)}
+    elif kind in ("qwen2_5_vl", "qwen2_vl"):   # Qwen 2 (biases, sliding layers) with M-RoPE in sections behind Qwen
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING    # 2.5's (2's) vision tower
+
+        text = {k: v for k, v in tiny_config("qwen2").to_dict().items() if k != "model_type"}
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+        vision = dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64, patch_size=14,
+                      spatial_merge_size=1, temporal_patch_size=1, fullatt_block_indexes=[0], window_size=28)
+        if kind == "qwen2_vl":
+            vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                          spatial_merge_size=1, temporal_patch_size=1)
+        config = CONFIG_MAPPING[kind](text_config=text, vision_config=vision, image_token_id=IMAGE,
+                                      video_token_id=6, vision_start_token_id=3, vision_end_token_id=4)
+        model = (tf.Qwen2_5_VLForConditionalGeneration if kind == "qwen2_5_vl" else tf.Qwen2VLForConditionalGeneration)(
+            config)
+        images = {"pixel_values": torch.randn(8, 3 * 14 * 14), "image_grid_thw": torch.tensor([[1, 2, 2]] * 2)}
     elif kind == "llama4":     # Llama 4's text model (chunked attention, NoPE layer, experts) behind its vision model
         vision = tf.Llama4VisionConfig(**{**_VISION, "intermediate_size": 128}, vision_output_dim=32,
                                        projector_input_dim=32, projector_output_dim=32, pixel_shuffle_ratio=0.5)
@@ -75,7 +90,7 @@ def image_batch(kind: str, images: dict):
     inputs = dict(images)
     if kind == "gemma3":
         inputs["token_type_ids"] = ids.eq(IMAGE).long()
-    if kind == "qwen3_5":
+    if kind in ("qwen3_5", "qwen2_5_vl", "qwen2_vl"):
         inputs["mm_token_type_ids"] = ids.eq(IMAGE).long()
     return ids, mask, inputs
 
@@ -96,7 +111,7 @@ def _same_as_hf(hf, opt, ids, mask, inputs, new=6):
     return want
 
 
-@pytest.mark.parametrize("kind", ["gemma3", "llava", "mistral3", "qwen3_5"])
+@pytest.mark.parametrize("kind", ["gemma3", "llava", "mistral3", "qwen3_5", "qwen2_5_vl", "qwen2_vl"])
 def test_images_match_hf(kind):
     hf, images = tiny_vlm(kind)
     ids, mask, inputs = image_batch(kind, images)
@@ -109,13 +124,13 @@ def test_images_match_hf(kind):
         if kind == "gemma3":                                               # each image's tokens seeing each other
             causal = hf(input_ids=ids, attention_mask=mask, pixel_values=images["pixel_values"]).logits
             assert (causal - want)[valid].abs().max() > 1e-2
-        if kind == "qwen3_5":                                              # M-RoPE: image tokens' rows differ, and
+        if kind in ("qwen3_5", "qwen2_5_vl", "qwen2_vl"):                  # M-RoPE: image tokens' rows differ, and
             rows, deltas = hf.model.get_rope_index(ids, inputs["mm_token_type_ids"], images["image_grid_thw"],
                                                    attention_mask=mask)     # decoding goes on from the largest
             assert not torch.equal(rows[1], rows[0]) and bool((deltas != 0).all())
 
 
-@pytest.mark.parametrize("kind", ["gemma3", "llava", "qwen3_5"])
+@pytest.mark.parametrize("kind", ["gemma3", "llava", "qwen3_5", "qwen2_5_vl"])
 def test_text_prompts_match_hf(kind):
     hf, _ = tiny_vlm(kind)
     ids = torch.tensor([[0, 0, 1, 7, 8, 9, 10, 11], [1, 7, 8, 9, 12, 13, 14, 15]])
@@ -192,11 +207,11 @@ def test_a_cache_the_caller_builds():
     positions). One unpadded row (HF's Qwen 3.5 steps fail with a mask)."""
     from transformers import DynamicCache
 
-    for kind in ("qwen3_5", "gemma3"):
+    for kind in ("qwen3_5", "qwen2_5_vl", "gemma3"):
         hf, images = tiny_vlm(kind)
         ids, _, inputs = image_batch(kind, images)
         ids = ids[1:]
-        inputs = {k: v[4:] if k == "pixel_values" and kind == "qwen3_5" else v[1:] for k, v in inputs.items()}
+        inputs = {k: v[4:] if k == "pixel_values" and kind != "gemma3" else v[1:] for k, v in inputs.items()}
         opt = dsi.init_inference(copy.deepcopy(hf), dtype=torch.float32, max_seq_len=64)
         runs = []
         for model in (hf, opt):
@@ -209,7 +224,7 @@ def test_a_cache_the_caller_builds():
                     logits.append(model(input_ids=token, cache=cache, use_cache=True).logits[:, -1])
             runs.append(torch.stack(logits, 1))
         torch.testing.assert_close(runs[1], runs[0], atol=ATOL, rtol=RTOL)
-        if kind == "qwen3_5":
+        if kind != "gemma3":
             assert bool((hf.model.rope_deltas < 0).all())
 
 
@@ -343,11 +358,12 @@ def test_granite_scales_given_embeddings_as_hf():
 def worker_runs(tmp, selected):
     """TP=2 in the session's shared launch of two ranks (tests/conftest.py ``shared_runs``)."""
     return {2: {"test_tensor_parallel_language_model/tp": ["tp_worker.py", "--tp", "2", "--families",
-                                                            "vlm-gemma3", "vlm-qwen3_5", "vlm-llava"]}}
+                                                            "vlm-gemma3", "vlm-qwen3_5", "vlm-llava",
+                                                            "vlm-qwen2_5_vl"]}}
 
 
 def test_tensor_parallel_language_model(shared_runs):
     """TP=2: the language model split over the ranks, each rank encoding the images with the whole vision tower:
     logits, greedy, beam search (HF's loop, images in its first step) as the unmodified wrapper's."""
     outs = shared_runs.outputs(2, "test_tensor_parallel_language_model/tp")
-    assert outs[0].count(" OK") == 3, outs[0]
+    assert outs[0].count(" OK") == 4, outs[0]

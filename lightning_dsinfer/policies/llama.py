@@ -83,6 +83,8 @@ class FamilyTraits:
     nope: str = "none"              # layers without rotary: "no_rope_layers" (SmolLM3: 0 = NoPE) | "global" (Exaone
                                     # 4: with a sliding window, only the sliding layers rotate)
     plain_mlp: bool = False         # Arcee: down(act(up(x))), no gate
+    mrope: bool = False             # Qwen 2 / 2.5-VL's language models: M-RoPE, the frequencies in contiguous
+                                    # sections (mrope_section) read at the time / height / width positions
     position_temperature: bool = False   # Ministral 3: queries x (1 + beta log(1 + floor(position / original max)))
                                     # (rope_parameters' llama_4_scaling_beta, original_max_position_embeddings)
 
@@ -128,6 +130,9 @@ FAMILY: dict[str, FamilyTraits] = {
     "granitemoeshared": FamilyTraits(granite=True, moe="granite"),
     # ERNIE 4.5 MoE: ERNIE 4.5's attention (interleaved rotary, biases) with its MoE
     "ernie4_5_moe": FamilyTraits(rope="interleaved", moe="ernie"),
+    # Qwen 2-VL / Qwen 2.5-VL's language models (behind their vision models: multimodal.py): Qwen 2 with M-RoPE
+    "qwen2_vl_text": FamilyTraits(sliding_from="layer_types", mrope=True),
+    "qwen2_5_vl_text": FamilyTraits(sliding_from="layer_types", mrope=True),
     # Llama's modules under other names: EXAONE 3 / 3.5 (its checkpoints' transformer.h.* keys renamed on load),
     # InternLM 3, IQuest-Coder; CWM: Llama with sliding / full layers by layer_types
     "exaone": FamilyTraits(),
@@ -387,6 +392,13 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
         routing = Routing(scoring="softmax", fp32=True, renormalize=True)
     shared_name = {"deepseek": "shared_experts", "ernie": "shared_experts", "hunyuan": "shared_mlp"}.get(
         traits.moe, "shared_expert")
+    mrope_axes = None
+    if traits.mrope:                   # (section k of the frequencies reads position row k)
+        section = rotary.mrope_section
+        mrope_axes = torch.cat([torch.full((n,), k, dtype=torch.long) for k, n in enumerate(section)])
+        if mrope_axes.numel() != main[0].numel():
+            raise UnsupportedModelError(f"{config.model_type}: mrope_section {list(section)} does not cover the "
+                                        f"{main[0].numel()} rotary frequencies.")
     temperature = None
     if traits.position_temperature and config.rope_parameters.get("llama_4_scaling_beta") is not None:
         temperature = (float(config.rope_parameters["llama_4_scaling_beta"]),
@@ -469,5 +481,5 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
         final_softcap=getattr(config, "final_logit_softcapping", None) if traits.gemma else None,
         mlp_act=acts[act], mlp_gated=not traits.plain_mlp,
         sliding_inv_freq=sliding[0].detach() if sliding and not _same_rope(sliding, main) else None,
-        sliding_attention_scaling=sliding[1] if sliding else 1.0,
+        sliding_attention_scaling=sliding[1] if sliding else 1.0, mrope_axes=mrope_axes,
     )
