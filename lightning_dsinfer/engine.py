@@ -290,14 +290,25 @@ class InferenceEngine:
                 "has attention only.")
         return blocks.to(self.device)
 
+    def check_deepstack(self, deepstack):
+        """Qwen3-VL's deepstack on the engine's device and dtype; refused on pipeline stages."""
+        if deepstack is None:
+            return None
+        if self.pipe.size > 1:
+            raise UnsupportedModelError("dsinfer: this model adds image features to the stream after its first blocks "
+                                        "(deepstack), which pipeline stages do not take; use tensor parallelism.")
+        mask, embeds = deepstack
+        return mask.to(self.device), [e.to(device=self.device, dtype=self.dtype) for e in embeds]
+
     # ------------------------------------------------------------------ HF-compatible forward
     @torch.inference_mode()
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, hf_cache=None,
-                logits_to_keep=0, blocks=None):
+                logits_to_keep=0, blocks=None, deepstack=None):
         """Logits [B, T', V] for ``input_ids`` [B, T]; K/V go to ``hf_cache`` if given. A pipeline runs the stages
         one after the other (no micro-batches: HF's loop calls this once per token) and every stage returns the
         last stage's logits. ``blocks`` [B, T]: tokens of one block id >= 0 see each other (a vision-language model's
-        images, multimodal.py)."""
+        images, multimodal.py); ``deepstack``: (mask [B, T], [n, H] per early block) added to the stream after those
+        blocks (Qwen3-VL)."""
         b, t = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
         pipe = self.pipe
         if not pipe.is_first:
@@ -329,6 +340,7 @@ class InferenceEngine:
             position_ids = torch.arange(past, total, device=self.device).expand(b, t)
         step = build_step(self.rotary, position_ids.to(self.device), key_valid, q_start=past, t=t,
                           window=self.sliding_window, chunk=self.attention_chunk, blocks=self.check_blocks(blocks))
+        step.deepstack = self.check_deepstack(deepstack)
         if getattr(hf_cache, "dsinfer_counter", False):    # (a pipeline stage's or an attention-free model's token
             row = torch.zeros(b, 1, t, 1, dtype=self.dtype, device=self.device)   # count: after the checks, so a
             hf_cache.layers[-1].update(row, row)                                # refused call leaves it as it was)
@@ -546,7 +558,7 @@ def _dsinfer_forward(self, input_ids=None, attention_mask=None, position_ids=Non
     use_cache = getattr(engine.hf_config, "use_cache", True) if use_cache is None else use_cache
     if hf_cache is None and use_cache:
         hf_cache = engine.new_hf_cache()
-    blocks = None
+    blocks = deepstack = None
     if engine.outer is not None:      # a vision-language model: images through HF's own code (multimodal.py)
         extra = modality_inputs(self, kwargs)
         mrope = engine.rotary.mrope is not None
@@ -558,10 +570,12 @@ def _dsinfer_forward(self, input_ids=None, attention_mask=None, position_ids=Non
                 raise ValueError(f"dsinfer: {sorted(extra)} with inputs_embeds: pass input_ids (the image tokens' "
                                  f"places) instead.")
             engine.check_length((hf_cache.get_seq_length() if hf_cache is not None else 0) + input_ids.shape[1])
-            inputs_embeds, position_ids, blocks = merged_inputs(self, engine, input_ids, attention_mask, position_ids,
-                                                                extra, hf_cache)
+            merged = merged_inputs(self, engine, input_ids, attention_mask, position_ids, extra, hf_cache)
+            inputs_embeds, position_ids, blocks, deepstack = (merged.embeds, merged.positions, merged.blocks,
+                                                              merged.deepstack)
             input_ids = None
-    logits = engine.forward(input_ids, attention_mask, position_ids, inputs_embeds, hf_cache, logits_to_keep, blocks)
+    logits = engine.forward(input_ids, attention_mask, position_ids, inputs_embeds, hf_cache, logits_to_keep, blocks,
+                            deepstack)
     loss = None
     if labels is not None:
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),

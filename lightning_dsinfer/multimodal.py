@@ -23,6 +23,7 @@ HF's that the engine does not model is refused before any work.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -34,6 +35,17 @@ _TEXT_MODULES = ("language_model", "text_model")
 TEXT_ARGUMENTS = frozenset({"input_ids", "attention_mask", "position_ids", "cache", "past_key_values", "inputs_embeds",
                             "labels", "use_cache", "logits_to_keep", "cache_position", "return_dict",
                             "output_attentions", "output_hidden_states"})
+
+
+@dataclass
+class Merged:
+    """What a wrapper hands its language model for a prompt with images: the merged embeddings [B, T, H], positions
+    ([B, T], M-RoPE's [3, B, T], or None: the engine's own), image blocks [B, T] (or None), and Qwen3-VL's deepstack
+    (the image tokens' mask [B, T] and one [n, H] tensor per early layer, added to the stream after it; or None)."""
+    embeds: torch.Tensor
+    positions: torch.Tensor | None = None
+    blocks: torch.Tensor | None = None
+    deepstack: tuple | None = None
 
 
 class _Caught(Exception):
@@ -194,8 +206,8 @@ def _unset(value) -> bool:
 
 def merged_inputs(model: nn.Module, engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                   position_ids: torch.Tensor | None, extra: dict, hf_cache=None):
-    """(inputs_embeds [B, T, H], position_ids [B, T] or None, blocks [B, T] long or None) of a prompt with images:
-    what HF's wrapper hands its language model, caught there (see the module docstring)."""
+    """What HF's wrapper hands its language model for a prompt with images (:class:`Merged`), caught there (see the
+    module docstring)."""
     view = language_model(model)
     text = view.model if view is not getattr(model, "language_model", None) else view
     embed = view.get_input_embeddings()
@@ -246,11 +258,15 @@ def merged_inputs(model: nn.Module, engine, input_ids: torch.Tensor, attention_m
         raise UnsupportedModelError(
             f"dsinfer: {type(model).__name__} applies an attention rule of its own to these inputs ({sorted(extra)}) "
             f"that the engine does not model; run the unoptimised model for them.")
-    for name in ("deepstack_visual_embeds", "visual_pos_masks", "per_layer_inputs"):
-        if caught.get(name) is not None:
-            raise UnsupportedModelError(f"dsinfer: {type(model).__name__} feeds its language model {name}, which the "
-                                        f"engine's blocks do not take; run the unoptimised model with images.")
-    return caught["inputs_embeds"], plain_positions(model, caught.get("position_ids"), engine.rotary.mrope is not None), (blocks[0] if blocks else None)
+    if caught.get("per_layer_inputs") is not None:
+        raise UnsupportedModelError(f"dsinfer: {type(model).__name__} feeds its language model per_layer_inputs, which "
+                                    f"the engine's blocks do not take; run the unoptimised model with images.")
+    deepstack = None
+    if caught.get("deepstack_visual_embeds") is not None:     # (Qwen3-VL: added to the stream after the first layers)
+        deepstack = (caught["visual_pos_masks"], list(caught["deepstack_visual_embeds"]))
+    return Merged(caught["inputs_embeds"], plain_positions(model, caught.get("position_ids"),
+                                                           engine.rotary.mrope is not None),
+                  blocks[0] if blocks else None, deepstack)
 
 
 def _cache_argument(model: nn.Module) -> str:

@@ -65,6 +65,21 @@ def tiny_vlm(kind: str, seed: int = 0):
         model = (tf.Qwen2_5_VLForConditionalGeneration if kind == "qwen2_5_vl" else tf.Qwen2VLForConditionalGeneration)(
             config)
         images = {"pixel_values": torch.randn(8, 3 * 14 * 14), "image_grid_thw": torch.tensor([[1, 2, 2]] * 2)}
+    elif kind in ("qwen3_vl", "qwen3_vl_moe"):   # Qwen 3 (MoE) with interleaved M-RoPE; deepstack: the vision tower's
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING    # first two blocks' features added
+                                                                                  # after the first two layers
+        text = {k: v for k, v in tiny_config("qwen3" if kind == "qwen3_vl" else "qwen3_moe").to_dict().items()
+                if k != "model_type"}
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [6, 5, 5],
+                                   "mrope_interleaved": True}
+        vision = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64, patch_size=14,
+                      spatial_merge_size=1, temporal_patch_size=1, deepstack_visual_indexes=[0, 1],
+                      num_position_embeddings=16)
+        config = CONFIG_MAPPING[kind](text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=6,
+                                      vision_start_token_id=3, vision_end_token_id=4)
+        model = (tf.Qwen3VLForConditionalGeneration if kind == "qwen3_vl" else tf.Qwen3VLMoeForConditionalGeneration)(
+            config)
+        images = {"pixel_values": torch.randn(8, 3 * 14 * 14), "image_grid_thw": torch.tensor([[1, 2, 2]] * 2)}
     elif kind == "llama4":     # Llama 4's text model (chunked attention, NoPE layer, experts) behind its vision model
         vision = tf.Llama4VisionConfig(**{**_VISION, "intermediate_size": 128}, vision_output_dim=32,
                                        projector_input_dim=32, projector_output_dim=32, pixel_shuffle_ratio=0.5)
@@ -76,7 +91,8 @@ def tiny_vlm(kind: str, seed: int = 0):
     with torch.no_grad():      # norms and Gemma 3's projection off their constant initial values
         for name, p in model.named_parameters():
             if "norm" in name and "vision" not in name and "visual" not in name:
-                p.normal_(1.0 if kind in ("llava", "mistral3", "llama4") or "linear_attn.norm" in name else 0.0, 0.2)
+                p.normal_(1.0 if kind in ("llava", "mistral3", "llama4", "qwen3_vl", "qwen3_vl_moe")
+                          or "linear_attn.norm" in name else 0.0, 0.2)
             elif "mm_input_projection" in name:
                 p.normal_(0.0, 0.2)
     return model.eval(), images
@@ -90,7 +106,7 @@ def image_batch(kind: str, images: dict):
     inputs = dict(images)
     if kind == "gemma3":
         inputs["token_type_ids"] = ids.eq(IMAGE).long()
-    if kind in ("qwen3_5", "qwen2_5_vl", "qwen2_vl"):
+    if kind in ("qwen3_5", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"):
         inputs["mm_token_type_ids"] = ids.eq(IMAGE).long()
     return ids, mask, inputs
 
@@ -111,7 +127,8 @@ def _same_as_hf(hf, opt, ids, mask, inputs, new=6):
     return want
 
 
-@pytest.mark.parametrize("kind", ["gemma3", "llava", "mistral3", "qwen3_5", "qwen2_5_vl", "qwen2_vl"])
+@pytest.mark.parametrize("kind", ["gemma3", "llava", "mistral3", "qwen3_5", "qwen2_5_vl", "qwen2_vl", "qwen3_vl",
+                                  "qwen3_vl_moe"])
 def test_images_match_hf(kind):
     hf, images = tiny_vlm(kind)
     ids, mask, inputs = image_batch(kind, images)
@@ -124,10 +141,18 @@ def test_images_match_hf(kind):
         if kind == "gemma3":                                               # each image's tokens seeing each other
             causal = hf(input_ids=ids, attention_mask=mask, pixel_values=images["pixel_values"]).logits
             assert (causal - want)[valid].abs().max() > 1e-2
-        if kind in ("qwen3_5", "qwen2_5_vl", "qwen2_vl"):                  # M-RoPE: image tokens' rows differ, and
+        if kind != "gemma3" and kind.startswith("qwen"):                   # M-RoPE: image tokens' rows differ, and
             rows, deltas = hf.model.get_rope_index(ids, inputs["mm_token_type_ids"], images["image_grid_thw"],
                                                    attention_mask=mask)     # decoding goes on from the largest
             assert not torch.equal(rows[1], rows[0]) and bool((deltas != 0).all())
+        if kind.startswith("qwen3_vl"):                                    # Qwen3-VL's deepstack features
+            language = hf.model.language_model
+            language._deepstack_process = lambda hidden, *args: hidden
+            try:
+                without = hf(input_ids=ids, attention_mask=mask, **inputs).logits
+            finally:
+                del language._deepstack_process
+            assert (without - want)[valid].abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("kind", ["gemma3", "llava", "qwen3_5", "qwen2_5_vl"])
@@ -259,6 +284,19 @@ def test_logits_as_the_wrapper_gives_them():
                                    atol=ATOL, rtol=RTOL)
 
 
+def test_several_sequences_per_prompt_with_images():
+    """num_return_sequences: each prompt repeated with its image's embeddings, M-RoPE rows and deepstack rows (top-1
+    sampling: the same draws as HF's greedy)."""
+    hf, images = tiny_vlm("qwen3_vl")
+    ids, mask, inputs = image_batch("qwen3_vl", images)
+    opt = dsi.init_inference(copy.deepcopy(hf), dtype=torch.float32, max_seq_len=64)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=True, top_k=1, num_return_sequences=2,
+              **inputs)
+    with torch.no_grad():
+        want = hf.generate(**kw)
+    assert torch.equal(opt.generate(**kw), want)
+
+
 def test_inputs_embeds_without_images():
     hf, _ = tiny_vlm("llava")
     opt = dsi.init_inference(copy.deepcopy(hf), dtype=torch.float32, max_seq_len=64)
@@ -300,10 +338,13 @@ def test_from_checkpoint_on_meta(tmp_path):
     torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("kind", ["gemma3", "qwen3_vl"])
 @pytest.mark.parametrize("tier", ["cpu", "nvme"])
-def test_offloaded_language_model(tier, tmp_path):
-    hf, images = tiny_vlm("gemma3")
-    ids, mask, inputs = image_batch("gemma3", images)
+def test_offloaded_language_model(tier, kind, tmp_path):
+    """Both offload tiers under a streaming budget: Gemma 3's image blocks (the prompt in one chunk), Qwen3-VL's
+    deepstack features added after the streamed blocks."""
+    hf, images = tiny_vlm(kind)
+    ids, mask, inputs = image_batch(kind, images)
     opt = streamed_copy(hf, tier, tmp_path, dtype=torch.float32)
     with torch.no_grad():
         want = hf(input_ids=ids, attention_mask=mask, **inputs).logits
@@ -359,11 +400,11 @@ def worker_runs(tmp, selected):
     """TP=2 in the session's shared launch of two ranks (tests/conftest.py ``shared_runs``)."""
     return {2: {"test_tensor_parallel_language_model/tp": ["tp_worker.py", "--tp", "2", "--families",
                                                             "vlm-gemma3", "vlm-qwen3_5", "vlm-llava",
-                                                            "vlm-qwen2_5_vl"]}}
+                                                            "vlm-qwen2_5_vl", "vlm-qwen3_vl"]}}
 
 
 def test_tensor_parallel_language_model(shared_runs):
     """TP=2: the language model split over the ranks, each rank encoding the images with the whole vision tower:
     logits, greedy, beam search (HF's loop, images in its first step) as the unmodified wrapper's."""
     outs = shared_runs.outputs(2, "test_tensor_parallel_language_model/tp")
-    assert outs[0].count(" OK") == 4, outs[0]
+    assert outs[0].count(" OK") == 5, outs[0]

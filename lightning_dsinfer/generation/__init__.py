@@ -141,13 +141,14 @@ def dsinfer_generate(self, inputs: torch.Tensor | None = None, generation_config
         warnings.warn("dsinfer: a right-padded batch was detected; decoder-only models need left padding "
                       "(tokenizer.padding_side='left') for correct generation.", stacklevel=2)
     engine.check_mask(attention_mask, generate=True)
-    prompt_embeds = positions = blocks = None
+    prompt_embeds = positions = blocks = deepstack = None
     if extra:
         if pipelined:
             raise ValueError(f"dsinfer: {sorted(extra)} with pipeline_parallel_size > 1: a vision-language model's "
                              f"images run on one pipeline stage only; use tensor parallelism.")
-        prompt_embeds, positions, blocks = merged_inputs(self, engine, input_ids, attention_mask, None, extra)
-        blocks = engine.check_blocks(blocks)
+        merged = merged_inputs(self, engine, input_ids, attention_mask, None, extra)
+        prompt_embeds, positions = merged.embeds, merged.positions
+        blocks, deepstack = engine.check_blocks(merged.blocks), engine.check_deepstack(merged.deepstack)
     if (gc.num_return_sequences or 1) > 1:     # sampling several continuations: each prompt repeated, HF's order
         input_ids = input_ids.repeat_interleave(gc.num_return_sequences, dim=0)
         if attention_mask is not None:
@@ -158,6 +159,12 @@ def dsinfer_generate(self, inputs: torch.Tensor | None = None, generation_config
             blocks = blocks.repeat_interleave(gc.num_return_sequences, dim=0)
         if positions is not None:
             positions = positions.repeat_interleave(gc.num_return_sequences, dim=-2)
+        if deepstack is not None:      # (the image rows of each prompt, repeated with it)
+            mask, embeds = deepstack
+            counts = mask.sum(-1).tolist()
+            rows = [e.split(counts) for e in embeds]
+            deepstack = (mask.repeat_interleave(gc.num_return_sequences, dim=0),
+                         [torch.cat([part for part in r for _ in range(gc.num_return_sequences)]) for r in rows])
     processors = None
     if kind == "processors":
         processors = _hf_processors(self, gc, input_ids, attention_mask, unused.get("logits_processor"))
@@ -172,7 +179,7 @@ def dsinfer_generate(self, inputs: torch.Tensor | None = None, generation_config
     sequences = decode_loop(engine, input_ids, attention_mask, max_new, min_new, bool(gc.do_sample),
                             gc.temperature, top_k, gc.top_p, eos_ids, pad_id, streamer=unused.get("streamer"),
                             processors=processors, trace=trace, prompt_embeds=prompt_embeds, blocks=blocks,
-                            given_positions=positions)
+                            given_positions=positions, deepstack=deepstack)
     if trace is None:
         return sequences
     from transformers.generation.utils import GenerateDecoderOnlyOutput

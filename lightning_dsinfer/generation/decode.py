@@ -32,7 +32,7 @@ def decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                 min_new_tokens: int, do_sample: bool, temperature, top_k, top_p, eos_ids: list[int],
                 pad_id: int | None, streamer=None, processors=None, trace: dict | None = None,
                 prompt_embeds: torch.Tensor | None = None, blocks: torch.Tensor | None = None,
-                given_positions: torch.Tensor | None = None) -> torch.Tensor:
+                given_positions: torch.Tensor | None = None, deepstack: tuple | None = None) -> torch.Tensor:
     """Returns [B, T0 + n] token ids (prompt included), n <= max_new_tokens (stops when every row hit EOS).
     ``processors``: HF's logits processor list (warpers included): each step's fp32 logits go through it with the
     tokens so far, then argmax or softmax + multinomial, as in HF's loop (the own warpers are then not applied).
@@ -40,7 +40,8 @@ def decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     ``output_logits``; HF's ``scores`` are the processed ones). ``prompt_embeds`` [B, T0, H]: the prompt's embeddings
     (a vision-language model's, images merged in: multimodal.py) instead of ``input_ids``'s; ``blocks`` [B, T0]: its
     tokens that see each other (:func:`~lightning_dsinfer.modules.masks.build_masks`); ``given_positions`` [B, T0] or
-    M-RoPE's [3, B, T0]: the prompt's positions as the model gave them (decoding goes on from each row's largest)."""
+    M-RoPE's [3, B, T0]: the prompt's positions as the model gave them (decoding goes on from each row's largest);
+    ``deepstack``: Qwen3-VL's image features added after the first blocks (:attr:`Step.deepstack`)."""
     device = engine.device
     input_ids = input_ids.to(device)
     b, t0 = input_ids.shape
@@ -55,7 +56,7 @@ def decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         positions = given_positions.to(device)
     step = build_step(engine.rotary, positions, key_valid, q_start=0, t=t0, window=window, chunk=engine.attention_chunk,
                       blocks=blocks)
-    step.cache, step.start = cache, 0
+    step.cache, step.start, step.deepstack = cache, 0, deepstack
     if prompt_embeds is None:
         h = engine.decoder.embed_tokens(input_ids)
     else:

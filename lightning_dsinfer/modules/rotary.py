@@ -10,6 +10,21 @@ from __future__ import annotations
 import torch
 
 
+def mrope_axes(freqs: int, section, interleaved: bool) -> torch.Tensor:
+    """The position row (0 time, 1 height, 2 width) each of ``freqs`` rotary frequencies reads under M-RoPE, as HF lays
+    them out: in contiguous sections of ``section``'s sizes (Qwen 2 / 2.5-VL), or ``interleaved`` (Qwen3-VL, Qwen 3.5:
+    height every third frequency from 1 and width from 2, each up to 3 x its section; time the rest)."""
+    if not interleaved:
+        axes = torch.cat([torch.full((n,), k, dtype=torch.long) for k, n in enumerate(section)])
+        if axes.numel() != freqs:
+            raise ValueError(f"mrope_section {list(section)} does not cover the {freqs} rotary frequencies")
+        return axes
+    axes = torch.zeros(freqs, dtype=torch.long)
+    for axis, offset in ((1, 1), (2, 2)):
+        axes[offset:section[axis] * 3:3] = axis
+    return axes
+
+
 class RotaryTable:
     def __init__(self, inv_freq: torch.Tensor, attention_scaling: float, max_seq_len: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu", sliding_inv_freq: torch.Tensor | None = None,

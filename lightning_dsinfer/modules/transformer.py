@@ -47,6 +47,8 @@ class Step:
     decoding: bool = False                 # a one-token call on held states (a decode step; not a one-token chunk of a
                                            # prompt): Mamba-2 then does as transformers' step does (dt unclamped)
     q_col: torch.Tensor | None = None      # CUDA graphs: the first query's column as a device tensor (q_start is 0)
+    deepstack: tuple | None = None         # Qwen3-VL: (image tokens' mask [B, T], [n, H] per early block) added to the
+                                           # stream after those blocks (:func:`add_deepstack`)
     lookahead: bool = False                # some query sees later keys (a vision-language prompt's image blocks): the
                                            # step cannot be run in chunks of queries (:meth:`rows`)
 
@@ -68,6 +70,15 @@ class Step:
                     sliding_cos=rows(self.sliding_cos), sliding_sin=rows(self.sliding_sin),
                     positions=rows(self.positions), valid=rows(self.valid), decoding=self.decoding,
                     q_col=None if self.q_col is None else self.q_col + a)
+
+
+def add_deepstack(h: torch.Tensor, deepstack: tuple, i: int) -> torch.Tensor:
+    """The stream ``h`` [B, T, H] after block ``i`` with Qwen3-VL's deepstack features of that block added at the image
+    tokens' rows (in the dtype, as HF adds them)."""
+    mask, embeds = deepstack
+    h = h.clone()
+    h[mask] = h[mask] + embeds[i]
+    return h
 
 
 @dataclass
@@ -471,8 +482,10 @@ class DecoderModel(nn.Module):
         if stack is not None and stack.applies(h, step):      # a bf16 CPU decode step: every block in one C call
             return self.final(stack(h, step))
         delta = None
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             h, delta = layer.run(h, delta, step)
+            if step.deepstack is not None and i < len(step.deepstack[1]):
+                h, delta = add_deepstack(h if delta is None else h + delta, step.deepstack, i), None
         return self.final(h, delta)
 
     def _cpu_stack(self, h: torch.Tensor):

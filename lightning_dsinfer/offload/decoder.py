@@ -25,7 +25,7 @@ from torch import nn
 
 from lightning_dsinfer.fileio import pread_exactly
 from lightning_dsinfer.modules.linear import Linear
-from lightning_dsinfer.modules.transformer import DecoderLayer, DecoderModel, Step
+from lightning_dsinfer.modules.transformer import DecoderLayer, DecoderModel, Step, add_deepstack
 from lightning_dsinfer.offload.streamer import UnitStreamer
 
 
@@ -168,6 +168,8 @@ class StreamedDecoderModel(DecoderModel):
             finally:
                 del half, x
                 self.streamer.release()
+            if step.deepstack is not None and i < len(step.deepstack[1]):     # (Qwen3-VL: the whole stream is here)
+                h = add_deepstack(h, step.deepstack, i)
         return self.final(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

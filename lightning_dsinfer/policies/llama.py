@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from lightning_dsinfer.kernels.reference import Routing
+from lightning_dsinfer.modules.rotary import mrope_axes
 from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, MoEWeights, UnsupportedModelError
 from lightning_dsinfer.policies.weights import (ExpertStack, ModuleSource, RowSlices, WeightSource, lookups,
                                                rotate_half_pieces, tied_embeddings)
@@ -83,8 +84,10 @@ class FamilyTraits:
     nope: str = "none"              # layers without rotary: "no_rope_layers" (SmolLM3: 0 = NoPE) | "global" (Exaone
                                     # 4: with a sliding window, only the sliding layers rotate)
     plain_mlp: bool = False         # Arcee: down(act(up(x))), no gate
-    mrope: bool = False             # Qwen 2 / 2.5-VL's language models: M-RoPE, the frequencies in contiguous
-                                    # sections (mrope_section) read at the time / height / width positions
+    mrope: str = "none"             # vision-language models' language models: M-RoPE, the frequencies read at the time
+                                    # / height / width positions in "sections" (Qwen 2 / 2.5-VL) or "interleaved"
+                                    # (Qwen3-VL): ``modules.rotary.mrope_axes``
+    topk_renormalized: bool = False  # "qwen" MoE renormalised whatever norm_topk_prob says (Qwen3-VL-MoE has none)
     position_temperature: bool = False   # Ministral 3: queries x (1 + beta log(1 + floor(position / original max)))
                                     # (rope_parameters' llama_4_scaling_beta, original_max_position_embeddings)
 
@@ -131,8 +134,11 @@ FAMILY: dict[str, FamilyTraits] = {
     # ERNIE 4.5 MoE: ERNIE 4.5's attention (interleaved rotary, biases) with its MoE
     "ernie4_5_moe": FamilyTraits(rope="interleaved", moe="ernie"),
     # Qwen 2-VL / Qwen 2.5-VL's language models (behind their vision models: multimodal.py): Qwen 2 with M-RoPE
-    "qwen2_vl_text": FamilyTraits(sliding_from="layer_types", mrope=True),
-    "qwen2_5_vl_text": FamilyTraits(sliding_from="layer_types", mrope=True),
+    "qwen2_vl_text": FamilyTraits(sliding_from="layer_types", mrope="sections"),
+    "qwen2_5_vl_text": FamilyTraits(sliding_from="layer_types", mrope="sections"),
+    # Qwen3-VL's: Qwen 3 (MoE) with interleaved M-RoPE; its deepstack image features go through multimodal.py
+    "qwen3_vl_text": FamilyTraits(qk_norm="head", mrope="interleaved"),
+    "qwen3_vl_moe_text": FamilyTraits(qk_norm="head", moe="qwen", mrope="interleaved", topk_renormalized=True),
     # Llama's modules under other names: EXAONE 3 / 3.5 (its checkpoints' transformer.h.* keys renamed on load),
     # InternLM 3, IQuest-Coder; CWM: Llama with sliding / full layers by layer_types
     "exaone": FamilyTraits(),
@@ -392,13 +398,12 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
         routing = Routing(scoring="softmax", fp32=True, renormalize=True)
     shared_name = {"deepseek": "shared_experts", "ernie": "shared_experts", "hunyuan": "shared_mlp"}.get(
         traits.moe, "shared_expert")
-    mrope_axes = None
-    if traits.mrope:                   # (section k of the frequencies reads position row k)
-        section = rotary.mrope_section
-        mrope_axes = torch.cat([torch.full((n,), k, dtype=torch.long) for k, n in enumerate(section)])
-        if mrope_axes.numel() != main[0].numel():
-            raise UnsupportedModelError(f"{config.model_type}: mrope_section {list(section)} does not cover the "
-                                        f"{main[0].numel()} rotary frequencies.")
+    axes = None
+    if traits.mrope != "none":
+        try:
+            axes = mrope_axes(main[0].numel(), rotary.mrope_section, interleaved=traits.mrope == "interleaved")
+        except ValueError as e:
+            raise UnsupportedModelError(f"{config.model_type}: {e}") from None
     temperature = None
     if traits.position_temperature and config.rope_parameters.get("llama_4_scaling_beta") is not None:
         temperature = (float(config.rope_parameters["llama_4_scaling_beta"]),
@@ -422,7 +427,7 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
                 router=ref(router), gate_up=_experts(source, config, traits, m, "gate_up_proj"),
                 down=_experts(source, config, traits, m, "down_proj"), top_k=top_k,
                 renormalize=(routing.renormalize if routing is not None else traits.moe in ("mixtral", "hunyuan")
-                             or bool(getattr(config, "norm_topk_prob", False))),
+                             or traits.topk_renormalized or bool(getattr(config, "norm_topk_prob", False))),
                 weights_in_dtype=traits.moe in ("qwen", "olmoe", "softmax", "hunyuan"),
                 shared_gate=ref(f"{shared_mlp}.gate_proj.weight") if shared else None,
                 shared_up=ref(f"{shared_mlp}.up_proj.weight") if shared else None,
@@ -481,5 +486,5 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
         final_softcap=getattr(config, "final_logit_softcapping", None) if traits.gemma else None,
         mlp_act=acts[act], mlp_gated=not traits.plain_mlp,
         sliding_inv_freq=sliding[0].detach() if sliding and not _same_rope(sliding, main) else None,
-        sliding_attention_scaling=sliding[1] if sliding else 1.0, mrope_axes=mrope_axes,
+        sliding_attention_scaling=sliding[1] if sliding else 1.0, mrope_axes=axes,
     )

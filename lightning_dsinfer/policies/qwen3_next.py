@@ -20,28 +20,15 @@ CUDA graphs; the engine's own decode loop and Hugging Face's (beam search); int8
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
+from lightning_dsinfer.modules.rotary import mrope_axes
 from lightning_dsinfer.policies.base import DeltaNetWeights, LayerWeights, ModelWeights, MoEWeights, UnsupportedModelError
 from lightning_dsinfer.policies.llama import FamilyTraits, _experts, rebuilt_rotary
 from lightning_dsinfer.policies.weights import ModuleSource, RowSlices, WeightSource, lookups, tied_embeddings
 
 FAMILY = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
 _EXPERT_NAMES = FamilyTraits(moe="qwen")        # checkpoint experts as experts.{e}.{gate,up,down}_proj
-
-
-def mrope_axes(rotary) -> torch.Tensor | None:
-    """The position row each rotary frequency of Qwen 3.5's interleaved M-RoPE reads (HF's
-    ``recomposition_frequencies``: height every third frequency from 1, width from 2, each up to 3 x its section;
-    time the rest), or None for a rope of one row (Qwen3-Next)."""
-    section = getattr(rotary, "mrope_section", None)
-    if section is None:
-        return None
-    axes = torch.zeros(rotary.inv_freq.numel(), dtype=torch.long)
-    for axis, offset in ((1, 1), (2, 2)):
-        axes[offset:section[axis] * 3:3] = axis
-    return axes
 
 
 def _pieces(groups: int, width: int, parts: list[tuple[str, int]]) -> dict[str, list[tuple[int, int]]]:
@@ -158,7 +145,9 @@ def read_qwen3_next(model: nn.Module, max_seq_len: int, source: WeightSource | N
         inv_freq=rotary.inv_freq.detach(), attention_scaling=float(rotary.attention_scaling), rope_type=rope_type,
         embed=ref("model.embed_tokens.weight"), final_norm=ref("model.norm.weight"),
         lm_head=ref("model.embed_tokens.weight" if tied else "lm_head.weight"), lm_head_bias=None,
-        tied_embeddings=tied, layers=layers, norm_offset=1.0, mrope_axes=mrope_axes(rotary))
+        tied_embeddings=tied, layers=layers, norm_offset=1.0,
+        mrope_axes=None if getattr(rotary, "mrope_section", None) is None else mrope_axes(
+            rotary.inv_freq.numel(), rotary.mrope_section, interleaved=True))
 
 
 def has_experts(model_type: str | None) -> bool:
