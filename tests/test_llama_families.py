@@ -66,6 +66,18 @@ def _generate_positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
 
+def _bf16_continuation(hf):
+    """(ids, mask, the mask over prompt + 6 new tokens, generate's positions over it, HF's greedy continuation, HF's
+    fp32 logits over it) of the bf16 tests' left-padded batch."""
+    ids, mask = padded_batch([12, 5, 9], seed=1)
+    full = torch.cat([mask, torch.ones(3, 6, dtype=mask.dtype)], dim=1)
+    pos = _generate_positions(full)
+    with torch.no_grad():
+        seq = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        want = hf(input_ids=seq, attention_mask=full, position_ids=pos).logits.float()
+    return ids, mask, full, pos, seq, want
+
+
 def _decode_steps(ref, opt, ids, mask, new):
     """(ours' greedy tokens, the logits of each of ours' decode steps on the engine's own cache, HF's logits of a
     full forward of those tokens at the same positions, teacher-forced: every decode step compared whatever near ties
@@ -121,12 +133,7 @@ def test_llama_like_family_bf16(family):
     implement (``PER_OP``); where it takes a family's blocks, its steps equal the per-op path's bit for bit."""
     hf = tiny_model(family, seed=BF16_SEEDS.get(family, 0), **ALL_ROUTED.get(family, {})).to(torch.bfloat16)
     opt = optimised_copy(hf, max_seq_len=64, dtype=torch.bfloat16)
-    ids, mask = padded_batch([12, 5, 9], seed=1)
-    full = torch.cat([mask, torch.ones(3, 6, dtype=mask.dtype)], dim=1)
-    pos = _generate_positions(full)
-    with torch.no_grad():
-        seq = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-        want = hf(input_ids=seq, attention_mask=full, position_ids=pos).logits.float()
+    ids, mask, full, pos, seq, want = _bf16_continuation(hf)
     if family == "olmoe":         # premise, checked (as tests/test_moe.py): no near-tie routing decision in HF's run
         margins = routing_margins(hf, input_ids=seq, attention_mask=full, position_ids=pos)
         assert margins[:, full.flatten().bool()].min() >= 2e-3
@@ -276,11 +283,6 @@ def test_hunyuan_moe_router_kept_in_fp32(tmp_path):
     assert hf.model.layers[0].mlp.gate.wg.weight.dtype == torch.float32
     opt = optimised_copy(hf, max_seq_len=64, dtype=torch.bfloat16)
     assert {ly.mlp.router.dtype for ly in opt._dsinfer_engine.decoder.layers} == {torch.float32}
-    ids, mask = padded_batch([12, 5, 9], seed=1)
-    full = torch.cat([mask, torch.ones(3, 6, dtype=mask.dtype)], dim=1)
-    pos = _generate_positions(full)
-    with torch.no_grad():
-        seq = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-        want = hf(input_ids=seq, attention_mask=full, position_ids=pos).logits.float()
+    ids, mask, full, pos, seq, want = _bf16_continuation(hf)
     got = opt(input_ids=seq, attention_mask=full, position_ids=pos).logits.float()
     torch.testing.assert_close(got[full.bool()], want[full.bool()], atol=6e-2, rtol=2e-2)

@@ -115,11 +115,14 @@ def test_settings_the_engine_does_not_reproduce_are_refused(setting, match):
 
 
 @pytest.mark.parametrize("family", ["mamba", "falcon_mamba", "jamba"])
-def test_c_decode_step_matches_the_torch_ops(family, monkeypatch):
-    """A bf16 CPU decode step of the Mamba-1 mixer with its convolution and selective-state update in C
-    (``cpu_gemv.mamba1_conv`` / ``mamba1_scan``; FalconMamba's weightless and Jamba's weighted dt / B / C norms between
-    them) against the mixer's torch ops on the same random in_proj rows, history and state: the output within a bf16
-    rounding, the new state within 1e-5, the history identical."""
+@pytest.mark.parametrize("call", ["decode", "prompt"])
+def test_c_calls_match_the_torch_ops(family, call, monkeypatch):
+    """bf16 CPU calls of the Mamba-1 mixer through C against the mixer's torch ops on the same random in_proj rows,
+    history and state: a decode step (the convolution and the selective-state update, ``cpu_gemv.mamba1_conv`` /
+    ``mamba1_scan``; FalconMamba's weightless and Jamba's weighted dt / B / C norms between them), and a left-padded
+    3-row, 11-token prompt continuing a held state at column 5 (the scan over every token in one ``mamba1_scan``
+    call, the state in registers): the output within a bf16 rounding, the new state within 1e-5, the history
+    identical."""
     from lightning_dsinfer.kernels import cpu_gemv
     from lightning_dsinfer.modules import gated_deltanet
     from lightning_dsinfer.modules.transformer import Step
@@ -128,42 +131,14 @@ def test_c_decode_step_matches_the_torch_ops(family, monkeypatch):
         pytest.skip("no AVX512: the torch ops are the only path")       # (then nothing else runs this code)
     opt = optimised_copy(tiny_model(family).to(torch.bfloat16), max_seq_len=64, dtype=torch.bfloat16)
     cache, mixer = opt._dsinfer_engine.cache, opt._dsinfer_engine.decoder.layers[0].attn
-    proj = torch.randn(3, 1, 2 * mixer.inner, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    history, state = cache.conv[0][:3], cache.state[0][:3]
-    results, scans = [], []
-    real = cpu_gemv.mamba1_scan
-    monkeypatch.setattr(cpu_gemv, "mamba1_scan", lambda *a: scans.append(1) or real(*a))
-    for c_call in (True, False):
-        history.copy_(torch.randn(history.shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16))
-        state.copy_(torch.randn(state.shape, generator=torch.Generator().manual_seed(2)) * 0.3)
-        monkeypatch.setattr(gated_deltanet.cpu_gemv, "has_wide_ops", lambda: c_call)
-        out = mixer.from_qkv(proj, None, Step(cos=None, sin=None, mask=None, cache=cache, start=7, q_start=7,
-                                              decoding=True))
-        results.append((out.float(), history.clone(), state.clone()))
-    assert scans == [1]                            # (the C run did run in C, the torch run did not)
-    (out, hist, st), (want, want_hist, want_st) = results
-    torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)
-    assert torch.equal(hist, want_hist)
-    torch.testing.assert_close(st, want_st, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("family", ["mamba", "falcon_mamba", "jamba"])
-def test_c_prompt_scan_matches_the_torch_ops(family, monkeypatch):
-    """A bf16 CPU prompt's selective scan in one C call (``cpu_gemv.mamba1_scan`` over every token, the state in
-    registers) against the mixer's torch recurrence on the same random in_proj rows of a left-padded 3-row, 11-token
-    prompt that continues a held state at column 5: the output within a bf16 rounding, the new state within 1e-5, the
-    history identical."""
-    from lightning_dsinfer.kernels import cpu_gemv
-    from lightning_dsinfer.modules import gated_deltanet
-    from lightning_dsinfer.modules.transformer import Step
-
-    if not cpu_gemv.has_wide_ops():
-        pytest.skip("no AVX512: the torch ops are the only path")       # (then nothing else runs this code)
-    opt = optimised_copy(tiny_model(family).to(torch.bfloat16), max_seq_len=64, dtype=torch.bfloat16)
-    cache, mixer = opt._dsinfer_engine.cache, opt._dsinfer_engine.decoder.layers[0].attn
-    proj = torch.randn(3, 11, 2 * mixer.inner, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    valid = torch.ones(3, 11, dtype=torch.bool)
-    valid[1, :4] = False                        # (a left-padded row: its padding zeroed, as transformers does)
+    t = 1 if call == "decode" else 11
+    proj = torch.randn(3, t, 2 * mixer.inner, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    if call == "decode":
+        step = dict(start=7, q_start=7, decoding=True)
+    else:
+        valid = torch.ones(3, t, dtype=torch.bool)
+        valid[1, :4] = False                    # (a left-padded row: its padding zeroed, as transformers does)
+        step = dict(start=5, q_start=5, valid=valid)
     history, state = cache.conv[0][:3], cache.state[0][:3]
     results, scans = [], []
     real = cpu_gemv.mamba1_scan
@@ -172,10 +147,9 @@ def test_c_prompt_scan_matches_the_torch_ops(family, monkeypatch):
         history.copy_(torch.randn(history.shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16))
         state.copy_(torch.randn(state.shape, generator=torch.Generator().manual_seed(2)) * 0.3)
         monkeypatch.setattr(gated_deltanet.cpu_gemv, "has_wide_ops", lambda: c_call)
-        out = mixer.from_qkv(proj, None, Step(cos=None, sin=None, mask=None, cache=cache, start=5, q_start=5,
-                                              valid=valid))
+        out = mixer.from_qkv(proj, None, Step(cos=None, sin=None, mask=None, cache=cache, **step))
         results.append((out.float(), history.clone(), state.clone()))
-    assert scans == [11]                           # (the C run scanned the 11 tokens in one call, the torch run not)
+    assert scans == [t]                            # (the C run scanned the tokens in one call, the torch run did not)
     (out, hist, st), (want, want_hist, want_st) = results
     torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)
     assert torch.equal(hist, want_hist)
