@@ -101,6 +101,7 @@ def language_model(model: nn.Module) -> nn.Module | None:
                 view = cls(text.config)
             view.model, view.lm_head = text, head
     view.eval()
+    view.__dict__["_dsinfer_language_model"] = True     # (weights.tied_embeddings: the wrapper tied, or did not)
     model.__dict__["_dsinfer_text_view"] = view
     return view
 

@@ -18,8 +18,9 @@ _VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_at
                patch_size=14)
 
 
-def tiny_vlm(kind: str, seed: int = 0):
-    """(a tiny random vision-language model, its image inputs for the two-row batch of :func:`image_batch`)."""
+def tiny_vlm(kind: str, seed: int = 0, drop: tuple = ()):
+    """(a tiny random vision-language model, its image inputs for the two-row batch of :func:`image_batch`); ``drop``:
+    text-config keys left out (Qwen3-VL: its config classes' defaults instead)."""
     import transformers as tf
 
     torch.manual_seed(seed)
@@ -69,7 +70,7 @@ def tiny_vlm(kind: str, seed: int = 0):
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING    # first two blocks' features added
                                                                                   # after the first two layers
         text = {k: v for k, v in tiny_config("qwen3" if kind == "qwen3_vl" else "qwen3_moe").to_dict().items()
-                if k != "model_type"}
+                if k != "model_type" and k not in drop}
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [6, 5, 5],
                                    "mrope_interleaved": True}
         vision = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64, patch_size=14,
@@ -295,6 +296,45 @@ def test_several_sequences_per_prompt_with_images():
     with torch.no_grad():
         want = hf.generate(**kw)
     assert torch.equal(opt.generate(**kw), want)
+
+
+def test_tying_follows_the_wrapper():
+    """Qwen3-VL-MoE's text config defaults to tied embeddings, its wrapper's config (which HF ties by) does not: with
+    the key left out of the text config, the head stays its own tensor in HF, and in the engine."""
+    hf, _ = tiny_vlm("qwen3_vl_moe", drop=("tie_word_embeddings",))
+    assert hf.config.text_config.tie_word_embeddings and hf.lm_head.weight is not hf.get_input_embeddings().weight
+    opt = dsi.init_inference(copy.deepcopy(hf), dtype=torch.float32, max_seq_len=64)
+    ids = torch.tensor([[0, 0, 1, 7, 8, 9, 10, 11], [1, 7, 8, 9, 12, 13, 14, 15]])
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=ids.ne(0).long()).logits
+    got = opt(input_ids=ids, attention_mask=ids.ne(0).long()).logits
+    torch.testing.assert_close(got[ids.ne(0)], want[ids.ne(0)], atol=ATOL, rtol=RTOL)
+
+
+def test_one_token_prompt_keeps_the_deepstack():
+    """bf16 on the CPU: a one-token prompt (a single image token) is no decode step for the one-call C stack, which
+    has no deepstack: its logits follow HF's with the deepstack (made large enough to tell apart), not without."""
+    hf32, images = tiny_vlm("qwen3_vl")
+    with torch.no_grad():
+        for name, p in hf32.model.visual.deepstack_merger_list.named_parameters():
+            if name.endswith("linear_fc2.weight"):
+                p.mul_(20)
+    hf = copy.deepcopy(hf32).to(torch.bfloat16)
+    ids = torch.tensor([[IMAGE]])
+    inputs = {"pixel_values": images["pixel_values"][:1].to(torch.bfloat16), "image_grid_thw": torch.tensor([[1, 1, 1]]),
+              "mm_token_type_ids": ids.eq(IMAGE).long()}
+    opt = dsi.init_inference(copy.deepcopy(hf), dtype=torch.bfloat16, max_seq_len=64)
+    with torch.no_grad():
+        want = hf(input_ids=ids, **inputs).logits[:, -1].float()
+        language = hf.model.language_model
+        language._deepstack_process = lambda hidden, *args: hidden
+        without = hf(input_ids=ids, **inputs).logits[:, -1].float()
+        del language._deepstack_process
+    out = opt.generate(input_ids=ids, max_new_tokens=2, do_sample=False, output_scores=True,
+                       return_dict_in_generate=True, **inputs)
+    got = out.scores[0].float()
+    assert (want - without).abs().max() > 0.2
+    torch.testing.assert_close(got, want, atol=6e-2, rtol=2e-2)
 
 
 def test_inputs_embeds_without_images():

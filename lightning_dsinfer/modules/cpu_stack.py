@@ -203,6 +203,8 @@ class CpuDecodeStack:
             return False
         if self.shm is not None and b * self.hidden > self.shm.capacity:
             return False
+        if step.deepstack is not None:       # (a one-token prompt of Qwen3-VL: its image features after early blocks)
+            return False
         if self.unscaled_below is not None and (step.positions is None
                                                 or float(step.positions.max()) >= self.unscaled_below):
             return False

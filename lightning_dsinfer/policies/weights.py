@@ -112,9 +112,13 @@ def with_source(obj, source: WeightSource):
 
 
 def tied_embeddings(model) -> bool:
-    """Whether the model's output head is its input embedding (one tensor, or ``tie_word_embeddings`` in its config)."""
-    return (model.get_output_embeddings().weight is model.get_input_embeddings().weight
-            or bool(getattr(model.config, "tie_word_embeddings", False)))
+    """Whether the model's output head is its input embedding (one tensor, or ``tie_word_embeddings`` in its config;
+    a vision-language model's language model (multimodal.py): the one tensor only, since the wrapper's config, not
+    its text config, decided the tying)."""
+    same = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    if model.__dict__.get("_dsinfer_language_model", False):
+        return same
+    return same or bool(getattr(model.config, "tie_word_embeddings", False))
 
 
 def lookups(source: WeightSource, names: set[str]):
