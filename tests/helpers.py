@@ -77,6 +77,12 @@ def tiny_config(family: str, **overrides):
                                   "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
                                                       "original_max_position_embeddings": 64, "mscale": 1.0,
                                                       "mscale_all_dim": 1.0}})
+    elif family in ("deepseek_v32", "glm_moe_dsa"):   # V3 / GLM-4.7-Flash's blocks with DeepSeek Sparse Attention's
+        from transformers import AutoConfig           # indexer (dense while a sequence holds <= index_topk keys)
+
+        base = {k: v for k, v in tiny_config("deepseek_v3" if family == "deepseek_v32" else "glm4_moe_lite").to_dict()
+                .items() if k not in ("model_type", "architectures", "rope_interleave")}
+        cfg = AutoConfig.for_model(family, **{**base, "index_topk": 64, "index_n_heads": 2, "index_head_dim": 16})
     elif family == "glm4_moe_lite":        # GLM-4.7-Flash: V3's latent attention (rotate-half here) and MoE, the
         from transformers import AutoConfig   # dense / sparse blocks by mlp_layer_types
 
@@ -251,7 +257,7 @@ def tiny_model(family: str, seed: int = 0, **overrides):
             for name, p in model.named_parameters():                       # at 1
                 if "norm" in name:
                     p.normal_(1.0 if "linear_attn.norm" in name else 0.0, 0.2)
-        if family.startswith("deepseek") or family == "glm4_moe_lite":   # RMSNorms at 1 would hide misplacements
+        if family.startswith("deepseek") or family in ("glm4_moe_lite", "glm_moe_dsa"):   # RMSNorms at 1 would hide
             for name, p in model.named_parameters():
                 if "norm" in name:
                     p.normal_(1.0, 0.2)

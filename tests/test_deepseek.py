@@ -23,6 +23,8 @@ VARIANTS = {
     "v2-lite": ("deepseek_v2", {}),
     "v2-greedy-low-rank": ("deepseek_v2", {"topk_method": "greedy", "q_lora_rank": 32}),
     "glm4-moe-lite": ("glm4_moe_lite", {}),
+    "v3.2": ("deepseek_v32", {}),                  # (sparse attention, dense up to index_topk = max_seq_len = 64 keys)
+    "glm-moe-dsa": ("glm_moe_dsa", {}),
 }
 
 
@@ -208,6 +210,14 @@ def test_deepseek_tensor_and_pipeline_parallel():
 def test_unsupported_settings_are_refused(family, flag, match):
     with pytest.raises(dsi.UnsupportedModelError, match=match):
         dsi.init_inference(tiny_model(family, **flag))
+
+
+@pytest.mark.parametrize("family", ["deepseek_v32", "glm_moe_dsa"])
+def test_sparse_attention_beyond_index_topk_is_refused(family):
+    """DeepSeek Sparse Attention keeps each query's top index_topk keys: up to that many keys, all of them (the dense
+    attention the engine runs, tested above); a longer sequence is refused before any work, with the limit."""
+    with pytest.raises(dsi.UnsupportedModelError, match="Pass max_seq_len <= 64"):
+        dsi.init_inference(tiny_model(family), max_seq_len=65)
 
 
 def test_prequantised_models_and_fp8_checkpoints_are_refused(tmp_path):

@@ -23,7 +23,9 @@ from lightning_dsinfer.policies.llama import FamilyTraits, _experts, check_rope,
 from lightning_dsinfer.policies.weights import (ModuleSource, RowSlices, WeightSource, lookups, rotate_half_pieces,
                                                tied_embeddings)
 
-FAMILY = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")   # (GLM-4.7-Flash: V3's attention and MoE)
+# (GLM-4.7-Flash: V3's attention and MoE; DeepSeek-V3.2 and GLM-5 (glm_moe_dsa): V3's / GLM-4.7-Flash's with DeepSeek
+# Sparse Attention, dense up to index_topk keys: _check_sparse_attention)
+FAMILY = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa")
 _EXPERT_NAMES = FamilyTraits(moe="qwen")       # checkpoint experts as experts.{e}.{gate,up,down}_proj
 
 
@@ -60,6 +62,19 @@ def routing_of(config) -> Routing:
     return routing
 
 
+def _check_sparse_attention(config, max_seq_len: int) -> None:
+    """DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5): each query attends to the ``index_topk`` keys its indexer
+    scores highest; while a sequence holds at most that many keys, that is every key (HF's top-k over T <= index_topk
+    keys selects them all), i.e. the dense latent attention the engine runs. Longer sequences would need the indexer's
+    selection, which the engine does not implement: refused before any work."""
+    topk = getattr(config, "index_topk", None)
+    if topk is not None and max_seq_len > topk:
+        raise UnsupportedModelError(
+            f"{config.model_type}'s sparse attention keeps each query's top {topk} keys (index_topk); up to {topk} keys "
+            f"that is every key, which the engine runs, beyond it the indexer's selection is not implemented. Pass "
+            f"max_seq_len <= {topk} (got {max_seq_len}).")
+
+
 def read_deepseek(model: nn.Module, max_seq_len: int, source: WeightSource | None = None) -> ModelWeights:
     """Name every weight by role (lazy refs into ``source``; default: the model's own tensors)."""
     config = model.config
@@ -69,6 +84,7 @@ def read_deepseek(model: nn.Module, max_seq_len: int, source: WeightSource | Non
     act = getattr(config, "hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise UnsupportedModelError(f"{config.model_type} with hidden_act={act!r} is not supported (SwiGLU: silu).")
+    _check_sparse_attention(config, max_seq_len)
     source = source or ModuleSource(model)
     base = model.model
     with torch.device("cpu"):     # frequencies are computed, not loaded: rebuild them even for a meta model
@@ -76,8 +92,9 @@ def read_deepseek(model: nn.Module, max_seq_len: int, source: WeightSource | Non
     shape = MLAShape(q_lora_rank=config.q_lora_rank or 0, kv_lora_rank=config.kv_lora_rank,
                      qk_nope_head_dim=config.qk_nope_head_dim, qk_rope_head_dim=config.qk_rope_head_dim,
                      v_head_dim=config.v_head_dim,
-                     # (V2 multiplies the rotary pairs as complex numbers: interleaved too)
-                     rope_interleave=(config.model_type == "deepseek_v2"
+                     # (V2 multiplies the rotary pairs as complex numbers: interleaved too; V3.2 and GLM-5 always
+                     # interleave, whatever the config says)
+                     rope_interleave=(config.model_type in ("deepseek_v2", "deepseek_v32", "glm_moe_dsa")
                                       or bool(getattr(config, "rope_interleave", True))),
                      # (the latent norms' own eps: HF leaves them at RMSNorm's default, whatever rms_norm_eps is)
                      norm_eps=float(base.layers[0].self_attn.kv_a_layernorm.variance_epsilon))
