@@ -220,7 +220,7 @@ def cases(dev: str = "cuda", tiny: bool = False):
     from lightning_dsinfer.kernels.mamba1 import scan as mamba1_scan
 
     mi, mn1 = (64, 16) if tiny else (8192, 16)
-    for b, tt in ((1, 1), (16, 1), (1, 16 if tiny else 128)):
+    for b, tt in (((1, 4),) if tiny else ((1, 1), (16, 1), (1, 128))):
         x1, dt1 = torch.randn(b, tt, mi, device=dev, dtype=bf), torch.randn(b, tt, mi, device=dev, dtype=bf)
         z1, bc1 = torch.randn(b, tt, mi, device=dev, dtype=bf), torch.randn(b, tt, 2 * mn1, device=dev, dtype=bf)
         dtb1, alog1, dd1 = (torch.randn(mi, device=dev, dtype=bf), torch.randn(mi, mn1, device=dev, dtype=bf) * 0.5,
