@@ -63,8 +63,8 @@ class InferenceEngine:
     def __init__(self, hf_model: nn.Module, config: InferenceConfig, comm: TensorParallelComm | None = None,
                  pipe: PipelineComm | None = None):
         # a vision-language model: the engine runs its language model (multimodal.py), the wrapper keeps the rest
-        self.outer = hf_model if text_model_of(hf_model) is not hf_model else None
-        hf_model = text_model_of(hf_model)
+        text = text_model_of(hf_model)
+        self.outer, hf_model = (hf_model if text is not hf_model else None), text
         policy = find_policy(hf_model)
         hf_config = hf_model.config
         self.config = config

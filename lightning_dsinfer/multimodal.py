@@ -149,7 +149,7 @@ def place_other_weights(model: nn.Module, view: nn.Module, folder: str | None, d
     checkpoint stores, as position ids, get their values), then every tensor the checkpoint has read from it."""
     from transformers import PreTrainedModel
 
-    own = {id(t) for t in (*view.parameters(), *view.buffers())}
+    own = _tensor_ids(view)
 
     def outside(module):
         return not any(id(t) in own for t in (*module.parameters(), *module.buffers()))
@@ -168,7 +168,7 @@ def place_other_weights(model: nn.Module, view: nn.Module, folder: str | None, d
         from lightning_dsinfer.policies.weights import checkpoint_source
 
         source = checkpoint_source(folder, model)
-        fresh = {id(t) for d in done for t in (*d.parameters(), *d.buffers())}
+        fresh = set().union(*map(_tensor_ids, done))
         for name, t in (*model.named_parameters(), *model.named_buffers()):
             if id(t) in own or not (t.device.type == "meta" or id(t) in fresh):
                 continue
@@ -276,8 +276,13 @@ def _cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
+def _tensor_ids(module: nn.Module) -> set[int]:
+    """The ids of ``module``'s parameters and buffers (the language model's, to tell the wrapper's other tensors)."""
+    return {id(t) for t in (*module.parameters(), *module.buffers())}
+
+
 def check_vision_weights(model: nn.Module, view: nn.Module) -> None:
-    own = {id(t) for t in (*view.parameters(), *view.buffers())}
+    own = _tensor_ids(view)
     meta = [name for name, t in (*model.named_parameters(), *model.named_buffers())
             if id(t) not in own and t.device.type == "meta"]
     if meta:

@@ -793,8 +793,9 @@ def _reference_by_query_blocks(q, k, v, mask, scale, sinks=None):
     for a in range(0, t, rows):
         e = min(t, a + rows)
         end = length - t + e                   # (query i sits at column length - t + i)
-        if end < length and bool(mask[:, :, a:e, end:].any()):
-            end = length - int(mask[:, :, a:e, end:].flip(-1).any(2).any(1).any(0).int().argmax())
+        later = mask[:, :, a:e, end:].any(2).any(1).any(0)       # [length - end]: keys past the causal end seen
+        if bool(later.any()):
+            end += int(later.nonzero()[-1]) + 1
         outs.append(reference.attention(q[:, :, a:e], k[:, :, :end], v[:, :, :end], mask[:, :, a:e, :end], scale,
                                         sinks=sinks))
     return torch.cat(outs, dim=2)

@@ -439,12 +439,11 @@ class Mamba1Mixer(nn.Module):
         dt, b, c = self._dt_b_c(x)
         h = torch.zeros(bsz, inner, n, device=proj.device) if state is None else state.float().contiguous()
         out = None
+        scan = (x.contiguous(), z, dt.contiguous(), torch.cat((b, c), -1), self.dt_bias, self.a_log, self.d, h)
         if ops.uses_triton(proj):      # the scan over the call's tokens in one kernel (kernels/mamba1.py; h in place)
-            out = ops.mamba1_scan(x.contiguous(), z, dt.contiguous(), torch.cat((b, c), -1), self.dt_bias,
-                                  self.a_log.contiguous(), self.d, h)
-        elif dtype == torch.bfloat16 and proj.device.type == "cpu" and cpu_gemv.has_wide_ops():   # a bf16 CPU
-            out = cpu_gemv.mamba1_scan(x.contiguous(), z, dt.contiguous(), torch.cat((b, c), -1),   # prompt: in one
-                                       self.dt_bias, self.a_log, self.d, h)                          # C call
+            out = ops.mamba1_scan(*scan)
+        elif dtype == torch.bfloat16 and proj.device.type == "cpu" and cpu_gemv.has_wide_ops():
+            out = cpu_gemv.mamba1_scan(*scan)          # a bf16 CPU prompt: the same in one C call (None: declined)
         if out is not None:
             keep_states(keep, window[..., -(self.kernel - 1):], h)
             return self.o(out, residual)

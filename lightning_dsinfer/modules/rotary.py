@@ -37,7 +37,7 @@ class RotaryTable:
         self.cos = torch.cat((cos, cos), dim=-1).to(device=device, dtype=dtype)      # [S, R]
         self.sin = torch.cat((-sin, sin), dim=-1).to(device=device, dtype=dtype)     # [S, R], sign of rotate_half
         self.max_seq_len = max_seq_len
-        # M-RoPE (Qwen 3.5): the position row each column reads ([R], both halves), or None (one row of positions)
+        # M-RoPE (Qwen-VL, Qwen 3.5): the position row each column reads ([R], both halves), or None (one row of positions)
         self.mrope = None if mrope_axes is None else torch.cat((mrope_axes, mrope_axes)).to(device)
         # Gemma 3: the sliding-window layers' own table (``Step.sliding_cos`` / ``sliding_sin``), or None
         self.sliding = None if sliding_inv_freq is None else RotaryTable(

@@ -270,8 +270,9 @@ class ModelWeights:
     embed_scale: float | None = None
     embed_scale_rounded: bool = False      # Gemma: the embedding scale rounded to the dtype first (HF's torch.tensor);
                                            # the others multiply by the float (Granite, Falcon-H1)
-    mrope_axes: torch.Tensor | None = None  # Qwen 3.5's M-RoPE: the position row (0 time, 1 height, 2 width) of each
-                                           # rotary frequency (images' tokens get three positions); None: one row
+    mrope_axes: torch.Tensor | None = None  # M-RoPE (Qwen 2 / 2.5 / 3-VL, Qwen 3.5): the position row (0 time, 1 height,
+                                           # 2 width) of each rotary frequency (image tokens get three positions,
+                                           # modules.rotary.mrope_axes); None: one row
     embed_scale_on: str = "ids"            # where HF applies it: "module" (the embedding module: Gemma), "ids" (the model's
                                            # forward, to the rows it looks up: Falcon-H1), "all" (the forward, to
                                            # inputs_embeds a caller passes too: Granite)

@@ -8,9 +8,11 @@ dense SwiGLU, or Qwen2-MoE's sparse block: router ``gate``, 3D ``experts``, ``sh
 ``post_attention_layernorm``. Every RMSNorm but the DeltaNet's gated one scales by (1 + w) in fp32 (Gemma's order:
 ``norm_offset`` 1). The attention: ``q_proj`` holds per head q's D rows then the output gate's D rows (read as the q
 rows, and the gate rows as ``attn_gate``), per-head (1 + w) q / k norms, partial rotary (Qwen3.5's multimodal rope
-is plain rope on text: its three position streams are the same; on image tokens its rows differ: :func:`mrope_axes`). The linear attention: Qwen3.5's ``in_proj_qkv`` / ``in_proj_z`` / ``in_proj_b`` / ``in_proj_a``, or Qwen3-Next's
-``in_proj_qkvz`` / ``in_proj_ba`` whose rows are grouped per key head ([q, k, v, z] of each group; [b, a]), read as
-the q | k | v | z | b | a row pieces of one GEMM; ``conv1d``, ``dt_bias``, ``A_log``, ``norm``, ``out_proj``.
+is plain rope on text: its three position streams are the same; on image tokens they differ: :func:`mrope_axes`); its
+output is multiplied by sigmoid(gate) before o_proj. The linear attention: Qwen3.5's ``in_proj_qkv`` / ``in_proj_z`` /
+``in_proj_b`` / ``in_proj_a``, or Qwen3-Next's ``in_proj_qkvz`` / ``in_proj_ba`` whose rows are grouped per key head
+([q, k, v, z] of each group; [b, a]), read as the q | k | v | z | b | a row pieces of one GEMM; ``conv1d``,
+``dt_bias``, ``A_log``, ``norm``, ``out_proj``.
 
 What runs: CPU (a bf16 decode step's linear attention in one C call), CUDA (decode steps through
 kernels/gated_delta.py, prompts in torch ops); tensor parallelism (each rank its share of the key and value heads:
