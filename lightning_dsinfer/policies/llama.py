@@ -279,8 +279,6 @@ def _experts(source: WeightSource, config, traits: FamilyTraits, mlp: str, name:
     its per-expert parts from a checkpoint, stacked on read (:class:`ExpertStack`)."""
     fused = f"{mlp}.experts.{name}"
     entries = getattr(source, "entries", None)
-    if entries is None and isinstance(source, RowSlices):      # (ERNIE 4.5 MoE: the rotary rows reordered too)
-        entries = getattr(source.inner, "entries", None)
     if entries is None or fused in entries:
         return source.ref(fused)
     n = num_experts(config)

@@ -200,6 +200,12 @@ class RowSlices(WeightSource):
         for name, (packed, _) in self.slices.items():
             self._unreleased.setdefault(packed, set()).add(name)
 
+    @property
+    def entries(self):
+        """The checkpoint's tensors where ``inner`` reads one (None for a module's own), as the names that pass through
+        see them (a policy asks whether a checkpoint stores e.g. experts one by one)."""
+        return getattr(self.inner, "entries", None)
+
     def shape(self, name):
         if name not in self.slices:          # every other weight: as ``inner`` holds it
             return self.inner.shape(name)
