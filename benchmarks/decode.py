@@ -42,7 +42,10 @@ side in every block: 64-wide Mamba-2 heads over 2 x ``--hidden`` channels, one g
 ``--intermediate``; the 0.5B model's muP multipliers); the engine runs both input projections as one GEMM and both
 output projections as another. ``--family mamba``: Mamba-1 blocks at these widths (2 x ``--hidden`` channels, state
 16, dt rank ``--hidden`` / 16; no MLP, tied embeddings as Mamba's); transformers runs its torch recurrence without
-mamba_ssm, the engine its own (torch ops, one token at a time in prompts too).
+mamba_ssm, the engine its own (torch ops, one token at a time in prompts too). ``--family gemma4``: Gemma 4 E2B's
+layout at these widths (sliding layers of hidden / heads wide heads and every fifth layer full with twice as wide
+ones, the last third reading earlier layers' K/V with double-wide MLPs, 256-wide per-layer inputs over the
+vocabulary, tied embeddings); transformers' prompts skip the shared layers for all but the last token, as ours do.
 """
 from __future__ import annotations
 
@@ -69,7 +72,8 @@ FAMILY_NAMES = {"llama": "Llama", "gemma2": "Gemma 2", "gpt_neox": "GPT-NeoX (Py
                 "nemotron_h": "Nemotron-H-style (Mamba-2 + ReLU² MLP layers, attention in every fourth pair)",
                 "llama4": "Llama 4 Scout-style (chunked attention, NoPE every fourth layer, MoE)",
                 "falcon_h1": "Falcon-H1-style (attention and Mamba-2 side by side in every block)",
-                "mamba": "Mamba-1 (state-spaces Mamba blocks)"}
+                "mamba": "Mamba-1 (state-spaces Mamba blocks)",
+                "gemma4": "Gemma 4 E2B-style (per-layer inputs, the last third reading earlier layers' K/V)"}
 
 
 def build_model(args):
@@ -168,6 +172,19 @@ def build_model(args):
         cfg = MambaConfig(hidden_size=args.hidden, num_hidden_layers=args.layers, intermediate_size=2 * args.hidden,
                           vocab_size=args.vocab, state_size=16, time_step_rank=args.hidden // 16, eos_token_id=None,
                           pad_token_id=0)
+    elif getattr(args, "family", "llama") == "gemma4":
+        from transformers import AutoConfig
+
+        d = args.hidden // args.heads
+        cfg = AutoConfig.for_model(
+            "gemma4_text", hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+            num_key_value_heads=args.kv_heads, head_dim=d, global_head_dim=2 * d, intermediate_size=args.intermediate,
+            vocab_size=args.vocab, max_position_embeddings=4096, sliding_window=512,
+            layer_types=["full_attention" if i % 5 == 4 or i == args.layers - 1 else "sliding_attention"
+                         for i in range(args.layers)],
+            hidden_size_per_layer_input=256, vocab_size_per_layer_input=args.vocab,
+            num_kv_shared_layers=args.layers // 3, use_double_wide_mlp=True, final_logit_softcapping=30.0,
+            eos_token_id=None, pad_token_id=0)
     elif getattr(args, "experts", 0):      # (the other benchmarks build the dense Llama through here too)
         from transformers import MixtralConfig
 
@@ -194,10 +211,14 @@ def time_generate(model, ids, new_tokens, repeats):
 
 
 def hf_decode_bytes(model) -> int:
-    """Weight bytes HF reads per decode step: every parameter except the embedding table (one row)."""
-    emb = model.get_input_embeddings().weight
+    """Weight bytes HF reads per decode step: every parameter except the embedding tables (one row of each: Gemma 4's
+    per-layer table too)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
-    return total - emb.numel() * emb.element_size() + emb.shape[1] * emb.element_size()
+    tables = [model.get_input_embeddings().weight]
+    per_layer = getattr(getattr(model, "model", None), "embed_tokens_per_layer", None)
+    if per_layer is not None:
+        tables.append(per_layer.weight)
+    return total - sum((t.numel() - t.shape[1]) * t.element_size() for t in tables)
 
 
 def quantized_quality(hf, opt, args, mode: str = "int8") -> str:

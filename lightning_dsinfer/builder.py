@@ -12,6 +12,7 @@ Two steps, kept apart so offload can sit between them:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -26,8 +27,9 @@ from lightning_dsinfer.modules.mla import LatentAttention
 from lightning_dsinfer.modules.moe import MoEMLP, quantize_experts
 from lightning_dsinfer.modules.transformer import (MLP, Attention, DecoderLayer, DecoderModel, GatedMLP,
                                                   GPTDecoderLayer, LayerSpec, OutputGatedAttention,
-                                                  PostNormDecoderLayer, ProjectionNormAttention, RotaryFirstAttention,
-                                                  SandwichDecoderLayer, TemperatureTunedAttention)
+                                                  PerLayerInputLayer, PerLayerInputs, PostNormDecoderLayer,
+                                                  ProjectionNormAttention, RotaryFirstAttention, SandwichDecoderLayer,
+                                                  SharedKVAttention, TemperatureTunedAttention)
 from lightning_dsinfer.parallel import TensorParallelComm, TensorShardPlan
 from lightning_dsinfer.policies import ModelWeights
 from lightning_dsinfer.policies.base import LayerWeights
@@ -37,6 +39,24 @@ from lightning_dsinfer.policies.weights import load_fused
 def shard_plan(w: ModelWeights, comm: TensorParallelComm) -> TensorShardPlan:
     return TensorShardPlan(comm.rank, comm.size, w.num_heads, w.num_kv_heads, w.head_dim, w.intermediate_size,
                            w.vocab_size)
+
+
+def layer_plan(plan: TensorShardPlan, lw: LayerWeights) -> TensorShardPlan:
+    """``plan`` for one block: a layer with an attention shape or MLP width of its own (Gemma 4) gets a plan of its
+    own (checked for the ranks like the model's)."""
+    if lw.head_dim is None and lw.num_kv_heads is None and lw.intermediate_size is None:
+        return plan
+    return dataclasses.replace(plan, head_dim=lw.head_dim or plan.head_dim,
+                               num_kv_heads=lw.num_kv_heads or plan.num_kv_heads,
+                               intermediate_size=lw.intermediate_size or plan.intermediate_size)
+
+
+def kv_layout(w: ModelWeights, plan: TensorShardPlan) -> tuple[dict[int, tuple[int, int]], list[int]]:
+    """(this rank's (KV heads, head dim) of each block whose attention shape is its own, the blocks without K/V of
+    their own): :class:`StaticKVCache`'s ``shapes`` and ``no_kv`` (Gemma 4)."""
+    shapes = {i: (p.local_kv_heads, p.head_dim) for i, lw in enumerate(w.layers)
+              if lw.head_dim is not None or lw.num_kv_heads is not None for p in [layer_plan(plan, lw)]}
+    return shapes, [i for i, lw in enumerate(w.layers) if lw.kv_source is not None]
 
 
 def _fused(parts, dtype) -> torch.Tensor:
@@ -77,6 +97,7 @@ def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype, nor
     shared expert's ``shared.gate_up.weight``, ``shared.down.weight``, ``shared_gate.weight`` (:func:`_shard_moe`).
     A latent-attention block (DeepSeek) has ``qkv`` = q_a | kv_a and the keys of :func:`_shard_mla`.
     """
+    plan = layer_plan(plan, lw)
     q_rows, kv_rows, mlp_rows = plan.q_rows, plan.kv_rows, plan.mlp_rows
     first = plan.adds_bias_once
     out = {
@@ -99,9 +120,10 @@ def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype, nor
     else:   # (Qwen3-Next / 3.5: the attention's output gate rows after v's, one GEMM)
         gate = [(lw.attn_gate, q_rows)] if lw.attn_gate is not None else []
         gate_bias = [(lw.attn_gate_bias, q_rows)] if lw.attn_gate is not None else []
-        out["qkv.weight"] = _fused([(lw.q, q_rows), (lw.k, kv_rows), (lw.v, kv_rows), *gate], dtype)
-        out["qkv.bias"] = _fused_bias([(lw.q_bias, q_rows), (lw.k_bias, kv_rows), (lw.v_bias, kv_rows), *gate_bias],
-                                      dtype)
+        kv = [(lw.k, kv_rows), (lw.v, kv_rows)] if lw.kv_source is None else []    # (Gemma 4: another layer's K/V)
+        kv_bias = [(lw.k_bias, kv_rows), (lw.v_bias, kv_rows)] if lw.kv_source is None else []
+        out["qkv.weight"] = _fused([(lw.q, q_rows), *kv, *gate], dtype)
+        out["qkv.bias"] = _fused_bias([(lw.q_bias, q_rows), *kv_bias, *gate_bias], dtype)
         if lw.mamba is not None:     # Falcon-H1: Mamba-2 beside the attention (modules/gated_deltanet.ParallelMixer)
             out.update(_shard_parallel_mamba(out, lw.mamba, plan, dtype))
     # (q / k norms over the whole projection, OLMo 2: this rank's heads' part of them)
@@ -112,6 +134,12 @@ def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype, nor
     for key in ("input_norm_bias", "post_norm_bias"):
         ref = getattr(lw, key)
         out[key] = None if ref is None else ref.load().to(dtype)
+    if lw.per_layer_gate is not None:    # Gemma 4: the per-layer input's gate, projection and norm (whole on every rank)
+        out["ple.gate.weight"] = lw.per_layer_gate.load().to(dtype)
+        out["ple.proj.weight"] = lw.per_layer_proj.load().to(dtype)
+        out["ple.norm"] = norm_weight(lw.per_layer_norm, dtype, norm_offset, norm_fp32)
+    if lw.layer_scalar is not None:
+        out["layer_scalar"] = lw.layer_scalar.load().to(dtype)
     if lw.out_scale is not None:     # Granite: h + m * o(x) == h + o'(x) with o' = m * o (likewise down, below)
         out["o.weight"] = (out["o.weight"].float() * lw.out_scale).to(dtype)
         if out["o.bias"] is not None:
@@ -356,8 +384,9 @@ def _shard_moe(moe, plan: TensorShardPlan, dtype: torch.dtype) -> dict[str, torc
 
 def layer_spec(w: ModelWeights, plan: TensorShardPlan, lw: LayerWeights) -> LayerSpec:
     moe = lw.moe
+    plan = layer_plan(plan, lw)
     return LayerSpec(hidden_size=w.hidden_size, num_heads=plan.local_heads, num_kv_heads=plan.local_kv_heads,
-                     head_dim=w.head_dim, intermediate_size=plan.mlp_rows[1], rms_norm_eps=w.rms_norm_eps,
+                     head_dim=plan.head_dim, intermediate_size=plan.mlp_rows[1], rms_norm_eps=w.rms_norm_eps,
                      scaling=w.scaling, sliding_window=lw.sliding_window, attention_chunk=lw.attention_chunk,
                      attn_temperature=lw.attn_temperature, mlp_act=w.mlp_act,
                      attn_softcap=w.attn_softcap, mlp_gated=w.mlp_gated, rotary=w.rotary and lw.rotary,
@@ -367,7 +396,7 @@ def layer_spec(w: ModelWeights, plan: TensorShardPlan, lw: LayerWeights) -> Laye
                      moe_first_expert=expert_range(moe, plan)[0] if moe and moe.expert_parallel else None,
                      moe_routing=moe.routing if moe else None, moe_act=moe.act if moe else None, mla=w.mla,
                      deltanet=lw.deltanet, attn_output_gate=lw.attn_gate is not None, mamba=lw.mamba,
-                     mamba1=lw.mamba1)
+                     mamba1=lw.mamba1, v_norm=lw.v_norm, kv_source=lw.kv_source)
 
 
 # A block's tensors by half: offload streams the attention half (with both norms) and the MLP half as two units.
@@ -382,7 +411,7 @@ MLP_KEYS = ("gate_up.weight", "gate_up.bias", "down.weight", "down.bias", "mlp_o
             "moe.router", "moe.router_bias", "moe.gate_up", "moe.down", "moe.gate_up_bias", "moe.down_bias",
             "shared.gate_up.weight", "shared.down.weight", "shared_gate.weight", "shared.gate_up.bias",
             "shared.down.bias", "moe.latent_in.weight", "moe.latent_in.bias", "moe.latent_out.weight",
-            "moe.latent_out.bias")
+            "moe.latent_out.bias", "ple.gate.weight", "ple.proj.weight", "ple.norm", "layer_scalar")
 
 
 def split_block(t: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -411,6 +440,11 @@ def block_linear_inputs(w: ModelWeights, plan: TensorShardPlan) -> dict[str, int
             ks[name] = out_columns(lw, plan)[1]
     if not layers or any(lw.moe is None and lw.up is not None for lw in layers):   # (blocks without an MLP: none)
         ks["down"] = plan.mlp_rows[1]
+    for lw in layers:      # (Gemma 4: layers of their own head dim / MLP width)
+        if getattr(lw, "head_dim", None) is not None or getattr(lw, "intermediate_size", None) is not None:
+            p = layer_plan(plan, lw)
+            ks.setdefault(f"o ({p.head_dim}-wide heads)", p.local_heads * p.head_dim)
+            ks.setdefault(f"down ({p.intermediate_size} wide)", p.mlp_rows[1])
     for moe in {id(lw.moe): lw.moe for lw in layers if lw.moe is not None}.values():
         ks.setdefault("experts' down", moe.expert_inter // (1 if moe.expert_parallel else plan.tp))
         if moe.shared_up is not None:
@@ -564,6 +598,10 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
         attn = LatentAttention(index, spec.num_heads, spec.mla, spec.scaling, spec.mla.norm_eps, linear("qkv"),
                                out_proj(), t["kv_b.weight"], t["kv_a_norm"],
                                linear("q_b") if "q_b.weight" in t else None, t.get("q_a_norm"))
+    elif spec.v_norm or spec.kv_source is not None:     # Gemma 4: v normed, or another block's K/V read
+        unit = torch.ones(spec.head_dim, dtype=torch.float32, device=t["o.weight"].device) if spec.v_norm else None
+        attn = SharedKVAttention(spec, index, linear("qkv"), out_proj(), t["q_norm"], t.get("k_norm"), unit,
+                                 spec.kv_source)
     else:
         attn = kind(spec, index, linear("qkv"), out_proj(), q_norm=t.get("q_norm"), k_norm=t.get("k_norm"),
                     alibi=t.get("alibi"), **extra)
@@ -594,6 +632,13 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
                                t.get("post_norm_bias"), spec.rms_norm_eps, spec.parallel_residual)
     if "attn_out_norm" in t and "input_norm" not in t:   # OLMo 2, Exaone 4: norms on the outputs only
         return PostNormDecoderLayer(attn, mlp, spec.rms_norm_eps, t["attn_out_norm"], t.get("mlp_out_norm"))
+    if "layer_scalar" in t:          # Gemma 4's MLP half: the per-layer input and the layer's scalar after the MLP
+        ple = "ple.gate.weight" in t
+        return PerLayerInputLayer(attn, mlp, t.get("input_norm"), t.get("post_norm"), spec.rms_norm_eps,
+                                  t.get("attn_out_norm"), t.get("mlp_out_norm"), index, t["layer_scalar"],
+                                  Linear(t["ple.gate.weight"], pack=pack) if ple else None,
+                                  Linear(t["ple.proj.weight"], pack=pack) if ple else None, t.get("ple.norm"),
+                                  spec.mlp_act)
     if "attn_out_norm" in t or "mlp_out_norm" in t:      # Gemma 2 / 3 (an offloaded half holds one of the two)
         return SandwichDecoderLayer(attn, mlp, t.get("input_norm"), t.get("post_norm"), spec.rms_norm_eps,
                                     t.get("attn_out_norm"), t.get("mlp_out_norm"))
@@ -665,7 +710,14 @@ def model_ends(w: ModelWeights, dtype: torch.dtype, device, embed: bool, head: b
     def load(ref):
         return None if ref is None else ref.load().to(device=device, dtype=dtype).contiguous()
 
-    return dict(embed_scale=w.embed_scale, embed_scale_rounded=w.embed_scale_rounded, embed_scale_on=w.embed_scale_on,
+    per_layer = None
+    if embed and w.per_layer is not None:     # (Gemma 4's per-layer inputs, whole on every rank)
+        p = w.per_layer
+        per_layer = PerLayerInputs(load(p.embed), Linear(load(p.projection)),
+                                   norm_weight(p.norm, dtype, w.norm_offset, w.norm_fp32).to(device), p.layers, p.dim,
+                                   p.embed_scale, p.projection_scale, p.input_scale, w.rms_norm_eps)
+    return dict(per_layer=per_layer,
+                embed_scale=w.embed_scale, embed_scale_rounded=w.embed_scale_rounded, embed_scale_on=w.embed_scale_on,
                 final_softcap=w.final_softcap,
                 logit_scale=w.logit_scale,
                 final_norm_bias=load(w.final_norm_bias) if head else None,
@@ -726,8 +778,11 @@ def cache_row_bytes(w: ModelWeights, plan: TensorShardPlan, dtype: torch.dtype, 
     linear-state layer's convolution history (dtype) and state (fp32) instead."""
     heads, width, keys_only = w.cache_layout(plan.local_kv_heads)
     linear = [shapes for lw in w.layers if (shapes := state_shapes(lw, plan.tp)) is not None]
-    kv_layers = sum(1 for lw in w.layers if lw.q is not None or lw.mla is not None)   # (Falcon-H1: both)
-    kv = (1 if keys_only else 2) * kv_layers * heads * width * max_seq_len * dtype.itemsize
+    own, no_kv = kv_layout(w, plan)       # (Gemma 4: layers of their own shape, layers reading another's K/V)
+    kv_layers = [i for i, lw in enumerate(w.layers)
+                 if (lw.q is not None or lw.mla is not None) and i not in no_kv]   # (Falcon-H1: both)
+    kv = (1 if keys_only else 2) * sum(math.prod(own.get(i, (heads, width))) for i in kv_layers) * max_seq_len \
+        * dtype.itemsize
     return kv + sum(math.prod(conv) * dtype.itemsize + math.prod(state) * 4 for conv, state in linear)
 
 
@@ -902,7 +957,9 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
 
     final_norm = norm_weight(w.final_norm, dtype, w.norm_offset, w.norm_fp32).to(device) if head else None
     kv_heads, width, _ = w.cache_layout(plan.local_kv_heads)
+    own, no_kv = kv_layout(w, plan)     # (Gemma 4: a plain forward's chunks would need a scratch K/V per shape)
     decoder = StreamedDecoderModel(streamer, layer_units, head_units, make, rows, final_norm, w.rms_norm_eps,
                                    w.vocab_size, start, ws.prefill_tokens, comm=comm, device=device, experts=pool,
-                                   kv_heads=kv_heads, head_dim=width, **model_ends(w, dtype, device, embed, head))
+                                   kv_heads=kv_heads, head_dim=width, scratch=not (own or no_kv),
+                                   **model_ends(w, dtype, device, embed, head))
     return decoder, ws

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_dsinfer.builder import (build_decoder, build_streamed_decoder, cache_row_bytes, check_int4_groups,
-                                      experts_per_rank, shard_plan)
+                                      experts_per_rank, kv_layout, shard_plan)
 from lightning_dsinfer.config import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, InferenceConfig
 from lightning_dsinfer.modules.gated_deltanet import state_shapes
 from lightning_dsinfer.modules.kv_cache import StaticKVCache
@@ -103,6 +103,12 @@ class InferenceEngine:
         self.attention_chunk = chunks[0] if chunks else None     # (Llama 4's chunked layers)
         if config.quantize == "int4":       # every block linear's K (per rank) a multiple of the group, before any work
             check_int4_groups(weights, shard_plan(weights, self.comm), config.quantize_group_size)
+        if self.pipe.size > 1 and (weights.per_layer is not None or any(lw.kv_source is not None
+                                                                         for lw in weights.layers)):
+            raise UnsupportedModelError(
+                f"dsinfer: {weights.model_type}'s blocks read per-layer inputs looked up on the first stage and other "
+                f"blocks' keys and values, which pipeline stages do not pass on; use tensor parallelism "
+                f"(tensor_parallel_size) or offload instead of pipeline_parallel_size={self.pipe.size}.")
         self.layer_range = _stage_range(weights, self.pipe, self.dtype, config.quantize,
                                         config.quantize_group_size)   # this stage's blocks
         lo, hi = self.layer_range
@@ -129,9 +135,11 @@ class InferenceEngine:
         kv_heads, width, keys_only = weights.cache_layout(shard_plan(weights, self.comm).local_kv_heads)
         linear = {i: shapes for i, lw in enumerate(weights.layers)
                   if (shapes := state_shapes(lw, self.comm.size)) is not None}
+        own, no_kv = kv_layout(weights, shard_plan(weights, self.comm))   # (Gemma 4: blocks of their own shape)
         self.cache = StaticKVCache(len(weights.layers), kv_heads, width, batch, self.max_seq_len, self.dtype,
                                    self.device, keys_only=keys_only, linear=linear,
-                                   attention_too=[i for i in linear if weights.layers[i].q is not None])
+                                   attention_too=[i for i in linear if weights.layers[i].q is not None],
+                                   shapes=own, no_kv=no_kv)
         self.vocab_size = weights.vocab_size
         self.hidden_size = weights.hidden_size
         self.positions_from_mask = weights.positions_from_mask
@@ -341,6 +349,7 @@ class InferenceEngine:
         step = build_step(self.rotary, position_ids.to(self.device), key_valid, q_start=past, t=t,
                           window=self.sliding_window, chunk=self.attention_chunk, blocks=self.check_blocks(blocks))
         step.deepstack = self.check_deepstack(deepstack)
+        step.ids = input_ids.to(self.device) if input_ids is not None else None
         if getattr(hf_cache, "dsinfer_counter", False):    # (a pipeline stage's or an attention-free model's token
             row = torch.zeros(b, 1, t, 1, dtype=self.dtype, device=self.device)   # count: after the checks, so a
             hf_cache.layers[-1].update(row, row)                                # refused call leaves it as it was)
@@ -573,7 +582,7 @@ def _dsinfer_forward(self, input_ids=None, attention_mask=None, position_ids=Non
             merged = merged_inputs(self, engine, input_ids, attention_mask, position_ids, extra, hf_cache)
             inputs_embeds, position_ids, blocks, deepstack = (merged.embeds, merged.positions, merged.blocks,
                                                               merged.deepstack)
-            input_ids = None
+            input_ids = merged.ids        # (Gemma 4's per-layer inputs' ids; None: the embeddings only)
     logits = engine.forward(input_ids, attention_mask, position_ids, inputs_embeds, hf_cache, logits_to_keep, blocks,
                             deepstack)
     loss = None

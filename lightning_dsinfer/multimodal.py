@@ -41,11 +41,13 @@ TEXT_ARGUMENTS = frozenset({"input_ids", "attention_mask", "position_ids", "cach
 class Merged:
     """What a wrapper hands its language model for a prompt with images: the merged embeddings [B, T, H], positions
     ([B, T], M-RoPE's [3, B, T], or None: the engine's own), image blocks [B, T] (or None), and Qwen3-VL's deepstack
-    (the image tokens' mask [B, T] and one [n, H] tensor per early layer, added to the stream after it; or None)."""
+    (the image tokens' mask [B, T] and one [n, H] tensor per early layer, added to the stream after it; or None), and
+    Gemma 4's token ids [B, T] its per-layer inputs are looked up by (image tokens as padding; or None)."""
     embeds: torch.Tensor
     positions: torch.Tensor | None = None
     blocks: torch.Tensor | None = None
     deepstack: tuple | None = None
+    ids: torch.Tensor | None = None
 
 
 class _Caught(Exception):
@@ -229,6 +231,18 @@ def merged_inputs(model: nn.Module, engine, input_ids: torch.Tensor, attention_m
             rules.append(kwargs["or_mask_function"])
         return original_mask(*args, **kwargs)
 
+    def per_layer_ids(input_ids, inputs_embeds=None):   # (Gemma 4: the ids its per-layer inputs are looked up by,
+        if input_ids is None:                            # handed on as they are: the engine looks them up)
+            raise UnsupportedModelError(f"dsinfer: {type(model).__name__} looks its per-layer inputs up by token "
+                                        f"id; pass input_ids.")
+        return _PerLayerIds(input_ids)
+
+    if engine.decoder.per_layer is not None and getattr(view.config, "use_bidirectional_attention", None):
+        raise UnsupportedModelError(    # (Gemma 4: image blocks see each other in the sliding layers only)
+            f"dsinfer: {type(model).__name__} with use_bidirectional_attention="
+            f"{view.config.use_bidirectional_attention!r} lets image tokens see each other in its sliding-window layers "
+            f"only, which the engine's masks do not model yet; run the unoptimised model for prompts with images (text "
+            f"prompts run on the engine).")
     check_vision_weights(model, view)
     input_ids = input_ids.to(engine.device)        # (the vision part sits on the engine's device: place_other_weights)
     attention_mask = None if attention_mask is None else attention_mask.to(engine.device)
@@ -236,6 +250,9 @@ def merged_inputs(model: nn.Module, engine, input_ids: torch.Tensor, attention_m
     saved = [(m, m.__dict__.get("forward")) for m in (text, embed)]     # (a forward installed on the instance:
     text.forward = catch                                                  # put back after)
     embed.forward = lambda ids: engine.decoder.module_embeddings(ids.to(engine.device))
+    per_layer = hasattr(text, "get_per_layer_inputs")
+    if per_layer:
+        text.get_per_layer_inputs = per_layer_ids
     if original_mask is not None:
         masking.create_causal_mask = mask_rule
     try:
@@ -252,6 +269,8 @@ def merged_inputs(model: nn.Module, engine, input_ids: torch.Tensor, attention_m
                 module.forward = forward
         if original_mask is not None:
             masking.create_causal_mask = original_mask
+        if per_layer:
+            del text.get_per_layer_inputs
     if "inputs_embeds" not in caught:
         raise UnsupportedModelError(f"dsinfer: {type(model).__name__}'s forward did not reach its language model with "
                                     f"these inputs ({sorted(extra)}); run the unoptimised model for them.")
@@ -259,15 +278,24 @@ def merged_inputs(model: nn.Module, engine, input_ids: torch.Tensor, attention_m
         raise UnsupportedModelError(
             f"dsinfer: {type(model).__name__} applies an attention rule of its own to these inputs ({sorted(extra)}) "
             f"that the engine does not model; run the unoptimised model for them.")
-    if caught.get("per_layer_inputs") is not None:
-        raise UnsupportedModelError(f"dsinfer: {type(model).__name__} feeds its language model per_layer_inputs, which "
-                                    f"the engine's blocks do not take; run the unoptimised model with images.")
+    ids = caught.get("per_layer_inputs")
+    if ids is not None and not isinstance(ids, _PerLayerIds):
+        raise UnsupportedModelError(f"dsinfer: {type(model).__name__} feeds its language model per_layer_inputs of its "
+                                    f"own, which the engine's blocks do not take; run the unoptimised model with images.")
     deepstack = None
     if caught.get("deepstack_visual_embeds") is not None:     # (Qwen3-VL: added to the stream after the first layers)
         deepstack = (caught["visual_pos_masks"], list(caught["deepstack_visual_embeds"]))
     return Merged(caught["inputs_embeds"], plain_positions(model, caught.get("position_ids"),
                                                            engine.rotary.mrope is not None),
-                  blocks[0] if blocks else None, deepstack)
+                  blocks[0] if blocks else None, deepstack, None if ids is None else ids.ids)
+
+
+class _PerLayerIds:
+    """Gemma 4's wrapper hands its language model per-layer inputs it looks up by id (image tokens as padding): caught
+    as those ids (``Merged.ids``), which the engine looks up itself."""
+
+    def __init__(self, ids: torch.Tensor):
+        self.ids = ids
 
 
 def _cache_argument(model: nn.Module) -> str:

@@ -66,6 +66,18 @@ def tiny_config(family: str, **overrides):
                                                                          "rope_theta": 100000.0},
                                                       "sliding_attention": {"rope_type": "default",
                                                                             "rope_theta": 1000.0}}})
+    elif family == "gemma4_text":          # w (not 1 + w) norms, v norm, full layers of their own head dim with one KV
+        from transformers import Gemma4TextConfig  # head whose values are the keys' projection, a proportional rope;
+        #                                            the last two layers reading earlier layers' K/V with double-wide
+        #                                            MLPs; per-layer inputs; a logit cap
+        cfg = Gemma4TextConfig(**{**common, "num_hidden_layers": 6, "head_dim": 16, "global_head_dim": 32,
+                                  "num_global_key_value_heads": 1, "attention_k_eq_v": True, "sliding_window": 7,
+                                  "layer_types": ["sliding_attention", "sliding_attention", "full_attention",
+                                                  "sliding_attention", "sliding_attention", "full_attention"],
+                                  "hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": 97,
+                                  "num_kv_shared_layers": 2, "use_double_wide_mlp": True,
+                                  "final_logit_softcapping": 30.0, **overrides})
+        overrides = {}
     elif family == "deepseek_v3":          # latent attention (q low rank, interleaved rotary, yarn), grouped sigmoid
         from transformers import DeepseekV3Config  # routing with a correction bias, a shared expert, a dense layer
 
@@ -241,7 +253,12 @@ def tiny_model(family: str, seed: int = 0, **overrides):
         if family.startswith("gemma") or family in LLAMA_LIKE_FAMILIES:   # 1 and 0): make them differ, so a norm
             for name, p in model.named_parameters():                       # in the wrong place cannot pass
                 if "norm" in name:
-                    p.normal_(0.0 if family.startswith("gemma") else 1.0, 0.2)
+                    p.normal_(0.0 if family.startswith("gemma") and family != "gemma4_text" else 1.0, 0.2)
+            for name, buf in (*model.named_buffers(), *model.named_parameters()):
+                if name.endswith("layer_scalar"):         # (Gemma 4's: 1 would hide it)
+                    buf.uniform_(0.5, 1.5)
+                elif family == "gemma4_text" and name.endswith("q_norm.weight"):   # its attention's scale is 1: q
+                    buf.normal_(0.3, 0.05)       # normed to RMS 1 would make the tiny heads' softmax one-hot (bf16 chaos)
         if family.startswith(("lfm2", "nemotron_h", "llama4", "falcon_h1")) or family in (
                 "granitemoehybrid", "bamba", "mamba", "falcon_mamba", "jamba", "mamba2"):
             for name, p in model.named_parameters():

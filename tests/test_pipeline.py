@@ -6,7 +6,6 @@ pipeline), from a checkpoint on meta; through the Lightning launcher; a dead sta
 
 The pp_worker.py runs (``worker_runs``) go into the session's shared launches of the ranks (tests/conftest.py
 ``shared_runs``: a rank's start-up costs more than a run of the tiny models); each test checks its own run's output."""
-import json
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from lightning_dsinfer.parallel.pipeline import stage_layers
 from multiproc import run_ranks
 
 REFUSED = "pipeline_parallel_size=2 is larger than the model's 1 layers"
+GEMMA4_REFUSED = "which pipeline stages do not pass on; use tensor parallelism"
 
 
 def worker_runs(tmp, selected):
@@ -39,6 +39,7 @@ def worker_runs(tmp, selected):
         "test_pipeline_without_room_in_dev_shm_talks_through_gloo": [*pp, "--full-shm", "--families", "llama"],
         "test_more_stages_than_layers_is_refused": ["--expect-error", REFUSED, *pp, "--layers", "1",
                                                     "--families", "llama"],
+        "test_gemma4_stages_are_refused": ["--expect-error", GEMMA4_REFUSED, *pp, "--families", "gemma4_text"],
     }
     four = {"test_pipeline_four_stages_matches_hf": ["pp_worker.py", "--pp", "4", "--layers", "5", "--families",
                                                      "mistral", "qwen3_moe"],
@@ -203,6 +204,13 @@ def test_more_stages_than_layers_is_refused(shared_runs):
     init_inference in every rank."""
     outs = shared_runs.outputs(2, "test_more_stages_than_layers_is_refused")
     assert all(f"refused: ValueError: {REFUSED}" in o for o in outs), outs
+
+
+def test_gemma4_stages_are_refused(shared_runs):
+    """Gemma 4's per-layer inputs (looked up on the first stage) and shared K/V: refused on pipeline stages in each
+    rank, with the fix (tensor parallelism), before any weight is read."""
+    outs = shared_runs.outputs(2, "test_gemma4_stages_are_refused")
+    assert all("refused: UnsupportedModelError: dsinfer: gemma4_text's blocks" in o for o in outs), outs
 
 
 def test_strategy_world_must_divide():

@@ -141,13 +141,13 @@ def dsinfer_generate(self, inputs: torch.Tensor | None = None, generation_config
         warnings.warn("dsinfer: a right-padded batch was detected; decoder-only models need left padding "
                       "(tokenizer.padding_side='left') for correct generation.", stacklevel=2)
     engine.check_mask(attention_mask, generate=True)
-    prompt_embeds = positions = blocks = deepstack = None
+    prompt_embeds = positions = blocks = deepstack = prompt_ids = None
     if extra:
         if pipelined:
             raise ValueError(f"dsinfer: {sorted(extra)} with pipeline_parallel_size > 1: a vision-language model's "
                              f"images run on one pipeline stage only; use tensor parallelism.")
         merged = merged_inputs(self, engine, input_ids, attention_mask, None, extra)
-        prompt_embeds, positions = merged.embeds, merged.positions
+        prompt_embeds, positions, prompt_ids = merged.embeds, merged.positions, merged.ids
         blocks, deepstack = engine.check_blocks(merged.blocks), engine.check_deepstack(merged.deepstack)
     if (gc.num_return_sequences or 1) > 1:     # sampling several continuations: each prompt repeated, HF's order
         input_ids = input_ids.repeat_interleave(gc.num_return_sequences, dim=0)
@@ -155,6 +155,8 @@ def dsinfer_generate(self, inputs: torch.Tensor | None = None, generation_config
             attention_mask = attention_mask.repeat_interleave(gc.num_return_sequences, dim=0)
         if prompt_embeds is not None:
             prompt_embeds = prompt_embeds.repeat_interleave(gc.num_return_sequences, dim=0)
+        if prompt_ids is not None:
+            prompt_ids = prompt_ids.repeat_interleave(gc.num_return_sequences, dim=0)
         if blocks is not None:
             blocks = blocks.repeat_interleave(gc.num_return_sequences, dim=0)
         if positions is not None:
@@ -179,7 +181,7 @@ def dsinfer_generate(self, inputs: torch.Tensor | None = None, generation_config
     sequences = decode_loop(engine, input_ids, attention_mask, max_new, min_new, bool(gc.do_sample),
                             gc.temperature, top_k, gc.top_p, eos_ids, pad_id, streamer=unused.get("streamer"),
                             processors=processors, trace=trace, prompt_embeds=prompt_embeds, blocks=blocks,
-                            given_positions=positions, deepstack=deepstack)
+                            given_positions=positions, deepstack=deepstack, prompt_ids=prompt_ids)
     if trace is None:
         return sequences
     from transformers.generation.utils import GenerateDecoderOnlyOutput

@@ -132,7 +132,7 @@ class _Bucket:
         sin = e.rotary.sin.index_select(0, self.pos).view(b, 1, 1, d)
         step = Step(cos=cos, sin=sin, mask=mask, window_mask=window_mask,
                     cache=_ColumnWriter(e.cache, col, b), start=0, positions=self.pos.view(b, 1), decoding=True,
-                    q_col=col)
+                    q_col=col, ids=self.tok.view(b, 1))
         with ops.kv_ranges((mask, start, seq_lens, None), (window_mask, window_start.to(torch.int32), seq_lens, w)):
             h = e.decoder.hidden(e.decoder.embed_tokens(self.tok.view(b, 1)), step)
             self.logits = e.decoder.logits(h[:, -1])

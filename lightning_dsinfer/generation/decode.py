@@ -32,7 +32,8 @@ def decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                 min_new_tokens: int, do_sample: bool, temperature, top_k, top_p, eos_ids: list[int],
                 pad_id: int | None, streamer=None, processors=None, trace: dict | None = None,
                 prompt_embeds: torch.Tensor | None = None, blocks: torch.Tensor | None = None,
-                given_positions: torch.Tensor | None = None, deepstack: tuple | None = None) -> torch.Tensor:
+                given_positions: torch.Tensor | None = None, deepstack: tuple | None = None,
+                prompt_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Returns [B, T0 + n] token ids (prompt included), n <= max_new_tokens (stops when every row hit EOS).
     ``processors``: HF's logits processor list (warpers included): each step's fp32 logits go through it with the
     tokens so far, then argmax or softmax + multinomial, as in HF's loop (the own warpers are then not applied).
@@ -41,7 +42,8 @@ def decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     (a vision-language model's, images merged in: multimodal.py) instead of ``input_ids``'s; ``blocks`` [B, T0]: its
     tokens that see each other (:func:`~lightning_dsinfer.modules.masks.build_masks`); ``given_positions`` [B, T0] or
     M-RoPE's [3, B, T0]: the prompt's positions as the model gave them (decoding goes on from each row's largest);
-    ``deepstack``: Qwen3-VL's image features added after the first blocks (:attr:`Step.deepstack`)."""
+    ``deepstack``: Qwen3-VL's image features added after the first blocks (:attr:`Step.deepstack`); ``prompt_ids``
+    [B, T0]: with ``prompt_embeds``, the ids Gemma 4's per-layer inputs are looked up by (:attr:`Step.ids`)."""
     device = engine.device
     input_ids = input_ids.to(device)
     b, t0 = input_ids.shape
@@ -57,6 +59,7 @@ def decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     step = build_step(engine.rotary, positions, key_valid, q_start=0, t=t0, window=window, chunk=engine.attention_chunk,
                       blocks=blocks)
     step.cache, step.start, step.deepstack = cache, 0, deepstack
+    step.ids = input_ids if prompt_embeds is None else prompt_ids
     if prompt_embeds is None:
         h = engine.decoder.embed_tokens(input_ids)
     else:
@@ -116,6 +119,7 @@ def decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         step = build_step(engine.rotary, pos, key_valid, q_start=col, t=1, window=window, chunk=engine.attention_chunk)
         step.cache, step.start = cache, col
         step.valid = None       # (the new tokens are real: linear-state mixers need not zero any)
+        step.ids = tok[:, None]
         h = engine.decoder.hidden(engine.decoder.embed_tokens(tok[:, None]), step)
         logits = engine.decoder.logits(h[:, -1])
     if eos is not None and not bool(alive[n - 1]):

@@ -11,6 +11,9 @@ its values from the cached latent's columns), so the cache holds half the bytes.
 (``modules/gated_deltanet.py``): ``conv[layer]`` [B, C, K - 1] in the cache's dtype and ``state[layer]`` (Gated
 DeltaNet [B, Hv, Dk, Dv], Mamba-2 [B, H, P, N], a short convolution's empty) in fp32; their K/V are empty, except
 in the layers of ``attention_too`` (Falcon-H1: Mamba-2 beside attention), which hold both.
+
+``shapes`` (Gemma 4): layers whose (KV heads, head dim) differ from the model's; ``no_kv``: layers that hold none (they
+read another layer's K/V).
 """
 from __future__ import annotations
 
@@ -22,11 +25,14 @@ import torch
 class StaticKVCache:
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, max_batch_size: int, max_seq_len: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu", keys_only: bool = False,
-                 linear: dict[int, tuple[tuple, tuple]] | None = None, attention_too=()):
+                 linear: dict[int, tuple[tuple, tuple]] | None = None, attention_too=(),
+                 shapes: dict[int, tuple[int, int]] | None = None, no_kv=()):
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
         self.keys_only = keys_only
         self.linear = linear or {}      # layer -> (conv history shape, state shape) of one row
         self.attention_too = set(attention_too)     # linear-state layers with K/V too
+        self.shapes = shapes or {}      # layer -> (KV heads, head dim) where not the model's
+        self.no_kv = set(no_kv)
         self.conv: dict[int, torch.Tensor] = {}
         self.state: dict[int, torch.Tensor] = {}
         self.max_seq_len = max_seq_len
@@ -38,8 +44,9 @@ class StaticKVCache:
 
     def _allocate(self, max_batch_size: int) -> None:
         def kv(i):
-            empty = i in self.linear and i not in self.attention_too
-            shape = (max_batch_size, self.kv_heads, 0 if empty else self.max_seq_len, self.head_dim)
+            empty = (i in self.linear and i not in self.attention_too) or i in self.no_kv
+            heads, d = self.shapes.get(i, (self.kv_heads, self.head_dim))
+            shape = (max_batch_size, heads, 0 if empty else self.max_seq_len, d)
             return torch.zeros(shape, dtype=self.dtype, device=self.device)
 
         self.k = [kv(i) for i in range(self.num_layers)]

@@ -51,6 +51,10 @@ class Step:
                                            # stream after those blocks (:func:`add_deepstack`)
     lookahead: bool = False                # some query sees later keys (a vision-language prompt's image blocks): the
                                            # step cannot be run in chunks of queries (:meth:`rows`)
+    ids: torch.Tensor | None = None        # [B, T] the tokens (Gemma 4 looks its per-layer inputs up by id) ...
+    per_layer: torch.Tensor | None = None  # ... [B, T, L, P], one row per layer (:class:`PerLayerInputs`)
+    kv_store: dict | None = None           # block -> (K, V) it attended to in this step, for the blocks that read
+                                           # another block's K/V (Gemma 4: :class:`SharedKVAttention`)
 
     def rows(self, a: int, b: int) -> "Step":
         """The step for queries [a, b) of this one (chunked prefill): they write K/V at ``start + a`` and see
@@ -69,7 +73,8 @@ class Step:
                     cache=self.cache, start=self.start + a, hf_cache=self.hf_cache, q_start=self.q_start + a,
                     sliding_cos=rows(self.sliding_cos), sliding_sin=rows(self.sliding_sin),
                     positions=rows(self.positions), valid=rows(self.valid), decoding=self.decoding,
-                    q_col=None if self.q_col is None else self.q_col + a)
+                    q_col=None if self.q_col is None else self.q_col + a, ids=rows(self.ids),
+                    per_layer=rows(self.per_layer))
 
 
 def add_deepstack(h: torch.Tensor, deepstack: tuple, i: int) -> torch.Tensor:
@@ -114,6 +119,8 @@ class LayerSpec:
     mamba: Any = None                      # Mamba-2's numbers (policies.base.Mamba2Weights: Granite 4; Falcon-H1's
                                            # beside the attention, ``beside_attention``)
     mamba1: Any = None                     # Mamba-1's numbers (policies.base.Mamba1Weights: Mamba, FalconMamba, Jamba)
+    v_norm: bool = False                   # Gemma 4: v RMS-normed (no weight) before the cache ...
+    kv_source: int | None = None           # ... or no K/V computed: block kv_source's read (SharedKVAttention)
 
 
 class Attention(nn.Module):
@@ -142,14 +149,24 @@ class Attention(nn.Module):
 
     def attend(self, qkv: torch.Tensor, step: Step) -> torch.Tensor:
         """The heads' outputs [B, T, Hq D] (before o_proj) for the QKV projection's output."""
+        return self.attention(*self.queries_keys_values(qkv, step), step)
+
+    def rotary_rows(self, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's cos / sin rows for this layer (a sliding-window layer's own table where the model has one)."""
+        if self.sliding and step.sliding_cos is not None:
+            return step.sliding_cos, step.sliding_sin
+        return step.cos, step.sin
+
+    def queries_keys_values(self, qkv: torch.Tensor, step: Step):
+        """(q [B, T, Hq, D], the keys and values attention reads [B, Hkv, L, D]) for the QKV projection's output,
+        this step's K/V written where the step keeps them."""
         b, t, _ = qkv.shape
         hq, hkv, d = self.hq, self.hkv, self.d
         qkv = qkv.view(b, t, hq + 2 * hkv, d)
         cache = step.cache
         # q / k norms (Qwen3), rotary, and the K/V append to the engine's cache: one op (one kernel on Triton).
         slots = cache.slots(self.layer_idx, b, step.start) if cache is not None else (None, None, 0)
-        cos, sin = (step.sliding_cos, step.sliding_sin) if self.sliding and step.sliding_cos is not None else \
-            (step.cos, step.sin)
+        cos, sin = self.rotary_rows(step)
         if self.rotary:
             q, k, v = ops.rotary_write_kv(qkv, hq, cos, sin, *slots, q_norm=self.q_norm, k_norm=self.k_norm,
                                           eps=self.eps)
@@ -165,10 +182,46 @@ class Attention(nn.Module):
             keys, values = step.hf_cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
         else:
             keys, values = k.transpose(1, 2), v.transpose(1, 2)
+        return q, keys, values
+
+    def attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: Step) -> torch.Tensor:
+        """The heads' outputs [B, T, Hq D] of queries q [B, T, Hq, D] over keys / values [B, Hkv, L, D]."""
+        b, t = q.shape[:2]
         mask = step.window_mask if (self.sliding and step.window_mask is not None) else step.mask
         out = ops.attention(q.transpose(1, 2), keys, values, mask, self.scaling, softcap=self.softcap,
                             alibi=self.alibi, sinks=self.sinks)                                # [B, Hq, T, D]
-        return out.transpose(1, 2).reshape(b, t, hq * d)
+        return out.transpose(1, 2).reshape(b, t, self.hq * self.d)
+
+
+class SharedKVAttention(Attention):
+    """Gemma 4's attention: v RMS-normed without a weight before the cache (``v_norm``: unit fp32 scale), as q and k
+    are with theirs. A layer with ``kv_source`` computes queries only (its QKV GEMM has q's rows) and attends to the K/V
+    that block read in this step (``Step.kv_store``: every block of this kind leaves its keys and values there; with
+    the engine's cache, views of its columns so far), with its own mask (the same type: sliding or full)."""
+
+    def __init__(self, spec: LayerSpec, layer_idx: int, qkv: Linear, o: Linear, q_norm: torch.Tensor,
+                 k_norm: torch.Tensor | None, v_norm: torch.Tensor | None, kv_source: int | None):
+        super().__init__(spec, layer_idx, qkv, o, q_norm=q_norm, k_norm=k_norm)
+        self.v_norm, self.kv_source = v_norm, kv_source
+
+    def attend(self, qkv: torch.Tensor, step: Step) -> torch.Tensor:
+        b, t, _ = qkv.shape
+        if self.kv_source is not None:
+            cos, sin = self.rotary_rows(step)
+            q = reference.rotary_half(ops.rms_norm(qkv.view(b, t, self.hq, self.d), self.q_norm, self.eps), cos, sin)
+            if step.kv_store is None or self.kv_source not in step.kv_store:
+                raise RuntimeError(f"dsinfer: block {self.layer_idx} reads block {self.kv_source}'s keys and values, "
+                                   f"which this step did not run")
+            return self.attention(q, *step.kv_store[self.kv_source], step)
+        if self.v_norm is not None:
+            n = (self.hq + self.hkv) * self.d
+            v = ops.rms_norm(qkv[..., n:].view(b, t, self.hkv, self.d), self.v_norm, self.eps)
+            qkv = torch.cat((qkv[..., :n], v.view(b, t, -1)), dim=-1)
+        q, keys, values = self.queries_keys_values(qkv, step)
+        if step.kv_store is None:
+            step.kv_store = {}
+        step.kv_store[self.layer_idx] = (keys, values)
+        return self.attention(q, keys, values, step)
 
 
 class OutputGatedAttention(Attention):
@@ -212,8 +265,7 @@ class RotaryFirstAttention(Attention):
 
     def from_qkv(self, qkv: torch.Tensor, residual: torch.Tensor | None, step: Step) -> torch.Tensor:
         b, t, _ = qkv.shape
-        cos, sin = (step.sliding_cos, step.sliding_sin) if self.sliding and step.sliding_cos is not None else \
-            (step.cos, step.sin)
+        cos, sin = self.rotary_rows(step)
         q, k, v = ops.rotary_write_kv(qkv.view(b, t, self.hq + 2 * self.hkv, self.d), self.hq, cos, sin)
         return super().from_qkv(torch.cat((q, k, v), dim=2).view(b, t, -1), residual, step)
 
@@ -303,9 +355,9 @@ class DecoderLayer(nn.Module):
         h = self.attn(x, h, step)   # the residual add in o_proj's GEMM
         return ops.rms_norm(h, self.post_norm, self.eps), h
 
-    def mlp_residual(self, x: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
+    def mlp_residual(self, x: torch.Tensor | None, h: torch.Tensor, step: Step | None = None) -> torch.Tensor:
         """The MLP half: ``h + mlp(x)`` for the MLP's normed input x (the add in down_proj's GEMM); x None: a block
-        without an MLP, h as it is."""
+        without an MLP, h as it is. (``step``: for the blocks whose MLP half reads it, :class:`PerLayerInputLayer`.)"""
         return h if x is None else self.mlp(x, h)
 
     def run(self, h: torch.Tensor, delta: torch.Tensor | None, step: Step, defer: bool = True):
@@ -341,12 +393,32 @@ class SandwichDecoderLayer(DecoderLayer):
         h = h + ops.rms_norm(self.attn(x, None, step), self.attn_out_norm, self.eps)
         return ops.rms_norm(h, self.post_norm, self.eps), h
 
-    def mlp_residual(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    def mlp_residual(self, x: torch.Tensor, h: torch.Tensor, step: Step | None = None) -> torch.Tensor:
         return h + ops.rms_norm(self.mlp(x), self.mlp_out_norm, self.eps)
 
     def run(self, h: torch.Tensor, delta: torch.Tensor | None, step: Step, defer: bool = True):
         x, h = self.attend(h, delta, step)
-        return self.mlp_residual(x, h), None
+        return self.mlp_residual(x, h, step), None
+
+
+class PerLayerInputLayer(SandwichDecoderLayer):
+    """Gemma 4 block: Gemma 3's, then (with per-layer inputs) h = h + norm_p(proj(act(gate(h)) * row)), ``row`` this
+    block's row of the step's per-layer inputs (``Step.per_layer[:, :, index]``), and h = h * ``scalar``. The extra
+    part belongs to the MLP half (an offloaded block streams it with the MLP)."""
+
+    def __init__(self, attn, mlp, input_norm, post_norm, eps, attn_out_norm, mlp_out_norm, index: int,
+                 scalar: torch.Tensor | None, gate: Linear | None = None, proj: Linear | None = None,
+                 norm: torch.Tensor | None = None, act: str = "gelu_tanh"):
+        super().__init__(attn, mlp, input_norm, post_norm, eps, attn_out_norm, mlp_out_norm)
+        self.index, self.scalar = index, scalar
+        self.gate, self.proj, self.norm, self.act = gate, proj, norm, act
+
+    def mlp_residual(self, x: torch.Tensor, h: torch.Tensor, step: Step | None = None) -> torch.Tensor:
+        h = super().mlp_residual(x, h)
+        if self.gate is not None:
+            g = ops.act(self.gate(h), self.act) * step.per_layer[:, :, self.index]
+            h = h + ops.rms_norm(self.proj(g), self.norm, self.eps)
+        return h * self.scalar
 
 
 class PostNormDecoderLayer(SandwichDecoderLayer):
@@ -388,6 +460,24 @@ class GPTDecoderLayer(DecoderLayer):
         return self.mlp(x, h), None
 
 
+class PerLayerInputs:
+    """Gemma 4's per-layer inputs of a step's tokens (``policies.base.PerLayerEmbeddings``), as transformers computes
+    them: [B, T, L, P] from the token ids and their embeddings h [B, T, H] (whole on every tensor-parallel rank)."""
+
+    def __init__(self, table: torch.Tensor, projection: Linear, norm: torch.Tensor, layers: int, dim: int,
+                 embed_scale: float, projection_scale: float, input_scale: float, eps: float):
+        self.table, self.projection, self.norm = table, projection, norm
+        self.layers, self.dim, self.eps = layers, dim, eps
+        self.embed_scale, self.projection_scale, self.input_scale = embed_scale, projection_scale, input_scale
+
+    def __call__(self, ids: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        b, t = ids.shape
+        rows = nn.functional.embedding(ids, self.table) * torch.tensor(self.embed_scale, dtype=h.dtype)
+        proj = self.projection(h) * self.projection_scale
+        proj = ops.rms_norm(proj.view(b, t, self.layers, self.dim), self.norm, self.eps)
+        return (proj + rows.view(b, t, self.layers, self.dim)) * self.input_scale
+
+
 class DecoderModel(nn.Module):
     """Embedding -> blocks -> final norm -> lm_head. Weights are plain attributes, not parameters.
 
@@ -415,7 +505,7 @@ class DecoderModel(nn.Module):
     def set_ends(self, embed_scale: float | None = None, final_softcap: float | None = None,
                  final_norm_bias: torch.Tensor | None = None, pos_embed: torch.Tensor | None = None, pos_offset: int = 0,
                  embed_norm: tuple[torch.Tensor, torch.Tensor] | None = None, logit_scale: float | None = None,
-                 embed_scale_rounded: bool = False, embed_scale_on: str = "ids") -> None:
+                 embed_scale_rounded: bool = False, embed_scale_on: str = "ids", per_layer=None) -> None:
         """What some families add around the blocks: Gemma's (Granite's) embedding scale and final logit cap; Cohere's
         and Granite's logit scale; the final LayerNorm's bias (GPT families); on the first stage, learned position
         embeddings looked up at ``positions + pos_offset`` (OPT's offset is 2, GPT-2's 0) and BLOOM's LayerNorm
@@ -424,6 +514,7 @@ class DecoderModel(nn.Module):
         self.embed_scale_rounded, self.embed_scale_on = embed_scale_rounded, embed_scale_on
         self.final_norm_bias = final_norm_bias
         self.pos_embed, self.pos_offset, self.embed_norm = pos_embed, pos_offset, embed_norm
+        self.per_layer = per_layer           # Gemma 4: PerLayerInputs (first stage)
 
     def stream_in(self, h: torch.Tensor, step: Step) -> torch.Tensor:
         """The embeddings h [B, T, H] as the first block reads them (first stage; unchanged for most families)."""
@@ -431,6 +522,11 @@ class DecoderModel(nn.Module):
             h = h + nn.functional.embedding(step.positions + self.pos_offset, self.pos_embed)
         if self.embed_norm is not None:
             h = ops.layer_norm(h, *self.embed_norm, self.eps)
+        if self.per_layer is not None:
+            if step.ids is None:
+                raise ValueError("dsinfer: Gemma 4 looks its per-layer inputs up by token id; pass input_ids (not "
+                                 "inputs_embeds alone).")
+            step.per_layer = self.per_layer(step.ids, h)
         return h
 
     def final(self, h: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:

@@ -97,7 +97,7 @@ class StreamedDecoderModel(DecoderModel):
     def __init__(self, streamer: UnitStreamer, layer_units: list[tuple[int, int]], head_units: list[int],
                  make_layer: Callable[[int, dict], DecoderLayer], rows, final_norm: torch.Tensor, eps: float,
                  vocab_size: int, vocab_start: int, prefill_tokens: int, comm=None, device: torch.device | None = None,
-                 experts=None, kv_heads: int = 1, head_dim: int = 1, **ends):
+                 experts=None, kv_heads: int = 1, head_dim: int = 1, scratch: bool = True, **ends):
         nn.Module.__init__(self)
         self.set_ends(**ends)
         self.streamer = streamer
@@ -108,7 +108,8 @@ class StreamedDecoderModel(DecoderModel):
         self.final_norm, self.eps = final_norm, eps
         self.vocab_size, self.vocab_start = vocab_size, vocab_start
         self.prefill_tokens = prefill_tokens
-        self.kv_heads, self.head_dim = kv_heads, head_dim   # (a chunked plain forward's K/V scratch: this rank's)
+        self.kv_heads, self.head_dim = kv_heads, head_dim   # (a chunked plain forward's K/V scratch: this rank's;
+        self.scratch = scratch      # False: blocks of several shapes, or reading another's K/V: a plain forward whole)
         self.comm = comm
         self.sharded_vocab = comm is not None and comm.size > 1
         self.device = device if device is not None else final_norm.device
@@ -132,8 +133,8 @@ class StreamedDecoderModel(DecoderModel):
         h = self.stream_in(h, step)
         chunks = self._chunks(h.shape[0], h.shape[1])
         scratch = len(chunks) > 1 and step.cache is None and step.hf_cache is None   # a plain forward, chunked
-        if (scratch and step.q_start != 0) or step.lookahead:   # (a plain forward has no earlier columns; image
-            chunks, scratch = [(0, h.shape[1])], False              # blocks see later keys: never chunk what it cannot)
+        if (scratch and (step.q_start != 0 or not self.scratch)) or step.lookahead:   # (a plain forward has no earlier
+            chunks, scratch = [(0, h.shape[1])], False     # columns; image blocks see later keys: never chunk what it cannot)
         steps = None
         for i, (attention_unit, mlp_unit) in enumerate(self.layer_units):
             half = self.make_layer(i, self.streamer.acquire(attention_unit))
@@ -159,11 +160,11 @@ class StreamedDecoderModel(DecoderModel):
             half = self.make_layer(i, self.streamer.acquire(mlp_unit))
             try:
                 if len(chunks) == 1 or x is None:
-                    h = half.mlp_residual(x, h)
+                    h = half.mlp_residual(x, h, step)
                 else:
                     out = torch.empty_like(h)
-                    for a, b in chunks:   # contiguous rows: F.linear on a strided 3-D input copies the weight
-                        out[:, a:b] = half.mlp_residual(x[:, a:b].contiguous(), h[:, a:b].contiguous())
+                    for (a, b), sub in zip(chunks, steps):   # contiguous rows: F.linear on a strided 3-D input copies
+                        out[:, a:b] = half.mlp_residual(x[:, a:b].contiguous(), h[:, a:b].contiguous(), sub)
                     h = out
             finally:
                 del half, x

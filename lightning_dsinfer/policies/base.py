@@ -242,6 +242,35 @@ class LayerWeights:
     mamba1: Mamba1Weights | None = None      # Mamba, FalconMamba, Jamba: a Mamba-1 mixer instead (q / k / v None)
     mamba: Mamba2Weights | None = None       # Granite 4: a Mamba-2 mixer instead (q / k / v None then); Falcon-H1:
                                              # beside the attention (q / k / v set, ``mamba.out_proj`` its own)
+    # Gemma 4: this layer's own attention shape and MLP width (None: the model's), v RMS-normed without a scale
+    # before the cache, K/V not computed but read from layer ``kv_source``'s (the last layer of its type that has its
+    # own), and after the MLP a per-layer input gate (``per_layer_*``, :class:`PerLayerEmbeddings`) and the stream
+    # times ``layer_scalar``
+    head_dim: int | None = None
+    num_kv_heads: int | None = None
+    intermediate_size: int | None = None
+    v_norm: bool = False
+    kv_source: int | None = None
+    per_layer_gate: WeightRef | None = None      # [P, H]
+    per_layer_proj: WeightRef | None = None      # [H, P]
+    per_layer_norm: WeightRef | None = None      # [H]
+    layer_scalar: WeightRef | None = None        # [1]
+
+
+@dataclass
+class PerLayerEmbeddings:
+    """Gemma 4's per-layer inputs (PLE): each token's row of ``embed`` [V', L P] times ``embed_scale`` (rounded to the
+    dtype), plus the RMS-normed (``norm`` [P]) projection of the token's embedding by ``projection`` [L P, H] times
+    ``projection_scale``, both times ``input_scale``: [B, T, L, P], one [P] row per layer and token, which layer i
+    gates into its stream after its MLP (``LayerWeights.per_layer_*``)."""
+    embed: WeightRef
+    projection: WeightRef
+    norm: WeightRef
+    layers: int
+    dim: int
+    embed_scale: float
+    projection_scale: float
+    input_scale: float
 
 
 @dataclass
@@ -305,6 +334,7 @@ class ModelWeights:
     # NemotronH: each block is a mixer layer of the config and the MLP layer after it (if one follows): the Hugging
     # Face cache layer of each block's mixer (None: block i is layer i)
     cache_layers: list[int] | None = None
+    per_layer: PerLayerEmbeddings | None = None   # Gemma 4's per-layer inputs
 
     def cache_layout(self, local_kv_heads: int) -> tuple[int, int, bool]:
         """(KV heads, width, keys only) of the KV cache: a latent-attention model caches one latent row per token

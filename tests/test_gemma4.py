@@ -1,0 +1,207 @@
+"""Gemma 4's text model (``gemma4_text``, policies/gemma4.py) on the fused engine, against the unmodified HF model (a
+tiny random config, tests/helpers.py: w-scaled norms at random weights, the v norm, sliding layers of 16-wide heads
+and full layers of 32-wide heads with one KV head whose values are the keys' projection and a proportional rope, the
+last two layers reading earlier layers' K/V with double-wide MLPs, per-layer inputs, random layer scalars, a logit
+cap). fp32 logits atol 2e-4 / rtol 1e-4 on a left-padded batch (plain forward, with HF's cache, the caller's
+``DynamicCache(config=...)``), greedy tokens identical, every decode step's logits against HF's own steps, beam search
+through HF's loop; the 31B-like variant (no per-layer inputs, no shared K/V); bf16 within the bf16 tolerance; int8;
+offload on both tiers; a checkpoint on meta; TP=2 (from memory and on the disk tier); the refused settings."""
+
+import copy
+
+import pytest
+import torch
+
+import lightning_dsinfer as dsi
+from helpers import (assert_cache_the_caller_builds, assert_forward_and_generate, assert_fp32_matches_quantised,
+                     assert_matches_hf, assert_steps_match_hf, fake_quantised_int4, fake_quantised_int8, optimised_copy,
+                     optimised_from_checkpoint, padded_batch, streamed_copy, tiny_model)
+from lightning_dsinfer.policies import UnsupportedModelError
+from multiproc import run_ranks
+
+FAMILY = "gemma4_text"
+
+
+def test_gemma4_matches_hf():
+    hf = tiny_model(FAMILY)
+    opt = optimised_copy(hf, max_seq_len=64)
+    engine = opt._dsinfer_engine
+    layers = engine.decoder.layers
+    assert {(type(ly).__name__, type(ly.attn).__name__) for ly in layers} == {("PerLayerInputLayer",
+                                                                               "SharedKVAttention")}
+    # each layer's own shape reached its block and its cache: sliding 2 x 16, full 1 x 32, the last two none
+    assert [ly.attn.kv_source for ly in layers] == [None, None, None, None, 3, 2]
+    assert [(ly.attn.hkv, ly.attn.d) for ly in layers] == [(2, 16), (2, 16), (1, 32), (2, 16), (2, 16), (1, 32)]
+    assert [tuple(k.shape[1:]) for k in engine.cache.k] == [(2, 64, 16), (2, 64, 16), (1, 64, 32), (2, 64, 16),
+                                                             (2, 0, 16), (1, 0, 32)]
+    assert [ly.mlp.down.in_features for ly in layers] == [96, 96, 96, 96, 192, 192]
+    assert engine.rotary.sliding is not None
+    assert_steps_match_hf(hf, opt)                          # prompt, greedy, each decode step vs HF's own steps
+    ids, mask = padded_batch([12, 5, 9, 3], seed=2)
+    assert_forward_and_generate(hf, opt, ids, mask, new=10)   # plain forward, HF's cache (the shared layers read it)
+    assert_cache_the_caller_builds(hf, opt)                  # DynamicCache(config=...): its dummy layers untouched
+    kw = dict(input_ids=ids[:2], attention_mask=mask[:2], max_new_tokens=7, num_beams=3, do_sample=False)
+    with torch.no_grad():
+        assert torch.equal(opt.generate(**kw), hf.generate(**kw))
+
+
+def test_gemma4_without_per_layer_inputs_or_shared_kv_matches_hf():
+    """The 31B's layout: no per-layer inputs, every layer its own K/V; its full layers' KV heads as the sliding ones'."""
+    hf = tiny_model(FAMILY, hidden_size_per_layer_input=0, num_kv_shared_layers=0, attention_k_eq_v=False,
+                    use_double_wide_mlp=False)
+    opt = optimised_copy(hf, max_seq_len=64)
+    layers = opt._dsinfer_engine.decoder.layers
+    assert all(ly.gate is None and ly.attn.kv_source is None for ly in layers)
+    assert opt._dsinfer_engine.decoder.per_layer is None
+    assert_steps_match_hf(hf, opt)
+
+
+def test_gemma4_bf16():
+    """bf16 against HF bf16 and the fp32 model, on the prompt and HF's greedy continuation (teacher-forced decode
+    steps too). This tiny random model is chaotic in bf16: every sub-layer's output is normed back to unit scale
+    before its residual add, so rounding noise grows layer by layer and HF's own bf16 logits sit 0.1-0.8 from its fp32
+    ones (the Llama or Gemma 3 tiny models: ~0.04). So the bound is HF's own error: ours within it of HF bf16, and no
+    further from fp32 than 1.5x it, which a misplaced op (an error of the logits' own scale, ~3) does not meet."""
+    truth = tiny_model(FAMILY)
+    hf = copy.deepcopy(truth).to(torch.bfloat16)
+    opt = optimised_copy(hf, max_seq_len=64, dtype=torch.bfloat16)
+    ids, mask = padded_batch([12, 5, 9], seed=1)
+    full = torch.cat([mask, torch.ones(3, 6, dtype=mask.dtype)], dim=1)
+    with torch.no_grad():
+        seq = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        want = hf(input_ids=seq, attention_mask=full).logits.float()
+        exact = truth(input_ids=seq, attention_mask=full).logits
+    valid = full.bool()
+    own = (want - exact)[valid].abs().max().item()
+    assert own < 1.0 < exact[valid].abs().max()          # (the premise: HF's bf16 noise below the logits' scale)
+    got = opt(input_ids=seq, attention_mask=full).logits.float()
+    assert (got - want)[valid].abs().max() <= max(own, 6e-2)
+    assert (got - exact)[valid].abs().max() <= 1.5 * own
+    out = opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, output_scores=True,
+                       return_dict_in_generate=True)
+    with torch.no_grad():
+        again = hf(input_ids=out.sequences, attention_mask=full).logits.float()[:, -7:-1]
+        exact = truth(input_ids=out.sequences, attention_mask=full).logits[:, -7:-1]
+    steps = torch.stack(out.scores, dim=1).float()
+    own = (again - exact).abs().max().item()
+    assert (steps - again).abs().max() <= max(own, 6e-2) and (steps - exact).abs().max() <= 1.5 * own
+
+
+def test_gemma4_int8_and_int4_match_fake_quantised_hf():
+    """int8, and int4 in groups of 32 (every block linear's K a multiple: 64, the full layers' o 128, the MLPs' downs
+    96 and 192); the per-layer inputs' small linears stay in the dtype."""
+    hf = tiny_model(FAMILY)
+    assert_fp32_matches_quantised(fake_quantised_int8(hf), optimised_copy(hf, max_seq_len=64, quantize="int8"))
+    assert_fp32_matches_quantised(fake_quantised_int4(hf, 32), optimised_copy(hf, max_seq_len=64, quantize="int4",
+                                                                               quantize_group_size=32))
+    with pytest.raises(ValueError, match="not a multiple of 64"):      # the 96-wide downs: refused before any work
+        optimised_copy(hf, max_seq_len=64, quantize="int4", quantize_group_size=64)
+
+
+@pytest.mark.parametrize("tier", ["cpu", "nvme"])
+def test_gemma4_offload_matches_hf(tier, tmp_path):
+    hf = tiny_model(FAMILY)
+    opt = streamed_copy(hf, tier, tmp_path, dtype=torch.float32)
+    ids, mask = padded_batch([12, 5, 9], seed=1)
+    assert_matches_hf(hf, opt, ids, mask)
+    with torch.no_grad():       # a plain forward (no cache) runs whole, not in chunks over a scratch K/V
+        want = hf(input_ids=ids, attention_mask=mask).logits
+    got = opt(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=2e-4, rtol=1e-4)
+
+
+def test_gemma4_from_checkpoint_on_meta(tmp_path):
+    hf = tiny_model(FAMILY)
+    opt = optimised_from_checkpoint(hf, tmp_path)
+    ids, mask = padded_batch([12, 5, 9], seed=1)
+    assert_matches_hf(hf, opt, ids, mask)
+
+
+@pytest.mark.parametrize("tier", [None, "nvme"])
+def test_gemma4_tensor_parallel(tier, tmp_path):
+    """TP=2 from memory and on the disk tier (most units streamed): the sliding layers' two KV heads split, the full
+    layers' one replicated, the per-layer inputs whole on both ranks. Logits, greedy, beam search as HF's, sampling
+    agrees across ranks."""
+    offload = [] if tier is None else ["--offload", tier, "--offload-path", str(tmp_path), "--max-memory", "streaming"]
+    codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", FAMILY, *offload], timeout=300)
+    assert codes == [0, 0], "\n".join(outs)
+    assert outs[0].count(" OK") == 1, outs[0]
+
+
+def test_gemma4_refusals():
+    with pytest.raises(UnsupportedModelError, match="enable_moe_block"):
+        dsi.init_inference(tiny_model(FAMILY, enable_moe_block=True, num_experts=4, top_k_experts=2,
+                                      moe_intermediate_size=32), max_seq_len=64)
+    opt = optimised_copy(tiny_model(FAMILY), max_seq_len=64)
+    ids, mask = padded_batch([5, 3], seed=1)
+    embeds = opt.get_input_embeddings()(ids)
+    with pytest.raises(ValueError, match="per-layer inputs up by token id"):
+        opt(inputs_embeds=embeds, attention_mask=mask)
+
+
+def _tiny_wrapper(bidirectional=None):
+    """Gemma4ForConditionalGeneration (what AutoModelForCausalLM gives for the released checkpoints) over the tiny text
+    model, a one-layer vision tower, image token 5."""
+    import transformers as tf
+
+    from helpers import tiny_config
+
+    text = tiny_config(FAMILY).to_dict()
+    text["use_bidirectional_attention"] = bidirectional
+    config = tf.Gemma4Config(text_config=text, audio_config=None, image_token_id=5,
+                             vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                                num_attention_heads=2, num_key_value_heads=2, head_dim=16))
+    torch.manual_seed(0)
+    model = tf.Gemma4ForConditionalGeneration(config).eval()
+    with torch.no_grad():      # (as tiny_model's: norms and layer scalars away from 1, queries' norms small)
+        for name, t in (*model.named_parameters(), *model.named_buffers()):
+            if "language_model" in name and "norm" in name:
+                t.normal_(0.3 if name.endswith("q_norm.weight") else 1.0, 0.05 if "q_norm" in name else 0.2)
+            elif name.endswith("layer_scalar"):
+                t.uniform_(0.5, 1.5)
+    return model
+
+
+def _image_prompt():
+    """A left-padded batch with three image tokens per row, and image features for them (the vision tower's output,
+    passed as ``mm_encoder_outputs``: the tower is HF's code either way)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    ids, mask = padded_batch([12, 9], seed=1)
+    ids[0, 4:7], ids[1, 5:8] = 5, 5
+    features = [torch.randn(3, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    return ids, mask, lambda scale=1.0: {"image": BaseModelOutputWithPooling(pooler_output=[f * scale
+                                                                                           for f in features])}
+
+
+def test_gemma4_behind_its_multimodal_wrapper():
+    """Text prompts and prompts with images (the wrapper's per-layer ids, image tokens as padding, caught and looked
+    up by the engine): fp32 logits and greedy tokens as HF's."""
+    hf = _tiny_wrapper()
+    opt = optimised_copy(hf, max_seq_len=64)
+    ids, mask = padded_batch([12, 5, 9], seed=2)
+    assert_matches_hf(hf, opt, ids, mask)
+    ids, mask, images = _image_prompt()
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask, mm_encoder_outputs=images()).logits
+        other = hf(input_ids=ids, attention_mask=mask, mm_encoder_outputs=images(2.0)).logits
+        tokens = hf.generate(input_ids=ids, attention_mask=mask, mm_encoder_outputs=images(), max_new_tokens=8,
+                             do_sample=False)
+    valid = mask.bool()
+    assert (other - want)[valid].abs().max() > 0.1          # (the premise: the image features reach the logits)
+    got = opt(input_ids=ids, attention_mask=mask, mm_encoder_outputs=images()).logits
+    torch.testing.assert_close(got[valid], want[valid], atol=2e-4, rtol=1e-4)
+    assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, mm_encoder_outputs=images(), max_new_tokens=8,
+                                    do_sample=False), tokens)
+
+
+def test_gemma4_wrapper_with_bidirectional_images_is_refused():
+    """Image blocks that see each other in the sliding layers only (use_bidirectional_attention='vision'): refused
+    for prompts with images, before the vision tower runs; text prompts run."""
+    hf = _tiny_wrapper("vision")
+    opt = optimised_copy(hf, max_seq_len=64)
+    ids, mask = padded_batch([12, 5, 9], seed=2)
+    assert_matches_hf(hf, opt, ids, mask)
+    ids, mask, images = _image_prompt()
+    with pytest.raises(UnsupportedModelError, match="sliding-window layers only"):
+        opt.generate(input_ids=ids, attention_mask=mask, mm_encoder_outputs=images(), max_new_tokens=4)
