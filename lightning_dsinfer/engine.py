@@ -350,6 +350,7 @@ class InferenceEngine:
                           window=self.sliding_window, chunk=self.attention_chunk, blocks=self.check_blocks(blocks))
         step.deepstack = self.check_deepstack(deepstack)
         step.ids = input_ids.to(self.device) if input_ids is not None else None
+        step.last_only = isinstance(logits_to_keep, int) and logits_to_keep == 1    # (HF's generate: a prompt's last)
         if getattr(hf_cache, "dsinfer_counter", False):    # (a pipeline stage's or an attention-free model's token
             row = torch.zeros(b, 1, t, 1, dtype=self.dtype, device=self.device)   # count: after the checks, so a
             hf_cache.layers[-1].update(row, row)                                # refused call leaves it as it was)

@@ -36,7 +36,10 @@ def test_gemma4_matches_hf():
                                                              (2, 0, 16), (1, 0, 32)]
     assert [ly.mlp.down.in_features for ly in layers] == [96, 96, 96, 96, 192, 192]
     assert engine.rotary.sliding is not None
+    shared, widths = layers[4].attn, []     # a prompt before decoding: the shared layers run on its last token only
+    shared.attend = lambda qkv, step, run=shared.attend: widths.append(qkv.shape[1]) or run(qkv, step)
     assert_steps_match_hf(hf, opt)                          # prompt, greedy, each decode step vs HF's own steps
+    assert widths[0] == 12 and set(widths[1:]) == {1}       # (the plain forward first: every token)
     ids, mask = padded_batch([12, 5, 9, 3], seed=2)
     assert_forward_and_generate(hf, opt, ids, mask, new=10)   # plain forward, HF's cache (the shared layers read it)
     assert_cache_the_caller_builds(hf, opt)                  # DynamicCache(config=...): its dummy layers untouched

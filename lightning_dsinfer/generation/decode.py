@@ -60,6 +60,7 @@ def decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                       blocks=blocks)
     step.cache, step.start, step.deepstack = cache, 0, deepstack
     step.ids = input_ids if prompt_embeds is None else prompt_ids
+    step.last_only = True            # (the prompt's last logits only: Gemma 4's shared-K/V blocks run on that token)
     if prompt_embeds is None:
         h = engine.decoder.embed_tokens(input_ids)
     else:

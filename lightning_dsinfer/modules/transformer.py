@@ -55,6 +55,9 @@ class Step:
     per_layer: torch.Tensor | None = None  # ... [B, T, L, P], one row per layer (:class:`PerLayerInputs`)
     kv_store: dict | None = None           # block -> (K, V) it attended to in this step, for the blocks that read
                                            # another block's K/V (Gemma 4: :class:`SharedKVAttention`)
+    last_only: bool = False                # only the last query's output is wanted (a prompt before decoding): blocks
+                                           # that write no K/V of their own then run on it alone (:meth:`DecoderModel.
+                                           # hidden`)
 
     def rows(self, a: int, b: int) -> "Step":
         """The step for queries [a, b) of this one (chunked prefill): they write K/V at ``start + a`` and see
@@ -578,11 +581,34 @@ class DecoderModel(nn.Module):
         if stack is not None and stack.applies(h, step):      # a bf16 CPU decode step: every block in one C call
             return self.final(stack(h, step))
         delta = None
+        cut = self.readers_from if step.last_only and h.shape[1] > 1 and not step.lookahead else None
         for i, layer in enumerate(self.layers):
+            if i == cut:
+                h, delta, step = self._last_query(h, delta, step)
             h, delta = layer.run(h, delta, step)
             if step.deepstack is not None and i < len(step.deepstack[1]):
                 h, delta = add_deepstack(h if delta is None else h + delta, step.deepstack, i), None
         return self.final(h, delta)
+
+    @property
+    def readers_from(self) -> int | None:
+        """The first of the last blocks that all read other blocks' K/V and write none (Gemma 4's shared layers), or
+        None: a step that wants only its last query's output runs them on that query alone, as transformers does."""
+        first = None
+        for i in range(len(self.layers) - 1, -1, -1):
+            if getattr(self.layers[i].attn, "kv_source", None) is None:
+                break
+            first = i
+        return first
+
+    @staticmethod
+    def _last_query(h: torch.Tensor, delta: torch.Tensor | None, step: Step):
+        """(h, delta, step) cut to the step's last query (its K/V columns and what the blocks before left in
+        ``kv_store`` stay as they are)."""
+        t = h.shape[1]
+        last = step.rows(t - 1, t)
+        last.kv_store, last.deepstack = step.kv_store, step.deepstack
+        return h[:, -1:], None if delta is None else delta[:, -1:], last
 
     def _cpu_stack(self, h: torch.Tensor):
         if self._stack is False:
@@ -610,8 +636,15 @@ class DecoderModel(nn.Module):
 
     @property
     def weight_bytes_per_token(self) -> int:
-        """Bytes of weights one decode step reads (all linears + norms; one embedding row)."""
+        """Bytes of weights one decode step reads (all linears + norms; one embedding row; Gemma 4's per-layer
+        projection, a row of its table and the blocks' gates)."""
         n = 0 if self.lm_head is None else self.lm_head.nbytes + self.final_norm.numel() * self.final_norm.element_size()
+        p = getattr(self, "per_layer", None)
+        if p is not None:
+            n += p.projection.nbytes + p.table.shape[1] * p.table.element_size()
+        for layer in self.layers:
+            if getattr(layer, "gate", None) is not None:
+                n += layer.gate.nbytes + layer.proj.nbytes
         for layer in self.layers:
             attn = layer.attn
             n += attn.nbytes if hasattr(attn, "nbytes") else attn.qkv.nbytes + attn.o.nbytes   # (MLA: its own count)
