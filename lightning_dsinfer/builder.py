@@ -25,8 +25,8 @@ from lightning_dsinfer.modules.linear import (DEQUANT_BYTES_PER_WEIGHT, DEQUANT_
                                               DEQUANT_INT4_BYTES_PER_WEIGHT, Linear, quantize_int4_rows, quantize_rows)
 from lightning_dsinfer.modules.mla import LatentAttention
 from lightning_dsinfer.modules.moe import MoEMLP, quantize_experts
-from lightning_dsinfer.modules.transformer import (MLP, Attention, DecoderLayer, DecoderModel, GatedMLP,
-                                                  GPTDecoderLayer, LayerSpec, OutputGatedAttention,
+from lightning_dsinfer.modules.transformer import (MLP, Attention, DecoderLayer, DecoderModel, ExpertsBesideMLP,
+                                                  GatedMLP, GPTDecoderLayer, LayerSpec, OutputGatedAttention,
                                                   PerLayerInputLayer, PerLayerInputs, PostNormDecoderLayer,
                                                   ProjectionNormAttention, RotaryFirstAttention, SandwichDecoderLayer,
                                                   SharedKVAttention, TemperatureTunedAttention)
@@ -134,6 +134,10 @@ def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype, nor
     for key in ("input_norm_bias", "post_norm_bias"):
         ref = getattr(lw, key)
         out[key] = None if ref is None else ref.load().to(dtype)
+    if lw.beside is not None:            # Gemma 4: the experts' router scale and norms beside the dense MLP
+        out["moe.router_scale"] = lw.beside.router_scale.load().to(dtype)
+        for key in ("experts_in", "experts_out", "dense_out"):
+            out[f"moe.{key}_norm"] = norm_weight(getattr(lw.beside, key), dtype, norm_offset, norm_fp32)
     if lw.per_layer_gate is not None:    # Gemma 4: the per-layer input's gate, projection and norm (whole on every rank)
         out["ple.gate.weight"] = lw.per_layer_gate.load().to(dtype)
         out["ple.proj.weight"] = lw.per_layer_proj.load().to(dtype)
@@ -153,7 +157,7 @@ def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype, nor
     moe = lw.moe
     if moe is None and lw.up is None:    # a block without an MLP (NemotronH: a mixer followed by another)
         pass
-    elif moe is None:
+    elif moe is None or lw.beside is not None:     # (Gemma 4 26B-A4B: the experts beside it, below)
         mlp_in = [(lw.up, mlp_rows)] if lw.gate is None else [(lw.gate, mlp_rows), (lw.up, mlp_rows)]
         bias_in = [(lw.up_bias, mlp_rows)] if lw.gate is None else [(lw.gate_bias, mlp_rows), (lw.up_bias, mlp_rows)]
         out.update({
@@ -166,7 +170,7 @@ def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype, nor
             for key in ("down.weight", "down.bias"):
                 if out[key] is not None:
                     out[key] = (out[key].float() * lw.out_scale).to(dtype)
-    else:
+    if moe is not None:
         out.update(_shard_moe(moe, plan, dtype))
         if lw.out_scale is not None:  # Granite MoE: the experts' and the shared MLP's down scaled (no biases)
             for key in ("moe.down", "shared.down.weight"):
@@ -361,6 +365,8 @@ def _shard_moe(moe, plan: TensorShardPlan, dtype: torch.dtype) -> dict[str, torc
                     "moe.gate_up_bias": torch.cat([gb.load(1, s, n), gb.load(1, inter + s, n)], dim=1).to(dtype)
                     if gb is not None else None,
                     "moe.down_bias": db.load().to(dtype) if db is not None and plan.adds_bias_once else None})
+    if moe.expert_scale is not None:    # (Gemma 4: whole, in the dtype)
+        out["moe.expert_scale"] = moe.expert_scale.load().to(dtype)
     if moe.latent_in is not None:   # whole on every rank; the out bias added once (the partial sums follow it)
         out.update({"moe.latent_in.weight": moe.latent_in.load().to(dtype),
                     "moe.latent_in.bias": _load(moe.latent_in_bias, dtype),
@@ -411,7 +417,9 @@ MLP_KEYS = ("gate_up.weight", "gate_up.bias", "down.weight", "down.bias", "mlp_o
             "moe.router", "moe.router_bias", "moe.gate_up", "moe.down", "moe.gate_up_bias", "moe.down_bias",
             "shared.gate_up.weight", "shared.down.weight", "shared_gate.weight", "shared.gate_up.bias",
             "shared.down.bias", "moe.latent_in.weight", "moe.latent_in.bias", "moe.latent_out.weight",
-            "moe.latent_out.bias", "ple.gate.weight", "ple.proj.weight", "ple.norm", "layer_scalar")
+            "moe.latent_out.bias", "moe.expert_scale", "moe.router_scale", "moe.experts_in_norm",
+            "moe.experts_out_norm", "moe.dense_out_norm", "ple.gate.weight", "ple.proj.weight", "ple.norm",
+            "layer_scalar")
 
 
 def split_block(t: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -608,6 +616,7 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
     mlp = (GatedMLP if spec.mlp_gated else MLP)(
         linear("gate_up"), linear("down", reduce=reduce, owns_residual=first, row_max=row_max),
         act=spec.mlp_act) if "gate_up.weight" in t else None
+    dense = mlp                 # (Gemma 4 26B-A4B: the dense MLP stays, the experts beside it)
     if "moe.router" in t:       # the experts' partial sums are reduced once, in MoEMLP (not in each down)
         shared = None
         if "shared.gate_up.weight" in t:    # (NemotronH's shared expert has no gate: spec.moe_act is a PlainAct)
@@ -626,7 +635,7 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
                      latent_in=Linear(t["moe.latent_in.weight"], t.get("moe.latent_in.bias"), pack=pack)
                      if "moe.latent_in.weight" in t else None,
                      latent_out=Linear(t["moe.latent_out.weight"], t.get("moe.latent_out.bias"), pack=pack)
-                     if "moe.latent_out.weight" in t else None)
+                     if "moe.latent_out.weight" in t else None, expert_scale=t.get("moe.expert_scale"))
     if "input_norm_bias" in t:       # the GPT families (an offloaded MLP half needs no more than DecoderLayer's)
         return GPTDecoderLayer(attn, mlp, t["input_norm"], t["input_norm_bias"], t.get("post_norm"),
                                t.get("post_norm_bias"), spec.rms_norm_eps, spec.parallel_residual)
@@ -634,11 +643,15 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
         return PostNormDecoderLayer(attn, mlp, spec.rms_norm_eps, t["attn_out_norm"], t.get("mlp_out_norm"))
     if "layer_scalar" in t:          # Gemma 4's MLP half: the per-layer input and the layer's scalar after the MLP
         ple = "ple.gate.weight" in t
-        return PerLayerInputLayer(attn, mlp, t.get("input_norm"), t.get("post_norm"), spec.rms_norm_eps,
-                                  t.get("attn_out_norm"), t.get("mlp_out_norm"), index, t["layer_scalar"],
-                                  Linear(t["ple.gate.weight"], pack=pack) if ple else None,
+        beside = None
+        if "moe.router_scale" in t:  # (26B-A4B: the experts beside the dense MLP)
+            beside = ExpertsBesideMLP(mlp, t["moe.router_scale"], t["moe.experts_in_norm"], t["moe.experts_out_norm"],
+                                      t["moe.dense_out_norm"], spec.hidden_size ** -0.5, spec.rms_norm_eps)
+        return PerLayerInputLayer(attn, dense if beside is not None else mlp, t.get("input_norm"), t.get("post_norm"),
+                                  spec.rms_norm_eps, t.get("attn_out_norm"), t.get("mlp_out_norm"), index,
+                                  t["layer_scalar"], Linear(t["ple.gate.weight"], pack=pack) if ple else None,
                                   Linear(t["ple.proj.weight"], pack=pack) if ple else None, t.get("ple.norm"),
-                                  spec.mlp_act)
+                                  spec.mlp_act, beside)
     if "attn_out_norm" in t or "mlp_out_norm" in t:      # Gemma 2 / 3 (an offloaded half holds one of the two)
         return SandwichDecoderLayer(attn, mlp, t.get("input_norm"), t.get("post_norm"), spec.rms_norm_eps,
                                     t.get("attn_out_norm"), t.get("mlp_out_norm"))
@@ -704,16 +717,18 @@ def build_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.device | st
                         vocab_start=start, comm=comm, **model_ends(w, dtype, device, embed, head))
 
 
-def model_ends(w: ModelWeights, dtype: torch.dtype, device, embed: bool, head: bool) -> dict:
+def model_ends(w: ModelWeights, dtype: torch.dtype, device, embed: bool, head: bool, per_layer_rows=None) -> dict:
     """``DecoderModel.set_ends``'s arguments: Gemma's scale and cap; the final LayerNorm's bias (last stage); the
-    learned position table and the embeddings' LayerNorm (first stage). Whole on every rank (small)."""
+    learned position table and the embeddings' LayerNorm (first stage). Whole on every rank (small). Gemma 4's
+    per-layer inputs (first stage): their table on the device, or ``per_layer_rows`` (offload: looked up by row)."""
     def load(ref):
         return None if ref is None else ref.load().to(device=device, dtype=dtype).contiguous()
 
     per_layer = None
     if embed and w.per_layer is not None:     # (Gemma 4's per-layer inputs, whole on every rank)
         p = w.per_layer
-        per_layer = PerLayerInputs(load(p.embed), Linear(load(p.projection)),
+        table = load(p.embed) if per_layer_rows is None else per_layer_rows
+        per_layer = PerLayerInputs(table, Linear(load(p.projection)),
                                    norm_weight(p.norm, dtype, w.norm_offset, w.norm_fp32).to(device), p.layers, p.dim,
                                    p.embed_scale, p.projection_scale, p.input_scale, w.rms_norm_eps)
     return dict(per_layer=per_layer,
@@ -928,20 +943,25 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
                 release_refs(done)
     layer_units = [(2 * i, 2 * i + 1) for i in range(len(w.layers))]      # (attention half, MLP half)
     head_units = list(range(2 * len(w.layers), ring_units))
-    if not embed:
-        rows = None
-    elif tier == "cpu":
-        table = w.embed.load(0, start, real).to(dtype).contiguous()
-        rows = ResidentRows(table.pin_memory() if device.type == "cuda" else table)
-    else:
-        path = os.path.join(folder, "embed.bin")
+    def table_rows(ref, first: int, n: int, name: str):
+        """Rows [first, first + n) of an embedding table, looked up row by row: in host memory (pinned on CUDA) on
+        the host tier, in a file of the offload folder (written once, read in place) on the disk tier."""
+        if tier == "cpu":
+            table = ref.load(0, first, n).to(dtype).contiguous()
+            return ResidentRows(table.pin_memory() if device.type == "cuda" else table)
+        path, width = os.path.join(folder, name), ref.shape[1]
         if written or not os.path.exists(path):
-            step = max(1, (8 << 20) // (w.hidden_size * dtype.itemsize))
-            FileRows.write(path, (w.embed.load(0, start + a, min(step, real - a)).to(dtype)
-                                  for a in range(0, real, step)))
-        rows = FileRows(path, real, w.hidden_size, dtype)
+            step = max(1, (8 << 20) // (width * dtype.itemsize))
+            FileRows.write(path, (ref.load(0, first + a, min(step, n - a)).to(dtype) for a in range(0, n, step)))
+        return FileRows(path, n, width, dtype)
+
+    rows = table_rows(w.embed, start, real, "embed.bin") if embed else None
+    # (Gemma 4's per-layer table, often larger than the blocks: looked up as the embedding is, never resident whole)
+    per_layer = w.per_layer
+    per_layer_rows = table_rows(per_layer.embed, 0, per_layer.embed.shape[0], "per_layer_embed.bin") \
+        if embed and per_layer is not None else None
     store.finish()
-    source.release([w.embed.name, w.lm_head.name])
+    source.release([w.embed.name, w.lm_head.name] + ([per_layer.embed.name] if per_layer_rows is not None else []))
     streamer = UnitStreamer(store, layouts, list(range(ring_units)), device, list(ws.class_slots) or ws.n_slots,
                             resident=tuple(resident), classes=unit_class if ws.class_slots else None)
     pool = None
@@ -961,5 +981,5 @@ def build_streamed_decoder(w: ModelWeights, dtype: torch.dtype, device: torch.de
     decoder = StreamedDecoderModel(streamer, layer_units, head_units, make, rows, final_norm, w.rms_norm_eps,
                                    w.vocab_size, start, ws.prefill_tokens, comm=comm, device=device, experts=pool,
                                    kv_heads=kv_heads, head_dim=width, scratch=not (own or no_kv),
-                                   **model_ends(w, dtype, device, embed, head))
+                                   **model_ends(w, dtype, device, embed, head, per_layer_rows))
     return decoder, ws

@@ -101,6 +101,7 @@ class InferenceEngine:
             raise ValueError(f"layers use attention chunks {chunks} and sliding windows {self.windows}; one chunk size "
                              f"and no sliding window per model is supported.")
         self.attention_chunk = chunks[0] if chunks else None     # (Llama 4's chunked layers)
+        self.blocks_in = weights.blocks_in          # (image blocks seen whole in every layer, or the sliding ones only)
         if config.quantize == "int4":       # every block linear's K (per rank) a multiple of the group, before any work
             check_int4_groups(weights, shard_plan(weights, self.comm), config.quantize_group_size)
         if self.pipe.size > 1 and (weights.per_layer is not None or any(lw.kv_source is not None
@@ -347,7 +348,8 @@ class InferenceEngine:
         elif position_ids is None:
             position_ids = torch.arange(past, total, device=self.device).expand(b, t)
         step = build_step(self.rotary, position_ids.to(self.device), key_valid, q_start=past, t=t,
-                          window=self.sliding_window, chunk=self.attention_chunk, blocks=self.check_blocks(blocks))
+                          window=self.sliding_window, chunk=self.attention_chunk, blocks=self.check_blocks(blocks),
+                          blocks_in=self.blocks_in)
         step.deepstack = self.check_deepstack(deepstack)
         step.ids = input_ids.to(self.device) if input_ids is not None else None
         step.last_only = isinstance(logits_to_keep, int) and logits_to_keep == 1    # (HF's generate: a prompt's last)

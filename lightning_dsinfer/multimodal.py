@@ -231,18 +231,19 @@ def merged_inputs(model: nn.Module, engine, input_ids: torch.Tensor, attention_m
             rules.append(kwargs["or_mask_function"])
         return original_mask(*args, **kwargs)
 
+    original_vision_masks = getattr(masking, "create_masks_for_vision_model", None)
+
+    def vision_masks(*args, **kwargs):    # (Gemma 4: its image blocks through a mask helper of its own)
+        if kwargs.get("block_sequence_ids") is not None:
+            blocks.append(kwargs["block_sequence_ids"])
+        return original_vision_masks(*args, **kwargs)
+
     def per_layer_ids(input_ids, inputs_embeds=None):   # (Gemma 4: the ids its per-layer inputs are looked up by,
         if input_ids is None:                            # handed on as they are: the engine looks them up)
             raise UnsupportedModelError(f"dsinfer: {type(model).__name__} looks its per-layer inputs up by token "
                                         f"id; pass input_ids.")
         return _PerLayerIds(input_ids)
 
-    if engine.decoder.per_layer is not None and getattr(view.config, "use_bidirectional_attention", None):
-        raise UnsupportedModelError(    # (Gemma 4: image blocks see each other in the sliding layers only)
-            f"dsinfer: {type(model).__name__} with use_bidirectional_attention="
-            f"{view.config.use_bidirectional_attention!r} lets image tokens see each other in its sliding-window layers "
-            f"only, which the engine's masks do not model yet; run the unoptimised model for prompts with images (text "
-            f"prompts run on the engine).")
     check_vision_weights(model, view)
     input_ids = input_ids.to(engine.device)        # (the vision part sits on the engine's device: place_other_weights)
     attention_mask = None if attention_mask is None else attention_mask.to(engine.device)
@@ -255,6 +256,8 @@ def merged_inputs(model: nn.Module, engine, input_ids: torch.Tensor, attention_m
         text.get_per_layer_inputs = per_layer_ids
     if original_mask is not None:
         masking.create_causal_mask = mask_rule
+    if original_vision_masks is not None:
+        masking.create_masks_for_vision_model = vision_masks
     try:
         with torch.inference_mode():
             type(model).forward(model, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -269,6 +272,8 @@ def merged_inputs(model: nn.Module, engine, input_ids: torch.Tensor, attention_m
                 module.forward = forward
         if original_mask is not None:
             masking.create_causal_mask = original_mask
+        if original_vision_masks is not None:
+            masking.create_masks_for_vision_model = original_vision_masks
         if per_layer:
             del text.get_per_layer_inputs
     if "inputs_embeds" not in caught:

@@ -66,7 +66,7 @@ def tiny_config(family: str, **overrides):
                                                                          "rope_theta": 100000.0},
                                                       "sliding_attention": {"rope_type": "default",
                                                                             "rope_theta": 1000.0}}})
-    elif family == "gemma4_text":          # w (not 1 + w) norms, v norm, full layers of their own head dim with one KV
+    elif family in ("gemma4_text", "gemma4_moe"):  # w (not 1 + w) norms, v norm, full layers of their own head dim with one KV
         from transformers import Gemma4TextConfig  # head whose values are the keys' projection, a proportional rope;
         #                                            the last two layers reading earlier layers' K/V with double-wide
         #                                            MLPs; per-layer inputs; a logit cap
@@ -76,7 +76,9 @@ def tiny_config(family: str, **overrides):
                                                   "sliding_attention", "sliding_attention", "full_attention"],
                                   "hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": 97,
                                   "num_kv_shared_layers": 2, "use_double_wide_mlp": True,
-                                  "final_logit_softcapping": 30.0, **overrides})
+                                  "final_logit_softcapping": 30.0,     # (gemma4_moe: 26B-A4B's experts beside
+                                  **(dict(enable_moe_block=True, num_experts=4, top_k_experts=2,   # every MLP)
+                                          moe_intermediate_size=32) if family == "gemma4_moe" else {}), **overrides})
         overrides = {}
     elif family == "deepseek_v3":          # latent attention (q low rank, interleaved rotary, yarn), grouped sigmoid
         from transformers import DeepseekV3Config  # routing with a correction bias, a shared expert, a dense layer
@@ -253,11 +255,11 @@ def tiny_model(family: str, seed: int = 0, **overrides):
         if family.startswith("gemma") or family in LLAMA_LIKE_FAMILIES:   # 1 and 0): make them differ, so a norm
             for name, p in model.named_parameters():                       # in the wrong place cannot pass
                 if "norm" in name:
-                    p.normal_(0.0 if family.startswith("gemma") and family != "gemma4_text" else 1.0, 0.2)
+                    p.normal_(0.0 if family.startswith("gemma") and not family.startswith("gemma4") else 1.0, 0.2)
             for name, buf in (*model.named_buffers(), *model.named_parameters()):
-                if name.endswith("layer_scalar"):         # (Gemma 4's: 1 would hide it)
-                    buf.uniform_(0.5, 1.5)
-                elif family == "gemma4_text" and name.endswith("q_norm.weight"):   # its attention's scale is 1: q
+                if name.endswith(("layer_scalar", "router.scale", "per_expert_scale")):   # (Gemma 4's: 1 would
+                    buf.uniform_(0.5, 1.5)                                                # hide them)
+                elif family.startswith("gemma4") and name.endswith("q_norm.weight"):   # its attention's scale is 1: q
                     buf.normal_(0.3, 0.05)       # normed to RMS 1 would make the tiny heads' softmax one-hot (bf16 chaos)
         if family.startswith(("lfm2", "nemotron_h", "llama4", "falcon_h1")) or family in (
                 "granitemoehybrid", "bamba", "mamba", "falcon_mamba", "jamba", "mamba2"):
@@ -350,6 +352,7 @@ def _fake_quantised(hf, fake):
             # (LFM2: feed_forward; Granite 4: mamba, block_sparse_moe + shared_mlp; NemotronH: one mixer per layer)
             parts = [getattr(layer, n) for n in ("self_attn", "linear_attn", "conv", "mamba", "mixer", "mlp",
                                                  "feed_forward", "block_sparse_moe", "shared_mlp") if hasattr(layer, n)]
+            parts += [layer] if hasattr(layer, "experts") else []    # (Gemma 4: experts beside the MLP)
             for part in parts:
                 dense = [part, *[getattr(part, n) for n in ("shared_expert", "shared_experts") if hasattr(part, n)]]
                 for lin in [getattr(m, n, None) for m in dense for n in names]:

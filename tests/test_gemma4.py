@@ -12,12 +12,9 @@ import copy
 import pytest
 import torch
 
-import lightning_dsinfer as dsi
 from helpers import (assert_cache_the_caller_builds, assert_forward_and_generate, assert_fp32_matches_quantised,
                      assert_matches_hf, assert_steps_match_hf, fake_quantised_int4, fake_quantised_int8, optimised_copy,
                      optimised_from_checkpoint, padded_batch, streamed_copy, tiny_model)
-from lightning_dsinfer.policies import UnsupportedModelError
-from multiproc import run_ranks
 
 FAMILY = "gemma4_text"
 
@@ -59,35 +56,37 @@ def test_gemma4_without_per_layer_inputs_or_shared_kv_matches_hf():
     assert_steps_match_hf(hf, opt)
 
 
-def test_gemma4_bf16():
-    """bf16 against HF bf16 and the fp32 model, on the prompt and HF's greedy continuation (teacher-forced decode
-    steps too). This tiny random model is chaotic in bf16: every sub-layer's output is normed back to unit scale
-    before its residual add, so rounding noise grows layer by layer and HF's own bf16 logits sit 0.1-0.8 from its fp32
-    ones (the Llama or Gemma 3 tiny models: ~0.04). So the bound is HF's own error: ours within it of HF bf16, and no
-    further from fp32 than 1.5x it, which a misplaced op (an error of the logits' own scale, ~3) does not meet."""
-    truth = tiny_model(FAMILY)
-    hf = copy.deepcopy(truth).to(torch.bfloat16)
-    opt = optimised_copy(hf, max_seq_len=64, dtype=torch.bfloat16)
+def _assert_bf16_like_hf(truth, hf, opt):
+    """bf16 against HF bf16 and the fp32 model (``truth``), on a left-padded prompt with HF's greedy continuation, and
+    ours' decode steps teacher-forced. These tiny random models are chaotic in bf16: every sub-layer's output is normed
+    back to unit scale before its residual add, so rounding noise grows layer by layer and HF's own bf16 logits sit
+    0.1-1.1 from its fp32 ones at worst (the Llama or Gemma 3 tiny models: ~0.04), where two bf16 implementations
+    differ by as much as either does from fp32. So the bound is HF's own error: ours no further from fp32 than 1.5x
+    HF's on average and 2x at worst, and from HF bf16 within 2x HF's own average; a misplaced op (an error of the
+    logits' own scale, ~3 at worst, ~1 on average) does not meet it."""
     ids, mask = padded_batch([12, 5, 9], seed=1)
     full = torch.cat([mask, torch.ones(3, 6, dtype=mask.dtype)], dim=1)
     with torch.no_grad():
         seq = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-        want = hf(input_ids=seq, attention_mask=full).logits.float()
-        exact = truth(input_ids=seq, attention_mask=full).logits
-    valid = full.bool()
-    own = (want - exact)[valid].abs().max().item()
-    assert own < 1.0 < exact[valid].abs().max()          # (the premise: HF's bf16 noise below the logits' scale)
-    got = opt(input_ids=seq, attention_mask=full).logits.float()
-    assert (got - want)[valid].abs().max() <= max(own, 6e-2)
-    assert (got - exact)[valid].abs().max() <= 1.5 * own
     out = opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, output_scores=True,
                        return_dict_in_generate=True)
-    with torch.no_grad():
-        again = hf(input_ids=out.sequences, attention_mask=full).logits.float()[:, -7:-1]
-        exact = truth(input_ids=out.sequences, attention_mask=full).logits[:, -7:-1]
-    steps = torch.stack(out.scores, dim=1).float()
-    own = (again - exact).abs().max().item()
-    assert (steps - again).abs().max() <= max(own, 6e-2) and (steps - exact).abs().max() <= 1.5 * own
+    checks = [(opt(input_ids=seq, attention_mask=full).logits.float(), seq, full.bool(), slice(None)),
+              (torch.stack(out.scores, dim=1).float(), out.sequences, torch.ones(3, 6, dtype=torch.bool),
+               slice(-7, -1))]
+    for got, tokens, valid, cols in checks:
+        with torch.no_grad():
+            want = hf(input_ids=tokens, attention_mask=full).logits.float()[:, cols]
+            exact = truth(input_ids=tokens, attention_mask=full).logits[:, cols]
+        own, ours = (want - exact)[valid].abs(), (got - exact)[valid].abs()
+        assert own.max() < 1.5 < exact[valid].abs().max()      # (the premise: HF's bf16 noise below the logits' scale)
+        assert ours.mean() <= 1.5 * own.mean() and ours.max() <= 2 * own.max(), (ours.mean(), own.mean(), ours.max())
+        assert (got - want)[valid].abs().mean() <= 2 * own.mean()
+
+
+def test_gemma4_bf16():
+    truth = tiny_model(FAMILY)
+    hf = copy.deepcopy(truth).to(torch.bfloat16)
+    _assert_bf16_like_hf(truth, hf, optimised_copy(hf, max_seq_len=64, dtype=torch.bfloat16))
 
 
 def test_gemma4_int8_and_int4_match_fake_quantised_hf():
@@ -105,6 +104,8 @@ def test_gemma4_int8_and_int4_match_fake_quantised_hf():
 def test_gemma4_offload_matches_hf(tier, tmp_path):
     hf = tiny_model(FAMILY)
     opt = streamed_copy(hf, tier, tmp_path, dtype=torch.float32)
+    # the per-layer table looked up row by row as the embedding is: host memory, or a file read in place
+    assert type(opt._dsinfer_engine.decoder.per_layer.table).__name__ == {"cpu": "ResidentRows", "nvme": "FileRows"}[tier]
     ids, mask = padded_batch([12, 5, 9], seed=1)
     assert_matches_hf(hf, opt, ids, mask)
     with torch.no_grad():       # a plain forward (no cache) runs whole, not in chunks over a scratch K/V
@@ -120,21 +121,69 @@ def test_gemma4_from_checkpoint_on_meta(tmp_path):
     assert_matches_hf(hf, opt, ids, mask)
 
 
-@pytest.mark.parametrize("tier", [None, "nvme"])
-def test_gemma4_tensor_parallel(tier, tmp_path):
+TP_FAMILIES = {"memory": [FAMILY, "gemma4_moe"], "nvme": [FAMILY, "gemma4_moe"], "expert-parallel": ["gemma4_moe"]}
+
+
+def worker_runs(tmp, selected):
+    """The TP=2 runs of test_gemma4_tensor_parallel, in the session's shared launch of two ranks (tests/conftest.py
+    ``shared_runs``)."""
+    extra = {"memory": [], "nvme": ["--offload", "nvme", "--offload-path", str(tmp / "nvme"), "--max-memory",
+                                    "streaming"], "expert-parallel": ["--expert-parallel"]}
+    return {2: {f"test_gemma4_tensor_parallel[{mode}]": ["tp_worker.py", "--tp", "2", "--families", *families,
+                                                         *extra[mode]] for mode, families in TP_FAMILIES.items()}}
+
+
+@pytest.mark.parametrize("mode", list(TP_FAMILIES))
+def test_gemma4_tensor_parallel(mode, shared_runs):
     """TP=2 from memory and on the disk tier (most units streamed): the sliding layers' two KV heads split, the full
-    layers' one replicated, the per-layer inputs whole on both ranks. Logits, greedy, beam search as HF's, sampling
-    agrees across ranks."""
-    offload = [] if tier is None else ["--offload", tier, "--offload-path", str(tmp_path), "--max-memory", "streaming"]
-    codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", FAMILY, *offload], timeout=300)
-    assert codes == [0, 0], "\n".join(outs)
-    assert outs[0].count(" OK") == 1, outs[0]
+    layers' one replicated, the per-layer inputs whole on both ranks; 26B-A4B's experts sliced, and placed whole two
+    per rank (expert parallelism). Logits, greedy, beam search as HF's, sampling agrees across ranks."""
+    outs = shared_runs.outputs(2, f"test_gemma4_tensor_parallel[{mode}]")
+    assert all(out.count(" OK") == len(TP_FAMILIES[mode]) for out in outs), outs
+
+
+def _moe_model(top_k=2):
+    """26B-A4B's layout on the tiny model (helpers' "gemma4_moe"): 4 GeGLU experts of 32 beside every dense MLP, the
+    router's scale and the per-expert scales away from 1."""
+    return tiny_model("gemma4_moe", top_k_experts=top_k)
+
+
+def test_gemma4_experts_beside_the_mlp_match_hf():
+    """26B-A4B: the router on the residual stream (unit norm, its scale, hidden_size ** -0.5), softmax top-2
+    renormalised times the per-expert scales, GeGLU experts on their own norm of the stream, both outputs normed and
+    summed. fp32: prompt, greedy, each decode step against HF's own steps, beam search."""
+    hf = _moe_model()
+    opt = optimised_copy(hf, max_seq_len=64)
+    layers = opt._dsinfer_engine.decoder.layers
+    assert all(type(ly.beside.experts).__name__ == "MoEMLP" and type(ly.mlp).__name__ == "GatedMLP" for ly in layers)
+    assert_steps_match_hf(hf, opt)
+    ids, mask = padded_batch([6, 9], seed=2)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=7, num_beams=3, do_sample=False)
+    with torch.no_grad():
+        assert torch.equal(opt.generate(**kw), hf.generate(**kw))
+
+
+def test_gemma4_experts_quantised_offloaded_and_from_a_checkpoint(tmp_path):
+    """The experts through int8 / int4 (groups of 32), on both offload tiers (the disk tier reading the routed experts
+    on demand) and from a checkpoint on meta; bf16 with every expert routed (no near tie to flip) within HF's own
+    bf16 error (:func:`_assert_bf16_like_hf`)."""
+    hf = _moe_model()
+    assert_fp32_matches_quantised(fake_quantised_int8(hf), optimised_copy(hf, max_seq_len=64, quantize="int8"))
+    assert_fp32_matches_quantised(fake_quantised_int4(hf, 32), optimised_copy(hf, max_seq_len=64, quantize="int4",
+                                                                               quantize_group_size=32))
+    ids, mask = padded_batch([12, 5, 9], seed=1)
+    for tier in ("cpu", "nvme"):
+        opt = streamed_copy(hf, tier, tmp_path / tier, dtype=torch.float32)
+        if tier == "nvme":
+            assert opt._dsinfer_engine.decoder.experts is not None      # (the routed experts read on demand)
+        assert_matches_hf(hf, opt, ids, mask)
+    assert_matches_hf(hf, optimised_from_checkpoint(hf, tmp_path / "ckpt"), ids, mask)
+    truth = _moe_model(top_k=4)
+    hf = copy.deepcopy(truth).to(torch.bfloat16)
+    _assert_bf16_like_hf(truth, hf, optimised_copy(hf, max_seq_len=64, dtype=torch.bfloat16))
 
 
 def test_gemma4_refusals():
-    with pytest.raises(UnsupportedModelError, match="enable_moe_block"):
-        dsi.init_inference(tiny_model(FAMILY, enable_moe_block=True, num_experts=4, top_k_experts=2,
-                                      moe_intermediate_size=32), max_seq_len=64)
     opt = optimised_copy(tiny_model(FAMILY), max_seq_len=64)
     ids, mask = padded_batch([5, 3], seed=1)
     embeds = opt.get_input_embeddings()(ids)
@@ -198,13 +247,24 @@ def test_gemma4_behind_its_multimodal_wrapper():
                                     do_sample=False), tokens)
 
 
-def test_gemma4_wrapper_with_bidirectional_images_is_refused():
-    """Image blocks that see each other in the sliding layers only (use_bidirectional_attention='vision'): refused
-    for prompts with images, before the vision tower runs; text prompts run."""
+def test_gemma4_wrapper_with_bidirectional_image_blocks():
+    """use_bidirectional_attention='vision' (the larger Gemma 4 models): each image's tokens see each other in the
+    sliding-window layers only, the full layers staying causal (``build_masks(blocks_in="sliding")``): fp32 logits and
+    greedy tokens as HF's, and HF's own logits shown to differ without the blocks (the premise)."""
     hf = _tiny_wrapper("vision")
     opt = optimised_copy(hf, max_seq_len=64)
     ids, mask = padded_batch([12, 5, 9], seed=2)
-    assert_matches_hf(hf, opt, ids, mask)
+    assert_matches_hf(hf, opt, ids, mask)                    # text prompts
     ids, mask, images = _image_prompt()
-    with pytest.raises(UnsupportedModelError, match="sliding-window layers only"):
-        opt.generate(input_ids=ids, attention_mask=mask, mm_encoder_outputs=images(), max_new_tokens=4)
+    blocks = {"mm_token_type_ids": (ids == 5).long()}
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask, mm_encoder_outputs=images(), **blocks).logits
+        causal = hf(input_ids=ids, attention_mask=mask, mm_encoder_outputs=images()).logits
+        tokens = hf.generate(input_ids=ids, attention_mask=mask, mm_encoder_outputs=images(), max_new_tokens=8,
+                             do_sample=False, **blocks)
+    valid = mask.bool()
+    assert (causal - want)[valid].abs().max() > 0.1          # (the blocks change the logits)
+    got = opt(input_ids=ids, attention_mask=mask, mm_encoder_outputs=images(), **blocks).logits
+    torch.testing.assert_close(got[valid], want[valid], atol=2e-4, rtol=1e-4)
+    assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, mm_encoder_outputs=images(), max_new_tokens=8,
+                                    do_sample=False, **blocks), tokens)

@@ -77,7 +77,9 @@ def main():
                 rows = ({experts[1], experts[2]} - {hf.config.hidden_size}) or {hf.config.hidden_size}
                 assert placed and all(s[0] == experts[0] // args.tp and s[1] in rows for s in placed), shapes
             else:
-                moe = [layer.mlp for layer in decoder.layers if type(layer.mlp).__name__ == "MoEMLP"]
+                moe = [m for layer in decoder.layers       # (Gemma 4: the experts beside the MLP)
+                       for m in (layer.mlp, getattr(getattr(layer, "beside", None), "experts", None))
+                       if type(m).__name__ == "MoEMLP"]
                 assert moe and all(m.first_expert == m.local_experts * int(os.environ["RANK"]) for m in moe)
         if args.quantize == "int8":
             hf = fake_quantised_int8(hf)

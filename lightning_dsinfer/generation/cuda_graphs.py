@@ -52,8 +52,7 @@ def _enabled(engine) -> bool:
         return False
     if not engine.config.cuda_graphs or engine.offload is not None:
         return False
-    # (Gemma 3's second rotary table is not in the captured step)
-    return engine.comm.size == 1 and engine.pipe.size == 1 and engine.rotary.sliding is None
+    return engine.comm.size == 1 and engine.pipe.size == 1
 
 
 def decode_graphs(engine, batch: int, key_valid: torch.Tensor | None, prompt_len: int):
@@ -127,12 +126,15 @@ class _Bucket:
         elif c is not None:     # (Llama 4: the keys of the row's chunk, counted from its first real token)
             window_start = chunk_start(start, col, c)                                        # (dummies: col)
             window_mask = ((cols[None, :] >= window_start[:, None]) & upto).view(b, 1, 1, -1)
-        d = e.rotary.cos.shape[-1]
-        cos = e.rotary.cos.index_select(0, self.pos).view(b, 1, 1, d)
-        sin = e.rotary.sin.index_select(0, self.pos).view(b, 1, 1, d)
+        def rows(table):        # (the step's rotary rows, gathered at the device positions)
+            return None if table is None else [t.index_select(0, self.pos).view(b, 1, 1, t.shape[-1])
+                                               for t in (table.cos, table.sin)]
+
+        (cos, sin), sliding = rows(e.rotary), rows(e.rotary.sliding)     # (Gemma 3 / 4: the sliding layers' own)
         step = Step(cos=cos, sin=sin, mask=mask, window_mask=window_mask,
                     cache=_ColumnWriter(e.cache, col, b), start=0, positions=self.pos.view(b, 1), decoding=True,
-                    q_col=col, ids=self.tok.view(b, 1))
+                    q_col=col, ids=self.tok.view(b, 1), sliding_cos=sliding and sliding[0],
+                    sliding_sin=sliding and sliding[1])
         with ops.kv_ranges((mask, start, seq_lens, None), (window_mask, window_start.to(torch.int32), seq_lens, w)):
             h = e.decoder.hidden(e.decoder.embed_tokens(self.tok.view(b, 1)), step)
             self.logits = e.decoder.logits(h[:, -1])

@@ -57,7 +57,7 @@ def decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     if given_positions is not None:
         positions = given_positions.to(device)
     step = build_step(engine.rotary, positions, key_valid, q_start=0, t=t0, window=window, chunk=engine.attention_chunk,
-                      blocks=blocks)
+                      blocks=blocks, blocks_in=engine.blocks_in)
     step.cache, step.start, step.deepstack = cache, 0, deepstack
     step.ids = input_ids if prompt_embeds is None else prompt_ids
     step.last_only = True            # (the prompt's last logits only: Gemma 4's shared-K/V blocks run on that token)

@@ -393,15 +393,17 @@ def moe_mlp(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: 
     correction bias, fp32 router) choose in torch (:func:`reference.moe_topk`), the tables then by kernel. gpt-oss's
     experts: ``gate_up_bias`` / ``down_bias`` added in the grouped GEMMs' epilogues (down's before the routing weight),
     the clamped SwiGLU ``act`` through :func:`clamped_swiglu`; experts without a gate (``reference.PlainAct``) their
-    activation through :func:`act` between the grouped GEMMs; any other ``act`` runs the reference (counted
+    activation through :func:`act` between the grouped GEMMs; GeGLU experts (``reference.GatedAct``, Gemma 4) the
+    gated-activation kernel; any other ``act`` runs the reference (counted
     ``reference:act``), as do dtypes the kernels do not take (counted ``reference:dtype``). Llama 4's router
     (``routing.input_scaled``): the gate|up GEMM reads each assignment's w * x row, the down GEMM is not scaled."""
     int8 = gate_up_scale is not None
     clamped = isinstance(act, reference.ClampedSwiGLU)
     plain = isinstance(act, reference.PlainAct)     # (NemotronH: experts without a gate, gate_up their up rows)
+    geglu = isinstance(act, reference.GatedAct)     # (Gemma 4: GeGLU experts)
     why = None
     if _triton(x):
-        why = ("act" if act is not None and not clamped and not plain
+        why = ("act" if act is not None and not clamped and not plain and not geglu
                else "dtype" if (x.dtype != router.dtype and routing is None) or (x.dtype != gate_up.dtype and not int8)
                else None)
     if not _triton(x) or why:
@@ -436,7 +438,8 @@ def moe_mlp(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: 
         xe = (xe[:, None, :] * w[:, :, None].to(x.dtype)).reshape(t * top_k, -1)
     gu = moe_gemm(xe, gate_up, sorted_ids, offsets, 1 if scaled else top_k, weight_scale=gate_up_scale, out=gu,
                   bias=gate_up_bias)
-    h = clamped_swiglu(gu, act) if clamped else _plain_act(gu, act.name) if plain else gated_act(gu, None, "silu")
+    h = clamped_swiglu(gu, act) if clamped else _plain_act(gu, act.name) if plain else \
+        gated_act(gu, None, act.name if geglu else "silu")
     out = torch.zeros(sorted_ids.numel(), down.shape[1], dtype=x.dtype, device=x.device) if partial else None
     y = moe_gemm(h, down, sorted_ids, offsets, 1, row_scale=None if scaled else w.reshape(-1),
                  weight_scale=down_scale, out=out, bias=down_bias)   # [T * k, H]: other ranks' assignments stay zero

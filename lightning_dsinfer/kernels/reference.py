@@ -6,7 +6,7 @@ they compute.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -324,6 +324,9 @@ class Routing:
     fp32: bool = False
     input_scaled: bool = False
     sum_floor: float = 0.0
+    # Gemma 4: the renormalised weights times a learned scale of each chosen expert [E] (fp32 products; MoEMLP sets it
+    # from the layer's weights)
+    expert_scale: torch.Tensor | None = field(default=None, compare=False)
 
 
 def input_scaled(routing: Routing | None) -> bool:
@@ -370,7 +373,10 @@ def _grouped_topk(x, router, top_k: int, r: Routing, bias):
     w = scores.gather(1, ids)
     if r.renormalize:
         w = w / torch.clamp(w.sum(-1, keepdim=True) + r.eps, min=r.sum_floor)
-    return w * r.scale, ids
+    w = w * r.scale
+    if r.expert_scale is not None:
+        w = w * r.expert_scale[ids].float()
+    return w, ids
 
 
 @dataclass(frozen=True)
@@ -386,6 +392,18 @@ class ClampedSwiGLU:
         gate = gate_up[..., :inter].clamp(max=self.limit)
         up = gate_up[..., inter:].clamp(min=-self.limit, max=self.limit)
         return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+
+@dataclass(frozen=True)
+class GatedAct:
+    """A gated expert activation other than SwiGLU (Gemma 4's GeGLU: ``name`` gelu_tanh / gelu) over gate_up [..., 2I],
+    in the rows' dtype as transformers rounds it (:func:`gelu_and_mul`)."""
+    name: str
+
+    def __call__(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if self.name == "silu":
+            return silu_and_mul(gate_up)
+        return gelu_and_mul(gate_up, "tanh" if self.name == "gelu_tanh" else "none")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ subtracts each row's left padding). Each query also always sees itself, so a que
 (ignored) output instead of NaN. Chunked and sliding layers both read ``window_mask`` (a model has one or the other).
 A vision-language prompt's ``blocks`` (multimodal.py: Gemma 3's images) also let the tokens of one
 block (id >= 0) see each other, later ones too (HF's ``block_sequence_ids``: OR-ed into the causal rule, the window
-applied after).
+applied after); in every layer, or (``blocks_in="sliding"``: Gemma 4) in the sliding-window layers only, the others
+causal.
 """
 from __future__ import annotations
 
@@ -25,9 +26,10 @@ def chunk_start(first: torch.Tensor, cols: torch.Tensor, chunk: int) -> torch.Te
 
 
 def build_masks(key_valid: torch.Tensor | None, q_start: int, t: int, window: int | None, device,
-                chunk: int | None = None, blocks: torch.Tensor | None = None):
+                chunk: int | None = None, blocks: torch.Tensor | None = None, blocks_in: str = "all"):
     """Return (mask, window_mask), each bool [B|1, 1, T, L] or None (= every key visible). ``blocks`` [B, T] or
-    [B, q_start + T] (HF's, over the cached tokens too): the block id of each token (-1: none)."""
+    [B, q_start + T] (HF's, over the cached tokens too): the block id of each token (-1: none), seen whole in every
+    layer (``blocks_in`` "all") or in the sliding-window layers only ("sliding")."""
     total = q_start + t
     need_window = window is not None and total > window
     need_chunks = chunk is not None and total > chunk
@@ -36,7 +38,7 @@ def build_masks(key_valid: torch.Tensor | None, q_start: int, t: int, window: in
     cols = torch.arange(total, device=device)
     rows = torch.arange(q_start, total, device=device)[:, None]                 # [T, 1]
     own = (cols == rows)[None, None]
-    mask = (cols <= rows)[None, None]                                            # [1, 1, T, L]
+    causal = mask = (cols <= rows)[None, None]                                   # [1, 1, T, L]
     if blocks is not None:
         keys = blocks if blocks.shape[-1] == total else torch.nn.functional.pad(blocks, (q_start, 0), value=-1)  # [B, L]
         queries = keys[:, q_start:]
@@ -44,7 +46,10 @@ def build_masks(key_valid: torch.Tensor | None, q_start: int, t: int, window: in
     if key_valid is not None:
         mask = (mask & key_valid[:, None, None, :total]) | own
     window_mask = None
-    if need_window:
+    if blocks is not None and blocks_in == "sliding":    # (Gemma 4: the blocks in the sliding layers, the rest causal)
+        window_mask = mask & (cols > rows - window)[None, None] if window is not None else mask
+        mask = causal if key_valid is None else (causal & key_valid[:, None, None, :total]) | own
+    elif need_window:
         window_mask = mask & (cols > rows - window)[None, None]
     elif need_chunks:     # each (row, query)'s chunk
         first = (key_valid[:, :total].int().argmax(-1) if key_valid is not None
@@ -55,10 +60,11 @@ def build_masks(key_valid: torch.Tensor | None, q_start: int, t: int, window: in
 
 
 def build_step(rotary: RotaryTable, positions: torch.Tensor, key_valid: torch.Tensor | None, q_start: int, t: int,
-               window: int | None, chunk: int | None = None, blocks: torch.Tensor | None = None) -> Step:
+               window: int | None, chunk: int | None = None, blocks: torch.Tensor | None = None,
+               blocks_in: str = "all") -> Step:
     cos, sin = rotary.gather(positions)       # (positions [3, B, T]: M-RoPE's rows, the first for the rest)
     positions = positions if positions.dim() == 2 else positions[0]
-    mask, window_mask = build_masks(key_valid, q_start, t, window, positions.device, chunk, blocks)
+    mask, window_mask = build_masks(key_valid, q_start, t, window, positions.device, chunk, blocks, blocks_in)
     step = Step(cos=cos, sin=sin, mask=mask, window_mask=window_mask, q_start=q_start, positions=positions,
                 valid=None if key_valid is None else key_valid[:, q_start:q_start + t], decoding=t == 1 and q_start > 0,
                 lookahead=blocks is not None)

@@ -11,6 +11,8 @@ summed into x's dtype as transformers does.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -26,8 +28,10 @@ class MoEMLP(nn.Module):
                  gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None, act=None,
                  group_size: int = 128, gate_up_scale: torch.Tensor | None = None,
                  down_scale: torch.Tensor | None = None, latent_in: Linear | None = None,
-                 latent_out: Linear | None = None):
+                 latent_out: Linear | None = None, expert_scale: torch.Tensor | None = None):
         super().__init__()
+        if expert_scale is not None:      # (Gemma 4: the chosen experts' weights times their learned scale)
+            routing = dataclasses.replace(routing, expert_scale=expert_scale)
         # NemotronH's latent experts: the router reads x, the experts latent_in(x) [T, L], and their sum goes through
         # latent_out back to H (its bias on one rank of a group: the partial sums are reduced after it)
         self.latent_in, self.latent_out = latent_in, latent_out
@@ -87,26 +91,30 @@ class MoEMLP(nn.Module):
             n += self.shared_gate.nbytes if self.shared_gate is not None else 0
         return n
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                route: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer's output for x [..., H] (+ ``residual``); ``route``: what the router reads instead of x (Gemma 4:
+        the residual stream, its experts reading its own norm of it)."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         xe = x2 if self.latent_in is None else self.latent_in(x2)       # what the experts read
+        r2 = x2 if route is None else route.reshape(-1, route.shape[-1])    # what the router reads
         streamed = self.streamed is not None
         if streamed:                      # the experts hit are read while the shared expert computes
-            w, ids = reference.moe_topk(x2, self.router, self.top_k, self.renormalize, self.weights_in_dtype,
+            w, ids = reference.moe_topk(r2, self.router, self.top_k, self.renormalize, self.weights_in_dtype,
                                         self.routing, self.router_bias)
             self.streamed.prefetch(ids)
             s = self._shared_out(x2)
             y = self._latent_out(self.streamed.run(xe, w, ids, self.act, reference.input_scaled(self.routing)))
             y = y if s is None else y + s
         elif self.cpu_experts is not None and (self.experts_gate_up is None or not ops.uses_triton(x2)):
-            y = self._latent_out(self._run_cpu_experts(x2, xe))
+            y = self._latent_out(self._run_cpu_experts(r2, xe))
         else:
             y = self._latent_out(ops.moe_mlp(
-                x2, self.router, self.experts_gate_up, self.experts_down, self.top_k, self.renormalize,
+                r2, self.router, self.experts_gate_up, self.experts_down, self.top_k, self.renormalize,
                 self.weights_in_dtype, self.gate_up_scale, self.down_scale, self.first_expert, self.routing,
                 self.router_bias, self.gate_up_bias, self.down_bias, self.act,
-                None if self.latent_in is None else xe))
+                None if xe is r2 else xe))
         if not streamed:
             s = self._shared_out(x2)
             y = y if s is None else y + s

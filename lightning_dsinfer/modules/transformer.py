@@ -404,6 +404,24 @@ class SandwichDecoderLayer(DecoderLayer):
         return self.mlp_residual(x, h, step), None
 
 
+class ExpertsBesideMLP(nn.Module):
+    """Gemma 4 26B-A4B's experts beside its dense MLP (``policies.base.ExpertsBeside``): ``self(m, h)`` for the dense
+    MLP's output m and the block's residual stream h is norm_d(m) + norm_e(experts(norm_i(h))), the router reading h
+    RMS-normed without a weight, times ``router_scale`` and ``root`` (hidden_size ** -0.5), in transformers' order."""
+
+    def __init__(self, experts: nn.Module, router_scale: torch.Tensor, experts_in: torch.Tensor,
+                 experts_out: torch.Tensor, dense_out: torch.Tensor, root: float, eps: float):
+        super().__init__()
+        self.experts, self.router_scale, self.root, self.eps = experts, router_scale, root, eps
+        self.experts_in, self.experts_out, self.dense_out = experts_in, experts_out, dense_out
+        self.unit = torch.ones(router_scale.shape[-1], dtype=torch.float32, device=router_scale.device)
+
+    def forward(self, m: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        route = ops.rms_norm(h, self.unit, self.eps) * self.router_scale * self.root
+        e = self.experts(ops.rms_norm(h, self.experts_in, self.eps), route=route)
+        return ops.rms_norm(m, self.dense_out, self.eps) + ops.rms_norm(e, self.experts_out, self.eps)
+
+
 class PerLayerInputLayer(SandwichDecoderLayer):
     """Gemma 4 block: Gemma 3's, then (with per-layer inputs) h = h + norm_p(proj(act(gate(h)) * row)), ``row`` this
     block's row of the step's per-layer inputs (``Step.per_layer[:, :, index]``), and h = h * ``scalar``. The extra
@@ -411,13 +429,17 @@ class PerLayerInputLayer(SandwichDecoderLayer):
 
     def __init__(self, attn, mlp, input_norm, post_norm, eps, attn_out_norm, mlp_out_norm, index: int,
                  scalar: torch.Tensor | None, gate: Linear | None = None, proj: Linear | None = None,
-                 norm: torch.Tensor | None = None, act: str = "gelu_tanh"):
+                 norm: torch.Tensor | None = None, act: str = "gelu_tanh", beside: ExpertsBesideMLP | None = None):
         super().__init__(attn, mlp, input_norm, post_norm, eps, attn_out_norm, mlp_out_norm)
         self.index, self.scalar = index, scalar
         self.gate, self.proj, self.norm, self.act = gate, proj, norm, act
+        self.beside = beside         # (26B-A4B: the experts beside the MLP)
 
     def mlp_residual(self, x: torch.Tensor, h: torch.Tensor, step: Step | None = None) -> torch.Tensor:
-        h = super().mlp_residual(x, h)
+        if self.beside is None:
+            h = super().mlp_residual(x, h)
+        else:
+            h = h + ops.rms_norm(self.beside(self.mlp(x), h), self.mlp_out_norm, self.eps)
         if self.gate is not None:
             g = ops.act(self.gate(h), self.act) * step.per_layer[:, :, self.index]
             h = h + ops.rms_norm(self.proj(g), self.norm, self.eps)
@@ -465,9 +487,11 @@ class GPTDecoderLayer(DecoderLayer):
 
 class PerLayerInputs:
     """Gemma 4's per-layer inputs of a step's tokens (``policies.base.PerLayerEmbeddings``), as transformers computes
-    them: [B, T, L, P] from the token ids and their embeddings h [B, T, H] (whole on every tensor-parallel rank)."""
+    them: [B, T, L, P] from the token ids and their embeddings h [B, T, H] (whole on every tensor-parallel rank).
+    ``table``: the [V', L P] table, or (offload) rows looked up one by one (``offload.decoder.FileRows`` /
+    ``ResidentRows``)."""
 
-    def __init__(self, table: torch.Tensor, projection: Linear, norm: torch.Tensor, layers: int, dim: int,
+    def __init__(self, table, projection: Linear, norm: torch.Tensor, layers: int, dim: int,
                  embed_scale: float, projection_scale: float, input_scale: float, eps: float):
         self.table, self.projection, self.norm = table, projection, norm
         self.layers, self.dim, self.eps = layers, dim, eps
@@ -475,7 +499,9 @@ class PerLayerInputs:
 
     def __call__(self, ids: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         b, t = ids.shape
-        rows = nn.functional.embedding(ids, self.table) * torch.tensor(self.embed_scale, dtype=h.dtype)
+        rows = nn.functional.embedding(ids, self.table) if isinstance(self.table, torch.Tensor) else \
+            self.table.lookup(ids, h.device)
+        rows = rows * torch.tensor(self.embed_scale, dtype=h.dtype)
         proj = self.projection(h) * self.projection_scale
         proj = ops.rms_norm(proj.view(b, t, self.layers, self.dim), self.norm, self.eps)
         return (proj + rows.view(b, t, self.layers, self.dim)) * self.input_scale
@@ -641,10 +667,13 @@ class DecoderModel(nn.Module):
         n = 0 if self.lm_head is None else self.lm_head.nbytes + self.final_norm.numel() * self.final_norm.element_size()
         p = getattr(self, "per_layer", None)
         if p is not None:
-            n += p.projection.nbytes + p.table.shape[1] * p.table.element_size()
+            n += p.projection.nbytes * (1 + p.projection.in_features) // p.projection.in_features   # (+ a row of
+            #                                                                  the table: as wide as a column of it)
         for layer in self.layers:
             if getattr(layer, "gate", None) is not None:
                 n += layer.gate.nbytes + layer.proj.nbytes
+            if getattr(layer, "beside", None) is not None:      # (Gemma 4 26B-A4B's experts)
+                n += layer.beside.experts.nbytes_per_token
         for layer in self.layers:
             attn = layer.attn
             n += attn.nbytes if hasattr(attn, "nbytes") else attn.qkv.nbytes + attn.o.nbytes   # (MLA: its own count)

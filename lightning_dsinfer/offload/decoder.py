@@ -113,7 +113,8 @@ class StreamedDecoderModel(DecoderModel):
         self.comm = comm
         self.sharded_vocab = comm is not None and comm.size > 1
         self.device = device if device is not None else final_norm.device
-        self._finalizer = weakref.finalize(self, _close, streamer, rows, experts)   # threads and file handles go with us
+        tables = (rows, getattr(self.per_layer, "table", None))     # (Gemma 4's per-layer table's rows too)
+        self._finalizer = weakref.finalize(self, _close, streamer, tables, experts)   # threads and files go with us
 
     @property
     def embed_rows(self) -> int:
@@ -199,19 +200,21 @@ class StreamedDecoderModel(DecoderModel):
         self._finalizer()
 
 
-def _close(streamer: UnitStreamer, rows, experts=None) -> None:
+def _close(streamer: UnitStreamer, tables, experts=None) -> None:
     """The decoder's finalizer. A collection can run it on any thread, one of our own reader threads included (an
     allocation there triggers it, while the reads a dropped decoder queued are still in flight): closing waits for
     those reads, one of which is the thread's own task, so there it is handed to a thread of its own instead."""
     if threading.current_thread().name.startswith("dsinfer-"):
-        threading.Thread(target=_close_now, args=(streamer, rows, experts), name="close-offload", daemon=True).start()
+        threading.Thread(target=_close_now, args=(streamer, tables, experts), name="close-offload",
+                         daemon=True).start()
     else:
-        _close_now(streamer, rows, experts)
+        _close_now(streamer, tables, experts)
 
 
-def _close_now(streamer: UnitStreamer, rows, experts=None) -> None:
+def _close_now(streamer: UnitStreamer, tables, experts=None) -> None:
     if experts is not None:     # (its reads use the store the streamer closes)
         experts.close()
     streamer.close()
-    if hasattr(rows, "close"):
-        rows.close()
+    for rows in tables:
+        if hasattr(rows, "close"):
+            rows.close()

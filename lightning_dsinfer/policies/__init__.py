@@ -31,7 +31,7 @@ POLICIES.update({name: gemma4.read_gemma4 for name in gemma4.FAMILY})
 def has_experts(model_type: str | None) -> bool:
     """Whether ``model_type`` is a supported family with mixture-of-experts layers."""
     return any(family.has_experts(model_type) for family in (llama, deepseek, gpt_oss, qwen3_next, lfm2, granite_hybrid,
-                                                                  nemotron_h, llama4, jamba))
+                                                                  nemotron_h, llama4, jamba, gemma4))
 
 
 def supported_model_types() -> list[str]:

@@ -52,6 +52,7 @@ class MoEWeights:
     latent_in_bias: WeightRef | None = None
     latent_out: WeightRef | None = None
     latent_out_bias: WeightRef | None = None
+    expert_scale: WeightRef | None = None   # Gemma 4: the chosen experts' weights times this [E] (Routing.expert_scale)
 
     @property
     def expert_inter(self) -> int:
@@ -255,6 +256,19 @@ class LayerWeights:
     per_layer_proj: WeightRef | None = None      # [H, P]
     per_layer_norm: WeightRef | None = None      # [H]
     layer_scalar: WeightRef | None = None        # [1]
+    beside: ExpertsBeside | None = None          # Gemma 4 26B-A4B: ``moe`` runs beside the dense MLP (gate / up / down)
+
+
+@dataclass
+class ExpertsBeside:
+    """Gemma 4's experts beside the dense MLP (the layer's ``moe``): the router reads the block's residual stream
+    RMS-normed without a weight, times ``router_scale`` [H] and hidden_size ** -0.5; the experts read it normed by
+    ``experts_in``; the MLP's output normed by ``dense_out`` plus the experts' normed by ``experts_out`` is what the
+    block's MLP-output norm then sees."""
+    router_scale: WeightRef
+    experts_in: WeightRef
+    experts_out: WeightRef
+    dense_out: WeightRef
 
 
 @dataclass
@@ -335,6 +349,8 @@ class ModelWeights:
     # Face cache layer of each block's mixer (None: block i is layer i)
     cache_layers: list[int] | None = None
     per_layer: PerLayerEmbeddings | None = None   # Gemma 4's per-layer inputs
+    blocks_in: str = "all"                # a vision-language prompt's image blocks seen whole in "all" layers, or in the
+                                          # "sliding" ones only (Gemma 4; modules.masks.build_masks)
 
     def cache_layout(self, local_kv_heads: int) -> tuple[int, int, bool]:
         """(KV heads, width, keys only) of the KV cache: a latent-attention model caches one latent row per token

@@ -23,15 +23,21 @@ Behind its multimodal wrapper (``Gemma4ForConditionalGeneration``, what ``AutoMo
 checkpoints) the language model runs on the engine (multimodal.py); with images, the wrapper's per-layer ids (image
 tokens as padding) are caught and looked up by the engine.
 
-Refused with the reason: the MoE block (``enable_moe_block``: Gemma 4 26B-A4B), bidirectional attention over every
-token, rope types that change with the length.
+With ``enable_moe_block`` (26B-A4B) every layer has experts beside its dense MLP (``LayerWeights.beside``): the router
+reads the block's residual stream, RMS-normed without a weight and scaled (``router.scale``, hidden_size ** -0.5); a
+softmax top-k renormalised and times each chosen expert's ``per_expert_scale`` (``Routing.expert_scale``); GeGLU experts
+on their own norm of the stream; the MLP's and the experts' outputs each normed, summed, then normed as the MLP's output.
+
+Refused with the reason: bidirectional attention over every token, rope types that change with the length.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, PerLayerEmbeddings, UnsupportedModelError
+from lightning_dsinfer.kernels.reference import GatedAct, Routing
+from lightning_dsinfer.policies.base import (ExpertsBeside, LayerWeights, ModelWeights, MoEWeights, PerLayerEmbeddings,
+                                             UnsupportedModelError)
 from lightning_dsinfer.policies.llama import _GATED_ACTS, check_rope
 from lightning_dsinfer.policies.weights import ModuleSource, WeightSource, lookups, tied_embeddings
 
@@ -40,13 +46,10 @@ _LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 def has_experts(model_type: str | None) -> bool:
-    return False       # (the MoE block is refused)
+    return model_type in FAMILY       # (26B-A4B: enable_moe_block)
 
 
 def _refuse(model: nn.Module, config) -> None:
-    if getattr(config, "enable_moe_block", False):
-        raise UnsupportedModelError("gemma4_text with enable_moe_block=True (Gemma 4 26B-A4B's experts beside the MLP) "
-                                    "is not supported yet; the dense Gemma 4 models (E2B, E4B, 31B) are.")
     if getattr(config, "use_bidirectional_attention", None) == "all":
         raise UnsupportedModelError("gemma4_text with use_bidirectional_attention='all' (an encoder-style mask) is not "
                                     "supported: the engine's attention is causal.")
@@ -75,6 +78,18 @@ def kv_sources(config) -> list[int | None]:
         else:
             out.append(last[types[i]])
     return out
+
+
+def _experts(config, ref, p: str) -> MoEWeights | None:
+    """26B-A4B's experts of layer ``p`` (``enable_moe_block``): softmax over the router's logits, the top-k renormalised
+    and times each chosen expert's ``per_expert_scale``; GeGLU experts [E, 2I, H] / [E, H, I]."""
+    if not config.enable_moe_block:
+        return None
+    return MoEWeights(router=ref(f"{p}.router.proj.weight"), gate_up=ref(f"{p}.experts.gate_up_proj"),
+                      down=ref(f"{p}.experts.down_proj"), top_k=config.top_k_experts, renormalize=True,
+                      weights_in_dtype=False, routing=Routing(scoring="softmax", renormalize=True),
+                      act=GatedAct(_GATED_ACTS[config.hidden_activation]),
+                      expert_scale=ref(f"{p}.router.per_expert_scale"))
 
 
 def read_gemma4(model: nn.Module, max_seq_len: int, source: WeightSource | None = None) -> ModelWeights:
@@ -117,7 +132,12 @@ def read_gemma4(model: nn.Module, max_seq_len: int, source: WeightSource | None 
             per_layer_gate=ref(f"{p}.per_layer_input_gate.weight") if ple else None,
             per_layer_proj=ref(f"{p}.per_layer_projection.weight") if ple else None,
             per_layer_norm=ref(f"{p}.post_per_layer_input_norm.weight") if ple else None,
-            layer_scalar=ref(f"{p}.layer_scalar")))
+            layer_scalar=ref(f"{p}.layer_scalar"), moe=_experts(config, ref, p),
+            beside=ExpertsBeside(router_scale=ref(f"{p}.router.scale"),
+                                 experts_in=ref(f"{p}.pre_feedforward_layernorm_2.weight"),
+                                 experts_out=ref(f"{p}.post_feedforward_layernorm_2.weight"),
+                                 dense_out=ref(f"{p}.post_feedforward_layernorm_1.weight"))
+            if config.enable_moe_block else None))
     per_layer = None
     if ple:
         per_layer = PerLayerEmbeddings(
@@ -141,4 +161,5 @@ def read_gemma4(model: nn.Module, max_seq_len: int, source: WeightSource | None 
         embed_scale=config.hidden_size ** 0.5, embed_scale_rounded=True, embed_scale_on="module",
         final_softcap=config.final_logit_softcapping, mlp_act=_GATED_ACTS[config.hidden_activation],
         sliding_inv_freq=sliding[0].detach() if sliding is not None and sliding is not main else None,
-        sliding_attention_scaling=sliding[1] if sliding is not None else 1.0, per_layer=per_layer)
+        sliding_attention_scaling=sliding[1] if sliding is not None else 1.0, per_layer=per_layer,
+        blocks_in="sliding")

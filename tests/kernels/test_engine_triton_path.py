@@ -252,6 +252,20 @@ def test_llama4_through_triton_matches_hf(monkeypatch):
     assert _fallbacks() == {("attention", "reference:mask"): 2 * chunked}, _fallbacks()
 
 
+def test_gemma4_through_triton_matches_hf(monkeypatch):
+    """Gemma 4 in 26B-A4B's layout (tests/helpers.py "gemma4_moe"): the sliding and full layers' own head dims and KV
+    heads through the rotary and attention kernels, the v norm through the norm kernel, the shared-K/V layers'
+    attention over another layer's cache, the per-layer inputs, the GeGLU experts beside the MLP through the routing
+    tables and grouped GEMMs (the gated-activation kernel): fp32 logits and greedy tokens as HF's."""
+    monkeypatch.setenv("DSINFER_CUDA_GRAPHS", "0")
+    opt = _matches_hf_through_triton("gemma4_moe")
+    layers = len(opt._dsinfer_engine.decoder.layers)
+    counts = dict(ops.dispatch_counts)
+    assert counts[("moe_mlp", "triton")] == FORWARDS * layers, counts
+    assert counts[("attention", "triton")] == FORWARDS * layers, counts
+    assert not _fallbacks(), _fallbacks()
+
+
 def test_falcon_h1_through_triton_matches_hf(monkeypatch):
     """Falcon-H1 (the gated group norm after the gate): each block's one GEMM into attention and Mamba-2 (the input
     norm its prologue on decode-sized rows), the Mamba-2 decode steps through kernels/mamba2.py, attention through the
