@@ -19,7 +19,7 @@ from lightning_dsinfer.builder import (build_decoder, build_streamed_decoder, ca
                                       experts_per_rank, kv_layout, shard_plan)
 from lightning_dsinfer.config import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, InferenceConfig
 from lightning_dsinfer.modules.gated_deltanet import state_shapes
-from lightning_dsinfer.modules.kv_cache import StaticKVCache
+from lightning_dsinfer.modules.kv_cache import StaticKVCache, hf_cache_name
 from lightning_dsinfer.modules.masks import build_step
 from lightning_dsinfer.multimodal import (merged_inputs, modality_inputs, place_other_weights, plain_positions,
                                           wrapper_logits)
@@ -550,11 +550,6 @@ def _release_hf_weights(model: nn.Module, embed: torch.Tensor | None) -> None:
 
 
 # ---------------------------------------------------------------------- patching
-def _output_cache_field() -> str:
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-
-
 def _dsinfer_forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
                      inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, cache_position=None,
                      return_dict=None, **kwargs):
@@ -592,7 +587,7 @@ def _dsinfer_forward(self, input_ids=None, attention_mask=None, position_ids=Non
     if labels is not None:
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
                                ignore_index=-100)
-    out = {"loss": loss, "logits": logits, _output_cache_field(): hf_cache if use_cache else None}
+    out = {"loss": loss, "logits": logits, hf_cache_name(): hf_cache if use_cache else None}
     return CausalLMOutputWithPast(**out)
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lightning_dsinfer.modules.kv_cache import hf_cache_name
 from lightning_dsinfer.policies.base import UnsupportedModelError
 
 _TEXT_MODULES = ("language_model", "text_model")
@@ -261,7 +262,7 @@ def merged_inputs(model: nn.Module, engine, input_ids: torch.Tensor, attention_m
     try:
         with torch.inference_mode():
             type(model).forward(model, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                **({} if hf_cache is None else {_cache_argument(model): hf_cache}), **extra)
+                                **({} if hf_cache is None else {hf_cache_name(): hf_cache}), **extra)
     except _Caught:
         pass
     finally:
@@ -301,12 +302,6 @@ class _PerLayerIds:
 
     def __init__(self, ids: torch.Tensor):
         self.ids = ids
-
-
-def _cache_argument(model: nn.Module) -> str:
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
 def _tensor_ids(module: nn.Module) -> set[int]:

@@ -15,6 +15,7 @@ import torch
 
 from lightning_dsinfer.generation.decode import decode_loop
 from lightning_dsinfer.generation.pipeline import pipeline_decode_loop
+from lightning_dsinfer.modules.kv_cache import hf_cache_name
 from lightning_dsinfer.multimodal import merged_inputs, modality_inputs
 
 # GenerationConfig fields the engine's own loop implements. A config that differs from the default
@@ -97,11 +98,8 @@ def _hf_processors(model, gc, input_ids: torch.Tensor, attention_mask, logits_pr
 
 def _hf_generate(model, inputs, generation_config, kwargs):
     """Hugging Face's generate over the engine's forward, with a dynamic cache the engine fills."""
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    name = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
     if not any(k in kwargs for k in ("cache", "past_key_values")):
-        kwargs = {**kwargs, name: model._dsinfer_engine.new_hf_cache()}
+        kwargs = {**kwargs, hf_cache_name(): model._dsinfer_engine.new_hf_cache()}
     return type(model).generate(model, inputs, generation_config=generation_config, **kwargs)
 
 

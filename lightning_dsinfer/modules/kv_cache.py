@@ -22,6 +22,14 @@ import warnings
 import torch
 
 
+def hf_cache_name() -> str:
+    """The name transformers gives a model's cache (forward's argument, the output's field): "cache" in newer versions, before
+    that "past_key_values" (the installed version's ``CausalLMOutputWithPast`` says which)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 class StaticKVCache:
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, max_batch_size: int, max_seq_len: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu", keys_only: bool = False,
