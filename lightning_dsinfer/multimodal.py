@@ -232,6 +232,13 @@ def merged_inputs(model: nn.Module, engine, input_ids: torch.Tensor, attention_m
             rules.append(kwargs["or_mask_function"])
         return original_mask(*args, **kwargs)
 
+    original_window_mask = getattr(masking, "create_sliding_window_causal_mask", None)
+
+    def window_rule(*args, **kwargs):     # (PaliGemma 2: the blocks OR-ed in after the sliding window)
+        if kwargs.get("block_sequence_ids") is not None:
+            engine.blocks_in = "past_window"      # (how this wrapper's masks read its blocks: the same every call)
+        return original_window_mask(*args, **kwargs)
+
     original_vision_masks = getattr(masking, "create_masks_for_vision_model", None)
 
     def vision_masks(*args, **kwargs):    # (Gemma 4: its image blocks through a mask helper of its own)
@@ -259,6 +266,8 @@ def merged_inputs(model: nn.Module, engine, input_ids: torch.Tensor, attention_m
         masking.create_causal_mask = mask_rule
     if original_vision_masks is not None:
         masking.create_masks_for_vision_model = vision_masks
+    if original_window_mask is not None:
+        masking.create_sliding_window_causal_mask = window_rule
     try:
         with torch.inference_mode():
             type(model).forward(model, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -275,6 +284,8 @@ def merged_inputs(model: nn.Module, engine, input_ids: torch.Tensor, attention_m
             masking.create_causal_mask = original_mask
         if original_vision_masks is not None:
             masking.create_masks_for_vision_model = original_vision_masks
+        if original_window_mask is not None:
+            masking.create_sliding_window_causal_mask = original_window_mask
         if per_layer:
             del text.get_per_layer_inputs
     if "inputs_embeds" not in caught:

@@ -30,6 +30,12 @@ def tiny_vlm(kind: str, seed: int = 0, drop: tuple = ()):
                                  vision_config=tf.SiglipVisionConfig(**_VISION).to_dict(), mm_tokens_per_image=4,
                                  image_token_id=IMAGE, boi_token_id=3, eoi_token_id=4)
         model = tf.Gemma3ForConditionalGeneration(config)
+    elif kind == "paligemma":  # PaliGemma 2: a Gemma 2 (sliding layers of 7) behind SigLIP; its prefix (images and the
+        #                        prompt, token_type_ids 0) one block that every layer sees whole, past the window too
+        config = tf.PaliGemmaConfig(text_config=tiny_config("gemma2").to_dict(),
+                                    vision_config=tf.SiglipVisionConfig(**_VISION).to_dict(), image_token_index=IMAGE,
+                                    projection_dim=64)
+        model = tf.PaliGemmaForConditionalGeneration(config)
     elif kind == "llava":      # a Llama (biases, head_dim 24) behind CLIP
         config = tf.LlavaConfig(text_config=tiny_config("llama").to_dict(),
                                 vision_config=tf.CLIPVisionConfig(**_VISION, projection_dim=32).to_dict(),
@@ -107,6 +113,8 @@ def image_batch(kind: str, images: dict):
     inputs = dict(images)
     if kind == "gemma3":
         inputs["token_type_ids"] = ids.eq(IMAGE).long()
+    if kind == "paligemma":    # the prefix: the first 10 columns (padding included, as HF's processor marks it)
+        inputs["token_type_ids"] = (torch.arange(ids.shape[1]) >= 10).long().expand_as(ids)
     if kind in ("qwen3_5", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"):
         inputs["mm_token_type_ids"] = ids.eq(IMAGE).long()
     return ids, mask, inputs
@@ -129,7 +137,7 @@ def _same_as_hf(hf, opt, ids, mask, inputs, new=6):
 
 
 @pytest.mark.parametrize("kind", ["gemma3", "llava", "mistral3", "qwen3_5", "qwen2_5_vl", "qwen2_vl", "qwen3_vl",
-                                  "qwen3_vl_moe"])
+                                  "qwen3_vl_moe", "paligemma"])
 def test_images_match_hf(kind):
     hf, images = tiny_vlm(kind)
     ids, mask, inputs = image_batch(kind, images)
@@ -139,9 +147,11 @@ def test_images_match_hf(kind):
     with torch.no_grad():      # what each model does with images matters here: a path that ignored it would fail
         plain = hf(input_ids=ids, attention_mask=mask).logits
         assert (plain - want)[valid].abs().max() > 1e-2                   # the images themselves
-        if kind == "gemma3":                                               # each image's tokens seeing each other
-            causal = hf(input_ids=ids, attention_mask=mask, pixel_values=images["pixel_values"]).logits
-            assert (causal - want)[valid].abs().max() > 1e-2
+        if kind in ("gemma3", "paligemma"):                                # each image's tokens (PaliGemma: the
+            causal = hf(input_ids=ids, attention_mask=mask, pixel_values=images["pixel_values"]).logits   # prefix's)
+            assert (causal - want)[valid].abs().max() > 1e-2                                              # seeing
+        if kind == "paligemma":          # HF's sliding mask ORs the prefix in after the window   # each other
+            assert opt._dsinfer_engine.blocks_in == "past_window"
         if kind != "gemma3" and kind.startswith("qwen"):                   # M-RoPE: image tokens' rows differ, and
             rows, deltas = hf.model.get_rope_index(ids, inputs["mm_token_type_ids"], images["image_grid_thw"],
                                                    attention_mask=mask)     # decoding goes on from the largest

@@ -9,7 +9,8 @@ subtracts each row's left padding). Each query also always sees itself, so a que
 A vision-language prompt's ``blocks`` (multimodal.py: Gemma 3's images) also let the tokens of one
 block (id >= 0) see each other, later ones too (HF's ``block_sequence_ids``: OR-ed into the causal rule, the window
 applied after); in every layer, or (``blocks_in="sliding"``: Gemma 4) in the sliding-window layers only, the others
-causal.
+causal; ``blocks_in="past_window"`` (PaliGemma 2: HF's sliding-window mask ORs the blocks in after its window): a
+block seen whole in the sliding layers too, however long.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def build_masks(key_valid: torch.Tensor | None, q_start: int, t: int, window: in
                 chunk: int | None = None, blocks: torch.Tensor | None = None, blocks_in: str = "all"):
     """Return (mask, window_mask), each bool [B|1, 1, T, L] or None (= every key visible). ``blocks`` [B, T] or
     [B, q_start + T] (HF's, over the cached tokens too): the block id of each token (-1: none), seen whole in every
-    layer (``blocks_in`` "all") or in the sliding-window layers only ("sliding")."""
+    layer within the window (``blocks_in`` "all"), in the sliding-window layers only ("sliding"), or in every layer
+    past the window ("past_window")."""
     total = q_start + t
     need_window = window is not None and total > window
     need_chunks = chunk is not None and total > chunk
@@ -38,19 +40,25 @@ def build_masks(key_valid: torch.Tensor | None, q_start: int, t: int, window: in
     cols = torch.arange(total, device=device)
     rows = torch.arange(q_start, total, device=device)[:, None]                 # [T, 1]
     own = (cols == rows)[None, None]
-    causal = mask = (cols <= rows)[None, None]                                   # [1, 1, T, L]
+    def valid(m):         # (padding keys hidden; each query sees itself)
+        return m if key_valid is None else (m & key_valid[:, None, None, :total]) | own
+
+    causal = (cols <= rows)[None, None]                                          # [1, 1, T, L]
+    inside = None
     if blocks is not None:
         keys = blocks if blocks.shape[-1] == total else torch.nn.functional.pad(blocks, (q_start, 0), value=-1)  # [B, L]
         queries = keys[:, q_start:]
-        mask = mask | ((queries[:, None, :, None] == keys[:, None, None, :]) & (queries >= 0)[:, None, :, None])
-    if key_valid is not None:
-        mask = (mask & key_valid[:, None, None, :total]) | own
+        inside = (queries[:, None, :, None] == keys[:, None, None, :]) & (queries >= 0)[:, None, :, None]
+    mask = valid(causal if inside is None else causal | inside)
     window_mask = None
-    if blocks is not None and blocks_in == "sliding":    # (Gemma 4: the blocks in the sliding layers, the rest causal)
-        window_mask = mask & (cols > rows - window)[None, None] if window is not None else mask
-        mask = causal if key_valid is None else (causal & key_valid[:, None, None, :total]) | own
+    near = None if window is None else (cols > rows - window)[None, None]
+    if inside is not None and blocks_in == "sliding":    # (Gemma 4: the blocks in the sliding layers, the rest causal)
+        window_mask = mask if near is None else mask & near
+        mask = valid(causal)
+    elif inside is not None and blocks_in == "past_window" and near is not None:    # (PaliGemma 2)
+        window_mask = valid((causal & near) | inside)
     elif need_window:
-        window_mask = mask & (cols > rows - window)[None, None]
+        window_mask = mask & near
     elif need_chunks:     # each (row, query)'s chunk
         first = (key_valid[:, :total].int().argmax(-1) if key_valid is not None
                  else torch.zeros(1, dtype=torch.long, device=device))[:, None, None]          # [B|1, 1, 1]

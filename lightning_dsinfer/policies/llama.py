@@ -335,7 +335,8 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
         raise UnsupportedModelError(
             f"{config.model_type} with {act_name}={act!r} is not supported (the fused "
             f"{'plain' if traits.plain_mlp else 'gated'} MLP takes {', '.join(sorted(acts))}).")
-    if getattr(config, "use_bidirectional_attention", False):
+    # (behind a vision-language wrapper the wrapper gives the mask: PaliGemma's causal one with its prefix as a block)
+    if getattr(config, "use_bidirectional_attention", False) and not model.__dict__.get("_dsinfer_language_model"):
         raise UnsupportedModelError(
             f"{config.model_type} with use_bidirectional_attention=True (an encoder-style mask) is not supported: the "
             f"engine's attention is causal.")
