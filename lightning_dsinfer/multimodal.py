@@ -260,8 +260,13 @@ def merged_inputs(model: nn.Module, engine, input_ids: torch.Tensor, attention_m
     text.forward = catch                                                  # put back after)
     embed.forward = lambda ids: engine.decoder.module_embeddings(ids.to(engine.device))
     per_layer = hasattr(text, "get_per_layer_inputs")
+    table = embed._parameters.get("weight")
+    swapped = per_layer and table is not None and table.device.type == "meta"
     if per_layer:
         text.get_per_layer_inputs = per_layer_ids
+    if swapped:    # (the wrapper reads the pad row of a table the engine sharded or streamed, for per_layer_ids above,
+        embed._parameters["weight"] = torch.zeros(1, table.shape[1], dtype=engine.dtype,      # which does not use it)
+                                                  device=engine.device).expand(table.shape)
     if original_mask is not None:
         masking.create_causal_mask = mask_rule
     if original_vision_masks is not None:
@@ -288,6 +293,8 @@ def merged_inputs(model: nn.Module, engine, input_ids: torch.Tensor, attention_m
             masking.create_sliding_window_causal_mask = original_window_mask
         if per_layer:
             del text.get_per_layer_inputs
+        if swapped:
+            embed._parameters["weight"] = table
     if "inputs_embeds" not in caught:
         raise UnsupportedModelError(f"dsinfer: {type(model).__name__}'s forward did not reach its language model with "
                                     f"these inputs ({sorted(extra)}); run the unoptimised model for them.")

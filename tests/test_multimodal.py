@@ -36,6 +36,19 @@ def tiny_vlm(kind: str, seed: int = 0, drop: tuple = ()):
                                     vision_config=tf.SiglipVisionConfig(**_VISION).to_dict(), image_token_index=IMAGE,
                                     projection_dim=64)
         model = tf.PaliGemmaForConditionalGeneration(config)
+    elif kind.startswith("gemma4"):   # Gemma 4 behind its wrapper (what AutoModelForCausalLM loads), image token 5; its
+        #                               images given as the vision tower's output (mm_encoder_outputs: the tower is HF's
+        #                               code either way); "gemma4_bidirectional": use_bidirectional_attention="vision"
+        text = tiny_config("gemma4_text").to_dict()
+        text["use_bidirectional_attention"] = "vision" if kind == "gemma4_bidirectional" else None
+        config = tf.Gemma4Config(text_config=text, audio_config=None, image_token_id=IMAGE,
+                                 vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                                    num_attention_heads=2, num_key_value_heads=2, head_dim=16))
+        model = tf.Gemma4ForConditionalGeneration(config)
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        features = [torch.randn(4, 64) for _ in range(2)]
+        images = {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=features)}}
     elif kind == "llava":      # a Llama (biases, head_dim 24) behind CLIP
         config = tf.LlavaConfig(text_config=tiny_config("llama").to_dict(),
                                 vision_config=tf.CLIPVisionConfig(**_VISION, projection_dim=32).to_dict(),
@@ -96,8 +109,14 @@ def tiny_vlm(kind: str, seed: int = 0, drop: tuple = ()):
     else:
         raise ValueError(kind)
     with torch.no_grad():      # norms and Gemma 3's projection off their constant initial values
-        for name, p in model.named_parameters():
-            if "norm" in name and "vision" not in name and "visual" not in name:
+        tensors = [*model.named_parameters(), *(model.named_buffers() if kind.startswith("gemma4") else ())]
+        for name, p in tensors:
+            if kind.startswith("gemma4"):      # (as tests/helpers.tiny_model's Gemma 4: its w-scaled norms near 1,
+                if "language_model" in name and "norm" in name:   # small q norms, layer scalars away from 1)
+                    p.normal_(0.3 if name.endswith("q_norm.weight") else 1.0, 0.05 if "q_norm" in name else 0.2)
+                elif name.endswith("layer_scalar"):
+                    p.uniform_(0.5, 1.5)
+            elif "norm" in name and "vision" not in name and "visual" not in name:
                 p.normal_(1.0 if kind in ("llava", "mistral3", "llama4", "qwen3_vl", "qwen3_vl_moe")
                           or "linear_attn.norm" in name else 0.0, 0.2)
             elif "mm_input_projection" in name:
@@ -113,6 +132,8 @@ def image_batch(kind: str, images: dict):
     inputs = dict(images)
     if kind == "gemma3":
         inputs["token_type_ids"] = ids.eq(IMAGE).long()
+    if kind == "gemma4_bidirectional":
+        inputs["mm_token_type_ids"] = ids.eq(IMAGE).long()
     if kind == "paligemma":    # the prefix: the first 10 columns (padding included, as HF's processor marks it)
         inputs["token_type_ids"] = (torch.arange(ids.shape[1]) >= 10).long().expand_as(ids)
     if kind in ("qwen3_5", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"):
@@ -124,20 +145,22 @@ def _same_as_hf(hf, opt, ids, mask, inputs, new=6):
     with torch.no_grad():
         want = hf(input_ids=ids, attention_mask=mask, **inputs).logits
         tokens = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, **inputs)
-        beams = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, num_beams=2, do_sample=False,
-                            **inputs)
     got = opt(input_ids=ids, attention_mask=mask, **inputs).logits
     valid = mask.bool()
     torch.testing.assert_close(got[valid], want[valid], atol=ATOL, rtol=RTOL)
     assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, **inputs),
                        tokens)
-    assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, num_beams=2, do_sample=False,
-                                    **inputs), beams)        # (HF's loop over our forward: images in its first step)
-    return want
+    if "mm_encoder_outputs" not in inputs:     # (HF's beam search does not repeat given features for its beams)
+        with torch.no_grad():
+            beams = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, num_beams=2, do_sample=False,
+                                **inputs)
+        assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, num_beams=2,
+                                        do_sample=False, **inputs), beams)   # (HF's loop over our forward: images in
+    return want                                                              # its first step)
 
 
 @pytest.mark.parametrize("kind", ["gemma3", "llava", "mistral3", "qwen3_5", "qwen2_5_vl", "qwen2_vl", "qwen3_vl",
-                                  "qwen3_vl_moe", "paligemma"])
+                                  "qwen3_vl_moe", "paligemma", "gemma4", "gemma4_bidirectional"])
 def test_images_match_hf(kind):
     hf, images = tiny_vlm(kind)
     ids, mask, inputs = image_batch(kind, images)
@@ -147,9 +170,9 @@ def test_images_match_hf(kind):
     with torch.no_grad():      # what each model does with images matters here: a path that ignored it would fail
         plain = hf(input_ids=ids, attention_mask=mask).logits
         assert (plain - want)[valid].abs().max() > 1e-2                   # the images themselves
-        if kind in ("gemma3", "paligemma"):                                # each image's tokens (PaliGemma: the
-            causal = hf(input_ids=ids, attention_mask=mask, pixel_values=images["pixel_values"]).logits   # prefix's)
-            assert (causal - want)[valid].abs().max() > 1e-2                                              # seeing
+        if kind in ("gemma3", "paligemma", "gemma4_bidirectional"):        # each image's tokens (PaliGemma: the
+            causal = hf(input_ids=ids, attention_mask=mask, **images).logits                           # prefix's;
+            assert (causal - want)[valid].abs().max() > 1e-2        # Gemma 4: in the sliding layers) seeing
         if kind == "paligemma":          # HF's sliding mask ORs the prefix in after the window   # each other
             assert opt._dsinfer_engine.blocks_in == "past_window"
         if kind != "gemma3" and kind.startswith("qwen"):                   # M-RoPE: image tokens' rows differ, and
@@ -166,7 +189,7 @@ def test_images_match_hf(kind):
             assert (without - want)[valid].abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("kind", ["gemma3", "llava", "qwen3_5", "qwen2_5_vl"])
+@pytest.mark.parametrize("kind", ["gemma3", "llava", "qwen3_5", "qwen2_5_vl", "gemma4"])
 def test_text_prompts_match_hf(kind):
     hf, _ = tiny_vlm(kind)
     ids = torch.tensor([[0, 0, 1, 7, 8, 9, 10, 11], [1, 7, 8, 9, 12, 13, 14, 15]])

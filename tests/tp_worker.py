@@ -95,18 +95,21 @@ def main():
         with torch.no_grad():
             ref = hf(input_ids=ids, attention_mask=mask, **inputs).logits
             ref_tokens = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, **inputs)
+            # (HF's beam search does not repeat given image features for its beams: Gemma 4's mm_encoder_outputs)
+            beams = "mm_encoder_outputs" not in inputs
             ref_beam = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, num_beams=2, do_sample=False,
-                                   **inputs)
+                                   **inputs) if beams else None
         got = opt(input_ids=ids, attention_mask=mask, **inputs).logits
         valid = mask.bool()
         err = (got[valid] - ref[valid]).abs().max().item()
         tokens = opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, **inputs)
         beam = opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, num_beams=2, do_sample=False,
-                            **inputs)
+                            **inputs) if beams else None
         agrees = sampling_agrees_across_ranks(opt, ids, mask, 10)
-        ok = err < 2e-4 and torch.equal(tokens, ref_tokens) and torch.equal(beam, ref_beam) and agrees
+        beam_ok = not beams or torch.equal(beam, ref_beam)
+        ok = err < 2e-4 and torch.equal(tokens, ref_tokens) and beam_ok and agrees
         print(f"{family}: tp={args.tp}{' reused' if args.offload and reused else ''} max|dlogits|={err:.2e} greedy={torch.equal(tokens, ref_tokens)} "
-              f"beam={torch.equal(beam, ref_beam)} sampling_agrees={agrees} {'OK' if ok else 'FAIL'}", flush=True)
+              f"beam={beam_ok if beams else 'n/a'} sampling_agrees={agrees} {'OK' if ok else 'FAIL'}", flush=True)
         if not ok:
             sys.exit(1)
 
