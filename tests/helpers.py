@@ -583,8 +583,12 @@ FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
 # now; the generic planner's split of phi3's packed tensors is still tested on a meta model.)
 _GENERIC_COMMON = dict(hidden_size=64, num_hidden_layers=2, vocab_size=97, initializer_range=0.1, pad_token_id=0,
                        bos_token_id=1, eos_token_id=2)
-GENERIC_FAMILIES = {      # families without a fused policy (the GPT ones and OLMo 2 have one now: policies/)
-    "olmo": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256),
+GENERIC_FAMILIES = {      # families without a fused policy (the GPT ones, OLMo and OLMo 2 have one now: policies/)
+    "cohere_compass_text": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                                max_position_embeddings=256, sliding_window=7,
+                                layer_types=["sliding_attention", "full_attention"],
+                                rope_parameters={t: {"rope_type": "default", "rope_theta": 10000.0}
+                                                 for t in ("sliding_attention", "full_attention")}),
     "mpt": dict(n_heads=4, d_model=64, n_layers=2, expansion_ratio=2, max_seq_len=256),
     "biogpt": dict(num_attention_heads=4, intermediate_size=96, max_position_embeddings=256),
 }
@@ -620,6 +624,9 @@ GPT_FAMILIES = {
     "cohere2": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256,
                     logit_scale=0.5, rope_theta=5000.0, sliding_window=7,
                     layer_types=["sliding_attention", "full_attention"]),
+    # OLMo (1): Llama's blocks (GQA, SwiGLU, q/k/v/o biases) under LayerNorms without a weight or a bias
+    "olmo": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256,
+                 attention_bias=True),
 }
 
 # The Llama-like families of policies/llama.py added to the table later (tests/test_llama_families.py), on top of the

@@ -6,7 +6,7 @@ parallel residual, lm_head bias), StarCoder2 (GQA, sliding window, biases), GPT-
 rotate-half, lm_head bias), GPT-2 (Conv1D weights, q|k|v columns, learned positions), Falcon (KV groups), Cohere
 (LayerNorms without a bias, interleaved rotary, SwiGLU, parallel residual, scaled logits), Cohere 2 (the same with a
 rotating sliding-window layer and a NoPE full one), GPT-BigCode (StarCoder:
-multi-query q | k | v rows, learned positions). fp32 logits atol 2e-4 / rtol
+multi-query q | k | v rows, learned positions), OLMo (Llama's blocks under LayerNorms without a weight or a bias). fp32 logits atol 2e-4 / rtol
 1e-4 on a left-padded batch, greedy tokens identical; Falcon in its three block forms (KV groups with two norms,
 one KV head with one shared norm, sequential); bf16, int8, offload, tensor and pipeline parallelism, a
 checkpoint on meta. Through the Triton kernels: tests/kernels/test_engine_triton_path.py."""
@@ -147,7 +147,7 @@ def test_gpt_families_from_checkpoint_on_meta(tmp_path):
         _assert_same(hf, opt, new=6)
 
 
-TP = ["gpt_neox", "bloom", "gpt2", "starcoder2", "opt", "gptj", "falcon", "cohere", "gpt_bigcode"]
+TP = ["gpt_neox", "bloom", "gpt2", "starcoder2", "opt", "gptj", "falcon", "cohere", "gpt_bigcode", "olmo"]
 PP = ["gpt_neox", "bloom", "opt", "phi"]
 
 
@@ -176,6 +176,7 @@ def test_gpt_families_tensor_and_pipeline_parallel(shared_runs):
     ("gpt_neox", {"hidden_act": "mish"}, "hidden_act='mish' is not supported"),
     ("falcon", {"alibi": True}, "alibi=True"),
     ("cohere", {"use_qk_norm": True}, "use_qk_norm=True"),
+    ("olmo", {"clip_qkv": 8.0}, "clip_qkv=8.0"),
 ])
 def test_unsupported_settings_are_refused(family, flag, match):
     with pytest.raises(dsi.UnsupportedModelError, match=match):

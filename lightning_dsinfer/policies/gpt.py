@@ -1,6 +1,7 @@
 """The GPT families on the fused engine: gpt_neox (Pythia), gptj, gpt_neo, phi, stablelm, starcoder2, opt, gpt2,
 gpt_bigcode (StarCoder 1, SantaCoder), bloom, falcon, cohere (Command R), cohere2 (Command R7B / A: Cohere's blocks with
-sliding-window layers that rotate and full-attention layers that do not).
+sliding-window layers that rotate and full-attention layers that do not), olmo (OLMo 1: Llama's blocks under LayerNorms
+without a weight or a bias).
 
 What they share, and the Llama table lacks: LayerNorms with a bias; a plain MLP ``down(act(up(x)))`` with biases
 (StableLM keeps SwiGLU); the parallel residual ``h + attn(norm1(h)) + mlp(norm2(h))`` (GPT-NeoX and StableLM when
@@ -17,7 +18,8 @@ other than separate q / k / v rows are read as row pieces (:class:`RowSlices`, o
   ..., 1, 3, 5, ...) turns that into the engine's rotate-half layout, and the scores q.k do not change under the same
   permutation of both.
 
-Cohere's LayerNorms have no bias (a zero one is read) and its logits are scaled (``logit_scale``).
+Cohere's LayerNorms have no bias (a zero one is read) and its logits are scaled (``logit_scale``); OLMo's have neither
+a weight nor a bias (ones and zeros are read).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from torch import nn
 
 from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, UnsupportedModelError
 from lightning_dsinfer.policies.llama import check_rope
-from lightning_dsinfer.policies.weights import (ModuleSource, RowSlices, Transposed, WeightSource, Zeros,
+from lightning_dsinfer.policies.weights import (ModuleSource, Ones, RowSlices, Transposed, WeightSource, Zeros,
                                                 lookups, rotate_half_pieces, tied_embeddings)
 
 
@@ -66,6 +68,8 @@ class GPTFamily:
                                      # "layer_types": on the sliding_attention ones, and only those rotate (Cohere 2:
                                      # the full-attention layers are NoPE)
     unscaled: bool = False           # GPT-Neo: the scores are not scaled by 1 / sqrt(head_dim)
+    norms: str = "affine"            # "affine": LayerNorms with a weight (and a bias, else zeros); "none": without
+                                     # either (OLMo: ones and zeros are read)
 
 
 _NEOX_MLP = dict(up="mlp.dense_h_to_4h", down="mlp.dense_4h_to_h", input_norm="input_layernorm",
@@ -115,6 +119,10 @@ FAMILY: dict[str, GPTFamily] = {
                       qkv_layout="blocks", o="c_proj", up="mlp.c_fc", down="mlp.c_proj", input_norm="ln_1",
                       post_norm="ln_2", act="activation_function", eps="layer_norm_epsilon", positions="learned",
                       pos_embed="wpe", conv1d=True),
+    # OLMo (1): Llama's modules (SwiGLU, GQA, rotary) under LayerNorms without a weight or a bias, eps 1e-5
+    "olmo": GPTFamily(base="model", embed="embed_tokens", layers="layers", final_norm="norm", attn="self_attn",
+                      o="o_proj", gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj",
+                      input_norm="input_layernorm", post_norm="post_attention_layernorm", eps=None, norms="none"),
 }
 
 # transformers' activation names -> the engine's (``reference.act``): gelu_new / gelu_fast / BLOOM's are the tanh form
@@ -132,6 +140,9 @@ def _refuse(config, family: GPTFamily) -> None:
     for flag, what in flags.items():
         if getattr(config, flag, False):
             raise UnsupportedModelError(f"{mt} with {flag}=True ({what}) is not supported by the fused engine.")
+    if getattr(config, "clip_qkv", None) is not None:
+        raise UnsupportedModelError(f"{mt} with clip_qkv={config.clip_qkv} (q, k and v clamped after the projection) "
+                                    f"is not supported by the fused engine; clip_qkv=None is.")
     if mt == "opt":
         if not getattr(config, "do_layer_norm_before", True) or not getattr(config, "layer_norm_elementwise_affine", True):
             raise UnsupportedModelError("opt with do_layer_norm_before=False or layer_norm_elementwise_affine=False "
@@ -267,6 +278,9 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
     def norm_bias(norm):          # a LayerNorm without a bias (Cohere's) takes a zero one
         return ref(f"{norm}.bias") if f"{norm}.bias" in names else Zeros().ref((hidden,))
 
+    def norm_weight(norm):        # a LayerNorm without a weight (OLMo's) takes ones
+        return Ones().ref((hidden,)) if family.norms == "none" else ref(f"{norm}.weight")
+
     def proj(i, part):
         a = f"{block(i)}.{family.attn}"
         return f"{a}.{family.qkv}.{part}" if family.qkv is not None else f"{a}.{getattr(family, part)}"
@@ -286,7 +300,8 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
     for i in range(n_layers):
         b = block(i)
         o = f"{b}.{family.attn}.{family.o}"
-        post = f"{b}.{family.post_norm}" if family.post_norm and f"{b}.{family.post_norm}.weight" in names else None
+        post = f"{b}.{family.post_norm}" if family.post_norm and (
+            f"{b}.{family.post_norm}.weight" in names or family.norms == "none") else None
         layers.append(LayerWeights(
             q=ref(f"{proj(i, 'q')}.weight"), k=ref(f"{proj(i, 'k')}.weight"), v=ref(f"{proj(i, 'v')}.weight"),
             o=ref(f"{o}.weight"), q_bias=opt(f"{proj(i, 'q')}.bias"), k_bias=opt(f"{proj(i, 'k')}.bias"),
@@ -295,8 +310,8 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
             down=ref(f"{b}.{family.down}.weight"),
             gate_bias=opt(f"{b}.{family.gate}.bias") if family.gate else None, up_bias=opt(f"{b}.{family.up}.bias"),
             down_bias=opt(f"{b}.{family.down}.bias"),
-            input_norm=ref(f"{b}.{family.input_norm}.weight"), input_norm_bias=norm_bias(f"{b}.{family.input_norm}"),
-            post_norm=ref(f"{post}.weight") if post else None, post_norm_bias=norm_bias(post) if post else None,
+            input_norm=norm_weight(f"{b}.{family.input_norm}"), input_norm_bias=norm_bias(f"{b}.{family.input_norm}"),
+            post_norm=norm_weight(post) if post else None, post_norm_bias=norm_bias(post) if post else None,
             sliding_window=window(i), rotary=family.sliding != "layer_types" or window(i) is not None))
     if not parallel and any(lw.post_norm is None for lw in layers):
         raise UnsupportedModelError(f"{config.model_type}: a sequential block without its second norm.")
@@ -319,7 +334,7 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
         model_type=config.model_type, hidden_size=hidden, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
         intermediate_size=layers[0].up.shape[0], vocab_size=config.vocab_size, rms_norm_eps=eps, scaling=scaling,
         inv_freq=inv_freq, attention_scaling=attention_scaling, rope_type=rope_type,
-        embed=ref(embed_name), final_norm=ref(f"{base}.{family.final_norm}.weight"),
+        embed=ref(embed_name), final_norm=norm_weight(f"{base}.{family.final_norm}"),
         final_norm_bias=norm_bias(f"{base}.{family.final_norm}"), logit_scale=getattr(config, "logit_scale", None),
         lm_head=ref(embed_name if tied else f"{head_name}.weight"), lm_head_bias=opt(f"{head_name}.bias"),
         tied_embeddings=tied, layers=layers, mlp_act=act, layer_norm=True, mlp_gated=family.gate is not None,
