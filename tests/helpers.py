@@ -624,6 +624,11 @@ GPT_FAMILIES = {
     "cohere2": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256,
                     logit_scale=0.5, rope_theta=5000.0, sliding_window=7,
                     layer_types=["sliding_attention", "full_attention"]),
+    # Nemotron: LayerNorm1P (1 + weight, a bias), a plain ReLU-squared MLP, head_dim != hidden / heads, partial rotary,
+    # q/k/v/o and MLP biases
+    "nemotron": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256,
+                     head_dim=24, attention_bias=True, mlp_bias=True,
+                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
     # OLMo (1): Llama's blocks (GQA, SwiGLU, q/k/v/o biases) under LayerNorms without a weight or a bias
     "olmo": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256,
                  attention_bias=True),

@@ -6,7 +6,8 @@ parallel residual, lm_head bias), StarCoder2 (GQA, sliding window, biases), GPT-
 rotate-half, lm_head bias), GPT-2 (Conv1D weights, q|k|v columns, learned positions), Falcon (KV groups), Cohere
 (LayerNorms without a bias, interleaved rotary, SwiGLU, parallel residual, scaled logits), Cohere 2 (the same with a
 rotating sliding-window layer and a NoPE full one), GPT-BigCode (StarCoder:
-multi-query q | k | v rows, learned positions), OLMo (Llama's blocks under LayerNorms without a weight or a bias). fp32 logits atol 2e-4 / rtol
+multi-query q | k | v rows, learned positions), OLMo (Llama's blocks under LayerNorms without a weight or a bias), Nemotron (LayerNorm1P,
+ReLU squared, partial rotary, head_dim != hidden / heads). fp32 logits atol 2e-4 / rtol
 1e-4 on a left-padded batch, greedy tokens identical; Falcon in its three block forms (KV groups with two norms,
 one KV head with one shared norm, sequential); bf16, int8, offload, tensor and pipeline parallelism, a
 checkpoint on meta. Through the Triton kernels: tests/kernels/test_engine_triton_path.py."""

@@ -1,7 +1,7 @@
 """The GPT families on the fused engine: gpt_neox (Pythia), gptj, gpt_neo, phi, stablelm, starcoder2, opt, gpt2,
 gpt_bigcode (StarCoder 1, SantaCoder), bloom, falcon, cohere (Command R), cohere2 (Command R7B / A: Cohere's blocks with
 sliding-window layers that rotate and full-attention layers that do not), olmo (OLMo 1: Llama's blocks under LayerNorms
-without a weight or a bias).
+without a weight or a bias), nemotron (Nemotron 3 / 4, Minitron: LayerNorm1P, a ReLU-squared MLP, partial rotary).
 
 What they share, and the Llama table lacks: LayerNorms with a bias; a plain MLP ``down(act(up(x)))`` with biases
 (StableLM keeps SwiGLU); the parallel residual ``h + attn(norm1(h)) + mlp(norm2(h))`` (GPT-NeoX and StableLM when
@@ -31,8 +31,8 @@ from torch import nn
 
 from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, UnsupportedModelError
 from lightning_dsinfer.policies.llama import check_rope
-from lightning_dsinfer.policies.weights import (ModuleSource, Ones, RowSlices, Transposed, WeightSource, Zeros,
-                                                lookups, rotate_half_pieces, tied_embeddings)
+from lightning_dsinfer.policies.weights import (ModuleSource, Ones, Rewritten, RowSlices, Transposed, WeightSource,
+                                                Zeros, lookups, rotate_half_pieces, tied_embeddings)
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,8 @@ class GPTFamily:
                                      # the full-attention layers are NoPE)
     unscaled: bool = False           # GPT-Neo: the scores are not scaled by 1 / sqrt(head_dim)
     norms: str = "affine"            # "affine": LayerNorms with a weight (and a bias, else zeros); "none": without
-                                     # either (OLMo: ones and zeros are read)
+                                     # either (OLMo: ones and zeros are read); "1p": scaled by 1 + weight (Nemotron's
+                                     # LayerNorm1P: the 1 added when read, :class:`PlusOne`)
 
 
 _NEOX_MLP = dict(up="mlp.dense_h_to_4h", down="mlp.dense_4h_to_h", input_norm="input_layernorm",
@@ -119,6 +120,10 @@ FAMILY: dict[str, GPTFamily] = {
                       qkv_layout="blocks", o="c_proj", up="mlp.c_fc", down="mlp.c_proj", input_norm="ln_1",
                       post_norm="ln_2", act="activation_function", eps="layer_norm_epsilon", positions="learned",
                       pos_embed="wpe", conv1d=True),
+    # Nemotron (3 / 4 / Minitron): a plain ReLU-squared MLP under LayerNorm1P (1 + weight, a bias), partial rotary
+    "nemotron": GPTFamily(base="model", embed="embed_tokens", layers="layers", final_norm="norm", attn="self_attn",
+                          o="o_proj", up="mlp.up_proj", down="mlp.down_proj", input_norm="input_layernorm",
+                          post_norm="post_attention_layernorm", eps="norm_eps", norms="1p"),
     # OLMo (1): Llama's modules (SwiGLU, GQA, rotary) under LayerNorms without a weight or a bias, eps 1e-5
     "olmo": GPTFamily(base="model", embed="embed_tokens", layers="layers", final_norm="norm", attn="self_attn",
                       o="o_proj", gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj",
@@ -127,7 +132,23 @@ FAMILY: dict[str, GPTFamily] = {
 
 # transformers' activation names -> the engine's (``reference.act``): gelu_new / gelu_fast / BLOOM's are the tanh form
 _ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
-         "relu": "relu", "silu": "silu", "swish": "silu"}
+         "relu": "relu", "relu2": "relu2", "silu": "silu", "swish": "silu"}
+
+
+class PlusOne(Rewritten):
+    """Norm weights read as 1 + weight (in fp32: one rounding to the engine's dtype, as HF's ``weight + 1.0`` in the
+    weight's dtype); other names pass through. Nemotron's LayerNorm1P."""
+
+    def __init__(self, inner: WeightSource, names):
+        super().__init__(inner)
+        self.names = set(names)
+
+    def rewrites(self, name):
+        return name in self.names
+
+    def read(self, name, dim, start, length):
+        t = self.inner.read(name, dim, start, length)
+        return t.float() + 1.0 if name in self.names else t
 
 
 def _refuse(config, family: GPTFamily) -> None:
@@ -238,7 +259,7 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
             f"{config.model_type} with {family.act}={getattr(config, family.act, None)!r} is not supported (the "
             f"fused MLP takes {', '.join(sorted(_ACTS))}{'; the gated MLP silu' if family.gate else ''}).")
     hidden, heads = config.hidden_size, config.num_attention_heads
-    head_dim = hidden // heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads      # (Nemotron's may differ from hidden / heads)
     source = source or ModuleSource(model)
     names = set(dict(model.named_parameters(remove_duplicate=False)))
     base, n_layers = family.base, config.num_hidden_layers
@@ -246,6 +267,9 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
     def block(i):
         return f"{base}.{family.layers}.{i}"
 
+    if family.norms == "1p":
+        source = PlusOne(source, [f"{block(i)}.{n}.weight" for i in range(n_layers) for n in (
+            family.input_norm, family.post_norm)] + [f"{base}.{family.final_norm}.weight"])
     if family.conv1d:
         source = Transposed(source, [f"{block(i)}.{p}.weight" for i in range(n_layers)
                                      for p in (f"{family.attn}.{family.qkv}", f"{family.attn}.{family.o}",
