@@ -238,10 +238,11 @@ def tiny_model(family: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).eval()
     with torch.no_grad():              # HF initialises norms to constants (Gemma's (1 + w) to zero, LayerNorms to
-        if family.startswith("gemma") or family in LLAMA_LIKE_FAMILIES:   # 1 and 0): make them differ, so a norm
-            for name, p in model.named_parameters():                       # in the wrong place cannot pass
+        gemma = family.startswith(("gemma", "vaultgemma"))                 # 1 and 0): make them differ, so a norm
+        if gemma or family in LLAMA_LIKE_FAMILIES:                         # in the wrong place cannot pass
+            for name, p in model.named_parameters():
                 if "norm" in name:
-                    p.normal_(0.0 if family.startswith("gemma") else 1.0, 0.2)
+                    p.normal_(0.0 if gemma else 1.0, 0.2)
         if family.startswith(("lfm2", "nemotron_h", "llama4", "falcon_h1")) or family in (
                 "granitemoehybrid", "bamba", "mamba", "falcon_mamba", "jamba", "mamba2"):
             for name, p in model.named_parameters():
@@ -734,6 +735,11 @@ LLAMA_LIKE_FAMILIES = {
     "hunyuan_v1_moe": dict(head_dim=16, intermediate_size=48, attention_bias=True, num_experts=4, moe_topk=2,
                            rope_parameters={"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0,
                                             "rope_theta": 10000.0}),
+    # Gemma 2's blocks without the output norms: (1 + w) norms, scaled embedding, GeGLU, soft-capped scores and
+    # logits, sliding / full layers, query_pre_attn_scalar
+    "vaultgemma": dict(num_hidden_layers=3, head_dim=32, sliding_window=7, query_pre_attn_scalar=24,
+                       attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                       layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
 }
 
 

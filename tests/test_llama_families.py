@@ -12,7 +12,8 @@ top-2 MoE), Ministral (Qwen 2's blocks, sliding / full layers), the DeepSeek-V3 
 GraniteMoE-Shared (Granite's multipliers, the residual one folded into every down, softmax over the top-k logits);
 EXAONE 3, InternLM 3 (random biases), IQuest-Coder, CWM (a sliding layer, llama3 rope), Helium (interleaved rotary,
 random biases), Solar Open (DeepSeek-V3's MoE in every layer), Mellum (per-head q / k norms, a rope table per layer
-type, a dense layer then softmax top-2 MoE layers), HunYuan MoE (q / k norms after the rotation, top-2 MoE + shared MLP).
+type, a dense layer then softmax top-2 MoE layers), HunYuan MoE (q / k norms after the rotation, top-2 MoE + shared
+MLP), VaultGemma (Gemma 2's blocks without the output norms).
 fp32 logits atol 2e-4 / rtol 1e-4 on a left-padded batch and greedy tokens identical; bf16 prompt and decode-step
 logits within the bf16 tolerance; for some, int8, offload on both tiers, a checkpoint on meta and TP=2;
 the refused settings. Through the Triton kernels:

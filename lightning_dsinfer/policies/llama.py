@@ -1,8 +1,8 @@
 """The Llama family (llama, mistral, ministral, qwen2, qwen3, phi3, granite, seed_oss, arcee, smollm3, ernie4_5,
 hunyuan_v1_dense, glm, glm4, olmo2, olmo3, exaone4, the MoE ones: mixtral, qwen2_moe, qwen3_moe, olmoe, flex_olmo,
 minimax_m2, glm4_moe, sarvam_moe, dots1, exaone_moe, solar_open, mellum, hunyuan_v1_moe, Llama's modules under other
-model types: exaone, internlm3, iquestcoder, cwm, helium, and the Gemma ones: gemma, gemma2, gemma3_text): one table,
-one reader.
+model types: exaone, internlm3, iquestcoder, cwm, helium, and the Gemma ones: gemma, gemma2, gemma3_text,
+vaultgemma): one table, one reader.
 
 All share the module tree ``model.model.{embed_tokens, layers[i].{self_attn.{q,k,v,o}_proj,
 mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm}, norm, rotary_emb}`` and
@@ -11,9 +11,10 @@ mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm}, norm, rotar
 ``mlp.gate.weight`` (router) and ``mlp.experts.{gate_up_proj, down_proj}`` (3D, transformers 5), plus Qwen2-MoE's
 ``mlp.shared_expert.{gate,up,down}_proj`` and ``mlp.shared_expert_gate``. Gemma adds (1 + w) norms, a scaled
 embedding and GeGLU; Gemma 2 norms on the attention's and the MLP's outputs (``pre_feedforward_layernorm`` is the MLP's
-input norm) and soft-capped attention scores and logits; Gemma 3 q/k norms and a rope table of its own for the
-sliding-window layers. Granite multiplies the embeddings, each block's attention and MLP outputs (folded into o_proj
-and down_proj when they are read) and the logits by constants of its config.
+input norm) and soft-capped attention scores and logits (VaultGemma: the same without the output norms); Gemma 3
+q/k norms and a rope table of its own for the sliding-window layers. Granite multiplies the embeddings, each block's
+attention and MLP outputs (folded into o_proj and down_proj when they are read) and the logits by constants of its
+config.
 
 The others, each one row: Seed-OSS is Llama with q/k/v and o biases; Arcee a plain MLP ``down(relu(up(x))^2)``;
 SmolLM3 leaves the rotary out of the layers ``no_rope_layers`` marks 0 (NoPE); HunYuan (dense) norms q and k per
@@ -153,6 +154,9 @@ FAMILY: dict[str, FamilyTraits] = {
     "mellum": FamilyTraits(qk_norm="head", sliding_from="layer_types", rope_tables=True, moe="softmax"),
     # HunYuan MoE: HunYuan's attention (q / k norms after the rotation), a top-k MoE plus a shared MLP in every layer
     "hunyuan_v1_moe": FamilyTraits(qk_norm="after_rotary", moe="hunyuan"),
+    # VaultGemma: Gemma 2 without the norms on the attention's and the MLP's outputs (pre_feedforward_layernorm is the
+    # MLP's input norm); soft caps, sliding / full layers, query_pre_attn_scalar as Gemma 2's
+    "vaultgemma": FamilyTraits(sliding_from="layer_types", gemma=2),
 }
 
 # transformers' activation names -> the gated MLP's (``reference.gated_act``), and a plain MLP's (``reference.act``)
@@ -441,9 +445,10 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
         elif traits.norms == "glm4":
             input_norm, post_norm = f"{norm}.input_layernorm", f"{norm}.post_attention_layernorm"
             attn_out, mlp_out = f"{norm}.post_self_attn_layernorm", f"{norm}.post_mlp_layernorm"
-        elif f"{norm}.pre_feedforward_layernorm.weight" in names:        # Gemma 2 / 3
+        elif f"{norm}.pre_feedforward_layernorm.weight" in names:        # Gemma 2 / 3 (VaultGemma: no output norms)
             input_norm, post_norm = f"{norm}.input_layernorm", f"{norm}.pre_feedforward_layernorm"
-            attn_out, mlp_out = f"{norm}.post_attention_layernorm", f"{norm}.post_feedforward_layernorm"
+            attn_out, mlp_out = (f"{norm}.{n}" if f"{norm}.{n}.weight" in names else None
+                                 for n in ("post_attention_layernorm", "post_feedforward_layernorm"))
         else:
             input_norm, post_norm = f"{norm}.input_layernorm", f"{norm}.post_attention_layernorm"
             attn_out = mlp_out = None
