@@ -13,7 +13,8 @@ GraniteMoE-Shared (Granite's multipliers, the residual one folded into every dow
 EXAONE 3, InternLM 3 (random biases), IQuest-Coder, CWM (a sliding layer, llama3 rope), Helium (interleaved rotary,
 random biases), Solar Open (DeepSeek-V3's MoE in every layer), Mellum (per-head q / k norms, a rope table per layer
 type, a dense layer then softmax top-2 MoE layers), HunYuan MoE (q / k norms after the rotation, top-2 MoE + shared
-MLP), VaultGemma (Gemma 2's blocks without the output norms).
+MLP), VaultGemma (Gemma 2's blocks without the output norms), Granite SWA (Granite's multipliers, attention sinks, a
+rope base per layer: sliding, full, NoPE).
 fp32 logits atol 2e-4 / rtol 1e-4 on a left-padded batch and greedy tokens identical; bf16 prompt and decode-step
 logits within the bf16 tolerance; for some, int8, offload on both tiers, a checkpoint on meta and TP=2;
 the refused settings. Through the Triton kernels:
@@ -123,6 +124,9 @@ def test_llama_like_family_matches_hf(family):
         assert [type(ly.mlp).__name__ for ly in layers] == ["GatedMLP", "MoEMLP", "MoEMLP"]
     if family == "olmo3":
         assert [ly.attn.sliding for ly in layers] == [True, False, True] and opt._dsinfer_engine.rotary.sliding
+    if family == "granite_swa":   # (a rope base per layer: the sliding one's table, the full one's, a NoPE full layer)
+        assert [(ly.attn.sliding, ly.attn.rotary) for ly in layers] == [(True, True), (False, True), (False, False)]
+        assert opt._dsinfer_engine.rotary.sliding and all(ly.attn.sinks is not None for ly in layers)
     _assert_same(hf, opt)
 
 
@@ -231,6 +235,7 @@ def test_projection_norm_split_over_ranks_equals_the_whole():
     # (HunYuan's "dynamic" rope with an alpha is static and runs; without one its frequencies follow the length)
     ("hunyuan_v1_dense", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}},
      "rope_type='dynamic' changes its frequencies"),
+    ("granite_swa", {"layer_rope_theta": [1000.0, 100000.0, 50000.0]}, "several rope bases among the full_attention"),
 ])
 def test_unsupported_settings_are_refused(family, flag, match):
     with pytest.raises(dsi.UnsupportedModelError, match=match):

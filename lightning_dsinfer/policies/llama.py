@@ -1,7 +1,7 @@
 """The Llama family (llama, mistral, ministral, qwen2, qwen3, phi3, granite, seed_oss, arcee, smollm3, ernie4_5,
-hunyuan_v1_dense, glm, glm4, olmo2, olmo3, exaone4, the MoE ones: mixtral, qwen2_moe, qwen3_moe, olmoe, flex_olmo,
-minimax_m2, glm4_moe, sarvam_moe, dots1, exaone_moe, solar_open, mellum, hunyuan_v1_moe, Llama's modules under other
-model types: exaone, internlm3, iquestcoder, cwm, helium, and the Gemma ones: gemma, gemma2, gemma3_text,
+hunyuan_v1_dense, glm, glm4, olmo2, olmo3, exaone4, granite_swa, the MoE ones: mixtral, qwen2_moe, qwen3_moe, olmoe,
+flex_olmo, minimax_m2, glm4_moe, sarvam_moe, dots1, exaone_moe, solar_open, mellum, hunyuan_v1_moe, Llama's modules
+under other model types: exaone, internlm3, iquestcoder, cwm, helium, and the Gemma ones: gemma, gemma2, gemma3_text,
 vaultgemma): one table, one reader.
 
 All share the module tree ``model.model.{embed_tokens, layers[i].{self_attn.{q,k,v,o}_proj,
@@ -38,10 +38,12 @@ q / k norms when ``use_qk_norm``; dots.llm1: Qwen 3's; EXAONE MoE: Exaone 4's, p
 :func:`policies.deepseek.routing_of`'s; so is Solar Open's (every layer sparse, plain GQA attention). Helium rotates
 interleaved pairs (read as GLM's) and scales its norms in fp32 (OLMo 2's); Mellum is Qwen 3's attention with a rope table
 per layer type and a softmax top-k MoE by ``mlp_layer_types``; HunYuan MoE is HunYuan's attention with a top-k MoE
-(router ``mlp.gate.wg``, renormalised) plus an ungated ``mlp.shared_mlp`` in every layer.
+(router ``mlp.gate.wg``, renormalised) plus an ungated ``mlp.shared_mlp`` in every layer. Granite SWA is Granite with
+attention sinks (``self_attn.sinks``), sliding / full layers and a rope base per layer (``layer_rope_theta``, 0: NoPE).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +84,8 @@ class FamilyTraits:
     norm_fp32: bool = False         # OLMo 2: (w * x).to(dtype), the scale in fp32
     rope: str = "half"              # "half" (rotate-half) | "interleaved" (pairs 2i, 2i + 1: GLM, ERNIE 4.5)
     rope_tables: bool = False       # a rope table per layer type (Gemma 3, OLMo 3: ``{type}_inv_freq``)
+    layer_thetas: bool = False      # a rope base per layer (``layer_rope_theta``, 0: NoPE; Granite SWA): one base for
+                                    # the rotating sliding layers and one for the rotating full ones at most
     nope: str = "none"              # layers without rotary: "no_rope_layers" (SmolLM3: 0 = NoPE) | "global" (Exaone
                                     # 4: with a sliding window, only the sliding layers rotate)
     plain_mlp: bool = False         # Arcee: down(act(up(x))), no gate
@@ -154,6 +158,8 @@ FAMILY: dict[str, FamilyTraits] = {
     "mellum": FamilyTraits(qk_norm="head", sliding_from="layer_types", rope_tables=True, moe="softmax"),
     # HunYuan MoE: HunYuan's attention (q / k norms after the rotation), a top-k MoE plus a shared MLP in every layer
     "hunyuan_v1_moe": FamilyTraits(qk_norm="after_rotary", moe="hunyuan"),
+    # Granite SWA: Granite's multipliers, sliding / full layers, attention sinks, a rope base per layer (0: NoPE)
+    "granite_swa": FamilyTraits(granite=True, sliding_from="layer_types", nope="layer_rope_theta", layer_thetas=True),
     # VaultGemma: Gemma 2 without the norms on the attention's and the MLP's outputs (pre_feedforward_layernorm is the
     # MLP's input norm); soft caps, sliding / full layers, query_pre_attn_scalar as Gemma 2's
     "vaultgemma": FamilyTraits(sliding_from="layer_types", gemma=2),
@@ -241,9 +247,38 @@ def _rotates(config, traits: FamilyTraits, layer_idx: int) -> bool:
     """Whether layer ``layer_idx`` rotates q and k (False: a NoPE layer)."""
     if traits.nope == "no_rope_layers":
         return bool(config.no_rope_layers[layer_idx])
+    if traits.nope == "layer_rope_theta":     # (Granite SWA: a base of 0 is NoPE)
+        return bool(config.layer_rope_theta[layer_idx])
     if traits.nope == "global":      # (Exaone 4: "global NoPE for hybrid attention", only without a window every layer)
         return getattr(config, "sliding_window", None) is None or config.layer_types[layer_idx] == "sliding_attention"
     return True
+
+
+def _layer_theta_ropes(config, rotary_type) -> tuple[tuple, tuple | None]:
+    """(inv_freq, attention scaling, rope type) of the full layers and of the sliding ones (None: as the full ones)
+    for a rope base per layer (``layer_rope_theta``, 0: NoPE; Granite SWA: HF builds one rotary module per base): one
+    base per layer type is what two tables hold, more are refused."""
+    thetas = {}
+    for kind, theta in zip(config.layer_types, config.layer_rope_theta):
+        if theta:
+            thetas.setdefault(kind, set()).add(float(theta))
+    if any(len(t) > 1 for t in thetas.values()):
+        raise UnsupportedModelError(
+            f"{config.model_type} with layer_rope_theta={list(config.layer_rope_theta)} (several rope bases among the "
+            f"{'/'.join(k for k, t in thetas.items() if len(t) > 1)} layers) is not supported: the engine holds one "
+            f"rope table for the full-attention layers and one for the sliding ones.")
+    tables = {}
+    for kind, (theta,) in thetas.items():
+        theta_config = copy.deepcopy(config)
+        theta_config.rope_parameters = {**config.rope_parameters, "rope_theta": theta}
+        with torch.device("cpu"):
+            rotary = rotary_type(theta_config)
+        tables[kind] = (rotary.inv_freq, float(rotary.attention_scaling), getattr(rotary, "rope_type", "default"))
+    if not tables:        # (every layer NoPE: a table nothing reads)
+        with torch.device("cpu"):
+            rotary = rotary_type(config)
+        return (rotary.inv_freq, float(rotary.attention_scaling), getattr(rotary, "rope_type", "default")), None
+    return tables.get("full_attention", tables.get("sliding_attention")), tables.get("sliding_attention")
 
 
 def _refuse(config, traits: FamilyTraits) -> None:
@@ -354,6 +389,8 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
                         rotary.rope_type[kind]) for kind in rotary.rope_type}
         main = ropes["full_attention"] if "full_attention" in ropes else ropes["sliding_attention"]
         sliding = ropes.get("sliding_attention")
+    elif traits.layer_thetas:
+        main, sliding = _layer_theta_ropes(config, type(base.rotary_emb))
     else:
         main = (rotary.inv_freq, float(rotary.attention_scaling), getattr(rotary, "rope_type", "default"))
         sliding = None
@@ -468,7 +505,7 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
             k_norm=ref(f"{a}.{k_norm}.weight") if k_norm else None,
             qk_norm_kind="head" if qk_norm == "none" else qk_norm, rotary=_rotates(config, traits, i),
             sliding_window=_sliding_window(config, traits, i), moe=moe, attn_temperature=temperature,
-            out_scale=config.residual_multiplier if traits.granite else None,
+            out_scale=config.residual_multiplier if traits.granite else None, sinks=opt(f"{a}.sinks"),
         ))
     tied = tied_embeddings(model)
     return ModelWeights(
