@@ -269,7 +269,7 @@ def tiny_model(family: str, seed: int = 0, **overrides):
         for name, buf in (*model.named_buffers(), *model.named_parameters()):   # so would a correction bias at 0
             if name.endswith(("e_score_correction_bias", "expert_bias")):            # (HF's init)
                 buf.normal_(0.0, 0.3)
-            elif family == "granite_swa" and name.endswith("sinks"):                 # (and sinks at 0)
+            elif family.startswith("granite") and name.endswith("sinks"):            # (and sinks at 0)
                 buf.normal_(0.0, 0.5)
         if family == "gpt_oss":             # norms at 1, the experts' biases at 0 (HF's init) would hide misplacements
             for name, p in model.named_parameters():
@@ -743,6 +743,12 @@ LLAMA_LIKE_FAMILIES = {
                         residual_multiplier=0.3, attention_multiplier=0.05, logits_scaling=4.0, attention_bias=True,
                         layer_types=["sliding_attention", "full_attention", "full_attention"],
                         layer_rope_theta=[1000.0, 100000.0, 0]),
+    # the same with a top-2 MoE of 4 experts (softmax over the top-k logits) and the shared MLP
+    "granitemoe_swa": dict(num_hidden_layers=3, head_dim=16, sliding_window=7, embedding_multiplier=3.0,
+                           residual_multiplier=0.3, attention_multiplier=0.05, logits_scaling=4.0, intermediate_size=48,
+                           num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=40,
+                           layer_types=["sliding_attention", "full_attention", "full_attention"],
+                           layer_rope_theta=[1000.0, 100000.0, 0]),
     # Gemma 2's blocks without the output norms: (1 + w) norms, scaled embedding, GeGLU, soft-capped scores and
     # logits, sliding / full layers, query_pre_attn_scalar
     "vaultgemma": dict(num_hidden_layers=3, head_dim=32, sliding_window=7, query_pre_attn_scalar=24,

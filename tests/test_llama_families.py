@@ -14,7 +14,7 @@ EXAONE 3, InternLM 3 (random biases), IQuest-Coder, CWM (a sliding layer, llama3
 random biases), Solar Open (DeepSeek-V3's MoE in every layer), Mellum (per-head q / k norms, a rope table per layer
 type, a dense layer then softmax top-2 MoE layers), HunYuan MoE (q / k norms after the rotation, top-2 MoE + shared
 MLP), VaultGemma (Gemma 2's blocks without the output norms), Granite SWA (Granite's multipliers, attention sinks, a
-rope base per layer: sliding, full, NoPE).
+rope base per layer: sliding, full, NoPE) and Granite MoE SWA (the same with a top-2 MoE + shared MLP).
 fp32 logits atol 2e-4 / rtol 1e-4 on a left-padded batch and greedy tokens identical; bf16 prompt and decode-step
 logits within the bf16 tolerance; for some, int8, offload on both tiers, a checkpoint on meta and TP=2;
 the refused settings. Through the Triton kernels:
@@ -47,7 +47,7 @@ BLOCKS = {"olmo2": ("PostNormDecoderLayer", "ProjectionNormAttention"),
 # the ones whose decode steps must stay on the per-op path: output-only norms, whole-projection q / k norms or norms
 # after the rotation, MoE, NoPE layers among rotary ones (Arcee's ReLU squared: taken, since cpu_gemv.act has it)
 MOE = ("olmoe", "glm4_moe", "sarvam_moe", "dots1", "exaone_moe", "flex_olmo", "minimax_m2", "granitemoe",
-       "granitemoeshared", "ernie4_5_moe", "solar_open", "mellum", "hunyuan_v1_moe")
+       "granitemoeshared", "ernie4_5_moe", "solar_open", "mellum", "hunyuan_v1_moe", "granitemoe_swa")
 PER_OP = ("olmo2", "olmo3", "exaone4", "hunyuan_v1_dense", "smollm3", *MOE)
 # bf16: OLMoE's seed 0 has a routing decision within 7e-4 (a bf16 rounding of the router's input flips it)
 BF16_SEEDS = {"olmoe": 2}
@@ -58,7 +58,8 @@ ALL_ROUTED = {"glm4_moe": dict(num_experts_per_tok=8, topk_group=4), "sarvam_moe
               "minimax_m2": dict(num_experts_per_tok=4), "flex_olmo": dict(num_experts_per_tok=4),
               "granitemoe": dict(num_experts_per_tok=4), "granitemoeshared": dict(num_experts_per_tok=4),
               "ernie4_5_moe": dict(num_experts_per_tok=4), "solar_open": dict(num_experts_per_tok=8, topk_group=2),
-              "mellum": dict(num_experts_per_tok=4), "hunyuan_v1_moe": dict(moe_topk=4)}
+              "mellum": dict(num_experts_per_tok=4), "hunyuan_v1_moe": dict(moe_topk=4),
+              "granitemoe_swa": dict(num_experts_per_tok=4)}
 
 
 def _generate_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -124,7 +125,8 @@ def test_llama_like_family_matches_hf(family):
         assert [type(ly.mlp).__name__ for ly in layers] == ["GatedMLP", "MoEMLP", "MoEMLP"]
     if family == "olmo3":
         assert [ly.attn.sliding for ly in layers] == [True, False, True] and opt._dsinfer_engine.rotary.sliding
-    if family == "granite_swa":   # (a rope base per layer: the sliding one's table, the full one's, a NoPE full layer)
+    if family in ("granite_swa", "granitemoe_swa"):   # (a rope base per layer: the sliding one's table, the full
+        #                                                   one's, a NoPE full layer)
         assert [(ly.attn.sliding, ly.attn.rotary) for ly in layers] == [(True, True), (False, True), (False, False)]
         assert opt._dsinfer_engine.rotary.sliding and all(ly.attn.sinks is not None for ly in layers)
     _assert_same(hf, opt)
@@ -182,7 +184,8 @@ def test_llama_like_families_from_checkpoint_on_meta(tmp_path):
     from transformers import AutoModelForCausalLM
 
     for family in ("glm4", "olmo2", "olmoe", "ernie4_5", "glm4_moe", "exaone_moe", "minimax_m2", "granitemoeshared",
-                   "ministral3", "ernie4_5_moe", "exaone", "helium", "solar_open", "mellum", "hunyuan_v1_moe"):
+                   "ministral3", "ernie4_5_moe", "exaone", "helium", "solar_open", "mellum", "hunyuan_v1_moe",
+                   "granitemoe_swa"):
         hf = tiny_model(family)
         hf.save_pretrained(tmp_path / family)
         with torch.device("meta"):

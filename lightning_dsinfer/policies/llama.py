@@ -1,8 +1,8 @@
 """The Llama family (llama, mistral, ministral, qwen2, qwen3, phi3, granite, seed_oss, arcee, smollm3, ernie4_5,
 hunyuan_v1_dense, glm, glm4, olmo2, olmo3, exaone4, granite_swa, the MoE ones: mixtral, qwen2_moe, qwen3_moe, olmoe,
-flex_olmo, minimax_m2, glm4_moe, sarvam_moe, dots1, exaone_moe, solar_open, mellum, hunyuan_v1_moe, Llama's modules
-under other model types: exaone, internlm3, iquestcoder, cwm, helium, and the Gemma ones: gemma, gemma2, gemma3_text,
-vaultgemma): one table, one reader.
+flex_olmo, minimax_m2, glm4_moe, sarvam_moe, dots1, exaone_moe, solar_open, mellum, hunyuan_v1_moe, granitemoe_swa,
+Llama's modules under other model types: exaone, internlm3, iquestcoder, cwm, helium, and the Gemma ones: gemma,
+gemma2, gemma3_text, vaultgemma): one table, one reader.
 
 All share the module tree ``model.model.{embed_tokens, layers[i].{self_attn.{q,k,v,o}_proj,
 mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm}, norm, rotary_emb}`` and
@@ -39,7 +39,8 @@ q / k norms when ``use_qk_norm``; dots.llm1: Qwen 3's; EXAONE MoE: Exaone 4's, p
 interleaved pairs (read as GLM's) and scales its norms in fp32 (OLMo 2's); Mellum is Qwen 3's attention with a rope table
 per layer type and a softmax top-k MoE by ``mlp_layer_types``; HunYuan MoE is HunYuan's attention with a top-k MoE
 (router ``mlp.gate.wg``, renormalised) plus an ungated ``mlp.shared_mlp`` in every layer. Granite SWA is Granite with
-attention sinks (``self_attn.sinks``), sliding / full layers and a rope base per layer (``layer_rope_theta``, 0: NoPE).
+attention sinks (``self_attn.sinks``), sliding / full layers and a rope base per layer (``layer_rope_theta``, 0: NoPE);
+Granite MoE SWA the same with Granite 3 MoE's experts and shared MLP.
 """
 from __future__ import annotations
 
@@ -158,8 +159,11 @@ FAMILY: dict[str, FamilyTraits] = {
     "mellum": FamilyTraits(qk_norm="head", sliding_from="layer_types", rope_tables=True, moe="softmax"),
     # HunYuan MoE: HunYuan's attention (q / k norms after the rotation), a top-k MoE plus a shared MLP in every layer
     "hunyuan_v1_moe": FamilyTraits(qk_norm="after_rotary", moe="hunyuan"),
-    # Granite SWA: Granite's multipliers, sliding / full layers, attention sinks, a rope base per layer (0: NoPE)
+    # Granite SWA (and its MoE: Granite 3 MoE's experts and shared MLP): Granite's multipliers, sliding / full layers,
+    # attention sinks, a rope base per layer (0: NoPE)
     "granite_swa": FamilyTraits(granite=True, sliding_from="layer_types", nope="layer_rope_theta", layer_thetas=True),
+    "granitemoe_swa": FamilyTraits(granite=True, moe="granite", sliding_from="layer_types", nope="layer_rope_theta",
+                                   layer_thetas=True),
     # VaultGemma: Gemma 2 without the norms on the attention's and the MLP's outputs (pre_feedforward_layernorm is the
     # MLP's input norm); soft caps, sliding / full layers, query_pre_attn_scalar as Gemma 2's
     "vaultgemma": FamilyTraits(sliding_from="layer_types", gemma=2),
