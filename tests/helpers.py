@@ -223,8 +223,8 @@ def tiny_config(family: str, **overrides):
     elif family in GENERIC_FAMILIES or family in GENERIC_PLANNED or family in GPT_FAMILIES:
         from transformers import AutoConfig
 
-        cfg = AutoConfig.for_model(family, **_GENERIC_COMMON,
-                                   **{**GENERIC_FAMILIES, **GENERIC_PLANNED, **GPT_FAMILIES}[family])
+        cfg = AutoConfig.for_model(family, **{**_GENERIC_COMMON,       # (a family's own entries win)
+                                              **{**GENERIC_FAMILIES, **GENERIC_PLANNED, **GPT_FAMILIES}[family]})
     else:
         raise ValueError(family)
     for k, v in overrides.items():
@@ -627,6 +627,13 @@ GPT_FAMILIES = {
     "cohere2": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256,
                     logit_scale=0.5, rope_theta=5000.0, sliding_window=7,
                     layer_types=["sliding_attention", "full_attention"]),
+    # Cohere 2 MoE: Cohere 2's parallel blocks (scaled logits, interleaved rotary), a dense full-attention layer that
+    # rotates, a sparse NoPE full-attention one, a sparse sliding one; top-2 of 4 experts + a shared expert, averaged
+    "cohere2_moe": dict(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                        intermediate_size=32, prefix_dense_intermediate_size=96, num_experts=4, num_experts_per_tok=2,
+                        num_shared_experts=1, max_position_embeddings=256, logit_scale=0.5, rope_theta=5000.0,
+                        sliding_window=7, layer_types=["full_attention", "full_attention", "sliding_attention"],
+                        mlp_layer_types=["dense", "sparse", "sparse"]),
     # Nemotron: LayerNorm1P (1 + weight, a bias), a plain ReLU-squared MLP, head_dim != hidden / heads, partial rotary,
     # q/k/v/o and MLP biases
     "nemotron": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256,

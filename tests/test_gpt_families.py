@@ -5,9 +5,10 @@ biases, partial rotary, GQA), BLOOM (ALiBi, the embeddings' LayerNorm, per-head 
 parallel residual, lm_head bias), StarCoder2 (GQA, sliding window, biases), GPT-J (interleaved rotary reordered to
 rotate-half, lm_head bias), GPT-2 (Conv1D weights, q|k|v columns, learned positions), Falcon (KV groups), Cohere
 (LayerNorms without a bias, interleaved rotary, SwiGLU, parallel residual, scaled logits), Cohere 2 (the same with a
-rotating sliding-window layer and a NoPE full one), GPT-BigCode (StarCoder:
-multi-query q | k | v rows, learned positions), OLMo (Llama's blocks under LayerNorms without a weight or a bias), Nemotron (LayerNorm1P,
-ReLU squared, partial rotary, head_dim != hidden / heads). fp32 logits atol 2e-4 / rtol
+rotating sliding-window layer and a NoPE full one), GPT-BigCode (StarCoder: multi-query q | k | v rows, learned
+positions), OLMo (Llama's blocks under LayerNorms without a weight or a bias), Nemotron (LayerNorm1P, ReLU squared,
+partial rotary, head_dim != hidden / heads), Cohere 2 MoE (Cohere 2's blocks: a dense layer that rotates, a sparse NoPE
+full layer, a sparse sliding one; top-2 of 4 experts + a shared expert, averaged). fp32 logits atol 2e-4 / rtol
 1e-4 on a left-padded batch, greedy tokens identical; Falcon in its three block forms (KV groups with two norms,
 one KV head with one shared norm, sequential); bf16, int8, offload, tensor and pipeline parallelism, a
 checkpoint on meta. Through the Triton kernels: tests/kernels/test_engine_triton_path.py."""
@@ -20,6 +21,8 @@ from helpers import GPT_FAMILIES, fake_quantised_int8, optimised_copy, padded_ba
 
 FAMILIES = list(GPT_FAMILIES)
 ATOL, RTOL = 2e-4, 1e-4
+# bf16 for the MoE ones: every expert routed, so that no near tie in HF's choice flips under bf16 rounding
+ALL_ROUTED = {"cohere2_moe": dict(num_experts_per_tok=4)}
 
 
 def _compare(ref, opt, seed=1, new=10, lengths=(12, 5, 9, 3)):
@@ -77,6 +80,9 @@ def test_positions_and_alibi_reach_the_blocks():
         assert not decoder.layers[0].attn.rotary
     cohere2 = optimised_copy(tiny_model("cohere2"), max_seq_len=64)._dsinfer_engine.decoder   # Command R7B: the sliding
     assert [(ly.attn.rotary, ly.attn.sliding) for ly in cohere2.layers] == [(True, True), (False, False)]  # layer rotates
+    moe = optimised_copy(tiny_model("cohere2_moe"), max_seq_len=64)._dsinfer_engine.decoder   # Cohere 2 MoE: the dense
+    assert [(ly.attn.rotary, ly.attn.sliding, type(ly.mlp).__name__) for ly in moe.layers] == [   # full layer rotates
+        (True, False, "GatedMLP"), (False, False, "MoEMLP"), (True, True, "MoEMLP")]
     bloom = optimised_copy(tiny_model("bloom"), max_seq_len=64)._dsinfer_engine.decoder
     slopes = build_alibi_tensor(torch.ones(1, 3), 4, torch.float32).view(4, 3)[:, 2] / 2
     torch.testing.assert_close(bloom.layers[0].attn.alibi, slopes)
@@ -92,7 +98,7 @@ def test_positions_and_alibi_reach_the_blocks():
 def test_gpt_family_bf16(family):
     """bf16: the prompt's logits and the logits of HF's own greedy continuation (teacher-forced, so every decode-shaped
     position is compared whatever near ties do to the tokens) within the bf16 tolerance of HF's."""
-    hf = tiny_model(family).to(torch.bfloat16)
+    hf = tiny_model(family, **ALL_ROUTED.get(family, {})).to(torch.bfloat16)
     opt = optimised_copy(hf, max_seq_len=64, dtype=torch.bfloat16)
     ids, mask = padded_batch([12, 5, 9], seed=1)
     full = torch.cat([mask, torch.ones(3, 6, dtype=mask.dtype)], dim=1)
@@ -109,6 +115,15 @@ def test_gpt_family_bf16(family):
         again = hf(input_ids=out.sequences, attention_mask=full, position_ids=pos).logits.float()
     steps = torch.stack(out.scores, dim=1).float()                     # [B, 6, V]: positions 11..16 predict 12..17
     torch.testing.assert_close(steps, again[:, -7:-1], atol=6e-2, rtol=2e-2)
+
+
+def test_cohere2_moe_sigmoid_routing_and_summed_shared_expert():
+    """Cohere 2 MoE's other router and combination: the top-k logits' sigmoids (not renormalised) and the shared
+    expert summed in rather than averaged; also without a shared expert. Logits and greedy tokens as HF's."""
+    sigmoid = dict(expert_selection_fn="sigmoid", norm_topk_prob=False, shared_expert_combination_strategy="sum")
+    for overrides in (sigmoid, dict(num_shared_experts=0)):
+        hf = tiny_model("cohere2_moe", **overrides)
+        _assert_same(hf, optimised_copy(hf, max_seq_len=64), new=4, lengths=(9, 4))
 
 
 @pytest.mark.parametrize("family", ["gpt_neox", "bloom", "gpt2", "gptj", "cohere"])
@@ -178,6 +193,8 @@ def test_gpt_families_tensor_and_pipeline_parallel(shared_runs):
     ("falcon", {"alibi": True}, "alibi=True"),
     ("cohere", {"use_qk_norm": True}, "use_qk_norm=True"),
     ("olmo", {"clip_qkv": 8.0}, "clip_qkv=8.0"),
+    ("cohere2_moe", {"rms_norm_eps": 1e-5}, "rms_norm_eps=1e-05"),
+    ("cohere2_moe", {"expert_selection_fn": "sigmoid"}, "expert_selection_fn='sigmoid' and norm_topk_prob=True"),
 ])
 def test_unsupported_settings_are_refused(family, flag, match):
     with pytest.raises(dsi.UnsupportedModelError, match=match):

@@ -29,10 +29,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, UnsupportedModelError
+from lightning_dsinfer.kernels.reference import Routing
+from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, MoEWeights, UnsupportedModelError
 from lightning_dsinfer.policies.llama import check_rope
-from lightning_dsinfer.policies.weights import (ModuleSource, Ones, Rewritten, RowSlices, Transposed, WeightSource,
-                                                Zeros, lookups, rotate_half_pieces, tied_embeddings)
+from lightning_dsinfer.policies.weights import (ModuleSource, Ones, Rewritten, RowSlices, Scaled, Transposed,
+                                                WeightSource, Zeros, lookups, rotate_half_pieces, tied_embeddings)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ class GPTFamily:
     norms: str = "affine"            # "affine": LayerNorms with a weight (and a bias, else zeros); "none": without
                                      # either (OLMo: ones and zeros are read); "1p": scaled by 1 + weight (Nemotron's
                                      # LayerNorm1P: the 1 added when read, :class:`PlusOne`)
+    moe: str = "none"                # "cohere2": Cohere 2 MoE's sparse MLPs by ``mlp_layer_types`` (router
+                                     # ``mlp.gate``, experts, ``mlp.shared_experts`` summed or averaged in)
 
 
 _NEOX_MLP = dict(up="mlp.dense_h_to_4h", down="mlp.dense_4h_to_h", input_norm="input_layernorm",
@@ -124,6 +127,12 @@ FAMILY: dict[str, GPTFamily] = {
     "nemotron": GPTFamily(base="model", embed="embed_tokens", layers="layers", final_norm="norm", attn="self_attn",
                           o="o_proj", up="mlp.up_proj", down="mlp.down_proj", input_norm="input_layernorm",
                           post_norm="post_attention_layernorm", eps="norm_eps", norms="1p"),
+    # Cohere 2 MoE: Cohere 2's parallel block (one LayerNorm without a bias, interleaved rotary on the sliding layers
+    # and on the dense ones, NoPE full layers), dense MLPs then top-k experts by mlp_layer_types
+    "cohere2_moe": GPTFamily(base="model", embed="embed_tokens", layers="layers", final_norm="norm", attn="self_attn",
+                             o="o_proj", gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj",
+                             input_norm="input_layernorm", post_norm=None, parallel="always",
+                             positions="rotary_interleaved", sliding="layer_types", moe="cohere2"),
     # OLMo (1): Llama's modules (SwiGLU, GQA, rotary) under LayerNorms without a weight or a bias, eps 1e-5
     "olmo": GPTFamily(base="model", embed="embed_tokens", layers="layers", final_norm="norm", attn="self_attn",
                       o="o_proj", gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj",
@@ -177,6 +186,19 @@ def _refuse(config, family: GPTFamily) -> None:
     if mt == "falcon" and config.alibi:
         raise UnsupportedModelError("falcon with alibi=True (Falcon-RW: ALiBi added before the scores' scaling) is not "
                                     "supported by the fused engine; the rotary Falcons (7B, 40B, 180B) are.")
+    if mt == "cohere2_moe":
+        if getattr(config, "rms_norm_eps", None) is not None:
+            raise UnsupportedModelError(f"cohere2_moe with rms_norm_eps={config.rms_norm_eps} (RMSNorms in the "
+                                        f"parallel block) is not supported by the fused engine; its LayerNorms "
+                                        f"(rms_norm_eps=None) are.")
+        if config.expert_selection_fn == "sigmoid" and config.norm_topk_prob and config.num_experts_per_tok > 1:
+            raise UnsupportedModelError("cohere2_moe with expert_selection_fn='sigmoid' and norm_topk_prob=True (the "
+                                        "top-k sigmoids renormalised) is not supported by the fused engine; softmax "
+                                        "routing, and sigmoid without norm_topk_prob, are.")
+        strategy = config.shared_expert_combination_strategy
+        if config.expert_selection_fn not in ("softmax", "sigmoid") or strategy not in ("sum", "average"):
+            raise UnsupportedModelError(f"cohere2_moe with expert_selection_fn={config.expert_selection_fn!r} / "
+                                        f"shared_expert_combination_strategy={strategy!r} is not supported.")
     if mt == "gptj" and not getattr(config, "rotary_dim", None):
         raise UnsupportedModelError("gptj without rotary_dim is not supported (HF then rotates with the hidden size's "
                                     "frequencies); set rotary_dim.")
@@ -237,6 +259,35 @@ def _alibi_slopes(heads: int) -> torch.Tensor:
     from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
     return build_alibi_tensor(torch.ones(1, 2), heads, torch.float32).view(heads, 2)[:, 1].clone()
+
+
+def _moe(source: WeightSource, config, block: str) -> MoEWeights:
+    """Cohere 2 MoE's sparse MLP of ``block``: router ``mlp.gate``, the experts (3D, or one by one in a checkpoint:
+    :func:`llama._experts`), the shared experts; top-k of the logits then a softmax over those k (or their sigmoids);
+    the "average" combination, (experts + shared) / 2, folded into the experts' and the shared MLP's down (x 0.5:
+    exact)."""
+    from lightning_dsinfer.policies.llama import FamilyTraits, _experts
+
+    m = f"{block}.mlp"
+    stand_in = FamilyTraits(moe="qwen")            # (checkpoints store the experts as Qwen's: gate / up / down_proj)
+    gate_up, down = (_experts(source, config, stand_in, m, n) for n in ("gate_up_proj", "down_proj"))
+    shared = config.num_shared_experts > 0
+    shared_down = source.ref(f"{m}.shared_experts.down_proj.weight") if shared else None
+    if shared and config.shared_expert_combination_strategy == "average":
+        down = Scaled(down.source, {down.name: 0.5}).ref(down.name)
+        shared_down = Scaled(shared_down.source, {shared_down.name: 0.5}).ref(shared_down.name)
+    routing = Routing(scoring="topk_softmax" if config.expert_selection_fn == "softmax" else "topk_sigmoid")
+    return MoEWeights(router=source.ref(f"{m}.gate.weight"), gate_up=gate_up, down=down,
+                      top_k=config.num_experts_per_tok, renormalize=False, weights_in_dtype=False,
+                      shared_gate=source.ref(f"{m}.shared_experts.gate_proj.weight") if shared else None,
+                      shared_up=source.ref(f"{m}.shared_experts.up_proj.weight") if shared else None,
+                      shared_down=shared_down, routing=routing)
+
+
+def has_experts(model_type: str | None) -> bool:
+    """Whether ``model_type`` is a family of this table with mixture-of-experts layers."""
+    family = FAMILY.get(model_type)
+    return family is not None and family.moe != "none"
 
 
 def _module_name(model: nn.Module, module: nn.Module) -> str:
@@ -312,6 +363,15 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
     parallel = family.parallel == "always" or (family.parallel == "config" and config.use_parallel_residual)
     if family.qkv is None:
         kv_heads = ref(f"{proj(0, 'k')}.weight").shape[0] // head_dim
+    def sparse(i):
+        return family.moe != "none" and config.mlp_layer_types[i] == "sparse"
+
+    def rotates(i):               # (Cohere 2 MoE: its dense layers rotate too when prefix_dense_sliding_window_pattern
+        #                             is 1)
+        force = (family.moe == "cohere2" and not sparse(i)
+                 and getattr(config, "prefix_dense_sliding_window_pattern", 0) == 1)
+        return family.sliding != "layer_types" or window(i) is not None or force
+
     def window(i):
         if family.sliding == "config":
             return getattr(config, "sliding_window", None)
@@ -330,13 +390,15 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
             q=ref(f"{proj(i, 'q')}.weight"), k=ref(f"{proj(i, 'k')}.weight"), v=ref(f"{proj(i, 'v')}.weight"),
             o=ref(f"{o}.weight"), q_bias=opt(f"{proj(i, 'q')}.bias"), k_bias=opt(f"{proj(i, 'k')}.bias"),
             v_bias=opt(f"{proj(i, 'v')}.bias"), o_bias=opt(f"{o}.bias"),
-            gate=ref(f"{b}.{family.gate}.weight") if family.gate else None, up=ref(f"{b}.{family.up}.weight"),
-            down=ref(f"{b}.{family.down}.weight"),
+            gate=ref(f"{b}.{family.gate}.weight") if family.gate and not sparse(i) else None,
+            up=None if sparse(i) else ref(f"{b}.{family.up}.weight"),
+            down=None if sparse(i) else ref(f"{b}.{family.down}.weight"),
+            moe=_moe(source, config, b) if sparse(i) else None,
             gate_bias=opt(f"{b}.{family.gate}.bias") if family.gate else None, up_bias=opt(f"{b}.{family.up}.bias"),
             down_bias=opt(f"{b}.{family.down}.bias"),
             input_norm=norm_weight(f"{b}.{family.input_norm}"), input_norm_bias=norm_bias(f"{b}.{family.input_norm}"),
             post_norm=norm_weight(post) if post else None, post_norm_bias=norm_bias(post) if post else None,
-            sliding_window=window(i), rotary=family.sliding != "layer_types" or window(i) is not None))
+            sliding_window=window(i), rotary=rotates(i)))
     if not parallel and any(lw.post_norm is None for lw in layers):
         raise UnsupportedModelError(f"{config.model_type}: a sequential block without its second norm.")
     if family.pos_embed is not None:     # a learned table ends where it ends: refuse a cache that runs past it
@@ -345,6 +407,7 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
             raise ValueError(f"dsinfer: max_seq_len={max_seq_len} exceeds the {table} positions of {config.model_type}'s "
                              f"learned position table; pass max_seq_len={table} or less to init_inference / "
                              f"DSInferStrategy.")
+    dense = [lw for lw in layers if lw.up is not None]
     embed_name = f"{_module_name(model, model.get_input_embeddings())}.weight"
     head = model.get_output_embeddings()
     tied = tied_embeddings(model)
@@ -356,7 +419,8 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
     eps = getattr(config, family.eps) if family.eps else 1e-5
     return ModelWeights(
         model_type=config.model_type, hidden_size=hidden, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-        intermediate_size=layers[0].up.shape[0], vocab_size=config.vocab_size, rms_norm_eps=eps, scaling=scaling,
+        intermediate_size=dense[0].up.shape[0] if dense else config.intermediate_size, vocab_size=config.vocab_size,
+        rms_norm_eps=eps, scaling=scaling,
         inv_freq=inv_freq, attention_scaling=attention_scaling, rope_type=rope_type,
         embed=ref(embed_name), final_norm=norm_weight(f"{base}.{family.final_norm}"),
         final_norm_bias=norm_bias(f"{base}.{family.final_norm}"), logit_scale=getattr(config, "logit_scale", None),
