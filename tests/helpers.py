@@ -586,13 +586,13 @@ FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
 # now; the generic planner's split of phi3's packed tensors is still tested on a meta model.)
 _GENERIC_COMMON = dict(hidden_size=64, num_hidden_layers=2, vocab_size=97, initializer_range=0.1, pad_token_id=0,
                        bos_token_id=1, eos_token_id=2)
-GENERIC_FAMILIES = {      # families without a fused policy (the GPT ones, OLMo and OLMo 2 have one now: policies/)
+GENERIC_FAMILIES = {      # families without a fused policy (the GPT ones, OLMo, OLMo 2 and MPT have one now: policies/)
     "cohere_compass_text": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
                                 max_position_embeddings=256, sliding_window=7,
                                 layer_types=["sliding_attention", "full_attention"],
                                 rope_parameters={t: {"rope_type": "default", "rope_theta": 10000.0}
                                                  for t in ("sliding_attention", "full_attention")}),
-    "mpt": dict(n_heads=4, d_model=64, n_layers=2, expansion_ratio=2, max_seq_len=256),
+    "persimmon": dict(num_attention_heads=4, intermediate_size=96, max_position_embeddings=256),
     "biogpt": dict(num_attention_heads=4, intermediate_size=96, max_position_embeddings=256),
 }
 # Families without a fused policy whose plan the planner's tests read on meta models, not run end to end: OLMo-Hybrid
@@ -634,6 +634,9 @@ GPT_FAMILIES = {
                         num_shared_experts=1, max_position_embeddings=256, logit_scale=0.5, rope_theta=5000.0,
                         sliding_window=7, layer_types=["full_attention", "full_attention", "sliding_attention"],
                         mlp_layer_types=["dense", "sparse", "sparse"]),
+    # MPT: ALiBi with MPT's slopes (6 heads: not a power of 2), Wqkv's q | k | v rows, LayerNorms without a bias, GeLU
+    # (erf); its MLP is 4 x hidden whatever expansion_ratio says
+    "mpt": dict(n_heads=6, hidden_size=96, max_seq_len=256),
     # Nemotron: LayerNorm1P (1 + weight, a bias), a plain ReLU-squared MLP, head_dim != hidden / heads, partial rotary,
     # q/k/v/o and MLP biases
     "nemotron": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256,

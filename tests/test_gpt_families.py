@@ -8,13 +8,15 @@ rotate-half, lm_head bias), GPT-2 (Conv1D weights, q|k|v columns, learned positi
 rotating sliding-window layer and a NoPE full one), GPT-BigCode (StarCoder: multi-query q | k | v rows, learned
 positions), OLMo (Llama's blocks under LayerNorms without a weight or a bias), Nemotron (LayerNorm1P, ReLU squared,
 partial rotary, head_dim != hidden / heads), Cohere 2 MoE (Cohere 2's blocks: a dense layer that rotates, a sparse NoPE
-full layer, a sparse sliding one; top-2 of 4 experts + a shared expert, averaged). fp32 logits atol 2e-4 / rtol
+full layer, a sparse sliding one; top-2 of 4 experts + a shared expert, averaged), MPT (ALiBi with the slopes of HF's
+table, q | k | v rows of Wqkv, bias-free LayerNorms). fp32 logits atol 2e-4 / rtol
 1e-4 on a left-padded batch, greedy tokens identical; Falcon in its three block forms (KV groups with two norms,
 one KV head with one shared norm, sequential); bf16, int8, offload, tensor and pipeline parallelism, a
 checkpoint on meta. Through the Triton kernels: tests/kernels/test_engine_triton_path.py."""
 
 import pytest
 import torch
+from transformers.models.mpt.configuration_mpt import MptAttentionConfig
 
 import lightning_dsinfer as dsi
 from helpers import GPT_FAMILIES, fake_quantised_int8, optimised_copy, padded_batch, streamed_copy, tiny_model
@@ -86,6 +88,10 @@ def test_positions_and_alibi_reach_the_blocks():
     bloom = optimised_copy(tiny_model("bloom"), max_seq_len=64)._dsinfer_engine.decoder
     slopes = build_alibi_tensor(torch.ones(1, 3), 4, torch.float32).view(4, 3)[:, 2] / 2
     torch.testing.assert_close(bloom.layers[0].attn.alibi, slopes)
+    hf = tiny_model("mpt", attn_config=MptAttentionConfig(alibi_bias_max=16))   # MPT: the slopes of HF's own table
+    table = hf.transformer.build_mpt_alibi_tensor(6, 3)          # (which ignores alibi_bias_max: so does the engine)
+    mpt = optimised_copy(hf, max_seq_len=64)._dsinfer_engine.decoder
+    torch.testing.assert_close(mpt.layers[0].attn.alibi, (table[:, 0, 2] - table[:, 0, 1]).float())
     ids = torch.randint(3, 97, (2, 7))
     for family in FAMILIES:                  # no mask: every token visible, positions 0..T-1
         hf = tiny_model(family)
@@ -194,6 +200,7 @@ def test_gpt_families_tensor_and_pipeline_parallel(shared_runs):
     ("cohere", {"use_qk_norm": True}, "use_qk_norm=True"),
     ("olmo", {"clip_qkv": 8.0}, "clip_qkv=8.0"),
     ("cohere2_moe", {"rms_norm_eps": 1e-5}, "rms_norm_eps=1e-05"),
+    ("mpt", {"attn_config": MptAttentionConfig(clip_qkv=6.0)}, "attn_config.clip_qkv=6.0"),
     ("cohere2_moe", {"expert_selection_fn": "sigmoid"}, "expert_selection_fn='sigmoid' and norm_topk_prob=True"),
 ])
 def test_unsupported_settings_are_refused(family, flag, match):
@@ -208,6 +215,8 @@ def test_bad_input_is_refused_before_work():
         dsi.init_inference(tiny_model("gpt2"), max_seq_len=300)
     with pytest.raises(ValueError, match=r"max_seq_len=300 exceeds the 256 positions of opt's"):
         dsi.init_inference(tiny_model("opt"), max_seq_len=300)
+    with pytest.raises(ValueError, match=r"max_seq_len=300 exceeds mpt's max_seq_len=256"):
+        dsi.init_inference(tiny_model("mpt"), max_seq_len=300)
     with pytest.raises(dsi.UnsupportedModelError, match="_remove_final_layer_norm=True"):
         dsi.init_inference(tiny_model("opt", _remove_final_layer_norm=True))
     bloom = optimised_copy(tiny_model("bloom"), max_seq_len=64)

@@ -1,7 +1,8 @@
 """The GPT families on the fused engine: gpt_neox (Pythia), gptj, gpt_neo, phi, stablelm, starcoder2, opt, gpt2,
 gpt_bigcode (StarCoder 1, SantaCoder), bloom, falcon, cohere (Command R), cohere2 (Command R7B / A: Cohere's blocks with
 sliding-window layers that rotate and full-attention layers that do not), olmo (OLMo 1: Llama's blocks under LayerNorms
-without a weight or a bias), nemotron (Nemotron 3 / 4, Minitron: LayerNorm1P, a ReLU-squared MLP, partial rotary).
+without a weight or a bias), nemotron (Nemotron 3 / 4, Minitron: LayerNorm1P, a ReLU-squared MLP, partial rotary),
+cohere2_moe (Cohere 2's blocks with experts), mpt (MPT: ALiBi with its own slopes).
 
 What they share, and the Llama table lacks: LayerNorms with a bias; a plain MLP ``down(act(up(x)))`` with biases
 (StableLM keeps SwiGLU); the parallel residual ``h + attn(norm1(h)) + mlp(norm2(h))`` (GPT-NeoX and StableLM when
@@ -133,6 +134,10 @@ FAMILY: dict[str, GPTFamily] = {
                              o="o_proj", gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj",
                              input_norm="input_layernorm", post_norm=None, parallel="always",
                              positions="rotary_interleaved", sliding="layer_types", moe="cohere2"),
+    # MPT: ALiBi (MPT's slopes), q | k | v rows in Wqkv, LayerNorms without a bias, GeLU (erf)
+    "mpt": GPTFamily(base="transformer", embed="wte", layers="blocks", final_norm="norm_f", attn="attn", qkv="Wqkv",
+                     qkv_layout="blocks", o="out_proj", up="ffn.up_proj", down="ffn.down_proj", input_norm="norm_1",
+                     post_norm="norm_2", act=None, fixed_act="gelu", eps="layer_norm_epsilon", positions="alibi"),
     # OLMo (1): Llama's modules (SwiGLU, GQA, rotary) under LayerNorms without a weight or a bias, eps 1e-5
     "olmo": GPTFamily(base="model", embed="embed_tokens", layers="layers", final_norm="norm", attn="self_attn",
                       o="o_proj", gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj",
@@ -186,6 +191,9 @@ def _refuse(config, family: GPTFamily) -> None:
     if mt == "falcon" and config.alibi:
         raise UnsupportedModelError("falcon with alibi=True (Falcon-RW: ALiBi added before the scores' scaling) is not "
                                     "supported by the fused engine; the rotary Falcons (7B, 40B, 180B) are.")
+    if mt == "mpt" and config.attn_config.clip_qkv:
+        raise UnsupportedModelError(f"mpt with attn_config.clip_qkv={config.attn_config.clip_qkv} (q, k and v clamped "
+                                    f"after the projection) is not supported by the fused engine; clip_qkv=None is.")
     if mt == "cohere2_moe":
         if getattr(config, "rms_norm_eps", None) is not None:
             raise UnsupportedModelError(f"cohere2_moe with rms_norm_eps={config.rms_norm_eps} (RMSNorms in the "
@@ -254,8 +262,13 @@ def _rotary(model: nn.Module, config, family: GPTFamily, head_dim: int, max_seq_
     return inv_freq.detach(), float(rotary.attention_scaling), rope_type
 
 
-def _alibi_slopes(heads: int) -> torch.Tensor:
-    """BLOOM's ALiBi slopes of every head (transformers' own computation, read off a two-token mask)."""
+def _alibi_slopes(model: nn.Module, heads: int) -> torch.Tensor:
+    """The ALiBi slopes of every head as transformers computes them: BLOOM's (read off a two-token mask), MPT's (read
+    off a two-column table of its model's own, whose first column is -slope; transformers builds it with the default
+    alibi_bias_max of 8 whatever the config says)."""
+    if model.config.model_type == "mpt":
+        with torch.device("cpu"):
+            return -model.transformer.build_mpt_alibi_tensor(heads, 2)[:, 0, 0].float().clone()
     from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
     return build_alibi_tensor(torch.ones(1, 2), heads, torch.float32).view(heads, 2)[:, 1].clone()
@@ -401,6 +414,10 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
             sliding_window=window(i), rotary=rotates(i)))
     if not parallel and any(lw.post_norm is None for lw in layers):
         raise UnsupportedModelError(f"{config.model_type}: a sequential block without its second norm.")
+    if config.model_type == "mpt" and max_seq_len > config.max_seq_len:    # (HF's ALiBi table ends there)
+        raise ValueError(f"dsinfer: max_seq_len={max_seq_len} exceeds mpt's max_seq_len={config.max_seq_len} (the "
+                         f"length of transformers' ALiBi table for it); pass max_seq_len={config.max_seq_len} or less "
+                         f"to init_inference / DSInferStrategy.")
     if family.pos_embed is not None:     # a learned table ends where it ends: refuse a cache that runs past it
         table = source.shape(f"{base}.{family.pos_embed}.weight")[0] - family.pos_offset
         if max_seq_len > table:
@@ -423,13 +440,15 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
         rms_norm_eps=eps, scaling=scaling,
         inv_freq=inv_freq, attention_scaling=attention_scaling, rope_type=rope_type,
         embed=ref(embed_name), final_norm=norm_weight(f"{base}.{family.final_norm}"),
-        final_norm_bias=norm_bias(f"{base}.{family.final_norm}"), logit_scale=getattr(config, "logit_scale", None),
+        final_norm_bias=norm_bias(f"{base}.{family.final_norm}"),
+        logit_scale=getattr(config, "logit_scale", None) if config.model_type != "mpt" else None,  # (HF's MPT ignores
+        #                                                                                            its logit_scale)
         lm_head=ref(embed_name if tied else f"{head_name}.weight"), lm_head_bias=opt(f"{head_name}.bias"),
         tied_embeddings=tied, layers=layers, mlp_act=act, layer_norm=True, mlp_gated=family.gate is not None,
         parallel_residual=parallel, rotary=rotary,
         pos_embed=ref(f"{base}.{family.pos_embed}.weight") if family.pos_embed else None, pos_offset=family.pos_offset,
         positions_from_mask=family.positions_from_mask,
-        alibi=_alibi_slopes(heads) if family.positions == "alibi" else None,
+        alibi=_alibi_slopes(model, heads) if family.positions == "alibi" else None,
         embed_norm=ref(f"{base}.{family.embed_norm}.weight") if family.embed_norm else None,
         embed_norm_bias=ref(f"{base}.{family.embed_norm}.bias") if family.embed_norm else None,
     )
