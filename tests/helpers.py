@@ -637,6 +637,9 @@ GPT_FAMILIES = {
     # MPT: ALiBi with MPT's slopes (6 heads: not a power of 2), Wqkv's q | k | v rows, LayerNorms without a bias, GeLU
     # (erf); its MLP is 4 x hidden whatever expansion_ratio says
     "mpt": dict(n_heads=6, hidden_size=96, max_seq_len=256),
+    # CodeGen: GPT-J's block with q, v, k packed in 4 groups of heads (8 heads: 2 a group), interleaved rotary on 8 of
+    # each head's 16 dims
+    "codegen": dict(hidden_size=128, n_head=8, n_inner=96, n_positions=256, rotary_dim=8),
     # Nemotron: LayerNorm1P (1 + weight, a bias), a plain ReLU-squared MLP, head_dim != hidden / heads, partial rotary,
     # q/k/v/o and MLP biases
     "nemotron": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256,

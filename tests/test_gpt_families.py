@@ -9,7 +9,8 @@ rotating sliding-window layer and a NoPE full one), GPT-BigCode (StarCoder: mult
 positions), OLMo (Llama's blocks under LayerNorms without a weight or a bias), Nemotron (LayerNorm1P, ReLU squared,
 partial rotary, head_dim != hidden / heads), Cohere 2 MoE (Cohere 2's blocks: a dense layer that rotates, a sparse NoPE
 full layer, a sparse sliding one; top-2 of 4 experts + a shared expert, averaged), MPT (ALiBi with the slopes of HF's
-table, q | k | v rows of Wqkv, bias-free LayerNorms). fp32 logits atol 2e-4 / rtol
+table, q | k | v rows of Wqkv, bias-free LayerNorms), CodeGen (GPT-J's block, q, v, k packed in 4 groups of heads).
+fp32 logits atol 2e-4 / rtol
 1e-4 on a left-padded batch, greedy tokens identical; Falcon in its three block forms (KV groups with two norms,
 one KV head with one shared norm, sequential); bf16, int8, offload, tensor and pipeline parallelism, a
 checkpoint on meta. Through the Triton kernels: tests/kernels/test_engine_triton_path.py."""
@@ -169,7 +170,7 @@ def test_gpt_families_from_checkpoint_on_meta(tmp_path):
         _assert_same(hf, opt, new=6)
 
 
-TP = ["gpt_neox", "bloom", "gpt2", "starcoder2", "opt", "gptj", "falcon", "cohere", "gpt_bigcode", "olmo"]
+TP = ["gpt_neox", "bloom", "gpt2", "starcoder2", "opt", "gptj", "falcon", "cohere", "gpt_bigcode", "olmo", "codegen"]
 PP = ["gpt_neox", "bloom", "opt", "phi"]
 
 
@@ -181,7 +182,8 @@ def worker_runs(tmp, selected):
 
 def test_gpt_families_tensor_and_pipeline_parallel(shared_runs):
     """TP=2: per-head packed QKV sliced by heads (GPT-NeoX, BLOOM with its slopes), q|k|v columns (GPT-2), GQA
-    (StarCoder2), KV groups (Falcon), learned positions (OPT), the reordered rotary rows (GPT-J); PP=2 across some. Logits, greedy,
+    (StarCoder2), KV groups (Falcon), learned positions (OPT), the reordered rotary rows (GPT-J; CodeGen's within its
+    4 groups of q, v, k), weightless LayerNorms (OLMo); PP=2 across some. Logits, greedy,
     beam search as HF's, sampling agrees across ranks."""
     outs = shared_runs.outputs(2, "test_gpt_families_tensor_and_pipeline_parallel/tp")
     assert outs[0].count(" OK") == len(TP), outs[0]
@@ -201,6 +203,7 @@ def test_gpt_families_tensor_and_pipeline_parallel(shared_runs):
     ("olmo", {"clip_qkv": 8.0}, "clip_qkv=8.0"),
     ("cohere2_moe", {"rms_norm_eps": 1e-5}, "rms_norm_eps=1e-05"),
     ("mpt", {"attn_config": MptAttentionConfig(clip_qkv=6.0)}, "attn_config.clip_qkv=6.0"),
+    ("codegen", {"rotary_dim": 0}, "codegen without rotary_dim"),
     ("cohere2_moe", {"expert_selection_fn": "sigmoid"}, "expert_selection_fn='sigmoid' and norm_topk_prob=True"),
 ])
 def test_unsupported_settings_are_refused(family, flag, match):

@@ -2,7 +2,8 @@
 gpt_bigcode (StarCoder 1, SantaCoder), bloom, falcon, cohere (Command R), cohere2 (Command R7B / A: Cohere's blocks with
 sliding-window layers that rotate and full-attention layers that do not), olmo (OLMo 1: Llama's blocks under LayerNorms
 without a weight or a bias), nemotron (Nemotron 3 / 4, Minitron: LayerNorm1P, a ReLU-squared MLP, partial rotary),
-cohere2_moe (Cohere 2's blocks with experts), mpt (MPT: ALiBi with its own slopes).
+cohere2_moe (Cohere 2's blocks with experts), mpt (MPT: ALiBi with its own slopes), codegen (CodeGen: GPT-J's block
+with a packed qkv_proj).
 
 What they share, and the Llama table lacks: LayerNorms with a bias; a plain MLP ``down(act(up(x)))`` with biases
 (StableLM keeps SwiGLU); the parallel residual ``h + attn(norm1(h)) + mlp(norm2(h))`` (GPT-NeoX and StableLM when
@@ -138,6 +139,12 @@ FAMILY: dict[str, GPTFamily] = {
     "mpt": GPTFamily(base="transformer", embed="wte", layers="blocks", final_norm="norm_f", attn="attn", qkv="Wqkv",
                      qkv_layout="blocks", o="out_proj", up="ffn.up_proj", down="ffn.down_proj", input_norm="norm_1",
                      post_norm="norm_2", act=None, fixed_act="gelu", eps="layer_norm_epsilon", positions="alibi"),
+    # CodeGen: GPT-J's block (one norm, parallel residual, interleaved partial rotary, lm_head bias) with q, v, k packed
+    # in qkv_proj in 4 groups of heads (:func:`_qkv_pieces` "codegen")
+    "codegen": GPTFamily(base="transformer", embed="wte", layers="h", final_norm="ln_f", attn="attn", qkv="qkv_proj",
+                         qkv_layout="codegen", o="out_proj", up="mlp.fc_in", down="mlp.fc_out", input_norm="ln_1",
+                         post_norm=None, parallel="always", act="activation_function", eps="layer_norm_epsilon",
+                         positions="rotary_interleaved"),
     # OLMo (1): Llama's modules (SwiGLU, GQA, rotary) under LayerNorms without a weight or a bias, eps 1e-5
     "olmo": GPTFamily(base="model", embed="embed_tokens", layers="layers", final_norm="norm", attn="self_attn",
                       o="o_proj", gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj",
@@ -207,9 +214,9 @@ def _refuse(config, family: GPTFamily) -> None:
         if config.expert_selection_fn not in ("softmax", "sigmoid") or strategy not in ("sum", "average"):
             raise UnsupportedModelError(f"cohere2_moe with expert_selection_fn={config.expert_selection_fn!r} / "
                                         f"shared_expert_combination_strategy={strategy!r} is not supported.")
-    if mt == "gptj" and not getattr(config, "rotary_dim", None):
-        raise UnsupportedModelError("gptj without rotary_dim is not supported (HF then rotates with the hidden size's "
-                                    "frequencies); set rotary_dim.")
+    if mt in ("gptj", "codegen") and not getattr(config, "rotary_dim", None):
+        raise UnsupportedModelError(f"{mt} without rotary_dim is not supported (HF then rotates with the hidden size's "
+                                    f"frequencies); set rotary_dim.")
 
 
 def _falcon(config, family: GPTFamily) -> GPTFamily:
@@ -229,15 +236,32 @@ def _falcon(config, family: GPTFamily) -> GPTFamily:
 def _qkv_pieces(layout: str, heads: int, kv_heads: int, d: int) -> dict[str, list[tuple[int, int]]]:
     """Rows of q, k and v in a fused QKV projection, as (first row, rows) runs: "heads" [H, 3, D] (GPT-NeoX, BLOOM),
     "blocks" q | k | v (GPT-2, Falcon-7B), "groups" [KV, H / KV + 2, D] (Falcon-40B: a group's query heads, its key,
-    its value)."""
+    its value), "codegen" [4, 3, H D / 4] (CodeGen: 4 groups of heads, each q, v, k)."""
     if layout == "heads":
         return {part: [(h * 3 * d + j * d, d) for h in range(heads)] for j, part in enumerate("qkv")}
     if layout == "blocks":
         return {"q": [(0, heads * d)], "k": [(heads * d, kv_heads * d)], "v": [((heads + kv_heads) * d, kv_heads * d)]}
+    if layout == "codegen":       # 4 groups of heads, each its q rows, then v, then k ([4, 3, H D / 4])
+        local = heads * d // 4
+        return {part: [(g * 3 * local + j * local, local) for g in range(4)] for j, part in enumerate("qvk")}
     per = heads // kv_heads + 2                  # rows of one group, in heads
     return {"q": [(g * per * d, (per - 2) * d) for g in range(kv_heads)],
             "k": [((g * per + per - 2) * d, d) for g in range(kv_heads)],
             "v": [((g * per + per - 1) * d, d) for g in range(kv_heads)]}
+
+
+def _reordered(runs: list[tuple[int, int]], pieces: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``pieces`` (runs of rows of the tensor that ``runs`` cut out of a fused one) as runs of the fused tensor's rows:
+    a reorder within q's or k's rows composed with where those rows lie."""
+    rows = [first + j for first, n in runs for j in range(n)]
+    picked = [rows[p + j] for p, n in pieces for j in range(n)]
+    out = []
+    for r in picked:
+        if out and out[-1][0] + out[-1][1] == r:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((r, 1))
+    return out
 
 
 def _fused_kv_heads(config, heads: int) -> int:
@@ -251,7 +275,8 @@ def _fused_kv_heads(config, heads: int) -> int:
 
 def _rotary(model: nn.Module, config, family: GPTFamily, head_dim: int, max_seq_len: int):
     """(inv_freq, attention scaling, rope type) of the model's rotary embedding."""
-    if family.positions == "rotary_interleaved" and config.model_type == "gptj":   # HF's own table, from rotary_dim
+    if family.positions == "rotary_interleaved" and config.model_type in ("gptj", "codegen"):   # HF's own table,
+        #                                                                                           from rotary_dim
         r = config.rotary_dim
         return 1.0 / (10000 ** (torch.arange(0, r, 2, dtype=torch.int64) / r)), 1.0, "default"
     module = model.get_submodule(f"{family.base}.rotary_emb")
@@ -357,6 +382,10 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
                 name = f"{block(i)}.{family.attn}.{getattr(family, part)}.weight"
                 slices[name] = (name, rotate_half_pieces(source.shape(name)[0] // head_dim, head_dim,
                                                          2 * inv_freq.numel()))
+    elif family.positions == "rotary_interleaved":    # (CodeGen: the same reorder of the fused projection's q / k rows)
+        for name, (fused, runs) in list(slices.items()):
+            if name.endswith((".q.weight", ".k.weight", ".q.bias", ".k.bias")):
+                slices[name] = (fused, _reordered(runs, rotate_half_pieces(heads, head_dim, 2 * inv_freq.numel())))
     if slices:
         source = RowSlices(source, slices)
         names |= set(slices)
