@@ -262,9 +262,10 @@ def tiny_model(family: str, seed: int = 0, **overrides):
             for name, p in model.named_parameters():
                 if "norm" in name:
                     p.normal_(1.0, 0.2)
-        if family in ("exaone", "internlm3", "helium", "hunyuan_v1_moe"):   # HF's linear biases start at 0: random
-            for name, p in model.named_parameters():                         # ones, so a bias dropped or misplaced
-                if name.endswith("_proj.bias"):                              # (Helium's reordered rows) cannot pass
+        if family in ("exaone", "internlm3", "helium", "hunyuan_v1_moe",   # HF's linear biases start at 0: random
+                      "olmo", "nemotron", "jais2"):                          # ones, so a bias dropped or misplaced
+            for name, p in model.named_parameters():                         # (Helium's reordered rows) cannot pass
+                if name.endswith("_proj.bias"):
                     p.normal_(0.0, 0.2)
         for name, buf in (*model.named_buffers(), *model.named_parameters()):   # so would a correction bias at 0
             if name.endswith(("e_score_correction_bias", "expert_bias")):            # (HF's init)
@@ -640,6 +641,9 @@ GPT_FAMILIES = {
     # CodeGen: GPT-J's block with q, v, k packed in 4 groups of heads (8 heads: 2 a group), interleaved rotary on 8 of
     # each head's 16 dims
     "codegen": dict(hidden_size=128, n_head=8, n_inner=96, n_positions=256, rotary_dim=8),
+    # Jais 2: GQA, head_dim != hidden / heads, q/k/v/o and MLP biases, a ReLU-squared MLP, LayerNorms
+    "jais2": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=24, intermediate_size=96,
+                  max_position_embeddings=256),
     # Nemotron: LayerNorm1P (1 + weight, a bias), a plain ReLU-squared MLP, head_dim != hidden / heads, partial rotary,
     # q/k/v/o and MLP biases
     "nemotron": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256,

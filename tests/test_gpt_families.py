@@ -9,7 +9,8 @@ rotating sliding-window layer and a NoPE full one), GPT-BigCode (StarCoder: mult
 positions), OLMo (Llama's blocks under LayerNorms without a weight or a bias), Nemotron (LayerNorm1P, ReLU squared,
 partial rotary, head_dim != hidden / heads), Cohere 2 MoE (Cohere 2's blocks: a dense layer that rotates, a sparse NoPE
 full layer, a sparse sliding one; top-2 of 4 experts + a shared expert, averaged), MPT (ALiBi with the slopes of HF's
-table, q | k | v rows of Wqkv, bias-free LayerNorms), CodeGen (GPT-J's block, q, v, k packed in 4 groups of heads).
+table, q | k | v rows of Wqkv, bias-free LayerNorms), CodeGen (GPT-J's block, q, v, k packed in 4 groups of heads),
+Jais 2 (ReLU squared, GQA, biases; OLMo's, Nemotron's and its linear biases random).
 fp32 logits atol 2e-4 / rtol
 1e-4 on a left-padded batch, greedy tokens identical; Falcon in its three block forms (KV groups with two norms,
 one KV head with one shared norm, sequential); bf16, int8, offload, tensor and pipeline parallelism, a

@@ -3,7 +3,7 @@ gpt_bigcode (StarCoder 1, SantaCoder), bloom, falcon, cohere (Command R), cohere
 sliding-window layers that rotate and full-attention layers that do not), olmo (OLMo 1: Llama's blocks under LayerNorms
 without a weight or a bias), nemotron (Nemotron 3 / 4, Minitron: LayerNorm1P, a ReLU-squared MLP, partial rotary),
 cohere2_moe (Cohere 2's blocks with experts), mpt (MPT: ALiBi with its own slopes), codegen (CodeGen: GPT-J's block
-with a packed qkv_proj).
+with a packed qkv_proj), jais2 (Jais 2: LayerNorms, a ReLU-squared MLP).
 
 What they share, and the Llama table lacks: LayerNorms with a bias; a plain MLP ``down(act(up(x)))`` with biases
 (StableLM keeps SwiGLU); the parallel residual ``h + attn(norm1(h)) + mlp(norm2(h))`` (GPT-NeoX and StableLM when
@@ -145,6 +145,10 @@ FAMILY: dict[str, GPTFamily] = {
                          qkv_layout="codegen", o="out_proj", up="mlp.fc_in", down="mlp.fc_out", input_norm="ln_1",
                          post_norm=None, parallel="always", act="activation_function", eps="layer_norm_epsilon",
                          positions="rotary_interleaved"),
+    # Jais 2: GQA with biases, a plain ReLU-squared MLP with biases, LayerNorms, rotary
+    "jais2": GPTFamily(base="model", embed="embed_tokens", layers="layers", final_norm="norm", attn="self_attn",
+                       o="o_proj", up="mlp.up_proj", down="mlp.down_proj", input_norm="input_layernorm",
+                       post_norm="post_attention_layernorm"),
     # OLMo (1): Llama's modules (SwiGLU, GQA, rotary) under LayerNorms without a weight or a bias, eps 1e-5
     "olmo": GPTFamily(base="model", embed="embed_tokens", layers="layers", final_norm="norm", attn="self_attn",
                       o="o_proj", gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj",
