@@ -263,7 +263,7 @@ def tiny_model(family: str, seed: int = 0, **overrides):
                 if "norm" in name:
                     p.normal_(1.0, 0.2)
         if family in ("exaone", "internlm3", "helium", "hunyuan_v1_moe",   # HF's linear biases start at 0: random
-                      "olmo", "nemotron", "jais2"):                          # ones, so a bias dropped or misplaced
+                      "olmo", "nemotron", "jais2", "hyperclovax"):                          # ones, so a bias dropped or misplaced
             for name, p in model.named_parameters():                         # (Helium's reordered rows) cannot pass
                 if name.endswith("_proj.bias"):
                     p.normal_(0.0, 0.2)
@@ -766,6 +766,10 @@ LLAMA_LIKE_FAMILIES = {
                            num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=40,
                            layer_types=["sliding_attention", "full_attention", "full_attention"],
                            layer_rope_theta=[1000.0, 100000.0, 0]),
+    # Granite's multipliers (the logits multiplied), Peri-LN: norms on the attention's and the MLP's outputs too,
+    # q/k/v/o and MLP biases
+    "hyperclovax": dict(head_dim=16, embedding_multiplier=3.0, residual_multiplier=0.3, attention_multiplier=0.05,
+                        logits_scaling=0.25, attention_bias=True, mlp_bias=True, use_post_norm=True),
     # Gemma 2's blocks without the output norms: (1 + w) norms, scaled embedding, GeGLU, soft-capped scores and
     # logits, sliding / full layers, query_pre_attn_scalar
     "vaultgemma": dict(num_hidden_layers=3, head_dim=32, sliding_window=7, query_pre_attn_scalar=24,

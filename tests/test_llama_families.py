@@ -14,7 +14,8 @@ EXAONE 3, InternLM 3 (random biases), IQuest-Coder, CWM (a sliding layer, llama3
 random biases), Solar Open (DeepSeek-V3's MoE in every layer), Mellum (per-head q / k norms, a rope table per layer
 type, a dense layer then softmax top-2 MoE layers), HunYuan MoE (q / k norms after the rotation, top-2 MoE + shared
 MLP), VaultGemma (Gemma 2's blocks without the output norms), Granite SWA (Granite's multipliers, attention sinks, a
-rope base per layer: sliding, full, NoPE) and Granite MoE SWA (the same with a top-2 MoE + shared MLP).
+rope base per layer: sliding, full, NoPE) and Granite MoE SWA (the same with a top-2 MoE + shared MLP), HyperCLOVA X
+(Granite's multipliers with the logits multiplied, Peri-LN output norms; and without them).
 fp32 logits atol 2e-4 / rtol 1e-4 on a left-padded batch and greedy tokens identical; bf16 prompt and decode-step
 logits within the bf16 tolerance; for some, int8, offload on both tiers, a checkpoint on meta and TP=2;
 the refused settings. Through the Triton kernels:
@@ -43,7 +44,8 @@ BLOCKS = {"olmo2": ("PostNormDecoderLayer", "ProjectionNormAttention"),
           "minimax_m2": ("DecoderLayer", "ProjectionNormAttention"),
           "hunyuan_v1_dense": ("DecoderLayer", "RotaryFirstAttention"),
           "hunyuan_v1_moe": ("DecoderLayer", "RotaryFirstAttention"),
-          "ministral3": ("DecoderLayer", "TemperatureTunedAttention")}
+          "ministral3": ("DecoderLayer", "TemperatureTunedAttention"),
+          "hyperclovax": ("SandwichDecoderLayer", "Attention")}
 # the ones whose decode steps must stay on the per-op path: output-only norms, whole-projection q / k norms or norms
 # after the rotation, MoE, NoPE layers among rotary ones (Arcee's ReLU squared: taken, since cpu_gemv.act has it)
 MOE = ("olmoe", "glm4_moe", "sarvam_moe", "dots1", "exaone_moe", "flex_olmo", "minimax_m2", "granitemoe",
@@ -243,6 +245,15 @@ def test_projection_norm_split_over_ranks_equals_the_whole():
 def test_unsupported_settings_are_refused(family, flag, match):
     with pytest.raises(dsi.UnsupportedModelError, match=match):
         dsi.init_inference(tiny_model(family, **flag))
+
+
+def test_hyperclovax_without_post_norms():
+    """HyperCLOVA X with use_post_norm=False (no Peri-LN output norms: Granite's blocks, the residual multiplier folded
+    into o / down, the logits multiplied): logits, greedy and decode steps as HF's."""
+    hf = tiny_model("hyperclovax", use_post_norm=False)
+    opt = optimised_copy(hf, max_seq_len=64)
+    assert {type(ly).__name__ for ly in opt._dsinfer_engine.decoder.layers} == {"DecoderLayer"}
+    _assert_same(hf, opt, new=4, lengths=(9, 4))
 
 
 def test_ministral3_query_scale_by_position():

@@ -1,8 +1,8 @@
 """The Llama family (llama, mistral, ministral, qwen2, qwen3, phi3, granite, seed_oss, arcee, smollm3, ernie4_5,
-hunyuan_v1_dense, glm, glm4, olmo2, olmo3, exaone4, granite_swa, the MoE ones: mixtral, qwen2_moe, qwen3_moe, olmoe,
-flex_olmo, minimax_m2, glm4_moe, sarvam_moe, dots1, exaone_moe, solar_open, mellum, hunyuan_v1_moe, granitemoe_swa,
-Llama's modules under other model types: exaone, internlm3, iquestcoder, cwm, helium, and the Gemma ones: gemma,
-gemma2, gemma3_text, vaultgemma): one table, one reader.
+hunyuan_v1_dense, glm, glm4, olmo2, olmo3, exaone4, granite_swa, hyperclovax, the MoE ones: mixtral, qwen2_moe,
+qwen3_moe, olmoe, flex_olmo, minimax_m2, glm4_moe, sarvam_moe, dots1, exaone_moe, solar_open, mellum, hunyuan_v1_moe,
+granitemoe_swa, Llama's modules under other model types: exaone, internlm3, iquestcoder, cwm, helium, and the Gemma
+ones: gemma, gemma2, gemma3_text, vaultgemma): one table, one reader.
 
 All share the module tree ``model.model.{embed_tokens, layers[i].{self_attn.{q,k,v,o}_proj,
 mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm}, norm, rotary_emb}`` and
@@ -40,7 +40,9 @@ interleaved pairs (read as GLM's) and scales its norms in fp32 (OLMo 2's); Mellu
 per layer type and a softmax top-k MoE by ``mlp_layer_types``; HunYuan MoE is HunYuan's attention with a top-k MoE
 (router ``mlp.gate.wg``, renormalised) plus an ungated ``mlp.shared_mlp`` in every layer. Granite SWA is Granite with
 attention sinks (``self_attn.sinks``), sliding / full layers and a rope base per layer (``layer_rope_theta``, 0: NoPE);
-Granite MoE SWA the same with Granite 3 MoE's experts and shared MLP.
+Granite MoE SWA the same with Granite 3 MoE's experts and shared MLP. HyperCLOVA X has Granite's multipliers (its logits
+multiplied by logits_scaling) and, with use_post_norm, Peri-LN: RMSNorms on the attention's and the MLP's outputs too
+(``post_norm1``, ``post_norm2``), the residual multiplier folded into their weights rather than into o / down.
 """
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ from torch import nn
 from lightning_dsinfer.kernels.reference import Routing
 from lightning_dsinfer.modules.rotary import mrope_axes
 from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, MoEWeights, UnsupportedModelError
-from lightning_dsinfer.policies.weights import (ExpertStack, ModuleSource, RowSlices, WeightSource, lookups,
+from lightning_dsinfer.policies.weights import (ExpertStack, ModuleSource, RowSlices, Scaled, WeightSource, lookups,
                                                rotate_half_pieces, tied_embeddings)
 
 
@@ -80,8 +82,11 @@ class FamilyTraits:
                                     # up); "mlp": the latter only (GLM, GLM-4)
     gemma: int = 0                  # Gemma generation (see the module docstring)
     granite: bool = False           # Granite: embedding, residual and logit multipliers (attention's is its scaling)
+    logits_multiplied: bool = False  # HyperCLOVA X: the logits times logits_scaling (Granite divides by it)
     norms: str = "pre"              # "pre": input_layernorm, post_attention_layernorm (Gemma 2 / 3: by their names);
-                                    # "post": on the outputs only (OLMo 2, Exaone 4); "glm4": GLM-4's four
+                                    # "post": on the outputs only (OLMo 2, Exaone 4); "glm4": GLM-4's four;
+                                    # "peri": the pre-norms and, where the model has them, post_norm1 / post_norm2 on
+                                    # the outputs (HyperCLOVA X's Peri-LN: its residual multiplier scales their weights)
     norm_fp32: bool = False         # OLMo 2: (w * x).to(dtype), the scale in fp32
     rope: str = "half"              # "half" (rotate-half) | "interleaved" (pairs 2i, 2i + 1: GLM, ERNIE 4.5)
     rope_tables: bool = False       # a rope table per layer type (Gemma 3, OLMo 3: ``{type}_inv_freq``)
@@ -164,6 +169,8 @@ FAMILY: dict[str, FamilyTraits] = {
     "granite_swa": FamilyTraits(granite=True, sliding_from="layer_types", nope="layer_rope_theta", layer_thetas=True),
     "granitemoe_swa": FamilyTraits(granite=True, moe="granite", sliding_from="layer_types", nope="layer_rope_theta",
                                    layer_thetas=True),
+    # HyperCLOVA X: Granite's multipliers (the logits multiplied), Peri-LN output norms when use_post_norm
+    "hyperclovax": FamilyTraits(granite=True, logits_multiplied=True, norms="peri"),
     # VaultGemma: Gemma 2 without the norms on the attention's and the MLP's outputs (pre_feedforward_layernorm is the
     # MLP's input norm); soft caps, sliding / full layers, query_pre_attn_scalar as Gemma 2's
     "vaultgemma": FamilyTraits(sliding_from="layer_types", gemma=2),
@@ -416,6 +423,10 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
     if slices:
         source = RowSlices(source, slices)
         names |= set(slices)
+    if traits.norms == "peri" and traits.granite:     # h + m * norm(x) == h + norm'(x), norm' = m * norm's weight
+        peri = {f"model.layers.{i}.{n}.weight": float(config.residual_multiplier)
+                for i in range(config.num_hidden_layers) for n in ("post_norm1", "post_norm2")}
+        source = Scaled(source, {n: f for n, f in peri.items() if n in names})
 
     ref, opt = lookups(source, names)
 
@@ -486,6 +497,10 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
         elif traits.norms == "glm4":
             input_norm, post_norm = f"{norm}.input_layernorm", f"{norm}.post_attention_layernorm"
             attn_out, mlp_out = f"{norm}.post_self_attn_layernorm", f"{norm}.post_mlp_layernorm"
+        elif traits.norms == "peri":     # (HyperCLOVA X without use_post_norm: Identity, no weights)
+            input_norm, post_norm = f"{norm}.input_layernorm", f"{norm}.post_attention_layernorm"
+            attn_out, mlp_out = (f"{norm}.{n}" if f"{norm}.{n}.weight" in names else None
+                                 for n in ("post_norm1", "post_norm2"))
         elif f"{norm}.pre_feedforward_layernorm.weight" in names:        # Gemma 2 / 3 (VaultGemma: no output norms)
             input_norm, post_norm = f"{norm}.input_layernorm", f"{norm}.pre_feedforward_layernorm"
             attn_out, mlp_out = (f"{norm}.{n}" if f"{norm}.{n}.weight" in names else None
@@ -509,7 +524,8 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
             k_norm=ref(f"{a}.{k_norm}.weight") if k_norm else None,
             qk_norm_kind="head" if qk_norm == "none" else qk_norm, rotary=_rotates(config, traits, i),
             sliding_window=_sliding_window(config, traits, i), moe=moe, attn_temperature=temperature,
-            out_scale=config.residual_multiplier if traits.granite else None, sinks=opt(f"{a}.sinks"),
+            out_scale=config.residual_multiplier if traits.granite and attn_out is None else None,
+            sinks=opt(f"{a}.sinks"),
         ))
     tied = tied_embeddings(model)
     return ModelWeights(
@@ -524,7 +540,8 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
         norm_offset=1.0 if traits.gemma else 0.0, norm_fp32=traits.norm_fp32,
         embed_scale=config.hidden_size ** 0.5 if traits.gemma else config.embedding_multiplier if traits.granite else None,
         embed_scale_rounded=bool(traits.gemma), embed_scale_on="module" if traits.gemma else "all",
-        logit_scale=1.0 / config.logits_scaling if traits.granite else None,
+        logit_scale=(config.logits_scaling if traits.logits_multiplied else 1.0 / config.logits_scaling)
+        if traits.granite else None,
         # (HF's Gemma 3 attention does not apply attn_logit_softcapping even when the config sets it)
         attn_softcap=getattr(config, "attn_logit_softcapping", None) if traits.gemma == 2 else None,
         final_softcap=getattr(config, "final_logit_softcapping", None) if traits.gemma else None,
