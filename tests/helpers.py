@@ -263,7 +263,7 @@ def tiny_model(family: str, seed: int = 0, **overrides):
                 if "norm" in name:
                     p.normal_(1.0, 0.2)
         if family in ("exaone", "internlm3", "helium", "hunyuan_v1_moe",   # HF's linear biases start at 0: random
-                      "olmo", "nemotron", "jais2", "hyperclovax"):                          # ones, so a bias dropped or misplaced
+                      "olmo", "nemotron", "jais2", "hyperclovax"):           # ones, so a bias dropped or misplaced
             for name, p in model.named_parameters():                         # (Helium's reordered rows) cannot pass
                 if name.endswith("_proj.bias"):
                     p.normal_(0.0, 0.2)
