@@ -770,6 +770,9 @@ LLAMA_LIKE_FAMILIES = {
     # q/k/v/o and MLP biases
     "hyperclovax": dict(head_dim=16, embedding_multiplier=3.0, residual_multiplier=0.3, attention_multiplier=0.05,
                         logits_scaling=0.25, attention_bias=True, mlp_bias=True, use_post_norm=True),
+    # weightless RMSNorms (the embeddings' too), q / k norms after a sign-flipped rotation, ReLU² fc1 / fc2, GQA,
+    # soft-capped logits
+    "nanochat": dict(head_dim=16, final_logit_softcapping=3.0),
     # Gemma 2's blocks without the output norms: (1 + w) norms, scaled embedding, GeGLU, soft-capped scores and
     # logits, sliding / full layers, query_pre_attn_scalar
     "vaultgemma": dict(num_hidden_layers=3, head_dim=32, sliding_window=7, query_pre_attn_scalar=24,

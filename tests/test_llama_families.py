@@ -15,7 +15,8 @@ random biases), Solar Open (DeepSeek-V3's MoE in every layer), Mellum (per-head 
 type, a dense layer then softmax top-2 MoE layers), HunYuan MoE (q / k norms after the rotation, top-2 MoE + shared
 MLP), VaultGemma (Gemma 2's blocks without the output norms), Granite SWA (Granite's multipliers, attention sinks, a
 rope base per layer: sliding, full, NoPE) and Granite MoE SWA (the same with a top-2 MoE + shared MLP), HyperCLOVA X
-(Granite's multipliers with the logits multiplied, Peri-LN output norms; and without them).
+(Granite's multipliers with the logits multiplied, Peri-LN output norms; and without them), NanoChat (weightless
+RMSNorms, the embeddings' too, q / k norms after a sign-flipped rotation, ReLU squared, soft-capped logits).
 fp32 logits atol 2e-4 / rtol 1e-4 on a left-padded batch and greedy tokens identical; bf16 prompt and decode-step
 logits within the bf16 tolerance; for some, int8, offload on both tiers, a checkpoint on meta and TP=2;
 the refused settings. Through the Triton kernels:
@@ -45,12 +46,12 @@ BLOCKS = {"olmo2": ("PostNormDecoderLayer", "ProjectionNormAttention"),
           "hunyuan_v1_dense": ("DecoderLayer", "RotaryFirstAttention"),
           "hunyuan_v1_moe": ("DecoderLayer", "RotaryFirstAttention"),
           "ministral3": ("DecoderLayer", "TemperatureTunedAttention"),
-          "hyperclovax": ("SandwichDecoderLayer", "Attention")}
+          "hyperclovax": ("SandwichDecoderLayer", "Attention"), "nanochat": ("DecoderLayer", "RotaryFirstAttention")}
 # the ones whose decode steps must stay on the per-op path: output-only norms, whole-projection q / k norms or norms
 # after the rotation, MoE, NoPE layers among rotary ones (Arcee's ReLU squared: taken, since cpu_gemv.act has it)
 MOE = ("olmoe", "glm4_moe", "sarvam_moe", "dots1", "exaone_moe", "flex_olmo", "minimax_m2", "granitemoe",
        "granitemoeshared", "ernie4_5_moe", "solar_open", "mellum", "hunyuan_v1_moe", "granitemoe_swa")
-PER_OP = ("olmo2", "olmo3", "exaone4", "hunyuan_v1_dense", "smollm3", *MOE)
+PER_OP = ("olmo2", "olmo3", "exaone4", "hunyuan_v1_dense", "smollm3", "nanochat", *MOE)
 # bf16: OLMoE's seed 0 has a routing decision within 7e-4 (a bf16 rounding of the router's input flips it)
 BF16_SEEDS = {"olmoe": 2}
 # bf16 for the sigmoid-routed families: every expert routed (top-k = all, every group kept), so no near tie in HF's
@@ -182,12 +183,13 @@ def test_llama_like_families_from_checkpoint_on_meta(tmp_path):
     transformers renames on load) in the router, MiniMax-M2's (renamed too) in the block; GraniteMoE-Shared's 3D
     input_linear / output_linear experts and its shared MLP's packed gate | up; EXAONE 3's checkpoint names
     (transformer.h.*, attn.attention.*, c_fc_0 / c_fc_1 / c_proj, ln_1 / ln_2: renamed on load), Helium's reordered q / k
-    rows and biases, Solar Open's, Mellum's and HunYuan MoE's experts one by one (HunYuan's router is mlp.gate.wg)."""
+    rows and biases, Solar Open's, Mellum's and HunYuan MoE's experts one by one (HunYuan's router is mlp.gate.wg),
+    Granite MoE SWA's packed shared MLP and sinks, NanoChat's negated rotary rows read from the files."""
     from transformers import AutoModelForCausalLM
 
     for family in ("glm4", "olmo2", "olmoe", "ernie4_5", "glm4_moe", "exaone_moe", "minimax_m2", "granitemoeshared",
                    "ministral3", "ernie4_5_moe", "exaone", "helium", "solar_open", "mellum", "hunyuan_v1_moe",
-                   "granitemoe_swa"):
+                   "granitemoe_swa", "nanochat"):
         hf = tiny_model(family)
         hf.save_pretrained(tmp_path / family)
         with torch.device("meta"):

@@ -429,8 +429,9 @@ class DecoderModel(nn.Module):
         """The embeddings h [B, T, H] as the first block reads them (first stage; unchanged for most families)."""
         if self.pos_embed is not None:
             h = h + nn.functional.embedding(step.positions + self.pos_offset, self.pos_embed)
-        if self.embed_norm is not None:
-            h = ops.layer_norm(h, *self.embed_norm, self.eps)
+        if self.embed_norm is not None:    # BLOOM's LayerNorm; without a bias, an RMSNorm (NanoChat's)
+            weight, bias = self.embed_norm
+            h = ops.layer_norm(h, weight, bias, self.eps) if bias is not None else ops.rms_norm(h, weight, self.eps)
         return h
 
     def final(self, h: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """The Llama family (llama, mistral, ministral, qwen2, qwen3, phi3, granite, seed_oss, arcee, smollm3, ernie4_5,
-hunyuan_v1_dense, glm, glm4, olmo2, olmo3, exaone4, granite_swa, hyperclovax, the MoE ones: mixtral, qwen2_moe,
-qwen3_moe, olmoe, flex_olmo, minimax_m2, glm4_moe, sarvam_moe, dots1, exaone_moe, solar_open, mellum, hunyuan_v1_moe,
-granitemoe_swa, Llama's modules under other model types: exaone, internlm3, iquestcoder, cwm, helium, and the Gemma
-ones: gemma, gemma2, gemma3_text, vaultgemma): one table, one reader.
+hunyuan_v1_dense, glm, glm4, olmo2, olmo3, exaone4, granite_swa, hyperclovax, nanochat, the MoE ones: mixtral,
+qwen2_moe, qwen3_moe, olmoe, flex_olmo, minimax_m2, glm4_moe, sarvam_moe, dots1, exaone_moe, solar_open, mellum,
+hunyuan_v1_moe, granitemoe_swa, Llama's modules under other model types: exaone, internlm3, iquestcoder, cwm, helium,
+and the Gemma ones: gemma, gemma2, gemma3_text, vaultgemma): one table, one reader.
 
 All share the module tree ``model.model.{embed_tokens, layers[i].{self_attn.{q,k,v,o}_proj,
 mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm}, norm, rotary_emb}`` and
@@ -43,6 +43,8 @@ attention sinks (``self_attn.sinks``), sliding / full layers and a rope base per
 Granite MoE SWA the same with Granite 3 MoE's experts and shared MLP. HyperCLOVA X has Granite's multipliers (its logits
 multiplied by logits_scaling) and, with use_post_norm, Peri-LN: RMSNorms on the attention's and the MLP's outputs too
 (``post_norm1``, ``post_norm2``), the residual multiplier folded into their weights rather than into o / down.
+NanoChat's RMSNorms have no weight (one more norms the embeddings), its q / k norms come after a rotation by -angle
+(read as a rotate-half one: :class:`Negated`), its MLP is ``fc2(relu(fc1 x)^2)`` and its logits soft-capped.
 """
 from __future__ import annotations
 
@@ -55,8 +57,8 @@ from torch import nn
 from lightning_dsinfer.kernels.reference import Routing
 from lightning_dsinfer.modules.rotary import mrope_axes
 from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, MoEWeights, UnsupportedModelError
-from lightning_dsinfer.policies.weights import (ExpertStack, ModuleSource, RowSlices, Scaled, WeightSource, lookups,
-                                               rotate_half_pieces, tied_embeddings)
+from lightning_dsinfer.policies.weights import (ExpertStack, ModuleSource, Ones, Rewritten, RowSlices, Scaled,
+                                               WeightSource, lookups, rotate_half_pieces, tied_embeddings)
 
 
 @dataclass(frozen=True)
@@ -88,13 +90,19 @@ class FamilyTraits:
                                     # "peri": the pre-norms and, where the model has them, post_norm1 / post_norm2 on
                                     # the outputs (HyperCLOVA X's Peri-LN: its residual multiplier scales their weights)
     norm_fp32: bool = False         # OLMo 2: (w * x).to(dtype), the scale in fp32
-    rope: str = "half"              # "half" (rotate-half) | "interleaved" (pairs 2i, 2i + 1: GLM, ERNIE 4.5)
+    rope: str = "half"              # "half" (rotate-half) | "interleaved" (pairs 2i, 2i + 1: GLM, ERNIE 4.5) |
+                                    # "flipped" (NanoChat's rotate-half with the signs flipped, a rotation by -angle:
+                                    # each head's second rotary half of q and k negated when read, :class:`Negated`)
     rope_tables: bool = False       # a rope table per layer type (Gemma 3, OLMo 3: ``{type}_inv_freq``)
     layer_thetas: bool = False      # a rope base per layer (``layer_rope_theta``, 0: NoPE; Granite SWA): one base for
                                     # the rotating sliding layers and one for the rotating full ones at most
     nope: str = "none"              # layers without rotary: "no_rope_layers" (SmolLM3: 0 = NoPE) | "global" (Exaone
                                     # 4: with a sliding window, only the sliding layers rotate)
     plain_mlp: bool = False         # Arcee: down(act(up(x))), no gate
+    mlp_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")     # (NanoChat's plain MLP: fc1, fc2)
+    weightless_norms: bool = False  # NanoChat: RMSNorms without a weight (ones are read), q / k norms too, and one
+                                    # more of the embeddings before the first block (``ModelWeights.embed_norm``)
+    logit_softcap: bool = False     # final_logit_softcapping outside the Gemma rows (NanoChat)
     mrope: str = "none"             # vision-language models' language models: M-RoPE, the frequencies read at the time
                                     # / height / width positions in "sections" (Qwen 2 / 2.5-VL) or "interleaved"
                                     # (Qwen3-VL): ``modules.rotary.mrope_axes``
@@ -171,6 +179,10 @@ FAMILY: dict[str, FamilyTraits] = {
                                    layer_thetas=True),
     # HyperCLOVA X: Granite's multipliers (the logits multiplied), Peri-LN output norms when use_post_norm
     "hyperclovax": FamilyTraits(granite=True, logits_multiplied=True, norms="peri"),
+    # NanoChat: weightless RMSNorms (the embeddings' too), q / k norms after its sign-flipped rotation, a plain ReLU²
+    # MLP (fc1 / fc2), soft-capped logits
+    "nanochat": FamilyTraits(qk_norm="after_rotary", rope="flipped", plain_mlp=True, mlp_names=("", "fc1", "fc2"),
+                             weightless_norms=True, logit_softcap=True),
     # VaultGemma: Gemma 2 without the norms on the attention's and the MLP's outputs (pre_feedforward_layernorm is the
     # MLP's input norm); soft caps, sliding / full layers, query_pre_attn_scalar as Gemma 2's
     "vaultgemma": FamilyTraits(sliding_from="layer_types", gemma=2),
@@ -290,6 +302,30 @@ def _layer_theta_ropes(config, rotary_type) -> tuple[tuple, tuple | None]:
             rotary = rotary_type(config)
         return (rotary.inv_freq, float(rotary.attention_scaling), getattr(rotary, "rope_type", "default")), None
     return tables.get("full_attention", tables.get("sliding_attention")), tables.get("sliding_attention")
+
+
+class Negated(Rewritten):
+    """Each head's rows [half, rotary) of ``names`` (q / k weights and biases) read negated, the others as they are:
+    NanoChat's rotation by -angle (rotate-half with its signs flipped) in the engine's rotate-half layout. The rotated
+    q and k come out with those dims negated, which leaves the scores q.k (and the per-head RMS norms that follow,
+    weightless) unchanged; other names pass through."""
+
+    def __init__(self, inner: WeightSource, names, head_dim: int, rotary_dim: int):
+        super().__init__(inner)
+        self.names, self.head_dim, self.rotary_dim = set(names), head_dim, rotary_dim
+
+    def rewrites(self, name):
+        return name in self.names
+
+    def read(self, name, dim, start, length):
+        t = self.inner.read(name, dim, start, length)
+        if name not in self.names:
+            return t
+        rows = torch.arange(start, start + length) if dim == 0 else torch.arange(t.shape[0])
+        within = rows % self.head_dim
+        negated = (within >= self.rotary_dim // 2) & (within < self.rotary_dim)
+        sign = torch.where(negated, -1.0, 1.0).to(t.dtype)
+        return t * sign.view(-1, *([1] * (t.dim() - 1)))
 
 
 def _refuse(config, traits: FamilyTraits) -> None:
@@ -423,6 +459,13 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
     if slices:
         source = RowSlices(source, slices)
         names |= set(slices)
+    if traits.rope == "flipped":
+        if 2 * main[0].numel() != head_dim:
+            raise UnsupportedModelError(f"{config.model_type} with {2 * main[0].numel()} rotary dims of a head of "
+                                        f"{head_dim} is not supported (transformers rotates whole heads).")
+        flipped = [f"model.layers.{i}.self_attn.{p}_proj.{kind}" for i in range(config.num_hidden_layers)
+                   for p in "qk" for kind in ("weight", "bias")]
+        source = Negated(source, [n for n in flipped if n in names], head_dim, head_dim)
     if traits.norms == "peri" and traits.granite:     # h + m * norm(x) == h + norm'(x), norm' = m * norm's weight
         peri = {f"model.layers.{i}.{n}.weight": float(config.residual_multiplier)
                 for i in range(config.num_hidden_layers) for n in ("post_norm1", "post_norm2")}
@@ -433,6 +476,13 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
     qk_norm = traits.qk_norm if getattr(config, "use_qk_norm", True) else "none"    # (GLM-4.5: by the config)
     q_norm, k_norm = {"none": (None, None), "after_rotary": ("query_layernorm", "key_layernorm")}.get(
         qk_norm, ("q_norm", "k_norm"))
+    if traits.weightless_norms:
+        q_norm, k_norm = "q_norm", "k_norm"
+    gate_n, up_n, down_n = traits.mlp_names
+
+    def norm_ref(name, size=config.hidden_size):      # (NanoChat's norms have no weight: ones)
+        return Ones().ref((size,)) if traits.weightless_norms else ref(f"{name}.weight")
+
     routing, router_bias = None, None
     if traits.moe == "deepseek":
         from lightning_dsinfer.policies.deepseek import routing_of
@@ -513,15 +563,15 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
             o=ref(f"{a}.o_proj.weight"),
             q_bias=opt(f"{a}.q_proj.bias"), k_bias=opt(f"{a}.k_proj.bias"), v_bias=opt(f"{a}.v_proj.bias"),
             o_bias=opt(f"{a}.o_proj.bias"),
-            gate=ref(f"{m}.gate_proj.weight") if gated else None, up=ref(f"{m}.up_proj.weight") if dense else None,
-            down=ref(f"{m}.down_proj.weight") if dense else None,
-            gate_bias=opt(f"{m}.gate_proj.bias"), up_bias=opt(f"{m}.up_proj.bias"), down_bias=opt(f"{m}.down_proj.bias"),
-            input_norm=ref(f"{input_norm}.weight") if input_norm else None,
-            post_norm=ref(f"{post_norm}.weight") if post_norm else None,
+            gate=ref(f"{m}.{gate_n}.weight") if gated else None, up=ref(f"{m}.{up_n}.weight") if dense else None,
+            down=ref(f"{m}.{down_n}.weight") if dense else None,
+            gate_bias=opt(f"{m}.{gate_n}.bias"), up_bias=opt(f"{m}.{up_n}.bias"), down_bias=opt(f"{m}.{down_n}.bias"),
+            input_norm=norm_ref(input_norm) if input_norm else None,
+            post_norm=norm_ref(post_norm) if post_norm else None,
             attn_out_norm=ref(f"{attn_out}.weight") if attn_out else None,
             mlp_out_norm=ref(f"{mlp_out}.weight") if mlp_out else None,
-            q_norm=ref(f"{a}.{q_norm}.weight") if q_norm else None,
-            k_norm=ref(f"{a}.{k_norm}.weight") if k_norm else None,
+            q_norm=norm_ref(f"{a}.{q_norm}", head_dim) if q_norm else None,
+            k_norm=norm_ref(f"{a}.{k_norm}", head_dim) if k_norm else None,
             qk_norm_kind="head" if qk_norm == "none" else qk_norm, rotary=_rotates(config, traits, i),
             sliding_window=_sliding_window(config, traits, i), moe=moe, attn_temperature=temperature,
             out_scale=config.residual_multiplier if traits.granite and attn_out is None else None,
@@ -534,7 +584,8 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
         vocab_size=config.vocab_size, rms_norm_eps=config.rms_norm_eps,
         scaling=getattr(base.layers[0].self_attn, "scaling", head_dim ** -0.5),
         inv_freq=main[0].detach(), attention_scaling=main[1], rope_type=main[2],
-        embed=ref("model.embed_tokens.weight"), final_norm=ref("model.norm.weight"),
+        embed=ref("model.embed_tokens.weight"), final_norm=norm_ref("model.norm"),
+        embed_norm=Ones().ref((config.hidden_size,)) if traits.weightless_norms else None,
         lm_head=ref("model.embed_tokens.weight" if tied else "lm_head.weight"), lm_head_bias=opt("lm_head.bias"),
         tied_embeddings=tied, layers=layers,
         norm_offset=1.0 if traits.gemma else 0.0, norm_fp32=traits.norm_fp32,
@@ -544,7 +595,8 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
         if traits.granite else None,
         # (HF's Gemma 3 attention does not apply attn_logit_softcapping even when the config sets it)
         attn_softcap=getattr(config, "attn_logit_softcapping", None) if traits.gemma == 2 else None,
-        final_softcap=getattr(config, "final_logit_softcapping", None) if traits.gemma else None,
+        final_softcap=(getattr(config, "final_logit_softcapping", None) if traits.gemma or traits.logit_softcap
+                       else None),
         mlp_act=acts[act], mlp_gated=not traits.plain_mlp,
         sliding_inv_freq=sliding[0].detach() if sliding and not _same_rope(sliding, main) else None,
         sliding_attention_scaling=sliding[1] if sliding else 1.0, mrope_axes=axes,
