@@ -24,8 +24,8 @@ from lightning_dsinfer.modules.linear import (DEQUANT_BYTES_PER_WEIGHT, DEQUANT_
                                               DEQUANT_INT4_BYTES_PER_WEIGHT, Linear, quantize_int4_rows, quantize_rows)
 from lightning_dsinfer.modules.mla import LatentAttention
 from lightning_dsinfer.modules.moe import MoEMLP, quantize_experts
-from lightning_dsinfer.modules.transformer import (MLP, Attention, DecoderLayer, DecoderModel, GatedMLP,
-                                                  GPTDecoderLayer, LayerSpec, OutputGatedAttention,
+from lightning_dsinfer.modules.transformer import (MLP, Attention, ClampedQKVAttention, DecoderLayer, DecoderModel,
+                                                  GatedMLP, GPTDecoderLayer, LayerSpec, OutputGatedAttention,
                                                   PostNormDecoderLayer, ProjectionNormAttention, RotaryFirstAttention,
                                                   SandwichDecoderLayer, TemperatureTunedAttention)
 from lightning_dsinfer.parallel import TensorParallelComm, TensorShardPlan
@@ -367,7 +367,7 @@ def layer_spec(w: ModelWeights, plan: TensorShardPlan, lw: LayerWeights) -> Laye
                      moe_first_expert=expert_range(moe, plan)[0] if moe and moe.expert_parallel else None,
                      moe_routing=moe.routing if moe else None, moe_act=moe.act if moe else None, mla=w.mla,
                      deltanet=lw.deltanet, attn_output_gate=lw.attn_gate is not None, mamba=lw.mamba,
-                     mamba1=lw.mamba1)
+                     mamba1=lw.mamba1, clip_qkv=lw.clip_qkv)
 
 
 # A block's tensors by half: offload streams the attention half (with both norms) and the MLP half as two units.
@@ -524,6 +524,8 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
         kind = OutputGatedAttention
     if spec.attn_temperature is not None:   # Llama 4's NoPE layers, Ministral 3: queries scaled by column / position
         kind = TemperatureTunedAttention
+    if spec.clip_qkv is not None:    # OLMo, MPT, DBRX: q, k, v clamped (the policies set it on plain attention only)
+        kind = ClampedQKVAttention
 
     def out_proj():                  # (row-parallel: this rank's partial sums reduced; the residual added once)
         return linear("o", reduce=reduce, owns_residual=first, row_max=row_max)

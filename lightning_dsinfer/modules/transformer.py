@@ -114,6 +114,7 @@ class LayerSpec:
     mamba: Any = None                      # Mamba-2's numbers (policies.base.Mamba2Weights: Granite 4; Falcon-H1's
                                            # beside the attention, ``beside_attention``)
     mamba1: Any = None                     # Mamba-1's numbers (policies.base.Mamba1Weights: Mamba, FalconMamba, Jamba)
+    clip_qkv: float | None = None          # the QKV projection's output clamped to [-clip, clip] (ClampedQKVAttention)
 
 
 class Attention(nn.Module):
@@ -240,6 +241,18 @@ class TemperatureTunedAttention(Attention):
             scale = torch.log1p(torch.floor((cols.float() + 1.0) / self.floor_scale)) * self.attn_scale + 1.0
             q = (qkv[..., :nq] * scale[:, None]).to(qkv.dtype)
         return super().from_qkv(torch.cat((q, qkv[..., nq:]), dim=-1), residual, step)
+
+
+class ClampedQKVAttention(Attention):
+    """Attention whose QKV projection's output (biases included) is clamped to [-clip, clip] before anything else, as
+    transformers' ``clip_qkv`` (OLMo, MPT, DBRX): elementwise, so each rank clamps its own heads' rows."""
+
+    def __init__(self, spec: LayerSpec, layer_idx: int, qkv: Linear, o: Linear, **kw):
+        super().__init__(spec, layer_idx, qkv, o, **kw)
+        self.clip = spec.clip_qkv
+
+    def from_qkv(self, qkv: torch.Tensor, residual: torch.Tensor | None, step: Step) -> torch.Tensor:
+        return super().from_qkv(qkv.clamp(-self.clip, self.clip), residual, step)
 
 
 class GatedMLP(nn.Module):

@@ -235,6 +235,8 @@ class LayerWeights:
     out_scale: float | None = None          # Granite's residual_multiplier: o and down (weights, biases) scaled by it
     mla: MLAWeights | None = None           # DeepSeek: latent attention (q / k / v are None then)
     sinks: WeightRef | None = None          # gpt-oss: attention sinks, a logit per head [Hq] in every softmax
+    clip_qkv: float | None = None           # q, k and v clamped to [-clip, clip] after their projection (OLMo, MPT,
+                                            # DBRX: ClampedQKVAttention)
     deltanet: DeltaNetWeights | None = None  # Qwen3-Next / 3.5: linear attention instead (q / k / v None then)
     attn_gate: WeightRef | None = None      # Qwen3-Next / 3.5: attention's output x sigmoid(gate rows [Hq D, H] @ x)
     attn_gate_bias: WeightRef | None = None

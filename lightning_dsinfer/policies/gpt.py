@@ -149,7 +149,8 @@ FAMILY: dict[str, GPTFamily] = {
     "jais2": GPTFamily(base="model", embed="embed_tokens", layers="layers", final_norm="norm", attn="self_attn",
                        o="o_proj", up="mlp.up_proj", down="mlp.down_proj", input_norm="input_layernorm",
                        post_norm="post_attention_layernorm"),
-    # OLMo (1): Llama's modules (SwiGLU, GQA, rotary) under LayerNorms without a weight or a bias, eps 1e-5
+    # OLMo (1): Llama's modules (SwiGLU, GQA, rotary) under LayerNorms without a weight or a bias, eps 1e-5; q, k, v
+    # clamped by clip_qkv (OLMo 1.7)
     "olmo": GPTFamily(base="model", embed="embed_tokens", layers="layers", final_norm="norm", attn="self_attn",
                       o="o_proj", gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj",
                       input_norm="input_layernorm", post_norm="post_attention_layernorm", eps=None, norms="none"),
@@ -186,9 +187,6 @@ def _refuse(config, family: GPTFamily) -> None:
     for flag, what in flags.items():
         if getattr(config, flag, False):
             raise UnsupportedModelError(f"{mt} with {flag}=True ({what}) is not supported by the fused engine.")
-    if getattr(config, "clip_qkv", None) is not None:
-        raise UnsupportedModelError(f"{mt} with clip_qkv={config.clip_qkv} (q, k and v clamped after the projection) "
-                                    f"is not supported by the fused engine; clip_qkv=None is.")
     if mt == "opt":
         if not getattr(config, "do_layer_norm_before", True) or not getattr(config, "layer_norm_elementwise_affine", True):
             raise UnsupportedModelError("opt with do_layer_norm_before=False or layer_norm_elementwise_affine=False "
@@ -202,9 +200,6 @@ def _refuse(config, family: GPTFamily) -> None:
     if mt == "falcon" and config.alibi:
         raise UnsupportedModelError("falcon with alibi=True (Falcon-RW: ALiBi added before the scores' scaling) is not "
                                     "supported by the fused engine; the rotary Falcons (7B, 40B, 180B) are.")
-    if mt == "mpt" and config.attn_config.clip_qkv:
-        raise UnsupportedModelError(f"mpt with attn_config.clip_qkv={config.attn_config.clip_qkv} (q, k and v clamped "
-                                    f"after the projection) is not supported by the fused engine; clip_qkv=None is.")
     if mt == "cohere2_moe":
         if getattr(config, "rms_norm_eps", None) is not None:
             raise UnsupportedModelError(f"cohere2_moe with rms_norm_eps={config.rms_norm_eps} (RMSNorms in the "
@@ -289,6 +284,15 @@ def _rotary(model: nn.Module, config, family: GPTFamily, head_dim: int, max_seq_
     inv_freq, rope_type = rotary.inv_freq, getattr(rotary, "rope_type", "default")
     check_rope(config, rotary, inv_freq, rope_type, head_dim, max_seq_len)
     return inv_freq.detach(), float(rotary.attention_scaling), rope_type
+
+
+def _clip_qkv(config) -> float | None:
+    """The clamp of q, k and v after their projection (OLMo's clip_qkv, MPT's and DBRX's in attn_config; a 0 of MPT's
+    means none, as transformers reads it)."""
+    clip = getattr(config, "clip_qkv", None)
+    if clip is None and getattr(config, "attn_config", None) is not None:
+        clip = getattr(config.attn_config, "clip_qkv", None) or None
+    return None if clip is None else float(clip)
 
 
 def _alibi_slopes(model: nn.Module, heads: int) -> torch.Tensor:
@@ -426,6 +430,7 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
         if family.sliding == "layer_types" and config.layer_types[i] == "sliding_attention":
             return config.sliding_window
         return None
+    clip = _clip_qkv(config)
     layers = []
     for i in range(n_layers):
         b = block(i)
@@ -444,7 +449,7 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
             down_bias=opt(f"{b}.{family.down}.bias"),
             input_norm=norm_weight(f"{b}.{family.input_norm}"), input_norm_bias=norm_bias(f"{b}.{family.input_norm}"),
             post_norm=norm_weight(post) if post else None, post_norm_bias=norm_bias(post) if post else None,
-            sliding_window=window(i), rotary=rotates(i)))
+            sliding_window=window(i), rotary=rotates(i), clip_qkv=clip))
     if not parallel and any(lw.post_norm is None for lw in layers):
         raise UnsupportedModelError(f"{config.model_type}: a sequential block without its second norm.")
     if config.model_type == "mpt" and max_seq_len > config.max_seq_len:    # (HF's ALiBi table ends there)
