@@ -644,6 +644,11 @@ GPT_FAMILIES = {
     # Jais 2: GQA, head_dim != hidden / heads, q/k/v/o and MLP biases, a ReLU-squared MLP, LayerNorms
     "jais2": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=24, intermediate_size=96,
                   max_position_embeddings=256),
+    # DBRX: bias-free LayerNorms, GQA q | k | v rows in Wqkv clamped by clip_qkv (0.5: most of them), a top-2 MoE of 4
+    # experts in every layer (w1 / v1 / w2), renormalised
+    "dbrx": dict(d_model=64, n_heads=4, max_seq_len=256,
+                 attn_config=dict(kv_n_heads=2, clip_qkv=0.5, rope_theta=10000.0),
+                 ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2)),
     # Nemotron: LayerNorm1P (1 + weight, a bias), a plain ReLU-squared MLP, head_dim != hidden / heads, partial rotary,
     # q/k/v/o and MLP biases
     "nemotron": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256,

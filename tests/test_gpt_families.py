@@ -10,7 +10,8 @@ positions), OLMo (Llama's blocks under LayerNorms without a weight or a bias), N
 partial rotary, head_dim != hidden / heads), Cohere 2 MoE (Cohere 2's blocks: a dense layer that rotates, a sparse NoPE
 full layer, a sparse sliding one; top-2 of 4 experts + a shared expert, averaged), MPT (ALiBi with the slopes of HF's
 table, q | k | v rows of Wqkv, bias-free LayerNorms), CodeGen (GPT-J's block, q, v, k packed in 4 groups of heads),
-Jais 2 (ReLU squared, GQA, biases; OLMo's, Nemotron's and its linear biases random); OLMo and MPT with clip_qkv.
+Jais 2 (ReLU squared, GQA, biases; OLMo's, Nemotron's and its linear biases random), DBRX (clip_qkv, GQA in Wqkv,
+a top-2 MoE of 4 w1 / v1 / w2 experts); OLMo and MPT with clip_qkv.
 fp32 logits atol 2e-4 / rtol
 1e-4 on a left-padded batch, greedy tokens identical; Falcon in its three block forms (KV groups with two norms,
 one KV head with one shared norm, sequential); bf16, int8, offload, tensor and pipeline parallelism, a
@@ -18,6 +19,7 @@ checkpoint on meta. Through the Triton kernels: tests/kernels/test_engine_triton
 
 import pytest
 import torch
+from transformers.models.dbrx.configuration_dbrx import DbrxFFNConfig
 from transformers.models.mpt.configuration_mpt import MptAttentionConfig
 
 import lightning_dsinfer as dsi
@@ -26,7 +28,9 @@ from helpers import GPT_FAMILIES, fake_quantised_int8, optimised_copy, padded_ba
 FAMILIES = list(GPT_FAMILIES)
 ATOL, RTOL = 2e-4, 1e-4
 # bf16 for the MoE ones: every expert routed, so that no near tie in HF's choice flips under bf16 rounding
-ALL_ROUTED = {"cohere2_moe": dict(num_experts_per_tok=4)}
+ALL_ROUTED = {"cohere2_moe": dict(num_experts_per_tok=4),
+              "dbrx": dict(ffn_config=DbrxFFNConfig(hidden_size=64, ffn_hidden_size=32, moe_num_experts=4,
+                                                    moe_top_k=4))}
 
 
 def _compare(ref, opt, seed=1, new=10, lengths=(12, 5, 9, 3)):
@@ -205,6 +209,8 @@ def test_gpt_families_tensor_and_pipeline_parallel(shared_runs):
     ("falcon", {"alibi": True}, "alibi=True"),
     ("cohere", {"use_qk_norm": True}, "use_qk_norm=True"),
     ("cohere2_moe", {"rms_norm_eps": 1e-5}, "rms_norm_eps=1e-05"),
+    ("dbrx", {"ffn_config": DbrxFFNConfig(hidden_size=64, ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2,
+                                          moe_normalize_expert_weights=2.0)}, "moe_normalize_expert_weights=2.0"),
     ("codegen", {"rotary_dim": 0}, "codegen without rotary_dim"),
     ("cohere2_moe", {"expert_selection_fn": "sigmoid"}, "expert_selection_fn='sigmoid' and norm_topk_prob=True"),
 ])

@@ -3,7 +3,7 @@ gpt_bigcode (StarCoder 1, SantaCoder), bloom, falcon, cohere (Command R), cohere
 sliding-window layers that rotate and full-attention layers that do not), olmo (OLMo 1: Llama's blocks under LayerNorms
 without a weight or a bias), nemotron (Nemotron 3 / 4, Minitron: LayerNorm1P, a ReLU-squared MLP, partial rotary),
 cohere2_moe (Cohere 2's blocks with experts), mpt (MPT: ALiBi with its own slopes), codegen (CodeGen: GPT-J's block
-with a packed qkv_proj), jais2 (Jais 2: LayerNorms, a ReLU-squared MLP).
+with a packed qkv_proj), jais2 (Jais 2: LayerNorms, a ReLU-squared MLP), dbrx (DBRX: a top-k MoE in every layer).
 
 What they share, and the Llama table lacks: LayerNorms with a bias; a plain MLP ``down(act(up(x)))`` with biases
 (StableLM keeps SwiGLU); the parallel residual ``h + attn(norm1(h)) + mlp(norm2(h))`` (GPT-NeoX and StableLM when
@@ -75,7 +75,8 @@ class GPTFamily:
                                      # either (OLMo: ones and zeros are read); "1p": scaled by 1 + weight (Nemotron's
                                      # LayerNorm1P: the 1 added when read, :class:`PlusOne`)
     moe: str = "none"                # "cohere2": Cohere 2 MoE's sparse MLPs by ``mlp_layer_types`` (router
-                                     # ``mlp.gate``, experts, ``mlp.shared_experts`` summed or averaged in)
+                                     # ``mlp.gate``, experts, ``mlp.shared_experts`` summed or averaged in); "dbrx":
+                                     # every layer sparse, DBRX's experts (:class:`DbrxExperts`)
 
 
 _NEOX_MLP = dict(up="mlp.dense_h_to_4h", down="mlp.dense_4h_to_h", input_norm="input_layernorm",
@@ -149,6 +150,11 @@ FAMILY: dict[str, GPTFamily] = {
     "jais2": GPTFamily(base="model", embed="embed_tokens", layers="layers", final_norm="norm", attn="self_attn",
                        o="o_proj", up="mlp.up_proj", down="mlp.down_proj", input_norm="input_layernorm",
                        post_norm="post_attention_layernorm"),
+    # DBRX: bias-free LayerNorms, GQA q | k | v rows in Wqkv (clip_qkv), rotary, a softmax top-k MoE in every layer
+    "dbrx": GPTFamily(base="transformer", embed="wte", layers="blocks", final_norm="norm_f", attn="norm_attn_norm.attn",
+                      qkv="Wqkv", qkv_layout="blocks", o="out_proj", gate="ffn.experts.mlp.w1",
+                      up="ffn.experts.mlp.v1", down="ffn.experts.mlp.w2", input_norm="norm_attn_norm.norm_1",
+                      post_norm="norm_attn_norm.norm_2", act=None, fixed_act="silu", eps=None, moe="dbrx"),
     # OLMo (1): Llama's modules (SwiGLU, GQA, rotary) under LayerNorms without a weight or a bias, eps 1e-5; q, k, v
     # clamped by clip_qkv (OLMo 1.7)
     "olmo": GPTFamily(base="model", embed="embed_tokens", layers="layers", final_norm="norm", attn="self_attn",
@@ -200,6 +206,16 @@ def _refuse(config, family: GPTFamily) -> None:
     if mt == "falcon" and config.alibi:
         raise UnsupportedModelError("falcon with alibi=True (Falcon-RW: ALiBi added before the scores' scaling) is not "
                                     "supported by the fused engine; the rotary Falcons (7B, 40B, 180B) are.")
+    if mt == "dbrx":
+        act = (config.ffn_config.ffn_act_fn or {}).get("name", "silu")
+        if act not in ("silu", "swish"):
+            raise UnsupportedModelError(f"dbrx with ffn_act_fn={config.ffn_config.ffn_act_fn} is not supported (the "
+                                        f"experts' gated MLP takes silu).")
+        p = config.ffn_config.moe_normalize_expert_weights
+        if p is not None and float(p) != 1.0:
+            raise UnsupportedModelError(f"dbrx with moe_normalize_expert_weights={p} (the top-k weights divided by "
+                                        f"their {p}-norm) is not supported by the fused engine; 1 (their sum) and None "
+                                        f"are.")
     if mt == "cohere2_moe":
         if getattr(config, "rms_norm_eps", None) is not None:
             raise UnsupportedModelError(f"cohere2_moe with rms_norm_eps={config.rms_norm_eps} (RMSNorms in the "
@@ -269,6 +285,8 @@ def _fused_kv_heads(config, heads: int) -> int:
         return config.num_kv_heads if config.new_decoder_architecture else 1 if config.multi_query else heads
     if config.model_type == "gpt_bigcode":
         return 1 if config.multi_query else heads
+    if config.model_type == "dbrx":
+        return config.attn_config.kv_n_heads
     return heads
 
 
@@ -330,6 +348,61 @@ def _moe(source: WeightSource, config, block: str) -> MoEWeights:
                       shared_down=shared_down, routing=routing)
 
 
+class DbrxExperts(Rewritten):
+    """DBRX's experts, stored as ``w1`` (gate) / ``v1`` (up) / ``w2`` [E I, H] (w2 holds each expert's down
+    transposed: its rows are the intermediate), seen as the MoE engine's ``gate_up_proj`` [E, 2 I, H] and
+    ``down_proj`` [E, H, I] under ``{mlp}.gate_up_proj`` / ``{mlp}.down_proj``; a slice reads only its experts' rows
+    (and, along H, narrows what it read); other names pass through."""
+
+    def __init__(self, inner: WeightSource, mlps, experts: int, inter: int, hidden: int):
+        super().__init__(inner)
+        self.mlps, self.e, self.i, self.h = set(mlps), experts, inter, hidden
+
+    def _split(self, name):
+        mlp, _, kind = name.rpartition(".")
+        return (mlp, kind) if mlp in self.mlps and kind in ("gate_up_proj", "down_proj") else (None, None)
+
+    def rewrites(self, name):
+        return self._split(name)[0] is not None
+
+    def shape(self, name):
+        mlp, kind = self._split(name)
+        if mlp is None:
+            return self.inner.shape(name)
+        return (self.e, 2 * self.i, self.h) if kind == "gate_up_proj" else (self.e, self.h, self.i)
+
+    def read(self, name, dim, start, length):
+        mlp, kind = self._split(name)
+        if mlp is None:
+            return self.inner.read(name, dim, start, length)
+        experts = range(start, start + length) if dim == 0 else range(self.e)
+        out = []
+        for e in experts:
+            if kind == "gate_up_proj":         # rows: gate (w1), then up (v1)
+                first, rows = (start, length) if dim == 1 else (0, 2 * self.i)
+                parts = []
+                for part, at in (("w1", 0), ("v1", self.i)):
+                    a, b = max(first, at), min(first + rows, at + self.i)
+                    if a < b:
+                        parts.append(self.inner.read(f"{mlp}.{part}", 0, e * self.i + a - at, b - a))
+                t = torch.cat(parts) if len(parts) > 1 else parts[0]
+                out.append(t[:, start:start + length] if dim == 2 else t)
+            else:                              # down [H, I] = w2's expert rows, transposed
+                first, rows = (start, length) if dim == 2 else (0, self.i)
+                t = self.inner.read(f"{mlp}.w2", 0, e * self.i + first, rows).t()
+                out.append(t[start:start + length] if dim == 1 else t)
+        return torch.stack(out).contiguous()
+
+
+def _dbrx_moe(source: WeightSource, config, block: str) -> MoEWeights:
+    """DBRX's MoE of ``block``: router ``ffn.router.layer``, the experts (:class:`DbrxExperts`), softmax over every
+    expert, the top-k renormalised by their sum (moe_normalize_expert_weights 1) or not (None)."""
+    m = f"{block}.ffn.experts.mlp"
+    return MoEWeights(router=source.ref(f"{block}.ffn.router.layer.weight"), gate_up=source.ref(f"{m}.gate_up_proj"),
+                      down=source.ref(f"{m}.down_proj"), top_k=config.ffn_config.moe_top_k,
+                      renormalize=config.ffn_config.moe_normalize_expert_weights is not None, weights_in_dtype=True)
+
+
 def has_experts(model_type: str | None) -> bool:
     """Whether ``model_type`` is a family of this table with mixture-of-experts layers."""
     family = FAMILY.get(model_type)
@@ -367,6 +440,10 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
     if family.norms == "1p":
         source = PlusOne(source, [f"{block(i)}.{n}.weight" for i in range(n_layers) for n in (
             family.input_norm, family.post_norm)] + [f"{base}.{family.final_norm}.weight"])
+    if family.moe == "dbrx":
+        ffn = config.ffn_config
+        source = DbrxExperts(source, [f"{block(i)}.ffn.experts.mlp" for i in range(n_layers)], ffn.moe_num_experts,
+                             ffn.ffn_hidden_size, hidden)
     if family.conv1d:
         source = Transposed(source, [f"{block(i)}.{p}.weight" for i in range(n_layers)
                                      for p in (f"{family.attn}.{family.qkv}", f"{family.attn}.{family.o}",
@@ -414,7 +491,7 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
     if family.qkv is None:
         kv_heads = ref(f"{proj(0, 'k')}.weight").shape[0] // head_dim
     def sparse(i):
-        return family.moe != "none" and config.mlp_layer_types[i] == "sparse"
+        return family.moe == "dbrx" or (family.moe != "none" and config.mlp_layer_types[i] == "sparse")
 
     def rotates(i):               # (Cohere 2 MoE: its dense layers rotate too when prefix_dense_sliding_window_pattern
         #                             is 1)
@@ -444,7 +521,7 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
             gate=ref(f"{b}.{family.gate}.weight") if family.gate and not sparse(i) else None,
             up=None if sparse(i) else ref(f"{b}.{family.up}.weight"),
             down=None if sparse(i) else ref(f"{b}.{family.down}.weight"),
-            moe=_moe(source, config, b) if sparse(i) else None,
+            moe=(_dbrx_moe if family.moe == "dbrx" else _moe)(source, config, b) if sparse(i) else None,
             gate_bias=opt(f"{b}.{family.gate}.bias") if family.gate else None, up_bias=opt(f"{b}.{family.up}.bias"),
             down_bias=opt(f"{b}.{family.down}.bias"),
             input_norm=norm_weight(f"{b}.{family.input_norm}"), input_norm_bias=norm_bias(f"{b}.{family.input_norm}"),
@@ -474,7 +551,7 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
     eps = getattr(config, family.eps) if family.eps else 1e-5
     return ModelWeights(
         model_type=config.model_type, hidden_size=hidden, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-        intermediate_size=dense[0].up.shape[0] if dense else config.intermediate_size, vocab_size=config.vocab_size,
+        intermediate_size=dense[0].up.shape[0] if dense else layers[0].moe.expert_inter, vocab_size=config.vocab_size,
         rms_norm_eps=eps, scaling=scaling,
         inv_freq=inv_freq, attention_scaling=attention_scaling, rope_type=rope_type,
         embed=ref(embed_name), final_norm=norm_weight(f"{base}.{family.final_norm}"),
