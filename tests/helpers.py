@@ -649,6 +649,11 @@ GPT_FAMILIES = {
     "dbrx": dict(d_model=64, n_heads=4, max_seq_len=256,
                  attn_config=dict(kv_n_heads=2, clip_qkv=0.5, rope_theta=10000.0),
                  ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2)),
+    # Phi-3.5-MoE: LayerNorms, GQA with biases, a window, lm_head bias, the sparsemixer's top-2 of 4 experts (its
+    # threshold router_jitter_noise at 0.3, not 0.01: most weights then below 1, the softmaxes over several logits)
+    "phimoe": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=32, num_local_experts=4,
+                   max_position_embeddings=256, attention_bias=True, lm_head_bias=True, sliding_window=7,
+                   router_jitter_noise=0.3),
     # Nemotron: LayerNorm1P (1 + weight, a bias), a plain ReLU-squared MLP, head_dim != hidden / heads, partial rotary,
     # q/k/v/o and MLP biases
     "nemotron": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256,

@@ -11,7 +11,8 @@ partial rotary, head_dim != hidden / heads), Cohere 2 MoE (Cohere 2's blocks: a 
 full layer, a sparse sliding one; top-2 of 4 experts + a shared expert, averaged), MPT (ALiBi with the slopes of HF's
 table, q | k | v rows of Wqkv, bias-free LayerNorms), CodeGen (GPT-J's block, q, v, k packed in 4 groups of heads),
 Jais 2 (ReLU squared, GQA, biases; OLMo's, Nemotron's and its linear biases random), DBRX (clip_qkv, GQA in Wqkv,
-a top-2 MoE of 4 w1 / v1 / w2 experts); OLMo and MPT with clip_qkv.
+a top-2 MoE of 4 w1 / v1 / w2 experts), Phi-3.5-MoE (the sparsemixer router at a threshold of 0.3, GQA with biases, a
+window, lm_head bias); OLMo and MPT with clip_qkv.
 fp32 logits atol 2e-4 / rtol
 1e-4 on a left-padded batch, greedy tokens identical; Falcon in its three block forms (KV groups with two norms,
 one KV head with one shared norm, sequential); bf16, int8, offload, tensor and pipeline parallelism, a
@@ -27,8 +28,12 @@ from helpers import GPT_FAMILIES, fake_quantised_int8, optimised_copy, padded_ba
 
 FAMILIES = list(GPT_FAMILIES)
 ATOL, RTOL = 2e-4, 1e-4
-# bf16 for the MoE ones: every expert routed, so that no near tie in HF's choice flips under bf16 rounding
-ALL_ROUTED = {"cohere2_moe": dict(num_experts_per_tok=4),
+# bf16 for the MoE ones: every expert routed, so that no near tie in HF's choice flips under bf16 rounding. Phi-3.5-MoE
+# always routes two, and its sparsemixer's threshold is a second cliff: its bf16 run takes the model's own threshold
+# (0.01: nearly every other logit far outside it; fp32 tests 0.3, where the softmaxes span several logits), on inputs
+# where no choice flips (at 0.3, or with the threshold out of reach, a token of HF's continuation flips an expert
+# between HF bf16 and ours, and between HF bf16 and HF fp32)
+ALL_ROUTED = {"cohere2_moe": dict(num_experts_per_tok=4), "phimoe": dict(router_jitter_noise=0.01),
               "dbrx": dict(ffn_config=DbrxFFNConfig(hidden_size=64, ffn_hidden_size=32, moe_num_experts=4,
                                                     moe_top_k=4))}
 

@@ -3,7 +3,8 @@ gpt_bigcode (StarCoder 1, SantaCoder), bloom, falcon, cohere (Command R), cohere
 sliding-window layers that rotate and full-attention layers that do not), olmo (OLMo 1: Llama's blocks under LayerNorms
 without a weight or a bias), nemotron (Nemotron 3 / 4, Minitron: LayerNorm1P, a ReLU-squared MLP, partial rotary),
 cohere2_moe (Cohere 2's blocks with experts), mpt (MPT: ALiBi with its own slopes), codegen (CodeGen: GPT-J's block
-with a packed qkv_proj), jais2 (Jais 2: LayerNorms, a ReLU-squared MLP), dbrx (DBRX: a top-k MoE in every layer).
+with a packed qkv_proj), jais2 (Jais 2: LayerNorms, a ReLU-squared MLP), dbrx (DBRX: a top-k MoE in every layer),
+phimoe (Phi-3.5-MoE: LayerNorms, the sparsemixer's top-2 MoE in every layer).
 
 What they share, and the Llama table lacks: LayerNorms with a bias; a plain MLP ``down(act(up(x)))`` with biases
 (StableLM keeps SwiGLU); the parallel residual ``h + attn(norm1(h)) + mlp(norm2(h))`` (GPT-NeoX and StableLM when
@@ -76,7 +77,8 @@ class GPTFamily:
                                      # LayerNorm1P: the 1 added when read, :class:`PlusOne`)
     moe: str = "none"                # "cohere2": Cohere 2 MoE's sparse MLPs by ``mlp_layer_types`` (router
                                      # ``mlp.gate``, experts, ``mlp.shared_experts`` summed or averaged in); "dbrx":
-                                     # every layer sparse, DBRX's experts (:class:`DbrxExperts`)
+                                     # every layer sparse, DBRX's experts (:class:`DbrxExperts`); "phimoe": every
+                                     # layer sparse, Phi-3.5-MoE's sparsemixer router
 
 
 _NEOX_MLP = dict(up="mlp.dense_h_to_4h", down="mlp.dense_4h_to_h", input_norm="input_layernorm",
@@ -155,6 +157,12 @@ FAMILY: dict[str, GPTFamily] = {
                       qkv="Wqkv", qkv_layout="blocks", o="out_proj", gate="ffn.experts.mlp.w1",
                       up="ffn.experts.mlp.v1", down="ffn.experts.mlp.w2", input_norm="norm_attn_norm.norm_1",
                       post_norm="norm_attn_norm.norm_2", act=None, fixed_act="silu", eps=None, moe="dbrx"),
+    # Phi-3.5-MoE: LayerNorms (eps rms_norm_eps), GQA with biases, a window, lm_head bias, the sparsemixer top-2 MoE in
+    # every layer
+    "phimoe": GPTFamily(base="model", embed="embed_tokens", layers="layers", final_norm="norm", attn="self_attn",
+                        o="o_proj", gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj",
+                        input_norm="input_layernorm", post_norm="post_attention_layernorm", eps="rms_norm_eps",
+                        sliding="config", moe="phimoe"),
     # OLMo (1): Llama's modules (SwiGLU, GQA, rotary) under LayerNorms without a weight or a bias, eps 1e-5; q, k, v
     # clamped by clip_qkv (OLMo 1.7)
     "olmo": GPTFamily(base="model", embed="embed_tokens", layers="layers", final_norm="norm", attn="self_attn",
@@ -403,6 +411,23 @@ def _dbrx_moe(source: WeightSource, config, block: str) -> MoEWeights:
                       renormalize=config.ffn_config.moe_normalize_expert_weights is not None, weights_in_dtype=True)
 
 
+def _phimoe_moe(source: WeightSource, config, block: str) -> MoEWeights:
+    """Phi-3.5-MoE's MoE of ``block``: router ``mlp.router``, the experts (3D, or a checkpoint's w1 / w3 / w2 one by
+    one: :func:`llama._experts`), the sparsemixer's two experts (transformers' picks two whatever num_experts_per_tok
+    says) with its weights, router_jitter_noise its threshold."""
+    from lightning_dsinfer.policies.llama import FamilyTraits, _experts
+
+    m = f"{block}.mlp"
+    stand_in = FamilyTraits(moe="mixtral")         # (checkpoints store the experts as Mixtral's: w1 / w3 / w2)
+    gate_up, down = (_experts(source, config, stand_in, m, n) for n in ("gate_up_proj", "down_proj"))
+    return MoEWeights(router=source.ref(f"{m}.router.weight"), gate_up=gate_up, down=down, top_k=2,
+                      renormalize=False, weights_in_dtype=True,
+                      routing=Routing(scoring="sparsemixer", jitter=float(config.router_jitter_noise)))
+
+
+_MOE = {"cohere2": _moe, "dbrx": _dbrx_moe, "phimoe": _phimoe_moe}
+
+
 def has_experts(model_type: str | None) -> bool:
     """Whether ``model_type`` is a family of this table with mixture-of-experts layers."""
     family = FAMILY.get(model_type)
@@ -491,7 +516,7 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
     if family.qkv is None:
         kv_heads = ref(f"{proj(0, 'k')}.weight").shape[0] // head_dim
     def sparse(i):
-        return family.moe == "dbrx" or (family.moe != "none" and config.mlp_layer_types[i] == "sparse")
+        return family.moe in ("dbrx", "phimoe") or (family.moe != "none" and config.mlp_layer_types[i] == "sparse")
 
     def rotates(i):               # (Cohere 2 MoE: its dense layers rotate too when prefix_dense_sliding_window_pattern
         #                             is 1)
@@ -521,7 +546,7 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
             gate=ref(f"{b}.{family.gate}.weight") if family.gate and not sparse(i) else None,
             up=None if sparse(i) else ref(f"{b}.{family.up}.weight"),
             down=None if sparse(i) else ref(f"{b}.{family.down}.weight"),
-            moe=(_dbrx_moe if family.moe == "dbrx" else _moe)(source, config, b) if sparse(i) else None,
+            moe=_MOE[family.moe](source, config, b) if sparse(i) else None,
             gate_bias=opt(f"{b}.{family.gate}.bias") if family.gate else None, up_bias=opt(f"{b}.{family.up}.bias"),
             down_bias=opt(f"{b}.{family.down}.bias"),
             input_norm=norm_weight(f"{b}.{family.input_norm}"), input_norm_bias=norm_bias(f"{b}.{family.input_norm}"),
