@@ -359,7 +359,7 @@ def layer_spec(w: ModelWeights, plan: TensorShardPlan, lw: LayerWeights) -> Laye
     return LayerSpec(hidden_size=w.hidden_size, num_heads=plan.local_heads, num_kv_heads=plan.local_kv_heads,
                      head_dim=w.head_dim, intermediate_size=plan.mlp_rows[1], rms_norm_eps=w.rms_norm_eps,
                      scaling=w.scaling, sliding_window=lw.sliding_window, attention_chunk=lw.attention_chunk,
-                     attn_temperature=lw.attn_temperature, mlp_act=w.mlp_act,
+                     attn_temperature=lw.attn_temperature, mlp_act=w.mlp_act if lw.mlp_act is None else lw.mlp_act,
                      attn_softcap=w.attn_softcap, mlp_gated=w.mlp_gated, rotary=w.rotary and lw.rotary,
                      parallel_residual=w.parallel_residual, qk_norm_kind=lw.qk_norm_kind,
                      moe_top_k=moe.top_k if moe else 0, moe_renormalize=bool(moe and moe.renormalize),

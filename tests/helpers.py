@@ -272,6 +272,8 @@ def tiny_model(family: str, seed: int = 0, **overrides):
                 buf.normal_(0.0, 0.3)
             elif family.startswith("granite") and name.endswith("sinks"):            # (and sinks at 0)
                 buf.normal_(0.0, 0.5)
+            elif family == "apertus" and name.endswith(("alpha_p", "alpha_n")):     # (and every layer's xIELU alike)
+                buf.normal_(0.5, 0.3)
         if family == "gpt_oss":             # norms at 1, the experts' biases at 0 (HF's init) would hide misplacements
             for name, p in model.named_parameters():
                 if "norm" in name:
@@ -783,6 +785,10 @@ LLAMA_LIKE_FAMILIES = {
     # weightless RMSNorms (the embeddings' too), q / k norms after a sign-flipped rotation, ReLU² fc1 / fc2, GQA,
     # soft-capped logits
     "nanochat": dict(head_dim=16, final_logit_softcapping=3.0),
+    # Apertus: per-head q / k norms, a plain xIELU MLP (its parameters random per layer), llama3 rope
+    "apertus": dict(head_dim=16, rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0,
+                                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                  "original_max_position_embeddings": 64}),
     # Gemma 2's blocks without the output norms: (1 + w) norms, scaled embedding, GeGLU, soft-capped scores and
     # logits, sliding / full layers, query_pre_attn_scalar
     "vaultgemma": dict(num_hidden_layers=3, head_dim=32, sliding_window=7, query_pre_attn_scalar=24,

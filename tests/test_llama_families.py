@@ -16,7 +16,8 @@ type, a dense layer then softmax top-2 MoE layers), HunYuan MoE (q / k norms aft
 MLP), VaultGemma (Gemma 2's blocks without the output norms), Granite SWA (Granite's multipliers, attention sinks, a
 rope base per layer: sliding, full, NoPE) and Granite MoE SWA (the same with a top-2 MoE + shared MLP), HyperCLOVA X
 (Granite's multipliers with the logits multiplied, Peri-LN output norms; and without them), NanoChat (weightless
-RMSNorms, the embeddings' too, q / k norms after a sign-flipped rotation, ReLU squared, soft-capped logits).
+RMSNorms, the embeddings' too, q / k norms after a sign-flipped rotation, ReLU squared, soft-capped logits), Apertus
+(per-head q / k norms, a plain MLP with xIELU, its parameters random per layer; llama3 rope).
 fp32 logits atol 2e-4 / rtol 1e-4 on a left-padded batch and greedy tokens identical; bf16 prompt and decode-step
 logits within the bf16 tolerance; for some, int8, offload on both tiers, a checkpoint on meta and TP=2;
 the refused settings. Through the Triton kernels:
@@ -184,12 +185,13 @@ def test_llama_like_families_from_checkpoint_on_meta(tmp_path):
     input_linear / output_linear experts and its shared MLP's packed gate | up; EXAONE 3's checkpoint names
     (transformer.h.*, attn.attention.*, c_fc_0 / c_fc_1 / c_proj, ln_1 / ln_2: renamed on load), Helium's reordered q / k
     rows and biases, Solar Open's, Mellum's and HunYuan MoE's experts one by one (HunYuan's router is mlp.gate.wg),
-    Granite MoE SWA's packed shared MLP and sinks, NanoChat's negated rotary rows read from the files."""
+    Granite MoE SWA's packed shared MLP and sinks, NanoChat's negated rotary rows, Apertus' xIELU parameters read from
+    the files."""
     from transformers import AutoModelForCausalLM
 
     for family in ("glm4", "olmo2", "olmoe", "ernie4_5", "glm4_moe", "exaone_moe", "minimax_m2", "granitemoeshared",
                    "ministral3", "ernie4_5_moe", "exaone", "helium", "solar_open", "mellum", "hunyuan_v1_moe",
-                   "granitemoe_swa", "nanochat"):
+                   "granitemoe_swa", "nanochat", "apertus"):
         hf = tiny_model(family)
         hf.save_pretrained(tmp_path / family)
         with torch.device("meta"):

@@ -102,7 +102,8 @@ class LayerSpec:
     moe_routing: Any = None                # DeepSeek's grouped routers (kernels.reference.Routing; None: softmax top-k)
     moe_act: Any = None                    # the experts' activation (gpt-oss: reference.ClampedSwiGLU; None: SwiGLU)
     mla: Any = None                        # latent attention's numbers (policies.base.MLAShape; modules/mla.py)
-    mlp_act: str = "silu"                  # gated MLP: silu (SwiGLU) | gelu_tanh / gelu (GeGLU); plain: + relu, relu2
+    mlp_act: Any = "silu"                  # gated MLP: silu (SwiGLU) | gelu_tanh / gelu (GeGLU); plain: + relu, relu2,
+                                           # or a callable (Apertus' xIELU, its parameters per layer)
     attn_softcap: float | None = None      # attention scores -> cap * tanh(score / cap) (Gemma 2)
     mlp_gated: bool = True                 # False: down(act(up(x))) (the GPT families' MLP, :class:`MLP`)
     rotary: bool = True                    # False: positions enter elsewhere (learned embeddings, ALiBi)
@@ -273,7 +274,8 @@ class MLP(nn.Module):
         self.gate_up, self.down, self.act = up, down, act
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return self.down(ops.act(self.gate_up(x), self.act), residual)
+        h = self.gate_up(x)               # (an activation with parameters of its own, Apertus' xIELU: a callable)
+        return self.down(self.act(h) if callable(self.act) else ops.act(h, self.act), residual)
 
 
 def norm(x: torch.Tensor, weight: torch.Tensor, eps: float, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -237,6 +237,8 @@ class LayerWeights:
     sinks: WeightRef | None = None          # gpt-oss: attention sinks, a logit per head [Hq] in every softmax
     clip_qkv: float | None = None           # q, k and v clamped to [-clip, clip] after their projection (OLMo, MPT,
                                             # DBRX: ClampedQKVAttention)
+    mlp_act: object = None                  # this layer's plain-MLP activation where it has parameters of its own
+                                            # (Apertus' xIELU: a callable over the up rows; None: ModelWeights.mlp_act)
     deltanet: DeltaNetWeights | None = None  # Qwen3-Next / 3.5: linear attention instead (q / k / v None then)
     attn_gate: WeightRef | None = None      # Qwen3-Next / 3.5: attention's output x sigmoid(gate rows [Hq D, H] @ x)
     attn_gate_bias: WeightRef | None = None

@@ -1,5 +1,5 @@
 """The Llama family (llama, mistral, ministral, qwen2, qwen3, phi3, granite, seed_oss, arcee, smollm3, ernie4_5,
-hunyuan_v1_dense, glm, glm4, olmo2, olmo3, exaone4, granite_swa, hyperclovax, nanochat, the MoE ones: mixtral,
+hunyuan_v1_dense, glm, glm4, olmo2, olmo3, exaone4, granite_swa, hyperclovax, nanochat, apertus, the MoE ones: mixtral,
 qwen2_moe, qwen3_moe, olmoe, flex_olmo, minimax_m2, glm4_moe, sarvam_moe, dots1, exaone_moe, solar_open, mellum,
 hunyuan_v1_moe, granitemoe_swa, Llama's modules under other model types: exaone, internlm3, iquestcoder, cwm, helium,
 and the Gemma ones: gemma, gemma2, gemma3_text, vaultgemma): one table, one reader.
@@ -44,7 +44,9 @@ Granite MoE SWA the same with Granite 3 MoE's experts and shared MLP. HyperCLOVA
 multiplied by logits_scaling) and, with use_post_norm, Peri-LN: RMSNorms on the attention's and the MLP's outputs too
 (``post_norm1``, ``post_norm2``), the residual multiplier folded into their weights rather than into o / down.
 NanoChat's RMSNorms have no weight (one more norms the embeddings), its q / k norms come after a rotation by -angle
-(read as a rotate-half one: :class:`Negated`), its MLP is ``fc2(relu(fc1 x)^2)`` and its logits soft-capped.
+(read as a rotate-half one: :class:`Negated`), its MLP is ``fc2(relu(fc1 x)^2)`` and its logits soft-capped. Apertus:
+per-head q / k norms, pre-norms named attention_layernorm / feedforward_layernorm, a plain MLP whose xIELU activation
+has parameters per layer (:class:`XIELU`).
 """
 from __future__ import annotations
 
@@ -99,6 +101,8 @@ class FamilyTraits:
     nope: str = "none"              # layers without rotary: "no_rope_layers" (SmolLM3: 0 = NoPE) | "global" (Exaone
                                     # 4: with a sliding window, only the sliding layers rotate)
     plain_mlp: bool = False         # Arcee: down(act(up(x))), no gate
+    norm_names: tuple[str, str] = ("input_layernorm", "post_attention_layernorm")   # (Apertus: attention_layernorm,
+                                                                                    # feedforward_layernorm)
     mlp_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")     # (NanoChat's plain MLP: fc1, fc2)
     weightless_norms: bool = False  # NanoChat: RMSNorms without a weight (ones are read), q / k norms too, and one
                                     # more of the embeddings before the first block (``ModelWeights.embed_norm``)
@@ -183,6 +187,10 @@ FAMILY: dict[str, FamilyTraits] = {
     # MLP (fc1 / fc2), soft-capped logits
     "nanochat": FamilyTraits(qk_norm="after_rotary", rope="flipped", plain_mlp=True, mlp_names=("", "fc1", "fc2"),
                              weightless_norms=True, logit_softcap=True),
+    # Apertus: per-head q / k norms, a plain MLP with xIELU (its parameters per layer: XIELU), the pre-norms named
+    # attention_layernorm / feedforward_layernorm
+    "apertus": FamilyTraits(qk_norm="head", plain_mlp=True,
+                            norm_names=("attention_layernorm", "feedforward_layernorm")),
     # VaultGemma: Gemma 2 without the norms on the attention's and the MLP's outputs (pre_feedforward_layernorm is the
     # MLP's input norm); soft caps, sliding / full layers, query_pre_attn_scalar as Gemma 2's
     "vaultgemma": FamilyTraits(sliding_from="layer_types", gemma=2),
@@ -304,6 +312,29 @@ def _layer_theta_ropes(config, rotary_type) -> tuple[tuple, tuple | None]:
     return tables.get("full_attention", tables.get("sliding_attention")), tables.get("sliding_attention")
 
 
+@dataclass(frozen=True)
+class XIELU:
+    """Apertus' xIELU over a plain MLP's up rows, its parameters read from the layer's ``act_fn`` (alpha_p, alpha_n
+    [1], beta, eps), op for op as transformers' Python form in x's dtype: alpha_p = softplus(a_p), alpha_n = beta +
+    softplus(a_n); x > 0: alpha_p x^2 + beta x, else (expm1(min(x, eps)) - x) alpha_n + beta x."""
+    alpha_p: torch.Tensor
+    alpha_n: torch.Tensor
+    beta: torch.Tensor
+    eps: torch.Tensor
+
+    @classmethod
+    def of(cls, source: WeightSource, module: str) -> "XIELU":
+        return cls(*(source.read(f"{module}.{n}", None, 0, 0).detach().float().cpu().clone()
+                     for n in ("alpha_p", "alpha_n", "beta", "eps")))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        a_p, a_n, beta, eps = (t.to(device=x.device, dtype=x.dtype) for t in (self.alpha_p, self.alpha_n, self.beta,
+                                                                                  self.eps))
+        alpha_p = torch.nn.functional.softplus(a_p)
+        alpha_n = beta + torch.nn.functional.softplus(a_n)
+        return torch.where(x > 0, alpha_p * x * x + beta * x, (torch.expm1(torch.min(x, eps)) - x) * alpha_n + beta * x)
+
+
 class Negated(Rewritten):
     """Each head's rows [half, rotary) of ``names`` (q / k weights and biases) read negated, the others as they are:
     NanoChat's rotation by -angle (rotate-half with its signs flipped) in the engine's rotate-half layout. The rotated
@@ -416,7 +447,8 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
     _refuse(config, traits)
     act_name = "hidden_activation" if traits.gemma >= 2 else "hidden_act"
     act = getattr(config, act_name, None) or getattr(config, "hidden_act", "silu")
-    acts = _PLAIN_ACTS if traits.plain_mlp else _GATED_ACTS
+    acts = {**_PLAIN_ACTS, "xielu": "xielu"} if traits.plain_mlp and act == "xielu" else \
+        _PLAIN_ACTS if traits.plain_mlp else _GATED_ACTS      # (xIELU: Apertus' plain MLP, per layer: XIELU)
     if act not in acts:
         raise UnsupportedModelError(
             f"{config.model_type} with {act_name}={act!r} is not supported (the fused "
@@ -556,7 +588,7 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
             attn_out, mlp_out = (f"{norm}.{n}" if f"{norm}.{n}.weight" in names else None
                                  for n in ("post_attention_layernorm", "post_feedforward_layernorm"))
         else:
-            input_norm, post_norm = f"{norm}.input_layernorm", f"{norm}.post_attention_layernorm"
+            input_norm, post_norm = (f"{norm}.{n}" for n in traits.norm_names)
             attn_out = mlp_out = None
         layers.append(LayerWeights(
             q=ref(f"{a}.q_proj.weight"), k=ref(f"{a}.k_proj.weight"), v=ref(f"{a}.v_proj.weight"),
@@ -575,7 +607,7 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
             qk_norm_kind="head" if qk_norm == "none" else qk_norm, rotary=_rotates(config, traits, i),
             sliding_window=_sliding_window(config, traits, i), moe=moe, attn_temperature=temperature,
             out_scale=config.residual_multiplier if traits.granite and attn_out is None else None,
-            sinks=opt(f"{a}.sinks"),
+            sinks=opt(f"{a}.sinks"), mlp_act=XIELU.of(source, f"{m}.act_fn") if act == "xielu" and dense else None,
         ))
     tied = tied_embeddings(model)
     return ModelWeights(
