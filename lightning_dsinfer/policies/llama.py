@@ -312,26 +312,30 @@ def _layer_theta_ropes(config, rotary_type) -> tuple[tuple, tuple | None]:
     return tables.get("full_attention", tables.get("sliding_attention")), tables.get("sliding_attention")
 
 
-@dataclass(frozen=True)
 class XIELU:
     """Apertus' xIELU over a plain MLP's up rows, its parameters read from the layer's ``act_fn`` (alpha_p, alpha_n
     [1], beta, eps), op for op as transformers' Python form in x's dtype: alpha_p = softplus(a_p), alpha_n = beta +
-    softplus(a_n); x > 0: alpha_p x^2 + beta x, else (expm1(min(x, eps)) - x) alpha_n + beta x."""
-    alpha_p: torch.Tensor
-    alpha_n: torch.Tensor
-    beta: torch.Tensor
-    eps: torch.Tensor
+    softplus(a_n); x > 0: alpha_p x^2 + beta x, else (expm1(min(x, eps)) - x) alpha_n + beta x. The four factors are
+    made once per device and dtype (a call then copies nothing from the host: CUDA graphs can capture it)."""
+
+    def __init__(self, alpha_p: torch.Tensor, alpha_n: torch.Tensor, beta: torch.Tensor, eps: torch.Tensor):
+        self.params = (alpha_p, alpha_n, beta, eps)
+        self._made: dict = {}
 
     @classmethod
     def of(cls, source: WeightSource, module: str) -> "XIELU":
         return cls(*(source.read(f"{module}.{n}", None, 0, 0).detach().float().cpu().clone()
                      for n in ("alpha_p", "alpha_n", "beta", "eps")))
 
+    def factors(self, device, dtype) -> tuple[torch.Tensor, ...]:
+        key = (torch.device(device), dtype)
+        if key not in self._made:
+            a_p, a_n, beta, eps = (t.to(device=device, dtype=dtype) for t in self.params)
+            self._made[key] = (torch.nn.functional.softplus(a_p), beta + torch.nn.functional.softplus(a_n), beta, eps)
+        return self._made[key]
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        a_p, a_n, beta, eps = (t.to(device=x.device, dtype=x.dtype) for t in (self.alpha_p, self.alpha_n, self.beta,
-                                                                                  self.eps))
-        alpha_p = torch.nn.functional.softplus(a_p)
-        alpha_n = beta + torch.nn.functional.softplus(a_n)
+        alpha_p, alpha_n, beta, eps = self.factors(x.device, x.dtype)
         return torch.where(x > 0, alpha_p * x * x + beta * x, (torch.expm1(torch.min(x, eps)) - x) * alpha_n + beta * x)
 
 
