@@ -25,9 +25,10 @@ from lightning_dsinfer.modules.linear import (DEQUANT_BYTES_PER_WEIGHT, DEQUANT_
 from lightning_dsinfer.modules.mla import LatentAttention
 from lightning_dsinfer.modules.moe import MoEMLP, quantize_experts
 from lightning_dsinfer.modules.transformer import (MLP, Attention, ClampedQKVAttention, DecoderLayer, DecoderModel,
-                                                  GatedMLP, GPTDecoderLayer, LayerSpec, OutputGatedAttention,
-                                                  PostNormDecoderLayer, ProjectionNormAttention, RotaryFirstAttention,
-                                                  SandwichDecoderLayer, TemperatureTunedAttention)
+                                                  GatedMLP, GPTDecoderLayer, HeadLayerNormAttention, LayerSpec,
+                                                  OutputGatedAttention, PostNormDecoderLayer, ProjectionNormAttention,
+                                                  RotaryFirstAttention, SandwichDecoderLayer,
+                                                  TemperatureTunedAttention)
 from lightning_dsinfer.parallel import TensorParallelComm, TensorShardPlan
 from lightning_dsinfer.policies import ModelWeights
 from lightning_dsinfer.policies.base import LayerWeights
@@ -109,7 +110,7 @@ def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype, nor
     for key in ("input_norm", "post_norm", "q_norm", "k_norm", "attn_out_norm", "mlp_out_norm"):
         ref = getattr(lw, key)
         out[key] = None if ref is None else norm_weight(ref, dtype, norm_offset, norm_fp32, split.get(key))
-    for key in ("input_norm_bias", "post_norm_bias"):
+    for key in ("input_norm_bias", "post_norm_bias", "q_norm_bias", "k_norm_bias"):
         ref = getattr(lw, key)
         out[key] = None if ref is None else ref.load().to(dtype)
     if lw.out_scale is not None:     # Granite: h + m * o(x) == h + o'(x) with o' = m * o (likewise down, below)
@@ -372,7 +373,7 @@ def layer_spec(w: ModelWeights, plan: TensorShardPlan, lw: LayerWeights) -> Laye
 
 # A block's tensors by half: offload streams the attention half (with both norms) and the MLP half as two units.
 ATTENTION_KEYS = ("qkv.weight", "qkv.bias", "o.weight", "o.bias", "input_norm", "post_norm", "q_norm", "k_norm",
-                  "attn_out_norm", "input_norm_bias", "post_norm_bias", "alibi", "sinks",
+                  "attn_out_norm", "input_norm_bias", "post_norm_bias", "q_norm_bias", "k_norm_bias", "alibi", "sinks",
                   "q_b.weight", "q_a_norm", "kv_a_norm", "kv_b.weight",
                   "dn.conv", "dn.dt_bias", "dn.a_log", "dn.norm", "sc.conv",
                   "mb.conv", "mb.conv_bias", "mb.dt_bias", "mb.a_log", "mb.d", "mb.norm",
@@ -517,7 +518,10 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
     # (OLMo 2: q / k normed over the whole projection, its sums of squares summed over the group; HunYuan: normed
     # after the rotation)
     kind, extra = {"whole": (ProjectionNormAttention, dict(reduce=reduce, ranks=comm.size)),
-                   "after_rotary": (RotaryFirstAttention, {})}.get(spec.qk_norm_kind, (Attention, {}))
+                   "after_rotary": (RotaryFirstAttention, {}),
+                   "layer": (HeadLayerNormAttention, dict(q_norm_bias=t.get("q_norm_bias"),
+                                                          k_norm_bias=t.get("k_norm_bias")))}.get(
+        spec.qk_norm_kind, (Attention, {}))
     if "sinks" in t:                 # gpt-oss (plain Attention)
         extra = {**extra, "sinks": t["sinks"]}
     if spec.attn_output_gate:        # Qwen3-Next / 3.5: the output gated by sigmoid of the qkv GEMM's last rows

@@ -589,13 +589,13 @@ FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
 # now; the generic planner's split of phi3's packed tensors is still tested on a meta model.)
 _GENERIC_COMMON = dict(hidden_size=64, num_hidden_layers=2, vocab_size=97, initializer_range=0.1, pad_token_id=0,
                        bos_token_id=1, eos_token_id=2)
-GENERIC_FAMILIES = {      # families without a fused policy (the GPT ones, OLMo, OLMo 2 and MPT have one now: policies/)
+GENERIC_FAMILIES = {      # families without a fused policy (the GPT ones, OLMo, OLMo 2, MPT and Persimmon have one now)
     "cohere_compass_text": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
                                 max_position_embeddings=256, sliding_window=7,
                                 layer_types=["sliding_attention", "full_attention"],
                                 rope_parameters={t: {"rope_type": "default", "rope_theta": 10000.0}
                                                  for t in ("sliding_attention", "full_attention")}),
-    "persimmon": dict(num_attention_heads=4, intermediate_size=96, max_position_embeddings=256),
+    "gpt_neox_japanese": dict(num_attention_heads=4, intermediate_multiple_size=2, max_position_embeddings=256),
     "biogpt": dict(num_attention_heads=4, intermediate_size=96, max_position_embeddings=256),
 }
 # Families without a fused policy whose plan the planner's tests read on meta models, not run end to end: OLMo-Hybrid
@@ -656,6 +656,8 @@ GPT_FAMILIES = {
     "phimoe": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=32, num_local_experts=4,
                    max_position_embeddings=256, attention_bias=True, lm_head_bias=True, sliding_window=7,
                    router_jitter_noise=0.3),
+    # Persimmon: GPT-NeoX's per-head packed QKV with biases, q / k LayerNorms per head, partial rotary, ReLU squared
+    "persimmon": dict(num_attention_heads=4, intermediate_size=96, max_position_embeddings=256, qk_layernorm=True),
     # Nemotron: LayerNorm1P (1 + weight, a bias), a plain ReLU-squared MLP, head_dim != hidden / heads, partial rotary,
     # q/k/v/o and MLP biases
     "nemotron": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256,

@@ -12,7 +12,8 @@ full layer, a sparse sliding one; top-2 of 4 experts + a shared expert, averaged
 table, q | k | v rows of Wqkv, bias-free LayerNorms), CodeGen (GPT-J's block, q, v, k packed in 4 groups of heads),
 Jais 2 (ReLU squared, GQA, biases; OLMo's, Nemotron's and its linear biases random), DBRX (clip_qkv, GQA in Wqkv,
 a top-2 MoE of 4 w1 / v1 / w2 experts), Phi-3.5-MoE (the sparsemixer router at a threshold of 0.3, GQA with biases, a
-window, lm_head bias); OLMo and MPT with clip_qkv.
+window, lm_head bias), Persimmon (q / k LayerNorms per head, GPT-NeoX's packed QKV, ReLU squared); OLMo and MPT with
+clip_qkv.
 fp32 logits atol 2e-4 / rtol
 1e-4 on a left-padded batch, greedy tokens identical; Falcon in its three block forms (KV groups with two norms,
 one KV head with one shared norm, sequential); bf16, int8, offload, tensor and pipeline parallelism, a
@@ -96,6 +97,8 @@ def test_positions_and_alibi_reach_the_blocks():
         assert not decoder.layers[0].attn.rotary
     cohere2 = optimised_copy(tiny_model("cohere2"), max_seq_len=64)._dsinfer_engine.decoder   # Command R7B: the sliding
     assert [(ly.attn.rotary, ly.attn.sliding) for ly in cohere2.layers] == [(True, True), (False, False)]  # layer rotates
+    persimmon = optimised_copy(tiny_model("persimmon"), max_seq_len=64)._dsinfer_engine.decoder   # (q / k LayerNorms
+    assert {type(ly.attn).__name__ for ly in persimmon.layers} == {"HeadLayerNormAttention"}        # per head)
     moe = optimised_copy(tiny_model("cohere2_moe"), max_seq_len=64)._dsinfer_engine.decoder   # Cohere 2 MoE: the dense
     assert [(ly.attn.rotary, ly.attn.sliding, type(ly.mlp).__name__) for ly in moe.layers] == [   # full layer rotates
         (True, False, "GatedMLP"), (False, False, "MoEMLP"), (True, True, "MoEMLP")]

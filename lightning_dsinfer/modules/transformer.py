@@ -108,7 +108,8 @@ class LayerSpec:
     mlp_gated: bool = True                 # False: down(act(up(x))) (the GPT families' MLP, :class:`MLP`)
     rotary: bool = True                    # False: positions enter elsewhere (learned embeddings, ALiBi)
     parallel_residual: bool = False        # h + attn(norm1(h)) + mlp(norm2(h)) (GPT-NeoX, GPT-J, Phi; GPTBlock)
-    qk_norm_kind: str = "head"             # q / k norms per head before rotary; "whole": over the whole projection
+    qk_norm_kind: str = "head"             # q / k norms per head before rotary; "layer": LayerNorms per head
+                                           # (HeadLayerNormAttention); "whole": over the whole projection
                                            # (ProjectionNormAttention); "after_rotary": RotaryFirstAttention
     deltanet: Any = None                   # linear attention's numbers (policies.base.DeltaNetWeights: Qwen3-Next / 3.5)
     attn_output_gate: bool = False         # OutputGatedAttention (Qwen3-Next / 3.5)
@@ -242,6 +243,24 @@ class TemperatureTunedAttention(Attention):
             scale = torch.log1p(torch.floor((cols.float() + 1.0) / self.floor_scale)) * self.attn_scale + 1.0
             q = (qkv[..., :nq] * scale[:, None]).to(qkv.dtype)
         return super().from_qkv(torch.cat((q, qkv[..., nq:]), dim=-1), residual, step)
+
+
+class HeadLayerNormAttention(Attention):
+    """Persimmon's attention: q and k LayerNormed per head (weight and bias [D] shared by the heads) before rotary, the
+    norms here, the rest as plain attention (elementwise per head: each rank norms its own heads)."""
+
+    def __init__(self, spec: LayerSpec, layer_idx: int, qkv: Linear, o: Linear, q_norm: torch.Tensor,
+                 k_norm: torch.Tensor, q_norm_bias: torch.Tensor, k_norm_bias: torch.Tensor,
+                 alibi: torch.Tensor | None = None):
+        super().__init__(spec, layer_idx, qkv, o, alibi=alibi)     # (no RMS norms in the rotary op)
+        self.q_ln, self.k_ln = (q_norm, q_norm_bias), (k_norm, k_norm_bias)
+
+    def from_qkv(self, qkv: torch.Tensor, residual: torch.Tensor | None, step: Step) -> torch.Tensor:
+        b, t, _ = qkv.shape
+        nq, nk = self.hq * self.d, self.hkv * self.d
+        q = ops.layer_norm(qkv[..., :nq].reshape(b, t, self.hq, self.d), *self.q_ln, self.eps).reshape(b, t, nq)
+        k = ops.layer_norm(qkv[..., nq:nq + nk].reshape(b, t, self.hkv, self.d), *self.k_ln, self.eps).reshape(b, t, nk)
+        return super().from_qkv(torch.cat((q, k, qkv[..., nq + nk:]), dim=-1), residual, step)
 
 
 class ClampedQKVAttention(Attention):

@@ -4,7 +4,8 @@ sliding-window layers that rotate and full-attention layers that do not), olmo (
 without a weight or a bias), nemotron (Nemotron 3 / 4, Minitron: LayerNorm1P, a ReLU-squared MLP, partial rotary),
 cohere2_moe (Cohere 2's blocks with experts), mpt (MPT: ALiBi with its own slopes), codegen (CodeGen: GPT-J's block
 with a packed qkv_proj), jais2 (Jais 2: LayerNorms, a ReLU-squared MLP), dbrx (DBRX: a top-k MoE in every layer),
-phimoe (Phi-3.5-MoE: LayerNorms, the sparsemixer's top-2 MoE in every layer).
+phimoe (Phi-3.5-MoE: LayerNorms, the sparsemixer's top-2 MoE in every layer), persimmon (Persimmon: q / k LayerNormed
+per head).
 
 What they share, and the Llama table lacks: LayerNorms with a bias; a plain MLP ``down(act(up(x)))`` with biases
 (StableLM keeps SwiGLU); the parallel residual ``h + attn(norm1(h)) + mlp(norm2(h))`` (GPT-NeoX and StableLM when
@@ -163,6 +164,12 @@ FAMILY: dict[str, GPTFamily] = {
                         o="o_proj", gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj",
                         input_norm="input_layernorm", post_norm="post_attention_layernorm", eps="rms_norm_eps",
                         sliding="config", moe="phimoe"),
+    # Persimmon: per-head packed QKV (GPT-NeoX's layout) with biases, q and k LayerNormed per head (qk_layernorm),
+    # partial rotary, a plain ReLU-squared MLP, sequential LayerNorm blocks
+    "persimmon": GPTFamily(base="model", embed="embed_tokens", layers="layers", final_norm="final_layernorm",
+                           attn="self_attn", qkv="query_key_value", o="dense", up="mlp.dense_h_to_4h",
+                           down="mlp.dense_4h_to_h", input_norm="input_layernorm",
+                           post_norm="post_attention_layernorm"),
     # OLMo (1): Llama's modules (SwiGLU, GQA, rotary) under LayerNorms without a weight or a bias, eps 1e-5; q, k, v
     # clamped by clip_qkv (OLMo 1.7)
     "olmo": GPTFamily(base="model", embed="embed_tokens", layers="layers", final_norm="norm", attn="self_attn",
@@ -198,6 +205,8 @@ def _refuse(config, family: GPTFamily) -> None:
              "scale_attn_by_inverse_layer_idx": "scores scaled by 1 / layer index",
              "apply_residual_connection_post_layernorm": "the residual taken after the norm",
              "add_cross_attention": "cross-attention"}
+    if mt == "persimmon":         # (its q / k LayerNorms per head: HeadLayerNormAttention)
+        flags.pop("qk_layernorm")
     for flag, what in flags.items():
         if getattr(config, flag, False):
             raise UnsupportedModelError(f"{mt} with {flag}=True ({what}) is not supported by the fused engine.")
@@ -533,6 +542,15 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
             return config.sliding_window
         return None
     clip = _clip_qkv(config)
+
+    def qk_layer_norms(i):        # Persimmon's q / k LayerNorms per head (weight and bias [D])
+        if not (config.model_type == "persimmon" and config.qk_layernorm):
+            return {}
+        a = f"{block(i)}.{family.attn}"
+        return dict(q_norm=ref(f"{a}.q_layernorm.weight"), k_norm=ref(f"{a}.k_layernorm.weight"),
+                    q_norm_bias=ref(f"{a}.q_layernorm.bias"), k_norm_bias=ref(f"{a}.k_layernorm.bias"),
+                    qk_norm_kind="layer")
+
     layers = []
     for i in range(n_layers):
         b = block(i)
@@ -551,7 +569,7 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
             down_bias=opt(f"{b}.{family.down}.bias"),
             input_norm=norm_weight(f"{b}.{family.input_norm}"), input_norm_bias=norm_bias(f"{b}.{family.input_norm}"),
             post_norm=norm_weight(post) if post else None, post_norm_bias=norm_bias(post) if post else None,
-            sliding_window=window(i), rotary=rotates(i), clip_qkv=clip))
+            sliding_window=window(i), rotary=rotates(i), clip_qkv=clip, **qk_layer_norms(i)))
     if not parallel and any(lw.post_norm is None for lw in layers):
         raise UnsupportedModelError(f"{config.model_type}: a sequential block without its second norm.")
     if config.model_type == "mpt" and max_seq_len > config.max_seq_len:    # (HF's ALiBi table ends there)
