@@ -69,7 +69,7 @@ VARIANTS = {**{f: (f, {}) for f in FAMILIES},
             "gpt_bigcode-multi-head": ("gpt_bigcode", {"multi_query": False}),
             # q, k and v clamped after the projection (most of the tiny models' q / k / v lie outside +-0.5)
             "olmo-clip_qkv": ("olmo", {"clip_qkv": 0.5}),
-            "mpt-clip_qkv": ("mpt", {"attn_config": MptAttentionConfig(clip_qkv=0.5)})}
+            "mpt-clip_qkv": ("mpt", {"attn_config": MptAttentionConfig(clip_qkv=0.5, softmax_scale=0.2)})}
 
 
 @pytest.mark.parametrize("family,overrides", VARIANTS.values(), ids=VARIANTS.keys())

@@ -589,6 +589,8 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
     head_name = _module_name(model, head)
     first_attn = model.get_submodule(f"{block(0)}.{family.attn}")
     scaling = 1.0 if family.unscaled else getattr(first_attn, "scaling", None)
+    if scaling is None:           # (MPT's: attn_config.softmax_scale, else 1 / sqrt(head_dim))
+        scaling = getattr(first_attn, "softmax_scale", None)
     if scaling is None:
         scaling = head_dim ** -0.5 if getattr(config, "scale_attn_weights", True) else 1.0
     eps = getattr(config, family.eps) if family.eps else 1e-5
