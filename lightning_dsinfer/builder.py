@@ -25,11 +25,11 @@ from lightning_dsinfer.modules.linear import (DEQUANT_BYTES_PER_WEIGHT, DEQUANT_
                                               DEQUANT_INT4_BYTES_PER_WEIGHT, Linear, quantize_int4_rows, quantize_rows)
 from lightning_dsinfer.modules.mla import LatentAttention
 from lightning_dsinfer.modules.moe import MoEMLP, quantize_experts
-from lightning_dsinfer.modules.transformer import (MLP, Attention, DecoderLayer, DecoderModel, ExpertsBesideMLP,
-                                                  GatedMLP, GPTDecoderLayer, LayerSpec, OutputGatedAttention,
-                                                  PerLayerInputLayer, PerLayerInputs, PostNormDecoderLayer,
-                                                  ProjectionNormAttention, RotaryFirstAttention, SandwichDecoderLayer,
-                                                  SharedKVAttention, TemperatureTunedAttention)
+from lightning_dsinfer.modules.transformer import (MLP, Attention, ClampedQKVAttention, DecoderLayer, DecoderModel,
+                                                  ExpertsBesideMLP, GatedMLP, GPTDecoderLayer, HeadLayerNormAttention,
+                                                  LayerSpec, OutputGatedAttention, PerLayerInputLayer, PerLayerInputs,
+                                                  PostNormDecoderLayer, ProjectionNormAttention, RotaryFirstAttention,
+                                                  SandwichDecoderLayer, SharedKVAttention, TemperatureTunedAttention)
 from lightning_dsinfer.parallel import TensorParallelComm, TensorShardPlan
 from lightning_dsinfer.policies import ModelWeights
 from lightning_dsinfer.policies.base import LayerWeights
@@ -131,7 +131,7 @@ def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype, nor
     for key in ("input_norm", "post_norm", "q_norm", "k_norm", "attn_out_norm", "mlp_out_norm"):
         ref = getattr(lw, key)
         out[key] = None if ref is None else norm_weight(ref, dtype, norm_offset, norm_fp32, split.get(key))
-    for key in ("input_norm_bias", "post_norm_bias"):
+    for key in ("input_norm_bias", "post_norm_bias", "q_norm_bias", "k_norm_bias"):
         ref = getattr(lw, key)
         out[key] = None if ref is None else ref.load().to(dtype)
     if lw.beside is not None:            # Gemma 4: the experts' router scale and norms beside the dense MLP
@@ -394,7 +394,7 @@ def layer_spec(w: ModelWeights, plan: TensorShardPlan, lw: LayerWeights) -> Laye
     return LayerSpec(hidden_size=w.hidden_size, num_heads=plan.local_heads, num_kv_heads=plan.local_kv_heads,
                      head_dim=plan.head_dim, intermediate_size=plan.mlp_rows[1], rms_norm_eps=w.rms_norm_eps,
                      scaling=w.scaling, sliding_window=lw.sliding_window, attention_chunk=lw.attention_chunk,
-                     attn_temperature=lw.attn_temperature, mlp_act=w.mlp_act,
+                     attn_temperature=lw.attn_temperature, mlp_act=w.mlp_act if lw.mlp_act is None else lw.mlp_act,
                      attn_softcap=w.attn_softcap, mlp_gated=w.mlp_gated, rotary=w.rotary and lw.rotary,
                      parallel_residual=w.parallel_residual, qk_norm_kind=lw.qk_norm_kind,
                      moe_top_k=moe.top_k if moe else 0, moe_renormalize=bool(moe and moe.renormalize),
@@ -402,12 +402,12 @@ def layer_spec(w: ModelWeights, plan: TensorShardPlan, lw: LayerWeights) -> Laye
                      moe_first_expert=expert_range(moe, plan)[0] if moe and moe.expert_parallel else None,
                      moe_routing=moe.routing if moe else None, moe_act=moe.act if moe else None, mla=w.mla,
                      deltanet=lw.deltanet, attn_output_gate=lw.attn_gate is not None, mamba=lw.mamba,
-                     mamba1=lw.mamba1, v_norm=lw.v_norm, kv_source=lw.kv_source)
+                     mamba1=lw.mamba1, v_norm=lw.v_norm, kv_source=lw.kv_source, clip_qkv=lw.clip_qkv)
 
 
 # A block's tensors by half: offload streams the attention half (with both norms) and the MLP half as two units.
 ATTENTION_KEYS = ("qkv.weight", "qkv.bias", "o.weight", "o.bias", "input_norm", "post_norm", "q_norm", "k_norm",
-                  "attn_out_norm", "input_norm_bias", "post_norm_bias", "alibi", "sinks",
+                  "attn_out_norm", "input_norm_bias", "post_norm_bias", "q_norm_bias", "k_norm_bias", "alibi", "sinks",
                   "q_b.weight", "q_a_norm", "kv_a_norm", "kv_b.weight",
                   "dn.conv", "dn.dt_bias", "dn.a_log", "dn.norm", "sc.conv",
                   "mb.conv", "mb.conv_bias", "mb.dt_bias", "mb.a_log", "mb.d", "mb.norm",
@@ -559,13 +559,18 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
     # (OLMo 2: q / k normed over the whole projection, its sums of squares summed over the group; HunYuan: normed
     # after the rotation)
     kind, extra = {"whole": (ProjectionNormAttention, dict(reduce=reduce, ranks=comm.size)),
-                   "after_rotary": (RotaryFirstAttention, {})}.get(spec.qk_norm_kind, (Attention, {}))
+                   "after_rotary": (RotaryFirstAttention, {}),
+                   "layer": (HeadLayerNormAttention, dict(q_norm_bias=t.get("q_norm_bias"),
+                                                          k_norm_bias=t.get("k_norm_bias")))}.get(
+        spec.qk_norm_kind, (Attention, {}))
     if "sinks" in t:                 # gpt-oss (plain Attention)
         extra = {**extra, "sinks": t["sinks"]}
     if spec.attn_output_gate:        # Qwen3-Next / 3.5: the output gated by sigmoid of the qkv GEMM's last rows
         kind = OutputGatedAttention
     if spec.attn_temperature is not None:   # Llama 4's NoPE layers, Ministral 3: queries scaled by column / position
         kind = TemperatureTunedAttention
+    if spec.clip_qkv is not None:    # OLMo, MPT, DBRX: q, k, v clamped (the policies set it on plain attention only)
+        kind = ClampedQKVAttention
 
     def out_proj():                  # (row-parallel: this rank's partial sums reduced; the residual added once)
         return linear("o", reduce=reduce, owns_residual=first, row_max=row_max)

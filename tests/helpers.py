@@ -237,8 +237,8 @@ def tiny_config(family: str, **overrides):
     elif family in GENERIC_FAMILIES or family in GENERIC_PLANNED or family in GPT_FAMILIES:
         from transformers import AutoConfig
 
-        cfg = AutoConfig.for_model(family, **_GENERIC_COMMON,
-                                   **{**GENERIC_FAMILIES, **GENERIC_PLANNED, **GPT_FAMILIES}[family])
+        cfg = AutoConfig.for_model(family, **{**_GENERIC_COMMON,       # (a family's own entries win)
+                                              **{**GENERIC_FAMILIES, **GENERIC_PLANNED, **GPT_FAMILIES}[family]})
     else:
         raise ValueError(family)
     for k, v in overrides.items():
@@ -252,10 +252,11 @@ def tiny_model(family: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).eval()
     with torch.no_grad():              # HF initialises norms to constants (Gemma's (1 + w) to zero, LayerNorms to
-        if family.startswith("gemma") or family in LLAMA_LIKE_FAMILIES:   # 1 and 0): make them differ, so a norm
-            for name, p in model.named_parameters():                       # in the wrong place cannot pass
+        gemma = family.startswith(("gemma", "vaultgemma"))                 # 1 and 0): make them differ, so a norm
+        if gemma or family in LLAMA_LIKE_FAMILIES:                         # in the wrong place cannot pass
+            for name, p in model.named_parameters():
                 if "norm" in name:
-                    p.normal_(0.0 if family.startswith("gemma") and not family.startswith("gemma4") else 1.0, 0.2)
+                    p.normal_(0.0 if gemma and not family.startswith("gemma4") else 1.0, 0.2)
             for name, buf in (*model.named_buffers(), *model.named_parameters()):
                 if name.endswith(("layer_scalar", "router.scale", "per_expert_scale")):   # (Gemma 4's: 1 would
                     buf.uniform_(0.5, 1.5)                                                # hide them)
@@ -280,13 +281,18 @@ def tiny_model(family: str, seed: int = 0, **overrides):
             for name, p in model.named_parameters():
                 if "norm" in name:
                     p.normal_(1.0, 0.2)
-        if family in ("exaone", "internlm3", "helium", "hunyuan_v1_moe"):   # HF's linear biases start at 0: random
-            for name, p in model.named_parameters():                         # ones, so a bias dropped or misplaced
-                if name.endswith("_proj.bias"):                              # (Helium's reordered rows) cannot pass
+        if family in ("exaone", "internlm3", "helium", "hunyuan_v1_moe",   # HF's linear biases start at 0: random
+                      "olmo", "nemotron", "jais2", "hyperclovax"):           # ones, so a bias dropped or misplaced
+            for name, p in model.named_parameters():                         # (Helium's reordered rows) cannot pass
+                if name.endswith("_proj.bias"):
                     p.normal_(0.0, 0.2)
         for name, buf in (*model.named_buffers(), *model.named_parameters()):   # so would a correction bias at 0
             if name.endswith(("e_score_correction_bias", "expert_bias")):            # (HF's init)
                 buf.normal_(0.0, 0.3)
+            elif family.startswith("granite") and name.endswith("sinks"):            # (and sinks at 0)
+                buf.normal_(0.0, 0.5)
+            elif family == "apertus" and name.endswith(("alpha_p", "alpha_n")):     # (and every layer's xIELU alike)
+                buf.normal_(0.5, 0.3)
         if family == "gpt_oss":             # norms at 1, the experts' biases at 0 (HF's init) would hide misplacements
             for name, p in model.named_parameters():
                 if "norm" in name:
@@ -603,9 +609,13 @@ FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
 # now; the generic planner's split of phi3's packed tensors is still tested on a meta model.)
 _GENERIC_COMMON = dict(hidden_size=64, num_hidden_layers=2, vocab_size=97, initializer_range=0.1, pad_token_id=0,
                        bos_token_id=1, eos_token_id=2)
-GENERIC_FAMILIES = {      # families without a fused policy (the GPT ones and OLMo 2 have one now: policies/)
-    "olmo": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256),
-    "mpt": dict(n_heads=4, d_model=64, n_layers=2, expansion_ratio=2, max_seq_len=256),
+GENERIC_FAMILIES = {      # families without a fused policy (the GPT ones, OLMo, OLMo 2, MPT and Persimmon have one now)
+    "cohere_compass_text": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                                max_position_embeddings=256, sliding_window=7,
+                                layer_types=["sliding_attention", "full_attention"],
+                                rope_parameters={t: {"rope_type": "default", "rope_theta": 10000.0}
+                                                 for t in ("sliding_attention", "full_attention")}),
+    "gpt_neox_japanese": dict(num_attention_heads=4, intermediate_multiple_size=2, max_position_embeddings=256),
     "biogpt": dict(num_attention_heads=4, intermediate_size=96, max_position_embeddings=256),
 }
 # Families without a fused policy whose plan the planner's tests read on meta models, not run end to end: OLMo-Hybrid
@@ -640,6 +650,42 @@ GPT_FAMILIES = {
     "cohere2": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256,
                     logit_scale=0.5, rope_theta=5000.0, sliding_window=7,
                     layer_types=["sliding_attention", "full_attention"]),
+    # Cohere 2 MoE: Cohere 2's parallel blocks (scaled logits, interleaved rotary), a dense full-attention layer that
+    # rotates, a sparse NoPE full-attention one, a sparse sliding one; top-2 of 4 experts + a shared expert, averaged
+    "cohere2_moe": dict(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                        intermediate_size=32, prefix_dense_intermediate_size=96, num_experts=4, num_experts_per_tok=2,
+                        num_shared_experts=1, max_position_embeddings=256, logit_scale=0.5, rope_theta=5000.0,
+                        sliding_window=7, layer_types=["full_attention", "full_attention", "sliding_attention"],
+                        mlp_layer_types=["dense", "sparse", "sparse"]),
+    # MPT: ALiBi with MPT's slopes (6 heads: not a power of 2), Wqkv's q | k | v rows, LayerNorms without a bias, GeLU
+    # (erf); its MLP is 4 x hidden whatever expansion_ratio says
+    "mpt": dict(n_heads=6, hidden_size=96, max_seq_len=256),
+    # CodeGen: GPT-J's block with q, v, k packed in 4 groups of heads (8 heads: 2 a group), interleaved rotary on 8 of
+    # each head's 16 dims
+    "codegen": dict(hidden_size=128, n_head=8, n_inner=96, n_positions=256, rotary_dim=8),
+    # Jais 2: GQA, head_dim != hidden / heads, q/k/v/o and MLP biases, a ReLU-squared MLP, LayerNorms
+    "jais2": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=24, intermediate_size=96,
+                  max_position_embeddings=256),
+    # DBRX: bias-free LayerNorms, GQA q | k | v rows in Wqkv clamped by clip_qkv (0.5: most of them), a top-2 MoE of 4
+    # experts in every layer (w1 / v1 / w2), renormalised
+    "dbrx": dict(d_model=64, n_heads=4, max_seq_len=256,
+                 attn_config=dict(kv_n_heads=2, clip_qkv=0.5, rope_theta=10000.0),
+                 ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2)),
+    # Phi-3.5-MoE: LayerNorms, GQA with biases, a window, lm_head bias, the sparsemixer's top-2 of 4 experts (its
+    # threshold router_jitter_noise at 0.3, not 0.01: most weights then below 1, the softmaxes over several logits)
+    "phimoe": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=32, num_local_experts=4,
+                   max_position_embeddings=256, attention_bias=True, lm_head_bias=True, sliding_window=7,
+                   router_jitter_noise=0.3),
+    # Persimmon: GPT-NeoX's per-head packed QKV with biases, q / k LayerNorms per head, partial rotary, ReLU squared
+    "persimmon": dict(num_attention_heads=4, intermediate_size=96, max_position_embeddings=256, qk_layernorm=True),
+    # Nemotron: LayerNorm1P (1 + weight, a bias), a plain ReLU-squared MLP, head_dim != hidden / heads, partial rotary,
+    # q/k/v/o and MLP biases
+    "nemotron": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256,
+                     head_dim=24, attention_bias=True, mlp_bias=True,
+                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
+    # OLMo (1): Llama's blocks (GQA, SwiGLU, q/k/v/o biases) under LayerNorms without a weight or a bias
+    "olmo": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256,
+                 attention_bias=True),
 }
 
 # The Llama-like families of policies/llama.py added to the table later (tests/test_llama_families.py), on top of the
@@ -742,6 +788,34 @@ LLAMA_LIKE_FAMILIES = {
     "hunyuan_v1_moe": dict(head_dim=16, intermediate_size=48, attention_bias=True, num_experts=4, moe_topk=2,
                            rope_parameters={"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0,
                                             "rope_theta": 10000.0}),
+    # Granite's multipliers, attention sinks, sliding / full layers, a rope base per layer: the sliding ones 1000, the
+    # full ones 100000 and a NoPE full one
+    "granite_swa": dict(num_hidden_layers=3, head_dim=16, sliding_window=7, embedding_multiplier=3.0,
+                        residual_multiplier=0.3, attention_multiplier=0.05, logits_scaling=4.0, attention_bias=True,
+                        layer_types=["sliding_attention", "full_attention", "full_attention"],
+                        layer_rope_theta=[1000.0, 100000.0, 0]),
+    # the same with a top-2 MoE of 4 experts (softmax over the top-k logits) and the shared MLP
+    "granitemoe_swa": dict(num_hidden_layers=3, head_dim=16, sliding_window=7, embedding_multiplier=3.0,
+                           residual_multiplier=0.3, attention_multiplier=0.05, logits_scaling=4.0, intermediate_size=48,
+                           num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=40,
+                           layer_types=["sliding_attention", "full_attention", "full_attention"],
+                           layer_rope_theta=[1000.0, 100000.0, 0]),
+    # Granite's multipliers (the logits multiplied), Peri-LN: norms on the attention's and the MLP's outputs too,
+    # q/k/v/o and MLP biases
+    "hyperclovax": dict(head_dim=16, embedding_multiplier=3.0, residual_multiplier=0.3, attention_multiplier=0.05,
+                        logits_scaling=0.25, attention_bias=True, mlp_bias=True, use_post_norm=True),
+    # weightless RMSNorms (the embeddings' too), q / k norms after a sign-flipped rotation, ReLU² fc1 / fc2, GQA,
+    # soft-capped logits
+    "nanochat": dict(head_dim=16, final_logit_softcapping=3.0),
+    # Apertus: per-head q / k norms, a plain xIELU MLP (its parameters random per layer), llama3 rope
+    "apertus": dict(head_dim=16, rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0,
+                                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                  "original_max_position_embeddings": 64}),
+    # Gemma 2's blocks without the output norms: (1 + w) norms, scaled embedding, GeGLU, soft-capped scores and
+    # logits, sliding / full layers, query_pre_attn_scalar
+    "vaultgemma": dict(num_hidden_layers=3, head_dim=32, sliding_window=7, query_pre_attn_scalar=24,
+                       attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                       layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
 }
 
 

@@ -92,11 +92,13 @@ def test_model_without_linear_layers_is_refused():
 
 
 def test_lightning_strategy_runs_a_family_without_policy(tmp_path):
-    """Trainer(devices=2, strategy="dsinfer") with olmo: TP=2 through the generic path, predictions = HF's."""
+    """Trainer(devices=2, strategy="dsinfer") with cohere_compass_text (a family without a policy): TP=2 through the
+    generic path, predictions = HF's."""
     out = tmp_path / "r.json"
     env = {**clean_env(), "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), HERE])}
     proc = subprocess.run([sys.executable, os.path.join(HERE, "lightning_worker.py"), "--devices", "2", "--out",
-                           str(out), "--family", "olmo"], env=env, capture_output=True, text=True, timeout=240)
+                           str(out), "--family", "cohere_compass_text"], env=env, capture_output=True, text=True,
+                          timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("r.json.result*"))]
     assert len(results) == 2 and all(r["match"] and r["tp"] == 2 for r in results), results

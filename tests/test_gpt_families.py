@@ -5,20 +5,38 @@ biases, partial rotary, GQA), BLOOM (ALiBi, the embeddings' LayerNorm, per-head 
 parallel residual, lm_head bias), StarCoder2 (GQA, sliding window, biases), GPT-J (interleaved rotary reordered to
 rotate-half, lm_head bias), GPT-2 (Conv1D weights, q|k|v columns, learned positions), Falcon (KV groups), Cohere
 (LayerNorms without a bias, interleaved rotary, SwiGLU, parallel residual, scaled logits), Cohere 2 (the same with a
-rotating sliding-window layer and a NoPE full one), GPT-BigCode (StarCoder:
-multi-query q | k | v rows, learned positions). fp32 logits atol 2e-4 / rtol
+rotating sliding-window layer and a NoPE full one), GPT-BigCode (StarCoder: multi-query q | k | v rows, learned
+positions), OLMo (Llama's blocks under LayerNorms without a weight or a bias), Nemotron (LayerNorm1P, ReLU squared,
+partial rotary, head_dim != hidden / heads), Cohere 2 MoE (Cohere 2's blocks: a dense layer that rotates, a sparse NoPE
+full layer, a sparse sliding one; top-2 of 4 experts + a shared expert, averaged), MPT (ALiBi with the slopes of HF's
+table, q | k | v rows of Wqkv, bias-free LayerNorms), CodeGen (GPT-J's block, q, v, k packed in 4 groups of heads),
+Jais 2 (ReLU squared, GQA, biases; OLMo's, Nemotron's and its linear biases random), DBRX (clip_qkv, GQA in Wqkv,
+a top-2 MoE of 4 w1 / v1 / w2 experts), Phi-3.5-MoE (the sparsemixer router at a threshold of 0.3, GQA with biases, a
+window, lm_head bias), Persimmon (q / k LayerNorms per head, GPT-NeoX's packed QKV, ReLU squared); OLMo and MPT with
+clip_qkv.
+fp32 logits atol 2e-4 / rtol
 1e-4 on a left-padded batch, greedy tokens identical; Falcon in its three block forms (KV groups with two norms,
 one KV head with one shared norm, sequential); bf16, int8, offload, tensor and pipeline parallelism, a
 checkpoint on meta. Through the Triton kernels: tests/kernels/test_engine_triton_path.py."""
 
 import pytest
 import torch
+from transformers.models.dbrx.configuration_dbrx import DbrxFFNConfig
+from transformers.models.mpt.configuration_mpt import MptAttentionConfig
 
 import lightning_dsinfer as dsi
 from helpers import GPT_FAMILIES, fake_quantised_int8, optimised_copy, padded_batch, streamed_copy, tiny_model
 
 FAMILIES = list(GPT_FAMILIES)
 ATOL, RTOL = 2e-4, 1e-4
+# bf16 for the MoE ones: every expert routed, so that no near tie in HF's choice flips under bf16 rounding. Phi-3.5-MoE
+# always routes two, and its sparsemixer's threshold is a second cliff: its bf16 run takes the model's own threshold
+# (0.01: nearly every other logit far outside it; fp32 tests 0.3, where the softmaxes span several logits), on inputs
+# where no choice flips (at 0.3, or with the threshold out of reach, a token of HF's continuation flips an expert
+# between HF bf16 and ours, and between HF bf16 and HF fp32)
+ALL_ROUTED = {"cohere2_moe": dict(num_experts_per_tok=4), "phimoe": dict(router_jitter_noise=0.01),
+              "dbrx": dict(ffn_config=DbrxFFNConfig(hidden_size=64, ffn_hidden_size=32, moe_num_experts=4,
+                                                    moe_top_k=4))}
 
 
 def _compare(ref, opt, seed=1, new=10, lengths=(12, 5, 9, 3)):
@@ -48,7 +66,10 @@ VARIANTS = {**{f: (f, {}) for f in FAMILIES},
             "falcon-sequential": ("falcon", {"new_decoder_architecture": False, "multi_query": False,
                                              "parallel_attn": False, "num_kv_heads": 4}),
             "falcon-one-norm": ("falcon", {"num_ln_in_parallel_attn": 1, "bias": False}),
-            "gpt_bigcode-multi-head": ("gpt_bigcode", {"multi_query": False})}
+            "gpt_bigcode-multi-head": ("gpt_bigcode", {"multi_query": False}),
+            # q, k and v clamped after the projection (most of the tiny models' q / k / v lie outside +-0.5)
+            "olmo-clip_qkv": ("olmo", {"clip_qkv": 0.5}),
+            "mpt-clip_qkv": ("mpt", {"attn_config": MptAttentionConfig(clip_qkv=0.5, softmax_scale=0.2)})}
 
 
 @pytest.mark.parametrize("family,overrides", VARIANTS.values(), ids=VARIANTS.keys())
@@ -76,9 +97,18 @@ def test_positions_and_alibi_reach_the_blocks():
         assert not decoder.layers[0].attn.rotary
     cohere2 = optimised_copy(tiny_model("cohere2"), max_seq_len=64)._dsinfer_engine.decoder   # Command R7B: the sliding
     assert [(ly.attn.rotary, ly.attn.sliding) for ly in cohere2.layers] == [(True, True), (False, False)]  # layer rotates
+    persimmon = optimised_copy(tiny_model("persimmon"), max_seq_len=64)._dsinfer_engine.decoder   # (q / k LayerNorms
+    assert {type(ly.attn).__name__ for ly in persimmon.layers} == {"HeadLayerNormAttention"}        # per head)
+    moe = optimised_copy(tiny_model("cohere2_moe"), max_seq_len=64)._dsinfer_engine.decoder   # Cohere 2 MoE: the dense
+    assert [(ly.attn.rotary, ly.attn.sliding, type(ly.mlp).__name__) for ly in moe.layers] == [   # full layer rotates
+        (True, False, "GatedMLP"), (False, False, "MoEMLP"), (True, True, "MoEMLP")]
     bloom = optimised_copy(tiny_model("bloom"), max_seq_len=64)._dsinfer_engine.decoder
     slopes = build_alibi_tensor(torch.ones(1, 3), 4, torch.float32).view(4, 3)[:, 2] / 2
     torch.testing.assert_close(bloom.layers[0].attn.alibi, slopes)
+    hf = tiny_model("mpt", attn_config=MptAttentionConfig(alibi_bias_max=16))   # MPT: the slopes of HF's own table
+    table = hf.transformer.build_mpt_alibi_tensor(6, 3)          # (which ignores alibi_bias_max: so does the engine)
+    mpt = optimised_copy(hf, max_seq_len=64)._dsinfer_engine.decoder
+    torch.testing.assert_close(mpt.layers[0].attn.alibi, (table[:, 0, 2] - table[:, 0, 1]).float())
     ids = torch.randint(3, 97, (2, 7))
     for family in FAMILIES:                  # no mask: every token visible, positions 0..T-1
         hf = tiny_model(family)
@@ -91,7 +121,7 @@ def test_positions_and_alibi_reach_the_blocks():
 def test_gpt_family_bf16(family):
     """bf16: the prompt's logits and the logits of HF's own greedy continuation (teacher-forced, so every decode-shaped
     position is compared whatever near ties do to the tokens) within the bf16 tolerance of HF's."""
-    hf = tiny_model(family).to(torch.bfloat16)
+    hf = tiny_model(family, **ALL_ROUTED.get(family, {})).to(torch.bfloat16)
     opt = optimised_copy(hf, max_seq_len=64, dtype=torch.bfloat16)
     ids, mask = padded_batch([12, 5, 9], seed=1)
     full = torch.cat([mask, torch.ones(3, 6, dtype=mask.dtype)], dim=1)
@@ -108,6 +138,15 @@ def test_gpt_family_bf16(family):
         again = hf(input_ids=out.sequences, attention_mask=full, position_ids=pos).logits.float()
     steps = torch.stack(out.scores, dim=1).float()                     # [B, 6, V]: positions 11..16 predict 12..17
     torch.testing.assert_close(steps, again[:, -7:-1], atol=6e-2, rtol=2e-2)
+
+
+def test_cohere2_moe_sigmoid_routing_and_summed_shared_expert():
+    """Cohere 2 MoE's other router and combination: the top-k logits' sigmoids (not renormalised) and the shared
+    expert summed in rather than averaged; also without a shared expert. Logits and greedy tokens as HF's."""
+    sigmoid = dict(expert_selection_fn="sigmoid", norm_topk_prob=False, shared_expert_combination_strategy="sum")
+    for overrides in (sigmoid, dict(num_shared_experts=0)):
+        hf = tiny_model("cohere2_moe", **overrides)
+        _assert_same(hf, optimised_copy(hf, max_seq_len=64), new=4, lengths=(9, 4))
 
 
 @pytest.mark.parametrize("family", ["gpt_neox", "bloom", "gpt2", "gptj", "cohere"])
@@ -147,7 +186,7 @@ def test_gpt_families_from_checkpoint_on_meta(tmp_path):
         _assert_same(hf, opt, new=6)
 
 
-TP = ["gpt_neox", "bloom", "gpt2", "starcoder2", "opt", "gptj", "falcon", "cohere", "gpt_bigcode"]
+TP = ["gpt_neox", "bloom", "gpt2", "starcoder2", "opt", "gptj", "falcon", "cohere", "gpt_bigcode", "olmo", "codegen"]
 PP = ["gpt_neox", "bloom", "opt", "phi"]
 
 
@@ -159,7 +198,8 @@ def worker_runs(tmp, selected):
 
 def test_gpt_families_tensor_and_pipeline_parallel(shared_runs):
     """TP=2: per-head packed QKV sliced by heads (GPT-NeoX, BLOOM with its slopes), q|k|v columns (GPT-2), GQA
-    (StarCoder2), KV groups (Falcon), learned positions (OPT), the reordered rotary rows (GPT-J); PP=2 across some. Logits, greedy,
+    (StarCoder2), KV groups (Falcon), learned positions (OPT), the reordered rotary rows (GPT-J; CodeGen's within its
+    4 groups of q, v, k), weightless LayerNorms (OLMo); PP=2 across some. Logits, greedy,
     beam search as HF's, sampling agrees across ranks."""
     outs = shared_runs.outputs(2, "test_gpt_families_tensor_and_pipeline_parallel/tp")
     assert outs[0].count(" OK") == len(TP), outs[0]
@@ -176,6 +216,11 @@ def test_gpt_families_tensor_and_pipeline_parallel(shared_runs):
     ("gpt_neox", {"hidden_act": "mish"}, "hidden_act='mish' is not supported"),
     ("falcon", {"alibi": True}, "alibi=True"),
     ("cohere", {"use_qk_norm": True}, "use_qk_norm=True"),
+    ("cohere2_moe", {"rms_norm_eps": 1e-5}, "rms_norm_eps=1e-05"),
+    ("dbrx", {"ffn_config": DbrxFFNConfig(hidden_size=64, ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2,
+                                          moe_normalize_expert_weights=2.0)}, "moe_normalize_expert_weights=2.0"),
+    ("codegen", {"rotary_dim": 0}, "codegen without rotary_dim"),
+    ("cohere2_moe", {"expert_selection_fn": "sigmoid"}, "expert_selection_fn='sigmoid' and norm_topk_prob=True"),
 ])
 def test_unsupported_settings_are_refused(family, flag, match):
     with pytest.raises(dsi.UnsupportedModelError, match=match):
@@ -189,6 +234,8 @@ def test_bad_input_is_refused_before_work():
         dsi.init_inference(tiny_model("gpt2"), max_seq_len=300)
     with pytest.raises(ValueError, match=r"max_seq_len=300 exceeds the 256 positions of opt's"):
         dsi.init_inference(tiny_model("opt"), max_seq_len=300)
+    with pytest.raises(ValueError, match=r"max_seq_len=300 exceeds mpt's max_seq_len=256"):
+        dsi.init_inference(tiny_model("mpt"), max_seq_len=300)
     with pytest.raises(dsi.UnsupportedModelError, match="_remove_final_layer_norm=True"):
         dsi.init_inference(tiny_model("opt", _remove_final_layer_norm=True))
     bloom = optimised_copy(tiny_model("bloom"), max_seq_len=64)

@@ -12,7 +12,12 @@ top-2 MoE), Ministral (Qwen 2's blocks, sliding / full layers), the DeepSeek-V3 
 GraniteMoE-Shared (Granite's multipliers, the residual one folded into every down, softmax over the top-k logits);
 EXAONE 3, InternLM 3 (random biases), IQuest-Coder, CWM (a sliding layer, llama3 rope), Helium (interleaved rotary,
 random biases), Solar Open (DeepSeek-V3's MoE in every layer), Mellum (per-head q / k norms, a rope table per layer
-type, a dense layer then softmax top-2 MoE layers), HunYuan MoE (q / k norms after the rotation, top-2 MoE + shared MLP).
+type, a dense layer then softmax top-2 MoE layers), HunYuan MoE (q / k norms after the rotation, top-2 MoE + shared
+MLP), VaultGemma (Gemma 2's blocks without the output norms), Granite SWA (Granite's multipliers, attention sinks, a
+rope base per layer: sliding, full, NoPE) and Granite MoE SWA (the same with a top-2 MoE + shared MLP), HyperCLOVA X
+(Granite's multipliers with the logits multiplied, Peri-LN output norms; and without them), NanoChat (weightless
+RMSNorms, the embeddings' too, q / k norms after a sign-flipped rotation, ReLU squared, soft-capped logits), Apertus
+(per-head q / k norms, a plain MLP with xIELU, its parameters random per layer; llama3 rope).
 fp32 logits atol 2e-4 / rtol 1e-4 on a left-padded batch and greedy tokens identical; bf16 prompt and decode-step
 logits within the bf16 tolerance; for some, int8, offload on both tiers, a checkpoint on meta and TP=2;
 the refused settings. Through the Triton kernels:
@@ -41,12 +46,13 @@ BLOCKS = {"olmo2": ("PostNormDecoderLayer", "ProjectionNormAttention"),
           "minimax_m2": ("DecoderLayer", "ProjectionNormAttention"),
           "hunyuan_v1_dense": ("DecoderLayer", "RotaryFirstAttention"),
           "hunyuan_v1_moe": ("DecoderLayer", "RotaryFirstAttention"),
-          "ministral3": ("DecoderLayer", "TemperatureTunedAttention")}
+          "ministral3": ("DecoderLayer", "TemperatureTunedAttention"),
+          "hyperclovax": ("SandwichDecoderLayer", "Attention"), "nanochat": ("DecoderLayer", "RotaryFirstAttention")}
 # the ones whose decode steps must stay on the per-op path: output-only norms, whole-projection q / k norms or norms
 # after the rotation, MoE, NoPE layers among rotary ones (Arcee's ReLU squared: taken, since cpu_gemv.act has it)
 MOE = ("olmoe", "glm4_moe", "sarvam_moe", "dots1", "exaone_moe", "flex_olmo", "minimax_m2", "granitemoe",
-       "granitemoeshared", "ernie4_5_moe", "solar_open", "mellum", "hunyuan_v1_moe")
-PER_OP = ("olmo2", "olmo3", "exaone4", "hunyuan_v1_dense", "smollm3", *MOE)
+       "granitemoeshared", "ernie4_5_moe", "solar_open", "mellum", "hunyuan_v1_moe", "granitemoe_swa")
+PER_OP = ("olmo2", "olmo3", "exaone4", "hunyuan_v1_dense", "smollm3", "nanochat", *MOE)
 # bf16: OLMoE's seed 0 has a routing decision within 7e-4 (a bf16 rounding of the router's input flips it)
 BF16_SEEDS = {"olmoe": 2}
 # bf16 for the sigmoid-routed families: every expert routed (top-k = all, every group kept), so no near tie in HF's
@@ -56,7 +62,8 @@ ALL_ROUTED = {"glm4_moe": dict(num_experts_per_tok=8, topk_group=4), "sarvam_moe
               "minimax_m2": dict(num_experts_per_tok=4), "flex_olmo": dict(num_experts_per_tok=4),
               "granitemoe": dict(num_experts_per_tok=4), "granitemoeshared": dict(num_experts_per_tok=4),
               "ernie4_5_moe": dict(num_experts_per_tok=4), "solar_open": dict(num_experts_per_tok=8, topk_group=2),
-              "mellum": dict(num_experts_per_tok=4), "hunyuan_v1_moe": dict(moe_topk=4)}
+              "mellum": dict(num_experts_per_tok=4), "hunyuan_v1_moe": dict(moe_topk=4),
+              "granitemoe_swa": dict(num_experts_per_tok=4)}
 
 
 def _generate_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -122,6 +129,10 @@ def test_llama_like_family_matches_hf(family):
         assert [type(ly.mlp).__name__ for ly in layers] == ["GatedMLP", "MoEMLP", "MoEMLP"]
     if family == "olmo3":
         assert [ly.attn.sliding for ly in layers] == [True, False, True] and opt._dsinfer_engine.rotary.sliding
+    if family in ("granite_swa", "granitemoe_swa"):   # (a rope base per layer: the sliding one's table, the full
+        #                                                   one's, a NoPE full layer)
+        assert [(ly.attn.sliding, ly.attn.rotary) for ly in layers] == [(True, True), (False, True), (False, False)]
+        assert opt._dsinfer_engine.rotary.sliding and all(ly.attn.sinks is not None for ly in layers)
     _assert_same(hf, opt)
 
 
@@ -173,11 +184,14 @@ def test_llama_like_families_from_checkpoint_on_meta(tmp_path):
     transformers renames on load) in the router, MiniMax-M2's (renamed too) in the block; GraniteMoE-Shared's 3D
     input_linear / output_linear experts and its shared MLP's packed gate | up; EXAONE 3's checkpoint names
     (transformer.h.*, attn.attention.*, c_fc_0 / c_fc_1 / c_proj, ln_1 / ln_2: renamed on load), Helium's reordered q / k
-    rows and biases, Solar Open's, Mellum's and HunYuan MoE's experts one by one (HunYuan's router is mlp.gate.wg)."""
+    rows and biases, Solar Open's, Mellum's and HunYuan MoE's experts one by one (HunYuan's router is mlp.gate.wg),
+    Granite MoE SWA's packed shared MLP and sinks, NanoChat's negated rotary rows, Apertus' xIELU parameters read from
+    the files."""
     from transformers import AutoModelForCausalLM
 
     for family in ("glm4", "olmo2", "olmoe", "ernie4_5", "glm4_moe", "exaone_moe", "minimax_m2", "granitemoeshared",
-                   "ministral3", "ernie4_5_moe", "exaone", "helium", "solar_open", "mellum", "hunyuan_v1_moe"):
+                   "ministral3", "ernie4_5_moe", "exaone", "helium", "solar_open", "mellum", "hunyuan_v1_moe",
+                   "granitemoe_swa", "nanochat", "apertus"):
         hf = tiny_model(family)
         hf.save_pretrained(tmp_path / family)
         with torch.device("meta"):
@@ -230,10 +244,20 @@ def test_projection_norm_split_over_ranks_equals_the_whole():
     # (HunYuan's "dynamic" rope with an alpha is static and runs; without one its frequencies follow the length)
     ("hunyuan_v1_dense", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}},
      "rope_type='dynamic' changes its frequencies"),
+    ("granite_swa", {"layer_rope_theta": [1000.0, 100000.0, 50000.0]}, "several rope bases among the full_attention"),
 ])
 def test_unsupported_settings_are_refused(family, flag, match):
     with pytest.raises(dsi.UnsupportedModelError, match=match):
         dsi.init_inference(tiny_model(family, **flag))
+
+
+def test_hyperclovax_without_post_norms():
+    """HyperCLOVA X with use_post_norm=False (no Peri-LN output norms: Granite's blocks, the residual multiplier folded
+    into o / down, the logits multiplied): logits, greedy and decode steps as HF's."""
+    hf = tiny_model("hyperclovax", use_post_norm=False)
+    opt = optimised_copy(hf, max_seq_len=64)
+    assert {type(ly).__name__ for ly in opt._dsinfer_engine.decoder.layers} == {"DecoderLayer"}
+    _assert_same(hf, opt, new=4, lengths=(9, 4))
 
 
 def test_ministral3_query_scale_by_position():

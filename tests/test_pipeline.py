@@ -191,7 +191,7 @@ def test_pipeline_errors_before_work(monkeypatch):
     with pytest.raises(ValueError, match="pipeline_parallel_size=0 must be >= 1"):
         dsi.init_inference(tiny_model("llama"), pipeline_parallel_size=0)
     with pytest.raises(NotImplementedError, match="pipeline_parallel_size=2 needs a fused policy"):
-        dsi.init_inference(tiny_model("olmo"), pipeline_parallel_size=2)
+        dsi.init_inference(tiny_model("cohere_compass_text"), pipeline_parallel_size=2)
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(RuntimeError, match="torchrun --nproc-per-node"):

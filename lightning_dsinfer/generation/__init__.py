@@ -100,6 +100,9 @@ def _hf_generate(model, inputs, generation_config, kwargs):
     """Hugging Face's generate over the engine's forward, with a dynamic cache the engine fills."""
     if not any(k in kwargs for k in ("cache", "past_key_values")):
         kwargs = {**kwargs, hf_cache_name(): model._dsinfer_engine.new_hf_cache()}
+    # (a config with use_cache=False, MPT's, would make HF's loop send the whole sequence each step with the cache
+    # the engine fills: the loop uses the cache unless the caller says otherwise)
+    kwargs.setdefault("use_cache", True)
     return type(model).generate(model, inputs, generation_config=generation_config, **kwargs)
 
 

@@ -313,7 +313,10 @@ class Routing:
     computes it (the other fields unused). ``scoring`` "topk_sigmoid" (Llama 4): the top-k of the logits (x's dtype),
     their sigmoid in fp32 rounded to x's dtype. ``input_scaled`` (Llama 4): a token's weight scales the expert's input,
     expert(w * x), instead of its output (the other fields unused). ``sum_floor`` (ERNIE 4.5 MoE): the renormalising
-    sum clamped below at it."""
+    sum clamped below at it. ``scoring`` "sparsemixer" (Phi-3.5-MoE, inference): two experts, each the best of the
+    logits left (the first one's excluded for the second), weighted by its softmax over the logits within ``jitter`` of
+    it (relative to max(|logit|, its logit): ``(best - l) / max(|l|, best) <= 2 jitter``), in x's dtype as
+    transformers computes it (the other fields unused)."""
     scoring: str = "softmax"
     groups: int = 1
     topk_groups: int = 1
@@ -324,6 +327,7 @@ class Routing:
     fp32: bool = False
     input_scaled: bool = False
     sum_floor: float = 0.0
+    jitter: float = 0.0
     # Gemma 4: the renormalised weights times a learned scale of each chosen expert [E] (fp32 products; MoEMLP sets it
     # from the layer's weights)
     expert_scale: torch.Tensor | None = field(default=None, compare=False)
@@ -351,10 +355,25 @@ def moe_topk(x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: boo
     return w, ids
 
 
+def _sparsemixer(scores: torch.Tensor, jitter: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phi-3.5-MoE's router at inference (transformers' ``sparsemixer`` with training off), op for op: (weights [T, 2],
+    expert ids [T, 2])."""
+    top, first = scores.max(dim=-1, keepdim=True)
+    far = ((top - scores) / scores.abs().clamp(min=top)) > 2 * jitter
+    w1 = torch.softmax(scores.masked_fill(far, float("-inf")), dim=-1).gather(-1, first)
+    rest = torch.scatter(scores, -1, first, float("-inf"))
+    top, second = rest.max(dim=-1, keepdim=True)
+    far = ((top - scores) / scores.abs().clamp(min=top)) > 2 * jitter
+    w2 = torch.softmax(rest.masked_fill(far, float("-inf")), dim=-1).gather(-1, second)
+    return torch.cat((w1, w2), dim=-1), torch.cat((first, second), dim=-1)
+
+
 def _grouped_topk(x, router, top_k: int, r: Routing, bias):
     if r.scoring == "topk_softmax":     # gpt-oss: ``bias`` is the router's logit bias
         top, ids = torch.topk(F.linear(x, router, bias), top_k, dim=-1)
         return torch.softmax(top, dim=-1, dtype=top.dtype), ids
+    if r.scoring == "sparsemixer":      # Phi-3.5-MoE
+        return _sparsemixer(F.linear(x, router), r.jitter)
     if r.scoring == "topk_sigmoid":     # Llama 4
         top, ids = torch.topk(F.linear(x, router), top_k, dim=-1)
         return torch.sigmoid(top.float()).to(x.dtype), ids

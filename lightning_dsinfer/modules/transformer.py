@@ -110,12 +110,14 @@ class LayerSpec:
     moe_routing: Any = None                # DeepSeek's grouped routers (kernels.reference.Routing; None: softmax top-k)
     moe_act: Any = None                    # the experts' activation (gpt-oss: reference.ClampedSwiGLU; None: SwiGLU)
     mla: Any = None                        # latent attention's numbers (policies.base.MLAShape; modules/mla.py)
-    mlp_act: str = "silu"                  # gated MLP: silu (SwiGLU) | gelu_tanh / gelu (GeGLU); plain: + relu, relu2
+    mlp_act: Any = "silu"                  # gated MLP: silu (SwiGLU) | gelu_tanh / gelu (GeGLU); plain: + relu, relu2,
+                                           # or a callable (Apertus' xIELU, its parameters per layer)
     attn_softcap: float | None = None      # attention scores -> cap * tanh(score / cap) (Gemma 2)
     mlp_gated: bool = True                 # False: down(act(up(x))) (the GPT families' MLP, :class:`MLP`)
     rotary: bool = True                    # False: positions enter elsewhere (learned embeddings, ALiBi)
     parallel_residual: bool = False        # h + attn(norm1(h)) + mlp(norm2(h)) (GPT-NeoX, GPT-J, Phi; GPTBlock)
-    qk_norm_kind: str = "head"             # q / k norms per head before rotary; "whole": over the whole projection
+    qk_norm_kind: str = "head"             # q / k norms per head before rotary; "layer": LayerNorms per head
+                                           # (HeadLayerNormAttention); "whole": over the whole projection
                                            # (ProjectionNormAttention); "after_rotary": RotaryFirstAttention
     deltanet: Any = None                   # linear attention's numbers (policies.base.DeltaNetWeights: Qwen3-Next / 3.5)
     attn_output_gate: bool = False         # OutputGatedAttention (Qwen3-Next / 3.5)
@@ -124,6 +126,7 @@ class LayerSpec:
     mamba1: Any = None                     # Mamba-1's numbers (policies.base.Mamba1Weights: Mamba, FalconMamba, Jamba)
     v_norm: bool = False                   # Gemma 4: v RMS-normed (no weight) before the cache ...
     kv_source: int | None = None           # ... or no K/V computed: block kv_source's read (SharedKVAttention)
+    clip_qkv: float | None = None          # the QKV projection's output clamped to [-clip, clip] (ClampedQKVAttention)
 
 
 class Attention(nn.Module):
@@ -297,6 +300,36 @@ class TemperatureTunedAttention(Attention):
         return super().from_qkv(torch.cat((q, qkv[..., nq:]), dim=-1), residual, step)
 
 
+class HeadLayerNormAttention(Attention):
+    """Persimmon's attention: q and k LayerNormed per head (weight and bias [D] shared by the heads) before rotary, the
+    norms here, the rest as plain attention (elementwise per head: each rank norms its own heads)."""
+
+    def __init__(self, spec: LayerSpec, layer_idx: int, qkv: Linear, o: Linear, q_norm: torch.Tensor,
+                 k_norm: torch.Tensor, q_norm_bias: torch.Tensor, k_norm_bias: torch.Tensor,
+                 alibi: torch.Tensor | None = None):
+        super().__init__(spec, layer_idx, qkv, o, alibi=alibi)     # (no RMS norms in the rotary op)
+        self.q_ln, self.k_ln = (q_norm, q_norm_bias), (k_norm, k_norm_bias)
+
+    def from_qkv(self, qkv: torch.Tensor, residual: torch.Tensor | None, step: Step) -> torch.Tensor:
+        b, t, _ = qkv.shape
+        nq, nk = self.hq * self.d, self.hkv * self.d
+        q = ops.layer_norm(qkv[..., :nq].reshape(b, t, self.hq, self.d), *self.q_ln, self.eps).reshape(b, t, nq)
+        k = ops.layer_norm(qkv[..., nq:nq + nk].reshape(b, t, self.hkv, self.d), *self.k_ln, self.eps).reshape(b, t, nk)
+        return super().from_qkv(torch.cat((q, k, qkv[..., nq + nk:]), dim=-1), residual, step)
+
+
+class ClampedQKVAttention(Attention):
+    """Attention whose QKV projection's output (biases included) is clamped to [-clip, clip] before anything else, as
+    transformers' ``clip_qkv`` (OLMo, MPT, DBRX): elementwise, so each rank clamps its own heads' rows."""
+
+    def __init__(self, spec: LayerSpec, layer_idx: int, qkv: Linear, o: Linear, **kw):
+        super().__init__(spec, layer_idx, qkv, o, **kw)
+        self.clip = spec.clip_qkv
+
+    def from_qkv(self, qkv: torch.Tensor, residual: torch.Tensor | None, step: Step) -> torch.Tensor:
+        return super().from_qkv(qkv.clamp(-self.clip, self.clip), residual, step)
+
+
 class GatedMLP(nn.Module):
     def __init__(self, gate_up: Linear, down: Linear, act: str = "silu"):
         super().__init__()
@@ -315,7 +348,8 @@ class MLP(nn.Module):
         self.gate_up, self.down, self.act = up, down, act
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return self.down(ops.act(self.gate_up(x), self.act), residual)
+        h = self.gate_up(x)               # (an activation with parameters of its own, Apertus' xIELU: a callable)
+        return self.down(self.act(h) if callable(self.act) else ops.act(h, self.act), residual)
 
 
 def norm(x: torch.Tensor, weight: torch.Tensor, eps: float, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -549,8 +583,9 @@ class DecoderModel(nn.Module):
         """The embeddings h [B, T, H] as the first block reads them (first stage; unchanged for most families)."""
         if self.pos_embed is not None:
             h = h + nn.functional.embedding(step.positions + self.pos_offset, self.pos_embed)
-        if self.embed_norm is not None:
-            h = ops.layer_norm(h, *self.embed_norm, self.eps)
+        if self.embed_norm is not None:    # BLOOM's LayerNorm; without a bias, an RMSNorm (NanoChat's)
+            weight, bias = self.embed_norm
+            h = ops.layer_norm(h, weight, bias, self.eps) if bias is not None else ops.rms_norm(h, weight, self.eps)
         if self.per_layer is not None:
             if step.ids is None:
                 raise ValueError("dsinfer: Gemma 4 looks its per-layer inputs up by token id; pass input_ids (not "

@@ -5,8 +5,8 @@ from collections.abc import Callable
 
 from torch import nn
 
-from lightning_dsinfer.policies import (deepseek, falcon_h1, gemma4, gpt_oss, granite_hybrid, jamba, lfm2, llama,
-                                        llama4, mamba, nemotron_h, qwen3_next)
+from lightning_dsinfer.policies import (deepseek, falcon_h1, gemma4, gpt, gpt_oss, granite_hybrid, jamba, lfm2,
+                                        llama, llama4, mamba, nemotron_h, qwen3_next)
 from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, UnsupportedModelError
 from lightning_dsinfer.policies.gpt import FAMILY as _GPT_FAMILY
 from lightning_dsinfer.policies.gpt import read_gpt_family
@@ -30,8 +30,8 @@ POLICIES.update({name: gemma4.read_gemma4 for name in gemma4.FAMILY})
 
 def has_experts(model_type: str | None) -> bool:
     """Whether ``model_type`` is a supported family with mixture-of-experts layers."""
-    return any(family.has_experts(model_type) for family in (llama, deepseek, gpt_oss, qwen3_next, lfm2, granite_hybrid,
-                                                                  nemotron_h, llama4, jamba, gemma4))
+    return any(family.has_experts(model_type) for family in (llama, gpt, deepseek, gpt_oss, qwen3_next, lfm2,
+                                                                  granite_hybrid, nemotron_h, llama4, jamba, gemma4))
 
 
 def supported_model_types() -> list[str]:

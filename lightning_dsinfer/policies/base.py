@@ -236,6 +236,12 @@ class LayerWeights:
     out_scale: float | None = None          # Granite's residual_multiplier: o and down (weights, biases) scaled by it
     mla: MLAWeights | None = None           # DeepSeek: latent attention (q / k / v are None then)
     sinks: WeightRef | None = None          # gpt-oss: attention sinks, a logit per head [Hq] in every softmax
+    q_norm_bias: WeightRef | None = None    # qk_norm_kind "layer" (Persimmon): q / k LayerNormed per head, these the
+    k_norm_bias: WeightRef | None = None    # biases [D] of q_norm / k_norm (HeadLayerNormAttention)
+    clip_qkv: float | None = None           # q, k and v clamped to [-clip, clip] after their projection (OLMo, MPT,
+                                            # DBRX: ClampedQKVAttention)
+    mlp_act: object = None                  # this layer's plain-MLP activation where it has parameters of its own
+                                            # (Apertus' xIELU: a callable over the up rows; None: ModelWeights.mlp_act)
     deltanet: DeltaNetWeights | None = None  # Qwen3-Next / 3.5: linear attention instead (q / k / v None then)
     attn_gate: WeightRef | None = None      # Qwen3-Next / 3.5: attention's output x sigmoid(gate rows [Hq D, H] @ x)
     attn_gate_bias: WeightRef | None = None

@@ -1,8 +1,8 @@
 """The Llama family (llama, mistral, ministral, qwen2, qwen3, phi3, granite, seed_oss, arcee, smollm3, ernie4_5,
-hunyuan_v1_dense, glm, glm4, olmo2, olmo3, exaone4, the MoE ones: mixtral, qwen2_moe, qwen3_moe, olmoe, flex_olmo,
-minimax_m2, glm4_moe, sarvam_moe, dots1, exaone_moe, solar_open, mellum, hunyuan_v1_moe, Llama's modules under other
-model types: exaone, internlm3, iquestcoder, cwm, helium, and the Gemma ones: gemma, gemma2, gemma3_text): one table,
-one reader.
+hunyuan_v1_dense, glm, glm4, olmo2, olmo3, exaone4, granite_swa, hyperclovax, nanochat, apertus, the MoE ones: mixtral,
+qwen2_moe, qwen3_moe, olmoe, flex_olmo, minimax_m2, glm4_moe, sarvam_moe, dots1, exaone_moe, solar_open, mellum,
+hunyuan_v1_moe, granitemoe_swa, Llama's modules under other model types: exaone, internlm3, iquestcoder, cwm, helium,
+and the Gemma ones: gemma, gemma2, gemma3_text, vaultgemma): one table, one reader.
 
 All share the module tree ``model.model.{embed_tokens, layers[i].{self_attn.{q,k,v,o}_proj,
 mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm}, norm, rotary_emb}`` and
@@ -11,9 +11,10 @@ mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm}, norm, rotar
 ``mlp.gate.weight`` (router) and ``mlp.experts.{gate_up_proj, down_proj}`` (3D, transformers 5), plus Qwen2-MoE's
 ``mlp.shared_expert.{gate,up,down}_proj`` and ``mlp.shared_expert_gate``. Gemma adds (1 + w) norms, a scaled
 embedding and GeGLU; Gemma 2 norms on the attention's and the MLP's outputs (``pre_feedforward_layernorm`` is the MLP's
-input norm) and soft-capped attention scores and logits; Gemma 3 q/k norms and a rope table of its own for the
-sliding-window layers. Granite multiplies the embeddings, each block's attention and MLP outputs (folded into o_proj
-and down_proj when they are read) and the logits by constants of its config.
+input norm) and soft-capped attention scores and logits (VaultGemma: the same without the output norms); Gemma 3
+q/k norms and a rope table of its own for the sliding-window layers. Granite multiplies the embeddings, each block's
+attention and MLP outputs (folded into o_proj and down_proj when they are read) and the logits by constants of its
+config.
 
 The others, each one row: Seed-OSS is Llama with q/k/v and o biases; Arcee a plain MLP ``down(relu(up(x))^2)``;
 SmolLM3 leaves the rotary out of the layers ``no_rope_layers`` marks 0 (NoPE); HunYuan (dense) norms q and k per
@@ -37,10 +38,19 @@ q / k norms when ``use_qk_norm``; dots.llm1: Qwen 3's; EXAONE MoE: Exaone 4's, p
 :func:`policies.deepseek.routing_of`'s; so is Solar Open's (every layer sparse, plain GQA attention). Helium rotates
 interleaved pairs (read as GLM's) and scales its norms in fp32 (OLMo 2's); Mellum is Qwen 3's attention with a rope table
 per layer type and a softmax top-k MoE by ``mlp_layer_types``; HunYuan MoE is HunYuan's attention with a top-k MoE
-(router ``mlp.gate.wg``, renormalised) plus an ungated ``mlp.shared_mlp`` in every layer.
+(router ``mlp.gate.wg``, renormalised) plus an ungated ``mlp.shared_mlp`` in every layer. Granite SWA is Granite with
+attention sinks (``self_attn.sinks``), sliding / full layers and a rope base per layer (``layer_rope_theta``, 0: NoPE);
+Granite MoE SWA the same with Granite 3 MoE's experts and shared MLP. HyperCLOVA X has Granite's multipliers (its logits
+multiplied by logits_scaling) and, with use_post_norm, Peri-LN: RMSNorms on the attention's and the MLP's outputs too
+(``post_norm1``, ``post_norm2``), the residual multiplier folded into their weights rather than into o / down.
+NanoChat's RMSNorms have no weight (one more norms the embeddings), its q / k norms come after a rotation by -angle
+(read as a rotate-half one: :class:`Negated`), its MLP is ``fc2(relu(fc1 x)^2)`` and its logits soft-capped. Apertus:
+per-head q / k norms, pre-norms named attention_layernorm / feedforward_layernorm, a plain MLP whose xIELU activation
+has parameters per layer (:class:`XIELU`).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -49,8 +59,8 @@ from torch import nn
 from lightning_dsinfer.kernels.reference import Routing
 from lightning_dsinfer.modules.rotary import mrope_axes
 from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, MoEWeights, UnsupportedModelError
-from lightning_dsinfer.policies.weights import (ExpertStack, ModuleSource, RowSlices, WeightSource, lookups,
-                                               rotate_half_pieces, tied_embeddings)
+from lightning_dsinfer.policies.weights import (ExpertStack, ModuleSource, Ones, Rewritten, RowSlices, Scaled,
+                                               WeightSource, lookups, rotate_half_pieces, tied_embeddings)
 
 
 @dataclass(frozen=True)
@@ -76,14 +86,27 @@ class FamilyTraits:
                                     # up); "mlp": the latter only (GLM, GLM-4)
     gemma: int = 0                  # Gemma generation (see the module docstring)
     granite: bool = False           # Granite: embedding, residual and logit multipliers (attention's is its scaling)
+    logits_multiplied: bool = False  # HyperCLOVA X: the logits times logits_scaling (Granite divides by it)
     norms: str = "pre"              # "pre": input_layernorm, post_attention_layernorm (Gemma 2 / 3: by their names);
-                                    # "post": on the outputs only (OLMo 2, Exaone 4); "glm4": GLM-4's four
+                                    # "post": on the outputs only (OLMo 2, Exaone 4); "glm4": GLM-4's four;
+                                    # "peri": the pre-norms and, where the model has them, post_norm1 / post_norm2 on
+                                    # the outputs (HyperCLOVA X's Peri-LN: its residual multiplier scales their weights)
     norm_fp32: bool = False         # OLMo 2: (w * x).to(dtype), the scale in fp32
-    rope: str = "half"              # "half" (rotate-half) | "interleaved" (pairs 2i, 2i + 1: GLM, ERNIE 4.5)
+    rope: str = "half"              # "half" (rotate-half) | "interleaved" (pairs 2i, 2i + 1: GLM, ERNIE 4.5) |
+                                    # "flipped" (NanoChat's rotate-half with the signs flipped, a rotation by -angle:
+                                    # each head's second rotary half of q and k negated when read, :class:`Negated`)
     rope_tables: bool = False       # a rope table per layer type (Gemma 3, OLMo 3: ``{type}_inv_freq``)
+    layer_thetas: bool = False      # a rope base per layer (``layer_rope_theta``, 0: NoPE; Granite SWA): one base for
+                                    # the rotating sliding layers and one for the rotating full ones at most
     nope: str = "none"              # layers without rotary: "no_rope_layers" (SmolLM3: 0 = NoPE) | "global" (Exaone
                                     # 4: with a sliding window, only the sliding layers rotate)
     plain_mlp: bool = False         # Arcee: down(act(up(x))), no gate
+    norm_names: tuple[str, str] = ("input_layernorm", "post_attention_layernorm")   # (Apertus: attention_layernorm,
+                                                                                    # feedforward_layernorm)
+    mlp_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")     # (NanoChat's plain MLP: fc1, fc2)
+    weightless_norms: bool = False  # NanoChat: RMSNorms without a weight (ones are read), q / k norms too, and one
+                                    # more of the embeddings before the first block (``ModelWeights.embed_norm``)
+    logit_softcap: bool = False     # final_logit_softcapping outside the Gemma rows (NanoChat)
     mrope: str = "none"             # vision-language models' language models: M-RoPE, the frequencies read at the time
                                     # / height / width positions in "sections" (Qwen 2 / 2.5-VL) or "interleaved"
                                     # (Qwen3-VL): ``modules.rotary.mrope_axes``
@@ -153,6 +176,24 @@ FAMILY: dict[str, FamilyTraits] = {
     "mellum": FamilyTraits(qk_norm="head", sliding_from="layer_types", rope_tables=True, moe="softmax"),
     # HunYuan MoE: HunYuan's attention (q / k norms after the rotation), a top-k MoE plus a shared MLP in every layer
     "hunyuan_v1_moe": FamilyTraits(qk_norm="after_rotary", moe="hunyuan"),
+    # Granite SWA (and its MoE: Granite 3 MoE's experts and shared MLP): Granite's multipliers, sliding / full layers,
+    # attention sinks, a rope base per layer (0: NoPE)
+    "granite_swa": FamilyTraits(granite=True, sliding_from="layer_types", nope="layer_rope_theta", layer_thetas=True),
+    "granitemoe_swa": FamilyTraits(granite=True, moe="granite", sliding_from="layer_types", nope="layer_rope_theta",
+                                   layer_thetas=True),
+    # HyperCLOVA X: Granite's multipliers (the logits multiplied), Peri-LN output norms when use_post_norm
+    "hyperclovax": FamilyTraits(granite=True, logits_multiplied=True, norms="peri"),
+    # NanoChat: weightless RMSNorms (the embeddings' too), q / k norms after its sign-flipped rotation, a plain ReLU²
+    # MLP (fc1 / fc2), soft-capped logits
+    "nanochat": FamilyTraits(qk_norm="after_rotary", rope="flipped", plain_mlp=True, mlp_names=("", "fc1", "fc2"),
+                             weightless_norms=True, logit_softcap=True),
+    # Apertus: per-head q / k norms, a plain MLP with xIELU (its parameters per layer: XIELU), the pre-norms named
+    # attention_layernorm / feedforward_layernorm
+    "apertus": FamilyTraits(qk_norm="head", plain_mlp=True,
+                            norm_names=("attention_layernorm", "feedforward_layernorm")),
+    # VaultGemma: Gemma 2 without the norms on the attention's and the MLP's outputs (pre_feedforward_layernorm is the
+    # MLP's input norm); soft caps, sliding / full layers, query_pre_attn_scalar as Gemma 2's
+    "vaultgemma": FamilyTraits(sliding_from="layer_types", gemma=2),
 }
 
 # transformers' activation names -> the gated MLP's (``reference.gated_act``), and a plain MLP's (``reference.act``)
@@ -237,9 +278,89 @@ def _rotates(config, traits: FamilyTraits, layer_idx: int) -> bool:
     """Whether layer ``layer_idx`` rotates q and k (False: a NoPE layer)."""
     if traits.nope == "no_rope_layers":
         return bool(config.no_rope_layers[layer_idx])
+    if traits.nope == "layer_rope_theta":     # (Granite SWA: a base of 0 is NoPE)
+        return bool(config.layer_rope_theta[layer_idx])
     if traits.nope == "global":      # (Exaone 4: "global NoPE for hybrid attention", only without a window every layer)
         return getattr(config, "sliding_window", None) is None or config.layer_types[layer_idx] == "sliding_attention"
     return True
+
+
+def _layer_theta_ropes(config, rotary_type) -> tuple[tuple, tuple | None]:
+    """(inv_freq, attention scaling, rope type) of the full layers and of the sliding ones (None: as the full ones)
+    for a rope base per layer (``layer_rope_theta``, 0: NoPE; Granite SWA: HF builds one rotary module per base): one
+    base per layer type is what two tables hold, more are refused."""
+    thetas = {}
+    for kind, theta in zip(config.layer_types, config.layer_rope_theta):
+        if theta:
+            thetas.setdefault(kind, set()).add(float(theta))
+    if any(len(t) > 1 for t in thetas.values()):
+        raise UnsupportedModelError(
+            f"{config.model_type} with layer_rope_theta={list(config.layer_rope_theta)} (several rope bases among the "
+            f"{'/'.join(k for k, t in thetas.items() if len(t) > 1)} layers) is not supported: the engine holds one "
+            f"rope table for the full-attention layers and one for the sliding ones.")
+    tables = {}
+    for kind, (theta,) in thetas.items():
+        theta_config = copy.deepcopy(config)
+        theta_config.rope_parameters = {**config.rope_parameters, "rope_theta": theta}
+        with torch.device("cpu"):
+            rotary = rotary_type(theta_config)
+        tables[kind] = (rotary.inv_freq, float(rotary.attention_scaling), getattr(rotary, "rope_type", "default"))
+    if not tables:        # (every layer NoPE: a table nothing reads)
+        with torch.device("cpu"):
+            rotary = rotary_type(config)
+        return (rotary.inv_freq, float(rotary.attention_scaling), getattr(rotary, "rope_type", "default")), None
+    return tables.get("full_attention", tables.get("sliding_attention")), tables.get("sliding_attention")
+
+
+class XIELU:
+    """Apertus' xIELU over a plain MLP's up rows, its parameters read from the layer's ``act_fn`` (alpha_p, alpha_n
+    [1], beta, eps), op for op as transformers' Python form in x's dtype: alpha_p = softplus(a_p), alpha_n = beta +
+    softplus(a_n); x > 0: alpha_p x^2 + beta x, else (expm1(min(x, eps)) - x) alpha_n + beta x. The four factors are
+    made once per device and dtype (a call then copies nothing from the host: CUDA graphs can capture it)."""
+
+    def __init__(self, alpha_p: torch.Tensor, alpha_n: torch.Tensor, beta: torch.Tensor, eps: torch.Tensor):
+        self.params = (alpha_p, alpha_n, beta, eps)
+        self._made: dict = {}
+
+    @classmethod
+    def of(cls, source: WeightSource, module: str) -> "XIELU":
+        return cls(*(source.read(f"{module}.{n}", None, 0, 0).detach().float().cpu().clone()
+                     for n in ("alpha_p", "alpha_n", "beta", "eps")))
+
+    def factors(self, device, dtype) -> tuple[torch.Tensor, ...]:
+        key = (torch.device(device), dtype)
+        if key not in self._made:
+            a_p, a_n, beta, eps = (t.to(device=device, dtype=dtype) for t in self.params)
+            self._made[key] = (torch.nn.functional.softplus(a_p), beta + torch.nn.functional.softplus(a_n), beta, eps)
+        return self._made[key]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        alpha_p, alpha_n, beta, eps = self.factors(x.device, x.dtype)
+        return torch.where(x > 0, alpha_p * x * x + beta * x, (torch.expm1(torch.min(x, eps)) - x) * alpha_n + beta * x)
+
+
+class Negated(Rewritten):
+    """Each head's rows [half, rotary) of ``names`` (q / k weights and biases) read negated, the others as they are:
+    NanoChat's rotation by -angle (rotate-half with its signs flipped) in the engine's rotate-half layout. The rotated
+    q and k come out with those dims negated, which leaves the scores q.k (and the per-head RMS norms that follow,
+    weightless) unchanged; other names pass through."""
+
+    def __init__(self, inner: WeightSource, names, head_dim: int, rotary_dim: int):
+        super().__init__(inner)
+        self.names, self.head_dim, self.rotary_dim = set(names), head_dim, rotary_dim
+
+    def rewrites(self, name):
+        return name in self.names
+
+    def read(self, name, dim, start, length):
+        t = self.inner.read(name, dim, start, length)
+        if name not in self.names:
+            return t
+        rows = torch.arange(start, start + length) if dim == 0 else torch.arange(t.shape[0])
+        within = rows % self.head_dim
+        negated = (within >= self.rotary_dim // 2) & (within < self.rotary_dim)
+        sign = torch.where(negated, -1.0, 1.0).to(t.dtype)
+        return t * sign.view(-1, *([1] * (t.dim() - 1)))
 
 
 def _refuse(config, traits: FamilyTraits) -> None:
@@ -330,7 +451,8 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
     _refuse(config, traits)
     act_name = "hidden_activation" if traits.gemma >= 2 else "hidden_act"
     act = getattr(config, act_name, None) or getattr(config, "hidden_act", "silu")
-    acts = _PLAIN_ACTS if traits.plain_mlp else _GATED_ACTS
+    acts = {**_PLAIN_ACTS, "xielu": "xielu"} if traits.plain_mlp and act == "xielu" else \
+        _PLAIN_ACTS if traits.plain_mlp else _GATED_ACTS      # (xIELU: Apertus' plain MLP, per layer: XIELU)
     if act not in acts:
         raise UnsupportedModelError(
             f"{config.model_type} with {act_name}={act!r} is not supported (the fused "
@@ -351,6 +473,8 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
                         rotary.rope_type[kind]) for kind in rotary.rope_type}
         main = ropes["full_attention"] if "full_attention" in ropes else ropes["sliding_attention"]
         sliding = ropes.get("sliding_attention")
+    elif traits.layer_thetas:
+        main, sliding = _layer_theta_ropes(config, type(base.rotary_emb))
     else:
         main = (rotary.inv_freq, float(rotary.attention_scaling), getattr(rotary, "rope_type", "default"))
         sliding = None
@@ -372,12 +496,30 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
     if slices:
         source = RowSlices(source, slices)
         names |= set(slices)
+    if traits.rope == "flipped":
+        if 2 * main[0].numel() != head_dim:
+            raise UnsupportedModelError(f"{config.model_type} with {2 * main[0].numel()} rotary dims of a head of "
+                                        f"{head_dim} is not supported (transformers rotates whole heads).")
+        flipped = [f"model.layers.{i}.self_attn.{p}_proj.{kind}" for i in range(config.num_hidden_layers)
+                   for p in "qk" for kind in ("weight", "bias")]
+        source = Negated(source, [n for n in flipped if n in names], head_dim, head_dim)
+    if traits.norms == "peri" and traits.granite:     # h + m * norm(x) == h + norm'(x), norm' = m * norm's weight
+        peri = {f"model.layers.{i}.{n}.weight": float(config.residual_multiplier)
+                for i in range(config.num_hidden_layers) for n in ("post_norm1", "post_norm2")}
+        source = Scaled(source, {n: f for n, f in peri.items() if n in names})
 
     ref, opt = lookups(source, names)
 
     qk_norm = traits.qk_norm if getattr(config, "use_qk_norm", True) else "none"    # (GLM-4.5: by the config)
     q_norm, k_norm = {"none": (None, None), "after_rotary": ("query_layernorm", "key_layernorm")}.get(
         qk_norm, ("q_norm", "k_norm"))
+    if traits.weightless_norms:
+        q_norm, k_norm = "q_norm", "k_norm"
+    gate_n, up_n, down_n = traits.mlp_names
+
+    def norm_ref(name, size=config.hidden_size):      # (NanoChat's norms have no weight: ones)
+        return Ones().ref((size,)) if traits.weightless_norms else ref(f"{name}.weight")
+
     routing, router_bias = None, None
     if traits.moe == "deepseek":
         from lightning_dsinfer.policies.deepseek import routing_of
@@ -442,29 +584,35 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
         elif traits.norms == "glm4":
             input_norm, post_norm = f"{norm}.input_layernorm", f"{norm}.post_attention_layernorm"
             attn_out, mlp_out = f"{norm}.post_self_attn_layernorm", f"{norm}.post_mlp_layernorm"
-        elif f"{norm}.pre_feedforward_layernorm.weight" in names:        # Gemma 2 / 3
-            input_norm, post_norm = f"{norm}.input_layernorm", f"{norm}.pre_feedforward_layernorm"
-            attn_out, mlp_out = f"{norm}.post_attention_layernorm", f"{norm}.post_feedforward_layernorm"
-        else:
+        elif traits.norms == "peri":     # (HyperCLOVA X without use_post_norm: Identity, no weights)
             input_norm, post_norm = f"{norm}.input_layernorm", f"{norm}.post_attention_layernorm"
+            attn_out, mlp_out = (f"{norm}.{n}" if f"{norm}.{n}.weight" in names else None
+                                 for n in ("post_norm1", "post_norm2"))
+        elif f"{norm}.pre_feedforward_layernorm.weight" in names:        # Gemma 2 / 3 (VaultGemma: no output norms)
+            input_norm, post_norm = f"{norm}.input_layernorm", f"{norm}.pre_feedforward_layernorm"
+            attn_out, mlp_out = (f"{norm}.{n}" if f"{norm}.{n}.weight" in names else None
+                                 for n in ("post_attention_layernorm", "post_feedforward_layernorm"))
+        else:
+            input_norm, post_norm = (f"{norm}.{n}" for n in traits.norm_names)
             attn_out = mlp_out = None
         layers.append(LayerWeights(
             q=ref(f"{a}.q_proj.weight"), k=ref(f"{a}.k_proj.weight"), v=ref(f"{a}.v_proj.weight"),
             o=ref(f"{a}.o_proj.weight"),
             q_bias=opt(f"{a}.q_proj.bias"), k_bias=opt(f"{a}.k_proj.bias"), v_bias=opt(f"{a}.v_proj.bias"),
             o_bias=opt(f"{a}.o_proj.bias"),
-            gate=ref(f"{m}.gate_proj.weight") if gated else None, up=ref(f"{m}.up_proj.weight") if dense else None,
-            down=ref(f"{m}.down_proj.weight") if dense else None,
-            gate_bias=opt(f"{m}.gate_proj.bias"), up_bias=opt(f"{m}.up_proj.bias"), down_bias=opt(f"{m}.down_proj.bias"),
-            input_norm=ref(f"{input_norm}.weight") if input_norm else None,
-            post_norm=ref(f"{post_norm}.weight") if post_norm else None,
+            gate=ref(f"{m}.{gate_n}.weight") if gated else None, up=ref(f"{m}.{up_n}.weight") if dense else None,
+            down=ref(f"{m}.{down_n}.weight") if dense else None,
+            gate_bias=opt(f"{m}.{gate_n}.bias"), up_bias=opt(f"{m}.{up_n}.bias"), down_bias=opt(f"{m}.{down_n}.bias"),
+            input_norm=norm_ref(input_norm) if input_norm else None,
+            post_norm=norm_ref(post_norm) if post_norm else None,
             attn_out_norm=ref(f"{attn_out}.weight") if attn_out else None,
             mlp_out_norm=ref(f"{mlp_out}.weight") if mlp_out else None,
-            q_norm=ref(f"{a}.{q_norm}.weight") if q_norm else None,
-            k_norm=ref(f"{a}.{k_norm}.weight") if k_norm else None,
+            q_norm=norm_ref(f"{a}.{q_norm}", head_dim) if q_norm else None,
+            k_norm=norm_ref(f"{a}.{k_norm}", head_dim) if k_norm else None,
             qk_norm_kind="head" if qk_norm == "none" else qk_norm, rotary=_rotates(config, traits, i),
             sliding_window=_sliding_window(config, traits, i), moe=moe, attn_temperature=temperature,
-            out_scale=config.residual_multiplier if traits.granite else None,
+            out_scale=config.residual_multiplier if traits.granite and attn_out is None else None,
+            sinks=opt(f"{a}.sinks"), mlp_act=XIELU.of(source, f"{m}.act_fn") if act == "xielu" and dense else None,
         ))
     tied = tied_embeddings(model)
     return ModelWeights(
@@ -473,16 +621,19 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
         vocab_size=config.vocab_size, rms_norm_eps=config.rms_norm_eps,
         scaling=getattr(base.layers[0].self_attn, "scaling", head_dim ** -0.5),
         inv_freq=main[0].detach(), attention_scaling=main[1], rope_type=main[2],
-        embed=ref("model.embed_tokens.weight"), final_norm=ref("model.norm.weight"),
+        embed=ref("model.embed_tokens.weight"), final_norm=norm_ref("model.norm"),
+        embed_norm=Ones().ref((config.hidden_size,)) if traits.weightless_norms else None,
         lm_head=ref("model.embed_tokens.weight" if tied else "lm_head.weight"), lm_head_bias=opt("lm_head.bias"),
         tied_embeddings=tied, layers=layers,
         norm_offset=1.0 if traits.gemma else 0.0, norm_fp32=traits.norm_fp32,
         embed_scale=config.hidden_size ** 0.5 if traits.gemma else config.embedding_multiplier if traits.granite else None,
         embed_scale_rounded=bool(traits.gemma), embed_scale_on="module" if traits.gemma else "all",
-        logit_scale=1.0 / config.logits_scaling if traits.granite else None,
+        logit_scale=(config.logits_scaling if traits.logits_multiplied else 1.0 / config.logits_scaling)
+        if traits.granite else None,
         # (HF's Gemma 3 attention does not apply attn_logit_softcapping even when the config sets it)
         attn_softcap=getattr(config, "attn_logit_softcapping", None) if traits.gemma == 2 else None,
-        final_softcap=getattr(config, "final_logit_softcapping", None) if traits.gemma else None,
+        final_softcap=(getattr(config, "final_logit_softcapping", None) if traits.gemma or traits.logit_softcap
+                       else None),
         mlp_act=acts[act], mlp_gated=not traits.plain_mlp,
         sliding_inv_freq=sliding[0].detach() if sliding and not _same_rope(sliding, main) else None,
         sliding_attention_scaling=sliding[1] if sliding else 1.0, mrope_axes=axes,
