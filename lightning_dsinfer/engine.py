@@ -131,6 +131,12 @@ class InferenceEngine:
                 self.decoder, self.working_set = self._build_offloaded(hf_model, weights, source)
                 batch = self.working_set.batch_size
         self.decoder.eval()
+        if self.outer is not None and self.decoder.per_layer is not None:   # (Gemma 4's wrapper: its placeholders
+            ids = [getattr(self.outer.config, f"{kind}_token_id", None) for kind in ("image", "video", "audio")]
+            ids = [i for i in ids if i is not None]                          # looked up as padding on every call)
+            pad = getattr(hf_model.config, "pad_token_id", None)
+            if ids and pad is not None:
+                self.decoder.placeholders = (torch.tensor(ids, device=self.device), pad)
         self.rotary = RotaryTable(weights.inv_freq, weights.attention_scaling, self.max_seq_len, self.dtype, self.device,
                                   weights.sliding_inv_freq, weights.sliding_attention_scaling, weights.mrope_axes)
         kv_heads, width, keys_only = weights.cache_layout(shard_plan(weights, self.comm).local_kv_heads)

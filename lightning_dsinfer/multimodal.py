@@ -257,23 +257,23 @@ def merged_inputs(model: nn.Module, engine, input_ids: torch.Tensor, attention_m
     attention_mask = None if attention_mask is None else attention_mask.to(engine.device)
     extra = {k: v.to(engine.device) if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
     saved = [(m, m.__dict__.get("forward")) for m in (text, embed)]     # (a forward installed on the instance:
-    text.forward = catch                                                  # put back after)
-    embed.forward = lambda ids: engine.decoder.module_embeddings(ids.to(engine.device))
-    per_layer = hasattr(text, "get_per_layer_inputs")
+    per_layer = hasattr(text, "get_per_layer_inputs")                     # put back after, whatever was installed)
     table = embed._parameters.get("weight")
     swapped = per_layer and table is not None and table.device.type == "meta"
-    if per_layer:
-        text.get_per_layer_inputs = per_layer_ids
-    if swapped:    # (the wrapper reads the pad row of a table the engine sharded or streamed, for per_layer_ids above,
-        embed._parameters["weight"] = torch.zeros(1, table.shape[1], dtype=engine.dtype,      # which does not use it)
-                                                  device=engine.device).expand(table.shape)
-    if original_mask is not None:
-        masking.create_causal_mask = mask_rule
-    if original_vision_masks is not None:
-        masking.create_masks_for_vision_model = vision_masks
-    if original_window_mask is not None:
-        masking.create_sliding_window_causal_mask = window_rule
     try:
+        text.forward = catch
+        embed.forward = lambda ids: engine.decoder.module_embeddings(ids.to(engine.device))
+        if per_layer:
+            text.get_per_layer_inputs = per_layer_ids
+        if swapped:    # (the wrapper reads the pad row of a table the engine sharded or streamed, for per_layer_ids
+            embed._parameters["weight"] = torch.zeros(1, table.shape[1], dtype=engine.dtype,   # above, which does not
+                                                      device=engine.device).expand(table.shape)   # use it)
+        if original_mask is not None:
+            masking.create_causal_mask = mask_rule
+        if original_vision_masks is not None:
+            masking.create_masks_for_vision_model = vision_masks
+        if original_window_mask is not None:
+            masking.create_sliding_window_causal_mask = window_rule
         with torch.inference_mode():
             type(model).forward(model, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                 **({} if hf_cache is None else {hf_cache_name(): hf_cache}), **extra)
@@ -282,7 +282,7 @@ def merged_inputs(model: nn.Module, engine, input_ids: torch.Tensor, attention_m
     finally:
         for module, forward in saved:
             if forward is None:
-                del module.forward
+                module.__dict__.pop("forward", None)
             else:
                 module.forward = forward
         if original_mask is not None:
@@ -291,8 +291,7 @@ def merged_inputs(model: nn.Module, engine, input_ids: torch.Tensor, attention_m
             masking.create_masks_for_vision_model = original_vision_masks
         if original_window_mask is not None:
             masking.create_sliding_window_causal_mask = original_window_mask
-        if per_layer:
-            del text.get_per_layer_inputs
+        text.__dict__.pop("get_per_layer_inputs", None)
         if swapped:
             embed._parameters["weight"] = table
     if "inputs_embeds" not in caught:

@@ -209,3 +209,22 @@ def test_gemma4_images_on_the_disk_tier(tmp_path):
     torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=2e-4, rtol=1e-4)
     assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, **inputs),
                        tokens)
+
+
+def test_gemma4_wrapper_reads_placeholders_without_media_as_padding():
+    """Gemma 4's wrapper looks its image / video / audio placeholder ids up as its pad id on every call (its main and
+    per-layer embeddings), media or not: a prompt holding image placeholders without images, as HF's (premise: as
+    plain tokens they would give other logits)."""
+    from test_multimodal import image_batch, tiny_vlm
+
+    hf, images = tiny_vlm("gemma4")
+    ids, mask, _ = image_batch("gemma4", images)
+    opt = optimised_copy(hf, max_seq_len=64)
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask).logits
+        as_text = hf.lm_head(hf.model.language_model(input_ids=ids, attention_mask=mask).last_hidden_state)
+        cap = hf.config.get_text_config().final_logit_softcapping     # (the raw ids through its language model)
+        as_text = torch.tanh(as_text / cap) * cap
+    valid = mask.bool()
+    assert (as_text - want)[valid].abs().max() > 1e-2
+    assert_matches_hf(hf, opt, ids, mask)

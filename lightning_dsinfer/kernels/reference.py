@@ -388,7 +388,8 @@ def _grouped_topk(x, router, top_k: int, r: Routing, bias):
         keep = keep.bool().unsqueeze(-1).expand(t, r.groups, e // r.groups).reshape(t, e)
         # (the models fill the other groups' softmax scores with 0, their sigmoid choices with -inf)
         choice = choice.masked_fill(~keep, 0.0 if r.scoring == "softmax" and bias is None else float("-inf"))
-    ids = torch.topk(choice, top_k, dim=-1, sorted=False).indices
+    # (HF's grouped routers take their k unsorted, the plain ones sorted: the renormalising sum adds them in that order)
+    ids = torch.topk(choice, top_k, dim=-1, sorted=r.groups == 1 and bias is None).indices
     w = scores.gather(1, ids)
     if r.renormalize:
         w = w / torch.clamp(w.sum(-1, keepdim=True) + r.eps, min=r.sum_floor)

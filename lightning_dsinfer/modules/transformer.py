@@ -590,7 +590,7 @@ class DecoderModel(nn.Module):
             if step.ids is None:
                 raise ValueError("dsinfer: Gemma 4 looks its per-layer inputs up by token id; pass input_ids (not "
                                  "inputs_embeds alone).")
-            step.per_layer = self.per_layer(step.ids, h)
+            step.per_layer = self.per_layer(self.plain_ids(step.ids), h)
         return h
 
     def final(self, h: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
@@ -598,6 +598,16 @@ class DecoderModel(nn.Module):
         if self.final_norm is None:
             return h if delta is None else h + delta
         return _norm(h, delta, self.final_norm, self.eps, self.final_norm_bias)[0]
+
+    placeholders = None      # (ids [n], pad id): ids looked up as pad (Gemma 4's wrapper: its media placeholders)
+
+    def plain_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """``ids`` with the wrapper's placeholder ids as its pad id (Gemma 4's wrapper does so on every call, images or
+        not), or as they are."""
+        if self.placeholders is None:
+            return ids
+        placeholders, pad = self.placeholders
+        return ids.masked_fill(torch.isin(ids, placeholders.to(ids.device)), pad)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` of this rank's embedding shard."""
@@ -610,6 +620,7 @@ class DecoderModel(nn.Module):
     def embed_tokens(self, input_ids: torch.Tensor, scale: bool = True) -> torch.Tensor:
         """The embeddings of ``input_ids`` as the model's blocks read them (``scale=False``: before the embedding
         scale)."""
+        input_ids = self.plain_ids(input_ids)
         if not self.sharded_vocab:
             h = self.lookup(input_ids)
         else:

@@ -330,11 +330,11 @@ def _clip_qkv(config) -> float | None:
     return None if clip is None else float(clip)
 
 
-def _alibi_slopes(model: nn.Module, heads: int) -> torch.Tensor:
+def _alibi_slopes(heads: int, model: nn.Module | None = None) -> torch.Tensor:
     """The ALiBi slopes of every head as transformers computes them: BLOOM's (read off a two-token mask), MPT's (read
-    off a two-column table of its model's own, whose first column is -slope; transformers builds it with the default
-    alibi_bias_max of 8 whatever the config says)."""
-    if model.config.model_type == "mpt":
+    off a two-column table of its ``model``'s own, whose first column is -slope; transformers builds it with the
+    default alibi_bias_max of 8 whatever the config says)."""
+    if model is not None and model.config.model_type == "mpt":
         with torch.device("cpu"):
             return -model.transformer.build_mpt_alibi_tensor(heads, 2)[:, 0, 0].float().clone()
     from transformers.models.bloom.modeling_bloom import build_alibi_tensor
@@ -608,7 +608,7 @@ def read_gpt_family(model: nn.Module, max_seq_len: int, source: WeightSource | N
         parallel_residual=parallel, rotary=rotary,
         pos_embed=ref(f"{base}.{family.pos_embed}.weight") if family.pos_embed else None, pos_offset=family.pos_offset,
         positions_from_mask=family.positions_from_mask,
-        alibi=_alibi_slopes(model, heads) if family.positions == "alibi" else None,
+        alibi=_alibi_slopes(heads, model) if family.positions == "alibi" else None,
         embed_norm=ref(f"{base}.{family.embed_norm}.weight") if family.embed_norm else None,
         embed_norm_bias=ref(f"{base}.{family.embed_norm}.bias") if family.embed_norm else None,
     )
