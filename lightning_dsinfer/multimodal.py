@@ -219,7 +219,8 @@ def merged_inputs(model: nn.Module, engine, input_ids: torch.Tensor, attention_m
     blocks: list = []
     rules: list = []
     masking = sys.modules.get(type(getattr(model, "model", model)).__module__)
-    original_mask = getattr(masking, "create_causal_mask", None)
+    originals = {name: getattr(masking, name) for name in ("create_causal_mask", "create_sliding_window_causal_mask",
+                                                           "create_masks_for_vision_model") if hasattr(masking, name)}
 
     def catch(*args, **kwargs):
         caught.update(kwargs)
@@ -230,21 +231,20 @@ def merged_inputs(model: nn.Module, engine, input_ids: torch.Tensor, attention_m
             blocks.append(kwargs["block_sequence_ids"])
         elif kwargs.get("or_mask_function") is not None:
             rules.append(kwargs["or_mask_function"])
-        return original_mask(*args, **kwargs)
-
-    original_window_mask = getattr(masking, "create_sliding_window_causal_mask", None)
+        return originals["create_causal_mask"](*args, **kwargs)
 
     def window_rule(*args, **kwargs):     # (PaliGemma 2: the blocks OR-ed in after the sliding window)
         if kwargs.get("block_sequence_ids") is not None:
             engine.blocks_in = "past_window"      # (how this wrapper's masks read its blocks: the same every call)
-        return original_window_mask(*args, **kwargs)
-
-    original_vision_masks = getattr(masking, "create_masks_for_vision_model", None)
+        return originals["create_sliding_window_causal_mask"](*args, **kwargs)
 
     def vision_masks(*args, **kwargs):    # (Gemma 4: its image blocks through a mask helper of its own)
         if kwargs.get("block_sequence_ids") is not None:
             blocks.append(kwargs["block_sequence_ids"])
-        return original_vision_masks(*args, **kwargs)
+        return originals["create_masks_for_vision_model"](*args, **kwargs)
+
+    stand_ins = {"create_causal_mask": mask_rule, "create_sliding_window_causal_mask": window_rule,
+                 "create_masks_for_vision_model": vision_masks}
 
     def per_layer_ids(input_ids, inputs_embeds=None):   # (Gemma 4: the ids its per-layer inputs are looked up by,
         if input_ids is None:                            # handed on as they are: the engine looks them up)
@@ -268,12 +268,8 @@ def merged_inputs(model: nn.Module, engine, input_ids: torch.Tensor, attention_m
         if swapped:    # (the wrapper reads the pad row of a table the engine sharded or streamed, for per_layer_ids
             embed._parameters["weight"] = torch.zeros(1, table.shape[1], dtype=engine.dtype,   # above, which does not
                                                       device=engine.device).expand(table.shape)   # use it)
-        if original_mask is not None:
-            masking.create_causal_mask = mask_rule
-        if original_vision_masks is not None:
-            masking.create_masks_for_vision_model = vision_masks
-        if original_window_mask is not None:
-            masking.create_sliding_window_causal_mask = window_rule
+        for name in originals:            # (the wrapper module's own names of HF's mask functions)
+            setattr(masking, name, stand_ins[name])
         with torch.inference_mode():
             type(model).forward(model, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                 **({} if hf_cache is None else {hf_cache_name(): hf_cache}), **extra)
@@ -285,12 +281,8 @@ def merged_inputs(model: nn.Module, engine, input_ids: torch.Tensor, attention_m
                 module.__dict__.pop("forward", None)
             else:
                 module.forward = forward
-        if original_mask is not None:
-            masking.create_causal_mask = original_mask
-        if original_vision_masks is not None:
-            masking.create_masks_for_vision_model = original_vision_masks
-        if original_window_mask is not None:
-            masking.create_sliding_window_causal_mask = original_window_mask
+        for name, original in originals.items():
+            setattr(masking, name, original)
         text.__dict__.pop("get_per_layer_inputs", None)
         if swapped:
             embed._parameters["weight"] = table
