@@ -652,7 +652,7 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
         if "moe.router_scale" in t:  # (26B-A4B: the experts beside the dense MLP)
             beside = ExpertsBesideMLP(mlp, t["moe.router_scale"], t["moe.experts_in_norm"], t["moe.experts_out_norm"],
                                       t["moe.dense_out_norm"], spec.hidden_size ** -0.5, spec.rms_norm_eps)
-        return PerLayerInputLayer(attn, dense if beside is not None else mlp, t.get("input_norm"), t.get("post_norm"),
+        return PerLayerInputLayer(attn, dense, t.get("input_norm"), t.get("post_norm"),
                                   spec.rms_norm_eps, t.get("attn_out_norm"), t.get("mlp_out_norm"), index,
                                   t["layer_scalar"], Linear(t["ple.gate.weight"], pack=pack) if ple else None,
                                   Linear(t["ple.proj.weight"], pack=pack) if ple else None, t.get("ple.norm"),

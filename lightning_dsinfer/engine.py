@@ -139,10 +139,11 @@ class InferenceEngine:
                 self.decoder.placeholders = (torch.tensor(ids, device=self.device), pad)
         self.rotary = RotaryTable(weights.inv_freq, weights.attention_scaling, self.max_seq_len, self.dtype, self.device,
                                   weights.sliding_inv_freq, weights.sliding_attention_scaling, weights.mrope_axes)
-        kv_heads, width, keys_only = weights.cache_layout(shard_plan(weights, self.comm).local_kv_heads)
+        plan = shard_plan(weights, self.comm)
+        kv_heads, width, keys_only = weights.cache_layout(plan.local_kv_heads)
         linear = {i: shapes for i, lw in enumerate(weights.layers)
                   if (shapes := state_shapes(lw, self.comm.size)) is not None}
-        own, no_kv = kv_layout(weights, shard_plan(weights, self.comm))   # (Gemma 4: blocks of their own shape)
+        own, no_kv = kv_layout(weights, plan)       # (Gemma 4: blocks of their own shape)
         self.cache = StaticKVCache(len(weights.layers), kv_heads, width, batch, self.max_seq_len, self.dtype,
                                    self.device, keys_only=keys_only, linear=linear,
                                    attention_too=[i for i in linear if weights.layers[i].q is not None],

@@ -716,11 +716,10 @@ class DecoderModel(nn.Module):
             n += p.projection.nbytes * (1 + p.projection.in_features) // p.projection.in_features   # (+ a row of
             #                                                                  the table: as wide as a column of it)
         for layer in self.layers:
-            if getattr(layer, "gate", None) is not None:
+            if getattr(layer, "gate", None) is not None:          # (Gemma 4's per-layer input gate)
                 n += layer.gate.nbytes + layer.proj.nbytes
             if getattr(layer, "beside", None) is not None:      # (Gemma 4 26B-A4B's experts)
                 n += layer.beside.experts.nbytes_per_token
-        for layer in self.layers:
             attn = layer.attn
             n += attn.nbytes if hasattr(attn, "nbytes") else attn.qkv.nbytes + attn.o.nbytes   # (MLA: its own count)
             mlp = layer.mlp

@@ -285,6 +285,11 @@ def _rotates(config, traits: FamilyTraits, layer_idx: int) -> bool:
     return True
 
 
+def _rope_of(rotary: nn.Module) -> tuple[torch.Tensor, float, str]:
+    """(inv_freq, attention scaling, rope type) of a rotary module with one table."""
+    return rotary.inv_freq, float(rotary.attention_scaling), getattr(rotary, "rope_type", "default")
+
+
 def _layer_theta_ropes(config, rotary_type) -> tuple[tuple, tuple | None]:
     """(inv_freq, attention scaling, rope type) of the full layers and of the sliding ones (None: as the full ones)
     for a rope base per layer (``layer_rope_theta``, 0: NoPE; Granite SWA: HF builds one rotary module per base): one
@@ -304,11 +309,11 @@ def _layer_theta_ropes(config, rotary_type) -> tuple[tuple, tuple | None]:
         theta_config.rope_parameters = {**config.rope_parameters, "rope_theta": theta}
         with torch.device("cpu"):
             rotary = rotary_type(theta_config)
-        tables[kind] = (rotary.inv_freq, float(rotary.attention_scaling), getattr(rotary, "rope_type", "default"))
+        tables[kind] = _rope_of(rotary)
     if not tables:        # (every layer NoPE: a table nothing reads)
         with torch.device("cpu"):
             rotary = rotary_type(config)
-        return (rotary.inv_freq, float(rotary.attention_scaling), getattr(rotary, "rope_type", "default")), None
+        return _rope_of(rotary), None
     return tables.get("full_attention", tables.get("sliding_attention")), tables.get("sliding_attention")
 
 
@@ -476,7 +481,7 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
     elif traits.layer_thetas:
         main, sliding = _layer_theta_ropes(config, type(base.rotary_emb))
     else:
-        main = (rotary.inv_freq, float(rotary.attention_scaling), getattr(rotary, "rope_type", "default"))
+        main = _rope_of(rotary)
         sliding = None
     for inv_freq, _, rope_type in [main] + ([sliding] if sliding else []):
         check_rope(config, rotary, inv_freq, rope_type, head_dim, max_seq_len)
