@@ -391,7 +391,8 @@ def _decode_attention_case(b, hq, hkv, length, d, seed):
 
 @needs_wide
 @pytest.mark.parametrize("b,hq,hkv,length,d", [(1, 16, 4, 190, 64), (3, 8, 2, 37, 24), (2, 4, 4, 5, 80),
-                                               (4, 6, 1, 100, 128), (2, 32, 8, 700, 128)])
+                                               (4, 6, 1, 100, 128), (2, 32, 8, 700, 128), (2, 4, 1, 45, 200),
+                                               (2, 8, 1, 40, 512)])     # (Gemma 4's full layers: 512-wide heads)
 @pytest.mark.parametrize("masking", ["none", "left_pad", "window", "broadcast"])
 @pytest.mark.parametrize("with_sinks", [False, True], ids=["plain", "sinks"])
 def test_decode_attention_kernel_matches_reference(b, hq, hkv, length, d, masking, with_sinks):
@@ -464,7 +465,7 @@ def test_decode_attention_kernel_alibi_matches_reference(b, hq, hkv, length, d, 
 @needs_wide
 def test_decode_attention_kernel_declines_what_it_does_not_take():
     """Shapes and dtypes outside the kernel give None (the reference runs): prompts, fp32, float masks, a mask
-    over other columns, K and V with different layouts, head dim above 256."""
+    over other columns, K and V with different layouts, head dim above 512."""
     q, k, v = _decode_attention_case(2, 8, 2, 20, 32, seed=0)
     assert cpu_gemv.decode_attention(q, k, v, None, 0.1) is not None
     assert cpu_gemv.decode_attention(torch.randn(2, 8, 3, 32).bfloat16(), k, v, None, 0.1) is None   # T = 3
@@ -472,7 +473,7 @@ def test_decode_attention_kernel_declines_what_it_does_not_take():
     assert cpu_gemv.decode_attention(q, k, v, torch.zeros(2, 1, 1, 20), 0.1) is None                 # float mask
     assert cpu_gemv.decode_attention(q, k, v, torch.ones(2, 1, 1, 21, dtype=torch.bool), 0.1) is None
     assert cpu_gemv.decode_attention(q, k, v.contiguous(), None, 0.1) is None                        # strides differ
-    big = _decode_attention_case(1, 2, 1, 4, 264, seed=1)
+    big = _decode_attention_case(1, 2, 1, 4, 520, seed=1)
     assert cpu_gemv.decode_attention(*big, None, 0.1) is None
     assert cpu_gemv.decode_attention(q, k, v, None, 0.1, sinks=torch.zeros(4)) is None                # sinks not [Hq]
     assert cpu_gemv.decode_attention(q, k, v, None, 0.1, alibi=torch.zeros(4)) is None                # slopes not [Hq]

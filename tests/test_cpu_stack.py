@@ -139,6 +139,53 @@ def test_stack_gemma_bit_identical_to_per_op_path(case, monkeypatch):
     assert len(hid_s) == len(hid_o) == 8 and all(torch.equal(a, b) for a, b in zip(hid_s, hid_o))
 
 
+# (config overrides, quantize options): tests/helpers.py's tiny Gemma 4 (E2B-like: per-layer inputs, the last two
+# layers reading earlier layers' K/V, full layers with 32-wide heads, one KV head whose values are the keys'
+# projection, a proportional rope of their own; sliding layers 16 wide with a window of 7 < 12 + 8 columns)
+GEMMA4_CASES = {
+    "e2b": ({}, {}),
+    "31b": (dict(hidden_size_per_layer_input=0, num_kv_shared_layers=0, attention_k_eq_v=False,
+                 use_double_wide_mlp=False), {}),                     # no per-layer inputs, every layer its own K/V
+    "e2b_int8": ({}, {"quantize": "int8"}),
+    "e2b_int4": ({}, {"quantize": "int4", "quantize_group_size": 8}),
+}
+
+
+@needs_wide
+@pytest.mark.parametrize("case", list(GEMMA4_CASES))
+def test_stack_gemma4_bit_identical_to_per_op_path(case):
+    """Gemma 4's blocks through C: each layer's own head dim, KV heads and MLP width, v RMS-normed, the full layers'
+    rope table and the sliding layers' own, the shared layers' queries over an earlier layer's cache columns (nothing
+    written), the per-layer input (gate, GeLU, times the layer's row, projection, norm, add) and the layer scalar;
+    bf16, int8 and int4 weights. Every decode step through C, bit-identical to the per-op path."""
+    overrides, quantize = GEMMA4_CASES[case]
+    hf = tiny_model("gemma4_text", **overrides).to(torch.bfloat16)
+    opt = optimised_copy(hf, max_seq_len=48, dtype=torch.bfloat16, **quantize)
+    dec = opt._dsinfer_engine.decoder
+    stack = CpuDecodeStack.build(dec)
+    assert stack is not None
+    heads = {t.head_dim for t in stack.table}
+    assert heads == {16, 32} and stack.shape.head_dim == 32 and stack.shape.scale == 1.0
+    e2b = not overrides
+    assert [bool(t.shared_kv) for t in stack.table] == [False] * 4 + [e2b] * 2
+    assert all(bool(t.v_norm) != bool(t.shared_kv) and t.scalar for t in stack.table)
+    assert all(bool(t.pl_gate.w) == e2b for t in stack.table) and stack.per_layer_dim == (8 if e2b else 0)
+    if e2b:     # the shared layers' MLPs twice as wide, their tables pointing at layers 3 (sliding) and 2 (full)
+        assert [t.inter for t in stack.table] == [96] * 4 + [192] * 2
+    ids, mask = padded_batch([12, 5, 9])
+    runs = run_both_paths(opt, ids, mask, new_tokens=8)
+    (tok_s, hid_s, _, n_s), (tok_o, hid_o, _, n_o) = runs["stack"], runs["ops"]
+    assert n_s == 7 and n_o == 0
+    assert torch.equal(tok_s, tok_o)
+    assert len(hid_s) == len(hid_o) == 8 and all(torch.equal(a, b) for a, b in zip(hid_s, hid_o))
+    if e2b:
+        cache = opt._dsinfer_engine.cache
+        bound = stack._bind_cache(cache)
+        assert cache.k[4].numel() == cache.k[5].numel() == 0        # (no columns of their own)
+        assert [(bound[i].k_cache, bound[i].v_cache) for i in (4, 5)] == [
+            (cache.k[j].data_ptr(), cache.v[j].data_ptr()) for j in (3, 2)]
+
+
 @needs_wide
 def test_gemma_pieces_match_reference():
     """The C kernels the per-op path now takes for Gemma's pieces, against kernels/reference.py: the RMSNorm with
@@ -226,8 +273,9 @@ def test_stack_declines_the_onednn_fallback():
 
 @needs_wide
 def test_stack_under_tensor_parallelism():
-    # gemma2: the all-reduce before the output's norm; bloom: each rank's slice of the ALiBi slopes
-    families = ["llama", "qwen3", "gpt_neox", "gemma2", "bloom"]
+    # gemma2: the all-reduce before the output's norm; bloom: each rank's slice of the ALiBi slopes; gemma4_text: its
+    # per-layer inputs whole on each rank, its single full-layer KV head on both
+    families = ["llama", "qwen3", "gpt_neox", "gemma2", "bloom", "gemma4_text"]
     codes, outs, _ = run_ranks("stack_tp_worker.py", 2, ["--families", *families], timeout=240)
     assert codes == [0, 0], "\n".join(outs)
     assert outs[0].count(" OK") == len(families), outs[0]

@@ -1297,17 +1297,18 @@ void attn_unit_avx512(const AttnArgs& a, int64_t b, int64_t kh, std::vector<floa
 
 using AttnUnit = void (*)(const AttnArgs&, int64_t, int64_t, std::vector<float>&);
 
-// The instance for a head of D: NV = 2, 4, 8 or 16 (D <= 256), or null.
+// The instance for a head of D: NV = 2, 4, 8, 16 or 32 (D <= 512), or null.
 AttnUnit attn_unit_for(int64_t D) {
     if (D <= 32) return attn_unit_avx512<2>;
     if (D <= 64) return attn_unit_avx512<4>;
     if (D <= 128) return attn_unit_avx512<8>;
     if (D <= 256) return attn_unit_avx512<16>;
+    if (D <= 512) return attn_unit_avx512<32>;   // (Gemma 4's full layers)
     return nullptr;
 }
 
 // Decode attention for every (row, KV head) unit, on `threads` OpenMP threads (1: this thread). AVX512 only
-// (callers check dsi_gemv_best_isa() >= 2; without it torch's SDPA is faster than a scalar loop), D <= 256.
+// (callers check dsi_gemv_best_isa() >= 2; without it torch's SDPA is faster than a scalar loop), D <= 512.
 void run_attention(const AttnArgs& a, int threads) {
     const AttnUnit unit = attn_unit_for(a.D);
     const int64_t units = a.B * a.hkv;
@@ -1853,7 +1854,7 @@ int dsi_layer_norm_bf16(const void* x, int64_t ldx, const void* w, const void* b
 // grouped KV heads (Hq a multiple of Hkv); softcap > 0: the scores soft-capped first (Gemma 2); sinks (fp32 [Hq] or
 // null): a logit per query head in each softmax's denominator (gpt-oss); alibi (fp32 [Hq] slopes or null, BLOOM):
 // slope * (j - (L - 1)) added to key j's score after the cap. Units (row, KV head) are split over
-// `threads` OpenMP threads. AVX512 only and D <= 256: returns -1 otherwise, else 0.
+// `threads` OpenMP threads. AVX512 only and D <= 512: returns -1 otherwise, else 0.
 int dsi_decode_attention_bf16(const void* q, int64_t qb, int64_t qh, const void* k, const void* v, int64_t kb,
                               int64_t kh, int64_t kl, const void* mask, int64_t mb, int64_t ml, void* out, int64_t B,
                               int64_t hq, int64_t hkv, int64_t L, int64_t D, float scale, float softcap,
@@ -2259,7 +2260,9 @@ uint64_t dsi_stream_read(const void* data, int64_t bytes, int threads) {
 // norm2 of the block's input instead (norm1's output itself when the block has one shared norm), and down adds
 // attention's output. Gemma 2 / 3's sandwich blocks (SandwichDecoderLayer) norm the attention's and the MLP's outputs
 // before their residual adds (o and down then add no residual): h = h + norm_a(o), h = h + norm_m(down); Gemma 2's
-// scores are soft-capped, Gemma 3's sliding-window layers rotate by a table of their own.
+// scores are soft-capped, Gemma 3's sliding-window layers rotate by a table of their own. Gemma 4's layers each have
+// their own head dim, KV heads and MLP width; v is RMS-normed per head; its last layers compute queries only and read
+// an earlier layer's cache; after the MLP, h = h + norm_p(proj(act(gate(h)) * per-layer row)), then h = h * scalar.
 struct DsiLinear {
     const void* w; const void* bias;   // weight (AMX layout, or row-major with row stride ldw); bias or null
     int64_t ldw, N, K;
@@ -2286,6 +2289,15 @@ struct DsiLayer {
     const void* attn_out_norm; const void* mlp_out_norm;   // sandwich block (Gemma 2 / 3): RMSNorm weights [hidden]
                                                            // of attention's / the MLP's output; null: pre-norm block
     const void* alibi;                        // ALiBi slopes fp32 [hq] of this rank's heads (BLOOM), or null
+    // Gemma 4: each layer's own shape, v's norm, K/V read from an earlier layer, the per-layer input and the scalar
+    int64_t hkv, head_dim, inter;             // this layer's KV heads, head dim and MLP width (the stack's: maxima)
+    const void* v_norm;                       // RMSNorm weight [head_dim] (norm_f32) of the v heads, or null
+    int64_t shared_kv;                        // 1: queries only (qkv's rows are q's) over the K/V that k_cache /
+                                              // v_cache (an earlier layer's) hold through column col; nothing written
+    DsiLinear pl_gate, pl_proj;               // per-layer input (pl_gate.w null: none): h = h + norm_p(proj(act(gate(h))
+    const void* pl_norm;                      // * row)), row = this layer's row pl_index of DsiStack.per_layer
+    int64_t pl_index;
+    const void* scalar;                       // bf16 [1]: h = h * scalar at the block's end, or null
 };
 
 struct DsiStack {
@@ -2302,6 +2314,10 @@ struct DsiStack {
     int64_t gated;         // 1: gate_up holds gate | up (2 inter rows), act(gate) * up (SwiGLU, GeGLU)
     int64_t norm_f32;      // 1: RMSNorm weights (q / k norms too) fp32, Gemma's (1 + w): dsi_rms_norm_bf16's w_f32
     double softcap;        // > 0: attention scores soft-capped (Gemma 2); 0: none
+    int64_t srotary_dim;   // width of the sliding layers' own cos / sin rows (scos / ssin) where they are given
+    const void* per_layer; // Gemma 4's per-layer inputs of the step, bf16 rows of pl_dim: row b's layer i at
+    int64_t plb, pll;      // per_layer + b * plb + i * pll (elements), or null
+    int64_t pl_dim, pl_act;   // their width; dsi_act_bf16's kind of the gate
 };
 
 static int stack_linear(const DsiStack* st, const DsiLinear& lin, const uint16_t* x, int64_t M, const uint16_t* h,
@@ -2334,22 +2350,27 @@ int dsi_decode_stack(const DsiStack* st, const DsiLayer* layers, void* h_, int64
                      const void* scos, const void* ssin, int64_t col, const void* mask, int64_t mb, int64_t ml,
                      const void* wmask, int64_t wmb, int64_t wml,
                      int64_t* shm_step, double* shm_seconds) {
-    const int64_t H = st->hidden, hq = st->hq, hkv = st->hkv, D = st->head_dim, I = st->inter;
-    const int64_t heads = hq + 2 * hkv, L = col + 1;
-    if (dsi_gemv_best_isa() < 2 || attn_unit_for(D) == nullptr) return 3;   // AVX512 only (the caller checks)
+    // (hkv, head_dim and inter of the stack: the largest of any layer's, which size the buffers; each layer its own)
+    const int64_t H = st->hidden, hq = st->hq, L = col + 1, P = st->per_layer ? st->pl_dim : 0;
+    if (dsi_gemv_best_isa() < 2 || attn_unit_for(st->head_dim) == nullptr) return 3;   // AVX512 only (caller checks)
     uint16_t* h = static_cast<uint16_t*>(h_);
     static thread_local std::vector<uint16_t> buf;
-    buf.resize(static_cast<size_t>(B * (3 * H + heads * D + (hq + hkv) * D + hq * D + 3 * I)));
+    {
+        const int64_t heads = hq + 2 * st->hkv, D = st->head_dim;
+        buf.resize(static_cast<size_t>(B * (3 * H + heads * D + (hq + st->hkv) * D + hq * D + 3 * st->inter + 2 * P)));
+    }
     uint16_t* x = buf.data();
     uint16_t* x2 = x + B * H;          // norm2 of the block's input (parallel residual with two norms), or the normed
                                        // output of a sandwich block's attention / MLP
     uint16_t* y = x2 + B * H;
     uint16_t* qkv = y + B * H;
-    uint16_t* q = qkv + B * heads * D;
-    uint16_t* k = q + B * hq * D;
-    uint16_t* att = k + B * hkv * D;
-    uint16_t* gu = att + B * hq * D;
-    uint16_t* act = gu + B * 2 * I;
+    uint16_t* q = qkv + B * (hq + 2 * st->hkv) * st->head_dim;
+    uint16_t* k = q + B * hq * st->head_dim;
+    uint16_t* att = k + B * st->hkv * st->head_dim;
+    uint16_t* gu = att + B * hq * st->head_dim;
+    uint16_t* act = gu + B * 2 * st->inter;
+    uint16_t* pg = act + B * st->inter;   // the per-layer input's gate output, then act(gate) * row
+    uint16_t* pa = pg + B * P;
     auto all_reduce = [&](uint16_t* v) -> int {
         timespec t0{}, t1{};
         clock_gettime(CLOCK_MONOTONIC, &t0);
@@ -2379,6 +2400,7 @@ int dsi_decode_stack(const DsiStack* st, const DsiLayer* layers, void* h_, int64
     };
     for (int64_t l = 0; l < st->num_layers; ++l) {
         const DsiLayer& ly = layers[l];
+        const int64_t hkv = ly.hkv, D = ly.head_dim, I = ly.inter, heads = hq + 2 * hkv;
         norm(ly.input_norm, ly.input_bias, x);
         if (stack_linear(st, ly.qkv, x, B, h, qkv)) return 2;
         const uint16_t* mlp_in = x;    // parallel with one shared norm: norm1's output feeds the MLP too
@@ -2386,10 +2408,19 @@ int dsi_decode_stack(const DsiStack* st, const DsiLayer* layers, void* h_, int64
             norm(ly.post_norm, ly.post_bias, x2);
             mlp_in = x2;
         }
-        if (ly.q_norm) dsi_head_norms_bf16(qkv, B, hq, hkv, D, ly.q_norm, ly.k_norm, w_f32, eps);
-        const bool own_table = ly.sliding && scos;   // Gemma 3's sliding layers: their own rope table
-        dsi_rotary_write_kv_bf16(qkv, own_table ? scos : cos, own_table ? ssin : sin, B, 1, hq, hkv, D, st->rotary_dim,
-                                 q, k, ly.k_cache, ly.v_cache, ly.cb, ly.ch, col);
+        // (a layer reading an earlier layer's K/V: its qkv rows are q's alone, normed and rotated as q heads)
+        const int64_t own_kv = ly.shared_kv ? 0 : hkv;
+        if (ly.q_norm) dsi_head_norms_bf16(qkv, B, hq, own_kv, D, ly.q_norm, ly.k_norm, w_f32, eps);
+        if (ly.v_norm && own_kv)                      // Gemma 4: v RMS-normed per head too
+            for (int64_t b = 0; b < B; ++b) {
+                uint16_t* v = qkv + b * heads * D + (hq + hkv) * D;
+                dsi_rms_norm_bf16(v, D, ly.v_norm, w_f32, v, D, hkv, D, eps);
+            }
+        const bool own_table = ly.sliding && scos;   // Gemma 3 / 4's sliding layers: their own rope table
+        dsi_rotary_write_kv_bf16(qkv, own_table ? scos : cos, own_table ? ssin : sin, B, 1, hq, own_kv, D,
+                                 own_table ? st->srotary_dim : st->rotary_dim, q, k,
+                                 ly.shared_kv ? nullptr : ly.k_cache, ly.shared_kv ? nullptr : ly.v_cache, ly.cb, ly.ch,
+                                 col);
         const bool win = ly.sliding && wmask;
         run_attention(AttnArgs{q, hq * D, D, static_cast<const uint16_t*>(ly.k_cache),
                                static_cast<const uint16_t*>(ly.v_cache), ly.cb, ly.ch, D,
@@ -2409,6 +2440,20 @@ int dsi_decode_stack(const DsiStack* st, const DsiLayer* layers, void* h_, int64
         if (stack_linear(st, ly.down, act, B, h, y)) return 2;
         if (ly.down.reduce && all_reduce(y)) return 1;
         add_output(ly.mlp_out_norm);
+        if (ly.pl_gate.w) {    // Gemma 4's per-layer input: each step rounded as the torch ops of PerLayerInputLayer
+            if (stack_linear(st, ly.pl_gate, h, B, h, pg)) return 2;
+            dsi_act_bf16(pg, P, B, P, pa, P, static_cast<int>(st->pl_act), static_cast<int>(st->threads));
+            const uint16_t* rows = static_cast<const uint16_t*>(st->per_layer) + ly.pl_index * st->pll;
+            for (int64_t b = 0; b < B; ++b)
+                for (int64_t i = 0; i < P; ++i)
+                    pa[b * P + i] = f32_to_bf16(bf16_to_f32(pa[b * P + i]) * bf16_to_f32(rows[b * st->plb + i]));
+            if (stack_linear(st, ly.pl_proj, pa, B, h, y)) return 2;
+            add_output(ly.pl_norm);
+        }
+        if (ly.scalar) {
+            const float s = bf16_to_f32(*static_cast<const uint16_t*>(ly.scalar));
+            for (int64_t i = 0; i < B * H; ++i) h[i] = f32_to_bf16(bf16_to_f32(h[i]) * s);
+        }
     }
     return 0;
 }

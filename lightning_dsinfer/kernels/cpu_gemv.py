@@ -736,7 +736,7 @@ def gated_act(gate_up: torch.Tensor, name: str) -> torch.Tensor | None:
     return y
 
 
-DECODE_ATTENTION_MAX_HEAD_DIM = 256
+DECODE_ATTENTION_MAX_HEAD_DIM = 512      # (Gemma 4 full layers: 512)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor | None,
@@ -792,20 +792,27 @@ class StackLinear(ctypes.Structure):
 class StackLayer(ctypes.Structure):
     """``DsiLayer`` of cpu_gemv.cpp: one block's linears, norms (LayerNorms: with their biases; post_norm null: one
     shared norm; a sandwich block's norms of attention's and the MLP's outputs), KV-cache tensors and ALiBi slopes
-    (fp32 [hq], BLOOM; null: none)."""
+    (fp32 [hq], BLOOM; null: none); its own KV heads, head dim and MLP width; Gemma 4's v norm, K/V read from an
+    earlier layer's cache (``shared_kv``), per-layer input (gate, projection, norm, row index) and layer scalar."""
     _fields_ = [("qkv", StackLinear), ("o", StackLinear), ("gate_up", StackLinear), ("down", StackLinear),
                 ("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("input_bias", ctypes.c_void_p),
                 ("post_bias", ctypes.c_void_p), ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p),
                 ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p), ("cb", ctypes.c_int64),
                 ("ch", ctypes.c_int64), ("sliding", ctypes.c_int64), ("attn_out_norm", ctypes.c_void_p),
-                ("mlp_out_norm", ctypes.c_void_p), ("alibi", ctypes.c_void_p)]
+                ("mlp_out_norm", ctypes.c_void_p), ("alibi", ctypes.c_void_p),
+                # Gemma 4: the layer's own shape, v's norm, K/V of an earlier layer, the per-layer input, the scalar
+                ("hkv", ctypes.c_int64), ("head_dim", ctypes.c_int64), ("inter", ctypes.c_int64),
+                ("v_norm", ctypes.c_void_p), ("shared_kv", ctypes.c_int64), ("pl_gate", StackLinear),
+                ("pl_proj", StackLinear), ("pl_norm", ctypes.c_void_p), ("pl_index", ctypes.c_int64),
+                ("scalar", ctypes.c_void_p)]
 
 
 class StackShape(ctypes.Structure):
     """``DsiStack`` of cpu_gemv.cpp: sizes, threads, the shared-memory all-reduce (slots null: none), and the block's
     form: norm kind (0 RMSNorm, 1 LayerNorm with biases), parallel residual, MLP activation (an :data:`ACT_KINDS`
     value: of gate times up when ``gated``, SwiGLU / GeGLU, else of up), rotary width (0: none), fp32 RMSNorm weights
-    (Gemma's (1 + w)), the attention's score cap (0: none)."""
+    (Gemma's (1 + w)), the attention's score cap (0: none); the sliding layers' own rotary width; Gemma 4's per-layer
+    inputs of the step (pointer, row and layer strides in elements, width, the gate's activation kind)."""
     _fields_ = [("num_layers", ctypes.c_int64), ("hidden", ctypes.c_int64), ("hq", ctypes.c_int64),
                 ("hkv", ctypes.c_int64), ("head_dim", ctypes.c_int64), ("inter", ctypes.c_int64),
                 ("eps", ctypes.c_double), ("scale", ctypes.c_double), ("threads", ctypes.c_int64),
@@ -813,7 +820,9 @@ class StackShape(ctypes.Structure):
                 ("flags", ctypes.c_void_p), ("tp_size", ctypes.c_int64), ("tp_rank", ctypes.c_int64),
                 ("timeout_s", ctypes.c_double), ("layer_norm", ctypes.c_int64), ("parallel", ctypes.c_int64),
                 ("mlp_act", ctypes.c_int64), ("rotary_dim", ctypes.c_int64), ("gated", ctypes.c_int64),
-                ("norm_f32", ctypes.c_int64), ("softcap", ctypes.c_double)]
+                ("norm_f32", ctypes.c_int64), ("softcap", ctypes.c_double), ("srotary_dim", ctypes.c_int64),
+                ("per_layer", ctypes.c_void_p), ("plb", ctypes.c_int64), ("pll", ctypes.c_int64),
+                ("pl_dim", ctypes.c_int64), ("pl_act", ctypes.c_int64)]
 
 
 def gated_delta_step(proj: torch.Tensor, history: torch.Tensor, conv: torch.Tensor, a_log: torch.Tensor,

@@ -15,7 +15,10 @@ relu / silu or SwiGLU, the sequential or the parallel residual with one or two n
 learned positions are added before the blocks) and Gemma's (Gemma 1's :class:`DecoderLayer` and Gemma 2 / 3's
 :class:`SandwichDecoderLayer`: (1 + w) RMSNorms with fp32 weights, scaled in fp32 and rounded once; GeGLU; the norms of
 the attention's and the MLP's outputs before their residual adds; Gemma 2's soft-capped scores; Gemma 3's q / k norms
-and the sliding-window layers' own rope table). The per-op path takes the same C kernels for those pieces (ops.py:
+and the sliding-window layers' own rope table; Gemma 4's :class:`PerLayerInputLayer` with :class:`SharedKVAttention`:
+each layer's own head dim, KV heads and MLP width, v RMS-normed, the full layers' 512-wide heads, the shared layers'
+queries over an earlier layer's cache, the per-layer input and the layer scalar; not 26B-A4B's experts). The per-op
+path takes the same C kernels for those pieces (ops.py:
 ``rms_norm`` with fp32 weights, ``gated_act``, ``attention`` with a cap or ALiBi slopes), so the two agree bit for
 bit. BLOOM's ALiBi goes through C too (each block's fp32 slopes of this rank's heads, no rotary); MoE layers keep the
 per-op path.
@@ -57,7 +60,7 @@ class CpuDecodeStack:
     def __init__(self, decoder, layers, row_limit: float, shm, layer_norm: bool = False, parallel: bool = False,
                  mlp_act: int = cpu_gemv.ACT_KINDS["silu"], rotary: bool = True, gated: bool = True,
                  norm_f32: bool = False, softcap: float | None = None):
-        from lightning_dsinfer.modules.transformer import SandwichDecoderLayer
+        from lightning_dsinfer.modules.transformer import PerLayerInputLayer, SandwichDecoderLayer
 
         first = layers[0]
         # self.layers keeps the modules, and so every tensor the tables point into, alive with the tables
@@ -65,28 +68,48 @@ class CpuDecodeStack:
         self.hidden = first.attn.o.out_features
         self.rotary = rotary       # cos / sin of a step are read (their width R is the step's: partial rotary)
         self.n_reduce = sum((ly.attn.o.reduce is not None) + (ly.mlp.down.reduce is not None) for ly in layers)
+        # the narrowest head of the layers rotating by the step's cos / sin, with the sliding layers' own table or
+        # without one (a table wider than a head is refused in applies), and of the sliding layers
+        self.min_head = {own: min((ly.attn.d for ly in layers if not (own and ly.attn.sliding)), default=None)
+                         for own in (False, True)}
+        self.min_sliding_head = min((ly.attn.d for ly in layers if ly.attn.sliding), default=None)
+        # Gemma 4's per-layer inputs: their width (every gated layer's the same, build checks)
+        self.per_layer_dim = next((ly.gate.out_features for ly in layers
+                                   if isinstance(ly, PerLayerInputLayer) and ly.gate is not None), 0)
         self.shape = cpu_gemv.StackShape(
-            num_layers=len(layers), hidden=self.hidden, hq=first.attn.hq, hkv=first.attn.hkv, head_dim=first.attn.d,
-            inter=first.mlp.down.in_features, eps=first.eps, scale=first.attn.scaling,
+            num_layers=len(layers), hidden=self.hidden, hq=first.attn.hq,
+            hkv=max(ly.attn.hkv for ly in layers), head_dim=max(ly.attn.d for ly in layers),
+            inter=max(ly.mlp.down.in_features for ly in layers), eps=first.eps, scale=first.attn.scaling,
             slots=None if shm is None else shm.data.data_ptr(), capacity=0 if shm is None else shm.capacity,
             flags=None if shm is None else shm.flags.data_ptr(), tp_size=1 if shm is None else shm.size,
             tp_rank=0 if shm is None else shm.rank, timeout_s=0.0 if shm is None else shm.timeout_s,
             layer_norm=int(layer_norm), parallel=int(parallel), mlp_act=mlp_act, rotary_dim=0, gated=int(gated),
-            norm_f32=int(norm_f32), softcap=softcap or 0.0)
+            norm_f32=int(norm_f32), softcap=softcap or 0.0, pl_dim=self.per_layer_dim,
+            pl_act=cpu_gemv.ACT_KINDS[next((ly.act for ly in layers if self.per_layer_dim and ly.gate is not None),
+                                           "gelu_tanh")])
         self.table = (cpu_gemv.StackLayer * len(layers))()
         for i, ly in enumerate(layers):
             t = self.table[i]
-            sandwich = type(ly) is SandwichDecoderLayer
+            sandwich = type(ly) in (SandwichDecoderLayer, PerLayerInputLayer)
+            gated_input = isinstance(ly, PerLayerInputLayer) and ly.gate is not None
             # (name, linear, whether the block passes it the residual stream: o and down, as in transformer.py; a
-            # sandwich block adds it after the output's norm)
+            # sandwich block adds it after the output's norm; Gemma 4's per-layer gate and projection: never)
             for name, lin, residual in (("qkv", ly.attn.qkv, False), ("o", ly.attn.o, not sandwich),
-                                        ("gate_up", ly.mlp.gate_up, False), ("down", ly.mlp.down, not sandwich)):
+                                        ("gate_up", ly.mlp.gate_up, False), ("down", ly.mlp.down, not sandwich),
+                                        *((("pl_gate", ly.gate, False), ("pl_proj", ly.proj, False))
+                                          if gated_input else ())):
                 setattr(t, name, cpu_gemv.StackLinear(
                     w=lin.weight.data_ptr(), bias=_ptr(lin.bias), ldw=lin.weight.stride(0) if not lin.packed else 0,
                     N=lin.out_features, K=lin.in_features,
                     packed={"amx": 1, "int8": 2, "int8_amx": 3, "int4": 4}.get(lin.layout, 0),
                     add_residual=int(residual and lin.owns_residual), reduce=int(lin.reduce is not None),
                     scale=_ptr(lin.scale), group=lin.group_size, amx_rows=lin.amx_rows))
+            t.hkv, t.head_dim, t.inter = ly.attn.hkv, ly.attn.d, ly.mlp.down.in_features
+            t.v_norm = _ptr(getattr(ly.attn, "v_norm", None))
+            t.shared_kv = int(getattr(ly.attn, "kv_source", None) is not None)
+            if gated_input:
+                t.pl_norm, t.pl_index = ly.norm.data_ptr(), ly.index
+            t.scalar = _ptr(getattr(ly, "scalar", None))
             t.input_norm, t.post_norm = ly.input_norm.data_ptr(), _ptr(ly.post_norm)
             if layer_norm:
                 t.input_bias, t.post_bias = ly.input_bias.data_ptr(), _ptr(ly.post_bias)
@@ -106,7 +129,8 @@ class CpuDecodeStack:
     def build(cls, decoder) -> "CpuDecodeStack | None":
         """The stack for ``decoder``'s blocks, or None when one of them has something the C loop does not run."""
         from lightning_dsinfer.modules.transformer import (MLP, Attention, DecoderLayer, GatedMLP, GPTDecoderLayer,
-                                                           SandwichDecoderLayer, TemperatureTunedAttention)
+                                                           PerLayerInputLayer, SandwichDecoderLayer, SharedKVAttention,
+                                                           TemperatureTunedAttention)
 
         if cpu_gemv.decode_stack_fn() is None or not cpu_gemv.has_wide_ops() or len(decoder.layers) == 0:
             return None
@@ -118,12 +142,28 @@ class CpuDecodeStack:
         # (LayerNorms, parallel residual, MLP activation, rotary, gated MLP, fp32 norm weights, score cap): one for
         # every block; sandwich norms (Gemma 2 / 3) are per block
         form = None
+        per_layer_dims = set()
         for ly in layers:
             tuned = type(ly.attn) is TemperatureTunedAttention and ly.attn.at == "position"     # (Ministral 3: see
-            if (type(ly) not in (DecoderLayer, GPTDecoderLayer, SandwichDecoderLayer)                 # applies)
-                    or not (type(ly.attn) is Attention or tuned) or type(ly.mlp) not in (GatedMLP, MLP)):
+            if (type(ly) not in (DecoderLayer, GPTDecoderLayer, SandwichDecoderLayer, PerLayerInputLayer)  # applies)
+                    or not (type(ly.attn) in (Attention, SharedKVAttention) or tuned)
+                    or type(ly.mlp) not in (GatedMLP, MLP)):
                 return None
             a, m = ly.attn, ly.mlp
+            shared = type(a) is SharedKVAttention and a.kv_source is not None      # (Gemma 4: queries only)
+            extra = []       # Gemma 4's per-layer gate and projection
+            if type(ly) is PerLayerInputLayer:
+                if ly.beside is not None or not (ly.scalar is None or _bf16_vector(ly.scalar, 1)):   # (26B-A4B: MoE)
+                    return None
+                if ly.gate is not None:
+                    p = ly.gate.out_features
+                    if (ly.act not in cpu_gemv.ACT_KINDS or ly.gate.in_features != a.o.out_features
+                            or ly.proj.in_features != p or ly.proj.out_features != a.o.out_features
+                            or not _norm_vector(ly.norm, a.o.out_features, True)
+                            or ly.norm.dtype != torch.float32):
+                        return None
+                    per_layer_dims.add((p, ly.act))
+                    extra = [ly.gate, ly.proj]
             gated = type(m) is GatedMLP
             acts = ("silu", "gelu", "gelu_tanh") if gated else cpu_gemv.ACT_KINDS    # SwiGLU / GeGLU, or a plain one
             if m.act not in acts:
@@ -140,12 +180,13 @@ class CpuDecodeStack:
             if form not in (None, this):
                 return None
             form = this
-            if (a.hq, a.hkv, a.d, a.scaling, ly.eps, m.down.in_features, a.o.out_features) != (
-                    first.attn.hq, first.attn.hkv, first.attn.d, first.attn.scaling, first.eps,
-                    first.mlp.down.in_features, first.attn.o.out_features):
+            # (KV heads, head dim and MLP width are each layer's own: Gemma 4)
+            if (a.hq, a.scaling, ly.eps, a.o.out_features) != (
+                    first.attn.hq, first.attn.scaling, first.eps, first.attn.o.out_features):
                 return None
             h, d = a.o.out_features, a.d
-            if (a.qkv.out_features != (a.hq + 2 * a.hkv) * d or a.qkv.in_features != h or a.o.in_features != a.hq * d
+            if ((a.qkv.out_features != (a.hq if shared else a.hq + 2 * a.hkv) * d) or a.qkv.in_features != h
+                    or a.o.in_features != a.hq * d
                     or m.gate_up.out_features != (2 if gated else 1) * m.down.in_features or m.gate_up.in_features != h
                     or m.down.out_features != h or d > cpu_gemv.DECODE_ATTENTION_MAX_HEAD_DIM):
                 return None
@@ -154,14 +195,18 @@ class CpuDecodeStack:
             if (ly.input_norm is None or (ly.post_norm is None and not parallel)
                     or (layer_norm and (biases[0] is None or (biases[1] is None) != (ly.post_norm is None)))):
                 return None
-            outs = (ly.attn_out_norm, ly.mlp_out_norm) if type(ly) is SandwichDecoderLayer else ()
+            sandwich = type(ly) in (SandwichDecoderLayer, PerLayerInputLayer)
+            outs = (ly.attn_out_norm, ly.mlp_out_norm) if sandwich else ()
             if any(v is None for v in outs):
                 return None
-            if (a.q_norm is None) != (a.k_norm is None) or not all(_norm_vector(v, n, norm_f32) for v, n in (
-                    (ly.input_norm, h), (ly.post_norm, h), (a.q_norm, d), (a.k_norm, d), *((v, h) for v in outs))) \
+            v_norm = getattr(a, "v_norm", None)
+            if ((a.q_norm is None) != (a.k_norm is None) and not (shared and a.q_norm is not None)) or not all(
+                    _norm_vector(v, n, norm_f32) for v, n in (
+                        (ly.input_norm, h), (ly.post_norm, h), (a.q_norm, d), (a.k_norm, d), (v_norm, d),
+                        *((v, h) for v in outs))) \
                     or not all(_bf16_vector(v, h) for v in biases):
                 return None
-            for lin in (a.qkv, a.o, m.gate_up, m.down):
+            for lin in (a.qkv, a.o, m.gate_up, m.down, *extra):
                 if lin.weight.device.type != "cpu":
                     return None
                 if lin.layout == "int8":     # the kernel the per-op path takes for bf16 rows (Linear._matmul)
@@ -189,6 +234,8 @@ class CpuDecodeStack:
                     if comm is None or lin.reduce != comm.all_reduce or comm.shm is None or comm.shm._c is None:
                         return None
                     shm = comm.shm
+        if len(per_layer_dims) > 1:
+            return None
         layer_norm, parallel, mlp_act, rotary, gated, norm_f32, softcap = form
         return cls(decoder, layers, row_limit, shm, layer_norm, parallel, mlp_act, rotary, gated, norm_f32, softcap)
 
@@ -209,13 +256,22 @@ class CpuDecodeStack:
                                                 or float(step.positions.max()) >= self.unscaled_below):
             return False
         if self.rotary:     # rows [B, R]: the first R (even) dims of each head rotate (R < D: partial rotary)
-            r = step.cos.shape[-1]
-            if r % 2 or not 0 < r <= self.shape.head_dim or not all(
-                    t.shape == (b, 1, 1, r) and t.dtype == torch.bfloat16 and t.is_contiguous() for t in (
-                        step.cos, step.sin, *((step.sliding_cos, step.sliding_sin) if self.own_tables(step) else ()))):
-                return False
+            own = self.own_tables(step)
+            for cos, sin, widest in ((step.cos, step.sin, self.min_head[own]),
+                                     *(((step.sliding_cos, step.sliding_sin, self.min_sliding_head),) if own else ())):
+                r = cos.shape[-1]
+                if widest is None:      # (no layer reads this table)
+                    continue
+                if r % 2 or not 0 < r <= widest or not all(t.shape == (b, 1, 1, r) and t.dtype == torch.bfloat16
+                                                            and t.is_contiguous() for t in (cos, sin)):
+                    return False
         elif step.sliding_cos is not None:
             return False
+        if self.per_layer_dim:      # Gemma 4's per-layer inputs [B, 1, L, P], rows of P contiguous
+            p = step.per_layer
+            if (p is None or p.dtype != torch.bfloat16 or p.dim() != 4 or p.shape[0] != b or p.shape[1] != 1
+                    or p.shape[2] < len(self.layers) or p.shape[3] != self.per_layer_dim or p.stride(3) != 1):
+                return False
         if cache.dtype != torch.bfloat16 or b > cache.max_batch_size or step.start >= cache.max_seq_len:
             return False
         length = step.start + 1
@@ -231,7 +287,10 @@ class CpuDecodeStack:
     def _bind_cache(self, cache) -> ctypes.Array:
         """The table pointing at ``cache``'s K/V tensors (every layer's pointers and strides are the key, so a cache
         re-allocated in place, or another row view of it, gets its own)."""
-        kv = [(cache.k[ly.attn.layer_idx], cache.v[ly.attn.layer_idx]) for ly in self.layers]
+        # (a layer reading an earlier layer's K/V, Gemma 4's, points at that layer's)
+        kv = [(cache.k[i], cache.v[i]) for i in (
+            getattr(ly.attn, "kv_source", None) if getattr(ly.attn, "kv_source", None) is not None
+            else ly.attn.layer_idx for ly in self.layers)]
         key = tuple((k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1)) for k, v in kv)
         table = self._bound.get(key)
         if table is not None:
@@ -239,7 +298,7 @@ class CpuDecodeStack:
         table = type(self.table)()
         ctypes.memmove(ctypes.addressof(table), ctypes.addressof(self.table), ctypes.sizeof(table))
         for i, (k, v) in enumerate(kv):
-            if k.stride() != v.stride() or k.stride(2) != self.shape.head_dim or k.stride(3) != 1:
+            if k.stride() != v.stride() or k.stride(2) != self.layers[i].attn.d or k.stride(3) != 1:
                 raise RuntimeError("dsinfer: KV cache layout is not [B, Hkv, S, D] contiguous")
             t = table[i]
             t.k_cache, t.v_cache, t.cb, t.ch = k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1)
@@ -264,6 +323,10 @@ class CpuDecodeStack:
         self.shape.isa = cpu_gemv.best_isa_code()
         self.shape.rotary_dim = step.cos.shape[-1] if self.rotary else 0
         own = self.rotary and self.own_tables(step)
+        self.shape.srotary_dim = step.sliding_cos.shape[-1] if own else 0
+        pl = step.per_layer if self.per_layer_dim else None
+        self.shape.per_layer = _ptr(pl)
+        self.shape.plb, self.shape.pll = (pl.stride(0), pl.stride(2)) if pl is not None else (0, 0)
         shm_step = ctypes.c_int64(0 if self.shm is None else self.shm.step)
         seconds = ctypes.c_double(0.0)
         rc = self._fn(ctypes.byref(self.shape), ctypes.byref(table), out.data_ptr(), b, step.cos.data_ptr(),
