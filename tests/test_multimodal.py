@@ -1,8 +1,9 @@
 """Vision-language models (lightning_dsinfer/multimodal.py): the language model of a Gemma 3, LLaVA, Mistral 3 or
 Qwen 3.5 ``*ForConditionalGeneration`` on the engine, images through HF's own vision code, against the unmodified
 wrapper on the same inputs (pixel values included): fp32 logits atol 2e-4 / rtol 1e-4 on left-padded batches, greedy
-tokens identical (the engine's loop, and HF's loop over our forward for beam search). Each model's own image rule is
-shown to matter on the tiny model (Gemma 3's image blocks, Qwen 3.5's M-RoPE rows)."""
+tokens identical (the engine's loop, and HF's loop over our forward for beam search); Gemma 4 with audio too (HF's audio
+tower's features in its placeholders). Each model's own image rule is shown to matter on the tiny model (Gemma 3's
+image blocks, Qwen 3.5's M-RoPE rows)."""
 import copy
 
 import pytest
@@ -14,6 +15,7 @@ from helpers import streamed_copy, tiny_config
 ATOL, RTOL = 2e-4, 1e-4
 
 IMAGE = 5          # the image placeholder token of every tiny wrapper below
+AUDIO = 6          # (Gemma 4's audio placeholder)
 _VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=28,
                patch_size=14)
 
@@ -41,14 +43,23 @@ def tiny_vlm(kind: str, seed: int = 0, drop: tuple = ()):
         #                               code either way); "gemma4_bidirectional": use_bidirectional_attention="vision"
         text = tiny_config("gemma4_text").to_dict()
         text["use_bidirectional_attention"] = "vision" if kind == "gemma4_bidirectional" else None
-        config = tf.Gemma4Config(text_config=text, audio_config=None, image_token_id=IMAGE,
-                                 vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                                    num_attention_heads=2, num_key_value_heads=2, head_dim=16))
+        #                               "gemma4_audio": audio instead (token 6), through HF's audio tower
+        audio = kind == "gemma4_audio"
+        config = tf.Gemma4Config(
+            text_config=text, image_token_id=IMAGE, audio_token_id=AUDIO,
+            audio_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,  # (the subsampling's first
+                              subsampling_conv_channels=[128, 4], conv_kernel_size=3,      # width must be the 128
+                              attention_chunk_size=4, attention_context_left=5,            # features' own)
+                              output_proj_dims=48) if audio else None,
+            vision_config=None if audio else dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                                  num_attention_heads=2, num_key_value_heads=2, head_dim=16))
         model = tf.Gemma4ForConditionalGeneration(config)
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         features = [torch.randn(4, 64) for _ in range(2)]
         images = {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=features)}}
+        if audio:      # 16 frames of 128 features per row: 4 audio tokens each after the tower's 4x subsampling
+            images = {"input_features": torch.randn(2, 16, 128), "input_features_mask": torch.ones(2, 16, dtype=bool)}
     elif kind == "llava":      # a Llama (biases, head_dim 24) behind CLIP
         config = tf.LlavaConfig(text_config=tiny_config("llama").to_dict(),
                                 vision_config=tf.CLIPVisionConfig(**_VISION, projection_dim=32).to_dict(),
@@ -128,6 +139,8 @@ def image_batch(kind: str, images: dict):
     """Two left-padded prompts with one 4-token image each (Gemma 3: between its begin / end tokens)."""
     ids = torch.tensor([[0, 0, 1, 7, 3, IMAGE, IMAGE, IMAGE, IMAGE, 4, 9, 11],
                         [1, 7, 8, 9, 3, IMAGE, IMAGE, IMAGE, IMAGE, 4, 10, 11]])
+    if kind == "gemma4_audio":
+        ids = torch.where(ids == IMAGE, AUDIO, ids)
     mask = ids.ne(0).long()
     inputs = dict(images)
     if kind == "gemma3":
@@ -160,7 +173,7 @@ def _same_as_hf(hf, opt, ids, mask, inputs, new=6):
 
 
 @pytest.mark.parametrize("kind", ["gemma3", "llava", "mistral3", "qwen3_5", "qwen2_5_vl", "qwen2_vl", "qwen3_vl",
-                                  "qwen3_vl_moe", "paligemma", "gemma4", "gemma4_bidirectional"])
+                                  "qwen3_vl_moe", "paligemma", "gemma4", "gemma4_bidirectional", "gemma4_audio"])
 def test_images_match_hf(kind):
     hf, images = tiny_vlm(kind)
     ids, mask, inputs = image_batch(kind, images)
