@@ -84,6 +84,7 @@ class InferenceEngine:
             raise ValueError("dsinfer: pass both comm= and pipe= (the tensor-parallel and pipeline groups, e.g. from "
                              "process_groups.model_parallel_comms), or neither (init_inference then creates them).")
         self.comm, self.pipe = comm, pipe if pipe is not None else PipelineComm()
+        self.lookup_stats = None     # (forwards, tokens, drafts kept) of the last prompt-lookup generate
         if self.pipe.size != config.pipeline_parallel_size:
             raise ValueError(f"pipeline_parallel_size={config.pipeline_parallel_size} but the pipeline group passed "
                              f"has {self.pipe.size} stages.")
@@ -590,6 +591,8 @@ def _dsinfer_forward(self, input_ids=None, attention_mask=None, position_ids=Non
             input_ids = merged.ids        # (Gemma 4's per-layer inputs' ids; None: the embeddings only)
     logits = engine.forward(input_ids, attention_mask, position_ids, inputs_embeds, hf_cache, logits_to_keep, blocks,
                             deepstack)
+    if logits.is_inference() and not torch.is_inference_mode_enabled():
+        logits = logits.clone()      # (a caller outside inference mode may write into them: HF's assisted decoding)
     loss = None
     if labels is not None:
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),

@@ -5,7 +5,11 @@ output, ...), which is slower but exactly as featureful as HF.
 Logits processors (repetition penalty, n-gram blocking, bad words, min-p / typical / eta sampling, a user's
 ``logits_processor`` list, ...) stay on the own loop: it builds HF's own processor list for the request (HF's
 ``_get_logits_processor``, so the same processors in the same order) and applies it to each step's fp32 logits with
-the tokens so far, as HF's sampling loop does; then argmax, or softmax + multinomial."""
+the tokens so far, as HF's sampling loop does; then argmax, or softmax + multinomial.
+
+Greedy ``prompt_lookup_num_tokens=k`` runs on the own loop too (generation/lookup.py: drafts from the text so far,
+verified k + 1 at a time; batches too, which HF's assisted decoding refuses); sampling with it and ``assistant_model``
+take HF's loop."""
 from __future__ import annotations
 
 import copy
@@ -13,10 +17,12 @@ import warnings
 
 import torch
 
+from lightning_dsinfer.generation import lookup
 from lightning_dsinfer.generation.decode import decode_loop
 from lightning_dsinfer.generation.pipeline import pipeline_decode_loop
 from lightning_dsinfer.modules.kv_cache import hf_cache_name
 from lightning_dsinfer.multimodal import merged_inputs, modality_inputs
+from lightning_dsinfer.policies import UnsupportedModelError
 
 # GenerationConfig fields the engine's own loop implements. A config that differs from the default
 # anywhere else goes to Hugging Face's loop.
@@ -60,14 +66,21 @@ def _resolve(model, generation_config, kwargs):
 
 def _own_loop_handles(gc, unused: dict) -> str | None:
     """None when HF's loop must run the request; "plain" when the own loop's greedy / warped sampling covers it;
-    "processors" when it needs HF's logits processors (run inside the own loop)."""
+    "processors" when it needs HF's logits processors (run inside the own loop); "lookup" for greedy prompt-lookup
+    decoding (generation/lookup.py)."""
     if set(unused) - _OWN_LOOP_KWARGS:
         return None
     if (gc.num_beams or 1) != 1 or ((gc.num_return_sequences or 1) != 1 and not gc.do_sample):
         return None     # (several samples per prompt: the own loop runs the prompts repeated, as HF does)
     kind = "processors" if unused.get("logits_processor") or gc.output_scores or gc.output_logits else "plain"
+    if gc.prompt_lookup_num_tokens is not None:     # (greedy, nothing processed, nothing traced: else HF's loop)
+        if kind != "plain" or gc.do_sample or gc.return_dict_in_generate:
+            return None
+        kind = "lookup"
     for key, value in gc.to_diff_dict().items():
         if key in _OWN_LOOP_FIELDS or key in _BEAM_ONLY or value is None or value is False:
+            continue
+        if key in ("prompt_lookup_num_tokens", "max_matching_ngram_size") and kind == "lookup":
             continue
         if key in _INACTIVE and value == _INACTIVE[key]:
             continue
@@ -110,6 +123,13 @@ def dsinfer_generate(self, inputs: torch.Tensor | None = None, generation_config
     """Replacement ``generate`` of an optimised model (same arguments and results as HF's)."""
     engine = self._dsinfer_engine
     engine.sync_rng()                # the ranks of a replica (tensor-parallel, pipeline) must sample the same tokens
+    if engine.cache.linear and (kwargs.get("assistant_model") is not None
+                                or kwargs.get("prompt_lookup_num_tokens") is not None
+                                or getattr(generation_config, "prompt_lookup_num_tokens", None) is not None):
+        raise UnsupportedModelError(
+            "dsinfer: speculative decoding (prompt_lookup_num_tokens / assistant_model) rewinds the cache past rejected "
+            "drafts, which this model's linear-state mixers (recurrent states, short convolutions) cannot do on the "
+            "engine; generate without it.")
     input_ids = inputs if inputs is not None else kwargs.get("input_ids")
     if input_ids is None or input_ids.dim() != 2:
         # inputs_embeds-only and other exotic inputs: HF's loop (it calls our forward).
@@ -127,8 +147,12 @@ def dsinfer_generate(self, inputs: torch.Tensor | None = None, generation_config
     engine.check_length(t0 + max_new, prompt=t0, new=max_new)
     pipelined = engine.pipe.size > 1
     kind = _own_loop_handles(gc, unused)
-    if max_new == 0 or kind is None or (pipelined and (unused.get("streamer") is not None or kind == "processors")):
+    if max_new == 0 or kind is None or (pipelined and (unused.get("streamer") is not None or kind == "processors")) \
+            or (kind == "lookup" and not lookup.applies(engine)):
         return _hf_generate(self, inputs, generation_config, kwargs)    # (a pipeline streams through HF's loop)
+    if kind == "lookup" and (gc.prompt_lookup_num_tokens < 1 or (gc.max_matching_ngram_size or 2) < 1):
+        raise ValueError(f"dsinfer: prompt_lookup_num_tokens={gc.prompt_lookup_num_tokens} and "
+                         f"max_matching_ngram_size={gc.max_matching_ngram_size} must be positive.")
 
     eos_ids = _as_list(gc.eos_token_id)
     pad_id = gc.pad_token_id
@@ -178,11 +202,16 @@ def dsinfer_generate(self, inputs: torch.Tensor | None = None, generation_config
     if pipelined:
         return pipeline_decode_loop(engine, input_ids, attention_mask, max_new, min_new, bool(gc.do_sample),
                                     gc.temperature, top_k, gc.top_p, eos_ids, pad_id)
+    prompt = dict(prompt_embeds=prompt_embeds, blocks=blocks, given_positions=positions, deepstack=deepstack,
+                  prompt_ids=prompt_ids)
+    if kind == "lookup":
+        return lookup.lookup_decode_loop(engine, input_ids, attention_mask, max_new, min_new, eos_ids, pad_id,
+                                         gc.prompt_lookup_num_tokens, gc.max_matching_ngram_size or 2,
+                                         streamer=unused.get("streamer"), **prompt)
     trace = {"scores": [], "logits": []} if gc.return_dict_in_generate else None
     sequences = decode_loop(engine, input_ids, attention_mask, max_new, min_new, bool(gc.do_sample),
                             gc.temperature, top_k, gc.top_p, eos_ids, pad_id, streamer=unused.get("streamer"),
-                            processors=processors, trace=trace, prompt_embeds=prompt_embeds, blocks=blocks,
-                            given_positions=positions, deepstack=deepstack, prompt_ids=prompt_ids)
+                            processors=processors, trace=trace, **prompt)
     if trace is None:
         return sequences
     from transformers.generation.utils import GenerateDecoderOnlyOutput

@@ -27,6 +27,34 @@ def prompt_positions(attention_mask: torch.Tensor | None, b: int, t0: int, total
     return key_valid, positions
 
 
+def prefill(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, total: int,
+            prompt_embeds: torch.Tensor | None = None, blocks: torch.Tensor | None = None,
+            given_positions: torch.Tensor | None = None, deepstack: tuple | None = None,
+            prompt_ids: torch.Tensor | None = None):
+    """The prompt batch through the blocks into the engine's cache (``input_ids`` on the engine's device; the other
+    arguments as :func:`decode_loop`'s): (the logits of each row's last prompt token [B, V], key_valid [B, total] or
+    None, the prompt's positions [B, T0] or M-RoPE's [3, B, T0])."""
+    device = input_ids.device
+    b, t0 = input_ids.shape
+    cache = engine.cache
+    cache.ensure_batch(b)
+    cache.reset_linear(b)            # (linear attention: the sequences start from zero states)
+    key_valid, positions = prompt_positions(attention_mask, b, t0, total, device)
+    if given_positions is not None:
+        positions = given_positions.to(device)
+    step = build_step(engine.rotary, positions, key_valid, q_start=0, t=t0, window=engine.sliding_window,
+                      chunk=engine.attention_chunk, blocks=blocks, blocks_in=engine.blocks_in)
+    step.cache, step.start, step.deepstack = cache, 0, deepstack
+    step.ids = input_ids if prompt_embeds is None else prompt_ids
+    step.last_only = True            # (the prompt's last logits only: Gemma 4's shared-K/V blocks run on that token)
+    if prompt_embeds is None:
+        h = engine.decoder.embed_tokens(input_ids)
+    else:
+        h = engine.decoder.given_embeddings(prompt_embeds.to(device=device, dtype=engine.dtype))
+    h = engine.decoder.hidden(h, step)
+    return engine.decoder.logits(h[:, -1]), key_valid, positions
+
+
 @torch.inference_mode()
 def decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
                 min_new_tokens: int, do_sample: bool, temperature, top_k, top_p, eos_ids: list[int],
@@ -49,24 +77,9 @@ def decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     b, t0 = input_ids.shape
     total = t0 + max_new_tokens
     cache = engine.cache
-    cache.ensure_batch(b)
-    cache.reset_linear(b)            # (linear attention: the sequences start from zero states)
     window = engine.sliding_window
-
-    key_valid, positions = prompt_positions(attention_mask, b, t0, total, device)
-    if given_positions is not None:
-        positions = given_positions.to(device)
-    step = build_step(engine.rotary, positions, key_valid, q_start=0, t=t0, window=window, chunk=engine.attention_chunk,
-                      blocks=blocks, blocks_in=engine.blocks_in)
-    step.cache, step.start, step.deepstack = cache, 0, deepstack
-    step.ids = input_ids if prompt_embeds is None else prompt_ids
-    step.last_only = True            # (the prompt's last logits only: Gemma 4's shared-K/V blocks run on that token)
-    if prompt_embeds is None:
-        h = engine.decoder.embed_tokens(input_ids)
-    else:
-        h = engine.decoder.given_embeddings(prompt_embeds.to(device=device, dtype=engine.dtype))
-    h = engine.decoder.hidden(h, step)
-    logits = engine.decoder.logits(h[:, -1])
+    logits, key_valid, positions = prefill(engine, input_ids, attention_mask, total, prompt_embeds, blocks,
+                                           given_positions, deepstack, prompt_ids)
 
     eos = torch.tensor(eos_ids, device=device) if eos_ids else None
     unfinished = torch.ones(b, dtype=torch.bool, device=device)
