@@ -5,7 +5,9 @@ earlier in the row (prompt and output so far) and copying what followed it, as t
 ``PromptLookupCandidateGenerator`` does; then one forward feeds the last token and the drafts (k + 1 queries per row,
 the static KV cache's next columns) and keeps the drafts that equal the model's greedy choice, plus the model's token
 after them. Every kept token is the model's own greedy choice given the tokens before it, so the output is greedy
-decoding's; what changes is how many tokens a forward yields. A decode step is memory-bound (every weight is read
+decoding's; what changes is how many tokens a forward yields. A verifying forward whose drafts were all rejected
+costs more than a plain step, so after one the loop takes plain one-token steps (2, then 4, ... up to
+:data:`MAX_BACKOFF` after misses in a row) before it drafts again. A decode step is memory-bound (every weight is read
 once whatever the rows), so a forward of k + 1 queries costs little more than one, and text that repeats its input
 (editing, extraction, summaries quoting their source, code) keeps several tokens per forward.
 
@@ -20,6 +22,9 @@ import torch
 
 from lightning_dsinfer.generation.decode import prefill
 from lightning_dsinfer.modules.masks import build_step
+
+
+MAX_BACKOFF = 16     # plain steps at most between two drafting steps after drafts that were all rejected
 
 
 def applies(engine) -> bool:
@@ -79,8 +84,10 @@ def lookup_decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Te
     if eos is not None and min_new_tokens > 0:
         logits[:, eos] = float("-inf")
     going = emit(logits.argmax(-1))
+    wait = backoff = 0           # plain steps before the next draft, and the length of the last wait
     while going and n < max_new_tokens:
-        k = min(num_tokens, max_new_tokens - n - 1)
+        k = min(num_tokens, max_new_tokens - n - 1) if wait == 0 else 0
+        wait = max(wait - 1, 0)
         drafts = [draft(out[r, :t0 + n], ngram, k) if k else out[r, :0] for r in range(b)]
         width = max(d.shape[0] for d in drafts)
         feed = torch.full((b, width + 1), 0, dtype=out.dtype, device=device)
@@ -102,6 +109,11 @@ def lookup_decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Te
             same = torch.where(unfinished, same, width)
         a = int(same.min())
         kept += a
+        if width and a == 0:     # nothing kept: plain one-token steps (the one-call C step on the CPU) for a while,
+            backoff = min(max(2 * backoff, 2), MAX_BACKOFF)      # longer after each miss in a row
+            wait = backoff
+        elif a:
+            backoff = 0
         for j in range(a + 1):
             going = emit(choice[:, j])
             if not going:

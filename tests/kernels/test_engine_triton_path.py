@@ -258,8 +258,12 @@ def test_gemma4_through_triton_matches_hf(monkeypatch):
     attention over another layer's cache, the per-layer inputs, the GeGLU experts beside the MLP through the routing
     tables and grouped GEMMs (the gated-activation kernel): fp32 logits and greedy tokens as HF's."""
     monkeypatch.setenv("DSINFER_CUDA_GRAPHS", "0")
-    opt = _matches_hf_through_triton("gemma4_moe")
+    # (four layers, not the helper's six, for the interpreter's time: a sliding and a full layer computing K/V, and one
+    # of each reading theirs)
+    opt = _matches_hf_through_triton("gemma4_moe", num_hidden_layers=4, num_kv_shared_layers=2,
+                                     layer_types=["sliding_attention", "full_attention"] * 2)
     layers = len(opt._dsinfer_engine.decoder.layers)
+    assert [ly.attn.kv_source for ly in opt._dsinfer_engine.decoder.layers] == [None, None, 0, 1]
     counts = dict(ops.dispatch_counts)
     assert counts[("moe_mlp", "triton")] == FORWARDS * layers, counts
     assert counts[("attention", "triton")] == FORWARDS * layers, counts
