@@ -7,7 +7,9 @@ the static KV cache's next columns) and keeps the drafts that equal the model's 
 after them. Every kept token is the model's own greedy choice given the tokens before it, so the output is greedy
 decoding's; what changes is how many tokens a forward yields. A verifying forward whose drafts were all rejected
 costs more than a plain step, so after one the loop takes plain one-token steps (2, then 4, ... up to
-:data:`MAX_BACKOFF` after misses in a row) before it drafts again. A decode step is memory-bound (every weight is read
+:data:`MAX_BACKOFF` after misses in a row) before it drafts again; and each draft is cut to one token past what the
+last one kept (2 more than the last after a draft kept whole, up to k): on a CPU each query of a forward costs ~15% of
+a one-token step (the GEMMs turn compute-bound after a few rows), so drafts that will not be kept are not free. A decode step is memory-bound (every weight is read
 once whatever the rows), so a forward of k + 1 queries costs little more than one, and text that repeats its input
 (editing, extraction, summaries quoting their source, code) keeps several tokens per forward.
 
@@ -85,8 +87,9 @@ def lookup_decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Te
         logits[:, eos] = float("-inf")
     going = emit(logits.argmax(-1))
     wait = backoff = 0           # plain steps before the next draft, and the length of the last wait
+    limit = num_tokens           # the next draft's length: one past what the last one kept, or 2 more after a full one
     while going and n < max_new_tokens:
-        k = min(num_tokens, max_new_tokens - n - 1) if wait == 0 else 0
+        k = min(limit, max_new_tokens - n - 1) if wait == 0 else 0
         wait = max(wait - 1, 0)
         drafts = [draft(out[r, :t0 + n], ngram, k) if k else out[r, :0] for r in range(b)]
         width = max(d.shape[0] for d in drafts)
@@ -114,6 +117,8 @@ def lookup_decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Te
             wait = backoff
         elif a:
             backoff = 0
+        if width:
+            limit = min(limit + 2, num_tokens) if a == width else a + 1
         for j in range(a + 1):
             going = emit(choice[:, j])
             if not going:
