@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import queue
 import threading
+import warnings
 import weakref
 from typing import Callable
 
@@ -114,6 +116,7 @@ class StreamedDecoderModel(DecoderModel):
         self.sharded_vocab = comm is not None and comm.size > 1
         self.device = device if device is not None else final_norm.device
         tables = (rows, getattr(self.per_layer, "table", None))     # (Gemma 4's per-layer table's rows too)
+        _closer_started()           # (started here, never by a finalizer)
         self._finalizer = weakref.finalize(self, _close, streamer, tables, experts)   # threads and files go with us
 
     @property
@@ -196,19 +199,44 @@ class StreamedDecoderModel(DecoderModel):
         return sum(self.streamer.layouts[u].nbytes for u in units) + experts
 
     def close(self) -> None:
-        """Stop the reader threads and close the files (also done when the decoder is garbage-collected)."""
-        self._finalizer()
+        """Stop the reader threads and close the files, now (also done, soon after, when the decoder is
+        garbage-collected)."""
+        info = self._finalizer.detach()
+        if info is not None:
+            _close_now(*info[2])
+
+
+_CLOSE_JOBS: queue.SimpleQueue = queue.SimpleQueue()
+_CLOSER: threading.Thread | None = None
+_CLOSER_LOCK = threading.Lock()
+
+
+def _closer_started() -> None:
+    """The process's closer thread (one, a daemon), which closes the decoders the collector dropped."""
+    global _CLOSER
+    with _CLOSER_LOCK:
+        if _CLOSER is None or not _CLOSER.is_alive():
+            _CLOSER = threading.Thread(target=_closer_loop, name="close-offload", daemon=True)
+            _CLOSER.start()
+
+
+def _closer_loop() -> None:
+    while True:
+        job = _CLOSE_JOBS.get()
+        try:
+            _close_now(*job)
+        except Exception as exc:      # (the loop goes on for the next decoders; this one's files go at exit)
+            warnings.warn(f"dsinfer: closing a dropped offload decoder failed: {exc!r}", stacklevel=1)
+        del job
 
 
 def _close(streamer: UnitStreamer, tables, experts=None) -> None:
-    """The decoder's finalizer. A collection can run it on any thread, one of our own reader threads included (an
-    allocation there triggers it, while the reads a dropped decoder queued are still in flight): closing waits for
-    those reads, one of which is the thread's own task, so there it is handed to a thread of its own instead."""
-    if threading.current_thread().name.startswith("dsinfer-"):
-        threading.Thread(target=_close_now, args=(streamer, tables, experts), name="close-offload",
-                         daemon=True).start()
-    else:
-        _close_now(streamer, tables, experts)
+    """The decoder's finalizer: hands the close to the closer thread. A collection can run a finalizer on any thread
+    at any allocation: on one of our own reader threads (closing waits for the reads a dropped decoder queued, that
+    thread's own task among them), or inside threading's own bookkeeping (a thread starting holds the lock that
+    joining a thread takes), so the finalizer itself must neither wait for a thread nor start one; a SimpleQueue's put
+    is safe there."""
+    _CLOSE_JOBS.put((streamer, tables, experts))
 
 
 def _close_now(streamer: UnitStreamer, tables, experts=None) -> None:
