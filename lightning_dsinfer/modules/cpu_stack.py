@@ -33,7 +33,7 @@ import ctypes
 import torch
 
 from lightning_dsinfer.kernels import cpu_gemv, ops
-from lightning_dsinfer.modules.linear import INT4_KERNEL_MAX_ROWS, INT8_KERNEL_MAX_ROWS
+from lightning_dsinfer.modules.linear import int4_kernel_max_rows, int8_kernel_max_rows
 
 MAX_ROWS = 64     # = the one-call norm / activation / rotary row limits of kernels/cpu_gemv.py
 
@@ -212,7 +212,7 @@ class CpuDecodeStack:
                 if lin.layout == "int8":     # the kernel the per-op path takes for bf16 rows (Linear._matmul)
                     if lin.dtype != torch.bfloat16 or not cpu_gemv.has_int8():
                         return None
-                    row_limit = min(row_limit, INT8_KERNEL_MAX_ROWS)
+                    row_limit = min(row_limit, int8_kernel_max_rows())
                 elif lin.layout == "int8_amx":
                     if lin.dtype != torch.bfloat16:
                         return None
@@ -221,7 +221,7 @@ class CpuDecodeStack:
                             or not cpu_gemv.int4_group_ok(lin.group_size)):
                         return None
                     if not lin.amx_rows:
-                        row_limit = min(row_limit, INT4_KERNEL_MAX_ROWS)
+                        row_limit = min(row_limit, int4_kernel_max_rows())
                 elif lin.weight.dtype != torch.bfloat16:
                     return None
                 elif lin.layout == "plain" and lin.row_kernel:

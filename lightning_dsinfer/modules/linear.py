@@ -15,17 +15,18 @@ bf16 weights on the CPU take the first of these that the machine has (``Linear.l
 ``quantize="int8"``: the weight is stored int8 with one fp32 scale per output row (symmetric, ``w ~= q * scale``,
 ``reference.quantize_int8_per_channel``), half the bytes of bf16. On AMX machines (``"int8_amx"``) the int8 weight
 is laid out in AMX tile order (``dsi_gemm_amx_int8``, any rows: one or two rows multiply the tiles widened to fp32,
-more widen each 32 rows' tiles to bf16 once, exactly, for the AMX tile products). Elsewhere (``"int8"``): bf16 rows on an AVX512 CPU go through the row-major int8 kernel up to
-``INT8_KERNEL_MAX_ROWS`` rows, more rows dequantise the weight to bf16 in C, a chunk of rows at a time, for bf16
-GEMMs; on CUDA the Triton small-batch int8 GEMM for M <= 32; anything else dequantises the weight a chunk of rows
-at a time for the call (``ops.linear_int8``).
+more widen each 32 rows' tiles to bf16 once, exactly, for the AMX tile products). Elsewhere (``"int8"``): bf16 rows
+on an AVX512 CPU go through the row-major int8 kernel up to ``INT8_KERNEL_MAX_ROWS`` rows (every row count where bf16
+has no fast GEMM: :func:`int8_kernel_max_rows`), more rows dequantise the weight to bf16 in C, a chunk of rows at a
+time, for bf16 GEMMs; on CUDA the Triton small-batch int8 GEMM for M <= 32; anything else dequantises the weight a
+chunk of rows at a time for the call (``ops.linear_int8``).
 
 ``quantize="int4"``: the weight is stored int4, group-wise (``reference.quantize_int4_groupwise``: packed uint8
 [N, K / 2], one fp32 scale per output row and group of ``group_size`` inputs, symmetric), a quarter of bf16's
 bytes (+ 4 / group_size per weight for the scales). Layout ``"int4"`` (row-major on every CPU: offload units are
 used in place): bf16 rows on an AVX512 CPU go through the int4 row kernel (``cpu_gemv.linear_int4``: nibbles to
 values through table lookups, bf16 dot products for one row and fp32 FMAs for more, each group's sum times its
-scale) for a few rows; on AMX machines
+scale) for a few rows (every row count where bf16 has no fast GEMM: :func:`int4_kernel_max_rows`); on AMX machines
 (groups of a multiple of 128) more rows, prompts included, go through AMX tile products over the weight decoded 32
 rows x 128 inputs at a time (``cpu_gemv.linear_int4_amx``, ``amx_rows``: ``INT4_AMX_ROWS``); elsewhere more than
 ``INT4_KERNEL_MAX_ROWS`` rows, and fp32 rows, dequantise the weight in C a chunk of rows at a time (bf16 for bf16
@@ -57,6 +58,21 @@ INT8_KERNEL_MAX_ROWS = 12
 # 4.1 ms against 14.7, 16 rows 8.9 against 18.3, 32 rows 17.2 against 25.5. The one-call decode step takes int4
 # blocks up to the same row count (same kernel: bit-identical).
 INT4_KERNEL_MAX_ROWS = 32
+
+
+def int8_kernel_max_rows() -> float:
+    """Rows up to which bf16 rows take the row-major int8 kernel here: :data:`INT8_KERNEL_MAX_ROWS` where the bf16 GEMM
+    after a dequantisation has a fast path (AVX512-BF16 / AMX), else every row count: without bf16 instructions the
+    bf16 row kernel itself takes every row count (``cpu_gemv.row_kernel_max_m``), and the int8 kernel keeps its pace
+    while dequantising + GEMM is ~4x slower (2-core AVX512 machine, 5632 x 2048 weight: 2.35 vs 9.67 ms at 16 rows,
+    9.39 vs 27.4 at 64; the bf16 row kernel 2.33 / 9.58)."""
+    return float("inf") if cpu_gemv.row_kernel_max_m() == float("inf") else INT8_KERNEL_MAX_ROWS
+
+
+def int4_kernel_max_rows() -> float:
+    """The same for the int4 row kernel (without bf16 instructions, 5632 x 2048 weight: 1.94 vs 10.0 ms at 16 rows,
+    17.4 vs 52.1 at 128)."""
+    return float("inf") if cpu_gemv.row_kernel_max_m() == float("inf") else INT4_KERNEL_MAX_ROWS
 # With AMX (groups of a multiple of 128 inputs): rows [first, last] go through the AMX int4 path (cpu_gemv.
 # linear_int4_amx), fewer through the row kernel (more would dequantise for oneDNN's GEMM). Measured on the 2-core
 # machine, 4096 x 11008 / 11008 x 4096 weights: 1-2 rows 1.05-1.6 ms on the row kernel against 1.6-1.9 on AMX; 3
@@ -256,7 +272,7 @@ class Linear(nn.Module):
                     return ops.linear_int8(x, self.weight, self.scale, self.bias, residual)   # Triton, fused
                 return self._dequantised_gemm(x, residual, False)
             fast = x.dtype == torch.bfloat16 and cpu_gemv.has_int8()
-            if fast and rows <= INT8_KERNEL_MAX_ROWS:
+            if fast and rows <= int8_kernel_max_rows():
                 return cpu_gemv.linear_int8(x, self.weight, self.scale, self.bias, residual)
             return self._dequantised_gemm(x, residual, fast)        # a prompt (or no AVX512): dequantise + GEMM
         if self.layout == "amx":
@@ -321,7 +337,7 @@ class Linear(nn.Module):
         if c and x.dtype == torch.bfloat16:
             if self.amx_rows and self.amx_rows <= rows <= INT4_AMX_ROWS[1]:
                 return cpu_gemv.linear_int4_amx(x, self.weight, self.scale, self.group_size, self.bias, residual)
-            if rows <= (self.amx_rows - 1 if self.amx_rows else INT4_KERNEL_MAX_ROWS):
+            if rows <= (self.amx_rows - 1 if self.amx_rows else int4_kernel_max_rows()):
                 return cpu_gemv.linear_int4(x, self.weight, self.scale, self.group_size, self.bias, residual)
         fmt = "bf16" if c and x.dtype == torch.bfloat16 else "fp32" if c and x.dtype == torch.float32 else "torch"
         return self._dequantised_gemm(x, residual, fmt)
