@@ -5,19 +5,20 @@ earlier in the row (prompt and output so far) and copying what followed it, as t
 ``PromptLookupCandidateGenerator`` does; then one forward feeds the last token and the drafts (k + 1 queries per row,
 the static KV cache's next columns) and keeps the drafts that equal the model's greedy choice, plus the model's token
 after them. Every kept token is the model's own greedy choice given the tokens before it, so the output is greedy
-decoding's; what changes is how many tokens a forward yields. A verifying forward whose drafts were all rejected
-costs more than a plain step, so after one the loop takes plain one-token steps (2, then 4, ... up to
-:data:`MAX_BACKOFF` after misses in a row) before it drafts again; and each draft is cut to one token past what the
-last one kept (2 more than the last after a draft kept whole, up to k): on a CPU each query of a forward costs ~15% of
-a one-token step (the GEMMs turn compute-bound after a few rows), so drafts that will not be kept are not free. A decode step is memory-bound (every weight is read
-once whatever the rows), so a forward of k + 1 queries costs little more than one, and text that repeats its input
-(editing, extraction, summaries quoting their source, code) keeps several tokens per forward.
+decoding's; what changes is how many tokens a forward yields. Where a step is memory-bound (a GPU, or a CPU with
+bf16 / AMX instructions for a few rows) a forward of k + 1 queries costs little more than one; on a CPU without them
+each extra query costs ~15% of a one-token step (the GEMMs turn compute-bound after a few rows). Either way text that
+repeats what came before (editing, extraction, summaries quoting their source, code) keeps several tokens per
+forward, and drafts that will not be kept are not free: each draft is cut to one token past what the last one kept
+(2 more after a draft kept whole, up to k), and after a forward that kept nothing the loop takes plain one-token
+steps (2, then 4, ... up to :data:`MAX_BACKOFF` after misses in a row) before it drafts again.
 
 Columns of rejected drafts hold stale K/V until the next step overwrites them; no query sees them, since the causal
 mask stops at each query's own column. A batch keeps, per step, the fewest drafts any unfinished row kept (each row's
-kept drafts are its greedy tokens, so that is exact for every row). Greedy only, no logits processors; models with
-linear-state mixers (their state cannot be rewound) and pipeline stages take transformers' loop instead
-(:func:`applies`). The verifying forward runs eagerly (CUDA graphs capture one-token steps only)."""
+kept drafts are its greedy tokens, so that is exact for every row). Greedy only, no logits processors (else
+transformers' loop); models with linear-state mixers (their states cannot be rewound) are refused and pipeline stages
+take transformers' loop (:func:`applies`). The verifying forward runs eagerly (CUDA graphs capture one-token steps
+only)."""
 from __future__ import annotations
 
 import torch
