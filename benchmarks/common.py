@@ -42,8 +42,11 @@ def machine_line() -> str:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, "
-            f"threads {torch.get_num_threads()}")
+    from lightning_dsinfer.kernels import cpu_gemv
+
+    isas = cpu_gemv.supported_isas() if cpu_gemv.available() else []    # (bf16 / AMX instructions change the CPU
+    return (f"{cpu}, {os.cpu_count()} cores ({isas[0] if isas else 'no C kernels'}), {gpu}; "  # numbers a lot)
+            f"torch {torch.__version__}, threads {torch.get_num_threads()}")
 
 
 def record(path: str, title: str, table: str) -> None:
