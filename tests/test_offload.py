@@ -473,34 +473,43 @@ def test_finalizer_neither_waits_nor_starts_threads(tmp_path):
     """A collection can run a dropped engine's finalizer inside threading's own bookkeeping: a thread starting holds
     ``threading._shutdown_locks_lock`` while it registers itself, an allocation there collects, and joining a thread
     takes that same lock (a suite run hung so: the main thread waiting for a new reader thread to start, that thread
-    joining the dropped engine's readers). The finalizer, run with that lock held, must return at once; the closer
-    thread then stops the readers and closes the files."""
+    joining the dropped engine's readers). A collection with that lock held must return at once; the closer thread
+    then stops the readers and closes the files."""
+    import gc
     import threading
+    import weakref
 
     lock = getattr(threading, "_shutdown_locks_lock", None)
     if lock is None:
         pytest.skip("this Python's threading has no _shutdown_locks_lock (the hang's mechanism)")
     opt = _offloaded(tiny_model("llama"), "nvme", tmp_path)
-    decoder = opt._dsinfer_engine.decoder
-    streamer = decoder.streamer
     opt.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False)
-    workers = list(streamer.io._threads)
-    assert workers and streamer.store._fds
-    finalizer = decoder._finalizer
+    streamer = opt._dsinfer_engine.decoder.streamer
+    workers, store = list(streamer.io._threads), streamer.store
+    assert workers and store._fds
+    decoder = weakref.ref(opt._dsinfer_engine.decoder)
     returned = threading.Event()
 
     def collect_while_a_thread_starts():
         with lock:
-            finalizer()
+            gc.collect()
         returned.set()
 
-    threading.Thread(target=collect_while_a_thread_starts, daemon=True).start()
-    assert returned.wait(20), "the finalizer blocked with threading's lock held"
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del opt, streamer
+        assert decoder() is not None, "the engine is freed without a collection: this test no longer tests anything"
+        threading.Thread(target=collect_while_a_thread_starts, daemon=True).start()
+        assert returned.wait(20), "the finalizer blocked with threading's lock held"
+    finally:
+        if enabled:
+            gc.enable()
     for _ in range(300):
-        if streamer.store._fds == [] and not any(t.is_alive() for t in workers):
+        if store._fds == [] and not any(t.is_alive() for t in workers):
             break
         threading.Event().wait(0.1)
-    assert streamer.store._fds == [] and not any(t.is_alive() for t in workers)
+    assert decoder() is None and store._fds == [] and not any(t.is_alive() for t in workers)
 
 
 def test_engine_collected_on_a_reader_thread_closes_without_deadlock(tmp_path):

@@ -11,6 +11,7 @@ import torch
 import lightning_dsinfer as dsi
 from helpers import (fake_quantised_int4, fake_quantised_int8, padded_batch, sampling_agrees_across_ranks,
                      streaming_budget, tiny_model)
+from lightning_dsinfer.generation import lookup
 
 
 def main():
@@ -107,9 +108,14 @@ def main():
                             **inputs) if beams else None
         agrees = sampling_agrees_across_ranks(opt, ids, mask, 10)
         beam_ok = not beams or torch.equal(beam, ref_beam)
-        ok = err < 2e-4 and torch.equal(tokens, ref_tokens) and beam_ok and agrees
+        lookup_ok = True        # prompt-lookup drafts verified across the ranks (generation/lookup.py): HF's tokens
+        if lookup.applies(opt._dsinfer_engine) and not inputs:
+            lookup_ok = torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10,
+                                                 do_sample=False, prompt_lookup_num_tokens=3), ref_tokens)
+        ok = err < 2e-4 and torch.equal(tokens, ref_tokens) and beam_ok and agrees and lookup_ok
         print(f"{family}: tp={args.tp}{' reused' if args.offload and reused else ''} max|dlogits|={err:.2e} greedy={torch.equal(tokens, ref_tokens)} "
-              f"beam={beam_ok if beams else 'n/a'} sampling_agrees={agrees} {'OK' if ok else 'FAIL'}", flush=True)
+              f"beam={beam_ok if beams else 'n/a'} sampling_agrees={agrees} lookup={lookup_ok} {'OK' if ok else 'FAIL'}",
+              flush=True)
         if not ok:
             sys.exit(1)
 

@@ -15,6 +15,7 @@ Embedding rows come from a :class:`RowTable`: resident (host tier) or read row b
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import queue
 import threading
@@ -199,8 +200,7 @@ class StreamedDecoderModel(DecoderModel):
         return sum(self.streamer.layouts[u].nbytes for u in units) + experts
 
     def close(self) -> None:
-        """Stop the reader threads and close the files, now (also done, soon after, when the decoder is
-        garbage-collected)."""
+        """Stop the reader threads and close the files, now (also done when the decoder is dropped or collected)."""
         info = self._finalizer.detach()
         if info is not None:
             _close_now(*info[2])
@@ -230,13 +230,27 @@ def _closer_loop() -> None:
         del job
 
 
+_IN_COLLECTION = threading.local()
+
+
+def _collection_phase(phase: str, info: dict) -> None:
+    _IN_COLLECTION.on = phase == "start"
+
+
+gc.callbacks.append(_collection_phase)
+
+
 def _close(streamer: UnitStreamer, tables, experts=None) -> None:
-    """The decoder's finalizer: hands the close to the closer thread. A collection can run a finalizer on any thread
-    at any allocation: on one of our own reader threads (closing waits for the reads a dropped decoder queued, that
-    thread's own task among them), or inside threading's own bookkeeping (a thread starting holds the lock that
-    joining a thread takes), so the finalizer itself must neither wait for a thread nor start one; a SimpleQueue's put
-    is safe there."""
-    _CLOSE_JOBS.put((streamer, tables, experts))
+    """The decoder's finalizer. Run by a garbage collection (on any thread, at any allocation: on one of our own
+    reader threads, where closing would wait for the reads a dropped decoder queued, that thread's own task among
+    them; or inside threading's own bookkeeping, where a thread starting holds the lock that joining a thread takes)
+    it must neither wait for a thread nor start one: the close goes to the closer thread (a SimpleQueue's put is safe
+    there). Run otherwise (the last reference dropped, or the interpreter's exit, when a daemon closer would be cut
+    off inside C code) it closes here, unless this is one of our reader threads."""
+    if getattr(_IN_COLLECTION, "on", False) or threading.current_thread().name.startswith("dsinfer-"):
+        _CLOSE_JOBS.put((streamer, tables, experts))
+    else:
+        _close_now(streamer, tables, experts)
 
 
 def _close_now(streamer: UnitStreamer, tables, experts=None) -> None:
