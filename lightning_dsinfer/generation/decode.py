@@ -55,6 +55,24 @@ def prefill(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     return engine.decoder.logits(h[:, -1]), key_valid, positions
 
 
+def begin(engine, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None, eos_ids: list[int],
+          streamer=None, **prompt):
+    """:func:`prefill`, and the loop's state after it: (the last prompt token's logits [B, V], key_valid, the output
+    buffer [B, T0 + max_new_tokens] with the prompt in place, the EOS ids on the device or None, ``unfinished`` [B]
+    bool, each row's last position [B, 1]). The streamer gets the prompt."""
+    device = input_ids.device
+    b, t0 = input_ids.shape
+    logits, key_valid, positions = prefill(engine, input_ids, attention_mask, t0 + max_new_tokens, **prompt)
+    eos = torch.tensor(eos_ids, device=device) if eos_ids else None
+    unfinished = torch.ones(b, dtype=torch.bool, device=device)
+    out = torch.empty(b, t0 + max_new_tokens, dtype=input_ids.dtype, device=device)
+    out[:, :t0] = input_ids
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    pos = (positions if positions.dim() == 2 else positions.amax(0)).amax(-1, keepdim=True)   # (M-RoPE: of 3 rows)
+    return logits, key_valid, out, eos, unfinished, pos
+
+
 @torch.inference_mode()
 def decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
                 min_new_tokens: int, do_sample: bool, temperature, top_k, top_p, eos_ids: list[int],
@@ -75,19 +93,11 @@ def decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     device = engine.device
     input_ids = input_ids.to(device)
     b, t0 = input_ids.shape
-    total = t0 + max_new_tokens
     cache = engine.cache
     window = engine.sliding_window
-    logits, key_valid, positions = prefill(engine, input_ids, attention_mask, total, prompt_embeds, blocks,
-                                           given_positions, deepstack, prompt_ids)
-
-    eos = torch.tensor(eos_ids, device=device) if eos_ids else None
-    unfinished = torch.ones(b, dtype=torch.bool, device=device)
-    out = torch.empty(b, total, dtype=input_ids.dtype, device=device)
-    out[:, :t0] = input_ids
-    if streamer is not None:
-        streamer.put(input_ids.cpu())
-    pos = (positions if positions.dim() == 2 else positions.amax(0)).amax(-1, keepdim=True)   # (M-RoPE: of 3 rows)
+    logits, key_valid, out, eos, unfinished, pos = begin(
+        engine, input_ids, max_new_tokens, attention_mask, eos_ids, streamer, prompt_embeds=prompt_embeds,
+        blocks=blocks, given_positions=given_positions, deepstack=deepstack, prompt_ids=prompt_ids)
     graphs = decode_graphs(engine, b, key_valid, t0)    # None on the CPU: the eager step below
     # Whether every row has finished is a host sync. With CUDA graphs and greedy decoding it is asked every
     # CHECK_EVERY steps, so the host queues the next replays while the GPU runs (rows that finished get pad tokens

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_dsinfer.generation.decode import prefill
+from lightning_dsinfer.generation.decode import begin
 from lightning_dsinfer.modules.masks import build_step
 
 
@@ -60,15 +60,8 @@ def lookup_decode_loop(engine, input_ids: torch.Tensor, attention_mask: torch.Te
     device = engine.device
     input_ids = input_ids.to(device)
     b, t0 = input_ids.shape
-    total = t0 + max_new_tokens
-    logits, key_valid, positions = prefill(engine, input_ids, attention_mask, total, **prompt)
-    eos = torch.tensor(eos_ids, device=device) if eos_ids else None
-    unfinished = torch.ones(b, dtype=torch.bool, device=device)
-    out = torch.empty(b, total, dtype=input_ids.dtype, device=device)
-    out[:, :t0] = input_ids
-    if streamer is not None:
-        streamer.put(input_ids.cpu())
-    pos = (positions if positions.dim() == 2 else positions.amax(0)).amax(-1, keepdim=True)   # (M-RoPE: of 3 rows)
+    logits, key_valid, out, eos, unfinished, pos = begin(engine, input_ids, max_new_tokens, attention_mask, eos_ids,
+                                                         streamer, **prompt)
     n = forwards = kept = 0
 
     def emit(tok: torch.Tensor) -> bool:
