@@ -151,6 +151,10 @@ class CpuDecodeStack:
                 return None
             a, m = ly.attn, ly.mlp
             shared = type(a) is SharedKVAttention and a.kv_source is not None      # (Gemma 4: queries only)
+            if shared:          # (attends over its source's cache with its own head count and width: the same)
+                source = next((s.attn for s in layers if s.attn.layer_idx == a.kv_source), None)
+                if source is None or (source.hkv, source.d) != (a.hkv, a.d):
+                    return None
             extra = []       # Gemma 4's per-layer gate and projection
             if type(ly) is PerLayerInputLayer:
                 if ly.beside is not None or not (ly.scalar is None or _bf16_vector(ly.scalar, 1)):   # (26B-A4B: MoE)
