@@ -2344,8 +2344,8 @@ static int stack_linear(const DsiStack* st, const DsiLinear& lin, const uint16_t
 // every layer); the step writes cache column col and attends over columns [0, col]; mask / wmask:
 // bool [B, col + 1] rows (strides mb / wmb, column strides ml / wml) or null. shm_step: the exchange's call counter
 // (in / out); shm_seconds: time spent in exchanges, waiting included, is added to it.
-// Returns 0; 1 when a peer did not reach an all-reduce within the timeout; 2 when a linear call failed; 3
-// without AVX512.
+// Returns 0; 1 when a peer did not reach an all-reduce within the timeout; 2 when a linear call failed (or a layer
+// with a per-layer input met a step without them); 3 without AVX512.
 int dsi_decode_stack(const DsiStack* st, const DsiLayer* layers, void* h_, int64_t B, const void* cos, const void* sin,
                      const void* scos, const void* ssin, int64_t col, const void* mask, int64_t mb, int64_t ml,
                      const void* wmask, int64_t wmb, int64_t wml,
@@ -2441,6 +2441,7 @@ int dsi_decode_stack(const DsiStack* st, const DsiLayer* layers, void* h_, int64
         if (ly.down.reduce && all_reduce(y)) return 1;
         add_output(ly.mlp_out_norm);
         if (ly.pl_gate.w) {    // Gemma 4's per-layer input: each step rounded as the torch ops of PerLayerInputLayer
+            if (!st->per_layer || ly.pl_gate.N != P) return 2;
             if (stack_linear(st, ly.pl_gate, h, B, h, pg)) return 2;
             dsi_act_bf16(pg, P, B, P, pa, P, static_cast<int>(st->pl_act), static_cast<int>(st->threads));
             const uint16_t* rows = static_cast<const uint16_t*>(st->per_layer) + ly.pl_index * st->pll;
