@@ -212,17 +212,29 @@ _CLOSER_LOCK = threading.Lock()
 
 
 def _closer_started() -> None:
-    """The process's closer thread (one, a daemon), which closes the decoders the collector dropped."""
+    """The process's closer thread (one, a daemon: a service for the process's life, not a run's), which closes the
+    decoders the collector dropped. Cut off at the interpreter's exit in the middle of a close (freeing tensors:
+    torch's C++) it would abort the process ("terminate called without an active exception"), so threading's exit
+    hook, which runs before the interpreter is torn down (as concurrent.futures stops its workers there), lets it
+    finish the closes queued so far and stop."""
     global _CLOSER
     with _CLOSER_LOCK:
         if _CLOSER is None or not _CLOSER.is_alive():
             _CLOSER = threading.Thread(target=_closer_loop, name="close-offload", daemon=True)
             _CLOSER.start()
+            threading._register_atexit(_closer_stop, _CLOSER)
+
+
+def _closer_stop(closer: threading.Thread) -> None:
+    _CLOSE_JOBS.put(None)
+    closer.join(timeout=60)
 
 
 def _closer_loop() -> None:
     while True:
         job = _CLOSE_JOBS.get()
+        if job is None:           # (the interpreter is exiting)
+            return
         try:
             _close_now(*job)
         except Exception as exc:      # (the loop goes on for the next decoders; this one's files go at exit)
