@@ -59,7 +59,7 @@ class CpuDecodeStack:
 
     def __init__(self, decoder, layers, row_limit: float, shm, layer_norm: bool = False, parallel: bool = False,
                  mlp_act: int = cpu_gemv.ACT_KINDS["silu"], rotary: bool = True, gated: bool = True,
-                 norm_f32: bool = False, softcap: float | None = None):
+                 norm_f32: bool = False, softcap: float | None = None, per_layer: tuple[int, str] | None = None):
         from lightning_dsinfer.modules.transformer import PerLayerInputLayer, SandwichDecoderLayer
 
         first = layers[0]
@@ -73,9 +73,11 @@ class CpuDecodeStack:
         self.min_head = {own: min((ly.attn.d for ly in layers if not (own and ly.attn.sliding)), default=None)
                          for own in (False, True)}
         self.min_sliding_head = min((ly.attn.d for ly in layers if ly.attn.sliding), default=None)
-        # Gemma 4's per-layer inputs: their width (every gated layer's the same, build checks)
-        self.per_layer_dim = next((ly.gate.out_features for ly in layers
-                                   if isinstance(ly, PerLayerInputLayer) and ly.gate is not None), 0)
+        # Gemma 4's per-layer inputs: (their width, the gate's activation), one for every gated layer (build), or None
+        self.per_layer_dim, per_layer_act = per_layer if per_layer is not None else (0, "gelu_tanh")
+        # the cache layer each block attends over: its own, or (Gemma 4's shared-K/V layers) the one it reads
+        self.kv_layers = [a.layer_idx if getattr(a, "kv_source", None) is None else a.kv_source
+                          for a in (ly.attn for ly in layers)]
         self.shape = cpu_gemv.StackShape(
             num_layers=len(layers), hidden=self.hidden, hq=first.attn.hq,
             hkv=max(ly.attn.hkv for ly in layers), head_dim=max(ly.attn.d for ly in layers),
@@ -85,8 +87,7 @@ class CpuDecodeStack:
             tp_rank=0 if shm is None else shm.rank, timeout_s=0.0 if shm is None else shm.timeout_s,
             layer_norm=int(layer_norm), parallel=int(parallel), mlp_act=mlp_act, rotary_dim=0, gated=int(gated),
             norm_f32=int(norm_f32), softcap=softcap or 0.0, pl_dim=self.per_layer_dim,
-            pl_act=cpu_gemv.ACT_KINDS[next((ly.act for ly in layers if self.per_layer_dim and ly.gate is not None),
-                                           "gelu_tanh")])
+            pl_act=cpu_gemv.ACT_KINDS[per_layer_act])
         self.table = (cpu_gemv.StackLayer * len(layers))()
         for i, ly in enumerate(layers):
             t = self.table[i]
@@ -142,7 +143,7 @@ class CpuDecodeStack:
         # (LayerNorms, parallel residual, MLP activation, rotary, gated MLP, fp32 norm weights, score cap): one for
         # every block; sandwich norms (Gemma 2 / 3) are per block
         form = None
-        per_layer_dims = set()
+        per_layer_inputs = set()     # Gemma 4: (width, gate activation) of the gated layers: one, or none
         for ly in layers:
             tuned = type(ly.attn) is TemperatureTunedAttention and ly.attn.at == "position"     # (Ministral 3: see
             if (type(ly) not in (DecoderLayer, GPTDecoderLayer, SandwichDecoderLayer, PerLayerInputLayer)  # applies)
@@ -163,10 +164,9 @@ class CpuDecodeStack:
                     p = ly.gate.out_features
                     if (ly.act not in cpu_gemv.ACT_KINDS or ly.gate.in_features != a.o.out_features
                             or ly.proj.in_features != p or ly.proj.out_features != a.o.out_features
-                            or not _norm_vector(ly.norm, a.o.out_features, True)
-                            or ly.norm.dtype != torch.float32):
+                            or ly.norm is None or not _norm_vector(ly.norm, a.o.out_features, True)):
                         return None
-                    per_layer_dims.add((p, ly.act))
+                    per_layer_inputs.add((p, ly.act))
                     extra = [ly.gate, ly.proj]
             gated = type(m) is GatedMLP
             acts = ("silu", "gelu", "gelu_tanh") if gated else cpu_gemv.ACT_KINDS    # SwiGLU / GeGLU, or a plain one
@@ -238,10 +238,11 @@ class CpuDecodeStack:
                     if comm is None or lin.reduce != comm.all_reduce or comm.shm is None or comm.shm._c is None:
                         return None
                     shm = comm.shm
-        if len(per_layer_dims) > 1:
+        if len(per_layer_inputs) > 1:
             return None
         layer_norm, parallel, mlp_act, rotary, gated, norm_f32, softcap = form
-        return cls(decoder, layers, row_limit, shm, layer_norm, parallel, mlp_act, rotary, gated, norm_f32, softcap)
+        return cls(decoder, layers, row_limit, shm, layer_norm, parallel, mlp_act, rotary, gated, norm_f32, softcap,
+                   next(iter(per_layer_inputs), None))
 
     def applies(self, h: torch.Tensor, step) -> bool:
         """Whether this forward is a decode step the C loop runs (else the per-op path runs it)."""
@@ -284,17 +285,14 @@ class CpuDecodeStack:
 
     def own_tables(self, step) -> bool:
         """Whether the sliding-window layers rotate by rope rows of their own this step (Gemma 3's sliding_cos)."""
-        return step.sliding_cos is not None and any(ly.attn.sliding for ly in self.layers)
+        return step.sliding_cos is not None and self.min_sliding_head is not None
 
     MAX_BOUND = 8      # tables kept (a pipeline's row groups each bring their view of the cache)
 
     def _bind_cache(self, cache) -> ctypes.Array:
         """The table pointing at ``cache``'s K/V tensors (every layer's pointers and strides are the key, so a cache
         re-allocated in place, or another row view of it, gets its own)."""
-        # (a layer reading an earlier layer's K/V, Gemma 4's, points at that layer's)
-        kv = [(cache.k[i], cache.v[i]) for i in (
-            getattr(ly.attn, "kv_source", None) if getattr(ly.attn, "kv_source", None) is not None
-            else ly.attn.layer_idx for ly in self.layers)]
+        kv = [(cache.k[i], cache.v[i]) for i in self.kv_layers]
         key = tuple((k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1)) for k, v in kv)
         table = self._bound.get(key)
         if table is not None:

@@ -58,6 +58,20 @@ INT8_KERNEL_MAX_ROWS = 12
 # 4.1 ms against 14.7, 16 rows 8.9 against 18.3, 32 rows 17.2 against 25.5. The one-call decode step takes int4
 # blocks up to the same row count (same kernel: bit-identical).
 INT4_KERNEL_MAX_ROWS = 32
+# With AMX (groups of a multiple of 128 inputs): rows [first, last] go through the AMX int4 path (cpu_gemv.
+# linear_int4_amx), fewer through the row kernel (more would dequantise for oneDNN's GEMM). Measured on the 2-core
+# machine, 4096 x 11008 / 11008 x 4096 weights: 1-2 rows 1.05-1.6 ms on the row kernel against 1.6-1.9 on AMX; 3
+# rows 1.7 / 1.9 against 1.9 / 2.0; 16 rows 1.7 / 2.0 against 8.1 / 8.5 (int8 tiles 2.6 / 2.7, bf16 tiles 3.9 /
+# 3.5); prompts too: 2048 rows 114 ms against 147 dequantised for oneDNN (int8 tiles 129, bf16 tiles 171).
+INT4_AMX_ROWS = (3, 1 << 30)
+# A prompt's int8 / int4 GEMM dequantises this many bytes of weight rows at a time (bounded scratch).
+DEQUANT_CHUNK_BYTES = 8 << 20
+DEQUANT_BYTES_PER_WEIGHT = {True: 2, False: 10}   # C dequantise to bf16; torch: int8 -> fp32, x scale, cast
+# int4: C dequantises to bf16 (2 bytes a weight) or fp32 (4); torch (reference.dequantize_int4 per chunk, then the
+# cast to x's dtype): the int16 bytes, both nibble planes, their stack, the fp32 values, the repeated scales, the
+# product and the cast: at most 24 bytes a weight at once.
+DEQUANT_INT4_BYTES_PER_WEIGHT = {"bf16": 2, "fp32": 4, "torch": 24}
+QUANTIZE_CHUNK_BYTES = 16 << 20      # fp32 temporaries of quantising a weight, a chunk of rows at a time
 
 
 def int8_kernel_max_rows() -> float:
@@ -73,20 +87,6 @@ def int4_kernel_max_rows() -> float:
     """The same for the int4 row kernel (without bf16 instructions, 5632 x 2048 weight: 1.94 vs 10.0 ms at 16 rows,
     17.4 vs 52.1 at 128)."""
     return float("inf") if cpu_gemv.row_kernel_max_m() == float("inf") else INT4_KERNEL_MAX_ROWS
-# With AMX (groups of a multiple of 128 inputs): rows [first, last] go through the AMX int4 path (cpu_gemv.
-# linear_int4_amx), fewer through the row kernel (more would dequantise for oneDNN's GEMM). Measured on the 2-core
-# machine, 4096 x 11008 / 11008 x 4096 weights: 1-2 rows 1.05-1.6 ms on the row kernel against 1.6-1.9 on AMX; 3
-# rows 1.7 / 1.9 against 1.9 / 2.0; 16 rows 1.7 / 2.0 against 8.1 / 8.5 (int8 tiles 2.6 / 2.7, bf16 tiles 3.9 /
-# 3.5); prompts too: 2048 rows 114 ms against 147 dequantised for oneDNN (int8 tiles 129, bf16 tiles 171).
-INT4_AMX_ROWS = (3, 1 << 30)
-# A prompt's int8 / int4 GEMM dequantises this many bytes of weight rows at a time (bounded scratch).
-DEQUANT_CHUNK_BYTES = 8 << 20
-DEQUANT_BYTES_PER_WEIGHT = {True: 2, False: 10}   # C dequantise to bf16; torch: int8 -> fp32, x scale, cast
-# int4: C dequantises to bf16 (2 bytes a weight) or fp32 (4); torch (reference.dequantize_int4 per chunk, then the
-# cast to x's dtype): the int16 bytes, both nibble planes, their stack, the fp32 values, the repeated scales, the
-# product and the cast: at most 24 bytes a weight at once.
-DEQUANT_INT4_BYTES_PER_WEIGHT = {"bf16": 2, "fp32": 4, "torch": 24}
-QUANTIZE_CHUNK_BYTES = 16 << 20      # fp32 temporaries of quantising a weight, a chunk of rows at a time
 
 
 def quantize_rows(w: torch.Tensor, row_max=None) -> tuple[torch.Tensor, torch.Tensor]:
