@@ -788,6 +788,10 @@ LLAMA_LIKE_FAMILIES = {
     "hunyuan_v1_moe": dict(head_dim=16, intermediate_size=48, attention_bias=True, num_experts=4, moe_topk=2,
                            rope_parameters={"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0,
                                             "rope_theta": 10000.0}),
+    # Hy3: Qwen 3's attention, a dense first layer then a top-2 MoE of 4 experts (an fp32 sigmoid router choosing on
+    # scores + a correction bias, renormalised, scaled) plus a shared expert
+    "hy_v3": dict(num_hidden_layers=3, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                  num_shared_experts=1, router_scaling_factor=2.5, mlp_layer_types=["dense", "sparse", "sparse"]),
     # Granite's multipliers, attention sinks, sliding / full layers, a rope base per layer: the sliding ones 1000, the
     # full ones 100000 and a NoPE full one
     "granite_swa": dict(num_hidden_layers=3, head_dim=16, sliding_window=7, embedding_multiplier=3.0,

@@ -1,8 +1,8 @@
 """The Llama family (llama, mistral, ministral, qwen2, qwen3, phi3, granite, seed_oss, arcee, smollm3, ernie4_5,
 hunyuan_v1_dense, glm, glm4, olmo2, olmo3, exaone4, granite_swa, hyperclovax, nanochat, apertus, the MoE ones: mixtral,
 qwen2_moe, qwen3_moe, olmoe, flex_olmo, minimax_m2, glm4_moe, sarvam_moe, dots1, exaone_moe, solar_open, mellum,
-hunyuan_v1_moe, granitemoe_swa, Llama's modules under other model types: exaone, internlm3, iquestcoder, cwm, helium,
-and the Gemma ones: gemma, gemma2, gemma3_text, vaultgemma): one table, one reader.
+hunyuan_v1_moe, granitemoe_swa, hy_v3, Llama's modules under other model types: exaone, internlm3, iquestcoder, cwm,
+helium, and the Gemma ones: gemma, gemma2, gemma3_text, vaultgemma): one table, one reader.
 
 All share the module tree ``model.model.{embed_tokens, layers[i].{self_attn.{q,k,v,o}_proj,
 mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm}, norm, rotary_emb}`` and
@@ -38,8 +38,10 @@ q / k norms when ``use_qk_norm``; dots.llm1: Qwen 3's; EXAONE MoE: Exaone 4's, p
 :func:`policies.deepseek.routing_of`'s; so is Solar Open's (every layer sparse, plain GQA attention). Helium rotates
 interleaved pairs (read as GLM's) and scales its norms in fp32 (OLMo 2's); Mellum is Qwen 3's attention with a rope table
 per layer type and a softmax top-k MoE by ``mlp_layer_types``; HunYuan MoE is HunYuan's attention with a top-k MoE
-(router ``mlp.gate.wg``, renormalised) plus an ungated ``mlp.shared_mlp`` in every layer. Granite SWA is Granite with
-attention sinks (``self_attn.sinks``), sliding / full layers and a rope base per layer (``layer_rope_theta``, 0: NoPE);
+(router ``mlp.gate.wg``, renormalised) plus an ungated ``mlp.shared_mlp`` in every layer; Hy3 (``hy_v3``) is Qwen 3's
+attention with DeepSeek-V3's sigmoid choice (no groups; the block's ``mlp.e_score_correction_bias``;
+``router_scaling_factor``) and ``shared_experts``, its router in fp32. Granite SWA is Granite with attention sinks
+(``self_attn.sinks``), sliding / full layers and a rope base per layer (``layer_rope_theta``, 0: NoPE);
 Granite MoE SWA the same with Granite 3 MoE's experts and shared MLP. HyperCLOVA X has Granite's multipliers (its logits
 multiplied by logits_scaling) and, with use_post_norm, Peri-LN: RMSNorms on the attention's and the MLP's outputs too
 (``post_norm1``, ``post_norm2``), the residual multiplier folded into their weights rather than into o / down.
@@ -81,7 +83,9 @@ class FamilyTraits:
                                     # | "softmax" (softmax top-k as Qwen's, renormalised by norm_topk_prob, no shared
                                     # expert; sparse by mlp_layer_types where the config has them, else every layer:
                                     # Mellum) | "hunyuan" (HunYuan MoE: every layer sparse, router mlp.gate.wg, top-k
-                                    # renormalised, the shared mlp.shared_mlp added ungated)
+                                    # renormalised, the shared mlp.shared_mlp added ungated) | "hy" (Hy3: an fp32
+                                    # sigmoid router choosing on scores + the block's mlp.e_score_correction_bias,
+                                    # renormalised, times router_scaling_factor; shared_experts; by mlp_layer_types)
     packed: str = "none"            # "all": Phi-3's self_attn.qkv_proj (q | k | v rows) and mlp.gate_up_proj (gate |
                                     # up); "mlp": the latter only (GLM, GLM-4)
     gemma: int = 0                  # Gemma generation (see the module docstring)
@@ -176,6 +180,9 @@ FAMILY: dict[str, FamilyTraits] = {
     "mellum": FamilyTraits(qk_norm="head", sliding_from="layer_types", rope_tables=True, moe="softmax"),
     # HunYuan MoE: HunYuan's attention (q / k norms after the rotation), a top-k MoE plus a shared MLP in every layer
     "hunyuan_v1_moe": FamilyTraits(qk_norm="after_rotary", moe="hunyuan"),
+    # Hy3 (HunYuan 3): Qwen 3's attention, a sigmoid router in fp32 choosing on scores + the block's correction bias,
+    # renormalised and scaled, shared experts, dense / sparse by mlp_layer_types
+    "hy_v3": FamilyTraits(qk_norm="head", moe="hy"),
     # Granite SWA (and its MoE: Granite 3 MoE's experts and shared MLP): Granite's multipliers, sliding / full layers,
     # attention sinks, a rope base per layer (0: NoPE)
     "granite_swa": FamilyTraits(granite=True, sliding_from="layer_types", nope="layer_rope_theta", layer_thetas=True),
@@ -220,7 +227,7 @@ def sparse_by_first_k(config, i: int) -> bool:
 def _sparse_layer(config, traits: FamilyTraits, i: int) -> bool:
     if traits.moe in ("mixtral", "minimax", "granite", "hunyuan"):
         return True
-    if traits.moe in ("deepseek", "softmax"):
+    if traits.moe in ("deepseek", "softmax", "hy"):
         return sparse_by_first_k(config, i)
     if traits.moe == "qwen":
         return (i not in (getattr(config, "mlp_only_layers", None) or []) and config.num_experts > 0
@@ -386,7 +393,7 @@ def _refuse(config, traits: FamilyTraits) -> None:
 _EXPERT_PARTS = {"mixtral": {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)},
                  "qwen": {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}}
 _EXPERT_PARTS["olmoe"] = _EXPERT_PARTS["deepseek"] = _EXPERT_PARTS["ernie"] = _EXPERT_PARTS["qwen"]
-_EXPERT_PARTS["softmax"] = _EXPERT_PARTS["hunyuan"] = _EXPERT_PARTS["qwen"]
+_EXPERT_PARTS["softmax"] = _EXPERT_PARTS["hunyuan"] = _EXPERT_PARTS["hy"] = _EXPERT_PARTS["qwen"]
 _EXPERT_PARTS["minimax"] = _EXPERT_PARTS["mixtral"]
 _EXPERT_PARTS["nemotron_h"] = {"up_proj": ("up_proj",), "down_proj": ("down_proj",)}     # (experts without a gate)
 
@@ -533,6 +540,10 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
     elif traits.moe == "minimax":      # (the router's logits in its weights' dtype, as HF's; no groups, no scale)
         routing = Routing(scoring="sigmoid", renormalize=True)
         router_bias = "e_score_correction_bias"
+    elif traits.moe == "hy":           # (V3's choice without groups, the scale named router_scaling_factor)
+        routing = Routing(scoring="sigmoid", renormalize=True, eps=1e-20, scale=float(config.router_scaling_factor),
+                          fp32=True)
+        router_bias = "e_score_correction_bias"
     elif traits.moe == "granite":      # (top-k of the logits, softmax over those k)
         routing = Routing(scoring="topk_softmax")
     elif traits.moe == "ernie":        # (the bias [1, E] broadcasts over the tokens' scores)
@@ -542,7 +553,8 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
         # (HunYuan builds its router in fp32 and keeps it there when loaded in bf16: logits from the input in fp32, the
         # weights fp32; a router cast to the model's dtype routes as the plain softmax top-k, weights in that dtype)
         routing = Routing(scoring="softmax", fp32=True, renormalize=True)
-    shared_name = {"deepseek": "shared_experts", "ernie": "shared_experts", "hunyuan": "shared_mlp"}.get(
+    shared_name = {"deepseek": "shared_experts", "ernie": "shared_experts", "hy": "shared_experts",
+                   "hunyuan": "shared_mlp"}.get(
         traits.moe, "shared_expert")
     axes = None
     if traits.mrope != "none":
