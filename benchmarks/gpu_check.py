@@ -553,7 +553,7 @@ def decode_comparison(dev: str = "cuda", tiny: bool = False, compile_hf: bool = 
 
     hf = hf if hf is not None else llama_1b(dev, tiny)
     vocab = hf.config.vocab_size
-    prompt, new = (8, 4) if tiny else (128, 128)
+    prompt, new = (8, 2) if tiny else (128, 128)     # (CPU smoke: one decode step after the prompt's token)
     ours = dsi.init_inference(copy.deepcopy(hf), dtype=torch.bfloat16, max_seq_len=prompt + new, max_batch_size=16)
     ours8 = dsi.init_inference(copy.deepcopy(hf), dtype=torch.bfloat16, max_seq_len=prompt + new, max_batch_size=16,
                                quantize="int8")
@@ -743,6 +743,8 @@ def main() -> int:
     if args.cpu_smoke and not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"   # before the kernel modules import triton
         sys.path.insert(0, str(REPO))
+        from lightning_dsinfer.kernels import interpreter
+        interpreter.install()
         failed = 0
         from lightning_dsinfer.generation import cuda_graphs
         from lightning_dsinfer.kernels import ops

@@ -14,6 +14,11 @@ if not torch.cuda.is_available() and os.environ.get("DSINFER_KERNEL_COMPILE_ONLY
 
 import pytest  # noqa: E402
 
+from lightning_dsinfer.kernels import interpreter  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    interpreter.install()       # a launch patches triton.language once, not once per helper call (see its docstring)
+
 _empty, _empty_like = torch.empty, torch.empty_like
 # ``with torch.device(...)`` recognises factory functions from a set torch builds (and caches) on its first use;
 # built while the poisoned factories below are in place, it would hold them instead of torch.empty, and every
