@@ -343,9 +343,12 @@ def _shard_moe(moe, plan: TensorShardPlan, dtype: torch.dtype) -> dict[str, torc
     (``MoEMLP``)."""
     # (DeepSeek keeps its router, and its correction bias, in fp32)
     router_dtype = torch.float32 if moe.routing is not None and moe.routing.fp32 else dtype
-    # (V3's correction bias in fp32 with its router; gpt-oss's router bias in the router's dtype)
+    # (a correction bias added to the fp32 scores the choice is made on, as it is stored, in fp32: transformers keeps
+    # Hy3's and AFMoE's in fp32 in a bf16 model too; gpt-oss's router bias, added to the logits, in the router's dtype)
+    choice_bias = moe.routing is not None and moe.routing.scoring in ("sigmoid", "softmax")
     out = {"moe.router": moe.router.load().to(router_dtype),
-           "moe.router_bias": moe.router_bias.load().to(router_dtype) if moe.router_bias is not None else None}
+           "moe.router_bias": (moe.router_bias.load().to(torch.float32 if choice_bias else router_dtype)
+                               if moe.router_bias is not None else None)}
     gb, db = moe.gate_up_bias, moe.down_bias       # gpt-oss: the experts' biases (down's added once over the group)
     if moe.expert_parallel:        # this rank's whole experts (expert_parallel_size = tensor_parallel_size)
         first, n = expert_range(moe, plan)

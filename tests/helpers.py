@@ -792,6 +792,13 @@ LLAMA_LIKE_FAMILIES = {
     # scores + a correction bias, renormalised, scaled) plus a shared expert
     "hy_v3": dict(num_hidden_layers=3, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                   num_shared_experts=1, router_scaling_factor=2.5, mlp_layer_types=["dense", "sparse", "sparse"]),
+    # AFMoE: per-head q / k norms, a sigmoid output gate, sliding layers rotating and a NoPE full one, sandwich norms,
+    # muP's scaled embeddings; a dense first layer then a top-2 MoE of 4 experts (sigmoid scores + a bias, scaled) plus
+    # a shared expert
+    "afmoe": dict(num_hidden_layers=3, head_dim=16, sliding_window=7,
+                  layer_types=["sliding_attention", "full_attention", "sliding_attention"], num_dense_layers=1,
+                  num_experts=4, num_experts_per_tok=2, num_shared_experts=1, moe_intermediate_size=32,
+                  route_scale=2.0, mup_enabled=True),
     # Granite's multipliers, attention sinks, sliding / full layers, a rope base per layer: the sliding ones 1000, the
     # full ones 100000 and a NoPE full one
     "granite_swa": dict(num_hidden_layers=3, head_dim=16, sliding_window=7, embedding_multiplier=3.0,

@@ -47,11 +47,13 @@ BLOCKS = {"olmo2": ("PostNormDecoderLayer", "ProjectionNormAttention"),
           "hunyuan_v1_dense": ("DecoderLayer", "RotaryFirstAttention"),
           "hunyuan_v1_moe": ("DecoderLayer", "RotaryFirstAttention"),
           "ministral3": ("DecoderLayer", "TemperatureTunedAttention"),
-          "hyperclovax": ("SandwichDecoderLayer", "Attention"), "nanochat": ("DecoderLayer", "RotaryFirstAttention")}
+          "hyperclovax": ("SandwichDecoderLayer", "Attention"), "nanochat": ("DecoderLayer", "RotaryFirstAttention"),
+          "afmoe": ("SandwichDecoderLayer", "OutputGatedAttention")}
 # the ones whose decode steps must stay on the per-op path: output-only norms, whole-projection q / k norms or norms
 # after the rotation, MoE, NoPE layers among rotary ones (Arcee's ReLU squared: taken, since cpu_gemv.act has it)
 MOE = ("olmoe", "glm4_moe", "sarvam_moe", "dots1", "exaone_moe", "flex_olmo", "minimax_m2", "granitemoe",
-       "granitemoeshared", "ernie4_5_moe", "solar_open", "mellum", "hunyuan_v1_moe", "granitemoe_swa", "hy_v3")
+       "granitemoeshared", "ernie4_5_moe", "solar_open", "mellum", "hunyuan_v1_moe", "granitemoe_swa", "hy_v3",
+       "afmoe")
 PER_OP = ("olmo2", "olmo3", "exaone4", "hunyuan_v1_dense", "smollm3", "nanochat", *MOE)
 # bf16: OLMoE's seed 0 has a routing decision within 7e-4 (a bf16 rounding of the router's input flips it)
 BF16_SEEDS = {"olmoe": 2}
@@ -63,7 +65,8 @@ ALL_ROUTED = {"glm4_moe": dict(num_experts_per_tok=8, topk_group=4), "sarvam_moe
               "granitemoe": dict(num_experts_per_tok=4), "granitemoeshared": dict(num_experts_per_tok=4),
               "ernie4_5_moe": dict(num_experts_per_tok=4), "solar_open": dict(num_experts_per_tok=8, topk_group=2),
               "mellum": dict(num_experts_per_tok=4), "hunyuan_v1_moe": dict(moe_topk=4),
-              "granitemoe_swa": dict(num_experts_per_tok=4), "hy_v3": dict(num_experts_per_tok=4)}
+              "granitemoe_swa": dict(num_experts_per_tok=4), "hy_v3": dict(num_experts_per_tok=4),
+              "afmoe": dict(num_experts_per_tok=4)}
 
 
 def _generate_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -122,6 +125,9 @@ def test_llama_like_family_matches_hf(family):
     # windows, OLMo 3's rope table of the sliding layers
     if family in ("smollm3", "exaone4"):
         assert [ly.attn.rotary for ly in layers] == [True, False]
+    if family == "afmoe":     # (the sliding layers rotate, the full one is NoPE; a dense layer, then the MoE ones)
+        assert [(ly.attn.sliding, ly.attn.rotary) for ly in layers] == [(True, True), (False, False), (True, True)]
+        assert [type(ly.mlp).__name__ for ly in layers] == ["GatedMLP", "MoEMLP", "MoEMLP"]
     if family == "cwm":
         assert [ly.attn.sliding for ly in layers] == [True, False]
     if family == "mellum":
@@ -163,7 +169,7 @@ def test_llama_like_family_bf16(family):
 
 
 @pytest.mark.parametrize("family", ["olmo2", "glm4", "smollm3", "exaone4", "olmoe", "glm4_moe", "minimax_m2",
-                                    "hy_v3"])
+                                    "hy_v3", "afmoe"])
 def test_llama_like_family_int8_matches_fake_quantised_hf(family):
     hf = tiny_model(family)
     assert_fp32_matches_quantised(fake_quantised_int8(hf), optimised_copy(hf, max_seq_len=64, quantize="int8"))
@@ -188,12 +194,13 @@ def test_llama_like_families_from_checkpoint_on_meta(tmp_path):
     rows and biases, Solar Open's, Mellum's and HunYuan MoE's experts one by one (HunYuan's router is mlp.gate.wg),
     Granite MoE SWA's packed shared MLP and sinks, NanoChat's negated rotary rows, Apertus' xIELU parameters read from
     the files, Hy3's router, correction bias and shared experts under its checkpoints' names (mlp.router.gate,
-    mlp.expert_bias, mlp.shared_mlp: renamed on load)."""
+    mlp.expert_bias, mlp.shared_mlp: renamed on load), AFMoE's experts one by one and its attention's gate rows."""
     from transformers import AutoModelForCausalLM
 
     for family in ("glm4", "olmo2", "olmoe", "ernie4_5", "glm4_moe", "exaone_moe", "minimax_m2", "granitemoeshared",
                    "ministral3", "ernie4_5_moe", "exaone", "helium", "solar_open", "mellum", "hunyuan_v1_moe",
-                   "granitemoe_swa", "nanochat", "apertus", "hy_v3"):
+                   "granitemoe_swa", "nanochat", "apertus", "hy_v3",
+                   "afmoe"):
         hf = tiny_model(family)
         hf.save_pretrained(tmp_path / family)
         with torch.device("meta"):
@@ -209,7 +216,7 @@ def test_llama_like_families_tensor_parallel():
     Logits, greedy, beam search as HF's,
     sampling agrees across ranks."""
     tp = ["olmo2", "olmo3", "glm4", "olmoe", "glm4_moe", "minimax_m2", "ministral3", "ernie4_5_moe", "helium",
-          "hunyuan_v1_moe", "hy_v3"]
+          "hunyuan_v1_moe", "hy_v3", "afmoe"]
     codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", *tp], timeout=300)
     assert codes == [0, 0], "\n".join(outs)
     assert outs[0].count(" OK") == len(tp), outs[0]
@@ -298,20 +305,27 @@ def test_ministral3_query_scale_by_position():
         assert torch.equal(torch.stack(again.scores, 1), torch.stack(out.scores, 1))
 
 
-@pytest.mark.parametrize("family,router", [("hunyuan_v1_moe", "mlp.gate.wg.weight"), ("hy_v3", "mlp.gate.weight")])
-def test_moe_router_kept_in_fp32(family, router, tmp_path):
-    """HunYuan MoE builds its router (mlp.gate.wg) in fp32, Hy3 its router and correction bias, and from_pretrained in
-    bf16 keeps them there: HF then routes on fp32 logits of the input cast to fp32 with fp32 weights, and so does the
-    engine (its router held in fp32); bf16 logits of the prompt and HF's greedy continuation within the bf16 tolerance
-    (every expert routed: no near tie)."""
+@pytest.mark.parametrize("family,kept", [("hunyuan_v1_moe", ["mlp.gate.wg.weight"]),
+                                         ("hy_v3", ["mlp.gate.weight", "mlp.e_score_correction_bias"]),
+                                         ("afmoe", ["mlp.expert_bias"])])
+def test_moe_router_kept_in_fp32(family, kept, tmp_path):
+    """HunYuan MoE builds its router (mlp.gate.wg) in fp32, Hy3 its router and correction bias, AFMoE its correction
+    bias, and from_pretrained in bf16 keeps them there: HF then routes on fp32 logits of the input cast to fp32 with
+    fp32 weights (and chooses on fp32 scores + the fp32 bias), and so does the engine: its router and bias equal HF's
+    fp32 tensors; bf16 logits of the prompt and HF's greedy continuation within the bf16 tolerance (every expert
+    routed: no near tie)."""
     from transformers import AutoModelForCausalLM
 
     tiny_model(family, **ALL_ROUTED[family]).save_pretrained(tmp_path)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
-    assert hf.model.layers[-1].get_parameter(router).dtype == torch.float32
     opt = optimised_copy(hf, max_seq_len=64, dtype=torch.bfloat16)
-    assert {ly.mlp.router.dtype for ly in opt._dsinfer_engine.decoder.layers if hasattr(ly.mlp, "router")} == {
-        torch.float32}
+    sparse = [(i, ly.mlp) for i, ly in enumerate(opt._dsinfer_engine.decoder.layers) if hasattr(ly.mlp, "router")]
+    assert sparse
+    for i, mlp in sparse:
+        theirs = dict((*hf.model.layers[i].named_parameters(), *hf.model.layers[i].named_buffers()))
+        for name in kept:
+            ours = mlp.router if name.endswith("weight") else mlp.router_bias
+            assert theirs[name].dtype == ours.dtype == torch.float32 and torch.equal(ours, theirs[name]), name
     ids, mask, full, pos, seq, want = _bf16_continuation(hf)
     got = opt(input_ids=seq, attention_mask=full, position_ids=pos).logits.float()
     torch.testing.assert_close(got[full.bool()], want[full.bool()], atol=6e-2, rtol=2e-2)

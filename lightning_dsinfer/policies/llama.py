@@ -86,12 +86,16 @@ class FamilyTraits:
                                     # renormalised, the shared mlp.shared_mlp added ungated) | "hy" (Hy3: an fp32
                                     # sigmoid router choosing on scores + the block's mlp.e_score_correction_bias,
                                     # renormalised, times router_scaling_factor; shared_experts; by mlp_layer_types)
+                                    # | "afmoe" (the same choice on logits in the router's dtype, mlp.router.gate and
+                                    # mlp.expert_bias, times route_scale; dense before num_dense_layers)
     packed: str = "none"            # "all": Phi-3's self_attn.qkv_proj (q | k | v rows) and mlp.gate_up_proj (gate |
                                     # up); "mlp": the latter only (GLM, GLM-4)
     gemma: int = 0                  # Gemma generation (see the module docstring)
     granite: bool = False           # Granite: embedding, residual and logit multipliers (attention's is its scaling)
     logits_multiplied: bool = False  # HyperCLOVA X: the logits times logits_scaling (Granite divides by it)
     norms: str = "pre"              # "pre": input_layernorm, post_attention_layernorm (Gemma 2 / 3: by their names);
+                                    # "afmoe": input_layernorm, post_attention_layernorm (the attention's output),
+                                    # pre_mlp_layernorm, post_mlp_layernorm (the MLP's output);
                                     # "post": on the outputs only (OLMo 2, Exaone 4); "glm4": GLM-4's four;
                                     # "peri": the pre-norms and, where the model has them, post_norm1 / post_norm2 on
                                     # the outputs (HyperCLOVA X's Peri-LN: its residual multiplier scales their weights)
@@ -115,6 +119,7 @@ class FamilyTraits:
                                     # / height / width positions in "sections" (Qwen 2 / 2.5-VL) or "interleaved"
                                     # (Qwen3-VL): ``modules.rotary.mrope_axes``
     topk_renormalized: bool = False  # "qwen" MoE renormalised whatever norm_topk_prob says (Qwen3-VL-MoE has none)
+    attn_gate: bool = False         # AFMoE: the attention's output x sigmoid(self_attn.gate_proj x) before o_proj
     position_temperature: bool = False   # Ministral 3: queries x (1 + beta log(1 + floor(position / original max)))
                                     # (rope_parameters' llama_4_scaling_beta, original_max_position_embeddings)
 
@@ -183,6 +188,12 @@ FAMILY: dict[str, FamilyTraits] = {
     # Hy3 (HunYuan 3): Qwen 3's attention, a sigmoid router in fp32 choosing on scores + the block's correction bias,
     # renormalised and scaled, shared experts, dense / sparse by mlp_layer_types
     "hy_v3": FamilyTraits(qk_norm="head", moe="hy"),
+    # AFMoE (Arcee Trinity): per-head q / k norms, the attention's output gated by sigmoid(gate_proj x), only the
+    # sliding layers rotating, sandwich norms; a sigmoid router (logits in the weights' dtype) choosing on scores + the
+    # block's expert_bias, renormalised, times route_scale, shared experts, the first num_dense_layers dense; muP's
+    # embeddings x sqrt(hidden) when mup_enabled
+    "afmoe": FamilyTraits(qk_norm="head", sliding_from="layer_types", nope="global", moe="afmoe", norms="afmoe",
+                          attn_gate=True),
     # Granite SWA (and its MoE: Granite 3 MoE's experts and shared MLP): Granite's multipliers, sliding / full layers,
     # attention sinks, a rope base per layer (0: NoPE)
     "granite_swa": FamilyTraits(granite=True, sliding_from="layer_types", nope="layer_rope_theta", layer_thetas=True),
@@ -229,6 +240,8 @@ def _sparse_layer(config, traits: FamilyTraits, i: int) -> bool:
         return True
     if traits.moe in ("deepseek", "softmax", "hy"):
         return sparse_by_first_k(config, i)
+    if traits.moe == "afmoe":
+        return i >= (config.num_dense_layers or 0)
     if traits.moe == "qwen":
         return (i not in (getattr(config, "mlp_only_layers", None) or []) and config.num_experts > 0
                 and (i + 1) % config.decoder_sparse_step == 0)
@@ -393,7 +406,7 @@ def _refuse(config, traits: FamilyTraits) -> None:
 _EXPERT_PARTS = {"mixtral": {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)},
                  "qwen": {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}}
 _EXPERT_PARTS["olmoe"] = _EXPERT_PARTS["deepseek"] = _EXPERT_PARTS["ernie"] = _EXPERT_PARTS["qwen"]
-_EXPERT_PARTS["softmax"] = _EXPERT_PARTS["hunyuan"] = _EXPERT_PARTS["hy"] = _EXPERT_PARTS["qwen"]
+_EXPERT_PARTS["softmax"] = _EXPERT_PARTS["hunyuan"] = _EXPERT_PARTS["hy"] = _EXPERT_PARTS["afmoe"] = _EXPERT_PARTS["qwen"]
 _EXPERT_PARTS["minimax"] = _EXPERT_PARTS["mixtral"]
 _EXPERT_PARTS["nemotron_h"] = {"up_proj": ("up_proj",), "down_proj": ("down_proj",)}     # (experts without a gate)
 
@@ -544,6 +557,9 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
         routing = Routing(scoring="sigmoid", renormalize=True, eps=1e-20, scale=float(config.router_scaling_factor),
                           fp32=True)
         router_bias = "e_score_correction_bias"
+    elif traits.moe == "afmoe":        # (the choice as Hy3's, the logits in the router's dtype as MiniMax-M2's)
+        routing = Routing(scoring="sigmoid", renormalize=True, eps=1e-20, scale=float(config.route_scale or 1.0))
+        router_bias = "expert_bias"
     elif traits.moe == "granite":      # (top-k of the logits, softmax over those k)
         routing = Routing(scoring="topk_softmax")
     elif traits.moe == "ernie":        # (the bias [1, E] broadcasts over the tokens' scores)
@@ -554,7 +570,7 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
         # weights fp32; a router cast to the model's dtype routes as the plain softmax top-k, weights in that dtype)
         routing = Routing(scoring="softmax", fp32=True, renormalize=True)
     shared_name = {"deepseek": "shared_experts", "ernie": "shared_experts", "hy": "shared_experts",
-                   "hunyuan": "shared_mlp"}.get(
+                   "afmoe": "shared_experts", "hunyuan": "shared_mlp"}.get(
         traits.moe, "shared_expert")
     axes = None
     if traits.mrope != "none":
@@ -571,7 +587,8 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
         a, m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
         moe = None
         if _sparse_layer(config, traits, i):
-            router = f"{m}.gate.wg.weight" if traits.moe == "hunyuan" else f"{m}.gate.weight"
+            router = {"hunyuan": f"{m}.gate.wg.weight", "afmoe": f"{m}.router.gate.weight"}.get(traits.moe,
+                                                                                               f"{m}.gate.weight")
             top_k = config.num_experts_per_tok    # (HunYuan's moe_topk may be a list: one per layer)
             top_k = top_k[i] if isinstance(top_k, (list, tuple)) else top_k
             shared_mlp, shared_down = f"{m}.{shared_name}", f"{m}.{shared_name}.down_proj.weight"
@@ -598,6 +615,9 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
         if traits.norms == "post":       # OLMo 2, Exaone 4: no input norms, the outputs normed
             input_norm, post_norm = None, None
             attn_out, mlp_out = f"{norm}.post_attention_layernorm", f"{norm}.post_feedforward_layernorm"
+        elif traits.norms == "afmoe":
+            input_norm, post_norm = f"{norm}.input_layernorm", f"{norm}.pre_mlp_layernorm"
+            attn_out, mlp_out = f"{norm}.post_attention_layernorm", f"{norm}.post_mlp_layernorm"
         elif traits.norms == "glm4":
             input_norm, post_norm = f"{norm}.input_layernorm", f"{norm}.post_attention_layernorm"
             attn_out, mlp_out = f"{norm}.post_self_attn_layernorm", f"{norm}.post_mlp_layernorm"
@@ -629,7 +649,8 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
             qk_norm_kind="head" if qk_norm == "none" else qk_norm, rotary=_rotates(config, traits, i),
             sliding_window=_sliding_window(config, traits, i), moe=moe, attn_temperature=temperature,
             out_scale=config.residual_multiplier if traits.granite and attn_out is None else None,
-            sinks=opt(f"{a}.sinks"), mlp_act=XIELU.of(source, f"{m}.act_fn") if act == "xielu" and dense else None,
+            sinks=opt(f"{a}.sinks"), attn_gate=ref(f"{a}.gate_proj.weight") if traits.attn_gate else None,
+            mlp_act=XIELU.of(source, f"{m}.act_fn") if act == "xielu" and dense else None,
         ))
     tied = tied_embeddings(model)
     return ModelWeights(
@@ -643,7 +664,8 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
         lm_head=ref("model.embed_tokens.weight" if tied else "lm_head.weight"), lm_head_bias=opt("lm_head.bias"),
         tied_embeddings=tied, layers=layers,
         norm_offset=1.0 if traits.gemma else 0.0, norm_fp32=traits.norm_fp32,
-        embed_scale=config.hidden_size ** 0.5 if traits.gemma else config.embedding_multiplier if traits.granite else None,
+        embed_scale=(config.hidden_size ** 0.5 if traits.gemma or getattr(config, "mup_enabled", False)
+                     else config.embedding_multiplier if traits.granite else None),
         embed_scale_rounded=bool(traits.gemma), embed_scale_on="module" if traits.gemma else "all",
         logit_scale=(config.logits_scaling if traits.logits_multiplied else 1.0 / config.logits_scaling)
         if traits.granite else None,
