@@ -799,6 +799,17 @@ LLAMA_LIKE_FAMILIES = {
                   layer_types=["sliding_attention", "full_attention", "sliding_attention"], num_dense_layers=1,
                   num_experts=4, num_experts_per_tok=2, num_shared_experts=1, moe_intermediate_size=32,
                   route_scale=2.0, mup_enabled=True),
+    # MiMo-V2-Flash: a full layer then sliding ones (twice the KV heads, attention sinks), a rope table per layer type
+    # with partial rotary, values of 12 under keys of 16 scaled by 0.7; a dense first layer then DeepSeek-V3's routing
+    # (2 groups) of 8 experts, top 2, no shared expert
+    "mimo_v2_flash": dict(num_hidden_layers=3, head_dim=16, v_head_dim=12, attention_value_scale=0.7,
+                          sliding_window=7, layer_types=["full_attention", "sliding_attention", "sliding_attention"],
+                          mlp_layer_types=["dense", "sparse", "sparse"], n_routed_experts=8, num_experts_per_tok=2,
+                          n_group=2, topk_group=1, moe_intermediate_size=32, routed_scaling_factor=2.0,
+                          rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 100000.0,
+                                                              "partial_rotary_factor": 0.5},
+                                           "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0,
+                                                                 "partial_rotary_factor": 0.5}}),
     # Granite's multipliers, attention sinks, sliding / full layers, a rope base per layer: the sliding ones 1000, the
     # full ones 100000 and a NoPE full one
     "granite_swa": dict(num_hidden_layers=3, head_dim=16, sliding_window=7, embedding_multiplier=3.0,

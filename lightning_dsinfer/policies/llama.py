@@ -120,6 +120,9 @@ class FamilyTraits:
                                     # (Qwen3-VL): ``modules.rotary.mrope_axes``
     topk_renormalized: bool = False  # "qwen" MoE renormalised whatever norm_topk_prob says (Qwen3-VL-MoE has none)
     attn_gate: bool = False         # AFMoE: the attention's output x sigmoid(self_attn.gate_proj x) before o_proj
+    mimo: bool = False              # MiMo-V2-Flash: the sliding layers' KV heads doubled; v heads of v_head_dim read
+                                    # zero-padded to head_dim (:class:`HeadPadded`: v_proj rows and o_proj columns, the
+                                    # padding contributes nothing), times attention_value_scale
     position_temperature: bool = False   # Ministral 3: queries x (1 + beta log(1 + floor(position / original max)))
                                     # (rope_parameters' llama_4_scaling_beta, original_max_position_embeddings)
 
@@ -194,6 +197,10 @@ FAMILY: dict[str, FamilyTraits] = {
     # embeddings x sqrt(hidden) when mup_enabled
     "afmoe": FamilyTraits(qk_norm="head", sliding_from="layer_types", nope="global", moe="afmoe", norms="afmoe",
                           attn_gate=True),
+    # MiMo-V2-Flash: sliding / full layers with a rope table each (partial rotary), the sliding ones with twice the KV
+    # heads and attention sinks; values narrower than the keys (v_head_dim) and scaled (attention_value_scale);
+    # DeepSeek-V3's routing without shared experts, a dense first layer
+    "mimo_v2_flash": FamilyTraits(sliding_from="layer_types", rope_tables=True, moe="deepseek", mimo=True),
     # Granite SWA (and its MoE: Granite 3 MoE's experts and shared MLP): Granite's multipliers, sliding / full layers,
     # attention sinks, a rope base per layer (0: NoPE)
     "granite_swa": FamilyTraits(granite=True, sliding_from="layer_types", nope="layer_rope_theta", layer_thetas=True),
@@ -388,6 +395,67 @@ class Negated(Rewritten):
         return t * sign.view(-1, *([1] * (t.dim() - 1)))
 
 
+class HeadPadded(Rewritten):
+    """Heads narrower than the engine's head width read zero-padded to it: ``names[name] = (axis, heads, width,
+    padded, factor)``, each of the ``heads`` blocks of ``width`` along ``axis`` (0: rows, v_proj; 1: columns, o_proj)
+    followed by ``padded - width`` zeros, times ``factor`` (in fp32; 1: as stored). MiMo-V2-Flash's values (v_head_dim
+    128 under keys of 192): the padded value dims are zero, so are the attention's outputs there, and o_proj's zero
+    columns read them: the same output as the narrow heads', for a V cache and an o_proj input 192 / 128 as wide;
+    other names pass through."""
+
+    def __init__(self, inner: WeightSource, names: dict):
+        super().__init__(inner)
+        self.names = names
+
+    def rewrites(self, name):
+        return name in self.names
+
+    def shape(self, name):
+        shape = list(self.inner.shape(name))
+        if name in self.names:
+            axis, heads, _, padded, _ = self.names[name]
+            shape[axis] = heads * padded
+        return tuple(shape)
+
+    def read(self, name, dim, start, length):
+        if name not in self.names:
+            return self.inner.read(name, dim, start, length)
+        axis, heads, width, padded, factor = self.names[name]
+        t = self.inner.read(name, None, 0, 0)          # (the whole tensor: attention projections are small)
+        t = t.float() * factor if factor != 1.0 else t
+        parts = t.unflatten(axis, (heads, width))
+        pad = list(parts.shape)
+        pad[axis + 1] = padded - width
+        t = torch.cat([parts, parts.new_zeros(pad)], dim=axis + 1).flatten(axis, axis + 1)
+        return t if dim is None else t.narrow(dim, start, length)
+
+
+def _kv_heads(config, traits: FamilyTraits, i: int) -> int | None:
+    """Layer ``i``'s KV heads where they are its own (MiMo-V2-Flash's sliding layers: twice the config's), else None."""
+    if traits.mimo and _sliding_window(config, traits, i) is not None:
+        return 2 * config.num_key_value_heads
+    return None
+
+
+def _mimo_values(config, source: WeightSource, names: set[str], head_dim: int, traits: FamilyTraits) -> WeightSource:
+    """MiMo-V2-Flash's v_proj (weight and bias) and o_proj read with each value head zero-padded from v_head_dim to
+    head_dim, v_proj's rows times attention_value_scale (:class:`HeadPadded`)."""
+    width = config.v_head_dim
+    factor = float(config.attention_value_scale) if config.attention_value_scale is not None else 1.0
+    if width > head_dim:
+        raise UnsupportedModelError(f"{config.model_type} with v_head_dim={width} wider than head_dim={head_dim} is "
+                                    f"not supported (values are read padded to the keys' width).")
+    pads = {}
+    for i in range(config.num_hidden_layers):
+        a = f"model.layers.{i}.self_attn"
+        kv = _kv_heads(config, traits, i) or config.num_key_value_heads
+        for kind in ("weight", "bias"):
+            if f"{a}.v_proj.{kind}" in names:
+                pads[f"{a}.v_proj.{kind}"] = (0, kv, width, head_dim, factor)
+        pads[f"{a}.o_proj.weight"] = (1, config.num_attention_heads, width, head_dim, 1.0)
+    return HeadPadded(source, pads)
+
+
 def _refuse(config, traits: FamilyTraits) -> None:
     """Settings of these families the engine does not reproduce: refused by name, before any weight is read."""
     mt = config.model_type
@@ -533,6 +601,9 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
                 for i in range(config.num_hidden_layers) for n in ("post_norm1", "post_norm2")}
         source = Scaled(source, {n: f for n, f in peri.items() if n in names})
 
+    if traits.mimo:
+        source = _mimo_values(config, source, names, head_dim, traits)
+
     ref, opt = lookups(source, names)
 
     qk_norm = traits.qk_norm if getattr(config, "use_qk_norm", True) else "none"    # (GLM-4.5: by the config)
@@ -649,7 +720,7 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
             qk_norm_kind="head" if qk_norm == "none" else qk_norm, rotary=_rotates(config, traits, i),
             sliding_window=_sliding_window(config, traits, i), moe=moe, attn_temperature=temperature,
             out_scale=config.residual_multiplier if traits.granite and attn_out is None else None,
-            sinks=opt(f"{a}.sinks"), attn_gate=ref(f"{a}.gate_proj.weight") if traits.attn_gate else None,
+            num_kv_heads=_kv_heads(config, traits, i), sinks=opt(f"{a}.sinks"), attn_gate=ref(f"{a}.gate_proj.weight") if traits.attn_gate else None,
             mlp_act=XIELU.of(source, f"{m}.act_fn") if act == "xielu" and dense else None,
         ))
     tied = tied_embeddings(model)

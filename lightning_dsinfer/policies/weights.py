@@ -281,6 +281,12 @@ class Rewritten(WeightSource):
     def rewrites(self, name: str) -> bool:
         raise NotImplementedError
 
+    @property
+    def entries(self):
+        """The checkpoint's tensors by name where ``inner`` reads one (what :func:`policies.llama._experts` looks
+        up), else None."""
+        return getattr(self.inner, "entries", None)
+
     def shape(self, name):
         return self.inner.shape(name)
 
