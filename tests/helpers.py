@@ -80,6 +80,19 @@ def tiny_config(family: str, **overrides):
                                   **(dict(enable_moe_block=True, num_experts=4, top_k_experts=2,   # every MLP)
                                           moe_intermediate_size=32) if family == "gemma4_moe" else {}), **overrides})
         overrides = {}
+    elif family == "gemma4_unified_text":  # Gemma 4 12B's language model: Gemma 4's blocks (the v norm, full layers of
+        from transformers import AutoConfig  # their own head dim with one KV head whose values are the keys', the last
+        #                                      two reading earlier layers' K/V with double-wide MLPs, the layer
+        #                                      scalars, a logit cap) without per-layer inputs or experts
+        cfg = AutoConfig.for_model(family, **{**common, "num_hidden_layers": 6, "head_dim": 16, "global_head_dim": 32,
+                                              "num_global_key_value_heads": 1, "attention_k_eq_v": True,
+                                              "sliding_window": 7,
+                                              "layer_types": ["sliding_attention", "sliding_attention",
+                                                              "full_attention", "sliding_attention",
+                                                              "sliding_attention", "full_attention"],
+                                              "num_kv_shared_layers": 2, "use_double_wide_mlp": True,
+                                              "final_logit_softcapping": 30.0, **overrides})
+        overrides = {}
     elif family == "deepseek_v3":          # latent attention (q low rank, interleaved rotary, yarn), grouped sigmoid
         from transformers import DeepseekV3Config  # routing with a correction bias, a shared expert, a dense layer
 

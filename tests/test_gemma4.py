@@ -121,8 +121,8 @@ def test_gemma4_from_checkpoint_on_meta(tmp_path):
     assert_matches_hf(hf, opt, ids, mask)
 
 
-TP_FAMILIES = {"memory": [FAMILY, "gemma4_moe", "vlm-gemma4_bidirectional"], "nvme": [FAMILY, "gemma4_moe"],
-               "expert-parallel": ["gemma4_moe"]}
+TP_FAMILIES = {"memory": [FAMILY, "gemma4_moe", "vlm-gemma4_bidirectional", "gemma4_unified_text"],
+               "nvme": [FAMILY, "gemma4_moe"], "expert-parallel": ["gemma4_moe"]}
 
 
 def worker_runs(tmp, selected):
@@ -138,8 +138,8 @@ def worker_runs(tmp, selected):
 def test_gemma4_tensor_parallel(mode, shared_runs):
     """TP=2 from memory and on the disk tier (most units streamed): the sliding layers' two KV heads split, the full
     layers' one replicated, the per-layer inputs whole on both ranks; 26B-A4B's experts sliced, and placed whole two
-    per rank (expert parallelism); behind its wrapper with images (sliding-only bidirectional blocks). Logits, greedy,
-    beam search as HF's, sampling agrees across ranks."""
+    per rank (expert parallelism); behind its wrapper with images (sliding-only bidirectional blocks); Gemma 4 unified's
+    language model. Logits, greedy, beam search as HF's, sampling agrees across ranks."""
     outs = shared_runs.outputs(2, f"test_gemma4_tensor_parallel[{mode}]")
     assert all(out.count(" OK") == len(TP_FAMILIES[mode]) for out in outs), outs
 
@@ -183,6 +183,48 @@ def test_gemma4_experts_quantised_offloaded_and_from_a_checkpoint(tmp_path):
     truth = _moe_model(top_k=4)
     hf = copy.deepcopy(truth).to(torch.bfloat16)
     _assert_bf16_like_hf(truth, hf, optimised_copy(hf, max_seq_len=64, dtype=torch.bfloat16))
+
+
+def test_gemma4_unified_text_matches_hf(tmp_path):
+    """Gemma 4 "unified" (``gemma4_unified_text``, Gemma 4 12B's language model): Gemma 4's blocks without per-layer
+    inputs or experts (its config removes those attributes). fp32: prompt, greedy, each decode step against HF's own
+    steps; a plain forward and HF's cache; beam search; int8 vs the fake-quantised HF; a checkpoint on meta; bf16 within
+    HF's own bf16 error."""
+    hf = tiny_model("gemma4_unified_text")
+    opt = optimised_copy(hf, max_seq_len=64)
+    layers = opt._dsinfer_engine.decoder.layers
+    assert [ly.attn.kv_source for ly in layers] == [None, None, None, None, 3, 2]
+    assert [(ly.attn.hkv, ly.attn.d) for ly in layers] == [(2, 16), (2, 16), (1, 32), (2, 16), (2, 16), (1, 32)]
+    assert all(ly.gate is None and ly.scalar is not None for ly in layers)
+    assert opt._dsinfer_engine.decoder.per_layer is None
+    assert_steps_match_hf(hf, opt)
+    ids, mask = padded_batch([12, 5, 9, 3], seed=2)
+    assert_forward_and_generate(hf, opt, ids, mask, new=8)
+    kw = dict(input_ids=ids[:2], attention_mask=mask[:2], max_new_tokens=7, num_beams=3, do_sample=False)
+    with torch.no_grad():
+        assert torch.equal(opt.generate(**kw), hf.generate(**kw))
+    assert_fp32_matches_quantised(fake_quantised_int8(hf), optimised_copy(hf, max_seq_len=64, quantize="int8"))
+    assert_matches_hf(hf, optimised_from_checkpoint(hf, tmp_path), ids[:3], mask[:3])
+    truth = copy.deepcopy(hf)
+    bf16 = copy.deepcopy(truth).to(torch.bfloat16)
+    _assert_bf16_like_hf(truth, bf16, optimised_copy(bf16, max_seq_len=64, dtype=torch.bfloat16))
+
+
+def test_gemma4_unified_wrapper_text_prompts_match_hf():
+    """Behind ``Gemma4UnifiedForConditionalGeneration`` (what AutoModelForCausalLM builds from its config), text prompts:
+    the language model on the engine, fp32 logits and greedy tokens as the wrapper's. (Its images are not wired: see
+    the README.)"""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from helpers import tiny_config
+
+    cfg = AutoConfig.for_model("gemma4_unified", text_config=tiny_config("gemma4_unified_text").to_dict())
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(cfg).eval()
+    assert type(hf).__name__ == "Gemma4UnifiedForConditionalGeneration"
+    opt = optimised_copy(hf, max_seq_len=64)
+    ids, mask = padded_batch([9, 4, 6], seed=1)
+    assert_matches_hf(hf, opt, ids, mask)
 
 
 def test_gemma4_refusals():

@@ -28,6 +28,10 @@ reads the block's residual stream, RMS-normed without a weight and scaled (``rou
 softmax top-k renormalised and times each chosen expert's ``per_expert_scale`` (``Routing.expert_scale``); GeGLU experts
 on their own norm of the stream; the MLP's and the experts' outputs each normed, summed, then normed as the MLP's output.
 
+Gemma 4 "unified" (``gemma4_unified_text``: Gemma 4 12B's language model, behind
+``Gemma4UnifiedForConditionalGeneration``) has the same blocks without per-layer inputs or experts (its config removes
+those attributes): the same reader.
+
 Refused with the reason: bidirectional attention over every token, rope types that change with the length.
 """
 from __future__ import annotations
@@ -41,7 +45,9 @@ from lightning_dsinfer.policies.base import (ExpertsBeside, LayerWeights, ModelW
 from lightning_dsinfer.policies.llama import _GATED_ACTS, check_rope
 from lightning_dsinfer.policies.weights import ModuleSource, WeightSource, lookups, tied_embeddings
 
-FAMILY = ("gemma4_text",)
+# (Gemma 4 "unified" (gemma4_unified_text, Gemma 4 12B's language model): the same blocks without per-layer inputs or
+# experts, whose config attributes it removes)
+FAMILY = ("gemma4_text", "gemma4_unified_text")
 _LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
@@ -83,7 +89,7 @@ def kv_sources(config) -> list[int | None]:
 def _experts(config, ref, p: str) -> MoEWeights | None:
     """26B-A4B's experts of layer ``p`` (``enable_moe_block``): softmax over the router's logits, the top-k renormalised
     and times each chosen expert's ``per_expert_scale``; GeGLU experts [E, 2I, H] / [E, H, I]."""
-    if not config.enable_moe_block:
+    if not getattr(config, "enable_moe_block", False):
         return None
     return MoEWeights(router=ref(f"{p}.router.proj.weight"), gate_up=ref(f"{p}.experts.gate_up_proj"),
                       down=ref(f"{p}.experts.down_proj"), top_k=config.top_k_experts, renormalize=True,
@@ -137,7 +143,7 @@ def read_gemma4(model: nn.Module, max_seq_len: int, source: WeightSource | None 
                                  experts_in=ref(f"{p}.pre_feedforward_layernorm_2.weight"),
                                  experts_out=ref(f"{p}.post_feedforward_layernorm_2.weight"),
                                  dense_out=ref(f"{p}.post_feedforward_layernorm_1.weight"))
-            if config.enable_moe_block else None))
+            if getattr(config, "enable_moe_block", False) else None))
     per_layer = None
     if ple:
         per_layer = PerLayerEmbeddings(
