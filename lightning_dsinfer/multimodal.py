@@ -220,7 +220,8 @@ def merged_inputs(model: nn.Module, engine, input_ids: torch.Tensor, attention_m
     rules: list = []
     masking = sys.modules.get(type(getattr(model, "model", model)).__module__)
     originals = {name: getattr(masking, name) for name in ("create_causal_mask", "create_sliding_window_causal_mask",
-                                                           "create_masks_for_vision_model") if hasattr(masking, name)}
+                                                           "create_masks_for_vision_model", "create_masks_for_generate")
+                 if hasattr(masking, name)}
 
     def catch(*args, **kwargs):
         caught.update(kwargs)
@@ -243,8 +244,15 @@ def merged_inputs(model: nn.Module, engine, input_ids: torch.Tensor, attention_m
             blocks.append(kwargs["block_sequence_ids"])
         return originals["create_masks_for_vision_model"](*args, **kwargs)
 
+    def generic_masks(*args, **kwargs):   # (Gemma 4 unified: its image blocks through transformers' helper, which
+        if kwargs.get("block_sequence_ids") is not None:    # ORs them into every layer's mask, after the sliding
+            blocks.append(kwargs["block_sequence_ids"])     # window: policies/gemma4.py reads that as "past_window")
+        elif kwargs.get("or_mask_function") is not None:
+            rules.append(kwargs["or_mask_function"])
+        return originals["create_masks_for_generate"](*args, **kwargs)
+
     stand_ins = {"create_causal_mask": mask_rule, "create_sliding_window_causal_mask": window_rule,
-                 "create_masks_for_vision_model": vision_masks}
+                 "create_masks_for_vision_model": vision_masks, "create_masks_for_generate": generic_masks}
 
     def per_layer_ids(input_ids, inputs_embeds=None):   # (Gemma 4: the ids its per-layer inputs are looked up by,
         if input_ids is None:                            # handed on as they are: the engine looks them up)

@@ -212,8 +212,8 @@ def test_gemma4_unified_text_matches_hf(tmp_path):
 
 def test_gemma4_unified_wrapper_text_prompts_match_hf():
     """Behind ``Gemma4UnifiedForConditionalGeneration`` (what AutoModelForCausalLM builds from its config), text prompts:
-    the language model on the engine, fp32 logits and greedy tokens as the wrapper's. (Its images are not wired: see
-    the README.)"""
+    the language model on the engine, fp32 logits and greedy tokens as the wrapper's. (Its images:
+    tests/test_multimodal.py and the next test.)"""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from helpers import tiny_config
@@ -225,6 +225,31 @@ def test_gemma4_unified_wrapper_text_prompts_match_hf():
     opt = optimised_copy(hf, max_seq_len=64)
     ids, mask = padded_batch([9, 4, 6], seed=1)
     assert_matches_hf(hf, opt, ids, mask)
+
+
+def test_gemma4_unified_image_blocks_past_the_window():
+    """Gemma 4 unified's image blocks go through transformers' generic mask helper, which ORs them into the sliding
+    layers' masks after the window: an image longer than the window (4 tokens, window 3) is seen whole there. fp32
+    logits and greedy tokens as HF's with ``blocks_in="past_window"``; the same engine reading them within the window
+    ("all") does not match (the premise: the case tells the two apart)."""
+    from test_multimodal import image_batch, tiny_vlm
+
+    import lightning_dsinfer as dsi
+
+    hf, images = tiny_vlm("gemma4_unified", window=3)
+    ids, mask, inputs = image_batch("gemma4_unified", images)
+    opt = dsi.init_inference(copy.deepcopy(hf), dtype=torch.float32, max_seq_len=64)
+    assert opt._dsinfer_engine.blocks_in == "past_window"
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask, **inputs).logits
+        tokens = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, **inputs)
+    valid = mask.bool()
+    got = opt(input_ids=ids, attention_mask=mask, **inputs).logits
+    torch.testing.assert_close(got[valid], want[valid], atol=2e-4, rtol=1e-4)
+    assert torch.equal(opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, **inputs),
+                       tokens)
+    opt._dsinfer_engine.blocks_in = "all"
+    assert (opt(input_ids=ids, attention_mask=mask, **inputs).logits - want)[valid].abs().max() > 1e-3
 
 
 def test_gemma4_refusals():

@@ -20,9 +20,10 @@ _VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_at
                patch_size=14)
 
 
-def tiny_vlm(kind: str, seed: int = 0, drop: tuple = ()):
+def tiny_vlm(kind: str, seed: int = 0, drop: tuple = (), window: int | None = None):
     """(a tiny random vision-language model, its image inputs for the two-row batch of :func:`image_batch`); ``drop``:
-    text-config keys left out (Qwen3-VL: its config classes' defaults instead)."""
+    text-config keys left out (Qwen3-VL: its config classes' defaults instead); ``window``: Gemma 4 unified's sliding
+    window instead of 7."""
     import transformers as tf
 
     torch.manual_seed(seed)
@@ -38,6 +39,19 @@ def tiny_vlm(kind: str, seed: int = 0, drop: tuple = ()):
                                     vision_config=tf.SiglipVisionConfig(**_VISION).to_dict(), image_token_index=IMAGE,
                                     projection_dim=64)
         model = tf.PaliGemmaForConditionalGeneration(config)
+    elif kind == "gemma4_unified":    # Gemma 4 12B's wrapper: its language model without per-layer inputs, images
+        #                               (token 5) as the vision embedder's output (mm_encoder_outputs), as "gemma4";
+        #                               use_bidirectional_attention="vision" (its config's default)
+        text = tiny_config("gemma4_unified_text", **({"sliding_window": window} if window else {})).to_dict()
+        config = tf.Gemma4UnifiedConfig(text_config=text, image_token_id=IMAGE,
+                                        audio_token_id=AUDIO,
+                                        vision_config=dict(patch_size=4, pooling_kernel_size=2, mm_embed_dim=32,
+                                                           mm_posemb_size=16, output_proj_dims=64))
+        model = tf.Gemma4UnifiedForConditionalGeneration(config)
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        features = [torch.randn(4, 64) for _ in range(2)]
+        images = {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=features)}}
     elif kind.startswith("gemma4"):   # Gemma 4 behind its wrapper (what AutoModelForCausalLM loads), image token 5; its
         #                               images given as the vision tower's output (mm_encoder_outputs: the tower is HF's
         #                               code either way); "gemma4_bidirectional": use_bidirectional_attention="vision"
@@ -145,7 +159,7 @@ def image_batch(kind: str, images: dict):
     inputs = dict(images)
     if kind == "gemma3":
         inputs["token_type_ids"] = ids.eq(IMAGE).long()
-    if kind == "gemma4_bidirectional":
+    if kind in ("gemma4_bidirectional", "gemma4_unified"):
         inputs["mm_token_type_ids"] = ids.eq(IMAGE).long()
     if kind == "paligemma":    # the prefix: the first 10 columns (padding included, as HF's processor marks it)
         inputs["token_type_ids"] = (torch.arange(ids.shape[1]) >= 10).long().expand_as(ids)
@@ -173,7 +187,8 @@ def _same_as_hf(hf, opt, ids, mask, inputs, new=6):
 
 
 @pytest.mark.parametrize("kind", ["gemma3", "llava", "mistral3", "qwen3_5", "qwen2_5_vl", "qwen2_vl", "qwen3_vl",
-                                  "qwen3_vl_moe", "paligemma", "gemma4", "gemma4_bidirectional", "gemma4_audio"])
+                                  "qwen3_vl_moe", "paligemma", "gemma4", "gemma4_bidirectional", "gemma4_audio",
+                                  "gemma4_unified"])
 def test_images_match_hf(kind):
     hf, images = tiny_vlm(kind)
     ids, mask, inputs = image_batch(kind, images)
@@ -183,7 +198,7 @@ def test_images_match_hf(kind):
     with torch.no_grad():      # what each model does with images matters here: a path that ignored it would fail
         plain = hf(input_ids=ids, attention_mask=mask).logits
         assert (plain - want)[valid].abs().max() > 1e-2                   # the images themselves
-        if kind in ("gemma3", "paligemma", "gemma4_bidirectional"):        # each image's tokens (PaliGemma: the
+        if kind in ("gemma3", "paligemma", "gemma4_bidirectional", "gemma4_unified"):   # each image's tokens (PaliGemma: the
             causal = hf(input_ids=ids, attention_mask=mask, **images).logits                           # prefix's;
             assert (causal - want)[valid].abs().max() > 1e-2        # Gemma 4: in the sliding layers) seeing
         if kind == "paligemma":          # HF's sliding mask ORs the prefix in after the window   # each other
