@@ -211,8 +211,8 @@ def test_gemma4_unified_text_matches_hf(tmp_path):
 
 
 def test_gemma4_unified_wrapper_text_prompts_match_hf():
-    """Behind ``Gemma4UnifiedForConditionalGeneration`` (what AutoModelForCausalLM builds from its config), text prompts:
-    the language model on the engine, fp32 logits and greedy tokens as the wrapper's. (Its images:
+    """Behind ``Gemma4UnifiedForConditionalGeneration`` (what AutoModelForCausalLM builds from its config), text
+    prompts: the language model on the engine, fp32 logits and greedy tokens as the wrapper's. (Its images:
     tests/test_multimodal.py and the next test.)"""
     from transformers import AutoConfig, AutoModelForCausalLM
 
