@@ -609,7 +609,8 @@ def make_layer(index: int, t: dict[str, torch.Tensor], spec: LayerSpec, comm: Te
         dn = spec.deltanet
         attn = GatedDeltaNet(index, linear("qkv"), out_proj(), t["dn.conv"], t["dn.dt_bias"], t["dn.a_log"],
                              t["dn.norm"], dn.key_heads // comm.size, dn.value_heads // comm.size, dn.key_dim,
-                             dn.value_dim, spec.rms_norm_eps)
+                             dn.value_dim, dn.norm_eps if dn.norm_eps is not None else spec.rms_norm_eps,
+                             dn.beta_scale)
     elif "kv_b.weight" in t:         # latent attention (DeepSeek, modules/mla.py)
         attn = LatentAttention(index, spec.num_heads, spec.mla, spec.scaling, spec.mla.norm_eps, linear("qkv"),
                                out_proj(), t["kv_b.weight"], t["kv_a_norm"],

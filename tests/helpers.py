@@ -152,6 +152,17 @@ def tiny_config(family: str, **overrides):
                                               "linear_num_value_heads": 4,
                                               "layer_types": ["linear_attention", "full_attention",
                                                               "linear_attention"], **extra})
+    elif family == "olmo_hybrid":          # Gated DeltaNet blocks (separate projections, beta = 2 sigmoid(b)) around
+        from transformers import AutoConfig  # OLMo 2's attention blocks (output norms, whole-projection q / k norms);
+        #                                      NoPE as the released checkpoints (rope_theta None) unless overridden
+        cfg = AutoConfig.for_model(family, **{**common, "num_hidden_layers": 4, "linear_conv_kernel_dim": 4,
+                                              "linear_key_head_dim": 8, "linear_value_head_dim": 12,
+                                              "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+                                              "layer_types": ["linear_attention", "full_attention",
+                                                              "linear_attention", "full_attention"],
+                                              "rope_parameters": {"rope_type": "default", "rope_theta": None},
+                                              **overrides})
+        overrides = {}
     elif family in ("lfm2", "lfm2_moe"):   # two gated short convolutions around an attention block, GQA, q / k norms;
         from transformers import AutoConfig  # the MoE one: a dense first block, then sigmoid-routed top-2 of 4 experts
 
@@ -276,7 +287,7 @@ def tiny_model(family: str, seed: int = 0, **overrides):
                 elif family.startswith("gemma4") and name.endswith("q_norm.weight"):   # its attention's scale is 1: q
                     buf.normal_(0.3, 0.05)       # normed to RMS 1 would make the tiny heads' softmax one-hot (bf16 chaos)
         if family.startswith(("lfm2", "nemotron_h", "llama4", "falcon_h1")) or family in (
-                "granitemoehybrid", "bamba", "mamba", "falcon_mamba", "jamba", "mamba2"):
+                "granitemoehybrid", "bamba", "mamba", "falcon_mamba", "jamba", "mamba2", "olmo_hybrid"):
             for name, p in model.named_parameters():
                 if "norm" in name:
                     p.normal_(1.0, 0.2)
@@ -364,7 +375,8 @@ def _fake_quantised(hf, fake):
     # shared experts': Granite 4's input_linear / output_linear) linears. Routers and Qwen2-MoE's shared gate stay.
     names = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
              "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "in_proj_qkvz", "in_proj_ba", "in_proj", "out_proj",
-             "gate_proj", "up_proj", "down_proj", "gate_up_proj", "w1", "w3", "w2", "input_linear", "output_linear")
+             "gate_proj", "up_proj", "down_proj", "gate_up_proj", "w1", "w3", "w2", "input_linear", "output_linear",
+             "g_proj", "b_proj", "a_proj")     # (OLMo Hybrid's linear attention: its gate, beta and decay projections)
     done = set()
     with torch.no_grad():
         for layer in (ref.model if hasattr(ref, "model") else ref.backbone).layers:   # (Mamba: backbone)

@@ -1933,7 +1933,7 @@ static void conv_silu_row(const uint16_t* x, uint16_t* h, const uint16_t* w, con
 int dsi_gated_delta_step_bf16(const void* proj, int64_t ld, void* history, const void* conv_w, const void* a_log,
                               const void* dt_bias, const void* norm_w, float* state, void* out, int64_t ldo,
                               int64_t B, int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv, int64_t K, float eps,
-                              int threads) {
+                              float beta_scale, int threads) {
     if (dsi_gemv_best_isa() < 2 || Hv % Hk) return -1;
     const int64_t C = 2 * Hk * Dk + Hv * Dv, hist = K - 1, r = Hv / Hk;
     const uint16_t* P = static_cast<const uint16_t*>(proj);
@@ -1966,7 +1966,8 @@ int dsi_gated_delta_step_bf16(const void* proj, int64_t ld, void* history, const
             const int64_t b = u / Hv, hv = u % Hv, hk = hv / r;
             const float* y = qkv.data() + b * C;
             const uint16_t* x = P + b * ld;
-            const float beta = bf16_to_f32(f32_to_bf16(1.f / (1.f + expf(-bf16_to_f32(x[C + Hv * Dv + hv])))));
+            const float beta =     // (rounded as torch.sigmoid stores it; x beta_scale: OLMo Hybrid's 2, exact)
+                bf16_to_f32(f32_to_bf16(1.f / (1.f + expf(-bf16_to_f32(x[C + Hv * Dv + hv]))))) * beta_scale;
             const float sp = bf16_to_f32(x[C + Hv * Dv + Hv + hv]) + bf16_to_f32(DT[hv]);
             const float g = -expf(bf16_to_f32(AL[hv])) * (sp > 20.f ? sp : log1pf(expf(sp)));
             for (int64_t j = 0; j < Dv; ++j) vf[j] = y[2 * Hk * Dk + hv * Dv + j];

@@ -115,7 +115,7 @@ class _Kernel:
         self.gated_delta = lib.dsi_gated_delta_step_bf16
         self.gated_delta.restype = ctypes.c_int
         self.gated_delta.argtypes = [p, i64, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float,
-                                     ctypes.c_int]
+                                     ctypes.c_float, ctypes.c_int]
         self.mamba1_conv = lib.dsi_mamba1_conv_bf16
         self.mamba1_conv.restype = ctypes.c_int
         self.mamba1_conv.argtypes = [p, i64, p, p, p, p, i64, i64, i64, ctypes.c_int]
@@ -827,12 +827,12 @@ class StackShape(ctypes.Structure):
 
 def gated_delta_step(proj: torch.Tensor, history: torch.Tensor, conv: torch.Tensor, a_log: torch.Tensor,
                      dt_bias: torch.Tensor, norm: torch.Tensor, state: torch.Tensor, key_heads: int, value_heads: int,
-                     key_dim: int, value_dim: int, eps: float) -> torch.Tensor | None:
+                     key_dim: int, value_dim: int, eps: float, beta_scale: float = 1.0) -> torch.Tensor | None:
     """A Gated DeltaNet decode step (``modules/gated_deltanet.py``) for bf16 rows in one C call, after in_proj: proj
     [B, 1, W] (q | k | v | z | b | a), the convolution history [B, C, K - 1] bf16 and the state [B, Hv, Dk, Dv] fp32
-    (both updated in place), conv [C, K], a_log / dt_bias [Hv], norm [Dv] bf16. Returns the gated norm's output
-    [B, 1, Hv Dv] bf16 (the torch path's roundings; fp32 sums in another order), or None where it does not apply
-    (the caller runs the torch ops), also on CPUs without AVX512 (:func:`has_wide_ops`)."""
+    (both updated in place), conv [C, K], a_log / dt_bias [Hv], norm [Dv] bf16; beta = sigmoid(b) x ``beta_scale``.
+    Returns the gated norm's output [B, 1, Hv Dv] bf16 (the torch path's roundings; fp32 sums in another order), or
+    None where it does not apply (the caller runs the torch ops), also on CPUs without AVX512 (:func:`has_wide_ops`)."""
     k = _kernel if _kernel is not None else _load()
     if k is None or _off or k.best_isa < 2:
         return None
@@ -848,7 +848,7 @@ def gated_delta_step(proj: torch.Tensor, history: torch.Tensor, conv: torch.Tens
     out = torch.empty(b, 1, value_heads * value_dim, dtype=torch.bfloat16)
     rc = k.gated_delta(proj.data_ptr(), proj.stride(0), history.data_ptr(), conv.data_ptr(), a_log.data_ptr(),
                        dt_bias.data_ptr(), norm.data_ptr(), state.data_ptr(), out.data_ptr(), out.stride(0), b,
-                       key_heads, value_heads, key_dim, value_dim, kern, eps, torch.get_num_threads())
+                       key_heads, value_heads, key_dim, value_dim, kern, eps, beta_scale, torch.get_num_threads())
     return out if rc == 0 else None
 
 

@@ -68,6 +68,7 @@ def _delta_step_kernel(
     s_ptr,                          # state [B, Hv, DK, DV] fp32 contiguous, in place
     out_ptr,                        # [B, Hv, DV] in y's dtype
     C, HV, R,                       # channels, value heads, value heads per key head
+    beta_scale,                     # beta = sigmoid(b) (rounded) x this (OLMo Hybrid's allow_neg_eigval: 2)
     HK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -83,7 +84,8 @@ def _delta_step_kernel(
     q = q / tl.sqrt(tl.sum(q * q, axis=0) + 1e-6) * (1.0 / tl.sqrt(DK * 1.0))
     k = k / tl.sqrt(tl.sum(k * k, axis=0) + 1e-6)
     b_in = tl.load(ba_ptr + b * ba_row + hv).to(tl.float32)
-    beta = tl.sigmoid(b_in).to(out_ptr.dtype.element_ty).to(tl.float32)      # (rounded, as torch.sigmoid stores it)
+    beta = tl.sigmoid(b_in).to(out_ptr.dtype.element_ty).to(tl.float32) * beta_scale   # (rounded, as torch.sigmoid
+    #                                                                                      stores it)
     sp = tl.load(ba_ptr + b * ba_row + HV + hv).to(tl.float32) + tl.load(dt_bias_ptr + hv).to(tl.float32)
     softplus = _softplus(sp)
     decay = tl.exp(-tl.exp(tl.load(a_log_ptr + hv).to(tl.float32)) * softplus)
@@ -136,10 +138,10 @@ def short_conv_step(proj: torch.Tensor, history: torch.Tensor, weight: torch.Ten
 
 
 def delta_step(qkv: torch.Tensor, ba: torch.Tensor, a_log: torch.Tensor, dt_bias: torch.Tensor,
-               state: torch.Tensor, key_heads: int, key_dim: int) -> torch.Tensor:
+               state: torch.Tensor, key_heads: int, key_dim: int, beta_scale: float = 1.0) -> torch.Tensor:
     """One token of the gated delta rule per row: qkv [B, C] contiguous (conv_step's output: q [Hk Dk] | k | v
     [Hv Dv]), ba [B, 2 Hv] (b then a; channel stride 1), a_log / dt_bias [Hv], state [B, Hv, Dk, Dv] fp32 contiguous
-    (updated in place). Returns the read-out [B, Hv, Dv] in qkv's dtype."""
+    (updated in place); beta = sigmoid(b) x ``beta_scale``. Returns the read-out [B, Hv, Dv] in qkv's dtype."""
     b, c = qkv.shape
     _, hv, dk, dv = state.shape
     if (dk != key_dim or state.shape[0] != b or state.dtype != torch.float32 or not state.is_contiguous()
@@ -151,6 +153,7 @@ def delta_step(qkv: torch.Tensor, ba: torch.Tensor, a_log: torch.Tensor, dt_bias
     block_k = max(16, triton.next_power_of_2(dk))
     block_v = min(64, max(16, triton.next_power_of_2(dv)))     # a [Dk, 64] fp32 tile: 32 KiB at Dk 128
     _delta_step_kernel[(b, hv, triton.cdiv(dv, block_v))](
-        qkv, ba, ba.stride(0), a_log, dt_bias, state, out, c, hv, hv // key_heads, HK=key_heads, DK=dk, DV=dv,
+        qkv, ba, ba.stride(0), a_log, dt_bias, state, out, c, hv, hv // key_heads, float(beta_scale), HK=key_heads,
+        DK=dk, DV=dv,
         BLOCK_K=block_k, BLOCK_V=block_v)
     return out

@@ -316,18 +316,19 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def gated_delta_step(proj: torch.Tensor, history: torch.Tensor, conv: torch.Tensor, a_log: torch.Tensor,
-                     dt_bias: torch.Tensor, state: torch.Tensor, key_heads: int, key_dim: int) -> torch.Tensor:
+                     dt_bias: torch.Tensor, state: torch.Tensor, key_heads: int, key_dim: int,
+                     beta_scale: float = 1.0) -> torch.Tensor:
     """A Gated DeltaNet decode step on the Triton path (``kernels/gated_delta.py``): proj [B, W] one token's in_proj
     row (q | k | v | z | b | a), the convolution history [B, C, K - 1] and the fp32 state [B, Hv, Dk, Dv] (both
-    updated in place). Returns the rule's read-out [B, Hv, Dv] in proj's dtype (the module norms and gates it).
-    The reference: the module's torch ops (``modules/gated_deltanet.py``)."""
+    updated in place); beta = sigmoid(b) x ``beta_scale``. Returns the rule's read-out [B, Hv, Dv] in proj's dtype (the
+    module norms and gates it). The reference: the module's torch ops (``modules/gated_deltanet.py``)."""
     from lightning_dsinfer.kernels.gated_delta import conv_step, delta_step
 
     hv, dv = state.shape[1], state.shape[3]
     c = history.shape[1]
     _count("gated_delta", "triton")
     qkv = conv_step(proj[:, :c], history, conv)
-    return delta_step(qkv, proj[:, c + hv * dv:], a_log, dt_bias, state, key_heads, key_dim)
+    return delta_step(qkv, proj[:, c + hv * dv:], a_log, dt_bias, state, key_heads, key_dim, beta_scale)
 
 
 def short_conv_step(proj: torch.Tensor, history: torch.Tensor, conv: torch.Tensor) -> torch.Tensor:

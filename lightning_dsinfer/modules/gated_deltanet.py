@@ -163,9 +163,9 @@ class GatedDeltaNet(nn.Module):
 
     def __init__(self, layer_idx: int, qkv: Linear, o: Linear, conv: torch.Tensor, dt_bias: torch.Tensor,
                  a_log: torch.Tensor, norm: torch.Tensor, key_heads: int, value_heads: int, key_dim: int,
-                 value_dim: int, eps: float):
+                 value_dim: int, eps: float, beta_scale: float = 1.0):
         super().__init__()
-        self.layer_idx, self.qkv, self.o = layer_idx, qkv, o
+        self.layer_idx, self.qkv, self.o, self.beta_scale = layer_idx, qkv, o, beta_scale
         self.conv, self.dt_bias, self.a_log, self.norm = conv, dt_bias, a_log, norm
         self.hk, self.hv, self.dk, self.dv, self.eps = key_heads, value_heads, key_dim, value_dim, eps
         self.channels = 2 * key_heads * key_dim + value_heads * value_dim
@@ -183,13 +183,14 @@ class GatedDeltaNet(nn.Module):
             # a one-token chunk of a prompt takes the torch ops, as Mamba-2's and the short convolution's do)
             history, state = step.cache.linear_buffers(self.layer_idx, b, (c, self.kernel - 1), (hv, dk, dv))
             if ops.uses_triton(proj):              # the convolution and the rule in two kernels (gated_delta.py)
-                out = ops.gated_delta_step(proj[:, 0], history, self.conv, self.a_log, self.dt_bias, state, hk, dk)
+                out = ops.gated_delta_step(proj[:, 0], history, self.conv, self.a_log, self.dt_bias, state, hk, dk,
+                                           self.beta_scale)
                 z = proj[..., c:c + hv * dv].reshape(b, 1, hv, dv)
                 out = gated_rms_norm(out[:, None], z, self.norm, self.eps)
                 return self.o(out.reshape(b, 1, hv * dv), residual)
             if proj.dtype == torch.bfloat16:       # bf16 on the CPU: that and the gated norm in one C call
                 out = cpu_gemv.gated_delta_step(proj, history, self.conv, self.a_log, self.dt_bias, self.norm, state,
-                                                hk, hv, dk, dv, self.eps)
+                                                hk, hv, dk, dv, self.eps, self.beta_scale)
                 if out is not None:
                     return self.o(out, residual)
         mixed, z, beta_in, a = proj.split([c, hv * dv, hv, hv], dim=-1)
@@ -198,6 +199,8 @@ class GatedDeltaNet(nn.Module):
         conv = F.silu(causal_conv(x, self.conv, t))                                   # [B, C, T]
         q, k, v = conv.transpose(1, 2).split([hk * dk, hk * dk, hv * dv], dim=-1)
         beta = torch.sigmoid(beta_in)
+        if self.beta_scale != 1.0:          # (OLMo Hybrid's allow_neg_eigval: beta in (0, 2), x 2 exact in any dtype)
+            beta = beta * self.beta_scale
         g = -self.a_log.float().exp() * F.softplus(a.float() + self.dt_bias)
         out, state = delta_rule(q.reshape(b, t, hk, dk), k.reshape(b, t, hk, dk), v.reshape(b, t, hv, dv), g, beta,
                                 state)

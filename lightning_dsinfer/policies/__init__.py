@@ -6,7 +6,7 @@ from collections.abc import Callable
 from torch import nn
 
 from lightning_dsinfer.policies import (deepseek, falcon_h1, gemma4, gpt, gpt_oss, granite_hybrid, jamba, lfm2,
-                                        llama, llama4, mamba, nemotron_h, qwen3_next)
+                                        llama, llama4, mamba, nemotron_h, olmo_hybrid, qwen3_next)
 from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, UnsupportedModelError
 from lightning_dsinfer.policies.gpt import FAMILY as _GPT_FAMILY
 from lightning_dsinfer.policies.gpt import read_gpt_family
@@ -26,6 +26,7 @@ POLICIES.update({name: falcon_h1.read_falcon_h1 for name in falcon_h1.FAMILY})
 POLICIES.update({name: mamba.read_mamba for name in mamba.FAMILY})
 POLICIES.update({name: jamba.read_jamba for name in jamba.FAMILY})
 POLICIES.update({name: gemma4.read_gemma4 for name in gemma4.FAMILY})
+POLICIES.update({name: olmo_hybrid.read_olmo_hybrid for name in olmo_hybrid.FAMILY})
 
 
 def has_experts(model_type: str | None) -> bool:

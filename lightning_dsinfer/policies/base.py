@@ -113,7 +113,8 @@ class DeltaNetWeights:
     q, k [Hk Dk, H], v, z [Hv Dv, H], b, a [Hv, H] (``in_proj``: six refs, read into one fused GEMM in that order;
     under tensor parallelism each rank reads its key and value heads' rows), the depthwise convolution of the q | k | v
     channels [C, 1, K], ``dt_bias`` and ``a_log`` [Hv], the gated norm's weight [Dv] (no offset), out_proj
-    (``LayerWeights.o``)."""
+    (``LayerWeights.o``). ``beta_scale``: beta = sigmoid(b) x it (OLMo Hybrid's allow_neg_eigval: 2); ``norm_eps``: the
+    gated norm's epsilon where it is not the model's (OLMo Hybrid: 1e-5)."""
     in_proj: list
     conv: WeightRef
     dt_bias: WeightRef
@@ -124,6 +125,8 @@ class DeltaNetWeights:
     key_dim: int
     value_dim: int
     kernel: int
+    beta_scale: float = 1.0
+    norm_eps: float | None = None
 
 
 @dataclass

@@ -303,6 +303,31 @@ class Rewritten(WeightSource):
         self.inner.release(names)
 
 
+class Joined(Rewritten):
+    """Tensors a checkpoint stores in parts read as the parts' concatenation along dim 0 (transformers'
+    ``Concatenate(dim=0)`` converter on load; OLMo Hybrid's q / k / v convolutions): ``joined[name]`` = the parts'
+    names in order. Other names pass through."""
+
+    def __init__(self, inner: WeightSource, joined: dict[str, list[str]]):
+        super().__init__(inner)
+        self.joined = joined
+
+    def rewrites(self, name):
+        return name in self.joined
+
+    def shape(self, name):
+        if name not in self.joined:
+            return self.inner.shape(name)
+        shapes = [self.inner.shape(part) for part in self.joined[name]]
+        return (sum(s[0] for s in shapes), *shapes[0][1:])
+
+    def read(self, name, dim, start, length):
+        if name not in self.joined:
+            return self.inner.read(name, dim, start, length)
+        t = torch.cat([self.inner.read(part, None, 0, 0) for part in self.joined[name]])
+        return t if dim is None else t.narrow(dim, start, length)
+
+
 class Transposed(Rewritten):
     """Weights stored with their last two dims swapped seen as torch's [out, in]: GPT-2's ``Conv1D`` [in, out], Llama
     4's experts [E, in, out]; other names pass through."""

@@ -60,18 +60,19 @@ def test_short_conv_step_matches_the_torch_ops(dtype, kernel):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("hk,hv,dk,dv", [(2, 4, 8, 12), (1, 1, 16, 16), (2, 6, 4, 40)])
-def test_delta_step_matches_the_recurrence(dtype, hk, hv, dk, dv):
+@pytest.mark.parametrize("hk,hv,dk,dv,beta_scale", [(2, 4, 8, 12, 1.0), (1, 1, 16, 16, 1.0), (2, 6, 4, 40, 1.0),
+                                                    (2, 4, 8, 12, 2.0)])      # (2: OLMo Hybrid's beta in (0, 2))
+def test_delta_step_matches_the_recurrence(dtype, hk, hv, dk, dv, beta_scale):
     a = _inputs(dtype, hk=hk, hv=hv, dk=dk, dv=dv)
     qkv, ba = a["x"].contiguous(), a["ba"]
     q, k, v = qkv.split([hk * dk, hk * dk, hv * dv], dim=-1)
-    beta = torch.sigmoid(ba[:, :hv])
+    beta = torch.sigmoid(ba[:, :hv]) * beta_scale
     g = -a["a_log"].float().exp() * F.softplus(ba[:, hv:].float() + a["dt_bias"])
     b = qkv.shape[0]
     want, want_state = delta_rule(q.reshape(b, 1, hk, dk), k.reshape(b, 1, hk, dk), v.reshape(b, 1, hv, dv),
                                   g[:, None], beta[:, None], a["state"])
     state = a["state"].clone()
-    got = delta_step(qkv, ba, a["a_log"], a["dt_bias"], state, hk, dk)
+    got = delta_step(qkv, ba, a["a_log"], a["dt_bias"], state, hk, dk, beta_scale)
     torch.testing.assert_close(got.float(), want[:, 0].to(dtype).float(), **TOL[dtype])
     torch.testing.assert_close(state, want_state, **({"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32
                                                      else {"atol": 5e-2, "rtol": 2e-2}))
