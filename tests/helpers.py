@@ -110,6 +110,14 @@ def tiny_config(family: str, **overrides):
         base = {k: v for k, v in tiny_config("deepseek_v3" if family == "deepseek_v32" else "glm4_moe_lite").to_dict()
                 .items() if k not in ("model_type", "architectures", "rope_interleave")}
         cfg = AutoConfig.for_model(family, **{**base, "index_topk": 64, "index_n_heads": 2, "index_head_dim": 16})
+    elif family == "minicpm3":             # MiniCPM3: V2's latent attention (q low rank, rotate-half rope), dense
+        from transformers import AutoConfig  # SwiGLU MLPs, scaled embeddings, residual branches and final states
+
+        cfg = AutoConfig.for_model(family, **{**common, "num_hidden_layers": 3, "num_key_value_heads": 4,
+                                              "q_lora_rank": 32, "kv_lora_rank": 24, "qk_nope_head_dim": 16,
+                                              "qk_rope_head_dim": 8, "v_head_dim": 12, "scale_emb": 12,
+                                              "scale_depth": 1.4, "dim_model_base": 16, **overrides})
+        overrides = {}
     elif family == "glm4_moe_lite":        # GLM-4.7-Flash: V3's latent attention (rotate-half here) and MoE, the
         from transformers import AutoConfig   # dense / sparse blocks by mlp_layer_types
 
@@ -301,8 +309,8 @@ def tiny_model(family: str, seed: int = 0, **overrides):
             for name, p in model.named_parameters():                       # at 1
                 if "norm" in name:
                     p.normal_(1.0 if "linear_attn.norm" in name else 0.0, 0.2)
-        if family.startswith("deepseek") or family in ("glm4_moe_lite", "glm_moe_dsa"):   # RMSNorms at 1 would hide
-            for name, p in model.named_parameters():
+        if family.startswith("deepseek") or family in ("glm4_moe_lite", "glm_moe_dsa", "minicpm3"):   # (RMSNorms at
+            for name, p in model.named_parameters():                                                   # 1 would hide)
                 if "norm" in name:
                     p.normal_(1.0, 0.2)
         if family in ("exaone", "internlm3", "helium", "hunyuan_v1_moe",   # HF's linear biases start at 0: random

@@ -4,7 +4,8 @@ plain q_proj, interleaved or rotate-half rotary, yarn; the routers (V3: sigmoid 
 scored by their two best, renormalised and scaled; V2: softmax, greedy or group-limited by the best expert), the
 shared experts, the dense first layers. fp32 logits atol 2e-4 / rtol 1e-4 on a left-padded batch and greedy / beam
 tokens identical; bf16 within its tolerance; int8, offload on both tiers, a checkpoint on meta (experts stored one by
-one), tensor, expert and pipeline parallelism. The Triton path: tests/kernels/test_engine_triton_path.py."""
+one), tensor, expert and pipeline parallelism; MiniCPM3 (the same attention, dense MLPs, its scales). The Triton path:
+tests/kernels/test_engine_triton_path.py."""
 
 import pytest
 import torch
@@ -164,6 +165,31 @@ def test_deepseek_offload_matches_hf(tier, tmp_path):
     _assert_same(hf, streamed_copy(hf, tier, tmp_path))
 
 
+def test_minicpm3_matches_hf(tmp_path):
+    """MiniCPM3: V2's latent attention with rotate-half rope and dense SwiGLU MLPs; the embeddings x scale_emb, each
+    residual branch x scale_depth / sqrt(layers) (folded into o_proj and down_proj), the final states / (hidden /
+    dim_model_base). fp32: prompt, greedy, each decode step against HF's own steps, beam search; bf16 within its
+    tolerance; int8 vs the fake-quantised HF; a checkpoint on meta; the disk tier."""
+    from helpers import assert_steps_match_hf, optimised_from_checkpoint
+
+    hf = tiny_model("minicpm3")
+    assert hf.config.logits_scaling == 4.0
+    opt = optimised_copy(hf, max_seq_len=64)
+    engine = opt._dsinfer_engine
+    assert {(type(ly.attn).__name__, type(ly.mlp).__name__) for ly in engine.decoder.layers} == {
+        ("LatentAttention", "GatedMLP")}
+    assert_steps_match_hf(hf, opt)
+    ids, mask = padded_batch([6, 9], seed=2)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False)
+    with torch.no_grad():
+        assert torch.equal(opt.generate(**kw), hf.generate(**kw))
+    assert_fp32_matches_quantised(fake_quantised_int8(hf), optimised_copy(hf, max_seq_len=64, quantize="int8"))
+    _assert_same(hf, optimised_from_checkpoint(hf, tmp_path / "ckpt"), new=6)
+    _assert_same(hf, streamed_copy(hf, "nvme", tmp_path / "nvme"), new=6)
+    bf16 = tiny_model("minicpm3").to(torch.bfloat16)
+    assert_bf16_follows_hf(hf, bf16, optimised_copy(bf16, max_seq_len=64, dtype=torch.bfloat16))
+
+
 def test_deepseek_from_checkpoint_on_meta(tmp_path):
     """From a checkpoint whose experts are stored one by one (``experts.{e}.gate_proj`` ..., as the hub's DeepSeek
     files are), with V3's fp32 correction bias, on a model on meta."""
@@ -190,9 +216,10 @@ def test_deepseek_from_checkpoint_on_meta(tmp_path):
 
 def test_deepseek_tensor_and_pipeline_parallel():
     """TP=2: heads split (q_b rows, or V2-Lite's q_proj rows inside the fused q | kv_a GEMM; kv_b rows, o columns), the
-    latent on every rank, experts sliced; PP=2. Logits, greedy, beam search as HF's; sampling agrees across ranks.
-    (Expert parallelism runs the same routing code as expert slicing: tests/test_moe.py covers it.)"""
-    families = ["deepseek_v3", "deepseek_v2"]
+    latent on every rank, experts sliced (MiniCPM3: its scaled o columns too); PP=2. Logits, greedy, beam search as
+    HF's; sampling agrees across ranks. (Expert parallelism runs the same routing code as expert slicing:
+    tests/test_moe.py covers it.)"""
+    families = ["deepseek_v3", "deepseek_v2", "minicpm3"]
     codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", *families], timeout=300)
     assert codes == [0, 0], "\n".join(outs)
     assert outs[0].count(" OK") == len(families), outs[0]

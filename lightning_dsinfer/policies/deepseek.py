@@ -9,7 +9,10 @@ The routers: V2 softmax top-k ("greedy", or "group_limited_greedy": the best exp
 with the best single expert), V3 sigmoid scores, the choice made on scores + correction bias within the
 ``topk_group`` groups whose two best sum highest, the weights renormalised (``norm_topk_prob``); both scaled by
 ``routed_scaling_factor`` (``kernels.reference.Routing``). The attention is ``modules/mla.py``. GLM-4.7-Flash
-(``glm4_moe_lite``) is V3's attention and MoE with its dense blocks named by ``mlp_layer_types``.
+(``glm4_moe_lite``) is V3's attention and MoE with its dense blocks named by ``mlp_layer_types``. MiniCPM3
+(``minicpm3``) is V2's latent attention with rotate-half rope and dense SwiGLU MLPs in every block, its embeddings
+times ``scale_emb``, each residual branch times ``scale_depth / sqrt(layers)`` (folded into o_proj and down_proj when
+read) and its final states divided by ``hidden_size / dim_model_base`` (the logits scaled).
 """
 from __future__ import annotations
 
@@ -20,12 +23,13 @@ from lightning_dsinfer.kernels.reference import Routing
 from lightning_dsinfer.policies.base import (LayerWeights, MLAShape, MLAWeights, ModelWeights, MoEWeights,
                                              UnsupportedModelError)
 from lightning_dsinfer.policies.llama import FamilyTraits, _experts, check_rope, num_experts, sparse_by_first_k
-from lightning_dsinfer.policies.weights import (ModuleSource, RowSlices, WeightSource, lookups, rotate_half_pieces,
-                                               tied_embeddings)
+from lightning_dsinfer.policies.weights import (ModuleSource, RowSlices, Scaled, WeightSource, lookups,
+                                               rotate_half_pieces, tied_embeddings)
 
 # (GLM-4.7-Flash: V3's attention and MoE; DeepSeek-V3.2 and GLM-5 (glm_moe_dsa): V3's / GLM-4.7-Flash's with DeepSeek
 # Sparse Attention, dense up to index_topk keys: _check_sparse_attention)
-FAMILY = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa")
+# MiniCPM3: V2's latent attention with rotate-half rope, dense SwiGLU MLPs, muP-style scales (_minicpm3_scales)
+FAMILY = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa", "minicpm3")
 _EXPERT_NAMES = FamilyTraits(moe="qwen")       # checkpoint experts as experts.{e}.{gate,up,down}_proj
 
 
@@ -94,8 +98,9 @@ def read_deepseek(model: nn.Module, max_seq_len: int, source: WeightSource | Non
                      v_head_dim=config.v_head_dim,
                      # (V2 multiplies the rotary pairs as complex numbers: interleaved too; V3.2 and GLM-5 always
                      # interleave, whatever the config says)
-                     rope_interleave=(config.model_type in ("deepseek_v2", "deepseek_v32", "glm_moe_dsa")
-                                      or bool(getattr(config, "rope_interleave", True))),
+                     rope_interleave=config.model_type != "minicpm3" and (
+                         config.model_type in ("deepseek_v2", "deepseek_v32", "glm_moe_dsa")
+                         or bool(getattr(config, "rope_interleave", True))),
                      # (the latent norms' own eps: HF leaves them at RMSNorm's default, whatever rms_norm_eps is)
                      norm_eps=float(base.layers[0].self_attn.kv_a_layernorm.variance_epsilon))
     rope_type = getattr(rotary, "rope_type", "default")
@@ -119,6 +124,11 @@ def read_deepseek(model: nn.Module, max_seq_len: int, source: WeightSource | Non
                     slices[kv] = (kv, rotate_half_pieces(1, shape.cache_dim, shape.qk_rope_head_dim,
                                                          shape.kv_lora_rank))
         source = RowSlices(source, slices)
+    minicpm = config.model_type == "minicpm3"
+    if minicpm:     # each block's residual branches x scale_depth / sqrt(layers): folded into o_proj and down_proj
+        branch = float(config.scale_depth) / config.num_hidden_layers ** 0.5
+        source = Scaled(source, {f"model.layers.{i}.{name}.weight": branch for i in range(config.num_hidden_layers)
+                                 for name in ("self_attn.o_proj", "mlp.down_proj")})
 
     ref, opt = lookups(source, names)
 
@@ -160,7 +170,12 @@ def read_deepseek(model: nn.Module, max_seq_len: int, source: WeightSource | Non
         inv_freq=rotary.inv_freq.detach(), attention_scaling=float(rotary.attention_scaling), rope_type=rope_type,
         embed=ref("model.embed_tokens.weight"), final_norm=ref("model.norm.weight"),
         lm_head=ref("model.embed_tokens.weight" if tied else "lm_head.weight"), lm_head_bias=None,
-        tied_embeddings=tied, layers=layers, mla=shape)
+        tied_embeddings=tied, layers=layers, mla=shape,
+        # (MiniCPM3: the embeddings x scale_emb in the embedding module, the scale rounded to the weights' dtype; the
+        # final hidden states / logits_scaling before lm_head: the logits scaled, lm_head being linear)
+        embed_scale=float(config.scale_emb) if minicpm else None, embed_scale_rounded=minicpm,
+        embed_scale_on="module" if minicpm else "ids",
+        logit_scale=1.0 / float(config.logits_scaling) if minicpm else None)
 
 
 def has_experts(model_type: str | None) -> bool:
