@@ -118,6 +118,13 @@ def tiny_config(family: str, **overrides):
                                               "qk_rope_head_dim": 8, "v_head_dim": 12, "scale_emb": 12,
                                               "scale_depth": 1.4, "dim_model_base": 16, **overrides})
         overrides = {}
+    elif family == "youtu":                # Youtu-LLM: V3's latent attention (interleaved rope, q low rank) with dense
+        from transformers import AutoConfig  # SwiGLU MLPs in Llama's blocks, tied embeddings
+
+        cfg = AutoConfig.for_model(family, **{**common, "num_hidden_layers": 3, "num_key_value_heads": 4,
+                                              "q_lora_rank": 32, "kv_lora_rank": 24, "qk_nope_head_dim": 16,
+                                              "qk_rope_head_dim": 8, "v_head_dim": 12, **overrides})
+        overrides = {}
     elif family == "glm4_moe_lite":        # GLM-4.7-Flash: V3's latent attention (rotate-half here) and MoE, the
         from transformers import AutoConfig   # dense / sparse blocks by mlp_layer_types
 
@@ -309,7 +316,7 @@ def tiny_model(family: str, seed: int = 0, **overrides):
             for name, p in model.named_parameters():                       # at 1
                 if "norm" in name:
                     p.normal_(1.0 if "linear_attn.norm" in name else 0.0, 0.2)
-        if family.startswith("deepseek") or family in ("glm4_moe_lite", "glm_moe_dsa", "minicpm3"):   # (RMSNorms at
+        if family.startswith("deepseek") or family in ("glm4_moe_lite", "glm_moe_dsa", "minicpm3", "youtu"):  # (norms at
             for name, p in model.named_parameters():                                                   # 1 would hide)
                 if "norm" in name:
                     p.normal_(1.0, 0.2)

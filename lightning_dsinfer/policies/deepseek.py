@@ -12,7 +12,8 @@ with the best single expert), V3 sigmoid scores, the choice made on scores + cor
 (``glm4_moe_lite``) is V3's attention and MoE with its dense blocks named by ``mlp_layer_types``. MiniCPM3
 (``minicpm3``) is V2's latent attention with rotate-half rope and dense SwiGLU MLPs in every block, its embeddings
 times ``scale_emb``, each residual branch times ``scale_depth / sqrt(layers)`` (folded into o_proj and down_proj when
-read) and its final states divided by ``hidden_size / dim_model_base`` (the logits scaled).
+read) and its final states divided by ``hidden_size / dim_model_base`` (the logits scaled). Youtu-LLM (``youtu``) is
+V3's latent attention (``rope_interleave`` by its config) with dense SwiGLU MLPs, tied embeddings.
 """
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ from lightning_dsinfer.policies.weights import (ModuleSource, RowSlices, Scaled,
 
 # (GLM-4.7-Flash: V3's attention and MoE; DeepSeek-V3.2 and GLM-5 (glm_moe_dsa): V3's / GLM-4.7-Flash's with DeepSeek
 # Sparse Attention, dense up to index_topk keys: _check_sparse_attention)
-# MiniCPM3: V2's latent attention with rotate-half rope, dense SwiGLU MLPs, muP-style scales (_minicpm3_scales)
-FAMILY = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa", "minicpm3")
+# (MiniCPM3: V2's latent attention with rotate-half rope, dense SwiGLU MLPs, its scales; Youtu-LLM: V3's latent
+# attention with dense MLPs in Llama's blocks)
+FAMILY = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa", "minicpm3", "youtu")
 _EXPERT_NAMES = FamilyTraits(moe="qwen")       # checkpoint experts as experts.{e}.{gate,up,down}_proj
 
 
