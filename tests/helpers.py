@@ -125,6 +125,17 @@ def tiny_config(family: str, **overrides):
                                               "q_lora_rank": 32, "kv_lora_rank": 24, "qk_nope_head_dim": 16,
                                               "qk_rope_head_dim": 8, "v_head_dim": 12, **overrides})
         overrides = {}
+    elif family == "axk1":                 # A.X-K1: V3 (latent attention, interleaved rope, grouped sigmoid routing, a
+        from transformers import AutoConfig  # shared expert) with its MoE blocks' outputs RMS-normed; a dense first one
+
+        cfg = AutoConfig.for_model(family, **{**common, "num_hidden_layers": 3, "num_key_value_heads": 4,
+                                              "q_lora_rank": 32, "kv_lora_rank": 24, "qk_nope_head_dim": 16,
+                                              "qk_rope_head_dim": 8, "v_head_dim": 12, "n_routed_experts": 8,
+                                              "n_group": 2, "topk_group": 1, "num_experts_per_tok": 3,
+                                              "moe_intermediate_size": 32, "n_shared_experts": 1,
+                                              "mlp_layer_types": ["dense", "sparse", "sparse"],
+                                              "routed_scaling_factor": 2.5, "norm_topk_prob": True, **overrides})
+        overrides = {}
     elif family == "glm4_moe_lite":        # GLM-4.7-Flash: V3's latent attention (rotate-half here) and MoE, the
         from transformers import AutoConfig   # dense / sparse blocks by mlp_layer_types
 
@@ -316,8 +327,8 @@ def tiny_model(family: str, seed: int = 0, **overrides):
             for name, p in model.named_parameters():                       # at 1
                 if "norm" in name:
                     p.normal_(1.0 if "linear_attn.norm" in name else 0.0, 0.2)
-        if family.startswith("deepseek") or family in ("glm4_moe_lite", "glm_moe_dsa", "minicpm3", "youtu"):  # (norms at
-            for name, p in model.named_parameters():                                                   # 1 would hide)
+        if family.startswith("deepseek") or family in ("glm4_moe_lite", "glm_moe_dsa", "minicpm3", "youtu", "axk1"):
+            for name, p in model.named_parameters():        # (RMSNorms at 1 would hide a misplaced one)
                 if "norm" in name:
                     p.normal_(1.0, 0.2)
         if family in ("exaone", "internlm3", "helium", "hunyuan_v1_moe",   # HF's linear biases start at 0: random

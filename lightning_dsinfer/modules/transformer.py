@@ -419,7 +419,8 @@ class DecoderLayer(nn.Module):
 class SandwichDecoderLayer(DecoderLayer):
     """Gemma 2 / 3 block: h = h + norm_a(attn(norm1(h))); h = h + norm_m(mlp(norm2(h))): the attention's and the MLP's
     outputs are normed before their residual adds (``attn_out_norm``, ``mlp_out_norm``), so the adds stay outside the
-    GEMMs and nothing is deferred to the next norm. An offloaded half holds one of the two."""
+    GEMMs and nothing is deferred to the next norm. An offloaded half holds one of the two; a block may have one only
+    (A.X-K1: its MoE blocks norm the MLP's output alone), the other output then added as it is."""
 
     def __init__(self, attn, mlp, input_norm, post_norm, eps, attn_out_norm, mlp_out_norm):
         super().__init__(attn, mlp, input_norm, post_norm, eps)
@@ -427,10 +428,15 @@ class SandwichDecoderLayer(DecoderLayer):
 
     def attend(self, h: torch.Tensor, delta: torch.Tensor | None, step: Step):
         x, h = _norm(h, delta, self.input_norm, self.eps)
-        h = h + ops.rms_norm(self.attn(x, None, step), self.attn_out_norm, self.eps)
+        if self.attn_out_norm is None:      # (A.X-K1: the attention's output added as it is, the add fused in o)
+            h = self.attn(x, h, step)
+        else:
+            h = h + ops.rms_norm(self.attn(x, None, step), self.attn_out_norm, self.eps)
         return ops.rms_norm(h, self.post_norm, self.eps), h
 
     def mlp_residual(self, x: torch.Tensor, h: torch.Tensor, step: Step | None = None) -> torch.Tensor:
+        if self.mlp_out_norm is None:
+            return self.mlp(x, h)
         return h + ops.rms_norm(self.mlp(x), self.mlp_out_norm, self.eps)
 
     def run(self, h: torch.Tensor, delta: torch.Tensor | None, step: Step, defer: bool = True):

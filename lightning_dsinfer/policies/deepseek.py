@@ -13,7 +13,9 @@ with the best single expert), V3 sigmoid scores, the choice made on scores + cor
 (``minicpm3``) is V2's latent attention with rotate-half rope and dense SwiGLU MLPs in every block, its embeddings
 times ``scale_emb``, each residual branch times ``scale_depth / sqrt(layers)`` (folded into o_proj and down_proj when
 read) and its final states divided by ``hidden_size / dim_model_base`` (the logits scaled). Youtu-LLM (``youtu``) is
-V3's latent attention (``rope_interleave`` by its config) with dense SwiGLU MLPs, tied embeddings.
+V3's latent attention (``rope_interleave`` by its config) with dense SwiGLU MLPs, tied embeddings. A.X-K1 (``axk1``) is
+V3 whose MoE blocks RMS-norm their output (experts + shared expert: ``mlp.post_mlp_layernorm``) before the residual add
+(:class:`~lightning_dsinfer.modules.transformer.SandwichDecoderLayer` with the MLP's output norm only).
 """
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ from lightning_dsinfer.policies.weights import (ModuleSource, RowSlices, Scaled,
 # (GLM-4.7-Flash: V3's attention and MoE; DeepSeek-V3.2 and GLM-5 (glm_moe_dsa): V3's / GLM-4.7-Flash's with DeepSeek
 # Sparse Attention, dense up to index_topk keys: _check_sparse_attention)
 # (MiniCPM3: V2's latent attention with rotate-half rope, dense SwiGLU MLPs, its scales; Youtu-LLM: V3's latent
-# attention with dense MLPs in Llama's blocks)
-FAMILY = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa", "minicpm3", "youtu")
+# attention with dense MLPs in Llama's blocks; A.X-K1: V3 with its MoE blocks' outputs RMS-normed)
+FAMILY = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa", "minicpm3", "youtu", "axk1")
 _EXPERT_NAMES = FamilyTraits(moe="qwen")       # checkpoint experts as experts.{e}.{gate,up,down}_proj
 
 
@@ -162,7 +164,7 @@ def read_deepseek(model: nn.Module, max_seq_len: int, source: WeightSource | Non
             down=ref(f"{m}.down_proj.weight") if dense else None,
             input_norm=ref(f"{block}.input_layernorm.weight"),
             post_norm=ref(f"{block}.post_attention_layernorm.weight"),
-            moe=moe, mla=mla))
+            mlp_out_norm=opt(f"{m}.post_mlp_layernorm.weight"), moe=moe, mla=mla))
     tied = tied_embeddings(model)
     return ModelWeights(
         model_type=config.model_type, hidden_size=config.hidden_size, num_heads=config.num_attention_heads,
