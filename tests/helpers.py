@@ -339,7 +339,7 @@ def tiny_model(family: str, seed: int = 0, **overrides):
         for name, buf in (*model.named_buffers(), *model.named_parameters()):   # so would a correction bias at 0
             if name.endswith(("e_score_correction_bias", "expert_bias")):            # (HF's init)
                 buf.normal_(0.0, 0.3)
-            elif family.startswith("granite") and name.endswith("sinks"):            # (and sinks at 0)
+            elif (family.startswith("granite") or family == "flint") and name.endswith("sinks"):   # (sinks at 0)
                 buf.normal_(0.0, 0.5)
             elif family == "apertus" and name.endswith(("alpha_p", "alpha_n")):     # (and every layer's xIELU alike)
                 buf.normal_(0.5, 0.3)
@@ -850,6 +850,12 @@ LLAMA_LIKE_FAMILIES = {
                   layer_types=["sliding_attention", "full_attention", "sliding_attention"], num_dense_layers=1,
                   num_experts=4, num_experts_per_tok=2, num_shared_experts=1, moe_intermediate_size=32,
                   route_scale=2.0, mup_enabled=True),
+    # Flint: Qwen 3's attention with sinks, a sliding layer (rotating) between full ones (NoPE); the first layer dense,
+    # then a sigmoid top-2 of 4 experts (renormalised) plus an ungated shared expert
+    "flint": dict(num_hidden_layers=3, head_dim=16, sliding_window=7,
+                  layer_types=["full_attention", "sliding_attention", "full_attention"], mlp_only_layers=[0],
+                  num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=40,
+                  norm_topk_prob=True),
     # MiMo-V2-Flash: a full layer then sliding ones (twice the KV heads, attention sinks), a rope table per layer type
     # with partial rotary, values of 12 under keys of 16 scaled by 0.7; a dense first layer then DeepSeek-V3's routing
     # (2 groups) of 8 experts, top 2, no shared expert

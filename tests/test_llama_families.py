@@ -53,7 +53,7 @@ BLOCKS = {"olmo2": ("PostNormDecoderLayer", "ProjectionNormAttention"),
 # after the rotation, MoE, NoPE layers among rotary ones (Arcee's ReLU squared: taken, since cpu_gemv.act has it)
 MOE = ("olmoe", "glm4_moe", "sarvam_moe", "dots1", "exaone_moe", "flex_olmo", "minimax_m2", "granitemoe",
        "granitemoeshared", "ernie4_5_moe", "solar_open", "mellum", "hunyuan_v1_moe", "granitemoe_swa", "hy_v3",
-       "afmoe", "mimo_v2_flash")
+       "afmoe", "mimo_v2_flash", "flint")
 PER_OP = ("olmo2", "olmo3", "exaone4", "hunyuan_v1_dense", "smollm3", "nanochat", *MOE)
 # bf16: OLMoE's seed 0 has a routing decision within 7e-4 (a bf16 rounding of the router's input flips it)
 BF16_SEEDS = {"olmoe": 2}
@@ -66,7 +66,8 @@ ALL_ROUTED = {"glm4_moe": dict(num_experts_per_tok=8, topk_group=4), "sarvam_moe
               "ernie4_5_moe": dict(num_experts_per_tok=4), "solar_open": dict(num_experts_per_tok=8, topk_group=2),
               "mellum": dict(num_experts_per_tok=4), "hunyuan_v1_moe": dict(moe_topk=4),
               "granitemoe_swa": dict(num_experts_per_tok=4), "hy_v3": dict(num_experts_per_tok=4),
-              "afmoe": dict(num_experts_per_tok=4), "mimo_v2_flash": dict(num_experts_per_tok=8, topk_group=2)}
+              "afmoe": dict(num_experts_per_tok=4), "mimo_v2_flash": dict(num_experts_per_tok=8, topk_group=2),
+              "flint": dict(num_experts_per_tok=4)}
 
 
 def _generate_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -128,6 +129,9 @@ def test_llama_like_family_matches_hf(family):
     if family == "afmoe":     # (the sliding layers rotate, the full one is NoPE; a dense layer, then the MoE ones)
         assert [(ly.attn.sliding, ly.attn.rotary) for ly in layers] == [(True, True), (False, False), (True, True)]
         assert [type(ly.mlp).__name__ for ly in layers] == ["GatedMLP", "MoEMLP", "MoEMLP"]
+    if family == "flint":       # (sinks everywhere; the sliding layer rotates, the full ones are NoPE)
+        assert [(ly.attn.sliding, ly.attn.rotary, ly.attn.sinks is not None) for ly in layers] == [
+            (False, False, True), (True, True, True), (False, False, True)]
     if family == "mimo_v2_flash":     # (the sliding layers: twice the KV heads, sinks, a rope table of their own)
         assert [(ly.attn.sliding, ly.attn.hkv, ly.attn.sinks is not None) for ly in layers] == [
             (False, 2, False), (True, 4, True), (True, 4, True)] and opt._dsinfer_engine.rotary.sliding
@@ -172,7 +176,7 @@ def test_llama_like_family_bf16(family):
 
 
 @pytest.mark.parametrize("family", ["olmo2", "glm4", "smollm3", "exaone4", "olmoe", "glm4_moe", "minimax_m2",
-                                    "hy_v3", "afmoe", "mimo_v2_flash"])
+                                    "hy_v3", "afmoe", "mimo_v2_flash", "flint"])
 def test_llama_like_family_int8_matches_fake_quantised_hf(family):
     hf = tiny_model(family)
     assert_fp32_matches_quantised(fake_quantised_int8(hf), optimised_copy(hf, max_seq_len=64, quantize="int8"))
@@ -198,13 +202,15 @@ def test_llama_like_families_from_checkpoint_on_meta(tmp_path):
     rows and biases, Solar Open's, Mellum's and HunYuan MoE's experts one by one (HunYuan's router is mlp.gate.wg),
     Granite MoE SWA's packed shared MLP and sinks, NanoChat's negated rotary rows, Apertus' xIELU parameters read from
     the files, Hy3's router, correction bias and shared experts under its checkpoints' names (mlp.router.gate,
-    mlp.expert_bias, mlp.shared_mlp: renamed on load), AFMoE's experts one by one and its attention's gate rows, MiMo-V2-Flash's padded and scaled values from the files."""
+    mlp.expert_bias, mlp.shared_mlp: renamed on load), AFMoE's experts one by one and its attention's gate rows,
+    MiMo-V2-Flash's padded and scaled values from the files, Flint's sinks under their checkpoint name
+    (softmax_offset)."""
     from transformers import AutoModelForCausalLM
 
     for family in ("glm4", "olmo2", "olmoe", "ernie4_5", "glm4_moe", "exaone_moe", "minimax_m2", "granitemoeshared",
                    "ministral3", "ernie4_5_moe", "exaone", "helium", "solar_open", "mellum", "hunyuan_v1_moe",
                    "granitemoe_swa", "nanochat", "apertus", "hy_v3",
-                   "afmoe", "mimo_v2_flash"):
+                   "afmoe", "mimo_v2_flash", "flint"):
         hf = tiny_model(family)
         hf.save_pretrained(tmp_path / family)
         with torch.device("meta"):
@@ -220,7 +226,7 @@ def test_llama_like_families_tensor_parallel():
     Logits, greedy, beam search as HF's,
     sampling agrees across ranks."""
     tp = ["olmo2", "olmo3", "glm4", "olmoe", "glm4_moe", "minimax_m2", "ministral3", "ernie4_5_moe", "helium",
-          "hunyuan_v1_moe", "hy_v3", "afmoe", "mimo_v2_flash"]
+          "hunyuan_v1_moe", "hy_v3", "afmoe", "mimo_v2_flash", "flint"]
     codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", *tp], timeout=300)
     assert codes == [0, 0], "\n".join(outs)
     assert outs[0].count(" OK") == len(tp), outs[0]

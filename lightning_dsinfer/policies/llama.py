@@ -87,7 +87,9 @@ class FamilyTraits:
                                     # sigmoid router choosing on scores + the block's mlp.e_score_correction_bias,
                                     # renormalised, times router_scaling_factor; shared_experts; by mlp_layer_types)
                                     # | "afmoe" (the same choice on logits in the router's dtype, mlp.router.gate and
-                                    # mlp.expert_bias, times route_scale; dense before num_dense_layers)
+                                    # mlp.expert_bias, times route_scale; dense before num_dense_layers) | "flint" (an
+                                    # fp32 sigmoid top-k, renormalised by norm_topk_prob; sparse as "qwen"; the shared
+                                    # expert ungated)
     packed: str = "none"            # "all": Phi-3's self_attn.qkv_proj (q | k | v rows) and mlp.gate_up_proj (gate |
                                     # up); "mlp": the latter only (GLM, GLM-4)
     gemma: int = 0                  # Gemma generation (see the module docstring)
@@ -201,6 +203,10 @@ FAMILY: dict[str, FamilyTraits] = {
     # heads and attention sinks; values narrower than the keys (v_head_dim) and scaled (attention_value_scale);
     # DeepSeek-V3's routing without shared experts, a dense first layer
     "mimo_v2_flash": FamilyTraits(sliding_from="layer_types", rope_tables=True, moe="deepseek", mimo=True),
+    # Flint: Qwen 3's attention with sinks in every layer, only the sliding layers rotating; fp32 norm scales (gpt-oss's
+    # RMSNorm); an fp32 sigmoid router's top-k (renormalised by norm_topk_prob) plus an ungated shared expert, the
+    # mlp_only_layers dense
+    "flint": FamilyTraits(qk_norm="head", sliding_from="layer_types", nope="global", moe="flint", norm_fp32=True),
     # Granite SWA (and its MoE: Granite 3 MoE's experts and shared MLP): Granite's multipliers, sliding / full layers,
     # attention sinks, a rope base per layer (0: NoPE)
     "granite_swa": FamilyTraits(granite=True, sliding_from="layer_types", nope="layer_rope_theta", layer_thetas=True),
@@ -249,7 +255,7 @@ def _sparse_layer(config, traits: FamilyTraits, i: int) -> bool:
         return sparse_by_first_k(config, i)
     if traits.moe == "afmoe":
         return i >= (config.num_dense_layers or 0)
-    if traits.moe == "qwen":
+    if traits.moe in ("qwen", "flint"):
         return (i not in (getattr(config, "mlp_only_layers", None) or []) and config.num_experts > 0
                 and (i + 1) % config.decoder_sparse_step == 0)
     if traits.moe == "ernie":
@@ -474,7 +480,7 @@ def _refuse(config, traits: FamilyTraits) -> None:
 _EXPERT_PARTS = {"mixtral": {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)},
                  "qwen": {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}}
 _EXPERT_PARTS["olmoe"] = _EXPERT_PARTS["deepseek"] = _EXPERT_PARTS["ernie"] = _EXPERT_PARTS["qwen"]
-_EXPERT_PARTS["softmax"] = _EXPERT_PARTS["hunyuan"] = _EXPERT_PARTS["hy"] = _EXPERT_PARTS["afmoe"] = _EXPERT_PARTS["qwen"]
+_EXPERT_PARTS["softmax"] = _EXPERT_PARTS["hunyuan"] = _EXPERT_PARTS["hy"] = _EXPERT_PARTS["afmoe"] = _EXPERT_PARTS["flint"] = _EXPERT_PARTS["qwen"]
 _EXPERT_PARTS["minimax"] = _EXPERT_PARTS["mixtral"]
 _EXPERT_PARTS["nemotron_h"] = {"up_proj": ("up_proj",), "down_proj": ("down_proj",)}     # (experts without a gate)
 
@@ -628,6 +634,8 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
         routing = Routing(scoring="sigmoid", renormalize=True, eps=1e-20, scale=float(config.router_scaling_factor),
                           fp32=True)
         router_bias = "e_score_correction_bias"
+    elif traits.moe == "flint":        # (no correction bias, no scale; the router in fp32 as HF keeps it)
+        routing = Routing(scoring="sigmoid", renormalize=bool(config.norm_topk_prob), fp32=True)
     elif traits.moe == "afmoe":        # (the choice as Hy3's, the logits in the router's dtype as MiniMax-M2's)
         routing = Routing(scoring="sigmoid", renormalize=True, eps=1e-20, scale=float(config.route_scale or 1.0))
         router_bias = "expert_bias"
