@@ -856,6 +856,11 @@ LLAMA_LIKE_FAMILIES = {
                   layer_types=["full_attention", "sliding_attention", "full_attention"], mlp_only_layers=[0],
                   num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=40,
                   norm_topk_prob=True),
+    # Kolibri-1: Exaone 4's attention (a full NoPE layer after a sliding rotating one) in GLM-4's sandwich blocks, top-2
+    # of 4 experts chosen on the logits + a correction bias, their sigmoids renormalised, plus shared experts
+    "kolibri1": dict(num_hidden_layers=2, head_dim=16, sliding_window=7,
+                     layer_types=["sliding_attention", "full_attention"], num_experts=4, num_experts_per_tok=2,
+                     moe_intermediate_size=32, shared_expert_intermediate_size=40, norm_topk_prob=True),
     # MiMo-V2-Flash: a full layer then sliding ones (twice the KV heads, attention sinks), a rope table per layer type
     # with partial rotary, values of 12 under keys of 16 scaled by 0.7; a dense first layer then DeepSeek-V3's routing
     # (2 groups) of 8 experts, top 2, no shared expert

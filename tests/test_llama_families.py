@@ -48,12 +48,12 @@ BLOCKS = {"olmo2": ("PostNormDecoderLayer", "ProjectionNormAttention"),
           "hunyuan_v1_moe": ("DecoderLayer", "RotaryFirstAttention"),
           "ministral3": ("DecoderLayer", "TemperatureTunedAttention"),
           "hyperclovax": ("SandwichDecoderLayer", "Attention"), "nanochat": ("DecoderLayer", "RotaryFirstAttention"),
-          "afmoe": ("SandwichDecoderLayer", "OutputGatedAttention")}
+          "afmoe": ("SandwichDecoderLayer", "OutputGatedAttention"), "kolibri1": ("SandwichDecoderLayer", "Attention")}
 # the ones whose decode steps must stay on the per-op path: output-only norms, whole-projection q / k norms or norms
 # after the rotation, MoE, NoPE layers among rotary ones (Arcee's ReLU squared: taken, since cpu_gemv.act has it)
 MOE = ("olmoe", "glm4_moe", "sarvam_moe", "dots1", "exaone_moe", "flex_olmo", "minimax_m2", "granitemoe",
        "granitemoeshared", "ernie4_5_moe", "solar_open", "mellum", "hunyuan_v1_moe", "granitemoe_swa", "hy_v3",
-       "afmoe", "mimo_v2_flash", "flint")
+       "afmoe", "mimo_v2_flash", "flint", "kolibri1")
 PER_OP = ("olmo2", "olmo3", "exaone4", "hunyuan_v1_dense", "smollm3", "nanochat", *MOE)
 # bf16: OLMoE's seed 0 has a routing decision within 7e-4 (a bf16 rounding of the router's input flips it)
 BF16_SEEDS = {"olmoe": 2}
@@ -67,7 +67,7 @@ ALL_ROUTED = {"glm4_moe": dict(num_experts_per_tok=8, topk_group=4), "sarvam_moe
               "mellum": dict(num_experts_per_tok=4), "hunyuan_v1_moe": dict(moe_topk=4),
               "granitemoe_swa": dict(num_experts_per_tok=4), "hy_v3": dict(num_experts_per_tok=4),
               "afmoe": dict(num_experts_per_tok=4), "mimo_v2_flash": dict(num_experts_per_tok=8, topk_group=2),
-              "flint": dict(num_experts_per_tok=4)}
+              "flint": dict(num_experts_per_tok=4), "kolibri1": dict(num_experts_per_tok=4)}
 
 
 def _generate_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -176,7 +176,7 @@ def test_llama_like_family_bf16(family):
 
 
 @pytest.mark.parametrize("family", ["olmo2", "glm4", "smollm3", "exaone4", "olmoe", "glm4_moe", "minimax_m2",
-                                    "hy_v3", "afmoe", "mimo_v2_flash", "flint"])
+                                    "hy_v3", "afmoe", "mimo_v2_flash", "flint", "kolibri1"])
 def test_llama_like_family_int8_matches_fake_quantised_hf(family):
     hf = tiny_model(family)
     assert_fp32_matches_quantised(fake_quantised_int8(hf), optimised_copy(hf, max_seq_len=64, quantize="int8"))
@@ -204,13 +204,13 @@ def test_llama_like_families_from_checkpoint_on_meta(tmp_path):
     the files, Hy3's router, correction bias and shared experts under its checkpoints' names (mlp.router.gate,
     mlp.expert_bias, mlp.shared_mlp: renamed on load), AFMoE's experts one by one and its attention's gate rows,
     MiMo-V2-Flash's padded and scaled values from the files, Flint's sinks under their checkpoint name
-    (softmax_offset)."""
+    (softmax_offset), Kolibri-1's experts one by one and its router's correction bias."""
     from transformers import AutoModelForCausalLM
 
     for family in ("glm4", "olmo2", "olmoe", "ernie4_5", "glm4_moe", "exaone_moe", "minimax_m2", "granitemoeshared",
                    "ministral3", "ernie4_5_moe", "exaone", "helium", "solar_open", "mellum", "hunyuan_v1_moe",
                    "granitemoe_swa", "nanochat", "apertus", "hy_v3",
-                   "afmoe", "mimo_v2_flash", "flint"):
+                   "afmoe", "mimo_v2_flash", "flint", "kolibri1"):
         hf = tiny_model(family)
         hf.save_pretrained(tmp_path / family)
         with torch.device("meta"):
@@ -226,7 +226,7 @@ def test_llama_like_families_tensor_parallel():
     Logits, greedy, beam search as HF's,
     sampling agrees across ranks."""
     tp = ["olmo2", "olmo3", "glm4", "olmoe", "glm4_moe", "minimax_m2", "ministral3", "ernie4_5_moe", "helium",
-          "hunyuan_v1_moe", "hy_v3", "afmoe", "mimo_v2_flash", "flint"]
+          "hunyuan_v1_moe", "hy_v3", "afmoe", "mimo_v2_flash", "flint", "kolibri1"]
     codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", *tp], timeout=300)
     assert codes == [0, 0], "\n".join(outs)
     assert outs[0].count(" OK") == len(tp), outs[0]

@@ -331,6 +331,8 @@ class Routing:
     # Gemma 4: the renormalised weights times a learned scale of each chosen expert [E] (fp32 products; MoEMLP sets it
     # from the layer's weights)
     expert_scale: torch.Tensor | None = field(default=None, compare=False)
+    # Kolibri-1: the choice made on the (fp32) logits plus the correction bias, the weights the chosen logits' sigmoid
+    choose_on_logits: bool = False
 
 
 def input_scaled(routing: Routing | None) -> bool:
@@ -379,7 +381,8 @@ def _grouped_topk(x, router, top_k: int, r: Routing, bias):
         return torch.sigmoid(top.float()).to(x.dtype), ids
     logits = F.linear(x.float(), router.float()) if r.fp32 else F.linear(x, router).float()
     scores = torch.softmax(logits, -1) if r.scoring == "softmax" else torch.sigmoid(logits)
-    choice = scores if bias is None else scores + bias.float()
+    choice = logits if r.choose_on_logits else scores
+    choice = choice if bias is None else choice + bias.float()
     if r.groups > 1:
         t, e = choice.shape
         grouped = choice.view(t, r.groups, e // r.groups)
@@ -389,7 +392,7 @@ def _grouped_topk(x, router, top_k: int, r: Routing, bias):
         # (the models fill the other groups' softmax scores with 0, their sigmoid choices with -inf)
         choice = choice.masked_fill(~keep, 0.0 if r.scoring == "softmax" and bias is None else float("-inf"))
     # (HF's grouped routers take their k unsorted, the plain ones sorted: the renormalising sum adds them in that order)
-    ids = torch.topk(choice, top_k, dim=-1, sorted=r.groups == 1 and bias is None).indices
+    ids = torch.topk(choice, top_k, dim=-1, sorted=(r.groups == 1 and bias is None) or r.choose_on_logits).indices
     w = scores.gather(1, ids)
     if r.renormalize:
         w = w / torch.clamp(w.sum(-1, keepdim=True) + r.eps, min=r.sum_floor)

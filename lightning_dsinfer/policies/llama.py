@@ -89,7 +89,8 @@ class FamilyTraits:
                                     # | "afmoe" (the same choice on logits in the router's dtype, mlp.router.gate and
                                     # mlp.expert_bias, times route_scale; dense before num_dense_layers) | "flint" (an
                                     # fp32 sigmoid top-k, renormalised by norm_topk_prob; sparse as "qwen"; the shared
-                                    # expert ungated)
+                                    # expert ungated) | "kolibri" (every layer sparse: the top-k of the fp32 logits +
+                                    # gate.e_score_correction_bias, their sigmoids renormalised; shared_experts)
     packed: str = "none"            # "all": Phi-3's self_attn.qkv_proj (q | k | v rows) and mlp.gate_up_proj (gate |
                                     # up); "mlp": the latter only (GLM, GLM-4)
     gemma: int = 0                  # Gemma generation (see the module docstring)
@@ -207,6 +208,10 @@ FAMILY: dict[str, FamilyTraits] = {
     # RMSNorm); an fp32 sigmoid router's top-k (renormalised by norm_topk_prob) plus an ungated shared expert, the
     # mlp_only_layers dense
     "flint": FamilyTraits(qk_norm="head", sliding_from="layer_types", nope="global", moe="flint", norm_fp32=True),
+    # Kolibri-1: Exaone 4's attention (per-head q / k norms, only the sliding layers rotating) in GLM-4's sandwich
+    # blocks; every MLP sparse: the top-k of the fp32 logits + a correction bias, weighted by their sigmoid
+    # (renormalised by norm_topk_prob), plus shared experts
+    "kolibri1": FamilyTraits(qk_norm="head", sliding_from="layer_types", nope="global", moe="kolibri", norms="glm4"),
     # Granite SWA (and its MoE: Granite 3 MoE's experts and shared MLP): Granite's multipliers, sliding / full layers,
     # attention sinks, a rope base per layer (0: NoPE)
     "granite_swa": FamilyTraits(granite=True, sliding_from="layer_types", nope="layer_rope_theta", layer_thetas=True),
@@ -249,7 +254,7 @@ def sparse_by_first_k(config, i: int) -> bool:
 
 
 def _sparse_layer(config, traits: FamilyTraits, i: int) -> bool:
-    if traits.moe in ("mixtral", "minimax", "granite", "hunyuan"):
+    if traits.moe in ("mixtral", "minimax", "granite", "hunyuan", "kolibri"):
         return True
     if traits.moe in ("deepseek", "softmax", "hy"):
         return sparse_by_first_k(config, i)
@@ -480,7 +485,8 @@ def _refuse(config, traits: FamilyTraits) -> None:
 _EXPERT_PARTS = {"mixtral": {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)},
                  "qwen": {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}}
 _EXPERT_PARTS["olmoe"] = _EXPERT_PARTS["deepseek"] = _EXPERT_PARTS["ernie"] = _EXPERT_PARTS["qwen"]
-_EXPERT_PARTS["softmax"] = _EXPERT_PARTS["hunyuan"] = _EXPERT_PARTS["hy"] = _EXPERT_PARTS["afmoe"] = _EXPERT_PARTS["flint"] = _EXPERT_PARTS["qwen"]
+for _kind in ("softmax", "hunyuan", "hy", "afmoe", "flint", "kolibri"):
+    _EXPERT_PARTS[_kind] = _EXPERT_PARTS["qwen"]
 _EXPERT_PARTS["minimax"] = _EXPERT_PARTS["mixtral"]
 _EXPERT_PARTS["nemotron_h"] = {"up_proj": ("up_proj",), "down_proj": ("down_proj",)}     # (experts without a gate)
 
@@ -634,6 +640,9 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
         routing = Routing(scoring="sigmoid", renormalize=True, eps=1e-20, scale=float(config.router_scaling_factor),
                           fp32=True)
         router_bias = "e_score_correction_bias"
+    elif traits.moe == "kolibri":      # (the choice on the logits + bias, not on their sigmoid)
+        routing = Routing(scoring="sigmoid", renormalize=bool(config.norm_topk_prob), fp32=True, choose_on_logits=True)
+        router_bias = "gate.e_score_correction_bias"
     elif traits.moe == "flint":        # (no correction bias, no scale; the router in fp32 as HF keeps it)
         routing = Routing(scoring="sigmoid", renormalize=bool(config.norm_topk_prob), fp32=True)
     elif traits.moe == "afmoe":        # (the choice as Hy3's, the logits in the router's dtype as MiniMax-M2's)
@@ -649,7 +658,7 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
         # weights fp32; a router cast to the model's dtype routes as the plain softmax top-k, weights in that dtype)
         routing = Routing(scoring="softmax", fp32=True, renormalize=True)
     shared_name = {"deepseek": "shared_experts", "ernie": "shared_experts", "hy": "shared_experts",
-                   "afmoe": "shared_experts", "hunyuan": "shared_mlp"}.get(
+                   "afmoe": "shared_experts", "kolibri": "shared_experts", "hunyuan": "shared_mlp"}.get(
         traits.moe, "shared_expert")
     axes = None
     if traits.mrope != "none":
@@ -734,7 +743,9 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
     tied = tied_embeddings(model)
     return ModelWeights(
         model_type=config.model_type, hidden_size=config.hidden_size, num_heads=config.num_attention_heads,
-        num_kv_heads=config.num_key_value_heads, head_dim=head_dim, intermediate_size=config.intermediate_size,
+        num_kv_heads=config.num_key_value_heads, head_dim=head_dim,
+        # (Kolibri-1's config has no dense width: every MLP is sparse)
+        intermediate_size=getattr(config, "intermediate_size", None) or config.moe_intermediate_size,
         vocab_size=config.vocab_size, rms_norm_eps=config.rms_norm_eps,
         scaling=getattr(base.layers[0].self_attn, "scaling", head_dim ** -0.5),
         inv_freq=main[0].detach(), attention_scaling=main[1], rope_type=main[2],
