@@ -118,8 +118,11 @@ def shard_layer(lw: LayerWeights, plan: TensorShardPlan, dtype: torch.dtype, nor
         out["qkv.weight"] = _fused([(sc.in_proj, (part * sc.channels + first, n)) for part in range(3)], dtype)
         out["sc.conv"] = sc.conv.load(0, first, n).reshape(n, -1).to(dtype)
     else:   # (Qwen3-Next / 3.5: the attention's output gate rows after v's, one GEMM)
-        gate = [(lw.attn_gate, q_rows)] if lw.attn_gate is not None else []
-        gate_bias = [(lw.attn_gate_bias, q_rows)] if lw.attn_gate is not None else []
+        # (a gate per head (LFM3: [Hq, H]) takes this rank's heads' rows, one each)
+        gate_rows = q_rows if lw.attn_gate is None or lw.attn_gate.shape[0] == lw.q.shape[0] else (
+            q_rows[0] // plan.head_dim, q_rows[1] // plan.head_dim)
+        gate = [(lw.attn_gate, gate_rows)] if lw.attn_gate is not None else []
+        gate_bias = [(lw.attn_gate_bias, gate_rows)] if lw.attn_gate is not None else []
         kv = [(lw.k, kv_rows), (lw.v, kv_rows)] if lw.kv_source is None else []    # (Gemma 4: another layer's K/V)
         kv_bias = [(lw.k_bias, kv_rows), (lw.v_bias, kv_rows)] if lw.kv_source is None else []
         out["qkv.weight"] = _fused([(lw.q, q_rows), *kv, *gate], dtype)

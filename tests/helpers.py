@@ -198,6 +198,14 @@ def tiny_config(family: str, **overrides):
                                               "conv_L_cache": 3, "block_multiple_of": 16,
                                               "layer_types": ["conv", "full_attention", "conv"],
                                               "tie_word_embeddings": True, **(moe if family == "lfm2_moe" else {})})
+    elif family == "lfm3":                 # LFM3: short convolutions around a sliding and a full attention block (a rope
+        from transformers import AutoConfig  # table each, the full one proportional), a sigmoid gate per head, sandwich
+        #                                      norms on every block
+        cfg = AutoConfig.for_model(family, **{**common, "num_hidden_layers": 4, "intermediate_size": 96,
+                                              "head_dim": 16, "conv_L_cache": 3, "sliding_window": 7,
+                                              "layer_types": ["conv", "sliding_attention", "full_attention", "conv"],
+                                              "tie_word_embeddings": True, **overrides})
+        overrides = {}
     elif family == "granitemoehybrid":     # Granite 4: Mamba-2 blocks around a rotary attention block, a top-2 MoE of
         from transformers import AutoConfig  # 4 experts plus the shared MLP, Granite's multipliers
 
@@ -312,7 +320,7 @@ def tiny_model(family: str, seed: int = 0, **overrides):
                     buf.uniform_(0.5, 1.5)                                                # hide them)
                 elif family.startswith("gemma4") and name.endswith("q_norm.weight"):   # its attention's scale is 1: q
                     buf.normal_(0.3, 0.05)       # normed to RMS 1 would make the tiny heads' softmax one-hot (bf16 chaos)
-        if family.startswith(("lfm2", "nemotron_h", "llama4", "falcon_h1")) or family in (
+        if family.startswith(("lfm2", "lfm3", "nemotron_h", "llama4", "falcon_h1")) or family in (
                 "granitemoehybrid", "bamba", "mamba", "falcon_mamba", "jamba", "mamba2", "olmo_hybrid"):
             for name, p in model.named_parameters():
                 if "norm" in name:

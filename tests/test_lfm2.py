@@ -50,6 +50,33 @@ def test_lfm2_matches_hf(family):
         assert torch.equal(opt.generate(**kw), hf.generate(**kw))
 
 
+def test_lfm3_matches_hf():
+    """LFM3: short convolutions around a sliding-window and a full attention block, each with its rope table (the full
+    one "proportional": half its frequencies zero), a sigmoid gate per head on the attention's output, sandwich norms
+    on every block. fp32 logits, greedy tokens and every decode step as HF's, beam search; bf16 within its tolerance;
+    int8 vs the fake-quantised HF."""
+    from helpers import assert_fp32_matches_quantised, fake_quantised_int8
+
+    hf = tiny_model("lfm3")
+    opt = optimised_copy(hf, max_seq_len=64)
+    engine = opt._dsinfer_engine
+    assert [(type(ly).__name__, type(ly.attn).__name__) for ly in engine.decoder.layers] == [
+        ("SandwichDecoderLayer", "ShortConv"), ("SandwichDecoderLayer", "OutputGatedAttention"),
+        ("SandwichDecoderLayer", "OutputGatedAttention"), ("SandwichDecoderLayer", "ShortConv")]
+    assert [ly.attn.sliding for ly in engine.decoder.layers[1:3]] == [True, False] and engine.rotary.sliding
+    assert engine.decoder.layers[1].attn.qkv.out_features == (4 + 2 * 2) * 16 + 4       # (q | k | v | one gate a head)
+    ours, tokens = _assert_same(hf, opt)
+    assert torch.equal(ours, tokens)
+    ids, mask = padded_batch([6, 9], seed=2)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False)
+    with torch.no_grad():
+        assert torch.equal(opt.generate(**kw), hf.generate(**kw))
+    assert_fp32_matches_quantised(fake_quantised_int8(hf), optimised_copy(hf, max_seq_len=64, quantize="int8"))
+    bf16 = tiny_model("lfm3").to(torch.bfloat16)
+    _assert_same(bf16, optimised_copy(bf16, max_seq_len=64, dtype=torch.bfloat16), lengths=(12, 5, 9), new=6,
+                 atol=6e-2, rtol=2e-2)
+
+
 def test_c_decode_step_matches_the_torch_ops():
     """A bf16 CPU decode step of the short convolution in one C call (``cpu_gemv.short_conv_step``: B * x, the
     convolution with the history shifted in place, C *) against the module's torch ops
@@ -92,20 +119,21 @@ def test_one_token_prompt_chunks_zero_the_padding(family, tmp_path):
 
 
 def test_lfm2_tensor_parallel():
-    """TP=2: each rank its channels of B, C, x and of the convolution, out_proj's columns (one all-reduce)."""
-    codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", *FAMILIES], timeout=300)
+    """TP=2: each rank its channels of B, C, x and of the convolution, out_proj's columns (one all-reduce); LFM3's
+    per-head gates with their heads."""
+    codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", *FAMILIES, "lfm3"], timeout=300)
     assert codes == [0, 0], "\n".join(outs)
-    assert outs[0].count(" OK") == len(FAMILIES), outs[0]
+    assert outs[0].count(" OK") == len(FAMILIES) + 1, outs[0]
 
 
 @pytest.mark.parametrize("tier", ["cpu", "nvme"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "lfm3"])
 def test_lfm2_offload_matches_hf(family, tier, tmp_path):
     hf = tiny_model(family)
     _assert_same(hf, streamed_copy(hf, tier, tmp_path))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "lfm3"])
 def test_lfm2_from_checkpoint_on_meta(family, tmp_path):
     """(LFM2-MoE: its experts as save_pretrained writes them, one by one, and its fp32 expert bias.)"""
     hf = tiny_model(family)

@@ -233,12 +233,16 @@ class SharedKVAttention(Attention):
 class OutputGatedAttention(Attention):
     """Qwen3-Next / Qwen3.5's attention: the heads' outputs times sigmoid(gate) before o_proj, the gate [Hq D] being
     the last rows of the QKV GEMM (``q | k | v | gate``: q_proj holds q and the gate interleaved per head; the policy
-    reads them apart)."""
+    reads them apart); AFMoE's from a gate_proj of its own; LFM3's one gate per head [Hq], each head's output times
+    its sigmoid."""
 
     def from_qkv(self, qkv: torch.Tensor, residual: torch.Tensor | None, step: Step) -> torch.Tensor:
         n = (self.hq + 2 * self.hkv) * self.d
         out = self.attend(qkv[..., :n].contiguous(), step)
-        return self.o(out * torch.sigmoid(qkv[..., n:]), residual)
+        gate = torch.sigmoid(qkv[..., n:])
+        if gate.shape[-1] == self.hq and self.d > 1:      # (a gate per head)
+            return self.o((out.unflatten(-1, (self.hq, self.d)) * gate[..., None]).flatten(-2), residual)
+        return self.o(out * gate, residual)
 
 
 class ProjectionNormAttention(Attention):
