@@ -198,9 +198,9 @@ def tiny_config(family: str, **overrides):
                                               "conv_L_cache": 3, "block_multiple_of": 16,
                                               "layer_types": ["conv", "full_attention", "conv"],
                                               "tie_word_embeddings": True, **(moe if family == "lfm2_moe" else {})})
-    elif family == "lfm3":                 # LFM3: short convolutions around a sliding and a full attention block (a rope
-        from transformers import AutoConfig  # table each, the full one proportional), a sigmoid gate per head, sandwich
-        #                                      norms on every block
+    elif family == "lfm3":                 # LFM3: short convolutions around a sliding and a full attention block (a
+        from transformers import AutoConfig  # rope table each, the full one proportional), a sigmoid gate per head,
+        #                                      sandwich norms on every block
         cfg = AutoConfig.for_model(family, **{**common, "num_hidden_layers": 4, "intermediate_size": 96,
                                               "head_dim": 16, "conv_L_cache": 3, "sliding_window": 7,
                                               "layer_types": ["conv", "sliding_attention", "full_attention", "conv"],

@@ -198,10 +198,11 @@ def test_images_match_hf(kind):
     with torch.no_grad():      # what each model does with images matters here: a path that ignored it would fail
         plain = hf(input_ids=ids, attention_mask=mask).logits
         assert (plain - want)[valid].abs().max() > 1e-2                   # the images themselves
-        if kind in ("gemma3", "paligemma", "gemma4_bidirectional", "gemma4_unified"):   # each image's tokens (PaliGemma: the
-            causal = hf(input_ids=ids, attention_mask=mask, **images).logits                           # prefix's;
-            assert (causal - want)[valid].abs().max() > 1e-2        # Gemma 4: in the sliding layers) seeing
-        if kind == "paligemma":          # HF's sliding mask ORs the prefix in after the window   # each other
+        # each image's tokens (PaliGemma: the prefix's; Gemma 4: in the sliding layers) seeing each other
+        if kind in ("gemma3", "paligemma", "gemma4_bidirectional", "gemma4_unified"):
+            causal = hf(input_ids=ids, attention_mask=mask, **images).logits
+            assert (causal - want)[valid].abs().max() > 1e-2
+        if kind == "paligemma":          # HF's sliding mask ORs the prefix in after the window
             assert opt._dsinfer_engine.blocks_in == "past_window"
         if kind != "gemma3" and kind.startswith("qwen"):                   # M-RoPE: image tokens' rows differ, and
             rows, deltas = hf.model.get_rope_index(ids, inputs["mm_token_type_ids"], images["image_grid_thw"],

@@ -168,6 +168,6 @@ def read_gemma4(model: nn.Module, max_seq_len: int, source: WeightSource | None 
         final_softcap=config.final_logit_softcapping, mlp_act=_GATED_ACTS[config.hidden_activation],
         sliding_inv_freq=sliding[0].detach() if sliding is not None and sliding is not main else None,
         sliding_attention_scaling=sliding[1] if sliding is not None else 1.0, per_layer=per_layer,
-        # (a prompt's image blocks: Gemma 4's in its sliding layers only; Gemma 4 unified's, through transformers' generic
-        # mask helper, OR-ed into every layer's mask, after the sliding window, as PaliGemma 2's)
+        # (a prompt's image blocks: Gemma 4's in its sliding layers only; Gemma 4 unified's, through transformers'
+        # generic mask helper, OR-ed into every layer's mask, after the sliding window, as PaliGemma 2's)
         blocks_in="sliding" if config.model_type == "gemma4_text" else "past_window")

@@ -737,7 +737,8 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
             qk_norm_kind="head" if qk_norm == "none" else qk_norm, rotary=_rotates(config, traits, i),
             sliding_window=_sliding_window(config, traits, i), moe=moe, attn_temperature=temperature,
             out_scale=config.residual_multiplier if traits.granite and attn_out is None else None,
-            num_kv_heads=_kv_heads(config, traits, i), sinks=opt(f"{a}.sinks"), attn_gate=ref(f"{a}.gate_proj.weight") if traits.attn_gate else None,
+            num_kv_heads=_kv_heads(config, traits, i), sinks=opt(f"{a}.sinks"),
+            attn_gate=ref(f"{a}.gate_proj.weight") if traits.attn_gate else None,
             mlp_act=XIELU.of(source, f"{m}.act_fn") if act == "xielu" and dense else None,
         ))
     tied = tied_embeddings(model)
