@@ -12,9 +12,10 @@ import copy
 import pytest
 import torch
 
-from helpers import (assert_cache_the_caller_builds, assert_forward_and_generate, assert_fp32_matches_quantised,
-                     assert_matches_hf, assert_steps_match_hf, fake_quantised_int4, fake_quantised_int8, optimised_copy,
-                     optimised_from_checkpoint, padded_batch, streamed_copy, tiny_model)
+from helpers import (assert_bf16_within_hf_error, assert_cache_the_caller_builds, assert_forward_and_generate,
+                     assert_fp32_matches_quantised, assert_matches_hf, assert_steps_match_hf, fake_quantised_int4,
+                     fake_quantised_int8, optimised_copy, optimised_from_checkpoint, padded_batch, streamed_copy,
+                     tiny_model)
 
 FAMILY = "gemma4_text"
 
@@ -56,37 +57,10 @@ def test_gemma4_without_per_layer_inputs_or_shared_kv_matches_hf():
     assert_steps_match_hf(hf, opt)
 
 
-def _assert_bf16_like_hf(truth, hf, opt):
-    """bf16 against HF bf16 and the fp32 model (``truth``), on a left-padded prompt with HF's greedy continuation, and
-    ours' decode steps teacher-forced. These tiny random models are chaotic in bf16: every sub-layer's output is normed
-    back to unit scale before its residual add, so rounding noise grows layer by layer and HF's own bf16 logits sit
-    0.1-1.1 from its fp32 ones at worst (the Llama or Gemma 3 tiny models: ~0.04), where two bf16 implementations
-    differ by as much as either does from fp32. So the bound is HF's own error: ours no further from fp32 than 1.5x
-    HF's on average and 2x at worst, and from HF bf16 within 2x HF's own average; a misplaced op (an error of the
-    logits' own scale, ~3 at worst, ~1 on average) does not meet it."""
-    ids, mask = padded_batch([12, 5, 9], seed=1)
-    full = torch.cat([mask, torch.ones(3, 6, dtype=mask.dtype)], dim=1)
-    with torch.no_grad():
-        seq = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-    out = opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, output_scores=True,
-                       return_dict_in_generate=True)
-    checks = [(opt(input_ids=seq, attention_mask=full).logits.float(), seq, full.bool(), slice(None)),
-              (torch.stack(out.scores, dim=1).float(), out.sequences, torch.ones(3, 6, dtype=torch.bool),
-               slice(-7, -1))]
-    for got, tokens, valid, cols in checks:
-        with torch.no_grad():
-            want = hf(input_ids=tokens, attention_mask=full).logits.float()[:, cols]
-            exact = truth(input_ids=tokens, attention_mask=full).logits[:, cols]
-        own, ours = (want - exact)[valid].abs(), (got - exact)[valid].abs()
-        assert own.max() < 1.5 < exact[valid].abs().max()      # (the premise: HF's bf16 noise below the logits' scale)
-        assert ours.mean() <= 1.5 * own.mean() and ours.max() <= 2 * own.max(), (ours.mean(), own.mean(), ours.max())
-        assert (got - want)[valid].abs().mean() <= 2 * own.mean()
-
-
 def test_gemma4_bf16():
     truth = tiny_model(FAMILY)
     hf = copy.deepcopy(truth).to(torch.bfloat16)
-    _assert_bf16_like_hf(truth, hf, optimised_copy(hf, max_seq_len=64, dtype=torch.bfloat16))
+    assert_bf16_within_hf_error(truth, hf, optimised_copy(hf, max_seq_len=64, dtype=torch.bfloat16))
 
 
 def test_gemma4_int8_and_int4_match_fake_quantised_hf():
@@ -168,7 +142,7 @@ def test_gemma4_experts_beside_the_mlp_match_hf():
 def test_gemma4_experts_quantised_offloaded_and_from_a_checkpoint(tmp_path):
     """The experts through int8 / int4 (groups of 32), on both offload tiers (the disk tier reading the routed experts
     on demand) and from a checkpoint on meta; bf16 with every expert routed (no near tie to flip) within HF's own
-    bf16 error (:func:`_assert_bf16_like_hf`)."""
+    bf16 error (``helpers.assert_bf16_within_hf_error``)."""
     hf = _moe_model()
     assert_fp32_matches_quantised(fake_quantised_int8(hf), optimised_copy(hf, max_seq_len=64, quantize="int8"))
     assert_fp32_matches_quantised(fake_quantised_int4(hf, 32), optimised_copy(hf, max_seq_len=64, quantize="int4",
@@ -182,7 +156,7 @@ def test_gemma4_experts_quantised_offloaded_and_from_a_checkpoint(tmp_path):
     assert_matches_hf(hf, optimised_from_checkpoint(hf, tmp_path / "ckpt"), ids, mask)
     truth = _moe_model(top_k=4)
     hf = copy.deepcopy(truth).to(torch.bfloat16)
-    _assert_bf16_like_hf(truth, hf, optimised_copy(hf, max_seq_len=64, dtype=torch.bfloat16))
+    assert_bf16_within_hf_error(truth, hf, optimised_copy(hf, max_seq_len=64, dtype=torch.bfloat16))
 
 
 def test_gemma4_unified_text_matches_hf(tmp_path):
@@ -207,7 +181,7 @@ def test_gemma4_unified_text_matches_hf(tmp_path):
     assert_matches_hf(hf, optimised_from_checkpoint(hf, tmp_path), ids[:3], mask[:3])
     truth = copy.deepcopy(hf)
     bf16 = copy.deepcopy(truth).to(torch.bfloat16)
-    _assert_bf16_like_hf(truth, bf16, optimised_copy(bf16, max_seq_len=64, dtype=torch.bfloat16))
+    assert_bf16_within_hf_error(truth, bf16, optimised_copy(bf16, max_seq_len=64, dtype=torch.bfloat16))
 
 
 def test_gemma4_unified_wrapper_text_prompts_match_hf():

@@ -13,14 +13,10 @@ from helpers import (assert_c_step_matches_torch, assert_forward_and_generate, a
                      fake_quantised_int8, optimised_copy, optimised_from_checkpoint, padded_batch, streamed_copy,
                      tiny_model)
 from multiproc import run_ranks
+from test_qwen3_next import assert_bf16_follows_fp32, assert_hybrid_steps
 
 FAMILY = "olmo_hybrid"
-ATOL, RTOL = 2e-4, 1e-4
 ROPE = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
-
-
-def _positions(mask):
-    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
 
 @pytest.mark.parametrize("rope", [False, True], ids=["nope", "rope"])
@@ -32,22 +28,7 @@ def test_olmo_hybrid_matches_hf(rope):
     assert [(type(ly).__name__, type(ly.attn).__name__) for ly in layers] == [
         ("DecoderLayer", "GatedDeltaNet"), ("PostNormDecoderLayer", "ProjectionNormAttention")] * 2
     assert layers[0].attn.beta_scale == 2.0 and layers[0].attn.eps == 1e-5 and layers[1].attn.rotary == rope
-    ids, mask = padded_batch([12, 5, 9, 3], seed=1)
-    with torch.no_grad():
-        want = hf(input_ids=ids, attention_mask=mask).logits
-        tokens = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
-    got = opt(input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=ATOL, rtol=RTOL)
-    out = opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, output_scores=True,
-                       return_dict_in_generate=True)
-    assert torch.equal(out.sequences, tokens)
-    full = torch.cat([mask, torch.ones(4, 10, dtype=mask.dtype)], dim=1)
-    with torch.no_grad():      # every decode step (the recurrence on the engine's states) against a full forward
-        again = hf(input_ids=out.sequences, attention_mask=full, position_ids=_positions(full)).logits
-    torch.testing.assert_close(torch.stack(out.scores, dim=1), again[:, -11:-1], atol=ATOL, rtol=RTOL)
-    kw = dict(input_ids=ids[:2], attention_mask=mask[:2], max_new_tokens=6, num_beams=3, do_sample=False)
-    with torch.no_grad():
-        assert torch.equal(opt.generate(**kw), hf.generate(**kw))
+    assert_hybrid_steps(hf, opt, beam=True)
 
 
 def test_olmo_hybrid_c_decode_step_matches_the_torch_ops():
@@ -62,32 +43,11 @@ def test_olmo_hybrid_c_decode_step_matches_the_torch_ops():
 
 
 def test_olmo_hybrid_bf16():
-    """bf16 against the fp32 model, HF bf16's own error the bound (as tests/test_qwen3_next.py's hybrids: the fused
-    in_proj GEMM rounds differently from HF's six): mean error within 1.3x HF's, the worst within 2.5x, and within
-    2e-2 of HF bf16's on average; the prompt's logits and the decode steps' on the engine's own states."""
-    truth = tiny_model(FAMILY)
+    """bf16 against the fp32 model, HF bf16's own error the bound (tests/test_qwen3_next.py's hybrids' bound: the fused
+    in_proj GEMM rounds differently from HF's six): the prompt's logits and the decode steps' on the engine's own
+    states."""
     hf = tiny_model(FAMILY).to(torch.bfloat16)
-    opt = optimised_copy(hf, max_seq_len=64, dtype=torch.bfloat16)
-    ids, mask = padded_batch([12, 5, 9], seed=1)
-    full = torch.cat([mask, torch.ones(3, 6, dtype=mask.dtype)], dim=1)
-
-    def follows(got, want, exact):
-        err, hf_err = (got - exact).abs(), (want - exact).abs()
-        assert err.mean() <= 1.3 * hf_err.mean() and err.max() <= 2.5 * hf_err.max(), (err, hf_err)
-        assert (got - want).abs().mean() <= 2e-2
-
-    with torch.no_grad():
-        seq = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-        want = hf(input_ids=seq, attention_mask=full).logits.float()
-        exact = truth(input_ids=seq, attention_mask=full).logits
-    got = opt(input_ids=seq, attention_mask=full).logits.float()
-    follows(got[full.bool()], want[full.bool()], exact[full.bool()])
-    out = opt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, output_scores=True,
-                       return_dict_in_generate=True)
-    with torch.no_grad():
-        again = hf(input_ids=out.sequences, attention_mask=full).logits.float()[:, -7:-1]
-        exact = truth(input_ids=out.sequences, attention_mask=full).logits[:, -7:-1]
-    follows(torch.stack(out.scores, dim=1).float(), again, exact)
+    assert_bf16_follows_fp32(tiny_model(FAMILY), hf, optimised_copy(hf, max_seq_len=64, dtype=torch.bfloat16))
 
 
 def test_olmo_hybrid_int8_checkpoint_and_offload(tmp_path):

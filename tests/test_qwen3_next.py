@@ -37,7 +37,13 @@ def test_hybrid_matches_hf(family):
     assert sorted(cache.conv) == [0, 2] and cache.k[0].shape[2] == 0 and cache.k[1].shape[2] == 64
     assert cache.conv[0].shape[1:] == (2 * 2 * 8 + 4 * 12, 3) and cache.state[0].shape[1:] == (4, 8, 12)
     assert cache.state[0].dtype == torch.float32
+    assert_hybrid_steps(hf, opt, beam=family == "qwen3_5_text")
 
+
+def assert_hybrid_steps(hf, opt, beam: bool):
+    """fp32: a left-padded prompt's logits and greedy tokens as HF's, every decode step (the recurrence on the engine's
+    states) against a full forward, and (``beam``) beam search through HF's loop (the states in HF's cache, reordered
+    with the beams). (tests/test_olmo_hybrid.py too.)"""
     ids, mask = padded_batch([12, 5, 9, 3], seed=1)
     with torch.no_grad():
         want = hf(input_ids=ids, attention_mask=mask).logits
@@ -48,10 +54,10 @@ def test_hybrid_matches_hf(family):
                        return_dict_in_generate=True)
     assert torch.equal(out.sequences, tokens)
     full = torch.cat([mask, torch.ones(4, 10, dtype=mask.dtype)], dim=1)
-    with torch.no_grad():      # every decode step (the recurrence on the engine's states) against a full forward
+    with torch.no_grad():
         again = hf(input_ids=out.sequences, attention_mask=full, position_ids=_positions(full)).logits
     torch.testing.assert_close(torch.stack(out.scores, dim=1), again[:, -11:-1], atol=ATOL, rtol=RTOL)
-    if family == "qwen3_5_text":     # beam search through HF's loop: the states in HF's cache, reordered with beams
+    if beam:
         kw = dict(input_ids=ids[:2], attention_mask=mask[:2], max_new_tokens=6, num_beams=3, do_sample=False)
         with torch.no_grad():
             assert torch.equal(opt.generate(**kw), hf.generate(**kw))
@@ -113,9 +119,14 @@ def test_hybrid_bf16(family):
     within 1.3x HF bf16's, the worst within 2.5x (over seeds 0-2 the engine's worst was 0.5-2.1x HF's, its mean
     0.9-1.2x), and within 2e-2 of HF bf16's on average (MoE: every expert routed, so no near tie flips one)."""
     routed = {"num_experts_per_tok": 4} if family != "qwen3_5_text" else {}
-    truth = tiny_model(family, **routed)
     hf = tiny_model(family, **routed).to(torch.bfloat16)
     opt = optimised_copy(hf, max_seq_len=64, dtype=torch.bfloat16)
+    assert_bf16_follows_fp32(tiny_model(family, **routed), hf, opt)
+
+
+def assert_bf16_follows_fp32(truth, hf, opt):
+    """:func:`test_hybrid_bf16`'s bound (HF bf16's own error against the fp32 model ``truth``), on the prompt's logits
+    and the decode steps'. (tests/test_olmo_hybrid.py too.)"""
     ids, mask = padded_batch([12, 5, 9], seed=1)
     full = torch.cat([mask, torch.ones(3, 6, dtype=mask.dtype)], dim=1)
     valid = full.bool()

@@ -24,8 +24,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_dsinfer.policies.base import DeltaNetWeights, LayerWeights, ModelWeights, UnsupportedModelError
+from lightning_dsinfer.policies.base import LayerWeights, ModelWeights
 from lightning_dsinfer.policies.llama import check_rope
+from lightning_dsinfer.policies.qwen3_next import check_hybrid, deltanet_weights
 from lightning_dsinfer.policies.weights import Joined, ModuleSource, WeightSource, lookups, tied_embeddings
 
 FAMILY = ("olmo_hybrid",)
@@ -35,20 +36,9 @@ GATED_NORM_EPS = 1e-5        # (transformers' OlmoHybridGatedDeltaNet.o_norm: fi
 def read_olmo_hybrid(model: nn.Module, max_seq_len: int, source: WeightSource | None = None) -> ModelWeights:
     """Name every weight by role (lazy refs into ``source``; default: the model's own tensors)."""
     config = model.config
-    if config.hidden_act not in ("silu", "swish"):
-        raise UnsupportedModelError(f"olmo_hybrid with hidden_act={config.hidden_act!r} is not supported (SwiGLU and "
-                                    f"the DeltaNet's convolution take silu).")
-    types = list(config.layer_types)
-    if set(types) - {"linear_attention", "full_attention"}:
-        raise UnsupportedModelError(f"olmo_hybrid: layer types {sorted(set(types))}; the engine runs linear_attention "
-                                    f"and full_attention blocks.")
+    types = check_hybrid(config)
     hq, hkv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // hq
-    hk, hv = config.linear_num_key_heads, config.linear_num_value_heads
-    dk, dv = config.linear_key_head_dim, config.linear_value_head_dim
-    if hv % hk:
-        raise UnsupportedModelError(f"olmo_hybrid: linear_num_value_heads={hv} is not a multiple of "
-                                    f"linear_num_key_heads={hk}.")
     rotary = model.model.rotary_emb is not None
     if rotary:
         with torch.device("cpu"):     # frequencies are computed, not loaded: rebuilt even for a meta model
@@ -74,12 +64,8 @@ def read_olmo_hybrid(model: nn.Module, max_seq_len: int, source: WeightSource | 
         mlp = dict(gate=ref(f"{m}.gate_proj.weight"), up=ref(f"{m}.up_proj.weight"), down=ref(f"{m}.down_proj.weight"))
         if kind == "linear_attention":
             a = f"{block}.linear_attn"
-            conv = ref(f"{a}.conv1d.weight")
-            dn = DeltaNetWeights(
-                in_proj=[ref(f"{a}.{part}_proj.weight") for part in ("q", "k", "v", "g", "b", "a")],
-                conv=conv, dt_bias=ref(f"{a}.dt_bias"), a_log=ref(f"{a}.A_log"), norm=ref(f"{a}.o_norm.weight"),
-                key_heads=hk, value_heads=hv, key_dim=dk, value_dim=dv, kernel=conv.shape[-1],
-                beta_scale=2.0 if config.linear_allow_neg_eigval else 1.0, norm_eps=GATED_NORM_EPS)
+            dn = deltanet_weights(ref, a, config, [f"{part}_proj" for part in "qkvgba"], "o_norm",
+                                  beta_scale=2.0 if config.linear_allow_neg_eigval else 1.0, norm_eps=GATED_NORM_EPS)
             layers.append(LayerWeights(q=None, k=None, v=None, o=ref(f"{a}.o_proj.weight"), deltanet=dn,
                                        input_norm=ref(f"{block}.input_layernorm.weight"),
                                        post_norm=ref(f"{block}.post_attention_layernorm.weight"), **mlp))

@@ -52,9 +52,9 @@ def is_sparse(config, i: int) -> bool:
     return (i + 1) % (getattr(config, "decoder_sparse_step", 1) or 1) == 0
 
 
-def read_qwen3_next(model: nn.Module, max_seq_len: int, source: WeightSource | None = None) -> ModelWeights:
-    """Name every weight by role (lazy refs into ``source``; default: the model's own tensors)."""
-    config = model.config
+def check_hybrid(config) -> list[str]:
+    """A Gated DeltaNet hybrid's settings the engine runs (SiLU, linear / full attention blocks, value heads grouped
+    under the key heads), checked before any weight is read: its layer types."""
     act = getattr(config, "hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise UnsupportedModelError(f"{config.model_type} with hidden_act={act!r} is not supported (SwiGLU and the "
@@ -63,15 +63,34 @@ def read_qwen3_next(model: nn.Module, max_seq_len: int, source: WeightSource | N
     if set(types) - {"linear_attention", "full_attention"}:
         raise UnsupportedModelError(f"{config.model_type}: layer types {sorted(set(types))}; the engine runs "
                                     f"linear_attention and full_attention blocks.")
+    hk, hv = config.linear_num_key_heads, config.linear_num_value_heads
+    if hv % hk:
+        raise UnsupportedModelError(f"{config.model_type}: linear_num_value_heads={hv} is not a multiple of "
+                                    f"linear_num_key_heads={hk}.")
+    return types
+
+
+def deltanet_weights(ref, a: str, config, in_proj: list[str], norm: str, **extra) -> DeltaNetWeights:
+    """The Gated DeltaNet of the block whose mixer is ``a``: its in_proj pieces (q | k | v | z | b | a names, read as
+    one GEMM), ``conv1d``, ``dt_bias``, ``A_log``, the gated norm ``norm``; ``extra``: DeltaNetWeights' options."""
+    conv = ref(f"{a}.conv1d.weight")
+    return DeltaNetWeights(
+        in_proj=[ref(f"{a}.{name}.weight") for name in in_proj], conv=conv, dt_bias=ref(f"{a}.dt_bias"),
+        a_log=ref(f"{a}.A_log"), norm=ref(f"{a}.{norm}.weight"), key_heads=config.linear_num_key_heads,
+        value_heads=config.linear_num_value_heads, key_dim=config.linear_key_head_dim,
+        value_dim=config.linear_value_head_dim, kernel=conv.shape[-1], **extra)
+
+
+def read_qwen3_next(model: nn.Module, max_seq_len: int, source: WeightSource | None = None) -> ModelWeights:
+    """Name every weight by role (lazy refs into ``source``; default: the model's own tensors)."""
+    config = model.config
+    types = check_hybrid(config)
     source = source or ModuleSource(model)
     files = source                # (experts stacked from a checkpoint's per-expert tensors: read from the files)
     rotary, rope_type, head_dim = rebuilt_rotary(model, max_seq_len)
     hq, hkv = config.num_attention_heads, config.num_key_value_heads
     hk, hv = config.linear_num_key_heads, config.linear_num_value_heads
     dk, dv = config.linear_key_head_dim, config.linear_value_head_dim
-    if hv % hk:
-        raise UnsupportedModelError(f"{config.model_type}: linear_num_value_heads={hv} is not a multiple of "
-                                    f"linear_num_key_heads={hk}.")
     r = hv // hk
     names = set(dict(model.named_parameters(remove_duplicate=False)))
     slices = {}
@@ -124,11 +143,7 @@ def read_qwen3_next(model: nn.Module, max_seq_len: int, source: WeightSource | N
                       post_norm=ref(f"{block}.post_attention_layernorm.weight"), moe=moe)
         if kind == "linear_attention":
             a = f"{block}.linear_attn"
-            conv = ref(f"{a}.conv1d.weight")
-            dn = DeltaNetWeights(
-                in_proj=[ref(f"{a}.in_proj_{part}.weight") for part in ("q", "k", "v", "z", "b", "a")],
-                conv=conv, dt_bias=ref(f"{a}.dt_bias"), a_log=ref(f"{a}.A_log"), norm=ref(f"{a}.norm.weight"),
-                key_heads=hk, value_heads=hv, key_dim=dk, value_dim=dv, kernel=conv.shape[-1])
+            dn = deltanet_weights(ref, a, config, [f"in_proj_{part}" for part in "qkvzba"], "norm")
             layers.append(LayerWeights(q=None, k=None, v=None, o=ref(f"{a}.out_proj.weight"), deltanet=dn,
                                        **common))
         else:
