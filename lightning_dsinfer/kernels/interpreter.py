@@ -6,8 +6,8 @@ it when the launch ends; it also patches it again at every call of a ``@triton.j
 (``tl.zeros``, our own tile loaders, epilogues...), a walk over every member of the language modules, ~1.5 ms a call,
 once per program of the grid. In the engine's interpreter tests that was a third of the time. :func:`install` keeps the
 first patch of a launch and skips the helpers' repeats of it (a helper whose module reaches a language module the launch
-has not patched yet is patched as before). Nothing changes when the interpreter's internals are not the ones this was
-written against (triton 3.6-3.9): :func:`install` then leaves them alone and says so by returning False.
+has not patched yet is patched as before). Written against triton 3.9's interpreter (what CI installs); where the
+names it wraps are missing, :func:`install` leaves the interpreter alone and says so by returning False.
 """
 from __future__ import annotations
 
