@@ -112,6 +112,15 @@ def tiny_config(family: str, **overrides):
                                   "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
                                                       "original_max_position_embeddings": 64, "mscale": 1.0,
                                                       "mscale_all_dim": 1.0}})
+    elif family == "sarvam_mla":           # Sarvam-MLA (Sarvam 105B): DeepSeek-V3's model under a config class of
+        from transformers import AutoConfig  # its own (plain q_proj, routing over every expert at once, as released)
+
+        cfg = AutoConfig.for_model(family, **{**common, **_MLA, "q_lora_rank": None, "n_routed_experts": 8,
+                                              "n_group": 1, "topk_group": 1, "num_experts_per_tok": 3,
+                                              "moe_intermediate_size": 32, "n_shared_experts": 1,
+                                              "first_k_dense_replace": 1, "routed_scaling_factor": 2.5,
+                                              "norm_topk_prob": True, **overrides})
+        overrides = {}
     elif family in ("deepseek_v32", "glm_moe_dsa"):   # V3 / GLM-4.7-Flash's blocks with DeepSeek Sparse Attention's
         from transformers import AutoConfig           # indexer (dense while a sequence holds <= index_topk keys)
 
@@ -328,7 +337,8 @@ def tiny_model(family: str, seed: int = 0, **overrides):
             for name, p in model.named_parameters():                       # at 1
                 if "norm" in name:
                     p.normal_(1.0 if "linear_attn.norm" in name else 0.0, 0.2)
-        if family.startswith("deepseek") or family in ("glm4_moe_lite", "glm_moe_dsa", "minicpm3", "youtu", "axk1"):
+        if family.startswith("deepseek") or family in ("glm4_moe_lite", "glm_moe_dsa", "minicpm3", "youtu", "axk1",
+                                                       "sarvam_mla"):
             for name, p in model.named_parameters():        # (RMSNorms at 1 would hide a misplaced one)
                 if "norm" in name:
                     p.normal_(1.0, 0.2)

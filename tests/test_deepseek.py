@@ -27,6 +27,7 @@ VARIANTS = {
     "v3.2": ("deepseek_v32", {}),                  # (sparse attention, dense up to index_topk = max_seq_len = 64 keys)
     "glm-moe-dsa": ("glm_moe_dsa", {}),
     "axk1": ("axk1", {}),                          # (V3 with its MoE blocks' outputs normed)
+    "sarvam-mla": ("sarvam_mla", {}),              # (V3's model, plain q_proj, one group)
 }
 
 
@@ -234,12 +235,13 @@ def test_deepseek_from_checkpoint_on_meta(tmp_path):
     _assert_same(hf, dsi.init_inference(meta, checkpoint=str(tmp_path), max_seq_len=64, dtype=torch.float32), new=6)
 
 
-def test_axk1_from_checkpoint_on_meta(tmp_path):
-    """A.X-K1's checkpoints store its MoE output norm at the block's level (``post_mlp_layernorm``, renamed into the
-    MLP on load): read under that name."""
+@pytest.mark.parametrize("family", ["axk1", "sarvam_mla"])
+def test_v3_variants_from_checkpoint_on_meta(family, tmp_path):
+    """From what save_pretrained writes: A.X-K1's MoE output norm stored at the block's level (``post_mlp_layernorm``,
+    renamed into the MLP on load) and read under that name; Sarvam-MLA's plain q_proj and experts one by one."""
     from helpers import optimised_from_checkpoint
 
-    hf = tiny_model("axk1")
+    hf = tiny_model(family)
     _assert_same(hf, optimised_from_checkpoint(hf, tmp_path), new=6)
 
 
@@ -248,7 +250,7 @@ def test_deepseek_tensor_and_pipeline_parallel():
     latent on every rank, experts sliced (MiniCPM3: its scaled o columns too); PP=2. Logits, greedy, beam search as
     HF's; sampling agrees across ranks. (Expert parallelism runs the same routing code as expert slicing:
     tests/test_moe.py covers it.)"""
-    families = ["deepseek_v3", "deepseek_v2", "minicpm3", "youtu", "axk1"]
+    families = ["deepseek_v3", "deepseek_v2", "minicpm3", "youtu", "axk1", "sarvam_mla"]
     codes, outs, _ = run_ranks("tp_worker.py", 2, ["--tp", "2", "--families", *families], timeout=300)
     assert codes == [0, 0], "\n".join(outs)
     assert outs[0].count(" OK") == len(families), outs[0]

@@ -32,8 +32,10 @@ from lightning_dsinfer.policies.weights import (ModuleSource, RowSlices, Scaled,
 # (GLM-4.7-Flash: V3's attention and MoE; DeepSeek-V3.2 and GLM-5 (glm_moe_dsa): V3's / GLM-4.7-Flash's with DeepSeek
 # Sparse Attention, dense up to index_topk keys: _check_sparse_attention)
 # (MiniCPM3: V2's latent attention with rotate-half rope, dense SwiGLU MLPs, its scales; Youtu-LLM: V3's latent
-# attention with dense MLPs in Llama's blocks; A.X-K1: V3 with its MoE blocks' outputs RMS-normed)
-FAMILY = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa", "minicpm3", "youtu", "axk1")
+# attention with dense MLPs in Llama's blocks; A.X-K1: V3 with its MoE blocks' outputs RMS-normed; Sarvam-MLA: V3's
+# model under a config class of its own)
+FAMILY = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa", "minicpm3", "youtu", "axk1",
+          "sarvam_mla")
 _EXPERT_NAMES = FamilyTraits(moe="qwen")       # checkpoint experts as experts.{e}.{gate,up,down}_proj
 
 
