@@ -141,8 +141,9 @@ def test_deepseek_bf16():
 
 def test_deepseek_int8_matches_fake_quantised_hf():
     """int8 block linears (q_a | kv_a, q_b, o, the dense MLP, the experts, the shared experts; kv_b and the fp32
-    router as they are) against HF over the same quantise-dequantised weights."""
-    for family in ("deepseek_v3", "deepseek_v2"):
+    router as they are) against HF over the same quantise-dequantised weights (A.X-K1, Sarvam-MLA: V3's code under
+    their blocks)."""
+    for family in ("deepseek_v3", "deepseek_v2", "axk1", "sarvam_mla"):
         hf = tiny_model(family)
         assert_fp32_matches_quantised(fake_quantised_int8(hf), optimised_copy(hf, max_seq_len=64, quantize="int8"))
 
