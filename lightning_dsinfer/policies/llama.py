@@ -1,8 +1,9 @@
 """The Llama family (llama, mistral, ministral, qwen2, qwen3, phi3, granite, seed_oss, arcee, smollm3, ernie4_5,
 hunyuan_v1_dense, glm, glm4, olmo2, olmo3, exaone4, granite_swa, hyperclovax, nanochat, apertus, the MoE ones: mixtral,
 qwen2_moe, qwen3_moe, olmoe, flex_olmo, minimax_m2, glm4_moe, sarvam_moe, dots1, exaone_moe, solar_open, mellum,
-hunyuan_v1_moe, granitemoe_swa, hy_v3, Llama's modules under other model types: exaone, internlm3, iquestcoder, cwm,
-helium, and the Gemma ones: gemma, gemma2, gemma3_text, vaultgemma): one table, one reader.
+hunyuan_v1_moe, granitemoe_swa, hy_v3, afmoe, mimo_v2_flash, flint, kolibri1, Llama's modules under other model types:
+exaone, internlm3, iquestcoder, cwm, helium, and the Gemma ones: gemma, gemma2, gemma3_text, vaultgemma): one table,
+one reader.
 
 All share the module tree ``model.model.{embed_tokens, layers[i].{self_attn.{q,k,v,o}_proj,
 mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm}, norm, rotary_emb}`` and
@@ -40,7 +41,8 @@ interleaved pairs (read as GLM's) and scales its norms in fp32 (OLMo 2's); Mellu
 per layer type and a softmax top-k MoE by ``mlp_layer_types``; HunYuan MoE is HunYuan's attention with a top-k MoE
 (router ``mlp.gate.wg``, renormalised) plus an ungated ``mlp.shared_mlp`` in every layer; Hy3 (``hy_v3``) is Qwen 3's
 attention with DeepSeek-V3's sigmoid choice (no groups; the block's ``mlp.e_score_correction_bias``;
-``router_scaling_factor``) and ``shared_experts``, its router in fp32. Granite SWA is Granite with attention sinks
+``router_scaling_factor``) and ``shared_experts``, its router in fp32; AFMoE, MiMo-V2-Flash, Flint and Kolibri-1: see
+their rows in :data:`FAMILY`. Granite SWA is Granite with attention sinks
 (``self_attn.sinks``), sliding / full layers and a rope base per layer (``layer_rope_theta``, 0: NoPE);
 Granite MoE SWA the same with Granite 3 MoE's experts and shared MLP. HyperCLOVA X has Granite's multipliers (its logits
 multiplied by logits_scaling) and, with use_post_norm, Peri-LN: RMSNorms on the attention's and the MLP's outputs too
