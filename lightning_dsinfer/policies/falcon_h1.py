@@ -23,7 +23,8 @@ from torch import nn
 from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, UnsupportedModelError
 from lightning_dsinfer.policies.granite_hybrid import mamba2_weights
 from lightning_dsinfer.policies.llama import rebuilt_rotary
-from lightning_dsinfer.policies.weights import ModuleSource, Scaled, WeightSource, lookups, tied_embeddings
+from lightning_dsinfer.policies.weights import (ModuleSource, Scaled, WeightSource, attention_refs, lookups,
+                                               tied_embeddings)
 
 FAMILY = ("falcon_h1",)
 
@@ -71,9 +72,7 @@ def read_falcon_h1(model: nn.Module, max_seq_len: int, source: WeightSource | No
         mamba = mamba2_weights(ref, opt, m, model.model.layers[i].mamba, gating=gating,   # (no norm weight: "gate")
                                out_proj=ref(f"{m}.out_proj.weight"), out_proj_bias=opt(f"{m}.out_proj.bias"))
         layers.append(LayerWeights(
-            q=ref(f"{a}.q_proj.weight"), k=ref(f"{a}.k_proj.weight"), v=ref(f"{a}.v_proj.weight"),
-            o=ref(f"{a}.o_proj.weight"), q_bias=opt(f"{a}.q_proj.bias"), k_bias=opt(f"{a}.k_proj.bias"),
-            v_bias=opt(f"{a}.v_proj.bias"), o_bias=opt(f"{a}.o_proj.bias"),
+            **attention_refs(ref, opt, a),
             gate=ref(f"{f}.gate_proj.weight"), up=ref(f"{f}.up_proj.weight"), down=ref(f"{f}.down_proj.weight"),
             gate_bias=opt(f"{f}.gate_proj.bias"), up_bias=opt(f"{f}.up_proj.bias"), down_bias=opt(f"{f}.down_proj.bias"),
             input_norm=ref(f"{block}.input_layernorm.weight"), post_norm=ref(f"{block}.pre_ff_layernorm.weight"),

@@ -42,7 +42,7 @@ from torch import nn
 from lightning_dsinfer.kernels.reference import GatedAct, Routing
 from lightning_dsinfer.policies.base import (ExpertsBeside, LayerWeights, ModelWeights, MoEWeights, PerLayerEmbeddings,
                                              UnsupportedModelError)
-from lightning_dsinfer.policies.llama import _GATED_ACTS, check_rope
+from lightning_dsinfer.policies.llama import _GATED_ACTS, check_rope, typed_ropes
 from lightning_dsinfer.policies.weights import ModuleSource, WeightSource, lookups, tied_embeddings
 
 # (Gemma 4 "unified" (gemma4_unified_text, Gemma 4 12B's language model): the same blocks without per-layer inputs or
@@ -104,8 +104,7 @@ def read_gemma4(model: nn.Module, max_seq_len: int, source: WeightSource | None 
     _refuse(model, config)
     with torch.device("cpu"):       # frequencies are computed, not loaded: rebuilt even for a meta model
         rotary = type(model.model.rotary_emb)(config=config)
-    ropes = {kind: (getattr(rotary, f"{kind}_inv_freq"), float(getattr(rotary, f"{kind}_attention_scaling")),
-                    rotary.rope_type[kind]) for kind in rotary.rope_type}
+    ropes, main, sliding = typed_ropes(rotary)
     shapes = [config.per_layer_config[i] for i in range(config.num_hidden_layers)]
     for kind, (inv_freq, _, rope_type) in ropes.items():
         d = next(s.head_dim for s, t in zip(shapes, config.layer_types) if t == kind)
@@ -150,8 +149,6 @@ def read_gemma4(model: nn.Module, max_seq_len: int, source: WeightSource | None 
             embed=ref("model.embed_tokens_per_layer.weight"), projection=ref("model.per_layer_model_projection.weight"),
             norm=ref("model.per_layer_projection_norm.weight"), layers=config.num_hidden_layers, dim=ple,
             embed_scale=ple ** 0.5, projection_scale=config.hidden_size ** -0.5, input_scale=2.0 ** -0.5)
-    main = ropes["full_attention"] if "full_attention" in ropes else ropes["sliding_attention"]
-    sliding = ropes.get("sliding_attention")
     tied = tied_embeddings(model)
     # (the model's shape: the widest layer's, so the memory plans built on it are upper bounds; every layer names its own)
     widest = max(range(len(layers)), key=lambda i: (layers[i].head_dim * layers[i].num_kv_heads, layers[i].head_dim))

@@ -18,7 +18,8 @@ from torch import nn
 from lightning_dsinfer.kernels.reference import ClampedSwiGLU, Routing
 from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, MoEWeights, UnsupportedModelError
 from lightning_dsinfer.policies.llama import FamilyTraits, _sliding_window, rebuilt_rotary
-from lightning_dsinfer.policies.weights import ModuleSource, Rewritten, WeightSource, lookups, tied_embeddings
+from lightning_dsinfer.policies.weights import (ModuleSource, Rewritten, WeightSource, attention_refs, lookups,
+                                               tied_embeddings)
 
 FAMILY = ("gpt_oss",)
 _LAYER_TYPES = ("sliding_attention", "full_attention")
@@ -124,10 +125,7 @@ def read_gpt_oss(model: nn.Module, max_seq_len: int, source: WeightSource | None
             gate_up_bias=opt(f"{m}.experts.gate_up_proj_bias"), down_bias=opt(f"{m}.experts.down_proj_bias"),
             top_k=config.num_experts_per_tok, renormalize=False, weights_in_dtype=True, routing=routing, act=act)
         layers.append(LayerWeights(
-            q=ref(f"{a}.q_proj.weight"), k=ref(f"{a}.k_proj.weight"), v=ref(f"{a}.v_proj.weight"),
-            o=ref(f"{a}.o_proj.weight"),
-            q_bias=opt(f"{a}.q_proj.bias"), k_bias=opt(f"{a}.k_proj.bias"), v_bias=opt(f"{a}.v_proj.bias"),
-            o_bias=opt(f"{a}.o_proj.bias"), gate=None, up=None, down=None,
+            **attention_refs(ref, opt, a), gate=None, up=None, down=None,
             input_norm=ref(f"{block}.input_layernorm.weight"),
             post_norm=ref(f"{block}.post_attention_layernorm.weight"),
             sliding_window=_sliding_window(config, traits, i), moe=moe, sinks=ref(f"{a}.sinks")))

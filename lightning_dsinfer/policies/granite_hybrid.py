@@ -18,7 +18,8 @@ from lightning_dsinfer.kernels.reference import Routing
 from lightning_dsinfer.policies.base import (LayerWeights, Mamba2Weights, ModelWeights, MoEWeights,
                                              UnsupportedModelError)
 from lightning_dsinfer.policies.llama import FamilyTraits, _experts, check_rope
-from lightning_dsinfer.policies.weights import ModuleSource, RowSlices, WeightSource, lookups, tied_embeddings
+from lightning_dsinfer.policies.weights import (ModuleSource, RowSlices, WeightSource, attention_refs, lookups,
+                                               tied_embeddings)
 
 FAMILY = ("granitemoehybrid", "bamba")
 _EXPERT_NAMES = FamilyTraits(moe="granite")
@@ -84,9 +85,7 @@ def read_granite_hybrid(model: nn.Module, max_seq_len: int, source: WeightSource
         else:
             a = f"{block}.self_attn"
             layers.append(LayerWeights(
-                q=ref(f"{a}.q_proj.weight"), k=ref(f"{a}.k_proj.weight"), v=ref(f"{a}.v_proj.weight"),
-                o=ref(f"{a}.o_proj.weight"), q_bias=opt(f"{a}.q_proj.bias"), k_bias=opt(f"{a}.k_proj.bias"),
-                v_bias=opt(f"{a}.v_proj.bias"), o_bias=opt(f"{a}.o_proj.bias"), **common))
+                **attention_refs(ref, opt, a), **common))
     tied = tied_embeddings(model)
     return ModelWeights(
         model_type=config.model_type, hidden_size=config.hidden_size, num_heads=config.num_attention_heads,

@@ -24,8 +24,8 @@ from torch import nn
 from lightning_dsinfer.kernels.reference import Routing
 from lightning_dsinfer.policies.base import (LayerWeights, ModelWeights, MoEWeights, ShortConvWeights,
                                              UnsupportedModelError)
-from lightning_dsinfer.policies.llama import FamilyTraits, _experts, check_rope, rebuilt_rotary
-from lightning_dsinfer.policies.weights import ModuleSource, WeightSource, lookups, tied_embeddings
+from lightning_dsinfer.policies.llama import FamilyTraits, _experts, check_rope, rebuilt_rotary, typed_ropes
+from lightning_dsinfer.policies.weights import ModuleSource, WeightSource, attention_refs, lookups, tied_embeddings
 
 FAMILY = ("lfm2", "lfm2_moe", "lfm3")
 _EXPERT_NAMES = FamilyTraits(moe="mixtral")     # checkpoint experts as experts.{e}.{w1, w3, w2}
@@ -50,12 +50,9 @@ def read_lfm2(model: nn.Module, max_seq_len: int, source: WeightSource | None = 
         head_dim = config.head_dim
         with torch.device("cpu"):
             rotary = type(base.rotary_emb)(config=config)
-        ropes = {kind: (getattr(rotary, f"{kind}_inv_freq"), float(getattr(rotary, f"{kind}_attention_scaling")),
-                        rotary.rope_type[kind]) for kind in rotary.rope_type}
+        ropes, main, sliding = typed_ropes(rotary)
         for inv_freq, _, kind_rope in ropes.values():
             check_rope(config, rotary, inv_freq, kind_rope, head_dim, max_seq_len)
-        main = ropes.get("full_attention") or ropes["sliding_attention"]
-        sliding = ropes.get("sliding_attention")
         inv_freq, scaling, rope_type = main
     else:
         rotary, rope_type, head_dim = rebuilt_rotary(model, max_seq_len,
@@ -92,9 +89,7 @@ def read_lfm2(model: nn.Module, max_seq_len: int, source: WeightSource | None = 
         elif lfm3:     # (Qwen 3's names; a sigmoid gate per head; sliding layers)
             a = f"{block}.self_attn"
             layers.append(LayerWeights(
-                q=ref(f"{a}.q_proj.weight"), k=ref(f"{a}.k_proj.weight"), v=ref(f"{a}.v_proj.weight"),
-                o=ref(f"{a}.o_proj.weight"), q_bias=opt(f"{a}.q_proj.bias"), k_bias=opt(f"{a}.k_proj.bias"),
-                v_bias=opt(f"{a}.v_proj.bias"), o_bias=opt(f"{a}.o_proj.bias"), q_norm=ref(f"{a}.q_norm.weight"),
+                **attention_refs(ref, opt, a), q_norm=ref(f"{a}.q_norm.weight"),
                 k_norm=ref(f"{a}.k_norm.weight"), attn_gate=opt(f"{a}.g_proj.weight"),
                 sliding_window=config.sliding_window if kind == "sliding_attention" else None, **common))
         else:

@@ -64,7 +64,8 @@ from lightning_dsinfer.kernels.reference import Routing
 from lightning_dsinfer.modules.rotary import mrope_axes
 from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, MoEWeights, UnsupportedModelError
 from lightning_dsinfer.policies.weights import (ExpertStack, ModuleSource, Ones, Rewritten, RowSlices, Scaled,
-                                               WeightSource, lookups, rotate_half_pieces, tied_embeddings)
+                                               WeightSource, attention_refs, lookups, rotate_half_pieces,
+                                               tied_embeddings)
 
 
 @dataclass(frozen=True)
@@ -325,6 +326,14 @@ def _rotates(config, traits: FamilyTraits, layer_idx: int) -> bool:
     return True
 
 
+def typed_ropes(rotary: nn.Module) -> tuple[dict, tuple, tuple | None]:
+    """A rotary module holding a table per layer type (Gemma 3 / 4, OLMo 3, LFM3): ({type: (inv_freq, attention scaling,
+    rope type)}, the full layers' (or, without full layers, the sliding ones'), the sliding layers' or None)."""
+    ropes = {kind: (getattr(rotary, f"{kind}_inv_freq"), float(getattr(rotary, f"{kind}_attention_scaling")),
+                    rotary.rope_type[kind]) for kind in rotary.rope_type}
+    return ropes, ropes.get("full_attention") or ropes["sliding_attention"], ropes.get("sliding_attention")
+
+
 def _rope_of(rotary: nn.Module) -> tuple[torch.Tensor, float, str]:
     """(inv_freq, attention scaling, rope type) of a rotary module with one table."""
     return rotary.inv_freq, float(rotary.attention_scaling), getattr(rotary, "rope_type", "default")
@@ -576,10 +585,7 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     # (inv_freq, attention scaling, rope type) of every layer, and of the sliding-window layers (Gemma 3, OLMo 3)
     if traits.rope_tables:
-        ropes = {kind: (getattr(rotary, f"{kind}_inv_freq"), float(getattr(rotary, f"{kind}_attention_scaling")),
-                        rotary.rope_type[kind]) for kind in rotary.rope_type}
-        main = ropes["full_attention"] if "full_attention" in ropes else ropes["sliding_attention"]
-        sliding = ropes.get("sliding_attention")
+        _, main, sliding = typed_ropes(rotary)
     elif traits.layer_thetas:
         main, sliding = _layer_theta_ropes(config, type(base.rotary_emb))
     else:
@@ -723,10 +729,7 @@ def read_llama_family(model: nn.Module, max_seq_len: int, source: WeightSource |
             input_norm, post_norm = (f"{norm}.{n}" for n in traits.norm_names)
             attn_out = mlp_out = None
         layers.append(LayerWeights(
-            q=ref(f"{a}.q_proj.weight"), k=ref(f"{a}.k_proj.weight"), v=ref(f"{a}.v_proj.weight"),
-            o=ref(f"{a}.o_proj.weight"),
-            q_bias=opt(f"{a}.q_proj.bias"), k_bias=opt(f"{a}.k_proj.bias"), v_bias=opt(f"{a}.v_proj.bias"),
-            o_bias=opt(f"{a}.o_proj.bias"),
+            **attention_refs(ref, opt, a),
             gate=ref(f"{m}.{gate_n}.weight") if gated else None, up=ref(f"{m}.{up_n}.weight") if dense else None,
             down=ref(f"{m}.{down_n}.weight") if dense else None,
             gate_bias=opt(f"{m}.{gate_n}.bias"), up_bias=opt(f"{m}.{up_n}.bias"), down_bias=opt(f"{m}.{down_n}.bias"),

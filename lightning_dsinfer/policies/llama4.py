@@ -25,8 +25,8 @@ from torch import nn
 from lightning_dsinfer.kernels.reference import Routing
 from lightning_dsinfer.policies.base import LayerWeights, ModelWeights, MoEWeights, UnsupportedModelError
 from lightning_dsinfer.policies.llama import _interleaved_slices, rebuilt_rotary
-from lightning_dsinfer.policies.weights import (ModuleSource, Ones, RowSlices, Transposed, WeightSource, lookups,
-                                               tied_embeddings)
+from lightning_dsinfer.policies.weights import (ModuleSource, Ones, RowSlices, Transposed, WeightSource,
+                                               attention_refs, lookups, tied_embeddings)
 
 FAMILY = ("llama4_text",)
 _LAYER_TYPES = ("full_attention", "chunked_attention")
@@ -74,9 +74,7 @@ def read_llama4(model: nn.Module, max_seq_len: int, source: WeightSource | None 
                              routing=routing)
         dense = moe is None
         layers.append(LayerWeights(
-            q=ref(f"{a}.q_proj.weight"), k=ref(f"{a}.k_proj.weight"), v=ref(f"{a}.v_proj.weight"),
-            o=ref(f"{a}.o_proj.weight"), q_bias=opt(f"{a}.q_proj.bias"), k_bias=opt(f"{a}.k_proj.bias"),
-            v_bias=opt(f"{a}.v_proj.bias"), o_bias=opt(f"{a}.o_proj.bias"),
+            **attention_refs(ref, opt, a),
             gate=ref(f"{f}.gate_proj.weight") if dense else None, up=ref(f"{f}.up_proj.weight") if dense else None,
             down=ref(f"{f}.down_proj.weight") if dense else None,
             input_norm=ref(f"model.layers.{i}.input_layernorm.weight"),

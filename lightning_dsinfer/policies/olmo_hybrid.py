@@ -27,7 +27,8 @@ from torch import nn
 from lightning_dsinfer.policies.base import LayerWeights, ModelWeights
 from lightning_dsinfer.policies.llama import check_rope
 from lightning_dsinfer.policies.qwen3_next import check_hybrid, deltanet_weights
-from lightning_dsinfer.policies.weights import Joined, ModuleSource, WeightSource, lookups, tied_embeddings
+from lightning_dsinfer.policies.weights import (Joined, ModuleSource, WeightSource, attention_refs, lookups,
+                                               tied_embeddings)
 
 FAMILY = ("olmo_hybrid",)
 GATED_NORM_EPS = 1e-5        # (transformers' OlmoHybridGatedDeltaNet.o_norm: fixed, whatever rms_norm_eps says)
@@ -72,9 +73,7 @@ def read_olmo_hybrid(model: nn.Module, max_seq_len: int, source: WeightSource | 
         else:
             a = f"{block}.self_attn"
             layers.append(LayerWeights(
-                q=ref(f"{a}.q_proj.weight"), k=ref(f"{a}.k_proj.weight"), v=ref(f"{a}.v_proj.weight"),
-                o=ref(f"{a}.o_proj.weight"), q_bias=opt(f"{a}.q_proj.bias"), k_bias=opt(f"{a}.k_proj.bias"),
-                v_bias=opt(f"{a}.v_proj.bias"), o_bias=opt(f"{a}.o_proj.bias"),
+                **attention_refs(ref, opt, a),
                 q_norm=ref(f"{a}.q_norm.weight"), k_norm=ref(f"{a}.k_norm.weight"), qk_norm_kind="whole",
                 rotary=rotary, input_norm=None, post_norm=None,
                 attn_out_norm=ref(f"{block}.post_attention_layernorm.weight"),

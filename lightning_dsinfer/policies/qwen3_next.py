@@ -27,7 +27,8 @@ from torch import nn
 from lightning_dsinfer.modules.rotary import mrope_axes
 from lightning_dsinfer.policies.base import DeltaNetWeights, LayerWeights, ModelWeights, MoEWeights, UnsupportedModelError
 from lightning_dsinfer.policies.llama import FamilyTraits, _experts, rebuilt_rotary
-from lightning_dsinfer.policies.weights import ModuleSource, RowSlices, WeightSource, lookups, tied_embeddings
+from lightning_dsinfer.policies.weights import (ModuleSource, RowSlices, WeightSource, attention_refs, lookups,
+                                               tied_embeddings)
 
 FAMILY = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
 _EXPERT_NAMES = FamilyTraits(moe="qwen")        # checkpoint experts as experts.{e}.{gate,up,down}_proj
@@ -149,9 +150,7 @@ def read_qwen3_next(model: nn.Module, max_seq_len: int, source: WeightSource | N
         else:
             a = f"{block}.self_attn"
             layers.append(LayerWeights(
-                q=ref(f"{a}.q_proj.weight"), k=ref(f"{a}.k_proj.weight"), v=ref(f"{a}.v_proj.weight"),
-                o=ref(f"{a}.o_proj.weight"), q_bias=opt(f"{a}.q_proj.bias"), k_bias=opt(f"{a}.k_proj.bias"),
-                v_bias=opt(f"{a}.v_proj.bias"), o_bias=opt(f"{a}.o_proj.bias"),
+                **attention_refs(ref, opt, a),
                 q_norm=ref(f"{a}.q_norm.weight"), k_norm=ref(f"{a}.k_norm.weight"),
                 attn_gate=ref(f"{a}.q_gate.weight"), attn_gate_bias=opt(f"{a}.q_gate.bias"), **common))
     tied = tied_embeddings(model)

@@ -127,6 +127,14 @@ def lookups(source: WeightSource, names: set[str]):
     return source.ref, (lambda name: source.ref(name) if name in names else None)
 
 
+def attention_refs(ref, opt, a: str) -> dict:
+    """The q / k / v / o weights of the attention module ``a`` (``{a}.{q,k,v,o}_proj``) and their biases where the
+    model has them: LayerWeights' fields, from a policy's (ref, opt) (:func:`lookups`)."""
+    return dict(q=ref(f"{a}.q_proj.weight"), k=ref(f"{a}.k_proj.weight"), v=ref(f"{a}.v_proj.weight"),
+                o=ref(f"{a}.o_proj.weight"), q_bias=opt(f"{a}.q_proj.bias"), k_bias=opt(f"{a}.k_proj.bias"),
+                v_bias=opt(f"{a}.v_proj.bias"), o_bias=opt(f"{a}.o_proj.bias"))
+
+
 def refs(obj) -> list[WeightRef]:
     """Every WeightRef of a dataclass of refs (LayerWeights, ModelWeights), nested groups (MoEWeights) included."""
     import dataclasses
